@@ -1,0 +1,90 @@
+"""Span attribute names: the input contract of burnguard (DESIGN.md §3).
+
+Both the instrumentation (which writes these attributes) and the stream and
+sinks (which read them) import the names from here, so a rename is one edit.
+Names follow the OpenTelemetry GenAI semantic conventions where they exist.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- OpenTelemetry GenAI semantic conventions -------------------------------
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_SYSTEM: Final = "gen_ai.system"  # deprecated spelling of the provider
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
+GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
+GEN_AI_USAGE_PROMPT_TOKENS: Final = "gen_ai.usage.prompt_tokens"  # deprecated
+GEN_AI_USAGE_COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"  # deprecated
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
+GEN_AI_TOOL_CALL_ID: Final = "gen_ai.tool.call.id"
+GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+ERROR_TYPE: Final = "error.type"
+SESSION_ID: Final = "session.id"
+USER_ID: Final = "user.id"
+SERVICE_NAME: Final = "service.name"  # a resource attribute
+
+# --- burnguard's own attributes ---------------------------------------------
+TENANT: Final = "burnguard.tenant"
+WORKFLOW: Final = "burnguard.workflow"
+FEATURE: Final = "burnguard.feature"
+ACTION: Final = "burnguard.action"
+COST_USD: Final = "burnguard.cost.usd"
+UNPRICED: Final = "burnguard.cost.unpriced"  # true when no price is known for the model
+MODEL_CLASS: Final = "burnguard.model_class"
+DOWNGRADED_FROM: Final = "burnguard.downgraded_from"
+TOOL_CALLS: Final = "burnguard.tool_calls"  # tool calls the model requested in one LLM call
+
+# OpenLLMetry carries attribution under this prefix (e.g. ...association.properties.tenant).
+TRACELOOP_ASSOCIATION_PREFIX: Final = "traceloop.association.properties."
+
+# --- operations ---------------------------------------------------------------
+OP_CHAT: Final = "chat"
+OP_TEXT_COMPLETION: Final = "text_completion"
+OP_EMBEDDINGS: Final = "embeddings"
+OP_GENERATE_CONTENT: Final = "generate_content"
+OP_EXECUTE_TOOL: Final = "execute_tool"
+OP_INVOKE_AGENT: Final = "invoke_agent"
+OP_CREATE_AGENT: Final = "create_agent"
+OP_WORKFLOW: Final = "workflow"  # burnguard's workflow root spans
+
+#: Operations that call a model and so cost money and tokens.
+MODEL_CALL_OPERATIONS: Final = frozenset(
+    {OP_CHAT, OP_TEXT_COMPLETION, OP_EMBEDDINGS, OP_GENERATE_CONTENT}
+)
+
+# --- attribution ----------------------------------------------------------------
+#: The dimensions a call is attributed to, and the span attribute / baggage key
+#: that carries each. Baggage keys equal the attribute names, so a value set in
+#: one service arrives on the spans of the next one unchanged.
+ATTRIBUTION_KEYS: Final[dict[str, str]] = {
+    "tenant": TENANT,
+    "user": USER_ID,
+    "workflow": WORKFLOW,
+    "feature": FEATURE,
+    "session": SESSION_ID,
+    "action": ACTION,
+}
+#: Reverse lookup: attribute name -> dimension.
+ATTRIBUTION_BY_ATTRIBUTE: Final[dict[str, str]] = {v: k for k, v in ATTRIBUTION_KEYS.items()}
+#: OpenLLMetry spellings accepted on input: traceloop...properties.<name> -> dimension.
+TRACELOOP_ATTRIBUTION: Final[dict[str, str]] = {
+    TRACELOOP_ASSOCIATION_PREFIX + name: dimension
+    for dimension, names in {
+        "tenant": ("tenant", "tenant_id"),
+        "user": ("user", "user_id"),
+        "workflow": ("workflow", "workflow_name"),
+        "feature": ("feature",),
+        "session": ("session", "session_id"),
+        "action": ("action", "action_id"),
+    }.items()
+    for name in names
+}

@@ -1,0 +1,277 @@
+"""The budget model (DESIGN.md §5): budgets, model classes, the downgrade ladder.
+
+People write budgets in YAML; a mistake must point at the file, the line and
+the field, so loading keeps the YAML node marks and maps every pydantic error
+back to the line it came from. The stream job evaluates these models and the
+app-side guard uses the model classes and the ladder to rewrite requests, so
+both sides import this one module.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from burnguard.contracts.usage import SpanUsage
+from burnguard.contracts.windows import Window, check_timezone, check_window
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Scope = Literal["tenant", "user", "workflow", "feature", "model_class", "session", "service"]
+Metric = Literal["cost_usd", "tokens", "input_tokens", "tool_calls", "calls"]
+ActionKind = Literal["warn", "downgrade", "throttle"]
+#: Signal actions ordered by severity; `ok` lifts every restriction.
+SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "downgrade": 2, "throttle": 3}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+#: Separator of the parts of a combined scope key: `tenant+feature` -> `acme/summarize`.
+KEY_SEPARATOR = "/"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Action(_Strict):
+    """One rung of a budget's ladder: from ratio `at` on, do `do`."""
+
+    at: float = Field(gt=0, description="fraction of the limit, e.g. 0.85")
+    do: ActionKind
+    to: str | None = Field(default=None, description="model class a downgrade goes to")
+
+
+class Budget(_Strict):
+    id: str
+    scope: tuple[Scope, ...]
+    match: str = "*"
+    window: str = "day"
+    timezone: str = "UTC"
+    metric: Metric = "cost_usd"
+    limit: float = Field(gt=0)
+    actions: tuple[Action, ...] = (Action(at=1.0, do="throttle"),)
+    description: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError(
+                "id must be letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _scope_as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split("+"))
+        return value
+
+    @field_validator("scope")
+    @classmethod
+    def _scope_is_one_or_two(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not 1 <= len(value) <= 2 or len(set(value)) != len(value):
+            raise ValueError("scope is one dimension or a combination of two different ones")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window_is_known(cls, value: str) -> str:
+        return check_window(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        return check_timezone(value)
+
+    @field_validator("actions")
+    @classmethod
+    def _actions_ascend(cls, value: tuple[Action, ...]) -> tuple[Action, ...]:
+        if not value:
+            raise ValueError("at least one action is needed")
+        thresholds = [action.at for action in value]
+        if thresholds != sorted(thresholds) or len(set(thresholds)) != len(thresholds):
+            raise ValueError("actions must be in ascending order of 'at', each threshold once")
+        return value
+
+    @model_validator(mode="after")
+    def _session_window_needs_session_scope(self) -> Budget:
+        if self.window == "session" and "session" not in self.scope:
+            raise ValueError("window 'session' needs 'session' in the scope")
+        return self
+
+    @property
+    def scope_name(self) -> str:
+        """`tenant` or `tenant+feature`: the scope as written in signals."""
+        return "+".join(self.scope)
+
+    @cached_property
+    def window_spec(self) -> Window:
+        return Window(self.window, self.timezone)
+
+    def key_for(self, usage: SpanUsage) -> str | None:
+        """The key this span counts under for this budget, or None if it does not match."""
+        parts = []
+        for dimension in self.scope:
+            value = usage.dimension(dimension)
+            if not value:
+                return None
+            parts.append(value)
+        key = KEY_SEPARATOR.join(parts)
+        if self.match == "*" or self.match == key:
+            return key
+        return key if fnmatch.fnmatchcase(key, self.match) else None
+
+    def action_for(self, ratio: float) -> Action | None:
+        """The highest rung reached at `ratio`, or None below the first one."""
+        reached = None
+        for action in self.actions:
+            if ratio >= action.at:
+                reached = action
+        return reached
+
+
+def metric_value(metric: str, usage: SpanUsage) -> float:
+    """How much one span adds to a budget's metric."""
+    if metric == "cost_usd":
+        return usage.cost_usd or 0.0
+    if metric == "tokens":
+        return float(usage.total_tokens)
+    if metric == "input_tokens":
+        return float(usage.input_tokens)
+    if metric == "tool_calls":
+        return 1.0 if usage.is_tool_call else float(usage.tool_calls)
+    return 1.0 if usage.is_model_call else 0.0
+
+
+class BudgetConfig(_Strict):
+    """A whole budget file."""
+
+    model_classes: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    downgrade: dict[str, str] = Field(default_factory=dict)
+    prices: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="price overrides, USD per million tokens"
+    )
+    budgets: tuple[Budget, ...] = ()
+
+    @field_validator("budgets")
+    @classmethod
+    def _ids_unique(cls, value: tuple[Budget, ...]) -> tuple[Budget, ...]:
+        seen: set[str] = set()
+        for budget in value:
+            if budget.id in seen:
+                raise ValueError(f"budget id {budget.id!r} is used twice")
+            seen.add(budget.id)
+        return value
+
+    @model_validator(mode="after")
+    def _downgrade_targets_are_classes(self) -> BudgetConfig:
+        for budget in self.budgets:
+            for action in budget.actions:
+                if action.to is not None and action.to not in self.model_classes:
+                    raise ValueError(
+                        f"budget {budget.id!r}: downgrade target {action.to!r} is not a model class "
+                        f"(known: {', '.join(self.model_classes) or 'none'})"
+                    )
+        return self
+
+    @cached_property
+    def class_of_model(self) -> dict[str, str]:
+        return {model: name for name, models in self.model_classes.items() for model in models}
+
+    def model_class(self, model: str) -> str:
+        """The configured class of a concrete model, '' when it has none."""
+        return self.class_of_model.get(model, "")
+
+    def downgrade_model(self, model: str, target_class: str | None = None) -> str | None:
+        """Walk the ladder from `model`: one step, or until a model of `target_class`.
+
+        Returns None when the ladder has no cheaper model to offer.
+        """
+        current, seen = model, {model}
+        while current in self.downgrade:
+            current = self.downgrade[current]
+            if current in seen:
+                return None  # a cycle in the ladder: refuse rather than loop
+            seen.add(current)
+            if target_class is None or self.model_class(current) == target_class:
+                return current
+        return None
+
+    def budget(self, budget_id: str) -> Budget | None:
+        return next((b for b in self.budgets if b.id == budget_id), None)
+
+
+class BudgetFileError(ValueError):
+    """Every mistake found in a budget file, each as `file:line: field: message`."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _node_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _node_lines(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _node_lines(item, (*path, index), lines)
+
+
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
+    """The line of the deepest part of `loc` present in the file (a missing field: its parent)."""
+    for depth in range(len(loc), -1, -1):
+        if loc[:depth] in lines:
+            return lines[loc[:depth]]
+    return 1
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(file)"
+
+
+def parse_budget_yaml(text: str, source: str = "<budgets>") -> BudgetConfig:
+    """Validate a budget file; raise `BudgetFileError` naming file, line and field."""
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise BudgetFileError([f"{source}:{line}: (file): not valid YAML: {exc}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BudgetFileError([f"{source}:1: (file): expected a mapping with 'budgets:'"])
+    lines: dict[tuple[Any, ...], int] = {}
+    if root is not None:
+        _node_lines(root, (), lines)
+    try:
+        return BudgetConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+            problems.append(f"{source}:{_line_of(loc, lines)}: {_field_path(loc)}: {error['msg']}")
+        raise BudgetFileError(problems) from exc
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic adds the union member (e.g. 'str') to the location; the user never wrote it."""
+    return isinstance(part, str) and (part in {"str", "tuple[...]"} or part.startswith("literal["))
+
+
+def load_budget_file(path: str | Path) -> BudgetConfig:
+    path = Path(path)
+    return parse_budget_yaml(path.read_text(encoding="utf-8"), source=str(path))

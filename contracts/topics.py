@@ -1,0 +1,70 @@
+"""Kafka topics and connection settings shared by the app, the stream and the sinks.
+
+Connection secrets (SASL) come from the environment only; they are never
+logged, and `KafkaSettings.__repr__` hides them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names (DESIGN.md §4); each overridable with BURNGUARD_TOPIC_<NAME>."""
+
+    spans: str = "otlp_spans"
+    signals: str = "burnguard.signals"
+    budgets: str = "burnguard.budgets"
+    deadletter: str = "burnguard.deadletter"
+    usage: str = "burnguard.usage"  # internal: usage deltas repartitioned by budget key
+
+    @classmethod
+    def from_env(cls) -> Topics:
+        defaults = cls()
+        return cls(
+            **{
+                name: os.environ.get(f"BURNGUARD_TOPIC_{name.upper()}", getattr(defaults, name))
+                for name in cls.__dataclass_fields__
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """How to reach Kafka. Built from BURNGUARD_KAFKA_* variables."""
+
+    bootstrap: str = DEFAULT_BOOTSTRAP
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = field(default=None, repr=False)
+    sasl_password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, bootstrap: str | None = None) -> KafkaSettings:
+        env = os.environ
+        return cls(
+            bootstrap=bootstrap or env.get("BURNGUARD_KAFKA_BOOTSTRAP", DEFAULT_BOOTSTRAP),
+            security_protocol=env.get("BURNGUARD_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+            sasl_mechanism=env.get("BURNGUARD_KAFKA_SASL_MECHANISM"),
+            sasl_username=env.get("BURNGUARD_KAFKA_SASL_USERNAME"),
+            sasl_password=env.get("BURNGUARD_KAFKA_SASL_PASSWORD"),
+        )
+
+    def kafka_python_config(self) -> dict[str, Any]:
+        """Keyword arguments for kafka-python clients."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap.split(","),
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        return config
