@@ -57,9 +57,7 @@ OP_CREATE_AGENT: Final = "create_agent"
 OP_WORKFLOW: Final = "workflow"  # burnguard's workflow root spans
 
 #: Operations that call a model and so cost money and tokens.
-MODEL_CALL_OPERATIONS: Final = frozenset(
-    {OP_CHAT, OP_TEXT_COMPLETION, OP_EMBEDDINGS, OP_GENERATE_CONTENT}
-)
+MODEL_CALL_OPERATIONS: Final = frozenset({OP_CHAT, OP_TEXT_COMPLETION, OP_EMBEDDINGS, OP_GENERATE_CONTENT})
 
 # --- attribution ----------------------------------------------------------------
 #: The dimensions a call is attributed to, and the span attribute / baggage key

@@ -58,9 +58,7 @@ class Budget(_Strict):
     @classmethod
     def _id_is_a_name(cls, value: str) -> str:
         if not _ID.match(value):
-            raise ValueError(
-                "id must be letters, digits, '_', '-' or '.', starting with a letter or digit"
-            )
+            raise ValueError("id must be letters, digits, '_', '-' or '.', starting with a letter or digit")
         return value
 
     @field_validator("scope", mode="before")

@@ -68,9 +68,7 @@ def _as_float(value: AnyValue) -> float | None:
     return None
 
 
-def _setter(
-    field_name: str, convert: Callable[[AnyValue], Any]
-) -> Callable[[SpanUsage, AnyValue], None]:
+def _setter(field_name: str, convert: Callable[[AnyValue], Any]) -> Callable[[SpanUsage, AnyValue], None]:
     def set_field(usage: SpanUsage, value: AnyValue) -> None:
         setattr(usage, field_name, convert(value))
 
@@ -131,9 +129,7 @@ for _attribute, _dimension in attr.TRACELOOP_ATTRIBUTION.items():
     _SETTERS[_attribute] = _set_if_empty(_dimension)
 
 #: Attributes whose presence makes a span a GenAI span worth accounting.
-_GENAI_MARKERS = frozenset(
-    {attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM}
-)
+_GENAI_MARKERS = frozenset({attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM})
 
 
 def detect_format(payload: bytes) -> str:
@@ -175,9 +171,7 @@ def _parse_json(payload: bytes) -> ExportTraceServiceRequest:
     try:
         document = json.loads(payload)
         _hex_ids_to_base64(document)
-        return json_format.ParseDict(
-            document, ExportTraceServiceRequest(), ignore_unknown_fields=True
-        )
+        return json_format.ParseDict(document, ExportTraceServiceRequest(), ignore_unknown_fields=True)
     except (ValueError, json_format.ParseError, TypeError, AttributeError) as exc:
         raise MalformedSpans(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
 

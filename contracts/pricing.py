@@ -83,9 +83,7 @@ class ModelRates:
     ) -> float:
         """Cost in USD. `input_tokens` includes the cache tokens (DESIGN.md §3)."""
         uncached = max(input_tokens - cache_read_tokens - cache_creation_tokens, 0)
-        total = uncached * self.input.at(input_tokens) + output_tokens * self.output.at(
-            input_tokens
-        )
+        total = uncached * self.input.at(input_tokens) + output_tokens * self.output.at(input_tokens)
         if cache_read_tokens:
             rate = self.cache_read or self.input
             total += cache_read_tokens * rate.at(input_tokens)
@@ -120,9 +118,7 @@ def provider_id(provider_name: str) -> str | None:
 def resolve_rates(model: str, provider: str = "") -> ModelRates | None:
     """Look the model up in genai-prices once; None when it has no price for it."""
     try:
-        found = calc_price(
-            Usage(input_tokens=0, output_tokens=0), model, provider_id=provider_id(provider)
-        )
+        found = calc_price(Usage(input_tokens=0, output_tokens=0), model, provider_id=provider_id(provider))
     except LookupError:
         if provider:  # the provider name may be one genai-prices does not know; try by model alone
             return resolve_rates(model, "")
