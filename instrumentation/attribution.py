@@ -1,0 +1,71 @@
+"""Who and what a call is for, carried as OpenTelemetry baggage.
+
+Baggage crosses process boundaries with the W3C `baggage` header, so the
+tenant set at the edge of a request arrives on the spans of every service the
+request touches. `BaggageSpanProcessor` (opentelemetry-processor-baggage)
+copies the entries onto spans at start; the predicate keeps it to our keys so
+unrelated baggage never becomes span attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from burnguard.contracts.attributes import ATTRIBUTION_BY_ATTRIBUTE, ATTRIBUTION_KEYS
+from opentelemetry import baggage, context
+from opentelemetry.processor.baggage import BaggageSpanProcessor
+
+_ATTRIBUTION_BAGGAGE_KEYS = frozenset(ATTRIBUTION_KEYS.values())
+
+
+def is_attribution_key(key: str) -> bool:
+    return key in _ATTRIBUTION_BAGGAGE_KEYS
+
+
+def attribution_span_processor() -> BaggageSpanProcessor:
+    return BaggageSpanProcessor(is_attribution_key)
+
+
+@contextmanager
+def attribute(
+    *,
+    tenant: str | None = None,
+    user: str | None = None,
+    workflow: str | None = None,
+    feature: str | None = None,
+    session: str | None = None,
+    action: str | None = None,
+) -> Iterator[None]:
+    """Attribute every span started inside the block (and downstream services) to these keys.
+
+    Nested blocks add to or override the outer attribution; values given as
+    None keep what the outer block set.
+    """
+    given = {
+        "tenant": tenant,
+        "user": user,
+        "workflow": workflow,
+        "feature": feature,
+        "session": session,
+        "action": action,
+    }
+    ctx = context.get_current()
+    for dimension, value in given.items():
+        if value is not None:
+            ctx = baggage.set_baggage(ATTRIBUTION_KEYS[dimension], str(value), context=ctx)
+    token = context.attach(ctx)
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def current_attribution() -> dict[str, str]:
+    """The attribution in the current context, by dimension name (tenant, user, ...)."""
+    found: dict[str, str] = {}
+    for key, value in baggage.get_all().items():
+        dimension = ATTRIBUTION_BY_ATTRIBUTE.get(key)
+        if dimension is not None:
+            found[dimension] = str(value)
+    return found

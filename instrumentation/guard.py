@@ -1,0 +1,243 @@
+"""BudgetGuard: the app-side half of enforcement (DESIGN.md §7).
+
+A background thread follows the compacted `burnguard.signals` topic, replaying
+it from the beginning at start so the guard knows the current state before
+the first call. `check()` then answers from memory, with no network round
+trip: allow, downgrade (a cheaper model along the configured ladder), or deny.
+
+A signal whose window has ended no longer applies. A signal past `expires_at`
+is stale: the stream job stopped refreshing it. The guard then applies its
+fail mode — open (ignore it, the default) or closed (keep its restriction in
+force) — and counts the decision in `stats.stale_decisions`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from burnguard.contracts.budgets import KEY_SEPARATOR, BudgetConfig
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.topics import KafkaSettings, Topics
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+FailMode = Literal["open", "closed"]
+
+
+class BudgetExceeded(RuntimeError):
+    """A call was refused before it was made, because a budget is throttled."""
+
+    def __init__(self, signal: Signal) -> None:
+        self.signal = signal
+        self.budget = signal.budget
+        self.spent = signal.spent
+        self.limit = signal.limit
+        self.resets_at = signal.window_end
+        unit = "USD" if signal.metric == "cost_usd" else signal.metric
+        super().__init__(
+            f"budget {signal.budget!r} for {signal.scope} {signal.key!r} is exhausted: "
+            f"spent {signal.spent:.4f} of {signal.limit:g} {unit} "
+            f"(ratio {signal.ratio:.2f}); resets at {signal.window_end.isoformat()}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one call: `allow`, `downgrade` (use `model`) or `deny`."""
+
+    action: Literal["allow", "downgrade", "deny"]
+    model: str | None = None
+    signal: Signal | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.action != "deny"
+
+
+ALLOW = Decision("allow")
+
+
+@dataclass
+class GuardStats:
+    signals_received: int = 0
+    malformed_signals: int = 0
+    stale_decisions: int = 0  # decisions where a stale signal met the fail mode
+    denied: int = 0
+    downgraded: int = 0
+
+
+class BudgetGuard:
+    def __init__(
+        self,
+        kafka: KafkaSettings | None = None,
+        topics: Topics | None = None,
+        config: BudgetConfig | None = None,
+        *,
+        fail_mode: FailMode = "open",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._kafka = kafka or KafkaSettings.from_env()
+        self._topic = (topics or Topics.from_env()).signals
+        self.config = config or BudgetConfig()
+        self.fail_mode = fail_mode
+        self._clock = clock
+        self._signals: dict[str, Signal] = {}
+        self._by_scope: dict[str, dict[str, list[Signal]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._caught_up = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = GuardStats()
+
+    # --- following the topic ---------------------------------------------------
+    def start(self, wait_s: float = 10.0) -> BudgetGuard:
+        """Start following; wait up to `wait_s` for the replay of the compacted state."""
+        self._thread = threading.Thread(target=self._follow, name="burnguard-guard", daemon=True)
+        self._thread.start()
+        if wait_s:
+            self._caught_up.wait(wait_s)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def ready(self) -> bool:
+        """True once the state on the topic at start has been replayed."""
+        return self._caught_up.is_set()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except KafkaError as exc:
+                logger.warning("burnguard guard: lost %s (%s); retrying", self._topic, exc)
+                self._stop.wait(1.0)
+
+    def _consume(self) -> None:
+        consumer = KafkaConsumer(
+            **self._kafka.kafka_python_config(),
+            group_id=None,
+            enable_auto_commit=False,
+            consumer_timeout_ms=0,
+        )
+        try:
+            partitions = self._assign_all(consumer)
+            end_offsets = consumer.end_offsets(partitions)
+            while not self._stop.is_set():
+                for records in consumer.poll(timeout_ms=200).values():
+                    for record in records:
+                        self._ingest(record.value)
+                if not self._caught_up.is_set() and all(
+                    consumer.position(tp) >= end for tp, end in end_offsets.items()
+                ):
+                    self._caught_up.set()
+        finally:
+            consumer.close()
+
+    def _assign_all(self, consumer: KafkaConsumer) -> list[TopicPartition]:
+        partitions = None
+        while not partitions and not self._stop.is_set():
+            partitions = consumer.partitions_for_topic(self._topic)
+            if not partitions:
+                self._caught_up.set()  # nothing published yet: nothing to replay
+                self._stop.wait(0.5)
+        assigned = [TopicPartition(self._topic, p) for p in sorted(partitions or ())]
+        consumer.assign(assigned)
+        consumer.seek_to_beginning(*assigned)
+        return assigned
+
+    def _ingest(self, payload: bytes | None) -> None:
+        if payload is None:  # a tombstone: a removed budget
+            return
+        try:
+            signal = Signal.from_json(payload)
+        except ValidationError as exc:
+            self.stats.malformed_signals += 1
+            logger.warning("burnguard guard: ignoring malformed signal: %s", exc)
+            return
+        self.apply(signal)
+
+    def apply(self, signal: Signal) -> None:
+        """Record a signal (the follower thread calls this; tests and local accounting may too)."""
+        with self._lock:
+            self.stats.signals_received += 1
+            self._signals[signal.kafka_key] = signal
+            by_key = self._by_scope.setdefault(signal.scope, {})
+            current = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
+            if signal.action != "ok":
+                current.append(signal)
+            by_key[signal.key] = current
+
+    # --- deciding ------------------------------------------------------------------
+    def signals_for(self, attribution: dict[str, str], model_class: str = "") -> list[Signal]:
+        """Every current non-ok signal whose scope and key match this call."""
+        values = dict(attribution)
+        if model_class:
+            values["model_class"] = model_class
+        found: list[Signal] = []
+        with self._lock:
+            for scope, by_key in self._by_scope.items():
+                parts = [values.get(dimension) for dimension in scope.split("+")]
+                if all(parts):
+                    found.extend(by_key.get(KEY_SEPARATOR.join(parts), ()))  # type: ignore[arg-type]
+        return found
+
+    def check(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Decision:
+        """Decide one call. `attribution` defaults to the current baggage attribution."""
+        if attribution is None:
+            from burnguard.instrumentation.attribution import current_attribution
+
+            attribution = current_attribution()
+        model_class = self.config.model_class(model) if model else ""
+        now = self._clock()
+        worst: Signal | None = None
+        for signal in self.signals_for(attribution, model_class):
+            if now >= signal.window_end:
+                continue  # its window is over: the spend it counted no longer applies
+            if now >= signal.expires_at:
+                self.stats.stale_decisions += 1
+                if self.fail_mode == "open":
+                    continue
+            if worst is None or signal.severity > worst.severity:
+                worst = signal
+        return self._decide(worst, model)
+
+    def _decide(self, signal: Signal | None, model: str | None) -> Decision:
+        if signal is None or signal.action in ("ok", "warn"):
+            return ALLOW
+        if signal.action == "throttle":
+            self.stats.denied += 1
+            return Decision("deny", signal=signal)
+        cheaper = self.config.downgrade_model(model, signal.downgrade_to) if model else None
+        if cheaper is None:
+            return Decision("allow", model=model, signal=signal)
+        self.stats.downgraded += 1
+        return Decision("downgrade", model=cheaper, signal=signal)
+
+    def enforce(self, model: str | None = None, attribution: dict[str, str] | None = None) -> str | None:
+        """The model to call with, or raise `BudgetExceeded` before the call is made."""
+        decision = self.check(model, attribution)
+        if decision.action == "deny":
+            assert decision.signal is not None
+            raise BudgetExceeded(decision.signal)
+        return decision.model or model
+
+    def wait_for(self, predicate: Callable[[BudgetGuard], bool], timeout_s: float = 30.0) -> bool:
+        """Poll until `predicate(self)` holds; for tests and the demo."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.05)
+        return predicate(self)
