@@ -1,0 +1,221 @@
+"""The Faust job: OTLP batches in, budget signals out.
+
+Two stages, joined by the internal `burnguard.usage` topic:
+
+1. `ingest` reads whole `ExportTraceServiceRequest` messages from
+   `otlp_spans` (one Kafka message, many spans), decodes and prices them, and
+   sums them into one usage delta per (budget, key, window). Undecodable
+   messages go to the dead-letter topic with the reason in a header.
+2. `account` reads the deltas, repartitioned by `budget|key`, so all state of
+   one budget key lives in one partition and so on one worker. It keeps the
+   window totals in a changelog-backed table and publishes a signal whenever
+   the decided action for a key changes.
+
+A timer re-publishes restrictive signals before they expire and notices
+windows that rolled over; it sends a `tick` through the usage topic, because
+table state may only change inside the partition's own stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
+from burnguard.contracts.otlp import MalformedSpans, decode_usage
+from burnguard.contracts.pricing import PriceBook
+from burnguard.contracts.signals import Signal
+from burnguard.stream.accounting import BatchStats, UsageDelta, usage_deltas
+from burnguard.stream.policy import WindowTotals, decide
+from burnguard.stream.settings import StreamSettings
+
+logger = logging.getLogger(__name__)
+DEADLETTER_REASON_HEADER = "burnguard.error"
+_NS = 1_000_000_000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _faust_credentials(settings: StreamSettings) -> Any:
+    kafka = settings.kafka
+    if not kafka.sasl_mechanism:
+        return None
+    return faust.SASLCredentials(
+        username=kafka.sasl_username,
+        password=kafka.sasl_password,
+        mechanism=kafka.sasl_mechanism,
+    )
+
+
+def load_config(settings: StreamSettings) -> BudgetConfig:
+    return load_budget_file(settings.budgets_file) if settings.budgets_file else BudgetConfig()
+
+
+class BudgetJob:
+    """The Faust app with its topics, tables and agents, built from settings."""
+
+    def __init__(self, settings: StreamSettings, config: BudgetConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.prices = PriceBook(config.prices)
+        self.stats = BatchStats()
+        self.deadlettered = 0
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            settings.app_id,
+            broker=[f"kafka://{server}" for server in settings.kafka.bootstrap.split(",")],
+            broker_credentials=_faust_credentials(settings),
+            store="memory://",
+            datadir=str(settings.data_dir),
+            topic_partitions=settings.partitions,
+            topic_replication_factor=1,
+            web_enabled=False,
+            stream_recovery_delay=0.5,
+            producer_linger=0.002,
+            consumer_auto_offset_reset="earliest",
+        )
+        self._declare_topics()
+        self._declare_tables()
+        self._declare_agents()
+
+    def _declare_topics(self) -> None:
+        topics, app = self.settings.topics, self.app
+        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+        self.spans_topic = app.topic(topics.spans, **raw)
+        self.usage_topic = app.topic(
+            topics.usage,
+            key_type=str,
+            value_serializer="json",
+            partitions=self.settings.partitions,
+            internal=True,
+        )
+        self.signals_topic = app.topic(
+            topics.signals, **raw, partitions=self.settings.partitions, compacting=True, internal=True
+        )
+        self.deadletter_topic = app.topic(topics.deadletter, **raw, partitions=1, internal=True)
+
+    def _declare_tables(self) -> None:
+        partitions = self.settings.partitions
+        #: `budget|key|window_start_ns` -> [spent, spans, first_event_ns, last_event_ns]
+        self.totals = self.app.Table("window-totals", default=None, partitions=partitions)
+        #: `budget|key` -> {"action": ..., "window_start_ns": ...}: the last published state
+        self.states = self.app.Table("signal-states", default=None, partitions=partitions)
+
+    def _declare_agents(self) -> None:
+        self.app.agent(self.spans_topic, name="ingest")(self._ingest)
+        self.app.agent(self.usage_topic, name="account")(self._account)
+        self.app.timer(self.settings.refresh_interval.total_seconds(), name="refresh")(self._refresh)
+
+    # --- stage 1 -------------------------------------------------------------------
+    async def _ingest(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                usages = decode_usage(event.value)
+            except MalformedSpans as exc:
+                await self._dead_letter(event, str(exc))
+                continue
+            for delta in usage_deltas(usages, self.config, self.prices, self.stats):
+                await self.usage_topic.send(key=delta.partition_key, value=delta.to_dict())
+
+    async def _dead_letter(self, event: Any, reason: str) -> None:
+        self.deadlettered += 1
+        message = event.message
+        await self.deadletter_topic.maybe_declare()  # Faust only creates the topics it consumes
+        logger.warning(
+            "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
+        )
+        await self.deadletter_topic.send(
+            key=event.key,
+            value=event.value,
+            headers=[
+                (DEADLETTER_REASON_HEADER, reason.encode()),
+                ("burnguard.source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            ],
+        )
+
+    # --- stage 2 -------------------------------------------------------------------
+    async def _account(self, stream: Any) -> None:
+        async for record in stream:
+            budget = self.config.budget(record["budget"])
+            if budget is None:
+                continue
+            if record.get("tick"):
+                await self._settle(budget, record["key"], _now())
+                continue
+            delta = UsageDelta.from_dict(record)
+            totals = self._add(delta)
+            await self._publish_if_changed(budget, delta.key, delta.window_start_ns, totals, _now())
+
+    def _add(self, delta: UsageDelta) -> WindowTotals:
+        stored = self.totals.get(delta.state_key)
+        totals = WindowTotals(*stored) if stored else WindowTotals()
+        totals.spent += delta.amount
+        totals.spans += delta.spans
+        if not totals.first_event_ns or delta.first_event_ns < totals.first_event_ns:
+            totals.first_event_ns = delta.first_event_ns
+        totals.last_event_ns = max(totals.last_event_ns, delta.last_event_ns)
+        self.totals[delta.state_key] = [
+            totals.spent,
+            totals.spans,
+            totals.first_event_ns,
+            totals.last_event_ns,
+        ]
+        return totals
+
+    async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
+        """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
+        window_start_ns = budget.window_spec.start_ns(int(now.timestamp() * _NS))
+        stored = self.totals.get(f"{budget.id}|{key}|{window_start_ns}")
+        totals = WindowTotals(*stored) if stored else WindowTotals()
+        await self._publish_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
+
+    async def _publish_if_changed(
+        self,
+        budget: Budget,
+        key: str,
+        window_start_ns: int,
+        totals: WindowTotals,
+        now: datetime,
+        refresh: bool = False,
+    ) -> None:
+        state_key = f"{budget.id}|{key}"
+        previous = self.states.get(state_key)
+        if previous and previous["window_start_ns"] > window_start_ns:
+            return  # a late span for an older window: counted, but the current window rules
+        signal = decide(budget, key, window_start_ns, totals, now, self.settings.signal_ttl)
+        previous_action = previous["action"] if previous else "ok"
+        changed = signal.action != previous_action
+        if not changed and not (refresh and signal.action != "ok"):
+            return
+        self.states[state_key] = {"action": signal.action, "window_start_ns": window_start_ns}
+        await self._send_signal(signal)
+
+    async def _send_signal(self, signal: Signal) -> None:
+        logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        await self.signals_topic.maybe_declare()
+        await self.signals_topic.send(key=signal.kafka_key.encode(), value=signal.to_json())
+
+    # --- timer ---------------------------------------------------------------------
+    async def _refresh(self) -> None:
+        """Ask each restricted key's partition to re-decide it: refresh, or lift at roll-over."""
+        for state_key, state in list(self.states.items()):
+            if not state or state["action"] == "ok":
+                continue
+            budget_id, key = state_key.split("|", 1)
+            await self.usage_topic.send(key=state_key, value={"budget": budget_id, "key": key, "tick": True})
+
+
+def create_job(settings: StreamSettings | None = None, config: BudgetConfig | None = None) -> BudgetJob:
+    settings = settings or StreamSettings.from_env()
+    return BudgetJob(settings, config if config is not None else load_config(settings))
+
+
+def run_worker(settings: StreamSettings | None = None, loglevel: str = "info") -> None:
+    """Run one worker of the job until SIGTERM / SIGINT."""
+    job = create_job(settings)
+    worker = faust.Worker(job.app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

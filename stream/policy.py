@@ -1,0 +1,95 @@
+"""Where a signal is decided: from a budget window's spend to a `Signal`.
+
+Pure functions of the budget, the window's totals and the clock, so the rules
+are tested without Kafka and every worker decides the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from burnguard.contracts.budgets import Budget
+from burnguard.contracts.signals import Signal
+
+_NS = 1_000_000_000
+#: The burn rate is measured over at least this long, so the first span of a
+#: window does not extrapolate to an absurd rate.
+_MIN_RATE_SPAN = timedelta(minutes=1)
+
+
+@dataclass(slots=True)
+class WindowTotals:
+    """The running totals of one budget key in one window."""
+
+    spent: float = 0.0
+    spans: int = 0
+    first_event_ns: int = 0
+    last_event_ns: int = 0
+
+
+def _from_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / _NS, UTC)
+
+
+def burn_rate_per_hour(totals: WindowTotals) -> float:
+    if not totals.spans:
+        return 0.0
+    observed = _from_ns(totals.last_event_ns) - _from_ns(totals.first_event_ns)
+    hours = max(observed, _MIN_RATE_SPAN).total_seconds() / 3600
+    return totals.spent / hours
+
+
+def projected_exhaustion(
+    budget: Budget, totals: WindowTotals, rate_per_hour: float, now: datetime
+) -> datetime | None:
+    if totals.spent >= budget.limit:
+        return now
+    if rate_per_hour <= 0:
+        return None
+    return now + timedelta(hours=(budget.limit - totals.spent) / rate_per_hour)
+
+
+def decide(
+    budget: Budget,
+    key: str,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    ttl: timedelta,
+) -> Signal:
+    """The signal for one budget key in one window as of `now`."""
+    start, end = budget.window_spec.bounds(_from_ns(window_start_ns))
+    ratio = totals.spent / budget.limit
+    rung = budget.action_for(ratio) if now < end else None
+    action = rung.do if rung is not None else "ok"
+    rate = burn_rate_per_hour(totals)
+    exhaustion = projected_exhaustion(budget, totals, rate, now)
+    return Signal(
+        scope=budget.scope_name,
+        key=key,
+        budget=budget.id,
+        action=action,
+        downgrade_to=rung.to if rung is not None and rung.do == "downgrade" else None,
+        metric=budget.metric,
+        spent=round(totals.spent, 9),
+        limit=budget.limit,
+        ratio=round(ratio, 6),
+        window_start=start,
+        window_end=end,
+        burn_rate_per_hour=round(rate, 9),
+        projected_exhaustion=exhaustion if exhaustion is None or exhaustion < end else None,
+        issued_at=now,
+        expires_at=now + ttl,
+        reason=_reason(budget, key, totals.spent, ratio, start, end, action),
+    )
+
+
+def _reason(
+    budget: Budget, key: str, spent: float, ratio: float, start: datetime, end: datetime, action: str
+) -> str:
+    return (
+        f"budget {budget.id} ({budget.scope_name}={key}): {budget.metric} {spent:.6g} of "
+        f"{budget.limit:g} ({ratio:.0%}) in window {budget.window} "
+        f"{start.isoformat()}..{end.isoformat()} -> {action}"
+    )

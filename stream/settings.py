@@ -1,0 +1,37 @@
+"""Stream job settings, from BURNGUARD_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from burnguard.contracts.topics import KafkaSettings, Topics
+
+
+@dataclass
+class StreamSettings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings.from_env)
+    topics: Topics = field(default_factory=Topics.from_env)
+    budgets_file: Path | None = None
+    app_id: str = "burnguard-stream"
+    partitions: int = 4
+    #: Non-ok signals are re-published this often, so late subscribers and TTLs work.
+    refresh_interval: timedelta = timedelta(seconds=30)
+    #: A signal not refreshed within this time is stale for subscribers.
+    signal_ttl: timedelta = timedelta(seconds=120)
+    data_dir: Path = Path(".burnguard/stream")
+
+    @classmethod
+    def from_env(cls) -> StreamSettings:
+        env = os.environ
+        budgets = env.get("BURNGUARD_BUDGETS_FILE")
+        return cls(
+            budgets_file=Path(budgets) if budgets else None,
+            app_id=env.get("BURNGUARD_STREAM_APP_ID", cls.app_id),
+            partitions=int(env.get("BURNGUARD_STREAM_PARTITIONS", cls.partitions)),
+            refresh_interval=timedelta(seconds=float(env.get("BURNGUARD_SIGNAL_REFRESH_S", 30))),
+            signal_ttl=timedelta(seconds=float(env.get("BURNGUARD_SIGNAL_TTL_S", 120))),
+            data_dir=Path(env.get("BURNGUARD_STATE_DIR", ".burnguard")) / "stream",
+        )
