@@ -35,6 +35,7 @@ class LLMCall:
         self.span = span
         self.model = model
         self.requested_model = requested_model
+        self.cost_usd: float | None = None  # set when the block ends, if the model has a price
         self._attributes: dict[str, Any] = {}
 
     def set_usage(
@@ -67,7 +68,9 @@ class LLMCall:
     def _finish(self, base: dict[str, Any], runtime: Runtime | None) -> None:
         attributes = {**base, **self._attributes}
         prices = runtime.prices if runtime is not None else None
-        self.span.set_attributes({**self._attributes, **cost_attributes(attributes, prices)})
+        cost = cost_attributes(attributes, prices)
+        self.cost_usd = cost.get(attr.COST_USD)
+        self.span.set_attributes({**self._attributes, **cost})
 
 
 @contextmanager

@@ -83,12 +83,14 @@ class BudgetGuard:
         *,
         fail_mode: FailMode = "open",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_signal: Callable[[Signal], None] | None = None,
     ) -> None:
         self._kafka = kafka or KafkaSettings.from_env()
         self._topic = (topics or Topics.from_env()).signals
         self.config = config or BudgetConfig()
         self.fail_mode = fail_mode
         self._clock = clock
+        self._on_signal = on_signal
         self._signals: dict[str, Signal] = {}
         self._by_scope: dict[str, dict[str, list[Signal]]] = {}
         self._lock = threading.Lock()
@@ -99,7 +101,9 @@ class BudgetGuard:
 
     # --- following the topic ---------------------------------------------------
     def start(self, wait_s: float = 10.0) -> BudgetGuard:
-        """Start following; wait up to `wait_s` for the replay of the compacted state."""
+        """Start following (once); wait up to `wait_s` for the replay of the compacted state."""
+        if self._thread is not None:
+            return self
         self._thread = threading.Thread(target=self._follow, name="burnguard-guard", daemon=True)
         self._thread.start()
         if wait_s:
@@ -178,6 +182,8 @@ class BudgetGuard:
             if signal.action != "ok":
                 current.append(signal)
             by_key[signal.key] = current
+        if self._on_signal is not None:
+            self._on_signal(signal)
 
     # --- deciding ------------------------------------------------------------------
     def signals_for(self, attribution: dict[str, str], model_class: str = "") -> list[Signal]:

@@ -95,6 +95,7 @@ def configure(
     service_name: str | None = None,
     exporter: SpanExporter | None = None,
     budgets: BudgetConfig | None = None,
+    guard: BudgetGuard | None = None,
     set_global: bool = True,
     batch: bool = True,
 ) -> Runtime:
@@ -103,6 +104,8 @@ def configure(
     `exporter` replaces the Kafka exporter (tests, or an OTLP exporter to a
     Collector that forwards to Kafka). `batch=False` exports synchronously,
     for scripts that must see every span on the topic before they exit.
+    `guard` enforces with a guard built by the caller (started here), e.g.
+    one with an `on_signal` callback; otherwise `settings.enforce` builds one.
     """
     global _runtime
     settings = settings or Settings.from_env()
@@ -116,9 +119,9 @@ def configure(
         exporter = KafkaSpanExporter(settings.kafka, settings.topics.spans)
     cost_processor = CostSpanProcessor(_export_processor(exporter, batch), prices)
     provider.add_span_processor(cost_processor)
-    guard = None
-    if settings.enforce:
+    if guard is None and settings.enforce:
         guard = BudgetGuard(settings.kafka, settings.topics, budgets, fail_mode=settings.fail_mode)
+    if guard is not None:
         guard.start()
     if set_global:
         trace.set_tracer_provider(provider)

@@ -1,2 +1,185 @@
+"""The `burnguard` command (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from burnguard.contracts.budgets import BudgetFileError, load_budget_file
+from burnguard.contracts.topics import KafkaSettings, Topics
+
+app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
+dev_app = typer.Typer(help="A local broker, worker and sink as background processes.", no_args_is_help=True)
+budgets_app = typer.Typer(help="Budget files.", no_args_is_help=True)
+signals_app = typer.Typer(help="The signal topic.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+app.add_typer(budgets_app, name="budgets")
+app.add_typer(signals_app, name="signals")
+console = Console()
+
+StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]
+BudgetsFile = Annotated[Path | None, typer.Option("--budgets", help="Budget YAML file for the worker.")]
+Bootstrap = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: env or dev stack).")]
+
+
+def _bootstrap(bootstrap: str | None, state_dir: Path = Path(".burnguard")) -> str:
+    if bootstrap:
+        return bootstrap
+    from burnguard.cli.devstack import DevStack
+
+    return DevStack(state_dir).read_state().get("bootstrap") or KafkaSettings.from_env().bootstrap
+
+
+@dev_app.command("up")
+def dev_up(state_dir: StateDir = Path(".burnguard"), budgets: BudgetsFile = None) -> None:
+    """Start a Kafka broker, a stream worker and a ClickHouse sink in the background."""
+    from burnguard.cli.devstack import DevStack
+
+    stack = DevStack(state_dir, budgets)
+    state = stack.up()
+    console.print(f"[green]up[/]: Kafka at {state['bootstrap']}, ClickHouse at {state['clickhouse_dsn']}")
+    console.print(f"logs in {stack.log_dir}; stop with `burnguard dev down --state-dir {state_dir}`")
+
+
+@dev_app.command("down")
+def dev_down(state_dir: StateDir = Path(".burnguard")) -> None:
+    """Stop what `dev up` started."""
+    from burnguard.cli.devstack import DevStack
+
+    DevStack(state_dir).down()
+    console.print("[green]down[/]")
+
+
+@dev_app.command("status")
+def dev_status(state_dir: StateDir = Path(".burnguard")) -> None:
+    from burnguard.cli.devstack import DevStack
+
+    for name, running in DevStack(state_dir).status().items():
+        console.print(f"{name:7} {'[green]running[/]' if running else '[red]stopped[/]'}")
+
+
+@app.command()
+def demo(state_dir: StateDir = Path(".burnguard/demo")) -> None:
+    """Run a simulated multi-tenant app against the real pipeline until one tenant is throttled."""
+    from burnguard.cli.demo import DEMO_BUDGETS, print_summary, read_back, simulate
+    from burnguard.cli.devstack import DevStack
+
+    stack = DevStack(state_dir, DEMO_BUDGETS)
+    stack.down()  # a previous run's leftovers
+    console.print("starting Kafka (first run fetches the jars from Maven Central), worker and sink ...")
+    try:
+        state = stack.up(signal_refresh_s=5.0)
+        console.print(f"Kafka at {state['bootstrap']}")
+        result = simulate(state["bootstrap"], console)
+        read_back(stack, state["bootstrap"], result, console)
+        print_summary(result, console)
+    finally:
+        stack.down()
+    if not result.succeeded:
+        console.print(
+            "[red]demo failed[/]: expected a throttle for acme, a downgrade for globex, equal totals"
+        )
+        raise typer.Exit(1)
+    console.print("[green]demo ok[/]: acme throttled, globex downgraded, ClickHouse totals equal the app's")
+
+
+@app.command()
+def worker(budgets: BudgetsFile = None, bootstrap: Bootstrap = None) -> None:
+    """Run one stream worker in the foreground."""
+    import os
+
+    if budgets:
+        os.environ["BURNGUARD_BUDGETS_FILE"] = str(budgets)
+    if bootstrap:
+        os.environ["BURNGUARD_KAFKA_BOOTSTRAP"] = bootstrap
+    from burnguard.stream.app import run_worker
+
+    sys.argv = sys.argv[:1]  # Faust's worker parses argv
+    run_worker()
+
+
+@app.command()
+def sink(bootstrap: Bootstrap = None, dsn: Annotated[str | None, typer.Option()] = None) -> None:
+    """Run the ClickHouse sink in the foreground."""
+    import os
+
+    if bootstrap:
+        os.environ["BURNGUARD_KAFKA_BOOTSTRAP"] = bootstrap
+    if dsn:
+        os.environ["BURNGUARD_CLICKHOUSE_DSN"] = dsn
+    from burnguard.sinks.consumer import main as sink_main
+
+    sink_main()
+
+
+@budgets_app.command("validate")
+def budgets_validate(file: Path) -> None:
+    """Check a budget file; every mistake is reported as file:line: field: message."""
+    try:
+        config = load_budget_file(file)
+    except FileNotFoundError:
+        console.print(f"[red]{file}: no such file[/]")
+        raise typer.Exit(2) from None
+    except BudgetFileError as exc:
+        for problem in exc.problems:
+            console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{file}: {len(config.budgets)} budgets valid")
+    for column in ("id", "scope", "match", "window", "metric", "limit", "actions"):
+        table.add_column(column)
+    for b in config.budgets:
+        ladder = ", ".join(f"{a.do}{'→' + a.to if a.to else ''}@{a.at:g}" for a in b.actions)
+        table.add_row(b.id, b.scope_name, b.match, b.window, b.metric, f"{b.limit:g}", ladder)
+    console.print(table)
+
+
+@signals_app.command("tail")
+def signals_tail(
+    bootstrap: Bootstrap = None,
+    from_beginning: Annotated[bool, typer.Option(help="Replay the compacted state first.")] = True,
+    max_messages: Annotated[int, typer.Option(help="Stop after this many (0: follow forever).")] = 0,
+    timeout_s: Annotated[float, typer.Option(help="Stop after this long without a signal (0: never).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print raw signal JSON lines.")] = False,
+) -> None:
+    """Print signals as they are published."""
+    from kafka import KafkaConsumer
+
+    from burnguard.contracts.signals import Signal
+
+    kafka = KafkaSettings.from_env(_bootstrap(bootstrap))
+    consumer = KafkaConsumer(
+        Topics.from_env().signals,
+        **kafka.kafka_python_config(),
+        group_id=None,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        consumer_timeout_ms=int(timeout_s * 1000) if timeout_s else float("inf"),
+    )
+    seen = 0
+    try:
+        for record in consumer:
+            if record.value is None:
+                continue
+            signal = Signal.from_json(record.value)
+            if as_json:
+                print(json.dumps(json.loads(record.value)), flush=True)
+            else:
+                console.print(
+                    f"{signal.issued_at:%H:%M:%S} {signal.kafka_key:40} {signal.action:9} "
+                    f"{signal.spent:.4f}/{signal.limit:g} ({signal.ratio:.0%})",
+                    highlight=False,
+                )
+            seen += 1
+            if max_messages and seen >= max_messages:
+                break
+    finally:
+        consumer.close()
+
+
 def main() -> None:
-    raise SystemExit("not yet")
+    app()

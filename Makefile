@@ -1,0 +1,39 @@
+# burnguard: `make demo` runs the pipeline end to end, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format venv kafka-jars clean
+
+# The environment is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Resolve the pinned Apache Kafka jars from Maven Central (cached under ~/.cache/burnguard).
+kafka-jars: venv
+	$(BIN)/python -c "from burnguard.deploy.kafka import kafka_classpath; kafka_classpath()"
+
+demo: venv kafka-jars
+	$(BIN)/burnguard demo
+
+test: venv kafka-jars
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .burnguard .pytest_cache

@@ -1,0 +1,164 @@
+"""The whole loop with real parts: app -> Kafka -> Faust worker -> signal -> guard, and ClickHouse.
+
+An instrumented caller spends against a tenant's daily budget through a local
+HTTP "model" server. The real worker publishes the throttle, the app's guard
+refuses the next call before any request reaches the server, and the sink has
+written every span to ClickHouse with totals equal to what the app recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from burnguard.contracts.budgets import parse_budget_yaml
+from burnguard.contracts.signals import Signal
+from burnguard.instrumentation import Settings
+from burnguard.instrumentation.runtime import reset_runtime
+from kafka import KafkaConsumer
+
+import burnguard
+from burnguard.cli.devstack import wait_until_consumed
+from tests.fixtures.pipeline import Pipeline
+
+BUDGETS = """
+model_classes:
+  premium: [gpt-4.1]
+  standard: [gpt-4.1-mini]
+downgrade:
+  gpt-4.1: gpt-4.1-mini
+budgets:
+  - id: tenant-daily
+    scope: tenant
+    match: "*"
+    window: day
+    limit: 0.05
+    actions:
+      - {at: 0.5, do: warn}
+      - {at: 0.8, do: downgrade, to: standard}
+      - {at: 1.0, do: throttle}
+"""
+INPUT_TOKENS, OUTPUT_TOKENS = 2_000, 500  # gpt-4.1: $0.008 a call, gpt-4.1-mini: $0.0016
+
+
+class ModelServer(ThreadingHTTPServer):
+    """A stand-in model endpoint that counts the requests it receives."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1/chat"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ModelServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        reply = json.dumps(
+            {"model": body["model"], "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": OUTPUT_TOKENS}}
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    server = ModelServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def call_model(server: ModelServer, tenant: str, recorded: dict[str, float], calls: list[str]) -> None:
+    """One instrumented call: guard first, then the HTTP request, then the usage on the span."""
+    with burnguard.attribute(tenant=tenant, workflow="e2e"), burnguard.llm_call("gpt-4.1", "openai") as call:
+        reply = httpx.post(server.url, json={"model": call.model}).json()
+        call.set_usage(reply["usage"]["input_tokens"], reply["usage"]["output_tokens"])
+    recorded[tenant] = recorded.get(tenant, 0.0) + (call.cost_usd or 0.0)
+    calls.append(call.model)
+
+
+def read_signals(pipeline: Pipeline) -> list[Signal]:
+    consumer = KafkaConsumer(
+        pipeline.topics.signals,
+        bootstrap_servers=pipeline.broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=3000,
+    )
+    try:
+        return [Signal.from_json(r.value) for r in consumer if r.value]
+    finally:
+        consumer.close()
+
+
+@pytest.mark.slow
+def test_tenant_over_budget_is_throttled_and_history_is_exact(
+    pipeline: Pipeline, model_server: ModelServer
+) -> None:
+    pipeline.write_budgets(BUDGETS)
+    pipeline.start_worker()
+    sink = pipeline.start_sink()
+    budgets = parse_budget_yaml(BUDGETS)
+    settings = Settings(kafka=pipeline.kafka, topics=pipeline.topics, enforce=True)
+    runtime = burnguard.configure(settings, budgets=budgets, batch=False, set_global=False)
+    recorded: dict[str, float] = {}
+    calls: list[str] = []
+    try:
+        call_model(model_server, "quiet-co", recorded, calls)
+        refused = None
+        deadline = time.monotonic() + 90
+        while refused is None and time.monotonic() < deadline:
+            try:
+                call_model(model_server, "acme", recorded, calls)
+            except burnguard.BudgetExceeded as exc:
+                refused = exc
+            time.sleep(0.2)
+        assert refused is not None, "acme was never throttled"
+        requests_before = len(model_server.requests)
+        with pytest.raises(burnguard.BudgetExceeded):
+            call_model(model_server, "acme", recorded, calls)
+        assert len(model_server.requests) == requests_before, "a refused call reached the server"
+        call_model(model_server, "quiet-co", recorded, calls)  # other tenants are not affected
+        assert len(model_server.requests) == requests_before + 1
+    finally:
+        runtime.flush()
+        runtime.shutdown()
+        reset_runtime()
+
+    message = str(refused)
+    assert "tenant-daily" in message and "0.05" in message and "resets at" in message
+    assert refused.limit == 0.05 and refused.spent >= 0.05
+    assert refused.resets_at.hour == 0 and refused.resets_at > refused.signal.window_start
+    assert "gpt-4.1-mini" in calls, "the downgrade signal never changed the model"
+    assert runtime.exporter.stats.spans_failed == 0 and runtime.exporter.stats.spans_dropped == 0
+
+    acme_actions = [s.action for s in read_signals(pipeline) if s.key == "acme"]
+    assert acme_actions[:3] == ["warn", "downgrade", "throttle"]
+
+    topics = [pipeline.topics.spans, pipeline.topics.signals]
+    assert wait_until_consumed(pipeline.broker.bootstrap, pipeline.env["BURNGUARD_SINK_GROUP"], topics) == 0
+    assert pipeline.stop(sink) == 0
+    stored = pipeline.clickhouse_query("queries.spend_by_tenant(client)")
+    count = pipeline.clickhouse_query("queries.span_count(client)")
+    assert count == len(calls)
+    assert stored.keys() == recorded.keys()
+    for tenant, spent in recorded.items():
+        assert stored[tenant] == pytest.approx(spent, rel=1e-9), tenant
