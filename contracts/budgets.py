@@ -20,6 +20,7 @@ import yaml
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window, check_timezone, check_window
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Scope = Literal["tenant", "user", "workflow", "feature", "model_class", "session", "service"]
 Metric = Literal["cost_usd", "tokens", "input_tokens", "tool_calls", "calls"]
@@ -145,6 +146,11 @@ def metric_value(metric: str, usage: SpanUsage) -> float:
     return 1.0 if usage.is_model_call else 0.0
 
 
+def _located(at: tuple[Any, ...], message: str) -> PydanticCustomError:
+    """An error raised by a whole-list or whole-file validator that still names the field it is about."""
+    return PydanticCustomError("budget_config", "{message}", {"message": message, "at": at})
+
+
 class BudgetConfig(_Strict):
     """A whole budget file."""
 
@@ -158,21 +164,25 @@ class BudgetConfig(_Strict):
     @field_validator("budgets")
     @classmethod
     def _ids_unique(cls, value: tuple[Budget, ...]) -> tuple[Budget, ...]:
-        seen: set[str] = set()
-        for budget in value:
+        seen: dict[str, int] = {}
+        for index, budget in enumerate(value):
             if budget.id in seen:
-                raise ValueError(f"budget id {budget.id!r} is used twice")
-            seen.add(budget.id)
+                raise _located(
+                    ("budgets", index, "id"),
+                    f"budget id {budget.id!r} is used twice (first in budgets[{seen[budget.id]}])",
+                )
+            seen[budget.id] = index
         return value
 
     @model_validator(mode="after")
     def _downgrade_targets_are_classes(self) -> BudgetConfig:
-        for budget in self.budgets:
-            for action in budget.actions:
+        for index, budget in enumerate(self.budgets):
+            for rung, action in enumerate(budget.actions):
                 if action.to is not None and action.to not in self.model_classes:
-                    raise ValueError(
+                    raise _located(
+                        ("budgets", index, "actions", rung, "to"),
                         f"budget {budget.id!r}: downgrade target {action.to!r} is not a model class "
-                        f"(known: {', '.join(self.model_classes) or 'none'})"
+                        f"(known: {', '.join(self.model_classes) or 'none'})",
                     )
         return self
 
@@ -260,7 +270,8 @@ def parse_budget_yaml(text: str, source: str = "<budgets>") -> BudgetConfig:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+            at = error.get("ctx", {}).get("at")
+            loc = tuple(at) if at else tuple(part for part in error["loc"] if not _is_union_tag(part))
             problems.append(f"{source}:{_line_of(loc, lines)}: {_field_path(loc)}: {error['msg']}")
         raise BudgetFileError(problems) from exc
 

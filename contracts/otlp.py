@@ -143,13 +143,16 @@ def parse_request(payload: bytes) -> ExportTraceServiceRequest:
     if not payload:
         raise MalformedSpans("empty message")
     if detect_format(payload) == OTLP_JSON:
-        return _parse_json(payload)
+        request = _parse_json(payload)
+        if not request.resource_spans:
+            raise MalformedSpans("JSON message holds no resourceSpans: not an OTLP trace request")
+        return request
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(payload)
     except DecodeError as exc:
         raise MalformedSpans(f"not an OTLP protobuf ExportTraceServiceRequest: {exc}") from exc
-    if not request.resource_spans and payload:
+    if not request.resource_spans:
         raise MalformedSpans("protobuf message holds no resource_spans")
     return request
 

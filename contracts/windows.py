@@ -71,7 +71,8 @@ class Window:
 
     def start_ns(self, at_ns: int) -> int:
         """Window start as epoch nanoseconds, for keying state by window."""
-        start, _ = self.bounds(datetime.fromtimestamp(at_ns / 1e9, UTC))
+        seconds, rest_ns = divmod(at_ns, 1_000_000_000)  # integers: a float loses the last microsecond
+        start, _ = self.bounds(datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest_ns // 1000))
         return int(start.timestamp()) * 1_000_000_000
 
 

@@ -217,7 +217,20 @@ class BudgetGuard:
                     continue
             if worst is None or signal.severity > worst.severity:
                 worst = signal
+            elif signal.action == worst.action == "downgrade" and self._downgrade_steps(
+                model, signal
+            ) > self._downgrade_steps(model, worst):
+                worst = signal  # of two downgrades, the deeper one honours both
         return self._decide(worst, model)
+
+    def _downgrade_steps(self, model: str | None, signal: Signal) -> int:
+        """How many ladder steps below `model` this downgrade signal sends the call (0: none)."""
+        target = self.config.downgrade_model(model, signal.downgrade_to) if model else None
+        steps, current = 0, model
+        while target is not None and current != target:
+            current = self.config.downgrade[current]
+            steps += 1
+        return steps
 
     def _decide(self, signal: Signal | None, model: str | None) -> Decision:
         if signal is None or signal.action in ("ok", "warn"):

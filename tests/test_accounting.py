@@ -1,0 +1,207 @@
+"""stream/accounting.py: a batch of decoded spans -> one delta per (budget, key, window)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
+from burnguard.contracts.pricing import PriceBook
+from burnguard.contracts.usage import SpanUsage
+from burnguard.stream.accounting import BatchStats, UsageDelta, usage_deltas
+
+NS = 1_000_000_000
+DAY = datetime(2025, 5, 14, tzinfo=UTC)
+T0 = DAY + timedelta(hours=9)
+
+CONFIG_YAML = """\
+model_classes:
+  premium:  [gpt-4.1, o3]
+  standard: [gpt-4.1-mini]
+budgets:
+  - {id: tenant-cost, scope: tenant, window: day, metric: cost_usd, limit: 50}
+  - {id: feature-tokens, scope: [tenant, feature], window: day, metric: tokens, limit: 1000000}
+  - {id: user-input, scope: user, window: 1h, metric: input_tokens, limit: 100000}
+  - {id: session-tools, scope: session, window: session, metric: tool_calls, limit: 20}
+  - {id: acme-calls, scope: tenant, match: acme, window: day, metric: calls, limit: 100}
+  - {id: premium-cost, scope: model_class, match: premium, window: day, limit: 10}
+"""
+
+
+def ns(at: datetime) -> int:
+    return int(at.timestamp()) * NS
+
+
+def span(n: int, at: datetime, **fields) -> SpanUsage:
+    base = dict(
+        trace_id=f"{n:032x}",
+        span_id=f"{n:016x}",
+        parent_span_id="",
+        name=f"span-{n}",
+        start_ns=ns(at) - NS,
+        end_ns=ns(at),
+        operation="chat",
+    )
+    base.update(fields)
+    return SpanUsage(**base)
+
+
+@pytest.fixture
+def config() -> BudgetConfig:
+    return parse_budget_yaml(CONFIG_YAML)
+
+
+def by_slot(deltas: list[UsageDelta]) -> dict[tuple[str, str], UsageDelta]:
+    slots = {(d.budget, d.key): d for d in deltas}
+    assert len(slots) == len(deltas), "one delta per (budget, key) in a single window"
+    return slots
+
+
+def batch() -> list[SpanUsage]:
+    return [
+        span(1, T0, tenant="acme", feature="summarize", user="u1", session="s1", request_model="gpt-4.1",
+             input_tokens=1000, output_tokens=200, cost_usd=0.5, tool_calls=2),
+        span(2, T0 + timedelta(minutes=5), tenant="acme", feature="summarize", user="u1", session="s1",
+             request_model="gpt-4.1-mini", input_tokens=3000, output_tokens=100, cost_usd=0.25),
+        span(3, T0 + timedelta(minutes=10), tenant="acme", feature="translate", user="u2",
+             request_model="gpt-4.1-mini", input_tokens=500, output_tokens=50, cost_usd=0.125),
+        span(4, T0 + timedelta(minutes=15), tenant="globex", feature="summarize", user="u3", session="s2",
+             request_model="o3", input_tokens=2000, output_tokens=1000, cost_usd=1.0),
+        # A tool execution: counts for tool_calls, not for cost, tokens or calls.
+        span(5, T0 + timedelta(minutes=20), operation="execute_tool", tool_name="search",
+             tenant="acme", feature="summarize", user="u1", session="s1"),
+    ]  # fmt: skip
+
+
+def test_sums_per_budget_key_and_window(config: BudgetConfig) -> None:
+    deltas = by_slot(usage_deltas(batch(), config, PriceBook()))
+    assert deltas[("tenant-cost", "acme")].amount == pytest.approx(0.875)
+    assert deltas[("tenant-cost", "acme")].spans == 3
+    assert deltas[("tenant-cost", "globex")].amount == pytest.approx(1.0)
+
+    assert deltas[("feature-tokens", "acme/summarize")].amount == 1200 + 3100
+    assert deltas[("feature-tokens", "acme/translate")].amount == 550
+    assert deltas[("feature-tokens", "globex/summarize")].amount == 3000
+
+    assert deltas[("user-input", "u1")].amount == 4000
+    assert deltas[("user-input", "u2")].amount == 500
+    assert deltas[("user-input", "u3")].amount == 2000
+
+    # Session s1: 2 tool calls requested by the model in span 1, plus one execute_tool span.
+    assert deltas[("session-tools", "s1")].amount == 3
+    assert deltas[("session-tools", "s1")].spans == 2
+    assert ("session-tools", "s2") not in deltas  # span 4 made no tool calls
+
+    assert deltas[("acme-calls", "acme")].amount == 3
+    assert ("acme-calls", "globex") not in deltas  # match: acme
+
+    # model_class is filled from the configured classes: gpt-4.1 and o3 are premium.
+    assert deltas[("premium-cost", "premium")].amount == pytest.approx(1.5)
+
+    assert len(deltas) == 2 + 3 + 3 + 1 + 1 + 1
+
+
+def test_window_start_and_event_times(config: BudgetConfig) -> None:
+    deltas = by_slot(usage_deltas(batch(), config, PriceBook()))
+    cost = deltas[("tenant-cost", "acme")]
+    assert cost.window_start_ns == ns(DAY)
+    assert cost.first_event_ns == ns(T0)
+    assert cost.last_event_ns == ns(T0 + timedelta(minutes=10))
+    assert deltas[("user-input", "u1")].window_start_ns == ns(T0)  # the 09:00 hour
+    assert deltas[("session-tools", "s1")].window_start_ns == 0
+    assert cost.partition_key == "tenant-cost|acme"
+    assert cost.state_key == f"tenant-cost|acme|{ns(DAY)}"
+    assert UsageDelta.from_dict(cost.to_dict()) == cost
+
+
+def test_spans_in_different_windows_get_different_deltas(config: BudgetConfig) -> None:
+    spans = [
+        span(1, DAY + timedelta(hours=23, minutes=59), tenant="acme", cost_usd=1.0),
+        span(2, DAY + timedelta(days=1, minutes=1), tenant="acme", cost_usd=2.0),
+        span(3, DAY + timedelta(hours=10), tenant="acme", cost_usd=4.0),
+    ]
+    deltas = [d for d in usage_deltas(spans, config, PriceBook()) if d.budget == "tenant-cost"]
+    amounts = {d.window_start_ns: d.amount for d in deltas}
+    assert amounts == {ns(DAY): 5.0, ns(DAY + timedelta(days=1)): 2.0}
+    today = next(d for d in deltas if d.window_start_ns == ns(DAY))
+    # Events arrive out of order: first/last are the min/max, not arrival order.
+    assert today.first_event_ns == ns(DAY + timedelta(hours=10))
+    assert today.last_event_ns == ns(DAY + timedelta(hours=23, minutes=59))
+
+
+def test_event_time_falls_back_to_start(config: BudgetConfig) -> None:
+    no_end = span(1, T0, tenant="acme", cost_usd=1.0, end_ns=0, start_ns=ns(DAY - timedelta(minutes=1)))
+    (delta,) = [d for d in usage_deltas([no_end], config, PriceBook()) if d.budget == "tenant-cost"]
+    assert delta.window_start_ns == ns(DAY - timedelta(days=1))
+
+
+def test_unpriced_spans_are_priced_by_the_stream(config: BudgetConfig) -> None:
+    book = PriceBook()
+    unpriced = span(1, T0, tenant="acme", provider="openai", request_model="gpt-4.1",
+                    response_model="gpt-4.1-mini", input_tokens=10_000, output_tokens=2_000,
+                    cache_read_tokens=4_000)  # fmt: skip
+    stats = BatchStats()
+    deltas = by_slot(usage_deltas([unpriced], config, book, stats))
+    want = PriceBook().price("gpt-4.1-mini", "openai", input_tokens=10_000, output_tokens=2_000,
+                             cache_read_tokens=4_000)  # fmt: skip
+    assert want is not None and want > 0
+    # Priced at the billed (response) model, with its cache tokens.
+    assert deltas[("tenant-cost", "acme")].amount == pytest.approx(want, rel=1e-12)
+    assert unpriced.cost_usd == pytest.approx(want, rel=1e-12)
+    assert unpriced.model_class == "standard"
+    assert (stats.spans, stats.unpriced) == (1, 0)
+
+
+def test_a_price_on_the_span_is_kept(config: BudgetConfig) -> None:
+    priced = span(1, T0, tenant="acme", request_model="gpt-4.1", input_tokens=10_000, cost_usd=123.0)
+    deltas = by_slot(usage_deltas([priced], config, PriceBook()))
+    assert deltas[("tenant-cost", "acme")].amount == 123.0
+
+
+def test_unknown_models_are_counted_unpriced(config: BudgetConfig) -> None:
+    spans = [
+        span(1, T0, tenant="acme", provider="acme-ai", request_model="acme-llm-9000", input_tokens=100),
+        span(2, T0, tenant="acme", provider="acme-ai", request_model="acme-llm-9000", input_tokens=300),
+        span(3, T0, tenant="acme", provider="openai", request_model="gpt-4.1", input_tokens=1000),
+        span(4, T0, operation="execute_tool", tenant="acme", session="s9"),  # not a model call
+    ]
+    stats = BatchStats()
+    deltas = by_slot(usage_deltas(spans, config, PriceBook(), stats))
+    assert (stats.spans, stats.unpriced) == (4, 2)
+    assert spans[0].cost_usd is None
+    # Never guessed: the unknown model adds nothing to cost, but its tokens and calls still count.
+    want = PriceBook().price("gpt-4.1", "openai", input_tokens=1000)
+    assert deltas[("tenant-cost", "acme")].amount == pytest.approx(want, rel=1e-12)
+    assert deltas[("acme-calls", "acme")].amount == 3
+    assert spans[0].model_class == ""
+
+
+def test_spans_missing_a_scope_dimension_do_not_count(config: BudgetConfig) -> None:
+    spans = [
+        span(
+            1, T0, feature="summarize", user="u1", cost_usd=5.0, input_tokens=100, output_tokens=10
+        ),  # no tenant
+        span(2, T0, tenant="acme", cost_usd=1.0, input_tokens=7, output_tokens=3),  # no feature, no user
+    ]
+    deltas = by_slot(usage_deltas(spans, config, PriceBook()))
+    assert deltas[("tenant-cost", "acme")].amount == 1.0
+    assert deltas[("tenant-cost", "acme")].spans == 1
+    assert not any(budget == "feature-tokens" for budget, _ in deltas)
+    assert deltas[("user-input", "u1")].amount == 100
+    assert set(deltas) == {("tenant-cost", "acme"), ("user-input", "u1"), ("acme-calls", "acme")}
+
+
+def test_non_model_spans_do_not_count_for_cost_or_calls(config: BudgetConfig) -> None:
+    spans = [
+        span(1, T0, operation="invoke_agent", tenant="acme", cost_usd=9.0, input_tokens=500),
+        span(2, T0, operation="workflow", tenant="acme", cost_usd=9.0),
+    ]
+    stats = BatchStats()
+    assert usage_deltas(spans, config, PriceBook(), stats) == []
+    assert (stats.spans, stats.unpriced) == (2, 0)
+
+
+def test_empty_batch(config: BudgetConfig) -> None:
+    stats = BatchStats()
+    assert usage_deltas([], config, PriceBook(), stats) == []
+    assert stats == BatchStats()

@@ -1,0 +1,284 @@
+"""Decoding `otlp_spans` messages (OTLP protobuf and OTLP/JSON) into SpanUsage records."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from burnguard.contracts.otlp import OTLP_JSON, OTLP_PROTO, MalformedSpans, decode_usage, detect_format
+from burnguard.contracts.usage import SpanUsage
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+FULL_ATTRIBUTES: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.provider.name": "anthropic",
+    "gen_ai.request.model": "claude-opus-4-1",
+    "gen_ai.response.model": "claude-opus-4-1-20250805",
+    "gen_ai.response.id": "msg_01",
+    "gen_ai.usage.input_tokens": 30_000,
+    "gen_ai.usage.output_tokens": 1_500,
+    "gen_ai.usage.cache_read.input_tokens": 20_000,
+    "gen_ai.usage.cache_creation.input_tokens": 5_000,
+    "gen_ai.usage.reasoning.output_tokens": 700,
+    "gen_ai.tool.name": "web_search",
+    "gen_ai.agent.name": "researcher",
+    "gen_ai.conversation.id": "conv-9",
+    "burnguard.tenant": "acme",
+    "user.id": "u-42",
+    "burnguard.workflow": "triage",
+    "burnguard.feature": "summarize",
+    "session.id": "sess-7",
+    "burnguard.action": "click-summarize",
+    "burnguard.cost.usd": 0.31125,
+    "burnguard.model_class": "premium",
+    "burnguard.downgraded_from": "claude-opus-4-1-big",
+    "burnguard.tool_calls": 3,
+    "error.type": "RateLimitError",
+}
+
+
+def finished_spans(*specs: dict[str, Any], service: str = "checkout-api") -> list[ReadableSpan]:
+    """Run real SDK spans: each spec is {name, attributes, error?, child_of_previous?}."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    for spec in specs:
+        with tracer.start_as_current_span(spec.get("name", "span"), kind=SpanKind.CLIENT) as span:
+            span.set_attributes(spec.get("attributes", {}))
+            if spec.get("error"):
+                span.set_status(Status(StatusCode.ERROR, "boom"))
+            for child in spec.get("children", ()):
+                with tracer.start_as_current_span(child.get("name", "child")) as inner:
+                    inner.set_attributes(child.get("attributes", {}))
+    provider.shutdown()
+    return list(exporter.get_finished_spans())
+
+
+def proto_payload(spans: list[ReadableSpan]) -> bytes:
+    return encode_spans(spans).SerializeToString()
+
+
+def _ids_to_hex(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("traceId", "spanId", "parentSpanId") and isinstance(value, str):
+                node[key] = base64.b64decode(value).hex()
+            else:
+                _ids_to_hex(value)
+    elif isinstance(node, list):
+        for item in node:
+            _ids_to_hex(item)
+
+
+def json_payload(spans: list[ReadableSpan]) -> bytes:
+    """The request as OTLP/JSON: lowerCamelCase keys, integer enums, hex trace and span ids."""
+    document = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
+    _ids_to_hex(document)
+    return json.dumps(document).encode()
+
+
+def test_every_field_lands() -> None:
+    spans = finished_spans({"name": "chat claude-opus-4-1", "attributes": FULL_ATTRIBUTES, "error": True})
+    (usage,) = decode_usage(proto_payload(spans))
+    span = spans[0]
+    assert usage.trace_id == f"{span.context.trace_id:032x}"
+    assert usage.span_id == f"{span.context.span_id:016x}"
+    assert usage.parent_span_id == ""
+    assert usage.name == "chat claude-opus-4-1"
+    assert (usage.start_ns, usage.end_ns) == (span.start_time, span.end_time)
+    assert usage.operation == "chat"
+    assert usage.provider == "anthropic"
+    assert usage.request_model == "claude-opus-4-1"
+    assert usage.response_model == "claude-opus-4-1-20250805"
+    assert usage.model == "claude-opus-4-1-20250805"
+    assert usage.service == "checkout-api"
+    assert (usage.input_tokens, usage.output_tokens) == (30_000, 1_500)
+    assert (usage.cache_read_tokens, usage.cache_creation_tokens) == (20_000, 5_000)
+    assert usage.reasoning_tokens == 700
+    assert usage.tool_calls == 3
+    assert usage.tool_name == "web_search"
+    assert usage.agent_name == "researcher"
+    assert usage.conversation_id == "conv-9"
+    assert (usage.tenant, usage.user, usage.workflow) == ("acme", "u-42", "triage")
+    assert (usage.feature, usage.session, usage.action) == ("summarize", "sess-7", "click-summarize")
+    assert usage.cost_usd == 0.31125
+    assert usage.priced
+    assert usage.model_class == "premium"
+    assert usage.downgraded_from == "claude-opus-4-1-big"
+    assert usage.error_type == "RateLimitError"
+    assert usage.status_error is True
+
+
+def test_defaults_for_a_minimal_genai_span() -> None:
+    spans = finished_spans(
+        {"attributes": {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4.1"}}
+    )
+    (usage,) = decode_usage(proto_payload(spans))
+    assert usage.operation == "chat"  # the default operation of a span without one
+    assert usage.cost_usd is None
+    assert not usage.priced
+    assert usage.status_error is False
+    assert (usage.input_tokens, usage.output_tokens, usage.tenant, usage.error_type) == (0, 0, "", "")
+
+
+def test_deprecated_spellings_are_accepted() -> None:
+    spans = finished_spans(
+        {
+            "attributes": {
+                "gen_ai.system": "openai",
+                "gen_ai.request.model": "gpt-4.1-mini",
+                "gen_ai.usage.prompt_tokens": 1000,
+                "gen_ai.usage.completion_tokens": 200,
+            }
+        }
+    )
+    (usage,) = decode_usage(proto_payload(spans))
+    assert usage.provider == "openai"
+    assert (usage.input_tokens, usage.output_tokens) == (1000, 200)
+    assert usage.is_model_call
+
+
+def test_current_spelling_wins_over_deprecated() -> None:
+    attributes = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.system": "legacy",
+        "gen_ai.usage.input_tokens": 10,
+        "gen_ai.usage.prompt_tokens": 999,
+    }
+    (usage,) = decode_usage(proto_payload(finished_spans({"attributes": attributes})))
+    assert usage.provider == "openai"
+    assert usage.input_tokens == 10
+
+
+def test_openllmetry_attribution() -> None:
+    attributes = {
+        "gen_ai.system": "openai",
+        "llm.request.type": "chat",
+        "gen_ai.request.model": "gpt-4.1",
+        "traceloop.association.properties.tenant_id": "acme",
+        "traceloop.association.properties.user_id": "u-1",
+        "traceloop.association.properties.session_id": "s-1",
+    }
+    (usage,) = decode_usage(proto_payload(finished_spans({"attributes": attributes})))
+    assert (usage.tenant, usage.user, usage.session) == ("acme", "u-1", "s-1")
+    assert usage.operation == "chat"
+
+
+def test_our_attribution_wins_over_openllmetry() -> None:
+    attributes = {
+        "gen_ai.operation.name": "chat",
+        "burnguard.tenant": "acme",
+        "traceloop.association.properties.tenant_id": "other",
+    }
+    (usage,) = decode_usage(proto_payload(finished_spans({"attributes": attributes})))
+    assert usage.tenant == "acme"
+
+
+def test_non_genai_spans_are_skipped() -> None:
+    spans = finished_spans(
+        {"name": "GET /checkout", "attributes": {"http.request.method": "GET", "burnguard.tenant": "acme"}},
+        {
+            "name": "chat gpt-4.1",
+            "attributes": {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4.1"},
+            "children": [{"name": "db", "attributes": {"db.system.name": "postgresql"}}],
+        },
+        {
+            "name": "execute_tool search",
+            "attributes": {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "s"},
+        },
+    )
+    assert len(spans) == 4
+    usages = decode_usage(proto_payload(spans))
+    assert [u.name for u in usages] == ["chat gpt-4.1", "execute_tool search"]
+    assert usages[1].is_tool_call and not usages[1].is_model_call
+
+
+def test_parent_span_id_is_hex() -> None:
+    spans = finished_spans(
+        {
+            "name": "invoke_agent a",
+            "attributes": {"gen_ai.operation.name": "invoke_agent"},
+            "children": [{"name": "chat x", "attributes": {"gen_ai.operation.name": "chat"}}],
+        }
+    )
+    by_name = {u.name: u for u in decode_usage(proto_payload(spans))}
+    assert by_name["chat x"].parent_span_id == by_name["invoke_agent a"].span_id
+    assert by_name["chat x"].trace_id == by_name["invoke_agent a"].trace_id
+    assert len(by_name["chat x"].parent_span_id) == 16
+
+
+def test_otlp_json_decodes_identically() -> None:
+    spans = finished_spans(
+        {"name": "chat claude-opus-4-1", "attributes": FULL_ATTRIBUTES, "error": True},
+        {
+            "name": "invoke_agent a",
+            "attributes": {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "a"},
+            "children": [
+                {
+                    "name": "chat gpt-4.1-mini",
+                    "attributes": {
+                        "gen_ai.system": "openai",
+                        "gen_ai.usage.prompt_tokens": 11,
+                        "traceloop.association.properties.tenant_id": "globex",
+                    },
+                }
+            ],
+        },
+        {"name": "not genai", "attributes": {"http.route": "/x"}},
+    )
+    from_proto = decode_usage(proto_payload(spans))
+    payload = json_payload(spans)
+    assert detect_format(payload) == OTLP_JSON
+    assert detect_format(b"  \n" + payload) == OTLP_JSON
+    assert detect_format(proto_payload(spans)) == OTLP_PROTO
+    from_json = decode_usage(payload)
+    assert len(from_proto) == 3
+    assert from_json == from_proto
+    assert all(isinstance(u, SpanUsage) for u in from_json)
+    assert (
+        json.loads(payload)["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"]
+        == from_proto[0].trace_id
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xff\xfe\x00\x13garbage bytes",
+        b"hello world",
+        b"{not json",
+        b'{"resourceSpans": "x"}',
+        b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+    ],
+)
+def test_malformed_payloads_raise_with_a_reason(payload: bytes) -> None:
+    with pytest.raises(MalformedSpans) as caught:
+        decode_usage(payload)
+    assert str(caught.value)
+
+
+def test_empty_payload_reason() -> None:
+    with pytest.raises(MalformedSpans, match="empty"):
+        decode_usage(b"")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"hello": "world"}', b'{"resourceMetrics": [{"scopeMetrics": []}]}', b'{"spans": [1, 2, 3]}', b"{}"],
+)
+def test_json_that_is_not_a_trace_request_raises(payload: bytes) -> None:
+    # The protobuf path refuses a message without resource_spans; the JSON path must too,
+    # or a misrouted JSON message (a metrics or log request, a signal) is silently accounted as nothing.
+    with pytest.raises(MalformedSpans, match="resource"):
+        decode_usage(payload)

@@ -1,0 +1,208 @@
+"""The signal contract (DESIGN.md §6): JSON round trip and the shipped JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from burnguard.contracts.signals import SCHEMA_PATH, Signal, json_schema, signal_key
+from pydantic import ValidationError
+
+NOW = datetime(2025, 5, 14, 13, 0, tzinfo=UTC)
+
+
+def make_signal(**fields: Any) -> Signal:
+    base: dict[str, Any] = dict(
+        scope="tenant+feature",
+        key="acme/summarize",
+        budget="tenant-feature-daily",
+        action="downgrade",
+        downgrade_to="standard",
+        metric="cost_usd",
+        spent=41.7,
+        limit=50.0,
+        ratio=0.834,
+        window_start=datetime(2025, 5, 14, tzinfo=UTC),
+        window_end=datetime(2025, 5, 15, tzinfo=UTC),
+        burn_rate_per_hour=6.1,
+        projected_exhaustion=NOW + timedelta(hours=1, minutes=21),
+        issued_at=NOW,
+        expires_at=NOW + timedelta(minutes=5),
+        reason="budget tenant-feature-daily: 83% spent",
+    )
+    base.update(fields)
+    return Signal(**base)
+
+
+def test_json_round_trip() -> None:
+    signal = make_signal()
+    payload = signal.to_json()
+    assert isinstance(payload, bytes)
+    back = Signal.from_json(payload)
+    assert back == signal
+    assert Signal.from_json(payload.decode()) == signal
+    document = json.loads(payload)
+    assert document["v"] == 1
+    assert document["action"] == "downgrade"
+    assert document["downgrade_to"] == "standard"
+    assert datetime.fromisoformat(document["window_end"]) == datetime(2025, 5, 15, tzinfo=UTC)
+
+
+def test_round_trip_keeps_nulls_explicit() -> None:
+    signal = make_signal(action="ok", downgrade_to=None, projected_exhaustion=None)
+    document = json.loads(signal.to_json())
+    assert document["downgrade_to"] is None
+    assert document["projected_exhaustion"] is None
+    assert Signal.from_json(signal.to_json()) == signal
+
+
+def test_reads_the_design_example_and_ignores_unknown_fields() -> None:
+    payload = {
+        "v": 1,
+        "scope": "tenant",
+        "key": "acme",
+        "budget": "tenant-daily",
+        "action": "throttle",
+        "metric": "cost_usd",
+        "spent": 50.2,
+        "limit": 50.0,
+        "ratio": 1.004,
+        "window_start": "2025-05-14T00:00:00Z",
+        "window_end": "2025-05-15T00:00:00Z",
+        "issued_at": "2025-05-14T13:00:00Z",
+        "expires_at": "2025-05-14T13:05:00Z",
+        "added_in_a_later_version": True,
+    }
+    signal = Signal.from_json(json.dumps(payload))
+    assert signal.action == "throttle"
+    assert signal.window_end == datetime(2025, 5, 15, tzinfo=UTC)
+    assert signal.downgrade_to is None
+    assert signal.severity == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("action", "panic"), ("v", 2), ("spent", "a lot"), ("window_end", "tomorrow")]
+)
+def test_invalid_signals_are_rejected(field: str, value: Any) -> None:
+    document = json.loads(make_signal().to_json())
+    document[field] = value
+    with pytest.raises(ValidationError):
+        Signal.from_json(json.dumps(document))
+
+
+def test_kafka_key_names_scope_key_and_budget() -> None:
+    signal = make_signal()
+    assert signal.kafka_key == "tenant+feature:acme/summarize@tenant-feature-daily"
+    assert signal_key("tenant", "acme", "tenant-daily") == "tenant:acme@tenant-daily"
+
+
+def test_severity_orders_actions() -> None:
+    severities = [make_signal(action=a).severity for a in ("ok", "warn", "downgrade", "throttle")]
+    assert severities == sorted(severities)
+    assert len(set(severities)) == 4
+
+
+def test_is_stale() -> None:
+    signal = make_signal()
+    assert not signal.is_stale(NOW)
+    assert not signal.is_stale(NOW + timedelta(minutes=4, seconds=59))
+    assert signal.is_stale(NOW + timedelta(minutes=5))
+    assert signal.is_stale(NOW + timedelta(days=1))
+
+
+# --- the shipped schema ------------------------------------------------------------------------
+
+
+def test_shipped_schema_equals_the_model() -> None:
+    shipped = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    assert shipped == json_schema(), "contracts/signal.schema.json is out of date: run write_schema()"
+
+
+def test_shipped_schema_is_formatted_as_write_schema_writes_it() -> None:
+    # So regenerating the file produces no diff.
+    text = SCHEMA_PATH.read_text(encoding="utf-8")
+    assert text == json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def test_schema_names_the_contract() -> None:
+    schema = json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["properties"]["action"]["enum"] == ["ok", "warn", "downgrade", "throttle"]
+    assert set(schema["required"]) == {
+        "scope",
+        "key",
+        "budget",
+        "action",
+        "spent",
+        "limit",
+        "ratio",
+        "window_start",
+        "window_end",
+        "issued_at",
+        "expires_at",
+    }
+
+
+# `jsonschema` is not installed in this environment, so a produced signal is checked against the
+# shipped schema by this small validator for the keywords the schema uses. It refuses any keyword it
+# does not implement, so a schema change cannot make it pass by being ignored.
+_KNOWN = {"$id", "$schema", "title", "description", "default", "type", "properties", "required", "enum"}
+_KNOWN |= {"const", "anyOf", "format"}
+_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "null": lambda v: v is None,
+}
+
+
+def schema_errors(instance: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
+    unknown = set(schema) - _KNOWN
+    assert not unknown, f"validator does not implement {unknown} (at {path})"
+    errors: list[str] = []
+    if "type" in schema and not _TYPES[schema["type"]](instance):
+        return [f"{path}: {instance!r} is not of type {schema['type']}"]
+    if "enum" in schema and instance not in schema["enum"]:
+        errors.append(f"{path}: {instance!r} not in {schema['enum']}")
+    if "const" in schema and instance != schema["const"]:
+        errors.append(f"{path}: {instance!r} != {schema['const']!r}")
+    if schema.get("format") == "date-time":
+        try:
+            parsed = datetime.fromisoformat(instance)
+        except ValueError:
+            errors.append(f"{path}: {instance!r} is not a date-time")
+        else:
+            if parsed.tzinfo is None:
+                errors.append(f"{path}: {instance!r} has no UTC offset (RFC 3339 requires one)")
+    if "anyOf" in schema and all(schema_errors(instance, option, path) for option in schema["anyOf"]):
+        errors.append(f"{path}: {instance!r} matches none of anyOf")
+    for name in schema.get("required", ()):
+        if name not in instance:
+            errors.append(f"{path}: {name!r} is required")
+    for name, sub in schema.get("properties", {}).items():
+        if name in instance:
+            errors.extend(schema_errors(instance[name], sub, f"{path}.{name}"))
+    return errors
+
+
+def test_produced_signals_validate_against_the_shipped_schema() -> None:
+    shipped = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    for signal in (
+        make_signal(),
+        make_signal(action="ok", downgrade_to=None, projected_exhaustion=None),
+        make_signal(action="throttle", downgrade_to=None, spent=52, ratio=1.04),
+    ):
+        assert schema_errors(json.loads(signal.to_json()), shipped) == []
+
+
+def test_the_schema_check_catches_bad_documents() -> None:
+    shipped = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    good = json.loads(make_signal().to_json())
+    for field, value in [("action", "panic"), ("v", 2), ("spent", "1"), ("issued_at", "yesterday")]:
+        bad = dict(good, **{field: value})
+        assert schema_errors(bad, shipped), field
+    missing = {k: v for k, v in good.items() if k != "expires_at"}
+    assert any("expires_at" in e for e in schema_errors(missing, shipped))

@@ -1,0 +1,152 @@
+"""stream/policy.py: from a window's totals to the signal (DESIGN.md §5, §6)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from burnguard.contracts.budgets import Budget
+from burnguard.stream.policy import WindowTotals, burn_rate_per_hour, decide, projected_exhaustion
+
+NS = 1_000_000_000
+TTL = timedelta(minutes=5)
+DAY_START = datetime(2025, 5, 14, tzinfo=UTC)
+DAY_END = datetime(2025, 5, 15, tzinfo=UTC)
+NOW = datetime(2025, 5, 14, 10, 0, tzinfo=UTC)
+
+
+def ns(at: datetime) -> int:
+    return int(at.timestamp()) * NS
+
+
+def ladder_budget(**fields) -> Budget:
+    base = dict(
+        id="tenant-daily",
+        scope="tenant",
+        window="day",
+        limit=50,
+        actions=[
+            {"at": 0.7, "do": "warn"},
+            {"at": 0.85, "do": "downgrade", "to": "standard"},
+            {"at": 1.0, "do": "throttle"},
+        ],
+    )
+    base.update(fields)
+    return Budget(**base)
+
+
+def totals(spent: float, first: datetime = NOW - timedelta(hours=2), last: datetime = NOW) -> WindowTotals:
+    return WindowTotals(spent=spent, spans=10, first_event_ns=ns(first), last_event_ns=ns(last))
+
+
+@pytest.mark.parametrize(
+    ("spent", "action", "downgrade_to"),
+    [
+        (0.0, "ok", None),
+        (34.99, "ok", None),
+        (35.0, "warn", None),
+        (42.49, "warn", None),
+        (42.5, "downgrade", "standard"),
+        (49.99, "downgrade", "standard"),
+        (50.0, "throttle", None),
+        (80.0, "throttle", None),
+    ],
+)
+def test_action_at_each_ratio(spent: float, action: str, downgrade_to: str | None) -> None:
+    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(spent), NOW, TTL)
+    assert signal.action == action
+    assert signal.downgrade_to == downgrade_to
+    assert signal.ratio == pytest.approx(spent / 50)
+    assert signal.spent == pytest.approx(spent)
+    assert signal.limit == 50.0
+
+
+def test_signal_identity_and_timing() -> None:
+    budget = ladder_budget(scope=["tenant", "feature"], metric="tokens")
+    signal = decide(budget, "acme/summarize", ns(DAY_START), totals(10), NOW, TTL)
+    assert (signal.scope, signal.key, signal.budget) == ("tenant+feature", "acme/summarize", "tenant-daily")
+    assert signal.metric == "tokens"
+    assert signal.kafka_key == "tenant+feature:acme/summarize@tenant-daily"
+    assert signal.issued_at == NOW
+    assert signal.expires_at == NOW + TTL
+    assert "tenant-daily" in signal.reason and "acme/summarize" in signal.reason
+
+
+def test_downgrade_without_a_target_class_is_one_step() -> None:
+    budget = ladder_budget(actions=[{"at": 0.5, "do": "downgrade"}])
+    signal = decide(budget, "acme", ns(DAY_START), totals(30), NOW, TTL)
+    assert signal.action == "downgrade"
+    assert signal.downgrade_to is None
+
+
+def test_window_bounds_in_the_budget_time_zone() -> None:
+    budget = ladder_budget(timezone="America/New_York")
+    start_ns = budget.window_spec.start_ns(ns(datetime(2025, 3, 9, 12, tzinfo=UTC)))
+    signal = decide(budget, "acme", start_ns, totals(1), datetime(2025, 3, 9, 12, tzinfo=UTC), TTL)
+    assert signal.window_start == datetime(2025, 3, 9, 5, tzinfo=UTC)
+    assert signal.window_end == datetime(2025, 3, 10, 4, tzinfo=UTC)
+
+
+def test_window_bounds_of_a_duration_window() -> None:
+    budget = ladder_budget(window="1h")
+    start = datetime(2025, 5, 14, 9, tzinfo=UTC)
+    signal = decide(budget, "acme", ns(start), totals(1, start, start + timedelta(minutes=30)), NOW, TTL)
+    assert (signal.window_start, signal.window_end) == (start, start + timedelta(hours=1))
+
+
+def test_burn_rate_and_projected_exhaustion() -> None:
+    # 20 USD spent over 2 hours: 10 USD/h; 30 USD left at 10 USD/h -> exhausted in 3 hours.
+    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(20), NOW, TTL)
+    assert signal.burn_rate_per_hour == pytest.approx(10.0)
+    assert signal.projected_exhaustion == NOW + timedelta(hours=3)
+
+
+def test_burn_rate_of_a_single_event_uses_the_minimum_span() -> None:
+    one = WindowTotals(spent=0.5, spans=1, first_event_ns=ns(NOW), last_event_ns=ns(NOW))
+    # Measured over at least one minute: 0.5 USD/min = 30 USD/h.
+    assert burn_rate_per_hour(one) == pytest.approx(30.0)
+    assert burn_rate_per_hour(WindowTotals()) == 0.0
+
+
+def test_no_projection_without_spend() -> None:
+    signal = decide(ladder_budget(), "acme", ns(DAY_START), WindowTotals(), NOW, TTL)
+    assert signal.action == "ok"
+    assert signal.burn_rate_per_hour == 0.0
+    assert signal.projected_exhaustion is None
+
+
+def test_projection_past_the_window_end_is_dropped() -> None:
+    # 1 USD over 2 hours: 49 USD left at 0.5 USD/h is 98 hours away, after the day ends.
+    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(1), NOW, TTL)
+    assert signal.burn_rate_per_hour == pytest.approx(0.5)
+    assert signal.projected_exhaustion is None
+    budget = ladder_budget()
+    assert projected_exhaustion(budget, totals(1), 0.5, NOW) == NOW + timedelta(hours=98)
+
+
+def test_exhausted_budget_projects_now() -> None:
+    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(60), NOW, TTL)
+    assert signal.projected_exhaustion == NOW
+    assert projected_exhaustion(ladder_budget(), totals(50), 0.0, NOW) == NOW
+
+
+def test_ok_after_the_window_end() -> None:
+    after = DAY_END + timedelta(seconds=1)
+    for spent in (40, 45, 50, 500):
+        signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(spent), after, TTL)
+        assert signal.action == "ok", spent
+        assert signal.downgrade_to is None
+        assert signal.window_end == DAY_END
+        assert signal.projected_exhaustion is None
+    # Exactly at the end the window is over ([start, end) windows).
+    assert decide(ladder_budget(), "acme", ns(DAY_START), totals(500), DAY_END, TTL).action == "ok"
+    # One microsecond before it is not.
+    just_before = DAY_END - timedelta(microseconds=1)
+    assert decide(ladder_budget(), "acme", ns(DAY_START), totals(500), just_before, TTL).action == "throttle"
+
+
+def test_session_window() -> None:
+    budget = ladder_budget(id="session-cap", scope="session", window="session", metric="tool_calls", limit=20)
+    signal = decide(budget, "sess-1", budget.window_spec.start_ns(ns(NOW)), totals(20), NOW, TTL)
+    assert signal.action == "throttle"
+    assert signal.window_end.year == 9999
