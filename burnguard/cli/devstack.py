@@ -162,7 +162,7 @@ def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
-        committed = admin.list_consumer_group_offsets(group)
+        committed = admin.list_group_offsets(group).get(group, {})
         partitions = [
             TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()
         ]
