@@ -1,0 +1,6 @@
+"""Sinks: GenAI spans and budget signals from Kafka into ClickHouse (DESIGN.md §8).
+
+`schema` holds the tables and migrations, `clickhouse` the connection and the
+batch writer, `consumer` the Kafka consumer (`python -m burnguard.sinks`),
+`queries` the read helpers. Importing this package imports nothing heavy.
+"""

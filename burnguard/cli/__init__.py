@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -71,7 +72,8 @@ def demo(state_dir: StateDir = Path(".burnguard/demo")) -> None:
     from burnguard.cli.devstack import DevStack
 
     stack = DevStack(state_dir, DEMO_BUDGETS)
-    stack.down()  # a previous run's leftovers
+    stack.down()  # a previous run's processes ...
+    shutil.rmtree(state_dir, ignore_errors=True)  # ... and data: the demo starts from empty topics
     console.print("starting Kafka (first run fetches the jars from Maven Central), worker and sink ...")
     try:
         state = stack.up(signal_refresh_s=5.0)

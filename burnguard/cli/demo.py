@@ -92,24 +92,14 @@ def demo_tenants() -> list[Tenant]:
 
 
 def _table(tenants: list[Tenant], elapsed: float) -> Table:
-    table = Table(title=f"burnguard demo — {elapsed:5.1f}s", expand=False)
-    for column in (
-        "tenant",
-        "asks for",
-        "calls with",
-        "calls",
-        "downgraded",
-        "denied",
-        "spend USD",
-        "signal",
-    ):
-        table.add_column(column, justify="right" if column in ("calls", "denied", "spend USD") else "left")
+    table = Table(title=f"burnguard demo — {elapsed:5.1f}s")
+    for column in ("tenant", "model", "calls", "downgr.", "denied", "USD", "signal"):
+        table.add_column(column, justify="left" if column in ("tenant", "model", "signal") else "right")
     colors = {"ok": "green", "warn": "yellow", "downgrade": "magenta", "throttle": "red"}
     for t in tenants:
         table.add_row(
             t.name,
-            t.model,
-            t.last_model or "-",
+            t.last_model or t.model,
             str(t.calls),
             str(t.downgraded_calls),
             str(t.denied),
@@ -204,13 +194,12 @@ def read_back(stack: DevStack, bootstrap: str, result: DemoResult, console: Cons
 
 def print_summary(result: DemoResult, console: Console) -> None:
     signals = Table(title="signals received by the app's BudgetGuard")
-    for column in ("issued", "key", "budget", "action", "spent", "limit", "ratio"):
+    for column in ("issued", "key@budget", "action", "spent", "limit", "ratio"):
         signals.add_column(column)
     for s in result.signals:
         signals.add_row(
             s.issued_at.strftime("%H:%M:%S.%f")[:-3],
-            s.scope + ":" + s.key,
-            s.budget,
+            s.kafka_key,
             s.action,
             f"{s.spent:.4f}",
             f"{s.limit:g}",
@@ -218,7 +207,7 @@ def print_summary(result: DemoResult, console: Console) -> None:
         )
     console.print(signals)
     totals = Table(title="per-tenant spend: recorded by the app vs read back from ClickHouse")
-    for column in ("tenant", "app recorded USD", "ClickHouse USD", "match", "last signal"):
+    for column in ("tenant", "app USD", "ClickHouse USD", "equal", "last signal"):
         totals.add_column(column)
     for t in result.tenants:
         stored = result.clickhouse_usd.get(t.name, 0.0)

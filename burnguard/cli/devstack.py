@@ -23,6 +23,7 @@ from burnguard.contracts.topics import Topics
 from burnguard.deploy.kafka import KafkaBroker, port_is_free
 
 SINK_GROUP = "burnguard-sink"
+WORKER_READY = "[^Worker]: Ready"  # what Faust logs once partitions are assigned and tables recovered
 DEFAULT_LOCAL_PORT = 9092
 
 
@@ -72,7 +73,20 @@ class DevStack:
                 pid = self._spawn(module, env, self.log_dir / f"{name}.log")
             state[f"{name}_pid"] = pid
         self._write_state(state)
+        self.wait_worker_ready()
         return state
+
+    def wait_worker_ready(self, timeout: float = 90.0) -> None:
+        """Block until the worker has joined its group and recovered its tables."""
+        log = self.log_dir / "worker.log"
+        deadline = time.monotonic() + timeout
+        while WORKER_READY not in (log.read_text(errors="replace") if log.exists() else ""):
+            pid = self.read_state().get("worker_pid")
+            if not (pid and _alive(pid)):
+                raise RuntimeError(f"the stream worker exited; see {log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the stream worker was not ready after {timeout:.0f}s; see {log}")
+            time.sleep(0.2)
 
     def component_env(self, bootstrap: str, signal_refresh_s: float = 30.0) -> dict[str, str]:
         env = dict(os.environ)
