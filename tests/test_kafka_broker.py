@@ -287,13 +287,19 @@ def test_faust_worker_table_survives_restart(kafka_broker: KafkaBroker, tmp_path
 @slow
 def test_stop_restart_keeps_data_and_frees_ports(tmp_path: Path) -> None:
     broker = KafkaBroker(tmp_path / "kafka", version=TEST_KAFKA_VERSION)
+    try:
+        check_stop_and_restart(broker)
+    finally:
+        broker.stop()  # a detached broker would otherwise outlive a failed test
+
+
+def check_stop_and_restart(broker: KafkaBroker) -> None:
     started = time.monotonic()
     broker.start(detach=True)
     first_start = time.monotonic() - started
     port, controller_port, pid = broker.port, broker.controller_port, broker.pid
     assert pid is not None
-    state = (broker.data_dir / "broker.json").read_text()
-    assert f'"port": {port}' in state
+    assert f'"port": {port}' in (broker.data_dir / "broker.json").read_text()
     assert (broker.data_dir / "broker.pid").read_text().strip() == str(pid)
     topic = unique("restart")
     broker.create_topic(topic)

@@ -220,18 +220,27 @@ def _new_free_port(taken: set[int]) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live (non-zombie) process."""
+    """Whether ``pid`` is a live process (a zombie awaiting its parent's wait() is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        # state is the field after "(comm)"; Z = zombie, X = dead.
-        return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    return True
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return True  # no procfs (macOS): the signal test is all there is
+    # Every thread, not just /proc/<pid>/stat: the JVM's main thread can exit (and
+    # show as a zombie) while other threads still shut down and hold the ports.
+    return any(_task_state(stat) not in ("Z", "X", "") for stat in tasks.glob("*/stat"))
+
+
+def _task_state(stat: Path) -> str:
+    """State letter of a /proc task (the field after ``(comm)``); "" if it vanished."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _is_kafka_process(pid: int) -> bool:
