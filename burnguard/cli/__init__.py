@@ -126,7 +126,7 @@ def budgets_validate(file: Path) -> None:
     try:
         config = load_budget_file(file)
     except FileNotFoundError:
-        console.print(f"[red]{file}: no such file[/]")
+        console.print(f"[red]{file}: no such file[/]", soft_wrap=True)
         raise typer.Exit(2) from None
     except BudgetFileError as exc:
         for problem in exc.problems:

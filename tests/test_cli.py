@@ -1,0 +1,71 @@
+"""The `burnguard` command: budget validation and the signal tail, against real files and a real broker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from burnguard.contracts.signals import Signal
+from burnguard.deploy.kafka import KafkaBroker
+from kafka import KafkaProducer
+from typer.testing import CliRunner
+
+from burnguard.cli import app
+from burnguard.cli.demo import DEMO_BUDGETS
+
+runner = CliRunner()
+
+
+def test_budgets_validate_accepts_the_demo_budgets() -> None:
+    result = runner.invoke(app, ["budgets", "validate", str(DEMO_BUDGETS)])
+    assert result.exit_code == 0, result.output
+    assert "1 budgets valid" in result.output and "tenant-daily" in result.output
+
+
+def test_budgets_validate_names_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "budgets:\n  - id: a\n    scope: tenant\n    limit: 0\n  - id: b\n    scope: tenat\n    limit: 5\n"
+    )
+    result = runner.invoke(app, ["budgets", "validate", str(path)], terminal_width=300)
+    assert result.exit_code == 1
+    assert f"{path}:4: budgets[0].limit:" in result.output
+    assert f"{path}:6: budgets[1].scope" in result.output
+
+
+def test_budgets_validate_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["budgets", "validate", str(tmp_path / "nope.yaml")], terminal_width=300)
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+@pytest.mark.slow
+def test_signals_tail_prints_published_signals(kafka_broker: KafkaBroker, monkeypatch) -> None:
+    topic = "burnguard.signals.cli-test"
+    monkeypatch.setenv("BURNGUARD_TOPIC_SIGNALS", topic)
+    now = datetime.now(UTC)
+    signal = Signal(
+        scope="tenant", key="acme", budget="tenant-daily", action="throttle", spent=51.0, limit=50.0,
+        ratio=1.02, window_start=now.replace(hour=0), window_end=now + timedelta(hours=1),
+        issued_at=now, expires_at=now + timedelta(minutes=2),
+    )  # fmt: skip
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    producer.send(topic, key=signal.kafka_key.encode(), value=signal.to_json()).get(10)
+    producer.close()
+    result = runner.invoke(
+        app,
+        [
+            "signals",
+            "tail",
+            "--bootstrap",
+            kafka_broker.bootstrap,
+            "--max-messages",
+            "1",
+            "--timeout-s",
+            "20",
+        ],
+        terminal_width=300,
+    )
+    assert result.exit_code == 0, result.output
+    assert "tenant:acme@tenant-daily" in result.output and "throttle" in result.output
+    assert "51.0000/50" in result.output
