@@ -44,7 +44,7 @@ from burnguard.contracts.pricing import PriceBook, default_price_book
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.contracts.usage import SpanUsage
-from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect, redact_dsn
+from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect, default_dsn, redact_dsn
 from burnguard.sinks.schema import DEFAULT_SPAN_TTL_DAYS, migrate
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -68,7 +68,7 @@ class _Batch:
     signal_origins: list[KafkaOrigin] = field(default_factory=list)
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     spans_inserted: bool = False  # so a retry after the signals failed does not insert spans twice
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # monotonic time of the first message
 
     @property
     def rows(self) -> int:
@@ -84,23 +84,21 @@ class _Batch:
         return self.rows >= batch_max or time.monotonic() - self.started >= flush_interval_s
 
 
-class _Revocation(ConsumerRebalanceListener):
-    """Before partitions move to another sink, try once to write and commit what we hold.
-
-    Only an optimisation (fewer re-read rows): if it fails, the rows are
-    written later anyway and the new owner's copies collapse.
+class _LogAssignments(ConsumerRebalanceListener):
+    """Logs partition moves. kafka-python 3 runs listeners on its IO thread, where a
+    blocking call (an insert, a commit) is not allowed, so rows held by the sink during
+    a rebalance are simply written later; the new owner's copies collapse (FINAL).
     """
 
-    def __init__(self, sink: SpanSink, consumer: KafkaConsumer) -> None:
-        self._sink = sink
-        self._consumer = consumer
-
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        if not self._sink._retrying:  # a rebalance inside the retry loop leaves the batch to that loop
-            self._sink._flush_once(self._consumer)
+        log.info("revoked %s", _names(revoked) or "nothing")
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "nothing")
+        log.info("assigned %s", _names(assigned) or "nothing")
+
+
+def _names(partitions: Sequence[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions))
 
 
 class SpanSink:
@@ -150,7 +148,6 @@ class SpanSink:
         self.commits = 0
         self._batch = _Batch()
         self._writer: ClickHouseWriter | None = None
-        self._retrying = False
 
     def counters(self) -> dict[str, int]:
         return {
@@ -169,14 +166,21 @@ class SpanSink:
         """Consume until `stop_event` is set, then flush, commit and close."""
         consumer = self._new_consumer()
         try:
-            consumer.subscribe([self.topics.spans, self.topics.signals], listener=_Revocation(self, consumer))
+            topics = [self.topics.spans, self.topics.signals]
+            # Know the partitions before joining: otherwise the first JoinGroup assigns
+            # nothing and a second rebalance follows at once (kafka-python 3.0.12 was
+            # seen to hang in that second rebalance).
+            for topic in topics:
+                consumer.partitions_for_topic(topic)
+            consumer.subscribe(topics, listener=_LogAssignments())
             log.info(
                 "sink %s: %s, %s -> %s",
                 self.group_id,
                 self.topics.spans,
                 self.topics.signals,
-                redact_dsn(self.dsn or "default ClickHouse DSN"),
+                redact_dsn(self.dsn or default_dsn()),
             )
+            self._connect_early()
             while not stop_event.is_set():
                 self._poll(consumer)
                 if self._batch.due(self.batch_max, self.flush_interval_s):
@@ -211,6 +215,8 @@ class SpanSink:
     def _take(self, message: Any) -> None:
         origin = KafkaOrigin(message.topic, message.partition, message.offset)
         self.messages += 1
+        if self._batch.empty:
+            self._batch.started = time.monotonic()
         if message.topic == self.topics.spans:
             self._take_spans(message.value, origin)
         elif message.topic == self.topics.signals:
@@ -270,7 +276,7 @@ class SpanSink:
         if batch.empty:
             return True
         delay = self.retry_initial_s
-        self._retrying = False
+        paused = False
         try:
             while not self._write(batch):
                 if give_up():
@@ -280,21 +286,16 @@ class SpanSink:
                         len(batch.signals),
                     )
                     return False
-                if not self._retrying:
+                if not paused:
                     consumer.pause(*consumer.assignment())
-                    self._retrying = True
+                    paused = True
                 self._idle(consumer, delay, give_up)
                 delay = min(delay * 2, self.retry_max_s)
         finally:
-            if self._retrying:
+            if paused:
                 consumer.resume(*consumer.paused())
-                self._retrying = False
         self._commit(consumer, batch)
         return True
-
-    def _flush_once(self, consumer: KafkaConsumer) -> None:
-        if not self._batch.empty and self._write(self._batch):
-            self._commit(consumer, self._batch)
 
     def _write(self, batch: _Batch) -> bool:
         try:
@@ -326,13 +327,12 @@ class SpanSink:
                 "wrote %d spans and %d signals, committed %s",
                 len(batch.spans),
                 len(batch.signals),
-                ", ".join(f"{tp.topic}[{tp.partition}]@{offset}" for tp, offset in offsets.items()),
+                ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(batch.next_offsets.items())),
             )
         except KafkaError as exc:  # e.g. the group rebalanced: the rows are in, a re-read collapses
             self.commit_failures += 1
             log.warning("offset commit failed after the rows were written (they may be read again): %s", exc)
-        if batch is self._batch:
-            self._batch = _Batch()
+        self._batch = _Batch()
 
     def _idle(self, consumer: KafkaConsumer, seconds: float, give_up: Callable[[], bool]) -> None:
         """Wait while paused, polling so the group does not evict us (max.poll.interval.ms)."""
@@ -346,6 +346,13 @@ class SpanSink:
                 consumer.seek(tp, messages[0].offset)
             if records:
                 consumer.pause(*consumer.assignment())
+
+    def _connect_early(self) -> None:
+        """Create the tables and surface a bad DSN at start; failing here is retried later."""
+        try:
+            self._connected_writer()
+        except Exception as exc:  # the first flush retries with backoff
+            log.warning("ClickHouse not available yet: %s: %s", type(exc).__name__, exc)
 
     def _connected_writer(self) -> ClickHouseWriter:
         if self._writer is None:
@@ -435,14 +442,19 @@ def main(argv: Sequence[str] = ()) -> int:
     if args.session_timeout_ms:
         consumer_options["session_timeout_ms"] = args.session_timeout_ms
         consumer_options["heartbeat_interval_ms"] = max(args.session_timeout_ms // 3, 100)
-    run_sink(
-        KafkaSettings.from_env(args.bootstrap),
-        Topics.from_env(),
-        args.dsn,
-        stop_event,
-        batch_max=args.batch_max,
-        flush_interval_s=args.flush_interval,
-        group_id=args.group,
-        consumer_options=consumer_options,
-    )
+    kafka = KafkaSettings.from_env(args.bootstrap)
+    try:
+        run_sink(
+            kafka,
+            Topics.from_env(),
+            args.dsn,
+            stop_event,
+            batch_max=args.batch_max,
+            flush_interval_s=args.flush_interval,
+            group_id=args.group,
+            consumer_options=consumer_options,
+        )
+    except KafkaError as exc:  # e.g. no broker at start: say so in one line, exit for a restart
+        log.error("cannot consume from Kafka at %s: %s", kafka.bootstrap, exc)
+        return 2
     return 0

@@ -1,0 +1,609 @@
+"""The ClickHouse sink against the real chDB engine and the session's real Kafka broker.
+
+chDB lets one process own a directory, and a process host one directory at a
+time, so every test gets its own directory, every client is closed when the
+test is done with it, and the test process never holds a directory while a
+sink subprocess writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from burnguard.contracts.otlp import decode_usage
+from burnguard.contracts.pricing import default_price_book
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.contracts.usage import SpanUsage
+from burnguard.deploy.kafka import KafkaBroker
+from burnguard.sinks import queries
+from burnguard.sinks.clickhouse import (
+    ChdbDirectoryBusy,
+    ClickHouseWriter,
+    KafkaOrigin,
+    connect,
+    default_dsn,
+    redact_dsn,
+)
+from burnguard.sinks.consumer import SpanSink
+from burnguard.sinks.schema import MIGRATIONS, MIGRATIONS_TABLE, SIGNALS_TABLE, SPANS_TABLE, migrate
+from clickhouse_connect.driver.client import Client
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+TENANTS = ("acme", "globex", "initech")
+_HOUR_AGO_NS = time.time_ns() - 3600 * 1_000_000_000
+GARBAGE = b"\x0a\xff\xffnot an OTLP request"
+
+# --- chDB ------------------------------------------------------------------------------
+
+
+@contextmanager
+def open_chdb(dsn: str) -> Iterator[Client]:
+    client = connect(dsn)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def chdb_dsn(tmp_path: Path) -> str:
+    return f"chdb://{tmp_path / 'clickhouse'}"
+
+
+@pytest.fixture
+def chdb_client(chdb_dsn: str) -> Iterator[Client]:
+    with open_chdb(chdb_dsn) as client:
+        yield client
+
+
+def _usage(i: int, tenant: str, cost: float | None) -> SpanUsage:
+    start = _HOUR_AGO_NS + i * 1_000_000_123  # recent: rows past the TTL are dropped on insert
+    return SpanUsage(
+        trace_id=f"{i // 2:032x}",
+        span_id=f"{i:016x}",
+        parent_span_id="" if i % 2 == 0 else f"{i - 1:016x}",
+        name="chat gpt-4.1",
+        start_ns=start,
+        end_ns=start + 987_654_321,
+        operation="chat",
+        provider="openai",
+        request_model="gpt-4.1",
+        response_model="gpt-4.1-2025-04-14",
+        service="checkout-api",
+        tenant=tenant,
+        user=f"u-{i % 5}",
+        workflow="triage",
+        feature="summarize",
+        session=f"s-{i % 3}",
+        action="click",
+        input_tokens=1000 + i,
+        output_tokens=200 + i,
+        cache_read_tokens=100,
+        cache_creation_tokens=50,
+        reasoning_tokens=7,
+        tool_calls=i % 3,
+        tool_name="",
+        agent_name="researcher",
+        conversation_id=f"conv-{i}",
+        cost_usd=cost,
+        model_class="premium",
+        downgraded_from="o3" if i % 4 == 0 else "",
+        error_type="RateLimitError" if i % 7 == 0 else "",
+        status_error=i % 7 == 0,
+        extra={"gen_ai.response.id": f"resp-{i}"} if i % 2 else {},
+    )
+
+
+def _signal(key: str, action: str, spent: float, minute: int) -> Signal:
+    issued = datetime(2026, 5, 1, 12, minute, 30, 123456, tzinfo=UTC)
+    return Signal(
+        scope="tenant",
+        key=key,
+        budget="tenant-daily",
+        action=action,
+        downgrade_to="standard" if action == "downgrade" else None,
+        spent=spent,
+        limit=50.0,
+        ratio=spent / 50.0,
+        window_start=datetime(2026, 5, 1, tzinfo=UTC),
+        window_end=datetime(2026, 5, 2, tzinfo=UTC),
+        burn_rate_per_hour=6.1,
+        projected_exhaustion=issued + timedelta(hours=1) if action != "ok" else None,
+        issued_at=issued,
+        expires_at=issued + timedelta(minutes=5),
+        reason=f"{action} at {spent}",
+    )
+
+
+def _create_query(client: Client, table: str) -> str:
+    result = client.query(
+        "SELECT create_table_query FROM system.tables"
+        " WHERE database = currentDatabase() AND name = {t:String}",
+        parameters={"t": table},
+    )
+    return result.result_rows[0][0]
+
+
+def test_migrations_are_idempotent(chdb_client: Client) -> None:
+    assert migrate(chdb_client) == [m.version for m in MIGRATIONS]
+    assert migrate(chdb_client) == []
+    tables = chdb_client.query(
+        "SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    ).result_rows
+    assert tables == [
+        (SIGNALS_TABLE, "ReplacingMergeTree"),
+        (SPANS_TABLE, "ReplacingMergeTree"),
+        (MIGRATIONS_TABLE, "ReplacingMergeTree"),
+    ]
+    versions = chdb_client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE}").result_rows
+    assert versions == [(1, MIGRATIONS[0].name)]
+    ttl = _create_query(chdb_client, SPANS_TABLE)
+    assert "TTL toDateTime(start_time) + toIntervalDay(_CAST(400, 'UInt32'))" in ttl
+
+
+def test_span_ttl_is_a_parameter(chdb_client: Client) -> None:
+    migrate(chdb_client, span_ttl_days=30)
+    ttl = _create_query(chdb_client, SPANS_TABLE)
+    assert "toIntervalDay(_CAST(30, 'UInt32'))" in ttl
+    with pytest.raises(ValueError, match="positive"):
+        migrate(chdb_client, span_ttl_days=0)
+
+
+def test_writer_round_trip_and_redelivery_collapses(chdb_client: Client) -> None:
+    migrate(chdb_client)
+    rows = [_usage(i, TENANTS[i % 3], None if i % 5 == 4 else 0.25 * (i + 1)) for i in range(40)]
+    expected: dict[str, float] = {}
+    for row in rows:
+        expected[row.tenant] = expected.get(row.tenant, 0.0) + (row.cost_usd or 0.0)
+    writer = ClickHouseWriter(chdb_client, batch_size=16)  # three INSERTs
+
+    assert writer.insert_spans(rows) == 40
+    assert queries.spend_by_tenant(chdb_client) == pytest.approx(expected)
+    assert queries.span_count(chdb_client) == 40
+    assert queries.span_count(chdb_client, tenant="acme") == 14
+
+    writer.insert_spans(rows)  # a batch delivered twice
+    assert queries.span_count(chdb_client, final=False) >= 40  # both copies until a merge
+    assert queries.span_count(chdb_client) == 40
+    assert queries.spend_by_tenant(chdb_client) == pytest.approx(expected)
+
+
+def test_every_span_field_round_trips(chdb_client: Client) -> None:
+    migrate(chdb_client)
+    row = _usage(7, "acme", 0.125)
+    row.extra = {"gen_ai.response.id": "resp-7", "x": "y"}
+    unpriced = _usage(8, "acme", None)
+    unpriced.input_tokens = -5  # a sender's nonsense must not make the batch unwritable
+    ClickHouseWriter(chdb_client).insert_spans([row, unpriced], [KafkaOrigin("otlp_spans", 3, 42)] * 2)
+
+    got = chdb_client.query(
+        "SELECT *, toUnixTimestamp64Nano(start_time) AS start_ns, toUnixTimestamp64Nano(end_time) AS end_ns "
+        f"FROM {SPANS_TABLE} FINAL ORDER BY span_id"
+    ).named_results()
+    first, second = list(got)
+    for name in SpanUsage.__dataclass_fields__:
+        if name not in ("status_error", "cost_usd"):
+            assert first[name] == getattr(row, name), name
+    assert (first["cost_usd"], first["priced"], first["status_error"]) == (0.125, 1, 1)
+    assert (first["kafka_topic"], first["kafka_partition"], first["kafka_offset"]) == ("otlp_spans", 3, 42)
+    assert (second["cost_usd"], second["priced"], second["input_tokens"]) == (0.0, 0, 0)
+
+
+def test_signals_round_trip_once(chdb_client: Client) -> None:
+    migrate(chdb_client)
+    sent = [
+        _signal("acme", "warn", 36.0, 1),
+        _signal("acme", "downgrade", 43.0, 2),
+        _signal("globex", "ok", 1, 3),
+    ]
+    writer = ClickHouseWriter(chdb_client)
+    writer.insert_signals(sent)
+    writer.insert_signals(sent[:2])
+    assert queries.signals(chdb_client) == sorted(sent, key=lambda s: (s.issued_at, s.key))
+    assert queries.signals(chdb_client, budget="other") == []
+    keys = chdb_client.query(f"SELECT DISTINCT kafka_key FROM {SIGNALS_TABLE} ORDER BY kafka_key").result_rows
+    assert keys == [("tenant:acme@tenant-daily",), ("tenant:globex@tenant-daily",)]
+
+
+def test_default_dsn_and_redaction(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("BURNGUARD_CLICKHOUSE_DSN", raising=False)
+    monkeypatch.setenv("BURNGUARD_STATE_DIR", str(tmp_path / "state"))
+    assert default_dsn() == f"chdb://{tmp_path / 'state' / 'clickhouse'}"
+    monkeypatch.setenv("BURNGUARD_CLICKHOUSE_DSN", "http://writer@ch.internal:8123/burnguard")
+    assert default_dsn() == "http://writer@ch.internal:8123/burnguard"
+    assert redact_dsn("https://writer:s3cret@ch.internal:8443/db") == "https://writer:***@ch.internal:8443/db"
+
+
+def test_a_chdb_directory_belongs_to_one_process(chdb_dsn: str) -> None:
+    """The constraint the sink and its tests are designed around."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_DIRECTORY, chdb_dsn], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(ChdbDirectoryBusy, match=f"PID: {holder.pid}"):
+            connect(chdb_dsn)
+    finally:
+        holder.kill()
+        holder.wait()
+    with open_chdb(chdb_dsn) as client:  # the killed holder's lock is gone, its table is there
+        assert client.command("SELECT count() FROM held") == 1
+
+
+_HOLD_DIRECTORY = """
+import sys, time
+from burnguard.sinks.clickhouse import connect
+client = connect(sys.argv[1])
+client.command("CREATE TABLE held (x UInt8) ENGINE = MergeTree ORDER BY x")
+client.insert("held", [[1]], column_names=["x"])
+print("open", flush=True)
+time.sleep(120)
+"""
+
+# --- Kafka ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One test's topics on the session broker, a producer, and what was produced."""
+
+    broker: KafkaBroker
+    topics: Topics
+    group: str
+    producer: KafkaProducer
+    spend: dict[str, float]
+    spans: int = 0
+    good_messages: int = 0
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        return KafkaSettings(bootstrap=self.broker.bootstrap)
+
+    def send_spans(self, count: int, start: int = 0) -> None:
+        """`count` messages of OTLP protobuf, each with one priced chat, one tool and one HTTP span."""
+        for i in range(start, start + count):
+            tenant = TENANTS[i % len(TENANTS)]
+            cost = round(0.01 * (i + 1), 4)
+            payload = otlp_request(
+                {"name": "chat gpt-4.1", "attributes": _chat(tenant, cost=cost)},
+                {"name": "execute_tool search", "attributes": _tool(tenant)},
+                {"name": "GET /health", "attributes": {"http.request.method": "GET"}},
+            )
+            self.producer.send(self.topics.spans, key=tenant.encode(), value=payload)
+            self._count(tenant, cost, spans=2)
+
+    def send_to_be_priced(self) -> float:
+        """A Collector-style span without burnguard.cost.usd, and one of a model nobody prices."""
+        attributes = _chat("globex", cost=None)
+        payload = otlp_request(
+            {"name": "chat gpt-4.1", "attributes": attributes},
+            {"name": "chat mystery", "attributes": {**_chat("globex", None), "gen_ai.request.model": "zz-9"}},
+        )
+        self.producer.send(self.topics.spans, value=payload)
+        price = default_price_book().price("gpt-4.1", "openai", input_tokens=1200, output_tokens=300)
+        assert price is not None and price > 0
+        self._count("globex", price, spans=2)
+        return price
+
+    def send_garbage(self) -> None:
+        self.producer.send(self.topics.spans, key=b"acme", value=GARBAGE)
+
+    def send_signals(self, signals: list[Signal]) -> None:
+        for s in signals:
+            self.producer.send(self.topics.signals, key=s.kafka_key.encode(), value=s.to_json())
+        self.producer.send(self.topics.signals, key=b"tenant:gone@tenant-daily", value=None)  # tombstone
+
+    def _count(self, tenant: str, cost: float, spans: int) -> None:
+        self.spend[tenant] = self.spend.get(tenant, 0.0) + cost
+        self.spans += spans
+        self.good_messages += 1
+
+    def lag(self) -> int:
+        """Messages the sink group has not committed yet, over both topics."""
+        # A group member that never subscribes only fetches the group's offsets; it never joins.
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.broker.bootstrap, group_id=self.group, enable_auto_commit=False
+        )
+        try:
+            partitions = [
+                TopicPartition(topic, p)
+                for topic in (self.topics.spans, self.topics.signals)
+                for p in consumer.partitions_for_topic(topic) or ()
+            ]
+            ends = consumer.end_offsets(partitions)
+            return sum(end - (consumer.committed(tp) or 0) for tp, end in ends.items())
+        finally:
+            consumer.close(autocommit=False)
+
+    def wait_consumed(self, timeout: float = 90.0, alive: Callable[[], bool] = lambda: True) -> None:
+        self.producer.flush()
+        wait_for(lambda: self.lag() == 0, timeout, "the sink to commit everything", alive)
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] = lambda: True
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert alive(), f"the sink died while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _chat(tenant: str, cost: float | None) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "gpt-4.1",
+        "gen_ai.usage.input_tokens": 1200,
+        "gen_ai.usage.output_tokens": 300,
+        "burnguard.tenant": tenant,
+        "burnguard.feature": "summarize",
+    }
+    if cost is not None:
+        attributes["burnguard.cost.usd"] = cost
+    return attributes
+
+
+def _tool(tenant: str) -> dict[str, Any]:
+    return {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search", "burnguard.tenant": tenant}
+
+
+def otlp_request(*specs: dict[str, Any]) -> bytes:
+    """An OTLP protobuf ExportTraceServiceRequest of real SDK spans, as the kafkaexporter sends it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "checkout-api"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("workflow"):  # the root is not a GenAI span: not stored
+        for spec in specs:
+            with tracer.start_as_current_span(spec["name"], attributes=spec["attributes"]) as span:
+                if spec.get("error"):
+                    span.set_status(Status(StatusCode.ERROR))
+    return encode_spans(exporter.get_finished_spans()).SerializeToString()
+
+
+@pytest.fixture
+def stream(kafka_broker: KafkaBroker) -> Iterator[Stream]:
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(spans=f"otlp_spans.{suffix}", signals=f"burnguard.signals.{suffix}")
+    kafka_broker.create_topic(topics.spans, partitions=2)
+    kafka_broker.create_topic(topics.signals, partitions=1, compact=True)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    try:
+        yield Stream(kafka_broker, topics, f"burnguard-sink-{suffix}", producer, {})
+    finally:
+        producer.close()
+
+
+@contextmanager
+def sink_thread(stream: Stream, dsn: str, **options: Any) -> Iterator[SpanSink]:
+    sink = SpanSink(stream.kafka, stream.topics, dsn, group_id=stream.group, flush_interval_s=0.2, **options)
+    stop = threading.Event()
+    thread = threading.Thread(target=sink.run, args=(stop,), name="sink", daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        stop.set()
+        thread.join(60)
+        assert not thread.is_alive(), "the sink did not stop"
+
+
+def stored(dsn: str) -> tuple[int, int, dict[str, float]]:
+    """(spans under FINAL, rows without FINAL, spend per tenant) read after the sink let go."""
+    with open_chdb(dsn) as client:
+        return (
+            queries.span_count(client),
+            queries.span_count(client, final=False),
+            queries.spend_by_tenant(client),
+        )
+
+
+def test_end_to_end_through_kafka(stream: Stream, chdb_dsn: str) -> None:
+    stream.send_spans(9)
+    stream.send_garbage()
+    stream.send_to_be_priced()
+    sent = [
+        _signal("acme", "warn", 36.0, 1),
+        _signal("acme", "downgrade", 43.0, 2),
+        _signal("globex", "ok", 2, 3),
+    ]
+    stream.send_signals(sent)
+
+    with sink_thread(stream, chdb_dsn) as sink:
+        stream.wait_consumed()
+        assert sink.malformed == 1
+        assert sink.insert_failures == 0
+    assert sink.spans_written == stream.spans
+    assert sink.signals_written == len(sent)
+
+    with open_chdb(chdb_dsn) as client:
+        assert queries.span_count(client) == stream.spans
+        assert queries.span_count(client, final=False) == stream.spans  # a clean run writes each span once
+        assert queries.spend_by_tenant(client) == pytest.approx(stream.spend)
+        assert queries.signals(client) == sent
+        operations = client.query(
+            f"SELECT operation, count(), sum(priced) FROM {SPANS_TABLE} FINAL GROUP BY operation ORDER BY 1"
+        ).result_rows
+        assert operations == [("chat", 11, 10), ("execute_tool", 9, 0)]
+        messages = client.command(f"SELECT uniqExact(kafka_partition, kafka_offset) FROM {SPANS_TABLE}")
+        assert messages == stream.good_messages
+
+
+def test_unreachable_clickhouse_keeps_the_batch_and_commits_nothing(stream: Stream, chdb_dsn: str) -> None:
+    """A chDB directory held by another process is a real outage: retry, no commit, no loss."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_DIRECTORY, chdb_dsn], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        stream.send_spans(6)
+        stream.producer.flush()
+        with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, retry_max_s=0.5) as sink:
+            wait_for(lambda: sink.insert_failures >= 3, 60, "insert retries")
+            assert sink.spans_written == 0
+            assert stream.lag() == 6
+            holder.kill()
+            holder.wait()
+            stream.wait_consumed()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert sink.spans_written == stream.spans
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)
+    assert spend == pytest.approx(stream.spend)
+
+
+# --- the sink as its own process: stop, restart, kill ----------------------------------------------
+
+
+@dataclass
+class SinkProcess:
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@pytest.fixture
+def launch_sink(stream: Stream, chdb_dsn: str, tmp_path: Path) -> Iterator[Callable[..., SinkProcess]]:
+    """Starts `python -m burnguard.sinks` on the test's topics; kills what is left at the end."""
+    launched: list[SinkProcess] = []
+
+    def launch(name: str, batch_max: int = 1000) -> SinkProcess:
+        env = {
+            **os.environ,
+            "BURNGUARD_KAFKA_BOOTSTRAP": stream.broker.bootstrap,
+            "BURNGUARD_CLICKHOUSE_DSN": chdb_dsn,
+            "BURNGUARD_TOPIC_SPANS": stream.topics.spans,
+            "BURNGUARD_TOPIC_SIGNALS": stream.topics.signals,
+            "BURNGUARD_SINK_GROUP": stream.group,
+        }
+        args = ["--batch-max", str(batch_max), "--flush-interval", "0.2", "--session-timeout-ms", "6000"]
+        log = tmp_path / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "burnguard.sinks", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        launched.append(SinkProcess(process, log))
+        return launched[-1]
+
+    yield launch
+    for sink in launched:
+        if sink.alive():
+            sink.process.kill()
+            sink.process.wait()
+
+
+def counters(sink: SinkProcess) -> dict[str, int]:
+    """The counters a stopped sink logs last."""
+    last = sink.output().rsplit("sink stopped: ", 1)[1].splitlines()[0]
+    return json.loads(last)
+
+
+def stop_sink(sink: SinkProcess) -> None:
+    sink.process.send_signal(signal.SIGTERM)
+    assert sink.process.wait(60) == 0, sink.output()[-3000:]
+    assert "sink stopped" in sink.output()
+
+
+def test_restart_reads_on_from_the_committed_offsets(
+    stream: Stream, chdb_dsn: str, launch_sink: Callable[..., SinkProcess]
+) -> None:
+    stream.send_spans(12)
+    first = launch_sink("sink-1")
+    stream.wait_consumed(alive=first.alive)
+    stop_sink(first)
+    assert stored(chdb_dsn)[:2] == (stream.spans, stream.spans)
+
+    stream.send_spans(6, start=12)
+    second = launch_sink("sink-2")
+    stream.wait_consumed(alive=second.alive)
+    stop_sink(second)
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)  # nothing was inserted twice
+    assert spend == pytest.approx(stream.spend)
+    assert counters(second)["messages"] == 6  # it read on from where the first one committed
+    assert counters(second)["spans_written"] == 12
+
+
+def test_rows_written_but_not_committed_are_read_again_and_collapse(stream: Stream, chdb_dsn: str) -> None:
+    """The state a sink killed between insert and commit leaves: rows in, offsets not committed."""
+    stream.send_spans(9)
+    stream.producer.flush()
+    consumer = KafkaConsumer(
+        stream.topics.spans,
+        bootstrap_servers=stream.broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    try:
+        before_crash = [
+            (usage, KafkaOrigin(m.topic, m.partition, m.offset))
+            for m in consumer
+            for usage in decode_usage(m.value)
+        ][:10]
+    finally:
+        consumer.close()
+    with open_chdb(chdb_dsn) as client:
+        migrate(client)
+        ClickHouseWriter(client).insert_spans([u for u, _ in before_crash], [o for _, o in before_crash])
+
+    with sink_thread(stream, chdb_dsn) as sink:
+        stream.wait_consumed()
+    assert sink.spans_written == stream.spans  # everything was read again
+    final, rows, spend = stored(chdb_dsn)
+    assert final == stream.spans
+    assert rows >= stream.spans
+    assert spend == pytest.approx(stream.spend)
+
+
+def test_a_killed_sink_ends_exactly_once(
+    stream: Stream, chdb_dsn: str, launch_sink: Callable[..., SinkProcess]
+) -> None:
+    stream.send_spans(150)
+    stream.producer.flush()
+    victim = launch_sink("victim", batch_max=20)
+    wait_for(lambda: "wrote" in victim.output(), 90, "the first batch", victim.alive)
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(30)
+    assert stream.lag() > 0, "the sink finished before it was killed: nothing was tested"
+
+    survivor = launch_sink("survivor", batch_max=20)
+    stream.wait_consumed(alive=survivor.alive)
+    stop_sink(survivor)
+    final, rows, spend = stored(chdb_dsn)
+    assert final == stream.spans
+    assert rows >= stream.spans
+    assert spend == pytest.approx(stream.spend)
