@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
+from burnguard.contracts.usage import SpanUsage
 from genai_prices import Usage, calc_price
 from genai_prices.types import TieredPrices
 
@@ -171,6 +172,24 @@ class PriceBook:
         if rates is None:
             return None
         return rates.cost(input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens)
+
+
+def price_if_unpriced(usage: SpanUsage, prices: PriceBook) -> None:
+    """Price a decoded model call that arrived without a cost (e.g. from an OTel Collector).
+
+    The stream job and the sink both do this, with the same code the app's
+    exporter path uses, so budgets and history see the same spend.
+    """
+    if usage.cost_usd is not None or not usage.is_model_call or not usage.model:
+        return
+    usage.cost_usd = prices.price(
+        usage.model,
+        usage.provider,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_creation_tokens=usage.cache_creation_tokens,
+    )
 
 
 _default_book: PriceBook | None = None

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from burnguard.contracts.otlp import decode_usage
-from burnguard.contracts.pricing import PriceBook, default_price_book
+from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.contracts.usage import SpanUsage
@@ -258,15 +258,7 @@ class SpanSink:
 
     def _price(self, rows: list[SpanUsage]) -> None:
         for usage in rows:
-            if usage.cost_usd is None and usage.is_model_call and usage.model:
-                usage.cost_usd = self.prices.price(
-                    usage.model,
-                    usage.provider,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cache_read_tokens=usage.cache_read_tokens,
-                    cache_creation_tokens=usage.cache_creation_tokens,
-                )
+            price_if_unpriced(usage, self.prices)
 
     # --- writing and committing -------------------------------------------------------
 

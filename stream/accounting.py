@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from burnguard.contracts.budgets import Budget, BudgetConfig, metric_value
-from burnguard.contracts.pricing import PriceBook
+from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 
 _NS = 1_000_000_000
@@ -61,20 +61,6 @@ class BatchStats:
     unpriced: int = 0
 
 
-def price_missing(usage: SpanUsage, prices: PriceBook) -> None:
-    """Price a model call that arrived without a cost, with the same code the app uses."""
-    if usage.cost_usd is not None or not usage.is_model_call:
-        return
-    usage.cost_usd = prices.price(
-        usage.model,
-        usage.provider,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cache_read_tokens,
-        cache_creation_tokens=usage.cache_creation_tokens,
-    )
-
-
 def fill_model_class(usage: SpanUsage, config: BudgetConfig) -> None:
     if not usage.model_class and usage.is_model_call:
         usage.model_class = config.model_class(usage.model)
@@ -92,7 +78,7 @@ def usage_deltas(
     """Sum a batch of spans into deltas for every budget each span matches."""
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     for usage in usages:
-        price_missing(usage, prices)
+        price_if_unpriced(usage, prices)
         fill_model_class(usage, config)
         if stats is not None:
             stats.spans += 1
