@@ -22,6 +22,7 @@ class Topics:
     budgets: str = "burnguard.budgets"
     deadletter: str = "burnguard.deadletter"
     usage: str = "burnguard.usage"  # internal: usage deltas repartitioned by budget key
+    budget_usage: str = "burnguard.budget_usage"  # compacted: running totals per budget window
 
     @classmethod
     def from_env(cls) -> Topics:

@@ -9,19 +9,23 @@ proportional to the number of active budget keys, not to the span rate.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from burnguard.contracts.budgets import Budget, BudgetConfig, metric_value
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 
-_NS = 1_000_000_000
-
 
 @dataclass(slots=True)
 class UsageDelta:
-    """What one batch added to one budget key in one window."""
+    """What one batch added to one budget key in one window.
+
+    `source_partition` / `source_offset` name the `otlp_spans` message the
+    delta came from. A worker that dies before committing that offset
+    replays the message and sends the same delta again; the second stage
+    recognises it by this origin and does not count it twice.
+    """
 
     budget: str
     key: str
@@ -30,6 +34,8 @@ class UsageDelta:
     spans: int = 0
     first_event_ns: int = 0
     last_event_ns: int = 0
+    source_partition: int = -1
+    source_offset: int = -1
 
     @property
     def partition_key(self) -> str:
@@ -55,6 +61,50 @@ class UsageDelta:
         return cls(**data)
 
 
+@dataclass(slots=True)
+class WindowTotals:
+    """The running totals of one budget key in one window, and which deltas are in them.
+
+    `applied` maps each source partition to the highest source offset whose
+    delta is included. Deltas from one source partition reach a key in
+    offset order (one stage-one stream per partition, one ordered producer
+    per usage partition), so "offset not above the mark" means "already
+    counted": exactly-once totals from at-least-once delivery. The mark is
+    stored in the same table value as the totals, so the changelog can never
+    hold one without the other.
+    """
+
+    spent: float = 0.0
+    spans: int = 0
+    first_event_ns: int = 0
+    last_event_ns: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, delta: UsageDelta) -> bool:
+        """Add `delta` unless it is a replay of one already counted; True if it was added."""
+        if delta.source_partition >= 0:
+            source = str(delta.source_partition)
+            if delta.source_offset <= self.applied.get(source, -1):
+                return False
+            self.applied[source] = delta.source_offset
+        self.spent += delta.amount
+        self.spans += delta.spans
+        if not self.first_event_ns or delta.first_event_ns < self.first_event_ns:
+            self.first_event_ns = delta.first_event_ns
+        self.last_event_ns = max(self.last_event_ns, delta.last_event_ns)
+        return True
+
+    def to_state(self) -> list[Any]:
+        return [self.spent, self.spans, self.first_event_ns, self.last_event_ns, self.applied]
+
+    @classmethod
+    def from_state(cls, state: list[Any] | None) -> WindowTotals:
+        if not state:
+            return cls()
+        spent, spans, first, last, *rest = state
+        return cls(spent, spans, first, last, dict(rest[0]) if rest else {})
+
+
 @dataclass
 class BatchStats:
     spans: int = 0
@@ -73,9 +123,16 @@ def _counts_toward(budget: Budget, usage: SpanUsage) -> bool:
 
 
 def usage_deltas(
-    usages: Iterable[SpanUsage], config: BudgetConfig, prices: PriceBook, stats: BatchStats | None = None
+    usages: Iterable[SpanUsage],
+    config: BudgetConfig,
+    prices: PriceBook,
+    stats: BatchStats | None = None,
+    source: tuple[int, int] = (-1, -1),
 ) -> list[UsageDelta]:
-    """Sum a batch of spans into deltas for every budget each span matches."""
+    """Sum a batch of spans into deltas for every budget each span matches.
+
+    `source` is the (partition, offset) of the message the batch came from.
+    """
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     for usage in usages:
         price_if_unpriced(usage, prices)
@@ -94,6 +151,8 @@ def usage_deltas(
             slot = (budget.id, key, window_start)
             delta = deltas.get(slot)
             if delta is None:
-                delta = deltas[slot] = UsageDelta(budget.id, key, window_start)
+                delta = deltas[slot] = UsageDelta(
+                    budget.id, key, window_start, source_partition=source[0], source_offset=source[1]
+                )
             delta.add(metric_value(budget.metric, usage), event_ns)
     return list(deltas.values())

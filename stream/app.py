@@ -27,8 +27,9 @@ from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal
-from burnguard.stream.accounting import BatchStats, UsageDelta, usage_deltas
-from burnguard.stream.policy import WindowTotals, decide
+from burnguard.contracts.snapshots import BudgetUsage
+from burnguard.stream.accounting import BatchStats, UsageDelta, WindowTotals, usage_deltas
+from burnguard.stream.policy import decide
 from burnguard.stream.settings import StreamSettings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ class BudgetJob:
         self.prices = PriceBook(config.prices)
         self.stats = BatchStats()
         self.deadlettered = 0
+        self.replayed_deltas = 0
+        self._replays_logged = 0
+        self._unsnapshotted: set[str] = set()
+        self._snapshot_everything = True  # after a (re)start the in-memory set above is empty
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             settings.app_id,
@@ -77,6 +82,9 @@ class BudgetJob:
             stream_recovery_delay=0.5,
             producer_linger=0.002,
             consumer_auto_offset_reset="earliest",
+            broker_commit_interval=settings.commit_interval.total_seconds(),
+            broker_session_timeout=settings.session_timeout.total_seconds(),
+            broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 4),
         )
         self._declare_topics()
         self._declare_tables()
@@ -97,10 +105,13 @@ class BudgetJob:
             topics.signals, **raw, partitions=self.settings.partitions, compacting=True, internal=True
         )
         self.deadletter_topic = app.topic(topics.deadletter, **raw, partitions=1, internal=True)
+        self.budget_usage_topic = app.topic(
+            topics.budget_usage, **raw, partitions=self.settings.partitions, compacting=True, internal=True
+        )
 
     def _declare_tables(self) -> None:
         partitions = self.settings.partitions
-        #: `budget|key|window_start_ns` -> [spent, spans, first_event_ns, last_event_ns]
+        #: `budget|key|window_start_ns` -> `WindowTotals.to_state()`
         self.totals = self.app.Table("window-totals", default=None, partitions=partitions)
         #: `budget|key` -> {"action": ..., "window_start_ns": ...}: the last published state
         self.states = self.app.Table("signal-states", default=None, partitions=partitions)
@@ -109,6 +120,7 @@ class BudgetJob:
         self.app.agent(self.spans_topic, name="ingest")(self._ingest)
         self.app.agent(self.usage_topic, name="account")(self._account)
         self.app.timer(self.settings.refresh_interval.total_seconds(), name="refresh")(self._refresh)
+        self.app.timer(self.settings.snapshot_interval.total_seconds(), name="snapshot")(self._snapshot)
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
@@ -118,10 +130,18 @@ class BudgetJob:
             except MalformedSpans as exc:
                 await self._dead_letter(event, str(exc))
                 continue
-            for delta in usage_deltas(usages, self.config, self.prices, self.stats):
+            source = (event.message.partition, event.message.offset)
+            try:
+                deltas = usage_deltas(usages, self.config, self.prices, self.stats, source)
+            except Exception as exc:  # a span that breaks accounting must not stop the partition
+                logger.exception("could not account the batch at %s", source)
+                await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+                continue
+            for delta in deltas:
                 await self.usage_topic.send(key=delta.partition_key, value=delta.to_dict())
 
-    async def _dead_letter(self, event: Any, reason: str) -> None:
+    async def _dead_letter(self, event: Any, reason: str, value: bytes | None = None) -> None:
+        """Park a message with the reason in a header; `value` when the event is no longer raw bytes."""
         self.deadlettered += 1
         message = event.message
         await self.deadletter_topic.maybe_declare()  # Faust only creates the topics it consumes
@@ -129,8 +149,8 @@ class BudgetJob:
             "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
         )
         await self.deadletter_topic.send(
-            key=event.key,
-            value=event.value,
+            key=event.key if isinstance(event.key, bytes | None) else str(event.key).encode(),
+            value=event.value if value is None else value,
             headers=[
                 (DEADLETTER_REASON_HEADER, reason.encode()),
                 ("burnguard.source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
@@ -139,38 +159,35 @@ class BudgetJob:
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:
-        async for record in stream:
-            budget = self.config.budget(record["budget"])
-            if budget is None:
-                continue
-            if record.get("tick"):
-                await self._settle(budget, record["key"], _now())
-                continue
-            delta = UsageDelta.from_dict(record)
-            totals = self._add(delta)
-            await self._publish_if_changed(budget, delta.key, delta.window_start_ns, totals, _now())
+        async for event in stream.events():
+            try:
+                await self._account_one(event.value)
+            except (
+                Exception
+            ) as exc:  # a bad record must not stop the partition (Faust would retry it forever)
+                logger.exception("could not account %r", event.value)
+                await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
 
-    def _add(self, delta: UsageDelta) -> WindowTotals:
-        stored = self.totals.get(delta.state_key)
-        totals = WindowTotals(*stored) if stored else WindowTotals()
-        totals.spent += delta.amount
-        totals.spans += delta.spans
-        if not totals.first_event_ns or delta.first_event_ns < totals.first_event_ns:
-            totals.first_event_ns = delta.first_event_ns
-        totals.last_event_ns = max(totals.last_event_ns, delta.last_event_ns)
-        self.totals[delta.state_key] = [
-            totals.spent,
-            totals.spans,
-            totals.first_event_ns,
-            totals.last_event_ns,
-        ]
-        return totals
+    async def _account_one(self, record: dict[str, Any]) -> None:
+        budget = self.config.budget(record["budget"])
+        if budget is None:
+            return
+        if record.get("tick"):
+            await self._settle(budget, record["key"], _now())
+            return
+        delta = UsageDelta.from_dict(record)
+        totals = WindowTotals.from_state(self.totals.get(delta.state_key))
+        if not totals.apply(delta):
+            self.replayed_deltas += 1  # a replay after a crash: already counted
+            return
+        self.totals[delta.state_key] = totals.to_state()
+        self._unsnapshotted.add(delta.state_key)
+        await self._publish_if_changed(budget, delta.key, delta.window_start_ns, totals, _now())
 
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
         """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
         window_start_ns = budget.window_spec.start_ns(int(now.timestamp() * _NS))
-        stored = self.totals.get(f"{budget.id}|{key}|{window_start_ns}")
-        totals = WindowTotals(*stored) if stored else WindowTotals()
+        totals = WindowTotals.from_state(self.totals.get(f"{budget.id}|{key}|{window_start_ns}"))
         await self._publish_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
 
     async def _publish_if_changed(
@@ -207,6 +224,46 @@ class BudgetJob:
                 continue
             budget_id, key = state_key.split("|", 1)
             await self.usage_topic.send(key=state_key, value={"budget": budget_id, "key": key, "tick": True})
+
+    async def _snapshot(self) -> None:
+        """Publish the totals of every window changed since the last snapshot (all, after a start)."""
+        if self._snapshot_everything:
+            pending = {key for key, value in list(self.totals.items()) if value}
+            self._snapshot_everything = False
+        else:
+            pending, self._unsnapshotted = self._unsnapshotted, set()
+        if self.replayed_deltas != self._replays_logged:
+            self._replays_logged = self.replayed_deltas
+            logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)
+        now = _now()
+        for state_key in pending:
+            snapshot = self._usage_snapshot(state_key, now)
+            if snapshot is not None:
+                await self.budget_usage_topic.maybe_declare()
+                await self.budget_usage_topic.send(key=snapshot.kafka_key.encode(), value=snapshot.to_json())
+
+    def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
+        budget_id, rest = state_key.split("|", 1)
+        key, window_start_ns = rest.rsplit("|", 1)
+        budget = self.config.budget(budget_id)
+        stored = self.totals.get(state_key)
+        if budget is None or not stored:
+            return None
+        totals = WindowTotals.from_state(stored)
+        start, end = budget.window_spec.bounds(datetime.fromtimestamp(int(window_start_ns) / _NS, UTC))
+        return BudgetUsage(
+            budget=budget.id,
+            scope=budget.scope_name,
+            key=key,
+            metric=budget.metric,
+            window_start=start,
+            window_end=end,
+            spent=totals.spent,
+            limit=budget.limit,
+            ratio=totals.spent / budget.limit,
+            spans=totals.spans,
+            updated_at=now,
+        )
 
 
 def create_job(settings: StreamSettings | None = None, config: BudgetConfig | None = None) -> BudgetJob:

@@ -6,26 +6,16 @@ are tested without Kafka and every worker decides the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from burnguard.contracts.budgets import Budget
 from burnguard.contracts.signals import Signal
+from burnguard.stream.accounting import WindowTotals
 
 _NS = 1_000_000_000
 #: The burn rate is measured over at least this long, so the first span of a
 #: window does not extrapolate to an absurd rate.
 _MIN_RATE_SPAN = timedelta(minutes=1)
-
-
-@dataclass(slots=True)
-class WindowTotals:
-    """The running totals of one budget key in one window."""
-
-    spent: float = 0.0
-    spans: int = 0
-    first_event_ns: int = 0
-    last_event_ns: int = 0
 
 
 def _from_ns(ns: int) -> datetime:
@@ -40,14 +30,22 @@ def burn_rate_per_hour(totals: WindowTotals) -> float:
     return totals.spent / hours
 
 
+#: Projections further out than this are "not in sight" (and would overflow `datetime`).
+_HORIZON = timedelta(days=3660)
+
+
 def projected_exhaustion(
     budget: Budget, totals: WindowTotals, rate_per_hour: float, now: datetime
 ) -> datetime | None:
+    """When the limit is hit at the current burn rate; None when not within the horizon."""
     if totals.spent >= budget.limit:
         return now
     if rate_per_hour <= 0:
         return None
-    return now + timedelta(hours=(budget.limit - totals.spent) / rate_per_hour)
+    hours = (budget.limit - totals.spent) / rate_per_hour
+    if hours * 3600 > _HORIZON.total_seconds():
+        return None
+    return now + timedelta(hours=hours)
 
 
 def decide(

@@ -21,7 +21,14 @@ class StreamSettings:
     refresh_interval: timedelta = timedelta(seconds=30)
     #: A signal not refreshed within this time is stale for subscribers.
     signal_ttl: timedelta = timedelta(seconds=120)
+    #: Running totals of changed budget windows are published this often.
+    snapshot_interval: timedelta = timedelta(seconds=10)
     data_dir: Path = Path(".burnguard/stream")
+    #: How often consumed offsets are committed. A worker that dies replays at most this much
+    #: (the replayed deltas are recognised and not counted twice).
+    commit_interval: timedelta = timedelta(seconds=2.8)
+    #: How long a silent worker keeps its partitions before the group moves them.
+    session_timeout: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -33,5 +40,8 @@ class StreamSettings:
             partitions=int(env.get("BURNGUARD_STREAM_PARTITIONS", cls.partitions)),
             refresh_interval=timedelta(seconds=float(env.get("BURNGUARD_SIGNAL_REFRESH_S", 30))),
             signal_ttl=timedelta(seconds=float(env.get("BURNGUARD_SIGNAL_TTL_S", 120))),
+            snapshot_interval=timedelta(seconds=float(env.get("BURNGUARD_SNAPSHOT_INTERVAL_S", 10))),
             data_dir=Path(env.get("BURNGUARD_STATE_DIR", ".burnguard")) / "stream",
+            commit_interval=timedelta(seconds=float(env.get("BURNGUARD_COMMIT_INTERVAL_S", 2.8))),
+            session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
         )

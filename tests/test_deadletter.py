@@ -5,16 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from burnguard.contracts import attributes as attr
 from burnguard.contracts.signals import Signal
 from burnguard.stream.app import DEADLETTER_REASON_HEADER
 from kafka import KafkaConsumer, KafkaProducer
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.fixtures.pipeline import Pipeline
+from tests.otlp_batches import otlp_batch
 
 BUDGETS = """
 budgets:
@@ -27,27 +23,6 @@ budgets:
       - {at: 0.5, do: warn}
       - {at: 1.0, do: throttle}
 """
-
-
-def otlp_batch(tenant: str, count: int) -> bytes:
-    """`count` chat spans for `tenant` as one OTLP protobuf request, built by the real SDK."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-    for _ in range(count):
-        with tracer.start_as_current_span("chat gpt-4.1") as span:
-            span.set_attributes(
-                {
-                    attr.GEN_AI_OPERATION_NAME: "chat",
-                    attr.GEN_AI_PROVIDER_NAME: "openai",
-                    attr.GEN_AI_REQUEST_MODEL: "gpt-4.1",
-                    attr.GEN_AI_USAGE_INPUT_TOKENS: 100,
-                    attr.GEN_AI_USAGE_OUTPUT_TOKENS: 10,
-                    attr.TENANT: tenant,
-                }
-            )
-    return encode_spans(exporter.get_finished_spans()).SerializeToString()
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
@@ -72,8 +47,8 @@ def test_malformed_messages_are_dead_lettered_and_later_spans_still_count(pipeli
     bad = [b"\x0a\xff\xff garbage", b'{"resourceSpans": "not a list"}', b""]
     for payload in bad:
         producer.send(spans_topic, key=b"acme", value=payload, partition=0)
-    producer.send(spans_topic, key=b"acme", value=otlp_batch("acme", 3), partition=0)
-    producer.send(spans_topic, key=b"acme", value=otlp_batch("acme", 3), partition=0)
+    producer.send(spans_topic, key=b"acme", value=otlp_batch("acme", [("chat", 100, 10)] * 3), partition=0)
+    producer.send(spans_topic, key=b"acme", value=otlp_batch("acme", [("chat", 100, 10)] * 3), partition=0)
     producer.flush()
 
     dead = consume_all(pipeline.broker.bootstrap, pipeline.topics.deadletter, expected=len(bad))

@@ -1,0 +1,148 @@
+"""Every span counted exactly once: across SIGKILL of a worker, and across a rebalance between two.
+
+A producer sends a known set of OTLP batches while workers are killed and
+started; at the end, the budget usage snapshots must equal the known sums —
+no loss, no double count. The workers commit rarely (every 5 s), so a killed
+worker always leaves processed-but-uncommitted messages that its successor
+replays: the dedupe by source offset is what keeps the totals exact.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+from burnguard.contracts.snapshots import BudgetUsage
+from kafka import KafkaConsumer, KafkaProducer
+
+from tests.fixtures.pipeline import Pipeline
+from tests.otlp_batches import otlp_batch
+
+BUDGETS = """
+budgets:
+  - id: tenant-tokens
+    scope: tenant
+    window: day
+    metric: tokens
+    limit: 1.0e12
+  - id: feature-calls
+    scope: [tenant, feature]
+    window: month
+    metric: calls
+    limit: 1.0e12
+"""
+TENANTS = ["acme", "globex", "initech", "umbrella", "hooli"]
+FEATURES = ["chat", "search"]
+
+
+class SpanSource:
+    """Sends `batches` OTLP messages of 1-4 spans each, remembering the expected sums."""
+
+    def __init__(self, pipeline: Pipeline, batches: int, seed: int) -> None:
+        self.pipeline = pipeline
+        self.random = random.Random(seed)
+        self.batches = batches
+        self.tokens: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        self.sent = 0
+        self.producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
+
+    def send(self, count: int, pause_s: float = 0.01) -> None:
+        for _ in range(count):
+            tenant = self.random.choice(TENANTS)
+            spans = []
+            for _ in range(self.random.randint(1, 4)):
+                feature = self.random.choice(FEATURES)
+                tokens_in, tokens_out = self.random.randint(1, 5000), self.random.randint(1, 800)
+                spans.append((feature, tokens_in, tokens_out))
+                self.tokens[tenant] += tokens_in + tokens_out
+                self.calls[f"{tenant}/{feature}"] += 1
+            payload = otlp_batch(tenant, spans)
+            self.producer.send(self.pipeline.topics.spans, key=tenant.encode(), value=payload)
+            self.sent += 1
+            time.sleep(pause_s)
+        self.producer.flush()
+
+    def send_in_background(self, count: int) -> threading.Thread:
+        thread = threading.Thread(target=self.send, args=(count,), daemon=True)
+        thread.start()
+        return thread
+
+
+def latest_usage(pipeline: Pipeline) -> dict[str, BudgetUsage]:
+    consumer = KafkaConsumer(
+        pipeline.topics.budget_usage,
+        bootstrap_servers=pipeline.broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1500,
+    )
+    try:
+        latest: dict[str, BudgetUsage] = {}
+        for record in consumer:
+            usage = BudgetUsage.from_json(record.value)
+            latest[f"{usage.budget}:{usage.key}"] = usage
+        return latest
+    finally:
+        consumer.close()
+
+
+def expected_totals(source: SpanSource) -> dict[str, float]:
+    expected = {f"tenant-tokens:{t}": float(n) for t, n in source.tokens.items()}
+    expected.update({f"feature-calls:{k}": float(n) for k, n in source.calls.items()})
+    return expected
+
+
+def wait_for_exact_totals(pipeline: Pipeline, source: SpanSource, timeout_s: float = 120) -> None:
+    expected = expected_totals(source)
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        seen = {key: usage.spent for key, usage in latest_usage(pipeline).items()}
+        if seen == expected:
+            return
+        over = {k: (v, expected.get(k)) for k, v in seen.items() if v > expected.get(k, 0)}
+        assert not over, f"counted twice: {over}"
+        time.sleep(1)
+    missing = {k: (seen.get(k), v) for k, v in expected.items() if seen.get(k) != v}
+    raise AssertionError(f"totals never became exact (seen, expected): {missing}")
+
+
+@pytest.fixture
+def slow_commits(pipeline: Pipeline) -> Pipeline:
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="5", BURNGUARD_SESSION_TIMEOUT_S="8")
+    return pipeline
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_neither_loses_nor_double_counts(slow_commits: Pipeline) -> None:
+    pipeline = slow_commits
+    source = SpanSource(pipeline, batches=400, seed=7)
+    first = pipeline.start_worker()
+    sender = source.send_in_background(400)
+    time.sleep(3)  # the worker is mid-stream, with seconds of uncommitted progress
+    assert sender.is_alive(), "the producer finished before the kill: the test would prove nothing"
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    pipeline.start_worker()
+    sender.join(120)
+    wait_for_exact_totals(pipeline, source)
+    assert "replayed deltas recognised" in pipeline.log("worker"), "the kill left nothing to replay"
+
+
+@pytest.mark.slow
+def test_rebalance_between_two_workers_and_a_killed_one_keeps_totals_exact(slow_commits: Pipeline) -> None:
+    pipeline = slow_commits
+    source = SpanSource(pipeline, batches=300, seed=11)
+    first = pipeline.start_worker()
+    source.send(100)
+    pipeline.start_worker()  # the group rebalances: the second worker takes over partitions
+    source.send(100)
+    first.send_signal(signal.SIGKILL)  # its partitions move to the survivor after the session timeout
+    first.wait(10)
+    source.send(100)
+    wait_for_exact_totals(pipeline, source, timeout_s=150)
