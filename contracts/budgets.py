@@ -10,6 +10,7 @@ both sides import this one module.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -284,3 +285,25 @@ def _is_union_tag(part: Any) -> bool:
 def load_budget_file(path: str | Path) -> BudgetConfig:
     path = Path(path)
     return parse_budget_yaml(path.read_text(encoding="utf-8"), source=str(path))
+
+
+# --- the `burnguard.budgets` topic ------------------------------------------------
+#: Key of the record that holds what all budgets share: model classes, ladder, prices.
+#: Budget ids start with a letter or digit, so this key can never clash with one.
+SHARED_RECORD_KEY = "_shared"
+
+
+def to_records(config: BudgetConfig) -> dict[str, bytes]:
+    """The topic records that describe `config`: one per budget, plus the shared record."""
+    shared = {"model_classes": config.model_classes, "downgrade": config.downgrade, "prices": config.prices}
+    records = {SHARED_RECORD_KEY: json.dumps(shared, sort_keys=True).encode()}
+    for budget in config.budgets:
+        records[budget.id] = budget.model_dump_json().encode()
+    return records
+
+
+def from_records(records: dict[str, bytes]) -> BudgetConfig:
+    """Rebuild a config from the topic's current records (the latest value per key)."""
+    shared = json.loads(records[SHARED_RECORD_KEY]) if SHARED_RECORD_KEY in records else {}
+    budgets = [json.loads(value) for key, value in sorted(records.items()) if key != SHARED_RECORD_KEY]
+    return BudgetConfig.model_validate({**shared, "budgets": budgets})

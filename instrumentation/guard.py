@@ -22,10 +22,9 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from burnguard.contracts.budgets import KEY_SEPARATOR, BudgetConfig
+from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -94,75 +93,27 @@ class BudgetGuard:
         self._signals: dict[str, Signal] = {}
         self._by_scope: dict[str, dict[str, list[Signal]]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._caught_up = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._follower = CompactedTopicFollower(self._kafka, self._topic, self._ingest, "burnguard-guard")
         self.stats = GuardStats()
 
     # --- following the topic ---------------------------------------------------
     def start(self, wait_s: float = 10.0) -> BudgetGuard:
         """Start following (once); wait up to `wait_s` for the replay of the compacted state."""
-        if self._thread is not None:
-            return self
-        self._thread = threading.Thread(target=self._follow, name="burnguard-guard", daemon=True)
-        self._thread.start()
-        if wait_s:
-            self._caught_up.wait(wait_s)
+        self._follower.start(wait_s)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._follower.stop()
 
     @property
     def ready(self) -> bool:
         """True once the state on the topic at start has been replayed."""
-        return self._caught_up.is_set()
+        return self._follower.ready.is_set()
 
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._consume()
-            except KafkaError as exc:
-                logger.warning("burnguard guard: lost %s (%s); retrying", self._topic, exc)
-                self._stop.wait(1.0)
-
-    def _consume(self) -> None:
-        consumer = KafkaConsumer(
-            **self._kafka.kafka_python_config(),
-            group_id=None,
-            enable_auto_commit=False,
-            consumer_timeout_ms=0,
-        )
-        try:
-            partitions = self._assign_all(consumer)
-            end_offsets = consumer.end_offsets(partitions)
-            while not self._stop.is_set():
-                for records in consumer.poll(timeout_ms=200).values():
-                    for record in records:
-                        self._ingest(record.value)
-                if not self._caught_up.is_set() and all(
-                    consumer.position(tp) >= end for tp, end in end_offsets.items()
-                ):
-                    self._caught_up.set()
-        finally:
-            consumer.close()
-
-    def _assign_all(self, consumer: KafkaConsumer) -> list[TopicPartition]:
-        partitions = None
-        while not partitions and not self._stop.is_set():
-            partitions = consumer.partitions_for_topic(self._topic)
-            if not partitions:
-                self._caught_up.set()  # nothing published yet: nothing to replay
-                self._stop.wait(0.5)
-        assigned = [TopicPartition(self._topic, p) for p in sorted(partitions or ())]
-        consumer.assign(assigned)
-        consumer.seek_to_beginning(*assigned)
-        return assigned
-
-    def _ingest(self, payload: bytes | None) -> None:
-        if payload is None:  # a tombstone: a removed budget
+    def _ingest(self, key: bytes | None, payload: bytes | None) -> None:
+        if payload is None:  # a tombstone: the budget was removed, its signals with it
+            if key is not None:
+                self.forget(key.decode())
             return
         try:
             signal = Signal.from_json(payload)
@@ -171,6 +122,15 @@ class BudgetGuard:
             logger.warning("burnguard guard: ignoring malformed signal: %s", exc)
             return
         self.apply(signal)
+
+    def forget(self, kafka_key: str) -> None:
+        """Drop the signal published under `kafka_key` (its budget no longer exists)."""
+        with self._lock:
+            signal = self._signals.pop(kafka_key, None)
+            if signal is None:
+                return
+            by_key = self._by_scope.get(signal.scope, {})
+            by_key[signal.key] = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
 
     def apply(self, signal: Signal) -> None:
         """Record a signal (the follower thread calls this; tests and local accounting may too)."""

@@ -26,11 +26,13 @@ import faust
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
-from burnguard.contracts.signals import Signal
+from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.stream.accounting import BatchStats, UsageDelta, WindowTotals, usage_deltas
+from burnguard.stream.budget_feed import BudgetFeed, initial_config
 from burnguard.stream.policy import decide
 from burnguard.stream.settings import StreamSettings
+from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
 DEADLETTER_REASON_HEADER = "burnguard.error"
@@ -66,6 +68,7 @@ class BudgetJob:
         self.stats = BatchStats()
         self.deadlettered = 0
         self.replayed_deltas = 0
+        self.feed: BudgetFeed | None = None
         self._replays_logged = 0
         self._unsnapshotted: set[str] = set()
         self._snapshot_everything = True  # after a (re)start the in-memory set above is empty
@@ -121,6 +124,7 @@ class BudgetJob:
         self.app.agent(self.usage_topic, name="account")(self._account)
         self.app.timer(self.settings.refresh_interval.total_seconds(), name="refresh")(self._refresh)
         self.app.timer(self.settings.snapshot_interval.total_seconds(), name="snapshot")(self._snapshot)
+        self.app.timer(1.0, name="reload-budgets")(self._reload_budgets)
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
@@ -169,6 +173,9 @@ class BudgetJob:
                 await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
 
     async def _account_one(self, record: dict[str, Any]) -> None:
+        if record.get("removed"):
+            await self._clear(record["budget"], record["key"], record["scope"])
+            return
         budget = self.config.budget(record["budget"])
         if budget is None:
             return
@@ -183,6 +190,12 @@ class BudgetJob:
         self.totals[delta.state_key] = totals.to_state()
         self._unsnapshotted.add(delta.state_key)
         await self._publish_if_changed(budget, delta.key, delta.window_start_ns, totals, _now())
+
+    async def _clear(self, budget_id: str, key: str, scope: str) -> None:
+        """A removed budget: forget its state and delete its signal from the compacted topic."""
+        self.states.pop(f"{budget_id}|{key}", None)
+        await self.signals_topic.maybe_declare()
+        await self.signals_topic.send(key=signal_key(scope, key, budget_id).encode(), value=None)
 
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
         """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
@@ -225,6 +238,34 @@ class BudgetJob:
             budget_id, key = state_key.split("|", 1)
             await self.usage_topic.send(key=state_key, value={"budget": budget_id, "key": key, "tick": True})
 
+    async def _reload_budgets(self) -> None:
+        """Swap in budgets changed on the topic; re-decide every key of a changed or removed budget."""
+        if self.feed is None or (new := self.feed.take_update()) is None:
+            return
+        old, self.config = self.config, new
+        if new.prices != old.prices:
+            self.prices = PriceBook(new.prices)
+        removed = {b.id: b for b in old.budgets if new.budget(b.id) is None}
+        changed = {b.id for b in new.budgets if old.budget(b.id) != b}
+        logger.info("budgets reloaded: changed %s, removed %s", sorted(changed), sorted(removed))
+        for partition_key in self._known_keys(changed | set(removed)):
+            budget_id, key = partition_key.split("|", 1)
+            record: dict[str, Any] = {"budget": budget_id, "key": key, "tick": True}
+            if budget_id in removed:
+                record = {
+                    "budget": budget_id,
+                    "key": key,
+                    "removed": True,
+                    "scope": removed[budget_id].scope_name,
+                }
+            await self.usage_topic.send(key=partition_key, value=record)
+
+    def _known_keys(self, budget_ids: set[str]) -> set[str]:
+        """`budget|key` of every key this worker holds state for, among these budgets."""
+        keys = set(self.states.keys())
+        keys |= {state_key.rsplit("|", 1)[0] for state_key in list(self.totals.keys())}
+        return {key for key in keys if key.split("|", 1)[0] in budget_ids}
+
     async def _snapshot(self) -> None:
         """Publish the totals of every window changed since the last snapshot (all, after a start)."""
         if self._snapshot_everything:
@@ -266,9 +307,20 @@ class BudgetJob:
         )
 
 
-def create_job(settings: StreamSettings | None = None, config: BudgetConfig | None = None) -> BudgetJob:
+def create_job(settings: StreamSettings | None = None, follow_budgets: bool = True) -> BudgetJob:
+    """The job with the budgets currently on the topic (or the file), following later changes."""
     settings = settings or StreamSettings.from_env()
-    return BudgetJob(settings, config if config is not None else load_config(settings))
+    config = load_config(settings)
+    if not follow_budgets:
+        return BudgetJob(settings, config)
+    topic = settings.topics.budgets
+    try:
+        config = initial_config(settings.kafka, topic, config)
+    except (KafkaError, TimeoutError) as exc:
+        logger.warning("could not read %s at start (%s); starting with the file's budgets", topic, exc)
+    job = BudgetJob(settings, config)
+    job.feed = BudgetFeed(settings.kafka, topic, config).start()
+    return job
 
 
 def run_worker(settings: StreamSettings | None = None, loglevel: str = "info") -> None:

@@ -10,14 +10,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from burnguard.contracts.budgets import BudgetFileError, load_budget_file
+from burnguard.cli.budgets import budgets_app
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
 dev_app = typer.Typer(help="A local broker, worker and sink as background processes.", no_args_is_help=True)
-budgets_app = typer.Typer(help="Budget files.", no_args_is_help=True)
 signals_app = typer.Typer(help="The signal topic.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(budgets_app, name="budgets")
@@ -118,27 +116,6 @@ def sink(bootstrap: Bootstrap = None, dsn: Annotated[str | None, typer.Option()]
     from burnguard.sinks.consumer import main as sink_main
 
     sink_main()
-
-
-@budgets_app.command("validate")
-def budgets_validate(file: Path) -> None:
-    """Check a budget file; every mistake is reported as file:line: field: message."""
-    try:
-        config = load_budget_file(file)
-    except FileNotFoundError:
-        console.print(f"[red]{file}: no such file[/]", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except BudgetFileError as exc:
-        for problem in exc.problems:
-            console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    table = Table(title=f"{file}: {len(config.budgets)} budgets valid")
-    for column in ("id", "scope", "match", "window", "metric", "limit", "actions"):
-        table.add_column(column)
-    for b in config.budgets:
-        ladder = ", ".join(f"{a.do}{'→' + a.to if a.to else ''}@{a.at:g}" for a in b.actions)
-        table.add_row(b.id, b.scope_name, b.match, b.window, b.metric, f"{b.limit:g}", ladder)
-    console.print(table)
 
 
 @signals_app.command("tail")

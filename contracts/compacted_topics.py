@@ -1,0 +1,119 @@
+"""Reading burnguard's compacted topics: the latest value per key is the current state.
+
+`burnguard.signals` (read by every BudgetGuard) and `burnguard.budgets`
+(read by every stream worker and by the CLI) are compacted: a reader that
+starts from the beginning and reads to the end knows the whole current state,
+and then follows changes. Every reader needs all partitions, so no consumer
+group: partitions are assigned by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from burnguard.contracts.topics import KafkaSettings
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+logger = logging.getLogger(__name__)
+RecordHandler = Callable[[bytes | None, bytes | None], None]
+
+
+def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
+    return KafkaConsumer(**kafka.kafka_python_config(), group_id=None, enable_auto_commit=False)
+
+
+def _assign_from_beginning(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int]:
+    """Assign every partition of `topic` at offset 0; return the end offsets at this moment."""
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    consumer.assign(partitions)
+    if partitions:
+        consumer.seek_to_beginning(*partitions)
+    return consumer.end_offsets(partitions) if partitions else {}
+
+
+def _caught_up(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) -> bool:
+    return all(consumer.position(tp) >= end for tp, end in end_offsets.items())
+
+
+def read_compacted_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 15.0) -> dict[bytes, bytes]:
+    """The current state of a compacted topic: the latest value of each key, tombstones applied."""
+    consumer = _consumer(kafka)
+    state: dict[bytes, bytes] = {}
+    try:
+        end_offsets = _assign_from_beginning(consumer, topic)
+        deadline = time.monotonic() + timeout_s
+        while not _caught_up(consumer, end_offsets):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f}s")
+            for records in consumer.poll(timeout_ms=200).values():
+                for record in records:
+                    if record.value is None:
+                        state.pop(record.key, None)
+                    else:
+                        state[record.key] = record.value
+    finally:
+        consumer.close()
+    return state
+
+
+class CompactedTopicFollower:
+    """Replays a compacted topic from the start, then follows it, on a daemon thread.
+
+    `on_record(key, value)` is called for every record in order (value None
+    for a tombstone). `ready` is set once the records present at start have
+    been replayed. A lost connection is retried; the replay then starts over,
+    which is harmless because applying the latest state twice is idempotent.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str, on_record: RecordHandler, name: str) -> None:
+        self._kafka = kafka
+        self.topic = topic
+        self._on_record = on_record
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self, wait_s: float = 10.0) -> CompactedTopicFollower:
+        if not self._thread.is_alive():
+            self._thread.start()
+        if wait_s:
+            self.ready.wait(wait_s)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except KafkaError as exc:
+                logger.warning("burnguard: lost %s (%s); retrying", self.topic, exc)
+                self._stop.wait(1.0)
+
+    def _follow(self) -> None:
+        consumer = _consumer(self._kafka)
+        try:
+            end_offsets = self._wait_for_partitions(consumer)
+            while not self._stop.is_set():
+                for records in consumer.poll(timeout_ms=200).values():
+                    for record in records:
+                        self._on_record(record.key, record.value)
+                if not self.ready.is_set() and _caught_up(consumer, end_offsets):
+                    self.ready.set()
+        finally:
+            consumer.close()
+
+    def _wait_for_partitions(self, consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+        while not self._stop.is_set():
+            if consumer.partitions_for_topic(self.topic):
+                return _assign_from_beginning(consumer, self.topic)
+            self.ready.set()  # the topic does not exist yet: nothing to replay
+            self._stop.wait(0.5)
+        return {}
