@@ -260,13 +260,23 @@ def test_attribution_defaults_to_the_current_baggage() -> None:
 
 def test_malformed_signal_payload_is_counted_not_applied() -> None:
     guard = make_guard()
-    guard._ingest(b'{"v": 1, "action": "panic"}')
-    guard._ingest(None)  # a tombstone
+    guard._ingest(b"tenant:acme@x", b'{"v": 1, "action": "panic"}')
+    guard._ingest(b"tenant:acme@x", None)  # a tombstone for a signal it never had
     assert guard.stats.malformed_signals == 1
     assert guard.stats.signals_received == 0
-    guard._ingest(make_signal("throttle").to_json())
+    throttle = make_signal("throttle")
+    guard._ingest(throttle.kafka_key.encode(), throttle.to_json())
     assert guard.stats.signals_received == 1
     assert guard.check("gpt-4.1", ACME).action == "deny"
+
+
+def test_a_tombstone_removes_the_signal_of_a_deleted_budget() -> None:
+    guard = make_guard()
+    throttle = make_signal("throttle")
+    guard._ingest(throttle.kafka_key.encode(), throttle.to_json())
+    assert guard.check("gpt-4.1", ACME).action == "deny"
+    guard._ingest(throttle.kafka_key.encode(), None)
+    assert guard.check("gpt-4.1", ACME).action == "allow"
 
 
 @pytest.mark.parametrize("economy_first", [False, True])
