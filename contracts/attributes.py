@@ -86,3 +86,18 @@ TRACELOOP_ATTRIBUTION: Final[dict[str, str]] = {
     }.items()
     for name in names
 }
+
+# --- added for the SDK auto-instrumentation -------------------------------------
+#: True when the token counts on the span are an estimate (a stream that carried no usage,
+#: or one abandoned before its usage arrived), never a silent zero.
+USAGE_ESTIMATED: Final = "burnguard.usage.estimated"
+#: Set on a GenAI span that another instrumentation made for a call burnguard already
+#: records (the span id, hex, of burnguard's span): the call is counted once, on ours.
+DUPLICATE_OF: Final = "burnguard.duplicate_of"
+#: Opt-in message content (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true), JSON.
+GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
+GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+#: The root span of a workflow run (`burnguard.workflow(name)`); its status says if the run succeeded.
+WORKFLOW_SUCCESS: Final = "burnguard.workflow.success"

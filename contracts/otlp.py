@@ -195,8 +195,8 @@ def iter_usage(request: ExportTraceServiceRequest) -> Iterator[SpanUsage]:
 
 def _span_usage(span: Any, service: str) -> SpanUsage | None:
     keys = [kv.key for kv in span.attributes]
-    if _GENAI_MARKERS.isdisjoint(keys):
-        return None
+    if _GENAI_MARKERS.isdisjoint(keys) or attr.DUPLICATE_OF in keys:
+        return None  # not GenAI, or a second instrumentation's span of a call counted on burnguard's
     usage = SpanUsage(
         trace_id=span.trace_id.hex(),
         span_id=span.span_id.hex(),

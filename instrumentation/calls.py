@@ -5,38 +5,65 @@ server of your own), and to drive the pipeline before any SDK is patched.
 The span follows the GenAI semantic conventions; its cost is set while the
 span is open, so the export path never has to price it again. With
 enforcement on, `llm_call` consults the guard before the call is made.
+
+`start_llm_call` is the one path every model call takes — the manual API and
+the OpenAI and Anthropic SDK wrappers alike: guard decision (deny raises,
+downgrade rewrites the model), span start (or adoption of the span another
+instrumentation opened for the same call), usage, cost, end.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from burnguard.contracts import attributes as attr
 from burnguard.instrumentation.cost import cost_attributes
+from burnguard.instrumentation.dedupe import call_closed, call_opened, is_model_call
 from burnguard.instrumentation.runtime import Runtime, current_runtime
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 _TRACER_NAME = "burnguard.instrumentation"
+_tracers: weakref.WeakKeyDictionary[Any, trace.Tracer] = weakref.WeakKeyDictionary()
 
 
 def _tracer(runtime: Runtime | None) -> trace.Tracer:
-    if runtime is not None:
-        return runtime.tracer
-    return trace.get_tracer(_TRACER_NAME)
+    provider = runtime.tracer_provider if runtime is not None else trace.get_tracer_provider()
+    try:
+        return _tracers[provider]
+    except (KeyError, TypeError):
+        pass
+    tracer = provider.get_tracer(_TRACER_NAME)
+    with suppress(TypeError):
+        _tracers[provider] = tracer
+    return tracer
 
 
 class LLMCall:
     """The open span of one model call; set what the provider reported before the block ends."""
 
-    def __init__(self, span: trace.Span, model: str, requested_model: str) -> None:
+    def __init__(
+        self,
+        span: trace.Span,
+        model: str,
+        requested_model: str,
+        base: dict[str, Any] | None = None,
+        runtime: Runtime | None = None,
+        *,
+        owns_span: bool = True,
+    ) -> None:
         self.span = span
         self.model = model
         self.requested_model = requested_model
         self.cost_usd: float | None = None  # set when the block ends, if the model has a price
+        self.owns_span = owns_span  # False: the span of another instrumentation, adopted
         self._attributes: dict[str, Any] = {}
+        self._base = base or {}
+        self._runtime = runtime
+        self._ended = False
 
     def set_usage(
         self,
@@ -49,6 +76,7 @@ class LLMCall:
         tool_calls: int = 0,
         response_model: str | None = None,
         response_id: str | None = None,
+        estimated: bool = False,
     ) -> None:
         usage: dict[str, Any] = {
             attr.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
@@ -61,16 +89,88 @@ class LLMCall:
             attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: reasoning_tokens,
             attr.TOOL_CALLS: tool_calls,
             attr.GEN_AI_RESPONSE_ID: response_id,
+            attr.USAGE_ESTIMATED: estimated,
         }
         usage.update({name: value for name, value in optional.items() if value})
         self._attributes.update(usage)
 
+    def set_attribute(self, name: str, value: Any) -> None:
+        """Any other attribute for the span, written when the call ends."""
+        self._attributes[name] = value
+
+    def fail(self, exc: BaseException) -> None:
+        """Record that the call failed with `exc` (the provider's error, a timeout, ...)."""
+        self.span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
+        self.span.set_status(Status(StatusCode.ERROR, str(exc)))
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
     def _finish(self, base: dict[str, Any], runtime: Runtime | None) -> None:
         attributes = {**base, **self._attributes}
+        if not self.owns_span:  # price the adopted span with what its own instrumentation recorded too
+            attributes = {**(getattr(self.span, "attributes", None) or {}), **attributes}
         prices = runtime.prices if runtime is not None else None
         cost = cost_attributes(attributes, prices)
         self.cost_usd = cost.get(attr.COST_USD)
         self.span.set_attributes({**self._attributes, **cost})
+
+    def end(self) -> None:
+        """Write usage and cost and end the span (once; later calls do nothing)."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self._finish(self._base, self._runtime)
+        finally:
+            if self.owns_span:
+                call_closed(self.span.get_span_context().span_id)
+                self.span.end()
+
+
+def start_llm_call(
+    model: str,
+    provider: str,
+    *,
+    operation: str = attr.OP_CHAT,
+    enforce: bool = True,
+    tracer: trace.Tracer | None = None,
+) -> LLMCall:
+    """Decide and open one model call: the guard first (deny raises `BudgetExceeded`), then the span.
+
+    The span is not made current; callers that send the request inside it attach it.
+    When the current span is a model-call span of another instrumentation (or of
+    `llm_call`) for this same call, it is adopted instead of starting a second one.
+    """
+    runtime = current_runtime()
+    requested = model
+    guard = runtime.guard if runtime is not None and enforce else None
+    if guard is not None:
+        model = guard.enforce(model) or model
+    base: dict[str, Any] = {
+        attr.GEN_AI_OPERATION_NAME: operation,
+        attr.GEN_AI_PROVIDER_NAME: provider,
+        attr.GEN_AI_REQUEST_MODEL: model,
+    }
+    if runtime is not None and (model_class := runtime.budgets.model_class(model)):
+        base[attr.MODEL_CLASS] = model_class
+    if model != requested:
+        base[attr.DOWNGRADED_FROM] = requested
+    current = trace.get_current_span()
+    if current.is_recording() and is_model_call(getattr(current, "attributes", None)):
+        adopted = {
+            k: v for k, v in base.items() if k not in (attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME)
+        }
+        if model == requested:
+            adopted.pop(attr.GEN_AI_REQUEST_MODEL, None)
+        current.set_attributes(adopted)
+        return LLMCall(current, model, requested, base, runtime, owns_span=False)
+    span = (tracer or _tracer(runtime)).start_span(
+        f"{operation} {model}", kind=SpanKind.CLIENT, attributes=base, record_exception=False
+    )
+    call_opened(span.get_span_context().span_id)
+    return LLMCall(span, model, requested, base, runtime)
 
 
 @contextmanager
@@ -87,32 +187,15 @@ def llm_call(
     guard asked for a downgrade. A denied call raises `BudgetExceeded` before
     the block runs.
     """
-    runtime = current_runtime()
-    requested = model
-    guard = runtime.guard if runtime is not None and enforce else None
-    if guard is not None:
-        model = guard.enforce(model) or model
-    base: dict[str, Any] = {
-        attr.GEN_AI_OPERATION_NAME: operation,
-        attr.GEN_AI_PROVIDER_NAME: provider,
-        attr.GEN_AI_REQUEST_MODEL: model,
-    }
-    if runtime is not None and (model_class := runtime.budgets.model_class(model)):
-        base[attr.MODEL_CLASS] = model_class
-    if model != requested:
-        base[attr.DOWNGRADED_FROM] = requested
-    with _tracer(runtime).start_as_current_span(
-        f"{operation} {model}", kind=SpanKind.CLIENT, attributes=base, record_exception=False
-    ) as span:
-        call = LLMCall(span, model, requested)
+    call = start_llm_call(model, provider, operation=operation, enforce=enforce)
+    with trace.use_span(call.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
         try:
             yield call
         except BaseException as exc:
-            span.set_attribute(attr.ERROR_TYPE, type(exc).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            call.fail(exc)
             raise
         finally:
-            call._finish(base, runtime)
+            call.end()
 
 
 def record_llm_call(

@@ -52,7 +52,7 @@ def cost_attributes(attributes: Mapping[str, Any], prices: PriceBook | None = No
 
 def needs_pricing(attributes: Mapping[str, Any]) -> bool:
     """A model call that nobody priced yet."""
-    if attr.COST_USD in attributes or attr.UNPRICED in attributes:
+    if attr.COST_USD in attributes or attr.UNPRICED in attributes or attr.DUPLICATE_OF in attributes:
         return False
     operation = attributes.get(attr.GEN_AI_OPERATION_NAME)
     if operation is None:

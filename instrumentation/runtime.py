@@ -20,6 +20,7 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.attribution import attribution_span_processor
 from burnguard.instrumentation.cost import CostSpanProcessor
+from burnguard.instrumentation.dedupe import ensure_marker
 from burnguard.instrumentation.guard import BudgetGuard, FailMode
 from burnguard.instrumentation.kafka_exporter import CountingBatchSpanProcessor, KafkaSpanExporter
 from opentelemetry import trace
@@ -119,6 +120,7 @@ def configure(
         exporter = KafkaSpanExporter(settings.kafka, settings.topics.spans)
     cost_processor = CostSpanProcessor(_export_processor(exporter, batch), prices)
     provider.add_span_processor(cost_processor)
+    ensure_marker(provider)  # a call recorded by two instrumentations is counted once
     if guard is None and settings.enforce:
         guard = BudgetGuard(settings.kafka, settings.topics, budgets, fail_mode=settings.fail_mode)
     if guard is not None:
