@@ -69,3 +69,38 @@ class KafkaSettings:
                 sasl_plain_password=self.sasl_password,
             )
         return config
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int = 1
+    compacted: bool = False
+
+
+def ensure_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet (compaction set at creation); return those created.
+
+    Replication is left to the broker's default (-1), so the same call suits a
+    single local broker and a production cluster.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka.kafka_python_config())
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for spec in specs:
+            if spec.name in existing:
+                continue
+            configs = {"cleanup.policy": "compact"} if spec.compacted else {}
+            try:
+                admin.create_topics([NewTopic(spec.name, spec.partitions, -1, topic_configs=configs)])
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass  # another worker or CLI created it meanwhile
+    finally:
+        admin.close()
+    return created

@@ -28,6 +28,7 @@ from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import BudgetUsage
+from burnguard.contracts.topics import TopicSpec, ensure_topics
 from burnguard.stream.accounting import BatchStats, UsageDelta, WindowTotals, usage_deltas
 from burnguard.stream.budget_feed import BudgetFeed, initial_config
 from burnguard.stream.policy import decide
@@ -104,13 +105,10 @@ class BudgetJob:
             partitions=self.settings.partitions,
             internal=True,
         )
-        self.signals_topic = app.topic(
-            topics.signals, **raw, partitions=self.settings.partitions, compacting=True, internal=True
-        )
-        self.deadletter_topic = app.topic(topics.deadletter, **raw, partitions=1, internal=True)
-        self.budget_usage_topic = app.topic(
-            topics.budget_usage, **raw, partitions=self.settings.partitions, compacting=True, internal=True
-        )
+        # Output topics are created before the worker starts (`output_topics`), not by Faust.
+        self.signals_topic = app.topic(topics.signals, **raw)
+        self.deadletter_topic = app.topic(topics.deadletter, **raw)
+        self.budget_usage_topic = app.topic(topics.budget_usage, **raw)
 
     def _declare_tables(self) -> None:
         partitions = self.settings.partitions
@@ -148,7 +146,6 @@ class BudgetJob:
         """Park a message with the reason in a header; `value` when the event is no longer raw bytes."""
         self.deadlettered += 1
         message = event.message
-        await self.deadletter_topic.maybe_declare()  # Faust only creates the topics it consumes
         logger.warning(
             "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
         )
@@ -194,7 +191,6 @@ class BudgetJob:
     async def _clear(self, budget_id: str, key: str, scope: str) -> None:
         """A removed budget: forget its state and delete its signal from the compacted topic."""
         self.states.pop(f"{budget_id}|{key}", None)
-        await self.signals_topic.maybe_declare()
         await self.signals_topic.send(key=signal_key(scope, key, budget_id).encode(), value=None)
 
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
@@ -226,7 +222,6 @@ class BudgetJob:
 
     async def _send_signal(self, signal: Signal) -> None:
         logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
-        await self.signals_topic.maybe_declare()
         await self.signals_topic.send(key=signal.kafka_key.encode(), value=signal.to_json())
 
     # --- timer ---------------------------------------------------------------------
@@ -280,7 +275,6 @@ class BudgetJob:
         for state_key in pending:
             snapshot = self._usage_snapshot(state_key, now)
             if snapshot is not None:
-                await self.budget_usage_topic.maybe_declare()
                 await self.budget_usage_topic.send(key=snapshot.kafka_key.encode(), value=snapshot.to_json())
 
     def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
@@ -307,12 +301,21 @@ class BudgetJob:
         )
 
 
-def create_job(settings: StreamSettings | None = None, follow_budgets: bool = True) -> BudgetJob:
+def output_topics(settings: StreamSettings) -> list[TopicSpec]:
+    """The topics the job writes but does not read; Faust only creates the ones it reads."""
+    topics, partitions = settings.topics, settings.partitions
+    return [
+        TopicSpec(topics.signals, partitions, compacted=True),
+        TopicSpec(topics.budget_usage, partitions, compacted=True),
+        TopicSpec(topics.deadletter, 1),
+    ]
+
+
+def create_job(settings: StreamSettings | None = None) -> BudgetJob:
     """The job with the budgets currently on the topic (or the file), following later changes."""
     settings = settings or StreamSettings.from_env()
     config = load_config(settings)
-    if not follow_budgets:
-        return BudgetJob(settings, config)
+    ensure_topics(settings.kafka, output_topics(settings))
     topic = settings.topics.budgets
     try:
         config = initial_config(settings.kafka, topic, config)

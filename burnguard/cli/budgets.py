@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka import KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
@@ -29,7 +27,7 @@ from burnguard.contracts.budgets import (
     to_records,
 )
 from burnguard.contracts.compacted_topics import read_compacted_topic
-from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.contracts.topics import KafkaSettings, Topics, TopicSpec, ensure_topics
 
 budgets_app = typer.Typer(help="Budget files and the budgets topic.", no_args_is_help=True)
 console = Console()
@@ -73,28 +71,8 @@ def _current_records(kafka: KafkaSettings, topic: str) -> dict[str, bytes]:
     return {key.decode(): value for key, value in read_compacted_topic(kafka, topic).items()}
 
 
-def _ensure_topic(kafka: KafkaSettings, topic: str) -> None:
-    """The budgets topic is compacted: the latest record per budget is the budget."""
-    admin = KafkaAdminClient(**kafka.kafka_python_config())
-    try:
-        admin.create_topics(
-            [
-                NewTopic(
-                    topic,
-                    num_partitions=1,
-                    replication_factor=-1,
-                    topic_configs={"cleanup.policy": "compact"},
-                )
-            ]
-        )
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
-
-
 def apply_changes(kafka: KafkaSettings, topic: str, changes: BudgetChanges) -> None:
-    _ensure_topic(kafka, topic)
+    ensure_topics(kafka, [TopicSpec(topic, partitions=1, compacted=True)])
     producer = KafkaProducer(**kafka.kafka_python_config(), acks="all")
     try:
         for key, value in {**changes.added, **changes.changed}.items():
