@@ -45,6 +45,17 @@ class Action(_Strict):
     to: str | None = Field(default=None, description="model class a downgrade goes to")
 
 
+class Forecast(_Strict):
+    """Acting on the projection, not only on the spend so far."""
+
+    downgrade: bool = Field(
+        default=False, description="downgrade once the limit is projected to be hit before the window ends"
+    )
+    min_ratio: float = Field(
+        default=0.25, ge=0, le=1, description="ignore projections until this fraction of the limit is spent"
+    )
+
+
 class Budget(_Strict):
     id: str
     scope: tuple[Scope, ...]
@@ -54,6 +65,7 @@ class Budget(_Strict):
     metric: Metric = "cost_usd"
     limit: float = Field(gt=0)
     actions: tuple[Action, ...] = (Action(at=1.0, do="throttle"),)
+    forecast: Forecast = Forecast()
     description: str = ""
 
     @field_validator("id")
@@ -124,6 +136,11 @@ class Budget(_Strict):
         if self.match == "*" or self.match == key:
             return key
         return key if fnmatch.fnmatchcase(key, self.match) else None
+
+    @property
+    def downgrade_class(self) -> str | None:
+        """The class the budget's downgrade rung goes to (None: one step down the ladder)."""
+        return next((a.to for a in self.actions if a.do == "downgrade"), None)
 
     def action_for(self, ratio: float) -> Action | None:
         """The highest rung reached at `ratio`, or None below the first one."""

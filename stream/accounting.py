@@ -61,6 +61,11 @@ class UsageDelta:
         return cls(**data)
 
 
+_NS_PER_MINUTE = 60_000_000_000
+#: How far back the burn rate looks.
+RECENT_MINUTES = 15
+
+
 @dataclass(slots=True)
 class WindowTotals:
     """The running totals of one budget key in one window, and which deltas are in them.
@@ -79,6 +84,9 @@ class WindowTotals:
     first_event_ns: int = 0
     last_event_ns: int = 0
     applied: dict[str, int] = field(default_factory=dict)
+    #: Spend per minute of event time (epoch minute -> amount) over the last
+    #: `RECENT_MINUTES`, for a burn rate that follows what happens now.
+    recent: dict[str, float] = field(default_factory=dict)
 
     def apply(self, delta: UsageDelta) -> bool:
         """Add `delta` unless it is a replay of one already counted; True if it was added."""
@@ -92,17 +100,32 @@ class WindowTotals:
         if not self.first_event_ns or delta.first_event_ns < self.first_event_ns:
             self.first_event_ns = delta.first_event_ns
         self.last_event_ns = max(self.last_event_ns, delta.last_event_ns)
+        self._add_recent(delta.last_event_ns // _NS_PER_MINUTE, delta.amount)
         return True
 
+    def _add_recent(self, minute: int, amount: float) -> None:
+        bucket = str(minute)
+        self.recent[bucket] = self.recent.get(bucket, 0.0) + amount
+        newest = max(int(m) for m in self.recent)
+        for old in [m for m in self.recent if int(m) <= newest - RECENT_MINUTES]:
+            del self.recent[old]
+
+    def recent_spend(self, since_ns: int) -> float:
+        """Spend in the minutes from `since_ns` on (minute resolution)."""
+        first_minute = since_ns // _NS_PER_MINUTE
+        return sum(amount for minute, amount in self.recent.items() if int(minute) >= first_minute)
+
     def to_state(self) -> list[Any]:
-        return [self.spent, self.spans, self.first_event_ns, self.last_event_ns, self.applied]
+        return [self.spent, self.spans, self.first_event_ns, self.last_event_ns, self.applied, self.recent]
 
     @classmethod
     def from_state(cls, state: list[Any] | None) -> WindowTotals:
         if not state:
             return cls()
         spent, spans, first, last, *rest = state
-        return cls(spent, spans, first, last, dict(rest[0]) if rest else {})
+        applied = dict(rest[0]) if rest else {}
+        recent = dict(rest[1]) if len(rest) > 1 else {}
+        return cls(spent, spans, first, last, applied, recent)
 
 
 @dataclass

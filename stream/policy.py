@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from burnguard.contracts.budgets import Budget
+from burnguard.contracts.budgets import SEVERITY, Budget
 from burnguard.contracts.signals import Signal
-from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.accounting import RECENT_MINUTES, WindowTotals
 
 _NS = 1_000_000_000
 #: The burn rate is measured over at least this long, so the first span of a
@@ -22,12 +22,19 @@ def _from_ns(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / _NS, UTC)
 
 
-def burn_rate_per_hour(totals: WindowTotals) -> float:
+def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
+    """Spend per hour over the last `RECENT_MINUTES` (or since the window's first span, if later).
+
+    Looking at recent minutes only makes the rate, and so the forecast, follow
+    a burst as it happens instead of averaging it away over the whole window.
+    """
     if not totals.spans:
         return 0.0
-    observed = _from_ns(totals.last_event_ns) - _from_ns(totals.first_event_ns)
+    now_ns = int(now.timestamp() * _NS)
+    since_ns = max(now_ns - RECENT_MINUTES * 60 * _NS, totals.first_event_ns)
+    observed = timedelta(seconds=(now_ns - since_ns) / _NS)
     hours = max(observed, _MIN_RATE_SPAN).total_seconds() / 3600
-    return totals.spent / hours
+    return totals.recent_spend(since_ns) / hours
 
 
 #: Projections further out than this are "not in sight" (and would overflow `datetime`).
@@ -61,14 +68,20 @@ def decide(
     ratio = totals.spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
     action = rung.do if rung is not None else "ok"
-    rate = burn_rate_per_hour(totals)
+    rate = burn_rate_per_hour(totals, now)
     exhaustion = projected_exhaustion(budget, totals, rate, now)
+    if exhaustion is not None and exhaustion >= end:
+        exhaustion = None  # the window ends first
+    downgrade_to = rung.to if rung is not None and rung.do == "downgrade" else None
+    predicted = _predicts_downgrade(budget, ratio, action, exhaustion, now, end)
+    if predicted:
+        action, downgrade_to = "downgrade", budget.downgrade_class
     return Signal(
         scope=budget.scope_name,
         key=key,
         budget=budget.id,
         action=action,
-        downgrade_to=rung.to if rung is not None and rung.do == "downgrade" else None,
+        downgrade_to=downgrade_to,
         metric=budget.metric,
         spent=round(totals.spent, 9),
         limit=budget.limit,
@@ -76,10 +89,25 @@ def decide(
         window_start=start,
         window_end=end,
         burn_rate_per_hour=round(rate, 9),
-        projected_exhaustion=exhaustion if exhaustion is None or exhaustion < end else None,
+        projected_exhaustion=exhaustion,
         issued_at=now,
         expires_at=now + ttl,
-        reason=_reason(budget, key, totals.spent, ratio, start, end, action),
+        reason=_reason(budget, key, totals.spent, ratio, start, end, action)
+        + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else ""),
+    )
+
+
+def _predicts_downgrade(
+    budget: Budget, ratio: float, action: str, exhaustion: datetime | None, now: datetime, end: datetime
+) -> bool:
+    """A budget that asks for it downgrades as soon as the limit is projected inside the window."""
+    forecast = budget.forecast
+    return (
+        forecast.downgrade
+        and exhaustion is not None
+        and now < end
+        and ratio >= forecast.min_ratio
+        and SEVERITY[action] < SEVERITY["downgrade"]
     )
 
 

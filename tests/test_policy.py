@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from burnguard.contracts.budgets import Budget
+from burnguard.stream.accounting import UsageDelta
 from burnguard.stream.policy import WindowTotals, burn_rate_per_hour, decide, projected_exhaustion
 
 NS = 1_000_000_000
@@ -36,7 +37,14 @@ def ladder_budget(**fields) -> Budget:
 
 
 def totals(spent: float, first: datetime = NOW - timedelta(hours=2), last: datetime = NOW) -> WindowTotals:
-    return WindowTotals(spent=spent, spans=10, first_event_ns=ns(first), last_event_ns=ns(last))
+    """`spent` spread evenly over one span a minute, each in the middle of its minute, first..last."""
+    minutes = max(int((last - first).total_seconds() // 60), 1)
+    window = WindowTotals()
+    for i in range(minutes):
+        at = first + timedelta(minutes=i, seconds=30)
+        window.apply(UsageDelta("b", "acme", 0, spent / minutes, 1, ns(at), ns(at)))
+    window.spent = spent  # exact, for the thresholds; the per-minute buckets carry the rounding
+    return window
 
 
 @pytest.mark.parametrize(
@@ -102,10 +110,43 @@ def test_burn_rate_and_projected_exhaustion() -> None:
 
 
 def test_burn_rate_of_a_single_event_uses_the_minimum_span() -> None:
-    one = WindowTotals(spent=0.5, spans=1, first_event_ns=ns(NOW), last_event_ns=ns(NOW))
+    one = WindowTotals()
+    one.apply(UsageDelta("b", "acme", 0, 0.5, 1, ns(NOW), ns(NOW)))
     # Measured over at least one minute: 0.5 USD/min = 30 USD/h.
-    assert burn_rate_per_hour(one) == pytest.approx(30.0)
-    assert burn_rate_per_hour(WindowTotals()) == 0.0
+    assert burn_rate_per_hour(one, NOW) == pytest.approx(30.0)
+    assert burn_rate_per_hour(WindowTotals(), NOW) == 0.0
+
+
+def test_burn_rate_follows_the_last_minutes_not_the_window_average() -> None:
+    # 10 USD spread over two quiet hours, then 10 USD in the last five minutes.
+    window = totals(10)
+    for minute in range(5):
+        at = NOW - timedelta(minutes=minute, seconds=30)
+        window.apply(UsageDelta("b", "acme", 0, 2.0, 1, ns(at), ns(at)))
+    # The last 15 minutes hold 15 * 10/120 + 10 = 11.25 USD: 45 USD/h, not the 20/2h = 10 USD/h average.
+    assert burn_rate_per_hour(window, NOW) == pytest.approx(45.0)
+
+
+def test_a_steep_burn_downgrades_before_the_fixed_threshold_when_asked_to() -> None:
+    # 20 of 50 USD spent (40%, below the 70% warn rung), but at 45 USD/h the rest lasts 40 minutes.
+    window = totals(8.75)
+    for minute in range(5):
+        at = NOW - timedelta(minutes=minute, seconds=30)
+        window.apply(UsageDelta("b", "acme", 0, 2.25, 1, ns(at), ns(at)))
+    assert window.spent == pytest.approx(20.0)
+    plain = decide(ladder_budget(), "acme", ns(DAY_START), window, NOW, TTL)
+    assert plain.action == "ok" and plain.projected_exhaustion is not None
+    predictive = ladder_budget(forecast={"downgrade": True, "min_ratio": 0.25})
+    signal = decide(predictive, "acme", ns(DAY_START), window, NOW, TTL)
+    assert signal.action == "downgrade"
+    assert signal.downgrade_to == "standard"
+    assert "predictive" in signal.reason
+    assert signal.projected_exhaustion < NOW + timedelta(hours=1)
+    # The same spend at a slow pace is projected after the day ends: no downgrade.
+    slow = decide(
+        predictive, "acme", ns(DAY_START), totals(20, first=DAY_START + timedelta(minutes=1)), NOW, TTL
+    )
+    assert slow.action == "ok" and slow.projected_exhaustion is None
 
 
 def test_no_projection_without_spend() -> None:
