@@ -2,7 +2,11 @@
 
 Calendar windows (`day`, `week`, `month`) follow the budget's time zone, so a
 tenant in Tokyo has its day end at Tokyo midnight. Duration windows (`1h`,
-`24h`, `30d`) are aligned to the epoch; `session` windows never roll over.
+`24h`, `30d`) are rolling: the spend of the last hour, whenever you look. They
+are kept as 60 buckets of a sixtieth of the duration (at least a minute), and
+the oldest bucket counts until it has left the window entirely, so a rolling
+budget errs on the side of restricting for at most one bucket longer.
+`session` windows never roll over.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ _DURATION = re.compile(r"^(\d+)(m|h|d)$")
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400}
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ROLLING_BUCKETS = 60
 
 
 class WindowError(ValueError):
@@ -58,19 +63,31 @@ class Window:
     spec: str
     timezone: str = "UTC"
 
-    def bounds(self, at: datetime) -> tuple[datetime, datetime]:
-        """The [start, end) of the window that contains the instant `at` (aware datetime)."""
-        if self.spec == SESSION_WINDOW:
-            return _EPOCH, _FAR_FUTURE
+    @property
+    def rolling_ns(self) -> int:
+        """The duration of a rolling window in nanoseconds; 0 for calendar and session windows."""
         seconds = parse_duration_seconds(self.spec)
-        if seconds is not None:
-            start_s = int(at.timestamp()) // seconds * seconds
-            start = datetime.fromtimestamp(start_s, UTC)
-            return start, start + timedelta(seconds=seconds)
+        return seconds * 1_000_000_000 if seconds else 0
+
+    @property
+    def bucket_ns(self) -> int:
+        """The bucket size of a rolling window: a sixtieth of it, at least a minute; 0 otherwise."""
+        return max(self.rolling_ns // ROLLING_BUCKETS, 60_000_000_000) if self.rolling_ns else 0
+
+    def bounds(self, at: datetime) -> tuple[datetime, datetime]:
+        """The [start, end) of the window that contains the instant `at` (aware datetime).
+
+        A rolling window has no fixed bounds: it is keyed once per budget key
+        (start 0), and its moving bounds are computed when deciding.
+        """
+        if self.spec == SESSION_WINDOW or self.rolling_ns:
+            return _EPOCH, _FAR_FUTURE
         return _calendar_bounds(self.spec, at.astimezone(ZoneInfo(self.timezone)))
 
     def start_ns(self, at_ns: int) -> int:
         """Window start as epoch nanoseconds, for keying state by window."""
+        if self.spec == SESSION_WINDOW or self.rolling_ns:
+            return 0
         seconds, rest_ns = divmod(at_ns, 1_000_000_000)  # integers: a float loses the last microsecond
         start, _ = self.bounds(datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest_ns // 1000))
         return int(start.timestamp()) * 1_000_000_000

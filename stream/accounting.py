@@ -15,6 +15,7 @@ from typing import Any
 from burnguard.contracts.budgets import Budget, BudgetConfig, metric_value
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
+from burnguard.contracts.windows import ROLLING_BUCKETS
 
 
 @dataclass(slots=True)
@@ -36,6 +37,7 @@ class UsageDelta:
     last_event_ns: int = 0
     source_partition: int = -1
     source_offset: int = -1
+    bucket_ns: int = 0  # rolling windows: the size of the time buckets the spend is kept in
 
     @property
     def partition_key(self) -> str:
@@ -87,6 +89,8 @@ class WindowTotals:
     #: Spend per minute of event time (epoch minute -> amount) over the last
     #: `RECENT_MINUTES`, for a burn rate that follows what happens now.
     recent: dict[str, float] = field(default_factory=dict)
+    #: Rolling windows only: spend per time bucket (bucket index -> amount), a window's worth.
+    buckets: dict[str, float] = field(default_factory=dict)
 
     def apply(self, delta: UsageDelta) -> bool:
         """Add `delta` unless it is a replay of one already counted; True if it was added."""
@@ -101,7 +105,21 @@ class WindowTotals:
             self.first_event_ns = delta.first_event_ns
         self.last_event_ns = max(self.last_event_ns, delta.last_event_ns)
         self._add_recent(delta.last_event_ns // _NS_PER_MINUTE, delta.amount)
+        if delta.bucket_ns:
+            self._add_to_bucket(delta.last_event_ns // delta.bucket_ns, delta.amount)
         return True
+
+    def _add_to_bucket(self, index: int, amount: float) -> None:
+        bucket = str(index)
+        self.buckets[bucket] = self.buckets.get(bucket, 0.0) + amount
+        newest = max(int(i) for i in self.buckets)
+        for old in [i for i in self.buckets if int(i) <= newest - ROLLING_BUCKETS - 1]:
+            self.spent -= self.buckets.pop(old)
+
+    def rolling_buckets(self, now_ns: int, window_ns: int, bucket_ns: int) -> list[tuple[int, float]]:
+        """(index, amount) of the buckets (partly) inside the window ending at `now_ns`, oldest first."""
+        first = (now_ns - window_ns) // bucket_ns
+        return sorted((int(i), amount) for i, amount in self.buckets.items() if int(i) >= first)
 
     def _add_recent(self, minute: int, amount: float) -> None:
         bucket = str(minute)
@@ -116,7 +134,15 @@ class WindowTotals:
         return sum(amount for minute, amount in self.recent.items() if int(minute) >= first_minute)
 
     def to_state(self) -> list[Any]:
-        return [self.spent, self.spans, self.first_event_ns, self.last_event_ns, self.applied, self.recent]
+        return [
+            self.spent,
+            self.spans,
+            self.first_event_ns,
+            self.last_event_ns,
+            self.applied,
+            self.recent,
+            self.buckets,
+        ]
 
     @classmethod
     def from_state(cls, state: list[Any] | None) -> WindowTotals:
@@ -125,7 +151,8 @@ class WindowTotals:
         spent, spans, first, last, *rest = state
         applied = dict(rest[0]) if rest else {}
         recent = dict(rest[1]) if len(rest) > 1 else {}
-        return cls(spent, spans, first, last, applied, recent)
+        buckets = dict(rest[2]) if len(rest) > 2 else {}
+        return cls(spent, spans, first, last, applied, recent, buckets)
 
 
 @dataclass
@@ -175,7 +202,12 @@ def usage_deltas(
             delta = deltas.get(slot)
             if delta is None:
                 delta = deltas[slot] = UsageDelta(
-                    budget.id, key, window_start, source_partition=source[0], source_offset=source[1]
+                    budget.id,
+                    key,
+                    window_start,
+                    source_partition=source[0],
+                    source_offset=source[1],
+                    bucket_ns=budget.window_spec.bucket_ns,
                 )
             delta.add(metric_value(budget.metric, usage), event_ns)
     return list(deltas.values())

@@ -31,7 +31,7 @@ from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.topics import TopicSpec, ensure_topics
 from burnguard.stream.accounting import BatchStats, UsageDelta, WindowTotals, usage_deltas
 from burnguard.stream.budget_feed import BudgetFeed, initial_config
-from burnguard.stream.policy import decide
+from burnguard.stream.policy import decide, window_at
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaError
 
@@ -285,7 +285,7 @@ class BudgetJob:
         if budget is None or not stored:
             return None
         totals = WindowTotals.from_state(stored)
-        start, end = budget.window_spec.bounds(datetime.fromtimestamp(int(window_start_ns) / _NS, UTC))
+        spent, start, end = window_at(budget, int(window_start_ns), totals, now)
         return BudgetUsage(
             budget=budget.id,
             scope=budget.scope_name,
@@ -293,9 +293,9 @@ class BudgetJob:
             metric=budget.metric,
             window_start=start,
             window_end=end,
-            spent=totals.spent,
+            spent=spent,
             limit=budget.limit,
-            ratio=totals.spent / budget.limit,
+            ratio=spent / budget.limit,
             spans=totals.spans,
             updated_at=now,
         )

@@ -42,14 +42,14 @@ _HORIZON = timedelta(days=3660)
 
 
 def projected_exhaustion(
-    budget: Budget, totals: WindowTotals, rate_per_hour: float, now: datetime
+    budget: Budget, spent: float, rate_per_hour: float, now: datetime
 ) -> datetime | None:
     """When the limit is hit at the current burn rate; None when not within the horizon."""
-    if totals.spent >= budget.limit:
+    if spent >= budget.limit:
         return now
     if rate_per_hour <= 0:
         return None
-    hours = (budget.limit - totals.spent) / rate_per_hour
+    hours = (budget.limit - spent) / rate_per_hour
     if hours * 3600 > _HORIZON.total_seconds():
         return None
     return now + timedelta(hours=hours)
@@ -64,12 +64,14 @@ def decide(
     ttl: timedelta,
 ) -> Signal:
     """The signal for one budget key in one window as of `now`."""
-    start, end = budget.window_spec.bounds(_from_ns(window_start_ns))
-    ratio = totals.spent / budget.limit
+    spent, start, end = window_at(budget, window_start_ns, totals, now)
+    ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
+    if budget.window_spec.rolling_ns:
+        end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
     action = rung.do if rung is not None else "ok"
     rate = burn_rate_per_hour(totals, now)
-    exhaustion = projected_exhaustion(budget, totals, rate, now)
+    exhaustion = projected_exhaustion(budget, spent, rate, now)
     if exhaustion is not None and exhaustion >= end:
         exhaustion = None  # the window ends first
     downgrade_to = rung.to if rung is not None and rung.do == "downgrade" else None
@@ -83,7 +85,7 @@ def decide(
         action=action,
         downgrade_to=downgrade_to,
         metric=budget.metric,
-        spent=round(totals.spent, 9),
+        spent=round(spent, 9),
         limit=budget.limit,
         ratio=round(ratio, 6),
         window_start=start,
@@ -92,9 +94,40 @@ def decide(
         projected_exhaustion=exhaustion,
         issued_at=now,
         expires_at=now + ttl,
-        reason=_reason(budget, key, totals.spent, ratio, start, end, action)
+        reason=_reason(budget, key, spent, ratio, start, end, action)
         + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else ""),
     )
+
+
+def window_at(
+    budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime
+) -> tuple[float, datetime, datetime]:
+    """(spent, start, end) of the window as of `now`: fixed for calendar windows, moving for rolling ones."""
+    window = budget.window_spec
+    if not window.rolling_ns:
+        start, end = window.bounds(_from_ns(window_start_ns))
+        return totals.spent, start, end
+    now_ns = int(now.timestamp() * _NS)
+    spent = sum(amount for _, amount in totals.rolling_buckets(now_ns, window.rolling_ns, window.bucket_ns))
+    return spent, _from_ns(now_ns - window.rolling_ns), _from_ns(now_ns + window.rolling_ns)
+
+
+def _rolling_reset(budget: Budget, totals: WindowTotals, now: datetime, rung_at: float | None) -> datetime:
+    """When enough spend has rolled out of the window to fall below the reached rung.
+
+    That is when a restriction of a rolling budget lifts by itself; a signal
+    says so in `window_end`, which subscribers treat as its reset time.
+    """
+    window = budget.window_spec
+    now_ns = int(now.timestamp() * _NS)
+    buckets = totals.rolling_buckets(now_ns, window.rolling_ns, window.bucket_ns)
+    remaining = sum(amount for _, amount in buckets)
+    for index, amount in buckets:
+        leaves_at = _from_ns((index + 1) * window.bucket_ns + window.rolling_ns)
+        remaining -= amount
+        if rung_at is None or remaining / budget.limit < rung_at:
+            return max(leaves_at, now + timedelta(seconds=1))
+    return now + timedelta(seconds=1)
 
 
 def _predicts_downgrade(

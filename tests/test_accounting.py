@@ -107,7 +107,8 @@ def test_window_start_and_event_times(config: BudgetConfig) -> None:
     assert cost.window_start_ns == ns(DAY)
     assert cost.first_event_ns == ns(T0)
     assert cost.last_event_ns == ns(T0 + timedelta(minutes=10))
-    assert deltas[("user-input", "u1")].window_start_ns == ns(T0)  # the 09:00 hour
+    assert deltas[("user-input", "u1")].window_start_ns == 0  # a rolling hour: one state per key
+    assert deltas[("user-input", "u1")].bucket_ns == 60 * 1_000_000_000
     assert deltas[("session-tools", "s1")].window_start_ns == 0
     assert cost.partition_key == "tenant-cost|acme"
     assert cost.state_key == f"tenant-cost|acme|{ns(DAY)}"

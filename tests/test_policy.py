@@ -95,11 +95,41 @@ def test_window_bounds_in_the_budget_time_zone() -> None:
     assert signal.window_end == datetime(2025, 3, 10, 4, tzinfo=UTC)
 
 
-def test_window_bounds_of_a_duration_window() -> None:
-    budget = ladder_budget(window="1h")
-    start = datetime(2025, 5, 14, 9, tzinfo=UTC)
-    signal = decide(budget, "acme", ns(start), totals(1, start, start + timedelta(minutes=30)), NOW, TTL)
-    assert (signal.window_start, signal.window_end) == (start, start + timedelta(hours=1))
+def rolling(events: list[tuple[datetime, float]], window: str = "1h") -> tuple[Budget, WindowTotals]:
+    budget = ladder_budget(window=window)
+    state = WindowTotals()
+    for at, amount in events:
+        delta = UsageDelta("b", "acme", 0, amount, 1, ns(at), ns(at), bucket_ns=budget.window_spec.bucket_ns)
+        state.apply(delta)
+    return budget, state
+
+
+def test_a_rolling_window_counts_the_last_hour_whenever_you_look() -> None:
+    # 30 USD at 08:30, 15 USD at 09:10: at 09:20 the last hour holds 45 USD; at 09:45 only 15.
+    budget, state = rolling([(NOW - timedelta(minutes=90), 30.0), (NOW - timedelta(minutes=50), 15.0)])
+    earlier = NOW - timedelta(minutes=40)
+    signal = decide(budget, "acme", 0, state, earlier, TTL)
+    assert signal.spent == pytest.approx(45.0) and signal.action == "downgrade"
+    now = NOW - timedelta(minutes=15)
+    signal = decide(budget, "acme", 0, state, now, TTL)
+    assert signal.spent == pytest.approx(15.0) and signal.action == "ok"
+    assert signal.window_start == now - timedelta(hours=1)
+
+
+def test_a_rolling_throttle_says_when_enough_spend_has_rolled_out() -> None:
+    # 30 USD at 09:00 and 25 USD at 09:20 (55 of 50: throttled). The 09:00 bucket leaves at 10:01,
+    # leaving 25 USD (50%): below every rung, so the reset is 10:01.
+    budget, state = rolling([(NOW - timedelta(minutes=60), 30.0), (NOW - timedelta(minutes=40), 25.0)])
+    signal = decide(budget, "acme", 0, state, NOW - timedelta(minutes=30), TTL)
+    assert signal.action == "throttle"
+    assert signal.window_end == NOW + timedelta(minutes=1)
+    assert decide(budget, "acme", 0, state, NOW + timedelta(minutes=1), TTL).action == "ok"
+
+
+def test_rolling_buckets_beyond_the_window_are_dropped() -> None:
+    _, state = rolling([(NOW - timedelta(hours=3), 10.0), (NOW, 1.0)])
+    assert state.spent == pytest.approx(1.0)
+    assert len(state.buckets) == 1
 
 
 def test_burn_rate_and_projected_exhaustion() -> None:
@@ -162,13 +192,13 @@ def test_projection_past_the_window_end_is_dropped() -> None:
     assert signal.burn_rate_per_hour == pytest.approx(0.5)
     assert signal.projected_exhaustion is None
     budget = ladder_budget()
-    assert projected_exhaustion(budget, totals(1), 0.5, NOW) == NOW + timedelta(hours=98)
+    assert projected_exhaustion(budget, 1.0, 0.5, NOW) == NOW + timedelta(hours=98)
 
 
 def test_exhausted_budget_projects_now() -> None:
     signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(60), NOW, TTL)
     assert signal.projected_exhaustion == NOW
-    assert projected_exhaustion(ladder_budget(), totals(50), 0.0, NOW) == NOW
+    assert projected_exhaustion(ladder_budget(), 50.0, 0.0, NOW) == NOW
 
 
 def test_ok_after_the_window_end() -> None:
