@@ -90,6 +90,8 @@ class BudgetGuard:
         self.fail_mode = fail_mode
         self._clock = clock
         self._on_signal = on_signal
+        #: This process's `service.name`, for `service`-scoped budgets (set by `configure()`).
+        self.service = ""
         self._signals: dict[str, Signal] = {}
         self._by_scope: dict[str, dict[str, list[Signal]]] = {}
         self._lock = threading.Lock()
@@ -149,6 +151,8 @@ class BudgetGuard:
     def signals_for(self, attribution: dict[str, str], model_class: str = "") -> list[Signal]:
         """Every current non-ok signal whose scope and key match this call."""
         values = dict(attribution)
+        if self.service and "service" not in values:
+            values["service"] = self.service
         if model_class:
             values["model_class"] = model_class
         found: list[Signal] = []

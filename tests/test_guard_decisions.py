@@ -292,3 +292,13 @@ def test_deepest_of_several_downgrades_wins_whatever_the_arrival_order(economy_f
     assert decision.action == "downgrade"
     assert decision.model == "gpt-4.1-nano"
     assert decision.signal.budget == "user-daily"
+
+
+def test_service_scoped_signals_apply_to_the_guards_own_service() -> None:
+    guard = make_guard()
+    guard.apply(make_signal("throttle", scope="service", key="checkout"))
+    assert guard.check("gpt-4.1", ACME).action == "allow"  # the guard does not know its service yet
+    guard.service = "checkout"
+    assert guard.check("gpt-4.1", ACME).action == "deny"
+    guard.service = "search"
+    assert guard.check("gpt-4.1", ACME).action == "allow"
