@@ -124,6 +124,7 @@ def configure(
     if guard is None and settings.enforce:
         guard = BudgetGuard(settings.kafka, settings.topics, budgets, fail_mode=settings.fail_mode)
     if guard is not None:
+        guard.service = guard.service or str(resource.attributes.get("service.name", ""))
         guard.start()
     if set_global:
         trace.set_tracer_provider(provider)
