@@ -12,7 +12,10 @@ from burnguard.instrumentation import (
     llm_call,
     record_llm_call,
     record_tool_call,
+    tool,
     tool_call,
+    user_action,
+    workflow,
 )
 
 __version__ = "0.1.0"
@@ -26,5 +29,8 @@ __all__ = [
     "llm_call",
     "record_llm_call",
     "record_tool_call",
+    "tool",
     "tool_call",
+    "user_action",
+    "workflow",
 ]

@@ -5,6 +5,7 @@ from burnguard.instrumentation.calls import llm_call, record_llm_call, record_to
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard, Decision
 from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
 from burnguard.instrumentation.runtime import Runtime, Settings, configure, current_runtime
+from burnguard.instrumentation.workflow import tool, user_action, workflow
 
 __all__ = [
     "BudgetExceeded",
@@ -20,5 +21,8 @@ __all__ = [
     "llm_call",
     "record_llm_call",
     "record_tool_call",
+    "tool",
     "tool_call",
+    "user_action",
+    "workflow",
 ]

@@ -21,7 +21,6 @@ from typing import Any
 
 from burnguard.contracts import attributes as attr
 from burnguard.instrumentation.cost import cost_attributes
-from burnguard.instrumentation.dedupe import call_closed, call_opened, is_model_call
 from burnguard.instrumentation.runtime import Runtime, current_runtime
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -52,14 +51,11 @@ class LLMCall:
         requested_model: str,
         base: dict[str, Any] | None = None,
         runtime: Runtime | None = None,
-        *,
-        owns_span: bool = True,
     ) -> None:
         self.span = span
         self.model = model
         self.requested_model = requested_model
         self.cost_usd: float | None = None  # set when the block ends, if the model has a price
-        self.owns_span = owns_span  # False: the span of another instrumentation, adopted
         self._attributes: dict[str, Any] = {}
         self._base = base or {}
         self._runtime = runtime
@@ -109,8 +105,6 @@ class LLMCall:
 
     def _finish(self, base: dict[str, Any], runtime: Runtime | None) -> None:
         attributes = {**base, **self._attributes}
-        if not self.owns_span:  # price the adopted span with what its own instrumentation recorded too
-            attributes = {**(getattr(self.span, "attributes", None) or {}), **attributes}
         prices = runtime.prices if runtime is not None else None
         cost = cost_attributes(attributes, prices)
         self.cost_usd = cost.get(attr.COST_USD)
@@ -124,9 +118,7 @@ class LLMCall:
         try:
             self._finish(self._base, self._runtime)
         finally:
-            if self.owns_span:
-                call_closed(self.span.get_span_context().span_id)
-                self.span.end()
+            self.span.end()
 
 
 def start_llm_call(
@@ -140,8 +132,7 @@ def start_llm_call(
     """Decide and open one model call: the guard first (deny raises `BudgetExceeded`), then the span.
 
     The span is not made current; callers that send the request inside it attach it.
-    When the current span is a model-call span of another instrumentation (or of
-    `llm_call`) for this same call, it is adopted instead of starting a second one.
+    When other instrumentations record the same call, `dedupe` keeps it counted once.
     """
     runtime = current_runtime()
     requested = model
@@ -157,19 +148,9 @@ def start_llm_call(
         base[attr.MODEL_CLASS] = model_class
     if model != requested:
         base[attr.DOWNGRADED_FROM] = requested
-    current = trace.get_current_span()
-    if current.is_recording() and is_model_call(getattr(current, "attributes", None)):
-        adopted = {
-            k: v for k, v in base.items() if k not in (attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME)
-        }
-        if model == requested:
-            adopted.pop(attr.GEN_AI_REQUEST_MODEL, None)
-        current.set_attributes(adopted)
-        return LLMCall(current, model, requested, base, runtime, owns_span=False)
     span = (tracer or _tracer(runtime)).start_span(
         f"{operation} {model}", kind=SpanKind.CLIENT, attributes=base, record_exception=False
     )
-    call_opened(span.get_span_context().span_id)
     return LLMCall(span, model, requested, base, runtime)
 
 

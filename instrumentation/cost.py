@@ -16,6 +16,7 @@ from typing import Any
 
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.pricing import PriceBook, default_price_book
+from burnguard.instrumentation.dedupe import superseded_by
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
@@ -92,6 +93,10 @@ class CostSpanProcessor(SpanProcessor):
         self._next.on_start(span, parent_context=parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
+        duplicate_of = superseded_by(span)
+        if duplicate_of is not None:  # a burnguard span inside it accounts for this call
+            self._next.on_end(with_attributes(span, {attr.DUPLICATE_OF: duplicate_of}))
+            return
         attributes = span.attributes or {}
         if needs_pricing(attributes):
             extra = cost_attributes(attributes, self._prices)

@@ -1,17 +1,21 @@
-"""Counting a model call once when two instrumentations record it.
+"""Counting a model call once when several instrumentations record it.
 
-burnguard's SDK wrappers and the official OpenTelemetry or OpenLLMetry
-instrumentations (and the Anthropic SDK's own tracing) may all wrap the same
-call. Two rules keep it to one accounted span:
+burnguard's SDK wrappers, the official OpenTelemetry OpenAI instrumentation,
+OpenLLMetry and the Anthropic SDK's own tracing may all wrap the same call,
+each with a GenAI span, nested in whatever order they were installed. In a
+chain of nested model-call spans exactly one is accounted:
 
-- burnguard's wrapper finds the span of the same call already open (a GenAI
-  model-call span is current when the call starts): it adopts that span —
-  enforces, then enriches it with cost, tool calls and the downgrade — and
-  starts none of its own;
-- burnguard's span is open and another instrumentation starts a GenAI
-  model-call span under it: `DuplicateCallMarker` marks that span
-  `burnguard.duplicate_of=<our span id>` when it starts; it is still exported
-  (the trace stays whole) but neither priced again nor accounted.
+- burnguard's span when the chain has one: its usage, tool calls, downgrade
+  and estimate flags are the ones burnguard vouches for;
+- otherwise the outermost span.
+
+Every other span of the chain is exported as it is, so the trace stays whole,
+but marked `burnguard.duplicate_of=<span id of the accounted span or of its
+parent>`: neither priced again (`CostSpanProcessor`) nor accounted
+(`decode_usage` skips it). A span started under an open model-call span is
+marked when it starts (`DuplicateCallMarker`); a foreign span that a burnguard
+span started inside is marked when it ends (`superseded_by`, applied by
+`CostSpanProcessor` on the copy it exports).
 """
 
 from __future__ import annotations
@@ -25,17 +29,12 @@ from burnguard.contracts import attributes as attr
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
-# span ids of burnguard model-call spans that are open now
-_open_calls: set[int] = set()
+BURNGUARD_SCOPE = "burnguard.instrumentation"
 _OPENLLMETRY_REQUEST_TYPE = "llm.request.type"
-
-
-def call_opened(span_id: int) -> None:
-    _open_calls.add(span_id)
-
-
-def call_closed(span_id: int) -> None:
-    _open_calls.discard(span_id)
+# model-call spans open now, of any instrumentation: span id -> parent span id (0: none)
+_open_calls: dict[int, int] = {}
+# open foreign model-call spans a burnguard span started inside: span id -> burnguard span id
+_superseded: dict[int, int] = {}
 
 
 def is_model_call(attributes: Mapping[str, Any] | None) -> bool:
@@ -48,18 +47,44 @@ def is_model_call(attributes: Mapping[str, Any] | None) -> bool:
     return attr.GEN_AI_SYSTEM in attributes or attr.GEN_AI_PROVIDER_NAME in attributes
 
 
+def _is_burnguard(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name == BURNGUARD_SCOPE
+
+
 class DuplicateCallMarker(SpanProcessor):
-    """Marks GenAI model-call spans started under an open burnguard call span as duplicates."""
+    """Tracks open model-call spans; marks those started inside another as its duplicates."""
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        parent = span.parent
-        if parent is None or parent.span_id not in _open_calls:
+        if not is_model_call(span.attributes):
             return
-        if is_model_call(span.attributes):
-            span.set_attribute(attr.DUPLICATE_OF, format(parent.span_id, "016x"))
+        span_id = span.get_span_context().span_id
+        parent = span.parent
+        parent_id = parent.span_id if parent is not None else 0
+        if _is_burnguard(span):
+            ancestor = parent_id  # every open model-call span around this call is superseded by it
+            while ancestor in _open_calls and ancestor not in _superseded:
+                _superseded[ancestor] = span_id
+                ancestor = _open_calls[ancestor]
+        elif parent_id in _open_calls:
+            span.set_attribute(attr.DUPLICATE_OF, format(parent_id, "016x"))
+        _open_calls[span_id] = parent_id
 
     def on_end(self, span: ReadableSpan) -> None:
-        pass
+        if _open_calls:
+            span_id = span.get_span_context().span_id
+            _open_calls.pop(span_id, None)
+            _superseded.pop(span_id, None)
+
+
+def superseded_by(span: ReadableSpan) -> str | None:
+    """For an ending span that a burnguard span accounts for: that span's id (hex), else None."""
+    if not _superseded:
+        return None
+    accounted = _superseded.pop(span.get_span_context().span_id, None)
+    if accounted is None or attr.DUPLICATE_OF in (span.attributes or {}):
+        return None
+    return format(accounted, "016x")
 
 
 _marked: weakref.WeakSet[TracerProvider] = weakref.WeakSet()

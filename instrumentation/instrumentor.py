@@ -14,16 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import wrapt
 from burnguard.instrumentation._sdk import Spec
 from burnguard.instrumentation.dedupe import ensure_marker
 from burnguard.instrumentation.metrics import register_guard_metrics
 from burnguard.instrumentation.runtime import current_runtime
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 _SCOPE = "burnguard.instrumentation"
+_PROXY = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)  # wrapt 2 splits the proxy base out
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class BurnguardInstrumentor(BaseInstrumentor):
         runtime = current_runtime()
         ensure_marker(provider or (runtime.tracer_provider if runtime else trace.get_tracer_provider()))
         register_guard_metrics(kwargs.get("meter_provider"))
-        self._wrapped: list[tuple[Any, str]] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []
         for target in self.targets:
             try:
                 module = importlib.import_module(target.module)
@@ -52,12 +53,30 @@ class BurnguardInstrumentor(BaseInstrumentor):
                 getattr(owner, target.method)
             except (ImportError, AttributeError):
                 continue  # an SDK version without this method
-            wrap_function_wrapper(
-                module, f"{target.cls}.{target.method}", target.factory(target.spec, lambda: tracer)
-            )
-            self._wrapped.append((owner, target.method))
+            wrapper = target.factory(target.spec, lambda: tracer)
+            wrap_function_wrapper(module, f"{target.cls}.{target.method}", wrapper)
+            self._wrapped.append((owner, target.method, wrapper))
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        for owner, method in getattr(self, "_wrapped", ()):
-            unwrap(owner, method)
+        for owner, method, wrapper in getattr(self, "_wrapped", ()):
+            _unwrap(owner, method, wrapper)
         self._wrapped = []
+
+
+def _unwrap(owner: Any, method: str, wrapper: Any) -> None:
+    """Take our wrapper out of the chain of wrappers on `owner.method`, wherever it sits in it.
+
+    Another instrumentation may have wrapped the method after us: removing the outermost wrapper
+    (as a plain `unwrap` does) would remove theirs, so the chain is walked in the class dict.
+    """
+    outer: Any = None
+    current = owner.__dict__.get(method)
+    while isinstance(current, _PROXY):
+        if getattr(current, "_self_wrapper", None) is wrapper:
+            inner = current.__wrapped__
+            if outer is None:
+                setattr(owner, method, inner)
+            else:
+                outer.__wrapped__ = inner
+            return
+        outer, current = current, current.__wrapped__
