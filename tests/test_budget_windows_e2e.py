@@ -1,0 +1,110 @@
+"""Windows through the real worker: calendar days in a non-UTC zone, a late span, a session cap."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from burnguard.contracts import attributes as attr
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.snapshots import BudgetUsage
+from kafka import KafkaConsumer, KafkaProducer
+
+from tests.fixtures.pipeline import Pipeline
+from tests.otlp_batches import otlp_batch
+
+BUDGETS = """
+budgets:
+  - id: tokyo-day
+    scope: tenant
+    window: day
+    timezone: Asia/Tokyo
+    metric: tokens
+    limit: 1.0e9
+  - id: agent-steps
+    scope: session
+    window: session
+    metric: tool_calls
+    limit: 3
+    actions:
+      - {at: 1.0, do: throttle}
+"""
+TOKYO = ZoneInfo("Asia/Tokyo")
+
+
+def last_tokyo_midnight(now: datetime) -> datetime:
+    """The latest Tokyo midnight at least five minutes ago (so spans around it are in the past)."""
+    local = (now - timedelta(minutes=5)).astimezone(TOKYO)
+    return datetime(local.year, local.month, local.day, tzinfo=TOKYO).astimezone(UTC)
+
+
+def snapshots(pipeline: Pipeline) -> dict[tuple[str, str, datetime], BudgetUsage]:
+    consumer = KafkaConsumer(
+        pipeline.topics.budget_usage,
+        bootstrap_servers=pipeline.broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1500,
+    )
+    try:
+        found = {}
+        for record in consumer:
+            usage = BudgetUsage.from_json(record.value)
+            found[(usage.budget, usage.key, usage.window_start)] = usage
+        return found
+    finally:
+        consumer.close()
+
+
+def wait_for_spent(pipeline: Pipeline, expected: dict, timeout_s: float = 45) -> dict:
+    deadline = time.monotonic() + timeout_s
+    seen: dict = {}
+    while time.monotonic() < deadline:
+        seen = {k: u.spent for k, u in snapshots(pipeline).items() if k in expected}
+        if seen == expected:
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"snapshots {seen} never became {expected}")
+
+
+@pytest.mark.slow
+def test_tokyo_days_late_spans_and_a_session_step_cap(pipeline: Pipeline) -> None:
+    pipeline.write_budgets(BUDGETS)
+    pipeline.start_worker()
+    midnight = last_tokyo_midnight(datetime.now(UTC))
+    yesterday, today = midnight - timedelta(days=1), midnight
+    producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
+    send = lambda payload: producer.send(pipeline.topics.spans, key=b"acme", value=payload)  # noqa: E731
+    send(otlp_batch("acme", [("chat", 90, 10)], at=midnight + timedelta(minutes=1)))  # today in Tokyo
+    send(otlp_batch("acme", [("chat", 40, 10)], at=midnight - timedelta(minutes=1)))  # yesterday in Tokyo
+    producer.flush()
+    wait_for_spent(pipeline, {("tokyo-day", "acme", today): 100.0, ("tokyo-day", "acme", yesterday): 50.0})
+
+    # A late span for yesterday arrives after today's: it lands in yesterday's window only.
+    send(otlp_batch("acme", [("chat", 25, 5)], at=midnight - timedelta(hours=2)))
+    producer.flush()
+    wait_for_spent(pipeline, {("tokyo-day", "acme", today): 100.0, ("tokyo-day", "acme", yesterday): 80.0})
+
+    # An agent loop: four tool steps in one session against a cap of three.
+    tool = {
+        attr.GEN_AI_OPERATION_NAME: attr.OP_EXECUTE_TOOL,
+        attr.GEN_AI_TOOL_NAME: "search",
+        attr.SESSION_ID: "s1",
+    }
+    send(otlp_batch("acme", [("agent", 0, 0)] * 4, extra=tool))
+    producer.flush()
+    consumer = KafkaConsumer(
+        pipeline.topics.signals, bootstrap_servers=pipeline.broker.bootstrap, auto_offset_reset="earliest"
+    )
+    deadline, throttle = time.monotonic() + 30, None
+    while throttle is None and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            for record in batch:
+                signal = Signal.from_json(record.value)
+                if signal.budget == "agent-steps" and signal.action == "throttle":
+                    throttle = signal
+    consumer.close()
+    assert throttle is not None, "the fourth tool step did not throttle the session"
+    assert (throttle.scope, throttle.key, throttle.spent, throttle.limit) == ("session", "s1", 4.0, 3.0)
+    assert "tool_calls" in throttle.reason
