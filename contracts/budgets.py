@@ -169,6 +169,27 @@ def _located(at: tuple[Any, ...], message: str) -> PydanticCustomError:
     return PydanticCustomError("budget_config", "{message}", {"message": message, "at": at})
 
 
+class ContextGuard(_Strict):
+    """Long-context detection: warn when a session's prompts keep growing past a size.
+
+    An agent that appends every tool result to its context pays for the whole
+    history on every call; this catches it while it happens.
+    """
+
+    id: str
+    max_input_tokens: int = Field(gt=0, description="warn once a call's input tokens exceed this ...")
+    growth_calls: int = Field(
+        default=3, ge=1, description="... after they grew over this many consecutive calls of the session"
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError("id must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return value
+
+
 class BudgetConfig(_Strict):
     """A whole budget file."""
 
@@ -178,6 +199,7 @@ class BudgetConfig(_Strict):
         default_factory=dict, description="price overrides, USD per million tokens"
     )
     budgets: tuple[Budget, ...] = ()
+    context_guards: tuple[ContextGuard, ...] = ()
 
     @field_validator("budgets")
     @classmethod
@@ -203,6 +225,20 @@ class BudgetConfig(_Strict):
                         f"(known: {', '.join(self.model_classes) or 'none'})",
                     )
         return self
+
+    @model_validator(mode="after")
+    def _context_guard_ids_are_free(self) -> BudgetConfig:
+        taken = {budget.id for budget in self.budgets}
+        for index, guard in enumerate(self.context_guards):
+            if guard.id in taken:
+                raise _located(
+                    ("context_guards", index, "id"), f"id {guard.id!r} is already used by a budget or guard"
+                )
+            taken.add(guard.id)
+        return self
+
+    def context_guard(self, guard_id: str) -> ContextGuard | None:
+        return next((g for g in self.context_guards if g.id == guard_id), None)
 
     @cached_property
     def class_of_model(self) -> dict[str, str]:
@@ -312,7 +348,12 @@ SHARED_RECORD_KEY = "_shared"
 
 def to_records(config: BudgetConfig) -> dict[str, bytes]:
     """The topic records that describe `config`: one per budget, plus the shared record."""
-    shared = {"model_classes": config.model_classes, "downgrade": config.downgrade, "prices": config.prices}
+    shared = {
+        "model_classes": config.model_classes,
+        "downgrade": config.downgrade,
+        "prices": config.prices,
+        "context_guards": [guard.model_dump() for guard in config.context_guards],
+    }
     records = {SHARED_RECORD_KEY: json.dumps(shared, sort_keys=True).encode()}
     for budget in config.budgets:
         records[budget.id] = budget.model_dump_json().encode()

@@ -211,3 +211,60 @@ def usage_deltas(
                 )
             delta.add(metric_value(budget.metric, usage), event_ns)
     return list(deltas.values())
+
+
+def context_observations(
+    usages: Iterable[SpanUsage], config: BudgetConfig, source: tuple[int, int] = (-1, -1)
+) -> list[dict[str, Any]]:
+    """Per (context guard, session): the input tokens of the batch's model calls, in event order."""
+    if not config.context_guards:
+        return []
+    calls: dict[str, list[tuple[int, int]]] = {}
+    for usage in usages:
+        if usage.session and usage.is_model_call and usage.input_tokens:
+            calls.setdefault(usage.session, []).append((usage.end_ns, usage.input_tokens))
+    return [
+        {
+            "kind": "context",
+            "guard": guard.id,
+            "key": session,
+            "inputs": [tokens for _, tokens in sorted(observed)],
+            "source_partition": source[0],
+            "source_offset": source[1],
+        }
+        for guard in config.context_guards
+        for session, observed in calls.items()
+    ]
+
+
+@dataclass(slots=True)
+class ContextGrowth:
+    """How a session's input tokens per call developed: the last size and the growth streak."""
+
+    last_input: int = 0
+    streak: int = 0  # consecutive calls whose input grew
+    calls: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, inputs: list[int], source_partition: int, source_offset: int) -> bool:
+        """Add a batch of observations unless it is a replay; True if added."""
+        if source_partition >= 0:
+            source = str(source_partition)
+            if source_offset <= self.applied.get(source, -1):
+                return False
+            self.applied[source] = source_offset
+        for tokens in inputs:
+            self.streak = self.streak + 1 if self.calls and tokens > self.last_input else 0
+            self.last_input = tokens
+            self.calls += 1
+        return True
+
+    def to_state(self) -> list[Any]:
+        return [self.last_input, self.streak, self.calls, self.applied]
+
+    @classmethod
+    def from_state(cls, state: list[Any] | None) -> ContextGrowth:
+        if not state:
+            return cls()
+        last_input, streak, calls, applied = state
+        return cls(last_input, streak, calls, dict(applied))

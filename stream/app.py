@@ -29,9 +29,16 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.topics import TopicSpec, ensure_topics
-from burnguard.stream.accounting import BatchStats, UsageDelta, WindowTotals, usage_deltas
+from burnguard.stream.accounting import (
+    BatchStats,
+    ContextGrowth,
+    UsageDelta,
+    WindowTotals,
+    context_observations,
+    usage_deltas,
+)
 from burnguard.stream.budget_feed import BudgetFeed, initial_config
-from burnguard.stream.policy import decide, window_at
+from burnguard.stream.policy import decide, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaError
 
@@ -114,7 +121,9 @@ class BudgetJob:
         partitions = self.settings.partitions
         #: `budget|key|window_start_ns` -> `WindowTotals.to_state()`
         self.totals = self.app.Table("window-totals", default=None, partitions=partitions)
-        #: `budget|key` -> {"action": ..., "window_start_ns": ...}: the last published state
+        #: `guard|session` -> `ContextGrowth.to_state()`: prompt growth per session
+        self.contexts = self.app.Table("context-growth", default=None, partitions=partitions)
+        #: `budget|key` (or `guard|session`) -> {"action": ..., "window_start_ns": ...}: last published
         self.states = self.app.Table("signal-states", default=None, partitions=partitions)
 
     def _declare_agents(self) -> None:
@@ -141,6 +150,9 @@ class BudgetJob:
                 continue
             for delta in deltas:
                 await self.usage_topic.send(key=delta.partition_key, value=delta.to_dict())
+            for observation in context_observations(usages, self.config, source):
+                key = f"{observation['guard']}|{observation['key']}"
+                await self.usage_topic.send(key=key, value=observation)
 
     async def _dead_letter(self, event: Any, reason: str, value: bytes | None = None) -> None:
         """Park a message with the reason in a header; `value` when the event is no longer raw bytes."""
@@ -170,6 +182,9 @@ class BudgetJob:
                 await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
 
     async def _account_one(self, record: dict[str, Any]) -> None:
+        if record.get("kind") == "context":
+            await self._observe_context(record)
+            return
         if record.get("removed"):
             await self._clear(record["budget"], record["key"], record["scope"])
             return
@@ -187,6 +202,22 @@ class BudgetJob:
         self.totals[delta.state_key] = totals.to_state()
         self._unsnapshotted.add(delta.state_key)
         await self._publish_if_changed(budget, delta.key, delta.window_start_ns, totals, _now())
+
+    async def _observe_context(self, record: dict[str, Any]) -> None:
+        guard = self.config.context_guard(record["guard"])
+        if guard is None:
+            return
+        state_key = f"{guard.id}|{record['key']}"
+        growth = ContextGrowth.from_state(self.contexts.get(state_key))
+        if not growth.observe(record["inputs"], record["source_partition"], record["source_offset"]):
+            self.replayed_deltas += 1
+            return
+        self.contexts[state_key] = growth.to_state()
+        signal = decide_context(guard, record["key"], growth, _now(), self.settings.signal_ttl)
+        previous = self.states.get(state_key)
+        if signal.action != (previous["action"] if previous else "ok"):
+            self.states[state_key] = {"action": signal.action, "window_start_ns": 0}
+            await self._send_signal(signal)
 
     async def _clear(self, budget_id: str, key: str, scope: str) -> None:
         """A removed budget: forget its state and delete its signal from the compacted topic."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from burnguard.contracts.budgets import SEVERITY, Budget
+from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
 from burnguard.contracts.signals import Signal
-from burnguard.stream.accounting import RECENT_MINUTES, WindowTotals
+from burnguard.stream.accounting import RECENT_MINUTES, ContextGrowth, WindowTotals
 
 _NS = 1_000_000_000
 #: The burn rate is measured over at least this long, so the first span of a
@@ -151,4 +151,30 @@ def _reason(
         f"budget {budget.id} ({budget.scope_name}={key}): {budget.metric} {spent:.6g} of "
         f"{budget.limit:g} ({ratio:.0%}) in window {budget.window} "
         f"{start.isoformat()}..{end.isoformat()} -> {action}"
+    )
+
+
+def decide_context(
+    guard: ContextGuard, session: str, growth: ContextGrowth, now: datetime, ttl: timedelta
+) -> Signal:
+    """`warn` while a session's prompts have kept growing past the guard's size."""
+    growing = growth.streak >= guard.growth_calls and growth.last_input > guard.max_input_tokens
+    return Signal(
+        scope="session",
+        key=session,
+        budget=guard.id,
+        action="warn" if growing else "ok",
+        metric="input_tokens",
+        spent=float(growth.last_input),
+        limit=float(guard.max_input_tokens),
+        ratio=round(growth.last_input / guard.max_input_tokens, 6),
+        window_start=_from_ns(0),
+        window_end=datetime(9999, 1, 1, tzinfo=UTC),
+        issued_at=now,
+        expires_at=now + ttl,
+        reason=(
+            f"context guard {guard.id} (session={session}): input tokens per call grew over "
+            f"{growth.streak} consecutive calls to {growth.last_input} (limit {guard.max_input_tokens}, "
+            f"after {guard.growth_calls} growing calls) -> {'warn' if growing else 'ok'}"
+        ),
     )

@@ -30,6 +30,10 @@ budgets:
     limit: 3
     actions:
       - {at: 1.0, do: throttle}
+context_guards:
+  - id: long-context
+    max_input_tokens: 1000
+    growth_calls: 3
 """
 TOKYO = ZoneInfo("Asia/Tokyo")
 
@@ -69,7 +73,7 @@ def wait_for_spent(pipeline: Pipeline, expected: dict, timeout_s: float = 45) ->
 
 
 @pytest.mark.slow
-def test_tokyo_days_late_spans_and_a_session_step_cap(pipeline: Pipeline) -> None:
+def test_tokyo_days_late_spans_session_step_cap_and_context_growth(pipeline: Pipeline) -> None:
     pipeline.write_budgets(BUDGETS)
     pipeline.start_worker()
     midnight = last_tokyo_midnight(datetime.now(UTC))
@@ -94,17 +98,34 @@ def test_tokyo_days_late_spans_and_a_session_step_cap(pipeline: Pipeline) -> Non
     }
     send(otlp_batch("acme", [("agent", 0, 0)] * 4, extra=tool))
     producer.flush()
+    throttle = wait_for_signal(pipeline, "agent-steps", "throttle")
+    assert (throttle.scope, throttle.key, throttle.spent, throttle.limit) == ("session", "s1", 4.0, 3.0)
+    assert "tool_calls" in throttle.reason
+
+    # A session whose prompts keep growing: 400, 700, 900, 1200, 1500 input tokens per call.
+    session = {attr.SESSION_ID: "s2"}
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    for step, tokens in enumerate([400, 700, 900, 1200, 1500]):
+        send(otlp_batch("acme", [("agent", tokens, 50)], at=start + timedelta(seconds=step), extra=session))
+    producer.flush()
+    warn = wait_for_signal(pipeline, "long-context", "warn")
+    # The third growing call (700 -> 900 -> 1200) past 1000 tokens is the first warn.
+    assert (warn.scope, warn.key, warn.spent, warn.limit) == ("session", "s2", 1200.0, 1000.0)
+    assert "grew over 3 consecutive calls" in warn.reason
+
+
+def wait_for_signal(pipeline: Pipeline, budget: str, action: str, timeout_s: float = 30) -> Signal:
     consumer = KafkaConsumer(
         pipeline.topics.signals, bootstrap_servers=pipeline.broker.bootstrap, auto_offset_reset="earliest"
     )
-    deadline, throttle = time.monotonic() + 30, None
-    while throttle is None and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=500).values():
-            for record in batch:
-                signal = Signal.from_json(record.value)
-                if signal.budget == "agent-steps" and signal.action == "throttle":
-                    throttle = signal
-    consumer.close()
-    assert throttle is not None, "the fourth tool step did not throttle the session"
-    assert (throttle.scope, throttle.key, throttle.spent, throttle.limit) == ("session", "s1", 4.0, 3.0)
-    assert "tool_calls" in throttle.reason
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    signal = Signal.from_json(record.value)
+                    if signal.budget == budget and signal.action == action:
+                        return signal
+    finally:
+        consumer.close()
+    raise AssertionError(f"no {action} signal for {budget} within {timeout_s}s")

@@ -221,3 +221,22 @@ def test_session_window() -> None:
     signal = decide(budget, "sess-1", budget.window_spec.start_ns(ns(NOW)), totals(20), NOW, TTL)
     assert signal.action == "throttle"
     assert signal.window_end.year == 9999
+
+
+def test_context_growth_warns_only_after_a_streak_past_the_size() -> None:
+    from burnguard.contracts.budgets import ContextGuard
+    from burnguard.stream.accounting import ContextGrowth
+    from burnguard.stream.policy import decide_context
+
+    guard = ContextGuard(id="long-context", max_input_tokens=1000, growth_calls=3)
+    growth = ContextGrowth()
+    growth.observe([400, 700, 900], 0, 1)
+    assert decide_context(guard, "s1", growth, NOW, TTL).action == "ok"  # growing, but small
+    growth.observe([1200], 0, 2)
+    signal = decide_context(guard, "s1", growth, NOW, TTL)
+    assert signal.action == "warn" and signal.spent == 1200 and "3 consecutive calls" in signal.reason
+    assert not growth.observe([5000], 0, 2)  # a replayed message is not observed twice
+    growth.observe([800], 0, 3)  # pruned: the streak breaks
+    assert decide_context(guard, "s1", growth, NOW, TTL).action == "ok"
+    growth.observe([5000, 6000], 0, 4)  # big again, but only two growing calls
+    assert decide_context(guard, "s1", growth, NOW, TTL).action == "ok"
