@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from burnguard.contracts.budgets import Budget, BudgetConfig, metric_value
@@ -159,6 +160,7 @@ class WindowTotals:
 class BatchStats:
     spans: int = 0
     unpriced: int = 0
+    too_late: int = 0  # (span, budget) pairs whose window had closed beyond the allowed lateness
 
 
 def fill_model_class(usage: SpanUsage, config: BudgetConfig) -> None:
@@ -178,10 +180,15 @@ def usage_deltas(
     prices: PriceBook,
     stats: BatchStats | None = None,
     source: tuple[int, int] = (-1, -1),
+    closed_before_ns: int = 0,
 ) -> list[UsageDelta]:
     """Sum a batch of spans into deltas for every budget each span matches.
 
     `source` is the (partition, offset) of the message the batch came from.
+    A late span counts in the window of its event time, unless that window
+    ended before `closed_before_ns` (now minus the allowed lateness): budgets
+    are decided by then, so it is counted in `stats.too_late` instead (the
+    ClickHouse history still records the span).
     """
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     for usage in usages:
@@ -197,6 +204,10 @@ def usage_deltas(
             key = budget.key_for(usage)
             if key is None:
                 continue
+            if event_ns < closed_before_ns and _window_closed(budget, event_ns, closed_before_ns):
+                if stats is not None:
+                    stats.too_late += 1
+                continue
             window_start = budget.window_spec.start_ns(event_ns)
             slot = (budget.id, key, window_start)
             delta = deltas.get(slot)
@@ -211,6 +222,14 @@ def usage_deltas(
                 )
             delta.add(metric_value(budget.metric, usage), event_ns)
     return list(deltas.values())
+
+
+def _window_closed(budget: Budget, event_ns: int, closed_before_ns: int) -> bool:
+    window = budget.window_spec
+    if window.rolling_ns:
+        return event_ns + window.rolling_ns < closed_before_ns
+    _, end = window.bounds(datetime.fromtimestamp(event_ns / 1e9, UTC))
+    return end.timestamp() * 1e9 <= closed_before_ns
 
 
 def context_observations(

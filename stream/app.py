@@ -142,12 +142,21 @@ class BudgetJob:
                 await self._dead_letter(event, str(exc))
                 continue
             source = (event.message.partition, event.message.offset)
+            closed_before_ns = int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
+            too_late = self.stats.too_late
             try:
-                deltas = usage_deltas(usages, self.config, self.prices, self.stats, source)
+                deltas = usage_deltas(usages, self.config, self.prices, self.stats, source, closed_before_ns)
             except Exception as exc:  # a span that breaks accounting must not stop the partition
                 logger.exception("could not account the batch at %s", source)
                 await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
                 continue
+            if self.stats.too_late > too_late:
+                logger.warning(
+                    "%d span budget counts at %s arrived after their window closed (allowed lateness %s)",
+                    self.stats.too_late - too_late,
+                    source,
+                    self.settings.allowed_lateness,
+                )
             for delta in deltas:
                 await self.usage_topic.send(key=delta.partition_key, value=delta.to_dict())
             for observation in context_observations(usages, self.config, source):

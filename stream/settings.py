@@ -27,6 +27,8 @@ class StreamSettings:
     #: How often consumed offsets are committed. A worker that dies replays at most this much
     #: (the replayed deltas are recognised and not counted twice).
     commit_interval: timedelta = timedelta(seconds=2.8)
+    #: How long after its window closed a late span still counts in it.
+    allowed_lateness: timedelta = timedelta(hours=1)
     #: How long a silent worker keeps its partitions before the group moves them.
     session_timeout: timedelta = timedelta(seconds=30)
 
@@ -44,4 +46,5 @@ class StreamSettings:
             data_dir=Path(env.get("BURNGUARD_STATE_DIR", ".burnguard")) / "stream",
             commit_interval=timedelta(seconds=float(env.get("BURNGUARD_COMMIT_INTERVAL_S", 2.8))),
             session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
+            allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
         )

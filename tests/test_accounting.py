@@ -206,3 +206,18 @@ def test_empty_batch(config: BudgetConfig) -> None:
     stats = BatchStats()
     assert usage_deltas([], config, PriceBook(), stats) == []
     assert stats == BatchStats()
+
+
+def test_late_spans_count_in_their_window_within_the_allowed_lateness(config: BudgetConfig) -> None:
+    now = DAY + timedelta(days=1, minutes=30)  # 00:30 the next day
+    late = [span(1, DAY + timedelta(hours=23, minutes=50), tenant="acme", cost_usd=2.0)]
+    stats = BatchStats()
+    # Allowed lateness one hour: yesterday's window closed 30 minutes ago, the span still counts there.
+    deltas = usage_deltas(late, config, PriceBook(), stats, closed_before_ns=ns(now - timedelta(hours=1)))
+    cost = next(d for d in deltas if d.budget == "tenant-cost")
+    assert (cost.window_start_ns, cost.amount, stats.too_late) == (ns(DAY), 2.0, 0)
+    # Allowed lateness ten minutes: the window is closed; counted as too late, not in any window.
+    stats = BatchStats()
+    deltas = usage_deltas(late, config, PriceBook(), stats, closed_before_ns=ns(now - timedelta(minutes=10)))
+    assert not [d for d in deltas if d.budget == "tenant-cost"]
+    assert stats.too_late >= 1

@@ -75,6 +75,7 @@ def wait_for_spent(pipeline: Pipeline, expected: dict, timeout_s: float = 45) ->
 @pytest.mark.slow
 def test_tokyo_days_late_spans_session_step_cap_and_context_growth(pipeline: Pipeline) -> None:
     pipeline.write_budgets(BUDGETS)
+    pipeline.env["BURNGUARD_ALLOWED_LATENESS_S"] = str(2 * 86400)
     pipeline.start_worker()
     midnight = last_tokyo_midnight(datetime.now(UTC))
     yesterday, today = midnight - timedelta(days=1), midnight
@@ -86,9 +87,13 @@ def test_tokyo_days_late_spans_session_step_cap_and_context_growth(pipeline: Pip
     wait_for_spent(pipeline, {("tokyo-day", "acme", today): 100.0, ("tokyo-day", "acme", yesterday): 50.0})
 
     # A late span for yesterday arrives after today's: it lands in yesterday's window only.
+    # One from four days ago is beyond the allowed lateness of two days: counted as too late.
+    send(otlp_batch("acme", [("chat", 7, 3)], at=midnight - timedelta(days=3, hours=1)))
     send(otlp_batch("acme", [("chat", 25, 5)], at=midnight - timedelta(hours=2)))
     producer.flush()
     wait_for_spent(pipeline, {("tokyo-day", "acme", today): 100.0, ("tokyo-day", "acme", yesterday): 80.0})
+    assert not [k for k in snapshots(pipeline) if k[2] < yesterday], "a span beyond the lateness counted"
+    assert "arrived after their window closed" in pipeline.log("worker")
 
     # An agent loop: four tool steps in one session against a cap of three.
     tool = {
