@@ -1,0 +1,199 @@
+"""Time each instrumentation adds to one OpenAI call: burnguard, the official one, OpenLLMetry.
+
+Everything runs in this one process against the same in-process transport (`httpx2.MockTransport`
+returning a canned chat completion), so the network is out of the picture and what remains is the
+SDK plus the instrumentation. Each instrumentation is installed once; its wrapped
+`Completions.create` is then swapped in and out of the class, so instrumented and baseline
+(uninstrumented, same client) rounds alternate and share the machine's drift. The added time is
+p50(instrumented) - p50(baseline), likewise p99, in microseconds.
+
+Pipelines: burnguard with what `configure()` builds (baggage attribution, pricing, duplicate
+marker, batch export — to an exporter that drops the batches); each peer with a TracerProvider and
+a BatchSpanProcessor to the same dropping exporter. `burnguard_enforce` has a BudgetGuard that
+consults its (empty) signal state before each call.
+
+    .venv/bin/python bench/instrumentation_overhead.py [--calls 4000] [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.pop("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", None)
+os.environ["TRACELOOP_TRACE_CONTENT"] = "false"  # OpenLLMetry records prompts by default
+
+import httpx2
+import openai
+import openai.resources.chat.completions.completions as chat_module
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+REPLY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4.1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Fine, thanks.", "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 120,
+            "completion_tokens": 30,
+            "total_tokens": 150,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+).encode()
+MESSAGES = [{"role": "user", "content": "How are you?"}]
+
+
+class DropExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_client() -> openai.OpenAI:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=REPLY, headers={"content-type": "application/json"})
+
+    return openai.OpenAI(
+        base_url="http://bench.invalid/v1",
+        api_key="bench",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
+
+
+def peer_provider() -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DropExporter(), max_queue_size=100_000))
+    return provider
+
+
+def install_burnguard(enforce: bool) -> Callable[[], None]:
+    from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.instrumentation import configure
+    from burnguard.instrumentation.guard import BudgetGuard
+    from burnguard.instrumentation.openai import OpenAIInstrumentor
+    from burnguard.instrumentation.runtime import Settings, reset_runtime
+
+    reset_runtime()
+    runtime = configure(Settings(), service_name="bench", exporter=DropExporter(), set_global=False)
+    if enforce:
+        runtime.guard = BudgetGuard(KafkaSettings(), Topics(), runtime.budgets)  # never started: no signals
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.uninstrument()  # a second configuration: wrap anew with this runtime's provider
+    instrumentor.instrument(tracer_provider=runtime.tracer_provider)
+    return lambda: None
+
+
+def install_official() -> Callable[[], None]:
+    from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+
+    OpenAIInstrumentor().instrument(tracer_provider=peer_provider())
+    return lambda: None
+
+
+def install_openllmetry() -> Callable[[], None]:
+    from opentelemetry.instrumentation.openai import OpenAIInstrumentor
+
+    OpenAIInstrumentor().instrument(tracer_provider=peer_provider())
+    return lambda: None
+
+
+def timed_calls(client: openai.OpenAI, n: int) -> list[float]:
+    create = client.chat.completions.create
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        start = clock()
+        create(model="gpt-4.1", messages=MESSAGES)
+        out.append((clock() - start) / 1000)
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
+
+
+def measure(name: str, install: Callable[[], Any], calls: int, rounds: int) -> dict[str, float]:
+    original = chat_module.Completions.__dict__["create"]
+    install()
+    wrapped = chat_module.Completions.__dict__["create"]
+    assert wrapped is not original, f"{name} did not wrap Completions.create"
+    client = make_client()
+    chat_module.Completions.create = wrapped
+    timed_calls(client, 300)  # warm-up: imports, price lookups, connection
+    base: list[float] = []
+    inst: list[float] = []
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            chat_module.Completions.create = original
+            base += timed_calls(client, calls // rounds)
+            chat_module.Completions.create = wrapped
+            inst += timed_calls(client, calls // rounds)
+            gc.collect()
+    finally:
+        gc.enable()
+        chat_module.Completions.create = original
+    result = {
+        "base_p50": quantile(base, 0.50),
+        "base_p99": quantile(base, 0.99),
+        "p50": quantile(inst, 0.50) - quantile(base, 0.50),
+        "p99": quantile(inst, 0.99) - quantile(base, 0.99),
+    }
+    print(
+        f"{name:18s} added p50 {result['p50']:7.1f} us   p99 {result['p99']:7.1f} us"
+        f"   (baseline p50 {result['base_p50']:.1f} us, p99 {result['base_p99']:.1f} us)",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--calls", type=int, default=4000, help="calls per configuration (and as many baseline)"
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="alternations of baseline and instrumented")
+    args = parser.parse_args()
+    print(
+        f"python {sys.version.split()[0]}, openai {openai.__version__}, {args.calls} calls per configuration"
+    )
+    results = {
+        "burnguard": measure("burnguard", lambda: install_burnguard(False), args.calls, args.rounds),
+        "burnguard_enforce": measure(
+            "burnguard+enforce", lambda: install_burnguard(True), args.calls, args.rounds
+        ),
+        "openai_v2": measure("openai-v2", install_official, args.calls, args.rounds),
+        "openllmetry": measure("openllmetry", install_openllmetry, args.calls, args.rounds),
+    }
+    b, v2, ol = results["burnguard"], results["openai_v2"], results["openllmetry"]
+    print(
+        "RESULT instrumentation_overhead "
+        f"burnguard_p50_us={b['p50']:.0f} burnguard_p99_us={b['p99']:.0f} "
+        f"openai_v2_p50_us={v2['p50']:.0f} openllmetry_p50_us={ol['p50']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
