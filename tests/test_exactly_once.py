@@ -146,3 +146,20 @@ def test_rebalance_between_two_workers_and_a_killed_one_keeps_totals_exact(slow_
     first.wait(10)
     source.send(100)
     wait_for_exact_totals(pipeline, source, timeout_s=150)
+
+
+@pytest.mark.slow
+def test_a_broker_restart_mid_stream_neither_loses_nor_double_counts(private_pipeline: Pipeline) -> None:
+    pipeline = private_pipeline
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="5", BURNGUARD_SESSION_TIMEOUT_S="8")
+    source = SpanSource(pipeline, batches=200, seed=13)
+    worker = pipeline.start_worker()
+    source.send(100)
+    broker = pipeline.broker
+    broker.stop()
+    time.sleep(2)
+    broker.start()  # same data directory, same ports
+    source.send(100)
+    wait_for_exact_totals(pipeline, source, timeout_s=150)
+    assert worker.poll() is None, "the worker died with the broker instead of reconnecting"
