@@ -414,23 +414,23 @@ CONTEXT_GROWTH = View(
 CONTEXT_BY_CALL = View(
     "context_by_call_index",
     "Input tokens by call number in a session",
-    "Average input tokens of the n-th model call of a session (first 30 calls), over the sessions in range.",
-    f"""
-    SELECT call_no, round(avg(input_tokens), 1) AS avg_input_tokens, count() AS sessions
+    "Average input tokens of the n-th model call of a session (first 30 calls), over the sessions in "
+    "range, from the first calls kept by the sessions rollup.",
+    """
+    SELECT call_no, round(avg(call.2), 1) AS avg_input_tokens, count() AS sessions
     FROM
     (
-        SELECT session, input_tokens,
-            row_number() OVER (PARTITION BY session ORDER BY start_time, span_id) AS call_no
-        FROM genai_spans FINAL
-        WHERE {{time:start_time}} AND session != ''
-            AND operation IN ('chat', 'text_completion', 'embeddings', 'generate_content') AND {_DIMS}
+        SELECT g.session AS session, groupArraySortedIfMerge(30)(g.first_calls) AS calls
+        FROM genai_sessions AS g
+        WHERE {date:g.day} AND {time:g.first_seen}
+            AND {tenant:g.tenant} AND {workflow:g.workflow} AND {feature:g.feature}
+        GROUP BY session
     )
-    WHERE call_no <= 30
+    ARRAY JOIN calls AS call, arrayEnumerate(calls) AS call_no
     GROUP BY call_no
     ORDER BY call_no
     """,
     kind="bar",
-    exact=True,
 )
 
 # --- budgets ------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ CONTEXT_BY_CALL = View(
 BUDGET_STATUS = View(
     "budget_status",
     "Spend against each budget",
-    "The latest signal of every budget key: spent, limit, ratio and the action in force.",
+    "The latest signal of every budget key in the range: spent, limit, ratio and the action in force.",
     """
     SELECT budget, scope, key, metric,
         argMax(toString(action), issued_at) AS action,
@@ -449,7 +449,7 @@ BUDGET_STATUS = View(
         argMax(window_end, issued_at) AS window_end,
         max(issued_at) AS last_issued_at
     FROM budget_signals FINAL
-    WHERE issued_at <= {to_time:}
+    WHERE {time:issued_at}
     GROUP BY budget, scope, key, metric
     ORDER BY ratio DESC, budget, key
     """,

@@ -376,6 +376,20 @@ WHERE s.session != ''
 GROUP BY day, session
 """
 
+# Migration 3: the first calls of each session (start, input tokens), for context
+# growth by call number without a window over the spans.
+_SESSIONS_FIRST_CALLS_V3 = f"""
+ALTER TABLE {SESSIONS_TABLE} ADD COLUMN IF NOT EXISTS first_calls
+    AggregateFunction(groupArraySortedIf(30), Tuple(DateTime64(9, 'UTC'), UInt64), UInt8)
+    COMMENT 'the first 30 model calls (start, input tokens)'
+"""
+_LAST_INPUT = f"    argMaxIfState(s.input_tokens, s.start_time, toUInt8({_MODEL_CALL})) AS last_input_tokens"
+_FIRST_CALLS = (
+    f"    groupArraySortedIfState(30)((s.start_time, s.input_tokens), toUInt8({_MODEL_CALL})) AS first_calls"
+)
+_SESSIONS_SELECT_V3 = _SESSIONS_SELECT.replace(_LAST_INPUT + "\n", _LAST_INPUT + ",\n" + _FIRST_CALLS + "\n")
+assert _SESSIONS_SELECT_V3 != _SESSIONS_SELECT
+
 #: Budget usage snapshots: the latest signal of each budget key per minute.
 _BUDGET_USAGE_1M_V2 = f"""
 CREATE TABLE IF NOT EXISTS {BUDGET_USAGE_1M_TABLE}
@@ -426,19 +440,18 @@ ROLLUP_SELECTS: dict[str, str] = {
     USAGE_1M_TABLE: _USAGE_1M_SELECT,
     USER_SPEND_1H_TABLE: _USER_SPEND_1H_SELECT,
     TRACES_TABLE: _TRACES_SELECT,
-    SESSIONS_TABLE: _SESSIONS_SELECT,
+    SESSIONS_TABLE: _SESSIONS_SELECT_V3,
     BUDGET_USAGE_1M_TABLE: _BUDGET_USAGE_1M_SELECT,
 }
 
 
-def _rollup_statements(table: str, create: str) -> tuple[str, ...]:
+def _rollup_statements(table: str, create: str, select: str) -> tuple[str, ...]:
     """Create the rollup, fill it from what the source already holds, then attach its view.
 
     Re-running after an interruption is safe: the table is emptied before the
     backfill. Run migrations while no sink writes (the sink migrates before it
     consumes), or rows inserted between backfill and view would be missed.
     """
-    select = ROLLUP_SELECTS[table]
     view = ROLLUPS[table]
     return (
         create,
@@ -475,14 +488,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "rollups (usage per minute, user spend per hour, traces, sessions, budget snapshots), retention",
         (
-            *_rollup_statements(USAGE_1M_TABLE, _USAGE_1M_V2),
-            *_rollup_statements(USER_SPEND_1H_TABLE, _USER_SPEND_1H_V2),
-            *_rollup_statements(TRACES_TABLE, _TRACES_V2),
-            *_rollup_statements(SESSIONS_TABLE, _SESSIONS_V2),
-            *_rollup_statements(BUDGET_USAGE_1M_TABLE, _BUDGET_USAGE_1M_V2),
+            *_rollup_statements(USAGE_1M_TABLE, _USAGE_1M_V2, _USAGE_1M_SELECT),
+            *_rollup_statements(USER_SPEND_1H_TABLE, _USER_SPEND_1H_V2, _USER_SPEND_1H_SELECT),
+            *_rollup_statements(TRACES_TABLE, _TRACES_V2, _TRACES_SELECT),
+            *_rollup_statements(SESSIONS_TABLE, _SESSIONS_V2, _SESSIONS_SELECT),
+            *_rollup_statements(BUDGET_USAGE_1M_TABLE, _BUDGET_USAGE_1M_V2, _BUDGET_USAGE_1M_SELECT),
             _SIGNALS_TTL_V2,
             _SPANS_SESSION_INDEX_V2,
         ),
+    ),
+    Migration(
+        3,
+        "genai_sessions.first_calls (context growth by call number)",
+        _rollup_statements(SESSIONS_TABLE, _SESSIONS_FIRST_CALLS_V3, _SESSIONS_SELECT_V3),
     ),
 )
 
