@@ -68,7 +68,14 @@ def test_dashboard_datasource_provisioning() -> None:
     text = DATASOURCES[0].read_text(encoding="utf-8")
     assert "password: ${BURNGUARD_CLICKHOUSE_PASSWORD}" in text  # from the environment, never inline
     providers = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/burnguard.yaml").read_text())
-    assert providers["providers"][0]["type"] == "file"
+    provider = providers["providers"][0]
+    assert provider["type"] == "file"
+    # deploy/compose.yaml mounts the dashboards where the provider looks, and sets what the datasource reads
+    grafana_service = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())["services"]["grafana"]
+    assert f"../grafana/dashboards:{provider['options']['path']}:ro" in grafana_service["volumes"]
+    assert "grafana-clickhouse-datasource" in grafana_service["environment"]["GF_INSTALL_PLUGINS"]
+    for name in set(re.findall(r"\$\{(\w+)\}", text)):
+        assert name in grafana_service["environment"], name
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
