@@ -20,7 +20,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from burnguard.contracts.topics import Topics
-from burnguard.deploy.kafka import KafkaBroker, port_is_free
+from burnguard.deploy.kafka import KafkaBroker, pid_alive, port_is_free
 
 SINK_GROUP = "burnguard-sink"
 WORKER_READY = "[^Worker]: Ready"  # what Faust logs once partitions are assigned and tables recovered
@@ -69,7 +69,7 @@ class DevStack:
         previous = self.read_state()
         for name, module in (("worker", "burnguard.stream"), ("sink", "burnguard.sinks")):
             pid = previous.get(f"{name}_pid")
-            if not (pid and _alive(pid)):
+            if not (pid and pid_alive(pid)):
                 pid = self._spawn(module, env, self.log_dir / f"{name}.log")
             state[f"{name}_pid"] = pid
         self._write_state(state)
@@ -82,7 +82,7 @@ class DevStack:
         deadline = time.monotonic() + timeout
         while WORKER_READY not in (log.read_text(errors="replace") if log.exists() else ""):
             pid = self.read_state().get("worker_pid")
-            if not (pid and _alive(pid)):
+            if not (pid and pid_alive(pid)):
                 raise RuntimeError(f"the stream worker exited; see {log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the stream worker was not ready after {timeout:.0f}s; see {log}")
@@ -135,23 +135,9 @@ class DevStack:
         broker = KafkaBroker.from_state(self.state_dir / "kafka")
         return {
             "broker": bool(broker and broker.is_running()),
-            "worker": bool(state.get("worker_pid") and _alive(state["worker_pid"])),
-            "sink": bool(state.get("sink_pid") and _alive(state["sink_pid"])),
+            "worker": bool(state.get("worker_pid") and pid_alive(state["worker_pid"])),
+            "sink": bool(state.get("sink_pid") and pid_alive(state["sink_pid"])),
         }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of this process counts as gone
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        return waited == 0
-    except ChildProcessError:
-        return True
 
 
 def terminate(pid: int, timeout: float = 30.0) -> None:
@@ -162,7 +148,7 @@ def terminate(pid: int, timeout: float = 30.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     try:

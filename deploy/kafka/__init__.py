@@ -6,6 +6,7 @@ from burnguard.deploy.kafka.broker import (
     KafkaToolMissing,
     free_port,
     kafka_classpath,
+    pid_alive,
     port_is_free,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "KafkaToolMissing",
     "free_port",
     "kafka_classpath",
+    "pid_alive",
     "port_is_free",
 ]

@@ -219,7 +219,7 @@ def _new_free_port(taken: set[int]) -> int:
 # ------------------------------------------------------------------------ processes
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie awaiting its parent's wait() is not)."""
     try:
         os.kill(pid, 0)
@@ -247,9 +247,9 @@ def _is_kafka_process(pid: int) -> bool:
     """Guard against pid reuse: the pid must still be a ``kafka.Kafka`` JVM."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.parent.exists():
-        return _pid_alive(pid)  # no procfs (macOS): trust the pid
+        return pid_alive(pid)  # no procfs (macOS): trust the pid
     try:
-        return b"kafka.Kafka" in cmdline.read_bytes().split(b"\0") and _pid_alive(pid)
+        return b"kafka.Kafka" in cmdline.read_bytes().split(b"\0") and pid_alive(pid)
     except OSError:
         return False
 
@@ -525,7 +525,7 @@ class KafkaBroker:
             return self._proc.poll() is None
         # Liveness only: an exiting JVM loses its cmdline before it is gone, so the
         # kafka.Kafka identity check is done once, in from_state().
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (controlled shutdown), SIGKILL after ``timeout``, then wait for ports.
