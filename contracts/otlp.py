@@ -112,6 +112,7 @@ _SETTERS: dict[str, Callable[[SpanUsage, AnyValue], None]] = {
     attr.GEN_AI_USAGE_COMPLETION_TOKENS: _set_int_if_zero("output_tokens"),
     attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: _setter("cache_read_tokens", _as_int),
     attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: _setter("cache_creation_tokens", _as_int),
+    attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS: _set_int_if_zero("cache_creation_tokens"),
     attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: _setter("reasoning_tokens", _as_int),
     attr.GEN_AI_TOOL_NAME: _setter("tool_name", _as_str),
     attr.GEN_AI_AGENT_NAME: _setter("agent_name", _as_str),

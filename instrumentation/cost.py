@@ -44,7 +44,11 @@ def cost_attributes(attributes: Mapping[str, Any], prices: PriceBook | None = No
         input_tokens=_int(attributes, attr.GEN_AI_USAGE_INPUT_TOKENS, attr.GEN_AI_USAGE_PROMPT_TOKENS),
         output_tokens=_int(attributes, attr.GEN_AI_USAGE_OUTPUT_TOKENS, attr.GEN_AI_USAGE_COMPLETION_TOKENS),
         cache_read_tokens=_int(attributes, attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS),
-        cache_creation_tokens=_int(attributes, attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS),
+        cache_creation_tokens=_int(
+            attributes,
+            attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
+            attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS,
+        ),
     )
     if cost is None:
         return {attr.UNPRICED: True}

@@ -282,3 +282,27 @@ def test_json_that_is_not_a_trace_request_raises(payload: bytes) -> None:
     # or a misrouted JSON message (a metrics or log request, a signal) is silently accounted as nothing.
     with pytest.raises(MalformedSpans, match="resource"):
         decode_usage(payload)
+
+
+def test_the_anthropic_sdk_spelling_of_cache_creation_is_accepted() -> None:
+    from burnguard.contracts.otlp import decode_usage
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("chat claude-sonnet-4-5") as span:
+        span.set_attributes(
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "anthropic",
+                "gen_ai.request.model": "claude-sonnet-4-5",
+                "gen_ai.usage.input_tokens": 1500,
+                "gen_ai.usage.cache_write.input_tokens": 1000,
+            }
+        )
+    (usage,) = decode_usage(encode_spans(exporter.get_finished_spans()).SerializeToString())
+    assert usage.cache_creation_tokens == 1000
