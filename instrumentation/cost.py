@@ -32,6 +32,9 @@ def _int(attributes: Mapping[str, Any], *names: str) -> int:
     return 0
 
 
+_CACHE_CREATION = (attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS)
+
+
 def cost_attributes(attributes: Mapping[str, Any], prices: PriceBook | None = None) -> dict[str, Any]:
     """The cost attributes for a GenAI span with these attributes: cost, or the unpriced mark."""
     model = attributes.get(attr.GEN_AI_RESPONSE_MODEL) or attributes.get(attr.GEN_AI_REQUEST_MODEL)
