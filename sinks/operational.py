@@ -114,8 +114,8 @@ def _param_fields() -> dict[str, Any]:
         ),
         "date": _Placeholder(
             lambda col: (
-                f"{col} >= toDate(toDateTime({{from_s:Int64}}))"
-                f" AND {col} <= toDate(toDateTime({{to_s:Int64}}))"
+                f"{col} >= toDate(toDateTime({{from_s:Int64}}, 'UTC'))"
+                f" AND {col} <= toDate(toDateTime({{to_s:Int64}}, 'UTC'))"
             )
         ),
         "bucket": _Placeholder(
