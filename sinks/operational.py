@@ -282,19 +282,25 @@ _RUNS = """
     HAVING workflow != ''
 """
 
+_ACTIONS_FILTER = """{date:a.day} AND {time:a.first_seen}
+        AND {tenant:a.tenant} AND {workflow:a.workflow} AND {feature:a.feature}"""
+_SESSIONS_FILTER = """{date:g.day} AND {time:g.first_seen}
+        AND {tenant:g.tenant} AND {workflow:g.workflow} AND {feature:g.feature}"""
+
 SIGNALS_SUMMARY = View(
     "signals_summary",
     "Operational signals",
     "The four signals over the range: cost per successful workflow, tokens per user action, tool calls "
-    "per session, percentage of model calls that fell back to a cheaper model.",
+    "per session, percentage of model calls that fell back to a cheaper model. The model class "
+    "variable filters the fallback percentage only (runs, actions and sessions mix classes).",
     f"""
     SELECT
         runs.succeeded_runs AS succeeded_workflows,
         runs.runs AS workflow_runs,
         round(runs.success_cost / nullIf(runs.succeeded_runs, 0), 6) AS cost_per_successful_workflow,
         round(runs.all_cost / nullIf(runs.succeeded_runs, 0), 6) AS cost_per_success_all_in,
-        round(usage.action_tokens / nullIf(usage.actions, 0), 3) AS tokens_per_action,
-        round(usage.session_tool_spans / nullIf(usage.sessions, 0), 3) AS tool_calls_per_session,
+        round(actions.tokens / nullIf(actions.actions, 0), 3) AS tokens_per_action,
+        round(sessions.tool_calls / nullIf(sessions.sessions, 0), 3) AS tool_calls_per_session,
         round(100 * usage.downgraded / nullIf(usage.model_calls, 0), 3) AS fallback_pct
     FROM
     (
@@ -306,9 +312,17 @@ SIGNALS_SUMMARY = View(
         )
     ) AS runs,
     (
-        SELECT sum(action_tokens) AS action_tokens, uniqMerge(actions) AS actions,
-            sum(session_tool_spans) AS session_tool_spans, uniqMerge(sessions) AS sessions,
-            sum(downgraded_calls) AS downgraded, sum(model_calls) AS model_calls
+        SELECT sum(a.tokens) AS tokens, uniqExact(a.action_hash) AS actions
+        FROM genai_actions AS a
+        WHERE {_ACTIONS_FILTER}
+    ) AS actions,
+    (
+        SELECT sum(g.tool_spans) AS tool_calls, uniqExact(g.session) AS sessions
+        FROM genai_sessions AS g
+        WHERE {_SESSIONS_FILTER}
+    ) AS sessions,
+    (
+        SELECT sum(downgraded_calls) AS downgraded, sum(model_calls) AS model_calls
         FROM genai_usage_1m
         WHERE {{time:minute}} AND {_DIMS}
     ) AS usage
@@ -319,14 +333,33 @@ SIGNALS_SUMMARY = View(
 SIGNALS_OVER_TIME = View(
     "signals_over_time",
     "Tokens per action, tool calls per session, fallback % over time",
-    "Per interval, from the per-minute rollup.",
+    "Per interval: tokens per action (actions by their first span), tool calls per session (sessions "
+    "by their first span of the day), fallback percentage of the model calls.",
     f"""
-    SELECT {{bucket:minute}} AS time,
-        sum(action_tokens) / nullIf(uniqMerge(actions), 0) AS tokens_per_action,
-        sum(session_tool_spans) / nullIf(uniqMerge(sessions), 0) AS tool_calls_per_session,
-        100 * sum(downgraded_calls) / nullIf(sum(model_calls), 0) AS fallback_pct
-    FROM genai_usage_1m
-    WHERE {{time:minute}} AND {_DIMS}
+    SELECT time, max(tokens_per_action) AS tokens_per_action,
+        max(tool_calls_per_session) AS tool_calls_per_session, max(fallback_pct) AS fallback_pct
+    FROM
+    (
+        SELECT {{bucket:a.first_seen}} AS time,
+            CAST(sum(a.tokens) / uniqExact(a.action_hash), 'Nullable(Float64)') AS tokens_per_action,
+            CAST(NULL, 'Nullable(Float64)') AS tool_calls_per_session,
+            CAST(NULL, 'Nullable(Float64)') AS fallback_pct
+        FROM genai_actions AS a
+        WHERE {_ACTIONS_FILTER}
+        GROUP BY time
+        UNION ALL
+        SELECT {{bucket:g.first_seen}} AS time, NULL,
+            CAST(sum(g.tool_spans) / uniqExact(g.session), 'Nullable(Float64)'), NULL
+        FROM genai_sessions AS g
+        WHERE {_SESSIONS_FILTER}
+        GROUP BY time
+        UNION ALL
+        SELECT {{bucket:minute}} AS time, NULL, NULL,
+            CAST(100 * sum(downgraded_calls) / nullIf(sum(model_calls), 0), 'Nullable(Float64)')
+        FROM genai_usage_1m
+        WHERE {{time:minute}} AND {_DIMS}
+        GROUP BY time
+    )
     GROUP BY time
     ORDER BY time
     """,

@@ -19,14 +19,16 @@ Rollups (migration 2) keep the dashboards fast over months: materialized
 views aggregate every inserted block into per-minute usage by tenant,
 workflow, feature, model class and model (`genai_usage_1m`), hourly spend
 per user (`genai_user_spend_1h`), one row per trace (`genai_traces`, the
-workflow runs) and per session (`genai_sessions`), and per-minute budget
-snapshots from the signals (`budget_usage_1m`).
+workflow runs), per session (`genai_sessions`) and per user action
+(`genai_actions`, migration 4), and per-minute budget snapshots from the
+signals (`budget_usage_1m`). Rows of a trace, session or action are per day
+and per inserted block; queries merge them with GROUP BY.
 
 The trade-off of those rollups, stated once: a materialized view sees each
 INSERT, not the collapsed table, so a span that the sink re-delivers (a
 crash between the insert and the offset commit, a rebalance) is added to
 the sums of the rollups a second time, while `genai_spans FINAL` counts it
-once. Distinct counts (`uniq` states: sessions, actions, users), minima,
+once. Distinct counts (of traces, sessions, actions), minima,
 maxima and argMin/argMax states (first/last input tokens of a session,
 budget snapshots) are not affected. So: panels that answer "how much
 exactly" over a short range, and the reconciliation of a budget, read the
@@ -56,6 +58,7 @@ USER_SPEND_1H_TABLE = "genai_user_spend_1h"
 TRACES_TABLE = "genai_traces"
 SESSIONS_TABLE = "genai_sessions"
 BUDGET_USAGE_1M_TABLE = "budget_usage_1m"
+ACTIONS_TABLE = "genai_actions"
 #: Rollup table -> the materialized view that feeds it.
 ROLLUPS: dict[str, str] = {
     USAGE_1M_TABLE: "genai_usage_1m_mv",
@@ -63,6 +66,7 @@ ROLLUPS: dict[str, str] = {
     TRACES_TABLE: "genai_traces_mv",
     SESSIONS_TABLE: "genai_sessions_mv",
     BUDGET_USAGE_1M_TABLE: "budget_usage_1m_mv",
+    ACTIONS_TABLE: "genai_actions_mv",
 }
 DEFAULT_SPAN_TTL_DAYS = 400
 DEFAULT_ROLLUP_TTL_DAYS = 800
@@ -434,14 +438,81 @@ FROM {SIGNALS_TABLE} AS s{{final}}
 GROUP BY minute, budget, scope, key, metric
 """
 
+# Migration 4: distinct actions and sessions are counted on their own rollups (a
+# uniqExact over one UInt64 / String column) instead of merging `uniq` states of
+# every per-minute row, which cost seconds over millions of rows; the per-minute
+# rollup loses its three `uniq` columns (and gets cheaper to feed).
+_ACTIONS_V4 = f"""
+CREATE TABLE IF NOT EXISTS {ACTIONS_TABLE}
+(
+    day Date,
+    action_hash UInt64 COMMENT 'cityHash64(action)',
+    action SimpleAggregateFunction(any, String),
+    tenant SimpleAggregateFunction(max, String),
+    workflow SimpleAggregateFunction(max, String),
+    feature SimpleAggregateFunction(max, String),
+    session SimpleAggregateFunction(max, String),
+    user SimpleAggregateFunction(max, String),
+    first_seen SimpleAggregateFunction(min, DateTime64(9, 'UTC')),
+    spans SimpleAggregateFunction(sum, UInt64),
+    model_calls SimpleAggregateFunction(sum, UInt64),
+    tool_spans SimpleAggregateFunction(sum, UInt64),
+    tokens SimpleAggregateFunction(sum, UInt64) COMMENT 'input + output tokens',
+    cost_usd SimpleAggregateFunction(sum, Float64)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (day, action_hash)
+TTL day + toIntervalDay({{rollup_ttl_days:UInt32}})
+"""
+_ACTIONS_SELECT = f"""
+SELECT
+    toDate(s.start_time) AS day,
+    cityHash64(s.action) AS action_hash,
+    any(s.action) AS action,
+    max(toString(s.tenant)) AS tenant,
+    max(toString(s.workflow)) AS workflow,
+    max(toString(s.feature)) AS feature,
+    max(s.session) AS session,
+    max(s.user) AS user,
+    min(s.start_time) AS first_seen,
+    count() AS spans,
+    countIf({_MODEL_CALL}) AS model_calls,
+    countIf({_TOOL}) AS tool_spans,
+    sum(s.input_tokens + s.output_tokens) AS tokens,
+    sum(s.cost_usd) AS cost_usd
+FROM {SPANS_TABLE} AS s{{final}}
+WHERE s.action != ''
+GROUP BY day, action_hash
+"""
+_USAGE_1M_UNIQ = (
+    "    uniqState(nullIf(s.action, '')) AS actions,\n"
+    "    uniqState(nullIf(s.session, '')) AS sessions,\n"
+    "    uniqState(nullIf(s.user, '')) AS users\n"
+)
+assert _USAGE_1M_UNIQ in _USAGE_1M_SELECT
+_USAGE_1M_SELECT_V4 = _USAGE_1M_SELECT.replace(
+    f"    countIf({_TOOL} AND s.session != '') AS session_tool_spans,\n" + _USAGE_1M_UNIQ,
+    f"    countIf({_TOOL} AND s.session != '') AS session_tool_spans\n",
+)
+assert _USAGE_1M_SELECT_V4 != _USAGE_1M_SELECT
+_USAGE_1M_V4 = (
+    f"DROP VIEW IF EXISTS {ROLLUPS[USAGE_1M_TABLE]}",
+    f"ALTER TABLE {USAGE_1M_TABLE} DROP COLUMN IF EXISTS actions, DROP COLUMN IF EXISTS sessions,"
+    " DROP COLUMN IF EXISTS users",
+    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {ROLLUPS[USAGE_1M_TABLE]} TO {USAGE_1M_TABLE} AS "
+    + _USAGE_1M_SELECT_V4.format(final=""),
+)
+
 #: Rollup table -> the SELECT that computes it from its source (`{final}`: "" for the
 #: materialized view, " FINAL" for a backfill or a rebuild).
 ROLLUP_SELECTS: dict[str, str] = {
-    USAGE_1M_TABLE: _USAGE_1M_SELECT,
+    USAGE_1M_TABLE: _USAGE_1M_SELECT_V4,
     USER_SPEND_1H_TABLE: _USER_SPEND_1H_SELECT,
     TRACES_TABLE: _TRACES_SELECT,
     SESSIONS_TABLE: _SESSIONS_SELECT_V3,
     BUDGET_USAGE_1M_TABLE: _BUDGET_USAGE_1M_SELECT,
+    ACTIONS_TABLE: _ACTIONS_SELECT,
 }
 
 
@@ -502,6 +573,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "genai_sessions.first_calls (context growth by call number)",
         _rollup_statements(SESSIONS_TABLE, _SESSIONS_FIRST_CALLS_V3, _SESSIONS_SELECT_V3),
     ),
+    Migration(
+        4,
+        "genai_actions rollup; genai_usage_1m without uniq states",
+        (*_rollup_statements(ACTIONS_TABLE, _ACTIONS_V4, _ACTIONS_SELECT), *_USAGE_1M_V4),
+    ),
 )
 
 
@@ -560,6 +636,7 @@ _TTL_EXPRESSIONS: dict[str, str] = {
     TRACES_TABLE: "day + toIntervalDay({rollup_ttl_days:UInt32})",
     SESSIONS_TABLE: "day + toIntervalDay({rollup_ttl_days:UInt32})",
     BUDGET_USAGE_1M_TABLE: "minute + toIntervalDay({signal_ttl_days:UInt32})",
+    ACTIONS_TABLE: "day + toIntervalDay({rollup_ttl_days:UInt32})",
 }
 
 
