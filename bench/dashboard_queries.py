@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -163,6 +164,8 @@ def main(argv: list[str]) -> int:
         client.close()
         if args.dir is None:
             shutil.rmtree(directory.parent, ignore_errors=True)
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} cores (other processes share them)")
     print(f"RESULT dashboard_queries p95_ms={worst:.0f}")
     return 0
 

@@ -13,6 +13,7 @@ objects to convert). Last line: `RESULT sink_ingest rows_per_s=N`.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -148,6 +149,7 @@ def main(argv: list[str]) -> int:
     print(f"ClickHouseWriter.insert_spans (SpanUsage -> INSERT): {rate:,.0f} rows/s ({writer_s:.2f} s)")
     print(f"ratio writer/baseline: {rate / baseline:.2f}")
     print(f"engine alone (INSERT ... SELECT, views attached): {len(spans) / engine_s:,.0f} rows/s")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"RESULT sink_ingest rows_per_s={rate:.0f}")
     return 0
 

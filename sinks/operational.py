@@ -447,16 +447,27 @@ CONTEXT_GROWTH = View(
 CONTEXT_BY_CALL = View(
     "context_by_call_index",
     "Input tokens by call number in a session",
-    "Average input tokens of the n-th model call of a session (first 30 calls), over the sessions in "
-    "range, from the first calls kept by the sessions rollup.",
-    """
+    "Average input tokens of the n-th model call of a session (first 30 calls), over the 1,000 sessions "
+    "seen last in the range, from the first calls kept by the sessions rollup.",
+    f"""
     SELECT call_no, round(avg(call.2), 1) AS avg_input_tokens, count() AS sessions
     FROM
     (
         SELECT g.session AS session, groupArraySortedIfMerge(30)(g.first_calls) AS calls
         FROM genai_sessions AS g
-        WHERE {date:g.day} AND {time:g.first_seen}
-            AND {tenant:g.tenant} AND {workflow:g.workflow} AND {feature:g.feature}
+        WHERE {_SESSIONS_FILTER}
+            AND g.session IN
+            (
+                SELECT DISTINCT session FROM
+                (
+                    SELECT g.session AS session
+                    FROM genai_sessions AS g
+                    WHERE {_SESSIONS_FILTER}
+                    ORDER BY g.last_seen DESC
+                    LIMIT 2000
+                )
+                LIMIT 1000
+            )
         GROUP BY session
     )
     ARRAY JOIN calls AS call, arrayEnumerate(calls) AS call_no
