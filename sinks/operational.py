@@ -177,22 +177,22 @@ _DIMS = (
 SPEND_TOTAL = View(
     "spend_total",
     "Spend (USD)",
-    "Total spend in the range, exact: read from genai_spans FINAL.",
+    "Total spend in the range, from the per-minute rollup (see 'Spend by tenant (exact)' for the "
+    "reconciled figure).",
     f"""
-    SELECT sum(cost_usd) AS spend_usd, countIf(priced = 0 AND operation IN
-        ('chat', 'text_completion', 'embeddings', 'generate_content')) AS unpriced_calls
-    FROM genai_spans FINAL
-    WHERE {{time:start_time}} AND {_DIMS}
+    SELECT round(sum(cost_usd), 6) AS spend_usd, sum(unpriced_calls) AS unpriced_calls
+    FROM genai_usage_1m
+    WHERE {{time:minute}} AND {_DIMS}
     """,
     kind="stat",
     unit="currencyUSD",
-    exact=True,
 )
 
 SPEND_BY_TENANT_EXACT = View(
     "spend_by_tenant",
     "Spend by tenant (exact)",
-    "Spend, model calls and tokens per tenant, exact: read from genai_spans FINAL.",
+    "Spend, model calls and tokens per tenant, exact: read from genai_spans FINAL (a re-delivered span "
+    "counts once). Costs more than the rollup panels over long ranges.",
     f"""
     SELECT tenant, round(sum(cost_usd), 6) AS spend_usd,
         countIf(operation IN ('chat', 'text_completion', 'embeddings', 'generate_content')) AS model_calls,
