@@ -170,6 +170,19 @@ def measure(name: str, install: Callable[[], Any], calls: int, rounds: int) -> d
     return result
 
 
+def bare_span_cost(spans: int = 4000) -> float:
+    """p50 CPU time of one plain SDK span (start, a few attributes, end, batch queue): the floor
+    under any OpenTelemetry instrumentation on this machine, printed for scale."""
+    tracer = peer_provider().get_tracer("bench")
+    clock, costs = time.thread_time_ns, []
+    for _ in range(spans):
+        start = clock()
+        with tracer.start_as_current_span("chat gpt-4.1") as span:
+            span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4.1"})
+        costs.append((clock() - start) / 1000)
+    return quantile(costs, 0.50)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -189,6 +202,7 @@ def main() -> None:
         "openllmetry": measure("openllmetry", install_openllmetry, args.calls, args.rounds),
     }
     b, v2, ol = results["burnguard"], results["openai_v2"], results["openllmetry"]
+    print(f"for scale: one bare SDK span costs p50 {bare_span_cost():.1f} us of CPU here")
     print(
         "RESULT instrumentation_overhead "
         f"burnguard_p50_us={b['p50']:.0f} burnguard_p99_us={b['p99']:.0f} "
