@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from burnguard.cli.budgets import budgets_app
+from burnguard.cli.history import db_app, report
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
@@ -20,6 +21,8 @@ signals_app = typer.Typer(help="The signal topic.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(signals_app, name="signals")
+app.add_typer(db_app, name="db")
+app.command("report")(report)
 console = Console()
 
 StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]
