@@ -16,9 +16,38 @@ Nothing is dropped and nothing stalls the stream:
   exponential backoff. Meanwhile the partitions are paused and the consumer
   keeps polling, so it stays in its group without reading further; nothing
   is committed until the rows are in.
+- When the commit after an insert fails (typically because the group is
+  rebalancing), the offsets are kept and the commit retried on the following
+  loop iterations, for the partitions the sink still owns. kafka-python 3
+  keeps a partition's position when a rebalance gives it back to the same
+  member, so a commit that was simply dropped would never be made: the
+  partition would not be read again and its lag would stay forever.
+- When a rebalance moves a partition away, the sink drops the rows it holds
+  from it and the offsets it has not committed for it; the new owner reads
+  them from the last commit (copies of rows already written collapse). A
+  partition that comes back later is read from its last commit again.
+- While the group is rebalancing the sink polls with a longer timeout
+  (`rebalance_poll_s`), so that the JoinGroup/SyncGroup round trip usually
+  ends inside the poll that started it: kafka-python 3.0.12 mishandles one
+  that ends after its poll timed out. It either throws it away and starts
+  another rebalance, or, when the leader rejoined because the topic metadata
+  changed, never applies it and never asks again: the member stays
+  REBALANCING for good (no heartbeats, so the broker evicts it after the
+  session timeout, and nothing is fetched). A member found in that state is
+  asked to rejoin, which recovers it within a poll or two.
+- As a last resort, a consumer that has not been a stable group member for
+  longer than any healthy rebalance can take (the rebalance timeout,
+  `max_poll_interval_ms`, plus the session timeout) is closed and replaced by
+  a new one, which reads on from the committed offsets (`consumer_restarts`).
 - On stop (SIGTERM, SIGINT or `stop_event`) the sink flushes what it holds
   and commits; if ClickHouse stays down past `shutdown_timeout_s` it exits
   without committing, and the next run reads those messages again.
+
+Blocking ClickHouse calls (connecting, migrating, inserting) run on the
+sink's own thread; kafka-python 3 sends heartbeats from its IO thread, and
+chDB gives the GIL back often enough (under 1 s between switches when
+measured on a loaded 2-core machine, against a 6 s minimum session timeout),
+so they do not cost the group membership.
 
 Spans that arrive without `burnguard.cost.usd` (e.g. from the OTel Collector)
 are priced with the same `PriceBook` as the stream job, so spend in
@@ -48,19 +77,23 @@ from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect, d
 from burnguard.sinks.schema import DEFAULT_SPAN_TTL_DAYS, migrate
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "burnguard-sink"
 DEFAULT_BATCH_MAX = 10_000
 DEFAULT_FLUSH_INTERVAL_S = 1.0
+DEFAULT_REBALANCE_POLL_S = 5.0
 _POLL_TIMEOUT_S = 0.2
+_COMMIT_RETRY_MAX_S = 5.0
+_STRANDED_AFTER_S = 1.0
+_CLOSE_TIMEOUT_MS = 10_000
 
 
 @dataclass
 class _Batch:
-    """What was polled since the last commit: rows to insert and offsets to commit after."""
+    """What was polled since the last insert: rows to insert and the offsets they end at."""
 
     spans: list[SpanUsage] = field(default_factory=list)
     span_origins: list[KafkaOrigin] = field(default_factory=list)
@@ -83,22 +116,101 @@ class _Batch:
             return False
         return self.rows >= batch_max or time.monotonic() - self.started >= flush_interval_s
 
+    def drop(self, partitions: set[TopicPartition]) -> int:
+        """Forget what came from `partitions`; returns the number of rows dropped."""
+        before = self.rows
 
-class _LogAssignments(ConsumerRebalanceListener):
-    """Logs partition moves. kafka-python 3 runs listeners on its IO thread, where a
-    blocking call (an insert, a commit) is not allowed, so rows held by the sink during
-    a rebalance are simply written later; the new owner's copies collapse (FINAL).
+        def keep(origin: KafkaOrigin) -> bool:
+            return TopicPartition(origin.topic, origin.partition) not in partitions
+
+        spans = [(row, o) for row, o in zip(self.spans, self.span_origins, strict=True) if keep(o)]
+        signals = [(row, o) for row, o in zip(self.signals, self.signal_origins, strict=True) if keep(o)]
+        self.spans = [row for row, _ in spans]
+        self.span_origins = [o for _, o in spans]
+        self.signals = [row for row, _ in signals]
+        self.signal_origins = [o for _, o in signals]
+        for tp in partitions:
+            self.next_offsets.pop(tp, None)
+        return before - self.rows
+
+
+class _Assignments(ConsumerRebalanceListener):
+    """Logs partition moves and tells the sink's thread which partitions it no longer owns.
+
+    kafka-python 3 runs listeners on its IO thread, where a blocking call (an insert,
+    a commit) is not allowed, so this only records; the sink acts after its next poll.
+
+    A partition is gone when it was revoked or lost and the assignment that follows
+    does not contain it. With the default eager protocol every rebalance revokes
+    everything and then assigns the full new set, so a partition that is given
+    straight back stays owned (kafka-python 3 keeps its position), while one that
+    spends a generation elsewhere is gone (its state is dropped and it is read again
+    from the last commit). With the cooperative protocol only the partitions that
+    move are revoked, and they are never in the next (incremental) assignment.
     """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revoked: set[TopicPartition] = set()
+        self._gone: set[TopicPartition] = set()
+        self._assigned = False
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         log.info("revoked %s", _names(revoked) or "nothing")
+        with self._lock:
+            self._revoked.update(revoked)
+
+    def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
+        log.warning("lost %s (this sink was dropped from the group)", _names(lost) or "nothing")
+        with self._lock:
+            self._gone.update(lost)
+            self._revoked.difference_update(lost)
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned %s", _names(assigned) or "nothing")
+        with self._lock:
+            self._gone.update(self._revoked.difference(assigned))
+            self._revoked.clear()
+            self._assigned = True
+
+    def take(self) -> tuple[set[TopicPartition], bool]:
+        """(partitions gone since the last call, whether an assignment completed meanwhile)."""
+        with self._lock:
+            gone, self._gone = self._gone, set()
+            assigned, self._assigned = self._assigned, False
+        return gone, assigned
 
 
-def _names(partitions: Sequence[TopicPartition]) -> str:
+def _names(partitions: Sequence[TopicPartition] | set[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions))
+
+
+def _offsets(offsets: Mapping[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(offsets.items()))
+
+
+def _stranded(consumer: KafkaConsumer) -> bool:
+    """Whether kafka-python 3.0.12 left the member out of the group with nothing under way.
+
+    When the leader rejoins because the topic metadata changed and the poll that
+    started it times out just as the JoinGroup/SyncGroup round trip ends, the result
+    is never applied: the member stays REBALANCING with its join finished and
+    `need_rejoin()` false, so no poll ever joins again (no heartbeats either: the
+    broker evicts it after the session timeout). `request_rejoin()` gets it out: the
+    next poll sends a JoinGroup. kafka-python has no public call for this (Java's
+    `enforceRebalance`), hence the private attributes, read defensively: on another
+    version this says False and the watchdog (`stuck_rebalance_s`) still applies.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    need_rejoin = getattr(coordinator, "need_rejoin", None)
+    if need_rejoin is None or not all(hasattr(coordinator, a) for a in ("_join_task", "request_rejoin")):
+        return False
+    task = coordinator._join_task
+    return (task is None or task.is_done) and not need_rejoin()
+
+
+class _ConsumerStuck(Exception):
+    """The consumer has not been a stable group member for longer than a rebalance can take."""
 
 
 class SpanSink:
@@ -119,13 +231,23 @@ class SpanSink:
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
         shutdown_timeout_s: float = 30.0,
+        rebalance_poll_s: float = DEFAULT_REBALANCE_POLL_S,
+        stuck_rebalance_s: float | None = None,
         span_ttl_days: int = DEFAULT_SPAN_TTL_DAYS,
         prices: PriceBook | None = None,
         price_missing: bool = True,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if batch_max <= 0 or flush_interval_s <= 0:
-            raise ValueError("batch_max and flush_interval_s must be positive")
+        """`rebalance_poll_s`: how long one poll may wait while the group rebalances.
+        `stuck_rebalance_s`: after how long without a stable group membership the
+        consumer is replaced; by default the consumer's `max_poll_interval_ms` plus
+        its `session_timeout_ms` plus `rebalance_poll_s`, more than a healthy
+        rebalance can take.
+        """
+        if batch_max <= 0 or flush_interval_s <= 0 or rebalance_poll_s <= 0:
+            raise ValueError("batch_max, flush_interval_s and rebalance_poll_s must be positive")
+        if stuck_rebalance_s is not None and stuck_rebalance_s <= rebalance_poll_s:
+            raise ValueError("stuck_rebalance_s must be longer than rebalance_poll_s")
         self.kafka = kafka
         self.topics = topics
         self.dsn = dsn
@@ -135,6 +257,8 @@ class SpanSink:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.rebalance_poll_s = rebalance_poll_s
+        self.stuck_rebalance_s = stuck_rebalance_s
         self.span_ttl_days = span_ttl_days
         self.prices = prices if prices is not None else default_price_book()
         self.price_missing = price_missing
@@ -146,7 +270,15 @@ class SpanSink:
         self.insert_failures = 0
         self.commit_failures = 0
         self.commits = 0
+        self.consumer_restarts = 0
         self._batch = _Batch()
+        # Offsets of rows that are in ClickHouse but not yet committed, per partition.
+        self._written: dict[TopicPartition, int] = {}
+        self._commit_delay = 0.0
+        self._next_commit_at = 0.0
+        self._assignments = _Assignments()
+        self._unstable_since: float | None = None
+        self._stranded_since: float | None = None
         self._writer: ClickHouseWriter | None = None
 
     def counters(self) -> dict[str, int]:
@@ -158,21 +290,15 @@ class SpanSink:
             "insert_failures": self.insert_failures,
             "commit_failures": self.commit_failures,
             "commits": self.commits,
+            "consumer_restarts": self.consumer_restarts,
         }
 
     # --- the loop -----------------------------------------------------------------
 
     def run(self, stop_event: threading.Event) -> None:
         """Consume until `stop_event` is set, then flush, commit and close."""
-        consumer = self._new_consumer()
+        consumer = self._start_consumer()
         try:
-            topics = [self.topics.spans, self.topics.signals]
-            # Know the partitions before joining: otherwise the first JoinGroup assigns
-            # nothing and a second rebalance follows at once (kafka-python 3.0.12 was
-            # seen to hang in that second rebalance).
-            for topic in topics:
-                consumer.partitions_for_topic(topic)
-            consumer.subscribe(topics, listener=_LogAssignments())
             log.info(
                 "sink %s: %s, %s -> %s",
                 self.group_id,
@@ -182,15 +308,48 @@ class SpanSink:
             )
             self._connect_early()
             while not stop_event.is_set():
-                self._poll(consumer)
-                if self._batch.due(self.batch_max, self.flush_interval_s):
-                    self._flush(consumer, give_up=stop_event.is_set)
+                try:
+                    self._step(consumer, stop_event)
+                except _ConsumerStuck as exc:
+                    consumer = self._restart_consumer(consumer, exc)
             deadline = time.monotonic() + self.shutdown_timeout_s
-            self._flush(consumer, give_up=lambda: time.monotonic() >= deadline)
+            try:
+                self._finish(consumer, deadline)
+            except _ConsumerStuck as exc:
+                log.error("%s; stopping without committing, the next run reads on from the last commit", exc)
         finally:
-            consumer.close(autocommit=False)
+            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
             self._drop_writer()
             log.info("sink stopped: %s", json.dumps(self.counters()))
+
+    def _step(self, consumer: KafkaConsumer, stop_event: threading.Event) -> None:
+        for messages in self._poll(consumer, _POLL_TIMEOUT_S).values():
+            for message in messages:
+                self._take(message)
+        if self._batch.due(self.batch_max, self.flush_interval_s):
+            self._flush(consumer, give_up=stop_event.is_set)
+        elif self._written and time.monotonic() >= self._next_commit_at:
+            self._commit(consumer)
+
+    def _finish(self, consumer: KafkaConsumer, deadline: float) -> None:
+        """On stop: write what is held and commit, retrying the commit until `deadline`."""
+        self._flush(consumer, give_up=lambda: time.monotonic() >= deadline)
+        while self._written:
+            now = time.monotonic()
+            if now >= self._next_commit_at or now >= deadline:  # at least one try, even late
+                if self._commit(consumer):
+                    return
+                if now >= deadline:
+                    break
+            # Keep the group going so a rebalance can finish; what this returns is not
+            # taken (so not committed): the next run reads it.
+            consumer.pause(*consumer.assignment())
+            self._poll(consumer, _POLL_TIMEOUT_S, until=deadline)
+        if self._written:
+            log.error(
+                "stopping with uncommitted offsets %s: those rows are written and will be read again",
+                _offsets(self._written),
+            )
 
     def _new_consumer(self) -> KafkaConsumer:
         options: dict[str, Any] = {
@@ -204,15 +363,124 @@ class SpanSink:
         }
         return KafkaConsumer(**options)
 
-    def _poll(self, consumer: KafkaConsumer) -> None:
-        records = consumer.poll(timeout_ms=int(_POLL_TIMEOUT_S * 1000), max_records=self.batch_max)
-        for messages in records.values():
-            for message in messages:
-                self._take(message)
+    def _start_consumer(self) -> KafkaConsumer:
+        consumer = self._new_consumer()
+        try:
+            topics = [self.topics.spans, self.topics.signals]
+            # Know the partitions before joining: otherwise the first JoinGroup assigns
+            # nothing and a second rebalance follows at once.
+            for topic in topics:
+                consumer.partitions_for_topic(topic)
+            self._assignments = _Assignments()
+            consumer.subscribe(topics, listener=self._assignments)
+        except BaseException:
+            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+            raise
+        self._unstable_since = None
+        return consumer
+
+    def _restart_consumer(self, consumer: KafkaConsumer, reason: Exception) -> KafkaConsumer:
+        """Replace a consumer stuck outside the group; the new one reads on from the commits."""
+        self.consumer_restarts += 1
+        log.error(
+            "%s; replacing the consumer (dropping %d held rows and uncommitted offsets %s: "
+            "they are read again from the last commit)",
+            reason,
+            self._batch.rows,
+            _offsets(self._written) or "none",
+        )
+        self._batch = _Batch()
+        self._written.clear()
+        self._commit_delay = 0.0
+        self._next_commit_at = 0.0
+        try:
+            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+        except Exception as exc:  # the stuck consumer may fail to close cleanly: it is dropped anyway
+            log.warning("closing the stuck consumer failed: %s: %s", type(exc).__name__, exc)
+        return self._start_consumer()
+
+    def _poll(
+        self, consumer: KafkaConsumer, timeout_s: float, until: float | None = None
+    ) -> dict[TopicPartition, list[Any]]:
+        """One `consumer.poll`, then act on rebalances and check that the group is not stuck.
+
+        While the member is not stable the poll waits up to `rebalance_poll_s` (but not
+        past `until`), long enough for a JoinGroup/SyncGroup round trip to finish inside
+        it: kafka-python 3.0.12 discards one that finishes after its poll timed out.
+        """
+        if not self._stable(consumer):
+            timeout_s = max(timeout_s, self.rebalance_poll_s)
+        if until is not None:
+            timeout_s = min(timeout_s, until - time.monotonic())
+        timeout_ms = max(int(timeout_s * 1000), 1)
+        records = consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_max)
+        self._after_rebalance()
+        self._check_membership(consumer)
+        return records
+
+    # --- group membership -------------------------------------------------------------
+
+    def _after_rebalance(self) -> None:
+        gone, assigned = self._assignments.take()
+        if gone:
+            dropped = self._batch.drop(gone)
+            uncommitted = {tp: n for tp, n in self._written.items() if tp in gone}
+            for tp in uncommitted:
+                del self._written[tp]
+            log.info(
+                "%s moved away: dropped %d held rows and uncommitted offsets %s (read again by their owner)",
+                _names(gone),
+                dropped,
+                _offsets(uncommitted) or "none",
+            )
+        if assigned:  # a commit that failed during the rebalance can go through now
+            self._commit_delay = 0.0
+            self._next_commit_at = 0.0
+
+    @staticmethod
+    def _stable(consumer: KafkaConsumer) -> bool:
+        return consumer.group_metadata().state == MemberState.STABLE
+
+    def _stuck_after_s(self, consumer: KafkaConsumer) -> float:
+        if self.stuck_rebalance_s is not None:
+            return self.stuck_rebalance_s
+        config = consumer.config
+        return (config["max_poll_interval_ms"] + config["session_timeout_ms"]) / 1000 + self.rebalance_poll_s
+
+    def _check_membership(self, consumer: KafkaConsumer) -> None:
+        """Get a stranded member back into the group; raise `_ConsumerStuck` at the limit."""
+        if self._stable(consumer):
+            self._unstable_since = self._stranded_since = None
+            return
+        now = time.monotonic()
+        if self._unstable_since is None:
+            self._unstable_since = now
+        limit = self._stuck_after_s(consumer)
+        if now - self._unstable_since > limit:
+            state = consumer.group_metadata().state
+            raise _ConsumerStuck(
+                f"the consumer has been {state} in group {self.group_id} for over {limit:.0f} s"
+            )
+        if not _stranded(consumer):
+            self._stranded_since = None
+        elif self._stranded_since is None:
+            self._stranded_since = now
+        elif now - self._stranded_since >= _STRANDED_AFTER_S:
+            self._stranded_since = None
+            log.warning(
+                "the consumer was left %s in group %s with no join under way: asking it to rejoin",
+                consumer.group_metadata().state,
+                self.group_id,
+            )
+            consumer._coordinator.request_rejoin()
 
     # --- decoding -------------------------------------------------------------------
 
     def _take(self, message: Any) -> None:
+        tp = TopicPartition(message.topic, message.partition)
+        held = max(self._batch.next_offsets.get(tp, 0), self._written.get(tp, 0))
+        if message.offset < held:
+            return  # read again after a rebalance rewound a partition we kept: we have it
         origin = KafkaOrigin(message.topic, message.partition, message.offset)
         self.messages += 1
         if self._batch.empty:
@@ -221,7 +489,7 @@ class SpanSink:
             self._take_spans(message.value, origin)
         elif message.topic == self.topics.signals:
             self._take_signal(message.value, origin)
-        self._batch.next_offsets[TopicPartition(message.topic, message.partition)] = message.offset + 1
+        self._batch.next_offsets[tp] = message.offset + 1
 
     def _take_spans(self, payload: bytes | None, origin: KafkaOrigin) -> None:
         try:
@@ -263,14 +531,16 @@ class SpanSink:
     # --- writing and committing -------------------------------------------------------
 
     def _flush(self, consumer: KafkaConsumer, give_up: Callable[[], bool]) -> bool:
-        """Insert the batch (retrying with backoff until `give_up()`), then commit its offsets."""
+        """Insert the batch (retrying with backoff until `give_up()`), then commit its offsets.
+
+        Returns False when it gave up before the rows were in.
+        """
         batch = self._batch
-        if batch.empty:
-            return True
         delay = self.retry_initial_s
         paused = False
         try:
-            while not self._write(batch):
+            # A rebalance during the retries may take every partition of the batch away.
+            while not batch.empty and not self._write(batch):
                 if give_up():
                     log.error(
                         "giving up on %d spans and %d signals: not committed, they will be read again",
@@ -286,10 +556,22 @@ class SpanSink:
         finally:
             if paused:
                 consumer.resume(*consumer.paused())
-        self._commit(consumer, batch)
+        if not batch.empty:
+            log.info(
+                "wrote %d spans and %d signals up to %s",
+                len(batch.spans),
+                len(batch.signals),
+                _offsets(batch.next_offsets),
+            )
+            for tp, offset in batch.next_offsets.items():
+                self._written[tp] = max(offset, self._written.get(tp, 0))
+        self._batch = _Batch()
+        self._commit(consumer)
         return True
 
     def _write(self, batch: _Batch) -> bool:
+        if not batch.signals and (batch.spans_inserted or not batch.spans):
+            return True  # only malformed messages or tombstones: nothing to insert
         try:
             writer = self._connected_writer()
             if batch.spans and not batch.spans_inserted:
@@ -310,28 +592,46 @@ class SpanSink:
             return False
         return True
 
-    def _commit(self, consumer: KafkaConsumer, batch: _Batch) -> None:
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in batch.next_offsets.items()}
+    def _commit(self, consumer: KafkaConsumer) -> bool:
+        """Commit the offsets of the written rows of the partitions this sink still owns.
+
+        On failure the offsets are kept and the commit is retried from the loop, with
+        backoff; the rows are in ClickHouse already.
+        """
+        assigned = consumer.assignment()
+        moved = {tp: n for tp, n in self._written.items() if tp not in assigned}
+        if moved:
+            log.info("not committing %s: no longer assigned here (their owner reads them)", _offsets(moved))
+            for tp in moved:
+                del self._written[tp]
+        if not self._written:
+            return True
+        offsets = {tp: OffsetAndMetadata(n, "", -1) for tp, n in self._written.items()}
         try:
             consumer.commit(offsets)
-            self.commits += 1
-            log.info(
-                "wrote %d spans and %d signals, committed %s",
-                len(batch.spans),
-                len(batch.signals),
-                ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(batch.next_offsets.items())),
-            )
-        except KafkaError as exc:  # e.g. the group rebalanced: the rows are in, a re-read collapses
+        except KafkaError as exc:  # e.g. the group is rebalancing: keep the offsets, commit later
             self.commit_failures += 1
-            log.warning("offset commit failed after the rows were written (they may be read again): %s", exc)
-        self._batch = _Batch()
+            self._commit_delay = min(max(self._commit_delay * 2, self.retry_initial_s), _COMMIT_RETRY_MAX_S)
+            self._next_commit_at = time.monotonic() + self._commit_delay
+            log.warning(
+                "offset commit of %s failed, retrying in %.1f s while the partitions stay assigned: %s",
+                _offsets(self._written),
+                self._commit_delay,
+                exc,
+            )
+            return False
+        self.commits += 1
+        log.info("committed %s", _offsets(self._written))
+        self._written.clear()
+        self._commit_delay = 0.0
+        self._next_commit_at = 0.0
+        return True
 
     def _idle(self, consumer: KafkaConsumer, seconds: float, give_up: Callable[[], bool]) -> None:
         """Wait while paused, polling so the group does not evict us (max.poll.interval.ms)."""
         until = time.monotonic() + seconds
         while not give_up() and time.monotonic() < until:
-            timeout = min(_POLL_TIMEOUT_S, max(until - time.monotonic(), 0.0))
-            records = consumer.poll(timeout_ms=int(timeout * 1000))
+            records = self._poll(consumer, min(_POLL_TIMEOUT_S, until - time.monotonic()))
             # A rebalance during the wait hands over unpaused partitions: put their
             # records back for later and pause them too.
             for tp, messages in records.items():

@@ -30,6 +30,7 @@ from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.contracts.usage import SpanUsage
 from burnguard.deploy.kafka import KafkaBroker
+from burnguard.sinks import consumer as sink_module
 from burnguard.sinks import queries
 from burnguard.sinks.clickhouse import (
     ChdbDirectoryBusy,
@@ -43,6 +44,7 @@ from burnguard.sinks.consumer import SpanSink
 from burnguard.sinks.schema import MIGRATIONS, MIGRATIONS_TABLE, SIGNALS_TABLE, SPANS_TABLE, migrate
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import RebalanceInProgressError
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -53,6 +55,9 @@ from opentelemetry.trace import Status, StatusCode
 TENANTS = ("acme", "globex", "initech")
 _HOUR_AGO_NS = time.time_ns() - 3600 * 1_000_000_000
 GARBAGE = b"\x0a\xff\xffnot an OTLP request"
+# After a chDB outage the sink opens the directory and migrates before it can insert and
+# commit: seconds when idle, about 30 s (engine load plus migration) on a loaded 2-core machine.
+AFTER_OUTAGE_S = 120.0
 
 # --- chDB ------------------------------------------------------------------------------
 
@@ -148,16 +153,15 @@ def _create_query(client: Client, table: str) -> str:
 def test_migrations_are_idempotent(chdb_client: Client) -> None:
     assert migrate(chdb_client) == [m.version for m in MIGRATIONS]
     assert migrate(chdb_client) == []
-    tables = chdb_client.query(
-        "SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name"
-    ).result_rows
-    assert tables == [
-        (SIGNALS_TABLE, "ReplacingMergeTree"),
-        (SPANS_TABLE, "ReplacingMergeTree"),
-        (MIGRATIONS_TABLE, "ReplacingMergeTree"),
-    ]
-    versions = chdb_client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE}").result_rows
-    assert versions == [(1, MIGRATIONS[0].name)]
+    tables = dict(
+        chdb_client.query(
+            "SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+        ).result_rows
+    )
+    for table in (SIGNALS_TABLE, SPANS_TABLE, MIGRATIONS_TABLE):
+        assert tables[table] == "ReplacingMergeTree"
+    versions = chdb_client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version").result_rows
+    assert versions == [(m.version, m.name) for m in MIGRATIONS]  # each applied once, in order
     ttl = _create_query(chdb_client, SPANS_TABLE)
     assert "TTL toDateTime(start_time) + toIntervalDay(_CAST(400, 'UInt32'))" in ttl
 
@@ -452,27 +456,203 @@ def test_end_to_end_through_kafka(stream: Stream, chdb_dsn: str) -> None:
         assert messages == stream.good_messages
 
 
-def test_unreachable_clickhouse_keeps_the_batch_and_commits_nothing(stream: Stream, chdb_dsn: str) -> None:
-    """A chDB directory held by another process is a real outage: retry, no commit, no loss."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_DIRECTORY, chdb_dsn], stdout=subprocess.PIPE, text=True
-    )
+@contextmanager
+def chdb_outage(dsn: str) -> Iterator[Callable[[], None]]:
+    """Another process holds the chDB directory (a real outage) until the yielded `end()`."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_DIRECTORY, dsn], stdout=subprocess.PIPE, text=True)
+
+    def end() -> None:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        yield end
+    finally:
+        end()
+
+
+def test_unreachable_clickhouse_keeps_the_batch_and_commits_nothing(stream: Stream, chdb_dsn: str) -> None:
+    """A chDB directory held by another process is a real outage: retry, no commit, no loss."""
+    with chdb_outage(chdb_dsn) as end_outage:
         stream.send_spans(6)
         stream.producer.flush()
         with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, retry_max_s=0.5) as sink:
             wait_for(lambda: sink.insert_failures >= 3, 60, "insert retries")
             assert sink.spans_written == 0
             assert stream.lag() == 6
-            holder.kill()
-            holder.wait()
-            stream.wait_consumed()
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+            end_outage()
+            stream.wait_consumed(AFTER_OUTAGE_S)
     assert sink.spans_written == stream.spans
+    assert sink.consumer_restarts == 0
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)
+    assert spend == pytest.approx(stream.spend)
+
+
+def test_a_failed_commit_is_kept_and_retried(
+    stream: Stream, chdb_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are in, the commit fails (as it does while the group rebalances): commit later.
+
+    kafka-python 3 keeps the position of a partition that a rebalance hands back to the
+    same member, so a sink that forgot the failed commit would never read those
+    messages again and their lag would stay.
+    """
+    failures = 3
+
+    class CommitsFailFirst(KafkaConsumer):
+        def commit(self, offsets: Any = None, timeout_ms: int | None = None) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise RebalanceInProgressError("injected: the group is rebalancing")
+            super().commit(offsets, timeout_ms)
+
+    monkeypatch.setattr(sink_module, "KafkaConsumer", CommitsFailFirst)
+    stream.send_spans(6)
+    sent = [_signal("acme", "warn", 36.0, 1)]
+    stream.send_signals(sent)
+    with sink_thread(stream, chdb_dsn, retry_initial_s=0.1) as sink:
+        stream.wait_consumed()
+    assert failures == 0
+    assert sink.commit_failures == 3
+    assert sink.spans_written == stream.spans  # written once, never read again
+    assert sink.signals_written == len(sent)
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)
+    assert spend == pytest.approx(stream.spend)
+
+
+def test_a_commit_that_keeps_failing_gives_up_at_shutdown(
+    stream: Stream, chdb_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On stop the sink retries the commit until `shutdown_timeout_s`, then exits without it."""
+    attempts = 0
+
+    class CommitsFail(KafkaConsumer):
+        def commit(self, offsets: Any = None, timeout_ms: int | None = None) -> None:
+            nonlocal attempts
+            attempts += 1
+            raise RebalanceInProgressError("injected: the group is rebalancing")
+
+    monkeypatch.setattr(sink_module, "KafkaConsumer", CommitsFail)
+    stream.send_spans(3)
+    stream.producer.flush()
+    with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, shutdown_timeout_s=2.0) as sink:
+        wait_for(lambda: sink.commit_failures >= 2, 60, "failed commits")
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 30
+    assert sink.commits == 0 and attempts == sink.commit_failures
+    assert stream.lag() == 3  # the next run reads them again; the copies collapse
+    final, rows, _ = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)
+
+
+def test_partitions_that_move_away_during_an_outage_are_read_again_when_they_come_back(
+    stream: Stream, chdb_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second member joins while ClickHouse is down, takes partitions and leaves without committing.
+
+    The sink drops what it held from the partitions it lost, reads them again from the
+    last commit when they come back, keeps the rest, and ends with every row once.
+    """
+    caplog.set_level("INFO", logger=sink_module.__name__)
+    with chdb_outage(chdb_dsn) as end_outage:
+        stream.send_spans(12)
+        stream.producer.flush()
+        with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, retry_max_s=0.5) as sink:
+            wait_for(lambda: sink.insert_failures >= 2, 60, "insert retries")
+            intruder = KafkaConsumer(
+                bootstrap_servers=stream.broker.bootstrap,
+                group_id=stream.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            try:
+                intruder.subscribe([stream.topics.spans, stream.topics.signals])
+                read = 0
+                deadline = time.monotonic() + 60
+                while not (intruder.assignment() and read):  # it owns partitions and has read them
+                    assert time.monotonic() < deadline, "the second member got no messages"
+                    read += sum(len(m) for m in intruder.poll(timeout_ms=500).values())
+                wait_for(lambda: "moved away" in caplog.text, 30, "the sink to drop the moved partitions")
+            finally:
+                intruder.close(autocommit=False)  # leaves the group: its partitions come back
+            assert stream.lag() == 12  # nothing committed by anyone yet
+            end_outage()
+            stream.wait_consumed(AFTER_OUTAGE_S)
+    assert sink.spans_written == stream.spans
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)  # the dropped rows were written once, later
+    assert spend == pytest.approx(stream.spend)
+
+
+def test_a_member_kafka_python_leaves_rebalancing_is_asked_to_rejoin(
+    stream: Stream, chdb_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kafka-python 3.0.12 can leave a member REBALANCING for good, seen under load.
+
+    The leader rejoins because the topic metadata changed; the poll that started the
+    rejoin times out just as the JoinGroup/SyncGroup round trip ends, the result is never
+    applied and nothing asks for another join (the broker evicts the member after the
+    session timeout, nothing is fetched). This puts a consumer into that state once,
+    with the library's own code, after the sink has read the messages: the sink must
+    notice, get the member back into the group and commit.
+    """
+    stuck_states: list[tuple[str, bool, bool]] = []
+
+    class LeftRebalancing(KafkaConsumer):
+        def poll(self, timeout_ms: int = 0, *args: Any, **kwargs: Any) -> Any:
+            records = super().poll(timeout_ms, *args, **kwargs)
+            coordinator = self._coordinator
+            if records and not stuck_states and coordinator.stable():
+                coordinator._assignment_snapshot = {}  # as when the leader sees new metadata
+                super().poll(timeout_ms=1)  # the rejoin starts, this poll gives up on it
+                deadline = time.monotonic() + 30
+                while not (coordinator._join_task is None or coordinator._join_task.is_done):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)  # the round trip ends with nobody waiting for it
+                stuck_states.append(
+                    (coordinator.state, coordinator._join_task.is_done, self._coordinator.need_rejoin())
+                )
+            return records
+
+    monkeypatch.setattr(sink_module, "KafkaConsumer", LeftRebalancing)
+    stream.send_spans(6)
+    with sink_thread(stream, chdb_dsn, rebalance_poll_s=1.0) as sink:
+        stream.wait_consumed()
+    assert stuck_states == [("<rebalancing>", True, False)]  # the state was reached
+    assert sink.consumer_restarts == 0  # recovered by asking for a rejoin, not by a new consumer
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)
+    assert spend == pytest.approx(stream.spend)
+
+
+def test_a_consumer_stuck_outside_the_group_is_replaced(
+    stream: Stream, chdb_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer whose polls never bring it into the group (kafka-python hanging in a
+    rebalance) is replaced after `stuck_rebalance_s`; the new one reads everything."""
+    created: list[KafkaConsumer] = []
+
+    class NeverJoins(KafkaConsumer):
+        def poll(self, timeout_ms: int = 0, *_args: Any, **_kwargs: Any) -> Any:
+            time.sleep(timeout_ms / 1000)
+            return {}
+
+    def new_consumer(**options: Any) -> KafkaConsumer:
+        created.append((NeverJoins if not created else KafkaConsumer)(**options))
+        return created[-1]
+
+    monkeypatch.setattr(sink_module, "KafkaConsumer", new_consumer)
+    stream.send_spans(6)
+    # Long enough for the replacement to join even on a loaded machine, so it is not replaced too.
+    with sink_thread(stream, chdb_dsn, rebalance_poll_s=1.0, stuck_rebalance_s=15.0) as sink:
+        stream.wait_consumed()
+    assert sink.consumer_restarts == 1
+    assert len(created) == 2
     final, rows, spend = stored(chdb_dsn)
     assert (final, rows) == (stream.spans, stream.spans)
     assert spend == pytest.approx(stream.spend)
