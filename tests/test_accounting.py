@@ -221,3 +221,53 @@ def test_late_spans_count_in_their_window_within_the_allowed_lateness(config: Bu
     deltas = usage_deltas(late, config, PriceBook(), stats, closed_before_ns=ns(now - timedelta(minutes=10)))
     assert not [d for d in deltas if d.budget == "tenant-cost"]
     assert stats.too_late >= 1
+
+
+ATTRIBUTION = dict(
+    tenant="acme", user="u1", workflow="triage", feature="chat", session="s1", service="support-bot"
+)
+
+
+@pytest.mark.parametrize(
+    ("scope", "key"),
+    [
+        ("tenant", "acme"),
+        ("user", "u1"),
+        ("workflow", "triage"),
+        ("feature", "chat"),
+        ("model_class", "premium"),
+        ("session", "s1"),
+        ("service", "support-bot"),
+        ("tenant+feature", "acme/chat"),
+        ("tenant+workflow", "acme/triage"),
+        ("tenant+model_class", "acme/premium"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("metric", "expected"),
+    [("cost_usd", 0.75), ("tokens", 3300.0), ("input_tokens", 3000.0), ("tool_calls", 3.0), ("calls", 2.0)],
+)
+def test_every_scope_and_metric(scope: str, key: str, metric: str, expected: float) -> None:
+    yaml_text = f"""
+model_classes:
+  premium: [gpt-4.1]
+budgets:
+  - {{id: b, scope: "{scope}", window: day, metric: {metric}, limit: 1000000}}
+"""
+    config = parse_budget_yaml(yaml_text)
+    spans = [
+        span(1, T0, model_class="", response_model="gpt-4.1", input_tokens=1000, output_tokens=100,
+             cost_usd=0.25, tool_calls=2, **ATTRIBUTION),
+        span(2, T0, response_model="gpt-4.1", input_tokens=2000, output_tokens=200, cost_usd=0.5,
+             **ATTRIBUTION),
+        span(3, T0, operation="execute_tool", tool_name="search", **ATTRIBUTION),
+        # A call of another key of this scope, which must not count under `key`:
+        span(4, T0, response_model="gpt-4.1", input_tokens=5, cost_usd=9.0,
+             **{**ATTRIBUTION, scope.split("+")[-1]: "other"}),
+    ]  # fmt: skip
+    if metric == "tool_calls" and "model_class" in scope:
+        expected -= 1  # a tool execution has no model class: only the model's requested tool calls count
+    deltas = {d.key: d for d in usage_deltas(spans, config, PriceBook())}
+    assert deltas[key].amount == pytest.approx(expected)
+    if metric != "tool_calls":  # the other key's call made no tool calls
+        assert set(deltas) - {key}, "the other key's call was not accounted separately"
