@@ -1,0 +1,377 @@
+"""Spans per second one stream worker accounts, against a raw consume + decode baseline.
+
+`otlp_spans` (4 partitions) is pre-filled with realistic OTLP batches (see
+`span_load.py`), then measured twice on the same broker and data:
+
+* raw: one process consumes every message (aiokafka, and kafka-python without
+  its pure-Python CRC check; the faster counts), parses it with protobuf `ParseFromString` and counts its
+  spans. No attribution, no pricing, no aggregation, no producing.
+* worker: one `python -m burnguard.stream` worker with many budgets over
+  every scope, window kind and metric. The clock runs from Faust's "Ready"
+  (partitions assigned, consumption starts) until the worker's group has
+  committed the end offsets of both `otlp_spans` and the internal usage
+  topic (every span decoded, priced, summed into deltas, and every delta
+  added to the window totals). The budget usage snapshots are then checked
+  against the calls and tool calls that were sent.
+
+    .venv/bin/python bench/stream_throughput.py [--spans 50000] [--profile]
+
+`--profile` runs the worker under py-spy (installed on demand into the venv)
+and prints where its time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+from pipeline_setup import (
+    BenchPipeline,
+    GroupOffsets,
+    cpu_seconds,
+    end_offsets,
+    latest_usage,
+    machine_note,
+    note,
+    produce_all,
+    topic_sizes,
+)
+from span_load import MODEL_CONFIG_YAML, SpanMix, count_spans
+
+TARGET_SPANS_PER_S = 100_000
+TARGET_RATIO = 0.5
+
+#: Budgets over every scope, combination, window kind and metric. With the default load a few
+#: percent of the keys cross a rung (signals are part of the work), most do not.
+BUDGETS_YAML = (
+    MODEL_CONFIG_YAML
+    + """\
+budgets:
+  - {id: tenant-daily, scope: tenant, window: day, limit: 2,
+     actions: [{at: 0.7, do: warn}, {at: 0.85, do: downgrade, to: standard}, {at: 1.0, do: throttle}]}
+  - {id: tenant-monthly, scope: tenant, window: month, limit: 50}
+  - {id: tenant-hourly-tokens, scope: tenant, window: 1h, metric: tokens, limit: 1.0e6}
+  - {id: tenant-tokyo-day, scope: tenant, window: day, timezone: Asia/Tokyo, limit: 100}
+  - {id: enterprise-daily, scope: tenant, match: "ent-*", window: day, limit: 500}
+  - {id: one-tenant-30d, scope: tenant, match: tenant-0001, window: 30d, limit: 2000}
+  - {id: user-daily, scope: user, window: day, limit: 0.06,
+     actions: [{at: 0.8, do: warn}, {at: 1.0, do: throttle}]}
+  - {id: user-calls-24h, scope: user, window: 24h, metric: calls, limit: 20}
+  - {id: user-input-1h, scope: user, window: 1h, metric: input_tokens, limit: 2.0e6}
+  - {id: workflow-daily, scope: workflow, window: day, limit: 5000}
+  - {id: feature-hourly, scope: feature, window: 1h, limit: 1000}
+  - {id: model-class-month, scope: model_class, window: month, limit: 1.0e6}
+  - {id: premium-week, scope: model_class, match: premium, window: week, limit: 1.0e5}
+  - {id: session-tools, scope: session, window: session, metric: tool_calls, limit: 10}
+  - {id: session-cost, scope: session, window: session, limit: 0.05}
+  - {id: service-calls, scope: service, window: month, metric: calls, limit: 1.0e12}
+  - {id: service-tool-calls, scope: service, window: month, metric: tool_calls, limit: 1.0e12}
+  - {id: tenant-feature-daily, scope: [tenant, feature], window: day, limit: 0.15,
+     actions: [{at: 0.85, do: downgrade}, {at: 1.0, do: throttle}]}
+  - {id: tenant-workflow-week, scope: [tenant, workflow], window: week, limit: 200}
+  - {id: tenant-class-day, scope: [tenant, model_class], window: day, metric: tokens, limit: 2.0e7}
+"""
+)
+
+
+def prefill(pipeline: BenchPipeline, spans: int, mix: SpanMix) -> tuple[int, int]:
+    """Produce at least `spans` spans; return (spans, messages)."""
+    started = time.monotonic()
+
+    def messages():
+        while mix.spans < spans:
+            yield mix.message()
+
+    count = produce_all(pipeline.bootstrap, pipeline.topics.spans, messages())
+    note(f"pre-filled {mix.spans} spans in {count} messages in {time.monotonic() - started:.1f}s")
+    return mix.spans, count
+
+
+def raw_kafka_python(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[int, float]:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 << 20,
+        max_partition_fetch_bytes=16 << 20,
+        max_poll_records=10_000,
+        # Without the optional `crc32c` package kafka-python checks CRCs in pure Python, ~15x
+        # slower than the decode itself; aiokafka checks them in C.
+        check_crcs=False,
+    )
+    partitions = [TopicPartition(topic, p) for p in ends]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    spans = 0
+    left = {tp.partition: ends[tp.partition] for tp in partitions}
+    started = time.perf_counter()
+    while any(left.values()):
+        for tp, records in consumer.poll(timeout_ms=500).items():
+            for record in records:
+                spans += count_spans(record.value)
+            left[tp.partition] = max(0, ends[tp.partition] - (records[-1].offset + 1))
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return spans, elapsed
+
+
+async def _raw_aiokafka(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[int, float]:
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition as AioPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 << 20,
+        max_partition_fetch_bytes=16 << 20,
+    )
+    await consumer.start()
+    try:
+        partitions = [AioPartition(topic, p) for p in ends]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        spans = 0
+        left = dict(ends)
+        started = time.perf_counter()
+        while any(left.values()):
+            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for tp, records in batches.items():
+                for record in records:
+                    spans += count_spans(record.value)
+                left[tp.partition] = max(0, ends[tp.partition] - (records[-1].offset + 1))
+        return spans, time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+def raw_baseline(pipeline: BenchPipeline, expected: int) -> tuple[float, dict[str, float]]:
+    ends = end_offsets(pipeline.bootstrap, pipeline.topics.spans)
+    rates = {}
+    bootstrap, topic = pipeline.bootstrap, pipeline.topics.spans
+    for name, run in (
+        ("kafka-python (no CRC check)", lambda: raw_kafka_python(bootstrap, topic, ends)),
+        ("aiokafka", lambda: asyncio.run(_raw_aiokafka(bootstrap, topic, ends))),
+    ):
+        spans, elapsed = run()
+        if spans != expected:
+            raise AssertionError(f"raw {name} counted {spans} spans, expected {expected}")
+        rates[name] = spans / elapsed
+        note(f"raw {name}: {spans} spans in {elapsed:.2f}s = {rates[name]:,.0f} spans/s")
+    return max(rates.values()), rates
+
+
+def ensure_py_spy() -> str:
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    uv = Path(sys.executable).with_name("uv")
+    note("installing py-spy into the venv for --profile")
+    subprocess.run([str(uv), "pip", "install", "-q", "--python", sys.executable, "py-spy"], check=True)
+    return str(Path(sys.executable).with_name("py-spy"))
+
+
+def run_worker(pipeline: BenchPipeline, spans: int, timeout: float, profile: bool) -> dict[str, float]:
+    budgets = pipeline.write("budgets.yaml", BUDGETS_YAML)
+    env = {
+        "BURNGUARD_BUDGETS_FILE": str(budgets),
+        "BURNGUARD_COMMIT_INTERVAL_S": "1.0",
+        "BURNGUARD_SNAPSHOT_INTERVAL_S": "10",
+    }
+    if profile:
+        py_spy = ensure_py_spy()
+        raw = pipeline.root / "profile.txt"
+        args = ["record", "--format", "raw", "--rate", "50", "--subprocesses", "-o", str(raw), "--"]
+        args += [sys.executable, "-m", "burnguard.stream"]
+        process = subprocess.Popen(
+            [py_spy, *args],
+            env=pipeline.env(env),
+            stdout=pipeline.log_path("worker").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        pipeline.processes["worker"] = process
+        pipeline.wait_for_log("worker", "[^Worker]: Ready", 180)
+    else:
+        process = pipeline.start_worker(env)
+    started = time.monotonic()
+    worker_pid = _python_pid(process.pid)
+    if worker_pid != process.pid:
+        pipeline.child_pids["worker-python"] = worker_pid
+    cpu_start = cpu_seconds(worker_pid)
+    broker_cpu_start = cpu_seconds(pipeline.broker.pid) if pipeline.broker.pid else 0.0
+    offsets = GroupOffsets(pipeline.bootstrap, pipeline.app_id)
+    spans_ends = end_offsets(pipeline.bootstrap, pipeline.topics.spans)
+    ingest_done = 0.0
+    try:
+        deadline, report_at = started + timeout, started + 10
+        while True:
+            now = time.monotonic()
+            if not ingest_done and offsets.caught_up(pipeline.topics.spans, spans_ends):
+                ingest_done = now
+            usage_ends = end_offsets(pipeline.bootstrap, pipeline.topics.usage)
+            if ingest_done and offsets.caught_up(pipeline.topics.usage, usage_ends):
+                break
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{pipeline.log('worker')[-3000:]}")
+            if now > report_at or now > deadline:
+                report_at += 10
+                ingested = sum(max(o, 0) for o in offsets.committed(pipeline.topics.spans).values())
+                accounted = sum(max(o, 0) for o in offsets.committed(pipeline.topics.usage).values())
+                note(
+                    f"{now - started:.0f}s: committed {ingested}/{sum(spans_ends.values())} OTLP messages, "
+                    f"{accounted}/{sum(usage_ends.values())} usage deltas; "
+                    f"worker CPU {cpu_seconds(worker_pid) - cpu_start:.1f}s"
+                )
+                if now > deadline:
+                    raise TimeoutError(f"the worker did not account every span in {timeout:.0f}s")
+            time.sleep(0.1)
+        finished = time.monotonic()
+        worker_cpu = cpu_seconds(worker_pid) - cpu_start
+        broker_cpu = (cpu_seconds(pipeline.broker.pid) - broker_cpu_start) if pipeline.broker.pid else 0.0
+    finally:
+        offsets.close()
+    elapsed = finished - started
+    deltas = sum(usage_ends.values())
+    note(
+        f"worker: {spans} spans in {elapsed:.2f}s (ingest committed after {ingest_done - started:.2f}s), "
+        f"{deltas} usage deltas ({deltas / spans:.2f} per span)"
+    )
+    note(
+        f"CPU during the run: worker {worker_cpu:.1f}s ({worker_cpu / elapsed:.0%} of one core), "
+        f"broker {broker_cpu:.1f}s; {spans / worker_cpu:,.0f} spans per worker CPU-second"
+    )
+    return {
+        "elapsed": elapsed,
+        "spans_per_s": spans / elapsed,
+        "deltas": deltas,
+        "worker_cpu": worker_cpu,
+        "spans_per_cpu_s": spans / worker_cpu,
+    }
+
+
+def _python_pid(pid: int) -> int:
+    """The worker's own pid (under py-spy, the launcher's child)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for _ in range(50):
+        if "py-spy" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return pid
+        kids = children.read_text().split() if children.exists() else []
+        if kids:
+            return int(kids[0])
+        time.sleep(0.1)
+    return pid
+
+
+def check_totals(pipeline: BenchPipeline, mix: SpanMix, wait_s: float = 25.0) -> None:
+    """The snapshots must count every model call and tool call once."""
+    deadline = time.monotonic() + wait_s
+    calls = tools = 0.0
+    while time.monotonic() < deadline:
+        usage = latest_usage(pipeline.bootstrap, pipeline.topics.budget_usage)
+        totals: Counter[str] = Counter()
+        for snapshot in usage.values():
+            totals[snapshot.budget] += snapshot.spent
+        calls, tools = totals["service-calls"], totals["service-tool-calls"]
+        if calls == mix.model_calls and tools == mix.tool_calls:
+            note(f"snapshots: {int(calls)} calls, {int(tools)} tool calls over {len(usage)} budget windows")
+            return
+        time.sleep(2)
+    raise AssertionError(
+        f"snapshots count {calls} calls and {tools} tool calls; "
+        f"{mix.model_calls} and {mix.tool_calls} were sent"
+    )
+
+
+#: (what, a frame marker): inclusive share of the worker's samples under each.
+PROFILE_PARTS = [
+    ("stage 1 agent (_ingest), all of it", "_ingest (stream/app.py"),
+    ("  OTLP decode (decode_usage)", "decode_usage ("),
+    ("  budget matching + windows (usage_deltas)", "usage_deltas ("),
+    ("  window start (Window.start_ns)", "Window.start_ns ("),
+    ("  sending deltas (Topic.send)", "_ingest (stream/app.py;Topic.send"),
+    ("stage 2 agent (_account), all of it", "_account (stream/app.py"),
+    ("  deciding (policy.decide)", "decide (stream/policy.py"),
+    ("snapshot timer (_snapshot)", "_snapshot (stream/app.py"),
+    ("refresh timer (_refresh)", "_refresh (stream/app.py"),
+    ("aiokafka producer code (batching, sending)", "aiokafka/producer"),
+    ("aiokafka consumer code (fetching, parsing)", "aiokafka/consumer"),
+    ("Faust conductor / stream dispatch", "Conductor."),
+    ("event loop select (idle)", "EpollSelector.select"),
+]
+
+
+def print_profile(path: Path, top: int = 15) -> None:
+    """Where the worker's time went, from py-spy's raw (collapsed stack) output."""
+    self_time: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        samples += count
+        frames = stack.split(";")
+        self_time[frames[-1]] += count
+        flat = ";".join(frame.split(":")[0] for frame in frames)
+        for what, marker in PROFILE_PARTS:
+            if marker in flat:
+                parts[what] += count
+    print(f"\nprofile of the worker: {samples} samples (py-spy, 50 Hz, on-CPU)")
+    for what, _marker in PROFILE_PARTS:
+        print(f"  {parts[what] / samples:6.1%}  {what}")
+    print("top self time:")
+    for frame, count in self_time.most_common(top):
+        print(f"  {count / samples:6.1%}  {frame}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--spans", type=int, default=50_000, help="spans to pre-fill (default 50000)")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds the worker may take")
+    parser.add_argument("--profile", action="store_true", help="run the worker under py-spy")
+    parser.add_argument("--keep", action="store_true", help="keep the broker dir and logs")
+    args = parser.parse_args()
+
+    mix = SpanMix()
+    with BenchPipeline("stream_throughput", keep=args.keep) as pipeline:
+        spans, messages = prefill(pipeline, args.spans, mix)
+        note(
+            f"{mix.model_calls} LLM calls, {mix.tool_spans} tool spans, "
+            f"{spans - mix.model_calls - mix.tool_spans} plain spans; {len(mix.calls_by_user)} users; "
+            f"{spans / messages:.0f} spans per message"
+        )
+        raw, _ = raw_baseline(pipeline, spans)
+        worker = run_worker(pipeline, spans, args.timeout, args.profile)
+        check_totals(pipeline, mix)
+        written = {t: n for t, n in topic_sizes(pipeline.bootstrap).items() if t != pipeline.topics.spans}
+        note(
+            "records the worker had written when the totals were checked, per span: "
+            f"{sum(written.values()) / spans:.1f} "
+            f"({', '.join(f'{t} {n}' for t, n in sorted(written.items(), key=lambda i: -i[1]) if n)})"
+        )
+        if args.profile:
+            pipeline.stop_child("worker-python")  # py-spy writes its file when the worker exits
+            pipeline.processes["worker"].wait(60)
+            print_profile(pipeline.root / "profile.txt")
+    ratio = worker["spans_per_s"] / raw
+    print(f"\nmachine: {machine_note()}")
+    print(
+        f"worker {worker['spans_per_s']:,.0f} spans/s (target {TARGET_SPANS_PER_S:,}), "
+        f"raw {raw:,.0f} spans/s, ratio {ratio:.3f} (target {TARGET_RATIO})"
+    )
+    print(
+        f"RESULT stream_throughput spans_per_s={worker['spans_per_s']:.0f} "
+        f"raw_spans_per_s={raw:.0f} ratio_vs_raw={ratio:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
