@@ -342,12 +342,16 @@ class BudgetJob:
 
 
 def output_topics(settings: StreamSettings) -> list[TopicSpec]:
-    """The topics the job writes but does not read; Faust only creates the ones it reads."""
+    """The topics the job writes (Faust only creates the ones it reads) and its internal usage topic."""
     topics, partitions = settings.topics, settings.partitions
     return [
         TopicSpec(topics.signals, partitions, compacted=True),
         TopicSpec(topics.budget_usage, partitions, compacted=True),
         TopicSpec(topics.deadletter, 1),
+        # Read by the job, but created here too: when Faust creates it while subscribing, the
+        # assignor may run first, ignore the missing topic, and leave it unread until the next
+        # metadata refresh (5 minutes).
+        TopicSpec(topics.usage, partitions),
     ]
 
 
