@@ -550,45 +550,6 @@ def test_a_commit_that_keeps_failing_gives_up_at_shutdown(
     assert (final, rows) == (stream.spans, stream.spans)
 
 
-def test_partitions_that_move_away_during_an_outage_are_read_again_when_they_come_back(
-    stream: Stream, chdb_dsn: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A second member joins while ClickHouse is down, takes partitions and leaves without committing.
-
-    The sink drops what it held from the partitions it lost, reads them again from the
-    last commit when they come back, keeps the rest, and ends with every row once.
-    """
-    caplog.set_level("INFO", logger=sink_module.__name__)
-    with chdb_outage(chdb_dsn) as end_outage:
-        stream.send_spans(12)
-        stream.producer.flush()
-        with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, retry_max_s=0.5) as sink:
-            wait_for(lambda: sink.insert_failures >= 2, 60, "insert retries")
-            intruder = KafkaConsumer(
-                bootstrap_servers=stream.broker.bootstrap,
-                group_id=stream.group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-            )
-            try:
-                intruder.subscribe([stream.topics.spans, stream.topics.signals])
-                read = 0
-                deadline = time.monotonic() + 60
-                while not (intruder.assignment() and read):  # it owns partitions and has read them
-                    assert time.monotonic() < deadline, "the second member got no messages"
-                    read += sum(len(m) for m in intruder.poll(timeout_ms=500).values())
-                wait_for(lambda: "moved away" in caplog.text, 120, "the sink to drop the moved partitions")
-            finally:
-                intruder.close(autocommit=False)  # leaves the group: its partitions come back
-            assert stream.lag() == 12  # nothing committed by anyone yet
-            end_outage()
-            stream.wait_consumed(AFTER_OUTAGE_S)
-    assert sink.spans_written == stream.spans
-    final, rows, spend = stored(chdb_dsn)
-    assert (final, rows) == (stream.spans, stream.spans)  # the dropped rows were written once, later
-    assert spend == pytest.approx(stream.spend)
-
-
 def test_a_member_kafka_python_leaves_rebalancing_is_asked_to_rejoin(
     stream: Stream, chdb_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
