@@ -103,3 +103,29 @@ GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
 GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 #: The root span of a workflow run (`burnguard.workflow(name)`); its status says if the run succeeded.
 WORKFLOW_SUCCESS: Final = "burnguard.workflow.success"
+
+# --- routing, escalation, context budgets and step caps (DESIGN.md §7) --------------
+#: How much is riding on the task (`low` / `normal` / `high`), declared in code with
+#: `burnguard.stakes(...)` and carried as baggage like the attribution.
+STAKES: Final = "burnguard.stakes"
+STAKES_LEVELS: Final = ("low", "normal", "high")
+DEFAULT_STAKES: Final = "normal"
+#: The model the caller asked for, when a routing rule sent the call to another class.
+ROUTED_FROM: Final = "burnguard.routed_from"
+#: The id of the routing rule that matched the call (set whether or not the model changed).
+ROUTE: Final = "burnguard.route"
+#: Set on the second attempt of an escalated call: the model of the attempt that failed the check.
+ESCALATED_FROM: Final = "burnguard.escalated_from"
+#: Why a call was refused before it was made: `budget`, `step_cap` or `context`.
+REFUSED: Final = "burnguard.refused"
+REFUSED_BUDGET: Final = "budget"
+REFUSED_STEP_CAP: Final = "step_cap"
+REFUSED_CONTEXT: Final = "context"
+#: The pre-call estimate of the prompt's tokens, next to the provider's real count.
+CONTEXT_ESTIMATED_INPUT_TOKENS: Final = "burnguard.context.estimated_input_tokens"
+#: How the estimate was made: `tiktoken:<encoding>` or `approx:chars/4`.
+CONTEXT_ESTIMATOR: Final = "burnguard.context.estimator"
+#: The feature's per-call input limit, set when a context budget applied to the call.
+CONTEXT_LIMIT: Final = "burnguard.context.max_input_tokens"
+#: True when the estimate exceeded the limit and the budget only warns.
+CONTEXT_EXCEEDED: Final = "burnguard.context.exceeded"

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from burnguard.contracts.model_base import StrictModel, check_id
+from burnguard.contracts.routes import CompiledRoutes, ContextBudget, Route
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window, check_timezone, check_window
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Scope = Literal["tenant", "user", "workflow", "feature", "model_class", "session", "service"]
@@ -28,16 +29,11 @@ Metric = Literal["cost_usd", "tokens", "input_tokens", "tool_calls", "calls"]
 ActionKind = Literal["warn", "downgrade", "throttle"]
 #: Signal actions ordered by severity; `ok` lifts every restriction.
 SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "downgrade": 2, "throttle": 3}
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 #: Separator of the parts of a combined scope key: `tenant+feature` -> `acme/summarize`.
 KEY_SEPARATOR = "/"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Action(_Strict):
+class Action(StrictModel):
     """One rung of a budget's ladder: from ratio `at` on, do `do`."""
 
     at: float = Field(gt=0, description="fraction of the limit, e.g. 0.85")
@@ -45,7 +41,7 @@ class Action(_Strict):
     to: str | None = Field(default=None, description="model class a downgrade goes to")
 
 
-class Forecast(_Strict):
+class Forecast(StrictModel):
     """Acting on the projection, not only on the spend so far."""
 
     downgrade: bool = Field(
@@ -56,7 +52,7 @@ class Forecast(_Strict):
     )
 
 
-class Budget(_Strict):
+class Budget(StrictModel):
     id: str
     scope: tuple[Scope, ...]
     match: str = "*"
@@ -71,9 +67,7 @@ class Budget(_Strict):
     @field_validator("id")
     @classmethod
     def _id_is_a_name(cls, value: str) -> str:
-        if not _ID.match(value):
-            raise ValueError("id must be letters, digits, '_', '-' or '.', starting with a letter or digit")
-        return value
+        return check_id(value)
 
     @field_validator("scope", mode="before")
     @classmethod
@@ -169,7 +163,7 @@ def _located(at: tuple[Any, ...], message: str) -> PydanticCustomError:
     return PydanticCustomError("budget_config", "{message}", {"message": message, "at": at})
 
 
-class ContextGuard(_Strict):
+class ContextGuard(StrictModel):
     """Long-context detection: warn when a session's prompts keep growing past a size.
 
     An agent that appends every tool result to its context pays for the whole
@@ -185,12 +179,10 @@ class ContextGuard(_Strict):
     @field_validator("id")
     @classmethod
     def _id_is_a_name(cls, value: str) -> str:
-        if not _ID.match(value):
-            raise ValueError("id must be letters, digits, '_', '-' or '.', starting with a letter or digit")
-        return value
+        return check_id(value)
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(StrictModel):
     """A whole budget file."""
 
     model_classes: dict[str, tuple[str, ...]] = Field(default_factory=dict)
@@ -200,6 +192,12 @@ class BudgetConfig(_Strict):
     )
     budgets: tuple[Budget, ...] = ()
     context_guards: tuple[ContextGuard, ...] = ()
+    providers: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="per provider, the concrete model each class means: routing stays within a provider",
+    )
+    routes: tuple[Route, ...] = ()
+    context_budgets: tuple[ContextBudget, ...] = ()
 
     @field_validator("budgets")
     @classmethod
@@ -236,6 +234,66 @@ class BudgetConfig(_Strict):
                 )
             taken.add(guard.id)
         return self
+
+    @model_validator(mode="after")
+    def _provider_models_are_in_their_class(self) -> BudgetConfig:
+        for provider, by_class in self.providers.items():
+            for class_name, model in by_class.items():
+                if class_name not in self.model_classes:
+                    raise _located(
+                        ("providers", provider, class_name),
+                        f"{class_name!r} is not a model class "
+                        f"(known: {', '.join(self.model_classes) or 'none'})",
+                    )
+                if model not in self.model_classes[class_name]:
+                    raise _located(
+                        ("providers", provider, class_name),
+                        f"model {model!r} is not listed in model_classes.{class_name}",
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _routes_use_known_classes(self) -> BudgetConfig:
+        seen: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.id in seen:
+                raise _located(("routes", index, "id"), f"route id {route.id!r} is used twice")
+            seen.add(route.id)
+            if route.use not in self.model_classes:
+                raise _located(
+                    ("routes", index, "use"),
+                    f"route {route.id!r}: {route.use!r} is not a model class "
+                    f"(known: {', '.join(self.model_classes) or 'none'})",
+                )
+        if self.routes and not self.providers:
+            raise _located(("providers",), "routes need 'providers:' to map each class to a model")
+        return self
+
+    @cached_property
+    def compiled_routes(self) -> CompiledRoutes:
+        return CompiledRoutes(self.routes)
+
+    @cached_property
+    def provider_of_model(self) -> dict[str, str]:
+        """Which provider a model belongs to, as far as `providers:` says."""
+        return {
+            model: provider for provider, by_class in self.providers.items() for model in by_class.values()
+        }
+
+    def model_for(self, provider: str, class_name: str) -> str | None:
+        """The concrete model of `class_name` at `provider`, None when the file names none."""
+        return self.providers.get(provider, {}).get(class_name)
+
+    def class_above(self, class_name: str) -> str | None:
+        """The next more capable class; `model_classes` lists classes from the most capable down."""
+        names = list(self.model_classes)
+        if class_name not in names:
+            return None
+        index = names.index(class_name)
+        return names[index - 1] if index > 0 else None
+
+    def context_budget_for(self, feature: str) -> ContextBudget | None:
+        return next((b for b in self.context_budgets if b.applies_to(feature)), None)
 
     def context_guard(self, guard_id: str) -> ContextGuard | None:
         return next((g for g in self.context_guards if g.id == guard_id), None)
@@ -353,6 +411,9 @@ def to_records(config: BudgetConfig) -> dict[str, bytes]:
         "downgrade": config.downgrade,
         "prices": config.prices,
         "context_guards": [guard.model_dump() for guard in config.context_guards],
+        "providers": config.providers,
+        "routes": [route.model_dump() for route in config.routes],
+        "context_budgets": [budget.model_dump() for budget in config.context_budgets],
     }
     records = {SHARED_RECORD_KEY: json.dumps(shared, sort_keys=True).encode()}
     for budget in config.budgets:

@@ -121,6 +121,11 @@ _SETTERS: dict[str, Callable[[SpanUsage, AnyValue], None]] = {
     attr.COST_USD: _setter("cost_usd", _as_float),
     attr.MODEL_CLASS: _setter("model_class", _as_str),
     attr.DOWNGRADED_FROM: _setter("downgraded_from", _as_str),
+    attr.ROUTED_FROM: _setter("routed_from", _as_str),
+    attr.ROUTE: _setter("route", _as_str),
+    attr.ESCALATED_FROM: _setter("escalated_from", _as_str),
+    attr.REFUSED: _setter("refused", _as_str),
+    attr.STAKES: _setter("stakes", _as_str),
     attr.TOOL_CALLS: _setter("tool_calls", _as_int),
     "llm.request.type": _set_if_empty("operation"),  # OpenLLMetry
 }

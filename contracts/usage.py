@@ -45,6 +45,11 @@ class SpanUsage:
     cost_usd: float | None = None
     model_class: str = ""
     downgraded_from: str = ""
+    routed_from: str = ""
+    route: str = ""
+    escalated_from: str = ""
+    refused: str = ""  # why the call was refused before it was made; such a span used nothing
+    stakes: str = ""
     error_type: str = ""
     status_error: bool = False
     extra: dict[str, str] = field(default_factory=dict)
@@ -56,7 +61,12 @@ class SpanUsage:
 
     @property
     def is_model_call(self) -> bool:
-        return self.operation in attr.MODEL_CALL_OPERATIONS
+        """A call that reached a model; a refused call is recorded but never made."""
+        return self.operation in attr.MODEL_CALL_OPERATIONS and not self.refused
+
+    @property
+    def is_refused_call(self) -> bool:
+        return bool(self.refused) and self.operation in attr.MODEL_CALL_OPERATIONS
 
     @property
     def is_tool_call(self) -> bool:

@@ -21,18 +21,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from burnguard.contracts.attributes import REFUSED_BUDGET
 from burnguard.contracts.budgets import KEY_SEPARATOR, BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.instrumentation.refusals import CallRefused
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 FailMode = Literal["open", "closed"]
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(CallRefused):
     """A call was refused before it was made, because a budget is throttled."""
+
+    reason = REFUSED_BUDGET
 
     def __init__(self, signal: Signal) -> None:
         self.signal = signal
