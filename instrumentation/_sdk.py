@@ -24,33 +24,15 @@ from typing import Any
 import wrapt
 from burnguard.contracts import attributes as attr
 from burnguard.instrumentation.calls import LLMCall, start_llm_call
+from burnguard.instrumentation.escalation import active_check, escalation_model, response_passes
+from burnguard.instrumentation.refusals import CallRefused
 from burnguard.instrumentation.runtime import current_runtime
+from burnguard.instrumentation.tokens import estimate_tokens
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 logger = logging.getLogger(__name__)
 _CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-CHARS_PER_TOKEN = 4
-
-
-def estimate_tokens(chars: int) -> int:
-    """A rough token count for `chars` characters of text (about four characters a token)."""
-    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN if chars > 0 else 0
-
-
-def text_chars(value: Any) -> int:
-    """Characters of text in a message, content part list, or anything JSON-like."""
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(
-            text_chars(v) for k, v in value.items() if k not in ("type", "role", "id", "cache_control")
-        )
-    if isinstance(value, (list, tuple)):
-        return sum(text_chars(v) for v in value)
-    return 0
 
 
 def capture_content() -> bool:
@@ -158,7 +140,7 @@ def _open(spec: Spec, kwargs: dict[str, Any], tracer: trace.Tracer | None, insta
     if not isinstance(model, str):
         return None
     provider = spec.provider_of(instance) if spec.provider_of is not None else spec.provider
-    call = start_llm_call(model, provider, operation=spec.operation, tracer=tracer)
+    call = start_llm_call(model, provider, operation=spec.operation, tracer=tracer, prompt=kwargs)
     if call.model != model:
         kwargs["model"] = call.model
     if spec.input_messages is not None and capture_content():
@@ -240,6 +222,64 @@ def handle_result(call: LLMCall, spec: Spec, kwargs: dict[str, Any], result: Any
     return result
 
 
+def _run_sync(
+    wrapped: Callable[..., Any], args: tuple, kwargs: dict[str, Any], call: LLMCall, spec: Spec
+) -> Any:
+    token = context.attach(trace.set_span_in_context(call.span))
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        fail(call, exc)
+        raise
+    finally:
+        context.detach(token)
+    return handle_result(call, spec, kwargs, result, is_async=False)
+
+
+async def _run_async(
+    wrapped: Callable[..., Any], args: tuple, kwargs: dict[str, Any], call: LLMCall, spec: Spec
+) -> Any:
+    token = context.attach(trace.set_span_in_context(call.span))
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as exc:
+        fail(call, exc)
+        raise
+    finally:
+        context.detach(token)
+    return handle_result(call, spec, kwargs, result, is_async=True)
+
+
+def _open_escalation(
+    spec: Spec, kwargs: dict[str, Any], first: LLMCall, result: Any, tracer: trace.Tracer | None
+) -> tuple[LLMCall, dict[str, Any]] | None:
+    """The retry of a call whose complete response failed the `escalate_on` check, if one is due."""
+    check = active_check()
+    if check is None or _is_stream(spec, kwargs) or _raw_kind(result) is not None:
+        return None
+    if response_passes(check, result):
+        return None
+    runtime = current_runtime()
+    if runtime is None or not (target := escalation_model(first.model, first.provider, runtime.budgets)):
+        return None
+    retry_kwargs = {**kwargs, "model": target}
+    try:
+        retry = start_llm_call(
+            target,
+            first.provider,
+            operation=spec.operation,
+            tracer=tracer,
+            prompt=retry_kwargs,
+            routed=False,
+            attributes={attr.ESCALATED_FROM: first.model},
+        )
+    except CallRefused as refusal:  # the retry is refused (budget, step cap): keep the first answer
+        logger.info("burnguard: escalation of %s refused: %s", first.model, refusal)
+        return None
+    retry_kwargs["model"] = retry.model
+    return retry, retry_kwargs
+
+
 def sync_wrapper(spec: Spec, tracer: Callable[[], trace.Tracer | None]) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         if not is_instrumentation_enabled():
@@ -247,15 +287,12 @@ def sync_wrapper(spec: Spec, tracer: Callable[[], trace.Tracer | None]) -> Calla
         call = _open(spec, kwargs, tracer(), instance)
         if call is None:
             return wrapped(*args, **kwargs)
-        token = context.attach(trace.set_span_in_context(call.span))
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            fail(call, exc)
-            raise
-        finally:
-            context.detach(token)
-        return handle_result(call, spec, kwargs, result, is_async=False)
+        result = _run_sync(wrapped, args, kwargs, call, spec)
+        escalation = _open_escalation(spec, kwargs, call, result, tracer())
+        if escalation is None:
+            return result
+        retry, retry_kwargs = escalation
+        return _run_sync(wrapped, args, retry_kwargs, retry, spec)
 
     return wrapper
 
@@ -264,21 +301,18 @@ def async_wrapper(spec: Spec, tracer: Callable[[], trace.Tracer | None]) -> Call
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        # The guard decides when the coroutine is created, before anything is awaited or sent.
+        # The decision is made when the coroutine is created, before anything is awaited or sent.
         call = _open(spec, kwargs, tracer(), instance)
         if call is None:
             return wrapped(*args, **kwargs)
 
         async def run() -> Any:
-            token = context.attach(trace.set_span_in_context(call.span))
-            try:
-                result = await wrapped(*args, **kwargs)
-            except BaseException as exc:
-                fail(call, exc)
-                raise
-            finally:
-                context.detach(token)
-            return handle_result(call, spec, kwargs, result, is_async=True)
+            result = await _run_async(wrapped, args, kwargs, call, spec)
+            escalation = _open_escalation(spec, kwargs, call, result, tracer())
+            if escalation is None:
+                return result
+            retry, retry_kwargs = escalation
+            return await _run_async(wrapped, args, retry_kwargs, retry, spec)
 
         return run()
 

@@ -32,12 +32,11 @@ from burnguard.instrumentation._sdk import (
     _stream_accumulator,
     apply_usage,
     async_wrapper,
-    estimate_tokens,
     fail,
     sync_wrapper,
-    text_chars,
 )
 from burnguard.instrumentation.instrumentor import BurnguardInstrumentor, Target
+from burnguard.instrumentation.tokens import estimate_tokens, text_chars
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from burnguard.contracts.attributes import ATTRIBUTION_BY_ATTRIBUTE, ATTRIBUTION_KEYS
+from burnguard.contracts.attributes import ATTRIBUTION_BY_ATTRIBUTE, ATTRIBUTION_KEYS, DEFAULT_STAKES, STAKES
+from burnguard.contracts.routes import check_stakes
 from opentelemetry import baggage, context
 from opentelemetry.processor.baggage import BaggageSpanProcessor
 
-_ATTRIBUTION_BAGGAGE_KEYS = frozenset(ATTRIBUTION_KEYS.values())
+_ATTRIBUTION_BAGGAGE_KEYS = frozenset((*ATTRIBUTION_KEYS.values(), STAKES))
 
 
 def is_attribution_key(key: str) -> bool:
@@ -69,3 +70,23 @@ def current_attribution() -> dict[str, str]:
         if dimension is not None:
             found[dimension] = str(value)
     return found
+
+
+@contextmanager
+def stakes(level: str) -> Iterator[None]:
+    """Declare how much rides on the calls inside: `low`, `normal` (the default) or `high`.
+
+    Routing rules can match on it (high-stakes work keeps the premium model);
+    like the attribution it travels as baggage to downstream services.
+    """
+    ctx = baggage.set_baggage(STAKES, check_stakes(level))
+    token = context.attach(ctx)
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def current_stakes() -> str:
+    value = baggage.get_baggage(STAKES)
+    return str(value) if value else DEFAULT_STAKES

@@ -14,19 +14,27 @@ instrumentation opened for the same call), usage, cost, end.
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, NoReturn
 
 from burnguard.contracts import attributes as attr
+from burnguard.contracts.budgets import BudgetConfig
+from burnguard.instrumentation.attribution import current_attribution, current_stakes
 from burnguard.instrumentation.cost import cost_attributes
+from burnguard.instrumentation.decisions import CallDecision, CallRequest, decide_call
+from burnguard.instrumentation.refusals import CallRefused
 from burnguard.instrumentation.runtime import Runtime, current_runtime
+from burnguard.instrumentation.steps import TOOL_CALLS, step_counter
+from burnguard.instrumentation.tokens import count_prompt_tokens
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 _TRACER_NAME = "burnguard.instrumentation"
 _tracers: weakref.WeakKeyDictionary[Any, trace.Tracer] = weakref.WeakKeyDictionary()
+_NO_CONFIG = BudgetConfig()
 
 
 def _tracer(runtime: Runtime | None) -> trace.Tracer:
@@ -100,6 +108,10 @@ class LLMCall:
         self.span.set_status(Status(StatusCode.ERROR, str(exc)))
 
     @property
+    def provider(self) -> str:
+        return str(self._base.get(attr.GEN_AI_PROVIDER_NAME, ""))
+
+    @property
     def ended(self) -> bool:
         return self._ended
 
@@ -121,6 +133,40 @@ class LLMCall:
             self.span.end()
 
 
+def _decide(
+    runtime: Runtime | None,
+    model: str,
+    provider: str,
+    operation: str,
+    prompt: Mapping[str, Any] | None,
+    routed: bool,
+) -> CallDecision | None:
+    """The decision for this call, or None when nothing is configured that could change it."""
+    guard = runtime.guard if runtime is not None else None
+    config = runtime.budgets if runtime is not None else _NO_CONFIG
+    if guard is None and not config.routes and not config.context_budgets and not step_counter.active:
+        return None
+    request = CallRequest(model, provider, operation, current_attribution(), current_stakes(), routed)
+    estimate = None
+    if prompt is not None:
+        estimate = functools.partial(count_prompt_tokens, provider=provider, kwargs=prompt)
+    return decide_call(request, config, guard, estimate=estimate, steps=step_counter)
+
+
+def _refuse(tracer: trace.Tracer, base: dict[str, Any], decision: CallDecision) -> NoReturn:
+    """Record the refused call as a span that used nothing, then raise the refusal."""
+    assert decision.refusal is not None
+    span = tracer.start_span(
+        f"{base[attr.GEN_AI_OPERATION_NAME]} {decision.model}",
+        kind=SpanKind.CLIENT,
+        attributes={**base, attr.COST_USD: 0.0, attr.ERROR_TYPE: type(decision.refusal).__qualname__},
+        record_exception=False,
+    )
+    span.set_status(Status(StatusCode.ERROR, str(decision.refusal)))
+    span.end()
+    raise decision.refusal
+
+
 def start_llm_call(
     model: str,
     provider: str,
@@ -128,17 +174,22 @@ def start_llm_call(
     operation: str = attr.OP_CHAT,
     enforce: bool = True,
     tracer: trace.Tracer | None = None,
+    prompt: Mapping[str, Any] | None = None,
+    routed: bool = True,
+    attributes: Mapping[str, Any] | None = None,
 ) -> LLMCall:
-    """Decide and open one model call: the guard first (deny raises `BudgetExceeded`), then the span.
+    """Decide and open one model call: `decide_call` first (a refusal raises), then the span.
 
-    The span is not made current; callers that send the request inside it attach it.
-    When other instrumentations record the same call, `dedupe` keeps it counted once.
+    `prompt` is the request (its `messages`, `system`, `input` ...), read only
+    when the feature has a context budget. `routed=False` keeps the model as
+    given (an escalation retry chose it on purpose). The span is not made
+    current; callers that send the request inside it attach it. When other
+    instrumentations record the same call, `dedupe` keeps it counted once.
     """
     runtime = current_runtime()
-    requested = model
-    guard = runtime.guard if runtime is not None and enforce else None
-    if guard is not None:
-        model = guard.enforce(model) or model
+    decision = _decide(runtime, model, provider, operation, prompt, routed) if enforce else None
+    if decision is not None:
+        model = decision.model
     base: dict[str, Any] = {
         attr.GEN_AI_OPERATION_NAME: operation,
         attr.GEN_AI_PROVIDER_NAME: provider,
@@ -146,12 +197,17 @@ def start_llm_call(
     }
     if runtime is not None and (model_class := runtime.budgets.model_class(model)):
         base[attr.MODEL_CLASS] = model_class
-    if model != requested:
-        base[attr.DOWNGRADED_FROM] = requested
-    span = (tracer or _tracer(runtime)).start_span(
+    if attributes:
+        base.update(attributes)
+    tracer = tracer or _tracer(runtime)
+    if decision is not None:
+        base.update(decision.span_attributes())
+        if decision.refusal is not None:
+            _refuse(tracer, base, decision)
+    span = tracer.start_span(
         f"{operation} {model}", kind=SpanKind.CLIENT, attributes=base, record_exception=False
     )
-    return LLMCall(span, model, requested, base, runtime)
+    return LLMCall(span, model, decision.requested_model if decision else model, base, runtime)
 
 
 @contextmanager
@@ -161,14 +217,16 @@ def llm_call(
     *,
     operation: str = attr.OP_CHAT,
     enforce: bool = True,
+    prompt: Mapping[str, Any] | None = None,
 ) -> Iterator[LLMCall]:
-    """Wrap one model call in a GenAI span; the guard may deny it or change its model first.
+    """Wrap one model call in a GenAI span; the decision may refuse it or change its model first.
 
-    Use `call.model` for the request: it is the downgraded model when the
-    guard asked for a downgrade. A denied call raises `BudgetExceeded` before
-    the block runs.
+    Use `call.model` for the request: it is the routed or downgraded model
+    when a rule or the guard chose another one. A refused call raises a
+    `CallRefused` (e.g. `BudgetExceeded`) before the block runs. Pass the
+    request as `prompt` (`{"messages": [...]}`) for context budgets to see it.
     """
-    call = start_llm_call(model, provider, operation=operation, enforce=enforce)
+    call = start_llm_call(model, provider, operation=operation, enforce=enforce, prompt=prompt)
     with trace.use_span(call.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
         try:
             yield call
@@ -197,14 +255,37 @@ def record_llm_call(
 
 @contextmanager
 def tool_call(name: str, *, call_id: str | None = None) -> Iterator[trace.Span]:
-    """Wrap one tool execution in an `execute_tool` span."""
+    """Wrap one tool execution in an `execute_tool` span; the session's step cap may refuse it."""
     attributes = {attr.GEN_AI_OPERATION_NAME: attr.OP_EXECUTE_TOOL, attr.GEN_AI_TOOL_NAME: name}
     if call_id:
         attributes[attr.GEN_AI_TOOL_CALL_ID] = call_id
-    with _tracer(current_runtime()).start_as_current_span(
+    tracer = _tracer(current_runtime())
+    take_tool_step(tracer, attributes)
+    with tracer.start_as_current_span(
         f"{attr.OP_EXECUTE_TOOL} {name}", kind=SpanKind.INTERNAL, attributes=attributes
     ) as span:
         yield span
+
+
+def take_tool_step(tracer: trace.Tracer, attributes: dict[str, Any]) -> None:
+    """Count a tool call against its session's cap; a refused one is recorded as a span, then raised."""
+    if not step_counter.active:
+        return
+    try:
+        step_counter.take(current_attribution().get("session", ""), TOOL_CALLS)
+    except CallRefused as refusal:
+        span = tracer.start_span(
+            f"{attr.OP_EXECUTE_TOOL} {attributes[attr.GEN_AI_TOOL_NAME]}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                **attributes,
+                attr.REFUSED: refusal.reason,
+                attr.ERROR_TYPE: type(refusal).__qualname__,
+            },
+        )
+        span.set_status(Status(StatusCode.ERROR, str(refusal)))
+        span.end()
+        raise
 
 
 def record_tool_call(name: str, *, call_id: str | None = None) -> None:

@@ -28,11 +28,10 @@ from burnguard.instrumentation._sdk import (
     Spec,
     Usage,
     async_wrapper,
-    estimate_tokens,
     sync_wrapper,
-    text_chars,
 )
 from burnguard.instrumentation.instrumentor import BurnguardInstrumentor, Target
+from burnguard.instrumentation.tokens import estimate_tokens, text_chars
 
 logger = logging.getLogger(__name__)
 _PROVIDER = "openai"

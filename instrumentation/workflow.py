@@ -22,7 +22,7 @@ from typing import Any, TypeVar, overload
 
 from burnguard.contracts import attributes as attr
 from burnguard.instrumentation.attribution import attribute
-from burnguard.instrumentation.calls import _tracer
+from burnguard.instrumentation.calls import _tracer, take_tool_step
 from burnguard.instrumentation.runtime import current_runtime
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -105,7 +105,9 @@ class _Tool(_SpanBlock):
         attributes = {attr.GEN_AI_OPERATION_NAME: attr.OP_EXECUTE_TOOL, attr.GEN_AI_TOOL_NAME: self.name}
         if self.call_id:
             attributes[attr.GEN_AI_TOOL_CALL_ID] = self.call_id
-        span = _tracer(current_runtime()).start_span(
+        tracer = _tracer(current_runtime())
+        take_tool_step(tracer, attributes)
+        span = tracer.start_span(
             f"{attr.OP_EXECUTE_TOOL} {self.name}", kind=SpanKind.INTERNAL, attributes=attributes
         )
         with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):

@@ -343,9 +343,14 @@ def test_llm_call_denied_by_the_guard_raises_before_the_call(setup: Setup) -> No
     ):
         ran.append(True)
     assert ran == []
-    assert setup.spans() == []
+    # The refusal is recorded as a span that used and cost nothing, so refusals can be counted.
+    (refused,) = setup.spans()
+    assert refused.attributes["burnguard.refused"] == "budget"
+    assert refused.attributes["burnguard.cost.usd"] == 0.0
+    assert refused.attributes["error.type"] == "BudgetExceeded"
+    assert "gen_ai.usage.input_tokens" not in refused.attributes
     # enforce=False records without asking the guard.
     with burnguard.attribute(tenant="acme"), burnguard.llm_call("gpt-4.1", "openai", enforce=False):
         ran.append(True)
     assert ran == [True]
-    assert len(setup.spans()) == 1
+    assert len(setup.spans()) == 2
