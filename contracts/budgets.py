@@ -266,7 +266,7 @@ class BudgetConfig(StrictModel):
                     f"(known: {', '.join(self.model_classes) or 'none'})",
                 )
         if self.routes and not self.providers:
-            raise _located(("providers",), "routes need 'providers:' to map each class to a model")
+            raise _located(("routes",), "routes need 'providers:' to map each class to a model")
         return self
 
     @cached_property

@@ -58,7 +58,7 @@ class _AnthropicHandler(FakeHandler):
         tool_calls = self.option(headers, "tool-calls")
         chunks = self.option(headers, "chunks")
         pieces = [f"tok{i} " for i in range(chunks)] if chunks else [w + " " for w in TEXT.split(" ")]
-        text = "".join(pieces)
+        text = self.server.replies.get(model, "".join(pieces))
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         for i in range(tool_calls):
             content.append(

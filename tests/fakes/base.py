@@ -32,6 +32,8 @@ class FakeServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), self.handler_class)
         self.requests: list[Recorded] = []
+        #: Reply text per model (for tests where models answer differently), else the default text.
+        self.replies: dict[str, str] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 

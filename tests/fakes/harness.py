@@ -155,8 +155,9 @@ def harness_fixture(
     instrumentors = [OpenAIInstrumentor(), AnthropicInstrumentor()]
     for instrumentor in instrumentors:
         instrumentor.instrument(tracer_provider=runtime.tracer_provider)
-    openai_server.requests.clear()
-    anthropic_server.requests.clear()
+    for server in (openai_server, anthropic_server):
+        server.requests.clear()
+        server.replies.clear()
     try:
         yield Harness(runtime, exporter, openai_server, anthropic_server)
     finally:

@@ -91,7 +91,8 @@ class _OpenAIHandler(FakeHandler):
         created = int(time.time())
         cid = f"chatcmpl-fake{len(self.server.requests)}"
         if not body.get("stream"):
-            message: dict[str, Any] = {"role": "assistant", "content": TEXT, "refusal": None}
+            content = self.server.replies.get(model, TEXT)
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
             if tool_calls:
                 message["content"] = None
                 message["tool_calls"] = [
