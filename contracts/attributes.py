@@ -114,6 +114,9 @@ DEFAULT_STAKES: Final = "normal"
 ROUTED_FROM: Final = "burnguard.routed_from"
 #: The id of the routing rule that matched the call (set whether or not the model changed).
 ROUTE: Final = "burnguard.route"
+#: True when the call runs on a cheaper model class than the caller asked for (routed down or
+#: downgraded): what the "fell back to cheaper models" percentage counts.
+FALLBACK: Final = "burnguard.fallback"
 #: Set on the second attempt of an escalated call: the model of the attempt that failed the check.
 ESCALATED_FROM: Final = "burnguard.escalated_from"
 #: Why a call was refused before it was made: `budget`, `step_cap` or `context`.

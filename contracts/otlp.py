@@ -68,6 +68,15 @@ def _as_float(value: AnyValue) -> float | None:
     return None
 
 
+def _as_bool(value: AnyValue) -> bool:
+    kind = value.WhichOneof("value")
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "string_value":
+        return value.string_value.strip().lower() in ("true", "1")
+    return bool(_as_int(value))
+
+
 def _setter(field_name: str, convert: Callable[[AnyValue], Any]) -> Callable[[SpanUsage, AnyValue], None]:
     def set_field(usage: SpanUsage, value: AnyValue) -> None:
         setattr(usage, field_name, convert(value))
@@ -126,6 +135,7 @@ _SETTERS: dict[str, Callable[[SpanUsage, AnyValue], None]] = {
     attr.ESCALATED_FROM: _setter("escalated_from", _as_str),
     attr.REFUSED: _setter("refused", _as_str),
     attr.STAKES: _setter("stakes", _as_str),
+    attr.FALLBACK: _setter("fallback", _as_bool),
     attr.TOOL_CALLS: _setter("tool_calls", _as_int),
     "llm.request.type": _set_if_empty("operation"),  # OpenLLMetry
 }

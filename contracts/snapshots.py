@@ -3,7 +3,9 @@
 Signals only say when a key's state changes; snapshots say where every
 active key stands, so dashboards can draw burn-down curves and tests can
 check totals exactly. The stream publishes them on the compacted
-`burnguard.budget_usage` topic, keyed by `scope:key@budget#window_start`.
+`burnguard.budget_usage` topic, one row per budget key and calendar window
+(`scope:key@budget#window_start`) or per budget key for rolling and session
+windows (`scope:key@budget`), whose start moves with the clock or never changes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
+from burnguard.contracts.windows import CALENDAR_WINDOWS
 from pydantic import BaseModel, ConfigDict
 
 
@@ -22,6 +25,8 @@ class BudgetUsage(BaseModel):
     scope: str
     key: str
     metric: str
+    #: The budget's window as written (`day`, `24h`, `session`); empty in snapshots of older workers.
+    window: str = ""
     window_start: datetime
     window_end: datetime
     spent: float
@@ -32,7 +37,15 @@ class BudgetUsage(BaseModel):
 
     @property
     def kafka_key(self) -> str:
-        return f"{self.scope}:{self.key}@{self.budget}#{self.window_start.isoformat()}"
+        """One key per row that should survive compaction.
+
+        A rolling window's start is "now minus the duration": in the key, every
+        snapshot would be a new row and the topic would keep all stale ones.
+        """
+        base = f"{self.scope}:{self.key}@{self.budget}"
+        if self.window and self.window not in CALENDAR_WINDOWS:
+            return base
+        return f"{base}#{self.window_start.isoformat()}"
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

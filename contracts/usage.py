@@ -49,6 +49,7 @@ class SpanUsage:
     route: str = ""
     escalated_from: str = ""
     refused: str = ""  # why the call was refused before it was made; such a span used nothing
+    fallback: bool = False  # ran on a cheaper class than requested (routed down or downgraded)
     stakes: str = ""
     error_type: str = ""
     status_error: bool = False
@@ -66,11 +67,13 @@ class SpanUsage:
 
     @property
     def is_refused_call(self) -> bool:
+        """A model call refused before it was made (budget, step cap, context budget)."""
         return bool(self.refused) and self.operation in attr.MODEL_CALL_OPERATIONS
 
     @property
     def is_tool_call(self) -> bool:
-        return self.operation == attr.OP_EXECUTE_TOOL
+        """A tool that ran; one refused by a step cap is recorded but never ran."""
+        return self.operation == attr.OP_EXECUTE_TOOL and not self.refused
 
     @property
     def total_tokens(self) -> int:

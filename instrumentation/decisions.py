@@ -62,6 +62,7 @@ class CallDecision:
     signal: Signal | None = None
     refusal: CallRefused | None = None
     context: dict[str, Any] = field(default_factory=dict)  # context budget attributes for the span
+    fallback: bool = False  # the model's class is cheaper than the requested model's
 
     @property
     def allowed(self) -> bool:
@@ -76,6 +77,8 @@ class CallDecision:
             found[attr.ROUTED_FROM] = self.routed_from
         if self.downgraded_from:
             found[attr.DOWNGRADED_FROM] = self.downgraded_from
+        if self.fallback:
+            found[attr.FALLBACK] = True
         if self.refusal is not None:
             found[attr.REFUSED] = self.refusal.reason
         return found
@@ -168,6 +171,10 @@ def decide_call(
         decision.routed_from = request.model
     if guard is not None:
         apply_budget_pressure(decision, request, config, guard)
+    if decision.model != request.model:
+        decision.fallback = config.is_cheaper_class(
+            config.model_class(decision.model), config.model_class(request.model)
+        )
     if decision.allowed and estimate is not None and config.context_budgets:
         check_context_budget(decision, request, config, estimate)
     if decision.allowed and steps is not None:

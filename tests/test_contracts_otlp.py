@@ -118,6 +118,31 @@ def test_every_field_lands() -> None:
     assert usage.status_error is True
 
 
+ROUTING_ATTRIBUTES: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.provider.name": "openai",
+    "gen_ai.request.model": "gpt-4.1-mini",
+    "burnguard.routed_from": "gpt-4.1",
+    "burnguard.route": "routine",
+    "burnguard.escalated_from": "gpt-4.1-nano",
+    "burnguard.stakes": "low",
+    "burnguard.fallback": True,
+}
+
+
+@pytest.mark.parametrize("encode", [proto_payload, json_payload], ids=["proto", "json"])
+def test_routing_escalation_and_refusal_attributes_land(encode: Any) -> None:
+    refused = {**ROUTING_ATTRIBUTES, "burnguard.refused": "step_cap", "burnguard.cost.usd": 0.0}
+    spans = finished_spans({"attributes": ROUTING_ATTRIBUTES}, {"attributes": refused})
+    made, refusal = decode_usage(encode(spans))
+    assert (made.routed_from, made.route, made.escalated_from) == ("gpt-4.1", "routine", "gpt-4.1-nano")
+    assert (made.stakes, made.fallback, made.refused) == ("low", True, "")
+    assert made.is_model_call and not made.is_refused_call
+    # A refused call is recorded, but it reached no model: no budget counts it as a call.
+    assert refusal.refused == "step_cap"
+    assert refusal.is_refused_call and not refusal.is_model_call
+
+
 def test_defaults_for_a_minimal_genai_span() -> None:
     spans = finished_spans(
         {"attributes": {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4.1"}}

@@ -98,6 +98,7 @@ class Case:
     want_routed_from: str = ""
     want_downgraded_from: str = ""
     want_refused: str = ""
+    want_fallback: bool = False  # a cheaper class than requested
 
 
 ACME = {"tenant": "acme"}
@@ -110,6 +111,7 @@ CASES = [
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
+        want_fallback=True,
     ),
     Case(
         "classification at Anthropic stays at Anthropic",
@@ -119,6 +121,7 @@ CASES = [
         want_model="claude-haiku-4-5",
         want_route="routine",
         want_routed_from="claude-opus-4-1",
+        want_fallback=True,
     ),
     Case(
         "high stakes keep the premium model, even for extraction",
@@ -136,6 +139,7 @@ CASES = [
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
+        want_fallback=True,
     ),
     Case(
         "a rule may route up: legal review gets premium",
@@ -167,6 +171,7 @@ CASES = [
         want_model="gpt-4.1-mini",
         want_route="acme-summaries",
         want_routed_from="gpt-4.1",
+        want_fallback=True,
     ),
     Case(
         "... another tenant does not match",
@@ -188,6 +193,7 @@ CASES = [
         signals=(signal("downgrade"),),
         want_model="gpt-4.1-mini",
         want_downgraded_from="gpt-4.1",
+        want_fallback=True,
     ),
     Case(
         "downgrade on top of routing walks from the routed model",
@@ -207,6 +213,7 @@ CASES = [
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
+        want_fallback=True,
     ),
     Case(
         "a downgrade to a class walks the ladder until that class",
@@ -216,6 +223,7 @@ CASES = [
         signals=(signal("downgrade", downgrade_to="economy"),),
         want_model="claude-haiku-4-5",
         want_downgraded_from="claude-opus-4-1",
+        want_fallback=True,
     ),
     Case(
         "a ladder step into another provider is never taken",
@@ -234,6 +242,7 @@ CASES = [
         want_route="routine",
         want_routed_from="gpt-4.1",
         want_refused="budget",
+        want_fallback=True,
     ),
     Case(
         "routing comes first: a throttled premium class does not stop a call routed to economy",
@@ -243,6 +252,7 @@ CASES = [
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
+        want_fallback=True,
     ),
     Case(
         "... and it does stop a premium call",
@@ -280,10 +290,12 @@ def test_decision_table(case: Case) -> None:
     assert decision.routed_from == case.want_routed_from
     assert decision.downgraded_from == case.want_downgraded_from
     assert (decision.refusal.reason if decision.refusal else "") == case.want_refused
+    assert decision.fallback == case.want_fallback
     attributes = decision.span_attributes()
     assert attributes.get("burnguard.route") == case.want_route
     assert attributes.get("burnguard.routed_from", "") == case.want_routed_from
     assert attributes.get("burnguard.downgraded_from", "") == case.want_downgraded_from
+    assert attributes.get("burnguard.fallback", False) == case.want_fallback
     if case.want_refused:
         assert isinstance(decision.refusal, BudgetExceeded)
         assert attributes["burnguard.refused"] == "budget"
@@ -399,7 +411,11 @@ model_classes:
             5,
             "providers.openai.economy: model 'gpt-4.1' is not listed in model_classes.economy",
         ),
-        ("routes:\n  - id: r\n    match: {feature: x}\n    use: economy\n", 4, "routes: routes need 'providers:'"),
+        (
+            "routes:\n  - id: r\n    match: {feature: x}\n    use: economy\n",
+            4,
+            "routes: routes need 'providers:'",
+        ),
         (
             "providers:\n  openai: {economy: gpt-4.1-nano}\nroutes:\n"
             "  - id: r\n    match: {}\n    use: economy\n",

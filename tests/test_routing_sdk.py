@@ -91,6 +91,7 @@ def test_routine_extraction_reaches_openai_with_the_economy_model(routed: Harnes
     assert a["burnguard.routed_from"] == "gpt-4.1"
     assert a["burnguard.route"] == "routine"
     assert a["burnguard.model_class"] == "economy"
+    assert a["burnguard.fallback"] is True
     assert a["burnguard.cost.usd"] == pytest.approx(cost("gpt-4.1-nano", "openai", routed.only_call()))
 
 
