@@ -4,19 +4,82 @@ The stream's first stage reads whole OTLP batches and turns them, here, into
 one `UsageDelta` per (budget, key, window) touched by the batch. Summing
 inside the batch before anything is sent keeps the second stage's event rate
 proportional to the number of active budget keys, not to the span rate.
+
+Everything here runs once per span or once per delta, so the budget set is
+compiled once per configuration (`_Matcher`) and calendar window bounds are
+cached (`WindowClock`): the hot path is attribute reads and integer compares.
 """
 
 from __future__ import annotations
 
+import fnmatch
+from array import array
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from burnguard.contracts.budgets import Budget, BudgetConfig, metric_value
+from burnguard.contracts.budgets import KEY_SEPARATOR, Budget, BudgetConfig, metric_value
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
-from burnguard.contracts.windows import ROLLING_BUCKETS
+from burnguard.contracts.windows import ROLLING_BUCKETS, SESSION_WINDOW, Window
+
+_NS = 1_000_000_000
+_NS_PER_MINUTE = 60 * _NS
+#: How far back the burn rate looks.
+RECENT_MINUTES = 15
+
+
+@lru_cache(maxsize=256)
+def window_lengths(window: Window) -> tuple[int, int]:
+    """(rolling_ns, bucket_ns) of a window; `Window` parses its spec on every property read."""
+    return window.rolling_ns, window.bucket_ns
+
+
+def _whole_seconds_ns(at: datetime) -> int:
+    """The same rounding as `Window.start_ns`, so cached and uncached starts are equal."""
+    return int(at.timestamp()) * _NS
+
+
+def calendar_bounds_ns(window: Window, at_ns: int) -> tuple[int, int]:
+    """[start, end) in epoch ns of the calendar window that holds `at_ns` (rounded to the second)."""
+    seconds, rest_ns = divmod(at_ns, _NS)
+    at = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest_ns // 1000)
+    start, end = window.bounds(at)
+    return _whole_seconds_ns(start), _whole_seconds_ns(end)
+
+
+@lru_cache(maxsize=4096)
+def window_span(window: Window, window_start_ns: int) -> tuple[datetime, datetime]:
+    """(start, end) datetimes of the window starting at `window_start_ns`: built once per window."""
+    return window.bounds(datetime.fromtimestamp(window_start_ns / _NS, UTC))
+
+
+class WindowClock:
+    """`Window.start_ns` with the current window's [start, end) kept as integers.
+
+    Almost every span falls into the window the previous one fell into, so the
+    time-zone arithmetic runs once per window instead of once per span.
+    """
+
+    __slots__ = ("_end", "_fixed", "_start", "_window")
+
+    def __init__(self, window: Window) -> None:
+        self._window = window
+        #: rolling and session windows are keyed once per budget key (start 0)
+        self._fixed = window.spec == SESSION_WINDOW or bool(window_lengths(window)[0])
+        self._start = self._end = 0
+
+    def start_ns(self, at_ns: int) -> int:
+        if self._fixed:
+            return 0
+        if self._start <= at_ns < self._end:
+            return self._start
+        start, end = calendar_bounds_ns(self._window, at_ns)
+        if start >= self._start:  # a late span does not evict the newest window
+            self._start, self._end = start, end
+        return start
 
 
 @dataclass(slots=True)
@@ -54,19 +117,106 @@ class UsageDelta:
         self.spans += 1
         if not self.first_event_ns or event_ns < self.first_event_ns:
             self.first_event_ns = event_ns
-        self.last_event_ns = max(self.last_event_ns, event_ns)
+        if event_ns > self.last_event_ns:
+            self.last_event_ns = event_ns
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_row(self) -> list[Any]:
+        """The delta inside a batch record; the source is the batch's, so it is not repeated."""
+        return [
+            self.budget,
+            self.key,
+            self.window_start_ns,
+            self.amount,
+            self.spans,
+            self.first_event_ns,
+            self.last_event_ns,
+            self.bucket_ns,
+        ]
+
+    @classmethod
+    def from_row(cls, row: list[Any], source_partition: int = -1, source_offset: int = -1) -> UsageDelta:
+        budget, key, window_start_ns, amount, spans, first, last, bucket_ns = row
+        source = (source_partition, source_offset)
+        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageDelta:
+        """A single-delta record as written before batch records (still in the topic after an upgrade)."""
         return cls(**data)
 
 
-_NS_PER_MINUTE = 60_000_000_000
-#: How far back the burn rate looks.
-RECENT_MINUTES = 15
+class Ring:
+    """Amounts for the newest `size` consecutive indices (minutes, buckets) in a fixed array.
+
+    A dict keyed by the index as a string cost ~10 KB per fully used rolling
+    key; a ring of floats indexed by `index % size` costs 8 bytes a slot and
+    adding to it needs no scan for the newest index.
+    """
+
+    __slots__ = ("amounts", "newest")
+
+    def __init__(self, size: int, newest: int = -1, amounts: array | None = None) -> None:
+        self.newest = newest  # -1: empty
+        self.amounts = amounts if amounts is not None else array("d", bytes(8 * size))
+
+    def add(self, index: int, amount: float) -> float:
+        """Add `amount` at `index`; return what fell out of the ring (older than `size` indices)."""
+        amounts = self.amounts
+        size = len(amounts)
+        evicted = 0.0
+        if index > self.newest:
+            if self.newest < 0 or index - self.newest >= size:
+                evicted = sum(amounts)
+                amounts[:] = array("d", bytes(8 * size))
+            else:
+                for passed in range(self.newest + 1, index + 1):
+                    evicted += amounts[passed % size]
+                    amounts[passed % size] = 0.0
+            self.newest = index
+        elif index <= self.newest - size:
+            return amount  # already out of the ring: counted and dropped at once
+        amounts[index % size] += amount
+        return evicted
+
+    def items(self, first: int) -> list[tuple[int, float]]:
+        """(index, amount) of the non-empty slots from index `first` on, oldest first."""
+        amounts = self.amounts
+        size = len(amounts)
+        lowest = max(first, self.newest - size + 1)
+        return [(i, amounts[i % size]) for i in range(lowest, self.newest + 1) if amounts[i % size]]
+
+    def total(self, first: int) -> float:
+        return sum(amount for _, amount in self.items(first))
+
+    def to_state(self) -> list[Any]:
+        """[newest, [amounts from the oldest non-empty slot to the newest]]: short for sparse rings."""
+        ordered = [amount for _, amount in self._ordered()]
+        while ordered and not ordered[0]:
+            ordered.pop(0)
+        return [self.newest, ordered]
+
+    def _ordered(self) -> list[tuple[int, float]]:
+        size = len(self.amounts)
+        return [(i, self.amounts[i % size]) for i in range(self.newest - size + 1, self.newest + 1)]
+
+    @classmethod
+    def from_state(cls, size: int, state: Any) -> Ring:
+        """From `to_state`, or from the `{index: amount}` dict earlier versions stored."""
+        ring = cls(size)
+        if isinstance(state, dict):
+            for index, amount in sorted((int(i), a) for i, a in state.items()):
+                ring.add(index, amount)
+            return ring
+        newest, ordered = state
+        for offset, amount in enumerate(ordered):
+            ring.add(newest - len(ordered) + 1 + offset, amount)
+        ring.newest = newest
+        return ring
+
+
+def _rolling_ring() -> Ring:
+    # The oldest bucket still counts while partly inside the window: a window's worth plus one.
+    return Ring(ROLLING_BUCKETS + 1)
 
 
 @dataclass(slots=True)
@@ -80,6 +230,10 @@ class WindowTotals:
     counted": exactly-once totals from at-least-once delivery. The mark is
     stored in the same table value as the totals, so the changelog can never
     hold one without the other.
+
+    The table holds these objects themselves (Faust's JSON codec writes the
+    changelog through `__json__`); after a recovery it holds the JSON lists,
+    which `from_state` turns back into an object.
     """
 
     spent: float = 0.0
@@ -87,52 +241,67 @@ class WindowTotals:
     first_event_ns: int = 0
     last_event_ns: int = 0
     applied: dict[str, int] = field(default_factory=dict)
-    #: Spend per minute of event time (epoch minute -> amount) over the last
-    #: `RECENT_MINUTES`, for a burn rate that follows what happens now.
-    recent: dict[str, float] = field(default_factory=dict)
-    #: Rolling windows only: spend per time bucket (bucket index -> amount), a window's worth.
-    buckets: dict[str, float] = field(default_factory=dict)
+    #: Spend per minute of event time over the last `RECENT_MINUTES`, for a burn rate that
+    #: follows what happens now.
+    recent: Ring = field(default_factory=lambda: Ring(RECENT_MINUTES))
+    #: Rolling windows only: spend per time bucket, a window's worth.
+    buckets: Ring | None = None
 
     def apply(self, delta: UsageDelta) -> bool:
         """Add `delta` unless it is a replay of one already counted; True if it was added."""
-        if delta.source_partition >= 0:
-            source = str(delta.source_partition)
-            if delta.source_offset <= self.applied.get(source, -1):
-                return False
-            self.applied[source] = delta.source_offset
-        self.spent += delta.amount
-        self.spans += delta.spans
-        if not self.first_event_ns or delta.first_event_ns < self.first_event_ns:
-            self.first_event_ns = delta.first_event_ns
-        self.last_event_ns = max(self.last_event_ns, delta.last_event_ns)
-        self._add_recent(delta.last_event_ns // _NS_PER_MINUTE, delta.amount)
-        if delta.bucket_ns:
-            self._add_to_bucket(delta.last_event_ns // delta.bucket_ns, delta.amount)
-        return True
+        return self.add(
+            delta.source_partition,
+            delta.source_offset,
+            delta.amount,
+            delta.spans,
+            delta.first_event_ns,
+            delta.last_event_ns,
+            delta.bucket_ns,
+        )
 
-    def _add_to_bucket(self, index: int, amount: float) -> None:
-        bucket = str(index)
-        self.buckets[bucket] = self.buckets.get(bucket, 0.0) + amount
-        newest = max(int(i) for i in self.buckets)
-        for old in [i for i in self.buckets if int(i) <= newest - ROLLING_BUCKETS - 1]:
-            self.spent -= self.buckets.pop(old)
+    def add(
+        self,
+        source_partition: int,
+        source_offset: int,
+        amount: float,
+        spans: int,
+        first_event_ns: int,
+        last_event_ns: int,
+        bucket_ns: int,
+    ) -> bool:
+        """`apply` without a `UsageDelta`: stage 2 reads the fields straight from a batch row."""
+        if source_partition >= 0:
+            source = str(source_partition)
+            if source_offset <= self.applied.get(source, -1):
+                return False
+            self.applied[source] = source_offset
+        self.spent += amount
+        self.spans += spans
+        if not self.first_event_ns or first_event_ns < self.first_event_ns:
+            self.first_event_ns = first_event_ns
+        if last_event_ns > self.last_event_ns:
+            self.last_event_ns = last_event_ns
+        self.recent.add(last_event_ns // _NS_PER_MINUTE, amount)
+        if bucket_ns:
+            if self.buckets is None:
+                self.buckets = _rolling_ring()
+            self.spent -= self.buckets.add(last_event_ns // bucket_ns, amount)
+        return True
 
     def rolling_buckets(self, now_ns: int, window_ns: int, bucket_ns: int) -> list[tuple[int, float]]:
         """(index, amount) of the buckets (partly) inside the window ending at `now_ns`, oldest first."""
-        first = (now_ns - window_ns) // bucket_ns
-        return sorted((int(i), amount) for i, amount in self.buckets.items() if int(i) >= first)
+        if self.buckets is None:
+            return []
+        return self.buckets.items((now_ns - window_ns) // bucket_ns)
 
-    def _add_recent(self, minute: int, amount: float) -> None:
-        bucket = str(minute)
-        self.recent[bucket] = self.recent.get(bucket, 0.0) + amount
-        newest = max(int(m) for m in self.recent)
-        for old in [m for m in self.recent if int(m) <= newest - RECENT_MINUTES]:
-            del self.recent[old]
+    def rolling_spent(self, now_ns: int, window_ns: int, bucket_ns: int) -> float:
+        if self.buckets is None:
+            return 0.0
+        return self.buckets.total((now_ns - window_ns) // bucket_ns)
 
     def recent_spend(self, since_ns: int) -> float:
         """Spend in the minutes from `since_ns` on (minute resolution)."""
-        first_minute = since_ns // _NS_PER_MINUTE
-        return sum(amount for minute, amount in self.recent.items() if int(minute) >= first_minute)
+        return self.recent.total(since_ns // _NS_PER_MINUTE)
 
     def to_state(self) -> list[Any]:
         return [
@@ -141,18 +310,23 @@ class WindowTotals:
             self.first_event_ns,
             self.last_event_ns,
             self.applied,
-            self.recent,
-            self.buckets,
+            self.recent.to_state(),
+            self.buckets.to_state() if self.buckets is not None else None,
         ]
 
+    def __json__(self) -> list[Any]:
+        return self.to_state()
+
     @classmethod
-    def from_state(cls, state: list[Any] | None) -> WindowTotals:
+    def from_state(cls, state: list[Any] | WindowTotals | None) -> WindowTotals:
+        if isinstance(state, WindowTotals):
+            return state
         if not state:
             return cls()
         spent, spans, first, last, *rest = state
         applied = dict(rest[0]) if rest else {}
-        recent = dict(rest[1]) if len(rest) > 1 else {}
-        buckets = dict(rest[2]) if len(rest) > 2 else {}
+        recent = Ring.from_state(RECENT_MINUTES, rest[1]) if len(rest) > 1 else Ring(RECENT_MINUTES)
+        buckets = Ring.from_state(ROLLING_BUCKETS + 1, rest[2]) if len(rest) > 2 and rest[2] else None
         return cls(spent, spans, first, last, applied, recent, buckets)
 
 
@@ -168,10 +342,50 @@ def fill_model_class(usage: SpanUsage, config: BudgetConfig) -> None:
         usage.model_class = config.model_class(usage.model)
 
 
-def _counts_toward(budget: Budget, usage: SpanUsage) -> bool:
-    if budget.metric == "tool_calls":
-        return usage.is_tool_call or usage.tool_calls > 0
-    return usage.is_model_call
+class _Matcher:
+    """One budget, compiled for the per-span loop: which spans it counts, under which key, when."""
+
+    __slots__ = ("_matches", "bucket_ns", "budget", "clock", "dimensions", "pattern", "tools")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.dimensions = budget.scope
+        self.pattern = None if budget.match == "*" else budget.match
+        self.tools = budget.metric == "tool_calls"
+        self.clock = WindowClock(budget.window_spec)
+        self.bucket_ns = window_lengths(budget.window_spec)[1]
+        self._matches: dict[str, bool] = {}
+
+    def key_for(self, usage: SpanUsage) -> str | None:
+        """`Budget.key_for`, with the glob's verdict remembered per key."""
+        if len(self.dimensions) == 1:
+            key = getattr(usage, self.dimensions[0])
+            if not key:
+                return None
+        else:
+            first, second = getattr(usage, self.dimensions[0]), getattr(usage, self.dimensions[1])
+            if not first or not second:
+                return None
+            key = f"{first}{KEY_SEPARATOR}{second}"
+        if self.pattern is None or self.pattern == key:
+            return key
+        matches = self._matches.get(key)
+        if matches is None:
+            if len(self._matches) > 100_000:
+                self._matches.clear()
+            matches = self._matches[key] = fnmatch.fnmatchcase(key, self.pattern)
+        return key if matches else None
+
+
+_compiled: tuple[BudgetConfig | None, list[_Matcher]] = (None, [])
+
+
+def _matchers(config: BudgetConfig) -> list[_Matcher]:
+    """The compiled budgets of `config`, rebuilt when the configuration object changes."""
+    global _compiled
+    if _compiled[0] is not config:
+        _compiled = (config, [_Matcher(budget) for budget in config.budgets])
+    return _compiled[1]
 
 
 def usage_deltas(
@@ -190,35 +404,36 @@ def usage_deltas(
     are decided by then, so it is counted in `stats.too_late` instead (the
     ClickHouse history still records the span).
     """
+    matchers = _matchers(config)
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     for usage in usages:
         price_if_unpriced(usage, prices)
         fill_model_class(usage, config)
+        model_call = usage.is_model_call
         if stats is not None:
             stats.spans += 1
-            stats.unpriced += usage.is_model_call and usage.cost_usd is None
+            stats.unpriced += model_call and usage.cost_usd is None
+        tool_call = usage.is_tool_call or usage.tool_calls > 0
+        if not (model_call or tool_call):
+            continue
         event_ns = usage.end_ns or usage.start_ns
-        for budget in config.budgets:
-            if not _counts_toward(budget, usage):
+        for matcher in matchers:
+            if not (tool_call if matcher.tools else model_call):
                 continue
-            key = budget.key_for(usage)
+            key = matcher.key_for(usage)
             if key is None:
                 continue
+            budget = matcher.budget
             if event_ns < closed_before_ns and _window_closed(budget, event_ns, closed_before_ns):
                 if stats is not None:
                     stats.too_late += 1
                 continue
-            window_start = budget.window_spec.start_ns(event_ns)
+            window_start = matcher.clock.start_ns(event_ns)
             slot = (budget.id, key, window_start)
             delta = deltas.get(slot)
             if delta is None:
                 delta = deltas[slot] = UsageDelta(
-                    budget.id,
-                    key,
-                    window_start,
-                    source_partition=source[0],
-                    source_offset=source[1],
-                    bucket_ns=budget.window_spec.bucket_ns,
+                    budget.id, key, window_start, 0.0, 0, 0, 0, source[0], source[1], matcher.bucket_ns
                 )
             delta.add(metric_value(budget.metric, usage), event_ns)
     return list(deltas.values())
@@ -226,16 +441,16 @@ def usage_deltas(
 
 def _window_closed(budget: Budget, event_ns: int, closed_before_ns: int) -> bool:
     window = budget.window_spec
-    if window.rolling_ns:
-        return event_ns + window.rolling_ns < closed_before_ns
-    _, end = window.bounds(datetime.fromtimestamp(event_ns / 1e9, UTC))
-    return end.timestamp() * 1e9 <= closed_before_ns
+    rolling_ns = window_lengths(window)[0]
+    if rolling_ns:
+        return event_ns + rolling_ns < closed_before_ns
+    if window.spec == SESSION_WINDOW:
+        return False
+    return calendar_bounds_ns(window, event_ns)[1] <= closed_before_ns
 
 
-def context_observations(
-    usages: Iterable[SpanUsage], config: BudgetConfig, source: tuple[int, int] = (-1, -1)
-) -> list[dict[str, Any]]:
-    """Per (context guard, session): the input tokens of the batch's model calls, in event order."""
+def context_observations(usages: Iterable[SpanUsage], config: BudgetConfig) -> list[list[Any]]:
+    """Per (context guard, session): [guard, session, the input tokens of its model calls in event order]."""
     if not config.context_guards:
         return []
     calls: dict[str, list[tuple[int, int]]] = {}
@@ -243,14 +458,7 @@ def context_observations(
         if usage.session and usage.is_model_call and usage.input_tokens:
             calls.setdefault(usage.session, []).append((usage.end_ns, usage.input_tokens))
     return [
-        {
-            "kind": "context",
-            "guard": guard.id,
-            "key": session,
-            "inputs": [tokens for _, tokens in sorted(observed)],
-            "source_partition": source[0],
-            "source_offset": source[1],
-        }
+        [guard.id, session, [tokens for _, tokens in sorted(observed)]]
         for guard in config.context_guards
         for session, observed in calls.items()
     ]

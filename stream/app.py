@@ -4,12 +4,15 @@ Two stages, joined by the internal `burnguard.usage` topic:
 
 1. `ingest` reads whole `ExportTraceServiceRequest` messages from
    `otlp_spans` (one Kafka message, many spans), decodes and prices them, and
-   sums them into one usage delta per (budget, key, window). Undecodable
-   messages go to the dead-letter topic with the reason in a header.
-2. `account` reads the deltas, repartitioned by `budget|key`, so all state of
-   one budget key lives in one partition and so on one worker. It keeps the
-   window totals in a changelog-backed table and publishes a signal whenever
-   the decided action for a key changes.
+   sums them into one usage delta per (budget, key, window). It sends the
+   deltas of one message as one batch record per usage partition (the
+   partition of `budget|key`), not one record per delta: Kafka records, not
+   arithmetic, were what the worker spent its time on. Undecodable messages
+   go to the dead-letter topic with the reason in a header.
+2. `account` reads the batches, so all state of one budget key lives in one
+   partition and so on one worker. It keeps the window totals in a
+   changelog-backed table and publishes a signal whenever the decided action
+   for a key changes.
 
 A timer re-publishes restrictive signals before they expire and notices
 windows that rolled over; it sends a `tick` through the usage topic, because
@@ -18,11 +21,16 @@ table state may only change inside the partition's own stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
@@ -38,13 +46,30 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.budget_feed import BudgetFeed, initial_config
-from burnguard.stream.policy import decide, decide_context, window_at
+from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
 DEADLETTER_REASON_HEADER = "burnguard.error"
 _NS = 1_000_000_000
+#: Deltas per batch record at most, so a huge OTLP message never makes a record beyond Kafka's limit.
+BATCH_ROWS = 1000
+#: Snapshots sent between two yields to the event loop, so the timer never holds up the agents long.
+SNAPSHOT_SLICE = 200
+#: Snapshots per timer run at most; the rest wait for the next run, oldest change first.
+SNAPSHOT_MAX_PER_RUN = 20_000
+
+
+@lru_cache(maxsize=1 << 17)
+def usage_partition(partition_key: str, partitions: int) -> int:
+    """The usage partition of a `budget|key` (or `guard|session`): aiokafka's default choice.
+
+    Batch records hold many keys, so the partition is chosen here rather than
+    by the producer from a record key; every record about a key (batches,
+    ticks, removals) goes through this, so its state stays on one partition.
+    """
+    return (murmur2(partition_key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _now() -> datetime:
@@ -78,7 +103,9 @@ class BudgetJob:
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self._replays_logged = 0
-        self._unsnapshotted: set[str] = set()
+        #: changed window keys not yet snapshotted, oldest change first (a dict as an ordered set)
+        self._unsnapshotted: dict[str, None] = {}
+        self._budgets = {budget.id: budget for budget in config.budgets}
         self._snapshot_everything = True  # after a (re)start the in-memory set above is empty
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
@@ -157,11 +184,45 @@ class BudgetJob:
                     source,
                     self.settings.allowed_lateness,
                 )
-            for delta in deltas:
-                await self.usage_topic.send(key=delta.partition_key, value=delta.to_dict())
-            for observation in context_observations(usages, self.config, source):
-                key = f"{observation['guard']}|{observation['key']}"
-                await self.usage_topic.send(key=key, value=observation)
+            observations = context_observations(usages, self.config)
+            for partition, record in self._batch_records(deltas, observations, source):
+                await self.usage_topic.send(key=f"{source[0]}/{source[1]}", value=record, partition=partition)
+
+    def _batch_records(
+        self, deltas: list[UsageDelta], observations: list[list[Any]], source: tuple[int, int]
+    ) -> Iterable[tuple[int, dict[str, Any]]]:
+        """(usage partition, batch record) for one OTLP message's deltas and context observations.
+
+        Every row carries the message's own source offset (the batch's), so the
+        second stage's per-key replay check stays valid: a key appears in at
+        most one row per message.
+        """
+        partitions = self.settings.partitions
+        rows: dict[int, list[list[Any]]] = {}
+        contexts: dict[int, list[list[Any]]] = {}
+        for delta in deltas:
+            rows.setdefault(usage_partition(delta.partition_key, partitions), []).append(delta.to_row())
+        for observation in observations:
+            partition = usage_partition(f"{observation[0]}|{observation[1]}", partitions)
+            contexts.setdefault(partition, []).append(observation)
+        for partition in sorted(rows.keys() | contexts.keys()):
+            partition_rows = rows.get(partition, [])
+            for first in range(0, max(len(partition_rows), 1), BATCH_ROWS):
+                yield (
+                    partition,
+                    {
+                        "kind": "batch",
+                        "source_partition": source[0],
+                        "source_offset": source[1],
+                        "deltas": partition_rows[first : first + BATCH_ROWS],
+                        "contexts": contexts.get(partition, []) if first == 0 else [],
+                    },
+                )
+
+    async def _send_usage(self, partition_key: str, record: dict[str, Any]) -> None:
+        """A record about one key (tick, removal) to the partition that holds the key's state."""
+        partition = usage_partition(partition_key, self.settings.partitions)
+        await self.usage_topic.send(key=partition_key, value=record, partition=partition)
 
     async def _dead_letter(self, event: Any, reason: str, value: bytes | None = None) -> None:
         """Park a message with the reason in a header; `value` when the event is no longer raw bytes."""
@@ -191,38 +252,66 @@ class BudgetJob:
                 await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
 
     async def _account_one(self, record: dict[str, Any]) -> None:
-        if record.get("kind") == "context":
-            await self._observe_context(record)
+        kind = record.get("kind")
+        if kind == "batch":
+            await self._account_batch(record)
+            return
+        if kind == "context":  # a single observation, as written before batch records
+            source = (record["source_partition"], record["source_offset"])
+            await self._observe_context(record["guard"], record["key"], record["inputs"], source)
             return
         if record.get("removed"):
             await self._clear(record["budget"], record["key"], record["scope"])
             return
-        budget = self.config.budget(record["budget"])
+        budget = self._budgets.get(record["budget"])
         if budget is None:
             return
         if record.get("tick"):
             await self._settle(budget, record["key"], _now())
             return
-        delta = UsageDelta.from_dict(record)
-        totals = WindowTotals.from_state(self.totals.get(delta.state_key))
-        if not totals.apply(delta):
-            self.replayed_deltas += 1  # a replay after a crash: already counted
-            return
-        self.totals[delta.state_key] = totals.to_state()
-        self._unsnapshotted.add(delta.state_key)
-        await self._publish_if_changed(budget, delta.key, delta.window_start_ns, totals, _now())
+        delta = UsageDelta.from_dict(record)  # a single delta, as written before batch records
+        source = (delta.source_partition, delta.source_offset)
+        if (signal := self._apply(delta.to_row(), source, _now())) is not None:
+            await self._send_signal(signal)
 
-    async def _observe_context(self, record: dict[str, Any]) -> None:
-        guard = self.config.context_guard(record["guard"])
+    async def _account_batch(self, record: dict[str, Any]) -> None:
+        """Add one OTLP message's deltas for this partition; each window key is written once."""
+        source = (record["source_partition"], record["source_offset"])
+        now = _now()
+        for row in record["deltas"]:
+            if (signal := self._apply(row, source, now)) is not None:
+                await self._send_signal(signal)
+        for guard_id, key, inputs in record["contexts"]:
+            await self._observe_context(guard_id, key, inputs, source)
+
+    def _apply(self, row: list[Any], source: tuple[int, int], now: datetime) -> Signal | None:
+        """Add one delta row to its window's totals; the signal to publish if the key's action changed."""
+        budget_id, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns = row
+        budget = self._budgets.get(budget_id)
+        if budget is None:
+            return None
+        state_key = f"{budget_id}|{key}|{window_start_ns}"
+        totals = WindowTotals.from_state(self.totals.get(state_key))
+        if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns):
+            self.replayed_deltas += 1  # a replay after a crash: already counted
+            return None
+        self.totals[state_key] = totals
+        self._unsnapshotted[state_key] = None
+        return self._signal_if_changed(budget, key, window_start_ns, totals, now)
+
+    async def _observe_context(
+        self, guard_id: str, key: str, inputs: list[int], source: tuple[int, int]
+    ) -> None:
+        guard = self.config.context_guard(guard_id)
         if guard is None:
             return
-        state_key = f"{guard.id}|{record['key']}"
+        state_key = f"{guard.id}|{key}"
         growth = ContextGrowth.from_state(self.contexts.get(state_key))
-        if not growth.observe(record["inputs"], record["source_partition"], record["source_offset"]):
+        if not growth.observe(inputs, *source):
             self.replayed_deltas += 1
             return
         self.contexts[state_key] = growth.to_state()
-        signal = decide_context(guard, record["key"], growth, _now(), self.settings.signal_ttl)
+        signal = decide_context(guard, key, growth, _now(), self.settings.signal_ttl)
         previous = self.states.get(state_key)
         if signal.action != (previous["action"] if previous else "ok"):
             self.states[state_key] = {"action": signal.action, "window_start_ns": 0}
@@ -237,9 +326,11 @@ class BudgetJob:
         """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
         window_start_ns = budget.window_spec.start_ns(int(now.timestamp() * _NS))
         totals = WindowTotals.from_state(self.totals.get(f"{budget.id}|{key}|{window_start_ns}"))
-        await self._publish_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
+        signal = self._signal_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
+        if signal is not None:
+            await self._send_signal(signal)
 
-    async def _publish_if_changed(
+    def _signal_if_changed(
         self,
         budget: Budget,
         key: str,
@@ -247,18 +338,25 @@ class BudgetJob:
         totals: WindowTotals,
         now: datetime,
         refresh: bool = False,
-    ) -> None:
+    ) -> Signal | None:
+        """The signal to publish for a key (recording it as the key's state), or None.
+
+        A `Signal` (a pydantic model with a formatted reason) is only built
+        when the action differs from the last published one, or to refresh a
+        restriction; the cheap `decide_action` settles every other delta.
+        """
         state_key = f"{budget.id}|{key}"
         previous = self.states.get(state_key)
         if previous and previous["window_start_ns"] > window_start_ns:
-            return  # a late span for an older window: counted, but the current window rules
-        signal = decide(budget, key, window_start_ns, totals, now, self.settings.signal_ttl)
+            return None  # a late span for an older window: counted, but the current window rules
         previous_action = previous["action"] if previous else "ok"
-        changed = signal.action != previous_action
-        if not changed and not (refresh and signal.action != "ok"):
-            return
+        if not refresh and decide_action(budget, window_start_ns, totals, now) == previous_action:
+            return None
+        signal = decide(budget, key, window_start_ns, totals, now, self.settings.signal_ttl)
+        if signal.action == previous_action and not (refresh and signal.action != "ok"):
+            return None
         self.states[state_key] = {"action": signal.action, "window_start_ns": window_start_ns}
-        await self._send_signal(signal)
+        return signal
 
     async def _send_signal(self, signal: Signal) -> None:
         logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
@@ -271,13 +369,14 @@ class BudgetJob:
             if not state or state["action"] == "ok":
                 continue
             budget_id, key = state_key.split("|", 1)
-            await self.usage_topic.send(key=state_key, value={"budget": budget_id, "key": key, "tick": True})
+            await self._send_usage(state_key, {"budget": budget_id, "key": key, "tick": True})
 
     async def _reload_budgets(self) -> None:
         """Swap in budgets changed on the topic; re-decide every key of a changed or removed budget."""
         if self.feed is None or (new := self.feed.take_update()) is None:
             return
         old, self.config = self.config, new
+        self._budgets = {budget.id: budget for budget in new.budgets}
         if new.prices != old.prices:
             self.prices = PriceBook(new.prices)
         removed = {b.id: b for b in old.budgets if new.budget(b.id) is None}
@@ -293,7 +392,7 @@ class BudgetJob:
                     "removed": True,
                     "scope": removed[budget_id].scope_name,
                 }
-            await self.usage_topic.send(key=partition_key, value=record)
+            await self._send_usage(partition_key, record)
 
     def _known_keys(self, budget_ids: set[str]) -> set[str]:
         """`budget|key` of every key this worker holds state for, among these budgets."""
@@ -302,17 +401,25 @@ class BudgetJob:
         return {key for key in keys if key.split("|", 1)[0] in budget_ids}
 
     async def _snapshot(self) -> None:
-        """Publish the totals of every window changed since the last snapshot (all, after a start)."""
+        """Publish the totals of windows changed since their last snapshot (all, after a start).
+
+        At most `SNAPSHOT_MAX_PER_RUN` per run, oldest change first, yielding to
+        the event loop every `SNAPSHOT_SLICE` so the agents (and the signals
+        they send) are not held up by a burst of snapshots.
+        """
         if self._snapshot_everything:
-            pending = {key for key, value in list(self.totals.items()) if value}
+            self._unsnapshotted = dict.fromkeys(key for key, value in list(self.totals.items()) if value)
             self._snapshot_everything = False
-        else:
-            pending, self._unsnapshotted = self._unsnapshotted, set()
         if self.replayed_deltas != self._replays_logged:
             self._replays_logged = self.replayed_deltas
             logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)
-        now = _now()
+        pending = list(islice(self._unsnapshotted, SNAPSHOT_MAX_PER_RUN))
         for state_key in pending:
+            del self._unsnapshotted[state_key]
+        now = _now()
+        for index, state_key in enumerate(pending):
+            if index % SNAPSHOT_SLICE == SNAPSHOT_SLICE - 1:
+                await asyncio.sleep(0)
             snapshot = self._usage_snapshot(state_key, now)
             if snapshot is not None:
                 await self.budget_usage_topic.send(key=snapshot.kafka_key.encode(), value=snapshot.to_json())
@@ -320,17 +427,18 @@ class BudgetJob:
     def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
         budget_id, rest = state_key.split("|", 1)
         key, window_start_ns = rest.rsplit("|", 1)
-        budget = self.config.budget(budget_id)
+        budget = self._budgets.get(budget_id)
         stored = self.totals.get(state_key)
         if budget is None or not stored:
             return None
         totals = WindowTotals.from_state(stored)
         spent, start, end = window_at(budget, int(window_start_ns), totals, now)
-        return BudgetUsage(
+        return BudgetUsage.model_construct(  # every field is built here from validated values
             budget=budget.id,
             scope=budget.scope_name,
             key=key,
             metric=budget.metric,
+            window=budget.window,
             window_start=start,
             window_end=end,
             spent=spent,

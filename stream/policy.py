@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
 from burnguard.contracts.signals import Signal
-from burnguard.stream.accounting import RECENT_MINUTES, ContextGrowth, WindowTotals
+from burnguard.stream.accounting import (
+    RECENT_MINUTES,
+    ContextGrowth,
+    WindowTotals,
+    window_lengths,
+    window_span,
+)
 
 _NS = 1_000_000_000
 #: The burn rate is measured over at least this long, so the first span of a
@@ -67,7 +73,7 @@ def decide(
     spent, start, end = window_at(budget, window_start_ns, totals, now)
     ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
-    if budget.window_spec.rolling_ns:
+    if window_lengths(budget.window_spec)[0]:
         end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
     action = rung.do if rung is not None else "ok"
     rate = burn_rate_per_hour(totals, now)
@@ -104,12 +110,35 @@ def window_at(
 ) -> tuple[float, datetime, datetime]:
     """(spent, start, end) of the window as of `now`: fixed for calendar windows, moving for rolling ones."""
     window = budget.window_spec
-    if not window.rolling_ns:
-        start, end = window.bounds(_from_ns(window_start_ns))
+    rolling_ns, bucket_ns = window_lengths(window)
+    if not rolling_ns:
+        start, end = window_span(window, window_start_ns)
         return totals.spent, start, end
     now_ns = int(now.timestamp() * _NS)
-    spent = sum(amount for _, amount in totals.rolling_buckets(now_ns, window.rolling_ns, window.bucket_ns))
-    return spent, _from_ns(now_ns - window.rolling_ns), _from_ns(now_ns + window.rolling_ns)
+    spent = totals.rolling_spent(now_ns, rolling_ns, bucket_ns)
+    return spent, _from_ns(now_ns - rolling_ns), _from_ns(now_ns + rolling_ns)
+
+
+def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:
+    """The action `decide` returns, without building the signal.
+
+    Stage 2 asks this for every delta and builds a `Signal` only when the
+    answer differs from the last published one, which is rare: comparing a
+    ratio with the rungs is all most deltas need.
+    """
+    spent, _, end = window_at(budget, window_start_ns, totals, now)
+    ratio = spent / budget.limit
+    rung = budget.action_for(ratio) if now < end else None
+    action = rung.do if rung is not None else "ok"
+    if _may_predict(budget, ratio, action) and now < end:
+        return decide(budget, "", window_start_ns, totals, now, timedelta(0)).action  # needs the burn rate
+    return action
+
+
+def _may_predict(budget: Budget, ratio: float, action: str) -> bool:
+    """Whether a projection could raise `action` to a predictive downgrade (see `_predicts_downgrade`)."""
+    forecast = budget.forecast
+    return forecast.downgrade and ratio >= forecast.min_ratio and SEVERITY[action] < SEVERITY["downgrade"]
 
 
 def _rolling_reset(budget: Budget, totals: WindowTotals, now: datetime, rung_at: float | None) -> datetime:
@@ -118,12 +147,12 @@ def _rolling_reset(budget: Budget, totals: WindowTotals, now: datetime, rung_at:
     That is when a restriction of a rolling budget lifts by itself; a signal
     says so in `window_end`, which subscribers treat as its reset time.
     """
-    window = budget.window_spec
+    rolling_ns, bucket_ns = window_lengths(budget.window_spec)
     now_ns = int(now.timestamp() * _NS)
-    buckets = totals.rolling_buckets(now_ns, window.rolling_ns, window.bucket_ns)
+    buckets = totals.rolling_buckets(now_ns, rolling_ns, bucket_ns)
     remaining = sum(amount for _, amount in buckets)
     for index, amount in buckets:
-        leaves_at = _from_ns((index + 1) * window.bucket_ns + window.rolling_ns)
+        leaves_at = _from_ns((index + 1) * bucket_ns + rolling_ns)
         remaining -= amount
         if rung_at is None or remaining / budget.limit < rung_at:
             return max(leaves_at, now + timedelta(seconds=1))

@@ -112,7 +112,7 @@ def test_window_start_and_event_times(config: BudgetConfig) -> None:
     assert deltas[("session-tools", "s1")].window_start_ns == 0
     assert cost.partition_key == "tenant-cost|acme"
     assert cost.state_key == f"tenant-cost|acme|{ns(DAY)}"
-    assert UsageDelta.from_dict(cost.to_dict()) == cost
+    assert UsageDelta.from_row(cost.to_row(), cost.source_partition, cost.source_offset) == cost
 
 
 def test_spans_in_different_windows_get_different_deltas(config: BudgetConfig) -> None:
