@@ -182,6 +182,11 @@ _SPAN_STR_FIELDS = (
     "conversation_id",
     "model_class",
     "downgraded_from",
+    "routed_from",
+    "route",
+    "escalated_from",
+    "refused",
+    "stakes",
     "error_type",
 )
 #: Counts, clamped into UInt64: a sender's negative or huge value must not make a batch unwritable.
@@ -194,13 +199,14 @@ _SPAN_COUNT_FIELDS = (
     "tool_calls",
 )
 #: Columns filled straight from a SpanUsage field of another name or type.
-_SPAN_OTHER_FIELDS = ("start_ns", "end_ns", "cost_usd", "status_error", "extra")
+_SPAN_OTHER_FIELDS = ("fallback", "start_ns", "end_ns", "cost_usd", "status_error", "extra")
 _SPAN_FIELDS = (*_SPAN_STR_FIELDS, *_SPAN_COUNT_FIELDS, *_SPAN_OTHER_FIELDS)
 _SPAN_GETTERS = tuple(attrgetter(name) for name in _SPAN_FIELDS)
 _COUNTS = slice(len(_SPAN_STR_FIELDS), len(_SPAN_STR_FIELDS) + len(_SPAN_COUNT_FIELDS))
 SPAN_COLUMNS: tuple[str, ...] = (
     *_SPAN_STR_FIELDS,
     *_SPAN_COUNT_FIELDS,
+    "fallback",
     "start_time",
     "end_time",
     "cost_usd",

@@ -504,15 +504,69 @@ _USAGE_1M_V4 = (
     + _USAGE_1M_SELECT_V4.format(final=""),
 )
 
+# --- migration 5: routing, escalation, refusals ----------------------------------------
+#: The span columns the routing decision writes (DESIGN.md §7), after `downgraded_from`.
+_SPANS_ROUTING_V5 = (
+    f"ALTER TABLE {SPANS_TABLE}"
+    " ADD COLUMN IF NOT EXISTS routed_from LowCardinality(String) AFTER downgraded_from,"
+    " ADD COLUMN IF NOT EXISTS route LowCardinality(String) AFTER routed_from,"
+    " ADD COLUMN IF NOT EXISTS fallback UInt8 COMMENT 'ran on a cheaper class than requested' AFTER route,"
+    " ADD COLUMN IF NOT EXISTS escalated_from LowCardinality(String) AFTER fallback,"
+    " ADD COLUMN IF NOT EXISTS refused LowCardinality(String) COMMENT 'budget, step_cap or context; the call"
+    " was never made' AFTER escalated_from,"
+    " ADD COLUMN IF NOT EXISTS stakes LowCardinality(String) AFTER refused"
+)
+#: A refused call is recorded but reached no model (and a refused tool never ran): no rollup
+#: counts it as a call any more.
+_MODEL_CALL_V5 = f"({_MODEL_CALL} AND s.refused = '')"
+_TOOL_V5 = f"({_TOOL} AND s.refused = '')"
+
+
+def _counting_only_calls_made(select: str) -> str:
+    """`select` with model calls and tool spans that exclude refused ones."""
+    changed = select.replace(_MODEL_CALL, _MODEL_CALL_V5).replace(_TOOL, _TOOL_V5)
+    assert changed != select or (_MODEL_CALL not in select and _TOOL not in select)
+    return changed
+
+
+_USAGE_1M_ROUTING_COLUMNS_V5 = (
+    f"ALTER TABLE {USAGE_1M_TABLE}"
+    " ADD COLUMN IF NOT EXISTS fallback_calls SimpleAggregateFunction(sum, UInt64)"
+    " COMMENT 'model calls on a cheaper class than requested (routed down or downgraded)',"
+    " ADD COLUMN IF NOT EXISTS routed_calls SimpleAggregateFunction(sum, UInt64)"
+    " COMMENT 'model calls whose model a routing rule changed',"
+    " ADD COLUMN IF NOT EXISTS escalated_calls SimpleAggregateFunction(sum, UInt64)"
+    " COMMENT 'second attempts made because the first answer failed its check',"
+    " ADD COLUMN IF NOT EXISTS escalation_cost_usd SimpleAggregateFunction(sum, Float64),"
+    " ADD COLUMN IF NOT EXISTS refused_calls SimpleAggregateFunction(sum, UInt64)"
+    " COMMENT 'model calls refused before they were made'"
+)
+_USAGE_1M_LAST_V5 = f"    countIf({_TOOL_V5} AND s.session != '') AS session_tool_spans\n"
+_USAGE_1M_ROUTING_V5 = (
+    f"    countIf({_MODEL_CALL_V5} AND s.fallback = 1) AS fallback_calls,\n"
+    f"    countIf({_MODEL_CALL_V5} AND s.routed_from != '') AS routed_calls,\n"
+    f"    countIf({_MODEL_CALL_V5} AND s.escalated_from != '') AS escalated_calls,\n"
+    "    sumIf(s.cost_usd, s.escalated_from != '') AS escalation_cost_usd,\n"
+    f"    countIf({_MODEL_CALL} AND s.refused != '') AS refused_calls\n"
+)
+_USAGE_1M_SELECT_V5 = _counting_only_calls_made(_USAGE_1M_SELECT_V4).replace(
+    _USAGE_1M_LAST_V5, _USAGE_1M_LAST_V5.rstrip("\n") + ",\n" + _USAGE_1M_ROUTING_V5
+)
+assert "refused_calls" in _USAGE_1M_SELECT_V5
+_USER_SPEND_1H_SELECT_V5 = _counting_only_calls_made(_USER_SPEND_1H_SELECT)
+_TRACES_SELECT_V5 = _counting_only_calls_made(_TRACES_SELECT)
+_SESSIONS_SELECT_V5 = _counting_only_calls_made(_SESSIONS_SELECT_V3)
+_ACTIONS_SELECT_V5 = _counting_only_calls_made(_ACTIONS_SELECT)
+
 #: Rollup table -> the SELECT that computes it from its source (`{final}`: "" for the
 #: materialized view, " FINAL" for a backfill or a rebuild).
 ROLLUP_SELECTS: dict[str, str] = {
-    USAGE_1M_TABLE: _USAGE_1M_SELECT_V4,
-    USER_SPEND_1H_TABLE: _USER_SPEND_1H_SELECT,
-    TRACES_TABLE: _TRACES_SELECT,
-    SESSIONS_TABLE: _SESSIONS_SELECT_V3,
+    USAGE_1M_TABLE: _USAGE_1M_SELECT_V5,
+    USER_SPEND_1H_TABLE: _USER_SPEND_1H_SELECT_V5,
+    TRACES_TABLE: _TRACES_SELECT_V5,
+    SESSIONS_TABLE: _SESSIONS_SELECT_V5,
     BUDGET_USAGE_1M_TABLE: _BUDGET_USAGE_1M_SELECT,
-    ACTIONS_TABLE: _ACTIONS_SELECT,
+    ACTIONS_TABLE: _ACTIONS_SELECT_V5,
 }
 
 
@@ -541,6 +595,16 @@ _SIGNALS_TTL_V2 = (
 _SPANS_SESSION_INDEX_V2 = (
     f"ALTER TABLE {SPANS_TABLE} ADD INDEX IF NOT EXISTS idx_session session"
     " TYPE bloom_filter(0.01) GRANULARITY 1"
+)
+
+
+_ROLLUPS_V5 = (
+    _SPANS_ROUTING_V5,
+    *_rollup_statements(USAGE_1M_TABLE, _USAGE_1M_ROUTING_COLUMNS_V5, _USAGE_1M_SELECT_V5),
+    *_rollup_statements(USER_SPEND_1H_TABLE, _USER_SPEND_1H_V2, _USER_SPEND_1H_SELECT_V5),
+    *_rollup_statements(TRACES_TABLE, _TRACES_V2, _TRACES_SELECT_V5),
+    *_rollup_statements(SESSIONS_TABLE, _SESSIONS_V2, _SESSIONS_SELECT_V5),
+    *_rollup_statements(ACTIONS_TABLE, _ACTIONS_V4, _ACTIONS_SELECT_V5),
 )
 
 
@@ -577,6 +641,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         4,
         "genai_actions rollup; genai_usage_1m without uniq states",
         (*_rollup_statements(ACTIONS_TABLE, _ACTIONS_V4, _ACTIONS_SELECT), *_USAGE_1M_V4),
+    ),
+    Migration(
+        5,
+        "routing columns on genai_spans; fallback, routed, escalated and refused calls per minute;"
+        " refused calls no longer counted as calls in the rollups",
+        _ROLLUPS_V5,
     ),
 )
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from burnguard.sinks.clickhouse import ClickHouseWriter, connect
+from burnguard.contracts.usage import SpanUsage
+from burnguard.sinks.clickhouse import SPAN_COLUMNS, ClickHouseWriter, connect, span_columns
 from burnguard.sinks.schema import (
     MIGRATIONS,
     MIGRATIONS_TABLE,
@@ -68,7 +70,11 @@ def test_schema_upgrade_backfills_rollups_from_existing_spans(client: Client) ->
         )
     )
     client.insert(MIGRATIONS_TABLE, [[1, MIGRATIONS[0].name]], column_names=["version", "name"])
-    ClickHouseWriter(client).insert_spans(sc.scenario_spans())
+    # Written the way a version-1 sink wrote them: without the columns later migrations added.
+    later = {"routed_from", "route", "fallback", "escalated_from", "refused", "stakes"}
+    kept = [i for i, name in enumerate(SPAN_COLUMNS) if name not in later]
+    columns = span_columns(sc.scenario_spans())
+    ClickHouseWriter(client)._insert(SPANS_TABLE, [SPAN_COLUMNS[i] for i in kept], [columns[i] for i in kept])
     assert migrate(client) == [m.version for m in MIGRATIONS[1:]]
     spend = client.command(f"SELECT round(sum(cost_usd), 6) FROM {USAGE_1M_TABLE}")
     assert float(spend) == pytest.approx(sc.EXPECTED["spend_total"] + 9.99)  # the old span too
@@ -104,3 +110,51 @@ def test_schema_rebuild_makes_rollups_exact_after_redelivery(client: Client) -> 
     assert float(client.command(f"SELECT sum(cost_usd) FROM {USAGE_1M_TABLE}")) == pytest.approx(exact)
     writer.insert_spans(spans[1:2])  # the views still feed the rebuilt rollups (a 0.10 USD call)
     assert float(client.command(f"SELECT sum(cost_usd) FROM {USAGE_1M_TABLE}")) > exact
+
+
+def _call(span_id: str, model: str, cost: float, **routing: Any) -> SpanUsage:
+    start = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z
+    return SpanUsage(
+        trace_id="a" * 32,
+        span_id=span_id,
+        parent_span_id="",
+        name=f"chat {model}",
+        start_ns=start,
+        end_ns=start + 10**9,
+        operation="chat",
+        provider="openai",
+        request_model=model,
+        tenant="acme",
+        feature="extract",
+        input_tokens=0 if routing.get("refused") else 100,
+        cost_usd=cost,
+        **routing,
+    )
+
+
+def test_routed_fallback_escalated_and_refused_calls_are_counted_apart(client: Client) -> None:
+    migrate(client)
+    ClickHouseWriter(client).insert_spans(
+        [
+            _call("1" * 16, "gpt-4.1", 0.01),
+            _call("2" * 16, "gpt-4.1-nano", 0.001, routed_from="gpt-4.1", route="routine", fallback=True),
+            _call("3" * 16, "gpt-4.1-mini", 0.004, escalated_from="gpt-4.1-nano", stakes="high"),
+            _call("4" * 16, "gpt-4.1", 0.0, refused="budget"),
+        ]
+    )
+    row = client.query(
+        f"SELECT sum(model_calls), sum(fallback_calls), sum(routed_calls), sum(escalated_calls),"
+        f" round(sum(escalation_cost_usd), 6), sum(refused_calls) FROM {USAGE_1M_TABLE}"
+    ).result_rows[0]
+    assert row == (3, 1, 1, 1, 0.004, 1)  # the refused call is not a model call
+    stored = client.query(
+        f"SELECT route, fallback, escalated_from, refused, stakes FROM {SPANS_TABLE} FINAL ORDER BY span_id"
+    ).result_rows
+    assert stored == [
+        ("", 0, "", "", ""),
+        ("routine", 1, "", "", ""),
+        ("", 0, "gpt-4.1-nano", "", "high"),
+        ("", 0, "", "budget", ""),
+    ]
+    traces = client.query("SELECT sum(model_calls) FROM genai_traces").result_rows[0][0]
+    assert traces == 3
