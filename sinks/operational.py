@@ -27,8 +27,10 @@ Definitions (see also `sinks/schema.py` for the rollups they read):
   `burnguard.action`, divided by the number of distinct actions.
 - **Tool calls per session**: executed tool calls (`execute_tool` spans) in
   sessions divided by the number of distinct sessions.
-- **Fallback percentage**: model calls with `burnguard.downgraded_from` set,
-  over all model calls, in percent.
+- **Fallback percentage**: model calls that ran on a cheaper class than the
+  caller asked for — routed down by a rule (`burnguard.fallback`) or
+  downgraded by budget pressure (`burnguard.downgraded_from`) — over all model
+  calls that were made, in percent. Refused calls are counted apart.
 - **Context growth**: per session, input tokens of the first and the last model
   call and the growth per call between them; and the average input tokens of
   the n-th call of a session over all sessions.
@@ -322,7 +324,7 @@ SIGNALS_SUMMARY = View(
         WHERE {_SESSIONS_FILTER}
     ) AS sessions,
     (
-        SELECT sum(downgraded_calls) AS downgraded, sum(model_calls) AS model_calls
+        SELECT sum(fallback_calls) AS downgraded, sum(model_calls) AS model_calls
         FROM genai_usage_1m
         WHERE {{time:minute}} AND {_DIMS}
     ) AS usage
@@ -355,7 +357,7 @@ SIGNALS_OVER_TIME = View(
         GROUP BY time
         UNION ALL
         SELECT {{bucket:minute}} AS time, NULL, NULL,
-            CAST(100 * sum(downgraded_calls) / nullIf(sum(model_calls), 0), 'Nullable(Float64)')
+            CAST(100 * sum(fallback_calls) / nullIf(sum(model_calls), 0), 'Nullable(Float64)')
         FROM genai_usage_1m
         WHERE {{time:minute}} AND {_DIMS}
         GROUP BY time
@@ -387,14 +389,18 @@ COST_PER_WORKFLOW = View(
 FALLBACKS_BY_MODEL_CLASS = View(
     "fallbacks_by_model_class",
     "Fallbacks to cheaper models by model class",
-    "Model calls per model class, and how many of them were downgraded from another model.",
+    "Model calls per model class: how many ran on a cheaper class than requested (routed down or "
+    "downgraded), how many a routing rule moved, how many were escalations and what those cost, and "
+    "how many calls were refused before they were made.",
     f"""
-    SELECT model_class, sum(model_calls) AS calls, sum(downgraded_calls) AS downgraded,
-        round(100 * downgraded / nullIf(calls, 0), 3) AS fallback_pct
+    SELECT model_class, sum(model_calls) AS calls, sum(fallback_calls) AS downgraded,
+        round(100 * downgraded / nullIf(calls, 0), 3) AS fallback_pct,
+        sum(routed_calls) AS routed, sum(escalated_calls) AS escalated,
+        round(sum(escalation_cost_usd), 6) AS escalation_cost_usd, sum(refused_calls) AS refused
     FROM genai_usage_1m
     WHERE {{time:minute}} AND {_DIMS}
     GROUP BY model_class
-    HAVING calls > 0
+    HAVING calls + refused > 0
     ORDER BY model_class
     """,
 )
