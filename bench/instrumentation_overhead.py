@@ -11,7 +11,10 @@ p50(instrumented) - p50(baseline), likewise p99, in microseconds of this thread'
 Pipelines: burnguard with what `configure()` builds (baggage attribution, pricing, duplicate
 marker, batch export — to an exporter that drops the batches); each peer with a TracerProvider and
 a BatchSpanProcessor to the same dropping exporter. `burnguard_enforce` has a BudgetGuard that
-consults its (empty) signal state before each call.
+consults its (empty) signal state before each call. `burnguard+routing` adds the routing decision
+(DESIGN.md §7) on top: four routing rules, providers, a context budget on another feature, calls
+attributed to the `extract` feature so a rule matches and rewrites the model to the economy class.
+The decision path's own cost is `routing - enforce`, and `decide_call` alone is timed as well.
 
     .venv/bin/python bench/instrumentation_overhead.py [--calls 4000] [--rounds 8]
 """
@@ -19,13 +22,14 @@ consults its (empty) signal state before each call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 os.environ.pop("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", None)
@@ -89,7 +93,40 @@ def peer_provider() -> TracerProvider:
     return provider
 
 
-def install_burnguard(enforce: bool) -> Callable[[], None]:
+ROUTING_YAML = """\
+model_classes:
+  premium:  [gpt-4.1, o3, claude-opus-4-1]
+  standard: [gpt-4.1-mini, claude-sonnet-4-5]
+  economy:  [gpt-4.1-nano, claude-haiku-4-5]
+downgrade: {gpt-4.1: gpt-4.1-mini, gpt-4.1-mini: gpt-4.1-nano, claude-opus-4-1: claude-sonnet-4-5}
+providers:
+  openai:    {premium: gpt-4.1, standard: gpt-4.1-mini, economy: gpt-4.1-nano}
+  anthropic: {premium: claude-opus-4-1, standard: claude-sonnet-4-5, economy: claude-haiku-4-5}
+routes:
+  - {id: high-stakes, match: {stakes: high}, use: premium}
+  - {id: legal, match: {workflow: "legal-*"}, use: premium}
+  - {id: acme-summaries, match: {tenant: acme, feature: summarize}, use: standard}
+  - {id: routine, match: {feature: [extract, classify]}, use: economy}
+context_budgets:
+  - {id: summarize-context, feature: summarize, max_input_tokens: 8000}
+"""
+
+
+def routing_config() -> Any:
+    from burnguard.contracts.budgets import parse_budget_yaml
+
+    return parse_budget_yaml(ROUTING_YAML, source="bench routing")
+
+
+@contextlib.contextmanager
+def extract_feature() -> Iterator[None]:
+    from burnguard.instrumentation import attribute
+
+    with attribute(tenant="acme", feature="extract"):
+        yield
+
+
+def install_burnguard(enforce: bool, routing: bool = False) -> Callable[[], None]:
     from burnguard.contracts.topics import KafkaSettings, Topics
     from burnguard.instrumentation import configure
     from burnguard.instrumentation.guard import BudgetGuard
@@ -97,7 +134,10 @@ def install_burnguard(enforce: bool) -> Callable[[], None]:
     from burnguard.instrumentation.runtime import Settings, reset_runtime
 
     reset_runtime()
-    runtime = configure(Settings(), service_name="bench", exporter=DropExporter(), set_global=False)
+    budgets = routing_config() if routing else None
+    runtime = configure(
+        Settings(), service_name="bench", exporter=DropExporter(), budgets=budgets, set_global=False
+    )
     if enforce:
         runtime.guard = BudgetGuard(KafkaSettings(), Topics(), runtime.budgets)  # never started: no signals
     instrumentor = OpenAIInstrumentor()
@@ -120,14 +160,17 @@ def install_openllmetry() -> Callable[[], None]:
     return lambda: None
 
 
-def timed_calls(client: openai.OpenAI, n: int) -> list[float]:
+def timed_calls(
+    client: openai.OpenAI, n: int, context: Callable[[], Any] = contextlib.nullcontext
+) -> list[float]:
     create = client.chat.completions.create
     out = []
     clock = time.thread_time_ns  # CPU time of this thread: other processes on a shared machine do not count
-    for _ in range(n):
-        start = clock()
-        create(model="gpt-4.1", messages=MESSAGES)
-        out.append((clock() - start) / 1000)
+    with context():
+        for _ in range(n):
+            start = clock()
+            create(model="gpt-4.1", messages=MESSAGES)
+            out.append((clock() - start) / 1000)
     return out
 
 
@@ -135,23 +178,29 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
 
 
-def measure(name: str, install: Callable[[], Any], calls: int, rounds: int) -> dict[str, float]:
+def measure(
+    name: str,
+    install: Callable[[], Any],
+    calls: int,
+    rounds: int,
+    context: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, float]:
     original = chat_module.Completions.__dict__["create"]
     install()
     wrapped = chat_module.Completions.__dict__["create"]
     assert wrapped is not original, f"{name} did not wrap Completions.create"
     client = make_client()
     chat_module.Completions.create = wrapped
-    timed_calls(client, 300)  # warm-up: imports, price lookups, connection
+    timed_calls(client, 300, context)  # warm-up: imports, price lookups, connection
     base: list[float] = []
     inst: list[float] = []
     gc.disable()
     try:
         for _ in range(rounds):
             chat_module.Completions.create = original
-            base += timed_calls(client, calls // rounds)
+            base += timed_calls(client, calls // rounds, context)
             chat_module.Completions.create = wrapped
-            inst += timed_calls(client, calls // rounds)
+            inst += timed_calls(client, calls // rounds, context)
             gc.collect()
     finally:
         gc.enable()
@@ -183,6 +232,24 @@ def bare_span_cost(spans: int = 4000) -> float:
     return quantile(costs, 0.50)
 
 
+def decision_cost(calls: int = 20_000) -> float:
+    """p50 CPU time of `decide_call` alone for a routed call, with a guard holding no signals."""
+    from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.instrumentation.decisions import CallRequest, decide_call
+    from burnguard.instrumentation.guard import BudgetGuard
+
+    config = routing_config()
+    guard = BudgetGuard(KafkaSettings(), Topics(), config)
+    request = CallRequest("gpt-4.1", "openai", attribution={"tenant": "acme", "feature": "extract"})
+    assert decide_call(request, config, guard).model == "gpt-4.1-nano"
+    clock, costs = time.thread_time_ns, []
+    for _ in range(calls):
+        start = clock()
+        decide_call(request, config, guard)
+        costs.append((clock() - start) / 1000)
+    return quantile(costs, 0.50)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -198,15 +265,29 @@ def main() -> None:
         "burnguard_enforce": measure(
             "burnguard+enforce", lambda: install_burnguard(True), args.calls, args.rounds
         ),
+        "burnguard_routing": measure(
+            "burnguard+routing",
+            lambda: install_burnguard(True, True),
+            args.calls,
+            args.rounds,
+            extract_feature,
+        ),
         "openai_v2": measure("openai-v2", install_official, args.calls, args.rounds),
         "openllmetry": measure("openllmetry", install_openllmetry, args.calls, args.rounds),
     }
     b, v2, ol = results["burnguard"], results["openai_v2"], results["openllmetry"]
+    routing_added = results["burnguard_routing"]["p50"] - results["burnguard_enforce"]["p50"]
+    decide_us = decision_cost()
     print(f"for scale: one bare SDK span costs p50 {bare_span_cost():.1f} us of CPU here")
+    print(
+        f"routing decision path: +{routing_added:.1f} us p50 per call over burnguard+enforce; "
+        f"decide_call alone p50 {decide_us:.1f} us"
+    )
     print(
         "RESULT instrumentation_overhead "
         f"burnguard_p50_us={b['p50']:.0f} burnguard_p99_us={b['p99']:.0f} "
-        f"openai_v2_p50_us={v2['p50']:.0f} openllmetry_p50_us={ol['p50']:.0f}"
+        f"openai_v2_p50_us={v2['p50']:.0f} openllmetry_p50_us={ol['p50']:.0f} "
+        f"decision_path_p50_us={routing_added:.0f} decide_call_p50_us={decide_us:.1f}"
     )
 
 
