@@ -543,7 +543,7 @@ _USAGE_1M_ROUTING_COLUMNS_V5 = (
 )
 _USAGE_1M_LAST_V5 = f"    countIf({_TOOL_V5} AND s.session != '') AS session_tool_spans\n"
 _USAGE_1M_ROUTING_V5 = (
-    f"    countIf({_MODEL_CALL_V5} AND s.fallback = 1) AS fallback_calls,\n"
+    f"    countIf({_MODEL_CALL_V5} AND (s.fallback = 1 OR s.downgraded_from != '')) AS fallback_calls,\n"
     f"    countIf({_MODEL_CALL_V5} AND s.routed_from != '') AS routed_calls,\n"
     f"    countIf({_MODEL_CALL_V5} AND s.escalated_from != '') AS escalated_calls,\n"
     "    sumIf(s.cost_usd, s.escalated_from != '') AS escalation_cost_usd,\n"
