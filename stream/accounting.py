@@ -178,26 +178,30 @@ class Ring:
         amounts[index % size] += amount
         return evicted
 
-    def items(self, first: int) -> list[tuple[int, float]]:
-        """(index, amount) of the non-empty slots from index `first` on, oldest first."""
+    def _since(self, first: int) -> tuple[int, array]:
+        """(index of the oldest, amounts oldest first) of the slots from index `first` on."""
         amounts = self.amounts
         size = len(amounts)
         lowest = max(first, self.newest - size + 1)
-        return [(i, amounts[i % size]) for i in range(lowest, self.newest + 1) if amounts[i % size]]
+        if lowest > self.newest:
+            return lowest, array("d")
+        start, end = lowest % size, self.newest % size + 1
+        return lowest, amounts[start:end] if start < end else amounts[start:] + amounts[:end]
+
+    def items(self, first: int) -> list[tuple[int, float]]:
+        """(index, amount) of the non-empty slots from index `first` on, oldest first."""
+        lowest, amounts = self._since(first)
+        return [(lowest + offset, amount) for offset, amount in enumerate(amounts) if amount]
 
     def total(self, first: int) -> float:
-        return sum(amount for _, amount in self.items(first))
+        return sum(self._since(first)[1])
 
     def to_state(self) -> list[Any]:
         """[newest, [amounts from the oldest non-empty slot to the newest]]: short for sparse rings."""
-        ordered = [amount for _, amount in self._ordered()]
-        while ordered and not ordered[0]:
-            ordered.pop(0)
-        return [self.newest, ordered]
-
-    def _ordered(self) -> list[tuple[int, float]]:
-        size = len(self.amounts)
-        return [(i, self.amounts[i % size]) for i in range(self.newest - size + 1, self.newest + 1)]
+        _, amounts = self._since(self.newest - len(self.amounts) + 1)
+        raw = amounts.tobytes()
+        skip = (len(raw) - len(raw.lstrip(b"\0"))) // amounts.itemsize  # 0.0 is all zero bytes
+        return [self.newest, amounts[skip:].tolist()]
 
     @classmethod
     def from_state(cls, size: int, state: Any) -> Ring:

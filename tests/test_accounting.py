@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
 from burnguard.contracts.pricing import PriceBook
+from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
-from burnguard.stream.accounting import BatchStats, UsageDelta, usage_deltas
+from burnguard.contracts.windows import Window
+from burnguard.stream.accounting import BatchStats, Ring, UsageDelta, WindowClock, WindowTotals, usage_deltas
+from burnguard.stream.app import BATCH_ROWS, BudgetJob, usage_partition
+from burnguard.stream.settings import StreamSettings
+from faust.serializers import codecs
 
 NS = 1_000_000_000
+ZONES = ("UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe")
 DAY = datetime(2025, 5, 14, tzinfo=UTC)
 T0 = DAY + timedelta(hours=9)
 
@@ -271,3 +280,84 @@ budgets:
     assert deltas[key].amount == pytest.approx(expected)
     if metric != "tool_calls":  # the other key's call made no tool calls
         assert set(deltas) - {key}, "the other key's call was not accounted separately"
+
+
+def test_the_window_clock_agrees_with_the_window_across_zones_and_boundaries() -> None:
+    rng = random.Random(7)
+    windows = [Window(spec, zone) for spec in ("day", "week", "month") for zone in ZONES]
+    # Instants around the DST changes of 2025 (US: Mar 9, Nov 2; EU: Mar 30, Oct 26), in order and shuffled.
+    base = ns(datetime(2025, 3, 1, tzinfo=UTC))
+    instants = sorted(base + rng.randrange(0, 250 * 86400) * NS + rng.randrange(NS) for _ in range(3000))
+    late = instants[:]
+    rng.shuffle(late)
+    for window in windows:
+        clock = WindowClock(window)
+        for at in instants + late:
+            assert clock.start_ns(at) == window.start_ns(at), (window, at)
+
+
+def test_a_ring_keeps_the_newest_indices_like_a_dict_of_them() -> None:
+    """The compact rolling state against the dict it replaced: same evictions, same contents."""
+    rng = random.Random(11)
+    for _ in range(500):
+        size = rng.choice([3, 15, 61])
+        ring, model = Ring(size), {}
+        newest = base = rng.randrange(100, 10_000)
+        for _ in range(rng.randrange(1, 40)):
+            index = max(base + rng.randrange(-5, 3 * size), 0)
+            amount = float(rng.randrange(0, 5))
+            evicted = ring.add(index, amount)
+            model[index] = model.get(index, 0.0) + amount
+            newest = max(model)
+            assert evicted == sum(model.pop(i) for i in [i for i in model if i <= newest - size])
+            first = rng.randrange(newest - size - 3, newest + 2)
+            assert ring.items(first) == sorted((i, a) for i, a in model.items() if i >= first and a)
+            restored = Ring.from_state(size, ring.to_state())
+            assert (restored.newest, restored.items(0)) == (ring.newest, ring.items(0))
+
+
+def test_window_totals_survive_the_changelog_and_read_the_older_dict_state() -> None:
+    minute = 60 * NS
+    totals = WindowTotals()
+    assert totals.add(2, 40, 1.5, 3, 100 * minute, 101 * minute, minute)
+    assert totals.add(2, 41, 2.0, 1, 170 * minute, 170 * minute, minute)  # the 101 bucket falls out
+    assert not totals.add(2, 41, 2.0, 1, 170 * minute, 170 * minute, minute), "a replay counted twice"
+    # The table holds the object; Faust's JSON codec writes it to the changelog through `__json__`.
+    restored = WindowTotals.from_state(codecs.loads("json", codecs.dumps("json", totals)))
+    assert restored.to_state() == totals.to_state()
+    assert (restored.spent, restored.spans, restored.applied) == (2.0, 4, {"2": 41})
+    # A state written by the version that kept rings as {index-as-string: amount} dicts:
+    older = [
+        3.5,
+        4,
+        100 * minute,
+        170 * minute,
+        {"2": 41},
+        {"170": 2.0, "160": 1.5},
+        {"120": 1.5, "170": 2.0},
+    ]
+    converted = WindowTotals.from_state(older)
+    assert converted.rolling_buckets(170 * minute, 60 * minute, minute) == [(120, 1.5), (170, 2.0)]
+    assert converted.rolling_buckets(185 * minute, 60 * minute, minute) == [(170, 2.0)]
+    assert converted.recent_spend(160 * minute) == 3.5
+    assert not converted.add(2, 41, 9.0, 1, 170 * minute, 170 * minute, minute)
+
+
+def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: BudgetConfig) -> None:
+    settings = StreamSettings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"), data_dir=tmp_path, partitions=4)
+    job = BudgetJob(settings, config)
+    deltas = [UsageDelta("tenant-cost", f"t{n}", 0, 1.0, 1, 5, 5, 3, 77) for n in range(5000)]
+    observations = [["long-context", "s1", [10, 20]]]
+    records = list(job._batch_records(deltas, observations, (3, 77)))
+    partitioner = DefaultPartitioner()
+    rows = 0
+    for partition, record in records:
+        assert (record["kind"], record["source_partition"], record["source_offset"]) == ("batch", 3, 77)
+        assert len(record["deltas"]) <= BATCH_ROWS
+        for row in record["deltas"]:
+            expected = partitioner(f"{row[0]}|{row[1]}".encode(), [0, 1, 2, 3], [0, 1, 2, 3])
+            assert partition == expected, "a key's batch went to another partition than its ticks would"
+        rows += len(record["deltas"])
+    assert rows == 5000 and len(records) > 4, "5000 deltas over 4 partitions need more than one record each"
+    contexts = [(p, r["contexts"]) for p, r in records if r["contexts"]]
+    assert contexts == [(usage_partition("long-context|s1", 4), observations)]

@@ -7,7 +7,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from burnguard.contracts.budgets import Budget
 from burnguard.stream.accounting import UsageDelta
-from burnguard.stream.policy import WindowTotals, burn_rate_per_hour, decide, projected_exhaustion
+from burnguard.stream.policy import (
+    WindowTotals,
+    burn_rate_per_hour,
+    decide,
+    decide_action,
+    projected_exhaustion,
+)
 
 NS = 1_000_000_000
 TTL = timedelta(minutes=5)
@@ -240,3 +246,31 @@ def test_context_growth_warns_only_after_a_streak_past_the_size() -> None:
     assert decide_context(guard, "s1", growth, NOW, TTL).action == "ok"
     growth.observe([5000, 6000], 0, 4)  # big again, but only two growing calls
     assert decide_context(guard, "s1", growth, NOW, TTL).action == "ok"
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        ladder_budget(),
+        ladder_budget(forecast={"downgrade": True, "min_ratio": 0.25}),
+        ladder_budget(window="1h"),
+        ladder_budget(window="week", timezone="Asia/Tokyo"),
+    ],
+    ids=["calendar", "predictive", "rolling", "tokyo-week"],
+)
+def test_the_cheap_action_is_the_signals_action(budget: Budget) -> None:
+    """Stage 2 skips building a signal when `decide_action` says nothing changed: it must never differ."""
+    rolling = budget.window != "day" and budget.window != "week"
+    start_ns = 0 if rolling else budget.window_spec.start_ns(ns(NOW))
+    bucket_ns = budget.window_spec.bucket_ns
+    checked = set()
+    for spent in (0.0, 5.0, 12.0, 20.0, 34.99, 35.0, 42.5, 49.99, 50.0, 80.0):
+        window = WindowTotals()
+        for minute in range(10):
+            at = NOW - timedelta(minutes=minute * 7, seconds=30)
+            window.apply(UsageDelta("b", "acme", 0, spent / 10, 1, ns(at), ns(at), bucket_ns=bucket_ns))
+        for now in (NOW, NOW + timedelta(minutes=20), NOW + timedelta(hours=1), NOW + timedelta(days=8)):
+            expected = decide(budget, "acme", start_ns, window, now, TTL).action
+            assert decide_action(budget, start_ns, window, now) == expected, (spent, now)
+            checked.add(expected)
+    assert {"ok", "warn", "throttle"} <= checked
