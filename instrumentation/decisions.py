@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.routes import Route
+from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
 from burnguard.instrumentation.refusals import CallRefused, ContextBudgetExceeded
 from burnguard.instrumentation.steps import LLM_CALLS, StepCounter
 
 if TYPE_CHECKING:
     from burnguard.contracts.signals import Signal
-    from burnguard.instrumentation.guard import BudgetGuard
 
 #: model -> (estimated prompt tokens, estimator name); called only when a context budget applies.
 PromptEstimator = Callable[[str], tuple[int, str]]
@@ -116,8 +116,6 @@ def apply_budget_pressure(
     decision: CallDecision, request: CallRequest, config: BudgetConfig, guard: BudgetGuard
 ) -> None:
     """Downgrade along the ladder from the routed model, or refuse, as the guard's signals say."""
-    from burnguard.instrumentation.guard import BudgetExceeded
-
     verdict = guard.check(decision.model, request.attribution)
     decision.signal = verdict.signal
     if verdict.action == "deny":
