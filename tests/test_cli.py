@@ -34,6 +34,22 @@ def test_budgets_validate_names_file_line_and_field(tmp_path: Path) -> None:
     assert f"{path}:6: budgets[1].scope" in result.output
 
 
+def test_budgets_validate_shows_the_routes_and_the_model_each_provider_gets(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "model_classes: {premium: [gpt-4.1, claude-opus-4-1], economy: [gpt-4.1-nano]}\n"
+        "providers:\n  openai: {premium: gpt-4.1, economy: gpt-4.1-nano}\n"
+        "  anthropic: {premium: claude-opus-4-1}\n"
+        "routes:\n  - {id: routine, match: {feature: [extract, classify], stakes: low}, use: economy}\n"
+    )
+    result = runner.invoke(app, ["budgets", "validate", str(path)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "1 routes" in result.output
+    row = next(line for line in result.output.splitlines() if "routine" in line)
+    assert "feature=extract|classify" in row and "stakes=low" in result.output
+    assert "gpt-4.1-nano" in row and "(not routed)" in row  # anthropic has no economy model
+
+
 def test_budgets_validate_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["budgets", "validate", str(tmp_path / "nope.yaml")], terminal_width=300)
     assert result.exit_code == 2 and "no such file" in result.output

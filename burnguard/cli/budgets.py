@@ -94,6 +94,18 @@ def _budget_table(title: str, config: BudgetConfig) -> Table:
     return table
 
 
+def _routes_table(config: BudgetConfig) -> Table:
+    table = Table(title=f"{len(config.routes)} routes (first match wins)")
+    for column in ("id", "match", "use", *config.providers):
+        table.add_column(column)
+    for route in config.routes:
+        fields = route.match.model_dump(exclude_defaults=True)
+        match = ", ".join(f"{name}={'|'.join(values)}" for name, values in fields.items())
+        models = [config.model_for(provider, route.use) or "(not routed)" for provider in config.providers]
+        table.add_row(route.id, match, route.use, *models)
+    return table
+
+
 def _print_changes(changes: BudgetChanges) -> None:
     if changes.empty:
         console.print("no changes")
@@ -104,7 +116,7 @@ def _print_changes(changes: BudgetChanges) -> None:
         ("remove", changes.removed, "red"),
     ):
         for key in keys:
-            name = "model classes, ladder and prices" if key == SHARED_RECORD_KEY else key
+            name = "model classes, ladder, prices and routes" if key == SHARED_RECORD_KEY else key
             console.print(f"[{color}]{label:6}[/] {name}", highlight=False)
 
 
@@ -113,6 +125,8 @@ def validate(file: Path) -> None:
     """Check a budget file; every mistake is reported as file:line: field: message."""
     config = _load_or_exit(file)
     console.print(_budget_table(f"{file}: {len(config.budgets)} budgets valid", config))
+    if config.routes:
+        console.print(_routes_table(config))
 
 
 @budgets_app.command("diff")
