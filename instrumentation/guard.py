@@ -9,11 +9,20 @@ A signal whose window has ended no longer applies. A signal past `expires_at`
 is stale: the stream job stopped refreshing it. The guard then applies its
 fail mode — open (ignore it, the default) or closed (keep its restriction in
 force) — and counts the decision in `stats.stale_decisions`.
+
+Between signals the guard accounts locally (`local_accounting.LocalLedger`):
+`reserve()` holds each call's expected use on the budget keys it counts
+toward until the call settles what it used, and refuses the call once a
+key's projected spend reaches its throttle rung. `check()` and `enforce()`
+apply the same projection without reserving. A local deny is a
+`BudgetExceeded` like any other, its signal a copy of the last one with the
+estimated spend; it is counted in `stats.local_denied` as well as `denied`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +35,7 @@ from burnguard.contracts.budgets import KEY_SEPARATOR, BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.instrumentation.local_accounting import LocalLedger, Reservation, Tally
 from burnguard.instrumentation.refusals import CallRefused
 from pydantic import ValidationError
 
@@ -75,6 +85,7 @@ class GuardStats:
     stale_decisions: int = 0  # decisions where a stale signal met the fail mode
     denied: int = 0
     downgraded: int = 0
+    local_denied: int = 0  # of `denied`: by local accounting, between signals
 
 
 class BudgetGuard:
@@ -99,6 +110,7 @@ class BudgetGuard:
         self._signals: dict[str, Signal] = {}
         self._by_scope: dict[str, dict[str, list[Signal]]] = {}
         self._lock = threading.Lock()
+        self._ledger = LocalLedger(self.config, lambda: self._clock().timestamp())
         self._follower = CompactedTopicFollower(self._kafka, self._topic, self._ingest, "burnguard-guard")
         self.stats = GuardStats()
 
@@ -137,6 +149,7 @@ class BudgetGuard:
                 return
             by_key = self._by_scope.get(signal.scope, {})
             by_key[signal.key] = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
+        self._ledger.forget(kafka_key)
 
     def apply(self, signal: Signal) -> None:
         """Record a signal (the follower thread calls this; tests and local accounting may too)."""
@@ -148,17 +161,32 @@ class BudgetGuard:
             if signal.action != "ok":
                 current.append(signal)
             by_key[signal.key] = current
+        self._ledger.on_signal(signal)
         if self._on_signal is not None:
             self._on_signal(signal)
 
     # --- deciding ------------------------------------------------------------------
-    def signals_for(self, attribution: dict[str, str], model_class: str = "") -> list[Signal]:
-        """Every current non-ok signal whose scope and key match this call."""
+    def _values(self, attribution: dict[str, str] | None, model: str | None) -> dict[str, str]:
+        """The call's value of each scope dimension: attribution (baggage by default), service, class."""
+        if attribution is None:
+            from burnguard.instrumentation.attribution import current_attribution
+
+            attribution = current_attribution()
         values = dict(attribution)
         if self.service and "service" not in values:
             values["service"] = self.service
+        if model and (model_class := self.config.model_class(model)):
+            values["model_class"] = model_class
+        return values
+
+    def signals_for(self, attribution: dict[str, str], model_class: str = "") -> list[Signal]:
+        """Every current non-ok signal whose scope and key match this call."""
+        values = self._values(attribution, None)
         if model_class:
             values["model_class"] = model_class
+        return self._signals_matching(values)
+
+    def _signals_matching(self, values: dict[str, str]) -> list[Signal]:
         found: list[Signal] = []
         with self._lock:
             for scope, by_key in self._by_scope.items():
@@ -168,15 +196,66 @@ class BudgetGuard:
         return found
 
     def check(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Decision:
-        """Decide one call. `attribution` defaults to the current baggage attribution."""
+        """Decide one call: by the signals, then by local accounting (nothing reserved).
+
+        `attribution` defaults to the current baggage attribution.
+        """
+        now = self._clock()
+        values = self._values(attribution, model)
+        decision = self._decide_by_signals(values, model, now)
+        if decision.action == "deny":
+            return decision
+        final = decision.model or model
+        if final != model:
+            values = self._values(attribution, final)  # a downgrade changes the model class
+        tally = self._ledger.exceeded(values, now.timestamp())
+        return decision if tally is None else self._deny_locally(tally)
+
+    def reserve(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Reservation:
+        """Hold the expected use of a call about to be made with `model`; `settle()` it when it ends.
+
+        Local accounting only (the call was decided by the signals already): checking and
+        reserving are one step, so concurrent callers cannot all slip under the limit.
+        Raises `BudgetExceeded` when the projected spend has reached a throttle rung.
+        """
+        now_s = self._clock().timestamp()
+        admitted = self._ledger.admit(self._values(attribution, model), model, now_s)
+        if isinstance(admitted, Tally):
+            denial = self._deny_locally(admitted)
+            assert denial.signal is not None
+            raise BudgetExceeded(denial.signal)
+        return admitted
+
+    def admit(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Reservation:
+        """`enforce` and `reserve` in one: the reservation's `model` is the model to call with."""
         if attribution is None:
             from burnguard.instrumentation.attribution import current_attribution
 
             attribution = current_attribution()
-        model_class = self.config.model_class(model) if model else ""
-        now = self._clock()
+        decision = self._decide_by_signals(self._values(attribution, model), model, self._clock())
+        if decision.action == "deny":
+            assert decision.signal is not None
+            raise BudgetExceeded(decision.signal)
+        return self.reserve(decision.model or model, attribution)
+
+    def _deny_locally(self, tally: Tally) -> Decision:
+        """A deny by local accounting; its signal is the tally's, with the estimated spend."""
+        self.stats.denied += 1
+        self.stats.local_denied += 1
+        spent = tally.projected()
+        signal = tally.signal.model_copy(
+            update={
+                "action": "throttle",
+                "spent": spent,
+                "ratio": spent / tally.signal.limit if tally.signal.limit > 0 else math.inf,
+                "reason": f"estimated locally since the signal of {tally.signal.issued_at.isoformat()}",
+            }
+        )
+        return Decision("deny", signal=signal)
+
+    def _decide_by_signals(self, values: dict[str, str], model: str | None, now: datetime) -> Decision:
         worst: Signal | None = None
-        for signal in self.signals_for(attribution, model_class):
+        for signal in self._signals_matching(values):
             if now >= signal.window_end:
                 continue  # its window is over: the spend it counted no longer applies
             if now >= signal.expires_at:

@@ -1,0 +1,318 @@
+"""Local accounting between signals (DESIGN.md §7): the guard's own estimate of a budget key's spend.
+
+A signal states a key's spend as of `issued_at`; the next one may be a whole
+enforcement latency (span → Kafka → worker → signal → guard) away, and every
+call started meanwhile would get through. The ledger keeps, for each signal,
+what this process has used on that key since — calls settled since, plus an
+estimate for the calls still in flight — and denies once the projection
+reaches the budget's throttle rung.
+
+What counts. A call counts toward a signal when its attribution has the
+signal's scope key (the rule `BudgetGuard.signals_for` applies). A call in
+flight counts with an estimate (the last call of the same model), settled to
+what it used when it ends: that is what holds back a burst of concurrent
+callers. A settled call counts when it ended after the signal's `issued_at`:
+its span left the process after the worker decided, so the signal's `spent`
+cannot include it (clocks assumed in step). Calls ended before may be in
+`spent` and are left out: an undercount, never a double count. Ended calls are
+remembered for a minute only for the budgets in the guard's config; for other
+budgets the count starts when the signal is received. A newer signal (a
+refresh, the next rung, an `ok` after a roll-over or a raised limit) replaces
+the tally, so a local deny never outlives the signal it came from; nor does it
+outlive the signal's `expires_at` or `window_end`. The deny point is the
+budget's throttle rung (from the config; 1.0 of the limit when the budget is
+unknown); a budget whose ladder never throttles is never denied locally.
+
+Other processes. Each process sees only its own calls, yet a key is usually
+spent by several. When the budget is in the guard's config, the ledger keeps
+this process's spend per budget key over the last minute, and on each signal
+compares it with the key's burn rate (which the stream job measures over at
+least a minute, so a young burst compares like for like): the ratio is this
+process's share, and own use since the signal is scaled by 1 / share to
+stand for the whole key's. Without a config entry the share is 1 (own use
+only). A share underestimated makes the guard deny early, until the next
+signal (refreshed every 30 s by default, `expires_at` at the latest).
+
+Every method runs under one lock: callers are threads, and the check and the
+reservation of a call must be one step, or a burst of callers would all pass
+the check before any of them reserved.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from burnguard.contracts import attributes as attr
+from burnguard.contracts.budgets import KEY_SEPARATOR, Budget, BudgetConfig
+from burnguard.contracts.signals import Signal
+
+#: The budget metrics, in the order of a call's usage vector (see `usage_vector`).
+METRICS: tuple[str, ...] = ("cost_usd", "tokens", "input_tokens", "tool_calls", "calls")
+METRIC_INDEX: dict[str, int] = {metric: index for index, metric in enumerate(METRICS)}
+#: One model call's usage in every metric at once, so any tally can take its own.
+Usage = tuple[float, float, float, float, float]
+#: Before the first call of any model ends, a call is estimated as one call and nothing else.
+FIRST_ESTIMATE: Usage = (0.0, 0.0, 0.0, 0.0, 1.0)
+#: A share below this is treated as this: protects against a burn rate far above this process's view.
+MIN_SHARE = 0.05
+#: A reservation older than this is released: a call whose `end` never came must not block forever.
+MAX_IN_FLIGHT_S = 600.0
+RECENT_S = 60.0
+
+
+def usage_vector(cost_usd: float | None, attributes: Mapping[str, Any]) -> Usage:
+    """A finished model call's usage in every metric (`contracts.budgets.metric_value` semantics)."""
+    input_tokens = float(attributes.get(attr.GEN_AI_USAGE_INPUT_TOKENS) or 0)
+    output_tokens = float(attributes.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS) or 0)
+    tool_calls = float(attributes.get(attr.TOOL_CALLS) or 0)
+    return (cost_usd or 0.0, input_tokens + output_tokens, input_tokens, tool_calls, 1.0)
+
+
+@dataclass(slots=True, eq=False)
+class Tally:
+    """This process's use of one budget key since one signal for it, and where the key gets denied."""
+
+    signal: Signal
+    metric: int
+    spent: float
+    deny_at: float  # the throttle rung in the signal's metric; inf: the budget never throttles
+    window_end_s: float
+    expires_s: float
+    share: float = 1.0
+    own: float = 0.0  # settled since the signal was issued
+    reserved: float = 0.0  # estimates of the calls in flight
+
+    def projected(self) -> float:
+        """The key's estimated spend now: the signal's, plus this process's since, scaled to all processes."""
+        return self.spent + (self.own + self.reserved) / self.share
+
+
+class OwnUse:
+    """This process's use of one budget key over the last minute: (end time, amount) of each call."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: deque[tuple[float, float]] = deque()
+
+    def add(self, end_s: float, amount: float) -> None:
+        self.calls.append((end_s, amount))
+        while self.calls and self.calls[0][0] < end_s - RECENT_S:
+            self.calls.popleft()
+
+    def since(self, start_s: float) -> float:
+        """Use by calls that ended after `start_s` (within the last minute)."""
+        return sum(amount for end_s, amount in self.calls if end_s > start_s)
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """An admitted call's hold on the tallies it counts toward, until `settle` (call it once)."""
+
+    ledger: LocalLedger | None
+    model: str | None
+    values: dict[str, str]
+    estimate: Usage
+    started_s: float
+    tallies: list[Tally] = field(default_factory=list)
+    recent: list[tuple[OwnUse, int]] = field(default_factory=list)
+
+    def settle(self, cost_usd: float | None, attributes: Mapping[str, Any]) -> None:
+        """The call ended: replace its estimate by what it used (nothing, if it failed unpriced)."""
+        ledger, self.ledger = self.ledger, None
+        if ledger is not None:
+            ledger.settle(self, usage_vector(cost_usd, attributes))
+
+
+@dataclass(frozen=True, slots=True)
+class _BudgetKeying:
+    """How one configured budget keys a call: its id, scope dimensions, match and metric."""
+
+    budget: str
+    dimensions: tuple[str, ...]
+    match: str
+    metric: int
+
+    def key(self, values: Mapping[str, str]) -> str | None:
+        key = _key(values, self.dimensions)
+        if key is None or self.match in ("*", key) or fnmatch.fnmatchcase(key, self.match):
+            return key
+        return None
+
+
+class LocalLedger:
+    """The tallies of every current signal, the calls in flight, and own recent use per budget key."""
+
+    def __init__(self, config: BudgetConfig, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tallies: dict[str, Tally] = {}  # by the signal's Kafka key
+        self._by_scope: dict[tuple[str, ...], dict[str, list[Tally]]] = {}
+        self._in_flight: set[Reservation] = set()
+        self._estimates: dict[str, Usage] = {}
+        self._last_estimate = FIRST_ESTIMATE
+        self._keyings = [
+            _BudgetKeying(b.id, b.scope, b.match, METRIC_INDEX[b.metric]) for b in config.budgets
+        ]
+        self._throttle_at = {b.id: _throttle_at(b) for b in config.budgets}
+        self._recent: dict[tuple[str, str], OwnUse] = {}
+        self._next_sweep_s = 0.0
+
+    # --- signals ---------------------------------------------------------------------------------
+    def on_signal(self, signal: Signal) -> None:
+        """Start a fresh tally for the signal's key: own use since it was issued, plus the calls in flight."""
+        metric = METRIC_INDEX.get(signal.metric)
+        with self._lock:
+            self._drop(signal.kafka_key)
+            if metric is None:
+                return  # a metric this guard cannot measure: leave the key to the signals alone
+            now_s = self._clock()
+            tally = self._tally(signal, metric, now_s)
+            dimensions = tuple(signal.scope.split("+"))
+            for reservation in self._in_flight:
+                if _key(reservation.values, dimensions) == signal.key:
+                    tally.reserved += reservation.estimate[metric]
+                    reservation.tallies.append(tally)
+            self._tallies[signal.kafka_key] = tally
+            self._by_scope.setdefault(dimensions, {}).setdefault(signal.key, []).append(tally)
+
+    def _tally(self, signal: Signal, metric: int, now_s: float) -> Tally:
+        throttle_at = self._throttle_at.get(signal.budget, 1.0)
+        recent = self._recent.get((signal.budget, signal.key))
+        issued_s = signal.issued_at.timestamp()
+        return Tally(
+            signal,
+            metric,
+            signal.spent,
+            signal.limit * throttle_at if throttle_at is not None else math.inf,
+            signal.window_end.timestamp(),
+            signal.expires_at.timestamp(),
+            share=_share(recent, signal.burn_rate_per_hour, now_s),
+            own=recent.since(issued_s) if recent is not None else 0.0,
+        )
+
+    def forget(self, kafka_key: str) -> None:
+        with self._lock:
+            self._drop(kafka_key)
+
+    def _drop(self, kafka_key: str) -> None:
+        old = self._tallies.pop(kafka_key, None)
+        if old is None:
+            return
+        by_key = self._by_scope.get(tuple(old.signal.scope.split("+")), {})
+        remaining = [t for t in by_key.get(old.signal.key, ()) if t is not old]
+        if remaining:
+            by_key[old.signal.key] = remaining
+        else:
+            by_key.pop(old.signal.key, None)
+
+    # --- calls -----------------------------------------------------------------------------------
+    def admit(self, values: dict[str, str], model: str | None, now_s: float) -> Reservation | Tally:
+        """Reserve the call's estimate on its live tallies, or return the tally it would break."""
+        with self._lock:
+            live = self._live_tallies(values, now_s)
+            for tally in live:
+                if tally.projected() >= tally.deny_at:
+                    return tally
+            estimate = self._estimates.get(model, self._last_estimate) if model else self._last_estimate
+            reservation = Reservation(self, model, values, estimate, now_s, live)
+            for tally in live:
+                tally.reserved += estimate[tally.metric]
+            self._track_recent(reservation)
+            self._in_flight.add(reservation)
+            if now_s >= self._next_sweep_s:
+                self._sweep(now_s)
+            return reservation
+
+    def exceeded(self, values: Mapping[str, str], now_s: float) -> Tally | None:
+        """The first live tally whose projection has reached its throttle rung (no reservation made)."""
+        with self._lock:
+            for tally in self._live_tallies(values, now_s):
+                if tally.projected() >= tally.deny_at:
+                    return tally
+        return None
+
+    def settle(self, reservation: Reservation, usage: Usage) -> None:
+        """Move the call from reserved to own on its tallies; log it in the recent use of its keys."""
+        end_s = self._clock()
+        with self._lock:
+            if reservation not in self._in_flight:
+                return  # released by the sweep already
+            self._in_flight.discard(reservation)
+            for tally in reservation.tallies:
+                tally.reserved -= reservation.estimate[tally.metric]
+                tally.own += usage[tally.metric]
+            for recent, metric in reservation.recent:
+                recent.add(end_s, usage[metric])
+            if usage[0] > 0 or usage[1] > 0:  # a call that failed unpriced says nothing about the next one
+                if reservation.model:
+                    self._estimates[reservation.model] = usage
+                self._last_estimate = usage
+
+    def _live_tallies(self, values: Mapping[str, str], now_s: float) -> list[Tally]:
+        """Tallies of this call's keys whose signal is neither stale nor of an ended window."""
+        found: list[Tally] = []
+        for dimensions, by_key in self._by_scope.items():
+            key = _key(values, dimensions)
+            if key is not None:
+                for tally in by_key.get(key, ()):
+                    if now_s < tally.expires_s and now_s < tally.window_end_s:
+                        found.append(tally)
+        return found
+
+    def _track_recent(self, reservation: Reservation) -> None:
+        for keying in self._keyings:
+            key = keying.key(reservation.values)
+            if key is not None:
+                recent = self._recent.get((keying.budget, key))
+                if recent is None:
+                    recent = self._recent[(keying.budget, key)] = OwnUse()
+                reservation.recent.append((recent, keying.metric))
+
+    def _sweep(self, now_s: float) -> None:
+        """Release reservations of calls that never ended; forget keys with no recent use."""
+        self._next_sweep_s = now_s + 10.0
+        for reservation in [r for r in self._in_flight if now_s - r.started_s > MAX_IN_FLIGHT_S]:
+            self._in_flight.discard(reservation)
+            for tally in reservation.tallies:
+                tally.reserved -= reservation.estimate[tally.metric]
+            reservation.ledger = None
+        idle = [
+            key
+            for key, recent in self._recent.items()
+            if not recent.calls or recent.calls[-1][0] < now_s - RECENT_S
+        ]
+        for key in idle:
+            del self._recent[key]  # a reservation still holding it only loses the share estimate
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+
+def _throttle_at(budget: Budget) -> float | None:
+    """The ratio at which the budget throttles, or None when its ladder never does."""
+    return next((a.at for a in budget.actions if a.do == "throttle"), None)
+
+
+def _share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> float:
+    """This process's part of a key's recent burn rate; 1 without own recent use to compare."""
+    own = recent.since(now_s - RECENT_S) if recent is not None else 0.0
+    per_minute = burn_rate_per_hour / 60
+    if own <= 0 or per_minute <= 0:
+        return 1.0
+    return min(1.0, max(MIN_SHARE, own / per_minute))
+
+
+def _key(values: Mapping[str, str], dimensions: tuple[str, ...]) -> str | None:
+    """The scope key of a call for these dimensions, or None when it lacks one of them."""
+    if len(dimensions) == 1:
+        return values.get(dimensions[0]) or None
+    parts = [values.get(dimension) for dimension in dimensions]
+    return KEY_SEPARATOR.join(parts) if all(parts) else None  # type: ignore[arg-type]
