@@ -25,6 +25,7 @@ from burnguard.contracts.budgets import BudgetConfig
 from burnguard.instrumentation.attribution import current_attribution, current_stakes
 from burnguard.instrumentation.cost import cost_attributes
 from burnguard.instrumentation.decisions import CallDecision, CallRequest, decide_call
+from burnguard.instrumentation.local_accounting import Reservation
 from burnguard.instrumentation.refusals import CallRefused
 from burnguard.instrumentation.runtime import Runtime, current_runtime
 from burnguard.instrumentation.steps import TOOL_CALLS, step_counter
@@ -59,6 +60,7 @@ class LLMCall:
         requested_model: str,
         base: dict[str, Any] | None = None,
         runtime: Runtime | None = None,
+        reservation: Reservation | None = None,
     ) -> None:
         self.span = span
         self.model = model
@@ -67,6 +69,7 @@ class LLMCall:
         self._attributes: dict[str, Any] = {}
         self._base = base or {}
         self._runtime = runtime
+        self._reservation = reservation  # the guard's hold on this call's expected use, settled at the end
         self._ended = False
 
     def set_usage(
@@ -131,6 +134,8 @@ class LLMCall:
             self._finish(self._base, self._runtime)
         finally:
             self.span.end()
+            if self._reservation is not None:
+                self._reservation.settle(self.cost_usd, self._attributes)
 
 
 def _decide(
@@ -151,6 +156,18 @@ def _decide(
     if prompt is not None:
         estimate = functools.partial(count_prompt_tokens, provider=provider, kwargs=prompt)
     return decide_call(request, config, guard, estimate=estimate, steps=step_counter)
+
+
+def _reserve(runtime: Runtime | None, decision: CallDecision | None) -> Reservation | None:
+    """Hold an allowed call's expected use in the guard's local accounting; a local deny refuses it."""
+    guard = runtime.guard if runtime is not None else None
+    if guard is None or decision is None or not decision.allowed:
+        return None
+    try:
+        return guard.reserve(decision.model)
+    except CallRefused as refusal:
+        decision.refusal = refusal
+        return None
 
 
 def _refuse(tracer: trace.Tracer, base: dict[str, Any], decision: CallDecision) -> NoReturn:
@@ -188,6 +205,7 @@ def start_llm_call(
     """
     runtime = current_runtime()
     decision = _decide(runtime, model, provider, operation, prompt, routed) if enforce else None
+    reservation = _reserve(runtime, decision)
     if decision is not None:
         model = decision.model
     base: dict[str, Any] = {
@@ -207,7 +225,7 @@ def start_llm_call(
     span = tracer.start_span(
         f"{operation} {model}", kind=SpanKind.CLIENT, attributes=base, record_exception=False
     )
-    return LLMCall(span, model, decision.requested_model if decision else model, base, runtime)
+    return LLMCall(span, model, decision.requested_model if decision else model, base, runtime, reservation)
 
 
 @contextmanager

@@ -340,3 +340,45 @@ def test_check_does_not_reserve() -> None:
         assert guard.check("gpt-4.1", ACME).action == "allow"
         assert guard.enforce("gpt-4.1", ACME) == "gpt-4.1"
     assert hold(guard) == 4
+
+
+def test_the_call_path_reserves_at_start_and_settles_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    from burnguard.instrumentation.calls import start_llm_call
+    from burnguard.instrumentation.runtime import reset_runtime
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import burnguard
+
+    for name in ("BURNGUARD_ENFORCE", "BURNGUARD_BUDGETS_FILE", "BURNGUARD_FAIL_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    guard = make_guard()
+    monkeypatch.setattr(guard, "start", lambda wait_s=10.0: guard)  # fed by apply(): no Kafka
+    monkeypatch.setattr(guard, "stop", lambda: None)
+    exporter = InMemorySpanExporter()
+    reset_runtime()
+    runtime = burnguard.configure(
+        service_name="app", exporter=exporter, budgets=NO_BUDGETS, guard=guard, batch=False, set_global=False
+    )
+    try:
+        with burnguard.attribute(tenant="acme"):
+            burnguard.record_llm_call("gpt-4.1", "openai", 2000, 500, enforce=True)  # $0.008: the estimate
+            guard.apply(make_signal(spent=0.975, limit=1.0))
+            calls = [start_llm_call("gpt-4.1", "openai") for _ in range(4)]  # 0.975 + 3 x 0.008 < 1
+            with pytest.raises(BudgetExceeded):
+                start_llm_call("gpt-4.1", "openai")
+            calls[0].set_usage(2000, 500)
+            calls[0].end()  # settled at its real cost: the projection stays
+            with pytest.raises(BudgetExceeded):
+                start_llm_call("gpt-4.1", "openai")
+            calls[1].fail(TimeoutError("provider timed out"))
+            calls[1].end()  # used nothing: its reservation is released
+            start_llm_call("gpt-4.1", "openai").end()
+    finally:
+        runtime.shutdown()
+        reset_runtime()
+    refused = [
+        s for s in exporter.get_finished_spans() if s.attributes.get(attr.ERROR_TYPE) == "BudgetExceeded"
+    ]
+    assert len(refused) == 2
+    assert all(s.attributes[attr.COST_USD] == 0.0 for s in refused)
+    assert guard.stats.local_denied == 2
