@@ -205,7 +205,9 @@ def stage_times(pipeline: BenchPipeline, clock: SignalClock, ends: dict[str, int
                 exported.setdefault(usage.user, record.timestamp)
     for record in read_topic(pipeline.bootstrap, pipeline.topics.usage):
         if record.value and b'"probe-calls"' in record.value:
-            deltas.setdefault(json.loads(record.value)["key"], record.timestamp)
+            for row in json.loads(record.value).get("deltas", []):  # batch records: one per message
+                if row[0] == "probe-calls":
+                    deltas.setdefault(row[1], record.timestamp)
     for record in read_topic(pipeline.bootstrap, pipeline.topics.signals):
         if record.value and b'"probe-calls"' in record.value:
             signalled.setdefault(json.loads(record.value)["key"], record.timestamp)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -30,7 +31,6 @@ from itertools import islice
 from typing import Any
 
 import faust
-from aiokafka.partitioner import murmur2
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
@@ -61,6 +61,40 @@ SNAPSHOT_SLICE = 200
 SNAPSHOT_MAX_PER_RUN = 20_000
 
 
+_MURMUR_M = 0x5BD1E995
+_U32 = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 key hash, equal to aiokafka's but ~4x faster (whole words via `struct`).
+
+    The worker hashes every delta's key and every snapshot's key; aiokafka's
+    byte-by-byte version was ~3% of the worker's time.
+    """
+    length = len(data)
+    whole = length - length % 4
+    h = 0x9747B28C ^ length
+    for (k,) in struct.iter_unpack("<I", data[:whole]):
+        k = (k * _MURMUR_M) & _U32
+        k ^= k >> 24
+        h = ((h * _MURMUR_M) & _U32) ^ ((k * _MURMUR_M) & _U32)
+    tail = data[whole:]
+    if len(tail) >= 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h = ((h ^ tail[0]) * _MURMUR_M) & _U32
+    h ^= h >> 13
+    h = (h * _MURMUR_M) & _U32
+    return h ^ (h >> 15)
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition aiokafka's default partitioner picks for `key` among `partitions`."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 @lru_cache(maxsize=1 << 17)
 def usage_partition(partition_key: str, partitions: int) -> int:
     """The usage partition of a `budget|key` (or `guard|session`): aiokafka's default choice.
@@ -69,7 +103,7 @@ def usage_partition(partition_key: str, partitions: int) -> int:
     by the producer from a record key; every record about a key (batches,
     ticks, removals) goes through this, so its state stays on one partition.
     """
-    return (murmur2(partition_key.encode()) & 0x7FFFFFFF) % partitions
+    return key_partition(partition_key.encode(), partitions)
 
 
 def _now() -> datetime:
@@ -118,7 +152,7 @@ class BudgetJob:
             topic_replication_factor=1,
             web_enabled=False,
             stream_recovery_delay=0.5,
-            producer_linger=0.002,
+            producer_linger=settings.producer_linger.total_seconds(),
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=settings.commit_interval.total_seconds(),
             broker_session_timeout=settings.session_timeout.total_seconds(),
@@ -142,7 +176,6 @@ class BudgetJob:
         # Output topics are created before the worker starts (`output_topics`), not by Faust.
         self.signals_topic = app.topic(topics.signals, **raw)
         self.deadletter_topic = app.topic(topics.deadletter, **raw)
-        self.budget_usage_topic = app.topic(topics.budget_usage, **raw)
 
     def _declare_tables(self) -> None:
         partitions = self.settings.partitions
@@ -219,10 +252,20 @@ class BudgetJob:
                     },
                 )
 
-    async def _send_usage(self, partition_key: str, record: dict[str, Any]) -> None:
-        """A record about one key (tick, removal) to the partition that holds the key's state."""
-        partition = usage_partition(partition_key, self.settings.partitions)
-        await self.usage_topic.send(key=partition_key, value=record, partition=partition)
+    async def _send_per_partition(self, kind: str, items: Iterable[tuple[str, list[Any]]]) -> None:
+        """Records about many keys (`ticks`, `removals`): one per usage partition, not one per key.
+
+        `items` are (`budget|key`, what stage 2 needs about that key); each goes
+        to the partition that holds the key's state. A refresh of 100,000
+        restricted keys is then a handful of records, not 100,000.
+        """
+        grouped: dict[int, list[list[Any]]] = {}
+        for partition_key, item in items:
+            grouped.setdefault(usage_partition(partition_key, self.settings.partitions), []).append(item)
+        for partition, group in sorted(grouped.items()):
+            for first in range(0, len(group), BATCH_ROWS):
+                record = {"kind": kind, "keys": group[first : first + BATCH_ROWS]}
+                await self.usage_topic.send(key=kind, value=record, partition=partition)
 
     async def _dead_letter(self, event: Any, reason: str, value: bytes | None = None) -> None:
         """Park a message with the reason in a header; `value` when the event is no longer raw bytes."""
@@ -252,27 +295,39 @@ class BudgetJob:
                 await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
 
     async def _account_one(self, record: dict[str, Any]) -> None:
-        kind = record.get("kind")
-        if kind == "batch":
-            await self._account_batch(record)
-            return
-        if kind == "context":  # a single observation, as written before batch records
+        handlers = {
+            "batch": self._account_batch,
+            "ticks": self._account_ticks,
+            "removals": self._account_removals,
+        }
+        await handlers.get(record.get("kind", ""), self._account_single)(record)
+
+    async def _account_ticks(self, record: dict[str, Any]) -> None:
+        now = _now()
+        for budget_id, key in record["keys"]:
+            if (budget := self._budgets.get(budget_id)) is not None:
+                await self._settle(budget, key, now)
+
+    async def _account_removals(self, record: dict[str, Any]) -> None:
+        for budget_id, key, scope in record["keys"]:
+            await self._clear(budget_id, key, scope)
+
+    async def _account_single(self, record: dict[str, Any]) -> None:
+        """A record about one key, as written before batches (still in the topic after an upgrade)."""
+        if record.get("kind") == "context":
             source = (record["source_partition"], record["source_offset"])
             await self._observe_context(record["guard"], record["key"], record["inputs"], source)
-            return
-        if record.get("removed"):
+        elif record.get("removed"):
             await self._clear(record["budget"], record["key"], record["scope"])
+        elif (budget := self._budgets.get(record["budget"])) is None:
             return
-        budget = self._budgets.get(record["budget"])
-        if budget is None:
-            return
-        if record.get("tick"):
+        elif record.get("tick"):
             await self._settle(budget, record["key"], _now())
-            return
-        delta = UsageDelta.from_dict(record)  # a single delta, as written before batch records
-        source = (delta.source_partition, delta.source_offset)
-        if (signal := self._apply(delta.to_row(), source, _now())) is not None:
-            await self._send_signal(signal)
+        else:
+            delta = UsageDelta.from_dict(record)
+            source = (delta.source_partition, delta.source_offset)
+            if (signal := self._apply(delta.to_row(), source, _now())) is not None:
+                await self._send_signal(signal)
 
     async def _account_batch(self, record: dict[str, Any]) -> None:
         """Add one OTLP message's deltas for this partition; each window key is written once."""
@@ -365,11 +420,8 @@ class BudgetJob:
     # --- timer ---------------------------------------------------------------------
     async def _refresh(self) -> None:
         """Ask each restricted key's partition to re-decide it: refresh, or lift at roll-over."""
-        for state_key, state in list(self.states.items()):
-            if not state or state["action"] == "ok":
-                continue
-            budget_id, key = state_key.split("|", 1)
-            await self._send_usage(state_key, {"budget": budget_id, "key": key, "tick": True})
+        restricted = [key for key, state in list(self.states.items()) if state and state["action"] != "ok"]
+        await self._send_per_partition("ticks", ((key, key.split("|", 1)) for key in restricted))
 
     async def _reload_budgets(self) -> None:
         """Swap in budgets changed on the topic; re-decide every key of a changed or removed budget."""
@@ -382,17 +434,15 @@ class BudgetJob:
         removed = {b.id: b for b in old.budgets if new.budget(b.id) is None}
         changed = {b.id for b in new.budgets if old.budget(b.id) != b}
         logger.info("budgets reloaded: changed %s, removed %s", sorted(changed), sorted(removed))
+        ticks, removals = [], []
         for partition_key in self._known_keys(changed | set(removed)):
             budget_id, key = partition_key.split("|", 1)
-            record: dict[str, Any] = {"budget": budget_id, "key": key, "tick": True}
             if budget_id in removed:
-                record = {
-                    "budget": budget_id,
-                    "key": key,
-                    "removed": True,
-                    "scope": removed[budget_id].scope_name,
-                }
-            await self._send_usage(partition_key, record)
+                removals.append((partition_key, [budget_id, key, removed[budget_id].scope_name]))
+            else:
+                ticks.append((partition_key, [budget_id, key]))
+        await self._send_per_partition("ticks", ticks)
+        await self._send_per_partition("removals", removals)
 
     def _known_keys(self, budget_ids: set[str]) -> set[str]:
         """`budget|key` of every key this worker holds state for, among these budgets."""
@@ -422,7 +472,19 @@ class BudgetJob:
                 await asyncio.sleep(0)
             snapshot = self._usage_snapshot(state_key, now)
             if snapshot is not None:
-                await self.budget_usage_topic.send(key=snapshot.kafka_key.encode(), value=snapshot.to_json())
+                await self._send_snapshot(snapshot)
+
+    async def _send_snapshot(self, snapshot: BudgetUsage) -> None:
+        """Straight to the producer: Faust's topic layer cost more than building the snapshot.
+
+        The partition is the default partitioner's, so a key's rows compact
+        together whichever worker or version wrote them.
+        """
+        key = snapshot.kafka_key.encode()
+        partition = key_partition(key, self.settings.partitions)
+        await self.app.producer.send(
+            self.settings.topics.budget_usage, key, snapshot.to_json(), partition, None, None
+        )
 
     def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
         budget_id, rest = state_key.split("|", 1)

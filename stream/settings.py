@@ -31,6 +31,9 @@ class StreamSettings:
     allowed_lateness: timedelta = timedelta(hours=1)
     #: How long a silent worker keeps its partitions before the group moves them.
     session_timeout: timedelta = timedelta(seconds=30)
+    #: How long the producer waits to fill a batch: every signal waits this long (twice: the
+    #: usage record, then the signal), and shorter waits mean more, smaller produce requests.
+    producer_linger: timedelta = timedelta(milliseconds=2)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -47,4 +50,5 @@ class StreamSettings:
             commit_interval=timedelta(seconds=float(env.get("BURNGUARD_COMMIT_INTERVAL_S", 2.8))),
             session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
             allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
+            producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
         )

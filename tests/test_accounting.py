@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window
 from burnguard.stream.accounting import BatchStats, Ring, UsageDelta, WindowClock, WindowTotals, usage_deltas
-from burnguard.stream.app import BATCH_ROWS, BudgetJob, usage_partition
+from burnguard.stream.app import BATCH_ROWS, BudgetJob, murmur2, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 
@@ -361,3 +362,11 @@ def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: B
     assert rows == 5000 and len(records) > 4, "5000 deltas over 4 partitions need more than one record each"
     contexts = [(p, r["contexts"]) for p, r in records if r["contexts"]]
     assert contexts == [(usage_partition("long-context|s1", 4), observations)]
+
+
+def test_the_fast_murmur2_is_kafkas() -> None:
+    rng = random.Random(3)
+    for length in range(40):
+        for _ in range(50):
+            data = bytes(rng.randrange(256) for _ in range(length))
+            assert murmur2(data) == aiokafka_murmur2(data), data

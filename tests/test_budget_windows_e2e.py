@@ -1,4 +1,5 @@
-"""Windows through the real worker: calendar days in a non-UTC zone, a late span, a session cap."""
+"""Windows through the real worker: calendar days in a non-UTC zone, a late span, a session cap,
+and a rolling window whose snapshots keep one row on the compacted topic."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ budgets:
     timezone: Asia/Tokyo
     metric: tokens
     limit: 1.0e9
+  - id: tenant-hour
+    scope: tenant
+    window: 1h
+    metric: tokens
+    limit: 1.0e9
   - id: agent-steps
     scope: session
     window: session
@@ -44,7 +50,8 @@ def last_tokyo_midnight(now: datetime) -> datetime:
     return datetime(local.year, local.month, local.day, tzinfo=TOKYO).astimezone(UTC)
 
 
-def snapshots(pipeline: Pipeline) -> dict[tuple[str, str, datetime], BudgetUsage]:
+def usage_records(pipeline: Pipeline) -> list[tuple[bytes, BudgetUsage]]:
+    """Every (Kafka key, snapshot) on the budget usage topic, oldest first."""
     consumer = KafkaConsumer(
         pipeline.topics.budget_usage,
         bootstrap_servers=pipeline.broker.bootstrap,
@@ -52,13 +59,13 @@ def snapshots(pipeline: Pipeline) -> dict[tuple[str, str, datetime], BudgetUsage
         consumer_timeout_ms=1500,
     )
     try:
-        found = {}
-        for record in consumer:
-            usage = BudgetUsage.from_json(record.value)
-            found[(usage.budget, usage.key, usage.window_start)] = usage
-        return found
+        return [(record.key, BudgetUsage.from_json(record.value)) for record in consumer]
     finally:
         consumer.close()
+
+
+def snapshots(pipeline: Pipeline) -> dict[tuple[str, str, datetime], BudgetUsage]:
+    return {(usage.budget, usage.key, usage.window_start): usage for _, usage in usage_records(pipeline)}
 
 
 def wait_for_spent(pipeline: Pipeline, expected: dict, timeout_s: float = 45) -> dict:
@@ -117,6 +124,20 @@ def test_tokyo_days_late_spans_session_step_cap_and_context_growth(pipeline: Pip
     # The third growing call (700 -> 900 -> 1200) past 1000 tokens is the first warn.
     assert (warn.scope, warn.key, warn.spent, warn.limit) == ("session", "s2", 1200.0, 1000.0)
     assert "grew over 3 consecutive calls" in warn.reason
+
+    # The rolling hour's snapshots move their window start with the clock, but keep one Kafka key,
+    # so the compacted topic keeps one row for acme's rolling hour, not one per snapshot.
+    deadline = time.monotonic() + 30
+    while True:
+        rolling = [(key, usage) for key, usage in usage_records(pipeline) if usage.budget == "tenant-hour"]
+        if (rolling and rolling[-1][1].spent >= 4950) or time.monotonic() > deadline:  # s2's five calls
+            break
+        time.sleep(0.5)
+    assert {key for key, _ in rolling} == {b"tenant:acme@tenant-hour"}
+    assert len({usage.window_start for _, usage in rolling}) > 1, "only one rolling snapshot was seen"
+    assert rolling[-1][1].spent >= 4950 and rolling[-1][1].window == "1h"
+    daily = {key for key, usage in usage_records(pipeline) if usage.budget == "tokyo-day"}
+    assert daily == {f"tenant:acme@tokyo-day#{day.isoformat()}".encode() for day in (yesterday, today)}
 
 
 def wait_for_signal(pipeline: Pipeline, budget: str, action: str, timeout_s: float = 30) -> Signal:
