@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 FailMode = Literal["open", "closed"]
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class BudgetExceeded(CallRefused):
     """A call was refused before it was made, because a budget is throttled."""
 
@@ -96,21 +100,23 @@ class BudgetGuard:
         config: BudgetConfig | None = None,
         *,
         fail_mode: FailMode = "open",
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] | None = None,
         on_signal: Callable[[Signal], None] | None = None,
     ) -> None:
         self._kafka = kafka or KafkaSettings.from_env()
         self._topic = (topics or Topics.from_env()).signals
         self.config = config or BudgetConfig()
         self.fail_mode = fail_mode
-        self._clock = clock
+        self._clock = clock or _utc_now
+        #: Seconds for local accounting: `time.time` unless a test injects a clock (0.07 us, not 0.6).
+        self._seconds = time.time if clock is None else lambda: self._clock().timestamp()
         self._on_signal = on_signal
         #: This process's `service.name`, for `service`-scoped budgets (set by `configure()`).
         self.service = ""
         self._signals: dict[str, Signal] = {}
         self._by_scope: dict[str, dict[str, list[Signal]]] = {}
         self._lock = threading.Lock()
-        self._ledger = LocalLedger(self.config, lambda: self._clock().timestamp())
+        self._ledger = LocalLedger(self.config, self._seconds)
         self._follower = CompactedTopicFollower(self._kafka, self._topic, self._ingest, "burnguard-guard")
         self.stats = GuardStats()
 
@@ -208,7 +214,7 @@ class BudgetGuard:
         final = decision.model or model
         if final != model:
             values = self._values(attribution, final)  # a downgrade changes the model class
-        tally = self._ledger.exceeded(values, now.timestamp())
+        tally = self._ledger.exceeded(values, self._seconds())
         return decision if tally is None else self._deny_locally(tally)
 
     def reserve(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Reservation:
@@ -218,7 +224,7 @@ class BudgetGuard:
         reserving are one step, so concurrent callers cannot all slip under the limit.
         Raises `BudgetExceeded` when the projected spend has reached a throttle rung.
         """
-        now_s = self._clock().timestamp()
+        now_s = self._seconds()
         admitted = self._ledger.admit(self._values(attribution, model), model, now_s)
         if isinstance(admitted, Tally):
             denial = self._deny_locally(admitted)

@@ -259,8 +259,8 @@ class LocalLedger:
         """Tallies of this call's keys whose signal is neither stale nor of an ended window."""
         found: list[Tally] = []
         for dimensions, by_key in self._by_scope.items():
-            key = _key(values, dimensions)
-            if key is not None:
+            key = values.get(dimensions[0]) if len(dimensions) == 1 else _key(values, dimensions)
+            if key:
                 for tally in by_key.get(key, ()):
                     if now_s < tally.expires_s and now_s < tally.window_end_s:
                         found.append(tally)
