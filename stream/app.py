@@ -55,8 +55,11 @@ DEADLETTER_REASON_HEADER = "burnguard.error"
 _NS = 1_000_000_000
 #: Deltas per batch record at most, so a huge OTLP message never makes a record beyond Kafka's limit.
 BATCH_ROWS = 1000
-#: Snapshots sent between two yields to the event loop, so the timer never holds up the agents long.
-SNAPSHOT_SLICE = 200
+#: Snapshots sent in one go (a few ms of work) before the timer pauses for `SNAPSHOT_PAUSE_S`, so
+#: the agents get at least half the event loop. A bare `sleep(0)` was not enough: the agents need
+#: many loop turns per message, and got one per slice (probes waited 3 s for their signal).
+SNAPSHOT_SLICE = 100
+SNAPSHOT_PAUSE_S = 0.01
 #: Snapshots per timer run at most; the rest wait for the next run, oldest change first.
 SNAPSHOT_MAX_PER_RUN = 20_000
 
@@ -453,9 +456,9 @@ class BudgetJob:
     async def _snapshot(self) -> None:
         """Publish the totals of windows changed since their last snapshot (all, after a start).
 
-        At most `SNAPSHOT_MAX_PER_RUN` per run, oldest change first, yielding to
-        the event loop every `SNAPSHOT_SLICE` so the agents (and the signals
-        they send) are not held up by a burst of snapshots.
+        At most `SNAPSHOT_MAX_PER_RUN` per run, oldest change first, in slices
+        with pauses between them, so the agents (and the signals they send) are
+        not held up by a burst of snapshots.
         """
         if self._snapshot_everything:
             self._unsnapshotted = dict.fromkeys(key for key, value in list(self.totals.items()) if value)
@@ -467,12 +470,13 @@ class BudgetJob:
         for state_key in pending:
             del self._unsnapshotted[state_key]
         now = _now()
-        for index, state_key in enumerate(pending):
-            if index % SNAPSHOT_SLICE == SNAPSHOT_SLICE - 1:
-                await asyncio.sleep(0)
-            snapshot = self._usage_snapshot(state_key, now)
-            if snapshot is not None:
-                await self._send_snapshot(snapshot)
+        for first in range(0, len(pending), SNAPSHOT_SLICE):
+            if first:
+                await asyncio.sleep(SNAPSHOT_PAUSE_S)
+            for state_key in pending[first : first + SNAPSHOT_SLICE]:
+                snapshot = self._usage_snapshot(state_key, now)
+                if snapshot is not None:
+                    await self._send_snapshot(snapshot)
 
     async def _send_snapshot(self, snapshot: BudgetUsage) -> None:
         """Straight to the producer: Faust's topic layer cost more than building the snapshot.
