@@ -26,15 +26,19 @@ Nothing is dropped and nothing stalls the stream:
   from it and the offsets it has not committed for it; the new owner reads
   them from the last commit (copies of rows already written collapse). A
   partition that comes back later is read from its last commit again.
-- While the group is rebalancing the sink polls with a longer timeout
-  (`rebalance_poll_s`), so that the JoinGroup/SyncGroup round trip usually
-  ends inside the poll that started it: kafka-python 3.0.12 mishandles one
-  that ends after its poll timed out. It either throws it away and starts
-  another rebalance, or, when the leader rejoined because the topic metadata
-  changed, never applies it and never asks again: the member stays
-  REBALANCING for good (no heartbeats, so the broker evicts it after the
-  session timeout, and nothing is fetched). A member found in that state is
-  asked to rejoin, which recovers it within a poll or two.
+- While a join is due or under way the sink stays in `consumer.poll`, back to
+  back and up to `rebalance_poll_s` at a time, and does nothing else (no insert
+  attempt, no backoff). kafka-python 3.0.12 runs the JoinGroup/SyncGroup round
+  trip on its IO thread but applies the result only inside a poll: one that
+  ends while the sink is elsewhere (an insert that takes seconds to fail during
+  an outage) is thrown away by the next poll, which sends a new JoinGroup. From
+  the group leader that starts another rebalance, which waits for every other
+  member to join again, up to their rebalance timeout (minutes); meanwhile the
+  sink holds no assignment and the moved partitions are not read. Seen as a
+  rebalance that never finished while ClickHouse was down. When kafka-python
+  leaves the member REBALANCING with nothing under way (the leader rejoined
+  because the topic metadata changed, and the poll that started it timed out),
+  it never asks again: a member found in that state is asked to rejoin.
 - As a last resort, a consumer that has not been a stable group member for
   longer than any healthy rebalance can take (the rebalance timeout,
   `max_poll_interval_ms`, plus the session timeout) is closed and replaced by
@@ -209,6 +213,26 @@ def _stranded(consumer: KafkaConsumer) -> bool:
     return (task is None or task.is_done) and not need_rejoin()
 
 
+def _join_due(consumer: KafkaConsumer) -> bool:
+    """Whether a JoinGroup/SyncGroup round trip is under way or will be started by the next poll.
+
+    kafka-python 3.0.12 keeps the round trip in `_join_task` and applies its result only
+    in a poll that is waiting for it, and `need_rejoin()` says a poll will start one.
+    Neither is public, hence the defensive reads: on another version this says False
+    and the sink falls back on the member state alone.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    task = getattr(coordinator, "_join_task", None)
+    if task is not None and not getattr(task, "is_done", True):
+        return True
+    need_rejoin = getattr(coordinator, "need_rejoin", None)
+    return bool(need_rejoin()) if callable(need_rejoin) else False
+
+
+def _never() -> bool:
+    return False
+
+
 class _ConsumerStuck(Exception):
     """The consumer has not been a stable group member for longer than a rebalance can take."""
 
@@ -323,7 +347,7 @@ class SpanSink:
             log.info("sink stopped: %s", json.dumps(self.counters()))
 
     def _step(self, consumer: KafkaConsumer, stop_event: threading.Event) -> None:
-        for messages in self._poll(consumer, _POLL_TIMEOUT_S).values():
+        for messages in self._poll(consumer, _POLL_TIMEOUT_S, give_up=stop_event.is_set).values():
             for message in messages:
                 self._take(message)
         if self._batch.due(self.batch_max, self.flush_interval_s):
@@ -400,15 +424,36 @@ class SpanSink:
         return self._start_consumer()
 
     def _poll(
-        self, consumer: KafkaConsumer, timeout_s: float, until: float | None = None
+        self,
+        consumer: KafkaConsumer,
+        timeout_s: float,
+        until: float | None = None,
+        give_up: Callable[[], bool] = _never,
+    ) -> dict[TopicPartition, list[Any]]:
+        """Poll; while the member is joining the group, poll again until it is in, `until` or `give_up()`.
+
+        kafka-python 3.0.12 throws away a JoinGroup/SyncGroup round trip that ends
+        while no poll waits for it (see the module docstring), so the sink must not
+        leave `consumer.poll` between the start and the end of a join, and above all
+        must not spend seconds on an insert attempt there.
+        """
+        while True:
+            records = self._poll_once(consumer, timeout_s, until)
+            past_until = until is not None and time.monotonic() >= until
+            if records or past_until or give_up() or self._settled(consumer):
+                return records
+
+    def _poll_once(
+        self, consumer: KafkaConsumer, timeout_s: float, until: float | None
     ) -> dict[TopicPartition, list[Any]]:
         """One `consumer.poll`, then act on rebalances and check that the group is not stuck.
 
-        While the member is not stable the poll waits up to `rebalance_poll_s` (but not
-        past `until`), long enough for a JoinGroup/SyncGroup round trip to finish inside
-        it: kafka-python 3.0.12 discards one that finishes after its poll timed out.
+        While the member is not settled the poll waits up to `rebalance_poll_s` (but not
+        past `until`), so that a join usually starts and ends inside one poll: each
+        poll that times out during a join leaves a short gap in which its result could
+        be thrown away.
         """
-        if not self._stable(consumer):
+        if not self._settled(consumer):
             timeout_s = max(timeout_s, self.rebalance_poll_s)
         if until is not None:
             timeout_s = min(timeout_s, until - time.monotonic())
@@ -440,6 +485,11 @@ class SpanSink:
     @staticmethod
     def _stable(consumer: KafkaConsumer) -> bool:
         return consumer.group_metadata().state == MemberState.STABLE
+
+    @classmethod
+    def _settled(cls, consumer: KafkaConsumer) -> bool:
+        """Stable with no join under way or due: the sink may leave `consumer.poll` for a while."""
+        return cls._stable(consumer) and not _join_due(consumer)
 
     def _stuck_after_s(self, consumer: KafkaConsumer) -> float:
         if self.stuck_rebalance_s is not None:
@@ -628,10 +678,13 @@ class SpanSink:
         return True
 
     def _idle(self, consumer: KafkaConsumer, seconds: float, give_up: Callable[[], bool]) -> None:
-        """Wait while paused, polling so the group does not evict us (max.poll.interval.ms)."""
+        """Wait while paused, polling so the group does not evict us (max.poll.interval.ms).
+
+        A join under way when the wait is over is seen to its end first (see `_poll`).
+        """
         until = time.monotonic() + seconds
         while not give_up() and time.monotonic() < until:
-            records = self._poll(consumer, min(_POLL_TIMEOUT_S, until - time.monotonic()))
+            records = self._poll(consumer, min(_POLL_TIMEOUT_S, until - time.monotonic()), give_up=give_up)
             # A rebalance during the wait hands over unpaused partitions: put their
             # records back for later and pause them too.
             for tp, messages in records.items():

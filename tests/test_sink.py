@@ -58,6 +58,10 @@ GARBAGE = b"\x0a\xff\xffnot an OTLP request"
 # After a chDB outage the sink opens the directory and migrates before it can insert and
 # commit: seconds when idle, about 30 s (engine load plus migration) on a loaded 2-core machine.
 AFTER_OUTAGE_S = 120.0
+# How long an insert attempt takes to fail, and a join to get under way, on a loaded machine:
+# longer than the sink's short polls and retry waits, shorter than its `rebalance_poll_s`.
+INSERT_ATTEMPT_S = 1.5
+JOIN_DELAY_S = 1.0
 
 # --- chDB ------------------------------------------------------------------------------
 
@@ -548,6 +552,74 @@ def test_a_commit_that_keeps_failing_gives_up_at_shutdown(
     assert stream.lag() == 3  # the next run reads them again; the copies collapse
     final, rows, _ = stored(chdb_dsn)
     assert (final, rows) == (stream.spans, stream.spans)
+
+
+def test_partitions_that_move_away_during_an_outage_are_read_again_when_they_come_back(
+    stream: Stream, chdb_dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second member joins while ClickHouse is down, takes partitions and leaves without committing.
+
+    The sink drops what it held from the partitions it lost, reads them again from the
+    last commit when they come back, keeps the rest, and ends with every row once.
+
+    Two things make the rebalance go as it does on a loaded machine, every time: each
+    insert attempt takes a while to fail (a server that does not answer), and the join
+    outlasts the short poll that starts it. kafka-python 3.0.12 applies a join's result
+    only inside a poll; one that ends while the sink is busy retrying the insert is thrown
+    away by the next poll, and the sink, the group leader, joins again: a new rebalance,
+    which waits for the second member (not polling) for its whole rebalance timeout, five
+    minutes. The sink must see the first join through.
+    """
+    caplog.set_level("INFO", logger=sink_module.__name__)
+
+    class SlowToJoin(KafkaConsumer):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            coordinator = self._coordinator
+            join = coordinator._do_join_and_sync_async
+
+            async def slow_join() -> Any:  # the JoinGroup goes out late, as from a loaded machine
+                await coordinator._manager._net.sleep(JOIN_DELAY_S)
+                return await join()
+
+            coordinator._do_join_and_sync_async = slow_join
+
+    def slow_to_fail(dsn: str | None = None, **kwargs: Any) -> Client:
+        time.sleep(INSERT_ATTEMPT_S)
+        return connect(dsn, **kwargs)
+
+    monkeypatch.setattr(sink_module, "KafkaConsumer", SlowToJoin)
+    monkeypatch.setattr(sink_module, "connect", slow_to_fail)
+    with chdb_outage(chdb_dsn) as end_outage:
+        stream.send_spans(12)
+        stream.producer.flush()
+        with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, retry_max_s=0.1) as sink:
+            wait_for(lambda: sink.insert_failures >= 2, 60, "insert retries")
+            intruder = KafkaConsumer(
+                bootstrap_servers=stream.broker.bootstrap,
+                group_id=stream.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            try:
+                intruder.subscribe([stream.topics.spans, stream.topics.signals])
+                read = 0
+                deadline = time.monotonic() + 60
+                while not (intruder.assignment() and read):  # it owns partitions and has read them
+                    assert time.monotonic() < deadline, "the second member got no messages"
+                    read += sum(len(m) for m in intruder.poll(timeout_ms=500).values())
+                # The second member stops polling here: only the rebalance it took part in can end.
+                wait_for(lambda: "moved away" in caplog.text, 60, "the sink to drop the moved partitions")
+            finally:
+                intruder.close(autocommit=False)  # leaves the group: its partitions come back
+            assert stream.lag() == 12  # nothing committed by anyone yet
+            end_outage()
+            stream.wait_consumed(AFTER_OUTAGE_S)
+    assert sink.consumer_restarts == 0
+    assert sink.spans_written == stream.spans
+    final, rows, spend = stored(chdb_dsn)
+    assert (final, rows) == (stream.spans, stream.spans)  # the dropped rows were written once, later
+    assert spend == pytest.approx(stream.spend)
 
 
 def test_a_member_kafka_python_leaves_rebalancing_is_asked_to_rejoin(
