@@ -158,18 +158,6 @@ def _decide(
     return decide_call(request, config, guard, estimate=estimate, steps=step_counter)
 
 
-def _reserve(runtime: Runtime | None, decision: CallDecision | None) -> Reservation | None:
-    """Hold an allowed call's expected use in the guard's local accounting; a local deny refuses it."""
-    guard = runtime.guard if runtime is not None else None
-    if guard is None or decision is None or not decision.allowed:
-        return None
-    try:
-        return guard.reserve(decision.model)
-    except CallRefused as refusal:
-        decision.refusal = refusal
-        return None
-
-
 def _refuse(tracer: trace.Tracer, base: dict[str, Any], decision: CallDecision) -> NoReturn:
     """Record the refused call as a span that used nothing, then raise the refusal."""
     assert decision.refusal is not None
@@ -205,7 +193,6 @@ def start_llm_call(
     """
     runtime = current_runtime()
     decision = _decide(runtime, model, provider, operation, prompt, routed) if enforce else None
-    reservation = _reserve(runtime, decision)
     if decision is not None:
         model = decision.model
     base: dict[str, Any] = {
@@ -225,7 +212,9 @@ def start_llm_call(
     span = tracer.start_span(
         f"{operation} {model}", kind=SpanKind.CLIENT, attributes=base, record_exception=False
     )
-    return LLMCall(span, model, decision.requested_model if decision else model, base, runtime, reservation)
+    if decision is None:
+        return LLMCall(span, model, model, base, runtime)
+    return LLMCall(span, model, decision.requested_model, base, runtime, decision.reservation)
 
 
 @contextmanager

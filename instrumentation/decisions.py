@@ -9,7 +9,9 @@ In order:
 2. **Budget pressure** then applies: a downgrade signal walks the downgrade
    ladder from the routed model, a throttle denies.
 3. **The feature's context budget** checks the estimated prompt size.
-4. **The session's step cap** counts the call, or refuses it.
+4. **The guard's local accounting** reserves the call's expected use (or
+   refuses it when the spend since the last signal reaches the limit).
+5. **The session's step cap** counts the call, or refuses it.
 
 A model change never crosses providers: a ladder step into another provider's
 model is replaced by the same class at the call's provider, or not taken.
@@ -27,6 +29,7 @@ from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.routes import Route
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
+from burnguard.instrumentation.local_accounting import Reservation
 from burnguard.instrumentation.refusals import CallRefused, ContextBudgetExceeded
 from burnguard.instrumentation.steps import LLM_CALLS, StepCounter
 
@@ -63,6 +66,7 @@ class CallDecision:
     refusal: CallRefused | None = None
     context: dict[str, Any] = field(default_factory=dict)  # context budget attributes for the span
     fallback: bool = False  # the model's class is cheaper than the requested model's
+    reservation: Reservation | None = None  # the guard's hold on the call's expected use, settled at its end
 
     @property
     def allowed(self) -> bool:
@@ -175,9 +179,28 @@ def decide_call(
         )
     if decision.allowed and estimate is not None and config.context_budgets:
         check_context_budget(decision, request, config, estimate)
+    if decision.allowed and guard is not None:
+        reserve_in_guard(decision, request, guard)
     if decision.allowed and steps is not None:
         try:
             steps.take(request.attribution.get("session", ""), LLM_CALLS)
         except CallRefused as refusal:
             decision.refusal = refusal
+            release_reservation(decision)
     return decision
+
+
+def reserve_in_guard(decision: CallDecision, request: CallRequest, guard: BudgetGuard) -> None:
+    """Hold the call's expected use in the guard's local accounting, so that concurrent callers
+    cannot all slip under a limit between two signals; a local deny refuses the call."""
+    try:
+        decision.reservation = guard.reserve(decision.model, request.attribution)
+    except BudgetExceeded as refusal:
+        decision.refusal = refusal
+
+
+def release_reservation(decision: CallDecision) -> None:
+    """A call refused after its reservation was made used nothing: give the hold back."""
+    if decision.reservation is not None:
+        decision.reservation.settle(None, {})
+        decision.reservation = None

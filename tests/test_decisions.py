@@ -368,6 +368,21 @@ def test_the_step_after_the_session_cap_is_refused_and_refusals_take_no_step() -
     assert decide_call(other, CONFIG, steps=steps).allowed  # another session is not capped
 
 
+def test_a_call_the_step_cap_refuses_gives_back_its_local_reservation() -> None:
+    steps = StepCounter()
+    steps.declare("s-3", {LLM_CALLS: 1})
+    guard = guard_with(signal("warn"))  # a signal with a spend: local accounting follows the key
+    request = CallRequest("gpt-4.1", "openai", attribution={"tenant": "acme", "session": "s-3"})
+    allowed = decide_call(request, CONFIG, guard, steps=steps)
+    assert allowed.allowed and allowed.reservation is not None
+    assert guard._ledger.in_flight == 1
+    refused = decide_call(request, CONFIG, guard, steps=steps)
+    assert isinstance(refused.refusal, StepCapExceeded) and refused.reservation is None
+    assert guard._ledger.in_flight == 1  # only the allowed call's hold remains
+    allowed.reservation.settle(0.01, {})
+    assert guard._ledger.in_flight == 0
+
+
 def test_step_caps_are_counted_per_kind_and_can_be_raised() -> None:
     steps = StepCounter()
     steps.declare("s", {TOOL_CALLS: 1})
