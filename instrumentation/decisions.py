@@ -202,5 +202,5 @@ def reserve_in_guard(decision: CallDecision, request: CallRequest, guard: Budget
 def release_reservation(decision: CallDecision) -> None:
     """A call refused after its reservation was made used nothing: give the hold back."""
     if decision.reservation is not None:
-        decision.reservation.settle(None, {})
+        decision.reservation.release()
         decision.reservation = None

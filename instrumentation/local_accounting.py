@@ -129,6 +129,12 @@ class Reservation:
         if ledger is not None:
             ledger.settle(self, usage_vector(cost_usd, attributes))
 
+    def release(self) -> None:
+        """The call was refused after all (e.g. by a step cap): give the hold back, count nothing."""
+        ledger, self.ledger = self.ledger, None
+        if ledger is not None:
+            ledger.release(self)
+
 
 @dataclass(frozen=True, slots=True)
 class _BudgetKeying:
@@ -255,6 +261,19 @@ class LocalLedger:
                     self._estimates[reservation.model] = usage
                 self._last_estimate = usage
 
+    def release(self, reservation: Reservation) -> None:
+        """Drop a reservation whose call was never made: its estimate leaves the tallies, no use is added."""
+        with self._lock:
+            self._drop_reservation(reservation)
+
+    def _drop_reservation(self, reservation: Reservation) -> None:
+        if reservation not in self._in_flight:
+            return
+        self._in_flight.discard(reservation)
+        for tally in reservation.tallies:
+            tally.reserved -= reservation.estimate[tally.metric]
+        reservation.ledger = None
+
     def _live_tallies(self, values: Mapping[str, str], now_s: float) -> list[Tally]:
         """Tallies of this call's keys whose signal is neither stale nor of an ended window."""
         found: list[Tally] = []
@@ -279,10 +298,7 @@ class LocalLedger:
         """Release reservations of calls that never ended; forget keys with no recent use."""
         self._next_sweep_s = now_s + 10.0
         for reservation in [r for r in self._in_flight if now_s - r.started_s > MAX_IN_FLIGHT_S]:
-            self._in_flight.discard(reservation)
-            for tally in reservation.tallies:
-                tally.reserved -= reservation.estimate[tally.metric]
-            reservation.ledger = None
+            self._drop_reservation(reservation)
         idle = [
             key
             for key, recent in self._recent.items()

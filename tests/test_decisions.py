@@ -368,19 +368,21 @@ def test_the_step_after_the_session_cap_is_refused_and_refusals_take_no_step() -
     assert decide_call(other, CONFIG, steps=steps).allowed  # another session is not capped
 
 
-def test_a_call_the_step_cap_refuses_gives_back_its_local_reservation() -> None:
+def test_a_call_the_step_cap_refuses_gives_back_its_local_reservation_and_counts_nothing() -> None:
     steps = StepCounter()
-    steps.declare("s-3", {LLM_CALLS: 1})
-    guard = guard_with(signal("warn"))  # a signal with a spend: local accounting follows the key
-    request = CallRequest("gpt-4.1", "openai", attribution={"tenant": "acme", "session": "s-3"})
-    allowed = decide_call(request, CONFIG, guard, steps=steps)
-    assert allowed.allowed and allowed.reservation is not None
-    assert guard._ledger.in_flight == 1
-    refused = decide_call(request, CONFIG, guard, steps=steps)
-    assert isinstance(refused.refusal, StepCapExceeded) and refused.reservation is None
-    assert guard._ledger.in_flight == 1  # only the allowed call's hold remains
-    allowed.reservation.settle(0.01, {})
+    steps.declare("capped", {LLM_CALLS: 0})
+    calls_signal = signal("warn").model_copy(update={"metric": "calls", "spent": 98.0, "ratio": 0.98})
+    guard = guard_with(calls_signal)  # 98 of 100 calls: local accounting follows the key
+    capped = CallRequest("gpt-4.1", "openai", attribution={"tenant": "acme", "session": "capped"})
+    for _ in range(5):
+        refused = decide_call(capped, CONFIG, guard, steps=steps)
+        assert isinstance(refused.refusal, StepCapExceeded) and refused.reservation is None
     assert guard._ledger.in_flight == 0
+    # The refusals used no call of the budget: two more calls of the tenant still fit under 100.
+    other = CallRequest("gpt-4.1", "openai", attribution={"tenant": "acme"})
+    first, second = (decide_call(other, CONFIG, guard) for _ in range(2))
+    assert first.allowed and second.allowed
+    assert isinstance(decide_call(other, CONFIG, guard).refusal, BudgetExceeded)
 
 
 def test_step_caps_are_counted_per_kind_and_can_be_raised() -> None:
