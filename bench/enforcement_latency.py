@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -290,8 +291,10 @@ def measure(args: argparse.Namespace) -> None:
     p50, p99 = percentile(loaded, 0.5), percentile(loaded, 0.99)
     print(f"\nmachine: {machine_note()}")
     print(
-        "settings: OTEL_BSP_SCHEDULE_DELAY=10ms, KafkaSpanExporter linger 5 ms, worker producer linger 2 ms "
-        "(stream/app.py), commit interval 2.8 s (default), guard poll 200 ms"
+        "settings: OTEL_BSP_SCHEDULE_DELAY=10ms, KafkaSpanExporter linger 5 ms, worker producer linger "
+        f"{os.environ.get('BURNGUARD_PRODUCER_LINGER_MS', '2')} ms (BURNGUARD_PRODUCER_LINGER_MS), "
+        f"snapshot interval {os.environ.get('BURNGUARD_SNAPSHOT_INTERVAL_S', '10')} s, "
+        "commit interval 2.8 s (default), guard poll 200 ms"
     )
     bound = " (lower bounds: some signals never arrived)" if loaded_missing else ""
     print(

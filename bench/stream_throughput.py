@@ -226,7 +226,7 @@ def run_worker(pipeline: BenchPipeline, spans: int, timeout: float, profile: boo
                 accounted = sum(max(o, 0) for o in offsets.committed(pipeline.topics.usage).values())
                 note(
                     f"{now - started:.0f}s: committed {ingested}/{sum(spans_ends.values())} OTLP messages, "
-                    f"{accounted}/{sum(usage_ends.values())} usage deltas; "
+                    f"{accounted}/{sum(usage_ends.values())} usage records; "
                     f"worker CPU {cpu_seconds(worker_pid) - cpu_start:.1f}s"
                 )
                 if now > deadline:
@@ -241,7 +241,8 @@ def run_worker(pipeline: BenchPipeline, spans: int, timeout: float, profile: boo
     deltas = sum(usage_ends.values())
     note(
         f"worker: {spans} spans in {elapsed:.2f}s (ingest committed after {ingest_done - started:.2f}s), "
-        f"{deltas} usage deltas ({deltas / spans:.2f} per span)"
+        f"{deltas} usage records ({spans / deltas:.0f} spans per record: one per OTLP message and usage "
+        "partition, plus refresh ticks)"
     )
     note(
         f"CPU during the run: worker {worker_cpu:.1f}s ({worker_cpu / elapsed:.0%} of one core), "
@@ -294,10 +295,11 @@ PROFILE_PARTS = [
     ("stage 1 agent (_ingest), all of it", "_ingest (stream/app.py"),
     ("  OTLP decode (decode_usage)", "decode_usage ("),
     ("  budget matching + windows (usage_deltas)", "usage_deltas ("),
-    ("  window start (Window.start_ns)", "Window.start_ns ("),
-    ("  sending deltas (Topic.send)", "_ingest (stream/app.py;Topic.send"),
+    ("  window start (WindowClock.start_ns)", "WindowClock.start_ns ("),
+    ("  sending batch records (Topic.send)", "_ingest (stream/app.py;Topic.send"),
     ("stage 2 agent (_account), all of it", "_account (stream/app.py"),
-    ("  deciding (policy.decide)", "decide (stream/policy.py"),
+    ("  changelog writes (Table.on_key_set)", "Table.on_key_set ("),
+    ("  deciding (decide_action + decide)", "decide"),
     ("snapshot timer (_snapshot)", "_snapshot (stream/app.py"),
     ("refresh timer (_refresh)", "_refresh (stream/app.py"),
     ("aiokafka producer code (batching, sending)", "aiokafka/producer"),

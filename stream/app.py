@@ -98,7 +98,7 @@ def key_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-@lru_cache(maxsize=1 << 17)
+@lru_cache(maxsize=1 << 15)  # the busy keys (tenants, features); a cache of every key would cost ~20 MB
 def usage_partition(partition_key: str, partitions: int) -> int:
     """The usage partition of a `budget|key` (or `guard|session`): aiokafka's default choice.
 
