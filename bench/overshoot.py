@@ -9,12 +9,16 @@ fixed usage (2,000 input + 500 output tokens = $0.008 a call); a denied call
 denied for 2 s straight. The budget: tenant `overshoot-tenant`, window day,
 cost_usd, limit --limit, warn at 0.7, throttle at 1.0.
 
+The guard accounts locally between signals (DESIGN.md §7); `--no-local-accounting`
+turns that off in the app processes (nothing is reserved or settled, so the
+guard acts on the signals alone), for a comparison under the same load.
+
 Spend is what the apps paid: the cost of every call that was let through.
 overshoot_fraction = (spend - limit) / limit. The target is 1% of the limit
 or the cost of one call per caller, whichever is larger. The worker's own
 total is checked against the apps' once every span is accounted.
 
-    .venv/bin/python bench/overshoot.py [--limit 20] [--call-ms 200]
+    .venv/bin/python bench/overshoot.py [--limit 20] [--call-ms 200] [--no-local-accounting]
 """
 
 from __future__ import annotations
@@ -40,12 +44,17 @@ HOLD_S = 2.0
 # --- one app process (a subprocess) --------------------------------------------------------------
 
 
-def run_app(name: str, callers: int, call_s: float, go_file: Path, out_file: Path, timeout_s: float) -> None:
+def run_app(
+    name: str, callers: int, call_s: float, go_file: Path, out_file: Path, timeout_s: float, local: bool
+) -> None:
     from burnguard.instrumentation import BudgetExceeded, attribute, configure, llm_call
     from burnguard.instrumentation.runtime import Settings
 
     runtime = configure(Settings.from_env(), service_name=f"overshoot-{name}")
-    assert runtime.guard is not None and runtime.guard.ready, "enforcement is off or the guard is not ready"
+    guard = runtime.guard
+    assert guard is not None and guard.ready, "enforcement is off or the guard is not ready"
+    if not local:
+        guard.reserve = lambda model=None, attribution=None: None  # type: ignore[method-assign,assignment]
     print("ready", flush=True)
     while not go_file.exists():
         time.sleep(0.005)
@@ -83,7 +92,8 @@ def run_app(name: str, callers: int, call_s: float, go_file: Path, out_file: Pat
         thread.join()
     runtime.flush()
     runtime.shutdown()
-    out_file.write_text(json.dumps({"calls": calls, "denied": denied[0]}))
+    stats = {"denied": denied[0], "local_denied": guard.stats.local_denied}
+    out_file.write_text(json.dumps({"calls": calls, **stats}))
     print("done", flush=True)
 
 
@@ -139,7 +149,7 @@ def measure(args: argparse.Namespace) -> None:
             outputs.append(out)
             args_ = [__file__, "app", "--name", name, "--callers", str(CALLERS_PER_PROCESS)]
             args_ += ["--call-s", str(call_s), "--go", str(go), "--out", str(out)]
-            args_ += ["--timeout", str(args.timeout)]
+            args_ += ["--timeout", str(args.timeout)] + ([] if args.local_accounting else ["--no-local"])
             pipeline.spawn(name, args_, app_env)
         for index in range(PROCESSES):
             pipeline.wait_for_log(f"app{index}", "ready", 60)
@@ -150,11 +160,12 @@ def measure(args: argparse.Namespace) -> None:
             if pipeline.processes[f"app{index}"].returncode != 0:
                 raise RuntimeError(pipeline.log(f"app{index}")[-3000:])
         note(f"callers done after {time.monotonic() - started:.1f}s")
-        calls, denied = [], 0
+        calls, denied, local_denied = [], 0, 0
         for out in outputs:
             result = json.loads(out.read_text())
             calls += [tuple(c) for c in result["calls"]]
             denied += result["denied"]
+            local_denied += result["local_denied"]
         spend = sum(c[2] for c in calls)
         worker_spent = wait_for_worker_total(pipeline, spend)
     call_cost = calls[0][2]
@@ -163,13 +174,14 @@ def measure(args: argparse.Namespace) -> None:
     parts = analyse(calls, args.limit)
     duration = (parts.get("crossing_ns", 0) - parts.get("first_start_ns", 0)) / 1e9
     print(f"\nmachine: {machine_note()}")
+    print(f"local accounting in the guard: {'on' if args.local_accounting else 'off'}")
     print(
         f"{PROCESSES} processes x {CALLERS_PER_PROCESS} callers, {args.call_ms:.0f} ms per call, "
         f"${call_cost:.4f} per call, limit ${args.limit:g} (reached after {duration:.1f}s, "
         f"{parts.get('calls_before', 0) / max(duration, 1e-9):,.0f} calls/s before it)"
     )
     print(
-        f"calls let through {len(calls)}, denied {denied}; "
+        f"calls let through {len(calls)}, denied {denied} ({local_denied} by local accounting); "
         f"spend ${spend:.4f}, worker counted ${worker_spent:.4f}"
     )
     if parts["crossed"]:
@@ -207,13 +219,20 @@ def main() -> None:
     app.add_argument("--go", type=Path, required=True)
     app.add_argument("--out", type=Path, required=True)
     app.add_argument("--timeout", type=float, required=True)
+    app.add_argument("--no-local", action="store_true")
     parser.add_argument("--limit", type=float, default=20.0, help="the tenant's limit in USD (default 20)")
     parser.add_argument("--call-ms", type=float, default=200.0, help="simulated model latency (default 200)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds the callers may run")
     parser.add_argument("--keep", action="store_true", help="keep the broker dir and logs")
+    parser.add_argument(
+        "--no-local-accounting",
+        dest="local_accounting",
+        action="store_false",
+        help="the guard acts on signals alone (for comparison)",
+    )
     args = parser.parse_args()
     if args.role == "app":
-        run_app(args.name, args.callers, args.call_s, args.go, args.out, args.timeout)
+        run_app(args.name, args.callers, args.call_s, args.go, args.out, args.timeout, not args.no_local)
     else:
         measure(args)
 
