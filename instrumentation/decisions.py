@@ -109,9 +109,14 @@ def route_model(request: CallRequest, config: BudgetConfig) -> tuple[str, Route 
 
 
 def same_provider_model(model: str, provider: str, config: BudgetConfig) -> str | None:
-    """`model`, or the model of its class at `provider` when `model` belongs to another provider."""
-    owner = config.provider_of_model.get(model)
-    if owner is None or owner == provider:
+    """`model` when it is `provider`'s, else the model of its class at `provider` (None: no such model).
+
+    With `providers:` configured, a model counts as the provider's only when listed
+    there; any other ladder target is replaced by its class's model at the call's
+    provider. Without `providers:` nothing says who owns a model, and the ladder
+    is taken as written.
+    """
+    if not config.providers or config.provider_of_model.get(model) == provider:
         return model
     return config.model_for(provider, config.model_class(model))
 

@@ -23,8 +23,8 @@ CONFIG = parse_budget_yaml(
     """\
 model_classes:
   premium:  [gpt-4.1, o3, claude-opus-4-1]
-  standard: [gpt-4.1-mini, claude-sonnet-4-5]
-  economy:  [gpt-4.1-nano, claude-haiku-4-5]
+  standard: [gpt-4.1-mini, claude-sonnet-4-5, claude-sonnet-4-0]
+  economy:  [gpt-4.1-nano, claude-haiku-4-5, gpt-4o-mini]
 downgrade:
   gpt-4.1: gpt-4.1-mini
   gpt-4.1-mini: gpt-4.1-nano
@@ -32,6 +32,7 @@ downgrade:
   claude-opus-4-1: claude-sonnet-4-5
   claude-sonnet-4-5: claude-haiku-4-5
   claude-haiku-4-5: gpt-4.1-nano      # a step into another provider: never taken
+  claude-sonnet-4-0: gpt-4o-mini      # into a model `providers:` does not list: mapped by class
 providers:
   openai:    {premium: gpt-4.1, standard: gpt-4.1-mini, economy: gpt-4.1-nano}
   anthropic: {premium: claude-opus-4-1, standard: claude-sonnet-4-5, economy: claude-haiku-4-5}
@@ -232,6 +233,16 @@ CASES = [
         attribution=ACME,
         signals=(signal("downgrade"),),
         want_model="claude-haiku-4-5",
+    ),
+    Case(
+        "a ladder step into a model no provider lists goes to its class at the call's provider",
+        "claude-sonnet-4-0",
+        provider="anthropic",
+        attribution=ACME,
+        signals=(signal("downgrade"),),
+        want_model="claude-haiku-4-5",
+        want_downgraded_from="claude-sonnet-4-0",
+        want_fallback=True,
     ),
     Case(
         "throttle denies, whatever the route",
