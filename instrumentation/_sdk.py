@@ -25,6 +25,7 @@ import wrapt
 from burnguard.contracts import attributes as attr
 from burnguard.instrumentation.calls import LLMCall, start_llm_call
 from burnguard.instrumentation.escalation import active_check, escalation_model, response_passes
+from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.instrumentation.refusals import CallRefused
 from burnguard.instrumentation.runtime import current_runtime
 from burnguard.instrumentation.tokens import estimate_tokens
@@ -262,6 +263,8 @@ def _open_escalation(
     runtime = current_runtime()
     if runtime is None or not (target := escalation_model(first.model, first.provider, runtime.budgets)):
         return None
+    if runtime.guard is not None and not _budget_allows(runtime.guard, target):
+        return None
     retry_kwargs = {**kwargs, "model": target}
     try:
         retry = start_llm_call(
@@ -278,6 +281,13 @@ def _open_escalation(
         return None
     retry_kwargs["model"] = retry.model
     return retry, retry_kwargs
+
+
+def _budget_allows(guard: BudgetGuard, model: str) -> bool:
+    """True when budget pressure would let a retry run on `model` itself: an escalation that a
+    downgrade would send straight back to the model that failed is a paid duplicate, not a retry."""
+    verdict = guard.check(model)
+    return verdict.action != "deny" and (verdict.model or model) == model
 
 
 def sync_wrapper(spec: Spec, tracer: Callable[[], trace.Tracer | None]) -> Callable[..., Any]:

@@ -16,7 +16,9 @@ import pytest
 import tiktoken
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.pricing import PriceBook
+from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation import tokens
+from burnguard.instrumentation.guard import BudgetGuard
 
 import burnguard
 from tests.fakes.harness import (  # noqa: F401
@@ -127,8 +129,8 @@ def test_stakes_must_be_a_known_level() -> None:
 def test_a_budget_downgrade_walks_the_ladder_from_the_routed_model(routed: Harness) -> None:
     from tests.fakes.harness import make_signal
 
-    guard = routed.enforce(make_signal("downgrade"))
-    guard.config = ROUTING
+    routed.runtime.guard = guard = BudgetGuard(KafkaSettings(), Topics(), ROUTING)  # never started
+    guard.apply(make_signal("downgrade"))
     with burnguard.attribute(tenant="acme"), burnguard.stakes("high"):
         routed.openai().chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES)
     assert routed.openai_server.models == ["gpt-4.1-mini"]  # routed up to gpt-4.1, then one step down
@@ -185,6 +187,26 @@ def test_an_async_anthropic_escalation_retries_once_on_the_next_class(routed: Ha
     assert routed.anthropic_server.models == ["claude-haiku-4-5", "claude-sonnet-4-5"]  # once, not twice
     escalated = [s for s in routed.calls() if "burnguard.escalated_from" in s.attributes]
     assert [s.attributes["burnguard.escalated_from"] for s in escalated] == ["claude-haiku-4-5"]
+
+
+def test_no_escalation_while_budget_pressure_would_send_the_retry_back_down(routed: Harness) -> None:
+    from tests.fakes.harness import make_signal
+
+    routed.runtime.guard = guard = BudgetGuard(KafkaSettings(), Topics(), ROUTING)
+    guard.apply(make_signal("downgrade"))
+    with burnguard.attribute(tenant="acme"), burnguard.escalate_on(is_json):
+        reply = routed.openai().chat.completions.create(model="gpt-4.1-mini", messages=MESSAGES)
+    assert routed.openai_server.models == ["gpt-4.1-nano"]  # downgraded once, and not sent again
+    assert not is_json_safe(reply)
+    assert [s.attributes.get("burnguard.escalated_from") for s in routed.calls()] == [None]
+
+
+def is_json_safe(reply: Any) -> bool:
+    try:
+        is_json(reply)
+    except ValueError:
+        return False
+    return True
 
 
 def test_the_top_class_has_nowhere_to_escalate(routed: Harness) -> None:
