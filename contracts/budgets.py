@@ -420,7 +420,8 @@ def to_records(config: BudgetConfig) -> dict[str, bytes]:
         "routes": [route.model_dump() for route in config.routes],
         "context_budgets": [budget.model_dump() for budget in config.context_budgets],
     }
-    records = {SHARED_RECORD_KEY: json.dumps(shared, sort_keys=True).encode()}
+    # Not key-sorted: the order of `model_classes` means something (most capable first).
+    records = {SHARED_RECORD_KEY: json.dumps(shared).encode()}
     for budget in config.budgets:
         records[budget.id] = budget.model_dump_json().encode()
     return records

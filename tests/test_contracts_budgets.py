@@ -8,9 +8,11 @@ from burnguard.contracts.budgets import (
     Budget,
     BudgetConfig,
     BudgetFileError,
+    from_records,
     load_budget_file,
     metric_value,
     parse_budget_yaml,
+    to_records,
 )
 from burnguard.contracts.usage import SpanUsage
 
@@ -377,3 +379,16 @@ def test_metric_value_for_each_metric() -> None:
     assert metric_value("cost_usd", unpriced) == 0.0
     assert metric_value("calls", unpriced) == 1.0
     assert metric_value("tool_calls", unpriced) == 0.0
+
+
+def test_the_class_order_survives_the_budgets_topic() -> None:
+    config = parse_budget_yaml(
+        "model_classes: {premium: [gpt-4.1], standard: [gpt-4.1-mini], economy: [gpt-4.1-nano]}\n"
+        "providers: {openai: {premium: gpt-4.1, standard: gpt-4.1-mini, economy: gpt-4.1-nano}}\n"
+        "routes: [{id: r, match: {feature: x}, use: economy}]\n"
+    )
+    again = from_records(to_records(config))
+    assert list(again.model_classes) == ["premium", "standard", "economy"]
+    assert again.class_above("economy") == "standard"
+    assert again.is_cheaper_class("economy", "premium")
+    assert again.routes == config.routes and again.providers == config.providers
