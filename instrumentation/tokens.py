@@ -4,7 +4,8 @@ Only the provider knows the real count, and only after the call. A context
 budget has to decide before it, so the prompt is counted here: with tiktoken
 for OpenAI models when its encoding can be loaded, otherwise with the
 documented approximation of one token per four characters of text plus four
-per message (the chat format's framing). The estimate and how it was made go
+per message (the chat format's framing). Images, audio and files are not
+counted: providers count them by rules of their own. The estimate and how it was made go
 on the span next to the provider's count, so the estimator's error is visible.
 
 tiktoken downloads its vocabularies on first use; offline hosts can load one
@@ -26,7 +27,23 @@ REPLY_PRIMING_TOKENS = 3
 APPROXIMATION = "approx:chars/4"
 #: Request fields that hold prompt text, across the OpenAI and Anthropic APIs.
 PROMPT_FIELDS = ("system", "instructions", "messages", "input", "tools")
-_NOT_TEXT_KEYS = frozenset({"type", "role", "id", "cache_control"})
+#: Keys whose values are not prompt text: tags and ids, and media (images, audio, files as URLs or
+#: base64), which providers count by their own rules; a base64 image read as text would be
+#: taken for ~100k tokens.
+_NOT_TEXT_KEYS = frozenset(
+    {
+        "type",
+        "role",
+        "id",
+        "cache_control",
+        "image_url",
+        "input_audio",
+        "source",
+        "file",
+        "file_data",
+        "file_id",
+    }
+)
 #: Providers whose models tiktoken knows.
 TIKTOKEN_PROVIDERS = frozenset({"openai", "azure.ai.openai"})
 

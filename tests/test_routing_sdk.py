@@ -291,3 +291,34 @@ def test_the_tool_call_after_the_session_cap_is_refused(routed: Harness) -> None
     assert ran == ["a", "fetch"]
     refused = [s for s in routed.spans() if s.attributes.get("burnguard.refused") == "step_cap"]
     assert [s.name for s in refused] == ["execute_tool search"]
+
+
+def test_images_in_the_prompt_are_not_counted_as_text(routed: Harness) -> None:
+    image = "data:image/png;base64," + "A" * 400_000
+    parts = [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    with burnguard.attribute(feature="summarize"):
+        routed.openai().chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": parts}]
+        )
+        routed.anthropic().messages.create(
+            model="claude-opus-4-1",
+            max_tokens=50,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is in this picture?"},
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000},
+                        },
+                    ],
+                }
+            ],
+        )
+    assert len(routed.calls()) == 2  # neither was refused by the 100-token context budget
+    estimates = sorted(s.attributes["burnguard.context.estimated_input_tokens"] for s in routed.calls())
+    assert estimates == [(24 + 3) // 4 + 7, 24 + 7]  # the text alone: approximated, byte-level tiktoken
