@@ -303,7 +303,7 @@ SIGNALS_SUMMARY = View(
         round(runs.all_cost / nullIf(runs.succeeded_runs, 0), 6) AS cost_per_success_all_in,
         round(actions.tokens / nullIf(actions.actions, 0), 3) AS tokens_per_action,
         round(sessions.tool_calls / nullIf(sessions.sessions, 0), 3) AS tool_calls_per_session,
-        round(100 * usage.downgraded / nullIf(usage.model_calls, 0), 3) AS fallback_pct
+        round(100 * usage.fallback / nullIf(usage.model_calls, 0), 3) AS fallback_pct
     FROM
     (
         SELECT count() AS runs, countIf(succeeded) AS succeeded_runs,
@@ -324,7 +324,7 @@ SIGNALS_SUMMARY = View(
         WHERE {_SESSIONS_FILTER}
     ) AS sessions,
     (
-        SELECT sum(fallback_calls) AS downgraded, sum(model_calls) AS model_calls
+        SELECT sum(fallback_calls) AS fallback, sum(model_calls) AS model_calls
         FROM genai_usage_1m
         WHERE {{time:minute}} AND {_DIMS}
     ) AS usage
@@ -393,8 +393,8 @@ FALLBACKS_BY_MODEL_CLASS = View(
     "downgraded), how many a routing rule moved, how many were escalations and what those cost, and "
     "how many calls were refused before they were made.",
     f"""
-    SELECT model_class, sum(model_calls) AS calls, sum(fallback_calls) AS downgraded,
-        round(100 * downgraded / nullIf(calls, 0), 3) AS fallback_pct,
+    SELECT model_class, sum(model_calls) AS calls, sum(fallback_calls) AS fallback,
+        round(100 * fallback / nullIf(calls, 0), 3) AS fallback_pct,
         sum(routed_calls) AS routed, sum(escalated_calls) AS escalated,
         round(sum(escalation_cost_usd), 6) AS escalation_cost_usd, sum(refused_calls) AS refused
     FROM genai_usage_1m

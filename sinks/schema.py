@@ -543,7 +543,10 @@ _USAGE_1M_ROUTING_COLUMNS_V5 = (
 )
 _USAGE_1M_LAST_V5 = f"    countIf({_TOOL_V5} AND s.session != '') AS session_tool_spans\n"
 _USAGE_1M_ROUTING_V5 = (
-    f"    countIf({_MODEL_CALL_V5} AND (s.fallback = 1 OR s.downgraded_from != '')) AS fallback_calls,\n"
+    # Spans of other instrumentations carry only downgraded_from; a call routed up and then
+    # downgraded back to the requested class carries routed_from too and is no fallback.
+    f"    countIf({_MODEL_CALL_V5} AND (s.fallback = 1 OR (s.downgraded_from != '' AND s.routed_from = '')))"
+    " AS fallback_calls,\n"
     f"    countIf({_MODEL_CALL_V5} AND s.routed_from != '') AS routed_calls,\n"
     f"    countIf({_MODEL_CALL_V5} AND s.escalated_from != '') AS escalated_calls,\n"
     "    sumIf(s.cost_usd, s.escalated_from != '') AS escalation_cost_usd,\n"
@@ -598,13 +601,27 @@ _SPANS_SESSION_INDEX_V2 = (
 )
 
 
+def _view_statements(table: str, select: str) -> tuple[str, ...]:
+    """Re-attach a rollup's view with a new SELECT, keeping the rows it already holds.
+
+    For a change that only affects rows yet to come (here: refused calls, which no
+    older span can be), a backfill would only lose history: rollups outlive spans.
+    """
+    view = ROLLUPS[table]
+    return (
+        f"DROP VIEW IF EXISTS {view}",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS " + select.format(final=""),
+    )
+
+
 _ROLLUPS_V5 = (
     _SPANS_ROUTING_V5,
-    *_rollup_statements(USAGE_1M_TABLE, _USAGE_1M_ROUTING_COLUMNS_V5, _USAGE_1M_SELECT_V5),
-    *_rollup_statements(USER_SPEND_1H_TABLE, _USER_SPEND_1H_V2, _USER_SPEND_1H_SELECT_V5),
-    *_rollup_statements(TRACES_TABLE, _TRACES_V2, _TRACES_SELECT_V5),
-    *_rollup_statements(SESSIONS_TABLE, _SESSIONS_V2, _SESSIONS_SELECT_V5),
-    *_rollup_statements(ACTIONS_TABLE, _ACTIONS_V4, _ACTIONS_SELECT_V5),
+    _USAGE_1M_ROUTING_COLUMNS_V5,
+    *_view_statements(USAGE_1M_TABLE, _USAGE_1M_SELECT_V5),
+    *_view_statements(USER_SPEND_1H_TABLE, _USER_SPEND_1H_SELECT_V5),
+    *_view_statements(TRACES_TABLE, _TRACES_SELECT_V5),
+    *_view_statements(SESSIONS_TABLE, _SESSIONS_SELECT_V5),
+    *_view_statements(ACTIONS_TABLE, _ACTIONS_SELECT_V5),
 )
 
 

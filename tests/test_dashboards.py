@@ -196,7 +196,7 @@ def test_dashboard_operational_signals(panels: dict[str, Any]) -> None:
     }
     assert by_workflow == {k: pytest.approx(v) for k, v in expected["cost_per_success_by_workflow"].items()}
     fallbacks = {
-        row["model_class"]: (row["calls"], row["downgraded"])
+        row["model_class"]: (row["calls"], row["fallback"])
         for row in after["Fallbacks to cheaper models by model class"]
     }
     assert fallbacks == expected["fallbacks_by_model_class"]

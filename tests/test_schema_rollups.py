@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from burnguard.contracts.usage import SpanUsage
+from burnguard.sinks import schema
 from burnguard.sinks.clickhouse import SPAN_COLUMNS, ClickHouseWriter, connect, span_columns
 from burnguard.sinks.schema import (
     MIGRATIONS,
@@ -55,6 +56,14 @@ def test_schema_migrations_are_versioned_and_idempotent(client: Client) -> None:
     assert versions == [m.version for m in MIGRATIONS]
 
 
+def insert_as_before_migration_5(client: Client, spans: list[SpanUsage]) -> None:
+    """Write spans the way a sink of schema version 4 or older did: without the routing columns."""
+    later = {"routed_from", "route", "fallback", "escalated_from", "refused", "stakes"}
+    kept = [i for i, name in enumerate(SPAN_COLUMNS) if name not in later]
+    columns = span_columns(spans)
+    ClickHouseWriter(client)._insert(SPANS_TABLE, [SPAN_COLUMNS[i] for i in kept], [columns[i] for i in kept])
+
+
 def test_schema_upgrade_backfills_rollups_from_existing_spans(client: Client) -> None:
     """A database at version 1 with spans in it gets rollups that already count them."""
     for statement in MIGRATIONS[0].statements:
@@ -70,11 +79,7 @@ def test_schema_upgrade_backfills_rollups_from_existing_spans(client: Client) ->
         )
     )
     client.insert(MIGRATIONS_TABLE, [[1, MIGRATIONS[0].name]], column_names=["version", "name"])
-    # Written the way a version-1 sink wrote them: without the columns later migrations added.
-    later = {"routed_from", "route", "fallback", "escalated_from", "refused", "stakes"}
-    kept = [i for i, name in enumerate(SPAN_COLUMNS) if name not in later]
-    columns = span_columns(sc.scenario_spans())
-    ClickHouseWriter(client)._insert(SPANS_TABLE, [SPAN_COLUMNS[i] for i in kept], [columns[i] for i in kept])
+    insert_as_before_migration_5(client, sc.scenario_spans())
     assert migrate(client) == [m.version for m in MIGRATIONS[1:]]
     spend = client.command(f"SELECT round(sum(cost_usd), 6) FROM {USAGE_1M_TABLE}")
     assert float(spend) == pytest.approx(sc.EXPECTED["spend_total"] + 9.99)  # the old span too
@@ -140,13 +145,17 @@ def test_routed_fallback_escalated_and_refused_calls_are_counted_apart(client: C
             _call("2" * 16, "gpt-4.1-nano", 0.001, routed_from="gpt-4.1", route="routine", fallback=True),
             _call("3" * 16, "gpt-4.1-mini", 0.004, escalated_from="gpt-4.1-nano", stakes="high"),
             _call("4" * 16, "gpt-4.1", 0.0, refused="budget"),
+            # Routed up to gpt-4.1, then downgraded back to the class asked for: no fallback.
+            _call("5" * 16, "gpt-4.1-mini", 0.004, routed_from="gpt-4.1-mini", downgraded_from="gpt-4.1"),
+            # Another instrumentation's downgrade: only downgraded_from says it.
+            _call("6" * 16, "gpt-4.1-mini", 0.004, downgraded_from="gpt-4.1"),
         ]
     )
     row = client.query(
         f"SELECT sum(model_calls), sum(fallback_calls), sum(routed_calls), sum(escalated_calls),"
         f" round(sum(escalation_cost_usd), 6), sum(refused_calls) FROM {USAGE_1M_TABLE}"
     ).result_rows[0]
-    assert row == (3, 1, 1, 1, 0.004, 1)  # the refused call is not a model call
+    assert row == (5, 2, 2, 1, 0.004, 1)  # the refused call is not a model call
     stored = client.query(
         f"SELECT route, fallback, escalated_from, refused, stakes FROM {SPANS_TABLE} FINAL ORDER BY span_id"
     ).result_rows
@@ -155,6 +164,24 @@ def test_routed_fallback_escalated_and_refused_calls_are_counted_apart(client: C
         ("routine", 1, "", "", ""),
         ("", 0, "gpt-4.1-nano", "", "high"),
         ("", 0, "", "budget", ""),
+        ("", 0, "", "", ""),
+        ("", 0, "", "", ""),
     ]
     traces = client.query("SELECT sum(model_calls) FROM genai_traces").result_rows[0][0]
-    assert traces == 3
+    assert traces == 5
+
+
+def test_migration_5_keeps_rollup_history_older_than_the_spans(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:4])
+    migrate(client)
+    insert_as_before_migration_5(client, sc.scenario_spans())
+    spend = f"SELECT round(sum(cost_usd), 6) FROM {USAGE_1M_TABLE}"
+    before = float(client.command(spend))
+    assert before > 0
+    client.command(f"TRUNCATE TABLE {SPANS_TABLE}")  # the spans' TTL (400 days) passed; rollups keep 800
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+    assert migrate(client) == [5]
+    assert float(client.command(spend)) == pytest.approx(before)
+    assert client.command(f"SELECT sum(fallback_calls) FROM {USAGE_1M_TABLE}") == 0  # new column, old rows
