@@ -8,7 +8,8 @@ per message (the chat format's framing). Images, audio and files are not
 counted: providers count them by rules of their own. The estimate and how it was made go
 on the span next to the provider's count, so the estimator's error is visible.
 
-tiktoken downloads its vocabularies on first use; offline hosts can load one
+tiktoken downloads its vocabularies on first use, so they are loaded in the
+background and the first calls are approximated; offline hosts can load one
 from a file with `tiktoken.load.load_tiktoken_bpe` and `register_encoding` it.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -48,6 +50,7 @@ _NOT_TEXT_KEYS = frozenset(
 TIKTOKEN_PROVIDERS = frozenset({"openai", "azure.ai.openai"})
 
 _encodings: dict[str, Any] = {}  # model -> tiktoken Encoding, or None when it cannot be had
+_loading: set[str] = set()  # models whose encoding a background thread is loading
 _encodings_lock = threading.Lock()
 
 
@@ -101,16 +104,41 @@ def _load_encoding(model: str) -> Any:
 
 
 def encoding_for(model: str, provider: str) -> Any:
-    """The tiktoken encoding for an OpenAI model, loaded once per process; None for others."""
+    """The tiktoken encoding for an OpenAI model, or None (for now) when it is not loaded yet.
+
+    The first use starts loading it in the background: tiktoken may download its
+    vocabulary, with no timeout, and no call should wait on that. Until it is
+    there, prompts are approximated (and the span says so).
+    """
     if provider not in TIKTOKEN_PROVIDERS:
         return None
     try:
         return _encodings[model]
     except KeyError:
         pass
+    with _encodings_lock:
+        if model in _encodings or model in _loading:
+            return _encodings.get(model)
+        _loading.add(model)
+    threading.Thread(
+        target=_load_in_background, args=(model,), name="burnguard-tiktoken", daemon=True
+    ).start()
+    return None
+
+
+def _load_in_background(model: str) -> None:
     encoding = _load_encoding(model)
     with _encodings_lock:
-        return _encodings.setdefault(model, encoding)
+        _encodings.setdefault(model, encoding)
+        _loading.discard(model)
+
+
+def wait_for_encoding(model: str, timeout_s: float = 30.0) -> Any:
+    """Block until `model`'s encoding has been tried (for scripts and tests that need it at once)."""
+    deadline = time.monotonic() + timeout_s
+    while model in _loading and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _encodings.get(model)
 
 
 def count_prompt_tokens(model: str, provider: str, kwargs: Mapping[str, Any]) -> tuple[int, str]:

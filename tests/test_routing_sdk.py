@@ -322,3 +322,24 @@ def test_images_in_the_prompt_are_not_counted_as_text(routed: Harness) -> None:
     assert len(routed.calls()) == 2  # neither was refused by the 100-token context budget
     estimates = sorted(s.attributes["burnguard.context.estimated_input_tokens"] for s in routed.calls())
     assert estimates == [(24 + 3) // 4 + 7, 24 + 7]  # the text alone: approximated, byte-level tiktoken
+
+
+def test_an_encoding_is_loaded_in_the_background_and_calls_never_wait_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    monkeypatch.setattr(tokens, "_encodings", {})
+    release = threading.Event()
+
+    def slow_download(model: str) -> Any:
+        release.wait(10)  # tiktoken fetching a vocabulary over a slow network
+        return BYTES
+
+    monkeypatch.setattr(tokens, "_load_encoding", slow_download)
+    prompt = {"messages": [{"role": "user", "content": "abcdefgh"}]}
+    assert tokens.count_prompt_tokens("gpt-4.1", "openai", prompt) == (2 + 7, "approx:chars/4")
+    release.set()
+    assert tokens.wait_for_encoding("gpt-4.1") is BYTES
+    assert tokens.count_prompt_tokens("gpt-4.1", "openai", prompt) == (8 + 7, "tiktoken:test-bytes")
+    assert tokens.count_prompt_tokens("claude-opus-4-1", "anthropic", prompt)[1] == "approx:chars/4"
