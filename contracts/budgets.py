@@ -253,6 +253,17 @@ class BudgetConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _context_budget_ids_are_unique(self) -> BudgetConfig:
+        seen: set[str] = set()
+        for index, budget in enumerate(self.context_budgets):
+            if budget.id in seen:
+                raise _located(
+                    ("context_budgets", index, "id"), f"context budget id {budget.id!r} is used twice"
+                )
+            seen.add(budget.id)
+        return self
+
+    @model_validator(mode="after")
     def _routes_use_known_classes(self) -> BudgetConfig:
         seen: set[str] = set()
         for index, route in enumerate(self.routes):

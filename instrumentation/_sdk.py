@@ -273,7 +273,7 @@ def _open_escalation(
             operation=spec.operation,
             tracer=tracer,
             prompt=retry_kwargs,
-            routed=False,
+            routable=False,
             attributes={attr.ESCALATED_FROM: first.model},
         )
     except CallRefused as refusal:  # the retry is refused (budget, step cap): keep the first answer

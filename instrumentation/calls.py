@@ -144,14 +144,14 @@ def _decide(
     provider: str,
     operation: str,
     prompt: Mapping[str, Any] | None,
-    routed: bool,
+    routable: bool,
 ) -> CallDecision | None:
     """The decision for this call, or None when nothing is configured that could change it."""
     guard = runtime.guard if runtime is not None else None
     config = runtime.budgets if runtime is not None else _NO_CONFIG
     if guard is None and not config.routes and not config.context_budgets and not step_counter.active:
         return None
-    request = CallRequest(model, provider, operation, current_attribution(), current_stakes(), routed)
+    request = CallRequest(model, provider, operation, current_attribution(), current_stakes(), routable)
     estimate = None
     if prompt is not None:
         estimate = functools.partial(count_prompt_tokens, provider=provider, kwargs=prompt)
@@ -180,19 +180,19 @@ def start_llm_call(
     enforce: bool = True,
     tracer: trace.Tracer | None = None,
     prompt: Mapping[str, Any] | None = None,
-    routed: bool = True,
+    routable: bool = True,
     attributes: Mapping[str, Any] | None = None,
 ) -> LLMCall:
     """Decide and open one model call: `decide_call` first (a refusal raises), then the span.
 
     `prompt` is the request (its `messages`, `system`, `input` ...), read only
-    when the feature has a context budget. `routed=False` keeps the model as
+    when the feature has a context budget. `routable=False` keeps the model as
     given (an escalation retry chose it on purpose). The span is not made
     current; callers that send the request inside it attach it. When other
     instrumentations record the same call, `dedupe` keeps it counted once.
     """
     runtime = current_runtime()
-    decision = _decide(runtime, model, provider, operation, prompt, routed) if enforce else None
+    decision = _decide(runtime, model, provider, operation, prompt, routable) if enforce else None
     if decision is not None:
         model = decision.model
     base: dict[str, Any] = {

@@ -50,7 +50,7 @@ class CallRequest:
     operation: str = attr.OP_CHAT
     attribution: Mapping[str, str] = field(default_factory=lambda: _NO_ATTRIBUTION)
     stakes: str = attr.DEFAULT_STAKES
-    routed: bool = True  # False when the caller chose the model on purpose (an escalation retry)
+    routable: bool = True  # False when the caller chose the model on purpose (an escalation retry)
 
 
 @dataclass(slots=True)
@@ -64,7 +64,7 @@ class CallDecision:
     downgraded_from: str = ""
     signal: Signal | None = None
     refusal: CallRefused | None = None
-    context: dict[str, Any] = field(default_factory=dict)  # context budget attributes for the span
+    context_attributes: dict[str, Any] = field(default_factory=dict)  # of the context budget, for the span
     fallback: bool = False  # the model's class is cheaper than the requested model's
     reservation: Reservation | None = None  # the guard's hold on the call's expected use, settled at its end
 
@@ -74,7 +74,7 @@ class CallDecision:
 
     def span_attributes(self) -> dict[str, Any]:
         """What the decision adds to the call's span."""
-        found: dict[str, Any] = dict(self.context)
+        found: dict[str, Any] = dict(self.context_attributes)
         if self.route is not None:
             found[attr.ROUTE] = self.route.id
         if self.routed_from:
@@ -90,7 +90,7 @@ class CallDecision:
 
 def route_model(request: CallRequest, config: BudgetConfig) -> tuple[str, Route | None]:
     """The model the routing rules pick for this call, and the rule that matched (if any)."""
-    if not request.routed or not config.routes:
+    if not request.routable or not config.routes:
         return request.model, None
     fields = {
         "tenant": request.attribution.get("tenant", ""),
@@ -146,7 +146,7 @@ def check_context_budget(
     if budget is None:
         return
     tokens, estimator = estimate(decision.model)
-    decision.context = {
+    decision.context_attributes = {
         attr.CONTEXT_ESTIMATED_INPUT_TOKENS: tokens,
         attr.CONTEXT_ESTIMATOR: estimator,
         attr.CONTEXT_LIMIT: budget.max_input_tokens,
@@ -154,7 +154,7 @@ def check_context_budget(
     if tokens <= budget.max_input_tokens:
         return
     if budget.on_exceed == "warn":
-        decision.context[attr.CONTEXT_EXCEEDED] = True
+        decision.context_attributes[attr.CONTEXT_EXCEEDED] = True
         return
     decision.refusal = ContextBudgetExceeded(budget.id, feature, tokens, budget.max_input_tokens, estimator)
 

@@ -63,6 +63,7 @@ class StepCounter:
             steps = self._sessions.get(session)
             if steps is None or kind not in steps.caps:
                 return
+            self._sessions.move_to_end(session)  # an active session is the last one to forget
             taken = steps.taken.get(kind, 0)
             if taken >= steps.caps[kind]:
                 raise StepCapExceeded(session, kind, steps.caps[kind])
@@ -76,6 +77,10 @@ class StepCounter:
     def forget(self, session: str) -> None:
         with self._lock:
             self._sessions.pop(session, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
 
 
 #: The process-wide counter every instrumented call consults.

@@ -92,7 +92,7 @@ class Case:
     stakes: str = "normal"
     operation: str = "chat"
     signals: tuple[Signal, ...] = ()
-    routed: bool = True
+    routable: bool = True
     # expected
     want_model: str = ""
     want_route: str | None = None
@@ -284,7 +284,7 @@ CASES = [
         "an escalation retry keeps the model it chose",
         "gpt-4.1-mini",
         attribution={"feature": "extract"},
-        routed=False,
+        routable=False,
         want_model="gpt-4.1-mini",
     ),
 ]
@@ -293,7 +293,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_decision_table(case: Case) -> None:
     request = CallRequest(
-        case.model, case.provider, case.operation, case.attribution, case.stakes, routed=case.routed
+        case.model, case.provider, case.operation, case.attribution, case.stakes, routable=case.routable
     )
     decision = decide_call(request, CONFIG, guard_with(*case.signals))
     assert decision.model == case.want_model
@@ -455,6 +455,12 @@ model_classes:
             "  - id: r\n    match: {stakes: urgent}\n    use: economy\n",
             8,
             "routes[0].match.stakes[0]: Input should be 'low', 'normal' or 'high'",
+        ),
+        (
+            "context_budgets:\n  - {id: c, feature: x, max_input_tokens: 10}\n"
+            "  - {id: c, feature: y, max_input_tokens: 10}\n",
+            6,
+            "context_budgets[1].id: context budget id 'c' is used twice",
         ),
         (
             "context_budgets:\n  - {id: c, feature: x, max_input_tokens: 0}\n",

@@ -19,6 +19,7 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation import tokens
 from burnguard.instrumentation.guard import BudgetGuard
+from burnguard.instrumentation.steps import step_counter
 
 import burnguard
 from tests.fakes.harness import (  # noqa: F401
@@ -69,6 +70,7 @@ def routed_fixture(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Iterato
     for model in ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"):
         tokens.register_encoding(model, BYTES)
     yield harness
+    step_counter.clear()  # the caps sessions declared here must not follow other tests
 
 
 def cost(model: str, provider: str, span: Any) -> float:
