@@ -14,7 +14,8 @@ a BatchSpanProcessor to the same dropping exporter. `burnguard_enforce` has a Bu
 consults its (empty) signal state before each call. `burnguard+routing` adds the routing decision
 (DESIGN.md §7) on top: four routing rules, providers, a context budget on another feature, calls
 attributed to the `extract` feature so a rule matches and rewrites the model to the economy class.
-The decision path's own cost is `routing - enforce`, and `decide_call` alone is timed as well.
+The decision path's own cost is `routing - enforce`; the decision path alone (with three matching
+warn signals, local accounting, a step cap) is timed in a loop as well.
 
     .venv/bin/python bench/instrumentation_overhead.py [--calls 4000] [--rounds 8]
 """
@@ -233,20 +234,50 @@ def bare_span_cost(spans: int = 4000) -> float:
 
 
 def decision_cost(calls: int = 20_000) -> float:
-    """p50 CPU time of `decide_call` alone for a routed call, with a guard holding no signals."""
+    """p50 CPU time of the whole decision path of one routed call, as `start_llm_call` runs it:
+    attribution and stakes read from the baggage, `decide_call` (rule match, three matching warn
+    signals with local accounting, a reservation, a session step cap), and the reservation
+    settled when the call ends."""
+    from datetime import UTC, datetime, timedelta
+
+    from burnguard.contracts.signals import Signal
     from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.instrumentation import attribute
+    from burnguard.instrumentation.attribution import current_attribution, current_stakes
     from burnguard.instrumentation.decisions import CallRequest, decide_call
     from burnguard.instrumentation.guard import BudgetGuard
+    from burnguard.instrumentation.steps import LLM_CALLS, StepCounter
 
     config = routing_config()
     guard = BudgetGuard(KafkaSettings(), Topics(), config)
-    request = CallRequest("gpt-4.1", "openai", attribution={"tenant": "acme", "feature": "extract"})
-    assert decide_call(request, config, guard).model == "gpt-4.1-nano"
+    now = datetime.now(UTC)
+    for scope, key in (("tenant", "acme"), ("user", "u-1"), ("feature", "extract")):
+        guard.apply(
+            Signal(
+                scope=scope,
+                key=key,
+                budget=f"{scope}-daily",
+                action="warn",
+                spent=1.0,
+                limit=1e9,
+                ratio=0.75,
+                window_start=now - timedelta(hours=1),
+                window_end=now + timedelta(days=1),
+                issued_at=now,
+                expires_at=now + timedelta(days=1),
+            )
+        )
+    steps = StepCounter()
+    steps.declare("s-1", {LLM_CALLS: calls * 2})
     clock, costs = time.thread_time_ns, []
-    for _ in range(calls):
-        start = clock()
-        decide_call(request, config, guard)
-        costs.append((clock() - start) / 1000)
+    with attribute(tenant="acme", user="u-1", feature="extract", session="s-1"):
+        for _ in range(calls):
+            start = clock()
+            request = CallRequest("gpt-4.1", "openai", "chat", current_attribution(), current_stakes())
+            decision = decide_call(request, config, guard, steps=steps)
+            decision.reservation.settle(0.0001, {})
+            costs.append((clock() - start) / 1000)
+    assert decision.model == "gpt-4.1-nano" and decision.allowed
     return quantile(costs, 0.50)
 
 
@@ -281,7 +312,7 @@ def main() -> None:
     print(f"for scale: one bare SDK span costs p50 {bare_span_cost():.1f} us of CPU here")
     print(
         f"routing decision path: +{routing_added:.1f} us p50 per call over burnguard+enforce; "
-        f"decide_call alone p50 {decide_us:.1f} us"
+        f"the decision path alone p50 {decide_us:.1f} us"
     )
     print(
         "RESULT instrumentation_overhead "

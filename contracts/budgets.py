@@ -295,10 +295,15 @@ class BudgetConfig(StrictModel):
         """The concrete model of `class_name` at `provider`, None when the file names none."""
         return self.providers.get(provider, {}).get(class_name)
 
+    @cached_property
+    def class_rank(self) -> dict[str, int]:
+        """Position of each class in `model_classes`: 0 is the most capable."""
+        return {name: rank for rank, name in enumerate(self.model_classes)}
+
     def is_cheaper_class(self, class_name: str, than: str) -> bool:
         """True when `class_name` comes after `than` in `model_classes` (both known)."""
-        names = list(self.model_classes)
-        return class_name in names and than in names and names.index(class_name) > names.index(than)
+        rank = self.class_rank
+        return class_name in rank and than in rank and rank[class_name] > rank[than]
 
     def class_above(self, class_name: str) -> str | None:
         """The next more capable class; `model_classes` lists classes from the most capable down."""

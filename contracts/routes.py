@@ -103,20 +103,47 @@ class ContextBudget(StrictModel):
 
 
 class CompiledRoutes:
-    """The routing rules of one config, matched in order; the first match wins."""
+    """The routing rules of one config, matched in order; the first match wins.
+
+    Matching runs before every model call, so results are remembered per distinct
+    (tenant, workflow, feature, operation, stakes): an app has few of those, and
+    the config, hence the answer, never changes under a compiled set.
+    """
+
+    MEMO_SIZE = 4096
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
-        self._rules = tuple((route, route.match.compiled()) for route in routes)
+        self._rules = tuple(
+            (route, tuple((ROUTE_FIELDS.index(name), patterns) for name, patterns in route.match.compiled()))
+            for route in routes
+        )
+        self._memo: dict[tuple[str, ...], Route | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self._rules)
 
     def first_match(self, call: Mapping[str, str]) -> Route | None:
         """The first rule whose every field matches `call` (keys: the names in ROUTE_FIELDS)."""
-        for route, fields in self._rules:
-            if all(patterns.matches(call.get(name, "")) for name, patterns in fields):
-                return route
-        return None
+        return self.match_values(tuple(call.get(name, "") for name in ROUTE_FIELDS))
+
+    def match_values(self, values: tuple[str, ...]) -> Route | None:
+        """`first_match` for the call's values in ROUTE_FIELDS order."""
+        try:
+            return self._memo[values]
+        except KeyError:
+            pass
+        found = next(
+            (
+                route
+                for route, fields in self._rules
+                if all(patterns.matches(values[index]) for index, patterns in fields)
+            ),
+            None,
+        )
+        if len(self._memo) >= self.MEMO_SIZE:
+            self._memo.clear()  # many distinct tenants: start over rather than grow
+        self._memo[values] = found
+        return found
 
 
 def check_stakes(value: str) -> str:

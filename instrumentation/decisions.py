@@ -92,14 +92,16 @@ def route_model(request: CallRequest, config: BudgetConfig) -> tuple[str, Route 
     """The model the routing rules pick for this call, and the rule that matched (if any)."""
     if not request.routable or not config.routes:
         return request.model, None
-    fields = {
-        "tenant": request.attribution.get("tenant", ""),
-        "workflow": request.attribution.get("workflow", ""),
-        "feature": request.attribution.get("feature", ""),
-        "operation": request.operation,
-        "stakes": request.stakes,
-    }
-    route = config.compiled_routes.first_match(fields)
+    attribution = request.attribution
+    route = config.compiled_routes.match_values(
+        (
+            attribution.get("tenant", ""),
+            attribution.get("workflow", ""),
+            attribution.get("feature", ""),
+            request.operation,
+            request.stakes,
+        )
+    )
     if route is None:
         return request.model, None
     current_class = config.model_class(request.model)
@@ -125,7 +127,7 @@ def apply_budget_pressure(
     decision: CallDecision, request: CallRequest, config: BudgetConfig, guard: BudgetGuard
 ) -> None:
     """Downgrade along the ladder from the routed model, or refuse, as the guard's signals say."""
-    verdict = guard.check(decision.model, request.attribution)
+    verdict = guard.check_signals(decision.model, request.attribution)
     decision.signal = verdict.signal
     if verdict.action == "deny":
         assert verdict.signal is not None

@@ -217,6 +217,13 @@ class BudgetGuard:
         tally = self._ledger.exceeded(values, self._seconds())
         return decision if tally is None else self._deny_locally(tally)
 
+    def check_signals(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Decision:
+        """Decide one call by the signals alone; `reserve` then applies local accounting.
+
+        The call path uses the two steps so local accounting scans the call's keys once.
+        """
+        return self._decide_by_signals(self._values(attribution, model), model, self._clock())
+
     def reserve(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Reservation:
         """Hold the expected use of a call about to be made with `model`; `settle()` it when it ends.
 
