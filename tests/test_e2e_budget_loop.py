@@ -159,7 +159,12 @@ def test_tenant_over_budget_is_throttled_and_history_is_exact(
     assert pipeline.stop(sink) == 0
     stored = pipeline.clickhouse_query("queries.spend_by_tenant(client)")
     count = pipeline.clickhouse_query("queries.span_count(client)")
-    assert count == len(calls)
+    refused_calls = pipeline.clickhouse_query(
+        'int(client.command("SELECT count() FROM genai_spans FINAL'
+        " WHERE refused = 'budget' AND cost_usd = 0\"))"
+    )
+    assert refused_calls == 2  # the two refused calls are on record, as calls that cost nothing
+    assert count == len(calls) + refused_calls
     assert stored.keys() == recorded.keys()
     for tenant, spent in recorded.items():
         assert stored[tenant] == pytest.approx(spent, rel=1e-9), tenant
