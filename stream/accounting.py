@@ -102,6 +102,8 @@ class UsageDelta:
     source_partition: int = -1
     source_offset: int = -1
     bucket_ns: int = 0  # rolling windows: the size of the time buckets the spend is kept in
+    #: How the model calls went (see `CallMix`); None for tool-call budgets and older records.
+    mix: list[float] | None = None
 
     @property
     def partition_key(self) -> str:
@@ -120,9 +122,15 @@ class UsageDelta:
         if event_ns > self.last_event_ns:
             self.last_event_ns = event_ns
 
+    def count_call(self, usage: SpanUsage) -> None:
+        """Add one model call (made or refused) to the call mix the signal's reason reports."""
+        if self.mix is None:
+            self.mix = [0.0] * MIX_FIELDS
+        add_to_mix(self.mix, usage)
+
     def to_row(self) -> list[Any]:
         """The delta inside a batch record; the source is the batch's, so it is not repeated."""
-        return [
+        row = [
             self.budget,
             self.key,
             self.window_start_ns,
@@ -132,17 +140,38 @@ class UsageDelta:
             self.last_event_ns,
             self.bucket_ns,
         ]
+        if self.mix is not None:
+            row.append(self.mix)
+        return row
 
     @classmethod
     def from_row(cls, row: list[Any], source_partition: int = -1, source_offset: int = -1) -> UsageDelta:
-        budget, key, window_start_ns, amount, spans, first, last, bucket_ns = row
+        budget, key, window_start_ns, amount, spans, first, last, bucket_ns, *mix = row
         source = (source_partition, source_offset)
-        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns)
+        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns, *mix[:1])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageDelta:
         """A single-delta record as written before batch records (still in the topic after an upgrade)."""
         return cls(**data)
+
+
+#: The call mix of a budget window: model calls made, of them on a cheaper class than asked for
+#: (routed down or downgraded), calls refused before they were made, and what escalation retries
+#: cost (USD). The signal's reason reports it (DESIGN.md §7: routing and escalation visibility).
+MIX_CALLS, MIX_FALLBACKS, MIX_REFUSED, MIX_ESCALATION_USD = range(4)
+MIX_FIELDS = 4
+
+
+def add_to_mix(mix: list[float], usage: SpanUsage) -> None:
+    if usage.is_refused_call:
+        mix[MIX_REFUSED] += 1
+        return
+    mix[MIX_CALLS] += 1
+    if usage.fallback or (usage.downgraded_from and not usage.routed_from):
+        mix[MIX_FALLBACKS] += 1
+    if usage.escalated_from:
+        mix[MIX_ESCALATION_USD] += usage.cost_usd or 0.0
 
 
 class Ring:
@@ -250,6 +279,8 @@ class WindowTotals:
     recent: Ring = field(default_factory=lambda: Ring(RECENT_MINUTES))
     #: Rolling windows only: spend per time bucket, a window's worth.
     buckets: Ring | None = None
+    #: The window's call mix (`MIX_*` fields), when its budget counts model calls.
+    mix: list[float] | None = None
 
     def apply(self, delta: UsageDelta) -> bool:
         """Add `delta` unless it is a replay of one already counted; True if it was added."""
@@ -261,6 +292,7 @@ class WindowTotals:
             delta.first_event_ns,
             delta.last_event_ns,
             delta.bucket_ns,
+            delta.mix,
         )
 
     def add(
@@ -272,6 +304,7 @@ class WindowTotals:
         first_event_ns: int,
         last_event_ns: int,
         bucket_ns: int,
+        mix: list[float] | None = None,
     ) -> bool:
         """`apply` without a `UsageDelta`: stage 2 reads the fields straight from a batch row."""
         if source_partition >= 0:
@@ -290,6 +323,8 @@ class WindowTotals:
             if self.buckets is None:
                 self.buckets = _rolling_ring()
             self.spent -= self.buckets.add(last_event_ns // bucket_ns, amount)
+        if mix:
+            self.mix = [a + b for a, b in zip(self.mix or [0.0] * MIX_FIELDS, mix, strict=False)]
         return True
 
     def rolling_buckets(self, now_ns: int, window_ns: int, bucket_ns: int) -> list[tuple[int, float]]:
@@ -316,6 +351,7 @@ class WindowTotals:
             self.applied,
             self.recent.to_state(),
             self.buckets.to_state() if self.buckets is not None else None,
+            self.mix,
         ]
 
     def __json__(self) -> list[Any]:
@@ -331,7 +367,8 @@ class WindowTotals:
         applied = dict(rest[0]) if rest else {}
         recent = Ring.from_state(RECENT_MINUTES, rest[1]) if len(rest) > 1 else Ring(RECENT_MINUTES)
         buckets = Ring.from_state(ROLLING_BUCKETS + 1, rest[2]) if len(rest) > 2 and rest[2] else None
-        return cls(spent, spans, first, last, applied, recent, buckets)
+        mix = list(rest[3]) if len(rest) > 3 and rest[3] else None
+        return cls(spent, spans, first, last, applied, recent, buckets, mix)
 
 
 @dataclass
@@ -418,11 +455,12 @@ def usage_deltas(
             stats.spans += 1
             stats.unpriced += model_call and usage.cost_usd is None
         tool_call = usage.is_tool_call or usage.tool_calls > 0
-        if not (model_call or tool_call):
+        refused = usage.is_refused_call  # counted in the call mix only: it used nothing
+        if not (model_call or tool_call or refused):
             continue
         event_ns = usage.end_ns or usage.start_ns
         for matcher in matchers:
-            if not (tool_call if matcher.tools else model_call):
+            if not (tool_call if matcher.tools else model_call or refused):
                 continue
             key = matcher.key_for(usage)
             if key is None:
@@ -439,7 +477,9 @@ def usage_deltas(
                 delta = deltas[slot] = UsageDelta(
                     budget.id, key, window_start, 0.0, 0, 0, 0, source[0], source[1], matcher.bucket_ns
                 )
-            delta.add(metric_value(budget.metric, usage), event_ns)
+            delta.add(0.0 if refused else metric_value(budget.metric, usage), event_ns)
+            if not matcher.tools:
+                delta.count_call(usage)
     return list(deltas.values())
 
 

@@ -344,13 +344,13 @@ class BudgetJob:
 
     def _apply(self, row: list[Any], source: tuple[int, int], now: datetime) -> Signal | None:
         """Add one delta row to its window's totals; the signal to publish if the key's action changed."""
-        budget_id, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns = row
+        budget_id, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns, *mix = row
         budget = self._budgets.get(budget_id)
         if budget is None:
             return None
         state_key = f"{budget_id}|{key}|{window_start_ns}"
         totals = WindowTotals.from_state(self.totals.get(state_key))
-        if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns):
+        if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns, mix[0] if mix else None):
             self.replayed_deltas += 1  # a replay after a crash: already counted
             return None
         self.totals[state_key] = totals

@@ -11,6 +11,10 @@ from datetime import UTC, datetime, timedelta
 from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
 from burnguard.contracts.signals import Signal
 from burnguard.stream.accounting import (
+    MIX_CALLS,
+    MIX_ESCALATION_USD,
+    MIX_FALLBACKS,
+    MIX_REFUSED,
     RECENT_MINUTES,
     ContextGrowth,
     WindowTotals,
@@ -101,7 +105,8 @@ def decide(
         issued_at=now,
         expires_at=now + ttl,
         reason=_reason(budget, key, spent, ratio, start, end, action)
-        + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else ""),
+        + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else "")
+        + call_mix_reason(totals.mix),
     )
 
 
@@ -171,6 +176,21 @@ def _predicts_downgrade(
         and ratio >= forecast.min_ratio
         and SEVERITY[action] < SEVERITY["downgrade"]
     )
+
+
+def call_mix_reason(mix: list[float] | None) -> str:
+    """How the window's model calls went: the share that fell back to cheaper models, what
+    escalations cost and how many calls were refused (empty when the budget counts no calls)."""
+    if not mix:
+        return ""
+    calls, refused = int(mix[MIX_CALLS]), int(mix[MIX_REFUSED])
+    parts = [f"{calls} calls"]
+    if calls:
+        parts.append(f"{100 * mix[MIX_FALLBACKS] / calls:.1f}% fell back to cheaper models")
+    parts.append(f"escalations cost ${mix[MIX_ESCALATION_USD]:.4f}")
+    if refused:
+        parts.append(f"{refused} refused")
+    return "; " + ", ".join(parts)
 
 
 def _reason(

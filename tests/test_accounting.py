@@ -370,3 +370,55 @@ def test_the_fast_murmur2_is_kafkas() -> None:
         for _ in range(50):
             data = bytes(rng.randrange(256) for _ in range(length))
             assert murmur2(data) == aiokafka_murmur2(data), data
+
+
+# --- the call mix: routing and escalation visibility (DESIGN.md §7) -----------------------------
+def routed_batch() -> list[SpanUsage]:
+    acme = {"tenant": "acme", "feature": "extract", "user": "u1"}
+    at = [T0 + timedelta(minutes=m) for m in range(6)]
+    return [
+        span(11, at[0], request_model="gpt-4.1", cost_usd=0.01, **acme),
+        span(12, at[1], request_model="gpt-4.1-nano", cost_usd=0.001, routed_from="gpt-4.1", fallback=True,
+             **acme),
+        span(13, at[2], request_model="gpt-4.1-mini", cost_usd=0.004, downgraded_from="gpt-4.1", **acme),
+        span(14, at[3], request_model="gpt-4.1-mini", cost_usd=0.004, escalated_from="gpt-4.1-nano", **acme),
+        span(15, at[4], request_model="gpt-4.1", cost_usd=0.0, refused="budget", **acme),
+        span(16, at[5], operation="execute_tool", tool_name="search", refused="step_cap", session="s1",
+             **acme),
+    ]  # fmt: skip
+
+
+def test_the_call_mix_counts_fallbacks_escalation_cost_and_refusals(config: BudgetConfig) -> None:
+    slots = by_slot(usage_deltas(routed_batch(), config, PriceBook()))
+    cost = slots[("tenant-cost", "acme")]
+    assert cost.amount == pytest.approx(0.019)  # the refused call cost nothing
+    assert cost.mix == pytest.approx([4, 2, 1, 0.004])  # calls, fell back, refused, escalation USD
+    assert slots[("acme-calls", "acme")].amount == 4  # a refused call is no call
+    assert ("session-tools", "s1") not in slots  # a refused tool never ran
+
+
+def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetConfig) -> None:
+    (delta,) = [d for d in usage_deltas(routed_batch(), config, PriceBook()) if d.budget == "tenant-cost"]
+    row = UsageDelta.from_row(delta.to_row(), 3, 7)
+    assert row.mix == delta.mix
+    totals = WindowTotals()
+    assert totals.apply(row) and totals.apply(UsageDelta.from_row(delta.to_row(), 3, 8))
+    restored = WindowTotals.from_state(codecs.loads("json", codecs.dumps("json", totals)))
+    assert restored.mix == pytest.approx([8, 4, 2, 0.008])
+    older = delta.to_row()[:8]  # a row written before the call mix existed
+    assert UsageDelta.from_row(older).mix is None
+    assert WindowTotals.from_state(totals.to_state()[:7]).mix is None
+
+
+def test_the_signal_reason_reports_the_call_mix(config: BudgetConfig) -> None:
+    from burnguard.stream.policy import decide
+
+    budget = config.budget("tenant-cost")
+    assert budget is not None
+    (delta,) = [d for d in usage_deltas(routed_batch(), config, PriceBook()) if d.budget == "tenant-cost"]
+    totals = WindowTotals()
+    totals.apply(delta)
+    signal = decide(
+        budget, "acme", delta.window_start_ns, totals, T0 + timedelta(hours=1), timedelta(minutes=2)
+    )
+    assert "4 calls, 50.0% fell back to cheaper models, escalations cost $0.0040, 1 refused" in signal.reason
