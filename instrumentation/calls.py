@@ -3,13 +3,13 @@
 For code paths no auto-instrumentation covers (a custom HTTP client, a model
 server of your own), and to drive the pipeline before any SDK is patched.
 The span follows the GenAI semantic conventions; its cost is set while the
-span is open, so the export path never has to price it again. With
-enforcement on, `llm_call` consults the guard before the call is made.
+span is open, so the export path never has to price it again.
 
 `start_llm_call` is the one path every model call takes — the manual API and
-the OpenAI and Anthropic SDK wrappers alike: guard decision (deny raises,
-downgrade rewrites the model), span start (or adoption of the span another
-instrumentation opened for the same call), usage, cost, end.
+the OpenAI and Anthropic SDK wrappers alike: the decision (`decisions.decide_call`:
+routing, budget pressure, context budget, local accounting, step cap; a
+refusal is recorded as a zero-cost span and raised before any request), span
+start, usage, cost, end. Tool calls count against the session's step cap.
 """
 
 from __future__ import annotations
