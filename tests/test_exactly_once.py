@@ -9,6 +9,7 @@ replays: the dedupe by source offset is what keeps the totals exact.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -163,3 +164,31 @@ def test_a_broker_restart_mid_stream_neither_loses_nor_double_counts(private_pip
     source.send(100)
     wait_for_exact_totals(pipeline, source, timeout_s=150)
     assert worker.poll() is None, "the worker died with the broker instead of reconnecting"
+
+
+@pytest.mark.slow
+def test_single_delta_records_of_the_previous_version_count_once(slow_commits: Pipeline) -> None:
+    """After an upgrade the usage topic can still hold one-delta records: they count, their replays not."""
+    pipeline = slow_commits
+    pipeline.start_worker()
+    now_ns = time.time_ns()
+    day_start_ns = now_ns // (86_400 * 10**9) * 86_400 * 10**9
+    producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
+
+    def legacy(offset: int, amount: float) -> bytes:
+        delta = dict(budget="tenant-tokens", key="acme", window_start_ns=day_start_ns, amount=amount, spans=1)
+        delta.update(first_event_ns=now_ns, last_event_ns=now_ns, source_partition=0, source_offset=offset)
+        return json.dumps({**delta, "bucket_ns": 0}).encode()
+
+    for offset, amount in [(10, 100.0), (11, 20.0), (11, 20.0), (10, 100.0)]:  # the last two are replays
+        producer.send(pipeline.topics.usage, key=b"tenant-tokens|acme", value=legacy(offset, amount))
+    producer.flush()
+    producer.close()
+    deadline, spent, replays_seen = time.monotonic() + 60, None, False
+    while time.monotonic() < deadline and not (spent == 120.0 and replays_seen):
+        usage = latest_usage(pipeline).get("tenant-tokens:acme")
+        spent = usage.spent if usage else None
+        replays_seen = "2 replayed deltas recognised" in pipeline.log("worker")
+        time.sleep(1)
+    assert spent == 120.0
+    assert replays_seen, "the two replays were not recognised as such"
