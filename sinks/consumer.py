@@ -54,9 +54,10 @@ measured on a loaded 2-core machine, against a 6 s minimum session timeout),
 so they do not cost the group membership.
 
 Spans that arrive without `burnguard.cost.usd` (e.g. from the OTel Collector)
-are priced with the same `PriceBook` as the stream job, so spend in
-ClickHouse matches what the budgets saw; models without a known price stay
-unpriced (`priced = 0`).
+are priced like the stream job prices them: genai-prices with the overrides of
+the budgets the workers follow (the `burnguard.budgets` topic, else the file in
+`BURNGUARD_BUDGETS_FILE`), so spend in ClickHouse matches what the budgets
+saw; models without a known price stay unpriced (`priced = 0`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from burnguard.contracts.budget_feed import BudgetFeed, initial_config
+from burnguard.contracts.budgets import BudgetConfig, load_budget_file
 from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
@@ -259,6 +263,7 @@ class SpanSink:
         stuck_rebalance_s: float | None = None,
         span_ttl_days: int = DEFAULT_SPAN_TTL_DAYS,
         prices: PriceBook | None = None,
+        budgets_file: Path | None = None,
         price_missing: bool = True,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -266,7 +271,8 @@ class SpanSink:
         `stuck_rebalance_s`: after how long without a stable group membership the
         consumer is replaced; by default the consumer's `max_poll_interval_ms` plus
         its `session_timeout_ms` plus `rebalance_poll_s`, more than a healthy
-        rebalance can take.
+        rebalance can take. `prices` fixes the price book; without it the sink
+        follows the budgets topic's price overrides (`budgets_file` until it has any).
         """
         if batch_max <= 0 or flush_interval_s <= 0 or rebalance_poll_s <= 0:
             raise ValueError("batch_max, flush_interval_s and rebalance_poll_s must be positive")
@@ -285,6 +291,9 @@ class SpanSink:
         self.stuck_rebalance_s = stuck_rebalance_s
         self.span_ttl_days = span_ttl_days
         self.prices = prices if prices is not None else default_price_book()
+        self.budgets_file = budgets_file
+        self._follow_prices = prices is None
+        self._budget_feed: BudgetFeed | None = None
         self.price_missing = price_missing
         self.consumer_options = dict(consumer_options or {})
         self.messages = 0
@@ -330,6 +339,7 @@ class SpanSink:
                 self.topics.signals,
                 redact_dsn(self.dsn or default_dsn()),
             )
+            self._follow_price_overrides()
             self._connect_early()
             while not stop_event.is_set():
                 try:
@@ -344,6 +354,8 @@ class SpanSink:
         finally:
             consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
             self._drop_writer()
+            if self._budget_feed is not None:
+                self._budget_feed.stop()
             log.info("sink stopped: %s", json.dumps(self.counters()))
 
     def _step(self, consumer: KafkaConsumer, stop_event: threading.Event) -> None:
@@ -574,7 +586,23 @@ class SpanSink:
             reason,
         )
 
+    def _follow_price_overrides(self) -> None:
+        """Price with the overrides the workers price with, and follow their changes."""
+        if not self._follow_prices:
+            return
+        file_config = load_budget_file(self.budgets_file) if self.budgets_file else BudgetConfig()
+        try:
+            config = initial_config(self.kafka, self.topics.budgets, file_config)
+        except Exception as exc:  # Kafka not there yet: the follower below catches up when it is
+            log.warning("could not read %s yet (%s); pricing with the budgets file", self.topics.budgets, exc)
+            config = file_config
+        self.prices = PriceBook(config.prices)
+        self._budget_feed = BudgetFeed(self.kafka, self.topics.budgets, config).start()
+
     def _price(self, rows: list[SpanUsage]) -> None:
+        if self._budget_feed is not None and (update := self._budget_feed.take_update()) is not None:
+            self.prices = PriceBook(update.prices)
+            log.info("price overrides changed on %s: %s", self.topics.budgets, sorted(update.prices))
         for usage in rows:
             price_if_unpriced(usage, self.prices)
 
@@ -798,6 +826,9 @@ def main(argv: Sequence[str] = ()) -> int:
             flush_interval_s=args.flush_interval,
             group_id=args.group,
             consumer_options=consumer_options,
+            budgets_file=Path(budgets_file)
+            if (budgets_file := os.environ.get("BURNGUARD_BUDGETS_FILE"))
+            else None,
         )
     except KafkaError as exc:  # e.g. no broker at start: say so in one line, exit for a restart
         log.error("cannot consume from Kafka at %s: %s", kafka.bootstrap, exc)

@@ -31,6 +31,7 @@ from itertools import islice
 from typing import Any
 
 import faust
+from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
@@ -45,7 +46,6 @@ from burnguard.stream.accounting import (
     context_observations,
     usage_deltas,
 )
-from burnguard.stream.budget_feed import BudgetFeed, initial_config
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaError

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from burnguard.contracts.budgets import parse_budget_yaml, to_records
 from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import default_price_book
 from burnguard.contracts.signals import Signal
@@ -395,7 +396,11 @@ def otlp_request(*specs: dict[str, Any]) -> bytes:
 @pytest.fixture
 def stream(kafka_broker: KafkaBroker) -> Iterator[Stream]:
     suffix = uuid.uuid4().hex[:8]
-    topics = Topics(spans=f"otlp_spans.{suffix}", signals=f"burnguard.signals.{suffix}")
+    topics = Topics(
+        spans=f"otlp_spans.{suffix}",
+        signals=f"burnguard.signals.{suffix}",
+        budgets=f"burnguard.budgets.{suffix}",
+    )
     kafka_broker.create_topic(topics.spans, partitions=2)
     kafka_broker.create_topic(topics.signals, partitions=1, compact=True)
     producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
@@ -458,6 +463,43 @@ def test_end_to_end_through_kafka(stream: Stream, chdb_dsn: str) -> None:
         assert operations == [("chat", 11, 10), ("execute_tool", 9, 0)]
         messages = client.command(f"SELECT uniqExact(kafka_partition, kafka_offset) FROM {SPANS_TABLE}")
         assert messages == stream.good_messages
+
+
+def test_spans_are_priced_with_the_price_overrides_the_workers_follow(stream: Stream, chdb_dsn: str) -> None:
+    def apply(input_mtok: float) -> None:
+        config = parse_budget_yaml(f"prices:\n  my-finetune: {{input_mtok: {input_mtok}, output_mtok: 12}}\n")
+        for key, value in to_records(config).items():
+            stream.producer.send(stream.topics.budgets, key=key.encode(), value=value)
+        stream.producer.flush()
+
+    def send_finetune_call() -> None:
+        attributes = {**_chat("acme", None), "gen_ai.request.model": "my-finetune"}
+        stream.producer.send(
+            stream.topics.spans, value=otlp_request({"name": "chat ft", "attributes": attributes})
+        )
+        stream.spans += 1
+        stream.good_messages += 1
+
+    stream.broker.create_topic(stream.topics.budgets, partitions=1, compact=True)
+    apply(input_mtok=3)
+    send_finetune_call()  # 1,200 in x $3 + 300 out x $12 per million tokens
+    with sink_thread(stream, chdb_dsn) as sink:
+        stream.wait_consumed()
+        apply(input_mtok=5)  # `burnguard budgets apply` of a new price: followed without a restart
+        feed = sink._budget_feed
+        assert feed is not None
+        wait_for(lambda: feed.current.prices["my-finetune"]["input_mtok"] == 5, 30, "the new price")
+        send_finetune_call()
+        stream.wait_consumed()
+        assert sink.spans_written == 2
+    with open_chdb(chdb_dsn) as client:
+        costs = client.query(
+            f"SELECT cost_usd, priced FROM {SPANS_TABLE} FINAL ORDER BY start_time"
+        ).result_rows
+    assert costs == [
+        (pytest.approx((1200 * 3 + 300 * 12) / 1e6), 1),
+        (pytest.approx((1200 * 5 + 300 * 12) / 1e6), 1),
+    ]
 
 
 @contextmanager

@@ -1,9 +1,11 @@
-"""Where a running worker gets its budgets: the compacted `burnguard.budgets` topic.
+"""Where a running component gets its budgets: the compacted `burnguard.budgets` topic.
 
-`burnguard budgets apply` writes the topic; every worker reads all of it (not
-a consumer group: each worker needs every budget) and swaps in the new
-configuration without a restart. While the topic is empty, the YAML file the
-worker was started with (`BURNGUARD_BUDGETS_FILE`) is the configuration.
+`burnguard budgets apply` writes the topic; every stream worker reads all of it
+(not a consumer group: each worker needs every budget) and swaps in the new
+configuration without a restart, and the ClickHouse sink follows it for the
+price overrides, so both price a span alike. While the topic is empty, the
+YAML file the component was started with (`BURNGUARD_BUDGETS_FILE`) is the
+configuration.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ class BudgetFeed:
         with self._lock:
             if config != self._current:
                 self._current = self._pending = config
+
+    @property
+    def current(self) -> BudgetConfig:
+        """The configuration followed now (its changes are also handed out by `take_update`)."""
+        with self._lock:
+            return self._current
 
     def take_update(self) -> BudgetConfig | None:
         """The new configuration if it changed since the last call, else None."""
