@@ -163,6 +163,18 @@ def _located(at: tuple[Any, ...], message: str) -> PydanticCustomError:
     return PydanticCustomError("budget_config", "{message}", {"message": message, "at": at})
 
 
+def _check_ids_unique(items: Iterable[Any], field: str, what: str) -> None:
+    """Ids name signals, spans and topic records: one of each per file."""
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.id in seen:
+            raise _located(
+                (field, index, "id"),
+                f"{what} id {item.id!r} is used twice (first in {field}[{seen[item.id]}])",
+            )
+        seen[item.id] = index
+
+
 class ContextGuard(StrictModel):
     """Long-context detection: warn when a session's prompts keep growing past a size.
 
@@ -202,14 +214,7 @@ class BudgetConfig(StrictModel):
     @field_validator("budgets")
     @classmethod
     def _ids_unique(cls, value: tuple[Budget, ...]) -> tuple[Budget, ...]:
-        seen: dict[str, int] = {}
-        for index, budget in enumerate(value):
-            if budget.id in seen:
-                raise _located(
-                    ("budgets", index, "id"),
-                    f"budget id {budget.id!r} is used twice (first in budgets[{seen[budget.id]}])",
-                )
-            seen[budget.id] = index
+        _check_ids_unique(value, "budgets", "budget")
         return value
 
     @model_validator(mode="after")
@@ -254,22 +259,13 @@ class BudgetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _context_budget_ids_are_unique(self) -> BudgetConfig:
-        seen: set[str] = set()
-        for index, budget in enumerate(self.context_budgets):
-            if budget.id in seen:
-                raise _located(
-                    ("context_budgets", index, "id"), f"context budget id {budget.id!r} is used twice"
-                )
-            seen.add(budget.id)
+        _check_ids_unique(self.context_budgets, "context_budgets", "context budget")
         return self
 
     @model_validator(mode="after")
     def _routes_use_known_classes(self) -> BudgetConfig:
-        seen: set[str] = set()
+        _check_ids_unique(self.routes, "routes", "route")
         for index, route in enumerate(self.routes):
-            if route.id in seen:
-                raise _located(("routes", index, "id"), f"route id {route.id!r} is used twice")
-            seen.add(route.id)
             if route.use not in self.model_classes:
                 raise _located(
                     ("routes", index, "use"),
