@@ -109,6 +109,18 @@ def usage_partition(partition_key: str, partitions: int) -> int:
     return key_partition(partition_key.encode(), partitions)
 
 
+async def _yield_to_the_loop() -> None:
+    """Let the consumer's heartbeats and fetches run between two messages.
+
+    An agent whose stream has events buffered gets the next one without
+    suspending, so a backlog of OTLP batches (tens of ms of Python each) can
+    hold the event loop for seconds. A worker log of a failed
+    `test_rebalance_between_two_workers...` run showed the loop silent for
+    13 s, past the 8 s session timeout: the member was expelled while alive.
+    """
+    await asyncio.sleep(0)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -223,6 +235,7 @@ class BudgetJob:
             observations = context_observations(usages, self.config)
             for partition, record in self._batch_records(deltas, observations, source):
                 await self.usage_topic.send(key=f"{source[0]}/{source[1]}", value=record, partition=partition)
+            await _yield_to_the_loop()
 
     def _batch_records(
         self, deltas: list[UsageDelta], observations: list[list[Any]], source: tuple[int, int]
@@ -296,6 +309,7 @@ class BudgetJob:
             ) as exc:  # a bad record must not stop the partition (Faust would retry it forever)
                 logger.exception("could not account %r", event.value)
                 await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+            await _yield_to_the_loop()
 
     async def _account_one(self, record: dict[str, Any]) -> None:
         handlers = {
