@@ -108,7 +108,6 @@ WORKFLOW_SUCCESS: Final = "burnguard.workflow.success"
 #: How much is riding on the task (`low` / `normal` / `high`), declared in code with
 #: `burnguard.stakes(...)` and carried as baggage like the attribution.
 STAKES: Final = "burnguard.stakes"
-STAKES_LEVELS: Final = ("low", "normal", "high")
 DEFAULT_STAKES: Final = "normal"
 #: The model the caller asked for, when a routing rule sent the call to another class.
 ROUTED_FROM: Final = "burnguard.routed_from"

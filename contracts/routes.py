@@ -12,14 +12,13 @@ this module through `burnguard.contracts.budgets`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from burnguard.contracts.attributes import STAKES_LEVELS
 from burnguard.contracts.model_base import StrictModel, check_id
 from pydantic import Field, field_validator, model_validator
 
 Stakes = Literal["low", "normal", "high"]
+STAKES_LEVELS: tuple[str, ...] = get_args(Stakes)
 #: The call fields a routing rule can match on.
 ROUTE_FIELDS = ("tenant", "workflow", "feature", "operation", "stakes")
 
@@ -67,8 +66,13 @@ class RouteMatch(StrictModel):
             raise ValueError(f"match needs at least one of: {', '.join(ROUTE_FIELDS)}")
         return self
 
-    def compiled(self) -> tuple[tuple[str, _Patterns], ...]:
-        return tuple((name, _Patterns(getattr(self, name))) for name in ROUTE_FIELDS if getattr(self, name))
+    def compiled(self) -> tuple[tuple[int, _Patterns], ...]:
+        """(index in ROUTE_FIELDS, patterns) of each field the rule constrains."""
+        return tuple(
+            (index, _Patterns(getattr(self, name)))
+            for index, name in enumerate(ROUTE_FIELDS)
+            if getattr(self, name)
+        )
 
 
 class Route(StrictModel):
@@ -113,21 +117,14 @@ class CompiledRoutes:
     MEMO_SIZE = 4096
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
-        self._rules = tuple(
-            (route, tuple((ROUTE_FIELDS.index(name), patterns) for name, patterns in route.match.compiled()))
-            for route in routes
-        )
+        self._rules = tuple((route, route.match.compiled()) for route in routes)
         self._memo: dict[tuple[str, ...], Route | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self._rules)
 
-    def first_match(self, call: Mapping[str, str]) -> Route | None:
-        """The first rule whose every field matches `call` (keys: the names in ROUTE_FIELDS)."""
-        return self.match_values(tuple(call.get(name, "") for name in ROUTE_FIELDS))
-
-    def match_values(self, values: tuple[str, ...]) -> Route | None:
-        """`first_match` for the call's values in ROUTE_FIELDS order."""
+    def first_match(self, values: tuple[str, ...]) -> Route | None:
+        """The first rule whose every field matches the call's `values`, in ROUTE_FIELDS order."""
         try:
             return self._memo[values]
         except KeyError:

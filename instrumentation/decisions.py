@@ -93,7 +93,7 @@ def route_model(request: CallRequest, config: BudgetConfig) -> tuple[str, Route 
     if not request.routable or not config.routes:
         return request.model, None
     attribution = request.attribution
-    route = config.compiled_routes.match_values(
+    route = config.compiled_routes.first_match(
         (
             attribution.get("tenant", ""),
             attribution.get("workflow", ""),
