@@ -122,11 +122,12 @@ class UsageDelta:
         if event_ns > self.last_event_ns:
             self.last_event_ns = event_ns
 
-    def count_call(self, usage: SpanUsage) -> None:
-        """Add one model call (made or refused) to the call mix the signal's reason reports."""
+    def count_call(self, call_mix: tuple[float, ...]) -> None:
+        """Add one model call's `call_mix` (made or refused) to the mix the signal's reason reports."""
         if self.mix is None:
-            self.mix = [0.0] * MIX_FIELDS
-        add_to_mix(self.mix, usage)
+            self.mix = list(call_mix)
+        else:
+            self.mix = [a + b for a, b in zip(self.mix, call_mix, strict=True)]
 
     def to_row(self) -> list[Any]:
         """The delta inside a batch record; the source is the batch's, so it is not repeated."""
@@ -163,15 +164,16 @@ MIX_CALLS, MIX_FALLBACKS, MIX_REFUSED, MIX_ESCALATION_USD = range(4)
 MIX_FIELDS = 4
 
 
-def add_to_mix(mix: list[float], usage: SpanUsage) -> None:
+_REFUSED_CALL = (0.0, 0.0, 1.0, 0.0)
+
+
+def call_mix(usage: SpanUsage) -> tuple[float, ...]:
+    """What one model call adds to a window's call mix (in `MIX_*` order)."""
     if usage.is_refused_call:
-        mix[MIX_REFUSED] += 1
-        return
-    mix[MIX_CALLS] += 1
-    if usage.fallback or (usage.downgraded_from and not usage.routed_from):
-        mix[MIX_FALLBACKS] += 1
-    if usage.escalated_from:
-        mix[MIX_ESCALATION_USD] += usage.cost_usd or 0.0
+        return _REFUSED_CALL
+    fell_back = usage.fallback or bool(usage.downgraded_from and not usage.routed_from)
+    escalation_usd = (usage.cost_usd or 0.0) if usage.escalated_from else 0.0
+    return (1.0, float(fell_back), 0.0, escalation_usd)
 
 
 class Ring:
@@ -459,6 +461,7 @@ def usage_deltas(
         if not (model_call or tool_call or refused):
             continue
         event_ns = usage.end_ns or usage.start_ns
+        mix = call_mix(usage) if model_call or refused else None  # once a span, for every budget
         for matcher in matchers:
             if not (tool_call if matcher.tools else model_call or refused):
                 continue
@@ -478,8 +481,8 @@ def usage_deltas(
                     budget.id, key, window_start, 0.0, 0, 0, 0, source[0], source[1], matcher.bucket_ns
                 )
             delta.add(0.0 if refused else metric_value(budget.metric, usage), event_ns)
-            if not matcher.tools:
-                delta.count_call(usage)
+            if mix is not None and not matcher.tools:
+                delta.count_call(mix)
     return list(deltas.values())
 
 
