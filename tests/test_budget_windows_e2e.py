@@ -140,18 +140,7 @@ def test_tokyo_days_late_spans_session_step_cap_and_context_growth(pipeline: Pip
     assert daily == {f"tenant:acme@tokyo-day#{day.isoformat()}".encode() for day in (yesterday, today)}
 
 
-def wait_for_signal(pipeline: Pipeline, budget: str, action: str, timeout_s: float = 30) -> Signal:
-    consumer = KafkaConsumer(
-        pipeline.topics.signals, bootstrap_servers=pipeline.broker.bootstrap, auto_offset_reset="earliest"
+def wait_for_signal(pipeline: Pipeline, budget: str, action: str) -> Signal:
+    return pipeline.wait_for_signal(
+        lambda s: s.budget == budget and s.action == action, f"{action} for {budget}"
     )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                for record in batch:
-                    signal = Signal.from_json(record.value)
-                    if signal.budget == budget and signal.action == action:
-                        return signal
-    finally:
-        consumer.close()
-    raise AssertionError(f"no {action} signal for {budget} within {timeout_s}s")
