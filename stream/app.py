@@ -46,8 +46,10 @@ from burnguard.stream.accounting import (
     context_observations,
     usage_deltas,
 )
+from burnguard.stream.changelog import MAX_BATCH_BYTES, RecordBatches, TableChanges
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
+from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ SNAPSHOT_SLICE = 100
 SNAPSHOT_PAUSE_S = 0.01
 #: Snapshots per timer run at most; the rest wait for the next run, oldest change first.
 SNAPSHOT_MAX_PER_RUN = 20_000
+#: Usage records accounted together at most: their changes reach the changelog once per key.
+ACCOUNT_BATCH_RECORDS = 500
 
 
 _MURMUR_M = 0x5BD1E995
@@ -168,11 +172,14 @@ class BudgetJob:
             web_enabled=False,
             stream_recovery_delay=0.5,
             producer_linger=settings.producer_linger.total_seconds(),
+            producer_max_batch_size=MAX_BATCH_BYTES,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=settings.commit_interval.total_seconds(),
             broker_session_timeout=settings.session_timeout.total_seconds(),
             broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 4),
         )
+        self.changes = TableChanges(self.app)
+        self.snapshots = RecordBatches(self.app)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -301,15 +308,18 @@ class BudgetJob:
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:
-        async for event in stream.events():
-            try:
-                await self._account_one(event.value)
-            except (
-                Exception
-            ) as exc:  # a bad record must not stop the partition (Faust would retry it forever)
-                logger.exception("could not account %r", event.value)
-                await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
-            await _yield_to_the_loop()
+        """Account usage records in batches; the batch's table changes go out before it is acked."""
+        window = self.settings.account_batch_window.total_seconds()
+        async for events in stream.take_events(ACCOUNT_BATCH_RECORDS, within=window):
+            for event in events:
+                self.changes.partition = event.message.partition
+                try:
+                    await self._account_one(event.value)
+                except Exception as exc:  # a bad record must not stop the partition
+                    logger.exception("could not account %r", event.value)
+                    await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+                await _yield_to_the_loop()
+            await self.changes.write()
 
     async def _account_one(self, record: dict[str, Any]) -> None:
         handlers = {
@@ -367,7 +377,7 @@ class BudgetJob:
         if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns, mix[0] if mix else None):
             self.replayed_deltas += 1  # a replay after a crash: already counted
             return None
-        self.totals[state_key] = totals
+        self.changes.set(self.totals, state_key, totals)
         self._unsnapshotted[state_key] = None
         return self._signal_if_changed(budget, key, window_start_ns, totals, now)
 
@@ -382,16 +392,16 @@ class BudgetJob:
         if not growth.observe(inputs, *source):
             self.replayed_deltas += 1
             return
-        self.contexts[state_key] = growth.to_state()
+        self.changes.set(self.contexts, state_key, growth.to_state())
         signal = decide_context(guard, key, growth, _now(), self.settings.signal_ttl)
         previous = self.states.get(state_key)
         if signal.action != (previous["action"] if previous else "ok"):
-            self.states[state_key] = {"action": signal.action, "window_start_ns": 0}
+            self.changes.set(self.states, state_key, {"action": signal.action, "window_start_ns": 0})
             await self._send_signal(signal)
 
     async def _clear(self, budget_id: str, key: str, scope: str) -> None:
         """A removed budget: forget its state and delete its signal from the compacted topic."""
-        self.states.pop(f"{budget_id}|{key}", None)
+        self.changes.delete(self.states, f"{budget_id}|{key}")
         await self.signals_topic.send(key=signal_key(scope, key, budget_id).encode(), value=None)
 
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
@@ -427,7 +437,8 @@ class BudgetJob:
         signal = decide(budget, key, window_start_ns, totals, now, self.settings.signal_ttl)
         if signal.action == previous_action and not (refresh and signal.action != "ok"):
             return None
-        self.states[state_key] = {"action": signal.action, "window_start_ns": window_start_ns}
+        state = {"action": signal.action, "window_start_ns": window_start_ns}
+        self.changes.set(self.states, state_key, state)
         return signal
 
     async def _send_signal(self, signal: Signal) -> None:
@@ -490,19 +501,22 @@ class BudgetJob:
             for state_key in pending[first : first + SNAPSHOT_SLICE]:
                 snapshot = self._usage_snapshot(state_key, now)
                 if snapshot is not None:
-                    await self._send_snapshot(snapshot)
+                    self._add_snapshot(snapshot)
+            try:
+                await self.snapshots.send()
+            except NotReady:  # the worker is stopping; a restarted worker snapshots every key
+                logger.info("producer stopped: %d budget usage snapshots not sent", len(pending) - first)
+                return
 
-    async def _send_snapshot(self, snapshot: BudgetUsage) -> None:
-        """Straight to the producer: Faust's topic layer cost more than building the snapshot.
+    def _add_snapshot(self, snapshot: BudgetUsage) -> None:
+        """Into a record batch: Faust's topic layer cost more than building the snapshot.
 
         The partition is the default partitioner's, so a key's rows compact
         together whichever worker or version wrote them.
         """
         key = snapshot.kafka_key.encode()
         partition = key_partition(key, self.settings.partitions)
-        await self.app.producer.send(
-            self.settings.topics.budget_usage, key, snapshot.to_json(), partition, None, None
-        )
+        self.snapshots.add(self.settings.topics.budget_usage, partition, key, snapshot.to_json())
 
     def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
         budget_id, rest = state_key.split("|", 1)

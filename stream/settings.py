@@ -34,6 +34,9 @@ class StreamSettings:
     #: How long the producer waits to fill a batch: every signal waits this long (twice: the
     #: usage record, then the signal), and shorter waits mean more, smaller produce requests.
     producer_linger: timedelta = timedelta(milliseconds=2)
+    #: How long stage 2 gathers usage records before accounting them together: every signal waits
+    #: up to this long, and each changed window key is written to the changelog once per batch.
+    account_batch_window: timedelta = timedelta(milliseconds=20)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -51,4 +54,5 @@ class StreamSettings:
             session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
             allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
+            account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
         )

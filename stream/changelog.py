@@ -1,0 +1,106 @@
+"""Kafka records sent as whole batches, and table changes written once per batch of events.
+
+Faust writes one changelog record for every `table[key] = value`, through
+its topic layer and a `FutureMessage` per record: ~150 µs a record, which was
+most of the worker's time (BENCHMARKS.md). The job changes the same window
+key many times in a burst, and only the last value matters to a recovery. So
+the agent updates the table's store at once, remembers the changed keys, and
+after each batch of events writes each changed key once, appended straight
+into aiokafka record batches (a few µs a record).
+
+Why this keeps exactly-once accounting: Faust acks the events of a
+`take_events` batch only after the agent's loop body returns, and flushes the
+producer before it commits any acked offset. The body ends by handing every
+pending change to the producer, so a committed offset always has its changes
+in the changelog. A crash in between replays the batch, and the marks inside
+each value (`WindowTotals.applied`) recognise what the changelog already holds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from faust.serializers import codecs
+from faust.types import AppT, CollectionT
+
+#: The producer's record batch size at most (`producer_max_batch_size`). A batch sent here waits
+#: for the previous one of its partition to be drained, so fewer, larger batches mean fewer
+#: waits; the broker accepts 1 MiB by default.
+MAX_BATCH_BYTES = 512 * 1024
+
+
+class RecordBatches:
+    """Records for many (topic, partition)s, appended to aiokafka batches and sent on `send`.
+
+    Bypasses the per-record `send` of Faust and aiokafka, which costs a
+    future, a partitioner call and an accumulator lookup per record.
+    """
+
+    def __init__(self, app: AppT) -> None:
+        self.app = app
+        self._pending: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = defaultdict(list)
+
+    def add(self, topic: str, partition: int, key: bytes, value: bytes | None) -> None:
+        self._pending[(topic, partition)].append((key, value))
+
+    def __len__(self) -> int:
+        return sum(len(records) for records in self._pending.values())
+
+    async def send(self) -> None:
+        """Hand every pending record to the producer (delivered by its next flush at the latest)."""
+        pending, self._pending = self._pending, defaultdict(list)
+        producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust runs
+        for (topic, partition), records in pending.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(timestamp=None, key=key, value=value) is None:
+                    await producer.send_batch(batch, topic, partition=partition)
+                    batch = producer.create_batch()
+                    batch.append(timestamp=None, key=key, value=value)
+            await producer.send_batch(batch, topic, partition=partition)
+
+
+class TableChanges:
+    """Changes to Faust tables, applied to their stores at once and to their changelogs in batches.
+
+    `partition` is the partition of the event being processed: a table is
+    co-partitioned with the topic it is changed from, so a key's changelog
+    records must go where the worker that owns that partition will recover
+    them from.
+    """
+
+    def __init__(self, app: AppT) -> None:
+        self.records = RecordBatches(app)
+        self.partition = 0
+        self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
+
+    def set(self, table: CollectionT, key: str, value: Any) -> None:
+        table.data[key] = value
+        self._changed[(table, self.partition)][key] = value
+
+    def delete(self, table: CollectionT, key: str) -> None:
+        if table.data.pop(key, None) is not None:
+            self._changed[(table, self.partition)][key] = None
+
+    def take_records(self) -> list[tuple[str, int, bytes, bytes | None]]:
+        """(changelog topic, partition, key, value) of each changed key's latest value, once.
+
+        A deleted key's value is None: a tombstone, as Faust writes one.
+        """
+        changed, self._changed = self._changed, defaultdict(dict)
+        records = []
+        for (table, partition), values in changed.items():
+            topic = table.changelog_topic.get_topic_name()
+            key_serializer = table.key_serializer or table.app.conf.key_serializer
+            value_serializer = table.value_serializer or table.app.conf.value_serializer
+            for key, value in values.items():
+                encoded = None if value is None else codecs.dumps(value_serializer, value)
+                records.append((topic, partition, codecs.dumps(key_serializer, key), encoded))
+        return records
+
+    async def write(self) -> None:
+        """Hand the changed keys' records to the producer; call it before the events are acked."""
+        for record in self.take_records():
+            self.records.add(*record)
+        await self.records.send()

@@ -1,0 +1,52 @@
+"""Table changes reach the changelog once per key per batch, with the latest value."""
+
+from __future__ import annotations
+
+import json
+
+import faust
+import pytest
+from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.changelog import TableChanges
+
+
+@pytest.fixture
+def app() -> faust.App:
+    return faust.App("changelog-test", store="memory://", web_enabled=False)
+
+
+def test_each_changed_key_is_written_once_with_its_latest_value(app: faust.App) -> None:
+    totals = app.Table("totals", default=None, partitions=4)
+    changes = TableChanges(app)
+    changes.partition = 2
+    for spent in (1.0, 2.0, 3.5):
+        changes.set(totals, "tenant|acme|0", WindowTotals(spent=spent, spans=1))
+
+    assert totals.data["tenant|acme|0"].spent == 3.5  # the store changes at once
+    records = changes.take_records()
+    assert len(records) == 1
+    topic, partition, key, value = records[0]
+    assert (topic, partition, json.loads(key)) == ("changelog-test-totals-changelog", 2, "tenant|acme|0")
+    assert WindowTotals.from_state(json.loads(value)).spent == 3.5
+    assert changes.take_records() == []  # taken once
+
+
+def test_a_key_goes_to_the_partition_of_the_event_that_changed_it(app: faust.App) -> None:
+    states = app.Table("states", default=None, partitions=4)
+    changes = TableChanges(app)
+    for partition, key in ((0, "a"), (3, "b")):
+        changes.partition = partition
+        changes.set(states, key, {"action": "warn"})
+    written = sorted((record[1], json.loads(record[2])) for record in changes.take_records())
+    assert written == [(0, "a"), (3, "b")]
+
+
+def test_a_deleted_key_becomes_a_tombstone(app: faust.App) -> None:
+    states = app.Table("states", default=None, partitions=4)
+    changes = TableChanges(app)
+    changes.set(states, "a", {"action": "throttle"})
+    changes.take_records()
+    changes.delete(states, "a")
+    changes.delete(states, "never-set")  # nothing to delete: no record
+    assert "a" not in states.data
+    assert [(json.loads(record[2]), record[3]) for record in changes.take_records()] == [("a", None)]
