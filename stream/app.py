@@ -46,7 +46,7 @@ from burnguard.stream.accounting import (
     context_observations,
     usage_deltas,
 )
-from burnguard.stream.changelog import MAX_BATCH_BYTES, RecordBatches, TableChanges
+from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from faust.exceptions import NotReady
@@ -179,7 +179,7 @@ class BudgetJob:
             broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 4),
         )
         self.changes = TableChanges(self.app)
-        self.snapshots = RecordBatches(self.app)
+        self.snapshots = PendingRecords(self.app)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -373,7 +373,7 @@ class BudgetJob:
         if budget is None:
             return None
         state_key = f"{budget_id}|{key}|{window_start_ns}"
-        totals = WindowTotals.from_state(self.totals.get(state_key))
+        totals = WindowTotals.from_state(self.totals.data.get(state_key))
         if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns, mix[0] if mix else None):
             self.replayed_deltas += 1  # a replay after a crash: already counted
             return None
@@ -388,13 +388,13 @@ class BudgetJob:
         if guard is None:
             return
         state_key = f"{guard.id}|{key}"
-        growth = ContextGrowth.from_state(self.contexts.get(state_key))
+        growth = ContextGrowth.from_state(self.contexts.data.get(state_key))
         if not growth.observe(inputs, *source):
             self.replayed_deltas += 1
             return
         self.changes.set(self.contexts, state_key, growth.to_state())
         signal = decide_context(guard, key, growth, _now(), self.settings.signal_ttl)
-        previous = self.states.get(state_key)
+        previous = self.states.data.get(state_key)
         if signal.action != (previous["action"] if previous else "ok"):
             self.changes.set(self.states, state_key, {"action": signal.action, "window_start_ns": 0})
             await self._send_signal(signal)
@@ -407,7 +407,7 @@ class BudgetJob:
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
         """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
         window_start_ns = budget.window_spec.start_ns(int(now.timestamp() * _NS))
-        totals = WindowTotals.from_state(self.totals.get(f"{budget.id}|{key}|{window_start_ns}"))
+        totals = WindowTotals.from_state(self.totals.data.get(f"{budget.id}|{key}|{window_start_ns}"))
         signal = self._signal_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
         if signal is not None:
             await self._send_signal(signal)
@@ -428,7 +428,7 @@ class BudgetJob:
         restriction; the cheap `decide_action` settles every other delta.
         """
         state_key = f"{budget.id}|{key}"
-        previous = self.states.get(state_key)
+        previous = self.states.data.get(state_key)
         if previous and previous["window_start_ns"] > window_start_ns:
             return None  # a late span for an older window: counted, but the current window rules
         previous_action = previous["action"] if previous else "ok"
@@ -509,7 +509,7 @@ class BudgetJob:
                 return
 
     def _add_snapshot(self, snapshot: BudgetUsage) -> None:
-        """Into a record batch: Faust's topic layer cost more than building the snapshot.
+        """Queued for the producer: Faust's topic layer cost more than building the snapshot.
 
         The partition is the default partitioner's, so a key's rows compact
         together whichever worker or version wrote them.
@@ -522,7 +522,7 @@ class BudgetJob:
         budget_id, rest = state_key.split("|", 1)
         key, window_start_ns = rest.rsplit("|", 1)
         budget = self._budgets.get(budget_id)
-        stored = self.totals.get(state_key)
+        stored = self.totals.data.get(state_key)
         if budget is None or not stored:
             return None
         totals = WindowTotals.from_state(stored)

@@ -1,12 +1,12 @@
-"""Kafka records sent as whole batches, and table changes written once per batch of events.
+"""Kafka records sent without Faust's topic layer, and table changes written once per batch of events.
 
 Faust writes one changelog record for every `table[key] = value`, through
 its topic layer and a `FutureMessage` per record: ~150 µs a record, which was
 most of the worker's time (BENCHMARKS.md). The job changes the same window
 key many times in a burst, and only the last value matters to a recovery. So
 the agent updates the table's store at once, remembers the changed keys, and
-after each batch of events writes each changed key once, appended straight
-into aiokafka record batches (a few µs a record).
+after each batch of events writes each changed key once, straight to
+aiokafka's producer.
 
 Why this keeps exactly-once accounting: Faust acks the events of a
 `take_events` batch only after the agent's loop body returns, and flushes the
@@ -24,41 +24,36 @@ from typing import Any
 from faust.serializers import codecs
 from faust.types import AppT, CollectionT
 
-#: The producer's record batch size at most (`producer_max_batch_size`). A batch sent here waits
-#: for the previous one of its partition to be drained, so fewer, larger batches mean fewer
-#: waits; the broker accepts 1 MiB by default.
+#: The producer's record batch size at most (`producer_max_batch_size`): a burst of changelog
+#: records or snapshots fills few batches, and the broker accepts 1 MiB by default.
 MAX_BATCH_BYTES = 512 * 1024
 
 
-class RecordBatches:
-    """Records for many (topic, partition)s, appended to aiokafka batches and sent on `send`.
+class PendingRecords:
+    """Records for many (topic, partition)s, handed to aiokafka's producer together on `send`.
 
-    Bypasses the per-record `send` of Faust and aiokafka, which costs a
-    future, a partitioner call and an accumulator lookup per record.
+    Skips Faust's topic layer (a `FutureMessage`, a callback and a buffer
+    per record). aiokafka's own `send` appends to the partition's open batch;
+    its `send_batch` would wait for the previous batch of the partition to be
+    drained, one produce round trip, which under load delayed every signal.
     """
 
     def __init__(self, app: AppT) -> None:
         self.app = app
-        self._pending: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        self._pending: list[tuple[str, int, bytes, bytes | None]] = []
 
     def add(self, topic: str, partition: int, key: bytes, value: bytes | None) -> None:
-        self._pending[(topic, partition)].append((key, value))
+        self._pending.append((topic, partition, key, value))
 
     def __len__(self) -> int:
-        return sum(len(records) for records in self._pending.values())
+        return len(self._pending)
 
     async def send(self) -> None:
         """Hand every pending record to the producer (delivered by its next flush at the latest)."""
-        pending, self._pending = self._pending, defaultdict(list)
+        pending, self._pending = self._pending, []
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust runs
-        for (topic, partition), records in pending.items():
-            batch = producer.create_batch()
-            for key, value in records:
-                if batch.append(timestamp=None, key=key, value=value) is None:
-                    await producer.send_batch(batch, topic, partition=partition)
-                    batch = producer.create_batch()
-                    batch.append(timestamp=None, key=key, value=value)
-            await producer.send_batch(batch, topic, partition=partition)
+        for topic, partition, key, value in pending:
+            await producer.send(topic, value, key=key, partition=partition)
 
 
 class TableChanges:
@@ -71,7 +66,7 @@ class TableChanges:
     """
 
     def __init__(self, app: AppT) -> None:
-        self.records = RecordBatches(app)
+        self.records = PendingRecords(app)
         self.partition = 0
         self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
 
