@@ -7,7 +7,8 @@ import json
 import faust
 import pytest
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.changelog import TableChanges
+from burnguard.stream.changelog import TableChanges, encode
+from faust.serializers import codecs
 
 
 @pytest.fixture
@@ -50,3 +51,17 @@ def test_a_deleted_key_becomes_a_tombstone(app: faust.App) -> None:
     changes.delete(states, "never-set")  # nothing to delete: no record
     assert "a" not in states.data
     assert [(json.loads(record[2]), record[3]) for record in changes.take_records()] == [("a", None)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["tenant|acme|1", "t\u00e9nant|\u6771\u4eac", {"action": "warn", "window_start_ns": 12}, None, 1.5],
+)
+def test_values_are_encoded_as_faust_decodes_them(value: object) -> None:
+    assert codecs.loads("json", encode("json", value)) == codecs.loads("json", codecs.dumps("json", value))
+
+
+def test_window_totals_are_encoded_through_their_state() -> None:
+    totals = WindowTotals()
+    totals.add(1, 7, 0.25, 2, 10, 20, 0, [1.0, 0.0, 0.0, 0.0])
+    assert WindowTotals.from_state(json.loads(encode("json", totals))).to_state() == totals.to_state()
