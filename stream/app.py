@@ -46,7 +46,7 @@ from burnguard.stream.accounting import (
     context_observations,
     usage_deltas,
 )
-from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges
+from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from faust.exceptions import NotReady
@@ -180,6 +180,7 @@ class BudgetJob:
         )
         self.changes = TableChanges(self.app)
         self.snapshots = PendingRecords(self.app)
+        self.usage_records = PendingRecords(self.app)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -196,7 +197,6 @@ class BudgetJob:
             internal=True,
         )
         # Output topics are created before the worker starts (`output_topics`), not by Faust.
-        self.signals_topic = app.topic(topics.signals, **raw)
         self.deadletter_topic = app.topic(topics.deadletter, **raw)
 
     def _declare_tables(self) -> None:
@@ -240,8 +240,10 @@ class BudgetJob:
                     self.settings.allowed_lateness,
                 )
             observations = context_observations(usages, self.config)
+            key, topic = f"{source[0]}/{source[1]}".encode(), self.settings.topics.usage
             for partition, record in self._batch_records(deltas, observations, source):
-                await self.usage_topic.send(key=f"{source[0]}/{source[1]}", value=record, partition=partition)
+                self.usage_records.add(topic, partition, key, encode("json", record))
+            await self.usage_records.send()
             await _yield_to_the_loop()
 
     def _batch_records(
@@ -402,7 +404,7 @@ class BudgetJob:
     async def _clear(self, budget_id: str, key: str, scope: str) -> None:
         """A removed budget: forget its state and delete its signal from the compacted topic."""
         self.changes.delete(self.states, f"{budget_id}|{key}")
-        await self.signals_topic.send(key=signal_key(scope, key, budget_id).encode(), value=None)
+        await self._publish_signal(signal_key(scope, key, budget_id), None)
 
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
         """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
@@ -443,7 +445,12 @@ class BudgetJob:
 
     async def _send_signal(self, signal: Signal) -> None:
         logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
-        await self.signals_topic.send(key=signal.kafka_key.encode(), value=signal.to_json())
+        await self._publish_signal(signal.kafka_key, signal.to_json())
+
+    async def _publish_signal(self, key: str, value: bytes | None) -> None:
+        """At once, with stage 2's own pending records: a signal waits for nothing else."""
+        self.changes.records.add(self.settings.topics.signals, None, key.encode(), value)
+        await self.changes.records.send()
 
     # --- timer ---------------------------------------------------------------------
     async def _refresh(self) -> None:

@@ -37,13 +37,17 @@ class PendingRecords:
     per record). aiokafka's own `send` appends to the partition's open batch;
     its `send_batch` would wait for the previous batch of the partition to be
     drained, one produce round trip, which under load delayed every signal.
+
+    One per agent: an agent acks its events once its own `send` returns, so
+    no other agent's `send` may be holding its records then.
     """
 
     def __init__(self, app: AppT) -> None:
         self.app = app
-        self._pending: list[tuple[str, int, bytes, bytes | None]] = []
+        self._pending: list[tuple[str, int | None, bytes, bytes | None]] = []
 
-    def add(self, topic: str, partition: int, key: bytes, value: bytes | None) -> None:
+    def add(self, topic: str, partition: int | None, key: bytes, value: bytes | None) -> None:
+        """Queue a record; partition None leaves it to the default partitioner (murmur2 of the key)."""
         self._pending.append((topic, partition, key, value))
 
     def __len__(self) -> int:
