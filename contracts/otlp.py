@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import MISSING, fields
 from typing import Any
 
 from burnguard.contracts import attributes as attr
@@ -77,75 +78,82 @@ def _as_bool(value: AnyValue) -> bool:
     return bool(_as_int(value))
 
 
-def _setter(field_name: str, convert: Callable[[AnyValue], Any]) -> Callable[[SpanUsage, AnyValue], None]:
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        setattr(usage, field_name, convert(value))
-
-    return set_field
+def _read_str(value: AnyValue) -> str:
+    """`_as_str`, without `WhichOneof` for the common case: a non-empty string_value is a string."""
+    return value.string_value or _as_str(value)
 
 
-def _set_if_empty(field_name: str) -> Callable[[SpanUsage, AnyValue], None]:
-    """For deprecated or foreign spellings: the canonical attribute wins when both exist."""
-
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        if not getattr(usage, field_name):
-            setattr(usage, field_name, _as_str(value))
-
-    return set_field
+def _read_int(value: AnyValue) -> int:
+    """`_as_int`; a non-zero int_value can only be an int (the members of a oneof read as zero when unset)."""
+    return value.int_value or _as_int(value)
 
 
-def _set_int_if_zero(field_name: str) -> Callable[[SpanUsage, AnyValue], None]:
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        if not getattr(usage, field_name):
-            setattr(usage, field_name, _as_int(value))
-
-    return set_field
+def _read_float(value: AnyValue) -> float | None:
+    """`_as_float`; a non-zero double_value can only be a double."""
+    return value.double_value or _as_float(value)
 
 
-def _set_bool_true(field_name: str) -> Callable[[SpanUsage, AnyValue], None]:
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        setattr(usage, field_name, value.bool_value or value.string_value == "true")
+#: What decoding does with one attribute: (index into the `SpanUsage` field values, how to read
+#: the value, only when the field is still empty, marks a GenAI span). Index -1: skip the span.
+_Slot = tuple[int, Callable[[AnyValue], Any], bool, bool]
+_FIELDS = [f.name for f in fields(SpanUsage) if f.name != "extra"]  # extra: a fresh dict per span
+_INDEX = {name: index for index, name in enumerate(_FIELDS)}
+_SKIP_SPAN: _Slot = (-1, _read_str, False, False)
 
-    return set_field
+
+def _slot(field_name: str, read: Callable[[AnyValue], Any], *, if_empty: bool = False) -> _Slot:
+    """`if_empty` for deprecated or foreign spellings: the canonical attribute wins when both exist."""
+    return (_INDEX[field_name], read, if_empty, False)
 
 
-_SETTERS: dict[str, Callable[[SpanUsage, AnyValue], None]] = {
-    attr.GEN_AI_OPERATION_NAME: _setter("operation", _as_str),
-    attr.GEN_AI_PROVIDER_NAME: _setter("provider", _as_str),
-    attr.GEN_AI_SYSTEM: _set_if_empty("provider"),
-    attr.GEN_AI_REQUEST_MODEL: _setter("request_model", _as_str),
-    attr.GEN_AI_RESPONSE_MODEL: _setter("response_model", _as_str),
-    attr.GEN_AI_USAGE_INPUT_TOKENS: _setter("input_tokens", _as_int),
-    attr.GEN_AI_USAGE_OUTPUT_TOKENS: _setter("output_tokens", _as_int),
-    attr.GEN_AI_USAGE_PROMPT_TOKENS: _set_int_if_zero("input_tokens"),
-    attr.GEN_AI_USAGE_COMPLETION_TOKENS: _set_int_if_zero("output_tokens"),
-    attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: _setter("cache_read_tokens", _as_int),
-    attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: _setter("cache_creation_tokens", _as_int),
-    attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS: _set_int_if_zero("cache_creation_tokens"),
-    attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: _setter("reasoning_tokens", _as_int),
-    attr.GEN_AI_TOOL_NAME: _setter("tool_name", _as_str),
-    attr.GEN_AI_AGENT_NAME: _setter("agent_name", _as_str),
-    attr.GEN_AI_CONVERSATION_ID: _setter("conversation_id", _as_str),
-    attr.ERROR_TYPE: _setter("error_type", _as_str),
-    attr.COST_USD: _setter("cost_usd", _as_float),
-    attr.MODEL_CLASS: _setter("model_class", _as_str),
-    attr.DOWNGRADED_FROM: _setter("downgraded_from", _as_str),
-    attr.ROUTED_FROM: _setter("routed_from", _as_str),
-    attr.ROUTE: _setter("route", _as_str),
-    attr.ESCALATED_FROM: _setter("escalated_from", _as_str),
-    attr.REFUSED: _setter("refused", _as_str),
-    attr.STAKES: _setter("stakes", _as_str),
-    attr.FALLBACK: _setter("fallback", _as_bool),
-    attr.TOOL_CALLS: _setter("tool_calls", _as_int),
-    "llm.request.type": _set_if_empty("operation"),  # OpenLLMetry
+def _marker(slot: _Slot) -> _Slot:
+    """The attributes whose presence makes a span a GenAI span worth accounting."""
+    return (*slot[:3], True)
+
+
+_SLOTS: dict[str, _Slot] = {
+    attr.GEN_AI_OPERATION_NAME: _marker(_slot("operation", _read_str)),
+    attr.GEN_AI_PROVIDER_NAME: _marker(_slot("provider", _read_str)),
+    attr.GEN_AI_SYSTEM: _marker(_slot("provider", _read_str, if_empty=True)),
+    attr.GEN_AI_REQUEST_MODEL: _slot("request_model", _read_str),
+    attr.GEN_AI_RESPONSE_MODEL: _slot("response_model", _read_str),
+    attr.GEN_AI_USAGE_INPUT_TOKENS: _slot("input_tokens", _read_int),
+    attr.GEN_AI_USAGE_OUTPUT_TOKENS: _slot("output_tokens", _read_int),
+    attr.GEN_AI_USAGE_PROMPT_TOKENS: _slot("input_tokens", _read_int, if_empty=True),
+    attr.GEN_AI_USAGE_COMPLETION_TOKENS: _slot("output_tokens", _read_int, if_empty=True),
+    attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: _slot("cache_read_tokens", _read_int),
+    attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: _slot("cache_creation_tokens", _read_int),
+    attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS: _slot("cache_creation_tokens", _read_int, if_empty=True),
+    attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: _slot("reasoning_tokens", _read_int),
+    attr.GEN_AI_TOOL_NAME: _slot("tool_name", _read_str),
+    attr.GEN_AI_AGENT_NAME: _slot("agent_name", _read_str),
+    attr.GEN_AI_CONVERSATION_ID: _slot("conversation_id", _read_str),
+    attr.ERROR_TYPE: _slot("error_type", _read_str),
+    attr.COST_USD: _slot("cost_usd", _read_float),
+    attr.MODEL_CLASS: _slot("model_class", _read_str),
+    attr.DOWNGRADED_FROM: _slot("downgraded_from", _read_str),
+    attr.ROUTED_FROM: _slot("routed_from", _read_str),
+    attr.ROUTE: _slot("route", _read_str),
+    attr.ESCALATED_FROM: _slot("escalated_from", _read_str),
+    attr.REFUSED: _slot("refused", _read_str),
+    attr.STAKES: _slot("stakes", _read_str),
+    attr.FALLBACK: _slot("fallback", _as_bool),
+    attr.TOOL_CALLS: _slot("tool_calls", _read_int),
+    "llm.request.type": _slot("operation", _read_str, if_empty=True),  # OpenLLMetry
+    # a second instrumentation's span of a call counted on burnguard's
+    attr.DUPLICATE_OF: _SKIP_SPAN,
 }
 for _attribute, _dimension in attr.ATTRIBUTION_BY_ATTRIBUTE.items():
-    _SETTERS[_attribute] = _setter(_dimension, _as_str)
+    _SLOTS[_attribute] = _slot(_dimension, _read_str)
 for _attribute, _dimension in attr.TRACELOOP_ATTRIBUTION.items():
-    _SETTERS[_attribute] = _set_if_empty(_dimension)
+    _SLOTS[_attribute] = _slot(_dimension, _read_str, if_empty=True)
 
-#: Attributes whose presence makes a span a GenAI span worth accounting.
-_GENAI_MARKERS = frozenset({attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM})
+#: The field values of a `SpanUsage` before any attribute is read, in field order; `_span_usage`
+#: sets the fields without a default (trace_id ... end_ns, the first six by position, and operation).
+_DEFAULTS: list[Any] = [
+    None if field.default is MISSING else field.default for field in fields(SpanUsage) if field.name in _INDEX
+]
+_OPERATION, _SERVICE, _STATUS_ERROR_FIELD = _INDEX["operation"], _INDEX["service"], _INDEX["status_error"]
 
 
 def detect_format(payload: bytes) -> str:
@@ -210,28 +218,39 @@ def iter_usage(request: ExportTraceServiceRequest) -> Iterator[SpanUsage]:
 
 
 def _span_usage(span: Any, service: str) -> SpanUsage | None:
-    keys = [kv.key for kv in span.attributes]
-    if _GENAI_MARKERS.isdisjoint(keys) or attr.DUPLICATE_OF in keys:
-        return None  # not GenAI, or a second instrumentation's span of a call counted on burnguard's
-    usage = SpanUsage(
-        trace_id=span.trace_id.hex(),
-        span_id=span.span_id.hex(),
-        parent_span_id=span.parent_span_id.hex(),
-        name=span.name,
-        start_ns=span.start_time_unix_nano,
-        end_ns=span.end_time_unix_nano,
-        operation="",
-        service=service,
-        status_error=span.status.code == _STATUS_ERROR,
-    )
-    setters = _SETTERS
+    """One pass over the attributes into a list of field values, one `SpanUsage` built from it.
+
+    The positional constructor with every value costs less than keyword arguments followed
+    by an attribute write per field; a span that turns out not to be GenAI costs a list copy.
+    """
+    values = _DEFAULTS.copy()
+    genai = False
+    slots = _SLOTS
     for kv in span.attributes:
-        setter = setters.get(kv.key)
-        if setter is not None:
-            setter(usage, kv.value)
-    if not usage.operation:
-        usage.operation = attr.OP_CHAT
-    return usage
+        slot = slots.get(kv.key)
+        if slot is None:
+            continue
+        index, read, if_empty, marker = slot
+        if index < 0:
+            return None
+        if marker:
+            genai = True
+        if if_empty and values[index]:
+            continue
+        values[index] = read(kv.value)
+    if not genai:
+        return None
+    values[0] = span.trace_id.hex()
+    values[1] = span.span_id.hex()
+    values[2] = span.parent_span_id.hex()
+    values[3] = span.name
+    values[4] = span.start_time_unix_nano
+    values[5] = span.end_time_unix_nano
+    if not values[_OPERATION]:
+        values[_OPERATION] = attr.OP_CHAT
+    values[_SERVICE] = service
+    values[_STATUS_ERROR_FIELD] = span.status.code == _STATUS_ERROR
+    return SpanUsage(*values)
 
 
 def decode_usage(payload: bytes) -> list[SpanUsage]:

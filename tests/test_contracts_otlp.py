@@ -331,3 +331,45 @@ def test_the_anthropic_sdk_spelling_of_cache_creation_is_accepted() -> None:
         )
     (usage,) = decode_usage(encode_spans(exporter.get_finished_spans()).SerializeToString())
     assert usage.cache_creation_tokens == 1000
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "field", "expected"),
+    [
+        ("gen_ai.usage.input_tokens", 0, "input_tokens", 0),
+        ("gen_ai.usage.input_tokens", 12.9, "input_tokens", 12),
+        ("gen_ai.usage.input_tokens", "1200", "input_tokens", 1200),
+        ("gen_ai.usage.input_tokens", "1.5e3", "input_tokens", 1500),
+        ("gen_ai.usage.input_tokens", "many", "input_tokens", 0),
+        ("gen_ai.usage.input_tokens", True, "input_tokens", 0),
+        ("burnguard.cost.usd", 0.0, "cost_usd", 0.0),  # priced at zero, not unpriced
+        ("burnguard.cost.usd", 2, "cost_usd", 2.0),
+        ("burnguard.cost.usd", 0, "cost_usd", 0.0),
+        ("burnguard.cost.usd", "0.25", "cost_usd", 0.25),
+        ("burnguard.cost.usd", "free", "cost_usd", None),
+        ("burnguard.cost.usd", ["0.1"], "cost_usd", None),
+        ("burnguard.tenant", 42, "tenant", "42"),
+        ("burnguard.tenant", "", "tenant", ""),
+        ("burnguard.fallback", "True ", "fallback", True),
+        ("burnguard.fallback", 1, "fallback", True),
+        ("burnguard.fallback", False, "fallback", False),
+    ],
+)
+def test_attribute_values_of_other_types_are_converted(
+    attribute: str, value: Any, field: str, expected: Any
+) -> None:
+    # A zero or empty value of the expected type reads like an unset oneof member: both ways must agree.
+    attributes = {"gen_ai.operation.name": "chat", attribute: value}
+    (usage,) = decode_usage(proto_payload(finished_spans({"attributes": attributes})))
+    assert getattr(usage, field) == expected
+    assert type(getattr(usage, field)) is type(expected)
+
+
+def test_a_span_marked_as_a_duplicate_is_skipped_wherever_the_mark_is() -> None:
+    first = {"burnguard.duplicate_of": "00f067aa0ba902b7", "gen_ai.operation.name": "chat"}
+    last = {"gen_ai.operation.name": "chat", "burnguard.duplicate_of": "00f067aa0ba902b7"}
+    spans = finished_spans(
+        {"attributes": first}, {"attributes": last}, {"attributes": {"gen_ai.system": "x"}}
+    )
+    (usage,) = decode_usage(proto_payload(spans))
+    assert (usage.provider, usage.operation) == ("x", "chat")
