@@ -283,6 +283,42 @@ budgets:
         assert set(deltas) - {key}, "the other key's call was not accounted separately"
 
 
+def test_budgets_sharing_a_scope_or_window_stay_apart_and_deltas_follow_the_file_order() -> None:
+    # The per-span loop works out each scope's key and each window's start once for all budgets.
+    yaml_text = """
+budgets:
+  - {id: utc-day, scope: tenant, window: day, limit: 10}
+  - {id: tools, scope: tenant, window: day, metric: tool_calls, limit: 10}
+  - {id: tokyo-day, scope: tenant, window: day, timezone: Asia/Tokyo, limit: 10}
+  - {id: acme-only, scope: tenant, match: "ac*", window: day, metric: calls, limit: 10}
+  - {id: per-feature, scope: [tenant, feature], window: day, metric: tokens, limit: 10}
+"""
+    config = parse_budget_yaml(yaml_text)
+    at = datetime(2025, 5, 14, 20, tzinfo=UTC)  # May 15 in Tokyo
+    spans = [
+        span(
+            1, at, tenant="globex", feature="f", input_tokens=10, output_tokens=1, cost_usd=0.5, tool_calls=2
+        ),
+        span(2, at, tenant="acme", input_tokens=20, cost_usd=0.25),
+    ]
+    deltas = usage_deltas(spans, config, PriceBook())
+    assert [(d.budget, d.key) for d in deltas] == [
+        ("utc-day", "globex"),
+        ("tools", "globex"),
+        ("tokyo-day", "globex"),
+        ("per-feature", "globex/f"),
+        ("utc-day", "acme"),
+        ("tokyo-day", "acme"),
+        ("acme-only", "acme"),
+    ]
+    slots = {(d.budget, d.key): d for d in deltas}
+    assert slots["utc-day", "globex"].window_start_ns == ns(datetime(2025, 5, 14, tzinfo=UTC))
+    assert slots["tokyo-day", "globex"].window_start_ns == ns(datetime(2025, 5, 14, 15, tzinfo=UTC))
+    assert (slots["tools", "globex"].amount, slots["tools", "globex"].mix) == (2.0, None)
+    assert slots["utc-day", "globex"].mix == [1.0, 0.0, 0.0, 0.0]
+    assert (slots["acme-only", "acme"].amount, slots["per-feature", "globex/f"].amount) == (1.0, 11.0)
+
+
 def test_the_window_clock_agrees_with_the_window_across_zones_and_boundaries() -> None:
     rng = random.Random(7)
     windows = [Window(spec, zone) for spec in ("day", "week", "month") for zone in ZONES]
