@@ -373,3 +373,67 @@ def test_a_span_marked_as_a_duplicate_is_skipped_wherever_the_mark_is() -> None:
     )
     (usage,) = decode_usage(proto_payload(spans))
     assert (usage.provider, usage.operation) == ("x", "chat")
+
+
+def _request_with_attributes(*pairs: tuple[str, str]) -> bytes:
+    """One span whose attributes are `pairs` as written, in order, repeats included (no SDK in between)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    for key, value in pairs:
+        kv = span.attributes.add()
+        kv.key, kv.value.string_value = key, value
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["canonical-first", "canonical-last"])
+def test_a_deprecated_spelling_fills_an_empty_canonical_value_in_any_order(reverse: bool) -> None:
+    pairs = [("gen_ai.provider.name", ""), ("gen_ai.system", "openai"), ("gen_ai.operation.name", "chat")]
+    (usage,) = decode_usage(_request_with_attributes(*(reversed(pairs) if reverse else pairs)))
+    assert usage.provider == "openai"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["as-listed", "reversed"])
+def test_of_two_foreign_spellings_of_one_field_the_first_listed_wins_in_any_order(reverse: bool) -> None:
+    pairs = [
+        ("gen_ai.operation.name", "chat"),
+        ("traceloop.association.properties.tenant", "acme"),
+        ("traceloop.association.properties.tenant_id", "other"),
+    ]
+    (usage,) = decode_usage(_request_with_attributes(*(reversed(pairs) if reverse else pairs)))
+    assert usage.tenant == "acme"
+
+
+def test_a_repeated_attribute_key_keeps_its_last_value() -> None:
+    # OTLP forbids repeated keys; a broken exporter's span still decodes, deterministically.
+    pairs = [
+        ("gen_ai.operation.name", "chat"),
+        ("burnguard.tenant", "first"),
+        ("gen_ai.system", "a"),
+        ("burnguard.tenant", "last"),
+        ("gen_ai.system", "b"),
+    ]
+    (usage,) = decode_usage(_request_with_attributes(*pairs))
+    assert (usage.tenant, usage.provider) == ("last", "b")
+
+
+def test_the_service_is_the_resource_service_name() -> None:
+    spans = finished_spans({"attributes": {"gen_ai.operation.name": "chat"}}, service="billing")
+    (usage,) = decode_usage(proto_payload(spans))
+    assert usage.service == "billing"
+    (usage,) = decode_usage(_request_with_attributes(("gen_ai.operation.name", "chat")))
+    assert usage.service == ""  # a request without a resource
+
+
+def test_invalid_utf8_anywhere_in_the_request_is_malformed() -> None:
+    # The decoder reads attributes through a view of the request with map-typed attributes; it
+    # must refuse what the official message class refuses, also in fields it never reads.
+    spans = finished_spans(
+        {"name": "chat", "attributes": {"gen_ai.operation.name": "chat", "x.unread": "zzzz"}}
+    )
+    payload = proto_payload(spans)
+    for text in (b"zzzz", b"checkout-api", b"chat"):
+        broken = payload.replace(text, b"\xff" + text[1:], 1)
+        with pytest.raises(MalformedSpans, match="protobuf"):
+            decode_usage(broken)
