@@ -161,7 +161,11 @@ _OPERATION, _SERVICE, _STATUS_ERROR_FIELD = _INDEX["operation"], _INDEX["service
 
 
 def detect_format(payload: bytes) -> str:
-    """OTLP JSON starts with `{` (after whitespace); a protobuf request starts with field tag 0x0A."""
+    """OTLP JSON starts with `{` (after whitespace); a protobuf request starts with field tag 0x0A.
+
+    Only a guess: 0x0A is also a newline, so a protobuf request whose first `resource_spans`
+    is 123 bytes long (a length written as `{`) looks like JSON; `parse_request` copes.
+    """
     stripped = payload.lstrip()
     return OTLP_JSON if stripped[:1] == b"{" else OTLP_PROTO
 
@@ -173,11 +177,20 @@ def parse_request(payload: bytes) -> Message:
     """
     if not payload:
         raise MalformedSpans("empty message")
-    if detect_format(payload) == OTLP_JSON:
-        request = _parse_json(payload)
-        if not request.resource_spans:
-            raise MalformedSpans("JSON message holds no resourceSpans: not an OTLP trace request")
-        return TraceRequestView.FromString(request.SerializeToString())
+    if detect_format(payload) == OTLP_PROTO:
+        return _parse_proto(payload)
+    try:
+        return _parse_json_request(payload)
+    except MalformedSpans as json_error:
+        if payload[:1] != b"\n":
+            raise
+        try:  # "\n{" also starts a protobuf request (see `detect_format`)
+            return _parse_proto(payload)
+        except MalformedSpans:
+            raise json_error from None
+
+
+def _parse_proto(payload: bytes) -> Message:
     view = TraceRequestView()
     try:
         view.ParseFromString(payload)
@@ -186,6 +199,13 @@ def parse_request(payload: bytes) -> Message:
     if not view.resource_spans:
         raise MalformedSpans("protobuf message holds no resource_spans")
     return view
+
+
+def _parse_json_request(payload: bytes) -> Message:
+    request = _parse_json(payload)
+    if not request.resource_spans:
+        raise MalformedSpans("JSON message holds no resourceSpans: not an OTLP trace request")
+    return TraceRequestView.FromString(request.SerializeToString())
 
 
 def _hex_ids_to_base64(node: Any) -> None:

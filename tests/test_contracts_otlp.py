@@ -437,3 +437,28 @@ def test_invalid_utf8_anywhere_in_the_request_is_malformed() -> None:
         broken = payload.replace(text, b"\xff" + text[1:], 1)
         with pytest.raises(MalformedSpans, match="protobuf"):
             decode_usage(broken)
+
+
+def test_a_protobuf_request_that_starts_like_json_is_decoded() -> None:
+    # 0x0A (the tag of resource_spans) is a newline and a length of 123 is written as "{":
+    # such a request was taken for JSON and dead-lettered.
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    kv = span.attributes.add()
+    kv.key, kv.value.string_value = "gen_ai.operation.name", "chat"
+    span.name = "x" * (123 - request.resource_spans[0].ByteSize() - 2)  # 2: the name's tag and length
+    payload = request.SerializeToString()
+    assert payload[:2] == b"\n{"
+    assert detect_format(payload) == OTLP_JSON
+    (usage,) = decode_usage(payload)
+    assert usage.name == span.name
+
+
+@pytest.mark.parametrize("payload", [b"\n{not json", b'\n{"hello": "world"}', b"\n{\n\x12\x00"])
+def test_json_with_a_leading_newline_that_is_neither_json_nor_protobuf_reports_the_json_error(
+    payload: bytes,
+) -> None:
+    with pytest.raises(MalformedSpans, match="JSON"):
+        decode_usage(payload)
