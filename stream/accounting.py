@@ -115,27 +115,18 @@ class UsageDelta:
     def state_key(self) -> str:
         return f"{self.budget}|{self.key}|{self.window_start_ns}"
 
-    def add(self, amount: float, event_ns: int, call_mix: tuple[float, ...] | None = None) -> None:
-        """Count one span; a model call (made or refused) adds its `call_mix` to the signal's reason.
-
-        One call per (span, budget), the innermost step of stage 1: the mix is added in place.
-        """
+    def add(self, amount: float, event_ns: int) -> None:
         self.amount += amount
         self.spans += 1
         if not self.first_event_ns or event_ns < self.first_event_ns:
             self.first_event_ns = event_ns
         if event_ns > self.last_event_ns:
             self.last_event_ns = event_ns
-        if call_mix is not None:
-            mix = self.mix
-            if mix is None:
-                self.mix = list(call_mix)
-            else:
-                calls, fallbacks, refused, escalation_usd = call_mix  # MIX_* order
-                mix[0] += calls
-                mix[1] += fallbacks
-                mix[2] += refused
-                mix[3] += escalation_usd
+
+    def count_unusual_call(self, call_mix: tuple[float, ...]) -> None:
+        """Add a model call's mix other than a plain call's (see `_settle_call_mix`)."""
+        mix = self.mix if self.mix is not None else [0.0] * len(call_mix)
+        self.mix = [a + b for a, b in zip(mix, call_mix, strict=True)]
 
     def to_row(self) -> list[Any]:
         """The delta inside a batch record; the source is the batch's, so it is not repeated."""
@@ -173,6 +164,8 @@ MIX_FIELDS = 4
 
 
 _REFUSED_CALL = (0.0, 0.0, 1.0, 0.0)
+#: The mix of most calls: made, on the class asked for, not an escalation retry.
+_PLAIN_CALL = (1.0, 0.0, 0.0, 0.0)
 
 
 def call_mix(usage: SpanUsage) -> tuple[float, ...]:
@@ -531,14 +524,29 @@ def usage_deltas(
         event_ns = usage.end_ns or usage.start_ns
         keys, starts = budgets.keys(usage), budgets.starts(event_ns)
         amounts = _NOTHING if refused else _amounts(usage)
-        mix = call_mix(usage) if model_call or refused else None  # once a span, for every budget
-        entries = budgets.for_kind[(mix is not None, tool_call)]
-        _count(entries, (event_ns, keys, starts, amounts, mix, source, closed_before_ns), deltas, stats)
+        calls = model_call or refused
+        unusual = None if not calls or (mix := call_mix(usage)) == _PLAIN_CALL else mix
+        entries = budgets.for_kind[(calls, tool_call)]
+        _count(entries, (event_ns, keys, starts, amounts, unusual, source, closed_before_ns), deltas, stats)
+    _settle_call_mix(deltas.values())
     return list(deltas.values())
 
 
+def _settle_call_mix(deltas: Iterable[UsageDelta]) -> None:
+    """The calls made of each model-call delta: its spans less the refused ones.
+
+    The per-(span, budget) loop adds only the mix of calls that were not plain ones (refused,
+    fell back, escalated). The counts are whole numbers, exact in floats whatever the order of
+    the additions; the escalation cost is the same sum as before, its zeros left out.
+    """
+    for delta in deltas:
+        mix = delta.mix
+        if mix is not None:
+            mix[MIX_CALLS] = float(delta.spans) - mix[MIX_REFUSED]
+
+
 #: What `_count` needs of one span: (event_ns, keys per scope, starts per window, amounts per
-#: metric, call mix or None, the batch's source, closed_before_ns).
+#: metric, its call mix unless a plain call's or none, the batch's source, closed_before_ns).
 _Span = tuple[
     int, list["str | None"], list[int], tuple[float, ...], "tuple[float, ...] | None", tuple[int, int], int
 ]
@@ -551,7 +559,7 @@ def _count(
     stats: BatchStats | None,
 ) -> None:
     """Add one span to the delta of each of `entries` it matches (the per-(span, budget) loop)."""
-    event_ns, keys, starts, amounts, mix, source, closed_before_ns = span
+    event_ns, keys, starts, amounts, unusual_mix, source, closed_before_ns = span
     for budget_id, scope, window, metric, matcher, bucket_ns, calls, budget in entries:
         key = keys[scope]
         if key is None or (matcher is not None and not matcher.matches(key)):
@@ -563,8 +571,11 @@ def _count(
         slot = (budget_id, key, starts[window])
         delta = deltas.get(slot)
         if delta is None:
-            delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns)
-        delta.add(amounts[metric], event_ns, mix if calls else None)
+            mix = [0.0] * MIX_FIELDS if calls else None
+            delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
+        delta.add(amounts[metric], event_ns)
+        if calls and unusual_mix is not None:
+            delta.count_unusual_call(unusual_mix)
 
 
 def _window_closed(budget: Budget, event_ns: int, closed_before_ns: int) -> bool:

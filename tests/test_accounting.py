@@ -433,6 +433,22 @@ def test_the_call_mix_counts_fallbacks_escalation_cost_and_refusals(config: Budg
     assert ("session-tools", "s1") not in slots  # a refused tool never ran
 
 
+def test_the_call_mix_of_plain_and_refused_calls_only(config: BudgetConfig) -> None:
+    # Plain calls are not added one by one: a delta's calls are its spans less the refused ones.
+    acme = {"tenant": "acme", "request_model": "gpt-4.1", "cost_usd": 0.01}
+    plain = [span(n, T0 + timedelta(minutes=n), **acme) for n in range(3)]
+    refused = [span(n, T0 + timedelta(minutes=n), **{**acme, "refused": "budget"}) for n in range(3, 5)]
+    late = span(9, T0 - timedelta(days=3), **acme)  # its window closed: not in the mix either
+    closed = ns(T0 - timedelta(days=1))
+    for batch, mix in [
+        (plain, [3.0, 0.0, 0.0, 0.0]),
+        (refused, [0.0, 0.0, 2.0, 0.0]),
+        (plain + refused, [3.0, 0.0, 2.0, 0.0]),
+    ]:
+        slots = by_slot(usage_deltas([late, *batch], config, PriceBook(), closed_before_ns=closed))
+        assert slots[("tenant-cost", "acme")].mix == mix
+
+
 def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetConfig) -> None:
     (delta,) = [d for d in usage_deltas(routed_batch(), config, PriceBook()) if d.budget == "tenant-cost"]
     row = UsageDelta.from_row(delta.to_row(), 3, 7)
