@@ -1,8 +1,8 @@
 """In-process CPU per span of the stream worker's own Python: decode, budget deltas, context.
 
 No broker and no Faust: the stage-1 functions of the stream job run in a loop
-over the synthetic load of `span_load.py` with the 20 budgets of
-`stream_throughput.py` (`BUDGETS_YAML`). Each figure is the best of
+over the synthetic load of `span_load.py` with the 20 budgets that
+`stream_throughput.py` runs (`span_load.BUDGETS_YAML`). Each figure is the best of
 `--repeat` runs of CPU time (`time.process_time`), divided by every span of
 the load (plain HTTP spans included, as the worker sees them):
 
