@@ -253,7 +253,7 @@ def describe_stages(name: str, medians: dict[str, float]) -> str:
 def measure(args: argparse.Namespace) -> None:
     from burnguard.contracts.topics import KafkaSettings
     from burnguard.instrumentation.guard import BudgetGuard
-    from stream_throughput import BUDGETS_YAML
+    from span_load import BUDGETS_YAML
 
     clock = SignalClock()
     with BenchPipeline("enforcement_latency", keep=args.keep) as pipeline:

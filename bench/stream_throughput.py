@@ -43,42 +43,10 @@ from pipeline_setup import (
     produce_all,
     topic_sizes,
 )
-from span_load import MODEL_CONFIG_YAML, SpanMix, count_spans
+from span_load import BUDGETS_YAML, SpanMix, count_spans
 
 TARGET_SPANS_PER_S = 100_000
 TARGET_RATIO = 0.5
-
-#: Budgets over every scope, combination, window kind and metric. With the default load a few
-#: percent of the keys cross a rung (signals are part of the work), most do not.
-BUDGETS_YAML = (
-    MODEL_CONFIG_YAML
-    + """\
-budgets:
-  - {id: tenant-daily, scope: tenant, window: day, limit: 2,
-     actions: [{at: 0.7, do: warn}, {at: 0.85, do: downgrade, to: standard}, {at: 1.0, do: throttle}]}
-  - {id: tenant-monthly, scope: tenant, window: month, limit: 50}
-  - {id: tenant-hourly-tokens, scope: tenant, window: 1h, metric: tokens, limit: 1.0e6}
-  - {id: tenant-tokyo-day, scope: tenant, window: day, timezone: Asia/Tokyo, limit: 100}
-  - {id: enterprise-daily, scope: tenant, match: "ent-*", window: day, limit: 500}
-  - {id: one-tenant-30d, scope: tenant, match: tenant-0001, window: 30d, limit: 2000}
-  - {id: user-daily, scope: user, window: day, limit: 0.06,
-     actions: [{at: 0.8, do: warn}, {at: 1.0, do: throttle}]}
-  - {id: user-calls-24h, scope: user, window: 24h, metric: calls, limit: 20}
-  - {id: user-input-1h, scope: user, window: 1h, metric: input_tokens, limit: 2.0e6}
-  - {id: workflow-daily, scope: workflow, window: day, limit: 5000}
-  - {id: feature-hourly, scope: feature, window: 1h, limit: 1000}
-  - {id: model-class-month, scope: model_class, window: month, limit: 1.0e6}
-  - {id: premium-week, scope: model_class, match: premium, window: week, limit: 1.0e5}
-  - {id: session-tools, scope: session, window: session, metric: tool_calls, limit: 10}
-  - {id: session-cost, scope: session, window: session, limit: 0.05}
-  - {id: service-calls, scope: service, window: month, metric: calls, limit: 1.0e12}
-  - {id: service-tool-calls, scope: service, window: month, metric: tool_calls, limit: 1.0e12}
-  - {id: tenant-feature-daily, scope: [tenant, feature], window: day, limit: 0.15,
-     actions: [{at: 0.85, do: downgrade}, {at: 1.0, do: throttle}]}
-  - {id: tenant-workflow-week, scope: [tenant, workflow], window: week, limit: 200}
-  - {id: tenant-class-day, scope: [tenant, model_class], window: day, metric: tokens, limit: 2.0e7}
-"""
-)
 
 
 def prefill(pipeline: BenchPipeline, spans: int, mix: SpanMix) -> tuple[int, int]:

@@ -3,21 +3,30 @@
 A Kafka message on `otlp_spans` is one OTLP `ExportTraceServiceRequest`
 (the OTel Collector kafkaexporter's default `otlp_proto`, or `otlp_json`).
 The stream job and the ClickHouse sink both read that topic, so the decoding
-lives here, once. It is on the hot path of both: one pass over each span's
-attributes, dispatching on the key through a table instead of an if-chain.
+lives here, once. It is on the hot path of both: the request is parsed into
+`TraceRequestView` (the same bytes, attributes as `{key: AnyValue}` maps, see
+`otlp_view`), each span's attribute keys are looked up in one table, and only
+the values of known keys are read.
+
+Attribute order does not matter: a canonical attribute wins over a deprecated or
+foreign spelling of the same field, which fills the field only when the
+canonical ones left it empty (of two such spellings, the one listed first in
+the table); a key repeated in one span (OTLP forbids it) keeps its last value.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, fields
 from typing import Any
 
 from burnguard.contracts import attributes as attr
+from burnguard.contracts.otlp_view import TraceRequestView
 from burnguard.contracts.usage import SpanUsage
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
@@ -77,100 +86,126 @@ def _as_bool(value: AnyValue) -> bool:
     return bool(_as_int(value))
 
 
-def _setter(field_name: str, convert: Callable[[AnyValue], Any]) -> Callable[[SpanUsage, AnyValue], None]:
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        setattr(usage, field_name, convert(value))
-
-    return set_field
+def _read_str(value: AnyValue) -> str:
+    """`_as_str`, without `WhichOneof` for the common case: a non-empty string_value is a string."""
+    return value.string_value or _as_str(value)
 
 
-def _set_if_empty(field_name: str) -> Callable[[SpanUsage, AnyValue], None]:
-    """For deprecated or foreign spellings: the canonical attribute wins when both exist."""
-
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        if not getattr(usage, field_name):
-            setattr(usage, field_name, _as_str(value))
-
-    return set_field
+def _read_int(value: AnyValue) -> int:
+    """`_as_int`; a non-zero int_value can only be an int (the members of a oneof read as zero when unset)."""
+    return value.int_value or _as_int(value)
 
 
-def _set_int_if_zero(field_name: str) -> Callable[[SpanUsage, AnyValue], None]:
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        if not getattr(usage, field_name):
-            setattr(usage, field_name, _as_int(value))
-
-    return set_field
+def _read_float(value: AnyValue) -> float | None:
+    """`_as_float`; a non-zero double_value can only be a double."""
+    return value.double_value or _as_float(value)
 
 
-def _set_bool_true(field_name: str) -> Callable[[SpanUsage, AnyValue], None]:
-    def set_field(usage: SpanUsage, value: AnyValue) -> None:
-        setattr(usage, field_name, value.bool_value or value.string_value == "true")
+#: What decoding does with one attribute: (index into the `SpanUsage` field values, how to read
+#: the value, None for a canonical attribute or, for a deprecated or foreign spelling that only
+#: fills a field the canonical attributes left empty, its rank: the first spelling listed wins).
+_Slot = tuple[int, Callable[[AnyValue], Any], "int | None"]
+_FIELDS = [f.name for f in fields(SpanUsage) if f.name != "extra"]  # extra: a fresh dict per span
+_INDEX = {name: index for index, name in enumerate(_FIELDS)}
+_SLOTS: dict[str, _Slot] = {}
 
-    return set_field
+
+def _read(
+    attribute: str, field_name: str, read: Callable[[AnyValue], Any], *, if_empty: bool = False
+) -> None:
+    _SLOTS[attribute] = (_INDEX[field_name], read, len(_SLOTS) if if_empty else None)
 
 
-_SETTERS: dict[str, Callable[[SpanUsage, AnyValue], None]] = {
-    attr.GEN_AI_OPERATION_NAME: _setter("operation", _as_str),
-    attr.GEN_AI_PROVIDER_NAME: _setter("provider", _as_str),
-    attr.GEN_AI_SYSTEM: _set_if_empty("provider"),
-    attr.GEN_AI_REQUEST_MODEL: _setter("request_model", _as_str),
-    attr.GEN_AI_RESPONSE_MODEL: _setter("response_model", _as_str),
-    attr.GEN_AI_USAGE_INPUT_TOKENS: _setter("input_tokens", _as_int),
-    attr.GEN_AI_USAGE_OUTPUT_TOKENS: _setter("output_tokens", _as_int),
-    attr.GEN_AI_USAGE_PROMPT_TOKENS: _set_int_if_zero("input_tokens"),
-    attr.GEN_AI_USAGE_COMPLETION_TOKENS: _set_int_if_zero("output_tokens"),
-    attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: _setter("cache_read_tokens", _as_int),
-    attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: _setter("cache_creation_tokens", _as_int),
-    attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS: _set_int_if_zero("cache_creation_tokens"),
-    attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: _setter("reasoning_tokens", _as_int),
-    attr.GEN_AI_TOOL_NAME: _setter("tool_name", _as_str),
-    attr.GEN_AI_AGENT_NAME: _setter("agent_name", _as_str),
-    attr.GEN_AI_CONVERSATION_ID: _setter("conversation_id", _as_str),
-    attr.ERROR_TYPE: _setter("error_type", _as_str),
-    attr.COST_USD: _setter("cost_usd", _as_float),
-    attr.MODEL_CLASS: _setter("model_class", _as_str),
-    attr.DOWNGRADED_FROM: _setter("downgraded_from", _as_str),
-    attr.ROUTED_FROM: _setter("routed_from", _as_str),
-    attr.ROUTE: _setter("route", _as_str),
-    attr.ESCALATED_FROM: _setter("escalated_from", _as_str),
-    attr.REFUSED: _setter("refused", _as_str),
-    attr.STAKES: _setter("stakes", _as_str),
-    attr.FALLBACK: _setter("fallback", _as_bool),
-    attr.TOOL_CALLS: _setter("tool_calls", _as_int),
-    "llm.request.type": _set_if_empty("operation"),  # OpenLLMetry
-}
+_read(attr.GEN_AI_OPERATION_NAME, "operation", _read_str)
+_read(attr.GEN_AI_PROVIDER_NAME, "provider", _read_str)
+_read(attr.GEN_AI_SYSTEM, "provider", _read_str, if_empty=True)
+_read(attr.GEN_AI_REQUEST_MODEL, "request_model", _read_str)
+_read(attr.GEN_AI_RESPONSE_MODEL, "response_model", _read_str)
+_read(attr.GEN_AI_USAGE_INPUT_TOKENS, "input_tokens", _read_int)
+_read(attr.GEN_AI_USAGE_OUTPUT_TOKENS, "output_tokens", _read_int)
+_read(attr.GEN_AI_USAGE_PROMPT_TOKENS, "input_tokens", _read_int, if_empty=True)
+_read(attr.GEN_AI_USAGE_COMPLETION_TOKENS, "output_tokens", _read_int, if_empty=True)
+_read(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read_tokens", _read_int)
+_read(attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation_tokens", _read_int)
+_read(attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, "cache_creation_tokens", _read_int, if_empty=True)
+_read(attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens", _read_int)
+_read(attr.GEN_AI_TOOL_NAME, "tool_name", _read_str)
+_read(attr.GEN_AI_AGENT_NAME, "agent_name", _read_str)
+_read(attr.GEN_AI_CONVERSATION_ID, "conversation_id", _read_str)
+_read(attr.ERROR_TYPE, "error_type", _read_str)
+_read(attr.COST_USD, "cost_usd", _read_float)
+_read(attr.MODEL_CLASS, "model_class", _read_str)
+_read(attr.DOWNGRADED_FROM, "downgraded_from", _read_str)
+_read(attr.ROUTED_FROM, "routed_from", _read_str)
+_read(attr.ROUTE, "route", _read_str)
+_read(attr.ESCALATED_FROM, "escalated_from", _read_str)
+_read(attr.REFUSED, "refused", _read_str)
+_read(attr.STAKES, "stakes", _read_str)
+_read(attr.FALLBACK, "fallback", _as_bool)
+_read(attr.TOOL_CALLS, "tool_calls", _read_int)
+_read("llm.request.type", "operation", _read_str, if_empty=True)  # OpenLLMetry
 for _attribute, _dimension in attr.ATTRIBUTION_BY_ATTRIBUTE.items():
-    _SETTERS[_attribute] = _setter(_dimension, _as_str)
+    _read(_attribute, _dimension, _read_str)
 for _attribute, _dimension in attr.TRACELOOP_ATTRIBUTION.items():
-    _SETTERS[_attribute] = _set_if_empty(_dimension)
+    _read(_attribute, _dimension, _read_str, if_empty=True)
 
 #: Attributes whose presence makes a span a GenAI span worth accounting.
-_GENAI_MARKERS = frozenset({attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM})
+_GENAI_MARKERS = (attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM)
+
+#: The field values of a `SpanUsage` before any attribute is read, in field order; `_span_usage`
+#: sets the fields without a default (trace_id ... end_ns, the first six by position, and operation).
+_DEFAULTS: list[Any] = [
+    None if field.default is MISSING else field.default for field in fields(SpanUsage) if field.name in _INDEX
+]
+_OPERATION, _SERVICE, _STATUS_ERROR_FIELD = _INDEX["operation"], _INDEX["service"], _INDEX["status_error"]
 
 
 def detect_format(payload: bytes) -> str:
-    """OTLP JSON starts with `{` (after whitespace); a protobuf request starts with field tag 0x0A."""
+    """OTLP JSON starts with `{` (after whitespace); a protobuf request starts with field tag 0x0A.
+
+    Only a guess: 0x0A is also a newline, so a protobuf request whose first `resource_spans`
+    is 123 bytes long (a length written as `{`) looks like JSON; `parse_request` copes.
+    """
     stripped = payload.lstrip()
     return OTLP_JSON if stripped[:1] == b"{" else OTLP_PROTO
 
 
-def parse_request(payload: bytes) -> ExportTraceServiceRequest:
-    """Parse one message as `otlp_proto` or `otlp_json`; raise `MalformedSpans` with the reason."""
+def parse_request(payload: bytes) -> Message:
+    """Parse one message as `otlp_proto` or `otlp_json` into a `TraceRequestView`.
+
+    Raises `MalformedSpans` with the reason.
+    """
     if not payload:
         raise MalformedSpans("empty message")
-    if detect_format(payload) == OTLP_JSON:
-        request = _parse_json(payload)
-        if not request.resource_spans:
-            raise MalformedSpans("JSON message holds no resourceSpans: not an OTLP trace request")
-        return request
-    request = ExportTraceServiceRequest()
+    if detect_format(payload) == OTLP_PROTO:
+        return _parse_proto(payload)
     try:
-        request.ParseFromString(payload)
+        return _parse_json_request(payload)
+    except MalformedSpans as json_error:
+        if payload[:1] != b"\n":
+            raise
+        try:  # "\n{" also starts a protobuf request (see `detect_format`)
+            return _parse_proto(payload)
+        except MalformedSpans:
+            raise json_error from None
+
+
+def _parse_proto(payload: bytes) -> Message:
+    view = TraceRequestView()
+    try:
+        view.ParseFromString(payload)
     except DecodeError as exc:
         raise MalformedSpans(f"not an OTLP protobuf ExportTraceServiceRequest: {exc}") from exc
-    if not request.resource_spans:
+    if not view.resource_spans:
         raise MalformedSpans("protobuf message holds no resource_spans")
-    return request
+    return view
+
+
+def _parse_json_request(payload: bytes) -> Message:
+    request = _parse_json(payload)
+    if not request.resource_spans:
+        raise MalformedSpans("JSON message holds no resourceSpans: not an OTLP trace request")
+    return TraceRequestView.FromString(request.SerializeToString())
 
 
 def _hex_ids_to_base64(node: Any) -> None:
@@ -195,13 +230,11 @@ def _parse_json(payload: bytes) -> ExportTraceServiceRequest:
         raise MalformedSpans(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
 
 
-def iter_usage(request: ExportTraceServiceRequest) -> Iterator[SpanUsage]:
-    """Yield one `SpanUsage` per GenAI span in the request; other spans are passed over."""
+def iter_usage(request: Message) -> Iterator[SpanUsage]:
+    """Yield one `SpanUsage` per GenAI span of a `TraceRequestView`; other spans are passed over."""
     for resource_spans in request.resource_spans:
-        service = ""
-        for kv in resource_spans.resource.attributes:
-            if kv.key == attr.SERVICE_NAME:
-                service = kv.value.string_value
+        service = resource_spans.resource.attributes.get(attr.SERVICE_NAME)
+        service = service.string_value if service is not None else ""
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 usage = _span_usage(span, service)
@@ -209,29 +242,58 @@ def iter_usage(request: ExportTraceServiceRequest) -> Iterator[SpanUsage]:
                     yield usage
 
 
+def _is_accounted(attributes: Mapping[str, AnyValue]) -> bool:
+    """A GenAI span, unless a second instrumentation's span of a call counted on burnguard's."""
+    if attr.DUPLICATE_OF in attributes:
+        return False
+    return any(marker in attributes for marker in _GENAI_MARKERS)
+
+
 def _span_usage(span: Any, service: str) -> SpanUsage | None:
-    keys = [kv.key for kv in span.attributes]
-    if _GENAI_MARKERS.isdisjoint(keys) or attr.DUPLICATE_OF in keys:
-        return None  # not GenAI, or a second instrumentation's span of a call counted on burnguard's
-    usage = SpanUsage(
-        trace_id=span.trace_id.hex(),
-        span_id=span.span_id.hex(),
-        parent_span_id=span.parent_span_id.hex(),
-        name=span.name,
-        start_ns=span.start_time_unix_nano,
-        end_ns=span.end_time_unix_nano,
-        operation="",
-        service=service,
-        status_error=span.status.code == _STATUS_ERROR,
-    )
-    setters = _SETTERS
-    for kv in span.attributes:
-        setter = setters.get(kv.key)
-        if setter is not None:
-            setter(usage, kv.value)
-    if not usage.operation:
-        usage.operation = attr.OP_CHAT
-    return usage
+    """The attributes into a list of field values, one `SpanUsage` built from it.
+
+    The positional constructor with every value costs less than keyword arguments followed
+    by an attribute write per field. Attribute order is not known (a map): the spellings that
+    only fill an empty field are read after the canonical ones.
+    """
+    attributes = span.attributes
+    if not _is_accounted(attributes):
+        return None
+    values = _DEFAULTS.copy()
+    slots = _SLOTS
+    fallbacks: list[tuple[int, str]] = []
+    for key in attributes:
+        slot = slots.get(key)
+        if slot is None:
+            continue
+        index, read, rank = slot
+        if rank is None:
+            values[index] = read(attributes[key])
+        else:
+            fallbacks.append((rank, key))
+    if fallbacks:
+        _fill_if_empty(values, attributes, fallbacks)
+    values[0] = span.trace_id.hex()
+    values[1] = span.span_id.hex()
+    values[2] = span.parent_span_id.hex()
+    values[3] = span.name
+    values[4] = span.start_time_unix_nano
+    values[5] = span.end_time_unix_nano
+    if not values[_OPERATION]:
+        values[_OPERATION] = attr.OP_CHAT
+    values[_SERVICE] = service
+    values[_STATUS_ERROR_FIELD] = span.status.code == _STATUS_ERROR
+    return SpanUsage(*values)
+
+
+def _fill_if_empty(
+    values: list[Any], attributes: Mapping[str, AnyValue], found: list[tuple[int, str]]
+) -> None:
+    """Deprecated and foreign spellings fill the fields still empty, in the order of their rank."""
+    for _rank, key in sorted(found):
+        index, read, _ = _SLOTS[key]
+        if not values[index]:
+            values[index] = read(attributes[key])
 
 
 def decode_usage(payload: bytes) -> list[SpanUsage]:

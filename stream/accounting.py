@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 
 from burnguard.contracts.budgets import KEY_SEPARATOR, Budget, BudgetConfig, metric_value
@@ -63,16 +64,16 @@ class WindowClock:
     time-zone arithmetic runs once per window instead of once per span.
     """
 
-    __slots__ = ("_end", "_fixed", "_start", "_window")
+    __slots__ = ("_end", "_start", "_window", "fixed")
 
     def __init__(self, window: Window) -> None:
         self._window = window
         #: rolling and session windows are keyed once per budget key (start 0)
-        self._fixed = window.spec == SESSION_WINDOW or bool(window_lengths(window)[0])
+        self.fixed = window.spec == SESSION_WINDOW or bool(window_lengths(window)[0])
         self._start = self._end = 0
 
     def start_ns(self, at_ns: int) -> int:
-        if self._fixed:
+        if self.fixed:
             return 0
         if self._start <= at_ns < self._end:
             return self._start
@@ -122,12 +123,10 @@ class UsageDelta:
         if event_ns > self.last_event_ns:
             self.last_event_ns = event_ns
 
-    def count_call(self, call_mix: tuple[float, ...]) -> None:
-        """Add one model call's `call_mix` (made or refused) to the mix the signal's reason reports."""
-        if self.mix is None:
-            self.mix = list(call_mix)
-        else:
-            self.mix = [a + b for a, b in zip(self.mix, call_mix, strict=True)]
+    def count_unusual_call(self, call_mix: tuple[float, ...]) -> None:
+        """Add a model call's mix other than a plain call's (see `_settle_call_mix`)."""
+        mix = self.mix if self.mix is not None else [0.0] * len(call_mix)
+        self.mix = [a + b for a, b in zip(mix, call_mix, strict=True)]
 
     def to_row(self) -> list[Any]:
         """The delta inside a batch record; the source is the batch's, so it is not repeated."""
@@ -165,6 +164,8 @@ MIX_FIELDS = 4
 
 
 _REFUSED_CALL = (0.0, 0.0, 1.0, 0.0)
+#: The mix of most calls: made, on the class asked for, not an escalation retry.
+_PLAIN_CALL = (1.0, 0.0, 0.0, 0.0)
 
 
 def call_mix(usage: SpanUsage) -> tuple[float, ...]:
@@ -385,49 +386,109 @@ def fill_model_class(usage: SpanUsage, config: BudgetConfig) -> None:
         usage.model_class = config.model_class(usage.model)
 
 
+#: The metrics of `metric_value` in the order of the per-span amounts `_amounts` returns.
+_METRICS = ("cost_usd", "tokens", "input_tokens", "tool_calls", "calls")
+
+
+def _amounts(usage: SpanUsage) -> tuple[float, ...]:
+    """What one span adds to each metric (`_METRICS` order): once a span, not once per budget."""
+    return tuple(metric_value(metric, usage) for metric in _METRICS)
+
+
+_NOTHING = (0.0,) * len(_METRICS)  # a refused call used nothing
+
+
 class _Matcher:
-    """One budget, compiled for the per-span loop: which spans it counts, under which key, when."""
+    """One budget's glob, with its verdict remembered per key."""
 
-    __slots__ = ("_matches", "bucket_ns", "budget", "clock", "dimensions", "pattern", "tools")
+    __slots__ = ("_matches", "pattern")
 
-    def __init__(self, budget: Budget) -> None:
-        self.budget = budget
-        self.dimensions = budget.scope
-        self.pattern = None if budget.match == "*" else budget.match
-        self.tools = budget.metric == "tool_calls"
-        self.clock = WindowClock(budget.window_spec)
-        self.bucket_ns = window_lengths(budget.window_spec)[1]
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
         self._matches: dict[str, bool] = {}
 
-    def key_for(self, usage: SpanUsage) -> str | None:
-        """`Budget.key_for`, with the glob's verdict remembered per key."""
-        if len(self.dimensions) == 1:
-            key = getattr(usage, self.dimensions[0])
-            if not key:
-                return None
-        else:
-            first, second = getattr(usage, self.dimensions[0]), getattr(usage, self.dimensions[1])
-            if not first or not second:
-                return None
-            key = f"{first}{KEY_SEPARATOR}{second}"
-        if self.pattern is None or self.pattern == key:
-            return key
+    def matches(self, key: str) -> bool:
+        if key == self.pattern:
+            return True
         matches = self._matches.get(key)
         if matches is None:
             if len(self._matches) > 100_000:
                 self._matches.clear()
             matches = self._matches[key] = fnmatch.fnmatchcase(key, self.pattern)
-        return key if matches else None
+        return matches
 
 
-_compiled: tuple[BudgetConfig | None, list[_Matcher]] = (None, [])
+#: One budget in the per-span loop, a tuple to unpack in one step: (budget id, index of its scope's
+#: key, index of its window's start, index of its metric's amount, its glob or None, bucket_ns,
+#: whether it counts model calls and so reports their call mix, the budget).
+_Entry = tuple[str, int, int, int, "_Matcher | None", int, bool, Budget]
 
 
-def _matchers(config: BudgetConfig) -> list[_Matcher]:
+def _entry(budget: Budget, scope: int, window: int) -> _Entry:
+    matcher = None if budget.match == "*" else _Matcher(budget.match)
+    bucket_ns = window_lengths(budget.window_spec)[1]
+    calls = budget.metric != "tool_calls"
+    return (budget.id, scope, window, _METRICS.index(budget.metric), matcher, bucket_ns, calls, budget)
+
+
+class _BudgetSet:
+    """A configuration's budgets compiled for the per-span loop.
+
+    Budgets share scopes and windows (the bench's 20 budgets have 10 scopes and 8 windows), so
+    each span's key per scope and window start per window are worked out once, and each budget
+    it matches is a few index reads and one dict look-up.
+    """
+
+    __slots__ = ("clocks", "fixed_starts", "for_kind", "scopes")
+
+    def __init__(self, budgets: Iterable[Budget]) -> None:
+        scopes: dict[tuple[str, ...], int] = {}
+        windows: dict[Window, int] = {}
+        entries: list[_Entry] = []
+        for budget in budgets:
+            scope = scopes.setdefault(budget.scope, len(scopes))
+            window = windows.setdefault(budget.window_spec, len(windows))
+            entries.append(_entry(budget, scope, window))
+        #: (is a model call made or refused, has tool calls) -> the budgets that count such a span,
+        #: in the order of the file (the order of the deltas)
+        self.for_kind = {
+            (calls, tools): [entry for entry in entries if (calls if entry[6] else tools)]
+            for calls in (False, True)
+            for tools in (False, True)
+        }
+        self.scopes = [(attrgetter(*scope), len(scope) == 2) for scope in scopes]
+        clocks = [(index, WindowClock(window)) for window, index in windows.items()]
+        #: calendar windows only: rolling and session windows start at 0
+        self.clocks = [(index, clock) for index, clock in clocks if not clock.fixed]
+        self.fixed_starts = [0] * len(windows)
+
+    def keys(self, usage: SpanUsage) -> list[str | None]:
+        """The span's key under each scope; None where a dimension of the scope is empty."""
+        keys: list[str | None] = []
+        for getter, combined in self.scopes:
+            if combined:
+                first, second = getter(usage)
+                keys.append(f"{first}{KEY_SEPARATOR}{second}" if first and second else None)
+            else:
+                keys.append(getter(usage) or None)
+        return keys
+
+    def starts(self, event_ns: int) -> list[int]:
+        """The start of the window that holds `event_ns`, per window."""
+        starts = self.fixed_starts.copy()
+        for index, clock in self.clocks:
+            starts[index] = clock.start_ns(event_ns)
+        return starts
+
+
+_compiled: tuple[BudgetConfig | None, _BudgetSet] = (None, _BudgetSet(()))
+
+
+def _budget_set(config: BudgetConfig) -> _BudgetSet:
     """The compiled budgets of `config`, rebuilt when the configuration object changes."""
     global _compiled
     if _compiled[0] is not config:
-        _compiled = (config, [_Matcher(budget) for budget in config.budgets])
+        _compiled = (config, _BudgetSet(config.budgets))
     return _compiled[1]
 
 
@@ -447,7 +508,7 @@ def usage_deltas(
     are decided by then, so it is counted in `stats.too_late` instead (the
     ClickHouse history still records the span).
     """
-    matchers = _matchers(config)
+    budgets = _budget_set(config)
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     for usage in usages:
         price_if_unpriced(usage, prices)
@@ -461,29 +522,60 @@ def usage_deltas(
         if not (model_call or tool_call or refused):
             continue
         event_ns = usage.end_ns or usage.start_ns
-        mix = call_mix(usage) if model_call or refused else None  # once a span, for every budget
-        for matcher in matchers:
-            if not (tool_call if matcher.tools else model_call or refused):
-                continue
-            key = matcher.key_for(usage)
-            if key is None:
-                continue
-            budget = matcher.budget
-            if event_ns < closed_before_ns and _window_closed(budget, event_ns, closed_before_ns):
-                if stats is not None:
-                    stats.too_late += 1
-                continue
-            window_start = matcher.clock.start_ns(event_ns)
-            slot = (budget.id, key, window_start)
-            delta = deltas.get(slot)
-            if delta is None:
-                delta = deltas[slot] = UsageDelta(
-                    budget.id, key, window_start, 0.0, 0, 0, 0, source[0], source[1], matcher.bucket_ns
-                )
-            delta.add(0.0 if refused else metric_value(budget.metric, usage), event_ns)
-            if mix is not None and not matcher.tools:
-                delta.count_call(mix)
+        keys, starts = budgets.keys(usage), budgets.starts(event_ns)
+        amounts = _NOTHING if refused else _amounts(usage)
+        calls = model_call or refused
+        unusual = None if not calls or (mix := call_mix(usage)) == _PLAIN_CALL else mix
+        entries = budgets.for_kind[(calls, tool_call)]
+        _count(entries, (event_ns, keys, starts, amounts, unusual, source, closed_before_ns), deltas, stats)
+    _settle_call_mix(deltas.values())
     return list(deltas.values())
+
+
+def _settle_call_mix(deltas: Iterable[UsageDelta]) -> None:
+    """The calls made of each model-call delta: its spans less the refused ones.
+
+    The per-(span, budget) loop adds only the mix of calls that were not plain ones (refused,
+    fell back, escalated). The counts are whole numbers, exact in floats whatever the order of
+    the additions; the escalation cost is the same sum as before, its zeros left out.
+    """
+    for delta in deltas:
+        mix = delta.mix
+        if mix is not None:
+            mix[MIX_CALLS] = float(delta.spans) - mix[MIX_REFUSED]
+
+
+#: What `_count` needs of one span: (event_ns, keys per scope, starts per window, amounts per
+#: metric, its call mix unless a plain call's or none, the batch's source, closed_before_ns).
+_Span = tuple[
+    int, list["str | None"], list[int], tuple[float, ...], "tuple[float, ...] | None", tuple[int, int], int
+]
+
+
+def _count(
+    entries: list[_Entry],
+    span: _Span,
+    deltas: dict[tuple[str, str, int], UsageDelta],
+    stats: BatchStats | None,
+) -> None:
+    """Add one span to the delta of each of `entries` it matches (the per-(span, budget) loop)."""
+    event_ns, keys, starts, amounts, unusual_mix, source, closed_before_ns = span
+    for budget_id, scope, window, metric, matcher, bucket_ns, calls, budget in entries:
+        key = keys[scope]
+        if key is None or (matcher is not None and not matcher.matches(key)):
+            continue
+        if event_ns < closed_before_ns and _window_closed(budget, event_ns, closed_before_ns):
+            if stats is not None:
+                stats.too_late += 1
+            continue
+        slot = (budget_id, key, starts[window])
+        delta = deltas.get(slot)
+        if delta is None:
+            mix = [0.0] * MIX_FIELDS if calls else None
+            delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
+        delta.add(amounts[metric], event_ns)
+        if calls and unusual_mix is not None:
+            delta.count_unusual_call(unusual_mix)
 
 
 def _window_closed(budget: Budget, event_ns: int, closed_before_ns: int) -> bool:

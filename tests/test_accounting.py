@@ -283,6 +283,42 @@ budgets:
         assert set(deltas) - {key}, "the other key's call was not accounted separately"
 
 
+def test_budgets_sharing_a_scope_or_window_stay_apart_and_deltas_follow_the_file_order() -> None:
+    # The per-span loop works out each scope's key and each window's start once for all budgets.
+    yaml_text = """
+budgets:
+  - {id: utc-day, scope: tenant, window: day, limit: 10}
+  - {id: tools, scope: tenant, window: day, metric: tool_calls, limit: 10}
+  - {id: tokyo-day, scope: tenant, window: day, timezone: Asia/Tokyo, limit: 10}
+  - {id: acme-only, scope: tenant, match: "ac*", window: day, metric: calls, limit: 10}
+  - {id: per-feature, scope: [tenant, feature], window: day, metric: tokens, limit: 10}
+"""
+    config = parse_budget_yaml(yaml_text)
+    at = datetime(2025, 5, 14, 20, tzinfo=UTC)  # May 15 in Tokyo
+    spans = [
+        span(
+            1, at, tenant="globex", feature="f", input_tokens=10, output_tokens=1, cost_usd=0.5, tool_calls=2
+        ),
+        span(2, at, tenant="acme", input_tokens=20, cost_usd=0.25),
+    ]
+    deltas = usage_deltas(spans, config, PriceBook())
+    assert [(d.budget, d.key) for d in deltas] == [
+        ("utc-day", "globex"),
+        ("tools", "globex"),
+        ("tokyo-day", "globex"),
+        ("per-feature", "globex/f"),
+        ("utc-day", "acme"),
+        ("tokyo-day", "acme"),
+        ("acme-only", "acme"),
+    ]
+    slots = {(d.budget, d.key): d for d in deltas}
+    assert slots["utc-day", "globex"].window_start_ns == ns(datetime(2025, 5, 14, tzinfo=UTC))
+    assert slots["tokyo-day", "globex"].window_start_ns == ns(datetime(2025, 5, 14, 15, tzinfo=UTC))
+    assert (slots["tools", "globex"].amount, slots["tools", "globex"].mix) == (2.0, None)
+    assert slots["utc-day", "globex"].mix == [1.0, 0.0, 0.0, 0.0]
+    assert (slots["acme-only", "acme"].amount, slots["per-feature", "globex/f"].amount) == (1.0, 11.0)
+
+
 def test_the_window_clock_agrees_with_the_window_across_zones_and_boundaries() -> None:
     rng = random.Random(7)
     windows = [Window(spec, zone) for spec in ("day", "week", "month") for zone in ZONES]
@@ -395,6 +431,22 @@ def test_the_call_mix_counts_fallbacks_escalation_cost_and_refusals(config: Budg
     assert cost.mix == pytest.approx([4, 2, 1, 0.004])  # calls, fell back, refused, escalation USD
     assert slots[("acme-calls", "acme")].amount == 4  # a refused call is no call
     assert ("session-tools", "s1") not in slots  # a refused tool never ran
+
+
+def test_the_call_mix_of_plain_and_refused_calls_only(config: BudgetConfig) -> None:
+    # Plain calls are not added one by one: a delta's calls are its spans less the refused ones.
+    acme = {"tenant": "acme", "request_model": "gpt-4.1", "cost_usd": 0.01}
+    plain = [span(n, T0 + timedelta(minutes=n), **acme) for n in range(3)]
+    refused = [span(n, T0 + timedelta(minutes=n), **{**acme, "refused": "budget"}) for n in range(3, 5)]
+    late = span(9, T0 - timedelta(days=3), **acme)  # its window closed: not in the mix either
+    closed = ns(T0 - timedelta(days=1))
+    for batch, mix in [
+        (plain, [3.0, 0.0, 0.0, 0.0]),
+        (refused, [0.0, 0.0, 2.0, 0.0]),
+        (plain + refused, [3.0, 0.0, 2.0, 0.0]),
+    ]:
+        slots = by_slot(usage_deltas([late, *batch], config, PriceBook(), closed_before_ns=closed))
+        assert slots[("tenant-cost", "acme")].mix == mix
 
 
 def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetConfig) -> None:

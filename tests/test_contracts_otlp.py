@@ -331,3 +331,134 @@ def test_the_anthropic_sdk_spelling_of_cache_creation_is_accepted() -> None:
         )
     (usage,) = decode_usage(encode_spans(exporter.get_finished_spans()).SerializeToString())
     assert usage.cache_creation_tokens == 1000
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "field", "expected"),
+    [
+        ("gen_ai.usage.input_tokens", 0, "input_tokens", 0),
+        ("gen_ai.usage.input_tokens", 12.9, "input_tokens", 12),
+        ("gen_ai.usage.input_tokens", "1200", "input_tokens", 1200),
+        ("gen_ai.usage.input_tokens", "1.5e3", "input_tokens", 1500),
+        ("gen_ai.usage.input_tokens", "many", "input_tokens", 0),
+        ("gen_ai.usage.input_tokens", True, "input_tokens", 0),
+        ("burnguard.cost.usd", 0.0, "cost_usd", 0.0),  # priced at zero, not unpriced
+        ("burnguard.cost.usd", 2, "cost_usd", 2.0),
+        ("burnguard.cost.usd", 0, "cost_usd", 0.0),
+        ("burnguard.cost.usd", "0.25", "cost_usd", 0.25),
+        ("burnguard.cost.usd", "free", "cost_usd", None),
+        ("burnguard.cost.usd", ["0.1"], "cost_usd", None),
+        ("burnguard.tenant", 42, "tenant", "42"),
+        ("burnguard.tenant", "", "tenant", ""),
+        ("burnguard.fallback", "True ", "fallback", True),
+        ("burnguard.fallback", 1, "fallback", True),
+        ("burnguard.fallback", False, "fallback", False),
+    ],
+)
+def test_attribute_values_of_other_types_are_converted(
+    attribute: str, value: Any, field: str, expected: Any
+) -> None:
+    # A zero or empty value of the expected type reads like an unset oneof member: both ways must agree.
+    attributes = {"gen_ai.operation.name": "chat", attribute: value}
+    (usage,) = decode_usage(proto_payload(finished_spans({"attributes": attributes})))
+    assert getattr(usage, field) == expected
+    assert type(getattr(usage, field)) is type(expected)
+
+
+def test_a_span_marked_as_a_duplicate_is_skipped_wherever_the_mark_is() -> None:
+    first = {"burnguard.duplicate_of": "00f067aa0ba902b7", "gen_ai.operation.name": "chat"}
+    last = {"gen_ai.operation.name": "chat", "burnguard.duplicate_of": "00f067aa0ba902b7"}
+    spans = finished_spans(
+        {"attributes": first}, {"attributes": last}, {"attributes": {"gen_ai.system": "x"}}
+    )
+    (usage,) = decode_usage(proto_payload(spans))
+    assert (usage.provider, usage.operation) == ("x", "chat")
+
+
+def _request_with_attributes(*pairs: tuple[str, str]) -> bytes:
+    """One span whose attributes are `pairs` as written, in order, repeats included (no SDK in between)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    for key, value in pairs:
+        kv = span.attributes.add()
+        kv.key, kv.value.string_value = key, value
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["canonical-first", "canonical-last"])
+def test_a_deprecated_spelling_fills_an_empty_canonical_value_in_any_order(reverse: bool) -> None:
+    pairs = [("gen_ai.provider.name", ""), ("gen_ai.system", "openai"), ("gen_ai.operation.name", "chat")]
+    (usage,) = decode_usage(_request_with_attributes(*(reversed(pairs) if reverse else pairs)))
+    assert usage.provider == "openai"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["as-listed", "reversed"])
+def test_of_two_foreign_spellings_of_one_field_the_first_listed_wins_in_any_order(reverse: bool) -> None:
+    pairs = [
+        ("gen_ai.operation.name", "chat"),
+        ("traceloop.association.properties.tenant", "acme"),
+        ("traceloop.association.properties.tenant_id", "other"),
+    ]
+    (usage,) = decode_usage(_request_with_attributes(*(reversed(pairs) if reverse else pairs)))
+    assert usage.tenant == "acme"
+
+
+def test_a_repeated_attribute_key_keeps_its_last_value() -> None:
+    # OTLP forbids repeated keys; a broken exporter's span still decodes, deterministically.
+    pairs = [
+        ("gen_ai.operation.name", "chat"),
+        ("burnguard.tenant", "first"),
+        ("gen_ai.system", "a"),
+        ("burnguard.tenant", "last"),
+        ("gen_ai.system", "b"),
+    ]
+    (usage,) = decode_usage(_request_with_attributes(*pairs))
+    assert (usage.tenant, usage.provider) == ("last", "b")
+
+
+def test_the_service_is_the_resource_service_name() -> None:
+    spans = finished_spans({"attributes": {"gen_ai.operation.name": "chat"}}, service="billing")
+    (usage,) = decode_usage(proto_payload(spans))
+    assert usage.service == "billing"
+    (usage,) = decode_usage(_request_with_attributes(("gen_ai.operation.name", "chat")))
+    assert usage.service == ""  # a request without a resource
+
+
+def test_invalid_utf8_anywhere_in_the_request_is_malformed() -> None:
+    # The decoder reads attributes through a view of the request with map-typed attributes; it
+    # must refuse what the official message class refuses, also in fields it never reads.
+    spans = finished_spans(
+        {"name": "chat", "attributes": {"gen_ai.operation.name": "chat", "x.unread": "zzzz"}}
+    )
+    payload = proto_payload(spans)
+    for text in (b"zzzz", b"checkout-api", b"chat"):
+        broken = payload.replace(text, b"\xff" + text[1:], 1)
+        with pytest.raises(MalformedSpans, match="protobuf"):
+            decode_usage(broken)
+
+
+def test_a_protobuf_request_that_starts_like_json_is_decoded() -> None:
+    # 0x0A (the tag of resource_spans) is a newline and a length of 123 is written as "{":
+    # such a request was taken for JSON and dead-lettered.
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    kv = span.attributes.add()
+    kv.key, kv.value.string_value = "gen_ai.operation.name", "chat"
+    span.name = "x" * (123 - request.resource_spans[0].ByteSize() - 2)  # 2: the name's tag and length
+    payload = request.SerializeToString()
+    assert payload[:2] == b"\n{"
+    assert detect_format(payload) == OTLP_JSON
+    (usage,) = decode_usage(payload)
+    assert usage.name == span.name
+
+
+@pytest.mark.parametrize("payload", [b"\n{not json", b'\n{"hello": "world"}', b"\n{\n\x12\x00"])
+def test_json_with_a_leading_newline_that_is_neither_json_nor_protobuf_reports_the_json_error(
+    payload: bytes,
+) -> None:
+    with pytest.raises(MalformedSpans, match="JSON"):
+        decode_usage(payload)
