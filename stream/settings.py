@@ -34,6 +34,10 @@ class StreamSettings:
     #: How long the producer waits to fill a batch: every signal waits this long (twice: the
     #: usage record, then the signal), and shorter waits mean more, smaller produce requests.
     producer_linger: timedelta = timedelta(milliseconds=2)
+    #: How long a partition of this worker may have lag without its committed offset moving before
+    #: the liveness watchdog heals it (then, after as long again, exits). Well above the few
+    #: seconds a takeover's table recovery takes here, so a slow recovery is not a stall.
+    stall_timeout: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -51,4 +55,5 @@ class StreamSettings:
             session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
             allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
+            stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
         )
