@@ -32,6 +32,7 @@ per-source-offset marks recognise replayed deltas (see `accounting.WindowTotals`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -85,14 +86,25 @@ class GroupLagReader:
             return {}
         if self._admin is None:
             self._admin = KafkaAdminClient(**self._kafka.kafka_python_config())
-        ends = self._admin.list_partition_offsets(dict.fromkeys(partitions, OffsetSpec.LATEST))
-        committed = self._admin.list_group_offsets(self._group).get(self._group, {})
+        try:
+            ends = self._admin.list_partition_offsets(dict.fromkeys(partitions, OffsetSpec.LATEST))
+            committed = self._admin.list_group_offsets(self._group).get(self._group, {})
+        except Exception:
+            self._reconnect_next_time()
+            raise
         lags = {}
         for tp in partitions:
             meta = committed.get(tp)
             start = meta.offset if meta is not None and meta.offset >= 0 else 0
             lags[tp] = PartitionLag(committed=start, end=ends[tp].offset)
         return lags
+
+    def _reconnect_next_time(self) -> None:
+        """Drop the client after a failure: one that saw the broker restart kept failing (NodeNotReady)."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                admin.close()
 
 
 class StallTracker:
