@@ -119,6 +119,10 @@ class StallTracker:
         self.timeout_s = timeout_s
         self._since: dict[TopicPartition, tuple[int, float]] = {}
 
+    def forget(self) -> None:
+        """Start every clock afresh at the next reading."""
+        self._since.clear()
+
     def observe(
         self, lags: Mapping[TopicPartition, PartitionLag], now: float
     ) -> dict[TopicPartition, PartitionLag]:
@@ -174,7 +178,16 @@ class LivenessWatchdog:
         self._healed_at: float | None = None
 
     async def check(self) -> None:
-        """One round: read the lag, and heal or exit if partitions are stalled."""
+        """One round: read the lag, and heal or exit if partitions are stalled.
+
+        Time spent rebalancing or restoring tables does not count: a large
+        changelog can take longer than the timeout to read, and the stall this
+        is for starts after recovery has completed.
+        """
+        if self.app.rebalancing or self.app.in_recovery:
+            self.tracker.forget()
+            self._healed_at = None
+            return
         partitions = self._assigned()
         try:
             lags = await asyncio.wait_for(asyncio.to_thread(self.reader.read, partitions), timeout=30)

@@ -43,6 +43,14 @@ def test_an_idle_partition_without_lag_is_never_stalled() -> None:
         assert tracker.observe({TP0: PartitionLag(7, 7)}, now=now) == {}
 
 
+def test_forgetting_restarts_every_clock() -> None:
+    tracker = StallTracker(timeout_s=10)
+    tracker.observe({TP0: PartitionLag(5, 9)}, now=0)
+    tracker.forget()  # a rebalance, or table recovery, in between
+    assert tracker.observe({TP0: PartitionLag(5, 9)}, now=12) == {}
+    assert tracker.observe({TP0: PartitionLag(5, 9)}, now=22) == {TP0: PartitionLag(5, 9)}
+
+
 def test_the_log_names_each_partition_with_its_lag() -> None:
     assert describe({TP1: PartitionLag(2, 10), TP0: PartitionLag(4, 4)}) == (
         "otlp_spans[0] 4/4 (lag 0), otlp_spans[1] 2/10 (lag 8)"
