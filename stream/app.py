@@ -47,6 +47,7 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
+from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from faust.exceptions import NotReady
@@ -576,6 +577,7 @@ def create_job(settings: StreamSettings | None = None) -> BudgetJob:
         logger.warning("could not read %s at start (%s); starting with the file's budgets", topic, exc)
     job = BudgetJob(settings, config)
     job.feed = BudgetFeed(settings.kafka, topic, config).start()
+    install_liveness_watchdog(job.app, settings)
     return job
 
 

@@ -37,6 +37,10 @@ class StreamSettings:
     #: How long stage 2 gathers usage records before accounting them together: every signal waits
     #: up to this long, and each changed window key is written to the changelog once per batch.
     account_batch_window: timedelta = timedelta(milliseconds=20)
+    #: How long a partition of this worker may have lag without its committed offset moving before
+    #: the liveness watchdog heals it (then, after as long again, exits). Well above the few
+    #: seconds a takeover's table recovery takes here, so a slow recovery is not a stall.
+    stall_timeout: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -55,4 +59,5 @@ class StreamSettings:
             allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
+            stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
         )

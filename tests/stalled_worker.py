@@ -1,0 +1,55 @@
+"""A stream worker that stalls on purpose: `python -m tests.stalled_worker` (from the repo root).
+
+It leaves its partitions the way the real stall does (see
+`burnguard.stream.liveness`): as partitions are assigned, before recovery ends,
+it moves aiokafka's position of every `otlp_spans` partition to the log end,
+so the records already there are never delivered to the agents and nothing is
+committed, while the worker reports `Ready` and keeps fetching. With
+`STALL_UNHEALABLE=1` the watchdog's seek does nothing, as for a stall it cannot
+heal: only the exit is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import faust
+from burnguard.stream.app import create_job
+from burnguard.stream.liveness import LivenessWatchdog
+from burnguard.stream.settings import StreamSettings
+
+logger = logging.getLogger(__name__)
+
+
+async def heal_nothing(watchdog: LivenessWatchdog, stalled: Mapping[Any, Any]) -> None:
+    logger.info("test hook: the seek does nothing")
+
+
+def skip_to_the_end(app: Any, spans_topic: str) -> Any:
+    """An `on_partitions_assigned` receiver that moves the span partitions past their records."""
+
+    async def on_assigned(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+        tps = [tp for tp in assigned if tp.topic == spans_topic]
+        if not tps:
+            return
+        ends = await app.consumer.highwaters(*tps)
+        await app.consumer.seek_wait(ends)
+        logger.info("test hook: skipped to the end of %s", sorted(f"{tp.partition}@{ends[tp]}" for tp in tps))
+
+    return on_assigned
+
+
+def main() -> None:
+    settings = StreamSettings.from_env()
+    job = create_job(settings)
+    if os.environ.get("STALL_UNHEALABLE") == "1":
+        LivenessWatchdog.heal = heal_nothing  # type: ignore[method-assign]
+    job.app.on_partitions_assigned.connect(skip_to_the_end(job.app, settings.topics.spans))
+    faust.Worker(job.app, loglevel="info", quiet=True).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

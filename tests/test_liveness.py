@@ -1,0 +1,89 @@
+"""The liveness watchdog: a worker whose partitions have lag but no progress heals itself, or exits.
+
+The worker in the end-to-end tests is `tests.stalled_worker`: it leaves the
+span partitions as the real stall does (position at the log end, nothing
+delivered, nothing committed), so without the watchdog it never counts the
+spans sent before it started.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from burnguard.stream.liveness import EXIT_STALLED, PartitionLag, StallTracker, describe
+from kafka import TopicPartition
+
+from tests.fixtures.pipeline import Pipeline
+from tests.test_exactly_once import BUDGETS, SpanSource, wait_for_exact_totals
+
+TP0 = TopicPartition("otlp_spans", 0)
+TP1 = TopicPartition("otlp_spans", 1)
+STALL_TIMEOUT_S = 6
+
+
+def test_a_partition_is_stalled_once_behind_with_the_same_commit_for_the_timeout() -> None:
+    tracker = StallTracker(timeout_s=10)
+    assert tracker.observe({TP0: PartitionLag(5, 9)}, now=0) == {}
+    assert tracker.observe({TP0: PartitionLag(5, 12)}, now=9) == {}
+    assert tracker.observe({TP0: PartitionLag(5, 12)}, now=10) == {TP0: PartitionLag(5, 12)}
+
+
+def test_a_commit_or_catching_up_restarts_the_clock() -> None:
+    tracker = StallTracker(timeout_s=10)
+    tracker.observe({TP0: PartitionLag(5, 9), TP1: PartitionLag(0, 3)}, now=0)
+    tracker.observe({TP0: PartitionLag(6, 9), TP1: PartitionLag(3, 3)}, now=8)  # progress, caught up
+    assert tracker.observe({TP0: PartitionLag(6, 9), TP1: PartitionLag(3, 4)}, now=12) == {}
+    assert set(tracker.observe({TP0: PartitionLag(6, 9), TP1: PartitionLag(3, 4)}, now=22)) == {TP0, TP1}
+
+
+def test_an_idle_partition_without_lag_is_never_stalled() -> None:
+    tracker = StallTracker(timeout_s=1)
+    for now in range(5):
+        assert tracker.observe({TP0: PartitionLag(7, 7)}, now=now) == {}
+
+
+def test_forgetting_restarts_every_clock() -> None:
+    tracker = StallTracker(timeout_s=10)
+    tracker.observe({TP0: PartitionLag(5, 9)}, now=0)
+    tracker.forget()  # a rebalance, or table recovery, in between
+    assert tracker.observe({TP0: PartitionLag(5, 9)}, now=12) == {}
+    assert tracker.observe({TP0: PartitionLag(5, 9)}, now=22) == {TP0: PartitionLag(5, 9)}
+
+
+def test_the_log_names_each_partition_with_its_lag() -> None:
+    assert describe({TP1: PartitionLag(2, 10), TP0: PartitionLag(4, 4)}) == (
+        "otlp_spans[0] 4/4 (lag 0), otlp_spans[1] 2/10 (lag 8)"
+    )
+
+
+@pytest.fixture
+def stall_prone(pipeline: Pipeline) -> Pipeline:
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="1", BURNGUARD_STALL_TIMEOUT_S=str(STALL_TIMEOUT_S))
+    return pipeline
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_seeks_back_and_counts_every_span(stall_prone: Pipeline) -> None:
+    pipeline = stall_prone
+    source = SpanSource(pipeline, batches=40, seed=3)
+    source.send(40)
+    pipeline.start_worker(module="tests.stalled_worker")
+    assert "test hook: skipped to the end" in pipeline.log("worker")
+    wait_for_exact_totals(pipeline, source, timeout_s=40)
+    log = pipeline.log("worker")
+    assert f"liveness: no progress for {STALL_TIMEOUT_S}s on partitions with lag" in log
+    assert f"{pipeline.topics.spans}[" in log, "the warning does not name the stalled partitions"
+
+
+@pytest.mark.slow
+def test_a_worker_the_seek_cannot_heal_exits_for_its_supervisor(stall_prone: Pipeline) -> None:
+    pipeline = stall_prone
+    pipeline.env["STALL_UNHEALABLE"] = "1"
+    SpanSource(pipeline, batches=10, seed=5).send(10)
+    worker = pipeline.start_worker(module="tests.stalled_worker")
+    started = time.monotonic()
+    assert worker.wait(timeout=4 * STALL_TIMEOUT_S + 20) == EXIT_STALLED
+    assert time.monotonic() - started >= 2 * STALL_TIMEOUT_S, "exited before the seek had its chance"
+    assert f"exiting with status {EXIT_STALLED}" in pipeline.log("worker")
