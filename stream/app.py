@@ -50,6 +50,7 @@ from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableCha
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
+from burnguard.stream.takeover import RewindAfterRecovery
 from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
@@ -185,6 +186,8 @@ class BudgetJob:
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
+        self.rewind = RewindAfterRecovery(self.app, [settings.topics.spans, settings.topics.usage])
+        self.app.sensors.add(self.rewind)
 
     def _declare_topics(self) -> None:
         topics, app = self.settings.topics, self.app

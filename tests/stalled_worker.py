@@ -1,12 +1,15 @@
 """A stream worker that stalls on purpose: `python -m tests.stalled_worker` (from the repo root).
 
-It leaves its partitions the way the real stall does (see
-`burnguard.stream.liveness`): as partitions are assigned, before recovery ends,
-it moves aiokafka's position of every `otlp_spans` partition to the log end,
-so the records already there are never delivered to the agents and nothing is
-committed, while the worker reports `Ready` and keeps fetching. With
-`STALL_UNHEALABLE=1` the watchdog's seek does nothing, as for a stall it cannot
-heal: only the exit is left.
+As partitions are assigned, before table recovery ends, it moves aiokafka's
+position of every `otlp_spans` partition to the log end: the state the real
+stall leaves (see `burnguard.stream.takeover`). The records already there are
+not delivered to the agents and nothing is committed, while the worker
+reports `Ready` and keeps fetching, unless something undoes it.
+
+- `STALL_NO_REWIND=1` takes out the rewind after recovery, which undoes this
+  stall, so that only the liveness watchdog is left to notice it;
+- `STALL_UNHEALABLE=1` makes the watchdog's seek do nothing too, as for a
+  stall it cannot heal: only the exit is left.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def skip_to_the_end(app: Any, spans_topic: str) -> Any:
 def main() -> None:
     settings = StreamSettings.from_env()
     job = create_job(settings)
+    if os.environ.get("STALL_NO_REWIND") == "1":
+        job.app.sensors.remove(job.rewind)
     if os.environ.get("STALL_UNHEALABLE") == "1":
         LivenessWatchdog.heal = heal_nothing  # type: ignore[method-assign]
     job.app.on_partitions_assigned.connect(skip_to_the_end(job.app, settings.topics.spans))
