@@ -1,16 +1,16 @@
 """Liveness watchdog: a worker that holds partitions with lag but works none of it off heals, or exits.
 
-Why it exists (faust-streaming 0.15.3, aiokafka 0.14; the symptom of
-faust-streaming#629): a worker that takes over partitions and has to restore
-tables from their changelogs runs the Fetcher during that recovery. At the end,
-`Recovery.on_recovery_completed` resumes the stream partitions, awaits
-`perform_seek()` and only then calls `flow_control.resume()`, which empties
-the agents' queues. Records fetched in that window are dropped from the queues,
-while aiokafka's position has already moved past them; and `perform_seek()`
-(aiokafka's `seek_to_committed`) rewinds only partitions whose committed offset
-is above 0. A partition whose previous owner died before its first commit is
-left with its position at the log end, nothing delivered and nothing
-committed: the worker is `Ready`, fetches, and never processes those records.
+Why it exists: a worker can hold partitions, report `Ready`, keep fetching and
+yet process nothing. The one cause seen here (faust-streaming 0.15.3, aiokafka
+0.14; the stall of faust-streaming#629) is records fetched while a takeover
+restores its tables: Faust marks them read though the agents never got them,
+and its seek back to the committed offsets skips partitions with no commit.
+State dumps of four stalled workers all showed aiokafka's position at the high
+watermark on every partition, fetches still going out, nothing in flight,
+nothing committed. `stream/takeover.py` now rewinds every partition after each
+rebalance, which removes that cause; this watchdog stays as the safety net for
+a stall of any other cause, which would otherwise go unnoticed until someone
+looked at the consumer lag.
 
 Every few seconds this timer asks Kafka itself (not the worker, whose own view
 is what went wrong) for the consumer group's committed offset and the log end
@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.stream.settings import StreamSettings
+from burnguard.stream.takeover import seek_back
 from faust.types import TP
 from kafka import TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
@@ -232,7 +233,7 @@ class LivenessWatchdog:
         explicit seek fetches those records again.
         """
         offsets = {TP(tp.topic, tp.partition): lag.committed for tp, lag in stalled.items()}
-        await asyncio.wait_for(self.app.consumer.seek_wait(offsets), timeout=30)
+        await asyncio.wait_for(seek_back(self.app.consumer, offsets), timeout=30)
 
     def _assigned(self) -> list[TopicPartition]:
         """This worker's partitions of the topics the agents read (none while not yet assigned)."""

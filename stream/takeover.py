@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import faust
@@ -58,8 +58,7 @@ class RewindAfterRecovery(faust.Sensor):
             return {}
         try:
             targets = await self._targets(consumer, partitions)
-            for tp, offset in sorted(targets.items()):
-                await consumer.seek(tp, offset)
+            await seek_back(consumer, targets)
         except Exception as exc:  # a rebalance took the partitions meanwhile: it ends in a rewind too
             logger.warning("could not rewind %s to the committed offsets: %r", sorted(partitions), exc)
             return {}
@@ -74,6 +73,16 @@ class RewindAfterRecovery(faust.Sensor):
         if uncommitted:
             targets.update(await consumer.earliest_offsets(*uncommitted))
         return targets
+
+
+async def seek_back(consumer: Any, targets: Mapping[TP, int]) -> None:
+    """Seek through Faust's own `seek`, which resets Faust's read offset along with the position.
+
+    A seek on aiokafka alone would leave the read offset where it was, and
+    Faust drops records below it as already read.
+    """
+    for tp, offset in sorted(targets.items()):
+        await consumer.seek(tp, offset)
 
 
 def _describe(targets: dict[TP, int]) -> str:
