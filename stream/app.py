@@ -66,6 +66,8 @@ SNAPSHOT_SLICE = 100
 SNAPSHOT_PAUSE_S = 0.01
 #: Snapshots per timer run at most; the rest wait for the next run, oldest change first.
 SNAPSHOT_MAX_PER_RUN = 20_000
+#: Dead-lettered messages remembered, so a re-read one is not parked again (a few hundred kB).
+DEAD_LETTERED_REMEMBERED = 10_000
 #: Usage records accounted together at most: their changes reach the changelog once per key.
 ACCOUNT_BATCH_RECORDS = 500
 
@@ -155,6 +157,8 @@ class BudgetJob:
         self.prices = PriceBook(config.prices)
         self.stats = BatchStats()
         self.deadlettered = 0
+        #: (topic, partition, offset) of messages this process dead-lettered, newest last
+        self._dead_lettered: dict[tuple[str, int, int], None] = {}
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self._replays_logged = 0
@@ -297,9 +301,19 @@ class BudgetJob:
                 await self.usage_topic.send(key=kind, value=record, partition=partition)
 
     async def _dead_letter(self, event: Any, reason: str, value: bytes | None = None) -> None:
-        """Park a message with the reason in a header; `value` when the event is no longer raw bytes."""
-        self.deadlettered += 1
+        """Park a message with the reason in a header; `value` when the event is no longer raw bytes.
+
+        Once per process: the rewind after each rebalance (`stream/takeover.py`)
+        reads recent messages again, and a bad one must not be parked twice.
+        """
         message = event.message
+        source = (message.topic, message.partition, message.offset)
+        if source in self._dead_lettered:
+            return
+        self._dead_lettered[source] = None
+        if len(self._dead_lettered) > DEAD_LETTERED_REMEMBERED:
+            del self._dead_lettered[next(iter(self._dead_lettered))]
+        self.deadlettered += 1
         logger.warning(
             "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
         )
