@@ -18,8 +18,10 @@ So once Faust reports the rebalance fully completed (the flow running again),
 `RewindAfterRecovery` seeks every partition the agents read to its committed
 offset, or to the log start where there is none, through Faust's own `seek`,
 which resets the read offset with the position. Records that were delivered
-after all are read twice; the totals' per-source-offset marks
-(`accounting.WindowTotals.applied`) recognise the second reading.
+after all are read twice: the totals' per-source-offset marks
+(`accounting.WindowTotals.applied`) recognise the second reading, and a bad
+message is dead-lettered once per process. The cost is re-reading up to one
+commit interval per rebalance.
 """
 
 from __future__ import annotations
