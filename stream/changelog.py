@@ -50,9 +50,6 @@ class PendingRecords:
         """Queue a record; partition None leaves it to the default partitioner (murmur2 of the key)."""
         self._pending.append((topic, partition, key, value))
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     async def send(self) -> None:
         """Hand every pending record to the producer (delivered by its next flush at the latest)."""
         pending, self._pending = self._pending, []

@@ -52,20 +52,19 @@ class RewindAfterRecovery(faust.Sensor):
         self._rewinding.add(task)
         task.add_done_callback(self._rewinding.discard)
 
-    async def rewind(self) -> dict[TP, int]:
-        """Seek each assigned partition of `topics` to its commit (log start if none); the targets."""
+    async def rewind(self) -> None:
+        """Seek each assigned partition of `topics` to its commit (log start if none)."""
         consumer = self.app.consumer
         partitions = {tp for tp in consumer.assignment() if tp.topic in self.topics}
         if not partitions:
-            return {}
+            return
         try:
             targets = await self._targets(consumer, partitions)
             await seek_back(consumer, targets)
         except Exception as exc:  # a rebalance took the partitions meanwhile: it ends in a rewind too
             logger.warning("could not rewind %s to the committed offsets: %r", sorted(partitions), exc)
-            return {}
+            return
         logger.info("rewound to the committed offsets: %s", _describe(targets))
-        return targets
 
     @staticmethod
     async def _targets(consumer: Any, partitions: set[TP]) -> dict[TP, int]:
