@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from burnguard.cli.budgets import budgets_app
+from burnguard.cli.export import export_app
 from burnguard.cli.history import db_app, report
 from burnguard.contracts.topics import KafkaSettings, Topics
 
@@ -22,6 +23,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(signals_app, name="signals")
 app.add_typer(db_app, name="db")
+app.add_typer(export_app, name="export")
 app.command("report")(report)
 console = Console()
 
