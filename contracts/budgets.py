@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 from burnguard.contracts.model_base import StrictModel, check_id
+from burnguard.contracts.notify import NotifyConfig
 from burnguard.contracts.routes import CompiledRoutes, ContextBudget, Route
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window, check_timezone, check_window
@@ -210,6 +211,7 @@ class BudgetConfig(StrictModel):
     )
     routes: tuple[Route, ...] = ()
     context_budgets: tuple[ContextBudget, ...] = ()
+    notify: NotifyConfig = Field(default_factory=NotifyConfig, description="who hears about state changes")
 
     @field_validator("budgets")
     @classmethod

@@ -14,6 +14,7 @@ from rich.console import Console
 from burnguard.cli.budgets import budgets_app
 from burnguard.cli.export import export_app
 from burnguard.cli.history import db_app, report
+from burnguard.cli.notify import notify
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
@@ -25,6 +26,7 @@ app.add_typer(signals_app, name="signals")
 app.add_typer(db_app, name="db")
 app.add_typer(export_app, name="export")
 app.command("report")(report)
+app.command("notify")(notify)
 console = Console()
 
 StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]
