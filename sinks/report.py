@@ -167,8 +167,13 @@ def _stat(label: str, value: Any, unit: str = "") -> str:
     return f'<div class="stat"><b>{_esc(_fmt(value))}{_esc(unit)}</b><span>{_esc(label)}</span></div>'
 
 
-def render(client: Client, filters: op.Filters, title: str = "burnguard — LLM spend report") -> str:
-    """The report for `filters` as one HTML document."""
+def render(
+    client: Client,
+    filters: op.Filters,
+    title: str = "burnguard — LLM spend report",
+    what_if: list[dict[str, Any]] | None = None,
+) -> str:
+    """The report for `filters` as one HTML document; `what_if`: rows of `burnguard budgets simulate`."""
     r = {name: op.run(client, view, filters) for name, view in op.ALL_VIEWS.items()}
     summary = r["signals_summary"][0] if r["signals_summary"] else {}
     spend = r["spend_total"][0]["spend_usd"] if r["spend_total"] else 0.0
@@ -258,6 +263,13 @@ def render(client: Client, filters: op.Filters, title: str = "burnguard — LLM 
             ],
         ),
     ]
+    if what_if is not None:
+        sections.append(
+            (
+                "Budget what-if (simulated on this range)",
+                [table("What the budget file would have done", what_if)],
+            )
+        )
     body = "".join(
         f"<section><h2>{_esc(name)}</h2><div class='grid'>{''.join(parts)}</div></section>"
         for name, parts in sections

@@ -48,7 +48,7 @@ from burnguard.stream.accounting import (
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
 from burnguard.stream.liveness import install_liveness_watchdog
-from burnguard.stream.policy import decide, decide_action, decide_context, window_at
+from burnguard.stream.policy import changed_signal, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.takeover import RewindAfterRecovery
 from faust.exceptions import NotReady
@@ -449,16 +449,11 @@ class BudgetJob:
         """
         state_key = f"{budget.id}|{key}"
         previous = self.states.data.get(state_key)
-        if previous and previous["window_start_ns"] > window_start_ns:
-            return None  # a late span for an older window: counted, but the current window rules
-        previous_action = previous["action"] if previous else "ok"
-        if not refresh and decide_action(budget, window_start_ns, totals, now) == previous_action:
-            return None
-        signal = decide(budget, key, window_start_ns, totals, now, self.settings.signal_ttl)
-        if signal.action == previous_action and not (refresh and signal.action != "ok"):
-            return None
-        state = {"action": signal.action, "window_start_ns": window_start_ns}
-        self.changes.set(self.states, state_key, state)
+        ttl = self.settings.signal_ttl
+        signal = changed_signal(budget, key, window_start_ns, totals, now, previous, ttl, refresh)
+        if signal is not None:
+            state = {"action": signal.action, "window_start_ns": window_start_ns}
+            self.changes.set(self.states, state_key, state)
         return signal
 
     async def _send_signal(self, signal: Signal) -> None:

@@ -6,7 +6,9 @@ are tested without Kafka and every worker decides the same way.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
 from burnguard.contracts.signals import Signal
@@ -108,6 +110,35 @@ def decide(
         + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else "")
         + call_mix_reason(totals.mix),
     )
+
+
+def changed_signal(
+    budget: Budget,
+    key: str,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    previous: Mapping[str, Any] | None,
+    ttl: timedelta,
+    refresh: bool = False,
+) -> Signal | None:
+    """The signal to publish for a key whose last published state is `previous`, or None.
+
+    `previous` is `{"action", "window_start_ns"}` (None: nothing published, i.e.
+    ok). A `Signal` (a pydantic model with a formatted reason) is only built when
+    the action differs from the last published one, or to refresh a restriction;
+    the cheap `decide_action` settles every other delta. The worker (stage 2) and
+    `burnguard budgets simulate` both decide through this function.
+    """
+    if previous and previous["window_start_ns"] > window_start_ns:
+        return None  # a late span for an older window: counted, but the current window rules
+    previous_action = previous["action"] if previous else "ok"
+    if not refresh and decide_action(budget, window_start_ns, totals, now) == previous_action:
+        return None
+    signal = decide(budget, key, window_start_ns, totals, now, ttl)
+    if signal.action == previous_action and not (refresh and signal.action != "ok"):
+        return None
+    return signal
 
 
 def window_at(

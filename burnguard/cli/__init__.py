@@ -15,6 +15,7 @@ from burnguard.cli.budgets import budgets_app
 from burnguard.cli.export import export_app
 from burnguard.cli.history import db_app, report
 from burnguard.cli.notify import notify
+from burnguard.cli.simulate import simulate
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
@@ -27,6 +28,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(export_app, name="export")
 app.command("report")(report)
 app.command("notify")(notify)
+budgets_app.command("simulate")(simulate)
 console = Console()
 
 StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]

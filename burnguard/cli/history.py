@@ -120,6 +120,9 @@ def report(
     workflow: Annotated[list[str] | None, typer.Option(help="Only these workflows.")] = None,
     feature: Annotated[list[str] | None, typer.Option(help="Only these features.")] = None,
     model_class: Annotated[list[str] | None, typer.Option(help="Only these model classes.")] = None,
+    budgets: Annotated[
+        Path | None, typer.Option("--budgets", help="Add what this budget file would have done (simulate).")
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report (inline SVG charts) of spend, budgets and operational signals."""
     from burnguard.sinks import operational, schema
@@ -138,11 +141,24 @@ def report(
         model_classes=tuple(model_class or ()),
         interval_s=max(60, int(span_s // 120 // 60 * 60)),  # about 120 points, whole minutes
     )
+    config = None
+    if budgets is not None:
+        from burnguard.cli.budgets import _load_or_exit
+
+        config = _load_or_exit(budgets)
     client = _client(dsn)
     try:
         schema.migrate(client)
-        page = render(client, filters)
+        page = render(client, filters, what_if=_what_if(client, config, start, end) if config else None)
     finally:
         client.close()
     out.write_text(page, encoding="utf-8")
     console.print(f"[green]wrote[/] {out} ({len(page) // 1024} KiB)")
+
+
+def _what_if(client, config, start: datetime, end: datetime) -> list[dict]:
+    """`burnguard budgets simulate` over the report's range, as rows for its table."""
+    from burnguard.sinks.replay import read_spans
+    from burnguard.stream.simulate import simulate, table_rows
+
+    return table_rows(simulate(config, read_spans(client, start, end)).results())
