@@ -183,8 +183,17 @@ class Notifier:
                 self._commit(tp, done)
 
     def _commit(self, tp: TopicPartition, offset: int) -> None:
+        """Commit one partition's progress; if it moved to another member meanwhile, that member
+        reads the records again and finds them done in the state topic (or re-sends the same ids)."""
         assert self.consumer is not None
-        self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+        if tp not in self.consumer.assignment():
+            return
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+        except KafkaError as exc:
+            log.warning(
+                "notify: could not commit %s at %d (%s); its new owner reads them again", tp, offset, exc
+            )
 
     # --- one record -------------------------------------------------------------------
     def _handle(self, tp: TopicPartition, record) -> tuple[bool, bool]:

@@ -225,7 +225,11 @@ notify:
 """
     notify = Notify(pipeline, budgets)
     process = notify.start()
-    notify.publish(*[_signal("acme", a, m) for m, a in enumerate(["warn", "throttle", "ok"])])
+    notify.publish(_signal("acme", "warn", 0))
+    topic = pipeline.topics.signals
+    notify.producer.send(topic, key=b"tenant:acme@daily", value=b'{"not": "a signal"}')  # parked, not fatal
+    notify.producer.send(topic, key=b"tenant:initech@daily", value=None)  # a removed budget: nothing to say
+    notify.publish(*[_signal("acme", a, m) for m, a in enumerate(["throttle", "ok"], start=1)])
 
     hook = receiver.wait_for("/hook", 3)
     assert [_verified(h, b)["data"]["action"] for h, b in hook] == ["warn", "throttle", "ok"]
@@ -236,13 +240,18 @@ notify:
     )
     dead: list = []
     deadline = time.monotonic() + 20
-    while not dead and time.monotonic() < deadline:
+    while len(dead) < 2 and time.monotonic() < deadline:
         for batch in consumer.poll(timeout_ms=500).values():
             dead.extend(batch)
     consumer.close()
     time.sleep(1)
     assert len(receiver.got("/gone")) == 1, "a 4xx must not be retried"
-    assert len(dead) == 1
+    assert len(dead) == 2
+    garbage, dead = (
+        [r for r in dead if r.value == b'{"not": "a signal"}'],
+        [r for r in dead if r.value != b'{"not": "a signal"}'],
+    )
+    assert len(garbage) == 1 and "not a signal" in dict(garbage[0].headers)["burnguard.error"].decode()
     headers = {name: value.decode() for name, value in dead[0].headers}
     assert headers["burnguard.http_status"] == "410" and headers["burnguard.destination"] == "gone"
     assert "gone answered 410 Gone: no_service" in headers["burnguard.error"]
