@@ -45,7 +45,6 @@ from burnguard.contracts.attributes import MODEL_CALL_OPERATIONS
 from burnguard.contracts.pricing import ModelRates, PriceBook, resolve_rates
 from clickhouse_connect.driver.client import Client
 
-FOCUS_VERSION = "1.4"
 CURRENCY = "USD"
 GRANULARITIES = ("day", "hour")
 TOKEN_KINDS = ("input", "cache-read", "cache-write", "output", "reasoning")
@@ -384,7 +383,7 @@ class FocusRows:
             "ServiceSubcategory": "Generative AI",
             "SkuId": sku,
             "SkuMeter": _METER[kind],
-            "SkuPriceDetails": json.dumps({"model": group.model, "token_kind": kind}, sort_keys=True),
+            "SkuPriceDetails": json.dumps({"x_Model": group.model, "x_TokenKind": kind}, sort_keys=True),
             "SkuPriceId": f"{sku}@{CURRENCY}",
             "SubAccountId": group.tenant or None,
             "SubAccountName": group.tenant or None,

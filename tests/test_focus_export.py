@@ -270,6 +270,8 @@ def test_rows_per_token_kind_with_list_and_contracted_prices(dsn: str, tmp_path:
         "burnguard.workflow": "acme-flow",
         "burnguard.feature": "summarize",
     }
+    details = json.loads(acme_gpt[0]["SkuPriceDetails"])
+    assert details["x_Model"] == "gpt-4.1" and details["x_TokenKind"] in ("input", "cache-read", "output")
     assert {r["ServiceCategory"] for r in rows} == {"AI and Machine Learning"}
     assert {r["ServiceSubcategory"] for r in rows} == {"Generative AI"}
 
