@@ -11,7 +11,8 @@ Per span and budget key it does what stage 2 and its refresh timer do:
 
 1. re-decide the key on the totals so far at the span's time (the timer's
    tick: a new calendar window, or a rolling window's spend rolling out,
-   lifts a restriction);
+   lifts a restriction; the worker's timer notices that within its refresh
+   interval, the simulation at the key's next span, which is when it matters);
 2. book the call against the state in force then: a call made while the key
    was at `warn`, `downgrade` or `throttle` would have met that signal;
 3. add the span to the window's totals and decide, publishing on a change.

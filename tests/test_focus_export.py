@@ -205,6 +205,28 @@ def test_export_passes_the_focus_validator(dsn: str, tmp_path: Path, suffix: str
     assert {"ServiceSubcategory", "ServiceProviderName", "HostProviderName"} <= set(columns)
 
 
+def test_the_validator_run_catches_a_broken_export(dsn: str, tmp_path: Path) -> None:
+    """The check above can fail: the same export with a mandatory column dropped and a bad currency."""
+    import csv
+
+    out = tmp_path / "focus.csv"
+    _export(dsn, out)
+    rows = _read_csv(out)
+    broken = tmp_path / "broken.csv"
+    with broken.open("w", encoding="utf-8", newline="") as handle:
+        columns = [c for c in rows[0] if c != "ChargeCategory"]
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**row, "BillingCurrency": "DOLLARS"} for row in rows)
+    report = _validate(broken, tmp_path)
+    failed = {
+        case.get("name", "").split(" ::")[0]
+        for case in report.iter("testcase")
+        if case.find("failure") is not None
+    }
+    assert {"ChargeCategory_Required", "BillingCurrency_IsCurrencyCode"} <= failed
+
+
 def test_csv_and_parquet_cost_sums_equal_clickhouse_to_the_cent(dsn: str, tmp_path: Path) -> None:
     _export(dsn, tmp_path / "focus.csv")
     _export(dsn, tmp_path / "focus.parquet")
