@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format venv kafka-jars clean
+.PHONY: demo test lint format venv kafka-jars collector clean
 
 # The environment is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -18,6 +18,11 @@ venv: $(STAMP)
 # Resolve the pinned Apache Kafka jars from Maven Central (cached under ~/.cache/burnguard).
 kafka-jars: venv
 	$(BIN)/python -c "from burnguard.deploy.kafka import kafka_classpath; kafka_classpath()"
+
+# The OpenTelemetry Collector distribution in deploy/collector, built from the Go module proxy once
+# per source hash into ~/.cache/burnguard/collector/<hash>/collector (prints the path).
+collector: venv
+	$(BIN)/python -m burnguard.deploy.gobuild collector
 
 demo: venv kafka-jars
 	$(BIN)/burnguard demo
