@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format venv kafka-jars collector clean
+.PHONY: demo test lint format venv kafka-jars collector subscriber clean
 
 # The environment is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -23,6 +23,10 @@ kafka-jars: venv
 # per source hash into ~/.cache/burnguard/collector/<hash>/collector (prints the path).
 collector: venv
 	$(BIN)/python -m burnguard.deploy.gobuild collector
+
+# The Go signal subscriber example in examples/signal-subscriber, cached the same way.
+subscriber: venv
+	$(BIN)/python -m burnguard.deploy.gobuild subscriber
 
 demo: venv kafka-jars
 	$(BIN)/burnguard demo
