@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format venv kafka-jars collector subscriber clean
+.PHONY: demo test lint format venv system-deps system-deps-demo kafka-jars collector subscriber go-programs clean
 
 # The environment is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# System packages, installed with apt when missing (deploy/system-deps.sh): Java 17, Maven and
+# python3-venv; for the tests also Chromium, and a check that Go is there to build the Go programs.
+system-deps:
+	bash deploy/system-deps.sh test
+
+system-deps-demo:
+	bash deploy/system-deps.sh demo
 
 # Resolve the pinned Apache Kafka jars from Maven Central (cached under ~/.cache/burnguard).
 kafka-jars: venv
@@ -28,10 +36,14 @@ collector: venv
 subscriber: venv
 	$(BIN)/python -m burnguard.deploy.gobuild subscriber
 
-demo: venv kafka-jars
+# Both, before pytest: a fresh machine's first Collector build takes minutes, more than a test's timeout.
+go-programs: venv
+	$(BIN)/python -m burnguard.deploy.gobuild collector subscriber
+
+demo: system-deps-demo venv kafka-jars
 	$(BIN)/burnguard demo
 
-test: venv kafka-jars
+test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
