@@ -79,6 +79,10 @@ def build(name: str) -> Path:
     A lock file keeps two test processes from building the same binary at once; the binary
     is written beside its final path and renamed, so a half-written one is never run.
     """
+    if not (PROGRAMS[name] / "go.mod").exists():
+        raise GoMissing(
+            f"the Go sources of {name} are not at {PROGRAMS[name]}: build from a clone of burnguard"
+        )
     target = binary_path(name)
     if target.exists():
         return target

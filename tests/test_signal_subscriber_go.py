@@ -102,6 +102,10 @@ class GoSubscriber:
         self.process.wait(10)
 
 
+#: A fresh machine builds the subscriber first (Go modules from the proxy) inside the test's setup.
+pytestmark = pytest.mark.timeout(600)
+
+
 @pytest.fixture(scope="module")
 def subscriber_binary() -> Path:
     return gobuild.build("subscriber")
