@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format venv kafka-jars clean
+.PHONY: demo test lint format venv system-deps system-deps-demo kafka-jars collector subscriber go-programs clean
 
 # The environment is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -15,14 +15,35 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# System packages, installed with apt when missing (deploy/system-deps.sh): Java 17, Maven and
+# python3-venv; for the tests also Chromium, and a check that Go is there to build the Go programs.
+system-deps:
+	bash deploy/system-deps.sh test
+
+system-deps-demo:
+	bash deploy/system-deps.sh demo
+
 # Resolve the pinned Apache Kafka jars from Maven Central (cached under ~/.cache/burnguard).
 kafka-jars: venv
 	$(BIN)/python -c "from burnguard.deploy.kafka import kafka_classpath; kafka_classpath()"
 
-demo: venv kafka-jars
+# The OpenTelemetry Collector distribution in deploy/collector, built from the Go module proxy once
+# per source hash into ~/.cache/burnguard/collector/<hash>/collector (prints the path).
+collector: venv
+	$(BIN)/python -m burnguard.deploy.gobuild collector
+
+# The Go signal subscriber example in examples/signal-subscriber, cached the same way.
+subscriber: venv
+	$(BIN)/python -m burnguard.deploy.gobuild subscriber
+
+# Both, before pytest: a fresh machine's first Collector build takes minutes, more than a test's timeout.
+go-programs: venv
+	$(BIN)/python -m burnguard.deploy.gobuild collector subscriber
+
+demo: system-deps-demo venv kafka-jars
 	$(BIN)/burnguard demo
 
-test: venv kafka-jars
+test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

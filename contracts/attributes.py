@@ -75,6 +75,10 @@ ATTRIBUTION_KEYS: Final[dict[str, str]] = {
 }
 #: Reverse lookup: attribute name -> dimension.
 ATTRIBUTION_BY_ATTRIBUTE: Final[dict[str, str]] = {v: k for k, v in ATTRIBUTION_KEYS.items()}
+#: The deprecated OpenTelemetry spelling of `user.id`, still set by older SDKs and on resources.
+ENDUSER_ID: Final = "enduser.id"
+#: Deprecated spellings accepted on input: attribute -> dimension (fill an empty field only).
+DEPRECATED_ATTRIBUTION: Final[dict[str, str]] = {ENDUSER_ID: "user"}
 #: OpenLLMetry spellings accepted on input: traceloop...properties.<name> -> dimension.
 TRACELOOP_ATTRIBUTION: Final[dict[str, str]] = {
     TRACELOOP_ASSOCIATION_PREFIX + name: dimension

@@ -12,6 +12,8 @@ Attribute order does not matter: a canonical attribute wins over a deprecated or
 foreign spelling of the same field, which fills the field only when the
 canonical ones left it empty (of two such spellings, the one listed first in
 the table); a key repeated in one span (OTLP forbids it) keeps its last value.
+Attribution (tenant, user, ...) missing from a span is taken from its resource
+(`resource_attribution`); the span's own value, in any spelling, wins.
 """
 
 from __future__ import annotations
@@ -148,6 +150,10 @@ for _attribute, _dimension in attr.ATTRIBUTION_BY_ATTRIBUTE.items():
     _read(_attribute, _dimension, _read_str)
 for _attribute, _dimension in attr.TRACELOOP_ATTRIBUTION.items():
     _read(_attribute, _dimension, _read_str, if_empty=True)
+for _attribute, _dimension in attr.DEPRECATED_ATTRIBUTION.items():
+    _read(_attribute, _dimension, _read_str, if_empty=True)
+#: The attribution spellings, also read from the resource (`resource_attribution`).
+_ATTRIBUTION_SLOTS = {key: slot for key, slot in _SLOTS.items() if _FIELDS[slot[0]] in attr.ATTRIBUTION_KEYS}
 
 #: Attributes whose presence makes a span a GenAI span worth accounting.
 _GENAI_MARKERS = (attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM)
@@ -235,11 +241,41 @@ def iter_usage(request: Message) -> Iterator[SpanUsage]:
     for resource_spans in request.resource_spans:
         service = resource_spans.resource.attributes.get(attr.SERVICE_NAME)
         service = service.string_value if service is not None else ""
+        inherited = resource_attribution(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 usage = _span_usage(span, service)
                 if usage is not None:
+                    for dimension, value in inherited.items():
+                        if not getattr(usage, dimension):
+                            setattr(usage, dimension, value)
                     yield usage
+
+
+def resource_attribution(attributes: Mapping[str, AnyValue]) -> dict[str, str]:
+    """The attribution a resource carries (`OTEL_RESOURCE_ATTRIBUTES=burnguard.tenant=...`), by dimension.
+
+    The OTel way to say "this deployment serves one tenant". A resource value fills only what the
+    span left empty: any spelling on the span, deprecated or foreign included, wins over the
+    resource. Among the resource's own spellings the span's precedence applies (canonical first).
+    """
+    if not attributes:
+        return {}
+    values: dict[str, str] = {}
+    fallbacks: list[tuple[int, str]] = []
+    for key in attributes:
+        slot = _ATTRIBUTION_SLOTS.get(key)
+        if slot is None:
+            continue
+        if slot[2] is None:
+            values[_FIELDS[slot[0]]] = slot[1](attributes[key])
+        else:
+            fallbacks.append((slot[2], key))
+    for _rank, key in sorted(fallbacks):
+        dimension = _FIELDS[_ATTRIBUTION_SLOTS[key][0]]
+        if not values.get(dimension):
+            values[dimension] = _ATTRIBUTION_SLOTS[key][1](attributes[key])
+    return {dimension: value for dimension, value in values.items() if value}
 
 
 def _is_accounted(attributes: Mapping[str, AnyValue]) -> bool:

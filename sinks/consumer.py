@@ -76,6 +76,7 @@ from typing import Any
 
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import BudgetConfig, load_budget_file
+from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
@@ -788,6 +789,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="Kafka group session timeout: how soon a dead sink's partitions move on",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="kafka-python's INFO chatter too (BURNGUARD_VERBOSE)"
+    )
     return parser.parse_args(argv)
 
 
@@ -803,6 +807,7 @@ def main(argv: Sequence[str] = ()) -> int:
         level=os.environ.get("BURNGUARD_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_library_logs(args.verbose or None)
     stop_event = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import faust
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
+from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.otlp import MalformedSpans, decode_usage
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal, signal_key
@@ -595,6 +596,7 @@ def create_job(settings: StreamSettings | None = None) -> BudgetJob:
 
 def run_worker(settings: StreamSettings | None = None, loglevel: str = "info") -> None:
     """Run one worker of the job until SIGTERM / SIGINT."""
+    quiet_library_logs()
     job = create_job(settings)
     worker = faust.Worker(job.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

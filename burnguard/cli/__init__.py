@@ -34,6 +34,33 @@ console = Console()
 StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]
 BudgetsFile = Annotated[Path | None, typer.Option("--budgets", help="Budget YAML file for the worker.")]
 Bootstrap = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: env or dev stack).")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Show the Kafka clients' INFO chatter too.")]
+#: The modules each extra brings: a command that needs a missing one says so in one line.
+_EXTRA_MODULES = {"stream": ("faust",), "sinks": ("clickhouse_connect", "chdb")}
+
+
+def _require_extras(command: str, *extras: str) -> None:
+    """Exit with one line naming the extra to install, instead of a traceback on the base install."""
+    import importlib.util
+
+    missing = [e for e in extras if any(importlib.util.find_spec(m) is None for m in _EXTRA_MODULES[e])]
+    if missing:
+        typer.echo(
+            f"error: `burnguard {command}` needs the {' and '.join(missing)} extra: "
+            f"pip install 'burnguard[{','.join(missing)}]'",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def _verbose(verbose: bool) -> None:
+    """`--verbose` reaches this process and the ones it starts (`contracts.logs`)."""
+    if verbose:
+        import os
+
+        from burnguard.contracts.logs import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
 
 
 def _bootstrap(bootstrap: str | None, state_dir: Path = Path(".burnguard")) -> str:
@@ -45,8 +72,12 @@ def _bootstrap(bootstrap: str | None, state_dir: Path = Path(".burnguard")) -> s
 
 
 @dev_app.command("up")
-def dev_up(state_dir: StateDir = Path(".burnguard"), budgets: BudgetsFile = None) -> None:
+def dev_up(
+    state_dir: StateDir = Path(".burnguard"), budgets: BudgetsFile = None, verbose: Verbose = False
+) -> None:
     """Start a Kafka broker, a stream worker and a ClickHouse sink in the background."""
+    _require_extras("dev up", "stream", "sinks")
+    _verbose(verbose)
     from burnguard.cli.devstack import DevStack
 
     stack = DevStack(state_dir, budgets)
@@ -75,6 +106,7 @@ def dev_status(state_dir: StateDir = Path(".burnguard")) -> None:
 @app.command()
 def demo(state_dir: StateDir = Path(".burnguard/demo")) -> None:
     """Run a simulated multi-tenant app against the real pipeline until one tenant is throttled."""
+    _require_extras("demo", "stream", "sinks")
     from burnguard.cli.demo import DEMO_BUDGETS, print_summary, read_back, simulate
     from burnguard.cli.devstack import DevStack
 
@@ -99,9 +131,12 @@ def demo(state_dir: StateDir = Path(".burnguard/demo")) -> None:
 
 
 @app.command()
-def worker(budgets: BudgetsFile = None, bootstrap: Bootstrap = None) -> None:
+def worker(budgets: BudgetsFile = None, bootstrap: Bootstrap = None, verbose: Verbose = False) -> None:
     """Run one stream worker in the foreground."""
     import os
+
+    _require_extras("worker", "stream")
+    _verbose(verbose)
 
     if budgets:
         os.environ["BURNGUARD_BUDGETS_FILE"] = str(budgets)
@@ -114,9 +149,14 @@ def worker(budgets: BudgetsFile = None, bootstrap: Bootstrap = None) -> None:
 
 
 @app.command()
-def sink(bootstrap: Bootstrap = None, dsn: Annotated[str | None, typer.Option()] = None) -> None:
+def sink(
+    bootstrap: Bootstrap = None, dsn: Annotated[str | None, typer.Option()] = None, verbose: Verbose = False
+) -> None:
     """Run the ClickHouse sink in the foreground."""
     import os
+
+    _require_extras("sink", "sinks")
+    _verbose(verbose)
 
     if bootstrap:
         os.environ["BURNGUARD_KAFKA_BOOTSTRAP"] = bootstrap

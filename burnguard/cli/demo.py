@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -109,6 +111,19 @@ def _table(tenants: list[Tenant], elapsed: float) -> Table:
     return table
 
 
+@contextmanager
+def live_display(renderable: Table, console: Console) -> Iterator[Live]:
+    """rich's `Live`, whose last frame ends its line wherever the output goes.
+
+    On a terminal `Live` ends with a newline; into a pipe or a log (`make demo | tee`) it does
+    not, and the next table's title would be printed on the last frame's bottom border.
+    """
+    with Live(renderable, console=console, refresh_per_second=8) as live:
+        yield live
+    if not console.is_terminal:
+        console.line()
+
+
 def _call(tenant: Tenant) -> None:
     import burnguard
 
@@ -156,7 +171,7 @@ def simulate(bootstrap: str, console: Console, timeout_s: float = 180.0) -> Demo
     runtime = burnguard.configure(settings, service_name="demo-app", budgets=budgets, guard=guard)
     started = time.monotonic()
     try:
-        with Live(_table(tenants, 0), console=console, refresh_per_second=8) as live:
+        with live_display(_table(tenants, 0), console) as live:
             tick = 0
             while not _finished(by_name):
                 if time.monotonic() - started > timeout_s:
