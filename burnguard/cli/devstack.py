@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
@@ -157,10 +158,14 @@ def terminate(pid: int, timeout: float = 30.0) -> None:
         return
 
 
-def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
-    """Messages on `topics` that consumer group `group` has not committed yet."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+def group_lag(bootstrap: str, group: str, topics: list[str], client: dict[str, Any] | None = None) -> int:
+    """Messages on `topics` that consumer group `group` has not committed yet.
+
+    `client` replaces the plain connection to `bootstrap` (kafka-python arguments, e.g. SASL).
+    """
+    config = client or {"bootstrap_servers": bootstrap}
+    admin = KafkaAdminClient(**config)
+    consumer = KafkaConsumer(**config)
     try:
         committed = admin.list_group_offsets(group).get(group, {})
         partitions = [
@@ -177,11 +182,13 @@ def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
         admin.close()
 
 
-def wait_until_consumed(bootstrap: str, group: str, topics: list[str], timeout: float = 60.0) -> int:
+def wait_until_consumed(
+    bootstrap: str, group: str, topics: list[str], timeout: float = 60.0, client: dict[str, Any] | None = None
+) -> int:
     """Wait until `group` has committed everything on `topics`; return the lag left."""
     deadline = time.monotonic() + timeout
-    lag = group_lag(bootstrap, group, topics)
+    lag = group_lag(bootstrap, group, topics, client)
     while lag and time.monotonic() < deadline:
         time.sleep(0.25)
-        lag = group_lag(bootstrap, group, topics)
+        lag = group_lag(bootstrap, group, topics, client)
     return lag
