@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 
 PRINCIPALS = ("app", "worker", "sink", "admin")
 """SASL user names of the components; each is the principal ``User:<name>``."""
@@ -93,7 +93,10 @@ def apply_acls(grants: list[Grant], kafka: KafkaSettings | None = None, **client
     """
     from kafka.admin import KafkaAdminClient
 
-    config = client or (kafka or KafkaSettings.from_env()).kafka_python_config()
+    if not client:
+        kafka = kafka or KafkaSettings.from_env()
+        check_connection(kafka)
+    config = client or kafka.kafka_python_config()
     admin = KafkaAdminClient(**config, client_id="burnguard-acls")
     try:
         result = admin.create_acls(to_kafka_acls(grants))

@@ -10,6 +10,7 @@ password appears in any log of the run or on any command line.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,17 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from burnguard.contracts.acls import PRINCIPALS, acl_set, apply_acls
+from burnguard.contracts.acls import PRINCIPALS, acl_set
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.topics import KafkaSettings, check_connection
 from burnguard.deploy.kafka import KafkaBroker
-from burnguard.deploy.kafka.security import BrokerSecurity
+from burnguard.deploy.kafka.security import SUPER_USER, BrokerSecurity
 from burnguard.instrumentation import Settings
 from burnguard.instrumentation.runtime import reset_runtime
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import SaslAuthenticationFailedError, TopicAuthorizationFailedError
+from typer.testing import CliRunner
 
 import burnguard
+from burnguard.cli import app as cli
 from burnguard.cli.devstack import wait_until_consumed
 from tests.fixtures.pipeline import Pipeline, _pipeline_on, _stop_all
 
@@ -61,10 +64,13 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBro
 
 @pytest.fixture
 def secure_pipeline(secure_broker: KafkaBroker, tmp_path: Path) -> Iterator[Pipeline]:
-    """Topics of this test, with the ACL set applied for them by the broker's super user."""
+    """Topics of this test, with the ACL set applied for them by the broker's super user (the CLI)."""
     pipe = _pipeline_on(secure_broker, tmp_path)
-    grants = acl_set(pipe.topics, pipe.env["BURNGUARD_STREAM_APP_ID"], pipe.env["BURNGUARD_SINK_GROUP"])
-    apply_acls(grants, **secure_broker.client_config())
+    result = CliRunner().invoke(
+        cli, ["kafka", "acls", "--apply"], env={**pipe.env, **env_of(secure_broker, SUPER_USER)}
+    )
+    assert result.exit_code == 0, result.output
+    assert f"applied {len(acl_set(pipe.topics, 'a', 'b'))} ACLs" in result.output
     try:
         yield pipe
     finally:
@@ -254,3 +260,52 @@ def test_broker_secrets_are_in_owner_only_files(secure_broker: KafkaBroker) -> N
     properties = secure_broker.properties_path.read_text()
     assert "org.apache.kafka.metadata.authorizer.StandardAuthorizer" in properties
     assert "SASL_SSL://127.0.0.1" in properties and "PLAINTEXT://" not in properties
+
+
+def test_dev_up_secure_starts_a_locked_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_dir = tmp_path / "stack"
+    burnguard_cli = str(Path(sys.executable).with_name("burnguard"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BURNGUARD_")}
+    up = subprocess.run(
+        [burnguard_cli, "dev", "up", "--secure", "--state-dir", str(state_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        stack = json.loads((state_dir / "stack.json").read_text())
+        assert stack["secure"] is True
+        passwords = [path.read_text().strip() for path in (state_dir / "secrets").glob("*.password")]
+        assert len(passwords) == 5  # app, worker, sink, admin and the broker
+        passwords.append((state_dir / "kafka" / "tls" / "keystore.password").read_text().strip())
+        broker = KafkaBroker.from_state(state_dir / "kafka")
+        assert broker is not None and broker.pid is not None
+        pids = [stack["worker_pid"], stack["sink_pid"], broker.pid]
+        assert assert_no_secret_on_command_lines(pids, passwords) == 3
+        app_env = state_dir / "secrets" / "app.env"
+        assert app_env.stat().st_mode & 0o077 == 0
+        for line in app_env.read_text().splitlines():
+            name, value = line.split("=", 1)
+            monkeypatch.setenv(name, value)
+        app = KafkaSettings.from_env()
+        assert (app.security_protocol, app.sasl_username) == ("SASL_SSL", "app")
+        producer = KafkaProducer(**app.kafka_python_config(), max_block_ms=10_000)
+        try:
+            producer.send("otlp_spans", b"a span").get(timeout=15)
+            with pytest.raises(TopicAuthorizationFailedError):
+                producer.send("burnguard.signals", key=b"acme", value=b"{}").get(timeout=15)
+        finally:
+            producer.close()
+        logs = [*(state_dir / "logs").glob("*.log"), state_dir / "kafka" / "broker.log"]
+        assert_no_secret_in_files(logs, passwords)
+        assert "Ready" in (state_dir / "logs" / "worker.log").read_text()
+    finally:
+        down = subprocess.run(
+            [burnguard_cli, "dev", "down", "--state-dir", str(state_dir)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+    assert down.returncode == 0

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from burnguard.cli.budgets import budgets_app
 from burnguard.cli.history import db_app, report
+from burnguard.cli.kafka import kafka_app
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
@@ -22,6 +23,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(signals_app, name="signals")
 app.add_typer(db_app, name="db")
+app.add_typer(kafka_app, name="kafka")
 app.command("report")(report)
 console = Console()
 
@@ -39,13 +41,22 @@ def _bootstrap(bootstrap: str | None, state_dir: Path = Path(".burnguard")) -> s
 
 
 @dev_app.command("up")
-def dev_up(state_dir: StateDir = Path(".burnguard"), budgets: BudgetsFile = None) -> None:
+def dev_up(
+    state_dir: StateDir = Path(".burnguard"),
+    budgets: BudgetsFile = None,
+    secure: Annotated[bool, typer.Option("--secure", help="SASL_SSL, ACLs, a user per component.")] = False,
+) -> None:
     """Start a Kafka broker, a stream worker and a ClickHouse sink in the background."""
     from burnguard.cli.devstack import DevStack
 
-    stack = DevStack(state_dir, budgets)
+    stack = DevStack(state_dir, budgets, secure=secure)
     state = stack.up()
     console.print(f"[green]up[/]: Kafka at {state['bootstrap']}, ClickHouse at {state['clickhouse_dsn']}")
+    if secure:
+        console.print(
+            f"SASL_SSL with ACLs; each principal's settings are in {stack.secrets_dir}/<app|sink|admin>.env"
+            f" (0600): `set -a; . {stack.secrets_dir}/app.env; set +a` before starting an app"
+        )
     console.print(f"logs in {stack.log_dir}; stop with `burnguard dev down --state-dir {state_dir}`")
 
 
