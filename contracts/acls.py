@@ -37,9 +37,16 @@ def acl_set(topics: Topics, stream_app_id: str, sink_group: str) -> list[Grant]:
 
     The worker creates the topics it writes and, as a Faust app, owns every topic
     whose name starts with its app id (table changelogs, the assignor's leader
-    topic) and the consumer group of that id.
+    topic) and the consumer group of that id; an app id that is a prefix of the spans or
+    budgets topic is refused, since that grant would cover them.
     """
     worker_writes = (topics.signals, topics.usage, topics.budget_usage, topics.deadletter)
+    for name in (topics.spans, topics.budgets):
+        if name.startswith(stream_app_id):
+            raise ValueError(
+                f"stream app id {stream_app_id!r} is a prefix of topic {name!r}: the worker's "
+                "prefixed ACL would let it write that topic; choose another app id"
+            )
     return [
         *_topic("app", "WRITE", topics.spans),
         *_topic("app", "READ", topics.signals, topics.budgets),

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from burnguard.contracts.acls import PRINCIPALS, acl_set
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.contracts.topics import KafkaSettings, check_connection
+from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.deploy.kafka.security import SUPER_USER, BrokerSecurity
 from burnguard.instrumentation import Settings
@@ -240,6 +240,19 @@ def test_wrong_password_fails_fast_with_a_clear_error(
     assert "user 'sink' (SCRAM-SHA-512): wrong password" in pipe.log("sink")
     assert "user 'worker' (SCRAM-SHA-512): wrong password" in pipe.log("worker")
 
+    admin_env = {**pipe.env, **env_of(broker, "admin"), "BURNGUARD_KAFKA_SASL_PASSWORD": wrong}
+    cli = subprocess.Popen(
+        [str(Path(sys.executable).with_name("burnguard")), "budgets", "list"],
+        env=admin_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 2, output
+    assert "user 'admin' (SCRAM-SHA-512): wrong password" in output and "Traceback" not in output
+    assert wrong not in output
+
     settings = settings_of(broker, "app", monkeypatch)
     monkeypatch.setenv("BURNGUARD_KAFKA_SASL_PASSWORD", wrong)
     started = time.monotonic()
@@ -309,3 +322,24 @@ def test_dev_up_secure_starts_a_locked_stack(tmp_path: Path, monkeypatch: pytest
             timeout=120,
         )
     assert down.returncode == 0
+
+
+def test_acl_set_gives_each_control_topic_one_writer() -> None:
+    topics = Topics()
+    grants = acl_set(topics, "burnguard-stream", "burnguard-sink")
+
+    def writers(topic: str) -> set[str]:
+        return {
+            grant.principal
+            for grant in grants
+            if grant.resource == "topic"
+            and grant.operation in ("WRITE", "ALL")
+            and (topic.startswith(grant.name) if grant.prefixed else topic == grant.name)
+        }
+
+    assert writers(topics.signals) == {"worker"}
+    assert writers(topics.budgets) == {"admin"}
+    assert writers(topics.spans) == {"app"}
+    assert [(g.principal, g.operation) for g in grants if g.resource == "cluster"] == [("admin", "CREATE")]
+    with pytest.raises(ValueError, match=r"prefix of topic 'burnguard\.budgets'"):
+        acl_set(topics, "burnguard.", "burnguard-sink")

@@ -14,7 +14,7 @@ from rich.console import Console
 from burnguard.cli.budgets import budgets_app
 from burnguard.cli.history import db_app, report
 from burnguard.cli.kafka import kafka_app
-from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
 dev_app = typer.Typer(help="A local broker, worker and sink as background processes.", no_args_is_help=True)
@@ -146,6 +146,7 @@ def signals_tail(
     from burnguard.contracts.signals import Signal
 
     kafka = KafkaSettings.from_env(_bootstrap(bootstrap))
+    check_connection(kafka)
     consumer = KafkaConsumer(
         Topics.from_env().signals,
         **kafka.kafka_python_config(),
@@ -175,4 +176,11 @@ def signals_tail(
 
 
 def main() -> None:
-    app()
+    """The entry point: refused Kafka credentials end in one line, not a traceback."""
+    from kafka.errors import SaslAuthenticationFailedError
+
+    try:
+        app()
+    except SaslAuthenticationFailedError as exc:
+        console.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
