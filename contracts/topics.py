@@ -6,7 +6,9 @@ logged, and `KafkaSettings.__repr__` hides them.
 
 from __future__ import annotations
 
+import logging
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,8 @@ class KafkaSettings:
     sasl_mechanism: str | None = None
     sasl_username: str | None = field(default=None, repr=False)
     sasl_password: str | None = field(default=None, repr=False)
+    #: PEM file of the CA (or self-signed broker certificate) to trust; else the system's CAs.
+    ssl_cafile: str | None = None
 
     @classmethod
     def from_env(cls, bootstrap: str | None = None) -> KafkaSettings:
@@ -54,10 +58,32 @@ class KafkaSettings:
             sasl_mechanism=env.get("BURNGUARD_KAFKA_SASL_MECHANISM"),
             sasl_username=env.get("BURNGUARD_KAFKA_SASL_USERNAME"),
             sasl_password=env.get("BURNGUARD_KAFKA_SASL_PASSWORD"),
+            ssl_cafile=env.get("BURNGUARD_KAFKA_SSL_CAFILE"),
         )
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol.upper() in ("SSL", "SASL_SSL")
+
+    def check(self) -> None:
+        """Fail early, naming the variable (never its value), on an incomplete SASL setup."""
+        if not self.security_protocol.upper().startswith("SASL_"):
+            return
+        missing = [
+            f"BURNGUARD_KAFKA_SASL_{name.upper()}"
+            for name in ("mechanism", "username", "password")
+            if not getattr(self, f"sasl_{name}")
+        ]
+        if missing:
+            raise ValueError(f"Kafka security protocol {self.security_protocol} needs {', '.join(missing)}")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for aiokafka/Faust (kafka-python takes `ssl_cafile` instead)."""
+        return ssl.create_default_context(cafile=self.ssl_cafile) if self.uses_ssl else None
 
     def kafka_python_config(self) -> dict[str, Any]:
         """Keyword arguments for kafka-python clients."""
+        self.check()
         config: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap.split(","),
             "security_protocol": self.security_protocol,
@@ -68,7 +94,66 @@ class KafkaSettings:
                 sasl_plain_username=self.sasl_username,
                 sasl_plain_password=self.sasl_password,
             )
+        if self.ssl_cafile and self.uses_ssl:
+            config["ssl_cafile"] = self.ssl_cafile
         return config
+
+
+class _AuthFailures(logging.Handler):
+    """Notices kafka-python logging a refused SASL handshake (it retries them until a timeout).
+
+    kafka-python often drops the broker's refusal when the close follows it in the
+    same read, and logs a bare "socket disconnected"; those are counted too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.refused = 0
+        self.disconnected = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from kafka.errors import KafkaConnectionError, SaslAuthenticationFailedError
+
+        if record.name != "kafka.net.manager":  # its bootstrap warning carries the cause
+            return
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, SaslAuthenticationFailedError):
+                self.refused += 1
+            elif isinstance(arg, KafkaConnectionError) and "socket disconnected" in str(arg):
+                self.disconnected += 1
+
+
+def check_connection(kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
+    """Connect once (with SASL), so refused credentials end a start-up with a clear error, not a wait.
+
+    kafka-python retries a refused SASL handshake until its bootstrap timeout and then
+    only says "Unable to bootstrap". This raises `SaslAuthenticationFailedError` naming
+    the broker and user (never the password) within `timeout_s`.
+    """
+    if not kafka.sasl_mechanism:
+        return
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
+
+    watcher, logger = _AuthFailures(), logging.getLogger("kafka.net")
+    level = logger.level
+    logger.addHandler(watcher)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        KafkaAdminClient(**kafka.kafka_python_config(), bootstrap_timeout_ms=int(timeout_s * 1000)).close()
+    except KafkaTimeoutError:
+        if not watcher.refused and not watcher.disconnected:
+            raise  # e.g. connection refused: no broker there
+        how = "refused" if watcher.refused else "closed every connection during authentication of"
+        raise SaslAuthenticationFailedError(
+            f"Kafka at {kafka.bootstrap} {how} user {kafka.sasl_username!r} ({kafka.sasl_mechanism}): "
+            "wrong password or unknown user? Check BURNGUARD_KAFKA_SASL_USERNAME and _PASSWORD"
+        ) from None
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +173,7 @@ def ensure_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str]:
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    check_connection(kafka)
     admin = KafkaAdminClient(**kafka.kafka_python_config())
     created = []
     try:

@@ -80,7 +80,7 @@ from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
-from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect, default_dsn, redact_dsn
 from burnguard.sinks.schema import DEFAULT_SPAN_TTL_DAYS, migrate
@@ -822,6 +822,7 @@ def main(argv: Sequence[str] = ()) -> int:
         consumer_options["heartbeat_interval_ms"] = max(args.session_timeout_ms // 3, 100)
     kafka = KafkaSettings.from_env(args.bootstrap)
     try:
+        check_connection(kafka)
         run_sink(
             kafka,
             Topics.from_env(),

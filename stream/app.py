@@ -136,12 +136,14 @@ def _now() -> datetime:
 
 def _faust_credentials(settings: StreamSettings) -> Any:
     kafka = settings.kafka
+    kafka.check()
     if not kafka.sasl_mechanism:
-        return None
+        return faust.SSLCredentials(kafka.ssl_context()) if kafka.uses_ssl else None
     return faust.SASLCredentials(
         username=kafka.sasl_username,
         password=kafka.sasl_password,
         mechanism=kafka.sasl_mechanism,
+        ssl_context=kafka.ssl_context(),
     )
 
 

@@ -14,9 +14,10 @@ from rich.console import Console
 from burnguard.cli.budgets import budgets_app
 from burnguard.cli.export import export_app
 from burnguard.cli.history import db_app, report
+from burnguard.cli.kafka import kafka_app
 from burnguard.cli.notify import notify
 from burnguard.cli.simulate import simulate
-from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 
 app = typer.Typer(help="burnguard: LLM spend as a runtime signal.", no_args_is_help=True)
 dev_app = typer.Typer(help="A local broker, worker and sink as background processes.", no_args_is_help=True)
@@ -26,6 +27,7 @@ app.add_typer(budgets_app, name="budgets")
 app.add_typer(signals_app, name="signals")
 app.add_typer(db_app, name="db")
 app.add_typer(export_app, name="export")
+app.add_typer(kafka_app, name="kafka")
 app.command("report")(report)
 app.command("notify")(notify)
 budgets_app.command("simulate")(simulate)
@@ -73,16 +75,24 @@ def _bootstrap(bootstrap: str | None, state_dir: Path = Path(".burnguard")) -> s
 
 @dev_app.command("up")
 def dev_up(
-    state_dir: StateDir = Path(".burnguard"), budgets: BudgetsFile = None, verbose: Verbose = False
+    state_dir: StateDir = Path(".burnguard"),
+    budgets: BudgetsFile = None,
+    secure: Annotated[bool, typer.Option("--secure", help="SASL_SSL, ACLs, a user per component.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Start a Kafka broker, a stream worker and a ClickHouse sink in the background."""
     _require_extras("dev up", "stream", "sinks")
     _verbose(verbose)
     from burnguard.cli.devstack import DevStack
 
-    stack = DevStack(state_dir, budgets)
+    stack = DevStack(state_dir, budgets, secure=secure)
     state = stack.up()
     console.print(f"[green]up[/]: Kafka at {state['bootstrap']}, ClickHouse at {state['clickhouse_dsn']}")
+    if secure:
+        console.print(
+            f"SASL_SSL with ACLs; each principal's settings are in {stack.secrets_dir}/<app|sink|admin>.env"
+            f" (0600): `set -a; . {stack.secrets_dir}/app.env; set +a` before starting an app"
+        )
     console.print(f"logs in {stack.log_dir}; stop with `burnguard dev down --state-dir {state_dir}`")
 
 
@@ -181,6 +191,7 @@ def signals_tail(
     from burnguard.contracts.signals import Signal
 
     kafka = KafkaSettings.from_env(_bootstrap(bootstrap))
+    check_connection(kafka)
     consumer = KafkaConsumer(
         Topics.from_env().signals,
         **kafka.kafka_python_config(),
@@ -210,4 +221,11 @@ def signals_tail(
 
 
 def main() -> None:
-    app()
+    """The entry point: refused Kafka credentials end in one line, not a traceback."""
+    from kafka.errors import SaslAuthenticationFailedError
+
+    try:
+        app()
+    except SaslAuthenticationFailedError as exc:
+        console.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

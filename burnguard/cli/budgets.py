@@ -27,7 +27,7 @@ from burnguard.contracts.budgets import (
     to_records,
 )
 from burnguard.contracts.compacted_topics import read_compacted_topic
-from burnguard.contracts.topics import KafkaSettings, Topics, TopicSpec, ensure_topics
+from burnguard.contracts.topics import KafkaSettings, Topics, TopicSpec, check_connection, ensure_topics
 
 budgets_app = typer.Typer(help="Budget files and the budgets topic.", no_args_is_help=True)
 console = Console()
@@ -68,6 +68,7 @@ def _load_or_exit(file: Path) -> BudgetConfig:
 
 
 def _current_records(kafka: KafkaSettings, topic: str) -> dict[str, bytes]:
+    check_connection(kafka)  # refused credentials: a clear error now, not a read timeout
     return {key.decode(): value for key, value in read_compacted_topic(kafka, topic).items()}
 
 

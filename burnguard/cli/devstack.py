@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+from burnguard.contracts.acls import PRINCIPALS, acl_set, apply_acls
 from burnguard.contracts.topics import Topics
 from burnguard.deploy.kafka import KafkaBroker, pid_alive, port_is_free
+from burnguard.deploy.kafka.security import SUPER_USER, BrokerSecurity, write_private
 
 SINK_GROUP = "burnguard-sink"
 WORKER_READY = "[^Worker]: Ready"  # what Faust logs once partitions are assigned and tables recovered
@@ -33,6 +37,12 @@ class DevStack:
     budgets_file: Path | None = None
     topics: Topics = field(default_factory=Topics.from_env)
     spans_partitions: int = 4
+    #: SASL_SSL with the ACL set of contracts/acls.py; credentials in secrets/<user>.env (0600).
+    secure: bool = False
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
 
     @property
     def state_file(self) -> Path:
@@ -59,22 +69,55 @@ class DevStack:
     def up(self, signal_refresh_s: float = 30.0) -> dict:
         """Start broker, worker and sink (whatever is not running yet); return the state."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        security = self._security() if self.secure else None
         broker = KafkaBroker.from_state(self.state_dir / "kafka")
         if broker is None or not broker.is_running():
             port = DEFAULT_LOCAL_PORT if port_is_free(DEFAULT_LOCAL_PORT) else None
-            broker = KafkaBroker(self.state_dir / "kafka", port=port).start(detach=True)
+            broker = KafkaBroker(self.state_dir / "kafka", port=port, security=security).start(detach=True)
+        elif self.read_state().get("secure", False) != self.secure:
+            raise RuntimeError(
+                "the running stack's security differs; stop it first with `burnguard dev down`"
+            )
+        broker.security = security
         broker.create_topic(self.topics.spans, partitions=self.spans_partitions)
-        state = {"bootstrap": broker.bootstrap, "clickhouse_dsn": self.clickhouse_dsn}
+        state = {"bootstrap": broker.bootstrap, "clickhouse_dsn": self.clickhouse_dsn, "secure": self.secure}
         env = self.component_env(broker.bootstrap, signal_refresh_s)
+        if security is not None:
+            self._lock_down(broker, security)
         previous = self.read_state()
         for name, module in (("worker", "burnguard.stream"), ("sink", "burnguard.sinks")):
             pid = previous.get(f"{name}_pid")
             if not (pid and pid_alive(pid)):
-                pid = self._spawn(module, env, self.log_dir / f"{name}.log")
+                own = security.client_env(broker.data_dir, name) if security else {}
+                pid = self._spawn(module, {**env, **own}, self.log_dir / f"{name}.log")
             state[f"{name}_pid"] = pid
         self._write_state(state)
         self.wait_worker_ready()
         return state
+
+    def _security(self) -> BrokerSecurity:
+        """The users' passwords: made once, kept in 0600 files so a restart finds the same ones."""
+        users = {}
+        for name in (*PRINCIPALS, SUPER_USER):
+            path = self.secrets_dir / f"{name}.password"
+            if not path.is_file():
+                write_private(path, secrets.token_urlsafe(24))
+            users[name] = path.read_text().strip()
+        return BrokerSecurity(users)
+
+    def _lock_down(self, broker: KafkaBroker, security: BrokerSecurity) -> None:
+        """Apply the ACL set as the broker's super user; write each principal's env file."""
+        from burnguard.stream.settings import StreamSettings
+
+        app_id = os.environ.get("BURNGUARD_STREAM_APP_ID", StreamSettings.app_id)
+        grants = acl_set(self.topics, app_id, os.environ.get("BURNGUARD_SINK_GROUP", SINK_GROUP))
+        apply_acls(grants, **broker.client_config())
+        for name in PRINCIPALS:
+            lines = {
+                "BURNGUARD_KAFKA_BOOTSTRAP": broker.bootstrap,
+                **security.client_env(broker.data_dir, name),
+            }
+            write_private(self.secrets_dir / f"{name}.env", "".join(f"{k}={v}\n" for k, v in lines.items()))
 
     def wait_worker_ready(self, timeout: float = 90.0) -> None:
         """Block until the worker has joined its group and recovered its tables."""
@@ -157,10 +200,14 @@ def terminate(pid: int, timeout: float = 30.0) -> None:
         return
 
 
-def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
-    """Messages on `topics` that consumer group `group` has not committed yet."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+def group_lag(bootstrap: str, group: str, topics: list[str], client: dict[str, Any] | None = None) -> int:
+    """Messages on `topics` that consumer group `group` has not committed yet.
+
+    `client` replaces the plain connection to `bootstrap` (kafka-python arguments, e.g. SASL).
+    """
+    config = client or {"bootstrap_servers": bootstrap}
+    admin = KafkaAdminClient(**config)
+    consumer = KafkaConsumer(**config)
     try:
         committed = admin.list_group_offsets(group).get(group, {})
         partitions = [
@@ -177,11 +224,13 @@ def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
         admin.close()
 
 
-def wait_until_consumed(bootstrap: str, group: str, topics: list[str], timeout: float = 60.0) -> int:
+def wait_until_consumed(
+    bootstrap: str, group: str, topics: list[str], timeout: float = 60.0, client: dict[str, Any] | None = None
+) -> int:
     """Wait until `group` has committed everything on `topics`; return the lag left."""
     deadline = time.monotonic() + timeout
-    lag = group_lag(bootstrap, group, topics)
+    lag = group_lag(bootstrap, group, topics, client)
     while lag and time.monotonic() < deadline:
         time.sleep(0.25)
-        lag = group_lag(bootstrap, group, topics)
+        lag = group_lag(bootstrap, group, topics, client)
     return lag

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from burnguard.deploy.kafka.security import BrokerSecurity, write_private
+
 __all__ = [
     "KAFKA_VERSION",
     "KafkaBroker",
@@ -299,6 +301,7 @@ class KafkaBroker:
         num_partitions: int = 4,
         java: str | None = None,
         jvm_options: Sequence[str] | None = None,
+        security: BrokerSecurity | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port if port is not None else _new_free_port(set())
@@ -310,6 +313,7 @@ class KafkaBroker:
         self.num_partitions = num_partitions
         self.java = java
         self.jvm_options = tuple(DEFAULT_JVM_OPTIONS if jvm_options is None else jvm_options)
+        self.security = security
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -364,7 +368,13 @@ class KafkaBroker:
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
-        }
+        } | self._security_properties()
+
+    def _security_properties(self) -> dict[str, str]:
+        """SASL_SSL listeners and the authorizer when the broker is secured, else nothing."""
+        if self.security is None:
+            return {}
+        return self.security.server_properties(self.data_dir, self.port, self.controller_port)
 
     def log4j_properties(self) -> dict[str, str]:
         """Log4j2 config: console (redirected to broker.log), INFO for Kafka, WARN else."""
@@ -418,19 +428,20 @@ class KafkaBroker:
         """Format ``log.dirs`` once; a restart finds meta.properties and keeps the data."""
         if (self.log_dirs / "meta.properties").exists():
             return
-        cmd = self._java_cmd(
-            java,
-            classpath,
-            "kafka.tools.StorageTool",
-            "format",
-            "--cluster-id",
-            new_cluster_id(),
-            "--config",
-            str(self.properties_path),
-            "--ignore-formatted",
-        )
-        with open(self.log_path, "ab") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+        args = ["format", "--cluster-id", new_cluster_id(), "--config", str(self.properties_path)]
+        args.append("--ignore-formatted")
+        argfile = None
+        if self.security:  # SCRAM passwords go through a 0600 argfile, never argv
+            argfile = self.security.format_argfile(self.data_dir, ["kafka.tools.StorageTool", *args])
+            cmd = self._java_cmd(java, classpath, f"@{argfile}")
+        else:
+            cmd = self._java_cmd(java, classpath, "kafka.tools.StorageTool", *args)
+        try:
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+        finally:
+            if argfile is not None:
+                argfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"kafka.tools.StorageTool format failed (exit {proc.returncode}); "
@@ -450,6 +461,8 @@ class KafkaBroker:
         self._refuse_if_owned_elsewhere()
         java = find_java(self.java)
         classpath = kafka_classpath(self.version)
+        if self.security:
+            self.security.prepare(self.data_dir, java)
         self._write_configs()
         self._format_storage(java, classpath)
         self._launch(java, classpath, detach)
@@ -508,7 +521,7 @@ class KafkaBroker:
                 )
             if _accepts_tcp(self.port):
                 try:
-                    if _metadata_round_trip(self.bootstrap):
+                    if _metadata_round_trip(self.client_config()):
                         return
                 except Exception as exc:  # any client error means "not ready yet"
                     last_error = exc
@@ -624,7 +637,7 @@ class KafkaBroker:
         if compact:
             topic_config["cleanup.policy"] = "compact"
         topic = NewTopic(name, partitions, 1, topic_configs=topic_config)
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="burnguard-admin")
+        admin = KafkaAdminClient(**self.client_config(), client_id="burnguard-admin")
         try:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics([topic])
@@ -632,6 +645,13 @@ class KafkaBroker:
                 admin.wait_for_topics([name], timeout_ms=30_000)
         finally:
             admin.close()
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python arguments for an admin connection (the super user on a secure broker)."""
+        config: dict[str, Any] = {"bootstrap_servers": self.bootstrap}
+        if self.security:
+            config.update(self.security.client_config(self.data_dir))
+        return config
 
     # -- context manager ----------------------------------------------------------
 
@@ -649,16 +669,15 @@ class KafkaBroker:
 
 
 def _write_properties(path: Path, props: dict[str, str]) -> None:
-    path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
+    """Owner-only (0600): a secure broker's properties hold its JAAS and keystore passwords."""
+    write_private(path, "".join(f"{key}={value}\n" for key, value in props.items()))
 
 
-def _metadata_round_trip(bootstrap: str) -> bool:
+def _metadata_round_trip(client_config: dict[str, Any]) -> bool:
     """True when a metadata request answers and lists at least one (unfenced) broker."""
     from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap, client_id="burnguard-probe", request_timeout_ms=5000
-    )
+    admin = KafkaAdminClient(**client_config, client_id="burnguard-probe", request_timeout_ms=5000)
     try:
         return bool(admin.describe_cluster().get("brokers"))
     finally:
