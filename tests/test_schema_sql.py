@@ -11,15 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import tomllib
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 from burnguard.sinks.clickhouse import connect
-from burnguard.sinks.schema import MIGRATIONS, MIGRATIONS_TABLE, Migration, applied_versions, migrate
+from burnguard.sinks.schema import (
+    MIGRATIONS,
+    MIGRATIONS_TABLE,
+    ROLLUP_SELECTS,
+    ROLLUPS,
+    SESSIONS_TABLE,
+    SQL_DIR,
+    USAGE_1M_TABLE,
+    Migration,
+    applied_versions,
+    migrate,
+    split_statements,
+)
 from clickhouse_connect.driver.client import Client
 
-SCHEMA_SQL = Path(__file__).resolve().parent.parent / "sinks" / "sql" / "schema.sql"
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA_SQL = REPO / "sinks" / "sql" / "schema.sql"
 DEFAULT_TTLS = {"span_ttl_days": 400, "rollup_ttl_days": 800, "signal_ttl_days": 400}
 
 #: sha256 of each released migration's statements (whitespace-normalized, see `_fingerprint`).
@@ -83,6 +98,61 @@ def test_schema_migrated_from_an_older_version_is_schema_sql(client: Client, ver
         _apply(client, migration)
     assert migrate(client) == [m.version for m in MIGRATIONS[version:]]
     assert render_schema(client) == SCHEMA_SQL.read_text()
+
+
+def test_split_statements_keeps_quoted_semicolons_and_drops_comments() -> None:
+    script = """
+    -- a comment; with a semicolon
+    ALTER TABLE t ADD COLUMN c String COMMENT 'a; b -- not a comment';  -- trailing note
+    SELECT `limit`, "x;y", 'it\\'s; fine' FROM t;
+
+    ;
+    SELECT 1
+    """
+    assert split_statements(script) == (
+        "ALTER TABLE t ADD COLUMN c String COMMENT 'a; b -- not a comment'",
+        "SELECT `limit`, \"x;y\", 'it\\'s; fine' FROM t",
+        "SELECT 1",
+    )
+    with pytest.raises(ValueError, match="unterminated"):
+        split_statements("SELECT 'open;")
+
+
+def test_every_migration_file_is_a_migration_and_ships_as_package_data() -> None:
+    files = sorted(path.name for path in (SQL_DIR / "migrations").glob("*.sql"))
+    assert [int(name.split("_", 1)[0]) for name in files] == [m.version for m in MIGRATIONS]
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = package_data["burnguard.sinks"]
+    for path in SQL_DIR.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(SQL_DIR.parent).as_posix()
+            assert any(fnmatch(relative, glob) for glob in globs), f"{relative} is not package data"
+
+
+def test_rollup_selects_count_only_calls_made_in_their_latest_form() -> None:
+    """What the module-level asserts of the `.replace()` chains guarded, now on the literal SQL."""
+    assert set(ROLLUP_SELECTS) == set(ROLLUPS)
+    for table, select in ROLLUP_SELECTS.items():
+        assert select.startswith("SELECT") and "{" not in select, table
+        for line in select.splitlines():
+            if "s.operation IN (" in line or "s.operation = 'execute_tool'" in line:
+                assert "s.refused" in line, f"{table} counts refused calls: {line.strip()}"
+    assert "uniqState" not in ROLLUP_SELECTS[USAGE_1M_TABLE]  # migration 4
+    assert "AS refused_calls" in ROLLUP_SELECTS[USAGE_1M_TABLE]  # migration 5
+    assert "AS first_calls" in ROLLUP_SELECTS[SESSIONS_TABLE]  # migration 3
+
+
+def _columns(client: Client, table: str) -> set[str]:
+    query = "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}"
+    return {row[0] for row in client.query(query, parameters={"t": table}).result_rows}
+
+
+def test_every_rollup_view_writes_exactly_its_tables_columns(client: Client) -> None:
+    """A view column the table lacks is dropped and a table column the view lacks stays empty."""
+    migrate(client)
+    for table, view in ROLLUPS.items():
+        columns = {name: _columns(client, name) for name in (table, view)}
+        assert columns[view] == columns[table], table
 
 
 def main() -> None:
