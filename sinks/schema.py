@@ -146,7 +146,7 @@ class Migration:
     @classmethod
     def from_file(cls, version: int, name: str, filename: str) -> Migration:
         """The migration whose statements are those of `sql/migrations/<filename>`."""
-        return cls(version, name, split_statements((MIGRATIONS_DIR / filename).read_text()))
+        return cls(version, name, split_statements((MIGRATIONS_DIR / filename).read_text(encoding="utf-8")))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -183,9 +183,16 @@ def _view_selects(migrations: tuple[Migration, ...]) -> dict[str, str]:
     selects: dict[str, str] = {}
     for migration in sorted(migrations, key=lambda m: m.version):
         for statement in migration.statements:
+            if not statement.startswith("CREATE MATERIALIZED VIEW"):
+                continue
             match = _CREATE_VIEW.fullmatch(statement)
-            if match and ROLLUPS.get(match["table"]) == match["view"]:
-                selects[match["table"]] = match["select"]
+            if not match or ROLLUPS.get(match["table"]) != match["view"]:
+                raise ValueError(
+                    f"migration {migration.version}: a view must be written"
+                    f" 'CREATE MATERIALIZED VIEW IF NOT EXISTS <view> TO <rollup> AS SELECT ...'"
+                    f" with the pair in ROLLUPS: {statement[:100]!r}"
+                )
+            selects[match["table"]] = match["select"]
     return selects
 
 

@@ -27,6 +27,7 @@ from burnguard.sinks.schema import (
     SQL_DIR,
     USAGE_1M_TABLE,
     Migration,
+    _view_selects,
     applied_versions,
     migrate,
     split_statements,
@@ -38,7 +39,8 @@ SCHEMA_SQL = REPO / "sinks" / "sql" / "schema.sql"
 DEFAULT_TTLS = {"span_ttl_days": 400, "rollup_ttl_days": 800, "signal_ttl_days": 400}
 
 #: sha256 of each released migration's statements (whitespace-normalized, see `_fingerprint`).
-#: A failure here means a shipped migration was edited: add a new migration instead.
+#: A failure here means a shipped migration was edited: add a new migration instead. Add a
+#: migration's fingerprint when it ships (`python -m tests.test_schema_sql` prints them).
 RELEASED = {
     1: "84e9cf1eaf515fa448df1ba2a769b10f0696e9c52a7bd2dd963c274c8ea9958e",
     2: "e29616d631a59e7e2cf42fc03ecf696ce58f398b11e7a6e8b914a6f13a44d175",
@@ -140,6 +142,20 @@ def test_rollup_selects_count_only_calls_made_in_their_latest_form() -> None:
     assert "uniqState" not in ROLLUP_SELECTS[USAGE_1M_TABLE]  # migration 4
     assert "AS refused_calls" in ROLLUP_SELECTS[USAGE_1M_TABLE]  # migration 5
     assert "AS first_calls" in ROLLUP_SELECTS[SESSIONS_TABLE]  # migration 3
+
+
+def test_a_view_the_rollup_lookup_cannot_read_is_an_error_not_a_stale_select() -> None:
+    select = "SELECT toStartOfHour(s.start_time) AS hour FROM genai_spans AS s GROUP BY hour"
+    good = Migration(
+        9, "x", (f"CREATE MATERIALIZED VIEW IF NOT EXISTS genai_traces_mv TO genai_traces AS {select}",)
+    )
+    assert _view_selects((good,)) == {"genai_traces": select}
+    for statement in (
+        f"CREATE MATERIALIZED VIEW genai_traces_mv TO genai_traces AS {select}",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS other_mv TO genai_traces AS {select}",
+    ):
+        with pytest.raises(ValueError, match="migration 9"):
+            _view_selects((Migration(9, "x", (statement,)),))
 
 
 def _columns(client: Client, table: str) -> set[str]:
