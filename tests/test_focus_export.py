@@ -145,7 +145,7 @@ def _export(dsn: str, out: Path, *extra: str) -> None:
     args = ["export", "focus", "--period", "2026-11", "-o", str(out), "--dsn", dsn, "--budgets", str(budgets)]
     result = runner.invoke(app, [*args, *extra], terminal_width=300)
     assert result.exit_code == 0, result.output
-    assert "FOCUS rows" in result.output
+    assert "FOCUS 1.4 rows" in result.output
 
 
 def _validate(path: Path, tmp_path: Path) -> ET.Element:
