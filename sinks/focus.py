@@ -1,4 +1,4 @@
-"""FOCUS export: the spend history in ClickHouse as FinOps Foundation FOCUS rows, for chargeback.
+"""FOCUS export: the spend history in ClickHouse as FinOps Foundation FOCUS 1.4 rows, for chargeback.
 
 `burnguard export focus --period 2026-11 -o FILE` writes one row per charge
 period (day or hour), provider, model, attribution (tenant, workflow, feature,
@@ -16,17 +16,20 @@ the spans (`cost_usd` in `genai_spans FINAL`, priced by the app or the stream
 with the price book and the budget file's `prices:` overrides), split across
 the kinds in proportion to tokens x contracted unit price; the last kind takes
 the remainder so that each group's rows add up to the group's recorded cost.
-`ContractedUnitPrice` is the override's rate, else the list rate;
-`ListUnitPrice` is genai-prices' (base-tier) rate and `ListCost` = quantity x
-list rate (null price and ListCost = BilledCost for a model genai-prices does
-not know). Unpriced spans (unknown model, no override) are exported with cost
-0 and the tag `burnguard.unpriced`, so their tokens are not lost.
+`ContractedUnitPrice` is that cost over the quantity (the override's or the list
+rate when the spans were priced at a flat rate, FOCUS: ContractedCost =
+ContractedUnitPrice x PricingQuantity). `ListUnitPrice` is genai-prices'
+(base-tier) rate and `ListCost` = quantity x list rate; a model genai-prices
+does not know (a `prices:` override only) has list = contracted. Unpriced spans
+(unknown model, no override) are exported at a unit price of 0, the rate they
+were recorded and budgeted at, with the tag `burnguard.unpriced`, so their
+tokens are not lost.
 
 Columns are the mandatory and the applicable conditional columns of the FOCUS
-Cost and Usage dataset (1.2 requirements model, plus `ServiceProviderName` /
-`HostProviderName` of 1.3); columns of features burnguard does not have
-(commitment discounts, capacity reservations, regions, resources) are present
-and null. See README "FOCUS export" for which validator checks it.
+1.4 Cost and Usage dataset (see `APPLICABILITY_CRITERIA`); conditional columns
+of features burnguard does not have (commitments, contracts, capacity
+reservations, regions, resources, invoices, split cost allocation) are present
+and null. See README "FOCUS export" for how it is validated.
 """
 
 from __future__ import annotations
@@ -46,6 +49,20 @@ from burnguard.contracts.pricing import ModelRates, PriceBook, resolve_rates
 from clickhouse_connect.driver.client import Client
 
 CURRENCY = "USD"
+FOCUS_VERSION = "1.4"
+#: FOCUS 1.4 applicability criteria that hold for this export; the conditional columns they
+#: govern are filled. The others (commitments, contracts, capacity reservations, regions,
+#: availability zones, provisioned resources, invoices, split cost allocation, virtual or
+#: second currencies, several pricing categories or account types) are not burnguard features.
+APPLICABILITY_CRITERIA = (
+    "ACCOUNT_NAMING_SUPPORTED",  # BillingAccountName: the provider's display name
+    "NEGOTIATED_PRICING_SUPPORTED",  # the budget file's `prices:` overrides are contracted rates
+    "PUBLIC_PRICE_LIST_SUPPORTED",  # genai-prices' list rates
+    "SUB_ACCOUNT_SUPPORTED",  # SubAccountId: the tenant
+    "TAGGING_SUPPORTED",  # Tags: tenant, workflow, feature, service
+    "UNIT_PRICING_SUPPORTED",  # a price per token (or per request)
+    "USAGE_MEASUREMENT_SUPPORTED",  # ConsumedQuantity: tokens
+)
 GRANULARITIES = ("day", "hour")
 TOKEN_KINDS = ("input", "cache-read", "cache-write", "output", "reasoning")
 _METER = {
@@ -76,10 +93,16 @@ _PROVIDER_NAMES = {
 
 #: Every exported column, in order.
 COLUMNS: tuple[str, ...] = (
+    "AllocatedMethodDetails",
+    "AllocatedMethodId",
+    "AllocatedResourceId",
+    "AllocatedResourceName",
+    "AllocatedTags",
     "AvailabilityZone",
     "BilledCost",
     "BillingAccountId",
     "BillingAccountName",
+    "BillingAccountType",
     "BillingCurrency",
     "BillingPeriodEnd",
     "BillingPeriodStart",
@@ -98,17 +121,24 @@ COLUMNS: tuple[str, ...] = (
     "CommitmentDiscountStatus",
     "CommitmentDiscountType",
     "CommitmentDiscountUnit",
+    "CommitmentProgramEligibilityDetails",
     "ConsumedQuantity",
     "ConsumedUnit",
+    "ContractApplied",
     "ContractedCost",
     "ContractedUnitPrice",
     "EffectiveCost",
     "HostProviderName",
+    "InvoiceDetailId",
     "InvoiceId",
     "InvoiceIssuerName",
     "ListCost",
     "ListUnitPrice",
     "PricingCategory",
+    "PricingCurrency",
+    "PricingCurrencyContractedUnitPrice",
+    "PricingCurrencyEffectiveCost",
+    "PricingCurrencyListUnitPrice",
     "PricingQuantity",
     "PricingUnit",
     "ProviderName",
@@ -128,6 +158,7 @@ COLUMNS: tuple[str, ...] = (
     "SkuPriceId",
     "SubAccountId",
     "SubAccountName",
+    "SubAccountType",
     "Tags",
 )
 DECIMAL_COLUMNS = frozenset(
@@ -141,6 +172,9 @@ DECIMAL_COLUMNS = frozenset(
         "ListUnitPrice",
         "PricingQuantity",
         "CommitmentDiscountQuantity",
+        "PricingCurrencyContractedUnitPrice",
+        "PricingCurrencyEffectiveCost",
+        "PricingCurrencyListUnitPrice",
     }
 )
 DATETIME_COLUMNS = frozenset(
@@ -325,11 +359,9 @@ class FocusRows:
         listed = self.list_rates(group.model, group.provider)
         costs = split_cost(group.cost_usd, quantities, contracted)
         if not costs and group.cost_usd > 0:  # priced without tokens: bill it per request
-            quantities, costs = {"calls": group.calls}, {"calls": group.cost_usd}
-            contracted = listed = None
-        return [
-            self._row(group, kind, quantities[kind], cost, contracted, listed) for kind, cost in costs.items()
-        ]
+            quantities, costs = {"calls": max(group.calls, 1)}, {"calls": group.cost_usd}
+            listed = None
+        return [self._row(group, kind, quantities[kind], cost, listed) for kind, cost in costs.items()]
 
     def _row(
         self,
@@ -337,13 +369,13 @@ class FocusRows:
         kind: str,
         quantity: int,
         cost: float,
-        contracted: Mapping[str, float] | None,
         listed: Mapping[str, float] | None,
     ) -> dict[str, Any]:
         provider = _PROVIDER_NAMES.get(group.provider, group.provider or "unknown")
         account = group.provider or "unknown"
         unit = "Requests" if kind == "calls" else "Tokens"
-        list_price = listed[kind] if listed else None
+        contracted_price = cost / quantity  # FOCUS: ContractedCost = ContractedUnitPrice x PricingQuantity
+        list_price = listed[kind] if listed else contracted_price
         sku = f"{account}/{group.model or 'unknown'}/{kind}"
         tags = {"tenant": group.tenant, "workflow": group.workflow, "feature": group.feature}
         tags |= {"service": group.service}
@@ -355,6 +387,7 @@ class FocusRows:
             "BilledCost": cost,
             "BillingAccountId": account,
             "BillingAccountName": provider,
+            "BillingAccountType": "API Account",
             "BillingCurrency": CURRENCY,
             "BillingPeriodStart": _iso(self.period.start),
             "BillingPeriodEnd": _iso(self.period.end),
@@ -366,13 +399,18 @@ class FocusRows:
             "ConsumedQuantity": float(quantity),
             "ConsumedUnit": unit,
             "ContractedCost": cost,
-            "ContractedUnitPrice": contracted[kind] if contracted else None,
+            "ContractedUnitPrice": contracted_price,
             "EffectiveCost": cost,
             "HostProviderName": provider,
             "InvoiceIssuerName": provider,
-            "ListCost": quantity * list_price if list_price is not None else cost,
+            "ListCost": quantity * list_price,
             "ListUnitPrice": list_price,
             "PricingCategory": "Standard",
+            # Prices are in the billing currency; FOCUS 1.4 allows these columns in that case too.
+            "PricingCurrency": CURRENCY,
+            "PricingCurrencyContractedUnitPrice": contracted_price,
+            "PricingCurrencyEffectiveCost": cost,
+            "PricingCurrencyListUnitPrice": list_price,
             "PricingQuantity": float(quantity),
             "PricingUnit": unit,
             "ProviderName": provider,
@@ -387,6 +425,7 @@ class FocusRows:
             "SkuPriceId": f"{sku}@{CURRENCY}",
             "SubAccountId": group.tenant or None,
             "SubAccountName": group.tenant or None,
+            "SubAccountType": "Tenant" if group.tenant else None,
             "Tags": json.dumps(tags, sort_keys=True),
         }
 

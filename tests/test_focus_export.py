@@ -1,16 +1,16 @@
 """`burnguard export focus`: a seeded month on the real chDB engine, exported as CSV and Parquet.
 
-The export must pass the FinOps Foundation's validator (`focus-validator`, the
-PyPI release, run as its own command) and its cost sums must equal ClickHouse's
-to the cent, per tenant and in total. Bad input (budget file, period, output
+The export must pass the FinOps Foundation's validator (`focus-validator` 2.x,
+run as its own command in its own Python >= 3.12 virtualenv, see
+tests/fixtures/focus_validator.py) against FOCUS 1.4, and its cost sums must
+equal ClickHouse's to the cent, per tenant and in total. Bad input (budget file, period, output
 path) is one clear line and a non-zero exit, and leaves no file behind.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import re
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -21,26 +21,16 @@ import pytest
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.clickhouse import ClickHouseWriter, connect
-from burnguard.sinks.focus import Period, split_cost
+from burnguard.sinks.focus import APPLICABILITY_CRITERIA, FOCUS_VERSION, Period, split_cost
 from burnguard.sinks.schema import migrate
 from typer.testing import CliRunner
 
 from burnguard.cli import app
+from tests.fixtures import focus_validator
 
 runner = CliRunner()
 OVERRIDES = {"my-finetune": {"input_mtok": 3.0, "output_mtok": 12.0}}
 BUDGETS = "prices:\n  my-finetune: {input_mtok: 3, output_mtok: 12}\n"
-#: Checks of focus-validator 1.0.0's "1.0" rule set that test columns by their pre-1.0 names
-#: (Provider, Publisher, InvoiceIssuer, ResourceID; FOCUS 1.0 renamed them ProviderName,
-#: PublisherName, InvoiceIssuerName, ResourceId) or read the 0.5 column ChargeType (now
-#: ChargeCategory). The export has the 1.0+ columns; the test asserts that below.
-VALIDATOR_DEFECTS = (
-    "Provider_Required",
-    "Publisher_Required",
-    "InvoiceIssuer_Required",
-    "ResourceID_Required",
-    "SkuPriceId_Nullable",
-)
 _ids = iter(range(1, 10_000))
 _book = PriceBook(OVERRIDES)
 
@@ -155,28 +145,50 @@ def _export(dsn: str, out: Path, *extra: str) -> None:
     args = ["export", "focus", "--period", "2026-11", "-o", str(out), "--dsn", dsn, "--budgets", str(budgets)]
     result = runner.invoke(app, [*args, *extra], terminal_width=300)
     assert result.exit_code == 0, result.output
-    assert "FOCUS rows" in result.output
+    assert "FOCUS 1.4 rows" in result.output
 
 
 def _validate(path: Path, tmp_path: Path) -> ET.Element:
-    """Run the validator's own command; its exit status is 0 even on failures, so read its JUnit report."""
-    import focus_validator
+    """The validator's JUnit report for `path` against FOCUS 1.4, with the criteria the export claims.
 
-    overrides = tmp_path / "overrides.yaml"
-    overrides.write_text("overrides:\n" + "".join(f"  - {check}\n" for check in VALIDATOR_DEFECTS))
-    report = tmp_path / f"{path.name}.xml"
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "focus-validator"),
-            *("--data-file", str(path), "--validate-version", "1.0", "--override-file", str(overrides)),
-            *("--output-type", "unittest", "--output-destination", str(report)),
-        ],
-        # it opens its currency code list by a path relative to the working directory
-        cwd=Path(focus_validator.__file__).parent.parent,
-        check=True,
-        timeout=120,
+    No rule is overridden: the only change to the FOCUS rules is the spec's
+    published 1.4 erratum that lets the validator load them (see the fixture).
+    """
+    return focus_validator.validate(
+        path, tmp_path / f"{path.name}.xml", version=FOCUS_VERSION, criteria=APPLICABILITY_CRITERIA
     )
-    return ET.parse(report).getroot()
+
+
+def _outcomes(report: ET.Element) -> dict[str, str]:
+    """Rule id -> "passed", "failure", "error" or "skipped", from the report's test cases."""
+    outcomes = {}
+    for case in report.iter("testcase"):
+        marks = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        outcomes[case.get("name", "").split(" ::")[0]] = marks[0] if marks else "passed"
+    return outcomes
+
+
+def _required_rules() -> set[str]:
+    """Each FOCUS 1.4 "MUST include <Column>" rule that applies to this export, and that column's root rule.
+
+    Read from the validator's own 1.4 rules: the mandatory columns, and the
+    conditional ones whose applicability criteria the export claims.
+    """
+    rules = focus_validator.model_rules()["ModelRules"]
+    required = set()
+    for rule_id, rule in rules.items():
+        match = re.match(r"CostAndUsage MUST include (\w+)\b", rule["ValidationCriteria"]["MustSatisfy"])
+        criteria = set(rule.get("ApplicabilityCriteria") or [])
+        if not match or rule["Status"] == "Removed" or not rule_id.startswith("CAU-CostAndUsage-D-"):
+            continue
+        if rule_id.endswith("-M") or (criteria and criteria <= set(APPLICABILITY_CRITERIA)):
+            required.add(rule_id)
+            required |= {
+                root
+                for root, column_rule in rules.items()
+                if root.startswith(f"CAU-{match[1]}-C-000-") and column_rule["Status"] == "Active"
+            }
+    return required
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -191,18 +203,18 @@ def _period_where() -> str:
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
-def test_export_passes_the_focus_validator(dsn: str, tmp_path: Path, suffix: str) -> None:
+def test_export_passes_the_focus_1_4_validator(dsn: str, tmp_path: Path, suffix: str) -> None:
     out = tmp_path / f"focus.{suffix}"
     _export(dsn, out)
     report = _validate(out, tmp_path)
-    failed = [case.get("name") for case in report.iter("testcase") if case.find("failure") is not None]
-    assert failed == [] and report.get("failures") == "0" and report.get("errors") == "0"
-    assert int(report.get("tests")) > 100 and report.get("skipped") == str(len(VALIDATOR_DEFECTS))
-    columns = pq.read_schema(out).names if suffix == "parquet" else list(_read_csv(out)[0])
-    assert {"ProviderName", "PublisherName", "InvoiceIssuerName", "ResourceId", "ChargeCategory"} <= set(
-        columns
-    )
-    assert {"ServiceSubcategory", "ServiceProviderName", "HostProviderName"} <= set(columns)
+    outcomes = _outcomes(report)
+    assert [rule for rule, outcome in outcomes.items() if outcome in ("failure", "error")] == []
+    assert report.get("failures") == "0" and report.get("errors") == "0"
+    passed = {rule for rule, outcome in outcomes.items() if outcome == "passed"}
+    required = _required_rules()
+    assert len(required) > 60 and "CAU-CostAndUsage-D-040-M" in required  # MUST include ServiceCategory
+    assert required - passed == set()  # every applicable column is there, and its rules pass
+    assert len(passed) > 300
 
 
 def test_the_validator_run_catches_a_broken_export(dsn: str, tmp_path: Path) -> None:
@@ -218,13 +230,11 @@ def test_the_validator_run_catches_a_broken_export(dsn: str, tmp_path: Path) -> 
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**row, "BillingCurrency": "DOLLARS"} for row in rows)
-    report = _validate(broken, tmp_path)
     failed = {
-        case.get("name", "").split(" ::")[0]
-        for case in report.iter("testcase")
-        if case.find("failure") is not None
+        rule for rule, outcome in _outcomes(_validate(broken, tmp_path)).items() if outcome == "failure"
     }
-    assert {"ChargeCategory_Required", "BillingCurrency_IsCurrencyCode"} <= failed
+    # MUST include ChargeCategory; BillingCurrency MUST conform to CurrencyFormat
+    assert {"CAU-CostAndUsage-D-008-M", "CAU-BillingCurrency-C-003-M"} <= failed
 
 
 def test_csv_and_parquet_cost_sums_equal_clickhouse_to_the_cent(dsn: str, tmp_path: Path) -> None:
@@ -277,15 +287,25 @@ def test_rows_per_token_kind_with_list_and_contracted_prices(dsn: str, tmp_path:
     assert set(globex) == {"Input Tokens", "Cache Read Tokens", "Cache Write Tokens", "Output Tokens"}
     assert float(globex["Input Tokens"]["ConsumedQuantity"]) == 5_000
     finetune = {r["SkuMeter"]: r for r in rows if r["SkuId"].startswith("openai/my-finetune/")}
-    # the override is the contracted price: $3 and $12 per million tokens; genai-prices has no list price
+    # the override is the contracted price: $3 and $12 per million tokens; genai-prices has no list
+    # price for it, so list = contracted
     assert float(finetune["Input Tokens"]["ContractedUnitPrice"]) == pytest.approx(3e-6)
     assert float(finetune["Output Tokens"]["ContractedUnitPrice"]) == pytest.approx(12e-6)
-    assert finetune["Input Tokens"]["ListUnitPrice"] == ""
+    assert float(finetune["Input Tokens"]["ListUnitPrice"]) == pytest.approx(3e-6)
     assert float(finetune["Input Tokens"]["BilledCost"]) == pytest.approx(1_000_010 * 3e-6)
     assert float(finetune["Output Tokens"]["BilledCost"]) == pytest.approx(100_001 * 12e-6)
     assert finetune["Input Tokens"]["ChargePeriodEnd"] == "2026-12-01T00:00:00Z"
     unpriced = [r for r in rows if "mystery-model" in r["SkuId"]]
     assert len(unpriced) == 1 and float(unpriced[0]["BilledCost"]) == 0.0
+    assert float(unpriced[0]["ConsumedQuantity"]) == 500 and float(unpriced[0]["ListUnitPrice"]) == 0.0
+    for row in rows:  # FOCUS: cost = unit price x PricingQuantity, list and contracted
+        quantity = float(row["PricingQuantity"])
+        assert float(row["ListCost"]) == pytest.approx(float(row["ListUnitPrice"]) * quantity)
+        assert float(row["ContractedCost"]) == pytest.approx(float(row["ContractedUnitPrice"]) * quantity)
+        assert row["PricingCurrencyEffectiveCost"] == row["EffectiveCost"] and row["PricingCurrency"] == "USD"
+    # genai-prices' list rate for gpt-4.1 input ($2 per million tokens)
+    gpt_input = next(r for r in acme_gpt if r["SkuMeter"] == "Input Tokens")
+    assert float(gpt_input["ListUnitPrice"]) == pytest.approx(2e-6)
     assert json.loads(unpriced[0]["Tags"])["burnguard.unpriced"] == "1"
     assert json.loads(acme_gpt[0]["Tags"]) == {
         "burnguard.tenant": "acme",
@@ -296,6 +316,11 @@ def test_rows_per_token_kind_with_list_and_contracted_prices(dsn: str, tmp_path:
     assert details["x_Model"] == "gpt-4.1" and details["x_TokenKind"] in ("input", "cache-read", "output")
     assert {r["ServiceCategory"] for r in rows} == {"AI and Machine Learning"}
     assert {r["ServiceSubcategory"] for r in rows} == {"Generative AI"}
+
+
+def test_no_python_for_the_validator_is_a_clear_failure() -> None:
+    with pytest.raises(focus_validator.ValidatorUnavailable, match=r"python3\.12.*\.pyenv/versions"):
+        focus_validator.find_python(["/nonexistent/python3.12"])
 
 
 def test_split_cost_keeps_every_cent() -> None:

@@ -1,4 +1,4 @@
-"""`burnguard export focus`: the spend history as a FOCUS file (CSV or Parquet) for chargeback.
+"""`burnguard export focus`: the spend history as a FOCUS 1.4 file (CSV or Parquet) for chargeback.
 
 Registered in `burnguard.cli` with `app.add_typer(export_app, name="export")`.
 Every mistake (budget file, period, output path) is one line on stderr and a
@@ -34,7 +34,7 @@ def export_focus(
         str | None, typer.Option(help="ClickHouse DSN (default: BURNGUARD_CLICKHOUSE_DSN).")
     ] = None,
 ) -> None:
-    """Write the period's spend as FOCUS rows, one per charge period, model, attribution and token kind."""
+    """Write the period's spend as FOCUS 1.4 rows: one per charge period, model, attribution, token kind."""
     from burnguard.sinks import focus
     from burnguard.sinks.clickhouse import connect
     from burnguard.sinks.schema import migrate
@@ -54,4 +54,5 @@ def export_focus(
     except focus.ExportError as exc:
         errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    console.print(f"[green]wrote[/] {out}: {rows} FOCUS rows, BilledCost {total:.2f} {focus.CURRENCY}")
+    summary = f"{rows} FOCUS {focus.FOCUS_VERSION} rows, BilledCost {total:.2f} {focus.CURRENCY}"
+    console.print(f"[green]wrote[/] {out}: {summary}")
