@@ -103,7 +103,7 @@ budgets:
         # once each: a double-counted call would show up as 1.5x or 2x the spend
         assert last.spent == pytest.approx(spend, rel=1e-6)
 
-        refused = run_app({**env, "BURNGUARD_ENFORCE": "true"})
+        refused = run_app({**env, "BURNGUARD_ENFORCE": "true", "BURNGUARD_GUARD_WAIT_S": "10"})
         assert refused.returncode != 0
         assert "BudgetExceeded" in refused.stderr and "service-daily" in refused.stderr
         assert len(openai_server.requests) == 2 and len(anthropic_server.requests) == 1  # nothing new
