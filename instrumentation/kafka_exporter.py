@@ -287,10 +287,7 @@ class KafkaSpanExporter(SpanExporter):
             unsent = len(self._pending)
             self._pending.clear()
         if producer is not None:
-            with contextlib.suppress(KafkaError):
-                producer.flush(timeout=max(0.0, deadline - time.monotonic()))
-            with contextlib.suppress(KafkaError):
-                producer.close(timeout=0)
+            _close_within(producer, deadline)
         with self._lock:
             unsent += sum(self._in_flight.values())
             self._in_flight.clear()
@@ -303,6 +300,23 @@ class KafkaSpanExporter(SpanExporter):
 
     def shutdown(self, timeout_millis: float = DEFAULT_CLOSE_TIMEOUT_S * 1000) -> None:
         self.close(timeout_millis / 1000)
+
+
+def _close_within(producer: KafkaProducer, deadline: float) -> None:
+    """Flush until `deadline`, then close the producer at once, failing what is still unsent.
+
+    kafka-python's `close(timeout)` raises when its flush times out and leaves the sender
+    running (and `__del__` then flushes again for a second), so the sender is stopped first.
+    """
+    with contextlib.suppress(KafkaError):
+        producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+    sender = getattr(producer, "_sender", None)
+    accumulator = getattr(producer, "_accumulator", None)
+    if sender is not None and accumulator is not None and accumulator.has_incomplete:
+        sender.force_close()  # fails the unsent batches: their errbacks count them
+        sender.join(0.5)
+    with contextlib.suppress(KafkaError):
+        producer.close(timeout=0)
 
 
 def _config_value(responses: Any, name: str) -> int | None:
