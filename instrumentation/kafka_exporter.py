@@ -29,7 +29,7 @@ from typing import Any
 from burnguard.contracts.attributes import TENANT
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -42,6 +42,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
 MESSAGE_OVERHEAD_BYTES = 1024
 DEFAULT_MAX_PENDING_SPANS = 20_000
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+#: Below this, a refused message is not split further: its spans are counted failed.
+MIN_MESSAGE_BYTES = 16_384
 
 
 @dataclass
@@ -108,7 +110,10 @@ class KafkaSpanExporter(SpanExporter):
         self._lock = threading.Lock()  # the counters and the in-flight sends
         self._send_lock = threading.RLock()  # one sender at a time: export, the connector, close
         self._pending: deque[ReadableSpan] = deque()
-        self._in_flight: dict[int, int] = {}  # send id -> spans, until acknowledged or given up
+        # send id -> (its spans, payload bytes), until acknowledged or given up
+        self._in_flight: dict[int, tuple[list[ReadableSpan], int]] = {}
+        self._refused: list[ReadableSpan] = []  # too large for the broker: to be sent again, split
+        self._broken = False  # the producer failed fatally (kafka-python: after a refused message)
         self._send_ids = iter(range(1 << 62))
         self._closed = threading.Event()
         self._connector: threading.Thread | None = None
@@ -168,11 +173,12 @@ class KafkaSpanExporter(SpanExporter):
         except KafkaError:
             return
         try:
-            responses = admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, self._topic, ["max.message.bytes"])]
+            described = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, self._topic, ["max.message.bytes"])],
+                config_filter="all",  # the broker's default too, not only a topic override
             )
-            limit = _config_value(responses, "max.message.bytes")
-        except (KafkaError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            limit = int(described["topic"][self._topic]["max.message.bytes"]["value"])
+        except (KafkaError, ValueError, TypeError, KeyError) as exc:
             logger.debug("burnguard: could not read max.message.bytes of %s: %s", self._topic, exc)
             limit = None
         finally:
@@ -186,12 +192,31 @@ class KafkaSpanExporter(SpanExporter):
             self._add(spans_failed=len(spans))
             return SpanExportResult.FAILURE
         with self._send_lock:
+            if self._broken:
+                self._replace_producer()
             if self._producer is None:
                 self.start()
                 self._hold(spans)
                 return SpanExportResult.SUCCESS
             self._send_pending()
             return self._send(spans)
+
+    def _replace_producer(self) -> None:
+        """Close a producer that failed fatally and connect a new one; refused spans wait for it.
+
+        kafka-python's idempotent producer fails every later send once the broker refused a
+        message as too large, so the producer is replaced, and the refused spans are sent
+        again in smaller requests under the lowered limit.
+        """
+        producer, self._producer = self._producer, None
+        self._connector = None
+        if producer is not None:
+            _close_within(producer, time.monotonic())
+        with self._lock:
+            refused, self._refused = self._refused, []
+            self._broken = False
+        self._hold(refused)
+        self.start()
 
     def _hold(self, spans: Sequence[ReadableSpan]) -> None:
         """Keep spans until the producer connects; past `max_pending_spans` the oldest are dropped."""
@@ -216,23 +241,23 @@ class KafkaSpanExporter(SpanExporter):
         limit = self.max_message_bytes - MESSAGE_OVERHEAD_BYTES
         for tenant, group in _by_tenant(spans).items():
             key = tenant.encode() if tenant else None
-            for payload, count in _payloads(group, limit):
-                if not self._send_one(key, payload, count):
+            for payload, part in _payloads(group, limit):
+                if not self._send_one(key, payload, part):
                     result = SpanExportResult.FAILURE
         return result
 
-    def _send_one(self, key: bytes | None, payload: bytes, count: int) -> bool:
+    def _send_one(self, key: bytes | None, payload: bytes, spans: list[ReadableSpan]) -> bool:
         assert self._producer is not None
         try:
             future = self._producer.send(self._topic, key=key, value=payload)
         except KafkaError as exc:
-            logger.warning("burnguard: could not queue %d spans for Kafka: %s", count, exc)
-            self._add(spans_failed=count)
+            logger.warning("burnguard: could not queue %d spans for Kafka: %s", len(spans), exc)
+            self._add(spans_failed=len(spans))
             return False
         send_id = next(self._send_ids)
         with self._lock:
-            self._in_flight[send_id] = count
-            self.stats.spans_in_flight += count
+            self._in_flight[send_id] = (spans, len(payload))
+            self.stats.spans_in_flight += len(spans)
         future.add_callback(lambda _meta: self._settle(send_id, None))
         future.add_errback(lambda exc: self._settle(send_id, exc))
         return True
@@ -240,17 +265,37 @@ class KafkaSpanExporter(SpanExporter):
     def _settle(self, send_id: int, error: BaseException | None) -> None:
         """Count an acknowledged (or failed) send once; `close()` may have given up on it already."""
         with self._lock:
-            count = self._in_flight.pop(send_id, None)
-            if count is None:
+            sent = self._in_flight.pop(send_id, None)
+            if sent is None:
                 return
-            self.stats.spans_in_flight -= count
+            spans, size = sent
+            self.stats.spans_in_flight -= len(spans)
             if error is None:
-                self.stats.spans_sent += count
+                self.stats.spans_sent += len(spans)
                 self.stats.messages_sent += 1
-            else:
-                self.stats.spans_failed += count
-        if error is not None:
-            logger.warning("burnguard: Kafka did not acknowledge %d spans: %s", count, error)
+                return
+            if isinstance(error, MessageSizeTooLargeError) and self._send_again(spans, size):
+                self._refused.extend(spans)
+                return
+            self.stats.spans_failed += len(spans)
+        logger.warning("burnguard: Kafka did not acknowledge %d spans: %s", len(spans), error)
+
+    def _send_again(self, spans: list[ReadableSpan], size: int) -> bool:
+        """On a refusal for size: whether to send these spans again (split, on a new producer).
+
+        The first refusal marks the producer broken and lowers the limit below the refused
+        message (a lone span, or a message already small, cannot be helped: it fails). The
+        sends the broken producer then aborts carry the same error but were never too large.
+        Called with `_lock` held.
+        """
+        if self._broken:
+            return True
+        self._broken = True
+        if len(spans) == 1 or size <= MIN_MESSAGE_BYTES:
+            return False
+        self.max_message_bytes = min(self.max_message_bytes, size)
+        logger.warning("burnguard: Kafka refused a %d-byte message; sending smaller requests", size)
+        return True
 
     def _add(self, **counts: int) -> None:
         with self._lock:
@@ -262,16 +307,40 @@ class KafkaSpanExporter(SpanExporter):
 
     # --- flushing and closing ----------------------------------------------------------
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Wait up to `timeout_millis` for every span handed over so far to be acknowledged."""
-        producer = self._producer
-        if producer is None:
-            return not self._pending
-        try:
-            producer.flush(timeout=timeout_millis / 1000)
-        except KafkaError as exc:
-            logger.warning("burnguard: Kafka flush did not complete: %s", exc)
-            return False
-        return True
+        """Wait up to `timeout_millis` for every span handed over so far to be acknowledged.
+
+        Spans held for a producer still connecting, or refused as too large, are sent first.
+        """
+        deadline = time.monotonic() + timeout_millis / 1000
+        while True:
+            with self._send_lock:  # the connector sends the held spans under it
+                if self._broken:
+                    self._replace_producer()
+                producer = self._producer
+            if producer is None:
+                if not self._pending:
+                    return True
+                if not self._wait_connected(deadline):
+                    return False
+                continue
+            try:
+                producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+            except KafkaError as exc:
+                logger.warning("burnguard: Kafka flush did not complete: %s", exc)
+                return False
+            self._wait_settled(deadline)
+            if not self._broken:
+                return True
+
+    def _wait_settled(self, deadline: float) -> None:
+        """Wait for the callbacks of flushed sends, which may run just after `flush` returns."""
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _wait_connected(self, deadline: float) -> bool:
+        while self._producer is None and time.monotonic() < deadline and not self._closed.is_set():
+            time.sleep(0.02)
+        return self._producer is not None
 
     def close(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> ExportStats:
         """Deliver what can be delivered within `timeout_s`, then count the rest as failed.
@@ -279,6 +348,8 @@ class KafkaSpanExporter(SpanExporter):
         Idempotent; returns the final counters.
         """
         deadline = time.monotonic() + max(0.0, timeout_s)
+        if not self._closed.is_set():
+            self.force_flush(int(max(0.0, deadline - time.monotonic()) * 1000))
         with self._send_lock:
             if self._closed.is_set():
                 return self.stats
@@ -289,8 +360,9 @@ class KafkaSpanExporter(SpanExporter):
         if producer is not None:
             _close_within(producer, deadline)
         with self._lock:
-            unsent += sum(self._in_flight.values())
+            unsent += sum(len(spans) for spans, _ in self._in_flight.values()) + len(self._refused)
             self._in_flight.clear()
+            self._refused.clear()
             self.stats.spans_in_flight = 0
             self.stats.spans_pending = 0
             self.stats.spans_failed += unsent
@@ -319,24 +391,14 @@ def _close_within(producer: KafkaProducer, deadline: float) -> None:
         producer.close(timeout=0)
 
 
-def _config_value(responses: Any, name: str) -> int | None:
-    """The value of config `name` in a kafka-python DescribeConfigs response (None if absent)."""
-    for response in responses if isinstance(responses, list) else [responses]:
-        for resource in response.resources:
-            for entry in resource[4]:
-                if entry[0] == name and entry[1] is not None:
-                    return int(entry[1])
-    return None
-
-
-def _payloads(spans: list[ReadableSpan], limit: int) -> list[tuple[bytes, int]]:
+def _payloads(spans: list[ReadableSpan], limit: int) -> list[tuple[bytes, list[ReadableSpan]]]:
     """OTLP requests of at most `limit` bytes holding `spans`, split in halves as needed.
 
     A single span past the limit stays whole (the broker will refuse it and it is counted failed).
     """
     payload = encode_spans(spans).SerializeToString()
     if len(payload) <= limit or len(spans) == 1:
-        return [(payload, len(spans))]
+        return [(payload, spans)]
     middle = len(spans) // 2
     return _payloads(spans[:middle], limit) + _payloads(spans[middle:], limit)
 

@@ -56,8 +56,8 @@ def test_unreachable_broker_never_stalls_the_app(where: str, shutdown: bool) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     result = measured(done.stdout)
     assert result["configure_s"] < 1.0
-    # allowed, decided from memory: no call waits on Kafka (the first one loads the price data)
-    assert result["median_call_s"] < 0.005 and result["slowest_call_s"] < 0.5
+    # allowed, decided from memory: no call waits on Kafka
+    assert result["median_call_s"] < 0.005 and result["slowest_call_s"] < 0.1
     if shutdown:
         assert result["shutdown_s"] <= BOUND_S + 0.5
         assert result["undelivered"] == CALLS and result["sent"] == 0
@@ -88,6 +88,6 @@ def test_broker_lost_while_running_shutdown_is_bounded(tmp_path: Path) -> None:
     stdout, stderr = app.communicate(timeout=60)
     assert app.returncode == 0, stderr[-3000:]
     result = measured(stdout)
-    assert result["median_call_s"] < 0.005 and result["slowest_call_s"] < 0.5
+    assert result["median_call_s"] < 0.005 and result["slowest_call_s"] < 0.1
     assert result["shutdown_s"] <= BOUND_S + 0.5
     assert result["sent"] == CALLS and result["undelivered"] == CALLS

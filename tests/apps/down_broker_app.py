@@ -1,7 +1,7 @@
 """An app with enforcement on whose Kafka is down (or goes down): it must never stall.
 
 Prints one JSON line with what it measured: how long `configure()` took, its guarded calls
-(the first one loads the price data), how long `shutdown()` took and what it reported.
+(the price data loaded first), how long `shutdown()` took and what it reported.
 `DOWN_APP_WAIT_FOR_KAFKA=1` first waits until its first calls are acknowledged and reads a
 line from stdin (the test stops the broker meanwhile); `DOWN_APP_SHUTDOWN=0` exits without
 calling `shutdown()`.
@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 
+from burnguard.contracts.pricing import PriceBook
 from burnguard.instrumentation import runtime as runtime_module
 
 import burnguard
@@ -33,6 +34,7 @@ def guarded_calls() -> list[float]:
 
 
 def main() -> None:
+    PriceBook().price("gpt-4.1", "openai", input_tokens=1, output_tokens=1)  # loads the price data
     started = time.perf_counter()
     runtime = burnguard.configure(service_name="down-app")
     measured: dict[str, object] = {"configure_s": time.perf_counter() - started}
