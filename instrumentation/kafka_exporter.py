@@ -29,7 +29,7 @@ from typing import Any
 from burnguard.contracts.attributes import TENANT
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaProducer
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import IllegalStateError, KafkaError, MessageSizeTooLargeError
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -112,8 +112,8 @@ class KafkaSpanExporter(SpanExporter):
         self._pending: deque[ReadableSpan] = deque()
         # send id -> (its spans, payload bytes), until acknowledged or given up
         self._in_flight: dict[int, tuple[list[ReadableSpan], int]] = {}
-        self._refused: list[ReadableSpan] = []  # too large for the broker: to be sent again, split
-        self._broken = False  # the producer failed fatally (kafka-python: after a refused message)
+        self._refused: list[ReadableSpan] = []  # to be sent again on a new producer (split if too large)
+        self._broken = False  # the producer failed fatally (after a refused message) or was closed
         self._send_ids = iter(range(1 << 62))
         self._closed = threading.Event()
         self._connector: threading.Thread | None = None
@@ -137,7 +137,11 @@ class KafkaSpanExporter(SpanExporter):
         backoff, warned = 0.5, False
         while not self._closed.is_set():
             try:
+                self._learn_max_message_bytes()
                 producer = KafkaProducer(**self._producer_config)
+                if self._on_connect is not None:
+                    # at once: kafka-python has just registered an exit handler closing it
+                    self._on_connect(producer)
             except KafkaError as exc:
                 if not warned:
                     logger.warning(
@@ -150,15 +154,12 @@ class KafkaSpanExporter(SpanExporter):
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            self._learn_max_message_bytes()
             with self._send_lock:
                 if self._closed.is_set():
                     with contextlib.suppress(KafkaError):
                         producer.close(timeout=0)
                     return
                 self._producer = producer
-                if self._on_connect is not None:
-                    self._on_connect(producer)
                 self._send_pending()
             return
 
@@ -171,7 +172,8 @@ class KafkaSpanExporter(SpanExporter):
         try:
             admin = KafkaAdminClient(**self._kafka.kafka_python_config(), bootstrap_timeout_ms=2000)
         except KafkaError:
-            return
+            return  # unreachable: the producer will say so
+        self._max_message_bytes_fixed = True  # asked once: a replaced producer keeps the answer
         try:
             described = admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, self._topic, ["max.message.bytes"])],
@@ -250,6 +252,11 @@ class KafkaSpanExporter(SpanExporter):
         assert self._producer is not None
         try:
             future = self._producer.send(self._topic, key=key, value=payload)
+        except IllegalStateError:  # closed under us (kafka-python's exit handler): use a new one
+            with self._lock:
+                self._broken = True
+                self._refused.extend(spans)
+            return True
         except KafkaError as exc:
             logger.warning("burnguard: could not queue %d spans for Kafka: %s", len(spans), exc)
             self._add(spans_failed=len(spans))
