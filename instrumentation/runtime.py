@@ -151,6 +151,8 @@ class Runtime:
         else:
             self.cost_processor.shutdown()  # burnguard's chain only; the app's provider stays up
         _live.discard(self)
+        if _joined.get(self.tracer_provider) is self:
+            del _joined[self.tracer_provider]
         self.report = ShutdownReport(
             spans_sent=stats.spans_sent if stats else 0,
             spans_undelivered=stats.undelivered if stats else 0,
@@ -168,6 +170,8 @@ class Runtime:
 _runtime: Runtime | None = None
 _live: set[Runtime] = set()  # configured, not yet shut down: the exit hook shuts them down
 _own_providers: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
+#: App providers burnguard joined, and the runtime that joined each (until its shutdown)
+_joined: weakref.WeakKeyDictionary[TracerProvider, Runtime] = weakref.WeakKeyDictionary()
 
 
 def configure(
@@ -199,6 +203,9 @@ def configure(
         budgets = load_budget_file(settings.budgets_file) if settings.budgets_file else BudgetConfig()
     prices = PriceBook(budgets.prices)
     provider = tracer_provider or (_app_provider() if set_global else None)
+    if provider is not None and (joined := _joined.get(provider)) is not None:
+        logger.info("burnguard: already configured on this tracer provider (zero-code?); not twice")
+        return joined  # a second set of processors would export every span to Kafka twice
     owns_provider = provider is None
     if provider is None:
         resource = Resource.create({"service.name": service_name} if service_name else {})
@@ -222,6 +229,8 @@ def configure(
         trace.set_tracer_provider(provider)
     _runtime = Runtime(settings, provider, budgets, prices, cost_processor, exporter, guard, owns_provider)
     _live.add(_runtime)
+    if not owns_provider:
+        _joined[provider] = _runtime
     _install_exit_hooks(settings)
     return _runtime
 

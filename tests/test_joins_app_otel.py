@@ -198,3 +198,31 @@ def test_configure_takes_a_provider_explicitly(pipeline: Pipeline) -> None:
     with provider.get_tracer("app").start_as_current_span("after"):
         pass
     assert "after" in {span.name for span in memory.get_finished_spans()}  # the app's provider lives on
+
+
+def test_configure_twice_on_one_provider_joins_once() -> None:
+    """An app that calls `configure()` under zero-code (which configured already) exports each span once."""
+    app_spans, burnguard_copy = InMemorySpanExporter(), InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(app_spans))
+    settings = runtime_module.Settings()
+    first = runtime_module.configure(
+        settings, tracer_provider=provider, exporter=burnguard_copy, batch=False, set_global=False
+    )
+    try:
+        again = runtime_module.configure(settings, tracer_provider=provider, batch=False, set_global=False)
+        assert again is first
+        import burnguard
+
+        burnguard.record_llm_call("gpt-4.1", "openai", 120, 30)
+        assert [s.name for s in burnguard_copy.get_finished_spans()] == [LLM_SPAN]
+        assert [s.name for s in app_spans.get_finished_spans()] == [LLM_SPAN]
+    finally:
+        first.shutdown(1)
+        runtime_module.reset_runtime()
+    later = runtime_module.configure(
+        settings, tracer_provider=provider, exporter=InMemorySpanExporter(), batch=False, set_global=False
+    )
+    assert later is not first  # after shutdown, burnguard may join again
+    later.shutdown(1)
+    runtime_module.reset_runtime()
