@@ -41,17 +41,24 @@ def burnguard_spans(records: list) -> int:
     return found
 
 
-def burnguard_spans_on_topic(pipeline: Pipeline, expected: int, timeout_s: float = 20) -> int:
-    """How many spans of burnguard's scope are on the spans topic (reads until `expected` or timeout)."""
+def burnguard_spans_on_topic(
+    pipeline: Pipeline, expected: int, timeout_s: float = 20, seen: list[float] | None = None
+) -> int:
+    """How many spans of burnguard's scope are on the spans topic (reads until `expected` or timeout).
+
+    `seen` gets the seconds it took until `expected` spans were there.
+    """
     consumer = KafkaConsumer(
         pipeline.topics.spans, bootstrap_servers=pipeline.broker.bootstrap, auto_offset_reset="earliest"
     )
     found = 0
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
     try:
-        while time.monotonic() < deadline and found < expected:
-            for records in consumer.poll(timeout_ms=500).values():
+        while time.monotonic() < started + timeout_s and found < expected:
+            for records in consumer.poll(timeout_ms=100).values():
                 found += burnguard_spans(records)
+        if seen is not None:
+            seen.append(time.monotonic() - started)
         # a little longer: a duplicate would show up as more than `expected`
         for records in consumer.poll(timeout_ms=1000).values():
             found += burnguard_spans(records)
@@ -86,7 +93,10 @@ def test_every_span_reaches_kafka_at_exit(pipeline: Pipeline, setup: str, end: s
         app = run_app(pipeline, setup, "wait" if end == "sigterm" else end, server)
         assert app.stdin is not None and app.stdout is not None and app.stderr is not None
         assert app.stdout.readline().strip() == "recorded 10", app.stderr.read()
-        assert burnguard_spans_on_topic(pipeline, 10) == 10  # one export happened
+        seen: list[float] = []
+        assert burnguard_spans_on_topic(pipeline, 10, seen=seen) == 10  # one export happened
+        # configure()'s default export delay is 100 ms, not the SDK's 5 s (late enforcement)
+        assert seen[0] < 4.0
         app.stdin.write("go\n")
         app.stdin.flush()
         assert app.stdout.readline().strip() == "recorded 20", app.stderr.read()
