@@ -129,7 +129,11 @@ class Runtime:
         return self.tracer_provider.get_tracer("burnguard.instrumentation")
 
     def flush(self, timeout_millis: int = 10_000) -> bool:
-        return self.tracer_provider.force_flush(timeout_millis)
+        """Export what is queued and wait for Kafka's acknowledgement (the SDK's flush only exports)."""
+        flushed = self.tracer_provider.force_flush(timeout_millis)
+        if isinstance(self.exporter, KafkaSpanExporter):
+            flushed = self.exporter.force_flush(timeout_millis) and flushed
+        return flushed
 
     def shutdown(self, timeout_s: float | None = None) -> ShutdownReport:
         """Stop the guard and deliver every span recorded so far, within `timeout_s` (idempotent).
