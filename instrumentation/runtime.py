@@ -296,8 +296,15 @@ def _install_exit_hooks(settings: Settings) -> None:
 
 
 def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
-    """Deliver the spans, then die of SIGTERM as the default disposition would."""
-    _shutdown_all()
+    """Deliver the spans, then die of SIGTERM as the default disposition would.
+
+    The flush runs on its own thread, joined within the runtimes' bound: the handler
+    interrupts the main thread anywhere, maybe holding a lock the flush needs.
+    """
+    bound = max((runtime.settings.shutdown_timeout_s for runtime in list(_live)), default=0.0)
+    flusher = threading.Thread(target=_shutdown_all, name="burnguard-sigterm", daemon=True)
+    flusher.start()
+    flusher.join(bound + 1.0)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -6,12 +6,13 @@ within 1 s, every guarded call is allowed (fail open) without waiting, and `shut
 or the flush at exit when the app never calls it — returns within
 `BURNGUARD_SHUTDOWN_TIMEOUT_S`, reporting each span it could not deliver. With a real
 broker that goes down while the app runs, the spans it acknowledged count as sent and
-the rest as undelivered, within the same bound.
+the rest as undelivered, within the same bound; SIGTERM with Kafka unreachable ends the app within it too.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,22 @@ def test_unreachable_broker_never_stalls_the_app(where: str, shutdown: bool) -> 
         assert result["undelivered"] == CALLS and result["sent"] == 0
     assert f"{CALLS} spans could not be delivered to Kafka" in done.stderr, done.stderr[-3000:]
     assert wall_s < 15, f"the app took {wall_s:.1f}s in all"  # interpreter start-up and imports included
+
+
+@pytest.mark.slow
+def test_sigterm_with_the_broker_unreachable_ends_within_the_bound() -> None:
+    env = app_env(f"127.0.0.1:{free_port()}", DOWN_APP_SHUTDOWN="0", DOWN_APP_END="wait")
+    app = subprocess.Popen(
+        [sys.executable, str(APP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert app.stdout is not None and app.stderr is not None
+    assert measured(app.stdout.readline())["configure_s"] < 1.0
+    signalled = time.monotonic()
+    app.send_signal(signal.SIGTERM)
+    _, stderr = app.communicate(timeout=30)
+    assert app.returncode == -signal.SIGTERM
+    assert time.monotonic() - signalled <= BOUND_S + 1.5
+    assert f"{CALLS} spans could not be delivered to Kafka" in stderr, stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ Prints one JSON line with what it measured: how long `configure()` took, its gua
 (the price data loaded first), how long `shutdown()` took and what it reported.
 `DOWN_APP_WAIT_FOR_KAFKA=1` first waits until its first calls are acknowledged and reads a
 line from stdin (the test stops the broker meanwhile); `DOWN_APP_SHUTDOWN=0` exits without
-calling `shutdown()`.
+calling `shutdown()`; `DOWN_APP_END=wait` then waits to be killed.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
             undelivered=report.spans_undelivered,
         )
     print(json.dumps(measured), flush=True)
+    if os.environ.get("DOWN_APP_END") == "wait":
+        time.sleep(120)  # until SIGTERM
 
 
 if __name__ == "__main__":
