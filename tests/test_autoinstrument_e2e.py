@@ -1,6 +1,6 @@
 """Zero-code, end to end: `opentelemetry-instrument python example_app.py` with an unchanged app.
 
-The example app only calls OpenAI and Anthropic (local API servers here). burnguard's configurator
+The example app only calls OpenAI and Anthropic (local API servers here). burnguard's pre-instrument hook
 and instrumentors, found through entry points, send priced spans to the real broker; the real stream
 worker accounts them against a per-service budget and publishes its signal with exactly the spend
 the calls cost — once each, although the official OpenAI instrumentation, OpenLLMetry (installed in
