@@ -84,10 +84,11 @@ class CompactedTopicFollower:
             self.ready.wait(wait_s)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop following; wait up to `timeout_s` for the (daemon) thread, which may be connecting."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -7,7 +7,7 @@ from burnguard.instrumentation.escalation import escalate_on
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard, Decision
 from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
 from burnguard.instrumentation.refusals import CallRefused, ContextBudgetExceeded, StepCapExceeded
-from burnguard.instrumentation.runtime import Runtime, Settings, configure, current_runtime
+from burnguard.instrumentation.runtime import Runtime, Settings, ShutdownReport, configure, current_runtime
 from burnguard.instrumentation.steps import session
 from burnguard.instrumentation.workflow import tool, user_action, workflow
 
@@ -22,6 +22,7 @@ __all__ = [
     "KafkaSpanExporter",
     "Runtime",
     "Settings",
+    "ShutdownReport",
     "StepCapExceeded",
     "attribute",
     "configure",

@@ -122,12 +122,16 @@ class BudgetGuard:
 
     # --- following the topic ---------------------------------------------------
     def start(self, wait_s: float = 10.0) -> BudgetGuard:
-        """Start following (once); wait up to `wait_s` for the replay of the compacted state."""
+        """Start following (once); wait up to `wait_s` for the replay of the compacted state.
+
+        The replay goes on in the background after the wait: until it ends the guard decides
+        from the signals it has (none at first), so a down broker never stalls the app.
+        """
         self._follower.start(wait_s)
         return self
 
-    def stop(self) -> None:
-        self._follower.stop()
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._follower.stop(timeout_s)
 
     @property
     def ready(self) -> bool:

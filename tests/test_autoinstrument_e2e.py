@@ -1,6 +1,6 @@
 """Zero-code, end to end: `opentelemetry-instrument python example_app.py` with an unchanged app.
 
-The example app only calls OpenAI and Anthropic (local API servers here). burnguard's configurator
+The example app only calls OpenAI and Anthropic (local API servers here). burnguard's pre-instrument hook
 and instrumentors, found through entry points, send priced spans to the real broker; the real stream
 worker accounts them against a per-service budget and publishes its signal with exactly the spend
 the calls cost — once each, although the official OpenAI instrumentation, OpenLLMetry (installed in
@@ -103,7 +103,7 @@ budgets:
         # once each: a double-counted call would show up as 1.5x or 2x the spend
         assert last.spent == pytest.approx(spend, rel=1e-6)
 
-        refused = run_app({**env, "BURNGUARD_ENFORCE": "true"})
+        refused = run_app({**env, "BURNGUARD_ENFORCE": "true", "BURNGUARD_GUARD_WAIT_S": "10"})
         assert refused.returncode != 0
         assert "BudgetExceeded" in refused.stderr and "service-daily" in refused.stderr
         assert len(openai_server.requests) == 2 and len(anthropic_server.requests) == 1  # nothing new

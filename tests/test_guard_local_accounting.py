@@ -353,7 +353,7 @@ def test_the_call_path_reserves_at_start_and_settles_at_the_end(monkeypatch: pyt
         monkeypatch.delenv(name, raising=False)
     guard = make_guard()
     monkeypatch.setattr(guard, "start", lambda wait_s=10.0: guard)  # fed by apply(): no Kafka
-    monkeypatch.setattr(guard, "stop", lambda: None)
+    monkeypatch.setattr(guard, "stop", lambda timeout_s=10.0: None)
     exporter = InMemorySpanExporter()
     reset_runtime()
     runtime = burnguard.configure(

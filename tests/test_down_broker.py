@@ -1,0 +1,110 @@
+"""A down broker never stalls the app: start-up, calls, shutdown and exit stay bounded.
+
+The app (tests/apps/down_broker_app.py) runs with enforcement on. With Kafka unreachable
+(nothing listening on the port, or an address that never answers), `configure()` returns
+within 1 s, every guarded call is allowed (fail open) without waiting, and `shutdown()` —
+or the flush at exit when the app never calls it — returns within
+`BURNGUARD_SHUTDOWN_TIMEOUT_S`, reporting each span it could not deliver. With a real
+broker that goes down while the app runs, the spans it acknowledged count as sent and
+the rest as undelivered, within the same bound; SIGTERM with Kafka unreachable ends the app within it too.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from burnguard.deploy.kafka import KafkaBroker
+from burnguard.deploy.kafka.broker import free_port
+
+APP = Path(__file__).parent / "apps" / "down_broker_app.py"
+CALLS = 10
+BOUND_S = 2.0
+
+
+def app_env(bootstrap: str, **extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BURNGUARD_")}
+    return {
+        **env,
+        "BURNGUARD_KAFKA_BOOTSTRAP": bootstrap,
+        "BURNGUARD_ENFORCE": "true",
+        "BURNGUARD_SHUTDOWN_TIMEOUT_S": str(BOUND_S),
+        "PYTHONWARNINGS": "ignore",
+        **extra,
+    }
+
+
+def measured(stdout: str) -> dict[str, float]:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shutdown", [True, False], ids=["shutdown", "exit"])
+@pytest.mark.parametrize("where", ["refused", "blackhole"])
+def test_unreachable_broker_never_stalls_the_app(where: str, shutdown: bool) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}" if where == "refused" else "192.0.2.1:9092"  # TEST-NET-1
+    env = app_env(bootstrap, DOWN_APP_SHUTDOWN="1" if shutdown else "0")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(APP)], env=env, capture_output=True, text=True, timeout=60)
+    wall_s = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = measured(done.stdout)
+    assert result["configure_s"] < 1.0
+    # allowed, decided from memory: no call waits on Kafka
+    assert result["median_call_s"] < 0.005 and result["slowest_call_s"] < 0.1
+    if shutdown:
+        assert result["shutdown_s"] <= BOUND_S + 0.5
+        assert result["undelivered"] == CALLS and result["sent"] == 0
+    assert f"{CALLS} spans could not be delivered to Kafka" in done.stderr, done.stderr[-3000:]
+    assert wall_s < 15, f"the app took {wall_s:.1f}s in all"  # interpreter start-up and imports included
+
+
+@pytest.mark.slow
+def test_sigterm_with_the_broker_unreachable_ends_within_the_bound() -> None:
+    env = app_env(f"127.0.0.1:{free_port()}", DOWN_APP_SHUTDOWN="0", DOWN_APP_END="wait")
+    app = subprocess.Popen(
+        [sys.executable, str(APP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert app.stdout is not None and app.stderr is not None
+    assert measured(app.stdout.readline())["configure_s"] < 1.0
+    signalled = time.monotonic()
+    app.send_signal(signal.SIGTERM)
+    _, stderr = app.communicate(timeout=30)
+    assert app.returncode == -signal.SIGTERM
+    assert time.monotonic() - signalled <= BOUND_S + 1.5
+    assert f"{CALLS} spans could not be delivered to Kafka" in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_broker_lost_while_running_shutdown_is_bounded(tmp_path: Path) -> None:
+    broker = KafkaBroker(tmp_path / "kafka").start()
+    try:
+        broker.create_topic("otlp_spans", partitions=1)
+        env = app_env(broker.bootstrap, DOWN_APP_WAIT_FOR_KAFKA="1")
+        app = subprocess.Popen(
+            [sys.executable, str(APP)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert app.stdin is not None and app.stdout is not None and app.stderr is not None
+        assert app.stdout.readline().strip() == "delivered", app.stderr.read()[-3000:]
+    finally:
+        broker.stop()
+    app.stdin.write("go\n")
+    app.stdin.flush()
+    stdout, stderr = app.communicate(timeout=60)
+    assert app.returncode == 0, stderr[-3000:]
+    result = measured(stdout)
+    assert result["median_call_s"] < 0.005 and result["slowest_call_s"] < 0.1
+    assert result["shutdown_s"] <= BOUND_S + 0.5
+    assert result["sent"] == CALLS and result["undelivered"] == CALLS

@@ -1,0 +1,149 @@
+"""KafkaSpanExporter on the real broker: an idempotent producer, and no request too large to land.
+
+The topic here allows 64 KiB messages (`max.message.bytes`, the topic's form of the broker's
+`message.max.bytes`). An export of ~300 KiB of spans for one tenant is split into requests
+that fit: every span arrives, and is counted sent. The same export with the limit set past
+the topic's is refused by the broker, and every span is counted failed, not lost silently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from burnguard.contracts.attributes import TENANT
+from burnguard.contracts.topics import KafkaSettings
+from burnguard.deploy.kafka import KafkaBroker
+from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
+from kafka import KafkaConsumer
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+TOPIC_LIMIT = 65_536
+SPANS = 300
+
+
+def big_spans(count: int) -> list[ReadableSpan]:
+    """`count` spans of one tenant, each carrying ~1 KiB of attributes."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("test")
+    for n in range(count):
+        with tracer.start_as_current_span(f"span-{n}") as span:
+            span.set_attribute(TENANT, "acme")
+            span.set_attribute("payload", f"{n:06d}" + "x" * 1024)
+    provider.shutdown()
+    return list(memory.get_finished_spans())
+
+
+@pytest.fixture
+def small_topic(kafka_broker: KafkaBroker) -> Iterator[str]:
+    name = f"otlp_spans.small.{time.monotonic_ns()}"
+    kafka_broker.create_topic(name, partitions=1, config={"max.message.bytes": str(TOPIC_LIMIT)})
+    yield name
+
+
+def records_on(broker: KafkaBroker, topic: str, spans: int, timeout_s: float = 20) -> list[bytes]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and count_spans(values) < spans:
+            for records in consumer.poll(timeout_ms=500).values():
+                values.extend(record.value for record in records)
+    finally:
+        consumer.close()
+    return values
+
+
+def count_spans(values: list[bytes]) -> int:
+    return sum(
+        len(scope.spans)
+        for value in values
+        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
+        for scope in resource.scope_spans
+    )
+
+
+def connected(exporter: KafkaSpanExporter) -> KafkaSpanExporter:
+    exporter.start()
+    deadline = time.monotonic() + 20
+    while not exporter.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exporter.connected
+    return exporter
+
+
+@pytest.mark.slow
+def test_producer_is_idempotent_with_acks_all(kafka_broker: KafkaBroker, small_topic: str) -> None:
+    exporter = connected(KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic))
+    try:
+        producer = exporter._producer
+        assert producer is not None
+        assert producer.config["enable_idempotence"] is True
+        assert producer.config["acks"] == -1
+    finally:
+        exporter.close()
+
+
+@pytest.mark.slow
+def test_an_export_past_the_message_limit_is_split(kafka_broker: KafkaBroker, small_topic: str) -> None:
+    exporter = connected(KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic))
+    assert exporter.max_message_bytes == TOPIC_LIMIT  # read from the topic's config
+    spans = big_spans(SPANS)
+    exporter.export(spans)
+    stats = exporter.close(timeout_s=20)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (SPANS, 0, 0)
+    values = records_on(kafka_broker, small_topic, SPANS)
+    assert count_spans(values) == SPANS
+    assert len(values) > 1 and all(len(value) <= TOPIC_LIMIT for value in values)
+    names = sorted(
+        span.name
+        for value in values
+        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    )
+    assert names == sorted(f"span-{n}" for n in range(SPANS))  # each once
+
+
+@pytest.mark.slow
+def test_a_limit_set_too_high_is_learned_from_the_refusal(
+    kafka_broker: KafkaBroker, small_topic: str
+) -> None:
+    """Without DescribeConfigs (or with a wrong setting) the broker's refusal lowers the limit."""
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = connected(KafkaSpanExporter(settings, small_topic, max_message_bytes=1_048_576))
+    exporter.export(big_spans(SPANS))
+    assert exporter.force_flush(20_000)
+    exporter.export(big_spans(5))  # after the refusal, on a new producer
+    stats = exporter.close(timeout_s=20)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (SPANS + 5, 0, 0)
+    assert exporter.max_message_bytes <= TOPIC_LIMIT * 8
+    values = records_on(kafka_broker, small_topic, SPANS + 5)
+    assert count_spans(values) == SPANS + 5
+    assert all(len(value) <= TOPIC_LIMIT for value in values)
+
+
+@pytest.mark.slow
+def test_a_span_too_large_alone_is_counted_failed(kafka_broker: KafkaBroker, small_topic: str) -> None:
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = connected(KafkaSpanExporter(settings, small_topic, max_message_bytes=1_048_576))
+    huge = big_spans(1)[0]
+    huge = ReadableSpan(
+        name="huge",
+        context=huge.context,
+        attributes={**(huge.attributes or {}), "payload": "y" * (2 * TOPIC_LIMIT)},
+        resource=huge.resource,
+        start_time=huge.start_time,
+        end_time=huge.end_time,
+    )
+    exporter.export([huge])
+    exporter.force_flush(20_000)
+    exporter.export(big_spans(5))
+    stats = exporter.close(timeout_s=20)
+    assert (stats.spans_sent, stats.spans_failed) == (5, 1)
