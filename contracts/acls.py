@@ -49,6 +49,8 @@ def acl_set(topics: Topics, stream_app_id: str, sink_group: str) -> list[Grant]:
             )
     return [
         *_topic("app", "WRITE", topics.spans),
+        # The exporter reads the topic's max.message.bytes to split exports that would not fit.
+        *_topic("app", "DESCRIBE_CONFIGS", topics.spans),
         *_topic("app", "READ", topics.signals, topics.budgets),
         *_topic("worker", "READ", topics.spans, topics.budgets, topics.usage),
         *_topic("worker", "WRITE", *worker_writes),
