@@ -24,6 +24,7 @@ app.add_typer(signals_app, name="signals")
 app.add_typer(db_app, name="db")
 app.command("report")(report)
 console = Console()
+err_console = Console(stderr=True)
 
 StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]
 BudgetsFile = Annotated[Path | None, typer.Option("--budgets", help="Budget YAML file for the worker.")]
@@ -147,7 +148,13 @@ def signals_tail(
         for record in consumer:
             if record.value is None:
                 continue
-            signal = Signal.from_json(record.value)
+            try:
+                signal = Signal.from_json(record.value)
+            except ValueError as exc:  # pydantic's ValidationError: skip it, say so, go on
+                first = str(exc).splitlines()[0]
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                err_console.print(f"skipped a malformed signal at {where}: {first}", highlight=False)
+                continue
             if as_json:
                 print(json.dumps(json.loads(record.value)), flush=True)
             else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from burnguard.contracts.topics import Topics
+from burnguard.contracts.topics import SPANS_TOPIC_CONFIG, Topics
 from burnguard.deploy.kafka import KafkaBroker, pid_alive, port_is_free
 
 SINK_GROUP = "burnguard-sink"
@@ -63,7 +63,7 @@ class DevStack:
         if broker is None or not broker.is_running():
             port = DEFAULT_LOCAL_PORT if port_is_free(DEFAULT_LOCAL_PORT) else None
             broker = KafkaBroker(self.state_dir / "kafka", port=port).start(detach=True)
-        broker.create_topic(self.topics.spans, partitions=self.spans_partitions)
+        broker.create_topic(self.topics.spans, partitions=self.spans_partitions, config=SPANS_TOPIC_CONFIG)
         state = {"bootstrap": broker.bootstrap, "clickhouse_dsn": self.clickhouse_dsn}
         env = self.component_env(broker.bootstrap, signal_refresh_s)
         previous = self.read_state()
