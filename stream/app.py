@@ -324,9 +324,9 @@ class BudgetJob:
         await self.usage_records.send()
 
     async def _reject(self, event: Any, rejected: RejectedSpan) -> None:
-        """Count a span that broke a rule and park it alone, with its reason."""
-        self.rejected[rejected.kind] = self.rejected.get(rejected.kind, 0) + 1
-        await self._dead_letter(event, rejected.reason, rejected.request, rejected.index, rejected.kind)
+        """Park a span that broke a rule alone, with its reason; count it (once, not per re-reading)."""
+        if await self._dead_letter(event, rejected.reason, rejected.request, rejected.index, rejected.kind):
+            self.rejected[rejected.kind] = self.rejected.get(rejected.kind, 0) + 1
 
     def _trust_clock(self, event: Any, decoded: DecodedSpans) -> None:
         """Spans stamped outside the skew around the record's broker time count at that time."""
@@ -441,14 +441,14 @@ class BudgetJob:
 
     async def _dead_letter(
         self, event: Any, reason: str, value: bytes | None = None, span: int = -1, kind: str = ""
-    ) -> None:
+    ) -> bool:
         """Park a message (or, with `span`, one span of it as `value`) with the reason in a header.
 
         Once: the rewind after each rebalance (`stream/takeover.py`) and a
         restart after a crash read recent messages again, and what is already
         on the dead-letter topic is not parked twice (`stream/deadletters.py`).
         Any event value is written: a record that is not bytes is written as
-        JSON (its repr when JSON cannot hold it).
+        JSON (its repr when JSON cannot hold it). True if it was parked now.
         """
         message = event.message
         source: Parked = (message.topic, message.partition, message.offset, span)
@@ -458,7 +458,7 @@ class BudgetJob:
             except Exception as exc:  # Kafka trouble: park anyway, a copy beats a loss
                 logger.warning("could not read back %s: %r", self.settings.topics.deadletter, exc)
         if source in self.dead_letters:
-            return
+            return False
         self.dead_letters.add(source)
         self.deadlettered += 1
         logger.warning(
@@ -472,6 +472,7 @@ class BudgetJob:
             value=_as_bytes(event.value) if value is None else value,
             headers=dead_letter_headers(source, reason, kind),
         )
+        return True
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:
