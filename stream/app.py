@@ -152,6 +152,10 @@ def _coordinates(event: Any) -> str:
     return f"{message.topic}[{message.partition}]@{message.offset}"
 
 
+def _span_label(span: int) -> str:
+    return f" span {span}" if span >= 0 else ""
+
+
 def _as_bytes(value: Any) -> bytes | None:
     """Any event key or value as bytes for the dead-letter topic: JSON, or its repr when JSON fails."""
     if value is None or isinstance(value, bytes):
@@ -458,13 +462,14 @@ class BudgetJob:
             except Exception as exc:  # Kafka trouble: park anyway, a copy beats a loss
                 logger.warning("could not read back %s: %r", self.settings.topics.deadletter, exc)
         if source in self.dead_letters:
+            logger.info("%s%s is already on the dead-letter topic", _coordinates(event), _span_label(span))
             return False
         self.dead_letters.add(source)
         self.deadlettered += 1
         logger.warning(
             "dead-lettering %s%s: %s",
             _coordinates(event),
-            f" span {span}" if span >= 0 else "",
+            _span_label(span),
             reason[:500],
         )
         await self.deadletter_topic.send(
