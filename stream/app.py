@@ -57,6 +57,7 @@ from burnguard.stream.accounting import (
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
 from burnguard.stream.deadletters import DeadLetterLog, Parked, dead_letter_headers
+from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
@@ -68,6 +69,8 @@ logger = logging.getLogger(__name__)
 DEADLETTER_REASON_HEADER = "burnguard.error"
 #: aiokafka's timestamp type of a record stamped by the broker
 LOG_APPEND_TIME = 1
+#: Message digests remembered per source partition at most (see `stream/duplicates.py`).
+DUPLICATE_DIGESTS = 20_000
 #: Models whose `unpriced` warn this process remembers (when it last published each).
 UNPRICED_REMEMBERED = 10_000
 _NS = 1_000_000_000
@@ -168,16 +171,17 @@ def _as_bytes(value: Any) -> bytes | None:
         return repr(value).encode()
 
 
-class _StaleAfterRebalance(faust.Sensor):
-    """After a rebalance, read the dead-letter topic again before the next check (another worker
-    may have parked what this one is about to re-read)."""
+class _AfterRebalance(faust.Sensor):
+    """After a rebalance, another worker may have parked or read what this one is about to re-read:
+    read the dead-letter topic again before the next check, and prime each partition's digests."""
 
-    def __init__(self, dead_letters: DeadLetterLog) -> None:
+    def __init__(self, job: BudgetJob) -> None:
         super().__init__()
-        self.dead_letters = dead_letters
+        self.job = job
 
     def on_rebalance_start(self, app: Any) -> None:
-        self.dead_letters.stale = True
+        self.job.dead_letters.stale = True
+        self.job.recent.primed.clear()
 
 
 def _faust_credentials(settings: StreamSettings) -> Any:
@@ -217,6 +221,11 @@ class BudgetJob:
         self.dead_letters = DeadLetterLog(
             settings.kafka, settings.topics.deadletter, DEAD_LETTERED_REMEMBERED
         )
+        window_ns = int(settings.duplicate_window.total_seconds() * _NS)
+        self.recent = RecentBatches(window_ns, DUPLICATE_DIGESTS)
+        self.primer = Primer(settings.kafka, settings.topics.spans, self.recent)
+        self.duplicates = 0  # otlp_spans messages skipped as copies of an earlier one
+        self._copies_up_to: dict[int, int] = {}  # per partition, the highest offset counted as a copy
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self._replays_logged = 0
@@ -250,7 +259,7 @@ class BudgetJob:
         self._declare_agents()
         self.rewind = RewindAfterRecovery(self.app, [settings.topics.spans, settings.topics.usage])
         self.app.sensors.add(self.rewind)
-        self.app.sensors.add(_StaleAfterRebalance(self.dead_letters))
+        self.app.sensors.add(_AfterRebalance(self))
 
     def _declare_topics(self) -> None:
         topics, app = self.settings.topics, self.app
@@ -294,6 +303,8 @@ class BudgetJob:
             await _yield_to_the_loop()
 
     async def _ingest_one(self, event: Any) -> None:
+        if await self._is_a_copy(event):
+            return
         try:
             decoded = decode_spans(event.value, self.limits)
         except MalformedSpans as exc:
@@ -326,6 +337,29 @@ class BudgetJob:
         for partition, record in self._batch_records(deltas, observations, source):
             self.usage_records.add(topic, partition, key, encode("json", record))
         await self.usage_records.send()
+
+    async def _is_a_copy(self, event: Any) -> bool:
+        """Whether the message repeats the bytes of an earlier one of its partition (a producer retry)."""
+        message = event.message
+        partition, record_ns = message.partition, int(message.timestamp * _NS)
+        if partition not in self.recent.primed:
+            try:
+                primed = await asyncio.to_thread(self.primer.prime, partition, message.offset, record_ns)
+                logger.info("%d messages before %s digested", primed, _coordinates(event))
+            except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
+                logger.warning("could not read back before %s: %r", _coordinates(event), exc)
+            self.recent.primed.add(partition)
+        if not event.value or not isinstance(event.value, bytes):
+            return False  # an empty message is dead-lettered, not compared
+        earlier = self.recent.earlier_copy(partition, digest(event.value), message.offset, record_ns)
+        if earlier is None:
+            return False
+        if message.offset > self._copies_up_to.get(partition, -1):  # not a re-reading of a known copy
+            self._copies_up_to[partition] = message.offset
+            self.duplicates += 1
+            where = _coordinates(event)
+            logger.warning("%s repeats offset %d byte for byte: not counted again", where, earlier)
+        return True
 
     async def _reject(self, event: Any, rejected: RejectedSpan) -> None:
         """Park a span that broke a rule alone, with its reason; count it (once, not per re-reading)."""
@@ -706,6 +740,7 @@ class BudgetJob:
             "rejected_spans": dict(sorted(self.rejected.items())),
             "deadlettered": self.deadlettered,
             "clock_corrected_spans": self.clock_corrected,
+            "duplicate_messages": self.duplicates,
             "unpriced_calls": self.stats.unpriced,
             "too_late": self.stats.too_late,
             "agent_errors": self.agent_errors,
