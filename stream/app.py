@@ -179,9 +179,10 @@ class _AfterRebalance(faust.Sensor):
         super().__init__()
         self.job = job
 
-    def on_rebalance_start(self, app: Any) -> None:
+    def on_rebalance_start(self, app: Any) -> dict:
         self.job.dead_letters.stale = True
         self.job.recent.primed.clear()
+        return super().on_rebalance_start(app)
 
 
 def _faust_credentials(settings: StreamSettings) -> Any:
