@@ -726,7 +726,12 @@ class BudgetJob:
             if first:
                 await asyncio.sleep(SNAPSHOT_PAUSE_S)
             for state_key in pending[first : first + SNAPSHOT_SLICE]:
-                snapshot = self._usage_snapshot(state_key, now)
+                try:
+                    snapshot = self._usage_snapshot(state_key, now)
+                except Exception:  # one bad window must not stop the others' snapshots
+                    self.agent_errors += 1
+                    logger.exception("could not snapshot %r", state_key)
+                    continue
                 if snapshot is not None:
                     self._add_snapshot(snapshot)
             try:

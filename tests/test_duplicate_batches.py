@@ -11,6 +11,7 @@ import time
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.snapshots import BudgetUsage
+from burnguard.stream.duplicates import RecentBatches, digest
 from kafka import KafkaConsumer, KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
@@ -110,3 +111,17 @@ def test_a_copy_written_after_a_worker_restart_still_counts_once(pipeline: Pipel
     send(pipeline, twice, batch(1))
     assert wait_for_spent(pipeline, "acme", 5 * COST) == 5 * COST
     pipeline.wait_for_log("worker", "byte for byte: not counted again", 10, second, after=logged_before)
+
+
+def test_the_digests_are_bounded_by_the_window_and_the_cap() -> None:
+    second = 10**9
+    batches = RecentBatches(window_ns=60 * second, cap=100)
+    for offset in range(1000):  # one message a second: only the last minute's stay
+        assert batches.earlier_copy(0, digest(b"m%d" % offset), offset, offset * second) is None
+    assert 55 <= batches.remembered() <= 61
+    assert batches.earlier_copy(0, digest(b"m999"), 1000, 1000 * second) == 999  # a copy: found
+    assert batches.earlier_copy(0, digest(b"m999"), 999, 1000 * second) is None  # re-read: not a copy
+    assert batches.earlier_copy(0, digest(b"m10"), 1001, 1001 * second) is None  # beyond the window
+    for offset in range(2000, 2500):  # a burst within one second: the cap holds
+        batches.earlier_copy(1, digest(b"b%d" % offset), offset, 2000 * second)
+    assert len(batches._seen[1]) == 100
