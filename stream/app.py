@@ -300,8 +300,15 @@ class BudgetJob:
             except Exception as exc:  # nothing in one message may stop the partition
                 self.agent_errors += 1
                 logger.exception("could not ingest %s", _coordinates(event))
-                await self._dead_letter(event, f"ingest failed: {type(exc).__name__}: {exc}")
+                await self._park_failed(event, f"ingest failed: {type(exc).__name__}: {exc}")
             await _yield_to_the_loop()
+
+    async def _park_failed(self, event: Any, reason: str) -> None:
+        """Dead-letter a record whose processing failed; if even that fails, log it and go on."""
+        try:
+            await self._dead_letter(event, reason)
+        except Exception:
+            logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
     async def _ingest_one(self, event: Any) -> None:
         if await self._is_a_copy(event):
@@ -526,7 +533,7 @@ class BudgetJob:
                 except Exception as exc:  # a bad record must not stop the partition
                     self.agent_errors += 1
                     logger.exception("could not account %s: %.500r", _coordinates(event), event.value)
-                    await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+                    await self._park_failed(event, f"accounting failed: {type(exc).__name__}: {exc}")
                 await _yield_to_the_loop()
             await self.changes.write()
 

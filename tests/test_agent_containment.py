@@ -79,3 +79,21 @@ def test_a_non_finite_or_negative_amount_never_reaches_the_totals(job: BudgetJob
     assert job._apply(row, (0, 1), datetime.now(UTC)) is None
     assert job.agent_errors == 1
     assert not job.totals.data.get("tenant-cost|acme|0")
+
+
+def test_a_dead_letter_that_cannot_be_written_is_logged_not_raised(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(event: Any, reason: str) -> bool:
+        raise RuntimeError("producer is stopping")
+
+    class Message:
+        topic, partition, offset = "burnguard.usage", 2, 41
+
+    class Event:
+        message, key, value = Message(), b"k", {"kind": "ticks"}
+
+    monkeypatch.setattr(job, "_dead_letter", broken)
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(job._park_failed(Event(), "accounting failed"))
+    assert "could not dead-letter burnguard.usage[2]@41" in caplog.text
