@@ -56,7 +56,7 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
-from burnguard.stream.deadletters import DeadLetterLog, Parked, dead_letter_headers
+from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.policy import decide, decide_action, decide_context, window_at
@@ -66,7 +66,7 @@ from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
-DEADLETTER_REASON_HEADER = "burnguard.error"
+DEADLETTER_REASON_HEADER = REASON_HEADER
 #: aiokafka's timestamp type of a record stamped by the broker
 LOG_APPEND_TIME = 1
 #: Message digests remembered per source partition at most (see `stream/duplicates.py`).
