@@ -226,7 +226,8 @@ class BudgetJob:
         self.recent = RecentBatches(window_ns, DUPLICATE_DIGESTS)
         self.primer = Primer(settings.kafka, settings.topics.spans, self.recent)
         self.duplicates = 0  # otlp_spans messages skipped as copies of an earlier one
-        self._copies_up_to: dict[int, int] = {}  # per partition, the highest offset counted as a copy
+        #: per source partition, the highest offset ingested: below it, a re-reading (not counted again)
+        self._read_up_to: dict[int, int] = {}
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self._replays_logged = 0
@@ -311,7 +312,11 @@ class BudgetJob:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
     async def _ingest_one(self, event: Any) -> None:
-        if await self._is_a_copy(event):
+        message = event.message
+        first_reading = message.offset > self._read_up_to.get(message.partition, -1)
+        if first_reading:
+            self._read_up_to[message.partition] = message.offset
+        if await self._is_a_copy(event, first_reading):
             return
         try:
             decoded = decode_spans(event.value, self.limits)
@@ -321,12 +326,13 @@ class BudgetJob:
         for rejected in decoded.rejected:
             await self._reject(event, rejected)
         usages = decoded.usages
-        self._trust_clock(event, decoded)
+        self._trust_clock(event, decoded, first_reading)
         source = (event.message.partition, event.message.offset)
         closed_before_ns = int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
         too_late, unpriced = self.stats.too_late, self.stats.unpriced
         try:
-            deltas = usage_deltas(usages, self.config, self.prices, self.stats, source, closed_before_ns)
+            stats = self.stats if first_reading else None  # a re-reading is counted once, before
+            deltas = usage_deltas(usages, self.config, self.prices, stats, source, closed_before_ns)
         except Exception as exc:  # a span that breaks accounting must not stop the partition
             logger.exception("could not account the batch at %s", source)
             await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
@@ -346,7 +352,7 @@ class BudgetJob:
             self.usage_records.add(topic, partition, key, encode("json", record))
         await self.usage_records.send()
 
-    async def _is_a_copy(self, event: Any) -> bool:
+    async def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
         """Whether the message repeats the bytes of an earlier one of its partition (a producer retry)."""
         message = event.message
         partition, record_ns = message.partition, int(message.timestamp * _NS)
@@ -362,8 +368,7 @@ class BudgetJob:
         earlier = self.recent.earlier_copy(partition, digest(event.value), message.offset, record_ns)
         if earlier is None:
             return False
-        if message.offset > self._copies_up_to.get(partition, -1):  # not a re-reading of a known copy
-            self._copies_up_to[partition] = message.offset
+        if first_reading:
             self.duplicates += 1
             where = _coordinates(event)
             logger.warning("%s repeats offset %d byte for byte: not counted again", where, earlier)
@@ -374,7 +379,7 @@ class BudgetJob:
         if await self._dead_letter(event, rejected.reason, rejected.request, rejected.index, rejected.kind):
             self.rejected[rejected.kind] = self.rejected.get(rejected.kind, 0) + 1
 
-    def _trust_clock(self, event: Any, decoded: DecodedSpans) -> None:
+    def _trust_clock(self, event: Any, decoded: DecodedSpans, first_reading: bool) -> None:
         """Spans stamped outside the skew around the record's broker time count at that time."""
         message = event.message
         if message.timestamp_type != LOG_APPEND_TIME and not self._create_time_warned:
@@ -387,7 +392,7 @@ class BudgetJob:
         record_ns = int(message.timestamp * _NS)
         ahead, behind = self.limits.clock_ahead_ns, int(self.settings.allowed_lateness.total_seconds() * _NS)
         moved = sum(correct_clock(usage, record_ns, ahead, behind) for usage in decoded.usages)
-        if moved:
+        if moved and first_reading:
             self.clock_corrected += moved
             logger.warning(
                 "%d spans at %s stamped outside [-%s, +%ds] of the record time: counted at the record time",
