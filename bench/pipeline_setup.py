@@ -25,7 +25,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.structs import TopicPartition as AioPartition
 from burnguard.contracts.snapshots import BudgetUsage
-from burnguard.contracts.topics import Topics
+from burnguard.contracts.topics import SPANS_TOPIC_CONFIG, Topics
 from burnguard.deploy.kafka import KafkaBroker
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
@@ -60,7 +60,9 @@ class BenchPipeline:
         try:
             started = time.monotonic()
             self.broker.start()
-            self.broker.create_topic(self.topics.spans, partitions=self.spans_partitions)
+            self.broker.create_topic(
+                self.topics.spans, partitions=self.spans_partitions, config=SPANS_TOPIC_CONFIG
+            )
             # The job's internal usage topic, created up front: when Faust creates it while the
             # worker's consumer subscribes, the assignor can miss it ("Ignoring missing topic") and
             # stage 2 then gets no partitions until the next metadata refresh, 5 minutes later.

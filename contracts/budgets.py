@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from burnguard.contracts.model_base import StrictModel, check_id
 from burnguard.contracts.notify import NotifyConfig
+from burnguard.contracts.pricing import resolve_rates
 from burnguard.contracts.routes import CompiledRoutes, ContextBudget, Route
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window, check_timezone, check_window
@@ -195,6 +196,40 @@ class ContextGuard(StrictModel):
         return check_id(value)
 
 
+#: What a call to a model without a known price costs when the budget file does not say:
+#: USD per million tokens at the top of today's list prices (Claude Opus class), so an unknown
+#: model is over-counted rather than free.
+DEFAULT_UNPRICED_INPUT_MTOK = 15.0
+DEFAULT_UNPRICED_OUTPUT_MTOK = 75.0
+
+
+class Unpriced(StrictModel):
+    """What a call to a model neither genai-prices nor `prices:` knows is charged.
+
+    Either like another model (`charge_as`), or at per-token prices (USD per million tokens).
+    """
+
+    charge_as: str | None = Field(default=None, description="charge like this (priced) model")
+    input_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    output_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Unpriced:
+        prices = self.input_mtok is not None or self.output_mtok is not None
+        if self.charge_as is None and not prices:
+            raise ValueError("give 'charge_as: MODEL' or 'input_mtok'/'output_mtok'")
+        if self.charge_as is not None and prices:
+            raise ValueError("give 'charge_as' or per-token prices, not both")
+        return self
+
+    def price_override(self) -> dict[str, float]:
+        """The per-token prices as a `prices:` entry (only when `charge_as` is not used)."""
+        return {"input_mtok": self.input_mtok or 0.0, "output_mtok": self.output_mtok or 0.0}
+
+
+DEFAULT_UNPRICED = Unpriced(input_mtok=DEFAULT_UNPRICED_INPUT_MTOK, output_mtok=DEFAULT_UNPRICED_OUTPUT_MTOK)
+
+
 class BudgetConfig(StrictModel):
     """A whole budget file."""
 
@@ -202,6 +237,9 @@ class BudgetConfig(StrictModel):
     downgrade: dict[str, str] = Field(default_factory=dict)
     prices: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="price overrides, USD per million tokens"
+    )
+    unpriced: Unpriced = Field(
+        default=DEFAULT_UNPRICED, description="what a call to a model without a known price costs"
     )
     budgets: tuple[Budget, ...] = ()
     context_guards: tuple[ContextGuard, ...] = ()
@@ -218,6 +256,25 @@ class BudgetConfig(StrictModel):
     def _ids_unique(cls, value: tuple[Budget, ...]) -> tuple[Budget, ...]:
         _check_ids_unique(value, "budgets", "budget")
         return value
+
+    @field_validator("prices")
+    @classmethod
+    def _prices_are_amounts(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for model, prices in value.items():
+            for name, price in prices.items():
+                if not 0 <= price < float("inf"):
+                    raise _located(("prices", model, name), f"{price} is not a finite, non-negative price")
+        return value
+
+    @model_validator(mode="after")
+    def _unpriced_charge_as_has_a_price(self) -> BudgetConfig:
+        model = self.unpriced.charge_as
+        if model is not None and model not in self.prices and resolve_rates(model) is None:
+            raise _located(
+                ("unpriced", "charge_as"),
+                f"model {model!r} has no known price: name a priced model or give it one under 'prices:'",
+            )
+        return self
 
     @model_validator(mode="after")
     def _downgrade_targets_are_classes(self) -> BudgetConfig:
@@ -429,6 +486,7 @@ def to_records(config: BudgetConfig) -> dict[str, bytes]:
         "model_classes": config.model_classes,
         "downgrade": config.downgrade,
         "prices": config.prices,
+        "unpriced": config.unpriced.model_dump(exclude_none=True),
         "context_guards": [guard.model_dump() for guard in config.context_guards],
         "providers": config.providers,
         "routes": [route.model_dump() for route in config.routes],

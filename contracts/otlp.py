@@ -14,18 +14,25 @@ canonical ones left it empty (of two such spellings, the one listed first in
 the table); a key repeated in one span (OTLP forbids it) keeps its last value.
 Attribution (tenant, user, ...) missing from a span is taken from its resource
 (`resource_attribution`); the span's own value, in any spelling, wins.
+
+Every span is checked here too (`span_checks`): a span with a number that is not
+finite, negative, past its ceiling or of the wrong type, or a key past its length
+limit, is rejected alone (`decode_spans`), with its reason and a one-span request
+to dead-letter; the other spans of the message count as usual.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, fields
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.otlp_view import TraceRequestView
+from burnguard.contracts.span_checks import DEFAULT_LIMITS, NOT_FINITE, WRONG_TYPE, SpanLimits, span_problem
 from burnguard.contracts.usage import SpanUsage
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
@@ -51,21 +58,41 @@ def _as_str(value: AnyValue) -> str:
     return str(getattr(value, kind))
 
 
+class BadValue(ValueError):
+    """An attribute whose value cannot be the number its field needs (the span is rejected)."""
+
+    kind = WRONG_TYPE
+
+
+class NotFinite(BadValue):
+    kind = NOT_FINITE
+
+
 def _as_int(value: AnyValue) -> int:
+    """A count: an int, a whole finite double, or a string holding one; no value reads as 0."""
     kind = value.WhichOneof("value")
     if kind == "int_value":
         return value.int_value
     if kind == "double_value":
-        return int(value.double_value)
+        return _whole(value.double_value)
     if kind == "string_value":
         try:
-            return int(float(value.string_value))
+            return _whole(float(value.string_value))
         except ValueError:
-            return 0
-    return 0
+            raise BadValue(f"{value.string_value[:40]!r} is not a number") from None
+    if kind is None:
+        return 0
+    raise BadValue(f"a {kind} where a number belongs")
+
+
+def _whole(number: float) -> int:
+    if not math.isfinite(number):
+        raise NotFinite(f"{number} is not a finite number")
+    return int(number)
 
 
 def _as_float(value: AnyValue) -> float | None:
+    """An amount: a double, an int or a numeric string; no value reads as None (not priced)."""
     kind = value.WhichOneof("value")
     if kind == "double_value":
         return value.double_value
@@ -75,8 +102,10 @@ def _as_float(value: AnyValue) -> float | None:
         try:
             return float(value.string_value)
         except ValueError:
-            return None
-    return None
+            raise BadValue(f"{value.string_value[:40]!r} is not a number") from None
+    if kind is None:
+        return None
+    raise BadValue(f"a {kind} where a number belongs")
 
 
 def _as_bool(value: AnyValue) -> bool:
@@ -85,7 +114,10 @@ def _as_bool(value: AnyValue) -> bool:
         return value.bool_value
     if kind == "string_value":
         return value.string_value.strip().lower() in ("true", "1")
-    return bool(_as_int(value))
+    try:
+        return bool(_as_int(value))
+    except BadValue:
+        return False
 
 
 def _read_str(value: AnyValue) -> str:
@@ -236,20 +268,75 @@ def _parse_json(payload: bytes) -> ExportTraceServiceRequest:
         raise MalformedSpans(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
 
 
-def iter_usage(request: Message) -> Iterator[SpanUsage]:
-    """Yield one `SpanUsage` per GenAI span of a `TraceRequestView`; other spans are passed over."""
+@dataclass(slots=True)
+class RejectedSpan:
+    """A span that breaks a rule of `span_checks`: not counted, not stored, dead-lettered alone."""
+
+    index: int  # its position among all spans of the message, in walk order: part of its identity
+    kind: str  # one of `span_checks.REJECTION_KINDS`, the counter it is counted under
+    reason: str
+    #: a one-span `ExportTraceServiceRequest` with the span's resource and scope, as sent
+    request: bytes
+
+
+@dataclass(slots=True)
+class DecodedSpans:
+    """The GenAI spans of one message that may be counted, and the ones rejected."""
+
+    usages: list[SpanUsage] = field(default_factory=list)
+    rejected: list[RejectedSpan] = field(default_factory=list)
+
+
+def check_spans(request: Message, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
+    """Decode every GenAI span of a `TraceRequestView`, setting aside those that break a rule."""
+    decoded = DecodedSpans()
+    index = -1
     for resource_spans in request.resource_spans:
         service = resource_spans.resource.attributes.get(attr.SERVICE_NAME)
         service = service.string_value if service is not None else ""
         inherited = resource_attribution(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                usage = _span_usage(span, service)
-                if usage is not None:
-                    for dimension, value in inherited.items():
-                        if not getattr(usage, dimension):
-                            setattr(usage, dimension, value)
-                    yield usage
+                index += 1
+                try:
+                    usage = _span_usage(span, service)
+                    if usage is not None:
+                        _inherit(usage, inherited)
+                    problem = None if usage is None else span_problem(usage, limits)
+                except _RejectedValue as exc:
+                    problem = (exc.kind, str(exc))
+                if problem is not None:
+                    single = _single_span_request(resource_spans, scope_spans, span)
+                    decoded.rejected.append(RejectedSpan(index, *problem, single))
+                elif usage is not None:
+                    decoded.usages.append(usage)
+    return decoded
+
+
+def _single_span_request(resource_spans: Any, scope_spans: Any, span: Any) -> bytes:
+    """The span alone, with its resource and scope: what the dead-letter topic receives."""
+    single = TraceRequestView()
+    resource = single.resource_spans.add(schema_url=resource_spans.schema_url)
+    resource.resource.CopyFrom(resource_spans.resource)
+    scope = resource.scope_spans.add(schema_url=scope_spans.schema_url)
+    scope.scope.CopyFrom(scope_spans.scope)
+    scope.spans.add().CopyFrom(span)
+    return single.SerializeToString()
+
+
+class _RejectedValue(ValueError):
+    """`BadValue` with the attribute it was read from."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _inherit(usage: SpanUsage, inherited: dict[str, str]) -> None:
+    """Fill the attribution the span left empty from its resource's (checked like the span's own)."""
+    for dimension, value in inherited.items():
+        if not getattr(usage, dimension):
+            setattr(usage, dimension, value)
 
 
 def resource_attribution(attributes: Mapping[str, AnyValue]) -> dict[str, str]:
@@ -304,7 +391,10 @@ def _span_usage(span: Any, service: str) -> SpanUsage | None:
             continue
         index, read, rank = slot
         if rank is None:
-            values[index] = read(attributes[key])
+            try:
+                values[index] = read(attributes[key])
+            except BadValue as exc:
+                raise _RejectedValue(f"{key}: {exc}", exc.kind) from None
         else:
             fallbacks.append((rank, key))
     if fallbacks:
@@ -329,9 +419,20 @@ def _fill_if_empty(
     for _rank, key in sorted(found):
         index, read, _ = _SLOTS[key]
         if not values[index]:
-            values[index] = read(attributes[key])
+            try:
+                values[index] = read(attributes[key])
+            except BadValue as exc:
+                raise _RejectedValue(f"{key}: {exc}", exc.kind) from None
 
 
 def decode_usage(payload: bytes) -> list[SpanUsage]:
-    """Decode one `otlp_spans` message into the GenAI spans it carries."""
-    return list(iter_usage(parse_request(payload)))
+    """Decode one `otlp_spans` message into the valid GenAI spans it carries."""
+    return check_spans(parse_request(payload)).usages
+
+
+def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
+    """Decode one `otlp_spans` message: the spans to count, and the rejected ones with reasons.
+
+    Raises `MalformedSpans` when the message as a whole is not an OTLP request.
+    """
+    return check_spans(parse_request(payload), limits)

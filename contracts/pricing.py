@@ -7,8 +7,9 @@ model) once into plain per-token rates and prices spans with a few float
 multiplications. Tiered ("cliff") prices keep genai-prices' semantics: the
 tier is chosen by the call's total input tokens and applies to all tokens.
 
-An unknown model is never guessed: `price()` returns None and the caller
-marks the span unpriced and counts it.
+An unknown model is never guessed: `price()` returns None. It is not free
+either: the stream and the sink charge it what the budget file's `unpriced:`
+says (`PriceBook.for_config`), mark it (`UNPRICED_CHARGED`) and count it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from burnguard.contracts.usage import SpanUsage
 from genai_prices import Usage, calc_price
 from genai_prices.types import TieredPrices
 
+if TYPE_CHECKING:
+    from burnguard.contracts.budgets import BudgetConfig
+
 _PER_MTOK = 1_000_000
+#: The `extra` entry of a span charged by the `unpriced:` rule: what it was charged as.
+UNPRICED_CHARGED = "burnguard.cost.charged_as"
 
 #: OpenTelemetry `gen_ai.provider.name` values -> genai-prices provider ids.
 _PROVIDER_IDS: dict[str, str] = {
@@ -139,10 +146,38 @@ def resolve_rates(model: str, provider: str = "") -> ModelRates | None:
 class PriceBook:
     """Thread-safe cache of resolved model rates, with configured overrides first."""
 
-    def __init__(self, overrides: Mapping[str, Mapping[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        overrides: Mapping[str, Mapping[str, float]] | None = None,
+        *,
+        unpriced_as: str | None = None,
+        unpriced_prices: Mapping[str, float] | None = None,
+    ) -> None:
+        """`unpriced_as` (a model) or `unpriced_prices` (USD per million tokens): what a call to a
+        model without a known price is charged; neither: such a call stays unpriced."""
         self._overrides = {model: rates_from_override(p) for model, p in (overrides or {}).items()}
         self._cache: dict[tuple[str, str], ModelRates | None] = {}
         self._lock = threading.Lock()
+        self._unpriced_as = unpriced_as
+        self._unpriced_rates = rates_from_override(unpriced_prices) if unpriced_prices is not None else None
+
+    @classmethod
+    def for_config(cls, config: BudgetConfig) -> PriceBook:
+        """The book a budget file asks for: its price overrides and its `unpriced:` rule."""
+        unpriced = config.unpriced
+        if unpriced.charge_as is not None:
+            return cls(config.prices, unpriced_as=unpriced.charge_as)
+        return cls(config.prices, unpriced_prices=unpriced.price_override())
+
+    @property
+    def unpriced_charge(self) -> tuple[str, ModelRates] | None:
+        """(what it is charged as, the rates) for a model without a price; None: left unpriced."""
+        if self._unpriced_as is not None:
+            rates = self.rates(self._unpriced_as)
+            return (self._unpriced_as, rates) if rates is not None else None
+        if self._unpriced_rates is not None:
+            return "unpriced default", self._unpriced_rates
+        return None
 
     def rates(self, model: str, provider: str = "") -> ModelRates | None:
         key = (provider, model)
@@ -174,22 +209,36 @@ class PriceBook:
         return rates.cost(input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens)
 
 
-def price_if_unpriced(usage: SpanUsage, prices: PriceBook) -> None:
+def price_if_unpriced(usage: SpanUsage, prices: PriceBook) -> bool:
     """Price a decoded model call that arrived without a cost (e.g. from an OTel Collector).
 
     The stream job and the sink both do this, with the same code the app's
-    exporter path uses, so budgets and history see the same spend.
+    exporter path uses, so budgets and history see the same spend. A model
+    with no known price is charged by the book's `unpriced:` rule and marked
+    in `extra` (`UNPRICED_CHARGED`); returns True then, so the caller can say
+    which model needs a price.
     """
-    if usage.cost_usd is not None or not usage.is_model_call or not usage.model:
-        return
-    usage.cost_usd = prices.price(
-        usage.model,
-        usage.provider,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cache_read_tokens,
-        cache_creation_tokens=usage.cache_creation_tokens,
-    )
+    if usage.cost_usd is not None or not usage.is_model_call:
+        return False
+    tokens = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_creation_tokens)
+    if usage.model:
+        usage.cost_usd = prices.price(
+            usage.model,
+            usage.provider,
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+            cache_read_tokens=tokens[2],
+            cache_creation_tokens=tokens[3],
+        )
+        if usage.cost_usd is not None:
+            return False
+    charge = prices.unpriced_charge
+    if charge is None:
+        return False
+    charged_as, rates = charge
+    usage.cost_usd = rates.cost(*tokens)
+    usage.extra[UNPRICED_CHARGED] = charged_as
+    return True
 
 
 _default_book: PriceBook | None = None

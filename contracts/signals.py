@@ -28,7 +28,9 @@ SignalAction = Literal["ok", "warn", "downgrade", "throttle"]
 class Signal(BaseModel):
     """The state of one budget for one key, as of `issued_at`."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    #: No NaN or infinity: a signal with one would be dropped by every guard as malformed,
+    #: switching the budget off (numbers are also non-negative below).
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     v: Literal[1] = SIGNAL_VERSION
     scope: str = Field(description="budget scope, e.g. 'tenant' or 'tenant+feature'")
@@ -37,12 +39,12 @@ class Signal(BaseModel):
     action: SignalAction
     downgrade_to: str | None = Field(default=None, description="model class to downgrade to")
     metric: str = "cost_usd"
-    spent: float
-    limit: float
-    ratio: float
+    spent: float = Field(ge=0)
+    limit: float = Field(ge=0)
+    ratio: float = Field(ge=0)
     window_start: datetime
     window_end: datetime
-    burn_rate_per_hour: float = 0.0
+    burn_rate_per_hour: float = Field(default=0.0, ge=0)
     projected_exhaustion: datetime | None = None
     issued_at: datetime
     expires_at: datetime

@@ -156,11 +156,17 @@ def check_connection(kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
         logger.setLevel(level)
 
 
+#: `otlp_spans` is stamped by the broker (LogAppendTime): the stream trusts a span's event time only
+#: near its record's time, and a producer's CreateTime would be the sender's clock again.
+SPANS_TOPIC_CONFIG: dict[str, str] = {"message.timestamp.type": "LogAppendTime"}
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
     partitions: int = 1
     compacted: bool = False
+    config: dict[str, str] | None = None  # topic configs set at creation
 
 
 def ensure_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str]:
@@ -182,6 +188,7 @@ def ensure_topics(kafka: KafkaSettings, specs: list[TopicSpec]) -> list[str]:
             if spec.name in existing:
                 continue
             configs = {"cleanup.policy": "compact"} if spec.compacted else {}
+            configs.update(spec.config or {})
             try:
                 admin.create_topics([NewTopic(spec.name, spec.partitions, -1, topic_configs=configs)])
                 created.append(spec.name)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import clickhouse_connect
+from burnguard.contracts.pricing import UNPRICED_CHARGED
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.schema import SIGNALS_TABLE, SPANS_TABLE
@@ -244,10 +246,24 @@ def span_columns(rows: Sequence[SpanUsage], origins: Sequence[KafkaOrigin] | Non
     columns = [list(map(getter, rows)) for getter in _SPAN_GETTERS]
     columns[_COUNTS] = [_clamp_counts(column) for column in columns[_COUNTS]]
     cost = columns[-3]
-    priced = [0 if value is None else 1 for value in cost]
-    if 0 in priced:
-        columns[-3] = [0.0 if value is None else value for value in cost]
+    priced = [
+        0 if value is None or UNPRICED_CHARGED in row.extra else 1
+        for value, row in zip(cost, rows, strict=True)
+    ]
+    if None in cost or not all(0.0 <= value < math.inf for value in cost if value is not None):
+        columns[-3] = [_storable_cost(value) for value in cost]
     return [*columns, priced, *_origin_columns(origins, len(rows))]
+
+
+def _storable_cost(value: float | None) -> float:
+    """0.0 for no cost; decoding rejects a cost that is not finite or negative, this is a last guard
+    so that no sum over `cost_usd` can be poisoned."""
+    if value is None:
+        return 0.0
+    if not 0.0 <= value < math.inf:
+        log.error("a span cost of %r reached the writer: stored as 0", value)
+        return 0.0
+    return value
 
 
 def _micros(value: datetime | None) -> int | None:

@@ -10,7 +10,13 @@ Nothing is dropped and nothing stalls the stream:
 - A message that is not a decodable OTLP request (or signal) is counted in
   `malformed`, logged with its topic, partition and offset, and passed over;
   the stream job, which reads the same topic, sends it to the dead-letter
-  topic. Its offset is committed with the batch.
+  topic. Its offset is committed with the batch. A span that breaks a rule of
+  `contracts/span_checks.py` (a number not finite, negative or past its
+  ceiling, a value of the wrong type, a key too long) is not written and is
+  counted in `rejected_spans` by reason; the stream job dead-letters it, so it
+  is parked once. A span stamped outside the trusted skew around its record's
+  broker time is written at that time, like the stream counts it, with the
+  time it claimed in `extra` (`clock_corrected`).
 - When ClickHouse is unreachable or an insert fails, the batch is kept, the
   failure counted in `insert_failures`, and the insert retried with
   exponential backoff. Meanwhile the partitions are paused and the consumer
@@ -77,9 +83,10 @@ from typing import Any
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import BudgetConfig, load_budget_file
 from burnguard.contracts.logs import quiet_library_logs
-from burnguard.contracts.otlp import decode_usage
+from burnguard.contracts.otlp import decode_spans
 from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
+from burnguard.contracts.span_checks import SpanLimits, correct_clock
 from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect, default_dsn, redact_dsn
@@ -305,6 +312,10 @@ class SpanSink:
         self.commit_failures = 0
         self.commits = 0
         self.consumer_restarts = 0
+        self.limits = SpanLimits.from_env()
+        #: spans not written because they broke a rule, by reason kind (the stream dead-letters them)
+        self.rejected_spans: dict[str, int] = {}
+        self.clock_corrected = 0
         self._batch = _Batch()
         # Offsets of rows that are in ClickHouse but not yet committed, per partition.
         self._written: dict[TopicPartition, int] = {}
@@ -325,6 +336,8 @@ class SpanSink:
             "commit_failures": self.commit_failures,
             "commits": self.commits,
             "consumer_restarts": self.consumer_restarts,
+            "rejected_spans": sum(self.rejected_spans.values()),
+            "clock_corrected": self.clock_corrected,
         }
 
     # --- the loop -----------------------------------------------------------------
@@ -549,17 +562,34 @@ class SpanSink:
         if self._batch.empty:
             self._batch.started = time.monotonic()
         if message.topic == self.topics.spans:
-            self._take_spans(message.value, origin)
+            self._take_spans(message.value, origin, message.timestamp)
         elif message.topic == self.topics.signals:
             self._take_signal(message.value, origin)
         self._batch.next_offsets[tp] = message.offset + 1
 
-    def _take_spans(self, payload: bytes | None, origin: KafkaOrigin) -> None:
+    def _take_spans(self, payload: bytes | None, origin: KafkaOrigin, timestamp_ms: int = -1) -> None:
         try:
-            rows = decode_usage(payload or b"")
+            decoded = decode_spans(payload or b"", self.limits)
         except Exception as exc:  # any undecodable message: count it, never stall the partition
             self._malformed(origin, exc)
             return
+        for rejected in decoded.rejected:
+            self.rejected_spans[rejected.kind] = self.rejected_spans.get(rejected.kind, 0) + 1
+            log.info(
+                "span %d of %s[%d]@%d not written (the stream dead-letters it): %s",
+                rejected.index,
+                origin.topic,
+                origin.partition,
+                origin.offset,
+                rejected.reason[:500],
+            )
+        rows = decoded.usages
+        if timestamp_ms > 0:
+            record_ns, limits = timestamp_ms * 1_000_000, self.limits
+            for usage in rows:
+                self.clock_corrected += correct_clock(
+                    usage, record_ns, limits.clock_ahead_ns, limits.clock_behind_ns
+                )
         if self.price_missing:
             self._price(rows)
         self._batch.spans.extend(rows)
@@ -597,12 +627,12 @@ class SpanSink:
         except Exception as exc:  # Kafka not there yet: the follower below catches up when it is
             log.warning("could not read %s yet (%s); pricing with the budgets file", self.topics.budgets, exc)
             config = file_config
-        self.prices = PriceBook(config.prices)
+        self.prices = PriceBook.for_config(config)
         self._budget_feed = BudgetFeed(self.kafka, self.topics.budgets, config).start()
 
     def _price(self, rows: list[SpanUsage]) -> None:
         if self._budget_feed is not None and (update := self._budget_feed.take_update()) is not None:
-            self.prices = PriceBook(update.prices)
+            self.prices = PriceBook.for_config(update)
             log.info("price overrides changed on %s: %s", self.topics.budgets, sorted(update.prices))
         for usage in rows:
             price_if_unpriced(usage, self.prices)

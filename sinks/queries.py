@@ -7,6 +7,7 @@ answer "how much was spent", which must count every span once.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,9 @@ from burnguard.contracts.signals import Signal
 from burnguard.sinks.clickhouse import SIGNAL_COLUMNS
 from burnguard.sinks.schema import SIGNALS_TABLE, SPANS_TABLE
 from clickhouse_connect.driver.client import Client
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
 
 #: The columns that are `Signal` fields (the rest say where the row came from).
 _SIGNAL_FIELDS = tuple(name for name in SIGNAL_COLUMNS if not name.startswith("kafka_"))
@@ -48,7 +52,13 @@ def signals(client: Client, *, budget: str | None = None, final: bool = True) ->
         query += " WHERE budget = {budget:String}"
         parameters = {"budget": budget}
     result = client.query(query + " ORDER BY issued_at, budget, scope, key", parameters=parameters)
-    return [Signal.model_validate(_aware(row)) for row in result.named_results()]
+    signals = []
+    for row in result.named_results():
+        try:
+            signals.append(Signal.model_validate(_aware(row)))
+        except ValidationError as exc:  # e.g. a NaN stored before spans were validated: skip it
+            log.warning("skipped a malformed stored signal %s: %s", row.get("key"), str(exc).splitlines()[0])
+    return signals
 
 
 def _aware(row: dict[str, Any]) -> dict[str, Any]:

@@ -377,7 +377,7 @@ class WindowTotals:
 @dataclass
 class BatchStats:
     spans: int = 0
-    unpriced: int = 0
+    unpriced: int = 0  # model calls without a known price (charged by the `unpriced:` rule, if any)
     too_late: int = 0  # (span, budget) pairs whose window had closed beyond the allowed lateness
 
 
@@ -511,12 +511,12 @@ def usage_deltas(
     budgets = _budget_set(config)
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     for usage in usages:
-        price_if_unpriced(usage, prices)
+        charged_as_unpriced = price_if_unpriced(usage, prices)
         fill_model_class(usage, config)
         model_call = usage.is_model_call
         if stats is not None:
             stats.spans += 1
-            stats.unpriced += model_call and usage.cost_usd is None
+            stats.unpriced += charged_as_unpriced or (model_call and usage.cost_usd is None)
         tool_call = usage.is_tool_call or usage.tool_calls > 0
         refused = usage.is_refused_call  # counted in the call mix only: it used nothing
         if not (model_call or tool_call or refused):

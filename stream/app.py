@@ -8,7 +8,12 @@ Two stages, joined by the internal `burnguard.usage` topic:
    deltas of one message as one batch record per usage partition (the
    partition of `budget|key`), not one record per delta: Kafka records, not
    arithmetic, were what the worker spent its time on. Undecodable messages
-   go to the dead-letter topic with the reason in a header.
+   go to the dead-letter topic with the reason in a header, and so does each
+   span that breaks a rule of `contracts/span_checks.py`, alone (the sink
+   skips those spans and only counts them). A span's event time is trusted
+   within a skew of its record's broker timestamp, else it counts at that
+   timestamp; a call to a model without a price is charged by the budget
+   file's `unpriced:` rule and a `warn` names the model.
 2. `account` reads the batches, so all state of one budget key lives in one
    partition and so on one worker. It keeps the window totals in a
    changelog-backed table and publishes a signal whenever the decided action
@@ -22,7 +27,9 @@ table state may only change inside the partition's own stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -34,11 +41,13 @@ import faust
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.logs import quiet_library_logs
-from burnguard.contracts.otlp import MalformedSpans, decode_usage
-from burnguard.contracts.pricing import PriceBook
+from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans
+from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import BudgetUsage
-from burnguard.contracts.topics import TopicSpec, ensure_topics
+from burnguard.contracts.span_checks import SpanLimits, correct_clock
+from burnguard.contracts.topics import SPANS_TOPIC_CONFIG, TopicSpec, ensure_topics
+from burnguard.contracts.usage import SpanUsage
 from burnguard.stream.accounting import (
     BatchStats,
     ContextGrowth,
@@ -48,6 +57,8 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
+from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers
+from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.policy import changed_signal, decide_context, window_at
 from burnguard.stream.settings import StreamSettings
@@ -56,7 +67,13 @@ from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
-DEADLETTER_REASON_HEADER = "burnguard.error"
+DEADLETTER_REASON_HEADER = REASON_HEADER
+#: aiokafka's timestamp type of a record stamped by the broker
+LOG_APPEND_TIME = 1
+#: Message digests remembered per source partition at most (see `stream/duplicates.py`).
+DUPLICATE_DIGESTS = 20_000
+#: Models whose `unpriced` warn this process remembers (when it last published each).
+UNPRICED_REMEMBERED = 10_000
 _NS = 1_000_000_000
 #: Deltas per batch record at most, so a huge OTLP message never makes a record beyond Kafka's limit.
 BATCH_ROWS = 1000
@@ -134,6 +151,41 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _coordinates(event: Any) -> str:
+    message = event.message
+    return f"{message.topic}[{message.partition}]@{message.offset}"
+
+
+def _span_label(span: int) -> str:
+    return f" span {span}" if span >= 0 else ""
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    """Any event key or value as bytes for the dead-letter topic: JSON, or its repr when JSON fails."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    try:
+        return json.dumps(value).encode()
+    except (TypeError, ValueError):
+        return repr(value).encode()
+
+
+class _AfterRebalance(faust.Sensor):
+    """After a rebalance, another worker may have parked or read what this one is about to re-read:
+    read the dead-letter topic again before the next check, and prime each partition's digests."""
+
+    def __init__(self, job: BudgetJob) -> None:
+        super().__init__()
+        self.job = job
+
+    def on_rebalance_start(self, app: Any) -> dict:
+        self.job.dead_letters.stale = True
+        self.job.recent.primed.clear()
+        return super().on_rebalance_start(app)
+
+
 def _faust_credentials(settings: StreamSettings) -> Any:
     kafka = settings.kafka
     kafka.check()
@@ -157,11 +209,28 @@ class BudgetJob:
     def __init__(self, settings: StreamSettings, config: BudgetConfig) -> None:
         self.settings = settings
         self.config = config
-        self.prices = PriceBook(config.prices)
+        self.prices = PriceBook.for_config(config)
+        self.limits = SpanLimits.from_env()
         self.stats = BatchStats()
         self.deadlettered = 0
-        #: (topic, partition, offset) of messages this process dead-lettered, newest last
-        self._dead_lettered: dict[tuple[str, int, int], None] = {}
+        #: spans rejected by `span_checks`, by reason kind; spans moved to their record's time
+        self.rejected: dict[str, int] = {}
+        self.clock_corrected = 0
+        self.agent_errors = 0  # records or keys whose accounting failed (logged, contained)
+        self._counters_logged: tuple[Any, ...] = ()
+        self._create_time_warned = False
+        #: model -> (when its `unpriced` warn was last published, USD charged by the rule so far)
+        self._unpriced: dict[str, tuple[datetime, float]] = {}
+        #: what the dead-letter topic already holds, read back from it
+        self.dead_letters = DeadLetterLog(
+            settings.kafka, settings.topics.deadletter, DEAD_LETTERED_REMEMBERED
+        )
+        window_ns = int(settings.duplicate_window.total_seconds() * _NS)
+        self.recent = RecentBatches(window_ns, DUPLICATE_DIGESTS)
+        self.primer = Primer(settings.kafka, settings.topics.spans, self.recent)
+        self.duplicates = 0  # otlp_spans messages skipped as copies of an earlier one
+        #: per source partition, the highest offset ingested: below it, a re-reading (not counted again)
+        self._read_up_to: dict[int, int] = {}
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self._replays_logged = 0
@@ -195,6 +264,7 @@ class BudgetJob:
         self._declare_agents()
         self.rewind = RewindAfterRecovery(self.app, [settings.topics.spans, settings.topics.usage])
         self.app.sensors.add(self.rewind)
+        self.app.sensors.add(_AfterRebalance(self))
 
     def _declare_topics(self) -> None:
         topics, app = self.settings.topics, self.app
@@ -230,32 +300,152 @@ class BudgetJob:
     async def _ingest(self, stream: Any) -> None:
         async for event in stream.events():
             try:
-                usages = decode_usage(event.value)
-            except MalformedSpans as exc:
-                await self._dead_letter(event, str(exc))
-                continue
-            source = (event.message.partition, event.message.offset)
-            closed_before_ns = int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
-            too_late = self.stats.too_late
-            try:
-                deltas = usage_deltas(usages, self.config, self.prices, self.stats, source, closed_before_ns)
-            except Exception as exc:  # a span that breaks accounting must not stop the partition
-                logger.exception("could not account the batch at %s", source)
-                await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
-                continue
-            if self.stats.too_late > too_late:
-                logger.warning(
-                    "%d span budget counts at %s arrived after their window closed (allowed lateness %s)",
-                    self.stats.too_late - too_late,
-                    source,
-                    self.settings.allowed_lateness,
-                )
-            observations = context_observations(usages, self.config)
-            key, topic = f"{source[0]}/{source[1]}".encode(), self.settings.topics.usage
-            for partition, record in self._batch_records(deltas, observations, source):
-                self.usage_records.add(topic, partition, key, encode("json", record))
-            await self.usage_records.send()
+                await self._ingest_one(event)
+            except Exception as exc:  # nothing in one message may stop the partition
+                self.agent_errors += 1
+                logger.exception("could not ingest %s", _coordinates(event))
+                await self._park_failed(event, f"ingest failed: {type(exc).__name__}: {exc}")
             await _yield_to_the_loop()
+
+    async def _park_failed(self, event: Any, reason: str) -> None:
+        """Dead-letter a record whose processing failed; if even that fails, log it and go on."""
+        try:
+            await self._dead_letter(event, reason)
+        except Exception:
+            logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
+
+    async def _ingest_one(self, event: Any) -> None:
+        message = event.message
+        first_reading = message.offset > self._read_up_to.get(message.partition, -1)
+        if first_reading:
+            self._read_up_to[message.partition] = message.offset
+        if await self._is_a_copy(event, first_reading):
+            return
+        try:
+            decoded = decode_spans(event.value, self.limits)
+        except MalformedSpans as exc:
+            await self._dead_letter(event, str(exc))
+            return
+        for rejected in decoded.rejected:
+            await self._reject(event, rejected)
+        usages = decoded.usages
+        self._trust_clock(event, decoded, first_reading)
+        source = (event.message.partition, event.message.offset)
+        closed_before_ns = int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
+        too_late, unpriced = self.stats.too_late, self.stats.unpriced
+        try:
+            stats = self.stats if first_reading else None  # a re-reading is counted once, before
+            deltas = usage_deltas(usages, self.config, self.prices, stats, source, closed_before_ns)
+        except Exception as exc:  # a span that breaks accounting must not stop the partition
+            logger.exception("could not account the batch at %s", source)
+            await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+            return
+        if self.stats.too_late > too_late:
+            logger.warning(
+                "%d span budget counts at %s arrived after their window closed (allowed lateness %s)",
+                self.stats.too_late - too_late,
+                source,
+                self.settings.allowed_lateness,
+            )
+        if self.stats.unpriced > unpriced:
+            await self._warn_unpriced(usages)
+        observations = context_observations(usages, self.config)
+        key, topic = f"{source[0]}/{source[1]}".encode(), self.settings.topics.usage
+        for partition, record in self._batch_records(deltas, observations, source):
+            self.usage_records.add(topic, partition, key, encode("json", record))
+        await self.usage_records.send()
+
+    async def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
+        """Whether the message repeats the bytes of an earlier one of its partition (a producer retry)."""
+        message = event.message
+        partition, record_ns = message.partition, int(message.timestamp * _NS)
+        if partition not in self.recent.primed:
+            try:
+                primed = await asyncio.to_thread(self.primer.prime, partition, message.offset, record_ns)
+                logger.info("%d messages before %s digested", primed, _coordinates(event))
+            except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
+                logger.warning("could not read back before %s: %r", _coordinates(event), exc)
+            self.recent.primed.add(partition)
+        if not event.value or not isinstance(event.value, bytes):
+            return False  # an empty message is dead-lettered, not compared
+        earlier = self.recent.earlier_copy(partition, digest(event.value), message.offset, record_ns)
+        if earlier is None:
+            return False
+        if first_reading:
+            self.duplicates += 1
+            where = _coordinates(event)
+            logger.warning("%s repeats offset %d byte for byte: not counted again", where, earlier)
+        return True
+
+    async def _reject(self, event: Any, rejected: RejectedSpan) -> None:
+        """Park a span that broke a rule alone, with its reason; count it (once, not per re-reading)."""
+        if await self._dead_letter(event, rejected.reason, rejected.request, rejected.index, rejected.kind):
+            self.rejected[rejected.kind] = self.rejected.get(rejected.kind, 0) + 1
+
+    def _trust_clock(self, event: Any, decoded: DecodedSpans, first_reading: bool) -> None:
+        """Spans stamped outside the skew around the record's broker time count at that time."""
+        message = event.message
+        if message.timestamp_type != LOG_APPEND_TIME and not self._create_time_warned:
+            self._create_time_warned = True
+            logger.warning(
+                "%s carries producer timestamps (CreateTime): event times are bounded by the sender's "
+                "clock; create the topic with message.timestamp.type=LogAppendTime",
+                message.topic,
+            )
+        record_ns = int(message.timestamp * _NS)
+        ahead, behind = self.limits.clock_ahead_ns, int(self.settings.allowed_lateness.total_seconds() * _NS)
+        moved = sum(correct_clock(usage, record_ns, ahead, behind) for usage in decoded.usages)
+        if moved and first_reading:
+            self.clock_corrected += moved
+            logger.warning(
+                "%d spans at %s stamped outside [-%s, +%ds] of the record time: counted at the record time",
+                moved,
+                _coordinates(event),
+                self.settings.allowed_lateness,
+                ahead // _NS,
+            )
+
+    async def _warn_unpriced(self, usages: list[SpanUsage]) -> None:
+        """A `warn` naming each model charged by the `unpriced:` rule (again after a refresh interval)."""
+        now = _now()
+        charged: dict[str, float] = {}
+        for usage in usages:
+            if UNPRICED_CHARGED in usage.extra:
+                model = usage.model or "(no model)"
+                charged[model] = charged.get(model, 0.0) + (usage.cost_usd or 0.0)
+        for model, usd in charged.items():
+            last, total = self._unpriced.pop(model, (None, 0.0))
+            total += usd
+            due = last is None or now - last >= self.settings.refresh_interval
+            self._unpriced[model] = (now if due else last, total)
+            if len(self._unpriced) > UNPRICED_REMEMBERED:
+                del self._unpriced[next(iter(self._unpriced))]
+            if due:
+                await self._send_signal(self._unpriced_signal(model, total, now))
+
+    def _unpriced_signal(self, model: str, charged_usd: float, now: datetime) -> Signal:
+        charge = self.prices.unpriced_charge
+        charged_as = charge[0] if charge else "nothing"
+        expires = now + self.settings.signal_ttl
+        return Signal(
+            scope="model",
+            key=model,
+            budget="unpriced",
+            action="warn",
+            metric="cost_usd",
+            spent=charged_usd,
+            limit=0.0,
+            ratio=0.0,
+            window_start=now,
+            window_end=expires,
+            issued_at=now,
+            expires_at=expires,
+            reason=(
+                f"model {model!r} has no known price: charged as {charged_as} "
+                f"(${charged_usd:.4f} by this worker so far); "
+                "add its price under 'prices:' in the budget file"
+            ),
+        )
 
     def _batch_records(
         self, deltas: list[UsageDelta], observations: list[list[Any]], source: tuple[int, int]
@@ -303,31 +493,41 @@ class BudgetJob:
                 record = {"kind": kind, "keys": group[first : first + BATCH_ROWS]}
                 await self.usage_topic.send(key=kind, value=record, partition=partition)
 
-    async def _dead_letter(self, event: Any, reason: str, value: bytes | None = None) -> None:
-        """Park a message with the reason in a header; `value` when the event is no longer raw bytes.
+    async def _dead_letter(
+        self, event: Any, reason: str, value: bytes | None = None, span: int = -1, kind: str = ""
+    ) -> bool:
+        """Park a message (or, with `span`, one span of it as `value`) with the reason in a header.
 
-        Once per process: the rewind after each rebalance (`stream/takeover.py`)
-        reads recent messages again, and a bad one must not be parked twice.
+        Once: the rewind after each rebalance (`stream/takeover.py`) and a
+        restart after a crash read recent messages again, and what is already
+        on the dead-letter topic is not parked twice (`stream/deadletters.py`).
+        Any event value is written: a record that is not bytes is written as
+        JSON (its repr when JSON cannot hold it). True if it was parked now.
         """
         message = event.message
-        source = (message.topic, message.partition, message.offset)
-        if source in self._dead_lettered:
-            return
-        self._dead_lettered[source] = None
-        if len(self._dead_lettered) > DEAD_LETTERED_REMEMBERED:
-            del self._dead_lettered[next(iter(self._dead_lettered))]
+        source: Parked = (message.topic, message.partition, message.offset, span)
+        if self.dead_letters.stale:
+            try:
+                await asyncio.to_thread(self.dead_letters.catch_up)
+            except Exception as exc:  # Kafka trouble: park anyway, a copy beats a loss
+                logger.warning("could not read back %s: %r", self.settings.topics.deadletter, exc)
+        if source in self.dead_letters:
+            logger.info("%s%s is already on the dead-letter topic", _coordinates(event), _span_label(span))
+            return False
+        self.dead_letters.add(source)
         self.deadlettered += 1
         logger.warning(
-            "dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
+            "dead-lettering %s%s: %s",
+            _coordinates(event),
+            _span_label(span),
+            reason[:500],
         )
         await self.deadletter_topic.send(
-            key=event.key if isinstance(event.key, bytes | None) else str(event.key).encode(),
-            value=event.value if value is None else value,
-            headers=[
-                (DEADLETTER_REASON_HEADER, reason.encode()),
-                ("burnguard.source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-            ],
+            key=_as_bytes(event.key),
+            value=_as_bytes(event.value) if value is None else value,
+            headers=dead_letter_headers(source, reason, kind),
         )
+        return True
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:
@@ -339,12 +539,15 @@ class BudgetJob:
                 try:
                     await self._account_one(event.value)
                 except Exception as exc:  # a bad record must not stop the partition
-                    logger.exception("could not account %r", event.value)
-                    await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+                    self.agent_errors += 1
+                    logger.exception("could not account %s: %.500r", _coordinates(event), event.value)
+                    await self._park_failed(event, f"accounting failed: {type(exc).__name__}: {exc}")
                 await _yield_to_the_loop()
             await self.changes.write()
 
-    async def _account_one(self, record: dict[str, Any]) -> None:
+    async def _account_one(self, record: Any) -> None:
+        if not isinstance(record, dict):
+            raise TypeError(f"a usage record is a JSON object, not {type(record).__name__}")
         handlers = {
             "batch": self._account_batch,
             "ticks": self._account_ticks,
@@ -353,10 +556,16 @@ class BudgetJob:
         await handlers.get(record.get("kind", ""), self._account_single)(record)
 
     async def _account_ticks(self, record: dict[str, Any]) -> None:
+        """Re-decide each key; a key that fails is logged with its key and the others go on."""
         now = _now()
         for budget_id, key in record["keys"]:
-            if (budget := self._budgets.get(budget_id)) is not None:
+            if (budget := self._budgets.get(budget_id)) is None:
+                continue
+            try:
                 await self._settle(budget, key, now)
+            except Exception:
+                self.agent_errors += 1
+                logger.exception("could not refresh budget %s key %r", budget_id, key)
 
     async def _account_removals(self, record: dict[str, Any]) -> None:
         for budget_id, key, scope in record["keys"]:
@@ -394,6 +603,10 @@ class BudgetJob:
         budget_id, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns, *mix = row
         budget = self._budgets.get(budget_id)
         if budget is None:
+            return None
+        if not (0.0 <= amount < math.inf):  # decoding rejects such spans: a last line of defence
+            self.agent_errors += 1
+            logger.error("usage for %s|%s at %s is %r: not counted", budget_id, key, source, amount)
             return None
         state_key = f"{budget_id}|{key}|{window_start_ns}"
         totals = WindowTotals.from_state(self.totals.data.get(state_key))
@@ -480,8 +693,8 @@ class BudgetJob:
             return
         old, self.config = self.config, new
         self._budgets = {budget.id: budget for budget in new.budgets}
-        if new.prices != old.prices:
-            self.prices = PriceBook(new.prices)
+        if new.prices != old.prices or new.unpriced != old.unpriced:
+            self.prices = PriceBook.for_config(new)
         removed = {b.id: b for b in old.budgets if new.budget(b.id) is None}
         changed = {b.id for b in new.budgets if old.budget(b.id) != b}
         logger.info("budgets reloaded: changed %s, removed %s", sorted(changed), sorted(removed))
@@ -514,6 +727,7 @@ class BudgetJob:
         if self.replayed_deltas != self._replays_logged:
             self._replays_logged = self.replayed_deltas
             logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)
+        self._log_counters()
         pending = list(islice(self._unsnapshotted, SNAPSHOT_MAX_PER_RUN))
         for state_key in pending:
             del self._unsnapshotted[state_key]
@@ -522,7 +736,12 @@ class BudgetJob:
             if first:
                 await asyncio.sleep(SNAPSHOT_PAUSE_S)
             for state_key in pending[first : first + SNAPSHOT_SLICE]:
-                snapshot = self._usage_snapshot(state_key, now)
+                try:
+                    snapshot = self._usage_snapshot(state_key, now)
+                except Exception:  # one bad window must not stop the others' snapshots
+                    self.agent_errors += 1
+                    logger.exception("could not snapshot %r", state_key)
+                    continue
                 if snapshot is not None:
                     self._add_snapshot(snapshot)
             try:
@@ -530,6 +749,24 @@ class BudgetJob:
             except NotReady:  # the worker is stopping; a restarted worker snapshots every key
                 logger.info("producer stopped: %d budget usage snapshots not sent", len(pending) - first)
                 return
+
+    def counters(self) -> dict[str, Any]:
+        """What this worker set aside or corrected since it started (logged when it changes)."""
+        return {
+            "rejected_spans": dict(sorted(self.rejected.items())),
+            "deadlettered": self.deadlettered,
+            "clock_corrected_spans": self.clock_corrected,
+            "duplicate_messages": self.duplicates,
+            "unpriced_calls": self.stats.unpriced,
+            "too_late": self.stats.too_late,
+            "agent_errors": self.agent_errors,
+        }
+
+    def _log_counters(self) -> None:
+        counters = self.counters()
+        if tuple(map(str, counters.values())) != self._counters_logged:
+            self._counters_logged = tuple(map(str, counters.values()))
+            logger.info("input counters: %s", json.dumps(counters))
 
     def _add_snapshot(self, snapshot: BudgetUsage) -> None:
         """Queued for the producer: Faust's topic layer cost more than building the snapshot.
@@ -573,6 +810,8 @@ def output_topics(settings: StreamSettings) -> list[TopicSpec]:
         TopicSpec(topics.signals, partitions, compacted=True),
         TopicSpec(topics.budget_usage, partitions, compacted=True),
         TopicSpec(topics.deadletter, 1),
+        # Created by the deployment normally; if not, with the broker's clock on every record.
+        TopicSpec(topics.spans, partitions, config=SPANS_TOPIC_CONFIG),
         # Read by the job, but created here too: when Faust creates it while subscribing, the
         # assignor may run first, ignore the missing topic, and leave it unread until the next
         # metadata refresh (5 minutes).

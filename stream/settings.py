@@ -41,6 +41,9 @@ class StreamSettings:
     #: the liveness watchdog heals it (then, after as long again, exits). Well above the few
     #: seconds a takeover's table recovery takes here, so a slow recovery is not a stall.
     stall_timeout: timedelta = timedelta(seconds=30)
+    #: How long (broker time) an `otlp_spans` message is remembered by its digest, so a copy
+    #: written again by a retrying producer is not counted twice (`stream/duplicates.py`).
+    duplicate_window: timedelta = timedelta(seconds=120)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -60,4 +63,5 @@ class StreamSettings:
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
             stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
+            duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),
         )

@@ -85,3 +85,34 @@ def test_signals_tail_prints_published_signals(kafka_broker: KafkaBroker, monkey
     assert result.exit_code == 0, result.output
     assert "tenant:acme@tenant-daily" in result.output and "throttle" in result.output
     assert "51.0000/50" in result.output
+
+
+@pytest.mark.slow
+def test_signals_tail_skips_a_malformed_signal_with_a_warning(kafka_broker: KafkaBroker, monkeypatch) -> None:
+    topic = "burnguard.signals.cli-malformed"
+    monkeypatch.setenv("BURNGUARD_TOPIC_SIGNALS", topic)
+    now = datetime.now(UTC)
+    good = Signal(
+        scope="tenant", key="acme", budget="tenant-daily", action="warn", spent=5.0, limit=10.0,
+        ratio=0.5, window_start=now.replace(hour=0), window_end=now + timedelta(hours=1),
+        issued_at=now, expires_at=now + timedelta(minutes=2),
+    )  # fmt: skip
+    poisoned = good.to_json().replace(b'"spent":5.0', b'"spent":null')  # what a NaN used to publish
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    for value in (poisoned, b"not json", good.to_json()):
+        producer.send(topic, key=good.kafka_key.encode(), value=value).get(10)
+    producer.close()
+    args = [
+        "signals",
+        "tail",
+        "--bootstrap",
+        kafka_broker.bootstrap,
+        "--max-messages",
+        "1",
+        "--timeout-s",
+        "20",
+    ]
+    result = runner.invoke(app, args, terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("skipped a malformed signal") == 2
+    assert "tenant:acme@tenant-daily" in result.output and "5.0000/10" in result.output

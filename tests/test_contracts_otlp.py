@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 import pytest
-from burnguard.contracts.otlp import OTLP_JSON, OTLP_PROTO, MalformedSpans, decode_usage, detect_format
+from burnguard.contracts.otlp import (
+    OTLP_JSON,
+    OTLP_PROTO,
+    MalformedSpans,
+    decode_spans,
+    decode_usage,
+    detect_format,
+)
 from burnguard.contracts.usage import SpanUsage
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -340,14 +347,10 @@ def test_the_anthropic_sdk_spelling_of_cache_creation_is_accepted() -> None:
         ("gen_ai.usage.input_tokens", 12.9, "input_tokens", 12),
         ("gen_ai.usage.input_tokens", "1200", "input_tokens", 1200),
         ("gen_ai.usage.input_tokens", "1.5e3", "input_tokens", 1500),
-        ("gen_ai.usage.input_tokens", "many", "input_tokens", 0),
-        ("gen_ai.usage.input_tokens", True, "input_tokens", 0),
         ("burnguard.cost.usd", 0.0, "cost_usd", 0.0),  # priced at zero, not unpriced
         ("burnguard.cost.usd", 2, "cost_usd", 2.0),
         ("burnguard.cost.usd", 0, "cost_usd", 0.0),
         ("burnguard.cost.usd", "0.25", "cost_usd", 0.25),
-        ("burnguard.cost.usd", "free", "cost_usd", None),
-        ("burnguard.cost.usd", ["0.1"], "cost_usd", None),
         ("burnguard.tenant", 42, "tenant", "42"),
         ("burnguard.tenant", "", "tenant", ""),
         ("burnguard.fallback", "True ", "fallback", True),
@@ -363,6 +366,26 @@ def test_attribute_values_of_other_types_are_converted(
     (usage,) = decode_usage(proto_payload(finished_spans({"attributes": attributes})))
     assert getattr(usage, field) == expected
     assert type(getattr(usage, field)) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("gen_ai.usage.input_tokens", "many"),
+        ("gen_ai.usage.input_tokens", True),
+        ("gen_ai.usage.output_tokens", [1, 2]),
+        ("burnguard.cost.usd", "free"),
+        ("burnguard.cost.usd", ["0.1"]),
+    ],
+)
+def test_a_value_of_the_wrong_type_rejects_its_span_alone(attribute: str, value: Any) -> None:
+    bad = {"gen_ai.operation.name": "chat", "burnguard.tenant": "acme", attribute: value}
+    good = {"gen_ai.operation.name": "chat", "burnguard.tenant": "acme", "gen_ai.usage.input_tokens": 7}
+    decoded = decode_spans(proto_payload(finished_spans({"attributes": bad}, {"attributes": good})))
+    assert [usage.input_tokens for usage in decoded.usages] == [7]
+    (rejected,) = decoded.rejected
+    assert rejected.kind == "wrong_type" and rejected.reason.startswith(f"{attribute}: ")
+    assert rejected.index == 0
 
 
 def test_a_span_marked_as_a_duplicate_is_skipped_wherever_the_mark_is() -> None:

@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from burnguard.contracts.budgets import parse_budget_yaml, to_records
+from burnguard.contracts.budgets import (
+    DEFAULT_UNPRICED_INPUT_MTOK,
+    DEFAULT_UNPRICED_OUTPUT_MTOK,
+    parse_budget_yaml,
+    to_records,
+)
 from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import default_price_book
 from burnguard.contracts.signals import Signal
@@ -312,7 +317,9 @@ class Stream:
         self.producer.send(self.topics.spans, value=payload)
         price = default_price_book().price("gpt-4.1", "openai", input_tokens=1200, output_tokens=300)
         assert price is not None and price > 0
-        self._count("globex", price, spans=2)
+        # the model nobody prices is charged by the default `unpriced:` rule, and stays marked unpriced
+        charged = (1200 * DEFAULT_UNPRICED_INPUT_MTOK + 300 * DEFAULT_UNPRICED_OUTPUT_MTOK) / 1e6
+        self._count("globex", price + charged, spans=2)
         return price
 
     def send_garbage(self) -> None:

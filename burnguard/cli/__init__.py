@@ -32,6 +32,7 @@ app.command("report")(report)
 app.command("notify")(notify)
 budgets_app.command("simulate")(simulate)
 console = Console()
+err_console = Console(stderr=True)
 
 StateDir = Annotated[Path, typer.Option(help="Folder for the local stack's data and logs.")]
 BudgetsFile = Annotated[Path | None, typer.Option("--budgets", help="Budget YAML file for the worker.")]
@@ -204,7 +205,13 @@ def signals_tail(
         for record in consumer:
             if record.value is None:
                 continue
-            signal = Signal.from_json(record.value)
+            try:
+                signal = Signal.from_json(record.value)
+            except ValueError as exc:  # pydantic's ValidationError: skip it, say so, go on
+                first = str(exc).splitlines()[0]
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                err_console.print(f"skipped a malformed signal at {where}: {first}", highlight=False)
+                continue
             if as_json:
                 print(json.dumps(json.loads(record.value)), flush=True)
             else:

@@ -22,7 +22,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from burnguard.contracts.acls import PRINCIPALS, acl_set, apply_acls
-from burnguard.contracts.topics import Topics
+from burnguard.contracts.topics import SPANS_TOPIC_CONFIG, Topics
 from burnguard.deploy.kafka import KafkaBroker, pid_alive, port_is_free
 from burnguard.deploy.kafka.security import SUPER_USER, BrokerSecurity, write_private
 
@@ -79,7 +79,7 @@ class DevStack:
                 "the running stack's security differs; stop it first with `burnguard dev down`"
             )
         broker.security = security
-        broker.create_topic(self.topics.spans, partitions=self.spans_partitions)
+        broker.create_topic(self.topics.spans, partitions=self.spans_partitions, config=SPANS_TOPIC_CONFIG)
         state = {"bootstrap": broker.bootstrap, "clickhouse_dsn": self.clickhouse_dsn, "secure": self.secure}
         env = self.component_env(broker.bootstrap, signal_refresh_s)
         if security is not None:

@@ -1,0 +1,99 @@
+"""No record crashes an agent: odd record values, a failing key in a refresh, a non-finite amount.
+
+In process, on a `BudgetJob` that is built but not started (no broker needed):
+these are the paths the issue saw raise inside Faust's agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from burnguard.contracts.budgets import Budget, parse_budget_yaml
+from burnguard.stream.app import BudgetJob, _as_bytes
+from burnguard.stream.settings import StreamSettings
+
+BUDGETS = """
+budgets:
+  - {id: tenant-cost, scope: tenant, window: day, metric: cost_usd, limit: 1}
+"""
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> BudgetJob:
+    settings = StreamSettings(data_dir=tmp_path / "stream", app_id=f"containment-{tmp_path.name}")
+    return BudgetJob(settings, parse_budget_yaml(BUDGETS))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"raw", b"raw"),
+        (None, None),
+        ("text", b"text"),
+        ({"kind": "ticks", "keys": [["b", "k"]]}, b'{"kind": "ticks", "keys": [["b", "k"]]}'),
+        ([1, 2.5], b"[1, 2.5]"),
+        ({1, 2}, b"{1, 2}"),  # JSON cannot hold a set: its repr
+    ],
+)
+def test_any_record_value_can_be_dead_lettered(value: Any, expected: bytes | None) -> None:
+    assert _as_bytes(value) == expected
+
+
+def test_a_key_that_fails_in_a_refresh_is_logged_with_its_key_and_the_others_go_on(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settled: list[str] = []
+
+    async def settle(budget: Budget, key: str, now: Any) -> None:
+        if key == "poisoned":
+            raise ValueError("cannot convert float NaN to integer")
+        settled.append(key)
+
+    monkeypatch.setattr(job, "_settle", settle)
+    record = {
+        "kind": "ticks",
+        "keys": [["tenant-cost", "a"], ["tenant-cost", "poisoned"], ["tenant-cost", "b"]],
+    }
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(job._account_one(json.loads(json.dumps(record))))
+    assert settled == ["a", "b"]
+    assert job.agent_errors == 1
+    assert "tenant-cost key 'poisoned'" in caplog.text
+
+
+def test_a_record_that_is_not_an_object_is_refused_with_a_clear_error(job: BudgetJob) -> None:
+    with pytest.raises(TypeError, match="JSON object"):
+        asyncio.run(job._account_one(["not", "a", "record"]))
+
+
+@pytest.mark.parametrize("amount", [math.nan, math.inf, -1.0])
+def test_a_non_finite_or_negative_amount_never_reaches_the_totals(job: BudgetJob, amount: float) -> None:
+    row = ["tenant-cost", "acme", 0, amount, 1, 1, 1, 0]
+    assert job._apply(row, (0, 1), datetime.now(UTC)) is None
+    assert job.agent_errors == 1
+    assert not job.totals.data.get("tenant-cost|acme|0")
+
+
+def test_a_dead_letter_that_cannot_be_written_is_logged_not_raised(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(event: Any, reason: str) -> bool:
+        raise RuntimeError("producer is stopping")
+
+    class Message:
+        topic, partition, offset = "burnguard.usage", 2, 41
+
+    class Event:
+        message, key, value = Message(), b"k", {"kind": "ticks"}
+
+    monkeypatch.setattr(job, "_dead_letter", broken)
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(job._park_failed(Event(), "accounting failed"))
+    assert "could not dead-letter burnguard.usage[2]@41" in caplog.text
