@@ -12,7 +12,7 @@ Pipelines: burnguard with what `configure()` builds (baggage attribution, pricin
 marker, batch export — to an exporter that drops the batches); each peer with a TracerProvider and
 a BatchSpanProcessor to the same dropping exporter. `burnguard_enforce` has a BudgetGuard that
 consults its (empty) signal state before each call. `burnguard+routing` adds the routing decision
-(DESIGN.md §7) on top: four routing rules, providers, a context budget on another feature, calls
+(docs/ARCHITECTURE.md §12) on top: four routing rules, providers, a context budget on another feature, calls
 attributed to the `extract` feature so a rule matches and rewrites the model to the economy class.
 The decision path's own cost is `routing - enforce`; the decision path alone (with three matching
 warn signals, local accounting, a step cap) is timed in a loop as well.

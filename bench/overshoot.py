@@ -9,7 +9,7 @@ fixed usage (2,000 input + 500 output tokens = $0.008 a call); a denied call
 denied for 2 s straight. The budget: tenant `overshoot-tenant`, window day,
 cost_usd, limit --limit, warn at 0.7, throttle at 1.0.
 
-The guard accounts locally between signals (DESIGN.md §7); `--no-local-accounting`
+The guard accounts locally between signals (docs/ARCHITECTURE.md §12); `--no-local-accounting`
 turns that off in the app processes (nothing is reserved or settled, so the
 guard acts on the signals alone), for a comparison under the same load.
 

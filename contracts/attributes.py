@@ -1,4 +1,4 @@
-"""Span attribute names: the input contract of burnguard (DESIGN.md §3).
+"""Span attribute names: the input contract of burnguard (docs/ARCHITECTURE.md §3).
 
 Both the instrumentation (which writes these attributes) and the stream and
 sinks (which read them) import the names from here, so a rename is one edit.
@@ -108,7 +108,7 @@ GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 #: The root span of a workflow run (`burnguard.workflow(name)`); its status says if the run succeeded.
 WORKFLOW_SUCCESS: Final = "burnguard.workflow.success"
 
-# --- routing, escalation, context budgets and step caps (DESIGN.md §7) --------------
+# --- routing, escalation, context budgets and step caps (docs/ARCHITECTURE.md §12) -----
 #: How much is riding on the task (`low` / `normal` / `high`), declared in code with
 #: `burnguard.stakes(...)` and carried as baggage like the attribution.
 STAKES: Final = "burnguard.stakes"

@@ -1,4 +1,4 @@
-"""The budget model (DESIGN.md §5): budgets, model classes, the downgrade ladder.
+"""The budget model (docs/ARCHITECTURE.md §6): budgets, model classes, the downgrade ladder.
 
 People write budgets in YAML; a mistake must point at the file, the line and
 the field, so loading keeps the YAML node marks and maps every pydantic error

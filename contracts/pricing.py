@@ -89,7 +89,7 @@ class ModelRates:
         cache_read_tokens: int = 0,
         cache_creation_tokens: int = 0,
     ) -> float:
-        """Cost in USD. `input_tokens` includes the cache tokens (DESIGN.md §3)."""
+        """Cost in USD. `input_tokens` includes the cache tokens (docs/ARCHITECTURE.md §3)."""
         uncached = max(input_tokens - cache_read_tokens - cache_creation_tokens, 0)
         total = uncached * self.input.at(input_tokens) + output_tokens * self.output.at(input_tokens)
         if cache_read_tokens:

@@ -1,7 +1,7 @@
-"""The signal contract (DESIGN.md §6): what the stream publishes, what guards read.
+"""The signal contract (docs/ARCHITECTURE.md §8): what the stream publishes, what guards read.
 
 Signals are JSON on the compacted `burnguard.signals` topic. The Kafka key is
-`scope:key@budget` — DESIGN.md's `scope:key` would let two budgets over the
+`scope:key@budget` — a bare `scope:key` would let two budgets over the
 same scope (a daily and a monthly tenant budget) overwrite each other in the
 compacted topic, so the budget id is part of the key. Subscribers combine all
 current signals that match a call and apply the most severe one.

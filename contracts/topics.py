@@ -17,7 +17,7 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """Topic names (DESIGN.md §4); each overridable with BURNGUARD_TOPIC_<NAME>."""
+    """Topic names (docs/ARCHITECTURE.md §5); each overridable with BURNGUARD_TOPIC_<NAME>."""
 
     spans: str = "otlp_spans"
     signals: str = "burnguard.signals"

@@ -1,4 +1,4 @@
-"""Budget windows: which period a span's spend counts in (DESIGN.md §5).
+"""Budget windows: which period a span's spend counts in (docs/ARCHITECTURE.md §6).
 
 Calendar windows (`day`, `week`, `month`) follow the budget's time zone, so a
 tenant in Tokyo has its day end at Tokyo midnight. Duration windows (`1h`,

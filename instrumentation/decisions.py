@@ -1,4 +1,4 @@
-"""The one decision every model call goes through before it is made (DESIGN.md §7).
+"""The one decision every model call goes through before it is made (docs/ARCHITECTURE.md §12).
 
 In order:
 

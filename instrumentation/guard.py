@@ -1,4 +1,4 @@
-"""BudgetGuard: the app-side half of enforcement (DESIGN.md §7).
+"""BudgetGuard: the app-side half of enforcement (docs/ARCHITECTURE.md §12).
 
 A background thread follows the compacted `burnguard.signals` topic, replaying
 it from the beginning at start so the guard knows the current state before

@@ -1,4 +1,4 @@
-"""Local accounting between signals (DESIGN.md §7): the guard's own estimate of a budget key's spend.
+"""Local accounting between signals (docs/ARCHITECTURE.md §12): the guard's estimate of a budget key's spend.
 
 A signal states a key's spend as of `issued_at`; the next one may be a whole
 enforcement latency (span → Kafka → worker → signal → guard) away, and every

@@ -1,4 +1,4 @@
-"""Workflows, tools and user actions as spans (DESIGN.md §1: cost per successful workflow, tokens per
+"""Workflow, tool and user-action spans (docs/ARCHITECTURE.md §11: cost per successful workflow, tokens per
 user action, tool calls per session).
 
 - `workflow(name)` opens the workflow's root span (`workflow {name}`) and attributes every span

@@ -1,4 +1,4 @@
-"""Grafana dashboards built from the views of `operational` (DESIGN.md §9).
+"""Grafana dashboards built from the views of `operational` (docs/ARCHITECTURE.md §11).
 
 `python -m burnguard.sinks.grafana [DIR]` writes `burnguard-*.json` into DIR
 (default `grafana/dashboards`), the files that `grafana/provisioning` loads.

@@ -1,4 +1,4 @@
-"""The operational signals and spend views, as documented SQL (DESIGN.md §1, §8, §9).
+"""The operational signals and spend views, as documented SQL (docs/ARCHITECTURE.md §11).
 
 Every view is one SQL template rendered two ways from the same text:
 

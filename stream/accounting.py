@@ -158,7 +158,7 @@ class UsageDelta:
 
 #: The call mix of a budget window: model calls made, of them on a cheaper class than asked for
 #: (routed down or downgraded), calls refused before they were made, and what escalation retries
-#: cost (USD). The signal's reason reports it (DESIGN.md §7: routing and escalation visibility).
+#: cost (USD). The signal's reason reports it (docs/ARCHITECTURE.md §8).
 MIX_CALLS, MIX_FALLBACKS, MIX_REFUSED, MIX_ESCALATION_USD = range(4)
 MIX_FIELDS = 4
 

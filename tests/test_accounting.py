@@ -408,7 +408,7 @@ def test_the_fast_murmur2_is_kafkas() -> None:
             assert murmur2(data) == aiokafka_murmur2(data), data
 
 
-# --- the call mix: routing and escalation visibility (DESIGN.md §7) -----------------------------
+# --- the call mix: routing and escalation visibility (docs/ARCHITECTURE.md §8) --------------------
 def routed_batch() -> list[SpanUsage]:
     acme = {"tenant": "acme", "feature": "extract", "user": "u1"}
     at = [T0 + timedelta(minutes=m) for m in range(6)]

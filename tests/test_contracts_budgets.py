@@ -1,4 +1,4 @@
-"""Budget files (DESIGN.md §5): parsing, error reporting with file:line: field, and the budget model."""
+"""Budget files (docs/ARCHITECTURE.md §6): parsing, errors as file:line: field, and the budget model."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from burnguard.contracts.budgets import (
 )
 from burnguard.contracts.usage import SpanUsage
 
-# The example of DESIGN.md §5, verbatim (comments included).
+# The original design's budget file example (docs/ARCHITECTURE.md §6, §17), verbatim (comments included).
 DESIGN_EXAMPLE = """\
 model_classes:              # which concrete models belong to which class
   premium:  [gpt-4.1, o3, claude-opus-4-1]

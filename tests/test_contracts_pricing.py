@@ -1,4 +1,4 @@
-"""PriceBook (DESIGN.md §3 Pricing): genai-prices' numbers, resolved once per model, overrides first."""
+"""PriceBook (docs/ARCHITECTURE.md §3): genai-prices' numbers, resolved once per model, overrides first."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The signal contract (DESIGN.md §6): JSON round trip and the shipped JSON Schema."""
+"""The signal contract (docs/ARCHITECTURE.md §8): JSON round trip and the shipped JSON Schema."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Budget windows (DESIGN.md §5): calendar windows in a time zone, rolling durations, sessions."""
+"""Budget windows (docs/ARCHITECTURE.md §6): calendar windows in a time zone, rolling durations, sessions."""
 
 from __future__ import annotations
 

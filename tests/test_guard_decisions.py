@@ -1,4 +1,4 @@
-"""BudgetGuard decisions (DESIGN.md §7), fed with `apply()` directly: no Kafka, never `start()`."""
+"""BudgetGuard decisions (docs/ARCHITECTURE.md §12), fed with `apply()`: no Kafka, never `start()`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The guard's local accounting between signals (DESIGN.md §7), fed with `apply()`: no Kafka."""
+"""The guard's local accounting between signals (docs/ARCHITECTURE.md §12), fed with `apply()`: no Kafka."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""stream/policy.py: from a window's totals to the signal (DESIGN.md §5, §6)."""
+"""stream/policy.py: from a window's totals to the signal (docs/ARCHITECTURE.md §6, §8)."""
 
 from __future__ import annotations
 
