@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 
 from burnguard.cli.devstack import terminate
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
 model_classes:

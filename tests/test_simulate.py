@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 from burnguard.cli import app
 from burnguard.cli.devstack import wait_until_consumed
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
 model_classes:

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 FINE_TUNE = "ft:gpt-4.1-2025-04-14:acme:support:xyz"
 BUDGETS = """
