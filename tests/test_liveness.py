@@ -18,7 +18,7 @@ from burnguard.stream.liveness import EXIT_STALLED, PartitionLag, StallTracker, 
 from kafka import TopicPartition
 
 from tests.fixtures.pipeline import Pipeline
-from tests.test_exactly_once import BUDGETS, SpanSource, wait_for_exact_totals
+from tests.test_e2e_exactly_once import BUDGETS, SpanSource, wait_for_exact_totals
 
 TP0 = TopicPartition("otlp_spans", 0)
 TP1 = TopicPartition("otlp_spans", 1)
