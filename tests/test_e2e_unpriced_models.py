@@ -20,18 +20,12 @@ from burnguard.contracts.usage import SpanUsage
 from kafka import KafkaConsumer, KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budgets_yaml, tenant_cost
 from tests.fixtures.pipeline import Pipeline
 from tests.support.otlp_batches import otlp_batch
 
 FINE_TUNE = "ft:gpt-4.1-2025-04-14:acme:support:xyz"
-BUDGETS = """
-budgets:
-  - id: tenant-cost
-    scope: tenant
-    window: day
-    metric: cost_usd
-    limit: 100.0
-"""
+BUDGETS = budgets_yaml(tenant_cost(100.0))
 
 
 def call(model: str, input_tokens: int = 1000, output_tokens: int = 200) -> SpanUsage:

@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 
 from burnguard.cli import app
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml
 from tests.fixtures.pipeline import Pipeline
 from tests.support.otlp_batches import otlp_batch
 
@@ -223,30 +224,18 @@ def test_read_spans_gives_back_what_was_stored_in_event_order(dsn: str) -> None:
     )
 
 
-AGREEMENT_BUDGETS = """
-model_classes:
-  premium: [gpt-4.1]
-  standard: [gpt-4.1-mini]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-budgets:
-  - id: tenant-daily
-    scope: tenant
-    window: day
-    limit: 0.05
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 0.8, do: downgrade, to: standard}
-      - {at: 1.0, do: throttle}
-  - id: feature-calls
-    scope: [tenant, feature]
-    window: day
-    metric: calls
-    limit: 4
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 1.0, do: throttle}
-"""
+AGREEMENT_BUDGETS = budgets_yaml(
+    budget("tenant-daily", 0.05, window="day", actions=WARN_DOWNGRADE_THROTTLE),
+    budget(
+        "feature-calls",
+        4,
+        scope=["tenant", "feature"],
+        window="day",
+        metric="calls",
+        actions=[{"at": 0.5, "do": "warn"}, {"at": 1.0, "do": "throttle"}],
+    ),
+    head=LADDER_YAML,
+)
 
 
 def _changes(signals: list[Signal]) -> dict[str, list[tuple[str, float]]]:
