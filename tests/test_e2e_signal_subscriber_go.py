@@ -26,7 +26,7 @@ from burnguard.instrumentation.guard import BudgetGuard
 from kafka import KafkaProducer
 
 from burnguard.cli.devstack import terminate
-from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml
+from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, make_signal
 from tests.fixtures.pipeline import Pipeline
 from tests.support.otlp_batches import otlp_batch
 
@@ -135,18 +135,16 @@ def wait_until(check, what: str, timeout_s: float = 60) -> None:
 
 def manual_signal(key: str, action: str) -> Signal:
     now = datetime.now(UTC)
-    return Signal(
-        scope="tenant",
+    return make_signal(
+        action,
         key=key,
         budget="manual",
-        action=action,
         spent=2.0,
         limit=1.0,
-        ratio=2.0,
+        issued_at=now,
+        ttl=timedelta(hours=1),
         window_start=now - timedelta(hours=1),
         window_end=now + timedelta(hours=1),
-        issued_at=now,
-        expires_at=now + timedelta(hours=1),
     )
 
 

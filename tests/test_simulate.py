@@ -37,7 +37,7 @@ from typer.testing import CliRunner
 
 from burnguard.cli import app
 from burnguard.cli.devstack import wait_until_consumed
-from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml
+from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, span_usage
 from tests.fixtures.pipeline import Pipeline
 from tests.support.otlp_batches import otlp_batch
 
@@ -76,19 +76,13 @@ budgets:
 """
 DAY = datetime(2026, 11, 10, tzinfo=UTC)
 runner = CliRunner()
-_ids = iter(range(1, 100_000))
 
 
 def _call(at: datetime, tenant: str, cost: float, session: str = "") -> SpanUsage:
-    start = int(at.timestamp()) * 1_000_000_000
-    return SpanUsage(
-        trace_id=f"{next(_ids):032x}",
-        span_id=f"{next(_ids):016x}",
-        parent_span_id="",
+    return span_usage(
+        at,
+        duration_s=2.0,
         name="chat gpt-4.1",
-        start_ns=start,
-        end_ns=start + 2_000_000_000,
-        operation="chat",
         provider="openai",
         request_model="gpt-4.1",
         response_model="gpt-4.1",
