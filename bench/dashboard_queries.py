@@ -7,7 +7,7 @@ of migration 2 are fed by their materialized views as in production), plus
 budget signals, spread over the seven days the dashboards show by default.
 Then every panel query of every dashboard JSON in grafana/dashboards is
 expanded as Grafana and the ClickHouse plugin expand it (the tests' expander,
-tests/dashboard_macros.py; time range = those seven days, interval 10 min,
+tests/support/dashboard_macros.py; time range = those seven days, interval 10 min,
 variables = All) and run `--runs` times. `--dir` keeps the seeded directory for
 another run (seeding 10M spans takes minutes). Last line:
 `RESULT dashboard_queries p95_ms=N`, the worst p95 of all queries.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from burnguard.sinks.clickhouse import connect  # noqa: E402
 from burnguard.sinks.schema import migrate  # noqa: E402
 
-from tests.dashboard_macros import TimeRange, Variable, expand  # noqa: E402
+from tests.support.dashboard_macros import TimeRange, Variable, expand  # noqa: E402
 
 END = datetime(2026, 1, 12, tzinfo=UTC)
 START = END - timedelta(days=7)

@@ -19,10 +19,9 @@ from burnguard.contracts.budgets import Budget, parse_budget_yaml
 from burnguard.stream.app import BudgetJob, _as_bytes
 from burnguard.stream.settings import StreamSettings
 
-BUDGETS = """
-budgets:
-  - {id: tenant-cost, scope: tenant, window: day, metric: cost_usd, limit: 1}
-"""
+from tests.factories import budgets_yaml, tenant_cost
+
+BUDGETS = budgets_yaml(tenant_cost(1))
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -11,30 +12,27 @@ from burnguard.contracts.signals import SCHEMA_PATH, Signal, json_schema, signal
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
+from tests import factories
+
 NOW = datetime(2025, 5, 14, 13, 0, tzinfo=UTC)
 
 
-def make_signal(**fields: Any) -> Signal:
-    base: dict[str, Any] = dict(
-        scope="tenant+feature",
-        key="acme/summarize",
-        budget="tenant-feature-daily",
-        action="downgrade",
-        downgrade_to="standard",
-        metric="cost_usd",
-        spent=41.7,
-        limit=50.0,
-        ratio=0.834,
-        window_start=datetime(2025, 5, 14, tzinfo=UTC),
-        window_end=datetime(2025, 5, 15, tzinfo=UTC),
-        burn_rate_per_hour=6.1,
-        projected_exhaustion=NOW + timedelta(hours=1, minutes=21),
-        issued_at=NOW,
-        expires_at=NOW + timedelta(minutes=5),
-        reason="budget tenant-feature-daily: 83% spent",
-    )
-    base.update(fields)
-    return Signal(**base)
+#: A downgrade signal with every field set, so a round trip covers them all.
+make_signal = partial(
+    factories.make_signal,
+    action="downgrade",
+    scope="tenant+feature",
+    key="acme/summarize",
+    budget="tenant-feature-daily",
+    downgrade_to="standard",
+    metric="cost_usd",
+    spent=41.7,
+    ratio=0.834,
+    burn_rate_per_hour=6.1,
+    projected_exhaustion=NOW + timedelta(hours=1, minutes=21),
+    issued_at=NOW,
+    reason="budget tenant-feature-daily: 83% spent",
+)
 
 
 def test_json_round_trip() -> None:

@@ -1,8 +1,8 @@
 """The Grafana dashboards: well-formed for provisioning, and every panel query right.
 
 Every panel query is expanded the way Grafana and the ClickHouse plugin expand it
-(`tests/dashboard_macros.py`) and run on the real chDB engine against the scenario
-of `tests/dashboard_scenario.py`, whose answers are worked out by hand.
+(`tests/support/dashboard_macros.py`) and run on the real chDB engine against the scenario
+of `tests/support/dashboard_scenario.py`, whose answers are worked out by hand.
 
 chDB hosts one directory per process: this module opens its own directory once,
 and closes it when the module is done, so other tests can open theirs.
@@ -23,8 +23,8 @@ from burnguard.sinks.clickhouse import ClickHouseWriter, connect
 from burnguard.sinks.schema import migrate, rebuild_rollups
 from clickhouse_connect.driver.client import Client
 
-from tests import dashboard_scenario as sc
-from tests.dashboard_macros import ALL, TimeRange, Variable, expand, macros_without_parentheses
+from tests.support import dashboard_scenario as sc
+from tests.support.dashboard_macros import ALL, TimeRange, Variable, expand, macros_without_parentheses
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))

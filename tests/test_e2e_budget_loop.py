@@ -24,25 +24,12 @@ from kafka import KafkaConsumer
 
 import burnguard
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml
 from tests.fixtures.pipeline import Pipeline
 
-BUDGETS = """
-model_classes:
-  premium: [gpt-4.1]
-  standard: [gpt-4.1-mini]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-budgets:
-  - id: tenant-daily
-    scope: tenant
-    match: "*"
-    window: day
-    limit: 0.05
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 0.8, do: downgrade, to: standard}
-      - {at: 1.0, do: throttle}
-"""
+BUDGETS = budgets_yaml(
+    budget("tenant-daily", 0.05, match="*", window="day", actions=WARN_DOWNGRADE_THROTTLE), head=LADDER_YAML
+)
 INPUT_TOKENS, OUTPUT_TOKENS = 2_000, 500  # gpt-4.1: $0.008 a call, gpt-4.1-mini: $0.0016
 
 

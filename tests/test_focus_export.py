@@ -26,25 +26,20 @@ from burnguard.sinks.schema import migrate
 from typer.testing import CliRunner
 
 from burnguard.cli import app
+from tests.factories import span_usage
 from tests.fixtures import focus_validator
 
 runner = CliRunner()
 OVERRIDES = {"my-finetune": {"input_mtok": 3.0, "output_mtok": 12.0}}
 BUDGETS = "prices:\n  my-finetune: {input_mtok: 3, output_mtok: 12}\n"
-_ids = iter(range(1, 10_000))
 _book = PriceBook(OVERRIDES)
 
 
 def _call(at: datetime, model: str, provider: str, tenant: str, **tokens: int) -> SpanUsage:
-    ns = int(at.timestamp() * 1e9)
-    span = SpanUsage(
-        trace_id=f"{next(_ids):032x}",
-        span_id=f"{next(_ids):016x}",
-        parent_span_id="",
+    span = span_usage(
+        at,
+        duration_s=0.5,
         name=f"chat {model}",
-        start_ns=ns,
-        end_ns=ns + 500_000_000,
-        operation="chat",
         provider=provider,
         request_model=model,
         response_model=model,

@@ -4,53 +4,29 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
 
 import pytest
 from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
-from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
 
 import burnguard
+from tests import factories
+from tests.factories import MODEL_CLASSES_YAML
 
 NOW = datetime(2025, 5, 14, 13, 0, tzinfo=UTC)
 ACME = {"tenant": "acme"}
 
-CONFIG = parse_budget_yaml("""\
-model_classes:
-  premium:  [gpt-4.1, o3, claude-opus-4-1]
-  standard: [gpt-4.1-mini, claude-sonnet-4-5]
-  economy:  [gpt-4.1-nano, claude-haiku-4-5]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-  gpt-4.1-mini: gpt-4.1-nano
-  o3: gpt-4.1-mini
-  claude-opus-4-1: claude-sonnet-4-5
-  claude-sonnet-4-5: claude-haiku-4-5
-""")
+CONFIG = parse_budget_yaml(MODEL_CLASSES_YAML)
 
 
 def make_guard(fail_mode: str = "open", now: datetime = NOW, config: BudgetConfig = CONFIG) -> BudgetGuard:
     return BudgetGuard(KafkaSettings(), Topics(), config, fail_mode=fail_mode, clock=lambda: now)
 
 
-def make_signal(action: str, **fields: Any) -> Signal:
-    base: dict[str, Any] = dict(
-        scope="tenant",
-        key="acme",
-        budget="tenant-daily",
-        action=action,
-        spent={"ok": 10.0, "warn": 36.0, "downgrade": 44.0, "throttle": 52.5}[action],
-        limit=50.0,
-        ratio={"ok": 0.2, "warn": 0.72, "downgrade": 0.88, "throttle": 1.05}[action],
-        window_start=datetime(2025, 5, 14, tzinfo=UTC),
-        window_end=datetime(2025, 5, 15, tzinfo=UTC),
-        issued_at=NOW - timedelta(minutes=1),
-        expires_at=NOW + timedelta(minutes=4),
-    )
-    base.update(fields)
-    return Signal(**base)
+#: A signal for acme issued a minute before NOW, so it expires at NOW + 4 min.
+make_signal = partial(factories.make_signal, issued_at=NOW - timedelta(minutes=1))
 
 
 def test_no_signals_allows() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
 
 import pytest
 from burnguard.contracts import attributes as attr
@@ -14,16 +14,13 @@ from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
 from burnguard.instrumentation.local_accounting import MAX_IN_FLIGHT_S
 
+from tests import factories
+from tests.factories import LADDER_YAML
+
 NOW = datetime(2025, 5, 14, 13, 0, tzinfo=UTC)
 ACME = {"tenant": "acme"}
 CALL = {attr.GEN_AI_USAGE_INPUT_TOKENS: 2000, attr.GEN_AI_USAGE_OUTPUT_TOKENS: 500}
-MODELS = """\
-model_classes:
-  premium:  [gpt-4.1]
-  standard: [gpt-4.1-mini]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-"""
+MODELS = LADDER_YAML
 NO_BUDGETS = parse_budget_yaml(MODELS)
 
 
@@ -44,23 +41,16 @@ def make_guard(config: BudgetConfig = NO_BUDGETS, clock: Clock | None = None) ->
     return BudgetGuard(KafkaSettings(), Topics(), config, clock=clock or Clock())
 
 
-def make_signal(action: str = "warn", spent: float = 14.0, limit: float = 20.0, **fields: Any) -> Signal:
-    issued_at = fields.pop("issued_at", NOW - timedelta(seconds=1))
-    base: dict[str, Any] = dict(
-        scope="tenant",
-        key="acme",
-        budget="tenant-daily",
-        action=action,
-        spent=spent,
-        limit=limit,
-        ratio=spent / limit,
-        window_start=datetime(2025, 5, 14, tzinfo=UTC),
-        window_end=datetime(2025, 5, 15, tzinfo=UTC),
-        issued_at=issued_at,
-        expires_at=issued_at + timedelta(minutes=2),
-    )
-    base.update(fields)
-    return Signal(**base)
+#: A warn at 14 of 20 for acme, issued a second before NOW, valid for two minutes.
+make_signal = partial(
+    factories.make_signal,
+    spent=14.0,
+    limit=20.0,
+    issued_at=NOW - timedelta(seconds=1),
+    ttl=timedelta(minutes=2),
+    window_start=datetime(2025, 5, 14, tzinfo=UTC),
+    window_end=datetime(2025, 5, 15, tzinfo=UTC),
+)
 
 
 def prime(guard: BudgetGuard, cost: float, tool_calls: int = 0) -> None:

@@ -1,6 +1,6 @@
 """Stalls after a takeover: the rewind after recovery undoes the known one, the watchdog the rest.
 
-The worker in the end-to-end tests is `tests.stalled_worker`: it leaves the
+The worker in the end-to-end tests is `tests.support.stalled_worker`: it leaves the
 span partitions as the real stall does (position at the log end, nothing
 delivered, nothing committed), either during table recovery, as the stall of
 faust-streaming#629 happens. The rewind after recovery
@@ -18,7 +18,7 @@ from burnguard.stream.liveness import EXIT_STALLED, PartitionLag, StallTracker, 
 from kafka import TopicPartition
 
 from tests.fixtures.pipeline import Pipeline
-from tests.test_exactly_once import BUDGETS, SpanSource, wait_for_exact_totals
+from tests.test_e2e_exactly_once import BUDGETS, SpanSource, wait_for_exact_totals
 
 TP0 = TopicPartition("otlp_spans", 0)
 TP1 = TopicPartition("otlp_spans", 1)
@@ -73,7 +73,7 @@ def test_a_stall_during_recovery_is_undone_by_the_rewind(stall_prone: Pipeline) 
     pipeline.env["BURNGUARD_STALL_TIMEOUT_S"] = "3600"  # the watchdog cannot be what helps
     source = SpanSource(pipeline, batches=20, seed=7)
     source.send(20)
-    pipeline.start_worker(module="tests.stalled_worker")
+    pipeline.start_worker(module="tests.support.stalled_worker")
     assert "test hook: skipped to the end" in pipeline.log("worker")
     wait_for_exact_totals(pipeline, source, timeout_s=40)
     assert "rewound to the committed offsets" in pipeline.log("worker")
@@ -85,7 +85,7 @@ def test_a_stalled_worker_seeks_back_and_counts_every_span(stall_prone: Pipeline
     pipeline.env["STALL_NO_REWIND"] = "1"
     source = SpanSource(pipeline, batches=40, seed=3)
     source.send(40)
-    pipeline.start_worker(module="tests.stalled_worker")
+    pipeline.start_worker(module="tests.support.stalled_worker")
     wait_for_exact_totals(pipeline, source, timeout_s=40)
     log = pipeline.log("worker")
     assert "test hook: skipped to the end" in log
@@ -98,7 +98,7 @@ def test_a_worker_the_seek_cannot_heal_exits_for_its_supervisor(stall_prone: Pip
     pipeline = stall_prone
     pipeline.env.update(STALL_NO_REWIND="1", STALL_UNHEALABLE="1")
     SpanSource(pipeline, batches=10, seed=5).send(10)
-    worker = pipeline.start_worker(module="tests.stalled_worker")
+    worker = pipeline.start_worker(module="tests.support.stalled_worker")
     started = time.monotonic()
     assert worker.wait(timeout=4 * STALL_TIMEOUT_S + 20) == EXIT_STALLED
     assert time.monotonic() - started >= 2 * STALL_TIMEOUT_S, "exited before the seek had its chance"

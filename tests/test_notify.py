@@ -31,6 +31,7 @@ from standardwebhooks import Webhook
 from typer.testing import CliRunner
 
 from burnguard.cli import app
+from tests.factories import make_signal
 from tests.fixtures.pipeline import Pipeline
 
 SECRET = "whsec_" + base64.b64encode(b"burnguard-test-secret-0123456789").decode()
@@ -86,23 +87,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _signal(key: str, action: str, minute: int, budget: str = "daily") -> Signal:
     at = T0 + timedelta(minutes=minute)
-    limit = 50.0
     spent = {"ok": 10.0, "warn": 36.0, "downgrade": 43.0, "throttle": 51.5}[action]
-    return Signal(
-        scope="tenant",
+    return make_signal(
+        action,
         key=key,
         budget=budget,
-        action=action,
         downgrade_to="standard" if action == "downgrade" else None,
         spent=spent,
-        limit=limit,
-        ratio=spent / limit,
-        window_start=T0.replace(hour=0),
-        window_end=T0.replace(hour=0) + timedelta(days=1),
         burn_rate_per_hour=6.0,
         projected_exhaustion=at + timedelta(hours=1) if action != "throttle" else at,
         issued_at=at,
-        expires_at=at + timedelta(minutes=1),
+        ttl=timedelta(minutes=1),
         reason=f"budget {budget} (tenant={key}): cost_usd {spent} of 50 -> {action}",
     )
 

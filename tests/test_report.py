@@ -1,6 +1,6 @@
 """`burnguard report`: the HTML page renders in headless Chromium and its charts draw.
 
-The page is built from the dashboard scenario (tests/dashboard_scenario.py) on the
+The page is built from the dashboard scenario (tests/support/dashboard_scenario.py) on the
 real chDB engine, then loaded by Debian's `chromium`; the page's own script marks
 each chart with the number of marks that have a size after layout (`data-drawn`),
 which `--dump-dom` shows. A screenshot is taken as well and checked for colour.
@@ -25,7 +25,7 @@ from burnguard.sinks.schema import migrate
 from typer.testing import CliRunner
 
 from burnguard.cli.history import db_app, report
-from tests import dashboard_scenario as sc
+from tests.support import dashboard_scenario as sc
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budgets_yaml, tenant_tokens
 from tests.fixtures.pipeline import Pipeline
 
 CHAT = {
@@ -127,14 +128,7 @@ def test_non_string_resource_values_are_read_as_text_and_others_ignored() -> Non
     assert usage.tenant == "42"
 
 
-BUDGETS = """
-budgets:
-  - id: tenant-tokens
-    scope: tenant
-    window: day
-    metric: tokens
-    limit: 1.0e9
-"""
+BUDGETS = budgets_yaml(tenant_tokens())
 
 
 def budget_spent(pipeline: Pipeline) -> dict[str, float]:

@@ -22,7 +22,7 @@ from burnguard.sinks.schema import (
 )
 from clickhouse_connect.driver.client import Client
 
-from tests import dashboard_scenario as sc
+from tests.support import dashboard_scenario as sc
 
 
 @pytest.fixture

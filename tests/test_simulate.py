@@ -37,8 +37,9 @@ from typer.testing import CliRunner
 
 from burnguard.cli import app
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, span_usage
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
 model_classes:
@@ -75,19 +76,13 @@ budgets:
 """
 DAY = datetime(2026, 11, 10, tzinfo=UTC)
 runner = CliRunner()
-_ids = iter(range(1, 100_000))
 
 
 def _call(at: datetime, tenant: str, cost: float, session: str = "") -> SpanUsage:
-    start = int(at.timestamp()) * 1_000_000_000
-    return SpanUsage(
-        trace_id=f"{next(_ids):032x}",
-        span_id=f"{next(_ids):016x}",
-        parent_span_id="",
+    return span_usage(
+        at,
+        duration_s=2.0,
         name="chat gpt-4.1",
-        start_ns=start,
-        end_ns=start + 2_000_000_000,
-        operation="chat",
         provider="openai",
         request_model="gpt-4.1",
         response_model="gpt-4.1",
@@ -223,30 +218,18 @@ def test_read_spans_gives_back_what_was_stored_in_event_order(dsn: str) -> None:
     )
 
 
-AGREEMENT_BUDGETS = """
-model_classes:
-  premium: [gpt-4.1]
-  standard: [gpt-4.1-mini]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-budgets:
-  - id: tenant-daily
-    scope: tenant
-    window: day
-    limit: 0.05
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 0.8, do: downgrade, to: standard}
-      - {at: 1.0, do: throttle}
-  - id: feature-calls
-    scope: [tenant, feature]
-    window: day
-    metric: calls
-    limit: 4
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 1.0, do: throttle}
-"""
+AGREEMENT_BUDGETS = budgets_yaml(
+    budget("tenant-daily", 0.05, window="day", actions=WARN_DOWNGRADE_THROTTLE),
+    budget(
+        "feature-calls",
+        4,
+        scope=["tenant", "feature"],
+        window="day",
+        metric="calls",
+        actions=[{"at": 0.5, "do": "warn"}, {"at": 1.0, "do": "throttle"}],
+    ),
+    head=LADDER_YAML,
+)
 
 
 def _changes(signals: list[Signal]) -> dict[str, list[tuple[str, float]]]:

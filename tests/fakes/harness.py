@@ -22,38 +22,25 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import burnguard
+from tests import factories
+from tests.factories import MODEL_CLASSES_YAML
 from tests.fakes.anthropic_api import FakeAnthropic
 from tests.fakes.openai_api import FakeOpenAI
 
-BUDGETS = parse_budget_yaml("""\
-model_classes:
-  premium:  [gpt-4.1, o3, claude-opus-4-1]
-  standard: [gpt-4.1-mini, claude-sonnet-4-5]
-  economy:  [gpt-4.1-nano, claude-haiku-4-5]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-  gpt-4.1-mini: gpt-4.1-nano
-  o3: gpt-4.1-mini
-  claude-opus-4-1: claude-sonnet-4-5
-  claude-sonnet-4-5: claude-haiku-4-5
-""")
+BUDGETS = parse_budget_yaml(MODEL_CLASSES_YAML)
 
 
 def make_signal(action: str, key: str = "acme", downgrade_to: str | None = None) -> Signal:
+    """A tenant-daily signal issued now, for `Harness.enforce`: a window of the two hours around now."""
     now = datetime.now(UTC)
-    return Signal(
-        scope="tenant",
+    return factories.make_signal(
+        action,
         key=key,
-        budget="tenant-daily",
-        action=action,
         downgrade_to=downgrade_to,
         spent=52.0 if action == "throttle" else 44.0,
-        limit=50.0,
-        ratio=1.04 if action == "throttle" else 0.88,
+        issued_at=now,
         window_start=now - timedelta(hours=1),
         window_end=now + timedelta(hours=1),
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
     )
 
 

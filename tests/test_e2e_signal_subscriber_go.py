@@ -26,35 +26,16 @@ from burnguard.instrumentation.guard import BudgetGuard
 from kafka import KafkaProducer
 
 from burnguard.cli.devstack import terminate
+from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, make_signal
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
-BUDGETS = """
-model_classes:
-  premium: [gpt-4.1]
-  standard: [gpt-4.1-mini]
-downgrade:
-  gpt-4.1: gpt-4.1-mini
-budgets:
-  - id: tenant-tokens
-    scope: tenant
-    metric: tokens
-    limit: 1000
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 0.8, do: downgrade, to: standard}
-      - {at: 1.0, do: throttle}
-  - id: umbrella-features
-    scope: tenant+feature
-    match: "umbrella/*"
-    metric: tokens
-    limit: 100
-  - id: premium-tokens
-    scope: tenant+model_class
-    match: "*/premium"
-    metric: tokens
-    limit: 100
-"""
+BUDGETS = budgets_yaml(
+    budget("tenant-tokens", 1000, metric="tokens", actions=WARN_DOWNGRADE_THROTTLE),
+    budget("umbrella-features", 100, scope="tenant+feature", match="umbrella/*", metric="tokens"),
+    budget("premium-tokens", 100, scope="tenant+model_class", match="*/premium", metric="tokens"),
+    head=LADDER_YAML,
+)
 MODELS = {"gpt-4.1": "premium", "gpt-4.1-mini": "standard"}
 TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "tomb-co", "nobody")
 FEATURES = ("chat", "search")
@@ -154,18 +135,16 @@ def wait_until(check, what: str, timeout_s: float = 60) -> None:
 
 def manual_signal(key: str, action: str) -> Signal:
     now = datetime.now(UTC)
-    return Signal(
-        scope="tenant",
+    return make_signal(
+        action,
         key=key,
         budget="manual",
-        action=action,
         spent=2.0,
         limit=1.0,
-        ratio=2.0,
+        issued_at=now,
+        ttl=timedelta(hours=1),
         window_start=now - timedelta(hours=1),
         window_end=now + timedelta(hours=1),
-        issued_at=now,
-        expires_at=now + timedelta(hours=1),
     )
 
 

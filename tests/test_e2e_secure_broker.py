@@ -33,20 +33,14 @@ from typer.testing import CliRunner
 import burnguard
 from burnguard.cli import app as cli
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budget, budgets_yaml
 from tests.fixtures.pipeline import Pipeline, _pipeline_on, _stop_all
 
 pytestmark = pytest.mark.slow
 
-BUDGETS = """
-budgets:
-  - id: tenant-daily
-    scope: tenant
-    match: "*"
-    window: day
-    limit: 0.05
-    actions:
-      - {at: 1.0, do: throttle}
-"""
+BUDGETS = budgets_yaml(
+    budget("tenant-daily", 0.05, match="*", window="day", actions=[{"at": 1.0, "do": "throttle"}])
+)
 INPUT_TOKENS, OUTPUT_TOKENS = 2_000, 500  # gpt-4.1: $0.008 a call
 
 

@@ -12,7 +12,7 @@ from burnguard.stream.app import DEADLETTER_REASON_HEADER
 from kafka import KafkaConsumer, KafkaProducer
 
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
 budgets:

@@ -15,17 +15,11 @@ from burnguard.stream.duplicates import RecentBatches, digest
 from kafka import KafkaConsumer, KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budgets_yaml, tenant_cost
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
-BUDGETS = """
-budgets:
-  - id: tenant-cost
-    scope: tenant
-    window: day
-    metric: cost_usd
-    limit: 100.0
-"""
+BUDGETS = budgets_yaml(tenant_cost(100.0))
 COST = 0.125
 
 

@@ -20,17 +20,11 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budgets_yaml, tenant_cost
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
-BUDGETS = """
-budgets:
-  - id: tenant-cost
-    scope: tenant
-    window: day
-    metric: cost_usd
-    limit: 1.0
-"""
+BUDGETS = budgets_yaml(tenant_cost(1.0))
 COST = 0.25
 
 

@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.usage import SpanUsage
 
+from tests.factories import make_signal
+
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 END = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 T0 = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
@@ -230,20 +232,13 @@ def redelivered(spans: list[SpanUsage]) -> list[SpanUsage]:
 
 
 def _signal(key: str, minutes: int, action: str, spent: float, **extra) -> Signal:
-    issued = T0 + timedelta(minutes=minutes)
-    return Signal(
-        scope="tenant",
+    """A signal for `key`'s tenant-daily budget of 50 USD, issued `minutes` after T0 (its day is T0's)."""
+    return make_signal(
+        action,
         key=key,
-        budget="tenant-daily",
-        action=action,
         spent=spent,
-        limit=50.0,
-        ratio=spent / 50.0,
-        window_start=datetime(2026, 1, 5, tzinfo=UTC),
-        window_end=datetime(2026, 1, 6, tzinfo=UTC),
         burn_rate_per_hour=6.0,
-        issued_at=issued,
-        expires_at=issued + timedelta(minutes=5),
+        issued_at=T0 + timedelta(minutes=minutes),
         reason=f"{key} at {spent / 50:.0%}",
         **extra,
     )

@@ -20,23 +20,16 @@ from burnguard.contracts.usage import SpanUsage
 from kafka import KafkaConsumer, KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budgets_yaml, span_usage, tenant_cost
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 FINE_TUNE = "ft:gpt-4.1-2025-04-14:acme:support:xyz"
-BUDGETS = """
-budgets:
-  - id: tenant-cost
-    scope: tenant
-    window: day
-    metric: cost_usd
-    limit: 100.0
-"""
+BUDGETS = budgets_yaml(tenant_cost(100.0))
 
 
 def call(model: str, input_tokens: int = 1000, output_tokens: int = 200) -> SpanUsage:
-    return SpanUsage("t", "s", "", "chat", 0, 1, "chat", request_model=model, input_tokens=input_tokens,
-                     output_tokens=output_tokens)  # fmt: skip
+    return span_usage(request_model=model, input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 def test_the_default_charge_is_never_zero() -> None:

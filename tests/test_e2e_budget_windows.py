@@ -14,7 +14,7 @@ from burnguard.contracts.snapshots import BudgetUsage
 from kafka import KafkaConsumer, KafkaProducer
 
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
 budgets:

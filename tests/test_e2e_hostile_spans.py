@@ -27,24 +27,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from burnguard.cli.devstack import wait_until_consumed
+from tests.factories import budgets_yaml, tenant_cost, tenant_tokens
 from tests.fixtures.pipeline import Pipeline
 
-BUDGETS = """
-budgets:
-  - id: tenant-cost
-    scope: tenant
-    window: day
-    metric: cost_usd
-    limit: 1.0
-    actions:
-      - {at: 0.5, do: warn}
-      - {at: 1.0, do: throttle}
-  - id: tenant-tokens
-    scope: tenant
-    window: day
-    metric: tokens
-    limit: 1.0e12
-"""
+BUDGETS = budgets_yaml(
+    tenant_cost(1.0, actions=[{"at": 0.5, "do": "warn"}, {"at": 1.0, "do": "throttle"}]),
+    tenant_tokens(1.0e12),
+)
 GOOD_COST = 0.0625  # exact in binary: sums of it are exact
 GOOD_TOKENS = (120, 30)
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from burnguard.cli import app
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
 runner = CliRunner()
 

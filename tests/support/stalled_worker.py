@@ -1,4 +1,4 @@
-"""A stream worker that stalls on purpose: `python -m tests.stalled_worker` (from the repo root).
+"""A stream worker that stalls on purpose: `python -m tests.support.stalled_worker` (from the repo root).
 
 As partitions are assigned, before table recovery ends, it moves aiokafka's
 position of every `otlp_spans` partition to the log end: the state the real

@@ -21,22 +21,14 @@ import pytest
 from burnguard.contracts.snapshots import BudgetUsage
 from kafka import KafkaConsumer, KafkaProducer
 
+from tests.factories import budget, budgets_yaml, tenant_tokens
 from tests.fixtures.pipeline import Pipeline
-from tests.otlp_batches import otlp_batch
+from tests.support.otlp_batches import otlp_batch
 
-BUDGETS = """
-budgets:
-  - id: tenant-tokens
-    scope: tenant
-    window: day
-    metric: tokens
-    limit: 1.0e12
-  - id: feature-calls
-    scope: [tenant, feature]
-    window: month
-    metric: calls
-    limit: 1.0e12
-"""
+BUDGETS = budgets_yaml(
+    tenant_tokens(1.0e12),
+    budget("feature-calls", 1.0e12, scope=["tenant", "feature"], window="month", metric="calls"),
+)
 REPLAYS_LOGGED = re.compile(r"(\d+) replayed deltas recognised")
 TENANTS = ["acme", "globex", "initech", "umbrella", "hooli"]
 FEATURES = ["chat", "search"]

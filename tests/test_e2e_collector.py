@@ -30,6 +30,7 @@ from kafka import KafkaConsumer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from burnguard.cli.devstack import terminate, wait_until_consumed
+from tests.factories import budget, budgets_yaml, tenant_tokens
 from tests.fakes.openai_api import FakeOpenAI
 from tests.fixtures.pipeline import Pipeline
 
@@ -41,18 +42,7 @@ READY = "Everything is ready"
 #: A fresh machine builds the Collector first (minutes) inside the first test's setup.
 pytestmark = pytest.mark.timeout(900)
 
-BUDGETS = """
-budgets:
-  - id: tenant-cost
-    scope: tenant
-    window: day
-    limit: 1000
-  - id: tenant-tokens
-    scope: tenant
-    window: day
-    metric: tokens
-    limit: 1.0e9
-"""
+BUDGETS = budgets_yaml(budget("tenant-cost", 1000, window="day"), tenant_tokens())
 #: (how the tenant is attributed, environment of the app run, model:input:output calls)
 RUNS = [
     ("baggage", {"APP_BAGGAGE_TENANT": "bag-co"}, "gpt-4.1:1000:200,gpt-4.1-mini:300:40,gpt-4.1:50:5"),

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tests.fakes import FakeOpenAI
 from tests.fixtures.pipeline import Pipeline
-from tests.test_exit_delivery import burnguard_spans_on_topic
+from tests.test_e2e_exit_delivery import burnguard_spans_on_topic
 
 REPO = Path(__file__).resolve().parents[1]
 APP = Path(__file__).parent / "apps" / "otel_app.py"
