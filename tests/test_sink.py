@@ -37,7 +37,7 @@ from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.contracts.usage import SpanUsage
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.sinks import consumer as sink_module
-from burnguard.sinks import queries
+from burnguard.sinks import membership, queries
 from burnguard.sinks.clickhouse import (
     ChdbDirectoryBusy,
     ClickHouseWriter,
@@ -563,7 +563,7 @@ def test_a_failed_commit_is_kept_and_retried(
                 raise RebalanceInProgressError("injected: the group is rebalancing")
             super().commit(offsets, timeout_ms)
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", CommitsFailFirst)
+    monkeypatch.setattr(membership, "KafkaConsumer", CommitsFailFirst)
     stream.send_spans(6)
     sent = [_signal("acme", "warn", 36.0, 1)]
     stream.send_signals(sent)
@@ -590,7 +590,7 @@ def test_a_commit_that_keeps_failing_gives_up_at_shutdown(
             attempts += 1
             raise RebalanceInProgressError("injected: the group is rebalancing")
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", CommitsFail)
+    monkeypatch.setattr(membership, "KafkaConsumer", CommitsFail)
     stream.send_spans(3)
     stream.producer.flush()
     with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, shutdown_timeout_s=2.0) as sink:
@@ -637,7 +637,7 @@ def test_partitions_that_move_away_during_an_outage_are_read_again_when_they_com
         time.sleep(INSERT_ATTEMPT_S)
         return connect(dsn, **kwargs)
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", SlowToJoin)
+    monkeypatch.setattr(membership, "KafkaConsumer", SlowToJoin)
     monkeypatch.setattr(sink_module, "connect", slow_to_fail)
     with chdb_outage(chdb_dsn) as end_outage:
         stream.send_spans(12)
@@ -701,7 +701,7 @@ def test_a_member_kafka_python_leaves_rebalancing_is_asked_to_rejoin(
                 )
             return records
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", LeftRebalancing)
+    monkeypatch.setattr(membership, "KafkaConsumer", LeftRebalancing)
     stream.send_spans(6)
     with sink_thread(stream, chdb_dsn, rebalance_poll_s=1.0) as sink:
         stream.wait_consumed()
@@ -728,7 +728,7 @@ def test_a_consumer_stuck_outside_the_group_is_replaced(
         created.append((NeverJoins if not created else KafkaConsumer)(**options))
         return created[-1]
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", new_consumer)
+    monkeypatch.setattr(membership, "KafkaConsumer", new_consumer)
     stream.send_spans(6)
     # Long enough for the replacement to join even on a loaded machine, so it is not replaced too.
     with sink_thread(stream, chdb_dsn, rebalance_poll_s=1.0, stuck_rebalance_s=15.0) as sink:
