@@ -59,6 +59,22 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _consumer_options(session_timeout_ms: int | None) -> dict[str, Any]:
+    """kafka-python options from the command line; heartbeats at a third of the session timeout."""
+    if not session_timeout_ms:
+        return {}
+    return {
+        "session_timeout_ms": session_timeout_ms,
+        "heartbeat_interval_ms": max(session_timeout_ms // 3, 100),
+    }
+
+
+def _budgets_file() -> Path | None:
+    """The budgets file whose price overrides the sink uses until the budgets topic has any."""
+    budgets_file = os.environ.get("BURNGUARD_BUDGETS_FILE")
+    return Path(budgets_file) if budgets_file else None
+
+
 def main(argv: Sequence[str] = ()) -> int:
     """Entry point of `python -m burnguard.sinks` and `burnguard sink`.
 
@@ -80,10 +96,6 @@ def main(argv: Sequence[str] = ()) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    consumer_options = {}
-    if args.session_timeout_ms:
-        consumer_options["session_timeout_ms"] = args.session_timeout_ms
-        consumer_options["heartbeat_interval_ms"] = max(args.session_timeout_ms // 3, 100)
     kafka = KafkaSettings.from_env(args.bootstrap)
     try:
         check_connection(kafka)
@@ -95,10 +107,8 @@ def main(argv: Sequence[str] = ()) -> int:
             batch_max=args.batch_max,
             flush_interval_s=args.flush_interval,
             group_id=args.group,
-            consumer_options=consumer_options,
-            budgets_file=Path(budgets_file)
-            if (budgets_file := os.environ.get("BURNGUARD_BUDGETS_FILE"))
-            else None,
+            consumer_options=_consumer_options(args.session_timeout_ms),
+            budgets_file=_budgets_file(),
         )
     except KafkaError as exc:  # e.g. no broker at start: say so in one line, exit for a restart
         log.error("cannot consume from Kafka at %s: %s", kafka.bootstrap, exc)
