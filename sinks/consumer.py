@@ -1,4 +1,4 @@
-"""The ClickHouse sink: `otlp_spans` and `burnguard.signals` from Kafka into ClickHouse.
+"""The ClickHouse sink: spans and signals from Kafka into ClickHouse; its batch, insert and commit policy.
 
 Delivery is at least once and totals are exactly once. The sink buffers what
 it polls, inserts it in batches, and commits the Kafka offsets only after
@@ -32,23 +32,13 @@ Nothing is dropped and nothing stalls the stream:
   from it and the offsets it has not committed for it; the new owner reads
   them from the last commit (copies of rows already written collapse). A
   partition that comes back later is read from its last commit again.
-- While a join is due or under way the sink stays in `consumer.poll`, back to
-  back and up to `rebalance_poll_s` at a time, and does nothing else (no insert
-  attempt, no backoff). kafka-python 3.0.12 runs the JoinGroup/SyncGroup round
-  trip on its IO thread but applies the result only inside a poll: one that
-  ends while the sink is elsewhere (an insert that takes seconds to fail during
-  an outage) is thrown away by the next poll, which sends a new JoinGroup. From
-  the group leader that starts another rebalance, which waits for every other
-  member to join again, up to their rebalance timeout (minutes); meanwhile the
-  sink holds no assignment and the moved partitions are not read. Seen as a
-  rebalance that never finished while ClickHouse was down. When kafka-python
-  leaves the member REBALANCING with nothing under way (the leader rejoined
-  because the topic metadata changed, and the poll that started it timed out),
-  it never asks again: a member found in that state is asked to rejoin.
-- As a last resort, a consumer that has not been a stable group member for
-  longer than any healthy rebalance can take (the rebalance timeout,
-  `max_poll_interval_ms`, plus the session timeout) is closed and replaced by
-  a new one, which reads on from the committed offsets (`consumer_restarts`).
+- While a join is due or under way the sink stays in `consumer.poll` and does
+  nothing else (no insert attempt, no backoff); a member kafka-python leaves
+  REBALANCING with nothing under way is asked to rejoin; and, as a last resort,
+  a consumer that has not been a stable group member for longer than any
+  healthy rebalance can take is replaced by a new one, which reads on from the
+  committed offsets (`consumer_restarts`). Why, and the kafka-python 3.0.12
+  behaviour this works around: `membership.py`, which holds that side.
 - On stop (SIGTERM, SIGINT or `stop_event`) the sink flushes what it holds
   and commits; if ClickHouse stays down past `shutdown_timeout_s` it exits
   without committing, and the next run reads those messages again.
@@ -68,32 +58,29 @@ saw; models without a known price stay unpriced (`priced = 0`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import BudgetConfig, load_budget_file
-from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.otlp import decode_spans
 from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
-from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
+from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect, default_dsn, redact_dsn
+from burnguard.sinks.membership import ConsumerStuck, GroupMember, names
 from burnguard.sinks.schema import DEFAULT_SPAN_TTL_DAYS, migrate
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import MemberState, OffsetAndMetadata
+from kafka.structs import OffsetAndMetadata
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +90,6 @@ DEFAULT_FLUSH_INTERVAL_S = 1.0
 DEFAULT_REBALANCE_POLL_S = 5.0
 _POLL_TIMEOUT_S = 0.2
 _COMMIT_RETRY_MAX_S = 5.0
-_STRANDED_AFTER_S = 1.0
-_CLOSE_TIMEOUT_MS = 10_000
 
 
 @dataclass
@@ -150,103 +135,8 @@ class _Batch:
         return before - self.rows
 
 
-class _Assignments(ConsumerRebalanceListener):
-    """Logs partition moves and tells the sink's thread which partitions it no longer owns.
-
-    kafka-python 3 runs listeners on its IO thread, where a blocking call (an insert,
-    a commit) is not allowed, so this only records; the sink acts after its next poll.
-
-    A partition is gone when it was revoked or lost and the assignment that follows
-    does not contain it. With the default eager protocol every rebalance revokes
-    everything and then assigns the full new set, so a partition that is given
-    straight back stays owned (kafka-python 3 keeps its position), while one that
-    spends a generation elsewhere is gone (its state is dropped and it is read again
-    from the last commit). With the cooperative protocol only the partitions that
-    move are revoked, and they are never in the next (incremental) assignment.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._revoked: set[TopicPartition] = set()
-        self._gone: set[TopicPartition] = set()
-        self._assigned = False
-
-    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        log.info("revoked %s", _names(revoked) or "nothing")
-        with self._lock:
-            self._revoked.update(revoked)
-
-    def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
-        log.warning("lost %s (this sink was dropped from the group)", _names(lost) or "nothing")
-        with self._lock:
-            self._gone.update(lost)
-            self._revoked.difference_update(lost)
-
-    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("assigned %s", _names(assigned) or "nothing")
-        with self._lock:
-            self._gone.update(self._revoked.difference(assigned))
-            self._revoked.clear()
-            self._assigned = True
-
-    def take(self) -> tuple[set[TopicPartition], bool]:
-        """(partitions gone since the last call, whether an assignment completed meanwhile)."""
-        with self._lock:
-            gone, self._gone = self._gone, set()
-            assigned, self._assigned = self._assigned, False
-        return gone, assigned
-
-
-def _names(partitions: Sequence[TopicPartition] | set[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions))
-
-
 def _offsets(offsets: Mapping[TopicPartition, int]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(offsets.items()))
-
-
-def _stranded(consumer: KafkaConsumer) -> bool:
-    """Whether kafka-python 3.0.12 left the member out of the group with nothing under way.
-
-    When the leader rejoins because the topic metadata changed and the poll that
-    started it times out just as the JoinGroup/SyncGroup round trip ends, the result
-    is never applied: the member stays REBALANCING with its join finished and
-    `need_rejoin()` false, so no poll ever joins again (no heartbeats either: the
-    broker evicts it after the session timeout). `request_rejoin()` gets it out: the
-    next poll sends a JoinGroup. kafka-python has no public call for this (Java's
-    `enforceRebalance`), hence the private attributes, read defensively: on another
-    version this says False and the watchdog (`stuck_rebalance_s`) still applies.
-    """
-    coordinator = getattr(consumer, "_coordinator", None)
-    need_rejoin = getattr(coordinator, "need_rejoin", None)
-    if need_rejoin is None or not all(hasattr(coordinator, a) for a in ("_join_task", "request_rejoin")):
-        return False
-    task = coordinator._join_task
-    return (task is None or task.is_done) and not need_rejoin()
-
-
-def _join_due(consumer: KafkaConsumer) -> bool:
-    """Whether a JoinGroup/SyncGroup round trip is under way or will be started by the next poll.
-
-    kafka-python 3.0.12 keeps the round trip in `_join_task` and applies its result only
-    in a poll that is waiting for it, and `need_rejoin()` says a poll will start one.
-    Neither is public, hence the defensive reads: on another version this says False
-    and the sink falls back on the member state alone.
-    """
-    coordinator = getattr(consumer, "_coordinator", None)
-    task = getattr(coordinator, "_join_task", None)
-    if task is not None and not getattr(task, "is_done", True):
-        return True
-    need_rejoin = getattr(coordinator, "need_rejoin", None)
-    return bool(need_rejoin()) if callable(need_rejoin) else False
-
-
-def _never() -> bool:
-    return False
-
-
-class _ConsumerStuck(Exception):
-    """The consumer has not been a stable group member for longer than a rebalance can take."""
 
 
 class SpanSink:
@@ -321,9 +211,16 @@ class SpanSink:
         self._written: dict[TopicPartition, int] = {}
         self._commit_delay = 0.0
         self._next_commit_at = 0.0
-        self._assignments = _Assignments()
-        self._unstable_since: float | None = None
-        self._stranded_since: float | None = None
+        self._member = GroupMember(
+            kafka,
+            [topics.spans, topics.signals],
+            group_id,
+            max_poll_records=batch_max,
+            rebalance_poll_s=rebalance_poll_s,
+            stuck_rebalance_s=stuck_rebalance_s,
+            consumer_options=self.consumer_options,
+            on_rebalance=self._after_rebalance,
+        )
         self._writer: ClickHouseWriter | None = None
 
     def counters(self) -> dict[str, int]:
@@ -344,7 +241,7 @@ class SpanSink:
 
     def run(self, stop_event: threading.Event) -> None:
         """Consume until `stop_event` is set, then flush, commit and close."""
-        consumer = self._start_consumer()
+        consumer = self._member.start()
         try:
             log.info(
                 "sink %s: %s, %s -> %s",
@@ -358,22 +255,22 @@ class SpanSink:
             while not stop_event.is_set():
                 try:
                     self._step(consumer, stop_event)
-                except _ConsumerStuck as exc:
-                    consumer = self._restart_consumer(consumer, exc)
+                except ConsumerStuck as exc:
+                    consumer = self._restart_consumer(exc)
             deadline = time.monotonic() + self.shutdown_timeout_s
             try:
                 self._finish(consumer, deadline)
-            except _ConsumerStuck as exc:
+            except ConsumerStuck as exc:
                 log.error("%s; stopping without committing, the next run reads on from the last commit", exc)
         finally:
-            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+            self._member.close()
             self._drop_writer()
             if self._budget_feed is not None:
                 self._budget_feed.stop()
             log.info("sink stopped: %s", json.dumps(self.counters()))
 
     def _step(self, consumer: KafkaConsumer, stop_event: threading.Event) -> None:
-        for messages in self._poll(consumer, _POLL_TIMEOUT_S, give_up=stop_event.is_set).values():
+        for messages in self._member.poll(_POLL_TIMEOUT_S, give_up=stop_event.is_set).values():
             for message in messages:
                 self._take(message)
         if self._batch.due(self.batch_max, self.flush_interval_s):
@@ -394,42 +291,14 @@ class SpanSink:
             # Keep the group going so a rebalance can finish; what this returns is not
             # taken (so not committed): the next run reads it.
             consumer.pause(*consumer.assignment())
-            self._poll(consumer, _POLL_TIMEOUT_S, until=deadline)
+            self._member.poll(_POLL_TIMEOUT_S, until=deadline)
         if self._written:
             log.error(
                 "stopping with uncommitted offsets %s: those rows are written and will be read again",
                 _offsets(self._written),
             )
 
-    def _new_consumer(self) -> KafkaConsumer:
-        options: dict[str, Any] = {
-            **self.kafka.kafka_python_config(),
-            "group_id": self.group_id,
-            "client_id": self.group_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
-            "max_poll_records": self.batch_max,
-            **self.consumer_options,
-        }
-        return KafkaConsumer(**options)
-
-    def _start_consumer(self) -> KafkaConsumer:
-        consumer = self._new_consumer()
-        try:
-            topics = [self.topics.spans, self.topics.signals]
-            # Know the partitions before joining: otherwise the first JoinGroup assigns
-            # nothing and a second rebalance follows at once.
-            for topic in topics:
-                consumer.partitions_for_topic(topic)
-            self._assignments = _Assignments()
-            consumer.subscribe(topics, listener=self._assignments)
-        except BaseException:
-            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
-            raise
-        self._unstable_since = None
-        return consumer
-
-    def _restart_consumer(self, consumer: KafkaConsumer, reason: Exception) -> KafkaConsumer:
+    def _restart_consumer(self, reason: Exception) -> KafkaConsumer:
         """Replace a consumer stuck outside the group; the new one reads on from the commits."""
         self.consumer_restarts += 1
         log.error(
@@ -443,56 +312,10 @@ class SpanSink:
         self._written.clear()
         self._commit_delay = 0.0
         self._next_commit_at = 0.0
-        try:
-            consumer.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
-        except Exception as exc:  # the stuck consumer may fail to close cleanly: it is dropped anyway
-            log.warning("closing the stuck consumer failed: %s: %s", type(exc).__name__, exc)
-        return self._start_consumer()
+        return self._member.restart()
 
-    def _poll(
-        self,
-        consumer: KafkaConsumer,
-        timeout_s: float,
-        until: float | None = None,
-        give_up: Callable[[], bool] = _never,
-    ) -> dict[TopicPartition, list[Any]]:
-        """Poll; while the member is joining the group, poll again until it is in, `until` or `give_up()`.
-
-        kafka-python 3.0.12 throws away a JoinGroup/SyncGroup round trip that ends
-        while no poll waits for it (see the module docstring), so the sink must not
-        leave `consumer.poll` between the start and the end of a join, and above all
-        must not spend seconds on an insert attempt there.
-        """
-        while True:
-            records = self._poll_once(consumer, timeout_s, until)
-            past_until = until is not None and time.monotonic() >= until
-            if records or past_until or give_up() or self._settled(consumer):
-                return records
-
-    def _poll_once(
-        self, consumer: KafkaConsumer, timeout_s: float, until: float | None
-    ) -> dict[TopicPartition, list[Any]]:
-        """One `consumer.poll`, then act on rebalances and check that the group is not stuck.
-
-        While the member is not settled the poll waits up to `rebalance_poll_s` (but not
-        past `until`), so that a join usually starts and ends inside one poll: each
-        poll that times out during a join leaves a short gap in which its result could
-        be thrown away.
-        """
-        if not self._settled(consumer):
-            timeout_s = max(timeout_s, self.rebalance_poll_s)
-        if until is not None:
-            timeout_s = min(timeout_s, until - time.monotonic())
-        timeout_ms = max(int(timeout_s * 1000), 1)
-        records = consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_max)
-        self._after_rebalance()
-        self._check_membership(consumer)
-        return records
-
-    # --- group membership -------------------------------------------------------------
-
-    def _after_rebalance(self) -> None:
-        gone, assigned = self._assignments.take()
+    def _after_rebalance(self, gone: set[TopicPartition], assigned: bool) -> None:
+        """After each poll: forget what came from partitions that moved away; retry a failed commit."""
         if gone:
             dropped = self._batch.drop(gone)
             uncommitted = {tp: n for tp, n in self._written.items() if tp in gone}
@@ -500,55 +323,13 @@ class SpanSink:
                 del self._written[tp]
             log.info(
                 "%s moved away: dropped %d held rows and uncommitted offsets %s (read again by their owner)",
-                _names(gone),
+                names(gone),
                 dropped,
                 _offsets(uncommitted) or "none",
             )
         if assigned:  # a commit that failed during the rebalance can go through now
             self._commit_delay = 0.0
             self._next_commit_at = 0.0
-
-    @staticmethod
-    def _stable(consumer: KafkaConsumer) -> bool:
-        return consumer.group_metadata().state == MemberState.STABLE
-
-    @classmethod
-    def _settled(cls, consumer: KafkaConsumer) -> bool:
-        """Stable with no join under way or due: the sink may leave `consumer.poll` for a while."""
-        return cls._stable(consumer) and not _join_due(consumer)
-
-    def _stuck_after_s(self, consumer: KafkaConsumer) -> float:
-        if self.stuck_rebalance_s is not None:
-            return self.stuck_rebalance_s
-        config = consumer.config
-        return (config["max_poll_interval_ms"] + config["session_timeout_ms"]) / 1000 + self.rebalance_poll_s
-
-    def _check_membership(self, consumer: KafkaConsumer) -> None:
-        """Get a stranded member back into the group; raise `_ConsumerStuck` at the limit."""
-        if self._stable(consumer):
-            self._unstable_since = self._stranded_since = None
-            return
-        now = time.monotonic()
-        if self._unstable_since is None:
-            self._unstable_since = now
-        limit = self._stuck_after_s(consumer)
-        if now - self._unstable_since > limit:
-            state = consumer.group_metadata().state
-            raise _ConsumerStuck(
-                f"the consumer has been {state} in group {self.group_id} for over {limit:.0f} s"
-            )
-        if not _stranded(consumer):
-            self._stranded_since = None
-        elif self._stranded_since is None:
-            self._stranded_since = now
-        elif now - self._stranded_since >= _STRANDED_AFTER_S:
-            self._stranded_since = None
-            log.warning(
-                "the consumer was left %s in group %s with no join under way: asking it to rejoin",
-                consumer.group_metadata().state,
-                self.group_id,
-            )
-            consumer._coordinator.request_rejoin()
 
     # --- decoding -------------------------------------------------------------------
 
@@ -743,7 +524,7 @@ class SpanSink:
         """
         until = time.monotonic() + seconds
         while not give_up() and time.monotonic() < until:
-            records = self._poll(consumer, min(_POLL_TIMEOUT_S, until - time.monotonic()), give_up=give_up)
+            records = self._member.poll(min(_POLL_TIMEOUT_S, until - time.monotonic()), give_up=give_up)
             # A rebalance during the wait hands over unpaused partitions: put their
             # records back for later and pause them too.
             for tp, messages in records.items():
@@ -791,82 +572,3 @@ def run_sink(
     sink = SpanSink(kafka, topics, dsn, batch_max=batch_max, flush_interval_s=flush_interval_s, **options)
     sink.run(stop_event)
     return sink
-
-
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    env = os.environ
-    parser = argparse.ArgumentParser(
-        prog="python -m burnguard.sinks",
-        description="Write GenAI spans and budget signals from Kafka to ClickHouse.",
-    )
-    parser.add_argument("--bootstrap", default=None, help="Kafka bootstrap (BURNGUARD_KAFKA_BOOTSTRAP)")
-    parser.add_argument("--dsn", default=None, help="ClickHouse DSN (BURNGUARD_CLICKHOUSE_DSN)")
-    parser.add_argument(
-        "--group", default=env.get("BURNGUARD_SINK_GROUP", DEFAULT_GROUP), help="(BURNGUARD_SINK_GROUP)"
-    )
-    parser.add_argument(
-        "--batch-max", type=int, default=int(env.get("BURNGUARD_SINK_BATCH_MAX", DEFAULT_BATCH_MAX))
-    )
-    parser.add_argument(
-        "--flush-interval",
-        type=float,
-        default=float(env.get("BURNGUARD_SINK_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL_S)),
-        help="seconds a partial batch waits before it is written",
-    )
-    parser.add_argument(
-        "--session-timeout-ms",
-        type=int,
-        default=None,
-        help="Kafka group session timeout: how soon a dead sink's partitions move on",
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="kafka-python's INFO chatter too (BURNGUARD_VERBOSE)"
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] = ()) -> int:
-    """Entry point of `python -m burnguard.sinks` and `burnguard sink`.
-
-    Configured from the environment; `argv` (the module's command line) may
-    override it. The default is no arguments, not `sys.argv`, because the
-    `burnguard` CLI calls this with its own command line still in `sys.argv`.
-    """
-    args = _parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("BURNGUARD_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    quiet_library_logs(args.verbose or None)
-    stop_event = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.info("received %s, flushing and stopping", signal.Signals(signum).name)
-        stop_event.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    consumer_options = {}
-    if args.session_timeout_ms:
-        consumer_options["session_timeout_ms"] = args.session_timeout_ms
-        consumer_options["heartbeat_interval_ms"] = max(args.session_timeout_ms // 3, 100)
-    kafka = KafkaSettings.from_env(args.bootstrap)
-    try:
-        check_connection(kafka)
-        run_sink(
-            kafka,
-            Topics.from_env(),
-            args.dsn,
-            stop_event,
-            batch_max=args.batch_max,
-            flush_interval_s=args.flush_interval,
-            group_id=args.group,
-            consumer_options=consumer_options,
-            budgets_file=Path(budgets_file)
-            if (budgets_file := os.environ.get("BURNGUARD_BUDGETS_FILE"))
-            else None,
-        )
-    except KafkaError as exc:  # e.g. no broker at start: say so in one line, exit for a restart
-        log.error("cannot consume from Kafka at %s: %s", kafka.bootstrap, exc)
-        return 2
-    return 0

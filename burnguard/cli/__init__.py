@@ -173,7 +173,7 @@ def sink(
         os.environ["BURNGUARD_KAFKA_BOOTSTRAP"] = bootstrap
     if dsn:
         os.environ["BURNGUARD_CLICKHOUSE_DSN"] = dsn
-    from burnguard.sinks.consumer import main as sink_main
+    from burnguard.sinks.__main__ import main as sink_main
 
     sink_main()
 

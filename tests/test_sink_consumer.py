@@ -1,9 +1,9 @@
-"""The ClickHouse sink against the real chDB engine and the session's real Kafka broker.
+"""The sink's Kafka consumer against the session's real broker and the real chDB engine.
 
-chDB lets one process own a directory, and a process host one directory at a
-time, so every test gets its own directory, every client is closed when the
-test is done with it, and the test process never holds a directory while a
-sink subprocess writes it.
+Delivery through Kafka, price following, ClickHouse outages, failed commits,
+rebalances and kafka-python's group-membership failures (injected with the
+library's own code), and the sink as its own process: stop, restart, kill.
+The writer's tests without Kafka are in `test_sink_writer.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,12 @@ from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import default_price_book
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
-from burnguard.contracts.usage import SpanUsage
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.sinks import consumer as sink_module
-from burnguard.sinks import queries
-from burnguard.sinks.clickhouse import (
-    ChdbDirectoryBusy,
-    ClickHouseWriter,
-    KafkaOrigin,
-    connect,
-    default_dsn,
-    redact_dsn,
-)
+from burnguard.sinks import membership, queries
+from burnguard.sinks.clickhouse import ClickHouseWriter, KafkaOrigin, connect
 from burnguard.sinks.consumer import SpanSink
-from burnguard.sinks.schema import MIGRATIONS, MIGRATIONS_TABLE, SIGNALS_TABLE, SPANS_TABLE, migrate
+from burnguard.sinks.schema import SPANS_TABLE, migrate
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import RebalanceInProgressError
@@ -58,8 +49,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-TENANTS = ("acme", "globex", "initech")
-_HOUR_AGO_NS = time.time_ns() - 3600 * 1_000_000_000
+from tests.fixtures.sink import (  # noqa: F401  (fixtures by name)
+    TENANTS,
+    budget_signal,
+    chdb_dsn_fixture,
+    chdb_outage,
+    open_chdb,
+)
+
 GARBAGE = b"\x0a\xff\xffnot an OTLP request"
 # After a chDB outage the sink opens the directory and migrates before it can insert and
 # commit: seconds when idle, about 30 s (engine load plus migration) on a loaded 2-core machine.
@@ -68,214 +65,6 @@ AFTER_OUTAGE_S = 120.0
 # longer than the sink's short polls and retry waits, shorter than its `rebalance_poll_s`.
 INSERT_ATTEMPT_S = 1.5
 JOIN_DELAY_S = 1.0
-
-# --- chDB ------------------------------------------------------------------------------
-
-
-@contextmanager
-def open_chdb(dsn: str) -> Iterator[Client]:
-    client = connect(dsn)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def chdb_dsn(tmp_path: Path) -> str:
-    return f"chdb://{tmp_path / 'clickhouse'}"
-
-
-@pytest.fixture
-def chdb_client(chdb_dsn: str) -> Iterator[Client]:
-    with open_chdb(chdb_dsn) as client:
-        yield client
-
-
-def _usage(i: int, tenant: str, cost: float | None) -> SpanUsage:
-    start = _HOUR_AGO_NS + i * 1_000_000_123  # recent: rows past the TTL are dropped on insert
-    return SpanUsage(
-        trace_id=f"{i // 2:032x}",
-        span_id=f"{i:016x}",
-        parent_span_id="" if i % 2 == 0 else f"{i - 1:016x}",
-        name="chat gpt-4.1",
-        start_ns=start,
-        end_ns=start + 987_654_321,
-        operation="chat",
-        provider="openai",
-        request_model="gpt-4.1",
-        response_model="gpt-4.1-2025-04-14",
-        service="checkout-api",
-        tenant=tenant,
-        user=f"u-{i % 5}",
-        workflow="triage",
-        feature="summarize",
-        session=f"s-{i % 3}",
-        action="click",
-        input_tokens=1000 + i,
-        output_tokens=200 + i,
-        cache_read_tokens=100,
-        cache_creation_tokens=50,
-        reasoning_tokens=7,
-        tool_calls=i % 3,
-        tool_name="",
-        agent_name="researcher",
-        conversation_id=f"conv-{i}",
-        cost_usd=cost,
-        model_class="premium",
-        downgraded_from="o3" if i % 4 == 0 else "",
-        error_type="RateLimitError" if i % 7 == 0 else "",
-        status_error=i % 7 == 0,
-        extra={"gen_ai.response.id": f"resp-{i}"} if i % 2 else {},
-    )
-
-
-def _signal(key: str, action: str, spent: float, minute: int) -> Signal:
-    issued = datetime(2026, 5, 1, 12, minute, 30, 123456, tzinfo=UTC)
-    return Signal(
-        scope="tenant",
-        key=key,
-        budget="tenant-daily",
-        action=action,
-        downgrade_to="standard" if action == "downgrade" else None,
-        spent=spent,
-        limit=50.0,
-        ratio=spent / 50.0,
-        window_start=datetime(2026, 5, 1, tzinfo=UTC),
-        window_end=datetime(2026, 5, 2, tzinfo=UTC),
-        burn_rate_per_hour=6.1,
-        projected_exhaustion=issued + timedelta(hours=1) if action != "ok" else None,
-        issued_at=issued,
-        expires_at=issued + timedelta(minutes=5),
-        reason=f"{action} at {spent}",
-    )
-
-
-def _create_query(client: Client, table: str) -> str:
-    result = client.query(
-        "SELECT create_table_query FROM system.tables"
-        " WHERE database = currentDatabase() AND name = {t:String}",
-        parameters={"t": table},
-    )
-    return result.result_rows[0][0]
-
-
-def test_migrations_are_idempotent(chdb_client: Client) -> None:
-    assert migrate(chdb_client) == [m.version for m in MIGRATIONS]
-    assert migrate(chdb_client) == []
-    tables = dict(
-        chdb_client.query(
-            "SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name"
-        ).result_rows
-    )
-    for table in (SIGNALS_TABLE, SPANS_TABLE, MIGRATIONS_TABLE):
-        assert tables[table] == "ReplacingMergeTree"
-    versions = chdb_client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version").result_rows
-    assert versions == [(m.version, m.name) for m in MIGRATIONS]  # each applied once, in order
-    ttl = _create_query(chdb_client, SPANS_TABLE)
-    assert "TTL toDateTime(start_time) + toIntervalDay(_CAST(400, 'UInt32'))" in ttl
-
-
-def test_span_ttl_is_a_parameter(chdb_client: Client) -> None:
-    migrate(chdb_client, span_ttl_days=30)
-    ttl = _create_query(chdb_client, SPANS_TABLE)
-    assert "toIntervalDay(_CAST(30, 'UInt32'))" in ttl
-    with pytest.raises(ValueError, match="positive"):
-        migrate(chdb_client, span_ttl_days=0)
-
-
-def test_writer_round_trip_and_redelivery_collapses(chdb_client: Client) -> None:
-    migrate(chdb_client)
-    rows = [_usage(i, TENANTS[i % 3], None if i % 5 == 4 else 0.25 * (i + 1)) for i in range(40)]
-    expected: dict[str, float] = {}
-    for row in rows:
-        expected[row.tenant] = expected.get(row.tenant, 0.0) + (row.cost_usd or 0.0)
-    writer = ClickHouseWriter(chdb_client, batch_size=16)  # three INSERTs
-
-    assert writer.insert_spans(rows) == 40
-    assert queries.spend_by_tenant(chdb_client) == pytest.approx(expected)
-    assert queries.span_count(chdb_client) == 40
-    assert queries.span_count(chdb_client, tenant="acme") == 14
-
-    writer.insert_spans(rows)  # a batch delivered twice
-    assert queries.span_count(chdb_client, final=False) >= 40  # both copies until a merge
-    assert queries.span_count(chdb_client) == 40
-    assert queries.spend_by_tenant(chdb_client) == pytest.approx(expected)
-
-
-def test_every_span_field_round_trips(chdb_client: Client) -> None:
-    migrate(chdb_client)
-    row = _usage(7, "acme", 0.125)
-    row.extra = {"gen_ai.response.id": "resp-7", "x": "y"}
-    unpriced = _usage(8, "acme", None)
-    unpriced.input_tokens = -5  # a sender's nonsense must not make the batch unwritable
-    ClickHouseWriter(chdb_client).insert_spans([row, unpriced], [KafkaOrigin("otlp_spans", 3, 42)] * 2)
-
-    got = chdb_client.query(
-        "SELECT *, toUnixTimestamp64Nano(start_time) AS start_ns, toUnixTimestamp64Nano(end_time) AS end_ns "
-        f"FROM {SPANS_TABLE} FINAL ORDER BY span_id"
-    ).named_results()
-    first, second = list(got)
-    for name in SpanUsage.__dataclass_fields__:
-        if name not in ("status_error", "cost_usd"):
-            assert first[name] == getattr(row, name), name
-    assert (first["cost_usd"], first["priced"], first["status_error"]) == (0.125, 1, 1)
-    assert (first["kafka_topic"], first["kafka_partition"], first["kafka_offset"]) == ("otlp_spans", 3, 42)
-    assert (second["cost_usd"], second["priced"], second["input_tokens"]) == (0.0, 0, 0)
-
-
-def test_signals_round_trip_once(chdb_client: Client) -> None:
-    migrate(chdb_client)
-    sent = [
-        _signal("acme", "warn", 36.0, 1),
-        _signal("acme", "downgrade", 43.0, 2),
-        _signal("globex", "ok", 1, 3),
-    ]
-    writer = ClickHouseWriter(chdb_client)
-    writer.insert_signals(sent)
-    writer.insert_signals(sent[:2])
-    assert queries.signals(chdb_client) == sorted(sent, key=lambda s: (s.issued_at, s.key))
-    assert queries.signals(chdb_client, budget="other") == []
-    keys = chdb_client.query(f"SELECT DISTINCT kafka_key FROM {SIGNALS_TABLE} ORDER BY kafka_key").result_rows
-    assert keys == [("tenant:acme@tenant-daily",), ("tenant:globex@tenant-daily",)]
-
-
-def test_default_dsn_and_redaction(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("BURNGUARD_CLICKHOUSE_DSN", raising=False)
-    monkeypatch.setenv("BURNGUARD_STATE_DIR", str(tmp_path / "state"))
-    assert default_dsn() == f"chdb://{tmp_path / 'state' / 'clickhouse'}"
-    monkeypatch.setenv("BURNGUARD_CLICKHOUSE_DSN", "http://writer@ch.internal:8123/burnguard")
-    assert default_dsn() == "http://writer@ch.internal:8123/burnguard"
-    assert redact_dsn("https://writer:s3cret@ch.internal:8443/db") == "https://writer:***@ch.internal:8443/db"
-
-
-def test_a_chdb_directory_belongs_to_one_process(chdb_dsn: str) -> None:
-    """The constraint the sink and its tests are designed around."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_DIRECTORY, chdb_dsn], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        with pytest.raises(ChdbDirectoryBusy, match=f"PID: {holder.pid}"):
-            connect(chdb_dsn)
-    finally:
-        holder.kill()
-        holder.wait()
-    with open_chdb(chdb_dsn) as client:  # the killed holder's lock is gone, its table is there
-        assert client.command("SELECT count() FROM held") == 1
-
-
-_HOLD_DIRECTORY = """
-import sys, time
-from burnguard.sinks.clickhouse import connect
-client = connect(sys.argv[1])
-client.command("CREATE TABLE held (x UInt8) ENGINE = MergeTree ORDER BY x")
-client.insert("held", [[1]], column_names=["x"])
-print("open", flush=True)
-time.sleep(120)
-"""
-
-# --- Kafka ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -446,9 +235,9 @@ def test_end_to_end_through_kafka(stream: Stream, chdb_dsn: str) -> None:
     stream.send_garbage()
     stream.send_to_be_priced()
     sent = [
-        _signal("acme", "warn", 36.0, 1),
-        _signal("acme", "downgrade", 43.0, 2),
-        _signal("globex", "ok", 2, 3),
+        budget_signal("acme", "warn", 36.0, 1),
+        budget_signal("acme", "downgrade", 43.0, 2),
+        budget_signal("globex", "ok", 2, 3),
     ]
     stream.send_signals(sent)
 
@@ -509,23 +298,6 @@ def test_spans_are_priced_with_the_price_overrides_the_workers_follow(stream: St
     ]
 
 
-@contextmanager
-def chdb_outage(dsn: str) -> Iterator[Callable[[], None]]:
-    """Another process holds the chDB directory (a real outage) until the yielded `end()`."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_DIRECTORY, dsn], stdout=subprocess.PIPE, text=True)
-
-    def end() -> None:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        yield end
-    finally:
-        end()
-
-
 def test_unreachable_clickhouse_keeps_the_batch_and_commits_nothing(stream: Stream, chdb_dsn: str) -> None:
     """A chDB directory held by another process is a real outage: retry, no commit, no loss."""
     with chdb_outage(chdb_dsn) as end_outage:
@@ -563,9 +335,9 @@ def test_a_failed_commit_is_kept_and_retried(
                 raise RebalanceInProgressError("injected: the group is rebalancing")
             super().commit(offsets, timeout_ms)
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", CommitsFailFirst)
+    monkeypatch.setattr(membership, "KafkaConsumer", CommitsFailFirst)
     stream.send_spans(6)
-    sent = [_signal("acme", "warn", 36.0, 1)]
+    sent = [budget_signal("acme", "warn", 36.0, 1)]
     stream.send_signals(sent)
     with sink_thread(stream, chdb_dsn, retry_initial_s=0.1) as sink:
         stream.wait_consumed()
@@ -590,7 +362,7 @@ def test_a_commit_that_keeps_failing_gives_up_at_shutdown(
             attempts += 1
             raise RebalanceInProgressError("injected: the group is rebalancing")
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", CommitsFail)
+    monkeypatch.setattr(membership, "KafkaConsumer", CommitsFail)
     stream.send_spans(3)
     stream.producer.flush()
     with sink_thread(stream, chdb_dsn, retry_initial_s=0.1, shutdown_timeout_s=2.0) as sink:
@@ -637,7 +409,7 @@ def test_partitions_that_move_away_during_an_outage_are_read_again_when_they_com
         time.sleep(INSERT_ATTEMPT_S)
         return connect(dsn, **kwargs)
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", SlowToJoin)
+    monkeypatch.setattr(membership, "KafkaConsumer", SlowToJoin)
     monkeypatch.setattr(sink_module, "connect", slow_to_fail)
     with chdb_outage(chdb_dsn) as end_outage:
         stream.send_spans(12)
@@ -701,7 +473,7 @@ def test_a_member_kafka_python_leaves_rebalancing_is_asked_to_rejoin(
                 )
             return records
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", LeftRebalancing)
+    monkeypatch.setattr(membership, "KafkaConsumer", LeftRebalancing)
     stream.send_spans(6)
     with sink_thread(stream, chdb_dsn, rebalance_poll_s=1.0) as sink:
         stream.wait_consumed()
@@ -728,7 +500,7 @@ def test_a_consumer_stuck_outside_the_group_is_replaced(
         created.append((NeverJoins if not created else KafkaConsumer)(**options))
         return created[-1]
 
-    monkeypatch.setattr(sink_module, "KafkaConsumer", new_consumer)
+    monkeypatch.setattr(membership, "KafkaConsumer", new_consumer)
     stream.send_spans(6)
     # Long enough for the replacement to join even on a loaded machine, so it is not replaced too.
     with sink_thread(stream, chdb_dsn, rebalance_poll_s=1.0, stuck_rebalance_s=15.0) as sink:
