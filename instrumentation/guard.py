@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from burnguard.contracts.attributes import REFUSED_BUDGET
-from burnguard.contracts.budgets import KEY_SEPARATOR, BudgetConfig
+from burnguard.contracts.budget_rules import key_of_values
+from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
@@ -200,9 +201,9 @@ class BudgetGuard:
         found: list[Signal] = []
         with self._lock:
             for scope, by_key in self._by_scope.items():
-                parts = [values.get(dimension) for dimension in scope.split("+")]
-                if all(parts):
-                    found.extend(by_key.get(KEY_SEPARATOR.join(parts), ()))  # type: ignore[arg-type]
+                key = key_of_values(values, scope.split("+"))
+                if key is not None:
+                    found.extend(by_key.get(key, ()))
         return found
 
     def check(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Decision:
