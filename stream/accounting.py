@@ -33,6 +33,7 @@ from burnguard.contracts.budgets import Budget, BudgetConfig
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, SESSION_WINDOW, Window
+from burnguard.stream.records import DeltaRow
 
 _NS = 1_000_000_000
 _NS_PER_MINUTE = 60 * _NS
@@ -137,8 +138,8 @@ class UsageDelta:
         self.mix = [a + b for a, b in zip(mix, call_mix, strict=True)]
 
     def to_row(self) -> list[Any]:
-        """The delta inside a batch record; the source is the batch's, so it is not repeated."""
-        row = [
+        """The delta inside a batch record (a `DeltaRow` on the wire)."""
+        return DeltaRow(
             self.budget,
             self.key,
             self.window_start_ns,
@@ -147,20 +148,18 @@ class UsageDelta:
             self.first_event_ns,
             self.last_event_ns,
             self.bucket_ns,
-        ]
-        if self.mix is not None:
-            row.append(self.mix)
-        return row
+            self.mix,
+        ).to_wire()
 
     @classmethod
     def from_row(cls, row: list[Any], source_partition: int = -1, source_offset: int = -1) -> UsageDelta:
-        budget, key, window_start_ns, amount, spans, first, last, bucket_ns, *mix = row
+        budget, key, window_start_ns, amount, spans, first, last, bucket_ns, mix = DeltaRow.from_wire(row)
         source = (source_partition, source_offset)
-        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns, *mix[:1])
+        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns, mix)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageDelta:
-        """A single-delta record as written before batch records (still in the topic after an upgrade)."""
+        """A version 1 single-delta record (`stream/records.py`: when this can go)."""
         return cls(**data)
 
 
@@ -370,16 +369,41 @@ class WindowTotals:
 
     @classmethod
     def from_state(cls, state: list[Any] | WindowTotals | None) -> WindowTotals:
+        """From `to_state`, or from a state in an earlier layout (`STATE_LAYOUTS`): it lacks the rest."""
         if isinstance(state, WindowTotals):
             return state
         if not state:
             return cls()
-        spent, spans, first, last, *rest = state
-        applied = dict(rest[0]) if rest else {}
-        recent = Ring.from_state(RECENT_MINUTES, rest[1]) if len(rest) > 1 else Ring(RECENT_MINUTES)
-        buckets = Ring.from_state(ROLLING_BUCKETS + 1, rest[2]) if len(rest) > 2 and rest[2] else None
-        mix = list(rest[3]) if len(rest) > 3 and rest[3] else None
-        return cls(spent, spans, first, last, applied, recent, buckets, mix)
+        padded = [
+            *state[:STATE_FIELDS],
+            *[None] * (STATE_FIELDS - len(state)),
+        ]  # a newer layout's extras: ignored
+        spent, spans, first, last, applied, recent, buckets, mix = padded
+        return cls(
+            spent,
+            spans,
+            first,
+            last,
+            dict(applied) if applied else {},
+            Ring.from_state(RECENT_MINUTES, recent) if recent is not None else Ring(RECENT_MINUTES),
+            Ring.from_state(ROLLING_BUCKETS + 1, buckets) if buckets else None,
+            list(mix) if mix else None,
+        )
+
+
+#: The fields of a `WindowTotals.to_state` list, now.
+STATE_FIELDS = 8
+#: The layouts of the state by length, each with what the next one added. The table's changelog
+#: is compacted: a key's state keeps the layout it was written in until its key counts again, so
+#: the older layouts can go only once every changelog was rewritten (e.g. rebuilt from an empty
+#: topic) by a worker of the current layout.
+STATE_LAYOUTS = {
+    4: "spent, spans, first_event_ns, last_event_ns",
+    5: "+ applied (source offsets: exactly-once totals)",
+    6: "+ recent (the burn-rate ring)",
+    7: "+ buckets (rolling windows)",
+    8: "+ mix (the call mix, commit 73411b7)",
+}
 
 
 @dataclass

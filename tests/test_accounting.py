@@ -15,7 +15,8 @@ from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window
 from burnguard.stream.accounting import BatchStats, Ring, UsageDelta, WindowClock, WindowTotals, usage_deltas
-from burnguard.stream.app import BATCH_ROWS, BudgetJob, murmur2, usage_partition
+from burnguard.stream.app import BATCH_ROWS, BudgetJob
+from burnguard.stream.partitioner import murmur2, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 
