@@ -175,9 +175,11 @@ def attribution_of(attributes: Mapping[str, Any]) -> dict[str, str]:
     """The attribution plain attribute values carry (e.g. a resource's), by dimension."""
     found: dict[str, str] = {}
     for dimension, spellings in ATTRIBUTION_SPELLINGS.items():
-        value = first_value(attributes, spellings)
-        if value is not None and str(value):
-            found[dimension] = str(value)
+        for name in spellings:  # a value is text (a number too, as decoding reads it); empty: next
+            value = attributes.get(name)
+            if value is not None and (text := str(value)):
+                found[dimension] = text
+                break
     return found
 
 

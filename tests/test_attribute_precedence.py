@@ -8,11 +8,19 @@ property test gives all of them the same random mix of current, deprecated and f
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from burnguard.contracts import attributes as attr
+from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.otlp import decode_usage
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.instrumentation.attribution import current_attribution
 from burnguard.instrumentation.cost import _int
+from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
+from burnguard.instrumentation.runtime import reset_runtime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -21,6 +29,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import burnguard
+
+NOW = datetime.now(UTC)
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_tokens")
 
 
@@ -81,3 +92,55 @@ def test_own_attribution_wins_over_the_inherited() -> None:
         {"tenant": "acme", "user": ""}, {"tenant": "res", "user": "u", "feature": ""}
     )
     assert merged == {"tenant": "acme", "user": "u"}
+
+
+# --- the app's guard attributes calls by its resource, like the stream ---------------------------
+def test_the_guard_enforces_a_tenant_set_only_on_the_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`OTEL_RESOURCE_ATTRIBUTES=burnguard.tenant=acme` and no baggage: the stream counts the calls
+    under `acme`, so the guard denies them when `acme` is throttled; baggage still wins."""
+    for name in ("BURNGUARD_ENFORCE", "BURNGUARD_BUDGETS_FILE", "BURNGUARD_FAIL_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "burnguard.tenant=acme,enduser.id=u1")
+    guard = BudgetGuard(KafkaSettings(), Topics(), BudgetConfig(), clock=lambda: NOW)
+    monkeypatch.setattr(guard, "start", lambda wait_s=10.0: guard)  # fed by apply(): no Kafka
+    monkeypatch.setattr(guard, "stop", lambda timeout_s=10.0: None)
+    guard.apply(throttle("acme"))
+    exporter = InMemorySpanExporter()
+    reset_runtime()
+    runtime = burnguard.configure(
+        service_name="app",
+        exporter=exporter,
+        budgets=BudgetConfig(),
+        guard=guard,
+        batch=False,
+        set_global=False,
+    )
+    try:
+        assert current_attribution() == {"tenant": "acme", "user": "u1"}
+        with pytest.raises(BudgetExceeded):
+            burnguard.record_llm_call("gpt-4.1", "openai", 10, 5, enforce=True)
+        with burnguard.attribute(tenant="globex"):  # the baggage's tenant wins over the resource's
+            assert current_attribution() == {"tenant": "globex", "user": "u1"}
+            burnguard.record_llm_call("gpt-4.1", "openai", 10, 5, enforce=True)
+    finally:
+        runtime.shutdown()
+        reset_runtime()
+    assert current_attribution() == {}  # the runtime gone, its resource no longer applies
+    (call,) = [s for s in exporter.get_finished_spans() if s.attributes.get(attr.TENANT) == "globex"]
+    assert call.resource.attributes[attr.TENANT] == "acme"  # the stream would read globex from the span
+
+
+def throttle(tenant: str) -> Signal:
+    return Signal(
+        scope="tenant",
+        key=tenant,
+        budget="tenant-daily",
+        action="throttle",
+        spent=25.0,
+        limit=20.0,
+        ratio=1.25,
+        window_start=NOW - timedelta(hours=1),
+        window_end=NOW + timedelta(hours=1),
+        issued_at=NOW - timedelta(seconds=1),
+        expires_at=NOW + timedelta(minutes=2),
+    )
