@@ -182,7 +182,7 @@ class BudgetGuard:
 
     # --- deciding ------------------------------------------------------------------
     def _values(self, attribution: dict[str, str] | None, model: str | None) -> dict[str, str]:
-        """The call's value of each scope dimension: attribution (baggage by default), service, class."""
+        """The call's value of each scope dimension: attribution (`current_attribution()`), service, class."""
         if attribution is None:
             from burnguard.instrumentation.attribution import current_attribution
 
@@ -206,7 +206,7 @@ class BudgetGuard:
     def check(self, model: str | None = None, attribution: dict[str, str] | None = None) -> GuardVerdict:
         """Decide one call: by the signals, then by local accounting (nothing reserved).
 
-        `attribution` defaults to the current baggage attribution.
+        `attribution` defaults to `current_attribution()` (the baggage's, then the resource's).
         """
         now = self._clock()
         values = self._values(attribution, model)

@@ -8,7 +8,7 @@ estimate for the calls still in flight — and denies once the projection
 reaches the budget's throttle rung.
 
 What counts. A call counts toward a signal when its attribution has the
-signal's scope key (the rule `BudgetGuard.signals_for` applies). A call in
+signal's scope key (`contracts.budget_rules`, as the stream keys it). A call in
 flight counts with an estimate (the last call of the same model), settled to
 what it used when it ends: that is what holds back a burst of concurrent
 callers. A settled call counts when it ended after the signal's `issued_at`:
