@@ -7,7 +7,8 @@ Names follow the OpenTelemetry GenAI semantic conventions where they exist.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 # --- OpenTelemetry GenAI semantic conventions -------------------------------
 GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
@@ -135,3 +136,56 @@ CONTEXT_ESTIMATOR: Final = "burnguard.context.estimator"
 CONTEXT_LIMIT: Final = "burnguard.context.max_input_tokens"
 #: True when the estimate exceeded the limit and the budget only warns.
 CONTEXT_EXCEEDED: Final = "burnguard.context.exceeded"
+
+# --- precedence: which spelling of a field wins ------------------------------------------------
+#: For each field more than one attribute can carry, the attributes in precedence order: the first
+#: one with a value (not empty, not zero) wins, the current semantic conventions before deprecated
+#: and foreign spellings. Decoding in the stream and sink (`contracts.otlp`) and pricing in the app
+#: (`instrumentation.cost`) both read a span through this table.
+FIELD_SPELLINGS: Final[dict[str, tuple[str, ...]]] = {
+    "provider": (GEN_AI_PROVIDER_NAME, GEN_AI_SYSTEM),
+    "input_tokens": (GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_PROMPT_TOKENS),
+    "output_tokens": (GEN_AI_USAGE_OUTPUT_TOKENS, GEN_AI_USAGE_COMPLETION_TOKENS),
+    "cache_creation_tokens": (
+        GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
+        GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS,
+    ),
+}
+#: The same for the attribution dimensions: ours, then OpenLLMetry's, then the deprecated ones.
+ATTRIBUTION_SPELLINGS: Final[dict[str, tuple[str, ...]]] = {
+    dimension: (
+        canonical,
+        *(name for name, of in TRACELOOP_ATTRIBUTION.items() if of == dimension),
+        *(name for name, of in DEPRECATED_ATTRIBUTION.items() if of == dimension),
+    )
+    for dimension, canonical in ATTRIBUTION_KEYS.items()
+}
+
+
+def first_value(attributes: Mapping[str, Any], spellings: tuple[str, ...]) -> Any:
+    """The value of a field by the precedence of its `spellings`; None when none has a value."""
+    for name in spellings:
+        value = attributes.get(name)
+        if value:
+            return value
+    return None
+
+
+def attribution_of(attributes: Mapping[str, Any]) -> dict[str, str]:
+    """The attribution plain attribute values carry (e.g. a resource's), by dimension."""
+    found: dict[str, str] = {}
+    for dimension, spellings in ATTRIBUTION_SPELLINGS.items():
+        for name in spellings:  # a value is text (a number too, as decoding reads it); empty: next
+            value = attributes.get(name)
+            if value is not None and (text := str(value)):
+                found[dimension] = text
+                break
+    return found
+
+
+def inherit_attribution(own: Mapping[str, str], inherited: Mapping[str, str]) -> dict[str, str]:
+    """A call's attribution: its own values (span, baggage) win; `inherited` (its resource's) fills
+    the dimensions it left empty. The stream applies the same rule to decoded spans."""
+    merged = {dimension: value for dimension, value in inherited.items() if value}
+    merged.update((dimension, value) for dimension, value in own.items() if value)
+    return merged

@@ -9,7 +9,6 @@ both sides import this one module.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from collections.abc import Iterable
 from functools import cached_property
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from burnguard.contracts.budget_rules import KeyMatcher, compile_match, key_of_span, matched_key
+from burnguard.contracts.budget_rules import metric_value as metric_value  # its home before budget_rules
 from burnguard.contracts.model_base import StrictModel, check_id
 from burnguard.contracts.notify import NotifyConfig
 from burnguard.contracts.pricing import resolve_rates
@@ -31,8 +32,6 @@ Metric = Literal["cost_usd", "tokens", "input_tokens", "tool_calls", "calls"]
 ActionKind = Literal["warn", "downgrade", "throttle"]
 #: Signal actions ordered by severity; `ok` lifts every restriction.
 SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "downgrade": 2, "throttle": 3}
-#: Separator of the parts of a combined scope key: `tenant+feature` -> `acme/summarize`.
-KEY_SEPARATOR = "/"
 
 
 class Action(StrictModel):
@@ -120,18 +119,14 @@ class Budget(StrictModel):
     def window_spec(self) -> Window:
         return Window(self.window, self.timezone)
 
+    @cached_property
+    def matcher(self) -> KeyMatcher | None:
+        """The compiled `match` (None for `*`)."""
+        return compile_match(self.match)
+
     def key_for(self, usage: SpanUsage) -> str | None:
         """The key this span counts under for this budget, or None if it does not match."""
-        parts = []
-        for dimension in self.scope:
-            value = usage.dimension(dimension)
-            if not value:
-                return None
-            parts.append(value)
-        key = KEY_SEPARATOR.join(parts)
-        if self.match == "*" or self.match == key:
-            return key
-        return key if fnmatch.fnmatchcase(key, self.match) else None
+        return matched_key(key_of_span(usage, self.scope), self.matcher)
 
     @property
     def downgrade_class(self) -> str | None:
@@ -145,19 +140,6 @@ class Budget(StrictModel):
             if ratio >= action.at:
                 reached = action
         return reached
-
-
-def metric_value(metric: str, usage: SpanUsage) -> float:
-    """How much one span adds to a budget's metric."""
-    if metric == "cost_usd":
-        return usage.cost_usd or 0.0
-    if metric == "tokens":
-        return float(usage.total_tokens)
-    if metric == "input_tokens":
-        return float(usage.input_tokens)
-    if metric == "tool_calls":
-        return 1.0 if usage.is_tool_call else float(usage.tool_calls)
-    return 1.0 if usage.is_model_call else 0.0
 
 
 def _located(at: tuple[Any, ...], message: str) -> PydanticCustomError:

@@ -150,18 +150,21 @@ def _read(
     _SLOTS[attribute] = (_INDEX[field_name], read, len(_SLOTS) if if_empty else None)
 
 
+def _read_spellings(field_name: str, spellings: tuple[str, ...], read: Callable[[AnyValue], Any]) -> None:
+    """A field several attributes carry, in their precedence (`attributes.FIELD_SPELLINGS`)."""
+    canonical, *others = spellings
+    _read(canonical, field_name, read)
+    for other in others:
+        _read(other, field_name, read, if_empty=True)
+
+
 _read(attr.GEN_AI_OPERATION_NAME, "operation", _read_str)
-_read(attr.GEN_AI_PROVIDER_NAME, "provider", _read_str)
-_read(attr.GEN_AI_SYSTEM, "provider", _read_str, if_empty=True)
+_read_spellings("provider", attr.FIELD_SPELLINGS["provider"], _read_str)
 _read(attr.GEN_AI_REQUEST_MODEL, "request_model", _read_str)
 _read(attr.GEN_AI_RESPONSE_MODEL, "response_model", _read_str)
-_read(attr.GEN_AI_USAGE_INPUT_TOKENS, "input_tokens", _read_int)
-_read(attr.GEN_AI_USAGE_OUTPUT_TOKENS, "output_tokens", _read_int)
-_read(attr.GEN_AI_USAGE_PROMPT_TOKENS, "input_tokens", _read_int, if_empty=True)
-_read(attr.GEN_AI_USAGE_COMPLETION_TOKENS, "output_tokens", _read_int, if_empty=True)
+for _field in ("input_tokens", "output_tokens", "cache_creation_tokens"):
+    _read_spellings(_field, attr.FIELD_SPELLINGS[_field], _read_int)
 _read(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read_tokens", _read_int)
-_read(attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation_tokens", _read_int)
-_read(attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, "cache_creation_tokens", _read_int, if_empty=True)
 _read(attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens", _read_int)
 _read(attr.GEN_AI_TOOL_NAME, "tool_name", _read_str)
 _read(attr.GEN_AI_AGENT_NAME, "agent_name", _read_str)
@@ -178,12 +181,8 @@ _read(attr.STAKES, "stakes", _read_str)
 _read(attr.FALLBACK, "fallback", _as_bool)
 _read(attr.TOOL_CALLS, "tool_calls", _read_int)
 _read("llm.request.type", "operation", _read_str, if_empty=True)  # OpenLLMetry
-for _attribute, _dimension in attr.ATTRIBUTION_BY_ATTRIBUTE.items():
-    _read(_attribute, _dimension, _read_str)
-for _attribute, _dimension in attr.TRACELOOP_ATTRIBUTION.items():
-    _read(_attribute, _dimension, _read_str, if_empty=True)
-for _attribute, _dimension in attr.DEPRECATED_ATTRIBUTION.items():
-    _read(_attribute, _dimension, _read_str, if_empty=True)
+for _dimension, _spellings in attr.ATTRIBUTION_SPELLINGS.items():
+    _read_spellings(_dimension, _spellings, _read_str)
 #: The attribution spellings, also read from the resource (`resource_attribution`).
 _ATTRIBUTION_SLOTS = {key: slot for key, slot in _SLOTS.items() if _FIELDS[slot[0]] in attr.ATTRIBUTION_KEYS}
 

@@ -4,7 +4,7 @@ from burnguard.instrumentation.attribution import attribute, current_attribution
 from burnguard.instrumentation.calls import llm_call, record_llm_call, record_tool_call, tool_call
 from burnguard.instrumentation.decisions import CallDecision, CallRequest, decide_call
 from burnguard.instrumentation.escalation import escalate_on
-from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard, Decision
+from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard, GuardVerdict
 from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
 from burnguard.instrumentation.refusals import CallRefused, ContextBudgetExceeded, StepCapExceeded
 from burnguard.instrumentation.runtime import Runtime, Settings, ShutdownReport, configure, current_runtime
@@ -18,7 +18,7 @@ __all__ = [
     "CallRefused",
     "CallRequest",
     "ContextBudgetExceeded",
-    "Decision",
+    "GuardVerdict",
     "KafkaSpanExporter",
     "Runtime",
     "Settings",

@@ -5,19 +5,41 @@ tenant set at the edge of a request arrives on the spans of every service the
 request touches. `BaggageSpanProcessor` (opentelemetry-processor-baggage)
 copies the entries onto spans at start; the predicate keeps it to our keys so
 unrelated baggage never becomes span attributes.
+
+A deployment that serves one tenant may say so on its resource instead
+(`OTEL_RESOURCE_ATTRIBUTES=burnguard.tenant=...`); the stream counts such
+spans under that tenant, so the guard must decide for them likewise: the
+attribution of a call is the baggage's, then the runtime's resource's for the
+dimensions the baggage leaves empty (`attributes.inherit_attribution`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
-from burnguard.contracts.attributes import ATTRIBUTION_BY_ATTRIBUTE, ATTRIBUTION_KEYS, DEFAULT_STAKES, STAKES
+from burnguard.contracts.attributes import (
+    ATTRIBUTION_BY_ATTRIBUTE,
+    ATTRIBUTION_KEYS,
+    DEFAULT_STAKES,
+    STAKES,
+    attribution_of,
+    inherit_attribution,
+)
 from burnguard.contracts.routes import check_stakes
 from opentelemetry import baggage, context
 from opentelemetry.processor.baggage import BaggageSpanProcessor
 
 _ATTRIBUTION_BAGGAGE_KEYS = frozenset((*ATTRIBUTION_KEYS.values(), STAKES))
+#: The attribution the configured runtime's resource carries (set by `configure()`).
+_resource_attribution: dict[str, str] = {}
+
+
+def use_resource_attribution(resource_attributes: Mapping[str, Any] | None) -> None:
+    """Make the attribution of these resource attributes the fallback of every call (None: none)."""
+    global _resource_attribution
+    _resource_attribution = attribution_of(resource_attributes or {})
 
 
 def is_attribution_key(key: str) -> bool:
@@ -63,13 +85,14 @@ def attribute(
 
 
 def current_attribution() -> dict[str, str]:
-    """The attribution in the current context, by dimension name (tenant, user, ...)."""
+    """The attribution of a call made now, by dimension name (tenant, user, ...): the current
+    baggage's, the runtime's resource filling what it leaves empty."""
     found: dict[str, str] = {}
     for key, value in baggage.get_all().items():
         dimension = ATTRIBUTION_BY_ATTRIBUTE.get(key)
         if dimension is not None:
             found[dimension] = str(value)
-    return found
+    return inherit_attribution(found, _resource_attribution) if _resource_attribution else found
 
 
 @contextmanager

@@ -138,7 +138,7 @@ class LLMCall:
                 self._reservation.settle(self.cost_usd, self._attributes)
 
 
-def _decide(
+def _call_decision(
     runtime: Runtime | None,
     model: str,
     provider: str,
@@ -192,7 +192,7 @@ def start_llm_call(
     instrumentations record the same call, `dedupe` keeps it counted once.
     """
     runtime = current_runtime()
-    decision = _decide(runtime, model, provider, operation, prompt, routable) if enforce else None
+    decision = _call_decision(runtime, model, provider, operation, prompt, routable) if enforce else None
     if decision is not None:
         model = decision.model
     base: dict[str, Any] = {

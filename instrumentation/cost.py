@@ -21,37 +21,31 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 
-def _int(attributes: Mapping[str, Any], *names: str) -> int:
-    for name in names:
-        value = attributes.get(name)
-        if value is not None:
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return 0
-    return 0
+def _count(value: Any) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
 
 
-_CACHE_CREATION = (attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS)
+def _int(attributes: Mapping[str, Any], field: str) -> int:
+    """A token count by its spellings' precedence (`attributes.FIELD_SPELLINGS`), as decoding reads it."""
+    return _count(attr.first_value(attributes, attr.FIELD_SPELLINGS[field]))
 
 
 def cost_attributes(attributes: Mapping[str, Any], prices: PriceBook | None = None) -> dict[str, Any]:
     """The cost attributes for a GenAI span with these attributes: cost, or the unpriced mark."""
     model = attributes.get(attr.GEN_AI_RESPONSE_MODEL) or attributes.get(attr.GEN_AI_REQUEST_MODEL)
-    provider = attributes.get(attr.GEN_AI_PROVIDER_NAME) or attributes.get(attr.GEN_AI_SYSTEM) or ""
+    provider = attr.first_value(attributes, attr.FIELD_SPELLINGS["provider"]) or ""
     if not model:
         return {attr.UNPRICED: True}
     cost = (prices or default_price_book()).price(
         str(model),
         str(provider),
-        input_tokens=_int(attributes, attr.GEN_AI_USAGE_INPUT_TOKENS, attr.GEN_AI_USAGE_PROMPT_TOKENS),
-        output_tokens=_int(attributes, attr.GEN_AI_USAGE_OUTPUT_TOKENS, attr.GEN_AI_USAGE_COMPLETION_TOKENS),
-        cache_read_tokens=_int(attributes, attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS),
-        cache_creation_tokens=_int(
-            attributes,
-            attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
-            attr.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS,
-        ),
+        input_tokens=_int(attributes, "input_tokens"),
+        output_tokens=_int(attributes, "output_tokens"),
+        cache_read_tokens=_count(attributes.get(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS)),
+        cache_creation_tokens=_int(attributes, "cache_creation_tokens"),
     )
     if cost is None:
         return {attr.UNPRICED: True}

@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from burnguard.contracts.attributes import REFUSED_BUDGET
-from burnguard.contracts.budgets import KEY_SEPARATOR, BudgetConfig
+from burnguard.contracts.budget_rules import key_of_values
+from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
@@ -67,8 +68,12 @@ class BudgetExceeded(CallRefused):
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do with one call: `allow`, `downgrade` (use `model`) or `deny`."""
+class GuardVerdict:
+    """The guard's answer for one call: `allow`, `downgrade` (use `model`) or `deny`, and the signal why.
+
+    Budget pressure only; the whole decision on a call (routing, context budget, step cap, this)
+    is `decisions.CallDecision`.
+    """
 
     action: Literal["allow", "downgrade", "deny"]
     model: str | None = None
@@ -79,7 +84,7 @@ class Decision:
         return self.action != "deny"
 
 
-ALLOW = Decision("allow")
+ALLOW = GuardVerdict("allow")
 
 
 @dataclass
@@ -177,7 +182,7 @@ class BudgetGuard:
 
     # --- deciding ------------------------------------------------------------------
     def _values(self, attribution: dict[str, str] | None, model: str | None) -> dict[str, str]:
-        """The call's value of each scope dimension: attribution (baggage by default), service, class."""
+        """The call's value of each scope dimension: attribution (`current_attribution()`), service, class."""
         if attribution is None:
             from burnguard.instrumentation.attribution import current_attribution
 
@@ -189,30 +194,23 @@ class BudgetGuard:
             values["model_class"] = model_class
         return values
 
-    def signals_for(self, attribution: dict[str, str], model_class: str = "") -> list[Signal]:
-        """Every current non-ok signal whose scope and key match this call."""
-        values = self._values(attribution, None)
-        if model_class:
-            values["model_class"] = model_class
-        return self._signals_matching(values)
-
     def _signals_matching(self, values: dict[str, str]) -> list[Signal]:
         found: list[Signal] = []
         with self._lock:
             for scope, by_key in self._by_scope.items():
-                parts = [values.get(dimension) for dimension in scope.split("+")]
-                if all(parts):
-                    found.extend(by_key.get(KEY_SEPARATOR.join(parts), ()))  # type: ignore[arg-type]
+                key = key_of_values(values, scope.split("+"))
+                if key is not None:
+                    found.extend(by_key.get(key, ()))
         return found
 
-    def check(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Decision:
+    def check(self, model: str | None = None, attribution: dict[str, str] | None = None) -> GuardVerdict:
         """Decide one call: by the signals, then by local accounting (nothing reserved).
 
-        `attribution` defaults to the current baggage attribution.
+        `attribution` defaults to `current_attribution()` (the baggage's, then the resource's).
         """
         now = self._clock()
         values = self._values(attribution, model)
-        decision = self._decide_by_signals(values, model, now)
+        decision = self._verdict_by_signals(values, model, now)
         if decision.action == "deny":
             return decision
         final = decision.model or model
@@ -221,12 +219,14 @@ class BudgetGuard:
         tally = self._ledger.exceeded(values, self._seconds())
         return decision if tally is None else self._deny_locally(tally)
 
-    def check_signals(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Decision:
+    def check_signals(
+        self, model: str | None = None, attribution: dict[str, str] | None = None
+    ) -> GuardVerdict:
         """Decide one call by the signals alone; `reserve` then applies local accounting.
 
         The call path uses the two steps so local accounting scans the call's keys once.
         """
-        return self._decide_by_signals(self._values(attribution, model), model, self._clock())
+        return self._verdict_by_signals(self._values(attribution, model), model, self._clock())
 
     def reserve(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Reservation:
         """Hold the expected use of a call about to be made with `model`; `settle()` it when it ends.
@@ -243,19 +243,7 @@ class BudgetGuard:
             raise BudgetExceeded(denial.signal)
         return admitted
 
-    def admit(self, model: str | None = None, attribution: dict[str, str] | None = None) -> Reservation:
-        """`enforce` and `reserve` in one: the reservation's `model` is the model to call with."""
-        if attribution is None:
-            from burnguard.instrumentation.attribution import current_attribution
-
-            attribution = current_attribution()
-        decision = self._decide_by_signals(self._values(attribution, model), model, self._clock())
-        if decision.action == "deny":
-            assert decision.signal is not None
-            raise BudgetExceeded(decision.signal)
-        return self.reserve(decision.model or model, attribution)
-
-    def _deny_locally(self, tally: Tally) -> Decision:
+    def _deny_locally(self, tally: Tally) -> GuardVerdict:
         """A deny by local accounting; its signal is the tally's, with the estimated spend."""
         self.stats.denied += 1
         self.stats.local_denied += 1
@@ -268,9 +256,9 @@ class BudgetGuard:
                 "reason": f"estimated locally since the signal of {tally.signal.issued_at.isoformat()}",
             }
         )
-        return Decision("deny", signal=signal)
+        return GuardVerdict("deny", signal=signal)
 
-    def _decide_by_signals(self, values: dict[str, str], model: str | None, now: datetime) -> Decision:
+    def _verdict_by_signals(self, values: dict[str, str], model: str | None, now: datetime) -> GuardVerdict:
         worst: Signal | None = None
         for signal in self._signals_matching(values):
             if now >= signal.window_end:
@@ -285,7 +273,7 @@ class BudgetGuard:
                 model, signal
             ) > self._downgrade_steps(model, worst):
                 worst = signal  # of two downgrades, the deeper one honours both
-        return self._decide(worst, model)
+        return self._verdict_for(worst, model)
 
     def _downgrade_steps(self, model: str | None, signal: Signal) -> int:
         """How many ladder steps below `model` this downgrade signal sends the call (0: none)."""
@@ -296,17 +284,17 @@ class BudgetGuard:
             steps += 1
         return steps
 
-    def _decide(self, signal: Signal | None, model: str | None) -> Decision:
+    def _verdict_for(self, signal: Signal | None, model: str | None) -> GuardVerdict:
         if signal is None or signal.action in ("ok", "warn"):
             return ALLOW
         if signal.action == "throttle":
             self.stats.denied += 1
-            return Decision("deny", signal=signal)
+            return GuardVerdict("deny", signal=signal)
         cheaper = self.config.downgrade_model(model, signal.downgrade_to) if model else None
         if cheaper is None:
-            return Decision("allow", model=model, signal=signal)
+            return GuardVerdict("allow", model=model, signal=signal)
         self.stats.downgraded += 1
-        return Decision("downgrade", model=cheaper, signal=signal)
+        return GuardVerdict("downgrade", model=cheaper, signal=signal)
 
     def enforce(self, model: str | None = None, attribution: dict[str, str] | None = None) -> str | None:
         """The model to call with, or raise `BudgetExceeded` before the call is made."""

@@ -8,7 +8,7 @@ estimate for the calls still in flight — and denies once the projection
 reaches the budget's throttle rung.
 
 What counts. A call counts toward a signal when its attribution has the
-signal's scope key (the rule `BudgetGuard.signals_for` applies). A call in
+signal's scope key (`contracts.budget_rules`, as the stream keys it). A call in
 flight counts with an estimate (the last call of the same model), settled to
 what it used when it ends: that is what holds back a burst of concurrent
 callers. A settled call counts when it ended after the signal's `issued_at`:
@@ -40,7 +40,6 @@ the check before any of them reserved.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import threading
 from collections import deque
@@ -49,14 +48,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from burnguard.contracts import attributes as attr
-from burnguard.contracts.budgets import KEY_SEPARATOR, Budget, BudgetConfig
+from burnguard.contracts.budget_rules import (
+    METRIC_INDEX,
+    Amounts,
+    KeyMatcher,
+    amounts,
+    compile_match,
+    key_of_values,
+    matched_key,
+)
+from burnguard.contracts.budgets import Budget, BudgetConfig
 from burnguard.contracts.signals import Signal
 
-#: The budget metrics, in the order of a call's usage vector (see `usage_vector`).
-METRICS: tuple[str, ...] = ("cost_usd", "tokens", "input_tokens", "tool_calls", "calls")
-METRIC_INDEX: dict[str, int] = {metric: index for index, metric in enumerate(METRICS)}
-#: One model call's usage in every metric at once, so any tally can take its own.
-Usage = tuple[float, float, float, float, float]
+#: One model call's usage in every metric at once (`METRICS` order), so any tally can take its own.
+Usage = Amounts
 #: Before the first call of any model ends, a call is estimated as one call and nothing else.
 FIRST_ESTIMATE: Usage = (0.0, 0.0, 0.0, 0.0, 1.0)
 #: A share below this is treated as this: protects against a burn rate far above this process's view.
@@ -67,11 +72,15 @@ RECENT_S = 60.0
 
 
 def usage_vector(cost_usd: float | None, attributes: Mapping[str, Any]) -> Usage:
-    """A finished model call's usage in every metric (`contracts.budgets.metric_value` semantics)."""
-    input_tokens = float(attributes.get(attr.GEN_AI_USAGE_INPUT_TOKENS) or 0)
-    output_tokens = float(attributes.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS) or 0)
-    tool_calls = float(attributes.get(attr.TOOL_CALLS) or 0)
-    return (cost_usd or 0.0, input_tokens + output_tokens, input_tokens, tool_calls, 1.0)
+    """A finished model call's usage in every metric: the stream's rule (`budget_rules.amounts`)."""
+    return amounts(
+        cost_usd,
+        float(attributes.get(attr.GEN_AI_USAGE_INPUT_TOKENS) or 0),
+        float(attributes.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS) or 0),
+        float(attributes.get(attr.TOOL_CALLS) or 0),
+        tool_call=False,
+        model_call=True,
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -138,18 +147,15 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class _BudgetKeying:
-    """How one configured budget keys a call: its id, scope dimensions, match and metric."""
+    """How one configured budget keys a call: its id, scope dimensions, compiled match and metric."""
 
     budget: str
     dimensions: tuple[str, ...]
-    match: str
+    matcher: KeyMatcher | None
     metric: int
 
     def key(self, values: Mapping[str, str]) -> str | None:
-        key = _key(values, self.dimensions)
-        if key is None or self.match in ("*", key) or fnmatch.fnmatchcase(key, self.match):
-            return key
-        return None
+        return matched_key(key_of_values(values, self.dimensions), self.matcher)
 
 
 class LocalLedger:
@@ -164,7 +170,8 @@ class LocalLedger:
         self._estimates: dict[str, Usage] = {}
         self._last_estimate = FIRST_ESTIMATE
         self._keyings = [
-            _BudgetKeying(b.id, b.scope, b.match, METRIC_INDEX[b.metric]) for b in config.budgets
+            _BudgetKeying(b.id, b.scope, compile_match(b.match), METRIC_INDEX[b.metric])
+            for b in config.budgets
         ]
         self._throttle_at = {b.id: _throttle_at(b) for b in config.budgets}
         self._recent: dict[tuple[str, str], OwnUse] = {}
@@ -182,11 +189,21 @@ class LocalLedger:
             tally = self._tally(signal, metric, now_s)
             dimensions = tuple(signal.scope.split("+"))
             for reservation in self._in_flight:
-                if _key(reservation.values, dimensions) == signal.key:
+                if key_of_values(reservation.values, dimensions) == signal.key:
                     tally.reserved += reservation.estimate[metric]
                     reservation.tallies.append(tally)
             self._tallies[signal.kafka_key] = tally
             self._by_scope.setdefault(dimensions, {}).setdefault(signal.key, []).append(tally)
+
+    def use_since(self, budget: str, key: str, since_s: float) -> float:
+        """This process's settled use of a configured budget's key since `since_s` (last minute only).
+
+        What a new signal's tally starts from; the stream would have counted the same calls
+        under the same key and metric (`contracts.budget_rules`).
+        """
+        with self._lock:
+            recent = self._recent.get((budget, key))
+            return recent.since(since_s) if recent is not None else 0.0
 
     def _tally(self, signal: Signal, metric: int, now_s: float) -> Tally:
         throttle_at = self._throttle_at.get(signal.budget, 1.0)
@@ -230,10 +247,10 @@ class LocalLedger:
             reservation = Reservation(self, model, values, estimate, now_s, live)
             for tally in live:
                 tally.reserved += estimate[tally.metric]
+            if now_s >= self._next_sweep_s:  # before tracking: the sweep forgets keys not yet used
+                self._sweep(now_s)
             self._track_recent(reservation)
             self._in_flight.add(reservation)
-            if now_s >= self._next_sweep_s:
-                self._sweep(now_s)
             return reservation
 
     def exceeded(self, values: Mapping[str, str], now_s: float) -> Tally | None:
@@ -278,7 +295,7 @@ class LocalLedger:
         """Tallies of this call's keys whose signal is neither stale nor of an ended window."""
         found: list[Tally] = []
         for dimensions, by_key in self._by_scope.items():
-            key = values.get(dimensions[0]) if len(dimensions) == 1 else _key(values, dimensions)
+            key = values.get(dimensions[0]) if len(dimensions) == 1 else key_of_values(values, dimensions)
             if key:
                 for tally in by_key.get(key, ()):
                     if now_s < tally.expires_s and now_s < tally.window_end_s:
@@ -324,11 +341,3 @@ def _share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> fl
     if own <= 0 or per_minute <= 0:
         return 1.0
     return min(1.0, max(MIN_SHARE, own / per_minute))
-
-
-def _key(values: Mapping[str, str], dimensions: tuple[str, ...]) -> str | None:
-    """The scope key of a call for these dimensions, or None when it lacks one of them."""
-    if len(dimensions) == 1:
-        return values.get(dimensions[0]) or None
-    parts = [values.get(dimension) for dimension in dimensions]
-    return KEY_SEPARATOR.join(parts) if all(parts) else None  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from types import FrameType
 from burnguard.contracts.budgets import BudgetConfig, load_budget_file
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings, Topics
-from burnguard.instrumentation.attribution import attribution_span_processor
+from burnguard.instrumentation.attribution import attribution_span_processor, use_resource_attribution
 from burnguard.instrumentation.cost import CostSpanProcessor
 from burnguard.instrumentation.dedupe import ensure_marker
 from burnguard.instrumentation.guard import BudgetGuard, FailMode
@@ -232,6 +232,7 @@ def configure(
     if set_global and owns_provider:
         trace.set_tracer_provider(provider)
     _runtime = Runtime(settings, provider, budgets, prices, cost_processor, exporter, guard, owns_provider)
+    use_resource_attribution(provider.resource.attributes)  # the calls' attribution, as the stream reads it
     _live.add(_runtime)
     if not owns_provider:
         _joined[provider] = _runtime
@@ -317,3 +318,4 @@ def reset_runtime() -> None:
     """Forget the configured runtime (after `shutdown()`), so tests can configure anew."""
     global _runtime
     _runtime = None
+    use_resource_attribution(None)

@@ -42,7 +42,6 @@ views marked `exact` read `genai_spans FINAL` instead (see `schema`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -602,7 +601,3 @@ def run(client: Client, view: View | str, filters: Filters) -> list[dict[str, An
     parameters = {name: value for name, value in filters.parameters().items() if "{" + name + ":" in sql}
     result = client.query(sql, parameters=parameters or None)
     return list(result.named_results())
-
-
-def run_all(client: Client, filters: Filters, views: Sequence[View] | None = None) -> dict[str, list[dict]]:
-    return {view.name: run(client, view, filters) for view in (views or ALL_VIEWS.values())}

@@ -6,25 +6,34 @@ inside the batch before anything is sent keeps the second stage's event rate
 proportional to the number of active budget keys, not to the span rate.
 
 Everything here runs once per span or once per delta, so the budget set is
-compiled once per configuration (`_Matcher`) and calendar window bounds are
+compiled once per configuration (`_BudgetSet`, with the rules of
+`contracts.budget_rules`) and calendar window bounds are
 cached (`WindowClock`): the hot path is attribute reads and integer compares.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from operator import attrgetter
 from typing import Any
 
-from burnguard.contracts.budgets import KEY_SEPARATOR, Budget, BudgetConfig, metric_value
+from burnguard.contracts.budget_rules import (
+    METRIC_INDEX,
+    NOTHING,
+    KeyMatcher,
+    compile_match,
+    scope_reader,
+    span_amounts,
+    span_keys,
+)
+from burnguard.contracts.budgets import Budget, BudgetConfig
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, SESSION_WINDOW, Window
+from burnguard.stream.records import DeltaRow
 
 _NS = 1_000_000_000
 _NS_PER_MINUTE = 60 * _NS
@@ -129,8 +138,8 @@ class UsageDelta:
         self.mix = [a + b for a, b in zip(mix, call_mix, strict=True)]
 
     def to_row(self) -> list[Any]:
-        """The delta inside a batch record; the source is the batch's, so it is not repeated."""
-        row = [
+        """The delta inside a batch record (a `DeltaRow` on the wire)."""
+        return DeltaRow(
             self.budget,
             self.key,
             self.window_start_ns,
@@ -139,20 +148,18 @@ class UsageDelta:
             self.first_event_ns,
             self.last_event_ns,
             self.bucket_ns,
-        ]
-        if self.mix is not None:
-            row.append(self.mix)
-        return row
+            self.mix,
+        ).to_wire()
 
     @classmethod
     def from_row(cls, row: list[Any], source_partition: int = -1, source_offset: int = -1) -> UsageDelta:
-        budget, key, window_start_ns, amount, spans, first, last, bucket_ns, *mix = row
+        budget, key, window_start_ns, amount, spans, first, last, bucket_ns, mix = DeltaRow.from_wire(row)
         source = (source_partition, source_offset)
-        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns, *mix[:1])
+        return cls(budget, key, window_start_ns, amount, spans, first, last, *source, bucket_ns, mix)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageDelta:
-        """A single-delta record as written before batch records (still in the topic after an upgrade)."""
+        """A version 1 single-delta record (`stream/records.py`: when this can go)."""
         return cls(**data)
 
 
@@ -362,16 +369,41 @@ class WindowTotals:
 
     @classmethod
     def from_state(cls, state: list[Any] | WindowTotals | None) -> WindowTotals:
+        """From `to_state`, or from a state in an earlier layout (`STATE_LAYOUTS`): it lacks the rest."""
         if isinstance(state, WindowTotals):
             return state
         if not state:
             return cls()
-        spent, spans, first, last, *rest = state
-        applied = dict(rest[0]) if rest else {}
-        recent = Ring.from_state(RECENT_MINUTES, rest[1]) if len(rest) > 1 else Ring(RECENT_MINUTES)
-        buckets = Ring.from_state(ROLLING_BUCKETS + 1, rest[2]) if len(rest) > 2 and rest[2] else None
-        mix = list(rest[3]) if len(rest) > 3 and rest[3] else None
-        return cls(spent, spans, first, last, applied, recent, buckets, mix)
+        padded = [
+            *state[:STATE_FIELDS],
+            *[None] * (STATE_FIELDS - len(state)),
+        ]  # a newer layout's extras: ignored
+        spent, spans, first, last, applied, recent, buckets, mix = padded
+        return cls(
+            spent,
+            spans,
+            first,
+            last,
+            dict(applied) if applied else {},
+            Ring.from_state(RECENT_MINUTES, recent) if recent is not None else Ring(RECENT_MINUTES),
+            Ring.from_state(ROLLING_BUCKETS + 1, buckets) if buckets else None,
+            list(mix) if mix else None,
+        )
+
+
+#: The fields of a `WindowTotals.to_state` list, now.
+STATE_FIELDS = 8
+#: The layouts of the state by length, each with what the next one added. The table's changelog
+#: is compacted: a key's state keeps the layout it was written in until its key counts again, so
+#: the older layouts can go only once every changelog was rewritten (e.g. rebuilt from an empty
+#: topic) by a worker of the current layout.
+STATE_LAYOUTS = {
+    4: "spent, spans, first_event_ns, last_event_ns",
+    5: "+ applied (source offsets: exactly-once totals)",
+    6: "+ recent (the burn-rate ring)",
+    7: "+ buckets (rolling windows)",
+    8: "+ mix (the call mix, commit 73411b7)",
+}
 
 
 @dataclass
@@ -386,49 +418,17 @@ def fill_model_class(usage: SpanUsage, config: BudgetConfig) -> None:
         usage.model_class = config.model_class(usage.model)
 
 
-#: The metrics of `metric_value` in the order of the per-span amounts `_amounts` returns.
-_METRICS = ("cost_usd", "tokens", "input_tokens", "tool_calls", "calls")
-
-
-def _amounts(usage: SpanUsage) -> tuple[float, ...]:
-    """What one span adds to each metric (`_METRICS` order): once a span, not once per budget."""
-    return tuple(metric_value(metric, usage) for metric in _METRICS)
-
-
-_NOTHING = (0.0,) * len(_METRICS)  # a refused call used nothing
-
-
-class _Matcher:
-    """One budget's glob, with its verdict remembered per key."""
-
-    __slots__ = ("_matches", "pattern")
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
-        self._matches: dict[str, bool] = {}
-
-    def matches(self, key: str) -> bool:
-        if key == self.pattern:
-            return True
-        matches = self._matches.get(key)
-        if matches is None:
-            if len(self._matches) > 100_000:
-                self._matches.clear()
-            matches = self._matches[key] = fnmatch.fnmatchcase(key, self.pattern)
-        return matches
-
-
 #: One budget in the per-span loop, a tuple to unpack in one step: (budget id, index of its scope's
 #: key, index of its window's start, index of its metric's amount, its glob or None, bucket_ns,
 #: whether it counts model calls and so reports their call mix, the budget).
-_Entry = tuple[str, int, int, int, "_Matcher | None", int, bool, Budget]
+_Entry = tuple[str, int, int, int, "KeyMatcher | None", int, bool, Budget]
 
 
 def _entry(budget: Budget, scope: int, window: int) -> _Entry:
-    matcher = None if budget.match == "*" else _Matcher(budget.match)
+    matcher = compile_match(budget.match)
     bucket_ns = window_lengths(budget.window_spec)[1]
     calls = budget.metric != "tool_calls"
-    return (budget.id, scope, window, _METRICS.index(budget.metric), matcher, bucket_ns, calls, budget)
+    return (budget.id, scope, window, METRIC_INDEX[budget.metric], matcher, bucket_ns, calls, budget)
 
 
 class _BudgetSet:
@@ -456,22 +456,11 @@ class _BudgetSet:
             for calls in (False, True)
             for tools in (False, True)
         }
-        self.scopes = [(attrgetter(*scope), len(scope) == 2) for scope in scopes]
+        self.scopes = [scope_reader(scope) for scope in scopes]
         clocks = [(index, WindowClock(window)) for window, index in windows.items()]
         #: calendar windows only: rolling and session windows start at 0
         self.clocks = [(index, clock) for index, clock in clocks if not clock.fixed]
         self.fixed_starts = [0] * len(windows)
-
-    def keys(self, usage: SpanUsage) -> list[str | None]:
-        """The span's key under each scope; None where a dimension of the scope is empty."""
-        keys: list[str | None] = []
-        for getter, combined in self.scopes:
-            if combined:
-                first, second = getter(usage)
-                keys.append(f"{first}{KEY_SEPARATOR}{second}" if first and second else None)
-            else:
-                keys.append(getter(usage) or None)
-        return keys
 
     def starts(self, event_ns: int) -> list[int]:
         """The start of the window that holds `event_ns`, per window."""
@@ -522,8 +511,8 @@ def usage_deltas(
         if not (model_call or tool_call or refused):
             continue
         event_ns = usage.end_ns or usage.start_ns
-        keys, starts = budgets.keys(usage), budgets.starts(event_ns)
-        amounts = _NOTHING if refused else _amounts(usage)
+        keys, starts = span_keys(budgets.scopes, usage), budgets.starts(event_ns)
+        amounts = NOTHING if refused else span_amounts(usage)
         calls = model_call or refused
         unusual = None if not calls or (mix := call_mix(usage)) == _PLAIN_CALL else mix
         entries = budgets.for_kind[(calls, tool_call)]

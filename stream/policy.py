@@ -67,7 +67,7 @@ def projected_exhaustion(
     return now + timedelta(hours=hours)
 
 
-def decide(
+def signal_for_window(
     budget: Budget,
     key: str,
     window_start_ns: int,
@@ -135,7 +135,7 @@ def changed_signal(
     previous_action = previous["action"] if previous else "ok"
     if not refresh and decide_action(budget, window_start_ns, totals, now) == previous_action:
         return None
-    signal = decide(budget, key, window_start_ns, totals, now, ttl)
+    signal = signal_for_window(budget, key, window_start_ns, totals, now, ttl)
     if signal.action == previous_action and not (refresh and signal.action != "ok"):
         return None
     return signal
@@ -167,7 +167,9 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
     rung = budget.action_for(ratio) if now < end else None
     action = rung.do if rung is not None else "ok"
     if _may_predict(budget, ratio, action) and now < end:
-        return decide(budget, "", window_start_ns, totals, now, timedelta(0)).action  # needs the burn rate
+        return signal_for_window(
+            budget, "", window_start_ns, totals, now, timedelta(0)
+        ).action  # needs the burn rate
     return action
 
 

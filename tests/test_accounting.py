@@ -15,7 +15,8 @@ from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window
 from burnguard.stream.accounting import BatchStats, Ring, UsageDelta, WindowClock, WindowTotals, usage_deltas
-from burnguard.stream.app import BATCH_ROWS, BudgetJob, murmur2, usage_partition
+from burnguard.stream.app import BATCH_ROWS, BudgetJob
+from burnguard.stream.partitioner import murmur2, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 
@@ -463,14 +464,14 @@ def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetCon
 
 
 def test_the_signal_reason_reports_the_call_mix(config: BudgetConfig) -> None:
-    from burnguard.stream.policy import decide
+    from burnguard.stream.policy import signal_for_window
 
     budget = config.budget("tenant-cost")
     assert budget is not None
     (delta,) = [d for d in usage_deltas(routed_batch(), config, PriceBook()) if d.budget == "tenant-cost"]
     totals = WindowTotals()
     totals.apply(delta)
-    signal = decide(
+    signal = signal_for_window(
         budget, "acme", delta.window_start_ns, totals, T0 + timedelta(hours=1), timedelta(minutes=2)
     )
     assert "4 calls, 50.0% fell back to cheaper models, escalations cost $0.0040, 1 refused" in signal.reason

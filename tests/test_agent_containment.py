@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from burnguard.contracts.budgets import Budget, parse_budget_yaml
 from burnguard.stream.app import BudgetJob, _as_bytes
+from burnguard.stream.records import DeltaRow
 from burnguard.stream.settings import StreamSettings
 
 from tests.factories import budgets_yaml, tenant_cost
@@ -75,7 +76,7 @@ def test_a_record_that_is_not_an_object_is_refused_with_a_clear_error(job: Budge
 @pytest.mark.parametrize("amount", [math.nan, math.inf, -1.0])
 def test_a_non_finite_or_negative_amount_never_reaches_the_totals(job: BudgetJob, amount: float) -> None:
     row = ["tenant-cost", "acme", 0, amount, 1, 1, 1, 0]
-    assert job._apply(row, (0, 1), datetime.now(UTC)) is None
+    assert job._apply(DeltaRow.from_wire(row), (0, 1), datetime.now(UTC)) is None
     assert job.agent_errors == 1
     assert not job.totals.data.get("tenant-cost|acme|0")
 

@@ -18,7 +18,7 @@ from burnguard.contracts.otlp import MalformedSpans, decode_spans
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.span_checks import DEFAULT_LIMITS, correct_clock, span_problem
 from burnguard.stream.accounting import BatchStats, WindowTotals, usage_deltas
-from burnguard.stream.policy import decide
+from burnguard.stream.policy import signal_for_window
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -111,7 +111,9 @@ def account(payload: bytes) -> None:
         assert math.isfinite(totals.spent) and totals.spent >= 0
         budget = CONFIG.budget(delta.budget)
         assert budget is not None
-        signal = decide(budget, delta.key, delta.window_start_ns, totals, NOW, timedelta(seconds=60))
+        signal = signal_for_window(
+            budget, delta.key, delta.window_start_ns, totals, NOW, timedelta(seconds=60)
+        )
         assert signal.spent >= 0 and math.isfinite(signal.ratio) and math.isfinite(signal.burn_rate_per_hour)
 
 

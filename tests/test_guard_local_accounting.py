@@ -12,7 +12,7 @@ from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
-from burnguard.instrumentation.local_accounting import MAX_IN_FLIGHT_S
+from burnguard.instrumentation.local_accounting import MAX_IN_FLIGHT_S, Reservation
 
 from tests import factories
 from tests.factories import LADDER_YAML
@@ -240,11 +240,18 @@ def test_a_downgraded_call_counts_under_its_new_model_class() -> None:
     guard.apply(make_signal("downgrade", spent=17.0, limit=20.0, downgrade_to="standard", budget="td"))
     guard.apply(make_signal(spent=9.5, limit=10.0, scope="model_class", key="standard", budget="std"))
     assert guard.check("gpt-4.1", ACME).model == "gpt-4.1-mini"
-    call = guard.admit("gpt-4.1", ACME)  # downgraded to gpt-4.1-mini, counted on `standard`
+    call = admit(guard, "gpt-4.1", ACME)  # downgraded to gpt-4.1-mini, counted on `standard`
     assert call.model == "gpt-4.1-mini"
     with pytest.raises(BudgetExceeded) as caught:
-        guard.admit("gpt-4.1", ACME)
+        admit(guard, "gpt-4.1", ACME)
     assert caught.value.budget == "std"
+
+
+def admit(guard: BudgetGuard, model: str, attribution: dict[str, str]) -> Reservation:
+    """The guard's two steps as `decide_call` takes them: the signals decide, local accounting reserves."""
+    verdict = guard.check_signals(model, attribution)
+    assert verdict.action != "deny"
+    return guard.reserve(verdict.model or model, attribution)
 
 
 def test_a_budget_that_never_throttles_is_never_denied_locally() -> None:

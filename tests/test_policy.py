@@ -10,9 +10,9 @@ from burnguard.stream.accounting import UsageDelta
 from burnguard.stream.policy import (
     WindowTotals,
     burn_rate_per_hour,
-    decide,
     decide_action,
     projected_exhaustion,
+    signal_for_window,
 )
 
 NS = 1_000_000_000
@@ -67,7 +67,7 @@ def totals(spent: float, first: datetime = NOW - timedelta(hours=2), last: datet
     ],
 )
 def test_action_at_each_ratio(spent: float, action: str, downgrade_to: str | None) -> None:
-    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(spent), NOW, TTL)
+    signal = signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(spent), NOW, TTL)
     assert signal.action == action
     assert signal.downgrade_to == downgrade_to
     assert signal.ratio == pytest.approx(spent / 50)
@@ -77,7 +77,7 @@ def test_action_at_each_ratio(spent: float, action: str, downgrade_to: str | Non
 
 def test_signal_identity_and_timing() -> None:
     budget = ladder_budget(scope=["tenant", "feature"], metric="tokens")
-    signal = decide(budget, "acme/summarize", ns(DAY_START), totals(10), NOW, TTL)
+    signal = signal_for_window(budget, "acme/summarize", ns(DAY_START), totals(10), NOW, TTL)
     assert (signal.scope, signal.key, signal.budget) == ("tenant+feature", "acme/summarize", "tenant-daily")
     assert signal.metric == "tokens"
     assert signal.kafka_key == "tenant+feature:acme/summarize@tenant-daily"
@@ -88,7 +88,7 @@ def test_signal_identity_and_timing() -> None:
 
 def test_downgrade_without_a_target_class_is_one_step() -> None:
     budget = ladder_budget(actions=[{"at": 0.5, "do": "downgrade"}])
-    signal = decide(budget, "acme", ns(DAY_START), totals(30), NOW, TTL)
+    signal = signal_for_window(budget, "acme", ns(DAY_START), totals(30), NOW, TTL)
     assert signal.action == "downgrade"
     assert signal.downgrade_to is None
 
@@ -96,7 +96,7 @@ def test_downgrade_without_a_target_class_is_one_step() -> None:
 def test_window_bounds_in_the_budget_time_zone() -> None:
     budget = ladder_budget(timezone="America/New_York")
     start_ns = budget.window_spec.start_ns(ns(datetime(2025, 3, 9, 12, tzinfo=UTC)))
-    signal = decide(budget, "acme", start_ns, totals(1), datetime(2025, 3, 9, 12, tzinfo=UTC), TTL)
+    signal = signal_for_window(budget, "acme", start_ns, totals(1), datetime(2025, 3, 9, 12, tzinfo=UTC), TTL)
     assert signal.window_start == datetime(2025, 3, 9, 5, tzinfo=UTC)
     assert signal.window_end == datetime(2025, 3, 10, 4, tzinfo=UTC)
 
@@ -114,10 +114,10 @@ def test_a_rolling_window_counts_the_last_hour_whenever_you_look() -> None:
     # 30 USD at 08:30, 15 USD at 09:10: at 09:20 the last hour holds 45 USD; at 09:45 only 15.
     budget, state = rolling([(NOW - timedelta(minutes=90), 30.0), (NOW - timedelta(minutes=50), 15.0)])
     earlier = NOW - timedelta(minutes=40)
-    signal = decide(budget, "acme", 0, state, earlier, TTL)
+    signal = signal_for_window(budget, "acme", 0, state, earlier, TTL)
     assert signal.spent == pytest.approx(45.0) and signal.action == "downgrade"
     now = NOW - timedelta(minutes=15)
-    signal = decide(budget, "acme", 0, state, now, TTL)
+    signal = signal_for_window(budget, "acme", 0, state, now, TTL)
     assert signal.spent == pytest.approx(15.0) and signal.action == "ok"
     assert signal.window_start == now - timedelta(hours=1)
 
@@ -126,10 +126,10 @@ def test_a_rolling_throttle_says_when_enough_spend_has_rolled_out() -> None:
     # 30 USD at 09:00 and 25 USD at 09:20 (55 of 50: throttled). The 09:00 bucket leaves at 10:01,
     # leaving 25 USD (50%): below every rung, so the reset is 10:01.
     budget, state = rolling([(NOW - timedelta(minutes=60), 30.0), (NOW - timedelta(minutes=40), 25.0)])
-    signal = decide(budget, "acme", 0, state, NOW - timedelta(minutes=30), TTL)
+    signal = signal_for_window(budget, "acme", 0, state, NOW - timedelta(minutes=30), TTL)
     assert signal.action == "throttle"
     assert signal.window_end == NOW + timedelta(minutes=1)
-    assert decide(budget, "acme", 0, state, NOW + timedelta(minutes=1), TTL).action == "ok"
+    assert signal_for_window(budget, "acme", 0, state, NOW + timedelta(minutes=1), TTL).action == "ok"
 
 
 def test_rolling_buckets_beyond_the_window_are_dropped() -> None:
@@ -140,7 +140,7 @@ def test_rolling_buckets_beyond_the_window_are_dropped() -> None:
 
 def test_burn_rate_and_projected_exhaustion() -> None:
     # 20 USD spent over 2 hours: 10 USD/h; 30 USD left at 10 USD/h -> exhausted in 3 hours.
-    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(20), NOW, TTL)
+    signal = signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(20), NOW, TTL)
     assert signal.burn_rate_per_hour == pytest.approx(10.0)
     assert signal.projected_exhaustion == NOW + timedelta(hours=3)
 
@@ -170,23 +170,23 @@ def test_a_steep_burn_downgrades_before_the_fixed_threshold_when_asked_to() -> N
         at = NOW - timedelta(minutes=minute, seconds=30)
         window.apply(UsageDelta("b", "acme", 0, 2.25, 1, ns(at), ns(at)))
     assert window.spent == pytest.approx(20.0)
-    plain = decide(ladder_budget(), "acme", ns(DAY_START), window, NOW, TTL)
+    plain = signal_for_window(ladder_budget(), "acme", ns(DAY_START), window, NOW, TTL)
     assert plain.action == "ok" and plain.projected_exhaustion is not None
     predictive = ladder_budget(forecast={"downgrade": True, "min_ratio": 0.25})
-    signal = decide(predictive, "acme", ns(DAY_START), window, NOW, TTL)
+    signal = signal_for_window(predictive, "acme", ns(DAY_START), window, NOW, TTL)
     assert signal.action == "downgrade"
     assert signal.downgrade_to == "standard"
     assert "predictive" in signal.reason
     assert signal.projected_exhaustion < NOW + timedelta(hours=1)
     # The same spend at a slow pace is projected after the day ends: no downgrade.
-    slow = decide(
+    slow = signal_for_window(
         predictive, "acme", ns(DAY_START), totals(20, first=DAY_START + timedelta(minutes=1)), NOW, TTL
     )
     assert slow.action == "ok" and slow.projected_exhaustion is None
 
 
 def test_no_projection_without_spend() -> None:
-    signal = decide(ladder_budget(), "acme", ns(DAY_START), WindowTotals(), NOW, TTL)
+    signal = signal_for_window(ladder_budget(), "acme", ns(DAY_START), WindowTotals(), NOW, TTL)
     assert signal.action == "ok"
     assert signal.burn_rate_per_hour == 0.0
     assert signal.projected_exhaustion is None
@@ -194,7 +194,7 @@ def test_no_projection_without_spend() -> None:
 
 def test_projection_past_the_window_end_is_dropped() -> None:
     # 1 USD over 2 hours: 49 USD left at 0.5 USD/h is 98 hours away, after the day ends.
-    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(1), NOW, TTL)
+    signal = signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(1), NOW, TTL)
     assert signal.burn_rate_per_hour == pytest.approx(0.5)
     assert signal.projected_exhaustion is None
     budget = ladder_budget()
@@ -202,7 +202,7 @@ def test_projection_past_the_window_end_is_dropped() -> None:
 
 
 def test_exhausted_budget_projects_now() -> None:
-    signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(60), NOW, TTL)
+    signal = signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(60), NOW, TTL)
     assert signal.projected_exhaustion == NOW
     assert projected_exhaustion(ladder_budget(), 50.0, 0.0, NOW) == NOW
 
@@ -210,21 +210,24 @@ def test_exhausted_budget_projects_now() -> None:
 def test_ok_after_the_window_end() -> None:
     after = DAY_END + timedelta(seconds=1)
     for spent in (40, 45, 50, 500):
-        signal = decide(ladder_budget(), "acme", ns(DAY_START), totals(spent), after, TTL)
+        signal = signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(spent), after, TTL)
         assert signal.action == "ok", spent
         assert signal.downgrade_to is None
         assert signal.window_end == DAY_END
         assert signal.projected_exhaustion is None
     # Exactly at the end the window is over ([start, end) windows).
-    assert decide(ladder_budget(), "acme", ns(DAY_START), totals(500), DAY_END, TTL).action == "ok"
+    assert signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(500), DAY_END, TTL).action == "ok"
     # One microsecond before it is not.
     just_before = DAY_END - timedelta(microseconds=1)
-    assert decide(ladder_budget(), "acme", ns(DAY_START), totals(500), just_before, TTL).action == "throttle"
+    assert (
+        signal_for_window(ladder_budget(), "acme", ns(DAY_START), totals(500), just_before, TTL).action
+        == "throttle"
+    )
 
 
 def test_session_window() -> None:
     budget = ladder_budget(id="session-cap", scope="session", window="session", metric="tool_calls", limit=20)
-    signal = decide(budget, "sess-1", budget.window_spec.start_ns(ns(NOW)), totals(20), NOW, TTL)
+    signal = signal_for_window(budget, "sess-1", budget.window_spec.start_ns(ns(NOW)), totals(20), NOW, TTL)
     assert signal.action == "throttle"
     assert signal.window_end.year == 9999
 
@@ -270,7 +273,7 @@ def test_the_cheap_action_is_the_signals_action(budget: Budget) -> None:
             at = NOW - timedelta(minutes=minute * 7, seconds=30)
             window.apply(UsageDelta("b", "acme", 0, spent / 10, 1, ns(at), ns(at), bucket_ns=bucket_ns))
         for now in (NOW, NOW + timedelta(minutes=20), NOW + timedelta(hours=1), NOW + timedelta(days=8)):
-            expected = decide(budget, "acme", start_ns, window, now, TTL).action
+            expected = signal_for_window(budget, "acme", start_ns, window, now, TTL).action
             assert decide_action(budget, start_ns, window, now) == expected, (spent, now)
             checked.add(expected)
     assert {"ok", "warn", "throttle"} <= checked

@@ -1,0 +1,65 @@
+"""The usage topic's records (`stream/records.py`): named fields, the wire format as it always was."""
+
+from __future__ import annotations
+
+import json
+
+from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, WindowTotals
+from burnguard.stream.records import (
+    RECORD_VERSION,
+    RECORD_VERSION_SINGLE,
+    BatchRecord,
+    DeltaRow,
+    keys_record,
+    record_version,
+    removal_rows,
+    tick_rows,
+)
+
+ROW = ["tenant-cost", "acme", 0, 1.5, 2, 10, 20, 0]
+
+
+def test_a_delta_row_is_the_same_json_list_with_or_without_its_mix() -> None:
+    assert DeltaRow.from_wire(ROW).to_wire() == ROW  # no mix: 8 fields, as before the mix existed
+    assert DeltaRow.from_wire(ROW).mix is None
+    mixed = [*ROW, [2.0, 0.0, 0.0, 0.0]]
+    row = DeltaRow.from_wire(json.loads(json.dumps(mixed)))
+    assert (row.budget, row.key, row.amount, row.mix) == ("tenant-cost", "acme", 1.5, [2.0, 0.0, 0.0, 0.0])
+    assert row.to_wire() == mixed
+
+
+def test_a_batch_record_keeps_its_keys_on_the_wire() -> None:
+    batch = BatchRecord(3, 77, [ROW], [["long-context", "s1", [10, 20]]])
+    wire = json.loads(json.dumps(batch.to_wire()))
+    assert wire == {
+        "kind": "batch",
+        "source_partition": 3,
+        "source_offset": 77,
+        "deltas": [ROW],
+        "contexts": [["long-context", "s1", [10, 20]]],
+    }
+    assert BatchRecord.from_wire(wire) == batch and batch.source == (3, 77)
+
+
+def test_ticks_and_removals_read_by_name() -> None:
+    ticks = json.loads(json.dumps(keys_record("ticks", [["b", "k"]])))
+    assert [(t.budget, t.key) for t in tick_rows(ticks)] == [("b", "k")]
+    removals = keys_record("removals", [["b", "k", "tenant"]])
+    assert [r.scope for r in removal_rows(removals)] == ["tenant"]
+
+
+def test_single_key_records_are_version_1() -> None:
+    assert record_version({"kind": "batch"}) == record_version({"kind": "ticks"}) == RECORD_VERSION
+    assert record_version({"budget": "b", "key": "k", "tick": True}) == RECORD_VERSION_SINGLE
+    assert record_version({"kind": "context", "guard": "g"}) == RECORD_VERSION_SINGLE
+
+
+def test_window_totals_in_every_earlier_layout_read_back() -> None:
+    current = WindowTotals(2.0, 3, 5, 9, {"0": 4}, mix=[3.0, 1.0, 0.0, 0.0])
+    state = json.loads(json.dumps(current.to_state()))
+    assert len(state) == STATE_FIELDS == max(STATE_LAYOUTS)
+    for fields in sorted(STATE_LAYOUTS):
+        totals = WindowTotals.from_state(state[:fields])
+        assert (totals.spent, totals.spans, totals.first_event_ns, totals.last_event_ns) == (2.0, 3, 5, 9)
+        assert totals.applied == ({"0": 4} if fields >= 5 else {})
+        assert totals.mix == (current.mix if fields >= 8 else None)
