@@ -13,8 +13,10 @@ from typing import Any
 
 from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 
-PRINCIPALS = ("app", "worker", "sink", "admin")
+PRINCIPALS = ("app", "worker", "sink", "notify", "admin")
 """SASL user names of the components; each is the principal ``User:<name>``."""
+#: The consumer group `burnguard notify` uses unless told otherwise (`--group`).
+NOTIFY_GROUP = "burnguard-notify"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +34,10 @@ def _topic(principal: str, operation: str, *names: str) -> list[Grant]:
     return [Grant(principal, "topic", name, operation) for name in names]
 
 
-def acl_set(topics: Topics, stream_app_id: str, sink_group: str) -> list[Grant]:
-    """Least-privilege ACLs for the four principals (READ/WRITE imply DESCRIBE).
+def acl_set(
+    topics: Topics, stream_app_id: str, sink_group: str, notify_group: str = NOTIFY_GROUP
+) -> list[Grant]:
+    """Least-privilege ACLs for the five principals (READ/WRITE imply DESCRIBE).
 
     The worker creates the topics it writes and, as a Faust app, owns every topic
     whose name starts with its app id (table changelogs, the assignor's leader
@@ -41,6 +45,7 @@ def acl_set(topics: Topics, stream_app_id: str, sink_group: str) -> list[Grant]:
     budgets topic is refused, since that grant would cover them.
     """
     worker_writes = (topics.signals, topics.usage, topics.budget_usage, topics.deadletter)
+    notify_writes = (topics.notify_state, topics.notify_deadletter)
     for name in (topics.spans, topics.budgets):
         if name.startswith(stream_app_id):
             raise ValueError(
@@ -60,6 +65,11 @@ def acl_set(topics: Topics, stream_app_id: str, sink_group: str) -> list[Grant]:
         # The sink also follows price overrides on the budgets topic.
         *_topic("sink", "READ", topics.spans, topics.signals, topics.budgets),
         Grant("sink", "group", sink_group, "READ"),
+        # `burnguard notify` reads the verdicts and keeps its own delivery state and dead letters.
+        *_topic("notify", "READ", topics.signals, topics.notify_state),
+        *_topic("notify", "WRITE", *notify_writes),
+        *_topic("notify", "CREATE", *notify_writes),
+        Grant("notify", "group", notify_group, "READ"),
         *_topic("admin", "READ", topics.budgets),
         *_topic("admin", "WRITE", topics.budgets),
         Grant("admin", "cluster", "kafka-cluster", "CREATE"),

@@ -25,6 +25,8 @@ class Topics:
     deadletter: str = "burnguard.deadletter"
     usage: str = "burnguard.usage"  # internal: usage deltas repartitioned by budget key
     budget_usage: str = "burnguard.budget_usage"  # compacted: running totals per budget window
+    notify_state: str = "burnguard.notify.state"  # compacted: the last action `burnguard notify` sent per key
+    notify_deadletter: str = "burnguard.notify.deadletter"  # notifications a destination refused
 
     @classmethod
     def from_env(cls) -> Topics:

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from burnguard.contracts.acls import NOTIFY_GROUP
 from burnguard.contracts.compacted_topics import read_compacted_topic
 from burnguard.contracts.notify import NotifyConfig
 from burnguard.contracts.signals import Signal
@@ -50,7 +51,7 @@ from kafka.structs import OffsetAndMetadata
 
 log = logging.getLogger("burnguard.notify")
 
-DEFAULT_GROUP = "burnguard-notify"
+DEFAULT_GROUP = NOTIFY_GROUP
 ERROR_HEADER = "burnguard.error"
 STATUS_HEADER = "burnguard.http_status"
 DESTINATION_HEADER = "burnguard.destination"
@@ -61,8 +62,8 @@ class NotifySettings:
     """Where the notifier keeps its state and dead letters, and how patiently it retries."""
 
     group: str = DEFAULT_GROUP
-    state_topic: str = "burnguard.notify.state"
-    deadletter_topic: str = "burnguard.notify.deadletter"
+    state_topic: str = Topics().notify_state
+    deadletter_topic: str = Topics().notify_deadletter
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     http_timeout_s: float = 10.0
@@ -72,9 +73,10 @@ class NotifySettings:
     def from_env(cls, **overrides: object) -> NotifySettings:
         env = os.environ
         defaults = cls()
+        topics = Topics.from_env()
         values = {
-            "state_topic": env.get("BURNGUARD_TOPIC_NOTIFY_STATE", defaults.state_topic),
-            "deadletter_topic": env.get("BURNGUARD_TOPIC_NOTIFY_DEADLETTER", defaults.deadletter_topic),
+            "state_topic": topics.notify_state,
+            "deadletter_topic": topics.notify_deadletter,
             "backoff_s": float(env.get("BURNGUARD_NOTIFY_BACKOFF_S", defaults.backoff_s)),
             "max_backoff_s": float(env.get("BURNGUARD_NOTIFY_MAX_BACKOFF_S", defaults.max_backoff_s)),
         }

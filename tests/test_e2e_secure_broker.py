@@ -219,6 +219,25 @@ def test_app_may_not_write_signals_or_budgets(
             consumer.close()
 
 
+def test_notify_may_keep_its_state_but_not_write_signals(
+    secure_pipeline: Pipeline, secure_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe, broker = secure_pipeline, secure_broker
+    for topic in (pipe.topics.signals, pipe.topics.notify_state):
+        broker.create_topic(topic, compact=True)
+    broker.create_topic(pipe.topics.notify_deadletter)
+    notify = settings_of(broker, "notify", monkeypatch)
+    producer = KafkaProducer(**notify.kafka_python_config(), max_block_ms=10_000)
+    try:
+        for topic in (pipe.topics.notify_state, pipe.topics.notify_deadletter):  # what notify may do
+            producer.send(topic, key=b"burnguard-notify|tenant:acme@daily", value=b"{}").get(timeout=15)
+        for topic in (pipe.topics.signals, pipe.topics.budgets, pipe.topics.spans):
+            with pytest.raises(TopicAuthorizationFailedError):
+                producer.send(topic, key=b"acme", value=b'{"action": "ok"}').get(timeout=15)
+    finally:
+        producer.close()
+
+
 def test_wrong_password_fails_fast_with_a_clear_error(
     secure_pipeline: Pipeline, secure_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,7 +304,8 @@ def test_dev_up_secure_starts_a_locked_stack(tmp_path: Path, monkeypatch: pytest
         stack = json.loads((state_dir / "stack.json").read_text())
         assert stack["secure"] is True
         passwords = [path.read_text().strip() for path in (state_dir / "secrets").glob("*.password")]
-        assert len(passwords) == 5  # app, worker, sink, admin and the broker
+        password_count = len(passwords)  # not the list: a failing assert would print the secrets
+        assert password_count == len(PRINCIPALS) + 1  # each principal and the broker
         passwords.append((state_dir / "kafka" / "tls" / "keystore.password").read_text().strip())
         broker = KafkaBroker.from_state(state_dir / "kafka")
         assert broker is not None and broker.pid is not None
@@ -334,6 +354,7 @@ def test_acl_set_gives_each_control_topic_one_writer() -> None:
     assert writers(topics.signals) == {"worker"}
     assert writers(topics.budgets) == {"admin"}
     assert writers(topics.spans) == {"app"}
+    assert writers(topics.notify_state) == writers(topics.notify_deadletter) == {"notify"}
     assert [(g.principal, g.operation) for g in grants if g.resource == "cluster"] == [("admin", "CREATE")]
     with pytest.raises(ValueError, match=r"prefix of topic 'burnguard\.budgets'"):
         acl_set(topics, "burnguard.", "burnguard-sink")

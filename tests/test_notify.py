@@ -109,17 +109,14 @@ class Notify:
         self.pipeline = pipeline
         self.budgets = pipeline.root / "notify.yaml"
         self.budgets.write_text(budgets)
-        suffix = pipeline.topics.signals.rsplit(".", 1)[-1]
         self.env = {
             **pipeline.env,
-            "BURNGUARD_TOPIC_NOTIFY_STATE": f"burnguard.notify.state.{suffix}",
-            "BURNGUARD_TOPIC_NOTIFY_DEADLETTER": f"burnguard.notify.deadletter.{suffix}",
             "BURNGUARD_NOTIFY_BACKOFF_S": "0.2",
             "BURNGUARD_NOTIFY_MAX_BACKOFF_S": "1",
             "HOOK_SECRET": SECRET,
             **env,
         }
-        self.group = f"notify-{suffix}"
+        self.group = "notify-" + pipeline.topics.signals.rsplit(".", 1)[-1]
         pipeline.broker.create_topic(pipeline.topics.signals, partitions=2, compact=True)
         self.producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
 

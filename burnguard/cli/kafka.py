@@ -10,7 +10,7 @@ from kafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
-from burnguard.contracts.acls import Grant, acl_set, apply_acls
+from burnguard.contracts.acls import NOTIFY_GROUP, Grant, acl_set, apply_acls
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 kafka_app = typer.Typer(help="Kafka security: the principals' ACLs.", no_args_is_help=True)
@@ -50,6 +50,9 @@ def acls(
     sink_group: Annotated[
         str | None, typer.Option(help="The sink's consumer group (BURNGUARD_SINK_GROUP).")
     ] = None,
+    notify_group: Annotated[str, typer.Option(help="`burnguard notify`'s consumer group (--group).")] = (
+        NOTIFY_GROUP
+    ),
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: env).")] = None,
 ) -> None:
     """Print the ACL set for the topics in BURNGUARD_TOPIC_*; with --apply, create it.
@@ -58,7 +61,10 @@ def acls(
     allowed to alter the cluster's ACLs (a super user); ACLs already there are kept.
     """
     grants = acl_set(
-        Topics.from_env(), stream_app_id or _default_app_id(), sink_group or _default_sink_group()
+        Topics.from_env(),
+        stream_app_id or _default_app_id(),
+        sink_group or _default_sink_group(),
+        notify_group,
     )
     console.print(grants_table(grants))
     if not apply:

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from burnguard.cli.budgets import _load_or_exit
+from burnguard.contracts.acls import NOTIFY_GROUP
 
 errors = Console(stderr=True)
 
@@ -27,7 +28,7 @@ def notify(
         str | None, typer.Option(help="Kafka bootstrap servers (default: environment).")
     ] = None,
     group: Annotated[str, typer.Option(help="Consumer group; each group delivers every change once.")] = (
-        "burnguard-notify"
+        NOTIFY_GROUP
     ),
     from_beginning: Annotated[
         bool, typer.Option(help="On a group's first start, announce the states that already exist too.")
