@@ -16,7 +16,7 @@ import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.span_checks import CLOCK_CORRECTED
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from burnguard.cli.devstack import wait_until_consumed
@@ -29,18 +29,7 @@ COST = 0.25
 
 
 def usage_windows(pipeline: Pipeline) -> dict[str, BudgetUsage]:
-    consumer = KafkaConsumer(
-        pipeline.topics.budget_usage,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        return {
-            record.key.decode(): BudgetUsage.from_json(record.value) for record in consumer if record.value
-        }
-    finally:
-        consumer.close()
+    return dict(pipeline.usage_snapshots())
 
 
 def test_the_spans_topic_is_stamped_by_the_broker(pipeline: Pipeline) -> None:

@@ -131,20 +131,7 @@ def run_app(openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: s
 
 
 def latest_usage(pipeline: Pipeline) -> dict[tuple[str, str], BudgetUsage]:
-    consumer = KafkaConsumer(
-        pipeline.topics.budget_usage,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        latest = {}
-        for record in consumer:
-            usage = BudgetUsage.from_json(record.value)
-            latest[(usage.budget, usage.key)] = usage
-        return latest
-    finally:
-        consumer.close()
+    return {(usage.budget, usage.key): usage for _, usage in pipeline.usage_snapshots()}
 
 
 def spans_on_topic(pipeline: Pipeline) -> list[tuple[dict, dict]]:

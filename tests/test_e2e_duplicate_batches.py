@@ -10,9 +10,8 @@ import time
 
 import pytest
 from burnguard.contracts import attributes as attr
-from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.stream.duplicates import RecentBatches, digest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import budgets_yaml, tenant_cost
@@ -24,21 +23,8 @@ COST = 0.125
 
 
 def spent(pipeline: Pipeline, tenant: str) -> float | None:
-    consumer = KafkaConsumer(
-        pipeline.topics.budget_usage,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        found = None
-        for record in consumer:
-            usage = BudgetUsage.from_json(record.value)
-            if usage.key == tenant:
-                found = usage.spent
-        return found
-    finally:
-        consumer.close()
+    spends = [usage.spent for _, usage in pipeline.usage_snapshots() if usage.key == tenant]
+    return spends[-1] if spends else None
 
 
 def wait_for_spent(pipeline: Pipeline, tenant: str, expected: float, timeout_s: float = 60) -> float | None:

@@ -19,7 +19,7 @@ from collections import Counter
 
 import pytest
 from burnguard.contracts.snapshots import BudgetUsage
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from tests.factories import budget, budgets_yaml, tenant_tokens
 from tests.fixtures.pipeline import Pipeline
@@ -69,20 +69,7 @@ class SpanSource:
 
 
 def latest_usage(pipeline: Pipeline) -> dict[str, BudgetUsage]:
-    consumer = KafkaConsumer(
-        pipeline.topics.budget_usage,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        latest: dict[str, BudgetUsage] = {}
-        for record in consumer:
-            usage = BudgetUsage.from_json(record.value)
-            latest[f"{usage.budget}:{usage.key}"] = usage
-        return latest
-    finally:
-        consumer.close()
+    return {f"{usage.budget}:{usage.key}": usage for _, usage in pipeline.usage_snapshots()}
 
 
 def expected_totals(source: SpanSource) -> dict[str, float]:

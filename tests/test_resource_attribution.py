@@ -17,9 +17,8 @@ import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.otlp import decode_usage, resource_attribution
 from burnguard.contracts.otlp_view import TraceRequestView
-from burnguard.contracts.snapshots import BudgetUsage
 from google.protobuf.json_format import MessageToDict
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -133,20 +132,7 @@ BUDGETS = budgets_yaml(tenant_tokens())
 
 def budget_spent(pipeline: Pipeline) -> dict[str, float]:
     """The latest snapshot of each tenant's day on the budget usage topic."""
-    consumer = KafkaConsumer(
-        pipeline.topics.budget_usage,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        latest = {}
-        for record in consumer:
-            usage = BudgetUsage.from_json(record.value)
-            latest[usage.key] = usage.spent
-        return latest
-    finally:
-        consumer.close()
+    return {usage.key: usage.spent for _, usage in pipeline.usage_snapshots()}
 
 
 @pytest.mark.slow

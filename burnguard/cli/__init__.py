@@ -91,8 +91,9 @@ def dev_up(
     console.print(f"[green]up[/]: Kafka at {state['bootstrap']}, ClickHouse at {state['clickhouse_dsn']}")
     if secure:
         console.print(
-            f"SASL_SSL with ACLs; each principal's settings are in {stack.secrets_dir}/<app|sink|notify|admin>.env"
-            f" (0600): `set -a; . {stack.secrets_dir}/app.env; set +a` before starting an app"
+            "SASL_SSL with ACLs; each principal's settings are in"
+            f" {stack.secrets_dir}/<app|sink|notify|admin>.env (0600):"
+            f" `set -a; . {stack.secrets_dir}/app.env; set +a` before starting an app"
         )
     console.print(f"logs in {stack.log_dir}; stop with `burnguard dev down --state-dir {state_dir}`")
 
