@@ -46,7 +46,7 @@ demo: system-deps-demo venv kafka-jars
 test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: venv
 	$(BIN)/ruff check .
