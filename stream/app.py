@@ -630,7 +630,9 @@ class BudgetJob:
             return
         state_key = f"{guard.id}|{key}"
         growth = ContextGrowth.from_state(self.contexts.data.get(state_key))
-        clock_ns = max(self._partition_clock(self.changes.partition), int(_now().timestamp() * _NS))
+        # Context rows carry no event time: the session is stamped with this worker's latest clock.
+        wall_ns = int(_now().timestamp() * _NS)
+        clock_ns = max(self._partition_clock(self.changes.partition), wall_ns, self._latest_event_ns)
         if not growth.observe(inputs, *source, clock_ns):
             self.replayed_deltas += 1
             return
