@@ -600,14 +600,19 @@ class ContextGrowth:
     streak: int = 0  # consecutive calls whose input grew
     calls: int = 0
     applied: dict[str, int] = field(default_factory=dict)
+    #: The stream's clock when the session was last observed, so an idle session can be forgotten.
+    seen_ns: int = 0
 
-    def observe(self, inputs: list[int], source_partition: int, source_offset: int) -> bool:
+    def observe(
+        self, inputs: list[int], source_partition: int, source_offset: int, clock_ns: int = 0
+    ) -> bool:
         """Add a batch of observations unless it is a replay; True if added."""
         if source_partition >= 0:
             source = str(source_partition)
             if source_offset <= self.applied.get(source, -1):
                 return False
             self.applied[source] = source_offset
+        self.seen_ns = max(self.seen_ns, clock_ns)
         for tokens in inputs:
             self.streak = self.streak + 1 if self.calls and tokens > self.last_input else 0
             self.last_input = tokens
@@ -615,11 +620,12 @@ class ContextGrowth:
         return True
 
     def to_state(self) -> list[Any]:
-        return [self.last_input, self.streak, self.calls, self.applied]
+        return [self.last_input, self.streak, self.calls, self.applied, self.seen_ns]
 
     @classmethod
     def from_state(cls, state: list[Any] | None) -> ContextGrowth:
+        """From `to_state`, or from the four fields written before `seen_ns` (seen at 0: idle)."""
         if not state:
             return cls()
-        last_input, streak, calls, applied = state
-        return cls(last_input, streak, calls, dict(applied))
+        last_input, streak, calls, applied, *rest = state
+        return cls(last_input, streak, calls, dict(applied), int(rest[0]) if rest else 0)

@@ -21,7 +21,9 @@ Two stages, joined by the internal `burnguard.usage` topic:
 
 A timer re-publishes restrictive signals before they expire and notices
 windows that rolled over; it sends a `tick` through the usage topic, because
-table state may only change inside the partition's own stream.
+table state may only change inside the partition's own stream. Another sends
+each partition a `sweep` the same way, so it forgets closed windows, idle
+sessions and emptied rolling keys (`stream/eviction.py`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ from burnguard.stream.accounting import (
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
+from burnguard.stream.eviction import (
+    Lifetimes,
+    horizon_key,
+    is_window_key,
+    last_event_ns,
+    split_window_key,
+)
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.partitioner import key_partition, usage_partition
 from burnguard.stream.policy import changed_signal, decide_context, window_at
@@ -64,11 +73,13 @@ from burnguard.stream.records import (
     BATCH,
     RECORD_VERSION_SINGLE,
     REMOVALS,
+    SWEEP,
     TICKS,
     BatchRecord,
     ContextRow,
     DeltaRow,
     RemovalRow,
+    SweepRecord,
     TickRow,
     keys_record,
     record_version,
@@ -207,6 +218,13 @@ class BudgetJob:
         self._unsnapshotted: dict[str, None] = {}
         self._budgets = {budget.id: budget for budget in config.budgets}
         self._snapshot_everything = True  # after a (re)start the in-memory set above is empty
+        self.lifetimes = Lifetimes.of(settings.allowed_lateness, settings.session_idle)
+        #: the latest trusted event time stage 1 decoded: a sweep's clock when ahead of the wall's
+        self._latest_event_ns = 0
+        #: entries forgotten by sweeps, per table; deltas refused because their window was forgotten
+        self.evicted: dict[str, int] = {}
+        self.late_after_eviction = 0
+        self._sizes_logged: dict[str, int] = {}
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             settings.app_id,
@@ -250,13 +268,24 @@ class BudgetJob:
         self.deadletter_topic = app.topic(topics.deadletter, **raw)
 
     def _declare_tables(self) -> None:
-        partitions = self.settings.partitions
-        #: `budget|key|window_start_ns` -> `WindowTotals.to_state()`
-        self.totals = self.app.Table("window-totals", default=None, partitions=partitions)
+        settings = self.settings
+        table = {
+            "default": None,
+            "partitions": settings.partitions,
+            # applied when Faust creates a changelog topic; an existing topic keeps its configs
+            "extra_topic_configs": {
+                "segment.ms": str(int(settings.changelog_segment.total_seconds() * 1000)),
+                "delete.retention.ms": str(
+                    int(settings.changelog_tombstone_retention.total_seconds() * 1000)
+                ),
+            },
+        }
+        #: `budget|key|window_start_ns` -> `WindowTotals.to_state()`; `~evicted-through|p` -> clock
+        self.totals = self.app.Table("window-totals", **table)
         #: `guard|session` -> `ContextGrowth.to_state()`: prompt growth per session
-        self.contexts = self.app.Table("context-growth", default=None, partitions=partitions)
+        self.contexts = self.app.Table("context-growth", **table)
         #: `budget|key` (or `guard|session`) -> {"action": ..., "window_start_ns": ...}: last published
-        self.states = self.app.Table("signal-states", default=None, partitions=partitions)
+        self.states = self.app.Table("signal-states", **table)
 
     def _declare_agents(self) -> None:
         self.app.agent(self.spans_topic, name="ingest")(self._ingest)
@@ -264,6 +293,7 @@ class BudgetJob:
         self.app.timer(self.settings.refresh_interval.total_seconds(), name="refresh")(self._refresh)
         self.app.timer(self.settings.snapshot_interval.total_seconds(), name="snapshot")(self._snapshot)
         self.app.timer(1.0, name="reload-budgets")(self._reload_budgets)
+        self.app.timer(self.settings.evict_interval.total_seconds(), name="evict")(self._sweep)
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
@@ -299,6 +329,7 @@ class BudgetJob:
             await self._reject(event, rejected)
         usages = decoded.usages
         self._trust_clock(event, decoded, first_reading)
+        self._latest_event_ns = max(self._latest_event_ns, *(u.end_ns or u.start_ns for u in usages), 0)
         source = (event.message.partition, event.message.offset)
         closed_before_ns = int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
         too_late, unpriced = self.stats.too_late, self.stats.unpriced
@@ -517,7 +548,12 @@ class BudgetJob:
         if record_version(record) == RECORD_VERSION_SINGLE:
             await self._account_single(record)
             return
-        handlers = {BATCH: self._account_batch, TICKS: self._account_ticks, REMOVALS: self._account_removals}
+        handlers = {
+            BATCH: self._account_batch,
+            TICKS: self._account_ticks,
+            REMOVALS: self._account_removals,
+            SWEEP: self._account_sweep,
+        }
         await handlers[record["kind"]](record)
 
     async def _account_ticks(self, record: dict[str, Any]) -> None:
@@ -574,7 +610,11 @@ class BudgetJob:
             logger.error("usage for %s|%s at %s is %r: not counted", budget_id, key, source, amount)
             return None
         state_key = f"{budget_id}|{key}|{window_start_ns}"
-        totals = WindowTotals.from_state(self.totals.data.get(state_key))
+        stored = self.totals.data.get(state_key)
+        if stored is None and self._forgotten(budget, window_start_ns, last_ns):
+            self.late_after_eviction += 1  # counted before and forgotten, or too late: not revived
+            return None
+        totals = WindowTotals.from_state(stored)
         if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns, mix):
             self.replayed_deltas += 1  # a replay after a crash: already counted
             return None
@@ -590,7 +630,10 @@ class BudgetJob:
             return
         state_key = f"{guard.id}|{key}"
         growth = ContextGrowth.from_state(self.contexts.data.get(state_key))
-        if not growth.observe(inputs, *source):
+        # Context rows carry no event time: the session is stamped with this worker's latest clock.
+        wall_ns = int(_now().timestamp() * _NS)
+        clock_ns = max(self._partition_clock(self.changes.partition), wall_ns, self._latest_event_ns)
+        if not growth.observe(inputs, *source, clock_ns):
             self.replayed_deltas += 1
             return
         self.changes.set(self.contexts, state_key, growth.to_state())
@@ -646,6 +689,127 @@ class BudgetJob:
         self.changes.records.add(self.settings.topics.signals, None, key.encode(), value)
         await self.changes.records.send()
 
+    # --- eviction (stream/eviction.py) -------------------------------------------------
+    def _partition_clock(self, partition: int) -> int:
+        """The clock of a usage partition: the horizon its changelog holds (the latest sweep's).
+
+        Read from the table each time: a partition this worker gets back after a rebalance may
+        have been swept further by another worker meanwhile. Every sweep stores its clock, so a
+        replay after a crash refuses exactly the deltas the first reading refused.
+        """
+        return int(self.totals.data.get(horizon_key(partition)) or 0)
+
+    def _forgotten(self, budget: Budget, window_start_ns: int, last_ns: int) -> bool:
+        """Whether a delta for a window absent from the table is for one this partition forgot."""
+        clock = self._partition_clock(self.changes.partition)
+        return bool(clock) and self.lifetimes.window_expired(budget, window_start_ns, last_ns, clock)
+
+    def _owned(self, partition_key: str, partition: int) -> bool:
+        return usage_partition(partition_key, self.settings.partitions) == partition
+
+    async def _account_sweep(self, record: dict[str, Any]) -> None:
+        """Forget what nothing can count in any more, on this record's partition, by its clock.
+
+        Only this partition's keys: each is forgotten in its own partition's stream, where
+        its deltas are counted. A window's last change is snapshotted before it goes, so its
+        last snapshot stays on the budget usage topic. The horizon is written after the
+        tombstones (same changelog partition), so a recovered horizon implies its tombstones.
+        """
+        partition = self.changes.partition
+        stored = self._partition_clock(partition)
+        clock = max(SweepRecord.from_wire(record).clock_ns, stored)
+        live, windows = self._evict_windows(partition, clock)
+        sessions = self._evict_contexts(partition, clock)
+        states = await self._evict_states(partition, live, sessions)
+        if clock > stored or windows:  # stored even when nothing went: deltas are refused by it
+            self.changes.set(self.totals, horizon_key(partition), clock)
+        for table, count in (
+            ("window-totals", windows),
+            ("context-growth", len(sessions)),
+            ("signal-states", states),
+        ):
+            if count:
+                self.evicted[table] = self.evicted.get(table, 0) + count
+        self._log_table_sizes()
+
+    def _evict_windows(self, partition: int, clock: int) -> tuple[set[str], int]:
+        """(`budget|key` of every window left, windows forgotten): closed, idle or emptied ones go."""
+        live: set[str] = set()
+        evicted = 0
+        now = _now()
+        for state_key, stored in list(self.totals.data.items()):
+            if not is_window_key(state_key) or not stored:
+                continue
+            budget_id, key, window_start_ns = split_window_key(state_key)
+            partition_key = f"{budget_id}|{key}"
+            budget = self._budgets.get(budget_id)
+            if (
+                budget is None
+                or not self.lifetimes.window_expired(budget, window_start_ns, last_event_ns(stored), clock)
+                or not self._owned(partition_key, partition)
+            ):
+                live.add(partition_key)
+                continue
+            if state_key in self._unsnapshotted:
+                del self._unsnapshotted[state_key]
+                if (snapshot := self._usage_snapshot(state_key, now)) is not None:
+                    self._add_snapshot(snapshot)
+            self.changes.delete(self.totals, state_key)
+            evicted += 1
+        return live, evicted
+
+    def _evict_contexts(self, partition: int, clock: int) -> set[str]:
+        """`guard|session` of the context growth forgotten: sessions idle for the session idle time."""
+        idle = set()
+        for state_key, stored in list(self.contexts.data.items()):
+            seen_ns = ContextGrowth.from_state(stored).seen_ns
+            if self.lifetimes.session_idle(seen_ns, clock) and self._owned(state_key, partition):
+                self.changes.delete(self.contexts, state_key)
+                idle.add(state_key)
+        return idle
+
+    async def _evict_states(self, partition: int, live: set[str], sessions: set[str]) -> int:
+        """Forget the signal state of keys without a window (and of idle sessions' context guards).
+
+        A key forgotten while restricted gets a tombstone on the signal topic: nothing restricts it
+        any more, and a guard in `closed` mode must not keep refusing it.
+        """
+        evicted = 0
+        for state_key, state in list(self.states.data.items()):
+            if state_key in live or not state:
+                continue
+            budget = self._budgets.get(state_key.split("|", 1)[0])
+            gone = state_key in sessions if budget is None else self._owned(state_key, partition)
+            if not gone:
+                continue
+            self.changes.delete(self.states, state_key)
+            evicted += 1
+            if budget is not None and state.get("action", "ok") != "ok":
+                key = state_key.split("|", 1)[1]
+                await self._publish_signal(signal_key(budget.scope_name, key, budget.id), None)
+        return evicted
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries per table on this worker (the horizons left out): what eviction keeps bounded."""
+        return {
+            "window-totals": sum(1 for key in list(self.totals.data.keys()) if is_window_key(key)),
+            "context-growth": len(self.contexts.data),
+            "signal-states": len(self.states.data),
+        }
+
+    def _log_table_sizes(self) -> None:
+        sizes = self.table_sizes()
+        if sizes != self._sizes_logged:
+            self._sizes_logged = sizes
+            logger.info("table sizes: %s evicted: %s", json.dumps(sizes), json.dumps(self.evicted))
+
+    async def _sweep(self) -> None:
+        """Send every usage partition a sweep: the latest time this worker knows, wall or event."""
+        clock = max(int(_now().timestamp() * _NS), self._latest_event_ns)
+        record = SweepRecord(clock).to_wire()
+        for partition in range(self.settings.partitions):
+            await self.usage_topic.send(key=SWEEP, value=record, partition=partition)
+
     # --- timer ---------------------------------------------------------------------
     async def _refresh(self) -> None:
         """Ask each restricted key's partition to re-decide it: refresh, or lift at roll-over."""
@@ -691,7 +855,9 @@ class BudgetJob:
         not held up by a burst of snapshots.
         """
         if self._snapshot_everything:
-            self._unsnapshotted = dict.fromkeys(key for key, value in list(self.totals.items()) if value)
+            self._unsnapshotted = dict.fromkeys(
+                key for key, value in list(self.totals.items()) if value and is_window_key(key)
+            )
             self._snapshot_everything = False
         if self.replayed_deltas != self._replays_logged:
             self._replays_logged = self.replayed_deltas
@@ -729,6 +895,8 @@ class BudgetJob:
             "unpriced_calls": self.stats.unpriced,
             "too_late": self.stats.too_late,
             "agent_errors": self.agent_errors,
+            "evicted": dict(sorted(self.evicted.items())),
+            "late_after_eviction": self.late_after_eviction,
         }
 
     def _log_counters(self) -> None:

@@ -90,8 +90,11 @@ class TableChanges:
         self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
 
     def set(self, table: CollectionT, key: str, value: Any) -> None:
+        """Change a key; its record moves behind the batch's other changes (see `stream/eviction.py`)."""
         table.data[key] = value
-        self._changed[(table, self.partition)][key] = value
+        changed = self._changed[(table, self.partition)]
+        changed.pop(key, None)
+        changed[key] = value
 
     def delete(self, table: CollectionT, key: str) -> None:
         if table.data.pop(key, None) is not None:

@@ -1,8 +1,9 @@
 """The records of the internal usage topic (stage 1 -> stage 2), their fields named.
 
-Stage 1 sends three kinds of record, each to the usage partition that holds its keys' state
+Stage 1 sends four kinds of record, each to the usage partition that holds its keys' state
 (`stream/partitioner.py`): a `batch` (one OTLP message's deltas and context observations for
-that partition), `ticks` (keys to re-decide) and `removals` (keys of a removed budget). On
+that partition), `ticks` (keys to re-decide), `removals` (keys of a removed budget) and
+`sweep` (the clock by which the partition forgets state nothing can count in, `stream/eviction.py`). On
 the wire a record is a JSON object and each row in it a JSON list, exactly as before these
 shapes had names: a worker of either version reads the other's records during a rolling
 upgrade. Rows are lists, not objects, because a batch holds up to `BATCH_ROWS` of them.
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-BATCH, TICKS, REMOVALS = "batch", "ticks", "removals"
-#: The usage topic's records by version: 1, one record per key; 2, `BATCH`/`TICKS`/`REMOVALS`.
+BATCH, TICKS, REMOVALS, SWEEP = "batch", "ticks", "removals", "sweep"
+#: The usage topic's records by version: 1, one record per key; 2, `BATCH`/`TICKS`/`REMOVALS`
+#: (and `SWEEP`, added with eviction: a worker without it parks a sweep on the dead-letter topic).
 RECORD_VERSION_SINGLE = 1
 RECORD_VERSION = 2
-_CURRENT_KINDS = frozenset((BATCH, TICKS, REMOVALS))
+_CURRENT_KINDS = frozenset((BATCH, TICKS, REMOVALS, SWEEP))
 #: The fields of a delta row written before the call mix existed (no `mix`).
 DELTA_ROW_FIELDS_BEFORE_MIX = 8
 
@@ -121,3 +123,19 @@ def tick_rows(record: dict[str, Any]) -> list[TickRow]:
 
 def removal_rows(record: dict[str, Any]) -> list[RemovalRow]:
     return [RemovalRow(*row) for row in record["keys"]]
+
+
+class SweepRecord(NamedTuple):
+    """Forget this partition's state that nothing can count in at `clock_ns` (`stream/eviction.py`).
+
+    The clock travels in the record, so a replay of the partition decides as the first reading did.
+    """
+
+    clock_ns: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": SWEEP, "clock_ns": self.clock_ns}
+
+    @classmethod
+    def from_wire(cls, record: dict[str, Any]) -> SweepRecord:
+        return cls(int(record["clock_ns"]))

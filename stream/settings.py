@@ -29,6 +29,16 @@ class StreamSettings:
     commit_interval: timedelta = timedelta(seconds=2.8)
     #: How long after its window closed a late span still counts in it.
     allowed_lateness: timedelta = timedelta(hours=1)
+    #: How long a session may be idle (no span) before its session windows and context growth are
+    #: forgotten (`stream/eviction.py`); a session that resumes later counts from zero.
+    session_idle: timedelta = timedelta(hours=1)
+    #: How often each usage partition is asked to forget what nothing can count in any more.
+    evict_interval: timedelta = timedelta(seconds=60)
+    #: How often the tables' changelog segments roll, so the broker's cleaner can compact away
+    #: what eviction tombstoned (Kafka compacts closed segments only; its default is 7 days).
+    changelog_segment: timedelta = timedelta(hours=1)
+    #: How long the cleaner keeps a changelog tombstone after compacting (Kafka's default: 1 day).
+    changelog_tombstone_retention: timedelta = timedelta(days=1)
     #: How long a silent worker keeps its partitions before the group moves them.
     session_timeout: timedelta = timedelta(seconds=30)
     #: How long the producer waits to fill a batch: every signal waits this long (twice: the
@@ -60,6 +70,12 @@ class StreamSettings:
             commit_interval=timedelta(seconds=float(env.get("BURNGUARD_COMMIT_INTERVAL_S", 2.8))),
             session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
             allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
+            session_idle=timedelta(seconds=float(env.get("BURNGUARD_SESSION_IDLE_S", 3600))),
+            evict_interval=timedelta(seconds=float(env.get("BURNGUARD_EVICT_INTERVAL_S", 60))),
+            changelog_segment=timedelta(seconds=float(env.get("BURNGUARD_CHANGELOG_SEGMENT_S", 3600))),
+            changelog_tombstone_retention=timedelta(
+                seconds=float(env.get("BURNGUARD_CHANGELOG_TOMBSTONE_S", 86400))
+            ),
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
             stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
