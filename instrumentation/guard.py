@@ -10,6 +10,12 @@ is stale: the stream job stopped refreshing it. The guard then applies its
 fail mode — open (ignore it, the default) or closed (keep its restriction in
 force) — and counts the decision in `stats.stale_decisions`.
 
+The guard holds only what can still matter (docs/ARCHITECTURE.md §12): the
+current restrictions (`warn`, `downgrade`, `throttle`) of windows not yet
+ended, and the local-accounting baselines of signals not yet expired. An `ok`
+or a tombstone removes its key's restriction; an `ok` whose `expires_at` has
+passed by the time it is read (most of a replayed topic) leaves nothing behind.
+
 Between signals the guard accounts locally (`local_accounting.LocalLedger`):
 `reserve()` holds each call's expected use on the budget keys it counts
 toward until the call settles what it used, and refuses the call once a
@@ -118,7 +124,8 @@ class BudgetGuard:
         self._on_signal = on_signal
         #: This process's `service.name`, for `service`-scoped budgets (set by `configure()`).
         self.service = ""
-        self._signals: dict[str, Signal] = {}
+        #: The current restrictions (non-ok signals) by Kafka key, and by scope and key for the calls.
+        self._restrictions: dict[str, Signal] = {}
         self._by_scope: dict[str, dict[str, list[Signal]]] = {}
         self._lock = threading.Lock()
         self._ledger = LocalLedger(self.config, self._seconds)
@@ -139,12 +146,19 @@ class BudgetGuard:
         self._follower.stop(timeout_s)
 
     @property
+    def held(self) -> tuple[int, int]:
+        """(restrictions, local-accounting baselines) the guard holds: what bounds its memory."""
+        with self._lock:
+            restrictions = len(self._restrictions)
+        return restrictions, self._ledger.tallies
+
+    @property
     def ready(self) -> bool:
         """True once the state on the topic at start has been replayed."""
         return self._follower.ready.is_set()
 
     def _ingest(self, key: bytes | None, payload: bytes | None) -> None:
-        if payload is None:  # a tombstone: the budget was removed, its signals with it
+        if payload is None:  # a tombstone: no restriction (a removed budget, or an `ok` retired)
             if key is not None:
                 self.forget(key.decode())
             return
@@ -157,25 +171,34 @@ class BudgetGuard:
         self.apply(signal)
 
     def forget(self, kafka_key: str) -> None:
-        """Drop the signal published under `kafka_key` (its budget no longer exists)."""
+        """Drop what the guard holds under `kafka_key`: its restriction and its local tally."""
         with self._lock:
-            signal = self._signals.pop(kafka_key, None)
-            if signal is None:
-                return
-            by_key = self._by_scope.get(signal.scope, {})
-            by_key[signal.key] = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
+            self._unrestrict(kafka_key)
         self._ledger.forget(kafka_key)
 
+    def _unrestrict(self, kafka_key: str) -> None:
+        """Remove the key's restriction (under the lock); a scope key left with none is dropped."""
+        signal = self._restrictions.pop(kafka_key, None)
+        if signal is None:
+            return
+        by_key = self._by_scope[signal.scope]
+        remaining = [s for s in by_key[signal.key] if s.budget != signal.budget]
+        if remaining:
+            by_key[signal.key] = remaining
+        else:
+            del by_key[signal.key]
+
     def apply(self, signal: Signal) -> None:
-        """Record a signal (the follower thread calls this; tests and local accounting may too)."""
+        """Record a signal (the follower thread calls this; tests and local accounting may too).
+
+        Only a restriction whose window has not ended is kept; an `ok` just removes the key's.
+        """
         with self._lock:
             self.stats.signals_received += 1
-            self._signals[signal.kafka_key] = signal
-            by_key = self._by_scope.setdefault(signal.scope, {})
-            current = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
-            if signal.action != "ok":
-                current.append(signal)
-            by_key[signal.key] = current
+            self._unrestrict(signal.kafka_key)
+            if signal.action != "ok" and self._clock() < signal.window_end:
+                self._restrictions[signal.kafka_key] = signal
+                self._by_scope.setdefault(signal.scope, {}).setdefault(signal.key, []).append(signal)
         self._ledger.on_signal(signal)
         if self._on_signal is not None:
             self._on_signal(signal)

@@ -16,7 +16,9 @@ its span left the process after the worker decided, so the signal's `spent`
 cannot include it (clocks assumed in step). Calls ended before may be in
 `spent` and are left out: an undercount, never a double count. Ended calls are
 remembered for a minute only for the budgets in the guard's config; for other
-budgets the count starts when the signal is received. A newer signal (a
+budgets the count starts when the signal is received. A tally lives while its
+signal is neither expired nor of an ended window; a signal already past either
+when it arrives gets none, and the sweep drops tallies once they are. A newer signal (a
 refresh, the next rung, an `ok` after a roll-over or a raised limit) replaces
 the tally, so a local deny never outlives the signal it came from; nor does it
 outlive the signal's `expires_at` or `window_end`. The deny point is the
@@ -176,6 +178,7 @@ class LocalLedger:
         self._throttle_at = {b.id: _throttle_at(b) for b in config.budgets}
         self._recent: dict[tuple[str, str], OwnUse] = {}
         self._next_sweep_s = 0.0
+        self._next_dead_s = 0.0
 
     # --- signals ---------------------------------------------------------------------------------
     def on_signal(self, signal: Signal) -> None:
@@ -186,6 +189,10 @@ class LocalLedger:
             if metric is None:
                 return  # a metric this guard cannot measure: leave the key to the signals alone
             now_s = self._clock()
+            if now_s >= self._next_dead_s:  # here too: a process that makes no calls still drops them
+                self._drop_dead(now_s)
+            if now_s >= signal.expires_at.timestamp() or now_s >= signal.window_end.timestamp():
+                return  # never live again (see `_live_tallies`): nothing to hold
             tally = self._tally(signal, metric, now_s)
             dimensions = tuple(signal.scope.split("+"))
             for reservation in self._in_flight:
@@ -312,10 +319,12 @@ class LocalLedger:
                 reservation.recent.append((recent, keying.metric))
 
     def _sweep(self, now_s: float) -> None:
-        """Release reservations of calls that never ended; forget keys with no recent use."""
+        """Release reservations of calls that never ended; forget dead tallies and keys with no recent use."""
         self._next_sweep_s = now_s + 10.0
         for reservation in [r for r in self._in_flight if now_s - r.started_s > MAX_IN_FLIGHT_S]:
             self._drop_reservation(reservation)
+        if now_s >= self._next_dead_s:
+            self._drop_dead(now_s)
         idle = [
             key
             for key, recent in self._recent.items()
@@ -323,6 +332,19 @@ class LocalLedger:
         ]
         for key in idle:
             del self._recent[key]  # a reservation still holding it only loses the share estimate
+
+    def _drop_dead(self, now_s: float) -> None:
+        """Forget tallies whose signal expired or whose window ended: `_live_tallies` never returns them."""
+        self._next_dead_s = now_s + 10.0
+        dead = [k for k, t in self._tallies.items() if now_s >= t.expires_s or now_s >= t.window_end_s]
+        for kafka_key in dead:
+            self._drop(kafka_key)  # a reservation still holding it adjusts a tally nobody reads
+
+    @property
+    def tallies(self) -> int:
+        """Signals this ledger holds a baseline for (live ones, and dead ones until the next sweep)."""
+        with self._lock:
+            return len(self._tallies)
 
     @property
     def in_flight(self) -> int:
