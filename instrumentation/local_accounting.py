@@ -87,9 +87,15 @@ def usage_vector(cost_usd: float | None, attributes: Mapping[str, Any]) -> Usage
 
 @dataclass(slots=True, eq=False)
 class Tally:
-    """This process's use of one budget key since one signal for it, and where the key gets denied."""
+    """This process's use of one budget key since one signal for it, and where the key gets denied.
 
-    signal: Signal
+    The signal is kept as its JSON (`payload`), a third of the model's memory, and built again
+    only for a local deny (`signal`).
+    """
+
+    payload: bytes
+    scope: str
+    key: str
     metric: int
     spent: float
     deny_at: float  # the throttle rung in the signal's metric; inf: the budget never throttles
@@ -98,6 +104,10 @@ class Tally:
     share: float = 1.0
     own: float = 0.0  # settled since the signal was issued
     reserved: float = 0.0  # estimates of the calls in flight
+
+    @property
+    def signal(self) -> Signal:
+        return Signal.from_json(self.payload)
 
     def projected(self) -> float:
         """The key's estimated spend now: the signal's, plus this process's since, scaled to all processes."""
@@ -181,8 +191,11 @@ class LocalLedger:
         self._next_dead_s = 0.0
 
     # --- signals ---------------------------------------------------------------------------------
-    def on_signal(self, signal: Signal) -> None:
-        """Start a fresh tally for the signal's key: own use since it was issued, plus the calls in flight."""
+    def on_signal(self, signal: Signal, payload: bytes | None = None) -> None:
+        """Start a fresh tally for the signal's key: own use since it was issued, plus the calls in flight.
+
+        `payload` is the signal's JSON as read from the topic (else it is serialised here).
+        """
         metric = METRIC_INDEX.get(signal.metric)
         with self._lock:
             self._drop(signal.kafka_key)
@@ -193,7 +206,7 @@ class LocalLedger:
                 self._drop_dead(now_s)
             if now_s >= signal.expires_at.timestamp() or now_s >= signal.window_end.timestamp():
                 return  # never live again (see `_live_tallies`): nothing to hold
-            tally = self._tally(signal, metric, now_s)
+            tally = self._tally(signal, payload or signal.to_json(), metric, now_s)
             dimensions = tuple(signal.scope.split("+"))
             for reservation in self._in_flight:
                 if key_of_values(reservation.values, dimensions) == signal.key:
@@ -212,12 +225,14 @@ class LocalLedger:
             recent = self._recent.get((budget, key))
             return recent.since(since_s) if recent is not None else 0.0
 
-    def _tally(self, signal: Signal, metric: int, now_s: float) -> Tally:
+    def _tally(self, signal: Signal, payload: bytes, metric: int, now_s: float) -> Tally:
         throttle_at = self._throttle_at.get(signal.budget, 1.0)
         recent = self._recent.get((signal.budget, signal.key))
         issued_s = signal.issued_at.timestamp()
         return Tally(
-            signal,
+            payload,
+            signal.scope,
+            signal.key,
             metric,
             signal.spent,
             signal.limit * throttle_at if throttle_at is not None else math.inf,
@@ -235,12 +250,12 @@ class LocalLedger:
         old = self._tallies.pop(kafka_key, None)
         if old is None:
             return
-        by_key = self._by_scope.get(tuple(old.signal.scope.split("+")), {})
-        remaining = [t for t in by_key.get(old.signal.key, ()) if t is not old]
+        by_key = self._by_scope.get(tuple(old.scope.split("+")), {})
+        remaining = [t for t in by_key.get(old.key, ()) if t is not old]
         if remaining:
-            by_key[old.signal.key] = remaining
+            by_key[old.key] = remaining
         else:
-            by_key.pop(old.signal.key, None)
+            by_key.pop(old.key, None)
 
     # --- calls -----------------------------------------------------------------------------------
     def admit(self, values: dict[str, str], model: str | None, now_s: float) -> Reservation | Tally:
