@@ -161,6 +161,9 @@ def check_connection(kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
 #: `otlp_spans` is stamped by the broker (LogAppendTime): the stream trusts a span's event time only
 #: near its record's time, and a producer's CreateTime would be the sender's clock again.
 SPANS_TOPIC_CONFIG: dict[str, str] = {"message.timestamp.type": "LogAppendTime"}
+#: Compaction never touches the active segment (by default up to 1 GB or 7 days): rolling it hourly
+#: lets retired `ok`s and their tombstones leave `burnguard.signals` within hours, not a week.
+SIGNALS_TOPIC_CONFIG: dict[str, str] = {"segment.ms": "3600000"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,12 @@ is stale: the stream job stopped refreshing it. The guard then applies its
 fail mode — open (ignore it, the default) or closed (keep its restriction in
 force) — and counts the decision in `stats.stale_decisions`.
 
+The guard holds only what can still matter (docs/ARCHITECTURE.md §12): the
+current restrictions (`warn`, `downgrade`, `throttle`) of windows not yet
+ended, and the local-accounting baselines of signals not yet expired. An `ok`
+or a tombstone removes its key's restriction; an `ok` whose `expires_at` has
+passed by the time it is read (most of a replayed topic) leaves nothing behind.
+
 Between signals the guard accounts locally (`local_accounting.LocalLedger`):
 `reserve()` holds each call's expected use on the budget keys it counts
 toward until the call settles what it used, and refuses the call once a
@@ -97,6 +103,34 @@ class GuardStats:
     local_denied: int = 0  # of `denied`: by local accounting, between signals
 
 
+@dataclass(frozen=True, slots=True)
+class _Restriction:
+    """A held restriction in compact form: what a decision reads, and the signal's JSON for the verdict.
+
+    About a third of a `Signal` model's memory; the model is built again only for a verdict
+    that downgrades or denies (`signal`).
+    """
+
+    scope: str
+    key: str
+    budget: str
+    action: str
+    severity: int
+    downgrade_to: str | None
+    window_end: datetime
+    expires_at: datetime
+    payload: bytes
+
+    @classmethod
+    def of(cls, signal: Signal, payload: bytes) -> _Restriction:
+        fields = (signal.scope, signal.key, signal.budget, signal.action, signal.severity)
+        return cls(*fields, signal.downgrade_to, signal.window_end, signal.expires_at, payload)
+
+    @property
+    def signal(self) -> Signal:
+        return Signal.from_json(self.payload)
+
+
 class BudgetGuard:
     def __init__(
         self,
@@ -118,8 +152,9 @@ class BudgetGuard:
         self._on_signal = on_signal
         #: This process's `service.name`, for `service`-scoped budgets (set by `configure()`).
         self.service = ""
-        self._signals: dict[str, Signal] = {}
-        self._by_scope: dict[str, dict[str, list[Signal]]] = {}
+        #: The current restrictions (non-ok signals) by Kafka key, and by scope and key for the calls.
+        self._restrictions: dict[str, _Restriction] = {}
+        self._by_scope: dict[str, dict[str, list[_Restriction]]] = {}
         self._lock = threading.Lock()
         self._ledger = LocalLedger(self.config, self._seconds)
         self._follower = CompactedTopicFollower(self._kafka, self._topic, self._ingest, "burnguard-guard")
@@ -139,12 +174,19 @@ class BudgetGuard:
         self._follower.stop(timeout_s)
 
     @property
+    def held(self) -> tuple[int, int]:
+        """(restrictions, local-accounting baselines) the guard holds: what bounds its memory."""
+        with self._lock:
+            restrictions = len(self._restrictions)
+        return restrictions, self._ledger.tallies
+
+    @property
     def ready(self) -> bool:
         """True once the state on the topic at start has been replayed."""
         return self._follower.ready.is_set()
 
     def _ingest(self, key: bytes | None, payload: bytes | None) -> None:
-        if payload is None:  # a tombstone: the budget was removed, its signals with it
+        if payload is None:  # a tombstone: no restriction (a removed budget, or an `ok` retired)
             if key is not None:
                 self.forget(key.decode())
             return
@@ -154,29 +196,40 @@ class BudgetGuard:
             self.stats.malformed_signals += 1
             logger.warning("burnguard guard: ignoring malformed signal: %s", exc)
             return
-        self.apply(signal)
+        self.apply(signal, payload)
 
     def forget(self, kafka_key: str) -> None:
-        """Drop the signal published under `kafka_key` (its budget no longer exists)."""
+        """Drop what the guard holds under `kafka_key`: its restriction and its local tally."""
         with self._lock:
-            signal = self._signals.pop(kafka_key, None)
-            if signal is None:
-                return
-            by_key = self._by_scope.get(signal.scope, {})
-            by_key[signal.key] = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
+            self._unrestrict(kafka_key)
         self._ledger.forget(kafka_key)
 
-    def apply(self, signal: Signal) -> None:
-        """Record a signal (the follower thread calls this; tests and local accounting may too)."""
+    def _unrestrict(self, kafka_key: str) -> None:
+        """Remove the key's restriction (under the lock); a scope key left with none is dropped."""
+        signal = self._restrictions.pop(kafka_key, None)
+        if signal is None:
+            return
+        by_key = self._by_scope[signal.scope]
+        remaining = [s for s in by_key[signal.key] if s.budget != signal.budget]
+        if remaining:
+            by_key[signal.key] = remaining
+        else:
+            del by_key[signal.key]
+
+    def apply(self, signal: Signal, payload: bytes | None = None) -> None:
+        """Record a signal (the follower thread calls this with its JSON; tests and local accounting may too).
+
+        Only a restriction whose window has not ended is kept; an `ok` just removes the key's.
+        """
+        payload = payload or signal.to_json()
         with self._lock:
             self.stats.signals_received += 1
-            self._signals[signal.kafka_key] = signal
-            by_key = self._by_scope.setdefault(signal.scope, {})
-            current = [s for s in by_key.get(signal.key, []) if s.budget != signal.budget]
-            if signal.action != "ok":
-                current.append(signal)
-            by_key[signal.key] = current
-        self._ledger.on_signal(signal)
+            self._unrestrict(signal.kafka_key)
+            if signal.action != "ok" and self._clock() < signal.window_end:
+                held = _Restriction.of(signal, payload)
+                self._restrictions[signal.kafka_key] = held
+                self._by_scope.setdefault(signal.scope, {}).setdefault(signal.key, []).append(held)
+        self._ledger.on_signal(signal, payload)
         if self._on_signal is not None:
             self._on_signal(signal)
 
@@ -194,8 +247,8 @@ class BudgetGuard:
             values["model_class"] = model_class
         return values
 
-    def _signals_matching(self, values: dict[str, str]) -> list[Signal]:
-        found: list[Signal] = []
+    def _signals_matching(self, values: dict[str, str]) -> list[_Restriction]:
+        found: list[_Restriction] = []
         with self._lock:
             for scope, by_key in self._by_scope.items():
                 key = key_of_values(values, scope.split("+"))
@@ -247,19 +300,19 @@ class BudgetGuard:
         """A deny by local accounting; its signal is the tally's, with the estimated spend."""
         self.stats.denied += 1
         self.stats.local_denied += 1
-        spent = tally.projected()
-        signal = tally.signal.model_copy(
+        spent, base = tally.projected(), tally.signal
+        signal = base.model_copy(
             update={
                 "action": "throttle",
                 "spent": spent,
-                "ratio": spent / tally.signal.limit if tally.signal.limit > 0 else math.inf,
-                "reason": f"estimated locally since the signal of {tally.signal.issued_at.isoformat()}",
+                "ratio": spent / base.limit if base.limit > 0 else math.inf,
+                "reason": f"estimated locally since the signal of {base.issued_at.isoformat()}",
             }
         )
         return GuardVerdict("deny", signal=signal)
 
     def _verdict_by_signals(self, values: dict[str, str], model: str | None, now: datetime) -> GuardVerdict:
-        worst: Signal | None = None
+        worst: _Restriction | None = None
         for signal in self._signals_matching(values):
             if now >= signal.window_end:
                 continue  # its window is over: the spend it counted no longer applies
@@ -275,7 +328,7 @@ class BudgetGuard:
                 worst = signal  # of two downgrades, the deeper one honours both
         return self._verdict_for(worst, model)
 
-    def _downgrade_steps(self, model: str | None, signal: Signal) -> int:
+    def _downgrade_steps(self, model: str | None, signal: _Restriction) -> int:
         """How many ladder steps below `model` this downgrade signal sends the call (0: none)."""
         target = self.config.downgrade_model(model, signal.downgrade_to) if model else None
         steps, current = 0, model
@@ -284,17 +337,17 @@ class BudgetGuard:
             steps += 1
         return steps
 
-    def _verdict_for(self, signal: Signal | None, model: str | None) -> GuardVerdict:
-        if signal is None or signal.action in ("ok", "warn"):
+    def _verdict_for(self, held: _Restriction | None, model: str | None) -> GuardVerdict:
+        if held is None or held.action in ("ok", "warn"):
             return ALLOW
-        if signal.action == "throttle":
+        if held.action == "throttle":
             self.stats.denied += 1
-            return GuardVerdict("deny", signal=signal)
-        cheaper = self.config.downgrade_model(model, signal.downgrade_to) if model else None
+            return GuardVerdict("deny", signal=held.signal)
+        cheaper = self.config.downgrade_model(model, held.downgrade_to) if model else None
         if cheaper is None:
-            return GuardVerdict("allow", model=model, signal=signal)
+            return GuardVerdict("allow", model=model, signal=held.signal)
         self.stats.downgraded += 1
-        return GuardVerdict("downgrade", model=cheaper, signal=signal)
+        return GuardVerdict("downgrade", model=cheaper, signal=held.signal)
 
     def enforce(self, model: str | None = None, attribution: dict[str, str] | None = None) -> str | None:
         """The model to call with, or raise `BudgetExceeded` before the call is made."""

@@ -16,7 +16,9 @@ its span left the process after the worker decided, so the signal's `spent`
 cannot include it (clocks assumed in step). Calls ended before may be in
 `spent` and are left out: an undercount, never a double count. Ended calls are
 remembered for a minute only for the budgets in the guard's config; for other
-budgets the count starts when the signal is received. A newer signal (a
+budgets the count starts when the signal is received. A tally lives while its
+signal is neither expired nor of an ended window; a signal already past either
+when it arrives gets none, and the sweep drops tallies once they are. A newer signal (a
 refresh, the next rung, an `ok` after a roll-over or a raised limit) replaces
 the tally, so a local deny never outlives the signal it came from; nor does it
 outlive the signal's `expires_at` or `window_end`. The deny point is the
@@ -85,9 +87,15 @@ def usage_vector(cost_usd: float | None, attributes: Mapping[str, Any]) -> Usage
 
 @dataclass(slots=True, eq=False)
 class Tally:
-    """This process's use of one budget key since one signal for it, and where the key gets denied."""
+    """This process's use of one budget key since one signal for it, and where the key gets denied.
 
-    signal: Signal
+    The signal is kept as its JSON (`payload`), a third of the model's memory, and built again
+    only for a local deny (`signal`).
+    """
+
+    payload: bytes
+    scope: str
+    key: str
     metric: int
     spent: float
     deny_at: float  # the throttle rung in the signal's metric; inf: the budget never throttles
@@ -96,6 +104,10 @@ class Tally:
     share: float = 1.0
     own: float = 0.0  # settled since the signal was issued
     reserved: float = 0.0  # estimates of the calls in flight
+
+    @property
+    def signal(self) -> Signal:
+        return Signal.from_json(self.payload)
 
     def projected(self) -> float:
         """The key's estimated spend now: the signal's, plus this process's since, scaled to all processes."""
@@ -176,17 +188,25 @@ class LocalLedger:
         self._throttle_at = {b.id: _throttle_at(b) for b in config.budgets}
         self._recent: dict[tuple[str, str], OwnUse] = {}
         self._next_sweep_s = 0.0
+        self._next_dead_s = 0.0
 
     # --- signals ---------------------------------------------------------------------------------
-    def on_signal(self, signal: Signal) -> None:
-        """Start a fresh tally for the signal's key: own use since it was issued, plus the calls in flight."""
+    def on_signal(self, signal: Signal, payload: bytes | None = None) -> None:
+        """Start a fresh tally for the signal's key: own use since it was issued, plus the calls in flight.
+
+        `payload` is the signal's JSON as read from the topic (else it is serialised here).
+        """
         metric = METRIC_INDEX.get(signal.metric)
         with self._lock:
             self._drop(signal.kafka_key)
             if metric is None:
                 return  # a metric this guard cannot measure: leave the key to the signals alone
             now_s = self._clock()
-            tally = self._tally(signal, metric, now_s)
+            if now_s >= self._next_dead_s:  # here too: a process that makes no calls still drops them
+                self._drop_dead(now_s)
+            if now_s >= signal.expires_at.timestamp() or now_s >= signal.window_end.timestamp():
+                return  # never live again (see `_live_tallies`): nothing to hold
+            tally = self._tally(signal, payload or signal.to_json(), metric, now_s)
             dimensions = tuple(signal.scope.split("+"))
             for reservation in self._in_flight:
                 if key_of_values(reservation.values, dimensions) == signal.key:
@@ -205,12 +225,14 @@ class LocalLedger:
             recent = self._recent.get((budget, key))
             return recent.since(since_s) if recent is not None else 0.0
 
-    def _tally(self, signal: Signal, metric: int, now_s: float) -> Tally:
+    def _tally(self, signal: Signal, payload: bytes, metric: int, now_s: float) -> Tally:
         throttle_at = self._throttle_at.get(signal.budget, 1.0)
         recent = self._recent.get((signal.budget, signal.key))
         issued_s = signal.issued_at.timestamp()
         return Tally(
-            signal,
+            payload,
+            signal.scope,
+            signal.key,
             metric,
             signal.spent,
             signal.limit * throttle_at if throttle_at is not None else math.inf,
@@ -228,12 +250,12 @@ class LocalLedger:
         old = self._tallies.pop(kafka_key, None)
         if old is None:
             return
-        by_key = self._by_scope.get(tuple(old.signal.scope.split("+")), {})
-        remaining = [t for t in by_key.get(old.signal.key, ()) if t is not old]
+        by_key = self._by_scope.get(tuple(old.scope.split("+")), {})
+        remaining = [t for t in by_key.get(old.key, ()) if t is not old]
         if remaining:
-            by_key[old.signal.key] = remaining
+            by_key[old.key] = remaining
         else:
-            by_key.pop(old.signal.key, None)
+            by_key.pop(old.key, None)
 
     # --- calls -----------------------------------------------------------------------------------
     def admit(self, values: dict[str, str], model: str | None, now_s: float) -> Reservation | Tally:
@@ -312,10 +334,12 @@ class LocalLedger:
                 reservation.recent.append((recent, keying.metric))
 
     def _sweep(self, now_s: float) -> None:
-        """Release reservations of calls that never ended; forget keys with no recent use."""
+        """Release reservations of calls that never ended; forget dead tallies and keys with no recent use."""
         self._next_sweep_s = now_s + 10.0
         for reservation in [r for r in self._in_flight if now_s - r.started_s > MAX_IN_FLIGHT_S]:
             self._drop_reservation(reservation)
+        if now_s >= self._next_dead_s:
+            self._drop_dead(now_s)
         idle = [
             key
             for key, recent in self._recent.items()
@@ -323,6 +347,19 @@ class LocalLedger:
         ]
         for key in idle:
             del self._recent[key]  # a reservation still holding it only loses the share estimate
+
+    def _drop_dead(self, now_s: float) -> None:
+        """Forget tallies whose signal expired or whose window ended: `_live_tallies` never returns them."""
+        self._next_dead_s = now_s + 10.0
+        dead = [k for k, t in self._tallies.items() if now_s >= t.expires_s or now_s >= t.window_end_s]
+        for kafka_key in dead:
+            self._drop(kafka_key)  # a reservation still holding it adjusts a tally nobody reads
+
+    @property
+    def tallies(self) -> int:
+        """Signals this ledger holds a baseline for (live ones, and dead ones until the next sweep)."""
+        with self._lock:
+            return len(self._tallies)
 
     @property
     def in_flight(self) -> int:

@@ -21,8 +21,11 @@ Two stages, joined by the internal `burnguard.usage` topic:
 
 A timer re-publishes restrictive signals before they expire and notices
 windows that rolled over; it sends a `tick` through the usage topic, because
-table state may only change inside the partition's own stream. Another sends
-each partition a `sweep` the same way, so it forgets closed windows, idle
+table state may only change inside the partition's own stream. The same
+tick retires an `ok` once it has expired: a tombstone replaces it on the
+compacted signals topic, so the topic keeps no `ok` for every key that was
+ever restricted (readers treat a tombstone as "no restriction"). Another timer
+sends each partition a `sweep` the same way, so it forgets closed windows, idle
 sessions and emptied rolling keys (`stream/eviction.py`).
 """
 
@@ -46,7 +49,7 @@ from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
-from burnguard.contracts.topics import SPANS_TOPIC_CONFIG, TopicSpec, ensure_topics
+from burnguard.contracts.topics import SIGNALS_TOPIC_CONFIG, SPANS_TOPIC_CONFIG, TopicSpec, ensure_topics
 from burnguard.contracts.usage import SpanUsage
 from burnguard.stream.accounting import (
     BatchStats,
@@ -100,6 +103,8 @@ DUPLICATE_DIGESTS = 20_000
 #: Models whose `unpriced` warn this process remembers (when it last published each).
 UNPRICED_REMEMBERED = 10_000
 _NS = 1_000_000_000
+#: In a `signal-states` value: when the `ok` published for the key expires and may be tombstoned.
+RETIRE_AT_NS = "retire_at_ns"
 #: Deltas per batch record at most, so a huge OTLP message never makes a record beyond Kafka's limit.
 BATCH_ROWS = 1000
 #: Snapshots sent in one go (a few ms of work) before the timer pauses for `SNAPSHOT_PAUSE_S`, so
@@ -285,6 +290,7 @@ class BudgetJob:
         #: `guard|session` -> `ContextGrowth.to_state()`: prompt growth per session
         self.contexts = self.app.Table("context-growth", **table)
         #: `budget|key` (or `guard|session`) -> {"action": ..., "window_start_ns": ...}: last published
+        #: (an `ok` also has `retire_at_ns`: when it expires and a tombstone replaces it)
         self.states = self.app.Table("signal-states", **table)
 
     def _declare_agents(self) -> None:
@@ -644,7 +650,7 @@ class BudgetJob:
             await self._send_signal(signal)
 
     async def _clear(self, budget_id: str, key: str, scope: str) -> None:
-        """A removed budget: forget its state and delete its signal from the compacted topic."""
+        """A removed budget, or an expired `ok`: forget the key's state, delete its signal from the topic."""
         self.changes.delete(self.states, f"{budget_id}|{key}")
         await self._publish_signal(signal_key(scope, key, budget_id), None)
 
@@ -655,6 +661,8 @@ class BudgetJob:
         signal = self._signal_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
         if signal is not None:
             await self._send_signal(signal)
+        elif _retire_due(self.states.data.get(f"{budget.id}|{key}"), now):
+            await self._clear(budget.id, key, budget.scope_name)  # the expired `ok` -> a tombstone
 
     def _signal_if_changed(
         self,
@@ -677,6 +685,8 @@ class BudgetJob:
         signal = changed_signal(budget, key, window_start_ns, totals, now, previous, ttl, refresh)
         if signal is not None:
             state = {"action": signal.action, "window_start_ns": window_start_ns}
+            if signal.action == "ok":  # retired by a tombstone once it expired (`_refresh`, `_settle`)
+                state[RETIRE_AT_NS] = int(signal.expires_at.timestamp() * _NS)
             self.changes.set(self.states, state_key, state)
         return signal
 
@@ -771,8 +781,9 @@ class BudgetJob:
     async def _evict_states(self, partition: int, live: set[str], sessions: set[str]) -> int:
         """Forget the signal state of keys without a window (and of idle sessions' context guards).
 
-        A key forgotten while restricted gets a tombstone on the signal topic: nothing restricts it
-        any more, and a guard in `closed` mode must not keep refusing it.
+        A forgotten key gets a tombstone on the signal topic: nothing restricts it any more (a
+        guard in `closed` mode must not keep refusing it), and an `ok` not yet retired would
+        otherwise stay on the compacted topic for good.
         """
         evicted = 0
         for state_key, state in list(self.states.data.items()):
@@ -784,7 +795,7 @@ class BudgetJob:
                 continue
             self.changes.delete(self.states, state_key)
             evicted += 1
-            if budget is not None and state.get("action", "ok") != "ok":
+            if budget is not None:
                 key = state_key.split("|", 1)[1]
                 await self._publish_signal(signal_key(budget.scope_name, key, budget.id), None)
         return evicted
@@ -812,8 +823,13 @@ class BudgetJob:
 
     # --- timer ---------------------------------------------------------------------
     async def _refresh(self) -> None:
-        """Ask each restricted key's partition to re-decide it: refresh, or lift at roll-over."""
-        restricted = [key for key, state in list(self.states.items()) if state and state["action"] != "ok"]
+        """Ask each restricted key's partition to re-decide it: refresh, lift at roll-over, retire an `ok`."""
+        now = _now()
+        restricted = [
+            key
+            for key, state in list(self.states.items())
+            if state and (state["action"] != "ok" or _retire_due(state, now))
+        ]
         await self._send_per_partition(
             TICKS, ((key, list(TickRow(*key.split("|", 1)))) for key in restricted)
         )
@@ -940,11 +956,25 @@ class BudgetJob:
         )
 
 
+def _retire_due(state: dict[str, Any] | None, now: datetime) -> bool:
+    """Whether a key's last published signal is an `ok` that has expired, so a tombstone may replace it.
+
+    An expired `ok` restricts nothing and anchors no guard's local accounting any more: to
+    every reader it means what a tombstone (or no record) means, "no restriction".
+    """
+    return (
+        state is not None
+        and state["action"] == "ok"
+        and RETIRE_AT_NS in state
+        and state[RETIRE_AT_NS] <= now.timestamp() * _NS
+    )
+
+
 def output_topics(settings: StreamSettings) -> list[TopicSpec]:
     """The topics the job writes (Faust only creates the ones it reads) and its internal usage topic."""
     topics, partitions = settings.topics, settings.partitions
     return [
-        TopicSpec(topics.signals, partitions, compacted=True),
+        TopicSpec(topics.signals, partitions, compacted=True, config=SIGNALS_TOPIC_CONFIG),
         TopicSpec(topics.budget_usage, partitions, compacted=True),
         TopicSpec(topics.deadletter, 1),
         # Created by the deployment normally; if not, with the broker's clock on every record.

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from burnguard.contracts.compacted_topics import read_compacted_topic
 from burnguard.contracts.signals import Signal
 from burnguard.instrumentation import BudgetGuard
 from kafka import KafkaConsumer, KafkaProducer
@@ -99,3 +100,56 @@ def test_apply_raises_a_limit_and_removes_a_budget_on_a_running_worker(
     assert "Traceback" not in pipeline.log("worker")
     guard.stop()
     signals.consumer.close()
+
+
+@pytest.mark.slow
+def test_an_ok_that_lifted_a_restriction_is_tombstoned_once_it_has_expired(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The topic keeps no `ok` for ever: once it expired, a tombstone ("no restriction") replaces it."""
+    monkeypatch.setenv("BURNGUARD_TOPIC_BUDGETS", pipeline.topics.budgets)
+    pipeline.write_budgets(calls_budget(limit=4))
+    pipeline.start_worker(env={"BURNGUARD_SIGNAL_TTL_S": "3", "BURNGUARD_SIGNAL_REFRESH_S": "1"})
+    key = "tenant:acme@tenant-calls"
+    log = KafkaConsumer(
+        pipeline.topics.signals, bootstrap_servers=pipeline.broker.bootstrap, auto_offset_reset="earliest"
+    )
+    producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
+    producer.send(pipeline.topics.spans, key=b"acme", value=otlp_batch("acme", [("chat", 10, 1)] * 5))
+    producer.flush()
+    seen = []  # (record timestamp in s, signal or None) of acme's key, in order
+
+    def wait_for(predicate, timeout_s: float = 45.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for batch in log.poll(timeout_ms=300).values():
+                seen.extend(
+                    (r.timestamp / 1000, Signal.from_json(r.value) if r.value else None)
+                    for r in batch
+                    if r.key.decode() == key
+                )
+            if found := [(at, s) for at, s in seen if predicate(s)]:
+                return found[0]
+        raise AssertionError(f"not seen within {timeout_s}s: {seen}")
+
+    wait_for(lambda s: s is not None and s.action == "throttle")
+    apply(tmp_path / "budgets.yaml", pipeline, calls_budget(limit=100))
+    _, lifted = wait_for(lambda s: s is not None and s.action == "ok")
+    retired_at, _ = wait_for(lambda s: s is None)
+    assert retired_at >= lifted.expires_at.timestamp()  # never before the `ok` stopped mattering
+    assert [s.action if s else None for _, s in seen][-2:] == ["ok", None]
+
+    assert key.encode() not in read_compacted_topic(pipeline.kafka, pipeline.topics.signals)
+    late = BudgetGuard(pipeline.kafka, pipeline.topics).start()  # a late subscriber: no restriction
+    assert late.ready and late.held == (0, 0)
+    assert late.check(attribution={"tenant": "acme"}).action == "allow"
+
+    # The key's state went with its `ok`: spending on restricts it again.
+    producer.send(pipeline.topics.spans, key=b"acme", value=otlp_batch("acme", [("chat", 10, 1)] * 96))
+    producer.flush()
+    wait_for(lambda s: s is not None and s.action == "throttle" and s.limit == 100)
+    assert late.wait_for(lambda g: g.check(attribution={"tenant": "acme"}).action == "deny")
+    assert "Traceback" not in pipeline.log("worker")
+    late.stop()
+    log.close()
+    producer.close()

@@ -278,3 +278,50 @@ def test_service_scoped_signals_apply_to_the_guards_own_service() -> None:
     assert guard.check("gpt-4.1", ACME).action == "deny"
     guard.service = "search"
     assert guard.check("gpt-4.1", ACME).action == "allow"
+
+
+def test_the_guard_holds_only_restrictions_and_live_baselines() -> None:
+    guard = make_guard()
+    long_ago = NOW - timedelta(hours=3)
+    for n in range(50):  # `ok`s a replayed topic is full of: expired long ago
+        old_ok = make_signal("ok", key=f"old-{n}", issued_at=long_ago)
+        guard._ingest(old_ok.kafka_key.encode(), old_ok.to_json())
+    assert guard.held == (0, 0)
+    assert guard.stats.signals_received == 50
+
+    guard.apply(make_signal("ok", key="fresh"))  # not yet expired: a local-accounting baseline
+    guard.apply(make_signal("warn", key="warned"))
+    guard.apply(make_signal("throttle"))
+    ended = make_signal("throttle", key="yesterday", window_end=NOW - timedelta(minutes=1))
+    guard.apply(ended)  # its window is over: it can restrict nothing
+    assert guard.held == (2, 3)
+    assert guard.check("gpt-4.1", {"tenant": "yesterday"}).action == "allow"
+    assert guard.check("gpt-4.1", ACME).action == "deny"
+
+    guard.apply(make_signal("ok"))  # acme's restriction lifted
+    assert guard.check("gpt-4.1", ACME).action == "allow"
+    assert guard.held == (1, 3)
+    guard._ingest(b"tenant:warned@tenant-daily", None)
+    assert guard.held == (0, 2)
+
+
+def test_an_expired_ok_from_the_topic_lifts_a_restriction_and_leaves_nothing() -> None:
+    guard = make_guard()
+    throttle = make_signal("throttle")
+    guard._ingest(throttle.kafka_key.encode(), throttle.to_json())
+    assert guard.check("gpt-4.1", ACME).action == "deny"
+    lifted = make_signal("ok", issued_at=NOW - timedelta(minutes=10))
+    guard._ingest(lifted.kafka_key.encode(), lifted.to_json())
+    assert guard.check("gpt-4.1", ACME).action == "allow"
+    assert guard.held == (0, 0)
+
+
+def test_a_malformed_ok_is_skipped_and_the_restriction_stays() -> None:
+    guard = make_guard()
+    guard.apply(make_signal("throttle"))
+    bad = make_signal("ok", issued_at=NOW - timedelta(minutes=10)).to_json()
+    bad = bad.replace(b'"spent":1', b'"spent":-1')  # not a valid signal: spent is negative
+    assert b'"spent":-1' in bad
+    guard._ingest(b"tenant:acme@tenant-daily", bad)
+    assert guard.stats.malformed_signals == 1
+    assert guard.check("gpt-4.1", ACME).action == "deny"

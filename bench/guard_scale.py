@@ -1,0 +1,227 @@
+"""BudgetGuard start-up time and memory with 200,000 signals on `burnguard.signals` (issue 17).
+
+A real broker gets a compacted signals topic (4 partitions, the worker's default)
+holding --signals records, one per user key of a `user` budget: --ok-share of them
+`ok`s issued hours ago (long expired, as a topic collects them: one for every key
+that was ever restricted), the rest current restrictions (warn, downgrade, throttle
+in 6:2:2) valid for the next hour. Each measurement runs in a fresh Python process:
+it imports the guard, reads its VmRSS (the bare process, the same-run baseline),
+starts a `BudgetGuard`, times `start()` until the replay is done, and reads VmRSS and
+VmHWM (peak) again. It then asks the guard about 500 throttled and 500 `ok` users
+to show the replay was complete (all throttled denied, all `ok` allowed).
+
+With --compare REV (default: the commit before the guard held only restrictions,
+if this checkout has it) the same measurement runs on that revision's code,
+exported with `git archive`, for the old behaviour's figures in the same run.
+
+What the topic holds once the worker retires its `ok`s (tombstones, then compaction,
+docs/ARCHITECTURE.md §8) is the restrictions alone: `--signals 20000 --ok-share 0` measures
+that topic (the compaction itself is the broker's and is not exercised here).
+
+    .venv/bin/python bench/guard_scale.py [--signals 200000] [--ok-share 0.9] [--compare REV|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline_setup import BenchPipeline
+
+TARGET_START_S = 1.0
+TARGET_ABOVE_BARE_MB = 50.0
+OLD_REV = "83bb60b"  # main before issue 17: the guard kept every signal, `ok`s included
+PROBES = 500
+BUDGET = "user-daily"
+PARTITIONS = 4
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def rss_kb(field_name: str = "VmRSS") -> int:
+    """A `kB` field of this process's /proc status (the measured process imports no bench helpers)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def user(n: int) -> str:
+    return f"user-{n:07d}"
+
+
+def signal_records(count: int, ok_share: float, seed: int = 17) -> tuple[list[tuple[bytes, bytes]], dict]:
+    """(key, value) of every signal, shuffled, and which users are throttled and which `ok`."""
+    from burnguard.contracts.signals import Signal
+
+    now = datetime.now(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    rng = random.Random(seed)
+    restrictions = ["warn"] * 6 + ["downgrade"] * 2 + ["throttle"] * 2
+    records, kinds = [], {"throttle": [], "ok": []}
+    for n in range(count):
+        action = "ok" if rng.random() < ok_share else rng.choice(restrictions)
+        issued = now - timedelta(hours=rng.uniform(1, 12)) if action == "ok" else now
+        spent = {"ok": 0.3, "warn": 8.5, "downgrade": 9.2, "throttle": 10.4}[action]
+        signal = Signal(
+            scope="user",
+            key=user(n),
+            budget=BUDGET,
+            action=action,
+            downgrade_to="standard" if action == "downgrade" else None,
+            spent=spent,
+            limit=10.0,
+            ratio=spent / 10.0,
+            window_start=day,
+            window_end=day + timedelta(days=1),
+            burn_rate_per_hour=0.4,
+            issued_at=issued,
+            expires_at=issued + (timedelta(minutes=2) if action == "ok" else timedelta(hours=1)),
+            reason=f"budget {BUDGET} (user={user(n)}): cost_usd {spent:.6g} of 10 ({spent * 10:.0f}%) "
+            f"in window 1d {day.isoformat()}..{(day + timedelta(days=1)).isoformat()} -> {action}; "
+            "calls 120, fallbacks 0%",
+        )
+        records.append((signal.kafka_key.encode(), signal.to_json()))
+        if action in kinds:
+            kinds[action].append(user(n))
+    rng.shuffle(records)
+    return records, {kind: rng.sample(users, min(PROBES, len(users))) for kind, users in kinds.items()}
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The package tree of `rev` (burnguard, contracts, instrumentation) laid out as `burnguard.*`."""
+    archive = into / "old.tar"
+    repo = BENCH_DIR.parent
+    with archive.open("wb") as out:
+        parts = ["burnguard", "contracts", "instrumentation"]
+        subprocess.run(["git", "archive", rev, *parts], cwd=repo, stdout=out, check=True)
+    source = into / "src"
+    with tarfile.open(archive) as tar:
+        tar.extractall(source, filter="data")
+    package = into / "pkg"
+    package.mkdir()
+    (package / "burnguard").symlink_to(source / "burnguard")
+    for part in ("contracts", "instrumentation"):
+        (source / "burnguard" / part).symlink_to(source / part)
+    return package
+
+
+def measure(pipeline: BenchPipeline, name: str, probes: dict, pythonpath: Path | None) -> dict:
+    """Run the guard in a fresh process (the code on `pythonpath`, else this checkout's); its figures."""
+    probe_file = pipeline.write(f"{name}-probes.json", json.dumps(probes))
+    env = {"BURNGUARD_GUARD_SCALE_PROBES": str(probe_file)}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(BENCH_DIR)])
+    process = pipeline.spawn(name, [str(Path(__file__).resolve()), "--child", pipeline.bootstrap], env)
+    if process.wait(timeout=600) != 0:
+        raise RuntimeError(f"{name} failed:\n{pipeline.log(name)[-3000:]}")
+    last = pipeline.log(name).strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def child(bootstrap: str) -> None:
+    """In the measured process: bare RSS, then a guard started and replayed, then the probes."""
+    from burnguard.contracts.budgets import BudgetConfig
+    from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.instrumentation import guard as guard_module
+
+    bare_kb = rss_kb()
+    guard = guard_module.BudgetGuard(KafkaSettings(bootstrap=bootstrap), Topics(), BudgetConfig())
+    started = time.monotonic()
+    guard.start(wait_s=300)
+    start_s = time.monotonic() - started
+    after_kb, peak_kb = rss_kb(), rss_kb("VmHWM")
+    probes = json.loads(Path(os.environ["BURNGUARD_GUARD_SCALE_PROBES"]).read_text())
+    denied = sum(not guard.check(attribution={"user": u}).allowed for u in probes["throttle"])
+    allowed = sum(guard.check(attribution={"user": u}).allowed for u in probes["ok"])
+    guard.stop()
+    print(
+        json.dumps(
+            {
+                "code": guard_module.__file__,
+                "ready": guard.ready,
+                "start_s": start_s,
+                "bare_mb": bare_kb / 1024,
+                "rss_mb": after_kb / 1024,
+                "peak_mb": peak_kb / 1024,
+                "throttled_denied": denied,
+                "throttled_probed": len(probes["throttle"]),
+                "ok_allowed": allowed,
+                "ok_probed": len(probes["ok"]),
+            }
+        )
+    )
+
+
+def has_revision(rev: str) -> bool:
+    found = subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=BENCH_DIR.parent, check=False)
+    return found.returncode == 0
+
+
+def report(label: str, figures: dict) -> None:
+    from pipeline_setup import note
+
+    above = figures["rss_mb"] - figures["bare_mb"]
+    note(
+        f"{label}: start-up {figures['start_s']:.2f}s, VmRSS {figures['rss_mb']:.0f} MB "
+        f"(bare {figures['bare_mb']:.0f} MB, +{above:.0f} MB), peak {figures['peak_mb']:.0f} MB; "
+        f"throttled denied {figures['throttled_denied']}/{figures['throttled_probed']}, "
+        f"ok allowed {figures['ok_allowed']}/{figures['ok_probed']} ({figures['code']})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--signals", type=int, default=200_000)
+    parser.add_argument("--ok-share", type=float, default=0.9)
+    parser.add_argument("--compare", default=OLD_REV, help="git revision of the old behaviour, or 'none'")
+    parser.add_argument("--child", metavar="BOOTSTRAP", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    from pipeline_setup import BenchPipeline, machine_note, note, produce_all
+
+    compare = args.compare if args.compare != "none" and has_revision(args.compare) else None
+    records, probes = signal_records(args.signals, args.ok_share)
+    with BenchPipeline("guard_scale") as pipeline, tempfile.TemporaryDirectory() as scratch:
+        topic = pipeline.topics.signals
+        pipeline.broker.create_topic(topic, partitions=PARTITIONS, config={"cleanup.policy": "compact"})
+        sent = produce_all(pipeline.bootstrap, topic, records)
+        note(f"{sent} signals on {topic} ({args.ok_share:.0%} expired ok)")
+        new = measure(pipeline, "guard-new", probes, None)
+        report("this checkout", new)
+        old = None
+        if compare:
+            old = measure(pipeline, "guard-old", probes, export_revision(compare, Path(scratch)))
+            report(f"old behaviour ({compare})", old)
+    above = new["rss_mb"] - new["bare_mb"]
+    print(f"\nmachine: {machine_note()}")
+    print(
+        f"{sent} signals: start-up {new['start_s']:.2f}s (target <= {TARGET_START_S:g}s), "
+        f"+{above:.0f} MB above the bare process (target <= {TARGET_ABOVE_BARE_MB:g} MB)"
+    )
+    old_part = (
+        f" old_start_s={old['start_s']:.2f} old_rss_above_bare_mb={old['rss_mb'] - old['bare_mb']:.0f}"
+        if old
+        else ""
+    )
+    print(
+        f"RESULT guard_scale signals={sent} ok_share={args.ok_share:g} start_s={new['start_s']:.2f} "
+        f"rss_above_bare_mb={above:.0f} bare_rss_mb={new['bare_mb']:.0f} peak_mb={new['peak_mb']:.0f}"
+        f"{old_part}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
