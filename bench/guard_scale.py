@@ -22,6 +22,7 @@ until it has, --compact-wait-s at most), and the guard's start-up is measured on
 
     .venv/bin/python bench/guard_scale.py [--signals 200000] [--ok-share 0.9] [--compare REV|none]
                                           [--compact-wait-s 300]
+    .venv/bin/python bench/guard_scale.py --ingest-only   # the guard's CPU on the records alone, no broker
 """
 
 from __future__ import annotations
@@ -224,6 +225,44 @@ def child(bootstrap: str) -> None:
     )
 
 
+def ingest_child(count: int, ok_share: float) -> None:
+    """In the measured process: the guard's own work on a replay, no Kafka (records fed to `_ingest`)."""
+    from burnguard.contracts.budgets import BudgetConfig
+    from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.instrumentation import guard as guard_module
+
+    records, _ = signal_records(count, ok_share)
+    guard = guard_module.BudgetGuard(KafkaSettings(bootstrap="127.0.0.1:9"), Topics(), BudgetConfig())
+    started = time.process_time()
+    for key, value in records:
+        guard._ingest(key, value)
+    cpu_s = time.process_time() - started
+    print(json.dumps({"code": guard_module.__file__, "cpu_s": cpu_s, "held": guard.held}))
+
+
+def ingest_only(args: argparse.Namespace, compare: str | None) -> None:
+    """The guard's CPU time to apply the replayed records, this checkout and `compare`, no broker."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--ingest-child"]
+    command += ["--signals", str(args.signals), "--ok-share", str(args.ok_share)]
+    runs = {"new": None, "old": None}
+    with tempfile.TemporaryDirectory() as scratch:
+        pythonpaths = {"new": None, "old": export_revision(compare, Path(scratch)) if compare else None}
+        for name, pythonpath in pythonpaths.items():
+            if name == "old" and pythonpath is None:
+                continue
+            env = dict(os.environ)
+            if pythonpath is not None:
+                env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(BENCH_DIR)])
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+            runs[name] = json.loads(out.strip().splitlines()[-1])
+            print(f"{name}: {runs[name]}")
+    old_part = f" old_ingest_cpu_s={runs['old']['cpu_s']:.2f}" if runs["old"] else ""
+    print(
+        f"RESULT guard_scale_ingest signals={args.signals} ok_share={args.ok_share:g} "
+        f"ingest_cpu_s={runs['new']['cpu_s']:.2f}{old_part}"
+    )
+
+
 def has_revision(rev: str) -> bool:
     found = subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=BENCH_DIR.parent, check=False)
     return found.returncode == 0
@@ -247,14 +286,24 @@ def main() -> None:
     parser.add_argument("--ok-share", type=float, default=0.9)
     parser.add_argument("--compare", default=OLD_REV, help="git revision of the old behaviour, or 'none'")
     parser.add_argument("--compact-wait-s", type=float, default=300.0, help="at most, for the broker")
+    parser.add_argument(
+        "--ingest-only", action="store_true", help="the guard's CPU on the records, no broker"
+    )
     parser.add_argument("--child", metavar="BOOTSTRAP", help=argparse.SUPPRESS)
+    parser.add_argument("--ingest-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return
+    if args.ingest_child:
+        ingest_child(args.signals, args.ok_share)
+        return
+    compare = args.compare if args.compare != "none" and has_revision(args.compare) else None
+    if args.ingest_only:
+        ingest_only(args, compare)
+        return
     from pipeline_setup import BenchPipeline, machine_note, note, produce_all
 
-    compare = args.compare if args.compare != "none" and has_revision(args.compare) else None
     records, probes = signal_records(args.signals, args.ok_share)
     with BenchPipeline("guard_scale") as pipeline, tempfile.TemporaryDirectory() as scratch:
         topic = pipeline.topics.signals
