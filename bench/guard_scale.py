@@ -14,11 +14,15 @@ With --compare REV (default: the commit before the guard held only restrictions,
 if this checkout has it) the same measurement runs on that revision's code,
 exported with `git archive`, for the old behaviour's figures in the same run.
 
-What the topic holds once the worker retires its `ok`s (tombstones, then compaction,
-docs/ARCHITECTURE.md §8) is the restrictions alone: `--signals 20000 --ok-share 0` measures
-that topic (the compaction itself is the broker's and is not exercised here).
+Then the steady state the worker's retirement of `ok`s produces (docs/ARCHITECTURE.md §8):
+the same signals and a tombstone for every `ok` (as the worker writes one when it expires) go
+to a second topic configured to compact within seconds (segments rolled every second, any dirty
+share cleanable, tombstones removed at once); the broker compacts it for real (the bench waits
+until it has, --compact-wait-s at most), and the guard's start-up is measured on what is left.
 
     .venv/bin/python bench/guard_scale.py [--signals 200000] [--ok-share 0.9] [--compare REV|none]
+                                          [--compact-wait-s 300]
+    .venv/bin/python bench/guard_scale.py --ingest-only   # the guard's CPU on the records alone, no broker
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ OLD_REV = "83bb60b"  # main before issue 17: the guard kept every signal, `ok`s 
 PROBES = 500
 BUDGET = "user-daily"
 PARTITIONS = 4
+#: A signals topic the broker compacts within seconds, tombstones included.
+QUICK_COMPACTION = {
+    "cleanup.policy": "compact",
+    "segment.ms": "1000",
+    "min.cleanable.dirty.ratio": "0",
+    "min.compaction.lag.ms": "0",
+    "delete.retention.ms": "0",
+}
+ROLL_KEYS = 32  # tombstones of keys never used, sent to roll every partition's active segment
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -116,10 +129,59 @@ def export_revision(rev: str, into: Path) -> Path:
     return package
 
 
-def measure(pipeline: BenchPipeline, name: str, probes: dict, pythonpath: Path | None) -> dict:
+def with_retirements(records: list[tuple[bytes, bytes]], seed: int = 17) -> list[tuple[bytes, bytes | None]]:
+    """The signals, then the worker's tombstone for every `ok` (each once it expired), shuffled."""
+    tombstones = [(key, None) for key, value in records if b'"action":"ok"' in value]
+    random.Random(seed).shuffle(tombstones)
+    return [*records, *tombstones]
+
+
+def count_records(bootstrap: str, topic: str) -> int:
+    """How many records (tombstones included) the topic holds now."""
+    from burnguard.contracts.topics import KafkaSettings
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**KafkaSettings(bootstrap=bootstrap).kafka_python_config(), group_id=None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        count = 0
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            count += sum(len(batch) for batch in consumer.poll(timeout_ms=200).values())
+        return count
+    finally:
+        consumer.close()
+
+
+def wait_for_compaction(bootstrap: str, topic: str, keep: int, wait_s: float) -> tuple[int, float]:
+    """Roll the segments until the broker has compacted the topic to ~`keep` records; (left, seconds).
+
+    The active segment is never cleaned and a clean log is not cleaned again, so a few
+    tombstones of unused keys go out each round: they roll the segments and make a second
+    pass (which drops the retired `ok`s' own tombstones) possible.
+    """
+    from pipeline_setup import produce_all
+
+    started = time.monotonic()
+    rolls = 0
+    while True:
+        time.sleep(2.0)
+        rolls += produce_all(bootstrap, topic, [(f"roll-{n}".encode(), None) for n in range(ROLL_KEYS)])
+        left = count_records(bootstrap, topic)
+        if left <= keep + rolls or time.monotonic() - started > wait_s:
+            return left, time.monotonic() - started
+
+
+def measure(
+    pipeline: BenchPipeline, name: str, probes: dict, pythonpath: Path | None, topic: str | None = None
+) -> dict:
     """Run the guard in a fresh process (the code on `pythonpath`, else this checkout's); its figures."""
     probe_file = pipeline.write(f"{name}-probes.json", json.dumps(probes))
     env = {"BURNGUARD_GUARD_SCALE_PROBES": str(probe_file)}
+    if topic is not None:
+        env["BURNGUARD_TOPIC_SIGNALS"] = topic
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(BENCH_DIR)])
     process = pipeline.spawn(name, [str(Path(__file__).resolve()), "--child", pipeline.bootstrap], env)
@@ -136,7 +198,7 @@ def child(bootstrap: str) -> None:
     from burnguard.instrumentation import guard as guard_module
 
     bare_kb = rss_kb()
-    guard = guard_module.BudgetGuard(KafkaSettings(bootstrap=bootstrap), Topics(), BudgetConfig())
+    guard = guard_module.BudgetGuard(KafkaSettings(bootstrap=bootstrap), Topics.from_env(), BudgetConfig())
     started = time.monotonic()
     guard.start(wait_s=300)
     start_s = time.monotonic() - started
@@ -163,6 +225,44 @@ def child(bootstrap: str) -> None:
     )
 
 
+def ingest_child(count: int, ok_share: float) -> None:
+    """In the measured process: the guard's own work on a replay, no Kafka (records fed to `_ingest`)."""
+    from burnguard.contracts.budgets import BudgetConfig
+    from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.instrumentation import guard as guard_module
+
+    records, _ = signal_records(count, ok_share)
+    guard = guard_module.BudgetGuard(KafkaSettings(bootstrap="127.0.0.1:9"), Topics(), BudgetConfig())
+    started = time.process_time()
+    for key, value in records:
+        guard._ingest(key, value)
+    cpu_s = time.process_time() - started
+    print(json.dumps({"code": guard_module.__file__, "cpu_s": cpu_s, "held": guard.held}))
+
+
+def ingest_only(args: argparse.Namespace, compare: str | None) -> None:
+    """The guard's CPU time to apply the replayed records, this checkout and `compare`, no broker."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--ingest-child"]
+    command += ["--signals", str(args.signals), "--ok-share", str(args.ok_share)]
+    runs = {"new": None, "old": None}
+    with tempfile.TemporaryDirectory() as scratch:
+        pythonpaths = {"new": None, "old": export_revision(compare, Path(scratch)) if compare else None}
+        for name, pythonpath in pythonpaths.items():
+            if name == "old" and pythonpath is None:
+                continue
+            env = dict(os.environ)
+            if pythonpath is not None:
+                env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(BENCH_DIR)])
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+            runs[name] = json.loads(out.strip().splitlines()[-1])
+            print(f"{name}: {runs[name]}")
+    old_part = f" old_ingest_cpu_s={runs['old']['cpu_s']:.2f}" if runs["old"] else ""
+    print(
+        f"RESULT guard_scale_ingest signals={args.signals} ok_share={args.ok_share:g} "
+        f"ingest_cpu_s={runs['new']['cpu_s']:.2f}{old_part}"
+    )
+
+
 def has_revision(rev: str) -> bool:
     found = subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=BENCH_DIR.parent, check=False)
     return found.returncode == 0
@@ -185,14 +285,25 @@ def main() -> None:
     parser.add_argument("--signals", type=int, default=200_000)
     parser.add_argument("--ok-share", type=float, default=0.9)
     parser.add_argument("--compare", default=OLD_REV, help="git revision of the old behaviour, or 'none'")
+    parser.add_argument("--compact-wait-s", type=float, default=300.0, help="at most, for the broker")
+    parser.add_argument(
+        "--ingest-only", action="store_true", help="the guard's CPU on the records, no broker"
+    )
     parser.add_argument("--child", metavar="BOOTSTRAP", help=argparse.SUPPRESS)
+    parser.add_argument("--ingest-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return
+    if args.ingest_child:
+        ingest_child(args.signals, args.ok_share)
+        return
+    compare = args.compare if args.compare != "none" and has_revision(args.compare) else None
+    if args.ingest_only:
+        ingest_only(args, compare)
+        return
     from pipeline_setup import BenchPipeline, machine_note, note, produce_all
 
-    compare = args.compare if args.compare != "none" and has_revision(args.compare) else None
     records, probes = signal_records(args.signals, args.ok_share)
     with BenchPipeline("guard_scale") as pipeline, tempfile.TemporaryDirectory() as scratch:
         topic = pipeline.topics.signals
@@ -205,6 +316,16 @@ def main() -> None:
         if compare:
             old = measure(pipeline, "guard-old", probes, export_revision(compare, Path(scratch)))
             report(f"old behaviour ({compare})", old)
+        compacted_topic = f"{topic}.compacted"
+        pipeline.broker.create_topic(compacted_topic, partitions=PARTITIONS, config=QUICK_COMPACTION)
+        written = produce_all(pipeline.bootstrap, compacted_topic, with_retirements(records))
+        restrictions = sum(b'"action":"ok"' not in value for _, value in records)
+        left, waited = wait_for_compaction(
+            pipeline.bootstrap, compacted_topic, restrictions, args.compact_wait_s
+        )
+        note(f"{written} records (signals + retirement tombstones) compacted to {left} in {waited:.0f}s")
+        steady = measure(pipeline, "guard-compacted", probes, None, compacted_topic)
+        report("this checkout, compacted topic", steady)
     above = new["rss_mb"] - new["bare_mb"]
     print(f"\nmachine: {machine_note()}")
     print(
@@ -219,7 +340,8 @@ def main() -> None:
     print(
         f"RESULT guard_scale signals={sent} ok_share={args.ok_share:g} start_s={new['start_s']:.2f} "
         f"rss_above_bare_mb={above:.0f} bare_rss_mb={new['bare_mb']:.0f} peak_mb={new['peak_mb']:.0f}"
-        f"{old_part}"
+        f"{old_part} compacted_records={left} compacted_start_s={steady['start_s']:.2f} "
+        f"compacted_rss_above_bare_mb={steady['rss_mb'] - steady['bare_mb']:.0f}"
     )
 
 

@@ -242,6 +242,10 @@ class LocalLedger:
             own=recent.since(issued_s) if recent is not None else 0.0,
         )
 
+    def holds(self, kafka_key: str) -> bool:
+        """Whether a tally is held under `kafka_key` (the guard's replay skips expired `ok`s of no key)."""
+        return kafka_key in self._tallies
+
     def forget(self, kafka_key: str) -> None:
         with self._lock:
             self._drop(kafka_key)

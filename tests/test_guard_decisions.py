@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import pytest
 from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
+from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.guard import BudgetExceeded, BudgetGuard
 
@@ -325,3 +327,51 @@ def test_a_malformed_ok_is_skipped_and_the_restriction_stays() -> None:
     guard._ingest(b"tenant:acme@tenant-daily", bad)
     assert guard.stats.malformed_signals == 1
     assert guard.check("gpt-4.1", ACME).action == "deny"
+
+
+def test_an_expired_ok_of_a_key_holding_nothing_is_skipped_from_its_bytes() -> None:
+    """The replay's shortcut: such an `ok` is not validated (it could change nothing), others are."""
+    guard = make_guard()
+    bad = make_signal("ok", issued_at=NOW - timedelta(minutes=10)).to_json()
+    bad = bad.replace(b'"spent":1', b'"spent":-1')
+    guard._ingest(b"tenant:acme@tenant-daily", bad)
+    assert (guard.stats.signals_received, guard.stats.malformed_signals, guard.held) == (1, 0, (0, 0))
+    live_ok = make_signal("ok")  # not expired: a local-accounting baseline, no restriction
+    guard._ingest(live_ok.kafka_key.encode(), live_ok.to_json())
+    assert guard.held == (0, 1)
+    guard._ingest(live_ok.kafka_key.encode(), bad)  # would lift the baseline: validated, refused
+    assert guard.stats.malformed_signals == 1 and guard.held == (0, 1)
+
+
+def test_an_expired_ok_not_in_compact_form_still_lifts_a_restriction() -> None:
+    guard = make_guard()
+    guard.apply(make_signal("throttle"))
+    spaced = make_signal("ok", issued_at=NOW - timedelta(minutes=10)).model_dump_json(indent=1).encode()
+    guard._ingest(b"tenant:acme@tenant-daily", spaced)
+    assert guard.check("gpt-4.1", ACME).action == "allow" and guard.held == (0, 0)
+
+
+def test_a_replay_through_the_shortcut_holds_what_applying_every_signal_holds() -> None:
+    """Mixed oks (expired and live), restrictions and tombstones over few keys, in one order."""
+    rng = random.Random(17)
+    records = []
+    for _ in range(600):
+        tenant = f"t{rng.randrange(40)}"
+        action = rng.choice(["ok", "ok", "ok", "warn", "downgrade", "throttle", None])
+        if action is None:
+            records.append((f"tenant:{tenant}@tenant-daily".encode(), None))
+            continue
+        issued = NOW - timedelta(minutes=rng.choice([1, 10]))
+        signal = make_signal(action, key=tenant, issued_at=issued)
+        records.append((signal.kafka_key.encode(), signal.to_json()))
+    fast, slow = make_guard(), make_guard()
+    for key, payload in records:
+        fast._ingest(key, payload)
+        if payload is None:
+            slow.forget(key.decode())
+        else:
+            slow.apply(Signal.from_json(payload), payload)
+    assert fast.held == slow.held and fast.held[0] > 0
+    for n in range(40):
+        who = {"tenant": f"t{n}"}
+        assert fast.check("gpt-4.1", who) == slow.check("gpt-4.1", who)
