@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import clickhouse_connect
 from burnguard.contracts.pricing import UNPRICED_CHARGED
 from burnguard.contracts.signals import Signal
+from burnguard.contracts.span_checks import COUNT_FIELDS
 from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.schema import SIGNALS_TABLE, SPANS_TABLE
 from clickhouse_connect.driver.client import Client
@@ -163,7 +164,7 @@ def _lock_owner(path: Path) -> str | None:
 # --- rows -> columns -------------------------------------------------------------
 
 #: SpanUsage fields copied into the column of the same name.
-_SPAN_STR_FIELDS = (
+SPAN_STR_FIELDS = (
     "trace_id",
     "span_id",
     "parent_span_id",
@@ -191,23 +192,16 @@ _SPAN_STR_FIELDS = (
     "stakes",
     "error_type",
 )
-#: Counts, clamped into UInt64: a sender's negative or huge value must not make a batch unwritable.
-_SPAN_COUNT_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-    "tool_calls",
-)
 #: Columns filled straight from a SpanUsage field of another name or type.
 _SPAN_OTHER_FIELDS = ("fallback", "start_ns", "end_ns", "cost_usd", "status_error", "extra")
-_SPAN_FIELDS = (*_SPAN_STR_FIELDS, *_SPAN_COUNT_FIELDS, *_SPAN_OTHER_FIELDS)
+_SPAN_FIELDS = (*SPAN_STR_FIELDS, *COUNT_FIELDS, *_SPAN_OTHER_FIELDS)
 _SPAN_GETTERS = tuple(attrgetter(name) for name in _SPAN_FIELDS)
-_COUNTS = slice(len(_SPAN_STR_FIELDS), len(_SPAN_STR_FIELDS) + len(_SPAN_COUNT_FIELDS))
+#: The counts (`span_checks.COUNT_FIELDS`), clamped into UInt64: a sender's negative or huge value
+#: must not make a batch unwritable.
+_COUNTS = slice(len(SPAN_STR_FIELDS), len(SPAN_STR_FIELDS) + len(COUNT_FIELDS))
 SPAN_COLUMNS: tuple[str, ...] = (
-    *_SPAN_STR_FIELDS,
-    *_SPAN_COUNT_FIELDS,
+    *SPAN_STR_FIELDS,
+    *COUNT_FIELDS,
     "fallback",
     "start_time",
     "end_time",

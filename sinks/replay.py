@@ -12,44 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime
 
+from burnguard.contracts.span_checks import COUNT_FIELDS
 from burnguard.contracts.usage import SpanUsage
+from burnguard.sinks.clickhouse import SPAN_STR_FIELDS
 from clickhouse_connect.driver.client import Client
 
-#: SpanUsage fields read from the column of the same name.
-_SAME_NAME = (
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-    "name",
-    "operation",
-    "provider",
-    "request_model",
-    "response_model",
-    "service",
-    "tenant",
-    "user",
-    "workflow",
-    "feature",
-    "session",
-    "action",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-    "tool_calls",
-    "tool_name",
-    "agent_name",
-    "conversation_id",
-    "model_class",
-    "downgraded_from",
-    "routed_from",
-    "route",
-    "escalated_from",
-    "refused",
-    "stakes",
-    "error_type",
-)
+#: SpanUsage fields read from the column of the same name: the ones the writer stores so.
+_SAME_NAME = (*SPAN_STR_FIELDS, *COUNT_FIELDS)
 _SQL = f"""
 SELECT {", ".join(f"`{name}`" for name in _SAME_NAME)},
     toUnixTimestamp64Nano(start_time), toUnixTimestamp64Nano(end_time),
