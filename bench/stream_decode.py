@@ -18,9 +18,15 @@ the load (plain HTTP spans included, as the worker sees them):
   set (without one it returns at once, as it does for `BUDGETS_YAML`).
 
     .venv/bin/python bench/stream_decode.py [--spans 20000] [--repeat 7] [--profile]
+        [--plain-fraction 0.08] [--compare REV] [--rounds 2]
 
-`--profile` runs decode + deltas once more under cProfile and prints the top
-functions by own time.
+`--plain-fraction` sets the share of plain HTTP spans in the load (0.9: a
+Collector's whole trace pipeline, mostly non-GenAI spans). `--compare REV` also
+measures the stage-1 code of git revision REV (its `burnguard`, `contracts` and
+`stream` trees, exported to a scratch directory and imported first in a child
+process) on the same load, alternating old and new `--rounds` times, and prints
+both in the RESULT line. `--profile` runs decode + deltas once more under
+cProfile and prints the top functions by own time.
 """
 
 from __future__ import annotations
@@ -28,10 +34,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import json
 import os
 import pstats
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
@@ -46,11 +58,14 @@ _NS = 1_000_000_000
 #: The stream's default allowed lateness: spans older than this are not counted.
 ALLOWED_LATENESS_NS = 3600 * _NS
 CONTEXT_GUARD_YAML = "context_guards:\n  - {id: long-context, max_input_tokens: 8000, growth_calls: 3}\n"
+BENCH_DIR = Path(__file__).resolve().parent
+#: What `--compare` takes of a revision: the packages stage 1 imports.
+COMPARED_TREES = ("burnguard", "contracts", "stream")
 
 
-def make_load(spans: int) -> tuple[list[bytes], int]:
+def make_load(spans: int, plain_fraction: float = SpanMix.plain_fraction) -> tuple[list[bytes], int]:
     """(messages, spans in them): at least `spans` spans of the seeded synthetic load."""
-    mix = SpanMix()
+    mix = SpanMix(plain_fraction=plain_fraction)
     messages = []
     while mix.spans < spans:
         messages.append(mix.message()[1])
@@ -105,25 +120,17 @@ def profile(messages: list[bytes], config: BudgetConfig, prices: PriceBook, top:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--spans", type=int, default=20_000, help="spans in the load (default 20000)")
-    parser.add_argument("--repeat", type=int, default=7, help="runs per figure; the best counts (default 7)")
-    parser.add_argument("--profile", action="store_true", help="also print a cProfile of decode + deltas")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of the code this process imports, µs per span (every span of the load)."""
+    import burnguard.contracts.otlp as decoder
 
-    messages, spans = make_load(args.spans)
+    messages, spans = make_load(args.spans, args.plain_fraction)
     config = parse_budget_yaml(BUDGETS_YAML)
     context_config = parse_budget_yaml(BUDGETS_YAML + CONTEXT_GUARD_YAML)
     prices = PriceBook(config.prices)
     decoded = decode_all(messages)
     genai = sum(len(batch) for batch in decoded)
     deltas = deltas_all(decoded, config, prices)  # warms the price book and the matchers
-    print(
-        f"load: {spans} spans ({genai} GenAI) in {len(messages)} messages, {len(config.budgets)} budgets, "
-        f"{deltas} deltas; best of {args.repeat}"
-    )
-
     figures = {
         "raw_parse": best_cpu_s(lambda _: raw_parse(messages), args.repeat),
         "decode": best_cpu_s(lambda _: decode_all(messages), args.repeat),
@@ -135,15 +142,86 @@ def main() -> None:
         ),
     }
     per_span = {name: seconds / spans * 1e6 for name, seconds in figures.items()}
-    for name, micros in per_span.items():
-        print(f"  {name:10s} {micros:7.2f} us/span  ({micros / per_span['raw_parse']:5.1f}x raw parse)")
+    load = (
+        f"{spans} spans ({genai} GenAI) in {len(messages)} messages, {len(config.budgets)} budgets, "
+        f"{deltas} deltas"
+    )
+    return {"code": decoder.__file__, "load": load, "us": per_span}
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The stage-1 packages of `rev` laid out as `burnguard.*`, to put first on PYTHONPATH."""
+    archive = into / "old.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "archive", rev, *COMPARED_TREES], cwd=BENCH_DIR.parent, stdout=out, check=True)
+    source = into / "src"
+    with tarfile.open(archive) as tar:
+        tar.extractall(source, filter="data")
+    package = into / "pkg"
+    package.mkdir()
+    (package / "burnguard").symlink_to(source / "burnguard")
+    for part in COMPARED_TREES[1:]:
+        (source / "burnguard" / part).symlink_to(source / part)
+    return package
+
+
+def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
+    """`measure` in a process that imports the exported revision (its module path proves which)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    command += ["--spans", str(args.spans), "--repeat", str(args.repeat)]
+    command += ["--plain-fraction", str(args.plain_fraction)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(BENCH_DIR)])}
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def show(label: str, run: dict[str, Any]) -> None:
+    us = run["us"]
+    print(f"{label} ({run['code']}):")
+    for name, micros in us.items():
+        print(f"  {name:10s} {micros:7.2f} us/span  ({micros / us['raw_parse']:5.1f}x raw parse)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--spans", type=int, default=20_000, help="spans in the load (default 20000)")
+    parser.add_argument("--repeat", type=int, default=7, help="runs per figure; the best counts (default 7)")
+    parser.add_argument(
+        "--plain-fraction", type=float, default=SpanMix.plain_fraction, help="share of plain HTTP spans"
+    )
+    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
+    parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of decode + deltas")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+
+    runs: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        old_path = export_revision(args.compare, Path(scratch)) if args.compare != "none" else None
+        for _ in range(args.rounds if old_path else 1):
+            if old_path:
+                runs["old"].append(measure_child(args, old_path))
+            runs["new"].append(measure(args))
+    new = {name: min(run["us"][name] for run in runs["new"]) for name in runs["new"][0]["us"]}
+    print(f"load: {runs['new'][0]['load']}; plain fraction {args.plain_fraction:g}; best of {args.repeat}")
+    show("this checkout", {"code": runs["new"][0]["code"], "us": new})
+    fields = " ".join(f"{name}_us={micros:.2f}" for name, micros in new.items())
+    if runs["old"]:
+        old = {name: min(run["us"][name] for run in runs["old"]) for name in runs["old"][0]["us"]}
+        show(f"--compare {args.compare}", {"code": runs["old"][0]["code"], "us": old})
+        compared = ("decode", "deltas", "raw_parse")
+        fields += " " + " ".join(f"old_{name}_us={old[name]:.2f}" for name in compared)
+        stage1 = (old["decode"] + old["deltas"]) / (new["decode"] + new["deltas"])
+        fields += f" stage1_speedup={stage1:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     if args.profile:
-        profile(messages, config, prices)
-    print(
-        f"RESULT stream_decode decode_us={per_span['decode']:.2f} deltas_us={per_span['deltas']:.2f} "
-        f"raw_parse_us={per_span['raw_parse']:.2f} context_us={per_span['context']:.2f}"
-    )
+        messages, _ = make_load(args.spans, args.plain_fraction)
+        config = parse_budget_yaml(BUDGETS_YAML)
+        profile(messages, config, PriceBook(config.prices))
+    print(f"RESULT stream_decode plain_fraction={args.plain_fraction:g} {fields}")
 
 
 if __name__ == "__main__":
