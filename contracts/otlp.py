@@ -135,22 +135,24 @@ def _read_float(value: AnyValue) -> float | None:
     return value.double_value or _as_float(value)
 
 
+#: How an attribute's value is read, by field type: `_READERS[kind]`; the per-span loop of
+#: `_span_usage` inlines the common case of each (a non-empty string, a non-zero int or double).
+_STR, _INT, _FLOAT, _BOOL = range(4)
+_READERS: tuple[Callable[[AnyValue], Any], ...] = (_read_str, _read_int, _read_float, _as_bool)
 #: What decoding does with one attribute: (index into the `SpanUsage` field values, how to read
-#: the value, None for a canonical attribute or, for a deprecated or foreign spelling that only
-#: fills a field the canonical attributes left empty, its rank: the first spelling listed wins).
-_Slot = tuple[int, Callable[[AnyValue], Any], "int | None"]
+#: the value (`_STR` ...), None for a canonical attribute or, for a deprecated or foreign spelling
+#: that only fills a field the canonical attributes left empty, its rank: the first listed wins).
+_Slot = tuple[int, int, "int | None"]
 _FIELDS = [f.name for f in fields(SpanUsage) if f.name != "extra"]  # extra: a fresh dict per span
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
 _SLOTS: dict[str, _Slot] = {}
 
 
-def _read(
-    attribute: str, field_name: str, read: Callable[[AnyValue], Any], *, if_empty: bool = False
-) -> None:
+def _read(attribute: str, field_name: str, read: int, *, if_empty: bool = False) -> None:
     _SLOTS[attribute] = (_INDEX[field_name], read, len(_SLOTS) if if_empty else None)
 
 
-def _read_spellings(field_name: str, spellings: tuple[str, ...], read: Callable[[AnyValue], Any]) -> None:
+def _read_spellings(field_name: str, spellings: tuple[str, ...], read: int) -> None:
     """A field several attributes carry, in their precedence (`attributes.FIELD_SPELLINGS`)."""
     canonical, *others = spellings
     _read(canonical, field_name, read)
@@ -158,36 +160,37 @@ def _read_spellings(field_name: str, spellings: tuple[str, ...], read: Callable[
         _read(other, field_name, read, if_empty=True)
 
 
-_read(attr.GEN_AI_OPERATION_NAME, "operation", _read_str)
-_read_spellings("provider", attr.FIELD_SPELLINGS["provider"], _read_str)
-_read(attr.GEN_AI_REQUEST_MODEL, "request_model", _read_str)
-_read(attr.GEN_AI_RESPONSE_MODEL, "response_model", _read_str)
+_read(attr.GEN_AI_OPERATION_NAME, "operation", _STR)
+_read_spellings("provider", attr.FIELD_SPELLINGS["provider"], _STR)
+_read(attr.GEN_AI_REQUEST_MODEL, "request_model", _STR)
+_read(attr.GEN_AI_RESPONSE_MODEL, "response_model", _STR)
 for _field in ("input_tokens", "output_tokens", "cache_creation_tokens"):
-    _read_spellings(_field, attr.FIELD_SPELLINGS[_field], _read_int)
-_read(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read_tokens", _read_int)
-_read(attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens", _read_int)
-_read(attr.GEN_AI_TOOL_NAME, "tool_name", _read_str)
-_read(attr.GEN_AI_AGENT_NAME, "agent_name", _read_str)
-_read(attr.GEN_AI_CONVERSATION_ID, "conversation_id", _read_str)
-_read(attr.ERROR_TYPE, "error_type", _read_str)
-_read(attr.COST_USD, "cost_usd", _read_float)
-_read(attr.MODEL_CLASS, "model_class", _read_str)
-_read(attr.DOWNGRADED_FROM, "downgraded_from", _read_str)
-_read(attr.ROUTED_FROM, "routed_from", _read_str)
-_read(attr.ROUTE, "route", _read_str)
-_read(attr.ESCALATED_FROM, "escalated_from", _read_str)
-_read(attr.REFUSED, "refused", _read_str)
-_read(attr.STAKES, "stakes", _read_str)
-_read(attr.FALLBACK, "fallback", _as_bool)
-_read(attr.TOOL_CALLS, "tool_calls", _read_int)
-_read("llm.request.type", "operation", _read_str, if_empty=True)  # OpenLLMetry
+    _read_spellings(_field, attr.FIELD_SPELLINGS[_field], _INT)
+_read(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read_tokens", _INT)
+_read(attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens", _INT)
+_read(attr.GEN_AI_TOOL_NAME, "tool_name", _STR)
+_read(attr.GEN_AI_AGENT_NAME, "agent_name", _STR)
+_read(attr.GEN_AI_CONVERSATION_ID, "conversation_id", _STR)
+_read(attr.ERROR_TYPE, "error_type", _STR)
+_read(attr.COST_USD, "cost_usd", _FLOAT)
+_read(attr.MODEL_CLASS, "model_class", _STR)
+_read(attr.DOWNGRADED_FROM, "downgraded_from", _STR)
+_read(attr.ROUTED_FROM, "routed_from", _STR)
+_read(attr.ROUTE, "route", _STR)
+_read(attr.ESCALATED_FROM, "escalated_from", _STR)
+_read(attr.REFUSED, "refused", _STR)
+_read(attr.STAKES, "stakes", _STR)
+_read(attr.FALLBACK, "fallback", _BOOL)
+_read(attr.TOOL_CALLS, "tool_calls", _INT)
+_read("llm.request.type", "operation", _STR, if_empty=True)  # OpenLLMetry
 for _dimension, _spellings in attr.ATTRIBUTION_SPELLINGS.items():
-    _read_spellings(_dimension, _spellings, _read_str)
+    _read_spellings(_dimension, _spellings, _STR)
 #: The attribution spellings, also read from the resource (`resource_attribution`).
 _ATTRIBUTION_SLOTS = {key: slot for key, slot in _SLOTS.items() if _FIELDS[slot[0]] in attr.ATTRIBUTION_KEYS}
 
-#: Attributes whose presence makes a span a GenAI span worth accounting.
-_GENAI_MARKERS = (attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM)
+#: Attributes whose presence makes a span a GenAI span worth accounting (`_is_accounted`).
+_OPERATION_NAME, _PROVIDER_NAME = attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME
+_SYSTEM, _DUPLICATE_OF = attr.GEN_AI_SYSTEM, attr.DUPLICATE_OF
 
 #: The field values of a `SpanUsage` before any attribute is read, in field order; `_span_usage`
 #: sets the fields without a default (trace_id ... end_ns, the first six by position, and operation).
@@ -287,28 +290,36 @@ class DecodedSpans:
 
 
 def check_spans(request: Message, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
-    """Decode every GenAI span of a `TraceRequestView`, setting aside those that break a rule."""
+    """Decode every GenAI span of a `TraceRequestView`, setting aside those that break a rule.
+
+    The loop runs once per span of every message, GenAI or not: a span that is not accounted
+    costs its attribute map and three look-ups in it; the resource's service and attribution
+    are read once per resource.
+    """
     decoded = DecodedSpans()
+    usages, rejected = decoded.usages, decoded.rejected
     index = -1
     for resource_spans in request.resource_spans:
-        service = resource_spans.resource.attributes.get(attr.SERVICE_NAME)
+        resource_attributes = resource_spans.resource.attributes
+        service = resource_attributes.get(attr.SERVICE_NAME)
         service = service.string_value if service is not None else ""
-        inherited = resource_attribution(resource_spans.resource.attributes)
+        inherited = [(_INDEX[d], value) for d, value in resource_attribution(resource_attributes).items()]
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 index += 1
+                attributes = span.attributes
+                if not _is_accounted(attributes):
+                    continue
                 try:
-                    usage = _span_usage(span, service)
-                    if usage is not None:
-                        _inherit(usage, inherited)
-                    problem = None if usage is None else span_problem(usage, limits)
+                    usage = _span_usage(span, attributes, service, inherited)
+                    problem = span_problem(usage, limits)
                 except _RejectedValue as exc:
                     problem = (exc.kind, str(exc))
-                if problem is not None:
+                if problem is None:
+                    usages.append(usage)
+                else:
                     single = _single_span_request(resource_spans, scope_spans, span)
-                    decoded.rejected.append(RejectedSpan(index, *problem, single))
-                elif usage is not None:
-                    decoded.usages.append(usage)
+                    rejected.append(RejectedSpan(index, *problem, single))
     return decoded
 
 
@@ -331,13 +342,6 @@ class _RejectedValue(ValueError):
         self.kind = kind
 
 
-def _inherit(usage: SpanUsage, inherited: dict[str, str]) -> None:
-    """Fill the attribution the span left empty from its resource's (checked like the span's own)."""
-    for dimension, value in inherited.items():
-        if not getattr(usage, dimension):
-            setattr(usage, dimension, value)
-
-
 def resource_attribution(attributes: Mapping[str, AnyValue]) -> dict[str, str]:
     """The attribution a resource carries (`OTEL_RESOURCE_ATTRIBUTES=burnguard.tenant=...`), by dimension.
 
@@ -354,48 +358,59 @@ def resource_attribution(attributes: Mapping[str, AnyValue]) -> dict[str, str]:
         if slot is None:
             continue
         if slot[2] is None:
-            values[_FIELDS[slot[0]]] = slot[1](attributes[key])
+            values[_FIELDS[slot[0]]] = _READERS[slot[1]](attributes[key])
         else:
             fallbacks.append((slot[2], key))
     for _rank, key in sorted(fallbacks):
         dimension = _FIELDS[_ATTRIBUTION_SLOTS[key][0]]
         if not values.get(dimension):
-            values[dimension] = _ATTRIBUTION_SLOTS[key][1](attributes[key])
+            values[dimension] = _READERS[_ATTRIBUTION_SLOTS[key][1]](attributes[key])
     return {dimension: value for dimension, value in values.items() if value}
 
 
 def _is_accounted(attributes: Mapping[str, AnyValue]) -> bool:
     """A GenAI span, unless a second instrumentation's span of a call counted on burnguard's."""
-    if attr.DUPLICATE_OF in attributes:
-        return False
-    return any(marker in attributes for marker in _GENAI_MARKERS)
+    return (
+        _OPERATION_NAME in attributes or _PROVIDER_NAME in attributes or _SYSTEM in attributes
+    ) and _DUPLICATE_OF not in attributes
 
 
-def _span_usage(span: Any, service: str) -> SpanUsage | None:
+def _span_usage(
+    span: Any, attributes: Mapping[str, AnyValue], service: str, inherited: list[tuple[int, str]]
+) -> SpanUsage:
     """The attributes into a list of field values, one `SpanUsage` built from it.
 
     The positional constructor with every value costs less than keyword arguments followed
-    by an attribute write per field. Attribute order is not known (a map): the spellings that
-    only fill an empty field are read after the canonical ones.
+    by an attribute write per field, and the common case of each reader is inlined (a call
+    per attribute cost more than the read). Attribute order is not known (a map): the
+    spellings that only fill an empty field are read after the canonical ones, and the
+    resource's attribution (`inherited`: field index, value) fills what is still empty.
     """
-    attributes = span.attributes
-    if not _is_accounted(attributes):
-        return None
     values = _DEFAULTS.copy()
     slots = _SLOTS
     fallbacks: list[tuple[int, str]] = []
-    for key in attributes:
-        slot = slots.get(key)
-        if slot is None:
-            continue
-        index, read, rank = slot
-        if rank is None:
-            try:
-                values[index] = read(attributes[key])
-            except BadValue as exc:
-                raise _RejectedValue(f"{key}: {exc}", exc.kind) from None
-        else:
-            fallbacks.append((rank, key))
+    key = ""
+    try:
+        for key in attributes:
+            slot = slots.get(key)
+            if slot is None:
+                continue
+            index, kind, rank = slot
+            if rank is not None:
+                fallbacks.append((rank, key))
+            elif kind == _STR:
+                value = attributes[key]
+                values[index] = value.string_value or _as_str(value)
+            elif kind == _INT:
+                value = attributes[key]
+                values[index] = value.int_value or _as_int(value)
+            elif kind == _FLOAT:
+                value = attributes[key]
+                values[index] = value.double_value or _as_float(value)
+            else:
+                values[index] = _as_bool(attributes[key])
+    except BadValue as exc:
+        raise _RejectedValue(f"{key}: {exc}", exc.kind) from None
     if fallbacks:
         _fill_if_empty(values, attributes, fallbacks)
     values[0] = span.trace_id.hex()
@@ -408,6 +423,9 @@ def _span_usage(span: Any, service: str) -> SpanUsage | None:
         values[_OPERATION] = attr.OP_CHAT
     values[_SERVICE] = service
     values[_STATUS_ERROR_FIELD] = span.status.code == _STATUS_ERROR
+    for index, value in inherited:
+        if not values[index]:
+            values[index] = value
     return SpanUsage(*values)
 
 
@@ -416,10 +434,10 @@ def _fill_if_empty(
 ) -> None:
     """Deprecated and foreign spellings fill the fields still empty, in the order of their rank."""
     for _rank, key in sorted(found):
-        index, read, _ = _SLOTS[key]
+        index, kind, _ = _SLOTS[key]
         if not values[index]:
             try:
-                values[index] = read(attributes[key])
+                values[index] = _READERS[kind](attributes[key])
             except BadValue as exc:
                 raise _RejectedValue(f"{key}: {exc}", exc.kind) from None
 

@@ -100,9 +100,9 @@ def span_problem(usage: SpanUsage, limits: SpanLimits = DEFAULT_LIMITS) -> tuple
 
     Cheap on a good span (a dozen compares): it runs once per span on the hot path.
     """
-    problem = cost_problem(usage.cost_usd, limits)
-    if problem is not None:
-        return problem
+    cost = usage.cost_usd
+    if cost is not None and not 0.0 <= cost <= limits.max_cost_usd:  # NaN fails the compare too
+        return cost_problem(cost, limits)
     counts = (
         usage.input_tokens,
         usage.output_tokens,
@@ -117,13 +117,21 @@ def span_problem(usage: SpanUsage, limits: SpanLimits = DEFAULT_LIMITS) -> tuple
                 return NEGATIVE, f"{name} is negative ({value})"
             if value > limits.max_tokens:
                 return OVER_CEILING, f"{name} {value} is above the per-span ceiling {limits.max_tokens}"
-    longest = max(len(usage.tenant), len(usage.user), len(usage.workflow), len(usage.feature))
-    longest = max(longest, len(usage.session), len(usage.action), len(usage.service))
-    longest = max(longest, len(usage.request_model), len(usage.response_model))
-    if longest > limits.max_key_chars:
+    most = limits.max_key_chars
+    if (
+        len(usage.tenant) > most
+        or len(usage.user) > most
+        or len(usage.workflow) > most
+        or len(usage.feature) > most
+        or len(usage.session) > most
+        or len(usage.action) > most
+        or len(usage.service) > most
+        or len(usage.request_model) > most
+        or len(usage.response_model) > most
+    ):
         for name in KEY_FIELDS:
-            if len(value := getattr(usage, name)) > limits.max_key_chars:
-                return TOO_LONG, f"{name} is {len(value)} characters long (at most {limits.max_key_chars})"
+            if len(value := getattr(usage, name)) > most:
+                return TOO_LONG, f"{name} is {len(value)} characters long (at most {most})"
     return None
 
 
