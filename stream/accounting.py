@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 
 from burnguard.contracts.budget_rules import (
@@ -84,12 +85,16 @@ class WindowClock:
     def start_ns(self, at_ns: int) -> int:
         if self.fixed:
             return 0
+        return self.bounds_ns(at_ns)[0]
+
+    def bounds_ns(self, at_ns: int) -> tuple[int, int]:
+        """[start, end) of the calendar window that holds `at_ns` (not for a `fixed` window)."""
         if self._start <= at_ns < self._end:
-            return self._start
+            return self._start, self._end
         start, end = calendar_bounds_ns(self._window, at_ns)
         if start >= self._start:  # a late span does not evict the newest window
             self._start, self._end = start, end
-        return start
+        return start, end
 
 
 @dataclass(slots=True)
@@ -437,9 +442,28 @@ class _BudgetSet:
     Budgets share scopes and windows (the bench's 20 budgets have 10 scopes and 8 windows), so
     each span's key per scope and window start per window are worked out once, and each budget
     it matches is a few index reads and one dict look-up.
+
+    Spans of one session, one model class and one kind match the same budgets under the same
+    keys: `matched` remembers, per (the span's values of every scoped dimension, whether it is
+    a call, whether it has tool calls), which budgets take it and under which key, so most spans
+    are matched by one dict look-up. `starts` keeps the window starts of the last event time
+    with the range of times they hold for.
     """
 
-    __slots__ = ("clocks", "fixed_starts", "for_kind", "scopes")
+    __slots__ = (
+        "_matched",
+        "_starts",
+        "_starts_range",
+        "clocks",
+        "entries",
+        "fixed_starts",
+        "for_kind",
+        "scopes",
+        "signature",
+    )
+
+    #: Remembered matches before the memory is cleared: the signatures hold user ids, sessions, ...
+    MAX_REMEMBERED = 100_000
 
     def __init__(self, budgets: Iterable[Budget]) -> None:
         scopes: dict[tuple[str, ...], int] = {}
@@ -449,6 +473,7 @@ class _BudgetSet:
             scope = scopes.setdefault(budget.scope, len(scopes))
             window = windows.setdefault(budget.window_spec, len(windows))
             entries.append(_entry(budget, scope, window))
+        self.entries = entries
         #: (is a model call made or refused, has tool calls) -> the budgets that count such a span,
         #: in the order of the file (the order of the deltas)
         self.for_kind = {
@@ -457,10 +482,16 @@ class _BudgetSet:
             for tools in (False, True)
         }
         self.scopes = [scope_reader(scope) for scope in scopes]
+        dimensions = tuple(dict.fromkeys(dimension for scope in scopes for dimension in scope))
+        #: a span's values of every dimension some scope reads: its keys follow from them
+        self.signature = attrgetter(*dimensions) if dimensions else _no_signature
         clocks = [(index, WindowClock(window)) for window, index in windows.items()]
         #: calendar windows only: rolling and session windows start at 0
         self.clocks = [(index, clock) for index, clock in clocks if not clock.fixed]
         self.fixed_starts = [0] * len(windows)
+        self._matched: dict[tuple[Any, bool, bool], list[tuple[_Entry, str]]] = {}
+        self._starts: tuple[int, ...] = ()
+        self._starts_range = (0, 0)
 
     def starts(self, event_ns: int) -> list[int]:
         """The start of the window that holds `event_ns`, per window."""
@@ -468,6 +499,43 @@ class _BudgetSet:
         for index, clock in self.clocks:
             starts[index] = clock.start_ns(event_ns)
         return starts
+
+    def starts_at(self, event_ns: int) -> tuple[int, ...]:
+        """`starts` as a tuple, the same object while `event_ns` stays in every current window."""
+        low, high = self._starts_range
+        if low <= event_ns < high:
+            return self._starts
+        starts = self.fixed_starts.copy()
+        low, high = _EARLIEST, _LATEST
+        for index, clock in self.clocks:
+            start, end = clock.bounds_ns(event_ns)
+            starts[index] = start
+            low, high = max(low, start), min(high, end)
+        self._starts, self._starts_range = tuple(starts), (low, high)
+        return self._starts
+
+    def matched(self, usage: SpanUsage, signature: Any, calls: bool, tools: bool) -> list[tuple[_Entry, str]]:
+        """(budget, key) of every budget that counts `usage`, in file order (`_count`'s match)."""
+        found = self._matched.get((signature, calls, tools))
+        if found is None:
+            if len(self._matched) > self.MAX_REMEMBERED:
+                self._matched.clear()
+            keys = span_keys(self.scopes, usage)
+            found = []
+            for entry in self.for_kind[(calls, tools)]:
+                key, matcher = keys[entry[1]], entry[4]
+                if key is not None and (matcher is None or matcher.matches(key)):
+                    found.append((entry, key))
+            self._matched[(signature, calls, tools)] = found
+        return found
+
+
+_EARLIEST, _LATEST = -(1 << 63), 1 << 63
+
+
+def _no_signature(_usage: SpanUsage) -> None:
+    """The signature of a span when no budget has a scope (no budgets)."""
+    return None
 
 
 _compiled: tuple[BudgetConfig | None, _BudgetSet] = (None, _BudgetSet(()))
@@ -481,6 +549,49 @@ def _budget_set(config: BudgetConfig) -> _BudgetSet:
     return _compiled[1]
 
 
+class _Group:
+    """The spans of one batch that go to the same deltas: their count and event-time range.
+
+    A span's amount is added to each of the group's deltas at once (a float sum, so in span
+    order, as the per-span path adds it); the count and the first and last event time are
+    order-free, so they are kept here and added to the deltas once, at the end (`_settle`).
+    """
+
+    __slots__ = ("first", "last", "spans", "targets")
+
+    def __init__(self, targets: list[tuple[UsageDelta, int, bool]]) -> None:
+        self.targets = targets  # (delta, index of its metric's amount, whether it keeps a call mix)
+        self.spans = 0
+        self.first = _LATEST
+        self.last = 0
+
+    def settle(self) -> None:
+        for delta, _, _ in self.targets:
+            delta.spans += self.spans
+            if not delta.first_event_ns or self.first < delta.first_event_ns:
+                delta.first_event_ns = self.first
+            if self.last > delta.last_event_ns:
+                delta.last_event_ns = self.last
+
+
+def _targets(
+    matched: list[tuple[_Entry, str]],
+    starts: tuple[int, ...],
+    deltas: dict[tuple[str, str, int], UsageDelta],
+    source: tuple[int, int],
+) -> list[tuple[UsageDelta, int, bool]]:
+    """The deltas of the matched budgets in these windows, made when new (in file order)."""
+    targets = []
+    for (budget_id, _scope, window, metric, _matcher, bucket_ns, calls, _budget), key in matched:
+        slot = (budget_id, key, starts[window])
+        delta = deltas.get(slot)
+        if delta is None:
+            mix = [0.0] * MIX_FIELDS if calls else None
+            delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
+        targets.append((delta, metric, calls))
+    return targets
+
+
 def usage_deltas(
     usages: Iterable[SpanUsage],
     config: BudgetConfig,
@@ -488,6 +599,8 @@ def usage_deltas(
     stats: BatchStats | None = None,
     source: tuple[int, int] = (-1, -1),
     closed_before_ns: int = 0,
+    *,
+    per_span: bool = False,
 ) -> list[UsageDelta]:
     """Sum a batch of spans into deltas for every budget each span matches.
 
@@ -496,12 +609,22 @@ def usage_deltas(
     ended before `closed_before_ns` (now minus the allowed lateness): budgets
     are decided by then, so it is counted in `stats.too_late` instead (the
     ClickHouse history still records the span).
+
+    Spans in the same windows with the same signature and kind share a `_Group`; a span older
+    than `closed_before_ns` (whose windows may have closed, budget by budget) goes through the
+    per-span reference path (`_count`), and so does every span with `per_span` (the tests compare
+    the two) or when a span carries no event time (the first event time then depends on order).
     """
+    usages = usages if isinstance(usages, list) else list(usages)
     budgets = _budget_set(config)
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
+    groups: dict[tuple[Any, bool, bool, tuple[int, ...]], _Group] = {}
+    per_span = per_span or not all(usage.end_ns or usage.start_ns for usage in usages)
+    signature_of, matched, starts_at = budgets.signature, budgets.matched, budgets.starts_at
     for usage in usages:
-        charged_as_unpriced = price_if_unpriced(usage, prices)
-        fill_model_class(usage, config)
+        charged_as_unpriced = price_if_unpriced(usage, prices) if usage.cost_usd is None else False
+        if not usage.model_class:
+            fill_model_class(usage, config)
         model_call = usage.is_model_call
         if stats is not None:
             stats.spans += 1
@@ -511,12 +634,33 @@ def usage_deltas(
         if not (model_call or tool_call or refused):
             continue
         event_ns = usage.end_ns or usage.start_ns
-        keys, starts = span_keys(budgets.scopes, usage), budgets.starts(event_ns)
         amounts = NOTHING if refused else span_amounts(usage)
         calls = model_call or refused
         unusual = None if not calls or (mix := call_mix(usage)) == _PLAIN_CALL else mix
-        entries = budgets.for_kind[(calls, tool_call)]
-        _count(entries, (event_ns, keys, starts, amounts, unusual, source, closed_before_ns), deltas, stats)
+        if per_span or event_ns < closed_before_ns:
+            keys, starts = span_keys(budgets.scopes, usage), budgets.starts(event_ns)
+            span = (event_ns, keys, starts, amounts, unusual, source, closed_before_ns)
+            _count(budgets.for_kind[(calls, tool_call)], span, deltas, stats)
+            continue
+        signature = signature_of(usage)
+        starts = starts_at(event_ns)
+        group = groups.get((signature, calls, tool_call, starts))
+        if group is None:
+            found = matched(usage, signature, calls, tool_call)
+            group = groups[(signature, calls, tool_call, starts)] = _Group(
+                _targets(found, starts, deltas, source)
+            )
+        group.spans += 1
+        if event_ns < group.first:
+            group.first = event_ns
+        if event_ns > group.last:
+            group.last = event_ns
+        for delta, metric, counts_calls in group.targets:
+            delta.amount += amounts[metric]
+            if unusual is not None and counts_calls:
+                delta.count_unusual_call(unusual)
+    for group in groups.values():
+        group.settle()
     _settle_call_mix(deltas.values())
     return list(deltas.values())
 
