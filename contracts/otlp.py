@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -444,7 +445,7 @@ def _fill_if_empty(
 
 def decode_usage(payload: bytes) -> list[SpanUsage]:
     """Decode one `otlp_spans` message into the valid GenAI spans it carries."""
-    return check_spans(parse_request(payload)).usages
+    return decode_spans(payload).usages
 
 
 def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
@@ -452,4 +453,22 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
 
     Raises `MalformedSpans` when the message as a whole is not an OTLP request.
     """
-    return check_spans(parse_request(payload), limits)
+    request = parse_request(payload)  # the whole message is checked, whatever it holds
+    if _without_markers(payload):
+        return DecodedSpans()
+    return check_spans(request, limits)
+
+
+#: What every marker key starts with, as it stands in a protobuf message (a string field's UTF-8
+#: bytes, unescaped): a message without it holds no marker.
+_MARKER_PREFIX = os.path.commonprefix([_OPERATION_NAME, _PROVIDER_NAME, _SYSTEM]).encode()  # noqa: RUF071
+
+
+def _without_markers(payload: bytes) -> bool:
+    """A protobuf message in which no attribute can be a GenAI marker: none of its spans counts.
+
+    A Collector that sends its whole trace pipeline sends many messages of services that make
+    no model calls; one search of the bytes spares walking their spans (it stops at the first
+    GenAI span of any other message). Only for protobuf: JSON may spell a key with escapes.
+    """
+    return detect_format(payload) == OTLP_PROTO and _MARKER_PREFIX not in payload

@@ -485,3 +485,21 @@ def test_json_with_a_leading_newline_that_is_neither_json_nor_protobuf_reports_t
 ) -> None:
     with pytest.raises(MalformedSpans, match="JSON"):
         decode_usage(payload)
+
+
+def test_a_message_without_genai_spans_decodes_to_nothing_and_is_still_checked_whole() -> None:
+    # Such a message is not walked span by span (no marker key in its bytes), but it must be the
+    # same: no usages, no rejections, and refused when the official message class refuses it.
+    plain = {"name": "GET /health", "attributes": {"http.request.method": "GET", "gen_ai_like": "x"}}
+    payload = proto_payload(finished_spans(plain, plain))
+    assert b"gen_ai." not in payload
+    decoded = decode_spans(payload)
+    assert decoded.usages == [] and decoded.rejected == []
+    with pytest.raises(MalformedSpans, match="protobuf"):
+        decode_spans(payload.replace(b"GET /health", b"\xffET /health", 1))
+    # one GenAI span among them is found as before, and a bad one is still rejected alone
+    mixed = proto_payload(
+        finished_spans(plain, {"attributes": {"gen_ai.system": "openai", "gen_ai.usage.input_tokens": -1}})
+    )
+    decoded = decode_spans(mixed)
+    assert [(r.index, r.kind) for r in decoded.rejected] == [(1, "negative")] and decoded.usages == []
