@@ -443,15 +443,12 @@ class _BudgetSet:
     each span's key per scope and window start per window are worked out once, and each budget
     it matches is a few index reads and one dict look-up.
 
-    Spans of one session, one model class and one kind match the same budgets under the same
-    keys: `matched` remembers, per (the span's values of every scoped dimension, whether it is
-    a call, whether it has tool calls), which budgets take it and under which key, so most spans
-    are matched by one dict look-up. `starts` keeps the window starts of the last event time
-    with the range of times they hold for.
+    `starts_at` keeps the window starts of the last event time with the range of times they
+    hold for; `signature` reads a span's value of every dimension some scope reads, from which
+    its keys, and so the budgets that take it, follow (`usage_deltas` groups spans by it).
     """
 
     __slots__ = (
-        "_matched",
         "_starts",
         "_starts_range",
         "clocks",
@@ -461,9 +458,6 @@ class _BudgetSet:
         "scopes",
         "signature",
     )
-
-    #: Remembered matches before the memory is cleared: the signatures hold user ids, sessions, ...
-    MAX_REMEMBERED = 100_000
 
     def __init__(self, budgets: Iterable[Budget]) -> None:
         scopes: dict[tuple[str, ...], int] = {}
@@ -489,7 +483,6 @@ class _BudgetSet:
         #: calendar windows only: rolling and session windows start at 0
         self.clocks = [(index, clock) for index, clock in clocks if not clock.fixed]
         self.fixed_starts = [0] * len(windows)
-        self._matched: dict[tuple[Any, bool, bool], list[tuple[_Entry, str]]] = {}
         self._starts: tuple[int, ...] = ()
         self._starts_range = (0, 0)
 
@@ -514,20 +507,14 @@ class _BudgetSet:
         self._starts, self._starts_range = tuple(starts), (low, high)
         return self._starts
 
-    def matched(self, usage: SpanUsage, signature: Any, calls: bool, tools: bool) -> list[tuple[_Entry, str]]:
+    def matched(self, usage: SpanUsage, calls: bool, tools: bool) -> list[tuple[_Entry, str]]:
         """(budget, key) of every budget that counts `usage`, in file order (`_count`'s match)."""
-        found = self._matched.get((signature, calls, tools))
-        if found is None:
-            if len(self._matched) > self.MAX_REMEMBERED:
-                self._matched.clear()
-            keys = span_keys(self.scopes, usage)
-            found = []
-            for entry in self.for_kind[(calls, tools)]:
-                key, matcher = keys[entry[1]], entry[4]
-                if key is not None and (matcher is None or matcher.matches(key)):
-                    found.append((entry, key))
-            self._matched[(signature, calls, tools)] = found
-        return found
+        keys = span_keys(self.scopes, usage)
+        return [
+            (entry, key)
+            for entry in self.for_kind[(calls, tools)]
+            if (key := keys[entry[1]]) is not None and (entry[4] is None or entry[4].matches(key))
+        ]
 
 
 _EARLIEST, _LATEST = -(1 << 63), 1 << 63
@@ -610,7 +597,9 @@ def usage_deltas(
     are decided by then, so it is counted in `stats.too_late` instead (the
     ClickHouse history still records the span).
 
-    Spans in the same windows with the same signature and kind share a `_Group`; a span older
+    Spans in the same windows with the same signature and kind share a `_Group`, matched to its
+    deltas once, for its first span; the others only add their amounts (a session's calls of
+    one class in one batch match once: nothing is remembered across batches). A span older
     than `closed_before_ns` (whose windows may have closed, budget by budget) goes through the
     per-span reference path (`_count`), and so does every span with `per_span` (the tests compare
     the two) or when a span carries no event time (the first event time then depends on order).
@@ -646,10 +635,8 @@ def usage_deltas(
         starts = starts_at(event_ns)
         group = groups.get((signature, calls, tool_call, starts))
         if group is None:
-            found = matched(usage, signature, calls, tool_call)
-            group = groups[(signature, calls, tool_call, starts)] = _Group(
-                _targets(found, starts, deltas, source)
-            )
+            targets = _targets(matched(usage, calls, tool_call), starts, deltas, source)
+            group = groups[(signature, calls, tool_call, starts)] = _Group(targets)
         group.spans += 1
         if event_ns < group.first:
             group.first = event_ns
