@@ -18,10 +18,12 @@ the load (plain HTTP spans included, as the worker sees them):
   set (without one it returns at once, as it does for `BUDGETS_YAML`).
 
     .venv/bin/python bench/stream_decode.py [--spans 20000] [--repeat 7] [--profile]
-        [--plain-fraction 0.08] [--compare REV] [--rounds 2]
+        [--plain-fraction 0.08] [--same-spans 1] [--compare REV] [--rounds 2]
 
 `--plain-fraction` sets the share of plain HTTP spans in the load (0.9: a
-Collector's whole trace pipeline, mostly non-GenAI spans). `--compare REV` also
+Collector's whole trace pipeline, mostly non-GenAI spans). `--same-spans N` follows
+each span with N-1 copies of itself (longer sessions per export batch: the spans
+`usage_deltas` matches once per group). `--compare REV` also
 measures the stage-1 code of git revision REV (its `burnguard`, `contracts` and
 `stream` trees, exported to a scratch directory and imported first in a child
 process) on the same load, alternating old and new `--rounds` times, and prints
@@ -63,13 +65,35 @@ BENCH_DIR = Path(__file__).resolve().parent
 COMPARED_TREES = ("burnguard", "contracts", "stream")
 
 
-def make_load(spans: int, plain_fraction: float = SpanMix.plain_fraction) -> tuple[list[bytes], int]:
-    """(messages, spans in them): at least `spans` spans of the seeded synthetic load."""
+def make_load(
+    spans: int, plain_fraction: float = SpanMix.plain_fraction, same_spans: int = 1
+) -> tuple[list[bytes], int]:
+    """(messages, spans in them): at least `spans` spans of the seeded synthetic load.
+
+    With `same_spans` N, each span is followed in its message by N-1 copies of itself (new span
+    ids): sessions that make N times as many calls of a kind in one export batch.
+    """
     mix = SpanMix(plain_fraction=plain_fraction)
     messages = []
-    while mix.spans < spans:
+    while mix.spans * same_spans < spans:
         messages.append(mix.message()[1])
-    return messages, mix.spans
+    if same_spans > 1:
+        messages = [_with_copies(payload, same_spans) for payload in messages]
+    return messages, mix.spans * same_spans
+
+
+def _with_copies(payload: bytes, same_spans: int) -> bytes:
+    request = ExportTraceServiceRequest.FromString(payload)
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            originals = list(scope_spans.spans)
+            del scope_spans.spans[:]
+            for span in originals:
+                for _ in range(same_spans):
+                    copy = scope_spans.spans.add()
+                    copy.CopyFrom(span)
+                    copy.span_id = os.urandom(8)
+    return request.SerializeToString()
 
 
 def _nothing() -> None:
@@ -124,7 +148,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """The figures of the code this process imports, µs per span (every span of the load)."""
     import burnguard.contracts.otlp as decoder
 
-    messages, spans = make_load(args.spans, args.plain_fraction)
+    messages, spans = make_load(args.spans, args.plain_fraction, args.same_spans)
     config = parse_budget_yaml(BUDGETS_YAML)
     context_config = parse_budget_yaml(BUDGETS_YAML + CONTEXT_GUARD_YAML)
     prices = PriceBook(config.prices)
@@ -169,7 +193,7 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     """`measure` in a process that imports the exported revision (its module path proves which)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     command += ["--spans", str(args.spans), "--repeat", str(args.repeat)]
-    command += ["--plain-fraction", str(args.plain_fraction)]
+    command += ["--plain-fraction", str(args.plain_fraction), "--same-spans", str(args.same_spans)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(BENCH_DIR)])}
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -189,6 +213,9 @@ def main() -> None:
     parser.add_argument(
         "--plain-fraction", type=float, default=SpanMix.plain_fraction, help="share of plain HTTP spans"
     )
+    parser.add_argument(
+        "--same-spans", type=int, default=1, help="each span and N-1 copies of it in its message (default 1)"
+    )
     parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
     parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of decode + deltas")
@@ -206,7 +233,8 @@ def main() -> None:
                 runs["old"].append(measure_child(args, old_path))
             runs["new"].append(measure(args))
     new = {name: min(run["us"][name] for run in runs["new"]) for name in runs["new"][0]["us"]}
-    print(f"load: {runs['new'][0]['load']}; plain fraction {args.plain_fraction:g}; best of {args.repeat}")
+    shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}"
+    print(f"load: {runs['new'][0]['load']}; {shape}; best of {args.repeat}")
     show("this checkout", {"code": runs["new"][0]["code"], "us": new})
     fields = " ".join(f"{name}_us={micros:.2f}" for name, micros in new.items())
     if runs["old"]:
@@ -218,10 +246,12 @@ def main() -> None:
         fields += f" stage1_speedup={stage1:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     if args.profile:
-        messages, _ = make_load(args.spans, args.plain_fraction)
+        messages, _ = make_load(args.spans, args.plain_fraction, args.same_spans)
         config = parse_budget_yaml(BUDGETS_YAML)
         profile(messages, config, PriceBook(config.prices))
-    print(f"RESULT stream_decode plain_fraction={args.plain_fraction:g} {fields}")
+    print(
+        f"RESULT stream_decode plain_fraction={args.plain_fraction:g} same_spans={args.same_spans} {fields}"
+    )
 
 
 if __name__ == "__main__":
