@@ -507,15 +507,6 @@ class _BudgetSet:
         self._starts, self._starts_range = tuple(starts), (low, high)
         return self._starts
 
-    def matched(self, usage: SpanUsage, calls: bool, tools: bool) -> list[tuple[_Entry, str]]:
-        """(budget, key) of every budget that counts `usage`, in file order (`_count`'s match)."""
-        keys = span_keys(self.scopes, usage)
-        return [
-            (entry, key)
-            for entry in self.for_kind[(calls, tools)]
-            if (key := keys[entry[1]]) is not None and (entry[4] is None or entry[4].matches(key))
-        ]
-
 
 _EARLIEST, _LATEST = -(1 << 63), 1 << 63
 
@@ -562,14 +553,22 @@ class _Group:
 
 
 def _targets(
-    matched: list[tuple[_Entry, str]],
+    entries: list[_Entry],
+    keys: list[str | None],
     starts: tuple[int, ...],
     deltas: dict[tuple[str, str, int], UsageDelta],
     source: tuple[int, int],
 ) -> list[tuple[UsageDelta, int, bool]]:
-    """The deltas of the matched budgets in these windows, made when new (in file order)."""
+    """The deltas of the budgets that take a span with these keys, made when new (in file order).
+
+    `_count`'s match: a budget takes the span when the span has a key under its scope and the
+    budget's match takes the key.
+    """
     targets = []
-    for (budget_id, _scope, window, metric, _matcher, bucket_ns, calls, _budget), key in matched:
+    for budget_id, scope, window, metric, matcher, bucket_ns, calls, _budget in entries:
+        key = keys[scope]
+        if key is None or (matcher is not None and not matcher.matches(key)):
+            continue
         slot = (budget_id, key, starts[window])
         delta = deltas.get(slot)
         if delta is None:
@@ -609,7 +608,7 @@ def usage_deltas(
     deltas: dict[tuple[str, str, int], UsageDelta] = {}
     groups: dict[tuple[Any, bool, bool, tuple[int, ...]], _Group] = {}
     per_span = per_span or not all(usage.end_ns or usage.start_ns for usage in usages)
-    signature_of, matched, starts_at = budgets.signature, budgets.matched, budgets.starts_at
+    signature_of, starts_at = budgets.signature, budgets.starts_at
     for usage in usages:
         charged_as_unpriced = price_if_unpriced(usage, prices) if usage.cost_usd is None else False
         if not usage.model_class:
@@ -635,7 +634,8 @@ def usage_deltas(
         starts = starts_at(event_ns)
         group = groups.get((signature, calls, tool_call, starts))
         if group is None:
-            targets = _targets(matched(usage, calls, tool_call), starts, deltas, source)
+            keys = span_keys(budgets.scopes, usage)
+            targets = _targets(budgets.for_kind[(calls, tool_call)], keys, starts, deltas, source)
             group = groups[(signature, calls, tool_call, starts)] = _Group(targets)
         group.spans += 1
         if event_ns < group.first:
