@@ -123,7 +123,7 @@ DEAD_LETTERED_REMEMBERED = 10_000
 #: OTLP messages stage 1 takes into one micro-batch at most, and how long it waits to fill one: its
 #: records (one `batches` record per usage partition) and acks are per micro-batch, not per message.
 INGEST_BATCH_MESSAGES = 200
-INGEST_BATCH_WINDOW_S = 0.03
+INGEST_BATCH_WINDOW_S = 0.02
 #: Stage 1 lets the event loop run after this much work inside a micro-batch (heartbeats, stage 2).
 INGEST_SLICE_S = 0.01
 #: Usage records accounted together at most: their changes reach the changelog once per key.
