@@ -4,10 +4,12 @@ Two stages, joined by the internal `burnguard.usage` topic:
 
 1. `ingest` reads whole `ExportTraceServiceRequest` messages from
    `otlp_spans` (one Kafka message, many spans), decodes and prices them, and
-   sums them into one usage delta per (budget, key, window). It sends the
-   deltas of one message as one batch record per usage partition (the
-   partition of `budget|key`), not one record per delta: Kafka records, not
-   arithmetic, were what the worker spent its time on. Undecodable messages
+   sums them into one usage delta per (budget, key, window). It takes the
+   messages in micro-batches and sends the deltas of a micro-batch as one
+   `batches` record per usage partition (the partition of `budget|key`), each
+   message's deltas a sub-batch with its own source offset, not one record per
+   delta or message: Kafka records and awaits, not arithmetic, were what the
+   worker spent its time on. Undecodable messages
    go to the dead-letter topic with the reason in a header, and so does each
    span that breaks a rule of `contracts/span_checks.py`, alone (the sink
    skips those spans and only counts them). A span's event time is trusted
@@ -403,8 +405,8 @@ class BudgetJob:
         if self.stats.unpriced > unpriced:
             self._warn_unpriced(usages)
         observations = context_observations(usages, self.config)
-        for partition, sub_batch in self._batch_records(deltas, observations, source):
-            batch.add(partition, sub_batch)
+        for partition, sub_batch in list(self._batch_records(deltas, observations, source)):
+            batch.add(partition, sub_batch)  # all or none of the message (the list is built first)
 
     async def _prime(self, event: Any) -> None:
         """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`)."""
