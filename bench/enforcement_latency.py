@@ -206,7 +206,10 @@ def stage_times(pipeline: BenchPipeline, clock: SignalClock, ends: dict[str, int
                 exported.setdefault(usage.user, record.timestamp)
     for record in read_topic(pipeline.bootstrap, pipeline.topics.usage):
         if record.value and b'"probe-calls"' in record.value:
-            for row in json.loads(record.value).get("deltas", []):  # batch records: one per message
+            value = json.loads(record.value)
+            # `batches` records (one per micro-batch) hold sub-batches; older `batch` records rows
+            rows = [row for sub in value.get("batches", []) for row in sub[2]] + value.get("deltas", [])
+            for row in rows:
                 if row[0] == "probe-calls":
                     deltas.setdefault(row[1], record.timestamp)
     for record in read_topic(pipeline.bootstrap, pipeline.topics.signals):

@@ -15,6 +15,11 @@
   against the calls and tool calls that were sent.
 
     .venv/bin/python bench/stream_throughput.py [--spans 50000] [--profile]
+        [--plain-fraction 0.9] [--batch-min 10 --batch-max 20]
+
+`--plain-fraction 0.9` is a Collector firehose (90% non-GenAI spans); `--batch-min 10
+--batch-max 20` the small messages `KafkaSpanExporter` writes for many tenants. Printed
+besides spans/s: the worker's CPU per span and the Kafka records it wrote per span.
 
 `--profile` runs the worker under py-spy (installed on demand into the venv)
 and prints where its time goes.
@@ -38,6 +43,7 @@ from pipeline_setup import (
     cpu_seconds,
     end_offsets,
     latest_usage,
+    load_average,
     machine_note,
     note,
     produce_all,
@@ -308,9 +314,17 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds the worker may take")
     parser.add_argument("--profile", action="store_true", help="run the worker under py-spy")
     parser.add_argument("--keep", action="store_true", help="keep the broker dir and logs")
+    parser.add_argument(
+        "--plain-fraction",
+        type=float,
+        default=SpanMix.plain_fraction,
+        help=f"fraction of non-GenAI spans (default {SpanMix.plain_fraction})",
+    )
+    parser.add_argument("--batch-min", type=int, default=SpanMix.batch_min, help="spans per message, least")
+    parser.add_argument("--batch-max", type=int, default=SpanMix.batch_max, help="spans per message, most")
     args = parser.parse_args()
 
-    mix = SpanMix()
+    mix = SpanMix(plain_fraction=args.plain_fraction, batch_min=args.batch_min, batch_max=args.batch_max)
     with BenchPipeline("stream_throughput", keep=args.keep) as pipeline:
         spans, messages = prefill(pipeline, args.spans, mix)
         note(
@@ -322,9 +336,10 @@ def main() -> None:
         worker = run_worker(pipeline, spans, args.timeout, args.profile)
         check_totals(pipeline, mix)
         written = {t: n for t, n in topic_sizes(pipeline.bootstrap).items() if t != pipeline.topics.spans}
+        records_per_span = sum(written.values()) / spans
         note(
             "records the worker had written when the totals were checked, per span: "
-            f"{sum(written.values()) / spans:.1f} "
+            f"{records_per_span:.3f} "
             f"({', '.join(f'{t} {n}' for t, n in sorted(written.items(), key=lambda i: -i[1]) if n)})"
         )
         if args.profile:
@@ -332,14 +347,22 @@ def main() -> None:
             pipeline.processes["worker"].wait(60)
             print_profile(pipeline.root / "profile.txt")
     ratio = worker["spans_per_s"] / raw
+    cpu_us = 1e6 / worker["spans_per_cpu_s"]
     print(f"\nmachine: {machine_note()}")
     print(
+        f"shape: {spans / messages:.0f} spans per message ({args.batch_min}-{args.batch_max}), "
+        f"plain fraction {args.plain_fraction}"
+    )
+    print(
         f"worker {worker['spans_per_s']:,.0f} spans/s (target {TARGET_SPANS_PER_S:,}), "
-        f"raw {raw:,.0f} spans/s, ratio {ratio:.3f} (target {TARGET_RATIO})"
+        f"raw {raw:,.0f} spans/s, ratio {ratio:.3f} (target {TARGET_RATIO}); "
+        f"worker CPU {cpu_us:.1f} µs per span, {records_per_span:.3f} Kafka records written per span"
     )
     print(
         f"RESULT stream_throughput spans_per_s={worker['spans_per_s']:.0f} "
-        f"raw_spans_per_s={raw:.0f} ratio_vs_raw={ratio:.3f}"
+        f"raw_spans_per_s={raw:.0f} ratio_vs_raw={ratio:.3f} worker_cpu_us_per_span={cpu_us:.1f} "
+        f"records_per_span={records_per_span:.3f} spans_per_message={spans / messages:.0f} "
+        f'plain_fraction={args.plain_fraction} load="{load_average()}"'
     )
 
 

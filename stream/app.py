@@ -4,10 +4,12 @@ Two stages, joined by the internal `burnguard.usage` topic:
 
 1. `ingest` reads whole `ExportTraceServiceRequest` messages from
    `otlp_spans` (one Kafka message, many spans), decodes and prices them, and
-   sums them into one usage delta per (budget, key, window). It sends the
-   deltas of one message as one batch record per usage partition (the
-   partition of `budget|key`), not one record per delta: Kafka records, not
-   arithmetic, were what the worker spent its time on. Undecodable messages
+   sums them into one usage delta per (budget, key, window). It takes the
+   messages in micro-batches and sends the deltas of a micro-batch as one
+   `batches` record per usage partition (the partition of `budget|key`), each
+   message's deltas a sub-batch with its own source offset, not one record per
+   delta or message: Kafka records and awaits, not arithmetic, were what the
+   worker spent its time on. Undecodable messages
    go to the dead-letter topic with the reason in a header, and so does each
    span that breaks a rule of `contracts/span_checks.py`, alone (the sink
    skips those spans and only counts them). A span's event time is trusted
@@ -35,6 +37,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import islice
@@ -74,6 +77,7 @@ from burnguard.stream.partitioner import key_partition, usage_partition
 from burnguard.stream.policy import changed_signal, decide_context, window_at
 from burnguard.stream.records import (
     BATCH,
+    BATCHES,
     RECORD_VERSION_SINGLE,
     REMOVALS,
     SWEEP,
@@ -81,12 +85,14 @@ from burnguard.stream.records import (
     BatchRecord,
     ContextRow,
     DeltaRow,
+    MicroBatch,
     RemovalRow,
     SweepRecord,
     TickRow,
     keys_record,
     record_version,
     removal_rows,
+    sub_batches,
     tick_rows,
 )
 from burnguard.stream.settings import StreamSettings
@@ -116,6 +122,12 @@ SNAPSHOT_PAUSE_S = 0.01
 SNAPSHOT_MAX_PER_RUN = 20_000
 #: Dead-lettered messages remembered, so a re-read one is not parked again (a few hundred kB).
 DEAD_LETTERED_REMEMBERED = 10_000
+#: OTLP messages stage 1 takes into one micro-batch at most, and how long it waits to fill one: its
+#: records (one `batches` record per usage partition) and acks are per micro-batch, not per message.
+INGEST_BATCH_MESSAGES = 200
+INGEST_BATCH_WINDOW_S = 0.02
+#: Stage 1 lets the event loop run after this much work inside a micro-batch (heartbeats, stage 2).
+INGEST_SLICE_S = 0.01
 #: Usage records accounted together at most: their changes reach the changelog once per key.
 ACCOUNT_BATCH_RECORDS = 500
 
@@ -303,14 +315,43 @@ class BudgetJob:
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
-        async for event in stream.events():
+        """Micro-batches of OTLP messages; each batch's records go to the producer before it is acked.
+
+        Faust acks a `take_events` batch after this loop body returns and flushes the
+        producer before committing (`stream/changelog.py`), so the records handed over
+        in `_ingest_batch` are in Kafka before any of the batch's offsets is committed.
+        """
+        async for events in stream.take_events(INGEST_BATCH_MESSAGES, within=INGEST_BATCH_WINDOW_S):
+            await self._ingest_batch(events)
+
+    async def _ingest_batch(self, events: list[Any]) -> None:
+        """Decode every message, then send one `batches` record per usage partition (and dead letters).
+
+        The only awaits per message are rare ones: priming a partition's digests at its first
+        message after a rebalance, reading the dead-letter topic back after one. The loop is
+        yielded every `INGEST_SLICE_S` of work, so heartbeats and stage 2 are not starved.
+        """
+        batch = MicroBatch(BATCH_ROWS)
+        sliced = time.perf_counter()
+        for event in events:
+            if event.message.partition not in self.recent.primed:
+                await self._prime(event)
+            if self.dead_letters.stale:
+                await self._catch_up_dead_letters()
             try:
-                await self._ingest_one(event)
+                self._ingest_one(event, batch)
             except Exception as exc:  # nothing in one message may stop the partition
                 self.agent_errors += 1
                 logger.exception("could not ingest %s", _coordinates(event))
-                await self._park_failed(event, f"ingest failed: {type(exc).__name__}: {exc}")
-            await _yield_to_the_loop()
+                self._park_failed_later(event, f"ingest failed: {type(exc).__name__}: {exc}")
+            if time.perf_counter() - sliced > INGEST_SLICE_S:
+                await _yield_to_the_loop()
+                sliced = time.perf_counter()
+        topic = self.settings.topics.usage
+        for partition, record in batch.records():
+            self.usage_records.add(topic, partition, BATCHES.encode(), encode("json", record))
+        await self.usage_records.send()
+        await _yield_to_the_loop()
 
     async def _park_failed(self, event: Any, reason: str) -> None:
         """Dead-letter a record whose processing failed; if even that fails, log it and go on."""
@@ -319,20 +360,28 @@ class BudgetJob:
         except Exception:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
-    async def _ingest_one(self, event: Any) -> None:
+    def _park_failed_later(self, event: Any, reason: str) -> None:
+        """`_park_failed` for stage 1: queued with the micro-batch; if even that fails, logged."""
+        try:
+            self._dead_letter_later(event, reason)
+        except Exception:
+            logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
+
+    def _ingest_one(self, event: Any, batch: MicroBatch) -> None:
+        """One OTLP message: its rows join the micro-batch, its bad spans the pending dead letters."""
         message = event.message
         first_reading = message.offset > self._read_up_to.get(message.partition, -1)
         if first_reading:
             self._read_up_to[message.partition] = message.offset
-        if await self._is_a_copy(event, first_reading):
+        if self._is_a_copy(event, first_reading):
             return
         try:
             decoded = decode_spans(event.value, self.limits)
         except MalformedSpans as exc:
-            await self._dead_letter(event, str(exc))
+            self._dead_letter_later(event, str(exc))
             return
         for rejected in decoded.rejected:
-            await self._reject(event, rejected)
+            self._reject(event, rejected)
         usages = decoded.usages
         self._trust_clock(event, decoded, first_reading)
         self._latest_event_ns = max(self._latest_event_ns, *(u.end_ns or u.start_ns for u in usages), 0)
@@ -344,7 +393,7 @@ class BudgetJob:
             deltas = usage_deltas(usages, self.config, self.prices, stats, source, closed_before_ns)
         except Exception as exc:  # a span that breaks accounting must not stop the partition
             logger.exception("could not account the batch at %s", source)
-            await self._dead_letter(event, f"accounting failed: {type(exc).__name__}: {exc}")
+            self._dead_letter_later(event, f"accounting failed: {type(exc).__name__}: {exc}")
             return
         if self.stats.too_late > too_late:
             logger.warning(
@@ -354,24 +403,29 @@ class BudgetJob:
                 self.settings.allowed_lateness,
             )
         if self.stats.unpriced > unpriced:
-            await self._warn_unpriced(usages)
+            self._warn_unpriced(usages)
         observations = context_observations(usages, self.config)
-        key, topic = f"{source[0]}/{source[1]}".encode(), self.settings.topics.usage
-        for partition, record in self._batch_records(deltas, observations, source):
-            self.usage_records.add(topic, partition, key, encode("json", record))
-        await self.usage_records.send()
+        for partition, sub_batch in list(self._batch_records(deltas, observations, source)):
+            batch.add(partition, sub_batch)  # all or none of the message (the list is built first)
 
-    async def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
-        """Whether the message repeats the bytes of an earlier one of its partition (a producer retry)."""
+    async def _prime(self, event: Any) -> None:
+        """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`)."""
         message = event.message
         partition, record_ns = message.partition, int(message.timestamp * _NS)
-        if partition not in self.recent.primed:
-            try:
-                primed = await asyncio.to_thread(self.primer.prime, partition, message.offset, record_ns)
-                logger.info("%d messages before %s digested", primed, _coordinates(event))
-            except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
-                logger.warning("could not read back before %s: %r", _coordinates(event), exc)
-            self.recent.primed.add(partition)
+        try:
+            primed = await asyncio.to_thread(self.primer.prime, partition, message.offset, record_ns)
+            logger.info("%d messages before %s digested", primed, _coordinates(event))
+        except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
+            logger.warning("could not read back before %s: %r", _coordinates(event), exc)
+        self.recent.primed.add(partition)
+
+    def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
+        """Whether the message repeats the bytes of an earlier one of its partition (a producer retry).
+
+        The partition's digests are primed before (`_prime`).
+        """
+        message = event.message
+        partition, record_ns = message.partition, int(message.timestamp * _NS)
         if not event.value or not isinstance(event.value, bytes):
             return False  # an empty message is dead-lettered, not compared
         earlier = self.recent.earlier_copy(partition, digest(event.value), message.offset, record_ns)
@@ -383,9 +437,9 @@ class BudgetJob:
             logger.warning("%s repeats offset %d byte for byte: not counted again", where, earlier)
         return True
 
-    async def _reject(self, event: Any, rejected: RejectedSpan) -> None:
+    def _reject(self, event: Any, rejected: RejectedSpan) -> None:
         """Park a span that broke a rule alone, with its reason; count it (once, not per re-reading)."""
-        if await self._dead_letter(event, rejected.reason, rejected.request, rejected.index, rejected.kind):
+        if self._dead_letter_later(event, rejected.reason, rejected.request, rejected.index, rejected.kind):
             self.rejected[rejected.kind] = self.rejected.get(rejected.kind, 0) + 1
 
     def _trust_clock(self, event: Any, decoded: DecodedSpans, first_reading: bool) -> None:
@@ -411,8 +465,11 @@ class BudgetJob:
                 ahead // _NS,
             )
 
-    async def _warn_unpriced(self, usages: list[SpanUsage]) -> None:
-        """A `warn` naming each model charged by the `unpriced:` rule (again after a refresh interval)."""
+    def _warn_unpriced(self, usages: list[SpanUsage]) -> None:
+        """A `warn` naming each model charged by the `unpriced:` rule (again after a refresh interval).
+
+        Sent with stage 1's micro-batch records.
+        """
         now = _now()
         charged: dict[str, float] = {}
         for usage in usages:
@@ -427,7 +484,11 @@ class BudgetJob:
             if len(self._unpriced) > UNPRICED_REMEMBERED:
                 del self._unpriced[next(iter(self._unpriced))]
             if due:
-                await self._send_signal(self._unpriced_signal(model, total, now))
+                signal = self._unpriced_signal(model, total, now)
+                logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+                self.usage_records.add(
+                    self.settings.topics.signals, None, signal.kafka_key.encode(), signal.to_json()
+                )
 
     def _unpriced_signal(self, model: str, charged_usd: float, now: datetime) -> Signal:
         charge = self.prices.unpriced_charge
@@ -455,8 +516,8 @@ class BudgetJob:
 
     def _batch_records(
         self, deltas: list[UsageDelta], observations: list[list[Any]], source: tuple[int, int]
-    ) -> Iterable[tuple[int, dict[str, Any]]]:
-        """(usage partition, batch record) for one OTLP message's deltas and context observations.
+    ) -> Iterable[tuple[int, BatchRecord]]:
+        """(usage partition, sub-batch) for one OTLP message's deltas and context observations.
 
         Every row carries the message's own source offset (the batch's), so the
         second stage's per-key replay check stays valid: a key appears in at
@@ -479,7 +540,7 @@ class BudgetJob:
                     partition_rows[first : first + BATCH_ROWS],
                     contexts.get(partition, []) if first == 0 else [],
                 )
-                yield partition, batch.to_wire()
+                yield partition, batch
 
     async def _send_per_partition(self, kind: str, items: Iterable[tuple[str, list[Any]]]) -> None:
         """Records about many keys (`ticks`, `removals`): one per usage partition, not one per key.
@@ -496,27 +557,55 @@ class BudgetJob:
                 record = keys_record(kind, group[first : first + BATCH_ROWS])
                 await self.usage_topic.send(key=kind, value=record, partition=partition)
 
-    async def _dead_letter(
-        self, event: Any, reason: str, value: bytes | None = None, span: int = -1, kind: str = ""
-    ) -> bool:
-        """Park a message (or, with `span`, one span of it as `value`) with the reason in a header.
-
-        Once: the rewind after each rebalance (`stream/takeover.py`) and a
-        restart after a crash read recent messages again, and what is already
-        on the dead-letter topic is not parked twice (`stream/deadletters.py`).
-        Any event value is written: a record that is not bytes is written as
-        JSON (its repr when JSON cannot hold it). True if it was parked now.
-        """
-        message = event.message
-        source: Parked = (message.topic, message.partition, message.offset, span)
+    async def _catch_up_dead_letters(self) -> None:
+        """After a rebalance, read what other workers parked meanwhile (`stream/deadletters.py`)."""
         if self.dead_letters.stale:
             try:
                 await asyncio.to_thread(self.dead_letters.catch_up)
             except Exception as exc:  # Kafka trouble: park anyway, a copy beats a loss
                 logger.warning("could not read back %s: %r", self.settings.topics.deadletter, exc)
+
+    async def _dead_letter(
+        self, event: Any, reason: str, value: bytes | None = None, span: int = -1, kind: str = ""
+    ) -> bool:
+        """Park a message (or, with `span`, one span of it as `value`) with the reason in a header.
+
+        Sent at once (stage 2 and failures); stage 1 queues its dead letters with its
+        micro-batch (`_dead_letter_later`). True if it was parked now.
+        """
+        await self._catch_up_dead_letters()
+        parked = self._park(event, reason, value, span, kind)
+        if parked is None:
+            return False
+        key, value, headers = parked
+        await self.deadletter_topic.send(key=key, value=value, headers=headers)
+        return True
+
+    def _dead_letter_later(
+        self, event: Any, reason: str, value: bytes | None = None, span: int = -1, kind: str = ""
+    ) -> bool:
+        """`_dead_letter`, queued with stage 1's micro-batch records (sent before the batch is acked)."""
+        parked = self._park(event, reason, value, span, kind)
+        if parked is not None:
+            self.usage_records.add(self.settings.topics.deadletter, None, *parked)
+        return parked is not None
+
+    def _park(
+        self, event: Any, reason: str, value: bytes | None, span: int, kind: str
+    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]] | None:
+        """(key, value, headers) of the dead letter, or None if the topic already holds it.
+
+        Once: the rewind after each rebalance (`stream/takeover.py`) and a
+        restart after a crash read recent messages again, and what is already
+        on the dead-letter topic is not parked twice (`stream/deadletters.py`).
+        Any event value is written: a record that is not bytes is written as
+        JSON (its repr when JSON cannot hold it).
+        """
+        message = event.message
+        source: Parked = (message.topic, message.partition, message.offset, span)
         if source in self.dead_letters:
             logger.info("%s%s is already on the dead-letter topic", _coordinates(event), _span_label(span))
-            return False
+            return None
         self.dead_letters.add(source)
         self.deadlettered += 1
         logger.warning(
@@ -525,12 +614,8 @@ class BudgetJob:
             _span_label(span),
             reason[:500],
         )
-        await self.deadletter_topic.send(
-            key=_as_bytes(event.key),
-            value=_as_bytes(event.value) if value is None else value,
-            headers=dead_letter_headers(source, reason, kind),
-        )
-        return True
+        parked = _as_bytes(event.value) if value is None else value
+        return _as_bytes(event.key), parked, dead_letter_headers(source, reason, kind)
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:
@@ -556,6 +641,7 @@ class BudgetJob:
             return
         handlers = {
             BATCH: self._account_batch,
+            BATCHES: self._account_batches,
             TICKS: self._account_ticks,
             REMOVALS: self._account_removals,
             SWEEP: self._account_sweep,
@@ -595,10 +681,18 @@ class BudgetJob:
             if (signal := self._apply(DeltaRow.from_wire(delta.to_row()), source, _now())) is not None:
                 await self._send_signal(signal)
 
+    async def _account_batches(self, record: dict[str, Any]) -> None:
+        """Add a stage-1 micro-batch's sub-batches in order, each with its own message's source."""
+        now = _now()
+        for batch in sub_batches(record):
+            await self._account_rows(batch, now)
+
     async def _account_batch(self, record: dict[str, Any]) -> None:
         """Add one OTLP message's deltas for this partition; each window key is written once."""
-        batch = BatchRecord.from_wire(record)
-        source, now = batch.source, _now()
+        await self._account_rows(BatchRecord.from_wire(record), _now())
+
+    async def _account_rows(self, batch: BatchRecord, now: datetime) -> None:
+        source = batch.source
         for row in batch.deltas:
             if (signal := self._apply(DeltaRow.from_wire(row), source, now)) is not None:
                 await self._send_signal(signal)

@@ -28,6 +28,8 @@ from faust.types import AppT, CollectionT
 #: The producer's record batch size at most (`producer_max_batch_size`): a burst of changelog
 #: records or snapshots fills few batches, and the broker accepts 1 MiB by default.
 MAX_BATCH_BYTES = 512 * 1024
+#: Kafka record headers, as aiokafka takes them.
+Headers = list[tuple[str, bytes]]
 
 
 class PendingRecords:
@@ -44,18 +46,25 @@ class PendingRecords:
 
     def __init__(self, app: AppT) -> None:
         self.app = app
-        self._pending: list[tuple[str, int | None, bytes, bytes | None]] = []
+        self._pending: list[tuple[str, int | None, bytes | None, bytes | None, Headers | None]] = []
 
-    def add(self, topic: str, partition: int | None, key: bytes, value: bytes | None) -> None:
+    def add(
+        self,
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None = None,
+    ) -> None:
         """Queue a record; partition None leaves it to the default partitioner (murmur2 of the key)."""
-        self._pending.append((topic, partition, key, value))
+        self._pending.append((topic, partition, key, value, headers))
 
     async def send(self) -> None:
         """Hand every pending record to the producer (delivered by its next flush at the latest)."""
         pending, self._pending = self._pending, []
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust runs
-        for topic, partition, key, value in pending:
-            await producer.send(topic, value, key=key, partition=partition)
+        for topic, partition, key, value, headers in pending:
+            await producer.send(topic, value, key=key, partition=partition, headers=headers)
 
 
 def encode(serializer: str, value: Any) -> bytes:

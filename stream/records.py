@@ -1,9 +1,11 @@
 """The records of the internal usage topic (stage 1 -> stage 2), their fields named.
 
-Stage 1 sends four kinds of record, each to the usage partition that holds its keys' state
-(`stream/partitioner.py`): a `batch` (one OTLP message's deltas and context observations for
-that partition), `ticks` (keys to re-decide), `removals` (keys of a removed budget) and
-`sweep` (the clock by which the partition forgets state nothing can count in, `stream/eviction.py`). On
+Stage 1 sends these kinds of record, each to the usage partition that holds its keys' state
+(`stream/partitioner.py`): `batches` (the deltas and context observations of every OTLP message
+of one stage-1 micro-batch for that partition, each message's rows a sub-batch with its own
+source offset), `ticks` (keys to re-decide), `removals` (keys of a removed budget) and
+`sweep` (the clock by which the partition forgets state nothing can count in, `stream/eviction.py`).
+A `batch` (one message's rows) is what stage 1 sent before micro-batches; stage 2 still reads it. On
 the wire a record is a JSON object and each row in it a JSON list, exactly as before these
 shapes had names: a worker of either version reads the other's records during a rolling
 upgrade. Rows are lists, not objects, because a batch holds up to `BATCH_ROWS` of them.
@@ -15,18 +17,22 @@ key: a delta as an object, `{"tick": true, ...}`, `{"removed": true, ...}` or
 read, because such records may wait in the usage topic across an upgrade. Support for them can
 go once no worker older than those commits runs and the usage topic's retention has passed
 since the last one stopped (Kafka's default: 7 days).
+
+`batches` (2026-12-01) is not read by a worker older than it: during a rolling upgrade such a
+worker parks it on the dead-letter topic (not counted). Upgrade every worker together.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-BATCH, TICKS, REMOVALS, SWEEP = "batch", "ticks", "removals", "sweep"
+BATCH, BATCHES, TICKS, REMOVALS, SWEEP = "batch", "batches", "ticks", "removals", "sweep"
 #: The usage topic's records by version: 1, one record per key; 2, `BATCH`/`TICKS`/`REMOVALS`
-#: (and `SWEEP`, added with eviction: a worker without it parks a sweep on the dead-letter topic).
+#: (and `SWEEP`, added with eviction, and `BATCHES`, with stage 1's micro-batches: a worker without
+#: them parks such a record on the dead-letter topic).
 RECORD_VERSION_SINGLE = 1
 RECORD_VERSION = 2
-_CURRENT_KINDS = frozenset((BATCH, TICKS, REMOVALS, SWEEP))
+_CURRENT_KINDS = frozenset((BATCH, BATCHES, TICKS, REMOVALS, SWEEP))
 #: The fields of a delta row written before the call mix existed (no `mix`).
 DELTA_ROW_FIELDS_BEFORE_MIX = 8
 
@@ -95,6 +101,50 @@ class BatchRecord(NamedTuple):
     @property
     def source(self) -> tuple[int, int]:
         return self.source_partition, self.source_offset
+
+
+def batches_record(batches: list[BatchRecord]) -> dict[str, Any]:
+    """A `BATCHES` record: the sub-batches of many OTLP messages for one usage partition, in order.
+
+    Each sub-batch keeps its own message's source, so stage 2's per-key replay check
+    (`WindowTotals.add`) is exactly what it is for one `batch` record per message.
+    """
+    return {"kind": BATCHES, "batches": [list(batch) for batch in batches]}
+
+
+def sub_batches(record: dict[str, Any]) -> list[BatchRecord]:
+    """The sub-batches of a `BATCHES` record, in the order stage 1 read their messages."""
+    return [BatchRecord(*batch) for batch in record["batches"]]
+
+
+class MicroBatch:
+    """Stage 1's output for one micro-batch: per usage partition, `BATCHES` records in message order.
+
+    A record holds at most `max_rows` delta rows (a message with more is split into sub-batches of
+    the same source, as one message's `batch` records were), so no record nears Kafka's limit.
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        #: usage partition -> its records, each a list of sub-batches and its row count
+        self._records: dict[int, list[tuple[list[BatchRecord], list[int]]]] = {}
+
+    def add(self, partition: int, batch: BatchRecord) -> None:
+        """Append one message's sub-batch (at most `max_rows` rows) for `partition`."""
+        records = self._records.setdefault(partition, [])
+        if not records or records[-1][1][0] + len(batch.deltas) > self.max_rows:
+            records.append(([], [0]))
+        batches, rows = records[-1]
+        batches.append(batch)
+        rows[0] += len(batch.deltas)
+
+    def records(self) -> list[tuple[int, dict[str, Any]]]:
+        """(usage partition, `BATCHES` record) for everything added, partitions in order."""
+        return [
+            (partition, batches_record(batches))
+            for partition, records in sorted(self._records.items())
+            for batches, _ in records
+        ]
 
 
 class TickRow(NamedTuple):

@@ -386,7 +386,7 @@ def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: B
     job = BudgetJob(settings, config)
     deltas = [UsageDelta("tenant-cost", f"t{n}", 0, 1.0, 1, 5, 5, 3, 77) for n in range(5000)]
     observations = [["long-context", "s1", [10, 20]]]
-    records = list(job._batch_records(deltas, observations, (3, 77)))
+    records = [(p, batch.to_wire()) for p, batch in job._batch_records(deltas, observations, (3, 77))]
     partitioner = DefaultPartitioner()
     rows = 0
     for partition, record in records:

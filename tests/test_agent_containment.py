@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from burnguard.contracts.budgets import Budget, parse_budget_yaml
+from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.app import BudgetJob, _as_bytes
-from burnguard.stream.records import DeltaRow
+from burnguard.stream.records import BatchRecord, DeltaRow, batches_record
 from burnguard.stream.settings import StreamSettings
 
 from tests.factories import budgets_yaml, tenant_cost
@@ -97,3 +98,29 @@ def test_a_dead_letter_that_cannot_be_written_is_logged_not_raised(
     with caplog.at_level(logging.ERROR):
         asyncio.run(job._park_failed(Event(), "accounting failed"))
     assert "could not dead-letter burnguard.usage[2]@41" in caplog.text
+
+
+def test_a_micro_batch_record_counts_each_message_once_by_its_own_source_offset(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 1's `batches` record keeps each message's source: a replay cut at other points counts
+    exactly what was not counted yet, per key."""
+
+    async def no_producer(signal: Any) -> None:
+        return None
+
+    monkeypatch.setattr(job, "_send_signal", no_producer)
+    row = ["tenant-cost", "acme", 0, 1.0, 1, 1, 1, 0]
+    other = ["tenant-cost", "globex", 0, 10.0, 1, 1, 1, 0]
+
+    def record(*sources: int) -> dict[str, Any]:
+        batches = [BatchRecord(0, offset, [row, other] if offset % 2 else [row], []) for offset in sources]
+        return json.loads(json.dumps(batches_record(batches)))
+
+    asyncio.run(job._account_one(record(5, 6)))
+    asyncio.run(job._account_one(record(6, 7, 8)))  # a replay from offset 6, cut elsewhere
+    acme = WindowTotals.from_state(job.totals.data["tenant-cost|acme|0"])
+    globex = WindowTotals.from_state(job.totals.data["tenant-cost|globex|0"])
+    assert (acme.spent, acme.spans, acme.applied) == (4.0, 4, {"0": 8})  # offsets 5, 6, 7, 8 once each
+    assert (globex.spent, globex.applied) == (20.0, {"0": 7})  # offsets 5 and 7
+    assert job.replayed_deltas == 1

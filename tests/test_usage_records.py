@@ -10,9 +10,11 @@ from burnguard.stream.records import (
     RECORD_VERSION_SINGLE,
     BatchRecord,
     DeltaRow,
+    MicroBatch,
     keys_record,
     record_version,
     removal_rows,
+    sub_batches,
     tick_rows,
 )
 
@@ -39,6 +41,20 @@ def test_a_batch_record_keeps_its_keys_on_the_wire() -> None:
         "contexts": [["long-context", "s1", [10, 20]]],
     }
     assert BatchRecord.from_wire(wire) == batch and batch.source == (3, 77)
+
+
+def test_a_micro_batch_keeps_each_message_as_a_sub_batch_with_its_source() -> None:
+    batch = MicroBatch(max_rows=3)
+    batch.add(1, BatchRecord(0, 10, [ROW, ROW], []))
+    batch.add(2, BatchRecord(3, 4, [], [["long-context", "s1", [10]]]))
+    batch.add(1, BatchRecord(2, 11, [ROW], []))
+    batch.add(1, BatchRecord(0, 12, [ROW, ROW], []))  # would make 5 rows: a new record
+    records = [(p, json.loads(json.dumps(r))) for p, r in batch.records()]
+    assert [p for p, _ in records] == [1, 1, 2]
+    assert all(r["kind"] == "batches" and record_version(r) == RECORD_VERSION for _, r in records)
+    sources = [[b.source for b in sub_batches(r)] for _, r in records]
+    assert sources == [[(0, 10), (2, 11)], [(0, 12)], [(3, 4)]]
+    assert sub_batches(records[2][1])[0].contexts == [["long-context", "s1", [10]]]
 
 
 def test_ticks_and_removals_read_by_name() -> None:

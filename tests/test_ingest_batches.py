@@ -1,0 +1,89 @@
+"""Stage 1's micro-batches without a broker: what one `_ingest_batch` hands to the producer.
+
+The end-to-end tests (`test_e2e_*`) run the same code on a real broker; this one checks the
+bookkeeping of a batch mixing partitions, a copy, a malformed message and a hostile span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from burnguard.contracts import attributes as attr
+from burnguard.contracts.budgets import parse_budget_yaml
+from burnguard.stream.app import LOG_APPEND_TIME, BudgetJob
+from burnguard.stream.deadletters import SOURCE_HEADER
+from burnguard.stream.records import sub_batches
+from burnguard.stream.settings import StreamSettings
+
+from tests.factories import budgets_yaml, tenant_cost
+from tests.test_e2e_hostile_spans import good, message
+
+
+@dataclass
+class Message:
+    partition: int
+    offset: int
+    topic: str = "otlp_spans"
+    timestamp: float = 0.0
+    timestamp_type: int = LOG_APPEND_TIME
+
+
+@dataclass
+class Event:
+    message: Message
+    value: bytes
+    key: bytes = b"acme"
+
+
+@pytest.fixture
+def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BudgetJob, list[tuple[Any, ...]]]:
+    settings = StreamSettings(data_dir=tmp_path / "stream", app_id=f"ingest-{tmp_path.name}")
+    job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0e6))))
+    job.recent.primed.update({0, 1})  # no broker to read back from
+    job.dead_letters.stale = False
+    sent: list[tuple[Any, ...]] = []
+
+    async def send() -> None:
+        sent.extend(job.usage_records._pending)
+        job.usage_records._pending = []
+
+    monkeypatch.setattr(job.usage_records, "send", send)
+    return job, sent
+
+
+def test_a_micro_batch_sends_each_message_once_as_its_own_sub_batch(
+    job: tuple[BudgetJob, list[tuple[Any, ...]]],
+) -> None:
+    job, sent = job
+    now = time.time()
+    payload = message([good("acme")])
+    events = [
+        Event(Message(0, 0, timestamp=now), payload),
+        Event(Message(0, 1, timestamp=now), payload),  # a producer retry: the same bytes again
+        Event(Message(1, 0, timestamp=now), b"\x0a\xff not protobuf"),
+        Event(
+            Message(1, 1, timestamp=now), message([good("acme"), {**good("acme"), attr.COST_USD: math.nan}])
+        ),
+    ]
+    asyncio.run(job._ingest_batch(events))
+    usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
+    parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
+    assert [[b.source for b in sub_batches(record)] for record in usage] == [[(0, 0), (1, 1)]]
+    amounts = [row[3] for record in usage for b in sub_batches(record) for row in b.deltas]
+    assert amounts == [good("acme")[attr.COST_USD]] * 2  # the NaN span alone was left out
+    assert sorted(h[SOURCE_HEADER] for h in parked) == [b"otlp_spans/1/0", b"otlp_spans/1/1"]
+    assert (job.duplicates, job.rejected, job.deadlettered) == (1, {"not_finite": 1}, 2)
+
+    sent.clear()
+    asyncio.run(job._ingest_batch(events[1:]))  # a replay cut elsewhere: no second dead letter
+    usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
+    assert [[b.source for b in sub_batches(record)] for record in usage] == [[(1, 1)]]
+    assert not [record for record in sent if record[0] == job.settings.topics.deadletter]
+    assert (job.duplicates, job.rejected, job.deadlettered) == (1, {"not_finite": 1}, 2)
