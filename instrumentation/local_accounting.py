@@ -10,9 +10,11 @@ reaches the budget's throttle rung.
 What counts. A call counts toward a signal when its attribution has the
 signal's scope key (`contracts.budget_rules`, as the stream keys it). A call in
 flight counts with an estimate for the model it runs on (after routing and any
-downgrade): the last call of that model, or, before one has ended, the last
-call of any model priced again at this model's price (a downgraded call costs
-the cheaper model's price, not the one it was downgraded from). It is settled
+downgrade): the key's last call of that model (a process serving many tenants
+sees calls of very different sizes), else this process's last call of that
+model, else its last call of any model priced again at this model's price (a
+downgraded call costs the cheaper model's price, not the one it was
+downgraded from). It is settled
 to what it used when it ends: that is what holds back a burst of concurrent
 callers. A settled call counts when it ended after the signal's `issued_at`:
 its span left the process after the worker decided, so the signal's `spent`
@@ -114,6 +116,19 @@ class Tally:
     share: float = 1.0
     own: float = 0.0  # settled since the signal was issued
     reserved: float = 0.0  # estimates of the calls in flight
+    #: model -> this key's last call of it, in the metric; passed on to the key's next tally
+    learned: dict[str, float] | None = None
+
+    def estimate(self, model: str | None, usage: Usage) -> float:
+        """A call of `model` on this key: the key's last call of that model, else `usage` (the process's)."""
+        if self.learned is not None and model is not None:
+            return self.learned.get(model, usage[self.metric])
+        return usage[self.metric]
+
+    def learn(self, model: str, usage: Usage) -> None:
+        if self.learned is None:
+            self.learned = {}
+        self.learned[model] = usage[self.metric]
 
     @property
     def signal(self) -> Signal:
@@ -155,7 +170,7 @@ class Reservation:
     values: dict[str, str]
     estimate: Usage
     started_s: float
-    tallies: list[Tally] = field(default_factory=list)
+    tallies: list[tuple[Tally, float]] = field(default_factory=list)  # and the amount held on each
     recent: list[tuple[OwnUse, int]] = field(default_factory=list)
 
     def settle(self, cost_usd: float | None, attributes: Mapping[str, Any]) -> None:
@@ -215,7 +230,7 @@ class LocalLedger:
         """
         metric = METRIC_INDEX.get(signal.metric)
         with self._lock:
-            self._drop(signal.kafka_key)
+            previous = self._drop(signal.kafka_key)
             if metric is None:
                 return  # a metric this guard cannot measure: leave the key to the signals alone
             now_s = self._clock()
@@ -224,11 +239,14 @@ class LocalLedger:
             if now_s >= signal.expires_at.timestamp() or now_s >= signal.window_end.timestamp():
                 return  # never live again (see `_live_tallies`): nothing to hold
             tally = self._tally(signal, payload or signal.to_json(), metric, now_s)
+            if previous is not None and previous.metric == metric:
+                tally.learned = previous.learned
             dimensions = tuple(signal.scope.split("+"))
             for reservation in self._in_flight:
                 if key_of_values(reservation.values, dimensions) == signal.key:
-                    tally.reserved += reservation.estimate[metric]
-                    reservation.tallies.append(tally)
+                    held = tally.estimate(reservation.model, reservation.estimate)
+                    tally.reserved += held
+                    reservation.tallies.append((tally, held))
             self._tallies[signal.kafka_key] = tally
             self._by_scope.setdefault(dimensions, {}).setdefault(signal.key, []).append(tally)
 
@@ -267,16 +285,17 @@ class LocalLedger:
         with self._lock:
             self._drop(kafka_key)
 
-    def _drop(self, kafka_key: str) -> None:
+    def _drop(self, kafka_key: str) -> Tally | None:
         old = self._tallies.pop(kafka_key, None)
         if old is None:
-            return
+            return None
         by_key = self._by_scope.get(tuple(old.scope.split("+")), {})
         remaining = [t for t in by_key.get(old.key, ()) if t is not old]
         if remaining:
             by_key[old.key] = remaining
         else:
             by_key.pop(old.key, None)
+        return old
 
     # --- calls -----------------------------------------------------------------------------------
     def admit(self, values: dict[str, str], model: str | None, now_s: float) -> Reservation | Tally:
@@ -287,9 +306,11 @@ class LocalLedger:
                 if tally.projected() >= tally.deny_at:
                     return tally
             estimate = self._estimate(model)
-            reservation = Reservation(self, model, values, estimate, now_s, live)
+            reservation = Reservation(self, model, values, estimate, now_s)
             for tally in live:
-                tally.reserved += estimate[tally.metric]
+                held = tally.estimate(model, estimate)
+                tally.reserved += held
+                reservation.tallies.append((tally, held))
             if now_s >= self._next_sweep_s:  # before tracking: the sweep forgets keys not yet used
                 self._sweep(now_s)
             self._track_recent(reservation)
@@ -325,12 +346,18 @@ class LocalLedger:
             if reservation not in self._in_flight:
                 return  # released by the sweep already
             self._in_flight.discard(reservation)
-            for tally in reservation.tallies:
-                tally.reserved -= reservation.estimate[tally.metric]
+            priced = (
+                usage[0] > 0 or usage[1] > 0
+            )  # a call that failed unpriced says nothing about the next one
+            learned = reservation.model if priced else None
+            for tally, held in reservation.tallies:
+                tally.reserved -= held
                 tally.own += usage[tally.metric]
+                if learned:
+                    tally.learn(learned, usage)
             for recent, metric in reservation.recent:
                 recent.add(end_s, usage[metric])
-            if usage[0] > 0 or usage[1] > 0:  # a call that failed unpriced says nothing about the next one
+            if priced:
                 if reservation.model:
                     self._estimates[reservation.model] = usage
                 self._last_estimate = usage
@@ -344,8 +371,8 @@ class LocalLedger:
         if reservation not in self._in_flight:
             return
         self._in_flight.discard(reservation)
-        for tally in reservation.tallies:
-            tally.reserved -= reservation.estimate[tally.metric]
+        for tally, held in reservation.tallies:
+            tally.reserved -= held
         reservation.ledger = None
 
     def _live_tallies(self, values: Mapping[str, str], now_s: float) -> list[Tally]:

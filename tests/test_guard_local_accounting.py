@@ -448,3 +448,16 @@ def test_a_lone_process_after_a_downgrade_is_not_refused_while_a_call_still_fits
             allowed += 1
     # 0.756 + 11 x 0.0216 = 0.9936 < 1: the 12th call fits, the 13th would not.
     assert round(spent, 4) == 0.756 and allowed == 12
+
+
+def test_a_call_is_estimated_by_its_keys_last_call_of_the_model_not_another_keys() -> None:
+    # One process serves a tenant near its limit with small calls and another tenant with big ones
+    # on the same model: acme's next call is estimated by acme's last one, not globex's.
+    guard = make_guard()
+    guard.apply(make_signal(spent=9.905, limit=10.0))
+    guard.reserve("gpt-4.1", ACME).settle(0.01, CALL)  # acme: 9.915
+    guard.reserve("gpt-4.1", {"tenant": "globex"}).settle(1.0, CALL)  # the process's last gpt-4.1 call
+    guard.apply(
+        make_signal(spent=9.915, limit=10.0)
+    )  # a refresh that counted acme's call: learned carries over
+    assert hold(guard) == 9  # 9.915 + 8 x 0.01 = 9.995 < 10: the 9th fits, the 10th would not
