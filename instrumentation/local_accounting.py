@@ -14,9 +14,8 @@ downgrade): the key's last call of that model (a process serving many tenants
 sees calls of very different sizes), else this process's last call of that
 model, else its last call of any model priced again at this model's price (a
 downgraded call costs the cheaper model's price, not the one it was
-downgraded from). It is settled
-to what it used when it ends: that is what holds back a burst of concurrent
-callers. A settled call counts when it ended after the signal's `issued_at`:
+downgraded from). It is settled to what it used when it ends: that is what
+holds back a burst of concurrent callers. A settled call counts when it ended after the signal's `issued_at`:
 its span left the process after the worker decided, so the signal's `spent`
 cannot include it (clocks assumed in step). Calls ended before may be in
 `spent` and are left out: an undercount, never a double count. Ended calls are
@@ -319,7 +318,8 @@ class LocalLedger:
 
     def _estimate(self, model: str | None) -> Usage:
         """What a call of `model` is expected to use: the last call of that model, else the last
-        call of any model priced at `model`'s price (kept as it was when that price is unknown)."""
+        call of any model priced at `model`'s price (its input tokens at the full input price, so
+        never below a cached prompt's cost; kept as it was when that price is unknown)."""
         if not model:
             return self._last_estimate
         known = self._estimates.get(model)
@@ -346,9 +346,8 @@ class LocalLedger:
             if reservation not in self._in_flight:
                 return  # released by the sweep already
             self._in_flight.discard(reservation)
-            priced = (
-                usage[0] > 0 or usage[1] > 0
-            )  # a call that failed unpriced says nothing about the next one
+            # a call that failed unpriced says nothing about the next one
+            priced = usage[0] > 0 or usage[1] > 0
             learned = reservation.model if priced else None
             for tally, held in reservation.tallies:
                 tally.reserved -= held
