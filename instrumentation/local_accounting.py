@@ -15,9 +15,9 @@ sees calls of very different sizes), else this process's last call of that
 model, else its last call of any model priced again at this model's price (a
 downgraded call costs the cheaper model's price, not the one it was
 downgraded from). It is settled to what it used when it ends: that is what
-holds back a burst of concurrent callers. A settled call counts when it ended after the signal's `issued_at`:
-its span left the process after the worker decided, so the signal's `spent`
-cannot include it (clocks assumed in step). Calls ended before may be in
+holds back a burst of concurrent callers. A settled call counts when it ended
+after the signal's `issued_at`: its span left the process after the worker
+decided, so the signal's `spent` cannot include it (clocks assumed in step). Calls ended before may be in
 `spent` and are left out: an undercount, never a double count. Ended calls are
 remembered for a minute only for the budgets in the guard's config; for other
 budgets the count starts when the signal is received. A tally lives while its
