@@ -1,7 +1,8 @@
 """From a span's end in an instrumented app to a guard in another process seeing its signal.
 
 Processes: the broker, one stream worker, a probe app (configure() with the
-KafkaSpanExporter, OTEL_BSP_SCHEDULE_DELAY=10 ms), a load generator (a third
+KafkaSpanExporter and the defaults a user gets: no OTEL_BSP_SCHEDULE_DELAY, so
+configure()'s export delay, DEFAULT_EXPORT_DELAY_MS), a load generator (a third
 process writing realistic OTLP batches to `otlp_spans` at --rate spans/s, as
 an OTel Collector would), and this process, which runs a BudgetGuard and
 notes when each probe's signal arrives.
@@ -58,8 +59,9 @@ def run_probe(prefix: str, count: int, interval_s: float) -> None:
     from burnguard.instrumentation import attribute, configure, llm_call
     from burnguard.instrumentation.runtime import Settings
 
+    assert "OTEL_BSP_SCHEDULE_DELAY" not in os.environ, "the probe measures configure()'s default delay"
     runtime = configure(Settings.from_env(), service_name="probe-app")
-    print("ready", flush=True)
+    print(f"ready; export delay {export_delay_ms(runtime)} ms", flush=True)
     next_at = time.monotonic()
     for index in range(count):
         next_at += interval_s
@@ -71,6 +73,13 @@ def run_probe(prefix: str, count: int, interval_s: float) -> None:
     runtime.flush()
     runtime.shutdown()
     print("done", flush=True)
+
+
+def export_delay_ms(runtime) -> str:  # a burnguard Runtime
+    """The schedule delay of the batch processor configure() put in front of the Kafka exporter."""
+    batch = getattr(getattr(runtime.cost_processor, "_next", None), "_batch_processor", None)
+    delay = getattr(batch, "_schedule_delay_millis", None)
+    return "unknown" if delay is None else f"{delay:g}"
 
 
 # --- the load generator (a subprocess) ---------------------------------------------------------
@@ -146,7 +155,6 @@ def run_phase(
     process = pipeline.spawn(
         f"probe-{name}",
         [__file__, "probe", "--prefix", prefix, "--count", str(count), "--interval", str(interval_s)],
-        {"OTEL_BSP_SCHEDULE_DELAY": "10"},
     )
     process.wait(timeout=count * interval_s + 120)
     ends = {}
@@ -258,6 +266,8 @@ def measure(args: argparse.Namespace) -> None:
     from burnguard.instrumentation.guard import BudgetGuard
     from span_load import BUDGETS_YAML
 
+    if os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None) is not None:
+        note("OTEL_BSP_SCHEDULE_DELAY ignored: the probe runs with configure()'s default export delay")
     clock = SignalClock()
     with BenchPipeline("enforcement_latency", keep=args.keep) as pipeline:
         budgets = pipeline.write("budgets.yaml", BUDGETS_YAML + PROBE_BUDGET)
@@ -268,6 +278,8 @@ def measure(args: argparse.Namespace) -> None:
         guard.start(wait_s=15)
         try:
             ends = run_phase(pipeline, clock, "idle", args.idle_probes, 0.5, drain_s=20)
+            delay = re.search(r"export delay (\S+) ms", pipeline.log("probe-idle"))
+            export_delay = delay.group(1) if delay else "unknown"
             idle, idle_missing = latencies_ms(clock, ends, time.time_ns())
             note(describe("no load", idle, idle_missing))
             note(describe_stages("no load", stage_times(pipeline, clock, ends)))
@@ -294,7 +306,8 @@ def measure(args: argparse.Namespace) -> None:
     p50, p99 = percentile(loaded, 0.5), percentile(loaded, 0.99)
     print(f"\nmachine: {machine_note()}")
     print(
-        "settings: OTEL_BSP_SCHEDULE_DELAY=10ms, KafkaSpanExporter linger 5 ms, worker producer linger "
+        f"settings: configure()'s defaults (no OTEL_BSP_SCHEDULE_DELAY): export delay {export_delay} ms, "
+        "KafkaSpanExporter linger 5 ms, worker producer linger "
         f"{os.environ.get('BURNGUARD_PRODUCER_LINGER_MS', '2')} ms (BURNGUARD_PRODUCER_LINGER_MS), "
         f"snapshot interval {os.environ.get('BURNGUARD_SNAPSHOT_INTERVAL_S', '10')} s, "
         "commit interval 2.8 s (default), guard poll 200 ms"

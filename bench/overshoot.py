@@ -1,13 +1,16 @@
-"""How far past a tenant's limit 50 concurrent callers in two processes get with enforcement on.
+"""How far past a tenant's limit 50 concurrent callers in two processes get with enforcement on,
+and how much of it is left unused when the first call is refused.
 
 Two app processes, 25 caller threads each, share one tenant. Each process
 runs configure() with enforcement on (a BudgetGuard following the signals
 topic, spans to Kafka with OTEL_BSP_SCHEDULE_DELAY=10 ms). Every caller
 loops `llm_call("gpt-4.1")` with a simulated model latency (--call-ms) and
-fixed usage (2,000 input + 500 output tokens = $0.008 a call); a denied call
-(BudgetExceeded) is retried after 50 ms. A caller stops once it has been
-denied for 2 s straight. The budget: tenant `overshoot-tenant`, window day,
-cost_usd, limit --limit, warn at 0.7, throttle at 1.0.
+fixed usage (2,000 input + 500 output tokens = $0.008 a call on gpt-4.1,
+$0.0016 on gpt-4.1-mini); a denied call (BudgetExceeded) is retried after
+50 ms. A caller stops once it has been denied for 2 s straight. The budget:
+tenant `overshoot-tenant`, window day, cost_usd, limit --limit, warn at 0.5,
+downgrade to standard (gpt-4.1-mini) at 0.7, throttle at 1.0: the calls near
+the limit run on the downgraded model.
 
 The guard accounts locally between signals (docs/ARCHITECTURE.md §12); `--no-local-accounting`
 turns that off in the app processes (nothing is reserved or settled, so the
@@ -15,8 +18,12 @@ guard acts on the signals alone), for a comparison under the same load.
 
 Spend is what the apps paid: the cost of every call that was let through.
 overshoot_fraction = (spend - limit) / limit. The target is 1% of the limit
-or the cost of one call per caller, whichever is larger. The worker's own
-total is checked against the apps' once every span is accounted.
+or the cost of one call per caller, whichever is larger (a call at the limit
+costs what the downgraded model costs). The undershoot is the budget left
+unused when the first call is refused (by either process): the limit less
+the cost of every call started before that refusal; the target is at most
+one call's cost. The worker's own total is checked against the apps' once
+every span is accounted.
 
     .venv/bin/python bench/overshoot.py [--limit 20] [--call-ms 200] [--no-local-accounting]
 """
@@ -61,6 +68,7 @@ def run_app(
     deadline = time.monotonic() + timeout_s
     calls: list[tuple[int, int, float]] = []  # (start ns, end ns, cost) of every call let through
     denied = [0]
+    first_denied_ns: list[int] = []
     lock = threading.Lock()
 
     def caller(index: int) -> None:
@@ -75,6 +83,8 @@ def run_app(
                 except BudgetExceeded:
                     with lock:
                         denied[0] += 1
+                        if not first_denied_ns:
+                            first_denied_ns.append(time.time_ns())
                     now = time.monotonic()
                     denied_since = denied_since or now
                     if now - denied_since >= HOLD_S:
@@ -92,7 +102,11 @@ def run_app(
         thread.join()
     runtime.flush()
     runtime.shutdown()
-    stats = {"denied": denied[0], "local_denied": guard.stats.local_denied}
+    stats = {
+        "denied": denied[0],
+        "local_denied": guard.stats.local_denied,
+        "first_denied_ns": first_denied_ns[0] if first_denied_ns else None,
+    }
     out_file.write_text(json.dumps({"calls": calls, **stats}))
     print("done", flush=True)
 
@@ -126,11 +140,19 @@ def analyse(calls: list[tuple[int, int, float]], limit: float) -> dict[str, floa
     }
 
 
+def undershoot(calls: list[tuple[int, int, float]], first_denied_ns: int | None, limit: float) -> float:
+    """The budget left unused when the first call was refused: the limit less every call started before."""
+    if first_denied_ns is None:
+        return limit - sum(c[2] for c in calls)
+    return max(0.0, limit - sum(c[2] for c in calls if c[0] < first_denied_ns))
+
+
 def measure(args: argparse.Namespace) -> None:
     budgets_yaml = MODEL_CONFIG_YAML + (
         "budgets:\n"
         f"  - {{id: tenant-daily, scope: tenant, match: {TENANT}, window: day, limit: {args.limit},\n"
-        "     actions: [{at: 0.7, do: warn}, {at: 1.0, do: throttle}]}\n"
+        "     actions: [{at: 0.5, do: warn}, {at: 0.7, do: downgrade, to: standard},\n"
+        "               {at: 1.0, do: throttle}]}\n"
     )
     call_s = args.call_ms / 1000
     with BenchPipeline("overshoot", keep=args.keep) as pipeline:
@@ -160,16 +182,20 @@ def measure(args: argparse.Namespace) -> None:
             if pipeline.processes[f"app{index}"].returncode != 0:
                 raise RuntimeError(pipeline.log(f"app{index}")[-3000:])
         note(f"callers done after {time.monotonic() - started:.1f}s")
-        calls, denied, local_denied = [], 0, 0
+        calls, denied, local_denied, first_denials = [], 0, 0, []
         for out in outputs:
             result = json.loads(out.read_text())
             calls += [tuple(c) for c in result["calls"]]
             denied += result["denied"]
             local_denied += result["local_denied"]
+            if result["first_denied_ns"] is not None:
+                first_denials.append(result["first_denied_ns"])
         spend = sum(c[2] for c in calls)
         worker_spent = wait_for_worker_total(pipeline, spend)
-    call_cost = calls[0][2]
+    call_cost = max(calls, key=lambda c: c[1])[2]  # the last call's: the model calls at the limit ran on
+    first_cost = min(calls, key=lambda c: c[0])[2]
     overshoot = (spend - args.limit) / args.limit
+    unused = undershoot(calls, min(first_denials, default=None), args.limit)
     target = max(0.01 * args.limit, PROCESSES * CALLERS_PER_PROCESS * call_cost) / args.limit
     parts = analyse(calls, args.limit)
     duration = (parts.get("crossing_ns", 0) - parts.get("first_start_ns", 0)) / 1e9
@@ -177,7 +203,8 @@ def measure(args: argparse.Namespace) -> None:
     print(f"local accounting in the guard: {'on' if args.local_accounting else 'off'}")
     print(
         f"{PROCESSES} processes x {CALLERS_PER_PROCESS} callers, {args.call_ms:.0f} ms per call, "
-        f"${call_cost:.4f} per call, limit ${args.limit:g} (reached after {duration:.1f}s, "
+        f"${first_cost:.4f} per call, ${call_cost:.4f} once downgraded, limit ${args.limit:g} "
+        f"(reached after {duration:.1f}s, "
         f"{parts.get('calls_before', 0) / max(duration, 1e-9):,.0f} calls/s before it)"
     )
     print(
@@ -192,7 +219,14 @@ def measure(args: argparse.Namespace) -> None:
             "after the crossing"
         )
     print(f"overshoot {overshoot:.4f} of the limit (target <= {target:.4f})")
-    print(f"RESULT overshoot overshoot_fraction={overshoot:.4f}")
+    print(
+        f"undershoot: ${unused:.4f} of the limit unused at the first refusal = "
+        f"{unused / call_cost:.2f} calls of ${call_cost:.4f} (target <= 1 call)"
+    )
+    print(
+        f"RESULT overshoot overshoot_fraction={overshoot:.4f} undershoot_usd={unused:.4f} "
+        f"undershoot_calls={unused / call_cost:.2f}"
+    )
 
 
 def wait_for_worker_total(pipeline: BenchPipeline, spend: float, timeout_s: float = 60.0) -> float:

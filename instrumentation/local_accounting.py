@@ -9,11 +9,15 @@ reaches the budget's throttle rung.
 
 What counts. A call counts toward a signal when its attribution has the
 signal's scope key (`contracts.budget_rules`, as the stream keys it). A call in
-flight counts with an estimate (the last call of the same model), settled to
-what it used when it ends: that is what holds back a burst of concurrent
-callers. A settled call counts when it ended after the signal's `issued_at`:
-its span left the process after the worker decided, so the signal's `spent`
-cannot include it (clocks assumed in step). Calls ended before may be in
+flight counts with an estimate for the model it runs on (after routing and any
+downgrade): the key's last call of that model (a process serving many tenants
+sees calls of very different sizes), else this process's last call of that
+model, else its last call of any model priced again at this model's price (a
+downgraded call costs the cheaper model's price, not the one it was
+downgraded from). It is settled to what it used when it ends: that is what
+holds back a burst of concurrent callers. A settled call counts when it ended
+after the signal's `issued_at`: its span left the process after the worker
+decided, so the signal's `spent` cannot include it (clocks assumed in step). Calls ended before may be in
 `spent` and are left out: an undercount, never a double count. Ended calls are
 remembered for a minute only for the budgets in the guard's config; for other
 budgets the count starts when the signal is received. A tally lives while its
@@ -32,8 +36,14 @@ compares it with the key's burn rate (which the stream job measures over at
 least a minute, so a young burst compares like for like): the ratio is this
 process's share, and own use since the signal is scaled by 1 / share to
 stand for the whole key's. Without a config entry the share is 1 (own use
-only). A share underestimated makes the guard deny early, until the next
-signal (refreshed every 30 s by default, `expires_at` at the latest).
+only). The two rates are measured over different spans (the worker's over up
+to 15 minutes, this process's over one), so after a downgrade cut the cost of
+a call the worker's rate still carries the dearer calls and the ratio
+underestimates the share; a process whose own use in the signal's window
+accounts for all of the signal's `spent` is the only spender the worker knows
+of, and its share is 1 (`_sole_spender`). A share underestimated makes the
+guard deny early, until the next signal (refreshed every 30 s by default,
+`expires_at` at the latest).
 
 Every method runs under one lock: callers are threads, and the check and the
 reservation of a call must be one step, or a burst of callers would all pass
@@ -60,6 +70,7 @@ from burnguard.contracts.budget_rules import (
     matched_key,
 )
 from burnguard.contracts.budgets import Budget, BudgetConfig
+from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal
 
 #: One model call's usage in every metric at once (`METRICS` order), so any tally can take its own.
@@ -104,6 +115,19 @@ class Tally:
     share: float = 1.0
     own: float = 0.0  # settled since the signal was issued
     reserved: float = 0.0  # estimates of the calls in flight
+    #: model -> this key's last call of it, in the metric; passed on to the key's next tally
+    learned: dict[str, float] | None = None
+
+    def estimate(self, model: str | None, usage: Usage) -> float:
+        """A call of `model` on this key: the key's last call of that model, else `usage` (the process's)."""
+        if self.learned is not None and model is not None:
+            return self.learned.get(model, usage[self.metric])
+        return usage[self.metric]
+
+    def learn(self, model: str, usage: Usage) -> None:
+        if self.learned is None:
+            self.learned = {}
+        self.learned[model] = usage[self.metric]
 
     @property
     def signal(self) -> Signal:
@@ -115,15 +139,19 @@ class Tally:
 
 
 class OwnUse:
-    """This process's use of one budget key over the last minute: (end time, amount) of each call."""
+    """This process's use of one budget key: (end time, amount) of each call over the last minute,
+    and the total since `started_s` (when this process began to track the key)."""
 
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "started_s", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, started_s: float) -> None:
         self.calls: deque[tuple[float, float]] = deque()
+        self.started_s = started_s
+        self.total = 0.0
 
     def add(self, end_s: float, amount: float) -> None:
         self.calls.append((end_s, amount))
+        self.total += amount
         while self.calls and self.calls[0][0] < end_s - RECENT_S:
             self.calls.popleft()
 
@@ -141,7 +169,7 @@ class Reservation:
     values: dict[str, str]
     estimate: Usage
     started_s: float
-    tallies: list[Tally] = field(default_factory=list)
+    tallies: list[tuple[Tally, float]] = field(default_factory=list)  # and the amount held on each
     recent: list[tuple[OwnUse, int]] = field(default_factory=list)
 
     def settle(self, cost_usd: float | None, attributes: Mapping[str, Any]) -> None:
@@ -173,8 +201,11 @@ class _BudgetKeying:
 class LocalLedger:
     """The tallies of every current signal, the calls in flight, and own recent use per budget key."""
 
-    def __init__(self, config: BudgetConfig, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: BudgetConfig, clock: Callable[[], float], prices: PriceBook | None = None
+    ) -> None:
         self._clock = clock
+        self._prices = prices or PriceBook(config.prices)
         self._lock = threading.Lock()
         self._tallies: dict[str, Tally] = {}  # by the signal's Kafka key
         self._by_scope: dict[tuple[str, ...], dict[str, list[Tally]]] = {}
@@ -198,7 +229,7 @@ class LocalLedger:
         """
         metric = METRIC_INDEX.get(signal.metric)
         with self._lock:
-            self._drop(signal.kafka_key)
+            previous = self._drop(signal.kafka_key)
             if metric is None:
                 return  # a metric this guard cannot measure: leave the key to the signals alone
             now_s = self._clock()
@@ -207,11 +238,14 @@ class LocalLedger:
             if now_s >= signal.expires_at.timestamp() or now_s >= signal.window_end.timestamp():
                 return  # never live again (see `_live_tallies`): nothing to hold
             tally = self._tally(signal, payload or signal.to_json(), metric, now_s)
+            if previous is not None and previous.metric == metric:
+                tally.learned = previous.learned
             dimensions = tuple(signal.scope.split("+"))
             for reservation in self._in_flight:
                 if key_of_values(reservation.values, dimensions) == signal.key:
-                    tally.reserved += reservation.estimate[metric]
-                    reservation.tallies.append(tally)
+                    held = tally.estimate(reservation.model, reservation.estimate)
+                    tally.reserved += held
+                    reservation.tallies.append((tally, held))
             self._tallies[signal.kafka_key] = tally
             self._by_scope.setdefault(dimensions, {}).setdefault(signal.key, []).append(tally)
 
@@ -238,7 +272,7 @@ class LocalLedger:
             signal.limit * throttle_at if throttle_at is not None else math.inf,
             signal.window_end.timestamp(),
             signal.expires_at.timestamp(),
-            share=_share(recent, signal.burn_rate_per_hour, now_s),
+            share=1.0 if _sole_spender(recent, signal) else _share(recent, signal.burn_rate_per_hour, now_s),
             own=recent.since(issued_s) if recent is not None else 0.0,
         )
 
@@ -250,16 +284,17 @@ class LocalLedger:
         with self._lock:
             self._drop(kafka_key)
 
-    def _drop(self, kafka_key: str) -> None:
+    def _drop(self, kafka_key: str) -> Tally | None:
         old = self._tallies.pop(kafka_key, None)
         if old is None:
-            return
+            return None
         by_key = self._by_scope.get(tuple(old.scope.split("+")), {})
         remaining = [t for t in by_key.get(old.key, ()) if t is not old]
         if remaining:
             by_key[old.key] = remaining
         else:
             by_key.pop(old.key, None)
+        return old
 
     # --- calls -----------------------------------------------------------------------------------
     def admit(self, values: dict[str, str], model: str | None, now_s: float) -> Reservation | Tally:
@@ -269,15 +304,32 @@ class LocalLedger:
             for tally in live:
                 if tally.projected() >= tally.deny_at:
                     return tally
-            estimate = self._estimates.get(model, self._last_estimate) if model else self._last_estimate
-            reservation = Reservation(self, model, values, estimate, now_s, live)
+            estimate = self._estimate(model)
+            reservation = Reservation(self, model, values, estimate, now_s)
             for tally in live:
-                tally.reserved += estimate[tally.metric]
+                held = tally.estimate(model, estimate)
+                tally.reserved += held
+                reservation.tallies.append((tally, held))
             if now_s >= self._next_sweep_s:  # before tracking: the sweep forgets keys not yet used
                 self._sweep(now_s)
             self._track_recent(reservation)
             self._in_flight.add(reservation)
             return reservation
+
+    def _estimate(self, model: str | None) -> Usage:
+        """What a call of `model` is expected to use: the last call of that model, else the last
+        call of any model priced at `model`'s price (its input tokens at the full input price, so
+        never below a cached prompt's cost; kept as it was when that price is unknown)."""
+        if not model:
+            return self._last_estimate
+        known = self._estimates.get(model)
+        if known is not None:
+            return known
+        last = self._last_estimate
+        if last is FIRST_ESTIMATE:
+            return last
+        cost = self._prices.price(model, input_tokens=int(last[2]), output_tokens=int(last[1] - last[2]))
+        return last if cost is None else (cost, *last[1:])
 
     def exceeded(self, values: Mapping[str, str], now_s: float) -> Tally | None:
         """The first live tally whose projection has reached its throttle rung (no reservation made)."""
@@ -294,12 +346,17 @@ class LocalLedger:
             if reservation not in self._in_flight:
                 return  # released by the sweep already
             self._in_flight.discard(reservation)
-            for tally in reservation.tallies:
-                tally.reserved -= reservation.estimate[tally.metric]
+            # a call that failed unpriced says nothing about the next one
+            priced = usage[0] > 0 or usage[1] > 0
+            learned = reservation.model if priced else None
+            for tally, held in reservation.tallies:
+                tally.reserved -= held
                 tally.own += usage[tally.metric]
+                if learned:
+                    tally.learn(learned, usage)
             for recent, metric in reservation.recent:
                 recent.add(end_s, usage[metric])
-            if usage[0] > 0 or usage[1] > 0:  # a call that failed unpriced says nothing about the next one
+            if priced:
                 if reservation.model:
                     self._estimates[reservation.model] = usage
                 self._last_estimate = usage
@@ -313,8 +370,8 @@ class LocalLedger:
         if reservation not in self._in_flight:
             return
         self._in_flight.discard(reservation)
-        for tally in reservation.tallies:
-            tally.reserved -= reservation.estimate[tally.metric]
+        for tally, held in reservation.tallies:
+            tally.reserved -= held
         reservation.ledger = None
 
     def _live_tallies(self, values: Mapping[str, str], now_s: float) -> list[Tally]:
@@ -334,7 +391,7 @@ class LocalLedger:
             if key is not None:
                 recent = self._recent.get((keying.budget, key))
                 if recent is None:
-                    recent = self._recent[(keying.budget, key)] = OwnUse()
+                    recent = self._recent[(keying.budget, key)] = OwnUse(reservation.started_s)
                 reservation.recent.append((recent, keying.metric))
 
     def _sweep(self, now_s: float) -> None:
@@ -373,6 +430,23 @@ class LocalLedger:
 def _throttle_at(budget: Budget) -> float | None:
     """The ratio at which the budget throttles, or None when its ladder never does."""
     return next((a.at for a in budget.actions if a.do == "throttle"), None)
+
+
+def _sole_spender(recent: OwnUse | None, signal: Signal) -> bool:
+    """True when this process's own use in the signal's window, up to `issued_at`, is all of `spent`.
+
+    Only when the process began to track the key inside the signal's window (its total is then all
+    in the window) and remembers every call since `issued_at` (to take them off the total). Calls of
+    this process the worker has not counted yet could hide as much of another process's use: that
+    much is left unscaled until the next signal.
+    """
+    if recent is None or recent.started_s < signal.window_start.timestamp():
+        return False
+    issued_s = signal.issued_at.timestamp()
+    if recent.calls and issued_s < recent.calls[0][0]:
+        return False  # calls since `issued_at` may have left the minute remembered
+    before = recent.total - recent.since(issued_s)
+    return signal.spent <= before * (1 + 1e-9) + 1e-12
 
 
 def _share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> float:

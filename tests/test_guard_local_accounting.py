@@ -238,9 +238,9 @@ def test_a_downgraded_call_counts_under_its_new_model_class() -> None:
     guard = make_guard()
     prime(guard, 1.0)
     guard.apply(make_signal("downgrade", spent=17.0, limit=20.0, downgrade_to="standard", budget="td"))
-    guard.apply(make_signal(spent=9.5, limit=10.0, scope="model_class", key="standard", budget="std"))
+    guard.apply(make_signal(spent=9.999, limit=10.0, scope="model_class", key="standard", budget="std"))
     assert guard.check("gpt-4.1", ACME).model == "gpt-4.1-mini"
-    call = admit(guard, "gpt-4.1", ACME)  # downgraded to gpt-4.1-mini, counted on `standard`
+    call = admit(guard, "gpt-4.1", ACME)  # downgraded to gpt-4.1-mini ($0.0016), counted on `standard`
     assert call.model == "gpt-4.1-mini"
     with pytest.raises(BudgetExceeded) as caught:
         admit(guard, "gpt-4.1", ACME)
@@ -379,3 +379,85 @@ def test_the_call_path_reserves_at_start_and_settles_at_the_end(monkeypatch: pyt
     assert len(refused) == 2
     assert all(s.attributes[attr.COST_USD] == 0.0 for s in refused)
     assert guard.stats.local_denied == 2
+
+
+#: The issue-16 ladder: $1 a day, downgrade to standard at half, throttle at the limit.
+DOWNGRADE_THEN_THROTTLE = parse_budget_yaml(
+    MODELS
+    + """\
+budgets:
+  - {id: tenant-daily, scope: tenant, limit: 1,
+     actions: [{at: 0.5, do: downgrade, to: standard}, {at: 1.0, do: throttle}]}
+"""
+)
+BIG_CALL = {attr.GEN_AI_USAGE_INPUT_TOKENS: 30_000, attr.GEN_AI_USAGE_OUTPUT_TOKENS: 6_000}
+PREMIUM_USD, STANDARD_USD = 0.108, 0.0216  # BIG_CALL on gpt-4.1 and on gpt-4.1-mini
+
+
+def daily_signal(action: str, spent: float, issued_at: datetime, **fields: object) -> Signal:
+    return make_signal(action, spent=spent, limit=1.0, issued_at=issued_at, **fields)
+
+
+def test_a_downgraded_call_reserves_the_price_of_the_model_it_runs_on() -> None:
+    # Calls in flight right after a downgrade: no gpt-4.1-mini call has ended yet, so the estimate
+    # is the last gpt-4.1 call's usage priced at gpt-4.1-mini's price, not gpt-4.1's cost.
+    clock = Clock()
+    guard = make_guard(DOWNGRADE_THEN_THROTTLE, clock)
+    for _ in range(5):
+        guard.reserve("gpt-4.1", ACME).settle(PREMIUM_USD, BIG_CALL)
+    clock.advance(0.5)
+    guard.apply(daily_signal("downgrade", 0.54, clock.now, downgrade_to="standard"))
+    in_flight = 0
+    with pytest.raises(BudgetExceeded):
+        while in_flight < 100:
+            admit(guard, "gpt-4.1", ACME)  # downgraded: runs on gpt-4.1-mini
+            in_flight += 1
+    # 0.54 + 21 x 0.0216 = 0.9936 < 1: the 22nd fits; 22 reach 1.0152 and the 23rd is refused.
+    assert in_flight == 22
+
+
+def test_a_lone_process_after_a_downgrade_is_not_refused_while_a_call_still_fits() -> None:
+    # One process: dear calls first, then downgraded ones for over a minute. The worker's burn rate
+    # averages its whole span (the dear calls too); this process's last minute holds only cheap ones.
+    # Their ratio is no share: the process spent everything the signal counts.
+    clock = Clock()
+    guard = make_guard(DOWNGRADE_THEN_THROTTLE, clock)
+    started = clock.now
+    for _ in range(5):
+        guard.reserve("gpt-4.1", ACME).settle(PREMIUM_USD, BIG_CALL)
+        clock.advance(0.2)
+    guard.apply(daily_signal("downgrade", 0.54, clock.now, downgrade_to="standard"))
+    spent = 0.54
+    for _ in range(10):  # one downgraded call every 8 s
+        clock.advance(8)
+        admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
+        spent += STANDARD_USD
+    clock.advance(1)
+    seconds = (clock.now - started).total_seconds()
+    # A refresh: the worker has counted every call; its rate is the spend over the time it saw.
+    guard.apply(
+        daily_signal(
+            "downgrade", spent, clock.now, downgrade_to="standard", burn_rate_per_hour=spent / seconds * 3600
+        )
+    )
+    allowed = 0
+    with pytest.raises(BudgetExceeded):
+        while allowed < 100:
+            clock.advance(0.2)
+            admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
+            allowed += 1
+    # 0.756 + 11 x 0.0216 = 0.9936 < 1: the 12th call fits, the 13th would not.
+    assert round(spent, 4) == 0.756 and allowed == 12
+
+
+def test_a_call_is_estimated_by_its_keys_last_call_of_the_model_not_another_keys() -> None:
+    # One process serves a tenant near its limit with small calls and another tenant with big ones
+    # on the same model: acme's next call is estimated by acme's last one, not globex's.
+    guard = make_guard()
+    guard.apply(make_signal(spent=9.905, limit=10.0))
+    guard.reserve("gpt-4.1", ACME).settle(0.01, CALL)  # acme: 9.915
+    guard.reserve("gpt-4.1", {"tenant": "globex"}).settle(1.0, CALL)  # the process's last gpt-4.1 call
+    guard.apply(
+        make_signal(spent=9.915, limit=10.0)
+    )  # a refresh that counted acme's call: learned carries over
+    assert hold(guard) == 9  # 9.915 + 8 x 0.01 = 9.995 < 10: the 9th fits, the 10th would not

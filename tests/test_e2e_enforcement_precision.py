@@ -1,0 +1,167 @@
+"""Enforcement with the defaults a user gets, end to end (issue 16).
+
+A zero-code app (`opentelemetry-instrument`, BURNGUARD_ENFORCE=true, no export-delay setting, so
+`configure()`'s default) calls `gpt-4.1` four times a second against a local OpenAI server for over
+a minute; the real worker accounts its spans against a $1/day service budget that downgrades to
+`standard` at half and throttles at the limit, refreshing its signal every 5 s. Precision is
+two-sided: the downgrade rung is not skipped, no call is refused while it still fits, and past the
+limit no call gets through (beyond the overshoot bound).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from burnguard.contracts.pricing import PriceBook
+from burnguard.instrumentation.runtime import DEFAULT_EXPORT_DELAY_MS
+from kafka import KafkaConsumer
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.factories import LADDER_YAML
+from tests.fakes import FakeOpenAI
+from tests.fixtures.pipeline import Pipeline
+
+APP = Path(__file__).parent / "apps" / "paced_app.py"
+INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
+SERVICE = "paced-app"
+#: $0.00936 a call on gpt-4.1, $0.001872 on gpt-4.1-mini: 54 calls to the downgrade, ~250 after it.
+INPUT_TOKENS, OUTPUT_TOKENS = 2_600, 520
+CALLS_PER_SECOND = 4
+LIMIT = 1.0
+
+
+def call_cost(model: str) -> float:
+    cost = PriceBook().price(model, "openai", input_tokens=INPUT_TOKENS, output_tokens=OUTPUT_TOKENS)
+    assert cost
+    return cost
+
+
+def run_paced_app(pipeline: Pipeline, server: FakeOpenAI, calls: int) -> list[str]:
+    env = {
+        **pipeline.env,
+        "OTEL_SERVICE_NAME": SERVICE,
+        "OPENAI_BASE_URL": server.base_url,
+        "OPENAI_API_KEY": "test",
+        "PYTHONWARNINGS": "ignore",
+        "BURNGUARD_ENFORCE": "true",
+        "BURNGUARD_GUARD_WAIT_S": "10",
+        "PACED_INPUT_TOKENS": str(INPUT_TOKENS),
+        "PACED_OUTPUT_TOKENS": str(OUTPUT_TOKENS),
+    }
+    env.pop("OTEL_BSP_SCHEDULE_DELAY", None)  # the default a user gets
+    done = subprocess.run(
+        [str(INSTRUMENT), sys.executable, str(APP), str(calls), str(CALLS_PER_SECOND)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=calls / CALLS_PER_SECOND + 120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_downgraded_calls_run_up_to_the_limit_and_none_past_it(pipeline: Pipeline) -> None:
+    premium, standard = call_cost("gpt-4.1"), call_cost("gpt-4.1-mini")
+    pipeline.write_budgets(
+        LADDER_YAML
+        + f"""
+budgets:
+  - id: service-daily
+    scope: service
+    match: {SERVICE}
+    window: day
+    limit: {LIMIT}
+    actions:
+      - {{at: 0.5, do: downgrade, to: standard}}
+      - {{at: 1.0, do: throttle}}
+"""
+    )
+    pipeline.start_worker()
+    with FakeOpenAI() as server:
+        lines = run_paced_app(pipeline, server, calls=600)
+    models = server.models
+    first_refusal = next((i for i, line in enumerate(lines) if line.startswith("refused")), None)
+    assert first_refusal is not None, f"never refused after {len(models)} calls"
+    assert "service-daily" in lines[first_refusal]
+    made = [line.split()[1] for line in lines[:first_refusal]]
+    dear = made.count("gpt-4.1")
+    spent = dear * premium + (len(made) - dear) * standard
+    seen = f"{dear} x gpt-4.1, {len(made) - dear} x gpt-4.1-mini, then {lines[first_refusal:]}"
+    # No refusal while a call still fitted (undershoot), and past the limit no more than the overshoot
+    # bound (bench/overshoot.py: 1% of the limit or one call per caller): a call whose span had not
+    # reached the worker when a refresh was issued is in neither its `spent` nor the guard's own use.
+    assert spent >= LIMIT, f"first refused at ${spent:.6f} of ${LIMIT}: {seen}"
+    assert spent < LIMIT + max(0.01 * LIMIT, standard), f"first refused at ${spent:.6f}: {seen}"
+    assert all(line.startswith("refused") for line in lines[first_refusal:]), seen
+    assert models == made  # a refused call never reached the server
+    # The downgrade rung was not skipped: gpt-4.1 until past half the limit (by what the enforcement
+    # latency lets through at 4 calls/s: a 2.5 s latency is 10 calls, $0.09), then gpt-4.1-mini.
+    assert made == ["gpt-4.1"] * dear + ["gpt-4.1-mini"] * (len(made) - dear)
+    assert LIMIT / 2 <= dear * premium < LIMIT / 2 + 0.1 * LIMIT, seen
+
+
+def export_lag_s(pipeline: Pipeline, service: str, delay_env: dict[str, str]) -> float:
+    """Run the zero-code app as `service` for two calls four seconds apart; how long its first
+    call's span took from its end to Kafka (the record's LogAppendTime)."""
+    with FakeOpenAI() as server:
+        env = {
+            **pipeline.env,
+            "OTEL_SERVICE_NAME": service,
+            "OPENAI_BASE_URL": server.base_url,
+            "OPENAI_API_KEY": "test",
+            "PYTHONWARNINGS": "ignore",
+            "BURNGUARD_ENFORCE": "true",
+            **delay_env,
+        }
+        if not delay_env:
+            env.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+        done = subprocess.run(
+            [str(INSTRUMENT), sys.executable, str(APP), "2", "0.25"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr[-4000:]
+    consumer = KafkaConsumer(
+        pipeline.topics.spans,
+        bootstrap_servers=pipeline.broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=3000,
+    )
+    arrived: dict[int, float] = {}  # span end (ns) -> record time (s), for burnguard's spans of `service`
+    try:
+        for record in consumer:
+            for resource_spans in ExportTraceServiceRequest.FromString(record.value).resource_spans:
+                names = [
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ]
+                if names != [service]:
+                    continue
+                for scope_spans in resource_spans.scope_spans:
+                    if scope_spans.scope.name == "burnguard.instrumentation":
+                        arrived.update(
+                            (span.end_time_unix_nano, record.timestamp / 1000) for span in scope_spans.spans
+                        )
+    finally:
+        consumer.close()
+    assert len(arrived) == 2, arrived
+    first_end_ns = min(arrived)
+    return arrived[first_end_ns] - first_end_ns / 1e9
+
+
+@pytest.mark.slow
+def test_zero_code_enforcement_exports_within_configures_delay_unless_the_user_sets_one(
+    pipeline: Pipeline,
+) -> None:
+    # With the SDK's default delay (5 s) the first span would wait ~5 s, or for the exit flush 4 s later.
+    assert export_lag_s(pipeline, "default-delay", {}) < DEFAULT_EXPORT_DELAY_MS / 1000 + 1.5
+    # The user's own setting wins: with a minute the span waits for the exit flush after the second
+    # call, which starts 4 s after the first one did.
+    assert export_lag_s(pipeline, "user-delay", {"OTEL_BSP_SCHEDULE_DELAY": "60000"}) >= 2.5
