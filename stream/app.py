@@ -90,7 +90,7 @@ from burnguard.stream.records import (
     tick_rows,
 )
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.takeover import RewindAfterRecovery
+from burnguard.stream.takeover import RewindAfterRecovery, in_order_reads
 from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
@@ -320,6 +320,8 @@ class BudgetJob:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
     async def _ingest_one(self, event: Any) -> None:
+        if not in_order_reads(self.app.consumer).admit(event.message):  # see stream/takeover.py
+            return
         message = event.message
         first_reading = message.offset > self._read_up_to.get(message.partition, -1)
         if first_reading:
@@ -538,6 +540,8 @@ class BudgetJob:
         window = self.settings.account_batch_window.total_seconds()
         async for events in stream.take_events(ACCOUNT_BATCH_RECORDS, within=window):
             for event in events:
+                if not in_order_reads(self.app.consumer).admit(event.message):  # see stream/takeover.py
+                    continue
                 self.changes.partition = event.message.partition
                 try:
                     await self._account_one(event.value)

@@ -48,8 +48,9 @@ from faust.types import TP, AppT
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-#: The attribute of the Faust consumer that holds its `BetweenFetches`.
+#: The attributes of the Faust consumer that hold its `BetweenFetches` and `InOrderReads`.
 _HOOK = "_burnguard_between_fetches"
+_IN_ORDER = "_burnguard_in_order_reads"
 
 
 class FetcherStopped(Exception):
@@ -112,6 +113,126 @@ def between_fetches(consumer: Any) -> BetweenFetches:
     return hook
 
 
+class InOrderReads:
+    """The agents read each partition in offset order from its commit, or not at all.
+
+    The totals' replay marks (`accounting.WindowTotals.applied`) keep the
+    highest source offset applied: a record applied after a higher one of its
+    partition counts as a replay, so every record Faust skips and delivers
+    later is lost (seen under CPU load: after a takeover the agents got a
+    partition from offset 76 before the rewind, and 1..75 later). So each
+    agent admits a record only at the next offset it expects, kept per
+    partition: set to the commit by every seek here, moved on by each record
+    admitted. A record past it is not processed, and the partition is sought
+    back to the expected offset (between fetches); one below it is a
+    re-reading, which the marks recognise. A partition without an expected
+    offset (taken over, not yet rewound) is rewound to its commit first.
+    Records that do not exist (deleted by retention, transaction markers)
+    skip the same offsets again after the seek back: the second time the gap
+    is accepted, with a warning.
+
+    Faust would commit a record it was given, processed or not, and with no
+    commit yet it commits past a gap: so its commits of these partitions are
+    capped at the expected offset.
+    """
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.fetches = between_fetches(consumer)
+        #: the topics whose partitions are read in order (the agents')
+        self.topics: set[str] = set()
+        #: per partition, the next offset the agents are to process
+        self.expected: dict[TP, int] = {}
+        #: per partition, the skip (expected, offset) last sought back from
+        self._skipped: dict[TP, tuple[int, int]] = {}
+        self._seeking: dict[TP, asyncio.Task[None]] = {}
+        new_offset = consumer._new_offset
+
+        def capped_new_offset(tp: TP) -> int | None:
+            offset = new_offset(tp)
+            if offset is None or tp.topic not in self.topics:
+                return offset
+            expected = self.expected.get(tp)
+            return None if expected is None else min(offset, expected)
+
+        consumer._new_offset = capped_new_offset
+
+    def admit(self, message: Any) -> bool:
+        """Whether an agent may process this record now (see the class doc)."""
+        tp, offset = message.tp, message.offset
+        if tp.topic not in self.topics:
+            return True
+        expected = self.expected.get(tp)
+        if expected is None:
+            self._seek_later(tp, None)
+            return False
+        if offset < expected:
+            return True
+        if offset == expected:
+            self.expected[tp] = offset + 1
+            self._skipped.pop(tp, None)
+            return True
+        if tp in self._seeking:
+            return False
+        if self._skipped.get(tp) == (expected, offset):
+            logger.warning(
+                "%s[%d]: offsets %d..%d hold no record after a seek back (retention, transaction "
+                "markers): reading on from %d",
+                tp.topic,
+                tp.partition,
+                expected,
+                offset - 1,
+                offset,
+            )
+            self.expected[tp] = offset + 1
+            return True
+        logger.warning(
+            "%s[%d]: got offset %d before %d: reading again from %d",
+            tp.topic,
+            tp.partition,
+            offset,
+            expected,
+            expected,
+        )
+        self._skipped[tp] = (expected, offset)
+        self._seek_later(tp, expected)
+        return False
+
+    def _seek_later(self, tp: TP, offset: int | None) -> None:
+        """Seek `tp` to `offset` (its commit when None) between fetches, once at a time."""
+        if tp in self._seeking:
+            return
+        task = asyncio.ensure_future(self._seek(tp, offset))
+        self._seeking[tp] = task
+        task.add_done_callback(lambda _: self._seeking.pop(tp, None))
+
+    async def _seek(self, tp: TP, offset: int | None) -> None:
+        try:
+            if offset is None:
+                targets = await self.fetches.run(lambda: rewind_now(self.consumer, {tp}))
+                logger.info("rewound to the committed offsets: %s", _describe(targets))
+            else:
+                await seek_back(self.consumer, {tp: offset})
+        except Exception as exc:  # revoked meanwhile, or the fetcher stopped: the next record retries
+            logger.warning("could not seek %s[%d] back: %r", tp.topic, tp.partition, exc)
+
+    def forget_unassigned(self) -> None:
+        """Drop what is kept for partitions no longer assigned."""
+        assigned = self.consumer.assignment()
+        for kept in (self.expected, self._skipped):
+            for tp in [tp for tp in kept if tp not in assigned]:
+                del kept[tp]
+
+
+def in_order_reads(consumer: Any) -> InOrderReads:
+    """The consumer's `InOrderReads`, installed on first use (with its `BetweenFetches`)."""
+    reads = getattr(consumer, _IN_ORDER, None)
+    if reads is None:
+        reads = InOrderReads(consumer)
+        setattr(consumer, _IN_ORDER, reads)
+    return reads
+
+
 class SeeksBetweenFetches(faust.Sensor):
     """A Faust sensor that installs `BetweenFetches` before the fetcher (re)starts."""
 
@@ -121,13 +242,20 @@ class SeeksBetweenFetches(faust.Sensor):
 
 
 class RewindAfterRecovery(SeeksBetweenFetches):
-    """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit."""
+    """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit.
+
+    It also makes the agents read `topics` in order (`InOrderReads`).
+    """
 
     def __init__(self, app: AppT, topics: Iterable[str]) -> None:
         super().__init__()
         self.app = app
         self.topics = frozenset(topics)
         self._rewinding: set[asyncio.Task[None]] = set()
+
+    def on_rebalance_start(self, app: AppT) -> dict:
+        in_order_reads(app.consumer).topics.update(self.topics)
+        return super().on_rebalance_start(app)
 
     def on_rebalance_end(self, app: AppT, state: dict[str, Any]) -> None:
         """Faust calls this once recovery has finished and the flow has resumed."""
@@ -138,30 +266,31 @@ class RewindAfterRecovery(SeeksBetweenFetches):
     async def rewind(self) -> None:
         """Seek each assigned partition of `topics` to its commit (log start if none), between fetches."""
         consumer = self.app.consumer
+        reads = in_order_reads(consumer)
         try:
-            targets = await between_fetches(consumer).run(lambda: self._rewind_now(consumer))
+            targets = await reads.fetches.run(lambda: rewind_now(consumer, self._assigned(consumer)))
         except Exception as exc:  # a rebalance took the partitions meanwhile: it ends in a rewind too
             logger.warning("could not rewind to the committed offsets: %r", exc)
             return
+        reads.forget_unassigned()
         if targets:
             logger.info("rewound to the committed offsets: %s", _describe(targets))
 
-    async def _rewind_now(self, consumer: Any) -> dict[TP, int]:
-        partitions = {tp for tp in consumer.assignment() if tp.topic in self.topics}
-        if not partitions:
-            return {}
-        targets = await self._targets(consumer, partitions)
-        await _seek_each(consumer, targets)
-        return targets
+    def _assigned(self, consumer: Any) -> set[TP]:
+        return {tp for tp in consumer.assignment() if tp.topic in self.topics}
 
-    @staticmethod
-    async def _targets(consumer: Any, partitions: set[TP]) -> dict[TP, int]:
-        committed = await consumer.seek_to_committed()
-        targets = {tp: committed[tp] for tp in partitions if committed.get(tp)}
-        uncommitted = partitions - targets.keys()
-        if uncommitted:
-            targets.update(await consumer.earliest_offsets(*uncommitted))
-        return targets
+
+async def rewind_now(consumer: Any, partitions: set[TP]) -> dict[TP, int]:
+    """Seek `partitions` to their commit (log start where none): only ever between fetches."""
+    if not partitions:
+        return {}
+    committed = await consumer.seek_to_committed()
+    targets = {tp: committed[tp] for tp in partitions if committed.get(tp)}
+    uncommitted = partitions - targets.keys()
+    if uncommitted:
+        targets.update(await consumer.earliest_offsets(*uncommitted))
+    await _seek_each(consumer, targets)
+    return targets
 
 
 async def seek_back(consumer: Any, targets: Mapping[TP, int]) -> None:
@@ -175,8 +304,11 @@ async def _seek_each(consumer: Any, targets: Mapping[TP, int]) -> None:
     A seek on aiokafka alone would leave the read offset where it was, and
     Faust drops records below it as already read.
     """
+    reads = getattr(consumer, _IN_ORDER, None)
     for tp, offset in sorted(targets.items()):
         await consumer.seek(tp, offset)
+        if reads is not None and tp.topic in reads.topics:
+            reads.expected[tp] = offset
 
 
 def _describe(targets: dict[TP, int]) -> str:

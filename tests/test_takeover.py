@@ -20,7 +20,7 @@ from typing import Any
 import faust
 import pytest
 from aiokafka.structs import ConsumerRecord
-from burnguard.stream.takeover import FetcherStopped, between_fetches, seek_back
+from burnguard.stream.takeover import FetcherStopped, between_fetches, in_order_reads, seek_back
 from faust.types import TP
 
 TOPIC = "otlp_spans"
@@ -53,19 +53,38 @@ class Partition:
         self.position = offset
 
 
-async def drain_with_a_rewind_to(committed: int | None) -> tuple[list[int], int | None]:
-    """Offsets the agents got, and the offset Faust would commit, after a rewind while a batch is held."""
+def stalled_consumer(committed: int | None, partition: Partition) -> Any:
+    """Faust's consumer over `partition`, the fetcher past records never delivered (#629)."""
     app = faust.App("test-takeover", broker="kafka://127.0.0.1:1", web_enabled=False)
     consumer = app.consumer
     app.topics._acking_topics.add(TOPIC)
-    partition = Partition(position=STALLED_AT)
     consumer._getmany = partition.getmany
     consumer._seek = partition.seek
     consumer.highwater = lambda tp: LOG_END
     consumer._active_partitions = {TP0}
+    consumer.assignment = lambda: {TP0}
     if committed is not None:
         consumer._committed_offset[TP0] = committed
-        consumer._read_offset[TP0] = STALLED_AT - 1  # marked read, never delivered (#629)
+        consumer._read_offset[TP0] = partition.position - 1  # marked read, never delivered
+    return consumer
+
+
+async def drain(consumer: Any, agents: Any, done: Any) -> None:
+    """Run Faust's fetcher loop with `agents` as its callback until `done()`."""
+    consumer.callback = agents
+    fetcher = SimpleNamespace(_stopped=asyncio.Event())
+    task = asyncio.ensure_future(consumer._drain_messages(fetcher))
+    for _ in range(400):
+        await asyncio.sleep(0.005)
+        if done():
+            break
+    fetcher._stopped.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def drain_with_a_rewind_to(committed: int | None) -> tuple[list[int], int | None]:
+    """Offsets the agents got, and the offset Faust would commit, after a rewind while a batch is held."""
+    consumer = stalled_consumer(committed, Partition(position=STALLED_AT))
     target = committed or 0
     between_fetches(consumer)  # installed before the fetcher starts, as the sensors do
     delivered: list[int] = []
@@ -79,15 +98,10 @@ async def drain_with_a_rewind_to(committed: int | None) -> tuple[list[int], int 
             for _ in range(5):
                 await asyncio.sleep(0)
 
-    consumer.callback = agents
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    drain = asyncio.ensure_future(consumer._drain_messages(fetcher))
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if rewinds and rewinds[0].done() and set(range(target, LOG_END)) <= set(delivered):
-            break
-    fetcher._stopped.set()
-    await asyncio.wait_for(drain, 5)
+    def done() -> bool:
+        return bool(rewinds) and rewinds[0].done() and set(range(target, LOG_END)) <= set(delivered)
+
+    await drain(consumer, agents, done)
     await rewinds[0]
     return delivered, consumer._new_offset(TP0)
 
@@ -103,6 +117,79 @@ def test_a_rewind_while_the_fetcher_holds_records_delivers_every_record_before_t
     assert not missing, f"records {missing} were never delivered (delivered in order: {delivered})"
     assert commit == LOG_END
     assert delivered.index(target) > delivered.index(STALLED_AT), "the rewind ran before the stalled batch"
+
+
+def commit(consumer: Any) -> int | None:
+    """What Faust would commit now (it records the commit as its own does)."""
+    offset = consumer._new_offset(TP0)
+    if offset is not None and offset > (consumer._committed_offset.get(TP0) or 0):
+        consumer._committed_offset[TP0] = offset
+    return offset
+
+
+async def agents_reading_in_order(committed: int) -> tuple[list[int], list[int | None]]:
+    """Offsets the agents processed and Faust's commits, when the stall hands them later records first."""
+    consumer = stalled_consumer(committed, Partition(position=STALLED_AT))
+    reads = in_order_reads(consumer)
+    reads.topics.add(TOPIC)
+    reads.expected[TP0] = committed  # as the rewind after recovery leaves it
+    processed: list[int] = []
+    commits: list[int | None] = []
+
+    async def agents(message: Any) -> None:
+        if reads.admit(message):
+            processed.append(message.offset)
+        consumer.ack(message)
+        commits.append(commit(consumer))
+        await asyncio.sleep(0)
+
+    await drain(consumer, agents, lambda: LOG_END - 1 in processed and not reads._seeking)
+    return processed, commits
+
+
+def test_an_agent_processes_a_partition_in_order_from_the_commit_whatever_faust_hands_it() -> None:
+    committed = 3
+    processed, commits = asyncio.run(agents_reading_in_order(committed))
+    assert processed[: LOG_END - committed] == list(range(committed, LOG_END)), processed
+    assert all(offset < LOG_END for offset in processed[LOG_END - committed :]), "only re-readings after"
+    assert max(commit or 0 for commit in commits[: processed.index(committed) + 1]) <= committed, (
+        "Faust committed records the agents had not processed"
+    )
+    assert consumer_commit_reached(commits) == LOG_END
+
+
+def consumer_commit_reached(commits: list[int | None]) -> int:
+    return max(commit or 0 for commit in commits)
+
+
+def test_a_gap_with_no_records_is_read_past_after_one_seek_back() -> None:
+    consumer = SimpleNamespace(getmany=None, _new_offset=lambda tp: None)
+    reads = in_order_reads(consumer)
+    reads.topics.add(TOPIC)
+    reads.expected[TP0] = 4
+    seeks: list[int | None] = []
+    reads._seek_later = lambda tp, offset: seeks.append(offset)  # type: ignore[method-assign]
+    record7 = SimpleNamespace(tp=TP0, offset=7)
+    assert not reads.admit(record7)
+    assert seeks == [4]
+    assert reads.admit(record7), "offsets 4..6 do not exist: the same skip again is read past"
+    assert reads.expected[TP0] == 8
+    assert reads.admit(SimpleNamespace(tp=TP0, offset=5)), "a re-reading below the expected offset"
+    assert not reads.admit(SimpleNamespace(tp=TP0, offset=9)) and seeks == [4, 8]
+
+
+def test_a_partition_without_an_expected_offset_is_rewound_first_and_never_committed() -> None:
+    consumer = SimpleNamespace(getmany=None, _new_offset=lambda tp: 42)
+    reads = in_order_reads(consumer)
+    reads.topics.add(TOPIC)
+    seeks: list[int | None] = []
+    reads._seek_later = lambda tp, offset: seeks.append(offset)  # type: ignore[method-assign]
+    assert not reads.admit(SimpleNamespace(tp=TP0, offset=0))
+    assert seeks == [None]  # to its commit
+    assert consumer._new_offset(TP0) is None
+    reads.expected[TP0] = 40
+    assert consumer._new_offset(TP0) == 40
+    assert consumer._new_offset(TP("burnguard.budgets", 0)) == 42, "other topics are not capped"
 
 
 class FakeConsumer:
