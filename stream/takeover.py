@@ -127,9 +127,10 @@ class InOrderReads:
     back to the expected offset (between fetches); one below it is a
     re-reading, which the marks recognise. A partition without an expected
     offset (taken over, not yet rewound) is rewound to its commit first.
-    Records that do not exist (deleted by retention, transaction markers)
-    skip the same offsets again after the seek back: the second time the gap
-    is accepted, with a warning.
+    Records deleted by retention before they were read are passed over, with
+    a warning. The topics must not hold transaction markers (no producer of
+    them is transactional): an offset without a record would be sought back
+    to for ever, and the watchdog would end it with exit 70.
 
     Faust would commit a record it was given, processed or not, and with no
     commit yet it commits past a gap: so its commits of these partitions are
@@ -143,8 +144,6 @@ class InOrderReads:
         self.topics: set[str] = set()
         #: per partition, the next offset the agents are to process
         self.expected: dict[TP, int] = {}
-        #: per partition, the skip (expected, offset) last sought back from
-        self._skipped: dict[TP, tuple[int, int]] = {}
         self._seeking: dict[TP, asyncio.Task[None]] = {}
         new_offset = consumer._new_offset
 
@@ -170,23 +169,10 @@ class InOrderReads:
             return True
         if offset == expected:
             self.expected[tp] = offset + 1
-            self._skipped.pop(tp, None)
             return True
         if tp in self._seeking:
             return False
-        if self._skipped.get(tp) == (expected, offset):
-            logger.warning(
-                "%s[%d]: offsets %d..%d hold no record after a seek back (retention, transaction "
-                "markers): reading on from %d",
-                tp.topic,
-                tp.partition,
-                expected,
-                offset - 1,
-                offset,
-            )
-            self.expected[tp] = offset + 1
-            return True
-        logger.warning(
+        logger.info(
             "%s[%d]: got offset %d before %d: reading again from %d",
             tp.topic,
             tp.partition,
@@ -194,7 +180,6 @@ class InOrderReads:
             expected,
             expected,
         )
-        self._skipped[tp] = (expected, offset)
         self._seek_later(tp, expected)
         return False
 
@@ -212,16 +197,30 @@ class InOrderReads:
                 targets = await self.fetches.run(lambda: rewind_now(self.consumer, {tp}))
                 logger.info("rewound to the committed offsets: %s", _describe(targets))
             else:
-                await seek_back(self.consumer, {tp: offset})
+                await self.fetches.run(lambda: self._seek_back_now(tp, offset))
         except Exception as exc:  # revoked meanwhile, or the fetcher stopped: the next record retries
             logger.warning("could not seek %s[%d] back: %r", tp.topic, tp.partition, exc)
+
+    async def _seek_back_now(self, tp: TP, offset: int) -> None:
+        """Seek back to `offset`, or to the log start when retention deleted the records from there."""
+        start = (await self.consumer.earliest_offsets(tp)).get(tp, 0)
+        if start > offset:
+            logger.warning(
+                "%s[%d]: offsets %d..%d were deleted (retention) before they were read: reading on from %d",
+                tp.topic,
+                tp.partition,
+                offset,
+                start - 1,
+                start,
+            )
+            offset = start
+        await _seek_each(self.consumer, {tp: offset})
 
     def forget_unassigned(self) -> None:
         """Drop what is kept for partitions no longer assigned."""
         assigned = self.consumer.assignment()
-        for kept in (self.expected, self._skipped):
-            for tp in [tp for tp in kept if tp not in assigned]:
-                del kept[tp]
+        for tp in [tp for tp in self.expected if tp not in assigned]:
+            del self.expected[tp]
 
 
 def in_order_reads(consumer: Any) -> InOrderReads:

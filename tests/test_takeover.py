@@ -52,6 +52,9 @@ class Partition:
     async def seek(self, partition: TP, offset: int) -> None:
         self.position = offset
 
+    async def earliest_offsets(self, *partitions: TP) -> dict[TP, int]:
+        return dict.fromkeys(partitions, 0)
+
 
 def stalled_consumer(committed: int | None, partition: Partition) -> Any:
     """Faust's consumer over `partition`, the fetcher past records never delivered (#629)."""
@@ -63,6 +66,7 @@ def stalled_consumer(committed: int | None, partition: Partition) -> Any:
     consumer.highwater = lambda tp: LOG_END
     consumer._active_partitions = {TP0}
     consumer.assignment = lambda: {TP0}
+    consumer.earliest_offsets = partition.earliest_offsets
     if committed is not None:
         consumer._committed_offset[TP0] = committed
         consumer._read_offset[TP0] = partition.position - 1  # marked read, never delivered
@@ -162,20 +166,46 @@ def consumer_commit_reached(commits: list[int | None]) -> int:
     return max(commit or 0 for commit in commits)
 
 
-def test_a_gap_with_no_records_is_read_past_after_one_seek_back() -> None:
-    consumer = SimpleNamespace(getmany=None, _new_offset=lambda tp: None)
-    reads = in_order_reads(consumer)
-    reads.topics.add(TOPIC)
-    reads.expected[TP0] = 4
-    seeks: list[int | None] = []
-    reads._seek_later = lambda tp, offset: seeks.append(offset)  # type: ignore[method-assign]
-    record7 = SimpleNamespace(tp=TP0, offset=7)
-    assert not reads.admit(record7)
-    assert seeks == [4]
-    assert reads.admit(record7), "offsets 4..6 do not exist: the same skip again is read past"
-    assert reads.expected[TP0] == 8
-    assert reads.admit(SimpleNamespace(tp=TP0, offset=5)), "a re-reading below the expected offset"
-    assert not reads.admit(SimpleNamespace(tp=TP0, offset=9)) and seeks == [4, 8]
+class SeekingConsumer:
+    """A consumer that records its seeks; retention has deleted the log below `log_start`."""
+
+    def __init__(self, log_start: int) -> None:
+        self.log_start = log_start
+        self.seeks: list[tuple[TP, int]] = []
+
+    async def getmany(self, timeout: float) -> Any:
+        yield TP0, 0
+
+    def _new_offset(self, tp: TP) -> int | None:
+        return None
+
+    async def earliest_offsets(self, *partitions: TP) -> dict[TP, int]:
+        return dict.fromkeys(partitions, self.log_start)
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+@pytest.mark.parametrize(("log_start", "sought"), [(0, 4), (6, 6)], ids=["kept", "deleted-by-retention"])
+def test_a_record_past_the_expected_offset_is_set_aside_and_the_partition_sought_back(
+    log_start: int, sought: int
+) -> None:
+    async def scenario() -> None:
+        consumer = SeekingConsumer(log_start)
+        reads = in_order_reads(consumer)
+        reads.topics.add(TOPIC)
+        reads.expected[TP0] = 4
+        assert not reads.admit(SimpleNamespace(tp=TP0, offset=7))
+        assert not reads.admit(SimpleNamespace(tp=TP0, offset=8)), "one seek back at a time"
+        await asyncio.sleep(0)
+        assert consumer.seeks == [], "sought outside the fetcher loop"
+        await reads.fetches.run_pending()
+        await asyncio.sleep(0)
+        assert consumer.seeks == [(TP0, sought)]
+        assert reads.expected[TP0] == sought
+        assert reads.admit(SimpleNamespace(tp=TP0, offset=3)), "a re-reading below the expected offset"
+
+    asyncio.run(scenario())
 
 
 def test_a_partition_without_an_expected_offset_is_rewound_first_and_never_committed() -> None:
