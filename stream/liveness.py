@@ -168,8 +168,10 @@ class LivenessWatchdog:
         stall_timeout_s: float,
         exit_process: Callable[[int], NoReturn] = exit_now,
         clock: Callable[[], float] = time.monotonic,
+        heal_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
+        self.heal_timeout_s = heal_timeout_s
         self.topics = frozenset(topics)
         self.reader = reader
         self.tracker = StallTracker(stall_timeout_s)
@@ -237,7 +239,7 @@ class LivenessWatchdog:
         exit follows when the stall lasts.
         """
         offsets = {TP(tp.topic, tp.partition): lag.committed for tp, lag in stalled.items()}
-        await asyncio.wait_for(seek_back(self.app.consumer, offsets), timeout=30)
+        await asyncio.wait_for(seek_back(self.app.consumer, offsets), timeout=self.heal_timeout_s)
 
     def _assigned(self) -> list[TopicPartition]:
         """This worker's partitions of the topics the agents read (none while not yet assigned)."""
