@@ -96,7 +96,7 @@ from burnguard.stream.records import (
     tick_rows,
 )
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.takeover import RewindAfterRecovery
+from burnguard.stream.takeover import RewindAfterRecovery, in_order_reads
 from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
@@ -333,7 +333,10 @@ class BudgetJob:
         """
         batch = MicroBatch(BATCH_ROWS)
         sliced = time.perf_counter()
+        reads = in_order_reads(self.app.consumer)
         for event in events:
+            if not reads.admit(event.message):  # see stream/takeover.py
+                continue
             if event.message.partition not in self.recent.primed:
                 await self._prime(event)
             if self.dead_letters.stale:
@@ -623,6 +626,8 @@ class BudgetJob:
         window = self.settings.account_batch_window.total_seconds()
         async for events in stream.take_events(ACCOUNT_BATCH_RECORDS, within=window):
             for event in events:
+                if not in_order_reads(self.app.consumer).admit(event.message):  # see stream/takeover.py
+                    continue
                 self.changes.partition = event.message.partition
                 try:
                     await self._account_one(event.value)

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.takeover import seek_back
+from burnguard.stream.takeover import SeeksBetweenFetches, seek_back
 from faust.types import TP
 from kafka import TopicPartition
 from kafka.admin import KafkaAdminClient, OffsetSpec
@@ -168,8 +168,10 @@ class LivenessWatchdog:
         stall_timeout_s: float,
         exit_process: Callable[[int], NoReturn] = exit_now,
         clock: Callable[[], float] = time.monotonic,
+        heal_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
+        self.heal_timeout_s = heal_timeout_s
         self.topics = frozenset(topics)
         self.reader = reader
         self.tracker = StallTracker(stall_timeout_s)
@@ -230,10 +232,14 @@ class LivenessWatchdog:
         log end, yet the records before it never reached the agents (see the
         module doc). Faust's own seek after recovery leaves a partition
         without a committed offset where the fetcher got to, so only an
-        explicit seek fetches those records again.
+        explicit seek fetches those records again. The seek runs between two
+        fetches (`takeover.seek_back`): run from this timer while the fetcher
+        held records, it lost the records it was for (`stream/takeover.py`).
+        If the fetcher never gets to it, the timeout ends the wait, and the
+        exit follows when the stall lasts.
         """
         offsets = {TP(tp.topic, tp.partition): lag.committed for tp, lag in stalled.items()}
-        await asyncio.wait_for(seek_back(self.app.consumer, offsets), timeout=30)
+        await asyncio.wait_for(seek_back(self.app.consumer, offsets), timeout=self.heal_timeout_s)
 
     def _assigned(self) -> list[TopicPartition]:
         """This worker's partitions of the topics the agents read (none while not yet assigned)."""
@@ -254,4 +260,5 @@ def install_liveness_watchdog(app: Any, settings: StreamSettings) -> LivenessWat
         stall_timeout_s=stall_timeout_s,
     )
     app.timer(min(CHECK_INTERVAL_S, stall_timeout_s / 3), name="liveness")(watchdog.check)
+    app.sensors.add(SeeksBetweenFetches())  # the seek's hook, also when the rewind is taken out
     return watchdog

@@ -22,29 +22,239 @@ after all are read twice: the totals' per-source-offset marks
 (`accounting.WindowTotals.applied`) recognise the second reading, and a bad
 message is dead-lettered once per process. The cost is re-reading up to one
 commit interval per rebalance.
+
+Every seek here runs inside Faust's fetcher loop, between two fetched
+batches (`BetweenFetches`), never from another task. A seek from another
+task lands while the fetcher still holds records fetched before it: the next
+of those, above the new read offset, makes Faust take the offsets in between
+as a gap (counted as acked; with no commit yet, no check at all) and moves
+the read offset past them again, so the records the seek was for are dropped
+as already read when they arrive, and the commit goes past them: lost, with
+no lag and no stall to show (seen under CPU load: the rewind after a SIGKILL
+takeover, and the watchdog's seek, each lost a tenant's records that way).
+Between batches the fetcher holds no record, so the seek's read offset is
+the one the next record is compared with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import faust
 from faust.types import TP, AppT
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+#: The attributes of the Faust consumer that hold its `BetweenFetches` and `InOrderReads`.
+_HOOK = "_burnguard_between_fetches"
+_IN_ORDER = "_burnguard_in_order_reads"
 
 
-class RewindAfterRecovery(faust.Sensor):
-    """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit."""
+class FetcherStopped(Exception):
+    """The fetcher stopped (a rebalance, or the worker stopping) before the seek ran."""
+
+
+class BetweenFetches:
+    """Runs seeks in Faust's fetcher loop before its next fetch, when it holds no fetched record.
+
+    Installed by wrapping the consumer's `getmany`, which the fetcher loop calls
+    once per batch and iterates to the end before calling it again. The
+    fetcher looks `getmany` up each time it starts, so the wrapper must be in
+    place before then: `SeeksBetweenFetches` installs it when a rebalance starts.
+    """
+
+    def __init__(self, consumer: Any) -> None:
+        self._pending: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
+        fetch = consumer.getmany
+
+        async def getmany(timeout: float) -> AsyncIterator[Any]:
+            await self.run_pending()
+            async for item in fetch(timeout=timeout):
+                yield item
+
+        consumer.getmany = getmany
+
+    async def run(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run `action` in the fetcher loop before its next fetch; its result or its exception."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((action, future))
+        return await future
+
+    async def run_pending(self) -> None:
+        """Run what was asked for since the last fetch, in order (the fetcher loop calls this)."""
+        pending, self._pending = self._pending, []
+        for index, (action, future) in enumerate(pending):
+            if future.done():  # the caller gave up waiting
+                continue
+            try:
+                result = await action()
+            except asyncio.CancelledError:  # the fetcher is being stopped: the rest never run
+                for _, waiting in pending[index:]:
+                    if not waiting.done():
+                        waiting.set_exception(FetcherStopped())
+                raise
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+
+def between_fetches(consumer: Any) -> BetweenFetches:
+    """The consumer's `BetweenFetches`, installed on first use."""
+    hook = getattr(consumer, _HOOK, None)
+    if hook is None:
+        hook = BetweenFetches(consumer)
+        setattr(consumer, _HOOK, hook)
+    return hook
+
+
+class InOrderReads:
+    """The agents read each partition in offset order from its commit, or not at all.
+
+    The totals' replay marks (`accounting.WindowTotals.applied`) keep the
+    highest source offset applied: a record applied after a higher one of its
+    partition counts as a replay, so every record Faust skips and delivers
+    later is lost (seen under CPU load: after a takeover the agents got a
+    partition from offset 76 before the rewind, and 1..75 later). So each
+    agent admits a record only at the next offset it expects, kept per
+    partition: set to the commit by every seek here, moved on by each record
+    admitted. A record past it is not processed, and the partition is sought
+    back to the expected offset (between fetches); one below it is a
+    re-reading, which the marks recognise. A partition without an expected
+    offset (taken over, not yet rewound) is rewound to its commit first.
+    Records deleted by retention before they were read are passed over, with
+    a warning. The topics must not hold transaction markers (no producer of
+    them is transactional): an offset without a record would be sought back
+    to for ever, and the watchdog would end it with exit 70.
+
+    Faust would commit a record it was given, processed or not, and with no
+    commit yet it commits past a gap: so its commits of these partitions are
+    capped at the expected offset.
+    """
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.fetches = between_fetches(consumer)
+        #: the topics whose partitions are read in order (the agents')
+        self.topics: set[str] = set()
+        #: per partition, the next offset the agents are to process
+        self.expected: dict[TP, int] = {}
+        self._seeking: dict[TP, asyncio.Task[None]] = {}
+        new_offset = consumer._new_offset
+
+        def capped_new_offset(tp: TP) -> int | None:
+            offset = new_offset(tp)
+            if offset is None or tp.topic not in self.topics:
+                return offset
+            expected = self.expected.get(tp)
+            return None if expected is None else min(offset, expected)
+
+        consumer._new_offset = capped_new_offset
+
+    def admit(self, message: Any) -> bool:
+        """Whether an agent may process this record now (see the class doc)."""
+        tp, offset = message.tp, message.offset
+        if tp.topic not in self.topics:
+            return True
+        expected = self.expected.get(tp)
+        if expected is None:
+            self._seek_later(tp, None)
+            return False
+        if offset < expected:
+            return True
+        if offset == expected:
+            self.expected[tp] = offset + 1
+            return True
+        if tp in self._seeking:
+            return False
+        logger.info(
+            "%s[%d]: got offset %d before %d: reading again from %d",
+            tp.topic,
+            tp.partition,
+            offset,
+            expected,
+            expected,
+        )
+        self._seek_later(tp, expected)
+        return False
+
+    def _seek_later(self, tp: TP, offset: int | None) -> None:
+        """Seek `tp` to `offset` (its commit when None) between fetches, once at a time."""
+        if tp in self._seeking:
+            return
+        task = asyncio.ensure_future(self._seek(tp, offset))
+        self._seeking[tp] = task
+        task.add_done_callback(lambda _: self._seeking.pop(tp, None))
+
+    async def _seek(self, tp: TP, offset: int | None) -> None:
+        try:
+            if offset is None:
+                targets = await self.fetches.run(lambda: rewind_now(self.consumer, {tp}))
+                logger.info("rewound to the committed offsets: %s", _describe(targets))
+            else:
+                await self.fetches.run(lambda: self._seek_back_now(tp, offset))
+        except Exception as exc:  # revoked meanwhile, or the fetcher stopped: the next record retries
+            logger.warning("could not seek %s[%d] back: %r", tp.topic, tp.partition, exc)
+
+    async def _seek_back_now(self, tp: TP, offset: int) -> None:
+        """Seek back to `offset`, or to the log start when retention deleted the records from there."""
+        start = (await self.consumer.earliest_offsets(tp)).get(tp, 0)
+        if start > offset:
+            logger.warning(
+                "%s[%d]: offsets %d..%d were deleted (retention) before they were read: reading on from %d",
+                tp.topic,
+                tp.partition,
+                offset,
+                start - 1,
+                start,
+            )
+            offset = start
+        await _seek_each(self.consumer, {tp: offset})
+
+    def forget_unassigned(self) -> None:
+        """Drop what is kept for partitions no longer assigned."""
+        assigned = self.consumer.assignment()
+        for tp in [tp for tp in self.expected if tp not in assigned]:
+            del self.expected[tp]
+
+
+def in_order_reads(consumer: Any) -> InOrderReads:
+    """The consumer's `InOrderReads`, installed on first use (with its `BetweenFetches`)."""
+    reads = getattr(consumer, _IN_ORDER, None)
+    if reads is None:
+        reads = InOrderReads(consumer)
+        setattr(consumer, _IN_ORDER, reads)
+    return reads
+
+
+class SeeksBetweenFetches(faust.Sensor):
+    """A Faust sensor that installs `BetweenFetches` before the fetcher (re)starts."""
+
+    def on_rebalance_start(self, app: AppT) -> dict:
+        between_fetches(app.consumer)
+        return super().on_rebalance_start(app)
+
+
+class RewindAfterRecovery(SeeksBetweenFetches):
+    """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit.
+
+    It also makes the agents read `topics` in order (`InOrderReads`).
+    """
 
     def __init__(self, app: AppT, topics: Iterable[str]) -> None:
         super().__init__()
         self.app = app
         self.topics = frozenset(topics)
         self._rewinding: set[asyncio.Task[None]] = set()
+
+    def on_rebalance_start(self, app: AppT) -> dict:
+        in_order_reads(app.consumer).topics.update(self.topics)
+        return super().on_rebalance_start(app)
 
     def on_rebalance_end(self, app: AppT, state: dict[str, Any]) -> None:
         """Faust calls this once recovery has finished and the flow has resumed."""
@@ -53,37 +263,51 @@ class RewindAfterRecovery(faust.Sensor):
         task.add_done_callback(self._rewinding.discard)
 
     async def rewind(self) -> None:
-        """Seek each assigned partition of `topics` to its commit (log start if none)."""
+        """Seek each assigned partition of `topics` to its commit (log start if none), between fetches."""
         consumer = self.app.consumer
-        partitions = {tp for tp in consumer.assignment() if tp.topic in self.topics}
-        if not partitions:
-            return
+        reads = in_order_reads(consumer)
         try:
-            targets = await self._targets(consumer, partitions)
-            await seek_back(consumer, targets)
+            targets = await reads.fetches.run(lambda: rewind_now(consumer, self._assigned(consumer)))
         except Exception as exc:  # a rebalance took the partitions meanwhile: it ends in a rewind too
-            logger.warning("could not rewind %s to the committed offsets: %r", sorted(partitions), exc)
+            logger.warning("could not rewind to the committed offsets: %r", exc)
             return
-        logger.info("rewound to the committed offsets: %s", _describe(targets))
+        reads.forget_unassigned()
+        if targets:
+            logger.info("rewound to the committed offsets: %s", _describe(targets))
 
-    @staticmethod
-    async def _targets(consumer: Any, partitions: set[TP]) -> dict[TP, int]:
-        committed = await consumer.seek_to_committed()
-        targets = {tp: committed[tp] for tp in partitions if committed.get(tp)}
-        uncommitted = partitions - targets.keys()
-        if uncommitted:
-            targets.update(await consumer.earliest_offsets(*uncommitted))
-        return targets
+    def _assigned(self, consumer: Any) -> set[TP]:
+        return {tp for tp in consumer.assignment() if tp.topic in self.topics}
+
+
+async def rewind_now(consumer: Any, partitions: set[TP]) -> dict[TP, int]:
+    """Seek `partitions` to their commit (log start where none): only ever between fetches."""
+    if not partitions:
+        return {}
+    committed = await consumer.seek_to_committed()
+    targets = {tp: committed[tp] for tp in partitions if committed.get(tp)}
+    uncommitted = partitions - targets.keys()
+    if uncommitted:
+        targets.update(await consumer.earliest_offsets(*uncommitted))
+    await _seek_each(consumer, targets)
+    return targets
 
 
 async def seek_back(consumer: Any, targets: Mapping[TP, int]) -> None:
+    """Seek each partition to its offset, in the fetcher loop between two batches (see module doc)."""
+    await between_fetches(consumer).run(lambda: _seek_each(consumer, targets))
+
+
+async def _seek_each(consumer: Any, targets: Mapping[TP, int]) -> None:
     """Seek through Faust's own `seek`, which resets Faust's read offset along with the position.
 
     A seek on aiokafka alone would leave the read offset where it was, and
     Faust drops records below it as already read.
     """
+    reads = getattr(consumer, _IN_ORDER, None)
     for tp, offset in sorted(targets.items()):
         await consumer.seek(tp, offset)
+        if reads is not None and tp.topic in reads.topics:
+            reads.expected[tp] = offset
 
 
 def _describe(targets: dict[TP, int]) -> str:

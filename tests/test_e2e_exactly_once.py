@@ -90,7 +90,15 @@ def wait_for_exact_totals(pipeline: Pipeline, source: SpanSource, timeout_s: flo
         assert not over, f"counted twice: {over}"
         time.sleep(1)
     missing = {k: (seen.get(k), v) for k, v in expected.items() if seen.get(k) != v}
-    raise AssertionError(f"totals never became exact (seen, expected): {missing}")
+    raise AssertionError(
+        f"totals never became exact (seen, expected): {missing}\nworkers' takeovers:\n{takeovers(pipeline)}"
+    )
+
+
+def takeovers(pipeline: Pipeline) -> str:
+    """The worker log's lines about takeovers, rewinds, skips and stalls: what a failure is read from."""
+    wanted = re.compile(r"Ready|rewound|got offset|could not (seek|rewind)|deleted \(retention\)|liveness:")
+    return "\n".join(line for line in pipeline.log("worker").splitlines() if wanted.search(line))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from burnguard.stream.app import LOG_APPEND_TIME, BudgetJob
 from burnguard.stream.deadletters import SOURCE_HEADER
 from burnguard.stream.records import sub_batches
 from burnguard.stream.settings import StreamSettings
+from faust.types import TP
 
 from tests.factories import budgets_yaml, tenant_cost
 from tests.test_e2e_hostile_spans import good, message
@@ -33,6 +34,10 @@ class Message:
     topic: str = "otlp_spans"
     timestamp: float = 0.0
     timestamp_type: int = LOG_APPEND_TIME
+
+    @property
+    def tp(self) -> TP:
+        return TP(self.topic, self.partition)
 
 
 @dataclass

@@ -11,10 +11,14 @@ the spans sent before it started.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
+from typing import NoReturn
 
 import pytest
-from burnguard.stream.liveness import EXIT_STALLED, PartitionLag, StallTracker, describe
+from burnguard.stream.liveness import EXIT_STALLED, LivenessWatchdog, PartitionLag, StallTracker, describe
+from faust.types import TP as FaustTP
 from kafka import TopicPartition
 
 from tests.fixtures.pipeline import Pipeline
@@ -58,6 +62,53 @@ def test_the_log_names_each_partition_with_its_lag() -> None:
     assert describe({TP1: PartitionLag(2, 10), TP0: PartitionLag(4, 4)}) == (
         "otlp_spans[0] 4/4 (lag 0), otlp_spans[1] 2/10 (lag 8)"
     )
+
+
+class Exited(Exception):
+    """What the test's exit does instead of leaving the process."""
+
+
+class FixedLag:
+    """A lag reader that reports the same committed and end offset for every partition."""
+
+    def __init__(self, committed: int, end: int) -> None:
+        self.lag = PartitionLag(committed, end)
+
+    def read(self, partitions: list[TopicPartition]) -> dict[TopicPartition, PartitionLag]:
+        return dict.fromkeys(partitions, self.lag)
+
+
+def exit_for_test(status: int) -> NoReturn:
+    raise Exited(status)
+
+
+def test_a_seek_back_that_never_gets_its_turn_still_ends_in_exit_70(caplog: pytest.LogCaptureFixture) -> None:
+    """The seek waits for the fetcher loop (`stream/takeover.py`); a loop that never fetches again
+    must not leave the stall silent."""
+    consumer = SimpleNamespace(getmany=None, assignment=lambda: {FaustTP("otlp_spans", 0)})
+    app = SimpleNamespace(rebalancing=False, in_recovery=False, consumer=consumer)
+    now = [0.0]
+    watchdog = LivenessWatchdog(
+        app,
+        topics=["otlp_spans"],
+        reader=FixedLag(committed=3, end=9),  # type: ignore[arg-type]
+        stall_timeout_s=10,
+        exit_process=exit_for_test,
+        clock=lambda: now[0],
+        heal_timeout_s=0.05,
+    )
+
+    async def rounds() -> None:
+        for now[0] in (0, 5, 10, 15):
+            await watchdog.check()
+        assert "seeking them back" in caplog.text
+        assert "the seek failed" in caplog.text
+        now[0] = 20
+        await watchdog.check()
+
+    with pytest.raises(Exited) as exited:
+        asyncio.run(asyncio.wait_for(rounds(), timeout=10))
+    assert exited.value.args == (EXIT_STALLED,)
 
 
 @pytest.fixture
