@@ -54,6 +54,7 @@ from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
 from burnguard.contracts.topics import SIGNALS_TOPIC_CONFIG, SPANS_TOPIC_CONFIG, TopicSpec, ensure_topics
 from burnguard.contracts.usage import SpanUsage
+from burnguard.stream import fetching
 from burnguard.stream.accounting import (
     BatchStats,
     ContextGrowth,
@@ -259,7 +260,9 @@ class BudgetJob:
             broker_commit_interval=settings.commit_interval.total_seconds(),
             broker_session_timeout=settings.session_timeout.total_seconds(),
             broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 4),
+            consumer_max_fetch_size=settings.fetch_partition_bytes,
         )
+        fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
         self.changes = TableChanges(self.app)
         self.snapshots = PendingRecords(self.app)
         self.usage_records = PendingRecords(self.app)

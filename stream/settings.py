@@ -54,6 +54,14 @@ class StreamSettings:
     #: How long (broker time) an `otlp_spans` message is remembered by its digest, so a copy
     #: written again by a retrying producer is not counted twice (`stream/duplicates.py`).
     duplicate_window: timedelta = timedelta(seconds=120)
+    #: How long the broker may hold a fetch that has no data yet (Faust hard-codes 1.5 s). aiokafka
+    #: sends one fetch at a time per broker, so while a fetch for idle partitions waits, a busy
+    #: partition is not fetched: this bounds that stall (`stream/fetching.py`). Idle, the worker
+    #: makes one empty fetch per wait.
+    fetch_max_wait: timedelta = timedelta(milliseconds=20)
+    #: At most this many bytes per partition per fetch (Faust's `consumer_max_fetch_size`); the
+    #: consumer buffers at most one fetch per assigned partition, so memory <= this x partitions.
+    fetch_partition_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -80,4 +88,6 @@ class StreamSettings:
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
             stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
             duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),
+            fetch_max_wait=timedelta(milliseconds=float(env.get("BURNGUARD_FETCH_MAX_WAIT_MS", 20))),
+            fetch_partition_bytes=int(env.get("BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes)),
         )
