@@ -33,12 +33,13 @@ import os
 import random
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from revisions import export_revision
 
 if TYPE_CHECKING:
     from pipeline_setup import BenchPipeline
@@ -57,6 +58,8 @@ QUICK_COMPACTION = {
     "min.compaction.lag.ms": "0",
     "delete.retention.ms": "0",
 }
+#: What the guard's code is made of, exported from the compared revision.
+GUARD_COMPONENTS = ("contracts", "instrumentation")
 ROLL_KEYS = 32  # tombstones of keys never used, sent to roll every partition's active segment
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -109,24 +112,6 @@ def signal_records(count: int, ok_share: float, seed: int = 17) -> tuple[list[tu
             kinds[action].append(user(n))
     rng.shuffle(records)
     return records, {kind: rng.sample(users, min(PROBES, len(users))) for kind, users in kinds.items()}
-
-
-def export_revision(rev: str, into: Path) -> Path:
-    """The package tree of `rev` (burnguard, contracts, instrumentation) laid out as `burnguard.*`."""
-    archive = into / "old.tar"
-    repo = BENCH_DIR.parent
-    with archive.open("wb") as out:
-        parts = ["burnguard", "contracts", "instrumentation"]
-        subprocess.run(["git", "archive", rev, *parts], cwd=repo, stdout=out, check=True)
-    source = into / "src"
-    with tarfile.open(archive) as tar:
-        tar.extractall(source, filter="data")
-    package = into / "pkg"
-    package.mkdir()
-    (package / "burnguard").symlink_to(source / "burnguard")
-    for part in ("contracts", "instrumentation"):
-        (source / "burnguard" / part).symlink_to(source / part)
-    return package
 
 
 def with_retirements(records: list[tuple[bytes, bytes]], seed: int = 17) -> list[tuple[bytes, bytes | None]]:
@@ -246,7 +231,10 @@ def ingest_only(args: argparse.Namespace, compare: str | None) -> None:
     command += ["--signals", str(args.signals), "--ok-share", str(args.ok_share)]
     runs = {"new": None, "old": None}
     with tempfile.TemporaryDirectory() as scratch:
-        pythonpaths = {"new": None, "old": export_revision(compare, Path(scratch)) if compare else None}
+        pythonpaths = {
+            "new": None,
+            "old": export_revision(compare, Path(scratch), GUARD_COMPONENTS) if compare else None,
+        }
         for name, pythonpath in pythonpaths.items():
             if name == "old" and pythonpath is None:
                 continue
@@ -314,7 +302,9 @@ def main() -> None:
         report("this checkout", new)
         old = None
         if compare:
-            old = measure(pipeline, "guard-old", probes, export_revision(compare, Path(scratch)))
+            old = measure(
+                pipeline, "guard-old", probes, export_revision(compare, Path(scratch), GUARD_COMPONENTS)
+            )
             report(f"old behaviour ({compare})", old)
         compacted_topic = f"{topic}.compacted"
         pipeline.broker.create_topic(compacted_topic, partitions=PARTITIONS, config=QUICK_COMPACTION)

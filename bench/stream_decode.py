@@ -41,7 +41,6 @@ import os
 import pstats
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.usage import SpanUsage
 from burnguard.stream.accounting import BatchStats, context_observations, usage_deltas
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from revisions import export_revision
 from span_load import BUDGETS_YAML, SpanMix
 
 _NS = 1_000_000_000
@@ -62,7 +62,7 @@ ALLOWED_LATENESS_NS = 3600 * _NS
 CONTEXT_GUARD_YAML = "context_guards:\n  - {id: long-context, max_input_tokens: 8000, growth_calls: 3}\n"
 BENCH_DIR = Path(__file__).resolve().parent
 #: What `--compare` takes of a revision: the packages stage 1 imports.
-COMPARED_TREES = ("burnguard", "contracts", "stream")
+COMPARED_COMPONENTS = ("contracts", "stream")
 
 
 def make_load(
@@ -173,22 +173,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"code": decoder.__file__, "load": load, "us": per_span}
 
 
-def export_revision(rev: str, into: Path) -> Path:
-    """The stage-1 packages of `rev` laid out as `burnguard.*`, to put first on PYTHONPATH."""
-    archive = into / "old.tar"
-    with archive.open("wb") as out:
-        subprocess.run(["git", "archive", rev, *COMPARED_TREES], cwd=BENCH_DIR.parent, stdout=out, check=True)
-    source = into / "src"
-    with tarfile.open(archive) as tar:
-        tar.extractall(source, filter="data")
-    package = into / "pkg"
-    package.mkdir()
-    (package / "burnguard").symlink_to(source / "burnguard")
-    for part in COMPARED_TREES[1:]:
-        (source / "burnguard" / part).symlink_to(source / part)
-    return package
-
-
 def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     """`measure` in a process that imports the exported revision (its module path proves which)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
@@ -227,7 +211,11 @@ def main() -> None:
 
     runs: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     with tempfile.TemporaryDirectory() as scratch:
-        old_path = export_revision(args.compare, Path(scratch)) if args.compare != "none" else None
+        old_path = (
+            export_revision(args.compare, Path(scratch), COMPARED_COMPONENTS)
+            if args.compare != "none"
+            else None
+        )
         for _ in range(args.rounds if old_path else 1):
             if old_path:
                 runs["old"].append(measure_child(args, old_path))

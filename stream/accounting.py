@@ -552,6 +552,21 @@ class _Group:
                 delta.last_event_ns = self.last
 
 
+def _delta_for(
+    deltas: dict[tuple[str, str, int], UsageDelta],
+    slot: tuple[str, str, int],
+    calls: bool,
+    bucket_ns: int,
+    source: tuple[int, int],
+) -> UsageDelta:
+    """The batch's delta for (budget, key, window start), made empty on first use."""
+    delta = deltas.get(slot)
+    if delta is None:
+        mix = [0.0] * MIX_FIELDS if calls else None
+        delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
+    return delta
+
+
 def _targets(
     entries: list[_Entry],
     keys: list[str | None],
@@ -569,11 +584,7 @@ def _targets(
         key = keys[scope]
         if key is None or (matcher is not None and not matcher.matches(key)):
             continue
-        slot = (budget_id, key, starts[window])
-        delta = deltas.get(slot)
-        if delta is None:
-            mix = [0.0] * MIX_FIELDS if calls else None
-            delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
+        delta = _delta_for(deltas, (budget_id, key, starts[window]), calls, bucket_ns, source)
         targets.append((delta, metric, calls))
     return targets
 
@@ -688,11 +699,7 @@ def _count(
             if stats is not None:
                 stats.too_late += 1
             continue
-        slot = (budget_id, key, starts[window])
-        delta = deltas.get(slot)
-        if delta is None:
-            mix = [0.0] * MIX_FIELDS if calls else None
-            delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
+        delta = _delta_for(deltas, (budget_id, key, starts[window]), calls, bucket_ns, source)
         delta.add(amounts[metric], event_ns)
         if calls and unusual_mix is not None:
             delta.count_unusual_call(unusual_mix)

@@ -104,13 +104,18 @@ class BetweenFetches:
                     future.set_result(result)
 
 
+def _installed(consumer: Any, attribute: str, install: Callable[[Any], T]) -> T:
+    """What `install` made for this consumer: made on first use, kept on the consumer (one each)."""
+    installed = getattr(consumer, attribute, None)
+    if installed is None:
+        installed = install(consumer)
+        setattr(consumer, attribute, installed)
+    return installed
+
+
 def between_fetches(consumer: Any) -> BetweenFetches:
     """The consumer's `BetweenFetches`, installed on first use."""
-    hook = getattr(consumer, _HOOK, None)
-    if hook is None:
-        hook = BetweenFetches(consumer)
-        setattr(consumer, _HOOK, hook)
-    return hook
+    return _installed(consumer, _HOOK, BetweenFetches)
 
 
 class InOrderReads:
@@ -225,11 +230,7 @@ class InOrderReads:
 
 def in_order_reads(consumer: Any) -> InOrderReads:
     """The consumer's `InOrderReads`, installed on first use (with its `BetweenFetches`)."""
-    reads = getattr(consumer, _IN_ORDER, None)
-    if reads is None:
-        reads = InOrderReads(consumer)
-        setattr(consumer, _IN_ORDER, reads)
-    return reads
+    return _installed(consumer, _IN_ORDER, InOrderReads)
 
 
 class SeeksBetweenFetches(faust.Sensor):
