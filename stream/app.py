@@ -134,7 +134,7 @@ ACCOUNT_BATCH_RECORDS = 500
 
 
 async def _yield_to_the_loop() -> None:
-    """Let the consumer's heartbeats and fetches run between two messages.
+    """Let the consumer's heartbeats and fetches run between two slices of an agent's work.
 
     An agent whose stream has events buffered gets the next one without
     suspending, so a backlog of OTLP batches (tens of ms of Python each) can
