@@ -621,7 +621,7 @@ def usage_deltas(
     per_span = per_span or not all(usage.end_ns or usage.start_ns for usage in usages)
     signature_of, starts_at = budgets.signature, budgets.starts_at
     for usage in usages:
-        charged_as_unpriced = price_if_unpriced(usage, prices) if usage.cost_usd is None else False
+        charged_as_unpriced = price_if_unpriced(usage, prices)  # it decides which spans need a price
         if not usage.model_class:
             fill_model_class(usage, config)
         model_call = usage.is_model_call
