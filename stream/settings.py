@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from burnguard.contracts.topics import KafkaSettings, Topics
+
+N = TypeVar("N", int, float)
 
 
 @dataclass
@@ -88,6 +92,23 @@ class StreamSettings:
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
             stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
             duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),
-            fetch_max_wait=timedelta(milliseconds=float(env.get("BURNGUARD_FETCH_MAX_WAIT_MS", 20))),
-            fetch_partition_bytes=int(env.get("BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes)),
+            fetch_max_wait=timedelta(milliseconds=_bounded("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
+            fetch_partition_bytes=_bounded("BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes, int),
         )
+
+
+def _bounded(name: str, default: N, kind: type[N], most: float = math.inf) -> N:
+    """An environment number in (0, most]: a bad one is refused naming its variable.
+
+    Not clamped in silence: a wait of 0 or below would make an idle worker spin on empty fetches.
+    """
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= most:  # NaN fails the compare too
+        raise ValueError(f"{name} must be a {kind.__name__} above 0 and at most {most}, not {raw!r}")
+    return value

@@ -47,3 +47,22 @@ def test_environment_sets_wait_and_fetch_size(monkeypatch: pytest.MonkeyPatch, t
 def test_out_of_range_wait_is_refused(wait_ms: int) -> None:
     with pytest.raises(ValueError, match="fetch_max_wait_ms"):
         fetching.FetchWaitTransport([], None, fetch_max_wait_ms=wait_ms)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BURNGUARD_FETCH_MAX_WAIT_MS", "0"),
+        ("BURNGUARD_FETCH_MAX_WAIT_MS", "-5"),
+        ("BURNGUARD_FETCH_MAX_WAIT_MS", "nan"),
+        ("BURNGUARD_FETCH_MAX_WAIT_MS", "1501"),
+        ("BURNGUARD_FETCH_MAX_WAIT_MS", "soon"),
+        ("BURNGUARD_FETCH_PARTITION_BYTES", "0"),
+        ("BURNGUARD_FETCH_PARTITION_BYTES", "-1"),
+        ("BURNGUARD_FETCH_PARTITION_BYTES", "1.5"),
+    ],
+)
+def test_bad_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        StreamSettings.from_env()
