@@ -24,6 +24,8 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: driver.Transport) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
+        if not hasattr(consumer, "_fetch_max_wait_ms"):  # set below, the wait would be ignored in silence
+            raise RuntimeError("aiokafka consumer without _fetch_max_wait_ms: update stream/fetching.py")
         # Faust passes fetch_max_wait_ms=1500 with no setting to change it; aiokafka reads this
         # attribute when `start()` creates its fetcher, which happens after this returns.
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms  # type: ignore[attr-defined]

@@ -66,3 +66,16 @@ def test_bad_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, name:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name):
         StreamSettings.from_env()
+
+
+def test_an_aiokafka_without_the_wait_attribute_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The wait is a private attribute of aiokafka's consumer: if it is renamed, the worker says so."""
+
+    def without_wait(self: Any, transport: Any) -> object:
+        return object()
+
+    monkeypatch.setattr(fetching.driver.AIOKafkaConsumerThread, "_create_worker_consumer", without_wait)
+    with pytest.raises(RuntimeError, match="_fetch_max_wait_ms"):
+        _worker_consumer(monkeypatch, tmp_path, {})
