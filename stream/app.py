@@ -525,9 +525,9 @@ class BudgetJob:
     ) -> Iterable[tuple[int, BatchRecord]]:
         """(usage partition, sub-batch) for one OTLP message's deltas and context observations.
 
-        Every row carries the message's own source offset (the batch's), so the
-        second stage's per-key replay check stays valid: a key appears in at
-        most one row per message.
+        Each sub-batch carries its message's own source offset, also inside a
+        micro-batch's `batches` record, so the second stage's per-key replay
+        check stays valid: a key appears in at most one row per message.
         """
         partitions = self.settings.partitions
         rows: dict[int, list[list[Any]]] = {}
