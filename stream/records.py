@@ -120,23 +120,27 @@ def sub_batches(record: dict[str, Any]) -> list[BatchRecord]:
 class MicroBatch:
     """Stage 1's output for one micro-batch: per usage partition, `BATCHES` records in message order.
 
-    A record holds at most `max_rows` delta rows (a message with more is split into sub-batches of
-    the same source, as one message's `batch` records were), so no record nears Kafka's limit.
+    A record holds at most `max_rows` delta rows and context observations together, unless one
+    message's sub-batch alone has more (its deltas are split at `max_rows` into sub-batches of the
+    same source, as its `batch` records were), so no record nears Kafka's limit. Observations count
+    too: a micro-batch of sessions under context guards can hold few deltas and thousands of
+    observations (uncounted, past the producer's 1 MB request limit in one record).
     """
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        #: usage partition -> its records, each a list of sub-batches and its row count
+        #: usage partition -> its records, each a list of sub-batches and its rows and observations
         self._records: dict[int, list[tuple[list[BatchRecord], list[int]]]] = {}
 
     def add(self, partition: int, batch: BatchRecord) -> None:
-        """Append one message's sub-batch (at most `max_rows` rows) for `partition`."""
+        """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`."""
         records = self._records.setdefault(partition, [])
-        if not records or records[-1][1][0] + len(batch.deltas) > self.max_rows:
+        size = len(batch.deltas) + len(batch.contexts)
+        if not records or records[-1][1][0] + size > self.max_rows:
             records.append(([], [0]))
         batches, rows = records[-1]
         batches.append(batch)
-        rows[0] += len(batch.deltas)
+        rows[0] += size
 
     def records(self) -> list[tuple[int, dict[str, Any]]]:
         """(usage partition, `BATCHES` record) for everything added, partitions in order."""

@@ -79,3 +79,17 @@ def test_window_totals_in_every_earlier_layout_read_back() -> None:
         assert (totals.spent, totals.spans, totals.first_event_ns, totals.last_event_ns) == (2.0, 3, 5, 9)
         assert totals.applied == ({"0": 4} if fields >= 5 else {})
         assert totals.mix == (current.mix if fields >= 8 else None)
+
+
+def test_context_observations_count_toward_a_records_size() -> None:
+    """Sessions under context guards give few deltas and many observations: records stay small."""
+    batch = MicroBatch(max_rows=1000)
+    session = "s" * 128
+    for offset in range(200):  # a micro-batch of messages, 100 sessions x 2 guards on each
+        contexts = [[f"guard-{g}", f"{session}{i}", [1234, 2345]] for i in range(100) for g in range(2)]
+        batch.add(0, BatchRecord(0, offset, [ROW], contexts))
+    records = [record for _, record in batch.records()]
+    assert [len(json.dumps(record)) < 1_000_000 for record in records] == [True] * len(records)
+    sizes = [sum(len(b.deltas) + len(b.contexts) for b in sub_batches(record)) for record in records]
+    assert max(sizes) <= 1000
+    assert [b.source for record in records for b in sub_batches(record)] == [(0, o) for o in range(200)]
