@@ -64,7 +64,7 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
-from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers
+from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.eviction import (
     Lifetimes,
@@ -223,6 +223,8 @@ class BudgetJob:
         self.dead_letters = DeadLetterLog(
             settings.kafka, settings.topics.deadletter, DEAD_LETTERED_REMEMBERED
         )
+        #: stage 1's dead letters queued with the micro-batch, marked parked before they are sent
+        self._parked_unsent: list[Parked] = []
         window_ns = int(settings.duplicate_window.total_seconds() * _NS)
         self.recent = RecentBatches(window_ns, DUPLICATE_DIGESTS)
         self.primer = Primer(settings.kafka, settings.topics.spans, self.recent)
@@ -356,7 +358,12 @@ class BudgetJob:
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode("json", record))
-        await self.usage_records.send()
+        queued, self._parked_unsent = self._parked_unsent, []
+        try:
+            await self.usage_records.send()
+        except Exception:  # the batch is not acked, so it is read again: its dead letters with it
+            self.dead_letters.discard(queued)
+            raise
         await _yield_to_the_loop()
 
     async def _park_failed(self, event: Any, reason: str) -> None:
@@ -583,7 +590,7 @@ class BudgetJob:
         parked = self._park(event, reason, value, span, kind)
         if parked is None:
             return False
-        key, value, headers = parked
+        _, key, value, headers = parked
         await self.deadletter_topic.send(key=key, value=value, headers=headers)
         return True
 
@@ -592,14 +599,17 @@ class BudgetJob:
     ) -> bool:
         """`_dead_letter`, queued with stage 1's micro-batch records (sent before the batch is acked)."""
         parked = self._park(event, reason, value, span, kind)
-        if parked is not None:
-            self.usage_records.add(self.settings.topics.deadletter, None, *parked)
-        return parked is not None
+        if parked is None:
+            return False
+        source, key, value, headers = parked
+        self.usage_records.add(self.settings.topics.deadletter, None, key, value, headers)
+        self._parked_unsent.append(source)
+        return True
 
     def _park(
         self, event: Any, reason: str, value: bytes | None, span: int, kind: str
-    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]] | None:
-        """(key, value, headers) of the dead letter, or None if the topic already holds it.
+    ) -> tuple[Parked, bytes | None, bytes | None, list[tuple[str, bytes]]] | None:
+        """(source, key, value, headers) of the dead letter, or None if the topic already holds it.
 
         Once: the rewind after each rebalance (`stream/takeover.py`) and a
         restart after a crash read recent messages again, and what is already
@@ -621,7 +631,9 @@ class BudgetJob:
             reason[:500],
         )
         parked = _as_bytes(event.value) if value is None else value
-        return _as_bytes(event.key), parked, dead_letter_headers(source, reason, kind)
+        headers = dead_letter_headers(source, reason, kind)
+        parked, headers = fitted(parked, headers, self.app.conf.producer_max_request_size)
+        return source, _as_bytes(event.key), parked, headers
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:

@@ -29,6 +29,13 @@ REASON_HEADER = "burnguard.error"
 SOURCE_HEADER = "burnguard.source"
 SPAN_HEADER = "burnguard.span"
 KIND_HEADER = "burnguard.rejection"
+#: On a dead letter whose value was too large to copy: the value's size in bytes (the value is empty;
+#: the source message stays readable at the coordinates in `SOURCE_HEADER` for its retention).
+OMITTED_HEADER = "burnguard.value-omitted"
+#: Room for the key, the headers and the record batch's own overhead inside the producer's limit.
+DEAD_LETTER_OVERHEAD_BYTES = 16 * 1024
+#: A reason longer than this is cut (an exception's text can be long); the headers must fit too.
+MAX_REASON_CHARS = 2000
 #: (source topic, partition, offset, span index or -1 for the whole message)
 Parked = tuple[str, int, int, int]
 
@@ -36,13 +43,28 @@ Parked = tuple[str, int, int, int]
 def dead_letter_headers(source: Parked, reason: str, kind: str = "") -> list[tuple[str, bytes]]:
     topic, partition, offset, span = source
     headers = [
-        (REASON_HEADER, reason.encode()),
+        (REASON_HEADER, reason[:MAX_REASON_CHARS].encode()),
         (SOURCE_HEADER, f"{topic}/{partition}/{offset}".encode()),
         (SPAN_HEADER, str(span).encode()),
     ]
     if kind:
         headers.append((KIND_HEADER, kind.encode()))
     return headers
+
+
+def fitted(
+    value: bytes | None, headers: list[tuple[str, bytes]], max_request_bytes: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter's value and headers within the producer's request limit.
+
+    A message up to the source topic's limit can be parked, and the producer's limit may be
+    smaller (Faust's default is 1,000,000 bytes, a topic's 1,048,588): a dead letter the
+    producer refuses would fail the whole micro-batch again on every re-reading. Such a value
+    is left out and its size named; the source coordinates still point at the message.
+    """
+    if value is None or len(value) <= max_request_bytes - DEAD_LETTER_OVERHEAD_BYTES:
+        return value, headers
+    return b"", [*headers, (OMITTED_HEADER, str(len(value)).encode())]
 
 
 def parked_of(headers: Any) -> Parked | None:
@@ -80,6 +102,11 @@ class DeadLetterLog:
         self._parked[source] = None
         while len(self._parked) > self.remembered:
             del self._parked[next(iter(self._parked))]
+
+    def discard(self, sources: list[Parked]) -> None:
+        """Forget dead letters that were queued but never sent: the re-reading parks them again."""
+        for source in sources:
+            self._parked.pop(source, None)
 
     def catch_up(self) -> int:
         """Read the topic's records since the last catch-up (its last `remembered` at first); blocking.

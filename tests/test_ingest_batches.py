@@ -18,10 +18,11 @@ import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream.app import LOG_APPEND_TIME, BudgetJob
-from burnguard.stream.deadletters import SOURCE_HEADER
+from burnguard.stream.deadletters import OMITTED_HEADER, SOURCE_HEADER
 from burnguard.stream.records import sub_batches
 from burnguard.stream.settings import StreamSettings
 from faust.types import TP
+from kafka.errors import KafkaTimeoutError
 
 from tests.factories import budgets_yaml, tenant_cost
 from tests.test_e2e_hostile_spans import good, message
@@ -92,3 +93,36 @@ def test_a_micro_batch_sends_each_message_once_as_its_own_sub_batch(
     assert [[b.source for b in sub_batches(record)] for record in usage] == [[(1, 1)]]
     assert not [record for record in sent if record[0] == job.settings.topics.deadletter]
     assert (job.duplicates, job.rejected, job.deadlettered) == (1, {"not_finite": 1}, 2)
+
+
+def test_a_message_too_large_to_copy_is_parked_without_its_value_and_named(
+    job: tuple[BudgetJob, list[tuple[Any, ...]]],
+) -> None:
+    job, sent = job
+    limit = job.app.conf.producer_max_request_size
+    huge = b"\x0a\xff" + b"x" * limit  # not protobuf, and larger than the producer takes
+    asyncio.run(job._ingest_batch([Event(Message(0, 0, timestamp=time.time()), huge)]))
+    [(_, _, _, value, headers)] = [record for record in sent if record[0] == job.settings.topics.deadletter]
+    assert value == b""
+    assert dict(headers)[OMITTED_HEADER] == str(len(huge)).encode()
+    assert dict(headers)[SOURCE_HEADER] == b"otlp_spans/0/0"
+
+
+def test_dead_letters_of_a_batch_whose_send_failed_are_parked_on_the_re_reading(
+    job: tuple[BudgetJob, list[tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, sent = job
+    events = [Event(Message(0, 0, timestamp=time.time()), b"\x0a\xff not protobuf")]
+
+    async def broker_gone() -> None:
+        job.usage_records._pending = []
+        raise KafkaTimeoutError("broker gone")
+
+    working_send = job.usage_records.send
+    monkeypatch.setattr(job.usage_records, "send", broker_gone)
+    with pytest.raises(KafkaTimeoutError):
+        asyncio.run(job._ingest_batch(events))
+    monkeypatch.setattr(job.usage_records, "send", working_send)
+    asyncio.run(job._ingest_batch(events))  # not acked, so read again
+    parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
+    assert [h[SOURCE_HEADER] for h in parked] == [b"otlp_spans/0/0"]
