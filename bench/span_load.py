@@ -104,6 +104,10 @@ class SpanMix:
     plain_fraction: float = 0.08
     #: the span end times lie in the last `spread_s` seconds before generation
     spread_s: float = 600.0
+    #: 0: every message starts new sessions (each session's spans in one message). N > 0: a
+    #: user's session goes on across messages until it has made N spans (model, tool and HTTP
+    #: calls), as a real agent's session does; the same session, workflow and feature keys recur.
+    calls_per_session: int = 0
     spans: int = 0
     model_calls: int = 0
     tool_spans: int = 0
@@ -111,6 +115,9 @@ class SpanMix:
     tool_calls: int = 0
     calls_by_user: Counter[str] = field(default_factory=Counter)
     rng: random.Random = field(init=False)
+    #: with `calls_per_session`: each user's open session (trace id, attribution, spans left)
+    _open: dict[str, list] = field(init=False, default_factory=dict)
+    sessions: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -165,19 +172,15 @@ class SpanMix:
     def _session(self, spans, tenant: str, user: str, now_ns: int, size: int) -> int:
         """Append up to `size` spans of one agent session; return how many."""
         rng = self.rng
-        trace_id = os.urandom(16)
-        session = f"sess-{rng.getrandbits(40):010x}"
-        workflow = rng.choice(WORKFLOWS)
-        feature = rng.choice(FEATURES)
+        trace_id, attribution = self._open_session(tenant, user)
         end_ns = now_ns - int(rng.random() * self.spread_s * 1e9)
-        attribution = (
-            (attr.TENANT, tenant),
-            (attr.USER_ID, user),
-            (attr.WORKFLOW, workflow),
-            (attr.FEATURE, feature),
-            (attr.SESSION_ID, session),
-        )
         count = rng.randint(1, size)
+        if self.calls_per_session:
+            opened = self._open[user]
+            count = min(count, opened[2])
+            opened[2] -= count
+            if not opened[2]:
+                del self._open[user]
         for _ in range(count):
             span = spans.add()
             span.trace_id = trace_id
@@ -197,6 +200,28 @@ class SpanMix:
                 self.calls_by_user[user] += 1
             self.spans += 1
         return count
+
+    def _open_session(self, tenant: str, user: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        """(trace id, attribution) of the session `user` makes spans in now: a new one, or its open one."""
+        opened = self._open.get(user)
+        if opened is not None:
+            return opened[0], opened[1]
+        rng = self.rng
+        trace_id = os.urandom(16)
+        session = f"sess-{rng.getrandbits(40):010x}"
+        workflow = rng.choice(WORKFLOWS)
+        feature = rng.choice(FEATURES)
+        attribution = (
+            (attr.TENANT, tenant),
+            (attr.USER_ID, user),
+            (attr.WORKFLOW, workflow),
+            (attr.FEATURE, feature),
+            (attr.SESSION_ID, session),
+        )
+        self.sessions += 1
+        if self.calls_per_session:
+            self._open[user] = [trace_id, attribution, self.calls_per_session]
+        return trace_id, attribution
 
     def _tool_span(self, span: Span, attribution, rng: random.Random) -> None:
         tool = rng.choice(TOOLS)

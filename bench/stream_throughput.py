@@ -16,10 +16,13 @@
 
     .venv/bin/python bench/stream_throughput.py [--spans 50000] [--profile]
         [--plain-fraction 0.9] [--batch-min 10 --batch-max 20]
+        [--tenants 200 --users-per-tenant 100 --calls-per-session 0]
 
 `--plain-fraction 0.9` is a Collector firehose (90% non-GenAI spans); `--batch-min 10
 --batch-max 20` the small messages `KafkaSpanExporter` writes for many tenants. Printed
 besides spans/s: the worker's CPU per span and the Kafka records it wrote per span.
+`--tenants`, `--users-per-tenant` and `--calls-per-session` set how many budget keys the
+load touches (the defaults make every session new: each message opens fresh session keys).
 
 `--profile` runs the worker under py-spy (installed on demand into the venv)
 and prints where its time goes.
@@ -322,14 +325,35 @@ def main() -> None:
     )
     parser.add_argument("--batch-min", type=int, default=SpanMix.batch_min, help="spans per message, least")
     parser.add_argument("--batch-max", type=int, default=SpanMix.batch_max, help="spans per message, most")
+    parser.add_argument("--tenants", type=int, default=SpanMix.tenants, help="tenants (default %(default)s)")
+    parser.add_argument(
+        "--users-per-tenant",
+        type=int,
+        default=SpanMix.users_per_tenant,
+        help="users per tenant (default %(default)s)",
+    )
+    parser.add_argument(
+        "--calls-per-session",
+        type=int,
+        default=SpanMix.calls_per_session,
+        help="spans a user's session makes across messages (default 0: new sessions in every message)",
+    )
     args = parser.parse_args()
 
-    mix = SpanMix(plain_fraction=args.plain_fraction, batch_min=args.batch_min, batch_max=args.batch_max)
+    mix = SpanMix(
+        plain_fraction=args.plain_fraction,
+        batch_min=args.batch_min,
+        batch_max=args.batch_max,
+        tenants=args.tenants,
+        users_per_tenant=args.users_per_tenant,
+        calls_per_session=args.calls_per_session,
+    )
     with BenchPipeline("stream_throughput", keep=args.keep) as pipeline:
         spans, messages = prefill(pipeline, args.spans, mix)
         note(
             f"{mix.model_calls} LLM calls, {mix.tool_spans} tool spans, "
-            f"{spans - mix.model_calls - mix.tool_spans} plain spans; {len(mix.calls_by_user)} users; "
+            f"{spans - mix.model_calls - mix.tool_spans} plain spans; {len(mix.calls_by_user)} users, "
+            f"{mix.sessions} sessions; "
             f"{spans / messages:.0f} spans per message"
         )
         raw, _ = raw_baseline(pipeline, spans)
@@ -351,7 +375,8 @@ def main() -> None:
     print(f"\nmachine: {machine_note()}")
     print(
         f"shape: {spans / messages:.0f} spans per message ({args.batch_min}-{args.batch_max}), "
-        f"plain fraction {args.plain_fraction}"
+        f"plain fraction {args.plain_fraction}; {args.tenants} tenants x {args.users_per_tenant} users, "
+        f"calls per session {args.calls_per_session or 'new per message'}"
     )
     print(
         f"worker {worker['spans_per_s']:,.0f} spans/s (target {TARGET_SPANS_PER_S:,}), "
@@ -362,7 +387,9 @@ def main() -> None:
         f"RESULT stream_throughput spans_per_s={worker['spans_per_s']:.0f} "
         f"raw_spans_per_s={raw:.0f} ratio_vs_raw={ratio:.3f} worker_cpu_us_per_span={cpu_us:.1f} "
         f"records_per_span={records_per_span:.3f} spans_per_message={spans / messages:.0f} "
-        f'plain_fraction={args.plain_fraction} load="{load_average()}"'
+        f"plain_fraction={args.plain_fraction} tenants={args.tenants} "
+        f"users_per_tenant={args.users_per_tenant} "
+        f'calls_per_session={args.calls_per_session} load="{load_average()}"'
     )
 
 
