@@ -279,10 +279,9 @@ class WindowTotals:
     stored in the same table value as the totals, so the changelog can never
     hold one without the other.
 
-    The table holds these objects themselves (`stream/changelog.py:encode`
-    writes the changelog through `__json__`; not Faust's codec, which with
-    orjson would write a dataclass as a dict of its fields); after a recovery
-    it holds the JSON lists, which `from_state` turns back into an object.
+    The table holds these objects themselves (Faust's JSON codec writes the
+    changelog through `__json__`); after a recovery it holds the JSON lists,
+    which `from_state` turns back into an object.
     """
 
     spent: float = 0.0

@@ -16,7 +16,6 @@ from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import Window
 from burnguard.stream.accounting import BatchStats, Ring, UsageDelta, WindowClock, WindowTotals, usage_deltas
 from burnguard.stream.app import BATCH_ROWS, BudgetJob
-from burnguard.stream.changelog import encode
 from burnguard.stream.partitioner import murmur2, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
@@ -361,9 +360,8 @@ def test_window_totals_survive_the_changelog_and_read_the_older_dict_state() -> 
     assert totals.add(2, 40, 1.5, 3, 100 * minute, 101 * minute, minute)
     assert totals.add(2, 41, 2.0, 1, 170 * minute, 170 * minute, minute)  # the 101 bucket falls out
     assert not totals.add(2, 41, 2.0, 1, 170 * minute, 170 * minute, minute), "a replay counted twice"
-    # The table holds the object; `TableChanges` writes it to the changelog through `__json__`
-    # (`encode`), and a recovery reads it back with Faust's JSON codec.
-    restored = WindowTotals.from_state(codecs.loads("json", encode("json", totals)))
+    # The table holds the object; Faust's JSON codec writes it to the changelog through `__json__`.
+    restored = WindowTotals.from_state(codecs.loads("json", codecs.dumps("json", totals)))
     assert restored.to_state() == totals.to_state()
     assert (restored.spent, restored.spans, restored.applied) == (2.0, 4, {"2": 41})
     # A state written by the version that kept rings as {index-as-string: amount} dicts:
@@ -458,7 +456,7 @@ def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetCon
     assert row.mix == delta.mix
     totals = WindowTotals()
     assert totals.apply(row) and totals.apply(UsageDelta.from_row(delta.to_row(), 3, 8))
-    restored = WindowTotals.from_state(codecs.loads("json", encode("json", totals)))
+    restored = WindowTotals.from_state(codecs.loads("json", codecs.dumps("json", totals)))
     assert restored.mix == pytest.approx([8, 4, 2, 0.008])
     older = delta.to_row()[:8]  # a row written before the call mix existed
     assert UsageDelta.from_row(older).mix is None
