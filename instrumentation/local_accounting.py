@@ -30,20 +30,24 @@ budget's throttle rung (from the config; 1.0 of the limit when the budget is
 unknown); a budget whose ladder never throttles is never denied locally.
 
 Other processes. Each process sees only its own calls, yet a key is usually
-spent by several. When the budget is in the guard's config, the ledger keeps
-this process's spend per budget key over the last minute, and on each signal
-compares it with the key's burn rate (which the stream job measures over at
-least a minute, so a young burst compares like for like): the ratio is this
-process's share, and own use since the signal is scaled by 1 / share to
-stand for the whole key's. Without a config entry the share is 1 (own use
-only). The two rates are measured over different spans (the worker's over up
-to 15 minutes, this process's over one), so after a downgrade cut the cost of
-a call the worker's rate still carries the dearer calls and the ratio
-underestimates the share; a process whose own use in the signal's window
-accounts for all of the signal's `spent` is the only spender the worker knows
-of, and its share is 1 (`_sole_spender`). A share underestimated makes the
-guard deny early, until the next signal (refreshed every 30 s by default,
-`expires_at` at the latest).
+spent by several. When the budget is in the guard's config, own use since the
+signal is scaled by 1 / share to stand for the whole key's, where the share is
+this process's part of the key's spend. It is measured over the span the
+signal's `spent` covers when the process can (`_window_share`: its own use in
+the window up to `issued_at`, over `spent`; it began to track the key inside the
+window and remembers every call since `issued_at`); a process whose own use is
+all of `spent` is the only spender the worker knows of, share 1. Otherwise it
+is the ratio of this process's last minute to the key's burn rate
+(`_rate_share`), which the stream job measures over up to 15 minutes: two
+spans, so after a downgrade cut the cost of a call the worker's rate still
+carries the dearer calls, the ratio underestimates the share and own use is
+scaled up too far (a process's one call stood for seven other calls in
+`test_two_processes_after_a_downgrade_...`). Without a config entry the share
+is 1 (own use only). A share underestimated makes the guard deny early, until
+the next signal (refreshed every 30 s by default, `expires_at` at the latest);
+the share is one figure taken at the signal, so a mix of processes that changes
+after it (one process slowed down before the signal, not after) moves the
+projection by that much of the spend since the signal.
 
 Every method runs under one lock: callers are threads, and the check and the
 reservation of a call must be one step, or a burst of callers would all pass
@@ -272,7 +276,7 @@ class LocalLedger:
             signal.limit * throttle_at if throttle_at is not None else math.inf,
             signal.window_end.timestamp(),
             signal.expires_at.timestamp(),
-            share=1.0 if _sole_spender(recent, signal) else _share(recent, signal.burn_rate_per_hour, now_s),
+            share=_share(recent, signal, now_s),
             own=recent.since(issued_s) if recent is not None else 0.0,
         )
 
@@ -432,24 +436,34 @@ def _throttle_at(budget: Budget) -> float | None:
     return next((a.at for a in budget.actions if a.do == "throttle"), None)
 
 
-def _sole_spender(recent: OwnUse | None, signal: Signal) -> bool:
-    """True when this process's own use in the signal's window, up to `issued_at`, is all of `spent`.
+def _share(recent: OwnUse | None, signal: Signal, now_s: float) -> float:
+    """This process's part of the key's spend: over the signal's own span when it can, else by rates."""
+    share = _window_share(recent, signal)
+    return share if share is not None else _rate_share(recent, signal.burn_rate_per_hour, now_s)
 
+
+def _window_share(recent: OwnUse | None, signal: Signal) -> float | None:
+    """This process's own use in the signal's window up to `issued_at`, over the signal's `spent`.
+
+    The same span as `spent`, so a change in the cost of a call (a downgrade) moves both alike.
     Only when the process began to track the key inside the signal's window (its total is then all
-    in the window) and remembers every call since `issued_at` (to take them off the total). Calls of
-    this process the worker has not counted yet could hide as much of another process's use: that
-    much is left unscaled until the next signal.
+    in the window) and remembers every call since `issued_at` (to take them off the total); None
+    otherwise. Calls of this process the worker had not counted yet at `issued_at` are in the
+    numerator and not in `spent`: the share comes out a little high, own use is scaled a little
+    less, an undercount (the signal that follows corrects it), never an early refusal.
     """
-    if recent is None or recent.started_s < signal.window_start.timestamp():
-        return False
+    if recent is None or recent.started_s < signal.window_start.timestamp() or signal.spent <= 0:
+        return None
     issued_s = signal.issued_at.timestamp()
     if recent.calls and issued_s < recent.calls[0][0]:
-        return False  # calls since `issued_at` may have left the minute remembered
+        return None  # calls since `issued_at` may have left the minute remembered
     before = recent.total - recent.since(issued_s)
-    return signal.spent <= before * (1 + 1e-9) + 1e-12
+    if before <= 0:
+        return None
+    return min(1.0, max(MIN_SHARE, before / signal.spent))
 
 
-def _share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> float:
+def _rate_share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> float:
     """This process's part of a key's recent burn rate; 1 without own recent use to compare."""
     own = recent.since(now_s - RECENT_S) if recent is not None else 0.0
     per_minute = burn_rate_per_hour / 60
