@@ -492,3 +492,24 @@ def test_two_processes_after_a_downgrade_stand_for_each_other_by_their_share_of_
             allowed += 1
     # 0.9072 + 2 x 2 x 0.0216 = 0.9936 < 1: a third call of ours (and one of theirs) fits; then 1.0368.
     assert round(spent, 4) == 0.9072 and allowed == 3
+
+
+def test_a_process_that_started_later_stands_for_the_others_by_its_share_since_the_last_signal() -> None:
+    # This process joined late: $1 of the $6 the first signal counts. Since then both processes
+    # spent alike ($3 each): a second signal at $12. Over the whole window this process's share is
+    # a third (each call of ours would stand for three); since the first signal it is a half.
+    config = parse_budget_yaml(MODELS + "budgets:\n  - {id: tenant-daily, scope: tenant, limit: 20}\n")
+    clock = Clock()
+    guard = make_guard(config, clock)
+    guard.reserve("gpt-4.1", ACME).settle(1.0, CALL)
+    clock.advance(1)
+    guard.apply(make_signal(spent=6.0, limit=20.0, issued_at=clock.now, burn_rate_per_hour=360.0))
+    for _ in range(3):
+        clock.advance(1)
+        guard.reserve("gpt-4.1", ACME).settle(1.0, CALL)
+    clock.advance(1)
+    guard.apply(make_signal(spent=12.0, limit=20.0, issued_at=clock.now, burn_rate_per_hour=720.0))
+    clock.advance(1)
+    # 12 + 3 x $1 of ours x 2 = 18 < 20: a fourth call fits (by a third: 12 + 2 x 3 = 18, the third
+    # would be the last).
+    assert hold(guard) == 4
