@@ -25,7 +25,11 @@ the cost of every call started before that refusal; the target is at most
 one call's cost. The worker's own total is checked against the apps' once
 every span is accounted.
 
+`--late-start-s` starts the last process's callers that much later, so each
+guard's share of the key at the first signals differs from the share after them.
+
     .venv/bin/python bench/overshoot.py [--limit 20] [--call-ms 200] [--no-local-accounting]
+                                        [--late-start-s 1.5]
 """
 
 from __future__ import annotations
@@ -52,7 +56,14 @@ HOLD_S = 2.0
 
 
 def run_app(
-    name: str, callers: int, call_s: float, go_file: Path, out_file: Path, timeout_s: float, local: bool
+    name: str,
+    callers: int,
+    call_s: float,
+    go_file: Path,
+    out_file: Path,
+    timeout_s: float,
+    local: bool,
+    late_s: float = 0.0,
 ) -> None:
     from burnguard.instrumentation import BudgetExceeded, attribute, configure, llm_call
     from burnguard.instrumentation.runtime import Settings
@@ -65,6 +76,7 @@ def run_app(
     print("ready", flush=True)
     while not go_file.exists():
         time.sleep(0.005)
+    time.sleep(late_s)
     deadline = time.monotonic() + timeout_s
     calls: list[tuple[int, int, float]] = []  # (start ns, end ns, cost) of every call let through
     denied = [0]
@@ -172,6 +184,7 @@ def measure(args: argparse.Namespace) -> None:
             args_ = [__file__, "app", "--name", name, "--callers", str(CALLERS_PER_PROCESS)]
             args_ += ["--call-s", str(call_s), "--go", str(go), "--out", str(out)]
             args_ += ["--timeout", str(args.timeout)] + ([] if args.local_accounting else ["--no-local"])
+            args_ += ["--late-s", str(args.late_start_s if index == PROCESSES - 1 else 0.0)]
             pipeline.spawn(name, args_, app_env)
         for index in range(PROCESSES):
             pipeline.wait_for_log(f"app{index}", "ready", 60)
@@ -201,6 +214,7 @@ def measure(args: argparse.Namespace) -> None:
     duration = (parts.get("crossing_ns", 0) - parts.get("first_start_ns", 0)) / 1e9
     print(f"\nmachine: {machine_note()}")
     print(f"local accounting in the guard: {'on' if args.local_accounting else 'off'}")
+    print(f"the last process started calling {args.late_start_s:g} s after the others")
     print(
         f"{PROCESSES} processes x {CALLERS_PER_PROCESS} callers, {args.call_ms:.0f} ms per call, "
         f"${first_cost:.4f} per call, ${call_cost:.4f} once downgraded, limit ${args.limit:g} "
@@ -254,10 +268,17 @@ def main() -> None:
     app.add_argument("--out", type=Path, required=True)
     app.add_argument("--timeout", type=float, required=True)
     app.add_argument("--no-local", action="store_true")
+    app.add_argument("--late-s", type=float, default=0.0)
     parser.add_argument("--limit", type=float, default=20.0, help="the tenant's limit in USD (default 20)")
     parser.add_argument("--call-ms", type=float, default=200.0, help="simulated model latency (default 200)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds the callers may run")
     parser.add_argument("--keep", action="store_true", help="keep the broker dir and logs")
+    parser.add_argument(
+        "--late-start-s",
+        type=float,
+        default=0.0,
+        help="the last process starts calling this much later (a mix of processes that changes)",
+    )
     parser.add_argument(
         "--no-local-accounting",
         dest="local_accounting",
@@ -266,7 +287,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.role == "app":
-        run_app(args.name, args.callers, args.call_s, args.go, args.out, args.timeout, not args.no_local)
+        run_app(
+            args.name,
+            args.callers,
+            args.call_s,
+            args.go,
+            args.out,
+            args.timeout,
+            not args.no_local,
+            args.late_s,
+        )
     else:
         measure(args)
 

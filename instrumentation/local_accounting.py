@@ -30,20 +30,27 @@ budget's throttle rung (from the config; 1.0 of the limit when the budget is
 unknown); a budget whose ladder never throttles is never denied locally.
 
 Other processes. Each process sees only its own calls, yet a key is usually
-spent by several. When the budget is in the guard's config, the ledger keeps
-this process's spend per budget key over the last minute, and on each signal
-compares it with the key's burn rate (which the stream job measures over at
-least a minute, so a young burst compares like for like): the ratio is this
-process's share, and own use since the signal is scaled by 1 / share to
-stand for the whole key's. Without a config entry the share is 1 (own use
-only). The two rates are measured over different spans (the worker's over up
-to 15 minutes, this process's over one), so after a downgrade cut the cost of
-a call the worker's rate still carries the dearer calls and the ratio
-underestimates the share; a process whose own use in the signal's window
-accounts for all of the signal's `spent` is the only spender the worker knows
-of, and its share is 1 (`_sole_spender`). A share underestimated makes the
-guard deny early, until the next signal (refreshed every 30 s by default,
-`expires_at` at the latest).
+spent by several. When the budget is in the guard's config, own use since the
+signal is scaled by 1 / share to stand for the whole key's, where the share is
+this process's part of the key's spend. It is measured over the span the
+signal's `spent` covers when the process can (`_own_before`: it began to track
+the key inside the window and remembers every call since `issued_at`), two
+ways: its own use in the window up to `issued_at` over `spent`, and its own use
+between the previous signal's `issued_at` and this one's over the key's
+(`_recent_share`: follows a mix that changed, a process that started later or
+was slowed down); the larger counts (`_share`). A process whose own use is all
+of `spent` is the only spender the worker knows of, share 1. Otherwise it is
+the ratio of this process's last minute to the key's burn rate
+(`_rate_share`), which the stream job measures over up to 15 minutes: two
+spans, so after a downgrade cut the cost of a call the worker's rate still
+carries the dearer calls, the ratio underestimates the share and own use is
+scaled up too far (one call stood for seven in
+`test_two_processes_after_a_downgrade_...`). Without a config entry the share
+is 1 (own use only). A share too low makes the guard deny early, until the next
+signal (refreshed every 30 s by default, `expires_at` at the latest); one too
+high denies late, and the worker's throttle bounds the overshoot. The share is
+one figure taken at the signal: a mix that changes after it moves the
+projection by that much of the spend since the signal.
 
 Every method runs under one lock: callers are threads, and the check and the
 reservation of a call must be one step, or a burst of callers would all pass
@@ -114,6 +121,8 @@ class Tally:
     expires_s: float
     share: float = 1.0
     own: float = 0.0  # settled since the signal was issued
+    #: own use in the signal's window up to `issued_at` (None: unknown), for the next signal's share
+    before: float | None = None
     reserved: float = 0.0  # estimates of the calls in flight
     #: model -> this key's last call of it, in the metric; passed on to the key's next tally
     learned: dict[str, float] | None = None
@@ -237,7 +246,7 @@ class LocalLedger:
                 self._drop_dead(now_s)
             if now_s >= signal.expires_at.timestamp() or now_s >= signal.window_end.timestamp():
                 return  # never live again (see `_live_tallies`): nothing to hold
-            tally = self._tally(signal, payload or signal.to_json(), metric, now_s)
+            tally = self._tally(signal, payload or signal.to_json(), metric, now_s, previous)
             if previous is not None and previous.metric == metric:
                 tally.learned = previous.learned
             dimensions = tuple(signal.scope.split("+"))
@@ -259,10 +268,15 @@ class LocalLedger:
             recent = self._recent.get((budget, key))
             return recent.since(since_s) if recent is not None else 0.0
 
-    def _tally(self, signal: Signal, payload: bytes, metric: int, now_s: float) -> Tally:
+    def _tally(
+        self, signal: Signal, payload: bytes, metric: int, now_s: float, previous: Tally | None
+    ) -> Tally:
         throttle_at = self._throttle_at.get(signal.budget, 1.0)
         recent = self._recent.get((signal.budget, signal.key))
         issued_s = signal.issued_at.timestamp()
+        before = _own_before(recent, signal)
+        if previous is not None and previous.metric != metric:
+            previous = None
         return Tally(
             payload,
             signal.scope,
@@ -272,8 +286,9 @@ class LocalLedger:
             signal.limit * throttle_at if throttle_at is not None else math.inf,
             signal.window_end.timestamp(),
             signal.expires_at.timestamp(),
-            share=1.0 if _sole_spender(recent, signal) else _share(recent, signal.burn_rate_per_hour, now_s),
+            share=_share(recent, signal, now_s, before, previous),
             own=recent.since(issued_s) if recent is not None else 0.0,
+            before=before,
         )
 
     def holds(self, kafka_key: str) -> bool:
@@ -432,24 +447,50 @@ def _throttle_at(budget: Budget) -> float | None:
     return next((a.at for a in budget.actions if a.do == "throttle"), None)
 
 
-def _sole_spender(recent: OwnUse | None, signal: Signal) -> bool:
-    """True when this process's own use in the signal's window, up to `issued_at`, is all of `spent`.
+def _share(
+    recent: OwnUse | None, signal: Signal, now_s: float, before: float | None, previous: Tally | None
+) -> float:
+    """This process's part of the key's spend: over the signal's own span when it can, else by rates.
+
+    Over the signal's span two figures: the whole window's (`before / spent`) and the part since
+    the previous signal (`_recent_share`), which follows a mix of processes that changed (one
+    started later or was slowed down, and has run alike since). The larger is taken: a share too
+    high scales own use too little, a later local deny that the worker's throttle bounds; one too
+    low refuses calls that still fit.
+    """
+    if before is None or before <= 0 or signal.spent <= 0:
+        return _rate_share(recent, signal.burn_rate_per_hour, now_s)
+    whole = before / signal.spent
+    if whole >= 1 - 1e-9:
+        return 1.0  # the only spender the worker knows of
+    return min(1.0, max(MIN_SHARE, whole, _recent_share(previous, before, signal.spent)))
+
+
+def _recent_share(previous: Tally | None, before: float, spent: float) -> float:
+    """Own use between the previous signal's `issued_at` and this one's, over the key's (0: unknown)."""
+    if previous is None or previous.before is None or spent <= previous.spent:
+        return 0.0  # no earlier figure, or a new window in between
+    return max(0.0, before - previous.before) / (spent - previous.spent)
+
+
+def _own_before(recent: OwnUse | None, signal: Signal) -> float | None:
+    """This process's own use in the signal's window up to `issued_at` (the span of its `spent`).
 
     Only when the process began to track the key inside the signal's window (its total is then all
-    in the window) and remembers every call since `issued_at` (to take them off the total). Calls of
-    this process the worker has not counted yet could hide as much of another process's use: that
-    much is left unscaled until the next signal.
+    in the window) and remembers every call since `issued_at` (to take them off the total); None
+    otherwise. Calls of this process the worker had not counted yet at `issued_at` are in it and
+    not in `spent`: the share comes out a little high, own use is scaled a little less, an
+    undercount (the signal that follows corrects it), never an early refusal.
     """
     if recent is None or recent.started_s < signal.window_start.timestamp():
-        return False
+        return None
     issued_s = signal.issued_at.timestamp()
     if recent.calls and issued_s < recent.calls[0][0]:
-        return False  # calls since `issued_at` may have left the minute remembered
-    before = recent.total - recent.since(issued_s)
-    return signal.spent <= before * (1 + 1e-9) + 1e-12
+        return None  # calls since `issued_at` may have left the minute remembered
+    return recent.total - recent.since(issued_s)
 
 
-def _share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> float:
+def _rate_share(recent: OwnUse | None, burn_rate_per_hour: float, now_s: float) -> float:
     """This process's part of a key's recent burn rate; 1 without own recent use to compare."""
     own = recent.since(now_s - RECENT_S) if recent is not None else 0.0
     per_minute = burn_rate_per_hour / 60

@@ -282,9 +282,10 @@ def test_calls_ended_after_the_signal_was_issued_count_the_ones_before_do_not() 
     clock.advance(1)
     calls[1].settle(1.0, CALL)  # ended after it was issued, before it arrived: not in its spend
     clock.advance(1)
-    guard.apply(make_signal(spent=16.0, limit=20.0, issued_at=issued, burn_rate_per_hour=0.0))
+    # The signal counts calls[0] (this process spends alone on acme: share 1).
+    guard.apply(make_signal(spent=1.0, limit=5.0, issued_at=issued, burn_rate_per_hour=60.0))
     calls[2].settle(1.0, CALL)  # ended after it arrived
-    # 16 + 2 settled since issued_at + 1 in flight (estimated at $1): one more call fits.
+    # 1 + 2 settled since issued_at + 1 in flight (estimated at $1): one more call fits.
     assert guard.check("gpt-4.1", ACME).action == "allow"
     guard.reserve("gpt-4.1", ACME)
     assert guard.check("gpt-4.1", ACME).action == "deny"
@@ -461,3 +462,54 @@ def test_a_call_is_estimated_by_its_keys_last_call_of_the_model_not_another_keys
         make_signal(spent=9.915, limit=10.0)
     )  # a refresh that counted acme's call: learned carries over
     assert hold(guard) == 9  # 9.915 + 8 x 0.01 = 9.995 < 10: the 9th fits, the 10th would not
+
+
+def test_two_processes_after_a_downgrade_stand_for_each_other_by_their_share_of_the_window() -> None:
+    # Two processes spend alike on acme: three dear calls each, then downgraded ones, one every 12 s
+    # each, for over a minute. The worker's burn rate spans all of it (the dear calls too); this
+    # process's last minute holds only cheap ones, so the ratio of the two rates (0.145) is no share
+    # and would stand one call for seven. Over the same span as the signal's `spent` (the window up
+    # to `issued_at`) this process spent half of it.
+    clock = Clock()
+    guard = make_guard(DOWNGRADE_THEN_THROTTLE, clock)
+    started = clock.now
+    for _ in range(3):
+        guard.reserve("gpt-4.1", ACME).settle(PREMIUM_USD, BIG_CALL)
+        clock.advance(0.2)
+    guard.apply(daily_signal("downgrade", 6 * PREMIUM_USD, clock.now, downgrade_to="standard"))
+    for _ in range(6):
+        clock.advance(12)
+        admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
+    clock.advance(1)
+    spent = 6 * PREMIUM_USD + 12 * STANDARD_USD  # the other process's calls too
+    rate = spent / (clock.now - started).total_seconds() * 3600
+    guard.apply(daily_signal("downgrade", spent, clock.now, downgrade_to="standard", burn_rate_per_hour=rate))
+    allowed = 0
+    with pytest.raises(BudgetExceeded):
+        while allowed < 100:
+            clock.advance(0.2)
+            admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
+            allowed += 1
+    # 0.9072 + 2 x 2 x 0.0216 = 0.9936 < 1: a third call of ours (and one of theirs) fits; then 1.0368.
+    assert round(spent, 4) == 0.9072 and allowed == 3
+
+
+def test_a_process_that_started_later_stands_for_the_others_by_its_share_since_the_last_signal() -> None:
+    # This process joined late: $1 of the $6 the first signal counts. Since then both processes
+    # spent alike ($3 each): a second signal at $12. Over the whole window this process's share is
+    # a third (each call of ours would stand for three); since the first signal it is a half.
+    config = parse_budget_yaml(MODELS + "budgets:\n  - {id: tenant-daily, scope: tenant, limit: 20}\n")
+    clock = Clock()
+    guard = make_guard(config, clock)
+    guard.reserve("gpt-4.1", ACME).settle(1.0, CALL)
+    clock.advance(1)
+    guard.apply(make_signal(spent=6.0, limit=20.0, issued_at=clock.now, burn_rate_per_hour=360.0))
+    for _ in range(3):
+        clock.advance(1)
+        guard.reserve("gpt-4.1", ACME).settle(1.0, CALL)
+    clock.advance(1)
+    guard.apply(make_signal(spent=12.0, limit=20.0, issued_at=clock.now, burn_rate_per_hour=720.0))
+    clock.advance(1)
+    # 12 + 3 x $1 of ours x 2 = 18 < 20: a fourth call fits (by a third: 12 + 2 x 3 = 18, the third
+    # would be the last).
+    assert hold(guard) == 4
