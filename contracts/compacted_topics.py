@@ -75,6 +75,7 @@ class CompactedTopicFollower:
         self._on_record = on_record
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self.failed_records = 0  # records the handler raised on: logged and passed over
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self, wait_s: float = 10.0) -> CompactedTopicFollower:
@@ -105,11 +106,25 @@ class CompactedTopicFollower:
             while not self._stop.is_set():
                 for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
-                        self._on_record(record.key, record.value)
+                        self._deliver(record.key, record.value)
                 if not self.ready.is_set() and _caught_up(consumer, end_offsets):
                     self.ready.set()
         finally:
             consumer.close()
+
+    def _deliver(self, key: bytes | None, value: bytes | None) -> None:
+        """Hand one record to the handler; one it raises on is logged and passed over.
+
+        The follower is its reader's only source of state: a handler that raised once would
+        end the thread, and a guard would then allow every call for the rest of the process.
+        """
+        try:
+            self._on_record(key, value)
+        except Exception:
+            self.failed_records += 1
+            logger.exception(
+                "burnguard: could not apply a record of %s (key %.200r); passed over", self.topic, key
+            )
 
     def _wait_for_partitions(self, consumer: KafkaConsumer) -> dict[TopicPartition, int]:
         while not self._stop.is_set():
