@@ -254,6 +254,17 @@ def admit(guard: BudgetGuard, model: str, attribution: dict[str, str]) -> Reserv
     return guard.reserve(verdict.model or model, attribution)
 
 
+def settle_downgraded_calls_until_refused(guard: BudgetGuard, clock: Clock) -> int:
+    """Downgraded acme calls, one every 0.2 s, each ended at once, until the guard refuses one; how many."""
+    allowed = 0
+    with pytest.raises(BudgetExceeded):
+        while allowed < 100:
+            clock.advance(0.2)
+            admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
+            allowed += 1
+    return allowed
+
+
 def test_a_budget_that_never_throttles_is_never_denied_locally() -> None:
     config = parse_budget_yaml(
         MODELS
@@ -441,12 +452,7 @@ def test_a_lone_process_after_a_downgrade_is_not_refused_while_a_call_still_fits
             "downgrade", spent, clock.now, downgrade_to="standard", burn_rate_per_hour=spent / seconds * 3600
         )
     )
-    allowed = 0
-    with pytest.raises(BudgetExceeded):
-        while allowed < 100:
-            clock.advance(0.2)
-            admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
-            allowed += 1
+    allowed = settle_downgraded_calls_until_refused(guard, clock)
     # 0.756 + 11 x 0.0216 = 0.9936 < 1: the 12th call fits, the 13th would not.
     assert round(spent, 4) == 0.756 and allowed == 12
 
@@ -484,12 +490,7 @@ def test_two_processes_after_a_downgrade_stand_for_each_other_by_their_share_of_
     spent = 6 * PREMIUM_USD + 12 * STANDARD_USD  # the other process's calls too
     rate = spent / (clock.now - started).total_seconds() * 3600
     guard.apply(daily_signal("downgrade", spent, clock.now, downgrade_to="standard", burn_rate_per_hour=rate))
-    allowed = 0
-    with pytest.raises(BudgetExceeded):
-        while allowed < 100:
-            clock.advance(0.2)
-            admit(guard, "gpt-4.1", ACME).settle(STANDARD_USD, BIG_CALL)
-            allowed += 1
+    allowed = settle_downgraded_calls_until_refused(guard, clock)
     # 0.9072 + 2 x 2 x 0.0216 = 0.9936 < 1: a third call of ours (and one of theirs) fits; then 1.0368.
     assert round(spent, 4) == 0.9072 and allowed == 3
 
