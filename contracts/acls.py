@@ -44,9 +44,15 @@ def acl_set(
     topic) and the consumer group of that id; an app id that is a prefix of the spans or
     budgets topic is refused, since that grant would cover them.
     """
-    worker_writes = (topics.signals, topics.usage, topics.budget_usage, topics.deadletter)
+    worker_writes = (
+        topics.signals,
+        topics.signal_checkpoints,
+        topics.usage,
+        topics.budget_usage,
+        topics.deadletter,
+    )
     notify_writes = (topics.notify_state, topics.notify_deadletter)
-    for name in (topics.spans, topics.budgets):
+    for name in (topics.spans, topics.budgets):  # the worker writes the others anyway
         if name.startswith(stream_app_id):
             raise ValueError(
                 f"stream app id {stream_app_id!r} is a prefix of topic {name!r}: the worker's "
@@ -56,8 +62,9 @@ def acl_set(
         *_topic("app", "WRITE", topics.spans),
         # The exporter reads the topic's max.message.bytes to split exports that would not fit.
         *_topic("app", "DESCRIBE_CONFIGS", topics.spans),
-        *_topic("app", "READ", topics.signals, topics.budgets),
-        *_topic("worker", "READ", topics.spans, topics.budgets, topics.usage),
+        *_topic("app", "READ", topics.signals, topics.signal_checkpoints, topics.budgets),
+        # The worker follows its own signals to write the checkpoints guards start from.
+        *_topic("worker", "READ", topics.spans, topics.budgets, topics.usage, topics.signals),
         *_topic("worker", "WRITE", *worker_writes),
         *_topic("worker", "CREATE", *worker_writes),
         Grant("worker", "topic", stream_app_id, "ALL", prefixed=True),

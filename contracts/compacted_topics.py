@@ -16,10 +16,13 @@ from collections.abc import Callable
 
 from burnguard.contracts.topics import KafkaSettings
 from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
 RecordHandler = Callable[[bytes | None, bytes | None], None]
+#: Given each partition's end offset, where to start reading some of them (others: the beginning).
+StartOffsets = Callable[[dict[int, int]], dict[int, int]]
 
 
 def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
@@ -33,6 +36,16 @@ def _assign_from_beginning(consumer: KafkaConsumer, topic: str) -> dict[TopicPar
     if partitions:
         consumer.seek_to_beginning(*partitions)
     return consumer.end_offsets(partitions) if partitions else {}
+
+
+def _start_from(
+    consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int], start_at: StartOffsets
+) -> None:
+    """Move the partitions `start_at` names to the offsets it gives (it has applied what is before)."""
+    starts = start_at({tp.partition: end for tp, end in end_offsets.items()})
+    for tp in end_offsets:
+        if (offset := starts.get(tp.partition)) is not None:
+            consumer.seek(tp, offset)
 
 
 def _caught_up(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) -> bool:
@@ -65,14 +78,24 @@ class CompactedTopicFollower:
 
     `on_record(key, value)` is called for every record in order (value None
     for a tombstone). `ready` is set once the records present at start have
-    been replayed. A lost connection is retried; the replay then starts over,
-    which is harmless because applying the latest state twice is idempotent.
+    been replayed. `start_at`, if given, is asked at each start where to begin
+    reading some partitions, having applied what comes before (a checkpoint).
+    A lost connection is retried; the replay then starts over, which is
+    harmless because applying the latest state twice is idempotent.
     """
 
-    def __init__(self, kafka: KafkaSettings, topic: str, on_record: RecordHandler, name: str) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str,
+        on_record: RecordHandler | None,
+        name: str,
+        start_at: StartOffsets | None = None,
+    ) -> None:
         self._kafka = kafka
         self.topic = topic
         self._on_record = on_record
+        self._start_at = start_at
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.failed_records = 0  # records the handler raised on: logged and passed over
@@ -106,30 +129,42 @@ class CompactedTopicFollower:
             while not self._stop.is_set():
                 for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
-                        self._deliver(record.key, record.value)
+                        self._deliver(record)
                 if not self.ready.is_set() and _caught_up(consumer, end_offsets):
                     self.ready.set()
+                self._after_poll(consumer)
         finally:
             consumer.close()
 
-    def _deliver(self, key: bytes | None, value: bytes | None) -> None:
+    def _deliver(self, record: ConsumerRecord) -> None:
         """Hand one record to the handler; one it raises on is logged and passed over.
 
         The follower is its reader's only source of state: a handler that raised once would
         end the thread, and a guard would then allow every call for the rest of the process.
         """
         try:
-            self._on_record(key, value)
+            self._apply(record)
         except Exception:
             self.failed_records += 1
             logger.exception(
-                "burnguard: could not apply a record of %s (key %.200r); passed over", self.topic, key
+                "burnguard: could not apply a record of %s (key %.200r); passed over", self.topic, record.key
             )
+
+    def _apply(self, record: ConsumerRecord) -> None:
+        """Apply one record (a subclass given no `on_record` overrides this)."""
+        assert self._on_record is not None
+        self._on_record(record.key, record.value)
+
+    def _after_poll(self, consumer: KafkaConsumer) -> None:
+        """Called on the thread after each poll's records are applied; a subclass's periodic work."""
 
     def _wait_for_partitions(self, consumer: KafkaConsumer) -> dict[TopicPartition, int]:
         while not self._stop.is_set():
             if consumer.partitions_for_topic(self.topic):
-                return _assign_from_beginning(consumer, self.topic)
+                end_offsets = _assign_from_beginning(consumer, self.topic)
+                if self._start_at is not None and end_offsets:
+                    _start_from(consumer, end_offsets, self._start_at)
+                return end_offsets
             self.ready.set()  # the topic does not exist yet: nothing to replay
             self._stop.wait(0.5)
         return {}

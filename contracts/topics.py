@@ -21,6 +21,8 @@ class Topics:
 
     spans: str = "otlp_spans"
     signals: str = "burnguard.signals"
+    #: compacted: what a guard starts from instead of replaying `signals` (`contracts/signal_checkpoints.py`)
+    signal_checkpoints: str = "burnguard.signals.checkpoints"
     budgets: str = "burnguard.budgets"
     deadletter: str = "burnguard.deadletter"
     usage: str = "burnguard.usage"  # internal: usage deltas repartitioned by budget key
@@ -164,6 +166,9 @@ SPANS_TOPIC_CONFIG: dict[str, str] = {"message.timestamp.type": "LogAppendTime"}
 #: Compaction never touches the active segment (by default up to 1 GB or 7 days): rolling it hourly
 #: lets retired `ok`s and their tombstones leave `burnguard.signals` within hours, not a week.
 SIGNALS_TOPIC_CONFIG: dict[str, str] = {"segment.ms": "3600000"}
+#: A checkpoint replaces the last one every half minute or so: ten-minute segments let the broker
+#: drop the replaced ones soon (several MB each with many restrictions).
+CHECKPOINTS_TOPIC_CONFIG: dict[str, str] = {"segment.ms": "600000"}
 
 
 @dataclass(frozen=True, slots=True)

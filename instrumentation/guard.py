@@ -40,7 +40,8 @@ from typing import Literal
 from burnguard.contracts.attributes import REFUSED_BUDGET
 from burnguard.contracts.budget_rules import key_of_values
 from burnguard.contracts.budgets import BudgetConfig
-from burnguard.contracts.compacted_topics import CompactedTopicFollower
+from burnguard.contracts.compacted_topics import CompactedTopicFollower, read_compacted_topic
+from burnguard.contracts.signal_checkpoints import decode_parts, latest_checkpoints
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.local_accounting import LocalLedger, Reservation, Tally
@@ -105,6 +106,8 @@ class GuardStats:
     denied: int = 0
     downgraded: int = 0
     local_denied: int = 0  # of `denied`: by local accounting, between signals
+    checkpoint_partitions: int = 0  # partitions the last start read from a checkpoint, not from offset 0
+    checkpoint_records: int = 0  # records those checkpoints held
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +148,12 @@ class BudgetGuard:
         fail_mode: FailMode = "open",
         clock: Callable[[], datetime] | None = None,
         on_signal: Callable[[Signal], None] | None = None,
+        checkpoints: bool = True,
     ) -> None:
         self._kafka = kafka or KafkaSettings.from_env()
-        self._topic = (topics or Topics.from_env()).signals
+        topics = topics or Topics.from_env()
+        self._topic = topics.signals
+        self._checkpoint_topic = topics.signal_checkpoints
         self.config = config or BudgetConfig()
         self.fail_mode = fail_mode
         self._clock = clock or _utc_now
@@ -161,7 +167,11 @@ class BudgetGuard:
         self._by_scope: dict[str, dict[str, list[_Restriction]]] = {}
         self._lock = threading.Lock()
         self._ledger = LocalLedger(self.config, self._seconds)
-        self._follower = CompactedTopicFollower(self._kafka, self._topic, self._ingest, "burnguard-guard")
+        #: A checkpoint holds only what can still matter: an `on_signal` callback asked for every signal.
+        start_at = self._start_from_checkpoints if checkpoints and on_signal is None else None
+        self._follower = CompactedTopicFollower(
+            self._kafka, self._topic, self._ingest, "burnguard-guard", start_at=start_at
+        )
         self.stats = GuardStats()
 
     # --- following the topic ---------------------------------------------------
@@ -188,6 +198,41 @@ class BudgetGuard:
     def ready(self) -> bool:
         """True once the state on the topic at start has been replayed."""
         return self._follower.ready.is_set()
+
+    def _start_from_checkpoints(self, end_offsets: dict[int, int]) -> dict[int, int]:
+        """Apply each partition's newest checkpoint the topic still continues; where to read on from.
+
+        Runs on the follower thread before it reads the signals topic. Without a usable
+        checkpoint a partition is replayed from its beginning, as it always could be.
+        """
+        try:
+            values = read_compacted_topic(self._kafka, self._checkpoint_topic)
+        except Exception as exc:  # a checkpoint only saves time: nothing in it may stop the guard
+            logger.warning("burnguard guard: no signal checkpoints (%s); replaying %s", exc, self._topic)
+            return {}
+        parts, problems = decode_parts(values)
+        for problem in problems:
+            logger.warning("burnguard guard: passing over a checkpoint part %s", problem)
+        starts: dict[int, int] = {}
+        records = 0
+        for partition, checkpoint in latest_checkpoints(parts, self._topic).items():
+            next_offset = checkpoint[0].next_offset
+            if next_offset > end_offsets.get(partition, -1):
+                continue  # beyond the partition's end: a checkpoint of an earlier topic of this name
+            for part in checkpoint:
+                for key, value in part.records:
+                    self._ingest_safely(key, value)
+                records += len(part.records)
+            starts[partition] = next_offset
+        self.stats.checkpoint_partitions, self.stats.checkpoint_records = len(starts), records
+        return starts
+
+    def _ingest_safely(self, key: bytes, payload: bytes) -> None:
+        """`_ingest` a checkpoint's record; like the follower, pass over one it raises on."""
+        try:
+            self._ingest(key, payload)
+        except Exception:
+            logger.exception("burnguard guard: could not apply a checkpoint record (key %.200r)", key)
 
     def _ingest(self, key: bytes | None, payload: bytes | None) -> None:
         if payload is None:  # a tombstone: no restriction (a removed budget, or an `ok` retired)

@@ -52,7 +52,13 @@ from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
-from burnguard.contracts.topics import SIGNALS_TOPIC_CONFIG, SPANS_TOPIC_CONFIG, TopicSpec, ensure_topics
+from burnguard.contracts.topics import (
+    CHECKPOINTS_TOPIC_CONFIG,
+    SIGNALS_TOPIC_CONFIG,
+    SPANS_TOPIC_CONFIG,
+    TopicSpec,
+    ensure_topics,
+)
 from burnguard.contracts.usage import SpanUsage
 from burnguard.stream import fetching
 from burnguard.stream.accounting import (
@@ -97,6 +103,7 @@ from burnguard.stream.records import (
     tick_rows,
 )
 from burnguard.stream.settings import StreamSettings
+from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
 from burnguard.stream.takeover import RewindAfterRecovery, in_order_reads
 from faust.exceptions import NotReady
 from kafka.errors import KafkaError
@@ -233,6 +240,7 @@ class BudgetJob:
         self._read_up_to: dict[int, int] = {}
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
+        self.checkpoints: SignalCheckpointWriter | None = None
         self._replays_logged = 0
         #: changed window keys not yet snapshotted, oldest change first (a dict as an ordered set)
         self._unsnapshotted: dict[str, None] = {}
@@ -1089,6 +1097,7 @@ def output_topics(settings: StreamSettings) -> list[TopicSpec]:
     topics, partitions = settings.topics, settings.partitions
     return [
         TopicSpec(topics.signals, partitions, compacted=True, config=SIGNALS_TOPIC_CONFIG),
+        TopicSpec(topics.signal_checkpoints, 1, compacted=True, config=CHECKPOINTS_TOPIC_CONFIG),
         TopicSpec(topics.budget_usage, partitions, compacted=True),
         TopicSpec(topics.deadletter, 1),
         # Created by the deployment normally; if not, with the broker's clock on every record.
@@ -1112,6 +1121,9 @@ def create_job(settings: StreamSettings | None = None) -> BudgetJob:
         logger.warning("could not read %s at start (%s); starting with the file's budgets", topic, exc)
     job = BudgetJob(settings, config)
     job.feed = BudgetFeed(settings.kafka, topic, config).start()
+    if settings.signal_checkpoint_interval:
+        interval = settings.signal_checkpoint_interval
+        job.checkpoints = SignalCheckpointWriter(settings.kafka, settings.topics, interval).start(wait_s=0)
     install_liveness_watchdog(job.app, settings)
     return job
 

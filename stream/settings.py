@@ -66,6 +66,8 @@ class StreamSettings:
     #: At most this many bytes per partition per fetch (Faust's `consumer_max_fetch_size`); the
     #: consumer buffers at most one fetch per assigned partition, so memory <= this x partitions.
     fetch_partition_bytes: int = 1 << 20
+    #: How often each worker writes the signal checkpoints guards start from (0: never).
+    signal_checkpoint_interval: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -94,11 +96,14 @@ class StreamSettings:
             duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),
             fetch_max_wait=timedelta(milliseconds=_bounded("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
             fetch_partition_bytes=_bounded("BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes, int),
+            signal_checkpoint_interval=timedelta(
+                seconds=_bounded("BURNGUARD_SIGNAL_CHECKPOINT_S", 30.0, float, zero_ok=True)
+            ),
         )
 
 
-def _bounded(name: str, default: N, kind: type[N], most: float = math.inf) -> N:
-    """An environment number in (0, most]: a bad one is refused naming its variable.
+def _bounded(name: str, default: N, kind: type[N], most: float = math.inf, zero_ok: bool = False) -> N:
+    """An environment number in (0, most] (or [0, most]): a bad one is refused naming its variable.
 
     Not clamped in silence: a wait of 0 or below would make an idle worker spin on empty fetches.
     """
@@ -109,6 +114,7 @@ def _bounded(name: str, default: N, kind: type[N], most: float = math.inf) -> N:
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or not 0 < value <= most:  # NaN fails the compare too
-        raise ValueError(f"{name} must be a {kind.__name__} above 0 and at most {most}, not {raw!r}")
+    if value is None or not (value >= 0 if zero_ok else value > 0) or not value <= most:  # NaN fails too
+        least = "0 or more" if zero_ok else "above 0"
+        raise ValueError(f"{name} must be a {kind.__name__} {least} and at most {most}, not {raw!r}")
     return value

@@ -16,9 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from burnguard.contracts.budgets import parse_budget_yaml
+from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
+from burnguard.contracts.compacted_topics import read_compacted_topic
+from burnguard.contracts.signal_checkpoints import decode_parts
 from burnguard.contracts.signals import Signal
 from burnguard.instrumentation import Settings
+from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.instrumentation.runtime import reset_runtime
 from kafka import KafkaConsumer
 
@@ -96,6 +99,30 @@ def read_signals(pipeline: Pipeline) -> list[Signal]:
         consumer.close()
 
 
+def assert_a_new_guard_starts_throttled_from_the_workers_checkpoint(
+    pipeline: Pipeline, budgets: BudgetConfig
+) -> None:
+    """A process starting now reads the worker's checkpoint, not the whole signals topic."""
+    topic = pipeline.topics.signal_checkpoints
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        parts, problems = decode_parts(read_compacted_topic(pipeline.kafka, topic))
+        assert problems == []
+        kept = [value for part in parts for _, value in part.records]
+        if any(b'"key":"acme"' in value and b'"action":"throttle"' in value for value in kept):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the worker never checkpointed acme's throttle")
+    guard = BudgetGuard(pipeline.kafka, pipeline.topics, budgets).start(wait_s=30)
+    try:
+        assert guard.ready and guard.stats.checkpoint_partitions > 0
+        assert guard.check(attribution={"tenant": "acme"}).action == "deny"
+        assert guard.check(attribution={"tenant": "quiet-co"}).allowed
+    finally:
+        guard.stop()
+
+
 @pytest.mark.slow
 def test_tenant_over_budget_is_throttled_and_history_is_exact(
     pipeline: Pipeline, model_server: ModelServer
@@ -125,6 +152,7 @@ def test_tenant_over_budget_is_throttled_and_history_is_exact(
         assert len(model_server.requests) == requests_before, "a refused call reached the server"
         call_model(model_server, "quiet-co", recorded, calls)  # other tenants are not affected
         assert len(model_server.requests) == requests_before + 1
+        assert_a_new_guard_starts_throttled_from_the_workers_checkpoint(pipeline, budgets)
     finally:
         runtime.flush()
         runtime.shutdown()

@@ -25,6 +25,7 @@ from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.deploy.kafka.security import SUPER_USER, BrokerSecurity
 from burnguard.instrumentation import Settings
+from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.instrumentation.runtime import reset_runtime
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import SaslAuthenticationFailedError, TopicAuthorizationFailedError
@@ -131,6 +132,17 @@ def spend(calls: list[str]) -> None:
     calls.append(call.model)
 
 
+def started_from_a_checkpoint(kafka: KafkaSettings, topics: Topics) -> BudgetGuard:
+    """A guard started once the worker has written a signal checkpoint (it writes one a second here)."""
+    deadline = time.monotonic() + 30
+    while True:
+        guard = BudgetGuard(kafka, topics, parse_budget_yaml(BUDGETS)).start(wait_s=30)
+        if guard.stats.checkpoint_partitions or time.monotonic() > deadline:
+            return guard
+        guard.stop()
+        time.sleep(1.0)
+
+
 def test_whole_loop_over_sasl_ssl_with_acls(
     secure_pipeline: Pipeline, secure_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,6 +179,13 @@ def test_whole_loop_over_sasl_ssl_with_acls(
                 refused = exc
             time.sleep(0.2)
         assert refused is not None, f"never throttled; worker log:\n{pipe.log('worker')[-3000:]}"
+        # The worker may follow the signals and write checkpoints; the app may read them.
+        guard = started_from_a_checkpoint(settings.kafka, pipe.topics)
+        try:
+            assert guard.stats.checkpoint_partitions > 0, pipe.log("worker")[-3000:]
+            assert guard.check(attribution={"tenant": "acme"}).action == "deny"
+        finally:
+            guard.stop()
         # The broker, worker, sink and this test process (the app) while they all run.
         assert assert_no_secret_on_command_lines([os.getpid(), *started], secrets) == 4
     finally:
@@ -194,24 +213,25 @@ def test_whole_loop_over_sasl_ssl_with_acls(
     assert_no_secret_in_files(logs, secrets)
 
 
-def test_app_may_not_write_signals_or_budgets(
+def test_app_may_not_write_signals_checkpoints_or_budgets(
     secure_pipeline: Pipeline, secure_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe, broker = secure_pipeline, secure_broker
-    for topic in (pipe.topics.signals, pipe.topics.budgets):
+    control = (pipe.topics.signals, pipe.topics.signal_checkpoints, pipe.topics.budgets)
+    for topic in control:
         broker.create_topic(topic, compact=True)
     app = settings_of(broker, "app", monkeypatch)
     producer = KafkaProducer(**app.kafka_python_config(), max_block_ms=10_000)
     try:
         producer.send(pipe.topics.spans, b"a span").get(timeout=15)  # what the app may do
-        for topic in (pipe.topics.signals, pipe.topics.budgets):
+        for topic in control:
             started = time.monotonic()
             with pytest.raises(TopicAuthorizationFailedError):
                 producer.send(topic, key=b"acme", value=b'{"action": "ok"}').get(timeout=15)
             assert time.monotonic() - started < 5
     finally:
         producer.close()
-    for topic in (pipe.topics.signals, pipe.topics.budgets):
+    for topic in control:
         consumer = super_consumer(broker, topic)
         try:
             assert [record.value for record in consumer] == [], f"a forged record reached {topic}"
@@ -351,7 +371,7 @@ def test_acl_set_gives_each_control_topic_one_writer() -> None:
             and (topic.startswith(grant.name) if grant.prefixed else topic == grant.name)
         }
 
-    assert writers(topics.signals) == {"worker"}
+    assert writers(topics.signals) == writers(topics.signal_checkpoints) == {"worker"}
     assert writers(topics.budgets) == {"admin"}
     assert writers(topics.spans) == {"app"}
     assert writers(topics.notify_state) == writers(topics.notify_deadletter) == {"notify"}

@@ -1,0 +1,134 @@
+"""The worker's signal checkpoints: what a guard starts from (contracts/signal_checkpoints.py).
+
+Every worker follows `burnguard.signals` on a thread, as a guard does, keeping per partition
+the latest record of each key that can still matter, and every `interval` writes what it
+keeps with the offset it has read up to. Workers write the same records for the same offsets,
+so a second worker's checkpoint only replaces an equal or older one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from burnguard.contracts.compacted_topics import CompactedTopicFollower
+from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, can_still_matter, part_key, split_checkpoint
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.topics import KafkaSettings, Topics
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+SEND_TIMEOUT_S = 30.0
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A key's latest record that can still matter, with what decides when it no longer does."""
+
+    value: bytes
+    signal: Signal
+
+
+class SignalCheckpointWriter(CompactedTopicFollower):
+    """Follows the signals topic and writes each partition's checkpoint every `interval`.
+
+    A record a guard would pass over (malformed) leaves the key's previous record in the
+    checkpoint, as it leaves the previous restriction in the guard. A write that fails is
+    logged and counted and tried again at the next interval; guards meanwhile start from the
+    last checkpoint written, or replay.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: Topics,
+        interval: timedelta,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        super().__init__(kafka, topics.signals, None, "burnguard-checkpoints")
+        self._checkpoint_topic = topics.signal_checkpoints
+        self._interval_s = interval.total_seconds()
+        self._clock = clock
+        self._kept: dict[int, dict[bytes, _Kept]] = {}
+        self._written: dict[int, tuple[int, int]] = {}  # partition -> (next offset, parts) last written
+        self._next_due_s = 0.0
+        self._producer: KafkaProducer | None = None
+        self.checkpoints_written = 0
+        self.failed_writes = 0
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        super().stop(timeout_s)
+        if self._producer is not None:
+            self._producer.close(timeout=timeout_s)
+
+    def _follow(self) -> None:
+        """A replay starts from nothing: a key whose records the broker has cleaned must not linger."""
+        self._kept.clear()
+        self._next_due_s = time.monotonic() + self._interval_s
+        super()._follow()
+
+    def _apply(self, record: ConsumerRecord) -> None:
+        if record.key is None:
+            return
+        kept = self._kept.setdefault(record.partition, {})
+        if record.value is None:
+            kept.pop(record.key, None)
+            return
+        try:
+            signal = Signal.from_json(record.value)
+        except ValidationError:
+            return
+        kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
+        if can_still_matter(signal, self._clock() - CLOCK_MARGIN):
+            kept[record.key] = _Kept(record.value, signal)
+
+    def _after_poll(self, consumer: KafkaConsumer) -> None:
+        if not self.ready.is_set() or time.monotonic() < self._next_due_s:
+            return
+        self._next_due_s = time.monotonic() + self._interval_s
+        positions = {tp.partition: consumer.position(tp) for tp in consumer.assignment()}
+        try:
+            for partition, next_offset in sorted(positions.items()):
+                if self._written.get(partition, (None,))[0] != next_offset:
+                    self._write(partition, next_offset)
+        except KafkaError as exc:
+            self.failed_writes += 1
+            logger.warning(
+                "could not write a signal checkpoint to %s (%s); next try in %.0fs",
+                self._checkpoint_topic,
+                exc,
+                self._interval_s,
+            )
+
+    def _write(self, partition: int, next_offset: int) -> None:
+        """Replace the partition's checkpoint: its parts, then a tombstone for each part no longer used."""
+        now = self._clock()
+        kept = self._kept.setdefault(partition, {})
+        for key in [k for k, entry in kept.items() if not can_still_matter(entry.signal, now - CLOCK_MARGIN)]:
+            del kept[key]
+        records = [(key, entry.value) for key, entry in kept.items()]
+        parts = split_checkpoint(self.topic, partition, next_offset, records, now)
+        producer = self._producer_for_checkpoints()
+        topic = self._checkpoint_topic
+        sends = [producer.send(topic, key=part.kafka_key, value=part.encode()) for part in parts]
+        stale = range(len(parts), self._written.get(partition, (0, 0))[1])
+        sends += [producer.send(topic, key=part_key(self.topic, partition, n), value=None) for n in stale]
+        for sent in sends:
+            sent.get(timeout=SEND_TIMEOUT_S)
+        self._written[partition] = (next_offset, len(parts))
+        self.checkpoints_written += 1
+
+    def _producer_for_checkpoints(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = KafkaProducer(**self._kafka.kafka_python_config(), acks="all", linger_ms=5)
+        return self._producer

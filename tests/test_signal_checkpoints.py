@@ -1,0 +1,260 @@
+"""Signal checkpoints (contracts/signal_checkpoints.py): their format, which one a guard takes,
+and, on a real broker, that a guard started from the worker's checkpoint holds exactly what a
+guard replaying the whole signals topic holds."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+import zlib
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from burnguard.contracts.budgets import BudgetConfig
+from burnguard.contracts.signal_checkpoints import (
+    PART_BYTES,
+    CheckpointPart,
+    can_still_matter,
+    decode_parts,
+    latest_checkpoints,
+    part_key,
+    split_checkpoint,
+)
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.deploy.kafka import KafkaBroker
+from burnguard.instrumentation.guard import BudgetGuard
+from burnguard.stream.settings import StreamSettings
+from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
+from kafka import KafkaProducer
+
+from tests import factories
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+TOPIC = "burnguard.signals"
+
+
+def records(count: int, size: int = 300) -> list[tuple[bytes, bytes]]:
+    return [(f"tenant:t{n}@daily".encode(), bytes([65 + n % 26]) * size) for n in range(count)]
+
+
+def test_a_checkpoint_round_trips_in_parts_that_fit_a_request() -> None:
+    kept = records(5_000)
+    parts = split_checkpoint(TOPIC, 3, 12_345, kept, NOW)
+    assert len(parts) > 1
+    assert {p.parts for p in parts} == {len(parts)} and len({p.checkpoint_id for p in parts}) == 1
+    encoded = [part.encode() for part in parts]
+    assert all(len(value) < 1_000_000 for value in encoded)
+    assert all(sum(len(k) + len(v) for k, v in p.records) <= PART_BYTES for p in parts)
+    decoded = [CheckpointPart.decode(value) for value in encoded]
+    assert decoded == parts
+    assert [record for part in decoded for record in part.records] == kept  # the topic's order
+    assert [part.kafka_key for part in decoded] == [part_key(TOPIC, 3, n) for n in range(len(parts))]
+
+
+def test_an_empty_checkpoint_is_one_part_saying_so() -> None:
+    (part,) = split_checkpoint(TOPIC, 0, 7, [], NOW)
+    assert CheckpointPart.decode(part.encode()).records == () and part.next_offset == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"no header", "no header line"),
+        (b'{"topic": "x"}\n', "unreadable"),
+        (b"not json\n" + b"x", "unreadable"),
+    ],
+)
+def test_an_unreadable_part_is_refused_with_its_reason(value: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        CheckpointPart.decode(value)
+
+
+def test_a_truncated_or_out_of_range_part_is_refused() -> None:
+    part = split_checkpoint(TOPIC, 0, 9, records(3), NOW)[0]
+    head, _, body = part.encode().partition(b"\n")
+    cut = zlib.compress(zlib.decompress(body)[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointPart.decode(head + b"\n" + cut)
+    bad = head.replace(b'"part":0', b'"part":5')
+    with pytest.raises(ValueError, match="out of range"):
+        CheckpointPart.decode(bad + b"\n" + body)
+    parts, problems = decode_parts({b"k1": part.encode(), b"k2": b"garbage"})
+    assert parts == [part] and len(problems) == 1 and "k2" in problems[0]
+
+
+def test_the_newest_complete_checkpoint_of_each_partition_is_taken() -> None:
+    old = split_checkpoint(TOPIC, 0, 100, records(3_000), NOW)
+    new = split_checkpoint(TOPIC, 0, 200, records(3_000), NOW)
+    other = split_checkpoint(TOPIC, 1, 50, records(10), NOW)
+    foreign = split_checkpoint("another.signals", 0, 999, records(10), NOW)
+    assert len(new) > 1
+    chosen = latest_checkpoints([*old, *new, *other, *foreign], TOPIC)
+    assert chosen == {0: new, 1: other}
+    # a part of the newest is missing: the older complete one stands
+    assert latest_checkpoints([*old, *new[1:]], TOPIC) == {0: old}
+    # two writers' parts for the same offset never combine, however they split
+    twin = split_checkpoint(TOPIC, 0, 200, records(3_000), NOW)
+    assert latest_checkpoints([new[0], *twin[1:]], TOPIC) == {}
+
+
+def signal_mix(rng: random.Random, n: int) -> Signal:
+    action = rng.choice(["ok", "warn", "downgrade", "throttle"])
+    issued = NOW - timedelta(minutes=rng.uniform(0, 600))
+    day = issued.replace(hour=0, minute=0, second=0, microsecond=0)
+    window_end = rng.choice([day + timedelta(days=1), NOW + timedelta(minutes=rng.uniform(-20, 20))])
+    return factories.make_signal(
+        action,
+        issued_at=issued,
+        ttl=timedelta(minutes=rng.uniform(1, 600)),
+        key=f"t{n}",
+        window_end=window_end,
+        metric=rng.choice(["cost_usd", "tool_calls", "something_else"]),
+        downgrade_to="standard" if action == "downgrade" else None,
+    )
+
+
+def test_what_a_guard_holds_can_still_matter() -> None:
+    """The checkpoint's keep rule covers all a guard holds: leaving a signal out changes no guard."""
+    rng = random.Random(17)
+    held_count = 0
+    for n in range(2_000):
+        signal = signal_mix(rng, n)
+        guard = BudgetGuard(KafkaSettings(), Topics(), BudgetConfig(), clock=lambda: NOW)
+        guard._ingest(signal.kafka_key.encode(), signal.to_json())
+        holds = guard.held != (0, 0)
+        held_count += holds
+        if holds:
+            assert can_still_matter(signal, NOW), signal
+        if not can_still_matter(signal, NOW - timedelta(seconds=1)):
+            assert not holds, signal
+    assert 200 < held_count < 1_800  # both cases were tried
+
+
+# --- on a real broker ----------------------------------------------------------------------------
+
+
+def signal_topics(kafka_broker: KafkaBroker) -> Topics:
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
+    kafka_broker.create_topic(topics.signals, partitions=2, compact=True)
+    kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+    return topics
+
+
+def restriction(key: str, action: str = "throttle", **fields: object) -> tuple[bytes, bytes]:
+    signal = factories.make_signal(action, key=key, issued_at=NOW, ttl=timedelta(hours=1), **fields)
+    return signal.kafka_key.encode(), signal.to_json()
+
+
+def expired_ok(key: str) -> tuple[bytes, bytes]:
+    signal = factories.make_signal(
+        "ok", key=key, issued_at=NOW - timedelta(hours=3), ttl=timedelta(minutes=2)
+    )
+    return signal.kafka_key.encode(), signal.to_json()
+
+
+def live_ok(key: str) -> tuple[bytes, bytes]:
+    signal = factories.make_signal("ok", key=key, issued_at=NOW, ttl=timedelta(hours=1))
+    return signal.kafka_key.encode(), signal.to_json()
+
+
+def send(producer: KafkaProducer, topic: str, batch: list[tuple[bytes, bytes | None]]) -> None:
+    for key, value in batch:
+        producer.send(topic, key=key, value=value)
+    producer.flush(timeout=30)
+
+
+def held_state(guard: BudgetGuard) -> tuple[dict[str, bytes], set[str]]:
+    """What a guard holds: its restrictions' JSON by key, and the keys of its baselines."""
+    restrictions = {key: held.payload for key, held in guard._restrictions.items()}
+    return restrictions, set(guard._ledger._tallies)
+
+
+def started_guard(kafka: KafkaSettings, topics: Topics, checkpoints: bool) -> BudgetGuard:
+    guard = BudgetGuard(kafka, topics, BudgetConfig(), checkpoints=checkpoints).start(wait_s=60)
+    assert guard.ready
+    return guard
+
+
+def test_a_guard_started_from_a_checkpoint_holds_what_a_full_replay_holds(kafka_broker: KafkaBroker) -> None:
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    before = [restriction(f"r{n}", ("warn", "downgrade", "throttle")[n % 3]) for n in range(40)]
+    before += [expired_ok(f"gone{n}") for n in range(300)] + [live_ok(f"live{n}") for n in range(20)]
+    key_of = {n: restriction(f"r{n}")[0] for n in range(40)}
+    before += [
+        live_ok("r2"),  # lifts r2
+        (key_of[5], None),  # a removed budget: r5 forgotten
+        (key_of[8], b'{"action": "ok", "not": "a signal"}'),  # malformed: r8's throttle stands
+        restriction("ended", window_end=NOW - timedelta(minutes=1)),  # its window is over
+    ]
+    writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2))
+    try:
+        send(producer, topics.signals, before)
+        writer.start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.checkpoints_written < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.checkpoints_written >= 2 and writer.failed_writes == 0
+    finally:
+        writer.stop()
+    after = [restriction("late"), live_ok("r11"), (key_of[14], None), restriction("r17", "warn")]
+    send(producer, topics.signals, after)
+    producer.close()
+
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert from_checkpoint.stats.checkpoint_partitions == 2
+        assert replayed.stats.checkpoint_partitions == 0
+        # the checkpoint holds the live records only, and the records before it were not read
+        assert 40 <= from_checkpoint.stats.checkpoint_records < 70
+        read = from_checkpoint.stats.signals_received
+        assert read <= from_checkpoint.stats.checkpoint_records + len(after) < 100
+        assert replayed.stats.signals_received > 350
+        assert held_state(from_checkpoint) == held_state(replayed)
+        restrictions, baselines = held_state(from_checkpoint)
+        assert {"tenant:late@tenant-daily", "tenant:r8@tenant-daily"} <= restrictions.keys()
+        assert not {"tenant:r2@tenant-daily", "tenant:r5@tenant-daily", "tenant:r11@tenant-daily"} & set(
+            restrictions
+        )
+        assert "tenant:live3@tenant-daily" in baselines and "tenant:gone3@tenant-daily" not in baselines
+        assert not from_checkpoint.check(attribution={"tenant": "r8"}).allowed
+        assert from_checkpoint.check(attribution={"tenant": "r17"}).action == "allow"
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
+def test_an_unusable_checkpoint_falls_back_to_replaying_that_partition(kafka_broker: KafkaBroker) -> None:
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction(f"r{n}") for n in range(30)])
+    ahead = split_checkpoint(topics.signals, 1, 10_000, [restriction("phantom")], NOW)  # past the end
+    garbage = [(part_key(topics.signals, 0, 0), b'{"not": "a part"}\nxx')]
+    send(producer, topics.signal_checkpoints, [*garbage, *((p.kafka_key, p.encode()) for p in ahead)])
+    producer.close()
+    guard = started_guard(kafka, topics, checkpoints=True)
+    try:
+        assert guard.stats.checkpoint_partitions == 0
+        restrictions, _ = held_state(guard)
+        assert len(restrictions) == 30 and "tenant:phantom@tenant-daily" not in restrictions
+    finally:
+        guard.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "often"])
+def test_a_bad_checkpoint_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("BURNGUARD_SIGNAL_CHECKPOINT_S", value)
+    with pytest.raises(ValueError, match="BURNGUARD_SIGNAL_CHECKPOINT_S"):
+        StreamSettings.from_env()
+
+
+def test_checkpoints_are_written_every_30s_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert StreamSettings.from_env().signal_checkpoint_interval == timedelta(seconds=30)
+    monkeypatch.setenv("BURNGUARD_SIGNAL_CHECKPOINT_S", "0")
+    assert not StreamSettings.from_env().signal_checkpoint_interval
