@@ -10,6 +10,12 @@ starts a `BudgetGuard`, times `start()` until the replay is done, and reads VmRS
 VmHWM (peak) again. It then asks the guard about 500 throttled and 500 `ok` users
 to show the replay was complete (all throttled denied, all `ok` allowed).
 
+The guard starts from the worker's signal checkpoints (docs/ARCHITECTURE.md §7, §12): the bench
+runs the worker's `SignalCheckpointWriter` over the topic until it has checkpointed every
+partition (its time and the checkpoints' size are printed), then adds --tail more signals (new
+throttles, read after the checkpoint; some are probed too). The same-run baseline is the same
+guard told not to use checkpoints (`checkpoints=False`): the full replay from offset 0.
+
 With --compare REV (default: the commit before the guard held only restrictions,
 if this checkout has it) the same measurement runs on that revision's code,
 exported with `git archive`, for the old behaviour's figures in the same run.
@@ -21,7 +27,7 @@ share cleanable, tombstones removed at once); the broker compacts it for real (t
 until it has, --compact-wait-s at most), and the guard's start-up is measured on what is left.
 
     .venv/bin/python bench/guard_scale.py [--signals 200000] [--ok-share 0.9] [--compare REV|none]
-                                          [--compact-wait-s 300]
+                                          [--tail 2000] [--compact-wait-s 300]
     .venv/bin/python bench/guard_scale.py --ingest-only   # the guard's CPU on the records alone, no broker
 """
 
@@ -37,7 +43,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from revisions import export_revision
 
@@ -114,6 +120,60 @@ def signal_records(count: int, ok_share: float, seed: int = 17) -> tuple[list[tu
     return records, {kind: rng.sample(users, min(PROBES, len(users))) for kind, users in kinds.items()}
 
 
+def tail_records(first_user: int, count: int) -> list[tuple[bytes, bytes]]:
+    """New throttles written after the checkpoint: what a guard must still read from the topic."""
+    from burnguard.contracts.signals import Signal
+
+    now = datetime.now(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    signals = [
+        Signal(
+            scope="user",
+            key=user(n),
+            budget=BUDGET,
+            action="throttle",
+            spent=10.4,
+            limit=10.0,
+            ratio=1.04,
+            window_start=day,
+            window_end=day + timedelta(days=1),
+            issued_at=now,
+            expires_at=now + timedelta(hours=1),
+        )
+        for n in range(first_user, first_user + count)
+    ]
+    return [(signal.kafka_key.encode(), signal.to_json()) for signal in signals]
+
+
+def checkpoint(bootstrap: str, topic: str) -> dict:
+    """Run the worker's checkpoint writer over `topic` until every partition is checkpointed."""
+    from burnguard.contracts.topics import KafkaSettings, Topics
+    from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
+
+    topics = Topics(signals=topic, signal_checkpoints=f"{topic}.checkpoints")
+    writer = SignalCheckpointWriter(KafkaSettings(bootstrap=bootstrap), topics, timedelta(seconds=0.1))
+    started = time.monotonic()
+    writer.start(wait_s=600)
+    replayed_s = time.monotonic() - started
+    while writer.checkpoints_written < PARTITIONS and time.monotonic() - started < 600:
+        time.sleep(0.05)
+    written_s = time.monotonic() - started
+    writer.stop()
+    if writer.checkpoints_written < PARTITIONS or writer.failed_writes:
+        raise RuntimeError(
+            f"checkpoints: {writer.checkpoints_written} written, {writer.failed_writes} failed"
+        )
+    return {"replayed_s": replayed_s, "written_s": written_s, "bytes": checkpoint_bytes(bootstrap, topics)}
+
+
+def checkpoint_bytes(bootstrap: str, topics: Any) -> int:
+    from burnguard.contracts.compacted_topics import read_compacted_topic
+    from burnguard.contracts.topics import KafkaSettings
+
+    values = read_compacted_topic(KafkaSettings(bootstrap=bootstrap), topics.signal_checkpoints)
+    return sum(len(value) for value in values.values())
+
+
 def with_retirements(records: list[tuple[bytes, bytes]], seed: int = 17) -> list[tuple[bytes, bytes | None]]:
     """The signals, then the worker's tombstone for every `ok` (each once it expired), shuffled."""
     tombstones = [(key, None) for key, value in records if b'"action":"ok"' in value]
@@ -160,13 +220,21 @@ def wait_for_compaction(bootstrap: str, topic: str, keep: int, wait_s: float) ->
 
 
 def measure(
-    pipeline: BenchPipeline, name: str, probes: dict, pythonpath: Path | None, topic: str | None = None
+    pipeline: BenchPipeline,
+    name: str,
+    probes: dict,
+    pythonpath: Path | None,
+    topic: str | None = None,
+    checkpoints: bool = True,
 ) -> dict:
     """Run the guard in a fresh process (the code on `pythonpath`, else this checkout's); its figures."""
     probe_file = pipeline.write(f"{name}-probes.json", json.dumps(probes))
     env = {"BURNGUARD_GUARD_SCALE_PROBES": str(probe_file)}
+    if not checkpoints:
+        env["BURNGUARD_GUARD_SCALE_REPLAY"] = "1"
     if topic is not None:
         env["BURNGUARD_TOPIC_SIGNALS"] = topic
+        env["BURNGUARD_TOPIC_SIGNAL_CHECKPOINTS"] = f"{topic}.checkpoints"
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(BENCH_DIR)])
     process = pipeline.spawn(name, [str(Path(__file__).resolve()), "--child", pipeline.bootstrap], env)
@@ -183,7 +251,9 @@ def child(bootstrap: str) -> None:
     from burnguard.instrumentation import guard as guard_module
 
     bare_kb = rss_kb()
-    guard = guard_module.BudgetGuard(KafkaSettings(bootstrap=bootstrap), Topics.from_env(), BudgetConfig())
+    options = {"checkpoints": False} if os.environ.get("BURNGUARD_GUARD_SCALE_REPLAY") else {}
+    kafka, topics = KafkaSettings(bootstrap=bootstrap), Topics.from_env()
+    guard = guard_module.BudgetGuard(kafka, topics, BudgetConfig(), **options)
     started = time.monotonic()
     guard.start(wait_s=300)
     start_s = time.monotonic() - started
@@ -205,6 +275,8 @@ def child(bootstrap: str) -> None:
                 "throttled_probed": len(probes["throttle"]),
                 "ok_allowed": allowed,
                 "ok_probed": len(probes["ok"]),
+                "checkpoint_partitions": getattr(guard.stats, "checkpoint_partitions", 0),
+                "records_read": guard.stats.signals_received,
             }
         )
     )
@@ -264,7 +336,9 @@ def report(label: str, figures: dict) -> None:
         f"{label}: start-up {figures['start_s']:.2f}s, VmRSS {figures['rss_mb']:.0f} MB "
         f"(bare {figures['bare_mb']:.0f} MB, +{above:.0f} MB), peak {figures['peak_mb']:.0f} MB; "
         f"throttled denied {figures['throttled_denied']}/{figures['throttled_probed']}, "
-        f"ok allowed {figures['ok_allowed']}/{figures['ok_probed']} ({figures['code']})"
+        f"ok allowed {figures['ok_allowed']}/{figures['ok_probed']}, "
+        f"{figures.get('checkpoint_partitions', 0)} partitions from a checkpoint, "
+        f"{figures.get('records_read', 0)} signals applied ({figures['code']})"
     )
 
 
@@ -274,6 +348,7 @@ def main() -> None:
     parser.add_argument("--ok-share", type=float, default=0.9)
     parser.add_argument("--compare", default=OLD_REV, help="git revision of the old behaviour, or 'none'")
     parser.add_argument("--compact-wait-s", type=float, default=300.0, help="at most, for the broker")
+    parser.add_argument("--tail", type=int, default=2_000, help="signals written after the checkpoint")
     parser.add_argument(
         "--ingest-only", action="store_true", help="the guard's CPU on the records, no broker"
     )
@@ -298,12 +373,29 @@ def main() -> None:
         pipeline.broker.create_topic(topic, partitions=PARTITIONS, config={"cleanup.policy": "compact"})
         sent = produce_all(pipeline.bootstrap, topic, records)
         note(f"{sent} signals on {topic} ({args.ok_share:.0%} expired ok)")
-        new = measure(pipeline, "guard-new", probes, None)
-        report("this checkout", new)
+        checkpointed = checkpoint(pipeline.bootstrap, topic)
+        note(
+            f"checkpoint writer: replayed in {checkpointed['replayed_s']:.2f}s, every partition "
+            f"checkpointed after {checkpointed['written_s']:.2f}s, "
+            f"{checkpointed['bytes'] / 1e6:.1f} MB on the checkpoints topic"
+        )
+        tail = tail_records(args.signals, args.tail)
+        sent += produce_all(pipeline.bootstrap, topic, tail)
+        tail_users = [key.decode().split(":")[1].split("@")[0] for key, _ in tail[: PROBES // 5]]
+        with_tail = {**probes, "throttle": [*probes["throttle"], *tail_users]}
+        note(f"{len(tail)} throttles written after the checkpoint ({sent} signals on the topic)")
+        new = measure(pipeline, "guard-new", with_tail, None, topic)
+        report("this checkout, from the checkpoint", new)
+        replay = measure(pipeline, "guard-replay", with_tail, None, topic, checkpoints=False)
+        report("this checkout, full replay (checkpoints=False)", replay)
         old = None
         if compare:
             old = measure(
-                pipeline, "guard-old", probes, export_revision(compare, Path(scratch), GUARD_COMPONENTS)
+                pipeline,
+                "guard-old",
+                with_tail,
+                export_revision(compare, Path(scratch), GUARD_COMPONENTS),
+                topic,
             )
             report(f"old behaviour ({compare})", old)
         compacted_topic = f"{topic}.compacted"
@@ -329,7 +421,11 @@ def main() -> None:
     )
     print(
         f"RESULT guard_scale signals={sent} ok_share={args.ok_share:g} start_s={new['start_s']:.2f} "
-        f"rss_above_bare_mb={above:.0f} bare_rss_mb={new['bare_mb']:.0f} peak_mb={new['peak_mb']:.0f}"
+        f"rss_above_bare_mb={above:.0f} bare_rss_mb={new['bare_mb']:.0f} peak_mb={new['peak_mb']:.0f} "
+        f"checkpoint_partitions={new['checkpoint_partitions']} tail={len(tail)} "
+        f"replay_start_s={replay['start_s']:.2f} "
+        f"replay_rss_above_bare_mb={replay['rss_mb'] - replay['bare_mb']:.0f}"
+        f" checkpoint_write_s={checkpointed['written_s']:.2f} checkpoint_mb={checkpointed['bytes'] / 1e6:.1f}"
         f"{old_part} compacted_records={left} compacted_start_s={steady['start_s']:.2f} "
         f"compacted_rss_above_bare_mb={steady['rss_mb'] - steady['bare_mb']:.0f}"
     )

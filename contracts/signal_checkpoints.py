@@ -35,14 +35,18 @@ _LENGTH = struct.Struct(">I")
 Record = tuple[bytes, bytes]
 
 
-def can_still_matter(signal: Signal, at: datetime) -> bool:
-    """Whether a guard reading `signal` at `at` would hold anything for it (docs/ARCHITECTURE.md §12).
+def matters_until(signal: Signal) -> datetime:
+    """Until when a guard reading `signal` would hold anything for it (docs/ARCHITECTURE.md §12).
 
     A restriction is held until its window ends; an `ok` only as a local-accounting baseline,
     until it expires. A superset of what `BudgetGuard` holds (tested), so a checkpoint never
     leaves out what a full replay would have kept.
     """
-    return at < signal.window_end and (signal.action != "ok" or at < signal.expires_at)
+    return signal.window_end if signal.action != "ok" else min(signal.window_end, signal.expires_at)
+
+
+def can_still_matter(signal: Signal, at: datetime) -> bool:
+    return at < matters_until(signal)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
-from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, can_still_matter, part_key, split_checkpoint
+from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, matters_until, part_key, split_checkpoint
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -33,10 +32,10 @@ def _utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class _Kept:
-    """A key's latest record that can still matter, with what decides when it no longer does."""
+    """A key's latest record that can still matter, and until when it does."""
 
     value: bytes
-    signal: Signal
+    until: datetime
 
 
 class SignalCheckpointWriter(CompactedTopicFollower):
@@ -89,8 +88,9 @@ class SignalCheckpointWriter(CompactedTopicFollower):
         except ValidationError:
             return
         kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
-        if can_still_matter(signal, self._clock() - CLOCK_MARGIN):
-            kept[record.key] = _Kept(record.value, signal)
+        until = matters_until(signal)
+        if self._clock() - CLOCK_MARGIN < until:
+            kept[record.key] = _Kept(record.value, until)
 
     def _after_poll(self, consumer: KafkaConsumer) -> None:
         if not self.ready.is_set() or time.monotonic() < self._next_due_s:
@@ -101,7 +101,7 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             for partition, next_offset in sorted(positions.items()):
                 if self._written.get(partition, (None,))[0] != next_offset:
                     self._write(partition, next_offset)
-        except KafkaError as exc:
+        except Exception as exc:  # a checkpoint only saves guards time: never end the thread for one
             self.failed_writes += 1
             logger.warning(
                 "could not write a signal checkpoint to %s (%s); next try in %.0fs",
@@ -114,7 +114,7 @@ class SignalCheckpointWriter(CompactedTopicFollower):
         """Replace the partition's checkpoint: its parts, then a tombstone for each part no longer used."""
         now = self._clock()
         kept = self._kept.setdefault(partition, {})
-        for key in [k for k, entry in kept.items() if not can_still_matter(entry.signal, now - CLOCK_MARGIN)]:
+        for key in [k for k, entry in kept.items() if now - CLOCK_MARGIN >= entry.until]:
             del kept[key]
         records = [(key, entry.value) for key, entry in kept.items()]
         parts = split_checkpoint(self.topic, partition, next_offset, records, now)
