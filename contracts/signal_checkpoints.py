@@ -29,6 +29,10 @@ from burnguard.contracts.signals import Signal
 
 #: A checkpoint keeps what a guard whose clock is up to this much behind the writer's would hold.
 CLOCK_MARGIN = timedelta(minutes=5)
+#: An older checkpoint is not used (its workers stopped writing): the broker removes a tombstone a
+#: day after it was written (`delete.retention.ms`), and a checkpoint older than that could bring
+#: back the restriction the tombstone deleted.
+MAX_AGE = timedelta(hours=1)
 #: Records' bytes per part before compression: well under the producer's 1 MB request limit.
 PART_BYTES = 512 * 1024
 _LENGTH = struct.Struct(">I")
@@ -60,7 +64,7 @@ class CheckpointPart:
     parts: int
     #: One id per checkpoint written: two writers' parts for the same offset split differently.
     checkpoint_id: str
-    taken_at: str
+    taken_at: datetime
     records: tuple[Record, ...]
 
     @property
@@ -75,7 +79,7 @@ class CheckpointPart:
             "part": self.part,
             "parts": self.parts,
             "id": self.checkpoint_id,
-            "taken_at": self.taken_at,
+            "taken_at": self.taken_at.isoformat(),
         }
         body = b"".join(_LENGTH.pack(len(b)) + b for record in self.records for b in record)
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + zlib.compress(body, 6)
@@ -90,15 +94,17 @@ class CheckpointPart:
             header = json.loads(head)
             fields = (header["topic"], header["partition"], header["next_offset"], header["part"])
             topic, partition, next_offset, part = fields
-            parts, checkpoint_id, taken_at = header["parts"], header["id"], header["taken_at"]
+            parts, checkpoint_id = header["parts"], header["id"]
+            taken_at = datetime.fromisoformat(header["taken_at"])
             body = zlib.decompress(compressed)
         except (ValueError, KeyError, TypeError, zlib.error) as exc:
             raise ValueError(f"unreadable checkpoint part: {exc}") from None
         numbers = (partition, next_offset, part, parts)
-        if not all(type(n) is int and n >= 0 for n in numbers) or part >= parts or type(topic) is not str:
+        valid = all(type(n) is int and n >= 0 for n in numbers) and part < parts and type(topic) is str
+        if not valid or taken_at.tzinfo is None:
             raise ValueError(f"checkpoint part header out of range: {header}")
         records = tuple(_records_of(body))
-        return cls(topic, partition, next_offset, part, parts, str(checkpoint_id), str(taken_at), records)
+        return cls(topic, partition, next_offset, part, parts, str(checkpoint_id), taken_at, records)
 
 
 def part_key(topic: str, partition: int, part: int) -> bytes:
@@ -135,18 +141,21 @@ def split_checkpoint(
             size = 0
         chunks[-1].append(record)
         size += record_size
-    stamp, checkpoint_id = taken_at.isoformat(), uuid.uuid4().hex
+    checkpoint_id = uuid.uuid4().hex
     return [
-        CheckpointPart(topic, partition, next_offset, n, len(chunks), checkpoint_id, stamp, tuple(chunk))
+        CheckpointPart(topic, partition, next_offset, n, len(chunks), checkpoint_id, taken_at, tuple(chunk))
         for n, chunk in enumerate(chunks)
     ]
 
 
-def latest_checkpoints(parts: Iterable[CheckpointPart], topic: str) -> dict[int, list[CheckpointPart]]:
-    """Per partition of `topic`, the newest checkpoint with every part present, its parts in order."""
+def latest_checkpoints(
+    parts: Iterable[CheckpointPart], topic: str, now: datetime
+) -> dict[int, list[CheckpointPart]]:
+    """Per partition of `topic`, the newest checkpoint with every part present and not older than
+    `MAX_AGE` at `now`, its parts in order."""
     by_checkpoint: dict[tuple[int, int, str], dict[int, CheckpointPart]] = {}
     for part in parts:
-        if part.topic == topic:
+        if part.topic == topic and part.taken_at >= now - MAX_AGE:
             checkpoint = (part.partition, part.next_offset, part.checkpoint_id)
             by_checkpoint.setdefault(checkpoint, {})[part.part] = part
     complete: dict[int, list[CheckpointPart]] = {}

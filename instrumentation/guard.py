@@ -215,7 +215,7 @@ class BudgetGuard:
             logger.warning("burnguard guard: passing over a checkpoint part %s", problem)
         starts: dict[int, int] = {}
         records = 0
-        for partition, checkpoint in latest_checkpoints(parts, self._topic).items():
+        for partition, checkpoint in latest_checkpoints(parts, self._topic, self._clock()).items():
             next_offset = checkpoint[0].next_offset
             if next_offset > end_offsets.get(partition, -1):
                 continue  # beyond the partition's end: a checkpoint of an earlier topic of this name

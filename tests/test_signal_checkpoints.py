@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.signal_checkpoints import (
+    MAX_AGE,
     PART_BYTES,
     CheckpointPart,
     can_still_matter,
@@ -90,13 +91,17 @@ def test_the_newest_complete_checkpoint_of_each_partition_is_taken() -> None:
     other = split_checkpoint(TOPIC, 1, 50, records(10), NOW)
     foreign = split_checkpoint("another.signals", 0, 999, records(10), NOW)
     assert len(new) > 1
-    chosen = latest_checkpoints([*old, *new, *other, *foreign], TOPIC)
+    chosen = latest_checkpoints([*old, *new, *other, *foreign], TOPIC, NOW)
     assert chosen == {0: new, 1: other}
     # a part of the newest is missing: the older complete one stands
-    assert latest_checkpoints([*old, *new[1:]], TOPIC) == {0: old}
+    assert latest_checkpoints([*old, *new[1:]], TOPIC, NOW) == {0: old}
     # two writers' parts for the same offset never combine, however they split
     twin = split_checkpoint(TOPIC, 0, 200, records(3_000), NOW)
-    assert latest_checkpoints([new[0], *twin[1:]], TOPIC) == {}
+    assert latest_checkpoints([new[0], *twin[1:]], TOPIC, NOW) == {}
+    # one older than MAX_AGE is not used: its workers stopped, and tombstones may have gone since
+    stale = split_checkpoint(TOPIC, 2, 10, records(3), NOW - MAX_AGE - timedelta(seconds=1))
+    assert latest_checkpoints([*stale, *other], TOPIC, NOW) == {1: other}
+    assert latest_checkpoints(stale, TOPIC, NOW - timedelta(seconds=2)) == {2: stale}
 
 
 def signal_mix(rng: random.Random, n: int) -> Signal:
