@@ -21,8 +21,9 @@ from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
 RecordHandler = Callable[[bytes | None, bytes | None], None]
-#: Given each partition's end offset, where to start reading some of them (others: the beginning).
-StartOffsets = Callable[[dict[int, int]], dict[int, int]]
+#: Given the consumer and each partition's end offset, where to start reading some of them (others:
+#: the beginning).
+StartOffsets = Callable[[KafkaConsumer, dict[int, int]], dict[int, int]]
 
 
 def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
@@ -42,7 +43,7 @@ def _start_from(
     consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int], start_at: StartOffsets
 ) -> None:
     """Move the partitions `start_at` names to the offsets it gives (it has applied what is before)."""
-    starts = start_at({tp.partition: end for tp, end in end_offsets.items()})
+    starts = start_at(consumer, {tp.partition: end for tp, end in end_offsets.items()})
     for tp in end_offsets:
         if (offset := starts.get(tp.partition)) is not None:
             consumer.seek(tp, offset)

@@ -41,11 +41,17 @@ from burnguard.contracts.attributes import REFUSED_BUDGET
 from burnguard.contracts.budget_rules import key_of_values
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower, read_compacted_topic
-from burnguard.contracts.signal_checkpoints import decode_parts, latest_checkpoints
+from burnguard.contracts.signal_checkpoints import (
+    CLOCK_MARGIN,
+    CheckpointPart,
+    decode_parts,
+    latest_checkpoints,
+)
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.local_accounting import LocalLedger, Reservation, Tally
 from burnguard.instrumentation.refusals import CallRefused
+from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -199,33 +205,50 @@ class BudgetGuard:
         """True once the state on the topic at start has been replayed."""
         return self._follower.ready.is_set()
 
-    def _start_from_checkpoints(self, end_offsets: dict[int, int]) -> dict[int, int]:
+    def _start_from_checkpoints(self, consumer: KafkaConsumer, end_offsets: dict[int, int]) -> dict[int, int]:
         """Apply each partition's newest checkpoint the topic still continues; where to read on from.
 
         Runs on the follower thread before it reads the signals topic. Without a usable
         checkpoint a partition is replayed from its beginning, as it always could be.
         """
         try:
-            values = read_compacted_topic(self._kafka, self._checkpoint_topic)
+            parts, problems = decode_parts(read_compacted_topic(self._kafka, self._checkpoint_topic))
+            found = latest_checkpoints(parts, self._topic, self._clock())
+            checkpoints = self._continued(consumer, found, end_offsets)
         except Exception as exc:  # a checkpoint only saves time: nothing in it may stop the guard
             logger.warning("burnguard guard: no signal checkpoints (%s); replaying %s", exc, self._topic)
             return {}
-        parts, problems = decode_parts(values)
         for problem in problems:
             logger.warning("burnguard guard: passing over a checkpoint part %s", problem)
-        starts: dict[int, int] = {}
         records = 0
-        for partition, checkpoint in latest_checkpoints(parts, self._topic, self._clock()).items():
-            next_offset = checkpoint[0].next_offset
-            if next_offset > end_offsets.get(partition, -1):
-                continue  # beyond the partition's end: a checkpoint of an earlier topic of this name
+        for checkpoint in checkpoints.values():
             for part in checkpoint:
                 for key, value in part.records:
                     self._ingest_safely(key, value)
                 records += len(part.records)
-            starts[partition] = next_offset
-        self.stats.checkpoint_partitions, self.stats.checkpoint_records = len(starts), records
-        return starts
+        self.stats.checkpoint_partitions, self.stats.checkpoint_records = len(checkpoints), records
+        return {partition: checkpoint[0].next_offset for partition, checkpoint in checkpoints.items()}
+
+    def _continued(
+        self, consumer: KafkaConsumer, found: dict[int, list[CheckpointPart]], end_offsets: dict[int, int]
+    ) -> dict[int, list[CheckpointPart]]:
+        """The checkpoints this topic continues: not past a partition's end, and no record before
+        their offset written after them (`CLOCK_MARGIN` allowed): else the topic was deleted and
+        created again since, and the checkpoint would skip its first records."""
+        within = {p: c for p, c in found.items() if c[0].next_offset <= end_offsets.get(p, -1)}
+        if not within:
+            return {}
+        after = {
+            TopicPartition(self._topic, p): int((c[0].taken_at + CLOCK_MARGIN).timestamp() * 1000)
+            for p, c in within.items()
+        }
+        first_after = consumer.offsets_for_times(after)
+        return {
+            p: c
+            for p, c in within.items()
+            if (at := first_after.get(TopicPartition(self._topic, p))) is None
+            or at.offset >= c[0].next_offset
+        }
 
     def _ingest_safely(self, key: bytes, payload: bytes) -> None:
         """`_ingest` a checkpoint's record; like the follower, pass over one it raises on."""

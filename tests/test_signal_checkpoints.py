@@ -140,10 +140,10 @@ def test_what_a_guard_holds_can_still_matter() -> None:
 # --- on a real broker ----------------------------------------------------------------------------
 
 
-def signal_topics(kafka_broker: KafkaBroker) -> Topics:
+def signal_topics(kafka_broker: KafkaBroker, partitions: int = 2) -> Topics:
     suffix = uuid.uuid4().hex[:8]
     topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
-    kafka_broker.create_topic(topics.signals, partitions=2, compact=True)
+    kafka_broker.create_topic(topics.signals, partitions=partitions, compact=True)
     kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
     return topics
 
@@ -235,13 +235,21 @@ def test_a_guard_started_from_a_checkpoint_holds_what_a_full_replay_holds(kafka_
 
 
 def test_an_unusable_checkpoint_falls_back_to_replaying_that_partition(kafka_broker: KafkaBroker) -> None:
-    topics = signal_topics(kafka_broker)
+    """Partition 0: an unreadable part; 1: an offset past the end; 2: a checkpoint of an earlier topic
+    of this name (taken before records below its offset were written: deleted and created again)."""
+    topics = signal_topics(kafka_broker, partitions=3)
     kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
     producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
-    send(producer, topics.signals, [restriction(f"r{n}") for n in range(30)])
-    ahead = split_checkpoint(topics.signals, 1, 10_000, [restriction("phantom")], NOW)  # past the end
+    for n in range(30):
+        key, value = restriction(f"r{n}")
+        producer.send(topics.signals, key=key, value=value, partition=n % 3)
+    producer.flush(timeout=30)
+    phantom = [restriction("phantom")]
     garbage = [(part_key(topics.signals, 0, 0), b'{"not": "a part"}\nxx')]
-    send(producer, topics.signal_checkpoints, [*garbage, *((p.kafka_key, p.encode()) for p in ahead)])
+    ahead = split_checkpoint(topics.signals, 1, 10_000, phantom, NOW)
+    earlier = split_checkpoint(topics.signals, 2, 5, phantom, datetime.now(UTC) - timedelta(minutes=30))
+    checkpoints = [*garbage, *((p.kafka_key, p.encode()) for p in [*ahead, *earlier])]
+    send(producer, topics.signal_checkpoints, checkpoints)
     producer.close()
     guard = started_guard(kafka, topics, checkpoints=True)
     try:
