@@ -99,6 +99,8 @@ class CompactedTopicFollower:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.failed_records = 0  # records the handler raised on: logged and passed over
+        #: partition -> the next offset to read, as of the last poll whose records were all applied
+        self.positions: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self, wait_s: float = 10.0) -> CompactedTopicFollower:
@@ -132,6 +134,7 @@ class CompactedTopicFollower:
                         self._deliver(record)
                 if not self.ready.is_set() and _caught_up(consumer, end_offsets):
                     self.ready.set()
+                self.positions.update((tp.partition, consumer.position(tp)) for tp in end_offsets)
                 self._after_poll(consumer)
         finally:
             consumer.close()

@@ -203,8 +203,12 @@ class BudgetGuard:
         """Apply each partition's newest checkpoint the topic still continues; where to read on from.
 
         Runs on the follower thread before it reads the signals topic. Without a usable
-        checkpoint a partition is replayed from its beginning, as it always could be.
+        checkpoint a partition is replayed from its beginning, as it always could be. After a
+        lost connection the guard goes on from where it was: a checkpoint past that would skip
+        the records that lifted what it holds, and one before it would bring back what they lifted.
         """
+        if self._follower.positions:
+            return self._resume_at(end_offsets)
         try:
             values = read_compacted_topic(self._kafka, self._checkpoint_topic)
         except Exception as exc:  # a checkpoint only saves time: nothing in it may stop the guard
@@ -226,6 +230,14 @@ class BudgetGuard:
             starts[partition] = next_offset
         self.stats.checkpoint_partitions, self.stats.checkpoint_records = len(starts), records
         return starts
+
+    def _resume_at(self, end_offsets: dict[int, int]) -> dict[int, int]:
+        """Where the follower was in each partition before a reconnect (none at the first start).
+
+        A partition now shorter than that (a re-created topic) is replayed from its beginning.
+        """
+        positions = dict(self._follower.positions)
+        return {p: at for p, at in positions.items() if at <= end_offsets.get(p, -1)}
 
     def _ingest_safely(self, key: bytes, payload: bytes) -> None:
         """`_ingest` a checkpoint's record; like the follower, pass over one it raises on."""

@@ -5,6 +5,7 @@ guard replaying the whole signals topic holds."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 import zlib
@@ -28,6 +29,7 @@ from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
 from kafka import KafkaProducer
+from kafka.errors import KafkaConnectionError
 
 from tests import factories
 
@@ -258,3 +260,60 @@ def test_checkpoints_are_written_every_30s_unless_switched_off(monkeypatch: pyte
     assert StreamSettings.from_env().signal_checkpoint_interval == timedelta(seconds=30)
     monkeypatch.setenv("BURNGUARD_SIGNAL_CHECKPOINT_S", "0")
     assert not StreamSettings.from_env().signal_checkpoint_interval
+
+
+def write_checkpoints(kafka: KafkaSettings, topics: Topics, clock: object = None) -> None:
+    """Run a real writer until it has checkpointed both partitions of what is on the topic now."""
+    extra = {"clock": clock} if clock is not None else {}
+    writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2), **extra)
+    try:
+        writer.start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.checkpoints_written < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.checkpoints_written >= 2 and writer.failed_writes == 0
+    finally:
+        writer.stop()
+
+
+def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_checkpoint(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """A lost connection while a key's restriction was lifted and a checkpoint written past it:
+    the guard must still read the lift, not jump to the checkpoint keeping its stale restriction."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    held_key, _ = restriction("held")
+    send(producer, topics.signals, [restriction("held"), restriction("other", "warn")])
+    guard = started_guard(kafka, topics, checkpoints=True)
+    trigger, paused, resume = threading.Event(), threading.Event(), threading.Event()
+
+    def lose_connection(consumer: object) -> None:  # a fault injected on the guard's follower thread
+        if trigger.is_set() and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+            raise KafkaConnectionError("injected: connection lost")
+
+    guard._follower._after_poll = lose_connection  # type: ignore[method-assign]
+    replayed = None
+    try:
+        assert held_key.decode() in held_state(guard)[0]
+        trigger.set()
+        assert paused.wait(10)
+        send(producer, topics.signals, [(held_key, None), restriction("new")])  # while it is away
+        write_checkpoints(kafka, topics)
+        resume.set()
+        replayed = started_guard(kafka, topics, checkpoints=False)
+        deadline = time.monotonic() + 20
+        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held_state(guard) == held_state(replayed)
+        assert held_key.decode() not in held_state(guard)[0]
+        assert "tenant:new@tenant-daily" in held_state(guard)[0]
+    finally:
+        resume.set()
+        producer.close()
+        guard.stop()
+        if replayed is not None:
+            replayed.stop()
