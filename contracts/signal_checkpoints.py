@@ -49,6 +49,19 @@ def can_still_matter(signal: Signal, at: datetime) -> bool:
     return at < matters_until(signal)
 
 
+def usable_at(taken_at: str, now: datetime) -> bool:
+    """Whether a checkpoint taken at `taken_at` (writer's clock) holds all a guard at `now` would.
+
+    The writer leaves out what ended `CLOCK_MARGIN` before its clock: a guard whose clock is
+    further behind would still hold some of that, so it must replay instead.
+    """
+    try:
+        taken = datetime.fromisoformat(taken_at)
+    except ValueError:
+        return False
+    return taken.tzinfo is not None and taken - CLOCK_MARGIN <= now
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointPart:
     """One part of a checkpoint: what can still matter of `partition` before `next_offset`."""

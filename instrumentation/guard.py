@@ -41,7 +41,7 @@ from burnguard.contracts.attributes import REFUSED_BUDGET
 from burnguard.contracts.budget_rules import key_of_values
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower, read_compacted_topic
-from burnguard.contracts.signal_checkpoints import decode_parts, latest_checkpoints
+from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, decode_parts, latest_checkpoints, usable_at
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.local_accounting import LocalLedger, Reservation, Tally
@@ -223,6 +223,11 @@ class BudgetGuard:
             next_offset = checkpoint[0].next_offset
             if next_offset > end_offsets.get(partition, -1):
                 continue  # beyond the partition's end: a checkpoint of an earlier topic of this name
+            if not usable_at(checkpoint[0].taken_at, self._clock()):
+                logger.warning(
+                    "burnguard guard: clock over %s behind a checkpoint's; replaying", CLOCK_MARGIN
+                )
+                continue
             for part in checkpoint:
                 for key, value in part.records:
                     self._ingest_safely(key, value)

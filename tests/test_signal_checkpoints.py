@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.signal_checkpoints import (
+    CLOCK_MARGIN,
     PART_BYTES,
     CheckpointPart,
     can_still_matter,
@@ -21,6 +22,7 @@ from burnguard.contracts.signal_checkpoints import (
     latest_checkpoints,
     part_key,
     split_checkpoint,
+    usable_at,
 )
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
@@ -99,6 +101,15 @@ def test_the_newest_complete_checkpoint_of_each_partition_is_taken() -> None:
     # two writers' parts for the same offset never combine, however they split
     twin = split_checkpoint(TOPIC, 0, 200, records(3_000), NOW)
     assert latest_checkpoints([new[0], *twin[1:]], TOPIC) == {}
+
+
+def test_a_checkpoint_is_usable_by_a_guard_at_most_the_margin_behind_its_writer() -> None:
+    taken = NOW.isoformat()
+    assert usable_at(taken, NOW) and usable_at(taken, NOW + timedelta(days=1))
+    assert usable_at(taken, NOW - CLOCK_MARGIN) and not usable_at(
+        taken, NOW - CLOCK_MARGIN - timedelta(seconds=1)
+    )
+    assert not usable_at("yesterday", NOW) and not usable_at(NOW.replace(tzinfo=None).isoformat(), NOW)
 
 
 def signal_mix(rng: random.Random, n: int) -> Signal:
@@ -317,3 +328,24 @@ def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_chec
         guard.stop()
         if replayed is not None:
             replayed.stop()
+
+
+def test_a_checkpoint_from_a_writer_clock_too_far_ahead_is_not_used(kafka_broker: KafkaBroker) -> None:
+    """The writer leaves out what ended by its clock less the margin: a guard whose clock is
+    further behind than that would still hold it, so it replays instead."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    ending = restriction("ending", window_end=datetime.now(UTC) + timedelta(minutes=3))
+    send(producer, topics.signals, [ending, restriction("other")])
+    producer.close()
+    write_checkpoints(kafka, topics, clock=lambda: datetime.now(UTC) + timedelta(minutes=10))
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert ending[0].decode() in held_state(replayed)[0]
+        assert held_state(from_checkpoint) == held_state(replayed)
+        assert from_checkpoint.stats.checkpoint_partitions == 0
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
