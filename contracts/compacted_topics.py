@@ -123,6 +123,9 @@ class CompactedTopicFollower:
             except KafkaError as exc:
                 logger.warning("burnguard: lost %s (%s); retrying", self.topic, exc)
                 self._stop.wait(1.0)
+            except Exception:  # the thread is its reader's only source of state: never end it
+                logger.exception("burnguard: error following %s; retrying", self.topic)
+                self._stop.wait(1.0)
 
     def _follow(self) -> None:
         consumer = _consumer(self._kafka)

@@ -105,7 +105,7 @@ class CheckpointPart:
             topic, partition, next_offset, part = fields
             parts, checkpoint_id, taken_at = header["parts"], header["id"], header["taken_at"]
             body = zlib.decompress(compressed)
-        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, zlib.error) as exc:
             raise ValueError(f"unreadable checkpoint part: {exc}") from None
         numbers = (partition, next_offset, part, parts)
         if not all(type(n) is int and n >= 0 for n in numbers) or part >= parts or type(topic) is not str:

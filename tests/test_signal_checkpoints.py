@@ -349,3 +349,52 @@ def test_a_checkpoint_from_a_writer_clock_too_far_ahead_is_not_used(kafka_broker
     finally:
         from_checkpoint.stop()
         replayed.stop()
+
+
+def test_a_checkpoint_part_nested_too_deep_is_passed_over_and_the_guard_replays(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """json.loads raises RecursionError (not a ValueError) on it: it must not end the guard's thread."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction(f"r{n}") for n in range(5)])
+    send(producer, topics.signal_checkpoints, [(part_key(topics.signals, 0, 0), b"[" * 100_000 + b"\n")])
+    producer.close()
+    parts, problems = decode_parts({b"deep": b"[" * 100_000 + b"\n"})
+    assert parts == [] and "unreadable" in problems[0]
+    guard = BudgetGuard(kafka, topics, BudgetConfig()).start(wait_s=30)
+    try:
+        assert guard.ready and len(held_state(guard)[0]) == 5
+    finally:
+        guard.stop()
+
+
+def test_an_unexpected_error_on_the_follower_thread_does_not_end_it(kafka_broker: KafkaBroker) -> None:
+    """The thread is the guard's only source of signals: any error is logged and it goes on."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction("first")])
+    guard = started_guard(kafka, topics, checkpoints=True)
+    failures: list[int] = []
+
+    def fail_once(consumer: object) -> None:  # a fault injected on the guard's follower thread
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected: not a KafkaError")
+
+    guard._follower._after_poll = fail_once  # type: ignore[method-assign]
+    try:
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        send(producer, topics.signals, [restriction("second")])
+        deadline = time.monotonic() + 20
+        while "tenant:second@tenant-daily" not in held_state(guard)[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert failures and "tenant:second@tenant-daily" in held_state(guard)[0]
+        assert "tenant:first@tenant-daily" in held_state(guard)[0]
+    finally:
+        producer.close()
+        guard.stop()
