@@ -42,11 +42,10 @@ from burnguard.contracts.budget_rules import key_of_values
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.compacted_topics import CompactedTopicFollower, read_compacted_topic
 from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, decode_parts, latest_checkpoints, usable_at
-from burnguard.contracts.signals import Signal
+from burnguard.contracts.signals import Signal, signal_of_record
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.local_accounting import LocalLedger, Reservation, Tally
 from burnguard.instrumentation.refusals import CallRefused
-from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 FailMode = Literal["open", "closed"]
@@ -260,8 +259,8 @@ class BudgetGuard:
             self.stats.signals_received += 1
             return
         try:
-            signal = Signal.from_json(payload)
-        except ValidationError as exc:
+            signal = signal_of_record(key, payload)
+        except ValueError as exc:  # a pydantic ValidationError too
             self.stats.malformed_signals += 1
             logger.warning("burnguard guard: ignoring malformed signal: %s", exc)
             return

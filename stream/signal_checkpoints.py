@@ -16,11 +16,10 @@ from datetime import UTC, datetime, timedelta
 
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, matters_until, part_key, split_checkpoint
-from burnguard.contracts.signals import Signal
+from burnguard.contracts.signals import signal_of_record
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
@@ -84,8 +83,8 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             kept.pop(record.key, None)
             return
         try:
-            signal = Signal.from_json(record.value)
-        except ValidationError:
+            signal = signal_of_record(record.key, record.value)
+        except ValueError:  # as the guard: malformed, the key's previous record stands
             return
         kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
         until = matters_until(signal)

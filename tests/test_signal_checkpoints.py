@@ -398,3 +398,34 @@ def test_an_unexpected_error_on_the_follower_thread_does_not_end_it(kafka_broker
     finally:
         producer.close()
         guard.stop()
+
+
+def test_a_record_under_another_key_than_its_signal_is_refused_by_guard_and_writer(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """The worker keys each signal by its own key. A record under another key would outlive its
+    tombstone in a replay while the checkpoint dropped it, or keep a restriction that its own
+    key's (expired) `ok` lifted: both read it as malformed, so both hold the same."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    for n in range(4):  # on both partitions
+        elsewhere = f"tenant:elsewhere{n}@tenant-daily".encode()
+        _, hidden = restriction(f"hidden{n}")
+        lifted_key, lifted = restriction(f"lifted{n}")
+        assert expired_ok(f"lifted{n}")[0] == lifted_key
+        batch = [(elsewhere, hidden), (elsewhere, None)]  # a tombstone for the record's key
+        batch += [(f"tenant:other{n}@tenant-daily".encode(), lifted), expired_ok(f"lifted{n}")]
+        send(producer, topics.signals, batch)
+    producer.close()
+    write_checkpoints(kafka, topics)
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert from_checkpoint.stats.checkpoint_partitions == 2
+        assert held_state(from_checkpoint) == held_state(replayed)
+        assert held_state(replayed) == ({}, set())
+        assert replayed.stats.malformed_signals == 8
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
