@@ -29,6 +29,11 @@ from burnguard.contracts.signals import Signal
 
 #: A checkpoint keeps what a guard whose clock is up to this much behind the writer's would hold.
 CLOCK_MARGIN = timedelta(minutes=5)
+#: A checkpoint with records after it is not used once this old. A live writer replaces it
+#: within its interval; one left behind (checkpoints switched off, or failing) would outlive the
+#: cleaner, which removes a tombstone after the topic's `delete.retention.ms` (24 h by default):
+#: the checkpoint's older record of that key would then be a restriction no replay holds.
+MAX_AGE_BEHIND = timedelta(hours=1)
 #: Records' bytes per part before compression: well under the producer's 1 MB request limit.
 PART_BYTES = 512 * 1024
 _LENGTH = struct.Struct(">I")
@@ -49,17 +54,20 @@ def can_still_matter(signal: Signal, at: datetime) -> bool:
     return at < matters_until(signal)
 
 
-def usable_at(taken_at: str, now: datetime) -> bool:
+def usable_at(taken_at: str, now: datetime, records_after: bool) -> bool:
     """Whether a checkpoint taken at `taken_at` (writer's clock) holds all a guard at `now` would.
 
     The writer leaves out what ended `CLOCK_MARGIN` before its clock: a guard whose clock is
-    further behind would still hold some of that, so it must replay instead.
+    further behind would still hold some of that, so it must replay instead. With records
+    after it, the checkpoint must also be recent (`MAX_AGE_BEHIND`).
     """
     try:
         taken = datetime.fromisoformat(taken_at)
     except ValueError:
         return False
-    return taken.tzinfo is not None and taken - CLOCK_MARGIN <= now
+    if taken.tzinfo is None or now < taken - CLOCK_MARGIN:
+        return False
+    return not records_after or now - taken <= MAX_AGE_BEHIND
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,9 +222,14 @@ class BudgetGuard:
             next_offset = checkpoint[0].next_offset
             if next_offset > end_offsets.get(partition, -1):
                 continue  # beyond the partition's end: a checkpoint of an earlier topic of this name
-            if not usable_at(checkpoint[0].taken_at, self._clock()):
+            if not usable_at(checkpoint[0].taken_at, self._clock(), next_offset < end_offsets[partition]):
                 logger.warning(
-                    "burnguard guard: clock over %s behind a checkpoint's; replaying", CLOCK_MARGIN
+                    "burnguard guard: checkpoint of %s/%d taken at %s: too old, or over %s ahead of this "
+                    "clock; replaying",
+                    self._topic,
+                    partition,
+                    checkpoint[0].taken_at[:40],
+                    CLOCK_MARGIN,
                 )
                 continue
             for part in checkpoint:

@@ -15,6 +15,7 @@ import pytest
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.signal_checkpoints import (
     CLOCK_MARGIN,
+    MAX_AGE_BEHIND,
     PART_BYTES,
     CheckpointPart,
     can_still_matter,
@@ -30,7 +31,7 @@ from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaConnectionError
 
 from tests import factories
@@ -103,13 +104,15 @@ def test_the_newest_complete_checkpoint_of_each_partition_is_taken() -> None:
     assert latest_checkpoints([new[0], *twin[1:]], TOPIC) == {}
 
 
-def test_a_checkpoint_is_usable_by_a_guard_at_most_the_margin_behind_its_writer() -> None:
+def test_a_checkpoint_is_usable_by_a_guard_at_most_the_margin_behind_its_writer_and_recent() -> None:
     taken = NOW.isoformat()
-    assert usable_at(taken, NOW) and usable_at(taken, NOW + timedelta(days=1))
-    assert usable_at(taken, NOW - CLOCK_MARGIN) and not usable_at(
-        taken, NOW - CLOCK_MARGIN - timedelta(seconds=1)
-    )
-    assert not usable_at("yesterday", NOW) and not usable_at(NOW.replace(tzinfo=None).isoformat(), NOW)
+    assert usable_at(taken, NOW, True) and usable_at(taken, NOW + MAX_AGE_BEHIND, True)
+    assert usable_at(taken, NOW + timedelta(days=9), False)  # nothing after it: nothing it could outlive
+    assert not usable_at(taken, NOW + MAX_AGE_BEHIND + timedelta(seconds=1), True)
+    assert usable_at(taken, NOW - CLOCK_MARGIN, True)
+    assert not usable_at(taken, NOW - CLOCK_MARGIN - timedelta(seconds=1), False)
+    assert not usable_at("yesterday", NOW, False)
+    assert not usable_at(NOW.replace(tzinfo=None).isoformat(), NOW, False)
 
 
 def signal_mix(rng: random.Random, n: int) -> Signal:
@@ -260,7 +263,7 @@ def test_an_unusable_checkpoint_falls_back_to_replaying_that_partition(kafka_bro
         guard.stop()
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "often"])
+@pytest.mark.parametrize("value", ["-1", "nan", "often", "3600"])
 def test_a_bad_checkpoint_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("BURNGUARD_SIGNAL_CHECKPOINT_S", value)
     with pytest.raises(ValueError, match="BURNGUARD_SIGNAL_CHECKPOINT_S"):
@@ -273,16 +276,18 @@ def test_checkpoints_are_written_every_30s_unless_switched_off(monkeypatch: pyte
     assert not StreamSettings.from_env().signal_checkpoint_interval
 
 
-def write_checkpoints(kafka: KafkaSettings, topics: Topics, clock: object = None) -> None:
-    """Run a real writer until it has checkpointed both partitions of what is on the topic now."""
+def write_checkpoints(
+    kafka: KafkaSettings, topics: Topics, clock: object = None, partitions: int = 2
+) -> None:
+    """Run a real writer until it has checkpointed each partition of what is on the topic now."""
     extra = {"clock": clock} if clock is not None else {}
     writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2), **extra)
     try:
         writer.start(wait_s=60)
         deadline = time.monotonic() + 60
-        while writer.checkpoints_written < 2 and time.monotonic() < deadline:
+        while writer.checkpoints_written < partitions and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert writer.checkpoints_written >= 2 and writer.failed_writes == 0
+        assert writer.checkpoints_written >= partitions and writer.failed_writes == 0
     finally:
         writer.stop()
 
@@ -426,6 +431,61 @@ def test_a_record_under_another_key_than_its_signal_is_refused_by_guard_and_writ
         assert held_state(from_checkpoint) == held_state(replayed)
         assert held_state(replayed) == ({}, set())
         assert replayed.stats.malformed_signals == 8
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
+def raw_records(kafka_broker: KafkaBroker, topic: str) -> list[tuple[bytes, bytes | None]]:
+    """Every record the broker still holds in partition 0 of `topic`, tombstones included."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, enable_auto_commit=False)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        found: list[tuple[bytes, bytes | None]] = []
+        while consumer.position(tp) < end:
+            for batch in consumer.poll(timeout_ms=500).values():
+                found += [(r.key, r.value) for r in batch]
+        return found
+    finally:
+        consumer.close()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_left_behind_by_a_stopped_writer_is_not_used_once_old(kafka_broker: KafkaBroker) -> None:
+    """Checkpoints switched off (or failing) for long: the cleaner has since removed the tombstone
+    that retired a key after the checkpoint, whose old restriction the checkpoint still holds."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
+    cleaned_fast = {
+        "segment.ms": "100",
+        "min.cleanable.dirty.ratio": "0.001",
+        "delete.retention.ms": "0",
+        "min.compaction.lag.ms": "0",
+    }
+    kafka_broker.create_topic(topics.signals, partitions=1, compact=True, config=cleaned_fast)
+    kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    retired_key, retired = restriction("retired")
+    send(producer, topics.signals, [(retired_key, retired), restriction("stays")])
+    # the last checkpoint, written two hours ago (by the writer's clock) before it was switched off
+    write_checkpoints(kafka, topics, clock=lambda: datetime.now(UTC) - timedelta(hours=2), partitions=1)
+    send(producer, topics.signals, [live_ok("retired"), (retired_key, None)])
+    deadline = time.monotonic() + 120
+    while any(key == retired_key for key, _ in raw_records(kafka_broker, topics.signals)):
+        assert time.monotonic() < deadline, "the broker's cleaner never removed the retired key"
+        time.sleep(1.0)
+        send(producer, topics.signals, [restriction("filler")])  # rolls the segment the tombstone is in
+    producer.close()
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert retired_key.decode() not in held_state(replayed)[0]
+        assert held_state(from_checkpoint) == held_state(replayed)
+        assert from_checkpoint.stats.checkpoint_partitions == 0
     finally:
         from_checkpoint.stop()
         replayed.stop()
