@@ -40,12 +40,13 @@ def _assign_from_beginning(consumer: KafkaConsumer, topic: str) -> dict[TopicPar
 
 def _start_from(
     consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int], start_at: StartOffsets
-) -> None:
+) -> dict[int, int]:
     """Move the partitions `start_at` names to the offsets it gives (it has applied what is before)."""
     starts = start_at({tp.partition: end for tp, end in end_offsets.items()})
     for tp in end_offsets:
         if (offset := starts.get(tp.partition)) is not None:
             consumer.seek(tp, offset)
+    return {tp.partition: starts[tp.partition] for tp in end_offsets if tp.partition in starts}
 
 
 def _caught_up(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) -> bool:
@@ -169,7 +170,8 @@ class CompactedTopicFollower:
             if consumer.partitions_for_topic(self.topic):
                 end_offsets = _assign_from_beginning(consumer, self.topic)
                 if self._start_at is not None and end_offsets:
-                    _start_from(consumer, end_offsets, self._start_at)
+                    # the reader holds what is before these now, even if no poll follows
+                    self.positions.update(_start_from(consumer, end_offsets, self._start_at))
                 return end_offsets
             self.ready.set()  # the topic does not exist yet: nothing to replay
             self._stop.wait(0.5)

@@ -12,6 +12,7 @@ import zlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from burnguard.contracts import compacted_topics
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.signal_checkpoints import (
     CLOCK_MARGIN,
@@ -489,3 +490,49 @@ def test_a_checkpoint_left_behind_by_a_stopped_writer_is_not_used_once_old(kafka
     finally:
         from_checkpoint.stop()
         replayed.stop()
+
+
+def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
+    kafka_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost before the first poll after a checkpoint: the guard already holds the checkpoint's
+    records, so a newer checkpoint (which left out a key since retired) must not be laid over them."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    retired_key, retired = restriction("retired")
+    send(producer, topics.signals, [(retired_key, retired), restriction("stays")])
+    write_checkpoints(kafka, topics)
+    paused, resume = threading.Event(), threading.Event()
+    caught_up = compacted_topics._caught_up
+
+    def lose_connection_once(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) -> bool:
+        """A fault injected after the guard's first poll of the signals topic."""
+        on_signals = {tp.topic for tp in end_offsets} == {topics.signals}
+        if threading.current_thread().name == "burnguard-guard" and on_signals and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+            raise KafkaConnectionError("injected: connection lost")
+        return caught_up(consumer, end_offsets)
+
+    monkeypatch.setattr(compacted_topics, "_caught_up", lose_connection_once)
+    guard = BudgetGuard(kafka, topics, BudgetConfig()).start(wait_s=0)
+    replayed = None
+    try:
+        assert paused.wait(30)
+        assert guard.stats.checkpoint_partitions == 2 and retired_key.decode() in held_state(guard)[0]
+        send(producer, topics.signals, [(retired_key, None)])
+        write_checkpoints(kafka, topics)  # a newer checkpoint, without the retired key
+        resume.set()
+        replayed = started_guard(kafka, topics, checkpoints=False)
+        deadline = time.monotonic() + 20
+        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held_state(guard) == held_state(replayed)
+        assert retired_key.decode() not in held_state(guard)[0]
+    finally:
+        resume.set()
+        producer.close()
+        guard.stop()
+        if replayed is not None:
+            replayed.stop()
