@@ -57,6 +57,7 @@ class SignalCheckpointWriter(CompactedTopicFollower):
         self._checkpoint_topic = topics.signal_checkpoints
         self._interval_s = interval.total_seconds()
         self._clock = clock
+        self._latest_time = datetime.min.replace(tzinfo=UTC)
         self._kept: dict[int, dict[bytes, _Kept]] = {}
         self._written: dict[int, tuple[int, int]] = {}  # partition -> (next offset, parts) last written
         self._next_due_s = 0.0
@@ -88,7 +89,7 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             return
         kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
         until = matters_until(signal)
-        if self._clock() - CLOCK_MARGIN < until:
+        if self._now() - CLOCK_MARGIN < until:
             kept[record.key] = _Kept(record.value, until)
 
     def _after_poll(self, consumer: KafkaConsumer) -> None:
@@ -111,7 +112,7 @@ class SignalCheckpointWriter(CompactedTopicFollower):
 
     def _write(self, partition: int, next_offset: int) -> None:
         """Replace the partition's checkpoint: its parts, then a tombstone for each part no longer used."""
-        now = self._clock()
+        now = self._now()
         kept = self._kept.setdefault(partition, {})
         for key in [k for k, entry in kept.items() if now - CLOCK_MARGIN >= entry.until]:
             del kept[key]
@@ -126,6 +127,15 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             sent.get(timeout=SEND_TIMEOUT_S)
         self._written[partition] = (next_offset, len(parts))
         self.checkpoints_written += 1
+
+    def _now(self) -> datetime:
+        """The latest time the clock has shown: a checkpoint's time is never before one it judged by.
+
+        Guards trust a checkpoint only if their clock is at most `CLOCK_MARGIN` behind its time;
+        a clock stepped back must not stamp one that left out records by the time before.
+        """
+        self._latest_time = max(self._latest_time, self._clock())
+        return self._latest_time
 
     def _producer_for_checkpoints(self) -> KafkaProducer:
         if self._producer is None:

@@ -4,6 +4,7 @@ guard replaying the whole signals topic holds."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -536,3 +537,27 @@ def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
         guard.stop()
         if replayed is not None:
             replayed.stop()
+
+
+def test_a_writer_clock_stepped_back_stamps_the_latest_time_it_judged_by(kafka_broker: KafkaBroker) -> None:
+    """Records left out by the clock before it stepped back: the checkpoint's time must say so."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    ending = restriction("ending", window_end=datetime.now(UTC) + timedelta(minutes=3))
+    send(producer, topics.signals, [ending, restriction("other")])
+    producer.close()
+    calls = itertools.count()
+
+    def stepped_back() -> datetime:  # ten minutes ahead while it reads the two records, then right
+        return datetime.now(UTC) + (timedelta(minutes=10) if next(calls) < 2 else timedelta(0))
+
+    write_checkpoints(kafka, topics, clock=stepped_back)
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert ending[0].decode() in held_state(replayed)[0]
+        assert held_state(from_checkpoint) == held_state(replayed)
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
