@@ -26,7 +26,11 @@ StartOffsets = Callable[[dict[int, int]], dict[int, int]]
 
 
 def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
-    return KafkaConsumer(**kafka.kafka_python_config(), group_id=None, enable_auto_commit=False)
+    """A reader of current state: an offset out of range (records deleted before it) goes back to
+    the earliest left, never on to the end past records not yet read (kafka-python's default)."""
+    return KafkaConsumer(
+        **kafka.kafka_python_config(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
 
 
 def _assign_from_beginning(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int]:

@@ -33,7 +33,7 @@ from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaConnectionError
 
 from tests import factories
@@ -561,3 +561,33 @@ def test_a_writer_clock_stepped_back_stamps_the_latest_time_it_judged_by(kafka_b
     finally:
         from_checkpoint.stop()
         replayed.stop()
+
+
+def test_a_checkpoint_before_the_log_start_reads_on_from_the_earliest_record(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """Records deleted up to past the checkpoint (retention on a `compact,delete` topic, or an
+    operator's delete-records): the guard must read what remains, not jump to the end."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
+    kafka_broker.create_topic(topics.signals, partitions=1, config={"cleanup.policy": "compact,delete"})
+    kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction("first"), restriction("second")])
+    write_checkpoints(kafka, topics, partitions=1)  # at offset 2
+    send(producer, topics.signals, [restriction("third"), restriction("fourth")])
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        admin.delete_records({TopicPartition(topics.signals, 0): 3})
+    finally:
+        admin.close()
+    send(producer, topics.signals, [restriction("after")])
+    producer.close()
+    guard = started_guard(kafka, topics, checkpoints=True)
+    try:
+        assert guard.stats.checkpoint_partitions == 1
+        held = held_state(guard)[0]
+        assert {"tenant:fourth@tenant-daily", "tenant:after@tenant-daily"} <= held.keys()
+    finally:
+        guard.stop()
