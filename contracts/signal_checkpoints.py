@@ -36,6 +36,8 @@ CLOCK_MARGIN = timedelta(minutes=5)
 MAX_AGE_BEHIND = timedelta(hours=1)
 #: Records' bytes per part before compression: well under the producer's 1 MB request limit.
 PART_BYTES = 512 * 1024
+#: A part holds `PART_BYTES` of records and at most one more (a signal, far below this).
+MAX_PART_BODY = 16 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 Record = tuple[bytes, bytes]
 
@@ -112,7 +114,7 @@ class CheckpointPart:
             fields = (header["topic"], header["partition"], header["next_offset"], header["part"])
             topic, partition, next_offset, part = fields
             parts, checkpoint_id, taken_at = header["parts"], header["id"], header["taken_at"]
-            body = zlib.decompress(compressed)
+            body = _decompressed(compressed)
         except (ValueError, KeyError, TypeError, RecursionError, zlib.error) as exc:
             raise ValueError(f"unreadable checkpoint part: {exc}") from None
         numbers = (partition, next_offset, part, parts)
@@ -120,6 +122,17 @@ class CheckpointPart:
             raise ValueError(f"checkpoint part header out of range: {header}")
         records = tuple(_records_of(body))
         return cls(topic, partition, next_offset, part, parts, str(checkpoint_id), str(taken_at), records)
+
+
+def _decompressed(compressed: bytes) -> bytes:
+    """A part's records, refused past `MAX_PART_BODY` (a guard must not run out of memory on one)."""
+    inflate = zlib.decompressobj()
+    body = inflate.decompress(compressed, MAX_PART_BODY)
+    if inflate.unconsumed_tail:
+        raise ValueError(f"checkpoint part over {MAX_PART_BODY} bytes")
+    if not inflate.eof:
+        raise ValueError("checkpoint part truncated")
+    return body
 
 
 def part_key(topic: str, partition: int, part: int) -> bytes:

@@ -18,6 +18,7 @@ from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.signal_checkpoints import (
     CLOCK_MARGIN,
     MAX_AGE_BEHIND,
+    MAX_PART_BODY,
     PART_BYTES,
     CheckpointPart,
     can_still_matter,
@@ -591,3 +592,13 @@ def test_a_checkpoint_before_the_log_start_reads_on_from_the_earliest_record(
         assert {"tenant:fourth@tenant-daily", "tenant:after@tenant-daily"} <= held.keys()
     finally:
         guard.stop()
+
+
+def test_a_part_inflating_past_its_bound_is_refused_without_inflating_it() -> None:
+    header = split_checkpoint(TOPIC, 0, 9, [], NOW)[0].encode().partition(b"\n")[0]
+    bomb = zlib.compress(b"\0" * (MAX_PART_BODY + 1), 9)  # ~16 kB that would inflate to 16 MB
+    with pytest.raises(ValueError, match="over"):
+        CheckpointPart.decode(header + b"\n" + bomb)
+    whole = zlib.compress(b"")
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointPart.decode(header + b"\n" + whole[:-2])
