@@ -109,6 +109,20 @@ class SignalCheckpointWriter(CompactedTopicFollower):
                 exc,
                 self._interval_s,
             )
+            self._drop_producer()
+
+    def _drop_producer(self) -> None:
+        """Close the producer after a failed write: the next one starts afresh.
+
+        kafka-python's producer stays in a fatal state after some errors (a part too large for
+        the topic, say): reused, it would refuse every later write until the worker restarts.
+        """
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except Exception as exc:  # closing a broken producer may fail too; it is dropped anyway
+                logger.warning("closing the signal checkpoint producer: %s", exc)
 
     def _write(self, partition: int, next_offset: int) -> None:
         """Replace the partition's checkpoint: its parts, then a tombstone for each part no longer used."""

@@ -35,6 +35,7 @@ from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource
 from kafka.errors import KafkaConnectionError
 
 from tests import factories
@@ -602,3 +603,40 @@ def test_a_part_inflating_past_its_bound_is_refused_without_inflating_it() -> No
     whole = zlib.compress(b"")
     with pytest.raises(ValueError, match="truncated"):
         CheckpointPart.decode(header + b"\n" + whole[:-2])
+
+
+def test_a_writer_whose_writes_fail_counts_them_goes_on_and_writes_once_it_can(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """The broker refuses every part (too large for the topic): logged and counted each interval,
+    the thread goes on following the signals, and the next write after the cause is gone lands."""
+    topics = signal_topics(kafka_broker)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    resource = ConfigResource("TOPIC", topics.signal_checkpoints, {"max.message.bytes": "64"})
+    admin.alter_configs([resource])
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction(f"r{n}") for n in range(10)])
+    writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2))
+    try:
+        writer.start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.failed_writes < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.failed_writes >= 3 and writer.checkpoints_written == 0
+        send(producer, topics.signals, [restriction("meanwhile")])
+        admin.alter_configs(
+            [ConfigResource("TOPIC", topics.signal_checkpoints, {"max.message.bytes": "1048588"})]
+        )
+        while writer.checkpoints_written < 2 and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
+        assert writer.checkpoints_written >= 2 and writer._thread.is_alive()
+    finally:
+        writer.stop()
+        admin.close()
+        producer.close()
+    guard = started_guard(kafka, topics, checkpoints=True)
+    try:
+        assert guard.stats.checkpoint_partitions == 2 and guard.stats.checkpoint_records == 11
+    finally:
+        guard.stop()
