@@ -11,6 +11,7 @@ import time
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from burnguard.contracts import compacted_topics
@@ -640,3 +641,43 @@ def test_a_writer_whose_writes_fail_counts_them_goes_on_and_writes_once_it_can(
         assert guard.stats.checkpoint_partitions == 2 and guard.stats.checkpoint_records == 11
     finally:
         guard.stop()
+
+
+@pytest.mark.slow
+def test_a_writer_outlives_its_broker_going_down_and_checkpoints_after_it_is_back(tmp_path: Path) -> None:
+    broker = KafkaBroker(tmp_path / "kafka").start()
+    writer = None
+    try:
+        topics = Topics(signals="burnguard.signals", signal_checkpoints="burnguard.signals.checkpoints")
+        broker.create_topic(topics.signals, partitions=1, compact=True)
+        broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+        kafka = KafkaSettings(bootstrap=broker.bootstrap)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        send(producer, topics.signals, [restriction("before")])
+        producer.close()
+        writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.5)).start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.checkpoints_written < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.checkpoints_written == 1
+        broker.stop()
+        time.sleep(5)  # the writer's connection is gone; it keeps trying
+        broker.start()
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        send(producer, topics.signals, [restriction("after")])
+        producer.close()
+        deadline = time.monotonic() + 90
+        while writer.checkpoints_written < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert writer.checkpoints_written >= 2 and writer._thread.is_alive()
+        writer.stop()
+        guard = started_guard(kafka, topics, checkpoints=True)
+        try:
+            assert guard.stats.checkpoint_partitions == 1 and guard.stats.checkpoint_records == 2
+            assert {"tenant:before@tenant-daily", "tenant:after@tenant-daily"} <= held_state(guard)[0].keys()
+        finally:
+            guard.stop()
+    finally:
+        if writer is not None:
+            writer.stop()
+        broker.stop()
