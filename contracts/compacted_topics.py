@@ -104,7 +104,8 @@ class CompactedTopicFollower:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.failed_records = 0  # records the handler raised on: logged and passed over
-        #: partition -> the next offset to read, as of the last poll whose records were all applied
+        #: partition -> next offset to read: where a checkpoint started it, or after the last poll
+        #: whose records were all applied (a reader resuming there holds everything before it)
         self.positions: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
