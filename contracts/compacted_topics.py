@@ -27,7 +27,11 @@ StartOffsets = Callable[[KafkaConsumer, dict[int, int]], dict[int, int]]
 
 
 def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
-    return KafkaConsumer(**kafka.kafka_python_config(), group_id=None, enable_auto_commit=False)
+    """A reader of current state: an offset out of range (records deleted before it) goes back to
+    the earliest left, never on to the end past records not yet read (kafka-python's default)."""
+    return KafkaConsumer(
+        **kafka.kafka_python_config(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
 
 
 def _assign_from_beginning(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int]:
@@ -41,12 +45,13 @@ def _assign_from_beginning(consumer: KafkaConsumer, topic: str) -> dict[TopicPar
 
 def _start_from(
     consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int], start_at: StartOffsets
-) -> None:
+) -> dict[int, int]:
     """Move the partitions `start_at` names to the offsets it gives (it has applied what is before)."""
     starts = start_at(consumer, {tp.partition: end for tp, end in end_offsets.items()})
     for tp in end_offsets:
         if (offset := starts.get(tp.partition)) is not None:
             consumer.seek(tp, offset)
+    return {tp.partition: starts[tp.partition] for tp in end_offsets if tp.partition in starts}
 
 
 def _caught_up(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) -> bool:
@@ -100,6 +105,9 @@ class CompactedTopicFollower:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.failed_records = 0  # records the handler raised on: logged and passed over
+        #: partition -> next offset to read: where a checkpoint started it, or after the last poll
+        #: whose records were all applied (a reader resuming there holds everything before it)
+        self.positions: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self, wait_s: float = 10.0) -> CompactedTopicFollower:
@@ -122,6 +130,9 @@ class CompactedTopicFollower:
             except KafkaError as exc:
                 logger.warning("burnguard: lost %s (%s); retrying", self.topic, exc)
                 self._stop.wait(1.0)
+            except Exception:  # the thread is its reader's only source of state: never end it
+                logger.exception("burnguard: error following %s; retrying", self.topic)
+                self._stop.wait(1.0)
 
     def _follow(self) -> None:
         consumer = _consumer(self._kafka)
@@ -133,6 +144,7 @@ class CompactedTopicFollower:
                         self._deliver(record)
                 if not self.ready.is_set() and _caught_up(consumer, end_offsets):
                     self.ready.set()
+                self.positions.update((tp.partition, consumer.position(tp)) for tp in end_offsets)
                 self._after_poll(consumer)
         finally:
             consumer.close()
@@ -164,7 +176,8 @@ class CompactedTopicFollower:
             if consumer.partitions_for_topic(self.topic):
                 end_offsets = _assign_from_beginning(consumer, self.topic)
                 if self._start_at is not None and end_offsets:
-                    _start_from(consumer, end_offsets, self._start_at)
+                    # the reader holds what is before these now, even if no poll follows
+                    self.positions.update(_start_from(consumer, end_offsets, self._start_at))
                 return end_offsets
             self.ready.set()  # the topic does not exist yet: nothing to replay
             self._stop.wait(0.5)

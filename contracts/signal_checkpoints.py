@@ -29,12 +29,15 @@ from burnguard.contracts.signals import Signal
 
 #: A checkpoint keeps what a guard whose clock is up to this much behind the writer's would hold.
 CLOCK_MARGIN = timedelta(minutes=5)
-#: An older checkpoint is not used (its workers stopped writing): the broker removes a tombstone a
-#: day after it was written (`delete.retention.ms`), and a checkpoint older than that could bring
-#: back the restriction the tombstone deleted.
-MAX_AGE = timedelta(hours=1)
+#: A checkpoint with records after it is not used once this old. A live writer replaces it
+#: within its interval; one left behind (checkpoints switched off, or failing) would outlive the
+#: cleaner, which removes a tombstone after the topic's `delete.retention.ms` (24 h by default):
+#: the checkpoint's older record of that key would then be a restriction no replay holds.
+MAX_AGE_BEHIND = timedelta(hours=1)
 #: Records' bytes per part before compression: well under the producer's 1 MB request limit.
 PART_BYTES = 512 * 1024
+#: A part holds `PART_BYTES` of records and at most one more (a signal, far below this).
+MAX_PART_BODY = 16 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 Record = tuple[bytes, bytes]
 
@@ -53,6 +56,22 @@ def can_still_matter(signal: Signal, at: datetime) -> bool:
     return at < matters_until(signal)
 
 
+def usable_at(taken_at: str, now: datetime, records_after: bool) -> bool:
+    """Whether a checkpoint taken at `taken_at` (writer's clock) holds all a guard at `now` would.
+
+    The writer leaves out what ended `CLOCK_MARGIN` before its clock: a guard whose clock is
+    further behind would still hold some of that, so it must replay instead. With records
+    after it, the checkpoint must also be recent (`MAX_AGE_BEHIND`).
+    """
+    try:
+        taken = datetime.fromisoformat(taken_at)
+    except ValueError:
+        return False
+    if taken.tzinfo is None or now < taken - CLOCK_MARGIN:
+        return False
+    return not records_after or now - taken <= MAX_AGE_BEHIND
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointPart:
     """One part of a checkpoint: what can still matter of `partition` before `next_offset`."""
@@ -64,7 +83,7 @@ class CheckpointPart:
     parts: int
     #: One id per checkpoint written: two writers' parts for the same offset split differently.
     checkpoint_id: str
-    taken_at: datetime
+    taken_at: str
     records: tuple[Record, ...]
 
     @property
@@ -79,7 +98,7 @@ class CheckpointPart:
             "part": self.part,
             "parts": self.parts,
             "id": self.checkpoint_id,
-            "taken_at": self.taken_at.isoformat(),
+            "taken_at": self.taken_at,
         }
         body = b"".join(_LENGTH.pack(len(b)) + b for record in self.records for b in record)
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + zlib.compress(body, 6)
@@ -94,17 +113,26 @@ class CheckpointPart:
             header = json.loads(head)
             fields = (header["topic"], header["partition"], header["next_offset"], header["part"])
             topic, partition, next_offset, part = fields
-            parts, checkpoint_id = header["parts"], header["id"]
-            taken_at = datetime.fromisoformat(header["taken_at"])
-            body = zlib.decompress(compressed)
-        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+            parts, checkpoint_id, taken_at = header["parts"], header["id"], header["taken_at"]
+            body = _decompressed(compressed)
+        except (ValueError, KeyError, TypeError, RecursionError, zlib.error) as exc:
             raise ValueError(f"unreadable checkpoint part: {exc}") from None
         numbers = (partition, next_offset, part, parts)
-        valid = all(type(n) is int and n >= 0 for n in numbers) and part < parts and type(topic) is str
-        if not valid or taken_at.tzinfo is None:
+        if not all(type(n) is int and n >= 0 for n in numbers) or part >= parts or type(topic) is not str:
             raise ValueError(f"checkpoint part header out of range: {header}")
         records = tuple(_records_of(body))
-        return cls(topic, partition, next_offset, part, parts, str(checkpoint_id), taken_at, records)
+        return cls(topic, partition, next_offset, part, parts, str(checkpoint_id), str(taken_at), records)
+
+
+def _decompressed(compressed: bytes) -> bytes:
+    """A part's records, refused past `MAX_PART_BODY` (a guard must not run out of memory on one)."""
+    inflate = zlib.decompressobj()
+    body = inflate.decompress(compressed, MAX_PART_BODY)
+    if inflate.unconsumed_tail:
+        raise ValueError(f"checkpoint part over {MAX_PART_BODY} bytes")
+    if not inflate.eof:
+        raise ValueError("checkpoint part truncated")
+    return body
 
 
 def part_key(topic: str, partition: int, part: int) -> bytes:
@@ -141,21 +169,18 @@ def split_checkpoint(
             size = 0
         chunks[-1].append(record)
         size += record_size
-    checkpoint_id = uuid.uuid4().hex
+    stamp, checkpoint_id = taken_at.isoformat(), uuid.uuid4().hex
     return [
-        CheckpointPart(topic, partition, next_offset, n, len(chunks), checkpoint_id, taken_at, tuple(chunk))
+        CheckpointPart(topic, partition, next_offset, n, len(chunks), checkpoint_id, stamp, tuple(chunk))
         for n, chunk in enumerate(chunks)
     ]
 
 
-def latest_checkpoints(
-    parts: Iterable[CheckpointPart], topic: str, now: datetime
-) -> dict[int, list[CheckpointPart]]:
-    """Per partition of `topic`, the newest checkpoint with every part present and not older than
-    `MAX_AGE` at `now`, its parts in order."""
+def latest_checkpoints(parts: Iterable[CheckpointPart], topic: str) -> dict[int, list[CheckpointPart]]:
+    """Per partition of `topic`, the newest checkpoint with every part present, its parts in order."""
     by_checkpoint: dict[tuple[int, int, str], dict[int, CheckpointPart]] = {}
     for part in parts:
-        if part.topic == topic and part.taken_at >= now - MAX_AGE:
+        if part.topic == topic:
             checkpoint = (part.partition, part.next_offset, part.checkpoint_id)
             by_checkpoint.setdefault(checkpoint, {})[part.part] = part
     complete: dict[int, list[CheckpointPart]] = {}

@@ -73,6 +73,20 @@ def signal_key(scope: str, key: str, budget: str) -> str:
     return f"{scope}:{key}@{budget}"
 
 
+def signal_of_record(key: bytes | None, payload: bytes) -> Signal:
+    """The signal in a `burnguard.signals` record; ValueError if it is malformed or keyed elsewhere.
+
+    The worker keys each record by its signal's key, and readers hold a signal under that key
+    while a tombstone removes by the record's. One under another key would outlive its own
+    tombstone, and a checkpoint (which keeps each record key's latest) would disagree with a
+    replay about it: it is refused as malformed.
+    """
+    signal = Signal.from_json(payload)
+    if key is not None and key != signal.kafka_key.encode():
+        raise ValueError(f"record key {key[:200]!r} is not its signal's key {signal.kafka_key[:200]!r}")
+    return signal
+
+
 def json_schema() -> dict:
     schema = Signal.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

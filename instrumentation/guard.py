@@ -46,13 +46,13 @@ from burnguard.contracts.signal_checkpoints import (
     CheckpointPart,
     decode_parts,
     latest_checkpoints,
+    usable_at,
 )
-from burnguard.contracts.signals import Signal
+from burnguard.contracts.signals import Signal, signal_of_record
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.local_accounting import LocalLedger, Reservation, Tally
 from burnguard.instrumentation.refusals import CallRefused
 from kafka import KafkaConsumer, TopicPartition
-from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 FailMode = Literal["open", "closed"]
@@ -63,6 +63,11 @@ _EXPIRES_AT = re.compile(rb'"expires_at":"([^"]+)"')
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _epoch_ms(iso: str) -> int:
+    """A checkpoint's `taken_at` (checked by `usable_at` already) in Kafka's milliseconds."""
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
 
 
 class BudgetExceeded(CallRefused):
@@ -209,12 +214,15 @@ class BudgetGuard:
         """Apply each partition's newest checkpoint the topic still continues; where to read on from.
 
         Runs on the follower thread before it reads the signals topic. Without a usable
-        checkpoint a partition is replayed from its beginning, as it always could be.
+        checkpoint a partition is replayed from its beginning, as it always could be. After a
+        lost connection the guard goes on from where it was: a checkpoint past that would skip
+        the records that lifted what it holds, and one before it would bring back what they lifted.
         """
+        if self._follower.positions:
+            return self._resume_at(end_offsets)
         try:
             parts, problems = decode_parts(read_compacted_topic(self._kafka, self._checkpoint_topic))
-            found = latest_checkpoints(parts, self._topic, self._clock())
-            checkpoints = self._continued(consumer, found, end_offsets)
+            checkpoints = self._continued(consumer, self._usable(parts, end_offsets))
         except Exception as exc:  # a checkpoint only saves time: nothing in it may stop the guard
             logger.warning("burnguard guard: no signal checkpoints (%s); replaying %s", exc, self._topic)
             return {}
@@ -229,26 +237,56 @@ class BudgetGuard:
         self.stats.checkpoint_partitions, self.stats.checkpoint_records = len(checkpoints), records
         return {partition: checkpoint[0].next_offset for partition, checkpoint in checkpoints.items()}
 
-    def _continued(
-        self, consumer: KafkaConsumer, found: dict[int, list[CheckpointPart]], end_offsets: dict[int, int]
+    def _usable(
+        self, parts: list[CheckpointPart], end_offsets: dict[int, int]
     ) -> dict[int, list[CheckpointPart]]:
-        """The checkpoints this topic continues: not past a partition's end, and no record before
-        their offset written after them (`CLOCK_MARGIN` allowed): else the topic was deleted and
-        created again since, and the checkpoint would skip its first records."""
-        within = {p: c for p, c in found.items() if c[0].next_offset <= end_offsets.get(p, -1)}
-        if not within:
+        """The newest complete checkpoint of each partition, if within its end and `usable_at` now."""
+        usable = {}
+        for partition, checkpoint in latest_checkpoints(parts, self._topic).items():
+            next_offset = checkpoint[0].next_offset
+            if next_offset > end_offsets.get(partition, -1):
+                continue  # beyond the partition's end: a checkpoint of an earlier topic of this name
+            if not usable_at(checkpoint[0].taken_at, self._clock(), next_offset < end_offsets[partition]):
+                logger.warning(
+                    "burnguard guard: checkpoint of %s/%d taken at %s: too old, or over %s ahead of this "
+                    "clock; replaying",
+                    self._topic,
+                    partition,
+                    checkpoint[0].taken_at[:40],
+                    CLOCK_MARGIN,
+                )
+                continue
+            usable[partition] = checkpoint
+        return usable
+
+    def _continued(
+        self, consumer: KafkaConsumer, found: dict[int, list[CheckpointPart]]
+    ) -> dict[int, list[CheckpointPart]]:
+        """The checkpoints this topic continues: no record before their offset written after them
+        (`CLOCK_MARGIN` allowed); else the topic was deleted and created again since, and the
+        checkpoint would skip its first records."""
+        if not found:
             return {}
         after = {
-            TopicPartition(self._topic, p): int((c[0].taken_at + CLOCK_MARGIN).timestamp() * 1000)
-            for p, c in within.items()
+            TopicPartition(self._topic, p): _epoch_ms(c[0].taken_at)
+            + int(CLOCK_MARGIN.total_seconds() * 1000)
+            for p, c in found.items()
         }
         first_after = consumer.offsets_for_times(after)
         return {
             p: c
-            for p, c in within.items()
+            for p, c in found.items()
             if (at := first_after.get(TopicPartition(self._topic, p))) is None
             or at.offset >= c[0].next_offset
         }
+
+    def _resume_at(self, end_offsets: dict[int, int]) -> dict[int, int]:
+        """Where the follower was in each partition before a reconnect (none at the first start).
+
+        A partition now shorter than that (a re-created topic) is replayed from its beginning.
+        """
+        positions = dict(self._follower.positions)
+        return {p: at for p, at in positions.items() if at <= end_offsets.get(p, -1)}
 
     def _ingest_safely(self, key: bytes, payload: bytes) -> None:
         """`_ingest` a checkpoint's record; like the follower, pass over one it raises on."""
@@ -266,8 +304,8 @@ class BudgetGuard:
             self.stats.signals_received += 1
             return
         try:
-            signal = Signal.from_json(payload)
-        except ValidationError as exc:
+            signal = signal_of_record(key, payload)
+        except ValueError as exc:  # a pydantic ValidationError too
             self.stats.malformed_signals += 1
             logger.warning("burnguard guard: ignoring malformed signal: %s", exc)
             return

@@ -9,9 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+from burnguard.contracts.signal_checkpoints import MAX_AGE_BEHIND
 from burnguard.contracts.topics import KafkaSettings, Topics
 
 N = TypeVar("N", int, float)
+#: Most seconds between signal checkpoints: well under the age at which guards stop using one.
+_MOST_CHECKPOINT_S = MAX_AGE_BEHIND.total_seconds() / 4
 
 
 @dataclass
@@ -97,7 +100,10 @@ class StreamSettings:
             fetch_max_wait=timedelta(milliseconds=_bounded("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
             fetch_partition_bytes=_bounded("BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes, int),
             signal_checkpoint_interval=timedelta(
-                seconds=_bounded("BURNGUARD_SIGNAL_CHECKPOINT_S", 30.0, float, zero_ok=True)
+                # guards stop using a checkpoint with records after it once MAX_AGE_BEHIND old
+                seconds=_bounded(
+                    "BURNGUARD_SIGNAL_CHECKPOINT_S", 30.0, float, _MOST_CHECKPOINT_S, zero_ok=True
+                )
             ),
         )
 

@@ -16,11 +16,10 @@ from datetime import UTC, datetime, timedelta
 
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, matters_until, part_key, split_checkpoint
-from burnguard.contracts.signals import Signal
+from burnguard.contracts.signals import signal_of_record
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
@@ -58,6 +57,7 @@ class SignalCheckpointWriter(CompactedTopicFollower):
         self._checkpoint_topic = topics.signal_checkpoints
         self._interval_s = interval.total_seconds()
         self._clock = clock
+        self._latest_time = datetime.min.replace(tzinfo=UTC)
         self._kept: dict[int, dict[bytes, _Kept]] = {}
         self._written: dict[int, tuple[int, int]] = {}  # partition -> (next offset, parts) last written
         self._next_due_s = 0.0
@@ -84,12 +84,12 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             kept.pop(record.key, None)
             return
         try:
-            signal = Signal.from_json(record.value)
-        except ValidationError:
+            signal = signal_of_record(record.key, record.value)
+        except ValueError:  # as the guard: malformed, the key's previous record stands
             return
         kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
         until = matters_until(signal)
-        if self._clock() - CLOCK_MARGIN < until:
+        if self._now() - CLOCK_MARGIN < until:
             kept[record.key] = _Kept(record.value, until)
 
     def _after_poll(self, consumer: KafkaConsumer) -> None:
@@ -109,10 +109,24 @@ class SignalCheckpointWriter(CompactedTopicFollower):
                 exc,
                 self._interval_s,
             )
+            self._drop_producer()
+
+    def _drop_producer(self) -> None:
+        """Close the producer after a failed write: the next one starts afresh.
+
+        kafka-python's producer stays in a fatal state after some errors (a part too large for
+        the topic, say): reused, it would refuse every later write until the worker restarts.
+        """
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except Exception as exc:  # closing a broken producer may fail too; it is dropped anyway
+                logger.warning("closing the signal checkpoint producer: %s", exc)
 
     def _write(self, partition: int, next_offset: int) -> None:
         """Replace the partition's checkpoint: its parts, then a tombstone for each part no longer used."""
-        now = self._clock()
+        now = self._now()
         kept = self._kept.setdefault(partition, {})
         for key in [k for k, entry in kept.items() if now - CLOCK_MARGIN >= entry.until]:
             del kept[key]
@@ -127,6 +141,15 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             sent.get(timeout=SEND_TIMEOUT_S)
         self._written[partition] = (next_offset, len(parts))
         self.checkpoints_written += 1
+
+    def _now(self) -> datetime:
+        """The latest time the clock has shown: a checkpoint's time is never before one it judged by.
+
+        Guards trust a checkpoint only if their clock is at most `CLOCK_MARGIN` behind its time;
+        a clock stepped back must not stamp one that left out records by the time before.
+        """
+        self._latest_time = max(self._latest_time, self._clock())
+        return self._latest_time
 
     def _producer_for_checkpoints(self) -> KafkaProducer:
         if self._producer is None:

@@ -4,16 +4,22 @@ guard replaying the whole signals topic holds."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
 import time
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from burnguard.contracts import compacted_topics
 from burnguard.contracts.budgets import BudgetConfig
 from burnguard.contracts.signal_checkpoints import (
-    MAX_AGE,
+    CLOCK_MARGIN,
+    MAX_AGE_BEHIND,
+    MAX_PART_BODY,
     PART_BYTES,
     CheckpointPart,
     can_still_matter,
@@ -21,6 +27,7 @@ from burnguard.contracts.signal_checkpoints import (
     latest_checkpoints,
     part_key,
     split_checkpoint,
+    usable_at,
 )
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
@@ -28,7 +35,9 @@ from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource
+from kafka.errors import KafkaConnectionError
 
 from tests import factories
 
@@ -91,17 +100,24 @@ def test_the_newest_complete_checkpoint_of_each_partition_is_taken() -> None:
     other = split_checkpoint(TOPIC, 1, 50, records(10), NOW)
     foreign = split_checkpoint("another.signals", 0, 999, records(10), NOW)
     assert len(new) > 1
-    chosen = latest_checkpoints([*old, *new, *other, *foreign], TOPIC, NOW)
+    chosen = latest_checkpoints([*old, *new, *other, *foreign], TOPIC)
     assert chosen == {0: new, 1: other}
     # a part of the newest is missing: the older complete one stands
-    assert latest_checkpoints([*old, *new[1:]], TOPIC, NOW) == {0: old}
+    assert latest_checkpoints([*old, *new[1:]], TOPIC) == {0: old}
     # two writers' parts for the same offset never combine, however they split
     twin = split_checkpoint(TOPIC, 0, 200, records(3_000), NOW)
-    assert latest_checkpoints([new[0], *twin[1:]], TOPIC, NOW) == {}
-    # one older than MAX_AGE is not used: its workers stopped, and tombstones may have gone since
-    stale = split_checkpoint(TOPIC, 2, 10, records(3), NOW - MAX_AGE - timedelta(seconds=1))
-    assert latest_checkpoints([*stale, *other], TOPIC, NOW) == {1: other}
-    assert latest_checkpoints(stale, TOPIC, NOW - timedelta(seconds=2)) == {2: stale}
+    assert latest_checkpoints([new[0], *twin[1:]], TOPIC) == {}
+
+
+def test_a_checkpoint_is_usable_by_a_guard_at_most_the_margin_behind_its_writer_and_recent() -> None:
+    taken = NOW.isoformat()
+    assert usable_at(taken, NOW, True) and usable_at(taken, NOW + MAX_AGE_BEHIND, True)
+    assert usable_at(taken, NOW + timedelta(days=9), False)  # nothing after it: nothing it could outlive
+    assert not usable_at(taken, NOW + MAX_AGE_BEHIND + timedelta(seconds=1), True)
+    assert usable_at(taken, NOW - CLOCK_MARGIN, True)
+    assert not usable_at(taken, NOW - CLOCK_MARGIN - timedelta(seconds=1), False)
+    assert not usable_at("yesterday", NOW, False)
+    assert not usable_at(NOW.replace(tzinfo=None).isoformat(), NOW, False)
 
 
 def signal_mix(rng: random.Random, n: int) -> Signal:
@@ -260,7 +276,7 @@ def test_an_unusable_checkpoint_falls_back_to_replaying_that_partition(kafka_bro
         guard.stop()
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "often"])
+@pytest.mark.parametrize("value", ["-1", "nan", "often", "3600"])
 def test_a_bad_checkpoint_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("BURNGUARD_SIGNAL_CHECKPOINT_S", value)
     with pytest.raises(ValueError, match="BURNGUARD_SIGNAL_CHECKPOINT_S"):
@@ -271,3 +287,405 @@ def test_checkpoints_are_written_every_30s_unless_switched_off(monkeypatch: pyte
     assert StreamSettings.from_env().signal_checkpoint_interval == timedelta(seconds=30)
     monkeypatch.setenv("BURNGUARD_SIGNAL_CHECKPOINT_S", "0")
     assert not StreamSettings.from_env().signal_checkpoint_interval
+
+
+def write_checkpoints(
+    kafka: KafkaSettings, topics: Topics, clock: object = None, partitions: int = 2
+) -> None:
+    """Run a real writer until it has checkpointed each partition of what is on the topic now."""
+    extra = {"clock": clock} if clock is not None else {}
+    writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2), **extra)
+    try:
+        writer.start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.checkpoints_written < partitions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.checkpoints_written >= partitions and writer.failed_writes == 0
+    finally:
+        writer.stop()
+
+
+def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_checkpoint(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """A lost connection while a key's restriction was lifted and a checkpoint written past it:
+    the guard must still read the lift, not jump to the checkpoint keeping its stale restriction."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    held_key, _ = restriction("held")
+    send(producer, topics.signals, [restriction("held"), restriction("other", "warn")])
+    guard = started_guard(kafka, topics, checkpoints=True)
+    trigger, paused, resume = threading.Event(), threading.Event(), threading.Event()
+
+    def lose_connection(consumer: object) -> None:  # a fault injected on the guard's follower thread
+        if trigger.is_set() and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+            raise KafkaConnectionError("injected: connection lost")
+
+    guard._follower._after_poll = lose_connection  # type: ignore[method-assign]
+    replayed = None
+    try:
+        assert held_key.decode() in held_state(guard)[0]
+        trigger.set()
+        assert paused.wait(10)
+        send(producer, topics.signals, [(held_key, None), restriction("new")])  # while it is away
+        write_checkpoints(kafka, topics)
+        resume.set()
+        replayed = started_guard(kafka, topics, checkpoints=False)
+        deadline = time.monotonic() + 20
+        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held_state(guard) == held_state(replayed)
+        assert held_key.decode() not in held_state(guard)[0]
+        assert "tenant:new@tenant-daily" in held_state(guard)[0]
+    finally:
+        resume.set()
+        producer.close()
+        guard.stop()
+        if replayed is not None:
+            replayed.stop()
+
+
+def test_a_checkpoint_from_a_writer_clock_too_far_ahead_is_not_used(kafka_broker: KafkaBroker) -> None:
+    """The writer leaves out what ended by its clock less the margin: a guard whose clock is
+    further behind than that would still hold it, so it replays instead."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    ending = restriction("ending", window_end=datetime.now(UTC) + timedelta(minutes=3))
+    send(producer, topics.signals, [ending, restriction("other")])
+    producer.close()
+    write_checkpoints(kafka, topics, clock=lambda: datetime.now(UTC) + timedelta(minutes=10))
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert ending[0].decode() in held_state(replayed)[0]
+        assert held_state(from_checkpoint) == held_state(replayed)
+        assert from_checkpoint.stats.checkpoint_partitions == 0
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
+def test_a_checkpoint_part_nested_too_deep_is_passed_over_and_the_guard_replays(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """json.loads raises RecursionError (not a ValueError) on it: it must not end the guard's thread."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction(f"r{n}") for n in range(5)])
+    send(producer, topics.signal_checkpoints, [(part_key(topics.signals, 0, 0), b"[" * 100_000 + b"\n")])
+    producer.close()
+    parts, problems = decode_parts({b"deep": b"[" * 100_000 + b"\n"})
+    assert parts == [] and "unreadable" in problems[0]
+    guard = BudgetGuard(kafka, topics, BudgetConfig()).start(wait_s=30)
+    try:
+        assert guard.ready and len(held_state(guard)[0]) == 5
+    finally:
+        guard.stop()
+
+
+def test_an_unexpected_error_on_the_follower_thread_does_not_end_it(kafka_broker: KafkaBroker) -> None:
+    """The thread is the guard's only source of signals: any error is logged and it goes on."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction("first")])
+    guard = started_guard(kafka, topics, checkpoints=True)
+    failures: list[int] = []
+
+    def fail_once(consumer: object) -> None:  # a fault injected on the guard's follower thread
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected: not a KafkaError")
+
+    guard._follower._after_poll = fail_once  # type: ignore[method-assign]
+    try:
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        send(producer, topics.signals, [restriction("second")])
+        deadline = time.monotonic() + 20
+        while "tenant:second@tenant-daily" not in held_state(guard)[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert failures and "tenant:second@tenant-daily" in held_state(guard)[0]
+        assert "tenant:first@tenant-daily" in held_state(guard)[0]
+    finally:
+        producer.close()
+        guard.stop()
+
+
+def test_a_record_under_another_key_than_its_signal_is_refused_by_guard_and_writer(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """The worker keys each signal by its own key. A record under another key would outlive its
+    tombstone in a replay while the checkpoint dropped it, or keep a restriction that its own
+    key's (expired) `ok` lifted: both read it as malformed, so both hold the same."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    for n in range(4):  # on both partitions
+        elsewhere = f"tenant:elsewhere{n}@tenant-daily".encode()
+        _, hidden = restriction(f"hidden{n}")
+        lifted_key, lifted = restriction(f"lifted{n}")
+        assert expired_ok(f"lifted{n}")[0] == lifted_key
+        batch = [(elsewhere, hidden), (elsewhere, None)]  # a tombstone for the record's key
+        batch += [(f"tenant:other{n}@tenant-daily".encode(), lifted), expired_ok(f"lifted{n}")]
+        send(producer, topics.signals, batch)
+    producer.close()
+    write_checkpoints(kafka, topics)
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert from_checkpoint.stats.checkpoint_partitions == 2
+        assert held_state(from_checkpoint) == held_state(replayed)
+        assert held_state(replayed) == ({}, set())
+        assert replayed.stats.malformed_signals == 8
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
+def raw_records(kafka_broker: KafkaBroker, topic: str) -> list[tuple[bytes, bytes | None]]:
+    """Every record the broker still holds in partition 0 of `topic`, tombstones included."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, enable_auto_commit=False)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        found: list[tuple[bytes, bytes | None]] = []
+        while consumer.position(tp) < end:
+            for batch in consumer.poll(timeout_ms=500).values():
+                found += [(r.key, r.value) for r in batch]
+        return found
+    finally:
+        consumer.close()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_left_behind_by_a_stopped_writer_is_not_used_once_old(kafka_broker: KafkaBroker) -> None:
+    """Checkpoints switched off (or failing) for long: the cleaner has since removed the tombstone
+    that retired a key after the checkpoint, whose old restriction the checkpoint still holds."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
+    cleaned_fast = {
+        "segment.ms": "100",
+        "min.cleanable.dirty.ratio": "0.001",
+        "delete.retention.ms": "0",
+        "min.compaction.lag.ms": "0",
+    }
+    kafka_broker.create_topic(topics.signals, partitions=1, compact=True, config=cleaned_fast)
+    kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    retired_key, retired = restriction("retired")
+    send(producer, topics.signals, [(retired_key, retired), restriction("stays")])
+    # the last checkpoint, written two hours ago (by the writer's clock) before it was switched off
+    write_checkpoints(kafka, topics, clock=lambda: datetime.now(UTC) - timedelta(hours=2), partitions=1)
+    send(producer, topics.signals, [live_ok("retired"), (retired_key, None)])
+    deadline = time.monotonic() + 120
+    while any(key == retired_key for key, _ in raw_records(kafka_broker, topics.signals)):
+        assert time.monotonic() < deadline, "the broker's cleaner never removed the retired key"
+        time.sleep(1.0)
+        send(producer, topics.signals, [restriction("filler")])  # rolls the segment the tombstone is in
+    producer.close()
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert retired_key.decode() not in held_state(replayed)[0]
+        assert held_state(from_checkpoint) == held_state(replayed)
+        assert from_checkpoint.stats.checkpoint_partitions == 0
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
+def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
+    kafka_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost before the first poll after a checkpoint: the guard already holds the checkpoint's
+    records, so a newer checkpoint (which left out a key since retired) must not be laid over them."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    retired_key, retired = restriction("retired")
+    send(producer, topics.signals, [(retired_key, retired), restriction("stays")])
+    write_checkpoints(kafka, topics)
+    paused, resume = threading.Event(), threading.Event()
+    caught_up = compacted_topics._caught_up
+
+    def lose_connection_once(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) -> bool:
+        """A fault injected after the guard's first poll of the signals topic."""
+        on_signals = {tp.topic for tp in end_offsets} == {topics.signals}
+        if threading.current_thread().name == "burnguard-guard" and on_signals and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+            raise KafkaConnectionError("injected: connection lost")
+        return caught_up(consumer, end_offsets)
+
+    monkeypatch.setattr(compacted_topics, "_caught_up", lose_connection_once)
+    guard = BudgetGuard(kafka, topics, BudgetConfig()).start(wait_s=0)
+    replayed = None
+    try:
+        assert paused.wait(30)
+        assert guard.stats.checkpoint_partitions == 2 and retired_key.decode() in held_state(guard)[0]
+        send(producer, topics.signals, [(retired_key, None)])
+        write_checkpoints(kafka, topics)  # a newer checkpoint, without the retired key
+        resume.set()
+        replayed = started_guard(kafka, topics, checkpoints=False)
+        deadline = time.monotonic() + 20
+        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held_state(guard) == held_state(replayed)
+        assert retired_key.decode() not in held_state(guard)[0]
+    finally:
+        resume.set()
+        producer.close()
+        guard.stop()
+        if replayed is not None:
+            replayed.stop()
+
+
+def test_a_writer_clock_stepped_back_stamps_the_latest_time_it_judged_by(kafka_broker: KafkaBroker) -> None:
+    """Records left out by the clock before it stepped back: the checkpoint's time must say so."""
+    topics = signal_topics(kafka_broker)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    ending = restriction("ending", window_end=datetime.now(UTC) + timedelta(minutes=3))
+    send(producer, topics.signals, [ending, restriction("other")])
+    producer.close()
+    calls = itertools.count()
+
+    def stepped_back() -> datetime:  # ten minutes ahead while it reads the two records, then right
+        return datetime.now(UTC) + (timedelta(minutes=10) if next(calls) < 2 else timedelta(0))
+
+    write_checkpoints(kafka, topics, clock=stepped_back)
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        assert ending[0].decode() in held_state(replayed)[0]
+        assert held_state(from_checkpoint) == held_state(replayed)
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
+def test_a_checkpoint_before_the_log_start_reads_on_from_the_earliest_record(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """Records deleted up to past the checkpoint (retention on a `compact,delete` topic, or an
+    operator's delete-records): the guard must read what remains, not jump to the end."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
+    kafka_broker.create_topic(topics.signals, partitions=1, config={"cleanup.policy": "compact,delete"})
+    kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction("first"), restriction("second")])
+    write_checkpoints(kafka, topics, partitions=1)  # at offset 2
+    send(producer, topics.signals, [restriction("third"), restriction("fourth")])
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        admin.delete_records({TopicPartition(topics.signals, 0): 3})
+    finally:
+        admin.close()
+    send(producer, topics.signals, [restriction("after")])
+    producer.close()
+    guard = started_guard(kafka, topics, checkpoints=True)
+    try:
+        assert guard.stats.checkpoint_partitions == 1
+        held = held_state(guard)[0]
+        assert {"tenant:fourth@tenant-daily", "tenant:after@tenant-daily"} <= held.keys()
+    finally:
+        guard.stop()
+
+
+def test_a_part_inflating_past_its_bound_is_refused_without_inflating_it() -> None:
+    header = split_checkpoint(TOPIC, 0, 9, [], NOW)[0].encode().partition(b"\n")[0]
+    bomb = zlib.compress(b"\0" * (MAX_PART_BODY + 1), 9)  # ~16 kB that would inflate to 16 MB
+    with pytest.raises(ValueError, match="over"):
+        CheckpointPart.decode(header + b"\n" + bomb)
+    whole = zlib.compress(b"")
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointPart.decode(header + b"\n" + whole[:-2])
+
+
+def test_a_writer_whose_writes_fail_counts_them_goes_on_and_writes_once_it_can(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """The broker refuses every part (too large for the topic): logged and counted each interval,
+    the thread goes on following the signals, and the next write after the cause is gone lands."""
+    topics = signal_topics(kafka_broker)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    resource = ConfigResource("TOPIC", topics.signal_checkpoints, {"max.message.bytes": "64"})
+    admin.alter_configs([resource])
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    send(producer, topics.signals, [restriction(f"r{n}") for n in range(10)])
+    writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2))
+    try:
+        writer.start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.failed_writes < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.failed_writes >= 3 and writer.checkpoints_written == 0
+        send(producer, topics.signals, [restriction("meanwhile")])
+        admin.alter_configs(
+            [ConfigResource("TOPIC", topics.signal_checkpoints, {"max.message.bytes": "1048588"})]
+        )
+        while writer.checkpoints_written < 2 and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
+        assert writer.checkpoints_written >= 2 and writer._thread.is_alive()
+    finally:
+        writer.stop()
+        admin.close()
+        producer.close()
+    guard = started_guard(kafka, topics, checkpoints=True)
+    try:
+        assert guard.stats.checkpoint_partitions == 2 and guard.stats.checkpoint_records == 11
+    finally:
+        guard.stop()
+
+
+@pytest.mark.slow
+def test_a_writer_outlives_its_broker_going_down_and_checkpoints_after_it_is_back(tmp_path: Path) -> None:
+    broker = KafkaBroker(tmp_path / "kafka").start()
+    writer = None
+    try:
+        topics = Topics(signals="burnguard.signals", signal_checkpoints="burnguard.signals.checkpoints")
+        broker.create_topic(topics.signals, partitions=1, compact=True)
+        broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
+        kafka = KafkaSettings(bootstrap=broker.bootstrap)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        send(producer, topics.signals, [restriction("before")])
+        producer.close()
+        writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.5)).start(wait_s=60)
+        deadline = time.monotonic() + 60
+        while writer.checkpoints_written < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.checkpoints_written == 1
+        broker.stop()
+        time.sleep(5)  # the writer's connection is gone; it keeps trying
+        broker.start()
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        send(producer, topics.signals, [restriction("after")])
+        producer.close()
+        deadline = time.monotonic() + 90
+        while writer.checkpoints_written < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert writer.checkpoints_written >= 2 and writer._thread.is_alive()
+        writer.stop()
+        guard = started_guard(kafka, topics, checkpoints=True)
+        try:
+            assert guard.stats.checkpoint_partitions == 1 and guard.stats.checkpoint_records == 2
+            assert {"tenant:before@tenant-daily", "tenant:after@tenant-daily"} <= held_state(guard)[0].keys()
+        finally:
+            guard.stop()
+    finally:
+        if writer is not None:
+            writer.stop()
+        broker.stop()
