@@ -279,9 +279,9 @@ class BudgetJob:
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
-        self.rewind = RewindAfterRecovery(self.app, [settings.topics.spans, settings.topics.usage])
+        topics = settings.topics
+        self.rewind = RewindAfterRecovery(self.app, [topics.spans, topics.usage], [topics.usage])
         self.app.sensors.add(self.rewind)
-        in_order_reads(self.app.consumer).written_topics.add(settings.topics.usage)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_before_shutdown.connect(self._on_shutdown)
         self.app.sensors.add(_AfterRebalance(self))

@@ -53,7 +53,8 @@ class StreamSettings:
     account_batch_window: timedelta = timedelta(milliseconds=20)
     #: How long stage 2's table changes may stay pending before they are written, each changed key
     #: once with its latest value (0: after every batch). Commits wait for the write, so a worker
-    #: that dies re-reads up to this much more; signals and snapshots do not wait for it.
+    #: that dies re-reads up to this much more; signals and snapshots do not wait for it. At most
+    #: 10 s: a partition whose commit stands still for `stall_timeout` is healed as stalled.
     changelog_flush: timedelta = timedelta(seconds=1)
     #: How long a partition of this worker may have lag without its committed offset moving before
     #: the liveness watchdog heals it (then, after as long again, exits). Well above the few
@@ -97,7 +98,7 @@ class StreamSettings:
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
             changelog_flush=timedelta(
-                milliseconds=_bounded("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 60_000, zero_ok=True)
+                milliseconds=_bounded("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 10_000, zero_ok=True)
             ),
             stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
             duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),

@@ -278,17 +278,21 @@ class SeeksBetweenFetches(faust.Sensor):
 class RewindAfterRecovery(SeeksBetweenFetches):
     """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit.
 
-    It also makes the agents read `topics` in order (`InOrderReads`).
+    It also makes the agents read `topics` in order (`InOrderReads`), and caps
+    the commits of `written_topics` at what their table changes' writes covered.
     """
 
-    def __init__(self, app: AppT, topics: Iterable[str]) -> None:
+    def __init__(self, app: AppT, topics: Iterable[str], written_topics: Iterable[str] = ()) -> None:
         super().__init__()
         self.app = app
         self.topics = frozenset(topics)
+        self.written_topics = frozenset(written_topics)
         self._rewinding: set[asyncio.Task[None]] = set()
 
     def on_rebalance_start(self, app: AppT) -> dict:
-        in_order_reads(app.consumer).topics.update(self.topics)
+        reads = in_order_reads(app.consumer)
+        reads.topics.update(self.topics)
+        reads.written_topics.update(self.written_topics)
         return super().on_rebalance_start(app)
 
     def on_rebalance_end(self, app: AppT, state: dict[str, Any]) -> None:

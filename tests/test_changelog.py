@@ -9,6 +9,7 @@ import faust
 import pytest
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.changelog import TableChanges, encode
+from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 from faust.types import TP
 
@@ -112,3 +113,21 @@ def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed
 def test_with_no_flush_interval_every_batch_is_due(app: faust.App) -> None:
     assert TableChanges(app).due()
     assert TableChanges(app, flush_interval_s=0.0).due()
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [(None, 1.0), ("0", 0.0), ("250", 0.25), ("10000", 10.0)])
+def test_the_flush_interval_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str | None, seconds: float
+) -> None:
+    if raw is None:
+        monkeypatch.delenv("BURNGUARD_CHANGELOG_FLUSH_MS", raising=False)
+    else:
+        monkeypatch.setenv("BURNGUARD_CHANGELOG_FLUSH_MS", raw)
+    assert StreamSettings.from_env().changelog_flush.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("raw", ["-1", "nan", "inf", "10001", "soon"])
+def test_a_bad_flush_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("BURNGUARD_CHANGELOG_FLUSH_MS", raw)
+    with pytest.raises(ValueError, match="BURNGUARD_CHANGELOG_FLUSH_MS"):
+        StreamSettings.from_env()
