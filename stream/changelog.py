@@ -54,8 +54,10 @@ class PendingRecords:
     its `send_batch` would wait for the previous batch of the partition to be
     drained, one produce round trip, which under load delayed every signal.
 
-    One per agent: an agent acks its events once its own `send` returns, so
-    no other agent's `send` may be holding its records then.
+    One per agent (shared with its changelog-flush timer: a `send` takes only
+    what was added before it). A signal goes out with the `send` right after
+    its `add`; table changes need no `send` before the ack, as commits wait
+    for `TableChanges.write` (module doc).
     """
 
     def __init__(self, app: AppT) -> None:

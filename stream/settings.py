@@ -49,7 +49,7 @@ class StreamSettings:
     #: usage record, then the signal), and shorter waits mean more, smaller produce requests.
     producer_linger: timedelta = timedelta(milliseconds=2)
     #: How long stage 2 gathers usage records before accounting them together: every signal waits
-    #: up to this long, and each changed window key is written to the changelog once per batch.
+    #: up to this long (the changelog is written per `changelog_flush`, at most once per batch).
     account_batch_window: timedelta = timedelta(milliseconds=20)
     #: How long stage 2's table changes may stay pending before they are written, each changed key
     #: once with its latest value (0: after every batch). Commits wait for the write, so a worker
