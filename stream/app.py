@@ -273,14 +273,17 @@ class BudgetJob:
             consumer_max_fetch_size=settings.fetch_partition_bytes,
         )
         fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
-        self.changes = TableChanges(self.app)
+        self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
         self.snapshots = PendingRecords(self.app)
         self.usage_records = PendingRecords(self.app)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
-        self.rewind = RewindAfterRecovery(self.app, [settings.topics.spans, settings.topics.usage])
+        topics = settings.topics
+        self.rewind = RewindAfterRecovery(self.app, [topics.spans, topics.usage], [topics.usage])
         self.app.sensors.add(self.rewind)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_before_shutdown.connect(self._on_shutdown)
         self.app.sensors.add(_AfterRebalance(self))
 
     def _declare_topics(self) -> None:
@@ -325,6 +328,8 @@ class BudgetJob:
         self.app.timer(self.settings.snapshot_interval.total_seconds(), name="snapshot")(self._snapshot)
         self.app.timer(1.0, name="reload-budgets")(self._reload_budgets)
         self.app.timer(self.settings.evict_interval.total_seconds(), name="evict")(self._sweep)
+        if self.changes.flush_interval_s > 0:  # an idle stream's pending changes are written too
+            self.app.timer(self.changes.flush_interval_s, name="changelog-flush")(self._flush_changes)
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
@@ -645,7 +650,12 @@ class BudgetJob:
 
     # --- stage 2 -------------------------------------------------------------------
     async def _account(self, stream: Any) -> None:
-        """Account usage records in batches; the batch's table changes go out before it is acked."""
+        """Account usage records in batches; table changes go out once per flush interval.
+
+        Faust acks each batch, but commits only up to what `_write_changes`
+        covered (`stream/changelog.py`), so a commit never passes a change
+        that is not in the changelog.
+        """
         window = self.settings.account_batch_window.total_seconds()
         async for events in stream.take_events(ACCOUNT_BATCH_RECORDS, within=window):
             for event in events:
@@ -658,8 +668,50 @@ class BudgetJob:
                     self.agent_errors += 1
                     logger.exception("could not account %s: %.500r", _coordinates(event), event.value)
                     await self._park_failed(event, f"accounting failed: {type(exc).__name__}: {exc}")
+                self.changes.processed(event.message.tp, event.message.offset)
                 await _yield_to_the_loop()
-            await self.changes.write()
+            if self.changes.due():
+                await self._write_changes()
+
+    async def _write_changes(self) -> None:
+        """Write the pending table changes, then let Faust commit the records they cover."""
+        covered = await self.changes.write()
+        reads = in_order_reads(self.app.consumer)
+        assigned = self.app.consumer.assignment()
+        reads.written.update((tp, offset) for tp, offset in covered.items() if tp in assigned)
+
+    async def _flush_changes(self) -> None:
+        """The timer's write, for changes a quiet stream would otherwise leave pending."""
+        if self.changes.due():
+            await self._write_changes()
+
+    async def _on_revoked(self, app: Any, revoked: set[Any], **kwargs: Any) -> None:
+        """Before the partitions go: write what is pending and flush it, so the next owner recovers it.
+
+        Faust calls this after the agents have finished their events and
+        before the worker rejoins the group, so no other worker reads these
+        changelog partitions yet. A failure here crashes the worker (Faust),
+        which is safe: nothing past the last write was committed.
+        """
+        await self.changes.write()
+        await self.app.producer.flush()
+        self.changes.forget(revoked)
+        reads = in_order_reads(self.app.consumer)
+        for tp in revoked:
+            reads.written.pop(tp, None)
+
+    async def _on_shutdown(self, app: Any, **kwargs: Any) -> None:
+        """On a clean stop, write what is pending, flush it and commit what it covers.
+
+        Faust's own last commit ran before this, capped at the last write; a
+        failure here only means the next owner re-reads a little more.
+        """
+        try:
+            await self._write_changes()
+            await self.app.producer.flush()
+            await self.app.consumer.commit()
+        except Exception as exc:
+            logger.warning("could not write the pending table changes on stop: %r", exc)
 
     async def _account_one(self, record: Any) -> None:
         if not isinstance(record, dict):

@@ -1,4 +1,4 @@
-"""Kafka records sent without Faust's topic layer, and table changes written once per batch of events.
+"""Kafka records sent without Faust's topic layer, and table changes written once per flush interval.
 
 Faust writes one changelog record for every `table[key] = value`, through
 its topic layer and a `FutureMessage` per record: ~150 µs a record, which was
@@ -14,16 +14,30 @@ producer before it commits any acked offset. The body ends by handing every
 pending change to the producer, so a committed offset always has its changes
 in the changelog. A crash in between replays the batch, and the marks inside
 each value (`WindowTotals.applied`) recognise what the changelog already holds.
+
+A record cache, as Kafka Streams keeps one: with a flush interval
+(`BURNGUARD_CHANGELOG_FLUSH_MS`) the changes stay pending across batches and
+each changed key is written once per interval, not once per batch. Faust
+still acks every batch, so its commits are capped instead: `write` returns,
+per partition, the offset below which every processed record's changes are
+now in the producer, and `stream/takeover.py:InOrderReads` never lets Faust
+commit past it (Faust flushes the producer before it commits). A crash then
+replays from a commit whose changes are all in the changelog, as before.
+Before a rebalance hands the partitions away the pending changes are written
+and flushed, so the next owner recovers them (`BudgetJob._on_revoked`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from faust.serializers import codecs
-from faust.types import AppT, CollectionT
+from faust.types import TP, AppT, CollectionT
 
 #: The producer's record batch size at most (`producer_max_batch_size`): a burst of changelog
 #: records or snapshots fills few batches, and the broker accepts 1 MiB by default.
@@ -40,8 +54,10 @@ class PendingRecords:
     its `send_batch` would wait for the previous batch of the partition to be
     drained, one produce round trip, which under load delayed every signal.
 
-    One per agent: an agent acks its events once its own `send` returns, so
-    no other agent's `send` may be holding its records then.
+    One per agent (shared with its changelog-flush timer: a `send` takes only
+    what was added before it). A signal goes out with the `send` right after
+    its `add`; table changes need no `send` before the ack, as commits wait
+    for `TableChanges.write` (module doc).
     """
 
     def __init__(self, app: AppT) -> None:
@@ -62,6 +78,8 @@ class PendingRecords:
     async def send(self) -> None:
         """Hand every pending record to the producer (delivered by its next flush at the latest)."""
         pending, self._pending = self._pending, []
+        if not pending:
+            return
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust runs
         for topic, partition, key, value, headers in pending:
             await producer.send(topic, value, key=key, partition=partition, headers=headers)
@@ -91,12 +109,20 @@ class TableChanges:
     co-partitioned with the topic it is changed from, so a key's changelog
     records must go where the worker that owns that partition will recover
     them from.
+
+    `flush_interval_s` is how long changes may stay pending (0: written after
+    every batch); see the module doc for what makes that safe.
     """
 
-    def __init__(self, app: AppT) -> None:
+    def __init__(self, app: AppT, flush_interval_s: float = 0.0) -> None:
         self.records = PendingRecords(app)
         self.partition = 0
+        self.flush_interval_s = flush_interval_s
         self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
+        #: per source partition, the offset after the last record whose processing has finished
+        self._processed: dict[TP, int] = {}
+        self._last_write = time.monotonic()
+        self._writing: asyncio.Lock | None = None
 
     def set(self, table: CollectionT, key: str, value: Any) -> None:
         """Change a key; its record moves behind the batch's other changes (see `stream/eviction.py`)."""
@@ -125,8 +151,33 @@ class TableChanges:
                 records.append((topic, partition, encode(key_serializer, key), encoded))
         return records
 
-    async def write(self) -> None:
-        """Hand the changed keys' records to the producer; call it before the events are acked."""
-        for record in self.take_records():
-            self.records.add(*record)
-        await self.records.send()
+    def processed(self, tp: TP, offset: int) -> None:
+        """The record at `offset` of `tp` is fully processed: its changes are all pending or written."""
+        if offset >= self._processed.get(tp, 0):
+            self._processed[tp] = offset + 1
+
+    def due(self) -> bool:
+        """Whether the flush interval has passed since the last write."""
+        return time.monotonic() - self._last_write >= self.flush_interval_s
+
+    async def write(self) -> dict[TP, int]:
+        """Hand the changed keys' records to the producer; per partition, the offset they now cover.
+
+        Every record below the returned offset of its partition has its
+        changes in the producer once this returns. One write at a time: two
+        interleaved ones could put a key's older value after its newer one.
+        """
+        if self._writing is None:
+            self._writing = asyncio.Lock()
+        async with self._writing:
+            covered = dict(self._processed)  # taken with the records: nothing runs in between
+            for record in self.take_records():
+                self.records.add(*record)
+            self._last_write = time.monotonic()
+            await self.records.send()
+            return covered
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        """Drop what is kept for partitions this worker no longer reads."""
+        for tp in tps:
+            self._processed.pop(tp, None)

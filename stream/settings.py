@@ -52,8 +52,13 @@ class StreamSettings:
     #: usage record, then the signal), and shorter waits mean more, smaller produce requests.
     producer_linger: timedelta = timedelta(milliseconds=2)
     #: How long stage 2 gathers usage records before accounting them together: every signal waits
-    #: up to this long, and each changed window key is written to the changelog once per batch.
+    #: up to this long (the changelog is written per `changelog_flush`, at most once per batch).
     account_batch_window: timedelta = timedelta(milliseconds=20)
+    #: How long stage 2's table changes may stay pending before they are written, each changed key
+    #: once with its latest value (0: after every batch). Commits wait for the write, so a worker
+    #: that dies re-reads up to this much more; signals and snapshots do not wait for it. At most
+    #: 10 s: a partition whose commit stands still for `stall_timeout` is healed as stalled.
+    changelog_flush: timedelta = timedelta(seconds=1)
     #: How long a partition of this worker may have lag without its committed offset moving before
     #: the liveness watchdog heals it (then, after as long again, exits). Well above the few
     #: seconds a takeover's table recovery takes here, so a slow recovery is not a stall.
@@ -95,6 +100,9 @@ class StreamSettings:
             ),
             producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
             account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
+            changelog_flush=timedelta(
+                milliseconds=_bounded("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 10_000, zero_ok=True)
+            ),
             stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
             duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),
             fetch_max_wait=timedelta(milliseconds=_bounded("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),

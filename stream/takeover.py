@@ -140,6 +140,14 @@ class InOrderReads:
     Faust would commit a record it was given, processed or not, and with no
     commit yet it commits past a gap: so its commits of these partitions are
     capped at the expected offset.
+
+    The partitions of `written_topics` are capped too at `written`: the
+    offset below which every processed record's table changes are in the
+    producer (stage 2's record cache, `stream/changelog.py`); nothing is
+    committed there before the first write. Faust forgets the acks it takes
+    for a commit, so the acks at or above this cap are kept back for a
+    later commit (Faust would otherwise see a gap after the cap and never
+    commit that partition again).
     """
 
     def __init__(self, consumer: Any) -> None:
@@ -149,17 +157,41 @@ class InOrderReads:
         self.topics: set[str] = set()
         #: per partition, the next offset the agents are to process
         self.expected: dict[TP, int] = {}
+        #: the topics whose commits also wait for their records' changes to be written
+        self.written_topics: set[str] = set()
+        #: per partition of `written_topics`, the offset below which the changes are written
+        self.written: dict[TP, int] = {}
         self._seeking: dict[TP, asyncio.Task[None]] = {}
         new_offset = consumer._new_offset
 
         def capped_new_offset(tp: TP) -> int | None:
-            offset = new_offset(tp)
-            if offset is None or tp.topic not in self.topics:
-                return offset
+            if tp.topic not in self.topics:
+                return new_offset(tp)
+            if tp.topic in self.written_topics:
+                offset = self._new_offset_below(tp, self.written.get(tp), new_offset)
+            else:
+                offset = new_offset(tp)
             expected = self.expected.get(tp)
-            return None if expected is None else min(offset, expected)
+            return None if offset is None or expected is None else min(offset, expected)
 
         consumer._new_offset = capped_new_offset
+
+    def _new_offset_below(
+        self, tp: TP, cap: int | None, new_offset: Callable[[TP], int | None]
+    ) -> int | None:
+        """Faust's `_new_offset` over the acks below `cap` only; the others stay for a later commit."""
+        if cap is None:
+            return None
+        acked = self.consumer._acked[tp]
+        later = [offset for offset in acked if offset >= cap]
+        if not later:
+            return new_offset(tp)
+        acked[:] = [offset for offset in acked if offset < cap]
+        try:
+            return new_offset(tp)
+        finally:
+            acked.extend(later)
+            acked.sort()
 
     def admit(self, message: Any) -> bool:
         """Whether an agent may process this record now (see the class doc)."""
@@ -226,6 +258,8 @@ class InOrderReads:
         assigned = self.consumer.assignment()
         for tp in [tp for tp in self.expected if tp not in assigned]:
             del self.expected[tp]
+        for tp in [tp for tp in self.written if tp not in assigned]:
+            del self.written[tp]
 
 
 def in_order_reads(consumer: Any) -> InOrderReads:
@@ -244,17 +278,21 @@ class SeeksBetweenFetches(faust.Sensor):
 class RewindAfterRecovery(SeeksBetweenFetches):
     """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit.
 
-    It also makes the agents read `topics` in order (`InOrderReads`).
+    It also makes the agents read `topics` in order (`InOrderReads`), and caps
+    the commits of `written_topics` at what their table changes' writes covered.
     """
 
-    def __init__(self, app: AppT, topics: Iterable[str]) -> None:
+    def __init__(self, app: AppT, topics: Iterable[str], written_topics: Iterable[str] = ()) -> None:
         super().__init__()
         self.app = app
         self.topics = frozenset(topics)
+        self.written_topics = frozenset(written_topics)
         self._rewinding: set[asyncio.Task[None]] = set()
 
     def on_rebalance_start(self, app: AppT) -> dict:
-        in_order_reads(app.consumer).topics.update(self.topics)
+        reads = in_order_reads(app.consumer)
+        reads.topics.update(self.topics)
+        reads.written_topics.update(self.written_topics)
         return super().on_rebalance_start(app)
 
     def on_rebalance_end(self, app: AppT, state: dict[str, Any]) -> None:

@@ -1,14 +1,17 @@
-"""Table changes reach the changelog once per key per batch, with the latest value."""
+"""Table changes reach the changelog once per key per write (each batch, or each flush), latest value."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import faust
 import pytest
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.changelog import TableChanges, encode
+from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
+from faust.types import TP
 
 
 @pytest.fixture
@@ -65,3 +68,66 @@ def test_window_totals_are_encoded_through_their_state() -> None:
     totals = WindowTotals()
     totals.add(1, 7, 0.25, 2, 10, 20, 0, [1.0, 0.0, 0.0, 0.0])
     assert WindowTotals.from_state(json.loads(encode("json", totals))).to_state() == totals.to_state()
+
+
+class CapturedRecords:
+    """Stands in for the producer side: what each `send` handed over."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[tuple]] = []
+        self._pending: list[tuple] = []
+
+    def add(self, *record: object) -> None:
+        self._pending.append(record)
+
+    async def send(self) -> None:
+        self.sent.append(self._pending)
+        self._pending = []
+
+
+def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed_records(
+    app: faust.App,
+) -> None:
+    totals = app.Table("totals", default=None, partitions=4)
+    changes = TableChanges(app, flush_interval_s=3600)
+    changes.records = CapturedRecords()  # type: ignore[assignment]
+    tp = TP("burnguard.usage", 1)
+    changes.partition = 1
+    for offset, spent in enumerate((1.0, 2.0, 3.0)):  # three batches, the same key
+        changes.set(totals, "tenant|acme|0", WindowTotals(spent=spent, spans=1))
+        changes.processed(tp, offset)
+    assert not changes.due()
+    changes.processed(tp, 1)  # a re-reading moves nothing back
+
+    covered = asyncio.run(changes.write())
+
+    assert covered == {tp: 3}
+    (sent,) = changes.records.sent
+    assert len(sent) == 1 and WindowTotals.from_state(json.loads(sent[0][3])).spent == 3.0
+    assert asyncio.run(changes.write()) == {tp: 3}  # nothing new: nothing more written
+    assert changes.records.sent[-1] == []
+    changes.forget([tp])
+    assert asyncio.run(changes.write()) == {}
+
+
+def test_with_no_flush_interval_every_batch_is_due(app: faust.App) -> None:
+    assert TableChanges(app).due()
+    assert TableChanges(app, flush_interval_s=0.0).due()
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [(None, 1.0), ("0", 0.0), ("250", 0.25), ("10000", 10.0)])
+def test_the_flush_interval_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str | None, seconds: float
+) -> None:
+    if raw is None:
+        monkeypatch.delenv("BURNGUARD_CHANGELOG_FLUSH_MS", raising=False)
+    else:
+        monkeypatch.setenv("BURNGUARD_CHANGELOG_FLUSH_MS", raw)
+    assert StreamSettings.from_env().changelog_flush.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("raw", ["-1", "nan", "inf", "10001", "soon"])
+def test_a_bad_flush_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("BURNGUARD_CHANGELOG_FLUSH_MS", raw)
+    with pytest.raises(ValueError, match="BURNGUARD_CHANGELOG_FLUSH_MS"):
+        StreamSettings.from_env()

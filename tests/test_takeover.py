@@ -20,6 +20,7 @@ from typing import Any
 import faust
 import pytest
 from aiokafka.structs import ConsumerRecord
+from burnguard.stream.changelog import TableChanges
 from burnguard.stream.takeover import FetcherStopped, between_fetches, in_order_reads, seek_back
 from faust.types import TP
 
@@ -164,6 +165,55 @@ def test_an_agent_processes_a_partition_in_order_from_the_commit_whatever_faust_
 
 def consumer_commit_reached(commits: list[int | None]) -> int:
     return max(commit or 0 for commit in commits)
+
+
+#: after which processed offsets stage 2's record cache is written, in the test below
+WRITES_AFTER = (2, 6)
+
+
+async def agents_with_a_record_cache() -> tuple[list[tuple[int | None, int | None]], int | None, int | None]:
+    """(Faust's commit, what the last write covered) after each record, and the commit after the last write.
+
+    The agents process and ack every record, as stage 2 does, but write
+    their table changes only after `WRITES_AFTER` (the record cache).
+    """
+    consumer = stalled_consumer(None, Partition(position=0))
+    reads = in_order_reads(consumer)
+    reads.topics.add(TOPIC)
+    reads.written_topics.add(TOPIC)
+    reads.expected[TP0] = 0
+    changes = TableChanges(consumer.app, flush_interval_s=3600)
+    seen: list[tuple[int | None, int | None]] = []
+
+    async def write() -> None:
+        reads.written.update(await changes.write())
+
+    async def agents(message: Any) -> None:
+        if reads.admit(message):
+            changes.processed(message.tp, message.offset)
+            if message.offset in WRITES_AFTER:
+                await write()
+        consumer.ack(message)
+        seen.append((commit(consumer), reads.written.get(TP0)))
+        await asyncio.sleep(0)
+
+    await drain(consumer, agents, lambda: len(seen) == LOG_END)
+    before_the_write = commit(consumer)
+    await write()
+    return seen, before_the_write, commit(consumer)
+
+
+def test_stage_2_commits_wait_for_its_table_changes_to_be_written_and_then_catch_up() -> None:
+    seen, before_the_write, after_the_write = asyncio.run(agents_with_a_record_cache())
+    committed = [offset for offset, _ in seen if offset is not None]
+    assert committed, "nothing was committed"
+    for offset, written in seen:
+        assert offset is None or (written is not None and offset <= written), (
+            f"Faust committed {offset} with the changes written only below {written}: {seen}"
+        )
+    assert max(committed) == WRITES_AFTER[-1] + 1, seen
+    assert before_the_write is None, "committed past the last write"
+    assert after_the_write == LOG_END, "the acks kept back were lost: the commit never catches up"
 
 
 class SeekingConsumer:
