@@ -669,7 +669,7 @@ def test_a_writer_outlives_its_broker_going_down_and_checkpoints_after_it_is_bac
             time.sleep(0.1)
         assert writer.checkpoints_written == 1
         broker.stop()
-        time.sleep(5)  # the writer's connection is gone; it keeps trying
+        time.sleep(2)  # the writer's connection is gone; it keeps trying (every second)
         broker.start()
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
         send(producer, topics.signals, [restriction("after")])
