@@ -199,6 +199,18 @@ def started_guard(kafka: KafkaSettings, topics: Topics, checkpoints: bool) -> Bu
     return guard
 
 
+def assert_comes_to_hold_what_a_replay_holds(
+    guard: BudgetGuard, kafka: KafkaSettings, topics: Topics
+) -> BudgetGuard:
+    """Within 20 s `guard` holds what a guard replaying the whole topic holds; that guard (to stop)."""
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    deadline = time.monotonic() + 20
+    while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert held_state(guard) == held_state(replayed)
+    return replayed
+
+
 def test_a_guard_started_from_a_checkpoint_holds_what_a_full_replay_holds(kafka_broker: KafkaBroker) -> None:
     topics = signal_topics(kafka_broker)
     kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
@@ -333,11 +345,7 @@ def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_chec
         send(producer, topics.signals, [(held_key, None), restriction("new")])  # while it is away
         write_checkpoints(kafka, topics)
         resume.set()
-        replayed = started_guard(kafka, topics, checkpoints=False)
-        deadline = time.monotonic() + 20
-        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert held_state(guard) == held_state(replayed)
+        replayed = assert_comes_to_hold_what_a_replay_holds(guard, kafka, topics)
         assert held_key.decode() not in held_state(guard)[0]
         assert "tenant:new@tenant-daily" in held_state(guard)[0]
     finally:
@@ -536,11 +544,7 @@ def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
         send(producer, topics.signals, [(retired_key, None)])
         write_checkpoints(kafka, topics)  # a newer checkpoint, without the retired key
         resume.set()
-        replayed = started_guard(kafka, topics, checkpoints=False)
-        deadline = time.monotonic() + 20
-        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert held_state(guard) == held_state(replayed)
+        replayed = assert_comes_to_hold_what_a_replay_holds(guard, kafka, topics)
         assert retired_key.decode() not in held_state(guard)[0]
     finally:
         resume.set()
