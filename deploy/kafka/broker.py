@@ -347,35 +347,32 @@ class KafkaBroker:
 
     def server_properties(self) -> dict[str, str]:
         """The broker config: single node, so every internal topic has RF 1."""
-        return (
-            {
-                "process.roles": "broker,controller",
-                "node.id": "1",
-                "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-                "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-                "controller.listener.names": "CONTROLLER",
-                "inter.broker.listener.name": "PLAINTEXT",
-                "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-                "log.dirs": str(self.log_dirs),
-                "num.partitions": str(self.num_partitions),
-                "default.replication.factor": "1",
-                "min.insync.replicas": "1",
-                "offsets.topic.replication.factor": "1",
-                # Not the default 50: fewer partition logs to create and load when the first
-                # consumer group or transactional producer appears on a fresh broker.
-                "offsets.topic.num.partitions": "10",
-                "transaction.state.log.replication.factor": "1",
-                "transaction.state.log.min.isr": "1",
-                "transaction.state.log.num.partitions": "10",
-                "share.coordinator.state.topic.replication.factor": "1",
-                "share.coordinator.state.topic.min.isr": "1",
-                "group.initial.rebalance.delay.ms": "0",
-                "auto.create.topics.enable": "true",
-            }
-            | self._security_properties()
-            | self.properties
-        )
+        defaults = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.log_dirs),
+            "num.partitions": str(self.num_partitions),
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "offsets.topic.replication.factor": "1",
+            # Not the default 50: fewer partition logs to create and load when the first
+            # consumer group or transactional producer appears on a fresh broker.
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+        }
+        return defaults | self._security_properties() | self.properties
 
     def _security_properties(self) -> dict[str, str]:
         """SASL_SSL listeners and the authorizer when the broker is secured, else nothing."""
