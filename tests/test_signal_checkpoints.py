@@ -164,6 +164,13 @@ def signal_topics(kafka_broker: KafkaBroker, partitions: int = 2) -> Topics:
     return topics
 
 
+def clients(kafka_broker: KafkaBroker) -> tuple[KafkaSettings, KafkaProducer]:
+    """The broker's settings for a guard or writer, and a producer of signals (the test closes it)."""
+    return KafkaSettings(bootstrap=kafka_broker.bootstrap), KafkaProducer(
+        bootstrap_servers=kafka_broker.bootstrap, acks="all"
+    )
+
+
 def restriction(key: str, action: str = "throttle", **fields: object) -> tuple[bytes, bytes]:
     signal = factories.make_signal(action, key=key, issued_at=NOW, ttl=timedelta(hours=1), **fields)
     return signal.kafka_key.encode(), signal.to_json()
@@ -187,7 +194,10 @@ def send(producer: KafkaProducer, topic: str, batch: list[tuple[bytes, bytes | N
     producer.flush(timeout=30)
 
 
-def held_state(guard: BudgetGuard) -> tuple[dict[str, bytes], set[str]]:
+Held = tuple[dict[str, bytes], set[str]]
+
+
+def held_state(guard: BudgetGuard) -> Held:
     """What a guard holds: its restrictions' JSON by key, and the keys of its baselines."""
     restrictions = {key: held.payload for key, held in guard._restrictions.items()}
     return restrictions, set(guard._ledger._tallies)
@@ -199,22 +209,36 @@ def started_guard(kafka: KafkaSettings, topics: Topics, checkpoints: bool) -> Bu
     return guard
 
 
+def held_with_and_without_checkpoints(kafka: KafkaSettings, topics: Topics) -> tuple[Held, Held, int]:
+    """What a guard started with checkpoints holds, what a replaying one holds, and how many
+    partitions the first started from a checkpoint."""
+    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
+    replayed = started_guard(kafka, topics, checkpoints=False)
+    try:
+        checkpointed = from_checkpoint.stats.checkpoint_partitions
+        return held_state(from_checkpoint), held_state(replayed), checkpointed
+    finally:
+        from_checkpoint.stop()
+        replayed.stop()
+
+
 def assert_comes_to_hold_what_a_replay_holds(
     guard: BudgetGuard, kafka: KafkaSettings, topics: Topics
-) -> BudgetGuard:
-    """Within 20 s `guard` holds what a guard replaying the whole topic holds; that guard (to stop)."""
+) -> None:
+    """Within 20 s `guard` holds what a guard replaying the whole topic holds."""
     replayed = started_guard(kafka, topics, checkpoints=False)
-    deadline = time.monotonic() + 20
-    while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert held_state(guard) == held_state(replayed)
-    return replayed
+    try:
+        deadline = time.monotonic() + 20
+        while held_state(guard) != held_state(replayed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held_state(guard) == held_state(replayed)
+    finally:
+        replayed.stop()
 
 
 def test_a_guard_started_from_a_checkpoint_holds_what_a_full_replay_holds(kafka_broker: KafkaBroker) -> None:
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     before = [restriction(f"r{n}", ("warn", "downgrade", "throttle")[n % 3]) for n in range(40)]
     before += [expired_ok(f"gone{n}") for n in range(300)] + [live_ok(f"live{n}") for n in range(20)]
     key_of = {n: restriction(f"r{n}")[0] for n in range(40)}
@@ -266,8 +290,7 @@ def test_an_unusable_checkpoint_falls_back_to_replaying_that_partition(kafka_bro
     """Partition 0: an unreadable part; 1: an offset past the end; 2: a checkpoint of an earlier topic
     of this name (taken before records below its offset were written: deleted and created again)."""
     topics = signal_topics(kafka_broker, partitions=3)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     for n in range(30):
         key, value = restriction(f"r{n}")
         producer.send(topics.signals, key=key, value=value, partition=n % 3)
@@ -323,8 +346,7 @@ def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_chec
     """A lost connection while a key's restriction was lifted and a checkpoint written past it:
     the guard must still read the lift, not jump to the checkpoint keeping its stale restriction."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     held_key, _ = restriction("held")
     send(producer, topics.signals, [restriction("held"), restriction("other", "warn")])
     guard = started_guard(kafka, topics, checkpoints=True)
@@ -337,7 +359,6 @@ def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_chec
             raise KafkaConnectionError("injected: connection lost")
 
     guard._follower._after_poll = lose_connection  # type: ignore[method-assign]
-    replayed = None
     try:
         assert held_key.decode() in held_state(guard)[0]
         trigger.set()
@@ -345,36 +366,27 @@ def test_a_guard_that_reconnects_goes_on_from_where_it_was_not_from_a_newer_chec
         send(producer, topics.signals, [(held_key, None), restriction("new")])  # while it is away
         write_checkpoints(kafka, topics)
         resume.set()
-        replayed = assert_comes_to_hold_what_a_replay_holds(guard, kafka, topics)
+        assert_comes_to_hold_what_a_replay_holds(guard, kafka, topics)
         assert held_key.decode() not in held_state(guard)[0]
         assert "tenant:new@tenant-daily" in held_state(guard)[0]
     finally:
         resume.set()
         producer.close()
         guard.stop()
-        if replayed is not None:
-            replayed.stop()
 
 
 def test_a_checkpoint_from_a_writer_clock_too_far_ahead_is_not_used(kafka_broker: KafkaBroker) -> None:
     """The writer leaves out what ended by its clock less the margin: a guard whose clock is
     further behind than that would still hold it, so it replays instead."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     ending = restriction("ending", window_end=datetime.now(UTC) + timedelta(minutes=3))
     send(producer, topics.signals, [ending, restriction("other")])
     producer.close()
     write_checkpoints(kafka, topics, clock=lambda: datetime.now(UTC) + timedelta(minutes=10))
-    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
-    replayed = started_guard(kafka, topics, checkpoints=False)
-    try:
-        assert ending[0].decode() in held_state(replayed)[0]
-        assert held_state(from_checkpoint) == held_state(replayed)
-        assert from_checkpoint.stats.checkpoint_partitions == 0
-    finally:
-        from_checkpoint.stop()
-        replayed.stop()
+    from_checkpoint, replayed, checkpointed = held_with_and_without_checkpoints(kafka, topics)
+    assert ending[0].decode() in replayed[0]
+    assert from_checkpoint == replayed and checkpointed == 0
 
 
 def test_a_checkpoint_part_nested_too_deep_is_passed_over_and_the_guard_replays(
@@ -382,8 +394,7 @@ def test_a_checkpoint_part_nested_too_deep_is_passed_over_and_the_guard_replays(
 ) -> None:
     """json.loads raises RecursionError (not a ValueError) on it: it must not end the guard's thread."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     send(producer, topics.signals, [restriction(f"r{n}") for n in range(5)])
     send(producer, topics.signal_checkpoints, [(part_key(topics.signals, 0, 0), b"[" * 100_000 + b"\n")])
     producer.close()
@@ -399,8 +410,7 @@ def test_a_checkpoint_part_nested_too_deep_is_passed_over_and_the_guard_replays(
 def test_an_unexpected_error_on_the_follower_thread_does_not_end_it(kafka_broker: KafkaBroker) -> None:
     """The thread is the guard's only source of signals: any error is logged and it goes on."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     send(producer, topics.signals, [restriction("first")])
     guard = started_guard(kafka, topics, checkpoints=True)
     failures: list[int] = []
@@ -433,8 +443,7 @@ def test_a_record_under_another_key_than_its_signal_is_refused_by_guard_and_writ
     tombstone in a replay while the checkpoint dropped it, or keep a restriction that its own
     key's (expired) `ok` lifted: both read it as malformed, so both hold the same."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     for n in range(4):  # on both partitions
         elsewhere = f"tenant:elsewhere{n}@tenant-daily".encode()
         _, hidden = restriction(f"hidden{n}")
@@ -488,8 +497,7 @@ def test_a_checkpoint_left_behind_by_a_stopped_writer_is_not_used_once_old(kafka
     }
     kafka_broker.create_topic(topics.signals, partitions=1, compact=True, config=cleaned_fast)
     kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     retired_key, retired = restriction("retired")
     send(producer, topics.signals, [(retired_key, retired), restriction("stays")])
     # the last checkpoint, written two hours ago (by the writer's clock) before it was switched off
@@ -501,15 +509,9 @@ def test_a_checkpoint_left_behind_by_a_stopped_writer_is_not_used_once_old(kafka
         time.sleep(1.0)
         send(producer, topics.signals, [restriction("filler")])  # rolls the segment the tombstone is in
     producer.close()
-    from_checkpoint = started_guard(kafka, topics, checkpoints=True)
-    replayed = started_guard(kafka, topics, checkpoints=False)
-    try:
-        assert retired_key.decode() not in held_state(replayed)[0]
-        assert held_state(from_checkpoint) == held_state(replayed)
-        assert from_checkpoint.stats.checkpoint_partitions == 0
-    finally:
-        from_checkpoint.stop()
-        replayed.stop()
+    from_checkpoint, replayed, checkpointed = held_with_and_without_checkpoints(kafka, topics)
+    assert retired_key.decode() not in replayed[0]
+    assert from_checkpoint == replayed and checkpointed == 0
 
 
 def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
@@ -518,8 +520,7 @@ def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
     """Lost before the first poll after a checkpoint: the guard already holds the checkpoint's
     records, so a newer checkpoint (which left out a key since retired) must not be laid over them."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     retired_key, retired = restriction("retired")
     send(producer, topics.signals, [(retired_key, retired), restriction("stays")])
     write_checkpoints(kafka, topics)
@@ -537,28 +538,24 @@ def test_a_connection_lost_right_after_a_checkpoint_was_applied_goes_on_from_it(
 
     monkeypatch.setattr(compacted_topics, "_caught_up", lose_connection_once)
     guard = BudgetGuard(kafka, topics, BudgetConfig()).start(wait_s=0)
-    replayed = None
     try:
         assert paused.wait(30)
         assert guard.stats.checkpoint_partitions == 2 and retired_key.decode() in held_state(guard)[0]
         send(producer, topics.signals, [(retired_key, None)])
         write_checkpoints(kafka, topics)  # a newer checkpoint, without the retired key
         resume.set()
-        replayed = assert_comes_to_hold_what_a_replay_holds(guard, kafka, topics)
+        assert_comes_to_hold_what_a_replay_holds(guard, kafka, topics)
         assert retired_key.decode() not in held_state(guard)[0]
     finally:
         resume.set()
         producer.close()
         guard.stop()
-        if replayed is not None:
-            replayed.stop()
 
 
 def test_a_writer_clock_stepped_back_stamps_the_latest_time_it_judged_by(kafka_broker: KafkaBroker) -> None:
     """Records left out by the clock before it stepped back: the checkpoint's time must say so."""
     topics = signal_topics(kafka_broker)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     ending = restriction("ending", window_end=datetime.now(UTC) + timedelta(minutes=3))
     send(producer, topics.signals, [ending, restriction("other")])
     producer.close()
@@ -587,8 +584,7 @@ def test_a_checkpoint_before_the_log_start_reads_on_from_the_earliest_record(
     topics = Topics(signals=f"signals-{suffix}", signal_checkpoints=f"checkpoints-{suffix}")
     kafka_broker.create_topic(topics.signals, partitions=1, config={"cleanup.policy": "compact,delete"})
     kafka_broker.create_topic(topics.signal_checkpoints, partitions=1, compact=True)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     send(producer, topics.signals, [restriction("first"), restriction("second")])
     write_checkpoints(kafka, topics, partitions=1)  # at offset 2
     send(producer, topics.signals, [restriction("third"), restriction("fourth")])
@@ -627,8 +623,7 @@ def test_a_writer_whose_writes_fail_counts_them_goes_on_and_writes_once_it_can(
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
     resource = ConfigResource("TOPIC", topics.signal_checkpoints, {"max.message.bytes": "64"})
     admin.alter_configs([resource])
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    kafka, producer = clients(kafka_broker)
     send(producer, topics.signals, [restriction(f"r{n}") for n in range(10)])
     writer = SignalCheckpointWriter(kafka, topics, timedelta(seconds=0.2))
     try:
