@@ -43,11 +43,12 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from revisions import export_revision
 
 if TYPE_CHECKING:
+    from burnguard.contracts.topics import Topics
     from pipeline_setup import BenchPipeline
 
 TARGET_START_S = 1.0
@@ -166,7 +167,7 @@ def checkpoint(bootstrap: str, topic: str) -> dict:
     return {"replayed_s": replayed_s, "written_s": written_s, "bytes": checkpoint_bytes(bootstrap, topics)}
 
 
-def checkpoint_bytes(bootstrap: str, topics: Any) -> int:
+def checkpoint_bytes(bootstrap: str, topics: Topics) -> int:
     from burnguard.contracts.compacted_topics import read_compacted_topic
     from burnguard.contracts.topics import KafkaSettings
 
