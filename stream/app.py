@@ -69,7 +69,13 @@ from burnguard.stream.accounting import (
     context_observations,
     usage_deltas,
 )
-from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
+from burnguard.stream.changelog import (
+    MAX_BATCH_BYTES,
+    ChangelogWriteFailed,
+    PendingRecords,
+    TableChanges,
+    encode,
+)
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.eviction import (
@@ -673,9 +679,23 @@ class BudgetJob:
             if self.changes.due():
                 await self._write_changes()
 
-    async def _write_changes(self) -> None:
-        """Write the pending table changes, then let Faust commit the records they cover."""
-        covered = await self.changes.write()
+    async def _write_changes(self, flushed: bool = False) -> None:
+        """Write the pending table changes, then let Faust commit the records delivered ones cover.
+
+        `flushed`: the caller flushes the producer and waits for the delivery
+        here. A change that did not reach its changelog stops the worker
+        (`ChangelogWriteFailed`): nothing past the last delivered write is
+        committed, and the next owner replays from there.
+        """
+        try:
+            covered = await self.changes.write()
+            if flushed:
+                await self.app.producer.flush()
+                covered = await self.changes.delivered()
+        except ChangelogWriteFailed as exc:
+            logger.error("stopping: %s", exc)
+            await self.app.crash(exc)
+            raise
         reads = in_order_reads(self.app.consumer)
         assigned = self.app.consumer.assignment()
         reads.written.update((tp, offset) for tp, offset in covered.items() if tp in assigned)
@@ -693,8 +713,7 @@ class BudgetJob:
         changelog partitions yet. A failure here crashes the worker (Faust),
         which is safe: nothing past the last write was committed.
         """
-        await self.changes.write()
-        await self.app.producer.flush()
+        await self._write_changes(flushed=True)
         self.changes.forget(revoked)
         reads = in_order_reads(self.app.consumer)
         for tp in revoked:
@@ -707,8 +726,7 @@ class BudgetJob:
         failure here only means the next owner re-reads a little more.
         """
         try:
-            await self._write_changes()
-            await self.app.producer.flush()
+            await self._write_changes(flushed=True)
             await self.app.consumer.commit()
         except Exception as exc:
             logger.warning("could not write the pending table changes on stop: %r", exc)

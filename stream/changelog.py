@@ -20,9 +20,13 @@ A record cache, as Kafka Streams keeps one: with a flush interval
 each changed key is written once per interval, not once per batch. Faust
 still acks every batch, so its commits are capped instead: `write` returns,
 per partition, the offset below which every processed record's changes are
-now in the producer, and `stream/takeover.py:InOrderReads` never lets Faust
-commit past it (Faust flushes the producer before it commits). A crash then
-replays from a commit whose changes are all in the changelog, as before.
+delivered to the changelog (each record's delivery future succeeded; the
+producer's flush, which Faust runs before a commit, does not fail when the
+broker refused a record), and `stream/takeover.py:InOrderReads` never lets
+Faust commit past it. A crash then replays from a commit whose changes are
+all in the changelog, as before. A record that fails (refused, or `send`
+raising half way through a write) stops the cache for good
+(`ChangelogWriteFailed`): every later cover would include it.
 Before a rebalance hands the partitions away the pending changes are written
 and flushed, so the next owner recovers them (`BudgetJob._on_revoked`).
 """
@@ -32,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,14 +79,20 @@ class PendingRecords:
         """Queue a record; partition None leaves it to the default partitioner (murmur2 of the key)."""
         self._pending.append((topic, partition, key, value, headers))
 
-    async def send(self) -> None:
-        """Hand every pending record to the producer (delivered by its next flush at the latest)."""
+    async def send(self) -> list[asyncio.Future[Any]]:
+        """Hand every pending record to the producer; each record's delivery future.
+
+        Delivered by the producer's next flush at the latest, but a flush does
+        not fail when the broker refused a record: only its future tells.
+        """
         pending, self._pending = self._pending, []
         if not pending:
-            return
+            return []
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust runs
-        for topic, partition, key, value, headers in pending:
+        return [
             await producer.send(topic, value, key=key, partition=partition, headers=headers)
+            for topic, partition, key, value, headers in pending
+        ]
 
 
 def encode(serializer: str, value: Any) -> bytes:
@@ -123,6 +133,11 @@ class TableChanges:
         self._processed: dict[TP, int] = {}
         self._last_write = time.monotonic()
         self._writing: asyncio.Lock | None = None
+        #: each write's delivery futures and cover, oldest first, until all its records are delivered
+        self._sent: deque[tuple[list[asyncio.Future[Any]], dict[TP, int]]] = deque()
+        #: the cover of the writes delivered so far
+        self._delivered: dict[TP, int] = {}
+        self._failed: BaseException | None = None
 
     def set(self, table: CollectionT, key: str, value: Any) -> None:
         """Change a key; its record moves behind the batch's other changes (see `stream/eviction.py`)."""
@@ -161,23 +176,66 @@ class TableChanges:
         return time.monotonic() - self._last_write >= self.flush_interval_s
 
     async def write(self) -> dict[TP, int]:
-        """Hand the changed keys' records to the producer; per partition, the offset they now cover.
+        """Hand the changed keys' records to the producer; per partition, the offset now delivered.
 
-        Every record below the returned offset of its partition has its
-        changes in the producer once this returns. One write at a time: two
-        interleaved ones could put a key's older value after its newer one.
+        Returns what the writes whose records have all been delivered so far
+        cover (`delivered`, without waiting): every record below the returned
+        offset of its partition has its changes in the changelog. One write
+        at a time: two interleaved ones could put a key's older value after
+        its newer one. Raises `ChangelogWriteFailed` once a record failed.
         """
         if self._writing is None:
             self._writing = asyncio.Lock()
         async with self._writing:
+            self._check()
             covered = dict(self._processed)  # taken with the records: nothing runs in between
             for record in self.take_records():
                 self.records.add(*record)
             self._last_write = time.monotonic()
-            await self.records.send()
-            return covered
+            try:
+                sent = await self.records.send()
+            except Exception as exc:  # the rest of the write is lost: never cover it
+                self._failed = exc
+                raise ChangelogWriteFailed(f"a changelog write failed half way: {exc!r}") from exc
+            self._sent.append((sent, covered))
+            return self._release()
+
+    async def delivered(self) -> dict[TP, int]:
+        """Wait for every write so far to be delivered (after a producer flush: at once); what they cover."""
+        for sent, _ in list(self._sent):
+            if sent:
+                await asyncio.wait(sent)
+        return self._release()
+
+    def _release(self) -> dict[TP, int]:
+        """The cover of the writes delivered so far, taken in write order (a later write's cover
+        includes the earlier writes' records)."""
+        self._check()
+        while self._sent and all(future.done() for future in self._sent[0][0]):
+            sent, covered = self._sent.popleft()
+            for future in sent:
+                if future.cancelled():
+                    self._failed = asyncio.CancelledError()
+                elif future.exception() is not None:
+                    self._failed = future.exception()
+            self._check()
+            self._delivered = covered
+        return dict(self._delivered)
+
+    def _check(self) -> None:
+        """Refuse to go on after a failed record: the store holds a change its changelog lacks,
+        and every later cover includes it. Only a restart (recovery, then a replay) repairs it."""
+        if self._failed is not None:
+            raise ChangelogWriteFailed(f"a changelog record was not written: {self._failed!r}")
 
     def forget(self, tps: Iterable[TP]) -> None:
         """Drop what is kept for partitions this worker no longer reads."""
         for tp in tps:
             self._processed.pop(tp, None)
+            self._delivered.pop(tp, None)
+            for _, covered in self._sent:
+                covered.pop(tp, None)
+
+
+class ChangelogWriteFailed(RuntimeError):
+    """A table change did not reach its changelog; the worker must stop without committing past it."""

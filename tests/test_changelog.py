@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import faust
 import pytest
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.changelog import TableChanges, encode
+from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, encode
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 from faust.types import TP
@@ -80,9 +81,15 @@ class CapturedRecords:
     def add(self, *record: object) -> None:
         self._pending.append(record)
 
-    async def send(self) -> None:
+    async def send(self) -> list[asyncio.Future[None]]:
+        """Each record delivered at once."""
         self.sent.append(self._pending)
+        delivered = []
+        for _ in self._pending:
+            delivered.append(asyncio.get_running_loop().create_future())
+            delivered[-1].set_result(None)
         self._pending = []
+        return delivered
 
 
 def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed_records(
@@ -105,6 +112,7 @@ def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed
     (sent,) = changes.records.sent
     assert len(sent) == 1 and WindowTotals.from_state(json.loads(sent[0][3])).spent == 3.0
     assert asyncio.run(changes.write()) == {tp: 3}  # nothing new: nothing more written
+    assert asyncio.run(changes.delivered()) == {tp: 3}
     assert changes.records.sent[-1] == []
     changes.forget([tp])
     assert asyncio.run(changes.write()) == {}
@@ -131,3 +139,102 @@ def test_a_bad_flush_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("BURNGUARD_CHANGELOG_FLUSH_MS", raw)
     with pytest.raises(ValueError, match="BURNGUARD_CHANGELOG_FLUSH_MS"):
         StreamSettings.from_env()
+
+
+#: what the refusing changelog topic below accepts in one message (`max.message.bytes`)
+REFUSED_ABOVE = 1024
+
+
+async def covers_around_a_refused_write(bootstrap: str, app_id: str) -> tuple[list[object], object]:
+    """What each write returned (a cover, or the exception it raised) around a record the broker refuses.
+
+    The records at offsets 0 and 2 of the source change small keys; the one
+    at offset 1 changes a key to a value the changelog topic refuses.
+    """
+    app = faust.App(app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False)
+    totals = app.Table("totals", default=None, partitions=1)
+    changes = TableChanges(app, flush_interval_s=3600)
+    tp = TP("burnguard.usage", 0)
+    outcomes: list[object] = []
+    await app.producer.start()
+    try:
+        for offset, value in enumerate(({"v": 1}, {"v": "x" * 4 * REFUSED_ABOVE}, {"v": 3})):
+            changes.set(totals, f"key-{offset}", value)
+            changes.processed(tp, offset)
+            for attempt in (changes.write, app.producer.flush, changes.delivered):
+                try:
+                    outcome = await attempt()
+                except Exception as exc:
+                    outcome = exc
+                if attempt.__name__ != "flush":
+                    outcomes.append(outcome)
+    finally:
+        await app.producer.stop()
+    return outcomes, tp
+
+
+def test_a_change_the_broker_refuses_is_never_covered_and_stops_the_cache(kafka_broker: object) -> None:
+    """A refused changelog record must hold back every later cover: a commit past it loses counts.
+
+    aiokafka's flush, which Faust runs before a commit, does not fail when a
+    record was refused; only the record's own delivery future does.
+    """
+    app_id = f"changelog-refused-{time.monotonic_ns()}"
+    kafka_broker.create_topic(  # type: ignore[attr-defined]
+        f"{app_id}-totals-changelog", partitions=1, config={"max.message.bytes": str(REFUSED_ABOVE)}
+    )
+    outcomes, tp = asyncio.run(covers_around_a_refused_write(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    covers = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+    assert {tp: 1} in covers, f"the delivered first change was never covered: {outcomes}"
+    assert all(cover.get(tp, 0) <= 1 for cover in covers), f"a cover passed the refused change: {outcomes}"
+    assert isinstance(outcomes[-1], ChangelogWriteFailed), f"the cache went on after a refusal: {outcomes}"
+
+
+async def covers_around_a_write_failing_half_way(bootstrap: str, app_id: str) -> list[object]:
+    """What each write returned around one whose second record the producer refuses to take.
+
+    The producer refuses a record above its `producer_max_request_size` in
+    `send` itself: the first record of that write is sent, the third never.
+    """
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        producer_max_request_size=REFUSED_ABOVE,
+    )
+    totals = app.Table("totals", default=None, partitions=1)
+    changes = TableChanges(app, flush_interval_s=3600)
+    tp = TP("burnguard.usage", 0)
+    outcomes: list[object] = []
+    await app.producer.start()
+    try:
+        for offset, value in enumerate(({"v": 1}, {"v": "x" * 4 * REFUSED_ABOVE}, {"v": 3})):
+            changes.set(totals, f"key-{offset}", value)
+            changes.processed(tp, offset)
+        for _ in range(2):
+            try:
+                outcomes.append(await changes.write())
+            except Exception as exc:
+                outcomes.append(exc)
+        changes.set(totals, "key-3", {"v": 4})
+        changes.processed(tp, 3)
+        await app.producer.flush()
+        for attempt in (changes.write, changes.delivered):
+            try:
+                outcomes.append(await attempt())
+            except Exception as exc:
+                outcomes.append(exc)
+    finally:
+        await app.producer.stop()
+    return outcomes
+
+
+def test_a_write_failing_half_way_is_never_covered_and_stops_the_cache(kafka_broker: object) -> None:
+    """The records of a write not yet handed over when `send` raised are lost: nothing may cover them."""
+    app_id = f"changelog-half-way-{time.monotonic_ns()}"
+    outcomes = asyncio.run(covers_around_a_write_failing_half_way(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert isinstance(outcomes[0], Exception), f"the refused record did not fail its write: {outcomes}"
+    covers = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+    assert all(not cover for cover in covers), f"a cover passed the lost changes: {outcomes}"
+    assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes), outcomes
