@@ -110,7 +110,7 @@ from burnguard.stream.records import (
 )
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
-from burnguard.stream.takeover import RewindAfterRecovery, in_order_reads
+from burnguard.stream.takeover import PartitionsLost, RewindAfterRecovery, in_order_reads, membership_lost
 from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
@@ -712,8 +712,20 @@ class BudgetJob:
         before the worker rejoins the group, so no other worker reads these
         changelog partitions yet. A failure here crashes the worker (Faust),
         which is safe: nothing past the last write was committed.
+
+        Unless the group expelled this worker first (`membership_lost`): then
+        another worker may own the partitions and write their changelogs
+        already, and a late write of older values would be what a recovery
+        reads last. Nothing is written; with changes pending, the stores hold
+        what no changelog does, so the worker stops (`PartitionsLost`) and
+        its successor recovers from the changelogs and replays.
         """
-        await self._write_changes(flushed=True)
+        if revoked and membership_lost(self.app.consumer):
+            if self.changes.pending():
+                raise PartitionsLost(f"expelled from the group with table changes pending: {sorted(revoked)}")
+            logger.warning("expelled from the group: partitions lost, nothing pending")
+        else:
+            await self._write_changes(flushed=True)
         self.changes.forget(revoked)
         reads = in_order_reads(self.app.consumer)
         for tp in revoked:

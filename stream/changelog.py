@@ -166,6 +166,10 @@ class TableChanges:
                 records.append((topic, partition, encode(key_serializer, key), encoded))
         return records
 
+    def pending(self) -> bool:
+        """Whether some change is in the stores but not yet handed to the producer."""
+        return any(self._changed.values())
+
     def processed(self, tp: TP, offset: int) -> None:
         """The record at `offset` of `tp` is fully processed: its changes are all pending or written."""
         if offset >= self._processed.get(tp, 0):

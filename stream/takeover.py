@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, TypeVar
 
 import faust
+from aiokafka.protocol.commit import OffsetCommitRequest
 from faust.types import TP, AppT
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,24 @@ class InOrderReads:
 def in_order_reads(consumer: Any) -> InOrderReads:
     """The consumer's `InOrderReads`, installed on first use (with its `BetweenFetches`)."""
     return _installed(consumer, _IN_ORDER, InOrderReads)
+
+
+class PartitionsLost(Exception):
+    """The group expelled this worker before it gave its partitions up: another may own them already."""
+
+
+def membership_lost(consumer: Any) -> bool:
+    """Whether the group no longer counts this worker as a member (Faust's consumer).
+
+    aiokafka resets the generation when the broker expelled the member (its
+    session expired: a stalled loop, a network split) or moved on to a newer
+    generation without it; it notices at its next heartbeat, commit or
+    sync, and then calls the revoke listener before rejoining. Such a revoke
+    is not the one an ordinary rebalance waits for: the partitions may have
+    been assigned to another worker already, which writes their changelogs.
+    """
+    aiokafka_consumer = consumer._thread._ensure_consumer()
+    return aiokafka_consumer._coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 
 class SeeksBetweenFetches(faust.Sensor):

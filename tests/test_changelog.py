@@ -104,11 +104,13 @@ def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed
         changes.set(totals, "tenant|acme|0", WindowTotals(spent=spent, spans=1))
         changes.processed(tp, offset)
     assert not changes.due()
+    assert changes.pending()
     changes.processed(tp, 1)  # a re-reading moves nothing back
 
     covered = asyncio.run(changes.write())
 
     assert covered == {tp: 3}
+    assert not changes.pending()
     (sent,) = changes.records.sent
     assert len(sent) == 1 and WindowTotals.from_state(json.loads(sent[0][3])).spent == 3.0
     assert asyncio.run(changes.write()) == {tp: 3}  # nothing new: nothing more written

@@ -14,14 +14,23 @@ read, and Faust's next commit went past them.
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
 import faust
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord
 from burnguard.stream.changelog import TableChanges
-from burnguard.stream.takeover import FetcherStopped, between_fetches, in_order_reads, seek_back
+from burnguard.stream.takeover import (
+    FetcherStopped,
+    between_fetches,
+    in_order_reads,
+    membership_lost,
+    seek_back,
+)
 from faust.types import TP
 
 TOPIC = "otlp_spans"
@@ -340,3 +349,72 @@ def test_seeks_left_when_the_fetcher_stops_fail_instead_of_waiting_for_ever() ->
                 await waiting
 
     asyncio.run(scenario())
+
+
+SESSION_TIMEOUT_MS = 6000
+
+
+async def generations_lost_at_revoke(bootstrap: str, topic: str, group: str, stall_s: float) -> list[bool]:
+    """`membership_lost` at each revoke of a real consumer whose event loop stalls for `stall_s`.
+
+    A stall longer than the session timeout gets the member expelled by the
+    broker (a zombie until its next heartbeat tells it); a second member
+    joining makes an ordinary rebalance either way.
+    """
+    seen: list[bool] = []
+
+    class Listener(ConsumerRebalanceListener):
+        def __init__(self) -> None:
+            self.consumer: Any = None
+
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            if revoked:
+                seen.append(
+                    membership_lost(
+                        SimpleNamespace(_thread=SimpleNamespace(_ensure_consumer=lambda: self.consumer))
+                    )
+                )
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            pass
+
+    def consumer() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=500,
+            enable_auto_commit=False,
+        )
+
+    first, listener = consumer(), Listener()
+    listener.consumer = first
+    first.subscribe([topic], listener=listener)
+    await first.start()
+    second = consumer()
+    try:
+        await first.getmany(timeout_ms=2000)
+        while not first.assignment():
+            await first.getmany(timeout_ms=500)
+        time.sleep(stall_s)  # the whole loop stalls: no heartbeat
+        second.subscribe([topic])
+        await second.start()
+        for _ in range(40):
+            await asyncio.gather(first.getmany(timeout_ms=250), second.getmany(timeout_ms=250))
+            if seen and first.assignment() and second.assignment():
+                break
+    finally:
+        await first.stop()
+        await second.stop()
+    return seen
+
+
+@pytest.mark.parametrize(("stall_s", "lost"), [(0.0, False), (SESSION_TIMEOUT_MS / 1000 + 4, True)])
+def test_a_worker_expelled_from_its_group_knows_at_the_revoke_that_its_partitions_are_lost(
+    kafka_broker: Any, stall_s: float, lost: bool
+) -> None:
+    """A revoke after the broker expelled the member comes when another may own the partitions already."""
+    topic = f"takeover.lost.{time.monotonic_ns()}"
+    kafka_broker.create_topic(topic, partitions=2)
+    seen = asyncio.run(generations_lost_at_revoke(kafka_broker.bootstrap, topic, f"g-{topic}", stall_s))
+    assert seen and seen[0] is lost, seen
