@@ -46,8 +46,13 @@ from faust.types import TP, AppT, CollectionT
 #: The producer's record batch size at most (`producer_max_batch_size`): a burst of changelog
 #: records or snapshots fills few batches, and the broker accepts 1 MiB by default.
 MAX_BATCH_BYTES = 512 * 1024
+#: Distinct keys pending at most before a write is due whatever the flush interval: a flood of
+#: new keys within one interval is written in parts, so a write's records stay bounded.
+MAX_PENDING_KEYS = 20_000
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
+#: `dict.get`'s default for a key with no pending change (None is a pending deletion).
+_ABSENT = object()
 
 
 class PendingRecords:
@@ -131,6 +136,8 @@ class TableChanges:
         self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
         #: per source partition, the offset after the last record whose processing has finished
         self._processed: dict[TP, int] = {}
+        #: how many distinct keys are in `_changed`
+        self._pending_keys = 0
         self._last_write = time.monotonic()
         self._writing: asyncio.Lock | None = None
         #: each write's delivery futures and cover, oldest first, until all its records are delivered
@@ -143,12 +150,16 @@ class TableChanges:
         """Change a key; its record moves behind the batch's other changes (see `stream/eviction.py`)."""
         table.data[key] = value
         changed = self._changed[(table, self.partition)]
-        changed.pop(key, None)
+        if changed.pop(key, _ABSENT) is _ABSENT:
+            self._pending_keys += 1
         changed[key] = value
 
     def delete(self, table: CollectionT, key: str) -> None:
         if table.data.pop(key, None) is not None:
-            self._changed[(table, self.partition)][key] = None
+            changed = self._changed[(table, self.partition)]
+            if changed.get(key, _ABSENT) is _ABSENT:
+                self._pending_keys += 1
+            changed[key] = None
 
     def take_records(self) -> list[tuple[str, int, bytes, bytes | None]]:
         """(changelog topic, partition, key, value) of each changed key's latest value, once.
@@ -156,6 +167,7 @@ class TableChanges:
         A deleted key's value is None: a tombstone, as Faust writes one.
         """
         changed, self._changed = self._changed, defaultdict(dict)
+        self._pending_keys = 0
         records = []
         for (table, partition), values in changed.items():
             topic = table.changelog_topic.get_topic_name()
@@ -176,7 +188,9 @@ class TableChanges:
             self._processed[tp] = offset + 1
 
     def due(self) -> bool:
-        """Whether the flush interval has passed since the last write."""
+        """Whether the flush interval has passed since the last write, or too many keys are pending."""
+        if self._pending_keys >= MAX_PENDING_KEYS:
+            return True
         return time.monotonic() - self._last_write >= self.flush_interval_s
 
     async def write(self) -> dict[TP, int]:

@@ -240,3 +240,22 @@ def test_a_write_failing_half_way_is_never_covered_and_stops_the_cache(kafka_bro
     covers = [outcome for outcome in outcomes if isinstance(outcome, dict)]
     assert all(not cover for cover in covers), f"a cover passed the lost changes: {outcomes}"
     assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes), outcomes
+
+
+def test_a_flood_of_distinct_keys_is_written_before_the_interval_ends(app: faust.App) -> None:
+    """Pending changes stay bounded: past `MAX_PENDING_KEYS` distinct keys a write is due at once."""
+    from burnguard.stream import changelog
+
+    totals = app.Table("totals", default=None, partitions=4)
+    changes = TableChanges(app, flush_interval_s=3600)
+    for index in range(changelog.MAX_PENDING_KEYS - 1):
+        changes.set(totals, f"tenant|{index}|0", {"spent": index})
+    changes.set(totals, "tenant|0|0", {"spent": -1})  # the same key again: still one pending record
+    changes.delete(totals, "never-set")
+    assert not changes.due()
+    changes.delete(totals, "tenant|1|0")  # a deletion replaces the pending change: no new key
+    assert not changes.due()
+    changes.set(totals, "tenant|flood|0", {"spent": 0})
+    assert changes.due()
+    assert len(changes.take_records()) == changelog.MAX_PENDING_KEYS
+    assert not changes.due()
