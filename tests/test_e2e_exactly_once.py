@@ -13,6 +13,7 @@ import json
 import random
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -223,3 +224,44 @@ def consumer_partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartit
     return [
         TopicPartition(topic, partition) for partition in sorted(consumer.partitions_for_topic(topic) or ())
     ]
+
+
+def committed_offsets(pipeline: Pipeline, topic: str) -> dict[int, int]:
+    """The stream group's committed offset per partition of `topic` (none: not listed)."""
+    admin = KafkaAdminClient(bootstrap_servers=pipeline.broker.bootstrap)
+    group = pipeline.env["BURNGUARD_STREAM_APP_ID"]
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    finally:
+        admin.close()
+    return {
+        tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0
+    }
+
+
+@pytest.mark.slow
+def test_a_changelog_the_broker_refuses_stops_the_worker_before_a_commit_passes_it(
+    pipeline: Pipeline,
+) -> None:
+    """The window totals' changelog refuses every record (`max.message.bytes`): no usage offset is committed.
+
+    aiokafka's flush, which Faust runs before each commit, does not fail on a
+    refused record; committing anyway would leave totals that no recovery
+    sees. The worker stops instead, and its successor replays from the start.
+    """
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="0.5", BURNGUARD_CHANGELOG_FLUSH_MS="200")
+    changelog = f"{pipeline.env['BURNGUARD_STREAM_APP_ID']}-window-totals-changelog"
+    pipeline.broker.create_topic(changelog, partitions=4, compact=True, config={"max.message.bytes": "64"})
+    worker = pipeline.start_worker()
+    SpanSource(pipeline, batches=20, seed=5).send(20, pause_s=0.0)
+    try:
+        status = worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        status = None
+    log = pipeline.log("worker")
+    assert committed_offsets(pipeline, pipeline.topics.usage) == {}, log[-3000:]
+    assert status not in (None, 0), (
+        f"the worker went on (or ended well, {status}) after its changelog refused a record:\n{log[-3000:]}"
+    )
+    assert "a changelog record was not written" in log, log[-4000:]
