@@ -280,6 +280,7 @@ class BudgetJob:
         )
         fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
         self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
+        self._releasing: asyncio.Future[None] | None = None
         self.snapshots = PendingRecords(self.app)
         self.usage_records = PendingRecords(self.app)
         self._declare_topics()
@@ -696,6 +697,22 @@ class BudgetJob:
             logger.error("stopping: %s", exc)
             await self.app.crash(exc)
             raise
+        self._let_commit(covered)
+        if self.changes.undelivered() and (self._releasing is None or self._releasing.done()):
+            self._releasing = asyncio.ensure_future(self._let_commit_once_delivered())
+
+    async def _let_commit_once_delivered(self) -> None:
+        """Raise the commit cap as soon as the writes handed over are delivered, not at the next write
+        (with no flush interval no timer writes, and a quiet stream's last batch would stay uncommitted)."""
+        try:
+            while self.changes.undelivered():  # writes handed over meanwhile are waited for too
+                self._let_commit(await self.changes.delivered())
+        except ChangelogWriteFailed as exc:
+            logger.error("stopping: %s", exc)
+            await self.app.crash(exc)
+
+    def _let_commit(self, covered: dict[Any, int]) -> None:
+        """Let Faust commit the assigned partitions' records up to `covered` (delivered changes)."""
         reads = in_order_reads(self.app.consumer)
         assigned = self.app.consumer.assignment()
         reads.written.update((tp, offset) for tp, offset in covered.items() if tp in assigned)

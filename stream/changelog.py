@@ -225,6 +225,10 @@ class TableChanges:
                 await asyncio.wait(sent)
         return self._release()
 
+    def undelivered(self) -> bool:
+        """Whether some write handed over is not delivered yet (its cover not yet counted)."""
+        return bool(self._sent)
+
     def _release(self) -> dict[TP, int]:
         """The cover of the writes delivered so far, taken in write order (a later write's cover
         includes the earlier writes' records)."""

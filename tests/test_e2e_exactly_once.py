@@ -265,3 +265,31 @@ def test_a_changelog_the_broker_refuses_stops_the_worker_before_a_commit_passes_
         f"the worker went on (or ended well, {status}) after its changelog refused a record:\n{log[-3000:]}"
     )
     assert "a changelog record was not written" in log, log[-4000:]
+
+
+def end_offsets(pipeline: Pipeline, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=pipeline.broker.bootstrap)
+    try:
+        ends = consumer.end_offsets(consumer_partitions(consumer, topic))
+    finally:
+        consumer.close()
+    return {tp.partition: end for tp, end in ends.items() if end}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flush_ms", ["0", "1000"])
+def test_once_the_stream_is_quiet_the_commits_reach_the_end_of_the_usage_topic(
+    pipeline: Pipeline, flush_ms: str
+) -> None:
+    """A write's cover counts once its records are delivered: that must not wait for a next write."""
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="0.5", BURNGUARD_CHANGELOG_FLUSH_MS=flush_ms)
+    source = SpanSource(pipeline, batches=30, seed=23)
+    pipeline.start_worker()
+    source.send(30, pause_s=0.0)
+    wait_for_exact_totals(pipeline, source, timeout_s=60)
+    usage = pipeline.topics.usage
+    deadline = time.monotonic() + 20
+    while (committed := committed_offsets(pipeline, usage)) != (ends := end_offsets(pipeline, usage)):
+        assert time.monotonic() < deadline, f"commits {committed} never reached the ends {ends}"
+        time.sleep(0.5)
