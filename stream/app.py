@@ -70,6 +70,7 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.changelog import (
+    CHANGELOG_TICK_S,
     MAX_BATCH_BYTES,
     ChangelogWriteFailed,
     PendingRecords,
@@ -110,7 +111,13 @@ from burnguard.stream.records import (
 )
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
-from burnguard.stream.takeover import PartitionsLost, RewindAfterRecovery, in_order_reads, membership_lost
+from burnguard.stream.takeover import (
+    PartitionsLost,
+    RewindAfterRecovery,
+    StallGuard,
+    in_order_reads,
+    membership_lost,
+)
 from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
@@ -281,6 +288,7 @@ class BudgetJob:
         fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
         self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
         self._releasing: asyncio.Future[None] | None = None
+        self.stall_guard = StallGuard(self.app, self.changes.flush_interval_s or CHANGELOG_TICK_S)
         self.snapshots = PendingRecords(self.app)
         self.usage_records = PendingRecords(self.app)
         self._declare_topics()
@@ -335,8 +343,9 @@ class BudgetJob:
         self.app.timer(self.settings.snapshot_interval.total_seconds(), name="snapshot")(self._snapshot)
         self.app.timer(1.0, name="reload-budgets")(self._reload_budgets)
         self.app.timer(self.settings.evict_interval.total_seconds(), name="evict")(self._sweep)
-        if self.changes.flush_interval_s > 0:  # an idle stream's pending changes are written too
-            self.app.timer(self.changes.flush_interval_s, name="changelog-flush")(self._flush_changes)
+        # an idle stream's pending changes are written too; the ticks show whether the process stood still
+        flush_s = self.changes.flush_interval_s or CHANGELOG_TICK_S
+        self.app.timer(flush_s, name="changelog-flush")(self._flush_changes)
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
@@ -688,6 +697,11 @@ class BudgetJob:
         (`ChangelogWriteFailed`): nothing past the last delivered write is
         committed, and the next owner replays from there.
         """
+        if not await self.stall_guard.still_member():
+            logger.warning(
+                "not writing the table changes: the group expelled this worker while it stood still"
+            )
+            return
         try:
             covered = await self.changes.write()
             if flushed:
@@ -719,6 +733,7 @@ class BudgetJob:
 
     async def _flush_changes(self) -> None:
         """The timer's write, for changes a quiet stream would otherwise leave pending."""
+        self.stall_guard.tick()
         if self.changes.due():
             await self._write_changes()
 
@@ -739,7 +754,9 @@ class BudgetJob:
         """
         if revoked and membership_lost(self.app.consumer):
             if self.changes.pending():
-                raise PartitionsLost(f"expelled from the group with table changes pending: {sorted(revoked)}")
+                raise PartitionsLost(
+                    f"expelled from the group with table changes pending ({len(revoked)} partitions)"
+                )
             logger.warning("expelled from the group: partitions lost, nothing pending")
         else:
             await self._write_changes(flushed=True)

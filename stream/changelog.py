@@ -49,6 +49,8 @@ MAX_BATCH_BYTES = 512 * 1024
 #: Distinct keys pending at most before a write is due whatever the flush interval: a flood of
 #: new keys within one interval is written in parts, so a write's records stay bounded.
 MAX_PENDING_KEYS = 20_000
+#: The changelog-flush timer's period when changes are written after every batch (no flush interval).
+CHANGELOG_TICK_S = 1.0
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
 #: `dict.get`'s default for a key with no pending change (None is a pending deletion).

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -284,6 +285,48 @@ def membership_lost(consumer: Any) -> bool:
     """
     aiokafka_consumer = consumer._thread._ensure_consumer()
     return aiokafka_consumer._coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
+
+
+class StallGuard:
+    """Holds a changelog write back after this process stood still, until the group still counts it.
+
+    The heartbeats run in the consumer's thread; they stop only when the whole
+    process stops (SIGSTOP, a paused VM, swapping). Resumed after more than
+    the session timeout, the worker is expelled but does not know it until
+    its next heartbeat is answered, a few milliseconds later; a write handed
+    to the producer in between (the flush timer wakes first) puts its older
+    values into changelogs another worker owns by then, after that worker's
+    newer ones: a recovery reads them last and loses the counts in between.
+
+    So every caller `tick`s; a gap of more than `period_s` plus half the
+    session timeout since the last tick means the process stood still, and
+    the next write first waits (up to two heartbeat intervals) for aiokafka
+    to report the membership lost. It writes only if it was not.
+    """
+
+    def __init__(self, app: AppT, period_s: float) -> None:
+        self.app = app
+        self.stall_s = period_s + app.conf.broker_session_timeout / 2
+        self.confirm_s = 2 * app.conf.broker_heartbeat_interval + 0.5
+        self._seen = time.monotonic()
+        self._suspect = False
+
+    def tick(self) -> None:
+        """Called at least every `period_s` while the process runs (the flush timer, each batch)."""
+        now = time.monotonic()
+        if now - self._seen > self.stall_s:
+            self._suspect = True
+        self._seen = now
+
+    async def still_member(self) -> bool:
+        """Whether a write may go out now (see the class doc)."""
+        self.tick()
+        if self._suspect:
+            deadline = time.monotonic() + self.confirm_s
+            while time.monotonic() < deadline and not membership_lost(self.app.consumer):
+                await asyncio.sleep(0.05)
+            self._suspect = membership_lost(self.app.consumer)
+        return not self._suspect
 
 
 class SeeksBetweenFetches(faust.Sensor):

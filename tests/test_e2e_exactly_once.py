@@ -288,8 +288,50 @@ def test_once_the_stream_is_quiet_the_commits_reach_the_end_of_the_usage_topic(
     pipeline.start_worker()
     source.send(30, pause_s=0.0)
     wait_for_exact_totals(pipeline, source, timeout_s=60)
+    wait_for_commits_at_the_end(pipeline, timeout_s=20)
+
+
+def wait_for_commits_at_the_end(pipeline: Pipeline, timeout_s: float) -> None:
     usage = pipeline.topics.usage
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout_s
     while (committed := committed_offsets(pipeline, usage)) != (ends := end_offsets(pipeline, usage)):
         assert time.monotonic() < deadline, f"commits {committed} never reached the ends {ends}"
         time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_worker_expelled_while_stalled_leaves_the_totals_exact(pipeline: Pipeline) -> None:
+    """A worker stalled past its session (SIGSTOP) is expelled; its partitions go to a second worker.
+
+    When it resumes, its pending table changes are older than what the second
+    worker wrote since: written then, a recovery would read them last. The
+    second worker is killed after committing, and a third recovers from the
+    changelogs: the totals must still be exact.
+    """
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(
+        BURNGUARD_COMMIT_INTERVAL_S="0.5",
+        BURNGUARD_SESSION_TIMEOUT_S="6",
+        BURNGUARD_CHANGELOG_FLUSH_MS="10000",
+    )
+    source = SpanSource(pipeline, batches=60, seed=31)
+    first = pipeline.start_worker()
+    source.send(20, pause_s=0.0)
+    wait_for_exact_totals(pipeline, source, timeout_s=60)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = pipeline.start_worker(timeout=90)
+        source.send(20, pause_s=0.0)
+        wait_for_exact_totals(pipeline, source, timeout_s=60)
+        wait_for_commits_at_the_end(pipeline, timeout_s=40)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    pipeline.wait_for_log("worker", "expelled from the group", 30, second)
+    time.sleep(2)
+    if first.poll() is None:
+        pipeline.stop(first)
+    second.send_signal(signal.SIGKILL)
+    second.wait(10)
+    pipeline.start_worker()
+    source.send(20, pause_s=0.0)  # every key changes again: its snapshot is what the changelog held, and more
+    wait_for_exact_totals(pipeline, source, timeout_s=60)
