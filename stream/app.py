@@ -288,7 +288,7 @@ class BudgetJob:
         fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
         self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
         self._releasing: asyncio.Future[None] | None = None
-        self.stall_guard = StallGuard(self.app, self.changes.flush_interval_s or CHANGELOG_TICK_S)
+        self.stall_guard = StallGuard(self.app)
         self.snapshots = PendingRecords(self.app)
         self.usage_records = PendingRecords(self.app)
         self._declare_topics()
@@ -344,7 +344,7 @@ class BudgetJob:
         self.app.timer(1.0, name="reload-budgets")(self._reload_budgets)
         self.app.timer(self.settings.evict_interval.total_seconds(), name="evict")(self._sweep)
         # an idle stream's pending changes are written too; the ticks show whether the process stood still
-        flush_s = self.changes.flush_interval_s or CHANGELOG_TICK_S
+        flush_s = min(self.changes.flush_interval_s or CHANGELOG_TICK_S, self.stall_guard.period_s)
         self.app.timer(flush_s, name="changelog-flush")(self._flush_changes)
 
     # --- stage 1 -------------------------------------------------------------------

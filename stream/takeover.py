@@ -298,21 +298,25 @@ class StallGuard:
     values into changelogs another worker owns by then, after that worker's
     newer ones: a recovery reads them last and loses the counts in between.
 
-    So every caller `tick`s; a gap of more than `period_s` plus half the
-    session timeout since the last tick means the process stood still, and
-    the next write first waits (up to two heartbeat intervals) for aiokafka
-    to report the membership lost. It writes only if it was not.
+    So something `tick`s at least every `period_s` (a quarter of the session
+    timeout); a gap of more than half the session timeout since the last tick
+    means the process stood still, possibly long enough to be expelled (an
+    expulsion takes a stall of the session timeout less a heartbeat
+    interval, at most a quarter of it), and the next write first waits (up
+    to two heartbeat intervals) for aiokafka to report the membership lost.
+    It writes only if it was not.
     """
 
-    def __init__(self, app: AppT, period_s: float) -> None:
+    def __init__(self, app: AppT) -> None:
         self.app = app
-        self.stall_s = period_s + app.conf.broker_session_timeout / 2
+        self.period_s = app.conf.broker_session_timeout / 4
+        self.stall_s = app.conf.broker_session_timeout / 2
         self.confirm_s = 2 * app.conf.broker_heartbeat_interval + 0.5
         self._seen = time.monotonic()
         self._suspect = False
 
     def tick(self) -> None:
-        """Called at least every `period_s` while the process runs (the flush timer, each batch)."""
+        """Called at least every `period_s` while the process runs (the changelog-flush timer)."""
         now = time.monotonic()
         if now - self._seen > self.stall_s:
             self._suspect = True
