@@ -69,7 +69,7 @@ from burnguard.stream.accounting import (
     context_observations,
     usage_deltas,
 )
-from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges, encode
+from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.eviction import (
@@ -96,6 +96,7 @@ from burnguard.stream.records import (
     RemovalRow,
     SweepRecord,
     TickRow,
+    encode_record,
     keys_record,
     record_version,
     removal_rows,
@@ -370,7 +371,7 @@ class BudgetJob:
                 sliced = time.perf_counter()
         topic = self.settings.topics.usage
         for partition, record in batch.records():
-            self.usage_records.add(topic, partition, BATCHES.encode(), encode("json", record))
+            self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
         queued, self._parked_unsent = self._parked_unsent, []
         try:
             await self.usage_records.send()
@@ -552,8 +553,13 @@ class BudgetJob:
         partitions = self.settings.partitions
         rows: dict[int, list[list[Any]]] = {}
         contexts: dict[int, list[list[Any]]] = {}
-        for delta in deltas:
-            rows.setdefault(usage_partition(delta.partition_key, partitions), []).append(delta.to_row())
+        for delta in deltas:  # tens per message: no `setdefault` list made for every delta
+            partition = usage_partition(delta.partition_key, partitions)
+            found = rows.get(partition)
+            if found is None:
+                rows[partition] = [delta.to_row()]
+            else:
+                found.append(delta.to_row())
         for observation in observations:
             partition = usage_partition(f"{observation[0]}|{observation[1]}", partitions)
             contexts.setdefault(partition, []).append(observation)
