@@ -67,7 +67,8 @@ from burnguard.stream.accounting import (
     UsageDelta,
     WindowTotals,
     context_observations,
-    usage_deltas,
+    partition_key_of,
+    usage_rows,
 )
 from burnguard.stream.changelog import MAX_BATCH_BYTES, PendingRecords, TableChanges
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
@@ -417,7 +418,7 @@ class BudgetJob:
         too_late, unpriced = self.stats.too_late, self.stats.unpriced
         try:
             stats = self.stats if first_reading else None  # a re-reading is counted once, before
-            deltas = usage_deltas(usages, self.config, self.prices, stats, source, closed_before_ns)
+            rows = usage_rows(usages, self.config, self.prices, stats, closed_before_ns)
         except Exception as exc:  # a span that breaks accounting must not stop the partition
             logger.exception("could not account the batch at %s", source)
             self._dead_letter_later(event, f"accounting failed: {type(exc).__name__}: {exc}")
@@ -432,7 +433,7 @@ class BudgetJob:
         if self.stats.unpriced > unpriced:
             self._warn_unpriced(usages)
         observations = context_observations(usages, self.config)
-        for partition, sub_batch in list(self._batch_records(deltas, observations, source)):
+        for partition, sub_batch in list(self._batch_records(rows, observations, source)):
             batch.add(partition, sub_batch)  # all or none of the message (the list is built first)
 
     async def _prime(self, event: Any) -> None:
@@ -542,9 +543,9 @@ class BudgetJob:
         )
 
     def _batch_records(
-        self, deltas: list[UsageDelta], observations: list[list[Any]], source: tuple[int, int]
+        self, deltas: list[list[Any]], observations: list[list[Any]], source: tuple[int, int]
     ) -> Iterable[tuple[int, BatchRecord]]:
-        """(usage partition, sub-batch) for one OTLP message's deltas and context observations.
+        """(usage partition, sub-batch) for one OTLP message's delta rows and context observations.
 
         Each sub-batch carries its message's own source offset, also inside a
         micro-batch's `batches` record, so the second stage's per-key replay
@@ -553,13 +554,13 @@ class BudgetJob:
         partitions = self.settings.partitions
         rows: dict[int, list[list[Any]]] = {}
         contexts: dict[int, list[list[Any]]] = {}
-        for delta in deltas:  # tens per message: no `setdefault` list made for every delta
-            partition = usage_partition(delta.partition_key, partitions)
+        for row in deltas:  # tens per message: no `setdefault` list made for every row
+            partition = usage_partition(partition_key_of(row[0], row[1]), partitions)
             found = rows.get(partition)
             if found is None:
-                rows[partition] = [delta.to_row()]
+                rows[partition] = [row]
             else:
-                found.append(delta.to_row())
+                found.append(row)
         for observation in observations:
             partition = usage_partition(f"{observation[0]}|{observation[1]}", partitions)
             contexts.setdefault(partition, []).append(observation)
