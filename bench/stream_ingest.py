@@ -13,6 +13,10 @@ the producer's `send` is replaced by one that drops the queued records (the
 records are built and encoded; aiokafka's send, Faust's `take_events` and acks are
 not in the figure).
 
+Both sides of `--compare` read the same load (generated at the same clock) and must send the
+same records, byte for byte: the digest of what the first reading sent is compared, and
+the bench stops if they differ.
+
 Each figure is the best of `--repeat` runs of CPU time (`time.process_time`),
 divided by the messages and by the spans of the load. Each run reads the load at
 new offsets, with an empty duplicate memory (the load repeats byte for byte), on a
@@ -36,6 +40,7 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import hashlib
 import json
 import os
 import pstats
@@ -45,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream.app import INGEST_BATCH_MESSAGES, LOG_APPEND_TIME, BudgetJob
@@ -74,8 +80,9 @@ def make_load(args: argparse.Namespace) -> tuple[list[tuple[bytes, bytes]], int]
         calls_per_session=args.calls_per_session,
     )
     messages = []
-    while mix.spans < args.spans:
-        messages.append(mix.message())
+    with mock.patch.object(time, "time_ns", lambda: args.epoch_ns):  # both sides of --compare alike
+        while mix.spans < args.spans:
+            messages.append(mix.message())
     return messages, sum(count_spans(value) for _, value in messages)
 
 
@@ -89,11 +96,17 @@ class Stage1:
         self.job.usage_records.send = self._drop_sent  # records built and encoded, not sent
         self.messages = messages
         self.sent = 0
+        #: the usage records sent (topic, partition, key, value, headers of each), digested in order
+        self.sent_digest = hashlib.blake2b(digest_size=16)
         self._next_offset = [0] * SOURCE_PARTITIONS
 
     async def _drop_sent(self) -> None:
         pending = self.job.usage_records._pending
         self.sent += len(pending)
+        usage = self.job.settings.topics.usage
+        for record in pending:  # `unpriced` warns carry the wall clock: not compared
+            if record[0] == usage:
+                self.sent_digest.update(repr(record).encode())
         self.job.usage_records._pending = []
 
     def events(self) -> list[Event]:
@@ -148,7 +161,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         stage1.run(stage1.events())  # warms the price book, the matchers and the partition cache
         if stage1.job.duplicates or stage1.job.deadlettered or stage1.job.agent_errors:
             raise SystemExit(f"the load was not ingested cleanly: {vars(stage1.job)}")
-        records = stage1.sent
+        records, sent_digest = stage1.sent, stage1.sent_digest.hexdigest()
         seconds = best_cpu_s(stage1, args.repeat)
         if args.profile:
             stage1.forget_digests()
@@ -167,12 +180,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "load": load,
         "per_message_us": seconds / len(messages) * 1e6,
         "per_span_us": seconds / spans * 1e6,
+        "sent_digest": sent_digest,
     }
 
 
 def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     """`measure` in a process that imports the exported revision (its module path proves which)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", *_load_args(args)]
+    command += ["--epoch-ns", str(args.epoch_ns)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(BENCH_DIR)])}
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -203,6 +218,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of stage 1")
     parser.add_argument("--profile-top", type=int, default=30, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--epoch-ns", type=int, default=time.time_ns(), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
@@ -234,6 +250,11 @@ def main() -> None:
         )
         fields += f" old_per_message_us={old['per_message_us']:.1f} old_per_span_us={old['per_span_us']:.2f}"
         fields += f" speedup={old['per_message_us'] / new['per_message_us']:.2f}"
+        digests = {run["sent_digest"] for run in runs["old"] + runs["new"]}
+        if len(digests) != 1:
+            raise SystemExit(f"the two revisions sent different records for the same load: {digests}")
+        print("records sent: the same bytes from both revisions")
+        fields += " same_records=1"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     shape = f"spans_per_message={args.batch_min}-{args.batch_max} plain_fraction={args.plain_fraction:g}"
     print(f"RESULT stream_ingest {shape} {fields}")
