@@ -586,7 +586,11 @@ def _targets(
         key = keys[scope]
         if key is None or (matcher is not None and not matcher.matches(key)):
             continue
-        targets.append((_row_for(rows, (budget_id, key, starts[window]), calls, bucket_ns), metric, calls))
+        slot = (budget_id, key, starts[window])
+        row = rows.get(slot)
+        if row is None:  # most (span group, budget) pairs find their row: a call only to make one
+            row = _row_for(rows, slot, calls, bucket_ns)
+        targets.append((row, metric, calls))
     return targets
 
 
