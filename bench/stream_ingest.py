@@ -24,14 +24,16 @@ job warmed by one untimed run.
 
     .venv/bin/python bench/stream_ingest.py [--spans 30000] [--repeat 5]
         [--batch-min 10 --batch-max 20] [--tenants 50] [--users-per-tenant 20]
-        [--calls-per-session 20] [--plain-fraction 0.08] [--compare REV] [--rounds 2] [--profile]
+        [--calls-per-session 20] [--plain-fraction 0.08] [--compare REV] [--rounds 2] [--profile] [--split]
 
 The defaults are the small-message load of issue 16 (`stream_throughput.py --batch-min 10
 --batch-max 20 --tenants 50 --users-per-tenant 20 --calls-per-session 20`). `--compare REV`
 also measures the stage-1 code of git revision REV (its `burnguard`, `contracts` and
 `stream` trees, imported first in a child process) on the same load, alternating old
 and new `--rounds` times. `--profile` runs stage 1 once more under cProfile and prints
-the top functions by own time.
+the top functions by own time; `--split` once more with each part timed around its call
+(decode, sum, context observations, grouping by partition, JSON; the rest is the per-message
+bookkeeping around them).
 """
 
 from __future__ import annotations
@@ -142,6 +144,52 @@ class Stage1:
             await self.job._ingest_batch(events[first : first + INGEST_BATCH_MESSAGES])
 
 
+#: Stage 1's parts, as `stream/app.py` names them (either revision): decode, sum, group, encode.
+SPLIT_PARTS = (
+    "decode_spans",
+    "usage_rows",
+    "usage_deltas",
+    "context_observations",
+    "encode_record",
+    "encode",
+)
+
+
+def split(stage1: Stage1) -> dict[str, float]:
+    """CPU µs per message of each of stage 1's parts in one more reading (the rest: `_ingest_one`'s
+    own work, the duplicate check, the clock check, the micro-batch and the loop). Each part is
+    timed around its call in `stream/app.py`, so a part's share is approximate (a call costs ~0.2 µs)."""
+    import burnguard.stream.app as app
+
+    spent: dict[str, float] = {}
+    originals = {name: getattr(app, name) for name in SPLIT_PARTS if hasattr(app, name)}
+    originals["_batch_records"] = app.BudgetJob._batch_records
+
+    def timed(name: str, function: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                result = function(*args, **kwargs)
+                return list(result) if name == "_batch_records" else result
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - started
+
+        return run
+
+    stage1.forget_digests()
+    events = stage1.events()
+    try:
+        for name, function in originals.items():
+            setattr(app.BudgetJob if name == "_batch_records" else app, name, timed(name, function))
+        started = time.process_time()
+        stage1.run(events)
+        spent["whole"] = time.process_time() - started
+    finally:
+        for name, function in originals.items():
+            setattr(app.BudgetJob if name == "_batch_records" else app, name, function)
+    return {name: seconds / len(stage1.messages) * 1e6 for name, seconds in spent.items()}
+
+
 def best_cpu_s(stage1: Stage1, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -168,6 +216,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         stage1.inspecting = False
         records, rows, sent_digest = stage1.sent, stage1.rows, stage1.sent_digest.hexdigest()
         seconds = best_cpu_s(stage1, args.repeat)
+        parts = split(stage1) if args.split else {}
         if args.profile:
             stage1.forget_digests()
             events = stage1.events()
@@ -186,6 +235,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "per_message_us": seconds / len(messages) * 1e6,
         "per_span_us": seconds / spans * 1e6,
         "sent_digest": sent_digest,
+        "split_us": parts,
     }
 
 
@@ -201,7 +251,15 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
 def _load_args(args: argparse.Namespace) -> list[str]:
     names = ("spans", "repeat", "batch_min", "batch_max", "tenants", "users_per_tenant", "calls_per_session")
     out = [item for name in names for item in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
-    return [*out, "--plain-fraction", str(args.plain_fraction)]
+    return [*out, "--plain-fraction", str(args.plain_fraction), *(["--split"] if args.split else [])]
+
+
+def show_split(label: str, run: dict[str, Any]) -> None:
+    parts = run["split_us"]
+    whole = parts.pop("whole")
+    shown = ", ".join(f"{name} {micros:.0f}" for name, micros in sorted(parts.items(), key=lambda i: -i[1]))
+    rest = whole - sum(parts.values())
+    print(f"  {label}, one more reading: {whole:.0f} us/message; of it {shown}; rest {rest:.0f}")
 
 
 def main() -> None:
@@ -221,6 +279,7 @@ def main() -> None:
     parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
     parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of stage 1")
+    parser.add_argument("--split", action="store_true", help="also print CPU µs per message of each part")
     parser.add_argument("--profile-top", type=int, default=30, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--epoch-ns", type=int, default=time.time_ns(), help=argparse.SUPPRESS)
@@ -246,6 +305,8 @@ def main() -> None:
         f"this checkout ({new['code']}): "
         f"{new['per_message_us']:.1f} us/message, {new['per_span_us']:.2f} us/span"
     )
+    if args.split:
+        show_split("this checkout", new)
     fields = f"per_message_us={new['per_message_us']:.1f} per_span_us={new['per_span_us']:.2f}"
     if runs["old"]:
         old = min(runs["old"], key=lambda run: run["per_message_us"])
@@ -255,6 +316,8 @@ def main() -> None:
         )
         fields += f" old_per_message_us={old['per_message_us']:.1f} old_per_span_us={old['per_span_us']:.2f}"
         fields += f" speedup={old['per_message_us'] / new['per_message_us']:.2f}"
+        if args.split:
+            show_split(f"--compare {args.compare}", old)
         digests = {run["sent_digest"] for run in runs["old"] + runs["new"]}
         if len(digests) != 1:
             raise SystemExit(f"the two revisions sent different records for the same load: {digests}")
