@@ -33,7 +33,9 @@ also measures the stage-1 code of git revision REV (its `burnguard`, `contracts`
 and new `--rounds` times. `--profile` runs stage 1 once more under cProfile and prints
 the top functions by own time; `--split` once more with each part timed around its call
 (decode, sum, context observations, grouping by partition, JSON; the rest is the per-message
-bookkeeping around them).
+bookkeeping around them) and the cyclic GC's time and collections. The worker's GC set-up
+(`stream/app.py:tune_gc`, called by `run_worker`) is applied as the worker applies it, where
+the measured revision has it.
 """
 
 from __future__ import annotations
@@ -176,8 +178,20 @@ def split(stage1: Stage1) -> dict[str, float]:
 
         return run
 
+    collecting = [0.0]
+
+    def collector(phase: str, info: dict[str, int]) -> None:  # the cyclic GC's time, wherever it ran
+        now = time.process_time()
+        if phase == "start":
+            collecting[0] = now
+        else:
+            spent["gc"] = spent.get("gc", 0.0) + now - collecting[0]
+
     stage1.forget_digests()
     events = stage1.events()
+    gc.collect()
+    collections = [generation["collections"] for generation in gc.get_stats()]
+    gc.callbacks.append(collector)
     try:
         for name, function in originals.items():
             setattr(app.BudgetJob if name == "_batch_records" else app, name, timed(name, function))
@@ -185,9 +199,12 @@ def split(stage1: Stage1) -> dict[str, float]:
         stage1.run(events)
         spent["whole"] = time.process_time() - started
     finally:
+        gc.callbacks.remove(collector)
         for name, function in originals.items():
             setattr(app.BudgetJob if name == "_batch_records" else app, name, function)
-    return {name: seconds / len(stage1.messages) * 1e6 for name, seconds in spent.items()}
+    made = [after["collections"] - before for after, before in zip(gc.get_stats(), collections, strict=True)]
+    parts = {name: seconds / len(stage1.messages) * 1e6 for name, seconds in spent.items() if seconds}
+    return {**parts, "collections": made}
 
 
 def best_cpu_s(stage1: Stage1, repeat: int) -> float:
@@ -207,6 +224,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import burnguard.stream.app as app
 
     messages, spans = make_load(args)
+    if hasattr(app, "tune_gc"):  # the worker's set-up (`run_worker`), where the revision has it
+        app.tune_gc()
     with tempfile.TemporaryDirectory() as scratch:
         stage1 = Stage1(Path(scratch), messages)
         stage1.forget_digests()
@@ -255,11 +274,13 @@ def _load_args(args: argparse.Namespace) -> list[str]:
 
 
 def show_split(label: str, run: dict[str, Any]) -> None:
-    parts = run["split_us"]
-    whole = parts.pop("whole")
+    """The parts of one reading; the cyclic GC's time overlaps them (it runs inside whatever allocates)."""
+    parts = dict(run["split_us"])
+    whole, collections, collecting = parts.pop("whole"), parts.pop("collections"), parts.pop("gc", 0.0)
     shown = ", ".join(f"{name} {micros:.0f}" for name, micros in sorted(parts.items(), key=lambda i: -i[1]))
     rest = whole - sum(parts.values())
     print(f"  {label}, one more reading: {whole:.0f} us/message; of it {shown}; rest {rest:.0f}")
+    print(f"    of all that, in the cyclic GC: {collecting:.0f} us/message (collections {collections})")
 
 
 def main() -> None:
