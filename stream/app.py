@@ -1195,10 +1195,10 @@ def tune_gc() -> None:
     """Let the cyclic GC scan the young objects after `GC_YOUNG_OBJECTS` of them, not 700.
 
     Stage 1 makes a few lists per delta row and frees them (reference counts) once the
-    micro-batch is sent; with CPython's default the collector ran ~140 young and ~2 full
-    collections per 2,000 small messages, a fifth of stage 1's CPU (`bench/stream_ingest.py
-    --split`). Objects in cycles are still collected, at most 50,000 allocations later; the
-    older generations keep their thresholds.
+    micro-batch is sent; with CPython's default the collector ran ~270 young, 24 middle and
+    2 full collections per 2,000 small messages (30,000 spans), 17-23% of stage 1's CPU
+    (`bench/stream_ingest.py --split`). Objects in cycles are still collected, at most
+    50,000 allocations later; the older generations keep their thresholds.
     """
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_OBJECTS, older, oldest)
