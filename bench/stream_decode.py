@@ -10,7 +10,8 @@ the load (plain HTTP spans included, as the worker sees them):
   floor any decoder pays; the other figures are also given as multiples of it,
   which moves less than the absolute figures on a shared machine.
 * decode: `decode_usage` (parse + one `SpanUsage` per GenAI span).
-* deltas: `usage_deltas` over the decoded spans of each message (pricing the
+* deltas: `usage_rows` (`usage_deltas` in a revision without it: what stage 1 calls)
+  over the decoded spans of each message (pricing the
   unpriced ones, matching every budget, summing per (budget, key, window)).
   `usage_deltas` fills in prices and model classes, so each run gets freshly
   decoded spans (decoded outside the timed part).
@@ -51,7 +52,8 @@ from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
 from burnguard.contracts.otlp import decode_usage
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.usage import SpanUsage
-from burnguard.stream.accounting import BatchStats, context_observations, usage_deltas
+from burnguard.stream import accounting
+from burnguard.stream.accounting import BatchStats, context_observations
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from revisions import export_revision
 from span_load import BUDGETS_YAML, SpanMix
@@ -122,12 +124,15 @@ def decode_all(messages: list[bytes]) -> list[list[SpanUsage]]:
 
 
 def deltas_all(batches: list[list[SpanUsage]], config: BudgetConfig, prices: PriceBook) -> int:
-    """`usage_deltas` per message as stage 1 calls it; the number of deltas (a sanity figure)."""
+    """The deltas per message as stage 1 makes them; the number of deltas (a sanity figure)."""
     closed_before_ns = time.time_ns() - ALLOWED_LATENESS_NS
     stats = BatchStats()
     made = 0
     for offset, usages in enumerate(batches):
-        made += len(usage_deltas(usages, config, prices, stats, (0, offset), closed_before_ns))
+        if hasattr(accounting, "usage_rows"):  # stage 1's since 2026-12-02: the rows, no `UsageDelta`s
+            made += len(accounting.usage_rows(usages, config, prices, stats, closed_before_ns))
+        else:
+            made += len(accounting.usage_deltas(usages, config, prices, stats, (0, offset), closed_before_ns))
     return made
 
 

@@ -97,6 +97,11 @@ class WindowClock:
         return start, end
 
 
+def partition_key_of(budget: str, key: str) -> str:
+    """All state of one budget key lives on one partition, so one worker owns it."""
+    return f"{budget}|{key}"
+
+
 @dataclass(slots=True)
 class UsageDelta:
     """What one batch added to one budget key in one window.
@@ -122,29 +127,19 @@ class UsageDelta:
 
     @property
     def partition_key(self) -> str:
-        """All state of one budget key lives on one partition, so one worker owns it."""
-        return f"{self.budget}|{self.key}"
+        return partition_key_of(self.budget, self.key)
 
     @property
     def state_key(self) -> str:
         return f"{self.budget}|{self.key}|{self.window_start_ns}"
 
-    def add(self, amount: float, event_ns: int) -> None:
-        self.amount += amount
-        self.spans += 1
-        if not self.first_event_ns or event_ns < self.first_event_ns:
-            self.first_event_ns = event_ns
-        if event_ns > self.last_event_ns:
-            self.last_event_ns = event_ns
-
-    def count_unusual_call(self, call_mix: tuple[float, ...]) -> None:
-        """Add a model call's mix other than a plain call's (see `_settle_call_mix`)."""
-        mix = self.mix if self.mix is not None else [0.0] * len(call_mix)
-        self.mix = [a + b for a, b in zip(mix, call_mix, strict=True)]
-
     def to_row(self) -> list[Any]:
-        """The delta inside a batch record (a `DeltaRow` on the wire)."""
-        return DeltaRow(
+        """The delta inside a batch record: `DeltaRow(...).to_wire()`, without the tuple in between.
+
+        One per delta of every message (tens per small message); building the `DeltaRow` and
+        copying it into a list cost more than the list. `test_usage_records` checks both agree.
+        """
+        row = [
             self.budget,
             self.key,
             self.window_start_ns,
@@ -153,8 +148,10 @@ class UsageDelta:
             self.first_event_ns,
             self.last_event_ns,
             self.bucket_ns,
-            self.mix,
-        ).to_wire()
+        ]
+        if self.mix is not None:
+            row.append(self.mix)
+        return row
 
     @classmethod
     def from_row(cls, row: list[Any], source_partition: int = -1, source_offset: int = -1) -> UsageDelta:
@@ -527,6 +524,13 @@ def _budget_set(config: BudgetConfig) -> _BudgetSet:
     return _compiled[1]
 
 
+#: A delta as `usage_rows` builds it: its `DeltaRow` wire list itself (the call mix appended for
+#: budgets that count model calls), so stage 1 sends it as it is. The indices of its fields:
+_AMOUNT, _SPANS, _FIRST, _LAST, _MIX = (
+    DeltaRow._fields.index(name) for name in ("amount", "spans", "first_event_ns", "last_event_ns", "mix")
+)
+
+
 class _Group:
     """The spans of one batch that go to the same deltas: their count and event-time range.
 
@@ -537,44 +541,42 @@ class _Group:
 
     __slots__ = ("first", "last", "spans", "targets")
 
-    def __init__(self, targets: list[tuple[UsageDelta, int, bool]]) -> None:
-        self.targets = targets  # (delta, index of its metric's amount, whether it keeps a call mix)
+    def __init__(self, targets: list[tuple[list[Any], int, bool]]) -> None:
+        self.targets = targets  # (delta row, index of its metric's amount, whether it keeps a call mix)
         self.spans = 0
         self.first = _LATEST
         self.last = 0
 
     def settle(self) -> None:
-        for delta, _, _ in self.targets:
-            delta.spans += self.spans
-            if not delta.first_event_ns or self.first < delta.first_event_ns:
-                delta.first_event_ns = self.first
-            if self.last > delta.last_event_ns:
-                delta.last_event_ns = self.last
+        for row, _, _ in self.targets:
+            row[_SPANS] += self.spans
+            if not row[_FIRST] or self.first < row[_FIRST]:
+                row[_FIRST] = self.first
+            if self.last > row[_LAST]:
+                row[_LAST] = self.last
 
 
-def _delta_for(
-    deltas: dict[tuple[str, str, int], UsageDelta],
-    slot: tuple[str, str, int],
-    calls: bool,
-    bucket_ns: int,
-    source: tuple[int, int],
-) -> UsageDelta:
-    """The batch's delta for (budget, key, window start), made empty on first use."""
-    delta = deltas.get(slot)
-    if delta is None:
-        mix = [0.0] * MIX_FIELDS if calls else None
-        delta = deltas[slot] = UsageDelta(*slot, 0.0, 0, 0, 0, source[0], source[1], bucket_ns, mix)
-    return delta
+def _row_for(
+    rows: dict[tuple[str, str, int], list[Any]], slot: tuple[str, str, int], calls: bool, bucket_ns: int
+) -> list[Any]:
+    """The batch's delta row for (budget, key, window start), made empty on first use."""
+    row = rows.get(slot)
+    if row is None:
+        row = rows[slot] = (
+            [*slot, 0.0, 0, 0, 0, bucket_ns, [0.0] * MIX_FIELDS]
+            if calls
+            else [*slot, 0.0, 0, 0, 0, bucket_ns]
+        )
+    return row
 
 
 def _targets(
     entries: list[_Entry],
     keys: list[str | None],
     starts: tuple[int, ...],
-    deltas: dict[tuple[str, str, int], UsageDelta],
-    source: tuple[int, int],
-) -> list[tuple[UsageDelta, int, bool]]:
-    """The deltas of the budgets that take a span with these keys, made when new (in file order).
+    rows: dict[tuple[str, str, int], list[Any]],
+) -> list[tuple[list[Any], int, bool]]:
+    """The delta rows of the budgets that take a span with these keys, made when new (in file order).
 
     `_count`'s match: a budget takes the span when the span has a key under its scope and the
     budget's match takes the key.
@@ -584,8 +586,11 @@ def _targets(
         key = keys[scope]
         if key is None or (matcher is not None and not matcher.matches(key)):
             continue
-        delta = _delta_for(deltas, (budget_id, key, starts[window]), calls, bucket_ns, source)
-        targets.append((delta, metric, calls))
+        slot = (budget_id, key, starts[window])
+        row = rows.get(slot)
+        if row is None:  # most (span group, budget) pairs find their row: a call only to make one
+            row = _row_for(rows, slot, calls, bucket_ns)
+        targets.append((row, metric, calls))
     return targets
 
 
@@ -599,9 +604,28 @@ def usage_deltas(
     *,
     per_span: bool = False,
 ) -> list[UsageDelta]:
-    """Sum a batch of spans into deltas for every budget each span matches.
+    """Sum a batch of spans into deltas for every budget each span matches (`usage_rows`).
 
     `source` is the (partition, offset) of the message the batch came from.
+    """
+    rows = usage_rows(usages, config, prices, stats, closed_before_ns, per_span=per_span)
+    return [UsageDelta.from_row(row, *source) for row in rows]
+
+
+def usage_rows(
+    usages: Iterable[SpanUsage],
+    config: BudgetConfig,
+    prices: PriceBook,
+    stats: BatchStats | None = None,
+    closed_before_ns: int = 0,
+    *,
+    per_span: bool = False,
+) -> list[list[Any]]:
+    """`usage_deltas` as the rows stage 1 sends (`DeltaRow.to_wire()` each), without the objects.
+
+    A small message (10-20 spans) makes tens of deltas, each built, then copied into its row:
+    most of stage 1's work per message. Here the row is the delta from the start.
+
     A late span counts in the window of its event time, unless that window
     ended before `closed_before_ns` (now minus the allowed lateness): budgets
     are decided by then, so it is counted in `stats.too_late` instead (the
@@ -616,7 +640,7 @@ def usage_deltas(
     """
     usages = usages if isinstance(usages, list) else list(usages)
     budgets = _budget_set(config)
-    deltas: dict[tuple[str, str, int], UsageDelta] = {}
+    rows: dict[tuple[str, str, int], list[Any]] = {}
     groups: dict[tuple[Any, bool, bool, tuple[int, ...]], _Group] = {}
     per_span = per_span or not all(usage.end_ns or usage.start_ns for usage in usages)
     signature_of, starts_at = budgets.signature, budgets.starts_at
@@ -638,59 +662,63 @@ def usage_deltas(
         unusual = None if not calls or (mix := call_mix(usage)) == _PLAIN_CALL else mix
         if per_span or event_ns < closed_before_ns:
             keys, starts = span_keys(budgets.scopes, usage), budgets.starts(event_ns)
-            span = (event_ns, keys, starts, amounts, unusual, source, closed_before_ns)
-            _count(budgets.for_kind[(calls, tool_call)], span, deltas, stats)
+            span = (event_ns, keys, starts, amounts, unusual, closed_before_ns)
+            _count(budgets.for_kind[(calls, tool_call)], span, rows, stats)
             continue
         signature = signature_of(usage)
         starts = starts_at(event_ns)
         group = groups.get((signature, calls, tool_call, starts))
         if group is None:
             keys = span_keys(budgets.scopes, usage)
-            targets = _targets(budgets.for_kind[(calls, tool_call)], keys, starts, deltas, source)
+            targets = _targets(budgets.for_kind[(calls, tool_call)], keys, starts, rows)
             group = groups[(signature, calls, tool_call, starts)] = _Group(targets)
         group.spans += 1
         if event_ns < group.first:
             group.first = event_ns
         if event_ns > group.last:
             group.last = event_ns
-        for delta, metric, counts_calls in group.targets:
-            delta.amount += amounts[metric]
+        for row, metric, counts_calls in group.targets:
+            row[_AMOUNT] += amounts[metric]
             if unusual is not None and counts_calls:
-                delta.count_unusual_call(unusual)
+                _count_unusual_call(row[_MIX], unusual)
     for group in groups.values():
         group.settle()
-    _settle_call_mix(deltas.values())
-    return list(deltas.values())
+    _settle_call_mix(rows.values())
+    return list(rows.values())
 
 
-def _settle_call_mix(deltas: Iterable[UsageDelta]) -> None:
+def _count_unusual_call(mix: list[float], call_mix: tuple[float, ...]) -> None:
+    """Add a model call's mix other than a plain call's to a row's (see `_settle_call_mix`)."""
+    for index, value in enumerate(call_mix):
+        mix[index] += value
+
+
+def _settle_call_mix(rows: Iterable[list[Any]]) -> None:
     """The calls made of each model-call delta: its spans less the refused ones.
 
     The per-(span, budget) loop adds only the mix of calls that were not plain ones (refused,
     fell back, escalated). The counts are whole numbers, exact in floats whatever the order of
     the additions; the escalation cost is the same sum as before, its zeros left out.
     """
-    for delta in deltas:
-        mix = delta.mix
-        if mix is not None:
-            mix[MIX_CALLS] = float(delta.spans) - mix[MIX_REFUSED]
+    for row in rows:
+        if len(row) > _MIX:
+            mix = row[_MIX]
+            mix[MIX_CALLS] = float(row[_SPANS]) - mix[MIX_REFUSED]
 
 
 #: What `_count` needs of one span: (event_ns, keys per scope, starts per window, amounts per
-#: metric, its call mix unless a plain call's or none, the batch's source, closed_before_ns).
-_Span = tuple[
-    int, list["str | None"], list[int], tuple[float, ...], "tuple[float, ...] | None", tuple[int, int], int
-]
+#: metric, its call mix unless a plain call's or none, closed_before_ns).
+_Span = tuple[int, list["str | None"], list[int], tuple[float, ...], "tuple[float, ...] | None", int]
 
 
 def _count(
     entries: list[_Entry],
     span: _Span,
-    deltas: dict[tuple[str, str, int], UsageDelta],
+    rows: dict[tuple[str, str, int], list[Any]],
     stats: BatchStats | None,
 ) -> None:
-    """Add one span to the delta of each of `entries` it matches (the per-(span, budget) loop)."""
-    event_ns, keys, starts, amounts, unusual_mix, source, closed_before_ns = span
+    """Add one span to the delta row of each of `entries` it matches (the per-(span, budget) loop)."""
+    event_ns, keys, starts, amounts, unusual_mix, closed_before_ns = span
     for budget_id, scope, window, metric, matcher, bucket_ns, calls, budget in entries:
         key = keys[scope]
         if key is None or (matcher is not None and not matcher.matches(key)):
@@ -699,10 +727,15 @@ def _count(
             if stats is not None:
                 stats.too_late += 1
             continue
-        delta = _delta_for(deltas, (budget_id, key, starts[window]), calls, bucket_ns, source)
-        delta.add(amounts[metric], event_ns)
+        row = _row_for(rows, (budget_id, key, starts[window]), calls, bucket_ns)
+        row[_AMOUNT] += amounts[metric]
+        row[_SPANS] += 1
+        if not row[_FIRST] or event_ns < row[_FIRST]:
+            row[_FIRST] = event_ns
+        if event_ns > row[_LAST]:
+            row[_LAST] = event_ns
         if calls and unusual_mix is not None:
-            delta.count_unusual_call(unusual_mix)
+            _count_unusual_call(row[_MIX], unusual_mix)
 
 
 def _window_closed(budget: Budget, event_ns: int, closed_before_ns: int) -> bool:

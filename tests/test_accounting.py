@@ -384,7 +384,7 @@ def test_window_totals_survive_the_changelog_and_read_the_older_dict_state() -> 
 def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: BudgetConfig) -> None:
     settings = StreamSettings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"), data_dir=tmp_path, partitions=4)
     job = BudgetJob(settings, config)
-    deltas = [UsageDelta("tenant-cost", f"t{n}", 0, 1.0, 1, 5, 5, 3, 77) for n in range(5000)]
+    deltas = [UsageDelta("tenant-cost", f"t{n}", 0, 1.0, 1, 5, 5, 3, 77).to_row() for n in range(5000)]
     observations = [["long-context", "s1", [10, 20]]]
     records = [(p, batch.to_wire()) for p, batch in job._batch_records(deltas, observations, (3, 77))]
     partitioner = DefaultPartitioner()

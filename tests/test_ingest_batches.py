@@ -7,6 +7,7 @@ bookkeeping of a batch mixing partitions, a copy, a malformed message and a host
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.stream.app import LOG_APPEND_TIME, BudgetJob
+from burnguard.stream.app import GC_YOUNG_OBJECTS, LOG_APPEND_TIME, BudgetJob, tune_gc
 from burnguard.stream.deadletters import OMITTED_HEADER, SOURCE_HEADER
 from burnguard.stream.records import sub_batches
 from burnguard.stream.settings import StreamSettings
@@ -126,3 +127,14 @@ def test_dead_letters_of_a_batch_whose_send_failed_are_parked_on_the_re_reading(
     asyncio.run(job._ingest_batch(events))  # not acked, so read again
     parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
     assert [h[SOURCE_HEADER] for h in parked] == [b"otlp_spans/0/0"]
+
+
+def test_the_worker_scans_young_objects_less_often_and_keeps_the_older_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_OBJECTS, 11, 12)
+        assert GC_YOUNG_OBJECTS > 700 and gc.isenabled()  # cycles are still collected
+    finally:
+        gc.set_threshold(*before)

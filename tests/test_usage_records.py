@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 
-from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, WindowTotals
+from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
+from burnguard.stream.changelog import encode
 from burnguard.stream.records import (
     RECORD_VERSION,
     RECORD_VERSION_SINGLE,
     BatchRecord,
     DeltaRow,
     MicroBatch,
+    batches_record,
+    encode_record,
     keys_record,
     record_version,
     removal_rows,
@@ -28,6 +32,24 @@ def test_a_delta_row_is_the_same_json_list_with_or_without_its_mix() -> None:
     row = DeltaRow.from_wire(json.loads(json.dumps(mixed)))
     assert (row.budget, row.key, row.amount, row.mix) == ("tenant-cost", "acme", 1.5, [2.0, 0.0, 0.0, 0.0])
     assert row.to_wire() == mixed
+
+
+def test_a_deltas_row_is_the_delta_row_of_its_fields_with_or_without_its_mix() -> None:
+    for mix in (None, [2.0, 1.0, 0.0, 0.25]):
+        delta = UsageDelta("tenant-cost", "acme", 7, 1.5, 2, 10, 20, 3, 41, 60_000_000_000, mix)
+        fields = (delta.budget, delta.key, delta.window_start_ns, delta.amount, delta.spans)
+        times = (delta.first_event_ns, delta.last_event_ns, delta.bucket_ns)
+        assert delta.to_row() == DeltaRow(*fields, *times, mix).to_wire()
+        assert UsageDelta.from_row(delta.to_row(), 3, 41) == delta
+
+
+def test_stage_1_encodes_a_record_to_the_bytes_of_fausts_json_codec() -> None:
+    rows = [ROW, [*ROW, [2.0, 0.0, 1.0, 0.1 + 0.2]], ["b", 'é ☃ "x"', -1, 1e300, 0, 1 << 62, 2**64, 0]]
+    record = batches_record([BatchRecord(3, 77, rows, [["long-context", "s1", [10, 20]]])])
+    assert encode_record(record) == encode("json", record)
+    assert json.loads(encode_record(record)) == json.loads(json.dumps(record))
+    odd = {"kind": "batches", "batches": [[0, 1, [[*ROW[:3], math.inf, *ROW[4:]]], []]]}
+    assert encode_record(odd) == encode("json", odd)  # whatever the codec does, the same
 
 
 def test_a_batch_record_keeps_its_keys_on_the_wire() -> None:
