@@ -339,7 +339,12 @@ class WindowTotals:
                 self.buckets = _rolling_ring()
             self.spent -= self.buckets.add(last_event_ns // bucket_ns, amount)
         if mix:
-            self.mix = [a + b for a, b in zip(self.mix or [0.0] * MIX_FIELDS, mix, strict=False)]
+            current = self.mix
+            if current is not None and len(current) == len(mix) == MIX_FIELDS:  # the usual case, unrolled
+                a, b = current, mix
+                self.mix = [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
+            else:
+                self.mix = [a + b for a, b in zip(current or [0.0] * MIX_FIELDS, mix, strict=False)]
         return True
 
     def rolling_buckets(self, now_ns: int, window_ns: int, bucket_ns: int) -> list[tuple[int, float]]:

@@ -162,7 +162,11 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
     answer differs from the last published one, which is rare: comparing a
     ratio with the rungs is all most deltas need.
     """
-    spent, _, end = window_at(budget, window_start_ns, totals, now)
+    windows = _windows_of(budget)
+    if windows.rolling:
+        spent, _, end = window_at(budget, window_start_ns, totals, now)
+    else:  # `window_at` of a calendar or session window, its end looked up once per window
+        spent, end = totals.spent, windows.end(window_start_ns)
     ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
     action = rung.do if rung is not None else "ok"
@@ -171,6 +175,47 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
             budget, "", window_start_ns, totals, now, timedelta(0)
         ).action  # needs the burn rate
     return action
+
+
+class _Windows:
+    """What `decide_action` needs of a budget's window, worked out once per budget (and window).
+
+    Stage 2 decides for every delta row; `window_at` hashed the budget's `Window` (a dataclass,
+    hashed in Python) twice per row to find the same few window ends in its caches.
+    """
+
+    __slots__ = ("_ends", "budget", "rolling", "window")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget  # held, so its id is not reused while this entry lives
+        self.window = budget.window_spec
+        self.rolling = bool(window_lengths(self.window)[0])
+        self._ends: dict[int, datetime] = {}
+
+    def end(self, window_start_ns: int) -> datetime:
+        """The end of a calendar (or session) window, as `window_at` gives it."""
+        end = self._ends.get(window_start_ns)
+        if end is None:
+            if len(self._ends) >= _WINDOW_ENDS_KEPT:
+                self._ends.clear()
+            end = self._ends[window_start_ns] = window_span(self.window, window_start_ns)[1]
+        return end
+
+
+#: Budgets (`_WINDOWS_KEPT`) and window ends per budget (`_WINDOW_ENDS_KEPT`) remembered at most.
+_WINDOWS_KEPT = 1024
+_WINDOW_ENDS_KEPT = 64
+#: id(budget) -> its `_Windows`; the entry holds the budget, so an id is never another budget's.
+_windows: dict[int, _Windows] = {}
+
+
+def _windows_of(budget: Budget) -> _Windows:
+    windows = _windows.get(id(budget))
+    if windows is None or windows.budget is not budget:
+        if len(_windows) >= _WINDOWS_KEPT:
+            _windows.clear()
+        windows = _windows[id(budget)] = _Windows(budget)
+    return windows
 
 
 def _may_predict(budget: Budget, ratio: float, action: str) -> bool:
