@@ -248,11 +248,14 @@ def measure(args: argparse.Namespace, records_file: Path) -> dict[str, Any]:
     }
 
 
-def measure_child(args: argparse.Namespace, records_file: Path, pythonpath: Path) -> dict[str, Any]:
-    """`measure` in a process that imports the exported revision (its module path proves which)."""
+def measure_child(args: argparse.Namespace, records_file: Path, pythonpath: Path | None) -> dict[str, Any]:
+    """`measure` in a fresh process: of the exported revision at `pythonpath` first on its path (its
+    module path proves which), or of this checkout (None). Both sides run so, with the same heap
+    to collect: the parent also holds stage 1's job and the load."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(records_file)]
     command += ["--repeat", str(args.repeat), "--flush-records", str(args.flush_records)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(BENCH_DIR)])}
+    paths = [str(pythonpath), str(BENCH_DIR)] if pythonpath else [str(BENCH_DIR)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -324,7 +327,7 @@ def main() -> None:
         for _ in range(args.rounds if old_path else 1):
             if old_path:
                 runs["old"].append(measure_child(args, records_file, old_path))
-            runs["new"].append(measure(args, records_file))
+            runs["new"].append(measure_child(args, records_file, None))
         if args.profile:
             profile(args, records_file)
     shape = (

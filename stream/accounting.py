@@ -333,7 +333,12 @@ class WindowTotals:
             self.first_event_ns = first_event_ns
         if last_event_ns > self.last_event_ns:
             self.last_event_ns = last_event_ns
-        self.recent.add(last_event_ns // _NS_PER_MINUTE, amount)
+        recent, minute = self.recent, last_event_ns // _NS_PER_MINUTE
+        if minute == recent.newest:  # most rows: `Ring.add` in the ring's newest minute, inlined
+            amounts = recent.amounts
+            amounts[minute % len(amounts)] += amount
+        else:
+            recent.add(minute, amount)
         if bucket_ns:
             if self.buckets is None:
                 self.buckets = _rolling_ring()

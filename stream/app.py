@@ -801,7 +801,7 @@ class BudgetJob:
         if stored is None and self._forgotten(budget, window_start_ns, last_ns):
             self.late_after_eviction += 1  # counted before and forgotten, or too late: not revived
             return None
-        totals = WindowTotals.from_state(stored)
+        totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
         if not totals.add(*source, amount, spans, first_ns, last_ns, bucket_ns, mix):
             self.replayed_deltas += 1  # a replay after a crash: already counted
             return None
@@ -888,7 +888,7 @@ class BudgetJob:
         have been swept further by another worker meanwhile. Every sweep stores its clock, so a
         replay after a crash refuses exactly the deltas the first reading refused.
         """
-        return int(self.totals.data.get(horizon_key(partition)) or 0)
+        return int(_plain(self.totals).get(horizon_key(partition)) or 0)
 
     def _forgotten(self, budget: Budget, window_start_ns: int, last_ns: int) -> bool:
         """Whether a delta for a window absent from the table is for one this partition forgot."""
