@@ -34,6 +34,7 @@ sessions and emptied rolling keys (`stream/eviction.py`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -1199,9 +1200,22 @@ def create_job(settings: StreamSettings | None = None) -> BudgetJob:
     return job
 
 
+def freeze_startup_heap() -> None:
+    """Keep what exists at start-up (modules, the app, its topics and tables) out of later collections.
+
+    Stage 2 decodes each usage record into a list per row, alive until the record is accounted:
+    long enough to reach the oldest generation, so full collections come often, and each walked
+    the whole start-up heap (`bench/stream_account.py`: 2-5 µs of garbage collection per delta
+    row, ~0.8 µs with it frozen). Objects made later (table values) are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run_worker(settings: StreamSettings | None = None, loglevel: str = "info") -> None:
     """Run one worker of the job until SIGTERM / SIGINT."""
     quiet_library_logs()
     job = create_job(settings)
+    freeze_startup_heap()
     worker = faust.Worker(job.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

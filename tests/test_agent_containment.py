@@ -7,9 +7,11 @@ these are the paths the issue saw raise inside Faust's agents.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 from burnguard.contracts.budgets import Budget, parse_budget_yaml
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.app import BudgetJob, _as_bytes, _plain
+from burnguard.stream.app import BudgetJob, _as_bytes, _plain, freeze_startup_heap
 from burnguard.stream.records import DELTA_ROW_FIELDS, BatchRecord, DeltaRow, batches_record
 from burnguard.stream.settings import StreamSettings
 
@@ -153,3 +155,22 @@ def test_rows_with_and_without_the_call_mix_count_alike_in_a_batch(
     totals = WindowTotals.from_state(job.totals.data["tenant-cost|acme|0"])
     assert (totals.spent, totals.spans, totals.applied) == (3.0, 3, {"0": 7})
     assert totals.mix == [2.0, 0.0, 0.0, 0.0]
+
+
+def test_the_start_up_heap_is_frozen_and_later_garbage_still_collected() -> None:
+    """`run_worker` freezes what exists at start-up; a cycle made afterwards is still collected."""
+
+    class Node:
+        me: Any = None
+
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        node = Node()
+        node.me = node
+        alive = weakref.ref(node)
+        del node
+        gc.collect()
+        assert alive() is None
+    finally:
+        gc.unfreeze()
