@@ -340,9 +340,14 @@ class WindowTotals:
         else:
             recent.add(minute, amount)
         if bucket_ns:
-            if self.buckets is None:
-                self.buckets = _rolling_ring()
-            self.spent -= self.buckets.add(last_event_ns // bucket_ns, amount)
+            buckets, bucket = self.buckets, last_event_ns // bucket_ns
+            if buckets is None:
+                buckets = self.buckets = _rolling_ring()
+            if bucket == buckets.newest:  # as above: nothing falls out of the ring
+                amounts = buckets.amounts
+                amounts[bucket % len(amounts)] += amount
+            else:
+                self.spent -= buckets.add(bucket, amount)
         if mix:
             current = self.mix
             if current is not None and len(current) == len(mix) == MIX_FIELDS:  # the usual case, unrolled
