@@ -1205,8 +1205,8 @@ def freeze_startup_heap() -> None:
 
     Stage 2 decodes each usage record into a list per row, alive until the record is accounted:
     long enough to reach the oldest generation, so full collections come often, and each walked
-    the whole start-up heap (`bench/stream_account.py`: 2-5 µs of garbage collection per delta
-    row, ~0.8 µs with it frozen). Objects made later (table values) are still collected.
+    the whole start-up heap (`bench/stream_account.py`, BENCHMARKS.md: garbage collection per
+    delta row fell 2-3x). Objects made later (table values) are still collected.
     """
     gc.collect()
     gc.freeze()
