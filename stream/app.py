@@ -1206,7 +1206,7 @@ def freeze_startup_heap() -> None:
     Stage 2 decodes each usage record into a list per row, alive until the record is accounted:
     long enough to reach the oldest generation, so full collections come often, and each walked
     the whole start-up heap (`bench/stream_account.py`, BENCHMARKS.md: garbage collection per
-    delta row fell 2-3x). Objects made later (table values) are still collected.
+    delta row fell 1.2-3.4x). Objects made later (table values) are still collected.
     """
     gc.collect()
     gc.freeze()
