@@ -330,13 +330,28 @@ class WindowTotals:
             self.first_event_ns = first_event_ns
         if last_event_ns > self.last_event_ns:
             self.last_event_ns = last_event_ns
-        self.recent.add(last_event_ns // _NS_PER_MINUTE, amount)
+        recent, minute = self.recent, last_event_ns // _NS_PER_MINUTE
+        if minute == recent.newest:  # most rows: `Ring.add` in the ring's newest minute, inlined
+            amounts = recent.amounts
+            amounts[minute % len(amounts)] += amount
+        else:
+            recent.add(minute, amount)
         if bucket_ns:
-            if self.buckets is None:
-                self.buckets = _rolling_ring()
-            self.spent -= self.buckets.add(last_event_ns // bucket_ns, amount)
+            buckets, bucket = self.buckets, last_event_ns // bucket_ns
+            if buckets is None:
+                buckets = self.buckets = _rolling_ring()
+            if bucket == buckets.newest:  # as above: nothing falls out of the ring
+                amounts = buckets.amounts
+                amounts[bucket % len(amounts)] += amount
+            else:
+                self.spent -= buckets.add(bucket, amount)
         if mix:
-            self.mix = [a + b for a, b in zip(self.mix or [0.0] * MIX_FIELDS, mix, strict=False)]
+            current = self.mix
+            if current is not None and len(current) == len(mix) == MIX_FIELDS:  # the usual case, unrolled
+                a, b = current, mix
+                self.mix = [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
+            else:
+                self.mix = [a + b for a, b in zip(current or [0.0] * MIX_FIELDS, mix, strict=False)]
         return True
 
     def rolling_buckets(self, now_ns: int, window_ns: int, bucket_ns: int) -> list[tuple[int, float]]:

@@ -162,15 +162,63 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
     answer differs from the last published one, which is rare: comparing a
     ratio with the rungs is all most deltas need.
     """
-    spent, _, end = window_at(budget, window_start_ns, totals, now)
+    windows = _windows_of(budget)
+    if windows.rolling:  # `window_at`'s spend; its end, now + the window's length, is after now
+        spent = totals.rolling_spent(int(now.timestamp() * _NS), windows.rolling, windows.bucket_ns)
+        open_ = True
+    else:  # `window_at` of a calendar or session window, its end looked up once per window
+        spent, open_ = totals.spent, now < windows.end(window_start_ns)
     ratio = spent / budget.limit
-    rung = budget.action_for(ratio) if now < end else None
+    rung = budget.action_for(ratio) if open_ else None
     action = rung.do if rung is not None else "ok"
-    if _may_predict(budget, ratio, action) and now < end:
+    if _may_predict(budget, ratio, action) and open_:
         return signal_for_window(
             budget, "", window_start_ns, totals, now, timedelta(0)
         ).action  # needs the burn rate
     return action
+
+
+class _Windows:
+    """What `decide_action` needs of a budget's window, worked out once per budget (and window).
+
+    Stage 2 decides for every delta row; `window_at` hashed the budget's `Window` (a dataclass,
+    hashed in Python) twice per row to find the same few window ends in its caches, and built
+    two datetimes per row of a rolling window.
+    """
+
+    __slots__ = ("_ends", "bucket_ns", "budget", "rolling", "window")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget  # held, so its id is not reused while this entry lives
+        self.window = budget.window_spec
+        #: a rolling window's length in ns (0: a calendar or session window) and its bucket size
+        self.rolling, self.bucket_ns = window_lengths(self.window)
+        self._ends: dict[int, datetime] = {}
+
+    def end(self, window_start_ns: int) -> datetime:
+        """The end of a calendar (or session) window, as `window_at` gives it."""
+        end = self._ends.get(window_start_ns)
+        if end is None:
+            if len(self._ends) >= _WINDOW_ENDS_KEPT:
+                self._ends.clear()
+            end = self._ends[window_start_ns] = window_span(self.window, window_start_ns)[1]
+        return end
+
+
+#: Budgets (`_WINDOWS_KEPT`) and window ends per budget (`_WINDOW_ENDS_KEPT`) remembered at most.
+_WINDOWS_KEPT = 1024
+_WINDOW_ENDS_KEPT = 64
+#: id(budget) -> its `_Windows`; the entry holds the budget, so an id is never another budget's.
+_windows: dict[int, _Windows] = {}
+
+
+def _windows_of(budget: Budget) -> _Windows:
+    windows = _windows.get(id(budget))
+    if windows is None or windows.budget is not budget:
+        if len(_windows) >= _WINDOWS_KEPT:
+            _windows.clear()
+        windows = _windows[id(budget)] = _Windows(budget)
+    return windows
 
 
 def _may_predict(budget: Budget, ratio: float, action: str) -> bool:

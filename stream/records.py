@@ -34,8 +34,9 @@ BATCH, BATCHES, TICKS, REMOVALS, SWEEP = "batch", "batches", "ticks", "removals"
 RECORD_VERSION_SINGLE = 1
 RECORD_VERSION = 2
 _CURRENT_KINDS = frozenset((BATCH, BATCHES, TICKS, REMOVALS, SWEEP))
-#: The fields of a delta row written before the call mix existed (no `mix`).
+#: The fields of a delta row written before the call mix existed (no `mix`), and of one now.
 DELTA_ROW_FIELDS_BEFORE_MIX = 8
+DELTA_ROW_FIELDS = 9
 
 
 def record_version(record: dict[str, Any]) -> int:

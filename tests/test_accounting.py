@@ -13,8 +13,16 @@ from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
-from burnguard.contracts.windows import Window
-from burnguard.stream.accounting import BatchStats, Ring, UsageDelta, WindowClock, WindowTotals, usage_deltas
+from burnguard.contracts.windows import ROLLING_BUCKETS, Window
+from burnguard.stream.accounting import (
+    RECENT_MINUTES,
+    BatchStats,
+    Ring,
+    UsageDelta,
+    WindowClock,
+    WindowTotals,
+    usage_deltas,
+)
 from burnguard.stream.app import BATCH_ROWS, BudgetJob
 from burnguard.stream.partitioner import murmur2, usage_partition
 from burnguard.stream.settings import StreamSettings
@@ -546,3 +554,28 @@ def test_the_grouped_path_sums_exactly_as_the_per_span_reference(seed: int) -> N
 
 def vars_of(usage: SpanUsage) -> dict:
     return {name: getattr(usage, name) for name in SpanUsage.__slots__}
+
+
+def test_adding_to_a_window_is_adding_to_its_rings_one_by_one() -> None:
+    """`WindowTotals.add` inlines `Ring.add` for a row in the ring's newest slot; against the rings
+    themselves, rows in random order (same minute, later, earlier, far later) give the same state."""
+    rng = random.Random(16)
+    minute = 60 * 1_000_000_000
+    bucket_ns = 2 * minute
+    fast = WindowTotals()
+    recent, buckets, spent = Ring(RECENT_MINUTES), Ring(ROLLING_BUCKETS + 1), 0.0
+    at = 10_000 * minute
+    for offset in range(3000):
+        steps = [0, 0, 0, rng.randrange(minute), rng.randrange(3 * minute), -rng.randrange(30 * minute)]
+        at += rng.choice(steps)
+        if rng.random() < 0.01:
+            at += rng.randrange(200 * minute)
+        amount = rng.choice([0.0, 0.5, rng.random()])
+        assert fast.add(0, offset, amount, 1, at, at, bucket_ns, None)
+        spent += amount
+        recent.add(at // minute, amount)
+        spent -= buckets.add(at // bucket_ns, amount)
+        assert fast.spent == spent
+        assert (fast.recent.newest, fast.recent.amounts) == (recent.newest, recent.amounts)
+        assert fast.buckets is not None
+        assert (fast.buckets.newest, fast.buckets.amounts) == (buckets.newest, buckets.amounts)

@@ -7,9 +7,11 @@ these are the paths the issue saw raise inside Faust's agents.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,8 @@ from typing import Any
 import pytest
 from burnguard.contracts.budgets import Budget, parse_budget_yaml
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.app import BudgetJob, _as_bytes
-from burnguard.stream.records import BatchRecord, DeltaRow, batches_record
+from burnguard.stream.app import BudgetJob, _as_bytes, _plain, freeze_startup_heap
+from burnguard.stream.records import DELTA_ROW_FIELDS, BatchRecord, DeltaRow, batches_record
 from burnguard.stream.settings import StreamSettings
 
 from tests.factories import budgets_yaml, tenant_cost
@@ -124,3 +126,51 @@ def test_a_micro_batch_record_counts_each_message_once_by_its_own_source_offset(
     assert (acme.spent, acme.spans, acme.applied) == (4.0, 4, {"0": 8})  # offsets 5, 6, 7, 8 once each
     assert (globex.spent, globex.applied) == (20.0, {"0": 7})  # offsets 5 and 7
     assert job.replayed_deltas == 1
+
+
+def test_stage_2_reads_the_tables_through_the_dict_their_store_keeps(job: BudgetJob) -> None:
+    """`_plain` skips the store's Python-level mapping methods; it must read what the store holds."""
+    row = ["tenant-cost", "acme", 0, 1.0, 1, 1, 1, 0]
+    assert job._apply(DeltaRow.from_wire(row), (0, 1), datetime.now(UTC)) is None
+    assert _plain(job.totals) is job.totals.data.data
+    assert WindowTotals.from_state(_plain(job.totals)["tenant-cost|acme|0"]).spent == 1.0
+    job.changes.delete(job.totals, "tenant-cost|acme|0")
+    assert "tenant-cost|acme|0" not in _plain(job.totals)
+
+
+def test_rows_with_and_without_the_call_mix_count_alike_in_a_batch(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A current row goes to `_apply` as the list it is; one of 8 fields (before the mix) as a `DeltaRow`."""
+
+    async def no_producer(signal: Any) -> None:
+        return None
+
+    monkeypatch.setattr(job, "_send_signal", no_producer)
+    assert len(DeltaRow._fields) == DELTA_ROW_FIELDS
+    older = ["tenant-cost", "acme", 0, 1.0, 1, 1, 1, 0]
+    current = [*older, [1.0, 0.0, 0.0, 0.0]]
+    batches = [BatchRecord(0, offset, [row], []) for offset, row in ((5, older), (6, current), (7, current))]
+    asyncio.run(job._account_one(json.loads(json.dumps(batches_record(batches)))))
+    totals = WindowTotals.from_state(job.totals.data["tenant-cost|acme|0"])
+    assert (totals.spent, totals.spans, totals.applied) == (3.0, 3, {"0": 7})
+    assert totals.mix == [2.0, 0.0, 0.0, 0.0]
+
+
+def test_the_start_up_heap_is_frozen_and_later_garbage_still_collected() -> None:
+    """`run_worker` freezes what exists at start-up; a cycle made afterwards is still collected."""
+
+    class Node:
+        me: Any = None
+
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        node = Node()
+        node.me = node
+        alive = weakref.ref(node)
+        del node
+        gc.collect()
+        assert alive() is None
+    finally:
+        gc.unfreeze()

@@ -277,3 +277,25 @@ def test_the_cheap_action_is_the_signals_action(budget: Budget) -> None:
             assert decide_action(budget, start_ns, window, now) == expected, (spent, now)
             checked.add(expected)
     assert {"ok", "warn", "throttle"} <= checked
+
+
+@pytest.mark.parametrize("window", ["day", "month", "session"])
+def test_the_cheap_action_is_the_signals_action_in_every_window_a_budget_has(window: str) -> None:
+    """`decide_action` keeps each budget's window ends (a bounded number): any window start, old or
+    current, and whichever came before, gives the action its signal has."""
+    scope = "session" if window == "session" else "tenant"
+    budget = ladder_budget(window=window, scope=scope)
+    day = timedelta(days=1)
+    starts = [budget.window_spec.start_ns(ns(NOW - n * day)) for n in range(100)]
+    if window == "session":
+        starts = [0]
+    checked = set()
+    for round_ in range(2):  # the second round finds the ends kept (or re-made after the bound)
+        for index, start_ns in enumerate(starts):
+            for spent in (index % 60, 40 + round_ * 5 + index % 3, 55 - round_):
+                window_totals = WindowTotals(spent=spent)
+                for now in (NOW, NOW - (index % 40) * day):
+                    expected = signal_for_window(budget, "acme", start_ns, window_totals, now, TTL).action
+                    assert decide_action(budget, start_ns, window_totals, now) == expected, (start_ns, now)
+                    checked.add(expected)
+    assert {"ok", "warn", "throttle"} <= checked
