@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal
-from kafka import KafkaConsumer
 
 from tests.fakes import FakeAnthropic, FakeOpenAI
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 
 APP = Path(__file__).parent / "apps" / "example_app.py"
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
@@ -38,16 +37,11 @@ def expected_spend() -> float:
 
 
 def service_signals(pipeline: Pipeline) -> list[Signal]:
-    consumer = KafkaConsumer(
-        pipeline.topics.signals,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=2000,
-    )
-    try:
-        signals = [Signal.from_json(r.value) for r in consumer if r.value]
-    finally:
-        consumer.close()
+    signals = [
+        Signal.from_json(r.value)
+        for r in read_to_end(pipeline.broker.bootstrap, pipeline.topics.signals)
+        if r.value
+    ]
     return [s for s in signals if s.scope == "service" and s.key == SERVICE]
 
 
