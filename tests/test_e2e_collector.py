@@ -116,7 +116,9 @@ def running_collector(binary: Path, config: Path, log: Path) -> Iterator[subproc
         process.wait(30)
 
 
-def run_app(openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: str) -> None:
+def start_app(
+    openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: str
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BURNGUARD_"))}
     env.update(
         OTEL_SERVICE_NAME="plain-otel-app",
@@ -126,8 +128,9 @@ def run_app(openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: s
         APP_CALLS=calls,
         **extra_env,
     )
-    done = subprocess.run([sys.executable, str(APP)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return subprocess.Popen(
+        [sys.executable, str(APP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def latest_usage(pipeline: Pipeline) -> dict[tuple[str, str], BudgetUsage]:
@@ -181,8 +184,11 @@ def test_plain_otel_app_through_a_real_collector_is_counted_exactly(
         FakeOpenAI() as openai_server,
         running_collector(collector_binary, config, tmp_path / "collector.log"),
     ):
-        for _, env, calls in RUNS:
-            run_app(openai_server.base_url, http_port, env, calls)
+        # The runs are independent apps (each its own tenant): side by side.
+        apps = [start_app(openai_server.base_url, http_port, env, calls) for _, env, calls in RUNS]
+        for app in apps:
+            _, stderr = app.communicate(timeout=120)
+            assert app.returncode == 0, stderr[-4000:]
         expected = expected_totals()
         assert len(openai_server.requests) == sum(count for _, _, count in expected.values())
 
