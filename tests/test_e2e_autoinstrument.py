@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,9 @@ budgets:
       - {{at: 0.5, do: warn}}
       - {{at: 1.0, do: throttle}}
 """)
-    pipeline.start_worker()
-    with FakeOpenAI() as openai_server, FakeAnthropic() as anthropic_server:
+    # The worker starts while the unenforced app runs (its spans wait on the topic, read from the start).
+    with ThreadPoolExecutor(1) as starter, FakeOpenAI() as openai_server, FakeAnthropic() as anthropic_server:
+        worker_ready = starter.submit(pipeline.start_worker)
         env = {
             **pipeline.env,
             "OTEL_SERVICE_NAME": SERVICE,
@@ -83,6 +85,7 @@ budgets:
         assert openai_server.models == ["gpt-4.1", "gpt-4.1"] and anthropic_server.models == [
             "claude-sonnet-4-5"
         ]
+        worker_ready.result()
 
         deadline = time.monotonic() + 90
         signals: list[Signal] = []
