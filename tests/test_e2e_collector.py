@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -176,19 +177,22 @@ def test_plain_otel_app_through_a_real_collector_is_counted_exactly(
     pipeline: Pipeline, collector_binary: Path, tmp_path: Path, source: Path
 ) -> None:
     pipeline.write_budgets(BUDGETS)
-    pipeline.start_worker()
-    sink = pipeline.start_sink()
     http_port = free_port()
     config = write_config(source, pipeline, http_port, tmp_path / "collector.yaml")
+    # The worker starts while the Collector and the apps do (spans wait on the topic, read from the
+    # start); the runs are independent apps (each its own tenant): side by side.
     with (
+        ThreadPoolExecutor(1) as starter,
         FakeOpenAI() as openai_server,
         running_collector(collector_binary, config, tmp_path / "collector.log"),
     ):
-        # The runs are independent apps (each its own tenant): side by side.
+        worker_ready = starter.submit(pipeline.start_worker)
+        sink = pipeline.start_sink()
         apps = [start_app(openai_server.base_url, http_port, env, calls) for _, env, calls in RUNS]
         for app in apps:
             _, stderr = app.communicate(timeout=120)
             assert app.returncode == 0, stderr[-4000:]
+        worker_ready.result()
         expected = expected_totals()
         assert len(openai_server.requests) == sum(count for _, _, count in expected.values())
 
