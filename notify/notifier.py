@@ -68,6 +68,8 @@ class NotifySettings:
     max_backoff_s: float = 60.0
     http_timeout_s: float = 10.0
     from_beginning: bool = False
+    #: How soon a notifier that died without leaving loses its partitions (None: kafka-python's 45 s).
+    session_timeout_s: float | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> NotifySettings:
@@ -79,6 +81,9 @@ class NotifySettings:
             "deadletter_topic": topics.notify_deadletter,
             "backoff_s": float(env.get("BURNGUARD_NOTIFY_BACKOFF_S", defaults.backoff_s)),
             "max_backoff_s": float(env.get("BURNGUARD_NOTIFY_MAX_BACKOFF_S", defaults.max_backoff_s)),
+            "session_timeout_s": float(env["BURNGUARD_NOTIFY_SESSION_TIMEOUT_S"])
+            if env.get("BURNGUARD_NOTIFY_SESSION_TIMEOUT_S")
+            else None,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -129,8 +134,12 @@ class Notifier:
         )
         config = self.kafka.kafka_python_config()
         self.producer = KafkaProducer(**config, acks="all")
+        session = {}
+        if s.session_timeout_s:  # heartbeats at a third of it, as the sink's --session-timeout-ms
+            ms = int(s.session_timeout_s * 1000)
+            session = {"session_timeout_ms": ms, "heartbeat_interval_ms": max(ms // 3, 100)}
         self.consumer = KafkaConsumer(
-            **config, group_id=s.group, enable_auto_commit=False, auto_offset_reset="earliest"
+            **config, group_id=s.group, enable_auto_commit=False, auto_offset_reset="earliest", **session
         )
         self.consumer.subscribe([self.topics.signals], listener=_Rebalance(self))
         log.info("notify: group %s reading %s", s.group, self.topics.signals)

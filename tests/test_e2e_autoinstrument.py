@@ -14,15 +14,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.signals import Signal
-from kafka import KafkaConsumer
 
 from tests.fakes import FakeAnthropic, FakeOpenAI
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 
 APP = Path(__file__).parent / "apps" / "example_app.py"
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
@@ -38,16 +38,11 @@ def expected_spend() -> float:
 
 
 def service_signals(pipeline: Pipeline) -> list[Signal]:
-    consumer = KafkaConsumer(
-        pipeline.topics.signals,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=2000,
-    )
-    try:
-        signals = [Signal.from_json(r.value) for r in consumer if r.value]
-    finally:
-        consumer.close()
+    signals = [
+        Signal.from_json(r.value)
+        for r in read_to_end(pipeline.broker.bootstrap, pipeline.topics.signals)
+        if r.value
+    ]
     return [s for s in signals if s.scope == "service" and s.key == SERVICE]
 
 
@@ -71,8 +66,9 @@ budgets:
       - {{at: 0.5, do: warn}}
       - {{at: 1.0, do: throttle}}
 """)
-    pipeline.start_worker()
-    with FakeOpenAI() as openai_server, FakeAnthropic() as anthropic_server:
+    # The worker starts while the unenforced app runs (its spans wait on the topic, read from the start).
+    with ThreadPoolExecutor(1) as starter, FakeOpenAI() as openai_server, FakeAnthropic() as anthropic_server:
+        worker_ready = starter.submit(pipeline.start_worker)
         env = {
             **pipeline.env,
             "OTEL_SERVICE_NAME": SERVICE,
@@ -89,6 +85,7 @@ budgets:
         assert openai_server.models == ["gpt-4.1", "gpt-4.1"] and anthropic_server.models == [
             "claude-sonnet-4-5"
         ]
+        worker_ready.result()
 
         deadline = time.monotonic() + 90
         signals: list[Signal] = []

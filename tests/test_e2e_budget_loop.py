@@ -23,12 +23,11 @@ from burnguard.contracts.signals import Signal
 from burnguard.instrumentation import Settings
 from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.instrumentation.runtime import reset_runtime
-from kafka import KafkaConsumer
 
 import burnguard
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 
 BUDGETS = budgets_yaml(
     budget("tenant-daily", 0.05, match="*", window="day", actions=WARN_DOWNGRADE_THROTTLE), head=LADDER_YAML
@@ -87,16 +86,11 @@ def call_model(server: ModelServer, tenant: str, recorded: dict[str, float], cal
 
 
 def read_signals(pipeline: Pipeline) -> list[Signal]:
-    consumer = KafkaConsumer(
-        pipeline.topics.signals,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=3000,
-    )
-    try:
-        return [Signal.from_json(r.value) for r in consumer if r.value]
-    finally:
-        consumer.close()
+    return [
+        Signal.from_json(r.value)
+        for r in read_to_end(pipeline.broker.bootstrap, pipeline.topics.signals)
+        if r.value
+    ]
 
 
 def assert_a_new_guard_starts_throttled_from_the_workers_checkpoint(

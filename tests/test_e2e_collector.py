@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def running_collector(binary: Path, config: Path, log: Path) -> Iterator[subproc
         process.wait(30)
 
 
-def run_app(openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: str) -> None:
+def start_app(
+    openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: str
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BURNGUARD_"))}
     env.update(
         OTEL_SERVICE_NAME="plain-otel-app",
@@ -126,8 +129,9 @@ def run_app(openai_url: str, otlp_port: int, extra_env: dict[str, str], calls: s
         APP_CALLS=calls,
         **extra_env,
     )
-    done = subprocess.run([sys.executable, str(APP)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return subprocess.Popen(
+        [sys.executable, str(APP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def latest_usage(pipeline: Pipeline) -> dict[tuple[str, str], BudgetUsage]:
@@ -173,16 +177,22 @@ def test_plain_otel_app_through_a_real_collector_is_counted_exactly(
     pipeline: Pipeline, collector_binary: Path, tmp_path: Path, source: Path
 ) -> None:
     pipeline.write_budgets(BUDGETS)
-    pipeline.start_worker()
-    sink = pipeline.start_sink()
     http_port = free_port()
     config = write_config(source, pipeline, http_port, tmp_path / "collector.yaml")
+    # The worker starts while the Collector and the apps do (spans wait on the topic, read from the
+    # start); the runs are independent apps (each its own tenant): side by side.
     with (
+        ThreadPoolExecutor(1) as starter,
         FakeOpenAI() as openai_server,
         running_collector(collector_binary, config, tmp_path / "collector.log"),
     ):
-        for _, env, calls in RUNS:
-            run_app(openai_server.base_url, http_port, env, calls)
+        worker_ready = starter.submit(pipeline.start_worker)
+        sink = pipeline.start_sink()
+        apps = [start_app(openai_server.base_url, http_port, env, calls) for _, env, calls in RUNS]
+        for app in apps:
+            _, stderr = app.communicate(timeout=120)
+            assert app.returncode == 0, stderr[-4000:]
+        worker_ready.result()
         expected = expected_totals()
         assert len(openai_server.requests) == sum(count for _, _, count in expected.values())
 

@@ -77,6 +77,8 @@ def test_dead_letters_are_parked_once_across_a_worker_sigkill(pipeline: Pipeline
     """The killed worker committed nothing: its successor re-reads every bad message, parks none again."""
     pipeline.write_budgets(BUDGETS)
     pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="60")  # nothing is committed before the kill
+    # the killed worker's partitions move to its successor after 6 s (the broker's least), not 30 s
+    pipeline.env.update(BURNGUARD_SESSION_TIMEOUT_S="6")
     first = pipeline.start_worker()
     producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
     spans_topic = pipeline.topics.spans

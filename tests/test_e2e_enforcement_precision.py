@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from burnguard.contracts.pricing import PriceBook
 from burnguard.instrumentation.runtime import DEFAULT_EXPORT_DELAY_MS
 from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.factories import LADDER_YAML
@@ -104,64 +106,78 @@ budgets:
     assert LIMIT / 2 <= dear * premium < LIMIT / 2 + 0.1 * LIMIT, seen
 
 
-def export_lag_s(pipeline: Pipeline, service: str, delay_env: dict[str, str]) -> float:
-    """Run the zero-code app as `service` for two calls four seconds apart; how long its first
-    call's span took from its end to Kafka (the record's LogAppendTime)."""
-    with FakeOpenAI() as server:
-        env = {
-            **pipeline.env,
-            "OTEL_SERVICE_NAME": service,
-            "OPENAI_BASE_URL": server.base_url,
-            "OPENAI_API_KEY": "test",
-            "PYTHONWARNINGS": "ignore",
-            "BURNGUARD_ENFORCE": "true",
-            **delay_env,
-        }
-        if not delay_env:
-            env.pop("OTEL_BSP_SCHEDULE_DELAY", None)
-        done = subprocess.run(
-            [str(INSTRUMENT), sys.executable, str(APP), "2", "0.25"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr[-4000:]
-    consumer = KafkaConsumer(
-        pipeline.topics.spans,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=3000,
+def start_two_call_app(
+    pipeline: Pipeline, server: FakeOpenAI, service: str, delay_env: dict[str, str]
+) -> subprocess.Popen[str]:
+    """The zero-code app as `service`, making two calls four seconds apart (the SDK's default export
+    delay when `delay_env` is empty, else the delay it sets)."""
+    env = {
+        **pipeline.env,
+        "OTEL_SERVICE_NAME": service,
+        "OPENAI_BASE_URL": server.base_url,
+        "OPENAI_API_KEY": "test",
+        "PYTHONWARNINGS": "ignore",
+        "BURNGUARD_ENFORCE": "true",
+        **delay_env,
+    }
+    if not delay_env:
+        env.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+    return subprocess.Popen(
+        [str(INSTRUMENT), sys.executable, str(APP), "2", "0.25"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    arrived: dict[int, float] = {}  # span end (ns) -> record time (s), for burnguard's spans of `service`
-    try:
-        for record in consumer:
-            for resource_spans in ExportTraceServiceRequest.FromString(record.value).resource_spans:
-                names = [
-                    a.value.string_value
-                    for a in resource_spans.resource.attributes
-                    if a.key == "service.name"
-                ]
-                if names != [service]:
-                    continue
-                for scope_spans in resource_spans.scope_spans:
-                    if scope_spans.scope.name == "burnguard.instrumentation":
-                        arrived.update(
-                            (span.end_time_unix_nano, record.timestamp / 1000) for span in scope_spans.spans
-                        )
+
+
+def export_lags_s(pipeline: Pipeline, delay_envs: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Run the zero-code app once per service of `delay_envs`, side by side; per service, how long
+    its first call's span took from its end to Kafka (the record's LogAppendTime)."""
+    with FakeOpenAI() as server:
+        apps = {
+            service: start_two_call_app(pipeline, server, service, env) for service, env in delay_envs.items()
+        }
+        for app in apps.values():
+            _, stderr = app.communicate(timeout=120)
+            assert app.returncode == 0, stderr[-4000:]
+    consumer = KafkaConsumer(
+        pipeline.topics.spans, bootstrap_servers=pipeline.broker.bootstrap, auto_offset_reset="earliest"
+    )
+    # span end (ns) -> record time (s), for burnguard's spans, per service
+    arrived: dict[str, dict[int, float]] = {service: {} for service in delay_envs}
+    deadline = time.monotonic() + 30
+    try:  # every app has exited, so its spans are on the topic: read until all four are found
+        while any(len(spans) < 2 for spans in arrived.values()) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    collect_spans(record, arrived)
     finally:
         consumer.close()
-    assert len(arrived) == 2, arrived
-    first_end_ns = min(arrived)
-    return arrived[first_end_ns] - first_end_ns / 1e9
+    assert all(len(spans) == 2 for spans in arrived.values()), arrived
+    return {service: spans[min(spans)] - min(spans) / 1e9 for service, spans in arrived.items()}
+
+
+def collect_spans(record: ConsumerRecord, arrived: dict[str, dict[int, float]]) -> None:
+    """Note the end time of each burnguard span in `record` of a service of `arrived`."""
+    for resource_spans in ExportTraceServiceRequest.FromString(record.value).resource_spans:
+        names = [a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"]
+        if len(names) != 1 or names[0] not in arrived:
+            continue
+        for scope_spans in resource_spans.scope_spans:
+            if scope_spans.scope.name == "burnguard.instrumentation":
+                arrived[names[0]].update(
+                    (span.end_time_unix_nano, record.timestamp / 1000) for span in scope_spans.spans
+                )
 
 
 @pytest.mark.slow
 def test_zero_code_enforcement_exports_within_configures_delay_unless_the_user_sets_one(
     pipeline: Pipeline,
 ) -> None:
+    lags = export_lags_s(pipeline, {"default-delay": {}, "user-delay": {"OTEL_BSP_SCHEDULE_DELAY": "60000"}})
     # With the SDK's default delay (5 s) the first span would wait ~5 s, or for the exit flush 4 s later.
-    assert export_lag_s(pipeline, "default-delay", {}) < DEFAULT_EXPORT_DELAY_MS / 1000 + 1.5
+    assert lags["default-delay"] < DEFAULT_EXPORT_DELAY_MS / 1000 + 1.5
     # The user's own setting wins: with a minute the span waits for the exit flush after the second
     # call, which starts 4 s after the first one did.
-    assert export_lag_s(pipeline, "user-delay", {"OTEL_BSP_SCHEDULE_DELAY": "60000"}) >= 2.5
+    assert lags["user-delay"] >= 2.5

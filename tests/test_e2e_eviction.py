@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.snapshots import BudgetUsage
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
@@ -60,16 +60,7 @@ def _ns(at: datetime) -> int:
 
 def read_topic(pipeline: Pipeline, topic: str) -> list[tuple[bytes, bytes | None]]:
     """Every (key, value) on a topic, oldest first per partition."""
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        return [(record.key, record.value) for record in consumer]
-    finally:
-        consumer.close()
+    return [(record.key, record.value) for record in read_to_end(pipeline.broker.bootstrap, topic)]
 
 
 def latest_changelog(pipeline: Pipeline, table: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import budgets_yaml, tenant_cost, tenant_tokens
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 
 BUDGETS = budgets_yaml(
     tenant_cost(1.0, actions=[{"at": 0.5, "do": "warn"}, {"at": 1.0, "do": "throttle"}]),
@@ -89,7 +89,7 @@ def read_all(pipeline: Pipeline, topic: str, idle_ms: int = 2000) -> list[Any]:
 
 def latest_usage(pipeline: Pipeline) -> dict[str, float]:
     latest = {}
-    for record in read_all(pipeline, pipeline.topics.budget_usage, 1500):
+    for record in read_to_end(pipeline.broker.bootstrap, pipeline.topics.budget_usage):
         usage = json.loads(record.value)
         latest[f"{usage['budget']}:{usage['key']}"] = usage["spent"]
     return latest

@@ -266,14 +266,10 @@ def test_wrong_password_fails_fast_with_a_clear_error(
     wrong = "not-the-sink-password-1234"
     bad_env = {**env_of(broker, "sink"), "BURNGUARD_KAFKA_SASL_PASSWORD": wrong}
 
+    # Each refused client waits out its 10 s check: the sink, the worker, the CLI and this process's
+    # own check run side by side.
     sink = pipe.start_sink(env=bad_env)
     worker = pipe._spawn("burnguard.stream", "worker", {**bad_env, "BURNGUARD_KAFKA_SASL_USERNAME": "worker"})
-    assert_no_secret_on_command_lines([sink.pid, worker.pid], [wrong, *secrets_of(broker)])
-    assert sink.wait(timeout=60) == 2
-    assert worker.wait(timeout=60) != 0
-    assert "user 'sink' (SCRAM-SHA-512): wrong password" in pipe.log("sink")
-    assert "user 'worker' (SCRAM-SHA-512): wrong password" in pipe.log("worker")
-
     admin_env = {**pipe.env, **env_of(broker, "admin"), "BURNGUARD_KAFKA_SASL_PASSWORD": wrong}
     cli = subprocess.Popen(
         [str(Path(sys.executable).with_name("burnguard")), "budgets", "list"],
@@ -282,10 +278,7 @@ def test_wrong_password_fails_fast_with_a_clear_error(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    output, _ = cli.communicate(timeout=60)
-    assert cli.returncode == 2, output
-    assert "user 'admin' (SCRAM-SHA-512): wrong password" in output and "Traceback" not in output
-    assert wrong not in output
+    assert_no_secret_on_command_lines([sink.pid, worker.pid, cli.pid], [wrong, *secrets_of(broker)])
 
     settings = settings_of(broker, "app", monkeypatch)
     monkeypatch.setenv("BURNGUARD_KAFKA_SASL_PASSWORD", wrong)
@@ -295,6 +288,15 @@ def test_wrong_password_fails_fast_with_a_clear_error(
     assert time.monotonic() - started < 15
     check_connection(settings, timeout_s=10)  # the right password passes the same check
     assert wrong not in str(failure.value)
+
+    assert sink.wait(timeout=60) == 2
+    assert worker.wait(timeout=60) != 0
+    assert "user 'sink' (SCRAM-SHA-512): wrong password" in pipe.log("sink")
+    assert "user 'worker' (SCRAM-SHA-512): wrong password" in pipe.log("worker")
+    output, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 2, output
+    assert "user 'admin' (SCRAM-SHA-512): wrong password" in output and "Traceback" not in output
+    assert wrong not in output
     assert_no_secret_in_files([*pipe.root.glob("*.log"), broker.log_path], [wrong, *secrets_of(broker)])
 
 

@@ -17,11 +17,11 @@ from burnguard.contracts.budgets import (
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced, resolve_rates
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.contracts.usage import SpanUsage
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import budgets_yaml, span_usage, tenant_cost
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 from tests.support.otlp_batches import otlp_batch
 
 FINE_TUNE = "ft:gpt-4.1-2025-04-14:acme:support:xyz"
@@ -82,15 +82,9 @@ def test_an_unknown_model_counts_against_the_budget_and_a_warn_names_it(pipeline
     assert FINE_TUNE in warn.reason and "prices:" in warn.reason
     deadline, spent = time.monotonic() + 60, None
     while time.monotonic() < deadline and spent != pytest.approx(expected):
-        consumer = KafkaConsumer(
-            pipeline.topics.budget_usage,
-            bootstrap_servers=pipeline.broker.bootstrap,
-            auto_offset_reset="earliest",
-            consumer_timeout_ms=1500,
-        )
-        spent = [BudgetUsage.from_json(r.value).spent for r in consumer][-1:] or [None]
+        records = read_to_end(pipeline.broker.bootstrap, pipeline.topics.budget_usage)
+        spent = [BudgetUsage.from_json(r.value).spent for r in records][-1:] or [None]
         spent = spent[0]
-        consumer.close()
     assert spent == pytest.approx(expected)
 
     topics = [pipeline.topics.spans]

@@ -256,7 +256,13 @@ notify:
 @pytest.mark.slow
 def test_a_restart_resends_nothing_already_delivered(pipeline: Pipeline) -> None:
     receiver = Receiver()
-    notify = Notify(pipeline, HOOK_AND_SLACK.format(url=receiver.url), SLACK_URL=f"{receiver.url}/slack")
+    notify = Notify(
+        pipeline,
+        HOOK_AND_SLACK.format(url=receiver.url),
+        SLACK_URL=f"{receiver.url}/slack",
+        # the killed notifier's partitions move on after 6 s (the broker's least), not kafka-python's 45 s
+        BURNGUARD_NOTIFY_SESSION_TIMEOUT_S="6",
+    )
     first = notify.start()
     notify.publish(_signal("acme", "warn", 1), _signal("acme", "downgrade", 2), _signal("initech", "warn", 3))
     receiver.wait_for("/hook", 3)

@@ -49,6 +49,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from tests.fixtures.pipeline import read_to_end
 from tests.fixtures.sink import (  # noqa: F401  (fixtures by name)
     TENANTS,
     budget_signal,
@@ -596,20 +597,11 @@ def test_rows_written_but_not_committed_are_read_again_and_collapse(stream: Stre
     """The state a sink killed between insert and commit leaves: rows in, offsets not committed."""
     stream.send_spans(9)
     stream.producer.flush()
-    consumer = KafkaConsumer(
-        stream.topics.spans,
-        bootstrap_servers=stream.broker.bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=5000,
-    )
-    try:
-        before_crash = [
-            (usage, KafkaOrigin(m.topic, m.partition, m.offset))
-            for m in consumer
-            for usage in decode_usage(m.value)
-        ][:10]
-    finally:
-        consumer.close()
+    before_crash = [
+        (usage, KafkaOrigin(m.topic, m.partition, m.offset))
+        for m in read_to_end(stream.broker.bootstrap, stream.topics.spans)
+        for usage in decode_usage(m.value)
+    ][:10]
     with open_chdb(chdb_dsn) as client:
         migrate(client)
         ClickHouseWriter(client).insert_spans([u for u, _ in before_crash], [o for _, o in before_crash])
