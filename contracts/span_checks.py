@@ -15,9 +15,9 @@ real call (10^8 tokens, $10,000) and far below what poisons a sum.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
+from burnguard.contracts.env_numbers import env_number
 from burnguard.contracts.usage import SpanUsage
 
 #: Counter labels of the reasons a span is rejected.
@@ -68,13 +68,13 @@ class SpanLimits:
     def from_env(cls) -> SpanLimits:
         """BURNGUARD_MAX_SPAN_TOKENS, BURNGUARD_MAX_SPAN_COST_USD, BURNGUARD_MAX_KEY_CHARS,
         BURNGUARD_CLOCK_SKEW_AHEAD_S, BURNGUARD_ALLOWED_LATENESS_S (each optional)."""
-        env, default = os.environ, cls()
+        default = cls()
         limits = cls(
-            max_tokens=int(env.get("BURNGUARD_MAX_SPAN_TOKENS", default.max_tokens)),
-            max_cost_usd=float(env.get("BURNGUARD_MAX_SPAN_COST_USD", default.max_cost_usd)),
-            max_key_chars=int(env.get("BURNGUARD_MAX_KEY_CHARS", default.max_key_chars)),
-            clock_ahead_ns=int(float(env.get("BURNGUARD_CLOCK_SKEW_AHEAD_S", 300)) * _NS),
-            clock_behind_ns=int(float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600)) * _NS),
+            max_tokens=env_number("BURNGUARD_MAX_SPAN_TOKENS", default.max_tokens, int),
+            max_cost_usd=env_number("BURNGUARD_MAX_SPAN_COST_USD", default.max_cost_usd),
+            max_key_chars=env_number("BURNGUARD_MAX_KEY_CHARS", default.max_key_chars, int),
+            clock_ahead_ns=int(env_number("BURNGUARD_CLOCK_SKEW_AHEAD_S", 300.0, zero_ok=True) * _NS),
+            clock_behind_ns=int(env_number("BURNGUARD_ALLOWED_LATENESS_S", 3600.0, zero_ok=True) * _NS),
         )
         if not (limits.max_tokens > 0 and 0 < limits.max_cost_usd < math.inf and limits.max_key_chars > 0):
             raise ValueError("span limits must be positive and finite")

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from burnguard.contracts.budgets import BudgetConfig, load_budget_file
+from burnguard.contracts.env_numbers import env_number
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.instrumentation.attribution import attribution_span_processor, use_resource_attribution
@@ -54,16 +55,6 @@ DEFAULT_EXPORT_DELAY_MS = 100
 def _env_flag(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
     return default if value is None else value.strip().lower() in _TRUE
-
-
-def _env_seconds(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or not value.strip():
-        return default
-    seconds = float(value)
-    if not 0 <= seconds < 3600:
-        raise ValueError(f"{name} must be a number of seconds between 0 and 3600, not {value!r}")
-    return seconds
 
 
 @dataclass
@@ -94,8 +85,8 @@ class Settings:
             fail_mode=fail_mode,  # type: ignore[arg-type]
             budgets_file=Path(budgets_file) if budgets_file else None,
             capture_content=_env_flag("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"),
-            guard_wait_s=_env_seconds("BURNGUARD_GUARD_WAIT_S", 0.5),
-            shutdown_timeout_s=_env_seconds("BURNGUARD_SHUTDOWN_TIMEOUT_S", 5.0),
+            guard_wait_s=env_number("BURNGUARD_GUARD_WAIT_S", 0.5, most=3600, zero_ok=True),
+            shutdown_timeout_s=env_number("BURNGUARD_SHUTDOWN_TIMEOUT_S", 5.0, most=3600, zero_ok=True),
             flush_on_sigterm=_env_flag("BURNGUARD_FLUSH_ON_SIGTERM", True),
         )
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 import httpx
 from burnguard.contracts.acls import NOTIFY_GROUP
 from burnguard.contracts.compacted_topics import read_compacted_topic
+from burnguard.contracts.env_numbers import env_number
 from burnguard.contracts.notify import NotifyConfig
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics, TopicSpec, ensure_topics
@@ -73,17 +73,14 @@ class NotifySettings:
 
     @classmethod
     def from_env(cls, **overrides: object) -> NotifySettings:
-        env = os.environ
         defaults = cls()
         topics = Topics.from_env()
         values = {
             "state_topic": topics.notify_state,
             "deadletter_topic": topics.notify_deadletter,
-            "backoff_s": float(env.get("BURNGUARD_NOTIFY_BACKOFF_S", defaults.backoff_s)),
-            "max_backoff_s": float(env.get("BURNGUARD_NOTIFY_MAX_BACKOFF_S", defaults.max_backoff_s)),
-            "session_timeout_s": float(env["BURNGUARD_NOTIFY_SESSION_TIMEOUT_S"])
-            if env.get("BURNGUARD_NOTIFY_SESSION_TIMEOUT_S")
-            else None,
+            "backoff_s": env_number("BURNGUARD_NOTIFY_BACKOFF_S", defaults.backoff_s),
+            "max_backoff_s": env_number("BURNGUARD_NOTIFY_MAX_BACKOFF_S", defaults.max_backoff_s),
+            "session_timeout_s": env_number("BURNGUARD_NOTIFY_SESSION_TIMEOUT_S", 0.0, zero_ok=True) or None,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from burnguard.contracts.env_numbers import env_number
 from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 from burnguard.sinks.consumer import DEFAULT_BATCH_MAX, DEFAULT_FLUSH_INTERVAL_S, DEFAULT_GROUP, run_sink
@@ -39,12 +40,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--group", default=env.get("BURNGUARD_SINK_GROUP", DEFAULT_GROUP), help="(BURNGUARD_SINK_GROUP)"
     )
     parser.add_argument(
-        "--batch-max", type=int, default=int(env.get("BURNGUARD_SINK_BATCH_MAX", DEFAULT_BATCH_MAX))
+        "--batch-max", type=int, default=env_number("BURNGUARD_SINK_BATCH_MAX", DEFAULT_BATCH_MAX, int)
     )
     parser.add_argument(
         "--flush-interval",
         type=float,
-        default=float(env.get("BURNGUARD_SINK_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL_S)),
+        default=env_number("BURNGUARD_SINK_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL_S),
         help="seconds a partial batch waits before it is written",
     )
     parser.add_argument(

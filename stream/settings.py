@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
 
+from burnguard.contracts.env_numbers import env_number
 from burnguard.contracts.signal_checkpoints import MAX_AGE_BEHIND
 from burnguard.contracts.topics import KafkaSettings, Topics
 
-N = TypeVar("N", int, float)
 #: Most seconds between signal checkpoints: well under the age at which guards stop using one.
 _MOST_CHECKPOINT_S = MAX_AGE_BEHIND.total_seconds() / 4
 
@@ -84,51 +82,39 @@ class StreamSettings:
         return cls(
             budgets_file=Path(budgets) if budgets else None,
             app_id=env.get("BURNGUARD_STREAM_APP_ID", cls.app_id),
-            partitions=int(env.get("BURNGUARD_STREAM_PARTITIONS", cls.partitions)),
-            refresh_interval=timedelta(seconds=float(env.get("BURNGUARD_SIGNAL_REFRESH_S", 30))),
-            signal_ttl=timedelta(seconds=float(env.get("BURNGUARD_SIGNAL_TTL_S", 120))),
-            snapshot_interval=timedelta(seconds=float(env.get("BURNGUARD_SNAPSHOT_INTERVAL_S", 10))),
+            partitions=env_number("BURNGUARD_STREAM_PARTITIONS", cls.partitions, int),
+            refresh_interval=timedelta(seconds=env_number("BURNGUARD_SIGNAL_REFRESH_S", 30)),
+            signal_ttl=timedelta(seconds=env_number("BURNGUARD_SIGNAL_TTL_S", 120)),
+            snapshot_interval=timedelta(seconds=env_number("BURNGUARD_SNAPSHOT_INTERVAL_S", 10)),
             data_dir=Path(env.get("BURNGUARD_STATE_DIR", ".burnguard")) / "stream",
-            commit_interval=timedelta(seconds=float(env.get("BURNGUARD_COMMIT_INTERVAL_S", 2.8))),
-            session_timeout=timedelta(seconds=float(env.get("BURNGUARD_SESSION_TIMEOUT_S", 30))),
-            allowed_lateness=timedelta(seconds=float(env.get("BURNGUARD_ALLOWED_LATENESS_S", 3600))),
-            session_idle=timedelta(seconds=float(env.get("BURNGUARD_SESSION_IDLE_S", 3600))),
-            evict_interval=timedelta(seconds=float(env.get("BURNGUARD_EVICT_INTERVAL_S", 60))),
-            changelog_segment=timedelta(seconds=float(env.get("BURNGUARD_CHANGELOG_SEGMENT_S", 3600))),
+            commit_interval=timedelta(seconds=env_number("BURNGUARD_COMMIT_INTERVAL_S", 2.8)),
+            session_timeout=timedelta(seconds=env_number("BURNGUARD_SESSION_TIMEOUT_S", 30)),
+            allowed_lateness=timedelta(
+                seconds=env_number("BURNGUARD_ALLOWED_LATENESS_S", 3600, zero_ok=True)
+            ),
+            session_idle=timedelta(seconds=env_number("BURNGUARD_SESSION_IDLE_S", 3600)),
+            evict_interval=timedelta(seconds=env_number("BURNGUARD_EVICT_INTERVAL_S", 60)),
+            changelog_segment=timedelta(seconds=env_number("BURNGUARD_CHANGELOG_SEGMENT_S", 3600)),
             changelog_tombstone_retention=timedelta(
-                seconds=float(env.get("BURNGUARD_CHANGELOG_TOMBSTONE_S", 86400))
+                seconds=env_number("BURNGUARD_CHANGELOG_TOMBSTONE_S", 86400, zero_ok=True)
             ),
-            producer_linger=timedelta(milliseconds=float(env.get("BURNGUARD_PRODUCER_LINGER_MS", 2))),
-            account_batch_window=timedelta(milliseconds=float(env.get("BURNGUARD_ACCOUNT_BATCH_MS", 20))),
+            producer_linger=timedelta(
+                milliseconds=env_number("BURNGUARD_PRODUCER_LINGER_MS", 2, zero_ok=True)
+            ),
+            account_batch_window=timedelta(milliseconds=env_number("BURNGUARD_ACCOUNT_BATCH_MS", 20)),
             changelog_flush=timedelta(
-                milliseconds=_bounded("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 10_000, zero_ok=True)
+                milliseconds=env_number("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 10_000, zero_ok=True)
             ),
-            stall_timeout=timedelta(seconds=float(env.get("BURNGUARD_STALL_TIMEOUT_S", 30))),
-            duplicate_window=timedelta(seconds=float(env.get("BURNGUARD_DUPLICATE_WINDOW_S", 120))),
-            fetch_max_wait=timedelta(milliseconds=_bounded("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
-            fetch_partition_bytes=_bounded("BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes, int),
+            stall_timeout=timedelta(seconds=env_number("BURNGUARD_STALL_TIMEOUT_S", 30)),
+            duplicate_window=timedelta(seconds=env_number("BURNGUARD_DUPLICATE_WINDOW_S", 120, zero_ok=True)),
+            fetch_max_wait=timedelta(milliseconds=env_number("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
+            fetch_partition_bytes=env_number(
+                "BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes, int
+            ),
             signal_checkpoint_interval=timedelta(
                 # guards stop using a checkpoint with records after it once MAX_AGE_BEHIND old
-                seconds=_bounded(
+                seconds=env_number(
                     "BURNGUARD_SIGNAL_CHECKPOINT_S", 30.0, float, _MOST_CHECKPOINT_S, zero_ok=True
                 )
             ),
         )
-
-
-def _bounded(name: str, default: N, kind: type[N], most: float = math.inf, zero_ok: bool = False) -> N:
-    """An environment number in (0, most] (or [0, most]): a bad one is refused naming its variable.
-
-    Not clamped in silence: a wait of 0 or below would make an idle worker spin on empty fetches.
-    """
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not (value >= 0 if zero_ok else value > 0) or not value <= most:  # NaN fails too
-        least = "0 or more" if zero_ok else "above 0"
-        raise ValueError(f"{name} must be a {kind.__name__} {least} and at most {most}, not {raw!r}")
-    return value
