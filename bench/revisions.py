@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def export_revision(rev: str, into: Path, components: Sequence[str]) -> Path:
@@ -25,3 +27,23 @@ def export_revision(rev: str, into: Path, components: Sequence[str]) -> Path:
     for component in components:
         (source / "burnguard" / component).symlink_to(source / component)
     return package
+
+
+def alternating_runs(
+    compare: str,
+    rounds: int,
+    scratch: Path,
+    components: Sequence[str],
+    run_new: Callable[[], T],
+    run_old: Callable[[Path], T],
+) -> dict[str, list[T]]:
+    """{"new": [...], "old": [...]}: `compare`'s code (run_old, given its import path) and this
+    checkout's (run_new), alternating `rounds` times, old first, so drift in the machine's load
+    hits both alike; only one new run when `compare` is "none"."""
+    old_path = export_revision(compare, scratch, components) if compare != "none" else None
+    runs: dict[str, list[T]] = {"new": [], "old": []}
+    for _ in range(rounds if old_path else 1):
+        if old_path:
+            runs["old"].append(run_old(old_path))
+        runs["new"].append(run_new())
+    return runs

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revisions import export_revision
+from revisions import alternating_runs
 from span_load import BUDGETS_YAML, SpanMix
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -356,13 +356,14 @@ def main() -> None:
         records_file = scratch / "records.json"
         payloads = [(partition, payload.decode()) for partition, payload in records]
         records_file.write_text(json.dumps({"records": payloads, "spans": spans, "rows": rows}))
-        compared = args.compare != "none"
-        old_path = export_revision(args.compare, scratch, COMPARED_COMPONENTS) if compared else None
-        runs: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
-        for _ in range(args.rounds if old_path else 1):
-            if old_path:
-                runs["old"].append(measure_child(args, records_file, old_path))
-            runs["new"].append(measure_child(args, records_file, None))
+        runs = alternating_runs(
+            args.compare,
+            args.rounds,
+            scratch,
+            COMPARED_COMPONENTS,
+            lambda: measure_child(args, records_file, None),
+            lambda old_path: measure_child(args, records_file, old_path),
+        )
         if args.profile:
             profile(args, records_file)
     shape = (

@@ -55,7 +55,7 @@ from burnguard.contracts.usage import SpanUsage
 from burnguard.stream import accounting
 from burnguard.stream.accounting import BatchStats, context_observations
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from revisions import export_revision
+from revisions import alternating_runs
 from span_load import BUDGETS_YAML, SpanMix
 
 _NS = 1_000_000_000
@@ -214,17 +214,15 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    runs: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     with tempfile.TemporaryDirectory() as scratch:
-        old_path = (
-            export_revision(args.compare, Path(scratch), COMPARED_COMPONENTS)
-            if args.compare != "none"
-            else None
+        runs = alternating_runs(
+            args.compare,
+            args.rounds,
+            Path(scratch),
+            COMPARED_COMPONENTS,
+            lambda: measure(args),
+            lambda old_path: measure_child(args, old_path),
         )
-        for _ in range(args.rounds if old_path else 1):
-            if old_path:
-                runs["old"].append(measure_child(args, old_path))
-            runs["new"].append(measure(args))
     new = {name: min(run["us"][name] for run in runs["new"]) for name in runs["new"][0]["us"]}
     shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}"
     print(f"load: {runs['new'][0]['load']}; {shape}; best of {args.repeat}")

@@ -63,7 +63,7 @@ from burnguard.stream.partitioner import key_partition
 from burnguard.stream.settings import StreamSettings
 from faust.events import Event
 from faust.types.tuples import TP, Message
-from revisions import export_revision
+from revisions import alternating_runs
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -309,17 +309,15 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    runs: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     with tempfile.TemporaryDirectory() as scratch:
-        old_path = (
-            export_revision(args.compare, Path(scratch), COMPARED_COMPONENTS)
-            if args.compare != "none"
-            else None
+        runs = alternating_runs(
+            args.compare,
+            args.rounds,
+            Path(scratch),
+            COMPARED_COMPONENTS,
+            lambda: measure(args),
+            lambda old_path: measure_child(args, old_path),
         )
-        for _ in range(args.rounds if old_path else 1):
-            if old_path:
-                runs["old"].append(measure_child(args, old_path))
-            runs["new"].append(measure(args))
     new = min(runs["new"], key=lambda run: run["per_message_us"])
     print(f"load: {new['load']}; {' '.join(_load_args(args))}; best of {args.repeat}")
     print(
