@@ -15,6 +15,7 @@ Everything is seeded, and `SpanMix.expected` keeps what the stream must count.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import time
@@ -88,6 +89,10 @@ budgets:
 )
 
 
+#: The `SpanMix` fields a bench's command line may set.
+_KNOBS = ("plain_fraction", "batch_min", "batch_max", "tenants", "users_per_tenant", "calls_per_session")
+
+
 @dataclass
 class SpanMix:
     """Knobs of the synthetic load and what it has produced so far."""
@@ -121,6 +126,12 @@ class SpanMix:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SpanMix:
+        """The load a bench's command line asks for (`--plain-fraction`, `--batch-min/max`,
+        `--tenants`, `--users-per-tenant`, `--calls-per-session`; a missing flag keeps the default)."""
+        return cls(**{knob: getattr(args, knob) for knob in _KNOBS if hasattr(args, knob)})
 
     def tenant(self, index: int) -> str:
         return f"ent-{index:04d}" if index % 10 == 0 else f"tenant-{index:04d}"

@@ -125,13 +125,7 @@ def make_records(args: argparse.Namespace, data_dir: Path) -> tuple[list[tuple[i
     """((usage partition, record JSON), spans, delta rows): stage 1's records for the load."""
     from burnguard.stream.records import MicroBatch
 
-    mix = SpanMix(
-        tenants=args.tenants,
-        users_per_tenant=args.users_per_tenant,
-        batch_min=args.batch_min,
-        batch_max=args.batch_max,
-        calls_per_session=args.calls_per_session,
-    )
+    mix = SpanMix.from_args(args)
     job = new_job(data_dir)
     records: list[tuple[int, bytes]] = []
     offset = 0

@@ -75,14 +75,7 @@ SPANS_TOPIC = "otlp_spans"
 
 def make_load(args: argparse.Namespace) -> tuple[list[tuple[bytes, bytes]], int]:
     """((key, value) of each message, spans in them): at least `args.spans` spans, seeded."""
-    mix = SpanMix(
-        plain_fraction=args.plain_fraction,
-        batch_min=args.batch_min,
-        batch_max=args.batch_max,
-        tenants=args.tenants,
-        users_per_tenant=args.users_per_tenant,
-        calls_per_session=args.calls_per_session,
-    )
+    mix = SpanMix.from_args(args)
     messages = []
     with mock.patch.object(time, "time_ns", lambda: args.epoch_ns):  # both sides of --compare alike
         while mix.spans < args.spans:

@@ -340,14 +340,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    mix = SpanMix(
-        plain_fraction=args.plain_fraction,
-        batch_min=args.batch_min,
-        batch_max=args.batch_max,
-        tenants=args.tenants,
-        users_per_tenant=args.users_per_tenant,
-        calls_per_session=args.calls_per_session,
-    )
+    mix = SpanMix.from_args(args)
     with BenchPipeline("stream_throughput", keep=args.keep) as pipeline:
         spans, messages = prefill(pipeline, args.spans, mix)
         note(
