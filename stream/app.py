@@ -771,6 +771,8 @@ class BudgetJob:
             logger.warning("expelled from the group: partitions lost, nothing pending")
         else:
             await self._write_changes(flushed=True)
+            if self.changes.pending():  # the stall guard held the write back: expelled after all
+                raise PartitionsLost(f"table changes pending and not written ({len(revoked)} partitions)")
         self.changes.forget(revoked)
         reads = in_order_reads(self.app.consumer)
         for tp in revoked:

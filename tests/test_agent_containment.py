@@ -18,10 +18,13 @@ from typing import Any
 
 import pytest
 from burnguard.contracts.budgets import Budget, parse_budget_yaml
+from burnguard.stream import app as app_module
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.app import BudgetJob, _as_bytes, _plain, freeze_startup_heap
 from burnguard.stream.records import DELTA_ROW_FIELDS, BatchRecord, DeltaRow, batches_record
 from burnguard.stream.settings import StreamSettings
+from burnguard.stream.takeover import PartitionsLost
+from faust.types import TP
 
 from tests.factories import budgets_yaml, tenant_cost
 
@@ -174,3 +177,25 @@ def test_the_start_up_heap_is_frozen_and_later_garbage_still_collected() -> None
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_revoke_whose_write_the_stall_guard_held_back_stops_the_worker(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes the guard would not write (the group expelled the worker while it stood still) must not
+    stay pending past the revoke: a later write would put them into changelogs another worker owns."""
+
+    async def no_producer(signal: Any) -> None:
+        return None
+
+    async def expelled() -> bool:
+        return False
+
+    monkeypatch.setattr(job, "_send_signal", no_producer)
+    monkeypatch.setattr(job.stall_guard, "still_member", expelled)
+    monkeypatch.setattr(app_module, "membership_lost", lambda consumer: False)  # not yet seen at the revoke
+    batch = BatchRecord(0, 5, [["tenant-cost", "acme", 0, 1.0, 1, 1, 1, 0]], [])
+    asyncio.run(job._account_one(json.loads(json.dumps(batches_record([batch])))))
+    assert job.changes.pending()
+    with pytest.raises(PartitionsLost):
+        asyncio.run(job._on_revoked(job.app, {TP("burnguard.usage", 0)}))
