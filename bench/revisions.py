@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -32,7 +33,6 @@ def export_revision(rev: str, into: Path, components: Sequence[str]) -> Path:
 def alternating_runs(
     compare: str,
     rounds: int,
-    scratch: Path,
     components: Sequence[str],
     run_new: Callable[[], T],
     run_old: Callable[[Path], T],
@@ -40,10 +40,11 @@ def alternating_runs(
     """{"new": [...], "old": [...]}: `compare`'s code (run_old, given its import path) and this
     checkout's (run_new), alternating `rounds` times, old first, so drift in the machine's load
     hits both alike; only one new run when `compare` is "none"."""
-    old_path = export_revision(compare, scratch, components) if compare != "none" else None
     runs: dict[str, list[T]] = {"new": [], "old": []}
-    for _ in range(rounds if old_path else 1):
-        if old_path:
-            runs["old"].append(run_old(old_path))
-        runs["new"].append(run_new())
+    with tempfile.TemporaryDirectory() as scratch:
+        old_path = export_revision(compare, Path(scratch), components) if compare != "none" else None
+        for _ in range(rounds if old_path else 1):
+            if old_path:
+                runs["old"].append(run_old(old_path))
+            runs["new"].append(run_new())
     return runs

@@ -353,7 +353,6 @@ def main() -> None:
         runs = alternating_runs(
             args.compare,
             args.rounds,
-            scratch,
             COMPARED_COMPONENTS,
             lambda: measure_child(args, records_file, None),
             lambda old_path: measure_child(args, records_file, old_path),

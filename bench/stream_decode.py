@@ -42,7 +42,6 @@ import os
 import pstats
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -214,15 +213,13 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    with tempfile.TemporaryDirectory() as scratch:
-        runs = alternating_runs(
-            args.compare,
-            args.rounds,
-            Path(scratch),
-            COMPARED_COMPONENTS,
-            lambda: measure(args),
-            lambda old_path: measure_child(args, old_path),
-        )
+    runs = alternating_runs(
+        args.compare,
+        args.rounds,
+        COMPARED_COMPONENTS,
+        lambda: measure(args),
+        lambda old_path: measure_child(args, old_path),
+    )
     new = {name: min(run["us"][name] for run in runs["new"]) for name in runs["new"][0]["us"]}
     shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}"
     print(f"load: {runs['new'][0]['load']}; {shape}; best of {args.repeat}")

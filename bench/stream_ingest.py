@@ -302,15 +302,13 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    with tempfile.TemporaryDirectory() as scratch:
-        runs = alternating_runs(
-            args.compare,
-            args.rounds,
-            Path(scratch),
-            COMPARED_COMPONENTS,
-            lambda: measure(args),
-            lambda old_path: measure_child(args, old_path),
-        )
+    runs = alternating_runs(
+        args.compare,
+        args.rounds,
+        COMPARED_COMPONENTS,
+        lambda: measure(args),
+        lambda old_path: measure_child(args, old_path),
+    )
     new = min(runs["new"], key=lambda run: run["per_message_us"])
     print(f"load: {new['load']}; {' '.join(_load_args(args))}; best of {args.repeat}")
     print(
