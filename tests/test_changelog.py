@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import faust
 import pytest
@@ -147,32 +149,49 @@ def test_a_bad_flush_interval_is_refused_naming_it(monkeypatch: pytest.MonkeyPat
 REFUSED_ABOVE = 1024
 
 
-async def covers_around_a_refused_write(bootstrap: str, app_id: str) -> tuple[list[object], object]:
+#: The source records' changes: small, one the changelog (or the producer) refuses, small.
+THREE_CHANGES = ({"v": 1}, {"v": "x" * 4 * REFUSED_ABOVE}, {"v": 3})
+USAGE_TP = TP("burnguard.usage", 0)
+
+
+@contextlib.asynccontextmanager
+async def changes_on_the_broker(
+    bootstrap: str, app_id: str, **app_options: object
+) -> AsyncIterator[tuple[faust.App, object, TableChanges]]:
+    """A Faust app with one table, its record cache and a running producer on the real broker."""
+    broker = f"kafka://{bootstrap}"
+    app = faust.App(app_id, broker=broker, store="memory://", web_enabled=False, **app_options)
+    totals = app.Table("totals", default=None, partitions=1)
+    await app.producer.start()
+    try:
+        yield app, totals, TableChanges(app, flush_interval_s=3600)
+    finally:
+        await app.producer.stop()
+
+
+async def outcome_of(attempt: Callable[[], Awaitable[object]]) -> object:
+    """What `attempt` returned, or the exception it raised."""
+    try:
+        return await attempt()
+    except Exception as exc:
+        return exc
+
+
+async def covers_around_a_refused_write(bootstrap: str, app_id: str) -> list[object]:
     """What each write returned (a cover, or the exception it raised) around a record the broker refuses.
 
     The records at offsets 0 and 2 of the source change small keys; the one
     at offset 1 changes a key to a value the changelog topic refuses.
     """
-    app = faust.App(app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False)
-    totals = app.Table("totals", default=None, partitions=1)
-    changes = TableChanges(app, flush_interval_s=3600)
-    tp = TP("burnguard.usage", 0)
     outcomes: list[object] = []
-    await app.producer.start()
-    try:
-        for offset, value in enumerate(({"v": 1}, {"v": "x" * 4 * REFUSED_ABOVE}, {"v": 3})):
+    async with changes_on_the_broker(bootstrap, app_id) as (app, totals, changes):
+        for offset, value in enumerate(THREE_CHANGES):
             changes.set(totals, f"key-{offset}", value)
-            changes.processed(tp, offset)
-            for attempt in (changes.write, app.producer.flush, changes.delivered):
-                try:
-                    outcome = await attempt()
-                except Exception as exc:
-                    outcome = exc
-                if attempt.__name__ != "flush":
-                    outcomes.append(outcome)
-    finally:
-        await app.producer.stop()
-    return outcomes, tp
+            changes.processed(USAGE_TP, offset)
+            outcomes.append(await outcome_of(changes.write))
+            await outcome_of(app.producer.flush)
+            outcomes.append(await outcome_of(changes.delivered))
+    return outcomes
 
 
 def test_a_change_the_broker_refuses_is_never_covered_and_stops_the_cache(kafka_broker: object) -> None:
@@ -185,7 +204,8 @@ def test_a_change_the_broker_refuses_is_never_covered_and_stops_the_cache(kafka_
     kafka_broker.create_topic(  # type: ignore[attr-defined]
         f"{app_id}-totals-changelog", partitions=1, config={"max.message.bytes": str(REFUSED_ABOVE)}
     )
-    outcomes, tp = asyncio.run(covers_around_a_refused_write(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    tp = USAGE_TP
+    outcomes = asyncio.run(covers_around_a_refused_write(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     covers = [outcome for outcome in outcomes if isinstance(outcome, dict)]
     assert {tp: 1} in covers, f"the delivered first change was never covered: {outcomes}"
     assert all(cover.get(tp, 0) <= 1 for cover in covers), f"a cover passed the refused change: {outcomes}"
@@ -198,37 +218,16 @@ async def covers_around_a_write_failing_half_way(bootstrap: str, app_id: str) ->
     The producer refuses a record above its `producer_max_request_size` in
     `send` itself: the first record of that write is sent, the third never.
     """
-    app = faust.App(
-        app_id,
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        producer_max_request_size=REFUSED_ABOVE,
-    )
-    totals = app.Table("totals", default=None, partitions=1)
-    changes = TableChanges(app, flush_interval_s=3600)
-    tp = TP("burnguard.usage", 0)
-    outcomes: list[object] = []
-    await app.producer.start()
-    try:
-        for offset, value in enumerate(({"v": 1}, {"v": "x" * 4 * REFUSED_ABOVE}, {"v": 3})):
+    options = {"producer_max_request_size": REFUSED_ABOVE}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
+        for offset, value in enumerate(THREE_CHANGES):
             changes.set(totals, f"key-{offset}", value)
-            changes.processed(tp, offset)
-        for _ in range(2):
-            try:
-                outcomes.append(await changes.write())
-            except Exception as exc:
-                outcomes.append(exc)
+            changes.processed(USAGE_TP, offset)
+        outcomes = [await outcome_of(changes.write) for _ in range(2)]
         changes.set(totals, "key-3", {"v": 4})
-        changes.processed(tp, 3)
+        changes.processed(USAGE_TP, 3)
         await app.producer.flush()
-        for attempt in (changes.write, changes.delivered):
-            try:
-                outcomes.append(await attempt())
-            except Exception as exc:
-                outcomes.append(exc)
-    finally:
-        await app.producer.stop()
+        outcomes += [await outcome_of(changes.write), await outcome_of(changes.delivered)]
     return outcomes
 
 
