@@ -17,6 +17,15 @@
     .venv/bin/python bench/stream_throughput.py [--spans 50000] [--profile]
         [--plain-fraction 0.9] [--batch-min 10 --batch-max 20]
         [--tenants 200 --users-per-tenant 100 --calls-per-session 0]
+        [--live] [--compare REV --rounds 1]
+
+`--live` starts the worker on the empty topic, waits until it is ready (partitions assigned),
+then produces the same load as fast as the producer goes; the clock runs from the first message
+sent. Without it the worker starts on a pre-filled topic: a catch-up, whose messages stage 1
+sends one by one (they lie below the end offset at its assignment, `BudgetJob._combinable`),
+while live messages are combined. `--compare REV` runs the worker of git revision REV (its
+`contracts` and `stream`) on a fresh broker with the same load before this checkout's, `--rounds`
+times alternating, and prints a RESULT line for each run (`code=old|new`).
 
 `--plain-fraction 0.9` is a Collector firehose (90% non-GenAI spans); `--batch-min 10
 --batch-max 20` the small messages `KafkaSpanExporter` writes for many tenants. Printed
@@ -32,12 +41,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from pipeline_setup import (
@@ -52,6 +65,7 @@ from pipeline_setup import (
     produce_all,
     topic_sizes,
 )
+from revisions import export_revision
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 
 TARGET_SPANS_PER_S = 100_000
@@ -67,8 +81,43 @@ def prefill(pipeline: BenchPipeline, spans: int, mix: SpanMix) -> tuple[int, int
             yield mix.message()
 
     count = produce_all(pipeline.bootstrap, pipeline.topics.spans, messages())
-    note(f"pre-filled {mix.spans} spans in {count} messages in {time.monotonic() - started:.1f}s")
+    note(f"produced spans up to {mix.spans} in {count} messages in {time.monotonic() - started:.1f}s")
     return mix.spans, count
+
+
+class LiveLoad(threading.Thread):
+    """The load produced on a thread once the worker runs and has read a first few messages."""
+
+    #: messages sent (and committed by the worker) before the clock starts: every partition's
+    #: first message after the assignment is read before the worker fetches its end offset
+    WARM_UP_MESSAGES = 40
+
+    def __init__(self, pipeline: BenchPipeline, spans: int, mix: SpanMix) -> None:
+        super().__init__(daemon=True)
+        self.pipeline, self.spans, self.mix = pipeline, spans, mix
+        self.produced: tuple[int, int] | None = None
+        self.failed: BaseException | None = None
+
+    def warm_up(self, offsets: GroupOffsets, timeout: float = 60.0) -> None:
+        """Send a few messages and wait until the worker committed them (it runs, not catches up)."""
+        pipeline, mix = self.pipeline, self.mix
+        produce_all(
+            pipeline.bootstrap, pipeline.topics.spans, (mix.message() for _ in range(self.WARM_UP_MESSAGES))
+        )
+        deadline = time.monotonic() + timeout
+        ends = end_offsets(pipeline.bootstrap, pipeline.topics.spans)
+        while not offsets.caught_up(pipeline.topics.spans, ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not commit the warm-up messages")
+            time.sleep(0.1)
+
+    def run(self) -> None:
+        try:
+            before = self.mix.spans
+            spans, messages = prefill(self.pipeline, before + self.spans, self.mix)
+            self.produced = (spans - before, messages)
+        except BaseException as exc:  # reported by the worker's loop
+            self.failed = exc
 
 
 def raw_kafka_python(bootstrap: str, topic: str, ends: dict[int, int]) -> tuple[int, float]:
@@ -155,13 +204,26 @@ def ensure_py_spy() -> str:
     return str(Path(sys.executable).with_name("py-spy"))
 
 
-def run_worker(pipeline: BenchPipeline, spans: int, timeout: float, profile: bool) -> dict[str, float]:
+def run_worker(
+    pipeline: BenchPipeline,
+    spans: int,
+    timeout: float,
+    profile: bool,
+    live: LiveLoad | None = None,
+    code: Path | None = None,
+) -> dict[str, float]:
+    """Run the worker until it committed every span; `live`: the load starts once it is ready.
+
+    `code`: the import path of another revision's `burnguard` (`revisions.export_revision`).
+    """
     budgets = pipeline.write("budgets.yaml", BUDGETS_YAML)
     env = {
         "BURNGUARD_BUDGETS_FILE": str(budgets),
         "BURNGUARD_COMMIT_INTERVAL_S": "1.0",
         "BURNGUARD_SNAPSHOT_INTERVAL_S": "10",
     }
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), str(Path(__file__).resolve().parent)])
     if profile:
         py_spy = ensure_py_spy()
         raw = pipeline.root / "profile.txt"
@@ -177,16 +239,25 @@ def run_worker(pipeline: BenchPipeline, spans: int, timeout: float, profile: boo
         pipeline.wait_for_log("worker", "[^Worker]: Ready", 180)
     else:
         process = pipeline.start_worker(env)
+    offsets = GroupOffsets(pipeline.bootstrap, pipeline.app_id)
+    if live is not None:
+        live.warm_up(offsets)
+        live.start()
     started = time.monotonic()
     worker_pid = _python_pid(process.pid)
     if worker_pid != process.pid:
         pipeline.child_pids["worker-python"] = worker_pid
     cpu_start = cpu_seconds(worker_pid)
     broker_cpu_start = cpu_seconds(pipeline.broker.pid) if pipeline.broker.pid else 0.0
-    offsets = GroupOffsets(pipeline.bootstrap, pipeline.app_id)
-    spans_ends = end_offsets(pipeline.bootstrap, pipeline.topics.spans)
     ingest_done = 0.0
     try:
+        if live is not None:
+            while live.is_alive() and process.poll() is None:
+                live.join(0.2)
+            if live.failed is not None or live.produced is None:
+                raise RuntimeError(f"the load generator failed: {live.failed!r}")
+            spans = live.produced[0]
+        spans_ends = end_offsets(pipeline.bootstrap, pipeline.topics.spans)
         deadline, report_at = started + timeout, started + 10
         while True:
             now = time.monotonic()
@@ -338,19 +409,41 @@ def main() -> None:
         default=SpanMix.calls_per_session,
         help="spans a user's session makes across messages (default 0: new sessions in every message)",
     )
+    parser.add_argument("--live", action="store_true", help="produce the load once the worker is ready")
+    parser.add_argument("--compare", default="none", help="git revision whose worker runs too (or none)")
+    parser.add_argument("--rounds", type=int, default=1, help="old/new runs alternating with --compare")
     args = parser.parse_args()
 
+    if args.compare == "none":
+        report(args, one_run(args), "new")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        old_code = export_revision(args.compare, Path(scratch), ("contracts", "stream"))
+        runs = []
+        for _ in range(args.rounds):
+            runs.append(("old", one_run(args, old_code)))
+            runs.append(("new", one_run(args)))
+    for code, run in runs:
+        report(args, run, code)
+
+
+def one_run(args: argparse.Namespace, code: Path | None = None) -> dict[str, float]:
+    """One broker, one load (the same seed each run), the raw baseline and one worker."""
     mix = SpanMix.from_args(args)
     with BenchPipeline("stream_throughput", keep=args.keep) as pipeline:
-        spans, messages = prefill(pipeline, args.spans, mix)
+        live = LiveLoad(pipeline, args.spans, mix) if args.live else None
+        raw = 0.0
+        if live is None:
+            prefill(pipeline, args.spans, mix)
+            raw, _ = raw_baseline(pipeline, mix.spans)
+        worker = run_worker(pipeline, mix.spans, args.timeout, args.profile, live, code)
+        spans, messages = mix.spans, end_offsets_total(pipeline)
         note(
             f"{mix.model_calls} LLM calls, {mix.tool_spans} tool spans, "
             f"{spans - mix.model_calls - mix.tool_spans} plain spans; {len(mix.calls_by_user)} users, "
             f"{mix.sessions} sessions; "
             f"{spans / messages:.0f} spans per message"
         )
-        raw, _ = raw_baseline(pipeline, spans)
-        worker = run_worker(pipeline, spans, args.timeout, args.profile)
         check_totals(pipeline, mix)
         written = {t: n for t, n in topic_sizes(pipeline.bootstrap).items() if t != pipeline.topics.spans}
         records_per_span = sum(written.values()) / spans
@@ -359,30 +452,55 @@ def main() -> None:
             f"{records_per_span:.3f} "
             f"({', '.join(f'{t} {n}' for t, n in sorted(written.items(), key=lambda i: -i[1]) if n)})"
         )
+        usage_per_span = written.get(pipeline.topics.usage, 0) / spans
         if args.profile:
             pipeline.stop_child("worker-python")  # py-spy writes its file when the worker exits
             pipeline.processes["worker"].wait(60)
             print_profile(pipeline.root / "profile.txt")
-    ratio = worker["spans_per_s"] / raw
-    cpu_us = 1e6 / worker["spans_per_cpu_s"]
+        if live is not None:  # the same topic, read with the worker stopped
+            pipeline.stop("worker")
+            raw, _ = raw_baseline(pipeline, spans)
+    return {
+        **worker,
+        "raw": raw,
+        "spans": spans,
+        "messages": messages,
+        "records_per_span": records_per_span,
+        "usage_records_per_span": usage_per_span,
+        "load": load_average(),
+    }
+
+
+def end_offsets_total(pipeline: BenchPipeline) -> int:
+    return sum(end_offsets(pipeline.bootstrap, pipeline.topics.spans).values())
+
+
+def report(args: argparse.Namespace, run: dict[str, Any], code: str) -> None:
+    spans, messages, raw = run["spans"], run["messages"], run["raw"]
+    ratio = run["spans_per_s"] / raw
+    cpu_us = 1e6 / run["spans_per_cpu_s"]
     print(f"\nmachine: {machine_note()}")
     print(
+        f"code {code}{' (' + args.compare + ')' if code == 'old' else ''}; "
+        f"{'live load' if args.live else 'pre-filled topic (catch-up)'}; "
         f"shape: {spans / messages:.0f} spans per message ({args.batch_min}-{args.batch_max}), "
         f"plain fraction {args.plain_fraction}; {args.tenants} tenants x {args.users_per_tenant} users, "
         f"calls per session {args.calls_per_session or 'new per message'}"
     )
     print(
-        f"worker {worker['spans_per_s']:,.0f} spans/s (target {TARGET_SPANS_PER_S:,}), "
+        f"worker {run['spans_per_s']:,.0f} spans/s (target {TARGET_SPANS_PER_S:,}), "
         f"raw {raw:,.0f} spans/s, ratio {ratio:.3f} (target {TARGET_RATIO}); "
-        f"worker CPU {cpu_us:.1f} µs per span, {records_per_span:.3f} Kafka records written per span"
+        f"worker CPU {cpu_us:.1f} µs per span, {run['records_per_span']:.3f} Kafka records written per span"
     )
     print(
-        f"RESULT stream_throughput spans_per_s={worker['spans_per_s']:.0f} "
+        f"RESULT stream_throughput code={code} live={int(args.live)} spans_per_s={run['spans_per_s']:.0f} "
         f"raw_spans_per_s={raw:.0f} ratio_vs_raw={ratio:.3f} worker_cpu_us_per_span={cpu_us:.1f} "
-        f"records_per_span={records_per_span:.3f} spans_per_message={spans / messages:.0f} "
+        f"records_per_span={run['records_per_span']:.3f} "
+        f"usage_records_per_span={run['usage_records_per_span']:.4f} "
+        f"spans_per_message={spans / messages:.0f} "
         f"plain_fraction={args.plain_fraction} tenants={args.tenants} "
         f"users_per_tenant={args.users_per_tenant} "
-        f'calls_per_session={args.calls_per_session} load="{load_average()}"'
+        f'calls_per_session={args.calls_per_session} load="{run["load"]}"'
     )
 
 
