@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +64,7 @@ from pipeline_setup import (
     machine_note,
     note,
     produce_all,
+    read_topic,
     topic_sizes,
 )
 from revisions import export_revision
@@ -460,6 +462,8 @@ def one_run(args: argparse.Namespace, code: Path | None = None) -> dict[str, flo
             f"({', '.join(f'{t} {n}' for t, n in sorted(written.items(), key=lambda i: -i[1]) if n)})"
         )
         usage_per_span = written.get(pipeline.topics.usage, 0) / spans
+        rows_per_span = usage_rows_written(pipeline) / spans
+        note(f"delta rows stage 1 sent per span: {rows_per_span:.3f}")
         if args.profile:
             pipeline.stop_child("worker-python")  # py-spy writes its file when the worker exits
             pipeline.processes["worker"].wait(60)
@@ -474,8 +478,19 @@ def one_run(args: argparse.Namespace, code: Path | None = None) -> dict[str, flo
         "messages": messages,
         "records_per_span": records_per_span,
         "usage_records_per_span": usage_per_span,
+        "rows_per_span": rows_per_span,
         "load": load_average(),
     }
+
+
+def usage_rows_written(pipeline: BenchPipeline) -> int:
+    """Delta rows in the usage topic's `batches` records: what stage 1 sent and stage 2 added."""
+    rows = 0
+    for record in read_topic(pipeline.bootstrap, pipeline.topics.usage):
+        value = json.loads(record.value)
+        if value.get("kind") == "batches":
+            rows += sum(len(batch[2]) for batch in value["batches"])
+    return rows
 
 
 def end_offsets_total(pipeline: BenchPipeline) -> int:
@@ -504,6 +519,7 @@ def report(args: argparse.Namespace, run: dict[str, Any], code: str) -> None:
         f"raw_spans_per_s={raw:.0f} ratio_vs_raw={ratio:.3f} worker_cpu_us_per_span={cpu_us:.1f} "
         f"records_per_span={run['records_per_span']:.3f} "
         f"usage_records_per_span={run['usage_records_per_span']:.4f} "
+        f"delta_rows_per_span={run['rows_per_span']:.3f} "
         f"spans_per_message={spans / messages:.0f} "
         f"plain_fraction={args.plain_fraction} tenants={args.tenants} "
         f"users_per_tenant={args.users_per_tenant} "
