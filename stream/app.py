@@ -498,8 +498,10 @@ class BudgetJob:
     ) -> None:
         """The group's rows: `usage_rows` once over all its spans, sent with the last message's source.
 
-        Each context observation keeps its messages' order (a session's inputs per message, in
-        message order), so a context guard sees what it saw when each message went alone.
+        Context observations are not combined: each message's go as its own sub-batch with its
+        own source, as alone. Stage 2 decides a context guard after each sub-batch, so a session's
+        growth combined over messages would warn at the group's last call instead of the call that
+        crossed (`test_e2e_budget_windows`); they are few rows, and only under context guards.
         """
         usages = [usage for _, message_usages in members for usage in message_usages]
         first, last = members[0][0].message, members[-1][0].message
@@ -515,12 +517,13 @@ class BudgetJob:
             )
         if stats.unpriced:
             self._warn_unpriced(usages)
-        sessions: dict[tuple[str, str], list[int]] = {}
-        for _, message_usages in members:
-            for guard_id, session, inputs in context_observations(message_usages, self.config):
-                sessions.setdefault((guard_id, session), []).extend(inputs)
-        observations = [[guard_id, session, inputs] for (guard_id, session), inputs in sessions.items()]
-        for partition, sub_batch in list(self._batch_records(rows, observations, source)):
+        sub_batches = []
+        for event, message_usages in members:
+            if observations := context_observations(message_usages, self.config):
+                message_source = (event.message.partition, event.message.offset)
+                sub_batches += self._batch_records([], observations, message_source)
+        sub_batches += self._batch_records(rows, [], source)
+        for partition, sub_batch in sub_batches:
             batch.add(partition, sub_batch)  # all or none of the group (the list is built first)
 
     def _decoded_again(self, event: Any) -> list[SpanUsage]:

@@ -121,6 +121,7 @@ class StageTwo:
         self.totals: dict[str, WindowTotals] = {}
         self.contexts: dict[str, ContextGrowth] = {}
         self.rows = 0
+        #: the source of each sub-batch of delta rows, in the order stage 2 reads them
         self.sub_batches: list[tuple[int, int]] = []
 
     def apply(self, job: BudgetJob) -> StageTwo:
@@ -129,7 +130,8 @@ class StageTwo:
             if topic != usage:
                 continue
             for batch in sub_batches(json.loads(value)):
-                self.sub_batches.append(batch.source)
+                if batch.deltas:  # context observations go per message, combined or not
+                    self.sub_batches.append(batch.source)
                 for budget, key, start, amount, spans, first, last, bucket, *mix in batch.deltas:
                     totals = self.totals.setdefault(f"{budget}|{key}|{start}", WindowTotals())
                     totals.add(*batch.source, amount, spans, first, last, bucket, mix[0] if mix else None)
