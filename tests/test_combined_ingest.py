@@ -12,6 +12,7 @@ behind, with each half of the rule and with it disabled (a double count).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -354,3 +355,31 @@ def test_a_worker_expelled_while_it_stood_still_sends_no_combined_rows(tmp_path:
     assert not job.sent and not job.usage_records._pending  # type: ignore[attr-defined]
     ingest(job, events)  # read again (after the rebalance): alone, as the successor sends them
     assert {source for source in StageTwo().apply(job).sub_batches} == {(0, o) for o in range(4)}
+
+
+async def _expelled() -> bool:
+    return False
+
+
+def test_an_expelled_worker_sends_not_even_a_lone_first_reading_its_successor_may_combine(
+    tmp_path: Path,
+) -> None:
+    """A zombie's lone row below a successor's group mark, applied before the group, counts twice.
+
+    The successor was assigned the partition while the zombie stood still, with nothing in it
+    (end offset 0), so it combines 0-2. The resumed zombie's fetcher got offset 0 before its
+    heartbeat told it it was out; a micro-batch of that one message makes no group of two, yet
+    its row (mark 0) lands before the successor's group (0-2, mark 2): message 0 counted twice.
+    """
+    events = span_load_events(SpanMix(seed=17, batch_min=10, batch_max=20), messages=3, partitions=1)
+    zombie = live(make_job(tmp_path, "zombie"), range(1))
+    zombie.stall_guard.still_member = _expelled  # type: ignore[method-assign]
+    successor = live(make_job(tmp_path, "successor"), range(1))
+    stage_two = StageTwo()
+    with contextlib.suppress(PartitionsLost):  # how the zombie's agent ends, or nothing with c7ad6f8
+        ingest(zombie, events[:1])
+    stage_two.apply(zombie)
+    ingest(successor, events)
+    stage_two.apply(successor)
+    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+    assert set(stage_two.sub_batches) == {(0, 2)}  # only the successor's group was applied
