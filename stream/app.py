@@ -396,14 +396,14 @@ class BudgetJob:
             if time.perf_counter() - sliced > INGEST_SLICE_S:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
-        combined = any(len(members) > 1 for members in groups.values())
         for partition in list(groups):
             self._close_group(partition, groups, batch)
         queued, self._parked_unsent = self._parked_unsent, []
-        if combined and not await self.stall_guard.still_member():
+        # any batch, not only a combined one: a lone row may straddle a successor's group
+        if not await self.stall_guard.still_member():
             self.usage_records.drop()  # read again after the rebalance, each message alone
             self.dead_letters.discard(queued)
-            raise PartitionsLost("expelled while it stood still: its combined rows are not sent")
+            raise PartitionsLost("expelled while it stood still: its rows are not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
