@@ -384,3 +384,38 @@ def test_an_expelled_worker_sends_not_even_a_lone_first_reading_its_successor_ma
     stage_two.apply(successor)
     assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
     assert set(stage_two.sub_batches) == {(0, 2)}  # only the successor's group was applied
+
+
+@pytest.mark.parametrize("combine", [True, False], ids=["combined", "alone"])
+def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_group_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool
+) -> None:
+    """Alone, a message whose ingest raises past `usage_rows` is dead-lettered and the rest counted;
+    in a group the fallback must do the same, not end the micro-batch (nothing sent, agent crashed)."""
+    events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
+    job = make_job(tmp_path, "worker")
+    if combine:
+        live(job, range(1))
+    else:
+        job.recent.primed.add(0)
+    poisoned = {usage.session for usage in _decoded(job, events[2])}
+    real_observations = app_module.context_observations
+
+    def context_observations(usages: list[Any], config: Any) -> Any:
+        if any(usage.session in poisoned for usage in usages):
+            raise ValueError("a session context guards cannot take")
+        return real_observations(usages, config)
+
+    monkeypatch.setattr(app_module, "context_observations", context_observations)
+    ingest(job, events)
+    sent = job.sent  # type: ignore[attr-defined]
+    usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
+    parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
+    assert sorted({batch.source for record in usage for batch in sub_batches(record)}) == [
+        (0, 0),
+        (0, 1),
+        (0, 3),
+        (0, 4),
+        (0, 5),
+    ]
+    assert [headers[SOURCE_HEADER] for headers in parked] == [b"otlp_spans/0/2"]
