@@ -488,10 +488,19 @@ class BudgetJob:
         except Exception:  # one message that breaks accounting: each goes alone, as today
             logger.exception("could not account %d messages together: accounting each alone", len(members))
             for event, _ in members:
-                self._account_message(event, self._decoded_again(event), True, batch)
+                self._account_alone(event, batch)
             return
         for name in ("spans", "unpriced", "too_late"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+
+    def _account_alone(self, event: Any, batch: MicroBatch) -> None:
+        """A group's message accounted alone; one that raises is parked alone, as `_ingest_batch` does."""
+        try:
+            self._account_message(event, self._decoded_again(event), True, batch)
+        except Exception as exc:  # nothing in one message may stop the partition (nor lose its group)
+            self.agent_errors += 1
+            logger.exception("could not ingest %s", _coordinates(event))
+            self._park_failed_later(event, f"ingest failed: {type(exc).__name__}: {exc}")
 
     def _account_rows_of(
         self, members: list[tuple[Any, list[SpanUsage]]], stats: BatchStats, batch: MicroBatch
