@@ -419,3 +419,50 @@ def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_
         (0, 5),
     ]
     assert [headers[SOURCE_HEADER] for headers in parked] == [b"otlp_spans/0/2"]
+
+
+def test_a_seek_back_re_reads_alone_and_combines_only_the_first_readings_after_it(tmp_path: Path) -> None:
+    """InOrderReads or the watchdog seeks back to 2 after 0-4 went as one group: 2-4 alone, 5-9 a group."""
+    events = span_load_events(SpanMix(seed=21, tenants=3, users_per_tenant=2), messages=10, partitions=1)
+    job = live(make_job(tmp_path, "worker"), range(1))
+    stage_two = StageTwo()
+    ingest(job, events[:5])
+    stage_two.apply(job)
+    seen = len(stage_two.sub_batches)
+    ingest(job, events[2:])  # one micro-batch: re-readings, then first readings
+    stage_two.apply(job)
+    assert set(stage_two.sub_batches[:seen]) == {(0, 4)}
+    assert set(stage_two.sub_batches[seen:]) == {(0, 2), (0, 3), (0, 4), (0, 9)}
+    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+
+
+def test_a_rebalance_in_the_middle_of_a_micro_batch_ends_the_group_and_the_successor_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The rebalance starts (Faust's consumer thread) after 0-2 joined a group: 3-5, read during the
+    revoke, go alone (primed again: end offset 6), the group is sent before the revoke ends, and the
+    successor reads 0-5 alone from the commit (0) and combines only 6-9."""
+    events = span_load_events(SpanMix(seed=23, tenants=3, users_per_tenant=2), messages=10, partitions=1)
+    worker = live(make_job(tmp_path, "worker"), range(1))
+    successor = make_job(tmp_path, "successor")
+    for job in (worker, successor):
+        job.primer.prime = lambda partition, offset, ns: 0  # type: ignore[method-assign]
+        job.primer.end_offset = lambda partition: 6  # type: ignore[method-assign]
+    real_ingest_one = worker._ingest_one
+
+    def ingest_one(event: Event, *args: Any) -> None:
+        if event.message.offset == 3:
+            app_module._AfterRebalance(worker).on_rebalance_start(worker.app)
+            worker.dead_letters.stale = False  # read back already (nothing parked)
+        real_ingest_one(event, *args)
+
+    worker._ingest_one = ingest_one  # type: ignore[method-assign]
+    stage_two = StageTwo()
+    ingest(worker, events[:6])
+    stage_two.apply(worker)
+    assert set(stage_two.sub_batches) == {(0, 2), (0, 3), (0, 4), (0, 5)}
+    seen = len(stage_two.sub_batches)
+    ingest(successor, events)
+    stage_two.apply(successor)
+    assert set(stage_two.sub_batches[seen:]) == {(0, o) for o in range(6)} | {(0, 9)}
+    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
