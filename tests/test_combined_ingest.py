@@ -386,12 +386,17 @@ def test_an_expelled_worker_sends_not_even_a_lone_first_reading_its_successor_ma
     assert set(stage_two.sub_batches) == {(0, 2)}  # only the successor's group was applied
 
 
-@pytest.mark.parametrize("combine", [True, False], ids=["combined", "alone"])
+@pytest.mark.parametrize(
+    ("combine", "size"),
+    [(True, MICRO_BATCH), (True, 1), (False, MICRO_BATCH)],
+    ids=["combined", "combinable-one-message-batches", "alone"],
+)
 def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_group_counts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool, size: int
 ) -> None:
     """Alone, a message whose ingest raises past `usage_rows` is dead-lettered and the rest counted;
-    in a group the fallback must do the same, not end the micro-batch (nothing sent, agent crashed)."""
+    in a group the fallback must do the same, not end the micro-batch (nothing sent, agent crashed),
+    and so must a combinable message that is its micro-batch's only one (a group of one)."""
     events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
     job = make_job(tmp_path, "worker")
     if combine:
@@ -407,7 +412,7 @@ def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_
         return real_observations(usages, config)
 
     monkeypatch.setattr(app_module, "context_observations", context_observations)
-    ingest(job, events)
+    ingest(job, events, size)
     sent = job.sent  # type: ignore[attr-defined]
     usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
     parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
