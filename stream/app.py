@@ -480,7 +480,7 @@ class BudgetJob:
         if not members:
             return
         if len(members) == 1:
-            self._account_message(*members[0], True, batch)
+            self._account_alone(*members[0], batch)
             return
         stats = BatchStats()
         try:
@@ -488,15 +488,17 @@ class BudgetJob:
         except Exception:  # one message that breaks accounting: each goes alone, as today
             logger.exception("could not account %d messages together: accounting each alone", len(members))
             for event, _ in members:
-                self._account_alone(event, batch)
+                self._account_alone(event, None, batch)
             return
         for name in ("spans", "unpriced", "too_late"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
 
-    def _account_alone(self, event: Any, batch: MicroBatch) -> None:
-        """A group's message accounted alone; one that raises is parked alone, as `_ingest_batch` does."""
+    def _account_alone(self, event: Any, usages: list[SpanUsage] | None, batch: MicroBatch) -> None:
+        """A group's message accounted alone (`usages` None: decoded again); one that raises is
+        parked alone, as `_ingest_batch` parks a message whose ingest raised."""
         try:
-            self._account_message(event, self._decoded_again(event), True, batch)
+            usages = self._decoded_again(event) if usages is None else usages
+            self._account_message(event, usages, True, batch)
         except Exception as exc:  # nothing in one message may stop the partition (nor lose its group)
             self.agent_errors += 1
             logger.exception("could not ingest %s", _coordinates(event))
