@@ -380,9 +380,12 @@ class BudgetJob:
         groups: dict[int, list[tuple[Any, list[SpanUsage]]]] = {}
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
+        first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
         for event in events:
             if not reads.admit(event.message):  # see stream/takeover.py
                 continue
+            tp, offset = event.message.tp, event.message.offset
+            first[tp] = min(first.get(tp, offset), offset)
             if event.message.partition not in self.recent.primed:
                 await self._prime(event)
             if self.dead_letters.stale:
@@ -409,8 +412,9 @@ class BudgetJob:
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
         try:
             await self.usage_records.send()
-        except Exception:  # the batch is not acked, so it is read again: its dead letters with it
+        except Exception:  # the batch is read again before anything after it: its dead letters with it
             self.dead_letters.discard(queued)
+            reads.read_again(first)
             raise
         await _yield_to_the_loop()
 
