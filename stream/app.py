@@ -7,10 +7,11 @@ Two stages, joined by the internal `burnguard.usage` topic:
    sums them into one usage delta per (budget, key, window). It takes the
    messages in micro-batches and sends the deltas of a micro-batch as one
    `batches` record per usage partition (the partition of `budget|key`), each
-   message's deltas a sub-batch with its own source offset, not one record per
-   delta or message: Kafka records and awaits, not arithmetic, were what the
-   worker spent its time on. Undecodable messages
-   go to the dead-letter topic with the reason in a header, and so does each
+   message's deltas a sub-batch with its own source offset (or, for messages no
+   one can have sent before, one group's deltas summed, with the group's last
+   offset: `_combinable`), not one record per delta or message: Kafka records
+   and awaits, not arithmetic, were what the worker spent its time on.
+   Undecodable messages go to the dead-letter topic with the reason in a header, and so does each
    span that breaks a rule of `contracts/span_checks.py`, alone (the sink
    skips those spans and only counts them). A span's event time is trusted
    within a skew of its record's broker timestamp, else it counts at that
@@ -207,6 +208,7 @@ class _AfterRebalance(faust.Sensor):
     def on_rebalance_start(self, app: Any) -> dict:
         self.job.dead_letters.stale = True
         self.job.recent.primed.clear()
+        self.job._combine_from.clear()  # fetched again by `_prime`, per partition
         return super().on_rebalance_start(app)
 
 
@@ -257,6 +259,9 @@ class BudgetJob:
         self.duplicates = 0  # otlp_spans messages skipped as copies of an earlier one
         #: per source partition, the highest offset ingested: below it, a re-reading (not counted again)
         self._read_up_to: dict[int, int] = {}
+        #: per source partition, the end offset `_prime` fetched after this worker was (re)assigned it:
+        #: a first reading at or above it was sent by no one before, so stage 1 may combine it
+        self._combine_from: dict[int, int] = {}
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self.checkpoints: SignalCheckpointWriter | None = None
@@ -372,17 +377,21 @@ class BudgetJob:
         yielded every `INGEST_SLICE_S` of work, so heartbeats and stage 2 are not starved.
         """
         batch = MicroBatch(BATCH_ROWS)
+        groups: dict[int, list[tuple[Any, list[SpanUsage]]]] = {}
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
+        first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
         for event in events:
             if not reads.admit(event.message):  # see stream/takeover.py
                 continue
+            tp, offset = event.message.tp, event.message.offset
+            first[tp] = min(first.get(tp, offset), offset)
             if event.message.partition not in self.recent.primed:
                 await self._prime(event)
             if self.dead_letters.stale:
                 await self._catch_up_dead_letters()
             try:
-                self._ingest_one(event, batch)
+                self._ingest_one(event, batch, groups)
             except Exception as exc:  # nothing in one message may stop the partition
                 self.agent_errors += 1
                 logger.exception("could not ingest %s", _coordinates(event))
@@ -390,14 +399,22 @@ class BudgetJob:
             if time.perf_counter() - sliced > INGEST_SLICE_S:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
+        for partition in list(groups):
+            self._close_group(partition, groups, batch)
+        queued, self._parked_unsent = self._parked_unsent, []
+        # any batch, not only a combined one: a lone row may straddle a successor's group
+        if not await self.stall_guard.still_member():
+            self.usage_records.drop()  # read again after the rebalance, each message alone
+            self.dead_letters.discard(queued)
+            raise PartitionsLost("expelled while it stood still: its rows are not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
-        queued, self._parked_unsent = self._parked_unsent, []
         try:
             await self.usage_records.send()
-        except Exception:  # the batch is not acked, so it is read again: its dead letters with it
+        except Exception:  # the batch is read again before anything after it: its dead letters with it
             self.dead_letters.discard(queued)
+            reads.read_again(first)
             raise
         await _yield_to_the_loop()
 
@@ -415,8 +432,16 @@ class BudgetJob:
         except Exception:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
-    def _ingest_one(self, event: Any, batch: MicroBatch) -> None:
-        """One OTLP message: its rows join the micro-batch, its bad spans the pending dead letters."""
+    def _ingest_one(
+        self, event: Any, batch: MicroBatch, groups: dict[int, list[tuple[Any, list[SpanUsage]]]]
+    ) -> None:
+        """One OTLP message: its rows join the micro-batch, its bad spans the pending dead letters.
+
+        A message no one can have sent before (`_combinable`) joins its source partition's group,
+        summed with the others when the group closes (`_close_group`); any other message first
+        closes that group, then goes alone, as its own sub-batch. A copy or a malformed message
+        adds no rows however it is read, so an open group passes over it.
+        """
         message = event.message
         first_reading = message.offset > self._read_up_to.get(message.partition, -1)
         if first_reading:
@@ -433,8 +458,101 @@ class BudgetJob:
         usages = decoded.usages
         self._trust_clock(event, decoded, first_reading)
         self._latest_event_ns = max(self._latest_event_ns, *(u.end_ns or u.start_ns for u in usages), 0)
+        if self._combinable(message, first_reading):
+            groups.setdefault(message.partition, []).append((event, usages))
+            return
+        self._close_group(message.partition, groups, batch)
+        self._account_message(event, usages, first_reading, batch)
+
+    def _combinable(self, message: Any, first_reading: bool) -> bool:
+        """Whether no one can have sent this message before, so its rows may be summed with others'.
+
+        (a) It is read for the first time in this process (a re-reading after a failed send may
+        follow a sending that was delivered in part); (b) it lies at or above the end offset of
+        its partition when this worker was (re)assigned it: whatever an earlier owner or an
+        earlier incarnation of this worker read, it read before that, so below it. A combined
+        row carries the group's last offset: were part of the group counted already, stage 2's
+        mark (`WindowTotals.add`) could not tell (docs/ARCHITECTURE.md §7, stage 1).
+        """
+        return first_reading and message.offset >= self._combine_from.get(message.partition, math.inf)
+
+    def _close_group(
+        self, partition: int, groups: dict[int, list[tuple[Any, list[SpanUsage]]]], batch: MicroBatch
+    ) -> None:
+        """Account a source partition's group of combinable messages, if one is open, into `batch`."""
+        members = groups.pop(partition, None)
+        if not members:
+            return
+        if len(members) == 1:
+            self._account_alone(*members[0], batch)
+            return
+        stats = BatchStats()
+        try:
+            self._account_rows_of(members, stats, batch)
+        except Exception:  # one message that breaks accounting: each goes alone, as today
+            logger.exception("could not account %d messages together: accounting each alone", len(members))
+            for event, _ in members:
+                self._account_alone(event, None, batch)
+            return
+        for name in ("spans", "unpriced", "too_late"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+
+    def _account_alone(self, event: Any, usages: list[SpanUsage] | None, batch: MicroBatch) -> None:
+        """A group's message accounted alone (`usages` None: decoded again); one that raises is
+        parked alone, as `_ingest_batch` parks a message whose ingest raised."""
+        try:
+            usages = self._decoded_again(event) if usages is None else usages
+            self._account_message(event, usages, True, batch)
+        except Exception as exc:  # nothing in one message may stop the partition (nor lose its group)
+            self.agent_errors += 1
+            logger.exception("could not ingest %s", _coordinates(event))
+            self._park_failed_later(event, f"ingest failed: {type(exc).__name__}: {exc}")
+
+    def _account_rows_of(
+        self, members: list[tuple[Any, list[SpanUsage]]], stats: BatchStats, batch: MicroBatch
+    ) -> None:
+        """The group's rows: `usage_rows` once over all its spans, sent with the last message's source.
+
+        Each context observation keeps its messages' order (a session's inputs per message, in
+        message order), so a context guard sees what it saw when each message went alone.
+        """
+        usages = [usage for _, message_usages in members for usage in message_usages]
+        first, last = members[0][0].message, members[-1][0].message
+        source = (last.partition, last.offset)
+        rows = usage_rows(usages, self.config, self.prices, stats, self._closed_before_ns())
+        if stats.too_late:
+            logger.warning(
+                "%d span budget counts at %s-%d arrived after their window closed (allowed lateness %s)",
+                stats.too_late,
+                (first.partition, first.offset),
+                last.offset,
+                self.settings.allowed_lateness,
+            )
+        if stats.unpriced:
+            self._warn_unpriced(usages)
+        sessions: dict[tuple[str, str], list[int]] = {}
+        for _, message_usages in members:
+            for guard_id, session, inputs in context_observations(message_usages, self.config):
+                sessions.setdefault((guard_id, session), []).extend(inputs)
+        observations = [[guard_id, session, inputs] for (guard_id, session), inputs in sessions.items()]
+        for partition, sub_batch in list(self._batch_records(rows, observations, source)):
+            batch.add(partition, sub_batch)  # all or none of the group (the list is built first)
+
+    def _decoded_again(self, event: Any) -> list[SpanUsage]:
+        """A combined message's spans as first decoded, for accounting it alone (counted before)."""
+        decoded = decode_spans(event.value, self.limits)
+        self._trust_clock(event, decoded, first_reading=False)
+        return decoded.usages
+
+    def _closed_before_ns(self) -> int:
+        return int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
+
+    def _account_message(
+        self, event: Any, usages: list[SpanUsage], first_reading: bool, batch: MicroBatch
+    ) -> None:
+        """One message's rows as its own sub-batch, with its own source offset (as before groups)."""
         source = (event.message.partition, event.message.offset)
-        closed_before_ns = int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
+        closed_before_ns = self._closed_before_ns()
         too_late, unpriced = self.stats.too_late, self.stats.unpriced
         try:
             stats = self.stats if first_reading else None  # a re-reading is counted once, before
@@ -457,7 +575,10 @@ class BudgetJob:
             batch.add(partition, sub_batch)  # all or none of the message (the list is built first)
 
     async def _prime(self, event: Any) -> None:
-        """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`)."""
+        """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`).
+
+        And fetch the partition's end offset, from which on stage 1 may combine (`_combinable`).
+        """
         message = event.message
         partition, record_ns = message.partition, int(message.timestamp * _NS)
         try:
@@ -465,6 +586,10 @@ class BudgetJob:
             logger.info("%d messages before %s digested", primed, _coordinates(event))
         except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
             logger.warning("could not read back before %s: %r", _coordinates(event), exc)
+        try:
+            self._combine_from[partition] = await asyncio.to_thread(self.primer.end_offset, partition)
+        except Exception as exc:  # without it nothing of the partition is combined until a rebalance
+            logger.warning("could not read the end offset of %s: %r", _coordinates(event), exc)
         self.recent.primed.add(partition)
 
     def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
@@ -565,11 +690,11 @@ class BudgetJob:
     def _batch_records(
         self, deltas: list[list[Any]], observations: list[list[Any]], source: tuple[int, int]
     ) -> Iterable[tuple[int, BatchRecord]]:
-        """(usage partition, sub-batch) for one OTLP message's delta rows and context observations.
+        """(usage partition, sub-batch) for one OTLP message's (or group's) rows and context observations.
 
-        Each sub-batch carries its message's own source offset, also inside a
-        micro-batch's `batches` record, so the second stage's per-key replay
-        check stays valid: a key appears in at most one row per message.
+        Each sub-batch carries its message's own source offset (a group's: its last message's),
+        also inside a micro-batch's `batches` record, so the second stage's per-key replay
+        check stays valid: a key appears in at most one row per message or group.
         """
         partitions = self.settings.partitions
         rows: dict[int, list[list[Any]]] = {}

@@ -86,6 +86,10 @@ class PendingRecords:
         """Queue a record; partition None leaves it to the default partitioner (murmur2 of the key)."""
         self._pending.append((topic, partition, key, value, headers))
 
+    def drop(self) -> None:
+        """Forget the pending records unsent (their batch is not acked: it is read again)."""
+        self._pending = []
+
     async def send(self) -> list[asyncio.Future[Any]]:
         """Hand every pending record to the producer; each record's delivery future.
 

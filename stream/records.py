@@ -3,8 +3,9 @@
 Stage 1 sends these kinds of record, each to the usage partition that holds its keys' state
 (`stream/partitioner.py`): `batches` (the deltas and context observations of every OTLP message
 of one stage-1 micro-batch for that partition, each message's rows a sub-batch with its own
-source offset), `ticks` (keys to re-decide), `removals` (keys of a removed budget) and
-`sweep` (the clock by which the partition forgets state nothing can count in, `stream/eviction.py`).
+source offset, or a group of messages' rows summed with the group's last offset), `ticks` (keys
+to re-decide), `removals` (keys of a removed budget) and `sweep` (the clock by which the
+partition forgets state nothing can count in, `stream/eviction.py`).
 A `batch` (one message's rows) is what stage 1 sent before micro-batches; stage 2 still reads it. On
 the wire a record is a JSON object and each row in it a JSON list, exactly as before these
 shapes had names: a worker of either version reads the other's records during a rolling
