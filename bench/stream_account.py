@@ -16,7 +16,8 @@ through its real stage-2 code, in the order a usage partition's stream would han
 * gc: of `stage2`, the CPU time spent in garbage collections (timed by a `gc.callbacks` hook).
 * log: the signal log lines of a run written again through the same logger and file handler,
   alone: what the log line of a signal costs (a share of `stage2` too small to see as a
-  difference between runs with and without it).
+  difference between runs with and without it). A revision that logs each signal at DEBUG (the
+  worker's level is INFO) writes none: 0 here, its summary line comes from the snapshot timer.
 
 The Faust tables are the worker's own (`store="memory://"`): `table.data` is Faust's in-memory
 store, whose own `.data` is a plain dict; nothing is replaced. A revision whose `run_worker`

@@ -38,6 +38,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -261,6 +262,8 @@ class BudgetJob:
         self.feed: BudgetFeed | None = None
         self.checkpoints: SignalCheckpointWriter | None = None
         self._replays_logged = 0
+        #: action -> [signals published since the last summary, the latest one's key] (`_log_signals`)
+        self._signals_unlogged: dict[str, list[Any]] = {}
         #: changed window keys not yet snapshotted, oldest change first (a dict as an ordered set)
         self._unsnapshotted: dict[str, None] = {}
         self._budgets = {budget.id: budget for budget in config.budgets}
@@ -948,8 +951,23 @@ class BudgetJob:
         return signal
 
     async def _send_signal(self, signal: Signal) -> None:
-        logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        """Published at once; logged one line per signal at DEBUG, and counted for `_log_signals`.
+
+        At wire speed thousands of signals a second change action: a formatted INFO line each
+        was most of the signal's cost on the worker's loop (BENCHMARKS.md, the signal log).
+        """
+        logger.debug("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        counted = self._signals_unlogged.setdefault(signal.action, [0, ""])
+        counted[0] += 1
+        counted[1] = signal.kafka_key
         await self._publish_signal(signal.kafka_key, signal.to_json())
+
+    def _log_signals(self) -> None:
+        """One INFO line per snapshot run: the signals published since the last, by action."""
+        if self._signals_unlogged:
+            counts, self._signals_unlogged = self._signals_unlogged, {}
+            summary = ", ".join(f"{action} {n} (latest {key})" for action, (n, key) in sorted(counts.items()))
+            logger.info("signals published: %s", summary)
 
     async def _publish_signal(self, key: str, value: bytes | None) -> None:
         """At once, with stage 2's own pending records: a signal waits for nothing else."""
@@ -1136,6 +1154,7 @@ class BudgetJob:
             self._replays_logged = self.replayed_deltas
             logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)
         self._log_counters()
+        self._log_signals()
         pending = list(islice(self._unsnapshotted, SNAPSHOT_MAX_PER_RUN))
         for state_key in pending:
             del self._unsnapshotted[state_key]
@@ -1300,8 +1319,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def run_worker(settings: StreamSettings | None = None, loglevel: str = "info") -> None:
-    """Run one worker of the job until SIGTERM / SIGINT."""
+def run_worker(settings: StreamSettings | None = None, loglevel: str | None = None) -> None:
+    """Run one worker of the job until SIGTERM / SIGINT, logging at `BURNGUARD_LOG_LEVEL` (info)."""
+    loglevel = loglevel or os.environ.get("BURNGUARD_LOG_LEVEL", "info").lower()
     quiet_library_logs()
     tune_gc()
     job = create_job(settings)
