@@ -52,7 +52,7 @@ from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
-from burnguard.contracts.snapshots import BudgetUsage
+from burnguard.contracts.snapshots import usage_json, usage_kafka_key
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
 from burnguard.contracts.topics import (
     CHECKPOINTS_TOPIC_CONFIG,
@@ -89,7 +89,7 @@ from burnguard.stream.eviction import (
     split_window_key,
 )
 from burnguard.stream.liveness import install_liveness_watchdog
-from burnguard.stream.partitioner import key_partition, usage_partition
+from burnguard.stream.partitioner import record_partition, usage_partition
 from burnguard.stream.policy import changed_signal, decide_context, window_at
 from burnguard.stream.records import (
     BATCH,
@@ -1197,39 +1197,31 @@ class BudgetJob:
             self._counters_logged = tuple(map(str, counters.values()))
             logger.info("input counters: %s", json.dumps(counters))
 
-    def _add_snapshot(self, snapshot: BudgetUsage) -> None:
+    def _add_snapshot(self, snapshot: tuple[str, bytes]) -> None:
         """Queued for the producer: Faust's topic layer cost more than building the snapshot.
 
         The partition is the default partitioner's, so a key's rows compact
         together whichever worker or version wrote them.
         """
-        key = snapshot.kafka_key.encode()
-        partition = key_partition(key, self.settings.partitions)
-        self.snapshots.add(self.settings.topics.budget_usage, partition, key, snapshot.to_json())
+        kafka_key, value = snapshot
+        key = kafka_key.encode()
+        partition = record_partition(key, self.settings.partitions)
+        self.snapshots.add(self.settings.topics.budget_usage, partition, key, value)
 
-    def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
+    def _usage_snapshot(self, state_key: str, now: datetime) -> tuple[str, bytes] | None:
+        """(Kafka key, JSON) of a window's `BudgetUsage`, encoded without building the model."""
         budget_id, rest = state_key.split("|", 1)
         key, window_start_ns = rest.rsplit("|", 1)
         budget = self._budgets.get(budget_id)
-        stored = self.totals.data.get(state_key)
+        stored = _plain(self.totals).get(state_key)
         if budget is None or not stored:
             return None
         totals = WindowTotals.from_state(stored)
         spent, start, end = window_at(budget, int(window_start_ns), totals, now)
-        return BudgetUsage.model_construct(  # every field is built here from validated values
-            budget=budget.id,
-            scope=budget.scope_name,
-            key=key,
-            metric=budget.metric,
-            window=budget.window,
-            window_start=start,
-            window_end=end,
-            spent=spent,
-            limit=budget.limit,
-            ratio=spent / budget.limit,
-            spans=totals.spans,
-            updated_at=now,
-        )
+        scope, window = budget.scope_name, budget.window
+        fields = (budget.metric, window, start, end, spent, budget.limit, totals.spans, now)
+        kafka_key = usage_kafka_key(scope, key, budget.id, window, start)
+        return kafka_key, usage_json(budget.id, scope, key, *fields)
 
 
 def _plain(table: Any) -> Any:
