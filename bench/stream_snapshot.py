@@ -6,7 +6,8 @@ key through its real `_apply`: every budget of the file x `--keys` keys, in the 
 now. Then each timed run marks every window changed and runs the timer (`_snapshot`, in slices
 of `SNAPSHOT_SLICE` with its pauses: CPU time, not wall time, is what counts), which builds,
 encodes, partitions and queues one `budget_usage` record per window and hands them to the
-producer. The figure is the best of `--repeat` runs, per window.
+producer. The figure is the best of `--repeat` runs, per window. Also timed: the changelog
+records of every window's totals (`TableChanges.take_records`, their JSON), per record.
 
     .venv/bin/python bench/stream_snapshot.py [--keys 500] [--repeat 5] [--compare REV] [--rounds 2]
 
@@ -70,12 +71,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(job._snapshot())
             fastest = min(fastest, time.process_time() - started)
         sent = job.bench_producer.sent.get(job.settings.topics.budget_usage, 0) // args.repeat
+        changelog_us = take_records_us(job, windows, args.repeat)
     return {
         "code": app.__file__,
         "windows": len(windows),
         "sent": sent,
         "us_per_window": fastest / len(windows) * 1e6,
+        "changelog_us_per_record": changelog_us,
     }
+
+
+def take_records_us(job: Any, windows: list[str], repeat: int) -> float:
+    """Best CPU µs per record of `TableChanges.take_records` (the changelog's encoding) when every
+    window's totals changed: each run marks them changed again (untimed), then takes them."""
+    changes, table = job.changes, job.totals
+    fastest = float("inf")
+    for _ in range(repeat):
+        changes.take_records()
+        for key in windows:
+            changes.set(table, key, table.data[key])
+        started = time.process_time()
+        records = changes.take_records()
+        fastest = min(fastest, time.process_time() - started)
+    return fastest / len(records) * 1e6
 
 
 def measure_child(args: argparse.Namespace, pythonpath: Path | None) -> dict[str, Any]:
@@ -86,6 +104,13 @@ def measure_child(args: argparse.Namespace, pythonpath: Path | None) -> dict[str
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def show(label: str, run: dict[str, Any]) -> None:
+    print(
+        f"{label} ({run['code']}): snapshot {run['us_per_window']:.2f} us/window, {run['sent']} sent; "
+        f"changelog encoding {run['changelog_us_per_record']:.2f} us/record"
+    )
 
 
 def main() -> None:
@@ -107,13 +132,15 @@ def main() -> None:
         lambda old_path: measure_child(args, old_path),
     )
     new = min(runs["new"], key=lambda run: run["us_per_window"])
-    print(f"this checkout ({new['code']}): {new['us_per_window']:.2f} us/window, {new['sent']} sent")
+    show("this checkout", new)
     fields = f"windows={new['windows']} sent={new['sent']} us_per_window={new['us_per_window']:.2f}"
+    fields += f" changelog_us_per_record={new['changelog_us_per_record']:.2f}"
     if runs["old"]:
         old = min(runs["old"], key=lambda run: run["us_per_window"])
-        print(f"old {args.compare} ({old['code']}): {old['us_per_window']:.2f} us/window, {old['sent']} sent")
+        show(f"old {args.compare}", old)
         fields += f" old_us_per_window={old['us_per_window']:.2f}"
         fields += f" speedup={old['us_per_window'] / new['us_per_window']:.2f}"
+        fields += f" old_changelog_us_per_record={old['changelog_us_per_record']:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     print(f"RESULT stream_snapshot keys={args.keys} repeat={args.repeat} {fields}")
 
