@@ -787,6 +787,7 @@ class BudgetJob:
         Faust's own last commit ran before this, capped at the last write; a
         failure here only means the next owner re-reads a little more.
         """
+        self._log_signals()  # the signals since the last snapshot run
         try:
             await self._write_changes(flushed=True)
             await self.app.consumer.commit()

@@ -96,3 +96,17 @@ def test_the_worker_log_level_comes_from_the_environment(
     monkeypatch.delenv("BURNGUARD_LOG_LEVEL")
     app_module.run_worker()
     assert seen["loglevel"] == "info"
+
+
+def test_a_clean_stop_logs_the_signals_since_the_last_summary(
+    job: BudgetJob, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def nothing_to_write(flushed: bool = False) -> None:
+        raise RuntimeError("no broker in this test")
+
+    caplog.set_level(logging.INFO, logger=app_module.__name__)
+    published = _overspend(job, ["acme"])
+    monkeypatch.setattr(job, "_write_changes", nothing_to_write)
+    asyncio.run(job._on_shutdown(job.app))
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("signals published")]
+    assert len(summaries) == 1 and f"(latest {published[0][0]})" in summaries[0]
