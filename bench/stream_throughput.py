@@ -320,7 +320,8 @@ def print_profile(path: Path, top: int = 15) -> None:
             continue
         samples += count
         self_time[frames[-1]] += count
-        flat = ";".join(frame.split(":")[0] for frame in frames)
+        # a revision imported from an exported tree shows its files under `burnguard/`
+        flat = ";".join(frame.split(":")[0].replace("(burnguard/", "(") for frame in frames)
         for what, marker in PROFILE_PARTS:
             if marker in flat:
                 parts[what] += count
