@@ -349,44 +349,71 @@ def check_totals(pipeline: BenchPipeline, mix: SpanMix, wait_s: float = 90.0) ->
 
 #: (what, a frame marker): inclusive share of the worker's samples under each.
 PROFILE_PARTS = [
-    ("stage 1 agent (_ingest), all of it", "_ingest (stream/app.py"),
-    ("  OTLP decode (decode_usage)", "decode_usage ("),
-    ("  budget matching + windows (usage_deltas)", "usage_deltas ("),
-    ("  window start (WindowClock.start_ns)", "WindowClock.start_ns ("),
-    ("  sending batch records (Topic.send)", "_ingest (stream/app.py;Topic.send"),
-    ("stage 2 agent (_account), all of it", "_account (stream/app.py"),
-    ("  changelog writes (Table.on_key_set)", "Table.on_key_set ("),
-    ("  deciding (decide_action + decide)", "decide"),
-    ("snapshot timer (_snapshot)", "_snapshot (stream/app.py"),
-    ("refresh timer (_refresh)", "_refresh (stream/app.py"),
+    ("stage 1 agent (_ingest), all of it", "BudgetJob._ingest (stream/app.py"),
+    ("  decode + span checks (decode_spans)", "decode_spans (contracts/otlp.py"),
+    ("    span fields (_span_usage)", "_span_usage (contracts/otlp.py"),
+    ("    span rules (span_problem)", "span_problem (contracts/span_checks.py"),
+    ("  budget matching + sums (usage_rows)", "usage_rows (stream/accounting.py"),
+    ("    delta rows of a group (_targets)", "_targets (stream/accounting.py"),
+    ("    pricing (price_if_unpriced)", "price_if_unpriced (contracts/pricing.py"),
+    ("  usage records (_batch_records)", "BudgetJob._batch_records (stream/app.py"),
+    ("  duplicate digests (digest)", "digest (stream/duplicates.py"),
+    ("stage 2 agent (_account), all of it", "BudgetJob._account (stream/app.py"),
+    ("  Faust decoding the usage records (loads_value)", "loads_value ("),
+    ("  adding rows (_apply)", "BudgetJob._apply (stream/app.py"),
+    ("    deciding (changed_signal)", "changed_signal (stream/policy.py"),
+    ("  signals (_send_signal)", "BudgetJob._send_signal (stream/app.py"),
+    ("    their log lines (logging)", "BudgetJob._send_signal (stream/app.py;Logger."),
+    ("changelog writes (TableChanges.write)", "TableChanges.write (stream/changelog.py"),
+    ("  encoding (take_records)", "TableChanges.take_records (stream/changelog.py"),
+    ("snapshot timer (_snapshot)", "BudgetJob._snapshot (stream/app.py"),
+    ("  building one (_usage_snapshot)", "BudgetJob._usage_snapshot (stream/app.py"),
+    ("  queueing one (_add_snapshot)", "BudgetJob._add_snapshot (stream/app.py"),
+    ("  handing over (PendingRecords.send)", "BudgetJob._snapshot (stream/app.py;PendingRecords.send"),
+    ("refresh timer (_refresh)", "BudgetJob._refresh (stream/app.py"),
     ("aiokafka producer code (batching, sending)", "aiokafka/producer"),
     ("aiokafka consumer code (fetching, parsing)", "aiokafka/consumer"),
     ("Faust conductor / stream dispatch", "Conductor."),
     ("event loop select (idle)", "EpollSelector.select"),
 ]
+#: The frame a stack of a thread other than the main one (the event loop's) starts from.
+OTHER_THREAD = "Thread._bootstrap ("
 
 
 def print_profile(path: Path, top: int = 15) -> None:
-    """Where the worker's time went, from py-spy's raw (collapsed stack) output."""
+    """Where the worker's main thread (the event loop) spent its time, from py-spy's raw output.
+
+    The shares are of the main thread's samples only: the Kafka client's and the signal
+    checkpoints' threads are counted apart (their share of all samples is printed).
+    """
     self_time: Counter[str] = Counter()
     parts: Counter[str] = Counter()
-    samples = 0
+    samples = other_threads = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack:
             continue
         count = int(count_text)
-        samples += count
         frames = stack.split(";")
+        if any(frame.startswith(OTHER_THREAD) for frame in frames[:3]):
+            other_threads += count
+            continue
+        samples += count
         self_time[frames[-1]] += count
-        flat = ";".join(frame.split(":")[0] for frame in frames)
+        # a revision imported from an exported tree shows its files under `burnguard/`
+        flat = ";".join(frame.split(":")[0].replace("(burnguard/", "(") for frame in frames)
         for what, marker in PROFILE_PARTS:
             if marker in flat:
                 parts[what] += count
-    print(f"\nprofile of the worker: {samples} samples (py-spy, 50 Hz, on-CPU)")
+    total = max(samples + other_threads, 1)
+    print(
+        f"\nprofile of the worker's main thread: {samples} samples (py-spy, 50 Hz, on-CPU); "
+        f"other threads {other_threads} ({other_threads / total:.1%} of all)"
+    )
+    samples = max(samples, 1)
     for what, _marker in PROFILE_PARTS:
         print(f"  {parts[what] / samples:6.1%}  {what}")
-    print("top self time:")
+    print("top self time (main thread):")
     for frame, count in self_time.most_common(top):
         print(f"  {count / samples:6.1%}  {frame}")
 

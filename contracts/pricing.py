@@ -221,16 +221,10 @@ def price_if_unpriced(usage: SpanUsage, prices: PriceBook) -> bool:
     if usage.cost_usd is not None or not usage.is_model_call:
         return False
     tokens = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_creation_tokens)
-    if usage.model:
-        usage.cost_usd = prices.price(
-            usage.model,
-            usage.provider,
-            input_tokens=tokens[0],
-            output_tokens=tokens[1],
-            cache_read_tokens=tokens[2],
-            cache_creation_tokens=tokens[3],
-        )
-        if usage.cost_usd is not None:
+    if model := usage.model:
+        rates = prices.rates(model, usage.provider)  # `PriceBook.price`, without its keyword call per span
+        if rates is not None:
+            usage.cost_usd = rates.cost(*tokens)
             return False
     charge = prices.unpriced_charge
     if charge is None:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from burnguard.contracts.windows import CALENDAR_WINDOWS
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import to_json
 
 
 class BudgetUsage(BaseModel):
@@ -42,10 +43,7 @@ class BudgetUsage(BaseModel):
         A rolling window's start is "now minus the duration": in the key, every
         snapshot would be a new row and the topic would keep all stale ones.
         """
-        base = f"{self.scope}:{self.key}@{self.budget}"
-        if self.window and self.window not in CALENDAR_WINDOWS:
-            return base
-        return f"{base}#{self.window_start.isoformat()}"
+        return usage_kafka_key(self.scope, self.key, self.budget, self.window, self.window_start)
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
@@ -53,3 +51,50 @@ class BudgetUsage(BaseModel):
     @classmethod
     def from_json(cls, payload: bytes | str) -> BudgetUsage:
         return cls.model_validate_json(payload)
+
+
+def usage_kafka_key(scope: str, key: str, budget: str, window: str, window_start: datetime) -> str:
+    """`BudgetUsage.kafka_key` of a snapshot with these fields (see there)."""
+    base = f"{scope}:{key}@{budget}"
+    if window and window not in CALENDAR_WINDOWS:
+        return base
+    return f"{base}#{window_start.isoformat()}"
+
+
+def usage_json(
+    budget: str,
+    scope: str,
+    key: str,
+    metric: str,
+    window: str,
+    window_start: datetime,
+    window_end: datetime,
+    spent: float,
+    limit: float,
+    spans: int,
+    updated_at: datetime,
+) -> bytes:
+    """The bytes of `BudgetUsage(...).to_json()` for these (already valid) fields, without the model.
+
+    The worker writes a snapshot of every changed window every few seconds: building the model
+    cost as much as encoding it. pydantic's own encoder writes the dict, in the model's field
+    order, so the bytes are the model's (`tests/test_snapshot_encoding.py` compares them).
+    """
+    return to_json(
+        {
+            "v": 1,
+            "budget": budget,
+            "scope": scope,
+            "key": key,
+            "metric": metric,
+            "window": window,
+            "window_start": window_start,
+            "window_end": window_end,
+            "spent": spent,
+            "limit": limit,
+            "ratio": spent / limit,
+            "spans": spans,
+            "updated_at": updated_at,
+        },
+        inf_nan_mode=BudgetUsage.model_config.get("ser_json_inf_nan", "null"),  # the model's setting
+    )

@@ -39,6 +39,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -52,7 +53,7 @@ from burnguard.contracts.logs import quiet_library_logs
 from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
-from burnguard.contracts.snapshots import BudgetUsage
+from burnguard.contracts.snapshots import usage_json, usage_kafka_key
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
 from burnguard.contracts.topics import (
     CHECKPOINTS_TOPIC_CONFIG,
@@ -89,7 +90,7 @@ from burnguard.stream.eviction import (
     split_window_key,
 )
 from burnguard.stream.liveness import install_liveness_watchdog
-from burnguard.stream.partitioner import key_partition, usage_partition
+from burnguard.stream.partitioner import record_partition, usage_partition
 from burnguard.stream.policy import changed_signal, decide_context, window_at
 from burnguard.stream.records import (
     BATCH,
@@ -266,6 +267,8 @@ class BudgetJob:
         self.feed: BudgetFeed | None = None
         self.checkpoints: SignalCheckpointWriter | None = None
         self._replays_logged = 0
+        #: action -> [signals published since the last summary, the latest one's key] (`_log_signals`)
+        self._signals_unlogged: dict[str, list[Any]] = {}
         #: changed window keys not yet snapshotted, oldest change first (a dict as an ordered set)
         self._unsnapshotted: dict[str, None] = {}
         self._budgets = {budget.id: budget for budget in config.budgets}
@@ -380,9 +383,12 @@ class BudgetJob:
         groups: dict[int, list[tuple[Any, list[SpanUsage]]]] = {}
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
+        first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
         for event in events:
             if not reads.admit(event.message):  # see stream/takeover.py
                 continue
+            tp, offset = event.message.tp, event.message.offset
+            first[tp] = min(first.get(tp, offset), offset)
             if event.message.partition not in self.recent.primed:
                 await self._prime(event)
             if self.dead_letters.stale:
@@ -396,21 +402,22 @@ class BudgetJob:
             if time.perf_counter() - sliced > INGEST_SLICE_S:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
-        combined = any(len(members) > 1 for members in groups.values())
         for partition in list(groups):
             self._close_group(partition, groups, batch)
         queued, self._parked_unsent = self._parked_unsent, []
-        if combined and not await self.stall_guard.still_member():
+        # any batch, not only a combined one: a lone row may straddle a successor's group
+        if not await self.stall_guard.still_member():
             self.usage_records.drop()  # read again after the rebalance, each message alone
             self.dead_letters.discard(queued)
-            raise PartitionsLost("expelled while it stood still: its combined rows are not sent")
+            raise PartitionsLost("expelled while it stood still: its rows are not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
         try:
             await self.usage_records.send()
-        except Exception:  # the batch is not acked, so it is read again: its dead letters with it
+        except Exception:  # the batch is read again before anything after it: its dead letters with it
             self.dead_letters.discard(queued)
+            reads.read_again(first)
             raise
         await _yield_to_the_loop()
 
@@ -480,7 +487,7 @@ class BudgetJob:
         if not members:
             return
         if len(members) == 1:
-            self._account_message(*members[0], True, batch)
+            self._account_alone(*members[0], batch)
             return
         stats = BatchStats()
         try:
@@ -488,10 +495,21 @@ class BudgetJob:
         except Exception:  # one message that breaks accounting: each goes alone, as today
             logger.exception("could not account %d messages together: accounting each alone", len(members))
             for event, _ in members:
-                self._account_message(event, self._decoded_again(event), True, batch)
+                self._account_alone(event, None, batch)
             return
         for name in ("spans", "unpriced", "too_late"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+
+    def _account_alone(self, event: Any, usages: list[SpanUsage] | None, batch: MicroBatch) -> None:
+        """A group's message accounted alone (`usages` None: decoded again); one that raises is
+        parked alone, as `_ingest_batch` parks a message whose ingest raised."""
+        try:
+            usages = self._decoded_again(event) if usages is None else usages
+            self._account_message(event, usages, True, batch)
+        except Exception as exc:  # nothing in one message may stop the partition (nor lose its group)
+            self.agent_errors += 1
+            logger.exception("could not ingest %s", _coordinates(event))
+            self._park_failed_later(event, f"ingest failed: {type(exc).__name__}: {exc}")
 
     def _account_rows_of(
         self, members: list[tuple[Any, list[SpanUsage]]], stats: BatchStats, batch: MicroBatch
@@ -897,6 +915,7 @@ class BudgetJob:
         Faust's own last commit ran before this, capped at the last write; a
         failure here only means the next owner re-reads a little more.
         """
+        self._log_signals()  # the signals since the last snapshot run
         try:
             await self._write_changes(flushed=True)
             await self.app.consumer.commit()
@@ -1061,8 +1080,23 @@ class BudgetJob:
         return signal
 
     async def _send_signal(self, signal: Signal) -> None:
-        logger.info("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        """Published at once; logged one line per signal at DEBUG, and counted for `_log_signals`.
+
+        At wire speed thousands of signals a second change action: a formatted INFO line each
+        was most of the signal's cost on the worker's loop (BENCHMARKS.md, the signal log).
+        """
+        logger.debug("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        counted = self._signals_unlogged.setdefault(signal.action, [0, ""])
+        counted[0] += 1
+        counted[1] = signal.kafka_key
         await self._publish_signal(signal.kafka_key, signal.to_json())
+
+    def _log_signals(self) -> None:
+        """One INFO line per snapshot run: the signals published since the last, by action."""
+        if self._signals_unlogged:
+            counts, self._signals_unlogged = self._signals_unlogged, {}
+            summary = ", ".join(f"{action} {n} (latest {key})" for action, (n, key) in sorted(counts.items()))
+            logger.info("signals published: %s", summary)
 
     async def _publish_signal(self, key: str, value: bytes | None) -> None:
         """At once, with stage 2's own pending records: a signal waits for nothing else."""
@@ -1249,6 +1283,7 @@ class BudgetJob:
             self._replays_logged = self.replayed_deltas
             logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)
         self._log_counters()
+        self._log_signals()
         pending = list(islice(self._unsnapshotted, SNAPSHOT_MAX_PER_RUN))
         for state_key in pending:
             del self._unsnapshotted[state_key]
@@ -1291,39 +1326,31 @@ class BudgetJob:
             self._counters_logged = tuple(map(str, counters.values()))
             logger.info("input counters: %s", json.dumps(counters))
 
-    def _add_snapshot(self, snapshot: BudgetUsage) -> None:
+    def _add_snapshot(self, snapshot: tuple[str, bytes]) -> None:
         """Queued for the producer: Faust's topic layer cost more than building the snapshot.
 
         The partition is the default partitioner's, so a key's rows compact
         together whichever worker or version wrote them.
         """
-        key = snapshot.kafka_key.encode()
-        partition = key_partition(key, self.settings.partitions)
-        self.snapshots.add(self.settings.topics.budget_usage, partition, key, snapshot.to_json())
+        kafka_key, value = snapshot
+        key = kafka_key.encode()
+        partition = record_partition(key, self.settings.partitions)
+        self.snapshots.add(self.settings.topics.budget_usage, partition, key, value)
 
-    def _usage_snapshot(self, state_key: str, now: datetime) -> BudgetUsage | None:
+    def _usage_snapshot(self, state_key: str, now: datetime) -> tuple[str, bytes] | None:
+        """(Kafka key, JSON) of a window's `BudgetUsage`, encoded without building the model."""
         budget_id, rest = state_key.split("|", 1)
         key, window_start_ns = rest.rsplit("|", 1)
         budget = self._budgets.get(budget_id)
-        stored = self.totals.data.get(state_key)
+        stored = _plain(self.totals).get(state_key)
         if budget is None or not stored:
             return None
         totals = WindowTotals.from_state(stored)
         spent, start, end = window_at(budget, int(window_start_ns), totals, now)
-        return BudgetUsage.model_construct(  # every field is built here from validated values
-            budget=budget.id,
-            scope=budget.scope_name,
-            key=key,
-            metric=budget.metric,
-            window=budget.window,
-            window_start=start,
-            window_end=end,
-            spent=spent,
-            limit=budget.limit,
-            ratio=spent / budget.limit,
-            spans=totals.spans,
-            updated_at=now,
-        )
+        scope, window = budget.scope_name, budget.window
+        fields = (budget.metric, window, start, end, spent, budget.limit, totals.spans, now)
+        kafka_key = usage_kafka_key(scope, key, budget.id, window, start)
+        return kafka_key, usage_json(budget.id, scope, key, *fields)
 
 
 def _plain(table: Any) -> Any:
@@ -1413,8 +1440,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def run_worker(settings: StreamSettings | None = None, loglevel: str = "info") -> None:
-    """Run one worker of the job until SIGTERM / SIGINT."""
+def run_worker(settings: StreamSettings | None = None, loglevel: str | None = None) -> None:
+    """Run one worker of the job until SIGTERM / SIGINT, logging at `BURNGUARD_LOG_LEVEL` (info)."""
+    loglevel = loglevel or os.environ.get("BURNGUARD_LOG_LEVEL", "info").lower()
     quiet_library_logs()
     tune_gc()
     job = create_job(settings)

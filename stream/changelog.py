@@ -37,7 +37,7 @@ import asyncio
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from faust.serializers import codecs
@@ -113,7 +113,7 @@ def encode(serializer: str, value: Any) -> bytes:
     convert; the tables here hold JSON types and objects with `__json__`.
     """
     if serializer == "json":
-        return json.dumps(value, default=_faust_json, separators=(",", ":")).encode()
+        return _encode_json(value).encode()
     return codecs.dumps(serializer, value)
 
 
@@ -121,6 +121,18 @@ def _faust_json(value: Any) -> Any:
     if hasattr(value, "__json__"):
         return value.__json__()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+#: `json.dumps(value, default=_faust_json, separators=(",", ":"))` with its encoder built once:
+#: `dumps` with arguments builds a `JSONEncoder` per call, twice per changelog record.
+_encode_json = json.JSONEncoder(default=_faust_json, separators=(",", ":")).encode
+
+
+def _encoder(serializer: str) -> Callable[[Any], bytes]:
+    """`encode` for one serializer, the choice made once per table rather than per record."""
+    if serializer == "json":
+        return lambda value: _encode_json(value).encode()
+    return lambda value: codecs.dumps(serializer, value)
 
 
 class TableChanges:
@@ -177,11 +189,11 @@ class TableChanges:
         records = []
         for (table, partition), values in changed.items():
             topic = table.changelog_topic.get_topic_name()
-            key_serializer = table.key_serializer or table.app.conf.key_serializer
-            value_serializer = table.value_serializer or table.app.conf.value_serializer
+            encode_key = _encoder(table.key_serializer or table.app.conf.key_serializer)
+            encode_value = _encoder(table.value_serializer or table.app.conf.value_serializer)
             for key, value in values.items():
-                encoded = None if value is None else encode(value_serializer, value)
-                records.append((topic, partition, encode(key_serializer, key), encoded))
+                encoded = None if value is None else encode_value(value)
+                records.append((topic, partition, encode_key(key), encoded))
         return records
 
     def pending(self) -> bool:

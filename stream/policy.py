@@ -145,13 +145,12 @@ def window_at(
     budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime
 ) -> tuple[float, datetime, datetime]:
     """(spent, start, end) of the window as of `now`: fixed for calendar windows, moving for rolling ones."""
-    window = budget.window_spec
-    rolling_ns, bucket_ns = window_lengths(window)
-    if not rolling_ns:
-        start, end = window_span(window, window_start_ns)
+    windows = _windows_of(budget)
+    if not windows.rolling:
+        start, end = windows.span(window_start_ns)
         return totals.spent, start, end
-    now_ns = int(now.timestamp() * _NS)
-    spent = totals.rolling_spent(now_ns, rolling_ns, bucket_ns)
+    now_ns, rolling_ns = int(now.timestamp() * _NS), windows.rolling
+    spent = totals.rolling_spent(now_ns, rolling_ns, windows.bucket_ns)
     return spent, _from_ns(now_ns - rolling_ns), _from_ns(now_ns + rolling_ns)
 
 
@@ -186,23 +185,27 @@ class _Windows:
     two datetimes per row of a rolling window.
     """
 
-    __slots__ = ("_ends", "bucket_ns", "budget", "rolling", "window")
+    __slots__ = ("_spans", "bucket_ns", "budget", "rolling", "window")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget  # held, so its id is not reused while this entry lives
         self.window = budget.window_spec
         #: a rolling window's length in ns (0: a calendar or session window) and its bucket size
         self.rolling, self.bucket_ns = window_lengths(self.window)
-        self._ends: dict[int, datetime] = {}
+        self._spans: dict[int, tuple[datetime, datetime]] = {}
 
     def end(self, window_start_ns: int) -> datetime:
         """The end of a calendar (or session) window, as `window_at` gives it."""
-        end = self._ends.get(window_start_ns)
-        if end is None:
-            if len(self._ends) >= _WINDOW_ENDS_KEPT:
-                self._ends.clear()
-            end = self._ends[window_start_ns] = window_span(self.window, window_start_ns)[1]
-        return end
+        return self.span(window_start_ns)[1]
+
+    def span(self, window_start_ns: int) -> tuple[datetime, datetime]:
+        """(start, end) of a calendar (or session) window: `window_span`, without hashing the `Window`."""
+        span = self._spans.get(window_start_ns)
+        if span is None:
+            if len(self._spans) >= _WINDOW_ENDS_KEPT:
+                self._spans.clear()
+            span = self._spans[window_start_ns] = window_span(self.window, window_start_ns)
+        return span
 
 
 #: Budgets (`_WINDOWS_KEPT`) and window ends per budget (`_WINDOW_ENDS_KEPT`) remembered at most.

@@ -222,6 +222,19 @@ class InOrderReads:
         self._seek_later(tp, expected)
         return False
 
+    def read_again(self, first: Mapping[TP, int]) -> None:
+        """Read each partition again from `first[tp]` before any record past it (a failed send).
+
+        Faust restarts an agent whose batch raised and hands it the records after that batch, whose
+        events it acks anyway: the expected offset goes back (capping the commits), and is sought to.
+        """
+        for tp, offset in first.items():
+            expected = self.expected.get(tp)
+            if expected is not None and offset < expected:
+                logger.info("%s[%d]: reading again from %d (its send failed)", tp.topic, tp.partition, offset)
+                self.expected[tp] = offset
+                self._seek_later(tp, offset)
+
     def _seek_later(self, tp: TP, offset: int | None) -> None:
         """Seek `tp` to `offset` (its commit when None) between fetches, once at a time."""
         if tp in self._seeking:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import faust
 import pytest
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, encode
+from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, _encoder, encode
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 from faust.types import TP
@@ -71,6 +71,27 @@ def test_window_totals_are_encoded_through_their_state() -> None:
     totals = WindowTotals()
     totals.add(1, 7, 0.25, 2, 10, 20, 0, [1.0, 0.0, 0.0, 0.0])
     assert WindowTotals.from_state(json.loads(encode("json", totals))).to_state() == totals.to_state()
+
+
+def test_the_records_are_the_bytes_json_dumps_writes(app: faust.App) -> None:
+    """The encoder built once writes what `json.dumps` with the same arguments wrote per record."""
+    totals = app.Table("totals", default=None, partitions=4)
+    changes = TableChanges(app)
+    rolling = WindowTotals.from_state([0.5, 3, 1, 2, {"0": 9}, [4, [0.25, 0.0, 1e-300]], [7, [1.5]], None])
+    values = {"t\u00e9nant|\u6771\u4eac|0": rolling, 'a|"q"|1': {"action": "warn", "window_start_ns": 12}}
+    for key, value in values.items():
+        changes.set(totals, key, value)
+    changes.set(totals, "gone|x|0", 1.5)
+    changes.delete(totals, "gone|x|0")
+
+    def dumped(value: object) -> bytes:
+        return json.dumps(value, default=lambda o: o.__json__(), separators=(",", ":")).encode()
+
+    records = {(topic, key): value for topic, _, key, value in changes.take_records()}
+    expected = {("changelog-test-totals-changelog", dumped(k)): dumped(v) for k, v in values.items()}
+    expected[("changelog-test-totals-changelog", b'"gone|x|0"')] = None
+    assert records == expected
+    assert _encoder("pickle")({"action": "ok"}) == codecs.dumps("pickle", {"action": "ok"})  # other codecs
 
 
 class CapturedRecords:

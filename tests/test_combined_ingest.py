@@ -12,6 +12,7 @@ behind, with each half of the rule and with it disabled (a double count).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -354,5 +355,121 @@ def test_a_worker_expelled_while_it_stood_still_sends_no_combined_rows(tmp_path:
     with pytest.raises(PartitionsLost):
         ingest(job, events)
     assert not job.sent and not job.usage_records._pending  # type: ignore[attr-defined]
+    del job.stall_guard.still_member  # a member again after the rebalance
     ingest(job, events)  # read again (after the rebalance): alone, as the successor sends them
     assert {source for source in StageTwo().apply(job).sub_batches} == {(0, o) for o in range(4)}
+
+
+async def _expelled() -> bool:
+    return False
+
+
+def test_an_expelled_worker_sends_not_even_a_lone_first_reading_its_successor_may_combine(
+    tmp_path: Path,
+) -> None:
+    """A zombie's lone row below a successor's group mark, applied before the group, counts twice.
+
+    The successor was assigned the partition while the zombie stood still, with nothing in it
+    (end offset 0), so it combines 0-2. The resumed zombie's fetcher got offset 0 before its
+    heartbeat told it it was out; a micro-batch of that one message makes no group of two, yet
+    its row (mark 0) lands before the successor's group (0-2, mark 2): message 0 counted twice.
+    """
+    events = span_load_events(SpanMix(seed=17, batch_min=10, batch_max=20), messages=3, partitions=1)
+    zombie = live(make_job(tmp_path, "zombie"), range(1))
+    zombie.stall_guard.still_member = _expelled  # type: ignore[method-assign]
+    successor = live(make_job(tmp_path, "successor"), range(1))
+    stage_two = StageTwo()
+    with contextlib.suppress(PartitionsLost):  # how the zombie's agent ends, or nothing with c7ad6f8
+        ingest(zombie, events[:1])
+    stage_two.apply(zombie)
+    ingest(successor, events)
+    stage_two.apply(successor)
+    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+    assert set(stage_two.sub_batches) == {(0, 2)}  # only the successor's group was applied
+
+
+@pytest.mark.parametrize(
+    ("combine", "size"),
+    [(True, MICRO_BATCH), (True, 1), (False, MICRO_BATCH)],
+    ids=["combined", "combinable-one-message-batches", "alone"],
+)
+def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_group_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool, size: int
+) -> None:
+    """Alone, a message whose ingest raises past `usage_rows` is dead-lettered and the rest counted;
+    in a group the fallback must do the same, not end the micro-batch (nothing sent, agent crashed),
+    and so must a combinable message that is its micro-batch's only one (a group of one)."""
+    events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
+    job = make_job(tmp_path, "worker")
+    if combine:
+        live(job, range(1))
+    else:
+        job.recent.primed.add(0)
+    poisoned = {usage.session for usage in _decoded(job, events[2])}
+    real_observations = app_module.context_observations
+
+    def context_observations(usages: list[Any], config: Any) -> Any:
+        if any(usage.session in poisoned for usage in usages):
+            raise ValueError("a session context guards cannot take")
+        return real_observations(usages, config)
+
+    monkeypatch.setattr(app_module, "context_observations", context_observations)
+    ingest(job, events, size)
+    sent = job.sent  # type: ignore[attr-defined]
+    usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
+    parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
+    assert sorted({batch.source for record in usage for batch in sub_batches(record)}) == [
+        (0, 0),
+        (0, 1),
+        (0, 3),
+        (0, 4),
+        (0, 5),
+    ]
+    assert [headers[SOURCE_HEADER] for headers in parked] == [b"otlp_spans/0/2"]
+
+
+def test_a_seek_back_re_reads_alone_and_combines_only_the_first_readings_after_it(tmp_path: Path) -> None:
+    """InOrderReads or the watchdog seeks back to 2 after 0-4 went as one group: 2-4 alone, 5-9 a group."""
+    events = span_load_events(SpanMix(seed=21, tenants=3, users_per_tenant=2), messages=10, partitions=1)
+    job = live(make_job(tmp_path, "worker"), range(1))
+    stage_two = StageTwo()
+    ingest(job, events[:5])
+    stage_two.apply(job)
+    seen = len(stage_two.sub_batches)
+    ingest(job, events[2:])  # one micro-batch: re-readings, then first readings
+    stage_two.apply(job)
+    assert set(stage_two.sub_batches[:seen]) == {(0, 4)}
+    assert set(stage_two.sub_batches[seen:]) == {(0, 2), (0, 3), (0, 4), (0, 9)}
+    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+
+
+def test_a_rebalance_in_the_middle_of_a_micro_batch_ends_the_group_and_the_successor_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The rebalance starts (Faust's consumer thread) after 0-2 joined a group: 3-5, read during the
+    revoke, go alone (primed again: end offset 6), the group is sent before the revoke ends, and the
+    successor reads 0-5 alone from the commit (0) and combines only 6-9."""
+    events = span_load_events(SpanMix(seed=23, tenants=3, users_per_tenant=2), messages=10, partitions=1)
+    worker = live(make_job(tmp_path, "worker"), range(1))
+    successor = make_job(tmp_path, "successor")
+    for job in (worker, successor):
+        job.primer.prime = lambda partition, offset, ns: 0  # type: ignore[method-assign]
+        job.primer.end_offset = lambda partition: 6  # type: ignore[method-assign]
+    real_ingest_one = worker._ingest_one
+
+    def ingest_one(event: Event, *args: Any) -> None:
+        if event.message.offset == 3:
+            app_module._AfterRebalance(worker).on_rebalance_start(worker.app)
+            worker.dead_letters.stale = False  # read back already (nothing parked)
+        real_ingest_one(event, *args)
+
+    worker._ingest_one = ingest_one  # type: ignore[method-assign]
+    stage_two = StageTwo()
+    ingest(worker, events[:6])
+    stage_two.apply(worker)
+    assert set(stage_two.sub_batches) == {(0, 2), (0, 3), (0, 4), (0, 5)}
+    seen = len(stage_two.sub_batches)
+    ingest(successor, events)
+    stage_two.apply(successor)
+    assert set(stage_two.sub_batches[seen:]) == {(0, o) for o in range(6)} | {(0, 9)}
+    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))

@@ -10,6 +10,8 @@ from burnguard.contracts import pricing
 from burnguard.contracts.pricing import ModelRates, PriceBook, default_price_book, provider_id
 from genai_prices import Usage, calc_price
 
+from tests.factories import span_usage
+
 
 def expected(model: str, provider: str | None, **tokens: int) -> float:
     """What genai-prices says, with our token names mapped to its `Usage` fields."""
@@ -167,3 +169,15 @@ def test_rates_are_resolved_once_per_model(monkeypatch: pytest.MonkeyPatch) -> N
 def test_default_price_book_is_shared() -> None:
     assert default_price_book() is default_price_book()
     assert isinstance(default_price_book(), PriceBook)
+
+
+@pytest.mark.parametrize(("model", "provider", "_provider_id", "tokens"), CASES)
+def test_a_span_without_a_cost_is_priced_as_the_book_prices_the_call(
+    model: str, provider: str, _provider_id: str | None, tokens: dict[str, int]
+) -> None:
+    """`price_if_unpriced` reads the book's rates itself (no keyword call per span): the same cost."""
+    book = PriceBook()
+    usage = span_usage(request_model=model, provider=provider, **tokens)
+    assert pricing.price_if_unpriced(usage, book) is False  # a known price: not charged as unpriced
+    assert usage.cost_usd == book.price(model, provider, **tokens)
+    assert math.isclose(usage.cost_usd, expected(model, _provider_id, **tokens), rel_tol=1e-9)

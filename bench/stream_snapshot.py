@@ -1,0 +1,149 @@
+"""In-process CPU per window of the stream worker's snapshot timer (`BudgetJob._snapshot`).
+
+No broker: a fresh `BudgetJob` (`span_load.BUDGETS_YAML`, the worker's default settings, its
+producer counting instead of sending, as in `stream_account.py`) gets one delta row per window
+key through its real `_apply`: every budget of the file x `--keys` keys, in the window that holds
+now. Then each timed run marks every window changed and runs the timer (`_snapshot`, in slices
+of `SNAPSHOT_SLICE` with its pauses: CPU time, not wall time, is what counts), which builds,
+encodes, partitions and queues one `budget_usage` record per window and hands them to the
+producer. The figure is the best of `--repeat` runs, per window. Also timed: the changelog
+records of every window's totals (`TableChanges.take_records`, their JSON), per record.
+
+    .venv/bin/python bench/stream_snapshot.py [--keys 500] [--repeat 5] [--compare REV] [--rounds 2]
+
+`--compare REV` also measures git revision REV's `contracts` and `stream` (exported to a scratch
+directory and imported first in a child process), alternating old and new `--rounds` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from revisions import alternating_runs
+from stream_account import new_job
+
+BENCH_DIR = Path(__file__).resolve().parent
+COMPARED_COMPONENTS = ("contracts", "stream")
+
+
+def filled_job(data_dir: Path, keys: int) -> Any:
+    """A job holding one window per budget and key, each with one delta in it."""
+    from burnguard.stream.records import DeltaRow
+
+    job = new_job(data_dir)
+    now = datetime.now(UTC)
+    now_ns = int(now.timestamp() * 1e9)
+    offset = 0
+    for budget_id, budget in job._budgets.items():
+        start_ns = budget.window_spec.start_ns(now_ns)
+        for n in range(keys):
+            offset += 1
+            row = DeltaRow(
+                budget_id, f"key-{n:05d}", start_ns, 0.001 * (n % 7 + 1), 1, now_ns, now_ns, 0, None
+            )
+            job._apply(row, (0, offset), now)
+    return job
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Best CPU seconds per window of `_snapshot` over every window, of the code this process imports."""
+    import burnguard.stream.app as app
+
+    with tempfile.TemporaryDirectory() as scratch:
+        job = filled_job(Path(scratch) / "job", args.keys)
+        windows = [key for key in job.totals.data if key.count("|") >= 2]
+        app.SNAPSHOT_MAX_PER_RUN = len(windows)
+        job._snapshot_everything = False
+        fastest = float("inf")
+        for _ in range(args.repeat):
+            job._unsnapshotted = dict.fromkeys(windows)
+            started = time.process_time()
+            asyncio.run(job._snapshot())
+            fastest = min(fastest, time.process_time() - started)
+        sent = job.bench_producer.sent.get(job.settings.topics.budget_usage, 0) // args.repeat
+        changelog_us = take_records_us(job, windows, args.repeat)
+    return {
+        "code": app.__file__,
+        "windows": len(windows),
+        "sent": sent,
+        "us_per_window": fastest / len(windows) * 1e6,
+        "changelog_us_per_record": changelog_us,
+    }
+
+
+def take_records_us(job: Any, windows: list[str], repeat: int) -> float:
+    """Best CPU µs per record of `TableChanges.take_records` (the changelog's encoding) when every
+    window's totals changed: each run marks them changed again (untimed), then takes them."""
+    changes, table = job.changes, job.totals
+    fastest = float("inf")
+    for _ in range(repeat):
+        changes.take_records()
+        for key in windows:
+            changes.set(table, key, table.data[key])
+        started = time.process_time()
+        records = changes.take_records()
+        fastest = min(fastest, time.process_time() - started)
+    return fastest / len(records) * 1e6
+
+
+def measure_child(args: argparse.Namespace, pythonpath: Path | None) -> dict[str, Any]:
+    """`measure` in a fresh process, with the exported revision at `pythonpath` first on its path."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    command += ["--keys", str(args.keys), "--repeat", str(args.repeat)]
+    paths = [str(pythonpath), str(BENCH_DIR)] if pythonpath else [str(BENCH_DIR)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def show(label: str, run: dict[str, Any]) -> None:
+    print(
+        f"{label} ({run['code']}): snapshot {run['us_per_window']:.2f} us/window, {run['sent']} sent; "
+        f"changelog encoding {run['changelog_us_per_record']:.2f} us/record"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--keys", type=int, default=500, help="keys per budget (default 500)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best counts (default 5)")
+    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
+    parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+    runs = alternating_runs(
+        args.compare,
+        args.rounds,
+        COMPARED_COMPONENTS,
+        lambda: measure_child(args, None),
+        lambda old_path: measure_child(args, old_path),
+    )
+    new = min(runs["new"], key=lambda run: run["us_per_window"])
+    show("this checkout", new)
+    fields = f"windows={new['windows']} sent={new['sent']} us_per_window={new['us_per_window']:.2f}"
+    fields += f" changelog_us_per_record={new['changelog_us_per_record']:.2f}"
+    if runs["old"]:
+        old = min(runs["old"], key=lambda run: run["us_per_window"])
+        show(f"old {args.compare}", old)
+        fields += f" old_us_per_window={old['us_per_window']:.2f}"
+        fields += f" speedup={old['us_per_window'] / new['us_per_window']:.2f}"
+        fields += f" old_changelog_us_per_record={old['changelog_us_per_record']:.2f}"
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
+    print(f"RESULT stream_snapshot keys={args.keys} repeat={args.repeat} {fields}")
+
+
+if __name__ == "__main__":
+    main()
