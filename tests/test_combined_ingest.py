@@ -18,7 +18,6 @@ import math
 import sys
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,15 @@ from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import ContextGrowth, WindowTotals
-from burnguard.stream.app import LOG_APPEND_TIME, BudgetJob
+from burnguard.stream.app import BudgetJob
 from burnguard.stream.deadletters import SOURCE_HEADER
 from burnguard.stream.records import sub_batches
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.takeover import PartitionsLost
-from faust.types import TP
 from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
+
+from tests.fixtures.consumer_events import Event, Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from span_load import BUDGETS_YAML, SpanMix
@@ -47,26 +47,6 @@ context_guards:
 """
 CONFIG = parse_budget_yaml(BUDGETS_YAML + CONTEXT_GUARD_YAML)
 MICRO_BATCH = 200
-
-
-@dataclass
-class Message:
-    partition: int
-    offset: int
-    timestamp: float
-    topic: str = "otlp_spans"
-    timestamp_type: int = LOG_APPEND_TIME
-
-    @property
-    def tp(self) -> TP:
-        return TP(self.topic, self.partition)
-
-
-@dataclass
-class Event:
-    message: Message
-    value: bytes
-    key: bytes = b""
 
 
 def make_job(tmp_path: Path, name: str, kafka: KafkaSettings | None = None, topic: str = "") -> BudgetJob:
@@ -234,18 +214,17 @@ def test_a_message_whose_accounting_fails_sends_its_group_message_by_message(
 
     monkeypatch.setattr(app_module, "usage_rows", usage_rows)
     ingest(job, events)
+    assert sources_and_parked(job) == ([(0, 0), (0, 1), (0, 3), (0, 4), (0, 5)], [b"otlp_spans/0/2"])
+    assert job.stats.spans == sum(len(_decoded(job, event)) for event in events[:2] + events[3:])
+
+
+def sources_and_parked(job: BudgetJob) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """The sources of the sub-batches the job sent, and the sources its dead letters name."""
     sent = job.sent  # type: ignore[attr-defined]
     usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
     parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
-    assert sorted({batch.source for record in usage for batch in sub_batches(record)}) == [
-        (0, 0),
-        (0, 1),
-        (0, 3),
-        (0, 4),
-        (0, 5),
-    ]
-    assert [headers[SOURCE_HEADER] for headers in parked] == [b"otlp_spans/0/2"]
-    assert job.stats.spans == sum(len(_decoded(job, event)) for event in events[:2] + events[3:])
+    sources = sorted({batch.source for record in usage for batch in sub_batches(record)})
+    return sources, [headers[SOURCE_HEADER] for headers in parked]
 
 
 def _decoded(job: BudgetJob, event: Event) -> list[Any]:
@@ -415,17 +394,7 @@ def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_
 
     monkeypatch.setattr(app_module, "context_observations", context_observations)
     ingest(job, events, size)
-    sent = job.sent  # type: ignore[attr-defined]
-    usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
-    parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
-    assert sorted({batch.source for record in usage for batch in sub_batches(record)}) == [
-        (0, 0),
-        (0, 1),
-        (0, 3),
-        (0, 4),
-        (0, 5),
-    ]
-    assert [headers[SOURCE_HEADER] for headers in parked] == [b"otlp_spans/0/2"]
+    assert sources_and_parked(job) == ([(0, 0), (0, 1), (0, 3), (0, 4), (0, 5)], [b"otlp_spans/0/2"])
 
 
 def test_a_seek_back_re_reads_alone_and_combines_only_the_first_readings_after_it(tmp_path: Path) -> None:

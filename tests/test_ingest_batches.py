@@ -11,42 +11,21 @@ import gc
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.stream.app import GC_YOUNG_OBJECTS, LOG_APPEND_TIME, BudgetJob, tune_gc
+from burnguard.stream.app import GC_YOUNG_OBJECTS, BudgetJob, tune_gc
 from burnguard.stream.deadletters import OMITTED_HEADER, SOURCE_HEADER
 from burnguard.stream.records import sub_batches
 from burnguard.stream.settings import StreamSettings
-from faust.types import TP
 from kafka.errors import KafkaTimeoutError
 
 from tests.factories import budgets_yaml, tenant_cost
+from tests.fixtures.consumer_events import Event, Message
 from tests.test_e2e_hostile_spans import good, message
-
-
-@dataclass
-class Message:
-    partition: int
-    offset: int
-    topic: str = "otlp_spans"
-    timestamp: float = 0.0
-    timestamp_type: int = LOG_APPEND_TIME
-
-    @property
-    def tp(self) -> TP:
-        return TP(self.topic, self.partition)
-
-
-@dataclass
-class Event:
-    message: Message
-    value: bytes
-    key: bytes = b"acme"
 
 
 @pytest.fixture
