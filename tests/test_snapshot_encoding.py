@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.snapshots import BudgetUsage, usage_json, usage_kafka_key
-from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.accounting import WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob
 from burnguard.stream.partitioner import key_partition, record_partition
 from burnguard.stream.policy import window_at
@@ -31,7 +31,10 @@ moments = st.datetimes(
     max_value=datetime(2200, 1, 1),
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=9)), timezone(-timedelta(hours=3, minutes=30))]),
 )
-amounts = st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False)
+#: a spend is a float, or the int 0 of a rolling window whose buckets all expired (`Ring.total`)
+amounts = st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False) | st.integers(
+    0, 2**53
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -139,3 +142,19 @@ def test_the_timer_writes_the_models_key_partition_and_bytes_for_every_window_ki
     ]
     assert {topic for topic, _, _, _ in written} == {job.settings.topics.budget_usage}
     assert record_partition.cache_info().hits >= len(state_keys)
+
+
+def test_a_rolling_window_whose_spend_has_all_expired_writes_the_models_bytes(job: BudgetJob) -> None:
+    """Its spend is the sum of no buckets (the int 0): the model writes the float 0.0, so must the timer."""
+    rolling = job._budgets["rolling"]
+    _, bucket_ns = window_lengths(rolling.window_spec)
+    then_ns = time.time_ns() - 3 * 86_400 * 10**9  # spent three days ago: out of the 24h window now
+    row = DeltaRow("rolling", "acme|u-1", 0, 0.5, 1, then_ns, then_ns, bucket_ns, None)
+    job._apply(row, (0, 1), datetime.now(UTC))
+    now = datetime.now(UTC)
+    state_key = "rolling|acme|u-1|0"
+    assert job._usage_snapshot(state_key, now) == (
+        (model := _model_snapshot(job, state_key, now)).kafka_key,
+        model.to_json(),
+    )
+    assert BudgetUsage.from_json(model.to_json()).spent == 0.0
