@@ -78,8 +78,10 @@ def usage_json(
 
     The worker writes a snapshot of every changed window every few seconds: building the model
     cost as much as encoding it. pydantic's own encoder writes the dict, in the model's field
-    order, so the bytes are the model's (`tests/test_snapshot_encoding.py` compares them).
+    order, so the bytes are the model's (`tests/test_snapshot_encoding.py` compares them). The
+    amounts are made floats as the model's fields make them: a spend may be an int (`Ring.total`).
     """
+    spent, limit = float(spent), float(limit)
     return to_json(
         {
             "v": 1,
