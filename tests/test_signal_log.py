@@ -110,3 +110,30 @@ def test_a_clean_stop_logs_the_signals_since_the_last_summary(
     asyncio.run(job._on_shutdown(job.app))
     summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("signals published")]
     assert len(summaries) == 1 and f"(latest {published[0][0]})" in summaries[0]
+
+
+@pytest.mark.parametrize("value", ["verbose", "10", "dbg"])
+def test_a_bad_worker_log_level_is_refused_naming_the_variable(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Not mode's "Unable to configure handler 'default'" once the worker starts, with no hint of why."""
+    started: list[str] = []
+
+    class Worker:
+        def __init__(self, app: object, loglevel: str, quiet: bool) -> None:
+            started.append(loglevel)
+
+        def execute_from_commandline(self) -> None:
+            return None
+
+    monkeypatch.setattr(app_module.faust, "Worker", Worker)
+    monkeypatch.setattr(app_module, "create_job", lambda settings: job)
+    monkeypatch.setattr(app_module, "freeze_startup_heap", lambda: None)
+    monkeypatch.setattr(app_module, "tune_gc", lambda: None)
+    monkeypatch.setenv("BURNGUARD_LOG_LEVEL", value)
+    with pytest.raises(ValueError, match=f"BURNGUARD_LOG_LEVEL .*{value!r}"):
+        app_module.run_worker()
+    assert started == []
+    monkeypatch.setenv("BURNGUARD_LOG_LEVEL", " ")  # blank: the default, as for the numbers
+    app_module.run_worker()
+    assert started == ["info"]
