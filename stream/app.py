@@ -1440,9 +1440,20 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _env_log_level() -> str:
+    """`BURNGUARD_LOG_LEVEL` (info if unset or blank), refused naming the variable if it is no level:
+    mode would fail only once the worker starts, with "Unable to configure handler 'default'"."""
+    raw = os.environ.get("BURNGUARD_LOG_LEVEL", "").strip()
+    if not raw:
+        return "info"
+    if not isinstance(logging.getLevelName(raw.upper()), int):
+        raise ValueError(f"BURNGUARD_LOG_LEVEL must be debug, info, warning, error or critical, not {raw!r}")
+    return raw.lower()
+
+
 def run_worker(settings: StreamSettings | None = None, loglevel: str | None = None) -> None:
     """Run one worker of the job until SIGTERM / SIGINT, logging at `BURNGUARD_LOG_LEVEL` (info)."""
-    loglevel = loglevel or os.environ.get("BURNGUARD_LOG_LEVEL", "info").lower()
+    loglevel = loglevel or _env_log_level()
     quiet_library_logs()
     tune_gc()
     job = create_job(settings)
