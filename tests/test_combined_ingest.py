@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from burnguard.contracts import pricing
 from burnguard.contracts.budgets import parse_budget_yaml
+from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import ContextGrowth, WindowTotals
@@ -442,3 +444,35 @@ def test_a_rebalance_in_the_middle_of_a_micro_batch_ends_the_group_and_the_succe
     stage_two.apply(successor)
     assert set(stage_two.sub_batches[seen:]) == {(0, o) for o in range(6)} | {(0, 9)}
     assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+
+
+@pytest.mark.parametrize("combine", [True, False], ids=["combined", "alone"])
+def test_a_group_sent_message_by_message_charges_its_unpriced_calls_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool
+) -> None:
+    """The `unpriced` warning's running charge (`_unpriced`) is what per-message sending adds up,
+    also when a message breaks its group's accounting past `usage_rows` and the group goes alone."""
+    monkeypatch.setattr(pricing, "resolve_rates", lambda model, provider="": None)  # no model known
+    events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
+    real_observations = app_module.context_observations
+    charged: dict[bool, float] = {}
+    for broken in (False, True):
+        job = make_job(tmp_path, f"worker-{broken}")
+        job.prices = PriceBook(unpriced_prices={"input_mtok": 1.0, "output_mtok": 2.0})
+        if combine:
+            live(job, range(1))
+        else:
+            job.recent.primed.add(0)
+        poisoned = {usage.session for usage in _decoded(job, events[2])} if broken else set()
+
+        def context_observations(usages: list[Any], config: Any, poisoned: set = poisoned) -> Any:
+            if any(usage.session in poisoned for usage in usages):
+                raise ValueError("a session context guards cannot take")
+            return real_observations(usages, config)
+
+        monkeypatch.setattr(app_module, "context_observations", context_observations)
+        ingest(job, events)
+        assert job.stats.unpriced > 0
+        charged[broken] = sum(total for _, total in job._unpriced.values())
+    # the broken message was accounted (and charged) before its observations raised, as alone
+    assert math.isclose(charged[True], charged[False], rel_tol=1e-9)
