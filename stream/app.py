@@ -525,6 +525,12 @@ class BudgetJob:
         first, last = members[0][0].message, members[-1][0].message
         source = (last.partition, last.offset)
         rows = usage_rows(usages, self.config, self.prices, stats, self._closed_before_ns())
+        sub_batches = []  # first: a group that raises goes alone, warned once there
+        for event, message_usages in members:
+            if observations := context_observations(message_usages, self.config):
+                message_source = (event.message.partition, event.message.offset)
+                sub_batches += self._batch_records([], observations, message_source)
+        sub_batches += self._batch_records(rows, [], source)
         if stats.too_late:
             logger.warning(
                 "%d span budget counts at %s-%d arrived after their window closed (allowed lateness %s)",
@@ -535,12 +541,6 @@ class BudgetJob:
             )
         if stats.unpriced:
             self._warn_unpriced(usages)
-        sub_batches = []
-        for event, message_usages in members:
-            if observations := context_observations(message_usages, self.config):
-                message_source = (event.message.partition, event.message.offset)
-                sub_batches += self._batch_records([], observations, message_source)
-        sub_batches += self._batch_records(rows, [], source)
         for partition, sub_batch in sub_batches:
             batch.add(partition, sub_batch)  # all or none of the group (the list is built first)
 
