@@ -160,6 +160,14 @@ def test_bad_limit() -> None:
     assert problem.startswith("budgets.yaml:12: budgets[0].limit: ")
 
 
+@pytest.mark.parametrize("value", [".inf", ".nan", "1e400"])
+def test_a_limit_that_is_not_finite_is_refused(value: str) -> None:
+    """An infinite limit passed `gt=0`: every snapshot of its budget then said `"limit":null`,
+    which `BudgetUsage.from_json` refuses, and no signal can carry it."""
+    (problem,) = problems(edited("limit: 50", f"limit: {value}"))
+    assert problem.startswith("budgets.yaml:12: budgets[0].limit: ")
+
+
 def test_unknown_action() -> None:
     (problem,) = problems(edited("do: warn", "do: shout"))
     assert problem.startswith("budgets.yaml:14: budgets[0].actions[0].do: ")
