@@ -60,7 +60,7 @@ class Budget(StrictModel):
     window: str = "day"
     timezone: str = "UTC"
     metric: Metric = "cost_usd"
-    limit: float = Field(gt=0)
+    limit: float = Field(gt=0, allow_inf_nan=False)  # a snapshot or signal cannot carry infinity
     actions: tuple[Action, ...] = (Action(at=1.0, do="throttle"),)
     forecast: Forecast = Forecast()
     description: str = ""
