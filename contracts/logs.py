@@ -12,6 +12,7 @@ import logging
 import os
 
 VERBOSE_ENV = "BURNGUARD_VERBOSE"
+LOG_LEVEL_ENV = "BURNGUARD_LOG_LEVEL"
 #: The loggers of the Kafka clients the components use.
 CHATTY_LOGGERS = ("kafka", "aiokafka")
 
@@ -25,3 +26,15 @@ def quiet_library_logs(verbose: bool | None = None) -> None:
     level = logging.NOTSET if (verbose_requested() if verbose is None else verbose) else logging.WARNING
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+def env_log_level() -> str:
+    """`BURNGUARD_LOG_LEVEL` in lower case (info if unset or blank), refused naming the variable
+    if it is no level: the logging set-up would fail later with no hint of which setting it was
+    (mode: "Unable to configure handler 'default'"; logging: "Unknown level")."""
+    raw = os.environ.get(LOG_LEVEL_ENV, "").strip()
+    if not raw:
+        return "info"
+    if not isinstance(logging.getLevelName(raw.upper()), int):
+        raise ValueError(f"{LOG_LEVEL_ENV} must be debug, info, warning, error or critical, not {raw!r}")
+    return raw.lower()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from burnguard.contracts.env_numbers import env_number
-from burnguard.contracts.logs import quiet_library_logs
+from burnguard.contracts.logs import env_log_level, quiet_library_logs
 from burnguard.contracts.topics import KafkaSettings, Topics, check_connection
 from burnguard.sinks.consumer import DEFAULT_BATCH_MAX, DEFAULT_FLUSH_INTERVAL_S, DEFAULT_GROUP, run_sink
 from kafka.errors import KafkaError
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] = ()) -> int:
     """
     args = _parse_args(argv)
     logging.basicConfig(
-        level=os.environ.get("BURNGUARD_LOG_LEVEL", "INFO").upper(),
+        level=env_log_level().upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     quiet_library_logs(args.verbose or None)

@@ -39,7 +39,6 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -49,7 +48,7 @@ from typing import Any
 import faust
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
-from burnguard.contracts.logs import quiet_library_logs
+from burnguard.contracts.logs import env_log_level, quiet_library_logs
 from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
@@ -1440,20 +1439,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def _env_log_level() -> str:
-    """`BURNGUARD_LOG_LEVEL` (info if unset or blank), refused naming the variable if it is no level:
-    mode would fail only once the worker starts, with "Unable to configure handler 'default'"."""
-    raw = os.environ.get("BURNGUARD_LOG_LEVEL", "").strip()
-    if not raw:
-        return "info"
-    if not isinstance(logging.getLevelName(raw.upper()), int):
-        raise ValueError(f"BURNGUARD_LOG_LEVEL must be debug, info, warning, error or critical, not {raw!r}")
-    return raw.lower()
-
-
 def run_worker(settings: StreamSettings | None = None, loglevel: str | None = None) -> None:
     """Run one worker of the job until SIGTERM / SIGINT, logging at `BURNGUARD_LOG_LEVEL` (info)."""
-    loglevel = loglevel or _env_log_level()
+    loglevel = loglevel or env_log_level()
     quiet_library_logs()
     tune_gc()
     job = create_job(settings)

@@ -137,3 +137,15 @@ def test_a_bad_worker_log_level_is_refused_naming_the_variable(
     monkeypatch.setenv("BURNGUARD_LOG_LEVEL", " ")  # blank: the default, as for the numbers
     app_module.run_worker()
     assert started == ["info"]
+
+
+@pytest.mark.parametrize("value", ["verbose", "10"])
+def test_a_bad_sink_log_level_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """The sink reads the same variable through the same check, before it connects to anything."""
+    from burnguard.sinks import __main__ as sink_main
+
+    monkeypatch.setenv("BURNGUARD_LOG_LEVEL", value)
+    with pytest.raises(ValueError, match=f"BURNGUARD_LOG_LEVEL .*{value!r}"):
+        sink_main.main([])
