@@ -73,15 +73,14 @@ def test_at_info_no_signal_line_is_formatted(job: BudgetJob, caplog: pytest.LogC
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["signals published"]
 
 
-def test_the_worker_log_level_comes_from_the_environment(
-    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`BURNGUARD_LOG_LEVEL=debug` (as the sink reads it) brings the per-signal lines back."""
-    seen: dict[str, str] = {}
+@pytest.fixture
+def started_levels(job: BudgetJob, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The log level of each worker `run_worker` starts (a stand-in for `faust.Worker`, on `job`)."""
+    started: list[str] = []
 
     class Worker:
         def __init__(self, app: object, loglevel: str, quiet: bool) -> None:
-            seen["loglevel"] = loglevel
+            started.append(loglevel)
 
         def execute_from_commandline(self) -> None:
             return None
@@ -90,12 +89,18 @@ def test_the_worker_log_level_comes_from_the_environment(
     monkeypatch.setattr(app_module, "create_job", lambda settings: job)
     monkeypatch.setattr(app_module, "freeze_startup_heap", lambda: None)
     monkeypatch.setattr(app_module, "tune_gc", lambda: None)
+    return started
+
+
+def test_the_worker_log_level_comes_from_the_environment(
+    started_levels: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`BURNGUARD_LOG_LEVEL=debug` (as the sink reads it) brings the per-signal lines back."""
     monkeypatch.setenv("BURNGUARD_LOG_LEVEL", "DEBUG")
     app_module.run_worker()
-    assert seen["loglevel"] == "debug"
     monkeypatch.delenv("BURNGUARD_LOG_LEVEL")
     app_module.run_worker()
-    assert seen["loglevel"] == "info"
+    assert started_levels == ["debug", "info"]
 
 
 def test_a_clean_stop_logs_the_signals_since_the_last_summary(
@@ -114,29 +119,16 @@ def test_a_clean_stop_logs_the_signals_since_the_last_summary(
 
 @pytest.mark.parametrize("value", ["verbose", "10", "dbg"])
 def test_a_bad_worker_log_level_is_refused_naming_the_variable(
-    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, value: str
+    started_levels: list[str], monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     """Not mode's "Unable to configure handler 'default'" once the worker starts, with no hint of why."""
-    started: list[str] = []
-
-    class Worker:
-        def __init__(self, app: object, loglevel: str, quiet: bool) -> None:
-            started.append(loglevel)
-
-        def execute_from_commandline(self) -> None:
-            return None
-
-    monkeypatch.setattr(app_module.faust, "Worker", Worker)
-    monkeypatch.setattr(app_module, "create_job", lambda settings: job)
-    monkeypatch.setattr(app_module, "freeze_startup_heap", lambda: None)
-    monkeypatch.setattr(app_module, "tune_gc", lambda: None)
     monkeypatch.setenv("BURNGUARD_LOG_LEVEL", value)
     with pytest.raises(ValueError, match=f"BURNGUARD_LOG_LEVEL .*{value!r}"):
         app_module.run_worker()
-    assert started == []
+    assert started_levels == []
     monkeypatch.setenv("BURNGUARD_LOG_LEVEL", " ")  # blank: the default, as for the numbers
     app_module.run_worker()
-    assert started == ["info"]
+    assert started_levels == ["info"]
 
 
 @pytest.mark.parametrize("value", ["verbose", "10"])
