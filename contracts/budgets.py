@@ -37,7 +37,7 @@ SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "downgrade": 2, "throttle": 3}
 class Action(StrictModel):
     """One rung of a budget's ladder: from ratio `at` on, do `do`."""
 
-    at: float = Field(gt=0, description="fraction of the limit, e.g. 0.85")
+    at: float = Field(gt=0, allow_inf_nan=False, description="fraction of the limit, e.g. 0.85")
     do: ActionKind
     to: str | None = Field(default=None, description="model class a downgrade goes to")
 

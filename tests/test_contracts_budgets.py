@@ -168,6 +168,13 @@ def test_a_limit_that_is_not_finite_is_refused(value: str) -> None:
     assert problem.startswith("budgets.yaml:12: budgets[0].limit: ")
 
 
+@pytest.mark.parametrize("value", [".inf", "1e400"])
+def test_an_action_threshold_that_is_not_finite_is_refused(value: str) -> None:
+    """`at: .inf` passed `gt=0`: a rung that can never fire, accepted without a word."""
+    (problem,) = problems(edited("at: 0.7,", f"at: {value},"))
+    assert problem.startswith("budgets.yaml:14: budgets[0].actions[0].at: ")
+
+
 def test_unknown_action() -> None:
     (problem,) = problems(edited("do: warn", "do: shout"))
     assert problem.startswith("budgets.yaml:14: budgets[0].actions[0].do: ")
