@@ -35,3 +35,19 @@ def env_number(
         most_text = "" if most == math.inf else f" and at most {most:g}"
         raise ValueError(f"{name} must be {what} {least}{most_text}, not {raw!r}")
     return value
+
+
+_FLAGS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """`name`'s value as a switch (1/true/yes/on, 0/false/no/off); `default` if unset or blank.
+
+    A typo is refused with the variable rather than read as "off".
+    """
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in _FLAGS:
+        raise ValueError(f"{name} must be true or false (1/0, yes/no, on/off), not {raw!r}")
+    return _FLAGS[raw]

@@ -7,9 +7,10 @@ Two stages, joined by the internal `burnguard.usage` topic:
    sums them into one usage delta per (budget, key, window). It takes the
    messages in micro-batches and sends the deltas of a micro-batch as one
    `batches` record per usage partition (the partition of `budget|key`), each
-   message's deltas a sub-batch with its own source offset (or, for messages no
-   one can have sent before, one group's deltas summed, with the group's last
-   offset: `_combinable`), not one record per delta or message: Kafka records
+   message's deltas a sub-batch with its own source offset (or, when
+   `BURNGUARD_COMBINE_MESSAGES` is on, for messages no one can have sent before,
+   one group's deltas summed, with the group's last offset: `_combinable`),
+   not one record per delta or message: Kafka records
    and awaits, not arithmetic, were what the worker spent its time on.
    Undecodable messages go to the dead-letter topic with the reason in a header, and so does each
    span that breaks a rule of `contracts/span_checks.py`, alone (the sink
@@ -476,7 +477,9 @@ class BudgetJob:
         row carries the group's last offset: were part of the group counted already, stage 2's
         mark (`WindowTotals.add`) could not tell (docs/ARCHITECTURE.md §7, stage 1).
         """
-        return first_reading and message.offset >= self._combine_from.get(message.partition, math.inf)
+        if not (first_reading and self.settings.combine_messages):
+            return False
+        return message.offset >= self._combine_from.get(message.partition, math.inf)
 
     def _close_group(
         self, partition: int, groups: dict[int, list[tuple[Any, list[SpanUsage]]]], batch: MicroBatch
@@ -582,7 +585,7 @@ class BudgetJob:
     async def _prime(self, event: Any) -> None:
         """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`).
 
-        And fetch the partition's end offset, from which on stage 1 may combine (`_combinable`).
+        And, when messages are combined, the partition's end offset (`_fetch_combine_from`).
         """
         message = event.message
         partition, record_ns = message.partition, int(message.timestamp * _NS)
@@ -591,11 +594,17 @@ class BudgetJob:
             logger.info("%d messages before %s digested", primed, _coordinates(event))
         except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
             logger.warning("could not read back before %s: %r", _coordinates(event), exc)
+        if self.settings.combine_messages:
+            await self._fetch_combine_from(event)
+        self.recent.primed.add(partition)
+
+    async def _fetch_combine_from(self, event: Any) -> None:
+        """The partition's end offset now, from which on stage 1 may combine (`_combinable`)."""
+        partition = event.message.partition
         try:
             self._combine_from[partition] = await asyncio.to_thread(self.primer.end_offset, partition)
         except Exception as exc:  # without it nothing of the partition is combined until a rebalance
             logger.warning("could not read the end offset of %s: %r", _coordinates(event), exc)
-        self.recent.primed.add(partition)
 
     def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
         """Whether the message repeats the bytes of an earlier one of its partition (a producer retry).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from burnguard.contracts.env_numbers import env_number
+from burnguard.contracts.env_numbers import env_flag, env_number
 from burnguard.contracts.signal_checkpoints import MAX_AGE_BEHIND
 from burnguard.contracts.topics import KafkaSettings, Topics
 
@@ -74,6 +74,11 @@ class StreamSettings:
     fetch_partition_bytes: int = 1 << 20
     #: How often each worker writes the signal checkpoints guards start from (0: never).
     signal_checkpoint_interval: timedelta = timedelta(seconds=30)
+    #: Stage 1 sums the rows of a micro-batch's messages (`BudgetJob._combinable`): fewer rows,
+    #: but a key's spend then moves by a micro-batch's sum in one step, so a rung crossed and
+    #: passed within one micro-batch is not published and a signal's spend is the batch's, not
+    #: the crossing call's. Off by default: the ladder's precision is the guardrail's promise.
+    combine_messages: bool = False
 
     @classmethod
     def from_env(cls) -> StreamSettings:
@@ -82,6 +87,7 @@ class StreamSettings:
         return cls(
             budgets_file=Path(budgets) if budgets else None,
             app_id=env.get("BURNGUARD_STREAM_APP_ID", cls.app_id),
+            combine_messages=env_flag("BURNGUARD_COMBINE_MESSAGES", cls.combine_messages),
             partitions=env_number("BURNGUARD_STREAM_PARTITIONS", cls.partitions, int),
             refresh_interval=timedelta(seconds=env_number("BURNGUARD_SIGNAL_REFRESH_S", 30)),
             signal_ttl=timedelta(seconds=env_number("BURNGUARD_SIGNAL_TTL_S", 120)),

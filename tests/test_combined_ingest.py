@@ -51,9 +51,13 @@ CONFIG = parse_budget_yaml(BUDGETS_YAML + CONTEXT_GUARD_YAML)
 MICRO_BATCH = 200
 
 
-def make_job(tmp_path: Path, name: str, kafka: KafkaSettings | None = None, topic: str = "") -> BudgetJob:
+def make_job(
+    tmp_path: Path, name: str, kafka: KafkaSettings | None = None, topic: str = "", combine: bool = True
+) -> BudgetJob:
     """A job whose stage 1 hands its records to `job.sent` instead of a producer."""
-    settings = StreamSettings(data_dir=tmp_path / name, app_id=f"combine-{tmp_path.name}-{name}")
+    settings = StreamSettings(
+        data_dir=tmp_path / name, app_id=f"combine-{tmp_path.name}-{name}", combine_messages=combine
+    )
     if kafka is not None:
         settings.kafka = kafka
         settings.topics = Topics(spans=topic)
@@ -177,6 +181,15 @@ def test_combined_micro_batches_give_the_per_message_totals_with_fewer_rows(
     # one source per partition per micro-batch: the group's last offset
     assert len(set(by_group.sub_batches)) == 2 * math.ceil(len(events) / MICRO_BATCH)
     assert len(set(by_message.sub_batches)) == len(events)
+
+
+def test_by_default_every_message_goes_alone(tmp_path: Path) -> None:
+    """Combining is opt-in (`BURNGUARD_COMBINE_MESSAGES`): by default a live message is never
+    summed with others, so each rung of a ladder is published at the call that crossed it."""
+    events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=60, partitions=1)
+    default = live(make_job(tmp_path, "default", combine=False), range(1))
+    ingest(default, events)
+    assert len(set(StageTwo().apply(default).sub_batches)) == len(events)
 
 
 def test_a_group_passes_over_a_copy_and_a_malformed_message(tmp_path: Path) -> None:

@@ -102,10 +102,12 @@ def takeovers(pipeline: Pipeline) -> str:
     return "\n".join(line for line in pipeline.log("worker").splitlines() if wanted.search(line))
 
 
-@pytest.fixture
-def slow_commits(pipeline: Pipeline) -> Pipeline:
+@pytest.fixture(params=["false", "true"], ids=["alone", "combined"])
+def slow_commits(pipeline: Pipeline, request: pytest.FixtureRequest) -> Pipeline:
+    """Each message's rows alone (the default), and summed across a micro-batch's messages."""
     pipeline.write_budgets(BUDGETS)
     pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="5", BURNGUARD_SESSION_TIMEOUT_S="8")
+    pipeline.env["BURNGUARD_COMBINE_MESSAGES"] = request.param
     return pipeline
 
 

@@ -94,3 +94,17 @@ def test_the_bounds_and_the_default() -> None:
             env_number("C", 1.0, most=10)
         with pytest.raises(ValueError, match="D must be a whole number"):
             env_number("D", 1, int)
+
+
+@pytest.mark.parametrize("value", ["ture", "2", "enabled"])
+def test_a_bad_switch_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """Not read as "off": a typo in `BURNGUARD_COMBINE_MESSAGES` would silently keep the default."""
+    monkeypatch.setenv("BURNGUARD_COMBINE_MESSAGES", value)
+    with pytest.raises(ValueError, match=f"BURNGUARD_COMBINE_MESSAGES must be true or false.*{value!r}"):
+        StreamSettings.from_env()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", False), ("yes", True), (" On ", True), ("0", False)])
+def test_a_switch_reads_its_words(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
+    monkeypatch.setenv("BURNGUARD_COMBINE_MESSAGES", value)
+    assert StreamSettings.from_env().combine_messages is expected
