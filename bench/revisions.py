@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import tarfile
 import tempfile
@@ -28,6 +29,12 @@ def export_revision(rev: str, into: Path, components: Sequence[str]) -> Path:
     for component in components:
         (source / "burnguard" / component).symlink_to(source / component)
     return package
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser, rounds: int = 2) -> None:
+    """`--compare REV` and `--rounds N`, as `alternating_runs` takes them."""
+    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
+    parser.add_argument("--rounds", type=int, default=rounds, help="with --compare: old/new alternations")
 
 
 def alternating_runs(

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revisions import alternating_runs
+from revisions import add_compare_arguments, alternating_runs
 from span_load import BUDGETS_YAML, SpanMix
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -341,8 +341,7 @@ def main() -> None:
         "--flush-records", type=int, default=200, help="usage records per changelog write (default 200)"
     )
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure; the best counts (default 5)")
-    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
-    parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
+    add_compare_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of stage 2")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()

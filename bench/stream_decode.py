@@ -54,7 +54,7 @@ from burnguard.contracts.usage import SpanUsage
 from burnguard.stream import accounting
 from burnguard.stream.accounting import BatchStats, context_observations
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from revisions import alternating_runs
+from revisions import add_compare_arguments, alternating_runs
 from span_load import BUDGETS_YAML, SpanMix
 
 _NS = 1_000_000_000
@@ -204,8 +204,7 @@ def main() -> None:
     parser.add_argument(
         "--same-spans", type=int, default=1, help="each span and N-1 copies of it in its message (default 1)"
     )
-    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
-    parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
+    add_compare_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of decode + deltas")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

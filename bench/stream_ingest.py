@@ -63,7 +63,7 @@ from burnguard.stream.partitioner import key_partition
 from burnguard.stream.settings import StreamSettings
 from faust.events import Event
 from faust.types.tuples import TP, Message
-from revisions import alternating_runs
+from revisions import add_compare_arguments, alternating_runs
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -290,8 +290,7 @@ def main() -> None:
     parser.add_argument(
         "--plain-fraction", type=float, default=SpanMix.plain_fraction, help="share of plain HTTP spans"
     )
-    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
-    parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
+    add_compare_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of stage 1")
     parser.add_argument("--split", action="store_true", help="also print CPU µs per message of each part")
     parser.add_argument("--profile-top", type=int, default=30, help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from revisions import alternating_runs
+from revisions import add_compare_arguments, alternating_runs
 from stream_account import new_job
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -117,8 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--keys", type=int, default=500, help="keys per budget (default 500)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best counts (default 5)")
-    parser.add_argument("--compare", default="none", help="git revision to measure too, or 'none'")
-    parser.add_argument("--rounds", type=int, default=2, help="with --compare: old/new alternations")
+    add_compare_arguments(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

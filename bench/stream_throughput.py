@@ -46,10 +46,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ from pipeline_setup import (
     read_topic,
     topic_sizes,
 )
-from revisions import export_revision
+from revisions import add_compare_arguments, alternating_runs
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 
 TARGET_SPANS_PER_S = 100_000
@@ -446,21 +446,17 @@ def main() -> None:
         help="spans a user's session makes across messages (default 0: new sessions in every message)",
     )
     parser.add_argument("--live", action="store_true", help="produce the load once the worker is ready")
-    parser.add_argument("--compare", default="none", help="git revision whose worker runs too (or none)")
-    parser.add_argument("--rounds", type=int, default=1, help="old/new runs alternating with --compare")
+    add_compare_arguments(parser, rounds=1)
     args = parser.parse_args()
 
-    if args.compare == "none":
-        report(args, one_run(args), "new")
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        old_code = export_revision(args.compare, Path(scratch), ("contracts", "stream"))
-        runs = []
-        for _ in range(args.rounds):
-            runs.append(("old", one_run(args, old_code)))
-            runs.append(("new", one_run(args)))
-    for code, run in runs:
-        report(args, run, code)
+    components = ("contracts", "stream")
+    runs = alternating_runs(
+        args.compare, args.rounds, components, lambda: one_run(args), lambda old: one_run(args, old)
+    )
+    for old, new in zip_longest(runs["old"], runs["new"]):
+        if old is not None:
+            report(args, old, "old")
+        report(args, new, "new")
 
 
 def one_run(args: argparse.Namespace, code: Path | None = None) -> dict[str, float]:
