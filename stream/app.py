@@ -527,12 +527,12 @@ class BudgetJob:
         first, last = members[0][0].message, members[-1][0].message
         source = (last.partition, last.offset)
         rows = usage_rows(usages, self.config, self.prices, stats, self._closed_before_ns())
-        sub_batches = []  # first: a group that raises goes alone, warned once there
+        parts: list[tuple[int, BatchRecord]] = []  # first: a group that raises goes alone, warned once there
         for event, message_usages in members:
             if observations := context_observations(message_usages, self.config):
                 message_source = (event.message.partition, event.message.offset)
-                sub_batches += self._batch_records([], observations, message_source)
-        sub_batches += self._batch_records(rows, [], source)
+                parts += self._batch_records([], observations, message_source)
+        parts += self._batch_records(rows, [], source)
         if stats.too_late:
             logger.warning(
                 "%d span budget counts at %s-%d arrived after their window closed (allowed lateness %s)",
@@ -543,7 +543,7 @@ class BudgetJob:
             )
         if stats.unpriced:
             self._warn_unpriced(usages)
-        for partition, sub_batch in sub_batches:
+        for partition, sub_batch in parts:
             batch.add(partition, sub_batch)  # all or none of the group (the list is built first)
 
     def _decoded_again(self, event: Any) -> list[SpanUsage]:
