@@ -20,15 +20,24 @@ A record cache, as Kafka Streams keeps one: with a flush interval
 each changed key is written once per interval, not once per batch. Faust
 still acks every batch, so its commits are capped instead: `write` returns,
 per partition, the offset below which every processed record's changes are
-delivered to the changelog (each record's delivery future succeeded; the
-producer's flush, which Faust runs before a commit, does not fail when the
-broker refused a record), and `stream/takeover.py:InOrderReads` never lets
+delivered to the changelog (the delivery future of each record batch
+succeeded; the producer's flush, which Faust runs before a commit, does not
+fail when the broker refused a batch), and `stream/takeover.py:InOrderReads` never lets
 Faust commit past it. A crash then replays from a commit whose changes are
-all in the changelog, as before. A record that fails (refused, or `send`
-raising half way through a write) stops the cache for good
+all in the changelog, as before. A record that fails (its batch refused, or
+the hand-over failing half way through a write) stops the cache for good
 (`ChangelogWriteFailed`): every later cover would include it.
 Before a rebalance hands the partitions away the pending changes are written
 and flushed, so the next owner recovers them (`BudgetJob._on_revoked`).
+
+A write goes out as aiokafka record batches, one or more per changelog
+(topic, partition), each key encoded straight into its batch (`take_batches`):
+a write is thousands of records to a few partitions, and `producer.send` per
+record (a coroutine, a future and the accumulator's checks each) was most of
+its cost. `send_batch` waits while an earlier batch of the partition is still
+in the accumulator (a produce round trip at most), so `ChangelogBatches` hands
+a write's batches over in a task of its own, in write order, and the agent
+goes on; a write counts as delivered when every one of its batches was.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.serializers import codecs
 from faust.types import TP, AppT, CollectionT
 
@@ -51,6 +62,9 @@ MAX_BATCH_BYTES = 512 * 1024
 MAX_PENDING_KEYS = 20_000
 #: The changelog-flush timer's period when changes are written after every batch (no flush interval).
 CHANGELOG_TICK_S = 1.0
+#: Writes whose batches are not all handed to the producer yet, at most, before a write waits:
+#: the agent goes on while a partition's earlier batch drains, but not without bound.
+MAX_WRITES_HANDING_OVER = 2
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
 #: `dict.get`'s default for a key with no pending change (None is a pending deletion).
@@ -67,8 +81,9 @@ class PendingRecords:
 
     One per agent (shared with its changelog-flush timer: a `send` takes only
     what was added before it). A signal goes out with the `send` right after
-    its `add`; table changes need no `send` before the ack, as commits wait
-    for `TableChanges.write` (module doc).
+    its `add`. Table changes go as record batches (`ChangelogBatches`) and
+    need no `send` before the ack, as commits wait for `TableChanges.write`
+    (module doc).
     """
 
     def __init__(self, app: AppT) -> None:
@@ -104,6 +119,118 @@ class PendingRecords:
             await producer.send(topic, value, key=key, partition=partition, headers=headers)
             for topic, partition, key, value, headers in pending
         ]
+
+
+#: (changelog topic, partition, a record batch of its records)
+Batch = tuple[str, int, BatchBuilder]
+
+
+class ChangelogBatches:
+    """Record batches handed to aiokafka's producer write after write, in order; one future per write.
+
+    A partition's batches must reach the producer in the order they were
+    written: a key's older value landing after its newer one is what a
+    recovery would read last. `send_batch` waits while an earlier batch of
+    the partition is still in the producer's accumulator (the sender drains
+    it with its next request, after the one in flight). So each write's
+    batches are handed over by a task that starts once the previous write's
+    were: the agent does not wait for the drain, and no write overtakes an
+    earlier one, not even on a partition the earlier one reaches only after
+    waiting on another.
+    """
+
+    def __init__(self, app: AppT) -> None:
+        self.app = app
+        #: per write not yet all handed over, oldest first: done with whether it was
+        self._handing_over: deque[asyncio.Future[bool]] = deque()
+
+    def new_batch(self) -> BatchBuilder:
+        """An empty batch, as big as the producer's batches (`producer_max_batch_size`) at most."""
+        return self.app.producer._ensure_producer().create_batch()
+
+    def max_record_bytes(self) -> int:
+        """The largest record the producer's `send` takes (`producer_max_request_size`)."""
+        return int(self.app.conf.producer_max_request_size)
+
+    async def send(self, batches: list[Batch]) -> list[asyncio.Future[Any]]:
+        """Hand `batches` over after every earlier send's; a future done once all are delivered.
+
+        Waits only while `MAX_WRITES_HANDING_OVER` earlier sends are still
+        handing over: a broker that does not keep up slows the agent down,
+        as a full accumulator batch did with `send`, instead of piling up.
+        """
+        if not batches:
+            return []
+        while True:
+            while self._handing_over and self._handing_over[0].done():
+                self._handing_over.popleft()
+            if len(self._handing_over) < MAX_WRITES_HANDING_OVER:
+                break
+            await asyncio.wait([self._handing_over[0]])
+        previous = self._handing_over[-1] if self._handing_over else None
+        handed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._handing_over.append(handed)
+        return [asyncio.ensure_future(self._deliver(batches, previous, handed))]
+
+    async def _deliver(
+        self, batches: list[Batch], previous: asyncio.Future[bool] | None, handed: asyncio.Future[bool]
+    ) -> None:
+        """Hand the batches over once `previous` was, then wait for them; raises the first failure."""
+        delivered: list[asyncio.Future[Any]] = []
+        try:
+            if previous is not None and not await previous:
+                raise ChangelogWriteFailed("an earlier changelog write failed: this one is not handed over")
+            producer = self.app.producer._ensure_producer()
+            for topic, partition, batch in batches:
+                delivered.append(await producer.send_batch(batch, topic, partition=partition))
+        except BaseException:
+            handed.set_result(False)
+            raise
+        handed.set_result(True)
+        await asyncio.wait(delivered)
+        failures = [_failure(future) for future in delivered]  # each taken: none is left unretrieved
+        for failure in failures:
+            if failure is not None:
+                raise failure
+
+
+def _failure(future: asyncio.Future[Any]) -> BaseException | None:
+    """A done future's exception (a cancellation as `CancelledError`), or None."""
+    return asyncio.CancelledError() if future.cancelled() else future.exception()
+
+
+def batched(
+    records: Iterable[tuple[str, int, bytes, bytes | None]],
+    new_batch: Callable[[], BatchBuilder],
+    max_record_bytes: int,
+) -> list[Batch]:
+    """`records` in record batches per (topic, partition), in their order; a batch that fills is
+    closed and the next one started.
+
+    A record above `max_record_bytes` raises `MessageSizeTooLargeError`, as
+    the producer's `send` refuses it; every record has one timestamp, the
+    time of the write.
+    """
+    timestamp = int(time.time() * 1000)
+    batches: list[Batch] = []
+    current: tuple[str, int] | None = None
+    batch: BatchBuilder | None = None
+    for topic, partition, key, value in records:
+        if current != (topic, partition) or batch is None:
+            current, batch = (topic, partition), new_batch()
+            batches.append((topic, partition, batch))
+        appended = batch.append(timestamp=timestamp, key=key, value=value)
+        if appended is None:  # full (aiokafka closed it): the record opens the next batch
+            batch = new_batch()
+            batches.append((topic, partition, batch))
+            appended = batch.append(timestamp=timestamp, key=key, value=value)
+        if appended.size > max_record_bytes:
+            raise MessageSizeTooLargeError(
+                f"a {topic} record of {appended.size} bytes is above the producer's {max_record_bytes}"
+            )
+    for _, _, batch in batches:
+        batch.close()
+    return batches
 
 
 def encode(serializer: str, value: Any) -> bytes:
@@ -148,7 +275,9 @@ class TableChanges:
     """
 
     def __init__(self, app: AppT, flush_interval_s: float = 0.0) -> None:
+        #: the agent's records sent one by one (signals: `PendingRecords`); table changes go in `batches`
         self.records = PendingRecords(app)
+        self.batches = ChangelogBatches(app)
         self.partition = 0
         self.flush_interval_s = flush_interval_s
         self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
@@ -212,24 +341,27 @@ class TableChanges:
         return time.monotonic() - self._last_write >= self.flush_interval_s
 
     async def write(self) -> dict[TP, int]:
-        """Hand the changed keys' records to the producer; per partition, the offset now delivered.
+        """Hand the changed keys' records to the producer in record batches; per partition, the offset
+        now delivered.
 
         Returns what the writes whose records have all been delivered so far
         cover (`delivered`, without waiting): every record below the returned
         offset of its partition has its changes in the changelog. One write
         at a time: two interleaved ones could put a key's older value after
-        its newer one. Raises `ChangelogWriteFailed` once a record failed.
+        its newer one. Raises `ChangelogWriteFailed` once a record failed
+        (a refused batch: all its records).
         """
         if self._writing is None:
             self._writing = asyncio.Lock()
         async with self._writing:
             self._check()
             covered = dict(self._processed)  # taken with the records: nothing runs in between
-            for record in self.take_records():
-                self.records.add(*record)
             self._last_write = time.monotonic()
             try:
-                sent = await self.records.send()
+                batches = batched(
+                    self.take_records(), self.batches.new_batch, self.batches.max_record_bytes()
+                )
+                sent = await self.batches.send(batches)
             except Exception as exc:  # the rest of the write is lost: never cover it
                 self._failed = exc
                 raise ChangelogWriteFailed(f"a changelog write failed half way: {exc!r}") from exc
@@ -237,7 +369,11 @@ class TableChanges:
             return self._release()
 
     async def delivered(self) -> dict[TP, int]:
-        """Wait for every write so far to be delivered (after a producer flush: at once); what they cover."""
+        """Wait for every write so far to be delivered; what they cover.
+
+        After a producer flush at once, but for a write whose hand-over was
+        still waiting for a partition's earlier batch to drain: one round trip.
+        """
         for sent, _ in list(self._sent):
             if sent:
                 await asyncio.wait(sent)

@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import faust
 import pytest
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
+from burnguard.stream import changelog
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, _encoder, encode
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 from faust.types import TP
+from kafka import KafkaConsumer, TopicPartition
 
 
 @pytest.fixture
@@ -94,25 +98,32 @@ def test_the_records_are_the_bytes_json_dumps_writes(app: faust.App) -> None:
     assert _encoder("pickle")({"action": "ok"}) == codecs.dumps("pickle", {"action": "ok"})  # other codecs
 
 
-class CapturedRecords:
-    """Stands in for the producer side: what each `send` handed over."""
+def records_in(batches: list[tuple[str, int, BatchBuilder]]) -> list[tuple[str, int, bytes, bytes | None]]:
+    """(topic, partition, key, value) of each record in `batches`, read back from their bytes."""
+    records = []
+    for topic, partition, batch in batches:
+        for record in DefaultRecordBatch(bytes(batch._build())):
+            records.append((topic, partition, record.key, record.value))
+    return records
+
+
+class CapturedBatches:
+    """Stands in for the producer side: the record batches each `send` handed over, delivered at once."""
 
     def __init__(self) -> None:
-        self.sent: list[list[tuple]] = []
-        self._pending: list[tuple] = []
+        self.sent: list[list[tuple[str, int, BatchBuilder]]] = []
 
-    def add(self, *record: object) -> None:
-        self._pending.append(record)
+    def new_batch(self) -> BatchBuilder:
+        return BatchBuilder(changelog.MAX_BATCH_BYTES, 0)
 
-    async def send(self) -> list[asyncio.Future[None]]:
-        """Each record delivered at once."""
-        self.sent.append(self._pending)
-        delivered = []
-        for _ in self._pending:
-            delivered.append(asyncio.get_running_loop().create_future())
-            delivered[-1].set_result(None)
-        self._pending = []
-        return delivered
+    def max_record_bytes(self) -> int:
+        return 1024 * 1024
+
+    async def send(self, batches: list[tuple[str, int, BatchBuilder]]) -> list[asyncio.Future[None]]:
+        self.sent.append(batches)
+        delivered = asyncio.get_running_loop().create_future()
+        delivered.set_result(None)
+        return [delivered]
 
 
 def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed_records(
@@ -120,7 +131,7 @@ def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed
 ) -> None:
     totals = app.Table("totals", default=None, partitions=4)
     changes = TableChanges(app, flush_interval_s=3600)
-    changes.records = CapturedRecords()  # type: ignore[assignment]
+    changes.batches = CapturedBatches()  # type: ignore[assignment]
     tp = TP("burnguard.usage", 1)
     changes.partition = 1
     for offset, spent in enumerate((1.0, 2.0, 3.0)):  # three batches, the same key
@@ -134,11 +145,13 @@ def test_the_cache_writes_each_key_once_across_batches_and_covers_only_processed
 
     assert covered == {tp: 3}
     assert not changes.pending()
-    (sent,) = changes.records.sent
-    assert len(sent) == 1 and WindowTotals.from_state(json.loads(sent[0][3])).spent == 3.0
+    (sent,) = changes.batches.sent
+    (record,) = records_in(sent)
+    assert record[:2] == ("changelog-test-totals-changelog", 1)
+    assert WindowTotals.from_state(json.loads(record[3])).spent == 3.0
     assert asyncio.run(changes.write()) == {tp: 3}  # nothing new: nothing more written
     assert asyncio.run(changes.delivered()) == {tp: 3}
-    assert changes.records.sent[-1] == []
+    assert changes.batches.sent[-1] == []
     changes.forget([tp])
     assert asyncio.run(changes.write()) == {}
 
@@ -264,8 +277,6 @@ def test_a_write_failing_half_way_is_never_covered_and_stops_the_cache(kafka_bro
 
 def test_a_flood_of_distinct_keys_is_written_before_the_interval_ends(app: faust.App) -> None:
     """Pending changes stay bounded: past `MAX_PENDING_KEYS` distinct keys a write is due at once."""
-    from burnguard.stream import changelog
-
     totals = app.Table("totals", default=None, partitions=4)
     changes = TableChanges(app, flush_interval_s=3600)
     for index in range(changelog.MAX_PENDING_KEYS - 1):
@@ -279,3 +290,116 @@ def test_a_flood_of_distinct_keys_is_written_before_the_interval_ends(app: faust
     assert changes.due()
     assert len(changes.take_records()) == changelog.MAX_PENDING_KEYS
     assert not changes.due()
+
+
+def changelog_records(bootstrap: str, topic: str, partition: int) -> list[tuple[bytes, bytes | None]]:
+    """(key, value) of every record in one changelog partition, in offset order."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    end = consumer.end_offsets([tp])[tp]
+    records: list[tuple[bytes, bytes | None]] = []
+    while consumer.position(tp) < end:
+        for batch in consumer.poll(timeout_ms=1000).values():
+            records += [(record.key, record.value) for record in batch]
+    consumer.close()
+    return records
+
+
+async def two_writes_back_to_back(bootstrap: str, app_id: str) -> list[object]:
+    """Write a key on partition 1 behind several full batches of partition 0, then again at once.
+
+    The producer's batches are small (`producer_max_batch_size`), so the
+    first write's partition-0 records fill several batches and its hand-over
+    waits for each to drain before it reaches partition 1; the second write
+    reaches partition 1 first, with nothing to wait for there.
+    """
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        outcomes: list[object] = []
+        for write, value in enumerate(("older", "newer")):
+            for partition in (1, 0) if write else (0, 1):  # the newer write reaches partition 1 first
+                changes.partition = partition
+                for index in range(0 if write or partition else 200):
+                    changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+                changes.set(totals, f"shared-{partition}", {"v": value})
+            changes.processed(USAGE_TP, write)
+            outcomes.append(await outcome_of(changes.write))
+        outcomes.append(await outcome_of(changes.delivered))
+    return outcomes
+
+
+def test_a_later_write_never_lands_before_an_earlier_one_on_a_partition(kafka_broker: object) -> None:
+    """Back-to-back writes of one key: the changelog holds the older value first, the newer last.
+
+    A recovery keeps the last value it reads: a newer write's batch handed
+    over while an older one still waits for a drain would restore the old value.
+    """
+    app_id = f"changelog-order-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=2)  # type: ignore[attr-defined]
+    outcomes = asyncio.run(two_writes_back_to_back(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert outcomes[-1] == {USAGE_TP: 2}, outcomes
+    for partition in (0, 1):
+        key = json.dumps(f"shared-{partition}").encode()
+        values = [
+            json.loads(value)["v"]
+            for k, value in changelog_records(kafka_broker.bootstrap, topic, partition)
+            if k == key
+        ]  # type: ignore[attr-defined]
+        assert values == ["older", "newer"], f"partition {partition}: {values}"
+    assert len(changelog_records(kafka_broker.bootstrap, topic, 0)) == 202  # type: ignore[attr-defined]
+
+
+async def covers_around_a_refused_batch(bootstrap: str, app_id: str) -> list[object]:
+    """One write of a small and a refused change to one partition (one batch), then a small one."""
+    async with changes_on_the_broker(bootstrap, app_id) as (_app, totals, changes):
+        for offset, value in enumerate(THREE_CHANGES[:2]):
+            changes.set(totals, f"key-{offset}", value)
+            changes.processed(USAGE_TP, offset)
+        outcomes = [await outcome_of(changes.write), await outcome_of(changes.delivered)]
+        changes.set(totals, "key-2", THREE_CHANGES[2])
+        changes.processed(USAGE_TP, 2)
+        outcomes += [await outcome_of(changes.write), await outcome_of(changes.delivered)]
+    return outcomes
+
+
+def test_a_refused_batch_refuses_all_its_records_and_stops_the_cache(kafka_broker: object) -> None:
+    """The broker refuses a batch whole: its small record is not written either, and nothing covers it."""
+    app_id = f"changelog-refused-batch-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=1, config={"max.message.bytes": str(REFUSED_ABOVE)})  # type: ignore[attr-defined]
+    outcomes = asyncio.run(covers_around_a_refused_batch(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
+    assert isinstance(outcomes[1], ChangelogWriteFailed), f"the refused write was delivered: {outcomes}"
+    assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
+    assert changelog_records(kafka_broker.bootstrap, topic, 0) == []  # type: ignore[attr-defined]
+
+
+async def covers_around_a_hand_over_failing_half_way(bootstrap: str, app_id: str) -> list[object]:
+    """A write to partitions 0 and 1 of a changelog topic that has partition 0 only, then another.
+
+    Partition 0's batch is handed over; the producer refuses partition 1's
+    (`send_batch`: unknown partition), so the write is half done.
+    """
+    async with changes_on_the_broker(bootstrap, app_id) as (_app, totals, changes):
+        for partition in (0, 1):
+            changes.partition = partition
+            changes.set(totals, f"key-{partition}", {"v": partition})
+        changes.processed(USAGE_TP, 0)
+        outcomes = [await outcome_of(changes.write), await outcome_of(changes.delivered)]
+        changes.partition = 0
+        changes.set(totals, "key-2", {"v": 2})
+        changes.processed(USAGE_TP, 1)
+        outcomes += [await outcome_of(changes.write), await outcome_of(changes.delivered)]
+    return outcomes
+
+
+def test_a_hand_over_failing_half_way_is_never_covered_and_stops_the_cache(kafka_broker: object) -> None:
+    """The batches of a write after the one the producer refused are lost: nothing may cover them."""
+    app_id = f"changelog-hand-over-{time.monotonic_ns()}"
+    kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
+    outcomes = asyncio.run(covers_around_a_hand_over_failing_half_way(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
+    assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
