@@ -31,13 +31,12 @@ Before a rebalance hands the partitions away the pending changes are written
 and flushed, so the next owner recovers them (`BudgetJob._on_revoked`).
 
 A write goes out as aiokafka record batches, one or more per changelog
-(topic, partition), each key encoded straight into its batch (`take_batches`):
-a write is thousands of records to a few partitions, and `producer.send` per
-record (a coroutine, a future and the accumulator's checks each) was most of
-its cost. `send_batch` waits while an earlier batch of the partition is still
-in the accumulator (a produce round trip at most), so `ChangelogBatches` hands
-a write's batches over in a task of its own, in write order, and the agent
-goes on; a write counts as delivered when every one of its batches was.
+(topic, partition), each key encoded straight into its batch: a write is
+thousands of records to a few partitions, and `producer.send` per record (a
+coroutine, a future and the accumulator's checks each) was most of its cost.
+One delivery future per batch; a write counts as delivered when every batch
+holding one of its records was. `ChangelogBatches` says how the partition's
+order holds and why the agent does not wait for the producer's drains.
 """
 
 from __future__ import annotations
@@ -46,11 +45,12 @@ import asyncio
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.serializers import codecs
 from faust.types import TP, AppT, CollectionT
 
@@ -62,9 +62,12 @@ MAX_BATCH_BYTES = 512 * 1024
 MAX_PENDING_KEYS = 20_000
 #: The changelog-flush timer's period when changes are written after every batch (no flush interval).
 CHANGELOG_TICK_S = 1.0
-#: Writes whose batches are not all handed to the producer yet, at most, before a write waits:
-#: the agent goes on while a partition's earlier batch drains, but not without bound.
-MAX_WRITES_HANDING_OVER = 2
+#: Batches of one changelog partition not yet handed to the producer, at most, before a write
+#: waits: the agent goes on while a partition's earlier batch drains, but not without bound.
+MAX_QUEUED_BATCHES = 4
+#: Below this many bytes under the producer's max request size a record's key and value surely
+#: fit; above, the exact size is estimated (a record's and a batch's headers).
+RECORD_OVERHEAD_BYTES = 512
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
 #: `dict.get`'s default for a key with no pending change (None is a pending deletion).
@@ -121,116 +124,126 @@ class PendingRecords:
         ]
 
 
-#: (changelog topic, partition, a record batch of its records)
-Batch = tuple[str, int, BatchBuilder]
-
-
 class ChangelogBatches:
-    """Record batches handed to aiokafka's producer write after write, in order; one future per write.
+    """Changelog records in aiokafka record batches, queued per (topic, partition), handed over in order.
 
-    A partition's batches must reach the producer in the order they were
+    A partition's records must reach the producer in the order they were
     written: a key's older value landing after its newer one is what a
     recovery would read last. `send_batch` waits while an earlier batch of
     the partition is still in the producer's accumulator (the sender drains
-    it with its next request, after the one in flight). So each write's
-    batches are handed over by a task that starts once the previous write's
-    were: the agent does not wait for the drain, and no write overtakes an
-    earlier one, not even on a partition the earlier one reaches only after
-    waiting on another.
+    it with its next request, after the one in flight). So each partition
+    has a queue of batches not handed over yet, and a task (`_hand_over`)
+    that hands them over oldest first; a write appends its records to the
+    newest of them while it has room (aiokafka closes a full one and the
+    write opens the next). The agent waits for no drain: back-to-back writes
+    share a batch, as they shared the producer's open batch with `send`, and
+    it waits only while a partition has more than `MAX_QUEUED_BATCHES` full
+    batches queued (a broker that does not keep up slows the agent down).
     """
 
     def __init__(self, app: AppT) -> None:
         self.app = app
-        #: per write not yet all handed over, oldest first: done with whether it was
-        self._handing_over: deque[asyncio.Future[bool]] = deque()
+        self._queued: dict[tuple[str, int], deque[_QueuedBatch]] = {}
+        self._handing_over: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self._failed: BaseException | None = None
 
-    def new_batch(self) -> BatchBuilder:
-        """An empty batch, as big as the producer's batches (`producer_max_batch_size`) at most."""
-        return self.app.producer._ensure_producer().create_batch()
-
-    def max_record_bytes(self) -> int:
-        """The largest record the producer's `send` takes (`producer_max_request_size`)."""
-        return int(self.app.conf.producer_max_request_size)
-
-    async def send(self, batches: list[Batch]) -> list[asyncio.Future[Any]]:
-        """Hand `batches` over after every earlier send's; a future done once all are delivered.
-
-        Waits only while `MAX_WRITES_HANDING_OVER` earlier sends are still
-        handing over: a broker that does not keep up slows the agent down,
-        as a full accumulator batch did with `send`, instead of piling up.
-        """
-        if not batches:
-            return []
+    async def room(self) -> None:
+        """Wait while some partition has more than `MAX_QUEUED_BATCHES` batches not handed over yet."""
         while True:
-            while self._handing_over and self._handing_over[0].done():
-                self._handing_over.popleft()
-            if len(self._handing_over) < MAX_WRITES_HANDING_OVER:
-                break
-            await asyncio.wait([self._handing_over[0]])
-        previous = self._handing_over[-1] if self._handing_over else None
-        handed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._handing_over.append(handed)
-        return [asyncio.ensure_future(self._deliver(batches, previous, handed))]
+            long = next((queue for queue in self._queued.values() if len(queue) > MAX_QUEUED_BATCHES), None)
+            if long is None:
+                return
+            await asyncio.wait([long[0].delivered])
 
-    async def _deliver(
-        self, batches: list[Batch], previous: asyncio.Future[bool] | None, handed: asyncio.Future[bool]
-    ) -> None:
-        """Hand the batches over once `previous` was, then wait for them; raises the first failure."""
-        delivered: list[asyncio.Future[Any]] = []
-        try:
-            if previous is not None and not await previous:
-                raise ChangelogWriteFailed("an earlier changelog write failed: this one is not handed over")
-            producer = self.app.producer._ensure_producer()
-            for topic, partition, batch in batches:
-                delivered.append(await producer.send_batch(batch, topic, partition=partition))
-        except BaseException:
-            handed.set_result(False)
-            raise
-        handed.set_result(True)
-        await asyncio.wait(delivered)
-        failures = [_failure(future) for future in delivered]  # each taken: none is left unretrieved
-        for failure in failures:
-            if failure is not None:
-                raise failure
+    def append(
+        self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
+    ) -> list[asyncio.Future[None]]:
+        """Queue `records` behind the partition's earlier ones; the delivery futures of the batches
+        they went into (a refused batch: all its records refused).
+
+        A record above the producer's `producer_max_request_size` raises
+        `MessageSizeTooLargeError`, as `send` refuses it; so does any append
+        once a batch could not be handed over (the write is half done).
+        """
+        if self._failed is not None:
+            raise self._failed
+        tp = (topic, partition)
+        queue = self._queued.setdefault(tp, deque())
+        batch = queue[-1] if queue else self._open(queue)
+        touched = [batch.delivered]
+        max_bytes = int(self.app.conf.producer_max_request_size)
+        timestamp = int(time.time() * 1000)
+        for key, value in records:
+            if len(key) + (len(value) if value else 0) > max_bytes - RECORD_OVERHEAD_BYTES:
+                _check_size(topic, key, value, max_bytes)
+            if batch.builder.append(timestamp=timestamp, key=key, value=value) is None:
+                batch = self._open(queue)  # aiokafka closed the full one
+                touched.append(batch.delivered)
+                batch.builder.append(timestamp=timestamp, key=key, value=value)
+        handing_over = self._handing_over.get(tp)
+        if handing_over is None or handing_over.done():
+            self._handing_over[tp] = asyncio.ensure_future(self._hand_over(topic, partition, queue))
+        return touched
+
+    def _open(self, queue: deque[_QueuedBatch]) -> _QueuedBatch:
+        """A new empty batch at the end of `queue`, as big as the producer's batches at most."""
+        batch = _QueuedBatch(self.app.producer._ensure_producer().create_batch())
+        queue.append(batch)
+        return batch
+
+    async def _hand_over(self, topic: str, partition: int, queue: deque[_QueuedBatch]) -> None:
+        """Hand the partition's queued batches to the producer, oldest first, until none is left.
+
+        `send_batch` returns once the batch is in the accumulator, with no
+        other task run since the wait for the drain ended: nothing appends
+        to a batch after it was handed over (it is closed, and out of the queue).
+        """
+        producer = self.app.producer._ensure_producer()
+        while queue:
+            batch = queue[0]
+            try:
+                sent = await producer.send_batch(batch.builder, topic, partition=partition)
+            except BaseException as exc:  # the write is half done: this batch and those after it are lost
+                self._failed = exc
+                for lost in queue:
+                    lost.delivered.set_exception(exc)
+                queue.clear()
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            queue.popleft()
+            batch.builder.close()
+            sent.add_done_callback(batch.settle)
 
 
-def _failure(future: asyncio.Future[Any]) -> BaseException | None:
-    """A done future's exception (a cancellation as `CancelledError`), or None."""
-    return asyncio.CancelledError() if future.cancelled() else future.exception()
+class _QueuedBatch:
+    """A batch of one changelog partition, open for records until handed over; done when delivered."""
+
+    __slots__ = ("builder", "delivered")
+
+    def __init__(self, builder: BatchBuilder) -> None:
+        self.builder = builder
+        self.delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settle(self, sent: asyncio.Future[Any]) -> None:
+        """Done as the producer's delivery future of the batch is (its outcome taken: none is left unread)."""
+        if self.delivered.done():
+            return
+        if sent.cancelled():
+            self.delivered.cancel()
+        elif sent.exception() is not None:
+            self.delivered.set_exception(sent.exception())  # type: ignore[arg-type]
+        else:
+            self.delivered.set_result(None)
 
 
-def batched(
-    records: Iterable[tuple[str, int, bytes, bytes | None]],
-    new_batch: Callable[[], BatchBuilder],
-    max_record_bytes: int,
-) -> list[Batch]:
-    """`records` in record batches per (topic, partition), in their order; a batch that fills is
-    closed and the next one started.
-
-    A record above `max_record_bytes` raises `MessageSizeTooLargeError`, as
-    the producer's `send` refuses it; every record has one timestamp, the
-    time of the write.
-    """
-    timestamp = int(time.time() * 1000)
-    batches: list[Batch] = []
-    current: tuple[str, int] | None = None
-    batch: BatchBuilder | None = None
-    for topic, partition, key, value in records:
-        if current != (topic, partition) or batch is None:
-            current, batch = (topic, partition), new_batch()
-            batches.append((topic, partition, batch))
-        appended = batch.append(timestamp=timestamp, key=key, value=value)
-        if appended is None:  # full (aiokafka closed it): the record opens the next batch
-            batch = new_batch()
-            batches.append((topic, partition, batch))
-            appended = batch.append(timestamp=timestamp, key=key, value=value)
-        if appended.size > max_record_bytes:
-            raise MessageSizeTooLargeError(
-                f"a {topic} record of {appended.size} bytes is above the producer's {max_record_bytes}"
-            )
-    for _, _, batch in batches:
-        batch.close()
-    return batches
+def _check_size(topic: str, key: bytes, value: bytes | None, max_bytes: int) -> None:
+    """Refuse a record above the producer's max request size, as its `send` does."""
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
+    if size > max_bytes:
+        raise MessageSizeTooLargeError(
+            f"a {topic} record of {size} bytes is above the producer's {max_bytes}"
+        )
 
 
 def encode(serializer: str, value: Any) -> bytes:
@@ -260,6 +273,14 @@ def _encoder(serializer: str) -> Callable[[Any], bytes]:
     if serializer == "json":
         return lambda value: _encode_json(value).encode()
     return lambda value: codecs.dumps(serializer, value)
+
+
+def _encoded(
+    values: dict[Any, Any], encode_key: Callable[[Any], bytes], encode_value: Callable[[Any], bytes]
+) -> Iterator[tuple[bytes, bytes | None]]:
+    """(key, value) records of `values`, encoded one at a time; a None value is a tombstone."""
+    for key, value in values.items():
+        yield encode_key(key), None if value is None else encode_value(value)
 
 
 class TableChanges:
@@ -309,21 +330,34 @@ class TableChanges:
             changed[key] = None
 
     def take_records(self) -> list[tuple[str, int, bytes, bytes | None]]:
-        """(changelog topic, partition, key, value) of each changed key's latest value, once.
+        """(changelog topic, partition, key, value) of each changed key's latest value, once: what
+        `write` would hand over, as a list.
 
         A deleted key's value is None: a tombstone, as Faust writes one.
         """
+        return [
+            (topic, partition, *record) for topic, partition, records in self._take() for record in records
+        ]
+
+    def _take(self) -> list[tuple[str, int, Iterator[tuple[bytes, bytes | None]]]]:
+        """Per changelog (topic, partition), its changed keys' (key, value), each encoded when the
+        iterator reaches it (straight into its batch, no list in between), in change order."""
         changed, self._changed = self._changed, defaultdict(dict)
         self._pending_keys = 0
-        records = []
+        taken = []
         for (table, partition), values in changed.items():
             topic = table.changelog_topic.get_topic_name()
             encode_key = _encoder(table.key_serializer or table.app.conf.key_serializer)
             encode_value = _encoder(table.value_serializer or table.app.conf.value_serializer)
-            for key, value in values.items():
-                encoded = None if value is None else encode_value(value)
-                records.append((topic, partition, encode_key(key), encoded))
-        return records
+            taken.append((topic, partition, _encoded(values, encode_key, encode_value)))
+        return taken
+
+    def _hand_over(self) -> list[asyncio.Future[None]]:
+        """Each changed key's record queued in its changelog partition's batches; their delivery futures."""
+        sent = []
+        for topic, partition, records in self._take():
+            sent += self.batches.append(topic, partition, records)
+        return sent
 
     def pending(self) -> bool:
         """Whether some change is in the stores but not yet handed to the producer."""
@@ -355,13 +389,11 @@ class TableChanges:
             self._writing = asyncio.Lock()
         async with self._writing:
             self._check()
+            await self.batches.room()
             covered = dict(self._processed)  # taken with the records: nothing runs in between
             self._last_write = time.monotonic()
             try:
-                batches = batched(
-                    self.take_records(), self.batches.new_batch, self.batches.max_record_bytes()
-                )
-                sent = await self.batches.send(batches)
+                sent = self._hand_over()
             except Exception as exc:  # the rest of the write is lost: never cover it
                 self._failed = exc
                 raise ChangelogWriteFailed(f"a changelog write failed half way: {exc!r}") from exc
@@ -371,8 +403,8 @@ class TableChanges:
     async def delivered(self) -> dict[TP, int]:
         """Wait for every write so far to be delivered; what they cover.
 
-        After a producer flush at once, but for a write whose hand-over was
-        still waiting for a partition's earlier batch to drain: one round trip.
+        After a producer flush at once, but for batches still queued behind
+        a partition's earlier one (`ChangelogBatches`): a round trip each.
         """
         for sent, _ in list(self._sent):
             if sent:
