@@ -227,12 +227,13 @@ class _QueuedBatch:
 
     def settle(self, sent: asyncio.Future[Any]) -> None:
         """Done as the producer's delivery future of the batch is (its outcome taken: none is left unread)."""
+        failure = None if sent.cancelled() else sent.exception()
         if self.delivered.done():
             return
         if sent.cancelled():
             self.delivered.cancel()
-        elif sent.exception() is not None:
-            self.delivered.set_exception(sent.exception())  # type: ignore[arg-type]
+        elif failure is not None:
+            self.delivered.set_exception(failure)
         else:
             self.delivered.set_result(None)
 

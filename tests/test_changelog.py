@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import faust
 import pytest
@@ -388,3 +389,72 @@ def test_a_hand_over_failing_half_way_is_never_covered_and_stops_the_cache(kafka
     outcomes = asyncio.run(covers_around_a_hand_over_failing_half_way(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
     assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
+
+
+def returned_at_once(write: Coroutine[Any, Any, dict[TP, int]]) -> bool:
+    """Whether `write` ran to its end without waiting for anything (it is closed if it would wait)."""
+    try:
+        write.send(None)
+    except StopIteration:
+        return True
+    write.close()
+    return False
+
+
+async def writes_while_a_drain_is_pending(bootstrap: str, app_id: str) -> tuple[list[bool], object]:
+    """A write of three small batches, then five one-key writes back to back, each after a loop step.
+
+    The first batch goes into the producer's accumulator at once; the next
+    one's `send_batch` waits for it to drain, one produce round trip.
+    """
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        for index in range(30):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write()
+        at_once = []
+        for write in range(1, 6):
+            await asyncio.sleep(0)  # the hand-over and the producer's sender go a step further
+            changes.set(totals, "shared", {"v": write})
+            changes.processed(USAGE_TP, write)
+            at_once.append(returned_at_once(changes.write()))
+        return at_once, await outcome_of(changes.delivered)
+
+
+def test_back_to_back_writes_never_wait_for_the_producer_to_drain_a_batch(kafka_broker: object) -> None:
+    """The agent writes and goes on: a later write joins the partition's queued batch, in order."""
+    app_id = f"changelog-no-wait-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=1)  # type: ignore[attr-defined]
+    at_once, cover = asyncio.run(writes_while_a_drain_is_pending(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert at_once == [True] * 5, f"a write waited: {at_once}"
+    assert cover == {USAGE_TP: 6}
+    key = json.dumps("shared").encode()
+    values = [json.loads(v)["v"] for k, v in changelog_records(kafka_broker.bootstrap, topic, 0) if k == key]  # type: ignore[attr-defined]
+    assert values == [1, 2, 3, 4, 5]
+
+
+async def a_write_behind_too_many_batches(bootstrap: str, app_id: str) -> tuple[bool, object, object]:
+    """A write that fills more than `MAX_QUEUED_BATCHES` small batches, then a one-key write."""
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write()
+        changes.set(totals, "late", {"v": 1})
+        changes.processed(USAGE_TP, 1)
+        waiting = asyncio.ensure_future(changes.write())
+        await asyncio.sleep(0)
+        waited = not waiting.done()
+        return waited, await outcome_of(lambda: waiting), await outcome_of(changes.delivered)
+
+
+def test_a_write_waits_while_a_partition_has_too_many_batches_queued(kafka_broker: object) -> None:
+    """Pending batches stay bounded: a broker that does not keep up slows the agent down."""
+    app_id = f"changelog-bounded-{time.monotonic_ns()}"
+    kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
+    waited, written, delivered = asyncio.run(a_write_behind_too_many_batches(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert waited, "the write went on with more than MAX_QUEUED_BATCHES batches queued"
+    assert isinstance(written, dict) and delivered == {USAGE_TP: 2}, (written, delivered)
