@@ -297,9 +297,10 @@ async def two_writes_back_to_back(bootstrap: str, app_id: str) -> list[object]:
     """Write a key on partition 1 behind several full batches of partition 0, then again at once.
 
     The producer's batches are small (`producer_max_batch_size`), so the
-    first write's partition-0 records fill several batches and its hand-over
-    waits for each to drain before it reaches partition 1; the second write
-    reaches partition 1 first, with nothing to wait for there.
+    first write's partition-0 records fill several batches, each of which
+    waits for the one before it to drain; the second write reaches partition
+    1 first. A hand-over per write, going partition by partition, puts the
+    newer value on partition 1 first (it did, in a task per write unchained).
     """
     options = {"producer_max_batch_size": 2048}
     async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
