@@ -1,0 +1,130 @@
+"""The window-totals changelog value: its cheaper encoding reads back exactly as the one before it.
+
+Recovery decodes a changelog value with Faust's JSON codec and turns it back with
+`WindowTotals.from_state`; these tests hold the state and its bytes to the encoding of main
+65b6545 (`_reference_ring_state`, the stdlib encoder) on generated totals: calendar and rolling
+windows, applied marks, call mixes, rings with gaps and any float bit pattern in a slot.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from array import array
+from typing import Any
+
+from burnguard.stream.accounting import RECENT_MINUTES, ROLLING_BUCKETS, Ring, WindowTotals
+from burnguard.stream.changelog import encode
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_NS_PER_MINUTE = 60 * 1_000_000_000
+BUCKET_NS = 90 * _NS_PER_MINUTE // ROLLING_BUCKETS  # a "90m" window's buckets
+RING_SIZES = (RECENT_MINUTES, ROLLING_BUCKETS + 1)
+
+#: any 64-bit pattern as a double: zeros of either sign, subnormals, NaNs, and bytes that are
+#: ASCII whitespace (what the leading-slot strip must not take for empty slots)
+any_double = st.binary(min_size=8, max_size=8).map(lambda raw: struct.unpack("<d", raw)[0])
+slot_amounts = st.one_of(
+    st.just(0.0),
+    st.just(-0.0),
+    st.sampled_from([struct.unpack("<d", bytes([c]) + bytes(7))[0] for c in b"\t\n\x0b\x0c\r "]),
+    any_double,
+    st.floats(min_value=0.0, max_value=1e6),
+)
+amounts = st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)
+
+
+def _reference_ring_state(ring: Ring) -> list[Any]:
+    """`Ring.to_state` as main 65b6545 wrote it: the ring oldest first, its leading zero bytes' slots cut."""
+    _, ordered = ring._since(ring.newest - len(ring.amounts) + 1)
+    raw = ordered.tobytes()
+    skip = (len(raw) - len(raw.lstrip(b"\0"))) // ordered.itemsize
+    return [ring.newest, ordered[skip:].tolist()]
+
+
+def _old_encoding(totals: WindowTotals) -> bytes:
+    """The changelog value as main 65b6545 wrote it: the stdlib encoder over the reference state."""
+    state = totals.to_state()
+    state[5] = _reference_ring_state(totals.recent)
+    state[6] = _reference_ring_state(totals.buckets) if totals.buckets is not None else None
+    return json.dumps(state, separators=(",", ":")).encode()
+
+
+def _bits(value: Any) -> Any:
+    """`value` with each float as its bit pattern: NaN equals itself, -0.0 differs from 0.0."""
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    if isinstance(value, list):
+        return [_bits(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _bits(item) for key, item in value.items()}
+    return value
+
+
+@st.composite
+def rings(draw: st.DrawFn) -> Ring:
+    """A ring of either size, any slot contents, its newest index anywhere (also empty: -1)."""
+    size = draw(st.sampled_from(RING_SIZES))
+    slots = draw(st.lists(slot_amounts, min_size=size, max_size=size))
+    newest = draw(st.integers(min_value=-1, max_value=2**40))
+    return Ring(size, newest, array("d", slots))
+
+
+@st.composite
+def window_totals(draw: st.DrawFn) -> WindowTotals:
+    """Totals built as stage 2 builds them: deltas from several source partitions, calendar or
+    rolling, with or without a call mix, event times spread so the rings wrap and keep gaps."""
+    rolling = draw(st.booleans())
+    with_mix = draw(st.booleans())
+    totals = WindowTotals()
+    start_ns = draw(st.integers(min_value=0, max_value=2**62))
+    offsets: dict[int, int] = {}
+    for _ in range(draw(st.integers(min_value=0, max_value=30))):
+        partition = draw(st.integers(min_value=-1, max_value=5))
+        offsets[partition] = offsets.get(partition, -1) + draw(st.integers(min_value=1, max_value=2**40))
+        first = start_ns + draw(st.integers(min_value=0, max_value=3 * 60 * _NS_PER_MINUTE))
+        last = first + draw(st.integers(min_value=0, max_value=45 * _NS_PER_MINUTE))
+        mix = draw(st.lists(amounts, min_size=4, max_size=4)) if with_mix else None
+        spans = draw(st.integers(min_value=0, max_value=2**31))
+        totals.add(partition, offsets[partition], draw(amounts), spans, first, last, BUCKET_NS * rolling, mix)
+    return totals
+
+
+@settings(max_examples=500, deadline=None)
+@given(ring=rings())
+def test_a_rings_state_is_the_one_written_before_bit_for_bit(ring: Ring) -> None:
+    assert _bits(ring.to_state()) == _bits(_reference_ring_state(ring))
+
+
+@settings(max_examples=300, deadline=None)
+@given(totals=window_totals())
+def test_recovery_reads_the_totals_exactly_as_written(totals: WindowTotals) -> None:
+    """new encoding -> Faust's JSON decode -> `from_state`: the same totals, and the same JSON value
+    as the encoding before."""
+    written = encode("json", totals)
+    recovered = WindowTotals.from_state(json.loads(written))
+    assert _bits(recovered.to_state()) == _bits(totals.to_state())
+    assert recovered.recent.amounts == totals.recent.amounts
+    assert recovered.recent.newest == totals.recent.newest
+    if totals.buckets is None:
+        assert recovered.buckets is None
+    else:
+        assert recovered.buckets is not None
+        assert (recovered.buckets.newest, recovered.buckets.amounts) == (
+            totals.buckets.newest,
+            totals.buckets.amounts,
+        )
+    assert _bits(json.loads(written)) == _bits(json.loads(_old_encoding(totals)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(recent=rings(), buckets=st.none() | rings(), spent=any_double)
+def test_any_ring_contents_read_back_as_written(recent: Ring, buckets: Ring | None, spent: float) -> None:
+    """Slots of any bit pattern (NaN, infinities, -0.0) read back as the encoding before read them."""
+    if len(recent.amounts) != RECENT_MINUTES:
+        recent = Ring(RECENT_MINUTES, recent.newest, recent.amounts[:RECENT_MINUTES])
+    if buckets is not None and len(buckets.amounts) != ROLLING_BUCKETS + 1:
+        buckets = None
+    totals = WindowTotals(spent=spent, spans=1, applied={"0": 3}, recent=recent, buckets=buckets)
+    assert _bits(json.loads(encode("json", totals))) == _bits(json.loads(_old_encoding(totals)))
