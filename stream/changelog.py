@@ -48,9 +48,11 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import msgspec
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from burnguard.stream.accounting import WindowTotals
 from faust.serializers import codecs
 from faust.types import TP, AppT, CollectionT
 
@@ -254,7 +256,7 @@ def encode(serializer: str, value: Any) -> bytes:
     convert; the tables here hold JSON types and objects with `__json__`.
     """
     if serializer == "json":
-        return _encode_json(value).encode()
+        return _json_value(value)
     return codecs.dumps(serializer, value)
 
 
@@ -269,10 +271,42 @@ def _faust_json(value: Any) -> Any:
 _encode_json = json.JSONEncoder(default=_faust_json, separators=(",", ":")).encode
 
 
+#: msgspec's JSON encoder: ~0.6 us for a window's state where the stdlib's takes ~2.7 us (floats
+#: written by the stdlib's `repr` are most of it). Not orjson: with orjson installed Faust's own
+#: JSON codec switches to it, for decoding too (NaN refused, ints past 64 bits read as floats),
+#: and it writes a dataclass such as `WindowTotals` as an object of its fields.
+_encode_plain = msgspec.json.Encoder().encode
+
+
+def _json_value(value: Any) -> bytes:
+    """A changelog value as JSON that `json.loads` reads back as it read the stdlib encoder's.
+
+    A `WindowTotals` (most changelog records: ~0.9 per span) goes through msgspec: its state
+    holds only what JSON decodes to and what `add` computes (floats, ints, lists, None and the
+    str-keyed marks), which both encoders write as the same value, floats bit for bit. Except
+    a NaN or an infinity: msgspec writes null, so an output with more nulls than the state has
+    Nones at its top level (the only place `to_state` puts them) is written by the stdlib, as
+    are marks with a key that is not a str (msgspec writes a float key as `1e16`, the stdlib
+    `1e+16`) and whatever msgspec refuses (a lone surrogate). Other values (signal states,
+    clocks) are few: the stdlib encoder, as before.
+    """
+    if type(value) is not WindowTotals:
+        return _encode_json(value).encode()
+    state = value.to_state()
+    try:
+        "".join(value.applied)  # TypeError unless every key is a str
+        encoded = _encode_plain(state)
+    except (TypeError, ValueError):  # the stdlib's output, or its error
+        return _encode_json(state).encode()
+    if encoded.count(b"null") != state.count(None):  # a non-finite float (or "null" in a text)
+        return _encode_json(state).encode()
+    return encoded
+
+
 def _encoder(serializer: str) -> Callable[[Any], bytes]:
     """`encode` for one serializer, the choice made once per table rather than per record."""
     if serializer == "json":
-        return lambda value: _encode_json(value).encode()
+        return _json_value
     return lambda value: codecs.dumps(serializer, value)
 
 

@@ -1,20 +1,24 @@
 """The window-totals changelog value: its cheaper encoding reads back exactly as the one before it.
 
-Recovery decodes a changelog value with Faust's JSON codec and turns it back with
+Recovery decodes a changelog value with Faust's JSON codec (`json.loads`) and turns it back with
 `WindowTotals.from_state`; these tests hold the state and its bytes to the encoding of main
 65b6545 (`_reference_ring_state`, the stdlib encoder) on generated totals: calendar and rolling
-windows, applied marks, call mixes, rings with gaps and any float bit pattern in a slot.
+windows, applied marks, call mixes, rings with gaps and any float bit pattern in a slot. The
+values msgspec cannot write as the stdlib did (non-finite floats, odd keys) take the stdlib's path.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from array import array
 from typing import Any
 
+import pytest
 from burnguard.stream.accounting import RECENT_MINUTES, ROLLING_BUCKETS, Ring, WindowTotals
 from burnguard.stream.changelog import encode
+from faust.serializers import codecs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,3 +132,44 @@ def test_any_ring_contents_read_back_as_written(recent: Ring, buckets: Ring | No
         buckets = None
     totals = WindowTotals(spent=spent, spans=1, applied={"0": 3}, recent=recent, buckets=buckets)
     assert _bits(json.loads(encode("json", totals))) == _bits(json.loads(_old_encoding(totals)))
+
+
+def _totals(**fields: Any) -> WindowTotals:
+    """A rolling window's totals with a mark, a mix and one amount in each ring, and `fields`."""
+    totals = WindowTotals.from_state(
+        [0.5, 3, 1, 2, {"0": 9}, [4, [0.25, 0.0, 1.5]], [7, [1.5]], [1.0, 0, 0, 0]]
+    )
+    for name, value in fields.items():
+        setattr(totals, name, value)
+    return totals
+
+
+@pytest.mark.parametrize(
+    "totals",
+    [
+        _totals(spent=math.nan),
+        _totals(spent=-math.inf),
+        _totals(mix=[1.0, 0.0, math.inf, 0.0]),
+        _totals(recent=Ring(RECENT_MINUTES, 3, array("d", [math.nan] * RECENT_MINUTES))),
+        _totals(buckets=None, mix=None, spent=math.inf),  # nulls of its own, and one from the infinity
+        _totals(applied={"null": 4}),  # "null" in a text
+        _totals(applied={1: 4, "2": 5}),
+        _totals(applied={1e16: 4}),  # msgspec writes the key as "1e16", the stdlib "1e+16"
+        _totals(applied={"\ud800": 4}),  # a lone surrogate: msgspec refuses it, the stdlib escapes it
+        _totals(spent=2**70, spans=-(2**64)),  # ints past 64 bits
+    ],
+)
+def test_what_msgspec_would_write_otherwise_is_written_as_before(totals: WindowTotals) -> None:
+    written = encode("json", totals)
+    assert _bits(codecs.loads("json", written)) == _bits(json.loads(_old_encoding(totals)))
+    assert written == _old_encoding(totals)  # these states' text is the stdlib's, byte for byte
+
+
+def test_fausts_json_codec_is_the_stdlibs() -> None:
+    """Recovery reads the changelog with `json.loads`: with orjson installed Faust's codec would use
+    it instead (NaN refused, ints past 64 bits read as floats, a `WindowTotals` written as an object
+    of its fields), so nothing may pull orjson into the worker's environment."""
+    import faust.utils.json
+
+    assert faust.utils.json.orjson is None
+    assert faust.utils.json.loads.__defaults__ == (json.loads,)
