@@ -48,7 +48,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, ProducerClosed
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.serializers import codecs
@@ -197,23 +197,44 @@ class ChangelogBatches:
         `send_batch` returns once the batch is in the accumulator, with no
         other task run since the wait for the drain ended: nothing appends
         to a batch after it was handed over (it is closed, and out of the queue).
+
+        A producer that stops settles only the batches in its accumulator when
+        the stop began; a hand-over waiting then would wait for ever (a drain,
+        or metadata from a closed client), and a batch added after would never
+        be sent nor failed. So the producer's sender ending cancels the
+        hand-over, and every batch not handed over before the stop fails.
         """
-        producer = self.app.producer._ensure_producer()
-        while queue:
-            batch = queue[0]
-            try:
+        task = asyncio.current_task()
+        stopped: asyncio.Future[Any] | None = None
+
+        def cancel(_: object) -> None:
+            if task is not None:
+                task.cancel()
+
+        try:
+            producer = self.app.producer._ensure_producer()
+            stopped = producer._sender.sender_task
+            stopped.add_done_callback(cancel)
+            while queue:
+                batch = queue[0]
                 sent = await producer.send_batch(batch.builder, topic, partition=partition)
-            except BaseException as exc:  # the write is half done: this batch and those after it are lost
-                self._failed = exc
-                for lost in queue:
-                    lost.delivered.set_exception(exc)
-                queue.clear()
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            queue.popleft()
-            batch.builder.close()
-            sent.add_done_callback(batch.settle)
+                if producer._closed:  # added after the stop's flush looked: never flushed nor failed
+                    raise ProducerClosed(f"{topic}[{partition}]: the producer stopped during the hand-over")
+                queue.popleft()
+                batch.builder.close()
+                sent.add_done_callback(batch.settle)
+        except BaseException as exc:  # the write is half done: this batch and those after it are lost
+            if isinstance(exc, asyncio.CancelledError) and stopped is not None and stopped.done():
+                exc = ProducerClosed(f"{topic}[{partition}]: the producer stopped before the hand-over")
+            self._failed = exc
+            for lost in queue:
+                lost.delivered.set_exception(exc)
+            queue.clear()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if stopped is not None:
+                stopped.remove_done_callback(cancel)
 
 
 class _QueuedBatch:

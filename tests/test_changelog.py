@@ -459,3 +459,34 @@ def test_a_write_waits_while_a_partition_has_too_many_batches_queued(kafka_broke
     waited, written, delivered = asyncio.run(a_write_behind_too_many_batches(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert waited, "the write went on with more than MAX_QUEUED_BATCHES batches queued"
     assert isinstance(written, dict) and delivered == {USAGE_TP: 2}, (written, delivered)
+
+
+async def delivery_after_the_producer_stops(bootstrap: str, app_id: str) -> object:
+    """A write that fills several small batches, the producer stopped at once, then the wait for delivery.
+
+    The first batch is in the producer's accumulator, the others queued behind it
+    (`ChangelogBatches`): the stop comes while the hand-over waits for a drain.
+    """
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write()
+        await asyncio.sleep(0)
+        await app.producer.stop()
+        try:
+            return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
+        except TimeoutError:
+            return "never settled"
+
+
+def test_batches_queued_when_the_producer_stops_are_delivered_or_fail_never_hang(
+    kafka_broker: object,
+) -> None:
+    """A stopping producer must not leave a queued batch's delivery unsettled: the revoke, the stop
+    and the commit cap wait for it, and nothing would ever tell that its records were lost."""
+    app_id = f"changelog-producer-stop-{time.monotonic_ns()}"
+    kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
+    outcome = asyncio.run(delivery_after_the_producer_stops(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert outcome == {USAGE_TP: 1} or isinstance(outcome, ChangelogWriteFailed), outcome
