@@ -169,7 +169,7 @@ class ChangelogBatches:
             raise self._failed
         tp = (topic, partition)
         queue = self._queued.setdefault(tp, deque())
-        batch = queue[-1] if queue else self._open(queue)
+        batch = queue[-1] if queue else self._open(queue, topic, partition)
         touched = [batch.delivered]
         max_bytes = int(self.app.conf.producer_max_request_size)
         timestamp = int(time.time() * 1000)
@@ -177,7 +177,7 @@ class ChangelogBatches:
             if len(key) + (len(value) if value else 0) > max_bytes - RECORD_OVERHEAD_BYTES:
                 _check_size(topic, key, value, max_bytes)
             if batch.builder.append(timestamp=timestamp, key=key, value=value) is None:
-                batch = self._open(queue)  # aiokafka closed the full one
+                batch = self._open(queue, topic, partition)  # aiokafka closed the full one
                 touched.append(batch.delivered)
                 batch.builder.append(timestamp=timestamp, key=key, value=value)
         handing_over = self._handing_over.get(tp)
@@ -185,9 +185,9 @@ class ChangelogBatches:
             self._handing_over[tp] = asyncio.ensure_future(self._hand_over(topic, partition, queue))
         return touched
 
-    def _open(self, queue: deque[_QueuedBatch]) -> _QueuedBatch:
+    def _open(self, queue: deque[_QueuedBatch], topic: str, partition: int) -> _QueuedBatch:
         """A new empty batch at the end of `queue`, as big as the producer's batches at most."""
-        batch = _QueuedBatch(self.app.producer._ensure_producer().create_batch())
+        batch = _QueuedBatch(self.app.producer._ensure_producer().create_batch(), f"{topic}[{partition}]")
         queue.append(batch)
         return batch
 
@@ -240,21 +240,30 @@ class ChangelogBatches:
 class _QueuedBatch:
     """A batch of one changelog partition, open for records until handed over; done when delivered."""
 
-    __slots__ = ("builder", "delivered")
+    __slots__ = ("builder", "delivered", "where")
 
-    def __init__(self, builder: BatchBuilder) -> None:
+    def __init__(self, builder: BatchBuilder, where: str) -> None:
         self.builder = builder
+        self.where = where
         self.delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def settle(self, sent: asyncio.Future[Any]) -> None:
-        """Done as the producer's delivery future of the batch is (its outcome taken: none is left unread)."""
+        """Done as the producer's delivery future of the batch is (its outcome taken: none is left unread).
+
+        A failure names the partition and how many records went with it: the
+        broker's own error (`MessageSizeTooLargeError()`) names neither.
+        """
         failure = None if sent.cancelled() else sent.exception()
         if self.delivered.done():
             return
         if sent.cancelled():
             self.delivered.cancel()
         elif failure is not None:
-            self.delivered.set_exception(failure)
+            lost = ChangelogWriteFailed(
+                f"{self.where}: a batch of {self.builder.record_count()} records refused: {failure!r}"
+            )
+            lost.__cause__ = failure
+            self.delivered.set_exception(lost)
         else:
             self.delivered.set_result(None)
 

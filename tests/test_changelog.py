@@ -360,6 +360,10 @@ def test_a_refused_batch_refuses_all_its_records_and_stops_the_cache(kafka_broke
     outcomes = asyncio.run(covers_around_a_refused_batch(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
     assert isinstance(outcomes[1], ChangelogWriteFailed), f"the refused write was delivered: {outcomes}"
+    assert f"{topic}[0]" in str(outcomes[1]), f"the error does not say which changelog refused: {outcomes[1]}"
+    assert "2 records" in str(outcomes[1]), (
+        f"the error does not say how many records were lost: {outcomes[1]}"
+    )
     assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
     assert changelog_records(kafka_broker.bootstrap, topic, 0) == []  # type: ignore[attr-defined]
 
