@@ -45,7 +45,7 @@ import asyncio
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from aiokafka.errors import MessageSizeTooLargeError, ProducerClosed
@@ -314,6 +314,11 @@ def _encoded(
         yield encode_key(key), None if value is None else encode_value(value)
 
 
+async def _always() -> bool:
+    """`TableChanges.write`'s default `may_write`: nothing holds the write back."""
+    return True
+
+
 class TableChanges:
     """Changes to Faust tables, applied to their stores at once and to their changelogs in batches.
 
@@ -405,7 +410,7 @@ class TableChanges:
             return True
         return time.monotonic() - self._last_write >= self.flush_interval_s
 
-    async def write(self) -> dict[TP, int]:
+    async def write(self, may_write: Callable[[], Awaitable[bool]] = _always) -> dict[TP, int] | None:
         """Hand the changed keys' records to the producer in record batches; per partition, the offset
         now delivered.
 
@@ -415,12 +420,19 @@ class TableChanges:
         at a time: two interleaved ones could put a key's older value after
         its newer one. Raises `ChangelogWriteFailed` once a record failed
         (a refused batch: all its records).
+
+        `may_write` (the stall guard) is asked after the write's waits (the
+        lock, room for its batches), right before its records are taken: a
+        stall during a wait would go unseen by a check before it. None when
+        it says no: nothing is taken, the changes stay pending.
         """
         if self._writing is None:
             self._writing = asyncio.Lock()
         async with self._writing:
             self._check()
             await self.batches.room()
+            if not await may_write():
+                return None
             covered = dict(self._processed)  # taken with the records: nothing runs in between
             self._last_write = time.monotonic()
             try:

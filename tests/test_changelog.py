@@ -11,13 +11,17 @@ from typing import Any
 
 import faust
 import pytest
+from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import changelog
 from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.app import BudgetJob
 from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, _encoder, encode
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 from faust.types import TP
 from kafka import KafkaConsumer, TopicPartition
+
+from tests.factories import budgets_yaml, tenant_cost
 
 
 @pytest.fixture
@@ -494,3 +498,52 @@ def test_batches_queued_when_the_producer_stops_are_delivered_or_fail_never_hang
     kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
     outcome = asyncio.run(delivery_after_the_producer_stops(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert outcome == {USAGE_TP: 1} or isinstance(outcome, ChangelogWriteFailed), outcome
+
+
+class BatchesWithoutRoom(CapturedBatches):
+    """Captured batches whose `room` waits until `free` is set: a partition with too many batches queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free = asyncio.Event()
+
+    async def room(self) -> None:
+        await self.free.wait()
+
+
+async def records_written_after_a_stall_during_the_wait_for_room(job: BudgetJob) -> list[object]:
+    """A write waits for room; the process stands still meanwhile and the group expels it.
+
+    The stall guard would say so at any check after the stall (`still_member`
+    False); what did the write hand over once the room came?
+    """
+    member = [True]
+
+    async def still_member() -> bool:
+        return member[0]
+
+    job.stall_guard.still_member = still_member  # type: ignore[method-assign]
+    batches = BatchesWithoutRoom()
+    job.changes.batches = batches  # type: ignore[assignment]
+    job.changes.set(job.totals, "tenant-cost|acme|0", {"spent": 1.0})
+    job.changes.processed(USAGE_TP, 0)
+    writing = asyncio.ensure_future(job._write_changes())
+    await asyncio.sleep(0.05)
+    assert not writing.done(), "the write did not wait for room"
+    member[0] = False  # stood still past the session timeout while waiting: expelled
+    batches.free.set()
+    await outcome_of(lambda: writing)
+    return batches.sent
+
+
+def test_a_write_that_waited_for_room_hands_nothing_over_once_the_worker_was_expelled(tmp_path: Any) -> None:
+    """The stall guard's check must come after every wait of a write, just before its records are taken.
+
+    Checked before the wait for room (or for the write lock), a stall during
+    that wait goes unseen: the records go into changelogs another worker owns.
+    """
+    settings = StreamSettings(data_dir=tmp_path / "stream", app_id=f"stall-room-{tmp_path.name}")
+    job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1))))
+    sent = asyncio.run(records_written_after_a_stall_during_the_wait_for_room(job))
+    assert sent == [], f"records handed over after the stall guard would have held them back: {sent}"
+    assert job.changes.pending(), "the held-back change must stay pending (the revoke then stops the worker)"
