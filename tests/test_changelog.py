@@ -11,6 +11,7 @@ from typing import Any
 
 import faust
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import changelog
 from burnguard.stream.accounting import WindowTotals
@@ -547,3 +548,41 @@ def test_a_write_that_waited_for_room_hands_nothing_over_once_the_worker_was_exp
     sent = asyncio.run(records_written_after_a_stall_during_the_wait_for_room(job))
     assert sent == [], f"records handed over after the stall guard would have held them back: {sent}"
     assert job.changes.pending(), "the held-back change must stay pending (the revoke then stops the worker)"
+
+
+def padded_to(size: int, key: bytes) -> dict[str, str]:
+    """A value whose record with `key` is `size` bytes as aiokafka counts it (a batch of one)."""
+    pad = size - DefaultRecordBatchBuilder.estimate_size_in_bytes(key, encode("json", {"v": ""}), [])
+    while DefaultRecordBatchBuilder.estimate_size_in_bytes(key, encode("json", {"v": "x" * pad}), []) > size:
+        pad -= 1  # the lengths' varints grew
+    assert DefaultRecordBatchBuilder.estimate_size_in_bytes(key, encode("json", {"v": "x" * pad}), []) == size
+    return {"v": "x" * pad}
+
+
+async def writes_at_the_request_size(bootstrap: str, app_id: str, over: int) -> list[object]:
+    """A write of a small record, one of the producer's max request size plus `over` bytes, a small one."""
+    options = {"producer_max_request_size": 4 * REFUSED_ABOVE}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        big = padded_to(4 * REFUSED_ABOVE + over, encode("json", "key-1"))
+        for offset, value in enumerate(({"v": 0}, big, {"v": 2})):
+            changes.set(totals, f"key-{offset}", value)
+            changes.processed(USAGE_TP, offset)
+        return [await outcome_of(changes.write), await outcome_of(changes.delivered)]
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_record_at_the_producers_max_request_size_is_written_and_one_byte_more_refused_naming_its_topic(
+    kafka_broker: object, over: int
+) -> None:
+    """The write's own size check refuses exactly what the producer's `send` refuses, no more, no less."""
+    app_id = f"changelog-request-size-{over}-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=1)  # type: ignore[attr-defined]
+    outcomes = asyncio.run(writes_at_the_request_size(kafka_broker.bootstrap, app_id, over))  # type: ignore[attr-defined]
+    if over:
+        assert isinstance(outcomes[0], ChangelogWriteFailed) and topic in str(outcomes[0]), outcomes
+        assert isinstance(outcomes[1], ChangelogWriteFailed), outcomes
+    else:
+        assert outcomes == [outcomes[0], {USAGE_TP: 3}], outcomes
+        keys = [key for key, _ in changelog_records(kafka_broker.bootstrap, topic, 0)]  # type: ignore[attr-defined]
+        assert keys == [encode("json", f"key-{offset}") for offset in range(3)]
