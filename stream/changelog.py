@@ -68,6 +68,8 @@ MAX_QUEUED_BATCHES = 4
 #: Below this many bytes under the producer's max request size a record's key and value surely
 #: fit; above, the exact size is estimated (a record's and a batch's headers).
 RECORD_OVERHEAD_BYTES = 512
+#: Why a write or a queued batch was held back (the stall guard said the group expelled the worker).
+HELD_BACK = "the group expelled this worker while it stood still"
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
 #: `dict.get`'s default for a key with no pending change (None is a pending deletion).
@@ -146,6 +148,8 @@ class ChangelogBatches:
         self._queued: dict[tuple[str, int], deque[_QueuedBatch]] = {}
         self._handing_over: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._failed: BaseException | None = None
+        #: asked before each hand-over (the latest write's `may_write`: the stall guard)
+        self.may_hand_over: Callable[[], Awaitable[bool]] = _always
 
     async def room(self) -> None:
         """Wait while some partition has more than `MAX_QUEUED_BATCHES` batches not handed over yet."""
@@ -203,6 +207,10 @@ class ChangelogBatches:
         or metadata from a closed client), and a batch added after would never
         be sent nor failed. So the producer's sender ending cancels the
         hand-over, and every batch not handed over before the stop fails.
+
+        A batch waits in the queue for round trips: `may_hand_over` (the stall
+        guard) is asked before each, as before a write takes its records; a
+        worker expelled meanwhile hands over nothing more, and its batches fail.
         """
         task = asyncio.current_task()
         stopped: asyncio.Future[Any] | None = None
@@ -217,6 +225,8 @@ class ChangelogBatches:
             stopped.add_done_callback(cancel)
             while queue:
                 batch = queue[0]
+                if not await self.may_hand_over():
+                    raise ChangelogWriteFailed(f"{topic}[{partition}]: not handed over: {HELD_BACK}")
                 sent = await producer.send_batch(batch.builder, topic, partition=partition)
                 if producer._closed:  # added after the stop's flush looked: never flushed nor failed
                     raise ProducerClosed(f"{topic}[{partition}]: the producer stopped during the hand-over")
@@ -433,6 +443,7 @@ class TableChanges:
             await self.batches.room()
             if not await may_write():
                 return None
+            self.batches.may_hand_over = may_write
             covered = dict(self._processed)  # taken with the records: nothing runs in between
             self._last_write = time.monotonic()
             try:

@@ -586,3 +586,44 @@ def test_a_record_at_the_producers_max_request_size_is_written_and_one_byte_more
         assert outcomes == [outcomes[0], {USAGE_TP: 3}], outcomes
         keys = [key for key, _ in changelog_records(kafka_broker.bootstrap, topic, 0)]  # type: ignore[attr-defined]
         assert keys == [encode("json", f"key-{offset}") for offset in range(3)]
+
+
+async def records_landed_after_the_guard_turned(bootstrap: str, app_id: str) -> object:
+    """A write that fills many small batches; right after it returns the stall guard says no.
+
+    As when the process stands still while its batches wait behind a drain,
+    and the group expels it: the guard says so once it resumes.
+    """
+    member = [True]
+
+    async def still_member() -> bool:
+        return member[0]
+
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write(still_member)
+        member[0] = False
+        try:
+            return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
+        except TimeoutError:
+            return "never settled"
+
+
+def test_batches_queued_when_the_worker_was_expelled_are_not_handed_over_and_stop_the_cache(
+    kafka_broker: object,
+) -> None:
+    """A queued batch is handed over only while the stall guard allows writes, like a write's records.
+
+    The queue holds batches for several produce round trips; handed over after
+    the worker was expelled, they land after its successor's newer values.
+    """
+    app_id = f"changelog-expelled-queue-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=1)  # type: ignore[attr-defined]
+    outcome = asyncio.run(records_landed_after_the_guard_turned(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    landed = changelog_records(kafka_broker.bootstrap, topic, 0)  # type: ignore[attr-defined]
+    assert landed == [], f"{len(landed)} records handed over after the guard said no (outcome {outcome})"
+    assert isinstance(outcome, ChangelogWriteFailed), outcome
