@@ -236,6 +236,8 @@ class ChangelogBatches:
         except BaseException as exc:  # the write is half done: this batch and those after it are lost
             if isinstance(exc, asyncio.CancelledError) and stopped is not None and stopped.done():
                 exc = ProducerClosed(f"{topic}[{partition}]: the producer stopped before the hand-over")
+            elif isinstance(exc, Exception) and not isinstance(exc, ChangelogWriteFailed | ProducerClosed):
+                exc = _named(ChangelogWriteFailed(f"{topic}[{partition}]: not handed over: {exc!r}"), exc)
             self._failed = exc
             for lost in queue:
                 lost.delivered.set_exception(exc)
@@ -269,13 +271,16 @@ class _QueuedBatch:
         if sent.cancelled():
             self.delivered.cancel()
         elif failure is not None:
-            lost = ChangelogWriteFailed(
-                f"{self.where}: a batch of {self.builder.record_count()} records refused: {failure!r}"
-            )
-            lost.__cause__ = failure
-            self.delivered.set_exception(lost)
+            refused = f"{self.where}: a batch of {self.builder.record_count()} records refused: {failure!r}"
+            self.delivered.set_exception(_named(ChangelogWriteFailed(refused), failure))
         else:
             self.delivered.set_result(None)
+
+
+def _named(failure: ChangelogWriteFailed, cause: BaseException) -> ChangelogWriteFailed:
+    """`failure` (which names the changelog partition) with `cause` (which does not) as its cause."""
+    failure.__cause__ = cause
+    return failure
 
 
 def _check_size(topic: str, key: bytes, value: bytes | None, max_bytes: int) -> None:

@@ -399,6 +399,9 @@ def test_a_hand_over_failing_half_way_is_never_covered_and_stops_the_cache(kafka
     outcomes = asyncio.run(covers_around_a_hand_over_failing_half_way(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
     assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
+    assert f"{app_id}-totals-changelog[1]" in str(outcomes[1]), (
+        f"the error does not name the partition: {outcomes}"
+    )
 
 
 def returned_at_once(write: Coroutine[Any, Any, dict[TP, int]]) -> bool:
