@@ -630,3 +630,29 @@ def test_batches_queued_when_the_worker_was_expelled_are_not_handed_over_and_sto
     landed = changelog_records(kafka_broker.bootstrap, topic, 0)  # type: ignore[attr-defined]
     assert landed == [], f"{len(landed)} records handed over after the guard said no (outcome {outcome})"
     assert isinstance(outcome, ChangelogWriteFailed), outcome
+
+
+async def cover_right_after_a_producer_flush(bootstrap: str, app_id: str) -> tuple[object, int, object]:
+    """A write of many small batches, the producer flushed at once (as Faust does before a commit):
+    the cover then, the records landed then, the cover once every batch is delivered."""
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write()
+        await app.producer.flush()
+        cover = await outcome_of(changes.write)  # nothing new: what the writes delivered so far cover
+        landed = len(changelog_records(bootstrap, f"{app_id}-totals-changelog", 0))  # the loop stands still
+        return cover, landed, await outcome_of(changes.delivered)
+
+
+def test_a_producer_flush_misses_queued_batches_and_the_cover_never_counts_them(kafka_broker: object) -> None:
+    """Faust's flush before a commit waits only for the producer's accumulator, not for the batches
+    queued behind it: the commit is safe only because the cover counts deliveries, not flushes."""
+    app_id = f"changelog-flush-{time.monotonic_ns()}"
+    kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
+    cover, landed, delivered = asyncio.run(cover_right_after_a_producer_flush(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert landed < 30 * changelog.MAX_QUEUED_BATCHES, "the flush waited for every queued batch after all"
+    assert cover == {}, f"covered after a flush while {landed} of the write's records had landed: {cover}"
+    assert delivered == {USAGE_TP: 1}
