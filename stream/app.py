@@ -847,20 +847,20 @@ class BudgetJob:
         (`ChangelogWriteFailed`): nothing past the last delivered write is
         committed, and the next owner replays from there.
         """
-        if not await self.stall_guard.still_member():
-            logger.warning(
-                "not writing the table changes: the group expelled this worker while it stood still"
-            )
-            return
         try:
-            covered = await self.changes.write()
-            if flushed:
+            covered = await self.changes.write(self.stall_guard.still_member)  # asked after its waits
+            if flushed and covered is not None:
                 await self.app.producer.flush()
                 covered = await self.changes.delivered()
         except ChangelogWriteFailed as exc:
             logger.error("stopping: %s", exc)
             await self.app.crash(exc)
             raise
+        if covered is None:
+            logger.warning(
+                "not writing the table changes: the group expelled this worker while it stood still"
+            )
+            return
         self._let_commit(covered)
         if self.changes.undelivered() and (self._releasing is None or self._releasing.done()):
             self._releasing = asyncio.ensure_future(self._let_commit_once_delivered())

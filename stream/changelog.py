@@ -45,11 +45,11 @@ import asyncio
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, ProducerClosed
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from burnguard.stream.accounting import WindowTotals
@@ -70,6 +70,8 @@ MAX_QUEUED_BATCHES = 4
 #: Below this many bytes under the producer's max request size a record's key and value surely
 #: fit; above, the exact size is estimated (a record's and a batch's headers).
 RECORD_OVERHEAD_BYTES = 512
+#: Why a write or a queued batch was held back (the stall guard said the group expelled the worker).
+HELD_BACK = "the group expelled this worker while it stood still"
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
 #: `dict.get`'s default for a key with no pending change (None is a pending deletion).
@@ -148,6 +150,8 @@ class ChangelogBatches:
         self._queued: dict[tuple[str, int], deque[_QueuedBatch]] = {}
         self._handing_over: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._failed: BaseException | None = None
+        #: asked before each hand-over (the latest write's `may_write`: the stall guard)
+        self.may_hand_over: Callable[[], Awaitable[bool]] = _always
 
     async def room(self) -> None:
         """Wait while some partition has more than `MAX_QUEUED_BATCHES` batches not handed over yet."""
@@ -171,7 +175,7 @@ class ChangelogBatches:
             raise self._failed
         tp = (topic, partition)
         queue = self._queued.setdefault(tp, deque())
-        batch = queue[-1] if queue else self._open(queue)
+        batch = queue[-1] if queue else self._open(queue, topic, partition)
         touched = [batch.delivered]
         max_bytes = int(self.app.conf.producer_max_request_size)
         timestamp = int(time.time() * 1000)
@@ -179,7 +183,7 @@ class ChangelogBatches:
             if len(key) + (len(value) if value else 0) > max_bytes - RECORD_OVERHEAD_BYTES:
                 _check_size(topic, key, value, max_bytes)
             if batch.builder.append(timestamp=timestamp, key=key, value=value) is None:
-                batch = self._open(queue)  # aiokafka closed the full one
+                batch = self._open(queue, topic, partition)  # aiokafka closed the full one
                 touched.append(batch.delivered)
                 batch.builder.append(timestamp=timestamp, key=key, value=value)
         handing_over = self._handing_over.get(tp)
@@ -187,9 +191,9 @@ class ChangelogBatches:
             self._handing_over[tp] = asyncio.ensure_future(self._hand_over(topic, partition, queue))
         return touched
 
-    def _open(self, queue: deque[_QueuedBatch]) -> _QueuedBatch:
+    def _open(self, queue: deque[_QueuedBatch], topic: str, partition: int) -> _QueuedBatch:
         """A new empty batch at the end of `queue`, as big as the producer's batches at most."""
-        batch = _QueuedBatch(self.app.producer._ensure_producer().create_batch())
+        batch = _QueuedBatch(self.app.producer._ensure_producer().create_batch(), f"{topic}[{partition}]")
         queue.append(batch)
         return batch
 
@@ -199,45 +203,86 @@ class ChangelogBatches:
         `send_batch` returns once the batch is in the accumulator, with no
         other task run since the wait for the drain ended: nothing appends
         to a batch after it was handed over (it is closed, and out of the queue).
+
+        A producer that stops settles only the batches in its accumulator when
+        the stop began; a hand-over waiting then would wait for ever (a drain,
+        or metadata from a closed client), and a batch added after would never
+        be sent nor failed. So the producer's sender ending cancels the
+        hand-over, and every batch not handed over before the stop fails.
+
+        A batch waits in the queue for round trips: `may_hand_over` (the stall
+        guard) is asked before each, as before a write takes its records; a
+        worker expelled meanwhile hands over nothing more, and its batches fail.
         """
-        producer = self.app.producer._ensure_producer()
-        while queue:
-            batch = queue[0]
-            try:
+        task = asyncio.current_task()
+        stopped: asyncio.Future[Any] | None = None
+
+        def cancel(_: object) -> None:
+            if task is not None:
+                task.cancel()
+
+        try:
+            producer = self.app.producer._ensure_producer()
+            stopped = producer._sender.sender_task
+            stopped.add_done_callback(cancel)
+            while queue:
+                batch = queue[0]
+                if not await self.may_hand_over():
+                    raise ChangelogWriteFailed(f"{topic}[{partition}]: not handed over: {HELD_BACK}")
                 sent = await producer.send_batch(batch.builder, topic, partition=partition)
-            except BaseException as exc:  # the write is half done: this batch and those after it are lost
-                self._failed = exc
-                for lost in queue:
-                    lost.delivered.set_exception(exc)
-                queue.clear()
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            queue.popleft()
-            batch.builder.close()
-            sent.add_done_callback(batch.settle)
+                if producer._closed:  # added after the stop's flush looked: never flushed nor failed
+                    raise ProducerClosed(f"{topic}[{partition}]: the producer stopped during the hand-over")
+                queue.popleft()
+                batch.builder.close()
+                sent.add_done_callback(batch.settle)
+        except BaseException as exc:  # the write is half done: this batch and those after it are lost
+            if isinstance(exc, asyncio.CancelledError) and stopped is not None and stopped.done():
+                exc = ProducerClosed(f"{topic}[{partition}]: the producer stopped before the hand-over")
+            elif isinstance(exc, Exception) and not isinstance(exc, ChangelogWriteFailed | ProducerClosed):
+                exc = _named(ChangelogWriteFailed(f"{topic}[{partition}]: not handed over: {exc!r}"), exc)
+            self._failed = exc
+            for lost in queue:
+                lost.delivered.set_exception(exc)
+            queue.clear()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if stopped is not None:
+                stopped.remove_done_callback(cancel)
 
 
 class _QueuedBatch:
     """A batch of one changelog partition, open for records until handed over; done when delivered."""
 
-    __slots__ = ("builder", "delivered")
+    __slots__ = ("builder", "delivered", "where")
 
-    def __init__(self, builder: BatchBuilder) -> None:
+    def __init__(self, builder: BatchBuilder, where: str) -> None:
         self.builder = builder
+        self.where = where
         self.delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def settle(self, sent: asyncio.Future[Any]) -> None:
-        """Done as the producer's delivery future of the batch is (its outcome taken: none is left unread)."""
+        """Done as the producer's delivery future of the batch is (its outcome taken: none is left unread).
+
+        A failure names the partition and how many records went with it: the
+        broker's own error (`MessageSizeTooLargeError()`) names neither.
+        """
         failure = None if sent.cancelled() else sent.exception()
         if self.delivered.done():
             return
         if sent.cancelled():
             self.delivered.cancel()
         elif failure is not None:
-            self.delivered.set_exception(failure)
+            refused = f"{self.where}: a batch of {self.builder.record_count()} records refused: {failure!r}"
+            self.delivered.set_exception(_named(ChangelogWriteFailed(refused), failure))
         else:
             self.delivered.set_result(None)
+
+
+def _named(failure: ChangelogWriteFailed, cause: BaseException) -> ChangelogWriteFailed:
+    """`failure` (which names the changelog partition) with `cause` (which does not) as its cause."""
+    failure.__cause__ = cause
+    return failure
 
 
 def _check_size(topic: str, key: bytes, value: bytes | None, max_bytes: int) -> None:
@@ -316,6 +361,11 @@ def _encoded(
     """(key, value) records of `values`, encoded one at a time; a None value is a tombstone."""
     for key, value in values.items():
         yield encode_key(key), None if value is None else encode_value(value)
+
+
+async def _always() -> bool:
+    """`TableChanges.write`'s default `may_write`: nothing holds the write back."""
+    return True
 
 
 class TableChanges:
@@ -409,7 +459,7 @@ class TableChanges:
             return True
         return time.monotonic() - self._last_write >= self.flush_interval_s
 
-    async def write(self) -> dict[TP, int]:
+    async def write(self, may_write: Callable[[], Awaitable[bool]] = _always) -> dict[TP, int] | None:
         """Hand the changed keys' records to the producer in record batches; per partition, the offset
         now delivered.
 
@@ -419,12 +469,20 @@ class TableChanges:
         at a time: two interleaved ones could put a key's older value after
         its newer one. Raises `ChangelogWriteFailed` once a record failed
         (a refused batch: all its records).
+
+        `may_write` (the stall guard) is asked after the write's waits (the
+        lock, room for its batches), right before its records are taken: a
+        stall during a wait would go unseen by a check before it. None when
+        it says no: nothing is taken, the changes stay pending.
         """
         if self._writing is None:
             self._writing = asyncio.Lock()
         async with self._writing:
             self._check()
             await self.batches.room()
+            if not await may_write():
+                return None
+            self.batches.may_hand_over = may_write
             covered = dict(self._processed)  # taken with the records: nothing runs in between
             self._last_write = time.monotonic()
             try:

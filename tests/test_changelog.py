@@ -11,13 +11,18 @@ from typing import Any
 
 import faust
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import changelog
 from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.app import BudgetJob
 from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, _encoder, encode
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 from faust.types import TP
 from kafka import KafkaConsumer, TopicPartition
+
+from tests.factories import budgets_yaml, tenant_cost
 
 
 @pytest.fixture
@@ -364,6 +369,10 @@ def test_a_refused_batch_refuses_all_its_records_and_stops_the_cache(kafka_broke
     outcomes = asyncio.run(covers_around_a_refused_batch(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
     assert isinstance(outcomes[1], ChangelogWriteFailed), f"the refused write was delivered: {outcomes}"
+    assert f"{topic}[0]" in str(outcomes[1]), f"the error does not say which changelog refused: {outcomes[1]}"
+    assert "2 records" in str(outcomes[1]), (
+        f"the error does not say how many records were lost: {outcomes[1]}"
+    )
     assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
     assert changelog_records(kafka_broker.bootstrap, topic, 0) == []  # type: ignore[attr-defined]
 
@@ -394,6 +403,9 @@ def test_a_hand_over_failing_half_way_is_never_covered_and_stops_the_cache(kafka
     outcomes = asyncio.run(covers_around_a_hand_over_failing_half_way(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert all(not outcome for outcome in outcomes if isinstance(outcome, dict)), outcomes
     assert all(isinstance(outcome, ChangelogWriteFailed) for outcome in outcomes[1:]), outcomes
+    assert f"{app_id}-totals-changelog[1]" in str(outcomes[1]), (
+        f"the error does not name the partition: {outcomes}"
+    )
 
 
 def returned_at_once(write: Coroutine[Any, Any, dict[TP, int]]) -> bool:
@@ -463,3 +475,188 @@ def test_a_write_waits_while_a_partition_has_too_many_batches_queued(kafka_broke
     waited, written, delivered = asyncio.run(a_write_behind_too_many_batches(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
     assert waited, "the write went on with more than MAX_QUEUED_BATCHES batches queued"
     assert isinstance(written, dict) and delivered == {USAGE_TP: 2}, (written, delivered)
+
+
+async def delivery_after_the_producer_stops(bootstrap: str, app_id: str) -> object:
+    """A write that fills several small batches, the producer stopped at once, then the wait for delivery.
+
+    The first batch is in the producer's accumulator, the others queued behind it
+    (`ChangelogBatches`): the stop comes while the hand-over waits for a drain.
+    """
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write()
+        await asyncio.sleep(0)
+        await app.producer.stop()
+        try:
+            return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
+        except TimeoutError:
+            return "never settled"
+
+
+def test_batches_queued_when_the_producer_stops_are_delivered_or_fail_never_hang(
+    kafka_broker: object,
+) -> None:
+    """A stopping producer must not leave a queued batch's delivery unsettled: the revoke, the stop
+    and the commit cap wait for it, and nothing would ever tell that its records were lost."""
+    app_id = f"changelog-producer-stop-{time.monotonic_ns()}"
+    kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
+    outcome = asyncio.run(delivery_after_the_producer_stops(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert outcome == {USAGE_TP: 1} or isinstance(outcome, ChangelogWriteFailed), outcome
+
+
+class BatchesWithoutRoom(CapturedBatches):
+    """Captured batches whose `room` waits until `free` is set: a partition with too many batches queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free = asyncio.Event()
+
+    async def room(self) -> None:
+        await self.free.wait()
+
+
+async def records_written_after_a_stall_during_the_wait_for_room(job: BudgetJob) -> list[object]:
+    """A write waits for room; the process stands still meanwhile and the group expels it.
+
+    The stall guard would say so at any check after the stall (`still_member`
+    False); what did the write hand over once the room came?
+    """
+    member = [True]
+
+    async def still_member() -> bool:
+        return member[0]
+
+    job.stall_guard.still_member = still_member  # type: ignore[method-assign]
+    batches = BatchesWithoutRoom()
+    job.changes.batches = batches  # type: ignore[assignment]
+    job.changes.set(job.totals, "tenant-cost|acme|0", {"spent": 1.0})
+    job.changes.processed(USAGE_TP, 0)
+    writing = asyncio.ensure_future(job._write_changes())
+    await asyncio.sleep(0.05)
+    assert not writing.done(), "the write did not wait for room"
+    member[0] = False  # stood still past the session timeout while waiting: expelled
+    batches.free.set()
+    await outcome_of(lambda: writing)
+    return batches.sent
+
+
+def test_a_write_that_waited_for_room_hands_nothing_over_once_the_worker_was_expelled(tmp_path: Any) -> None:
+    """The stall guard's check must come after every wait of a write, just before its records are taken.
+
+    Checked before the wait for room (or for the write lock), a stall during
+    that wait goes unseen: the records go into changelogs another worker owns.
+    """
+    settings = StreamSettings(data_dir=tmp_path / "stream", app_id=f"stall-room-{tmp_path.name}")
+    job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1))))
+    sent = asyncio.run(records_written_after_a_stall_during_the_wait_for_room(job))
+    assert sent == [], f"records handed over after the stall guard would have held them back: {sent}"
+    assert job.changes.pending(), "the held-back change must stay pending (the revoke then stops the worker)"
+
+
+def padded_to(size: int, key: bytes) -> dict[str, str]:
+    """A value whose record with `key` is `size` bytes as aiokafka counts it (a batch of one)."""
+    pad = size - DefaultRecordBatchBuilder.estimate_size_in_bytes(key, encode("json", {"v": ""}), [])
+    while DefaultRecordBatchBuilder.estimate_size_in_bytes(key, encode("json", {"v": "x" * pad}), []) > size:
+        pad -= 1  # the lengths' varints grew
+    assert DefaultRecordBatchBuilder.estimate_size_in_bytes(key, encode("json", {"v": "x" * pad}), []) == size
+    return {"v": "x" * pad}
+
+
+async def writes_at_the_request_size(bootstrap: str, app_id: str, over: int) -> list[object]:
+    """A write of a small record, one of the producer's max request size plus `over` bytes, a small one."""
+    options = {"producer_max_request_size": 4 * REFUSED_ABOVE}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        big = padded_to(4 * REFUSED_ABOVE + over, encode("json", "key-1"))
+        for offset, value in enumerate(({"v": 0}, big, {"v": 2})):
+            changes.set(totals, f"key-{offset}", value)
+            changes.processed(USAGE_TP, offset)
+        return [await outcome_of(changes.write), await outcome_of(changes.delivered)]
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_record_at_the_producers_max_request_size_is_written_and_one_byte_more_refused_naming_its_topic(
+    kafka_broker: object, over: int
+) -> None:
+    """The write's own size check refuses exactly what the producer's `send` refuses, no more, no less."""
+    app_id = f"changelog-request-size-{over}-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=1)  # type: ignore[attr-defined]
+    outcomes = asyncio.run(writes_at_the_request_size(kafka_broker.bootstrap, app_id, over))  # type: ignore[attr-defined]
+    if over:
+        assert isinstance(outcomes[0], ChangelogWriteFailed) and topic in str(outcomes[0]), outcomes
+        assert isinstance(outcomes[1], ChangelogWriteFailed), outcomes
+    else:
+        assert outcomes == [outcomes[0], {USAGE_TP: 3}], outcomes
+        keys = [key for key, _ in changelog_records(kafka_broker.bootstrap, topic, 0)]  # type: ignore[attr-defined]
+        assert keys == [encode("json", f"key-{offset}") for offset in range(3)]
+
+
+async def records_landed_after_the_guard_turned(bootstrap: str, app_id: str) -> object:
+    """A write that fills many small batches; right after it returns the stall guard says no.
+
+    As when the process stands still while its batches wait behind a drain,
+    and the group expels it: the guard says so once it resumes.
+    """
+    member = [True]
+
+    async def still_member() -> bool:
+        return member[0]
+
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write(still_member)
+        member[0] = False
+        try:
+            return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
+        except TimeoutError:
+            return "never settled"
+
+
+def test_batches_queued_when_the_worker_was_expelled_are_not_handed_over_and_stop_the_cache(
+    kafka_broker: object,
+) -> None:
+    """A queued batch is handed over only while the stall guard allows writes, like a write's records.
+
+    The queue holds batches for several produce round trips; handed over after
+    the worker was expelled, they land after its successor's newer values.
+    """
+    app_id = f"changelog-expelled-queue-{time.monotonic_ns()}"
+    topic = f"{app_id}-totals-changelog"
+    kafka_broker.create_topic(topic, partitions=1)  # type: ignore[attr-defined]
+    outcome = asyncio.run(records_landed_after_the_guard_turned(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    landed = changelog_records(kafka_broker.bootstrap, topic, 0)  # type: ignore[attr-defined]
+    assert landed == [], f"{len(landed)} records handed over after the guard said no (outcome {outcome})"
+    assert isinstance(outcome, ChangelogWriteFailed), outcome
+
+
+async def cover_right_after_a_producer_flush(bootstrap: str, app_id: str) -> tuple[object, int, object]:
+    """A write of many small batches, the producer flushed at once (as Faust does before a commit):
+    the cover then, the records landed then, the cover once every batch is delivered."""
+    options = {"producer_max_batch_size": 2048}
+    async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
+        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+        changes.processed(USAGE_TP, 0)
+        await changes.write()
+        await app.producer.flush()
+        cover = await outcome_of(changes.write)  # nothing new: what the writes delivered so far cover
+        landed = len(changelog_records(bootstrap, f"{app_id}-totals-changelog", 0))  # the loop stands still
+        return cover, landed, await outcome_of(changes.delivered)
+
+
+def test_a_producer_flush_misses_queued_batches_and_the_cover_never_counts_them(kafka_broker: object) -> None:
+    """Faust's flush before a commit waits only for the producer's accumulator, not for the batches
+    queued behind it: the commit is safe only because the cover counts deliveries, not flushes."""
+    app_id = f"changelog-flush-{time.monotonic_ns()}"
+    kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
+    cover, landed, delivered = asyncio.run(cover_right_after_a_producer_flush(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
+    assert landed < 30 * changelog.MAX_QUEUED_BATCHES, "the flush waited for every queued batch after all"
+    assert cover == {}, f"covered after a flush while {landed} of the write's records had landed: {cover}"
+    assert delivered == {USAGE_TP: 1}
