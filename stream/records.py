@@ -3,7 +3,8 @@
 Stage 1 sends these kinds of record, each to the usage partition that holds its keys' state
 (`stream/partitioner.py`): `batches` (the deltas and context observations of every OTLP message
 of one stage-1 micro-batch for that partition, each message's rows a sub-batch with its own
-source offset, or a group of messages' rows summed with the group's last offset), `ticks` (keys
+source offset, or a group of messages' rows summed per key with each message's part as a step:
+`GroupRows`), `ticks` (keys
 to re-decide), `removals` (keys of a removed budget) and `sweep` (the clock by which the
 partition forgets state nothing can count in, `stream/eviction.py`).
 A `batch` (one message's rows) is what stage 1 sent before micro-batches; stage 2 still reads it. On
@@ -20,7 +21,9 @@ go once no worker older than those commits runs and the usage topic's retention 
 since the last one stopped (Kafka's default: 7 days).
 
 `batches` (2026-12-01) is not read by a worker older than it: during a rolling upgrade such a
-worker parks it on the dead-letter topic (not counted). Upgrade every worker together.
+worker parks it on the dead-letter topic (not counted). Upgrade every worker together. Nor is a
+combined row with its tenth field (2026-12-02): a rolling upgrade from an older worker runs with
+`BURNGUARD_COMBINE_MESSAGES=false` until every worker reads it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ _CURRENT_KINDS = frozenset((BATCH, BATCHES, TICKS, REMOVALS, SWEEP))
 #: The fields of a delta row written before the call mix existed (no `mix`), and of one now.
 DELTA_ROW_FIELDS_BEFORE_MIX = 8
 DELTA_ROW_FIELDS = 9
+#: A combined row (`GroupRows`): a delta row's fields, its mix written even when None, then its
+#: origin: the offset of the one message that made it, or the per-message `Step`s it sums.
+DELTA_ROW_FIELDS_WITH_STEPS = 10
 
 
 def record_version(record: dict[str, Any]) -> int:
@@ -70,6 +76,125 @@ class DeltaRow(NamedTuple):
     def from_wire(cls, row: list[Any]) -> DeltaRow:
         """A row as sent; one written before the call mix reads with `mix` None (the default)."""
         return cls(*row)
+
+
+class Step(NamedTuple):
+    """One message's own contribution to a combined row: what its row alone would have carried.
+
+    Stage 2 applies a combined row step by step wherever that could differ from applying its sum
+    (a step already counted, a rung crossed): exactly as the messages' own rows would be applied.
+    """
+
+    source_offset: int
+    amount: float
+    spans: int
+    first_event_ns: int
+    last_event_ns: int
+    mix: list[float] | None = None
+
+    @classmethod
+    def of(cls, row: list[Any], offset: int) -> list[Any]:
+        """A message's delta row as a step (wire list); the mix copied, as the combined row sums into it."""
+        step = [offset, *row[3:7]]
+        if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX and row[-1] is not None:
+            step.append(list(row[-1]))
+        return step
+
+
+def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[int, int], DeltaRow]]:
+    """The (source, row) of each message a delta row stands for, in offset order.
+
+    A plain row is its sub-batch's message's; a combined row (`DELTA_ROW_FIELDS_WITH_STEPS`)
+    names one message's offset, or carries the `Step`s of several.
+    """
+    if len(row) != DELTA_ROW_FIELDS_WITH_STEPS:
+        return [(source, DeltaRow.from_wire(row))]
+    *fields, origin = row
+    if isinstance(origin, int):
+        return [((source[0], origin), DeltaRow(*fields))]
+    budget, key, window_start_ns, bucket_ns = fields[0], fields[1], fields[2], fields[7]
+    return [
+        (
+            (source[0], step[0]),
+            DeltaRow(budget, key, window_start_ns, step[1], step[2], step[3], step[4], bucket_ns, _mix(step)),
+        )
+        for step in origin
+    ]
+
+
+def _mix(step: list[Any]) -> list[float] | None:
+    return step[5] if len(step) > 5 else None
+
+
+class GroupRows:
+    """A source partition's consecutive messages' delta rows, combined into one row per key.
+
+    Each message's rows are what it would send alone (`usage_rows` over its spans). A key that
+    one message touched keeps that message's row (with its offset unless it is the group's
+    last); a key that several touched gets their sum, and the `Step` of each, in offset order:
+    stage 2 can then apply it exactly as the messages' own rows (docs/ARCHITECTURE.md §7).
+    """
+
+    __slots__ = ("_rows", "last_offset")
+
+    def __init__(self) -> None:
+        self.last_offset = -1
+        #: (budget, key, window start) -> [row (the sum once a second message adds), offset, steps]
+        self._rows: dict[tuple[str, str, int], list[Any]] = {}
+
+    def add(self, offset: int, rows: list[list[Any]]) -> None:
+        """A message's rows, messages in offset order."""
+        self.last_offset = offset
+        found = self._rows
+        for row in rows:
+            slot = (row[0], row[1], row[2])
+            entry = found.get(slot)
+            if entry is None:
+                found[slot] = [row, offset, None]
+                continue
+            summed, first_offset, steps = entry
+            if steps is None:
+                steps = entry[2] = [Step.of(summed, first_offset)]
+                summed = entry[0] = [*summed[:DELTA_ROW_FIELDS_BEFORE_MIX], _mix_copy(summed)]
+            steps.append(Step.of(row, offset))
+            _add_row(summed, row)
+
+    def rows(self) -> list[tuple[list[Any], int]]:
+        """(wire row, its weight: 1 + its steps) of every key, in the order keys first appeared."""
+        last = self.last_offset
+        out = []
+        for row, offset, steps in self._rows.values():
+            if steps is not None:
+                out.append(([*row, steps], 1 + len(steps)))
+            elif offset != last:
+                out.append(([*row[:DELTA_ROW_FIELDS_BEFORE_MIX], _mix_of(row), offset], 1))
+            else:
+                out.append((row, 1))
+        return out
+
+
+def _mix_of(row: list[Any]) -> list[float] | None:
+    return row[DELTA_ROW_FIELDS_BEFORE_MIX] if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else None
+
+
+def _mix_copy(row: list[Any]) -> list[float] | None:
+    mix = _mix_of(row)
+    return list(mix) if mix is not None else None
+
+
+def _add_row(summed: list[Any], row: list[Any]) -> None:
+    """Add a later message's row of the same key to the group's sum (spans, event range, mix)."""
+    summed[3] += row[3]
+    summed[4] += row[4]
+    if row[5] and (not summed[5] or row[5] < summed[5]):
+        summed[5] = row[5]
+    if row[6] > summed[6]:
+        summed[6] = row[6]
+    mix, total = _mix_of(row), summed[DELTA_ROW_FIELDS_BEFORE_MIX]
+    if mix is not None:
+        summed[DELTA_ROW_FIELDS_BEFORE_MIX] = (
+            list(mix) if total is None else [a + b for a, b in zip(total, mix, strict=True)]
+        )
 
 
 class ContextRow(NamedTuple):
@@ -149,10 +274,14 @@ class MicroBatch:
         #: usage partition -> its records, each a list of sub-batches and its rows and observations
         self._records: dict[int, list[tuple[list[BatchRecord], list[int]]]] = {}
 
-    def add(self, partition: int, batch: BatchRecord) -> None:
-        """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`."""
+    def add(self, partition: int, batch: BatchRecord, steps: int = 0) -> None:
+        """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`.
+
+        `steps`: the `Step`s its combined rows carry, each weighed as a row (a step is a third
+        of a row's bytes; a key summed over 200 messages carries 200).
+        """
         records = self._records.setdefault(partition, [])
-        size = len(batch.deltas) + len(batch.contexts)
+        size = len(batch.deltas) + len(batch.contexts) + steps
         if not records or records[-1][1][0] + size > self.max_rows:
             records.append(([], [0]))
         batches, rows = records[-1]
