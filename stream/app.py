@@ -933,7 +933,10 @@ class BudgetJob:
         where no step can be skipped as a replay nor change the key's action.
         """
         origin = row[-1]
-        if not isinstance(origin, int) and self._apply_at_once(row, origin, source[0], now):
+        if type(origin) is int:  # one message's row, not the group's last
+            signal = self._apply(row[:DELTA_ROW_FIELDS], (source[0], origin), now)
+            return [signal] if signal is not None else []
+        if self._apply_at_once(row, origin, source[0], now):
             return []
         signals = (self._apply(step, step_source, now) for step_source, step in message_rows(row, source))
         return [signal for signal in signals if signal is not None]
