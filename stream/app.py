@@ -107,6 +107,7 @@ from burnguard.stream.records import (
     GroupRows,
     MicroBatch,
     RemovalRow,
+    Step,
     SweepRecord,
     TickRow,
     encode_record,
@@ -950,16 +951,17 @@ class BudgetJob:
         then no step would publish and the totals are the same step for step (each `add`ed). False,
         with nothing changed, otherwise: `_apply_combined` walks the steps.
         """
-        budget_id, key, window_start_ns, amount, _, _, _, bucket_ns, _, _ = row
+        budget_id, key, window_start_ns, amount, _, _, _, bucket_ns, mix, _ = row
         budget = self._budgets.get(budget_id)
         if budget is None:
             return True  # a budget no longer configured: no step would count
         if not all(0.0 <= step[1] < math.inf for step in steps):
             return False  # each bad step is refused alone, as its message's row would be
+        applied = [Step.from_wire(step, mix is not None) for step in steps]
         state_key = f"{budget_id}|{key}|{window_start_ns}"
         stored = _plain(self.totals).get(state_key)
         if stored is None:
-            if self._forgotten(budget, window_start_ns, steps[0][4]):
+            if self._forgotten(budget, window_start_ns, applied[0].last_event_ns):
                 return False
             totals = WindowTotals()
         else:
@@ -969,11 +971,10 @@ class BudgetJob:
         previous = _plain(self.states).get(f"{budget_id}|{key}")
         if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
             action = previous["action"] if previous else "ok"
-            last_events = [step[4] for step in steps] if bucket_ns else []
+            last_events = [step.last_event_ns for step in applied] if bucket_ns else []
             if not settles_alike(budget, window_start_ns, totals, now, action, amount, last_events):
                 return False
-        for offset, step_amount, spans, first_ns, last_ns, *mix in steps:
-            step_mix = mix[0] if mix else None
+        for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
             totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)
         self.changes.set(self.totals, state_key, totals)
         self._unsnapshotted[state_key] = None

@@ -83,6 +83,9 @@ class Step(NamedTuple):
 
     Stage 2 applies a combined row step by step wherever that could differ from applying its sum
     (a step already counted, a rung crossed): exactly as the messages' own rows would be applied.
+    On the wire (`to_wire`) a step is `[offset, amount, spans, first_event_ns, last - first]`, and
+    its call mix only when it is not a plain one's (`spans` calls made, nothing else): a step is
+    most of a combined row's bytes, and most steps are a few plain calls.
     """
 
     source_offset: int
@@ -93,12 +96,24 @@ class Step(NamedTuple):
     mix: list[float] | None = None
 
     @classmethod
-    def of(cls, row: list[Any], offset: int) -> list[Any]:
-        """A message's delta row as a step (wire list); the mix copied, as the combined row sums into it."""
-        step = [offset, *row[3:7]]
-        if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX and row[-1] is not None:
-            step.append(list(row[-1]))
-        return step
+    def from_wire(cls, step: list[Any], counts_calls: bool) -> Step:
+        """A step of a row whose budget counts model calls (`counts_calls`: the row has a mix) or not."""
+        offset, amount, spans, first_ns, span_ns, *mix = step
+        if mix:
+            return cls(offset, amount, spans, first_ns, first_ns + span_ns, mix[0])
+        plain = [float(spans), 0.0, 0.0, 0.0] if counts_calls else None  # as `_settle_call_mix` makes it
+        return cls(offset, amount, spans, first_ns, first_ns + span_ns, plain)
+
+
+def _step_of(row: list[Any], offset: int, counts_calls: bool) -> list[Any]:
+    """A message's delta row as a `Step` on the wire."""
+    first_ns, spans = row[5], row[4]
+    step = [offset, row[3], spans, first_ns, row[6] - first_ns]
+    if counts_calls:
+        mix = row[DELTA_ROW_FIELDS_BEFORE_MIX]
+        if mix[0] != spans or any(mix[1:]):
+            step.append(mix)
+    return step
 
 
 def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[int, int], DeltaRow]]:
@@ -113,17 +128,13 @@ def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[in
     if isinstance(origin, int):
         return [((source[0], origin), DeltaRow(*fields))]
     budget, key, window_start_ns, bucket_ns = fields[0], fields[1], fields[2], fields[7]
-    return [
-        (
-            (source[0], step[0]),
-            DeltaRow(budget, key, window_start_ns, step[1], step[2], step[3], step[4], bucket_ns, _mix(step)),
-        )
-        for step in origin
-    ]
-
-
-def _mix(step: list[Any]) -> list[float] | None:
-    return step[5] if len(step) > 5 else None
+    counts_calls = fields[8] is not None
+    rows = []
+    for step in origin:
+        offset, amount, spans, first_ns, last_ns, mix = Step.from_wire(step, counts_calls)
+        row = DeltaRow(budget, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns, mix)
+        rows.append(((source[0], offset), row))
+    return rows
 
 
 class GroupRows:
@@ -139,7 +150,7 @@ class GroupRows:
 
     def __init__(self) -> None:
         self.last_offset = -1
-        #: (budget, key, window start) -> [row (the sum once a second message adds), offset, steps]
+        #: (budget, key, window start) -> [offset, row, offset, row, ...] of the messages that made one
         self._rows: dict[tuple[str, str, int], list[Any]] = {}
 
     def add(self, offset: int, rows: list[list[Any]]) -> None:
@@ -148,28 +159,25 @@ class GroupRows:
         found = self._rows
         for row in rows:
             slot = (row[0], row[1], row[2])
-            entry = found.get(slot)
-            if entry is None:
-                found[slot] = [row, offset, None]
-                continue
-            summed, first_offset, steps = entry
-            if steps is None:
-                steps = entry[2] = [Step.of(summed, first_offset)]
-                summed = entry[0] = [*summed[:DELTA_ROW_FIELDS_BEFORE_MIX], _mix_copy(summed)]
-            steps.append(Step.of(row, offset))
-            _add_row(summed, row)
+            made = found.get(slot)
+            if made is None:
+                found[slot] = [offset, row]
+            else:
+                made += (offset, row)
 
     def rows(self) -> list[tuple[list[Any], int]]:
         """(wire row, its weight: 1 + its steps) of every key, in the order keys first appeared."""
         last = self.last_offset
         out = []
-        for row, offset, steps in self._rows.values():
-            if steps is not None:
-                out.append(([*row, steps], 1 + len(steps)))
-            elif offset != last:
-                out.append(([*row[:DELTA_ROW_FIELDS_BEFORE_MIX], _mix_of(row), offset], 1))
-            else:
+        for made in self._rows.values():
+            if len(made) > 2:
+                out.append((_combined(made), 1 + len(made) // 2))
+                continue
+            offset, row = made
+            if offset == last:
                 out.append((row, 1))
+            else:
+                out.append(([*row[:DELTA_ROW_FIELDS_BEFORE_MIX], _mix_of(row), offset], 1))
         return out
 
 
@@ -177,24 +185,25 @@ def _mix_of(row: list[Any]) -> list[float] | None:
     return row[DELTA_ROW_FIELDS_BEFORE_MIX] if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else None
 
 
-def _mix_copy(row: list[Any]) -> list[float] | None:
-    mix = _mix_of(row)
-    return list(mix) if mix is not None else None
-
-
-def _add_row(summed: list[Any], row: list[Any]) -> None:
-    """Add a later message's row of the same key to the group's sum (spans, event range, mix)."""
-    summed[3] += row[3]
-    summed[4] += row[4]
-    if row[5] and (not summed[5] or row[5] < summed[5]):
-        summed[5] = row[5]
-    if row[6] > summed[6]:
-        summed[6] = row[6]
-    mix, total = _mix_of(row), summed[DELTA_ROW_FIELDS_BEFORE_MIX]
-    if mix is not None:
-        summed[DELTA_ROW_FIELDS_BEFORE_MIX] = (
-            list(mix) if total is None else [a + b for a, b in zip(total, mix, strict=True)]
-        )
+def _combined(made: list[Any]) -> list[Any]:
+    """The row of a key several messages touched: their sums (spans, event range, mix) and steps."""
+    head = made[1]
+    total = _mix_of(head)
+    counts_calls = total is not None
+    steps = []
+    amount, spans, first_ns, last_ns = 0.0, 0, 0, 0
+    for index in range(0, len(made), 2):
+        row = made[index + 1]
+        steps.append(_step_of(row, made[index], counts_calls))
+        amount += row[3]
+        spans += row[4]
+        if row[5] and (not first_ns or row[5] < first_ns):
+            first_ns = row[5]
+        if row[6] > last_ns:
+            last_ns = row[6]
+        if counts_calls and index:
+            total = [a + b for a, b in zip(total, row[DELTA_ROW_FIELDS_BEFORE_MIX], strict=True)]
+    return [head[0], head[1], head[2], amount, spans, first_ns, last_ns, head[7], total, steps]
 
 
 class ContextRow(NamedTuple):

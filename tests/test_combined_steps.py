@@ -100,7 +100,8 @@ def test_steps_at_or_below_the_mark_are_skipped_and_only_the_later_one_counts(tm
     """The key's mark is at 12 (message 12 counted); a later sending combined 10, 11, 12 and 15."""
     job = make_job(tmp_path, "worker", config=parse_budget_yaml(budgets_yaml(tenant_cost(1.0e6))))
     account(job, [row_record(12, [["tenant-cost", "acme", 0, 0.5, 1, 100, 100, 0]])])
-    steps = [[10, 1.0, 1, 50, 50], [11, 2.0, 1, 60, 60], [12, 0.5, 1, 100, 100], [15, 8.0, 2, 140, 150]]
+    # [offset, amount, spans, first event ns, last - first]
+    steps = [[10, 1.0, 1, 50, 0], [11, 2.0, 1, 60, 0], [12, 0.5, 1, 100, 0], [15, 8.0, 2, 140, 10]]
     combined = ["tenant-cost", "acme", 0, 11.5, 5, 50, 150, 0, None, steps]
     account(job, [row_record(15, [combined])])
     totals = spent_of(job, "tenant-cost|acme|0")
