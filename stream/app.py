@@ -951,12 +951,15 @@ class BudgetJob:
         then no step would publish and the totals are the same step for step (each `add`ed). False,
         with nothing changed, otherwise: `_apply_combined` walks the steps.
         """
-        budget_id, key, window_start_ns, amount, _, _, _, bucket_ns, mix, _ = row
+        budget_id, key, window_start_ns, _, _, _, _, bucket_ns, mix, _ = row
         budget = self._budgets.get(budget_id)
         if budget is None:
             return True  # a budget no longer configured: no step would count
-        if not all(0.0 <= step[1] < math.inf for step in steps):
-            return False  # each bad step is refused alone, as its message's row would be
+        added = 0.0  # the steps' own amounts, not the row's sum: what is added is what is decided on
+        for step in steps:
+            if not 0.0 <= step[1] < math.inf:
+                return False  # each bad step is refused alone, as its message's row would be
+            added += step[1]
         applied = [Step.from_wire(step, mix is not None) for step in steps]
         state_key = f"{budget_id}|{key}|{window_start_ns}"
         stored = _plain(self.totals).get(state_key)
@@ -972,7 +975,7 @@ class BudgetJob:
         if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
             action = previous["action"] if previous else "ok"
             last_events = [step.last_event_ns for step in applied] if bucket_ns else []
-            if not settles_alike(budget, window_start_ns, totals, now, action, amount, last_events):
+            if not settles_alike(budget, window_start_ns, totals, now, action, added, last_events):
                 return False
         for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
             totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)
