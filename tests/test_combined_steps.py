@@ -22,10 +22,18 @@ from burnguard.contracts.signals import Signal
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.app import BudgetJob, _has_steps, _plain
-from burnguard.stream.records import BatchRecord, batches_record
+from burnguard.stream.policy import settles_alike
+from burnguard.stream.records import BatchRecord, GroupRows, batches_record
 from burnguard.stream.settings import StreamSettings
 
-from tests.factories import budgets_yaml, tenant_cost
+from tests.factories import (
+    LADDER_YAML,
+    WARN_DOWNGRADE_THROTTLE,
+    budget,
+    budget_config,
+    budgets_yaml,
+    tenant_cost,
+)
 from tests.fixtures.consumer_events import Event, Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -190,3 +198,71 @@ def test_combined_rows_cut_and_replayed_at_random_decide_as_per_message_rows(
         assert states_of(combined) == states_of(per_message)
     else:
         assert signals_by_key(combined) != expected
+
+
+THROTTLE_AT_LIMIT = [{"at": 1.0, "do": "throttle"}]
+LADDER_CONFIG = budget_config(
+    budget("daily", 1.0, window="day", actions=WARN_DOWNGRADE_THROTTLE),
+    budget("rolling", 1.0, window="1h", actions=WARN_DOWNGRADE_THROTTLE),
+    budget("forecast", 1.0, forecast={"downgrade": True, "min_ratio": 0.3}, actions=THROTTLE_AT_LIMIT),
+    head=LADDER_YAML,
+)
+_NS = 1_000_000_000
+
+
+def _budget(budget_id: str) -> Any:
+    return next(b for b in LADDER_CONFIG.budgets if b.id == budget_id)
+
+
+def test_settles_alike_answers_yes_only_where_no_step_can_change_the_action() -> None:
+    """The one-decision path's condition (`policy.settles_alike`): rungs at both ends with room for
+    rounding, a closed calendar window, a predictive downgrade in reach, a rolling ring's reach."""
+    now_ns = int(NOW.timestamp() * _NS)
+    daily, rolling, forecast = _budget("daily"), _budget("rolling"), _budget("forecast")
+    start = daily.window_spec.start_ns(now_ns)
+    spent = WindowTotals(spent=0.3, spans=3, first_event_ns=now_ns - 60 * _NS, last_event_ns=now_ns)
+    assert settles_alike(daily, start, spent, NOW, "ok", 0.19)
+    assert not settles_alike(daily, start, spent, NOW, "ok", 0.2)  # reaches warn at 0.5
+    assert not settles_alike(daily, start, spent, NOW, "warn", 0.0)  # not the published action
+    at_the_rung = WindowTotals(spent=0.5 - 1e-12, spans=1)
+    assert not settles_alike(daily, start, at_the_rung, NOW, "ok", 0.0)  # within rounding of the rung: walked
+    yesterday = daily.window_spec.start_ns(now_ns - 86_400 * _NS)
+    assert settles_alike(daily, yesterday, spent, NOW, "ok", 5.0)  # a closed window decides ok
+    assert not settles_alike(daily, yesterday, spent, NOW, "throttle", 5.0)
+    assert settles_alike(forecast, start, WindowTotals(spent=0.1, spans=1), NOW, "ok", 0.1)
+    assert not settles_alike(forecast, start, WindowTotals(spent=0.1, spans=1), NOW, "ok", 0.25)  # min_ratio
+    bucket_ns = rolling.window_spec.bucket_ns
+    ring = WindowTotals()
+    ring.add(0, 1, 0.2, 1, now_ns - 60 * _NS, now_ns - 60 * _NS, bucket_ns)
+    assert settles_alike(rolling, 0, ring, NOW, "ok", 0.1, [now_ns])
+    assert not settles_alike(
+        rolling, 0, ring, NOW, "ok", 0.1, [now_ns + 2 * 3600 * _NS]
+    )  # pushes counted buckets out
+    ahead = WindowTotals()
+    ahead.add(0, 1, 0.2, 1, now_ns + 2 * 3600 * _NS, now_ns + 2 * 3600 * _NS, bucket_ns)
+    assert not settles_alike(rolling, 0, ahead, NOW, "ok", 0.1, [now_ns])  # the ring's newest is out of reach
+
+
+def rolling_row(amount: float, event_ns: int) -> list[Any]:
+    return ["rolling", "acme", 0, amount, 1, event_ns, event_ns, 60 * _NS, [1.0, 0.0, 0.0, 0.0]]
+
+
+def test_a_step_far_ahead_in_a_rolling_window_is_walked_as_per_message_rows(tmp_path: Path) -> None:
+    """A step whose bucket pushes counted ones out of the ring (a clock ahead) lowers the spend in
+    the middle of a row although the sum stays on the same rung: walked, it publishes the `ok` the
+    per-message rows publish."""
+    now_ns = int(NOW.timestamp() * _NS)
+    first = row_record(1, [rolling_row(0.6, now_ns - 120 * _NS)])  # warn
+    later = [(2, rolling_row(0.05, now_ns + 2 * 3600 * _NS)), (3, rolling_row(0.1, now_ns - 30 * _NS))]
+    alone = account(make_job(tmp_path, "alone", config=LADDER_CONFIG), [first])
+    account(alone, [row_record(offset, [row]) for offset, row in later])
+    group = GroupRows()
+    for offset, row in later:
+        group.add(offset, [row])
+    ((combined_row, _),) = group.rows()
+    combined = account(
+        make_job(tmp_path, "combined", config=LADDER_CONFIG), [first, row_record(3, [combined_row])]
+    )
+    assert [json.loads(s)["action"] for s in signals_by_key(alone)["tenant:acme@rolling"]] == ["warn", "ok"]
+    assert signals_by_key(combined) == signals_by_key(alone)
+    assert states_of(combined) == states_of(alone)
