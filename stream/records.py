@@ -111,7 +111,7 @@ def _step_of(row: list[Any], offset: int, counts_calls: bool) -> list[Any]:
     step = [offset, row[3], spans, first_ns, row[6] - first_ns]
     if counts_calls:
         mix = row[DELTA_ROW_FIELDS_BEFORE_MIX]
-        if mix[0] != spans or any(mix[1:]):
+        if mix[0] != spans or mix[1] or mix[2] or mix[3]:  # `MIX_*`: a plain call's is [spans, 0, 0, 0]
             step.append(mix)
     return step
 
@@ -166,7 +166,11 @@ class GroupRows:
                 made += (offset, row)
 
     def rows(self) -> list[tuple[list[Any], int]]:
-        """(wire row, its weight: 1 + its steps) of every key, in the order keys first appeared."""
+        """(wire row, its weight: 1 + its steps) of every key, in the order keys first appeared.
+
+        Once per group: a one-message row not at the group's last offset gets its offset appended
+        in place (the rows are the group's own, as `usage_rows` made them for it).
+        """
         last = self.last_offset
         out = []
         for made in self._rows.values():
@@ -174,10 +178,9 @@ class GroupRows:
                 out.append((_combined(made), 1 + len(made) // 2))
                 continue
             offset, row = made
-            if offset == last:
-                out.append((row, 1))
-            else:
-                out.append(([*row[:DELTA_ROW_FIELDS_BEFORE_MIX], _mix_of(row), offset], 1))
+            if offset != last:  # the row is this group's own (`usage_rows` made it): extended in place
+                row += (offset,) if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else (None, offset)
+            out.append((row, 1))
         return out
 
 
@@ -188,8 +191,9 @@ def _mix_of(row: list[Any]) -> list[float] | None:
 def _combined(made: list[Any]) -> list[Any]:
     """The row of a key several messages touched: their sums (spans, event range, mix) and steps."""
     head = made[1]
-    total = _mix_of(head)
-    counts_calls = total is not None
+    head_mix = _mix_of(head)
+    counts_calls = head_mix is not None
+    total = list(head_mix) if counts_calls else None
     steps = []
     amount, spans, first_ns, last_ns = 0.0, 0, 0, 0
     for index in range(0, len(made), 2):
@@ -201,8 +205,9 @@ def _combined(made: list[Any]) -> list[Any]:
             first_ns = row[5]
         if row[6] > last_ns:
             last_ns = row[6]
-        if counts_calls and index:
-            total = [a + b for a, b in zip(total, row[DELTA_ROW_FIELDS_BEFORE_MIX], strict=True)]
+        if index and total is not None:
+            for field, value in enumerate(row[DELTA_ROW_FIELDS_BEFORE_MIX]):
+                total[field] += value
     return [head[0], head[1], head[2], amount, spans, first_ns, last_ns, head[7], total, steps]
 
 
