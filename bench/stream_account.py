@@ -27,9 +27,11 @@ run on a fresh job (built outside the timed part), per delta row and per span of
 HTTP spans included).
 
     .venv/bin/python bench/stream_account.py [--spans 30000] [--batch-min 40 --batch-max 260]
-        [--tenants 200 --users-per-tenant 100 --calls-per-session 0] [--repeat 5]
+        [--tenants 200 --users-per-tenant 100 --calls-per-session 0] [--repeat 5] [--combine on|off]
         [--compare REV] [--rounds 2] [--profile]
 
+`--combine off` makes stage 1 send every message's rows alone (`BURNGUARD_COMBINE_MESSAGES=false`):
+stage 2's cost per span of combined rows (with steps) against per-message rows, same code.
 `--compare REV` also measures the stage-2 code of git revision REV (its `burnguard`, `contracts`
 and `stream` trees, exported to a scratch directory and imported first in a child process) on
 the same records (written once by this checkout's stage 1), alternating old and new `--rounds`
@@ -97,13 +99,14 @@ class CountingProducer:
         self.sent[topic] = self.sent.get(topic, 0) + 1
 
 
-def new_job(data_dir: Path) -> Any:
+def new_job(data_dir: Path, combine: bool = True) -> Any:
     """A worker's job with the bench budgets, its producer counting instead of sending."""
     from burnguard.contracts.budgets import parse_budget_yaml
     from burnguard.stream.app import BudgetJob
     from burnguard.stream.settings import StreamSettings
 
     settings = StreamSettings(data_dir=data_dir, app_id=f"account-bench-{os.getpid()}")
+    settings.combine_messages = combine
     job = BudgetJob(settings, parse_budget_yaml(BUDGETS_YAML))
     job.recent.primed.update(range(settings.partitions))  # no broker to read back from
     job.dead_letters.stale = False
@@ -127,16 +130,19 @@ def make_records(args: argparse.Namespace, data_dir: Path) -> tuple[list[tuple[i
     from burnguard.stream.records import MicroBatch
 
     mix = SpanMix.from_args(args)
-    job = new_job(data_dir)
+    job = new_job(data_dir, args.combine == "on")
     records: list[tuple[int, bytes]] = []
     offset = 0
     while mix.spans < args.spans:
         batch = MicroBatch(1000)
+        groups: dict[int, Any] = {}
         for _ in range(args.messages_per_batch):
             key, value = mix.message()
             message = Message(offset % 4, offset, "otlp_spans", time.time())
-            job._ingest_one(Event(message, value, key), batch)
+            job._ingest_one(Event(message, value, key), batch, groups)
             offset += 1
+        for partition, group in groups.items():
+            job._close_group(partition, group, batch)
         for partition, record in batch.records():
             records.append((partition, json.dumps(record, separators=(",", ":")).encode()))
     rows = sum(len(sub[2]) for _, payload in records for sub in json.loads(payload)["batches"])
@@ -341,6 +347,12 @@ def main() -> None:
         "--flush-records", type=int, default=200, help="usage records per changelog write (default 200)"
     )
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure; the best counts (default 5)")
+    parser.add_argument(
+        "--combine",
+        choices=("on", "off"),
+        default="on",
+        help="stage 1 sums a micro-batch's messages per key with steps (on, the default) or not",
+    )
     add_compare_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of stage 2")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -388,6 +400,7 @@ def main() -> None:
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     print(
         f"RESULT stream_account spans={spans} rows={rows} batch={args.batch_min}-{args.batch_max} "
+        f"combine={args.combine} messages_per_batch={args.messages_per_batch} "
         f"tenants={args.tenants} users_per_tenant={args.users_per_tenant} "
         f"calls_per_session={args.calls_per_session} {fields}"
     )

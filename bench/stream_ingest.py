@@ -15,7 +15,9 @@ not in the figure).
 
 Both sides of `--compare` read the same load (generated at the same clock) and must send the
 same records, byte for byte: the digest of what the first reading sent is compared, and
-the bench stops if they differ.
+the bench stops if they differ, unless one side combines messages (`combine_messages`,
+`records.GroupRows`) and the other does not. Delta rows and usage-record bytes per message (and
+bytes per row) are printed for each side.
 
 Each figure is the best of `--repeat` runs of CPU time (`time.process_time`),
 divided by the messages and by the spans of the load. Each run reads the load at
@@ -98,6 +100,7 @@ class Stage1:
         #: the usage records sent (topic, partition, key, value, headers of each), digested in order
         self.sent_digest = hashlib.blake2b(digest_size=16)
         self.rows = 0
+        self.usage_bytes = 0  # of the usage records' values
         self._next_offset = [0] * SOURCE_PARTITIONS
 
     async def _drop_sent(self) -> None:
@@ -108,6 +111,7 @@ class Stage1:
             if record[0] == usage:
                 self.sent_digest.update(repr(record).encode())
                 self.rows += sum(len(batch[2]) for batch in json.loads(record[3])["batches"])
+                self.usage_bytes += len(record[3])
         self.job.usage_records._pending = []
 
     def events(self) -> list[Event]:
@@ -227,6 +231,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"the load was not ingested cleanly: {vars(stage1.job)}")
         stage1.inspecting = False
         records, rows, sent_digest = stage1.sent, stage1.rows, stage1.sent_digest.hexdigest()
+        usage_bytes = stage1.usage_bytes
+        combines = getattr(stage1.job.settings, "combine_messages", False)
         seconds = best_cpu_s(stage1, args.repeat)
         parts = split(stage1) if args.split else {}
         if args.profile:
@@ -241,12 +247,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         f"{spans} spans in {len(messages)} messages ({spans / len(messages):.1f} per message), "
         f"{records} records and {rows} delta rows ({rows / len(messages):.1f} per message) per reading"
     )
+    if rows:
+        load += f"; {usage_bytes / rows:.0f} bytes per delta row (usage records' values / rows)"
     return {
         "code": app.__file__,
         "load": load,
         "per_message_us": seconds / len(messages) * 1e6,
         "per_span_us": seconds / spans * 1e6,
         "sent_digest": sent_digest,
+        "combines": combines,
+        "rows_per_message": rows / len(messages),
+        "usage_bytes_per_message": usage_bytes / len(messages),
         "split_us": parts,
     }
 
@@ -317,6 +328,8 @@ def main() -> None:
     if args.split:
         show_split("this checkout", new)
     fields = f"per_message_us={new['per_message_us']:.1f} per_span_us={new['per_span_us']:.2f}"
+    fields += f" combine={int(new['combines'])} rows_per_message={new['rows_per_message']:.2f}"
+    fields += f" usage_bytes_per_message={new['usage_bytes_per_message']:.0f}"
     if runs["old"]:
         old = min(runs["old"], key=lambda run: run["per_message_us"])
         print(
@@ -325,13 +338,21 @@ def main() -> None:
         )
         fields += f" old_per_message_us={old['per_message_us']:.1f} old_per_span_us={old['per_span_us']:.2f}"
         fields += f" speedup={old['per_message_us'] / new['per_message_us']:.2f}"
+        fields += f" old_combine={int(old.get('combines', False))}"
+        fields += f" old_rows_per_message={old.get('rows_per_message', 0):.2f}"
+        fields += f" old_usage_bytes_per_message={old.get('usage_bytes_per_message', 0):.0f}"
+        print(f"  --compare {args.compare} load: {old['load']}")
         if args.split:
             show_split(f"--compare {args.compare}", old)
         digests = {run["sent_digest"] for run in runs["old"] + runs["new"]}
-        if len(digests) != 1:
+        if len(digests) == 1:
+            print("records sent: the same bytes from both revisions")
+            fields += " same_records=1"
+        elif old.get("combines", False) == new["combines"]:
             raise SystemExit(f"the two revisions sent different records for the same load: {digests}")
-        print("records sent: the same bytes from both revisions")
-        fields += " same_records=1"
+        else:  # one side sums rows across messages (`records.GroupRows`), the other does not
+            print("records sent: not the same (one revision combines messages, the other not)")
+            fields += " same_records=0"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     shape = f"spans_per_message={args.batch_min}-{args.batch_max} plain_fraction={args.plain_fraction:g}"
     print(f"RESULT stream_ingest {shape} {fields}")

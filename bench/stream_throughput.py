@@ -21,9 +21,9 @@
 
 `--live` starts the worker on the empty topic, waits until it is ready (partitions assigned),
 then produces the same load as fast as the producer goes; the clock runs from the first message
-sent. Without it the worker starts on a pre-filled topic: a catch-up, whose messages stage 1
-sends one by one (they lie below the end offset at its assignment, `BudgetJob._combinable`),
-while live messages are combined. `--compare REV` runs the worker of git revision REV (its
+sent. Without it the worker starts on a pre-filled topic: a catch-up (stage 1 combines its
+messages as live ones, `records.GroupRows`; before 2026-12-02 it sent them one by one, and
+before that combining was off by default). `--compare REV` runs the worker of git revision REV (its
 `contracts` and `stream`) on a fresh broker with the same load before this checkout's, `--rounds`
 times alternating, and prints a RESULT line for each run (`code=old|new`).
 

@@ -7,9 +7,9 @@ Two stages, joined by the internal `burnguard.usage` topic:
    sums them into one usage delta per (budget, key, window). It takes the
    messages in micro-batches and sends the deltas of a micro-batch as one
    `batches` record per usage partition (the partition of `budget|key`), each
-   message's deltas a sub-batch with its own source offset (or, when
-   `BURNGUARD_COMBINE_MESSAGES` is on, for messages no one can have sent before,
-   one group's deltas summed, with the group's last offset: `_combinable`),
+   message's deltas a sub-batch with its own source offset (or, with
+   `BURNGUARD_COMBINE_MESSAGES`, on by default, a source partition's messages'
+   deltas summed per key, each message's part kept as a step: `GroupRows`),
    not one record per delta or message: Kafka records
    and awaits, not arithmetic, were what the worker spent its time on.
    Undecodable messages go to the dead-letter topic with the reason in a header, and so does each
@@ -91,11 +91,12 @@ from burnguard.stream.eviction import (
 )
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.partitioner import record_partition, usage_partition
-from burnguard.stream.policy import changed_signal, decide_context, window_at
+from burnguard.stream.policy import changed_signal, decide_context, settles_alike, window_at
 from burnguard.stream.records import (
     BATCH,
     BATCHES,
     DELTA_ROW_FIELDS,
+    DELTA_ROW_FIELDS_WITH_STEPS,
     RECORD_VERSION_SINGLE,
     REMOVALS,
     SWEEP,
@@ -103,12 +104,15 @@ from burnguard.stream.records import (
     BatchRecord,
     ContextRow,
     DeltaRow,
+    GroupRows,
     MicroBatch,
     RemovalRow,
+    Step,
     SweepRecord,
     TickRow,
     encode_record,
     keys_record,
+    message_rows,
     record_version,
     removal_rows,
     sub_batches,
@@ -209,7 +213,6 @@ class _AfterRebalance(faust.Sensor):
     def on_rebalance_start(self, app: Any) -> dict:
         self.job.dead_letters.stale = True
         self.job.recent.primed.clear()
-        self.job._combine_from.clear()  # fetched again by `_prime`, per partition
         return super().on_rebalance_start(app)
 
 
@@ -260,9 +263,6 @@ class BudgetJob:
         self.duplicates = 0  # otlp_spans messages skipped as copies of an earlier one
         #: per source partition, the highest offset ingested: below it, a re-reading (not counted again)
         self._read_up_to: dict[int, int] = {}
-        #: per source partition, the end offset `_prime` fetched after this worker was (re)assigned it:
-        #: a first reading at or above it was sent by no one before, so stage 1 may combine it
-        self._combine_from: dict[int, int] = {}
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self.checkpoints: SignalCheckpointWriter | None = None
@@ -380,7 +380,7 @@ class BudgetJob:
         yielded every `INGEST_SLICE_S` of work, so heartbeats and stage 2 are not starved.
         """
         batch = MicroBatch(BATCH_ROWS)
-        groups: dict[int, list[tuple[Any, list[SpanUsage]]]] = {}
+        groups: dict[int, GroupRows] = {}
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
         first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
@@ -402,14 +402,9 @@ class BudgetJob:
             if time.perf_counter() - sliced > INGEST_SLICE_S:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
-        for partition in list(groups):
-            self._close_group(partition, groups, batch)
+        for partition, group in groups.items():
+            self._close_group(partition, group, batch)
         queued, self._parked_unsent = self._parked_unsent, []
-        # any batch, not only a combined one: a lone row may straddle a successor's group
-        if not await self.stall_guard.still_member():
-            self.usage_records.drop()  # read again after the rebalance, each message alone
-            self.dead_letters.discard(queued)
-            raise PartitionsLost("expelled while it stood still: its rows are not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
@@ -435,15 +430,11 @@ class BudgetJob:
         except Exception:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
-    def _ingest_one(
-        self, event: Any, batch: MicroBatch, groups: dict[int, list[tuple[Any, list[SpanUsage]]]]
-    ) -> None:
+    def _ingest_one(self, event: Any, batch: MicroBatch, groups: dict[int, GroupRows]) -> None:
         """One OTLP message: its rows join the micro-batch, its bad spans the pending dead letters.
 
-        A message no one can have sent before (`_combinable`) joins its source partition's group,
-        summed with the others when the group closes (`_close_group`); any other message first
-        closes that group, then goes alone, as its own sub-batch. A copy or a malformed message
-        adds no rows however it is read, so an open group passes over it.
+        With `combine_messages` its rows join its source partition's group (`GroupRows`, sent
+        when the micro-batch ends: `_close_group`), else they go as its own sub-batch.
         """
         message = event.message
         first_reading = message.offset > self._read_up_to.get(message.partition, -1)
@@ -461,104 +452,52 @@ class BudgetJob:
         usages = decoded.usages
         self._trust_clock(event, decoded, first_reading)
         self._latest_event_ns = max(self._latest_event_ns, *(u.end_ns or u.start_ns for u in usages), 0)
-        if self._combinable(message, first_reading):
-            groups.setdefault(message.partition, []).append((event, usages))
+        accounted = self._message_rows(event, usages, first_reading)
+        if accounted is None:
             return
-        self._close_group(message.partition, groups, batch)
-        self._account_message(event, usages, first_reading, batch)
+        rows, observations = accounted
+        source = (message.partition, message.offset)
+        if not self.settings.combine_messages:
+            for partition, sub_batch in list(self._batch_records(rows, observations, source)):
+                batch.add(partition, sub_batch)  # all or none of the message (the list is built first)
+            return
+        contexts = list(self._batch_records([], observations, source)) if observations else []
+        groups.setdefault(message.partition, GroupRows()).add(message.offset, rows)
+        for partition, sub_batch in contexts:
+            batch.add(partition, sub_batch)
 
-    def _combinable(self, message: Any, first_reading: bool) -> bool:
-        """Whether no one can have sent this message before, so its rows may be summed with others'.
+    def _close_group(self, partition: int, group: GroupRows, batch: MicroBatch) -> None:
+        """A source partition's group of messages: its combined rows, sub-batches of the group's last source.
 
-        (a) It is read for the first time in this process (a re-reading after a failed send may
-        follow a sending that was delivered in part); (b) it lies at or above the end offset of
-        its partition when this worker was (re)assigned it: whatever an earlier owner or an
-        earlier incarnation of this worker read, it read before that, so below it. A combined
-        row carries the group's last offset: were part of the group counted already, stage 2's
-        mark (`WindowTotals.add`) could not tell (docs/ARCHITECTURE.md §7, stage 1).
+        Context observations went per message, with each message's source (`_ingest_one`): stage 2
+        decides a context guard after each sub-batch, so combined a growing session would warn at
+        the group's last call instead of the call that crossed.
         """
-        if not (first_reading and self.settings.combine_messages):
-            return False
-        return message.offset >= self._combine_from.get(message.partition, math.inf)
+        source = (partition, group.last_offset)
+        chunk: list[list[Any]] = []
+        weight = 0
+        for row, row_weight in group.rows():
+            if chunk and weight + row_weight > BATCH_ROWS:
+                self._add_combined(chunk, source, batch)
+                chunk, weight = [], 0
+            chunk.append(row)
+            weight += row_weight
+        if chunk:
+            self._add_combined(chunk, source, batch)
 
-    def _close_group(
-        self, partition: int, groups: dict[int, list[tuple[Any, list[SpanUsage]]]], batch: MicroBatch
-    ) -> None:
-        """Account a source partition's group of combinable messages, if one is open, into `batch`."""
-        members = groups.pop(partition, None)
-        if not members:
-            return
-        if len(members) == 1:
-            self._account_alone(*members[0], batch)
-            return
-        stats = BatchStats()
-        try:
-            self._account_rows_of(members, stats, batch)
-        except Exception:  # one message that breaks accounting: each goes alone, as today
-            logger.exception("could not account %d messages together: accounting each alone", len(members))
-            for event, _ in members:
-                self._account_alone(event, None, batch)
-            return
-        for name in ("spans", "unpriced", "too_late"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
-
-    def _account_alone(self, event: Any, usages: list[SpanUsage] | None, batch: MicroBatch) -> None:
-        """A group's message accounted alone (`usages` None: decoded again); one that raises is
-        parked alone, as `_ingest_batch` parks a message whose ingest raised."""
-        try:
-            usages = self._decoded_again(event) if usages is None else usages
-            self._account_message(event, usages, True, batch)
-        except Exception as exc:  # nothing in one message may stop the partition (nor lose its group)
-            self.agent_errors += 1
-            logger.exception("could not ingest %s", _coordinates(event))
-            self._park_failed_later(event, f"ingest failed: {type(exc).__name__}: {exc}")
-
-    def _account_rows_of(
-        self, members: list[tuple[Any, list[SpanUsage]]], stats: BatchStats, batch: MicroBatch
-    ) -> None:
-        """The group's rows: `usage_rows` once over all its spans, sent with the last message's source.
-
-        Context observations are not combined: each message's go as its own sub-batch with its
-        own source, as alone. Stage 2 decides a context guard after each sub-batch, so a session's
-        growth combined over messages would warn at the group's last call instead of the call that
-        crossed (`test_e2e_budget_windows`); they are few rows, and only under context guards.
-        """
-        usages = [usage for _, message_usages in members for usage in message_usages]
-        first, last = members[0][0].message, members[-1][0].message
-        source = (last.partition, last.offset)
-        rows = usage_rows(usages, self.config, self.prices, stats, self._closed_before_ns())
-        parts: list[tuple[int, BatchRecord]] = []  # first: a group that raises goes alone, warned once there
-        for event, message_usages in members:
-            if observations := context_observations(message_usages, self.config):
-                message_source = (event.message.partition, event.message.offset)
-                parts += self._batch_records([], observations, message_source)
-        parts += self._batch_records(rows, [], source)
-        if stats.too_late:
-            logger.warning(
-                "%d span budget counts at %s-%d arrived after their window closed (allowed lateness %s)",
-                stats.too_late,
-                (first.partition, first.offset),
-                last.offset,
-                self.settings.allowed_lateness,
-            )
-        if stats.unpriced:
-            self._warn_unpriced(usages)
-        for partition, sub_batch in parts:
-            batch.add(partition, sub_batch)  # all or none of the group (the list is built first)
-
-    def _decoded_again(self, event: Any) -> list[SpanUsage]:
-        """A combined message's spans as first decoded, for accounting it alone (counted before)."""
-        decoded = decode_spans(event.value, self.limits)
-        self._trust_clock(event, decoded, first_reading=False)
-        return decoded.usages
+    def _add_combined(self, rows: list[list[Any]], source: tuple[int, int], batch: MicroBatch) -> None:
+        """A group's rows (`BATCH_ROWS` at most, steps counted) as sub-batches, weighed with their steps."""
+        for partition, sub_batch in self._batch_records(rows, [], source):
+            steps = sum(len(row[-1]) for row in sub_batch.deltas if _has_steps(row))
+            batch.add(partition, sub_batch, steps)
 
     def _closed_before_ns(self) -> int:
         return int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
 
-    def _account_message(
-        self, event: Any, usages: list[SpanUsage], first_reading: bool, batch: MicroBatch
-    ) -> None:
-        """One message's rows as its own sub-batch, with its own source offset (as before groups)."""
+    def _message_rows(
+        self, event: Any, usages: list[SpanUsage], first_reading: bool
+    ) -> tuple[list[list[Any]], list[list[Any]]] | None:
+        """One message's delta rows and context observations; None if its accounting failed (parked)."""
         source = (event.message.partition, event.message.offset)
         closed_before_ns = self._closed_before_ns()
         too_late, unpriced = self.stats.too_late, self.stats.unpriced
@@ -568,7 +507,7 @@ class BudgetJob:
         except Exception as exc:  # a span that breaks accounting must not stop the partition
             logger.exception("could not account the batch at %s", source)
             self._dead_letter_later(event, f"accounting failed: {type(exc).__name__}: {exc}")
-            return
+            return None
         if self.stats.too_late > too_late:
             logger.warning(
                 "%d span budget counts at %s arrived after their window closed (allowed lateness %s)",
@@ -578,15 +517,10 @@ class BudgetJob:
             )
         if self.stats.unpriced > unpriced:
             self._warn_unpriced(usages)
-        observations = context_observations(usages, self.config)
-        for partition, sub_batch in list(self._batch_records(rows, observations, source)):
-            batch.add(partition, sub_batch)  # all or none of the message (the list is built first)
+        return rows, context_observations(usages, self.config)
 
     async def _prime(self, event: Any) -> None:
-        """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`).
-
-        And, when messages are combined, the partition's end offset (`_fetch_combine_from`).
-        """
+        """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`)."""
         message = event.message
         partition, record_ns = message.partition, int(message.timestamp * _NS)
         try:
@@ -594,17 +528,7 @@ class BudgetJob:
             logger.info("%d messages before %s digested", primed, _coordinates(event))
         except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
             logger.warning("could not read back before %s: %r", _coordinates(event), exc)
-        if self.settings.combine_messages:
-            await self._fetch_combine_from(event)
         self.recent.primed.add(partition)
-
-    async def _fetch_combine_from(self, event: Any) -> None:
-        """The partition's end offset now, from which on stage 1 may combine (`_combinable`)."""
-        partition = event.message.partition
-        try:
-            self._combine_from[partition] = await asyncio.to_thread(self.primer.end_offset, partition)
-        except Exception as exc:  # without it nothing of the partition is combined until a rebalance
-            logger.warning("could not read the end offset of %s: %r", _coordinates(event), exc)
 
     def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
         """Whether the message repeats the bytes of an earlier one of its partition (a producer retry).
@@ -991,6 +915,10 @@ class BudgetJob:
     async def _account_rows(self, batch: BatchRecord, now: datetime) -> None:
         source = batch.source
         for row in batch.deltas:
+            if len(row) == DELTA_ROW_FIELDS_WITH_STEPS:  # a group's row (`GroupRows`)
+                for signal in self._apply_combined(row, source, now):
+                    await self._send_signal(signal)
+                continue
             # a current row unpacks as a `DeltaRow` does; one written before the call mix is padded
             if len(row) != DELTA_ROW_FIELDS:
                 row = DeltaRow.from_wire(row)
@@ -998,6 +926,62 @@ class BudgetJob:
                 await self._send_signal(signal)
         for guard_id, key, inputs in map(ContextRow._make, batch.contexts):
             await self._observe_context(guard_id, key, inputs, source)
+
+    def _apply_combined(self, row: list[Any], source: tuple[int, int], now: datetime) -> list[Signal]:
+        """A group's row: what its messages' own rows would do, applied one by one (`_apply`), in order.
+
+        Most rows take `_apply_at_once` instead: it adds the steps without deciding after each,
+        where no step can be skipped as a replay nor change the key's action.
+        """
+        origin = row[-1]
+        if type(origin) is int:  # one message's row, not the group's last
+            signal = self._apply(row[:DELTA_ROW_FIELDS], (source[0], origin), now)
+            return [signal] if signal is not None else []
+        if self._apply_at_once(row, origin, source[0], now):
+            return []
+        signals = (self._apply(step, step_source, now) for step_source, step in message_rows(row, source))
+        return [signal for signal in signals if signal is not None]
+
+    def _apply_at_once(self, row: list[Any], steps: list[list[Any]], partition: int, now: datetime) -> bool:
+        """Add a combined row's steps with one decision, if that is what deciding after each would do.
+
+        That holds when no step is at or below the key's mark (none is a replay), every amount is
+        a valid one, and no state between the first and the last step decides another action than
+        the one published (`policy.settles_alike`: rungs, a predictive downgrade, a closed window);
+        then no step would publish and the totals are the same step for step (each `add`ed). False,
+        with nothing changed, otherwise: `_apply_combined` walks the steps.
+        """
+        budget_id, key, window_start_ns, _, _, _, _, bucket_ns, mix, _ = row
+        budget = self._budgets.get(budget_id)
+        if budget is None:
+            return True  # a budget no longer configured: no step would count
+        added = 0.0  # the steps' own amounts, not the row's sum: what is added is what is decided on
+        for step in steps:
+            if not 0.0 <= step[1] < math.inf:
+                return False  # each bad step is refused alone, as its message's row would be
+            added += step[1]
+        applied = [Step.from_wire(step, mix is not None) for step in steps]
+        state_key = f"{budget_id}|{key}|{window_start_ns}"
+        stored = _plain(self.totals).get(state_key)
+        if stored is None:
+            if self._forgotten(budget, window_start_ns, applied[0].last_event_ns):
+                return False
+            totals = WindowTotals()
+        else:
+            totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
+            if steps[0][0] <= totals.applied.get(str(partition), -1):
+                return False
+        previous = _plain(self.states).get(f"{budget_id}|{key}")
+        if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
+            action = previous["action"] if previous else "ok"
+            last_events = [step.last_event_ns for step in applied] if bucket_ns else []
+            if not settles_alike(budget, window_start_ns, totals, now, action, added, last_events):
+                return False
+        for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
+            totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)
+        self.changes.set(self.totals, state_key, totals)
+        self._unsnapshotted[state_key] = None
+        return True
 
     def _apply(self, row: DeltaRow | list[Any], source: tuple[int, int], now: datetime) -> Signal | None:
         """Add one delta row to its window's totals; the signal to publish if the key's action changed.
@@ -1359,6 +1343,11 @@ class BudgetJob:
         fields = (budget.metric, window, start, end, spent, budget.limit, totals.spans, now)
         kafka_key = usage_kafka_key(scope, key, budget.id, window, start)
         return kafka_key, usage_json(budget.id, scope, key, *fields)
+
+
+def _has_steps(row: list[Any]) -> bool:
+    """Whether a delta row is a group's with per-message steps (`GroupRows`)."""
+    return len(row) == DELTA_ROW_FIELDS_WITH_STEPS and isinstance(row[-1], list)
 
 
 def _plain(table: Any) -> Any:

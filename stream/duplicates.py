@@ -107,12 +107,6 @@ class Primer:
                         self.batches.earlier_copy(partition, digest(record.value), record.offset, record_ns)
         return read
 
-    def end_offset(self, partition: int) -> int:
-        """The partition's end offset now: no one has read a message at or above it yet."""
-        consumer = self._consumer or self._start()
-        tp = TopicPartition(self.topic, partition)
-        return consumer.end_offsets([tp])[tp]
-
     def _start(self) -> KafkaConsumer:
         self._consumer = KafkaConsumer(
             **self.kafka.kafka_python_config(),

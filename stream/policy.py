@@ -6,12 +6,13 @@ are tested without Kafka and every worker decides the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
 from burnguard.contracts.signals import Signal
+from burnguard.contracts.windows import ROLLING_BUCKETS
 from burnguard.stream.accounting import (
     MIX_CALLS,
     MIX_ESCALATION_USD,
@@ -175,6 +176,55 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
             budget, "", window_start_ns, totals, now, timedelta(0)
         ).action  # needs the burn rate
     return action
+
+
+#: Relative room left for float rounding between a row's summed amount and the spend after each of
+#: its steps (at most a few hundred additions: ~1e-13 relative), on both sides of a rung.
+_ROUNDING_ROOM = 1e-9
+
+
+def settles_alike(
+    budget: Budget,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    action: str,
+    added: float,
+    last_events_ns: Iterable[int] = (),
+) -> bool:
+    """Whether `decide_action` gives `action` after each of a combined row's steps, added in turn.
+
+    The steps add `added` in all (each amount >= 0; `last_events_ns`: each step's last event,
+    rolling windows only). The spend then only grows from the current one to at most the sum
+    (a float sum is monotone in each term), and `Budget.action_for`'s rung only moves up the
+    ladder as the ratio grows: the same rung at both ends (with `_ROUNDING_ROOM` each way) is the
+    same rung after every step. A predictive downgrade depends on the burn rate, not only on the
+    spend: it must be out of reach at the upper end. A rolling window's spend at `now` only grows
+    too while no step's bucket, nor the newest one kept, lies past the ring's reach from the
+    window's first counted bucket (else a step would push counted buckets out of the ring).
+    False means: decide after each step (the caller walks them).
+    """
+    windows = _windows_of(budget)
+    if windows.rolling:
+        now_ns, bucket_ns = int(now.timestamp() * _NS), windows.bucket_ns
+        first = (now_ns - windows.rolling) // bucket_ns
+        buckets = totals.buckets
+        reach = first + (len(buckets.amounts) if buckets is not None else ROLLING_BUCKETS + 1)
+        if buckets is not None and buckets.newest >= reach:
+            return False
+        if any(last_ns // bucket_ns >= reach for last_ns in last_events_ns):
+            return False
+        spent = totals.rolling_spent(now_ns, windows.rolling, bucket_ns)
+    elif now < windows.end(window_start_ns):
+        spent = totals.spent
+    else:
+        return action == "ok"  # a closed calendar window decides `ok` whatever is added
+    low = budget.action_for(spent * (1 - _ROUNDING_ROOM) / budget.limit)
+    high_ratio = (spent + added) * (1 + _ROUNDING_ROOM) / budget.limit
+    high = budget.action_for(high_ratio)
+    if high is not low or (high.do if high is not None else "ok") != action:
+        return False
+    return not _may_predict(budget, high_ratio, action)
 
 
 class _Windows:

@@ -3,7 +3,8 @@
 Stage 1 sends these kinds of record, each to the usage partition that holds its keys' state
 (`stream/partitioner.py`): `batches` (the deltas and context observations of every OTLP message
 of one stage-1 micro-batch for that partition, each message's rows a sub-batch with its own
-source offset, or a group of messages' rows summed with the group's last offset), `ticks` (keys
+source offset, or a group of messages' rows summed per key with each message's part as a step:
+`GroupRows`), `ticks` (keys
 to re-decide), `removals` (keys of a removed budget) and `sweep` (the clock by which the
 partition forgets state nothing can count in, `stream/eviction.py`).
 A `batch` (one message's rows) is what stage 1 sent before micro-batches; stage 2 still reads it. On
@@ -20,7 +21,9 @@ go once no worker older than those commits runs and the usage topic's retention 
 since the last one stopped (Kafka's default: 7 days).
 
 `batches` (2026-12-01) is not read by a worker older than it: during a rolling upgrade such a
-worker parks it on the dead-letter topic (not counted). Upgrade every worker together.
+worker parks it on the dead-letter topic (not counted). Upgrade every worker together. Nor is a
+combined row with its tenth field (2026-12-02): a rolling upgrade from an older worker runs with
+`BURNGUARD_COMBINE_MESSAGES=false` until every worker reads it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ _CURRENT_KINDS = frozenset((BATCH, BATCHES, TICKS, REMOVALS, SWEEP))
 #: The fields of a delta row written before the call mix existed (no `mix`), and of one now.
 DELTA_ROW_FIELDS_BEFORE_MIX = 8
 DELTA_ROW_FIELDS = 9
+#: A combined row (`GroupRows`): a delta row's fields, its mix written even when None, then its
+#: origin: the offset of the one message that made it, or the per-message `Step`s it sums.
+DELTA_ROW_FIELDS_WITH_STEPS = 10
 
 
 def record_version(record: dict[str, Any]) -> int:
@@ -70,6 +76,139 @@ class DeltaRow(NamedTuple):
     def from_wire(cls, row: list[Any]) -> DeltaRow:
         """A row as sent; one written before the call mix reads with `mix` None (the default)."""
         return cls(*row)
+
+
+class Step(NamedTuple):
+    """One message's own contribution to a combined row: what its row alone would have carried.
+
+    Stage 2 applies a combined row step by step wherever that could differ from applying its sum
+    (a step already counted, a rung crossed): exactly as the messages' own rows would be applied.
+    On the wire (`to_wire`) a step is `[offset, amount, spans, first_event_ns, last - first]`, and
+    its call mix only when it is not a plain one's (`spans` calls made, nothing else): a step is
+    most of a combined row's bytes, and most steps are a few plain calls.
+    """
+
+    source_offset: int
+    amount: float
+    spans: int
+    first_event_ns: int
+    last_event_ns: int
+    mix: list[float] | None = None
+
+    @classmethod
+    def from_wire(cls, step: list[Any], counts_calls: bool) -> Step:
+        """A step of a row whose budget counts model calls (`counts_calls`: the row has a mix) or not."""
+        offset, amount, spans, first_ns, span_ns, *mix = step
+        if mix:
+            return cls(offset, amount, spans, first_ns, first_ns + span_ns, mix[0])
+        plain = [float(spans), 0.0, 0.0, 0.0] if counts_calls else None  # as `_settle_call_mix` makes it
+        return cls(offset, amount, spans, first_ns, first_ns + span_ns, plain)
+
+
+def _step_of(row: list[Any], offset: int, counts_calls: bool) -> list[Any]:
+    """A message's delta row as a `Step` on the wire."""
+    first_ns, spans = row[5], row[4]
+    step = [offset, row[3], spans, first_ns, row[6] - first_ns]
+    if counts_calls:
+        mix = row[DELTA_ROW_FIELDS_BEFORE_MIX]
+        if mix[0] != spans or mix[1] or mix[2] or mix[3]:  # `MIX_*`: a plain call's is [spans, 0, 0, 0]
+            step.append(mix)
+    return step
+
+
+def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[int, int], DeltaRow]]:
+    """The (source, row) of each message a delta row stands for, in offset order.
+
+    A plain row is its sub-batch's message's; a combined row (`DELTA_ROW_FIELDS_WITH_STEPS`)
+    names one message's offset, or carries the `Step`s of several.
+    """
+    if len(row) != DELTA_ROW_FIELDS_WITH_STEPS:
+        return [(source, DeltaRow.from_wire(row))]
+    *fields, origin = row
+    if isinstance(origin, int):
+        return [((source[0], origin), DeltaRow(*fields))]
+    budget, key, window_start_ns, bucket_ns = fields[0], fields[1], fields[2], fields[7]
+    counts_calls = fields[8] is not None
+    rows = []
+    for step in origin:
+        offset, amount, spans, first_ns, last_ns, mix = Step.from_wire(step, counts_calls)
+        row = DeltaRow(budget, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns, mix)
+        rows.append(((source[0], offset), row))
+    return rows
+
+
+class GroupRows:
+    """A source partition's consecutive messages' delta rows, combined into one row per key.
+
+    Each message's rows are what it would send alone (`usage_rows` over its spans). A key that
+    one message touched keeps that message's row (with its offset unless it is the group's
+    last); a key that several touched gets their sum, and the `Step` of each, in offset order:
+    stage 2 can then apply it exactly as the messages' own rows (docs/ARCHITECTURE.md §7).
+    """
+
+    __slots__ = ("_rows", "last_offset")
+
+    def __init__(self) -> None:
+        self.last_offset = -1
+        #: (budget, key, window start) -> [offset, row, offset, row, ...] of the messages that made one
+        self._rows: dict[tuple[str, str, int], list[Any]] = {}
+
+    def add(self, offset: int, rows: list[list[Any]]) -> None:
+        """A message's rows, messages in offset order."""
+        self.last_offset = offset
+        found = self._rows
+        for row in rows:
+            slot = (row[0], row[1], row[2])
+            made = found.get(slot)
+            if made is None:
+                found[slot] = [offset, row]
+            else:
+                made += (offset, row)
+
+    def rows(self) -> list[tuple[list[Any], int]]:
+        """(wire row, its weight: 1 + its steps) of every key, in the order keys first appeared.
+
+        Once per group: a one-message row not at the group's last offset gets its offset appended
+        in place (the rows are the group's own, as `usage_rows` made them for it).
+        """
+        last = self.last_offset
+        out = []
+        for made in self._rows.values():
+            if len(made) > 2:
+                out.append((_combined(made), 1 + len(made) // 2))
+                continue
+            offset, row = made
+            if offset != last:  # the row is this group's own (`usage_rows` made it): extended in place
+                row += (offset,) if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else (None, offset)
+            out.append((row, 1))
+        return out
+
+
+def _mix_of(row: list[Any]) -> list[float] | None:
+    return row[DELTA_ROW_FIELDS_BEFORE_MIX] if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else None
+
+
+def _combined(made: list[Any]) -> list[Any]:
+    """The row of a key several messages touched: their sums (spans, event range, mix) and steps."""
+    head = made[1]
+    head_mix = _mix_of(head)
+    counts_calls = head_mix is not None
+    total = list(head_mix) if counts_calls else None
+    steps = []
+    amount, spans, first_ns, last_ns = 0.0, 0, 0, 0
+    for index in range(0, len(made), 2):
+        row = made[index + 1]
+        steps.append(_step_of(row, made[index], counts_calls))
+        amount += row[3]
+        spans += row[4]
+        if row[5] and (not first_ns or row[5] < first_ns):
+            first_ns = row[5]
+        if row[6] > last_ns:
+            last_ns = row[6]
+        if index and total is not None:
+            for field, value in enumerate(row[DELTA_ROW_FIELDS_BEFORE_MIX]):
+                total[field] += value
+    return [head[0], head[1], head[2], amount, spans, first_ns, last_ns, head[7], total, steps]
 
 
 class ContextRow(NamedTuple):
@@ -149,10 +288,14 @@ class MicroBatch:
         #: usage partition -> its records, each a list of sub-batches and its rows and observations
         self._records: dict[int, list[tuple[list[BatchRecord], list[int]]]] = {}
 
-    def add(self, partition: int, batch: BatchRecord) -> None:
-        """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`."""
+    def add(self, partition: int, batch: BatchRecord, steps: int = 0) -> None:
+        """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`.
+
+        `steps`: the `Step`s its combined rows carry, each weighed as a row (a step is a third
+        of a row's bytes; a key summed over 200 messages carries 200).
+        """
         records = self._records.setdefault(partition, [])
-        size = len(batch.deltas) + len(batch.contexts)
+        size = len(batch.deltas) + len(batch.contexts) + steps
         if not records or records[-1][1][0] + size > self.max_rows:
             records.append(([], [0]))
         batches, rows = records[-1]

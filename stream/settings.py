@@ -74,11 +74,10 @@ class StreamSettings:
     fetch_partition_bytes: int = 1 << 20
     #: How often each worker writes the signal checkpoints guards start from (0: never).
     signal_checkpoint_interval: timedelta = timedelta(seconds=30)
-    #: Stage 1 sums the rows of a micro-batch's messages (`BudgetJob._combinable`): fewer rows,
-    #: but a key's spend then moves by a micro-batch's sum in one step, so a rung crossed and
-    #: passed within one micro-batch is not published and a signal's spend is the batch's, not
-    #: the crossing call's. Off by default: the ladder's precision is the guardrail's promise.
-    combine_messages: bool = False
+    #: Stage 1 sums a micro-batch's messages' rows per key (`records.GroupRows`), each message's
+    #: contribution kept as a step, so stage 2 decides exactly as for per-message rows. Off: each
+    #: message's rows alone, the only shape a worker older than the steps reads (a rolling upgrade).
+    combine_messages: bool = True
 
     @classmethod
     def from_env(cls) -> StreamSettings:

@@ -1,18 +1,16 @@
-"""Stage 1 sums the rows of many messages of one source partition, and only where that is safe.
+"""Stage 1 sums the rows of a micro-batch's messages per key, each message's part kept as a step.
 
-A combined sub-batch carries its group's last offset; stage 2's replay check (`WindowTotals.add`)
-skips a row at or below a key's mark. So the totals stay exact only if no part of a group can
-have been sent before (`BudgetJob._combinable`): (a) a first reading in this process, (b) at or
-above the partition's end offset when this worker was assigned it (fetched by `_prime`). The
-differential test holds combined and per-message sending to the same totals on span_load-style
-input; the rule tests replay what an earlier sending (a failed send, a crashed worker) left
-behind, with each half of the rule and with it disabled (a double count).
+A key touched by several messages of a source partition's group gets one row with their sum and
+the `Step` of each message (`records.GroupRows`); stage 2 applies what a step adds exactly as the
+message's own row (`records.message_rows`, `WindowTotals.add`'s per-key replay mark). So combining
+is exact whatever the cut: a re-reading, a new owner's catch-up, a zombie's late send, all combine.
+The differential test holds combined and per-message sending to the same totals and marks on
+span_load-style input; the replay tests re-send what an earlier sending left behind, cut otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import sys
@@ -28,12 +26,10 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import ContextGrowth, WindowTotals
-from burnguard.stream.app import BudgetJob
+from burnguard.stream.app import BudgetJob, _has_steps
 from burnguard.stream.deadletters import SOURCE_HEADER
-from burnguard.stream.records import sub_batches
+from burnguard.stream.records import message_rows, sub_batches
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.takeover import PartitionsLost
-from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
 from tests.fixtures.consumer_events import Event, Message
@@ -74,9 +70,8 @@ def make_job(
 
 
 def live(job: BudgetJob, partitions: range) -> BudgetJob:
-    """As if `_prime` had found each partition empty when the worker was assigned it."""
+    """As if `_prime` had digested what came before each partition's first message."""
     job.recent.primed.update(partitions)
-    job._combine_from.update(dict.fromkeys(partitions, 0))
     return job
 
 
@@ -119,15 +114,21 @@ class StageTwo:
             for batch in sub_batches(json.loads(value)):
                 if batch.deltas:  # context observations go per message, combined or not
                     self.sub_batches.append(batch.source)
-                for budget, key, start, amount, spans, first, last, bucket, *mix in batch.deltas:
-                    totals = self.totals.setdefault(f"{budget}|{key}|{start}", WindowTotals())
-                    totals.add(*batch.source, amount, spans, first, last, bucket, mix[0] if mix else None)
+                for wire_row in batch.deltas:
                     self.rows += 1
+                    for source, row in message_rows(wire_row, batch.source):
+                        totals = self.totals.setdefault(
+                            f"{row.budget}|{row.key}|{row.window_start_ns}", WindowTotals()
+                        )
+                        totals.add(*source, *row[3:])
                 for guard, session, inputs in batch.contexts:
                     growth = self.contexts.setdefault(f"{guard}|{session}", ContextGrowth())
                     growth.observe(inputs, *batch.source)
         job.sent.clear()  # type: ignore[attr-defined]
         return self
+
+    def marks(self) -> dict[str, dict[str, int]]:
+        return {key: totals.applied for key, totals in self.totals.items()}
 
     def spent(self) -> dict[str, float]:
         return {key: totals.spent for key, totals in self.totals.items()}
@@ -149,6 +150,10 @@ def assert_same_spent(got: dict[str, float], expected: dict[str, float]) -> None
     assert not off, f"{len(off)} keys differ, e.g. {list(off.items())[:3]}"
 
 
+def assert_same_marks(got: StageTwo, expected: StageTwo) -> None:
+    assert got.marks() == expected.marks()
+
+
 @pytest.mark.parametrize(
     "shape",
     [
@@ -158,19 +163,20 @@ def assert_same_spent(got: dict[str, float], expected: dict[str, float]) -> None
     ],
     ids=["default", "small-messages", "recurring-keys"],
 )
-def test_combined_micro_batches_give_the_per_message_totals_with_fewer_rows(
+def test_combined_micro_batches_give_the_per_message_totals_and_marks_with_fewer_rows(
     tmp_path: Path, shape: dict[str, int]
 ) -> None:
     events = span_load_events(SpanMix(seed=11, **shape), messages=600, partitions=2)
     combined = live(make_job(tmp_path, "combined"), range(2))
-    alone = make_job(tmp_path, "alone")
-    alone.recent.primed.update({0, 1})  # no end offset fetched: every message alone, as before
+    alone = live(make_job(tmp_path, "alone", combine=False), range(2))
     ingest(combined, events)
     ingest(alone, events)
     by_group, by_message = StageTwo().apply(combined), StageTwo().apply(alone)
 
+    # the same additions per source partition; the two partitions' order differs (floats, 1e-15)
     assert_same_spent(by_group.spent(), by_message.spent())
     assert by_group.summary() == by_message.summary()
+    assert_same_marks(by_group, by_message)
     assert by_group.context() == by_message.context() and by_group.contexts
     assert (combined.stats.spans, combined.stats.unpriced) == (alone.stats.spans, alone.stats.unpriced)
     spans = combined.stats.spans
@@ -183,13 +189,14 @@ def test_combined_micro_batches_give_the_per_message_totals_with_fewer_rows(
     assert len(set(by_message.sub_batches)) == len(events)
 
 
-def test_by_default_every_message_goes_alone(tmp_path: Path) -> None:
-    """Combining is opt-in (`BURNGUARD_COMBINE_MESSAGES`): by default a live message is never
-    summed with others, so each rung of a ladder is published at the call that crossed it."""
+def test_combining_is_on_by_default_and_its_switch_sends_every_message_alone(tmp_path: Path) -> None:
+    """Off (`BURNGUARD_COMBINE_MESSAGES=false`) stage 1 sends only rows a worker older than the steps
+    reads: a rolling upgrade runs with it off until every worker reads steps."""
+    assert StreamSettings().combine_messages
     events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=60, partitions=1)
-    default = live(make_job(tmp_path, "default", combine=False), range(1))
-    ingest(default, events)
-    assert len(set(StageTwo().apply(default).sub_batches)) == len(events)
+    switched_off = live(make_job(tmp_path, "off", combine=False), range(1))
+    ingest(switched_off, events)
+    assert len(set(StageTwo().apply(switched_off).sub_batches)) == len(events)
 
 
 def test_a_group_passes_over_a_copy_and_a_malformed_message(tmp_path: Path) -> None:
@@ -197,24 +204,25 @@ def test_a_group_passes_over_a_copy_and_a_malformed_message(tmp_path: Path) -> N
     events[3] = Event(Message(0, 3, time.time()), events[2].value)  # a producer retry: offset 2's bytes
     events[5] = Event(Message(0, 5, time.time()), b"\x0a\xff not protobuf")
     combined = live(make_job(tmp_path, "combined"), range(1))
-    alone = make_job(tmp_path, "alone")
-    alone.recent.primed.add(0)
+    alone = live(make_job(tmp_path, "alone", combine=False), range(1))
     ingest(combined, events)
     ingest(alone, events)
     by_group, by_message = StageTwo().apply(combined), StageTwo().apply(alone)
     assert by_group.sub_batches and set(by_group.sub_batches) == {(0, 7)}
-    assert_same_spent(by_group.spent(), by_message.spent())
+    assert by_group.spent() == by_message.spent()
+    assert_same_marks(by_group, by_message)
     assert (combined.duplicates, combined.deadlettered) == (1, 1)
 
-    ingest(combined, events[2:])  # read again: each message alone, nothing counted twice
+    ingest(combined, events[2:])  # read again, combined again: nothing counted twice
     again = StageTwo()
     again.totals, again.contexts = by_group.totals, by_group.contexts
     again.apply(combined)
-    assert {source for source in again.sub_batches} <= {(0, o) for o in range(2, 8)}
-    assert_same_spent(again.spent(), by_message.spent())
+    assert set(again.sub_batches) == {(0, 7)}
+    assert again.spent() == by_message.spent()
+    assert_same_marks(again, by_message)
 
 
-def test_a_message_whose_accounting_fails_sends_its_group_message_by_message(
+def test_a_message_whose_accounting_fails_is_parked_alone_and_the_rest_combined(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
@@ -229,16 +237,21 @@ def test_a_message_whose_accounting_fails_sends_its_group_message_by_message(
 
     monkeypatch.setattr(app_module, "usage_rows", usage_rows)
     ingest(job, events)
-    assert sources_and_parked(job) == ([(0, 0), (0, 1), (0, 3), (0, 4), (0, 5)], [b"otlp_spans/0/2"])
+    sources, parked = sources_and_parked(job, deltas_only=True)
+    assert (sources, parked) == ([(0, 5)], [b"otlp_spans/0/2"])
     assert job.stats.spans == sum(len(_decoded(job, event)) for event in events[:2] + events[3:])
 
 
-def sources_and_parked(job: BudgetJob) -> tuple[list[tuple[int, int]], list[bytes]]:
-    """The sources of the sub-batches the job sent, and the sources its dead letters name."""
+def sources_and_parked(
+    job: BudgetJob, deltas_only: bool = False
+) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """The sources of the sub-batches the job sent (with delta rows only, or any), and its dead letters'."""
     sent = job.sent  # type: ignore[attr-defined]
     usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
     parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
-    sources = sorted({batch.source for record in usage for batch in sub_batches(record)})
+    sources = sorted(
+        {batch.source for record in usage for batch in sub_batches(record) if batch.deltas or not deltas_only}
+    )
     return sources, [headers[SOURCE_HEADER] for headers in parked]
 
 
@@ -248,23 +261,17 @@ def _decoded(job: BudgetJob, event: Event) -> list[Any]:
     return decode_spans(event.value, job.limits).usages
 
 
-def expected_spent(events: list[Event], tmp_path: Path) -> dict[str, float]:
+def reference(events: list[Event], tmp_path: Path) -> StageTwo:
     """What the events add up to, each message sent once and alone."""
-    job = make_job(tmp_path, "reference")
-    job.recent.primed.update({0, 1})
+    job = live(make_job(tmp_path, "reference", combine=False), range(2))
     ingest(job, events)
-    return StageTwo().apply(job).spent()
+    return StageTwo().apply(job)
 
 
-@pytest.mark.parametrize("rule_a", [True, False], ids=["rule", "without-first-reading"])
-def test_a_re_reading_after_a_failed_send_goes_message_by_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule_a: bool
-) -> None:
+def test_a_re_reading_after_a_failed_send_combines_and_counts_each_message_once(tmp_path: Path) -> None:
     """Micro-batch [0-2] delivered, [3-5] failed: the re-reading from the commit (0) straddles 2."""
     events = span_load_events(SpanMix(seed=9, tenants=3, users_per_tenant=2), messages=6, partitions=1)
     job = live(make_job(tmp_path, "worker"), range(1))
-    if not rule_a:
-        monkeypatch.setattr(job, "_combinable", lambda message, first: message.offset >= 0)
     stage_two = StageTwo()
     ingest(job, events[:3])
     stage_two.apply(job)
@@ -282,123 +289,67 @@ def test_a_re_reading_after_a_failed_send_goes_message_by_message(
     ingest(job, events)  # not committed: read again from offset 0, in one micro-batch
     stage_two.apply(job)
 
-    expected = expected_spent(events, tmp_path)
-    if rule_a:
-        assert set(stage_two.sub_batches[seen:]) == {(0, o) for o in range(6)}  # each alone again
-        assert_same_spent(stage_two.spent(), expected)
-    else:  # the second group (0, 5) holds 0-2 again, above the keys' mark 2: counted twice
-        assert sum(stage_two.spent().values()) > 1.1 * sum(expected.values())
+    expected = reference(events, tmp_path)
+    assert set(stage_two.sub_batches[seen:]) == {(0, 5)}  # combined: 0-2 again, skipped step by step
+    assert stage_two.spent() == expected.spent()
+    assert_same_marks(stage_two, expected)
 
 
-@pytest.mark.parametrize("rule_b", [True, False], ids=["rule", "without-end-offset"])
-def test_a_fresh_assignment_sends_its_backlog_message_by_message(
-    kafka_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule_b: bool
-) -> None:
-    """Worker A combined 1-3 and died before its commit; B (a new process) reads 0-5, then more."""
-    topic = f"spans-{tmp_path.name}"
-    kafka_broker.create_topic(topic, partitions=1)
-    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
-    mix = SpanMix(seed=13, tenants=3, users_per_tenant=2)
-    events: list[Event] = []
-
-    def produce(count: int) -> list[Event]:
-        for _ in range(count):
-            _, value = mix.message()
-            meta = producer.send(topic, value=value).get(timeout=30)
-            events.append(Event(Message(0, meta.offset, time.time(), topic=topic), value))
-        return events[-count:]
-
+def test_a_new_owner_combines_its_backlog_across_an_earlier_owners_groups(tmp_path: Path) -> None:
+    """A combined 1-3 and died before its commit; B (a new process) reads 0-5 in one group, then more."""
+    events = span_load_events(SpanMix(seed=13, tenants=3, users_per_tenant=2), messages=9, partitions=1)
     stage_two = StageTwo()
-    worker_a = make_job(tmp_path, "a", kafka, topic)
-    ingest(worker_a, produce(1))  # assigned an empty partition: its end offset is 1 at `_prime`
-    assert worker_a._combine_from == {0: 1}
-    ingest(worker_a, produce(3))  # live: 1-3 combined
+    worker_a = live(make_job(tmp_path, "a"), range(1))
+    ingest(worker_a, events[:1])
+    ingest(worker_a, events[1:4])
     stage_two.apply(worker_a)
     assert set(stage_two.sub_batches) == {(0, 0), (0, 3)}
-
-    produce(2)
     seen = len(stage_two.sub_batches)
-    worker_b = make_job(tmp_path, "b", kafka, topic)
-    if not rule_b:
-        monkeypatch.setattr(worker_b, "_combinable", lambda message, first: first)
+    worker_b = live(make_job(tmp_path, "b"), range(1))
     ingest(worker_b, events[:6])  # from the commit (0)
+    ingest(worker_b, events[6:])
     stage_two.apply(worker_b)
-    ingest(worker_b, produce(3))
-    stage_two.apply(worker_b)
-    producer.close()
 
-    expected = expected_spent(events, tmp_path)
-    if rule_b:
-        assert worker_b._combine_from == {0: 6}
-        assert set(stage_two.sub_batches[seen:]) == {(0, o) for o in range(6)} | {(0, 8)}
-        assert_same_spent(stage_two.spent(), expected)
-    else:  # B's group (0, 5) holds 1-3 again, above A's marks at 3 or below: counted twice
-        assert sum(stage_two.spent().values()) > 1.1 * sum(expected.values())
+    expected = reference(events, tmp_path)
+    assert set(stage_two.sub_batches[seen:]) == {(0, 5), (0, 8)}
+    assert stage_two.spent() == expected.spent()
+    assert_same_marks(stage_two, expected)
 
 
-def test_a_worker_expelled_while_it_stood_still_sends_no_combined_rows(tmp_path: Path) -> None:
-    """Its successor reads the same messages alone; a late group of its own could straddle them."""
-    events = span_load_events(SpanMix(seed=17, batch_min=10, batch_max=20), messages=4, partitions=1)
-    job = live(make_job(tmp_path, "zombie"), range(1))
-
-    async def expelled() -> bool:
-        return False
-
-    job.stall_guard.still_member = expelled  # type: ignore[method-assign]
-    with pytest.raises(PartitionsLost):
-        ingest(job, events)
-    assert not job.sent and not job.usage_records._pending  # type: ignore[attr-defined]
-    del job.stall_guard.still_member  # a member again after the rebalance
-    ingest(job, events)  # read again (after the rebalance): alone, as the successor sends them
-    assert {source for source in StageTwo().apply(job).sub_batches} == {(0, o) for o in range(4)}
-
-
-async def _expelled() -> bool:
-    return False
-
-
-def test_an_expelled_worker_sends_not_even_a_lone_first_reading_its_successor_may_combine(
-    tmp_path: Path,
+@pytest.mark.parametrize("zombie_first", [True, False], ids=["zombie-first", "successor-first"])
+def test_a_zombie_and_its_successor_sending_the_same_messages_cut_otherwise_count_each_once(
+    tmp_path: Path, zombie_first: bool
 ) -> None:
-    """A zombie's lone row below a successor's group mark, applied before the group, counts twice.
-
-    The successor was assigned the partition while the zombie stood still, with nothing in it
-    (end offset 0), so it combines 0-2. The resumed zombie's fetcher got offset 0 before its
-    heartbeat told it it was out; a micro-batch of that one message makes no group of two, yet
-    its row (mark 0) lands before the successor's group (0-2, mark 2): message 0 counted twice.
-    """
-    events = span_load_events(SpanMix(seed=17, batch_min=10, batch_max=20), messages=3, partitions=1)
+    """Expelled while it stood still, a worker may still send rows its successor sends too (each in
+    offset order): per-message steps make any interleaving of two such senders exact, so stage 1
+    sends without asking the stall guard (it did while a group carried one offset for its range)."""
+    events = span_load_events(SpanMix(seed=17, tenants=3, users_per_tenant=2), messages=6, partitions=1)
     zombie = live(make_job(tmp_path, "zombie"), range(1))
-    zombie.stall_guard.still_member = _expelled  # type: ignore[method-assign]
     successor = live(make_job(tmp_path, "successor"), range(1))
+    ingest(zombie, events[:1])
+    ingest(zombie, events[1:4])  # 1-3 as a group
+    ingest(successor, events[:2])  # 0-1
+    ingest(successor, events[2:])  # 2-5
     stage_two = StageTwo()
-    with contextlib.suppress(PartitionsLost):  # how the zombie's agent ends, or nothing with c7ad6f8
-        ingest(zombie, events[:1])
-    stage_two.apply(zombie)
-    ingest(successor, events)
-    stage_two.apply(successor)
-    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
-    assert set(stage_two.sub_batches) == {(0, 2)}  # only the successor's group was applied
+    for job in (zombie, successor) if zombie_first else (successor, zombie):
+        stage_two.apply(job)
+    expected = reference(events, tmp_path)
+    assert stage_two.spent() == expected.spent()
+    assert stage_two.marks() == expected.marks()
 
 
 @pytest.mark.parametrize(
     ("combine", "size"),
     [(True, MICRO_BATCH), (True, 1), (False, MICRO_BATCH)],
-    ids=["combined", "combinable-one-message-batches", "alone"],
+    ids=["combined", "one-message-batches", "alone"],
 )
-def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_group_counts(
+def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_the_rest_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool, size: int
 ) -> None:
-    """Alone, a message whose ingest raises past `usage_rows` is dead-lettered and the rest counted;
-    in a group the fallback must do the same, not end the micro-batch (nothing sent, agent crashed),
-    and so must a combinable message that is its micro-batch's only one (a group of one)."""
+    """A message whose ingest raises past `usage_rows` is dead-lettered, none of its rows sent, and
+    the rest of its micro-batch counted: combined or not."""
     events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
-    job = make_job(tmp_path, "worker")
-    if combine:
-        live(job, range(1))
-    else:
-        job.recent.primed.add(0)
+    job = live(make_job(tmp_path, "worker", combine=combine), range(1))
     poisoned = {usage.session for usage in _decoded(job, events[2])}
     real_observations = app_module.context_observations
 
@@ -409,11 +360,14 @@ def test_a_message_that_breaks_its_context_observations_is_parked_alone_and_its_
 
     monkeypatch.setattr(app_module, "context_observations", context_observations)
     ingest(job, events, size)
-    assert sources_and_parked(job) == ([(0, 0), (0, 1), (0, 3), (0, 4), (0, 5)], [b"otlp_spans/0/2"])
+    sources, parked = sources_and_parked(job)
+    assert parked == [b"otlp_spans/0/2"] and (0, 2) not in sources
+    expected = reference(events[:2] + events[3:], tmp_path)
+    assert StageTwo().apply(job).spent() == expected.spent()
 
 
-def test_a_seek_back_re_reads_alone_and_combines_only_the_first_readings_after_it(tmp_path: Path) -> None:
-    """InOrderReads or the watchdog seeks back to 2 after 0-4 went as one group: 2-4 alone, 5-9 a group."""
+def test_a_seek_back_re_reads_combined_and_counts_each_message_once(tmp_path: Path) -> None:
+    """InOrderReads or the watchdog seeks back to 2 after 0-4 went as one group: 2-9 one group."""
     events = span_load_events(SpanMix(seed=21, tenants=3, users_per_tenant=2), messages=10, partitions=1)
     job = live(make_job(tmp_path, "worker"), range(1))
     stage_two = StageTwo()
@@ -423,59 +377,50 @@ def test_a_seek_back_re_reads_alone_and_combines_only_the_first_readings_after_i
     ingest(job, events[2:])  # one micro-batch: re-readings, then first readings
     stage_two.apply(job)
     assert set(stage_two.sub_batches[:seen]) == {(0, 4)}
-    assert set(stage_two.sub_batches[seen:]) == {(0, 2), (0, 3), (0, 4), (0, 9)}
-    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+    assert set(stage_two.sub_batches[seen:]) == {(0, 9)}
+    expected = reference(events, tmp_path)
+    assert stage_two.spent() == expected.spent()
+    assert_same_marks(stage_two, expected)
 
 
-def test_a_rebalance_in_the_middle_of_a_micro_batch_ends_the_group_and_the_successor_counts_the_rest(
-    tmp_path: Path,
+def test_steps_weigh_as_rows_so_no_record_outgrows_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rebalance starts (Faust's consumer thread) after 0-2 joined a group: 3-5, read during the
-    revoke, go alone (primed again: end offset 6), the group is sent before the revoke ends, and the
-    successor reads 0-5 alone from the commit (0) and combines only 6-9."""
-    events = span_load_events(SpanMix(seed=23, tenants=3, users_per_tenant=2), messages=10, partitions=1)
-    worker = live(make_job(tmp_path, "worker"), range(1))
-    successor = make_job(tmp_path, "successor")
-    for job in (worker, successor):
-        job.primer.prime = lambda partition, offset, ns: 0  # type: ignore[method-assign]
-        job.primer.end_offset = lambda partition: 6  # type: ignore[method-assign]
-    real_ingest_one = worker._ingest_one
-
-    def ingest_one(event: Event, *args: Any) -> None:
-        if event.message.offset == 3:
-            app_module._AfterRebalance(worker).on_rebalance_start(worker.app)
-            worker.dead_letters.stale = False  # read back already (nothing parked)
-        real_ingest_one(event, *args)
-
-    worker._ingest_one = ingest_one  # type: ignore[method-assign]
-    stage_two = StageTwo()
-    ingest(worker, events[:6])
-    stage_two.apply(worker)
-    assert set(stage_two.sub_batches) == {(0, 2), (0, 3), (0, 4), (0, 5)}
-    seen = len(stage_two.sub_batches)
-    ingest(successor, events)
-    stage_two.apply(successor)
-    assert set(stage_two.sub_batches[seen:]) == {(0, o) for o in range(6)} | {(0, 9)}
-    assert_same_spent(stage_two.spent(), expected_spent(events, tmp_path))
+    """A key in every message of a micro-batch carries a step per message: a record holds at most
+    `BATCH_ROWS` rows, observations and steps together (`MicroBatch`, `_close_group`)."""
+    mix = SpanMix(seed=2, tenants=1, users_per_tenant=2, batch_min=1, batch_max=3, calls_per_session=50)
+    events = span_load_events(mix, messages=160, partitions=1)
+    monkeypatch.setattr(app_module, "BATCH_ROWS", 50)
+    job = live(make_job(tmp_path, "worker"), range(1))
+    ingest(job, events, size=40)
+    sent = job.sent  # type: ignore[attr-defined]
+    records = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
+    weights = [
+        sum(len(b.deltas) + len(b.contexts) + sum(len(r[-1]) for r in b.deltas if _has_steps(r)) for b in sub)
+        for sub in map(sub_batches, records)
+    ]
+    assert max(weights) <= 50 < sum(weights) and len(records) > len(events) // 40
+    assert any(
+        _has_steps(row) and len(row[-1]) > 20 for r in records for b in sub_batches(r) for row in b.deltas
+    )
+    job.sent = sent  # type: ignore[attr-defined]
+    expected = reference(events, tmp_path)
+    assert StageTwo().apply(job).spent() == expected.spent()
 
 
 @pytest.mark.parametrize("combine", [True, False], ids=["combined", "alone"])
-def test_a_group_sent_message_by_message_charges_its_unpriced_calls_once(
+def test_a_broken_message_in_a_group_charges_its_unpriced_calls_as_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, combine: bool
 ) -> None:
     """The `unpriced` warning's running charge (`_unpriced`) is what per-message sending adds up,
-    also when a message breaks its group's accounting past `usage_rows` and the group goes alone."""
+    also when a message breaks past `usage_rows` and is parked."""
     monkeypatch.setattr(pricing, "resolve_rates", lambda model, provider="": None)  # no model known
     events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
     real_observations = app_module.context_observations
     charged: dict[bool, float] = {}
     for broken in (False, True):
-        job = make_job(tmp_path, f"worker-{broken}")
+        job = live(make_job(tmp_path, f"worker-{broken}", combine=combine), range(1))
         job.prices = PriceBook(unpriced_prices={"input_mtok": 1.0, "output_mtok": 2.0})
-        if combine:
-            live(job, range(1))
-        else:
-            job.recent.primed.add(0)
         poisoned = {usage.session for usage in _decoded(job, events[2])} if broken else set()
 
         def context_observations(usages: list[Any], config: Any, poisoned: set = poisoned) -> Any:

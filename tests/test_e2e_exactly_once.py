@@ -104,7 +104,7 @@ def takeovers(pipeline: Pipeline) -> str:
 
 @pytest.fixture(params=["false", "true"], ids=["alone", "combined"])
 def slow_commits(pipeline: Pipeline, request: pytest.FixtureRequest) -> Pipeline:
-    """Each message's rows alone (the default), and summed across a micro-batch's messages."""
+    """Each message's rows alone, and summed per key over a micro-batch with their steps (the default)."""
     pipeline.write_budgets(BUDGETS)
     pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="5", BURNGUARD_SESSION_TIMEOUT_S="8")
     pipeline.env["BURNGUARD_COMBINE_MESSAGES"] = request.param

@@ -104,7 +104,9 @@ def test_a_bad_switch_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyP
         StreamSettings.from_env()
 
 
-@pytest.mark.parametrize(("value", "expected"), [("", False), ("yes", True), (" On ", True), ("0", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", True), ("yes", True), (" On ", True), ("0", False), ("off", False)]
+)
 def test_a_switch_reads_its_words(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
     monkeypatch.setenv("BURNGUARD_COMBINE_MESSAGES", value)
     assert StreamSettings.from_env().combine_messages is expected

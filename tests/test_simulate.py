@@ -23,6 +23,7 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from signal import SIGCONT, SIGSTOP
 
 import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
@@ -31,6 +32,8 @@ from burnguard.contracts.usage import SpanUsage
 from burnguard.sinks.clickhouse import ClickHouseWriter, connect
 from burnguard.sinks.replay import read_spans
 from burnguard.sinks.schema import migrate
+from burnguard.stream.app import _has_steps
+from burnguard.stream.records import sub_batches
 from burnguard.stream.simulate import simulate
 from kafka import KafkaConsumer, KafkaProducer
 from typer.testing import CliRunner
@@ -38,7 +41,7 @@ from typer.testing import CliRunner
 from burnguard.cli import app
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, span_usage
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, read_to_end
 from tests.support.otlp_batches import otlp_batch
 
 BUDGETS = """
@@ -242,21 +245,49 @@ def _changes(signals: list[Signal]) -> dict[str, list[tuple[str, float]]]:
     return changes
 
 
-@pytest.mark.slow
-def test_simulate_agrees_with_the_live_worker_on_the_same_spans(pipeline: Pipeline, tmp_path: Path) -> None:
-    """The worker accounts live spans; simulate replays the same spans from ClickHouse (written by the
-    sink); both must publish the same changes with the same spend."""
-    budgets = pipeline.write_budgets(AGREEMENT_BUDGETS)
-    pipeline.start_worker()
-    sink = pipeline.start_sink()
-    producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
-    calls = [("acme", "chat"), ("acme", "search"), ("globex", "chat")] * 4 + [("acme", "chat")] * 3
+def _send_calls(
+    pipeline: Pipeline, producer: KafkaProducer, calls: list[tuple[str, str]], pause: float
+) -> None:
     for tenant, feature in calls:  # gpt-4.1, 2000 in / 500 out: $0.008 a call
         producer.send(
             pipeline.topics.spans, key=tenant.encode(), value=otlp_batch(tenant, [(feature, 2000, 500)])
         )
         producer.flush()
-        time.sleep(0.05)
+        time.sleep(pause)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lag", ["live", "paused", "catch-up"])
+def test_simulate_agrees_with_the_live_worker_on_the_same_spans(
+    pipeline: Pipeline, tmp_path: Path, lag: str
+) -> None:
+    """The worker accounts live spans; simulate replays the same spans from ClickHouse (written by the
+    sink); both must publish the same changes with the same spend.
+
+    Also when the worker lags, so that stage 1 sums the one-call messages of a micro-batch per key
+    (`GroupRows`): `paused`, the worker stands still (SIGSTOP, well inside its session) after each
+    spans partition's first message while the calls are produced; `catch-up`, every call is in the
+    topic before the worker starts. Each rung must still be published at the call that crossed it.
+    """
+    budgets = pipeline.write_budgets(AGREEMENT_BUDGETS)
+    calls = [("acme", "chat"), ("acme", "search"), ("globex", "chat")] * 4 + [("acme", "chat")] * 3
+    producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
+    if lag == "catch-up":
+        _send_calls(pipeline, producer, calls, 0)
+    worker = pipeline.start_worker()
+    sink = pipeline.start_sink()
+    if lag == "paused":
+        _send_calls(pipeline, producer, calls[:3], 0)  # the first message of each tenant's partition
+        group = pipeline.env["BURNGUARD_STREAM_APP_ID"]
+        assert wait_until_consumed(pipeline.broker.bootstrap, group, [pipeline.topics.spans]) == 0
+        worker.send_signal(SIGSTOP)
+        try:
+            _send_calls(pipeline, producer, calls[3:], 0)
+            time.sleep(1)
+        finally:
+            worker.send_signal(SIGCONT)
+    elif lag == "live":
+        _send_calls(pipeline, producer, calls, 0.05)
     live = pipeline.wait_for_signal(lambda s: s.key == "acme" and s.action == "throttle", "acme throttled")
     assert live.budget == "tenant-daily"
     time.sleep(1)  # the worker has the other keys' changes out by now (their spans came earlier)
@@ -304,3 +335,17 @@ def test_simulate_agrees_with_the_live_worker_on_the_same_spans(pipeline: Pipeli
     ]
     assert live_changes["tenant+feature:acme/chat@feature-calls"] == [("warn", 2.0), ("throttle", 4.0)]
     assert live_changes["tenant:globex@tenant-daily"] == [("warn", 0.032)]
+    if lag != "live":  # the lag did make stage 1 sum messages: rows with per-message steps
+        assert _combined_rows(pipeline), "no row summed several messages: the test would prove nothing"
+
+
+def _combined_rows(pipeline: Pipeline) -> int:
+    """The usage topic's delta rows that carry several messages' steps (`GroupRows`)."""
+    records = read_to_end(pipeline.broker.bootstrap, pipeline.topics.usage)
+    return sum(
+        _has_steps(row)
+        for record in records
+        if record.value and b'"batches"' in record.value
+        for batch in sub_batches(json.loads(record.value))
+        for row in batch.deltas
+    )
