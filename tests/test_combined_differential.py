@@ -1,0 +1,213 @@
+"""Differential property test: stage 2 fed combined rows decides exactly as fed per-message rows.
+
+Adversarial inputs written as delta rows (what `usage_rows` makes per message), so that amounts sit
+on and around rungs, event times spread over rolling buckets that expire between steps (also ahead
+of `now`), windows close, a predictive downgrade comes within reach, the call mix moves, and rows
+name budgets that are gone or carry amounts no span has. Stage 1's real combining (`GroupRows`,
+`BudgetJob._close_group`, `MicroBatch`) cuts them into groups at random; several senders (a
+re-reading after a failed send, a successor, a zombie) send overlapping ranges, their records
+interleaved at random as the usage partition would order them; stage 2's real `_account_one`
+accounts them on a `BudgetJob` built but not started, at a fixed `now`.
+The reference: each message's rows as its own sub-batch, read once, in offset order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from burnguard.contracts.budgets import parse_budget_yaml
+from burnguard.contracts.signals import Signal
+from burnguard.contracts.windows import Window
+from burnguard.stream import app as app_module
+from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.app import BudgetJob, _plain
+from burnguard.stream.records import GroupRows, MicroBatch, encode_record
+from burnguard.stream.settings import StreamSettings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+CONFIG = parse_budget_yaml(
+    """\
+model_classes: {premium: [gpt-4.1], standard: [gpt-4.1-mini], economy: [gpt-4.1-nano]}
+budgets:
+  - {id: day-ladder, scope: tenant, window: day, limit: 1.0,
+     actions: [{at: 0.3, do: warn}, {at: 0.6, do: downgrade, to: standard}, {at: 1.0, do: throttle}]}
+  - {id: two-downgrades, scope: tenant, window: day, limit: 1.0,
+     actions: [{at: 0.3, do: downgrade, to: standard}, {at: 0.6, do: downgrade, to: economy}]}
+  - {id: rolling, scope: tenant, window: 1h, limit: 1.0,
+     actions: [{at: 0.3, do: warn}, {at: 0.6, do: downgrade}, {at: 1.0, do: throttle}]}
+  - {id: forecast, scope: tenant, window: day, limit: 1.0, forecast: {downgrade: true, min_ratio: 0.2},
+     actions: [{at: 0.9, do: warn}, {at: 1.0, do: throttle}]}
+  - {id: rolling-forecast, scope: tenant, window: 2h, limit: 1.0,
+     forecast: {downgrade: true, min_ratio: 0.2}, actions: [{at: 0.7, do: warn}, {at: 1.0, do: throttle}]}
+  - {id: calls, scope: tenant, window: day, metric: calls, limit: 4,
+     actions: [{at: 0.5, do: warn}, {at: 1.0, do: throttle}]}
+  - {id: tools, scope: session, window: session, metric: tool_calls, limit: 3,
+     actions: [{at: 0.5, do: warn}, {at: 1.0, do: throttle}]}
+"""
+)
+#: Mid-morning UTC, a few seconds into a minute: yesterday's day window is closed.
+NOW = datetime(2026, 12, 2, 9, 30, 7, tzinfo=UTC)
+NOW_NS = int(NOW.timestamp()) * 1_000_000_000
+_MINUTE = 60 * 1_000_000_000
+_DAY = Window("day")
+_BUCKETS = {"rolling": 60 * 1_000_000_000, "rolling-forecast": 120 * 1_000_000_000}
+BUDGET_IDS = [b.id for b in CONFIG.budgets] + ["gone"]  # "gone": a budget removed since
+#: Minutes from `now` where a rolling window's oldest bucket leaves, or a step lies past its reach.
+_EDGES = [-121, -120, -119, -62, -61, -60, -59, 0, 1, 2, 3, 5, 8]
+AMOUNTS = [0.0, 0.1, 0.2, 0.3, 1 / 3, 0.05, 0.25, 0.5, 0.7, 1e-12, 0.30000000000000004, 0.29999999999999993]
+
+
+def _job(tmp_path: Path, name: str) -> BudgetJob:
+    """A job not started: stage 1's helpers make records, stage 2's signals are captured."""
+    settings_ = StreamSettings(data_dir=tmp_path / name, app_id=f"diff-{name}", partitions=1)
+    job = BudgetJob(settings_, CONFIG)
+    job.signals = []  # type: ignore[attr-defined]
+
+    async def signal_out(signal: Signal) -> None:
+        job.signals.append(signal)  # type: ignore[attr-defined]
+
+    job._send_signal = signal_out  # type: ignore[method-assign]
+    return job
+
+
+@st.composite
+def rows_of_a_message(draw: st.DrawFn) -> list[list[Any]]:
+    """A message's delta rows, one per (budget, key, window) as `usage_rows` makes them."""
+    rows: dict[tuple[str, str, int], list[Any]] = {}
+    for _ in range(draw(st.integers(0, 4))):
+        budget = draw(st.sampled_from(BUDGET_IDS))
+        key = draw(st.sampled_from(["acme", "globex"]))
+        minutes = draw(st.sampled_from(_EDGES) | st.integers(-200, 8))  # around bucket ends too
+        last_ns = NOW_NS + minutes * _MINUTE + draw(st.integers(0, _MINUTE - 1))
+        first_ns = last_ns - draw(st.sampled_from([0, 1, _MINUTE, 30 * _MINUTE]))
+        bucket_ns = _BUCKETS.get(budget, 0)
+        start = _DAY.start_ns(last_ns) if not bucket_ns and budget != "tools" else 0
+        if budget in ("calls", "tools"):
+            amount = float(draw(st.integers(0, 2)))
+        else:
+            cents = st.integers(0, 70).map(lambda cent: cent / 100)  # sums that round across a rung
+            amount = draw(st.sampled_from(AMOUNTS) | cents | st.floats(0, 0.8) | st.just(-0.5))
+        mix = None if budget == "tools" else draw(st.none() | st.just([1.0, 1.0, 0.0, 0.125]))
+        row = [budget, key, start, amount, 1, first_ns, last_ns, bucket_ns, mix]
+        rows.setdefault((budget, key, start), row)
+    return list(rows.values())
+
+
+def _record_bytes(job: BudgetJob, batch: MicroBatch) -> list[bytes]:
+    return [encode_record(record) for _, record in batch.records()]
+
+
+Messages = list[list[list[Any]]]
+
+
+def per_message_records(job: BudgetJob, messages: Messages, first: int, last: int) -> list[bytes]:
+    """Stage 1 with combining off: each message's rows its own sub-batch (`_ingest_one`)."""
+    batch = MicroBatch(app_module.BATCH_ROWS)
+    for offset in range(first, last):
+        rows = copy.deepcopy(messages[offset])
+        for partition, sub_batch in list(job._batch_records(rows, [], (0, offset))):
+            batch.add(partition, sub_batch)
+    return _record_bytes(job, batch)
+
+
+def combined_records(job: BudgetJob, messages: Messages, first: int, last: int) -> list[bytes]:
+    """Stage 1 with combining on: the messages' rows summed per key with their steps (`GroupRows`)."""
+    group, batch = GroupRows(), MicroBatch(app_module.BATCH_ROWS)
+    for offset in range(first, last):
+        group.add(offset, copy.deepcopy(messages[offset]))
+    job._close_group(0, group, batch)
+    return _record_bytes(job, batch)
+
+
+def account(job: BudgetJob, records: list[bytes]) -> None:
+    for record in records:
+        asyncio.run(job._account_one(json.loads(record)))
+
+
+def outcome(job: BudgetJob) -> tuple[Any, ...]:
+    """Totals (bit for bit: spend, spans, event range, marks, burn-rate ring, buckets, mix), the
+    published states, and each key's signals in order, everything they carry."""
+    totals = {key: WindowTotals.from_state(value).to_state() for key, value in _plain(job.totals).items()}
+    by_key: dict[str, list[str]] = {}
+    for signal in job.signals:  # type: ignore[attr-defined]
+        by_key.setdefault(signal.kafka_key, []).append(signal.to_json().decode())
+    return json.dumps(totals, sort_keys=True), dict(_plain(job.states)), by_key
+
+
+@st.composite
+def schedules(draw: st.DrawFn, messages: int) -> list[tuple[bool, int, int]]:
+    """Deliveries (combined?, first offset, end offset) in the order the usage partition holds them.
+
+    Senders each send consecutive micro-batches of a range in offset order; a new sender (a
+    re-reading after a failed send, a successor after a rebalance, or a zombie's rival) starts
+    anywhere at or below the delivered prefix (below it everything was delivered: committed);
+    a micro-batch may be lost (a failed send: its sender reads it again, cut anew). Each
+    sender combines or not (a rolling change of the switch).
+    """
+    senders: list[list[Any]] = [[draw(st.booleans()), 0]]  # [combines, next offset]
+    delivered: set[int] = set()
+    out: list[tuple[bool, int, int]] = []
+    prefix = 0
+    while prefix < messages:
+        live = [s for s in senders if s[1] < messages]
+        if not live or draw(st.integers(0, 9)) == 9:
+            senders.append([draw(st.booleans()), draw(st.integers(0, prefix))])
+            continue
+        sender = draw(st.sampled_from(live))
+        first = sender[1]
+        end = min(messages, first + draw(st.integers(1, 8)))
+        if draw(st.integers(0, 7)) == 7:
+            continue  # the send failed: nothing delivered, the sender reads `first` again
+        out.append((sender[0], first, end))
+        sender[1] = end
+        delivered.update(range(first, end))
+        while prefix in delivered:
+            prefix += 1
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_cut_and_any_replays_decide_as_per_message_rows_read_once(
+    tmp_path_factory: Any, monkeypatch: Any, data: st.DataObject
+) -> None:
+    monkeypatch.setattr(app_module, "_now", lambda: NOW)
+    messages = data.draw(st.lists(rows_of_a_message(), min_size=1, max_size=24), label="messages")
+    tmp_path = tmp_path_factory.mktemp("diff")
+    reference = _job(tmp_path, "reference")
+    account(reference, per_message_records(reference, messages, 0, len(messages)))
+    sender, tested = _job(tmp_path, "sender"), _job(tmp_path, "tested")
+    for combines, first, end in data.draw(schedules(len(messages)), label="deliveries"):
+        make = combined_records if combines else per_message_records
+        account(tested, make(sender, messages, first, end))
+    assert outcome(tested) == outcome(reference)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_same_deliveries_combined_count_errors_and_replays_as_per_message(
+    tmp_path_factory: Any, monkeypatch: Any, data: st.DataObject
+) -> None:
+    """Same senders, same micro-batches: combined or per message, the same counters too."""
+    monkeypatch.setattr(app_module, "_now", lambda: NOW)
+    messages = data.draw(st.lists(rows_of_a_message(), min_size=1, max_size=24), label="messages")
+    deliveries = data.draw(schedules(len(messages)), label="deliveries")
+    tmp_path = tmp_path_factory.mktemp("same")
+    jobs = []
+    for make in (per_message_records, combined_records):
+        sender, tested = _job(tmp_path, f"sender-{make.__name__}"), _job(tmp_path, f"tested-{make.__name__}")
+        for _, first, end in deliveries:
+            account(tested, make(sender, messages, first, end))
+        jobs.append(tested)
+    alone, combined = jobs
+    assert outcome(combined) == outcome(alone)
+    counters = ("agent_errors", "replayed_deltas", "late_after_eviction")
+    assert [getattr(combined, c) for c in counters] == [getattr(alone, c) for c in counters]
+    assert math.isfinite(sum(WindowTotals.from_state(v).spent for v in _plain(combined.totals).values()))
