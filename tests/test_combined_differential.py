@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.windows import Window
@@ -64,10 +65,10 @@ _EDGES = [-121, -120, -119, -62, -61, -60, -59, 0, 1, 2, 3, 5, 8]
 AMOUNTS = [0.0, 0.1, 0.2, 0.3, 1 / 3, 0.05, 0.25, 0.5, 0.7, 1e-12, 0.30000000000000004, 0.29999999999999993]
 
 
-def _job(tmp_path: Path, name: str) -> BudgetJob:
+def _job(tmp_path: Path, name: str, config: Any = CONFIG) -> BudgetJob:
     """A job not started: stage 1's helpers make records, stage 2's signals are captured."""
     settings_ = StreamSettings(data_dir=tmp_path / name, app_id=f"diff-{name}", partitions=1)
-    job = BudgetJob(settings_, CONFIG)
+    job = BudgetJob(settings_, config)
     job.signals = []  # type: ignore[attr-defined]
 
     async def signal_out(signal: Signal) -> None:
@@ -211,3 +212,35 @@ def test_the_same_deliveries_combined_count_errors_and_replays_as_per_message(
     counters = ("agent_errors", "replayed_deltas", "late_after_eviction")
     assert [getattr(combined, c) for c in counters] == [getattr(alone, c) for c in counters]
     assert math.isfinite(sum(WindowTotals.from_state(v).spent for v in _plain(combined.totals).values()))
+
+
+@pytest.mark.parametrize("window", ["session", "2h"])
+def test_rows_bucketed_for_another_window_decide_as_per_message_rows(
+    tmp_path: Path, monkeypatch: Any, window: str
+) -> None:
+    """A rolling 1h budget changed (same id, window start 0) to a session or a 2h window while its
+    rows were on the usage topic: the rows' buckets are a 1h window's. Per message, a later
+    minute pushes the spend of an hour ago out of the rows' ring, so the spend falls (`ok` is
+    published) before the next message raises it; combined, the fast path took the spend as only
+    growing (a session window has no ring reach to check) and kept `warn`."""
+    monkeypatch.setattr(app_module, "_now", lambda: NOW)
+    config = parse_budget_yaml(
+        "budgets:\n"
+        f"  - {{id: b, scope: session, window: {window}, limit: 1.0, actions: [{{at: 0.3, do: warn}}]}}\n"
+    )
+    minute = _BUCKETS["rolling"]  # the rows' bucket: a 1h window's
+    hour_ago, next_minute = NOW_NS - 60 * _MINUTE, NOW_NS + _MINUTE
+    messages = [
+        [["b", "s1", 0, 0.35, 1, hour_ago, hour_ago, minute, None]],
+        [["b", "s1", 0, 0.0, 1, next_minute, next_minute, minute, None]],
+        [["b", "s1", 0, 0.1, 1, next_minute, next_minute, minute, None]],
+    ]
+    outcomes = []
+    for make in (per_message_records, combined_records):
+        job = _job(tmp_path, make.__name__, config)
+        account(job, per_message_records(job, messages, 0, 1))
+        account(job, make(job, messages, 1, 3))
+        outcomes.append(outcome(job))
+    alone, combined = outcomes
+    assert [json.loads(s)["action"] for s in alone[2]["session:s1@b"]] == ["warn", "ok"]
+    assert combined == alone
