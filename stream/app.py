@@ -974,8 +974,8 @@ class BudgetJob:
         previous = _plain(self.states).get(f"{budget_id}|{key}")
         if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
             action = previous["action"] if previous else "ok"
-            last_events = [step.last_event_ns for step in applied] if bucket_ns else []
-            if not settles_alike(budget, window_start_ns, totals, now, action, added, last_events):
+            events = [step.last_event_ns for step in applied] if bucket_ns else []
+            if not settles_alike(budget, window_start_ns, totals, now, action, added, events, bucket_ns):
                 return False
         for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
             totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)
