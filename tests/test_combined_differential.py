@@ -14,9 +14,11 @@ The reference: each message's rows as its own sub-batch, read once, in offset or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import math
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,18 @@ from typing import Any
 import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.signals import Signal
+from burnguard.contracts.topics import Topics
 from burnguard.contracts.windows import Window
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.app import BudgetJob, _plain
 from burnguard.stream.records import GroupRows, MicroBatch, encode_record
 from burnguard.stream.settings import StreamSettings
+from burnguard.stream.takeover import PartitionsLost
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.fixtures.consumer_events import Event, Message
 
 CONFIG = parse_budget_yaml(
     """\
@@ -244,3 +250,42 @@ def test_rows_bucketed_for_another_window_decide_as_per_message_rows(
     alone, combined = outcomes
     assert [json.loads(s)["action"] for s in alone[2]["session:s1@b"]] == ["warn", "ok"]
     assert combined == alone
+
+
+def _stage_one_job(tmp_path: Path, name: str) -> BudgetJob:
+    """A job whose stage 1 keeps what it hands the producer (`job.sent`: topic, partition, key, value,
+    headers), assigned partition 0 with its digests primed and the dead-letter topic read back."""
+    job = _job(tmp_path, name)
+    job.recent.primed.add(0)
+    job.dead_letters.stale = False
+    job.sent = []  # type: ignore[attr-defined]
+
+    async def send() -> None:
+        job.sent.extend(job.usage_records._pending)  # type: ignore[attr-defined]
+        job.usage_records._pending = []
+
+    job.usage_records.send = send  # type: ignore[method-assign]
+    return job
+
+
+def test_a_worker_expelled_while_it_stood_still_parks_nothing_its_successor_parks_again(
+    tmp_path: Path,
+) -> None:
+    """A bad message is parked once. The successor read the dead-letter topic back when it was
+    assigned the partition, before the stalled worker woke: it parks the message too. So the
+    expelled worker's micro-batch, dead letters included, must not go out (the stall guard before
+    each stage-1 send did that; per-message steps make its rows harmless, not its dead letters)."""
+    malformed = [Event(Message(0, 0, time.time()), b"\x0a\xff not protobuf")]
+    zombie, successor = _stage_one_job(tmp_path, "zombie"), _stage_one_job(tmp_path, "successor")
+
+    async def expelled() -> bool:
+        return False
+
+    zombie.stall_guard.still_member = expelled  # type: ignore[method-assign]
+    with contextlib.suppress(PartitionsLost):  # how the zombie's agent ends
+        asyncio.run(zombie._ingest_batch(malformed))
+    asyncio.run(successor._ingest_batch(malformed))
+    deadletter = Topics().deadletter
+    sent = [*zombie.sent, *successor.sent]  # type: ignore[attr-defined]
+    parked = [record for record in sent if record[0] == deadletter]
+    assert len(parked) == 1
