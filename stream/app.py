@@ -405,6 +405,11 @@ class BudgetJob:
         for partition, group in groups.items():
             self._close_group(partition, group, batch)
         queued, self._parked_unsent = self._parked_unsent, []
+        # its rows would count once (per-message steps), but its dead letters a successor parks too
+        if not await self.stall_guard.still_member():
+            self.usage_records.drop()  # read again after the rebalance
+            self.dead_letters.discard(queued)
+            raise PartitionsLost("expelled while it stood still: its micro-batch is not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
