@@ -289,3 +289,27 @@ def test_a_worker_expelled_while_it_stood_still_parks_nothing_its_successor_park
     sent = [*zombie.sent, *successor.sent]  # type: ignore[attr-defined]
     parked = [record for record in sent if record[0] == deadletter]
     assert len(parked) == 1
+
+
+@pytest.mark.parametrize("mixes", [("mix", None), (None, "mix")], ids=["mix-then-none", "none-then-mix"])
+def test_a_key_with_and_without_a_call_mix_in_one_group_is_combined_as_per_message(
+    tmp_path: Path, monkeypatch: Any, mixes: tuple[str | None, str | None]
+) -> None:
+    """A budget changed from cost to tool calls (or back), same id, while a micro-batch is read
+    (the budgets reload runs whenever `_ingest_batch` yields): one key's rows in a group, one with
+    a call mix and one without. Combined, `_close_group` raised on the row without (the micro-batch,
+    acked when its agent stops, is lost), or dropped the mix of a row after one without."""
+    monkeypatch.setattr(app_module, "_now", lambda: NOW)
+    start = _DAY.start_ns(NOW_NS)
+    messages = [
+        [["day-ladder", "acme", start, 0.2, 1, NOW_NS, NOW_NS, 0, [1.0, 1.0, 0.0, 0.125] if mix else None]]
+        for mix in mixes
+    ]
+    outcomes = []
+    for make in (per_message_records, combined_records):
+        job = _job(tmp_path, make.__name__)
+        account(job, make(job, messages, 0, 2))
+        outcomes.append(outcome(job))
+    alone, combined = outcomes
+    assert json.loads(alone[0])[f"day-ladder|acme|{start}"][-1] == [1.0, 1.0, 0.0, 0.125]
+    assert combined == alone
