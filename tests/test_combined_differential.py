@@ -19,7 +19,7 @@ import copy
 import json
 import math
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.consumer_events import Event, Message
+from tests.support.otlp_batches import otlp_batch
 
 CONFIG = parse_budget_yaml(
     """\
@@ -71,9 +72,11 @@ _EDGES = [-121, -120, -119, -62, -61, -60, -59, 0, 1, 2, 3, 5, 8]
 AMOUNTS = [0.0, 0.1, 0.2, 0.3, 1 / 3, 0.05, 0.25, 0.5, 0.7, 1e-12, 0.30000000000000004, 0.29999999999999993]
 
 
-def _job(tmp_path: Path, name: str, config: Any = CONFIG) -> BudgetJob:
+def _job(tmp_path: Path, name: str, config: Any = CONFIG, combine: bool = True) -> BudgetJob:
     """A job not started: stage 1's helpers make records, stage 2's signals are captured."""
-    settings_ = StreamSettings(data_dir=tmp_path / name, app_id=f"diff-{name}", partitions=1)
+    settings_ = StreamSettings(
+        data_dir=tmp_path / name, app_id=f"diff-{name}", partitions=1, combine_messages=combine
+    )
     job = BudgetJob(settings_, config)
     job.signals = []  # type: ignore[attr-defined]
 
@@ -252,10 +255,10 @@ def test_rows_bucketed_for_another_window_decide_as_per_message_rows(
     assert combined == alone
 
 
-def _stage_one_job(tmp_path: Path, name: str) -> BudgetJob:
+def _stage_one_job(tmp_path: Path, name: str, config: Any = CONFIG, combine: bool = True) -> BudgetJob:
     """A job whose stage 1 keeps what it hands the producer (`job.sent`: topic, partition, key, value,
     headers), assigned partition 0 with its digests primed and the dead-letter topic read back."""
-    job = _job(tmp_path, name)
+    job = _job(tmp_path, name, config, combine)
     job.recent.primed.add(0)
     job.dead_letters.stale = False
     job.sent = []  # type: ignore[attr-defined]
@@ -312,4 +315,44 @@ def test_a_key_with_and_without_a_call_mix_in_one_group_is_combined_as_per_messa
         outcomes.append(outcome(job))
     alone, combined = outcomes
     assert json.loads(alone[0])[f"day-ladder|acme|{start}"][-1] == [1.0, 1.0, 0.0, 0.125]
+    assert combined == alone
+
+
+def _rolling(window: str) -> Any:
+    return parse_budget_yaml(
+        "budgets:\n"
+        f"  - {{id: b, scope: tenant, window: {window}, limit: 0.02, actions: [{{at: 0.5, do: warn}}]}}\n"
+    )
+
+
+def test_a_budgets_reload_within_a_micro_batch_combines_as_per_message(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The budgets reload runs whenever `_ingest_batch` yields: a rolling budget lengthened (1h to
+    2h, same id and window start 0) between two messages of a micro-batch. Per message each row
+    keeps its own bucket size; combined, one key's row gave every step the first row's."""
+    monkeypatch.setattr(app_module, "_now", lambda: NOW)
+    before, after = _rolling("1h"), _rolling("2h")
+    events = [
+        Event(Message(0, offset, NOW.timestamp()), otlp_batch("acme", [("chat", 2000, 500)], at=NOW - ago))
+        for offset, ago in enumerate([timedelta(minutes=90), timedelta(minutes=1), timedelta(minutes=1)])
+    ]
+    usage = Topics().usage
+    outcomes = []
+    for combine in (False, True):
+        stage_one = _stage_one_job(tmp_path, f"one-{combine}", before, combine)
+        ingest_one = stage_one._ingest_one
+
+        def reloaded_after(
+            event: Any, batch: Any, groups: Any, job: BudgetJob = stage_one, read: Any = ingest_one
+        ) -> None:
+            read(event, batch, groups)
+            job.config, job._budgets = after, {budget.id: budget for budget in after.budgets}
+
+        stage_one._ingest_one = reloaded_after  # type: ignore[method-assign]
+        asyncio.run(stage_one._ingest_batch(events))
+        stage_two = _job(tmp_path, f"two-{combine}", after)
+        account(stage_two, [value for topic, _, _, value, _ in stage_one.sent if topic == usage])  # type: ignore[attr-defined]
+        outcomes.append(outcome(stage_two))
+    alone, combined = outcomes
     assert combined == alone
