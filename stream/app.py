@@ -384,9 +384,15 @@ class BudgetJob:
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
         first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
+        config = self.config
         for event in events:
             if not reads.admit(event.message):  # see stream/takeover.py
                 continue
+            if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
+                config = self.config
+                for partition, group in groups.items():
+                    self._close_group(partition, group, batch)
+                groups.clear()
             tp, offset = event.message.tp, event.message.offset
             first[tp] = min(first.get(tp, offset), offset)
             if event.message.partition not in self.recent.primed:
