@@ -388,17 +388,17 @@ class BudgetJob:
         for event in events:
             if not reads.admit(event.message):  # see stream/takeover.py
                 continue
-            if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
-                config = self.config
-                for partition, group in groups.items():
-                    self._close_group(partition, group, batch)
-                groups.clear()
             tp, offset = event.message.tp, event.message.offset
             first[tp] = min(first.get(tp, offset), offset)
             if event.message.partition not in self.recent.primed:
                 await self._prime(event)
             if self.dead_letters.stale:
                 await self._catch_up_dead_letters()
+            if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
+                config = self.config
+                for partition, group in groups.items():
+                    self._close_group(partition, group, batch)
+                groups.clear()
             try:
                 self._ingest_one(event, batch, groups)
             except Exception as exc:  # nothing in one message may stop the partition
