@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +30,9 @@ from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import Topics
 from burnguard.contracts.windows import Window
 from burnguard.stream import app as app_module
-from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.accounting import ContextGrowth, WindowTotals
 from burnguard.stream.app import BudgetJob, _plain
+from burnguard.stream.duplicates import digest
 from burnguard.stream.eviction import horizon_key, is_window_key
 from burnguard.stream.records import GroupRows, MicroBatch, encode_record
 from burnguard.stream.settings import StreamSettings
@@ -40,6 +42,9 @@ from hypothesis import strategies as st
 
 from tests.fixtures.consumer_events import Event, Message
 from tests.support.otlp_batches import otlp_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from span_load import BUDGETS_YAML, SpanMix
 
 CONFIG = parse_budget_yaml(
     """\
@@ -169,8 +174,8 @@ def outcome(job: BudgetJob) -> tuple[Any, ...]:
 
 
 @st.composite
-def schedules(draw: st.DrawFn, messages: int) -> list[tuple[bool, int, int]]:
-    """Deliveries (combined?, first offset, end offset) in the order the usage partition holds them.
+def schedules(draw: st.DrawFn, messages: int) -> list[tuple[int, bool, int, int]]:
+    """Deliveries (sender, combined?, first offset, end offset) in the order the usage partition holds them.
 
     Senders each send consecutive micro-batches of a range in offset order; a new sender (a
     re-reading after a failed send, a successor after a rebalance, or a zombie's rival) starts
@@ -180,7 +185,7 @@ def schedules(draw: st.DrawFn, messages: int) -> list[tuple[bool, int, int]]:
     """
     senders: list[list[Any]] = [[draw(st.booleans()), 0]]  # [combines, next offset]
     delivered: set[int] = set()
-    out: list[tuple[bool, int, int]] = []
+    out: list[tuple[int, bool, int, int]] = []
     prefix = 0
     while prefix < messages:
         live = [s for s in senders if s[1] < messages]
@@ -192,7 +197,7 @@ def schedules(draw: st.DrawFn, messages: int) -> list[tuple[bool, int, int]]:
         end = min(messages, first + draw(st.integers(1, 8)))
         if draw(st.integers(0, 7)) == 7:
             continue  # the send failed: nothing delivered, the sender reads `first` again
-        out.append((sender[0], first, end))
+        out.append((senders.index(sender), sender[0], first, end))
         sender[1] = end
         delivered.update(range(first, end))
         while prefix in delivered:
@@ -212,7 +217,7 @@ def test_any_cut_and_any_replays_decide_as_per_message_rows_read_once(
     reference = _swept(_job(tmp_path, "reference"), horizon)
     account(reference, per_message_records(reference, messages, 0, len(messages)))
     sender, tested = _job(tmp_path, "sender"), _swept(_job(tmp_path, "tested"), horizon)
-    for combines, first, end in data.draw(schedules(len(messages)), label="deliveries"):
+    for _, combines, first, end in data.draw(schedules(len(messages)), label="deliveries"):
         make = combined_records if combines else per_message_records
         account(tested, make(sender, messages, first, end))
     assert outcome(tested) == outcome(reference)
@@ -236,7 +241,7 @@ def test_the_same_deliveries_combined_count_errors_and_replays_as_per_message(
     for make in (per_message_records, combined_records):
         sender = _job(tmp_path, f"sender-{make.__name__}")
         tested = _swept(_job(tmp_path, f"tested-{make.__name__}"), horizon)
-        for _, first, end in deliveries:
+        for _, _, first, end in deliveries:
             account(tested, make(sender, messages, first, end))
         jobs.append(tested)
     alone, combined = jobs
@@ -436,3 +441,86 @@ def test_a_step_that_pushes_counted_spend_out_of_the_rolling_ring_is_walked(
     alone, combined = _per_message_and_combined(tmp_path, CONFIG, before, group)
     assert _actions(alone, "tenant:acme@rolling") == ["warn", "ok", "warn"]
     assert combined == alone
+
+
+#: span_load's budgets, a rolling ladder, a forecast and a context guard, for stage 1 end to end.
+STAGE_ONE_CONFIG = parse_budget_yaml(
+    BUDGETS_YAML + "  - {id: tenant-rolling, scope: tenant, window: 2h, limit: 0.4,\n"
+    "     actions: [{at: 0.5, do: warn}, {at: 0.8, do: downgrade, to: standard}, {at: 1.0, do: throttle}]}\n"
+    "  - {id: user-forecast, scope: user, window: day, limit: 0.05,\n"
+    "     forecast: {downgrade: true, min_ratio: 0.3},\n"
+    "     actions: [{at: 0.9, do: warn}, {at: 1.0, do: throttle}]}\n"
+    "context_guards:\n  - {id: long-context, max_input_tokens: 1000, growth_calls: 3}\n"
+)
+
+
+def _span_events(seed: int, messages: int, malformed: int, copy_of_previous: int) -> list[Event]:
+    """span_load messages of partition 0, one replaced by bytes that are no OTLP, one by a
+    producer retry's copy of the message before it."""
+    mix = SpanMix(seed=seed, tenants=2, users_per_tenant=2, batch_min=1, batch_max=4, calls_per_session=30)
+    now = time.time()
+    values = [mix.message()[1] for _ in range(messages)]
+    values[malformed] = b"\x0a\xff not protobuf"
+    values[copy_of_previous] = values[copy_of_previous - 1]
+    return [Event(Message(0, offset, now), value) for offset, value in enumerate(values)]
+
+
+def _sender(tmp_path: Path, name: str, events: list[Event], start: int, combine: bool) -> BudgetJob:
+    """A stage 1 assigned partition 0 at `start`, its digests primed with what came before (`_prime`)."""
+    job = _stage_one_job(tmp_path, name, STAGE_ONE_CONFIG, combine)
+    for earlier in events[:start]:
+        job.recent.earlier_copy(
+            0, digest(earlier.value), earlier.message.offset, int(earlier.message.timestamp * 1e9)
+        )
+    return job
+
+
+def _stage_one(job: BudgetJob, events: list[Event]) -> list[bytes]:
+    asyncio.run(job._ingest_batch(events))
+    usage = job.settings.topics.usage
+    sent, job.sent = job.sent, []  # type: ignore[attr-defined]
+    return [value for topic, _, _, value, _ in sent if topic == usage]
+
+
+def _with_contexts(job: BudgetJob) -> tuple[Any, ...]:
+    return (
+        *outcome(job),
+        {key: ContextGrowth.from_state(v).to_state() for key, v in _plain(job.contexts).items()},
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_stage_one_senders_interleaved_decide_as_per_message_rows_read_once(
+    tmp_path_factory: Any, monkeypatch: Any, data: st.DataObject
+) -> None:
+    """Stage 1 itself (`_ingest_batch`: decoding, pricing, copies, bad messages, context
+    observations, `GroupRows`) as several senders whose records interleave: stage 2's totals,
+    states, context growth and each key's signals are those of per-message rows read once."""
+    now = datetime.now(UTC)
+    monkeypatch.setattr(app_module, "_now", lambda: now)
+    count = data.draw(st.integers(8, 40), label="messages")
+    events = _span_events(
+        data.draw(st.integers(0, 1000), label="seed"),
+        count,
+        data.draw(st.integers(0, count - 1), label="malformed"),
+        data.draw(st.integers(1, count - 1), label="copy"),
+    )
+    tmp_path = tmp_path_factory.mktemp("stage-one")
+    reference = _job(tmp_path, "reference", STAGE_ONE_CONFIG)
+    account(reference, _stage_one(_sender(tmp_path, "alone", events, 0, False), events))
+    senders: dict[int, BudgetJob] = {}
+    tested = _job(tmp_path, "tested", STAGE_ONE_CONFIG)
+    for index, combines, first, end in data.draw(schedules(count), label="deliveries"):
+        if index not in senders:
+            senders[index] = _sender(tmp_path, f"sender-{index}", events, first, combines)
+        records = _stage_one(senders[index], events[first:end])
+        steps = [row for record in records for batch in json.loads(record)["batches"] for row in batch[2]]
+        event(
+            f"combined rows with steps: {any(len(row) == 10 and isinstance(row[-1], list) for row in steps)}"
+        )
+        account(tested, records)
+    assert _with_contexts(tested) == _with_contexts(reference)
+    signals = reference.signals  # type: ignore[attr-defined]
+    event(f"signals: {min(len(signals), 5)}+, replays: {tested.replayed_deltas > 0}")
+    event(f"context guard signals: {any(signal.budget == 'long-context' for signal in signals)}")
