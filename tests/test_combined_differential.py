@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import Topics
@@ -455,12 +456,16 @@ STAGE_ONE_CONFIG = parse_budget_yaml(
 
 
 def _span_events(seed: int, messages: int, malformed: int, copy_of_previous: int) -> list[Event]:
-    """span_load messages of partition 0, one replaced by bytes that are no OTLP, one by a
-    producer retry's copy of the message before it."""
+    """span_load messages of partition 0, one replaced by bytes that are no OTLP, one by calls of
+    a model nobody prices, one by spans with a negative cost (rejected), one by a producer
+    retry's copy of the message before it (placed by seed and the two positions)."""
     mix = SpanMix(seed=seed, tenants=2, users_per_tenant=2, batch_min=1, batch_max=4, calls_per_session=30)
     now = time.time()
     values = [mix.message()[1] for _ in range(messages)]
     values[malformed] = b"\x0a\xff not protobuf"
+    values[(malformed + seed) % messages] = otlp_batch("acme", [("chat", 1000, 100)], model="mystery-model")
+    bad = {attr.COST_USD: -1.0}
+    values[(copy_of_previous + seed) % messages] = otlp_batch("acme", [("chat", 10, 10)] * 2, extra=bad)
     values[copy_of_previous] = values[copy_of_previous - 1]
     return [Event(Message(0, offset, now), value) for offset, value in enumerate(values)]
 
@@ -524,3 +529,45 @@ def test_stage_one_senders_interleaved_decide_as_per_message_rows_read_once(
     signals = reference.signals  # type: ignore[attr-defined]
     event(f"signals: {min(len(signals), 5)}+, replays: {tested.replayed_deltas > 0}")
     event(f"context guard signals: {any(signal.budget == 'long-context' for signal in signals)}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_stage_one_combined_parks_warns_and_counts_as_per_message(
+    tmp_path_factory: Any, monkeypatch: Any, data: st.DataObject
+) -> None:
+    """One sender, cut into micro-batches at random, combining or not: the same dead letters
+    (each bad message once, with its reason), unpriced warnings and input counters."""
+    now = datetime.now(UTC)
+    monkeypatch.setattr(app_module, "_now", lambda: now)
+    count = data.draw(st.integers(8, 40), label="messages")
+    events = _span_events(
+        data.draw(st.integers(0, 1000), label="seed"),
+        count,
+        data.draw(st.integers(0, count - 1), label="malformed"),
+        data.draw(st.integers(1, count - 1), label="copy"),
+    )
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, count - 1), max_size=8), label="cuts")))
+    tmp_path = tmp_path_factory.mktemp("parks")
+    seen = []
+    for combine in (False, True):
+        job = _sender(tmp_path, f"sender-{combine}", events, 0, combine)
+        for first, end in zip([0, *cuts], [*cuts, count], strict=True):
+            asyncio.run(job._ingest_batch(events[first:end]))
+        out = [
+            (topic, key, value, headers)
+            for topic, _, key, value, headers in job.sent
+            if topic != job.settings.topics.usage
+        ]  # type: ignore[attr-defined]
+        unpriced = [
+            json.loads(value)["spent"] for topic, _, value, _ in out if topic == job.settings.topics.signals
+        ]
+        parked = sorted(
+            (key, value, tuple(headers))
+            for topic, key, value, headers in out
+            if topic != job.settings.topics.signals
+        )
+        seen.append((job.counters(), job.stats, parked, unpriced))
+    assert seen[1] == seen[0]
+    counters, _, parked, unpriced = seen[0]
+    event(f"parked: {len(parked)}, unpriced: {bool(unpriced)}, copies: {counters['duplicate_messages']}")
