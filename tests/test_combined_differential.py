@@ -198,7 +198,10 @@ def schedules(draw: st.DrawFn, messages: int) -> list[tuple[int, bool, int, int]
         end = min(messages, first + draw(st.integers(1, 8)))
         if draw(st.integers(0, 7)) == 7:
             continue  # the send failed: nothing delivered, the sender reads `first` again
-        out.append((senders.index(sender), sender[0], first, end))
+        index = next(
+            i for i, other in enumerate(senders) if other is sender
+        )  # not `index`: lists compare equal
+        out.append((index, sender[0], first, end))
         sender[1] = end
         delivered.update(range(first, end))
         while prefix in delivered:
@@ -455,18 +458,22 @@ STAGE_ONE_CONFIG = parse_budget_yaml(
 )
 
 
-def _span_events(seed: int, messages: int, malformed: int, copy_of_previous: int) -> list[Event]:
-    """span_load messages of partition 0, one replaced by bytes that are no OTLP, one by calls of
-    a model nobody prices, one by spans with a negative cost (rejected), one by a producer
-    retry's copy of the message before it (placed by seed and the two positions)."""
+def _span_events(
+    seed: int, messages: int, malformed: int | None, copy_of_previous: int | None
+) -> list[Event]:
+    """span_load messages of partition 0: one replaced by calls of a model nobody prices, one by
+    spans with a negative cost (rejected), placed by the seed and the positions; one by bytes that
+    are no OTLP (`malformed`), one by a producer retry's copy of the message before it."""
     mix = SpanMix(seed=seed, tenants=2, users_per_tenant=2, batch_min=1, batch_max=4, calls_per_session=30)
     now = time.time()
     values = [mix.message()[1] for _ in range(messages)]
-    values[malformed] = b"\x0a\xff not protobuf"
-    values[(malformed + seed) % messages] = otlp_batch("acme", [("chat", 1000, 100)], model="mystery-model")
-    bad = {attr.COST_USD: -1.0}
-    values[(copy_of_previous + seed) % messages] = otlp_batch("acme", [("chat", 10, 10)] * 2, extra=bad)
-    values[copy_of_previous] = values[copy_of_previous - 1]
+    unpriced, rejected = (seed + (malformed or 0)) % messages, (seed + 1 + (copy_of_previous or 0)) % messages
+    values[unpriced] = otlp_batch("acme", [("chat", 1000, 100)], model="mystery-model")
+    values[rejected] = otlp_batch("acme", [("chat", 10, 10)] * 2, extra={attr.COST_USD: -1.0})
+    if malformed is not None:
+        values[malformed] = b"\x0a\xff not protobuf"
+    if copy_of_previous is not None:
+        values[copy_of_previous] = values[copy_of_previous - 1]
     return [Event(Message(0, offset, now), value) for offset, value in enumerate(values)]
 
 
@@ -571,3 +578,56 @@ def test_stage_one_combined_parks_warns_and_counts_as_per_message(
     assert seen[1] == seen[0]
     counters, _, parked, unpriced = seen[0]
     event(f"parked: {len(parked)}, unpriced: {bool(unpriced)}, copies: {counters['duplicate_messages']}")
+
+
+def _split(job: BudgetJob) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(budgets' totals, states, signals by key; the context guard's growth, states, signals)."""
+    totals, states, signals, contexts = _with_contexts(job)
+
+    def guard(key: str) -> bool:
+        return key.startswith("long-context|") or key.endswith("@long-context")
+
+    def part(items: dict[str, Any], of_guard: bool) -> dict[str, Any]:
+        return {key: value for key, value in items.items() if guard(key) == of_guard}
+
+    budgets = (totals, part(states, False), part(signals, False))
+    return budgets, (contexts, part(states, True), part(signals, True))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_two_source_partitions_combine_as_per_message_rows_read_partition_by_partition(
+    tmp_path_factory: Any, monkeypatch: Any, data: st.DataObject
+) -> None:
+    """Exact per source partition (docs/ARCHITECTURE.md §7): a micro-batch of two partitions'
+    messages, combined, decides its budgets as its messages per message in another possible
+    reading order, each partition's messages of the micro-batch in turn (the one read first,
+    first); its context guards (observations go per message) as in the order read."""
+    now = datetime.now(UTC)
+    monkeypatch.setattr(app_module, "_now", lambda: now)
+    count = data.draw(st.integers(8, 40), label="messages")
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    # no copy nor malformed message: each partition's group opens at its first message (the order below)
+    values = [event.value for event in _span_events(seed, count, None, None)]
+    partitions = data.draw(st.lists(st.integers(0, 1), min_size=count, max_size=count), label="partitions")
+    offsets = [partitions[:index].count(partition) for index, partition in enumerate(partitions)]
+    events = [
+        Event(Message(p, o, time.time()), v) for p, o, v in zip(partitions, offsets, values, strict=True)
+    ]
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, count - 1), max_size=6), label="cuts")))
+    batches = [events[first:end] for first, end in zip([0, *cuts], [*cuts, count], strict=True)]
+    tmp_path = tmp_path_factory.mktemp("partitions")
+    outcomes = []
+    for name in ("read-order", "partition-by-partition", "combined"):
+        sender = _sender(tmp_path, f"sender-{name}", events, 0, name == "combined")
+        sender.recent.primed.add(1)
+        stage_two = _job(tmp_path, f"stage-two-{name}", STAGE_ONE_CONFIG)
+        for batch in batches:
+            if name == "partition-by-partition":  # the same messages, one partition after the other
+                order = list(dict.fromkeys(event.message.partition for event in batch))
+                batch = sorted(batch, key=lambda event: order.index(event.message.partition))
+            account(stage_two, _stage_one(sender, batch))
+        outcomes.append(_split(stage_two))
+    read_order, by_partition, combined = outcomes
+    assert combined[0] == by_partition[0]
+    assert combined[1] == read_order[1]
