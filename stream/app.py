@@ -384,6 +384,7 @@ class BudgetJob:
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
         first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
+        config = self.config
         for event in events:
             if not reads.admit(event.message):  # see stream/takeover.py
                 continue
@@ -393,6 +394,11 @@ class BudgetJob:
                 await self._prime(event)
             if self.dead_letters.stale:
                 await self._catch_up_dead_letters()
+            if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
+                config = self.config
+                for partition, group in groups.items():
+                    self._close_group(partition, group, batch)
+                groups.clear()
             try:
                 self._ingest_one(event, batch, groups)
             except Exception as exc:  # nothing in one message may stop the partition
@@ -405,6 +411,11 @@ class BudgetJob:
         for partition, group in groups.items():
             self._close_group(partition, group, batch)
         queued, self._parked_unsent = self._parked_unsent, []
+        # its rows would count once (per-message steps), but its dead letters a successor parks too
+        if not await self.stall_guard.still_member():
+            self.usage_records.drop()  # read again after the rebalance
+            self.dead_letters.discard(queued)
+            raise PartitionsLost("expelled while it stood still: its micro-batch is not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
@@ -974,8 +985,8 @@ class BudgetJob:
         previous = _plain(self.states).get(f"{budget_id}|{key}")
         if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
             action = previous["action"] if previous else "ok"
-            last_events = [step.last_event_ns for step in applied] if bucket_ns else []
-            if not settles_alike(budget, window_start_ns, totals, now, action, added, last_events):
+            events = [step.last_event_ns for step in applied] if bucket_ns else []
+            if not settles_alike(budget, window_start_ns, totals, now, action, added, events, bucket_ns):
                 return False
         for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
             totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)

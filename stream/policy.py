@@ -191,6 +191,7 @@ def settles_alike(
     action: str,
     added: float,
     last_events_ns: Iterable[int] = (),
+    bucket_ns: int | None = None,
 ) -> bool:
     """Whether `decide_action` gives `action` after each of a combined row's steps, added in turn.
 
@@ -202,9 +203,13 @@ def settles_alike(
     spend: it must be out of reach at the upper end. A rolling window's spend at `now` only grows
     too while no step's bucket, nor the newest one kept, lies past the ring's reach from the
     window's first counted bucket (else a step would push counted buckets out of the ring).
+    `bucket_ns`: the rows' bucket size; other than the budget's (its window changed while they
+    were in flight), a step may push spend out of a ring the budget does not measure: no.
     False means: decide after each step (the caller walks them).
     """
     windows = _windows_of(budget)
+    if bucket_ns is not None and bucket_ns != windows.bucket_ns:
+        return False
     if windows.rolling:
         now_ns, bucket_ns = int(now.timestamp() * _NS), windows.bucket_ns
         first = (now_ns - windows.rolling) // bucket_ns

@@ -84,8 +84,8 @@ class Step(NamedTuple):
     Stage 2 applies a combined row step by step wherever that could differ from applying its sum
     (a step already counted, a rung crossed): exactly as the messages' own rows would be applied.
     On the wire (`to_wire`) a step is `[offset, amount, spans, first_event_ns, last - first]`, and
-    its call mix only when it is not a plain one's (`spans` calls made, nothing else): a step is
-    most of a combined row's bytes, and most steps are a few plain calls.
+    its call mix only when it is not a plain one's (`spans` calls made, nothing else; null: none,
+    in a row with one): a step is most of a combined row's bytes, and most steps are a few plain calls.
     """
 
     source_offset: int
@@ -106,13 +106,19 @@ class Step(NamedTuple):
 
 
 def _step_of(row: list[Any], offset: int, counts_calls: bool) -> list[Any]:
-    """A message's delta row as a `Step` on the wire."""
+    """A message's delta row as a `Step` on the wire.
+
+    A row without a mix in a combined row with one (a budget's metric changed within the
+    micro-batch) says so with an explicit null, as a plain mix is what a missing one reads as.
+    """
     first_ns, spans = row[5], row[4]
     step = [offset, row[3], spans, first_ns, row[6] - first_ns]
-    if counts_calls:
-        mix = row[DELTA_ROW_FIELDS_BEFORE_MIX]
-        if mix[0] != spans or mix[1] or mix[2] or mix[3]:  # `MIX_*`: a plain call's is [spans, 0, 0, 0]
-            step.append(mix)
+    mix = _mix_of(row)
+    if mix is None:
+        if counts_calls:
+            step.append(None)
+    elif not counts_calls or mix[0] != spans or mix[1] or mix[2] or mix[3]:  # plain: [spans, 0, 0, 0]
+        step.append(mix)
     return step
 
 
@@ -192,8 +198,8 @@ def _combined(made: list[Any]) -> list[Any]:
     """The row of a key several messages touched: their sums (spans, event range, mix) and steps."""
     head = made[1]
     head_mix = _mix_of(head)
-    counts_calls = head_mix is not None
-    total = list(head_mix) if counts_calls else None
+    total = list(head_mix) if head_mix is not None else None
+    counts_calls = total is not None or any(_mix_of(made[i]) is not None for i in range(3, len(made), 2))
     steps = []
     amount, spans, first_ns, last_ns = 0.0, 0, 0, 0
     for index in range(0, len(made), 2):
@@ -205,9 +211,13 @@ def _combined(made: list[Any]) -> list[Any]:
             first_ns = row[5]
         if row[6] > last_ns:
             last_ns = row[6]
-        if index and total is not None:
-            for field, value in enumerate(row[DELTA_ROW_FIELDS_BEFORE_MIX]):
-                total[field] += value
+        mix = _mix_of(row) if index else None
+        if mix is not None:
+            if total is None:
+                total = list(mix)
+            else:
+                for field, value in enumerate(mix):
+                    total[field] += value
     return [head[0], head[1], head[2], amount, spans, first_ns, last_ns, head[7], total, steps]
 
 
