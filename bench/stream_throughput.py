@@ -514,7 +514,7 @@ def usage_rows_written(pipeline: BenchPipeline) -> int:
     rows = 0
     for record in read_topic(pipeline.bootstrap, pipeline.topics.usage):
         value = json.loads(record.value)
-        if value.get("kind") == "batches":
+        if value.get("kind") in ("batches", "groups"):  # `groups`: with combined rows
             rows += sum(len(batch[2]) for batch in value["batches"])
     return rows
 

@@ -97,6 +97,7 @@ from burnguard.stream.records import (
     BATCHES,
     DELTA_ROW_FIELDS,
     DELTA_ROW_FIELDS_WITH_STEPS,
+    GROUPS,
     RECORD_VERSION_SINGLE,
     REMOVALS,
     SWEEP,
@@ -418,7 +419,7 @@ class BudgetJob:
             raise PartitionsLost("expelled while it stood still: its micro-batch is not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
-            self.usage_records.add(topic, partition, BATCHES.encode(), encode_record(record))
+            self.usage_records.add(topic, partition, record["kind"].encode(), encode_record(record))
         try:
             await self.usage_records.send()
         except Exception:  # the batch is read again before anything after it: its dead letters with it
@@ -500,7 +501,8 @@ class BudgetJob:
         """A group's rows (`BATCH_ROWS` at most, steps counted) as sub-batches, weighed with their steps."""
         for partition, sub_batch in self._batch_records(rows, [], source):
             steps = sum(len(row[-1]) for row in sub_batch.deltas if _has_steps(row))
-            batch.add(partition, sub_batch, steps)
+            combined = any(len(row) == DELTA_ROW_FIELDS_WITH_STEPS for row in sub_batch.deltas)
+            batch.add(partition, sub_batch, steps, combined)
 
     def _closed_before_ns(self) -> int:
         return int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
@@ -874,6 +876,7 @@ class BudgetJob:
         handlers = {
             BATCH: self._account_batch,
             BATCHES: self._account_batches,
+            GROUPS: self._account_batches,
             TICKS: self._account_ticks,
             REMOVALS: self._account_removals,
             SWEEP: self._account_sweep,

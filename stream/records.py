@@ -21,8 +21,10 @@ go once no worker older than those commits runs and the usage topic's retention 
 since the last one stopped (Kafka's default: 7 days).
 
 `batches` (2026-12-01) is not read by a worker older than it: during a rolling upgrade such a
-worker parks it on the dead-letter topic (not counted). Upgrade every worker together. Nor is a
-combined row with its tenth field (2026-12-02): a rolling upgrade from an older worker runs with
+worker parks it on the dead-letter topic (not counted). Upgrade every worker together. Nor is
+`groups` (2026-12-02): a `batches` record holding a combined row (its tenth field), under a kind
+of its own so that an older worker parks the record whole rather than counting its rows up to the
+first combined one and then failing; a rolling upgrade from an older worker runs with
 `BURNGUARD_COMBINE_MESSAGES=false` until every worker reads it.
 """
 
@@ -32,12 +34,14 @@ import json
 from typing import Any, NamedTuple
 
 BATCH, BATCHES, TICKS, REMOVALS, SWEEP = "batch", "batches", "ticks", "removals", "sweep"
+#: A `BATCHES` record with combined rows (`GroupRows`): read as one, named apart for older workers.
+GROUPS = "groups"
 #: The usage topic's records by version: 1, one record per key; 2, `BATCH`/`TICKS`/`REMOVALS`
 #: (and `SWEEP`, added with eviction, and `BATCHES`, with stage 1's micro-batches: a worker without
 #: them parks such a record on the dead-letter topic).
 RECORD_VERSION_SINGLE = 1
 RECORD_VERSION = 2
-_CURRENT_KINDS = frozenset((BATCH, BATCHES, TICKS, REMOVALS, SWEEP))
+_CURRENT_KINDS = frozenset((BATCH, BATCHES, GROUPS, TICKS, REMOVALS, SWEEP))
 #: The fields of a delta row written before the call mix existed (no `mix`), and of one now.
 DELTA_ROW_FIELDS_BEFORE_MIX = 8
 DELTA_ROW_FIELDS = 9
@@ -255,13 +259,14 @@ class BatchRecord(NamedTuple):
         return self.source_partition, self.source_offset
 
 
-def batches_record(batches: list[BatchRecord]) -> dict[str, Any]:
+def batches_record(batches: list[BatchRecord], combined: bool = False) -> dict[str, Any]:
     """A `BATCHES` record: the sub-batches of many OTLP messages for one usage partition, in order.
 
     Each sub-batch keeps its own message's source, so stage 2's per-key replay check
-    (`WindowTotals.add`) is exactly what it is for one `batch` record per message.
+    (`WindowTotals.add`) is exactly what it is for one `batch` record per message. `combined`:
+    some row is a group's (`DELTA_ROW_FIELDS_WITH_STEPS`), and the record is a `GROUPS` one.
     """
-    return {"kind": BATCHES, "batches": [list(batch) for batch in batches]}
+    return {"kind": GROUPS if combined else BATCHES, "batches": [list(batch) for batch in batches]}
 
 
 #: `encode("json", record)` of `stream/changelog.py` for records of JSON types only, without the
@@ -295,29 +300,32 @@ class MicroBatch:
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        #: usage partition -> its records, each a list of sub-batches and its rows and observations
+        #: usage partition -> its records, each a list of sub-batches and [its rows and observations,
+        #: whether one of its rows is combined]
         self._records: dict[int, list[tuple[list[BatchRecord], list[int]]]] = {}
 
-    def add(self, partition: int, batch: BatchRecord, steps: int = 0) -> None:
+    def add(self, partition: int, batch: BatchRecord, steps: int = 0, combined: bool = False) -> None:
         """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`.
 
         `steps`: the `Step`s its combined rows carry, each weighed as a row (a step is a third
-        of a row's bytes; a key summed over 200 messages carries 200).
+        of a row's bytes; a key summed over 200 messages carries 200). `combined`: one of its
+        rows is a group's, so its record is a `GROUPS` one.
         """
         records = self._records.setdefault(partition, [])
         size = len(batch.deltas) + len(batch.contexts) + steps
         if not records or records[-1][1][0] + size > self.max_rows:
-            records.append(([], [0]))
+            records.append(([], [0, 0]))
         batches, rows = records[-1]
         batches.append(batch)
         rows[0] += size
+        rows[1] |= combined
 
     def records(self) -> list[tuple[int, dict[str, Any]]]:
-        """(usage partition, `BATCHES` record) for everything added, partitions in order."""
+        """(usage partition, `BATCHES` or `GROUPS` record) for everything added, partitions in order."""
         return [
-            (partition, batches_record(batches))
+            (partition, batches_record(batches, bool(rows[1])))
             for partition, records in sorted(self._records.items())
-            for batches, _ in records
+            for batches, rows in records
         ]
 
 

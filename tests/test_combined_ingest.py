@@ -321,8 +321,8 @@ def test_a_zombie_and_its_successor_sending_the_same_messages_cut_otherwise_coun
     tmp_path: Path, zombie_first: bool
 ) -> None:
     """Expelled while it stood still, a worker may still send rows its successor sends too (each in
-    offset order): per-message steps make any interleaving of two such senders exact, so stage 1
-    sends without asking the stall guard (it did while a group carried one offset for its range)."""
+    offset order): per-message steps make any interleaving of two such senders' rows exact (stage 1
+    still asks the stall guard before a send, for its dead letters: `test_combined_differential`)."""
     events = span_load_events(SpanMix(seed=17, tenants=3, users_per_tenant=2), messages=6, partitions=1)
     zombie = live(make_job(tmp_path, "zombie"), range(1))
     successor = live(make_job(tmp_path, "successor"), range(1))

@@ -79,6 +79,18 @@ def test_a_micro_batch_keeps_each_message_as_a_sub_batch_with_its_source() -> No
     assert sub_batches(records[2][1])[0].contexts == [["long-context", "s1", [10]]]
 
 
+def test_a_record_with_a_combined_row_is_a_groups_record_older_workers_park_whole() -> None:
+    """A worker older than combined rows reads `batches` rows until the first tenth field and then
+    fails half way; under its own kind it parks the whole record (unknown kind: not counted)."""
+    batch = MicroBatch(max_rows=3)
+    batch.add(1, BatchRecord(0, 10, [ROW], []))
+    batch.add(1, BatchRecord(0, 12, [[*ROW, [[11, 0.5, 1, 1, 0], [12, 0.5, 1, 1, 0]]]], []), 2, combined=True)
+    batch.add(2, BatchRecord(0, 12, [ROW], []))
+    records = [(p, json.loads(json.dumps(r))) for p, r in batch.records()]
+    assert [(p, r["kind"]) for p, r in records] == [(1, "batches"), (1, "groups"), (2, "batches")]
+    assert all(record_version(r) == RECORD_VERSION for _, r in records)
+
+
 def test_ticks_and_removals_read_by_name() -> None:
     ticks = json.loads(json.dumps(keys_record("ticks", [["b", "k"]])))
     assert [(t.budget, t.key) for t in tick_rows(ticks)] == [("b", "k")]
