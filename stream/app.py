@@ -122,6 +122,7 @@ from burnguard.stream.records import (
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
 from burnguard.stream.takeover import (
+    InOrderReads,
     PartitionsLost,
     RewindAfterRecovery,
     StallGuard,
@@ -397,9 +398,7 @@ class BudgetJob:
                 await self._catch_up_dead_letters()
             if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
                 config = self.config
-                for partition, group in groups.items():
-                    self._close_group(partition, group, batch)
-                groups.clear()
+                self._close_groups(groups, batch, reads, first)
             try:
                 self._ingest_one(event, batch, groups)
             except Exception as exc:  # nothing in one message may stop the partition
@@ -409,8 +408,7 @@ class BudgetJob:
             if time.perf_counter() - sliced > INGEST_SLICE_S:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
-        for partition, group in groups.items():
-            self._close_group(partition, group, batch)
+        self._close_groups(groups, batch, reads, first)
         queued, self._parked_unsent = self._parked_unsent, []
         # its rows would count once (per-message steps), but its dead letters a successor parks too
         if not await self.stall_guard.still_member():
@@ -477,6 +475,28 @@ class BudgetJob:
         groups.setdefault(message.partition, GroupRows()).add(message.offset, rows)
         for partition, sub_batch in contexts:
             batch.add(partition, sub_batch)
+
+    def _close_groups(
+        self, groups: dict[int, GroupRows], batch: MicroBatch, reads: InOrderReads, first: dict[Any, int]
+    ) -> None:
+        """Every open group's rows into `batch`; if that raises, the micro-batch is read again.
+
+        Its messages' rows exist only in the groups: ending the agent here would let Faust ack
+        the micro-batch unsent (lost, as a failed send was). Nothing is sent; the partitions are
+        sought back to the micro-batch's first offsets (`InOrderReads.read_again`), the agent
+        restarts and reads it again before anything after it.
+        """
+        try:
+            for partition, group in groups.items():
+                self._close_group(partition, group, batch)
+        except Exception:
+            logger.exception("could not combine the micro-batch's rows: it is read again")
+            queued, self._parked_unsent = self._parked_unsent, []
+            self.usage_records.drop()
+            self.dead_letters.discard(queued)
+            reads.read_again(first)
+            raise
+        groups.clear()
 
     def _close_group(self, partition: int, group: GroupRows, batch: MicroBatch) -> None:
         """A source partition's group of messages: its combined rows, sub-batches of the group's last source.

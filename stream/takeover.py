@@ -231,7 +231,12 @@ class InOrderReads:
         for tp, offset in first.items():
             expected = self.expected.get(tp)
             if expected is not None and offset < expected:
-                logger.info("%s[%d]: reading again from %d (its send failed)", tp.topic, tp.partition, offset)
+                logger.info(
+                    "%s[%d]: reading again from %d (its micro-batch was not sent)",
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                )
                 self.expected[tp] = offset
                 self._seek_later(tp, offset)
 
