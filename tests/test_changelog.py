@@ -477,6 +477,22 @@ def test_a_write_waits_while_a_partition_has_too_many_batches_queued(kafka_broke
     assert isinstance(written, dict) and delivered == {USAGE_TP: 2}, (written, delivered)
 
 
+async def write_many_small_batches(totals: Any, changes: Any, may_write: Any = None) -> None:
+    """One write of enough keys to fill many 2 KiB batches of a partition (more than can be queued)."""
+    for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+        changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
+    changes.processed(USAGE_TP, 0)
+    await (changes.write() if may_write is None else changes.write(may_write))
+
+
+async def delivery_outcome(changes: Any) -> object:
+    """How `delivered` ends within 20 s, or "never settled"."""
+    try:
+        return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
+    except TimeoutError:
+        return "never settled"
+
+
 async def delivery_after_the_producer_stops(bootstrap: str, app_id: str) -> object:
     """A write that fills several small batches, the producer stopped at once, then the wait for delivery.
 
@@ -485,16 +501,10 @@ async def delivery_after_the_producer_stops(bootstrap: str, app_id: str) -> obje
     """
     options = {"producer_max_batch_size": 2048}
     async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
-        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
-            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
-        changes.processed(USAGE_TP, 0)
-        await changes.write()
+        await write_many_small_batches(totals, changes)
         await asyncio.sleep(0)
         await app.producer.stop()
-        try:
-            return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
-        except TimeoutError:
-            return "never settled"
+        return await delivery_outcome(changes)
 
 
 def test_batches_queued_when_the_producer_stops_are_delivered_or_fail_never_hang(
@@ -608,15 +618,9 @@ async def records_landed_after_the_guard_turned(bootstrap: str, app_id: str) -> 
 
     options = {"producer_max_batch_size": 2048}
     async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
-        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
-            changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
-        changes.processed(USAGE_TP, 0)
-        await changes.write(still_member)
+        await write_many_small_batches(totals, changes, still_member)
         member[0] = False
-        try:
-            return await asyncio.wait_for(outcome_of(changes.delivered), timeout=20)
-        except TimeoutError:
-            return "never settled"
+        return await delivery_outcome(changes)
 
 
 def test_batches_queued_when_the_worker_was_expelled_are_not_handed_over_and_stop_the_cache(

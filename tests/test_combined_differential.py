@@ -41,7 +41,7 @@ from burnguard.stream.takeover import PartitionsLost
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.consumer_events import Event, Message
+from tests.fixtures.consumer_events import Event, Message, keep_sent
 from tests.support.otlp_batches import otlp_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -294,13 +294,7 @@ def _stage_one_job(tmp_path: Path, name: str, config: Any = CONFIG, combine: boo
     job = _job(tmp_path, name, config, combine)
     job.recent.primed.add(0)
     job.dead_letters.stale = False
-    job.sent = []  # type: ignore[attr-defined]
-
-    async def send() -> None:
-        job.sent.extend(job.usage_records._pending)  # type: ignore[attr-defined]
-        job.usage_records._pending = []
-
-    job.usage_records.send = send  # type: ignore[method-assign]
+    keep_sent(job)
     return job
 
 
@@ -458,6 +452,17 @@ STAGE_ONE_CONFIG = parse_budget_yaml(
 )
 
 
+def _drawn_events(data: st.DataObject) -> tuple[int, list[Event]]:
+    """A drawn count of span-load messages, one of them malformed and a later one a copy."""
+    count = data.draw(st.integers(8, 40), label="messages")
+    return count, _span_events(
+        data.draw(st.integers(0, 1000), label="seed"),
+        count,
+        data.draw(st.integers(0, count - 1), label="malformed"),
+        data.draw(st.integers(1, count - 1), label="copy"),
+    )
+
+
 def _span_events(
     seed: int, messages: int, malformed: int | None, copy_of_previous: int | None
 ) -> list[Event]:
@@ -511,13 +516,7 @@ def test_stage_one_senders_interleaved_decide_as_per_message_rows_read_once(
     states, context growth and each key's signals are those of per-message rows read once."""
     now = datetime.now(UTC)
     monkeypatch.setattr(app_module, "_now", lambda: now)
-    count = data.draw(st.integers(8, 40), label="messages")
-    events = _span_events(
-        data.draw(st.integers(0, 1000), label="seed"),
-        count,
-        data.draw(st.integers(0, count - 1), label="malformed"),
-        data.draw(st.integers(1, count - 1), label="copy"),
-    )
+    count, events = _drawn_events(data)
     tmp_path = tmp_path_factory.mktemp("stage-one")
     reference = _job(tmp_path, "reference", STAGE_ONE_CONFIG)
     account(reference, _stage_one(_sender(tmp_path, "alone", events, 0, False), events))
@@ -547,13 +546,7 @@ def test_stage_one_combined_parks_warns_and_counts_as_per_message(
     (each bad message once, with its reason), unpriced warnings and input counters."""
     now = datetime.now(UTC)
     monkeypatch.setattr(app_module, "_now", lambda: now)
-    count = data.draw(st.integers(8, 40), label="messages")
-    events = _span_events(
-        data.draw(st.integers(0, 1000), label="seed"),
-        count,
-        data.draw(st.integers(0, count - 1), label="malformed"),
-        data.draw(st.integers(1, count - 1), label="copy"),
-    )
+    count, events = _drawn_events(data)
     cuts = sorted(set(data.draw(st.lists(st.integers(1, count - 1), max_size=8), label="cuts")))
     tmp_path = tmp_path_factory.mktemp("parks")
     seen = []

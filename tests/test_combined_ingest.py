@@ -32,7 +32,7 @@ from burnguard.stream.records import message_rows, sub_batches
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaTimeoutError
 
-from tests.fixtures.consumer_events import Event, Message
+from tests.fixtures.consumer_events import Event, Message, keep_sent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from span_load import BUDGETS_YAML, SpanMix
@@ -59,13 +59,7 @@ def make_job(
         settings.topics = Topics(spans=topic)
     job = BudgetJob(settings, CONFIG)
     job.dead_letters.stale = False
-    job.sent = []  # type: ignore[attr-defined]
-
-    async def send() -> None:
-        job.sent.extend(job.usage_records._pending)  # type: ignore[attr-defined]
-        job.usage_records._pending = []
-
-    job.usage_records.send = send  # type: ignore[method-assign]
+    keep_sent(job)
     return job
 
 
