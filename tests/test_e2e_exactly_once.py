@@ -102,13 +102,19 @@ def takeovers(pipeline: Pipeline) -> str:
     return "\n".join(line for line in pipeline.log("worker").splitlines() if wanted.search(line))
 
 
-@pytest.fixture(params=["false", "true"], ids=["alone", "combined"])
-def slow_commits(pipeline: Pipeline, request: pytest.FixtureRequest) -> Pipeline:
-    """Each message's rows alone, and summed per key over a micro-batch with their steps (the default)."""
+def with_slow_commits(pipeline: Pipeline, combine: str = "true") -> Pipeline:
+    """Commits seconds apart (much uncommitted progress to lose or count twice), combining as given."""
     pipeline.write_budgets(BUDGETS)
     pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="5", BURNGUARD_SESSION_TIMEOUT_S="8")
-    pipeline.env["BURNGUARD_COMBINE_MESSAGES"] = request.param
+    pipeline.env["BURNGUARD_COMBINE_MESSAGES"] = combine
     return pipeline
+
+
+@pytest.fixture(params=["false", "true"], ids=["alone", "combined"])
+def slow_commits(pipeline: Pipeline, request: pytest.FixtureRequest) -> Pipeline:
+    """Each message's rows alone (the rolling-upgrade switch), and summed per key over a micro-batch
+    with their steps (the default)."""
+    return with_slow_commits(pipeline, request.param)
 
 
 @pytest.mark.slow
@@ -128,8 +134,10 @@ def test_sigkill_mid_stream_neither_loses_nor_double_counts(slow_commits: Pipeli
 
 
 @pytest.mark.slow
-def test_rebalance_between_two_workers_and_a_killed_one_keeps_totals_exact(slow_commits: Pipeline) -> None:
-    pipeline = slow_commits
+def test_rebalance_between_two_workers_and_a_killed_one_keeps_totals_exact(pipeline: Pipeline) -> None:
+    """With the default combining only: rows sent alone are a group of one step, and the SIGKILL test
+    runs both ways."""
+    pipeline = with_slow_commits(pipeline)
     source = SpanSource(pipeline, batches=300, seed=11)
     first = pipeline.start_worker()
     source.send(100)
