@@ -30,17 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline_setup import BenchPipeline, load_average, machine_note, note
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, child_result
 
-BENCH_DIR = Path(__file__).resolve().parent
 COMPARED_COMPONENTS = ("contracts", "stream")
 #: A window's totals as stage 2 keeps them (`WindowTotals.to_state`): spend, counts, marks, rolling parts.
 TOTALS_STATE = [0.5, 3, 1, 2, {"0": 9, "1": 12, "2": 40}, [4, [0.25, 0.0, 1e-3]], [7, [1.5]], None]
@@ -123,10 +120,7 @@ def measure_child(
         "--repeat",
         str(args.repeat),
     ]
-    paths = [str(pythonpath), str(BENCH_DIR)] if pythonpath else [str(BENCH_DIR)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(command, pythonpath)
 
 
 def show(label: str, run: dict[str, Any]) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
 
 
@@ -55,3 +58,12 @@ def alternating_runs(
                 runs["old"].append(run_old(old_path))
             runs["new"].append(run_new())
     return runs
+
+
+def child_result(command: Sequence[str], pythonpath: Path | None) -> dict[str, Any]:
+    """Run a bench's `--child` with the exported revision at `pythonpath` (None: this checkout)
+    first on its path; the JSON object its last line prints."""
+    paths = [str(pythonpath), str(BENCH_DIR)] if pythonpath else [str(BENCH_DIR)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,10 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, child_result
 from span_load import BUDGETS_YAML, SpanMix
 
-BENCH_DIR = Path(__file__).resolve().parent
 COMPARED_COMPONENTS = ("contracts", "stream")
 #: The worker's log format (Faust's default), so a signal's log line costs what it costs there.
 LOG_FORMAT = "[%(asctime)s] [%(process)s] [%(levelname)s] %(message)s"
@@ -291,10 +289,7 @@ def measure_child(args: argparse.Namespace, records_file: Path, pythonpath: Path
     to collect: the parent also holds stage 1's job and the load."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(records_file)]
     command += ["--repeat", str(args.repeat), "--flush-records", str(args.flush_records)]
-    paths = [str(pythonpath), str(BENCH_DIR)] if pythonpath else [str(BENCH_DIR)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(command, pythonpath)
 
 
 def profile(args: argparse.Namespace, records_file: Path, top: int = 30) -> None:

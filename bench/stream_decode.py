@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import pstats
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,14 +53,13 @@ from burnguard.contracts.usage import SpanUsage
 from burnguard.stream import accounting
 from burnguard.stream.accounting import BatchStats, context_observations
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, child_result
 from span_load import BUDGETS_YAML, SpanMix
 
 _NS = 1_000_000_000
 #: The stream's default allowed lateness: spans older than this are not counted.
 ALLOWED_LATENESS_NS = 3600 * _NS
 CONTEXT_GUARD_YAML = "context_guards:\n  - {id: long-context, max_input_tokens: 8000, growth_calls: 3}\n"
-BENCH_DIR = Path(__file__).resolve().parent
 #: What `--compare` takes of a revision: the packages stage 1 imports.
 COMPARED_COMPONENTS = ("contracts", "stream")
 
@@ -182,9 +180,7 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     command += ["--spans", str(args.spans), "--repeat", str(args.repeat)]
     command += ["--plain-fraction", str(args.plain_fraction), "--same-spans", str(args.same_spans)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(BENCH_DIR)])}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(command, pythonpath)
 
 
 def show(label: str, run: dict[str, Any]) -> None:

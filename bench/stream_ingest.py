@@ -50,7 +50,6 @@ import hashlib
 import json
 import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,10 +64,9 @@ from burnguard.stream.partitioner import key_partition
 from burnguard.stream.settings import StreamSettings
 from faust.events import Event
 from faust.types.tuples import TP, Message
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, child_result
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 
-BENCH_DIR = Path(__file__).resolve().parent
 COMPARED_COMPONENTS = ("contracts", "stream")
 #: `otlp_spans` partitions of the load (as `stream_throughput.py` creates the topic).
 SOURCE_PARTITIONS = 4
@@ -266,9 +264,7 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     """`measure` in a process that imports the exported revision (its module path proves which)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", *_load_args(args)]
     command += ["--epoch-ns", str(args.epoch_ns)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(BENCH_DIR)])}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(command, pythonpath)
 
 
 def _load_args(args: argparse.Namespace) -> list[str]:

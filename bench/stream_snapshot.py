@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, child_result
 from stream_account import new_job
 
-BENCH_DIR = Path(__file__).resolve().parent
 COMPARED_COMPONENTS = ("contracts", "stream")
 
 
@@ -100,10 +98,7 @@ def measure_child(args: argparse.Namespace, pythonpath: Path | None) -> dict[str
     """`measure` in a fresh process, with the exported revision at `pythonpath` first on its path."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     command += ["--keys", str(args.keys), "--repeat", str(args.repeat)]
-    paths = [str(pythonpath), str(BENCH_DIR)] if pythonpath else [str(BENCH_DIR)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(command, pythonpath)
 
 
 def show(label: str, run: dict[str, Any]) -> None:
