@@ -1,0 +1,398 @@
+//! The native fast path of `burnguard.contracts.otlp.decode_spans`.
+//!
+//! It walks the protobuf bytes of an OTLP `ExportTraceServiceRequest` over the few fields
+//! decoding needs and returns, per accounted span, the field values `_span_usage` builds,
+//! so Python does `SpanUsage(*values)` and `span_checks.span_problem` on them. Every rule
+//! (attribute keys, precedence, markers, defaults) is handed in as data by contracts/otlp.py;
+//! none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
+//! the Python reference decodes the message: errors and rejections are made in one place.
+
+mod value;
+mod wire;
+
+use std::collections::HashMap;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use value::{text, Any, Reader, Value};
+use wire::{Fields, Unsure, Walk};
+
+/// What decoding does with an attribute: the field it fills, how it is read, and for a
+/// spelling that only fills an empty field, its rank (the lowest rank fills first).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    index: usize,
+    reader: Reader,
+    rank: Option<usize>,
+}
+
+/// What one attribute key of a span means: a field it fills, a GenAI marker, the duplicate mark.
+#[derive(Debug, Clone, Copy, Default)]
+struct SpanKey {
+    slot: Option<Slot>,
+    marker: bool,
+    duplicate: bool,
+}
+
+/// The positions of the fields a span (not an attribute) sets, in `SpanUsage` order.
+#[derive(Debug, Clone, Copy)]
+struct Positions {
+    trace_id: usize,
+    span_id: usize,
+    parent_span_id: usize,
+    name: usize,
+    start_ns: usize,
+    end_ns: usize,
+    operation: usize,
+    service: usize,
+    status_error: usize,
+}
+
+/// The attributes of one span or resource found in the table: per key id, its last value.
+type Found<'a> = Vec<Option<&'a [u8]>>;
+
+/// A decoder configured with the rules of contracts/otlp.py (see `Decoder.__new__`).
+#[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
+struct Decoder {
+    span_ids: HashMap<Vec<u8>, usize>,
+    span_keys: Vec<SpanKey>,
+    resource_ids: HashMap<Vec<u8>, usize>,
+    resource_slots: Vec<Option<Slot>>, // None: the service key
+    defaults: Vec<Value<'static>>,
+    positions: Positions,
+    operation_default: String,
+    status_error_code: u32,
+}
+
+/// A resource's contribution to its spans: the service and the attribution they inherit.
+struct Resource<'a> {
+    service: &'a str,
+    inherited: Vec<(usize, Value<'a>)>,
+}
+
+#[pymethods]
+impl Decoder {
+    /// `slots` and `attribution_slots`: attribute key -> (field index, reader, rank or None);
+    /// `readers`: the reader numbers of str, int, float and bool; `markers`: the keys that make a
+    /// span a GenAI span, unless it has `duplicate_of`; `defaults`: the field values before any
+    /// attribute is read; `positions`: field name -> index for the fields set from the span itself.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        slots: HashMap<String, (usize, u8, Option<usize>)>,
+        attribution_slots: HashMap<String, (usize, u8, Option<usize>)>,
+        readers: (u8, u8, u8, u8),
+        markers: Vec<String>,
+        duplicate_of: String,
+        service_key: String,
+        defaults: Vec<Bound<'_, PyAny>>,
+        positions: HashMap<String, usize>,
+        operation_default: String,
+        status_error_code: u32,
+    ) -> PyResult<Self> {
+        let defaults = defaults
+            .iter()
+            .map(Value::from_python)
+            .collect::<PyResult<Vec<_>>>()?;
+        let mut span_keys: HashMap<String, SpanKey> = HashMap::new();
+        for (key, slot) in slots {
+            span_keys.entry(key).or_default().slot = Some(slot_of(slot, readers, defaults.len())?);
+        }
+        for key in markers {
+            span_keys.entry(key).or_default().marker = true;
+        }
+        span_keys.entry(duplicate_of).or_default().duplicate = true;
+        let mut resource_slots: HashMap<String, Option<Slot>> = HashMap::new();
+        for (key, slot) in attribution_slots {
+            resource_slots.insert(key, Some(slot_of(slot, readers, defaults.len())?));
+        }
+        if resource_slots.insert(service_key, None).is_some() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "the service key is also an attribution key",
+            ));
+        }
+        one_canonical_per_field(span_keys.values().filter_map(|key| key.slot))?;
+        one_canonical_per_field(resource_slots.values().flatten().copied())?;
+        let (span_ids, span_keys) = numbered(span_keys);
+        let (resource_ids, resource_slots) = numbered(resource_slots);
+        Ok(Decoder {
+            span_ids,
+            span_keys,
+            resource_ids,
+            resource_slots,
+            positions: positions_of(&positions, defaults.len())?,
+            defaults,
+            operation_default,
+            status_error_code,
+        })
+    }
+
+    /// The field values of each accounted span, in walk order, as tuples; None: fall back.
+    ///
+    /// Call it only on protobuf bytes the upb parse accepted (it validates the whole message).
+    fn decode<'py>(&self, py: Python<'py>, payload: &[u8]) -> PyResult<Option<Bound<'py, PyList>>> {
+        let mut rows = Vec::new();
+        if self.request(payload, &mut rows).is_err() {
+            return Ok(None);
+        }
+        let tuples = rows
+            .iter()
+            .map(|values| PyTuple::new(py, values.iter().map(|value| value.to_python(py))))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Some(PyList::new(py, tuples)?))
+    }
+}
+
+impl Decoder {
+    fn request<'a>(&self, payload: &'a [u8], rows: &mut Vec<Vec<Value<'a>>>) -> Walk<()> {
+        for field in Fields::of(payload) {
+            if let (1, field) = field? {
+                self.resource_spans(field.bytes()?, rows)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One `ResourceSpans`: its resource read once (only if a span needs it), then its spans.
+    fn resource_spans<'a>(&self, message: &'a [u8], rows: &mut Vec<Vec<Value<'a>>>) -> Walk<()> {
+        let mut resource: Option<&[u8]> = None;
+        let mut scopes = Vec::new();
+        for field in Fields::of(message) {
+            match field? {
+                (1, _) if resource.is_some() => return Err(Unsure), // merged resources: Python's
+                (1, field) => resource = Some(field.bytes()?),
+                (2, field) => scopes.push(field.bytes()?),
+                _ => {}
+            }
+        }
+        let mut inherited: Option<Resource> = None;
+        for scope in scopes {
+            for field in Fields::of(scope) {
+                if let (2, field) = field? {
+                    if let Some(values) = self.span(field.bytes()?, resource, &mut inherited)? {
+                        rows.push(values);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The field values of a span, None when it is not accounted (`_is_accounted`).
+    fn span<'a>(
+        &self,
+        message: &'a [u8],
+        resource: Option<&'a [u8]>,
+        read_resource: &mut Option<Resource<'a>>,
+    ) -> Walk<Option<Vec<Value<'a>>>> {
+        let mut found: Found = vec![None; self.span_keys.len()];
+        let (mut ids, mut name, mut times, mut status) = ([&b""[..]; 3], &b""[..], [0u64; 2], 0u32);
+        for field in Fields::of(message) {
+            match field? {
+                (1, field) => ids[0] = field.bytes()?,
+                (2, field) => ids[1] = field.bytes()?,
+                (4, field) => ids[2] = field.bytes()?,
+                (5, field) => name = field.bytes()?,
+                (7, field) => times[0] = field.fixed64()?,
+                (8, field) => times[1] = field.fixed64()?,
+                (9, field) => attribute(field.bytes()?, &self.span_ids, &mut found)?,
+                (15, field) => status = status_code(field.bytes()?, status)?,
+                _ => {}
+            }
+        }
+        let has = |wanted: fn(&SpanKey) -> bool| {
+            self.span_keys
+                .iter()
+                .zip(&found)
+                .any(|(key, value)| wanted(key) && value.is_some())
+        };
+        if !has(|key| key.marker) || has(|key| key.duplicate) {
+            return Ok(None);
+        }
+        let mut values = self.defaults.clone();
+        let slots = self.span_keys.iter().map(|key| key.slot);
+        fill(&mut values, slots, &found)?;
+        let at = self.positions;
+        for (position, id) in [at.trace_id, at.span_id, at.parent_span_id].into_iter().zip(ids) {
+            values[position] = Value::Str(hex(id).into());
+        }
+        values[at.name] = Value::Str(text(name)?.into());
+        values[at.start_ns] = Value::UInt(times[0]);
+        values[at.end_ns] = Value::UInt(times[1]);
+        if !values[at.operation].truthy() {
+            values[at.operation] = Value::Str(self.operation_default.clone().into());
+        }
+        if read_resource.is_none() {
+            *read_resource = Some(self.resource(resource.unwrap_or_default())?);
+        }
+        let resource = read_resource.as_ref().ok_or(Unsure)?;
+        values[at.service] = Value::Str(resource.service.into());
+        values[at.status_error] = Value::Bool(status == self.status_error_code);
+        for (index, value) in &resource.inherited {
+            if !values[*index].truthy() {
+                values[*index] = value.clone();
+            }
+        }
+        Ok(Some(values))
+    }
+
+    /// `resource_attribution` and the service name: `service.name`'s string value, else "".
+    fn resource<'a>(&self, message: &'a [u8]) -> Walk<Resource<'a>> {
+        let mut found: Found = vec![None; self.resource_slots.len()];
+        for field in Fields::of(message) {
+            if let (1, field) = field? {
+                attribute(field.bytes()?, &self.resource_ids, &mut found)?;
+            }
+        }
+        let service_id = self
+            .resource_slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(Unsure)?;
+        let service = match found[service_id] {
+            Some(value) => Any::parse(value)?.string_value()?,
+            None => "",
+        };
+        let mut values = vec![Value::None; self.defaults.len()];
+        fill(&mut values, self.resource_slots.iter().copied(), &found)?;
+        let inherited = values
+            .into_iter()
+            .enumerate()
+            .filter(|(_, value)| value.truthy())
+            .collect();
+        Ok(Resource { service, inherited })
+    }
+}
+
+/// One attribute (a `KeyValue`, read as a map entry): its value kept if its key is in `ids`.
+fn attribute<'a>(entry: &'a [u8], ids: &HashMap<Vec<u8>, usize>, found: &mut Found<'a>) -> Walk<()> {
+    let (mut key, mut value) = (&b""[..], None);
+    for field in Fields::of(entry) {
+        match field? {
+            (1, field) => key = field.bytes()?,
+            (2, _) if value.is_some() => return Err(Unsure), // merged values: Python's
+            (2, field) => value = Some(field.bytes()?),
+            _ => {}
+        }
+    }
+    if let Some(&id) = ids.get(key) {
+        found[id] = Some(value.unwrap_or_default()); // no value: an empty AnyValue
+    }
+    Ok(())
+}
+
+/// The values of the found attributes into their fields: each canonical spelling, then the
+/// others by rank, each only into a field still empty (`_span_usage`, `_fill_if_empty`).
+fn fill<'a>(
+    values: &mut [Value<'a>],
+    slots: impl Iterator<Item = Option<Slot>>,
+    found: &Found<'a>,
+) -> Walk<()> {
+    let mut ranked = Vec::new();
+    for (slot, value) in slots.zip(found) {
+        let (Some(slot), Some(value)) = (slot, value) else {
+            continue;
+        };
+        match slot.rank {
+            Some(rank) => ranked.push((rank, slot, *value)),
+            None => values[slot.index] = Any::parse(value)?.read(slot.reader)?,
+        }
+    }
+    ranked.sort_by_key(|(rank, _, _)| *rank);
+    for (_, slot, value) in ranked {
+        if !values[slot.index].truthy() {
+            values[slot.index] = Any::parse(value)?.read(slot.reader)?;
+        }
+    }
+    Ok(())
+}
+
+/// A `Status` merged into the one before it: its code, if it has one, replaces the earlier one.
+fn status_code(message: &[u8], earlier: u32) -> Walk<u32> {
+    let mut code = earlier;
+    for field in Fields::of(message) {
+        if let (3, field) = field? {
+            code = field.varint()? as u32; // an enum is an int32: the low 32 bits
+        }
+    }
+    Ok(code)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)] as char);
+        out.push(DIGITS[usize::from(byte & 15)] as char);
+    }
+    out
+}
+
+fn slot_of(slot: (usize, u8, Option<usize>), readers: (u8, u8, u8, u8), fields: usize) -> PyResult<Slot> {
+    let (index, number, rank) = slot;
+    let reader = match number {
+        n if n == readers.0 => Reader::Str,
+        n if n == readers.1 => Reader::Int,
+        n if n == readers.2 => Reader::Float,
+        n if n == readers.3 => Reader::Bool,
+        _ => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "unknown reader {number}"
+            )))
+        }
+    };
+    if index >= fields {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "field index {index} out of range"
+        )));
+    }
+    Ok(Slot { index, reader, rank })
+}
+
+/// The walk reads attributes in any order: that needs at most one canonical spelling per field.
+fn one_canonical_per_field(slots: impl Iterator<Item = Slot>) -> PyResult<()> {
+    let mut seen = std::collections::HashSet::new();
+    for slot in slots.filter(|slot| slot.rank.is_none()) {
+        if !seen.insert(slot.index) {
+            let message = format!("two canonical spellings fill field {}", slot.index);
+            return Err(pyo3::exceptions::PyValueError::new_err(message));
+        }
+    }
+    Ok(())
+}
+
+fn numbered<T>(table: HashMap<String, T>) -> (HashMap<Vec<u8>, usize>, Vec<T>) {
+    let mut ids = HashMap::new();
+    let mut items = Vec::new();
+    for (key, item) in table {
+        ids.insert(key.into_bytes(), items.len());
+        items.push(item);
+    }
+    (ids, items)
+}
+
+fn positions_of(positions: &HashMap<String, usize>, fields: usize) -> PyResult<Positions> {
+    let at = |name: &str| match positions.get(name) {
+        Some(&index) if index < fields => Ok(index),
+        _ => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "no position for {name}"
+        ))),
+    };
+    Ok(Positions {
+        trace_id: at("trace_id")?,
+        span_id: at("span_id")?,
+        parent_span_id: at("parent_span_id")?,
+        name: at("name")?,
+        start_ns: at("start_ns")?,
+        end_ns: at("end_ns")?,
+        operation: at("operation")?,
+        service: at("service")?,
+        status_error: at("status_error")?,
+    })
+}
+
+#[pymodule]
+fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Decoder>()
+}

@@ -1,0 +1,109 @@
+//! The protobuf wire format, just enough to walk an OTLP request: varint, fixed64,
+//! length-delimited and fixed32 fields. Groups, field number 0 and any malformed
+//! bytes are `Unsure`: the caller hands the message to the Python reference.
+
+/// The native walk cannot vouch for this message: the Python reference decodes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsure;
+
+pub type Walk<T> = Result<T, Unsure>;
+
+/// One field's value as it stands on the wire.
+#[derive(Debug, Clone, Copy)]
+pub enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(&'a [u8]),
+    Fixed32,
+}
+
+impl<'a> Field<'a> {
+    /// A length-delimited field's bytes; another wire type for a field read as bytes is `Unsure`.
+    pub fn bytes(self) -> Walk<&'a [u8]> {
+        match self {
+            Field::Bytes(bytes) => Ok(bytes),
+            _ => Err(Unsure),
+        }
+    }
+
+    pub fn fixed64(self) -> Walk<u64> {
+        match self {
+            Field::Fixed64(value) => Ok(value),
+            _ => Err(Unsure),
+        }
+    }
+
+    pub fn varint(self) -> Walk<u64> {
+        match self {
+            Field::Varint(value) => Ok(value),
+            _ => Err(Unsure),
+        }
+    }
+}
+
+/// The fields of one message, in wire order.
+pub struct Fields<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    pub fn of(message: &'a [u8]) -> Self {
+        Fields { rest: message }
+    }
+
+    fn varint(&mut self) -> Walk<u64> {
+        let mut value = 0u64;
+        for (at, byte) in self.rest.iter().take(10).enumerate() {
+            value |= u64::from(byte & 0x7f) << (7 * at);
+            if byte & 0x80 == 0 {
+                self.rest = &self.rest[at + 1..];
+                return Ok(value);
+            }
+        }
+        Err(Unsure)
+    }
+
+    fn take(&mut self, count: usize) -> Walk<&'a [u8]> {
+        if count > self.rest.len() {
+            return Err(Unsure);
+        }
+        let (taken, rest) = self.rest.split_at(count);
+        self.rest = rest;
+        Ok(taken)
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Walk<(u32, Field<'a>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        Some(self.field())
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn field(&mut self) -> Walk<(u32, Field<'a>)> {
+        let tag = self.varint()?;
+        let number = u32::try_from(tag >> 3).map_err(|_| Unsure)?;
+        if number == 0 {
+            return Err(Unsure);
+        }
+        let field = match tag & 7 {
+            0 => Field::Varint(self.varint()?),
+            1 => Field::Fixed64(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| Unsure)?)),
+            2 => {
+                let length = usize::try_from(self.varint()?).map_err(|_| Unsure)?;
+                Field::Bytes(self.take(length)?)
+            }
+            5 => {
+                self.take(4)?;
+                Field::Fixed32
+            }
+            _ => return Err(Unsure),
+        };
+        Ok((number, field))
+    }
+}
