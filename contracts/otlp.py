@@ -456,7 +456,27 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
     request = parse_request(payload)  # the whole message is checked, whatever it holds
     if _without_markers(payload):
         return DecodedSpans()
+    if _native is not None and detect_format(payload) == OTLP_PROTO:  # parsed as these very bytes
+        decoded = _natively_decoded(_native.decode(payload), limits)
+        if decoded is not None:
+            return decoded
     return check_spans(request, limits)
+
+
+def _natively_decoded(rows: list[tuple[Any, ...]] | None, limits: SpanLimits) -> DecodedSpans | None:
+    """The native decoder's field values as `SpanUsage`s, checked by `span_problem` here.
+
+    None when the native walk fell back, or when a span breaks a check: then the reference
+    (`check_spans`) decodes the message, so a rejection's reason and one-span request are made
+    in one place.
+    """
+    if rows is None:
+        return None
+    usages = [SpanUsage(*values) for values in rows]
+    for usage in usages:
+        if span_problem(usage, limits) is not None:
+            return None
+    return DecodedSpans(usages)
 
 
 #: What every marker key starts with, as it stands in a protobuf message (a string field's UTF-8
@@ -472,3 +492,33 @@ def _without_markers(payload: bytes) -> bool:
     GenAI span of any other message). Only for protobuf: JSON may spell a key with escapes.
     """
     return detect_format(payload) == OTLP_PROTO and _MARKER_PREFIX not in payload
+
+
+def native_decoder() -> Any | None:
+    """The native fast path of `decode_spans` (contracts/native), None when it is not built.
+
+    The crate holds no rule of its own: the attribute table (`_SLOTS`, `_ATTRIBUTION_SLOTS`),
+    the GenAI markers, the duplicate mark, the service key and the defaults are handed to it
+    here, as data. It walks protobuf bytes the upb parse accepted and answers None ("fall
+    back") for anything outside its simple case; `check_spans` stays the reference.
+    """
+    try:
+        from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _otlp_native.Decoder(
+        slots=_SLOTS,
+        attribution_slots=_ATTRIBUTION_SLOTS,
+        readers=(_STR, _INT, _FLOAT, _BOOL),
+        markers=[_OPERATION_NAME, _PROVIDER_NAME, _SYSTEM],
+        duplicate_of=_DUPLICATE_OF,
+        service_key=attr.SERVICE_NAME,
+        defaults=_DEFAULTS,
+        positions=_INDEX,
+        operation_default=attr.OP_CHAT,
+        status_error_code=_STATUS_ERROR,
+    )
+
+
+#: The decoder `decode_spans` uses when built, unless BURNGUARD_NATIVE=0 (then the pure-Python path).
+_native = native_decoder() if os.environ.get("BURNGUARD_NATIVE", "1") != "0" else None

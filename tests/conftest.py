@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.pipeline"]
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.pipeline", "tests.fixtures.decoders"]

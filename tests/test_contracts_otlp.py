@@ -24,6 +24,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+#: Every test here runs over both decoders (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("decode_impl")
+
 FULL_ATTRIBUTES: dict[str, Any] = {
     "gen_ai.operation.name": "chat",
     "gen_ai.provider.name": "anthropic",

@@ -12,6 +12,7 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.otlp import MalformedSpans, decode_spans
@@ -23,6 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+#: Every test here runs over both decoders (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("decode_impl")
 
 CONFIG = parse_budget_yaml(
     """

@@ -54,6 +54,7 @@ def payload(resource: Mapping[str, Any], *spans: Mapping[str, Any]) -> bytes:
     return request(resource, *spans).SerializeToString()
 
 
+@pytest.mark.usefixtures("decode_impl")
 def test_every_dimension_comes_from_the_resource_when_the_span_lacks_it() -> None:
     resource = {
         attr.TENANT: "acme",
@@ -75,11 +76,13 @@ def test_every_dimension_comes_from_the_resource_when_the_span_lacks_it() -> Non
     }
 
 
+@pytest.mark.usefixtures("decode_impl")
 def test_the_span_value_wins_over_the_resource() -> None:
     spans = decode_usage(payload({attr.TENANT: "acme", attr.FEATURE: "search"}, {attr.TENANT: "globex"}, {}))
     assert [(u.tenant, u.feature) for u in spans] == [("globex", "search"), ("acme", "search")]
 
 
+@pytest.mark.usefixtures("decode_impl")
 def test_a_deprecated_spelling_on_the_span_wins_over_the_resource() -> None:
     traceloop = attr.TRACELOOP_ASSOCIATION_PREFIX + "tenant_id"
     (usage,) = decode_usage(payload({attr.TENANT: "acme", attr.USER_ID: "res-user"}, {traceloop: "initech"}))
@@ -88,6 +91,7 @@ def test_a_deprecated_spelling_on_the_span_wins_over_the_resource() -> None:
     assert usage.user == "span-user"
 
 
+@pytest.mark.usefixtures("decode_impl")
 @pytest.mark.parametrize(
     ("resource", "user"),
     [
@@ -103,6 +107,7 @@ def test_among_the_resource_spellings_the_span_precedence_applies(resource: dict
     assert usage.user == user
 
 
+@pytest.mark.usefixtures("decode_impl")
 def test_each_resource_attributes_its_own_spans_in_one_request() -> None:
     combined = ExportTraceServiceRequest()
     combined.resource_spans.extend(request({attr.TENANT: "acme"}, {}).resource_spans)
@@ -112,6 +117,7 @@ def test_each_resource_attributes_its_own_spans_in_one_request() -> None:
     assert tenants == ["acme", "", "globex", "own"]
 
 
+@pytest.mark.usefixtures("decode_impl")
 def test_otlp_json_reads_the_resource_alike() -> None:
     document = MessageToDict(request({attr.TENANT: "acme", attr.ENDUSER_ID: "u-9"}, {}))
     for span in document["resourceSpans"][0]["scopeSpans"][0]["spans"]:  # OTLP/JSON ids are hex
@@ -120,6 +126,7 @@ def test_otlp_json_reads_the_resource_alike() -> None:
     assert (usage.tenant, usage.user) == ("acme", "u-9")
 
 
+@pytest.mark.usefixtures("decode_impl")
 def test_non_string_resource_values_are_read_as_text_and_others_ignored() -> None:
     view = TraceRequestView.FromString(payload({attr.TENANT: 42, "service.name": "api", "x": "y"}, {}))
     assert resource_attribution(view.resource_spans[0].resource.attributes) == {"tenant": "42"}

@@ -1,0 +1,252 @@
+"""The native decoder (contracts/native) against the reference: the same outcome for every input.
+
+`decode_spans` with the native fast path must return exactly what the pure-Python path returns
+(`SpanUsage`s equal field by field, types included; the same rejections; the same
+`MalformedSpans` reason) over generated OTLP requests written at the wire level (attributes of
+every value type, repeated keys, merged values and statuses, deprecated and foreign spellings,
+resource attribution, many resources and scopes) and over the same bytes mutated or cut off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+from unittest import mock
+
+import pytest
+from burnguard.contracts import attributes as attr
+from burnguard.contracts import otlp
+from burnguard.contracts.otlp import MalformedSpans, decode_spans
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+
+from tests.fixtures.decoders import required_native_decoder
+
+#: Every key the decoder knows (fields in all spellings, markers, the duplicate mark, service.name).
+KNOWN_KEYS = sorted(
+    {*otlp._SLOTS, attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM}
+    | {attr.DUPLICATE_OF, attr.SERVICE_NAME}
+)
+MARKERS = [attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM]
+
+
+def varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, number = number & 0x7F, number >> 7
+        out.append(byte | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def fixed64(number: int, value: int) -> bytes:
+    return varint(number << 3 | 1) + value.to_bytes(8, "little")
+
+
+def varint_field(number: int, value: int) -> bytes:
+    return varint(number << 3) + varint(value)
+
+
+texts = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["", "chat", "acme", "12", "-5", "2.5", "nan", "inf", " 7 ", "true", "TRUE", "1", "0"]),
+    st.text(max_size=300),
+)
+any_values = st.one_of(
+    texts.map(lambda v: AnyValue(string_value=v)),
+    st.booleans().map(lambda v: AnyValue(bool_value=v)),
+    st.one_of(
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.sampled_from([0, 1, -1, 10**8, 10**8 + 1, 2**63 - 1]),
+    ).map(lambda v: AnyValue(int_value=v)),
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([0.0, -0.0, 0.5, 1.0, -1.5, 2.0**63, 1e20, 5e-324, math.nan, 9999.5]),
+    ).map(lambda v: AnyValue(double_value=v)),
+    st.binary(max_size=6).map(lambda v: AnyValue(bytes_value=v)),
+    st.just(AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a")]))),
+    st.just(AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="k")]))),
+    st.just(AnyValue()),
+)
+#: An AnyValue as bytes: usually one, sometimes two written back to back (protobuf merges them).
+any_value_bytes = st.lists(any_values.map(AnyValue.SerializeToString), min_size=1, max_size=2).map(b"".join)
+keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.sampled_from(["http.method", "gen_ai"]), st.text(max_size=6))
+#: Values of the kinds a field's reader takes (by `otlp._STR` ...): what real spans send.
+fitting = {
+    otlp._STR: st.one_of(
+        st.text(max_size=12).map(lambda v: AnyValue(string_value=v)),
+        st.integers(-(2**63), 2**63 - 1).map(lambda v: AnyValue(int_value=v)),
+        st.booleans().map(lambda v: AnyValue(bool_value=v)),
+        st.just(AnyValue()),
+    ),
+    otlp._INT: st.one_of(
+        st.integers(0, 10**8).map(lambda v: AnyValue(int_value=v)),
+        st.floats(-0.99, 1e8).map(lambda v: AnyValue(double_value=v)),
+        st.just(AnyValue()),
+    ),
+    otlp._FLOAT: st.one_of(
+        st.floats(0, 1e4).map(lambda v: AnyValue(double_value=v)),
+        st.integers(0, 10**4).map(lambda v: AnyValue(int_value=v)),
+        st.just(AnyValue()),
+    ),
+    otlp._BOOL: st.one_of(
+        st.booleans().map(lambda v: AnyValue(bool_value=v)),
+        st.integers(-(2**63), 2**63 - 1).map(lambda v: AnyValue(int_value=v)),
+        st.floats(allow_nan=True, allow_infinity=True).map(lambda v: AnyValue(double_value=v)),
+        st.just(AnyValue()),
+        st.just(AnyValue(array_value=ArrayValue())),
+    ),
+}
+
+
+@st.composite
+def attribute(draw: st.DrawFn, key: st.SearchStrategy[str] = keys, tame: bool = False) -> bytes:
+    """One `KeyValue`: sometimes without its value, its key, or with its value twice.
+
+    `tame`: the value is of a kind its field reads (the native walk's simple case), written once.
+    """
+    name = draw(key)
+    if tame:
+        slot = otlp._SLOTS.get(name)
+        value = draw(fitting[slot[1]] if slot else any_values)
+        return field(1, name.encode()) + field(2, value.SerializeToString())
+    entry = field(1, name.encode()) if draw(st.integers(0, 15)) else b""
+    for _ in range(draw(st.sampled_from([1, 1, 1, 1, 1, 1, 0, 2]))):
+        entry += field(2, draw(any_value_bytes))
+    return entry
+
+
+@st.composite
+def span(draw: st.DrawFn, tame: bool) -> bytes:
+    ids = st.sampled_from([b"", b"\x00" * 8, bytes(range(16)), b"\xab\xcd"])
+    out = field(1, draw(ids)) + field(2, draw(ids))
+    if draw(st.booleans()):
+        out += field(4, draw(ids))
+    out += field(5, draw(st.text(max_size=8)).encode())
+    out += fixed64(7, draw(st.integers(0, 2**64 - 1))) + fixed64(8, draw(st.integers(0, 2**64 - 1)))
+    attributes = draw(st.lists(attribute(tame=tame), max_size=10))
+    if draw(st.integers(0, 4)):  # most spans are GenAI spans
+        marker = attribute(st.sampled_from(MARKERS), tame=tame)
+        attributes.insert(draw(st.integers(0, len(attributes))), draw(marker))
+    out += b"".join(field(9, entry) for entry in attributes)
+    for _ in range(draw(st.integers(0, 2))):
+        code = draw(st.sampled_from([0, 1, 2, 3, 2**32 + 2, 2**64 - 1]))
+        out += field(15, field(2, b"boom") + varint_field(3, code) if draw(st.integers(0, 5)) else b"")
+    return out
+
+
+@st.composite
+def request(draw: st.DrawFn) -> bytes:
+    """An `ExportTraceServiceRequest` written field by field: 1-3 resources of 0-2 scopes each.
+
+    Half are tame (values of the kinds their fields read): mostly the native walk's simple case.
+    """
+    out, tame = b"", draw(st.booleans())
+    for _ in range(draw(st.integers(1, 3))):
+        resource = b"".join(field(1, entry) for entry in draw(st.lists(attribute(tame=tame), max_size=6)))
+        resource_spans = field(1, resource) if draw(st.integers(0, 5)) else b""
+        for _ in range(draw(st.integers(0, 2))):
+            spans = draw(st.lists(span(tame), max_size=4))
+            resource_spans += field(2, field(1, field(1, b"scope")) + b"".join(field(2, s) for s in spans))
+        if draw(st.integers(0, 20)) == 0:  # a second resource: protobuf merges the two
+            resource_spans += field(1, field(1, field(1, attr.TENANT.encode()) + field(2, field(1, b"t2"))))
+        out += field(1, resource_spans)
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A generated request with bytes flipped, inserted, deleted or cut off."""
+    payload = bytearray(draw(request()))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        if not payload:
+            break
+        at = draw(st.integers(min_value=0, max_value=len(payload) - 1))
+        action = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if action == "flip":
+            payload[at] ^= draw(st.integers(min_value=1, max_value=255))
+        elif action == "insert":
+            payload[at:at] = draw(st.binary(min_size=1, max_size=6))
+        elif action == "delete":
+            del payload[at]
+        else:
+            del payload[at:]
+    return bytes(payload)
+
+
+def outcome(payload: bytes, decoder: Any) -> tuple[Any, ...]:
+    """What `decode_spans` makes of the payload with `decoder` (None: the reference), typed."""
+    with mock.patch.object(otlp, "_native", decoder):
+        try:
+            decoded = decode_spans(payload)
+        except MalformedSpans as exc:
+            return ("malformed", str(exc))
+    usages = [[(name, type(value), value) for name, value in vars_of(usage)] for usage in decoded.usages]
+    return ("decoded", usages, decoded.rejected)
+
+
+def vars_of(usage: Any) -> list[tuple[str, Any]]:
+    return [(name, getattr(usage, name)) for name in usage.__dataclass_fields__]
+
+
+def assert_same(payload: bytes) -> None:
+    native = required_native_decoder()
+    expected = outcome(payload, None)
+    assert outcome(payload, native) == expected
+    if expected[0] == "decoded":
+        event("native walk" if native.decode(payload) is not None else "fell back")
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request())
+def test_native_decoding_equals_the_reference(payload: bytes) -> None:
+    assert_same(payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_native_decoding_of_mutated_bytes_equals_the_reference(payload: bytes) -> None:
+    assert_same(payload)
+
+
+def test_the_synthetic_load_takes_the_native_walk_and_decodes_alike() -> None:
+    """The common case is not a fallback: every message of the benchmark load decodes natively."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from span_load import SpanMix
+
+    native = required_native_decoder()
+    mix = SpanMix(plain_fraction=0.2)
+    for _ in range(20):
+        payload = mix.message()[1]
+        assert native.decode(payload) is not None
+        assert outcome(payload, native) == outcome(payload, None)
+
+
+def test_a_span_that_breaks_a_check_is_rejected_by_the_reference_path() -> None:
+    """The native walk returns the span; `span_problem` finds it bad, the reference rejects it."""
+    native = required_native_decoder()
+    bad = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    cost = field(1, attr.COST_USD.encode()) + field(2, fixed64(4, 0xFFF8000000000000))  # NaN
+    payload = field(1, field(2, field(2, field(9, bad) + field(9, cost))))
+    assert native.decode(payload) is not None
+    kind, _, rejected = outcome(payload, native)
+    assert kind == "decoded" and [r.kind for r in rejected] == ["not_finite"]
+    assert outcome(payload, native) == outcome(payload, None)
+
+
+@pytest.mark.parametrize(("setting", "native"), [("0", False), ("1", True)])
+def test_burnguard_native_switches_the_native_path(setting: str, native: bool) -> None:
+    required_native_decoder()
+    code = "from burnguard.contracts import otlp; print(otlp._native is not None)"
+    env = {**os.environ, "BURNGUARD_NATIVE": setting}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(native)
