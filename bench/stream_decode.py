@@ -9,7 +9,10 @@ the load (plain HTTP spans included, as the worker sees them):
 * raw_parse: `ExportTraceServiceRequest.ParseFromString` of each message, the
   floor any decoder pays; the other figures are also given as multiples of it,
   which moves less than the absolute figures on a shared machine.
-* decode: `decode_usage` (parse + one `SpanUsage` per GenAI span).
+* decode: `decode_usage` (parse + one `SpanUsage` per GenAI span), the pure-Python reference.
+* decode_native: the same with the native fast path (contracts/native, `--impl native|both`);
+  `native_speedup` in the RESULT line is decode / decode_native, measured in the same run.
+  With `--impl native` the other figures use the native decoder too.
 * deltas: `usage_rows` (`usage_deltas` in a revision without it: what stage 1 calls)
   over the decoded spans of each message (pricing the
   unpriced ones, matching every budget, summing per (budget, key, window)).
@@ -19,7 +22,7 @@ the load (plain HTTP spans included, as the worker sees them):
   set (without one it returns at once, as it does for `BUDGETS_YAML`).
 
     .venv/bin/python bench/stream_decode.py [--spans 20000] [--repeat 7] [--profile]
-        [--plain-fraction 0.08] [--same-spans 1] [--compare REV] [--rounds 2]
+        [--plain-fraction 0.08] [--same-spans 1] [--impl both] [--compare REV] [--rounds 2]
 
 `--plain-fraction` sets the share of plain HTTP spans in the load (0.9: a
 Collector's whole trace pipeline, mostly non-GenAI spans). `--same-spans N` follows
@@ -146,11 +149,26 @@ def profile(messages: list[bytes], config: BudgetConfig, prices: PriceBook, top:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
+def use_decoder(impl: str) -> bool:
+    """Make `decode_spans` use `impl` ("python" or "native"); False when this code has no native path."""
+    import burnguard.contracts.otlp as decoder
+
+    if not hasattr(decoder, "native_decoder"):  # a revision from before the native decoder
+        return impl == "python"
+    native = decoder.native_decoder() if impl == "native" else None
+    if impl == "native" and native is None:
+        raise SystemExit("--impl native: burnguard.contracts._otlp_native is not built (make venv)")
+    decoder._native = native
+    return True
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """The figures of the code this process imports, µs per span (every span of the load)."""
     import burnguard.contracts.otlp as decoder
 
     messages, spans = make_load(args.spans, args.plain_fraction, args.same_spans)
+    native_too = args.impl == "both" and use_decoder("native")
+    use_decoder("native" if args.impl == "native" else "python")
     config = parse_budget_yaml(BUDGETS_YAML)
     context_config = parse_budget_yaml(BUDGETS_YAML + CONTEXT_GUARD_YAML)
     prices = PriceBook(config.prices)
@@ -167,12 +185,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             lambda batches: context_all(batches, context_config), args.repeat, lambda: decode_all(messages)
         ),
     }
+    if native_too:
+        use_decoder("native")
+        figures["decode_native"] = best_cpu_s(lambda _: decode_all(messages), args.repeat)
+        use_decoder("python")
     per_span = {name: seconds / spans * 1e6 for name, seconds in figures.items()}
     load = (
         f"{spans} spans ({genai} GenAI) in {len(messages)} messages, {len(config.budgets)} budgets, "
         f"{deltas} deltas"
     )
-    return {"code": decoder.__file__, "load": load, "us": per_span}
+    return {"code": decoder.__file__, "load": load, "us": per_span, "impl": args.impl}
 
 
 def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
@@ -180,6 +202,7 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     command += ["--spans", str(args.spans), "--repeat", str(args.repeat)]
     command += ["--plain-fraction", str(args.plain_fraction), "--same-spans", str(args.same_spans)]
+    command += ["--impl", "python"]  # the reference path, as old revisions have only that
     return child_result(command, pythonpath)
 
 
@@ -200,6 +223,12 @@ def main() -> None:
     parser.add_argument(
         "--same-spans", type=int, default=1, help="each span and N-1 copies of it in its message (default 1)"
     )
+    parser.add_argument(
+        "--impl",
+        choices=("python", "native", "both"),
+        default="both",
+        help="decoder: the pure-Python reference, the native fast path, or both side by side (default)",
+    )
     add_compare_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of decode + deltas")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -216,10 +245,12 @@ def main() -> None:
         lambda old_path: measure_child(args, old_path),
     )
     new = {name: min(run["us"][name] for run in runs["new"]) for name in runs["new"][0]["us"]}
-    shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}"
+    shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}, impl {args.impl}"
     print(f"load: {runs['new'][0]['load']}; {shape}; best of {args.repeat}")
     show("this checkout", {"code": runs["new"][0]["code"], "us": new})
     fields = " ".join(f"{name}_us={micros:.2f}" for name, micros in new.items())
+    if "decode_native" in new:
+        fields += f" native_speedup={new['decode'] / new['decode_native']:.2f}"
     if runs["old"]:
         old = {name: min(run["us"][name] for run in runs["old"]) for name in runs["old"][0]["us"]}
         show(f"--compare {args.compare}", {"code": runs["old"][0]["code"], "us": old})
@@ -233,7 +264,8 @@ def main() -> None:
         config = parse_budget_yaml(BUDGETS_YAML)
         profile(messages, config, PriceBook(config.prices))
     print(
-        f"RESULT stream_decode plain_fraction={args.plain_fraction:g} same_spans={args.same_spans} {fields}"
+        f"RESULT stream_decode plain_fraction={args.plain_fraction:g} same_spans={args.same_spans} "
+        f"impl={args.impl} {fields}"
     )
 
 

@@ -15,6 +15,11 @@ the table); a key repeated in one span (OTLP forbids it) keeps its last value.
 Attribution (tenant, user, ...) missing from a span is taken from its resource
 (`resource_attribution`); the span's own value, in any spelling, wins.
 
+The per-span walk has a native fast path (contracts/native, `native_decoder`): for protobuf
+bytes the upb parse accepted it returns each accounted span's field values, built from the
+tables below handed to it as data; anything else, and any message with a span to reject, is
+decoded by the Python code here, the reference (docs/ARCHITECTURE.md §3, "Native decoding").
+
 Every span is checked here too (`span_checks`): a span with a number that is not
 finite, negative, past its ceiling or of the wrong type, or a key past its length
 limit, is rejected alone (`decode_spans`), with its reason and a one-span request
@@ -32,6 +37,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from burnguard.contracts import attributes as attr
+from burnguard.contracts.env_numbers import env_flag
 from burnguard.contracts.otlp_view import TraceRequestView
 from burnguard.contracts.span_checks import DEFAULT_LIMITS, NOT_FINITE, WRONG_TYPE, SpanLimits, span_problem
 from burnguard.contracts.usage import SpanUsage
@@ -520,5 +526,5 @@ def native_decoder() -> Any | None:
     )
 
 
-#: The decoder `decode_spans` uses when built, unless BURNGUARD_NATIVE=0 (then the pure-Python path).
-_native = native_decoder() if os.environ.get("BURNGUARD_NATIVE", "1") != "0" else None
+#: The decoder `decode_spans` uses when built, unless BURNGUARD_NATIVE is off (the pure-Python path).
+_native = native_decoder() if env_flag("BURNGUARD_NATIVE", True) else None

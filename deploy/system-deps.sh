@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages `make test` and `make demo` need, installed with apt when missing, so the two
 # commands set up a fresh machine themselves. `test` adds what only the tests use: Chromium
-# (the report test renders the page headless) and a check for Go (the Collector and the Go
+# (the report test renders the page headless), a check for Rust's cargo (contracts/native) and a check for Go (the Collector and the Go
 # example are built from the Go module proxy; Go comes from the machine: Debian's golang-go is
 # too old to fetch the release go.mod names, so it is not installed here).
 #   deploy/system-deps.sh demo|test
@@ -34,6 +34,12 @@ if ((${#missing[@]})); then
   fi
   "${sudo[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q "${missing[@]}"
+fi
+
+if [[ $purpose == test ]] && ! have cargo; then
+  echo "system-deps: cargo not found: Rust is needed to build the native decoder (contracts/native)" \
+    "that make test requires (rustup.rs, or Debian's cargo)" >&2
+  exit 1
 fi
 
 if [[ $purpose == test ]]; then
