@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages `make test` and `make demo` need, installed with apt when missing, so the two
 # commands set up a fresh machine themselves. `test` adds what only the tests use: Chromium
-# (the report test renders the page headless), a check for Rust's cargo (contracts/native) and a check for Go (the Collector and the Go
-# example are built from the Go module proxy; Go comes from the machine: Debian's golang-go is
-# too old to fetch the release go.mod names, so it is not installed here).
+# (the report test renders the page headless), a check for Rust's cargo (the native decoder in
+# contracts/native) and a check for Go (the Collector and the Go example are built from the Go
+# module proxy; Go comes from the machine: Debian's golang-go is too old to fetch the release
+# go.mod names, so it is not installed here).
 #   deploy/system-deps.sh demo|test
 set -euo pipefail
 purpose=${1:-test}

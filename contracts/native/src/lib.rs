@@ -13,7 +13,8 @@ mod wire;
 use std::collections::HashMap;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyList, PyString, PyTuple};
+use rustc_hash::FxHashMap;
 
 use value::{text, Any, Reader, Value};
 use wire::{Fields, Unsure, Walk};
@@ -51,13 +52,15 @@ struct Positions {
 
 /// The attributes of one span or resource found in the table: per key id, its last value.
 type Found<'a> = Vec<Option<&'a [u8]>>;
+/// Attribute keys (bytes) -> their id in the decoder's table.
+type KeyIds = FxHashMap<Vec<u8>, usize>;
 
 /// A decoder configured with the rules of contracts/otlp.py (see `Decoder.__new__`).
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
 struct Decoder {
-    span_ids: HashMap<Vec<u8>, usize>,
+    span_ids: KeyIds,
     span_keys: Vec<SpanKey>,
-    resource_ids: HashMap<Vec<u8>, usize>,
+    resource_ids: KeyIds,
     resource_slots: Vec<Option<Slot>>, // None: the service key
     defaults: Vec<Value<'static>>,
     positions: Positions,
@@ -132,20 +135,53 @@ impl Decoder {
     ///
     /// Call it only on protobuf bytes the upb parse accepted (it validates the whole message).
     fn decode<'py>(&self, py: Python<'py>, payload: &[u8]) -> PyResult<Option<Bound<'py, PyList>>> {
-        let mut rows = Vec::new();
+        let mut rows = Rows::new(py, self.span_keys.len());
         if self.request(payload, &mut rows).is_err() {
             return Ok(None);
         }
-        let tuples = rows
-            .iter()
-            .map(|values| PyTuple::new(py, values.iter().map(|value| value.to_python(py))))
-            .collect::<PyResult<Vec<_>>>()?;
-        Ok(Some(PyList::new(py, tuples)?))
+        Ok(Some(PyList::new(py, rows.tuples)?))
+    }
+}
+
+/// The tuples made so far, and what making them reuses: the text of a message's attributes
+/// repeats from span to span (tenant, model, service ...), each text becomes one `str`.
+struct Rows<'py, 'a> {
+    py: Python<'py>,
+    tuples: Vec<Bound<'py, PyTuple>>,
+    texts: FxHashMap<&'a str, Bound<'py, PyAny>>,
+    found: Found<'a>,
+    values: Vec<Value<'a>>,
+}
+
+impl<'py, 'a> Rows<'py, 'a> {
+    fn new(py: Python<'py>, keys: usize) -> Self {
+        let (tuples, texts) = (Vec::new(), FxHashMap::default());
+        Rows {
+            py,
+            tuples,
+            texts,
+            found: vec![None; keys],
+            values: Vec::new(),
+        }
+    }
+
+    /// `self.values` as a tuple of Python objects.
+    fn push(&mut self) -> Walk<()> {
+        let (py, texts) = (self.py, &mut self.texts);
+        let objects = self.values.iter().map(|value| match value {
+            Value::Str(std::borrow::Cow::Borrowed(text)) if !text.is_empty() => texts
+                .entry(text)
+                .or_insert_with(|| PyString::new(py, text).into_any())
+                .clone(),
+            other => other.to_python(py),
+        });
+        self.tuples.push(PyTuple::new(py, objects).map_err(|_| Unsure)?);
+        Ok(())
     }
 }
 
 impl Decoder {
-    fn request<'a>(&self, payload: &'a [u8], rows: &mut Vec<Vec<Value<'a>>>) -> Walk<()> {
+    fn request<'a>(&self, payload: &'a [u8], rows: &mut Rows<'_, 'a>) -> Walk<()> {
         for field in Fields::of(payload) {
             if let (1, field) = field? {
                 self.resource_spans(field.bytes()?, rows)?;
@@ -155,7 +191,7 @@ impl Decoder {
     }
 
     /// One `ResourceSpans`: its resource read once (only if a span needs it), then its spans.
-    fn resource_spans<'a>(&self, message: &'a [u8], rows: &mut Vec<Vec<Value<'a>>>) -> Walk<()> {
+    fn resource_spans<'a>(&self, message: &'a [u8], rows: &mut Rows<'_, 'a>) -> Walk<()> {
         let mut resource: Option<&[u8]> = None;
         let mut scopes = Vec::new();
         for field in Fields::of(message) {
@@ -170,8 +206,8 @@ impl Decoder {
         for scope in scopes {
             for field in Fields::of(scope) {
                 if let (2, field) = field? {
-                    if let Some(values) = self.span(field.bytes()?, resource, &mut inherited)? {
-                        rows.push(values);
+                    if self.span(field.bytes()?, resource, &mut inherited, rows)? {
+                        rows.push()?;
                     }
                 }
             }
@@ -179,14 +215,16 @@ impl Decoder {
         Ok(())
     }
 
-    /// The field values of a span, None when it is not accounted (`_is_accounted`).
+    /// The field values of a span into `rows.values`; false when it is not accounted (`_is_accounted`).
     fn span<'a>(
         &self,
         message: &'a [u8],
         resource: Option<&'a [u8]>,
         read_resource: &mut Option<Resource<'a>>,
-    ) -> Walk<Option<Vec<Value<'a>>>> {
-        let mut found: Found = vec![None; self.span_keys.len()];
+        rows: &mut Rows<'_, 'a>,
+    ) -> Walk<bool> {
+        let found = &mut rows.found;
+        found.fill(None);
         let (mut ids, mut name, mut times, mut status) = ([&b""[..]; 3], &b""[..], [0u64; 2], 0u32);
         for field in Fields::of(message) {
             match field? {
@@ -196,7 +234,7 @@ impl Decoder {
                 (5, field) => name = field.bytes()?,
                 (7, field) => times[0] = field.fixed64()?,
                 (8, field) => times[1] = field.fixed64()?,
-                (9, field) => attribute(field.bytes()?, &self.span_ids, &mut found)?,
+                (9, field) => attribute(field.bytes()?, &self.span_ids, found)?,
                 (15, field) => status = status_code(field.bytes()?, status)?,
                 _ => {}
             }
@@ -204,15 +242,16 @@ impl Decoder {
         let has = |wanted: fn(&SpanKey) -> bool| {
             self.span_keys
                 .iter()
-                .zip(&found)
+                .zip(found.iter())
                 .any(|(key, value)| wanted(key) && value.is_some())
         };
         if !has(|key| key.marker) || has(|key| key.duplicate) {
-            return Ok(None);
+            return Ok(false);
         }
-        let mut values = self.defaults.clone();
+        let values = &mut rows.values;
+        values.clone_from(&self.defaults);
         let slots = self.span_keys.iter().map(|key| key.slot);
-        fill(&mut values, slots, &found)?;
+        fill(values, slots, found)?;
         let at = self.positions;
         for (position, id) in [at.trace_id, at.span_id, at.parent_span_id].into_iter().zip(ids) {
             values[position] = Value::Str(hex(id).into());
@@ -234,7 +273,7 @@ impl Decoder {
                 values[*index] = value.clone();
             }
         }
-        Ok(Some(values))
+        Ok(true)
     }
 
     /// `resource_attribution` and the service name: `service.name`'s string value, else "".
@@ -266,7 +305,7 @@ impl Decoder {
 }
 
 /// One attribute (a `KeyValue`, read as a map entry): its value kept if its key is in `ids`.
-fn attribute<'a>(entry: &'a [u8], ids: &HashMap<Vec<u8>, usize>, found: &mut Found<'a>) -> Walk<()> {
+fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<()> {
     let (mut key, mut value) = (&b""[..], None);
     for field in Fields::of(entry) {
         match field? {
@@ -362,8 +401,8 @@ fn one_canonical_per_field(slots: impl Iterator<Item = Slot>) -> PyResult<()> {
     Ok(())
 }
 
-fn numbered<T>(table: HashMap<String, T>) -> (HashMap<Vec<u8>, usize>, Vec<T>) {
-    let mut ids = HashMap::new();
+fn numbered<T>(table: HashMap<String, T>) -> (KeyIds, Vec<T>) {
+    let mut ids = KeyIds::default();
     let mut items = Vec::new();
     for (key, item) in table {
         ids.insert(key.into_bytes(), items.len());
