@@ -184,13 +184,18 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 
 def outcome(payload: bytes, decoder: Any) -> tuple[Any, ...]:
-    """What `decode_spans` makes of the payload with `decoder` (None: the reference), typed."""
+    """What `decode_spans` makes of the payload with `decoder` (None: the reference), typed.
+
+    Values compare by type and `repr`, so `-0.0` is not `0.0` and `1` is not `1.0` or `True`.
+    """
     with mock.patch.object(otlp, "_native", decoder):
         try:
             decoded = decode_spans(payload)
         except MalformedSpans as exc:
             return ("malformed", str(exc))
-    usages = [[(name, type(value), value) for name, value in vars_of(usage)] for usage in decoded.usages]
+    usages = [
+        [(name, type(value), repr(value)) for name, value in vars_of(usage)] for usage in decoded.usages
+    ]
     return ("decoded", usages, decoded.rejected)
 
 
