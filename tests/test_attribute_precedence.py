@@ -53,6 +53,7 @@ def spellings_of(table: dict[str, tuple[str, ...]], values: Any) -> Any:
     return st.dictionaries(st.sampled_from(names), values, max_size=len(names))
 
 
+@pytest.mark.usefixtures("decode_impl")  # both decoders (tests/fixtures/decoders.py)
 @settings(max_examples=100, deadline=None)
 @given(
     tokens=spellings_of({f: attr.FIELD_SPELLINGS[f] for f in TOKEN_FIELDS}, st.integers(0, 3)),
@@ -70,6 +71,7 @@ def test_decoding_and_app_side_pricing_read_the_same_spelling(
     assert usage.provider == (attr.first_value(attributes, attr.FIELD_SPELLINGS["provider"]) or "")
 
 
+@pytest.mark.usefixtures("decode_impl")  # both decoders (tests/fixtures/decoders.py)
 @settings(max_examples=100, deadline=None)
 @given(spellings_of(attr.ATTRIBUTION_SPELLINGS, st.sampled_from(["", "a", "b"])))
 def test_decoding_and_the_app_read_attribution_spellings_alike(attributes: dict[str, str]) -> None:
@@ -79,6 +81,7 @@ def test_decoding_and_the_app_read_attribution_spellings_alike(attributes: dict[
     assert {dimension: found.get(dimension, "") for dimension in attr.ATTRIBUTION_KEYS} == expected
 
 
+@pytest.mark.usefixtures("decode_impl")  # both decoders (tests/fixtures/decoders.py)
 def test_the_current_spelling_wins_unless_it_is_empty() -> None:
     both = {attr.GEN_AI_USAGE_INPUT_TOKENS: 5, attr.GEN_AI_USAGE_PROMPT_TOKENS: 9}
     assert _int(both, "input_tokens") == decoded(both).input_tokens == 5
