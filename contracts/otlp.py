@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -46,6 +47,8 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+logger = logging.getLogger(__name__)
 
 OTLP_PROTO = "otlp_proto"
 OTLP_JSON = "otlp_json"
@@ -512,7 +515,16 @@ def native_decoder() -> Any | None:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _otlp_native.Decoder(
+    try:
+        return _native_decoder(_otlp_native)
+    except (TypeError, ValueError) as exc:  # a build older than this file, or rules it cannot apply
+        logger.warning("native OTLP decoder not used (the Python decoder is): %s; rebuild: make venv", exc)
+        return None
+
+
+def _native_decoder(module: Any) -> Any:
+    """The rules of this module, handed to the native decoder as data."""
+    return module.Decoder(
         slots=_SLOTS,
         attribution_slots=_ATTRIBUTION_SLOTS,
         readers=(_STR, _INT, _FLOAT, _BOOL),

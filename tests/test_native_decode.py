@@ -255,3 +255,15 @@ def test_burnguard_native_switches_the_native_path(setting: str, native: bool) -
     env = {**os.environ, "BURNGUARD_NATIVE": setting}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(native)
+
+
+def test_rules_the_native_walk_cannot_apply_leave_the_python_decoder_in_charge(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two canonical spellings of one field would make attribute order matter: the native
+    decoder refuses such a table, and `native_decoder` leaves decoding to the reference."""
+    required_native_decoder()
+    index = otlp._INDEX["tenant"]
+    monkeypatch.setitem(otlp._SLOTS, "another.tenant", (index, otlp._STR, None))
+    assert otlp.native_decoder() is None
+    assert "native OTLP decoder not used" in caplog.text
