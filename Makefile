@@ -61,4 +61,4 @@ format: venv
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .burnguard .pytest_cache
+	rm -rf $(VENV) .burnguard .pytest_cache contracts/native/target contracts/_otlp_native.*.so
