@@ -11,7 +11,8 @@ Delivery. A snapshot whose batch fails (refused by the broker, the hand-over fai
 producer stopping, or not ready to take it) is not dropped: its window is snapshotted again at
 the next run, from the totals then current, so a retry never writes an older value over a newer
 one. A window evicted since keeps the failed record's bytes as its last snapshot, unless a
-later snapshot of the same window was taken (that one settles it). The timer never waits for
+later snapshot of the same window was taken (that one settles it); a window whose partition
+moved to another worker is left to its new owner. The timer never waits for
 the broker: while a partition has too many batches queued, the rest of the run waits, as window
 keys, for the next run. Failures are counted and logged, never silent.
 """
@@ -83,6 +84,8 @@ class UsageSnapshots:
         self.finals: dict[str, Snapshot] = {}
         #: per window with a snapshot not yet delivered, the number of its latest one
         self._latest: dict[str, int] = {}
+        #: windows this worker evicted while their latest snapshot was not yet delivered
+        self._evicted: set[str] = set()
         self._keys: dict[str, WindowKey] = {}
         self._taken = 0
         #: snapshots whose batch failed (each retried), and records refused for their size (lost)
@@ -109,6 +112,8 @@ class UsageSnapshots:
         if (self.retrying.pop(state_key, _ABSENT) is not _ABSENT or waiting) and (snapshot := build()):
             self.finals[state_key] = snapshot
         self._keys.pop(state_key, None)  # after `build`, which remembers it
+        if state_key in self._latest:  # its latest snapshot holds its last value: sent again if it fails
+            self._evicted.add(state_key)
 
     def forget_keys(self) -> None:
         """Drop what is remembered of each window (the budgets changed)."""
@@ -135,6 +140,7 @@ class UsageSnapshots:
         """A numbered snapshot record of the window (later ones settle what earlier ones failed to)."""
         self._taken += 1
         self._latest[state_key] = self._taken
+        self._evicted.discard(state_key)
         return Snapshot(state_key, window.kafka_key, window.partition, value, self._taken)
 
     def take_finals(self) -> list[Snapshot]:
@@ -189,22 +195,27 @@ class UsageSnapshots:
     def _settle(self, group: list[Snapshot], failure: BaseException | None) -> None:
         """After a batch: delivered, each window's latest snapshot is done; failed, each window whose
         latest snapshot this was gets another (a live one from its current totals at the next run,
-        an evicted one these bytes again)."""
+        one this worker evicted these bytes again). A window that left otherwise (its partition
+        moved to another worker, whose snapshots may be newer) gets none from this worker."""
         if failure is not None:
             self.failed += len(group)
             logger.warning(
-                "%d budget usage snapshots not delivered, retried at the next run: %r", len(group), failure
+                "%d budget usage snapshots not delivered, retried at the next run (but for windows whose"
+                " partition moved to another worker): %r",
+                len(group),
+                failure,
             )
         for snapshot in group:
             state_key = snapshot.state_key
             if self._latest.get(state_key) != snapshot.taken:
                 continue  # a later snapshot of the window was taken: it settles the window
-            if failure is None:
-                del self._latest[state_key]
-            elif self.live(state_key):
+            if failure is not None and self.live(state_key):
                 self.retrying[state_key] = None
-            else:  # evicted: these bytes are its last value
+            elif failure is not None and state_key in self._evicted:  # these bytes are its last value
                 self.finals[state_key] = snapshot
+            else:
+                del self._latest[state_key]
+                self._evicted.discard(state_key)
 
 
 def _failure(done: asyncio.Future[list[Any]]) -> BaseException | None:

@@ -312,3 +312,19 @@ def test_the_timer_does_not_wait_for_a_crowded_producer(job: BudgetJob) -> None:
 
     asyncio.run(scenario())
     assert [spent_in(value) for value in batches.values()] == [0.5, 1.0]
+
+
+def test_a_window_whose_partition_moved_away_is_not_sent_again(job: BudgetJob) -> None:
+    """Its new owner writes its snapshots now: bytes from this worker could be older than theirs."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        state_key = spend(job, "daily", "acme", 1.0, 1)
+        await job._snapshot()
+        del job.totals.data[state_key]  # revoked: gone from this worker's table, not evicted
+        await settled(batches, ChangelogWriteFailed("refused"))
+        await job._snapshot()
+
+    asyncio.run(scenario())
+    assert [spent_in(value) for value in batches.values()] == [1.0]
+    assert not job.snapshots.finals and not job.snapshots.retrying and not job.snapshots._latest
