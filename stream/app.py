@@ -47,6 +47,7 @@ from functools import partial
 from typing import Any
 
 import faust
+from aiokafka.errors import ProducerClosed
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.logs import env_log_level, quiet_library_logs
@@ -136,6 +137,7 @@ from burnguard.stream.takeover import (
     in_order_reads,
     membership_lost,
 )
+from faust.exceptions import NotReady
 from kafka.errors import KafkaError
 
 logger = logging.getLogger(__name__)
@@ -279,7 +281,7 @@ class BudgetJob:
         #: action -> [signals published since the last summary, the latest one's key] (`_log_signals`)
         self._signals_unlogged: dict[str, list[Any]] = {}
         self._budgets = {budget.id: budget for budget in config.budgets}
-        self._snapshot_everything = True  # after a (re)start the in-memory set above is empty
+        self._snapshot_everything = True  # after a (re)start `snapshots.waiting` is empty
         self.lifetimes = Lifetimes.of(settings.allowed_lateness, settings.session_idle)
         #: the latest trusted event time stage 1 decoded: a sweep's clock when ahead of the wall's
         self._latest_event_ns = 0
@@ -1330,9 +1332,10 @@ class BudgetJob:
             built = snapshots.take_finals() + self._snapshots_of(pending[first : first + SNAPSHOT_SLICE], run)
             try:
                 snapshots.write(built)
-            except Exception as exc:  # not taken (the producer is stopping): retried at the next run
+            except Exception as exc:  # not taken (the producer is stopping?): retried at the next run
                 snapshots.put_back(pending[first + SNAPSHOT_SLICE :])
-                logger.info("budget usage snapshots not handed over (%r): retried at the next run", exc)
+                level = logging.INFO if isinstance(exc, NotReady | ProducerClosed) else logging.WARNING
+                logger.log(level, "budget usage snapshots not handed over (%r): retried at the next run", exc)
                 return
 
     def _snapshots_of(self, state_keys: list[str], run: SnapshotRun) -> list[Snapshot]:
