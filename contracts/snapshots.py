@@ -77,26 +77,51 @@ def usage_json(
     """The bytes of `BudgetUsage(...).to_json()` for these (already valid) fields, without the model.
 
     The worker writes a snapshot of every changed window every few seconds: building the model
-    cost as much as encoding it. pydantic's own encoder writes the dict, in the model's field
+    cost as much as encoding it. pydantic's own encoder writes every part, in the model's field
     order, so the bytes are the model's (`tests/test_snapshot_encoding.py` compares them). The
-    amounts are made floats as the model's fields make them: a spend may be an int (`Ring.total`).
+    parts change at different rates, so the worker keeps the first ones (`usage_head` per window
+    key, `usage_bounds` per window start and run, `usage_stamp` per run) and encodes only the
+    amounts per snapshot (`usage_value`).
+    """
+    head, bounds = usage_head(budget, scope, key, metric, window), usage_bounds(window_start, window_end)
+    return usage_value(head, bounds, spent, limit, spans, usage_stamp(updated_at))
+
+
+def usage_head(budget: str, scope: str, key: str, metric: str, window: str) -> bytes:
+    """The model's bytes up to its `window` field."""
+    return to_json(
+        {"v": 1, "budget": budget, "scope": scope, "key": key, "metric": metric, "window": window}
+    )[:-1]
+
+
+def usage_bounds(window_start: datetime, window_end: datetime) -> bytes:
+    """The model's `window_start` and `window_end` fields, comma first."""
+    return b"," + to_json({"window_start": window_start, "window_end": window_end})[1:-1]
+
+
+def usage_stamp(updated_at: datetime) -> bytes:
+    """The model's `updated_at` field, comma first, and its closing brace (one per snapshot run:
+    every snapshot of a run shares it)."""
+    return b',"updated_at":' + to_json(updated_at) + b"}"
+
+
+def usage_value(head: bytes, bounds: bytes, spent: float, limit: float, spans: int, stamp: bytes) -> bytes:
+    """The model's bytes from its parts: `head`, `bounds` and `stamp` as above, and the amounts.
+
+    The amounts are made floats as the model's fields make them: a spend may be an int
+    (`Ring.total`); a NaN or an infinity is written as the model's `ser_json_inf_nan` says.
     """
     spent, limit = float(spent), float(limit)
-    return to_json(
-        {
-            "v": 1,
-            "budget": budget,
-            "scope": scope,
-            "key": key,
-            "metric": metric,
-            "window": window,
-            "window_start": window_start,
-            "window_end": window_end,
-            "spent": spent,
-            "limit": limit,
-            "ratio": spent / limit,
-            "spans": spans,
-            "updated_at": updated_at,
-        },
-        inf_nan_mode=BudgetUsage.model_config.get("ser_json_inf_nan", "null"),  # the model's setting
+    # pydantic writes the four as a list, faster than as an object; none of them holds a comma
+    amounts = to_json((spent, limit, spent / limit, spans), inf_nan_mode=_INF_NAN_MODE)[1:-1].split(b",")
+    return b"".join(
+        (head, bounds, _SPENT, amounts[0], _LIMIT, amounts[1], _RATIO, amounts[2], _SPANS, amounts[3], stamp)
     )
+
+
+#: What comes before each amount in the model's JSON.
+_SPENT, _LIMIT, _RATIO, _SPANS = b',"spent":', b',"limit":', b',"ratio":', b',"spans":'
+
+
+#: How the model writes a NaN or an infinity (pydantic's default unless its config says otherwise).
+_INF_NAN_MODE = BudgetUsage.model_config.get("ser_json_inf_nan", "null")

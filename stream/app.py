@@ -43,17 +43,18 @@ import math
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from itertools import islice
+from functools import partial
 from typing import Any
 
 import faust
+from aiokafka.errors import ProducerClosed
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.logs import env_log_level, quiet_library_logs
 from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
-from burnguard.contracts.snapshots import usage_json, usage_kafka_key
+from burnguard.contracts.snapshots import usage_bounds, usage_stamp, usage_value
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
 from burnguard.contracts.topics import (
     CHECKPOINTS_TOPIC_CONFIG,
@@ -90,8 +91,14 @@ from burnguard.stream.eviction import (
     split_window_key,
 )
 from burnguard.stream.liveness import install_liveness_watchdog
-from burnguard.stream.partitioner import record_partition, usage_partition
-from burnguard.stream.policy import changed_signal, decide_context, settles_alike, window_at
+from burnguard.stream.partitioner import usage_partition
+from burnguard.stream.policy import (
+    changed_signal,
+    decide_context,
+    settles_alike,
+    window_bounds,
+    window_spent,
+)
 from burnguard.stream.records import (
     BATCH,
     BATCHES,
@@ -121,6 +128,7 @@ from burnguard.stream.records import (
 )
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
+from burnguard.stream.snapshots import Snapshot, UsageSnapshots
 from burnguard.stream.takeover import (
     InOrderReads,
     PartitionsLost,
@@ -145,10 +153,11 @@ _NS = 1_000_000_000
 RETIRE_AT_NS = "retire_at_ns"
 #: Deltas per batch record at most, so a huge OTLP message never makes a record beyond Kafka's limit.
 BATCH_ROWS = 1000
-#: Snapshots sent in one go (a few ms of work) before the timer pauses for `SNAPSHOT_PAUSE_S`, so
-#: the agents get at least half the event loop. A bare `sleep(0)` was not enough: the agents need
-#: many loop turns per message, and got one per slice (probes waited 3 s for their signal).
-SNAPSHOT_SLICE = 100
+#: Snapshots sent in one go (~2-3 ms of work, as 100 were when each cost ~30 us) before the timer
+#: pauses for `SNAPSHOT_PAUSE_S`, so the agents get at least half the event loop. A bare `sleep(0)`
+#: was not enough: the agents need many loop turns per message, and got one per slice (probes
+#: waited 3 s for their signal). Each slice's records make a record batch per partition.
+SNAPSHOT_SLICE = 250
 SNAPSHOT_PAUSE_S = 0.01
 #: Snapshots per timer run at most; the rest wait for the next run, oldest change first.
 SNAPSHOT_MAX_PER_RUN = 20_000
@@ -271,10 +280,8 @@ class BudgetJob:
         self._replays_logged = 0
         #: action -> [signals published since the last summary, the latest one's key] (`_log_signals`)
         self._signals_unlogged: dict[str, list[Any]] = {}
-        #: changed window keys not yet snapshotted, oldest change first (a dict as an ordered set)
-        self._unsnapshotted: dict[str, None] = {}
         self._budgets = {budget.id: budget for budget in config.budgets}
-        self._snapshot_everything = True  # after a (re)start the in-memory set above is empty
+        self._snapshot_everything = True  # after a (re)start `snapshots.waiting` is empty
         self.lifetimes = Lifetimes.of(settings.allowed_lateness, settings.session_idle)
         #: the latest trusted event time stage 1 decoded: a sweep's clock when ahead of the wall's
         self._latest_event_ns = 0
@@ -305,7 +312,10 @@ class BudgetJob:
         self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
         self._releasing: asyncio.Future[None] | None = None
         self.stall_guard = StallGuard(self.app)
-        self.snapshots = PendingRecords(self.app)
+        #: the windows waiting for a budget usage snapshot, and the snapshots' record batches
+        self.snapshots = UsageSnapshots(
+            self.app, settings.topics.budget_usage, settings.partitions, self._window_held
+        )
         self.usage_records = PendingRecords(self.app)
         self._declare_topics()
         self._declare_tables()
@@ -1014,7 +1024,7 @@ class BudgetJob:
         for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
             totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)
         self.changes.set(self.totals, state_key, totals)
-        self._unsnapshotted[state_key] = None
+        self.snapshots.waiting[state_key] = None
         return True
 
     def _apply(self, row: DeltaRow | list[Any], source: tuple[int, int], now: datetime) -> Signal | None:
@@ -1040,7 +1050,7 @@ class BudgetJob:
             self.replayed_deltas += 1  # a replay after a crash: already counted
             return None
         self.changes.set(self.totals, state_key, totals)
-        self._unsnapshotted[state_key] = None
+        self.snapshots.waiting[state_key] = None
         return self._signal_if_changed(budget, key, window_start_ns, totals, now)
 
     async def _observe_context(
@@ -1176,7 +1186,7 @@ class BudgetJob:
         """(`budget|key` of every window left, windows forgotten): closed, idle or emptied ones go."""
         live: set[str] = set()
         evicted = 0
-        now = _now()
+        run = SnapshotRun(_now())
         for state_key, stored in list(self.totals.data.items()):
             if not is_window_key(state_key) or not stored:
                 continue
@@ -1190,10 +1200,7 @@ class BudgetJob:
             ):
                 live.add(partition_key)
                 continue
-            if state_key in self._unsnapshotted:
-                del self._unsnapshotted[state_key]
-                if (snapshot := self._usage_snapshot(state_key, now)) is not None:
-                    self._add_snapshot(snapshot)
+            self.snapshots.evicting(state_key, partial(self._usage_snapshot, state_key, run))
             self.changes.delete(self.totals, state_key)
             evicted += 1
         return live, evicted
@@ -1270,6 +1277,7 @@ class BudgetJob:
             return
         old, self.config = self.config, new
         self._budgets = {budget.id: budget for budget in new.budgets}
+        self.snapshots.forget_keys()
         if new.prices != old.prices or new.unpriced != old.unpriced:
             self.prices = PriceBook.for_config(new)
         removed = {b.id: b for b in old.budgets if new.budget(b.id) is None}
@@ -1296,12 +1304,15 @@ class BudgetJob:
     async def _snapshot(self) -> None:
         """Publish the totals of windows changed since their last snapshot (all, after a start).
 
-        At most `SNAPSHOT_MAX_PER_RUN` per run, oldest change first, in slices
-        with pauses between them, so the agents (and the signals they send) are
-        not held up by a burst of snapshots.
+        At most `SNAPSHOT_MAX_PER_RUN` per run, evicted windows' last snapshots and
+        failed ones first, then the oldest change first, in slices with pauses
+        between them, so the agents (and the signals they send) are not held up by
+        a burst of snapshots. Their delivery is `UsageSnapshots`' (stream/snapshots.py):
+        the timer never waits for the broker, and a failed snapshot is taken again.
         """
+        snapshots = self.snapshots
         if self._snapshot_everything:
-            self._unsnapshotted = dict.fromkeys(
+            snapshots.waiting = dict.fromkeys(
                 key for key, value in list(self.totals.items()) if value and is_window_key(key)
             )
             self._snapshot_everything = False
@@ -1310,27 +1321,36 @@ class BudgetJob:
             logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)
         self._log_counters()
         self._log_signals()
-        pending = list(islice(self._unsnapshotted, SNAPSHOT_MAX_PER_RUN))
-        for state_key in pending:
-            del self._unsnapshotted[state_key]
-        now = _now()
-        for first in range(0, len(pending), SNAPSHOT_SLICE):
+        pending = snapshots.take(SNAPSHOT_MAX_PER_RUN)
+        run = SnapshotRun(_now())
+        for first in range(0, max(len(pending), 1), SNAPSHOT_SLICE):  # once at least: evicted windows'
             if first:
                 await asyncio.sleep(SNAPSHOT_PAUSE_S)
-            for state_key in pending[first : first + SNAPSHOT_SLICE]:
-                try:
-                    snapshot = self._usage_snapshot(state_key, now)
-                except Exception:  # one bad window must not stop the others' snapshots
-                    self.agent_errors += 1
-                    logger.exception("could not snapshot %r", state_key)
-                    continue
-                if snapshot is not None:
-                    self._add_snapshot(snapshot)
-            try:
-                await self.snapshots.send()
-            except NotReady:  # the worker is stopping; a restarted worker snapshots every key
-                logger.info("producer stopped: %d budget usage snapshots not sent", len(pending) - first)
+            if snapshots.crowded():  # the broker does not keep up: the rest waits for the next run
+                snapshots.put_back(pending[first:])
                 return
+            built = snapshots.take_finals() + self._snapshots_of(pending[first : first + SNAPSHOT_SLICE], run)
+            try:
+                snapshots.write(built)
+            except Exception as exc:  # not taken (the producer is stopping?): retried at the next run
+                snapshots.put_back(pending[first + SNAPSHOT_SLICE :])
+                level = logging.INFO if isinstance(exc, NotReady | ProducerClosed) else logging.WARNING
+                logger.log(level, "budget usage snapshots not handed over (%r): retried at the next run", exc)
+                return
+
+    def _snapshots_of(self, state_keys: list[str], run: SnapshotRun) -> list[Snapshot]:
+        """The snapshots of these windows; one that cannot be built is logged and counted, not fatal."""
+        built = []
+        for state_key in state_keys:
+            try:
+                snapshot = self._usage_snapshot(state_key, run)
+            except Exception:  # one bad window must not stop the others' snapshots
+                self.agent_errors += 1
+                logger.exception("could not snapshot %r", state_key)
+                continue
+            if snapshot is not None:
+                built.append(snapshot)
+        return built
 
     def counters(self) -> dict[str, Any]:
         """What this worker set aside or corrected since it started (logged when it changes)."""
@@ -1352,31 +1372,49 @@ class BudgetJob:
             self._counters_logged = tuple(map(str, counters.values()))
             logger.info("input counters: %s", json.dumps(counters))
 
-    def _add_snapshot(self, snapshot: tuple[str, bytes]) -> None:
-        """Queued for the producer: Faust's topic layer cost more than building the snapshot.
+    def _window_held(self, state_key: str) -> bool:
+        """Whether the window is in the totals table (not evicted)."""
+        return state_key in _plain(self.totals)
 
-        The partition is the default partitioner's, so a key's rows compact
-        together whichever worker or version wrote them.
+    def _usage_snapshot(self, state_key: str, run: SnapshotRun) -> Snapshot | None:
+        """A window's `BudgetUsage` record (Kafka key, partition, JSON), encoded without building the model.
+
+        The bytes are `usage_json`'s, in parts: what the window's snapshots share
+        (`UsageSnapshots.window_key`), its bounds (shared by the budget's windows
+        with the same start in a run), and its amounts.
         """
-        kafka_key, value = snapshot
-        key = kafka_key.encode()
-        partition = record_partition(key, self.settings.partitions)
-        self.snapshots.add(self.settings.topics.budget_usage, partition, key, value)
-
-    def _usage_snapshot(self, state_key: str, now: datetime) -> tuple[str, bytes] | None:
-        """(Kafka key, JSON) of a window's `BudgetUsage`, encoded without building the model."""
         budget_id, rest = state_key.split("|", 1)
         key, window_start_ns = rest.rsplit("|", 1)
         budget = self._budgets.get(budget_id)
         stored = _plain(self.totals).get(state_key)
         if budget is None or not stored:
             return None
-        totals = WindowTotals.from_state(stored)
-        spent, start, end = window_at(budget, int(window_start_ns), totals, now)
-        scope, window = budget.scope_name, budget.window
-        fields = (budget.metric, window, start, end, spent, budget.limit, totals.spans, now)
-        kafka_key = usage_kafka_key(scope, key, budget.id, window, start)
-        return kafka_key, usage_json(budget.id, scope, key, *fields)
+        totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
+        start, bounds = run.bounds(budget, window_start_ns)
+        window = self.snapshots.window_key(state_key, budget, key, start)
+        spent = window_spent(budget, int(window_start_ns), totals, run.now_ns)
+        value = usage_value(window.head, bounds, spent, budget.limit, totals.spans, run.stamp)
+        return self.snapshots.snapshot(state_key, window, value)
+
+
+class SnapshotRun:
+    """What the snapshots taken at one moment share: `updated_at`, and each window start's bounds."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self.now_ns = int(now.timestamp() * _NS)
+        self.stamp = usage_stamp(now)
+        self._bounds: dict[tuple[int, str], tuple[Budget, datetime, bytes]] = {}
+
+    def bounds(self, budget: Budget, window_start_ns: str) -> tuple[datetime, bytes]:
+        """(start, `usage_bounds`) of the budget's windows with this start (`window_bounds`), once
+        per run: a rolling window's (start 0) move with the clock alone."""
+        known = self._bounds.get((id(budget), window_start_ns))
+        if known is not None and known[0] is budget:
+            return known[1], known[2]
+        start, end = window_bounds(budget, int(window_start_ns), self.now_ns)
+        self._bounds[(id(budget), window_start_ns)] = (budget, start, usage_bounds(start, end))
+        return start, self._bounds[(id(budget), window_start_ns)][2]
 
 
 def _has_steps(row: list[Any]) -> bool:

@@ -143,10 +143,17 @@ class ChangelogBatches:
     share a batch, as they shared the producer's open batch with `send`, and
     it waits only while a partition has more than `MAX_QUEUED_BATCHES` full
     batches queued (a broker that does not keep up slows the agent down).
+
+    The budget usage snapshots go the same way (`stream/snapshots.py`), with
+    `stop_on_failure=False`: a lost changelog record makes every later cover
+    wrong, so a failed hand-over refuses every later append; a lost snapshot
+    is only taken again, so a failure fails the batches queued then and the
+    next append starts afresh.
     """
 
-    def __init__(self, app: AppT) -> None:
+    def __init__(self, app: AppT, stop_on_failure: bool = True) -> None:
         self.app = app
+        self.stop_on_failure = stop_on_failure
         self._queued: dict[tuple[str, int], deque[_QueuedBatch]] = {}
         self._handing_over: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._failed: BaseException | None = None
@@ -155,11 +162,15 @@ class ChangelogBatches:
 
     async def room(self) -> None:
         """Wait while some partition has more than `MAX_QUEUED_BATCHES` batches not handed over yet."""
-        while True:
-            long = next((queue for queue in self._queued.values() if len(queue) > MAX_QUEUED_BATCHES), None)
-            if long is None:
-                return
+        while (long := self._longest()) is not None:
             await asyncio.wait([long[0].delivered])
+
+    def crowded(self) -> bool:
+        """Whether `room` would wait (for a caller that rather comes back later)."""
+        return self._longest() is not None
+
+    def _longest(self) -> deque[_QueuedBatch] | None:
+        return next((queue for queue in self._queued.values() if len(queue) > MAX_QUEUED_BATCHES), None)
 
     def append(
         self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
@@ -181,7 +192,7 @@ class ChangelogBatches:
         timestamp = int(time.time() * 1000)
         for key, value in records:
             if len(key) + (len(value) if value else 0) > max_bytes - RECORD_OVERHEAD_BYTES:
-                _check_size(topic, key, value, max_bytes)
+                check_size(topic, key, value, max_bytes)
             if batch.builder.append(timestamp=timestamp, key=key, value=value) is None:
                 batch = self._open(queue, topic, partition)  # aiokafka closed the full one
                 touched.append(batch.delivered)
@@ -240,7 +251,8 @@ class ChangelogBatches:
                 exc = ProducerClosed(f"{topic}[{partition}]: the producer stopped before the hand-over")
             elif isinstance(exc, Exception) and not isinstance(exc, ChangelogWriteFailed | ProducerClosed):
                 exc = _named(ChangelogWriteFailed(f"{topic}[{partition}]: not handed over: {exc!r}"), exc)
-            self._failed = exc
+            if self.stop_on_failure:
+                self._failed = exc
             for lost in queue:
                 lost.delivered.set_exception(exc)
             queue.clear()
@@ -285,7 +297,7 @@ def _named(failure: ChangelogWriteFailed, cause: BaseException) -> ChangelogWrit
     return failure
 
 
-def _check_size(topic: str, key: bytes, value: bytes | None, max_bytes: int) -> None:
+def check_size(topic: str, key: bytes, value: bytes | None, max_bytes: int) -> None:
     """Refuse a record above the producer's max request size, as its `send` does."""
     size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
     if size > max_bytes:

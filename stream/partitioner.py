@@ -53,9 +53,3 @@ def usage_partition(partition_key: str, partitions: int) -> int:
     ticks, removals) goes through this, so its state stays on one partition.
     """
     return key_partition(partition_key.encode(), partitions)
-
-
-@lru_cache(maxsize=1 << 14)  # the windows snapshotted in a run or two; each key is a few dozen bytes
-def record_partition(key: bytes, partitions: int) -> int:
-    """`key_partition`, remembered: the snapshot timer writes the same keys every run."""
-    return key_partition(key, partitions)

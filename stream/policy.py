@@ -146,13 +146,26 @@ def window_at(
     budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime
 ) -> tuple[float, datetime, datetime]:
     """(spent, start, end) of the window as of `now`: fixed for calendar windows, moving for rolling ones."""
+    now_ns = int(now.timestamp() * _NS)
+    start, end = window_bounds(budget, window_start_ns, now_ns)
+    return window_spent(budget, window_start_ns, totals, now_ns), start, end
+
+
+def window_spent(budget: Budget, window_start_ns: int, totals: WindowTotals, now_ns: int) -> float:
+    """`window_at`'s spend alone: the snapshot timer takes the bounds once per budget and start."""
     windows = _windows_of(budget)
     if not windows.rolling:
-        start, end = windows.span(window_start_ns)
-        return totals.spent, start, end
-    now_ns, rolling_ns = int(now.timestamp() * _NS), windows.rolling
-    spent = totals.rolling_spent(now_ns, rolling_ns, windows.bucket_ns)
-    return spent, _from_ns(now_ns - rolling_ns), _from_ns(now_ns + rolling_ns)
+        return totals.spent
+    return totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns)
+
+
+def window_bounds(budget: Budget, window_start_ns: int, now_ns: int) -> tuple[datetime, datetime]:
+    """`window_at`'s (start, end): the same for every key of a budget with this start (a rolling
+    window's moves with `now_ns` alone)."""
+    windows = _windows_of(budget)
+    if not windows.rolling:
+        return windows.span(window_start_ns)
+    return _from_ns(now_ns - windows.rolling), _from_ns(now_ns + windows.rolling)
 
 
 def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:

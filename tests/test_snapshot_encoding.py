@@ -1,8 +1,10 @@
 """Budget usage snapshots encoded without the pydantic model: the same key, partition and bytes.
 
-The snapshot timer writes `usage_json` / `usage_kafka_key` (contracts/snapshots.py) instead of
-building a `BudgetUsage` per window; these tests hold them to the model's own `to_json` and
-`kafka_key`, on generated fields and on the windows a real job snapshots.
+The snapshot timer writes `usage_json`'s parts / `usage_kafka_key` (contracts/snapshots.py)
+instead of building a `BudgetUsage` per window, and remembers what a window's snapshots share;
+these tests hold them to the model's own `to_json` and `kafka_key`, on generated fields (odd
+floats, big ints, any text, offsets that are not whole minutes) and on the windows a real job
+snapshots, first and again from what it remembered.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.snapshots import BudgetUsage, usage_json, usage_kafka_key
 from burnguard.stream.accounting import WindowTotals, window_lengths
-from burnguard.stream.app import BudgetJob
-from burnguard.stream.partitioner import key_partition, record_partition
+from burnguard.stream.app import BudgetJob, SnapshotRun
+from burnguard.stream.partitioner import key_partition
 from burnguard.stream.policy import window_at
 from burnguard.stream.records import DeltaRow
 from burnguard.stream.settings import StreamSettings
@@ -26,25 +28,33 @@ from hypothesis import strategies as st
 from tests.factories import budget, budgets_yaml
 
 WINDOWS = ["day", "week", "month", "24h", "90m", "session", ""]
+#: fixed offsets, also ones that are not whole minutes (pydantic writes them cut to the minute)
+OFFSETS = [UTC, timezone(timedelta(hours=9)), timezone(-timedelta(hours=3, minutes=30))]
+OFFSETS += [timezone(timedelta(hours=5, minutes=30, seconds=12)), timezone(-timedelta(seconds=1))]
 moments = st.datetimes(
     min_value=datetime(1971, 1, 1),
     max_value=datetime(2200, 1, 1),
-    timezones=st.sampled_from([UTC, timezone(timedelta(hours=9)), timezone(-timedelta(hours=3, minutes=30))]),
+    timezones=st.sampled_from(OFFSETS) | st.timezones(),
 )
+#: floats where writers tend to differ: exponents, the switch to them, subnormals, the largest
+ODD_FLOATS = [1e16, 9999999999999998.0, 1e-4, 9.999999999999999e-05, 1e-5, 1e-7, 5e-324]
+ODD_FLOATS += [2.2250738585072014e-308, 1.7976931348623157e308, 0.1 + 0.2, 1 / 3]
 #: a spend is a float, or the int 0 of a rolling window whose buckets all expired (`Ring.total`)
-amounts = st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False) | st.integers(
-    0, 2**53
+amounts = (
+    st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False)
+    | st.sampled_from(ODD_FLOATS)
+    | st.integers(0, 2**53)
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
     names=st.tuples(st.text(min_size=1), st.text(), st.text(min_size=1), st.text(min_size=1)),
     window=st.sampled_from(WINDOWS),
     bounds=st.tuples(moments, moments, moments),
     spent=amounts,
-    limit=st.floats(min_value=1e-9, max_value=1e12),
-    spans=st.integers(min_value=0, max_value=2**53),
+    limit=st.floats(min_value=1e-9, max_value=1e12) | st.sampled_from(ODD_FLOATS),
+    spans=st.integers(min_value=0, max_value=2**53) | st.integers(min_value=2**63, max_value=2**80),
 )
 def test_the_plain_encoding_is_the_models_byte_for_byte(
     names: tuple[str, str, str, str],
@@ -121,27 +131,24 @@ def test_the_timer_writes_the_models_key_partition_and_bytes_for_every_window_ki
             offset += 1
             row = DeltaRow(budget_id, key, start_ns, 0.37 * (n + 1), 1, now_ns, now_ns, 0, None)
             job._apply(row, (0, offset), datetime.now(UTC))
-    written: list[tuple[str, int | None, bytes | None, bytes | None]] = []
-    job.snapshots.add = lambda topic, partition, key, value, headers=None: written.append(  # type: ignore[method-assign]
-        (topic, partition, key, value)
-    )
     now = datetime.now(UTC)
     state_keys = [k for k in job.totals.data if k.count("|") >= 2]
     assert len(state_keys) == 12
-    for state_key in state_keys:
-        snapshot = job._usage_snapshot(state_key, now)
-        assert snapshot is not None
-        job._add_snapshot(snapshot)
-        job._add_snapshot(snapshot)  # the second time, the partition comes from the cache
-    expected = [_model_snapshot(job, state_key, now) for state_key in state_keys for _ in range(2)]
-    assert [(key, value) for _, _, key, value in written] == [
+    written = []
+    for run in (SnapshotRun(now), SnapshotRun(now)):  # the second from what the first remembered
+        for state_key in state_keys:
+            snapshot = job._usage_snapshot(state_key, run)
+            assert snapshot is not None
+            written.append(snapshot)
+    expected = [_model_snapshot(job, state_key, now) for _ in range(2) for state_key in state_keys]
+    assert [(snapshot.kafka_key, snapshot.value) for snapshot in written] == [
         (model.kafka_key.encode(), model.to_json()) for model in expected
     ]
-    assert [partition for _, partition, _, _ in written] == [
+    assert [snapshot.partition for snapshot in written] == [
         key_partition(model.kafka_key.encode(), job.settings.partitions) for model in expected
     ]
-    assert {topic for topic, _, _, _ in written} == {job.settings.topics.budget_usage}
-    assert record_partition.cache_info().hits >= len(state_keys)
+    assert set(job.snapshots._keys) == set(state_keys)
+    assert [snapshot.taken for snapshot in written] == sorted({snapshot.taken for snapshot in written})
 
 
 def test_a_rolling_window_whose_spend_has_all_expired_writes_the_models_bytes(job: BudgetJob) -> None:
@@ -153,8 +160,8 @@ def test_a_rolling_window_whose_spend_has_all_expired_writes_the_models_bytes(jo
     job._apply(row, (0, 1), datetime.now(UTC))
     now = datetime.now(UTC)
     state_key = "rolling|acme|u-1|0"
-    assert job._usage_snapshot(state_key, now) == (
-        (model := _model_snapshot(job, state_key, now)).kafka_key,
-        model.to_json(),
-    )
+    snapshot = job._usage_snapshot(state_key, SnapshotRun(now))
+    assert snapshot is not None
+    model = _model_snapshot(job, state_key, now)
+    assert (snapshot.kafka_key, snapshot.value) == (model.kafka_key.encode(), model.to_json())
     assert BudgetUsage.from_json(model.to_json()).spent == 0.0

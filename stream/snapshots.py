@@ -1,0 +1,229 @@
+"""Budget usage snapshots on their way out: which windows wait for one, and their record batches.
+
+The snapshot timer (`BudgetJob._snapshot`) writes one `budget_usage` record per changed window
+every few seconds: tens of thousands per run under load. Each used to cost a `producer.send`
+(a coroutine, a future and the accumulator's checks) and a murmur2 hash of its key; now the
+records go into aiokafka record batches through the changelog's `ChangelogBatches` (queued per
+partition, handed over in order, one delivery future per batch), and what a window's records
+share from run to run (its Kafka key, partition and the JSON up to its bounds) is remembered.
+
+Delivery. A snapshot whose batch fails (refused by the broker, the hand-over failing, the
+producer stopping, or not ready to take it) is not dropped: its window is snapshotted again at
+the next run, from the totals then current, so a retry never writes an older value over a newer
+one. A window evicted since keeps the failed record's bytes as its last snapshot, unless a
+later snapshot of the same window was taken (that one settles it); a window whose partition
+moved to another worker is left to its new owner. The timer never waits for
+the broker: while a partition has too many batches queued, the rest of the run waits, as window
+keys, for the next run. Failures are counted and logged, never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, NamedTuple
+
+from aiokafka.errors import MessageSizeTooLargeError
+from burnguard.contracts.budgets import Budget
+from burnguard.contracts.snapshots import usage_head, usage_kafka_key
+from burnguard.stream.changelog import RECORD_OVERHEAD_BYTES, ChangelogBatches, check_size
+from burnguard.stream.partitioner import key_partition
+from faust.types import AppT
+
+logger = logging.getLogger(__name__)
+
+#: Windows whose Kafka key, partition and JSON head are remembered at most (~250 bytes each): a
+#: window past that is encoded from scratch at each snapshot, not remembered in place of another
+#: (the timer walks the windows in a cycle, where evicting one for another would never hit).
+SNAPSHOT_KEYS_KEPT = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class WindowKey:
+    """What a window's snapshots share while its budget stays the same object."""
+
+    budget: Budget
+    kafka_key: bytes
+    partition: int
+    head: bytes
+
+
+class Snapshot(NamedTuple):
+    """One `budget_usage` record of a window (`state_key`), numbered in the order it was taken."""
+
+    state_key: str
+    kafka_key: bytes
+    partition: int
+    value: bytes
+    taken: int
+
+
+class UsageSnapshots:
+    """The windows waiting for a snapshot, and the snapshot records handed to the producer.
+
+    `live(state_key)` says whether the window is still in the totals table (else it was
+    evicted: a failed snapshot of it is kept as its last one, not snapshotted again).
+    """
+
+    def __init__(self, app: AppT, topic: str, partitions: int, live: Callable[[str], bool]) -> None:
+        self.app = app
+        self.topic = topic
+        self.partitions = partitions
+        self.live = live
+        #: a failed batch stops nothing: its windows are snapshotted again (`_settle`)
+        self.batches = ChangelogBatches(app, stop_on_failure=False)
+        #: changed windows not yet snapshotted, oldest first change first (a dict as an ordered set;
+        #: stage 2 adds to it on every delta, so it is a plain dict, not a method)
+        self.waiting: dict[str, None] = {}
+        #: windows whose snapshot failed: snapshotted first at the next run
+        self.retrying: dict[str, None] = {}
+        #: evicted windows' last snapshots not yet handed over (sent first at the next run)
+        self.finals: dict[str, Snapshot] = {}
+        #: per window with a snapshot not yet delivered, the number of its latest one
+        self._latest: dict[str, int] = {}
+        #: windows this worker evicted while their latest snapshot was not yet delivered
+        self._evicted: set[str] = set()
+        self._keys: dict[str, WindowKey] = {}
+        self._taken = 0
+        #: snapshots whose batch failed (each retried), and records refused for their size (lost)
+        self.failed = 0
+        self.too_large = 0
+
+    def take(self, limit: int) -> list[str]:
+        """Up to `limit` windows to snapshot now: the retried ones first, then the oldest changes."""
+        candidates = dict.fromkeys([*islice(self.retrying, limit), *islice(self.waiting, limit)])
+        keys = list(islice(candidates, limit))
+        for state_key in keys:
+            self.retrying.pop(state_key, None)
+            self.waiting.pop(state_key, None)
+        return keys
+
+    def put_back(self, state_keys: Iterable[str]) -> None:
+        """Windows taken but not snapshotted in this run: first in line at the next one."""
+        self.retrying.update(dict.fromkeys(state_keys))
+
+    def evicting(self, state_key: str, build: Callable[[], Snapshot | None]) -> None:
+        """The window leaves the table: its last change, if not yet snapshotted, is kept as its final
+        snapshot (`build`), handed over at the next run before any other."""
+        waiting = self.waiting.pop(state_key, _ABSENT) is not _ABSENT
+        if (self.retrying.pop(state_key, _ABSENT) is not _ABSENT or waiting) and (snapshot := build()):
+            self.finals[state_key] = snapshot
+        self._keys.pop(state_key, None)  # after `build`, which remembers it
+        if state_key in self._latest:  # its latest snapshot holds its last value: sent again if it fails
+            self._evicted.add(state_key)
+
+    def forget_keys(self) -> None:
+        """Drop what is remembered of each window (the budgets changed)."""
+        self._keys.clear()
+
+    def window_key(self, state_key: str, budget: Budget, key: str, window_start: Any) -> WindowKey:
+        """The window's Kafka key, partition and JSON head, remembered while its budget is the same object.
+
+        `window_start` matters to the Kafka key of a calendar window only, whose start is fixed:
+        a rolling or session window's key leaves it out (`usage_kafka_key`).
+        """
+        known = self._keys.get(state_key)
+        if known is not None and known.budget is budget:
+            return known
+        scope = budget.scope_name
+        kafka_key = usage_kafka_key(scope, key, budget.id, budget.window, window_start).encode()
+        head = usage_head(budget.id, scope, key, budget.metric, budget.window)
+        made = WindowKey(budget, kafka_key, key_partition(kafka_key, self.partitions), head)
+        if known is not None or len(self._keys) < SNAPSHOT_KEYS_KEPT:
+            self._keys[state_key] = made
+        return made
+
+    def snapshot(self, state_key: str, window: WindowKey, value: bytes) -> Snapshot:
+        """A numbered snapshot record of the window (later ones settle what earlier ones failed to)."""
+        self._taken += 1
+        self._latest[state_key] = self._taken
+        self._evicted.discard(state_key)
+        return Snapshot(state_key, window.kafka_key, window.partition, value, self._taken)
+
+    def take_finals(self) -> list[Snapshot]:
+        """Evicted windows' last snapshots, to hand over before the run's others (a window's older
+        record, if one is still queued, is in an earlier batch of the same partition)."""
+        finals, self.finals = list(self.finals.values()), {}
+        return finals
+
+    def crowded(self) -> bool:
+        """Whether some partition has too many batches queued: the run's rest waits for the next run."""
+        return self.batches.crowded()
+
+    def write(self, snapshots: list[Snapshot]) -> None:
+        """Queue the snapshots in their partitions' record batches, in order; a failed batch's
+        windows are snapshotted again (`_settle`). Never waits.
+
+        Raises what the producer raised when it could not take a batch (not ready, stopping):
+        those snapshots and the ones after them are settled as failed, so retried.
+        """
+        by_partition: dict[int, list[Snapshot]] = {}
+        max_bytes = int(self.app.conf.producer_max_request_size)
+        for snapshot in snapshots:
+            size = len(snapshot.kafka_key) + len(snapshot.value)
+            if size > max_bytes - RECORD_OVERHEAD_BYTES and not self._fits(snapshot, max_bytes):
+                continue
+            by_partition.setdefault(snapshot.partition, []).append(snapshot)
+        groups = list(by_partition.items())
+        for index, (partition, group) in enumerate(groups):
+            try:
+                delivered = self.batches.append(
+                    self.topic, partition, [(snapshot.kafka_key, snapshot.value) for snapshot in group]
+                )
+            except Exception as exc:
+                for _, untaken in groups[index:]:
+                    self._settle(untaken, exc)
+                raise
+            outcome = asyncio.gather(*delivered, return_exceptions=True)
+            outcome.add_done_callback(lambda done, group=group: self._settle(group, _failure(done)))
+
+    def _fits(self, snapshot: Snapshot, max_bytes: int) -> bool:
+        """Whether the record is within the producer's max request size; a larger one can never be
+        written: logged with its key and counted, not retried."""
+        try:
+            check_size(self.topic, snapshot.kafka_key, snapshot.value, max_bytes)
+        except MessageSizeTooLargeError as exc:
+            self.too_large += 1
+            self._latest.pop(snapshot.state_key, None)
+            logger.error("budget usage snapshot of %r not written: %s", snapshot.state_key, exc)
+            return False
+        return True
+
+    def _settle(self, group: list[Snapshot], failure: BaseException | None) -> None:
+        """After a batch: delivered, each window's latest snapshot is done; failed, each window whose
+        latest snapshot this was gets another (a live one from its current totals at the next run,
+        one this worker evicted these bytes again). A window that left otherwise (its partition
+        moved to another worker, whose snapshots may be newer) gets none from this worker."""
+        if failure is not None:
+            self.failed += len(group)
+            logger.warning(
+                "%d budget usage snapshots not delivered, retried at the next run (but for windows whose"
+                " partition moved to another worker): %r",
+                len(group),
+                failure,
+            )
+        for snapshot in group:
+            state_key = snapshot.state_key
+            if self._latest.get(state_key) != snapshot.taken:
+                continue  # a later snapshot of the window was taken: it settles the window
+            if failure is not None and self.live(state_key):
+                self.retrying[state_key] = None
+            elif failure is not None and state_key in self._evicted:  # these bytes are its last value
+                self.finals[state_key] = snapshot
+            else:
+                del self._latest[state_key]
+                self._evicted.discard(state_key)
+
+
+def _failure(done: asyncio.Future[list[Any]]) -> BaseException | None:
+    """The first failure among a gathered group of delivery futures, or None if all were delivered."""
+    if done.cancelled():
+        return asyncio.CancelledError()
+    return next((result for result in done.result() if isinstance(result, BaseException)), None)
+
+
+#: `dict.pop`'s default for a window not waiting.
+_ABSENT = object()
