@@ -368,7 +368,7 @@ PROFILE_PARTS = [
     ("  encoding (take_records)", "TableChanges.take_records (stream/changelog.py"),
     ("  encoding (_encoded)", "_encoded (stream/changelog.py"),
     ("  into record batches (TableChanges._hand_over)", "TableChanges._hand_over (stream/changelog.py"),
-    ("batch hand-over, changelog + snapshots (ChangelogBatches._hand_over)", "ChangelogBatches._hand_over ("),
+    ("batch hand-over, changelog + snapshots (RecordBatches._hand_over)", "RecordBatches._hand_over ("),
     ("snapshot timer (_snapshot)", "BudgetJob._snapshot (stream/app.py"),
     ("  building one (_usage_snapshot)", "BudgetJob._usage_snapshot (stream/app.py"),
     ("  into record batches (UsageSnapshots.write)", "UsageSnapshots.write (stream/snapshots.py"),

@@ -3,7 +3,7 @@
 The snapshot timer (`BudgetJob._snapshot`) writes one `budget_usage` record per changed window
 every few seconds: tens of thousands per run under load. Each used to cost a `producer.send`
 (a coroutine, a future and the accumulator's checks) and a murmur2 hash of its key; now the
-records go into aiokafka record batches through the changelog's `ChangelogBatches` (queued per
+records go into aiokafka record batches through `stream/record_batches.py:RecordBatches` (queued per
 partition, handed over in order, one delivery future per batch), and what a window's records
 share from run to run (its Kafka key, partition and the JSON up to its bounds) is remembered.
 
@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 from aiokafka.errors import MessageSizeTooLargeError
 from burnguard.contracts.budgets import Budget
 from burnguard.contracts.snapshots import usage_head, usage_kafka_key
-from burnguard.stream.changelog import RECORD_OVERHEAD_BYTES, ChangelogBatches, check_size
 from burnguard.stream.partitioner import key_partition
+from burnguard.stream.record_batches import RECORD_OVERHEAD_BYTES, RecordBatches, check_size
 from faust.types import AppT
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class UsageSnapshots:
         self.partitions = partitions
         self.live = live
         #: a failed batch stops nothing: its windows are snapshotted again (`_settle`)
-        self.batches = ChangelogBatches(app, stop_on_failure=False)
+        self.batches = RecordBatches(app, stop_on_failure=False)
         #: changed windows not yet snapshotted, oldest first change first (a dict as an ordered set;
         #: stage 2 adds to it on every delta, so it is a plain dict, not a method)
         self.waiting: dict[str, None] = {}

@@ -13,7 +13,7 @@ import faust
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.stream import changelog
+from burnguard.stream import changelog, record_batches
 from burnguard.stream.accounting import WindowTotals
 from burnguard.stream.app import BudgetJob
 from burnguard.stream.changelog import ChangelogWriteFailed, TableChanges, _encoder, encode
@@ -456,7 +456,7 @@ async def a_write_behind_too_many_batches(bootstrap: str, app_id: str) -> tuple[
     """A write that fills more than `MAX_QUEUED_BATCHES` small batches, then a one-key write."""
     options = {"producer_max_batch_size": 2048}
     async with changes_on_the_broker(bootstrap, app_id, **options) as (_app, totals, changes):
-        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+        for index in range(30 * record_batches.MAX_QUEUED_BATCHES):
             changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
         changes.processed(USAGE_TP, 0)
         await changes.write()
@@ -479,7 +479,7 @@ def test_a_write_waits_while_a_partition_has_too_many_batches_queued(kafka_broke
 
 async def write_many_small_batches(totals: Any, changes: Any, may_write: Any = None) -> None:
     """One write of enough keys to fill many 2 KiB batches of a partition (more than can be queued)."""
-    for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+    for index in range(30 * record_batches.MAX_QUEUED_BATCHES):
         changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
     changes.processed(USAGE_TP, 0)
     await (changes.write() if may_write is None else changes.write(may_write))
@@ -497,7 +497,7 @@ async def delivery_after_the_producer_stops(bootstrap: str, app_id: str) -> obje
     """A write that fills several small batches, the producer stopped at once, then the wait for delivery.
 
     The first batch is in the producer's accumulator, the others queued behind it
-    (`ChangelogBatches`): the stop comes while the hand-over waits for a drain.
+    (`RecordBatches`): the stop comes while the hand-over waits for a drain.
     """
     options = {"producer_max_batch_size": 2048}
     async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
@@ -645,7 +645,7 @@ async def cover_right_after_a_producer_flush(bootstrap: str, app_id: str) -> tup
     the cover then, the records landed then, the cover once every batch is delivered."""
     options = {"producer_max_batch_size": 2048}
     async with changes_on_the_broker(bootstrap, app_id, **options) as (app, totals, changes):
-        for index in range(30 * changelog.MAX_QUEUED_BATCHES):
+        for index in range(30 * record_batches.MAX_QUEUED_BATCHES):
             changes.set(totals, f"filler-{index}", {"pad": "x" * 100})
         changes.processed(USAGE_TP, 0)
         await changes.write()
@@ -661,6 +661,8 @@ def test_a_producer_flush_misses_queued_batches_and_the_cover_never_counts_them(
     app_id = f"changelog-flush-{time.monotonic_ns()}"
     kafka_broker.create_topic(f"{app_id}-totals-changelog", partitions=1)  # type: ignore[attr-defined]
     cover, landed, delivered = asyncio.run(cover_right_after_a_producer_flush(kafka_broker.bootstrap, app_id))  # type: ignore[attr-defined]
-    assert landed < 30 * changelog.MAX_QUEUED_BATCHES, "the flush waited for every queued batch after all"
+    assert landed < 30 * record_batches.MAX_QUEUED_BATCHES, (
+        "the flush waited for every queued batch after all"
+    )
     assert cover == {}, f"covered after a flush while {landed} of the write's records had landed: {cover}"
     assert delivered == {USAGE_TP: 1}

@@ -1,6 +1,6 @@
 """Budget usage snapshots handed over as record batches: none silently lost, a key's in order.
 
-The snapshot timer queues its records in `ChangelogBatches` (stream/snapshots.py) and does not
+The snapshot timer queues its records in `RecordBatches` (stream/snapshots.py) and does not
 wait for them. A batch that fails (the broker refuses it, the producer cannot take it) has its
 windows snapshotted again at the next run from their current totals; an evicted window keeps the
 failed record as its last snapshot, unless a later one of it was taken. These tests hold that on
@@ -25,7 +25,7 @@ from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.stream.accounting import window_lengths
 from burnguard.stream.app import BudgetJob, SnapshotRun
-from burnguard.stream.changelog import ChangelogWriteFailed
+from burnguard.stream.record_batches import RecordBatchFailed
 from burnguard.stream.records import DeltaRow
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.snapshots import UsageSnapshots, WindowKey
@@ -146,7 +146,7 @@ def test_a_keys_snapshots_land_in_its_partition_in_the_order_they_were_taken(kaf
 
 
 class ControlledBatches:
-    """Stands in for the snapshots' `ChangelogBatches`: what was appended, and delivery futures the
+    """Stands in for the snapshots' `RecordBatches`: what was appended, and delivery futures the
     test settles (`deliver`, `refuse`); `refuse_appends` makes `append` raise as a stopping producer."""
 
     def __init__(self) -> None:
@@ -215,7 +215,7 @@ def test_a_failed_snapshot_is_taken_again_from_the_current_totals(job: BudgetJob
         spend(job, "daily", "acme", 1.0, 1)
         spend(job, "daily", "globex", 0.25, 2)
         await job._snapshot()
-        await settled(batches, ChangelogWriteFailed("refused"))
+        await settled(batches, RecordBatchFailed("refused"))
         spend(job, "daily", "acme", 0.5, 3)  # changed again before the retry
         spend(job, "daily", "initech", 2.0, 4)
         await job._snapshot()
@@ -237,7 +237,7 @@ def test_an_evicted_windows_failed_snapshot_is_sent_again_as_it_was(job: BudgetJ
         await job._snapshot()
         del job.totals.data[state_key]  # evicted while its snapshot is in flight (not waiting: no final)
         job.snapshots.evicting(state_key, lambda: None)
-        await settled(batches, ChangelogWriteFailed("refused"))
+        await settled(batches, RecordBatchFailed("refused"))
         assert set(job.snapshots.finals) == {state_key}
         await job._snapshot()
         await settled(batches)
@@ -261,7 +261,7 @@ def test_an_earlier_failure_never_overwrites_a_later_snapshot(job: BudgetJob) ->
         second.set_result(None)
         del job.totals.data[state_key]  # evicted (snapshot 2 was its last change: no final)
         job.snapshots.evicting(state_key, lambda: None)
-        first.set_exception(ChangelogWriteFailed("refused late"))
+        first.set_exception(RecordBatchFailed("refused late"))
         for _ in range(3):
             await asyncio.sleep(0)
         await job._snapshot()
@@ -322,7 +322,7 @@ def test_a_window_whose_partition_moved_away_is_not_sent_again(job: BudgetJob) -
         state_key = spend(job, "daily", "acme", 1.0, 1)
         await job._snapshot()
         del job.totals.data[state_key]  # revoked: gone from this worker's table, not evicted
-        await settled(batches, ChangelogWriteFailed("refused"))
+        await settled(batches, RecordBatchFailed("refused"))
         await job._snapshot()
 
     asyncio.run(scenario())
