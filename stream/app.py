@@ -1329,7 +1329,8 @@ class BudgetJob:
             if snapshots.crowded():  # the broker does not keep up: the rest waits for the next run
                 snapshots.put_back(pending[first:])
                 return
-            built = snapshots.take_finals() + self._snapshots_of(pending[first : first + SNAPSHOT_SLICE], run)
+            claimed = snapshots.claim(pending[first : first + SNAPSHOT_SLICE])
+            built = snapshots.take_finals() + self._snapshots_of(claimed, run)
             try:
                 snapshots.write(built)
             except Exception as exc:  # not taken (the producer is stopping?): retried at the next run

@@ -93,17 +93,29 @@ class UsageSnapshots:
         self.too_large = 0
 
     def take(self, limit: int) -> list[str]:
-        """Up to `limit` windows to snapshot now: the retried ones first, then the oldest changes."""
+        """Up to `limit` windows to snapshot in this run: the retried ones first, then the oldest changes.
+
+        They stay in line until their slice `claim`s them: the timer pauses between slices, and
+        an eviction (or a revoke) meanwhile must still find a window waiting.
+        """
         candidates = dict.fromkeys([*islice(self.retrying, limit), *islice(self.waiting, limit)])
-        keys = list(islice(candidates, limit))
-        for state_key in keys:
-            self.retrying.pop(state_key, None)
-            self.waiting.pop(state_key, None)
-        return keys
+        return list(islice(candidates, limit))
+
+    def claim(self, state_keys: Iterable[str]) -> list[str]:
+        """Of the windows `take` gave, those still in line (not evicted nor moved away since), out of
+        line: they are snapshotted now."""
+        claimed = []
+        for state_key in state_keys:
+            retrying = self.retrying.pop(state_key, _ABSENT) is not _ABSENT
+            if self.waiting.pop(state_key, _ABSENT) is not _ABSENT or retrying:
+                claimed.append(state_key)
+        return claimed
 
     def put_back(self, state_keys: Iterable[str]) -> None:
-        """Windows taken but not snapshotted in this run: first in line at the next one."""
-        self.retrying.update(dict.fromkeys(state_keys))
+        """Windows taken but not claimed in this run (if still in line): first in line at the next one."""
+        for state_key in state_keys:
+            if self.waiting.pop(state_key, _ABSENT) is not _ABSENT or state_key in self.retrying:
+                self.retrying[state_key] = None
 
     def evicting(self, state_key: str, build: Callable[[], Snapshot | None]) -> None:
         """The window leaves the table: its last change, if not yet snapshotted, is kept as its final

@@ -23,6 +23,7 @@ import faust
 import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.snapshots import BudgetUsage
+from burnguard.stream import app as app_module
 from burnguard.stream.accounting import window_lengths
 from burnguard.stream.app import BudgetJob, SnapshotRun
 from burnguard.stream.record_batches import RecordBatchFailed
@@ -78,7 +79,7 @@ async def a_refused_batch(bootstrap: str, topic: str) -> tuple[UsageSnapshots, l
         ]
         snapshots.write(first)
         await until(lambda: snapshots.failed == 2)
-        retried = snapshots.take(10)
+        retried = snapshots.claim(snapshots.take(10))
         second = [
             snapshots.snapshot(key, window(key.split("|")[1].encode()), b'{"spent":2}') for key in retried
         ]
@@ -328,3 +329,34 @@ def test_a_window_whose_partition_moved_away_is_not_sent_again(job: BudgetJob) -
     asyncio.run(scenario())
     assert [spent_in(value) for value in batches.values()] == [1.0]
     assert not job.snapshots.finals and not job.snapshots.retrying and not job.snapshots._latest
+
+
+def test_a_window_evicted_between_the_slices_of_a_run_still_gets_its_last_change_written(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep runs in the timer's pauses: a window taken for a later slice of the run and evicted
+    meanwhile was neither waiting (no final snapshot) nor in the table at its slice: its last change
+    was never written."""
+    monkeypatch.setattr(app_module, "SNAPSHOT_SLICE", 1)
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+    append = batches.append
+
+    async def scenario() -> None:
+        spend(job, "daily", "acme", 1.0, 1)
+        evicted = spend(job, "daily", "globex", 0.5, 2)
+
+        def sweep_in_the_pause(topic: str, partition: int, records: Any) -> list[asyncio.Future[None]]:
+            if not batches.appended:  # the first slice's write: the sweep runs in the pause after it
+                run = SnapshotRun(datetime.now(UTC))
+                job.snapshots.evicting(evicted, partial(job._usage_snapshot, evicted, run))
+                del job.totals.data[evicted]
+            return append(topic, partition, records)
+
+        batches.append = sweep_in_the_pause  # type: ignore[method-assign]
+        await job._snapshot()
+        await job._snapshot()
+        await settled(batches)
+
+    asyncio.run(scenario())
+    assert sorted(spent_in(value) for value in batches.values()) == [0.5, 1.0]
+    assert not job.snapshots.finals and not job.snapshots._latest
