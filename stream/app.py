@@ -41,7 +41,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -868,21 +868,48 @@ class BudgetJob:
         reads last. Nothing is written; with changes pending, the stores hold
         what no changelog does, so the worker stops (`PartitionsLost`) and
         its successor recovers from the changelogs and replays.
+
+        The revoked windows' budget usage snapshots go out here too, and none
+        after (`_snapshot_leaving`): this worker's totals of them go stale.
         """
+        gone = self._windows_of(revoked)
         if revoked and membership_lost(self.app.consumer):
+            self.snapshots.disown(gone)
             if self.changes.pending():
                 raise PartitionsLost(
                     f"expelled from the group with table changes pending ({len(revoked)} partitions)"
                 )
             logger.warning("expelled from the group: partitions lost, nothing pending")
         else:
+            self._snapshot_leaving(gone)
             await self._write_changes(flushed=True)
+            self.snapshots.disown(gone)
             if self.changes.pending():  # the stall guard held the write back: expelled after all
                 raise PartitionsLost(f"table changes pending and not written ({len(revoked)} partitions)")
         self.changes.forget(revoked)
         reads = in_order_reads(self.app.consumer)
         for tp in revoked:
             reads.written.pop(tp, None)
+
+    def _windows_of(self, revoked: set[Any]) -> Callable[[str], bool]:
+        """Whether a window state key belongs to one of the revoked usage partitions."""
+        partitions = {tp.partition for tp in revoked if tp.topic == self.settings.topics.usage}
+        count = self.settings.partitions
+        return lambda state_key: (
+            bool(partitions) and usage_partition(state_key.rsplit("|", 1)[0], count) in partitions
+        )
+
+    def _snapshot_leaving(self, gone: Callable[[str], bool]) -> None:
+        """Hand over the snapshots the revoked windows wait for (and evicted windows' last ones) now:
+        after the revoke the new owner's may be newer (`UsageSnapshots.leaving`)."""
+        leaving = self.snapshots.leaving(gone)
+        built = self.snapshots.take_finals() + self._snapshots_of(leaving, SnapshotRun(_now()))
+        try:
+            self.snapshots.write(built)
+        except Exception as exc:  # the revoke goes on: the new owner snapshots them when they change
+            logger.warning(
+                "%d budget usage snapshots of revoked partitions not handed over: %r", len(built), exc
+            )
 
     async def _on_shutdown(self, app: Any, **kwargs: Any) -> None:
         """On a clean stop, write what is pending, flush it and commit what it covers.

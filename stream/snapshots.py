@@ -117,6 +117,25 @@ class UsageSnapshots:
             if self.waiting.pop(state_key, _ABSENT) is not _ABSENT or state_key in self.retrying:
                 self.retrying[state_key] = None
 
+    def leaving(self, gone: Callable[[str], bool]) -> list[str]:
+        """The windows in line whose partition is being revoked (`gone`), out of line: snapshotted at
+        the revoke, while the next owner does not read yet; later this worker's totals of them
+        (Faust's memory store keeps them) could be older than the new owner's."""
+        return self.claim(
+            [state_key for state_key in dict.fromkeys([*self.retrying, *self.waiting]) if gone(state_key)]
+        )
+
+    def disown(self, gone: Callable[[str], bool]) -> None:
+        """Forget the windows whose partition moved away (`gone`): none is snapshotted again by this
+        worker, a failed snapshot of theirs included. Not the windows this worker evicted: their
+        failed last snapshot is their last value (no owner holds them any more)."""
+        for state_key in [state_key for state_key in self._latest if gone(state_key)]:
+            if state_key not in self._evicted:
+                del self._latest[state_key]
+        for line in (self.retrying, self.waiting, self._keys):
+            for state_key in [state_key for state_key in line if gone(state_key)]:
+                del line[state_key]
+
     def evicting(self, state_key: str, build: Callable[[], Snapshot | None]) -> None:
         """The window leaves the table: its last change, if not yet snapshotted, is kept as its final
         snapshot (`build`), handed over at the next run before any other."""

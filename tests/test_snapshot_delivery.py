@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -31,6 +31,7 @@ from burnguard.stream.records import DeltaRow
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.snapshots import UsageSnapshots, WindowKey
 from faust.exceptions import NotReady
+from faust.types import TP
 from kafka import KafkaConsumer, TopicPartition
 
 from tests.factories import budget, budgets_yaml
@@ -360,3 +361,42 @@ def test_a_window_evicted_between_the_slices_of_a_run_still_gets_its_last_change
     asyncio.run(scenario())
     assert sorted(spent_in(value) for value in batches.values()) == [0.5, 1.0]
     assert not job.snapshots.finals and not job.snapshots._latest
+
+
+def revoke_every_partition(job: BudgetJob, monkeypatch: pytest.MonkeyPatch) -> Awaitable[None]:
+    """`_on_revoked` of every usage partition, its changelog write left out (no producer here)."""
+
+    async def written(flushed: bool = False) -> None:
+        job.changes.take_records()
+
+    monkeypatch.setattr(job, "_write_changes", written)
+    monkeypatch.setattr(app_module, "membership_lost", lambda consumer: False)
+    usage = job.settings.topics.usage
+    return job._on_revoked(job.app, {TP(usage, partition) for partition in range(job.settings.partitions)})
+
+
+def test_a_revoked_partitions_windows_are_snapshotted_at_the_revoke_and_never_after(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faust's memory store keeps a revoked partition's keys: this worker's totals of them stop
+    where the new owner's go on. A snapshot from them after the revoke (a retry of a failed one,
+    or a change still waiting) can land after the new owner's newer one; before the revoke ends
+    (the new owner does not read yet) it is the latest value."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        spend(job, "daily", "acme", 1.0, 1)
+        await job._snapshot()  # 1.0 in flight
+        spend(job, "daily", "acme", 0.5, 2)  # 1.5 waiting
+        spend(job, "daily", "globex", 0.25, 3)  # 0.25 waiting
+        await revoke_every_partition(job, monkeypatch)
+        assert sorted(spent_in(value) for value in batches.values()) == [0.25, 1.0, 1.5], (
+            "the revoked windows' waiting changes were not handed over at the revoke"
+        )
+        await settled(batches, RecordBatchFailed("refused"))
+        await job._snapshot()
+        await job._snapshot()
+
+    asyncio.run(scenario())
+    assert len(batches.values()) == 3, f"sent from a revoked partition's table: {batches.values()}"
+    assert not job.snapshots.retrying and not job.snapshots.waiting and not job.snapshots._latest
