@@ -99,6 +99,7 @@ from burnguard.stream.policy import (
     window_bounds,
     window_spent,
 )
+from burnguard.stream.record_batches import HELD_BACK
 from burnguard.stream.records import (
     BATCH,
     BATCHES,
@@ -316,6 +317,8 @@ class BudgetJob:
         self.snapshots = UsageSnapshots(
             self.app, settings.topics.budget_usage, settings.partitions, self._window_held
         )
+        #: their queued batches wait for round trips: a worker expelled meanwhile hands none over
+        self.snapshots.batches.may_hand_over = self.stall_guard.still_member
         self.usage_records = PendingRecords(self.app)
         self._declare_topics()
         self._declare_tables()
@@ -1355,6 +1358,10 @@ class BudgetJob:
                 await asyncio.sleep(SNAPSHOT_PAUSE_S)
             if snapshots.crowded():  # the broker does not keep up: the rest waits for the next run
                 snapshots.put_back(pending[first:])
+                return
+            if not await self.stall_guard.still_member():  # the revoke that follows forgets them
+                snapshots.put_back(pending[first:])
+                logger.warning("budget usage snapshots held back: %s", HELD_BACK)
                 return
             claimed = snapshots.claim(pending[first : first + SNAPSHOT_SLICE])
             built = snapshots.take_finals() + self._snapshots_of(claimed, run)

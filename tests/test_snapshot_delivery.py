@@ -400,3 +400,27 @@ def test_a_revoked_partitions_windows_are_snapshotted_at_the_revoke_and_never_af
     asyncio.run(scenario())
     assert len(batches.values()) == 3, f"sent from a revoked partition's table: {batches.values()}"
     assert not job.snapshots.retrying and not job.snapshots.waiting and not job.snapshots._latest
+
+
+def test_a_worker_the_stall_guard_holds_back_hands_over_no_snapshot(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Resumed after a stall past its session, the worker is expelled before it knows: its snapshots
+    (from totals the new owner has moved past) would land after the new owner's. Its batches queued
+    meanwhile are asked too, as the changelog's are."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+
+    async def expelled() -> bool:
+        return False
+
+    monkeypatch.setattr(job.stall_guard, "still_member", expelled)
+
+    async def scenario() -> None:
+        spend(job, "daily", "acme", 1.0, 1)
+        await job._snapshot()
+
+    asyncio.run(scenario())
+    assert not batches.appended, "a snapshot handed over after the stall guard said no"
+    settings = StreamSettings(data_dir=tmp_path / "other", app_id=f"snapshot-guard-{tmp_path.name}")
+    other = BudgetJob(settings, parse_budget_yaml(BUDGETS))
+    assert other.snapshots.batches.may_hand_over == other.stall_guard.still_member
