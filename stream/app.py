@@ -282,7 +282,6 @@ class BudgetJob:
         #: action -> [signals published since the last summary, the latest one's key] (`_log_signals`)
         self._signals_unlogged: dict[str, list[Any]] = {}
         self._budgets = {budget.id: budget for budget in config.budgets}
-        self._snapshot_everything = True  # after a (re)start `snapshots.waiting` is empty
         self.lifetimes = Lifetimes.of(settings.allowed_lateness, settings.session_idle)
         #: the latest trusted event time stage 1 decoded: a sweep's clock when ahead of the wall's
         self._latest_event_ns = 0
@@ -327,6 +326,7 @@ class BudgetJob:
         self.rewind = RewindAfterRecovery(self.app, [topics.spans, topics.usage], [topics.usage])
         self.app.sensors.add(self.rewind)
         self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_rebalance_complete.connect(self._on_rebalance_complete)
         self.app.on_before_shutdown.connect(self._on_shutdown)
         self.app.sensors.add(_AfterRebalance(self))
 
@@ -894,6 +894,22 @@ class BudgetJob:
         for tp in revoked:
             reads.written.pop(tp, None)
 
+    async def _on_rebalance_complete(self, app: Any, **kwargs: Any) -> None:
+        """After a (re)start or a rebalance, once the tables are recovered: every window of the
+        assigned partitions waits for a snapshot. Its last one may have failed at its previous owner
+        (which no longer retries it), or never been taken (a crash). Not the windows the memory store
+        holds for other partitions (standby copies, revoked ones): their owner snapshots them."""
+        usage = self.settings.topics.usage
+        partitions = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == usage}
+        owned = {
+            state_key: None
+            for state_key, stored in list(_plain(self.totals).items())
+            if stored
+            and is_window_key(state_key)
+            and usage_partition(state_key.rsplit("|", 1)[0], self.settings.partitions) in partitions
+        }
+        self.snapshots.waiting.update(owned)
+
     def _windows_of(self, revoked: set[Any]) -> Callable[[str], bool]:
         """Whether a window state key belongs to one of the revoked usage partitions."""
         partitions = {tp.partition for tp in revoked if tp.topic == self.settings.topics.usage}
@@ -1332,7 +1348,7 @@ class BudgetJob:
         return {key for key in keys if key.split("|", 1)[0] in budget_ids}
 
     async def _snapshot(self) -> None:
-        """Publish the totals of windows changed since their last snapshot (all, after a start).
+        """Publish the totals of windows changed since their last snapshot (all owned, after a rebalance).
 
         At most `SNAPSHOT_MAX_PER_RUN` per run, evicted windows' last snapshots and
         failed ones first, then the oldest change first, in slices with pauses
@@ -1341,11 +1357,6 @@ class BudgetJob:
         the timer never waits for the broker, and a failed snapshot is taken again.
         """
         snapshots = self.snapshots
-        if self._snapshot_everything:
-            snapshots.waiting = dict.fromkeys(
-                key for key, value in list(self.totals.items()) if value and is_window_key(key)
-            )
-            self._snapshot_everything = False
         if self.replayed_deltas != self._replays_logged:
             self._replays_logged = self.replayed_deltas
             logger.info("%d replayed deltas recognised and not counted again", self.replayed_deltas)

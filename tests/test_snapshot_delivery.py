@@ -26,6 +26,7 @@ from burnguard.contracts.snapshots import BudgetUsage
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import window_lengths
 from burnguard.stream.app import BudgetJob, SnapshotRun
+from burnguard.stream.partitioner import usage_partition
 from burnguard.stream.record_batches import RecordBatchFailed
 from burnguard.stream.records import DeltaRow
 from burnguard.stream.settings import StreamSettings
@@ -182,7 +183,6 @@ BUDGETS = budgets_yaml(budget("daily", 5.0, window="day"), budget("rolling", 2.0
 def job(tmp_path: Path) -> BudgetJob:
     settings = StreamSettings(data_dir=tmp_path / "stream", app_id=f"snapshot-delivery-{tmp_path.name}")
     job = BudgetJob(settings, parse_budget_yaml(BUDGETS))
-    job._snapshot_everything = False
     job.snapshots.batches = ControlledBatches()  # type: ignore[assignment]
     return job
 
@@ -424,3 +424,33 @@ def test_a_worker_the_stall_guard_holds_back_hands_over_no_snapshot(
     settings = StreamSettings(data_dir=tmp_path / "other", app_id=f"snapshot-guard-{tmp_path.name}")
     other = BudgetJob(settings, parse_budget_yaml(BUDGETS))
     assert other.snapshots.batches.may_hand_over == other.stall_guard.still_member
+
+
+def test_after_a_rebalance_every_window_of_the_assigned_partitions_is_snapshotted_and_no_other(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that gains a partition recovers its windows: one whose last snapshot failed at the
+    previous owner (which no longer retries it) was never written. Before, only a (re)start's first
+    run snapshotted the table, all of it: standby copies of other workers' partitions (possibly
+    behind their owner's) included, and none recovered after that run."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+    usage, partitions = job.settings.topics.usage, job.settings.partitions
+    owned = spend(job, "daily", "acme", 1.0, 1)
+    standby = next(
+        state_key
+        for offset, key in enumerate(("globex", "initech", "umbrella", "hooli", "stark"), 2)
+        if usage_partition((state_key := spend(job, "daily", key, 0.5, offset)).rsplit("|", 1)[0], partitions)
+        != usage_partition(owned.rsplit("|", 1)[0], partitions)
+    )
+    job.snapshots.waiting.clear()  # recovered from the changelog: nothing waits yet
+    assigned = {TP(usage, usage_partition(owned.rsplit("|", 1)[0], partitions))}
+    monkeypatch.setattr(job.app.consumer, "assignment", lambda: assigned)
+
+    async def scenario() -> None:
+        await job.app.on_rebalance_complete.send()
+        await job._snapshot()
+        await settled(batches)
+
+    asyncio.run(scenario())
+    values = [spent_in(value) for value in batches.values()]
+    assert values == [1.0], f"snapshotted {values}: owned {owned} (1.0), standby copy {standby} (0.5)"
