@@ -1394,7 +1394,9 @@ class BudgetJob:
                 self.agent_errors += 1
                 logger.exception("could not snapshot %r", state_key)
                 continue
-            if snapshot is not None:
+            if snapshot is None:
+                self.snapshots.nothing_to_take(state_key)
+            else:
                 built.append(snapshot)
         return built
 

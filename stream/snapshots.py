@@ -125,6 +125,12 @@ class UsageSnapshots:
             [state_key for state_key in dict.fromkeys([*self.retrying, *self.waiting]) if gone(state_key)]
         )
 
+    def nothing_to_take(self, state_key: str) -> None:
+        """The window has no snapshot to take (its budget removed, its totals emptied): a failed one
+        of it is not retried, and nothing of it is kept."""
+        self._latest.pop(state_key, None)
+        self._evicted.discard(state_key)
+
     def disown(self, gone: Callable[[str], bool]) -> None:
         """Forget the windows whose partition moved away (`gone`): none is snapshotted again by this
         worker, a failed snapshot of theirs included. Not the windows this worker evicted: their

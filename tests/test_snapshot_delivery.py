@@ -454,3 +454,20 @@ def test_after_a_rebalance_every_window_of_the_assigned_partitions_is_snapshotte
     asyncio.run(scenario())
     values = [spent_in(value) for value in batches.values()]
     assert values == [1.0], f"snapshotted {values}: owned {owned} (1.0), standby copy {standby} (0.5)"
+
+
+def test_a_failed_snapshot_of_a_window_with_nothing_left_to_snapshot_is_forgotten(job: BudgetJob) -> None:
+    """Its budget was removed before the retry: no snapshot is built, and nothing of the window may
+    stay behind (a worker whose budgets come and go would keep one entry per such window)."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        spend(job, "daily", "acme", 1.0, 1)
+        await job._snapshot()
+        job._budgets = {budget_id: b for budget_id, b in job._budgets.items() if budget_id != "daily"}
+        await settled(batches, RecordBatchFailed("refused"))
+        await job._snapshot()
+
+    asyncio.run(scenario())
+    assert [spent_in(value) for value in batches.values()] == [1.0]
+    assert not job.snapshots._latest and not job.snapshots.retrying, job.snapshots._latest
