@@ -925,9 +925,10 @@ class BudgetJob:
         built = self.snapshots.take_finals() + self._snapshots_of(leaving, SnapshotRun(_now()))
         try:
             self.snapshots.write(built)
-        except Exception as exc:  # the revoke goes on: the new owner snapshots them when they change
-            logger.warning(
-                "%d budget usage snapshots of revoked partitions not handed over: %r", len(built), exc
+        except Exception as exc:  # the revoke goes on: their next owner snapshots them after its recovery
+            level = logging.INFO if isinstance(exc, NotReady | ProducerClosed) else logging.WARNING
+            logger.log(
+                level, "%d budget usage snapshots of revoked partitions not handed over: %r", len(built), exc
             )
 
     async def _on_shutdown(self, app: Any, **kwargs: Any) -> None:
