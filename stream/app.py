@@ -884,8 +884,10 @@ class BudgetJob:
                 )
             logger.warning("expelled from the group: partitions lost, nothing pending")
         else:
-            self._snapshot_leaving(gone)
+            leaving = self._snapshot_leaving(gone)
             await self._write_changes(flushed=True)
+            if leaving:  # handed over and settled before the new owner reads (their batches may queue)
+                await asyncio.wait(leaving)
             self.snapshots.disown(gone)
             if self.changes.pending():  # the stall guard held the write back: expelled after all
                 raise PartitionsLost(f"table changes pending and not written ({len(revoked)} partitions)")
@@ -918,18 +920,20 @@ class BudgetJob:
             bool(partitions) and usage_partition(state_key.rsplit("|", 1)[0], count) in partitions
         )
 
-    def _snapshot_leaving(self, gone: Callable[[str], bool]) -> None:
+    def _snapshot_leaving(self, gone: Callable[[str], bool]) -> list[asyncio.Future[Any]]:
         """Hand over the snapshots the revoked windows wait for (and evicted windows' last ones) now:
-        after the revoke the new owner's may be newer (`UsageSnapshots.leaving`)."""
+        after the revoke the new owner's may be newer (`UsageSnapshots.leaving`). Their outcomes,
+        to wait for."""
         leaving = self.snapshots.leaving(gone)
         built = self.snapshots.take_finals() + self._snapshots_of(leaving, SnapshotRun(_now()))
         try:
-            self.snapshots.write(built)
+            return self.snapshots.write(built)
         except Exception as exc:  # the revoke goes on: their next owner snapshots them after its recovery
             level = logging.INFO if isinstance(exc, NotReady | ProducerClosed) else logging.WARNING
             logger.log(
                 level, "%d budget usage snapshots of revoked partitions not handed over: %r", len(built), exc
             )
+        return []
 
     async def _on_shutdown(self, app: Any, **kwargs: Any) -> None:
         """On a clean stop, write what is pending, flush it and commit what it covers.

@@ -190,9 +190,10 @@ class UsageSnapshots:
         """Whether some partition has too many batches queued: the run's rest waits for the next run."""
         return self.batches.crowded()
 
-    def write(self, snapshots: list[Snapshot]) -> None:
+    def write(self, snapshots: list[Snapshot]) -> list[asyncio.Future[Any]]:
         """Queue the snapshots in their partitions' record batches, in order; a failed batch's
-        windows are snapshotted again (`_settle`). Never waits.
+        windows are snapshotted again (`_settle`). Never waits; returns a future per partition's
+        records, done (never failed) once they are settled.
 
         Raises what the producer raised when it could not take a batch (not ready, stopping):
         those snapshots and the ones after them are settled as failed, so retried.
@@ -204,7 +205,7 @@ class UsageSnapshots:
             if size > max_bytes - RECORD_OVERHEAD_BYTES and not self._fits(snapshot, max_bytes):
                 continue
             by_partition.setdefault(snapshot.partition, []).append(snapshot)
-        groups = list(by_partition.items())
+        groups, outcomes = list(by_partition.items()), []
         for index, (partition, group) in enumerate(groups):
             try:
                 delivered = self.batches.append(
@@ -216,6 +217,8 @@ class UsageSnapshots:
                 raise
             outcome = asyncio.gather(*delivered, return_exceptions=True)
             outcome.add_done_callback(lambda done, group=group: self._settle(group, _failure(done)))
+            outcomes.append(outcome)
+        return outcomes
 
     def _fits(self, snapshot: Snapshot, max_bytes: int) -> bool:
         """Whether the record is within the producer's max request size; a larger one can never be

@@ -381,7 +381,8 @@ def test_a_revoked_partitions_windows_are_snapshotted_at_the_revoke_and_never_af
     """Faust's memory store keeps a revoked partition's keys: this worker's totals of them stop
     where the new owner's go on. A snapshot from them after the revoke (a retry of a failed one,
     or a change still waiting) can land after the new owner's newer one; before the revoke ends
-    (the new owner does not read yet) it is the latest value."""
+    (the new owner does not read yet) it is the latest value, and it is settled before the revoke
+    ends: queued behind earlier batches it could otherwise land after the new owner's."""
     batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
 
     async def scenario() -> None:
@@ -389,11 +390,14 @@ def test_a_revoked_partitions_windows_are_snapshotted_at_the_revoke_and_never_af
         await job._snapshot()  # 1.0 in flight
         spend(job, "daily", "acme", 0.5, 2)  # 1.5 waiting
         spend(job, "daily", "globex", 0.25, 3)  # 0.25 waiting
-        await revoke_every_partition(job, monkeypatch)
+        revoke = asyncio.ensure_future(revoke_every_partition(job, monkeypatch))
+        await asyncio.sleep(0.05)
         assert sorted(spent_in(value) for value in batches.values()) == [0.25, 1.0, 1.5], (
             "the revoked windows' waiting changes were not handed over at the revoke"
         )
+        assert not revoke.done(), "the revoke did not wait for its snapshots to be settled"
         await settled(batches, RecordBatchFailed("refused"))
+        await asyncio.wait_for(revoke, timeout=1)
         await job._snapshot()
         await job._snapshot()
 
