@@ -12,7 +12,9 @@ producer stopping, or not ready to take it) is not dropped: its window is snapsh
 the next run, from the totals then current, so a retry never writes an older value over a newer
 one. A window evicted since keeps the failed record's bytes as its last snapshot, unless a
 later snapshot of the same window was taken (that one settles it); a window whose partition
-moved to another worker is left to its new owner. The timer never waits for
+moved to another worker is snapshotted at the revoke if it waits for one (`leaving`), then left
+to its new owner (`disown`): Faust's memory store keeps its totals here, going stale. The stall
+guard is asked before each hand-over, as for the changelog. The timer never waits for
 the broker: while a partition has too many batches queued, the rest of the run waits, as window
 keys, for the next run. Failures are counted and logged, never silent.
 """
