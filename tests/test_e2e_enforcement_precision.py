@@ -42,6 +42,9 @@ def call_cost(model: str) -> float:
 
 
 def run_paced_app(pipeline: Pipeline, server: FakeOpenAI, calls: int) -> list[str]:
+    """Run the app beside a starting worker: it starts up meanwhile (its imports and guard take
+    longer than the worker's start) and makes its first call once the worker is ready."""
+    gate = pipeline.root / "worker-ready"
     env = {
         **pipeline.env,
         "OTEL_SERVICE_NAME": SERVICE,
@@ -52,17 +55,26 @@ def run_paced_app(pipeline: Pipeline, server: FakeOpenAI, calls: int) -> list[st
         "BURNGUARD_GUARD_WAIT_S": "10",
         "PACED_INPUT_TOKENS": str(INPUT_TOKENS),
         "PACED_OUTPUT_TOKENS": str(OUTPUT_TOKENS),
+        "PACED_START_FILE": str(gate),
     }
     env.pop("OTEL_BSP_SCHEDULE_DELAY", None)  # the default a user gets
-    done = subprocess.run(
+    app = subprocess.Popen(
         [str(INSTRUMENT), sys.executable, str(APP), str(calls), str(CALLS_PER_SECOND)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=calls / CALLS_PER_SECOND + 120,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout.splitlines()
+    try:
+        pipeline.start_worker()
+        gate.touch()
+        stdout, stderr = app.communicate(timeout=calls / CALLS_PER_SECOND + 120)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.communicate()
+    assert app.returncode == 0, stderr[-4000:]
+    return stdout.splitlines()
 
 
 @pytest.mark.slow
@@ -82,7 +94,6 @@ budgets:
       - {{at: 1.0, do: throttle}}
 """
     )
-    pipeline.start_worker()
     with FakeOpenAI() as server:
         lines = run_paced_app(pipeline, server, calls=600)
     models = server.models
