@@ -267,3 +267,46 @@ def test_rules_the_native_walk_cannot_apply_leave_the_python_decoder_in_charge(
     monkeypatch.setitem(otlp._SLOTS, "another.tenant", (index, otlp._STR, None))
     assert otlp.native_decoder() is None
     assert "native OTLP decoder not used" in caplog.text
+
+
+def genai_request() -> bytes:
+    """One resource with a tenant, one GenAI span: the native walk's simple case."""
+    tenant = field(1, attr.TENANT.encode()) + field(2, field(1, b"acme"))
+    operation = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    span = field(1, bytes(16)) + field(2, bytes(8)) + field(5, b"call") + field(9, operation)
+    return field(1, field(1, field(1, tenant)) + field(2, field(2, span)))
+
+
+class PanickingDecoder:
+    """A native decoder whose walk panics: PyO3 raises the panic as its `PanicException`."""
+
+    def decode(self, payload: bytes) -> Any:
+        from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
+
+        raise _otlp_native.PanicException("index out of bounds: the len is 3 but the index is 7")
+
+
+def test_a_panic_in_the_native_walk_is_logged_counted_and_the_reference_decodes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Rust panic reaches Python as `PanicException`, a BaseException: the stream's and the
+    sink's per-message `except Exception` would let it end the worker. The message is decoded
+    by the reference instead, and the failure is logged and counted."""
+    required_native_decoder()
+    payload = genai_request()
+    before = otlp.native_failures.count
+    expected = outcome(payload, None)
+    assert expected[0] == "decoded" and len(expected[1]) == 1
+    assert outcome(payload, PanickingDecoder()) == expected
+    assert otlp.native_failures.count == before + 1
+    assert "native OTLP decoder failed" in caplog.text and "index out of bounds" in caplog.text
+
+
+def test_a_bytearray_decodes_as_the_reference_does() -> None:
+    """The native walk takes `bytes` only; a bytearray (a buffer a caller reuses) is the
+    reference's to decode, not a failure of the native path."""
+    native = required_native_decoder()
+    payload = bytearray(genai_request())
+    before = otlp.native_failures.count
+    assert outcome(payload, native) == outcome(payload, None)
+    assert otlp.native_failures.count == before

@@ -12,6 +12,7 @@ mod wire;
 
 use std::collections::HashMap;
 
+use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
@@ -431,7 +432,10 @@ fn positions_of(positions: &HashMap<String, usize>, fields: usize) -> PyResult<P
     })
 }
 
+/// `Decoder`, and the exception a Rust panic is raised as (a BaseException: the caller catches it
+/// by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("PanicException", module.py().get_type::<PanicException>())?;
     module.add_class::<Decoder>()
 }
