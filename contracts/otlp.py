@@ -276,7 +276,7 @@ def _parse_json(payload: bytes) -> ExportTraceServiceRequest:
         document = json.loads(payload)
         _hex_ids_to_base64(document)
         return json_format.ParseDict(document, ExportTraceServiceRequest(), ignore_unknown_fields=True)
-    except (ValueError, json_format.ParseError, TypeError, AttributeError) as exc:
+    except (ValueError, json_format.ParseError, TypeError, AttributeError, RecursionError) as exc:  # too deep
         raise MalformedSpans(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
 
 
