@@ -306,6 +306,8 @@ impl Decoder {
 }
 
 /// One attribute (a `KeyValue`, read as a map entry): its value kept if its key is in `ids`.
+/// An entry with another field (OTLP 1.10's `key_strindex`, ...) is not in upb's map, it is an
+/// unknown field of the span: Python's to decide.
 fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<()> {
     let (mut key, mut value) = (&b""[..], None);
     for field in Fields::of(entry) {
@@ -313,7 +315,7 @@ fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<(
             (1, field) => key = field.bytes()?,
             (2, _) if value.is_some() => return Err(Unsure), // merged values: Python's
             (2, field) => value = Some(field.bytes()?),
-            _ => {}
+            _ => return Err(Unsure),
         }
     }
     if let Some(&id) = ids.get(key) {
