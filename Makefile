@@ -13,7 +13,9 @@ NATIVE_SOURCES := contracts/native/Cargo.toml contracts/native/Cargo.lock $(wild
 $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	# the native build is optional: one that fails must not leave the last build in use (stale rules)
+	rm -f contracts/_otlp_native.*.so
+	$(BIN)/uv pip install -q --python $(BIN)/python --reinstall-package burnguard -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -276,7 +276,7 @@ def _parse_json(payload: bytes) -> ExportTraceServiceRequest:
         document = json.loads(payload)
         _hex_ids_to_base64(document)
         return json_format.ParseDict(document, ExportTraceServiceRequest(), ignore_unknown_fields=True)
-    except (ValueError, json_format.ParseError, TypeError, AttributeError) as exc:
+    except (ValueError, json_format.ParseError, TypeError, AttributeError, RecursionError) as exc:  # too deep
         raise MalformedSpans(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from exc
 
 
@@ -465,23 +465,45 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
     request = parse_request(payload)  # the whole message is checked, whatever it holds
     if _without_markers(payload):
         return DecodedSpans()
-    if _native is not None and detect_format(payload) == OTLP_PROTO:  # parsed as these very bytes
-        decoded = _natively_decoded(_native.decode(payload), limits)
+    # the native walk takes the very bytes upb parsed (not a bytearray, not JSON)
+    if _native is not None and type(payload) is bytes and detect_format(payload) == OTLP_PROTO:
+        decoded = _natively_decoded(payload, limits)
         if decoded is not None:
             return decoded
     return check_spans(request, limits)
 
 
-def _natively_decoded(rows: list[tuple[Any, ...]] | None, limits: SpanLimits) -> DecodedSpans | None:
+@dataclass(slots=True)
+class NativeFailures:
+    """Calls of the native walk that raised (a Rust panic included): each message was then
+    decoded by the reference, so nothing was lost, but the crate has a bug to fix."""
+
+    count: int = 0
+
+
+native_failures = NativeFailures()
+
+
+def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
     """The native decoder's field values as `SpanUsage`s, checked by `span_problem` here.
 
-    None when the native walk fell back, or when a span breaks a check: then the reference
-    (`check_spans`) decodes the message, so a rejection's reason and one-span request are made
-    in one place.
+    None when the native walk fell back, failed, or when a span breaks a check: then the
+    reference (`check_spans`) decodes the message, so a rejection's reason and one-span
+    request are made in one place.
     """
-    if rows is None:
+    try:
+        rows = _native.decode(payload)
+        usages = None if rows is None else [SpanUsage(*values) for values in rows]
+    except _NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
+        native_failures.count += 1
+        logger.error(
+            "native OTLP decoder failed (%d so far), the Python decoder decodes: %r",
+            native_failures.count,
+            exc,
+        )
         return None
-    usages = [SpanUsage(*values) for values in rows]
+    if usages is None:
+        return None
     for usage in usages:
         if span_problem(usage, limits) is not None:
             return None
@@ -522,6 +544,17 @@ def native_decoder() -> Any | None:
         return None
 
 
+def _native_errors() -> tuple[type[BaseException], ...]:
+    """What a call of the native walk may raise: an error, or a Rust panic, which PyO3 raises as
+    its `PanicException`, a BaseException that the stream's and the sink's `except Exception` let
+    through (a build older than this file does not name it)."""
+    try:
+        from burnguard.contracts._otlp_native import PanicException  # type: ignore[import-not-found]
+    except ImportError:
+        return (Exception,)
+    return (Exception, PanicException)
+
+
 def _native_decoder(module: Any) -> Any:
     """The rules of this module, handed to the native decoder as data."""
     return module.Decoder(
@@ -540,3 +573,4 @@ def _native_decoder(module: Any) -> Any:
 
 #: The decoder `decode_spans` uses when built, unless BURNGUARD_NATIVE is off (the pure-Python path).
 _native = native_decoder() if env_flag("BURNGUARD_NATIVE", True) else None
+_NATIVE_ERRORS = _native_errors()

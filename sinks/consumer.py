@@ -69,7 +69,7 @@ from typing import Any
 
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import BudgetConfig, load_budget_file
-from burnguard.contracts.otlp import decode_spans
+from burnguard.contracts.otlp import decode_spans, native_failures
 from burnguard.contracts.pricing import PriceBook, default_price_book, price_if_unpriced
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.span_checks import SpanLimits, correct_clock
@@ -235,6 +235,7 @@ class SpanSink:
             "consumer_restarts": self.consumer_restarts,
             "rejected_spans": sum(self.rejected_spans.values()),
             "clock_corrected": self.clock_corrected,
+            "native_decode_failures": native_failures.count,
         }
 
     # --- the loop -----------------------------------------------------------------

@@ -51,7 +51,7 @@ from aiokafka.errors import ProducerClosed
 from burnguard.contracts.budget_feed import BudgetFeed, initial_config
 from burnguard.contracts.budgets import Budget, BudgetConfig, load_budget_file
 from burnguard.contracts.logs import env_log_level, quiet_library_logs
-from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans
+from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans, native_failures
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
 from burnguard.contracts.snapshots import usage_bounds, usage_stamp, usage_value
@@ -1417,6 +1417,7 @@ class BudgetJob:
             "agent_errors": self.agent_errors,
             "evicted": dict(sorted(self.evicted.items())),
             "late_after_eviction": self.late_after_eviction,
+            "native_decode_failures": native_failures.count,
         }
 
     def _log_counters(self) -> None:

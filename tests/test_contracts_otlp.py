@@ -295,6 +295,8 @@ def test_otlp_json_decodes_identically() -> None:
         b"{not json",
         b'{"resourceSpans": "x"}',
         b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+        b'{"resourceSpans": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # past json's recursion limit
+        b'{"resourceSpans": [' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"]}",
     ],
 )
 def test_malformed_payloads_raise_with_a_reason(payload: bytes) -> None:

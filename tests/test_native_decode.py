@@ -4,7 +4,9 @@
 (`SpanUsage`s equal field by field, types included; the same rejections; the same
 `MalformedSpans` reason) over generated OTLP requests written at the wire level (attributes of
 every value type, repeated keys, merged values and statuses, deprecated and foreign spellings,
-resource attribution, many resources and scopes) and over the same bytes mutated or cut off.
+resource attribution, many resources and scopes), over the same bytes mutated or cut off, and
+over the same requests written as another encoder may (fields reordered, unknown fields and
+groups, needless varint bytes, a wrong wire type).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 
 from tests.fixtures.decoders import required_native_decoder
 
+#: BURNGUARD_DIFFERENTIAL_SCALE=20: the fuzz tests run 20 times their examples (a stress run,
+#: with `--timeout=0`: it outlasts the per-test timeout).
+SCALE = float(os.environ.get("BURNGUARD_DIFFERENTIAL_SCALE", "1"))
 #: Every key the decoder knows (fields in all spellings, markers, the duplicate mark, service.name).
 KNOWN_KEYS = sorted(
     {*otlp._SLOTS, attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM}
@@ -183,6 +188,122 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(payload)
 
 
+#: The sub-messages of each message the walk reads, by field number (the rest are scalars):
+#: request, ResourceSpans, Resource, ScopeSpans, InstrumentationScope, Span, KeyValue, AnyValue,
+#: ArrayValue, KeyValueList.
+SCHEMA: dict[str, dict[int, str]] = {
+    "request": {1: "resource_spans"},
+    "resource_spans": {1: "resource", 2: "scope_spans"},
+    "resource": {1: "key_value"},
+    "scope_spans": {1: "scope", 2: "span"},
+    "scope": {3: "key_value"},
+    "span": {9: "key_value", 15: "status"},
+    "status": {},
+    "key_value": {2: "any_value"},
+    "any_value": {5: "array", 6: "kvlist"},
+    "array": {1: "any_value"},
+    "kvlist": {1: "key_value"},
+}
+
+
+def wire_fields(message: bytes) -> list[tuple[int, int, Any]] | None:
+    """(number, wire type, value) of each field, value an int or bytes; None: not a message."""
+    out, at = [], 0
+    try:
+        while at < len(message):
+            tag, at = read_varint(message, at)
+            number, wire = tag >> 3, tag & 7
+            if wire == 0:
+                value, at = read_varint(message, at)
+            elif wire in (1, 5):
+                width = 8 if wire == 1 else 4
+                value, at = message[at : at + width], at + width
+            elif wire == 2:
+                length, at = read_varint(message, at)
+                value, at = message[at : at + length], at + length
+            else:
+                return None
+            if at > len(message) or number == 0:
+                return None
+            out.append((number, wire, value))
+    except IndexError:
+        return None
+    return out
+
+
+def read_varint(message: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = message[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if not byte & 0x80:
+            return value, at
+
+
+def padded_varint(number: int, padding: int) -> bytes:
+    """`number` as a varint with `padding` needless bytes (0x80 ... 0x00): the same value."""
+    if not padding:
+        return varint(number)
+    out = bytearray(varint(number))
+    out[-1] |= 0x80
+    return bytes(out) + b"\x80" * (padding - 1) + b"\x00"
+
+
+#: Fields no message the walk reads has: skipped by both (a group too, where the walk falls back).
+unknown_fields = st.one_of(
+    st.tuples(st.integers(16, 40), st.just(0), st.integers(0, 2**64 - 1)),
+    st.tuples(st.integers(16, 40), st.just(1), st.binary(min_size=8, max_size=8)),
+    st.tuples(st.integers(16, 40), st.just(5), st.binary(min_size=4, max_size=4)),
+    st.tuples(st.integers(16, 40), st.just(2), st.binary(max_size=4)),
+)
+#: A group (wire types 3 and 4), which the walk leaves to the reference: rarely, or few walk.
+unknown_group = st.tuples(st.integers(16, 40), st.just(3), st.just(b""))
+
+
+@st.composite
+def reencoded(draw: st.DrawFn, message: bytes, kind: str = "request") -> bytes:
+    """`message` written again as another encoder (or a hostile one) may: fields in another
+    order, unknown fields of every wire type (groups included) between them, tags, lengths and
+    varints with needless bytes, a known field given a wrong wire type."""
+    parsed = wire_fields(message)
+    if parsed is None:
+        return message
+    fields_ = list(parsed)
+    if draw(st.integers(0, 3)) == 0:
+        fields_ = draw(st.permutations(fields_))
+    noisy = kind != "key_value" or draw(st.integers(0, 20)) == 0  # there the walk falls back
+    for _ in range(draw(st.sampled_from([0, 0, 0, 0, 0, 1, 2])) if noisy else 0):
+        noise = unknown_group if draw(st.integers(0, 30)) == 0 else unknown_fields
+        fields_.insert(draw(st.integers(0, len(fields_))), draw(noise))
+    if fields_ and draw(st.integers(0, 40)) == 0:  # a known field with another wire type
+        at = draw(st.integers(0, len(fields_) - 1))
+        fields_[at] = (fields_[at][0], draw(st.sampled_from([0, 1, 2, 5])), fields_[at][2])
+    padding = st.sampled_from([0] * 15 + [1, 2])
+    out = b""
+    for number, wire, value in fields_:
+        tag = padded_varint(number << 3 | wire, draw(padding))
+        sub = SCHEMA[kind].get(number)
+        if wire == 0:
+            number_value = value if isinstance(value, int) else int.from_bytes(value[:8] or b"\0", "little")
+            out += tag + padded_varint(number_value, draw(padding))
+        elif wire == 1:
+            out += tag + (value if isinstance(value, bytes) else value.to_bytes(8, "little"))[:8].ljust(
+                8, b"\0"
+            )
+        elif wire == 5:
+            out += tag + (value if isinstance(value, bytes) else value.to_bytes(8, "little"))[:4].ljust(
+                4, b"\0"
+            )
+        elif wire == 3:
+            out += tag + varint_field(number + 1, 7) + padded_varint(number << 3 | 4, 0)
+        else:
+            data = value if isinstance(value, bytes) else varint(value)
+            if sub is not None and isinstance(value, bytes):
+                data = draw(reencoded(data, sub))
+            out += tag + padded_varint(len(data), draw(padding)) + data
+    return out
+
+
 def outcome(payload: bytes, decoder: Any) -> tuple[Any, ...]:
     """What `decode_spans` makes of the payload with `decoder` (None: the reference), typed.
 
@@ -211,15 +332,22 @@ def assert_same(payload: bytes) -> None:
         event("native walk" if native.decode(payload) is not None else "fell back")
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(500 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(request())
 def test_native_decoding_equals_the_reference(payload: bytes) -> None:
     assert_same(payload)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(300 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_native_decoding_of_mutated_bytes_equals_the_reference(payload: bytes) -> None:
+    assert_same(payload)
+
+
+@settings(max_examples=int(100 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request().flatmap(reencoded))
+def test_native_decoding_of_reencoded_requests_equals_the_reference(payload: bytes) -> None:
+    """The same requests as another encoder writes them: order, unknown fields, needless bytes."""
     assert_same(payload)
 
 
@@ -267,3 +395,69 @@ def test_rules_the_native_walk_cannot_apply_leave_the_python_decoder_in_charge(
     monkeypatch.setitem(otlp._SLOTS, "another.tenant", (index, otlp._STR, None))
     assert otlp.native_decoder() is None
     assert "native OTLP decoder not used" in caplog.text
+
+
+def genai_request() -> bytes:
+    """One resource with a tenant, one GenAI span: the native walk's simple case."""
+    tenant = field(1, attr.TENANT.encode()) + field(2, field(1, b"acme"))
+    operation = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    span = field(1, bytes(16)) + field(2, bytes(8)) + field(5, b"call") + field(9, operation)
+    return field(1, field(1, field(1, tenant)) + field(2, field(2, span)))
+
+
+@pytest.mark.parametrize("where", ["span", "resource"])
+def test_an_attribute_with_an_unknown_field_is_absent_in_both(where: str) -> None:
+    """The view parses attributes as a map: upb keeps a map entry with a field it does not know
+    (OTLP 1.10's `KeyValue.key_strindex`, field 3) as an unknown field of the span or resource,
+    so the attribute is not there. The native walk read its key and value: a span the reference
+    does not account was counted, a service the reference does not see was set."""
+    native = required_native_decoder()
+    strindex = varint_field(3, 0)
+    marker = field(1, attr.GEN_AI_SYSTEM.encode()) + field(2, field(1, b"openai")) + strindex
+    operation = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    service = field(1, attr.SERVICE_NAME.encode()) + field(2, field(1, b"svc")) + strindex
+    if where == "span":
+        payload = field(1, field(2, field(2, field(1, bytes(16)) + field(9, marker))))
+    else:
+        payload = field(1, field(1, field(1, service)) + field(2, field(2, field(9, operation))))
+    expected = outcome(payload, None)
+    if where == "span":
+        assert expected == ("decoded", [], [])
+    else:
+        assert ("service", str, "''") in expected[1][0]
+    assert outcome(payload, native) == expected
+
+
+class PanickingDecoder:
+    """A native decoder whose walk panics: PyO3 raises the panic as its `PanicException`."""
+
+    def decode(self, payload: bytes) -> Any:
+        from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
+
+        raise _otlp_native.PanicException("index out of bounds: the len is 3 but the index is 7")
+
+
+def test_a_panic_in_the_native_walk_is_logged_counted_and_the_reference_decodes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Rust panic reaches Python as `PanicException`, a BaseException: the stream's and the
+    sink's per-message `except Exception` would let it end the worker. The message is decoded
+    by the reference instead, and the failure is logged and counted."""
+    required_native_decoder()
+    payload = genai_request()
+    before = otlp.native_failures.count
+    expected = outcome(payload, None)
+    assert expected[0] == "decoded" and len(expected[1]) == 1
+    assert outcome(payload, PanickingDecoder()) == expected
+    assert otlp.native_failures.count == before + 1
+    assert "native OTLP decoder failed" in caplog.text and "index out of bounds" in caplog.text
+
+
+def test_a_bytearray_decodes_as_the_reference_does() -> None:
+    """The native walk takes `bytes` only; a bytearray (a buffer a caller reuses) is the
+    reference's to decode, not a failure of the native path."""
+    native = required_native_decoder()
+    payload = bytearray(genai_request())
+    before = otlp.native_failures.count
+    assert outcome(payload, native) == outcome(payload, None)
+    assert otlp.native_failures.count == before

@@ -12,6 +12,7 @@ mod wire;
 
 use std::collections::HashMap;
 
+use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
@@ -305,6 +306,8 @@ impl Decoder {
 }
 
 /// One attribute (a `KeyValue`, read as a map entry): its value kept if its key is in `ids`.
+/// An entry with another field (OTLP 1.10's `key_strindex`, ...) is not in upb's map, it is an
+/// unknown field of the span: Python's to decide.
 fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<()> {
     let (mut key, mut value) = (&b""[..], None);
     for field in Fields::of(entry) {
@@ -312,7 +315,7 @@ fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<(
             (1, field) => key = field.bytes()?,
             (2, _) if value.is_some() => return Err(Unsure), // merged values: Python's
             (2, field) => value = Some(field.bytes()?),
-            _ => {}
+            _ => return Err(Unsure),
         }
     }
     if let Some(&id) = ids.get(key) {
@@ -431,7 +434,10 @@ fn positions_of(positions: &HashMap<String, usize>, fields: usize) -> PyResult<P
     })
 }
 
+/// `Decoder`, and the exception a Rust panic is raised as (a BaseException: the caller catches it
+/// by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("PanicException", module.py().get_type::<PanicException>())?;
     module.add_class::<Decoder>()
 }
