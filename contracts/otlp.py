@@ -466,7 +466,7 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
     if _without_markers(payload):
         return DecodedSpans()
     # the native walk takes the very bytes upb parsed (not a bytearray, not JSON)
-    if _native is not None and type(payload) is bytes and detect_format(payload) == OTLP_PROTO:
+    if native_in_use() is not None and type(payload) is bytes and detect_format(payload) == OTLP_PROTO:
         decoded = _natively_decoded(payload, limits)
         if decoded is not None:
             return decoded
@@ -571,6 +571,18 @@ def _native_decoder(module: Any) -> Any:
     )
 
 
-#: The decoder `decode_spans` uses when built, unless BURNGUARD_NATIVE is off (the pure-Python path).
-_native = native_decoder() if env_flag("BURNGUARD_NATIVE", True) else None
+def native_in_use() -> Any | None:
+    """The native decoder `decode_spans` uses: None when not built or BURNGUARD_NATIVE is off.
+
+    Chosen at the first decode, not at import: the environment of the process at work decides,
+    as it decides every other setting (a process may import the modules before it has it).
+    """
+    global _native
+    if _native is _NOT_CHOSEN:
+        _native = native_decoder() if env_flag("BURNGUARD_NATIVE", True) else None
+    return _native
+
+
+_NOT_CHOSEN: Any = object()
+_native: Any = _NOT_CHOSEN
 _NATIVE_ERRORS = _native_errors()

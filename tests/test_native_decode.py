@@ -379,9 +379,15 @@ def test_a_span_that_breaks_a_check_is_rejected_by_the_reference_path() -> None:
 @pytest.mark.parametrize(("setting", "native"), [("0", False), ("1", True)])
 def test_burnguard_native_switches_the_native_path(setting: str, native: bool) -> None:
     required_native_decoder()
-    code = "from burnguard.contracts import otlp; print(otlp._native is not None)"
-    env = {**os.environ, "BURNGUARD_NATIVE": setting}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # set after the import (as a warm test worker gets its environment): the first decode decides
+    code = (
+        "import os, sys; from burnguard.contracts import otlp; os.environ['BURNGUARD_NATIVE'] = sys.argv[1];"
+        " print(otlp.native_in_use() is not None)"
+    )
+    env = {**os.environ, "BURNGUARD_NATIVE": "1" if setting == "0" else "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, setting], env=env, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == str(native)
 
 

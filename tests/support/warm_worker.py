@@ -22,12 +22,15 @@ import threading
 
 #: Set in the environment of a process that gets its order at once (no warm one could be used).
 NEEDED_NOW = "WARM_WORKER_NEEDED_NOW"
+#: What a warm process imports before its order; importing it reads no `BURNGUARD_*` variable
+#: (`tests/test_warm_worker.py`), so the order's environment decides every setting.
+PRELOADED = "burnguard.stream.app"
 
 
 def preload() -> BaseException | None:
     """Import the worker's modules (the slow part); a failure is raised again into the worker's log."""
     try:
-        importlib.import_module("burnguard.stream.app")
+        importlib.import_module(PRELOADED)
     except BaseException as exc:  # stdout and stderr go nowhere before the order
         return exc
     return None
