@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from tests.support.byte_mutations import mutate
+
 #: Every test here runs over both decoders (tests/fixtures/decoders.py).
 pytestmark = pytest.mark.usefixtures("decode_impl")
 
@@ -131,21 +133,7 @@ def test_numeric_extremes_never_reach_a_total(spans: list[tuple[str, dict[str, A
 def mutated(draw: st.DrawFn) -> bytes:
     """A valid request with bytes flipped, inserted, deleted or cut off."""
     spans = draw(st.lists(st.tuples(operations, attribute_maps, times, times), min_size=1, max_size=3))
-    payload = bytearray(request(spans))
-    for _ in range(draw(st.integers(min_value=1, max_value=8))):
-        if not payload:
-            break
-        at = draw(st.integers(min_value=0, max_value=len(payload) - 1))
-        action = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if action == "flip":
-            payload[at] ^= draw(st.integers(min_value=1, max_value=255))
-        elif action == "insert":
-            payload[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif action == "delete":
-            del payload[at]
-        else:
-            del payload[at:]
-    return bytes(payload)
+    return mutate(draw, request(spans), max_edits=8, max_inserted=8)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
 from tests.fixtures.decoders import required_native_decoder
+from tests.support.byte_mutations import mutate
 
 #: BURNGUARD_DIFFERENTIAL_SCALE=20: the fuzz tests run 20 times their examples (a stress run,
 #: with `--timeout=0`: it outlasts the per-test timeout).
@@ -171,21 +172,7 @@ def request(draw: st.DrawFn) -> bytes:
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
     """A generated request with bytes flipped, inserted, deleted or cut off."""
-    payload = bytearray(draw(request()))
-    for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        if not payload:
-            break
-        at = draw(st.integers(min_value=0, max_value=len(payload) - 1))
-        action = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if action == "flip":
-            payload[at] ^= draw(st.integers(min_value=1, max_value=255))
-        elif action == "insert":
-            payload[at:at] = draw(st.binary(min_size=1, max_size=6))
-        elif action == "delete":
-            del payload[at]
-        else:
-            del payload[at:]
-    return bytes(payload)
+    return mutate(draw, draw(request()), max_edits=3, max_inserted=6)
 
 
 #: The sub-messages of each message the walk reads, by field number (the rest are scalars):
