@@ -5,6 +5,7 @@ environment runs a later test's worker exactly as a fresh `python -m burnguard.s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,16 @@ print(json.dumps(read))
 
 
 def burnguard_variables_read_at_import(module: str) -> list[str]:
+    """With no `BURNGUARD_*` variable set, so a library copying the whole environment reads none:
+    every key recorded is one looked up by name."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BURNGUARD_")}
     done = subprocess.run(
-        [sys.executable, "-c", WATCH_IMPORT, module], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", WATCH_IMPORT, module],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
