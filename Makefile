@@ -52,7 +52,7 @@ demo: system-deps-demo venv kafka-jars
 test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	BURNGUARD_NATIVE_REQUIRED=1 $(BIN)/pytest -q --durations=15
+	BURNGUARD_NATIVE_REQUIRED=1 $(BIN)/pytest -q --durations=40
 
 lint: venv
 	$(BIN)/ruff check .
