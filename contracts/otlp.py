@@ -463,10 +463,12 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
     Raises `MalformedSpans` when the message as a whole is not an OTLP request.
     """
     request = parse_request(payload)  # the whole message is checked, whatever it holds
+    if detect_format(payload) != OTLP_PROTO:
+        return check_spans(request, limits)
     if _without_markers(payload):
         return DecodedSpans()
-    # the native walk takes the very bytes upb parsed (not a bytearray, not JSON)
-    if native_in_use() is not None and type(payload) is bytes and detect_format(payload) == OTLP_PROTO:
+    # the native walk takes the very bytes upb parsed (not a bytearray)
+    if native_in_use() is not None and type(payload) is bytes:
         decoded = _natively_decoded(payload, limits)
         if decoded is not None:
             return decoded
@@ -520,9 +522,9 @@ def _without_markers(payload: bytes) -> bool:
 
     A Collector that sends its whole trace pipeline sends many messages of services that make
     no model calls; one search of the bytes spares walking their spans (it stops at the first
-    GenAI span of any other message). Only for protobuf: JSON may spell a key with escapes.
+    GenAI span of any other message). Only for protobuf bytes: JSON may spell a key with escapes.
     """
-    return detect_format(payload) == OTLP_PROTO and _MARKER_PREFIX not in payload
+    return _MARKER_PREFIX not in payload
 
 
 def native_decoder() -> Any | None:
