@@ -49,10 +49,11 @@ demo: system-deps-demo venv kafka-jars
 	$(BIN)/burnguard demo
 
 # BURNGUARD_NATIVE_REQUIRED=1: the native decoder missing fails its half of the tests (locally it skips).
+# Two test processes, a module's tests in one (module fixtures start once): the suite mostly waits.
 test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	BURNGUARD_NATIVE_REQUIRED=1 $(BIN)/pytest -q --durations=40
+	BURNGUARD_NATIVE_REQUIRED=1 $(BIN)/pytest -q -n 2 --dist loadfile --durations=40
 
 lint: venv
 	$(BIN)/ruff check .

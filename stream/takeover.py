@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import faust
 from aiokafka.protocol.commit import OffsetCommitRequest
+from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, AppT
 
 logger = logging.getLogger(__name__)
@@ -300,8 +301,12 @@ def membership_lost(consumer: Any) -> bool:
     sync, and then calls the revoke listener before rejoining. Such a revoke
     is not the one an ordinary rebalance waits for: the partitions may have
     been assigned to another worker already, which writes their changelogs.
+    A consumer not started yet has never joined, so it has lost nothing.
     """
-    aiokafka_consumer = consumer._thread._ensure_consumer()
+    try:
+        aiokafka_consumer = consumer._thread._ensure_consumer()
+    except ConsumerNotStarted:
+        return False
     return aiokafka_consumer._coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 

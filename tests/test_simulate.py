@@ -36,9 +36,11 @@ from burnguard.stream.app import _has_steps
 from burnguard.stream.records import sub_batches
 from burnguard.stream.simulate import simulate
 from kafka import KafkaConsumer, KafkaProducer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from burnguard.cli import app
+from burnguard.cli import simulate as simulate_cli
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, span_usage
 from tests.fixtures.pipeline import Pipeline, read_to_end
@@ -169,11 +171,13 @@ def test_simulate_reports_the_hand_computed_rungs(dsn: str, tmp_path: Path) -> N
     assert (s1["first_at"], s1["calls"], round(s1["spend"], 6)) == (_t(11, 2), 2, 0.04)
 
 
-def test_simulate_table_and_report_section(dsn: str, tmp_path: Path) -> None:
+def test_simulate_table_and_report_section(dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text(BUDGETS)
     args = ["budgets", "simulate", str(budgets), "--since", "3d", "--until", "2026-11-12T00:00:00"]
-    result = runner.invoke(app, [*args, "--dsn", dsn], env={"COLUMNS": "250"})
+    # The CLI's console took its width when imported (from COLUMNS, if set then, as pytest-xdist does)
+    monkeypatch.setattr(simulate_cli, "console", Console(width=250))
+    result = runner.invoke(app, [*args, "--dsn", dsn])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "tenant=acme" in line)
     assert "2026-11-10 10:09" in row and "2026-11-10 10:19" in row and " 1.2 " in row and " 5.0 " in row

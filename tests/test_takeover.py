@@ -418,3 +418,9 @@ def test_a_worker_expelled_from_its_group_knows_at_the_revoke_that_its_partition
     kafka_broker.create_topic(topic, partitions=2)
     seen = asyncio.run(generations_lost_at_revoke(kafka_broker.bootstrap, topic, f"g-{topic}", stall_s))
     assert seen and seen[0] is lost, seen
+
+
+def test_a_consumer_not_started_yet_has_no_membership_to_lose() -> None:
+    """The stall guard may ask before the consumer runs (a slow start, an in-process job): no error."""
+    app = faust.App(f"not-started-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1")
+    assert membership_lost(app.consumer) is False
