@@ -90,7 +90,7 @@ from burnguard.stream.eviction import (
     last_event_ns,
     split_window_key,
 )
-from burnguard.stream.liveness import install_liveness_watchdog
+from burnguard.stream.liveness import BoundedStopWorker, install_liveness_watchdog
 from burnguard.stream.partitioner import usage_partition
 from burnguard.stream.policy import (
     changed_signal,
@@ -1570,5 +1570,10 @@ def run_worker(settings: StreamSettings | None = None, loglevel: str | None = No
     tune_gc()
     job = create_job(settings)
     freeze_startup_heap()
-    worker = faust.Worker(job.app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    make_worker(job, loglevel).execute_from_commandline()
+
+
+def make_worker(job: BudgetJob, loglevel: str = "info") -> BoundedStopWorker:
+    """The Faust worker of `job`, its stop bounded by `stop_timeout` (`liveness.BoundedStopWorker`)."""
+    stop_timeout_s = job.settings.stop_timeout.total_seconds()
+    return BoundedStopWorker(job.app, stop_timeout_s=stop_timeout_s, loglevel=loglevel, quiet=True)
