@@ -7,11 +7,14 @@ spans stay in one partition. A request larger than the topic's
 
 The app never waits on Kafka. The producer (idempotent, `acks=all`, where the
 broker supports it) is created on a background thread, because creating one
-waits for the broker; until it exists, exported spans wait in a bounded
-buffer. `KafkaProducer.send` only appends to the producer's buffer
-(`max_block_ms` bounds the wait when that buffer is full). `close()` delivers
-what it can within its bound and counts the rest: every span is in `stats`
-as sent, failed or dropped, never lost silently.
+waits for the broker, and it is used only once it knows the topic's partitions
+(the first metadata answer may take longer than an export may block, e.g. over
+SASL_SSL on a loaded machine); until then, exported spans wait in a bounded
+buffer. `KafkaProducer.send` then only appends to the producer's buffer; if
+it times out (`max_block_ms`) because the topic's metadata went missing, the
+spans go back to that buffer and the background thread waits for the metadata
+again. `close()` delivers what it can within its bound and counts the rest:
+every span is in `stats` as sent, failed or dropped, never lost silently.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from burnguard.contracts.attributes import TENANT
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaProducer
-from kafka.errors import IllegalStateError, KafkaError, MessageSizeTooLargeError
+from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -44,6 +47,8 @@ DEFAULT_MAX_PENDING_SPANS = 20_000
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 #: Below this, a refused message is not split further: its spans are counted failed.
 MIN_MESSAGE_BYTES = 16_384
+#: Between two waits (each `max_block_ms`) for the topic's metadata: its request stays in flight.
+METADATA_RETRY_S = 0.05
 
 
 @dataclass
@@ -132,16 +137,15 @@ class KafkaSpanExporter(SpanExporter):
     def connected(self) -> bool:
         return self._producer is not None
 
-    def _connect(self) -> None:
-        """Create the producer, retrying until it connects or the exporter is closed."""
+    def _connect(self, producer: KafkaProducer | None = None) -> None:
+        """Create the producer (or take back one set aside), then use it once it knows the topic.
+
+        Retries until then or until the exporter is closed; the spans wait in the bounded buffer.
+        """
         backoff, warned = 0.5, False
-        while not self._closed.is_set():
+        while producer is None and not self._closed.is_set():
             try:
-                self._learn_max_message_bytes()
-                producer = KafkaProducer(**self._producer_config)
-                if self._on_connect is not None:
-                    # at once: kafka-python has just registered an exit handler closing it
-                    self._on_connect(producer)
+                producer = self._new_producer()
             except KafkaError as exc:
                 if not warned:
                     logger.warning(
@@ -153,15 +157,62 @@ class KafkaSpanExporter(SpanExporter):
                     warned = True
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            with self._send_lock:
-                if self._closed.is_set():
-                    with contextlib.suppress(KafkaError):
-                        producer.close(timeout=0)
-                    return
-                self._producer = producer
-                self._send_pending()
-            return
+        if producer is not None:
+            self._await_partitions(producer)
+            self._use(producer)
+
+    def _new_producer(self) -> KafkaProducer:
+        self._learn_max_message_bytes()
+        producer = KafkaProducer(**self._producer_config)
+        if self._on_connect is not None:
+            # at once: kafka-python has just registered an exit handler closing it
+            self._on_connect(producer)
+        return producer
+
+    def _await_partitions(self, producer: KafkaProducer) -> None:
+        """Wait, off the export path, until the producer knows the topic's partitions.
+
+        `send` waits only `max_block_ms` for them, so a first metadata answer slower than that
+        (SASL_SSL on a loaded machine) would fail the spans; here the wait is as long as it takes.
+        Any other error (not authorized, say) is left to `send`, which reports it per span.
+        """
+        warn_at = time.monotonic() + self._producer_config["bootstrap_timeout_ms"] / 1000
+        while not self._closed.is_set():
+            try:
+                producer.partitions_for(self._topic)
+                return
+            except KafkaTimeoutError:
+                if warn_at and time.monotonic() > warn_at:
+                    logger.warning(
+                        "burnguard: no metadata yet for topic %s; holding spans (up to %d) and waiting",
+                        self._topic,
+                        self._max_pending,
+                    )
+                    warn_at = 0.0
+            except KafkaError:
+                return
+            self._closed.wait(METADATA_RETRY_S)
+
+    def _use(self, producer: KafkaProducer) -> None:
+        """Send through `producer` from now on, starting with the spans held for it."""
+        with self._send_lock:
+            if self._closed.is_set():
+                with contextlib.suppress(KafkaError):
+                    producer.close(timeout=0)
+                return
+            self._producer = producer
+            self._send_pending()
+
+    def _set_aside(self, producer: KafkaProducer) -> None:
+        """Stop sending through `producer` until it knows the topic's partitions again.
+
+        Called with `_send_lock` held; its sends already queued go on in its own thread.
+        """
+        self._producer = None
+        self._connector = threading.Thread(
+            target=self._connect, args=(producer,), name="burnguard-kafka", daemon=True
+        )
+        self._connector.start()
 
     def _learn_max_message_bytes(self) -> None:
         """Read the topic's effective `max.message.bytes` (best effort; needs DescribeConfigs)."""
@@ -194,7 +245,7 @@ class KafkaSpanExporter(SpanExporter):
             self._add(spans_failed=len(spans))
             return SpanExportResult.FAILURE
         with self._send_lock:
-            if self._broken:
+            if self._broken and self._producer is not None:
                 self._replace_producer()
             if self._producer is None:
                 self.start()
@@ -249,9 +300,17 @@ class KafkaSpanExporter(SpanExporter):
         return result
 
     def _send_one(self, key: bytes | None, payload: bytes, spans: list[ReadableSpan]) -> bool:
-        assert self._producer is not None
+        producer = self._producer
+        if producer is None:  # set aside by an earlier part of this export
+            self._hold(spans)
+            return True
         try:
-            future = self._producer.send(self._topic, key=key, value=payload)
+            future = producer.send(self._topic, key=key, value=payload)
+        except KafkaTimeoutError:  # the topic's metadata went missing: hold, wait for it off this path
+            logger.info("burnguard: no metadata for %s within max_block_ms; holding spans", self._topic)
+            self._set_aside(producer)
+            self._hold(spans)
+            return True
         except IllegalStateError:  # closed under us (kafka-python's exit handler): use a new one
             with self._lock:
                 self._broken = True
@@ -321,11 +380,11 @@ class KafkaSpanExporter(SpanExporter):
         deadline = time.monotonic() + timeout_millis / 1000
         while True:
             with self._send_lock:  # the connector sends the held spans under it
-                if self._broken:
+                if self._broken and self._producer is not None:
                     self._replace_producer()
                 producer = self._producer
-            if producer is None:
-                if not self._pending:
+            if producer is None:  # connecting, or set aside until it knows the topic again
+                if not self._pending and not self._in_flight:
                     return True
                 if not self._wait_connected(deadline):
                     return False

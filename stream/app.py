@@ -90,7 +90,7 @@ from burnguard.stream.eviction import (
     last_event_ns,
     split_window_key,
 )
-from burnguard.stream.liveness import install_liveness_watchdog
+from burnguard.stream.liveness import BoundedStopWorker, install_liveness_watchdog
 from burnguard.stream.partitioner import usage_partition
 from burnguard.stream.policy import (
     changed_signal,
@@ -884,10 +884,11 @@ class BudgetJob:
                 )
             logger.warning("expelled from the group: partitions lost, nothing pending")
         else:
-            leaving = self._snapshot_leaving(gone)
+            self._snapshot_leaving(gone)
             await self._write_changes(flushed=True)
-            if leaving:  # handed over and settled before the new owner reads (their batches may queue)
-                await asyncio.wait(leaving)
+            # these and the revoked windows' earlier ones settle before the new owner reads
+            if settling := self.snapshots.in_flight(gone):
+                await asyncio.wait(settling)
             self.snapshots.disown(gone)
             if self.changes.pending():  # the stall guard held the write back: expelled after all
                 raise PartitionsLost(f"table changes pending and not written ({len(revoked)} partitions)")
@@ -920,14 +921,13 @@ class BudgetJob:
             bool(partitions) and usage_partition(state_key.rsplit("|", 1)[0], count) in partitions
         )
 
-    def _snapshot_leaving(self, gone: Callable[[str], bool]) -> list[asyncio.Future[Any]]:
+    def _snapshot_leaving(self, gone: Callable[[str], bool]) -> None:
         """Hand over the snapshots the revoked windows wait for (and evicted windows' last ones) now:
-        after the revoke the new owner's may be newer (`UsageSnapshots.leaving`). Their outcomes,
-        to wait for."""
+        after the revoke the new owner's may be newer (`UsageSnapshots.leaving`)."""
         leaving = self.snapshots.leaving(gone)
         built = self.snapshots.take_finals() + self._snapshots_of(leaving, SnapshotRun(_now()))
         try:
-            return self.snapshots.write(built)
+            self.snapshots.write(built)
         except Exception as exc:  # the revoke goes on: their next owner snapshots them after its recovery
             level = logging.INFO if isinstance(exc, NotReady | ProducerClosed) else logging.WARNING
             logger.log(
@@ -1570,5 +1570,10 @@ def run_worker(settings: StreamSettings | None = None, loglevel: str | None = No
     tune_gc()
     job = create_job(settings)
     freeze_startup_heap()
-    worker = faust.Worker(job.app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    make_worker(job, loglevel).execute_from_commandline()
+
+
+def make_worker(job: BudgetJob, loglevel: str = "info") -> BoundedStopWorker:
+    """The Faust worker of `job`, its stop bounded by `stop_timeout` (`liveness.BoundedStopWorker`)."""
+    stop_timeout_s = job.settings.stop_timeout.total_seconds()
+    return BoundedStopWorker(job.app, stop_timeout_s=stop_timeout_s, loglevel=loglevel, quiet=True)

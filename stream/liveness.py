@@ -36,11 +36,13 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import faust
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.takeover import SeeksBetweenFetches, seek_back
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 5.0
 #: Exit status of a worker that stopped itself because its partitions stalled (EX_SOFTWARE).
 EXIT_STALLED = 70
+#: Exit status of a worker whose stop overran `stop_timeout` and was cut short (EX_TEMPFAIL).
+EXIT_STOP_OVERRAN = 75
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,3 +266,43 @@ def install_liveness_watchdog(app: Any, settings: StreamSettings) -> LivenessWat
     app.timer(min(CHECK_INTERVAL_S, stall_timeout_s / 3), name="liveness")(watchdog.check)
     app.sensors.add(SeeksBetweenFetches())  # the seek's hook, also when the rewind is taken out
     return watchdog
+
+
+class BoundedStopWorker(faust.Worker):
+    """A Faust worker whose stop (SIGTERM, or after a crash) ends within `stop_timeout_s`.
+
+    Faust's stop first waits, with no bound, until every message handed to an agent is
+    acked (`Consumer.wait_empty`, which logs `wait_empty: Waiting for tasks` each 10 s). An
+    agent that will never ack its events (stuck on an await, or a crashed actor whose
+    `take_events` buffer outlived it) holds the stop until the supervisor's SIGKILL, ~30 s
+    later, with nothing said. Past the bound this worker logs it and exits at once
+    (`EXIT_STOP_OVERRAN`), which is as safe as that SIGKILL (`exit_now`) and comes sooner.
+    """
+
+    def __init__(self, app: Any, *, stop_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.stop_timeout_s = stop_timeout_s
+        self._deadline: threading.Timer | None = None
+
+    def _repr_name(self) -> str:
+        return "Worker"  # its log lines' label: `[^Worker]: Ready` is waited for (`devstack.WORKER_READY`)
+
+    async def stop(self) -> None:
+        self.arm_stop_deadline()
+        await super().stop()
+
+    def arm_stop_deadline(self) -> None:
+        """Start the stop's clock once; a thread, so a blocked event loop cannot hold it back."""
+        if self._deadline is None:
+            self._deadline = threading.Timer(self.stop_timeout_s, self._overran)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def _overran(self) -> None:
+        logger.error(
+            "the stop did not finish within %.0fs (an agent's events never acked?); exiting with "
+            "status %d as a SIGKILL would: the next owner reads again from the last commit",
+            self.stop_timeout_s,
+            EXIT_STOP_OVERRAN,
+        )
+        exit_now(EXIT_STOP_OVERRAN)

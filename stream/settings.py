@@ -61,6 +61,9 @@ class StreamSettings:
     #: the liveness watchdog heals it (then, after as long again, exits). Well above the few
     #: seconds a takeover's table recovery takes here, so a slow recovery is not a stall.
     stall_timeout: timedelta = timedelta(seconds=30)
+    #: How long a stop (SIGTERM, or after a crash) may take before the worker exits at once, as a
+    #: SIGKILL would (`liveness.BoundedStopWorker`): below the usual 30 s grace before the SIGKILL.
+    stop_timeout: timedelta = timedelta(seconds=20)
     #: How long (broker time) an `otlp_spans` message is remembered by its digest, so a copy
     #: written again by a retrying producer is not counted twice (`stream/duplicates.py`).
     duplicate_window: timedelta = timedelta(seconds=120)
@@ -111,6 +114,7 @@ class StreamSettings:
                 milliseconds=env_number("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 10_000, zero_ok=True)
             ),
             stall_timeout=timedelta(seconds=env_number("BURNGUARD_STALL_TIMEOUT_S", 30)),
+            stop_timeout=timedelta(seconds=env_number("BURNGUARD_STOP_TIMEOUT_S", 20.0, float)),
             duplicate_window=timedelta(seconds=env_number("BURNGUARD_DUPLICATE_WINDOW_S", 120, zero_ok=True)),
             fetch_max_wait=timedelta(milliseconds=env_number("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
             fetch_partition_bytes=env_number(

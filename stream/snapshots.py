@@ -13,7 +13,10 @@ the next run, from the totals then current, so a retry never writes an older val
 one. A window evicted since keeps the failed record's bytes as its last snapshot, unless a
 later snapshot of the same window was taken (that one settles it); a window whose partition
 moved to another worker is snapshotted at the revoke if it waits for one (`leaving`), then left
-to its new owner (`disown`): Faust's memory store keeps its totals here, going stale. The stall
+to its new owner (`disown`): Faust's memory store keeps its totals here, going stale. The revoke
+waits until every batch holding a revoked window is settled (`in_flight`), so none lands after the
+new owner's snapshots, and one that fails is covered by them (`on_rebalance_complete` snapshots every
+window of the assigned partitions, also when this worker keeps the partition). The stall
 guard is asked before each hand-over, as for the changelog. The timer never waits for
 the broker: while a partition has too many batches queued, the rest of the run waits, as window
 keys, for the next run. Failures are counted and logged, never silent.
@@ -89,6 +92,8 @@ class UsageSnapshots:
         #: windows this worker evicted while their latest snapshot was not yet delivered
         self._evicted: set[str] = set()
         self._keys: dict[str, WindowKey] = {}
+        #: each partition's outcome of a `write` not settled yet, with its snapshots (`in_flight`)
+        self._outcomes: dict[asyncio.Future[Any], list[Snapshot]] = {}
         self._taken = 0
         #: snapshots whose batch failed (each retried), and records refused for their size (lost)
         self.failed = 0
@@ -219,8 +224,24 @@ class UsageSnapshots:
                 raise
             outcome = asyncio.gather(*delivered, return_exceptions=True)
             outcome.add_done_callback(lambda done, group=group: self._settle(group, _failure(done)))
+            self._outcomes[outcome] = group
+            outcome.add_done_callback(self._outcomes.pop)
             outcomes.append(outcome)
         return outcomes
+
+    def in_flight(self, gone: Callable[[str], bool]) -> list[asyncio.Future[Any]]:
+        """The outcomes not settled yet of batches holding a window of a revoked partition (`gone`).
+
+        The revoke waits for them, not only for its own (`leaving`): one queued before it, of a window
+        unchanged since, would otherwise be handed over after the revoke, and could land after the
+        new owner's snapshot of the window (a rolling window's `spent` and `updated_at` move with
+        time), or fail when no one retries it here.
+        """
+        return [
+            outcome
+            for outcome, group in self._outcomes.items()
+            if any(gone(snapshot.state_key) for snapshot in group)
+        ]
 
     def _fits(self, snapshot: Snapshot, max_bytes: int) -> bool:
         """Whether the record is within the producer's max request size; a larger one can never be

@@ -16,7 +16,9 @@ from burnguard.contracts.attributes import TENANT
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.cluster import ClusterMetadata
+from kafka.errors import KafkaTimeoutError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -147,3 +149,58 @@ def test_a_span_too_large_alone_is_counted_failed(kafka_broker: KafkaBroker, sma
     exporter.export(big_spans(5))
     stats = exporter.close(timeout_s=20)
     assert (stats.spans_sent, stats.spans_failed) == (5, 1)
+
+
+@pytest.mark.slow
+def test_a_slow_first_metadata_answer_loses_no_span(
+    kafka_broker: KafkaBroker, small_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's metadata answers arrive after 0.6 s, past the 200 ms an export may block.
+
+    As on a loaded machine over SASL_SSL: the topic's partitions come later than `send` waits for
+    them. The export must stay quick (it may be on the app's call path) and lose nothing.
+    """
+    answer = ClusterMetadata.update_metadata
+
+    def slowly(metadata_cache: ClusterMetadata, response: object) -> object:
+        time.sleep(0.6)
+        return answer(metadata_cache, response)
+
+    monkeypatch.setattr(ClusterMetadata, "update_metadata", slowly)
+    exporter = KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic).start()
+    spans = big_spans(20)
+    for half in (spans[:10], spans[10:]):
+        started = time.monotonic()
+        exporter.export(half)
+        assert time.monotonic() - started < 0.5
+        time.sleep(0.3)
+    stats = exporter.close(timeout_s=30)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (20, 0, 0)
+    assert count_spans(records_on(kafka_broker, small_topic, 20)) == 20
+
+
+@pytest.mark.slow
+def test_spans_whose_send_timed_out_on_metadata_are_sent_later(
+    kafka_broker: KafkaBroker, small_topic: str
+) -> None:
+    """Metadata lost after connecting (a leader moved, the topic was created again): held, not failed."""
+    timeouts = iter([KafkaTimeoutError("Failed to update metadata after 0.2 secs.")])
+
+    def once_without_metadata(producer: KafkaProducer) -> None:
+        send = producer.send
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            if (error := next(timeouts, None)) is not None:
+                raise error
+            return send(*args, **kwargs)
+
+        producer.send = flaky  # type: ignore[method-assign]
+
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = connected(KafkaSpanExporter(settings, small_topic, on_connect=once_without_metadata))
+    exporter.export(big_spans(10))
+    assert exporter.force_flush(20_000)
+    exporter.export(big_spans(5))
+    stats = exporter.close(timeout_s=20)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (15, 0, 0)
+    assert count_spans(records_on(kafka_broker, small_topic, 15)) == 15

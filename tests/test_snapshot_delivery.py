@@ -475,3 +475,62 @@ def test_a_failed_snapshot_of_a_window_with_nothing_left_to_snapshot_is_forgotte
     asyncio.run(scenario())
     assert [spent_in(value) for value in batches.values()] == [1.0]
     assert not job.snapshots._latest and not job.snapshots.retrying, job.snapshots._latest
+
+
+def test_a_revoke_waits_for_a_revoked_windows_snapshot_already_in_flight(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window did not change since its snapshot was queued, so the revoke writes none of it.
+    Before, the revoke waited only for its own snapshots: the queued one was handed over after the
+    revoke, and could land after the new owner's (a rolling window's `spent` and `updated_at` move
+    with time), or fail with no one here to retry it."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        spend(job, "rolling", "acme", 1.0, 1)
+        await job._snapshot()  # in flight; nothing waits after it
+        revoke = asyncio.ensure_future(revoke_every_partition(job, monkeypatch))
+        await asyncio.sleep(0.05)
+        assert not revoke.done(), "the revoke ended with a revoked window's snapshot in flight"
+        await settled(batches, RecordBatchFailed("refused"))
+        await asyncio.wait_for(revoke, timeout=1)
+
+    asyncio.run(scenario())
+    assert [spent_in(value) for value in batches.values()] == [1.0]
+    assert not job.snapshots.retrying and not job.snapshots._latest  # its new owner snapshots it
+
+
+@pytest.mark.parametrize("fails", ["during the revoke", "after the new assignment"])
+def test_a_snapshot_failed_at_a_revoke_is_taken_again_when_the_worker_keeps_the_partition(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """This worker forgets the revoked window (`disown`) and gets its partition back: the snapshot
+    after the rebalance covers the failed one, whether the failure settles while the revoke waits
+    or (expelled: the revoke waits for nothing) after the new assignment's recovery."""
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+    usage = job.settings.topics.usage
+    every = {TP(usage, partition) for partition in range(job.settings.partitions)}
+    monkeypatch.setattr(job.app.consumer, "assignment", lambda: every)
+    expelled = fails == "after the new assignment"
+
+    async def scenario() -> None:
+        spend(job, "daily", "acme", 1.0, 1)
+        await job._snapshot()
+        revoke = asyncio.ensure_future(revoke_every_partition(job, monkeypatch))
+        if expelled:
+            monkeypatch.setattr(app_module, "membership_lost", lambda consumer: True)
+            job.changes.take_records()  # written before the stall: nothing pending
+            await asyncio.wait_for(revoke, timeout=1)
+            await job.app.on_rebalance_complete.send()
+            await settled(batches, RecordBatchFailed("refused"))
+        else:
+            await asyncio.sleep(0.05)
+            await settled(batches, RecordBatchFailed("refused"))
+            await asyncio.wait_for(revoke, timeout=1)
+            await job.app.on_rebalance_complete.send()
+        await job._snapshot()
+        await settled(batches)
+
+    asyncio.run(scenario())
+    assert [spent_in(value) for value in batches.values()] == [1.0, 1.0]
+    assert not job.snapshots.retrying and not job.snapshots.waiting and not job.snapshots._latest

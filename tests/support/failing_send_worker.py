@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-import faust
-from burnguard.stream.app import create_job
+from burnguard.stream.app import create_job, make_worker
 from burnguard.stream.records import BATCHES, GROUPS, GroupRows
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaTimeoutError
@@ -27,7 +26,7 @@ def main() -> None:
         fail_combining_once(int(os.environ["FAIL_COMBINE_AT"]))
     else:
         fail_sending_once(job, int(os.environ.get("FAIL_SEND_AT", "3")))
-    faust.Worker(job.app, loglevel="info", quiet=True).execute_from_commandline()
+    make_worker(job).execute_from_commandline()
 
 
 def fail_sending_once(job: object, fail_at: int) -> None:

@@ -19,8 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import faust
-from burnguard.stream.app import create_job
+from burnguard.stream.app import create_job, make_worker
 from burnguard.stream.liveness import LivenessWatchdog
 from burnguard.stream.settings import StreamSettings
 
@@ -53,7 +52,7 @@ def main() -> None:
     if os.environ.get("STALL_UNHEALABLE") == "1":
         LivenessWatchdog.heal = heal_nothing  # type: ignore[method-assign]
     job.app.on_partitions_assigned.connect(skip_to_the_end(job.app, settings.topics.spans))
-    faust.Worker(job.app, loglevel="info", quiet=True).execute_from_commandline()
+    make_worker(job).execute_from_commandline()
 
 
 if __name__ == "__main__":
