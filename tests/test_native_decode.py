@@ -28,6 +28,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 
 from tests.fixtures.decoders import required_native_decoder
 from tests.support.byte_mutations import mutate
+from tests.support.protowire import field, fixed64, varint, varint_field
 
 #: BURNGUARD_DIFFERENTIAL_SCALE=20: the fuzz tests run 20 times their examples (a stress run,
 #: with `--timeout=0`: it outlasts the per-test timeout).
@@ -38,28 +39,6 @@ KNOWN_KEYS = sorted(
     | {attr.DUPLICATE_OF, attr.SERVICE_NAME}
 )
 MARKERS = [attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM]
-
-
-def varint(number: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, number = number & 0x7F, number >> 7
-        out.append(byte | (0x80 if number else 0))
-        if not number:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
-def fixed64(number: int, value: int) -> bytes:
-    return varint(number << 3 | 1) + value.to_bytes(8, "little")
-
-
-def varint_field(number: int, value: int) -> bytes:
-    return varint(number << 3) + varint(value)
 
 
 texts = st.one_of(
