@@ -44,8 +44,11 @@ from burnguard.contracts.span_checks import DEFAULT_LIMITS, NOT_FINITE, WRONG_TY
 from burnguard.contracts.usage import SpanUsage
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 logger = logging.getLogger(__name__)
@@ -220,22 +223,23 @@ def detect_format(payload: bytes) -> str:
     return OTLP_JSON if stripped[:1] == b"{" else OTLP_PROTO
 
 
-def parse_request(payload: bytes) -> Message:
-    """Parse one message as `otlp_proto` or `otlp_json` into a `TraceRequestView`.
+def parse_request(payload: bytes) -> tuple[Message, bytes]:
+    """Parse one message as `otlp_proto` or `otlp_json` into a `TraceRequestView`, with the
+    protobuf bytes it was parsed from (the payload, or the JSON request written as protobuf).
 
     Raises `MalformedSpans` with the reason.
     """
     if not payload:
         raise MalformedSpans("empty message")
     if detect_format(payload) == OTLP_PROTO:
-        return _parse_proto(payload)
+        return _parse_proto(payload), payload
     try:
         return _parse_json_request(payload)
     except MalformedSpans as json_error:
         if payload[:1] != b"\n":
             raise
         try:  # "\n{" also starts a protobuf request (see `detect_format`)
-            return _parse_proto(payload)
+            return _parse_proto(payload), payload
         except MalformedSpans:
             raise json_error from None
 
@@ -251,11 +255,12 @@ def _parse_proto(payload: bytes) -> Message:
     return view
 
 
-def _parse_json_request(payload: bytes) -> Message:
+def _parse_json_request(payload: bytes) -> tuple[Message, bytes]:
     request = _parse_json(payload)
     if not request.resource_spans:
         raise MalformedSpans("JSON message holds no resourceSpans: not an OTLP trace request")
-    return TraceRequestView.FromString(request.SerializeToString())
+    wire = request.SerializeToString()
+    return TraceRequestView.FromString(wire), wire
 
 
 def _hex_ids_to_base64(node: Any) -> None:
@@ -299,18 +304,24 @@ class DecodedSpans:
     rejected: list[RejectedSpan] = field(default_factory=list)
 
 
-def check_spans(request: Message, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
+def check_spans(request: Message, wire: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
     """Decode every GenAI span of a `TraceRequestView`, setting aside those that break a rule.
 
-    The loop runs once per span of every message, GenAI or not: a span that is not accounted
-    costs its attribute map and three look-ups in it; the resource's service and attribution
-    are read once per resource.
+    `wire`: the protobuf bytes the view was parsed from, read again only where the view lost an
+    attribute (`_ExactAttributes`). The loop runs once per span of every message, GenAI or not:
+    a span that is not accounted costs its attribute map, a look for unknown fields and three
+    look-ups in the map; the resource's service and attribution are read once per resource.
     """
     decoded = DecodedSpans()
     usages, rejected = decoded.usages, decoded.rejected
+    exact = _ExactAttributes(wire)
+    unknown_fields = UnknownFieldSet
     index = -1
-    for resource_spans in request.resource_spans:
-        resource_attributes = resource_spans.resource.attributes
+    for resource_index, resource_spans in enumerate(request.resource_spans):
+        resource = resource_spans.resource
+        resource_attributes = resource.attributes
+        if unknown_fields(resource):
+            resource_attributes = exact.resource(resource, resource_index, resource_attributes)
         service = resource_attributes.get(attr.SERVICE_NAME)
         service = service.string_value if service is not None else ""
         inherited = [(_INDEX[d], value) for d, value in resource_attribution(resource_attributes).items()]
@@ -318,6 +329,8 @@ def check_spans(request: Message, limits: SpanLimits = DEFAULT_LIMITS) -> Decode
             for span in scope_spans.spans:
                 index += 1
                 attributes = span.attributes
+                if unknown_fields(span):
+                    attributes = exact.span(span, index, attributes)
                 if not _is_accounted(attributes):
                     continue
                 try:
@@ -331,6 +344,61 @@ def check_spans(request: Message, limits: SpanLimits = DEFAULT_LIMITS) -> Decode
                     single = _single_span_request(resource_spans, scope_spans, span)
                     rejected.append(RejectedSpan(index, *problem, single))
     return decoded
+
+
+#: The field numbers of `Span.attributes` and `Resource.attributes`.
+_SPAN_ATTRIBUTES = trace_pb2.Span.DESCRIPTOR.fields_by_name["attributes"].number
+_RESOURCE_ATTRIBUTES = resource_pb2.Resource.DESCRIPTOR.fields_by_name["attributes"].number
+
+
+class _ExactAttributes:
+    """The attributes of a span or resource as the official `repeated KeyValue` reads them,
+    for the few the map view got wrong.
+
+    upb keeps a map entry that carries a field besides key (1) and value (2) (OTLP 1.10's
+    `KeyValue.key_strindex`, any field a hostile or future encoder adds, a key or value of the
+    wrong wire type) out of the map, as an unknown field of its span or resource. Protobuf's
+    `KeyValue` is the same attribute with that field ignored: an app must not hide its marker,
+    tenant or cost from accounting with one extra field. So a span or resource with such an
+    unknown field takes its attributes from the official parse of the same bytes (made once per
+    message, only then), in wire order: a repeated key keeps its last value, as in the map.
+    """
+
+    def __init__(self, wire: bytes) -> None:
+        self._wire = wire
+        self._request: ExportTraceServiceRequest | None = None
+        self._spans: list[Any] = []
+
+    def _official(self) -> ExportTraceServiceRequest:
+        if self._request is None:
+            try:
+                self._request = ExportTraceServiceRequest.FromString(self._wire)
+            except DecodeError as exc:  # the view's parse took it: the same schema, so not expected
+                raise MalformedSpans(f"not an OTLP protobuf ExportTraceServiceRequest: {exc}") from exc
+            resources = self._request.resource_spans
+            self._spans = [span for spans in resources for scope in spans.scope_spans for span in scope.spans]
+        return self._request
+
+    def span(self, span: Message, index: int, attributes: Mapping[str, AnyValue]) -> Mapping[str, AnyValue]:
+        """The attributes of the `index`-th span of the message (in walk order)."""
+        if not _lost_attributes(span, _SPAN_ATTRIBUTES):
+            return attributes
+        self._official()
+        return {entry.key: entry.value for entry in self._spans[index].attributes}
+
+    def resource(
+        self, resource: Message, index: int, attributes: Mapping[str, AnyValue]
+    ) -> Mapping[str, AnyValue]:
+        """The attributes of the resource of the `index`-th `ResourceSpans`."""
+        if not _lost_attributes(resource, _RESOURCE_ATTRIBUTES):
+            return attributes
+        official = self._official().resource_spans[index].resource
+        return {entry.key: entry.value for entry in official.attributes}
+
+
+def _lost_attributes(message: Message, number: int) -> bool:
+    """An attribute entry the map view kept out of the map: an unknown field with its number."""
+    return any(unknown.field_number == number for unknown in UnknownFieldSet(message))
 
 
 def _single_span_request(resource_spans: Any, scope_spans: Any, span: Any) -> bytes:
@@ -462,9 +530,9 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
 
     Raises `MalformedSpans` when the message as a whole is not an OTLP request.
     """
-    request = parse_request(payload)  # the whole message is checked, whatever it holds
+    request, wire = parse_request(payload)  # the whole message is checked, whatever it holds
     if detect_format(payload) != OTLP_PROTO:
-        return check_spans(request, limits)
+        return check_spans(request, wire, limits)
     if _without_markers(payload):
         return DecodedSpans()
     # the native walk takes the very bytes upb parsed (not a bytearray)
@@ -472,7 +540,7 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
         decoded = _natively_decoded(payload, limits)
         if decoded is not None:
             return decoded
-    return check_spans(request, limits)
+    return check_spans(request, wire, limits)
 
 
 @dataclass(slots=True)

@@ -11,7 +11,12 @@ The view's schema is derived here from the official descriptors, changing only
 those two fields, so every other field is parsed and validated as before: a
 payload the official class refuses, the view refuses. What a map changes:
 attribute order is lost and a key repeated in one span (OTLP forbids it) keeps
-its last value; `contracts.otlp` decodes without relying on order.
+its last value; `contracts.otlp` decodes without relying on order. And an entry
+with a field besides key and value (OTLP 1.10's `KeyValue.key_strindex`, any
+unknown field) is kept out of the map, as an unknown field of its span or
+resource, where `repeated KeyValue` reads the attribute: `contracts.otlp`
+(`_ExactAttributes`) reads such a span's or resource's attributes from the
+official class.
 """
 
 from __future__ import annotations

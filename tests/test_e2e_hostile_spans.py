@@ -158,3 +158,67 @@ def test_hostile_spans_are_dead_lettered_once_and_the_valid_ones_count_exactly(p
     pipeline.wait_for_log("worker", counted, 10, worker)
     worker_log = pipeline.log("worker")
     assert "Traceback" not in worker_log and "crashed" not in worker_log.lower()
+
+
+#: Fields an attribute entry may carry besides key and value (OTLP 1.10's `key_strindex` = 3, or
+#: any a hostile or future encoder adds), one per message: each must change nothing.
+EXTRA_FIELDS = [
+    b"\x18\x07",
+    b"\x20\x01",
+    b"\x29" + bytes(8),
+    b"\x35" + bytes(4),
+    b"\x3a\x01x",
+    b"\xf8\xff\xff\xff\x0f\x01",
+]
+
+
+@pytest.mark.slow
+def test_spans_whose_attributes_carry_unknown_fields_count_in_the_worker_and_the_sink(
+    pipeline: Pipeline,
+) -> None:
+    """Every attribute of span and resource carries an extra field: protobuf reads the same
+    attributes, so the worker must count and the sink must store every span, under its tenant
+    and service (before, the view dropped such attributes and the spans went unaccounted)."""
+    pipeline.write_budgets(BUDGETS)
+    worker = pipeline.start_worker()
+    sink = pipeline.start_sink()
+    producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
+    for number, extra in enumerate(EXTRA_FIELDS):
+        request = ExportTraceServiceRequest.FromString(message([good("acme")] * 2))
+        for resource_spans in request.resource_spans:
+            entries = [*resource_spans.resource.attributes]
+            entries += [
+                kv for scope in resource_spans.scope_spans for span in scope.spans for kv in span.attributes
+            ]
+            for entry in entries:
+                entry.MergeFromString(extra)  # an unknown field, written back as it came
+        producer.send(
+            pipeline.topics.spans, key=b"acme", value=request.SerializeToString(), partition=number % 4
+        )
+    producer.flush()
+    producer.close()
+
+    spans = 2 * len(EXTRA_FIELDS)
+    cost, tokens = spans * GOOD_COST, spans * sum(GOOD_TOKENS)
+    expected = {"tenant-cost:acme": cost, "tenant-tokens:acme": float(tokens)}
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and seen != expected:
+        seen = latest_usage(pipeline)
+        time.sleep(0.5)
+    assert seen == expected, "every span counts, under its tenant"
+
+    topics = [pipeline.topics.spans, pipeline.topics.signals]
+    assert wait_until_consumed(pipeline.broker.bootstrap, pipeline.env["BURNGUARD_SINK_GROUP"], topics) == 0
+    assert pipeline.stop(sink) == 0
+    stored = pipeline.clickhouse_query(
+        'client.query("SELECT count(), toString(sum(cost_usd)), groupUniqArray(tenant),'
+        ' groupUniqArray(service) FROM genai_spans FINAL").result_rows[0]'
+    )
+    count, total_cost, tenants, services = stored
+    assert (count, float(total_cost), tenants, services) == (
+        spans,
+        pytest.approx(cost),
+        ["acme"],
+        ["hostile-app"],
+    )
+    assert worker.poll() is None, "the worker still runs"

@@ -305,9 +305,9 @@ impl Decoder {
     }
 }
 
-/// One attribute (a `KeyValue`, read as a map entry): its value kept if its key is in `ids`.
-/// An entry with another field (OTLP 1.10's `key_strindex`, ...) is not in upb's map, it is an
-/// unknown field of the span: Python's to decide.
+/// One attribute (a `KeyValue`): its value kept if its key is in `ids`. Read as protobuf's
+/// `KeyValue` reads it: the last key, any other field (OTLP 1.10's `key_strindex`, whatever a
+/// hostile or future encoder adds) ignored; Python's reference reads such an entry the same way.
 fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<()> {
     let (mut key, mut value) = (&b""[..], None);
     for field in Fields::of(entry) {
@@ -315,7 +315,7 @@ fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<(
             (1, field) => key = field.bytes()?,
             (2, _) if value.is_some() => return Err(Unsure), // merged values: Python's
             (2, field) => value = Some(field.bytes()?),
-            _ => return Err(Unsure),
+            _ => {}
         }
     }
     if let Some(&id) = ids.get(key) {

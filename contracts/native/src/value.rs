@@ -90,7 +90,8 @@ impl<'a> Any<'a> {
                 (3, field) => Any::Int(field.varint()? as i64),
                 (4, field) => Any::Double(f64::from_bits(field.fixed64()?)),
                 (5..=7, Field::Bytes(_)) => Any::Other,
-                (1..=7, _) => return Err(Unsure),
+                // 8: OTLP 1.10's string_value_strindex, a member Python reads by its own rules
+                (1..=8, _) => return Err(Unsure),
                 _ => any,
             };
         }
