@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -360,6 +361,19 @@ def test_a_ring_keeps_the_newest_indices_like_a_dict_of_them() -> None:
             assert ring.items(first) == sorted((i, a) for i, a in model.items() if i >= first and a)
             restored = Ring.from_state(size, ring.to_state())
             assert (restored.newest, restored.items(0)) == (ring.newest, ring.items(0))
+
+
+def test_a_ring_that_restarts_evicts_what_it_held_and_a_new_one_nothing() -> None:
+    """The first add to an empty ring (newest -1) or a jump past the ring evicts every slot's sum
+    and leaves only the new amount; an empty ring's slots are skipped, not summed (its 0.0)."""
+    fresh = Ring(15)
+    assert fresh.add(1_000, 2.5) == 0.0
+    assert fresh.items(0) == [(1_000, 2.5)]
+    held = Ring(3, -1, array("d", [1.0, 2.0, -0.0]))
+    assert held.add(7, 4.0) == 3.0
+    assert held.items(0) == [(7, 4.0)] and held.amounts.tobytes() == array("d", [0.0, 4.0, 0.0]).tobytes()
+    assert held.add(20, 1.0) == 4.0
+    assert held.items(0) == [(20, 1.0)]
 
 
 def test_window_totals_survive_the_changelog_and_read_the_older_dict_state() -> None:
