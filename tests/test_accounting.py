@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, Window
+from burnguard.stream import partitioner
 from burnguard.stream.accounting import (
     RECENT_MINUTES,
     BatchStats,
@@ -28,6 +30,8 @@ from burnguard.stream.app import BATCH_ROWS, BudgetJob
 from burnguard.stream.partitioner import murmur2, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
+
+from tests.fixtures.decoders import required_native_decoder
 
 NS = 1_000_000_000
 ZONES = ("UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe")
@@ -423,12 +427,25 @@ def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: B
     assert contexts == [(usage_partition("long-context|s1", 4), observations)]
 
 
-def test_the_fast_murmur2_is_kafkas() -> None:
+@pytest.fixture(params=["python", "native"])
+def murmur2_impl(request: pytest.FixtureRequest) -> Callable[[bytes], int]:
+    """Each murmur2: the reference (`partitioner._murmur2`) and the native module's."""
+    if request.param == "python":
+        return partitioner._murmur2
+    required_native_decoder()  # fails under `make test` when the module is missing, else skips
+    return partitioner.native_module().murmur2  # type: ignore[union-attr]
+
+
+def test_the_fast_murmur2_is_kafkas(murmur2_impl: Callable[[bytes], int]) -> None:
+    """Both implementations against aiokafka's byte-by-byte one: every tail length, the extreme
+    bytes, keys as long as budget keys and snapshot keys get; and the one in use too."""
     rng = random.Random(3)
-    for length in range(40):
-        for _ in range(50):
-            data = bytes(rng.randrange(256) for _ in range(length))
-            assert murmur2(data) == aiokafka_murmur2(data), data
+    keys = [bytes(rng.randrange(256) for _ in range(length)) for length in range(120) for _ in range(30)]
+    keys += [b"\xff" * length for length in range(9)] + [b"\x00" * length for length in range(9)]
+    keys.append("tenant-daily|acme/ünïcode-user@x".encode())
+    for data in keys:
+        assert murmur2_impl(data) == aiokafka_murmur2(data), data
+        assert murmur2(data) == aiokafka_murmur2(data), data
 
 
 # --- the call mix: routing and escalation visibility (docs/ARCHITECTURE.md §8) --------------------
