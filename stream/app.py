@@ -88,7 +88,6 @@ from burnguard.stream.eviction import (
     horizon_key,
     is_window_key,
     last_event_ns,
-    split_window_key,
 )
 from burnguard.stream.liveness import install_liveness_watchdog
 from burnguard.stream.partitioner import usage_partition
@@ -1238,17 +1237,21 @@ class BudgetJob:
         live: set[str] = set()
         evicted = 0
         run = SnapshotRun(_now())
+        #: per `budget|...|window_start_ns` pair (key left out), `Lifetimes.expired_before`: the
+        #: walk covers every window of every partition, most sharing a few such pairs
+        deadlines: dict[tuple[str, str], float] = {}
         for state_key, stored in list(self.totals.data.items()):
             if not is_window_key(state_key) or not stored:
                 continue
-            budget_id, key, window_start_ns = split_window_key(state_key)
-            partition_key = f"{budget_id}|{key}"
-            budget = self._budgets.get(budget_id)
-            if (
-                budget is None
-                or not self.lifetimes.window_expired(budget, window_start_ns, last_event_ns(stored), clock)
-                or not self._owned(partition_key, partition)
-            ):
+            partition_key, start = state_key.rsplit("|", 1)  # `split_window_key`, unparsed
+            budget_id = partition_key.split("|", 1)[0]
+            deadline = deadlines.get((budget_id, start))
+            if deadline is None:
+                budget = self._budgets.get(budget_id)
+                deadline = deadlines[(budget_id, start)] = (
+                    -math.inf if budget is None else self.lifetimes.expired_before(budget, int(start), clock)
+                )
+            if not last_event_ns(stored) < deadline or not self._owned(partition_key, partition):
                 live.add(partition_key)
                 continue
             self.snapshots.evicting(state_key, partial(self._usage_snapshot, state_key, run))
