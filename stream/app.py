@@ -90,7 +90,7 @@ from burnguard.stream.eviction import (
     last_event_ns,
 )
 from burnguard.stream.liveness import install_liveness_watchdog
-from burnguard.stream.partitioner import usage_partition
+from burnguard.stream.partitioner import producer_partitioner, usage_partition
 from burnguard.stream.policy import (
     changed_signal,
     decide_context,
@@ -301,6 +301,7 @@ class BudgetJob:
             stream_recovery_delay=0.5,
             producer_linger=settings.producer_linger.total_seconds(),
             producer_max_batch_size=MAX_BATCH_BYTES,
+            producer_partitioner=producer_partitioner,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=settings.commit_interval.total_seconds(),
             broker_session_timeout=settings.session_timeout.total_seconds(),

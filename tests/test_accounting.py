@@ -27,7 +27,7 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.app import BATCH_ROWS, BudgetJob
-from burnguard.stream.partitioner import murmur2, usage_partition
+from burnguard.stream.partitioner import murmur2, producer_partitioner, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 
@@ -446,6 +446,19 @@ def test_the_fast_murmur2_is_kafkas(murmur2_impl: Callable[[bytes], int]) -> Non
     for data in keys:
         assert murmur2_impl(data) == aiokafka_murmur2(data), data
         assert murmur2(data) == aiokafka_murmur2(data), data
+
+
+def test_the_producers_partitioner_is_aiokafkas_default() -> None:
+    """Keyed records land where aiokafka's own partitioner puts them (signals, dead letters), for
+    any partition count; a record without a key goes to one of the available partitions."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        key = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 90)))
+        partitions = list(range(rng.randrange(1, 13)))
+        assert producer_partitioner(key, partitions, partitions) == DefaultPartitioner()(
+            key, partitions, partitions
+        )
+    assert all(producer_partitioner(None, [0, 1, 2, 3], [1, 3]) in (1, 3) for _ in range(50))
 
 
 # --- the call mix: routing and escalation visibility (docs/ARCHITECTURE.md §8) --------------------
