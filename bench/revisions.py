@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
+import sys
+import sysconfig
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,7 +34,34 @@ def export_revision(rev: str, into: Path, components: Sequence[str]) -> Path:
     (package / "burnguard").symlink_to(source / "burnguard")
     for component in components:
         (source / "burnguard" / component).symlink_to(source / component)
+    build_native(source)
     return package
+
+
+def build_native(source: Path) -> None:
+    """The revision's native module (contracts/native), built as `make venv` builds it, into its
+    `contracts/`: without it the revision's decoding would run pure-Python beside this checkout's
+    native one, and the comparison would measure that. The checkout's cargo target folder is
+    shared, so only what changed compiles. A revision without the crate, or a failed build: said
+    on stderr, and that side runs pure-Python."""
+    crate = source / "contracts" / "native"
+    if not (crate / "Cargo.toml").exists():
+        return
+    target = REPO / "contracts" / "native" / "target"
+    built = subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--manifest-path", str(crate / "Cargo.toml")],
+        env={**os.environ, "CARGO_TARGET_DIR": str(target)},
+        capture_output=True,
+        text=True,
+    )
+    library = target / "release" / "lib_otlp_native.so"
+    if built.returncode != 0 or not library.exists():
+        print(
+            f"[bench] the old revision's native module did not build; it runs pure-Python:\n{built.stderr}",
+            file=sys.stderr,
+        )
+        return
+    shutil.copyfile(library, source / "contracts" / f"_otlp_native{sysconfig.get_config_var('EXT_SUFFIX')}")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser, rounds: int = 2) -> None:

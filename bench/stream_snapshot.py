@@ -9,8 +9,16 @@ settles it delivered), so the hand-over costs what it costs in the worker. Then 
 marks every window changed and runs the timer (`_snapshot`, in slices of `SNAPSHOT_SLICE` with
 its pauses: CPU time, not wall time, is what counts) until every record is delivered: it builds,
 encodes, partitions and queues one `budget_usage` record per window and hands them to the
-producer. The figure is the best of `--repeat` runs, per window. Also timed: the changelog
-records of every window's totals (`TableChanges.take_records`, their JSON), per record.
+producer. The figure is the best of `--repeat` runs, per window. Also timed:
+
+* first: the same runs with nothing remembered of the windows (`UsageSnapshots.forget_keys`
+  before each): every window's Kafka key, partition (murmur2) and JSON head made anew, as for
+  a window's first snapshot, which is most snapshots when keys are new (sessions).
+* sweep: the eviction sweep's walk over every window (`_evict_windows` on usage partition 0,
+  the clock now: nothing expires, the common case), per window: each usage partition's sweep
+  walks the whole table, every `BURNGUARD_EVICT_INTERVAL_S`.
+* changelog: the changelog records of every window's totals (`TableChanges.take_records`,
+  their JSON), per record.
 
     .venv/bin/python bench/stream_snapshot.py [--keys 500] [--repeat 5] [--compare REV] [--rounds 2]
 
@@ -98,8 +106,9 @@ def mark_changed(job: Any, windows: list[str]) -> None:
         job._unsnapshotted = dict.fromkeys(windows)
 
 
-async def timed_runs(job: Any, windows: list[str], repeat: int) -> tuple[float, int]:
-    """(best CPU seconds of a run of the timer until its records are delivered, records per run)."""
+async def timed_runs(job: Any, windows: list[str], repeat: int, first: bool = False) -> tuple[float, int]:
+    """(best CPU seconds of a run of the timer until its records are delivered, records per run);
+    `first`: nothing remembered of the windows at each run (their first snapshot)."""
     producer, delivered, drainer = accumulating_producer(job.settings.partitions)
     job.app.producer._ensure_producer = lambda: producer
     topic = job.settings.topics.budget_usage
@@ -107,6 +116,8 @@ async def timed_runs(job: Any, windows: list[str], repeat: int) -> tuple[float, 
     try:
         for run in range(1, repeat + 1):
             mark_changed(job, windows)
+            if first:
+                job.snapshots.forget_keys()
             started = time.process_time()
             await job._snapshot()
             while delivered[topic] < run * len(windows):
@@ -127,14 +138,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         app.SNAPSHOT_MAX_PER_RUN = len(windows)
         job._snapshot_everything = False
         fastest, sent = asyncio.run(timed_runs(job, windows, args.repeat))
+        first, _ = asyncio.run(timed_runs(job, windows, args.repeat, first=True))
+        sweep_us = sweep_us_per_window(job, windows, args.repeat)
         changelog_us = take_records_us(job, windows, args.repeat)
     return {
         "code": app.__file__,
         "windows": len(windows),
         "sent": sent,
         "us_per_window": fastest / len(windows) * 1e6,
+        "first_us_per_window": first / len(windows) * 1e6,
+        "sweep_us_per_window": sweep_us,
         "changelog_us_per_record": changelog_us,
     }
+
+
+def sweep_us_per_window(job: Any, windows: list[str], repeat: int) -> float:
+    """Best CPU µs per window of the eviction walk on partition 0 at the clock now (nothing expires)."""
+    clock = int(datetime.now(UTC).timestamp() * 1e9)
+    fastest = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        live, evicted = job._evict_windows(0, clock)
+        fastest = min(fastest, time.process_time() - started)
+        assert evicted == 0 and live, "nothing expires at the clock now"
+    return fastest / len(windows) * 1e6
 
 
 def take_records_us(job: Any, windows: list[str], repeat: int) -> float:
@@ -162,7 +189,8 @@ def measure_child(args: argparse.Namespace, pythonpath: Path | None) -> dict[str
 def show(label: str, run: dict[str, Any]) -> None:
     print(
         f"{label} ({run['code']}): snapshot {run['us_per_window']:.2f} us/window, {run['sent']} sent; "
-        f"changelog encoding {run['changelog_us_per_record']:.2f} us/record"
+        f"first snapshot {run['first_us_per_window']:.2f} us/window; sweep {run['sweep_us_per_window']:.2f} "
+        f"us/window; changelog encoding {run['changelog_us_per_record']:.2f} us/record"
     )
 
 
@@ -186,12 +214,18 @@ def main() -> None:
     new = min(runs["new"], key=lambda run: run["us_per_window"])
     show("this checkout", new)
     fields = f"windows={new['windows']} sent={new['sent']} us_per_window={new['us_per_window']:.2f}"
+    fields += f" first_us_per_window={new['first_us_per_window']:.2f}"
+    fields += f" sweep_us_per_window={new['sweep_us_per_window']:.2f}"
     fields += f" changelog_us_per_record={new['changelog_us_per_record']:.2f}"
     if runs["old"]:
         old = min(runs["old"], key=lambda run: run["us_per_window"])
         show(f"old {args.compare}", old)
         fields += f" old_us_per_window={old['us_per_window']:.2f}"
         fields += f" speedup={old['us_per_window'] / new['us_per_window']:.2f}"
+        fields += f" old_first_us_per_window={old['first_us_per_window']:.2f}"
+        fields += f" first_speedup={old['first_us_per_window'] / new['first_us_per_window']:.2f}"
+        fields += f" old_sweep_us_per_window={old['sweep_us_per_window']:.2f}"
+        fields += f" sweep_speedup={old['sweep_us_per_window'] / new['sweep_us_per_window']:.2f}"
         fields += f" old_changelog_us_per_record={old['changelog_us_per_record']:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     print(f"RESULT stream_snapshot keys={args.keys} repeat={args.repeat} {fields}")

@@ -80,6 +80,7 @@ from burnguard.stream.changelog import (
     ChangelogWriteFailed,
     PendingRecords,
     TableChanges,
+    plain_store,
 )
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
@@ -88,10 +89,9 @@ from burnguard.stream.eviction import (
     horizon_key,
     is_window_key,
     last_event_ns,
-    split_window_key,
 )
 from burnguard.stream.liveness import BoundedStopWorker, install_liveness_watchdog
-from burnguard.stream.partitioner import usage_partition
+from burnguard.stream.partitioner import producer_partitioner, usage_partition
 from burnguard.stream.policy import (
     changed_signal,
     decide_context,
@@ -302,6 +302,7 @@ class BudgetJob:
             stream_recovery_delay=0.5,
             producer_linger=settings.producer_linger.total_seconds(),
             producer_max_batch_size=MAX_BATCH_BYTES,
+            producer_partitioner=producer_partitioner,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=settings.commit_interval.total_seconds(),
             broker_session_timeout=settings.session_timeout.total_seconds(),
@@ -906,7 +907,7 @@ class BudgetJob:
         partitions = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == usage}
         owned = {
             state_key: None
-            for state_key, stored in list(_plain(self.totals).items())
+            for state_key, stored in list(plain_store(self.totals).items())
             if stored
             and is_window_key(state_key)
             and usage_partition(state_key.rsplit("|", 1)[0], self.settings.partitions) in partitions
@@ -1057,7 +1058,7 @@ class BudgetJob:
             added += step[1]
         applied = [Step.from_wire(step, mix is not None) for step in steps]
         state_key = f"{budget_id}|{key}|{window_start_ns}"
-        stored = _plain(self.totals).get(state_key)
+        stored = plain_store(self.totals).get(state_key)
         if stored is None:
             if self._forgotten(budget, window_start_ns, applied[0].last_event_ns):
                 return False
@@ -1066,7 +1067,7 @@ class BudgetJob:
             totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
             if steps[0][0] <= totals.applied.get(str(partition), -1):
                 return False
-        previous = _plain(self.states).get(f"{budget_id}|{key}")
+        previous = plain_store(self.states).get(f"{budget_id}|{key}")
         if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
             action = previous["action"] if previous else "ok"
             events = [step.last_event_ns for step in applied] if bucket_ns else []
@@ -1092,7 +1093,7 @@ class BudgetJob:
             logger.error("usage for %s|%s at %s is %r: not counted", budget_id, key, source, amount)
             return None
         state_key = f"{budget_id}|{key}|{window_start_ns}"
-        stored = _plain(self.totals).get(state_key)
+        stored = plain_store(self.totals).get(state_key)
         if stored is None and self._forgotten(budget, window_start_ns, last_ns):
             self.late_after_eviction += 1  # counted before and forgotten, or too late: not revived
             return None
@@ -1156,7 +1157,7 @@ class BudgetJob:
         restriction; the cheap `decide_action` settles every other delta.
         """
         state_key = f"{budget.id}|{key}"
-        previous = _plain(self.states).get(state_key)
+        previous = plain_store(self.states).get(state_key)
         ttl = self.settings.signal_ttl
         signal = changed_signal(budget, key, window_start_ns, totals, now, previous, ttl, refresh)
         if signal is not None:
@@ -1198,7 +1199,7 @@ class BudgetJob:
         have been swept further by another worker meanwhile. Every sweep stores its clock, so a
         replay after a crash refuses exactly the deltas the first reading refused.
         """
-        return int(_plain(self.totals).get(horizon_key(partition)) or 0)
+        return int(plain_store(self.totals).get(horizon_key(partition)) or 0)
 
     def _forgotten(self, budget: Budget, window_start_ns: int, last_ns: int) -> bool:
         """Whether a delta for a window absent from the table is for one this partition forgot."""
@@ -1238,17 +1239,21 @@ class BudgetJob:
         live: set[str] = set()
         evicted = 0
         run = SnapshotRun(_now())
+        #: per `budget|...|window_start_ns` pair (key left out), `Lifetimes.expired_before`: the
+        #: walk covers every window of every partition, most sharing a few such pairs
+        deadlines: dict[tuple[str, str], float] = {}
         for state_key, stored in list(self.totals.data.items()):
             if not is_window_key(state_key) or not stored:
                 continue
-            budget_id, key, window_start_ns = split_window_key(state_key)
-            partition_key = f"{budget_id}|{key}"
-            budget = self._budgets.get(budget_id)
-            if (
-                budget is None
-                or not self.lifetimes.window_expired(budget, window_start_ns, last_event_ns(stored), clock)
-                or not self._owned(partition_key, partition)
-            ):
+            partition_key, start = state_key.rsplit("|", 1)  # `split_window_key`, unparsed
+            budget_id = partition_key.split("|", 1)[0]
+            deadline = deadlines.get((budget_id, start))
+            if deadline is None:
+                budget = self._budgets.get(budget_id)
+                deadline = deadlines[(budget_id, start)] = (
+                    -math.inf if budget is None else self.lifetimes.expired_before(budget, int(start), clock)
+                )
+            if not last_event_ns(stored) < deadline or not self._owned(partition_key, partition):
                 live.add(partition_key)
                 continue
             self.snapshots.evicting(state_key, partial(self._usage_snapshot, state_key, run))
@@ -1428,7 +1433,7 @@ class BudgetJob:
 
     def _window_held(self, state_key: str) -> bool:
         """Whether the window is in the totals table (not evicted)."""
-        return state_key in _plain(self.totals)
+        return state_key in plain_store(self.totals)
 
     def _usage_snapshot(self, state_key: str, run: SnapshotRun) -> Snapshot | None:
         """A window's `BudgetUsage` record (Kafka key, partition, JSON), encoded without building the model.
@@ -1440,7 +1445,7 @@ class BudgetJob:
         budget_id, rest = state_key.split("|", 1)
         key, window_start_ns = rest.rsplit("|", 1)
         budget = self._budgets.get(budget_id)
-        stored = _plain(self.totals).get(state_key)
+        stored = plain_store(self.totals).get(state_key)
         if budget is None or not stored:
             return None
         totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
@@ -1474,18 +1479,6 @@ class SnapshotRun:
 def _has_steps(row: list[Any]) -> bool:
     """Whether a delta row is a group's with per-message steps (`GroupRows`)."""
     return len(row) == DELTA_ROW_FIELDS_WITH_STEPS and isinstance(row[-1], list)
-
-
-def _plain(table: Any) -> Any:
-    """The dict under a table's in-memory store (`store="memory://"`), for reads on the hot path.
-
-    Faust's store (`faust.stores.memory.Store`) keeps its entries in a plain dict, `.data`, and
-    wraps it in Python-level mapping methods: a `get` through them was three Python calls. Any
-    other store is used as it is.
-    """
-    store = table.data
-    plain = getattr(store, "data", None)
-    return plain if isinstance(plain, dict) else store
 
 
 def _retire_due(state: dict[str, Any] | None, now: datetime) -> bool:

@@ -187,6 +187,18 @@ def _encoded(
         yield encode_key(key), None if value is None else encode_value(value)
 
 
+def plain_store(table: Any) -> Any:
+    """The dict under a table's in-memory store (`store="memory://"`), for reads and writes on the hot path.
+
+    Faust's store (`faust.stores.memory.Store`) keeps its entries in a plain dict, `.data`, and
+    wraps it in Python-level mapping methods: a `get` through them was three Python calls. Any
+    other store is used as it is.
+    """
+    store = table.data
+    plain = getattr(store, "data", None)
+    return plain if isinstance(plain, dict) else store
+
+
 class TableChanges:
     """Changes to Faust tables, applied to their stores at once and to their changelogs in batches.
 
@@ -206,6 +218,8 @@ class TableChanges:
         self.partition = 0
         self.flush_interval_s = flush_interval_s
         self._changed: dict[tuple[CollectionT, int], dict[Any, Any]] = defaultdict(dict)
+        #: id(table) -> (table, partition, its store, its pending changes there): `_target`
+        self._targets: dict[int, tuple[CollectionT, int, Any, dict[Any, Any]]] = {}
         #: per source partition, the offset after the last record whose processing has finished
         self._processed: dict[TP, int] = {}
         #: how many distinct keys are in `_changed`
@@ -220,18 +234,33 @@ class TableChanges:
 
     def set(self, table: CollectionT, key: str, value: Any) -> None:
         """Change a key; its record moves behind the batch's other changes (see `stream/eviction.py`)."""
-        table.data[key] = value
-        changed = self._changed[(table, self.partition)]
+        known = self._targets.get(id(table))
+        if known is None or known[0] is not table or known[1] != self.partition:
+            known = self._target(table)
+        known[2][key] = value
+        changed = known[3]
         if changed.pop(key, _ABSENT) is _ABSENT:
             self._pending_keys += 1
         changed[key] = value
 
     def delete(self, table: CollectionT, key: str) -> None:
-        if table.data.pop(key, None) is not None:
-            changed = self._changed[(table, self.partition)]
+        if table.data.pop(key, None) is not None:  # rare (evictions): no pending entry made for nothing
+            changed = self._target(table)[3]
             if changed.get(key, _ABSENT) is _ABSENT:
                 self._pending_keys += 1
             changed[key] = None
+
+    def _target(self, table: CollectionT) -> tuple[CollectionT, int, Any, dict[Any, Any]]:
+        """(table, the current partition, the table's store as `plain_store` gives it, its pending
+        changes of the partition), remembered for `set` until the changes are taken.
+
+        Stage 2 changes a key per delta row: `table.data[key]` and `_changed[(table, partition)]`
+        were three Python calls (Faust's `data` property, its store's `__setitem__`, the table's
+        `__hash__`) and a tuple each time.
+        """
+        known = (table, self.partition, plain_store(table), self._changed[(table, self.partition)])
+        self._targets[id(table)] = known
+        return known
 
     def take_records(self) -> list[tuple[str, int, bytes, bytes | None]]:
         """(changelog topic, partition, key, value) of each changed key's latest value, once: what
@@ -247,6 +276,7 @@ class TableChanges:
         """Per changelog (topic, partition), its changed keys' (key, value), each encoded when the
         iterator reaches it (straight into its batch, no list in between), in change order."""
         changed, self._changed = self._changed, defaultdict(dict)
+        self._targets.clear()  # their pending changes are taken
         self._pending_keys = 0
         taken = []
         for (table, partition), values in changed.items():

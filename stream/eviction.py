@@ -20,6 +20,7 @@ that the horizon says has expired is a late span, not a new window.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -77,14 +78,24 @@ class Lifetimes:
         ago. Session: idle longer than the session idle time. Rolling: every
         bucket, the oldest included (it counts until fully gone), has left.
         """
+        return last_ns < self.expired_before(budget, window_start_ns, clock_ns)
+
+    def expired_before(self, budget: Budget, window_start_ns: int, clock_ns: int) -> float:
+        """`window_expired` for every window of a budget with this start at once: the latest event
+        time below which one has expired (-inf: none has; inf: all have, a calendar window).
+
+        A sweep walks every window; most share a few (budget, start) pairs, so it works this out
+        once per pair (`BudgetJob._evict_windows`). Integer arithmetic: `last + a < clock` is
+        `last < clock - a` exactly.
+        """
         window = budget.window_spec
         if window.spec == SESSION_WINDOW:
-            return last_ns + self.session_idle_ns < clock_ns
+            return clock_ns - self.session_idle_ns
         rolling_ns, bucket_ns = window_lengths(window)
         if rolling_ns:
-            return last_ns + rolling_ns + bucket_ns < clock_ns
+            return clock_ns - rolling_ns - bucket_ns
         end = window_span(window, window_start_ns)[1]
-        return int(end.timestamp()) * _NS + self.lateness_ns < clock_ns
+        return math.inf if int(end.timestamp()) * _NS + self.lateness_ns < clock_ns else -math.inf
 
     def session_idle(self, seen_ns: int, clock_ns: int) -> bool:
         return seen_ns + self.session_idle_ns < clock_ns

@@ -3,22 +3,59 @@
 Stage 1 sends batch, tick and removal records to the partition that holds a key's state, so
 it picks the partition itself (a batch holds many keys); the choice must be the one aiokafka's
 default partitioner makes for the key, which is what `tests/test_accounting.py` checks.
+
+The hash is the native module's (`contracts/native`, `murmur2`) when it is built and in use
+(`BURNGUARD_NATIVE`, as for decoding), chosen at the first hash; `_murmur2` here is the
+reference, and the tests compare both on random keys.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from functools import lru_cache
+
+from aiokafka.partitioner import DefaultPartitioner
+from burnguard.contracts.otlp import native_in_use
 
 _MURMUR_M = 0x5BD1E995
 _U32 = 0xFFFFFFFF
 
 
 def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 key hash, equal to aiokafka's but ~4x faster (whole words via `struct`).
+    """Kafka's murmur2 key hash: the native one when in use, else the reference `_murmur2`.
 
-    The worker hashes every delta's key and every snapshot's key; aiokafka's
-    byte-by-byte version was ~3% of the worker's time.
+    The worker hashes every new budget key (stage 1) and every new snapshot key: ~4 us each in
+    Python, most of a first snapshot's cost (BENCHMARKS.md).
+    """
+    return _hash()(data)
+
+
+#: the murmur2 `_hash` chose (None: not yet)
+_chosen: Callable[[bytes], int] | None = None
+
+
+def _hash() -> Callable[[bytes], int]:
+    """The murmur2 in use, chosen once: read at the first hash, not at import (`native_in_use`)."""
+    global _chosen
+    if _chosen is None:
+        native = getattr(native_module(), "murmur2", None) if native_in_use() is not None else None
+        _chosen = native if native is not None else _murmur2
+    return _chosen
+
+
+def native_module() -> object | None:
+    """The native module (contracts/native), None when it is not built."""
+    try:
+        from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _otlp_native
+
+
+def _murmur2(data: bytes) -> int:
+    """Kafka's murmur2 key hash, equal to aiokafka's but ~4x faster (whole words via `struct`): the
+    reference of the native `murmur2` (aiokafka's byte-by-byte version was ~3% of the worker's time).
     """
     length = len(data)
     whole = length - length % 4
@@ -39,9 +76,22 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+def producer_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's `DefaultPartitioner` with `murmur2` here: the worker's producer's partitioner
+    (Faust's `producer_partitioner`), so a signal or a dead letter sent with a key costs no
+    byte-by-byte hash (aiokafka's, ~20 us per signal key). A record without a key: aiokafka's
+    own (a random available partition)."""
+    if key is None:
+        return _RANDOM(key, all_partitions, available)
+    return all_partitions[(_hash()(key) & 0x7FFFFFFF) % len(all_partitions)]
+
+
+_RANDOM = DefaultPartitioner()
+
+
 def key_partition(key: bytes, partitions: int) -> int:
     """The partition aiokafka's default partitioner picks for `key` among `partitions`."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return (_hash()(key) & 0x7FFFFFFF) % partitions
 
 
 @lru_cache(maxsize=1 << 15)  # the busy keys (tenants, features); a cache of every key would cost ~20 MB

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from array import array
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, Window
+from burnguard.stream import partitioner
 from burnguard.stream.accounting import (
     RECENT_MINUTES,
     BatchStats,
@@ -24,9 +27,11 @@ from burnguard.stream.accounting import (
     usage_deltas,
 )
 from burnguard.stream.app import BATCH_ROWS, BudgetJob
-from burnguard.stream.partitioner import murmur2, usage_partition
+from burnguard.stream.partitioner import murmur2, producer_partitioner, usage_partition
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
+
+from tests.fixtures.decoders import required_native_decoder
 
 NS = 1_000_000_000
 ZONES = ("UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe")
@@ -362,6 +367,19 @@ def test_a_ring_keeps_the_newest_indices_like_a_dict_of_them() -> None:
             assert (restored.newest, restored.items(0)) == (ring.newest, ring.items(0))
 
 
+def test_a_ring_that_restarts_evicts_what_it_held_and_a_new_one_nothing() -> None:
+    """The first add to an empty ring (newest -1) or a jump past the ring evicts every slot's sum
+    and leaves only the new amount; an empty ring's slots are skipped, not summed (its 0.0)."""
+    fresh = Ring(15)
+    assert fresh.add(1_000, 2.5) == 0.0
+    assert fresh.items(0) == [(1_000, 2.5)]
+    held = Ring(3, -1, array("d", [1.0, 2.0, -0.0]))
+    assert held.add(7, 4.0) == 3.0
+    assert held.items(0) == [(7, 4.0)] and held.amounts.tobytes() == array("d", [0.0, 4.0, 0.0]).tobytes()
+    assert held.add(20, 1.0) == 4.0
+    assert held.items(0) == [(20, 1.0)]
+
+
 def test_window_totals_survive_the_changelog_and_read_the_older_dict_state() -> None:
     minute = 60 * NS
     totals = WindowTotals()
@@ -409,12 +427,38 @@ def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: B
     assert contexts == [(usage_partition("long-context|s1", 4), observations)]
 
 
-def test_the_fast_murmur2_is_kafkas() -> None:
+@pytest.fixture(params=["python", "native"])
+def murmur2_impl(request: pytest.FixtureRequest) -> Callable[[bytes], int]:
+    """Each murmur2: the reference (`partitioner._murmur2`) and the native module's."""
+    if request.param == "python":
+        return partitioner._murmur2
+    required_native_decoder()  # fails under `make test` when the module is missing, else skips
+    return partitioner.native_module().murmur2  # type: ignore[union-attr]
+
+
+def test_the_fast_murmur2_is_kafkas(murmur2_impl: Callable[[bytes], int]) -> None:
+    """Both implementations against aiokafka's byte-by-byte one: every tail length, the extreme
+    bytes, keys as long as budget keys and snapshot keys get; and the one in use too."""
     rng = random.Random(3)
-    for length in range(40):
-        for _ in range(50):
-            data = bytes(rng.randrange(256) for _ in range(length))
-            assert murmur2(data) == aiokafka_murmur2(data), data
+    keys = [bytes(rng.randrange(256) for _ in range(length)) for length in range(120) for _ in range(30)]
+    keys += [b"\xff" * length for length in range(9)] + [b"\x00" * length for length in range(9)]
+    keys.append("tenant-daily|acme/ünïcode-user@x".encode())
+    for data in keys:
+        assert murmur2_impl(data) == aiokafka_murmur2(data), data
+        assert murmur2(data) == aiokafka_murmur2(data), data
+
+
+def test_the_producers_partitioner_is_aiokafkas_default() -> None:
+    """Keyed records land where aiokafka's own partitioner puts them (signals, dead letters), for
+    any partition count; a record without a key goes to one of the available partitions."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        key = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 90)))
+        partitions = list(range(rng.randrange(1, 13)))
+        assert producer_partitioner(key, partitions, partitions) == DefaultPartitioner()(
+            key, partitions, partitions
+        )
+    assert all(producer_partitioner(None, [0, 1, 2, 3], [1, 3]) in (1, 3) for _ in range(50))
 
 
 # --- the call mix: routing and escalation visibility (docs/ARCHITECTURE.md §8) --------------------

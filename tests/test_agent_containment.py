@@ -20,7 +20,8 @@ import pytest
 from burnguard.contracts.budgets import Budget, parse_budget_yaml
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.app import BudgetJob, _as_bytes, _plain, freeze_startup_heap
+from burnguard.stream.app import BudgetJob, _as_bytes, freeze_startup_heap
+from burnguard.stream.changelog import plain_store
 from burnguard.stream.records import DELTA_ROW_FIELDS, BatchRecord, DeltaRow, batches_record
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.takeover import PartitionsLost
@@ -132,13 +133,13 @@ def test_a_micro_batch_record_counts_each_message_once_by_its_own_source_offset(
 
 
 def test_stage_2_reads_the_tables_through_the_dict_their_store_keeps(job: BudgetJob) -> None:
-    """`_plain` skips the store's Python-level mapping methods; it must read what the store holds."""
+    """`plain_store` skips the store's Python-level mapping methods; it must read what the store holds."""
     row = ["tenant-cost", "acme", 0, 1.0, 1, 1, 1, 0]
     assert job._apply(DeltaRow.from_wire(row), (0, 1), datetime.now(UTC)) is None
-    assert _plain(job.totals) is job.totals.data.data
-    assert WindowTotals.from_state(_plain(job.totals)["tenant-cost|acme|0"]).spent == 1.0
+    assert plain_store(job.totals) is job.totals.data.data
+    assert WindowTotals.from_state(plain_store(job.totals)["tenant-cost|acme|0"]).spent == 1.0
     job.changes.delete(job.totals, "tenant-cost|acme|0")
-    assert "tenant-cost|acme|0" not in _plain(job.totals)
+    assert "tenant-cost|acme|0" not in plain_store(job.totals)
 
 
 def test_rows_with_and_without_the_call_mix_count_alike_in_a_batch(

@@ -32,7 +32,8 @@ from burnguard.contracts.topics import Topics
 from burnguard.contracts.windows import Window
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import ContextGrowth, WindowTotals
-from burnguard.stream.app import BudgetJob, _plain
+from burnguard.stream.app import BudgetJob
+from burnguard.stream.changelog import plain_store
 from burnguard.stream.duplicates import digest
 from burnguard.stream.eviction import horizon_key, is_window_key
 from burnguard.stream.records import GroupRows, MicroBatch, encode_record
@@ -151,7 +152,7 @@ _HORIZONS = [0, NOW_NS - 90 * _MINUTE, NOW_NS]
 def _swept(job: BudgetJob, horizon: int) -> BudgetJob:
     """The job's usage partition 0 swept through `horizon`, as its last `sweep` record stores it."""
     if horizon:
-        _plain(job.totals)[horizon_key(0)] = horizon
+        plain_store(job.totals)[horizon_key(0)] = horizon
     return job
 
 
@@ -165,13 +166,13 @@ def outcome(job: BudgetJob) -> tuple[Any, ...]:
     published states, and each key's signals in order, everything they carry."""
     totals = {
         key: WindowTotals.from_state(value).to_state()
-        for key, value in _plain(job.totals).items()
+        for key, value in plain_store(job.totals).items()
         if is_window_key(key)
     }
     by_key: dict[str, list[str]] = {}
     for signal in job.signals:  # type: ignore[attr-defined]
         by_key.setdefault(signal.kafka_key, []).append(signal.to_json().decode())
-    return json.dumps(totals, sort_keys=True), dict(_plain(job.states)), by_key
+    return json.dumps(totals, sort_keys=True), dict(plain_store(job.states)), by_key
 
 
 @st.composite
@@ -252,7 +253,7 @@ def test_the_same_deliveries_combined_count_errors_and_replays_as_per_message(
     assert outcome(combined) == outcome(alone)
     counters = ("agent_errors", "replayed_deltas", "late_after_eviction")
     assert [getattr(combined, c) for c in counters] == [getattr(alone, c) for c in counters]
-    windows = [value for key, value in _plain(combined.totals).items() if is_window_key(key)]
+    windows = [value for key, value in plain_store(combined.totals).items() if is_window_key(key)]
     assert math.isfinite(sum(WindowTotals.from_state(value).spent for value in windows))
 
 
@@ -502,7 +503,7 @@ def _stage_one(job: BudgetJob, events: list[Event]) -> list[bytes]:
 def _with_contexts(job: BudgetJob) -> tuple[Any, ...]:
     return (
         *outcome(job),
-        {key: ContextGrowth.from_state(v).to_state() for key, v in _plain(job.contexts).items()},
+        {key: ContextGrowth.from_state(v).to_state() for key, v in plain_store(job.contexts).items()},
     )
 
 

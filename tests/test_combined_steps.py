@@ -21,7 +21,8 @@ from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.contracts.signals import Signal
 from burnguard.stream import app as app_module
 from burnguard.stream.accounting import WindowTotals
-from burnguard.stream.app import BudgetJob, _has_steps, _plain
+from burnguard.stream.app import BudgetJob, _has_steps
+from burnguard.stream.changelog import plain_store
 from burnguard.stream.policy import settles_alike
 from burnguard.stream.records import BatchRecord, GroupRows, batches_record
 from burnguard.stream.settings import StreamSettings
@@ -101,7 +102,7 @@ def row_record(source_offset: int, rows: list[list[Any]]) -> dict[str, Any]:
 
 
 def spent_of(job: BudgetJob, state_key: str) -> WindowTotals:
-    return WindowTotals.from_state(_plain(job.totals)[state_key])
+    return WindowTotals.from_state(plain_store(job.totals)[state_key])
 
 
 def test_steps_at_or_below_the_mark_are_skipped_and_only_the_later_one_counts(tmp_path: Path) -> None:
@@ -145,8 +146,10 @@ def signals_by_key(job: BudgetJob) -> dict[str, list[str]]:
 
 
 def states_of(job: BudgetJob) -> tuple[dict[str, Any], dict[str, Any]]:
-    totals = {key: WindowTotals.from_state(value).to_state() for key, value in _plain(job.totals).items()}
-    return totals, dict(_plain(job.states))
+    totals = {
+        key: WindowTotals.from_state(value).to_state() for key, value in plain_store(job.totals).items()
+    }
+    return totals, dict(plain_store(job.states))
 
 
 def cut_with_replays(tmp_path: Path, events: list[Event], rng: random.Random) -> list[bytes]:

@@ -434,10 +434,39 @@ fn positions_of(positions: &HashMap<String, usize>, fields: usize) -> PyResult<P
     })
 }
 
-/// `Decoder`, and the exception a Rust panic is raised as (a BaseException: the caller catches it
-/// by name, `except Exception` would let it through).
+/// Kafka's murmur2 hash of a record key, as its default partitioner computes it. The reference is
+/// `stream/partitioner.py:_murmur2`, which `tests/test_accounting.py` compares this with; the
+/// worker hashes every new budget key (stage 1) and every new snapshot key, ~4 us each in Python.
+#[pyfunction]
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5BD1_E995;
+    let whole = data.len() - data.len() % 4;
+    let mut h: u32 = 0x9747_B28C ^ (data.len() as u32);
+    for word in data[..whole].chunks_exact(4) {
+        let mut k = u32::from_le_bytes([word[0], word[1], word[2], word[3]]).wrapping_mul(M);
+        k ^= k >> 24;
+        h = h.wrapping_mul(M) ^ k.wrapping_mul(M);
+    }
+    let tail = &data[whole..];
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if let Some(&first) = tail.first() {
+        h = (h ^ u32::from(first)).wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
+}
+
+/// `Decoder`, `murmur2`, and the exception a Rust panic is raised as (a BaseException: the caller
+/// catches it by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("PanicException", module.py().get_type::<PanicException>())?;
+    module.add_function(wrap_pyfunction!(murmur2, module)?)?;
     module.add_class::<Decoder>()
 }
