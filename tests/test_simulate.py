@@ -20,6 +20,7 @@ globex, session-cap (3 calls a session, throttle at 100%): session s1 has 5 call
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +41,6 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from burnguard.cli import app
-from burnguard.cli import simulate as simulate_cli
 from burnguard.cli.devstack import wait_until_consumed
 from tests.factories import LADDER_YAML, WARN_DOWNGRADE_THROTTLE, budget, budgets_yaml, span_usage
 from tests.fixtures.pipeline import Pipeline, read_to_end
@@ -176,7 +176,7 @@ def test_simulate_table_and_report_section(dsn: str, tmp_path: Path, monkeypatch
     budgets.write_text(BUDGETS)
     args = ["budgets", "simulate", str(budgets), "--since", "3d", "--until", "2026-11-12T00:00:00"]
     # The CLI's console took its width when imported (from COLUMNS, if set then, as pytest-xdist does)
-    monkeypatch.setattr(simulate_cli, "console", Console(width=250))
+    monkeypatch.setattr(sys.modules["burnguard.cli.simulate"], "console", Console(width=250))
     result = runner.invoke(app, [*args, "--dsn", dsn])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "tenant=acme" in line)
