@@ -241,10 +241,10 @@ class KafkaSpanExporter(SpanExporter):
 
     # --- exporting ---------------------------------------------------------------------
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._closed.is_set():
-            self._add(spans_failed=len(spans))
-            return SpanExportResult.FAILURE
-        with self._send_lock:
+        with self._send_lock:  # close() counts the held spans under it: check closed after it
+            if self._closed.is_set():
+                self._add(spans_failed=len(spans))
+                return SpanExportResult.FAILURE
             if self._broken and self._producer is not None:
                 self._replace_producer()
             if self._producer is None:
