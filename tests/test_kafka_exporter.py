@@ -274,14 +274,14 @@ def test_an_unauthorized_topic_fails_each_span(kafka_broker: KafkaBroker, small_
     assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (0, 15, 0)
 
 
-def small_spans(count: int) -> list[ReadableSpan]:
-    """`count` small spans of one tenant, cheap to build."""
+def small_spans(count: int, prefix: str = "span") -> list[ReadableSpan]:
+    """`count` small spans of one tenant, cheap to build, named `{prefix}-{n}`."""
     memory = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("test")
     for n in range(count):
-        with tracer.start_as_current_span(f"span-{n}") as span:
+        with tracer.start_as_current_span(f"{prefix}-{n}") as span:
             span.set_attribute(TENANT, "acme")
     provider.shutdown()
     return list(memory.get_finished_spans())
@@ -303,7 +303,7 @@ def test_an_export_does_not_wait_for_the_backlog_to_be_sent(
         return answer(metadata_cache, response)
 
     monkeypatch.setattr(ClusterMetadata, "update_metadata", slowly)
-    backlog, later = small_spans(15_000), small_spans(1)
+    backlog, later = small_spans(15_000), small_spans(1, "later")
     exporter = KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic).start()
     exporter.export(backlog)
     slowest, exports, deadline = 0.0, 0, time.monotonic() + 15
@@ -315,3 +315,11 @@ def test_an_export_does_not_wait_for_the_backlog_to_be_sent(
     stats = exporter.close(timeout_s=30)
     assert slowest < 0.5
     assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (15_000 + exports, 0, 0)
+    names = [
+        span.name
+        for value in records_on(kafka_broker, small_topic, 15_000 + exports)
+        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert names == [f"span-{n}" for n in range(15_000)] + ["later-0"] * exports  # the tenant's order
