@@ -13,7 +13,8 @@ SASL_SSL on a loaded machine); until then, exported spans wait in a bounded
 buffer. `KafkaProducer.send` then only appends to the producer's buffer; if
 it times out (`max_block_ms`) because the topic's metadata went missing, the
 spans go back to that buffer and the background thread waits for the metadata
-again. `close()` delivers what it can within its bound and counts the rest:
+again; a large held backlog is encoded off the send lock, so an export meanwhile only holds its
+spans. `close()` delivers what it can within its bound and counts the rest:
 every span is in `stats` as sent, failed or dropped, never lost silently.
 """
 
@@ -49,6 +50,8 @@ DEFAULT_CLOSE_TIMEOUT_S = 5.0
 MIN_MESSAGE_BYTES = 16_384
 #: Between two waits (each `max_block_ms`) for the topic's metadata: its request stays in flight.
 METADATA_RETRY_S = 0.05
+#: A larger held backlog is encoded without the send lock (20,000 spans take seconds when loaded).
+DRAIN_UNDER_LOCK_SPANS = 500
 
 
 @dataclass
@@ -115,6 +118,7 @@ class KafkaSpanExporter(SpanExporter):
         self._lock = threading.Lock()  # the counters and the in-flight sends
         self._send_lock = threading.RLock()  # one sender at a time: export, the connector, close
         self._pending: deque[ReadableSpan] = deque()
+        self._draining: list[ReadableSpan] = []  # held spans the connector is encoding, off the lock
         # send id -> (its spans, payload bytes), until acknowledged or given up
         self._in_flight: dict[int, tuple[list[ReadableSpan], int]] = {}
         self._refused: list[ReadableSpan] = []  # to be sent again on a new producer (split if too large)
@@ -194,14 +198,43 @@ class KafkaSpanExporter(SpanExporter):
             self._closed.wait(METADATA_RETRY_S)
 
     def _use(self, producer: KafkaProducer) -> None:
-        """Send through `producer` from now on, starting with the spans held for it."""
+        """Send through `producer` from now on, starting with the spans held for it.
+
+        A large backlog is encoded without the send lock, so exports meanwhile only hold
+        their spans (behind it: a tenant's order is kept) instead of waiting seconds for it.
+        """
+        while True:
+            with self._send_lock:
+                if self._closed.is_set():  # close() counted what was held or being encoded
+                    with contextlib.suppress(KafkaError):
+                        producer.close(timeout=0)
+                    return
+                if len(self._pending) <= DRAIN_UNDER_LOCK_SPANS:
+                    self._producer = producer
+                    self._send_pending()
+                    return
+                self._draining = list(self._pending)
+                self._pending.clear()
+            requests = _requests(self._draining, self.max_message_bytes - MESSAGE_OVERHEAD_BYTES)
+            if not self._send_drained(producer, requests):
+                return
+
+    def _send_drained(self, producer: KafkaProducer, requests: list[_Request]) -> bool:
+        """Send an encoded backlog, then hold what came meanwhile; whether to go on draining."""
         with self._send_lock:
             if self._closed.is_set():
-                with contextlib.suppress(KafkaError):
-                    producer.close(timeout=0)
-                return
+                return True  # the loop closes the producer
+            self._draining = []
+            newer = list(self._pending)
+            self._pending.clear()
             self._producer = producer
-            self._send_pending()
+            for key, payload, part in requests:
+                self._send_one(key, payload, part)
+            set_aside = self._producer is not producer  # a new connector owns it now
+            if not set_aside:
+                self._producer = None
+            self._hold(newer)
+            return not set_aside
 
     def _set_aside(self, producer: KafkaProducer) -> None:
         """Stop sending through `producer` until it knows the topic's partitions again.
@@ -241,10 +274,10 @@ class KafkaSpanExporter(SpanExporter):
 
     # --- exporting ---------------------------------------------------------------------
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._closed.is_set():
-            self._add(spans_failed=len(spans))
-            return SpanExportResult.FAILURE
-        with self._send_lock:
+        with self._send_lock:  # close() counts the held spans under it: check closed after it
+            if self._closed.is_set():
+                self._add(spans_failed=len(spans))
+                return SpanExportResult.FAILURE
             if self._broken and self._producer is not None:
                 self._replace_producer()
             if self._producer is None:
@@ -273,14 +306,15 @@ class KafkaSpanExporter(SpanExporter):
 
     def _hold(self, spans: Sequence[ReadableSpan]) -> None:
         """Keep spans until the producer connects; past `max_pending_spans` the oldest are dropped."""
-        overflow = max(0, len(self._pending) + len(spans) - self._max_pending)
+        room = max(0, self._max_pending - len(self._draining))
+        overflow = max(0, len(self._pending) + len(spans) - room)
         for _ in range(min(overflow, len(self._pending))):
             self._pending.popleft()
-        self._pending.extend(spans[max(0, len(spans) - self._max_pending) :])
+        self._pending.extend(spans[max(0, len(spans) - room) :])
         if overflow:
             logger.warning("burnguard: Kafka still unreachable; dropped %d held spans", overflow)
         self._add(spans_dropped=overflow)
-        self.stats.spans_pending = len(self._pending)
+        self.stats.spans_pending = len(self._pending) + len(self._draining)
 
     def _send_pending(self) -> None:
         if self._pending:
@@ -291,12 +325,9 @@ class KafkaSpanExporter(SpanExporter):
 
     def _send(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         result = SpanExportResult.SUCCESS
-        limit = self.max_message_bytes - MESSAGE_OVERHEAD_BYTES
-        for tenant, group in _by_tenant(spans).items():
-            key = tenant.encode() if tenant else None
-            for payload, part in _payloads(group, limit):
-                if not self._send_one(key, payload, part):
-                    result = SpanExportResult.FAILURE
+        for key, payload, part in _requests(spans, self.max_message_bytes - MESSAGE_OVERHEAD_BYTES):
+            if not self._send_one(key, payload, part):
+                result = SpanExportResult.FAILURE
         return result
 
     def _send_one(self, key: bytes | None, payload: bytes, spans: list[ReadableSpan]) -> bool:
@@ -384,7 +415,7 @@ class KafkaSpanExporter(SpanExporter):
                     self._replace_producer()
                 producer = self._producer
             if producer is None:  # connecting, or set aside until it knows the topic again
-                if not self._pending and not self._in_flight:
+                if not self._pending and not self._draining and not self._in_flight:
                     return True
                 if not self._wait_connected(deadline):
                     return False
@@ -421,8 +452,9 @@ class KafkaSpanExporter(SpanExporter):
                 return self.stats
             self._closed.set()
             producer, self._producer = self._producer, None
-            unsent = len(self._pending)
+            unsent = len(self._pending) + len(self._draining)
             self._pending.clear()
+            self._draining = []
         if producer is not None:
             _close_within(producer, deadline)
         with self._lock:
@@ -455,6 +487,19 @@ def _close_within(producer: KafkaProducer, deadline: float) -> None:
         sender.join(0.5)
     with contextlib.suppress(KafkaError):
         producer.close(timeout=0)
+
+
+#: One OTLP request: its key (the tenant), its bytes and the spans it holds.
+_Request = tuple[bytes | None, bytes, list[ReadableSpan]]
+
+
+def _requests(spans: Sequence[ReadableSpan], limit: int) -> list[_Request]:
+    """The requests holding `spans`, one or more per tenant, each of at most `limit` bytes."""
+    return [
+        (tenant.encode() if tenant else None, payload, part)
+        for tenant, group in _by_tenant(spans).items()
+        for payload, part in _payloads(group, limit)
+    ]
 
 
 def _payloads(spans: list[ReadableSpan], limit: int) -> list[tuple[bytes, list[ReadableSpan]]]:

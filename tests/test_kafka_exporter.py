@@ -8,6 +8,7 @@ the topic's is refused by the broker, and every span is counted failed, not lost
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.cluster import ClusterMetadata
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -204,3 +205,121 @@ def test_spans_whose_send_timed_out_on_metadata_are_sent_later(
     stats = exporter.close(timeout_s=20)
     assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (15, 0, 0)
     assert count_spans(records_on(kafka_broker, small_topic, 15)) == 15
+
+
+def without_metadata(producer: KafkaProducer) -> None:
+    """From now on the producer never learns the topic's partitions (each wait ends in a timeout)."""
+
+    def never(topic: str, max_wait_ms: float) -> object:
+        time.sleep(max_wait_ms / 1000)
+        raise KafkaTimeoutError(f"Failed to update metadata after {max_wait_ms / 1000:.1f} secs.")
+
+    producer._wait_on_metadata = never  # type: ignore[method-assign]
+
+
+@pytest.mark.slow
+def test_an_export_racing_close_is_counted(kafka_broker: KafkaBroker, small_topic: str) -> None:
+    """An export that passed the closed check just before `close()` took the send lock.
+
+    It then found no producer and held its spans in a buffer `close()` had already counted
+    and cleared: they were neither sent, failed nor dropped.
+    """
+    exporter = connected(KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic))
+    exporter._send_lock.acquire()  # as if close() held it: the export waits past its closed check
+    racing = threading.Thread(target=exporter.export, args=(big_spans(10),))
+    racing.start()
+    time.sleep(0.3)
+    stats = exporter.close(timeout_s=5)  # the lock is reentrant: close runs in this thread
+    exporter._send_lock.release()
+    racing.join(5)
+    assert (stats.spans_sent, stats.spans_failed + stats.spans_dropped) == (0, 10)
+    assert (stats.spans_pending, len(exporter._pending)) == (0, 0)
+
+
+@pytest.mark.slow
+def test_close_while_waiting_for_metadata_returns_and_counts_held_spans(
+    kafka_broker: KafkaBroker, small_topic: str
+) -> None:
+    """The topic's partitions never come: close() keeps its bound and counts every held span failed."""
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = KafkaSpanExporter(settings, small_topic, on_connect=without_metadata).start()
+    exporter.export(big_spans(10))
+    time.sleep(1)  # connected, waiting for the partitions
+    exporter.export(big_spans(5))
+    started = time.monotonic()
+    stats = exporter.close(timeout_s=1)
+    assert time.monotonic() - started < 2
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (0, 15, 0)
+
+
+@pytest.mark.slow
+def test_an_unauthorized_topic_fails_each_span(kafka_broker: KafkaBroker, small_topic: str) -> None:
+    """partitions_for raising TopicAuthorizationFailedError: every span is counted failed, none held."""
+
+    def unauthorized(producer: KafkaProducer) -> None:
+        def refuse(topic: str, max_wait_ms: float) -> object:
+            raise TopicAuthorizationFailedError({topic})
+
+        producer._metadata.partitions_for_topic = lambda topic: None  # type: ignore[method-assign]
+        producer._wait_on_metadata = refuse  # type: ignore[method-assign]
+
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = KafkaSpanExporter(settings, small_topic, on_connect=unauthorized).start()
+    exporter.export(big_spans(10))
+    time.sleep(1)
+    started = time.monotonic()
+    exporter.export(big_spans(5))
+    assert time.monotonic() - started < 0.2
+    stats = exporter.close(timeout_s=5)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (0, 15, 0)
+
+
+def small_spans(count: int, prefix: str = "span") -> list[ReadableSpan]:
+    """`count` small spans of one tenant, cheap to build, named `{prefix}-{n}`."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("test")
+    for n in range(count):
+        with tracer.start_as_current_span(f"{prefix}-{n}") as span:
+            span.set_attribute(TENANT, "acme")
+    provider.shutdown()
+    return list(memory.get_finished_spans())
+
+
+@pytest.mark.slow
+def test_an_export_does_not_wait_for_the_backlog_to_be_sent(
+    kafka_broker: KafkaBroker, small_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """15,000 spans held while the first metadata answer is slow; exports go on meanwhile.
+
+    When the partitions come, the connector encodes and sends the held spans holding the send
+    lock (seconds on a loaded machine): an export waiting on it blocks the app past 200 ms.
+    """
+    answer = ClusterMetadata.update_metadata
+
+    def slowly(metadata_cache: ClusterMetadata, response: object) -> object:
+        time.sleep(0.6)
+        return answer(metadata_cache, response)
+
+    monkeypatch.setattr(ClusterMetadata, "update_metadata", slowly)
+    backlog, later = small_spans(15_000), small_spans(1, "later")
+    exporter = KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic).start()
+    exporter.export(backlog)
+    slowest, exports, deadline = 0.0, 0, time.monotonic() + 15
+    while time.monotonic() < deadline and exporter.stats.spans_sent + exporter.stats.spans_in_flight == 0:
+        started = time.monotonic()
+        exporter.export(later)
+        slowest, exports = max(slowest, time.monotonic() - started), exports + 1
+        time.sleep(0.01)
+    stats = exporter.close(timeout_s=30)
+    assert slowest < 0.5
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (15_000 + exports, 0, 0)
+    names = [
+        span.name
+        for value in records_on(kafka_broker, small_topic, 15_000 + exports)
+        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert names == [f"span-{n}" for n in range(15_000)] + ["later-0"] * exports  # the tenant's order
