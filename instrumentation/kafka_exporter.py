@@ -142,6 +142,26 @@ class KafkaSpanExporter(SpanExporter):
         return self._producer is not None
 
     def _connect(self, producer: KafkaProducer | None = None) -> None:
+        """The connector thread: connect and use the producer, or say why it could not.
+
+        A connector that died unseen would leave every later export holding spans (then dropping
+        them) while reporting success, so any error ends it loudly, and the next export starts
+        another (the held spans wait for it).
+        """
+        try:
+            self._connect_and_use(producer)
+        except Exception as exc:  # whatever it is, the app must hear of it and go on
+            with self._send_lock:
+                if self._connector is threading.current_thread():
+                    self._connector = None
+            logger.error(
+                "burnguard: the Kafka connection failed (%s); holding spans (up to %d), retrying at the "
+                "next export",
+                type(exc).__name__,  # not the message: a client error may quote its configuration
+                self._max_pending,
+            )
+
+    def _connect_and_use(self, producer: KafkaProducer | None) -> None:
         """Create the producer (or take back one set aside), then use it once it knows the topic.
 
         Retries until then or until the exporter is closed; the spans wait in the bounded buffer.
@@ -162,7 +182,12 @@ class KafkaSpanExporter(SpanExporter):
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
         if producer is not None:
-            self._await_partitions(producer)
+            try:
+                self._await_partitions(producer)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    producer.close(timeout=0)
+                raise
             self._use(producer)
 
     def _new_producer(self) -> KafkaProducer:

@@ -323,3 +323,30 @@ def test_an_export_does_not_wait_for_the_backlog_to_be_sent(
         for span in scope.spans
     ]
     assert names == [f"span-{n}" for n in range(15_000)] + ["later-0"] * exports  # the tenant's order
+
+
+@pytest.mark.slow
+def test_a_connection_failing_with_another_error_says_so_and_the_next_export_connects(
+    kafka_broker: KafkaBroker, small_topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that is not Kafka's while connecting (an unreadable CA file, say) used to end the
+    connector thread unseen: every later export held its spans, then dropped them, reporting success."""
+    failures = iter([OSError("unreadable CA file")])
+
+    def fails_once(producer: KafkaProducer) -> None:
+        if (error := next(failures, None)) is not None:
+            producer.close(timeout=0)
+            raise error
+
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = KafkaSpanExporter(settings, small_topic, on_connect=fails_once).start()
+    exporter.export(big_spans(5))
+    deadline = time.monotonic() + 20
+    while "the Kafka connection failed (OSError)" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "the Kafka connection failed (OSError)" in caplog.text
+    assert "unreadable CA file" not in caplog.text  # the type only: a message may quote settings
+    exporter.export(big_spans(5))  # connects again
+    stats = exporter.close(timeout_s=20)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (10, 0, 0)
+    assert count_spans(records_on(kafka_broker, small_topic, 10)) == 10
