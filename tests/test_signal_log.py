@@ -75,17 +75,21 @@ def test_at_info_no_signal_line_is_formatted(job: BudgetJob, caplog: pytest.LogC
 
 @pytest.fixture
 def started_levels(job: BudgetJob, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The log level of each worker `run_worker` starts (a stand-in for `faust.Worker`, on `job`)."""
+    """The log level of each worker `run_worker` starts (a stand-in for its `BoundedStopWorker`, on `job`).
+
+    A real worker here would run in the test's own process, and its stop deadline or liveness
+    watchdog could end that process.
+    """
     started: list[str] = []
 
     class Worker:
-        def __init__(self, app: object, loglevel: str, quiet: bool) -> None:
+        def __init__(self, app: object, *, stop_timeout_s: float, loglevel: str, quiet: bool) -> None:
             started.append(loglevel)
 
         def execute_from_commandline(self) -> None:
             return None
 
-    monkeypatch.setattr(app_module.faust, "Worker", Worker)
+    monkeypatch.setattr(app_module, "BoundedStopWorker", Worker)
     monkeypatch.setattr(app_module, "create_job", lambda settings: job)
     monkeypatch.setattr(app_module, "freeze_startup_heap", lambda: None)
     monkeypatch.setattr(app_module, "tune_gc", lambda: None)
