@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -140,12 +141,11 @@ def test_hostile_spans_are_dead_lettered_once_and_the_valid_ones_count_exactly(p
         assert all(not isinstance(v, float) or math.isfinite(v) for v in published.values())
     assert any(s["key"] == "acme" and s["action"] == "warn" for s in signals)
 
-    topics = [pipeline.topics.spans, pipeline.topics.signals]
-    assert wait_until_consumed(pipeline.broker.bootstrap, pipeline.env["BURNGUARD_SINK_GROUP"], topics) == 0
-    assert pipeline.stop(sink) == 0
-    stored = pipeline.clickhouse_query(
-        'client.query("SELECT toString(sum(cost_usd)), count(), toString(sum(input_tokens + output_tokens)),'
-        ' countIf(cost_usd < 0) FROM genai_spans FINAL").result_rows[0]'
+    stored = stored_once_read(
+        pipeline,
+        sink,
+        "SELECT toString(sum(cost_usd)), count(), toString(sum(input_tokens + output_tokens)),"
+        " countIf(cost_usd < 0) FROM genai_spans FINAL",
     )
     total_cost, count, total_tokens, negative = stored
     assert math.isfinite(float(total_cost)) and float(total_cost) == pytest.approx(cost, abs=1e-12)
@@ -207,12 +207,11 @@ def test_spans_whose_attributes_carry_unknown_fields_count_in_the_worker_and_the
         time.sleep(0.5)
     assert seen == expected, "every span counts, under its tenant"
 
-    topics = [pipeline.topics.spans, pipeline.topics.signals]
-    assert wait_until_consumed(pipeline.broker.bootstrap, pipeline.env["BURNGUARD_SINK_GROUP"], topics) == 0
-    assert pipeline.stop(sink) == 0
-    stored = pipeline.clickhouse_query(
-        'client.query("SELECT count(), toString(sum(cost_usd)), groupUniqArray(tenant),'
-        ' groupUniqArray(service) FROM genai_spans FINAL").result_rows[0]'
+    stored = stored_once_read(
+        pipeline,
+        sink,
+        "SELECT count(), toString(sum(cost_usd)), groupUniqArray(tenant), groupUniqArray(service)"
+        " FROM genai_spans FINAL",
     )
     count, total_cost, tenants, services = stored
     assert (count, float(total_cost), tenants, services) == (
@@ -222,3 +221,11 @@ def test_spans_whose_attributes_carry_unknown_fields_count_in_the_worker_and_the
         ["hostile-app"],
     )
     assert worker.poll() is None, "the worker still runs"
+
+
+def stored_once_read(pipeline: Pipeline, sink: subprocess.Popen, select: str) -> tuple:
+    """One row of `select` over the sink's ClickHouse, once it has read every span and signal and stopped."""
+    topics = [pipeline.topics.spans, pipeline.topics.signals]
+    assert wait_until_consumed(pipeline.broker.bootstrap, pipeline.env["BURNGUARD_SINK_GROUP"], topics) == 0
+    assert pipeline.stop(sink) == 0
+    return pipeline.clickhouse_query(f"client.query({select!r}).result_rows[0]")

@@ -29,18 +29,24 @@ TOPIC_LIMIT = 65_536
 SPANS = 300
 
 
-def big_spans(count: int) -> list[ReadableSpan]:
-    """`count` spans of one tenant, each carrying ~1 KiB of attributes."""
+def tenant_spans(count: int, prefix: str = "span", payload_bytes: int = 0) -> list[ReadableSpan]:
+    """`count` spans of tenant acme named `{prefix}-{n}`, each with `payload_bytes` of attributes."""
     memory = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("test")
     for n in range(count):
-        with tracer.start_as_current_span(f"span-{n}") as span:
+        with tracer.start_as_current_span(f"{prefix}-{n}") as span:
             span.set_attribute(TENANT, "acme")
-            span.set_attribute("payload", f"{n:06d}" + "x" * 1024)
+            if payload_bytes:
+                span.set_attribute("payload", f"{n:06d}" + "x" * payload_bytes)
     provider.shutdown()
     return list(memory.get_finished_spans())
+
+
+def big_spans(count: int) -> list[ReadableSpan]:
+    """`count` spans of one tenant, each carrying ~1 KiB of attributes."""
+    return tenant_spans(count, payload_bytes=1024)
 
 
 @pytest.fixture
@@ -276,15 +282,7 @@ def test_an_unauthorized_topic_fails_each_span(kafka_broker: KafkaBroker, small_
 
 def small_spans(count: int, prefix: str = "span") -> list[ReadableSpan]:
     """`count` small spans of one tenant, cheap to build, named `{prefix}-{n}`."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("test")
-    for n in range(count):
-        with tracer.start_as_current_span(f"{prefix}-{n}") as span:
-            span.set_attribute(TENANT, "acme")
-    provider.shutdown()
-    return list(memory.get_finished_spans())
+    return tenant_spans(count, prefix)
 
 
 @pytest.mark.slow
