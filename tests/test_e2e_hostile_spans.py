@@ -88,6 +88,15 @@ def read_all(pipeline: Pipeline, topic: str, idle_ms: int = 2000) -> list[Any]:
         consumer.close()
 
 
+def usage_becomes(pipeline: Pipeline, expected: dict[str, float], timeout_s: float = 60) -> dict[str, float]:
+    """The latest budget usage once it equals `expected`, or as it stood when `timeout_s` ran out."""
+    deadline, seen = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline and seen != expected:
+        seen = latest_usage(pipeline)
+        time.sleep(0.5)
+    return seen
+
+
 def latest_usage(pipeline: Pipeline) -> dict[str, float]:
     latest = {}
     for record in read_to_end(pipeline.broker.bootstrap, pipeline.topics.budget_usage):
@@ -113,11 +122,7 @@ def test_hostile_spans_are_dead_lettered_once_and_the_valid_ones_count_exactly(p
 
     cost, tokens = expected_good * GOOD_COST, expected_good * sum(GOOD_TOKENS)
     expected = {"tenant-cost:acme": cost, "tenant-tokens:acme": float(tokens)}
-    deadline, seen = time.monotonic() + 60, {}
-    while time.monotonic() < deadline and seen != expected:
-        seen = latest_usage(pipeline)
-        time.sleep(0.5)
-    assert seen == expected, "the budget usage is not exactly the valid spans'"
+    assert usage_becomes(pipeline, expected) == expected, "the budget usage is not exactly the valid spans'"
 
     dead = read_all(pipeline, pipeline.topics.deadletter, idle_ms=3000)
     kinds = sorted(dict(record.headers)[KIND_HEADER].decode() for record in dead)
@@ -201,11 +206,7 @@ def test_spans_whose_attributes_carry_unknown_fields_count_in_the_worker_and_the
     spans = 2 * len(EXTRA_FIELDS)
     cost, tokens = spans * GOOD_COST, spans * sum(GOOD_TOKENS)
     expected = {"tenant-cost:acme": cost, "tenant-tokens:acme": float(tokens)}
-    deadline, seen = time.monotonic() + 60, {}
-    while time.monotonic() < deadline and seen != expected:
-        seen = latest_usage(pipeline)
-        time.sleep(0.5)
-    assert seen == expected, "every span counts, under its tenant"
+    assert usage_becomes(pipeline, expected) == expected, "every span counts, under its tenant"
 
     stored = stored_once_read(
         pipeline,
