@@ -351,9 +351,19 @@ class KafkaSpanExporter(SpanExporter):
     def _send(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         result = SpanExportResult.SUCCESS
         for key, payload, part in _requests(spans, self.max_message_bytes - MESSAGE_OVERHEAD_BYTES):
-            if not self._send_one(key, payload, part):
+            if isinstance(payload, Exception):
+                self._refuse_unencodable(part[0], payload)
+                result = SpanExportResult.FAILURE
+            elif not self._send_one(key, payload, part):
                 result = SpanExportResult.FAILURE
         return result
+
+    def _refuse_unencodable(self, span: ReadableSpan, error: Exception) -> None:
+        """A span OTLP cannot carry fails alone: its name and the error's type, not its values."""
+        logger.warning(
+            "burnguard: span %r cannot be encoded as OTLP (%s); not sent", span.name, type(error).__name__
+        )
+        self._add(spans_failed=1)
 
     def _send_one(self, key: bytes | None, payload: bytes, spans: list[ReadableSpan]) -> bool:
         producer = self._producer
@@ -514,8 +524,9 @@ def _close_within(producer: KafkaProducer, deadline: float) -> None:
         producer.close(timeout=0)
 
 
-#: One OTLP request: its key (the tenant), its bytes and the spans it holds.
-_Request = tuple[bytes | None, bytes, list[ReadableSpan]]
+#: One OTLP request: its key (the tenant), its bytes and the spans it holds; or, for a span that
+#: cannot be encoded, the error in place of the bytes.
+_Request = tuple[bytes | None, bytes | Exception, list[ReadableSpan]]
 
 
 def _requests(spans: Sequence[ReadableSpan], limit: int) -> list[_Request]:
@@ -527,14 +538,22 @@ def _requests(spans: Sequence[ReadableSpan], limit: int) -> list[_Request]:
     ]
 
 
-def _payloads(spans: list[ReadableSpan], limit: int) -> list[tuple[bytes, list[ReadableSpan]]]:
+def _payloads(spans: list[ReadableSpan], limit: int) -> list[tuple[bytes | Exception, list[ReadableSpan]]]:
     """OTLP requests of at most `limit` bytes holding `spans`, split in halves as needed.
 
     A single span past the limit stays whole (the broker will refuse it and it is counted failed).
+    A span `encode_spans` refuses (a hand-built one with float times or an id past its width) is
+    found by the same halving and comes back alone with the error: it must not take the spans
+    beside it down with it.
     """
-    payload = encode_spans(spans).SerializeToString()
-    if len(payload) <= limit or len(spans) == 1:
-        return [(payload, spans)]
+    try:
+        payload = encode_spans(spans).SerializeToString()
+    except Exception as error:  # the encoder raises bare Exception, TypeError, OverflowError...
+        if len(spans) == 1:
+            return [(error, spans)]
+    else:
+        if len(payload) <= limit or len(spans) == 1:
+            return [(payload, spans)]
     middle = len(spans) // 2
     return _payloads(spans[:middle], limit) + _payloads(spans[middle:], limit)
 

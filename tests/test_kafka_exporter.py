@@ -348,3 +348,48 @@ def test_a_connection_failing_with_another_error_says_so_and_the_next_export_con
     stats = exporter.close(timeout_s=20)
     assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (10, 0, 0)
     assert count_spans(records_on(kafka_broker, small_topic, 10)) == 10
+
+
+@pytest.mark.slow
+def test_a_span_otlp_cannot_encode_fails_alone_and_the_others_are_sent(
+    kafka_broker: KafkaBroker, small_topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A span OTLP cannot carry (here a hand-built `ReadableSpan` timed in float seconds) makes
+    `encode_spans` raise: that span is counted failed, its name and the error's type logged; the
+    spans beside it, of its tenant and of another, are sent."""
+    good = tenant_spans(4, prefix="good")
+    template = good[0]
+    unencodable = ReadableSpan(
+        name="unencodable",
+        context=template.context,
+        attributes={TENANT: "acme"},
+        resource=template.resource,
+        start_time=1.5,
+        end_time=2.5,
+    )
+    other_tenant = ReadableSpan(
+        name="other-tenant",
+        context=template.context,
+        attributes={TENANT: "globex"},
+        resource=template.resource,
+        start_time=template.start_time,
+        end_time=template.end_time,
+    )
+    exporter = connected(KafkaSpanExporter(KafkaSettings(bootstrap=kafka_broker.bootstrap), small_topic))
+    with caplog.at_level("WARNING", logger="burnguard.instrumentation.kafka_exporter"):
+        exporter.export([good[0], good[1], unencodable, good[2], other_tenant, good[3]])
+    stats = exporter.close(timeout_s=20)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (5, 1, 0)
+    values = records_on(kafka_broker, small_topic, 5)
+    names = sorted(
+        span.name
+        for value in values
+        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    )
+    assert names == ["good-0", "good-1", "good-2", "good-3", "other-tenant"]
+    refusals = [
+        record.getMessage() for record in caplog.records if "cannot be encoded" in record.getMessage()
+    ]
+    assert len(refusals) == 1 and "'unencodable'" in refusals[0] and "TypeError" in refusals[0], refusals
