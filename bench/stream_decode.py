@@ -23,9 +23,12 @@ the load (plain HTTP spans included, as the worker sees them):
 
     .venv/bin/python bench/stream_decode.py [--spans 20000] [--repeat 7] [--profile]
         [--plain-fraction 0.08] [--same-spans 1] [--impl both] [--compare REV] [--rounds 2]
+        [--batch-min 40 --batch-max 260] [--tenants 200] [--users-per-tenant 100] [--calls-per-session 0]
 
 `--plain-fraction` sets the share of plain HTTP spans in the load (0.9: a
-Collector's whole trace pipeline, mostly non-GenAI spans). `--same-spans N` follows
+Collector's whole trace pipeline, mostly non-GenAI spans). The key counts and message sizes are
+`span_load.SpanMix`'s, as in `stream_throughput.py` (`--tenants 20 --users-per-tenant 10
+--calls-per-session 40`: its realistic keys, sessions going on across messages). `--same-spans N` follows
 each span with N-1 copies of itself (longer sessions per export batch: the spans
 `usage_deltas` matches once per group). `--compare REV` also
 measures the stage-1 code of git revision REV (its `burnguard`, `contracts` and
@@ -65,17 +68,18 @@ ALLOWED_LATENESS_NS = 3600 * _NS
 CONTEXT_GUARD_YAML = "context_guards:\n  - {id: long-context, max_input_tokens: 8000, growth_calls: 3}\n"
 #: What `--compare` takes of a revision: the packages stage 1 imports.
 COMPARED_COMPONENTS = ("contracts", "stream")
+#: `SpanMix`'s key counts and message sizes, each a flag of the same name.
+KEY_KNOBS = ("batch_min", "batch_max", "tenants", "users_per_tenant", "calls_per_session")
 
 
-def make_load(
-    spans: int, plain_fraction: float = SpanMix.plain_fraction, same_spans: int = 1
-) -> tuple[list[bytes], int]:
-    """(messages, spans in them): at least `spans` spans of the seeded synthetic load.
+def make_load(args: argparse.Namespace) -> tuple[list[bytes], int]:
+    """(messages, spans in them): at least `args.spans` spans of the seeded synthetic load.
 
-    With `same_spans` N, each span is followed in its message by N-1 copies of itself (new span
+    With `--same-spans` N, each span is followed in its message by N-1 copies of itself (new span
     ids): sessions that make N times as many calls of a kind in one export batch.
     """
-    mix = SpanMix(plain_fraction=plain_fraction)
+    spans, same_spans = args.spans, args.same_spans
+    mix = SpanMix.from_args(args)
     messages = []
     while mix.spans * same_spans < spans:
         messages.append(mix.message()[1])
@@ -181,7 +185,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """The figures of the code this process imports, µs per span (every span of the load)."""
     import burnguard.contracts.otlp as decoder
 
-    messages, spans = make_load(args.spans, args.plain_fraction, args.same_spans)
+    messages, spans = make_load(args)
     native_too = args.impl == "both" and use_decoder("native")
     if not use_decoder("native" if args.impl == "native" else "python"):
         raise SystemExit("--impl native: burnguard.contracts._otlp_native is not built (make venv)")
@@ -214,8 +218,13 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     command += ["--spans", str(args.spans), "--repeat", str(args.repeat)]
     command += ["--plain-fraction", str(args.plain_fraction), "--same-spans", str(args.same_spans)]
+    command += [item for knob in KEY_KNOBS for item in (_flag(knob), str(getattr(args, knob)))]
     command += ["--impl", "python"]  # the reference path, as old revisions have only that
     return child_result(command, pythonpath)
+
+
+def _flag(knob: str) -> str:
+    return f"--{knob.replace('_', '-')}"
 
 
 def show(label: str, run: dict[str, Any]) -> None:
@@ -241,6 +250,9 @@ def main() -> None:
         default="both",
         help="decoder: the pure-Python reference, the native fast path, or both side by side (default)",
     )
+    for knob in KEY_KNOBS:
+        default = getattr(SpanMix, knob)
+        parser.add_argument(_flag(knob), type=int, default=default, help=f"default {default}")
     add_compare_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of decode + deltas")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -257,7 +269,8 @@ def main() -> None:
         lambda old_path: measure_child(args, old_path),
     )
     new = {name: min(run["us"][name] for run in runs["new"]) for name in runs["new"][0]["us"]}
-    shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}, impl {args.impl}"
+    keys = " ".join(f"{knob}={getattr(args, knob)}" for knob in KEY_KNOBS)
+    shape = f"plain fraction {args.plain_fraction:g}, same spans {args.same_spans}, impl {args.impl}, {keys}"
     print(f"load: {runs['new'][0]['load']}; {shape}; best of {args.repeat}")
     show("this checkout", {"code": runs["new"][0]["code"], "us": new})
     fields = " ".join(f"{name}_us={micros:.2f}" for name, micros in new.items())
@@ -273,12 +286,12 @@ def main() -> None:
         fields += f" stage1_speedup={stage1:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     if args.profile:
-        messages, _ = make_load(args.spans, args.plain_fraction, args.same_spans)
+        messages, _ = make_load(args)
         config = parse_budget_yaml(BUDGETS_YAML)
         profile(messages, config, PriceBook(config.prices))
     print(
         f"RESULT stream_decode plain_fraction={args.plain_fraction:g} same_spans={args.same_spans} "
-        f"impl={args.impl} {fields}"
+        f"impl={args.impl} {keys} {fields}"
     )
 
 
