@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -79,3 +81,46 @@ def test_an_aiokafka_without_the_wait_attribute_is_refused(
     monkeypatch.setattr(fetching.driver.AIOKafkaConsumerThread, "_create_worker_consumer", without_wait)
     with pytest.raises(RuntimeError, match="_fetch_max_wait_ms"):
         _worker_consumer(monkeypatch, tmp_path, {})
+
+
+class _Delivering:
+    """What `_Consumer._deliver` reads of Faust's consumer: read offsets, gap and commit bookkeeping."""
+
+    def __init__(self, read_offsets: dict[Any, int | None], commit_every: int | None = None) -> None:
+        self._read_offset = defaultdict(lambda: None, read_offsets)
+        self._commit_every, self._n_acked = commit_every, 0
+        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+        self.delivered: list[int] = []
+        self.gaps: list[tuple[Any, int, int]] = []
+        self.commits = 0
+
+    async def callback(self, message: Any) -> None:
+        self.delivered.append(message.offset)
+        self._n_acked += 1
+
+    async def _add_gap(self, tp: Any, start: int, end: int) -> None:
+        self.gaps.append((tp, start, end))
+
+    async def commit(self) -> None:
+        self.commits += 1
+
+
+def _fetched(tp: str, *offsets: int) -> list[tuple[str, Any]]:
+    return [(tp, SimpleNamespace(offset=offset, topic="otlp_spans")) for offset in offsets]
+
+
+def test_a_fetch_is_delivered_with_fausts_read_offsets_and_gaps() -> None:
+    """As Faust's per-message loop: below the read offset skipped, a hole recorded as a gap."""
+    consumer = _Delivering({"p0": 4, "p1": None})
+    fetched = _fetched("p0", 3, 4, 5, 8) + _fetched("p1", 0, 1)
+    asyncio.run(fetching._Consumer._deliver(consumer, fetched))  # type: ignore[arg-type]
+    assert consumer.delivered == [4, 5, 8, 0, 1]
+    assert consumer.gaps == [("p0", 6, 8)]
+    assert dict(consumer._read_offset) == {"p0": 8, "p1": 1}
+
+
+def test_a_fetch_commits_every_so_many_acks_as_fausts_loop() -> None:
+    consumer = _Delivering({"p0": None}, commit_every=3)
+    asyncio.run(fetching._Consumer._deliver(consumer, _fetched("p0", *range(7))))  # type: ignore[arg-type]
+    assert consumer.delivered == list(range(7))
+    assert consumer.commits == 2  # before the 4th and the 7th message
