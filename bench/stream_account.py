@@ -100,7 +100,7 @@ class OfflineProducer:
         self.partitions = partitions
         self._inner: Any = None
 
-    def _producer(self) -> Any:
+    def real(self) -> Any:
         """The aiokafka producer, made at the first use (inside the event loop it then belongs to)."""
         if self._inner is None:
             from aiokafka import AIOKafkaProducer
@@ -116,12 +116,6 @@ class OfflineProducer:
                     p: PartitionMetadata(topic, p, 0, [0], [0], 0) for p in range(self.partitions)
                 }
         return self._inner
-
-    async def send(self, topic: str, value: Any, key: Any = None, partition: Any = None, headers: Any = None):
-        return await self._producer().send(topic, value, key=key, partition=partition, headers=headers)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._producer(), name)
 
     @property
     def sent(self) -> dict[str, int]:
@@ -146,7 +140,7 @@ def new_job(data_dir: Path, combine: bool = True) -> Any:
     job.dead_letters.stale = False
     topics = [getattr(settings.topics, name) for name in settings.topics.__dataclass_fields__]
     producer = OfflineProducer(topics, settings.partitions)
-    job.app.producer._ensure_producer = lambda: producer
+    job.app.producer._ensure_producer = producer.real  # the aiokafka producer itself, as in the worker
     job.bench_producer = producer
     return job
 

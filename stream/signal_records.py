@@ -66,15 +66,21 @@ class SignalRecords:
     async def publish(self, key: bytes, value: bytes | None) -> None:
         """Append the record to its partition's open batch; waits only for the topic's metadata, once."""
         producer = self.app.producer._ensure_producer()
-        if not producer.client.cluster.partitions_for_topic(self.topic):
-            await producer.client._wait_on_metadata(self.topic)
-        self._append(producer, key, value)
+        partitions = producer.client.cluster.partitions_for_topic(self.topic)
+        if not partitions:
+            partitions = await producer.client._wait_on_metadata(self.topic)
+        self._append(producer, key, value, list(partitions))
 
-    def _append(self, producer: Any, key: bytes, value: bytes | None, alone: bool = False) -> None:
+    def _append(
+        self, producer: Any, key: bytes, value: bytes | None, partitions: list[int], alone: bool = False
+    ) -> None:
         """Into the accumulator's newest batch of the partition, or a new one when it is full or none is open.
 
-        As `send`: a closed producer raises `ProducerClosed`, a failed one its error, a record
-        above `producer_max_request_size` `MessageSizeTooLargeError`. `alone`: in a batch of its
+        The partition is the one `send` picks: the producer's partitioner over the topic's
+        partitions (`send` also passes those with a leader, which a partitioner reads only for a
+        record without a key; a signal always has one). As `send`: a closed producer raises
+        `ProducerClosed`, a failed one its error, a record above `producer_max_request_size`
+        `MessageSizeTooLargeError`. `alone`: in a batch of its
         own, closed at once (a record sent again: the broker refuses a batch whole, so a record it
         refuses must not take other signals down with it again).
         """
@@ -87,7 +93,7 @@ class SignalRecords:
             max_bytes = self._max_bytes = int(self.app.conf.producer_max_request_size)
         if len(key) + (len(value) if value else 0) > max_bytes - RECORD_OVERHEAD_BYTES:
             check_size(self.topic, key, value, max_bytes)
-        tp = TopicPartition(self.topic, producer._partition(self.topic, None, key, value, key, value))
+        tp = TopicPartition(self.topic, producer._partitioner(key, partitions, partitions))
         timestamp = int(time.time() * 1000)
         pending = accumulator._batches.get(tp)
         batch = pending[-1] if pending else None
@@ -130,7 +136,9 @@ class SignalRecords:
         if attempt <= ATTEMPTS:
             self._attempts[key] = attempt
             try:
-                self._append(self.app.producer._ensure_producer(), key, value, alone=True)
+                producer = self.app.producer._ensure_producer()
+                partitions = list(producer.client.cluster.partitions_for_topic(self.topic) or ())
+                self._append(producer, key, value, partitions, alone=True)
                 return
             except Exception as exc:  # a stopped producer, say: nothing will deliver it
                 failure = exc
