@@ -11,8 +11,9 @@ through its real stage-2 code, in the order a usage partition's stream would han
 * stage2: each record decoded so, then `BudgetJob._account_one` on it, with `changes.partition`
   and `changes.processed` set as `_account` sets them, and the table changes taken
   (`TableChanges.take_records`: the changelog's JSON) after every `--flush-records` records.
-  Signals go through `_send_signal` to a stand-in for aiokafka's producer (its `send` only
-  counts), with the signal log line written at INFO to a file, as a worker's log is.
+  Signals go through `_send_signal` into a real aiokafka producer that never connects
+  (`OfflineProducer`: what handing a signal over costs, up to the producer's accumulator), with
+  the signal log line written at INFO to a file, as a worker's log is.
 * gc: of `stage2`, the CPU time spent in garbage collections (timed by a `gc.callbacks` hook).
 * log: the signal log lines of a run written again through the same logger and file handler,
   alone: what the log line of a signal costs (a share of `stage2` too small to see as a
@@ -87,18 +88,47 @@ class Event:
     key: bytes = b""
 
 
-class CountingProducer:
-    """Stands in for aiokafka's producer behind `PendingRecords.send`: it counts, per topic."""
+class OfflineProducer:
+    """Stands in for the worker's aiokafka producer: a real one that never connects, its topics'
+    metadata filled in, so handing it a signal (`send`, or the append to its open batch) costs
+    what it costs in the worker, up to the producer's accumulator; nothing drains it (its batch
+    size is large enough that none fills). `sent`: the records it holds, per topic.
+    """
 
-    def __init__(self) -> None:
-        self.sent: dict[str, int] = {}
+    def __init__(self, topics: list[str], partitions: int) -> None:
+        self.topics = topics
+        self.partitions = partitions
+        self._inner: Any = None
 
-    async def send(self, topic: str, value: Any, key: Any = None, partition: Any = None, headers: Any = None):
-        self.sent[topic] = self.sent.get(topic, 0) + 1
+    def real(self) -> Any:
+        """The aiokafka producer, made at the first use (inside the event loop it then belongs to)."""
+        if self._inner is None:
+            from aiokafka import AIOKafkaProducer
+            from aiokafka.structs import PartitionMetadata
+            from burnguard.stream.partitioner import producer_partitioner
+
+            self._inner = AIOKafkaProducer(
+                bootstrap_servers="127.0.0.1:9", partitioner=producer_partitioner, max_batch_size=1 << 30
+            )
+            cluster = self._inner.client.cluster
+            for topic in self.topics:
+                cluster._partitions[topic] = {
+                    p: PartitionMetadata(topic, p, 0, [0], [0], 0) for p in range(self.partitions)
+                }
+        return self._inner
+
+    @property
+    def sent(self) -> dict[str, int]:
+        if self._inner is None:
+            return {}
+        counts: dict[str, int] = {}
+        for tp, batches in self._inner._message_accumulator._batches.items():
+            counts[tp.topic] = counts.get(tp.topic, 0) + sum(batch.record_count for batch in batches)
+        return counts
 
 
 def new_job(data_dir: Path, combine: bool = True) -> Any:
-    """A worker's job with the bench budgets, its producer counting instead of sending."""
+    """A worker's job with the bench budgets, its producer one that never sends (`OfflineProducer`)."""
     from burnguard.contracts.budgets import parse_budget_yaml
     from burnguard.stream.app import BudgetJob
     from burnguard.stream.settings import StreamSettings
@@ -108,8 +138,9 @@ def new_job(data_dir: Path, combine: bool = True) -> Any:
     job = BudgetJob(settings, parse_budget_yaml(BUDGETS_YAML))
     job.recent.primed.update(range(settings.partitions))  # no broker to read back from
     job.dead_letters.stale = False
-    producer = CountingProducer()
-    job.app.producer._ensure_producer = lambda: producer
+    topics = [getattr(settings.topics, name) for name in settings.topics.__dataclass_fields__]
+    producer = OfflineProducer(topics, settings.partitions)
+    job.app.producer._ensure_producer = producer.real  # the aiokafka producer itself, as in the worker
     job.bench_producer = producer
     return job
 

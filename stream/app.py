@@ -129,6 +129,7 @@ from burnguard.stream.records import (
 )
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
+from burnguard.stream.signal_records import SignalRecords
 from burnguard.stream.snapshots import Snapshot, UsageSnapshots
 from burnguard.stream.takeover import (
     InOrderReads,
@@ -320,6 +321,8 @@ class BudgetJob:
         #: their queued batches wait for round trips: a worker expelled meanwhile hands none over
         self.snapshots.batches.may_hand_over = self.stall_guard.still_member
         self.usage_records = PendingRecords(self.app)
+        #: signals, into the producer's open batch of their partition (delivery checked per batch)
+        self.signal_records = SignalRecords(self.app, settings.topics.signals)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -1187,9 +1190,8 @@ class BudgetJob:
             logger.info("signals published: %s", summary)
 
     async def _publish_signal(self, key: str, value: bytes | None) -> None:
-        """At once, with stage 2's own pending records: a signal waits for nothing else."""
-        self.changes.records.add(self.settings.topics.signals, None, key.encode(), value)
-        await self.changes.records.send()
+        """At once: into the producer's open batch of the key's partition, a signal waits for nothing else."""
+        await self.signal_records.publish(key.encode(), value)
 
     # --- eviction (stream/eviction.py) -------------------------------------------------
     def _partition_clock(self, partition: int) -> int:
@@ -1423,6 +1425,8 @@ class BudgetJob:
             "evicted": dict(sorted(self.evicted.items())),
             "late_after_eviction": self.late_after_eviction,
             "native_decode_failures": native_failures.count,
+            "signals_failed": self.signal_records.failed,
+            "signals_given_up": self.signal_records.given_up,
         }
 
     def _log_counters(self) -> None:

@@ -76,11 +76,11 @@ class PendingRecords:
     its `send_batch` would wait for the previous batch of the partition to be
     drained, one produce round trip, which under load delayed every signal.
 
-    One per agent (shared with its changelog-flush timer: a `send` takes only
-    what was added before it). A signal goes out with the `send` right after
-    its `add`. Table changes go as record batches (`RecordBatches`) and
-    need no `send` before the ack, as commits wait for `TableChanges.write`
-    (module doc).
+    Stage 1's usage records and dead letters (`BudgetJob.usage_records`), sent
+    after each micro-batch. Signals go into the producer's open batches
+    (`stream/signal_records.py`), table changes as record batches
+    (`RecordBatches`), which need no `send` before the ack, as commits wait for
+    `TableChanges.write` (module doc).
     """
 
     def __init__(self, app: AppT) -> None:
@@ -212,8 +212,6 @@ class TableChanges:
     """
 
     def __init__(self, app: AppT, flush_interval_s: float = 0.0) -> None:
-        #: the agent's records sent one by one (signals: `PendingRecords`); table changes go in `batches`
-        self.records = PendingRecords(app)
         self.batches = RecordBatches(app)
         self.partition = 0
         self.flush_interval_s = flush_interval_s

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+import math
+from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 
 import pytest
 from burnguard.contracts.signals import SCHEMA_PATH, Signal, json_schema, signal_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
@@ -169,3 +172,78 @@ def test_the_schema_rejects_bad_documents() -> None:
         assert schema_errors(bad, shipped), field
     missing = {k: v for k, v in good.items() if k != "expires_at"}
     assert any("expires_at" in e for e in schema_errors(missing, shipped))
+
+
+# --- the JSON the worker writes: msgspec's, equal to pydantic's ----------------------------------
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # no lone surrogates
+_numbers = st.floats(min_value=0, allow_nan=False, allow_infinity=False) | st.integers(0, 10**20)
+_zones = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30))])
+_times = st.datetimes(timezones=_zones) | st.datetimes()  # aware in any zone, or naive
+
+
+@st.composite
+def signals(draw: st.DrawFn) -> Signal:
+    """Any valid signal: every field drawn, numbers from 0 to past the exponent form, any text."""
+    return Signal(
+        scope=draw(_texts),
+        key=draw(_texts),
+        budget=draw(_texts),
+        action=draw(st.sampled_from(["ok", "warn", "downgrade", "throttle"])),
+        downgrade_to=draw(st.none() | _texts),
+        metric=draw(_texts),
+        spent=draw(_numbers),
+        limit=draw(_numbers),
+        ratio=draw(_numbers),
+        window_start=draw(_times),
+        window_end=draw(_times),
+        burn_rate_per_hour=draw(_numbers),
+        projected_exhaustion=draw(st.none() | _times),
+        issued_at=draw(_times),
+        expires_at=draw(_times),
+        reason=draw(_texts),
+    )
+
+
+@settings(max_examples=600, deadline=None)
+@given(signals())
+def test_to_json_writes_what_pydantic_writes_byte_for_byte(signal: Signal) -> None:
+    payload = signal.to_json()
+    assert payload == signal.model_dump_json().encode()
+    assert Signal.from_json(payload) == signal
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"key": 'tenant-ü/日本 \u2028"q"\\', "reason": "\x00\t\n\x7f"},
+        {"spent": 1e16, "ratio": 2.5e300},  # pydantic writes `1e+16`, msgspec `1e16`: pydantic's
+        {"spent": 5e-324, "burn_rate_per_hour": 1e-7, "limit": 0.1 + 0.2},
+        {"downgrade_to": None, "projected_exhaustion": None},
+        {"issued_at": datetime(2025, 5, 14, 13, 0, 0, 1, tzinfo=timezone(timedelta(hours=5, minutes=45)))},
+    ],
+)
+def test_to_json_is_pydantic_s_json_at_the_edges(changes: dict[str, Any]) -> None:
+    signal = make_signal(**changes)
+    assert signal.to_json() == signal.model_dump_json().encode()
+    assert Signal.from_json(signal.to_json()) == signal
+
+
+def test_a_signal_built_without_validation_is_written_as_pydantic_writes_it() -> None:
+    """`model_construct` checks nothing: a NaN, or fields in another order, take pydantic's path."""
+    fields = make_signal().model_dump()
+    for changes in ({"spent": math.nan}, {"ratio": math.inf}, {}):
+        built = Signal.model_construct(**dict(reversed(list({**fields, **changes}.items()))))
+        assert built.to_json() == built.model_dump_json().encode()
+
+
+def test_a_plain_signal_skips_pydantic_s_serializer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the change: the worker's signals (finite numbers below 1e16) are written by msgspec."""
+    expected = make_signal().model_dump_json().encode()
+
+    def refused(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("model_dump_json called")
+
+    monkeypatch.setattr(Signal, "model_dump_json", refused)
+    assert make_signal().to_json() == expected
