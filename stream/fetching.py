@@ -48,8 +48,8 @@ class _Consumer(driver.Consumer):
         Faust delivers every message through `wait_first(callback(message), suspend_flow)`:
         four tasks and at least two turns of the event loop per message, and each turn also runs
         whatever slice of stage 1 or stage 2 is ready. Under a backlog the agents' channels were
-        empty when stage 1's 20 ms window ended (1-5 small messages per micro-batch instead of
-        200). Here one task delivers a whole fetch in order, with the same read offsets, gaps and
+        nearly empty when stage 1's 20 ms window ended (a few dozen small messages per micro-batch,
+        not 200). Here one task delivers a whole fetch in order, with the same read offsets, gaps and
         commits per message; a rebalance (`suspend_flow`) still cancels it between messages.
         """
         getmany = self.getmany
@@ -72,6 +72,9 @@ class _Consumer(driver.Consumer):
         except asyncio.CancelledError:
             if self.transport.app.should_stop:
                 return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)

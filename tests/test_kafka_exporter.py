@@ -69,6 +69,17 @@ def records_on(broker: KafkaBroker, topic: str, spans: int, timeout_s: float = 2
     return values
 
 
+def span_names(values: list[bytes]) -> list[str]:
+    """The names of the spans in these OTLP requests, sorted."""
+    return sorted(
+        span.name
+        for value in values
+        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    )
+
+
 def count_spans(values: list[bytes]) -> int:
     return sum(
         len(scope.spans)
@@ -110,13 +121,7 @@ def test_an_export_past_the_message_limit_is_split(kafka_broker: KafkaBroker, sm
     values = records_on(kafka_broker, small_topic, SPANS)
     assert count_spans(values) == SPANS
     assert len(values) > 1 and all(len(value) <= TOPIC_LIMIT for value in values)
-    names = sorted(
-        span.name
-        for value in values
-        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
-        for scope in resource.scope_spans
-        for span in scope.spans
-    )
+    names = span_names(values)
     assert names == sorted(f"span-{n}" for n in range(SPANS))  # each once
 
 
@@ -381,15 +386,7 @@ def test_a_span_otlp_cannot_encode_fails_alone_and_the_others_are_sent(
     stats = exporter.close(timeout_s=20)
     assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (5, 1, 0)
     values = records_on(kafka_broker, small_topic, 5)
-    names = sorted(
-        span.name
-        for value in values
-        for resource in ExportTraceServiceRequest.FromString(value).resource_spans
-        for scope in resource.scope_spans
-        for span in scope.spans
-    )
+    names = span_names(values)
     assert names == ["good-0", "good-1", "good-2", "good-3", "other-tenant"]
-    refusals = [
-        record.getMessage() for record in caplog.records if "cannot be encoded" in record.getMessage()
-    ]
+    refusals = [line for line in caplog.messages if "cannot be encoded" in line]
     assert len(refusals) == 1 and "'unencodable'" in refusals[0] and "TypeError" in refusals[0], refusals
