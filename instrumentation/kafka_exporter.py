@@ -406,7 +406,7 @@ class KafkaSpanExporter(SpanExporter):
                 self.stats.spans_sent += len(spans)
                 self.stats.messages_sent += 1
                 return
-            if isinstance(error, MessageSizeTooLargeError) and self._send_again(spans, size):
+            if _refused_for_the_producer(error, self._broken) and self._send_again(spans, size):
                 self._refused.extend(spans)
                 return
             self.stats.spans_failed += len(spans)
@@ -505,6 +505,16 @@ class KafkaSpanExporter(SpanExporter):
 
     def shutdown(self, timeout_millis: float = DEFAULT_CLOSE_TIMEOUT_S * 1000) -> None:
         self.close(timeout_millis / 1000)
+
+
+def _refused_for_the_producer(error: BaseException, broken: bool) -> bool:
+    """Whether a failed send failed for its producer, not its spans: they may go on a new producer.
+
+    A refusal for size breaks the producer (`_send_again`). Replacing it force-closes it, which
+    fails the sends still queued with `IllegalStateError` while the exporter is marked broken: those
+    spans were never refused, and are sent again as the size-refused ones are.
+    """
+    return isinstance(error, MessageSizeTooLargeError) or (broken and isinstance(error, IllegalStateError))
 
 
 def _close_within(producer: KafkaProducer, deadline: float) -> None:

@@ -19,7 +19,7 @@ from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.kafka_exporter import KafkaSpanExporter
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.cluster import ClusterMetadata
-from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+from kafka.errors import IllegalStateError, KafkaTimeoutError, TopicAuthorizationFailedError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -390,3 +390,19 @@ def test_a_span_otlp_cannot_encode_fails_alone_and_the_others_are_sent(
     assert names == ["good-0", "good-1", "good-2", "good-3", "other-tenant"]
     refusals = [line for line in caplog.messages if "cannot be encoded" in line]
     assert len(refusals) == 1 and "'unencodable'" in refusals[0] and "TypeError" in refusals[0], refusals
+
+
+def test_sends_failed_by_replacing_a_broken_producer_are_sent_again() -> None:
+    """`_replace_producer` force-closes the broken producer: its queued sends fail with
+    `IllegalStateError` (seen once in CI: 150 spans counted failed). While the exporter is broken
+    they go back with the refused spans; a forced close at any other time still counts them failed."""
+    exporter = KafkaSpanExporter(KafkaSettings(bootstrap="127.0.0.1:9"), "otlp_spans")
+    queued, later = tenant_spans(3), tenant_spans(2)
+    exporter._broken = True
+    exporter._in_flight[1] = (queued, 1_000)
+    exporter._settle(1, IllegalStateError("Producer is closed forcefully."))
+    assert exporter._refused == queued and exporter.stats.spans_failed == 0
+    exporter._broken = False
+    exporter._in_flight[2] = (later, 1_000)
+    exporter._settle(2, IllegalStateError("Producer is closed forcefully."))
+    assert exporter.stats.spans_failed == 2
