@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -74,25 +75,18 @@ TARGET_SPANS_PER_S = 100_000
 TARGET_RATIO = 0.5
 
 
+def messages_until(spans: int, mix: SpanMix) -> Iterator[tuple[bytes, bytes]]:
+    """Messages (key, value) until the mix has made at least `spans` spans."""
+    while mix.spans < spans:
+        yield mix.message()
+
+
 def prefill(pipeline: BenchPipeline, spans: int, mix: SpanMix) -> tuple[int, int]:
     """Produce at least `spans` spans; return (spans, messages)."""
     started = time.monotonic()
-
-    def messages():
-        while mix.spans < spans:
-            yield mix.message()
-
-    count = produce_all(pipeline.bootstrap, pipeline.topics.spans, messages())
+    count = produce_all(pipeline.bootstrap, pipeline.topics.spans, messages_until(spans, mix))
     note(f"produced spans up to {mix.spans} in {count} messages in {time.monotonic() - started:.1f}s")
     return mix.spans, count
-
-
-def generate(spans: int, mix: SpanMix) -> list[tuple[bytes, bytes]]:
-    """Messages (key, value) until the mix has made at least `spans` spans."""
-    messages = []
-    while mix.spans < spans:
-        messages.append(mix.message())
-    return messages
 
 
 class LiveLoad(threading.Thread):
@@ -127,7 +121,7 @@ class LiveLoad(threading.Thread):
                 raise TimeoutError("the worker did not commit the warm-up messages")
             time.sleep(0.1)
         before, started = mix.spans, time.monotonic()
-        self.messages = generate(before + self.spans, mix)
+        self.messages = list(messages_until(before + self.spans, mix))
         self.spans = mix.spans - before
         note(f"made {self.spans} spans in {len(self.messages)} messages in {time.monotonic() - started:.1f}s")
 
