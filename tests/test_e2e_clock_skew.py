@@ -3,7 +3,8 @@
 Spans stamped a day ahead, ten years ahead and a day behind all count in today's
 window of the budget, at the record's time, and are flagged (counter in the
 worker, the claimed time in ClickHouse's `extra`); a span late by less than the
-allowed lateness still counts at its own time.
+allowed lateness still counts at its own time. "Today" is the day of a time zone in which it is
+about noon when the test runs, so no midnight falls between the spans, whenever it runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from burnguard.contracts import attributes as attr
@@ -24,8 +26,13 @@ from tests.factories import budgets_yaml, tenant_cost
 from tests.fixtures.pipeline import Pipeline
 from tests.support.otlp_batches import otlp_batch
 
-BUDGETS = budgets_yaml(tenant_cost(1.0))
 COST = 0.25
+
+
+def zone_at_noon(now: datetime) -> str:
+    """A fixed-offset zone (`Etc/GMT...`, whose sign is reversed) where `now` is 11:30-12:30."""
+    offset = 12 - round(now.hour + now.minute / 60)
+    return f"Etc/GMT{-offset:+d}"
 
 
 def usage_windows(pipeline: Pipeline) -> dict[str, BudgetUsage]:
@@ -46,9 +53,8 @@ def test_the_spans_topic_is_stamped_by_the_broker(pipeline: Pipeline) -> None:
 @pytest.mark.slow
 def test_spans_stamped_far_ahead_or_behind_count_in_todays_window(pipeline: Pipeline) -> None:
     now = datetime.now(UTC)
-    if (now.hour == 23 and now.minute >= 50) or (now.hour == 0 and now.minute < 15):
-        pytest.skip("too close to midnight UTC for 'today' to be one window")  # pragma: no cover
-    pipeline.write_budgets(BUDGETS)
+    zone = zone_at_noon(now)
+    pipeline.write_budgets(budgets_yaml(tenant_cost(1.0, timezone=zone)))
     worker = pipeline.start_worker()
     sink = pipeline.start_sink()
     producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
@@ -64,7 +70,7 @@ def test_spans_stamped_far_ahead_or_behind_count_in_todays_window(pipeline: Pipe
     producer.flush()
     producer.close()
 
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = now.astimezone(ZoneInfo(zone)).replace(hour=0, minute=0, second=0, microsecond=0)
     deadline, windows = time.monotonic() + 60, {}
     while time.monotonic() < deadline:
         windows = {key: usage for key, usage in usage_windows(pipeline).items() if usage.key == "acme"}
@@ -80,7 +86,8 @@ def test_spans_stamped_far_ahead_or_behind_count_in_todays_window(pipeline: Pipe
     assert pipeline.stop(sink) == 0
     rows = pipeline.clickhouse_query(
         "[[str(r[0]), r[1]] for r in client.query("
-        f"\"SELECT toDate(end_time), extra['{CLOCK_CORRECTED}'] FROM genai_spans FINAL\").result_rows]"
+        f"\"SELECT toDate(end_time, '{zone}'), extra['{CLOCK_CORRECTED}'] "
+        'FROM genai_spans FINAL").result_rows]'
     )
     assert sorted(day for day, _ in rows) == [str(today.date())] * 4
     claimed = sorted(int(ns) for _, ns in rows if ns)
