@@ -83,6 +83,7 @@ from burnguard.stream.changelog import (
     plain_store,
 )
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
+from burnguard.stream.deliveries import MicroBatchDeliveries, SentMicroBatch
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.eviction import (
     Lifetimes,
@@ -268,8 +269,9 @@ class BudgetJob:
         self.dead_letters = DeadLetterLog(
             settings.kafka, settings.topics.deadletter, DEAD_LETTERED_REMEMBERED
         )
-        #: stage 1's dead letters queued with the micro-batch, marked parked before they are sent
-        self._parked_unsent: list[Parked] = []
+        #: stage 1's dead letters queued with the micro-batch (each with its record's index),
+        #: marked parked before they are sent
+        self._parked_unsent: list[tuple[Parked, int]] = []
         window_ns = int(settings.duplicate_window.total_seconds() * _NS)
         self.recent = RecentBatches(window_ns, DUPLICATE_DIGESTS)
         self.primer = Primer(settings.kafka, settings.topics.spans, self.recent)
@@ -321,13 +323,16 @@ class BudgetJob:
         #: their queued batches wait for round trips: a worker expelled meanwhile hands none over
         self.snapshots.batches.may_hand_over = self.stall_guard.still_member
         self.usage_records = PendingRecords(self.app)
+        #: their delivery, in order: it raises `otlp_spans`' commit cap, a refusal reads them again
+        self.deliveries = MicroBatchDeliveries(self._let_spans_commit, self._read_refused_again)
         #: signals, into the producer's open batch of their partition (delivery checked per batch)
         self.signal_records = SignalRecords(self.app, settings.topics.signals)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
         topics = settings.topics
-        self.rewind = RewindAfterRecovery(self.app, [topics.spans, topics.usage], [topics.usage])
+        read_in_order = [topics.spans, topics.usage]  # each commit capped at what it delivered
+        self.rewind = RewindAfterRecovery(self.app, read_in_order, read_in_order)
         self.app.sensors.add(self.rewind)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_rebalance_complete.connect(self._on_rebalance_complete)
@@ -402,6 +407,7 @@ class BudgetJob:
         groups: dict[int, GroupRows] = {}
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
+        began_at = self.deliveries.refusals
         first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
         config = self.config
         for event in events:
@@ -426,22 +432,44 @@ class BudgetJob:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
         self._close_groups(groups, batch, reads, first)
-        queued, self._parked_unsent = self._parked_unsent, []
+        covers = {tp: reads.expected[tp] for tp in first if tp in reads.expected}
+        if not await self.deliveries.previous_delivered(began_at):
+            logger.warning("a micro-batch before this one was refused: this one is read again with it")
+            self._drop_micro_batch(reads, first)
+            return
         # its rows would count once (per-message steps), but its dead letters a successor parks too
         if not await self.stall_guard.still_member():
-            self.usage_records.drop()  # read again after the rebalance
-            self.dead_letters.discard(queued)
+            self._drop_micro_batch(reads, {})  # read again after the rebalance
             raise PartitionsLost("expelled while it stood still: its micro-batch is not sent")
         topic = self.settings.topics.usage
         for partition, record in batch.records():
             self.usage_records.add(topic, partition, record["kind"].encode(), encode_record(record))
+        parked, self._parked_unsent = self._parked_unsent, []
         try:
-            await self.usage_records.send()
+            futures = await self.usage_records.send()
         except Exception:  # the batch is read again before anything after it: its dead letters with it
-            self.dead_letters.discard(queued)
+            self.dead_letters.discard([source for source, _ in parked])
             reads.read_again(first)
             raise
+        self.deliveries.track(SentMicroBatch(futures or [], first, covers, parked))
         await _yield_to_the_loop()
+
+    def _drop_micro_batch(self, reads: InOrderReads, first: dict[Any, int]) -> None:
+        """Forget the micro-batch's records unsent and read its partitions again from `first`."""
+        queued, self._parked_unsent = self._parked_unsent, []
+        self.usage_records.drop()
+        self.dead_letters.discard([source for source, _ in queued])
+        reads.read_again(first)
+
+    def _let_spans_commit(self, covers: dict[Any, int]) -> None:
+        """Let Faust commit `otlp_spans` up to a delivered micro-batch's `covers`. Its partitions were
+        assigned when it was read; a revoke waits for it to settle (`_on_revoked`) before it forgets them."""
+        in_order_reads(self.app.consumer).written.update(covers)
+
+    def _read_refused_again(self, sent: SentMicroBatch) -> None:
+        """A micro-batch the broker refused (some of its records): read again, its lost dead letters too."""
+        self.dead_letters.discard(sent.unparked())
+        in_order_reads(self.app.consumer).read_again(sent.first)
 
     async def _park_failed(self, event: Any, reason: str) -> None:
         """Dead-letter a record whose processing failed; if even that fails, log it and go on."""
@@ -508,10 +536,7 @@ class BudgetJob:
                 self._close_group(partition, group, batch)
         except Exception:
             logger.exception("could not combine the micro-batch's rows: it is read again")
-            queued, self._parked_unsent = self._parked_unsent, []
-            self.usage_records.drop()
-            self.dead_letters.discard(queued)
-            reads.read_again(first)
+            self._drop_micro_batch(reads, first)
             raise
         groups.clear()
 
@@ -755,8 +780,8 @@ class BudgetJob:
         if parked is None:
             return False
         source, key, value, headers = parked
-        self.usage_records.add(self.settings.topics.deadletter, None, key, value, headers)
-        self._parked_unsent.append(source)
+        index = self.usage_records.add(self.settings.topics.deadletter, None, key, value, headers)
+        self._parked_unsent.append((source, index))
         return True
 
     def _park(
@@ -887,9 +912,11 @@ class BudgetJob:
                     f"expelled from the group with table changes pending ({len(revoked)} partitions)"
                 )
             logger.warning("expelled from the group: partitions lost, nothing pending")
+            self.deliveries.abandon()  # the next owner reads from the last commit
         else:
             self._snapshot_leaving(gone)
             await self._write_changes(flushed=True)
+            await self.deliveries.settled()  # flushed: its commit cap is final before the partitions go
             # these and the revoked windows' earlier ones settle before the new owner reads
             if settling := self.snapshots.in_flight(gone):
                 await asyncio.wait(settling)
@@ -1427,6 +1454,7 @@ class BudgetJob:
             "native_decode_failures": native_failures.count,
             "signals_failed": self.signal_records.failed,
             "signals_given_up": self.signal_records.given_up,
+            "usage_records_refused": self.deliveries.refused_records,
         }
 
     def _log_counters(self) -> None:

@@ -77,10 +77,10 @@ class PendingRecords:
     drained, one produce round trip, which under load delayed every signal.
 
     Stage 1's usage records and dead letters (`BudgetJob.usage_records`), sent
-    after each micro-batch. Signals go into the producer's open batches
-    (`stream/signal_records.py`), table changes as record batches
-    (`RecordBatches`), which need no `send` before the ack, as commits wait for
-    `TableChanges.write` (module doc).
+    after each micro-batch; `stream/deliveries.py` follows their delivery.
+    Signals go into the producer's open batches (`stream/signal_records.py`),
+    table changes as record batches (`RecordBatches`), which need no `send`
+    before the ack, as commits wait for `TableChanges.write` (module doc).
     """
 
     def __init__(self, app: AppT) -> None:
@@ -94,9 +94,11 @@ class PendingRecords:
         key: bytes | None,
         value: bytes | None,
         headers: Headers | None = None,
-    ) -> None:
-        """Queue a record; partition None leaves it to the default partitioner (murmur2 of the key)."""
+    ) -> int:
+        """Queue a record; its index in `send`'s futures. Partition None leaves it to the default
+        partitioner (murmur2 of the key)."""
         self._pending.append((topic, partition, key, value, headers))
+        return len(self._pending) - 1
 
     def drop(self) -> None:
         """Forget the pending records unsent (their batch is not acked: it is read again)."""

@@ -145,12 +145,12 @@ class InOrderReads:
     capped at the expected offset.
 
     The partitions of `written_topics` are capped too at `written`: the
-    offset below which every processed record's table changes are in the
-    producer (stage 2's record cache, `stream/changelog.py`); nothing is
-    committed there before the first write. Faust forgets the acks it takes
-    for a commit, so the acks at or above this cap are kept back for a
-    later commit (Faust would otherwise see a gap after the cap and never
-    commit that partition again).
+    offset below which every processed record's output is delivered (stage
+    2's table changes, `stream/changelog.py`; stage 1's micro-batches,
+    `stream/deliveries.py`); nothing is committed there before the first.
+    Faust forgets the acks it takes for a commit, so the acks at or above
+    this cap are kept back for a later commit (Faust would otherwise see a
+    gap after the cap and never commit that partition again).
     """
 
     def __init__(self, consumer: Any) -> None:
@@ -160,9 +160,9 @@ class InOrderReads:
         self.topics: set[str] = set()
         #: per partition, the next offset the agents are to process
         self.expected: dict[TP, int] = {}
-        #: the topics whose commits also wait for their records' changes to be written
+        #: the topics whose commits also wait for their records' output to be delivered
         self.written_topics: set[str] = set()
-        #: per partition of `written_topics`, the offset below which the changes are written
+        #: per partition of `written_topics`, the offset below which the output is delivered
         self.written: dict[TP, int] = {}
         self._seeking: dict[TP, asyncio.Task[None]] = {}
         new_offset = consumer._new_offset
@@ -368,7 +368,7 @@ class RewindAfterRecovery(SeeksBetweenFetches):
     """A Faust sensor: after every rebalance, re-read the agents' partitions from the commit.
 
     It also makes the agents read `topics` in order (`InOrderReads`), and caps
-    the commits of `written_topics` at what their table changes' writes covered.
+    the commits of `written_topics` at what their delivered output covers.
     """
 
     def __init__(self, app: AppT, topics: Iterable[str], written_topics: Iterable[str] = ()) -> None:
