@@ -439,7 +439,8 @@ class KafkaSpanExporter(SpanExporter):
 
     # --- flushing and closing ----------------------------------------------------------
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Wait up to `timeout_millis` for every span handed over so far to be acknowledged.
+        """Wait up to `timeout_millis` for every span handed over so far to be acknowledged; False
+        if one is not by then.
 
         Spans held for a producer still connecting, or refused as too large, are sent first.
         """
@@ -461,8 +462,8 @@ class KafkaSpanExporter(SpanExporter):
                 logger.warning("burnguard: Kafka flush did not complete: %s", exc)
                 return False
             self._wait_settled(deadline)
-            if not self._broken:
-                return True
+            if not self._broken:  # a send still unacknowledged at the deadline is not flushed
+                return not self._in_flight
 
     def _wait_settled(self, deadline: float) -> None:
         """Wait for the callbacks of flushed sends, which may run just after `flush` returns."""

@@ -406,3 +406,23 @@ def test_sends_failed_by_replacing_a_broken_producer_are_sent_again() -> None:
     exporter._in_flight[2] = (later, 1_000)
     exporter._settle(2, IllegalStateError("Producer is closed forcefully."))
     assert exporter.stats.spans_failed == 2
+
+
+class _FlushedProducer:
+    """Stands in for a connected producer whose `flush` returns before its sends' callbacks ran."""
+
+    def flush(self, timeout: float | None = None) -> None:
+        return None
+
+
+def test_force_flush_says_false_while_a_send_is_still_unacknowledged_at_its_deadline() -> None:
+    """kafka-python runs a send's callback on its I/O thread, possibly after `flush` returned:
+    `force_flush` waits for it until its deadline. Before, it then said True with the spans still
+    in flight (a caller that exits on True loses them unseen); now it says False."""
+    exporter = KafkaSpanExporter(KafkaSettings(bootstrap="127.0.0.1:9"), "otlp_spans")
+    exporter._producer = _FlushedProducer()  # type: ignore[assignment]
+    exporter._in_flight[1] = (tenant_spans(2), 1_000)
+    assert exporter.force_flush(50) is False
+    exporter._settle(1, None)
+    assert exporter.force_flush(50) is True
+    assert exporter.stats.spans_sent == 2
