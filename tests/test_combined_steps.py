@@ -121,6 +121,16 @@ def test_steps_at_or_below_the_mark_are_skipped_and_only_the_later_one_counts(tm
     assert spent_of(job, "tenant-cost|acme|0").spent == 8.5
 
 
+def test_a_row_whose_amount_is_null_fails_its_record_loudly(tmp_path: Path) -> None:
+    """What `encode_record` writes for a non-finite amount (`tests/test_usage_records.py`): stage 2
+    raises on it, so `_account` dead-letters the record with the reason, and the window keeps no NaN."""
+    job = make_job(tmp_path, "worker", config=parse_budget_yaml(budgets_yaml(tenant_cost(1.0e6))))
+    account(job, [row_record(1, [["tenant-cost", "acme", 0, 0.5, 1, 100, 100, 0]])])
+    with pytest.raises(TypeError):
+        account(job, [row_record(2, [["tenant-cost", "acme", 0, None, 1, 110, 110, 0]])])
+    assert spent_of(job, "tenant-cost|acme|0").spent == 0.5
+
+
 def test_rows_of_every_earlier_format_are_still_accounted(tmp_path: Path) -> None:
     """Rows without steps (`batch` records, rows before the call mix) count as they always did."""
     job = make_job(tmp_path, "worker", config=parse_budget_yaml(budgets_yaml(tenant_cost(1.0e6))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
 from burnguard.stream.changelog import encode
@@ -43,13 +44,39 @@ def test_a_deltas_row_is_the_delta_row_of_its_fields_with_or_without_its_mix() -
         assert UsageDelta.from_row(delta.to_row(), 3, 41) == delta
 
 
-def test_stage_1_encodes_a_record_to_the_bytes_of_fausts_json_codec() -> None:
-    rows = [ROW, [*ROW, [2.0, 0.0, 1.0, 0.1 + 0.2]], ["b", 'é ☃ "x"', -1, 1e300, 0, 1 << 62, 2**64, 0]]
+def floats_and_values(value: Any) -> Any:
+    """`value` with each float as its bits (`float.hex`), so -0.0, 0.0 and the last bit differ."""
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, list):
+        return [floats_and_values(item) for item in value]
+    if isinstance(value, dict):
+        return {key: floats_and_values(item) for key, item in value.items()}
+    return value
+
+
+def test_stage_1_encodes_a_record_that_reads_back_as_fausts_json_codec_wrote_it() -> None:
+    """Stage 2 reads what Faust's JSON codec would have written: the same values, floats bit for bit;
+    other bytes where msgspec writes text unescaped or `1e16` for `1e+16`."""
+    floats = [0.1 + 0.2, -0.0, 5e-324, 1e16, 1e300, 1 / 3, 2.5e-7]
+    rows = [
+        ROW,
+        [*ROW, [2.0, 0.0, 1.0, 0.1 + 0.2]],
+        ["b", 'é ☃ "x" \\ \n', -1, 1e300, 0, 1 << 62, 2**64, 0, None, [[3, *floats, None]]],
+    ]
     record = batches_record([BatchRecord(3, 77, rows, [["long-context", "s1", [10, 20]]])])
-    assert encode_record(record) == encode("json", record)
-    assert json.loads(encode_record(record)) == json.loads(json.dumps(record))
+    faust_wrote = json.loads(encode("json", record))
+    assert floats_and_values(json.loads(encode_record(record))) == floats_and_values(faust_wrote)
+    surrogate = batches_record([BatchRecord(0, 1, [["b", "\ud800", *ROW[2:]]], [])])  # msgspec refuses
+    assert encode_record(surrogate) == encode("json", surrogate)
+
+
+def test_a_non_finite_amount_is_written_as_null_not_as_a_number_stage_2_would_sum() -> None:
+    """None reaches a row (span values are bounded before they are summed); if one did, the stdlib
+    wrote NaN, which stage 2 summed into the window for good; now it is null, which stage 2 refuses
+    (`tests/test_combined_steps.py::test_a_row_whose_amount_is_null_fails_its_record_loudly`)."""
     odd = {"kind": "batches", "batches": [[0, 1, [[*ROW[:3], math.inf, *ROW[4:]]], []]]}
-    assert encode_record(odd) == encode("json", odd)  # whatever the codec does, the same
+    assert json.loads(encode_record(odd))["batches"][0][2][0][3] is None
 
 
 def test_a_batch_record_keeps_its_keys_on_the_wire() -> None:
