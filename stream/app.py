@@ -969,12 +969,14 @@ class BudgetJob:
     async def _on_shutdown(self, app: Any, **kwargs: Any) -> None:
         """On a clean stop, write what is pending, flush it and commit what it covers.
 
-        Faust's own last commit ran before this, capped at the last write; a
-        failure here only means the next owner re-reads a little more.
+        Faust's own last commit ran before this, capped at the last write and the
+        last delivered micro-batch; a failure here only means the next owner
+        re-reads a little more.
         """
         self._log_signals()  # the signals since the last snapshot run
         try:
             await self._write_changes(flushed=True)
+            await self.deliveries.settled()  # flushed: stage 1's last micro-batch is committed too
             await self.app.consumer.commit()
         except Exception as exc:
             logger.warning("could not write the pending table changes on stop: %r", exc)
