@@ -286,10 +286,10 @@ def encode_record(record: dict[str, Any]) -> bytes:
     Stage 1 encodes one `BATCHES` record per usage partition per micro-batch, each with up to
     `BATCH_ROWS` rows of plain lists, strings and numbers. msgspec writes text as UTF-8 where the
     stdlib escapes it, and `1e16` for `1e+16`: other bytes, the same values. What it refuses (a
-    lone surrogate) the stdlib writes. A non-finite float it writes as null,
-    where the stdlib wrote NaN, which stage 2 summed into a window for good; none reaches a row
-    (every amount is a sum of span values `contracts/span_checks.py` bounded), and a null amount
-    fails its record loudly (dead-lettered with its reason) instead (`test_usage_records`).
+    lone surrogate) the stdlib writes. A non-finite float it writes as null, where the stdlib
+    wrote NaN, which stage 2 summed into a window for good. None reaches a row (every amount is
+    a sum of span values `contracts/span_checks.py` bounded); if one did, its null amount fails
+    the record loudly (dead-lettered with its reason) instead (`test_usage_records`).
     """
     try:
         return _ENCODE_RECORD_FAST(record)
