@@ -157,6 +157,8 @@ _READERS: tuple[Callable[[AnyValue], Any], ...] = (_read_str, _read_int, _read_f
 #: that only fills a field the canonical attributes left empty, its rank: the first listed wins).
 _Slot = tuple[int, int, "int | None"]
 _FIELDS = [f.name for f in fields(SpanUsage) if f.name != "extra"]  # extra: a fresh dict per span
+#: The fields a `SpanUsage` gets a new empty dict in (`extra`), as its `__init__` does.
+_FRESH_DICTS = [f.name for f in fields(SpanUsage) if f.default_factory is dict]
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
 _SLOTS: dict[str, _Slot] = {}
 
@@ -555,15 +557,14 @@ native_failures = NativeFailures()
 
 
 def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
-    """The native decoder's field values as `SpanUsage`s, checked by `span_problem` here.
+    """The native decoder's `SpanUsage`s, checked by `span_problem` here.
 
     None when the native walk fell back, failed, or when a span breaks a check: then the
     reference (`check_spans`) decodes the message, so a rejection's reason and one-span
     request are made in one place.
     """
     try:
-        rows = _native.decode(payload)
-        usages = None if rows is None else [SpanUsage(*values) for values in rows]
+        usages = _native.decode(payload)
     except _NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
         native_failures.count += 1
         logger.error(
@@ -626,7 +627,14 @@ def _native_errors() -> tuple[type[BaseException], ...]:
 
 
 def _native_decoder(module: Any) -> Any:
-    """The rules of this module, handed to the native decoder as data."""
+    """The rules of this module, handed to the native decoder as data.
+
+    The decoder makes each `SpanUsage` itself from the field values (allocated as `__new__` does,
+    each slot set, a new dict per `_FRESH_DICTS` field): `__init__` does no more than that, which
+    a `__post_init__` would change, so a `SpanUsage` with one is left to the reference.
+    """
+    if hasattr(SpanUsage, "__post_init__"):
+        raise ValueError("SpanUsage has a __post_init__, which the native decoder would not run")
     return module.Decoder(
         slots=_SLOTS,
         attribution_slots=_ATTRIBUTION_SLOTS,
@@ -638,6 +646,9 @@ def _native_decoder(module: Any) -> Any:
         positions=_INDEX,
         operation_default=attr.OP_CHAT,
         status_error_code=_STATUS_ERROR,
+        usage_class=SpanUsage,
+        usage_fields=_FIELDS,
+        fresh_dicts=_FRESH_DICTS,
     )
 
 

@@ -13,6 +13,7 @@ tenant, cost, tokens and resource attributes alike: protobuf reads them as witho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts import otlp
 from burnguard.contracts.otlp import MalformedSpans, decode_spans
+from burnguard.contracts.usage import SpanUsage
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
@@ -406,6 +408,54 @@ def test_rules_the_native_walk_cannot_apply_leave_the_python_decoder_in_charge(
     monkeypatch.setitem(otlp._SLOTS, "another.tenant", (index, otlp._STR, None))
     assert otlp.native_decoder() is None
     assert "native OTLP decoder not used" in caplog.text
+
+
+def span_usage_copy(**namespace: Any) -> type:
+    """A class with `SpanUsage`'s fields, defaults and slots, and `namespace` added."""
+    copied = [
+        (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory))
+        for f in dataclasses.fields(SpanUsage)
+    ]
+    return dataclasses.make_dataclass("SpanUsageCopy", copied, slots=True, namespace=namespace)
+
+
+class SpanUsageSubclass(SpanUsage):
+    __slots__ = ()
+
+
+@pytest.mark.parametrize(
+    "usage_class",
+    [
+        span_usage_copy(__post_init__=lambda self: None),
+        span_usage_copy(__new__=lambda cls, *args, **kwargs: object.__new__(cls)),
+        SpanUsageSubclass,
+    ],
+    ids=["post_init", "own_new", "subclass"],
+)
+def test_a_usage_class_the_walk_cannot_make_as_its_init_would_leaves_the_python_decoder_in_charge(
+    usage_class: type, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The walk makes each `SpanUsage` without `__init__` (allocated, every slot set): a class
+    whose construction does more than that is refused, not made differently."""
+    required_native_decoder()
+    assert otlp.native_decoder() is not None
+    monkeypatch.setattr(otlp, "SpanUsage", usage_class)
+    assert otlp.native_decoder() is None
+    assert "native OTLP decoder not used" in caplog.text
+
+
+def test_the_walk_makes_span_usages_each_with_its_own_extra_dict() -> None:
+    """As `SpanUsage(...)` does: `extra` is a new dict per span (the worker writes to it when it
+    moves a span's clock), and the objects are `SpanUsage`s equal to the reference's."""
+    native = required_native_decoder()
+    operation = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    span = field(1, bytes(16)) + field(9, operation)
+    payload = field(1, field(2, field(2, span) + field(2, span)))
+    usages = native.decode(payload)
+    assert [type(usage) for usage in usages] == [SpanUsage, SpanUsage]
+    assert usages[0].extra == {} and usages[0].extra is not usages[1].extra
+    with mock.patch.object(otlp, "_native", None):
+        assert usages == decode_spans(payload).usages
 
 
 def genai_request() -> bytes:

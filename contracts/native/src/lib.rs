@@ -1,12 +1,13 @@
 //! The native fast path of `burnguard.contracts.otlp.decode_spans`.
 //!
 //! It walks the protobuf bytes of an OTLP `ExportTraceServiceRequest` over the few fields
-//! decoding needs and returns, per accounted span, the field values `_span_usage` builds,
-//! so Python does `SpanUsage(*values)` and `span_checks.span_problem` on them. Every rule
-//! (attribute keys, precedence, markers, defaults) is handed in as data by contracts/otlp.py;
-//! none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
+//! decoding needs and returns, per accounted span, the `SpanUsage` that `_span_usage` builds
+//! (made here, `usage.rs`), so Python runs `span_checks.span_problem` on them. Every rule
+//! (attribute keys, precedence, markers, defaults, the fields of `SpanUsage`) is handed in as
+//! data by contracts/otlp.py; none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
 //! the Python reference decodes the message: errors and rejections are made in one place.
 
+mod usage;
 mod value;
 mod wire;
 
@@ -14,9 +15,10 @@ use std::collections::HashMap;
 
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyTuple};
+use pyo3::types::{PyList, PyString, PyType};
 use rustc_hash::FxHashMap;
 
+use usage::{Usages, ValueRef};
 use value::{text, Any, Reader, Value};
 use wire::{Fields, Unsure, Walk};
 
@@ -105,6 +107,7 @@ struct Decoder {
     positions: Positions,
     operation_default: String,
     status_error_code: u32,
+    usages: Usages,
 }
 
 /// The field values before any attribute is read: as Python objects (a span's fields left at
@@ -152,7 +155,9 @@ impl Decoder {
     /// `slots` and `attribution_slots`: attribute key -> (field index, reader, rank or None);
     /// `readers`: the reader numbers of str, int, float and bool; `markers`: the keys that make a
     /// span a GenAI span, unless it has `duplicate_of`; `defaults`: the field values before any
-    /// attribute is read; `positions`: field name -> index for the fields set from the span itself.
+    /// attribute is read; `positions`: field name -> index for the fields set from the span itself;
+    /// `usage_class`, `usage_fields` (in the order of the values) and `fresh_dicts`: what a span's
+    /// values become (`usage.rs`).
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -166,8 +171,17 @@ impl Decoder {
         positions: HashMap<String, usize>,
         operation_default: String,
         status_error_code: u32,
+        usage_class: Bound<'_, PyType>,
+        usage_fields: Vec<String>,
+        fresh_dicts: Vec<String>,
     ) -> PyResult<Self> {
         let defaults = Defaults::new(&defaults)?;
+        let usages = Usages::new(&usage_class, &usage_fields, &fresh_dicts)?;
+        if usages.fields() != defaults.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "one default per field of the usage class",
+            ));
+        }
         let mut span_keys: HashMap<String, SpanKey> = HashMap::new();
         for (key, slot) in slots {
             span_keys.entry(key).or_default().slot = Some(slot_of(slot, readers, defaults.len())?);
@@ -198,27 +212,34 @@ impl Decoder {
             defaults,
             operation_default,
             status_error_code,
+            usages,
         })
     }
 
-    /// The field values of each accounted span, in walk order, as tuples; None: fall back.
+    /// The `SpanUsage` of each accounted span, in walk order; None: fall back.
     ///
     /// Call it only on protobuf bytes the upb parse accepted (it validates the whole message).
     fn decode<'py>(&self, py: Python<'py>, payload: &[u8]) -> PyResult<Option<Bound<'py, PyList>>> {
         let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len());
-        if self.request(payload, &mut rows).is_err() {
+        let walked = self.request(payload, &mut rows);
+        if let Some(error) = rows.error {
+            return Err(error);
+        }
+        if walked.is_err() {
             return Ok(None);
         }
-        Ok(Some(PyList::new(py, rows.tuples)?))
+        Ok(Some(PyList::new(py, rows.usages)?))
     }
 }
 
-/// The tuples made so far, and what making them reuses: the text of a message's attributes
+/// The usages made so far, and what making them reuses: the text of a message's attributes
 /// repeats from span to span (tenant, model, service ...), each text becomes one `str`, and so
 /// does each trace id (the spans of a trace travel together); the buffers of a span's walk.
+/// `error`: Python's error making a usage (the walk stops; `decode` raises it).
 struct Rows<'py, 'a> {
     py: Python<'py>,
-    tuples: Vec<Bound<'py, PyTuple>>,
+    usages: Vec<Bound<'py, PyAny>>,
+    error: Option<PyErr>,
     texts: FxHashMap<&'a str, Bound<'py, PyAny>>,
     trace_ids: FxHashMap<&'a [u8], Bound<'py, PyAny>>,
     found: Found<'a>,
@@ -230,7 +251,8 @@ impl<'py, 'a> Rows<'py, 'a> {
     fn new(py: Python<'py>, keys: usize, fields: usize) -> Self {
         Rows {
             py,
-            tuples: Vec::new(),
+            usages: Vec::new(),
+            error: None,
             texts: FxHashMap::default(),
             trace_ids: FxHashMap::default(),
             found: Found::new(keys),
@@ -239,27 +261,38 @@ impl<'py, 'a> Rows<'py, 'a> {
         }
     }
 
-    /// `self.values` as a tuple of Python objects, the defaults where a field is unset; the values
-    /// are left unset for the next span.
-    fn push(&mut self, defaults: &Defaults, trace_id: usize) -> Walk<()> {
+    /// A usage of `self.values`, the defaults where a field is unset; the values are left unset
+    /// for the next span.
+    fn push(&mut self, decoder: &Decoder) -> Walk<()> {
+        let (defaults, trace_id) = (&decoder.defaults, decoder.positions.trace_id);
         let (py, texts, trace_ids) = (self.py, &mut self.texts, &mut self.trace_ids);
         let objects = self
             .values
             .iter_mut()
             .enumerate()
             .map(|(index, value)| match value.take() {
-                None => defaults.objects[index].bind(py).clone(),
-                Some(Value::Str(std::borrow::Cow::Borrowed(text))) if !text.is_empty() => texts
-                    .entry(text)
-                    .or_insert_with(|| PyString::new(py, text).into_any())
-                    .clone(),
-                Some(Value::Hex(id)) if index == trace_id => trace_ids
-                    .entry(id)
-                    .or_insert_with(|| Value::Hex(id).to_python(py))
-                    .clone(),
-                Some(other) => other.to_python(py),
+                None => ValueRef::Borrowed(&defaults.objects[index]),
+                Some(Value::Str(std::borrow::Cow::Borrowed(text))) if !text.is_empty() => ValueRef::Owned(
+                    texts
+                        .entry(text)
+                        .or_insert_with(|| PyString::new(py, text).into_any())
+                        .clone(),
+                ),
+                Some(Value::Hex(id)) if index == trace_id => ValueRef::Owned(
+                    trace_ids
+                        .entry(id)
+                        .or_insert_with(|| Value::Hex(id).to_python(py))
+                        .clone(),
+                ),
+                Some(other) => ValueRef::Owned(other.to_python(py)),
             });
-        self.tuples.push(PyTuple::new(py, objects).map_err(|_| Unsure)?);
+        match decoder.usages.make(py, objects) {
+            Ok(usage) => self.usages.push(usage),
+            Err(error) => {
+                self.error = Some(error);
+                return Err(Unsure);
+            }
+        }
         Ok(())
     }
 }
@@ -291,7 +324,7 @@ impl Decoder {
             for field in Fields::of(scope) {
                 if let (2, field) = field? {
                     if self.span(field.bytes()?, resource, &mut inherited, rows)? {
-                        rows.push(&self.defaults, self.positions.trace_id)?;
+                        rows.push(self)?;
                     }
                 }
             }
