@@ -2,11 +2,12 @@
 //!
 //! It walks the protobuf bytes of an OTLP `ExportTraceServiceRequest` over the few fields
 //! decoding needs and returns, per accounted span, the `SpanUsage` that `_span_usage` builds
-//! (made here, `usage.rs`), so Python runs `span_checks.span_problem` on them. Every rule
-//! (attribute keys, precedence, markers, defaults, the fields of `SpanUsage`) is handed in as
-//! data by contracts/otlp.py; none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
+//! (made here, `usage.rs`), each inside the ceilings of `span_checks` (`checks.rs`). Every rule
+//! (attribute keys, precedence, markers, defaults, the fields of `SpanUsage`, the checked fields
+//! and ceilings) is handed in as data by contracts/otlp.py; none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
 //! the Python reference decodes the message: errors and rejections are made in one place.
 
+mod checks;
 mod usage;
 mod value;
 mod wire;
@@ -18,6 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyType};
 use rustc_hash::FxHashMap;
 
+use checks::{Ceilings, Checks};
 use usage::{Usages, ValueRef};
 use value::{text, Any, Reader, Value};
 use wire::{Fields, Unsure, Walk};
@@ -108,24 +110,29 @@ struct Decoder {
     operation_default: String,
     status_error_code: u32,
     usages: Usages,
+    checks: Checks,
 }
 
 /// The field values before any attribute is read: as Python objects (a span's fields left at
-/// their default take these, no conversion), and whether each is true (`bool(value)`), which
-/// decides whether a deprecated spelling or the resource may still fill it.
+/// their default take these, no conversion), as values (the checks read them), and whether each
+/// is true (`bool(value)`), which decides whether a deprecated spelling or the resource may
+/// still fill it.
 struct Defaults {
     objects: Vec<Py<PyAny>>,
+    values: Vec<Value<'static>>,
     truthy: Vec<bool>,
 }
 
 impl Defaults {
     fn new(defaults: &[Bound<'_, PyAny>]) -> PyResult<Self> {
-        let truthy = defaults
-            .iter()
-            .map(|value| Value::from_python(value).map(|value| value.truthy()))
-            .collect::<PyResult<_>>()?;
+        let values: Vec<_> = defaults.iter().map(Value::from_python).collect::<PyResult<_>>()?;
+        let truthy = values.iter().map(Value::truthy).collect();
         let objects = defaults.iter().map(|value| value.clone().unbind()).collect();
-        Ok(Defaults { objects, truthy })
+        Ok(Defaults {
+            objects,
+            values,
+            truthy,
+        })
     }
 
     fn len(&self) -> usize {
@@ -157,7 +164,8 @@ impl Decoder {
     /// span a GenAI span, unless it has `duplicate_of`; `defaults`: the field values before any
     /// attribute is read; `positions`: field name -> index for the fields set from the span itself;
     /// `usage_class`, `usage_fields` (in the order of the values) and `fresh_dicts`: what a span's
-    /// values become (`usage.rs`).
+    /// values become (`usage.rs`); `cost_field`, `count_fields`, `key_fields`: what the checks
+    /// read (`checks.rs`).
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -174,6 +182,9 @@ impl Decoder {
         usage_class: Bound<'_, PyType>,
         usage_fields: Vec<String>,
         fresh_dicts: Vec<String>,
+        cost_field: String,
+        count_fields: Vec<String>,
+        key_fields: Vec<String>,
     ) -> PyResult<Self> {
         let defaults = Defaults::new(&defaults)?;
         let usages = Usages::new(&usage_class, &usage_fields, &fresh_dicts)?;
@@ -203,7 +214,19 @@ impl Decoder {
         one_canonical_per_field(resource_slots.values().flatten().copied())?;
         let (span_ids, span_keys) = numbered(span_keys);
         let (resource_ids, resource_slots) = numbered(resource_slots);
+        let index = |name: &String| {
+            usage_fields
+                .iter()
+                .position(|field| field == name)
+                .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("no field {name} to check")))
+        };
+        let checks = Checks {
+            cost: index(&cost_field)?,
+            counts: count_fields.iter().map(index).collect::<PyResult<_>>()?,
+            keys: key_fields.iter().map(index).collect::<PyResult<_>>()?,
+        };
         Ok(Decoder {
+            checks,
             span_ids,
             span_keys,
             resource_ids,
@@ -216,11 +239,17 @@ impl Decoder {
         })
     }
 
-    /// The `SpanUsage` of each accounted span, in walk order; None: fall back.
+    /// The `SpanUsage` of each accounted span, in walk order; None: fall back, which a span
+    /// outside the `ceilings` (`SpanLimits.ceilings()`) also answers.
     ///
     /// Call it only on protobuf bytes the upb parse accepted (it validates the whole message).
-    fn decode<'py>(&self, py: Python<'py>, payload: &[u8]) -> PyResult<Option<Bound<'py, PyList>>> {
-        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len());
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        payload: &[u8],
+        ceilings: Ceilings,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len(), ceilings);
         let walked = self.request(payload, &mut rows);
         if let Some(error) = rows.error {
             return Err(error);
@@ -240,6 +269,7 @@ struct Rows<'py, 'a> {
     py: Python<'py>,
     usages: Vec<Bound<'py, PyAny>>,
     error: Option<PyErr>,
+    ceilings: Ceilings,
     texts: FxHashMap<&'a str, Bound<'py, PyAny>>,
     trace_ids: FxHashMap<&'a [u8], Bound<'py, PyAny>>,
     found: Found<'a>,
@@ -248,11 +278,12 @@ struct Rows<'py, 'a> {
 }
 
 impl<'py, 'a> Rows<'py, 'a> {
-    fn new(py: Python<'py>, keys: usize, fields: usize) -> Self {
+    fn new(py: Python<'py>, keys: usize, fields: usize, ceilings: Ceilings) -> Self {
         Rows {
             py,
             usages: Vec::new(),
             error: None,
+            ceilings,
             texts: FxHashMap::default(),
             trace_ids: FxHashMap::default(),
             found: Found::new(keys),
@@ -262,9 +293,14 @@ impl<'py, 'a> Rows<'py, 'a> {
     }
 
     /// A usage of `self.values`, the defaults where a field is unset; the values are left unset
-    /// for the next span.
+    /// for the next span. A span the checks cannot vouch for: `Unsure`.
     fn push(&mut self, decoder: &Decoder) -> Walk<()> {
         let (defaults, trace_id) = (&decoder.defaults, decoder.positions.trace_id);
+        let values = &self.values;
+        let field = |index: usize| values[index].as_ref().unwrap_or(&defaults.values[index]);
+        if !decoder.checks.vouch(field, self.ceilings) {
+            return Err(Unsure);
+        }
         let (py, texts, trace_ids) = (self.py, &mut self.texts, &mut self.trace_ids);
         let objects = self
             .values
