@@ -468,13 +468,13 @@ def test_rules_the_native_walk_cannot_apply_leave_the_python_decoder_in_charge(
     assert "native OTLP decoder not used" in caplog.text
 
 
-def span_usage_copy(**namespace: Any) -> type:
-    """A class with `SpanUsage`'s fields, defaults and slots, and `namespace` added."""
+def span_usage_copy(*more: tuple[str, type, Any], **namespace: Any) -> type:
+    """A class with `SpanUsage`'s fields, defaults and slots, the fields `more` and `namespace` added."""
     copied = [
         (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory))
         for f in dataclasses.fields(SpanUsage)
     ]
-    return dataclasses.make_dataclass("SpanUsageCopy", copied, slots=True, namespace=namespace)
+    return dataclasses.make_dataclass("SpanUsageCopy", [*copied, *more], slots=True, namespace=namespace)
 
 
 class SpanUsageSubclass(SpanUsage):
@@ -487,8 +487,9 @@ class SpanUsageSubclass(SpanUsage):
         span_usage_copy(__post_init__=lambda self: None),
         span_usage_copy(__new__=lambda cls, *args, **kwargs: object.__new__(cls)),
         SpanUsageSubclass,
+        span_usage_copy(("spare", str, dataclasses.field(default=""))),
     ],
-    ids=["post_init", "own_new", "subclass"],
+    ids=["post_init", "own_new", "subclass", "slot_no_field_names"],
 )
 def test_a_usage_class_the_walk_cannot_make_as_its_init_would_leaves_the_python_decoder_in_charge(
     usage_class: type, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
