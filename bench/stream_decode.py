@@ -32,10 +32,11 @@ Collector's whole trace pipeline, mostly non-GenAI spans). The key counts and me
 each span with N-1 copies of itself (longer sessions per export batch: the spans
 `usage_deltas` matches once per group). `--compare REV` also
 measures the stage-1 code of git revision REV (its `burnguard`, `contracts` and
-`stream` trees, exported to a scratch directory and imported first in a child
-process) on the same load, alternating old and new `--rounds` times, and prints
-both in the RESULT line. `--profile` runs decode + deltas once more under
-cProfile and prints the top functions by own time.
+`stream` trees, exported to a scratch directory with its native module built, and imported
+first in a child process) on the same load with the same `--impl`, alternating old and new
+`--rounds` times, and prints both in the RESULT line (`--impl native` against a revision
+without the native path stops with that said; `both` measures its python only). `--profile`
+runs decode + deltas once more under cProfile and prints the top functions by own time.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def measure_child(args: argparse.Namespace, pythonpath: Path) -> dict[str, Any]:
     command += ["--spans", str(args.spans), "--repeat", str(args.repeat)]
     command += ["--plain-fraction", str(args.plain_fraction), "--same-spans", str(args.same_spans)]
     command += [item for knob in KEY_KNOBS for item in (_flag(knob), str(getattr(args, knob)))]
-    command += ["--impl", "python"]  # the reference path, as old revisions have only that
+    command += ["--impl", args.impl]  # a revision without the native path: `both` is its python
     return child_result(command, pythonpath)
 
 
@@ -279,10 +280,11 @@ def main() -> None:
     if runs["old"]:
         old = {name: min(run["us"][name] for run in runs["old"]) for name in runs["old"][0]["us"]}
         show(f"--compare {args.compare}", {"code": runs["old"][0]["code"], "us": old})
-        compared = ("decode", "deltas", "raw_parse")
+        compared = [name for name in ("decode", "decode_native", "deltas", "raw_parse") if name in old]
         fields += " " + " ".join(f"old_{name}_us={old[name]:.2f}" for name in compared)
         decode = new.get("decode_native", new["decode"])  # what decode_spans uses by default
-        stage1 = (old["decode"] + old["deltas"]) / (decode + new["deltas"])
+        old_decode = old.get("decode_native", old["decode"])
+        stage1 = (old_decode + old["deltas"]) / (decode + new["deltas"])
         fields += f" stage1_speedup={stage1:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     if args.profile:

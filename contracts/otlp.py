@@ -16,9 +16,10 @@ Attribution (tenant, user, ...) missing from a span is taken from its resource
 (`resource_attribution`); the span's own value, in any spelling, wins.
 
 The per-span walk has a native fast path (contracts/native, `native_decoder`): for protobuf
-bytes the upb parse accepted it returns each accounted span's field values, built from the
-tables below handed to it as data; anything else, and any message with a span to reject, is
-decoded by the Python code here, the reference (docs/ARCHITECTURE.md §3, "Native decoding").
+bytes the upb parse accepted it returns each accounted span's `SpanUsage`, built from the
+tables below and `span_checks`' fields and ceilings, handed to it as data; anything else, and
+any message with a span it cannot vouch `span_problem` passes, is decoded by the Python code
+here, the reference (docs/ARCHITECTURE.md §3, "Native decoding").
 
 Every span is checked here too (`span_checks`): a span with a number that is not
 finite, negative, past its ceiling or of the wrong type, or a key past its length
@@ -40,7 +41,16 @@ from typing import Any
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.env_numbers import env_flag
 from burnguard.contracts.otlp_view import TraceRequestView
-from burnguard.contracts.span_checks import DEFAULT_LIMITS, NOT_FINITE, WRONG_TYPE, SpanLimits, span_problem
+from burnguard.contracts.span_checks import (
+    COST_FIELD,
+    COUNT_FIELDS,
+    DEFAULT_LIMITS,
+    KEY_FIELDS,
+    NOT_FINITE,
+    WRONG_TYPE,
+    SpanLimits,
+    span_problem,
+)
 from burnguard.contracts.usage import SpanUsage
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
@@ -157,6 +167,8 @@ _READERS: tuple[Callable[[AnyValue], Any], ...] = (_read_str, _read_int, _read_f
 #: that only fills a field the canonical attributes left empty, its rank: the first listed wins).
 _Slot = tuple[int, int, "int | None"]
 _FIELDS = [f.name for f in fields(SpanUsage) if f.name != "extra"]  # extra: a fresh dict per span
+#: The fields a `SpanUsage` gets a new empty dict in (`extra`), as its `__init__` does.
+_FRESH_DICTS = [f.name for f in fields(SpanUsage) if f.default_factory is dict]
 _INDEX = {name: index for index, name in enumerate(_FIELDS)}
 _SLOTS: dict[str, _Slot] = {}
 
@@ -555,15 +567,14 @@ native_failures = NativeFailures()
 
 
 def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
-    """The native decoder's field values as `SpanUsage`s, checked by `span_problem` here.
+    """The native decoder's `SpanUsage`s, each inside `limits`.
 
-    None when the native walk fell back, failed, or when a span breaks a check: then the
-    reference (`check_spans`) decodes the message, so a rejection's reason and one-span
-    request are made in one place.
+    None when the native walk fell back, failed, or met a span it cannot vouch is inside the
+    limits (`span_problem` may reject it): then the reference (`check_spans`) decodes the
+    message, so a rejection's reason and one-span request are made in one place.
     """
     try:
-        rows = _native.decode(payload)
-        usages = None if rows is None else [SpanUsage(*values) for values in rows]
+        usages = _native.decode(payload, limits.ceilings())
     except _NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
         native_failures.count += 1
         logger.error(
@@ -574,9 +585,6 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
         return None
     if usages is None:
         return None
-    for usage in usages:
-        if span_problem(usage, limits) is not None:
-            return None
     return DecodedSpans(usages)
 
 
@@ -599,9 +607,10 @@ def native_decoder() -> Any | None:
     """The native fast path of `decode_spans` (contracts/native), None when it is not built.
 
     The crate holds no rule of its own: the attribute table (`_SLOTS`, `_ATTRIBUTION_SLOTS`),
-    the GenAI markers, the duplicate mark, the service key and the defaults are handed to it
-    here, as data. It walks protobuf bytes the upb parse accepted and answers None ("fall
-    back") for anything outside its simple case; `check_spans` stays the reference.
+    the GenAI markers, the duplicate mark, the service key, the defaults, `SpanUsage` and the
+    fields `span_checks` checks are handed to it here, as data (the ceilings with each call).
+    It walks protobuf bytes the upb parse accepted and answers None ("fall back") for anything
+    outside its simple case; `check_spans` stays the reference.
     """
     try:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
@@ -626,7 +635,14 @@ def _native_errors() -> tuple[type[BaseException], ...]:
 
 
 def _native_decoder(module: Any) -> Any:
-    """The rules of this module, handed to the native decoder as data."""
+    """The rules of this module, handed to the native decoder as data.
+
+    The decoder makes each `SpanUsage` itself from the field values (allocated as `__new__` does,
+    each slot set, a new dict per `_FRESH_DICTS` field): `__init__` does no more than that, which
+    a `__post_init__` would change, so a `SpanUsage` with one is left to the reference.
+    """
+    if hasattr(SpanUsage, "__post_init__"):
+        raise ValueError("SpanUsage has a __post_init__, which the native decoder would not run")
     return module.Decoder(
         slots=_SLOTS,
         attribution_slots=_ATTRIBUTION_SLOTS,
@@ -638,6 +654,12 @@ def _native_decoder(module: Any) -> Any:
         positions=_INDEX,
         operation_default=attr.OP_CHAT,
         status_error_code=_STATUS_ERROR,
+        usage_class=SpanUsage,
+        usage_fields=_FIELDS,
+        fresh_dicts=_FRESH_DICTS,
+        cost_field=COST_FIELD,
+        count_fields=COUNT_FIELDS,
+        key_fields=KEY_FIELDS,
     )
 
 

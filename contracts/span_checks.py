@@ -28,6 +28,8 @@ WRONG_TYPE = "wrong_type"
 TOO_LONG = "too_long"
 REJECTION_KINDS = (NOT_FINITE, NEGATIVE, OVER_CEILING, WRONG_TYPE, TOO_LONG)
 
+#: The amount a span carries: finite, >= 0, <= max_cost_usd, or None (not priced).
+COST_FIELD = "cost_usd"
 #: The count fields a span carries; each must be a whole number in [0, max_tokens].
 COUNT_FIELDS = (
     "input_tokens",
@@ -50,6 +52,7 @@ KEY_FIELDS = (
     "response_model",
 )
 _NS = 1_000_000_000
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,12 @@ class SpanLimits:
     clock_ahead_ns: int = 5 * 60 * _NS
     #: How far behind: the stream's allowed lateness (BURNGUARD_ALLOWED_LATENESS_S), the same variable.
     clock_behind_ns: int = 3600 * _NS
+
+    def ceilings(self) -> tuple[float, int, int]:
+        """(max_cost_usd, max_tokens, max_key_chars) as the native decoder takes them: it vouches
+        only for spans inside them (contracts/native/src/checks.rs). A count or key ceiling past
+        what an int64 holds is that bound: no count or length is larger."""
+        return (self.max_cost_usd, min(self.max_tokens, _INT64_MAX), min(self.max_key_chars, _INT64_MAX))
 
     @classmethod
     def from_env(cls) -> SpanLimits:

@@ -13,8 +13,10 @@ tenant, cost, tokens and resource attributes alike: protobuf reads them as witho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import struct
 import subprocess
 import sys
 from typing import Any
@@ -24,6 +26,8 @@ import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts import otlp
 from burnguard.contracts.otlp import MalformedSpans, decode_spans
+from burnguard.contracts.span_checks import DEFAULT_LIMITS, SpanLimits
+from burnguard.contracts.usage import SpanUsage
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
@@ -35,6 +39,8 @@ from tests.support.protowire import field, fixed32, fixed64, varint, varint_fiel
 #: BURNGUARD_DIFFERENTIAL_SCALE=20: the fuzz tests run 20 times their examples (a stress run,
 #: with `--timeout=0`: it outlasts the per-test timeout).
 SCALE = float(os.environ.get("BURNGUARD_DIFFERENTIAL_SCALE", "1"))
+#: The limits `decode_spans` applies by default, whose ceilings the native walk is handed.
+MAX = DEFAULT_LIMITS
 #: Every key the decoder knows (fields in all spellings, markers, the duplicate mark, service.name).
 KNOWN_KEYS = sorted(
     {*otlp._SLOTS, attr.GEN_AI_OPERATION_NAME, attr.GEN_AI_PROVIDER_NAME, attr.GEN_AI_SYSTEM}
@@ -334,7 +340,7 @@ def assert_same(payload: bytes) -> None:
     expected = outcome(payload, None)
     assert outcome(payload, native) == expected
     if expected[0] == "decoded":
-        event("native walk" if native.decode(payload) is not None else "fell back")
+        event("native walk" if native.decode(payload, MAX.ceilings()) is not None else "fell back")
 
 
 @settings(max_examples=int(500 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -365,20 +371,74 @@ def test_the_synthetic_load_takes_the_native_walk_and_decodes_alike() -> None:
     mix = SpanMix(plain_fraction=0.2)
     for _ in range(20):
         payload = mix.message()[1]
-        assert native.decode(payload) is not None
+        assert native.decode(payload, MAX.ceilings()) is not None
         assert outcome(payload, native) == outcome(payload, None)
 
 
-def test_a_span_that_breaks_a_check_is_rejected_by_the_reference_path() -> None:
-    """The native walk returns the span; `span_problem` finds it bad, the reference rejects it."""
+def double(number: float) -> bytes:
+    return fixed64(4, int.from_bytes(struct.pack("<d", number), "little"))
+
+
+def count(number: int) -> bytes:
+    return varint_field(3, number % 2**64)  # an int64 as protobuf writes it
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "vouched"),
+    [
+        (attr.COST_USD, double(math.nan), False),
+        (attr.COST_USD, double(-1e-9), False),
+        (attr.COST_USD, double(-0.0), True),
+        (attr.COST_USD, double(MAX.max_cost_usd), True),
+        (attr.COST_USD, double(math.nextafter(MAX.max_cost_usd, math.inf)), False),
+        (attr.GEN_AI_USAGE_INPUT_TOKENS, count(MAX.max_tokens), True),
+        (attr.GEN_AI_USAGE_INPUT_TOKENS, count(MAX.max_tokens + 1), False),
+        (attr.TOOL_CALLS, count(-1), False),
+        (attr.TENANT, field(1, b"t" * MAX.max_key_chars), True),
+        (attr.TENANT, field(1, b"t" * (MAX.max_key_chars + 1)), False),
+        (attr.TENANT, field(1, "\u00e9".encode() * MAX.max_key_chars), True),  # twice as many bytes
+        (attr.TENANT, field(1, "\u00e9".encode() * (MAX.max_key_chars + 1)), False),
+    ],
+    ids=[
+        "cost-nan",
+        "cost-negative",
+        "cost-minus-zero",
+        "cost-at-ceiling",
+        "cost-past-ceiling",
+        "tokens-at-ceiling",
+        "tokens-past-ceiling",
+        "tool-calls-negative",
+        "tenant-at-ceiling",
+        "tenant-past-ceiling",
+        "tenant-2-byte-chars-at-ceiling",
+        "tenant-2-byte-chars-past-ceiling",
+    ],
+)
+def test_the_walk_vouches_for_a_span_exactly_when_span_problem_passes_it(
+    key: str, value: bytes, vouched: bool
+) -> None:
+    """At and just past each ceiling: the walk returns the span when `span_problem` would pass
+    it, and falls back when it would not, so the reference rejects it with its reason."""
     native = required_native_decoder()
-    bad = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
-    cost = field(1, attr.COST_USD.encode()) + field(2, fixed64(4, 0xFFF8000000000000))  # NaN
-    payload = field(1, field(2, field(2, field(9, bad) + field(9, cost))))
-    assert native.decode(payload) is not None
-    kind, _, rejected = outcome(payload, native)
-    assert kind == "decoded" and [r.kind for r in rejected] == ["not_finite"]
+    marker = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    checked = field(1, key.encode()) + field(2, value)
+    payload = field(1, field(2, field(2, field(9, marker) + field(9, checked))))
+    assert (native.decode(payload, MAX.ceilings()) is not None) is vouched
+    kind, usages, rejected = outcome(payload, native)
+    assert kind == "decoded" and (len(usages), len(rejected)) == ((1, 0) if vouched else (0, 1))
     assert outcome(payload, native) == outcome(payload, None)
+
+
+def test_the_walk_takes_the_ceilings_of_each_call() -> None:
+    """The limits of `decode_spans` (`SpanLimits.from_env`), not the defaults; a ceiling past an
+    int64 is handed in as the int64 bound."""
+    native = required_native_decoder()
+    payload = genai_request()  # tenant "acme"
+    assert native.decode(payload, SpanLimits(max_key_chars=3).ceilings()) is None
+    assert native.decode(payload, SpanLimits(max_tokens=10**30, max_key_chars=10**30).ceilings())
+    with mock.patch.object(otlp, "_native", native):
+        rejected = decode_spans(payload, SpanLimits(max_key_chars=3)).rejected
+    assert [r.kind for r in rejected] == ["too_long"]
 
 
 @pytest.mark.parametrize(("setting", "native"), [("0", False), ("1", True)])
@@ -406,6 +466,55 @@ def test_rules_the_native_walk_cannot_apply_leave_the_python_decoder_in_charge(
     monkeypatch.setitem(otlp._SLOTS, "another.tenant", (index, otlp._STR, None))
     assert otlp.native_decoder() is None
     assert "native OTLP decoder not used" in caplog.text
+
+
+def span_usage_copy(*more: tuple[str, type, Any], **namespace: Any) -> type:
+    """A class with `SpanUsage`'s fields, defaults and slots, the fields `more` and `namespace` added."""
+    copied = [
+        (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory))
+        for f in dataclasses.fields(SpanUsage)
+    ]
+    return dataclasses.make_dataclass("SpanUsageCopy", [*copied, *more], slots=True, namespace=namespace)
+
+
+class SpanUsageSubclass(SpanUsage):
+    __slots__ = ()
+
+
+@pytest.mark.parametrize(
+    "usage_class",
+    [
+        span_usage_copy(__post_init__=lambda self: None),
+        span_usage_copy(__new__=lambda cls, *args, **kwargs: object.__new__(cls)),
+        SpanUsageSubclass,
+        span_usage_copy(("spare", str, dataclasses.field(default=""))),
+    ],
+    ids=["post_init", "own_new", "subclass", "slot_no_field_names"],
+)
+def test_a_usage_class_the_walk_cannot_make_as_its_init_would_leaves_the_python_decoder_in_charge(
+    usage_class: type, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The walk makes each `SpanUsage` without `__init__` (allocated, every slot set): a class
+    whose construction does more than that is refused, not made differently."""
+    required_native_decoder()
+    assert otlp.native_decoder() is not None
+    monkeypatch.setattr(otlp, "SpanUsage", usage_class)
+    assert otlp.native_decoder() is None
+    assert "native OTLP decoder not used" in caplog.text
+
+
+def test_the_walk_makes_span_usages_each_with_its_own_extra_dict() -> None:
+    """As `SpanUsage(...)` does: `extra` is a new dict per span (the worker writes to it when it
+    moves a span's clock), and the objects are `SpanUsage`s equal to the reference's."""
+    native = required_native_decoder()
+    operation = field(1, attr.GEN_AI_OPERATION_NAME.encode()) + field(2, field(1, b"chat"))
+    span = field(1, bytes(16)) + field(9, operation)
+    payload = field(1, field(2, field(2, span) + field(2, span)))
+    usages = native.decode(payload, MAX.ceilings())
+    assert [type(usage) for usage in usages] == [SpanUsage, SpanUsage]
+    assert usages[0].extra == {} and usages[0].extra is not usages[1].extra
+    with mock.patch.object(otlp, "_native", None):
+        assert usages == decode_spans(payload).usages
 
 
 def genai_request() -> bytes:
@@ -439,14 +548,14 @@ def test_an_attribute_with_an_unknown_field_counts_in_both_and_the_walk_does_not
         assert ("provider", str, "'openai'") in expected[1][0]
     else:
         assert ("service", str, "'svc'") in expected[1][0]
-    assert native.decode(payload) is not None
+    assert native.decode(payload, MAX.ceilings()) is not None
     assert outcome(payload, native) == expected
 
 
 class PanickingDecoder:
     """A native decoder whose walk panics: PyO3 raises the panic as its `PanicException`."""
 
-    def decode(self, payload: bytes) -> Any:
+    def decode(self, payload: bytes, ceilings: tuple[float, int, int]) -> Any:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
 
         raise _otlp_native.PanicException("index out of bounds: the len is 3 but the index is 7")

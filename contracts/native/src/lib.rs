@@ -1,12 +1,14 @@
 //! The native fast path of `burnguard.contracts.otlp.decode_spans`.
 //!
 //! It walks the protobuf bytes of an OTLP `ExportTraceServiceRequest` over the few fields
-//! decoding needs and returns, per accounted span, the field values `_span_usage` builds,
-//! so Python does `SpanUsage(*values)` and `span_checks.span_problem` on them. Every rule
-//! (attribute keys, precedence, markers, defaults) is handed in as data by contracts/otlp.py;
-//! none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
+//! decoding needs and returns, per accounted span, the `SpanUsage` that `_span_usage` builds
+//! (made here, `usage.rs`), each inside the ceilings of `span_checks` (`checks.rs`). Every rule
+//! (attribute keys, precedence, markers, defaults, the fields of `SpanUsage`, the checked fields
+//! and ceilings) is handed in as data by contracts/otlp.py; none is written here. Whatever the walk is not sure of, it answers None ("fall back") and
 //! the Python reference decodes the message: errors and rejections are made in one place.
 
+mod checks;
+mod usage;
 mod value;
 mod wire;
 
@@ -14,9 +16,11 @@ use std::collections::HashMap;
 
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyTuple};
+use pyo3::types::{PyList, PyString, PyType};
 use rustc_hash::FxHashMap;
 
+use checks::{Ceilings, Checks};
+use usage::{Usages, ValueRef};
 use value::{text, Any, Reader, Value};
 use wire::{Fields, Unsure, Walk};
 
@@ -51,8 +55,46 @@ struct Positions {
     status_error: usize,
 }
 
-/// The attributes of one span or resource found in the table: per key id, its last value.
-type Found<'a> = Vec<Option<&'a [u8]>>;
+/// The attributes of one span or resource found in the table: per key id, its last value, and
+/// the ids set, so that a span's walk reads and clears only its own attributes, not the table.
+struct Found<'a> {
+    values: Vec<Option<&'a [u8]>>,
+    set: Vec<usize>,
+}
+
+impl<'a> Found<'a> {
+    fn new(keys: usize) -> Self {
+        Found {
+            values: vec![None; keys],
+            set: Vec::new(),
+        }
+    }
+
+    /// A key repeated in one span keeps its last value.
+    fn insert(&mut self, id: usize, value: &'a [u8]) {
+        if self.values[id].replace(value).is_none() {
+            self.set.push(id);
+        }
+    }
+
+    fn get(&self, id: usize) -> Option<&'a [u8]> {
+        self.values[id]
+    }
+
+    /// The ids set and their values, in the order first set.
+    fn iter(&self) -> impl Iterator<Item = (usize, &'a [u8])> + '_ {
+        self.set.iter().filter_map(|&id| Some((id, self.values[id]?)))
+    }
+
+    fn clear(&mut self) {
+        for id in self.set.drain(..) {
+            self.values[id] = None;
+        }
+    }
+}
+
+/// The deprecated or foreign spellings found in a span: (rank, slot, value), a buffer reused.
+type Ranked<'a> = Vec<(usize, Slot, &'a [u8])>;
 /// Attribute keys (bytes) -> their id in the decoder's table.
 type KeyIds = FxHashMap<Vec<u8>, usize>;
 
@@ -63,10 +105,50 @@ struct Decoder {
     span_keys: Vec<SpanKey>,
     resource_ids: KeyIds,
     resource_slots: Vec<Option<Slot>>, // None: the service key
-    defaults: Vec<Value<'static>>,
+    defaults: Defaults,
     positions: Positions,
     operation_default: String,
     status_error_code: u32,
+    usages: Usages,
+    checks: Checks,
+}
+
+/// The field values before any attribute is read: as Python objects (a span's fields left at
+/// their default take these, no conversion), as values (the checks read them), and whether each
+/// is true (`bool(value)`), which decides whether a deprecated spelling or the resource may
+/// still fill it.
+struct Defaults {
+    objects: Vec<Py<PyAny>>,
+    values: Vec<Value<'static>>,
+    truthy: Vec<bool>,
+}
+
+impl Defaults {
+    fn new(defaults: &[Bound<'_, PyAny>]) -> PyResult<Self> {
+        let values: Vec<_> = defaults.iter().map(Value::from_python).collect::<PyResult<_>>()?;
+        let truthy = values.iter().map(Value::truthy).collect();
+        let objects = defaults.iter().map(|value| value.clone().unbind()).collect();
+        Ok(Defaults {
+            objects,
+            values,
+            truthy,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.truthy.len()
+    }
+}
+
+/// A span's field values under construction: None where the field keeps its default.
+type Values<'a> = Vec<Option<Value<'a>>>;
+
+/// `bool(value)` of a field; `unset`: that of the value a field not yet set has.
+fn truthy(values: &Values<'_>, index: usize, unset: &[bool]) -> bool {
+    match &values[index] {
+        Some(value) => value.truthy(),
+        None => unset[index],
+    }
 }
 
 /// A resource's contribution to its spans: the service and the attribution they inherit.
@@ -80,7 +162,10 @@ impl Decoder {
     /// `slots` and `attribution_slots`: attribute key -> (field index, reader, rank or None);
     /// `readers`: the reader numbers of str, int, float and bool; `markers`: the keys that make a
     /// span a GenAI span, unless it has `duplicate_of`; `defaults`: the field values before any
-    /// attribute is read; `positions`: field name -> index for the fields set from the span itself.
+    /// attribute is read; `positions`: field name -> index for the fields set from the span itself;
+    /// `usage_class`, `usage_fields` (in the order of the values) and `fresh_dicts`: what a span's
+    /// values become (`usage.rs`); `cost_field`, `count_fields`, `key_fields`: what the checks
+    /// read (`checks.rs`).
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -94,11 +179,20 @@ impl Decoder {
         positions: HashMap<String, usize>,
         operation_default: String,
         status_error_code: u32,
+        usage_class: Bound<'_, PyType>,
+        usage_fields: Vec<String>,
+        fresh_dicts: Vec<String>,
+        cost_field: String,
+        count_fields: Vec<String>,
+        key_fields: Vec<String>,
     ) -> PyResult<Self> {
-        let defaults = defaults
-            .iter()
-            .map(Value::from_python)
-            .collect::<PyResult<Vec<_>>>()?;
+        let defaults = Defaults::new(&defaults)?;
+        let usages = Usages::new(&usage_class, &usage_fields, &fresh_dicts)?;
+        if usages.fields() != defaults.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "one default per field of the usage class",
+            ));
+        }
         let mut span_keys: HashMap<String, SpanKey> = HashMap::new();
         for (key, slot) in slots {
             span_keys.entry(key).or_default().slot = Some(slot_of(slot, readers, defaults.len())?);
@@ -120,7 +214,19 @@ impl Decoder {
         one_canonical_per_field(resource_slots.values().flatten().copied())?;
         let (span_ids, span_keys) = numbered(span_keys);
         let (resource_ids, resource_slots) = numbered(resource_slots);
+        let index = |name: &String| {
+            usage_fields
+                .iter()
+                .position(|field| field == name)
+                .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("no field {name} to check")))
+        };
+        let checks = Checks {
+            cost: index(&cost_field)?,
+            counts: count_fields.iter().map(index).collect::<PyResult<_>>()?,
+            keys: key_fields.iter().map(index).collect::<PyResult<_>>()?,
+        };
         Ok(Decoder {
+            checks,
             span_ids,
             span_keys,
             resource_ids,
@@ -129,54 +235,100 @@ impl Decoder {
             defaults,
             operation_default,
             status_error_code,
+            usages,
         })
     }
 
-    /// The field values of each accounted span, in walk order, as tuples; None: fall back.
+    /// The `SpanUsage` of each accounted span, in walk order; None: fall back, which a span
+    /// outside the `ceilings` (`SpanLimits.ceilings()`) also answers.
     ///
     /// Call it only on protobuf bytes the upb parse accepted (it validates the whole message).
-    fn decode<'py>(&self, py: Python<'py>, payload: &[u8]) -> PyResult<Option<Bound<'py, PyList>>> {
-        let mut rows = Rows::new(py, self.span_keys.len());
-        if self.request(payload, &mut rows).is_err() {
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        payload: &[u8],
+        ceilings: Ceilings,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len(), ceilings);
+        let walked = self.request(payload, &mut rows);
+        if let Some(error) = rows.error {
+            return Err(error);
+        }
+        if walked.is_err() {
             return Ok(None);
         }
-        Ok(Some(PyList::new(py, rows.tuples)?))
+        Ok(Some(PyList::new(py, rows.usages)?))
     }
 }
 
-/// The tuples made so far, and what making them reuses: the text of a message's attributes
-/// repeats from span to span (tenant, model, service ...), each text becomes one `str`.
+/// The usages made so far, and what making them reuses: the text of a message's attributes
+/// repeats from span to span (tenant, model, service ...), each text becomes one `str`, and so
+/// does each trace id (the spans of a trace travel together); the buffers of a span's walk.
+/// `error`: Python's error making a usage (the walk stops; `decode` raises it).
 struct Rows<'py, 'a> {
     py: Python<'py>,
-    tuples: Vec<Bound<'py, PyTuple>>,
+    usages: Vec<Bound<'py, PyAny>>,
+    error: Option<PyErr>,
+    ceilings: Ceilings,
     texts: FxHashMap<&'a str, Bound<'py, PyAny>>,
+    trace_ids: FxHashMap<&'a [u8], Bound<'py, PyAny>>,
     found: Found<'a>,
-    values: Vec<Value<'a>>,
+    ranked: Ranked<'a>,
+    values: Values<'a>,
 }
 
 impl<'py, 'a> Rows<'py, 'a> {
-    fn new(py: Python<'py>, keys: usize) -> Self {
-        let (tuples, texts) = (Vec::new(), FxHashMap::default());
+    fn new(py: Python<'py>, keys: usize, fields: usize, ceilings: Ceilings) -> Self {
         Rows {
             py,
-            tuples,
-            texts,
-            found: vec![None; keys],
-            values: Vec::new(),
+            usages: Vec::new(),
+            error: None,
+            ceilings,
+            texts: FxHashMap::default(),
+            trace_ids: FxHashMap::default(),
+            found: Found::new(keys),
+            ranked: Vec::new(),
+            values: vec![None; fields],
         }
     }
 
-    /// `self.values` as a tuple of Python objects.
-    fn push(&mut self) -> Walk<()> {
-        let (py, texts) = (self.py, &mut self.texts);
-        let objects = self.values.iter().map(|value| match value {
-            Value::Str(std::borrow::Cow::Borrowed(text)) if !text.is_empty() => texts
-                .entry(text)
-                .or_insert_with(|| PyString::new(py, text).into_any())
-                .clone(),
-            other => other.to_python(py),
-        });
-        self.tuples.push(PyTuple::new(py, objects).map_err(|_| Unsure)?);
+    /// A usage of `self.values`, the defaults where a field is unset; the values are left unset
+    /// for the next span. A span the checks cannot vouch for: `Unsure`.
+    fn push(&mut self, decoder: &Decoder) -> Walk<()> {
+        let (defaults, trace_id) = (&decoder.defaults, decoder.positions.trace_id);
+        let values = &self.values;
+        let field = |index: usize| values[index].as_ref().unwrap_or(&defaults.values[index]);
+        if !decoder.checks.vouch(field, self.ceilings) {
+            return Err(Unsure);
+        }
+        let (py, texts, trace_ids) = (self.py, &mut self.texts, &mut self.trace_ids);
+        let objects = self
+            .values
+            .iter_mut()
+            .enumerate()
+            .map(|(index, value)| match value.take() {
+                None => ValueRef::Borrowed(&defaults.objects[index]),
+                Some(Value::Str(std::borrow::Cow::Borrowed(text))) if !text.is_empty() => ValueRef::Owned(
+                    texts
+                        .entry(text)
+                        .or_insert_with(|| PyString::new(py, text).into_any())
+                        .clone(),
+                ),
+                Some(Value::Hex(id)) if index == trace_id => ValueRef::Owned(
+                    trace_ids
+                        .entry(id)
+                        .or_insert_with(|| Value::Hex(id).to_python(py))
+                        .clone(),
+                ),
+                Some(other) => ValueRef::Owned(other.to_python(py)),
+            });
+        match decoder.usages.make(py, objects) {
+            Ok(usage) => self.usages.push(usage),
+            Err(error) => {
+                self.error = Some(error);
+                return Err(Unsure);
+            }
+        }
         Ok(())
     }
 }
@@ -208,7 +360,7 @@ impl Decoder {
             for field in Fields::of(scope) {
                 if let (2, field) = field? {
                     if self.span(field.bytes()?, resource, &mut inherited, rows)? {
-                        rows.push()?;
+                        rows.push(self)?;
                     }
                 }
             }
@@ -225,7 +377,7 @@ impl Decoder {
         rows: &mut Rows<'_, 'a>,
     ) -> Walk<bool> {
         let found = &mut rows.found;
-        found.fill(None);
+        found.clear();
         let (mut ids, mut name, mut times, mut status) = ([&b""[..]; 3], &b""[..], [0u64; 2], 0u32);
         for field in Fields::of(message) {
             match field? {
@@ -240,38 +392,37 @@ impl Decoder {
                 _ => {}
             }
         }
-        let has = |wanted: fn(&SpanKey) -> bool| {
-            self.span_keys
-                .iter()
-                .zip(found.iter())
-                .any(|(key, value)| wanted(key) && value.is_some())
-        };
+        let has = |wanted: fn(&SpanKey) -> bool| found.iter().any(|(id, _)| wanted(&self.span_keys[id]));
         if !has(|key| key.marker) || has(|key| key.duplicate) {
             return Ok(false);
         }
-        let values = &mut rows.values;
-        values.clone_from(&self.defaults);
-        let slots = self.span_keys.iter().map(|key| key.slot);
-        fill(values, slots, found)?;
+        let (values, unset) = (&mut rows.values, &self.defaults.truthy[..]); // all unset (`push`)
+        fill(
+            values,
+            unset,
+            |id| self.span_keys[id].slot,
+            found,
+            &mut rows.ranked,
+        )?;
         let at = self.positions;
         for (position, id) in [at.trace_id, at.span_id, at.parent_span_id].into_iter().zip(ids) {
-            values[position] = Value::Str(hex(id).into());
+            values[position] = Some(Value::Hex(id));
         }
-        values[at.name] = Value::Str(text(name)?.into());
-        values[at.start_ns] = Value::UInt(times[0]);
-        values[at.end_ns] = Value::UInt(times[1]);
-        if !values[at.operation].truthy() {
-            values[at.operation] = Value::Str(self.operation_default.clone().into());
+        values[at.name] = Some(Value::Str(text(name)?.into()));
+        values[at.start_ns] = Some(Value::UInt(times[0]));
+        values[at.end_ns] = Some(Value::UInt(times[1]));
+        if !truthy(values, at.operation, unset) {
+            values[at.operation] = Some(Value::Str(self.operation_default.clone().into()));
         }
         if read_resource.is_none() {
             *read_resource = Some(self.resource(resource.unwrap_or_default())?);
         }
         let resource = read_resource.as_ref().ok_or(Unsure)?;
-        values[at.service] = Value::Str(resource.service.into());
-        values[at.status_error] = Value::Bool(status == self.status_error_code);
+        values[at.service] = Some(Value::Str(resource.service.into()));
+        values[at.status_error] = Some(Value::Bool(status == self.status_error_code));
         for (index, value) in &resource.inherited {
-            if !values[*index].truthy() {
-                values[*index] = value.clone();
+            if !truthy(values, *index, unset) {
+                values[*index] = Some(value.clone());
             }
         }
         Ok(true)
@@ -279,7 +430,7 @@ impl Decoder {
 
     /// `resource_attribution` and the service name: `service.name`'s string value, else "".
     fn resource<'a>(&self, message: &'a [u8]) -> Walk<Resource<'a>> {
-        let mut found: Found = vec![None; self.resource_slots.len()];
+        let mut found = Found::new(self.resource_slots.len());
         for field in Fields::of(message) {
             if let (1, field) = field? {
                 attribute(field.bytes()?, &self.resource_ids, &mut found)?;
@@ -290,16 +441,23 @@ impl Decoder {
             .iter()
             .position(Option::is_none)
             .ok_or(Unsure)?;
-        let service = match found[service_id] {
+        let service = match found.get(service_id) {
             Some(value) => Any::parse(value)?.string_value()?,
             None => "",
         };
-        let mut values = vec![Value::None; self.defaults.len()];
-        fill(&mut values, self.resource_slots.iter().copied(), &found)?;
+        let mut values = vec![None; self.defaults.len()];
+        let unset = vec![false; self.defaults.len()]; // `values.get(dimension)` of an empty dict
+        fill(
+            &mut values,
+            &unset,
+            |id| self.resource_slots[id],
+            &found,
+            &mut Vec::new(),
+        )?;
         let inherited = values
             .into_iter()
             .enumerate()
-            .filter(|(_, value)| value.truthy())
+            .filter_map(|(index, value)| Some((index, value.filter(Value::truthy)?)))
             .collect();
         Ok(Resource { service, inherited })
     }
@@ -319,32 +477,35 @@ fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<(
         }
     }
     if let Some(&id) = ids.get(key) {
-        found[id] = Some(value.unwrap_or_default()); // no value: an empty AnyValue
+        found.insert(id, value.unwrap_or_default()); // no value: an empty AnyValue
     }
     Ok(())
 }
 
 /// The values of the found attributes into their fields: each canonical spelling, then the
 /// others by rank, each only into a field still empty (`_span_usage`, `_fill_if_empty`).
+/// `unset`: `bool()` of a field not set yet; `slot_of`: a key id's slot; `ranked`: a buffer.
 fn fill<'a>(
-    values: &mut [Value<'a>],
-    slots: impl Iterator<Item = Option<Slot>>,
+    values: &mut Values<'a>,
+    unset: &[bool],
+    slot_of: impl Fn(usize) -> Option<Slot>,
     found: &Found<'a>,
+    ranked: &mut Ranked<'a>,
 ) -> Walk<()> {
-    let mut ranked = Vec::new();
-    for (slot, value) in slots.zip(found) {
-        let (Some(slot), Some(value)) = (slot, value) else {
+    ranked.clear();
+    for (id, value) in found.iter() {
+        let Some(slot) = slot_of(id) else {
             continue;
         };
         match slot.rank {
-            Some(rank) => ranked.push((rank, slot, *value)),
-            None => values[slot.index] = Any::parse(value)?.read(slot.reader)?,
+            Some(rank) => ranked.push((rank, slot, value)),
+            None => values[slot.index] = Some(Any::parse(value)?.read(slot.reader)?),
         }
     }
-    ranked.sort_by_key(|(rank, _, _)| *rank);
-    for (_, slot, value) in ranked {
-        if !values[slot.index].truthy() {
-            values[slot.index] = Any::parse(value)?.read(slot.reader)?;
+    ranked.sort_unstable_by_key(|(rank, _, _)| *rank);
+    for (_, slot, value) in ranked.drain(..) {
+        if !truthy(values, slot.index, unset) {
+            values[slot.index] = Some(Any::parse(value)?.read(slot.reader)?);
         }
     }
     Ok(())
@@ -359,16 +520,6 @@ fn status_code(message: &[u8], earlier: u32) -> Walk<u32> {
         }
     }
     Ok(code)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        out.push(DIGITS[usize::from(byte >> 4)] as char);
-        out.push(DIGITS[usize::from(byte & 15)] as char);
-    }
-    out
 }
 
 fn slot_of(slot: (usize, u8, Option<usize>), readers: (u8, u8, u8, u8), fields: usize) -> PyResult<Slot> {

@@ -18,6 +18,8 @@ pub enum Value<'a> {
     UInt(u64),
     Float(f64),
     Str(Cow<'a, str>),
+    /// Bytes written as lowercase hex (`bytes.hex()`): trace and span ids.
+    Hex(&'a [u8]),
 }
 
 impl Value<'_> {
@@ -29,6 +31,7 @@ impl Value<'_> {
             Value::UInt(value) => *value != 0,
             Value::Float(value) => *value != 0.0, // NaN is true, as in Python
             Value::Str(value) => !value.is_empty(),
+            Value::Hex(bytes) => !bytes.is_empty(),
         }
     }
 
@@ -40,6 +43,7 @@ impl Value<'_> {
             Value::UInt(value) => value.into_pyobject(py).expect("an int").into_any(),
             Value::Float(value) => PyFloat::new(py, *value).into_any(),
             Value::Str(value) => PyString::new(py, value).into_any(),
+            Value::Hex(bytes) => hex(py, bytes),
         }
     }
 
@@ -173,4 +177,23 @@ fn whole(number: f64) -> Walk<i64> {
 /// A protobuf string: UTF-8, or the message is not ours to decode.
 pub fn text(bytes: &[u8]) -> Walk<&str> {
     std::str::from_utf8(bytes).map_err(|_| Unsure)
+}
+
+/// `bytes.hex()`: an id of up to 32 bytes (the 16 of a trace id) is written on the stack.
+fn hex<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyAny> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buffer = [0u8; 64];
+    let mut heap = Vec::new();
+    let out = if bytes.len() * 2 <= buffer.len() {
+        &mut buffer[..bytes.len() * 2]
+    } else {
+        heap.resize(bytes.len() * 2, 0);
+        &mut heap[..]
+    };
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 15)];
+    }
+    let text = std::str::from_utf8(out).expect("hex digits are ASCII");
+    PyString::new(py, text).into_any()
 }

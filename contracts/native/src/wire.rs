@@ -19,6 +19,7 @@ pub enum Field<'a> {
 
 impl<'a> Field<'a> {
     /// A length-delimited field's bytes; another wire type for a field read as bytes is `Unsure`.
+    #[inline]
     pub fn bytes(self) -> Walk<&'a [u8]> {
         match self {
             Field::Bytes(bytes) => Ok(bytes),
@@ -26,6 +27,7 @@ impl<'a> Field<'a> {
         }
     }
 
+    #[inline]
     pub fn fixed64(self) -> Walk<u64> {
         match self {
             Field::Fixed64(value) => Ok(value),
@@ -33,6 +35,7 @@ impl<'a> Field<'a> {
         }
     }
 
+    #[inline]
     pub fn varint(self) -> Walk<u64> {
         match self {
             Field::Varint(value) => Ok(value),
@@ -47,11 +50,20 @@ pub struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    #[inline]
     pub fn of(message: &'a [u8]) -> Self {
         Fields { rest: message }
     }
 
+    #[inline]
     fn varint(&mut self) -> Walk<u64> {
+        if let Some(&byte) = self.rest.first() {
+            if byte < 0x80 {
+                // one byte: every tag and length of a short field
+                self.rest = &self.rest[1..];
+                return Ok(u64::from(byte));
+            }
+        }
         let mut value = 0u64;
         for (at, byte) in self.rest.iter().take(10).enumerate() {
             value |= u64::from(byte & 0x7f) << (7 * at);
@@ -63,6 +75,7 @@ impl<'a> Fields<'a> {
         Err(Unsure)
     }
 
+    #[inline]
     fn take(&mut self, count: usize) -> Walk<&'a [u8]> {
         if count > self.rest.len() {
             return Err(Unsure);
@@ -76,6 +89,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Walk<(u32, Field<'a>)>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
@@ -85,6 +99,7 @@ impl<'a> Iterator for Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    #[inline]
     fn field(&mut self) -> Walk<(u32, Field<'a>)> {
         let tag = self.varint()?;
         let number = u32::try_from(tag >> 3).map_err(|_| Unsure)?;
