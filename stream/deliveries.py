@@ -51,7 +51,7 @@ class SentMicroBatch:
         return None
 
     def failed_count(self) -> int:
-        return sum(1 for future in self.futures if future.cancelled() or future.exception() is not None)
+        return sum(1 for future in self.futures if not _landed(future))
 
     def unparked(self) -> list[Parked]:
         """Its dead letters whose record did not land."""
