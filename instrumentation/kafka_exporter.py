@@ -126,6 +126,8 @@ class KafkaSpanExporter(SpanExporter):
         self._send_ids = iter(range(1 << 62))
         self._closed = threading.Event()
         self._connector: threading.Thread | None = None
+        #: the producer last set aside: its queued sends go on while it waits for the topic again
+        self._aside: KafkaProducer | None = None
         self.stats = ExportStats()
 
     # --- connecting ------------------------------------------------------------------
@@ -234,6 +236,7 @@ class KafkaSpanExporter(SpanExporter):
                     with contextlib.suppress(KafkaError):
                         producer.close(timeout=0)
                     return
+                self._aside = None  # taken back: its queued sends are flushed as the current producer's
                 if len(self._pending) <= DRAIN_UNDER_LOCK_SPANS:
                     self._producer = producer
                     self._send_pending()
@@ -264,9 +267,11 @@ class KafkaSpanExporter(SpanExporter):
     def _set_aside(self, producer: KafkaProducer) -> None:
         """Stop sending through `producer` until it knows the topic's partitions again.
 
-        Called with `_send_lock` held; its sends already queued go on in its own thread.
+        Called with `_send_lock` held; its sends already queued go on in its own thread, and
+        `force_flush` waits for them there.
         """
         self._producer = None
+        self._aside = producer
         self._connector = threading.Thread(
             target=self._connect, args=(producer,), name="burnguard-kafka", daemon=True
         )
@@ -453,6 +458,8 @@ class KafkaSpanExporter(SpanExporter):
             if producer is None:  # connecting, or set aside until it knows the topic again
                 if not self._pending and not self._draining and not self._in_flight:
                     return True
+                if self._in_flight and not self._flush_set_aside(deadline):
+                    return False
                 if not self._wait_connected(deadline):
                     return False
                 continue
@@ -464,6 +471,23 @@ class KafkaSpanExporter(SpanExporter):
             self._wait_settled(deadline)
             if not self._broken:  # a send still unacknowledged at the deadline is not flushed
                 return not self._in_flight
+
+    def _flush_set_aside(self, deadline: float) -> bool:
+        """Deliver the sends a set-aside producer still has queued; False if they are not by `deadline`.
+
+        Without it, `close()` counted them failed (and the connector, seeing the exporter closed,
+        dropped them) although the producer could still deliver them.
+        """
+        aside = self._aside
+        if aside is None or self._producer is not None:
+            return True
+        try:
+            aside.flush(timeout=max(0.0, deadline - time.monotonic()))
+        except KafkaError as exc:
+            logger.warning("burnguard: Kafka flush did not complete: %s", exc)
+            return False
+        self._wait_settled(deadline)
+        return True
 
     def _wait_settled(self, deadline: float) -> None:
         """Wait for the callbacks of flushed sends, which may run just after `flush` returns."""

@@ -218,6 +218,45 @@ def test_spans_whose_send_timed_out_on_metadata_are_sent_later(
     assert count_spans(records_on(kafka_broker, small_topic, 15)) == 15
 
 
+@pytest.mark.slow
+def test_sends_queued_on_a_set_aside_producer_are_delivered_by_close(
+    kafka_broker: KafkaBroker, small_topic: str
+) -> None:
+    """A send queued (lingering) on a producer that is then set aside, and close() comes first.
+
+    The producer stays set aside (its metadata never comes back), so the queued send can only go
+    out if `force_flush` flushes it there. Before, close() counted it failed and the connector,
+    seeing the exporter closed, closed the producer at once, aborting it: sent 0, failed 15.
+    """
+    calls = iter(range(1 << 30))
+
+    def second_send_loses_metadata(producer: KafkaProducer) -> None:
+        send = producer.send
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            if next(calls) == 1:
+                producer.partitions_for = lost  # type: ignore[method-assign]
+                raise KafkaTimeoutError("Failed to update metadata after 0.2 secs.")
+            return send(*args, **kwargs)
+
+        producer.send = flaky  # type: ignore[method-assign]
+
+    def lost(topic: str) -> object:
+        raise KafkaTimeoutError(f"Failed to update metadata for {topic}.")
+
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    exporter = KafkaSpanExporter(
+        settings, small_topic, linger_ms=30_000, on_connect=second_send_loses_metadata
+    )
+    exporter = connected(exporter)
+    exporter.export(big_spans(10))  # queued, lingering for 30 s: only a flush sends it in time
+    exporter.export(big_spans(5))  # its send times out: the producer is set aside, the spans held
+    assert exporter._producer is None and exporter.stats.spans_in_flight == 10
+    stats = exporter.close(timeout_s=3)
+    assert (stats.spans_sent, stats.spans_failed, stats.spans_dropped) == (10, 5, 0)
+    assert count_spans(records_on(kafka_broker, small_topic, 10)) == 10
+
+
 def without_metadata(producer: KafkaProducer) -> None:
     """From now on the producer never learns the topic's partitions (each wait ends in a timeout)."""
 
