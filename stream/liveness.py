@@ -283,13 +283,24 @@ class BoundedStopWorker(faust.Worker):
         super().__init__(app, **kwargs)
         self.stop_timeout_s = stop_timeout_s
         self._deadline: threading.Timer | None = None
+        self._owns_process = False
 
     def _repr_name(self) -> str:
         return "Worker"  # its log lines' label: `[^Worker]: Ready` is waited for (`devstack.WORKER_READY`)
 
+    def execute_from_commandline(self) -> NoReturn:
+        """Run as the process: the stop's deadline then also bounds the exit after it (atexit
+        handlers, threads the interpreter joins), as the supervisor's SIGKILL would."""
+        self._owns_process = True
+        super().execute_from_commandline()
+
     async def stop(self) -> None:
+        """Stop within the bound; a worker run inside another program disarms it once stopped, so
+        the program goes on (a process of its own keeps it armed until it exits)."""
         self.arm_stop_deadline()
         await super().stop()
+        if not self._owns_process and self._deadline is not None:
+            self._deadline.cancel()
 
     def arm_stop_deadline(self) -> None:
         """Start the stop's clock once; a thread, so a blocked event loop cannot hold it back."""

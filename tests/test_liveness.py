@@ -16,8 +16,18 @@ import time
 from types import SimpleNamespace
 from typing import NoReturn
 
+import faust
 import pytest
-from burnguard.stream.liveness import EXIT_STALLED, LivenessWatchdog, PartitionLag, StallTracker, describe
+from burnguard.stream import liveness
+from burnguard.stream.liveness import (
+    EXIT_STALLED,
+    EXIT_STOP_OVERRAN,
+    BoundedStopWorker,
+    LivenessWatchdog,
+    PartitionLag,
+    StallTracker,
+    describe,
+)
 from faust.types import TP as FaustTP
 from kafka import TopicPartition
 
@@ -80,6 +90,33 @@ class FixedLag:
 
 def exit_for_test(status: int) -> NoReturn:
     raise Exited(status)
+
+
+def _stopped_worker_exits(monkeypatch: pytest.MonkeyPatch, as_the_process: bool) -> list[int]:
+    """Stop a `BoundedStopWorker` (bound 0.3 s) cleanly: the exit statuses its deadline asked for by 0.6 s."""
+    exits: list[int] = []
+    monkeypatch.setattr(liveness, "exit_now", exits.append)
+    monkeypatch.setattr(
+        faust.Worker, "execute_from_commandline", lambda self: self.loop.run_until_complete(self.stop())
+    )
+    app = faust.App("bounded-stop-test", broker="kafka://127.0.0.1:9", store="memory://")
+    worker = BoundedStopWorker(app, stop_timeout_s=0.3, loglevel="error", quiet=True)
+    if as_the_process:
+        worker.execute_from_commandline()
+    else:
+        worker.loop.run_until_complete(worker.stop())
+    time.sleep(0.6)
+    return exits
+
+
+def test_a_worker_stopped_inside_another_program_lets_it_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its stop finished within the bound: the deadline is disarmed, the program is not ended 75."""
+    assert _stopped_worker_exits(monkeypatch, as_the_process=False) == []
+
+
+def test_a_worker_run_as_the_process_keeps_its_exit_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the stop the process still has to exit (atexit handlers, joined threads): still bounded."""
+    assert _stopped_worker_exits(monkeypatch, as_the_process=True) == [EXIT_STOP_OVERRAN]
 
 
 def test_a_seek_back_that_never_gets_its_turn_still_ends_in_exit_70(caplog: pytest.LogCaptureFixture) -> None:
