@@ -210,22 +210,29 @@ async def settled(batches: ControlledBatches, failure: BaseException | None = No
 
 
 def test_a_failed_snapshot_is_taken_again_from_the_current_totals(job: BudgetJob) -> None:
-    """Both windows' batch fails: the next run snapshots both, first, the changed one at its new total."""
+    """Both windows' batch fails: the next run takes both first (the changed one at its new total),
+    then the new window. Records are appended per partition, and a daily window's partition follows
+    the date, so each run's records are compared as a set and the order is read from `take`."""
     batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+    runs: list[list[float]] = []
 
     async def scenario() -> None:
-        spend(job, "daily", "acme", 1.0, 1)
-        spend(job, "daily", "globex", 0.25, 2)
+        acme = spend(job, "daily", "acme", 1.0, 1)
+        globex = spend(job, "daily", "globex", 0.25, 2)
         await job._snapshot()
+        runs.append(sorted(spent_in(value) for value in batches.values()))
         await settled(batches, RecordBatchFailed("refused"))
         spend(job, "daily", "acme", 0.5, 3)  # changed again before the retry
-        spend(job, "daily", "initech", 2.0, 4)
+        initech = spend(job, "daily", "initech", 2.0, 4)
+        assert job.snapshots.take(10) == [acme, globex, initech]
         await job._snapshot()
+        runs.append(sorted(spent_in(value) for value in batches.values()[2:]))
         await settled(batches)
         await job._snapshot()  # nothing left over
 
     asyncio.run(scenario())
-    assert [spent_in(value) for value in batches.values()] == [1.0, 0.25, 1.5, 0.25, 2.0]
+    assert runs == [[0.25, 1.0], [0.25, 1.5, 2.0]]
+    assert len(batches.values()) == 5
     assert job.snapshots.failed == 2
     assert not job.snapshots._latest and not job.snapshots.retrying and not job.snapshots.waiting
 
