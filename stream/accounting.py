@@ -25,6 +25,7 @@ from typing import Any
 from burnguard.contracts import attributes as attr
 from burnguard.contracts import otlp
 from burnguard.contracts.budget_rules import (
+    KEY_SEPARATOR,
     METRIC_INDEX,
     NOTHING,
     KeyMatcher,
@@ -721,7 +722,7 @@ class _Batch:
 
     The native loop calls `add` for each span it hands over (`prepare` and `count`, split for a
     model call it needs priced or classed first), `starts_range` when an event time leaves its
-    cached window starts, and `new_targets` for each new group of its own.
+    cached window starts, and `row_for` for each row of its own groups it has not met yet.
     """
 
     __slots__ = (
@@ -814,6 +815,11 @@ class _Batch:
     def starts_range(self, event_ns: int) -> tuple[tuple[int, ...], int, int]:
         return self.budgets.starts_range(event_ns)
 
+    def row_for(self, entry: int, key: str, window_start_ns: int) -> list[Any]:
+        """The row of `budgets.entries[entry]` for (key, window start), made empty when new."""
+        budget_id, _, _, _, _, bucket_ns, calls, _ = self.budgets.entries[entry]
+        return _row_for(self.rows, (budget_id, key, window_start_ns), calls, bucket_ns)
+
     def finish(self) -> list[list[Any]]:
         """The rows, each group's count and event times settled into them."""
         for group in self.groups.values():
@@ -869,17 +875,30 @@ def _natively_summed(
 
 
 def _summer(budgets: _BudgetSet) -> Any | None:
-    """The native loop for `budgets`' dimensions, None without the module (or with one older than
-    this file, which is logged): made once per budget set and module."""
+    """The native loop for `budgets`, None without the module (or with one older than this file,
+    which is logged): made once per budget set and module."""
     module = native_sums_in_use()
     if budgets.summer[0] is not module:
-        budgets.summer = (module, None if module is None else _new_summer(module, budgets.dimensions))
+        budgets.summer = (module, None if module is None else _new_summer(module, budgets))
     return budgets.summer[1]
 
 
-def _new_summer(module: Any, dimensions: tuple[str, ...]) -> Any | None:
+def _new_summer(module: Any, budgets: _BudgetSet) -> Any | None:
     """The rules the native loop reads, handed in as data: the usage class, the dimensions of a
-    group's signature, what `is_model_call` and `is_tool_call` test, the row layout."""
+    group's signature, what `is_model_call` and `is_tool_call` test, the row layout, each scope's
+    dimensions and the key separator (`span_keys`), the budgets' scopes, windows, metrics and
+    matchers (`KeyMatcher`s: globs are judged in Python), and `for_kind` as entry indices."""
+    dimensions = budgets.dimensions
+    entries = [
+        (scope, window, metric, None if matcher is None else (matcher.pattern, matcher))
+        for _id, scope, window, metric, matcher, _bucket_ns, _calls, _budget in budgets.entries
+    ]
+    index_of = {id(entry): index for index, entry in enumerate(budgets.entries)}
+    kinds = [
+        [index_of[id(entry)] for entry in budgets.for_kind[(calls, tools)]]
+        for calls in (False, True)
+        for tools in (False, True)
+    ]
     try:
         return module.Summer(
             SpanUsage,
@@ -887,6 +906,11 @@ def _new_summer(module: Any, dimensions: tuple[str, ...]) -> Any | None:
             sorted(attr.MODEL_CALL_OPERATIONS),
             attr.OP_EXECUTE_TOOL,
             (_AMOUNT, _SPANS, _FIRST, _LAST),
+            [[dimensions.index(name) for name in scope.dimensions] for scope in budgets.scopes],
+            KEY_SEPARATOR,
+            entries,
+            kinds,
+            len(budgets.fixed_starts),
         )
     except (AttributeError, TypeError, ValueError) as exc:  # a build older than this file
         logger.warning("native usage sums not used (the Python loop is): %s; rebuild: make venv", exc)

@@ -248,5 +248,5 @@ def test_a_module_without_a_usable_summer_leaves_the_reference_in_charge(
         """A build older than this checkout: no `Summer`."""
 
     with caplog.at_level(logging.WARNING):
-        assert accounting._new_summer(Stale(), ("tenant",)) is None
+        assert accounting._new_summer(Stale(), accounting._BudgetSet(())) is None
     assert "native usage sums not used" in caplog.text

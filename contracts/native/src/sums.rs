@@ -1,22 +1,26 @@
 //! The per-span loop of `stream/accounting.py:usage_rows` on the common span: its amounts added to
 //! the delta rows of its group, in span order, as the Python loop adds them.
 //!
-//! Python keeps every rule that decides anything: pricing, model classes, scope keys, matching
-//! and globs (`_Batch.new_targets`, called once per new group), window starts
-//! (`_Batch.starts_range`, called only when an event time leaves the cached range), late spans
-//! and the call mix of unusual calls. What is handed in as data: the usage class, the dimensions a
-//! group is keyed by, the model-call operations, the tool operation and the row layout. A span
-//! this loop is not sure of goes to the reference (`_Batch.add`) at its place in the order: a
-//! model call without a cost (pricing) or a model class, a refused span, a call that fell back or
-//! escalated, a span before `closed_before_ns`, a field of an unexpected type. A row's amount is
-//! a chain of float additions in span order, so the sums kept here are written back to the rows
-//! before each hand-over (the reference may add to the same rows) and at the end: the same floats,
-//! bit for bit. `amounts` mirrors `contracts/budget_rules.py:amounts` (a formula, not a table to
-//! hand in); `tests/test_native_sums.py` compares both loops on random spans and budgets.
+//! Python keeps the rules that need Python's objects or libraries: pricing and model classes
+//! (`_Batch.prepare`, for a model call without a cost or a class), globs (each budget's
+//! `KeyMatcher`, asked once per key and call unless the key is the pattern itself), window starts
+//! (`_Batch.starts_range`, called only when an event time leaves the cached [low, high) range),
+//! the rows themselves (`_Batch.row_for`, once per row a call meets), late spans and the call mix
+//! of unusual calls. Handed in as data: the usage class, the dimensions a group is keyed by, the
+//! model-call operations, the tool operation, the row layout, each scope's dimensions and the key
+//! separator, the budgets' scopes, windows, metrics and matches, and which budgets count which
+//! kind of span (`_BudgetSet.for_kind`). A span this loop is not sure of goes to the reference
+//! (`_Batch.add`) at its place in the order: a refused span, a call that fell back or escalated,
+//! a span before `closed_before_ns`, a field of an unexpected type. A row's amount is a chain of
+//! float additions in span order, so the sums kept here are written back to the rows before each
+//! hand-over (the reference may add to the same rows) and at the end: the same floats, bit for
+//! bit. Mirrored here, not handed in (formulas, not tables): `amounts` (`budget_rules.amounts`),
+//! a scope's key (`budget_rules.span_keys`) and a budget taking a key (`_targets`);
+//! `tests/test_native_sums.py` compares both loops on random spans and budget files.
 
 use std::hash::{Hash, Hasher};
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyList, PyTuple, PyType};
@@ -47,7 +51,19 @@ struct Offsets {
 /// The row fields the loop writes: (amount, spans, first event, last event) indices.
 type RowLayout = (usize, usize, usize, usize);
 
-/// `usage_rows`' per-span loop for one budget configuration's dimensions (see the module doc).
+/// One budget of `_BudgetSet.entries`: the indices of its scope, window and metric, and its
+/// match unless `*`: (the pattern, the `KeyMatcher` that judges any other key).
+struct Entry {
+    scope: usize,
+    window: usize,
+    metric: usize,
+    matcher: Option<(String, Py<PyAny>)>,
+}
+
+/// An entry as handed in: (scope, window, metric, (pattern, matcher) or None).
+type EntryData = (usize, usize, usize, Option<(String, Py<PyAny>)>);
+
+/// `usage_rows`' per-span loop for one budget configuration (see the module doc).
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
 pub struct Summer {
     class: Py<PyType>,
@@ -56,6 +72,14 @@ pub struct Summer {
     model_calls: Vec<String>,
     tool_operation: String,
     layout: RowLayout,
+    /// Per scope, the positions in the signature of its one or two dimensions.
+    scopes: Vec<Vec<usize>>,
+    separator: String,
+    entries: Vec<Entry>,
+    /// `_BudgetSet.for_kind` as entry indices, at `2 * calls + tools`.
+    kinds: [Vec<usize>; 4],
+    /// The number of windows: the length of every window-starts tuple.
+    windows: usize,
 }
 
 /// How the loop takes a span.
@@ -109,8 +133,15 @@ struct State<'py> {
     rows: Vec<RowSum>,
     row_ids: FxHashMap<usize, usize>,
     loaded: Vec<usize>,
-    starts: Vec<Bound<'py, PyTuple>>,
+    starts: Vec<(Bound<'py, PyTuple>, Vec<i64>)>,
     range: (i128, i128, usize),
+    /// Scope keys seen in this call, each numbered once.
+    key_ids: FxHashMap<String, usize>,
+    keys: Vec<String>,
+    /// (entry, key) -> whether the entry's match takes the key.
+    verdicts: FxHashMap<(usize, usize), bool>,
+    /// (entry, key, window start) -> the row's index in `rows`.
+    row_of: FxHashMap<(usize, usize, i64), usize>,
 }
 
 #[pymethods]
@@ -118,15 +149,49 @@ impl Summer {
     /// `usage_class`: the class of the spans (others go to the reference); `signature`: the
     /// dimensions (fields) a group is keyed by; `model_call_operations`, `tool_operation`: what
     /// `is_model_call` and `is_tool_call` test; `row_layout`: the (amount, spans, first event,
-    /// last event) indices of a delta row.
+    /// last event) indices of a delta row; `scopes`: each scope's dimensions as positions in
+    /// `signature`, joined by `separator` when two; `entries`: the budgets (`EntryData`);
+    /// `kinds`: the entries that count each kind of span, at `2 * calls + tools`; `windows`: how
+    /// many window starts a span has.
     #[new]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         usage_class: Bound<'_, PyType>,
         signature: Vec<String>,
         model_call_operations: Vec<String>,
         tool_operation: String,
         row_layout: RowLayout,
+        scopes: Vec<Vec<usize>>,
+        separator: String,
+        entries: Vec<EntryData>,
+        kinds: [Vec<usize>; 4],
+        windows: usize,
     ) -> PyResult<Self> {
+        let out_of_range = |what: &str| PyValueError::new_err(format!("{what} out of range"));
+        if scopes
+            .iter()
+            .any(|scope| !(1..=2).contains(&scope.len()) || scope.iter().any(|&at| at >= signature.len()))
+        {
+            return Err(out_of_range("a scope's dimensions"));
+        }
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .map(|(scope, window, metric, matcher)| Entry {
+                scope,
+                window,
+                metric,
+                matcher,
+            })
+            .collect();
+        if entries
+            .iter()
+            .any(|entry| entry.scope >= scopes.len() || entry.window >= windows || entry.metric >= METRICS)
+        {
+            return Err(out_of_range("an entry's scope, window or metric"));
+        }
+        if kinds.iter().flatten().any(|&entry| entry >= entries.len()) {
+            return Err(out_of_range("an entry of a kind"));
+        }
         let at = |name: &str| slot_offset(&usage_class, name);
         let offsets = Offsets {
             operation: at("operation")?,
@@ -151,6 +216,11 @@ impl Summer {
             model_calls: model_call_operations,
             tool_operation,
             layout: row_layout,
+            scopes,
+            separator,
+            entries,
+            kinds,
+            windows,
         })
     }
 
@@ -179,6 +249,10 @@ impl Summer {
             loaded: Vec::new(),
             starts: Vec::new(),
             range: (0, 0, 0),
+            key_ids: FxHashMap::default(),
+            keys: Vec::new(),
+            verdicts: FxHashMap::default(),
+            row_of: FxHashMap::default(),
         };
         let mut counted = 0;
         for index in 0..usages.len() {
@@ -328,7 +402,7 @@ impl Summer {
             state.hand_over(py, batch, usage, prepared, self.layout.0)?;
             return Ok(false);
         };
-        let starts = state.starts_at(batch, span.event_ns)?;
+        let starts = state.starts_at(batch, span.event_ns, self.windows)?;
         let mut hasher = FxHasher::default();
         (&signature, span.model_call, span.tool_kind, starts).hash(&mut hasher);
         let hash = hasher.finish();
@@ -348,7 +422,7 @@ impl Summer {
         let id = match found {
             Some(id) => id,
             None => {
-                let id = state.new_group(py, batch, usage, span, starts, &signature, self.layout.0)?;
+                let id = state.new_group(self, batch, span, starts, &signature)?;
                 state.by_hash.entry(hash).or_default().push(id);
                 id
             }
@@ -383,7 +457,7 @@ impl Summer {
 impl<'py> State<'py> {
     /// The index (among this call's distinct starts) of the window starts that hold `event_ns`:
     /// from the cached [low, high) range, else from `batch.starts_range`.
-    fn starts_at(&mut self, batch: &Bound<'py, PyAny>, event_ns: i64) -> PyResult<usize> {
+    fn starts_at(&mut self, batch: &Bound<'py, PyAny>, event_ns: i64, windows: usize) -> PyResult<usize> {
         let (low, high, id) = self.range;
         let at = i128::from(event_ns);
         if low <= at && at < high {
@@ -391,17 +465,14 @@ impl<'py> State<'py> {
         }
         let (starts, low, high): (Bound<'py, PyTuple>, i128, i128) =
             batch.call_method1("starts_range", (event_ns,))?.extract()?;
-        let mut id = None;
-        for (known, earlier) in self.starts.iter().enumerate() {
-            if earlier.eq(&starts)? {
-                id = Some(known);
-                break;
-            }
+        let values: Vec<i64> = starts.extract()?;
+        if values.len() != windows {
+            return Err(PyValueError::new_err("window starts of another length"));
         }
-        let id = match id {
+        let id = match self.starts.iter().position(|(_, known)| *known == values) {
             Some(id) => id,
             None => {
-                self.starts.push(starts);
+                self.starts.push((starts, values));
                 self.starts.len() - 1
             }
         };
@@ -409,48 +480,46 @@ impl<'py> State<'py> {
         Ok(id)
     }
 
-    /// A new group: its rows from `batch.new_targets` (the matching, in Python), each row known once.
-    #[allow(clippy::too_many_arguments)]
+    /// A new group and its targets: per budget of its kind (in file order) whose scope gives the
+    /// span a key that the budget's match takes, the row of (budget, key, window start), made by
+    /// `batch.row_for` when this call has not met it yet (`_targets`, with the keys of `span_keys`).
     fn new_group(
         &mut self,
-        py: Python<'py>,
+        summer: &Summer,
         batch: &Bound<'py, PyAny>,
-        usage: &Bound<'py, PyAny>,
         span: &Common,
         starts: usize,
         signature: &[&str],
-        amount: usize,
     ) -> PyResult<usize> {
-        let signature = signature.iter().map(|text| (*text).to_owned()).collect();
-        self.write_back(py, amount)?; // the reference may make rows: none is summed here meanwhile
-        let made = batch.call_method1(
-            "new_targets",
-            (usage, span.model_call, span.tool_kind, &self.starts[starts]),
-        )?;
+        let keys: Vec<Option<usize>> = summer
+            .scopes
+            .iter()
+            .map(|scope| self.key_of(scope, signature, &summer.separator))
+            .collect();
+        let kind = 2 * usize::from(span.model_call) + usize::from(span.tool_kind);
         let mut targets = Vec::new();
-        for target in made.try_iter()? {
-            let (row, metric, _calls): (Bound<'py, PyList>, usize, bool) = target?.extract()?;
-            if metric >= METRICS {
-                return Err(PyTypeError::new_err(format!(
-                    "metric index {metric} out of range"
-                )));
+        for &index in &summer.kinds[kind] {
+            let entry = &summer.entries[index];
+            let Some(key) = keys[entry.scope] else {
+                continue;
+            };
+            if !self.takes(batch.py(), entry, index, key)? {
+                continue;
             }
-            let next = self.rows.len();
-            let id = *self.row_ids.entry(row.as_ptr() as usize).or_insert(next);
-            if id == next {
-                self.rows.push(RowSum {
-                    row: row.unbind(),
-                    sum: 0.0,
-                    loaded: false,
-                    spans: 0,
-                    first: i64::MAX,
-                    last: i64::MIN,
-                });
-            }
-            targets.push((id, metric));
+            let start = self.starts[starts].1[entry.window];
+            let row = match self.row_of.get(&(index, key, start)) {
+                Some(&row) => row,
+                None => {
+                    let made = batch.call_method1("row_for", (index, &self.keys[key], start))?;
+                    let row = self.known_row(made.cast_into::<PyList>()?);
+                    self.row_of.insert((index, key, start), row);
+                    row
+                }
+            };
+            targets.push((row, entry.metric));
         }
         self.groups.push(Group {
-            signature,
+            signature: signature.iter().map(|text| (*text).to_owned()).collect(),
             model_call: span.model_call,
             tool_kind: span.tool_kind,
             starts,
@@ -460,6 +529,66 @@ impl<'py> State<'py> {
             last: 0,
         });
         Ok(self.groups.len() - 1)
+    }
+
+    /// The span's key under a scope (`budget_rules.span_keys`): its one value, or its two values
+    /// joined by the separator; None when a value is empty.
+    fn key_of(&mut self, scope: &[usize], signature: &[&str], separator: &str) -> Option<usize> {
+        let values: Vec<&str> = scope.iter().map(|&at| signature[at]).collect();
+        if values.iter().any(|value| value.is_empty()) {
+            return None;
+        }
+        if let [value] = values[..] {
+            return Some(self.key_id(value));
+        }
+        Some(self.key_id(&values.join(separator)))
+    }
+
+    fn key_id(&mut self, key: &str) -> usize {
+        if let Some(&id) = self.key_ids.get(key) {
+            return id;
+        }
+        self.keys.push(key.to_owned());
+        self.key_ids.insert(key.to_owned(), self.keys.len() - 1);
+        self.keys.len() - 1
+    }
+
+    /// Whether the entry's match takes the key: `*` always, its own pattern at once, any other
+    /// key as its `KeyMatcher` says (the glob stays Python's), remembered for this call.
+    fn takes(&mut self, py: Python<'py>, entry: &Entry, index: usize, key: usize) -> PyResult<bool> {
+        let Some((pattern, matcher)) = &entry.matcher else {
+            return Ok(true);
+        };
+        if *pattern == self.keys[key] {
+            return Ok(true);
+        }
+        if let Some(&verdict) = self.verdicts.get(&(index, key)) {
+            return Ok(verdict);
+        }
+        let verdict = matcher
+            .bind(py)
+            .call_method1("matches", (&self.keys[key],))?
+            .is_truthy()?;
+        self.verdicts.insert((index, key), verdict);
+        Ok(verdict)
+    }
+
+    /// The index in `rows` of a delta row, added when new (rows are known by identity: the groups
+    /// that share a row share its sum).
+    fn known_row(&mut self, row: Bound<'py, PyList>) -> usize {
+        let next = self.rows.len();
+        let id = *self.row_ids.entry(row.as_ptr() as usize).or_insert(next);
+        if id == next {
+            self.rows.push(RowSum {
+                row: row.unbind(),
+                sum: 0.0,
+                loaded: false,
+                spans: 0,
+                first: i64::MAX,
+                last: i64::MIN,
+            });
+        }
+        id
     }
 
     /// A span for the reference, once the sums kept here are in their rows: `batch.add`, or
