@@ -721,8 +721,8 @@ class _Batch:
     """One `usage_rows` call: its rows and groups, and `add`, the per-span reference loop's body.
 
     The native loop calls `add` for each span it hands over (`prepare` and `count`, split for a
-    model call it needs priced or classed first), `starts_range` when an event time leaves its
-    cached window starts, and `row_for` for each row of its own groups it has not met yet.
+    model call it needs priced or classed first) and `starts_range` when an event time leaves its
+    cached window starts; it makes the rows of its own groups in `rows` (`_row_for`'s rows, copied).
     """
 
     __slots__ = (
@@ -815,11 +815,6 @@ class _Batch:
     def starts_range(self, event_ns: int) -> tuple[tuple[int, ...], int, int]:
         return self.budgets.starts_range(event_ns)
 
-    def row_for(self, entry: int, key: str, window_start_ns: int) -> list[Any]:
-        """The row of `budgets.entries[entry]` for (key, window start), made empty when new."""
-        budget_id, _, _, _, _, bucket_ns, calls, _ = self.budgets.entries[entry]
-        return _row_for(self.rows, (budget_id, key, window_start_ns), calls, bucket_ns)
-
     def finish(self) -> list[list[Any]]:
         """The rows, each group's count and event times settled into them."""
         for group in self.groups.values():
@@ -887,11 +882,18 @@ def _new_summer(module: Any, budgets: _BudgetSet) -> Any | None:
     """The rules the native loop reads, handed in as data: the usage class, the dimensions of a
     group's signature, what `is_model_call` and `is_tool_call` test, the row layout, each scope's
     dimensions and the key separator (`span_keys`), the budgets' scopes, windows, metrics and
-    matchers (`KeyMatcher`s: globs are judged in Python), and `for_kind` as entry indices."""
+    matchers (`KeyMatcher`s: globs are judged in Python), an empty row per budget made by
+    `_row_for` (which the loop copies for a new row), and `for_kind` as entry indices."""
     dimensions = budgets.dimensions
     entries = [
-        (scope, window, metric, None if matcher is None else (matcher.pattern, matcher))
-        for _id, scope, window, metric, matcher, _bucket_ns, _calls, _budget in budgets.entries
+        (
+            scope,
+            window,
+            metric,
+            None if matcher is None else (matcher.pattern, matcher),
+            _row_for({}, (budget_id, "", 0), calls, bucket_ns),  # the native loop's rows are copies
+        )
+        for budget_id, scope, window, metric, matcher, bucket_ns, calls, _budget in budgets.entries
     ]
     index_of = {id(entry): index for index, entry in enumerate(budgets.entries)}
     kinds = [

@@ -5,11 +5,11 @@
 //! (`_Batch.prepare`, for a model call without a cost or a class), globs (each budget's
 //! `KeyMatcher`, asked once per key and call unless the key is the pattern itself), window starts
 //! (`_Batch.starts_range`, called only when an event time leaves the cached [low, high) range),
-//! the rows themselves (`_Batch.row_for`, once per row a call meets), late spans and the call mix
-//! of unusual calls. Handed in as data: the usage class, the dimensions a group is keyed by, the
+//! late spans and the call mix of unusual calls. Handed in as data: the usage class, the dimensions a group is keyed by, the
 //! model-call operations, the tool operation, the row layout, each scope's dimensions and the key
-//! separator, the budgets' scopes, windows, metrics and matches, and which budgets count which
-//! kind of span (`_BudgetSet.for_kind`). A span this loop is not sure of goes to the reference
+//! separator, the budgets' scopes, windows, metrics and matches, an empty row per budget as
+//! `_row_for` makes it (copied for each new row, into `_Batch.rows`), and which budgets count
+//! which kind of span (`_BudgetSet.for_kind`). A span this loop is not sure of goes to the reference
 //! (`_Batch.add`) at its place in the order: a refused span, a call that fell back or escalated,
 //! a span before `closed_before_ns`, a field of an unexpected type. A row's amount is a chain of
 //! float additions in span order, so the sums kept here are written back to the rows before each
@@ -23,7 +23,7 @@ use std::hash::{Hash, Hasher};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyFloat, PyList, PyTuple, PyType};
+use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::usage::slot_offset;
@@ -58,10 +58,12 @@ struct Entry {
     window: usize,
     metric: usize,
     matcher: Option<(String, Py<PyAny>)>,
+    /// An empty row of the budget as `_row_for` makes it: [budget id, key, start, the rest...].
+    prototype: Py<PyList>,
 }
 
-/// An entry as handed in: (scope, window, metric, (pattern, matcher) or None).
-type EntryData = (usize, usize, usize, Option<(String, Py<PyAny>)>);
+/// An entry as handed in: (scope, window, metric, (pattern, matcher) or None, prototype row).
+type EntryData = (usize, usize, usize, Option<(String, Py<PyAny>)>, Py<PyList>);
 
 /// `usage_rows`' per-span loop for one budget configuration (see the module doc).
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
@@ -138,6 +140,10 @@ struct State<'py> {
     /// Scope keys seen in this call, each numbered once.
     key_ids: FxHashMap<String, usize>,
     keys: Vec<String>,
+    /// Each key as a Python str, made when a row first needs it.
+    key_objects: Vec<Option<Bound<'py, PyString>>>,
+    /// `batch.rows`: (budget id, key, window start) -> row, in the order rows were made.
+    row_dict: Bound<'py, PyDict>,
     /// (entry, key) -> whether the entry's match takes the key.
     verdicts: FxHashMap<(usize, usize), bool>,
     /// (entry, key, window start) -> the row's index in `rows`.
@@ -176,11 +182,12 @@ impl Summer {
         }
         let entries: Vec<Entry> = entries
             .into_iter()
-            .map(|(scope, window, metric, matcher)| Entry {
+            .map(|(scope, window, metric, matcher, prototype)| Entry {
                 scope,
                 window,
                 metric,
                 matcher,
+                prototype,
             })
             .collect();
         if entries
@@ -188,6 +195,14 @@ impl Summer {
             .any(|entry| entry.scope >= scopes.len() || entry.window >= windows || entry.metric >= METRICS)
         {
             return Err(out_of_range("an entry's scope, window or metric"));
+        }
+        if entries
+            .iter()
+            .any(|entry| entry.prototype.bind(usage_class.py()).len() < 3)
+        {
+            return Err(PyValueError::new_err(
+                "a prototype row without its (budget, key, start)",
+            ));
         }
         if kinds.iter().flatten().any(|&entry| entry >= entries.len()) {
             return Err(out_of_range("an entry of a kind"));
@@ -251,6 +266,8 @@ impl Summer {
             range: (0, 0, 0),
             key_ids: FxHashMap::default(),
             keys: Vec::new(),
+            key_objects: Vec::new(),
+            row_dict: batch.getattr("rows")?.cast_into::<PyDict>()?,
             verdicts: FxHashMap::default(),
             row_of: FxHashMap::default(),
         };
@@ -482,7 +499,7 @@ impl<'py> State<'py> {
 
     /// A new group and its targets: per budget of its kind (in file order) whose scope gives the
     /// span a key that the budget's match takes, the row of (budget, key, window start), made by
-    /// `batch.row_for` when this call has not met it yet (`_targets`, with the keys of `span_keys`).
+    /// `row_for` when this call has not met it yet (`_targets`, with the keys of `span_keys`).
     fn new_group(
         &mut self,
         summer: &Summer,
@@ -510,8 +527,8 @@ impl<'py> State<'py> {
             let row = match self.row_of.get(&(index, key, start)) {
                 Some(&row) => row,
                 None => {
-                    let made = batch.call_method1("row_for", (index, &self.keys[key], start))?;
-                    let row = self.known_row(made.cast_into::<PyList>()?);
+                    let made = self.row_for(entry, key, start)?;
+                    let row = self.known_row(made);
                     self.row_of.insert((index, key, start), row);
                     row
                 }
@@ -549,6 +566,7 @@ impl<'py> State<'py> {
             return id;
         }
         self.keys.push(key.to_owned());
+        self.key_objects.push(None);
         self.key_ids.insert(key.to_owned(), self.keys.len() - 1);
         self.keys.len() - 1
     }
@@ -571,6 +589,42 @@ impl<'py> State<'py> {
             .is_truthy()?;
         self.verdicts.insert((index, key), verdict);
         Ok(verdict)
+    }
+
+    /// The row of (the entry's budget, key, start) in `batch.rows`, made as `_row_for` makes it
+    /// when the reference has not made it: the entry's prototype with this slot, its list
+    /// fields (the call mix) new lists.
+    fn row_for(&mut self, entry: &Entry, key: usize, start: i64) -> PyResult<Bound<'py, PyList>> {
+        let py = self.row_dict.py();
+        let prototype = entry.prototype.bind(py);
+        let key = match &self.key_objects[key] {
+            Some(text) => text.clone(),
+            None => {
+                let text = PyString::new(py, &self.keys[key]);
+                self.key_objects[key] = Some(text.clone());
+                text
+            }
+        };
+        let slot = PyTuple::new(
+            py,
+            [
+                prototype.get_item(0)?,
+                key.into_any(),
+                start.into_pyobject(py)?.into_any(),
+            ],
+        )?;
+        if let Some(row) = self.row_dict.get_item(&slot)? {
+            return Ok(row.cast_into::<PyList>()?);
+        }
+        let row = PyList::new(py, slot.iter())?;
+        for value in prototype.iter().skip(3) {
+            match value.cast::<PyList>() {
+                Ok(list) => row.append(PyList::new(py, list.iter())?)?,
+                Err(_) => row.append(value)?,
+            }
+        }
+        self.row_dict.set_item(slot, &row)?;
+        Ok(row)
     }
 
     /// The index in `rows` of a delta row, added when new (rows are known by identity: the groups
