@@ -123,6 +123,9 @@ struct RowSum {
     row: Py<PyList>,
     sum: f64,
     loaded: bool,
+    /// Made by this loop and not handed to Python since: its count and event times are still
+    /// the prototype's zeros (`settle` sets them without reading them).
+    fresh: bool,
     spans: u64,
     first: i64,
     last: i64,
@@ -146,6 +149,8 @@ struct State<'py> {
     row_dict: Bound<'py, PyDict>,
     /// (entry, key) -> whether the entry's match takes the key.
     verdicts: FxHashMap<(usize, usize), bool>,
+    /// The rows still `fresh`.
+    fresh: Vec<usize>,
     /// (entry, key, window start) -> the row's index in `rows`.
     row_of: FxHashMap<(usize, usize, i64), usize>,
 }
@@ -196,13 +201,8 @@ impl Summer {
         {
             return Err(out_of_range("an entry's scope, window or metric"));
         }
-        if entries
-            .iter()
-            .any(|entry| entry.prototype.bind(usage_class.py()).len() < 3)
-        {
-            return Err(PyValueError::new_err(
-                "a prototype row without its (budget, key, start)",
-            ));
+        for entry in &entries {
+            empty_row(entry.prototype.bind(usage_class.py()), row_layout)?;
         }
         if kinds.iter().flatten().any(|&entry| entry >= entries.len()) {
             return Err(out_of_range("an entry of a kind"));
@@ -269,6 +269,7 @@ impl Summer {
             key_objects: Vec::new(),
             row_dict: batch.getattr("rows")?.cast_into::<PyDict>()?,
             verdicts: FxHashMap::default(),
+            fresh: Vec::new(),
             row_of: FxHashMap::default(),
         };
         let mut counted = 0;
@@ -527,8 +528,8 @@ impl<'py> State<'py> {
             let row = match self.row_of.get(&(index, key, start)) {
                 Some(&row) => row,
                 None => {
-                    let made = self.row_for(entry, key, start)?;
-                    let row = self.known_row(made);
+                    let (made, fresh) = self.row_for(entry, key, start)?;
+                    let row = self.known_row(made, fresh);
                     self.row_of.insert((index, key, start), row);
                     row
                 }
@@ -594,7 +595,7 @@ impl<'py> State<'py> {
     /// The row of (the entry's budget, key, start) in `batch.rows`, made as `_row_for` makes it
     /// when the reference has not made it: the entry's prototype with this slot, its list
     /// fields (the call mix) new lists.
-    fn row_for(&mut self, entry: &Entry, key: usize, start: i64) -> PyResult<Bound<'py, PyList>> {
+    fn row_for(&mut self, entry: &Entry, key: usize, start: i64) -> PyResult<(Bound<'py, PyList>, bool)> {
         let py = self.row_dict.py();
         let prototype = entry.prototype.bind(py);
         let key = match &self.key_objects[key] {
@@ -614,7 +615,7 @@ impl<'py> State<'py> {
             ],
         )?;
         if let Some(row) = self.row_dict.get_item(&slot)? {
-            return Ok(row.cast_into::<PyList>()?);
+            return Ok((row.cast_into::<PyList>()?, false));
         }
         let row = PyList::new(py, slot.iter())?;
         for value in prototype.iter().skip(3) {
@@ -624,23 +625,28 @@ impl<'py> State<'py> {
             }
         }
         self.row_dict.set_item(slot, &row)?;
-        Ok(row)
+        Ok((row, true))
     }
 
     /// The index in `rows` of a delta row, added when new (rows are known by identity: the groups
     /// that share a row share its sum).
-    fn known_row(&mut self, row: Bound<'py, PyList>) -> usize {
+    fn known_row(&mut self, row: Bound<'py, PyList>, fresh: bool) -> usize {
         let next = self.rows.len();
         let id = *self.row_ids.entry(row.as_ptr() as usize).or_insert(next);
         if id == next {
             self.rows.push(RowSum {
                 row: row.unbind(),
                 sum: 0.0,
-                loaded: false,
+                loaded: fresh, // a new row's amount is the prototype's 0.0
+                fresh,
                 spans: 0,
                 first: i64::MAX,
                 last: i64::MIN,
             });
+            if fresh {
+                self.loaded.push(id);
+                self.fresh.push(id);
+            }
         }
         id
     }
@@ -656,6 +662,9 @@ impl<'py> State<'py> {
         amount: usize,
     ) -> PyResult<()> {
         self.write_back(py, amount)?;
+        for id in self.fresh.drain(..) {
+            self.rows[id].fresh = false; // the reference may count into it
+        }
         batch.call_method1(if prepared { "count" } else { "add" }, (usage,))?;
         Ok(())
     }
@@ -684,6 +693,14 @@ impl<'py> State<'py> {
         let (_, spans, first, last) = layout;
         for sum in self.rows.iter().filter(|sum| sum.spans > 0) {
             let row = sum.row.bind(py);
+            if sum.fresh {
+                row.set_item(spans, sum.spans)?;
+                row.set_item(first, sum.first)?; // event times are never 0: the first is set
+                if sum.last > 0 {
+                    row.set_item(last, sum.last)?;
+                }
+                continue;
+            }
             row.set_item(spans, row.get_item(spans)?.add(sum.spans)?)?;
             let earliest = row.get_item(first)?;
             if !earliest.is_truthy()? || earliest.gt(sum.first)? {
@@ -714,6 +731,24 @@ fn amounts(
         if tool_call { 1.0 } else { tool_calls as f64 },
         if model_call { 1.0 } else { 0.0 },
     ]
+}
+
+/// A prototype is an empty row: its (budget, key, start), then an amount of 0.0 and a count and
+/// event times of 0 (what a new row's `fresh` sums and settling assume).
+fn empty_row(row: &Bound<'_, PyList>, layout: RowLayout) -> PyResult<()> {
+    let (amount, spans, first, last) = layout;
+    let zero = |at: usize| -> PyResult<bool> { Ok(row.get_item(at)?.extract::<i64>().ok() == Some(0)) };
+    let empty = [amount, spans, first, last]
+        .iter()
+        .all(|&at| at >= 3 && at < row.len())
+        && amount_of(row, amount)?.to_bits() == 0
+        && zero(spans)?
+        && zero(first)?
+        && zero(last)?;
+    if !empty {
+        return Err(PyValueError::new_err("a prototype that is not an empty row"));
+    }
+    Ok(())
 }
 
 /// A row's amount, a float as `_row_for` makes it and additions keep it.
