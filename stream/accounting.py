@@ -825,8 +825,9 @@ class _Batch:
 
 @dataclass(slots=True)
 class NativeSumFailures:
-    """Calls of the native loop that raised (a Rust panic included): each batch was then summed
-    again by the reference from the start, so nothing was lost, but the crate has a bug to fix."""
+    """Calls of the native loop that raised (a Rust panic included), each batch then summed again
+    by the reference from the start, and native modules that could not take a budget set (a build
+    older than this file): nothing was lost, but the crate needs a fix or `make venv`."""
 
     count: int = 0
 
@@ -915,6 +916,7 @@ def _new_summer(module: Any, budgets: _BudgetSet) -> Any | None:
             len(budgets.fixed_starts),
         )
     except (AttributeError, TypeError, ValueError) as exc:  # a build older than this file
+        native_sum_failures.count += 1
         logger.warning("native usage sums not used (the Python loop is): %s; rebuild: make venv", exc)
         return None
 

@@ -247,6 +247,8 @@ def test_a_module_without_a_usable_summer_leaves_the_reference_in_charge(
     class Stale:
         """A build older than this checkout: no `Summer`."""
 
+    before = accounting.native_sum_failures.count
     with caplog.at_level(logging.WARNING):
         assert accounting._new_summer(Stale(), accounting._BudgetSet(())) is None
     assert "native usage sums not used" in caplog.text
+    assert accounting.native_sum_failures.count == before + 1
