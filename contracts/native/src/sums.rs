@@ -30,6 +30,11 @@ use crate::usage::slot_offset;
 
 /// The number of budget metrics (`budget_rules.METRICS`): a target's metric index is below it.
 const METRICS: usize = 5;
+/// The most dimensions a signature may have (a span's values are read into an array this long).
+const MAX_DIMENSIONS: usize = 32;
+
+/// A span's signature values (the first `.1` of the array).
+type Signature<'a> = ([&'a str; MAX_DIMENSIONS], usize);
 
 /// Where the fields the loop reads are inside a usage object.
 struct Offsets {
@@ -107,11 +112,13 @@ struct Common {
 /// One group of spans with the same signature, kind and window starts: its targets
 /// (row index, metric index), span count and event-time range.
 struct Group {
-    signature: Vec<String>,
+    /// The signature values, each as its length (4 bytes) and its UTF-8 (`same_signature`).
+    signature: Box<[u8]>,
     model_call: bool,
     tool_kind: bool,
     starts: usize,
-    targets: Vec<(usize, usize)>,
+    /// Its targets: `State.targets[from..to]`.
+    targets: (usize, usize),
     spans: u64,
     first: i64,
     last: i64,
@@ -134,6 +141,10 @@ struct RowSum {
 /// One `add_all` call's state.
 struct State<'py> {
     groups: Vec<Group>,
+    /// Every group's targets, one after the other: (row index, metric index).
+    targets: Vec<(usize, usize)>,
+    /// A buffer for a two-dimension key.
+    joined: String,
     by_hash: FxHashMap<u64, Vec<usize>>,
     rows: Vec<RowSum>,
     row_ids: FxHashMap<usize, usize>,
@@ -223,6 +234,9 @@ impl Summer {
             routed_from: at("routed_from")?,
             escalated_from: at("escalated_from")?,
         };
+        if signature.len() > MAX_DIMENSIONS {
+            return Err(out_of_range("the number of dimensions"));
+        }
         let signature = signature.iter().map(|name| at(name)).collect::<PyResult<_>>()?;
         Ok(Summer {
             class: usage_class.unbind(),
@@ -258,6 +272,8 @@ impl Summer {
         }
         let mut state = State {
             groups: Vec::new(),
+            targets: Vec::new(),
+            joined: String::new(),
             by_hash: FxHashMap::default(),
             rows: Vec::new(),
             row_ids: FxHashMap::default(),
@@ -416,13 +432,14 @@ impl Summer {
         batch: &Bound<'py, PyAny>,
         prepared: bool,
     ) -> PyResult<bool> {
-        let Some(signature) = self.signature_of(usage.as_ptr()) else {
+        let Some((values, count)) = self.signature_of(usage.as_ptr()) else {
             state.hand_over(py, batch, usage, prepared, self.layout.0)?;
             return Ok(false);
         };
+        let signature = &values[..count];
         let starts = state.starts_at(batch, span.event_ns, self.windows)?;
         let mut hasher = FxHasher::default();
-        (&signature, span.model_call, span.tool_kind, starts).hash(&mut hasher);
+        (signature, span.model_call, span.tool_kind, starts).hash(&mut hasher);
         let hash = hasher.finish();
         let found = state.by_hash.get(&hash).and_then(|candidates| {
             candidates.iter().copied().find(|&id| {
@@ -430,17 +447,13 @@ impl Summer {
                 group.starts == starts
                     && group.model_call == span.model_call
                     && group.tool_kind == span.tool_kind
-                    && group
-                        .signature
-                        .iter()
-                        .map(String::as_str)
-                        .eq(signature.iter().copied())
+                    && same_signature(&group.signature, signature)
             })
         });
         let id = match found {
             Some(id) => id,
             None => {
-                let id = state.new_group(self, batch, span, starts, &signature)?;
+                let id = state.new_group(self, batch, span, starts, signature)?;
                 state.by_hash.entry(hash).or_default().push(id);
                 id
             }
@@ -449,7 +462,8 @@ impl Summer {
         group.spans += 1;
         group.first = group.first.min(span.event_ns);
         group.last = group.last.max(span.event_ns);
-        for &(row, metric) in &group.targets {
+        let (from, to) = group.targets;
+        for &(row, metric) in &state.targets[from..to] {
             let sum = &mut state.rows[row];
             if !sum.loaded {
                 sum.sum = amount_of(sum.row.bind(py), self.layout.0)?;
@@ -462,13 +476,14 @@ impl Summer {
     }
 
     /// The span's value of each signature dimension, None if one is not a str.
-    fn signature_of<'a>(&self, usage: *mut ffi::PyObject) -> Option<Vec<&'a str>> {
-        // SAFETY: a live object of the class (checked in `common`); the texts are read while the
-        // span is in hand, before any call into Python.
-        self.signature
-            .iter()
-            .map(|&offset| unsafe { text(slot(usage, offset)) })
-            .collect()
+    fn signature_of<'a>(&self, usage: *mut ffi::PyObject) -> Option<Signature<'a>> {
+        let mut values = [""; MAX_DIMENSIONS];
+        for (value, &offset) in values.iter_mut().zip(&self.signature) {
+            // SAFETY: a live object of the class (checked in `take`); the texts are read while
+            // the span is in hand, before any call into Python.
+            *value = unsafe { text(slot(usage, offset))? };
+        }
+        Some((values, self.signature.len()))
     }
 }
 
@@ -515,7 +530,7 @@ impl<'py> State<'py> {
             .map(|scope| self.key_of(scope, signature, &summer.separator))
             .collect();
         let kind = 2 * usize::from(span.model_call) + usize::from(span.tool_kind);
-        let mut targets = Vec::new();
+        let from = self.targets.len();
         for &index in &summer.kinds[kind] {
             let entry = &summer.entries[index];
             let Some(key) = keys[entry.scope] else {
@@ -534,14 +549,19 @@ impl<'py> State<'py> {
                     row
                 }
             };
-            targets.push((row, entry.metric));
+            self.targets.push((row, entry.metric));
+        }
+        let mut encoded = Vec::with_capacity(signature.iter().map(|value| 4 + value.len()).sum());
+        for value in signature {
+            encoded.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            encoded.extend_from_slice(value.as_bytes());
         }
         self.groups.push(Group {
-            signature: signature.iter().map(|text| (*text).to_owned()).collect(),
+            signature: encoded.into_boxed_slice(),
             model_call: span.model_call,
             tool_kind: span.tool_kind,
             starts,
-            targets,
+            targets: (from, self.targets.len()),
             spans: 0,
             first: i64::MAX,
             last: 0,
@@ -552,14 +572,20 @@ impl<'py> State<'py> {
     /// The span's key under a scope (`budget_rules.span_keys`): its one value, or its two values
     /// joined by the separator; None when a value is empty.
     fn key_of(&mut self, scope: &[usize], signature: &[&str], separator: &str) -> Option<usize> {
-        let values: Vec<&str> = scope.iter().map(|&at| signature[at]).collect();
-        if values.iter().any(|value| value.is_empty()) {
-            return None;
+        match *scope {
+            [one] if !signature[one].is_empty() => Some(self.key_id(signature[one])),
+            [first, second] if !signature[first].is_empty() && !signature[second].is_empty() => {
+                let mut joined = std::mem::take(&mut self.joined);
+                joined.clear();
+                joined.push_str(signature[first]);
+                joined.push_str(separator);
+                joined.push_str(signature[second]);
+                let id = self.key_id(&joined);
+                self.joined = joined;
+                Some(id)
+            }
+            _ => None,
         }
-        if let [value] = values[..] {
-            return Some(self.key_id(value));
-        }
-        Some(self.key_id(&values.join(separator)))
     }
 
     fn key_id(&mut self, key: &str) -> usize {
@@ -683,7 +709,7 @@ impl<'py> State<'py> {
     /// max of ints, order-free), gathered per row first and written once per row.
     fn settle(&mut self, py: Python<'py>, layout: RowLayout) -> PyResult<()> {
         for group in &self.groups {
-            for &(id, _) in &group.targets {
+            for &(id, _) in &self.targets[group.targets.0..group.targets.1] {
                 let row = &mut self.rows[id];
                 row.spans += group.spans;
                 row.first = row.first.min(group.first);
@@ -712,6 +738,22 @@ impl<'py> State<'py> {
         }
         Ok(())
     }
+}
+
+/// Whether a group's encoded signature holds these values.
+fn same_signature(encoded: &[u8], values: &[&str]) -> bool {
+    let mut rest = encoded;
+    for value in values {
+        let Some((length, tail)) = rest.split_first_chunk::<4>() else {
+            return false;
+        };
+        let length = u32::from_le_bytes(*length) as usize;
+        if length != value.len() || tail.get(..length) != Some(value.as_bytes()) {
+            return false;
+        }
+        rest = &tail[length..];
+    }
+    rest.is_empty()
 }
 
 /// What one span adds to each metric: `contracts/budget_rules.py:amounts`, the same formula on
