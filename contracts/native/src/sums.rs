@@ -119,6 +119,8 @@ struct Group {
     starts: usize,
     /// Its targets: `State.targets[from..to]`.
     targets: (usize, usize),
+    /// The group made before it with the same hash, if any.
+    same_hash: Option<usize>,
     spans: u64,
     first: i64,
     last: i64,
@@ -145,7 +147,8 @@ struct State<'py> {
     targets: Vec<(usize, usize)>,
     /// A buffer for a two-dimension key.
     joined: String,
-    by_hash: FxHashMap<u64, Vec<usize>>,
+    /// A group key's hash -> the newest group with it (older ones chained by `Group.same_hash`).
+    by_hash: FxHashMap<u64, usize>,
     rows: Vec<RowSum>,
     row_ids: FxHashMap<usize, usize>,
     loaded: Vec<usize>,
@@ -441,20 +444,24 @@ impl Summer {
         let mut hasher = FxHasher::default();
         (signature, span.model_call, span.tool_kind, starts).hash(&mut hasher);
         let hash = hasher.finish();
-        let found = state.by_hash.get(&hash).and_then(|candidates| {
-            candidates.iter().copied().find(|&id| {
-                let group = &state.groups[id];
-                group.starts == starts
-                    && group.model_call == span.model_call
-                    && group.tool_kind == span.tool_kind
-                    && same_signature(&group.signature, signature)
-            })
-        });
+        let newest = state.by_hash.get(&hash).copied();
+        let mut found = newest;
+        while let Some(id) = found {
+            let group = &state.groups[id];
+            if group.starts == starts
+                && group.model_call == span.model_call
+                && group.tool_kind == span.tool_kind
+                && same_signature(&group.signature, signature)
+            {
+                break;
+            }
+            found = group.same_hash;
+        }
         let id = match found {
             Some(id) => id,
             None => {
-                let id = state.new_group(self, batch, span, starts, signature)?;
-                state.by_hash.entry(hash).or_default().push(id);
+                let id = state.new_group(self, batch, span, starts, signature, newest)?;
+                state.by_hash.insert(hash, id);
                 id
             }
         };
@@ -523,6 +530,7 @@ impl<'py> State<'py> {
         span: &Common,
         starts: usize,
         signature: &[&str],
+        same_hash: Option<usize>,
     ) -> PyResult<usize> {
         let keys: Vec<Option<usize>> = summer
             .scopes
@@ -562,6 +570,7 @@ impl<'py> State<'py> {
             tool_kind: span.tool_kind,
             starts,
             targets: (from, self.targets.len()),
+            same_hash,
             spans: 0,
             first: i64::MAX,
             last: 0,
