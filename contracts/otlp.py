@@ -575,7 +575,7 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
     """
     try:
         usages = _native.decode(payload, limits.ceilings())
-    except _NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
+    except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
         native_failures.count += 1
         logger.error(
             "native OTLP decoder failed (%d so far), the Python decoder decodes: %r",
@@ -677,4 +677,5 @@ def native_in_use() -> Any | None:
 
 _NOT_CHOSEN: Any = object()
 _native: Any = _NOT_CHOSEN
-_NATIVE_ERRORS = _native_errors()
+#: What a call into the native module may raise (`_native_errors`).
+NATIVE_ERRORS = _native_errors()

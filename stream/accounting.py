@@ -13,6 +13,7 @@ cached (`WindowClock`): the hot path is attribute reads and integer compares.
 
 from __future__ import annotations
 
+import logging
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,10 @@ from functools import lru_cache
 from operator import attrgetter
 from typing import Any
 
+from burnguard.contracts import attributes as attr
+from burnguard.contracts import otlp
 from burnguard.contracts.budget_rules import (
+    KEY_SEPARATOR,
     METRIC_INDEX,
     NOTHING,
     KeyMatcher,
@@ -31,10 +35,13 @@ from burnguard.contracts.budget_rules import (
     span_keys,
 )
 from burnguard.contracts.budgets import Budget, BudgetConfig
+from burnguard.contracts.otlp import NATIVE_ERRORS
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, SESSION_WINDOW, Window
 from burnguard.stream.records import DeltaRow
+
+logger = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
 _NS_PER_MINUTE = 60 * _NS
@@ -494,11 +501,13 @@ class _BudgetSet:
         "_starts",
         "_starts_range",
         "clocks",
+        "dimensions",
         "entries",
         "fixed_starts",
         "for_kind",
         "scopes",
         "signature",
+        "summer",
     )
 
     def __init__(self, budgets: Iterable[Budget]) -> None:
@@ -519,6 +528,9 @@ class _BudgetSet:
         }
         self.scopes = [scope_reader(scope) for scope in scopes]
         dimensions = tuple(dict.fromkeys(dimension for scope in scopes for dimension in scope))
+        self.dimensions = dimensions
+        #: (the native module, its `Summer` for these dimensions or None), made at first use
+        self.summer: tuple[Any, Any] = (None, None)
         #: a span's values of every dimension some scope reads: its keys follow from them
         self.signature = attrgetter(*dimensions) if dimensions else _no_signature
         clocks = [(index, WindowClock(window)) for window, index in windows.items()]
@@ -548,6 +560,11 @@ class _BudgetSet:
             low, high = max(low, start), min(high, end)
         self._starts, self._starts_range = tuple(starts), (low, high)
         return self._starts
+
+    def starts_range(self, event_ns: int) -> tuple[tuple[int, ...], int, int]:
+        """`starts_at` and the [low, high) range of event times it holds for (the native loop's cache)."""
+        starts = self.starts_at(event_ns)
+        return (starts, *self._starts_range)
 
 
 _EARLIEST, _LATEST = -(1 << 63), 1 << 63
@@ -682,41 +699,101 @@ def usage_rows(
     than `closed_before_ns` (whose windows may have closed, budget by budget) goes through the
     per-span reference path (`_count`), and so does every span with `per_span` (the tests compare
     the two) or when a span carries no event time (the first event time then depends on order).
+
+    With the native module (contracts/native, `Summer`) its loop adds the common spans and hands
+    every other span to `_Batch.add`, the reference, in order (`_natively_summed`).
     """
     usages = usages if isinstance(usages, list) else list(usages)
     budgets = _budget_set(config)
-    rows: dict[tuple[str, str, int], list[Any]] = {}
-    groups: dict[tuple[Any, bool, bool, tuple[int, ...]], _Group] = {}
+    summer = None if per_span else _summer(budgets)
+    if summer is not None:
+        rows = _natively_summed(summer, usages, budgets, config, prices, stats, closed_before_ns)
+        if rows is not None:
+            return rows
     per_span = per_span or not all(usage.end_ns or usage.start_ns for usage in usages)
-    signature_of, starts_at = budgets.signature, budgets.starts_at
+    batch = _Batch(budgets, config, prices, stats, closed_before_ns, per_span)
     for usage in usages:
-        charged_as_unpriced = price_if_unpriced(usage, prices)  # it decides which spans need a price
+        batch.add(usage)
+    return batch.finish()
+
+
+class _Batch:
+    """One `usage_rows` call: its rows and groups, and `add`, the per-span reference loop's body.
+
+    The native loop calls `add` for each span it hands over (`prepare` and `count`, split for a
+    model call it needs priced or classed first) and `starts_range` when an event time leaves its
+    cached window starts; it makes the rows of its own groups in `rows` (`_row_for`'s rows, copied).
+    """
+
+    __slots__ = (
+        "budgets",
+        "charged",
+        "closed_before_ns",
+        "config",
+        "groups",
+        "per_span",
+        "prices",
+        "rows",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        budgets: _BudgetSet,
+        config: BudgetConfig,
+        prices: PriceBook,
+        stats: BatchStats | None,
+        closed_before_ns: int,
+        per_span: bool,
+    ) -> None:
+        self.budgets, self.config, self.prices, self.stats = budgets, config, prices, stats
+        self.closed_before_ns, self.per_span = closed_before_ns, per_span
+        self.rows: dict[tuple[str, str, int], list[Any]] = {}
+        self.groups: dict[tuple[Any, bool, bool, tuple[int, ...]], _Group] = {}
+        #: spans charged by the `unpriced:` rule here: a second reading finds them priced
+        self.charged = 0
+
+    def add(self, usage: SpanUsage) -> None:
+        """Price, classify and count one span (the reference: every rule is applied here)."""
+        self.count(usage, self.prepare(usage))
+
+    def prepare(self, usage: SpanUsage) -> bool:
+        """Price the span if it came without a cost, class its model, count it in `stats`; True
+        for a model call (the native loop calls it for such calls and then sums the span itself)."""
+        stats = self.stats
+        charged_as_unpriced = price_if_unpriced(usage, self.prices)  # it decides which spans need a price
+        self.charged += charged_as_unpriced
         if not usage.model_class:
-            fill_model_class(usage, config)
+            fill_model_class(usage, self.config)
         model_call = usage.is_model_call
         if stats is not None:
             stats.spans += 1
             stats.unpriced += charged_as_unpriced or (model_call and usage.cost_usd is None)
+        return model_call
+
+    def count(self, usage: SpanUsage, model_call: bool | None = None) -> None:
+        """Add a prepared span to the rows of the budgets it counts for."""
+        budgets, stats = self.budgets, self.stats
+        if model_call is None:
+            model_call = usage.is_model_call
         tool_call = usage.is_tool_call or usage.tool_calls > 0
         refused = usage.is_refused_call  # counted in the call mix only: it used nothing
         if not (model_call or tool_call or refused):
-            continue
+            return
         event_ns = usage.end_ns or usage.start_ns
         amounts = NOTHING if refused else span_amounts(usage)
         calls = model_call or refused
         unusual = None if not calls or (mix := call_mix(usage)) == _PLAIN_CALL else mix
-        if per_span or event_ns < closed_before_ns:
+        if self.per_span or event_ns < self.closed_before_ns:
             keys, starts = span_keys(budgets.scopes, usage), budgets.starts(event_ns)
-            span = (event_ns, keys, starts, amounts, unusual, closed_before_ns)
-            _count(budgets.for_kind[(calls, tool_call)], span, rows, stats)
-            continue
-        signature = signature_of(usage)
-        starts = starts_at(event_ns)
-        group = groups.get((signature, calls, tool_call, starts))
+            span = (event_ns, keys, starts, amounts, unusual, self.closed_before_ns)
+            _count(budgets.for_kind[(calls, tool_call)], span, self.rows, stats)
+            return
+        starts = budgets.starts_at(event_ns)
+        group_key = (budgets.signature(usage), calls, tool_call, starts)
+        group = self.groups.get(group_key)
         if group is None:
-            keys = span_keys(budgets.scopes, usage)
-            targets = _targets(budgets.for_kind[(calls, tool_call)], keys, starts, rows)
-            group = groups[(signature, calls, tool_call, starts)] = _Group(targets)
+            group = self.groups[group_key] = _Group(self.new_targets(usage, calls, tool_call, starts))
         group.spans += 1
         if event_ns < group.first:
             group.first = event_ns
@@ -726,10 +803,142 @@ def usage_rows(
             row[_AMOUNT] += amounts[metric]
             if unusual is not None and counts_calls:
                 _count_unusual_call(row[_MIX], unusual)
-    for group in groups.values():
-        group.settle()
-    _settle_call_mix(rows.values())
-    return list(rows.values())
+
+    def new_targets(
+        self, usage: SpanUsage, calls: bool, tool_call: bool, starts: tuple[int, ...]
+    ) -> list[tuple[list[Any], int, bool]]:
+        """The rows of a new group whose first span is `usage` (its keys, matched to the budgets)."""
+        budgets = self.budgets
+        keys = span_keys(budgets.scopes, usage)
+        return _targets(budgets.for_kind[(calls, tool_call)], keys, starts, self.rows)
+
+    def starts_range(self, event_ns: int) -> tuple[tuple[int, ...], int, int]:
+        return self.budgets.starts_range(event_ns)
+
+    def finish(self) -> list[list[Any]]:
+        """The rows, each group's count and event times settled into them."""
+        for group in self.groups.values():
+            group.settle()
+        _settle_call_mix(self.rows.values())
+        return list(self.rows.values())
+
+
+@dataclass(slots=True)
+class NativeSumFailures:
+    """Calls of the native loop that raised (a Rust panic included), each batch then summed again
+    by the reference from the start, and native modules that could not take a budget set (a build
+    older than this file): nothing was lost, but the crate needs a fix or `make venv`."""
+
+    count: int = 0
+
+
+native_sum_failures = NativeSumFailures()
+
+
+def _natively_summed(
+    summer: Any,
+    usages: list[SpanUsage],
+    budgets: _BudgetSet,
+    config: BudgetConfig,
+    prices: PriceBook,
+    stats: BatchStats | None,
+    closed_before_ns: int,
+) -> list[list[Any]] | None:
+    """`usage_rows` with the native loop; None when it declined the batch (nothing done then).
+
+    A call that raises is summed again by the reference from the start, with `stats` as they
+    were: the spans it priced stay priced (the same price again), and those it charged by the
+    `unpriced:` rule are counted as the reference would have counted them.
+    """
+    before = None if stats is None else (stats.spans, stats.unpriced, stats.too_late)
+    batch = _Batch(budgets, config, prices, stats, closed_before_ns, False)
+    try:
+        counted = summer.add_all(usages, batch, closed_before_ns)
+    except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference sums
+        native_sum_failures.count += 1
+        logger.error(
+            "native usage sums failed (%d so far), the Python loop sums: %r", native_sum_failures.count, exc
+        )
+        if stats is not None and before is not None:
+            stats.spans, stats.unpriced, stats.too_late = before
+            stats.unpriced += batch.charged
+        return None
+    if counted is None:
+        return None
+    if stats is not None:
+        stats.spans += counted
+    return batch.finish()
+
+
+def _summer(budgets: _BudgetSet) -> Any | None:
+    """The native loop for `budgets`, None without the module (or with one older than this file,
+    which is logged): made once per budget set and module."""
+    module = native_sums_in_use()
+    if budgets.summer[0] is not module:
+        budgets.summer = (module, None if module is None else _new_summer(module, budgets))
+    return budgets.summer[1]
+
+
+def _new_summer(module: Any, budgets: _BudgetSet) -> Any | None:
+    """The rules the native loop reads, handed in as data: the usage class, the dimensions of a
+    group's signature, what `is_model_call` and `is_tool_call` test, the row layout, each scope's
+    dimensions and the key separator (`span_keys`), the budgets' scopes, windows, metrics and
+    matchers (`KeyMatcher`s: globs are judged in Python), an empty row per budget made by
+    `_row_for` (which the loop copies for a new row), and `for_kind` as entry indices."""
+    dimensions = budgets.dimensions
+    entries = [
+        (
+            scope,
+            window,
+            metric,
+            None if matcher is None else (matcher.pattern, matcher),
+            _row_for({}, (budget_id, "", 0), calls, bucket_ns),  # the native loop's rows are copies
+        )
+        for budget_id, scope, window, metric, matcher, bucket_ns, calls, _budget in budgets.entries
+    ]
+    index_of = {id(entry): index for index, entry in enumerate(budgets.entries)}
+    kinds = [
+        [index_of[id(entry)] for entry in budgets.for_kind[(calls, tools)]]
+        for calls in (False, True)
+        for tools in (False, True)
+    ]
+    try:
+        return module.Summer(
+            SpanUsage,
+            list(dimensions),
+            sorted(attr.MODEL_CALL_OPERATIONS),
+            attr.OP_EXECUTE_TOOL,
+            (_AMOUNT, _SPANS, _FIRST, _LAST),
+            [[dimensions.index(name) for name in scope.dimensions] for scope in budgets.scopes],
+            KEY_SEPARATOR,
+            entries,
+            kinds,
+            len(budgets.fixed_starts),
+        )
+    except (AttributeError, TypeError, ValueError) as exc:  # a build older than this file
+        native_sum_failures.count += 1
+        logger.warning("native usage sums not used (the Python loop is): %s; rebuild: make venv", exc)
+        return None
+
+
+def native_sums_in_use() -> Any | None:
+    """The native module `usage_rows` uses: the decoder's (`otlp.native_in_use`, BURNGUARD_NATIVE)."""
+    global _native
+    if _native is _NOT_CHOSEN:
+        _native = _otlp_native_module() if otlp.native_in_use() is not None else None
+    return _native
+
+
+def _otlp_native_module() -> Any | None:
+    try:
+        from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _otlp_native
+
+
+_NOT_CHOSEN: Any = object()
+_native: Any = _NOT_CHOSEN
 
 
 def _count_unusual_call(mix: list[float], call_mix: tuple[float, ...]) -> None:

@@ -71,6 +71,7 @@ from burnguard.stream.accounting import (
     UsageDelta,
     WindowTotals,
     context_observations,
+    native_sum_failures,
     partition_key_of,
     usage_rows,
 )
@@ -1454,6 +1455,7 @@ class BudgetJob:
             "evicted": dict(sorted(self.evicted.items())),
             "late_after_eviction": self.late_after_eviction,
             "native_decode_failures": native_failures.count,
+            "native_sum_failures": native_sum_failures.count,
             "signals_failed": self.signal_records.failed,
             "signals_given_up": self.signal_records.given_up,
             "usage_records_refused": self.deliveries.refused_records,

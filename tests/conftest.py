@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.pipeline", "tests.fixtures.decoders"]
+pytest_plugins = [
+    "tests.fixtures.kafka",
+    "tests.fixtures.pipeline",
+    "tests.fixtures.decoders",
+    "tests.fixtures.sums",
+]

@@ -1,4 +1,8 @@
-"""stream/accounting.py: a batch of decoded spans -> one delta per (budget, key, window)."""
+"""stream/accounting.py: a batch of decoded spans -> one delta per (budget, key, window).
+
+The tests of `usage_deltas` run over both implementations of its loop (`sums_impl`: the Python
+reference and the native `Summer`); tests/test_native_sums.py compares the two on random input.
+"""
 
 from __future__ import annotations
 
@@ -97,6 +101,7 @@ def batch() -> list[SpanUsage]:
     ]  # fmt: skip
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_sums_per_budget_key_and_window(config: BudgetConfig) -> None:
     deltas = by_slot(usage_deltas(batch(), config, PriceBook()))
     assert deltas[("tenant-cost", "acme")].amount == pytest.approx(0.875)
@@ -125,6 +130,7 @@ def test_sums_per_budget_key_and_window(config: BudgetConfig) -> None:
     assert len(deltas) == 2 + 3 + 3 + 1 + 1 + 1
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_window_start_and_event_times(config: BudgetConfig) -> None:
     deltas = by_slot(usage_deltas(batch(), config, PriceBook()))
     cost = deltas[("tenant-cost", "acme")]
@@ -139,6 +145,7 @@ def test_window_start_and_event_times(config: BudgetConfig) -> None:
     assert UsageDelta.from_row(cost.to_row(), cost.source_partition, cost.source_offset) == cost
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_spans_in_different_windows_get_different_deltas(config: BudgetConfig) -> None:
     spans = [
         span(1, DAY + timedelta(hours=23, minutes=59), tenant="acme", cost_usd=1.0),
@@ -154,12 +161,14 @@ def test_spans_in_different_windows_get_different_deltas(config: BudgetConfig) -
     assert today.last_event_ns == ns(DAY + timedelta(hours=23, minutes=59))
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_event_time_falls_back_to_start(config: BudgetConfig) -> None:
     no_end = span(1, T0, tenant="acme", cost_usd=1.0, end_ns=0, start_ns=ns(DAY - timedelta(minutes=1)))
     (delta,) = [d for d in usage_deltas([no_end], config, PriceBook()) if d.budget == "tenant-cost"]
     assert delta.window_start_ns == ns(DAY - timedelta(days=1))
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_unpriced_spans_are_priced_by_the_stream(config: BudgetConfig) -> None:
     book = PriceBook()
     unpriced = span(1, T0, tenant="acme", provider="openai", request_model="gpt-4.1",
@@ -177,12 +186,14 @@ def test_unpriced_spans_are_priced_by_the_stream(config: BudgetConfig) -> None:
     assert (stats.spans, stats.unpriced) == (1, 0)
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_a_price_on_the_span_is_kept(config: BudgetConfig) -> None:
     priced = span(1, T0, tenant="acme", request_model="gpt-4.1", input_tokens=10_000, cost_usd=123.0)
     deltas = by_slot(usage_deltas([priced], config, PriceBook()))
     assert deltas[("tenant-cost", "acme")].amount == 123.0
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_unknown_models_are_counted_unpriced(config: BudgetConfig) -> None:
     spans = [
         span(1, T0, tenant="acme", provider="acme-ai", request_model="acme-llm-9000", input_tokens=100),
@@ -201,6 +212,7 @@ def test_unknown_models_are_counted_unpriced(config: BudgetConfig) -> None:
     assert spans[0].model_class == ""
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_spans_missing_a_scope_dimension_do_not_count(config: BudgetConfig) -> None:
     spans = [
         span(
@@ -216,6 +228,7 @@ def test_spans_missing_a_scope_dimension_do_not_count(config: BudgetConfig) -> N
     assert set(deltas) == {("tenant-cost", "acme"), ("user-input", "u1"), ("acme-calls", "acme")}
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_non_model_spans_do_not_count_for_cost_or_calls(config: BudgetConfig) -> None:
     spans = [
         span(1, T0, operation="invoke_agent", tenant="acme", cost_usd=9.0, input_tokens=500),
@@ -226,12 +239,14 @@ def test_non_model_spans_do_not_count_for_cost_or_calls(config: BudgetConfig) ->
     assert (stats.spans, stats.unpriced) == (2, 0)
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_empty_batch(config: BudgetConfig) -> None:
     stats = BatchStats()
     assert usage_deltas([], config, PriceBook(), stats) == []
     assert stats == BatchStats()
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_late_spans_count_in_their_window_within_the_allowed_lateness(config: BudgetConfig) -> None:
     now = DAY + timedelta(days=1, minutes=30)  # 00:30 the next day
     late = [span(1, DAY + timedelta(hours=23, minutes=50), tenant="acme", cost_usd=2.0)]
@@ -271,6 +286,7 @@ ATTRIBUTION = dict(
     ("metric", "expected"),
     [("cost_usd", 0.75), ("tokens", 3300.0), ("input_tokens", 3000.0), ("tool_calls", 3.0), ("calls", 2.0)],
 )
+@pytest.mark.usefixtures("sums_impl")
 def test_every_scope_and_metric(scope: str, key: str, metric: str, expected: float) -> None:
     yaml_text = f"""
 model_classes:
@@ -297,6 +313,7 @@ budgets:
         assert set(deltas) - {key}, "the other key's call was not accounted separately"
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_budgets_sharing_a_scope_or_window_stay_apart_and_deltas_follow_the_file_order() -> None:
     # The per-span loop works out each scope's key and each window's start once for all budgets.
     yaml_text = """
@@ -407,6 +424,7 @@ def test_window_totals_survive_the_changelog_and_read_the_older_dict_state() -> 
     assert not converted.add(2, 41, 9.0, 1, 170 * minute, 170 * minute, minute)
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_batch_records_route_each_key_to_its_partition(tmp_path: Path, config: BudgetConfig) -> None:
     settings = StreamSettings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"), data_dir=tmp_path, partitions=4)
     job = BudgetJob(settings, config)
@@ -477,6 +495,7 @@ def routed_batch() -> list[SpanUsage]:
     ]  # fmt: skip
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_the_call_mix_counts_fallbacks_escalation_cost_and_refusals(config: BudgetConfig) -> None:
     slots = by_slot(usage_deltas(routed_batch(), config, PriceBook()))
     cost = slots[("tenant-cost", "acme")]
@@ -486,6 +505,7 @@ def test_the_call_mix_counts_fallbacks_escalation_cost_and_refusals(config: Budg
     assert ("session-tools", "s1") not in slots  # a refused tool never ran
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_the_call_mix_of_plain_and_refused_calls_only(config: BudgetConfig) -> None:
     # Plain calls are not added one by one: a delta's calls are its spans less the refused ones.
     acme = {"tenant": "acme", "request_model": "gpt-4.1", "cost_usd": 0.01}
@@ -502,6 +522,7 @@ def test_the_call_mix_of_plain_and_refused_calls_only(config: BudgetConfig) -> N
         assert slots[("tenant-cost", "acme")].mix == mix
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetConfig) -> None:
     (delta,) = [d for d in usage_deltas(routed_batch(), config, PriceBook()) if d.budget == "tenant-cost"]
     row = UsageDelta.from_row(delta.to_row(), 3, 7)
@@ -515,6 +536,7 @@ def test_the_call_mix_survives_the_batch_row_and_the_changelog(config: BudgetCon
     assert WindowTotals.from_state(totals.to_state()[:7]).mix is None
 
 
+@pytest.mark.usefixtures("sums_impl")
 def test_the_signal_reason_reports_the_call_mix(config: BudgetConfig) -> None:
     from burnguard.stream.policy import signal_for_window
 
@@ -579,6 +601,7 @@ def random_spans(rng: random.Random, count: int) -> list[SpanUsage]:
 
 
 @pytest.mark.parametrize("seed", range(40))
+@pytest.mark.usefixtures("sums_impl")
 def test_the_grouped_path_sums_exactly_as_the_per_span_reference(seed: int) -> None:
     rng = random.Random(seed)
     config = parse_budget_yaml(DIFFERENTIAL_YAML)

@@ -129,7 +129,7 @@ fn plain_class(class: &Bound<'_, PyType>) -> PyResult<ffi::allocfunc> {
 }
 
 /// Where one of the class's own slots is in its objects: a writable `Py_T_OBJECT_EX` member.
-fn slot_offset(class: &Bound<'_, PyType>, name: &str) -> PyResult<isize> {
+pub fn slot_offset(class: &Bound<'_, PyType>, name: &str) -> PyResult<isize> {
     let not_plain = || PyValueError::new_err(format!("{name} is not a plain slot of {class}"));
     let descriptor = class.getattr("__dict__")?.get_item(name)?;
     // SAFETY: the descriptor is read as a `PyMemberDescrObject` only once its type says it is
