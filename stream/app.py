@@ -111,6 +111,7 @@ from burnguard.stream.records import (
     REMOVALS,
     SWEEP,
     TICKS,
+    USAGE_RECORDS_CODEC,
     BatchRecord,
     ContextRow,
     DeltaRow,
@@ -345,7 +346,7 @@ class BudgetJob:
         self.usage_topic = app.topic(
             topics.usage,
             key_type=str,
-            value_serializer="json",
+            value_serializer=USAGE_RECORDS_CODEC,  # Faust's JSON, decoded by msgspec
             partitions=self.settings.partitions,
             internal=True,
         )
