@@ -7,7 +7,7 @@ fresh `BudgetJob` (`span_load.BUDGETS_YAML`, the worker's default settings) acco
 through its real stage-2 code, in the order a usage partition's stream would hand them over:
 
 * decode: the JSON of each record decoded as Faust decodes the usage topic's values
-  (`app.serializers.loads_value(None, payload, serializer="json")`), alone.
+  (`app.serializers.loads_value(None, payload, serializer=...)` with the usage topic's codec), alone.
 * stage2: each record decoded so, then `BudgetJob._account_one` on it, with `changes.partition`
   and `changes.processed` set as `_account` sets them, and the table changes taken
   (`TableChanges.take_records`: the changelog's JSON) after every `--flush-records` records.
@@ -178,11 +178,16 @@ def make_records(args: argparse.Namespace, data_dir: Path) -> tuple[list[tuple[i
     return records, mix.spans, rows
 
 
+def usage_serializer(job: Any) -> Any:
+    """The codec the revision's usage topic decodes with (Faust's `json` before 2026-12-03)."""
+    return job.usage_topic.value_serializer or "json"
+
+
 def decode_all(job: Any, records: list[tuple[int, bytes]]) -> None:
     """The records' decoding alone, each dropped after it (as `account_all` decodes them)."""
-    loads = job.app.serializers.loads_value
+    loads, serializer = job.app.serializers.loads_value, usage_serializer(job)
     for _, payload in records:
-        loads(None, payload, serializer="json")
+        loads(None, payload, serializer=serializer)
 
 
 def account_all(job: Any, records: list[tuple[int, bytes]], flush_records: int) -> int:
@@ -192,14 +197,14 @@ def account_all(job: Any, records: list[tuple[int, bytes]], flush_records: int) 
     list of every decoded record would make each garbage collection walk all their rows.
     """
     changes = job.changes
-    loads = job.app.serializers.loads_value
+    loads, serializer = job.app.serializers.loads_value, usage_serializer(job)
     written = 0
 
     async def run() -> None:
         nonlocal written
         for offset, (partition, payload) in enumerate(records):
             changes.partition = partition
-            await job._account_one(loads(None, payload, serializer="json"))
+            await job._account_one(loads(None, payload, serializer=serializer))
             changes.processed(Message(partition, offset, "burnguard.usage", 0.0).tp, offset)
             if (offset + 1) % flush_records == 0:
                 written += len(changes.take_records())

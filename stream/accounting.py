@@ -391,6 +391,48 @@ class WindowTotals:
                 self.mix = [a + b for a, b in zip(current or [0.0] * MIX_FIELDS, mix, strict=False)]
         return True
 
+    def add_steps(
+        self, source_partition: int, steps: list[list[Any]], bucket_ns: int, counts_calls: bool
+    ) -> None:
+        """Add a combined row's steps (`records.Step`s as on the wire) in turn, each as `add` adds it.
+
+        Stage 2's path for a row decided once (`BudgetJob._apply_at_once`), most steps: a `Step`
+        built per step and `add` called with it were most of that path. A step in the ring's
+        newest minute (and bucket), with a plain call mix or none, not at or below the mark, is
+        added here by the very operations `add` runs on it, in the same order (the totals are
+        those of `add` bit for bit, `tests/test_accounting.py`); any other step goes through `add`.
+        """
+        source = str(source_partition)
+        applied, recent = self.applied, self.recent
+        for offset, amount, spans, first_ns, span_ns, *own_mix in steps:
+            last_ns = first_ns + span_ns
+            minute, buckets, current = last_ns // _NS_PER_MINUTE, self.buckets, self.mix
+            if (
+                own_mix
+                or minute != recent.newest
+                or offset <= applied.get(source, -1)
+                or (bucket_ns and (buckets is None or last_ns // bucket_ns != buckets.newest))
+                or (counts_calls and (current is None or len(current) != MIX_FIELDS))
+            ):
+                plain = [float(spans), 0.0, 0.0, 0.0] if counts_calls else None  # as `Step.from_wire`
+                mix = own_mix[0] if own_mix else plain
+                self.add(source_partition, offset, amount, spans, first_ns, last_ns, bucket_ns, mix)
+                continue
+            applied[source] = offset
+            self.spent += amount
+            self.spans += spans
+            if not self.first_event_ns or first_ns < self.first_event_ns:
+                self.first_event_ns = first_ns
+            if last_ns > self.last_event_ns:
+                self.last_event_ns = last_ns
+            amounts = recent.amounts
+            amounts[minute % len(amounts)] += amount
+            if bucket_ns:
+                amounts = buckets.amounts
+                amounts[last_ns // bucket_ns % len(amounts)] += amount
+            if counts_calls:  # `add`'s unrolled sum with the plain mix [spans, 0, 0, 0]
+                self.mix = [current[0] + float(spans), current[1] + 0.0, current[2] + 0.0, current[3] + 0.0]
+
     def rolling_buckets(self, now_ns: int, window_ns: int, bucket_ns: int) -> list[tuple[int, float]]:
         """(index, amount) of the buckets (partly) inside the window ending at `now_ns`, oldest first."""
         if self.buckets is None:

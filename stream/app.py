@@ -112,13 +112,13 @@ from burnguard.stream.records import (
     REMOVALS,
     SWEEP,
     TICKS,
+    USAGE_RECORDS_CODEC,
     BatchRecord,
     ContextRow,
     DeltaRow,
     GroupRows,
     MicroBatch,
     RemovalRow,
-    Step,
     SweepRecord,
     TickRow,
     encode_record,
@@ -347,7 +347,7 @@ class BudgetJob:
         self.usage_topic = app.topic(
             topics.usage,
             key_type=str,
-            value_serializer="json",
+            value_serializer=USAGE_RECORDS_CODEC,  # Faust's JSON, decoded by msgspec
             partitions=self.settings.partitions,
             internal=True,
         )
@@ -1089,11 +1089,10 @@ class BudgetJob:
             if not 0.0 <= step[1] < math.inf:
                 return False  # each bad step is refused alone, as its message's row would be
             added += step[1]
-        applied = [Step.from_wire(step, mix is not None) for step in steps]
         state_key = f"{budget_id}|{key}|{window_start_ns}"
         stored = plain_store(self.totals).get(state_key)
         if stored is None:
-            if self._forgotten(budget, window_start_ns, applied[0].last_event_ns):
+            if self._forgotten(budget, window_start_ns, steps[0][3] + steps[0][4]):  # its last event
                 return False
             totals = WindowTotals()
         else:
@@ -1103,11 +1102,10 @@ class BudgetJob:
         previous = plain_store(self.states).get(f"{budget_id}|{key}")
         if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
             action = previous["action"] if previous else "ok"
-            events = [step.last_event_ns for step in applied] if bucket_ns else []
+            events = [step[3] + step[4] for step in steps] if bucket_ns else []  # each step's last event
             if not settles_alike(budget, window_start_ns, totals, now, action, added, events, bucket_ns):
                 return False
-        for offset, step_amount, spans, first_ns, last_ns, step_mix in applied:
-            totals.add(partition, offset, step_amount, spans, first_ns, last_ns, bucket_ns, step_mix)
+        totals.add_steps(partition, steps, bucket_ns, mix is not None)
         self.changes.set(self.totals, state_key, totals)
         self.snapshots.waiting[state_key] = None
         return True

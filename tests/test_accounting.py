@@ -32,6 +32,7 @@ from burnguard.stream.accounting import (
 )
 from burnguard.stream.app import BATCH_ROWS, BudgetJob
 from burnguard.stream.partitioner import murmur2, producer_partitioner, usage_partition
+from burnguard.stream.records import Step
 from burnguard.stream.settings import StreamSettings
 from faust.serializers import codecs
 
@@ -646,3 +647,33 @@ def test_adding_to_a_window_is_adding_to_its_rings_one_by_one() -> None:
         assert (fast.recent.newest, fast.recent.amounts) == (recent.newest, recent.amounts)
         assert fast.buckets is not None
         assert (fast.buckets.newest, fast.buckets.amounts) == (buckets.newest, buckets.amounts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_adding_a_rows_steps_at_once_is_adding_each_step_as_its_own_row(seed: int) -> None:
+    """`WindowTotals.add_steps` (stage 2's path for a row decided once) against `add` per step, as
+    `Step.from_wire` reads each: steps in the same and later minutes and buckets, earlier ones, at
+    or below the mark, with a plain mix, an own mix or an explicit null, in windows with and
+    without rolling buckets and a mix: the same state, floats bit for bit."""
+    rng = random.Random(seed)
+    minute = 60 * NS
+    for counts_calls, bucket_ns in ((True, 0), (False, 0), (True, 2 * minute), (False, 5 * minute)):
+        stepwise, at_once = WindowTotals(), WindowTotals()
+        at, offset = 10_000 * minute, 0
+        for _ in range(300):
+            steps = []
+            for _ in range(rng.randrange(1, 8)):
+                offset += rng.choice([1, 1, 1, 3, -2])  # some at or below the mark: skipped by both
+                at += rng.choice([0, 0, 0, rng.randrange(minute), rng.randrange(4 * minute), -minute])
+                first = at - rng.randrange(minute)
+                step = [offset, rng.choice([0.0, 0.25, rng.random()]), rng.randrange(1, 4), first, at - first]
+                if counts_calls and rng.random() < 0.2:
+                    step.append(rng.choice([None, [rng.random(), 1.0, 0.0, rng.random()]]))
+                steps.append(step)
+            for step in steps:
+                own = Step.from_wire(step, counts_calls)
+                stepwise.add(2, *own[:5], bucket_ns, own.mix)
+            at_once.add_steps(2, steps, bucket_ns, counts_calls)
+            assert at_once.to_state() == stepwise.to_state()
+        assert stepwise.spans > 300 and stepwise.applied["2"] > 300
+        assert (stepwise.mix is not None) == counts_calls

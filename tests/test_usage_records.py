@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import struct
 from typing import Any
 
 from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
@@ -11,6 +13,7 @@ from burnguard.stream.changelog import encode
 from burnguard.stream.records import (
     RECORD_VERSION,
     RECORD_VERSION_SINGLE,
+    USAGE_RECORDS_CODEC,
     BatchRecord,
     DeltaRow,
     MicroBatch,
@@ -22,6 +25,7 @@ from burnguard.stream.records import (
     sub_batches,
     tick_rows,
 )
+from faust.serializers import codecs
 
 ROW = ["tenant-cost", "acme", 0, 1.5, 2, 10, 20, 0]
 
@@ -154,3 +158,37 @@ def test_context_observations_count_toward_a_records_size() -> None:
     sizes = [sum(len(b.deltas) + len(b.contexts) for b in sub_batches(record)) for record in records]
     assert max(sizes) <= 1000
     assert [b.source for record in records for b in sub_batches(record)] == [(0, o) for o in range(200)]
+
+
+def _decoded_or_error(decode: Any, payload: bytes) -> Any:
+    """What `decode` makes of `payload`, floats as their bits; or the type of its error."""
+    try:
+        return floats_and_values(decode(payload))
+    except Exception as exc:  # compared by type: the codecs' messages differ
+        return ("error", type(exc).__name__)
+
+
+def test_stage_2_decodes_usage_records_as_fausts_json_codec_did() -> None:
+    """`UsageRecordsJson` (msgspec, Faust's decoding for what it refuses) gives `json.loads`'s value
+    for records as either encoder writes them, for numbers written with any digits (correct
+    rounding) and for what msgspec refuses; it fails where Faust's codec fails, as Faust's does."""
+    rng = random.Random(7)
+    usage_codec, faust_json = codecs.get_codec(USAGE_RECORDS_CODEC), codecs.get_codec("json")
+    floats = [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(3000)]
+    finite = [value for value in floats if math.isfinite(value)] + [0.1 + 0.2, -0.0, 5e-324, 1e16]
+    rows = [
+        ["b", f"k{n} é ☃", n, value, 1 << 70, -(1 << 64), [value, 0.0, 1.0, 2.5]]
+        for n, value in enumerate(finite)
+    ]
+    record = batches_record([BatchRecord(3, 77, rows, [["long-context", "s1", [10, 20]]])])
+    written = [encode_record(record), encode("json", record)]
+    digits = [f"{rng.randrange(10**25)}e{rng.randrange(-340, 300)}".encode() for _ in range(3000)]
+    digits += [f"-0.{rng.randrange(10**30):030d}".encode() for _ in range(500)]
+    odd = [b"NaN", b"[Infinity, -Infinity]", b"1e400", b"[-1.8e308]", b'"\\ud800"', b'{"a": "\\udfff x"}']
+    refused = [b"\xef\xbb\xbf[1]", b'"\xff"', b'"\xed\xa0\x80"', b"[1] x", b"", b"[1,]", b"01", b'"\t"']
+    for payload in [*written, *digits, b"[" + b",".join(digits) + b"]", *odd, *refused]:
+        expected = _decoded_or_error(faust_json.loads, payload)
+        assert _decoded_or_error(usage_codec.loads, payload) == expected, payload
+    assert all(_decoded_or_error(faust_json.loads, payload)[0] == "error" for payload in refused)
+    assert _decoded_or_error(usage_codec.loads, b"NaN") == ("float", "nan")  # msgspec refuses it
+    assert usage_codec.dumps(record) == faust_json.dumps(record)  # the timers' records as before
