@@ -463,12 +463,8 @@ class KafkaSpanExporter(SpanExporter):
                 if not self._wait_connected(deadline):
                     return False
                 continue
-            try:
-                producer.flush(timeout=max(0.0, deadline - time.monotonic()))
-            except KafkaError as exc:
-                logger.warning("burnguard: Kafka flush did not complete: %s", exc)
+            if not self._flushed(producer, deadline):
                 return False
-            self._wait_settled(deadline)
             if not self._broken:  # a send still unacknowledged at the deadline is not flushed
                 return not self._in_flight
 
@@ -481,8 +477,12 @@ class KafkaSpanExporter(SpanExporter):
         aside = self._aside
         if aside is None or self._producer is not None:
             return True
+        return self._flushed(aside, deadline)
+
+    def _flushed(self, producer: KafkaProducer, deadline: float) -> bool:
+        """Flush `producer` and wait for its sends' callbacks; False if the flush raised."""
         try:
-            aside.flush(timeout=max(0.0, deadline - time.monotonic()))
+            producer.flush(timeout=max(0.0, deadline - time.monotonic()))
         except KafkaError as exc:
             logger.warning("burnguard: Kafka flush did not complete: %s", exc)
             return False
