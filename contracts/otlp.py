@@ -40,7 +40,7 @@ from typing import Any
 
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.env_numbers import env_flag
-from burnguard.contracts.otlp_view import TraceRequestView
+from burnguard.contracts.otlp_view import TraceRequestView, wire_schema
 from burnguard.contracts.span_checks import (
     COST_FIELD,
     COUNT_FIELDS,
@@ -542,17 +542,20 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
 
     Raises `MalformedSpans` when the message as a whole is not an OTLP request.
     """
-    request, wire = parse_request(payload)  # the whole message is checked, whatever it holds
     if detect_format(payload) != OTLP_PROTO:
-        return check_spans(request, wire, limits)
+        return check_spans(*parse_request(payload), limits)
+    # the native path takes `bytes` only (not a bytearray a caller may change meanwhile)
+    native = native_in_use() if type(payload) is bytes else None
+    request = None
+    if native is None or not _natively_accepted(native, payload):
+        request, _ = parse_request(payload)  # the whole message is checked, whatever it holds
     if _without_markers(payload):
         return DecodedSpans()
-    # the native walk takes the very bytes upb parsed (not a bytearray)
-    if native_in_use() is not None and type(payload) is bytes:
+    if native is not None:
         decoded = _natively_decoded(payload, limits)
         if decoded is not None:
             return decoded
-    return check_spans(request, wire, limits)
+    return check_spans(_parse_proto(payload) if request is None else request, payload, limits)
 
 
 @dataclass(slots=True)
@@ -566,6 +569,26 @@ class NativeFailures:
 native_failures = NativeFailures()
 
 
+def _natively_accepted(native: Any, payload: bytes) -> bool:
+    """Whether the native check vouches that the upb parse accepts the whole message as
+    `_parse_proto` does (contracts/native/src/valid.rs), so the parse is skipped; False (not
+    sure, or the check failed): upb parses it, and raises `MalformedSpans` where it refuses.
+
+    A Collector's firehose of messages without GenAI spans then costs this check alone."""
+    try:
+        return native.accepts(payload)
+    except NATIVE_ERRORS as exc:  # a panic must not end the worker: upb parses
+        _native_failed(exc)
+        return False
+
+
+def _native_failed(exc: BaseException) -> None:
+    native_failures.count += 1
+    logger.error(
+        "native OTLP decoder failed (%d so far), the Python decoder decodes: %r", native_failures.count, exc
+    )
+
+
 def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
     """The native decoder's `SpanUsage`s, each inside `limits`.
 
@@ -576,12 +599,7 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
     try:
         usages = _native.decode(payload, limits.ceilings())
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
-        native_failures.count += 1
-        logger.error(
-            "native OTLP decoder failed (%d so far), the Python decoder decodes: %r",
-            native_failures.count,
-            exc,
-        )
+        _native_failed(exc)
         return None
     if usages is None:
         return None
@@ -643,6 +661,7 @@ def _native_decoder(module: Any) -> Any:
     """
     if hasattr(SpanUsage, "__post_init__"):
         raise ValueError("SpanUsage has a __post_init__, which the native decoder would not run")
+    schema, required = wire_schema()
     return module.Decoder(
         slots=_SLOTS,
         attribution_slots=_ATTRIBUTION_SLOTS,
@@ -660,6 +679,8 @@ def _native_decoder(module: Any) -> Any:
         cost_field=COST_FIELD,
         count_fields=COUNT_FIELDS,
         key_fields=KEY_FIELDS,
+        schema=schema,
+        required=required,
     )
 
 
