@@ -66,7 +66,9 @@ impl Schema {
             })
             .collect::<PyResult<Vec<Vec<Check>>>>()?;
         if required >= 64 || !matches!(messages[0].get(required as usize), Some(Check::Message(_))) {
-            return Err(PyValueError::new_err("the required field is no message field of the request"));
+            return Err(PyValueError::new_err(
+                "the required field is no message field of the request",
+            ));
         }
         Ok(Schema { messages, required })
     }
