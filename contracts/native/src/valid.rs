@@ -101,6 +101,7 @@ impl Schema {
                     let content = reader.delimited()?;
                     match check {
                         Check::Skip => {}
+                        Check::Utf8 if content.is_ascii() => {} // most keys and values: no decoding
                         Check::Utf8 => {
                             std::str::from_utf8(content).map_err(|_| Unsure)?;
                         }
@@ -146,6 +147,18 @@ impl<'a> Reader<'a> {
     /// A varint of at most `max_bytes`; `Unsure` if longer or cut off by the message's end.
     #[inline]
     fn varint_of(&mut self, max_bytes: usize) -> Walk<u64> {
+        if let Some(&byte) = self.rest.first() {
+            if byte < 0x80 {
+                // one byte: every tag and length of a short field
+                self.rest = &self.rest[1..];
+                return Ok(u64::from(byte));
+            }
+        }
+        self.long_varint(max_bytes)
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self, max_bytes: usize) -> Walk<u64> {
         let mut value = 0u64;
         for (at, &byte) in self.rest.iter().take(max_bytes).enumerate() {
             value |= u64::from(byte & 0x7f) << (7 * at);
