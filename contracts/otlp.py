@@ -16,10 +16,12 @@ Attribution (tenant, user, ...) missing from a span is taken from its resource
 (`resource_attribution`); the span's own value, in any spelling, wins.
 
 The per-span walk has a native fast path (contracts/native, `native_decoder`): for protobuf
-bytes the upb parse accepted it returns each accounted span's `SpanUsage`, built from the
-tables below and `span_checks`' fields and ceilings, handed to it as data; anything else, and
-any message with a span it cannot vouch `span_problem` passes, is decoded by the Python code
-here, the reference (docs/ARCHITECTURE.md §3, "Native decoding").
+bytes upb accepts it returns each accounted span's `SpanUsage`, built from the tables below
+and `span_checks`' fields and ceilings, handed to it as data; anything else, and any message
+with a span it cannot vouch `span_problem` passes, is decoded by the Python code here, the
+reference (docs/ARCHITECTURE.md §3, "Native decoding"). Whether upb accepts the whole message
+is checked natively too, where the check can vouch for it (`otlp_view.wire_schema`); else upb
+parses it, as for the reference.
 
 Every span is checked here too (`span_checks`): a span with a number that is not
 finite, negative, past its ceiling or of the wrong type, or a key past its length
@@ -540,7 +542,9 @@ def decode_usage(payload: bytes) -> list[SpanUsage]:
 def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
     """Decode one `otlp_spans` message: the spans to count, and the rejected ones with reasons.
 
-    Raises `MalformedSpans` when the message as a whole is not an OTLP request.
+    Raises `MalformedSpans` when the message as a whole is not an OTLP request: the whole
+    message is checked, whatever it holds, by the upb parse, which is skipped only where the
+    native check vouches that upb accepts it (`_natively_accepted`).
     """
     if detect_format(payload) != OTLP_PROTO:
         return check_spans(*parse_request(payload), limits)
@@ -548,7 +552,7 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
     native = native_in_use() if type(payload) is bytes else None
     request = None
     if native is None or not _natively_accepted(native, payload):
-        request, _ = parse_request(payload)  # the whole message is checked, whatever it holds
+        request, _ = parse_request(payload)  # raises where upb refuses, as it always did
     if _without_markers(payload):
         return DecodedSpans()
     if native is not None:
@@ -626,9 +630,10 @@ def native_decoder() -> Any | None:
 
     The crate holds no rule of its own: the attribute table (`_SLOTS`, `_ATTRIBUTION_SLOTS`),
     the GenAI markers, the duplicate mark, the service key, the defaults, `SpanUsage` and the
-    fields `span_checks` checks are handed to it here, as data (the ceilings with each call).
-    It walks protobuf bytes the upb parse accepted and answers None ("fall back") for anything
-    outside its simple case; `check_spans` stays the reference.
+    fields `span_checks` checks are handed to it here, as data (the ceilings with each call),
+    and so is the schema upb parses by (`wire_schema`), which its check of whole messages
+    (`accepts`) reads. It walks protobuf bytes upb accepts and answers None ("fall back") for
+    anything outside its simple case; `check_spans` stays the reference.
     """
     try:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
