@@ -18,12 +18,13 @@ import os
 import sys
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts import otlp
-from burnguard.contracts.otlp_view import UTF8, TraceRequestView, wire_schema
+from burnguard.contracts.otlp_view import PACKABLE, UTF8, TraceRequestView, wire_schema
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
@@ -370,3 +371,38 @@ def test_a_message_the_check_does_not_vouch_for_is_parsed_by_upb_as_before() -> 
     with mock.patch.object(otlp, "_native", native), mock.patch.object(otlp, "_parse_proto", parses):
         assert len(otlp.decode_spans(payload).usages) == 1
     assert parses.call_count == 1
+
+
+def test_a_repeated_scalar_written_packed_is_left_to_upb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema has no repeated scalar today; one (`PACKABLE`) may come packed (wire type 2),
+    whose content upb checks by rules the check does not copy: not vouched for. Written unpacked
+    (its own wire type), it is. Span's `dropped_attributes_count` (10) stands in for one here."""
+    real = required_native_decoder()
+    messages, required = wire_schema()
+    span = message_paths()
+    (span_index,) = [index for index, checks in enumerate(messages) if checks.get(9) is not None]
+    messages[span_index][10] = PACKABLE
+    monkeypatch.setattr(otlp, "wire_schema", lambda: (messages, required))
+    native = otlp.native_decoder()
+    assert native is not None
+    path = span[span_index]
+    assert native.accepts(nested(path, varint_field(10, 3)))
+    assert not native.accepts(nested(path, field(10, varint(3) + varint(4))))
+    assert real.accepts(nested(path, field(10, varint(3))))  # a scalar of another wire type: unknown
+
+
+@pytest.mark.parametrize(
+    ("messages", "required"),
+    [([], 1), ([{1: 5}], 1), ([{1: "text"}], 1), ([{1: 0}], 2), ([{1: "utf8"}], 1)],
+    ids=["no-message", "no-such-message", "no-such-check", "required-not-there", "required-not-a-message"],
+)
+def test_a_schema_the_check_cannot_read_leaves_the_python_decoder_in_charge(
+    messages: list[dict[int, Any]],
+    required: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    required_native_decoder()
+    monkeypatch.setattr(otlp, "wire_schema", lambda: (messages, required))
+    assert otlp.native_decoder() is None
+    assert "native OTLP decoder not used" in caplog.text
