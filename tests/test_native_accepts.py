@@ -300,36 +300,39 @@ def test_deep_nesting_is_vouched_for_only_below_the_checks_limit(depth: int) -> 
 
 
 @pytest.mark.parametrize(
-    ("payload", "vouched"),
+    ("payload", "vouched", "upb"),
     [
-        (field(1, b""), True),
-        (padded_varint(1 << 3 | 2, 4) + varint(0), True),  # a 5-byte tag
-        (padded_varint(1 << 3 | 2, 5) + varint(0), False),  # a 6-byte tag: upb refuses it
-        (varint(1 << 3 | 2) + padded_varint(0, 4), True),  # a 5-byte length
-        (varint(1 << 3 | 2) + padded_varint(0, 5), False),  # a 6-byte length: upb refuses it
-        (field(1, b"") + varint_field(2**29 - 1, 1), True),  # the largest field number
-        (field(1, b"") + varint(2**32) + varint(1), False),  # a tag past u32
-        (field(1, b"") + varint(0 << 3) + varint(1), False),  # field number 0
-        (field(1, b"") + varint_field(20, 2**64 - 1), True),  # a 10-byte varint
-        (field(1, b"") + varint(20 << 3) + b"\xff" * 9 + b"\x01", True),
-        (field(1, b"") + varint(20 << 3) + b"\xff" * 9 + b"\x02", False),  # bits past u64
-        (field(1, b"") + varint(20 << 3) + b"\xff" * 10 + b"\x00", False),  # an 11-byte varint
-        (field(1, b"") + varint(20 << 3) + b"\xff" * 3, False),  # cut off
-        (field(1, b"") + varint(20 << 3 | 4), False),  # an end of group outside a group
-        (field(1, b"") + varint(20 << 3 | 6), False),
-        (field(1, b"") + varint(20 << 3 | 7), False),
-        (field(1, b"") + fixed64(20, 1)[:-1], False),
-        (field(1, b"") + fixed32(20, 1)[:-1], False),
-        (varint(1 << 3 | 2) + varint(5) + b"\x00", False),  # a length past the end
-        (b"", False),  # empty: "empty message"
-        (varint_field(20, 1), False),  # no resource_spans: `_parse_proto` refuses it
-        (varint_field(1, 1), False),  # resource_spans as a varint: an unknown field, none held
-        (fixed64(7, 1), False),
+        (field(1, b""), True, True),
+        (padded_varint(1 << 3 | 2, 4) + varint(0), True, True),  # a 5-byte tag
+        (padded_varint(1 << 3 | 2, 5) + varint(0), False, False),  # a 6-byte tag: upb refuses it
+        (varint(1 << 3 | 2) + padded_varint(0, 4), True, True),  # a 5-byte length
+        (varint(1 << 3 | 2) + padded_varint(0, 5), False, False),  # a 6-byte length: upb refuses it
+        (field(1, b"") + varint_field(2**29 - 1, 1), True, True),  # the largest field number
+        (field(1, b"") + varint(2**32) + varint(1), False, False),  # a tag past u32
+        (field(1, b"") + varint(0 << 3) + varint(1), False, False),  # field number 0
+        (field(1, b"") + varint_field(20, 2**64 - 1), True, True),  # a 10-byte varint
+        (field(1, b"") + varint(20 << 3) + b"\xff" * 9 + b"\x01", True, True),
+        (field(1, b"") + varint(20 << 3) + b"\xff" * 9 + b"\x02", False, True),  # past u64: upb drops bits
+        (field(1, b"") + varint(20 << 3) + b"\xff" * 10 + b"\x00", False, False),  # an 11-byte varint
+        (field(1, b"") + varint(20 << 3) + b"\xff" * 3, False, False),  # cut off
+        (field(1, b"") + varint(20 << 3 | 3) + varint(20 << 3 | 4), False, True),  # a group: upb's
+        (field(1, b"") + varint(20 << 3 | 4), False, False),  # an end of group outside a group
+        (field(1, b"") + varint(20 << 3 | 6), False, False),
+        (field(1, b"") + varint(20 << 3 | 7), False, False),
+        (field(1, b"") + fixed64(20, 1)[:-1], False, False),
+        (field(1, b"") + fixed32(20, 1)[:-1], False, False),
+        (varint(1 << 3 | 2) + varint(5) + b"\x00", False, False),  # a length past the end
+        (b"", False, False),  # empty: "empty message"
+        (varint_field(20, 1), False, False),  # no resource_spans: `_parse_proto` refuses it
+        (varint_field(1, 1), False, False),  # resource_spans as a varint: an unknown field, none held
+        (fixed64(7, 1), False, False),
     ],
 )
-def test_tags_lengths_and_varints_as_upb_reads_them(payload: bytes, vouched: bool) -> None:
+def test_tags_lengths_and_varints_as_upb_reads_them(payload: bytes, vouched: bool, upb: bool) -> None:
     """Where upb's reader (upb/wire/reader.c) refuses, the check does not vouch; needless bytes
-    within upb's bounds (a tag or length of up to 5 bytes, a varint of up to 10) are vouched for."""
+    within upb's bounds (a tag or length of up to 5 bytes, a varint of up to 10) are vouched for.
+    `upb`: what upb makes of it (so a change of upb's bounds shows here)."""
+    assert upb_accepts(payload) is upb
     assert check(payload) is vouched
 
 
