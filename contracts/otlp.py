@@ -16,10 +16,12 @@ Attribution (tenant, user, ...) missing from a span is taken from its resource
 (`resource_attribution`); the span's own value, in any spelling, wins.
 
 The per-span walk has a native fast path (contracts/native, `native_decoder`): for protobuf
-bytes the upb parse accepted it returns each accounted span's `SpanUsage`, built from the
-tables below and `span_checks`' fields and ceilings, handed to it as data; anything else, and
-any message with a span it cannot vouch `span_problem` passes, is decoded by the Python code
-here, the reference (docs/ARCHITECTURE.md §3, "Native decoding").
+bytes upb accepts it returns each accounted span's `SpanUsage`, built from the tables below
+and `span_checks`' fields and ceilings, handed to it as data; anything else, and any message
+with a span it cannot vouch `span_problem` passes, is decoded by the Python code here, the
+reference (docs/ARCHITECTURE.md §3, "Native decoding"). Whether upb accepts the whole message
+is checked natively too, where the check can vouch for it (`otlp_view.wire_schema`); else upb
+parses it, as for the reference.
 
 Every span is checked here too (`span_checks`): a span with a number that is not
 finite, negative, past its ceiling or of the wrong type, or a key past its length
@@ -40,7 +42,7 @@ from typing import Any
 
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.env_numbers import env_flag
-from burnguard.contracts.otlp_view import TraceRequestView
+from burnguard.contracts.otlp_view import TraceRequestView, wire_schema
 from burnguard.contracts.span_checks import (
     COST_FIELD,
     COUNT_FIELDS,
@@ -540,19 +542,24 @@ def decode_usage(payload: bytes) -> list[SpanUsage]:
 def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> DecodedSpans:
     """Decode one `otlp_spans` message: the spans to count, and the rejected ones with reasons.
 
-    Raises `MalformedSpans` when the message as a whole is not an OTLP request.
+    Raises `MalformedSpans` when the message as a whole is not an OTLP request: the whole
+    message is checked, whatever it holds, by the upb parse, which is skipped only where the
+    native check vouches that upb accepts it (`_natively_accepted`).
     """
-    request, wire = parse_request(payload)  # the whole message is checked, whatever it holds
     if detect_format(payload) != OTLP_PROTO:
-        return check_spans(request, wire, limits)
+        return check_spans(*parse_request(payload), limits)
+    # the native path takes `bytes` only (not a bytearray a caller may change meanwhile)
+    native = native_in_use() if type(payload) is bytes else None
+    request = None
+    if native is None or not _natively_accepted(native, payload):
+        request, _ = parse_request(payload)  # raises where upb refuses, as it always did
     if _without_markers(payload):
         return DecodedSpans()
-    # the native walk takes the very bytes upb parsed (not a bytearray)
-    if native_in_use() is not None and type(payload) is bytes:
+    if native is not None:
         decoded = _natively_decoded(payload, limits)
         if decoded is not None:
             return decoded
-    return check_spans(request, wire, limits)
+    return check_spans(_parse_proto(payload) if request is None else request, payload, limits)
 
 
 @dataclass(slots=True)
@@ -566,6 +573,26 @@ class NativeFailures:
 native_failures = NativeFailures()
 
 
+def _natively_accepted(native: Any, payload: bytes) -> bool:
+    """Whether the native check vouches that the upb parse accepts the whole message as
+    `_parse_proto` does (contracts/native/src/valid.rs), so the parse is skipped; False (not
+    sure, or the check failed): upb parses it, and raises `MalformedSpans` where it refuses.
+
+    A Collector's firehose of messages without GenAI spans then costs this check alone."""
+    try:
+        return native.accepts(payload)
+    except NATIVE_ERRORS as exc:  # a panic must not end the worker: upb parses
+        _native_failed(exc)
+        return False
+
+
+def _native_failed(exc: BaseException) -> None:
+    native_failures.count += 1
+    logger.error(
+        "native OTLP decoder failed (%d so far), the Python decoder decodes: %r", native_failures.count, exc
+    )
+
+
 def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
     """The native decoder's `SpanUsage`s, each inside `limits`.
 
@@ -576,12 +603,7 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
     try:
         usages = _native.decode(payload, limits.ceilings())
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
-        native_failures.count += 1
-        logger.error(
-            "native OTLP decoder failed (%d so far), the Python decoder decodes: %r",
-            native_failures.count,
-            exc,
-        )
+        _native_failed(exc)
         return None
     if usages is None:
         return None
@@ -608,9 +630,10 @@ def native_decoder() -> Any | None:
 
     The crate holds no rule of its own: the attribute table (`_SLOTS`, `_ATTRIBUTION_SLOTS`),
     the GenAI markers, the duplicate mark, the service key, the defaults, `SpanUsage` and the
-    fields `span_checks` checks are handed to it here, as data (the ceilings with each call).
-    It walks protobuf bytes the upb parse accepted and answers None ("fall back") for anything
-    outside its simple case; `check_spans` stays the reference.
+    fields `span_checks` checks are handed to it here, as data (the ceilings with each call),
+    and so is the schema upb parses by (`wire_schema`), which its check of whole messages
+    (`accepts`) reads. It walks protobuf bytes upb accepts and answers None ("fall back") for
+    anything outside its simple case; `check_spans` stays the reference.
     """
     try:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
@@ -643,6 +666,7 @@ def _native_decoder(module: Any) -> Any:
     """
     if hasattr(SpanUsage, "__post_init__"):
         raise ValueError("SpanUsage has a __post_init__, which the native decoder would not run")
+    schema, required = wire_schema()
     return module.Decoder(
         slots=_SLOTS,
         attribution_slots=_ATTRIBUTION_SLOTS,
@@ -660,6 +684,8 @@ def _native_decoder(module: Any) -> Any:
         cost_field=COST_FIELD,
         count_fields=COUNT_FIELDS,
         key_fields=KEY_FIELDS,
+        schema=schema,
+        required=required,
     )
 
 

@@ -103,3 +103,37 @@ def _request_class() -> type[Message]:
 #: Parses the bytes of an `ExportTraceServiceRequest`; `.resource_spans[i].scope_spans[j].spans[k]
 #: .attributes` and `.resource_spans[i].resource.attributes` are `{key: AnyValue}` maps.
 TraceRequestView = _request_class()
+
+
+#: What `wire_schema` says of a field: its content must be UTF-8, or it may come packed.
+UTF8, PACKABLE = "utf8", "packable"
+
+
+def wire_schema() -> tuple[list[dict[int, str | int]], int]:
+    """The schema upb parses `TraceRequestView` by, as data for the native check of whole
+    messages (contracts/native/src/valid.rs): per message type (the request first), field
+    number -> `UTF8` (a string), `PACKABLE` (a repeated scalar) or the index of its message
+    type (a map's entry type included); scalars and bytes are left out (upb reads any value).
+    And the number of `resource_spans`, which a request must hold (`otlp._parse_proto`).
+
+    Derived from the descriptors, so the check follows the schema wherever the view does.
+    """
+    request = TraceRequestView.DESCRIPTOR
+    index = {request.full_name: 0}
+    order = [request]
+    messages: list[dict[int, str | int]] = []
+    while len(messages) < len(order):
+        checks: dict[int, str | int] = {}
+        for field in order[len(messages)].fields:
+            sub = field.message_type
+            if sub is not None and field.type == field.TYPE_MESSAGE:
+                if sub.full_name not in index:
+                    index[sub.full_name] = len(order)
+                    order.append(sub)
+                checks[field.number] = index[sub.full_name]
+            elif field.type == field.TYPE_STRING:
+                checks[field.number] = UTF8
+            elif field.is_repeated and field.type not in (field.TYPE_BYTES, field.TYPE_GROUP):
+                checks[field.number] = PACKABLE
+        messages.append(checks)
+    return messages, request.fields_by_name["resource_spans"].number

@@ -553,26 +553,41 @@ def test_an_attribute_with_an_unknown_field_counts_in_both_and_the_walk_does_not
 
 
 class PanickingDecoder:
-    """A native decoder whose walk panics: PyO3 raises the panic as its `PanicException`."""
+    """A native decoder whose `call` (the check of the whole message, or the walk) panics:
+    PyO3 raises the panic as its `PanicException`; the other call answers as the real one."""
 
-    def decode(self, payload: bytes, ceilings: tuple[float, int, int]) -> Any:
+    def __init__(self, call: str) -> None:
+        self.call = call
+        self.real = required_native_decoder()
+
+    def _panic(self) -> None:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
 
         raise _otlp_native.PanicException("index out of bounds: the len is 3 but the index is 7")
 
+    def accepts(self, payload: bytes) -> bool:
+        if self.call == "accepts":
+            self._panic()
+        return self.real.accepts(payload)
 
+    def decode(self, payload: bytes, ceilings: tuple[float, int, int]) -> Any:
+        if self.call == "decode":
+            self._panic()
+        return self.real.decode(payload, ceilings)
+
+
+@pytest.mark.parametrize("call", ["accepts", "decode"])
 def test_a_panic_in_the_native_walk_is_logged_counted_and_the_reference_decodes(
-    caplog: pytest.LogCaptureFixture,
+    call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Rust panic reaches Python as `PanicException`, a BaseException: the stream's and the
-    sink's per-message `except Exception` would let it end the worker. The message is decoded
-    by the reference instead, and the failure is logged and counted."""
-    required_native_decoder()
+    sink's per-message `except Exception` would let it end the worker. The message is parsed by
+    upb and decoded by the reference instead, and the failure is logged and counted."""
     payload = genai_request()
     before = otlp.native_failures.count
     expected = outcome(payload, None)
     assert expected[0] == "decoded" and len(expected[1]) == 1
-    assert outcome(payload, PanickingDecoder()) == expected
+    assert outcome(payload, PanickingDecoder(call)) == expected
     assert otlp.native_failures.count == before + 1
     assert "native OTLP decoder failed" in caplog.text and "index out of bounds" in caplog.text
 

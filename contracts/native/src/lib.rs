@@ -10,6 +10,7 @@
 mod checks;
 mod sums;
 mod usage;
+mod valid;
 mod value;
 mod wire;
 
@@ -22,6 +23,7 @@ use rustc_hash::FxHashMap;
 
 use checks::{Ceilings, Checks};
 use usage::{Usages, ValueRef};
+use valid::Schema;
 use value::{text, Any, Reader, Value};
 use wire::{Fields, Unsure, Walk};
 
@@ -112,6 +114,7 @@ struct Decoder {
     status_error_code: u32,
     usages: Usages,
     checks: Checks,
+    schema: Schema,
 }
 
 /// The field values before any attribute is read: as Python objects (a span's fields left at
@@ -166,7 +169,8 @@ impl Decoder {
     /// attribute is read; `positions`: field name -> index for the fields set from the span itself;
     /// `usage_class`, `usage_fields` (in the order of the values) and `fresh_dicts`: what a span's
     /// values become (`usage.rs`); `cost_field`, `count_fields`, `key_fields`: what the checks
-    /// read (`checks.rs`).
+    /// read (`checks.rs`); `schema` and `required`: the request's wire schema, what `accepts`
+    /// checks (`valid.rs`).
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -186,7 +190,10 @@ impl Decoder {
         cost_field: String,
         count_fields: Vec<String>,
         key_fields: Vec<String>,
+        schema: Vec<HashMap<u32, Bound<'_, PyAny>>>,
+        required: u32,
     ) -> PyResult<Self> {
+        let schema = Schema::new(schema, required)?;
         let defaults = Defaults::new(&defaults)?;
         let usages = Usages::new(&usage_class, &usage_fields, &fresh_dicts)?;
         if usages.fields() != defaults.len() {
@@ -227,6 +234,7 @@ impl Decoder {
             keys: key_fields.iter().map(index).collect::<PyResult<_>>()?,
         };
         Ok(Decoder {
+            schema,
             checks,
             span_ids,
             span_keys,
@@ -240,10 +248,17 @@ impl Decoder {
         })
     }
 
+    /// True when the upb parse surely accepts `payload` as the request (and `_parse_proto` with
+    /// it: it holds a `resource_spans`); false: not sure, upb parses it (`valid.rs`).
+    fn accepts(&self, payload: &[u8]) -> bool {
+        self.schema.accepts(payload)
+    }
+
     /// The `SpanUsage` of each accounted span, in walk order; None: fall back, which a span
     /// outside the `ceilings` (`SpanLimits.ceilings()`) also answers.
     ///
-    /// Call it only on protobuf bytes the upb parse accepted (it validates the whole message).
+    /// Call it only on protobuf bytes that upb accepts (`accepts`, or the upb parse itself):
+    /// it does not check what it skips.
     fn decode<'py>(
         &self,
         py: Python<'py>,
