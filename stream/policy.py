@@ -80,7 +80,7 @@ def signal_for_window(
     spent, start, end = window_at(budget, window_start_ns, totals, now)
     ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
-    if window_lengths(budget.window_spec)[0]:
+    if _windows_of(budget).rolling:  # the lengths worked out once per budget
         end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
     action = rung.do if rung is not None else "ok"
     rate = burn_rate_per_hour(totals, now)
@@ -304,7 +304,8 @@ def _rolling_reset(budget: Budget, totals: WindowTotals, now: datetime, rung_at:
     That is when a restriction of a rolling budget lifts by itself; a signal
     says so in `window_end`, which subscribers treat as its reset time.
     """
-    rolling_ns, bucket_ns = window_lengths(budget.window_spec)
+    windows = _windows_of(budget)
+    rolling_ns, bucket_ns = windows.rolling, windows.bucket_ns
     now_ns = int(now.timestamp() * _NS)
     buckets = totals.rolling_buckets(now_ns, rolling_ns, bucket_ns)
     remaining = sum(amount for _, amount in buckets)
