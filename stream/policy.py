@@ -80,7 +80,8 @@ def signal_for_window(
     spent, start, end = window_at(budget, window_start_ns, totals, now)
     ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
-    if _windows_of(budget).rolling:  # the lengths worked out once per budget
+    rolling = _windows_of(budget).rolling  # the lengths worked out once per budget
+    if rolling:
         end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
     action = rung.do if rung is not None else "ok"
     rate = burn_rate_per_hour(totals, now)
@@ -107,7 +108,7 @@ def signal_for_window(
         projected_exhaustion=exhaustion,
         issued_at=now,
         expires_at=now + ttl,
-        reason=_reason(budget, key, spent, ratio, start, end, action)
+        reason=_reason(budget, key, spent, ratio, start, end, action, None if rolling else window_start_ns)
         + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else "")
         + call_mix_reason(totals.mix),
     )
@@ -253,7 +254,7 @@ class _Windows:
     two datetimes per row of a rolling window.
     """
 
-    __slots__ = ("_spans", "bucket_ns", "budget", "rolling", "window")
+    __slots__ = ("_span_texts", "_spans", "_texts", "bucket_ns", "budget", "rolling", "window")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget  # held, so its id is not reused while this entry lives
@@ -261,6 +262,35 @@ class _Windows:
         #: a rolling window's length in ns (0: a calendar or session window) and its bucket size
         self.rolling, self.bucket_ns = window_lengths(self.window)
         self._spans: dict[int, tuple[datetime, datetime]] = {}
+        self._texts: tuple[str, str] | None = None
+        #: window start -> ((start, end), their part of a reason): `span_text`
+        self._span_texts: dict[int, tuple[tuple[datetime, datetime], str]] = {}
+
+    def texts(self) -> tuple[str, str]:
+        """The budget's parts of a signal's reason (`_reason`): before the key, and around the limit."""
+        if self._texts is None:
+            budget = self.budget
+            self._texts = (f"budget {budget.id} ({budget.scope_name}=", f" of {budget.limit:g} (")
+        return self._texts
+
+    def bounds_text(self, start: datetime, end: datetime) -> str:
+        """A reason's part from the window's spec to the action, for these bounds."""
+        return f") in window {self.budget.window} {start.isoformat()}..{end.isoformat()} -> "
+
+    def span_text(self, window_start_ns: int, start: datetime, end: datetime) -> str:
+        """`bounds_text` of a calendar or session window starting at `window_start_ns`, kept per start.
+
+        Kept with the bounds it was made of and used only for the same objects (`span` hands out
+        the same ones per start; equal datetimes in other zones would write other text).
+        """
+        kept = self._span_texts.get(window_start_ns)
+        if kept is not None and kept[0][0] is start and kept[0][1] is end:
+            return kept[1]
+        if len(self._span_texts) >= _WINDOW_ENDS_KEPT:
+            self._span_texts.clear()
+        text = self.bounds_text(start, end)
+        self._span_texts[window_start_ns] = ((start, end), text)
+        return text
 
     def end(self, window_start_ns: int) -> datetime:
         """The end of a calendar (or session) window, as `window_at` gives it."""
@@ -347,13 +377,30 @@ def call_mix_reason(mix: list[float] | None) -> str:
 
 
 def _reason(
-    budget: Budget, key: str, spent: float, ratio: float, start: datetime, end: datetime, action: str
+    budget: Budget,
+    key: str,
+    spent: float,
+    ratio: float,
+    start: datetime,
+    end: datetime,
+    action: str,
+    window_start_ns: int | None = None,
 ) -> str:
-    return (
-        f"budget {budget.id} ({budget.scope_name}={key}): {budget.metric} {spent:.6g} of "
-        f"{budget.limit:g} ({ratio:.0%}) in window {budget.window} "
-        f"{start.isoformat()}..{end.isoformat()} -> {action}"
-    )
+    """`budget <id> (<scope>=<key>): <metric> <spent> of <limit> (<ratio>) in window <spec>
+    <start>..<end> -> <action>`.
+
+    What depends on the budget alone, and on the window for a calendar or session window (whose
+    bounds follow from `window_start_ns`; None for a rolling window, whose bounds move with the
+    clock), is formatted once (`_Windows.texts`): two `isoformat`s and the budget's parts were
+    half of the text's cost, and every signal of a window's keys repeated them.
+    """
+    windows = _windows_of(budget)
+    head, limit = windows.texts()
+    if window_start_ns is None:
+        bounds = windows.bounds_text(start, end)
+    else:
+        bounds = windows.span_text(window_start_ns, start, end)
+    return f"{head}{key}): {budget.metric} {spent:.6g}{limit}{ratio:.0%}{bounds}{action}"
 
 
 def decide_context(
