@@ -1206,11 +1206,12 @@ class BudgetJob:
         At wire speed thousands of signals a second change action: a formatted INFO line each
         was most of the signal's cost on the worker's loop (BENCHMARKS.md, the signal log).
         """
-        logger.debug("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        key = signal.kafka_key  # built once: formatted from three fields at each read
+        logger.debug("signal %s -> %s (%s)", key, signal.action, signal.reason)
         counted = self._signals_unlogged.setdefault(signal.action, [0, ""])
         counted[0] += 1
-        counted[1] = signal.kafka_key
-        key, value = signal.kafka_key, signal.to_json()
+        counted[1] = key
+        value = signal.to_json()
         await self._publish_signal(key, value)
         if self.published is not None:  # after the hand-over: a record that never went is not noted
             self.published.note(key.encode(), value, signal)
