@@ -43,7 +43,11 @@ def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
     """
     if not totals.spans:
         return 0.0
-    now_ns = int(now.timestamp() * _NS)
+    return _burn_rate(totals, int(now.timestamp() * _NS))
+
+
+def _burn_rate(totals: WindowTotals, now_ns: int) -> float:
+    """`burn_rate_per_hour` of totals with spans, at `now_ns` (`now` as the callers turn it into ns)."""
     since_ns = max(now_ns - RECENT_MINUTES * 60 * _NS, totals.first_event_ns)
     observed = timedelta(seconds=(now_ns - since_ns) / _NS)
     hours = max(observed, _MIN_RATE_SPAN).total_seconds() / 3600
@@ -76,15 +80,24 @@ def signal_for_window(
     now: datetime,
     ttl: timedelta,
 ) -> Signal:
-    """The signal for one budget key in one window as of `now`."""
-    spent, start, end = window_at(budget, window_start_ns, totals, now)
+    """The signal for one budget key in one window as of `now`.
+
+    `window_at` and `burn_rate_per_hour`, with the budget's `_Windows` looked up and `now` turned
+    into ns once: each did both again.
+    """
+    windows = _windows_of(budget)
+    rolling, now_ns = windows.rolling, int(now.timestamp() * _NS)
+    if rolling:
+        spent = totals.rolling_spent(now_ns, rolling, windows.bucket_ns)
+        start, end = _from_ns(now_ns - rolling), _from_ns(now_ns + rolling)
+    else:
+        spent, (start, end) = totals.spent, windows.span(window_start_ns)
     ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
-    rolling = _windows_of(budget).rolling  # the lengths worked out once per budget
     if rolling:
         end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
     action = rung.do if rung is not None else "ok"
-    rate = burn_rate_per_hour(totals, now)
+    rate = _burn_rate(totals, now_ns) if totals.spans else 0.0
     exhaustion = projected_exhaustion(budget, spent, rate, now)
     if exhaustion is not None and exhaustion >= end:
         exhaustion = None  # the window ends first
@@ -108,7 +121,9 @@ def signal_for_window(
         projected_exhaustion=exhaustion,
         issued_at=now,
         expires_at=now + ttl,
-        reason=_reason(budget, key, spent, ratio, start, end, action, None if rolling else window_start_ns)
+        reason=_reason(
+            budget, key, spent, ratio, start, end, action, None if rolling else window_start_ns, windows
+        )
         + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else "")
         + call_mix_reason(totals.mix),
     )
@@ -385,6 +400,7 @@ def _reason(
     end: datetime,
     action: str,
     window_start_ns: int | None = None,
+    windows: _Windows | None = None,
 ) -> str:
     """`budget <id> (<scope>=<key>): <metric> <spent> of <limit> (<ratio>) in window <spec>
     <start>..<end> -> <action>`.
@@ -392,9 +408,10 @@ def _reason(
     What depends on the budget alone, and on the window for a calendar or session window (whose
     bounds follow from `window_start_ns`; None for a rolling window, whose bounds move with the
     clock), is formatted once (`_Windows.texts`): two `isoformat`s and the budget's parts were
-    half of the text's cost, and every signal of a window's keys repeated them.
+    half of the text's cost, and every signal of a window's keys repeated them. `windows`: the
+    budget's, if the caller holds it.
     """
-    windows = _windows_of(budget)
+    windows = windows or _windows_of(budget)
     head, limit = windows.texts()
     if window_start_ns is None:
         bounds = windows.bounds_text(start, end)

@@ -327,7 +327,8 @@ def reference_reason(
 )
 def test_the_reason_is_the_text_it_always_was_for_every_window_kind(fields: dict) -> None:
     """Kept parts (per budget; per window start for calendar and session windows) give the text the
-    whole format gave, for keys and spends in several windows, each window decided twice."""
+    whole format gave, for keys and spends in several windows, each window decided twice; and the
+    spend, bounds and burn rate are `window_at`'s and `burn_rate_per_hour`'s."""
     budget = ladder_budget(**fields)
     for day in range(3):
         now = NOW + timedelta(days=day, minutes=7 * day)
@@ -339,6 +340,8 @@ def test_the_reason_is_the_text_it_always_was_for_every_window_kind(fields: dict
             if budget.window_spec.rolling_ns:
                 end = signal.window_end  # the reset time the signal reports
             expected = reference_reason(budget, key, amount, amount / budget.limit, start, end, signal.action)
+            assert (signal.spent, signal.window_start) == (round(amount, 9), start)
+            assert signal.burn_rate_per_hour == round(burn_rate_per_hour(window, now), 9)
             assert signal.reason.startswith(expected) and signal.reason[len(expected) :] in ("", "; 0 calls")
 
 
