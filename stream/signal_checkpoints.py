@@ -38,41 +38,43 @@ class _Kept:
 
 
 class PublishedSignals:
-    """The signals this worker published, by record key, until its checkpoint writer reads them back.
+    """Until when each signal this worker published matters, by record key, until the checkpoint
+    writer reads it back.
 
-    The writer parsed every record it read back (pydantic's validation, ~5 us a signal, a third of
-    what building and sending one costs the worker). A record whose value is the one published
-    here under its key is that signal: `Signal.to_json` parses back to the same `Signal`
-    (`tests/test_contracts_signals.py`) under its own key, so the writer takes it from here
-    (`take`) and parses only other records (another worker's, one published before the last
-    under the same key, a replay). Shared by the event loop (`note`) and the writer's thread
-    (`take`): single dict operations under the GIL; an interleaving at worst loses an entry, and
-    that record is parsed. Bounded: past `MAX_KEPT` (records never read back, e.g. a failed
-    delivery) it starts afresh.
+    The writer parsed every record it read back (pydantic's validation, ~4 us a signal, a sixth of
+    what deciding, sending and reading one back costs the worker). A record whose value is the one
+    published here under its key is that signal: `Signal.to_json` parses back to the same `Signal`
+    (`tests/test_contracts_signals.py`) under its own key, so the writer takes what it needs of it,
+    `matters_until`, from here (`take`) and parses only other records (another worker's, one
+    published before the last under the same key, a replay). Shared by the event loop (`note`)
+    and the writer's thread (`take`): single dict operations under the GIL; an interleaving at
+    worst loses an entry, and that record is parsed. Bounded: past `MAX_KEPT` (records not read
+    back yet or never, e.g. a failed delivery; ~1 kB each) it starts afresh.
     """
 
-    MAX_KEPT = 20_000
+    MAX_KEPT = 10_000
 
     def __init__(self) -> None:
-        self._signals: dict[bytes, tuple[bytes, Signal]] = {}
+        self._published: dict[bytes, tuple[bytes, datetime]] = {}
 
     def note(self, key: bytes, value: bytes, signal: Signal) -> None:
         """`signal` was handed over as the record (`key`, `value`), `key` its `kafka_key`."""
-        if len(self._signals) >= self.MAX_KEPT:
-            self._signals.clear()
-        self._signals[key] = (value, signal)
+        if len(self._published) >= self.MAX_KEPT:
+            self._published.clear()
+        self._published[key] = (value, matters_until(signal))
 
-    def take(self, key: bytes, value: bytes) -> Signal | None:
-        """The signal noted under `key` if `value` is its record, forgotten then; else None."""
-        entry = self._signals.get(key)
+    def take(self, key: bytes, value: bytes) -> datetime | None:
+        """`matters_until` of the signal noted under `key` if `value` is its record (then forgotten);
+        else None."""
+        entry = self._published.get(key)
         if entry is None or entry[0] != value:
             return None
-        if self._signals.get(key) is entry:
-            del self._signals[key]
+        if self._published.get(key) is entry:
+            del self._published[key]
         return entry[1]
 
     def __len__(self) -> int:
-        return len(self._signals)
+        return len(self._published)
 
 
 class SignalCheckpointWriter(CompactedTopicFollower):
@@ -125,14 +127,13 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             kept.pop(record.key, None)
             return
         published = self._published
-        signal = published.take(record.key, record.value) if published is not None else None
-        if signal is None:
+        until = published.take(record.key, record.value) if published is not None else None
+        if until is None:
             try:
-                signal = signal_of_record(record.key, record.value)
+                until = matters_until(signal_of_record(record.key, record.value))
             except ValueError:  # as the guard: malformed, the key's previous record stands
                 return
         kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
-        until = matters_until(signal)
         if self._now() - CLOCK_MARGIN < until:
             kept[record.key] = _Kept(record.value, until)
 
