@@ -42,7 +42,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -130,7 +130,7 @@ from burnguard.stream.records import (
     tick_rows,
 )
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
+from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
 from burnguard.stream.signal_records import SignalRecords
 from burnguard.stream.snapshots import Snapshot, UsageSnapshots
 from burnguard.stream.takeover import (
@@ -282,6 +282,8 @@ class BudgetJob:
         self.replayed_deltas = 0
         self.feed: BudgetFeed | None = None
         self.checkpoints: SignalCheckpointWriter | None = None
+        #: the signals published, for the checkpoint writer's read-back (None: no writer reads them)
+        self.published = PublishedSignals() if settings.signal_checkpoint_interval else None
         self._replays_logged = 0
         #: action -> [signals published since the last summary, the latest one's key] (`_log_signals`)
         self._signals_unlogged: dict[str, list[Any]] = {}
@@ -1204,11 +1206,15 @@ class BudgetJob:
         At wire speed thousands of signals a second change action: a formatted INFO line each
         was most of the signal's cost on the worker's loop (BENCHMARKS.md, the signal log).
         """
-        logger.debug("signal %s -> %s (%s)", signal.kafka_key, signal.action, signal.reason)
+        key = signal.kafka_key  # built once: formatted from three fields at each read
+        logger.debug("signal %s -> %s (%s)", key, signal.action, signal.reason)
         counted = self._signals_unlogged.setdefault(signal.action, [0, ""])
         counted[0] += 1
-        counted[1] = signal.kafka_key
-        await self._publish_signal(signal.kafka_key, signal.to_json())
+        counted[1] = key
+        value = signal.to_json()
+        await self._publish_signal(key, value)
+        if self.published is not None:  # after the hand-over: a record that never went is not noted
+            self.published.note(key.encode(), value, signal)
 
     def _log_signals(self) -> None:
         """One INFO line per snapshot run: the signals published since the last, by action."""
@@ -1559,10 +1565,15 @@ def create_job(settings: StreamSettings | None = None) -> BudgetJob:
     job = BudgetJob(settings, config)
     job.feed = BudgetFeed(settings.kafka, topic, config).start()
     if settings.signal_checkpoint_interval:
-        interval = settings.signal_checkpoint_interval
-        job.checkpoints = SignalCheckpointWriter(settings.kafka, settings.topics, interval).start(wait_s=0)
+        job.checkpoints = signal_checkpoint_writer(job, settings.signal_checkpoint_interval).start(wait_s=0)
     install_liveness_watchdog(job.app, settings)
     return job
+
+
+def signal_checkpoint_writer(job: BudgetJob, interval: timedelta) -> SignalCheckpointWriter:
+    """The job's checkpoint writer (not started), told what the job publishes so it need not parse it."""
+    settings = job.settings
+    return SignalCheckpointWriter(settings.kafka, settings.topics, interval, published=job.published)
 
 
 def tune_gc() -> None:

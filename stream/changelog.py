@@ -158,10 +158,13 @@ def _json_value(value: Any) -> bytes:
     a NaN or an infinity: msgspec writes null, so an output with more nulls than the state has
     Nones at its top level (the only place `to_state` puts them) is written by the stdlib, as
     are marks with a key that is not a str (msgspec writes a float key as `1e16`, the stdlib
-    `1e+16`) and whatever msgspec refuses (a lone surrogate). Other values (signal states,
-    clocks) are few: the stdlib encoder, as before.
+    `1e+16`) and whatever msgspec refuses (a lone surrogate). A signal state (~0.1 per span at
+    realistic keys, one per signal) is a flat object of plain text and ints: msgspec too
+    (`_plain_flat`). Other values (clocks, context growth) are few: the stdlib encoder, as before.
     """
     if type(value) is not WindowTotals:
+        if type(value) is dict and _plain_flat(value):  # a signal state: ~0.2 us, not ~1.5
+            return _encode_plain(value)
         return _encode_json(value).encode()
     state = value.to_state()
     try:
@@ -172,6 +175,26 @@ def _json_value(value: Any) -> bytes:
     if encoded.count(b"null") != state.count(None):  # a non-finite float (or "null" in a text)
         return _encode_json(state).encode()
     return encoded
+
+
+def _plain_text(text: str) -> bool:
+    """Whether both encoders write `text` alike: printable ASCII with nothing to escape (the
+    stdlib escapes non-ASCII as `\\uXXXX`, msgspec writes UTF-8; their escapes of control
+    characters need not match)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def _plain_flat(value: dict[Any, Any]) -> bool:
+    """Whether `value` is a flat object msgspec writes as the stdlib does: plain text keys (see
+    `_plain_text`), each value plain text or an int (both write any int in its digits). Not a
+    bool, float or None, which are not worth the check: a signal state, `{"action",
+    "window_start_ns"[, "retire_at_ns"]}`, holds none."""
+    for key, item in value.items():
+        if type(key) is not str or not _plain_text(key):
+            return False
+        if type(item) is not int and (type(item) is not str or not _plain_text(item)):
+            return False
+    return True
 
 
 def _encoder(serializer: str) -> Callable[[Any], bytes]:

@@ -43,7 +43,11 @@ def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
     """
     if not totals.spans:
         return 0.0
-    now_ns = int(now.timestamp() * _NS)
+    return _burn_rate(totals, int(now.timestamp() * _NS))
+
+
+def _burn_rate(totals: WindowTotals, now_ns: int) -> float:
+    """`burn_rate_per_hour` of totals with spans, at `now_ns` (`now` as the callers turn it into ns)."""
     since_ns = max(now_ns - RECENT_MINUTES * 60 * _NS, totals.first_event_ns)
     observed = timedelta(seconds=(now_ns - since_ns) / _NS)
     hours = max(observed, _MIN_RATE_SPAN).total_seconds() / 3600
@@ -76,14 +80,24 @@ def signal_for_window(
     now: datetime,
     ttl: timedelta,
 ) -> Signal:
-    """The signal for one budget key in one window as of `now`."""
-    spent, start, end = window_at(budget, window_start_ns, totals, now)
+    """The signal for one budget key in one window as of `now`.
+
+    `window_at` and `burn_rate_per_hour`, with the budget's `_Windows` looked up and `now` turned
+    into ns once: each did both again.
+    """
+    windows = _windows_of(budget)
+    rolling, now_ns = windows.rolling, int(now.timestamp() * _NS)
+    if rolling:
+        spent = totals.rolling_spent(now_ns, rolling, windows.bucket_ns)
+        start, end = _from_ns(now_ns - rolling), _from_ns(now_ns + rolling)
+    else:
+        spent, (start, end) = totals.spent, windows.span(window_start_ns)
     ratio = spent / budget.limit
     rung = budget.action_for(ratio) if now < end else None
-    if window_lengths(budget.window_spec)[0]:
+    if rolling:
         end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
     action = rung.do if rung is not None else "ok"
-    rate = burn_rate_per_hour(totals, now)
+    rate = _burn_rate(totals, now_ns) if totals.spans else 0.0
     exhaustion = projected_exhaustion(budget, spent, rate, now)
     if exhaustion is not None and exhaustion >= end:
         exhaustion = None  # the window ends first
@@ -107,7 +121,9 @@ def signal_for_window(
         projected_exhaustion=exhaustion,
         issued_at=now,
         expires_at=now + ttl,
-        reason=_reason(budget, key, spent, ratio, start, end, action)
+        reason=_reason(
+            budget, key, spent, ratio, start, end, action, None if rolling else window_start_ns, windows
+        )
         + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else "")
         + call_mix_reason(totals.mix),
     )
@@ -253,7 +269,7 @@ class _Windows:
     two datetimes per row of a rolling window.
     """
 
-    __slots__ = ("_spans", "bucket_ns", "budget", "rolling", "window")
+    __slots__ = ("_span_texts", "_spans", "_texts", "bucket_ns", "budget", "rolling", "window")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget  # held, so its id is not reused while this entry lives
@@ -261,6 +277,35 @@ class _Windows:
         #: a rolling window's length in ns (0: a calendar or session window) and its bucket size
         self.rolling, self.bucket_ns = window_lengths(self.window)
         self._spans: dict[int, tuple[datetime, datetime]] = {}
+        self._texts: tuple[str, str] | None = None
+        #: window start -> ((start, end), their part of a reason): `span_text`
+        self._span_texts: dict[int, tuple[tuple[datetime, datetime], str]] = {}
+
+    def texts(self) -> tuple[str, str]:
+        """The budget's parts of a signal's reason (`_reason`): before the key, and around the limit."""
+        if self._texts is None:
+            budget = self.budget
+            self._texts = (f"budget {budget.id} ({budget.scope_name}=", f" of {budget.limit:g} (")
+        return self._texts
+
+    def bounds_text(self, start: datetime, end: datetime) -> str:
+        """A reason's part from the window's spec to the action, for these bounds."""
+        return f") in window {self.budget.window} {start.isoformat()}..{end.isoformat()} -> "
+
+    def span_text(self, window_start_ns: int, start: datetime, end: datetime) -> str:
+        """`bounds_text` of a calendar or session window starting at `window_start_ns`, kept per start.
+
+        Kept with the bounds it was made of and used only for the same objects (`span` hands out
+        the same ones per start; equal datetimes in other zones would write other text).
+        """
+        kept = self._span_texts.get(window_start_ns)
+        if kept is not None and kept[0][0] is start and kept[0][1] is end:
+            return kept[1]
+        if len(self._span_texts) >= _WINDOW_ENDS_KEPT:
+            self._span_texts.clear()
+        text = self.bounds_text(start, end)
+        self._span_texts[window_start_ns] = ((start, end), text)
+        return text
 
     def end(self, window_start_ns: int) -> datetime:
         """The end of a calendar (or session) window, as `window_at` gives it."""
@@ -304,7 +349,8 @@ def _rolling_reset(budget: Budget, totals: WindowTotals, now: datetime, rung_at:
     That is when a restriction of a rolling budget lifts by itself; a signal
     says so in `window_end`, which subscribers treat as its reset time.
     """
-    rolling_ns, bucket_ns = window_lengths(budget.window_spec)
+    windows = _windows_of(budget)
+    rolling_ns, bucket_ns = windows.rolling, windows.bucket_ns
     now_ns = int(now.timestamp() * _NS)
     buckets = totals.rolling_buckets(now_ns, rolling_ns, bucket_ns)
     remaining = sum(amount for _, amount in buckets)
@@ -346,13 +392,32 @@ def call_mix_reason(mix: list[float] | None) -> str:
 
 
 def _reason(
-    budget: Budget, key: str, spent: float, ratio: float, start: datetime, end: datetime, action: str
+    budget: Budget,
+    key: str,
+    spent: float,
+    ratio: float,
+    start: datetime,
+    end: datetime,
+    action: str,
+    window_start_ns: int | None = None,
+    windows: _Windows | None = None,
 ) -> str:
-    return (
-        f"budget {budget.id} ({budget.scope_name}={key}): {budget.metric} {spent:.6g} of "
-        f"{budget.limit:g} ({ratio:.0%}) in window {budget.window} "
-        f"{start.isoformat()}..{end.isoformat()} -> {action}"
-    )
+    """`budget <id> (<scope>=<key>): <metric> <spent> of <limit> (<ratio>) in window <spec>
+    <start>..<end> -> <action>`.
+
+    What depends on the budget alone, and on the window for a calendar or session window (whose
+    bounds follow from `window_start_ns`; None for a rolling window, whose bounds move with the
+    clock), is formatted once (`_Windows.texts`): two `isoformat`s and the budget's parts were
+    half of the text's cost, and every signal of a window's keys repeated them. `windows`: the
+    budget's, if the caller holds it.
+    """
+    windows = windows or _windows_of(budget)
+    head, limit = windows.texts()
+    if window_start_ns is None:
+        bounds = windows.bounds_text(start, end)
+    else:
+        bounds = windows.span_text(window_start_ns, start, end)
+    return f"{head}{key}): {budget.metric} {spent:.6g}{limit}{ratio:.0%}{bounds}{action}"
 
 
 def decide_context(

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, matters_until, part_key, split_checkpoint
-from burnguard.contracts.signals import signal_of_record
+from burnguard.contracts.signals import Signal, signal_of_record
 from burnguard.contracts.topics import KafkaSettings, Topics
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -37,6 +37,46 @@ class _Kept:
     until: datetime
 
 
+class PublishedSignals:
+    """Until when each signal this worker published matters, by record key, until the checkpoint
+    writer reads it back.
+
+    The writer parsed every record it read back (pydantic's validation, ~4 us a signal, a sixth of
+    what deciding, sending and reading one back costs the worker). A record whose value is the one
+    published here under its key is that signal: `Signal.to_json` parses back to the same `Signal`
+    (`tests/test_contracts_signals.py`) under its own key, so the writer takes what it needs of it,
+    `matters_until`, from here (`take`) and parses only other records (another worker's, one
+    published before the last under the same key, a replay). Shared by the event loop (`note`)
+    and the writer's thread (`take`): single dict operations under the GIL; an interleaving at
+    worst loses an entry, and that record is parsed. Bounded: past `MAX_KEPT` (records not read
+    back yet or never, e.g. a failed delivery; ~1 kB each) it starts afresh.
+    """
+
+    MAX_KEPT = 10_000
+
+    def __init__(self) -> None:
+        self._published: dict[bytes, tuple[bytes, datetime]] = {}
+
+    def note(self, key: bytes, value: bytes, signal: Signal) -> None:
+        """`signal` was handed over as the record (`key`, `value`), `key` its `kafka_key`."""
+        if len(self._published) >= self.MAX_KEPT:
+            self._published.clear()
+        self._published[key] = (value, matters_until(signal))
+
+    def take(self, key: bytes, value: bytes) -> datetime | None:
+        """`matters_until` of the signal noted under `key` if `value` is its record (then forgotten);
+        else None."""
+        entry = self._published.get(key)
+        if entry is None or entry[0] != value:
+            return None
+        if self._published.get(key) is entry:
+            del self._published[key]
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._published)
+
+
 class SignalCheckpointWriter(CompactedTopicFollower):
     """Follows the signals topic and writes each partition's checkpoint every `interval`.
 
@@ -52,8 +92,11 @@ class SignalCheckpointWriter(CompactedTopicFollower):
         topics: Topics,
         interval: timedelta,
         clock: Callable[[], datetime] = _utc_now,
+        published: PublishedSignals | None = None,
     ) -> None:
         super().__init__(kafka, topics.signals, None, "burnguard-checkpoints")
+        #: what this process published, so its own records are not parsed again (None: all are)
+        self._published = published
         self._checkpoint_topic = topics.signal_checkpoints
         self._interval_s = interval.total_seconds()
         self._clock = clock
@@ -83,12 +126,14 @@ class SignalCheckpointWriter(CompactedTopicFollower):
         if record.value is None:
             kept.pop(record.key, None)
             return
-        try:
-            signal = signal_of_record(record.key, record.value)
-        except ValueError:  # as the guard: malformed, the key's previous record stands
-            return
+        published = self._published
+        until = published.take(record.key, record.value) if published is not None else None
+        if until is None:
+            try:
+                until = matters_until(signal_of_record(record.key, record.value))
+            except ValueError:  # as the guard: malformed, the key's previous record stands
+                return
         kept.pop(record.key, None)  # re-inserted last: the checkpoint keeps the topic's order
-        until = matters_until(signal)
         if self._now() - CLOCK_MARGIN < until:
             kept[record.key] = _Kept(record.value, until)
 

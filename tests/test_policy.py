@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from burnguard.contracts.budgets import Budget
 from burnguard.stream.accounting import UsageDelta
 from burnguard.stream.policy import (
     WindowTotals,
+    _reason,
     burn_rate_per_hour,
     decide_action,
     projected_exhaustion,
     signal_for_window,
+    window_at,
 )
 
 NS = 1_000_000_000
@@ -299,3 +302,55 @@ def test_the_cheap_action_is_the_signals_action_in_every_window_a_budget_has(win
                     assert decide_action(budget, start_ns, window_totals, now) == expected, (start_ns, now)
                     checked.add(expected)
     assert {"ok", "warn", "throttle"} <= checked
+
+
+def reference_reason(
+    budget: Budget, key: str, spent: float, ratio: float, start: datetime, end: datetime, action: str
+) -> str:
+    """The reason's text as written before its parts were kept per budget and window."""
+    return (
+        f"budget {budget.id} ({budget.scope_name}={key}): {budget.metric} {spent:.6g} of "
+        f"{budget.limit:g} ({ratio:.0%}) in window {budget.window} "
+        f"{start.isoformat()}..{end.isoformat()} -> {action}"
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"scope": ["tenant", "feature"], "metric": "tokens", "limit": 1234567.5},
+        {"window": "day", "timezone": "Asia/Tokyo", "limit": 0.06},
+        {"window": "1h"},
+        {"window": "session", "scope": ["tenant", "session"], "limit": 3e-7},
+    ],
+)
+def test_the_reason_is_the_text_it_always_was_for_every_window_kind(fields: dict) -> None:
+    """Kept parts (per budget; per window start for calendar and session windows) give the text the
+    whole format gave, for keys and spends in several windows, each window decided twice; and the
+    spend, bounds and burn rate are `window_at`'s and `burn_rate_per_hour`'s."""
+    budget = ladder_budget(**fields)
+    for day in range(3):
+        now = NOW + timedelta(days=day, minutes=7 * day)
+        start_ns = budget.window_spec.start_ns(ns(now))
+        for key, spent in (("acme", 12.345678901), ("globex/ü", 49.9999999), ("acme", 1e20)):
+            window = totals(spent, first=now - timedelta(minutes=30), last=now)
+            signal = signal_for_window(budget, key, start_ns, window, now, TTL)
+            amount, start, end = window_at(budget, start_ns, window, now)
+            if budget.window_spec.rolling_ns:
+                end = signal.window_end  # the reset time the signal reports
+            expected = reference_reason(budget, key, amount, amount / budget.limit, start, end, signal.action)
+            assert (signal.spent, signal.window_start) == (round(amount, 9), start)
+            assert signal.burn_rate_per_hour == round(burn_rate_per_hour(window, now), 9)
+            assert signal.reason.startswith(expected) and signal.reason[len(expected) :] in ("", "; 0 calls")
+
+
+def test_a_kept_window_text_is_used_only_for_the_bounds_it_was_made_of() -> None:
+    """The same instants in another zone are other text: a kept part is not theirs."""
+    budget = ladder_budget()
+    start_ns = ns(DAY_START)
+    _reason(budget, "acme", 1.0, 0.02, DAY_START, DAY_END, "ok", start_ns)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    start, end = DAY_START.astimezone(tokyo), DAY_END.astimezone(tokyo)
+    text = _reason(budget, "acme", 1.0, 0.02, start, end, "ok", start_ns)
+    assert text == reference_reason(budget, "acme", 1.0, 0.02, start, end, "ok")

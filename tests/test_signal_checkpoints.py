@@ -34,7 +34,7 @@ from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.signal_checkpoints import SignalCheckpointWriter
+from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource
 from kafka.errors import KafkaConnectionError
@@ -688,3 +688,78 @@ def test_a_writer_outlives_its_broker_going_down_and_checkpoints_after_it_is_bac
         if writer is not None:
             writer.stop()
         broker.stop()
+
+
+# --- the worker's own signals, read back without parsing (`PublishedSignals`) -------------------
+
+
+class ReadBack:
+    """What the writer's `_apply` reads of a consumer record."""
+
+    def __init__(self, partition: int, key: bytes | None, value: bytes | None) -> None:
+        self.partition, self.key, self.value = partition, key, value
+
+
+def offline_writer(published: PublishedSignals | None) -> SignalCheckpointWriter:
+    """A writer that is never started: its `_apply` alone, at a fixed clock."""
+    kafka = KafkaSettings(bootstrap="127.0.0.1:9")
+    return SignalCheckpointWriter(kafka, Topics(), timedelta(seconds=30), lambda: NOW, published=published)
+
+
+def kept_by(writer: SignalCheckpointWriter) -> dict[int, list[tuple[bytes, bytes, datetime]]]:
+    return {p: [(k, e.value, e.until) for k, e in kept.items()] for p, kept in writer._kept.items()}
+
+
+def test_the_writer_keeps_what_it_would_parse_from_the_signals_this_worker_published() -> None:
+    """Random read-backs of four keys: the worker's own records (the latest it noted, or one it
+    published before it), another worker's, malformed ones, records under another key than
+    their signal's, tombstones. A writer told what was published keeps exactly what one that
+    parses every record keeps, and parses only what it was not told."""
+    rng = random.Random(16)
+    published = PublishedSignals()
+    told, parsing = offline_writer(published), offline_writer(None)
+    keys = [f"k{n}" for n in range(4)]
+    for n in range(2_000):
+        name = rng.choice(keys)
+        action = rng.choice(["ok", "warn", "downgrade", "throttle"])
+        ttl = timedelta(minutes=rng.choice([1, 10, 60]))
+        signal = factories.make_signal(
+            action, key=name, issued_at=NOW - timedelta(minutes=rng.randint(0, 8)), ttl=ttl
+        )
+        key, value = signal.kafka_key.encode(), signal.to_json()
+        kind = rng.random()
+        if kind < 0.5:
+            published.note(key, value, signal)
+            if rng.random() < 0.2:  # a newer one noted before this is read back
+                newer = factories.make_signal("throttle", key=name, issued_at=NOW, ttl=ttl)
+                published.note(key, newer.to_json(), newer)
+        elif kind < 0.6:
+            value = value[: rng.randint(0, len(value) - 1)]  # malformed
+        elif kind < 0.7:
+            key = f"tenant:elsewhere@{name}".encode()  # under another key than its signal's
+        elif kind < 0.8:
+            value = None  # a tombstone
+        record = ReadBack(n % 2, key, value)
+        told._apply(record)
+        parsing._apply(record)
+        assert kept_by(told) == kept_by(parsing)
+    assert kept_by(parsing) and len(published) <= len(keys)
+
+
+def test_a_record_read_back_is_taken_only_if_its_value_is_the_one_noted_under_its_key() -> None:
+    published = PublishedSignals()
+    signal = factories.make_signal("throttle")
+    key, value = signal.kafka_key.encode(), signal.to_json()
+    published.note(key, value, signal)
+    assert published.take(key, value[:-1]) is None  # another value under the key: parsed
+    assert published.take(b"tenant:other@tenant-daily", value) is None
+    assert published.take(key, bytes(value)) == signal.window_end  # a restriction matters until then
+    assert published.take(key, value) is None and len(published) == 0  # taken once
+
+
+def test_what_was_published_but_never_read_back_stays_bounded() -> None:
+    published = PublishedSignals()
+    signal = factories.make_signal("throttle")
+    for n in range(PublishedSignals.MAX_KEPT + 10):
+        published.note(f"k{n}".encode(), b"v", signal)
+    assert len(published) <= PublishedSignals.MAX_KEPT
