@@ -70,7 +70,7 @@ class PublishedSignals:
         if entry is None or entry[0] != value:
             return None
         if self._published.get(key) is entry:
-            del self._published[key]
+            self._published.pop(key, None)  # `note` may have cleared the dict meanwhile
         return entry[1]
 
     def __len__(self) -> int:
