@@ -16,10 +16,12 @@ from burnguard.stream.records import (
     USAGE_RECORDS_CODEC,
     BatchRecord,
     DeltaRow,
+    GroupRows,
     MicroBatch,
     batches_record,
     encode_record,
     keys_record,
+    message_rows,
     record_version,
     removal_rows,
     sub_batches,
@@ -120,6 +122,45 @@ def test_a_record_with_a_combined_row_is_a_groups_record_older_workers_park_whol
     records = [(p, json.loads(json.dumps(r))) for p, r in batch.records()]
     assert [(p, r["kind"]) for p, r in records] == [(1, "batches"), (1, "groups"), (2, "batches")]
     assert all(record_version(r) == RECORD_VERSION for _, r in records)
+
+
+def test_a_combined_row_reads_back_as_each_messages_own_row_and_sums_them() -> None:
+    """`GroupRows`' wire rows (steps without a plain mix, an explicit null for a row without one,
+    mixes summed field by field) read back (`message_rows`) as the rows each message made."""
+    own = {
+        4: [["cost", "acme", 0, 0.0625, 1, 50, 60, 0, [1.0, 0.0, 0.0, 0.5]]],
+        5: [
+            ["cost", "acme", 0, 0.25, 3, 40, 70, 0, [2.0, 1.0, 1.0, 0.5]],
+            ["tools", "acme", 0, 1.0, 1, 5, 6, 0],
+        ],
+        6: [["cost", "acme", 0, 0.5, 2, 30, 50, 0, [2.0, 0.0, 0.0, 0.0]]],
+        7: [["cost", "acme", 0, 0.125, 1, 0, 90, 0]],
+        8: [
+            ["cost", "acme", 0, 1.0, 4, 35, 45, 0, [3.0, 0.0, 2.0, 0.25]],
+            ["cost", "beta", 0, 2.0, 1, 8, 9, 0, [1.0, 0, 0, 0]],
+        ],
+    }
+    group = GroupRows()
+    for offset, rows in own.items():
+        group.add(offset, json.loads(json.dumps(rows)))
+    combined = [row for row, _ in group.rows()]
+    acme, tools, beta = json.loads(encode_record({"rows": combined}))["rows"]
+    assert acme[3:9] == [1.9375, 11, 30, 90, 0, [8.0, 1.0, 3.0, 1.25]]
+    assert acme[9] == [
+        [4, 0.0625, 1, 50, 10, [1.0, 0.0, 0.0, 0.5]],
+        [5, 0.25, 3, 40, 30, [2.0, 1.0, 1.0, 0.5]],
+        [6, 0.5, 2, 30, 20],
+        [7, 0.125, 1, 0, 90, None],
+        [8, 1.0, 4, 35, 10, [3.0, 0.0, 2.0, 0.25]],
+    ]
+    assert tools[9] == 5 and len(beta) == 9  # one message's row: its offset, unless it is the group's last
+    read = [pair for row in (acme, tools, beta) for pair in message_rows(row, (3, 8))]
+    expected = [((3, offset), DeltaRow(*row)) for offset, rows in own.items() for row in rows]
+
+    def order(pair: tuple[tuple[int, int], DeltaRow]) -> tuple[str, str, int]:
+        return pair[1].budget, pair[1].key, pair[0][1]
+
+    assert sorted(read, key=order) == sorted(expected, key=order)
 
 
 def test_ticks_and_removals_read_by_name() -> None:
