@@ -31,10 +31,16 @@ first combined one and then failing; a rolling upgrade from an older worker runs
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
+from burnguard.contracts.otlp import NATIVE_ERRORS, native_in_use
+from burnguard.stream.partitioner import native_module
 from faust.serializers import codecs
+
+logger = logging.getLogger(__name__)
 
 BATCH, BATCHES, TICKS, REMOVALS, SWEEP = "batch", "batches", "ticks", "removals", "sweep"
 #: A `BATCHES` record with combined rows (`GroupRows`): read as one, named apart for older workers.
@@ -171,13 +177,45 @@ class GroupRows:
         out = []
         for made in self._rows.values():
             if len(made) > 2:
-                out.append((_combined(made), 1 + len(made) // 2))
+                out.append((combined_row(made), 1 + len(made) // 2))
                 continue
             offset, row = made
             if offset != last:  # the row is this group's own (`usage_rows` made it): extended in place
                 row += (offset,) if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else (None, offset)
             out.append((row, 1))
         return out
+
+
+def combined_row(made: list[Any]) -> list[Any]:
+    """`_combined(made)`, by the native module's `combined` where it is built and in use.
+
+    The native loop (contracts/native/src/combine.rs) takes the rows stage 1 makes (float amounts
+    and mixes, int counts and times) and answers None for anything else, which the reference
+    (`_combined`) then makes; so does a call that raises (it changes nothing). Per (message, key)
+    row it is what remained of the combining's Python work (BENCHMARKS.md, "Stage 1's per-message rest").
+    """
+    native = _native_combined()
+    if native is not None:
+        try:
+            row = native(made)
+        except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference combines
+            logger.error("native combining failed, the Python loop combines: %r", exc)
+            row = None
+        if row is not None:
+            return row
+    return _combined(made)
+
+
+#: the native `combined` `_native_combined` chose: None, none in use; unset, not chosen yet
+_native_choice: list[Callable[[list[Any]], list[Any] | None] | None] = []
+
+
+def _native_combined() -> Callable[[list[Any]], list[Any] | None] | None:
+    """The native `combined`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
+    if not _native_choice:
+        module = native_module() if native_in_use() is not None else None
+        _native_choice.append(getattr(module, "combined", None))
+    return _native_choice[0]
 
 
 def _combined(made: list[Any]) -> list[Any]:
