@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 import pytest
+from burnguard.stream import records as records_module
 from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
 from burnguard.stream.changelog import encode
 from burnguard.stream.records import (
@@ -289,3 +290,18 @@ def test_the_native_combined_row_is_the_references_bit_for_bit(case: tuple[list[
         return
     assert repr(found) == repr(expected)
     assert combined_row([*made]) is not None
+
+
+def test_a_native_combining_that_fails_or_declines_leaves_the_row_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = [3, ["cost", "acme", 0, 0.5, 1, 10, 20, 0], 4, ["cost", "acme", 0, 0.25, 2, 15, 30, 0]]
+    expected = _combined([*made])
+
+    def fails(rows: list[Any]) -> list[Any]:
+        raise ValueError("broken")
+
+    for native in (fails, lambda rows: None):
+        monkeypatch.setattr(records_module, "_native_choice", [native])
+        assert combined_row([*made]) == expected == ["cost", "acme", 0, 0.75, 3, 10, 30, 0, None, [
+            [3, 0.5, 1, 10, 10], [4, 0.25, 2, 15, 15]]]  # fmt: skip
