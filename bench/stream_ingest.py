@@ -34,8 +34,9 @@ also measures the stage-1 code of git revision REV (its `burnguard`, `contracts`
 `stream` trees, imported first in a child process) on the same load, alternating old
 and new `--rounds` times. `--profile` runs stage 1 once more under cProfile and prints
 the top functions by own time; `--split` once more with each part timed around its call
-(decode, sum, context observations, grouping by partition, JSON; the rest is the per-message
-bookkeeping around them) and the cyclic GC's time and collections. The worker's GC set-up
+(decode, sum, context observations, the duplicate digest, the clock check, combining a
+micro-batch's rows (`combine`: `GroupRows.rows`), grouping by partition, JSON; the rest is the
+per-message bookkeeping around them) and the cyclic GC's time and collections. The worker's GC set-up
 (`stream/app.py:tune_gc`, called by `run_worker`) is applied as the worker applies it, where
 the measured revision has it.
 """
@@ -142,7 +143,8 @@ class Stage1:
             await self.job._ingest_batch(events[first : first + INGEST_BATCH_MESSAGES])
 
 
-#: Stage 1's parts, as `stream/app.py` names them (either revision): decode, sum, group, encode.
+#: Stage 1's parts, as `stream/app.py` names them (either revision): decode, sum, group, encode,
+#: the duplicate digest.
 SPLIT_PARTS = (
     "decode_spans",
     "usage_rows",
@@ -150,27 +152,44 @@ SPLIT_PARTS = (
     "context_observations",
     "encode_record",
     "encode",
+    "digest",
+)
+#: Methods timed too, where the revision has them: (module, class, method). `GroupRows.rows` is the
+#: combining of a micro-batch's rows (`_combined`); `_trust_clock`, the clock check per message.
+SPLIT_METHODS = (
+    ("burnguard.stream.app", "BudgetJob", "_batch_records"),
+    ("burnguard.stream.app", "BudgetJob", "_trust_clock"),
+    ("burnguard.stream.records", "GroupRows", "rows"),
 )
 
 
 def split(stage1: Stage1) -> dict[str, float]:
     """CPU µs per message of each of stage 1's parts in one more reading (the rest: `_ingest_one`'s
-    own work, the duplicate check, the clock check, the micro-batch and the loop). Each part is
-    timed around its call in `stream/app.py`, so a part's share is approximate (a call costs ~0.2 µs)."""
+    own work, the duplicate memory, the in-order check, grouping rows, the micro-batch, freeing what
+    it made, and the loop). Each part is timed around its call, so a part's share is approximate (a
+    call costs ~0.2 µs); `GroupRows.rows` is named `combine`, the others as in `stream/app.py`."""
+    import importlib
+
     import burnguard.stream.app as app
 
     spent: dict[str, float] = {}
-    originals = {name: getattr(app, name) for name in SPLIT_PARTS if hasattr(app, name)}
-    originals["_batch_records"] = app.BudgetJob._batch_records
+    owners: dict[str, Any] = {name: app for name in SPLIT_PARTS if hasattr(app, name)}
+    for module, owner, method in SPLIT_METHODS:
+        found = getattr(importlib.import_module(module), owner, None)
+        if found is not None and hasattr(found, method):
+            owners[method] = found
+    originals = {name: getattr(owner, name) for name, owner in owners.items()}
 
     def timed(name: str, function: Any) -> Any:
+        label = "combine" if name == "rows" else name
+
         def run(*args: Any, **kwargs: Any) -> Any:
             started = time.process_time()
             try:
                 result = function(*args, **kwargs)
                 return list(result) if name == "_batch_records" else result
             finally:
-                spent[name] = spent.get(name, 0.0) + time.process_time() - started
+                spent[label] = spent.get(label, 0.0) + time.process_time() - started
 
         return run
 
@@ -190,14 +209,14 @@ def split(stage1: Stage1) -> dict[str, float]:
     gc.callbacks.append(collector)
     try:
         for name, function in originals.items():
-            setattr(app.BudgetJob if name == "_batch_records" else app, name, timed(name, function))
+            setattr(owners[name], name, timed(name, function))
         started = time.process_time()
         stage1.run(events)
         spent["whole"] = time.process_time() - started
     finally:
         gc.callbacks.remove(collector)
         for name, function in originals.items():
-            setattr(app.BudgetJob if name == "_batch_records" else app, name, function)
+            setattr(owners[name], name, function)
     made = [after["collections"] - before for after, before in zip(gc.get_stats(), collections, strict=True)]
     parts = {name: seconds / len(stage1.messages) * 1e6 for name, seconds in spent.items() if seconds}
     return {**parts, "collections": made}

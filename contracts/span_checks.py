@@ -172,5 +172,23 @@ def correct_clock(usage: SpanUsage, record_ns: int, ahead_ns: int, behind_ns: in
     return True
 
 
+def correct_clocks(usages: list[SpanUsage], record_ns: int, ahead_ns: int, behind_ns: int) -> tuple[int, int]:
+    """`correct_clock` over one message's spans: (spans moved, the latest event time after it, or 0).
+
+    Stage 1 needs both for every message; one loop over its spans, `correct_clock` called only for
+    a span outside the skew (the test of `trusted_event_ns`, on bounds computed once per message).
+    """
+    moved = latest = 0
+    low, high = record_ns - behind_ns, record_ns + ahead_ns
+    for usage in usages:
+        event_ns = usage.end_ns or usage.start_ns
+        if record_ns > 0 and not low <= event_ns <= high:
+            moved += correct_clock(usage, record_ns, ahead_ns, behind_ns)
+            event_ns = usage.end_ns or usage.start_ns
+        if event_ns > latest:
+            latest = event_ns
+    return moved, latest
+
+
 #: The `extra` entry set on a span moved to its record's time: the event time it claimed (ns).
 CLOCK_CORRECTED = "burnguard.clock.original_end_ns"

@@ -31,10 +31,16 @@ first combined one and then failing; a rolling upgrade from an older worker runs
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
+from burnguard.contracts.otlp import NATIVE_ERRORS, native_in_use
+from burnguard.stream.partitioner import native_module
 from faust.serializers import codecs
+
+logger = logging.getLogger(__name__)
 
 BATCH, BATCHES, TICKS, REMOVALS, SWEEP = "batch", "batches", "ticks", "removals", "sweep"
 #: A `BATCHES` record with combined rows (`GroupRows`): read as one, named apart for older workers.
@@ -112,23 +118,6 @@ class Step(NamedTuple):
         return cls(offset, amount, spans, first_ns, first_ns + span_ns, plain)
 
 
-def _step_of(row: list[Any], offset: int, counts_calls: bool) -> list[Any]:
-    """A message's delta row as a `Step` on the wire.
-
-    A row without a mix in a combined row with one (a budget's metric changed within the
-    micro-batch) says so with an explicit null, as a plain mix is what a missing one reads as.
-    """
-    first_ns, spans = row[5], row[4]
-    step = [offset, row[3], spans, first_ns, row[6] - first_ns]
-    mix = _mix_of(row)
-    if mix is None:
-        if counts_calls:
-            step.append(None)
-    elif not counts_calls or mix[0] != spans or mix[1] or mix[2] or mix[3]:  # plain: [spans, 0, 0, 0]
-        step.append(mix)
-    return step
-
-
 def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[int, int], DeltaRow]]:
     """The (source, row) of each message a delta row stands for, in offset order.
 
@@ -188,7 +177,7 @@ class GroupRows:
         out = []
         for made in self._rows.values():
             if len(made) > 2:
-                out.append((_combined(made), 1 + len(made) // 2))
+                out.append((combined_row(made), 1 + len(made) // 2))
                 continue
             offset, row = made
             if offset != last:  # the row is this group's own (`usage_rows` made it): extended in place
@@ -197,34 +186,84 @@ class GroupRows:
         return out
 
 
-def _mix_of(row: list[Any]) -> list[float] | None:
-    return row[DELTA_ROW_FIELDS_BEFORE_MIX] if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else None
+def combined_row(made: list[Any]) -> list[Any]:
+    """`_combined(made)`, by the native module's `combined` where it is built and in use.
+
+    The native loop (contracts/native/src/combine.rs) takes the rows stage 1 makes (float amounts
+    and mixes, int counts and times) and answers None for anything else, which the reference
+    (`_combined`) then makes; so does a call that raises (it changes nothing). Per (message, key)
+    row it is what remained of the combining's Python work (BENCHMARKS.md, "Stage 1's per-message rest").
+    """
+    native = _native_combined()
+    if native is not None:
+        try:
+            row = native(made)
+        except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference combines
+            logger.error("native combining failed, the Python loop combines: %r", exc)
+            row = None
+        if row is not None:
+            return row
+    return _combined(made)
+
+
+#: the native `combined` `_native_combined` chose: None, none in use; unset, not chosen yet
+_native_choice: list[Callable[[list[Any]], list[Any] | None] | None] = []
+
+
+def _native_combined() -> Callable[[list[Any]], list[Any] | None] | None:
+    """The native `combined`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
+    if not _native_choice:
+        module = native_module() if native_in_use() is not None else None
+        _native_choice.append(getattr(module, "combined", None))
+    return _native_choice[0]
 
 
 def _combined(made: list[Any]) -> list[Any]:
-    """The row of a key several messages touched: their sums (spans, event range, mix) and steps."""
-    head = made[1]
-    head_mix = _mix_of(head)
-    total = list(head_mix) if head_mix is not None else None
-    counts_calls = total is not None or any(_mix_of(made[i]) is not None for i in range(3, len(made), 2))
+    """The row of a key several messages touched: their sums (spans, event range, mix) and steps.
+
+    Each message's step is `[offset, amount, spans, first_ns, last - first]`, then its mix unless
+    it is a plain one's (`[spans, 0, 0, 0]`: what a missing mix reads as); a row without a mix in a
+    combined row with one (a budget's metric changed within the micro-batch) says so with an
+    explicit null. One loop, no call per step: a micro-batch of small messages makes ~4 steps per
+    row, and this was a fifth of stage 1 (BENCHMARKS.md, "Stage 1's per-message rest").
+    """
+    rows = made[1::2]
+    counts_calls = False
+    for row in rows:
+        if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX and row[DELTA_ROW_FIELDS_BEFORE_MIX] is not None:
+            counts_calls = True
+            break
     steps = []
+    total: list[float] | None = None
     amount, spans, first_ns, last_ns = 0.0, 0, 0, 0
-    for index in range(0, len(made), 2):
-        row = made[index + 1]
-        steps.append(_step_of(row, made[index], counts_calls))
-        amount += row[3]
-        spans += row[4]
-        if row[5] and (not first_ns or row[5] < first_ns):
-            first_ns = row[5]
-        if row[6] > last_ns:
-            last_ns = row[6]
-        mix = _mix_of(row) if index else None
-        if mix is not None:
+    for offset, row in zip(made[0::2], rows, strict=True):
+        row_amount, row_spans, row_first, row_last = row[3], row[4], row[5], row[6]
+        step = [offset, row_amount, row_spans, row_first, row_last - row_first]
+        amount += row_amount
+        spans += row_spans
+        if row_first and (not first_ns or row_first < first_ns):
+            first_ns = row_first
+        if row_last > last_ns:
+            last_ns = row_last
+        mix = row[DELTA_ROW_FIELDS_BEFORE_MIX] if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else None
+        if mix is None:
+            if counts_calls:
+                step.append(None)
+        else:
+            if mix[0] != row_spans or mix[1] or mix[2] or mix[3]:  # not plain: [spans, 0, 0, 0]
+                step.append(mix)
             if total is None:
                 total = list(mix)
+            elif len(total) == len(mix) == 4:  # a call mix (`accounting.MIX_FIELDS`): unrolled
+                total[0] += mix[0]
+                total[1] += mix[1]
+                total[2] += mix[2]
+                total[3] += mix[3]
             else:
                 for field, value in enumerate(mix):
                     total[field] += value
+        steps.append(step)
+    head = made[1]
     return [head[0], head[1], head[2], amount, spans, first_ns, last_ns, head[7], total, steps]
 
 

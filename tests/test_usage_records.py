@@ -8,6 +8,8 @@ import random
 import struct
 from typing import Any
 
+import pytest
+from burnguard.stream import records as records_module
 from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
 from burnguard.stream.changelog import encode
 from burnguard.stream.records import (
@@ -16,16 +18,24 @@ from burnguard.stream.records import (
     USAGE_RECORDS_CODEC,
     BatchRecord,
     DeltaRow,
+    GroupRows,
     MicroBatch,
+    _combined,
     batches_record,
+    combined_row,
     encode_record,
     keys_record,
+    message_rows,
     record_version,
     removal_rows,
     sub_batches,
     tick_rows,
 )
 from faust.serializers import codecs
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.fixtures.decoders import required_native_combined
 
 ROW = ["tenant-cost", "acme", 0, 1.5, 2, 10, 20, 0]
 
@@ -122,6 +132,46 @@ def test_a_record_with_a_combined_row_is_a_groups_record_older_workers_park_whol
     assert all(record_version(r) == RECORD_VERSION for _, r in records)
 
 
+@pytest.mark.usefixtures("combine_impl")
+def test_a_combined_row_reads_back_as_each_messages_own_row_and_sums_them() -> None:
+    """`GroupRows`' wire rows (steps without a plain mix, an explicit null for a row without one,
+    mixes summed field by field) read back (`message_rows`) as the rows each message made."""
+    own = {
+        4: [["cost", "acme", 0, 0.0625, 1, 50, 60, 0, [1.0, 0.0, 0.0, 0.5]]],
+        5: [
+            ["cost", "acme", 0, 0.25, 3, 40, 70, 0, [2.0, 1.0, 1.0, 0.5]],
+            ["tools", "acme", 0, 1.0, 1, 5, 6, 0],
+        ],
+        6: [["cost", "acme", 0, 0.5, 2, 30, 50, 0, [2.0, 0.0, 0.0, 0.0]]],
+        7: [["cost", "acme", 0, 0.125, 1, 0, 90, 0]],
+        8: [
+            ["cost", "acme", 0, 1.0, 4, 35, 45, 0, [3.0, 0.0, 2.0, 0.25]],
+            ["cost", "beta", 0, 2.0, 1, 8, 9, 0, [1.0, 0, 0, 0]],
+        ],
+    }
+    group = GroupRows()
+    for offset, rows in own.items():
+        group.add(offset, json.loads(json.dumps(rows)))
+    combined = [row for row, _ in group.rows()]
+    acme, tools, beta = json.loads(encode_record({"rows": combined}))["rows"]
+    assert acme[3:9] == [1.9375, 11, 30, 90, 0, [8.0, 1.0, 3.0, 1.25]]
+    assert acme[9] == [
+        [4, 0.0625, 1, 50, 10, [1.0, 0.0, 0.0, 0.5]],
+        [5, 0.25, 3, 40, 30, [2.0, 1.0, 1.0, 0.5]],
+        [6, 0.5, 2, 30, 20],
+        [7, 0.125, 1, 0, 90, None],
+        [8, 1.0, 4, 35, 10, [3.0, 0.0, 2.0, 0.25]],
+    ]
+    assert tools[9] == 5 and len(beta) == 9  # one message's row: its offset, unless it is the group's last
+    read = [pair for row in (acme, tools, beta) for pair in message_rows(row, (3, 8))]
+    expected = [((3, offset), DeltaRow(*row)) for offset, rows in own.items() for row in rows]
+
+    def order(pair: tuple[tuple[int, int], DeltaRow]) -> tuple[str, str, int]:
+        return pair[1].budget, pair[1].key, pair[0][1]
+
+    assert sorted(read, key=order) == sorted(expected, key=order)
+
+
 def test_ticks_and_removals_read_by_name() -> None:
     ticks = json.loads(json.dumps(keys_record("ticks", [["b", "k"]])))
     assert [(t.budget, t.key) for t in tick_rows(ticks)] == [("b", "k")]
@@ -192,3 +242,66 @@ def test_stage_2_decodes_usage_records_as_fausts_json_codec_did() -> None:
     assert all(_decoded_or_error(faust_json.loads, payload)[0] == "error" for payload in refused)
     assert _decoded_or_error(usage_codec.loads, b"NaN") == ("float", "nan")  # msgspec refuses it
     assert usage_codec.dumps(record) == faust_json.dumps(record)  # the timers' records as before
+
+
+#: A row's number as stage 1 makes it (True) or of another type the native loop leaves to the reference.
+_AMOUNTS = st.one_of(
+    st.tuples(st.floats(width=64), st.just(True)),
+    st.tuples(st.sampled_from([0.0, -0.0, 0.5, 1e-300, 1e300]), st.just(True)),
+    st.tuples(st.integers(-5, 5), st.just(False)),
+)
+_PLAIN, _NO_MIX, _NULL_MIX, _FLOAT_MIX, _INT_MIX = range(5)
+
+
+@st.composite
+def _rows_of_messages(draw: st.DrawFn) -> tuple[list[Any], bool]:
+    """`GroupRows`' made list of one key, and whether every row is of stage 1's types."""
+    made: list[Any] = []
+    usual = True
+    for offset in sorted(draw(st.sets(st.integers(0, 10**6), min_size=2, max_size=6))):
+        amount, amount_usual = draw(_AMOUNTS)
+        spans = draw(st.one_of(st.integers(0, 1_000), st.just(2**53 + 1)))
+        first, last = draw(st.integers(0, 2**62)), draw(st.integers(0, 2**62))
+        row: list[Any] = ["cost", "acme", 7, amount, spans, first, last, 0]
+        kind = draw(st.sampled_from([_PLAIN, _NO_MIX, _NULL_MIX, _FLOAT_MIX, _INT_MIX]))
+        if kind == _PLAIN:
+            row.append([float(spans), 0.0, 0.0, 0.0])
+        elif kind == _NULL_MIX:
+            row.append(None)
+        elif kind == _FLOAT_MIX:
+            row.append(draw(st.lists(st.floats(width=64), min_size=4, max_size=4)))
+        elif kind == _INT_MIX:
+            row.append([spans, 0, 0, 0])
+        usual &= amount_usual and spans < 2**53 and kind != _INT_MIX
+        made += [offset, row]
+    return made, usual
+
+
+@given(_rows_of_messages())
+def test_the_native_combined_row_is_the_references_bit_for_bit(case: tuple[list[Any], bool]) -> None:
+    """Every row of stage 1's types the native loop combines as the reference does (the same JSON,
+    floats to the bit, ints staying ints); any other it leaves to the reference (None)."""
+    native = required_native_combined()
+    made, usual = case
+    expected = _combined([*made])
+    found = native([*made])
+    if found is None:
+        assert not usual
+        return
+    assert repr(found) == repr(expected)
+    assert combined_row([*made]) is not None
+
+
+def test_a_native_combining_that_fails_or_declines_leaves_the_row_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = [3, ["cost", "acme", 0, 0.5, 1, 10, 20, 0], 4, ["cost", "acme", 0, 0.25, 2, 15, 30, 0]]
+    expected = _combined([*made])
+
+    def fails(rows: list[Any]) -> list[Any]:
+        raise ValueError("broken")
+
+    for native in (fails, lambda rows: None):
+        monkeypatch.setattr(records_module, "_native_choice", [native])
+        assert combined_row([*made]) == expected == ["cost", "acme", 0, 0.75, 3, 10, 30, 0, None, [
+            [3, 0.5, 1, 10, 10], [4, 0.25, 2, 15, 15]]]  # fmt: skip

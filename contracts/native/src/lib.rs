@@ -8,6 +8,7 @@
 //! the Python reference decodes the message: errors and rejections are made in one place.
 
 mod checks;
+mod combine;
 mod sums;
 mod usage;
 mod valid;
@@ -629,12 +630,13 @@ fn murmur2(data: &[u8]) -> u32 {
     h ^ (h >> 15)
 }
 
-/// `Decoder`, `Summer` (`sums.rs`), `murmur2`, and the exception a Rust panic is raised as (a BaseException: the caller
+/// `Decoder`, `Summer` (`sums.rs`), `combined` (`combine.rs`), `murmur2`, and the exception a Rust panic is raised as (a BaseException: the caller
 /// catches it by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("PanicException", module.py().get_type::<PanicException>())?;
     module.add_function(wrap_pyfunction!(murmur2, module)?)?;
+    module.add_function(wrap_pyfunction!(combine::combined, module)?)?;
     module.add_class::<sums::Summer>()?;
     module.add_class::<Decoder>()
 }
