@@ -17,7 +17,7 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::wire::{Unsure, Walk};
+use crate::wire::{self, Unsure, Walk};
 
 /// The deepest submessage vouched for: the request is depth 0, upb refuses past 100.
 const MAX_DEPTH: usize = 64;
@@ -201,11 +201,6 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn take(&mut self, count: usize) -> Walk<&'a [u8]> {
-        if count > self.rest.len() {
-            return Err(Unsure);
-        }
-        let (taken, rest) = self.rest.split_at(count);
-        self.rest = rest;
-        Ok(taken)
+        wire::take(&mut self.rest, count)
     }
 }

@@ -77,13 +77,19 @@ impl<'a> Fields<'a> {
 
     #[inline]
     fn take(&mut self, count: usize) -> Walk<&'a [u8]> {
-        if count > self.rest.len() {
-            return Err(Unsure);
-        }
-        let (taken, rest) = self.rest.split_at(count);
-        self.rest = rest;
-        Ok(taken)
+        take(&mut self.rest, count)
     }
+}
+
+/// The next `count` bytes of `rest`, which then starts past them; `Unsure` if it is shorter.
+#[inline]
+pub fn take<'a>(rest: &mut &'a [u8], count: usize) -> Walk<&'a [u8]> {
+    if count > rest.len() {
+        return Err(Unsure);
+    }
+    let (taken, after) = rest.split_at(count);
+    *rest = after;
+    Ok(taken)
 }
 
 impl<'a> Iterator for Fields<'a> {
