@@ -39,6 +39,7 @@ from burnguard.contracts.otlp import NATIVE_ERRORS
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, SESSION_WINDOW, Window
+from burnguard.stream.partitioner import native_module
 from burnguard.stream.records import DeltaRow
 
 logger = logging.getLogger(__name__)
@@ -967,16 +968,8 @@ def native_sums_in_use() -> Any | None:
     """The native module `usage_rows` uses: the decoder's (`otlp.native_in_use`, BURNGUARD_NATIVE)."""
     global _native
     if _native is _NOT_CHOSEN:
-        _native = _otlp_native_module() if otlp.native_in_use() is not None else None
+        _native = native_module() if otlp.native_in_use() is not None else None
     return _native
-
-
-def _otlp_native_module() -> Any | None:
-    try:
-        from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _otlp_native
 
 
 _NOT_CHOSEN: Any = object()
