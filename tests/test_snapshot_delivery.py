@@ -323,6 +323,64 @@ def test_the_timer_does_not_wait_for_a_crowded_producer(job: BudgetJob) -> None:
     assert [spent_in(value) for value in batches.values()] == [0.5, 1.0]
 
 
+class SlowSlices:
+    """`time` for the job's module, whose monotonic clock moves only when a slice is written:
+    each slice "takes" `slice_s` seconds."""
+
+    def __init__(self, slice_s: float) -> None:
+        self.now, self.slice_s = 0.0, slice_s
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_a_run_ends_at_its_share_of_the_interval_and_the_rest_goes_first_at_the_next(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that would go on past the next run's start leaves its remaining windows first in line."""
+    clock = SlowSlices(slice_s=0.3 * job.settings.snapshot_interval.total_seconds())
+    monkeypatch.setattr(app_module, "time", clock)
+    monkeypatch.setattr(app_module, "SNAPSHOT_SLICE", 1)
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+    append = batches.append
+
+    def slow_append(topic: str, partition: int, records: Any) -> list[asyncio.Future[None]]:
+        clock.now += clock.slice_s
+        return append(topic, partition, records)
+
+    batches.append = slow_append  # type: ignore[method-assign]
+    keys = [spend(job, "daily", name, 1.0 + index, index) for index, name in enumerate("abcd")]
+
+    async def scenario() -> None:
+        await job._snapshot()
+        assert len(batches.values()) == 2, "the run went on past half the interval"
+        newer = spend(job, "daily", "e", 9.0, 9)
+        assert job.snapshots.take(10) == [*keys[2:], newer]
+        clock.slice_s = 0.0  # quick slices: the next run takes them all
+        await job._snapshot()
+        await settled(batches)
+
+    asyncio.run(scenario())
+    assert sorted(spent_in(value) for value in batches.values()) == [1.0, 2.0, 3.0, 4.0, 9.0]
+
+
+def test_one_run_takes_more_windows_than_the_old_cap_of_20000(
+    job: BudgetJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 windows a second at the 10 s interval was fewer than a loaded worker changes."""
+    monkeypatch.setattr(app_module, "SNAPSHOT_SLICE", 5000)
+    batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
+    for index in range(25_000):
+        spend(job, "daily", f"key-{index}", 0.01, index)
+
+    asyncio.run(job._snapshot())
+    assert len(batches.values()) == 25_000
+    assert not job.snapshots.waiting and not job.snapshots.retrying
+
+
 def test_a_window_whose_partition_moved_away_is_not_sent_again(job: BudgetJob) -> None:
     """Its new owner writes its snapshots now: bytes from this worker could be older than theirs."""
     batches: ControlledBatches = job.snapshots.batches  # type: ignore[assignment]
