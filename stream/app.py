@@ -1209,7 +1209,8 @@ class BudgetJob:
             state = {"action": signal.action, "window_start_ns": window_start_ns}
             if signal.action == "ok":  # retired by a tombstone once it expired (`_refresh`, `_settle`)
                 state[RETIRE_AT_NS] = int(signal.expires_at.timestamp() * _NS)
-            self.changes.set(self.states, state_key, state)
+            if state != previous:  # a refresh leaves it as it was: a changelog record would repeat it
+                self.changes.set(self.states, state_key, state)
         return signal
 
     async def _send_signal(self, signal: Signal) -> None:
