@@ -8,6 +8,8 @@
 //! first (the lists `usage_rows` would have made) and combined as the reference does
 //! (`records.combined_row`, handed in). `tests/test_group_rows.py` runs both on the same messages.
 
+use std::sync::Arc;
+
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -22,7 +24,9 @@ pub const MIX_FIELDS: usize = 4;
 /// would have made (`DeltaRow`'s order), without the list.
 pub struct NativeRow {
     pub budget: Py<PyString>,
-    pub key: String,
+    /// The budget's text (shared by the rows of the budget, as the key's by the rows of the key).
+    pub budget_text: Arc<str>,
+    pub key: Arc<str>,
     pub start: i64,
     pub amount: f64,
     pub spans: i64,
@@ -135,7 +139,7 @@ impl Groups {
             let taken = std::mem::take(&mut native.borrow_mut().rows);
             self.last_offset = offset;
             for row in taken {
-                let at = self.key_index(row.budget.bind(rows.py()).to_str()?, &row.key, &Start::Int(row.start));
+                let at = self.key_index(&row.budget_text, &row.key, &Start::Int(row.start));
                 self.parts[at].push(Part::Native(offset, row));
             }
             return Ok(());

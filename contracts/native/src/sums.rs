@@ -19,6 +19,7 @@
 //! `tests/test_native_sums.py` compares both loops on random spans and budget files.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -66,6 +67,17 @@ struct Entry {
     matcher: Option<(String, Py<PyAny>)>,
     /// An empty row of the budget as `_row_for` makes it: [budget id, key, start, the rest...].
     prototype: Py<PyList>,
+    /// What a row kept natively takes of the prototype (`detached`), read once; None for a
+    /// prototype not of `DeltaRow`'s layout (its rows are then made in Python).
+    own: Option<OwnRow>,
+}
+
+/// A prototype's budget (the object and its text), bucket size and call mix (`own_row`).
+struct OwnRow {
+    budget: Py<PyString>,
+    text: Arc<str>,
+    bucket: Py<PyAny>,
+    mix: Option<[f64; MIX_FIELDS]>,
 }
 
 /// An entry as handed in: (scope, window, metric, (pattern, matcher) or None, prototype row).
@@ -159,8 +171,8 @@ struct State<'py> {
     starts: Vec<(Bound<'py, PyTuple>, Vec<i64>)>,
     range: (i128, i128, usize),
     /// Scope keys seen in this call, each numbered once.
-    key_ids: FxHashMap<String, usize>,
-    keys: Vec<String>,
+    key_ids: FxHashMap<Arc<str>, usize>,
+    keys: Vec<Arc<str>>,
     /// Each key as a Python str, made when a row first needs it.
     key_objects: Vec<Option<Bound<'py, PyString>>>,
     /// `batch.rows`: (budget id, key, window start) -> row, in the order rows were made.
@@ -213,6 +225,7 @@ impl Summer {
                 metric,
                 matcher,
                 prototype,
+                own: None,
             })
             .collect();
         if entries
@@ -221,8 +234,11 @@ impl Summer {
         {
             return Err(out_of_range("an entry's scope, window or metric"));
         }
-        for entry in &entries {
-            empty_row(entry.prototype.bind(usage_class.py()), row_layout)?;
+        let mut entries = entries;
+        for entry in &mut entries {
+            let prototype = entry.prototype.bind(usage_class.py());
+            empty_row(prototype, row_layout)?;
+            entry.own = own_row(prototype, row_layout)?;
         }
         if kinds.iter().flatten().any(|&entry| entry >= entries.len()) {
             return Err(out_of_range("an entry of a kind"));
@@ -650,9 +666,10 @@ impl<'py> State<'py> {
         if let Some(&id) = self.key_ids.get(key) {
             return id;
         }
-        self.keys.push(key.to_owned());
+        let shared: Arc<str> = Arc::from(key);
+        self.keys.push(shared.clone());
         self.key_objects.push(None);
-        self.key_ids.insert(key.to_owned(), self.keys.len() - 1);
+        self.key_ids.insert(shared, self.keys.len() - 1);
         self.keys.len() - 1
     }
 
@@ -662,7 +679,7 @@ impl<'py> State<'py> {
         let Some((pattern, matcher)) = &entry.matcher else {
             return Ok(true);
         };
-        if *pattern == self.keys[key] {
+        if **pattern == *self.keys[key] {
             return Ok(true);
         }
         if let Some(&verdict) = self.verdicts.get(&(index, key)) {
@@ -670,7 +687,7 @@ impl<'py> State<'py> {
         }
         let verdict = matcher
             .bind(py)
-            .call_method1("matches", (&self.keys[key],))?
+            .call_method1("matches", (&*self.keys[key],))?
             .is_truthy()?;
         self.verdicts.insert((index, key), verdict);
         Ok(verdict)
@@ -819,41 +836,33 @@ impl<'py> State<'py> {
 
     /// The rows kept here (`lazy`: every one fresh) as the native rows `settle` and
     /// `_settle_call_mix` would have made them, or None (the rows are made in Python then) for a
-    /// prototype not of the layout `Groups` reads (`DeltaRow`'s, a call mix of four floats).
+    /// budget whose prototype is not of the layout `Groups` reads (`OwnRow`).
     fn detached(&mut self, py: Python<'py>, summer: &Summer, mix: (usize, usize)) -> PyResult<Option<MessageRows>> {
-        if summer.layout != (3, 4, 5, 6) {
+        if self.rows.iter().any(|sum| summer.entries[sum.slot.0].own.is_none()) {
             return Ok(None);
         }
         self.gather();
         let mut rows = Vec::with_capacity(self.rows.len());
         for sum in &self.rows {
             let (entry, key, start) = sum.slot;
-            let prototype = summer.entries[entry].prototype.bind(py);
-            let fields = prototype.len();
-            let Ok(budget) = prototype.get_item(0)?.cast_into::<PyString>() else {
+            let Some(own) = &summer.entries[entry].own else {
                 return Ok(None);
             };
-            let calls = match fields {
-                BEFORE_MIX => None,
-                _ if fields == BEFORE_MIX + 1 => match call_mix(&prototype.get_item(BEFORE_MIX)?)? {
-                    Some(mut values) => {
-                        values[mix.0] = sum.spans as f64 - values[mix.1]; // `_settle_call_mix`
-                        Some(values)
-                    }
-                    None => return Ok(None),
-                },
-                _ => return Ok(None),
-            };
+            let calls = own.mix.map(|mut values| {
+                values[mix.0] = sum.spans as f64 - values[mix.1]; // `_settle_call_mix`
+                values
+            });
             let counted = sum.spans > 0; // `settle` leaves a row no span reached at its zeros
             rows.push(NativeRow {
-                budget: budget.unbind(),
+                budget: own.budget.clone_ref(py),
+                budget_text: own.text.clone(),
                 key: self.keys[key].clone(),
                 start,
                 amount: sum.sum,
                 spans: i64::try_from(sum.spans).map_err(|_| PyValueError::new_err("a span count past an int64"))?,
                 first: if counted { sum.first } else { 0 },
                 last: if counted { sum.last.max(0) } else { 0 },
-                bucket: prototype.get_item(BEFORE_MIX - 1)?.unbind(),
+                bucket: own.bucket.clone_ref(py),
                 mix: calls,
             });
         }
@@ -893,6 +902,33 @@ fn python_row<'py>(py: Python<'py>, row: &Option<Py<PyList>>) -> PyResult<Bound<
     row.as_ref()
         .map(|row| row.bind(py).clone())
         .ok_or_else(|| PyRuntimeError::new_err("a row kept only natively was to be written"))
+}
+
+/// What a row kept natively takes of the prototype: a str budget, a bucket size, and a call mix of
+/// four exact floats when the row has one; None for any other prototype or a row layout other than
+/// `DeltaRow`'s (the fields `Groups` writes).
+fn own_row(prototype: &Bound<'_, PyList>, layout: RowLayout) -> PyResult<Option<OwnRow>> {
+    let fields = prototype.len();
+    if layout != (3, 4, 5, 6) || !(BEFORE_MIX..=BEFORE_MIX + 1).contains(&fields) {
+        return Ok(None);
+    }
+    let Ok(budget) = prototype.get_item(0)?.cast_into::<PyString>() else {
+        return Ok(None);
+    };
+    let mix = if fields > BEFORE_MIX {
+        match call_mix(&prototype.get_item(BEFORE_MIX)?)? {
+            Some(values) => Some(values),
+            None => return Ok(None),
+        }
+    } else {
+        None
+    };
+    Ok(Some(OwnRow {
+        text: Arc::from(budget.to_str()?),
+        budget: budget.unbind(),
+        bucket: prototype.get_item(BEFORE_MIX - 1)?.unbind(),
+        mix,
+    }))
 }
 
 /// A prototype's call mix: a list of four exact floats, else None.
