@@ -63,7 +63,9 @@ impl NativeRow {
     /// float equal to an int exactly, as Python compares them).
     fn plain(mix: &[f64; MIX_FIELDS], spans: i64) -> bool {
         let calls = mix[0];
-        calls.fract() == 0.0 && calls as i128 == i128::from(spans) && mix[1..].iter().all(|value| *value == 0.0)
+        calls.fract() == 0.0
+            && calls as i128 == i128::from(spans)
+            && mix[1..].iter().all(|value| *value == 0.0)
     }
 }
 
@@ -149,7 +151,9 @@ impl Groups {
         for row in rows.iter() {
             let row = row.cast_into::<PyList>()?;
             if row.len() < 3 {
-                return Err(PyTypeError::new_err("a delta row without its budget, key and window start"));
+                return Err(PyTypeError::new_err(
+                    "a delta row without its budget, key and window start",
+                ));
             }
             lists.push(row);
         }
@@ -157,10 +161,14 @@ impl Groups {
         for row in &lists {
             let (budget, key, start) = (row.get_item(0)?, row.get_item(1)?, row.get_item(2)?);
             let (Ok(budget), Ok(key)) = (budget.cast_into::<PyString>(), key.cast_into::<PyString>()) else {
-                return Err(PyTypeError::new_err("a delta row whose budget or key is not a str"));
+                return Err(PyTypeError::new_err(
+                    "a delta row whose budget or key is not a str",
+                ));
             };
             if !start.is_exact_instance_of::<PyInt>() {
-                return Err(PyTypeError::new_err("a delta row whose window start is not an int"));
+                return Err(PyTypeError::new_err(
+                    "a delta row whose window start is not an int",
+                ));
             }
             let start = match start.extract::<i64>() {
                 Ok(start) => Start::Int(start),
@@ -196,7 +204,10 @@ impl Groups {
                 _ if parts.iter().all(|part| matches!(part, Part::Native(..))) => combined(py, parts)?,
                 _ => self.combined_by_reference(py, parts)?,
             };
-            out.append(PyTuple::new(py, [row.into_any(), weight.into_pyobject(py)?.into_any()])?)?;
+            out.append(PyTuple::new(
+                py,
+                [row.into_any(), weight.into_pyobject(py)?.into_any()],
+            )?)?;
         }
         Ok(out)
     }

@@ -289,7 +289,9 @@ impl Summer {
         batch: &Bound<'py, PyAny>,
         closed_before_ns: &Bound<'py, PyAny>,
     ) -> PyResult<Option<usize>> {
-        Ok(self.run(py, usages, batch, closed_before_ns, None)?.map(|(counted, _)| counted))
+        Ok(self
+            .run(py, usages, batch, closed_before_ns, None)?
+            .map(|(counted, _)| counted))
     }
 
     /// `add_all`, for a micro-batch's native group (`Groups.add`): when no span was handed over,
@@ -783,7 +785,9 @@ impl<'py> State<'py> {
             let (entry, key, start) = self.rows[id].slot;
             let (made, fresh) = self.row_for(&summer.entries[entry], key, start)?;
             if !fresh {
-                return Err(PyRuntimeError::new_err("a row in the batch before the loop made it"));
+                return Err(PyRuntimeError::new_err(
+                    "a row in the batch before the loop made it",
+                ));
             }
             self.row_ids.insert(made.as_ptr() as usize, id);
             self.rows[id].row = Some(made.unbind());
@@ -837,8 +841,17 @@ impl<'py> State<'py> {
     /// The rows kept here (`lazy`: every one fresh) as the native rows `settle` and
     /// `_settle_call_mix` would have made them, or None (the rows are made in Python then) for a
     /// budget whose prototype is not of the layout `Groups` reads (`OwnRow`).
-    fn detached(&mut self, py: Python<'py>, summer: &Summer, mix: (usize, usize)) -> PyResult<Option<MessageRows>> {
-        if self.rows.iter().any(|sum| summer.entries[sum.slot.0].own.is_none()) {
+    fn detached(
+        &mut self,
+        py: Python<'py>,
+        summer: &Summer,
+        mix: (usize, usize),
+    ) -> PyResult<Option<MessageRows>> {
+        if self
+            .rows
+            .iter()
+            .any(|sum| summer.entries[sum.slot.0].own.is_none())
+        {
             return Ok(None);
         }
         self.gather();
@@ -859,7 +872,8 @@ impl<'py> State<'py> {
                 key: self.keys[key].clone(),
                 start,
                 amount: sum.sum,
-                spans: i64::try_from(sum.spans).map_err(|_| PyValueError::new_err("a span count past an int64"))?,
+                spans: i64::try_from(sum.spans)
+                    .map_err(|_| PyValueError::new_err("a span count past an int64"))?,
                 first: if counted { sum.first } else { 0 },
                 last: if counted { sum.last.max(0) } else { 0 },
                 bucket: own.bucket.clone_ref(py),
