@@ -157,6 +157,7 @@ class GroupRows:
     one message touched keeps that message's row (with its offset unless it is the group's
     last); a key that several touched gets their sum, and the `Step` of each, in offset order:
     stage 2 can then apply it exactly as the messages' own rows (docs/ARCHITECTURE.md §7).
+    The reference of the native `Groups` (`new_group_rows`), which must make the same wire rows.
     """
 
     __slots__ = ("_rows", "last_offset")

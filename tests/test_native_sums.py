@@ -214,10 +214,14 @@ class Failing:
             batch.add(usage)
         raise self.error("broken")
 
+    def add_all_detached(self, usages: list[SpanUsage], batch: Any, closed_before_ns: int, mix: Any) -> Any:
+        return self.add_all(usages, batch, closed_before_ns)
 
+
+@pytest.mark.parametrize("detached", [False, True], ids=["lists", "own-rows"])
 @pytest.mark.parametrize("error", [RuntimeError, "PanicException"])
 def test_a_failing_native_loop_is_counted_and_the_reference_sums_the_batch_again(
-    error: Any, native: Any, caplog: pytest.LogCaptureFixture
+    error: Any, detached: bool, native: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     error = getattr(native, error) if isinstance(error, str) else error
     config = parse_budget_yaml(
@@ -234,7 +238,9 @@ def test_a_failing_native_loop_is_counted_and_the_reference_sums_the_batch_again
     batch = copied(spans)
     stats = BatchStats()
     with caplog.at_level(logging.ERROR):
-        rows = usage_rows(batch, config, PriceBook.for_config(config), stats, 0)
+        rows = (usage_rows_detached if detached else usage_rows)(
+            batch, config, PriceBook.for_config(config), stats, 0
+        )
     assert (repr(rows), stats, [state_of(span) for span in batch]) == reference
     assert reference[1].unpriced > 0
     assert accounting.native_sum_failures.count == before + 1
