@@ -34,11 +34,12 @@ also measures the stage-1 code of git revision REV (its `burnguard`, `contracts`
 `stream` trees, imported first in a child process) on the same load, alternating old
 and new `--rounds` times. `--profile` runs stage 1 once more under cProfile and prints
 the top functions by own time; `--split` once more with each part timed around its call
-(decode, sum, context observations, the duplicate digest, the clock check, combining a
-micro-batch's rows (`combine`: `GroupRows.rows`), grouping by partition, JSON; the rest is the
-per-message bookkeeping around them) and the cyclic GC's time and collections. The worker's GC set-up
-(`stream/app.py:tune_gc`, called by `run_worker`) is applied as the worker applies it, where
-the measured revision has it.
+(decode, sum (`usage_rows`, or `usage_rows_detached` for a native group), context observations,
+the duplicate digest, the clock check, adding a message's rows to its group (`group_add`, where the
+revision makes groups by `new_group_rows`), combining a micro-batch's rows (`combine`: the group's
+`rows`), grouping by partition, JSON; the rest is the per-message bookkeeping around them) and
+the cyclic GC's time and collections. The worker's GC set-up (`stream/app.py:tune_gc`, called by
+`run_worker`) is applied as the worker applies it, where the measured revision has it.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class Stage1:
 SPLIT_PARTS = (
     "decode_spans",
     "usage_rows",
+    "usage_rows_detached",
     "usage_deltas",
     "context_observations",
     "encode_record",
@@ -163,11 +165,38 @@ SPLIT_METHODS = (
 )
 
 
+class TimedGroup:
+    """A micro-batch's group (`records.new_group_rows`: `GroupRows` or the native `Groups`, whose
+    methods cannot be wrapped in place) with its `add` (`group_add`) and `rows` (`combine`) timed."""
+
+    def __init__(self, group: Any, spent: dict[str, float]) -> None:
+        self.group, self.spent = group, spent
+
+    @property
+    def last_offset(self) -> int:
+        return self.group.last_offset
+
+    def add(self, offset: int, rows: Any) -> None:
+        started = time.process_time()
+        try:
+            self.group.add(offset, rows)
+        finally:
+            self.spent["group_add"] = self.spent.get("group_add", 0.0) + time.process_time() - started
+
+    def rows(self) -> list[tuple[list[Any], int]]:
+        started = time.process_time()
+        try:
+            return self.group.rows()
+        finally:
+            self.spent["combine"] = self.spent.get("combine", 0.0) + time.process_time() - started
+
+
 def split(stage1: Stage1) -> dict[str, float]:
     """CPU µs per message of each of stage 1's parts in one more reading (the rest: `_ingest_one`'s
     own work, the duplicate memory, the in-order check, grouping rows, the micro-batch, freeing what
     it made, and the loop). Each part is timed around its call, so a part's share is approximate (a
-    call costs ~0.2 µs); `GroupRows.rows` is named `combine`, the others as in `stream/app.py`."""
+    call costs ~0.2 µs); a group's `rows` is named `combine`, its `add` `group_add`, the others as in
+    `stream/app.py`."""
     import importlib
 
     import burnguard.stream.app as app
@@ -178,10 +207,15 @@ def split(stage1: Stage1) -> dict[str, float]:
         found = getattr(importlib.import_module(module), owner, None)
         if found is not None and hasattr(found, method):
             owners[method] = found
+    if hasattr(app, "new_group_rows"):  # a group's `add` and `rows` timed, whichever kind it is
+        owners["new_group_rows"] = app
+        owners.pop("rows", None)
     originals = {name: getattr(owner, name) for name, owner in owners.items()}
 
     def timed(name: str, function: Any) -> Any:
-        label = "combine" if name == "rows" else name
+        label = {"rows": "combine", "usage_rows_detached": "usage_rows"}.get(name, name)
+        if name == "new_group_rows":
+            return lambda: TimedGroup(function(), spent)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             started = time.process_time()

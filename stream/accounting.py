@@ -746,11 +746,43 @@ def usage_rows(
     With the native module (contracts/native, `Summer`) its loop adds the common spans and hands
     every other span to `_Batch.add`, the reference, in order (`_natively_summed`).
     """
+    return _summed(usages, config, prices, stats, closed_before_ns, per_span, detached=False)
+
+
+def usage_rows_detached(
+    usages: Iterable[SpanUsage],
+    config: BudgetConfig,
+    prices: PriceBook,
+    stats: BatchStats | None = None,
+    closed_before_ns: int = 0,
+) -> Any:
+    """`usage_rows` for a micro-batch's native group (`records.new_group_rows`): the native loop's
+    own rows (`MessageRows`, which `Groups.add` takes) when it summed every span itself, so no
+    Python list is made per row; else `usage_rows`' list, the same rows.
+
+    A small message makes ~39 rows, each a list, a call mix and a dict slot that `GroupRows` then
+    regrouped, combined and freed: most of stage 1's per-message rest (BENCHMARKS.md, "Stage 1 on
+    small messages").
+    """
+    return _summed(usages, config, prices, stats, closed_before_ns, False, detached=True)
+
+
+def _summed(
+    usages: Iterable[SpanUsage],
+    config: BudgetConfig,
+    prices: PriceBook,
+    stats: BatchStats | None,
+    closed_before_ns: int,
+    per_span: bool,
+    *,
+    detached: bool,
+) -> Any:
+    """`usage_rows`, and with `detached` `usage_rows_detached`."""
     usages = usages if isinstance(usages, list) else list(usages)
     budgets = _budget_set(config)
     summer = None if per_span else _summer(budgets)
     if summer is not None:
-        rows = _natively_summed(summer, usages, budgets, config, prices, stats, closed_before_ns)
+        rows = _natively_summed(summer, usages, budgets, config, prices, stats, closed_before_ns, detached)
         if rows is not None:
             return rows
     per_span = per_span or not all(usage.end_ns or usage.start_ns for usage in usages)
@@ -886,8 +918,10 @@ def _natively_summed(
     prices: PriceBook,
     stats: BatchStats | None,
     closed_before_ns: int,
-) -> list[list[Any]] | None:
+    detached: bool = False,
+) -> Any:
     """`usage_rows` with the native loop; None when it declined the batch (nothing done then).
+    With `detached`, the loop's own `MessageRows` where no span was handed over (`add_all_detached`).
 
     A call that raises is summed again by the reference from the start, with `stats` as they
     were: the spans it priced stay priced (the same price again), and those it charged by the
@@ -895,8 +929,13 @@ def _natively_summed(
     """
     before = None if stats is None else (stats.spans, stats.unpriced, stats.too_late)
     batch = _Batch(budgets, config, prices, stats, closed_before_ns, False)
+    own = None
     try:
-        counted = summer.add_all(usages, batch, closed_before_ns)
+        if detached:
+            summed = summer.add_all_detached(usages, batch, closed_before_ns, (MIX_CALLS, MIX_REFUSED))
+            counted, own = (None, None) if summed is None else summed
+        else:
+            counted = summer.add_all(usages, batch, closed_before_ns)
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference sums
         native_sum_failures.count += 1
         logger.error(
@@ -910,7 +949,7 @@ def _natively_summed(
         return None
     if stats is not None:
         stats.spans += counted
-    return batch.finish()
+    return batch.finish() if own is None else own
 
 
 def _summer(budgets: _BudgetSet) -> Any | None:

@@ -74,6 +74,7 @@ from burnguard.stream.accounting import (
     native_sum_failures,
     partition_key_of,
     usage_rows,
+    usage_rows_detached,
 )
 from burnguard.stream.changelog import (
     CHANGELOG_TICK_S,
@@ -116,14 +117,16 @@ from burnguard.stream.records import (
     BatchRecord,
     ContextRow,
     DeltaRow,
-    GroupRows,
     MicroBatch,
     RemovalRow,
+    RowGroup,
     SweepRecord,
     TickRow,
     encode_record,
     keys_record,
     message_rows,
+    native_groups_in_use,
+    new_group_rows,
     record_version,
     removal_rows,
     sub_batches,
@@ -413,7 +416,7 @@ class BudgetJob:
         yielded every `INGEST_SLICE_S` of work, so heartbeats and stage 2 are not starved.
         """
         batch = MicroBatch(BATCH_ROWS)
-        groups: dict[int, GroupRows] = {}
+        groups: dict[int, RowGroup] = {}
         sliced = time.perf_counter()
         reads = in_order_reads(self.app.consumer)
         began_at = self.deliveries.refusals
@@ -494,7 +497,7 @@ class BudgetJob:
         except Exception:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
-    def _ingest_one(self, event: Any, batch: MicroBatch, groups: dict[int, GroupRows]) -> None:
+    def _ingest_one(self, event: Any, batch: MicroBatch, groups: dict[int, RowGroup]) -> None:
         """One OTLP message: its rows join the micro-batch, its bad spans the pending dead letters.
 
         With `combine_messages` its rows join its source partition's group (`GroupRows`, sent
@@ -529,13 +532,13 @@ class BudgetJob:
         contexts = list(self._batch_records([], observations, source)) if observations else []
         group = groups.get(message.partition)
         if group is None:
-            group = groups[message.partition] = GroupRows()
+            group = groups[message.partition] = new_group_rows()
         group.add(message.offset, rows)
         for partition, sub_batch in contexts:
             batch.add(partition, sub_batch)
 
     def _close_groups(
-        self, groups: dict[int, GroupRows], batch: MicroBatch, reads: InOrderReads, first: dict[Any, int]
+        self, groups: dict[int, RowGroup], batch: MicroBatch, reads: InOrderReads, first: dict[Any, int]
     ) -> None:
         """Every open group's rows into `batch`; if that raises, the micro-batch is read again.
 
@@ -553,7 +556,7 @@ class BudgetJob:
             raise
         groups.clear()
 
-    def _close_group(self, partition: int, group: GroupRows, batch: MicroBatch) -> None:
+    def _close_group(self, partition: int, group: RowGroup, batch: MicroBatch) -> None:
         """A source partition's group of messages: its combined rows, sub-batches of the group's last source.
 
         Context observations went per message, with each message's source (`_ingest_one`): stage 2
@@ -582,14 +585,22 @@ class BudgetJob:
 
     def _message_rows(
         self, event: Any, usages: list[SpanUsage], first_reading: bool
-    ) -> tuple[list[list[Any]], list[list[Any]]] | None:
-        """One message's delta rows and context observations; None if its accounting failed (parked)."""
+    ) -> tuple[Any, list[list[Any]]] | None:
+        """One message's delta rows and context observations; None if its accounting failed (parked).
+
+        Its rows are `usage_rows`' lists, or with combining and a native group (`records.new_group_rows`)
+        perhaps the native loop's `MessageRows`, which only that group reads.
+        """
         source = (event.message.partition, event.message.offset)
         closed_before_ns = self._closed_before_ns()
+        # a native group takes the native loop's own rows: no Python list per (message, key) row
+        summed = (
+            usage_rows_detached if self.settings.combine_messages and native_groups_in_use() else usage_rows
+        )
         too_late, unpriced = self.stats.too_late, self.stats.unpriced
         try:
             stats = self.stats if first_reading else None  # a re-reading is counted once, before
-            rows = usage_rows(usages, self.config, self.prices, stats, closed_before_ns)
+            rows = summed(usages, self.config, self.prices, stats, closed_before_ns)
         except Exception as exc:  # a span that breaks accounting must not stop the partition
             logger.exception("could not account the batch at %s", source)
             self._dead_letter_later(event, f"accounting failed: {type(exc).__name__}: {exc}")

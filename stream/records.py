@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from burnguard.contracts.otlp import NATIVE_ERRORS, native_in_use
@@ -139,6 +139,17 @@ def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[in
     return rows
 
 
+class RowGroup(Protocol):
+    """What stage 1 asks of a source partition's group: `GroupRows`, or the native `Groups`."""
+
+    @property
+    def last_offset(self) -> int: ...
+
+    def add(self, offset: int, rows: Any) -> None: ...
+
+    def rows(self) -> list[tuple[list[Any], int]]: ...
+
+
 class GroupRows:
     """A source partition's consecutive messages' delta rows, combined into one row per key.
 
@@ -146,6 +157,7 @@ class GroupRows:
     one message touched keeps that message's row (with its offset unless it is the group's
     last); a key that several touched gets their sum, and the `Step` of each, in offset order:
     stage 2 can then apply it exactly as the messages' own rows (docs/ARCHITECTURE.md §7).
+    The reference of the native `Groups` (`new_group_rows`), which must make the same wire rows.
     """
 
     __slots__ = ("_rows", "last_offset")
@@ -184,6 +196,35 @@ class GroupRows:
                 row += (offset,) if len(row) > DELTA_ROW_FIELDS_BEFORE_MIX else (None, offset)
             out.append((row, 1))
         return out
+
+
+def new_group_rows() -> RowGroup:
+    """A source partition's group for one micro-batch: the native module's `Groups` where it is
+    built and in use (the decoder's choice, `BURNGUARD_NATIVE`), else `GroupRows`, the reference.
+
+    Both take a message's rows as `usage_rows`' lists and give the same wire rows; the native one
+    also takes the native loop's own rows (`accounting.usage_rows_detached`), so that per (message,
+    key) no Python row is made at all (contracts/native/src/groups.rs).
+    """
+    native = _native_groups()
+    return GroupRows() if native is None else native(combined_row)
+
+
+def native_groups_in_use() -> bool:
+    """Whether `new_group_rows` makes native groups (which take `MessageRows`)."""
+    return _native_groups() is not None
+
+
+#: the native `Groups` class `_native_groups` chose: None, none in use; unset, not chosen yet
+_native_groups_choice: list[Callable[[Callable[[list[Any]], list[Any]]], RowGroup] | None] = []
+
+
+def _native_groups() -> Callable[[Callable[[list[Any]], list[Any]]], RowGroup] | None:
+    """The native `Groups`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
+    if not _native_groups_choice:
+        module = native_module() if native_in_use() is not None else None
+        _native_groups_choice.append(getattr(module, "Groups", None))
+    return _native_groups_choice[0]
 
 
 def combined_row(made: list[Any]) -> list[Any]:

@@ -37,6 +37,9 @@ from tests.fixtures.consumer_events import Event, Message, keep_sent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from span_load import BUDGETS_YAML, SpanMix
 
+#: every test here runs with `GroupRows` and with the native `Groups` (which takes the native loop's own rows)
+pytestmark = pytest.mark.usefixtures("groups_impl")
+
 CONTEXT_GUARD_YAML = """\
 context_guards:
   - id: long-context
@@ -225,14 +228,15 @@ def test_a_message_whose_accounting_fails_is_parked_alone_and_the_rest_combined(
     events = span_load_events(SpanMix(seed=5, batch_min=10, batch_max=20), messages=6, partitions=1)
     job = live(make_job(tmp_path, "combined"), range(1))
     poisoned = {usage.session for usage in _decoded(job, events[2])}  # each message opens new sessions
-    real_usage_rows = app_module.usage_rows
+    for name in ("usage_rows", "usage_rows_detached"):  # the lists, or a native group's rows
+        real = getattr(app_module, name)
 
-    def usage_rows(usages: list[Any], *args: Any, **kwargs: Any) -> Any:
-        if any(usage.session in poisoned for usage in usages):
-            raise ValueError("a span accounting cannot take")
-        return real_usage_rows(usages, *args, **kwargs)
+        def summed(usages: list[Any], *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            if any(usage.session in poisoned for usage in usages):
+                raise ValueError("a span accounting cannot take")
+            return _real(usages, *args, **kwargs)
 
-    monkeypatch.setattr(app_module, "usage_rows", usage_rows)
+        monkeypatch.setattr(app_module, name, summed)
     ingest(job, events)
     sources, parked = sources_and_parked(job, deltas_only=True)
     assert (sources, parked) == ([(0, 5)], [b"otlp_spans/0/2"])

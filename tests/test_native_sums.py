@@ -21,7 +21,8 @@ from burnguard.contracts.budgets import BudgetConfig, parse_budget_yaml
 from burnguard.contracts.pricing import PriceBook
 from burnguard.contracts.usage import SpanUsage
 from burnguard.stream import accounting
-from burnguard.stream.accounting import BatchStats, usage_rows
+from burnguard.stream.accounting import BatchStats, usage_rows, usage_rows_detached
+from burnguard.stream.records import GroupRows, combined_row
 
 from tests.fixtures.sums import required_native_sums
 
@@ -213,10 +214,14 @@ class Failing:
             batch.add(usage)
         raise self.error("broken")
 
+    def add_all_detached(self, usages: list[SpanUsage], batch: Any, closed_before_ns: int, mix: Any) -> Any:
+        return self.add_all(usages, batch, closed_before_ns)
 
+
+@pytest.mark.parametrize("detached", [False, True], ids=["lists", "own-rows"])
 @pytest.mark.parametrize("error", [RuntimeError, "PanicException"])
 def test_a_failing_native_loop_is_counted_and_the_reference_sums_the_batch_again(
-    error: Any, native: Any, caplog: pytest.LogCaptureFixture
+    error: Any, detached: bool, native: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     error = getattr(native, error) if isinstance(error, str) else error
     config = parse_budget_yaml(
@@ -233,7 +238,9 @@ def test_a_failing_native_loop_is_counted_and_the_reference_sums_the_batch_again
     batch = copied(spans)
     stats = BatchStats()
     with caplog.at_level(logging.ERROR):
-        rows = usage_rows(batch, config, PriceBook.for_config(config), stats, 0)
+        rows = (usage_rows_detached if detached else usage_rows)(
+            batch, config, PriceBook.for_config(config), stats, 0
+        )
     assert (repr(rows), stats, [state_of(span) for span in batch]) == reference
     assert reference[1].unpriced > 0
     assert accounting.native_sum_failures.count == before + 1
@@ -252,3 +259,98 @@ def test_a_module_without_a_usable_summer_leaves_the_reference_in_charge(
         assert accounting._new_summer(Stale(), accounting._BudgetSet(())) is None
     assert "native usage sums not used" in caplog.text
     assert accounting.native_sum_failures.count == before + 1
+
+
+def common_or_odd(rng: random.Random, n: int, common: float) -> SpanUsage:
+    """A random span; at the rate `common` made one the native loop sums itself (priced, classed,
+    a plain call or a tool, str dimensions, int times), so that whole batches of them occur."""
+    span = random_span(rng, n)
+    if rng.random() >= common:
+        return span
+    span = SpanUsage(
+        **{name: getattr(span, name) for name in SpanUsage.__slots__ if name != "extra"}, extra={}
+    )
+    span.refused = span.downgraded_from = span.escalated_from = span.routed_from = ""
+    span.fallback, span.cost_usd = False, rng.choice([0.0, -0.0, rng.random() / 7, 1e-17])
+    span.operation = rng.choice(["chat", "chat", "execute_tool", "invoke_agent"])
+    for name in ("tenant", "session", "model_class"):
+        if type(getattr(span, name)) is not str:
+            setattr(span, name, "")
+    span.model_class = span.model_class or "standard"
+    span.tool_calls = span.tool_calls if type(span.tool_calls) is int and span.tool_calls >= 0 else 0
+    span.input_tokens = span.input_tokens if type(span.input_tokens) is int and span.input_tokens >= 0 else 3
+    span.end_ns = span.end_ns if type(span.end_ns) is int and 0 < span.end_ns < 2**63 else span.start_ns
+    return span
+
+
+def random_batch(rng: random.Random) -> list[SpanUsage]:
+    """Spans of one message: every one common about half the time (the native loop keeps its own rows)."""
+    common = rng.choice([1.0, 0.9])
+    return [common_or_odd(rng, n, common) for n in range(rng.randrange(1, 40))]
+
+
+def detached_summed(
+    native: Any, spans: list[SpanUsage], config: BudgetConfig, closed_before_ns: int
+) -> tuple[str, BatchStats, list[str], bool]:
+    """`summed` through `usage_rows_detached`: the rows as lists (`MessageRows.lists()`), and whether
+    they came as the native loop's own."""
+    accounting._native = native
+    batch = copied(spans)
+    stats = BatchStats()
+    own = False
+    try:
+        rows = usage_rows_detached(batch, config, PriceBook.for_config(config), stats, closed_before_ns)
+        own = isinstance(rows, native.MessageRows)
+        outcome = repr(rows.lists() if own else rows)
+    except TypeError as exc:
+        outcome = repr(exc)
+    return outcome, stats, [state_of(span) for span in batch], own
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_native_loops_own_rows_are_the_references_rows(seed: int, native: Any) -> None:
+    """`usage_rows_detached` gives the reference's rows (order, floats by `repr`, call mixes settled),
+    stats and span states, whether the loop kept the rows itself or handed a span over."""
+    rng = random.Random(seed)
+    config = random_config(rng)
+    spans = random_batch(rng)
+    closed_before = int((T0 + timedelta(minutes=rng.choice([-10, 30, 60 * 24 * 2]))).timestamp()) * NS
+    *found, _own = detached_summed(native, spans, config, closed_before)
+    assert tuple(found) == summed(None, spans, config, closed_before)
+
+
+def test_the_native_loop_keeps_the_rows_of_common_spans_and_makes_lists_once_one_is_handed_over(
+    native: Any,
+) -> None:
+    config = parse_budget_yaml("budgets:\n" + "".join(f"  - {budget}\n" for budget in BUDGET_POOL))
+    spans = plain_spans(random.Random(7), 50)
+    assert detached_summed(native, spans, config, 0)[3]
+    spans[30].refused = "budget"  # handed over: the rows made so far become lists, in their order
+    outcome, *_rest, own = detached_summed(native, spans, config, 0)
+    assert not own and outcome == summed(None, spans, config, 0)[0]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_native_group_of_the_loops_own_rows_sends_what_group_rows_sends_of_the_references(
+    seed: int, native: Any
+) -> None:
+    """The differential of a micro-batch: each message's spans through the reference into `GroupRows`,
+    and through `usage_rows_detached` into the native `Groups` (own rows and lists mixed): the same
+    wire rows and weights, by `repr`."""
+    rng = random.Random(seed)
+    config = random_config(rng)
+    messages = [random_batch(rng) for _ in range(rng.randrange(1, 8))]
+    offsets = sorted(rng.sample(range(1000), len(messages)))
+    reference, group = GroupRows(), native.Groups(combined_row)
+    for offset, spans in zip(offsets, messages, strict=True):
+        accounting._native = None
+        try:
+            rows = usage_rows(copied(spans), config, PriceBook.for_config(config), None, 0)
+        except TypeError:  # a glob on an int key: the message is parked, in neither group
+            continue
+        if any(not isinstance(row[1], str) for row in rows):
+            continue  # a key that is not a str: no decoded span makes one, `Groups` refuses it
+        reference.add(offset, rows)
+        accounting._native = native
+        group.add(offset, usage_rows_detached(copied(spans), config, PriceBook.for_config(config), None, 0))
+    assert repr((group.rows(), group.last_offset)) == repr((reference.rows(), reference.last_offset))

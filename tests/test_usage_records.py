@@ -18,7 +18,6 @@ from burnguard.stream.records import (
     USAGE_RECORDS_CODEC,
     BatchRecord,
     DeltaRow,
-    GroupRows,
     MicroBatch,
     _combined,
     batches_record,
@@ -26,6 +25,7 @@ from burnguard.stream.records import (
     encode_record,
     keys_record,
     message_rows,
+    new_group_rows,
     record_version,
     removal_rows,
     sub_batches,
@@ -132,10 +132,11 @@ def test_a_record_with_a_combined_row_is_a_groups_record_older_workers_park_whol
     assert all(record_version(r) == RECORD_VERSION for _, r in records)
 
 
-@pytest.mark.usefixtures("combine_impl")
+@pytest.mark.usefixtures("combine_impl", "groups_impl")
 def test_a_combined_row_reads_back_as_each_messages_own_row_and_sums_them() -> None:
-    """`GroupRows`' wire rows (steps without a plain mix, an explicit null for a row without one,
-    mixes summed field by field) read back (`message_rows`) as the rows each message made."""
+    """A group's wire rows (`GroupRows` or the native `Groups`: steps without a plain mix, an
+    explicit null for a row without one, mixes summed field by field) read back (`message_rows`)
+    as the rows each message made."""
     own = {
         4: [["cost", "acme", 0, 0.0625, 1, 50, 60, 0, [1.0, 0.0, 0.0, 0.5]]],
         5: [
@@ -149,7 +150,7 @@ def test_a_combined_row_reads_back_as_each_messages_own_row_and_sums_them() -> N
             ["cost", "beta", 0, 2.0, 1, 8, 9, 0, [1.0, 0, 0, 0]],
         ],
     }
-    group = GroupRows()
+    group = new_group_rows()
     for offset, rows in own.items():
         group.add(offset, json.loads(json.dumps(rows)))
     combined = [row for row, _ in group.rows()]

@@ -9,6 +9,7 @@
 
 mod checks;
 mod combine;
+mod groups;
 mod sums;
 mod usage;
 mod valid;
@@ -630,7 +631,8 @@ fn murmur2(data: &[u8]) -> u32 {
     h ^ (h >> 15)
 }
 
-/// `Decoder`, `Summer` (`sums.rs`), `combined` (`combine.rs`), `murmur2`, and the exception a Rust panic is raised as (a BaseException: the caller
+/// `Decoder`, `Summer` (`sums.rs`), `combined` (`combine.rs`), `Groups` and `MessageRows`
+/// (`groups.rs`), `murmur2`, and the exception a Rust panic is raised as (a BaseException: the caller
 /// catches it by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -638,5 +640,7 @@ fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(murmur2, module)?)?;
     module.add_function(wrap_pyfunction!(combine::combined, module)?)?;
     module.add_class::<sums::Summer>()?;
+    module.add_class::<groups::Groups>()?;
+    module.add_class::<groups::MessageRows>()?;
     module.add_class::<Decoder>()
 }

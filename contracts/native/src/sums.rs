@@ -19,13 +19,15 @@
 //! `tests/test_native_sums.py` compares both loops on random spans and budget files.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 use rustc_hash::{FxHashMap, FxHasher};
 
+use crate::groups::{MessageRows, NativeRow, BEFORE_MIX, MIX_FIELDS};
 use crate::usage::slot_offset;
 
 /// The number of budget metrics (`budget_rules.METRICS`): a target's metric index is below it.
@@ -65,6 +67,17 @@ struct Entry {
     matcher: Option<(String, Py<PyAny>)>,
     /// An empty row of the budget as `_row_for` makes it: [budget id, key, start, the rest...].
     prototype: Py<PyList>,
+    /// What a row kept natively takes of the prototype (`detached`), read once; None for a
+    /// prototype not of `DeltaRow`'s layout (its rows are then made in Python).
+    own: Option<OwnRow>,
+}
+
+/// A prototype's budget (the object and its text), bucket size and call mix (`own_row`).
+struct OwnRow {
+    budget: Py<PyString>,
+    text: Arc<str>,
+    bucket: Py<PyAny>,
+    mix: Option<[f64; MIX_FIELDS]>,
 }
 
 /// An entry as handed in: (scope, window, metric, (pattern, matcher) or None, prototype row).
@@ -129,7 +142,10 @@ struct Group {
 /// A delta row, its amount as summed here (`loaded`: read from the row and not yet written back),
 /// and what its groups' spans add to its count and event-time range (`settle`).
 struct RowSum {
-    row: Py<PyList>,
+    /// The Python row; None while no span was handed over (`State.lazy`): made by `materialize`.
+    row: Option<Py<PyList>>,
+    /// (entry, key id, window start): the row's budget, key and window.
+    slot: (usize, usize, i64),
     sum: f64,
     loaded: bool,
     /// Made by this loop and not handed to Python since: its count and event times are still
@@ -155,8 +171,8 @@ struct State<'py> {
     starts: Vec<(Bound<'py, PyTuple>, Vec<i64>)>,
     range: (i128, i128, usize),
     /// Scope keys seen in this call, each numbered once.
-    key_ids: FxHashMap<String, usize>,
-    keys: Vec<String>,
+    key_ids: FxHashMap<Arc<str>, usize>,
+    keys: Vec<Arc<str>>,
     /// Each key as a Python str, made when a row first needs it.
     key_objects: Vec<Option<Bound<'py, PyString>>>,
     /// `batch.rows`: (budget id, key, window start) -> row, in the order rows were made.
@@ -167,6 +183,8 @@ struct State<'py> {
     fresh: Vec<usize>,
     /// (entry, key, window start) -> the row's index in `rows`.
     row_of: FxHashMap<(usize, usize, i64), usize>,
+    /// No span handed over yet: the rows are kept here only, none made in Python (`materialize`).
+    lazy: bool,
 }
 
 #[pymethods]
@@ -207,6 +225,7 @@ impl Summer {
                 metric,
                 matcher,
                 prototype,
+                own: None,
             })
             .collect();
         if entries
@@ -215,8 +234,11 @@ impl Summer {
         {
             return Err(out_of_range("an entry's scope, window or metric"));
         }
-        for entry in &entries {
-            empty_row(entry.prototype.bind(usage_class.py()), row_layout)?;
+        let mut entries = entries;
+        for entry in &mut entries {
+            let prototype = entry.prototype.bind(usage_class.py());
+            empty_row(prototype, row_layout)?;
+            entry.own = own_row(prototype, row_layout)?;
         }
         if kinds.iter().flatten().any(|&entry| entry >= entries.len()) {
             return Err(out_of_range("an entry of a kind"));
@@ -267,6 +289,42 @@ impl Summer {
         batch: &Bound<'py, PyAny>,
         closed_before_ns: &Bound<'py, PyAny>,
     ) -> PyResult<Option<usize>> {
+        Ok(self
+            .run(py, usages, batch, closed_before_ns, None)?
+            .map(|(counted, _)| counted))
+    }
+
+    /// `add_all`, for a micro-batch's native group (`Groups.add`): when no span was handed over,
+    /// the rows are answered as `MessageRows` (no Python list per row; `batch.rows` stays empty)
+    /// with their call mixes settled as `accounting._settle_call_mix` settles them (`mix`: the
+    /// indices of the calls made and refused in a call mix). Returns (counted, those rows), or
+    /// (counted, None) with the rows in `batch.rows` as `add_all` leaves them, or None as it does.
+    fn add_all_detached<'py>(
+        &self,
+        py: Python<'py>,
+        usages: &Bound<'py, PyList>,
+        batch: &Bound<'py, PyAny>,
+        closed_before_ns: &Bound<'py, PyAny>,
+        mix: (usize, usize),
+    ) -> PyResult<Option<(usize, Option<MessageRows>)>> {
+        if mix.0 >= MIX_FIELDS || mix.1 >= MIX_FIELDS {
+            return Err(PyValueError::new_err("a call mix index out of range"));
+        }
+        self.run(py, usages, batch, closed_before_ns, Some(mix))
+    }
+}
+
+impl Summer {
+    /// `add_all`'s loop; with `detach` (the call mix's calls and refused indices) the rows of a
+    /// batch with no span handed over are answered as `MessageRows` instead of made in `batch.rows`.
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        usages: &Bound<'py, PyList>,
+        batch: &Bound<'py, PyAny>,
+        closed_before_ns: &Bound<'py, PyAny>,
+        detach: Option<(usize, usize)>,
+    ) -> PyResult<Option<(usize, Option<MessageRows>)>> {
         let Ok(closed_before_ns) = closed_before_ns.extract::<i64>() else {
             return Ok(None);
         };
@@ -290,6 +348,7 @@ impl Summer {
             verdicts: FxHashMap::default(),
             fresh: Vec::new(),
             row_of: FxHashMap::default(),
+            lazy: true,
         };
         let mut counted = 0;
         for index in 0..usages.len() {
@@ -307,19 +366,22 @@ impl Summer {
                 Take::Common(span) => self.add(py, &mut state, &usage, &span, batch, prepared)?,
                 Take::Nothing => true,
                 Take::Prepare | Take::Reference => {
-                    state.hand_over(py, batch, &usage, prepared, self.layout.0)?;
+                    state.hand_over(py, self, batch, &usage, prepared)?;
                     false
                 }
             };
             counted += usize::from(here && !prepared); // a prepared span is in `stats` already
         }
-        state.write_back(py, self.layout.0)?;
+        if let Some(mix) = detach.filter(|_| state.lazy) {
+            if let Some(rows) = state.detached(py, self, mix)? {
+                return Ok(Some((counted, Some(rows))));
+            }
+        }
+        state.write_back(py, self)?;
         state.settle(py, self.layout)?;
-        Ok(Some(counted))
+        Ok(Some((counted, None)))
     }
-}
 
-impl Summer {
     /// `all(usage.end_ns or usage.start_ns for usage in usages)`, for spans of the class with
     /// int times; false for anything else too (the reference then decides).
     fn every_span_has_a_time(&self, usages: &Bound<'_, PyList>) -> bool {
@@ -436,7 +498,7 @@ impl Summer {
         prepared: bool,
     ) -> PyResult<bool> {
         let Some((values, count)) = self.signature_of(usage.as_ptr()) else {
-            state.hand_over(py, batch, usage, prepared, self.layout.0)?;
+            state.hand_over(py, self, batch, usage, prepared)?;
             return Ok(false);
         };
         let signature = &values[..count];
@@ -473,7 +535,7 @@ impl Summer {
         for &(row, metric) in &state.targets[from..to] {
             let sum = &mut state.rows[row];
             if !sum.loaded {
-                sum.sum = amount_of(sum.row.bind(py), self.layout.0)?;
+                sum.sum = amount_of(&python_row(py, &sum.row)?, self.layout.0)?;
                 sum.loaded = true;
                 state.loaded.push(row);
             }
@@ -548,12 +610,17 @@ impl<'py> State<'py> {
                 continue;
             }
             let start = self.starts[starts].1[entry.window];
-            let row = match self.row_of.get(&(index, key, start)) {
+            let slot = (index, key, start);
+            let row = match self.row_of.get(&slot) {
                 Some(&row) => row,
                 None => {
-                    let (made, fresh) = self.row_for(entry, key, start)?;
-                    let row = self.known_row(made, fresh);
-                    self.row_of.insert((index, key, start), row);
+                    let row = if self.lazy {
+                        self.kept_row(slot)
+                    } else {
+                        let (made, fresh) = self.row_for(entry, key, start)?;
+                        self.known_row(made, fresh, slot)
+                    };
+                    self.row_of.insert(slot, row);
                     row
                 }
             };
@@ -601,9 +668,10 @@ impl<'py> State<'py> {
         if let Some(&id) = self.key_ids.get(key) {
             return id;
         }
-        self.keys.push(key.to_owned());
+        let shared: Arc<str> = Arc::from(key);
+        self.keys.push(shared.clone());
         self.key_objects.push(None);
-        self.key_ids.insert(key.to_owned(), self.keys.len() - 1);
+        self.key_ids.insert(shared, self.keys.len() - 1);
         self.keys.len() - 1
     }
 
@@ -613,7 +681,7 @@ impl<'py> State<'py> {
         let Some((pattern, matcher)) = &entry.matcher else {
             return Ok(true);
         };
-        if *pattern == self.keys[key] {
+        if **pattern == *self.keys[key] {
             return Ok(true);
         }
         if let Some(&verdict) = self.verdicts.get(&(index, key)) {
@@ -621,7 +689,7 @@ impl<'py> State<'py> {
         }
         let verdict = matcher
             .bind(py)
-            .call_method1("matches", (&self.keys[key],))?
+            .call_method1("matches", (&*self.keys[key],))?
             .is_truthy()?;
         self.verdicts.insert((index, key), verdict);
         Ok(verdict)
@@ -665,12 +733,13 @@ impl<'py> State<'py> {
 
     /// The index in `rows` of a delta row, added when new (rows are known by identity: the groups
     /// that share a row share its sum).
-    fn known_row(&mut self, row: Bound<'py, PyList>, fresh: bool) -> usize {
+    fn known_row(&mut self, row: Bound<'py, PyList>, fresh: bool, slot: (usize, usize, i64)) -> usize {
         let next = self.rows.len();
         let id = *self.row_ids.entry(row.as_ptr() as usize).or_insert(next);
         if id == next {
             self.rows.push(RowSum {
-                row: row.unbind(),
+                row: Some(row.unbind()),
+                slot,
                 sum: 0.0,
                 loaded: fresh, // a new row's amount is the prototype's 0.0
                 fresh,
@@ -686,17 +755,57 @@ impl<'py> State<'py> {
         id
     }
 
+    /// A new row kept here only (`lazy`): its amount 0.0, its count and event times the
+    /// prototype's zeros, as `row_for` would make it.
+    fn kept_row(&mut self, slot: (usize, usize, i64)) -> usize {
+        let id = self.rows.len();
+        self.rows.push(RowSum {
+            row: None,
+            slot,
+            sum: 0.0,
+            loaded: true,
+            fresh: true,
+            spans: 0,
+            first: i64::MAX,
+            last: i64::MIN,
+        });
+        self.loaded.push(id);
+        self.fresh.push(id);
+        id
+    }
+
+    /// The rows kept here made in `batch.rows` (by `row_for`, in the order they were made: the
+    /// order `usage_rows` lists them), before Python may read or add to them; then no longer lazy.
+    fn materialize(&mut self, summer: &Summer) -> PyResult<()> {
+        if !self.lazy {
+            return Ok(());
+        }
+        self.lazy = false;
+        for id in 0..self.rows.len() {
+            let (entry, key, start) = self.rows[id].slot;
+            let (made, fresh) = self.row_for(&summer.entries[entry], key, start)?;
+            if !fresh {
+                return Err(PyRuntimeError::new_err(
+                    "a row in the batch before the loop made it",
+                ));
+            }
+            self.row_ids.insert(made.as_ptr() as usize, id);
+            self.rows[id].row = Some(made.unbind());
+        }
+        Ok(())
+    }
+
     /// A span for the reference, once the sums kept here are in their rows: `batch.add`, or
     /// `batch.count` for a span `batch.prepare` priced and classed already.
     fn hand_over(
         &mut self,
         py: Python<'py>,
+        summer: &Summer,
         batch: &Bound<'py, PyAny>,
         usage: &Bound<'py, PyAny>,
         prepared: bool,
-        amount: usize,
     ) -> PyResult<()> {
-        self.write_back(py, amount)?;
+        self.write_back(py, summer)?;
         for id in self.fresh.drain(..) {
             self.rows[id].fresh = false; // the reference may count into it
         }
@@ -704,19 +813,21 @@ impl<'py> State<'py> {
         Ok(())
     }
 
-    /// The sums kept here into their rows (before Python may read or add to them).
-    fn write_back(&mut self, py: Python<'py>, amount: usize) -> PyResult<()> {
+    /// The sums kept here into their rows (before Python may read or add to them), the rows
+    /// made first where they are kept here only.
+    fn write_back(&mut self, py: Python<'py>, summer: &Summer) -> PyResult<()> {
+        self.materialize(summer)?;
         for id in self.loaded.drain(..) {
             let sum = &mut self.rows[id];
-            sum.row.bind(py).set_item(amount, PyFloat::new(py, sum.sum))?;
+            python_row(py, &sum.row)?.set_item(summer.layout.0, PyFloat::new(py, sum.sum))?;
             sum.loaded = false;
         }
         Ok(())
     }
 
-    /// Each group's count and event-time range into its rows (`_Group.settle`: a sum, a min and a
-    /// max of ints, order-free), gathered per row first and written once per row.
-    fn settle(&mut self, py: Python<'py>, layout: RowLayout) -> PyResult<()> {
+    /// Each group's count and event-time range into its rows' sums (a sum, a min and a max of
+    /// ints, order-free).
+    fn gather(&mut self) {
         for group in &self.groups {
             for &(id, _) in &self.targets[group.targets.0..group.targets.1] {
                 let row = &mut self.rows[id];
@@ -725,9 +836,60 @@ impl<'py> State<'py> {
                 row.last = row.last.max(group.last);
             }
         }
+    }
+
+    /// The rows kept here (`lazy`: every one fresh) as the native rows `settle` and
+    /// `_settle_call_mix` would have made them, or None (the rows are made in Python then) for a
+    /// budget whose prototype is not of the layout `Groups` reads (`OwnRow`).
+    fn detached(
+        &mut self,
+        py: Python<'py>,
+        summer: &Summer,
+        mix: (usize, usize),
+    ) -> PyResult<Option<MessageRows>> {
+        if self
+            .rows
+            .iter()
+            .any(|sum| summer.entries[sum.slot.0].own.is_none())
+        {
+            return Ok(None);
+        }
+        self.gather();
+        let mut rows = Vec::with_capacity(self.rows.len());
+        for sum in &self.rows {
+            let (entry, key, start) = sum.slot;
+            let Some(own) = &summer.entries[entry].own else {
+                return Ok(None);
+            };
+            let calls = own.mix.map(|mut values| {
+                values[mix.0] = sum.spans as f64 - values[mix.1]; // `_settle_call_mix`
+                values
+            });
+            let counted = sum.spans > 0; // `settle` leaves a row no span reached at its zeros
+            rows.push(NativeRow {
+                budget: own.budget.clone_ref(py),
+                budget_text: own.text.clone(),
+                key: self.keys[key].clone(),
+                start,
+                amount: sum.sum,
+                spans: i64::try_from(sum.spans)
+                    .map_err(|_| PyValueError::new_err("a span count past an int64"))?,
+                first: if counted { sum.first } else { 0 },
+                last: if counted { sum.last.max(0) } else { 0 },
+                bucket: own.bucket.clone_ref(py),
+                mix: calls,
+            });
+        }
+        Ok(Some(MessageRows { rows }))
+    }
+
+    /// Each group's count and event-time range into its rows (`_Group.settle`: a sum, a min and a
+    /// max of ints, order-free), gathered per row first and written once per row.
+    fn settle(&mut self, py: Python<'py>, layout: RowLayout) -> PyResult<()> {
+        self.gather();
         let (_, spans, first, last) = layout;
         for sum in self.rows.iter().filter(|sum| sum.spans > 0) {
-            let row = sum.row.bind(py);
+            let row = python_row(py, &sum.row)?;
             if sum.fresh {
                 row.set_item(spans, sum.spans)?;
                 row.set_item(first, sum.first)?; // event times are never 0: the first is set
@@ -747,6 +909,59 @@ impl<'py> State<'py> {
         }
         Ok(())
     }
+}
+
+/// A row made in Python (`materialize` made every row before any is written).
+fn python_row<'py>(py: Python<'py>, row: &Option<Py<PyList>>) -> PyResult<Bound<'py, PyList>> {
+    row.as_ref()
+        .map(|row| row.bind(py).clone())
+        .ok_or_else(|| PyRuntimeError::new_err("a row kept only natively was to be written"))
+}
+
+/// What a row kept natively takes of the prototype: a str budget, a bucket size, and a call mix of
+/// four exact floats when the row has one; None for any other prototype or a row layout other than
+/// `DeltaRow`'s (the fields `Groups` writes).
+fn own_row(prototype: &Bound<'_, PyList>, layout: RowLayout) -> PyResult<Option<OwnRow>> {
+    let fields = prototype.len();
+    if layout != (3, 4, 5, 6) || !(BEFORE_MIX..=BEFORE_MIX + 1).contains(&fields) {
+        return Ok(None);
+    }
+    let Ok(budget) = prototype.get_item(0)?.cast_into::<PyString>() else {
+        return Ok(None);
+    };
+    let mix = if fields > BEFORE_MIX {
+        match call_mix(&prototype.get_item(BEFORE_MIX)?)? {
+            Some(values) => Some(values),
+            None => return Ok(None),
+        }
+    } else {
+        None
+    };
+    Ok(Some(OwnRow {
+        text: Arc::from(budget.to_str()?),
+        budget: budget.unbind(),
+        bucket: prototype.get_item(BEFORE_MIX - 1)?.unbind(),
+        mix,
+    }))
+}
+
+/// A prototype's call mix: a list of four exact floats, else None.
+fn call_mix(mix: &Bound<'_, PyAny>) -> PyResult<Option<[f64; MIX_FIELDS]>> {
+    let Ok(list) = mix.cast::<PyList>() else {
+        return Ok(None);
+    };
+    if list.len() != MIX_FIELDS {
+        return Ok(None);
+    }
+    let mut values = [0.0; MIX_FIELDS];
+    for (field, value) in values.iter_mut().enumerate() {
+        let item = list.get_item(field)?;
+        if !item.is_exact_instance_of::<PyFloat>() {
+            return Ok(None);
+        }
+        *value = item.extract()?;
+    }
+    Ok(Some(values))
 }
 
 /// Whether a group's encoded signature holds these values.
