@@ -23,7 +23,6 @@ from operator import attrgetter
 from typing import Any
 
 from burnguard.contracts import attributes as attr
-from burnguard.contracts import otlp
 from burnguard.contracts.budget_rules import (
     KEY_SEPARATOR,
     METRIC_INDEX,
@@ -39,7 +38,7 @@ from burnguard.contracts.otlp import NATIVE_ERRORS
 from burnguard.contracts.pricing import PriceBook, price_if_unpriced
 from burnguard.contracts.usage import SpanUsage
 from burnguard.contracts.windows import ROLLING_BUCKETS, SESSION_WINDOW, Window
-from burnguard.stream.partitioner import native_module
+from burnguard.stream.partitioner import native_module_in_use
 from burnguard.stream.records import DeltaRow
 
 logger = logging.getLogger(__name__)
@@ -1007,7 +1006,7 @@ def native_sums_in_use() -> Any | None:
     """The native module `usage_rows` uses: the decoder's (`otlp.native_in_use`, BURNGUARD_NATIVE)."""
     global _native
     if _native is _NOT_CHOSEN:
-        _native = native_module() if otlp.native_in_use() is not None else None
+        _native = native_module_in_use()
     return _native
 
 

@@ -39,7 +39,7 @@ def _hash() -> Callable[[bytes], int]:
     """The murmur2 in use, chosen once: read at the first hash, not at import (`native_in_use`)."""
     global _chosen
     if _chosen is None:
-        native = getattr(native_module(), "murmur2", None) if native_in_use() is not None else None
+        native = getattr(native_module_in_use(), "murmur2", None)
         _chosen = native if native is not None else _murmur2
     return _chosen
 
@@ -51,6 +51,14 @@ def native_module() -> object | None:
     except ImportError:
         return None
     return _otlp_native
+
+
+def native_module_in_use() -> object | None:
+    """The native module where the worker uses native code, else None: the decoder's choice
+    (`otlp.native_in_use`: built, and `BURNGUARD_NATIVE` not off), so the hash, the sums, the
+    groups and the combined row are native or not together. Each caller asks at its first use,
+    not at import, and keeps the answer."""
+    return native_module() if native_in_use() is not None else None
 
 
 def _murmur2(data: bytes) -> int:

@@ -36,8 +36,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
-from burnguard.contracts.otlp import NATIVE_ERRORS, native_in_use
-from burnguard.stream.partitioner import native_module
+from burnguard.contracts.otlp import NATIVE_ERRORS
+from burnguard.stream.partitioner import native_module_in_use
 from faust.serializers import codecs
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,7 @@ _native_groups_choice: list[Callable[[Callable[[list[Any]], list[Any]]], RowGrou
 def _native_groups() -> Callable[[Callable[[list[Any]], list[Any]]], RowGroup] | None:
     """The native `Groups`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
     if not _native_groups_choice:
-        module = native_module() if native_in_use() is not None else None
-        _native_groups_choice.append(getattr(module, "Groups", None))
+        _native_groups_choice.append(getattr(native_module_in_use(), "Groups", None))
     return _native_groups_choice[0]
 
 
@@ -254,8 +253,7 @@ _native_choice: list[Callable[[list[Any]], list[Any] | None] | None] = []
 def _native_combined() -> Callable[[list[Any]], list[Any] | None] | None:
     """The native `combined`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
     if not _native_choice:
-        module = native_module() if native_in_use() is not None else None
-        _native_choice.append(getattr(module, "combined", None))
+        _native_choice.append(getattr(native_module_in_use(), "combined", None))
     return _native_choice[0]
 
 
