@@ -6,10 +6,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyInt, PyList};
 
-/// A delta row's fields before its call mix (`records.DELTA_ROW_FIELDS_BEFORE_MIX`).
-const BEFORE_MIX: usize = 8;
-/// A call mix's fields (`accounting.MIX_FIELDS`).
-const MIX_FIELDS: usize = 4;
+use crate::groups::{BEFORE_MIX, MIX_FIELDS};
 /// Past this a span count compared with a float is not exact the same way in both languages.
 const EXACT_IN_F64: i64 = 1 << 53;
 
@@ -29,8 +26,8 @@ fn exact_float(value: &Bound<'_, PyAny>) -> Option<f64> {
         .map(|f| f.value())
 }
 
-/// A call mix of exact floats, or None (the reference makes the row).
-fn mix_values(mix: &Bound<'_, PyAny>) -> PyResult<Option<[f64; MIX_FIELDS]>> {
+/// A call mix of four exact floats, or None (the reference makes the row).
+pub(crate) fn mix_values(mix: &Bound<'_, PyAny>) -> PyResult<Option<[f64; MIX_FIELDS]>> {
     let Ok(list) = mix.cast::<PyList>() else {
         return Ok(None);
     };

@@ -27,6 +27,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 use rustc_hash::{FxHashMap, FxHasher};
 
+use crate::combine::mix_values;
 use crate::groups::{MessageRows, NativeRow, BEFORE_MIX, MIX_FIELDS};
 use crate::usage::slot_offset;
 
@@ -930,7 +931,7 @@ fn own_row(prototype: &Bound<'_, PyList>, layout: RowLayout) -> PyResult<Option<
         return Ok(None);
     };
     let mix = if fields > BEFORE_MIX {
-        match call_mix(&prototype.get_item(BEFORE_MIX)?)? {
+        match mix_values(&prototype.get_item(BEFORE_MIX)?)? {
             Some(values) => Some(values),
             None => return Ok(None),
         }
@@ -943,25 +944,6 @@ fn own_row(prototype: &Bound<'_, PyList>, layout: RowLayout) -> PyResult<Option<
         bucket: prototype.get_item(BEFORE_MIX - 1)?.unbind(),
         mix,
     }))
-}
-
-/// A prototype's call mix: a list of four exact floats, else None.
-fn call_mix(mix: &Bound<'_, PyAny>) -> PyResult<Option<[f64; MIX_FIELDS]>> {
-    let Ok(list) = mix.cast::<PyList>() else {
-        return Ok(None);
-    };
-    if list.len() != MIX_FIELDS {
-        return Ok(None);
-    }
-    let mut values = [0.0; MIX_FIELDS];
-    for (field, value) in values.iter_mut().enumerate() {
-        let item = list.get_item(field)?;
-        if !item.is_exact_instance_of::<PyFloat>() {
-            return Ok(None);
-        }
-        *value = item.extract()?;
-    }
-    Ok(Some(values))
 }
 
 /// Whether a group's encoded signature holds these values.
