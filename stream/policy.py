@@ -6,6 +6,7 @@ are tested without Kafka and every worker decides the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -189,8 +190,28 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
 
     Stage 2 asks this for every delta and builds a `Signal` only when the
     answer differs from the last published one, which is rare: comparing a
-    ratio with the rungs is all most deltas need.
+    ratio with the rungs is all most deltas need. Most rows do not even need
+    that: a calendar or session window keeps the range of spend ratios over
+    which its last answer holds (`totals.settled`, see `_Windows.settled`);
+    a spend still inside it, before the window's end, gives the same action.
     """
+    settled = totals.settled
+    if settled is not None:
+        held_for, start_ns, end, low, high, action = settled
+        if (
+            held_for is budget
+            and start_ns == window_start_ns
+            and now < end
+            and low <= totals.spent / budget.limit < high
+        ):
+            return action
+    return decide_action_fully(budget, window_start_ns, totals, now)
+
+
+def decide_action_fully(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:
+    """`decide_action` worked out from the budget, the totals and the clock (the reference: tests
+    hold `decide_action` to it); an open calendar or session window's answer is kept in
+    `totals.settled` with the spend ratios over which it holds."""
     windows = _windows_of(budget)
     if windows.rolling:  # `window_at`'s spend; its end, now + the window's length, is after now
         spent = totals.rolling_spent(int(now.timestamp() * _NS), windows.rolling, windows.bucket_ns)
@@ -204,6 +225,8 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
         return signal_for_window(
             budget, "", window_start_ns, totals, now, timedelta(0)
         ).action  # needs the burn rate
+    if open_ and not windows.rolling:
+        totals.settled = windows.settled(window_start_ns, ratio, action)
     return action
 
 
@@ -269,7 +292,7 @@ class _Windows:
     two datetimes per row of a rolling window.
     """
 
-    __slots__ = ("_span_texts", "_spans", "_texts", "bucket_ns", "budget", "rolling", "window")
+    __slots__ = ("_settled", "_span_texts", "_spans", "_texts", "bucket_ns", "budget", "rolling", "window")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget  # held, so its id is not reused while this entry lives
@@ -280,6 +303,8 @@ class _Windows:
         self._texts: tuple[str, str] | None = None
         #: window start -> ((start, end), their part of a reason): `span_text`
         self._span_texts: dict[int, tuple[tuple[datetime, datetime], str]] = {}
+        #: (window start, the rung's position) -> what `settled` gives, one tuple shared by every key
+        self._settled: dict[tuple[int, int], tuple[Budget, int, datetime, float, float, str]] = {}
 
     def texts(self) -> tuple[str, str]:
         """The budget's parts of a signal's reason (`_reason`): before the key, and around the limit."""
@@ -306,6 +331,37 @@ class _Windows:
         text = self.bounds_text(start, end)
         self._span_texts[window_start_ns] = ((start, end), text)
         return text
+
+    def settled(
+        self, window_start_ns: int, ratio: float, action: str
+    ) -> tuple[Budget, int, datetime, float, float, str]:
+        """(budget, window start, end, low, high, action): `action` is what `decide_action` gives
+        for this open calendar or session window at any spend ratio in [low, high) before `end`.
+
+        `action` was decided at `ratio` without a prediction. `Budget.action_for` picks the last
+        rung whose `at` is at most the ratio (the rungs ascend): the same rung for every ratio from
+        its `at` up to, not including, the next rung's. Below a downgrade, a budget that predicts
+        may downgrade from its forecast's `min_ratio` on, so the range ends there too. A NaN ratio
+        lies in no range. The tuple is the same object for every key of the window at that rung.
+        """
+        low, high, position = -math.inf, math.inf, -1
+        for rung in self.budget.actions:
+            if not ratio >= rung.at:
+                high = rung.at
+                break
+            low, position = rung.at, position + 1
+        settled = self._settled.get((window_start_ns, position))
+        if settled is None or settled[5] != action:
+            forecast = self.budget.forecast
+            if forecast.downgrade and SEVERITY[action] < SEVERITY["downgrade"]:
+                high = min(high, forecast.min_ratio)
+            if len(self._settled) >= _WINDOW_ENDS_KEPT:
+                self._settled.clear()
+            end = self.end(window_start_ns)
+            settled = self._settled[(window_start_ns, position)] = (
+                self.budget, window_start_ns, end, low, high, action
+            )  # fmt: skip
+        return settled
 
     def end(self, window_start_ns: int) -> datetime:
         """The end of a calendar (or session) window, as `window_at` gives it."""
