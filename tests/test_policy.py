@@ -361,6 +361,8 @@ def test_the_kept_action_is_the_action_worked_out_afresh(
             budget = reloaded if budget is first else first
         now += timedelta(minutes=minutes)
         if amount is None:
+            if "1h" in (first.window, reloaded.window):  # a rolling spend falls as buckets leave, not so
+                continue
             totals.spent /= 2
         else:
             at = ns(now) - 30 * NS
@@ -370,9 +372,8 @@ def test_the_kept_action_is_the_action_worked_out_afresh(
 
 
 def test_a_kept_action_is_not_state() -> None:
-    """The kept range is not written to the changelog, and is shared by the keys of
-    a window at a rung; a calendar window keeps one, a rolling window none (its spend moves with
-    the clock)."""
+    """The kept range is not written to the changelog, and is shared by the keys of a calendar
+    window at a rung."""
     budget = ladder_budget()
     start_ns = budget.window_spec.start_ns(ns(NOW))
     one, other = WindowTotals(spent=20.0), WindowTotals(spent=21.0)
@@ -380,9 +381,54 @@ def test_a_kept_action_is_not_state() -> None:
     assert one.settled is other.settled
     assert one.settled[3:] == (-math.inf, 0.7, "ok")
     assert one.to_state() == WindowTotals(spent=20.0).to_state()
-    rolling = WindowTotals(spent=20.0)
-    decide_action(ladder_budget(window="1h"), 0, rolling, NOW)
-    assert rolling.settled is None
+
+
+def test_a_rolling_window_keeps_its_answer_while_its_counted_buckets_and_rung_stay() -> None:
+    """A rolling window's kept answer holds until its oldest counted bucket changes (the clock),
+    its newest bucket moves (buckets may leave), or the spend may reach the next rung; then it is
+    worked out afresh."""
+    budget = ladder_budget(window="1h")  # 60 s buckets, limit 50, warn at 35
+    bucket_ns = budget.window_spec.bucket_ns
+    totals = WindowTotals()
+    at = ns(NOW) - 10 * NS
+    totals.add(0, 1, 30.0, 1, at, at, bucket_ns)
+    assert decide_action(budget, 0, totals, NOW) == "ok"
+    kept = totals.settled
+    assert kept is not None and kept[0] is budget and kept[-1] == "ok"
+    totals.add(0, 2, 4.9, 1, at, at, bucket_ns)  # 34.9: still ok, within the kept room
+    assert decide_action(budget, 0, totals, NOW + timedelta(seconds=5)) == "ok"
+    assert totals.settled is kept
+    totals.add(0, 3, 0.1, 1, at, at, bucket_ns)  # 35.0: the warn rung, past the kept room
+    assert decide_action(budget, 0, totals, NOW + timedelta(seconds=5)) == "warn"
+    assert totals.settled is not kept
+    later = NOW + timedelta(minutes=61)  # the bucket left the window: decided afresh
+    assert decide_action(budget, 0, totals, later) == decide_action_fully(budget, 0, totals, later) == "ok"
+
+
+@pytest.mark.parametrize("change", ["oldest bucket leaves", "clock back", "newest bucket moves"])
+def test_a_rolling_windows_kept_answer_ends_where_its_counted_buckets_change(change: str) -> None:
+    """Spend leaves a rolling window (or comes back into it) without `totals.spent` telling: when the
+    clock passes into the next bucket, when it goes back, and when a later bucket (a clock ahead)
+    pushes counted buckets out of the ring. The kept answer must not hold there."""
+    budget = ladder_budget(window="1h")  # 60 s buckets, limit 50, warn at 35
+    bucket_ns = budget.window_spec.bucket_ns
+    totals = WindowTotals()
+    oldest = (ns(NOW) - 3600 * NS) // bucket_ns * bucket_ns + NS  # the oldest bucket counted at NOW
+    totals.add(0, 1, 40.0, 1, oldest, oldest, bucket_ns)
+    totals.add(0, 2, 1.0, 1, ns(NOW) - NS, ns(NOW) - NS, bucket_ns)
+    now = NOW
+    if change == "clock back":
+        now = NOW + timedelta(seconds=60)  # the 40 has left: ok
+        assert decide_action(budget, 0, totals, now) == "ok"
+        now = NOW  # back: counted again
+    elif change == "newest bucket moves":
+        assert decide_action(budget, 0, totals, now) == "warn"
+        ahead = ns(NOW) + 7200 * NS
+        totals.add(0, 3, 1.0, 1, ahead, ahead, bucket_ns)  # the ring moves on: the 40 and the 1 drop out
+    else:
+        assert decide_action(budget, 0, totals, now) == "warn"
+        now = NOW + timedelta(seconds=60)
+    assert decide_action(budget, 0, totals, now) == decide_action_fully(budget, 0, totals, now)
 
 
 def test_a_kept_range_runs_from_its_rung_to_the_next_and_ends_with_the_window() -> None:
