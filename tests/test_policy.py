@@ -447,6 +447,9 @@ def test_a_kept_range_runs_from_its_rung_to_the_next_and_ends_with_the_window() 
     closed = WindowTotals(spent=40.0)
     assert decide_action(budget, start_ns, closed, NOW) == "warn"
     assert decide_action(budget, start_ns, closed, DAY_END) == "ok"
+    assert decide_action(budget, start_ns, closed, NOW) == "warn"
+    yesterday = budget.window_spec.start_ns(ns(NOW - timedelta(days=1)))
+    assert decide_action(budget, yesterday, closed, NOW) == "ok"  # the same totals asked of another window
     predictive = ladder_budget(forecast={"downgrade": True, "min_ratio": 0.25})
     below = WindowTotals(spent=5.0)
     assert decide_action(predictive, start_ns, below, NOW) == "ok"
