@@ -282,9 +282,8 @@ def _rolling_settled(
         return None
     budget, bucket_ns = windows.budget, windows.bucket_ns
     _, _, high = windows.rung_range(ratio, action)
-    next_first_ns = ((now_ns - windows.rolling) // bucket_ns + 1) * bucket_ns + windows.rolling
-    until = _from_ns(next_first_ns - _CLOCK_ROOM_NS)
-    if not int(until.timestamp() * _NS) < next_first_ns:
+    until = windows.until(((now_ns - windows.rolling) // bucket_ns + 1) * bucket_ns + windows.rolling)
+    if until is None:
         return None
     if high == math.inf:
         cap = math.inf
@@ -358,7 +357,17 @@ class _Windows:
     two datetimes per row of a rolling window.
     """
 
-    __slots__ = ("_settled", "_span_texts", "_spans", "_texts", "bucket_ns", "budget", "rolling", "window")
+    __slots__ = (
+        "_settled",
+        "_span_texts",
+        "_spans",
+        "_texts",
+        "_until",
+        "bucket_ns",
+        "budget",
+        "rolling",
+        "window",
+    )
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget  # held, so its id is not reused while this entry lives
@@ -371,6 +380,8 @@ class _Windows:
         self._span_texts: dict[int, tuple[tuple[datetime, datetime], str]] = {}
         #: (window start, the rung's position) -> what `settled` gives, one tuple shared by every key
         self._settled: dict[tuple[int, int], tuple[Budget, int, datetime, float, float, str]] = {}
+        #: a rolling window's last `until`: (the next bucket's start in ns, the bound or None)
+        self._until: tuple[int, datetime | None] = (0, None)
 
     def texts(self) -> tuple[str, str]:
         """The budget's parts of a signal's reason (`_reason`): before the key, and around the limit."""
@@ -435,6 +446,18 @@ class _Windows:
                 self.budget, window_start_ns, end, low, high, action
             )  # fmt: skip
         return settled
+
+    def until(self, next_first_ns: int) -> datetime | None:
+        """The clock before which a rolling window's oldest counted bucket is the one before
+        `next_first_ns` (`_CLOCK_ROOM_NS` early, checked to map below it as `now` maps to ns);
+        None if it does not. Kept for the latest bucket: every key's kept answer shares it."""
+        known, until = self._until
+        if known != next_first_ns:
+            until = _from_ns(next_first_ns - _CLOCK_ROOM_NS)
+            if not int(until.timestamp() * _NS) < next_first_ns:
+                until = None
+            self._until = (next_first_ns, until)
+        return until
 
     def end(self, window_start_ns: int) -> datetime:
         """The end of a calendar (or session) window, as `window_at` gives it."""
