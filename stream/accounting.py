@@ -328,6 +328,10 @@ class WindowTotals:
     buckets: Ring | None = None
     #: The window's call mix (`MIX_*` fields), when its budget counts model calls.
     mix: list[float] | None = None
+    #: Not state (not in `to_state`, not compared): the span of spend over which
+    #: `policy.decide_action` is known to give one action for this window (`policy.Settled`),
+    #: so most rows are decided by a few compares. Any change of spend is checked against it.
+    settled: Any = field(default=None, compare=False, repr=False)
 
     def apply(self, delta: UsageDelta) -> bool:
         """Add `delta` unless it is a replay of one already counted; True if it was added."""

@@ -1067,31 +1067,41 @@ class BudgetJob:
         await self._account_rows(BatchRecord.from_wire(record), _now())
 
     async def _account_rows(self, batch: BatchRecord, now: datetime) -> None:
+        """Each row `_apply`'d with its message's source, a group's row with steps `_apply_combined`.
+
+        A group's row that one message made (its tenth field that message's offset, not the
+        group's last: most rows of small messages) is `_apply`'d here, with no call or list
+        between.
+        """
         source = batch.source
         for row in batch.deltas:
             if len(row) == DELTA_ROW_FIELDS_WITH_STEPS:  # a group's row (`GroupRows`)
-                for signal in self._apply_combined(row, source, now):
-                    await self._send_signal(signal)
-                continue
-            # a current row unpacks as a `DeltaRow` does; one written before the call mix is padded
-            if len(row) != DELTA_ROW_FIELDS:
-                row = DeltaRow.from_wire(row)
-            if (signal := self._apply(row, source, now)) is not None:
+                origin = row[-1]
+                if type(origin) is not int:  # the steps of several messages
+                    for signal in self._apply_combined(row, origin, source, now):
+                        await self._send_signal(signal)
+                    continue
+                signal = self._apply(row[:DELTA_ROW_FIELDS], (source[0], origin), now)
+            else:
+                # a current row unpacks as a `DeltaRow` does; one written before the call mix is padded
+                signal = self._apply(
+                    row if len(row) == DELTA_ROW_FIELDS else DeltaRow.from_wire(row), source, now
+                )
+            if signal is not None:
                 await self._send_signal(signal)
         for guard_id, key, inputs in map(ContextRow._make, batch.contexts):
             await self._observe_context(guard_id, key, inputs, source)
 
-    def _apply_combined(self, row: list[Any], source: tuple[int, int], now: datetime) -> list[Signal]:
-        """A group's row: what its messages' own rows would do, applied one by one (`_apply`), in order.
+    def _apply_combined(
+        self, row: list[Any], steps: list[list[Any]], source: tuple[int, int], now: datetime
+    ) -> list[Signal]:
+        """A group's row with steps: what its messages' own rows would do, applied one by one
+        (`_apply`), in order.
 
         Most rows take `_apply_at_once` instead: it adds the steps without deciding after each,
         where no step can be skipped as a replay nor change the key's action.
         """
-        origin = row[-1]
-        if type(origin) is int:  # one message's row, not the group's last
-            signal = self._apply(row[:DELTA_ROW_FIELDS], (source[0], origin), now)
-            return [signal] if signal is not None else []
-        if self._apply_at_once(row, origin, source[0], now):
+        if self._apply_at_once(row, steps, source[0], now):
             return []
         signals = (self._apply(step, step_source, now) for step_source, step in message_rows(row, source))
         return [signal for signal in signals if signal is not None]

@@ -6,6 +6,7 @@ are tested without Kafka and every worker decides the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -189,11 +190,45 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
 
     Stage 2 asks this for every delta and builds a `Signal` only when the
     answer differs from the last published one, which is rare: comparing a
-    ratio with the rungs is all most deltas need.
+    ratio with the rungs is all most deltas need. Most rows do not even need
+    that: a window keeps where its last answer holds (`totals.settled`); a
+    calendar or session window the range of spend ratios and its end
+    (`_Windows.settled`), a rolling window the stretch of clock over which its
+    counted buckets stay the same and the spend it may grow to
+    (`_rolling_settled`). Within them the answer is the same.
     """
+    settled = totals.settled
+    if settled is not None:
+        if len(settled) == _CALENDAR_SETTLED:
+            held_for, start_ns, end, low, high, action = settled
+            if (
+                held_for is budget
+                and start_ns == window_start_ns
+                and now < end
+                and low <= totals.spent / budget.limit < high
+            ):
+                return action
+        else:
+            held_for, since, until, buckets, newest, cap, action = settled
+            if (
+                held_for is budget
+                and since <= now < until
+                and totals.buckets is buckets
+                and buckets.newest == newest
+                and totals.spent < cap
+            ):
+                return action
+    return decide_action_fully(budget, window_start_ns, totals, now)
+
+
+def decide_action_fully(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:
+    """`decide_action` worked out from the budget, the totals and the clock (the reference: tests
+    hold `decide_action` to it); where the answer holds is kept in `totals.settled`, unless a
+    predictive downgrade may decide."""
     windows = _windows_of(budget)
     if windows.rolling:  # `window_at`'s spend; its end, now + the window's length, is after now
-        spent = totals.rolling_spent(int(now.timestamp() * _NS), windows.rolling, windows.bucket_ns)
+        now_ns = int(now.timestamp() * _NS)
+        spent = totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns)
         open_ = True
     else:  # `window_at` of a calendar or session window, its end looked up once per window
         spent, open_ = totals.spent, now < windows.end(window_start_ns)
@@ -204,7 +239,60 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
         return signal_for_window(
             budget, "", window_start_ns, totals, now, timedelta(0)
         ).action  # needs the burn rate
+    if windows.rolling:
+        totals.settled = _rolling_settled(windows, totals, now, now_ns, spent, ratio, action)
+    elif open_:
+        totals.settled = windows.settled(window_start_ns, ratio, action)
     return action
+
+
+#: The length of a calendar or session window's `settled` tuple (a rolling window's is longer).
+_CALENDAR_SETTLED = 6
+#: A rolling window's kept answer stops this long before its oldest counted bucket changes (ns),
+#: and leaves this share of the limit unused below the next rung: room for the clock's and the
+#: sums' float rounding (see `_rolling_settled`).
+_CLOCK_ROOM_NS = 1_000_000
+_SPEND_ROOM = 1e-6
+
+
+def _rolling_settled(
+    windows: _Windows,
+    totals: WindowTotals,
+    now: datetime,
+    now_ns: int,
+    spent: float,
+    ratio: float,
+    action: str,
+) -> tuple[Any, ...] | None:
+    """(budget, since, until, buckets, newest, cap, action): `action` is what `decide_action` gives
+    for this rolling window while `since <= now < until`, its ring is the same with the same
+    newest bucket, and `totals.spent < cap`. None when the window has no ring yet, or no room.
+
+    Over that stretch of clock the oldest counted bucket is the same (`now` maps to ns
+    monotonically; `until` is checked to map below the next bucket's start). With the newest
+    bucket unchanged nothing left the ring, so each counted bucket only grew by what was added
+    (amounts are >= 0, as everywhere in stage 2; a float sum is monotone in each term): the spend
+    is at least `spent`, the rung at least the one reached. `totals.spent` grows by the same
+    amounts (nothing was evicted from it), so the counted spend stays below the next rung (or a
+    forecast's `min_ratio` below a downgrade) while `totals.spent` stays below `cap`: the room
+    left, less `_SPEND_ROOM` of the limit and of the spend for the sums' rounding.
+    """
+    buckets = totals.buckets
+    if buckets is None:
+        return None
+    budget, bucket_ns = windows.budget, windows.bucket_ns
+    _, _, high = windows.rung_range(ratio, action)
+    until = windows.until(((now_ns - windows.rolling) // bucket_ns + 1) * bucket_ns + windows.rolling)
+    if until is None:
+        return None
+    if high == math.inf:
+        cap = math.inf
+    else:
+        room = high * budget.limit - spent - _SPEND_ROOM * (high * budget.limit + abs(totals.spent))
+        if not room > 0:
+            return None
+        cap = totals.spent + room
+    return (budget, now, until, buckets, buckets.newest, cap, action)
 
 
 #: Relative room left for float rounding between a row's summed amount and the spend after each of
@@ -269,7 +357,17 @@ class _Windows:
     two datetimes per row of a rolling window.
     """
 
-    __slots__ = ("_span_texts", "_spans", "_texts", "bucket_ns", "budget", "rolling", "window")
+    __slots__ = (
+        "_settled",
+        "_span_texts",
+        "_spans",
+        "_texts",
+        "_until",
+        "bucket_ns",
+        "budget",
+        "rolling",
+        "window",
+    )
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget  # held, so its id is not reused while this entry lives
@@ -280,6 +378,10 @@ class _Windows:
         self._texts: tuple[str, str] | None = None
         #: window start -> ((start, end), their part of a reason): `span_text`
         self._span_texts: dict[int, tuple[tuple[datetime, datetime], str]] = {}
+        #: (window start, the rung's position) -> what `settled` gives, one tuple shared by every key
+        self._settled: dict[tuple[int, int], tuple[Budget, int, datetime, float, float, str]] = {}
+        #: a rolling window's last `until`: (the next bucket's start in ns, the bound or None)
+        self._until: tuple[int, datetime | None] = (0, None)
 
     def texts(self) -> tuple[str, str]:
         """The budget's parts of a signal's reason (`_reason`): before the key, and around the limit."""
@@ -306,6 +408,56 @@ class _Windows:
         text = self.bounds_text(start, end)
         self._span_texts[window_start_ns] = ((start, end), text)
         return text
+
+    def rung_range(self, ratio: float, action: str) -> tuple[int, float, float]:
+        """(position, low, high): `action`, decided at `ratio` without a prediction, is what the
+        budget's ladder gives at any ratio in [low, high) (position: the rung's, -1 below all).
+
+        `Budget.action_for` picks the last rung whose `at` is at most the ratio (the rungs ascend):
+        the same rung for every ratio from its `at` up to, not including, the next rung's. Below a
+        downgrade, a budget that predicts may downgrade from its forecast's `min_ratio` on, so the
+        range ends there too. A NaN ratio lies in no range.
+        """
+        low, high, position = -math.inf, math.inf, -1
+        for rung in self.budget.actions:
+            if not ratio >= rung.at:
+                high = rung.at
+                break
+            low, position = rung.at, position + 1
+        forecast = self.budget.forecast
+        if forecast.downgrade and SEVERITY[action] < SEVERITY["downgrade"]:
+            high = min(high, forecast.min_ratio)
+        return position, low, high
+
+    def settled(
+        self, window_start_ns: int, ratio: float, action: str
+    ) -> tuple[Budget, int, datetime, float, float, str]:
+        """(budget, window start, end, low, high, action): `action` is what `decide_action` gives
+        for this open calendar or session window at any spend ratio in [low, high) (`rung_range`)
+        before `end`. The tuple is the same object for every key of the window at that rung.
+        """
+        position, low, high = self.rung_range(ratio, action)
+        settled = self._settled.get((window_start_ns, position))
+        if settled is None or settled[3:] != (low, high, action):
+            if len(self._settled) >= _WINDOW_ENDS_KEPT:
+                self._settled.clear()
+            end = self.end(window_start_ns)
+            settled = self._settled[(window_start_ns, position)] = (
+                self.budget, window_start_ns, end, low, high, action
+            )  # fmt: skip
+        return settled
+
+    def until(self, next_first_ns: int) -> datetime | None:
+        """The clock before which a rolling window's oldest counted bucket is the one before
+        `next_first_ns` (`_CLOCK_ROOM_NS` early, checked to map below it as `now` maps to ns);
+        None if it does not. Kept for the latest bucket: every key's kept answer shares it."""
+        known, until = self._until
+        if known != next_first_ns:
+            until = _from_ns(next_first_ns - _CLOCK_ROOM_NS)
+            if not int(until.timestamp() * _NS) < next_first_ns:
+                until = None
+            self._until = (next_first_ns, until)
+        return until
 
     def end(self, window_start_ns: int) -> datetime:
         """The end of a calendar (or session) window, as `window_at` gives it."""

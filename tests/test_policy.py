@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from burnguard.contracts.budgets import Budget
+from burnguard.contracts.budgets import SEVERITY, Budget
 from burnguard.stream.accounting import UsageDelta
 from burnguard.stream.policy import (
     WindowTotals,
     _reason,
     burn_rate_per_hour,
     decide_action,
+    decide_action_fully,
     projected_exhaustion,
     signal_for_window,
     window_at,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 NS = 1_000_000_000
 TTL = timedelta(minutes=5)
@@ -302,6 +306,154 @@ def test_the_cheap_action_is_the_signals_action_in_every_window_a_budget_has(win
                     assert decide_action(budget, start_ns, window_totals, now) == expected, (start_ns, now)
                     checked.add(expected)
     assert {"ok", "warn", "throttle"} <= checked
+
+
+RUNG_ACTIONS = ("warn", "downgrade", "throttle")
+
+
+@st.composite
+def budgets(draw: st.DrawFn) -> Budget:
+    """A budget with a random ladder (1-3 rungs, some at or around the limit), window and forecast."""
+    ats = sorted(
+        draw(st.sets(st.sampled_from([0.25, 0.5, 0.7, 0.8, 0.85, 0.99, 1.0, 1.5]), min_size=1, max_size=3))
+    )
+    dos = sorted(
+        draw(st.lists(st.sampled_from(RUNG_ACTIONS), min_size=len(ats), max_size=len(ats))), key=SEVERITY.get
+    )
+    window = draw(st.sampled_from(["day", "month", "session", "1h"]))
+    return Budget(
+        id="b",
+        scope="session" if window == "session" else "tenant",
+        window=window,
+        limit=draw(st.sampled_from([0.05, 1.0, 50.0])),
+        actions=[{"at": at, "do": do} for at, do in zip(ats, dos, strict=True)],
+        forecast={"downgrade": draw(st.booleans()), "min_ratio": draw(st.sampled_from([0.0, 0.3, 0.9]))},
+    )
+
+
+#: One step of `test_the_kept_action_is_the_action_worked_out_afresh`: an amount added at a minute, as
+#: a share of the limit (some land exactly on a rung; None: the spend halved, as a rolling bucket's
+#: eviction lowers it), the clock moved by some
+#: minutes (back too), and whether the budgets were reloaded (a new `Budget` object, a new ladder).
+STEPS = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.floats(0.0, 0.3), st.sampled_from([0.0, 0.125, 0.25])),
+        st.one_of(st.sampled_from([0, 1, 3]), st.integers(-90, 24 * 60)),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=budgets(), reloaded=budgets(), steps=STEPS)
+def test_the_kept_action_is_the_action_worked_out_afresh(
+    first: Budget, reloaded: Budget, steps: list
+) -> None:
+    """`decide_action` answers from the range its window kept (`WindowTotals.settled`) where it can:
+    after each change of spend, clock or budget, it gives what `decide_action_fully` gives on a
+    copy of the totals that kept nothing, for whichever budget decides."""
+    budget, totals, now = first, WindowTotals(), NOW
+    start_ns = budget.window_spec.start_ns(ns(NOW)) if budget.window != "session" else 0
+    for index, (amount, minutes, reload) in enumerate(steps):
+        if reload:
+            budget = reloaded if budget is first else first
+        now += timedelta(minutes=minutes)
+        if amount is None:
+            if "1h" in (first.window, reloaded.window):  # a rolling spend falls as buckets leave, not so
+                continue
+            totals.spent /= 2
+        else:
+            at = ns(now) - 30 * NS
+            totals.add(0, index, amount * budget.limit, 1, at, at, budget.window_spec.bucket_ns)
+        expected = decide_action_fully(budget, start_ns, WindowTotals.from_state(totals.to_state()), now)
+        assert decide_action(budget, start_ns, totals, now) == expected, (index, totals.spent, now)
+
+
+def test_a_kept_action_is_not_state() -> None:
+    """The kept range is not written to the changelog, and is shared by the keys of a calendar
+    window at a rung."""
+    budget = ladder_budget()
+    start_ns = budget.window_spec.start_ns(ns(NOW))
+    one, other = WindowTotals(spent=20.0), WindowTotals(spent=21.0)
+    assert decide_action(budget, start_ns, one, NOW) == decide_action(budget, start_ns, other, NOW) == "ok"
+    assert one.settled is other.settled
+    assert one.settled[3:] == (-math.inf, 0.7, "ok")
+    assert one.to_state() == WindowTotals(spent=20.0).to_state()
+
+
+def test_a_rolling_window_keeps_its_answer_while_its_counted_buckets_and_rung_stay() -> None:
+    """A rolling window's kept answer holds until its oldest counted bucket changes (the clock),
+    its newest bucket moves (buckets may leave), or the spend may reach the next rung; then it is
+    worked out afresh."""
+    budget = ladder_budget(window="1h")  # 60 s buckets, limit 50, warn at 35
+    bucket_ns = budget.window_spec.bucket_ns
+    totals = WindowTotals()
+    at = ns(NOW) - 10 * NS
+    totals.add(0, 1, 30.0, 1, at, at, bucket_ns)
+    assert decide_action(budget, 0, totals, NOW) == "ok"
+    kept = totals.settled
+    assert kept is not None and kept[0] is budget and kept[-1] == "ok"
+    totals.add(0, 2, 4.9, 1, at, at, bucket_ns)  # 34.9: still ok, within the kept room
+    assert decide_action(budget, 0, totals, NOW + timedelta(seconds=5)) == "ok"
+    assert totals.settled is kept
+    totals.add(0, 3, 0.1, 1, at, at, bucket_ns)  # 35.0: the warn rung, past the kept room
+    assert decide_action(budget, 0, totals, NOW + timedelta(seconds=5)) == "warn"
+    assert totals.settled is not kept
+    later = NOW + timedelta(minutes=61)  # the bucket left the window: decided afresh
+    assert decide_action(budget, 0, totals, later) == decide_action_fully(budget, 0, totals, later) == "ok"
+
+
+@pytest.mark.parametrize("change", ["oldest bucket leaves", "clock back", "newest bucket moves"])
+def test_a_rolling_windows_kept_answer_ends_where_its_counted_buckets_change(change: str) -> None:
+    """Spend leaves a rolling window (or comes back into it) without `totals.spent` telling: when the
+    clock passes into the next bucket, when it goes back, and when a later bucket (a clock ahead)
+    pushes counted buckets out of the ring. The kept answer must not hold there."""
+    budget = ladder_budget(window="1h")  # 60 s buckets, limit 50, warn at 35
+    bucket_ns = budget.window_spec.bucket_ns
+    totals = WindowTotals()
+    oldest = (ns(NOW) - 3600 * NS) // bucket_ns * bucket_ns + NS  # the oldest bucket counted at NOW
+    totals.add(0, 1, 40.0, 1, oldest, oldest, bucket_ns)
+    totals.add(0, 2, 1.0, 1, ns(NOW) - NS, ns(NOW) - NS, bucket_ns)
+    now = NOW
+    if change == "clock back":
+        now = NOW + timedelta(seconds=60)  # the 40 has left: ok
+        assert decide_action(budget, 0, totals, now) == "ok"
+        now = NOW  # back: counted again
+    elif change == "newest bucket moves":
+        assert decide_action(budget, 0, totals, now) == "warn"
+        ahead = ns(NOW) + 7200 * NS
+        totals.add(0, 3, 1.0, 1, ahead, ahead, bucket_ns)  # the ring moves on: the 40 and the 1 drop out
+    else:
+        assert decide_action(budget, 0, totals, now) == "warn"
+        now = NOW + timedelta(seconds=60)
+    assert decide_action(budget, 0, totals, now) == decide_action_fully(budget, 0, totals, now)
+
+
+def test_a_kept_range_runs_from_its_rung_to_the_next_and_ends_with_the_window() -> None:
+    """A rung's range starts at its threshold (a ratio exactly on it is that rung's) and ends before
+    the next one, or at the forecast's `min_ratio` below a downgrade; past the window's end the
+    kept action no longer answers (a closed window decides `ok`)."""
+    budget = ladder_budget()
+    start_ns = budget.window_spec.start_ns(ns(NOW))
+    on_the_rung = WindowTotals(spent=35.0)  # 0.7 of 50
+    assert decide_action(budget, start_ns, on_the_rung, NOW) == "warn"
+    assert on_the_rung.settled[3:] == (0.7, 0.85, "warn")
+    on_the_rung.spent = 34.99  # below the rung again (a rolling eviction lowers spend so)
+    assert decide_action(budget, start_ns, on_the_rung, NOW) == "ok"
+    assert decide_action(budget, start_ns, on_the_rung, DAY_END) == "ok"
+    assert decide_action(budget, start_ns, WindowTotals(spent=40.0), DAY_END - timedelta(seconds=1)) == "warn"
+    closed = WindowTotals(spent=40.0)
+    assert decide_action(budget, start_ns, closed, NOW) == "warn"
+    assert decide_action(budget, start_ns, closed, DAY_END) == "ok"
+    assert decide_action(budget, start_ns, closed, NOW) == "warn"
+    yesterday = budget.window_spec.start_ns(ns(NOW - timedelta(days=1)))
+    assert decide_action(budget, yesterday, closed, NOW) == "ok"  # the same totals asked of another window
+    predictive = ladder_budget(forecast={"downgrade": True, "min_ratio": 0.25})
+    below = WindowTotals(spent=5.0)
+    assert decide_action(predictive, start_ns, below, NOW) == "ok"
+    assert below.settled[3:] == (-math.inf, 0.25, "ok")
 
 
 def reference_reason(
