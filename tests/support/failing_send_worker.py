@@ -3,7 +3,7 @@
 The `FAIL_SEND_AT`-th micro-batch with usage records (default 3) finds the producer failing
 (`KafkaTimeoutError`, as aiokafka raises when its buffer stays full past the request timeout):
 nothing of it is handed over. Every other send goes through. With `FAIL_COMBINE_AT=N` instead,
-the N-th group of combined rows raises while its rows are made (`GroupRows.rows`), once. With
+the N-th group of combined rows raises while its rows are made (`BudgetJob._close_group`), once. With
 `REFUSE_AT=N`, the N-th micro-batch with usage records has its first one padded with a header of
 `REFUSED_PAD` bytes, once: the test made the usage topic's `max.message.bytes` smaller, so the
 real broker refuses it after the hand-over (only its delivery future says so).
@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
-from burnguard.stream.app import create_job, make_worker
-from burnguard.stream.records import BATCHES, GROUPS, GroupRows
+from burnguard.stream.app import BudgetJob, create_job, make_worker
+from burnguard.stream.records import BATCHES, GROUPS
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaTimeoutError
 
@@ -72,16 +73,19 @@ def at_the_nth_usage_send(job: object, nth: int, action: Callable[[object], None
 
 
 def fail_combining_once(fail_at: int) -> None:
-    rows, groups = GroupRows.rows, [0]
+    """At the job's closing of a group, so the hook holds for either kind of group (the native
+    `Groups` or `GroupRows`, `records.new_group_rows`); a hook on `GroupRows.rows` never fired once
+    the groups were native."""
+    close, groups = BudgetJob._close_group, [0]
 
-    def failing_once(self: GroupRows) -> list:
+    def failing_once(self: BudgetJob, partition: int, group: Any, batch: Any) -> None:
         groups[0] += 1
         if groups[0] == fail_at:
             logger.warning("test hook: this group's rows fail")
             raise ValueError("test hook: a group's rows could not be made")
-        return rows(self)
+        close(self, partition, group, batch)
 
-    GroupRows.rows = failing_once  # type: ignore[method-assign]
+    BudgetJob._close_group = failing_once  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
