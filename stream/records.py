@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -206,24 +205,13 @@ def new_group_rows() -> RowGroup:
     also takes the native loop's own rows (`accounting.usage_rows_detached`), so that per (message,
     key) no Python row is made at all (contracts/native/src/groups.rs).
     """
-    native = _native_groups()
+    native = _native_part("Groups")
     return GroupRows() if native is None else native(combined_row)
 
 
 def native_groups_in_use() -> bool:
     """Whether `new_group_rows` makes native groups (which take `MessageRows`)."""
-    return _native_groups() is not None
-
-
-#: the native `Groups` class `_native_groups` chose: None, none in use; unset, not chosen yet
-_native_groups_choice: list[Callable[[Callable[[list[Any]], list[Any]]], RowGroup] | None] = []
-
-
-def _native_groups() -> Callable[[Callable[[list[Any]], list[Any]]], RowGroup] | None:
-    """The native `Groups`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
-    if not _native_groups_choice:
-        _native_groups_choice.append(getattr(native_module_in_use(), "Groups", None))
-    return _native_groups_choice[0]
+    return _native_part("Groups") is not None
 
 
 def combined_row(made: list[Any]) -> list[Any]:
@@ -234,7 +222,7 @@ def combined_row(made: list[Any]) -> list[Any]:
     (`_combined`) then makes; so does a call that raises (it changes nothing). Per (message, key)
     row it is what remained of the combining's Python work (BENCHMARKS.md, "Stage 1's per-message rest").
     """
-    native = _native_combined()
+    native = _native_part("combined")
     if native is not None:
         try:
             row = native(made)
@@ -246,15 +234,16 @@ def combined_row(made: list[Any]) -> list[Any]:
     return _combined(made)
 
 
-#: the native `combined` `_native_combined` chose: None, none in use; unset, not chosen yet
-_native_choice: list[Callable[[list[Any]], list[Any] | None] | None] = []
+#: The native parts (`combined`, `Groups`) `_native_part` chose, by name: None where none is in use.
+_native_parts: dict[str, Any] = {}
 
 
-def _native_combined() -> Callable[[list[Any]], list[Any] | None] | None:
-    """The native `combined`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
-    if not _native_choice:
-        _native_choice.append(getattr(native_module_in_use(), "combined", None))
-    return _native_choice[0]
+def _native_part(name: str) -> Any:
+    """The native module's `name`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
+    part = _native_parts.get(name, _native_parts)  # the dict itself: not chosen yet
+    if part is _native_parts:
+        part = _native_parts[name] = getattr(native_module_in_use(), name, None)
+    return part
 
 
 def _combined(made: list[Any]) -> list[Any]:
