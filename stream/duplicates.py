@@ -28,9 +28,11 @@ later than the window. ClickHouse still collapses those by span id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from blake3 import blake3
 from burnguard.contracts.topics import KafkaSettings
+from burnguard.stream.partitioner import native_module_in_use
 from kafka import KafkaConsumer, TopicPartition
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,29 @@ def digest(payload: bytes) -> bytes:
 
     Digests live only in a worker's memory (primed again by reading after a rebalance), so workers
     of two versions need not agree on the hash. BLAKE3 replaced BLAKE2b (~6x cheaper on a 40 kB
-    message: BENCHMARKS.md, "Cheaper duplicate digests").
+    message: BENCHMARKS.md, "Cheaper duplicate digests"). The native one (`blake3_16`,
+    contracts/native/src/digest.rs) when in use, else the reference `_blake3_16`.
+    """
+    return (_chosen or _choose())(payload)
+
+
+def _blake3_16(payload: bytes) -> bytes:
+    """The reference digest (blake3-py). It releases the GIL from 2 kB: on the worker's main thread
+    that hands the GIL to Faust's consumer thread and waits to take it back, ~10x the hash itself
+    on a small message (BENCHMARKS.md, "Stage 1 per message, again"); the native one holds it.
     """
     return blake3(payload).digest(16)
+
+
+#: the digest `_choose` chose (None: not yet)
+_chosen: Callable[[bytes], bytes] | None = None
+
+
+def _choose() -> Callable[[bytes], bytes]:
+    """The digest in use, chosen at the first digest as the decoder is (`native_module_in_use`)."""
+    global _chosen
+    _chosen = getattr(native_module_in_use(), "blake3_16", None) or _blake3_16
+    return _chosen
 
 
 class RecentBatches:

@@ -199,6 +199,7 @@ def test_combining_is_on_by_default_and_its_switch_sends_every_message_alone(tmp
     assert len(set(StageTwo().apply(switched_off).sub_batches)) == len(events)
 
 
+@pytest.mark.usefixtures("digest_impl")
 def test_a_group_passes_over_a_copy_and_a_malformed_message(tmp_path: Path) -> None:
     events = span_load_events(SpanMix(seed=3, batch_min=10, batch_max=20), messages=8, partitions=1)
     events[3] = Event(Message(0, 3, time.time()), events[2].value)  # a producer retry: offset 2's bytes

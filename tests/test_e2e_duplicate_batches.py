@@ -93,6 +93,7 @@ def test_a_copy_written_after_a_worker_restart_still_counts_once(pipeline: Pipel
     pipeline.wait_for_log("worker", "byte for byte: not counted again", 10, second, after=logged_before)
 
 
+@pytest.mark.usefixtures("digest_impl")
 def test_the_digests_are_bounded_by_the_window_and_the_cap() -> None:
     second = 10**9
     batches = RecentBatches(window_ns=60 * second, cap=100)

@@ -9,6 +9,7 @@
 
 mod checks;
 mod combine;
+mod digest;
 mod groups;
 mod sums;
 mod usage;
@@ -632,12 +633,13 @@ fn murmur2(data: &[u8]) -> u32 {
 }
 
 /// `Decoder`, `Summer` (`sums.rs`), `combined` (`combine.rs`), `Groups` and `MessageRows`
-/// (`groups.rs`), `murmur2`, and the exception a Rust panic is raised as (a BaseException: the caller
+/// (`groups.rs`), `murmur2`, `blake3_16` (`digest.rs`), and the exception a Rust panic is raised as (a BaseException: the caller
 /// catches it by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("PanicException", module.py().get_type::<PanicException>())?;
     module.add_function(wrap_pyfunction!(murmur2, module)?)?;
+    module.add_function(wrap_pyfunction!(digest::blake3_16, module)?)?;
     module.add_function(wrap_pyfunction!(combine::combined, module)?)?;
     module.add_class::<sums::Summer>()?;
     module.add_class::<groups::Groups>()?;
