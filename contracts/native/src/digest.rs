@@ -1,10 +1,9 @@
 //! The duplicate digest of an `otlp_spans` message (`stream/duplicates.py:digest`, whose
 //! blake3-py call is the reference): the same 16 bytes of BLAKE3, computed holding the GIL.
 //!
-//! blake3-py releases the GIL for inputs of 2 kB and more. In the worker that release hands the
-//! GIL to Faust's consumer thread and wakes it, and the main thread waits to take the GIL back:
-//! a small message's ~3 µs hash showed as ~30 µs of the main thread's time
-//! (BENCHMARKS.md, "Stage 1 per message, again").
+//! blake3-py releases the GIL for inputs of 2 kB and more, which lets Faust's consumer thread
+//! take it: in the worker a small message's ~4 µs hash took ~38 µs of the main thread's time
+//! (py-spy; ~6 holding the GIL: BENCHMARKS.md, "Stage 1 per message, again").
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
