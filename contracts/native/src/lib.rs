@@ -11,6 +11,7 @@ mod checks;
 mod combine;
 mod groups;
 mod sums;
+mod totals;
 mod usage;
 mod valid;
 mod value;
@@ -642,5 +643,6 @@ fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<sums::Summer>()?;
     module.add_class::<groups::Groups>()?;
     module.add_class::<groups::MessageRows>()?;
+    module.add_class::<totals::TotalsRows>()?;
     module.add_class::<Decoder>()
 }
