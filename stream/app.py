@@ -70,6 +70,7 @@ from burnguard.stream.accounting import (
     NS_PER_MINUTE,
     BatchStats,
     ContextGrowth,
+    Ring,
     UsageDelta,
     WindowTotals,
     context_observations,
@@ -1617,6 +1618,7 @@ def new_totals_rows(module: Any) -> Any | None:
         return None
     return native(
         WindowTotals,
+        Ring,
         NS_PER_MINUTE,
         MIX_FIELDS,
         DELTA_ROW_FIELDS,

@@ -14,20 +14,87 @@
 //! the objects; `tests/test_stage2_native.py` holds the two paths to the same outcome.
 
 use pyo3::buffer::PyBuffer;
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
+
+use crate::usage::slot_offset;
 
 /// The shapes stage 2's Python gives (`TotalsRows.__new__`), read once.
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
 pub struct TotalsRows {
     totals_class: Py<PyType>,
+    ring_class: Py<PyType>,
+    /// Where `WindowTotals`' slots (`TOTALS_FIELDS`) and `Ring`'s (`RING_FIELDS`) are in their objects.
+    totals_slots: [isize; TOTALS_FIELDS.len()],
+    ring_slots: [isize; RING_FIELDS.len()],
     ns_per_minute: i64,
     mix_fields: usize,
     row_fields: usize,
     row_fields_with_steps: usize,
     calendar_settled: usize,
     rolling_settled: usize,
+}
+
+/// The `WindowTotals` slots read or written, by their index in `totals_slots`.
+const TOTALS_FIELDS: [&str; 9] = [
+    "spent",
+    "spans",
+    "first_event_ns",
+    "last_event_ns",
+    "applied",
+    "recent",
+    "buckets",
+    "mix",
+    "settled",
+];
+const SPENT: usize = 0;
+const SPANS: usize = 1;
+const FIRST: usize = 2;
+const LAST: usize = 3;
+const APPLIED: usize = 4;
+const RECENT: usize = 5;
+const BUCKETS: usize = 6;
+const MIX: usize = 7;
+const SETTLED: usize = 8;
+/// The `Ring` slots read or written.
+const RING_FIELDS: [&str; 2] = ["newest", "amounts"];
+const NEWEST: usize = 0;
+const AMOUNTS: usize = 1;
+
+/// The value in the slot at `offset` of `object`, an exact instance of the class `offset` was
+/// found in (`usage::slot_offset`): what `getattr` gives, without the type's attribute look-up.
+fn read<'py>(object: &Bound<'py, PyAny>, offset: isize) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `offset` is a plain object slot inside objects of the class, `object` one of them.
+    unsafe {
+        let slot = *object
+            .as_ptr()
+            .cast::<u8>()
+            .offset(offset)
+            .cast::<*mut ffi::PyObject>();
+        if slot.is_null() {
+            return Err(pyo3::exceptions::PyAttributeError::new_err("an unset slot"));
+        }
+        Ok(Bound::from_borrowed_ptr(object.py(), slot))
+    }
+}
+
+/// `setattr` of that slot, as `PyMember_SetOne` sets a `Py_T_OBJECT_EX` member.
+fn write(object: &Bound<'_, PyAny>, offset: isize, value: Bound<'_, PyAny>) {
+    // SAFETY: as in `read`; the slot takes the new reference, the old one is released after.
+    unsafe {
+        let slot = object
+            .as_ptr()
+            .cast::<u8>()
+            .offset(offset)
+            .cast::<*mut ffi::PyObject>();
+        let old = *slot;
+        *slot = value.into_ptr();
+        if !old.is_null() {
+            ffi::Py_DecRef(old);
+        }
+    }
 }
 
 /// One message's part of a row, as `WindowTotals.add` takes it.
@@ -94,15 +161,20 @@ struct Ring<'py> {
     amounts: Vec<f64>,
     newest: i64,
     moved: bool,
+    newest_slot: isize,
 }
 
 impl<'py> Ring<'py> {
-    /// The ring's state, or None (its `amounts` not a writable array of doubles, `newest` not an int).
-    fn of(py: Python<'py>, ring: Bound<'py, PyAny>) -> PyResult<Option<Ring<'py>>> {
-        let Some(newest) = int(&ring.getattr(intern!(py, "newest"))?) else {
+    /// The ring's state, or None (not a `Ring`, its `amounts` not a writable array of doubles,
+    /// `newest` not an int). `slots`: `TotalsRows.ring_slots`.
+    fn of(py: Python<'py>, ring: Bound<'py, PyAny>, rows: &TotalsRows) -> PyResult<Option<Ring<'py>>> {
+        if !ring.get_type().is(rows.ring_class.bind(py)) {
+            return Ok(None);
+        }
+        let Some(newest) = int(&read(&ring, rows.ring_slots[NEWEST])?) else {
             return Ok(None);
         };
-        let Ok(buffer) = PyBuffer::<f64>::get(&ring.getattr(intern!(py, "amounts"))?) else {
+        let Ok(buffer) = PyBuffer::<f64>::get(&read(&ring, rows.ring_slots[AMOUNTS])?) else {
             return Ok(None);
         };
         if buffer.readonly() || buffer.item_count() == 0 || !buffer.is_c_contiguous() {
@@ -115,6 +187,7 @@ impl<'py> Ring<'py> {
             amounts,
             newest,
             moved: false,
+            newest_slot: rows.ring_slots[NEWEST],
         }))
     }
 
@@ -150,7 +223,11 @@ impl<'py> Ring<'py> {
     fn write(&self, py: Python<'_>) -> PyResult<()> {
         self.buffer.copy_from_slice(py, &self.amounts)?;
         if self.moved {
-            self.ring.setattr(intern!(py, "newest"), self.newest)?;
+            write(
+                &self.ring,
+                self.newest_slot,
+                self.newest.into_pyobject(py)?.into_any(),
+            );
         }
         Ok(())
     }
@@ -181,13 +258,16 @@ fn text<'a>(value: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
 
 #[pymethods]
 impl TotalsRows {
-    /// `totals_class`: `WindowTotals`; `ns_per_minute`: the recent ring's index unit; `mix_fields`:
+    /// `totals_class`: `WindowTotals`, `ring_class`: `Ring` (their slots are read and written
+    /// where they are in the objects: `usage::slot_offset`); `ns_per_minute`: the recent ring's index unit; `mix_fields`:
     /// a call mix's length (`MIX_FIELDS`); `row_fields` and `row_fields_with_steps`: a delta row's
     /// and a group's row's lengths (`records.DELTA_ROW_FIELDS*`); `calendar_settled` and
     /// `rolling_settled`: the lengths of `WindowTotals.settled`'s two kinds (`policy.decide_action`).
     #[new]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         totals_class: Bound<'_, PyType>,
+        ring_class: Bound<'_, PyType>,
         ns_per_minute: i64,
         mix_fields: usize,
         row_fields: usize,
@@ -198,8 +278,19 @@ impl TotalsRows {
         if ns_per_minute <= 0 || calendar_settled == rolling_settled {
             return Err(pyo3::exceptions::PyValueError::new_err("unusable shapes"));
         }
+        let mut totals_slots = [0; TOTALS_FIELDS.len()];
+        for (slot, name) in totals_slots.iter_mut().zip(TOTALS_FIELDS) {
+            *slot = slot_offset(&totals_class, name)?;
+        }
+        let mut ring_slots = [0; RING_FIELDS.len()];
+        for (slot, name) in ring_slots.iter_mut().zip(RING_FIELDS) {
+            *slot = slot_offset(&ring_class, name)?;
+        }
         Ok(TotalsRows {
             totals_class: totals_class.unbind(),
+            ring_class: ring_class.unbind(),
+            totals_slots,
+            ring_slots,
             ns_per_minute,
             mix_fields,
             row_fields,
@@ -254,7 +345,7 @@ impl TotalsRows {
                 Ok(None) => break,
                 Err(_) => break, // the reference meets the same error, and raises it
             };
-            if plan.commit(py, &target)? {
+            if plan.commit(py, self, &target)? {
                 added += 1;
             }
             index += 1;
@@ -436,7 +527,7 @@ impl TotalsRows {
         if !totals.get_type().is(self.totals_class.bind(py)) {
             return Ok(None);
         }
-        let applied = totals.getattr(intern!(py, "applied"))?;
+        let applied = read(&totals, self.totals_slots[APPLIED])?;
         let Ok(applied) = applied.cast_into_exact::<PyDict>() else {
             return Ok(None);
         };
@@ -448,37 +539,36 @@ impl TotalsRows {
             },
         };
         let (Some(mut spent), Some(mut spans), Some(mut first), Some(mut last)) = (
-            float(&totals.getattr(intern!(py, "spent"))?),
-            int(&totals.getattr(intern!(py, "spans"))?),
-            int(&totals.getattr(intern!(py, "first_event_ns"))?),
-            int(&totals.getattr(intern!(py, "last_event_ns"))?),
+            float(&read(&totals, self.totals_slots[SPENT])?),
+            int(&read(&totals, self.totals_slots[SPANS])?),
+            int(&read(&totals, self.totals_slots[FIRST])?),
+            int(&read(&totals, self.totals_slots[LAST])?),
         ) else {
             return Ok(None);
         };
         let (first_before, last_before) = (first, last);
-        let Some(mut recent) = Ring::of(py, totals.getattr(intern!(py, "recent"))?)? else {
+        let Some(mut recent) = Ring::of(py, read(&totals, self.totals_slots[RECENT])?, self)? else {
             return Ok(None);
         };
-        let buckets = totals.getattr(intern!(py, "buckets"))?;
+        let buckets = read(&totals, self.totals_slots[BUCKETS])?;
         let mut ring = None;
         if bucket_ns > 0 {
             if buckets.is_none() {
                 return Ok(None); // the reference makes the ring
             }
-            ring = Ring::of(py, buckets.clone())?;
+            ring = Ring::of(py, buckets.clone(), self)?;
             if ring.is_none() {
                 return Ok(None);
             }
         }
-        let mut mix = match self.current_mix(&totals.getattr(intern!(py, "mix"))?) {
+        let mut mix = match self.current_mix(&read(&totals, self.totals_slots[MIX])?) {
             Some(mix) => mix,
             None if parts.iter().all(|part| part.mix.is_none()) => None,
             None => return Ok(None),
         };
         let mut mix_changed = false;
-        let kept = (self.calendar_settled, self.rolling_settled);
         let decision = Decision::of(
-            py, kept, &budget, &budget_id, &key, start, &totals, &buckets, target,
+            py, self, &budget, &budget_id, &key, start, &totals, &buckets, target,
         )?;
         for part in parts {
             if part.offset <= mark {
@@ -572,7 +662,7 @@ impl<'py> Decision<'py> {
     #[allow(clippy::too_many_arguments)]
     fn of(
         py: Python<'py>,
-        kept: (usize, usize),
+        rows: &TotalsRows,
         budget: &Bound<'py, PyAny>,
         budget_id: &Bound<'py, PyAny>,
         key: &Bound<'py, PyAny>,
@@ -608,7 +698,7 @@ impl<'py> Decision<'py> {
                 }
             }
         };
-        let settled = totals.getattr(intern!(py, "settled"))?;
+        let settled = read(totals, rows.totals_slots[SETTLED])?;
         let Ok(settled) = settled.cast_into_exact::<PyTuple>() else {
             return Ok(Decision::Unknown);
         };
@@ -617,7 +707,7 @@ impl<'py> Decision<'py> {
             return Ok(Decision::Unknown);
         }
         match settled.len() {
-            length if length == kept.0 => {
+            length if length == rows.calendar_settled => {
                 let (Some(kept_start), Some(low), Some(high)) =
                     (int(&item(1)?), float(&item(3)?), float(&item(4)?))
                 else {
@@ -632,13 +722,14 @@ impl<'py> Decision<'py> {
                     high,
                 })
             }
-            length if length == kept.1 => {
+            length if length == rows.rolling_settled => {
                 let (Some(newest), Some(cap)) = (int(&item(4)?), float(&item(5)?)) else {
                     return Ok(Decision::Unknown);
                 };
                 if buckets.is_none()
                     || !item(3)?.is(buckets)
-                    || int(&buckets.getattr(intern!(py, "newest"))?) != Some(newest)
+                    || !buckets.get_type().is(rows.ring_class.bind(py))
+                    || int(&read(buckets, rows.ring_slots[NEWEST])?) != Some(newest)
                 {
                     return Ok(Decision::Unknown);
                 }
@@ -669,23 +760,24 @@ impl<'py> Decision<'py> {
 impl Plan<'_> {
     /// Does what `WindowTotals.add`, `TableChanges.set` and the snapshot's `waiting` do; whether
     /// the key is newly pending in `changed`.
-    fn commit(self, py: Python<'_>, target: &Target<'_, '_>) -> PyResult<bool> {
+    fn commit(self, py: Python<'_>, rows: &TotalsRows, target: &Target<'_, '_>) -> PyResult<bool> {
         let totals = &self.totals;
         self.applied.set_item(&target.source, self.mark)?;
-        totals.setattr(intern!(py, "spent"), self.spent)?;
-        totals.setattr(intern!(py, "spans"), self.spans)?;
+        let slots = &rows.totals_slots;
+        write(totals, slots[SPENT], PyFloat::new(py, self.spent).into_any());
+        write(totals, slots[SPANS], self.spans.into_pyobject(py)?.into_any());
         if let Some(first) = self.first {
-            totals.setattr(intern!(py, "first_event_ns"), first)?;
+            write(totals, slots[FIRST], first.into_pyobject(py)?.into_any());
         }
         if let Some(last) = self.last {
-            totals.setattr(intern!(py, "last_event_ns"), last)?;
+            write(totals, slots[LAST], last.into_pyobject(py)?.into_any());
         }
         self.recent.write(py)?;
         if let Some(buckets) = &self.buckets {
             buckets.write(py)?;
         }
         if let Some(mix) = &self.mix {
-            totals.setattr(intern!(py, "mix"), PyList::new(py, mix)?)?;
+            write(totals, slots[MIX], PyList::new(py, mix)?.into_any());
         }
         let (store, changed) = target.written()?;
         store.set_item(&self.state_key, totals)?;
