@@ -1616,16 +1616,20 @@ def new_totals_rows(module: Any) -> Any | None:
     native = getattr(module, "TotalsRows", None)
     if native is None:
         return None
-    return native(
-        WindowTotals,
-        Ring,
-        NS_PER_MINUTE,
-        MIX_FIELDS,
-        DELTA_ROW_FIELDS,
-        DELTA_ROW_FIELDS_WITH_STEPS,
-        CALENDAR_SETTLED,
-        ROLLING_SETTLED,
-    )
+    try:
+        return native(
+            WindowTotals,
+            Ring,
+            NS_PER_MINUTE,
+            MIX_FIELDS,
+            DELTA_ROW_FIELDS,
+            DELTA_ROW_FIELDS_WITH_STEPS,
+            CALENDAR_SETTLED,
+            ROLLING_SETTLED,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an older build, or other slots
+        logger.warning("native stage-2 rows not used (the Python rows are): %s; rebuild: make venv", exc)
+        return None
 
 
 def _has_steps(row: list[Any]) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from burnguard.stream import app as app_module
-from burnguard.stream.accounting import WindowClock, WindowTotals, window_lengths
+from burnguard.stream.accounting import Ring, WindowClock, WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob, new_totals_rows
 from burnguard.stream.changelog import plain_store
 from burnguard.stream.partitioner import native_module
@@ -177,3 +177,21 @@ def test_native_rows_leave_what_the_python_rows_leave(
     assert counted.added > rows // 5, (counted.added, rows)  # the native path took a good share
     assert python["signals"], "the load crosses rungs"
     assert python["counters"][0] and python["counters"][2], "the load replays rows and has bad amounts"
+
+
+def test_a_native_module_that_does_not_fit_leaves_the_python_rows_in_use() -> None:
+    """An older build (another constructor), or classes without the slots it reads: no native rows."""
+
+    class Older:
+        class TotalsRows:
+            def __init__(self, *shapes: Any) -> None:
+                raise TypeError("TotalsRows() takes 7 positional arguments")
+
+    assert new_totals_rows(Older) is None
+    assert new_totals_rows(None) is None
+    native = required_native_part("TotalsRows")
+    with pytest.raises(KeyError, match="newest"):
+        native(WindowTotals, WindowTotals, 60 * _NS, 4, 9, 10, 6, 7)  # a `Ring`'s slots are not there
+    with pytest.raises(ValueError, match="unusable shapes"):
+        native(WindowTotals, Ring, 60 * _NS, 4, 9, 10, 6, 6)  # both kept answers the same length
+    assert new_totals_rows(native_module()) is not None
