@@ -520,7 +520,16 @@ impl TotalsRows {
         let Some(limit) = float(&budget.getattr(intern!(py, "limit"))?) else {
             return Ok(None);
         };
-        let state_key = PyString::new(py, &format!("{budget_text}|{key_text}|{start}"));
+        // `budget|key` (the key's published state) and `budget|key|start` (its window), made once
+        let mut keys = String::with_capacity(budget_text.len() + key_text.len() + 22);
+        keys.push_str(&budget_text);
+        keys.push('|');
+        keys.push_str(&key_text);
+        let key_length = keys.len();
+        keys.push('|');
+        keys.push_str(&start.to_string());
+        let state_key = PyString::new(py, &keys);
+        let published_key = PyString::new(py, &keys[..key_length]);
         let Some(totals) = target.totals.get_item(&state_key)? else {
             return Ok(None);
         };
@@ -568,7 +577,14 @@ impl TotalsRows {
         };
         let mut mix_changed = false;
         let decision = Decision::of(
-            py, self, &budget, &budget_id, &key, start, &totals, &buckets, target,
+            py,
+            self,
+            &budget,
+            &published_key,
+            start,
+            &totals,
+            &buckets,
+            target,
         )?;
         for part in parts {
             if part.offset <= mark {
@@ -657,25 +673,20 @@ enum Decision<'py> {
 }
 
 impl<'py> Decision<'py> {
-    /// From the key's published state and the window's kept answer (`policy.decide_action`;
+    /// From the key's published state (under `state_key`, `budget|key`) and the window's kept answer (`policy.decide_action`;
     /// `kept`: the lengths of its calendar and rolling tuples).
     #[allow(clippy::too_many_arguments)]
     fn of(
         py: Python<'py>,
         rows: &TotalsRows,
         budget: &Bound<'py, PyAny>,
-        budget_id: &Bound<'py, PyAny>,
-        key: &Bound<'py, PyAny>,
+        state_key: &Bound<'py, PyString>,
         start: i64,
         totals: &Bound<'py, PyAny>,
         buckets: &Bound<'py, PyAny>,
         target: &Target<'_, 'py>,
     ) -> PyResult<Decision<'py>> {
-        let (Some(budget_text), Some(key_text)) = (text(budget_id), text(key)) else {
-            return Ok(Decision::Unknown);
-        };
-        let state_key = PyString::new(py, &format!("{budget_text}|{key_text}"));
-        let action = match target.states.get_item(&state_key)? {
+        let action = match target.states.get_item(state_key)? {
             None => PyString::new(py, "ok").into_any(),
             Some(previous) => {
                 let Ok(previous) = previous.cast_into_exact::<PyDict>() else {
@@ -780,7 +791,9 @@ impl Plan<'_> {
             write(totals, slots[MIX], PyList::new(py, mix)?.into_any());
         }
         let (store, changed) = target.written()?;
-        store.set_item(&self.state_key, totals)?;
+        if !store.is(target.totals) {
+            store.set_item(&self.state_key, totals)?; // else it holds `totals` under the key already
+        }
         let fresh = !changed.contains(&self.state_key)?;
         if !fresh {
             changed.del_item(&self.state_key)?;
