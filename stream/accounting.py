@@ -44,7 +44,7 @@ from burnguard.stream.records import DeltaRow
 logger = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
-_NS_PER_MINUTE = 60 * _NS
+NS_PER_MINUTE = 60 * _NS
 #: How far back the burn rate looks.
 RECENT_MINUTES = 15
 
@@ -369,7 +369,7 @@ class WindowTotals:
             self.first_event_ns = first_event_ns
         if last_event_ns > self.last_event_ns:
             self.last_event_ns = last_event_ns
-        recent, minute = self.recent, last_event_ns // _NS_PER_MINUTE
+        recent, minute = self.recent, last_event_ns // NS_PER_MINUTE
         if minute == recent.newest:  # most rows: `Ring.add` in the ring's newest minute, inlined
             amounts = recent.amounts
             amounts[minute % len(amounts)] += amount
@@ -410,7 +410,7 @@ class WindowTotals:
         applied, recent = self.applied, self.recent
         for offset, amount, spans, first_ns, span_ns, *own_mix in steps:
             last_ns = first_ns + span_ns
-            minute, buckets, current = last_ns // _NS_PER_MINUTE, self.buckets, self.mix
+            minute, buckets, current = last_ns // NS_PER_MINUTE, self.buckets, self.mix
             if (
                 own_mix
                 or minute != recent.newest
@@ -450,7 +450,7 @@ class WindowTotals:
 
     def recent_spend(self, since_ns: int) -> float:
         """Spend in the minutes from `since_ns` on (minute resolution)."""
-        return self.recent.total(since_ns // _NS_PER_MINUTE)
+        return self.recent.total(since_ns // NS_PER_MINUTE)
 
     def to_state(self) -> list[Any]:
         return [

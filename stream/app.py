@@ -66,8 +66,11 @@ from burnguard.contracts.topics import (
 from burnguard.contracts.usage import SpanUsage
 from burnguard.stream import fetching
 from burnguard.stream.accounting import (
+    MIX_FIELDS,
+    NS_PER_MINUTE,
     BatchStats,
     ContextGrowth,
+    Ring,
     UsageDelta,
     WindowTotals,
     context_observations,
@@ -94,8 +97,10 @@ from burnguard.stream.eviction import (
     last_event_ns,
 )
 from burnguard.stream.liveness import BoundedStopWorker, install_liveness_watchdog
-from burnguard.stream.partitioner import producer_partitioner, usage_partition
+from burnguard.stream.partitioner import native_module_in_use, producer_partitioner, usage_partition
 from burnguard.stream.policy import (
+    CALENDAR_SETTLED,
+    ROLLING_SETTLED,
     changed_signal,
     decide_context,
     settles_alike,
@@ -1071,10 +1076,48 @@ class BudgetJob:
 
         A group's row that one message made (its tenth field that message's offset, not the
         group's last: most rows of small messages) is `_apply`'d here, with no call or list
-        between.
+        between. Where the native module is in use, `_account_rows_natively` adds them instead.
         """
         source = batch.source
-        for row in batch.deltas:
+        native = native_totals_rows()
+        if native is not None and type(batch.deltas) is list:
+            await self._account_rows_natively(native, batch.deltas, source, now)
+        else:
+            await self._account_rows_in_python(batch.deltas, source, now)
+        for guard_id, key, inputs in map(ContextRow._make, batch.contexts):
+            await self._observe_context(guard_id, key, inputs, source)
+
+    async def _account_rows_natively(
+        self, native: Any, rows: list[Any], source: tuple[int, int], now: datetime
+    ) -> None:
+        """The rows in order: each common one added by the native `TotalsRows` (no signal, no state
+        change: contracts/native/src/totals.rs), each other one by `_account_rows_in_python`.
+
+        The stores and pending changes are looked up again after every await: a changelog write
+        may take the pending changes meanwhile (`TableChanges.target`, asked by the native call).
+        """
+        at, end = 0, len(rows)
+        while at < end:
+            at, added = native.add(
+                rows,
+                at,
+                *source,
+                now,
+                self._budgets,
+                plain_store(self.totals),
+                self.changes,
+                self.totals,
+                plain_store(self.states),
+                self.snapshots.waiting,
+            )
+            self.changes.added(added)
+            if at < end:
+                await self._account_rows_in_python(rows[at : at + 1], source, now)
+                at += 1
+
+    async def _account_rows_in_python(self, rows: list[Any], source: tuple[int, int], now: datetime) -> None:
+        """The rows' reference path (see `_account_rows`)."""
+        for row in rows:
             if len(row) == DELTA_ROW_FIELDS_WITH_STEPS:  # a group's row (`GroupRows`)
                 origin = row[-1]
                 if type(origin) is not int:  # the steps of several messages
@@ -1089,8 +1132,6 @@ class BudgetJob:
                 )
             if signal is not None:
                 await self._send_signal(signal)
-        for guard_id, key, inputs in map(ContextRow._make, batch.contexts):
-            await self._observe_context(guard_id, key, inputs, source)
 
     def _apply_combined(
         self, row: list[Any], steps: list[list[Any]], source: tuple[int, int], now: datetime
@@ -1554,6 +1595,41 @@ class SnapshotRun:
         start, end = window_bounds(budget, int(window_start_ns), self.now_ns)
         self._bounds[(id(budget), window_start_ns)] = (budget, start, usage_bounds(start, end))
         return start, self._bounds[(id(budget), window_start_ns)][2]
+
+
+#: Stage 2's native rows (`TotalsRows`, contracts/native/src/totals.rs) once made, under "rows";
+#: None where the native module is not in use. The tests set it per implementation.
+_native_rows: dict[str, Any] = {}
+
+
+def native_totals_rows() -> Any | None:
+    """The native `TotalsRows` where the native module is in use (`native_module_in_use`), made at
+    first use with the shapes stage 2's Python gives it; else None."""
+    made = _native_rows.get("rows", _native_rows)  # the dict itself: not made yet
+    if made is _native_rows:
+        made = _native_rows["rows"] = new_totals_rows(native_module_in_use())
+    return made
+
+
+def new_totals_rows(module: Any) -> Any | None:
+    """A `TotalsRows` of `module` (the native module), or None without one."""
+    native = getattr(module, "TotalsRows", None)
+    if native is None:
+        return None
+    try:
+        return native(
+            WindowTotals,
+            Ring,
+            NS_PER_MINUTE,
+            MIX_FIELDS,
+            DELTA_ROW_FIELDS,
+            DELTA_ROW_FIELDS_WITH_STEPS,
+            CALENDAR_SETTLED,
+            ROLLING_SETTLED,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an older build, or other slots
+        logger.warning("native stage-2 rows not used (the Python rows are): %s; rebuild: make venv", exc)
+        return None
 
 
 def _has_steps(row: list[Any]) -> bool:

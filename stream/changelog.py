@@ -266,6 +266,20 @@ class TableChanges:
             self._pending_keys += 1
         changed[key] = value
 
+    def target(self, table: CollectionT) -> tuple[Any, dict[Any, Any]]:
+        """(the table's store, its pending changes of the current partition): what `set` writes, for
+        a caller that sets many keys as `set` does without a call per key (stage 2's native rows,
+        `stream/app.py`), then counts the keys it newly made pending with `added`. Valid until the
+        changes are taken: ask again after any await."""
+        known = self._targets.get(id(table))
+        if known is None or known[0] is not table or known[1] != self.partition:
+            known = self._target(table)
+        return known[2], known[3]
+
+    def added(self, keys: int) -> None:
+        """`keys` keys were newly made pending through `target`'s dict."""
+        self._pending_keys += keys
+
     def delete(self, table: CollectionT, key: str) -> None:
         if table.data.pop(key, None) is not None:  # rare (evictions): no pending entry made for nothing
             changed = self._target(table)[3]

@@ -199,7 +199,7 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
     """
     settled = totals.settled
     if settled is not None:
-        if len(settled) == _CALENDAR_SETTLED:
+        if len(settled) == CALENDAR_SETTLED:
             held_for, start_ns, end, low, high, action = settled
             if (
                 held_for is budget
@@ -246,8 +246,10 @@ def decide_action_fully(budget: Budget, window_start_ns: int, totals: WindowTota
     return action
 
 
-#: The length of a calendar or session window's `settled` tuple (a rolling window's is longer).
-_CALENDAR_SETTLED = 6
+#: The lengths of a calendar or session window's `settled` tuple and of a rolling window's (stage 2's
+#: native rows read both: contracts/native/src/totals.rs).
+CALENDAR_SETTLED = 6
+ROLLING_SETTLED = 7
 #: A rolling window's kept answer stops this long before its oldest counted bucket changes (ns),
 #: and leaves this share of the limit unused below the next rung: room for the clock's and the
 #: sums' float rounding (see `_rolling_settled`).

@@ -29,6 +29,9 @@ from faust.types import TP
 
 from tests.factories import budgets_yaml, tenant_cost
 
+#: Stage 2's rows added by the Python reference and by the native `TotalsRows` (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("totals_rows_impl")
+
 BUDGETS = budgets_yaml(tenant_cost(1))
 
 

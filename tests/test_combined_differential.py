@@ -48,6 +48,9 @@ from tests.support.otlp_batches import otlp_batch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from span_load import BUDGETS_YAML, SpanMix
 
+#: Stage 2's rows added by the Python reference and by the native `TotalsRows` (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("totals_rows_impl")
+
 CONFIG = parse_budget_yaml(
     """\
 model_classes: {premium: [gpt-4.1], standard: [gpt-4.1-mini], economy: [gpt-4.1-nano]}

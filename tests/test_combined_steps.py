@@ -40,6 +40,9 @@ from tests.fixtures.consumer_events import Event, Message
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from span_load import BUDGETS_YAML, SpanMix
 
+#: Stage 2's rows added by the Python reference and by the native `TotalsRows` (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("totals_rows_impl")
+
 #: span_load's budgets (ladders on tenant, user, tenant+feature, session), with a rolling ladder
 #: and a predictive downgrade added: each decides by other means than a calendar window's spend.
 LADDERS_YAML = BUDGETS_YAML + (

@@ -20,6 +20,9 @@ from burnguard.stream.settings import StreamSettings
 
 from tests.factories import budgets_yaml, tenant_cost
 
+#: Stage 2's rows added by the Python reference and by the native `TotalsRows` (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("totals_rows_impl")
+
 
 @pytest.fixture
 def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BudgetJob:

@@ -37,6 +37,9 @@ from kafka import KafkaConsumer, TopicPartition
 
 from tests.factories import budget, budgets_yaml
 
+#: Stage 2's rows added by the Python reference and by the native `TotalsRows` (tests/fixtures/decoders.py).
+pytestmark = pytest.mark.usefixtures("totals_rows_impl")
+
 #: The snapshot topic's `max.message.bytes` in the refusal test: a batch holding a larger record is refused.
 REFUSED_ABOVE = 2048
 

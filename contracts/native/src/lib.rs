@@ -12,6 +12,7 @@ mod combine;
 mod digest;
 mod groups;
 mod sums;
+mod totals;
 mod usage;
 mod valid;
 mod value;
@@ -644,5 +645,6 @@ fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<sums::Summer>()?;
     module.add_class::<groups::Groups>()?;
     module.add_class::<groups::MessageRows>()?;
+    module.add_class::<totals::TotalsRows>()?;
     module.add_class::<Decoder>()
 }

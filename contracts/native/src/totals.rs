@@ -1,0 +1,805 @@
+//! `TotalsRows`: stage 2's common delta row added to its window's totals natively.
+//!
+//! `stream/app.py:BudgetJob._apply` (and `_apply_combined`, for a row with steps) is the reference.
+//! Per row of a sub-batch, in order, `TotalsRows.add` adds the row here when its outcome is the
+//! common one: the budget known, every amount valid, the window's `WindowTotals` object already in
+//! the table, no step a replay, no step moving a rolling window's newest bucket, and after each
+//! step the spend inside the range over which the key's kept answer (`WindowTotals.settled`,
+//! `policy.decide_action`) is the published action: no signal and no state change. It then does
+//! to the Python objects what `WindowTotals.add` does (the same float operations in the same
+//! order: the mark, the spend, the spans, the event times, the rings' arrays through the buffer
+//! protocol, the recent ring moving on, the call mix) and what `TableChanges.set` and the
+//! snapshot's `waiting` do. Any other row is left untouched and handed back: `add` stops there and
+//! the caller applies it in Python. Every shape is handed in (`TotalsRows.__new__`) or read from
+//! the objects; `tests/test_stage2_native.py` holds the two paths to the same outcome.
+
+use pyo3::buffer::PyBuffer;
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
+
+use crate::usage::slot_offset;
+
+/// The shapes stage 2's Python gives (`TotalsRows.__new__`), read once.
+#[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
+pub struct TotalsRows {
+    totals_class: Py<PyType>,
+    ring_class: Py<PyType>,
+    /// Where `WindowTotals`' slots (`TOTALS_FIELDS`) and `Ring`'s (`RING_FIELDS`) are in their objects.
+    totals_slots: [isize; TOTALS_FIELDS.len()],
+    ring_slots: [isize; RING_FIELDS.len()],
+    ns_per_minute: i64,
+    mix_fields: usize,
+    row_fields: usize,
+    row_fields_with_steps: usize,
+    calendar_settled: usize,
+    rolling_settled: usize,
+}
+
+/// The `WindowTotals` slots read or written, by their index in `totals_slots`.
+const TOTALS_FIELDS: [&str; 9] = [
+    "spent",
+    "spans",
+    "first_event_ns",
+    "last_event_ns",
+    "applied",
+    "recent",
+    "buckets",
+    "mix",
+    "settled",
+];
+const SPENT: usize = 0;
+const SPANS: usize = 1;
+const FIRST: usize = 2;
+const LAST: usize = 3;
+const APPLIED: usize = 4;
+const RECENT: usize = 5;
+const BUCKETS: usize = 6;
+const MIX: usize = 7;
+const SETTLED: usize = 8;
+/// The `Ring` slots read or written.
+const RING_FIELDS: [&str; 2] = ["newest", "amounts"];
+const NEWEST: usize = 0;
+const AMOUNTS: usize = 1;
+
+/// The value in the slot at `offset` of `object`, an exact instance of the class `offset` was
+/// found in (`usage::slot_offset`): what `getattr` gives, without the type's attribute look-up.
+fn read<'py>(object: &Bound<'py, PyAny>, offset: isize) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `offset` is a plain object slot inside objects of the class, `object` one of them.
+    unsafe {
+        let slot = *object
+            .as_ptr()
+            .cast::<u8>()
+            .offset(offset)
+            .cast::<*mut ffi::PyObject>();
+        if slot.is_null() {
+            return Err(pyo3::exceptions::PyAttributeError::new_err("an unset slot"));
+        }
+        Ok(Bound::from_borrowed_ptr(object.py(), slot))
+    }
+}
+
+/// `setattr` of that slot, as `PyMember_SetOne` sets a `Py_T_OBJECT_EX` member.
+fn write(object: &Bound<'_, PyAny>, offset: isize, value: Bound<'_, PyAny>) {
+    // SAFETY: as in `read`; the slot takes the new reference, the old one is released after.
+    unsafe {
+        let slot = object
+            .as_ptr()
+            .cast::<u8>()
+            .offset(offset)
+            .cast::<*mut ffi::PyObject>();
+        let old = *slot;
+        *slot = value.into_ptr();
+        if !old.is_null() {
+            ffi::Py_DecRef(old);
+        }
+    }
+}
+
+/// One message's part of a row, as `WindowTotals.add` takes it.
+struct Part {
+    offset: i64,
+    amount: f64,
+    spans: i64,
+    first: i64,
+    last: i64,
+    /// The call mix to add: None where `add`'s `if mix:` adds none.
+    mix: Option<Vec<f64>>,
+}
+
+/// What one sub-batch's rows are added to, looked up by the caller once per call.
+struct Target<'a, 'py> {
+    partition: i64,
+    source: Bound<'py, PyString>,
+    now: &'a Bound<'py, PyAny>,
+    budgets: &'a Bound<'py, PyDict>,
+    totals: &'a Bound<'py, PyDict>,
+    changes: &'a Bound<'py, PyAny>,
+    table: &'a Bound<'py, PyAny>,
+    /// (the store, the pending changes) `changes.target(table)` gives, asked at the first commit:
+    /// asked earlier, it would make the partition's pending changes before the reference does.
+    written: std::cell::OnceCell<(Bound<'py, PyDict>, Bound<'py, PyDict>)>,
+    states: &'a Bound<'py, PyDict>,
+    waiting: &'a Bound<'py, PyDict>,
+}
+
+impl<'py> Target<'_, 'py> {
+    fn written(&self) -> PyResult<&(Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+        if let Some(written) = self.written.get() {
+            return Ok(written);
+        }
+        let py = self.changes.py();
+        let (store, changed) = self
+            .changes
+            .call_method1(intern!(py, "target"), (self.table,))?
+            .extract::<(Bound<'py, PyDict>, Bound<'py, PyDict>)>()?;
+        Ok(self.written.get_or_init(|| (store, changed)))
+    }
+}
+
+/// A window's totals as a row's parts leave them, worked out before anything is changed.
+struct Plan<'py> {
+    totals: Bound<'py, PyAny>,
+    state_key: Bound<'py, PyString>,
+    applied: Bound<'py, PyDict>,
+    mark: i64,
+    spent: f64,
+    spans: i64,
+    first: Option<i64>,
+    last: Option<i64>,
+    recent: Ring<'py>,
+    buckets: Option<Ring<'py>>,
+    mix: Option<Vec<f64>>,
+}
+
+/// A `stream/accounting.py:Ring` as a row's parts leave it: its array's buffer, its amounts
+/// and newest index worked out on copies, written back at the commit.
+struct Ring<'py> {
+    ring: Bound<'py, PyAny>,
+    buffer: PyBuffer<f64>,
+    amounts: Vec<f64>,
+    newest: i64,
+    moved: bool,
+    newest_slot: isize,
+}
+
+impl<'py> Ring<'py> {
+    /// The ring's state, or None (not a `Ring`, its `amounts` not a writable array of doubles,
+    /// `newest` not an int). `slots`: `TotalsRows.ring_slots`.
+    fn of(py: Python<'py>, ring: Bound<'py, PyAny>, rows: &TotalsRows) -> PyResult<Option<Ring<'py>>> {
+        if !ring.get_type().is(rows.ring_class.bind(py)) {
+            return Ok(None);
+        }
+        let Some(newest) = int(&read(&ring, rows.ring_slots[NEWEST])?) else {
+            return Ok(None);
+        };
+        let Ok(buffer) = PyBuffer::<f64>::get(&read(&ring, rows.ring_slots[AMOUNTS])?) else {
+            return Ok(None);
+        };
+        if buffer.readonly() || buffer.item_count() == 0 || !buffer.is_c_contiguous() {
+            return Ok(None);
+        }
+        let amounts = buffer.to_vec(py)?;
+        Ok(Some(Ring {
+            ring,
+            buffer,
+            amounts,
+            newest,
+            moved: false,
+            newest_slot: rows.ring_slots[NEWEST],
+        }))
+    }
+
+    /// `Ring.add`: adds `amount` at `index`; what fell out of the ring, or None where that is a
+    /// `sum()` of the ring and `evicted` is wanted (the reference works it out).
+    fn add(&mut self, index: i64, amount: f64, evicted: bool) -> Option<f64> {
+        let size = i64::try_from(self.amounts.len()).ok()?;
+        let slot = |index: i64| usize::try_from(index.rem_euclid(size)).ok();
+        let mut out = 0.0;
+        if index > self.newest {
+            if self.newest < 0 || index - self.newest >= size {
+                if evicted {
+                    return None;
+                }
+                self.amounts.iter_mut().for_each(|amount| *amount = 0.0);
+            } else {
+                for passed in self.newest + 1..=index {
+                    let at = slot(passed)?;
+                    out += self.amounts[at];
+                    self.amounts[at] = 0.0;
+                }
+            }
+            self.newest = index;
+            self.moved = true;
+        } else if index <= self.newest - size {
+            return Some(amount); // already out of the ring: counted and dropped at once
+        }
+        self.amounts[slot(index)?] += amount;
+        Some(out)
+    }
+
+    /// Writes the amounts (and the newest index, if it moved) back into the Python ring.
+    fn write(&self, py: Python<'_>) -> PyResult<()> {
+        self.buffer.copy_from_slice(py, &self.amounts)?;
+        if self.moved {
+            write(
+                &self.ring,
+                self.newest_slot,
+                self.newest.into_pyobject(py)?.into_any(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An int that is exactly a Python `int` (not a bool) and fits an int64.
+fn int(value: &Bound<'_, PyAny>) -> Option<i64> {
+    if !value.is_exact_instance_of::<PyInt>() {
+        return None;
+    }
+    value.extract::<i64>().ok()
+}
+
+/// A float that is exactly a Python `float`.
+fn float(value: &Bound<'_, PyAny>) -> Option<f64> {
+    Some(value.cast_exact::<PyFloat>().ok()?.value())
+}
+
+/// An exact `str`'s text.
+fn text<'a>(value: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
+    value
+        .cast_exact::<PyString>()
+        .ok()?
+        .to_str()
+        .ok()
+        .map(std::borrow::Cow::Borrowed)
+}
+
+#[pymethods]
+impl TotalsRows {
+    /// `totals_class`: `WindowTotals`, `ring_class`: `Ring` (their slots are read and written
+    /// where they are in the objects: `usage::slot_offset`); `ns_per_minute`: the recent ring's index unit; `mix_fields`:
+    /// a call mix's length (`MIX_FIELDS`); `row_fields` and `row_fields_with_steps`: a delta row's
+    /// and a group's row's lengths (`records.DELTA_ROW_FIELDS*`); `calendar_settled` and
+    /// `rolling_settled`: the lengths of `WindowTotals.settled`'s two kinds (`policy.decide_action`).
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        totals_class: Bound<'_, PyType>,
+        ring_class: Bound<'_, PyType>,
+        ns_per_minute: i64,
+        mix_fields: usize,
+        row_fields: usize,
+        row_fields_with_steps: usize,
+        calendar_settled: usize,
+        rolling_settled: usize,
+    ) -> PyResult<Self> {
+        if ns_per_minute <= 0 || calendar_settled == rolling_settled {
+            return Err(pyo3::exceptions::PyValueError::new_err("unusable shapes"));
+        }
+        let mut totals_slots = [0; TOTALS_FIELDS.len()];
+        for (slot, name) in totals_slots.iter_mut().zip(TOTALS_FIELDS) {
+            *slot = slot_offset(&totals_class, name)?;
+        }
+        let mut ring_slots = [0; RING_FIELDS.len()];
+        for (slot, name) in ring_slots.iter_mut().zip(RING_FIELDS) {
+            *slot = slot_offset(&ring_class, name)?;
+        }
+        Ok(TotalsRows {
+            totals_class: totals_class.unbind(),
+            ring_class: ring_class.unbind(),
+            totals_slots,
+            ring_slots,
+            ns_per_minute,
+            mix_fields,
+            row_fields,
+            row_fields_with_steps,
+            calendar_settled,
+            rolling_settled,
+        })
+    }
+
+    /// Adds `rows[at:]` of a sub-batch whose source is (`partition`, `offset`) while each is the
+    /// common case (module doc); returns (the index of the first row not added, for the caller to
+    /// apply, `len(rows)` when all were, the number of keys newly pending in `changed`).
+    ///
+    /// `budgets`: the job's budgets by id; `totals`: the `window-totals` store read; `changes` and
+    /// `table`: the job's `TableChanges` and the `window-totals` table, whose store and pending
+    /// changes (`TableChanges.target`) a commit writes as `TableChanges.set` does; `states`: the
+    /// `signal-states` store; `waiting`: the windows waiting for a snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn add<'py>(
+        &self,
+        py: Python<'py>,
+        rows: &Bound<'py, PyList>,
+        at: usize,
+        partition: i64,
+        offset: i64,
+        now: &Bound<'py, PyAny>,
+        budgets: &Bound<'py, PyDict>,
+        totals: &Bound<'py, PyDict>,
+        changes: &Bound<'py, PyAny>,
+        table: &Bound<'py, PyAny>,
+        states: &Bound<'py, PyDict>,
+        waiting: &Bound<'py, PyDict>,
+    ) -> PyResult<(usize, usize)> {
+        let target = Target {
+            partition,
+            source: PyString::new(py, &partition.to_string()),
+            now,
+            budgets,
+            totals,
+            changes,
+            table,
+            written: std::cell::OnceCell::new(),
+            states,
+            waiting,
+        };
+        let mut added = 0;
+        let mut index = at;
+        while index < rows.len() {
+            let row = rows.get_item(index)?;
+            let plan = match self.plan(py, &row, offset, &target) {
+                Ok(Some(plan)) => plan,
+                Ok(None) => break,
+                Err(_) => break, // the reference meets the same error, and raises it
+            };
+            if plan.commit(py, self, &target)? {
+                added += 1;
+            }
+            index += 1;
+        }
+        Ok((index, added))
+    }
+}
+
+impl TotalsRows {
+    /// The row's plan when it is the common case; None: hand it back.
+    fn plan<'py>(
+        &self,
+        py: Python<'py>,
+        row: &Bound<'py, PyAny>,
+        offset: i64,
+        target: &Target<'_, 'py>,
+    ) -> PyResult<Option<Plan<'py>>> {
+        let Ok(row) = row.cast_exact::<PyList>() else {
+            return Ok(None);
+        };
+        let fields = row.len();
+        if fields != self.row_fields && fields != self.row_fields_with_steps {
+            return Ok(None);
+        }
+        let mix = row.get_item(8)?;
+        let parts = if fields == self.row_fields_with_steps {
+            let origin = row.get_item(fields - 1)?;
+            match int(&origin) {
+                Some(offset) => self.part(row, offset, &mix)?,
+                None if origin.is_exact_instance_of::<PyList>() => self.steps(&origin, &mix)?,
+                None => None,
+            }
+        } else {
+            self.part(row, offset, &mix)?
+        };
+        let Some(parts) = parts else {
+            return Ok(None);
+        };
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        self.window(py, row, &parts, target)
+    }
+
+    /// A one-message row's part (its fields 3 to 6 and `mix`), with its message's `offset`.
+    fn part(
+        &self,
+        row: &Bound<'_, PyList>,
+        offset: i64,
+        mix: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Vec<Part>>> {
+        let (Some(amount), Some(spans), Some(first), Some(last)) = (
+            float(&row.get_item(3)?),
+            int(&row.get_item(4)?),
+            int(&row.get_item(5)?),
+            int(&row.get_item(6)?),
+        ) else {
+            return Ok(None);
+        };
+        let Some(mix) = self.mix_of(mix) else {
+            return Ok(None);
+        };
+        Ok(Some(vec![Part {
+            offset,
+            amount,
+            spans,
+            first,
+            last,
+            mix,
+        }]))
+    }
+
+    /// A group's row's steps (`records.Step.from_wire`): each step's own mix, else a plain one
+    /// (`[spans, 0, 0, 0]`) where the row has a mix.
+    fn steps(&self, steps: &Bound<'_, PyAny>, row_mix: &Bound<'_, PyAny>) -> PyResult<Option<Vec<Part>>> {
+        let steps = steps.cast::<PyList>()?;
+        let mut parts = Vec::with_capacity(steps.len());
+        for step in steps.iter() {
+            let Ok(step) = step.cast_exact::<PyList>() else {
+                return Ok(None);
+            };
+            if step.len() != 5 && step.len() != 6 {
+                return Ok(None);
+            }
+            let (Some(offset), Some(amount), Some(spans), Some(first), Some(span)) = (
+                int(&step.get_item(0)?),
+                float(&step.get_item(1)?),
+                int(&step.get_item(2)?),
+                int(&step.get_item(3)?),
+                int(&step.get_item(4)?),
+            ) else {
+                return Ok(None);
+            };
+            let Some(last) = first.checked_add(span) else {
+                return Ok(None);
+            };
+            let mix = if step.len() == 6 {
+                match self.mix_of(&step.get_item(5)?) {
+                    Some(mix) => mix,
+                    None => return Ok(None),
+                }
+            } else if row_mix.is_none() {
+                None
+            } else {
+                let mut plain = vec![0.0; self.mix_fields];
+                plain[0] = spans as f64; // `float(spans)`: both round to nearest, ties to even
+                Some(plain)
+            };
+            parts.push(Part {
+                offset,
+                amount,
+                spans,
+                first,
+                last,
+                mix,
+            });
+        }
+        Ok(Some(parts))
+    }
+
+    /// `add`'s `if mix:` on a row's mix: Some(None) adds none; Some(Some(floats)) adds a full mix
+    /// of floats; None: another mix, the reference's.
+    fn mix_of(&self, mix: &Bound<'_, PyAny>) -> Option<Option<Vec<f64>>> {
+        if mix.is_none() {
+            return Some(None);
+        }
+        let list = mix.cast_exact::<PyList>().ok()?;
+        if list.is_empty() {
+            return Some(None);
+        }
+        if list.len() != self.mix_fields {
+            return None;
+        }
+        let values: Option<Vec<f64>> = list.iter().map(|value| float(&value)).collect();
+        Some(Some(values?))
+    }
+
+    /// The window's plan for `parts`, each added as `WindowTotals.add` adds it, or None.
+    fn window<'py>(
+        &self,
+        py: Python<'py>,
+        row: &Bound<'py, PyList>,
+        parts: &[Part],
+        target: &Target<'_, 'py>,
+    ) -> PyResult<Option<Plan<'py>>> {
+        let (budget_id, key) = (row.get_item(0)?, row.get_item(1)?);
+        let start_field = row.get_item(2)?;
+        let (Some(budget_text), Some(key_text), Some(start)) =
+            (text(&budget_id), text(&key), int(&start_field))
+        else {
+            return Ok(None);
+        };
+        let bucket_field = row.get_item(7)?;
+        let bucket_ns = if bucket_field.is_none() {
+            0
+        } else {
+            match int(&bucket_field) {
+                Some(size) if size >= 0 => size,
+                _ => return Ok(None),
+            }
+        };
+        if target.partition < 0
+            || parts
+                .iter()
+                .any(|part| !(0.0..f64::INFINITY).contains(&part.amount))
+        {
+            return Ok(None);
+        }
+        let Some(budget) = target.budgets.get_item(&budget_id)? else {
+            return Ok(None);
+        };
+        let Some(limit) = float(&budget.getattr(intern!(py, "limit"))?) else {
+            return Ok(None);
+        };
+        // `budget|key` (the key's published state) and `budget|key|start` (its window), made once
+        let mut keys = String::with_capacity(budget_text.len() + key_text.len() + 22);
+        keys.push_str(&budget_text);
+        keys.push('|');
+        keys.push_str(&key_text);
+        let key_length = keys.len();
+        keys.push('|');
+        keys.push_str(&start.to_string());
+        let state_key = PyString::new(py, &keys);
+        let published_key = PyString::new(py, &keys[..key_length]);
+        let Some(totals) = target.totals.get_item(&state_key)? else {
+            return Ok(None);
+        };
+        if !totals.get_type().is(self.totals_class.bind(py)) {
+            return Ok(None);
+        }
+        let applied = read(&totals, self.totals_slots[APPLIED])?;
+        let Ok(applied) = applied.cast_into_exact::<PyDict>() else {
+            return Ok(None);
+        };
+        let mut mark = match applied.get_item(&target.source)? {
+            None => -1,
+            Some(mark) => match int(&mark) {
+                Some(mark) => mark,
+                None => return Ok(None),
+            },
+        };
+        let (Some(mut spent), Some(mut spans), Some(mut first), Some(mut last)) = (
+            float(&read(&totals, self.totals_slots[SPENT])?),
+            int(&read(&totals, self.totals_slots[SPANS])?),
+            int(&read(&totals, self.totals_slots[FIRST])?),
+            int(&read(&totals, self.totals_slots[LAST])?),
+        ) else {
+            return Ok(None);
+        };
+        let (first_before, last_before) = (first, last);
+        let Some(mut recent) = Ring::of(py, read(&totals, self.totals_slots[RECENT])?, self)? else {
+            return Ok(None);
+        };
+        let buckets = read(&totals, self.totals_slots[BUCKETS])?;
+        let mut ring = None;
+        if bucket_ns > 0 {
+            if buckets.is_none() {
+                return Ok(None); // the reference makes the ring
+            }
+            ring = Ring::of(py, buckets.clone(), self)?;
+            if ring.is_none() {
+                return Ok(None);
+            }
+        }
+        let mut mix = match self.current_mix(&read(&totals, self.totals_slots[MIX])?) {
+            Some(mix) => mix,
+            None if parts.iter().all(|part| part.mix.is_none()) => None,
+            None => return Ok(None),
+        };
+        let mut mix_changed = false;
+        let decision = Decision::of(
+            py,
+            self,
+            &budget,
+            &published_key,
+            start,
+            &totals,
+            &buckets,
+            target,
+        )?;
+        for part in parts {
+            if part.offset <= mark {
+                return Ok(None); // a replay: counted by the reference
+            }
+            mark = part.offset;
+            spent += part.amount;
+            let Some(total) = spans.checked_add(part.spans) else {
+                return Ok(None);
+            };
+            spans = total;
+            if first == 0 || part.first < first {
+                first = part.first;
+            }
+            if part.last > last {
+                last = part.last;
+            }
+            recent.add(part.last.div_euclid(self.ns_per_minute), part.amount, false);
+            if let Some(ring) = ring.as_mut() {
+                let newest = ring.newest;
+                match ring.add(part.last.div_euclid(bucket_ns), part.amount, true) {
+                    // a bucket past the newest moves the rolling window: the reference decides
+                    Some(evicted) if ring.newest == newest => spent -= evicted,
+                    _ => return Ok(None),
+                }
+            }
+            if let Some(added) = &part.mix {
+                mix = Some(match &mix {
+                    Some(current) => current.iter().zip(added).map(|(a, b)| a + b).collect(),
+                    None => added.iter().map(|b| 0.0 + b).collect(),
+                });
+                mix_changed = true;
+            }
+            if !decision.holds(py, spent, limit, target.now)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Plan {
+            totals,
+            state_key,
+            applied,
+            mark,
+            spent,
+            spans,
+            first: (first != first_before).then_some(first),
+            last: (last != last_before).then_some(last),
+            recent,
+            buckets: ring,
+            mix: if mix_changed { mix } else { None },
+        }))
+    }
+
+    /// The window's call mix when `add` sums a full mix into it by its unrolled lines: a list of
+    /// `mix_fields` floats (Some(Some)) or None (Some(None), a new window's first mix); None otherwise.
+    fn current_mix(&self, mix: &Bound<'_, PyAny>) -> Option<Option<Vec<f64>>> {
+        if mix.is_none() {
+            return Some(None);
+        }
+        let list = mix.cast_exact::<PyList>().ok()?;
+        if list.len() != self.mix_fields {
+            return None;
+        }
+        let values: Option<Vec<f64>> = list.iter().map(|value| float(&value)).collect();
+        Some(Some(values?))
+    }
+}
+
+/// What `changed_signal` decides after a part is added, when it surely publishes nothing.
+enum Decision<'py> {
+    /// The key's published state is a newer window: nothing is decided.
+    Nothing,
+    /// A calendar or session window's kept answer: (end, low, high) hold the published action.
+    Calendar {
+        end: Bound<'py, PyAny>,
+        low: f64,
+        high: f64,
+    },
+    /// A rolling window's kept answer: (since, until, cap) hold it.
+    Rolling {
+        since: Bound<'py, PyAny>,
+        until: Bound<'py, PyAny>,
+        cap: f64,
+    },
+    /// No kept answer that holds the published action: the reference decides.
+    Unknown,
+}
+
+impl<'py> Decision<'py> {
+    /// From the key's published state (under `state_key`, `budget|key`) and the window's kept answer (`policy.decide_action`;
+    /// `kept`: the lengths of its calendar and rolling tuples).
+    #[allow(clippy::too_many_arguments)]
+    fn of(
+        py: Python<'py>,
+        rows: &TotalsRows,
+        budget: &Bound<'py, PyAny>,
+        state_key: &Bound<'py, PyString>,
+        start: i64,
+        totals: &Bound<'py, PyAny>,
+        buckets: &Bound<'py, PyAny>,
+        target: &Target<'_, 'py>,
+    ) -> PyResult<Decision<'py>> {
+        let action = match target.states.get_item(state_key)? {
+            None => PyString::new(py, "ok").into_any(),
+            Some(previous) => {
+                let Ok(previous) = previous.cast_into_exact::<PyDict>() else {
+                    return Ok(Decision::Unknown);
+                };
+                if previous.is_empty() {
+                    PyString::new(py, "ok").into_any()
+                } else {
+                    let (Some(window), Some(action)) = (
+                        previous.get_item(intern!(py, "window_start_ns"))?,
+                        previous.get_item(intern!(py, "action"))?,
+                    ) else {
+                        return Ok(Decision::Unknown);
+                    };
+                    match int(&window) {
+                        Some(window) if window > start => return Ok(Decision::Nothing),
+                        Some(_) => action,
+                        None => return Ok(Decision::Unknown),
+                    }
+                }
+            }
+        };
+        let settled = read(totals, rows.totals_slots[SETTLED])?;
+        let Ok(settled) = settled.cast_into_exact::<PyTuple>() else {
+            return Ok(Decision::Unknown);
+        };
+        let item = |index: usize| settled.get_item(index);
+        if !item(0)?.is(budget) || !item(settled.len() - 1)?.eq(&action)? {
+            return Ok(Decision::Unknown);
+        }
+        match settled.len() {
+            length if length == rows.calendar_settled => {
+                let (Some(kept_start), Some(low), Some(high)) =
+                    (int(&item(1)?), float(&item(3)?), float(&item(4)?))
+                else {
+                    return Ok(Decision::Unknown);
+                };
+                if kept_start != start {
+                    return Ok(Decision::Unknown);
+                }
+                Ok(Decision::Calendar {
+                    end: item(2)?,
+                    low,
+                    high,
+                })
+            }
+            length if length == rows.rolling_settled => {
+                let (Some(newest), Some(cap)) = (int(&item(4)?), float(&item(5)?)) else {
+                    return Ok(Decision::Unknown);
+                };
+                if buckets.is_none()
+                    || !item(3)?.is(buckets)
+                    || !buckets.get_type().is(rows.ring_class.bind(py))
+                    || int(&read(buckets, rows.ring_slots[NEWEST])?) != Some(newest)
+                {
+                    return Ok(Decision::Unknown);
+                }
+                Ok(Decision::Rolling {
+                    since: item(1)?,
+                    until: item(2)?,
+                    cap,
+                })
+            }
+            _ => Ok(Decision::Unknown),
+        }
+    }
+
+    /// Whether `decide_action` answers the published action at this spend (after the part).
+    fn holds(&self, _py: Python<'py>, spent: f64, limit: f64, now: &Bound<'py, PyAny>) -> PyResult<bool> {
+        Ok(match self {
+            Decision::Nothing => true,
+            Decision::Calendar { end, low, high } => {
+                let ratio = spent / limit;
+                now.lt(end)? && *low <= ratio && ratio < *high
+            }
+            Decision::Rolling { since, until, cap } => since.le(now)? && now.lt(until)? && spent < *cap,
+            Decision::Unknown => false,
+        })
+    }
+}
+
+impl Plan<'_> {
+    /// Does what `WindowTotals.add`, `TableChanges.set` and the snapshot's `waiting` do; whether
+    /// the key is newly pending in `changed`.
+    fn commit(self, py: Python<'_>, rows: &TotalsRows, target: &Target<'_, '_>) -> PyResult<bool> {
+        let totals = &self.totals;
+        self.applied.set_item(&target.source, self.mark)?;
+        let slots = &rows.totals_slots;
+        write(totals, slots[SPENT], PyFloat::new(py, self.spent).into_any());
+        write(totals, slots[SPANS], self.spans.into_pyobject(py)?.into_any());
+        if let Some(first) = self.first {
+            write(totals, slots[FIRST], first.into_pyobject(py)?.into_any());
+        }
+        if let Some(last) = self.last {
+            write(totals, slots[LAST], last.into_pyobject(py)?.into_any());
+        }
+        self.recent.write(py)?;
+        if let Some(buckets) = &self.buckets {
+            buckets.write(py)?;
+        }
+        if let Some(mix) = &self.mix {
+            write(totals, slots[MIX], PyList::new(py, mix)?.into_any());
+        }
+        let (store, changed) = target.written()?;
+        if !store.is(target.totals) {
+            store.set_item(&self.state_key, totals)?; // else it holds `totals` under the key already
+        }
+        let fresh = !changed.contains(&self.state_key)?;
+        if !fresh {
+            changed.del_item(&self.state_key)?;
+        }
+        changed.set_item(&self.state_key, totals)?;
+        target.waiting.set_item(&self.state_key, py.None())?;
+        Ok(fresh)
+    }
+}

@@ -1,0 +1,197 @@
+"""Stage 2's native rows (`TotalsRows`, contracts/native/src/totals.rs) against the Python reference.
+
+The same seeded random usage records (one-message rows, a group's rows with an offset or with
+steps, replays, late and older rows, new windows and keys, rung crossings, rolling buckets moving,
+call mixes, NaN / negative / infinite amounts, budgets not configured) go through two jobs, one
+adding every row in Python (`_apply`, `_apply_combined`), one adding the common rows natively; the
+table state, the signals (in order), the changelog records (in order), the windows waiting for a
+snapshot and the counters must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import random
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from burnguard.stream import app as app_module
+from burnguard.stream.accounting import Ring, WindowClock, WindowTotals, window_lengths
+from burnguard.stream.app import BudgetJob, new_totals_rows
+from burnguard.stream.changelog import plain_store
+from burnguard.stream.partitioner import native_module
+
+from tests.fixtures.decoders import required_native_part
+from tests.test_combined_steps import CONFIG, NOW, make_job
+
+_NS = 1_000_000_000
+KEYS = {"tenant": ["tenant-0001", "tenant-0002"], "user": ["u1", "u2", "u3"], "session": ["s1", "s2"]}
+
+
+def _key_of(budget: Any, rng: random.Random) -> str:
+    """A key of the budget's scope (a few per scope, so that rows meet the same windows)."""
+    scope = budget.scope_name
+    return rng.choice(KEYS.get(scope, ["k1", "k2"])) if "," not in scope else "a|b"
+
+
+def _amount(limit: float, rng: random.Random) -> float:
+    """Mostly small shares of the limit (rungs are crossed after tens of rows), now and then a bad one."""
+    roll = rng.random()
+    if roll < 0.01:
+        return rng.choice([math.nan, -0.5, math.inf, -0.0])
+    return limit * rng.choice([0.0, 0.001, 0.004, 0.02, 0.07])
+
+
+class Load:
+    """Random records over a few budgets and keys, the event time drifting forward with late spans."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.budgets = [budget for budget in CONFIG.budgets if budget.metric in ("cost", "calls")][:12]
+        self.clocks = {budget.id: WindowClock(budget.window_spec) for budget in self.budgets}
+        self.event_ns = int((NOW - timedelta(hours=30)).timestamp() * _NS)
+        self.offsets = {0: 0, 1: 0}
+        self.sent: list[dict[str, Any]] = []
+
+    def _times(self) -> tuple[int, int]:
+        rng = self.rng
+        self.event_ns += rng.choice([0, 1, 5, 30, 61, 300, 1800]) * _NS // 3
+        late = rng.choice([0, 0, 0, 120, 900, 7200, 9000, 90000]) if rng.random() < 0.15 else 0
+        last = self.event_ns - late * _NS
+        return last - rng.randint(0, 90) * _NS, last
+
+    def _row(self, offset: int, steps: bool) -> list[Any]:
+        rng = self.rng
+        budget = rng.choice(self.budgets)
+        first, last = self._times()
+        bucket_ns = window_lengths(budget.window_spec)[1]
+        start = self.clocks[budget.id].start_ns(last)
+        spans = rng.randint(1, 4)
+        counts_calls = budget.metric == "calls"
+        mix = [float(spans), float(rng.randint(0, 1)), 0.0, 0.0] if counts_calls else None
+        amount = _amount(budget.limit, rng) if budget.metric == "cost" else float(spans)
+        budget_id = budget.id if rng.random() > 0.01 else "no-such-budget"
+        row = [budget_id, _key_of(budget, rng), start, amount, spans, first, last, bucket_ns, mix]
+        if not steps:
+            return row + ([offset] if rng.random() < 0.5 else [])
+        parts = []
+        for step_offset in sorted(rng.sample(range(offset - 6, offset + 1), rng.randint(2, 4))):
+            step_first, step_last = self._times()
+            step_spans = rng.randint(1, 3)
+            step = [step_offset, _amount(budget.limit, rng), step_spans, step_first, step_last - step_first]
+            if counts_calls and rng.random() < 0.3:
+                step.append([float(step_spans), 1.0, 0.0, 0.0] if rng.random() < 0.8 else None)
+            parts.append(step)
+        if rng.random() < 0.5:  # a late row: its window is an earlier one than its steps'
+            row[2] = self.clocks[budget.id].start_ns(parts[0][3] + parts[0][4])
+        return [*row, parts]
+
+    def record(self) -> dict[str, Any]:
+        """A `groups` record of one or two sub-batches; now and then one sent before, again (a replay)."""
+        rng = self.rng
+        if self.sent and rng.random() < 0.05:
+            return copy.deepcopy(rng.choice(self.sent))
+        batches = []
+        for partition in rng.sample([0, 1], rng.randint(1, 2)):
+            self.offsets[partition] += rng.randint(1, 8)
+            offset = self.offsets[partition]
+            rows = [self._row(offset, rng.random() < 0.25) for _ in range(rng.randint(1, 12))]
+            batches.append([partition, offset, rows, []])
+        record = {"kind": "groups", "batches": batches}
+        self.sent.append(record)
+        return copy.deepcopy(record)
+
+
+class Counted:
+    """The native `TotalsRows`, counting the rows it added itself."""
+
+    def __init__(self, native: Any) -> None:
+        self.native, self.added = native, 0
+
+    def add(self, rows: list[Any], at: int, *rest: Any) -> tuple[int, int]:
+        end, pending = self.native.add(rows, at, *rest)
+        self.added += end - at
+        return end, pending
+
+
+def run(job: BudgetJob, records: list[dict[str, Any]], clocks: list[Any], rows: Any) -> dict[str, Any]:
+    """Stage 2 over the records (each at its clock), with `rows` as the native rows; what it left."""
+    app_module._native_rows["rows"] = rows
+    taken: list[Any] = []
+    app_id = job.settings.app_id
+
+    def take() -> None:  # the changelog records, their topic named without the job's app id
+        taken.extend((topic.removeprefix(app_id), *rest) for topic, *rest in job.changes.take_records())
+
+    async def go() -> None:
+        for index, (record, now) in enumerate(zip(records, clocks, strict=True)):
+            app_module._now = lambda now=now: now  # type: ignore[assignment]
+            job.changes.partition = index % 2
+            try:
+                await job._account_one(copy.deepcopy(record))
+            except Exception as exc:  # a record the reference fails must fail alike
+                taken.append(("failed", type(exc).__name__))
+            if index % 7 == 6:
+                take()
+        take()
+
+    asyncio.run(go())
+    totals = {
+        key: value.to_state() if isinstance(value, WindowTotals) else value
+        for key, value in plain_store(job.totals).items()
+    }
+    return {
+        "totals": totals,
+        "states": dict(plain_store(job.states)),
+        "signals": [signal.model_dump() for signal in job.signals],  # type: ignore[attr-defined]
+        "changelog": taken,
+        "waiting": list(job.snapshots.waiting),
+        "counters": (job.replayed_deltas, job.late_after_eviction, job.agent_errors),
+    }
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_native_rows_leave_what_the_python_rows_leave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    required_native_part("TotalsRows")
+    monkeypatch.setattr(app_module, "_now", app_module._now)
+    monkeypatch.setitem(app_module._native_rows, "rows", None)
+    load = Load(seed)
+    records = [load.record() for _ in range(250)]
+    rng = random.Random(seed)
+    clocks, now = [], NOW
+    for _ in records:
+        now += timedelta(seconds=rng.choice([0, 0, 1, 20, 400]))
+        clocks.append(now)
+    counted = Counted(new_totals_rows(native_module()))
+    python = run(make_job(tmp_path, "python"), records, clocks, None)
+    native = run(make_job(tmp_path, "native"), records, clocks, counted)
+    for part in python:
+        assert native[part] == python[part], part
+    rows = sum(len(batch[2]) for record in records for batch in record["batches"])
+    assert counted.added > rows // 5, (counted.added, rows)  # the native path took a good share
+    assert python["signals"], "the load crosses rungs"
+    assert python["counters"][0] and python["counters"][2], "the load replays rows and has bad amounts"
+
+
+def test_a_native_module_that_does_not_fit_leaves_the_python_rows_in_use() -> None:
+    """An older build (another constructor), or classes without the slots it reads: no native rows."""
+
+    class Older:
+        class TotalsRows:
+            def __init__(self, *shapes: Any) -> None:
+                raise TypeError("TotalsRows() takes 7 positional arguments")
+
+    assert new_totals_rows(Older) is None
+    assert new_totals_rows(None) is None
+    native = required_native_part("TotalsRows")
+    with pytest.raises(KeyError, match="newest"):
+        native(WindowTotals, WindowTotals, 60 * _NS, 4, 9, 10, 6, 7)  # a `Ring`'s slots are not there
+    with pytest.raises(ValueError, match="unusable shapes"):
+        native(WindowTotals, Ring, 60 * _NS, 4, 9, 10, 6, 6)  # both kept answers the same length
+    assert new_totals_rows(native_module()) is not None
