@@ -57,7 +57,6 @@ async def take_batches(stream: Any, max_events: int, within_s: float) -> AsyncIt
                 for event in events:
                     await stream.ack(event)
     finally:
-        taking.cancel()
         stream._channel_stop_iteration(channel)
         if started_here:
             await stream.stop()
@@ -65,8 +64,8 @@ async def take_batches(stream: Any, max_events: int, within_s: float) -> AsyncIt
 
 
 class _Taking:
-    """The channel's queue, read in bulk; a get waiting for a first event is kept, never cancelled
-    (an event it took would be lost)."""
+    """The channel's queue, read in bulk: the first event of a batch waited for as Faust's stream
+    waits (`Channel.__anext__`), the rest taken while the queue holds some or the window lasts."""
 
     def __init__(self, stream: Any, channel: Any) -> None:
         self.stream = stream
@@ -76,16 +75,11 @@ class _Taking:
         self.acking_topics = self.app.topics.acking_topics
         self.unacked = self.app.consumer._unacked_messages
         self.on_message_in = stream._on_message_in
-        self._waiting: asyncio.Future[Any] | None = None
 
     async def batch(self, max_events: int, within_s: float) -> list[Any]:
         """The next batch's events, tracked: the first waited for without bound, then the rest."""
         events: list[Any] = []
-        if self._waiting is None:
-            self._waiting = asyncio.ensure_future(self.next_event())
-        first = await asyncio.shield(self._waiting)  # a stop cancels this wait, not the get
-        self._waiting = None
-        self._take(first, events)
+        self._take(await self.next_event(), events)
         deadline = time.monotonic() + within_s
         queue = self.queue
         while len(events) < max_events:
@@ -110,9 +104,3 @@ class _Taking:
             self.unacked.add(message)
             self.on_message_in(message.tp, message.offset, message)
         events.append(value)
-
-    def cancel(self) -> None:
-        """The agent stops: its pending get goes (an event it took is untracked, read again)."""
-        if self._waiting is not None:
-            self._waiting.cancel()
-            self._waiting = None
