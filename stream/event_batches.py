@@ -38,8 +38,9 @@ POLL_S = 0.002
 
 
 async def take_batches(stream: Any, max_events: int, within_s: float) -> AsyncIterator[list[Any]]:
-    """Lists of at most `max_events` events: as many as the queue holds, waiting up to `within_s`
-    after the batch's first event for it to fill; each batch's events acked after its body.
+    """Lists of at most `max_events` events: as many as the queue holds, waiting for more until the
+    end of the `within_s` window the batch's first event came in (windows run from the previous
+    batch, as `take_events`' timer does); each batch's events acked after its body.
     """
     channel = stream.channel
     if not getattr(channel, "is_iterator", False):
@@ -79,8 +80,11 @@ class _Taking:
     async def batch(self, max_events: int, within_s: float) -> list[Any]:
         """The next batch's events, tracked: the first waited for without bound, then the rest."""
         events: list[Any] = []
+        began = time.monotonic()
         self._take(await self.next_event(), events)
-        deadline = time.monotonic() + within_s
+        # the end of the window the first event came in: `take_events`' timer restarts every
+        # `within_s` while nothing comes, so a quiet stream's message waits half a window on average
+        deadline = began + within_s * (1 + int((time.monotonic() - began) / within_s))
         queue = self.queue
         while len(events) < max_events:
             if not queue.empty():  # an error thrown into the channel is raised by `get_nowait`

@@ -148,6 +148,26 @@ def test_a_batch_not_full_goes_once_its_window_is_over_with_what_arrived_within_
     assert took >= 0.2
 
 
+def test_a_first_event_on_a_quiet_stream_waits_for_the_end_of_its_window_not_a_whole_one() -> None:
+    """As `take_events`' timer: windows run from the previous batch, so enforcement at low load
+    waits half a window on average, not a whole one after each message."""
+    stream = _Stream()
+
+    async def run() -> float:
+        async def late() -> float:
+            await asyncio.sleep(0.6)  # in the second 0.4 s window, 0.2 s before its end
+            _fill(stream, range(1))
+            return time.monotonic()
+
+        producer = asyncio.ensure_future(late())
+        got: list[float] = []
+        await _batches(stream, 1, 100, 0.4, lambda events: got.append(time.monotonic()))
+        return got[0] - await producer
+
+    waited = asyncio.run(asyncio.wait_for(run(), 10))
+    assert waited < 0.35  # ~0.2; a window from the first event would wait 0.4
+
+
 def test_an_error_thrown_into_the_channel_reaches_the_agent_and_the_taken_events_are_acked() -> None:
     stream = _Stream()
 
