@@ -37,13 +37,20 @@ if os.environ.get("HX_LOOP_PROBE") and os.environ.get("BURNGUARD_STREAM_APP_ID")
     _select = selectors.EpollSelector.select
     _run = asyncio.events.Handle._run
 
+    def _chain(coro: Any) -> list[Any]:
+        """A suspended task's coroutines, outermost first (`Task.get_stack` gives only the outermost)."""
+        chain = [coro]
+        while hasattr(getattr(chain[-1], "cr_await", None), "cr_frame"):
+            chain.append(chain[-1].cr_await)
+        return chain
+
     def _awaited() -> list[str]:
-        """What each task of interest awaits: its innermost frames, outermost first."""
+        """What each task of interest awaits: its four innermost coroutines, innermost first."""
         found = []
         for task in asyncio.all_tasks():
             names = [
-                f"{frame.f_code.co_name}:{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-                for frame in task.get_stack()
+                f"{getattr(coro, '__qualname__', '?')}:{coro.cr_frame.f_lineno if coro.cr_frame else '-'}"
+                for coro in _chain(task.get_coro())
             ]
             if any(marker in name for name in names for marker in _MARKERS):
                 found.append(" <- ".join(reversed(names[-4:])))
@@ -73,11 +80,9 @@ if os.environ.get("HX_LOOP_PROBE") and os.environ.get("BURNGUARD_STREAM_APP_ID")
         if _totals["handles"] % 7 == 0 and threading.current_thread() is threading.main_thread():
             owner = getattr(self._callback, "__self__", None)
             if isinstance(owner, asyncio.Task):
-                coro = owner.get_coro()
-                inner = coro
-                while hasattr(getattr(inner, "cr_await", None), "cr_frame"):
-                    inner = inner.cr_await
-                name = f"task {getattr(coro, '__qualname__', '?')} @ {getattr(inner, '__qualname__', '?')}"
+                chain = _chain(owner.get_coro())
+                outer, inner = (getattr(coro, "__qualname__", "?") for coro in (chain[0], chain[-1]))
+                name = f"task {outer} @ {inner}"
             else:
                 name = getattr(self._callback, "__qualname__", repr(self._callback)[:60])
             _handles[name] += 7
