@@ -117,7 +117,7 @@ def test_a_full_queue_gives_full_batches_in_order_each_acked_after_its_body() ->
         unacked = sorted(message.offset for message in stream.app.consumer._unacked_messages)
         seen.append((_offsets(events), list(stream.acked), len(unacked)))
 
-    asyncio.run(_batches(stream, 3, 3, 0.05, body))
+    asyncio.run(asyncio.wait_for(_batches(stream, 3, 3, 0.05, body), 10))
     # tracked (unacked) while the body runs; the previous batch acked before the next is taken
     assert seen == [([0, 1, 2], [], 3), ([3, 4, 5], [0, 1, 2], 3), ([6], [0, 1, 2, 3, 4, 5], 1)]
     assert stream.acked == list(range(7))
@@ -187,7 +187,7 @@ def test_events_of_an_older_generation_or_during_a_rebalance_are_dropped_untrack
     _fill(stream, range(0, 2), generation=2)  # fetched before the rebalance
     _fill(stream, range(2, 4))
     batches: list[list[int]] = []
-    asyncio.run(_batches(stream, 1, 10, 0.02, lambda events: batches.append(_offsets(events))))
+    asyncio.run(asyncio.wait_for(_batches(stream, 1, 10, 0.02, lambda e: batches.append(_offsets(e))), 10))
     assert batches == [[2, 3]]
     assert stream.sensed == [2, 3]
     assert stream.acked == [2, 3]
