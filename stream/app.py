@@ -90,6 +90,7 @@ from burnguard.stream.changelog import (
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
 from burnguard.stream.deliveries import MicroBatchDeliveries, SentMicroBatch
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
+from burnguard.stream.event_batches import take_batches
 from burnguard.stream.eviction import (
     Lifetimes,
     horizon_key,
@@ -406,11 +407,12 @@ class BudgetJob:
     async def _ingest(self, stream: Any) -> None:
         """Micro-batches of OTLP messages; each batch's records go to the producer before it is acked.
 
-        Faust acks a `take_events` batch after this loop body returns and flushes the
+        `take_batches` (`stream/event_batches.py`, Faust's `take_events` without its per-event
+        stream) acks a batch after this loop body returns; Faust flushes the
         producer before committing (`stream/changelog.py`), so the records handed over
         in `_ingest_batch` are in Kafka before any of the batch's offsets is committed.
         """
-        async for events in stream.take_events(INGEST_BATCH_MESSAGES, within=INGEST_BATCH_WINDOW_S):
+        async for events in take_batches(stream, INGEST_BATCH_MESSAGES, INGEST_BATCH_WINDOW_S):
             await self._ingest_batch(events)
 
     async def _ingest_batch(self, events: list[Any]) -> None:

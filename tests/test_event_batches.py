@@ -1,0 +1,238 @@
+"""Stage 1's micro-batches from its channel's queue (`stream/event_batches.py`), without a broker.
+
+The end-to-end tests (`test_e2e_exactly_once.py`, `test_e2e_failed_send.py`, the rebalance and
+backlog ones) run it in the worker; these pin what it keeps of Faust's stream: batch sizes and
+order, the window, the rebalance skip, tracking before the body and acks after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+from burnguard.stream import event_batches
+from burnguard.stream.event_batches import take_batches
+from faust.events import Event
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
+
+TOPIC = "otlp_spans"
+
+
+class _FlowControl:
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+class _App:
+    def __init__(self) -> None:
+        self.flow_control = _FlowControl()
+        self.consumer_generation_id = 3
+        self.topics = type("Topics", (), {"acking_topics": {TOPIC}})()
+        self.consumer = type("Consumer", (), {"_unacked_messages": set()})()
+
+
+class _Channel:
+    is_iterator = True
+
+    def __init__(self) -> None:
+        self.queue: ThrowableQueue = ThrowableQueue(flow_control=FlowControlEvent(initially_suspended=False))
+
+    async def __anext__(self) -> Any:
+        return await self.queue.get()
+
+
+class _Stream:
+    """What `take_batches` uses of a Faust stream; its acks and sensor calls recorded."""
+
+    def __init__(self) -> None:
+        self.app = _App()
+        self.channel = _Channel()
+        self.should_stop = False
+        self.acked: list[int] = []
+        self.sensed: list[int] = []
+        self.stopped = False
+
+    async def maybe_start(self) -> bool:
+        return True
+
+    async def ack(self, event: Any) -> bool:
+        self.acked.append(event.message.offset)
+        self.app.consumer._unacked_messages.discard(event.message)
+        return True
+
+    def _on_message_in(self, tp: TP, offset: int, message: Any) -> None:
+        self.sensed.append(offset)
+
+    def _channel_stop_iteration(self, channel: Any) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def service_reset(self) -> None:
+        pass
+
+
+def _event(stream: _Stream, offset: int, generation: int = 3) -> Event:
+    message = ConsumerMessage(TOPIC, 0, offset, 0.0, 0, None, b"k", b"v", None, generation_id=generation)
+    return Event(stream.app, b"k", b"v", None, message)
+
+
+def _fill(stream: _Stream, offsets: range, generation: int = 3) -> None:
+    for offset in offsets:
+        stream.channel.queue.put_nowait(_event(stream, offset, generation))
+
+
+async def _batches(
+    stream: _Stream, n: int, max_events: int, within_s: float, body: Callable[[list], None]
+) -> None:
+    taken = 0
+    async with aclosing(take_batches(stream, max_events, within_s)) as batches:
+        async for events in batches:
+            body(events)
+            taken += 1
+            if taken == n:
+                break
+
+
+def _offsets(events: list[Any]) -> list[int]:
+    return [event.message.offset for event in events]
+
+
+def test_a_full_queue_gives_full_batches_in_order_each_acked_after_its_body() -> None:
+    stream = _Stream()
+    _fill(stream, range(7))
+    seen: list[tuple[list[int], list[int], int]] = []
+
+    def body(events: list[Any]) -> None:
+        unacked = sorted(message.offset for message in stream.app.consumer._unacked_messages)
+        seen.append((_offsets(events), list(stream.acked), len(unacked)))
+
+    asyncio.run(asyncio.wait_for(_batches(stream, 3, 3, 0.05, body), 10))
+    # tracked (unacked) while the body runs; the previous batch acked before the next is taken
+    assert seen == [([0, 1, 2], [], 3), ([3, 4, 5], [0, 1, 2], 3), ([6], [0, 1, 2, 3, 4, 5], 1)]
+    assert stream.acked == list(range(7))
+    assert stream.sensed == list(range(7))
+    assert stream.stopped
+
+
+def test_a_batch_not_full_goes_once_its_window_is_over_with_what_arrived_within_it() -> None:
+    stream = _Stream()
+
+    async def run() -> tuple[list[int], float]:
+        async def late() -> None:
+            await asyncio.sleep(0.01)
+            _fill(stream, range(1, 3))  # within the 50 ms window: in the batch
+            await asyncio.sleep(0.2)
+            _fill(stream, range(3, 4))  # after it: the next batch
+
+        _fill(stream, range(0, 1))
+        producer = asyncio.ensure_future(late())
+        began = time.monotonic()
+        batches: list[list[int]] = []
+        await _batches(stream, 2, 100, 0.05, lambda events: batches.append(_offsets(events)))
+        await producer
+        return batches, time.monotonic() - began
+
+    batches, took = asyncio.run(asyncio.wait_for(run(), 10))
+    assert batches == [[0, 1, 2], [3]]
+    assert took >= 0.2
+
+
+def test_a_first_event_on_a_quiet_stream_waits_for_the_end_of_its_window_not_a_whole_one() -> None:
+    """As `take_events`' timer: windows run from the previous batch, so enforcement at low load
+    waits half a window on average, not a whole one after each message."""
+    stream = _Stream()
+
+    async def run() -> float:
+        async def late() -> float:
+            await asyncio.sleep(0.6)  # in the second 0.4 s window, 0.2 s before its end
+            _fill(stream, range(1))
+            return time.monotonic()
+
+        producer = asyncio.ensure_future(late())
+        got: list[float] = []
+        await _batches(stream, 1, 100, 0.4, lambda events: got.append(time.monotonic()))
+        return got[0] - await producer
+
+    waited = asyncio.run(asyncio.wait_for(run(), 10))
+    assert waited < 0.35  # ~0.2; a window from the first event would wait 0.4
+
+
+def test_an_error_thrown_into_the_channel_reaches_the_agent_and_the_taken_events_are_acked() -> None:
+    stream = _Stream()
+
+    async def run() -> None:
+        _fill(stream, range(2))
+        stream.channel.queue._throw(RuntimeError("from the channel"))
+        async for _ in take_batches(stream, 10, 0.05):
+            pass
+
+    with pytest.raises(RuntimeError, match="from the channel"):
+        asyncio.run(run())
+    assert stream.stopped
+
+
+def test_events_of_an_older_generation_or_during_a_rebalance_are_dropped_untracked_and_unacked() -> None:
+    stream = _Stream()
+    _fill(stream, range(0, 2), generation=2)  # fetched before the rebalance
+    _fill(stream, range(2, 4))
+    batches: list[list[int]] = []
+    asyncio.run(asyncio.wait_for(_batches(stream, 1, 10, 0.02, lambda e: batches.append(_offsets(e))), 10))
+    assert batches == [[2, 3]]
+    assert stream.sensed == [2, 3]
+    assert stream.acked == [2, 3]
+
+    stream = _Stream()
+    stream.app.flow_control.active = False  # suspended: a rebalance is under way
+    _fill(stream, range(0, 2))
+    taken: list[list[int]] = []
+
+    async def suspended() -> None:
+        task = asyncio.ensure_future(_batches(stream, 1, 10, 0.02, lambda events: taken.append(events)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(suspended())
+    assert taken == [] and stream.acked == [] and stream.sensed == []
+    assert not stream.app.consumer._unacked_messages
+
+
+def test_a_body_that_raises_has_its_batch_acked_as_take_events_acks_it() -> None:
+    stream = _Stream()
+    _fill(stream, range(3))
+
+    def body(events: list[Any]) -> None:
+        raise ValueError("the agent failed")
+
+    with pytest.raises(ValueError, match="the agent failed"):
+        asyncio.run(_batches(stream, 1, 10, 0.02, body))
+    assert stream.acked == [0, 1, 2]
+    assert stream.stopped
+
+
+def test_a_stop_while_waiting_for_a_first_event_takes_nothing() -> None:
+    """A stop cancels the agent while it waits: its get goes with it, the next event stays queued."""
+    stream = _Stream()
+
+    async def run() -> None:
+        task = asyncio.ensure_future(_batches(stream, 1, 10, 0.02, lambda events: None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        _fill(stream, range(1))
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert stream.channel.queue.qsize() == 1  # the cancelled get took nothing
+    assert event_batches.POLL_S < 0.02
