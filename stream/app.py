@@ -98,7 +98,7 @@ from burnguard.stream.eviction import (
     last_event_ns,
 )
 from burnguard.stream.liveness import BoundedStopWorker, install_liveness_watchdog
-from burnguard.stream.partitioner import native_module_in_use, producer_partitioner, usage_partition
+from burnguard.stream.partitioner import native_part, producer_partitioner, usage_partition
 from burnguard.stream.policy import (
     CALENDAR_SETTLED,
     ROLLING_SETTLED,
@@ -1599,25 +1599,14 @@ class SnapshotRun:
         return start, self._bounds[(id(budget), window_start_ns)][2]
 
 
-#: Stage 2's native rows (`TotalsRows`, contracts/native/src/totals.rs) once made, under "rows";
-#: None where the native module is not in use. The tests set it per implementation.
-_native_rows: dict[str, Any] = {}
-
-
 def native_totals_rows() -> Any | None:
-    """The native `TotalsRows` where the native module is in use (`native_module_in_use`), made at
-    first use with the shapes stage 2's Python gives it; else None."""
-    made = _native_rows.get("rows", _native_rows)  # the dict itself: not made yet
-    if made is _native_rows:
-        made = _native_rows["rows"] = new_totals_rows(native_module_in_use())
-    return made
+    """Stage 2's native rows (`TotalsRows`, contracts/native/src/totals.rs) where the native module
+    is in use, made at first use with the shapes stage 2's Python gives it (`native_part`); else None."""
+    return native_part("TotalsRows", new_totals_rows)
 
 
-def new_totals_rows(module: Any) -> Any | None:
-    """A `TotalsRows` of `module` (the native module), or None without one."""
-    native = getattr(module, "TotalsRows", None)
-    if native is None:
-        return None
+def new_totals_rows(native: Any) -> Any | None:
+    """A `TotalsRows` made by the native module's class `native`, or None if it does not fit."""
     try:
         return native(
             WindowTotals,

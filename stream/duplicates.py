@@ -28,11 +28,10 @@ later than the window. ClickHouse still collapses those by span id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from blake3 import blake3
 from burnguard.contracts.topics import KafkaSettings
-from burnguard.stream.partitioner import native_module_in_use
+from burnguard.stream.partitioner import native_part
 from kafka import KafkaConsumer, TopicPartition
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def digest(payload: bytes) -> bytes:
     message: BENCHMARKS.md, "Cheaper duplicate digests"). The native one (`blake3_16`,
     contracts/native/src/digest.rs) when in use, else the reference `_blake3_16`.
     """
-    return (_chosen or _choose())(payload)
+    return (native_part("blake3_16") or _blake3_16)(payload)
 
 
 def _blake3_16(payload: bytes) -> bytes:
@@ -57,17 +56,6 @@ def _blake3_16(payload: bytes) -> bytes:
     time instead of ~6 (py-spy, BENCHMARKS.md, "Stage 1 per message, again"); the native one holds it.
     """
     return blake3(payload).digest(16)
-
-
-#: the digest `_choose` chose (None: not yet)
-_chosen: Callable[[bytes], bytes] | None = None
-
-
-def _choose() -> Callable[[bytes], bytes]:
-    """The digest in use, chosen at the first digest as the decoder is (`native_module_in_use`)."""
-    global _chosen
-    _chosen = getattr(native_module_in_use(), "blake3_16", None) or _blake3_16
-    return _chosen
 
 
 class RecentBatches:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner
 from burnguard.contracts.otlp import native_in_use
@@ -31,17 +32,9 @@ def murmur2(data: bytes) -> int:
     return _hash()(data)
 
 
-#: the murmur2 `_hash` chose (None: not yet)
-_chosen: Callable[[bytes], int] | None = None
-
-
 def _hash() -> Callable[[bytes], int]:
-    """The murmur2 in use, chosen once: read at the first hash, not at import (`native_in_use`)."""
-    global _chosen
-    if _chosen is None:
-        native = getattr(native_module_in_use(), "murmur2", None)
-        _chosen = native if native is not None else _murmur2
-    return _chosen
+    """The murmur2 in use, chosen once: read at the first hash, not at import (`native_part`)."""
+    return native_part("murmur2") or _murmur2
 
 
 def native_module() -> object | None:
@@ -59,6 +52,23 @@ def native_module_in_use() -> object | None:
     groups and the combined row are native or not together. Each caller asks at its first use,
     not at import, and keeps the answer."""
     return native_module() if native_in_use() is not None else None
+
+
+#: The native parts `native_part` chose (or made), by name: None where none is in use. The tests
+#: set them per implementation.
+native_parts: dict[str, Any] = {}
+
+
+def native_part(name: str, make: Callable[[Any], Any] | None = None) -> Any:
+    """The native module's `name` (or what `make` makes of it), chosen once at its first use, not at
+    import: None where the native module is not in use (`native_module_in_use`) or lacks it."""
+    part = native_parts.get(name, native_parts)  # the dict itself: not chosen yet
+    if part is native_parts:
+        part = getattr(native_module_in_use(), name, None)
+        if part is not None and make is not None:
+            part = make(part)
+        native_parts[name] = part
+    return part
 
 
 def _murmur2(data: bytes) -> int:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from burnguard.contracts.otlp import NATIVE_ERRORS
-from burnguard.stream.partitioner import native_module_in_use
+from burnguard.stream.partitioner import native_part
 from faust.serializers import codecs
 
 logger = logging.getLogger(__name__)
@@ -205,13 +205,13 @@ def new_group_rows() -> RowGroup:
     also takes the native loop's own rows (`accounting.usage_rows_detached`), so that per (message,
     key) no Python row is made at all (contracts/native/src/groups.rs).
     """
-    native = _native_part("Groups")
+    native = native_part("Groups")
     return GroupRows() if native is None else native(combined_row)
 
 
 def native_groups_in_use() -> bool:
     """Whether `new_group_rows` makes native groups (which take `MessageRows`)."""
-    return _native_part("Groups") is not None
+    return native_part("Groups") is not None
 
 
 def combined_row(made: list[Any]) -> list[Any]:
@@ -222,7 +222,7 @@ def combined_row(made: list[Any]) -> list[Any]:
     (`_combined`) then makes; so does a call that raises (it changes nothing). Per (message, key)
     row it is what remained of the combining's Python work (BENCHMARKS.md, "Stage 1's per-message rest").
     """
-    native = _native_part("combined")
+    native = native_part("combined")
     if native is not None:
         try:
             row = native(made)
@@ -232,18 +232,6 @@ def combined_row(made: list[Any]) -> list[Any]:
         if row is not None:
             return row
     return _combined(made)
-
-
-#: The native parts (`combined`, `Groups`) `_native_part` chose, by name: None where none is in use.
-_native_parts: dict[str, Any] = {}
-
-
-def _native_part(name: str) -> Any:
-    """The native module's `name`, chosen once at first use as the decoder is (`BURNGUARD_NATIVE`)."""
-    part = _native_parts.get(name, _native_parts)  # the dict itself: not chosen yet
-    if part is _native_parts:
-        part = _native_parts[name] = getattr(native_module_in_use(), name, None)
-    return part
 
 
 def _combined(made: list[Any]) -> list[Any]:

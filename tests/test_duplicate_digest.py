@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from burnguard.stream import duplicates
+from burnguard.stream import duplicates, partitioner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,9 +44,9 @@ def test_the_native_digest_is_the_references_at_the_lengths_where_paths_change()
 
 def test_the_digest_in_use_is_the_native_one_where_it_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     native = native_digest()
-    monkeypatch.setattr(duplicates, "_chosen", None)
+    monkeypatch.delitem(partitioner.native_parts, "blake3_16", raising=False)
     assert duplicates.digest(b"x" * 5000) == native(b"x" * 5000)
-    assert duplicates._chosen is native
+    assert partitioner.native_parts["blake3_16"] is native
 
 
 @pytest.fixture

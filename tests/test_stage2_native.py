@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 from burnguard.stream import app as app_module
+from burnguard.stream import partitioner
 from burnguard.stream.accounting import Ring, WindowClock, WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob, new_totals_rows
 from burnguard.stream.changelog import plain_store
-from burnguard.stream.partitioner import native_module
 
 from tests.fixtures.decoders import required_native_part
 from tests.test_combined_steps import CONFIG, NOW, make_job
@@ -120,7 +120,7 @@ class Counted:
 
 def run(job: BudgetJob, records: list[dict[str, Any]], clocks: list[Any], rows: Any) -> dict[str, Any]:
     """Stage 2 over the records (each at its clock), with `rows` as the native rows; what it left."""
-    app_module._native_rows["rows"] = rows
+    partitioner.native_parts["TotalsRows"] = rows
     taken: list[Any] = []
     app_id = job.settings.app_id
 
@@ -158,9 +158,9 @@ def run(job: BudgetJob, records: list[dict[str, Any]], clocks: list[Any], rows: 
 def test_native_rows_leave_what_the_python_rows_leave(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
 ) -> None:
-    required_native_part("TotalsRows")
+    native_class = required_native_part("TotalsRows")
     monkeypatch.setattr(app_module, "_now", app_module._now)
-    monkeypatch.setitem(app_module._native_rows, "rows", None)
+    monkeypatch.setitem(partitioner.native_parts, "TotalsRows", None)
     load = Load(seed)
     records = [load.record() for _ in range(250)]
     rng = random.Random(seed)
@@ -168,7 +168,7 @@ def test_native_rows_leave_what_the_python_rows_leave(
     for _ in records:
         now += timedelta(seconds=rng.choice([0, 0, 1, 20, 400]))
         clocks.append(now)
-    counted = Counted(new_totals_rows(native_module()))
+    counted = Counted(new_totals_rows(native_class))
     python = run(make_job(tmp_path, "python"), records, clocks, None)
     native = run(make_job(tmp_path, "native"), records, clocks, counted)
     for part in python:
@@ -182,16 +182,14 @@ def test_native_rows_leave_what_the_python_rows_leave(
 def test_a_native_module_that_does_not_fit_leaves_the_python_rows_in_use() -> None:
     """An older build (another constructor), or classes without the slots it reads: no native rows."""
 
-    class Older:
-        class TotalsRows:
-            def __init__(self, *shapes: Any) -> None:
-                raise TypeError("TotalsRows() takes 7 positional arguments")
+    class OlderTotalsRows:
+        def __init__(self, *shapes: Any) -> None:
+            raise TypeError("TotalsRows() takes 7 positional arguments")
 
-    assert new_totals_rows(Older) is None
-    assert new_totals_rows(None) is None
+    assert new_totals_rows(OlderTotalsRows) is None
     native = required_native_part("TotalsRows")
     with pytest.raises(KeyError, match="newest"):
         native(WindowTotals, WindowTotals, 60 * _NS, 4, 9, 10, 6, 7)  # a `Ring`'s slots are not there
     with pytest.raises(ValueError, match="unusable shapes"):
         native(WindowTotals, Ring, 60 * _NS, 4, 9, 10, 6, 6)  # both kept answers the same length
-    assert new_totals_rows(native_module()) is not None
+    assert new_totals_rows(native) is not None

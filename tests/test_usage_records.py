@@ -9,7 +9,7 @@ import struct
 from typing import Any
 
 import pytest
-from burnguard.stream import records as records_module
+from burnguard.stream import partitioner
 from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
 from burnguard.stream.changelog import encode
 from burnguard.stream.records import (
@@ -303,6 +303,6 @@ def test_a_native_combining_that_fails_or_declines_leaves_the_row_to_the_referen
         raise ValueError("broken")
 
     for native in (fails, lambda rows: None):
-        monkeypatch.setitem(records_module._native_parts, "combined", native)
+        monkeypatch.setitem(partitioner.native_parts, "combined", native)
         assert combined_row([*made]) == expected == ["cost", "acme", 0, 0.75, 3, 10, 30, 0, None, [
             [3, 0.5, 1, 10, 10], [4, 0.25, 2, 15, 15]]]  # fmt: skip
