@@ -19,7 +19,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
-use crate::usage::slot_offset;
+use crate::usage::{slot_at, slot_offset};
 
 /// The shapes stage 2's Python gives (`TotalsRows.__new__`), read once.
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
@@ -68,11 +68,7 @@ const AMOUNTS: usize = 1;
 fn read<'py>(object: &Bound<'py, PyAny>, offset: isize) -> PyResult<Bound<'py, PyAny>> {
     // SAFETY: `offset` is a plain object slot inside objects of the class, `object` one of them.
     unsafe {
-        let slot = *object
-            .as_ptr()
-            .cast::<u8>()
-            .offset(offset)
-            .cast::<*mut ffi::PyObject>();
+        let slot = *slot_at(object, offset);
         if slot.is_null() {
             return Err(pyo3::exceptions::PyAttributeError::new_err("an unset slot"));
         }
@@ -84,11 +80,7 @@ fn read<'py>(object: &Bound<'py, PyAny>, offset: isize) -> PyResult<Bound<'py, P
 fn write(object: &Bound<'_, PyAny>, offset: isize, value: Bound<'_, PyAny>) {
     // SAFETY: as in `read`; the slot takes the new reference, the old one is released after.
     unsafe {
-        let slot = object
-            .as_ptr()
-            .cast::<u8>()
-            .offset(offset)
-            .cast::<*mut ffi::PyObject>();
+        let slot = slot_at(object, offset);
         let old = *slot;
         *slot = value.into_ptr();
         if !old.is_null() {

@@ -73,17 +73,28 @@ impl Usages {
     }
 }
 
+/// The address of the object slot at `offset` of `object`.
+///
+/// # Safety
+///
+/// `offset` must be one `slot_offset` found in `object`'s exact class.
+pub unsafe fn slot_at(object: &Bound<'_, PyAny>, offset: isize) -> *mut *mut ffi::PyObject {
+    unsafe {
+        object
+            .as_ptr()
+            .cast::<u8>()
+            .offset(offset)
+            .cast::<*mut ffi::PyObject>()
+    }
+}
+
 /// A new reference into the empty object slot at `offset` (what `PyMember_SetOne` does for a
 /// `Py_T_OBJECT_EX` member on an object just allocated: the slot is null, nothing to release).
 fn store(object: &Bound<'_, PyAny>, offset: isize, value: *mut ffi::PyObject) {
     // SAFETY: `offset` is a `Py_T_OBJECT_EX` slot inside objects of the class (`slot_offset`),
     // and `object` one just allocated by the class's `tp_alloc`, which zeroes it.
     unsafe {
-        let slot = object
-            .as_ptr()
-            .cast::<u8>()
-            .offset(offset)
-            .cast::<*mut ffi::PyObject>();
+        let slot = slot_at(object, offset);
         debug_assert!((*slot).is_null());
         *slot = value;
     }
