@@ -238,6 +238,23 @@ fn float(value: &Bound<'_, PyAny>) -> Option<f64> {
     Some(value.cast_exact::<PyFloat>().ok()?.value())
 }
 
+/// The four numbers a row (from its field 3) and a step (from its field 1) both hold in this
+/// order: the amount (a float), the spans, the first event time and the last one (a row) or the
+/// span of event time (a step); None where one is not of its exact type.
+fn amounts(list: &Bound<'_, PyList>, at: usize) -> PyResult<Option<(f64, i64, i64, i64)>> {
+    Ok(
+        match (
+            float(&list.get_item(at)?),
+            int(&list.get_item(at + 1)?),
+            int(&list.get_item(at + 2)?),
+            int(&list.get_item(at + 3)?),
+        ) {
+            (Some(amount), Some(spans), Some(first), Some(fourth)) => Some((amount, spans, first, fourth)),
+            _ => None,
+        },
+    )
+}
+
 /// An exact `str`'s text.
 fn text<'a>(value: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
     value
@@ -389,12 +406,7 @@ impl TotalsRows {
         offset: i64,
         mix: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Vec<Part>>> {
-        let (Some(amount), Some(spans), Some(first), Some(last)) = (
-            float(&row.get_item(3)?),
-            int(&row.get_item(4)?),
-            int(&row.get_item(5)?),
-            int(&row.get_item(6)?),
-        ) else {
+        let Some((amount, spans, first, last)) = amounts(row, 3)? else {
             return Ok(None);
         };
         let Some(mix) = self.mix_of(mix) else {
@@ -422,13 +434,9 @@ impl TotalsRows {
             if step.len() != 5 && step.len() != 6 {
                 return Ok(None);
             }
-            let (Some(offset), Some(amount), Some(spans), Some(first), Some(span)) = (
-                int(&step.get_item(0)?),
-                float(&step.get_item(1)?),
-                int(&step.get_item(2)?),
-                int(&step.get_item(3)?),
-                int(&step.get_item(4)?),
-            ) else {
+            let (Some(offset), Some((amount, spans, first, span))) =
+                (int(&step.get_item(0)?), amounts(step, 1)?)
+            else {
                 return Ok(None);
             };
             let Some(last) = first.checked_add(span) else {
