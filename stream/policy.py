@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
-from burnguard.contracts.signals import Signal
+from burnguard.contracts.signals import SIGNAL_VERSION, Signal
 from burnguard.contracts.windows import ROLLING_BUCKETS
 from burnguard.stream.accounting import (
     MIX_CALLS,
@@ -106,27 +106,33 @@ def signal_for_window(
     predicted = _predicts_downgrade(budget, ratio, action, exhaustion, now, end)
     if predicted:
         action, downgrade_to = "downgrade", budget.downgrade_class
-    return Signal(
-        scope=budget.scope_name,
-        key=key,
-        budget=budget.id,
-        action=action,
-        downgrade_to=downgrade_to,
-        metric=budget.metric,
-        spent=round(spent, 9),
-        limit=budget.limit,
-        ratio=round(ratio, 6),
-        window_start=start,
-        window_end=end,
-        burn_rate_per_hour=round(rate, 9),
-        projected_exhaustion=exhaustion,
-        issued_at=now,
-        expires_at=now + ttl,
-        reason=_reason(
-            budget, key, spent, ratio, start, end, action, None if rolling else window_start_ns, windows
-        )
-        + (f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})" if predicted else "")
-        + call_mix_reason(totals.mix),
+    calendar_start = None if rolling else window_start_ns
+    reason = _reason(budget, key, spent, ratio, start, end, action, calendar_start, windows)
+    if predicted:
+        reason += f" (predictive: limit projected at {exhaustion:%Y-%m-%dT%H:%M:%SZ})"
+    if totals.mix:
+        reason += call_mix_reason(totals.mix)
+    # Every value but the key and the numbers is of a type validation keeps: `of_fields` checks those.
+    return Signal.of_fields(
+        {
+            "v": SIGNAL_VERSION,
+            "scope": budget.scope_name,
+            "key": key,
+            "budget": budget.id,
+            "action": action,
+            "downgrade_to": downgrade_to,
+            "metric": budget.metric,
+            "spent": round(spent, 9),
+            "limit": budget.limit,
+            "ratio": round(ratio, 6),
+            "window_start": start,
+            "window_end": end,
+            "burn_rate_per_hour": round(rate, 9),
+            "projected_exhaustion": exhaustion,
+            "issued_at": now,
+            "expires_at": now + ttl,
+            "reason": reason,
+        }
     )
 
 
@@ -536,13 +542,13 @@ def call_mix_reason(mix: list[float] | None) -> str:
     if not mix:
         return ""
     calls, refused = int(mix[MIX_CALLS]), int(mix[MIX_REFUSED])
-    parts = [f"{calls} calls"]
-    if calls:
-        parts.append(f"{100 * mix[MIX_FALLBACKS] / calls:.1f}% fell back to cheaper models")
-    parts.append(f"escalations cost ${mix[MIX_ESCALATION_USD]:.4f}")
-    if refused:
-        parts.append(f"{refused} refused")
-    return "; " + ", ".join(parts)
+    escalations = f"escalations cost ${mix[MIX_ESCALATION_USD]:.4f}"
+    if calls:  # most: one f-string (the parts and their join cost a signal ~0.4 us)
+        fell_back = 100 * mix[MIX_FALLBACKS] / calls
+        text = f"; {calls} calls, {fell_back:.1f}% fell back to cheaper models, {escalations}"
+    else:
+        text = f"; 0 calls, {escalations}"
+    return f"{text}, {refused} refused" if refused else text
 
 
 def _reason(

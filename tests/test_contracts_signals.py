@@ -247,3 +247,100 @@ def test_a_plain_signal_skips_pydantic_s_serializer(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(Signal, "model_dump_json", refused)
     assert make_signal().to_json() == expected
+
+
+# --- `Signal.of_fields`: the worker's signals without pydantic's validation ----------------------
+
+#: What a sum or a record may hand `of_fields`: plain floats, and what validation refuses or changes
+#: (negatives, NaN, infinities, ints, bools, text, floats past 1e16).
+_any_numbers = (
+    st.floats(min_value=0, max_value=1e17)
+    | st.floats()
+    | st.integers(-5, 10**20)
+    | st.sampled_from([True, -0.0, -1e-300, 1e16, math.nextafter(1e16, 0), math.inf, math.nan, "1.5"])
+)
+
+
+@st.composite
+def field_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    """Every field in field order, `v` first: the values `of_fields`' caller vouches for drawn as it
+    makes them, the key and the numbers anything."""
+    return {
+        "v": 1,
+        "scope": draw(_texts),
+        "key": draw(_texts | st.integers() | st.none()),
+        "budget": draw(_texts),
+        "action": draw(st.sampled_from(["ok", "warn", "downgrade", "throttle"])),
+        "downgrade_to": draw(st.none() | _texts),
+        "metric": draw(_texts),
+        "spent": draw(_any_numbers),
+        "limit": draw(_any_numbers),
+        "ratio": draw(_any_numbers),
+        "window_start": draw(_times),
+        "window_end": draw(_times),
+        "burn_rate_per_hour": draw(_any_numbers),
+        "projected_exhaustion": draw(st.none() | _times),
+        "issued_at": draw(_times),
+        "expires_at": draw(_times),
+        "reason": draw(_texts),
+    }
+
+
+def _built(build: Any, fields: dict[str, Any]) -> Signal | type[ValidationError]:
+    try:
+        return build(fields)
+    except ValidationError:
+        return ValidationError
+
+
+@settings(max_examples=800, deadline=None)
+@given(field_dicts())
+def test_of_fields_makes_the_signal_validation_makes(fields: dict[str, Any]) -> None:
+    """Differential: `of_fields` refuses what `Signal(...)` refuses and otherwise gives its signal:
+    equal, with the same fields set, the field dict in the same order and the same JSON bytes."""
+    expected = _built(lambda f: Signal(**{k: v for k, v in f.items() if k != "v"}), fields)
+    built = _built(Signal.of_fields, dict(fields))
+    if expected is ValidationError:
+        assert built is ValidationError
+        return
+    assert isinstance(built, Signal) and built == expected
+    assert built.model_fields_set == expected.model_fields_set
+    assert list(built.__dict__.items()) == list(expected.__dict__.items())
+    assert built.to_json() == expected.to_json() == expected.model_dump_json().encode()
+    assert Signal.from_json(built.to_json()) == built
+
+
+def test_of_fields_validates_what_it_cannot_vouch_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain signal is built without validation; an int, a NaN or a huge number is validated."""
+    fields = {"v": 1, **make_signal().model_dump(exclude={"v"})}
+    plain, huge = make_signal().to_json(), make_signal(spent=1e16).to_json()
+    validated: list[dict[str, Any]] = []
+    original = Signal.__init__
+
+    def counting(self: Signal, **data: Any) -> None:
+        validated.append(data)
+        original(self, **data)
+
+    monkeypatch.setattr(Signal, "__init__", counting)
+    assert Signal.of_fields(dict(fields)).to_json() == plain
+    assert validated == []
+    assert Signal.of_fields({**fields, "spent": 52}).spent == 52.0  # validation turns an int into a float
+    with pytest.raises(ValidationError):
+        Signal.of_fields({**fields, "ratio": math.nan})
+    assert Signal.of_fields({**fields, "spent": 1e16}).to_json() == huge
+    assert len(validated) == 3
+
+
+@pytest.mark.parametrize("field", ["spent", "limit", "ratio", "burn_rate_per_hour", "key"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1e-300, -0.0, 5, True, 1e16, 1e300, None, "1.5"])
+def test_of_fields_at_each_checked_field_s_edges(field: str, value: Any) -> None:
+    """Each value `of_fields` checks, alone off the plain: what `Signal(...)` makes of it, or refuses."""
+    fields = {"v": 1, **make_signal().model_dump(exclude={"v"}), field: value}
+    expected = _built(lambda f: Signal(**{k: v for k, v in f.items() if k != "v"}), fields)
+    built = _built(Signal.of_fields, dict(fields))
+    if expected is ValidationError:
+        assert built is ValidationError
+        return
+    assert isinstance(built, Signal) and built == expected
+    assert list(built.__dict__.items()) == list(expected.__dict__.items())
+    assert built.to_json() == expected.to_json()
