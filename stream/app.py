@@ -1285,7 +1285,9 @@ class BudgetJob:
         """
         key = signal.kafka_key  # built once: formatted from three fields at each read
         logger.debug("signal %s -> %s (%s)", key, signal.action, signal.reason)
-        counted = self._signals_unlogged.setdefault(signal.action, [0, ""])
+        counted = self._signals_unlogged.get(signal.action)
+        if counted is None:
+            counted = self._signals_unlogged[signal.action] = [0, ""]
         counted[0] += 1
         counted[1] = key
         value = signal.to_json()
@@ -1301,8 +1303,11 @@ class BudgetJob:
             logger.info("signals published: %s", summary)
 
     async def _publish_signal(self, key: str, value: bytes | None) -> None:
-        """At once: into the producer's open batch of the key's partition, a signal waits for nothing else."""
-        await self.signal_records.publish(key.encode(), value)
+        """At once: into the producer's open batch of the key's partition, a signal waits for nothing else
+        (nor for a coroutine of `publish`'s, but the first time, for the topic's metadata)."""
+        record_key = key.encode()
+        if not self.signal_records.publish_at_once(record_key, value):
+            await self.signal_records.publish(record_key, value)
 
     # --- eviction (stream/eviction.py) -------------------------------------------------
     def _partition_clock(self, partition: int) -> int:

@@ -128,3 +128,51 @@ def test_a_refused_signal_is_reported_and_its_batch_s_other_latest_signals_are_s
     errors = [record.getMessage() for record in caplog.records]
     assert any("5 signals to" in message and "4 sent again" in message for message in errors), errors
     assert any(message.startswith("signal b'z' not published") for message in errors), errors
+
+
+class _OfflineApp:
+    """What `SignalRecords` reads of a Faust app, around a real aiokafka producer that never connects."""
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = self
+        self.conf = type("Conf", (), {"producer_max_request_size": 1 << 20})()
+        self._producer = producer
+
+    def _ensure_producer(self) -> Any:
+        return self._producer
+
+
+def test_a_change_of_the_topic_s_partitions_is_followed_at_the_next_signal() -> None:
+    """The partitions are listed once per metadata the producer holds: replaced metadata (more
+    partitions, say) places the next signal by the new count, as `send` would; none waits."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import PartitionMetadata
+    from burnguard.stream.partitioner import producer_partitioner
+
+    async def run() -> list[tuple[bytes, int]]:
+        producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9", partitioner=producer_partitioner)
+        cluster = producer.client.cluster
+        records = signal_records.SignalRecords(_OfflineApp(producer), "signals")
+        placed: list[tuple[bytes, int]] = []
+        for count in (4, 4, 7):  # the second: equal metadata in a new object
+            cluster._partitions["signals"] = {
+                p: PartitionMetadata("signals", p, 0, [0], [0], 0) for p in range(count)
+            }
+            for n in range(20):
+                key = f"tenant:acme-{n}@tenant-cost".encode()
+                assert records.publish_at_once(key, b"{}")
+                batches = producer._message_accumulator._batches
+                placed.append(
+                    (key, next(tp.partition for tp, queue in batches.items() if queue[-1]._builder))
+                )
+                batches.clear()
+        cluster._partitions.pop("signals")
+        assert not records.publish_at_once(b"k", b"{}")  # no metadata: `publish` waits for it
+        return placed
+
+    placed = asyncio.run(run())
+    counts = [4] * 40 + [7] * 20
+    assert [partition for _, partition in placed] == [
+        key_partition(k, c) for (k, _), c in zip(placed, counts, strict=True)
+    ]
+    assert {partition for _, partition in placed[40:]} - set(range(4))  # some land on the new partitions
