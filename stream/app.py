@@ -54,7 +54,7 @@ from burnguard.contracts.logs import env_log_level, quiet_library_logs
 from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans, native_failures
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
-from burnguard.contracts.snapshots import usage_bounds, usage_stamp, usage_value
+from burnguard.contracts.snapshots import usage_bounds, usage_stamp
 from burnguard.contracts.span_checks import SpanLimits, correct_clocks
 from burnguard.contracts.topics import (
     CHECKPOINTS_TOPIC_CONFIG,
@@ -141,7 +141,7 @@ from burnguard.stream.records import (
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
 from burnguard.stream.signal_records import SignalRecords
-from burnguard.stream.snapshots import Snapshot, UsageSnapshots
+from burnguard.stream.snapshots import Snapshot, UsageSnapshots, usage_value_writer
 from burnguard.stream.takeover import (
     InOrderReads,
     PartitionsLost,
@@ -1580,17 +1580,19 @@ class BudgetJob:
         start, bounds = run.bounds(budget, window_start_ns)
         window = self.snapshots.window_key(state_key, budget, key, start)
         spent = window_spent(budget, int(window_start_ns), totals, run.now_ns)
-        value = usage_value(window.head, bounds, spent, budget.limit, totals.spans, run.stamp)
+        value = run.value(window.head, bounds, spent, budget.limit, totals.spans, run.stamp)
         return self.snapshots.snapshot(state_key, window, value)
 
 
 class SnapshotRun:
-    """What the snapshots taken at one moment share: `updated_at`, and each window start's bounds."""
+    """What the snapshots taken at one moment share: `updated_at`, each window start's bounds, and
+    the writer of their amounts (`usage_value_writer`)."""
 
     def __init__(self, now: datetime) -> None:
         self.now = now
         self.now_ns = int(now.timestamp() * _NS)
         self.stamp = usage_stamp(now)
+        self.value = usage_value_writer()
         self._bounds: dict[tuple[int, str], tuple[Budget, datetime, bytes]] = {}
 
     def bounds(self, budget: Budget, window_start_ns: str) -> tuple[datetime, bytes]:

@@ -43,16 +43,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
-from burnguard.stream.accounting import WindowTotals
+from burnguard.stream.accounting import Ring, WindowTotals
+from burnguard.stream.partitioner import native_part
 from burnguard.stream.record_batches import RecordBatches, always
 from faust.serializers import codecs
 from faust.types import TP, AppT, CollectionT
+
+logger = logging.getLogger(__name__)
 
 #: The producer's record batch size at most (`producer_max_batch_size`): a burst of changelog
 #: records or snapshots fills few batches, and the broker accepts 1 MiB by default.
@@ -127,7 +131,7 @@ def encode(serializer: str, value: Any) -> bytes:
     convert; the tables here hold JSON types and objects with `__json__`.
     """
     if serializer == "json":
-        return _json_value(value)
+        return _json_encoder()(value)
     return codecs.dumps(serializer, value)
 
 
@@ -150,22 +154,49 @@ _encode_plain = msgspec.json.Encoder().encode
 
 
 def _json_value(value: Any) -> bytes:
-    """A changelog value as JSON that `json.loads` reads back as it read the stdlib encoder's.
+    """A changelog key or value as JSON that `json.loads` reads back as it read the stdlib
+    encoder's: the reference of the native `ChangelogJson` (`_json_encoder`).
 
-    A `WindowTotals` (most changelog records: ~0.9 per span) goes through msgspec: its state
-    holds only what JSON decodes to and what `add` computes (floats, ints, lists, None and the
-    str-keyed marks), which both encoders write as the same value, floats bit for bit. Except
-    a NaN or an infinity: msgspec writes null, so an output with more nulls than the state has
-    Nones at its top level (the only place `to_state` puts them) is written by the stdlib, as
-    are marks with a key that is not a str (msgspec writes a float key as `1e16`, the stdlib
-    `1e+16`) and whatever msgspec refuses (a lone surrogate). A signal state (~0.1 per span at
-    realistic keys, one per signal) is a flat object of plain text and ints: msgspec too
-    (`_plain_flat`). Other values (clocks, context growth) are few: the stdlib encoder, as before.
+    A `WindowTotals` (most changelog records: ~1 per changed window per flush) by `_totals_json`.
+    A signal state (~0.1 per span at realistic keys, one per signal) is a flat object of plain text
+    and ints: msgspec (`_plain_flat`). Keys (text) and other values (clocks, context growth): the
+    stdlib encoder, as before.
     """
     if type(value) is not WindowTotals:
         if type(value) is dict and _plain_flat(value):  # a signal state: ~0.2 us, not ~1.5
             return _encode_plain(value)
         return _encode_json(value).encode()
+    return _totals_json(value)
+
+
+def _json_encoder() -> Callable[[Any], bytes]:
+    """The JSON encoder of changelog keys and values in use, chosen once (`native_part`): the
+    native `ChangelogJson` where the native module is in use (a plain key, a signal state, most
+    `WindowTotals`; the rest handed to `_json_value`), else `_json_value`. The same bytes."""
+    return native_part("ChangelogJson", _new_changelog_json) or _json_value
+
+
+def _new_changelog_json(native: Any) -> Callable[[Any], bytes] | None:
+    """The `encode` of a `ChangelogJson` made by the native module's class `native` (contracts/
+    native/src/state.rs), or None if it does not fit `WindowTotals` (an older build)."""
+    try:
+        return native(_json_value, WindowTotals, Ring).encode
+    except (AttributeError, TypeError, ValueError) as exc:
+        logger.warning("native changelog JSON not used (the Python encoder is): %s; rebuild: make venv", exc)
+        return None
+
+
+def _totals_json(value: WindowTotals) -> bytes:
+    """A `WindowTotals`' changelog value, the reference (`ChangelogJson` writes the same bytes ~4x
+    faster, without building the state's lists).
+
+    msgspec writes the state: it holds only what JSON decodes to and what `add` computes (floats,
+    ints, lists, None and the str-keyed marks), which msgspec and the stdlib write as the same
+    value, floats bit for bit. Except a NaN or an infinity: msgspec writes null, so an output with
+    more nulls than the state has Nones at its top level (the only place `to_state` puts them) is
+    written by the stdlib, as are marks with a key that is not a str (msgspec writes a float key as
+    `1e16`, the stdlib `1e+16`) and whatever msgspec refuses (a lone surrogate).
+    """
     state = value.to_state()
     try:
         "".join(value.applied)  # TypeError unless every key is a str
@@ -200,7 +231,7 @@ def _plain_flat(value: dict[Any, Any]) -> bool:
 def _encoder(serializer: str) -> Callable[[Any], bytes]:
     """`encode` for one serializer, the choice made once per table rather than per record."""
     if serializer == "json":
-        return _json_value
+        return _json_encoder()
     return lambda value: codecs.dumps(serializer, value)
 
 

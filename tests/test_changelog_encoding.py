@@ -5,6 +5,9 @@ Recovery decodes a changelog value with Faust's JSON codec (`json.loads`) and tu
 65b6545 (`_reference_ring_state`, the stdlib encoder) on generated totals: calendar and rolling
 windows, applied marks, call mixes, rings with gaps and any float bit pattern in a slot. The
 values msgspec cannot write as the stdlib did (non-finite floats, odd keys) take the stdlib's path.
+Every test runs over both encoders (`changelog_json_impl`: the Python reference `_json_value`, the
+native `ChangelogJson`), and the differential tests below hold the native one to the reference's
+bytes and check that it writes the common records itself.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from typing import Any
 import pytest
 from burnguard.stream import changelog
 from burnguard.stream.accounting import RECENT_MINUTES, ROLLING_BUCKETS, Ring, WindowTotals
-from burnguard.stream.changelog import _json_value, encode
+from burnguard.stream.changelog import _json_value, _new_changelog_json, encode
 from faust.serializers import codecs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.fixtures.decoders import required_native_part
+
+pytestmark = pytest.mark.usefixtures("changelog_json_impl")
 
 _NS_PER_MINUTE = 60 * 1_000_000_000
 BUCKET_NS = 90 * _NS_PER_MINUTE // ROLLING_BUCKETS  # a "90m" window's buckets
@@ -200,7 +207,7 @@ def test_a_flat_value_is_written_as_the_stdlib_writes_it(value: dict[str, Any]) 
         expected = json.dumps(value, separators=(",", ":")).encode()
     except UnicodeEncodeError:  # not reached: the stdlib escapes every non-ASCII code point
         pytest.fail("stdlib refused")
-    assert _json_value(value) == expected
+    assert encode("json", value) == expected
 
 
 @pytest.mark.parametrize(
@@ -218,4 +225,86 @@ def test_a_signal_state_is_written_by_msgspec(state: dict[str, Any], monkeypatch
         raise AssertionError("stdlib encoder called")
 
     monkeypatch.setattr(changelog, "_encode_json", refused)
-    assert _json_value(state) == expected
+    assert encode("json", state) == expected
+
+
+# --- the native encoder against the reference --------------------------------------------------
+
+
+def _native_without_reference() -> Any:
+    """The native encoder with a reference that fails the test: what it writes, it writes itself."""
+
+    def reference(value: Any) -> bytes:
+        raise AssertionError(f"handed to the reference: {value!r}")
+
+    return _new_changelog_json(lambda *shapes: required_native_part("ChangelogJson")(reference, *shapes[1:]))
+
+
+def _native() -> Any:
+    return _new_changelog_json(required_native_part("ChangelogJson"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(totals=window_totals(), key=_any_text)
+def test_the_native_encoder_writes_the_references_bytes(totals: WindowTotals, key: str) -> None:
+    native = _native()
+    assert native(totals) == _json_value(totals)
+    assert native(key) == _json_value(key)
+    state = {"action": key, "window_start_ns": totals.spans}
+    assert native(state) == _json_value(state)
+
+
+@settings(max_examples=300, deadline=None)
+@given(recent=rings(), buckets=st.none() | rings(), spent=any_double, mix=st.none() | st.lists(any_double))
+def test_the_native_encoder_writes_any_slots_as_the_reference(
+    recent: Ring, buckets: Ring | None, spent: float, mix: list[float] | None
+) -> None:
+    """Any bit pattern in a ring, the spend or the mix: the reference's bytes (a non-finite one is
+    handed to it)."""
+    totals = WindowTotals(spent=spent, spans=1, applied={"0": 3}, recent=recent, buckets=buckets, mix=mix)
+    assert _native()(totals) == _json_value(totals)
+
+
+@settings(max_examples=200, deadline=None)
+@given(totals=window_totals())
+def test_the_native_encoder_writes_finite_totals_and_plain_keys_itself(totals: WindowTotals) -> None:
+    """The common records never reach the reference: a window's totals (finite floats, int64 marks),
+    its key, a signal state."""
+    native = _native_without_reference()
+    assert native(totals) == _json_value(totals)
+    assert native("budget|tenant-a|1764720000000000000") == b'"budget|tenant-a|1764720000000000000"'
+    state = {"action": "throttle", "window_start_ns": 1_764_720_000_000_000_000, "retire_at_ns": -1}
+    assert native(state) == _json_value(state)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _totals(spent=math.nan),
+        _totals(mix=[1.0, 0.0, math.inf, 0.0]),
+        _totals(applied={"null": 4}),
+        _totals(applied={1: 4}),
+        _totals(applied={'a"b': 4}),
+        _totals(spent=2**63),
+        _totals(spans=True),
+        _totals(mix=(1.0, 0.0, 0.0, 0.0)),
+        _totals(recent=Ring(RECENT_MINUTES, 3, array("f", [0.5] * RECENT_MINUTES))),
+        "caf\u00e9",
+        'a"b',
+        {"action": "ok", "window_start_ns": 2**64},
+        {"action": 1.5},
+        [1, 2],
+    ],
+)
+def test_what_the_native_encoder_does_not_write_exactly_goes_to_the_reference(value: Any) -> None:
+    handed: list[Any] = []
+
+    def reference(given: Any) -> bytes:
+        handed.append(given)
+        return _json_value(given)
+
+    native = _new_changelog_json(
+        lambda *shapes: required_native_part("ChangelogJson")(reference, *shapes[1:])
+    )
+    assert native(value) == _json_value(value)
+    assert handed == [value]

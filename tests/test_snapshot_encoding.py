@@ -4,28 +4,34 @@ The snapshot timer writes `usage_json`'s parts / `usage_kafka_key` (contracts/sn
 instead of building a `BudgetUsage` per window, and remembers what a window's snapshots share;
 these tests hold them to the model's own `to_json` and `kafka_key`, on generated fields (odd
 floats, big ints, any text, offsets that are not whole minutes) and on the windows a real job
-snapshots, first and again from what it remembered.
+snapshots, first and again from what it remembered. The timer's tests run over both writers of
+the amounts (`usage_values_impl`: `usage_value`, the native `UsageValues`), and the differential
+tests hold the native one to `usage_value`'s bytes.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.contracts.snapshots import BudgetUsage, usage_json, usage_kafka_key
+from burnguard.contracts.snapshots import BudgetUsage, usage_json, usage_kafka_key, usage_value
 from burnguard.stream.accounting import WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob, SnapshotRun
 from burnguard.stream.partitioner import key_partition
 from burnguard.stream.policy import window_at
 from burnguard.stream.records import DeltaRow
 from burnguard.stream.settings import StreamSettings
-from hypothesis import given, settings
+from burnguard.stream.snapshots import _new_usage_values
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.factories import budget, budgets_yaml
+from tests.fixtures.decoders import required_native_part
 
 WINDOWS = ["day", "week", "month", "24h", "90m", "session", ""]
 #: fixed offsets, also ones that are not whole minutes (pydantic writes them cut to the minute)
@@ -122,6 +128,7 @@ def _model_snapshot(job: BudgetJob, state_key: str, now: datetime) -> BudgetUsag
     )
 
 
+@pytest.mark.usefixtures("usage_values_impl")
 def test_the_timer_writes_the_models_key_partition_and_bytes_for_every_window_kind(job: BudgetJob) -> None:
     now_ns = time.time_ns()
     offset = 0
@@ -151,6 +158,7 @@ def test_the_timer_writes_the_models_key_partition_and_bytes_for_every_window_ki
     assert [snapshot.taken for snapshot in written] == sorted({snapshot.taken for snapshot in written})
 
 
+@pytest.mark.usefixtures("usage_values_impl")
 def test_a_rolling_window_whose_spend_has_all_expired_writes_the_models_bytes(job: BudgetJob) -> None:
     """Its spend is the sum of no buckets (the int 0): the model writes the float 0.0, so must the timer."""
     rolling = job._budgets["rolling"]
@@ -165,3 +173,46 @@ def test_a_rolling_window_whose_spend_has_all_expired_writes_the_models_bytes(jo
     model = _model_snapshot(job, state_key, now)
     assert (snapshot.kafka_key, snapshot.value) == (model.kafka_key.encode(), model.to_json())
     assert BudgetUsage.from_json(model.to_json()).spent == 0.0
+
+
+# --- the native amounts against the reference --------------------------------------------------
+
+HEAD, BOUNDS, STAMP = b'{"v":1,"budget":"b"', b',"window_start":null', b',"updated_at":"x"}'
+
+
+def _native_writer(reference: Any = usage_value) -> Any:
+    return _new_usage_values(lambda _: required_native_part("UsageValues")(reference))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    spent=amounts | st.floats() | st.integers(-(2**70), 2**70),
+    limit=st.floats() | st.sampled_from([0.0, -0.0, 0, 3, 2**60]) | st.sampled_from(ODD_FLOATS),
+    spans=st.integers(min_value=0, max_value=2**53) | st.integers(min_value=2**63 - 2, max_value=2**80),
+)
+def test_the_native_amounts_are_the_references_bytes(spent: Any, limit: Any, spans: int) -> None:
+    """Any spend, limit and count, also the ones handed to the reference (non-finite, a zero
+    limit, ints past 2^53 or 64 bits): `usage_value`'s bytes, or its error."""
+    try:
+        expected: Any = usage_value(HEAD, BOUNDS, spent, limit, spans, STAMP)
+    except Exception as exc:  # a zero limit
+        expected = type(exc)
+    try:
+        written: Any = _native_writer()(HEAD, BOUNDS, spent, limit, spans, STAMP)
+    except Exception as exc:
+        written = type(exc)
+    assert written == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(spent=amounts, limit=st.floats(min_value=1e-9, max_value=1e12) | st.sampled_from(ODD_FLOATS))
+def test_the_native_amounts_are_written_natively(spent: float, limit: float) -> None:
+    """A snapshot's usual amounts never reach the reference (a ratio past a float's range does)."""
+    assume(math.isfinite(spent / limit))
+
+    def reference(*parts: Any) -> bytes:
+        raise AssertionError(f"handed to the reference: {parts!r}")
+
+    spans = 7
+    written = _native_writer(reference)(HEAD, BOUNDS, spent, limit, spans, STAMP)
+    assert written == usage_value(HEAD, BOUNDS, spent, limit, spans, STAMP)

@@ -11,6 +11,8 @@ mod checks;
 mod combine;
 mod digest;
 mod groups;
+mod snapshot;
+mod state;
 mod sums;
 mod totals;
 mod usage;
@@ -634,7 +636,7 @@ fn murmur2(data: &[u8]) -> u32 {
 }
 
 /// `Decoder`, `Summer` (`sums.rs`), `combined` (`combine.rs`), `Groups` and `MessageRows`
-/// (`groups.rs`), `murmur2`, `blake3_16` (`digest.rs`), and the exception a Rust panic is raised as (a BaseException: the caller
+/// (`groups.rs`), `TotalsRows` (`totals.rs`), `ChangelogJson` (`state.rs`), `UsageValues` (`snapshot.rs`), `murmur2`, `blake3_16` (`digest.rs`), and the exception a Rust panic is raised as (a BaseException: the caller
 /// catches it by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -646,5 +648,7 @@ fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<groups::Groups>()?;
     module.add_class::<groups::MessageRows>()?;
     module.add_class::<totals::TotalsRows>()?;
+    module.add_class::<state::ChangelogJson>()?;
+    module.add_class::<snapshot::UsageValues>()?;
     module.add_class::<Decoder>()
 }

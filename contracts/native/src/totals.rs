@@ -65,7 +65,7 @@ const AMOUNTS: usize = 1;
 
 /// The value in the slot at `offset` of `object`, an exact instance of the class `offset` was
 /// found in (`usage::slot_offset`): what `getattr` gives, without the type's attribute look-up.
-fn read<'py>(object: &Bound<'py, PyAny>, offset: isize) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn read<'py>(object: &Bound<'py, PyAny>, offset: isize) -> PyResult<Bound<'py, PyAny>> {
     // SAFETY: `offset` is a plain object slot inside objects of the class, `object` one of them.
     unsafe {
         let slot = *slot_at(object, offset);
@@ -226,7 +226,7 @@ impl<'py> Ring<'py> {
 }
 
 /// An int that is exactly a Python `int` (not a bool) and fits an int64.
-fn int(value: &Bound<'_, PyAny>) -> Option<i64> {
+pub(crate) fn int(value: &Bound<'_, PyAny>) -> Option<i64> {
     if !value.is_exact_instance_of::<PyInt>() {
         return None;
     }
