@@ -13,6 +13,7 @@ from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import fetching
 from burnguard.stream.app import BudgetJob
 from burnguard.stream.settings import StreamSettings
+from faust.types import TP
 
 from tests.factories import budgets_yaml, tenant_cost
 
@@ -124,3 +125,41 @@ def test_a_fetch_commits_every_so_many_acks_as_fausts_loop() -> None:
     asyncio.run(fetching._Consumer._deliver(consumer, _fetched("p0", *range(7))))  # type: ignore[arg-type]
     assert consumer.delivered == list(range(7))
     assert consumer.commits == 2  # before the 4th and the 7th message
+
+
+class _Fetching:
+    """What `_Consumer.behind` and `_note_behind` read of Faust's consumer: assignment, high watermarks."""
+
+    def __init__(self, highwaters: dict[Any, int | None], assigned: set[Any]) -> None:
+        self.highwaters, self.assigned = highwaters, assigned
+        self._behind: set[Any] = set()
+
+    def highwater(self, tp: Any) -> int | None:
+        if tp not in self.assigned:
+            raise AssertionError("Partition is not assigned")  # as aiokafka's
+        return self.highwaters[tp]
+
+    def assignment(self) -> set[Any]:
+        return set(self.assigned)
+
+
+def test_a_fetch_ending_before_the_high_watermark_leaves_its_partition_behind_until_one_reaches_it() -> None:
+    spans0, spans1, usage0 = TP("otlp_spans", 0), TP("otlp_spans", 1), TP("usage", 0)
+    consumer = _Fetching({spans0: 10, spans1: 3, usage0: 9}, {spans0, spans1, usage0})
+    note, behind = fetching._Consumer._note_behind, fetching._Consumer.behind
+    note(consumer, [(spans0, SimpleNamespace(offset=4)), (spans1, SimpleNamespace(offset=2))])  # type: ignore[arg-type]
+    assert consumer._behind == {spans0}  # 5..9 still in Kafka; spans1 read to its end
+    assert behind(consumer, {"otlp_spans"})  # type: ignore[arg-type]
+    assert not behind(consumer, {"usage"})  # type: ignore[arg-type]
+
+    note(consumer, [(usage0, SimpleNamespace(offset=1))])  # type: ignore[arg-type]
+    consumer.assigned.discard(spans0)  # revoked: its backlog is another worker's
+    assert not behind(consumer, {"otlp_spans"})  # type: ignore[arg-type]
+    assert behind(consumer, {"usage"})  # type: ignore[arg-type]
+
+    consumer.assigned.add(spans0)
+    note(consumer, [(spans0, SimpleNamespace(offset=9))])  # type: ignore[arg-type]
+    assert not behind(consumer, {"otlp_spans"})  # type: ignore[arg-type]
+    consumer.assigned.discard(usage0)
+    note(consumer, [(usage0, SimpleNamespace(offset=2))])  # type: ignore[arg-type]  # unassigned meanwhile
+    assert consumer._behind == set()
