@@ -332,7 +332,11 @@ class BudgetJob:
             broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 4),
             consumer_max_fetch_size=settings.fetch_partition_bytes,
         )
-        fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
+        fetching.install(
+            self.app,
+            max(1, round(settings.fetch_max_wait.total_seconds() * 1000)),
+            {settings.topics.spans: settings.fetch_spans_partition_bytes},
+        )
         self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
         self._releasing: asyncio.Future[None] | None = None
         self.stall_guard = StallGuard(self.app)

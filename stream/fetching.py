@@ -15,7 +15,7 @@ trip per wait while the worker is idle.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import aiokafka
@@ -38,6 +38,36 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         # attribute when `start()` creates its fetcher, which happens after this returns.
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms  # type: ignore[attr-defined]
         return consumer
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        sizes = self.transport.topic_partition_bytes  # type: ignore[attr-defined]
+        if sizes:
+            size_fetches(self._consumer._fetcher, sizes)  # type: ignore[union-attr]
+
+
+def size_fetches(fetcher: Any, sizes: Mapping[str, int]) -> None:
+    """Make `fetcher` ask for `sizes[topic]` bytes per partition of those topics, its own size for the rest.
+
+    aiokafka sizes every partition of a fetch alike. A fetch of `otlp_spans` at 1 MiB per partition
+    holds ~50 messages of 150 spans, a quarter of stage 1's micro-batch, and the next fetch comes a
+    round trip of the event loop later: so its partitions get more, the other topics' (changelogs
+    read once at recovery, the usage topic's small records) keep the consumer's size.
+    """
+    actions = getattr(fetcher, "_get_actions_per_node", None)
+    if actions is None:  # the sizes would be ignored in silence
+        raise RuntimeError("aiokafka fetcher without _get_actions_per_node: update stream/fetching.py")
+
+    def sized(assignment: Any) -> Any:
+        planned = actions(assignment)
+        for _node, request in planned[0]:
+            request._topics = [
+                (topic, [(partition, offset, sizes.get(topic, size)) for partition, offset, size in parts])
+                for topic, parts in request._topics
+            ]
+        return planned
+
+    fetcher._get_actions_per_node = sized
 
 
 class _Consumer(driver.Consumer):
@@ -143,15 +173,28 @@ class FetchWaitTransport(driver.Transport):
 
     Consumer = _Consumer
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fetch_max_wait_ms: int,
+        topic_partition_bytes: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not 0 < fetch_max_wait_ms <= 1500:
             raise ValueError(f"fetch_max_wait_ms must be in (0, 1500], got {fetch_max_wait_ms}")
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        #: bytes per partition per fetch of these topics, instead of `consumer_max_fetch_size`
+        self.topic_partition_bytes = dict(topic_partition_bytes or {})
 
 
-def install(app: Any, fetch_max_wait_ms: int) -> None:
+def install(app: Any, fetch_max_wait_ms: int, topic_partition_bytes: Mapping[str, int] | None = None) -> None:
     """Give `app` this transport; call before anything touches `app.transport` (topics, agents)."""
     if getattr(app, "_transport", None) is not None:
         raise RuntimeError("install the fetch transport before declaring topics")
-    app.transport = FetchWaitTransport(app.conf.broker_consumer, app, fetch_max_wait_ms=fetch_max_wait_ms)
+    app.transport = FetchWaitTransport(
+        app.conf.broker_consumer,
+        app,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        topic_partition_bytes=topic_partition_bytes,
+    )

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.protocol.fetch import FetchRequest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import fetching
 from burnguard.stream.app import BudgetJob
@@ -63,6 +64,8 @@ def test_out_of_range_wait_is_refused(wait_ms: int) -> None:
         ("BURNGUARD_FETCH_PARTITION_BYTES", "0"),
         ("BURNGUARD_FETCH_PARTITION_BYTES", "-1"),
         ("BURNGUARD_FETCH_PARTITION_BYTES", "1.5"),
+        ("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", "0"),
+        ("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", "2.5"),
     ],
 )
 def test_bad_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -163,3 +166,31 @@ def test_a_fetch_ending_before_the_high_watermark_leaves_its_partition_behind_un
     consumer.assigned.discard(usage0)
     note(consumer, [(usage0, SimpleNamespace(offset=2))])  # type: ignore[arg-type]  # unassigned meanwhile
     assert consumer._behind == set()
+
+
+def test_spans_partitions_are_fetched_at_their_own_size_the_rest_at_the_consumers() -> None:
+    def planned(assignment: Any) -> tuple[list[tuple[int, FetchRequest]], dict, float, bool, list]:
+        topics = [("otlp_spans", [(0, 7, 1 << 20), (1, 0, 1 << 20)]), ("usage", [(0, 3, 1 << 20)])]
+        return [(1, FetchRequest(20, 1, 50 << 20, 0, topics))], {}, 0.1, False, []
+
+    fetcher = SimpleNamespace(_get_actions_per_node=planned)
+    fetching.size_fetches(fetcher, {"otlp_spans": 4 << 20})
+    requests, *rest = fetcher._get_actions_per_node(None)
+    assert requests[0][1].topics == [
+        ("otlp_spans", [(0, 7, 4 << 20), (1, 0, 4 << 20)]),
+        ("usage", [(0, 3, 1 << 20)]),
+    ]
+    assert rest == [{}, 0.1, False, []]
+    with pytest.raises(RuntimeError, match="_get_actions_per_node"):
+        fetching.size_fetches(SimpleNamespace(), {"otlp_spans": 4 << 20})
+
+
+def test_the_worker_sizes_spans_fetches_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", str(6 << 20))
+    settings = StreamSettings.from_env()
+    settings.data_dir = tmp_path / "stream"
+    job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0))))
+    assert job.app.transport.topic_partition_bytes == {settings.topics.spans: 6 << 20}
+    assert StreamSettings.fetch_spans_partition_bytes == 4 << 20
