@@ -98,7 +98,7 @@ class _Consumer(driver.Consumer):
 
     def _note_behind(self, messages: list[tuple[Any, Any]]) -> None:
         """Per partition in a fetch: is its last message before the high watermark the fetch came
-        with (a fetch cut at `BURNGUARD_FETCH_PARTITION_BYTES` or a segment's end)?"""
+        with (a fetch cut at the partition's fetch size or at a log segment's end)?"""
         last = {tp: message.offset for tp, message in messages}
         for tp, offset in last.items():
             try:
