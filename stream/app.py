@@ -186,6 +186,8 @@ DEAD_LETTERED_REMEMBERED = 10_000
 #: records (one `batches` record per usage partition) and acks are per micro-batch, not per message.
 INGEST_BATCH_MESSAGES = 200
 INGEST_BATCH_WINDOW_S = 0.02
+#: With a backlog in Kafka a micro-batch waits this long at most for its next fetches (`take_batches`).
+INGEST_BEHIND_WINDOW_S = 0.2
 #: Stage 1 lets the event loop run after this much work inside a micro-batch (heartbeats, stage 2).
 INGEST_SLICE_S = 0.01
 #: Usage records accounted together at most: their changes reach the changelog once per key.
@@ -330,7 +332,11 @@ class BudgetJob:
             broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 4),
             consumer_max_fetch_size=settings.fetch_partition_bytes,
         )
-        fetching.install(self.app, max(1, round(settings.fetch_max_wait.total_seconds() * 1000)))
+        fetching.install(
+            self.app,
+            max(1, round(settings.fetch_max_wait.total_seconds() * 1000)),
+            {settings.topics.spans: settings.fetch_spans_partition_bytes},
+        )
         self.changes = TableChanges(self.app, settings.changelog_flush.total_seconds())
         self._releasing: asyncio.Future[None] | None = None
         self.stall_guard = StallGuard(self.app)
@@ -412,7 +418,11 @@ class BudgetJob:
         producer before committing (`stream/changelog.py`), so the records handed over
         in `_ingest_batch` are in Kafka before any of the batch's offsets is committed.
         """
-        async for events in take_batches(stream, INGEST_BATCH_MESSAGES, INGEST_BATCH_WINDOW_S):
+        topics = frozenset(self.spans_topic.topics)
+        behind = partial(self.app.consumer.behind, topics)
+        async for events in take_batches(
+            stream, INGEST_BATCH_MESSAGES, INGEST_BATCH_WINDOW_S, behind, INGEST_BEHIND_WINDOW_S
+        ):
             await self._ingest_batch(events)
 
     async def _ingest_batch(self, events: list[Any]) -> None:

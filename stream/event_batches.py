@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from faust.types import EventT
@@ -37,16 +37,27 @@ from faust.types import EventT
 POLL_S = 0.002
 
 
-async def take_batches(stream: Any, max_events: int, within_s: float) -> AsyncIterator[list[Any]]:
+async def take_batches(
+    stream: Any,
+    max_events: int,
+    within_s: float,
+    behind: Callable[[], bool] | None = None,
+    behind_within_s: float = 0.0,
+) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_events` events: as many as the queue holds, waiting for more until the
     end of the `within_s` window the batch's first event came in (windows run from the previous
     batch, as `take_events`' timer does); each batch's events acked after its body.
+
+    While `behind()` says Kafka holds more of the stream's messages than were handed over (a
+    backlog), a batch not full waits on for them up to `behind_within_s` after it was begun: the
+    consumer fetches them one round trip after the fetch before was handed over, which on a busy
+    event loop is more than a window, so without it a backlog's micro-batch is one fetch.
     """
     channel = stream.channel
     if not getattr(channel, "is_iterator", False):
         raise RuntimeError("take_batches needs the agent's stream over a topic iterator")
     started_here = await stream.maybe_start()
-    taking = _Taking(stream, channel)
+    taking = _Taking(stream, channel, behind, behind_within_s)
     try:
         while not stream.should_stop:
             events = await taking.batch(max_events, within_s)
@@ -68,8 +79,12 @@ class _Taking:
     """The channel's queue, read in bulk: the first event of a batch waited for as Faust's stream
     waits (`Channel.__anext__`), the rest taken while the queue holds some or the window lasts."""
 
-    def __init__(self, stream: Any, channel: Any) -> None:
+    def __init__(
+        self, stream: Any, channel: Any, behind: Callable[[], bool] | None, behind_within_s: float
+    ) -> None:
         self.stream = stream
+        self.behind = behind
+        self.behind_within_s = behind_within_s if behind is not None else 0.0
         self.app = stream.app
         self.queue = channel.queue
         self.next_event = channel.__anext__
@@ -85,15 +100,22 @@ class _Taking:
         # the end of the window the first event came in: `take_events`' timer restarts every
         # `within_s` while nothing comes, so a quiet stream's message waits half a window on average
         deadline = began + within_s * (1 + int((time.monotonic() - began) / within_s))
+        behind_deadline = began + self.behind_within_s
         queue = self.queue
         while len(events) < max_events:
             if not queue.empty():  # an error thrown into the channel is raised by `get_nowait`
                 self._take(queue.get_nowait(), events)
                 continue
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline and not (now < behind_deadline and self._more_coming()):
                 break
             await asyncio.sleep(POLL_S)
         return events
+
+    def _more_coming(self) -> bool:
+        """Whether the stream's partitions hold messages not handed over yet, and none is being
+        rebalanced (then the batch's events hold the rebalance up until they are acked)."""
+        return self.behind is not None and self.app.flow_control.is_active() and self.behind()
 
     def _take(self, value: Any, events: list[Any]) -> None:
         """Track `value`'s message and add it, unless Faust's stream would skip it."""

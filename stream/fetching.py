@@ -15,9 +15,11 @@ trip per wait while the worker is idle.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import aiokafka
+from faust.exceptions import ConsumerNotStarted
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 
@@ -37,10 +39,76 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms  # type: ignore[attr-defined]
         return consumer
 
+    async def on_start(self) -> None:
+        await super().on_start()
+        sizes = self.transport.topic_partition_bytes  # type: ignore[attr-defined]
+        if sizes:
+            size_fetches(self._consumer._fetcher, sizes)  # type: ignore[union-attr]
+
+
+def size_fetches(fetcher: Any, sizes: Mapping[str, int]) -> None:
+    """Make `fetcher` ask for `sizes[topic]` bytes per partition of those topics, its own size for the rest.
+
+    aiokafka sizes every partition of a fetch alike. A fetch of `otlp_spans` at 1 MiB per partition
+    holds ~50 messages of 150 spans, a quarter of stage 1's micro-batch, and the next fetch comes a
+    round trip of the event loop later: so its partitions get more, the other topics' (changelogs
+    read once at recovery, the usage topic's small records) keep the consumer's size.
+    """
+    actions = getattr(fetcher, "_get_actions_per_node", None)
+    if actions is None:  # the sizes would be ignored in silence
+        raise RuntimeError("aiokafka fetcher without _get_actions_per_node: update stream/fetching.py")
+
+    def sized(assignment: Any) -> Any:
+        planned = actions(assignment)
+        for _node, request in planned[0]:
+            request._topics = [
+                (topic, [(partition, offset, sizes.get(topic, size)) for partition, offset, size in parts])
+                for topic, parts in request._topics
+            ]
+        return planned
+
+    fetcher._get_actions_per_node = sized
+
 
 class _Consumer(driver.Consumer):
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        #: The partitions whose last fetch ended before their high watermark: more messages are in
+        #: Kafka, the next fetch brings them (`behind`).
+        self._behind: set[Any] = set()
+
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def behind(self, topics: Collection[str]) -> bool:
+        """Whether an assigned partition of `topics` holds more messages than were handed over.
+
+        aiokafka buffers one fetch per partition and asks for the next only once the fetch before
+        was handed to Faust, a round trip later (tens of ms under load, stage 1's body and stage 2
+        sharing the event loop): an agent whose queue is empty while this holds gets more soon.
+        """
+        behind = self._behind
+        if not behind:
+            return False
+        try:
+            assigned = self.assignment()
+        except ConsumerNotStarted:
+            return False
+        return any(tp.topic in topics and tp in assigned for tp in behind)
+
+    def _note_behind(self, messages: list[tuple[Any, Any]]) -> None:
+        """Per partition in a fetch: is its last message before the high watermark the fetch came
+        with (a fetch cut at the partition's fetch size or at a log segment's end)?"""
+        last = {tp: message.offset for tp, message in messages}
+        for tp, offset in last.items():
+            try:
+                end = self.highwater(tp)
+            except AssertionError:  # aiokafka's: no longer assigned (a rebalance meanwhile)
+                end = None
+            if end is not None and end > offset + 1:
+                self._behind.add(tp)
+            else:
+                self._behind.discard(tp)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         """Faust's fetcher loop, handing each fetch's messages to the agents in one task.
@@ -63,6 +131,7 @@ class _Consumer(driver.Consumer):
                 if not self.should_stop:
                     messages = [pair async for pair in fetched]
                     if messages:
+                        self._note_behind(messages)
                         await self.wait_first(self._deliver(messages), self.suspend_flow.wait())
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
@@ -104,15 +173,28 @@ class FetchWaitTransport(driver.Transport):
 
     Consumer = _Consumer
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fetch_max_wait_ms: int,
+        topic_partition_bytes: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not 0 < fetch_max_wait_ms <= 1500:
             raise ValueError(f"fetch_max_wait_ms must be in (0, 1500], got {fetch_max_wait_ms}")
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        #: bytes per partition per fetch of these topics, instead of `consumer_max_fetch_size`
+        self.topic_partition_bytes = dict(topic_partition_bytes or {})
 
 
-def install(app: Any, fetch_max_wait_ms: int) -> None:
+def install(app: Any, fetch_max_wait_ms: int, topic_partition_bytes: Mapping[str, int] | None = None) -> None:
     """Give `app` this transport; call before anything touches `app.transport` (topics, agents)."""
     if getattr(app, "_transport", None) is not None:
         raise RuntimeError("install the fetch transport before declaring topics")
-    app.transport = FetchWaitTransport(app.conf.broker_consumer, app, fetch_max_wait_ms=fetch_max_wait_ms)
+    app.transport = FetchWaitTransport(
+        app.conf.broker_consumer,
+        app,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        topic_partition_bytes=topic_partition_bytes,
+    )

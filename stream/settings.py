@@ -75,6 +75,9 @@ class StreamSettings:
     #: At most this many bytes per partition per fetch (Faust's `consumer_max_fetch_size`); the
     #: consumer buffers at most one fetch per assigned partition, so memory <= this x partitions.
     fetch_partition_bytes: int = 1 << 20
+    #: The same for `otlp_spans` partitions: a fetch of ~the micro-batch cap (200) at 150 spans a
+    #: message (`stream/fetching.py:size_fetches`). Memory <= this x its assigned partitions + the above.
+    fetch_spans_partition_bytes: int = 4 << 20
     #: How often each worker writes the signal checkpoints guards start from (0: never).
     signal_checkpoint_interval: timedelta = timedelta(seconds=30)
     #: Stage 1 sums a micro-batch's messages' rows per key (`records.GroupRows`), each message's
@@ -119,6 +122,9 @@ class StreamSettings:
             fetch_max_wait=timedelta(milliseconds=env_number("BURNGUARD_FETCH_MAX_WAIT_MS", 20, float, 1500)),
             fetch_partition_bytes=env_number(
                 "BURNGUARD_FETCH_PARTITION_BYTES", cls.fetch_partition_bytes, int
+            ),
+            fetch_spans_partition_bytes=env_number(
+                "BURNGUARD_FETCH_SPANS_PARTITION_BYTES", cls.fetch_spans_partition_bytes, int
             ),
             signal_checkpoint_interval=timedelta(
                 # guards stop using a checkpoint with records after it once MAX_AGE_BEHIND old

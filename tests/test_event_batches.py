@@ -236,3 +236,62 @@ def test_a_stop_while_waiting_for_a_first_event_takes_nothing() -> None:
     asyncio.run(run())
     assert stream.channel.queue.qsize() == 1  # the cancelled get took nothing
     assert event_batches.POLL_S < 0.02
+
+
+def _behind_run(
+    stream: _Stream, behind: Callable[[], bool], within_s: float, behind_within_s: float, late_at: float
+) -> tuple[list[list[int]], float]:
+    """One batch: offset 0 queued, offset 1 put in at `late_at`; its offsets and when it went."""
+
+    async def run() -> tuple[list[list[int]], float]:
+        async def late() -> None:
+            await asyncio.sleep(late_at)
+            _fill(stream, range(1, 2))
+
+        _fill(stream, range(1))
+        producer = asyncio.ensure_future(late())
+        began = time.monotonic()
+        batches: list[list[int]] = []
+
+        async def take() -> None:
+            async with aclosing(take_batches(stream, 100, within_s, behind, behind_within_s)) as taken:
+                async for events in taken:
+                    batches.append(_offsets(events))
+                    return
+
+        await take()
+        took = time.monotonic() - began
+        await producer
+        return batches, took
+
+    return asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_a_batch_under_the_cap_waits_past_its_window_for_a_fetch_kafka_holds() -> None:
+    """A backlog's next fetch comes a round trip after the one before: the batch waits for it."""
+    stream = _Stream()
+    batches, took = _behind_run(stream, lambda: True, 0.02, 0.5, late_at=0.15)
+    assert batches == [[0, 1]]
+    assert took >= 0.45  # still behind: it waited to the end of its longer window, not the cap
+    assert stream.acked == [0, 1]
+
+
+def test_a_batch_waits_no_longer_once_kafka_holds_nothing_more() -> None:
+    stream = _Stream()
+    behind = iter([True, True, False])
+    batches, took = _behind_run(stream, lambda: next(behind, False), 0.02, 0.5, late_at=0.3)
+    assert batches == [[0]]
+    assert took < 0.2
+
+
+def test_a_batch_is_not_held_past_its_window_while_a_rebalance_suspends_the_flow() -> None:
+    """Its events hold the rebalance up until they are acked."""
+    stream = _Stream()
+
+    def behind() -> bool:
+        stream.app.flow_control.active = False  # suspended after the first event was taken
+        return True
+
+    batches, took = _behind_run(stream, behind, 0.02, 0.5, late_at=0.3)
+    assert batches == [[0]]
+    assert took < 0.2

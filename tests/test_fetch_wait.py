@@ -9,10 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.protocol.fetch import FetchRequest
 from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import fetching
 from burnguard.stream.app import BudgetJob
 from burnguard.stream.settings import StreamSettings
+from faust.types import TP
 
 from tests.factories import budgets_yaml, tenant_cost
 
@@ -62,6 +64,8 @@ def test_out_of_range_wait_is_refused(wait_ms: int) -> None:
         ("BURNGUARD_FETCH_PARTITION_BYTES", "0"),
         ("BURNGUARD_FETCH_PARTITION_BYTES", "-1"),
         ("BURNGUARD_FETCH_PARTITION_BYTES", "1.5"),
+        ("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", "0"),
+        ("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", "2.5"),
     ],
 )
 def test_bad_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -124,3 +128,69 @@ def test_a_fetch_commits_every_so_many_acks_as_fausts_loop() -> None:
     asyncio.run(fetching._Consumer._deliver(consumer, _fetched("p0", *range(7))))  # type: ignore[arg-type]
     assert consumer.delivered == list(range(7))
     assert consumer.commits == 2  # before the 4th and the 7th message
+
+
+class _Fetching:
+    """What `_Consumer.behind` and `_note_behind` read of Faust's consumer: assignment, high watermarks."""
+
+    def __init__(self, highwaters: dict[Any, int | None], assigned: set[Any]) -> None:
+        self.highwaters, self.assigned = highwaters, assigned
+        self._behind: set[Any] = set()
+
+    def highwater(self, tp: Any) -> int | None:
+        if tp not in self.assigned:
+            raise AssertionError("Partition is not assigned")  # as aiokafka's
+        return self.highwaters[tp]
+
+    def assignment(self) -> set[Any]:
+        return set(self.assigned)
+
+
+def test_a_fetch_ending_before_the_high_watermark_leaves_its_partition_behind_until_one_reaches_it() -> None:
+    spans0, spans1, usage0 = TP("otlp_spans", 0), TP("otlp_spans", 1), TP("usage", 0)
+    consumer = _Fetching({spans0: 10, spans1: 3, usage0: 9}, {spans0, spans1, usage0})
+    note, behind = fetching._Consumer._note_behind, fetching._Consumer.behind
+    note(consumer, [(spans0, SimpleNamespace(offset=4)), (spans1, SimpleNamespace(offset=2))])  # type: ignore[arg-type]
+    assert consumer._behind == {spans0}  # 5..9 still in Kafka; spans1 read to its end
+    assert behind(consumer, {"otlp_spans"})  # type: ignore[arg-type]
+    assert not behind(consumer, {"usage"})  # type: ignore[arg-type]
+
+    note(consumer, [(usage0, SimpleNamespace(offset=1))])  # type: ignore[arg-type]
+    consumer.assigned.discard(spans0)  # revoked: its backlog is another worker's
+    assert not behind(consumer, {"otlp_spans"})  # type: ignore[arg-type]
+    assert behind(consumer, {"usage"})  # type: ignore[arg-type]
+
+    consumer.assigned.add(spans0)
+    note(consumer, [(spans0, SimpleNamespace(offset=9))])  # type: ignore[arg-type]
+    assert not behind(consumer, {"otlp_spans"})  # type: ignore[arg-type]
+    consumer.assigned.discard(usage0)
+    note(consumer, [(usage0, SimpleNamespace(offset=2))])  # type: ignore[arg-type]  # unassigned meanwhile
+    assert consumer._behind == set()
+
+
+def test_spans_partitions_are_fetched_at_their_own_size_the_rest_at_the_consumers() -> None:
+    def planned(assignment: Any) -> tuple[list[tuple[int, FetchRequest]], dict, float, bool, list]:
+        topics = [("otlp_spans", [(0, 7, 1 << 20), (1, 0, 1 << 20)]), ("usage", [(0, 3, 1 << 20)])]
+        return [(1, FetchRequest(20, 1, 50 << 20, 0, topics))], {}, 0.1, False, []
+
+    fetcher = SimpleNamespace(_get_actions_per_node=planned)
+    fetching.size_fetches(fetcher, {"otlp_spans": 4 << 20})
+    requests, *rest = fetcher._get_actions_per_node(None)
+    assert requests[0][1].topics == [
+        ("otlp_spans", [(0, 7, 4 << 20), (1, 0, 4 << 20)]),
+        ("usage", [(0, 3, 1 << 20)]),
+    ]
+    assert rest == [{}, 0.1, False, []]
+    with pytest.raises(RuntimeError, match="_get_actions_per_node"):
+        fetching.size_fetches(SimpleNamespace(), {"otlp_spans": 4 << 20})
+
+
+def test_the_worker_sizes_spans_fetches_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", str(6 << 20))
+    settings = StreamSettings.from_env()
+    settings.data_dir = tmp_path / "stream"
+    job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0))))
+    assert job.app.transport.topic_partition_bytes == {settings.topics.spans: 6 << 20}
+    assert StreamSettings.fetch_spans_partition_bytes == 4 << 20
