@@ -19,26 +19,8 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyType};
 
-use crate::totals::{int, read};
-use crate::usage::slot_offset;
-
-/// The `WindowTotals` slots written, in the order of `to_state`.
-const TOTALS_FIELDS: [&str; 8] = [
-    "spent",
-    "spans",
-    "first_event_ns",
-    "last_event_ns",
-    "applied",
-    "recent",
-    "buckets",
-    "mix",
-];
-const APPLIED: usize = 4;
-const RECENT: usize = 5;
-const BUCKETS: usize = 6;
-const MIX: usize = 7;
-/// The `Ring` slots read.
-const RING_FIELDS: [&str; 2] = ["newest", "amounts"];
+use crate::totals::{int, read, AMOUNTS, APPLIED, BUCKETS, MIX, NEWEST, RECENT, RING_FIELDS, TOTALS_FIELDS};
+use crate::usage::slot_offsets;
 
 /// Writes changelog keys and `WindowTotals` values; hands the rest to the reference (module doc).
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
@@ -65,14 +47,8 @@ impl ChangelogJson {
         totals_class: Bound<'_, PyType>,
         ring_class: Bound<'_, PyType>,
     ) -> PyResult<Self> {
-        let mut totals_slots = [0; TOTALS_FIELDS.len()];
-        for (slot, name) in totals_slots.iter_mut().zip(TOTALS_FIELDS) {
-            *slot = slot_offset(&totals_class, name)?;
-        }
-        let mut ring_slots = [0; RING_FIELDS.len()];
-        for (slot, name) in ring_slots.iter_mut().zip(RING_FIELDS) {
-            *slot = slot_offset(&ring_class, name)?;
-        }
+        let totals_slots = slot_offsets(&totals_class, TOTALS_FIELDS)?;
+        let ring_slots = slot_offsets(&ring_class, RING_FIELDS)?;
         Ok(ChangelogJson {
             reference,
             totals_class: totals_class.unbind(),
@@ -180,8 +156,8 @@ impl ChangelogJson {
         if !ring.get_type().is(self.ring_class.bind(ring.py())) {
             return Err(Refused);
         }
-        let newest = int(&slot(ring, self.ring_slots[0])?).ok_or(Refused)?;
-        let amounts = Doubles::of(&slot(ring, self.ring_slots[1])?)?;
+        let newest = int(&slot(ring, self.ring_slots[NEWEST])?).ok_or(Refused)?;
+        let amounts = Doubles::of(&slot(ring, self.ring_slots[AMOUNTS])?)?;
         let amounts = amounts.slice();
         let size = i64::try_from(amounts.len()).map_err(|_| Refused)?;
         if size == 0 {

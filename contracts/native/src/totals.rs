@@ -19,7 +19,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
-use crate::usage::{slot_at, slot_offset};
+use crate::usage::{slot_at, slot_offsets};
 
 /// The shapes stage 2's Python gives (`TotalsRows.__new__`), read once.
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
@@ -37,8 +37,9 @@ pub struct TotalsRows {
     rolling_settled: usize,
 }
 
-/// The `WindowTotals` slots read or written, by their index in `totals_slots`.
-const TOTALS_FIELDS: [&str; 9] = [
+/// The `WindowTotals` slots read or written, by their index in `totals_slots` (also
+/// `state::ChangelogJson`'s, which writes the first eight in `to_state`'s order).
+pub(crate) const TOTALS_FIELDS: [&str; 9] = [
     "spent",
     "spans",
     "first_event_ns",
@@ -49,19 +50,19 @@ const TOTALS_FIELDS: [&str; 9] = [
     "mix",
     "settled",
 ];
-const SPENT: usize = 0;
-const SPANS: usize = 1;
-const FIRST: usize = 2;
-const LAST: usize = 3;
-const APPLIED: usize = 4;
-const RECENT: usize = 5;
-const BUCKETS: usize = 6;
-const MIX: usize = 7;
-const SETTLED: usize = 8;
+pub(crate) const SPENT: usize = 0;
+pub(crate) const SPANS: usize = 1;
+pub(crate) const FIRST: usize = 2;
+pub(crate) const LAST: usize = 3;
+pub(crate) const APPLIED: usize = 4;
+pub(crate) const RECENT: usize = 5;
+pub(crate) const BUCKETS: usize = 6;
+pub(crate) const MIX: usize = 7;
+pub(crate) const SETTLED: usize = 8;
 /// The `Ring` slots read or written.
-const RING_FIELDS: [&str; 2] = ["newest", "amounts"];
-const NEWEST: usize = 0;
-const AMOUNTS: usize = 1;
+pub(crate) const RING_FIELDS: [&str; 2] = ["newest", "amounts"];
+pub(crate) const NEWEST: usize = 0;
+pub(crate) const AMOUNTS: usize = 1;
 
 /// The value in the slot at `offset` of `object`, an exact instance of the class `offset` was
 /// found in (`usage::slot_offset`): what `getattr` gives, without the type's attribute look-up.
@@ -287,14 +288,8 @@ impl TotalsRows {
         if ns_per_minute <= 0 || calendar_settled == rolling_settled {
             return Err(pyo3::exceptions::PyValueError::new_err("unusable shapes"));
         }
-        let mut totals_slots = [0; TOTALS_FIELDS.len()];
-        for (slot, name) in totals_slots.iter_mut().zip(TOTALS_FIELDS) {
-            *slot = slot_offset(&totals_class, name)?;
-        }
-        let mut ring_slots = [0; RING_FIELDS.len()];
-        for (slot, name) in ring_slots.iter_mut().zip(RING_FIELDS) {
-            *slot = slot_offset(&ring_class, name)?;
-        }
+        let totals_slots = slot_offsets(&totals_class, TOTALS_FIELDS)?;
+        let ring_slots = slot_offsets(&ring_class, RING_FIELDS)?;
         Ok(TotalsRows {
             totals_class: totals_class.unbind(),
             ring_class: ring_class.unbind(),

@@ -139,6 +139,18 @@ fn plain_class(class: &Bound<'_, PyType>) -> PyResult<ffi::allocfunc> {
     }
 }
 
+/// Where the class's slots `names` are in its objects, in that order (`slot_offset` each).
+pub(crate) fn slot_offsets<const N: usize>(
+    class: &Bound<'_, PyType>,
+    names: [&str; N],
+) -> PyResult<[isize; N]> {
+    let mut offsets = [0; N];
+    for (offset, name) in offsets.iter_mut().zip(names) {
+        *offset = slot_offset(class, name)?;
+    }
+    Ok(offsets)
+}
+
 /// Where one of the class's own slots is in its objects: a writable `Py_T_OBJECT_EX` member.
 pub fn slot_offset(class: &Bound<'_, PyType>, name: &str) -> PyResult<isize> {
     let not_plain = || PyValueError::new_err(format!("{name} is not a plain slot of {class}"));
