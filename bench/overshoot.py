@@ -70,7 +70,10 @@ def run_app(
 
     runtime = configure(Settings.from_env(), service_name=f"overshoot-{name}")
     guard = runtime.guard
-    assert guard is not None and guard.ready, "enforcement is off or the guard is not ready"
+    assert guard is not None, "enforcement is off"
+    # configure() waits 0.5 s for the replay (`BURNGUARD_GUARD_WAIT_S`); on a loaded machine it can
+    # take longer, and the measurement starts only once every app's guard holds the topic's state
+    assert guard.wait_for(lambda g: g.ready, 30.0), "the guard did not replay the signals topic within 30 s"
     if not local:
         guard.reserve = lambda model=None, attribution=None: None  # type: ignore[method-assign,assignment]
     print("ready", flush=True)
