@@ -13,6 +13,8 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyFloat, PyInt};
 
+use crate::state::{write_float, write_int};
+
 /// Writes snapshot values; hands the rest to the reference (module doc).
 #[pyclass(frozen, module = "burnguard.contracts._otlp_native")]
 pub struct UsageValues {
@@ -76,7 +78,7 @@ fn written(
     out.extend_from_slice(b",\"ratio\":");
     pydantic_float(ratio, &mut out)?;
     out.extend_from_slice(b",\"spans\":");
-    out.extend_from_slice(spans.to_string().as_bytes());
+    write_int(spans, &mut out);
     out.extend_from_slice(stamp);
     Some(out)
 }
@@ -94,20 +96,16 @@ fn amount(value: &Bound<'_, PyAny>) -> Option<f64> {
     (-EXACT..=EXACT).contains(&int).then_some(int as f64)
 }
 
-/// A finite float as pydantic writes it: ryu's form, `e+` before a positive exponent.
+/// A finite float as pydantic writes it: msgspec's form (`state::write_float`), `e+` before a
+/// positive exponent.
 fn pydantic_float(value: f64, out: &mut Vec<u8>) -> Option<()> {
-    if !value.is_finite() {
-        return None;
-    }
-    let mut buffer = ryu::Buffer::new();
-    let text = buffer.format_finite(value).as_bytes();
-    match text.iter().position(|&byte| byte == b'e') {
-        Some(at) if text.get(at + 1) != Some(&b'-') => {
-            out.extend_from_slice(&text[..=at]);
-            out.push(b'+');
-            out.extend_from_slice(&text[at + 1..]);
+    let start = out.len();
+    write_float(value, out).ok()?;
+    if let Some(at) = out[start..].iter().position(|&byte| byte == b'e') {
+        let exponent = start + at + 1;
+        if out.get(exponent) != Some(&b'-') {
+            out.insert(exponent, b'+');
         }
-        _ => out.extend_from_slice(text),
     }
     Some(())
 }

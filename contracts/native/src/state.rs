@@ -33,9 +33,9 @@ pub struct ChangelogJson {
 }
 
 /// The value was not written: the reference writes it.
-struct Refused;
+pub(crate) struct Refused;
 
-type Written = Result<(), Refused>;
+pub(crate) type Written = Result<(), Refused>;
 
 #[pymethods]
 impl ChangelogJson {
@@ -232,7 +232,7 @@ fn number(value: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Written {
 }
 
 /// An int in its decimal digits, as both encoders write it.
-fn write_int(value: i64, out: &mut Vec<u8>) {
+pub(crate) fn write_int(value: i64, out: &mut Vec<u8>) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut rest = value.unsigned_abs();
@@ -303,7 +303,7 @@ impl Drop for Doubles {
 }
 
 /// A finite float as msgspec writes it; a NaN or an infinity is refused (msgspec writes null).
-fn write_float(value: f64, out: &mut Vec<u8>) -> Written {
+pub(crate) fn write_float(value: f64, out: &mut Vec<u8>) -> Written {
     if !value.is_finite() {
         return Err(Refused);
     }
