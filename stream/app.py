@@ -182,9 +182,11 @@ SNAPSHOT_MAX_PER_RUN = 200_000
 SNAPSHOT_RUN_SHARE = 0.5
 #: Dead-lettered messages remembered, so a re-read one is not parked again (a few hundred kB).
 DEAD_LETTERED_REMEMBERED = 10_000
-#: OTLP messages stage 1 takes into one micro-batch at most, and how long it waits to fill one: its
-#: records (one `batches` record per usage partition) and acks are per micro-batch, not per message.
-INGEST_BATCH_MESSAGES = 200
+#: OTLP messages stage 1 takes into one micro-batch at most (its bytes are capped too:
+#: `StreamSettings.ingest_batch_bytes`, the cap that ends a backlog's micro-batches of more than
+#: ~4 spans a message), and how long it waits to fill one: its records (one `batches` record per
+#: usage partition) and acks are per micro-batch, not per message.
+INGEST_BATCH_MESSAGES = 4000
 INGEST_BATCH_WINDOW_S = 0.02
 #: With a backlog in Kafka a micro-batch waits this long at most for its next fetches (`take_batches`).
 INGEST_BEHIND_WINDOW_S = 0.2
@@ -421,7 +423,12 @@ class BudgetJob:
         topics = frozenset(self.spans_topic.topics)
         behind = partial(self.app.consumer.behind, topics)
         async for events in take_batches(
-            stream, INGEST_BATCH_MESSAGES, INGEST_BATCH_WINDOW_S, behind, INGEST_BEHIND_WINDOW_S
+            stream,
+            INGEST_BATCH_MESSAGES,
+            INGEST_BATCH_WINDOW_S,
+            behind,
+            INGEST_BEHIND_WINDOW_S,
+            self.settings.ingest_batch_bytes,
         ):
             await self._ingest_batch(events)
 

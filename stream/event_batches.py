@@ -35,6 +35,8 @@ from faust.types import EventT
 #: While a batch is not full and its window not over, the queue is looked at again this often:
 #: the conductor's fetch delivery (`stream/fetching.py`) fills it a fetch at a time.
 POLL_S = 0.002
+#: A batch's room in bytes when no cap is given: never filled.
+_NO_BYTE_CAP = float("inf")
 
 
 async def take_batches(
@@ -43,10 +45,16 @@ async def take_batches(
     within_s: float,
     behind: Callable[[], bool] | None = None,
     behind_within_s: float = 0.0,
+    max_bytes: int | None = None,
 ) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_events` events: as many as the queue holds, waiting for more until the
     end of the `within_s` window the batch's first event came in (windows run from the previous
     batch, as `take_events`' timer does); each batch's events acked after its body.
+
+    With `max_bytes` a batch also ends once its messages' values hold that many bytes (the one that
+    reaches it included: a batch holds less than `max_bytes` plus one message). Stage 1's work and
+    the rows it combines follow the spans a batch holds, and a message's bytes follow its spans: a
+    count of messages alone made a micro-batch of small messages a tenth of one of big ones.
 
     While `behind()` says Kafka holds more of the stream's messages than were handed over (a
     backlog), a batch not full waits on for them up to `behind_within_s` after it was begun: the
@@ -60,7 +68,7 @@ async def take_batches(
     taking = _Taking(stream, channel, behind, behind_within_s)
     try:
         while not stream.should_stop:
-            events = await taking.batch(max_events, within_s)
+            events = await taking.batch(max_events, within_s, max_bytes)
             if not events:
                 continue
             try:
@@ -92,19 +100,21 @@ class _Taking:
         self.unacked = self.app.consumer._unacked_messages
         self.on_message_in = stream._on_message_in
 
-    async def batch(self, max_events: int, within_s: float) -> list[Any]:
-        """The next batch's events, tracked: the first waited for without bound, then the rest."""
+    async def batch(self, max_events: int, within_s: float, max_bytes: int | None = None) -> list[Any]:
+        """The next batch's events, tracked: the first waited for without bound, then the rest, until
+        `max_events` of them or (with `max_bytes`) that many bytes of their messages' values."""
         events: list[Any] = []
         began = time.monotonic()
-        self._take(await self.next_event(), events)
+        room = max_bytes if max_bytes is not None else _NO_BYTE_CAP
+        room -= self._take(await self.next_event(), events)
         # the end of the window the first event came in: `take_events`' timer restarts every
         # `within_s` while nothing comes, so a quiet stream's message waits half a window on average
         deadline = began + within_s * (1 + int((time.monotonic() - began) / within_s))
         behind_deadline = began + self.behind_within_s
         queue = self.queue
-        while len(events) < max_events:
+        while len(events) < max_events and room > 0:
             if not queue.empty():  # an error thrown into the channel is raised by `get_nowait`
-                self._take(queue.get_nowait(), events)
+                room -= self._take(queue.get_nowait(), events)
                 continue
             now = time.monotonic()
             if now >= deadline and not (now < behind_deadline and self._more_coming()):
@@ -117,16 +127,18 @@ class _Taking:
         rebalanced (then the batch's events hold the rebalance up until they are acked)."""
         return self.behind is not None and self.app.flow_control.is_active() and self.behind()
 
-    def _take(self, value: Any, events: list[Any]) -> None:
-        """Track `value`'s message and add it, unless Faust's stream would skip it."""
+    def _take(self, value: Any, events: list[Any]) -> int:
+        """Track `value`'s message and add it, unless Faust's stream would skip it; the bytes of its
+        value that joined the batch (none for a skipped one)."""
         if not isinstance(value, EventT):
             raise TypeError(f"take_batches reads events, not {type(value).__name__}")
         message = value.message
         app = self.app
         if not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id:
-            return  # read again from the commit after the rebalance
+            return 0  # read again from the commit after the rebalance
         if message.topic in self.acking_topics and not message.tracked:
             message.tracked = True
             self.unacked.add(message)
             self.on_message_in(message.tp, message.offset, message)
         events.append(value)
+        return message.serialized_value_size

@@ -50,9 +50,9 @@ def size_fetches(fetcher: Any, sizes: Mapping[str, int]) -> None:
     """Make `fetcher` ask for `sizes[topic]` bytes per partition of those topics, its own size for the rest.
 
     aiokafka sizes every partition of a fetch alike. A fetch of `otlp_spans` at 1 MiB per partition
-    holds ~50 messages of 150 spans, a quarter of stage 1's micro-batch, and the next fetch comes a
-    round trip of the event loop later: so its partitions get more, the other topics' (changelogs
-    read once at recovery, the usage topic's small records) keep the consumer's size.
+    holds ~13 messages of 150 spans per partition, a few percent of stage 1's micro-batch, and the
+    next fetch comes a round trip of the event loop later: so its partitions get more, the other
+    topics' (changelogs read once at recovery, the usage topic's small records) keep the consumer's size.
     """
     actions = getattr(fetcher, "_get_actions_per_node", None)
     if actions is None:  # the sizes would be ignored in silence

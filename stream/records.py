@@ -402,7 +402,7 @@ class MicroBatch:
         """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`.
 
         `steps`: the `Step`s its combined rows carry, each weighed as a row (a step is a third
-        of a row's bytes; a key summed over 200 messages carries 200). `combined`: one of its
+        of a row's bytes; a key summed over 2,000 messages carries 2,000). `combined`: one of its
         rows is a group's, so its record is a `GROUPS` one.
         """
         records = self._records.setdefault(partition, [])

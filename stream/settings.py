@@ -75,9 +75,15 @@ class StreamSettings:
     #: At most this many bytes per partition per fetch (Faust's `consumer_max_fetch_size`); the
     #: consumer buffers at most one fetch per assigned partition, so memory <= this x partitions.
     fetch_partition_bytes: int = 1 << 20
-    #: The same for `otlp_spans` partitions: a fetch of ~the micro-batch cap (200) at 150 spans a
-    #: message (`stream/fetching.py:size_fetches`). Memory <= this x its assigned partitions + the above.
+    #: The same for `otlp_spans` partitions: a fetch of four such partitions is a micro-batch's
+    #: `ingest_batch_bytes` (`stream/fetching.py:size_fetches`). Memory <= this x its assigned
+    #: partitions + the above.
     fetch_spans_partition_bytes: int = 4 << 20
+    #: Stage 1's micro-batch ends once its messages' values hold this many bytes (or at
+    #: `INGEST_BATCH_MESSAGES`): ~30,000 spans at ~520 bytes a span, whatever the spans per message,
+    #: so small messages combine over as many spans as big ones (`event_batches.take_batches`).
+    #: Memory: a micro-batch's values are this plus one message at most.
+    ingest_batch_bytes: int = 16 << 20
     #: How often each worker writes the signal checkpoints guards start from (0: never).
     signal_checkpoint_interval: timedelta = timedelta(seconds=30)
     #: Stage 1 sums a micro-batch's messages' rows per key (`records.GroupRows`), each message's
@@ -126,6 +132,7 @@ class StreamSettings:
             fetch_spans_partition_bytes=env_number(
                 "BURNGUARD_FETCH_SPANS_PARTITION_BYTES", cls.fetch_spans_partition_bytes, int
             ),
+            ingest_batch_bytes=env_number("BURNGUARD_INGEST_BATCH_BYTES", cls.ingest_batch_bytes, int),
             signal_checkpoint_interval=timedelta(
                 # guards stop using a checkpoint with records after it once MAX_AGE_BEHIND old
                 seconds=env_number(

@@ -31,33 +31,58 @@ def spent(pipeline: Pipeline, tenant: str) -> float | None:
     return spends[-1] if spends else None
 
 
-@pytest.mark.slow
-def test_a_backlog_of_small_messages_is_taken_in_full_micro_batches(pipeline: Pipeline) -> None:
+def produce_backlog(pipeline: Pipeline) -> int:
+    """`MESSAGES` small messages of acme's on one partition, before the worker starts; the largest's size."""
     features = budget("feature-tokens", 1.0e12, scope="feature", window="day", metric="tokens")
     pipeline.write_budgets(budgets_yaml(tenant_cost(1_000_000.0), features))
     producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all", linger_ms=20)
+    largest = 0
     for n in range(MESSAGES):  # each its own features: no message is a copy of another
         calls = [(f"feature-{n}-{call}", 100, 10) for call in range(CALLS)]
         payload = otlp_batch("acme", calls, extra={attr.COST_USD: COST})
+        largest = max(largest, len(payload))
         producer.send(pipeline.topics.spans, key=b"acme", value=payload, partition=0)
     producer.flush()
     producer.close()
+    return largest
 
-    pipeline.start_worker()
+
+def micro_batches_when_counted(pipeline: Pipeline, env: dict[str, str] | None = None) -> int:
+    """Start the worker on the backlog; once acme's spend counts every message, the micro-batches
+    it took (a micro-batch sends acme's tenant spend as one row: its messages' sum, with their steps)."""
+    pipeline.start_worker(env=env)
     deadline = time.monotonic() + 120
     while spent(pipeline, "acme") != pytest.approx(MESSAGES * CALLS * COST) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert spent(pipeline, "acme") == pytest.approx(MESSAGES * CALLS * COST)
-
-    # A micro-batch sends acme's tenant spend as one row (its messages' sum, with their steps).
     records = [json.loads(r.value) for r in read_to_end(pipeline.broker.bootstrap, pipeline.topics.usage)]
-    tenant_rows = [
-        row
+    return sum(
+        1
         for record in records
         if record.get("kind") in ("batches", "groups")
         for batch in record["batches"]
         for row in batch[2]
         if row[0] == "tenant-cost"
-    ]
-    messages_per_batch = MESSAGES / len(tenant_rows)
-    assert messages_per_batch >= 100, f"{len(tenant_rows)} micro-batches for {MESSAGES} messages"
+    )
+
+
+@pytest.mark.slow
+def test_a_backlog_of_small_messages_is_taken_in_full_micro_batches(pipeline: Pipeline) -> None:
+    produce_backlog(pipeline)
+    micro_batches = micro_batches_when_counted(pipeline)
+    messages_per_batch = MESSAGES / micro_batches
+    assert messages_per_batch >= 100, f"{micro_batches} micro-batches for {MESSAGES} messages"
+
+
+@pytest.mark.slow
+def test_a_micro_batch_ends_at_the_byte_cap_whatever_its_message_count(pipeline: Pipeline) -> None:
+    """`BURNGUARD_INGEST_BATCH_BYTES` reaches stage 1: a micro-batch holds the cap and one message at most."""
+    largest = produce_backlog(pipeline)
+    per_batch = 20  # messages of the largest's size that fill the cap
+    micro_batches = micro_batches_when_counted(
+        pipeline, {"BURNGUARD_INGEST_BATCH_BYTES": str(per_batch * largest)}
+    )
+    # without the cap, the test above's >= 100 messages per micro-batch; with it, at most 21
+    assert micro_batches >= MESSAGES / (per_batch + 1), (
+        f"{micro_batches} micro-batches for {MESSAGES} messages"
+    )

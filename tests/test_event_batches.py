@@ -82,21 +82,26 @@ class _Stream:
         pass
 
 
-def _event(stream: _Stream, offset: int, generation: int = 3) -> Event:
-    message = ConsumerMessage(TOPIC, 0, offset, 0.0, 0, None, b"k", b"v", None, generation_id=generation)
-    return Event(stream.app, b"k", b"v", None, message)
+def _event(stream: _Stream, offset: int, generation: int = 3, value: bytes = b"v") -> Event:
+    message = ConsumerMessage(TOPIC, 0, offset, 0.0, 0, None, b"k", value, None, generation_id=generation)
+    return Event(stream.app, b"k", value, None, message)
 
 
-def _fill(stream: _Stream, offsets: range, generation: int = 3) -> None:
+def _fill(stream: _Stream, offsets: range, generation: int = 3, value: bytes = b"v") -> None:
     for offset in offsets:
-        stream.channel.queue.put_nowait(_event(stream, offset, generation))
+        stream.channel.queue.put_nowait(_event(stream, offset, generation, value))
 
 
 async def _batches(
-    stream: _Stream, n: int, max_events: int, within_s: float, body: Callable[[list], None]
+    stream: _Stream,
+    n: int,
+    max_events: int,
+    within_s: float,
+    body: Callable[[list], None],
+    max_bytes: int | None = None,
 ) -> None:
     taken = 0
-    async with aclosing(take_batches(stream, max_events, within_s)) as batches:
+    async with aclosing(take_batches(stream, max_events, within_s, max_bytes=max_bytes)) as batches:
         async for events in batches:
             body(events)
             taken += 1
@@ -123,6 +128,29 @@ def test_a_full_queue_gives_full_batches_in_order_each_acked_after_its_body() ->
     assert stream.acked == list(range(7))
     assert stream.sensed == list(range(7))
     assert stream.stopped
+
+
+def test_a_batch_ends_once_its_values_reach_the_byte_cap_with_the_message_that_reaches_it() -> None:
+    """Small messages make batches of as many bytes (hence spans) as big ones, not of as many messages."""
+    stream = _Stream()
+    _fill(stream, range(0, 2), value=b"x" * 100)
+    _fill(stream, range(2, 4), generation=2, value=b"x" * 100)  # skipped: takes no room
+    _fill(stream, range(4, 9), value=b"x" * 100)
+    _fill(stream, range(9, 10), value=b"x" * 1000)
+    batches: list[list[int]] = []
+    asyncio.run(
+        asyncio.wait_for(_batches(stream, 3, 100, 0.02, lambda e: batches.append(_offsets(e)), 250), 10)
+    )
+    assert batches == [[0, 1, 4], [5, 6, 7], [8, 9]]  # 300, 300, then 1,100 bytes: one past the cap
+    assert stream.acked == [0, 1, 4, 5, 6, 7, 8, 9]
+
+
+def test_without_a_byte_cap_the_message_cap_alone_ends_a_batch() -> None:
+    stream = _Stream()
+    _fill(stream, range(5), value=b"x" * 1000)
+    batches: list[list[int]] = []
+    asyncio.run(asyncio.wait_for(_batches(stream, 2, 3, 0.02, lambda e: batches.append(_offsets(e))), 10))
+    assert batches == [[0, 1, 2], [3, 4]]
 
 
 def test_a_batch_not_full_goes_once_its_window_is_over_with_what_arrived_within_it() -> None:

@@ -66,6 +66,8 @@ def test_out_of_range_wait_is_refused(wait_ms: int) -> None:
         ("BURNGUARD_FETCH_PARTITION_BYTES", "1.5"),
         ("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", "0"),
         ("BURNGUARD_FETCH_SPANS_PARTITION_BYTES", "2.5"),
+        ("BURNGUARD_INGEST_BATCH_BYTES", "0"),
+        ("BURNGUARD_INGEST_BATCH_BYTES", "1.5"),
     ],
 )
 def test_bad_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
