@@ -5,19 +5,19 @@
 is per message, around them. This bench runs the worker's own `_ingest_batch` on a
 `BudgetJob` built from settings as the worker builds it, without a broker: the
 events are Faust's `Event`/`Message` objects for `otlp_spans` records (LogAppendTime,
-stamped now), handed over in micro-batches of `INGEST_BATCH_MESSAGES`, as
-`take_events` hands them under load. Everything `_ingest_batch` does runs: the
-in-order check, the duplicate digests, decode, the clock check, `usage_deltas`,
-context observations, the sub-batches, the micro-batch records and their JSON. Only
-the producer's `send` is replaced by one that drops the queued records (the
+stamped now), handed over in micro-batches as `take_batches` ends them under load (at
+`INGEST_BATCH_MESSAGES`, or at `StreamSettings.ingest_batch_bytes` of values where the revision
+has it). Everything `_ingest_batch` does runs: the in-order check, the duplicate digests, decode,
+the clock check, `usage_deltas`, context observations, the sub-batches, the micro-batch records and
+their JSON. Only the producer's `send` is replaced by one that drops the queued records (the
 records are built and encoded; aiokafka's send, Faust's `take_events` and acks are
 not in the figure).
 
 Both sides of `--compare` read the same load (generated at the same clock) and must send the
 same records, byte for byte: the digest of what the first reading sent is compared, and
-the bench stops if they differ, unless one side combines messages (`combine_messages`,
-`records.GroupRows`) and the other does not. Delta rows and usage-record bytes per message (and
-bytes per row) are printed for each side.
+the bench stops if they differ, unless the two end micro-batches apart (combined rows differ) or
+one side combines messages (`combine_messages`, `records.GroupRows`) and the other does not. Delta
+rows and usage-record bytes per message (and bytes per row) are printed for each side.
 
 Each figure is the best of `--repeat` runs of CPU time (`time.process_time`),
 divided by the messages and by the spans of the load. Each run reads the load at
@@ -55,6 +55,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -95,6 +96,8 @@ class Stage1:
         self.job.usage_records.send = self._drop_sent  # records built and encoded, not sent
         self.messages = messages
         self.sent = 0
+        #: the messages of each micro-batch of the last reading
+        self.micro_batches: list[int] = []
         #: while True (the first reading, untimed): what is sent is digested and its rows counted
         self.inspecting = True
         #: the usage records sent (topic, partition, key, value, headers of each), digested in order
@@ -140,8 +143,26 @@ class Stage1:
         asyncio.run(self._ingest(events))
 
     async def _ingest(self, events: list[Event]) -> None:
-        for first in range(0, len(events), INGEST_BATCH_MESSAGES):
-            await self.job._ingest_batch(events[first : first + INGEST_BATCH_MESSAGES])
+        max_bytes = getattr(self.job.settings, "ingest_batch_bytes", None)  # None: a revision without it
+        self.micro_batches.clear()
+        for batch in micro_batches(events, INGEST_BATCH_MESSAGES, max_bytes):
+            self.micro_batches.append(len(batch))
+            await self.job._ingest_batch(batch)
+
+
+def micro_batches(events: list[Event], max_messages: int, max_bytes: int | None) -> Iterator[list[Event]]:
+    """A backlog's micro-batches as `take_batches` ends them: at `max_messages`, or once their
+    values hold `max_bytes` (the message that reaches it included)."""
+    batch: list[Event] = []
+    room = max_bytes if max_bytes is not None else float("inf")
+    for event in events:
+        batch.append(event)
+        room -= len(event.value)
+        if len(batch) == max_messages or room <= 0:
+            yield batch
+            batch, room = [], max_bytes if max_bytes is not None else float("inf")
+    if batch:
+        yield batch
 
 
 #: Stage 1's parts, as `stream/app.py` names them (either revision): decode, sum, group, encode,
@@ -285,6 +306,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         records, rows, sent_digest = stage1.sent, stage1.rows, stage1.sent_digest.hexdigest()
         usage_bytes = stage1.usage_bytes
         combines = getattr(stage1.job.settings, "combine_messages", False)
+        micro_batch_sizes = stage1.micro_batches
         seconds = best_cpu_s(stage1, args.repeat)
         parts = split(stage1) if args.split else {}
         if args.profile:
@@ -297,7 +319,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile_top)
     load = (
         f"{spans} spans in {len(messages)} messages ({spans / len(messages):.1f} per message), "
-        f"{records} records and {rows} delta rows ({rows / len(messages):.1f} per message) per reading"
+        f"{records} records and {rows} delta rows ({rows / len(messages):.1f} per message) per reading, "
+        f"in {len(micro_batch_sizes)} micro-batches of {len(messages) / len(micro_batch_sizes):.0f} messages"
     )
     if rows:
         load += f"; {usage_bytes / rows:.0f} bytes per delta row (usage records' values / rows)"
@@ -308,6 +331,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "per_span_us": seconds / spans * 1e6,
         "sent_digest": sent_digest,
         "combines": combines,
+        "micro_batches": micro_batch_sizes,
         "rows_per_message": rows / len(messages),
         "usage_bytes_per_message": usage_bytes / len(messages),
         "split_us": parts,
@@ -398,6 +422,9 @@ def main() -> None:
         if len(digests) == 1:
             print("records sent: the same values from both revisions")
             fields += " same_records=1"
+        elif old.get("micro_batches") != new["micro_batches"] and old.get("combines") and new["combines"]:
+            print("records sent: not the same (the revisions end micro-batches apart: other combined rows)")
+            fields += " same_records=0"
         elif old.get("combines", False) == new["combines"]:
             raise SystemExit(f"the two revisions sent different records for the same load: {digests}")
         else:  # one side sums rows across messages (`records.GroupRows`), the other does not
