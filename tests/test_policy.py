@@ -13,6 +13,7 @@ from burnguard.stream.accounting import UsageDelta, window_lengths, window_span
 from burnguard.stream.policy import (
     WindowTotals,
     _predicts_downgrade,
+    _rate_hours,
     _reason,
     _rolling_reset,
     burn_rate_per_hour,
@@ -687,3 +688,24 @@ def test_a_change_is_decided_once(budget: Budget, key: str, steps: list) -> None
             previous = {"action": signal.action, "window_start_ns": start_ns}
         if budget.window != "1h":  # a rolling window's kept answer holds its totals' own ring
             assert totals.settled == kept.settled
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    elapsed_ns=st.one_of(
+        st.integers(-(10**12), 10**13),
+        st.integers(59 * NS, 61 * NS),
+        st.integers(0, 10**7).map(lambda n: 900 * NS - 5 * 10**6 + n),
+        st.integers(60, 10**6).map(lambda s: s * NS + 500),  # half a microsecond over whole seconds
+        st.integers(60 * 10**6, 10**10).map(lambda us: us * 1000 + 500),
+        # whole seconds and j/128 of one: a fraction whose microseconds end in exactly .5 (ties)
+        st.tuples(st.integers(60, 10**6), st.integers(0, 63)).map(
+            lambda t: t[0] * NS + (2 * t[1] + 1) * 7_812_500
+        ),
+    )
+)
+def test_the_rate_span_is_the_timedeltas_it_always_was(elapsed_ns: int) -> None:
+    """`_rate_hours` is the hours of `max(timedelta(seconds=elapsed / 1e9), 1 minute)` (the burn rate's
+    span as it was computed), float for float: below, at and past the minimum, at half microseconds."""
+    observed = timedelta(seconds=elapsed_ns / NS)
+    assert _rate_hours(elapsed_ns) == max(observed, timedelta(minutes=1)).total_seconds() / 3600
