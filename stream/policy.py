@@ -108,9 +108,10 @@ def signal_for_window(
     return _signal_of(budget, key, window_start_ns, totals, now, ttl, decided)
 
 
-#: What `_decide` works out: the budget's `_Windows`, `now` in ns, the window's spend, its ratio to the
-#: limit, whether the window is open and the rung reached (None: none, or the window is closed).
-_Decided = tuple["_Windows", int, float, float, bool, Action | None]
+#: What `_decide` works out: the budget's `_Windows`, `now` in ns (a rolling window's; None for a
+#: calendar or session window, whose action needs no clock in ns), the window's spend, its ratio to
+#: the limit, whether the window is open and the rung reached (None: none, or the window is closed).
+_Decided = tuple["_Windows", int | None, float, float, bool, Action | None]
 
 
 def _decide(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> _Decided:
@@ -121,9 +122,9 @@ def _decide(budget: Budget, window_start_ns: int, totals: WindowTotals, now: dat
     decision to the signal (`_signal_of`). A rolling window is open (its end is `now` plus its
     length) and its bounds, two datetimes, are made only for a signal.
     """
-    windows = _windows_of(budget)
-    now_ns = int(now.timestamp() * _NS)
+    windows, now_ns = _windows_of(budget), None
     if windows.rolling:
+        now_ns = int(now.timestamp() * _NS)
         spent, open_ = totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns), True
     else:  # a calendar or session window, its end looked up once per window
         spent, open_ = totals.spent, now < windows.end(window_start_ns)
@@ -142,6 +143,8 @@ def _signal_of(
 ) -> Signal:
     """`signal_for_window` from its decision (`_decide` of the same budget, window, totals and clock)."""
     windows, now_ns, spent, ratio, _, rung = decided
+    if now_ns is None:
+        now_ns = int(now.timestamp() * _NS)
     rolling = windows.rolling
     if rolling:
         start = _from_ns(now_ns - rolling)
