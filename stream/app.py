@@ -1301,8 +1301,9 @@ class BudgetJob:
         counted[0] += 1
         counted[1] = key
         value, record_key = signal.to_json(), key.encode()
-        if not self.signal_records.publish_at_once(record_key, value):  # `_publish_signal`, inline: a
-            await self.signal_records.publish(record_key, value)  # coroutine less per signal
+        # `_publish_signal` inline: awaiting it was a coroutine per signal
+        if not self.signal_records.publish_at_once(record_key, value):
+            await self.signal_records.publish(record_key, value)
         if self.published is not None:  # after the hand-over: a record that never went is not noted
             self.published.note(record_key, value, signal)
 
