@@ -1307,10 +1307,12 @@ class BudgetJob:
             counted = self._signals_unlogged[signal.action] = [0, ""]
         counted[0] += 1
         counted[1] = key
-        value = signal.to_json()
-        await self._publish_signal(key, value)
+        value, record_key = signal.to_json(), key.encode()
+        # `_publish_signal` inline: awaiting it was a coroutine per signal
+        if not self.signal_records.publish_at_once(record_key, value):
+            await self.signal_records.publish(record_key, value)
         if self.published is not None:  # after the hand-over: a record that never went is not noted
-            self.published.note(key.encode(), value, signal)
+            self.published.note(record_key, value, signal)
 
     def _log_signals(self) -> None:
         """One INFO line per snapshot run: the signals published since the last, by action."""

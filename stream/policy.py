@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from burnguard.contracts.budgets import SEVERITY, Budget, ContextGuard
+from burnguard.contracts.budgets import SEVERITY, Action, Budget, ContextGuard
 from burnguard.contracts.signals import SIGNAL_VERSION, Signal
 from burnguard.contracts.windows import ROLLING_BUCKETS
 from burnguard.stream.accounting import (
@@ -30,6 +30,8 @@ _NS = 1_000_000_000
 #: The burn rate is measured over at least this long, so the first span of a
 #: window does not extrapolate to an absurd rate.
 _MIN_RATE_SPAN = timedelta(minutes=1)
+_MIN_RATE_NS = 60 * _NS
+_MIN_RATE_HOURS = _MIN_RATE_SPAN.total_seconds() / 3600
 
 
 def _from_ns(ns: int) -> datetime:
@@ -50,9 +52,25 @@ def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
 def _burn_rate(totals: WindowTotals, now_ns: int) -> float:
     """`burn_rate_per_hour` of totals with spans, at `now_ns` (`now` as the callers turn it into ns)."""
     since_ns = max(now_ns - RECENT_MINUTES * 60 * _NS, totals.first_event_ns)
-    observed = timedelta(seconds=(now_ns - since_ns) / _NS)
-    hours = max(observed, _MIN_RATE_SPAN).total_seconds() / 3600
-    return totals.recent_spend(since_ns) / hours
+    return totals.recent_spend(since_ns) / _rate_hours(now_ns - since_ns)
+
+
+def _rate_hours(elapsed_ns: int) -> float:
+    """`max(timedelta(seconds=elapsed_ns / 1e9), _MIN_RATE_SPAN).total_seconds() / 3600` without the
+    two timedeltas (~0.9 us of a signal's burn rate): the same float.
+
+    `timedelta` keeps whole microseconds: the float's whole seconds, then its fraction times 1e6
+    (one float product) rounded half to even (CPython's `accum` and `delta_new`: the parity is
+    the total's, and a million whole-second microseconds are even). `total_seconds` divides the
+    microseconds by 10**6 as ints (correctly rounded). Up to a minute (or negative: events ahead
+    of the clock) the rounded span is at most a minute: the minimum decides.
+    `tests/test_policy.py` holds the two equal.
+    """
+    if elapsed_ns <= _MIN_RATE_NS:
+        return _MIN_RATE_HOURS
+    seconds = elapsed_ns / _NS
+    whole = int(seconds)
+    return (whole * 1_000_000 + round((seconds - whole) * 1e6)) / 1_000_000 / 3600
 
 
 #: Projections further out than this are "not in sight" (and would overflow `datetime`).
@@ -86,17 +104,53 @@ def signal_for_window(
     `window_at` and `burn_rate_per_hour`, with the budget's `_Windows` looked up and `now` turned
     into ns once: each did both again.
     """
-    windows = _windows_of(budget)
-    rolling, now_ns = windows.rolling, int(now.timestamp() * _NS)
-    if rolling:
-        spent = totals.rolling_spent(now_ns, rolling, windows.bucket_ns)
-        start, end = _from_ns(now_ns - rolling), _from_ns(now_ns + rolling)
-    else:
-        spent, (start, end) = totals.spent, windows.span(window_start_ns)
+    decided = _decide(budget, window_start_ns, totals, now)
+    return _signal_of(budget, key, window_start_ns, totals, now, ttl, decided)
+
+
+#: What `_decide` works out: the budget's `_Windows`, `now` in ns (a rolling window's; None for a
+#: calendar or session window, whose action needs no clock in ns), the window's spend, its ratio to
+#: the limit, whether the window is open and the rung reached (None: none, or the window is closed).
+_Decided = tuple["_Windows", int | None, float, float, bool, Action | None]
+
+
+def _decide(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> _Decided:
+    """The decision both the action and the signal start from (`window_at`'s spend, the rung reached).
+
+    A row that changes a key's action was decided twice: `decide_action_fully` for the action,
+    then `signal_for_window` again in full for its signal. `changed_signal` now hands this one
+    decision to the signal (`_signal_of`). A rolling window is open (its end is `now` plus its
+    length) and its bounds, two datetimes, are made only for a signal.
+    """
+    windows, now_ns = _windows_of(budget), None
+    if windows.rolling:
+        now_ns = int(now.timestamp() * _NS)
+        spent, open_ = totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns), True
+    else:  # a calendar or session window, its end looked up once per window
+        spent, open_ = totals.spent, now < windows.end(window_start_ns)
     ratio = spent / budget.limit
-    rung = budget.action_for(ratio) if now < end else None
+    return windows, now_ns, spent, ratio, open_, budget.action_for(ratio) if open_ else None
+
+
+def _signal_of(
+    budget: Budget,
+    key: str,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    ttl: timedelta,
+    decided: _Decided,
+) -> Signal:
+    """`signal_for_window` from its decision (`_decide` of the same budget, window, totals and clock)."""
+    windows, now_ns, spent, ratio, _, rung = decided
+    if now_ns is None:
+        now_ns = int(now.timestamp() * _NS)
+    rolling = windows.rolling
     if rolling:
+        start = _from_ns(now_ns - rolling)
         end = _rolling_reset(budget, totals, now, rung.at if rung is not None else None)
+    else:
+        start, end = windows.span(window_start_ns)
     action = rung.do if rung is not None else "ok"
     rate = _burn_rate(totals, now_ns) if totals.spans else 0.0
     exhaustion = projected_exhaustion(budget, spent, rate, now)
@@ -151,15 +205,27 @@ def changed_signal(
     `previous` is `{"action", "window_start_ns"}` (None: nothing published, i.e.
     ok). A `Signal` (a pydantic model with a formatted reason) is only built when
     the action differs from the last published one, or to refresh a restriction;
-    the cheap `decide_action` settles every other delta. The worker (stage 2) and
-    `burnguard budgets simulate` both decide through this function.
+    the window's kept answer (`decide_action`) settles most other deltas. The worker
+    (stage 2) and `burnguard budgets simulate` both decide through this function.
+
+    Decided once: where the kept answer does not hold, the decision that gives the action
+    (`_decide`, as `decide_action_fully` makes it) is the one the signal is built from.
     """
     if previous and previous["window_start_ns"] > window_start_ns:
         return None  # a late span for an older window: counted, but the current window rules
     previous_action = previous["action"] if previous else "ok"
-    if not refresh and decide_action(budget, window_start_ns, totals, now) == previous_action:
+    kept = None if refresh else _kept_action(budget, window_start_ns, totals, now)
+    if kept == previous_action:
         return None
-    signal = signal_for_window(budget, key, window_start_ns, totals, now, ttl)
+    decided = _decide(budget, window_start_ns, totals, now)
+    if kept is None and not refresh:  # `decide_action_fully` from this decision
+        signal = _action_or_signal(budget, window_start_ns, totals, now, decided, key, ttl)
+        if type(signal) is str:
+            if signal == previous_action:
+                return None
+            signal = _signal_of(budget, key, window_start_ns, totals, now, ttl, decided)
+    else:
+        signal = _signal_of(budget, key, window_start_ns, totals, now, ttl, decided)
     if signal.action == previous_action and not (refresh and signal.action != "ok"):
         return None
     return signal
@@ -203,48 +269,63 @@ def decide_action(budget: Budget, window_start_ns: int, totals: WindowTotals, no
     counted buckets stay the same and the spend it may grow to
     (`_rolling_settled`). Within them the answer is the same.
     """
+    kept = _kept_action(budget, window_start_ns, totals, now)
+    return kept if kept is not None else decide_action_fully(budget, window_start_ns, totals, now)
+
+
+def _kept_action(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str | None:
+    """The window's kept answer (`totals.settled`) where it holds for this budget, spend and clock;
+    else None."""
     settled = totals.settled
-    if settled is not None:
-        if len(settled) == CALENDAR_SETTLED:
-            held_for, start_ns, end, low, high, action = settled
-            if (
-                held_for is budget
-                and start_ns == window_start_ns
-                and now < end
-                and low <= totals.spent / budget.limit < high
-            ):
-                return action
-        else:
-            held_for, since, until, buckets, newest, cap, action = settled
-            if (
-                held_for is budget
-                and since <= now < until
-                and totals.buckets is buckets
-                and buckets.newest == newest
-                and totals.spent < cap
-            ):
-                return action
-    return decide_action_fully(budget, window_start_ns, totals, now)
+    if settled is None:
+        return None
+    if len(settled) == CALENDAR_SETTLED:
+        held_for, start_ns, end, low, high, action = settled
+        if (
+            held_for is budget
+            and start_ns == window_start_ns
+            and now < end
+            and low <= totals.spent / budget.limit < high
+        ):
+            return action
+    else:
+        held_for, since, until, buckets, newest, cap, action = settled
+        if (
+            held_for is budget
+            and since <= now < until
+            and totals.buckets is buckets
+            and buckets.newest == newest
+            and totals.spent < cap
+        ):
+            return action
+    return None
 
 
 def decide_action_fully(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:
     """`decide_action` worked out from the budget, the totals and the clock (the reference: tests
     hold `decide_action` to it); where the answer holds is kept in `totals.settled`, unless a
     predictive downgrade may decide."""
-    windows = _windows_of(budget)
-    if windows.rolling:  # `window_at`'s spend; its end, now + the window's length, is after now
-        now_ns = int(now.timestamp() * _NS)
-        spent = totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns)
-        open_ = True
-    else:  # `window_at` of a calendar or session window, its end looked up once per window
-        spent, open_ = totals.spent, now < windows.end(window_start_ns)
-    ratio = spent / budget.limit
-    rung = budget.action_for(ratio) if open_ else None
+    decided = _decide(budget, window_start_ns, totals, now)
+    action = _action_or_signal(budget, window_start_ns, totals, now, decided, "", timedelta(0))
+    return action if type(action) is str else action.action
+
+
+def _action_or_signal(
+    budget: Budget,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    decided: _Decided,
+    key: str,
+    ttl: timedelta,
+) -> str | Signal:
+    """`decide_action_fully` from its decision: the action, with where it holds kept in
+    `totals.settled`; or, where a predictive downgrade may decide (it needs the burn rate), the
+    signal itself (for `key`, `ttl`), whose action it is: `changed_signal` publishes that one."""
+    windows, now_ns, spent, ratio, open_, rung = decided
     action = rung.do if rung is not None else "ok"
-    if _may_predict(budget, ratio, action) and open_:
-        return signal_for_window(
-            budget, "", window_start_ns, totals, now, timedelta(0)
-        ).action  # needs the burn rate
+    if open_ and _may_predict(budget, ratio, action):
+        return _signal_of(budget, key, window_start_ns, totals, now, ttl, decided)
     if windows.rolling:
         totals.settled = _rolling_settled(windows, totals, now, now_ns, spent, ratio, action)
     elif open_:

@@ -13,9 +13,11 @@ from burnguard.stream.accounting import UsageDelta, window_lengths, window_span
 from burnguard.stream.policy import (
     WindowTotals,
     _predicts_downgrade,
+    _rate_hours,
     _reason,
     _rolling_reset,
     burn_rate_per_hour,
+    changed_signal,
     decide_action,
     decide_action_fully,
     projected_exhaustion,
@@ -610,3 +612,100 @@ def test_a_signal_is_the_one_it_always_was(
         assert signal.model_fields_set == expected.model_fields_set
         assert list(signal.__dict__.items()) == list(expected.__dict__.items())
         assert signal.to_json() == expected.to_json()
+
+
+def reference_changed_signal(
+    budget: Budget,
+    key: str,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    previous: dict | None,
+    refresh: bool,
+) -> Signal | None:
+    """`changed_signal` as it was before it decided once (4a3948a), on a copy of the totals: the
+    action worked out afresh (`decide_action_fully`, the cheap `decide_action`'s reference), then,
+    if it differs (or to refresh), the signal decided again in full (`reference_signal`)."""
+    if previous and previous["window_start_ns"] > window_start_ns:
+        return None
+    previous_action = previous["action"] if previous else "ok"
+    fresh = WindowTotals.from_state(totals.to_state())
+    if (
+        not refresh
+        and reference_signal(budget, key, window_start_ns, fresh, now, TTL).action == previous_action
+    ):
+        return None
+    signal = reference_signal(budget, key, window_start_ns, fresh, now, TTL)
+    if signal.action == previous_action and not (refresh and signal.action != "ok"):
+        return None
+    return signal
+
+
+#: A step of `test_a_change_is_decided_once`: an amount (a share of the limit), minutes on the clock,
+#: the key's published state made up (None: as `changed_signal` left it; else "none" or an action,
+#: in this window or a later one), and whether it is a refresh.
+CHANGE_STEPS = st.lists(
+    st.tuples(
+        st.one_of(st.floats(0.0, 0.6), st.sampled_from([0.0, 0.25, 1.0])),
+        st.one_of(st.sampled_from([0, 1]), st.integers(-30, 300)),
+        st.none() | st.tuples(st.sampled_from(["none", *SEVERITY]), st.booleans()),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(budget=budgets(), key=st.text(max_size=8), steps=CHANGE_STEPS)
+def test_a_change_is_decided_once(budget: Budget, key: str, steps: list) -> None:
+    """Differential: `changed_signal`, which builds a changed key's signal from the decision that
+    gave its action (and keeps where that action holds), publishes what deciding twice published:
+    the same signal or none, field for field and byte for byte, on random budgets (forecasts
+    included), spends, clocks, published states and refreshes; and the answer it keeps
+    (`totals.settled`, of a calendar or session window) is the one deciding twice kept."""
+    bucket_ns = budget.window_spec.bucket_ns
+    totals, now, previous = WindowTotals(), NOW, None
+    start_ns = budget.window_spec.start_ns(ns(NOW)) if budget.window != "session" else 0
+    for index, (share, minutes, made_up, refresh) in enumerate(steps):
+        now += timedelta(minutes=minutes)
+        at = ns(now) - 30 * NS
+        totals.add(0, index, share * budget.limit, 1, at, at, bucket_ns)
+        if made_up is not None:
+            action, later = made_up
+            previous = None if action == "none" else {"action": action, "window_start_ns": start_ns + later}
+        expected = reference_changed_signal(budget, key, start_ns, totals, now, previous, refresh)
+        kept = WindowTotals.from_state(totals.to_state())  # what deciding twice left kept
+        kept.settled = totals.settled
+        if not refresh and not (previous and previous["window_start_ns"] > start_ns):
+            decide_action(budget, start_ns, kept, now)
+        signal = changed_signal(budget, key, start_ns, totals, now, previous, TTL, refresh)
+        assert signal == expected, (index, totals.spent, now, previous, refresh)
+        if signal is not None:
+            assert list(signal.__dict__.items()) == list(expected.__dict__.items())
+            assert signal.model_fields_set == expected.model_fields_set
+            assert signal.to_json() == expected.to_json()
+            previous = {"action": signal.action, "window_start_ns": start_ns}
+        if budget.window != "1h":  # a rolling window's kept answer holds its totals' own ring
+            assert totals.settled == kept.settled
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    elapsed_ns=st.one_of(
+        st.integers(-(10**12), 10**13),
+        st.integers(59 * NS, 61 * NS),
+        st.integers(0, 10**7).map(lambda n: 900 * NS - 5 * 10**6 + n),
+        st.integers(60, 10**6).map(lambda s: s * NS + 500),  # half a microsecond over whole seconds
+        st.integers(60 * 10**6, 10**10).map(lambda us: us * 1000 + 500),
+        # whole seconds and j/128 of one: a fraction whose microseconds end in exactly .5 (ties)
+        st.tuples(st.integers(60, 10**6), st.integers(0, 63)).map(
+            lambda t: t[0] * NS + (2 * t[1] + 1) * 7_812_500
+        ),
+    )
+)
+def test_the_rate_span_is_the_timedeltas_it_always_was(elapsed_ns: int) -> None:
+    """`_rate_hours` is the hours of `max(timedelta(seconds=elapsed / 1e9), 1 minute)` (the burn rate's
+    span as it was computed), float for float: below, at and past the minimum, at half microseconds."""
+    observed = timedelta(seconds=elapsed_ns / NS)
+    assert _rate_hours(elapsed_ns) == max(observed, timedelta(minutes=1)).total_seconds() / 3600
