@@ -13,13 +13,13 @@
 //! the caller applies it in Python. Every shape is handed in (`TotalsRows.__new__`) or read from
 //! the objects; `tests/test_stage2_native.py` holds the two paths to the same outcome.
 
-use pyo3::buffer::PyBuffer;
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
 use crate::record::{Origin, UsageRecord, WireMix, WireRow};
+use crate::state::Doubles;
 use crate::usage::{slot_at, slot_offsets};
 
 /// The shapes stage 2's Python gives (`TotalsRows.__new__`), read once.
@@ -166,11 +166,11 @@ struct Plan<'py> {
     mix: Option<Vec<f64>>,
 }
 
-/// A `stream/accounting.py:Ring` as a row's parts leave it: its array's buffer, its amounts
+/// A `stream/accounting.py:Ring` as a row's parts leave it: its array's buffer (`state::Doubles`), its amounts
 /// and newest index worked out on copies, written back at the commit.
 struct Ring<'py> {
     ring: Bound<'py, PyAny>,
-    buffer: PyBuffer<f64>,
+    buffer: Doubles,
     amounts: Vec<f64>,
     newest: i64,
     moved: bool,
@@ -187,13 +187,13 @@ impl<'py> Ring<'py> {
         let Some(newest) = int(&read(&ring, rows.ring_slots[NEWEST])?) else {
             return Ok(None);
         };
-        let Ok(buffer) = PyBuffer::<f64>::get(&read(&ring, rows.ring_slots[AMOUNTS])?) else {
+        let Some(buffer) = Doubles::writable(&read(&ring, rows.ring_slots[AMOUNTS])?) else {
             return Ok(None);
         };
-        if buffer.readonly() || buffer.item_count() == 0 || !buffer.is_c_contiguous() {
+        let amounts = buffer.slice().to_vec();
+        if amounts.is_empty() {
             return Ok(None);
         }
-        let amounts = buffer.to_vec(py)?;
         Ok(Some(Ring {
             ring,
             buffer,
@@ -234,7 +234,11 @@ impl<'py> Ring<'py> {
 
     /// Writes the amounts (and the newest index, if it moved) back into the Python ring.
     fn write(&self, py: Python<'_>) -> PyResult<()> {
-        self.buffer.copy_from_slice(py, &self.amounts)?;
+        if !self.buffer.write(&self.amounts) {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "a ring's array changed size",
+            ));
+        }
         if self.moved {
             write(
                 &self.ring,
@@ -816,7 +820,7 @@ impl TotalsRows {
                 });
                 mix_changed = true;
             }
-            if !decision.holds(py, spent, limit, target.now)? {
+            if !decision.holds(spent, limit) {
                 return Ok(None);
             }
         }
@@ -851,30 +855,24 @@ impl TotalsRows {
 }
 
 /// What `changed_signal` decides after a part is added, when it surely publishes nothing.
-enum Decision<'py> {
+enum Decision {
     /// The key's published state is a newer window: nothing is decided.
     Nothing,
-    /// A calendar or session window's kept answer: (end, low, high) hold the published action.
-    Calendar {
-        end: Bound<'py, PyAny>,
-        low: f64,
-        high: f64,
-    },
-    /// A rolling window's kept answer: (since, until, cap) hold it.
-    Rolling {
-        since: Bound<'py, PyAny>,
-        until: Bound<'py, PyAny>,
-        cap: f64,
-    },
+    /// A calendar or session window's kept answer: (low, high) hold the published action while
+    /// `now` is before its end (`open`, compared once: `now` is the record's).
+    Calendar { open: bool, low: f64, high: f64 },
+    /// A rolling window's kept answer: (cap) holds it while `now` is in its clock stretch
+    /// (`within`, compared once).
+    Rolling { within: bool, cap: f64 },
     /// No kept answer that holds the published action: the reference decides.
     Unknown,
 }
 
-impl<'py> Decision<'py> {
+impl Decision {
     /// From the key's published state (under `state_key`, `budget|key`) and the window's kept answer (`policy.decide_action`;
     /// `kept`: the lengths of its calendar and rolling tuples).
     #[allow(clippy::too_many_arguments)]
-    fn of(
+    fn of<'py>(
         py: Python<'py>,
         rows: &TotalsRows,
         budget: &Bound<'py, PyAny>,
@@ -883,7 +881,7 @@ impl<'py> Decision<'py> {
         totals: &Bound<'py, PyAny>,
         buckets: &Bound<'py, PyAny>,
         target: &Target<'_, 'py>,
-    ) -> PyResult<Decision<'py>> {
+    ) -> PyResult<Decision> {
         let action = match target.states.get_item(state_key)? {
             None => PyString::new(py, "ok").into_any(),
             Some(previous) => {
@@ -926,7 +924,7 @@ impl<'py> Decision<'py> {
                     return Ok(Decision::Unknown);
                 }
                 Ok(Decision::Calendar {
-                    end: item(2)?,
+                    open: target.now.lt(item(2)?)?,
                     low,
                     high,
                 })
@@ -943,8 +941,7 @@ impl<'py> Decision<'py> {
                     return Ok(Decision::Unknown);
                 }
                 Ok(Decision::Rolling {
-                    since: item(1)?,
-                    until: item(2)?,
+                    within: item(1)?.le(target.now)? && target.now.lt(item(2)?)?,
                     cap,
                 })
             }
@@ -953,16 +950,16 @@ impl<'py> Decision<'py> {
     }
 
     /// Whether `decide_action` answers the published action at this spend (after the part).
-    fn holds(&self, _py: Python<'py>, spent: f64, limit: f64, now: &Bound<'py, PyAny>) -> PyResult<bool> {
-        Ok(match self {
+    fn holds(&self, spent: f64, limit: f64) -> bool {
+        match self {
             Decision::Nothing => true,
-            Decision::Calendar { end, low, high } => {
+            Decision::Calendar { open, low, high } => {
                 let ratio = spent / limit;
-                now.lt(end)? && *low <= ratio && ratio < *high
+                *open && *low <= ratio && ratio < *high
             }
-            Decision::Rolling { since, until, cap } => since.le(now)? && now.lt(until)? && spent < *cap,
+            Decision::Rolling { within, cap } => *within && spent < *cap,
             Decision::Unknown => false,
-        })
+        }
     }
 }
 
