@@ -289,6 +289,60 @@ def test_the_native_reading_takes_stage_1s_records_and_leaves_any_doubt_to_the_r
     assert parse(encode_record(keys_record("ticks", [["b", "k"]]))) is None
 
 
+def test_the_native_reading_reads_each_row_as_the_reference_decodes_its_bytes() -> None:
+    """Every row `UsageRecord` reads into fields is what the reference decoder makes of its bytes:
+    floats bit for bit (random doubles, short decimals, -0.0, subnormals, written by msgspec and by
+    the stdlib with any digits), ints up to int64's ends, steps with and without their own mix; a
+    row it does not read (a bool, an int past int64, a legacy row) is kept as its exact bytes."""
+    parse = required_native_part("UsageRecord").parse
+    rng = random.Random(16)
+    floats = [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(2000)]
+    floats = [value for value in floats if math.isfinite(value)]
+    floats += [0.1 + 0.2, -0.0, 0.0, 5e-324, 1e16, 1e22, 1e23, 9007199254740993.0, 123.456, 2.5e-8]
+    floats += [rng.randrange(10**6) / 10 ** rng.randrange(12) for _ in range(500)]
+    ints = [0, -1, 2**63 - 1, -(2**63) + 1, 1 << 53, rng.randrange(1 << 62)]
+    rows: list[list[Any]] = []
+    for n, value in enumerate(floats):
+        mix = rng.choice([None, [], [value, 0.0, 1.0, 2.5]])
+        first, last = rng.choice(ints), rng.choice(ints)
+        row = [
+            "b",
+            f"k{n} é",
+            rng.choice(ints),
+            value,
+            rng.choice(ints),
+            first,
+            last,
+            rng.choice([None, 0, 60]),
+            mix,
+        ]
+        roll = rng.random()
+        if roll < 0.3:
+            row.append(rng.choice(ints))
+        elif roll < 0.6:
+            row.append([[n, value, 2, first, 5], [n + 1, -value, 1, last, 0, [1.0, value, 0.0, 0.0]]])
+        elif roll < 0.65:
+            row[4] = rng.choice([True, 2**63, -(2**63), 1 << 70])  # not an int64: kept as bytes
+        elif roll < 0.7:
+            row = row[:8]
+        rows.append(row)
+    record = batches_record([BatchRecord(0, 5, rows, [])], combined=True)
+    texts = [encode_record(record), json.dumps(record, ensure_ascii=False).encode()]
+    texts.append(json.dumps(record, ensure_ascii=False).replace("e-", "E-").replace(".0,", ".000,").encode())
+    for payload in texts:
+        parsed = parse(payload)
+        assert parsed is not None
+        read = parsed.read_rows()
+        assert len(read) == len(rows)
+        for (raw, fields), row in zip(read, rows, strict=True):
+            expected = floats_and_values(json.loads(raw))
+            assert floats_and_values(row) == expected  # the bytes are the row's own
+            if fields is not None:
+                assert floats_and_values(fields) == expected, raw
+        taken = sum(fields is not None for _, fields in read)
+        assert len(rows) * 0.8 < taken < len(rows), taken
+
+
 #: A row's number as stage 1 makes it (True) or of another type the native loop leaves to the reference.
 _AMOUNTS = st.one_of(
     st.tuples(st.floats(width=64), st.just(True)),

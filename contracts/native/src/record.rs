@@ -13,7 +13,7 @@
 //! non-empty context array. No Python object is made for a row the native rows add.
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList};
 
 /// A call mix as a row or step writes it: null, `[]`, or a list of floats (its length checked by
 /// `TotalsRows`, which knows `MIX_FIELDS`).
@@ -113,6 +113,57 @@ impl UsageRecord {
         self.batches.iter().map(|batch| batch.rows.len()).sum()
     }
 
+    /// Each delta row's bytes and, where it was read into fields, those fields as the JSON list
+    /// they stand for (None: kept as bytes): what `tests/test_usage_records.py` holds against the
+    /// reference decoding of the same bytes.
+    fn read_rows<'py>(&self, py: Python<'py>) -> PyResult<Vec<ReadRow<'py>>> {
+        let bytes = self.payload.bind(py).as_bytes();
+        let text = |(start, end): (usize, usize)| String::from_utf8_lossy(&bytes[start..end]).into_owned();
+        let mix = |mix: &WireMix| -> PyResult<Bound<'py, PyAny>> {
+            Ok(match mix {
+                WireMix::Null => py.None().into_bound(py),
+                WireMix::Empty => PyList::empty(py).into_any(),
+                WireMix::Floats(values) => PyList::new(py, values)?.into_any(),
+            })
+        };
+        let mut out = Vec::new();
+        for row in self.batches.iter().flat_map(|batch| &batch.rows) {
+            let raw = PyBytes::new(py, &bytes[row.bytes.0..row.bytes.1]);
+            let Some(fields) = &row.fields else {
+                out.push((raw, None));
+                continue;
+            };
+            let list = PyList::empty(py);
+            list.append(text(fields.budget))?;
+            list.append(text(fields.key))?;
+            list.append(fields.start)?;
+            list.append(fields.amount)?;
+            list.append(fields.spans)?;
+            list.append(fields.first)?;
+            list.append(fields.last)?;
+            list.append(fields.bucket)?;
+            list.append(mix(&fields.mix)?)?;
+            match &fields.origin {
+                Origin::Own => {}
+                Origin::Offset(offset) => list.append(offset)?,
+                Origin::Steps(steps) => {
+                    let made = PyList::empty(py);
+                    for step in steps {
+                        let item = PyList::new(py, [step.offset, 0, step.spans, step.first, step.span])?;
+                        item.set_item(1, step.amount)?;
+                        if let Some(step_mix) = &step.mix {
+                            item.append(mix(step_mix)?)?;
+                        }
+                        made.append(item)?;
+                    }
+                    list.append(made)?;
+                }
+            }
+            out.push((raw, Some(list.into_any())));
+        }
+        Ok(out)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> String {
         let bytes = self.payload.bind(py).as_bytes();
         let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]);
@@ -120,11 +171,34 @@ impl UsageRecord {
     }
 }
 
+/// A row's bytes and, where they were read into fields, those fields as a JSON list (`read_rows`).
+type ReadRow<'py> = (Bound<'py, PyBytes>, Option<Bound<'py, PyAny>>);
+
 /// Not taken: the reference decodes the record.
 #[derive(Debug)]
 pub(crate) struct Doubt;
 
 type Read<T> = Result<T, Doubt>;
+
+/// `digits * 10^shift` where both are exact doubles (digits below 2^53, |shift| at most 22): one
+/// IEEE multiplication or division of exact values, so correctly rounded (Clinger's fast path);
+/// None otherwise (the full parse).
+fn exact_float(digits: u64, shift: i64) -> Option<f64> {
+    const POWERS: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17,
+        1e18, 1e19, 1e20, 1e21, 1e22,
+    ];
+    if digits >= 1 << 53 {
+        return None;
+    }
+    let power = *POWERS.get(usize::try_from(shift.unsigned_abs()).ok()?)?;
+    let digits = digits as f64; // exact: below 2^53
+    Some(if shift >= 0 {
+        digits * power
+    } else {
+        digits / power
+    })
+}
 
 /// A JSON number: an int that fits an int64, a float, or an int past int64 (a Python int).
 #[derive(Debug, Clone, Copy)]
@@ -228,50 +302,85 @@ impl Reader<'_> {
     }
 
     /// A JSON number (RFC 8259's grammar): an int as an int64 where it fits, a float parsed as the
-    /// decimal it writes rounds (Rust's parse rounds correctly, as Python's and msgspec's do).
+    /// decimal it writes rounds (Rust's parse rounds correctly, as Python's and msgspec's do; the
+    /// common short decimals by `exact_float` first).
     fn number(&mut self) -> Read<Number> {
         self.skip_space();
         let bytes = self.bytes;
         let start = self.at;
         let mut at = start;
-        let digits = |at: &mut usize| {
+        let negative = bytes.get(at) == Some(&b'-');
+        if negative {
+            at += 1;
+        }
+        // the digits as one integer (None past u64)
+        let mut whole: Option<u64> = Some(0);
+        let digits = |at: &mut usize, whole: &mut Option<u64>| {
             let from = *at;
-            while bytes.get(*at).is_some_and(u8::is_ascii_digit) {
+            while let Some(&byte) = bytes.get(*at).filter(|byte| byte.is_ascii_digit()) {
+                *whole = whole
+                    .and_then(|value| value.checked_mul(10))
+                    .and_then(|value| value.checked_add(u64::from(byte - b'0')));
                 *at += 1;
             }
             *at - from
         };
-        if bytes.get(at) == Some(&b'-') {
-            at += 1;
-        }
         let leading = bytes.get(at).copied();
-        let whole = digits(&mut at);
-        if whole == 0 || (leading == Some(b'0') && whole > 1) {
+        let integral = digits(&mut at, &mut whole);
+        if integral == 0 || (leading == Some(b'0') && integral > 1) {
             return Err(Doubt);
         }
+        let mut fraction = 0;
         let mut float = false;
         if bytes.get(at) == Some(&b'.') {
             at += 1;
-            if digits(&mut at) == 0 {
+            fraction = digits(&mut at, &mut whole);
+            if fraction == 0 {
                 return Err(Doubt);
             }
             float = true;
         }
+        let mut exponent: Option<i64> = None;
         if let Some(b'e' | b'E') = bytes.get(at) {
             at += 1;
-            if let Some(b'+' | b'-') = bytes.get(at) {
-                at += 1;
-            }
-            if digits(&mut at) == 0 {
+            let sign = match bytes.get(at) {
+                Some(b'-') => {
+                    at += 1;
+                    -1
+                }
+                Some(b'+') => {
+                    at += 1;
+                    1
+                }
+                _ => 1,
+            };
+            let mut value = Some(0u64);
+            if digits(&mut at, &mut value) == 0 {
                 return Err(Doubt);
             }
+            exponent = value
+                .and_then(|value| i64::try_from(value).ok())
+                .map(|value| sign * value);
             float = true;
         }
         self.at = at;
-        let text = std::str::from_utf8(&bytes[start..at]).map_err(|_| Doubt)?;
         if !float {
-            return Ok(text.parse::<i64>().map_or(Number::BigInt, Number::Int));
+            return Ok(match whole.and_then(|value| i64::try_from(value).ok()) {
+                Some(value) if negative => Number::Int(-value),
+                Some(value) => Number::Int(value),
+                // -9223372036854775808 and any int past int64: a Python int, handed back
+                None => Number::BigInt,
+            });
         }
+        let shift = exponent.map(|exponent| exponent - i64::try_from(fraction).unwrap_or(i64::MAX));
+        if let Some(value) = whole
+            .zip(shift)
+            .and_then(|(digits, shift)| exact_float(digits, shift))
+        {
+            return Ok(Number::Float(if negative { -value } else { value }));
+        }
+        // ASCII digits, signs, a point and an exponent: valid UTF-8
+        let text = std::str::from_utf8(&bytes[start..at]).map_err(|_| Doubt)?;
         let value = text.parse::<f64>().map_err(|_| Doubt)?;
         if !value.is_finite() {
             return Err(Doubt); // msgspec refuses it, Faust's decoder reads inf: the reference's
