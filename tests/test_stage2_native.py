@@ -271,3 +271,17 @@ def test_a_native_module_that_does_not_fit_leaves_the_python_rows_in_use() -> No
     with pytest.raises(ValueError, match="unusable shapes"):
         native(WindowTotals, Ring, 60 * _NS, 4, 9, 10, 6, 6)  # both kept answers the same length
     assert new_totals_rows(native) is not None
+
+
+def test_a_record_read_from_its_bytes_is_parked_as_the_record_it_decodes_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record stage 2 fails goes to the dead-letter topic as `json.dumps` of its value: for the
+    native `UsageRecord`, of the record its bytes decode to, as when it was decoded into lists."""
+    reading = required_native_part("UsageRecord")
+    monkeypatch.setitem(partitioner.native_parts, "UsageRecord", reading)
+    record = {"kind": "groups", "batches": [[0, 7, [["b", "k é", 0, 1.5, 1, 2, 3, 0, None, 5]], []]]}
+    payload = encode_record(record)
+    value = codecs.get_codec(USAGE_RECORDS_CODEC).loads(payload)
+    assert type(value) is reading
+    assert app_module._as_bytes(value) == app_module._as_bytes(record) == json.dumps(record).encode()
