@@ -128,10 +128,12 @@ from burnguard.stream.records import (
     RowGroup,
     SweepRecord,
     TickRow,
+    decoded,
     encode_record,
     keys_record,
     message_rows,
     native_groups_in_use,
+    native_record,
     new_group_rows,
     record_version,
     removal_rows,
@@ -228,6 +230,8 @@ def _as_bytes(value: Any) -> bytes | None:
     """Any event key or value as bytes for the dead-letter topic: JSON, or its repr when JSON fails."""
     if value is None or isinstance(value, bytes):
         return value
+    if native_record(value):  # parked as the record it decodes to, as every usage record was
+        value = decoded(value.payload)
     if isinstance(value, str):
         return value.encode()
     try:
@@ -1033,6 +1037,9 @@ class BudgetJob:
 
     async def _account_one(self, record: Any) -> None:
         if not isinstance(record, dict):
+            if native_record(record):
+                await self._account_bytes(record)
+                return
             raise TypeError(f"a usage record is a JSON object, not {type(record).__name__}")
         if record_version(record) == RECORD_VERSION_SINGLE:
             await self._account_single(record)
@@ -1085,6 +1092,42 @@ class BudgetJob:
         now = _now()
         for batch in sub_batches(record):
             await self._account_rows(batch, now)
+
+    async def _account_bytes(self, record: Any) -> None:
+        """A `batches` or `groups` record the native module read from its bytes (`UsageRecord`):
+        what `_account_batches` does with its decoded lists, without them.
+
+        The native `TotalsRows.add_record` adds the common rows, sub-batch by sub-batch, and hands
+        back each other row (and each sub-batch's contexts) as its bytes, which are decoded here
+        and applied by the reference (`_account_rows_in_python`, `_observe_context`), in order.
+        The stores and pending changes are looked up again after every await (as in
+        `_account_rows_natively`). Without the native rows the reference decodes the record whole.
+        """
+        native = native_totals_rows()
+        if native is None:
+            await self._account_one(decoded(record.payload))
+            return
+        now = _now()
+        while True:
+            added, handed = native.add_record(
+                record,
+                now,
+                self._budgets,
+                plain_store(self.totals),
+                self.changes,
+                self.totals,
+                plain_store(self.states),
+                self.snapshots.waiting,
+            )
+            self.changes.added(added)
+            if handed is None:
+                return
+            partition, offset, payload, contexts = handed
+            if contexts:
+                for guard_id, key, inputs in map(ContextRow._make, decoded(payload)):
+                    await self._observe_context(guard_id, key, inputs, (partition, offset))
+            else:
+                await self._account_rows_in_python([decoded(payload)], (partition, offset), now)
 
     async def _account_batch(self, record: dict[str, Any]) -> None:
         """Add one OTLP message's deltas for this partition; each window key is written once."""

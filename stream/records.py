@@ -362,16 +362,40 @@ class UsageRecordsJson(codecs.json):
     Infinity, a number past a float's range, a lone surrogate escape, bytes that are not UTF-8)
     goes to Faust's own decoding, which reads it or fails as before (`test_usage_records`).
     Encoding (the timers' ticks and sweeps, `usage_topic.send`) is Faust's.
+
+    Where the native module is in use, a `batches` or `groups` record in stage 1's exact shape is
+    not decoded into lists at all: it comes as the native `UsageRecord` (contracts/native/src/
+    record.rs), its rows read from the bytes for the native `TotalsRows.add_record`; each row
+    that path hands back is decoded here (`decoded`). Building and freeing the Python lists of
+    every row and step was most of stage 2's decoding and garbage (BENCHMARKS.md, issue 16).
     """
 
     def _loads(self, s: bytes) -> Any:
-        try:
-            return _DECODE_RECORD(s)
-        except msgspec.DecodeError:
-            return super()._loads(s)
+        parse = native_part("UsageRecord")
+        if parse is not None and type(s) is bytes and (record := parse.parse(s)) is not None:
+            return record
+        return decoded(s)
 
 
 _DECODE_RECORD = msgspec.json.Decoder().decode
+_FAUST_JSON = codecs.json()
+
+
+def decoded(s: bytes) -> Any:
+    """A usage record's (or a row's) JSON decoded into Python values: msgspec, or Faust's own
+    decoding for what msgspec refuses (see `UsageRecordsJson`)."""
+    try:
+        return _DECODE_RECORD(s)
+    except msgspec.DecodeError:
+        return _FAUST_JSON._loads(s)
+
+
+def native_record(value: Any) -> bool:
+    """Whether a usage topic value is a record the native module read from its bytes (`UsageRecord`)."""
+    parse = native_part("UsageRecord")
+    return parse is not None and type(value) is parse
+
+
 #: The usage topic's value serializer: `UsageRecordsJson`, in Faust's codec registry under this name.
 USAGE_RECORDS_CODEC = "burnguard-usage-json"
 codecs.register(USAGE_RECORDS_CODEC, UsageRecordsJson())

@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.consumer_events import Event, Message, keep_sent
+from tests.fixtures.decoders import usage_value
 from tests.support.otlp_batches import otlp_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -161,7 +162,7 @@ def _swept(job: BudgetJob, horizon: int) -> BudgetJob:
 
 def account(job: BudgetJob, records: list[bytes]) -> None:
     for record in records:
-        asyncio.run(job._account_one(json.loads(record)))
+        asyncio.run(job._account_one(usage_value(record)))
 
 
 def outcome(job: BudgetJob) -> tuple[Any, ...]:

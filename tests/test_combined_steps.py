@@ -36,6 +36,7 @@ from tests.factories import (
     tenant_cost,
 )
 from tests.fixtures.consumer_events import Event, Message
+from tests.fixtures.decoders import usage_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from span_load import BUDGETS_YAML, SpanMix
@@ -85,7 +86,7 @@ def make_job(tmp_path: Path, name: str, combine: bool = True, config: Any = CONF
 
 def account(job: BudgetJob, records: list[Any]) -> BudgetJob:
     for record in records:
-        asyncio.run(job._account_one(json.loads(record) if isinstance(record, bytes) else record))
+        asyncio.run(job._account_one(usage_value(record) if isinstance(record, bytes) else record))
     return job
 
 

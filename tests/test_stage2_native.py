@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import math
 import random
 from datetime import timedelta
@@ -24,6 +25,8 @@ from burnguard.stream import partitioner
 from burnguard.stream.accounting import Ring, WindowClock, WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob, new_totals_rows
 from burnguard.stream.changelog import plain_store
+from burnguard.stream.records import USAGE_RECORDS_CODEC, encode_record
+from faust.serializers import codecs
 
 from tests.fixtures.decoders import required_native_part
 from tests.test_combined_steps import CONFIG, NOW, make_job
@@ -111,16 +114,34 @@ class Counted:
 
     def __init__(self, native: Any) -> None:
         self.native, self.added = native, 0
+        self.seen: list[Any] = []
 
     def add(self, rows: list[Any], at: int, *rest: Any) -> tuple[int, int]:
         end, pending = self.native.add(rows, at, *rest)
         self.added += end - at
         return end, pending
 
+    def add_record(self, record: Any, *rest: Any) -> tuple[int, Any]:
+        """Counts the record's rows, less each one handed back, as added."""
+        if record not in self.seen:
+            self.seen.append(record)
+            self.added += record.rows()
+        pending, handed = self.native.add_record(record, *rest)
+        self.added -= handed is not None and not handed[3]
+        return pending, handed
 
-def run(job: BudgetJob, records: list[dict[str, Any]], clocks: list[Any], rows: Any) -> dict[str, Any]:
-    """Stage 2 over the records (each at its clock), with `rows` as the native rows; what it left."""
+
+def run(
+    job: BudgetJob, records: list[Any], clocks: list[Any], rows: Any, reading: Any = None
+) -> dict[str, Any]:
+    """Stage 2 over the records (each at its clock), with `rows` as the native rows; what it left.
+
+    A record given as bytes is read by the usage topic's codec, with `reading` as the native
+    `UsageRecord` (None: decoded into lists, the reference).
+    """
     partitioner.native_parts["TotalsRows"] = rows
+    partitioner.native_parts["UsageRecord"] = reading
+    codec = codecs.get_codec(USAGE_RECORDS_CODEC)
     taken: list[Any] = []
     app_id = job.settings.app_id
 
@@ -132,7 +153,8 @@ def run(job: BudgetJob, records: list[dict[str, Any]], clocks: list[Any], rows: 
             app_module._now = lambda now=now: now  # type: ignore[assignment]
             job.changes.partition = index % 2
             try:
-                await job._account_one(copy.deepcopy(record))
+                value = codec.loads(record) if type(record) is bytes else copy.deepcopy(record)
+                await job._account_one(value)
             except Exception as exc:  # a record the reference fails must fail alike
                 taken.append(("failed", type(exc).__name__))
             if index % 7 == 6:
@@ -179,6 +201,62 @@ def test_native_rows_leave_what_the_python_rows_leave(
     assert python["counters"][0] and python["counters"][2], "the load replays rows and has bad amounts"
 
 
+def _odd(record: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A one-message row of a group made by an earlier message than the sub-batch's last; now and
+    then a row of another shape or type than stage 1's (the native reading hands it back as its
+    bytes), a key in other scripts, or one with an escape (the record is left whole to the
+    reference), and a sub-batch with context observations."""
+    for batch in record["batches"]:
+        for at, row in enumerate(batch[2]):
+            if len(row) == 10 and type(row[9]) is int:
+                row[9] -= rng.randint(0, 5)  # a message before the sub-batch's last made it
+            roll = rng.random()
+            if roll < 0.03 and len(row) == 9:
+                batch[2][at] = row[:8]  # a row written before the call mix
+            elif roll < 0.05:
+                row[4] = bool(row[4])  # a bool where an int is: Python sums it as 1
+            elif roll < 0.06:
+                row[1] = "é ☃ " + row[1]
+            elif roll < 0.065:
+                row[1] = 'quoted "' + row[1]
+        if rng.random() < 0.1:
+            batch[3] = [["long-context", f"s{rng.randint(1, 3)}", [rng.randint(1, 900)]]]
+    return record
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rows_read_from_the_records_bytes_leave_what_the_python_rows_leave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Stage 1's records as it sends them (`encode_record`), read by the usage topic's codec: the
+    native `UsageRecord` and `TotalsRows.add_record` leave what the reference leaves reading the
+    same bytes into lists (every row in Python), and what the native rows over those lists leave."""
+    reading = required_native_part("UsageRecord")
+    native_class = required_native_part("TotalsRows")
+    monkeypatch.setattr(app_module, "_now", app_module._now)
+    monkeypatch.setitem(partitioner.native_parts, "TotalsRows", None)
+    monkeypatch.setitem(partitioner.native_parts, "UsageRecord", None)
+    load, rng = Load(seed), random.Random(seed)
+    payloads = [encode_record(_odd(load.record(), rng)) for _ in range(250)]
+    clocks, now = [], NOW
+    for _ in payloads:
+        now += timedelta(seconds=rng.choice([0, 0, 1, 20, 400]))
+        clocks.append(now)
+    taken = sum(reading.parse(payload) is not None for payload in payloads)
+    counted = Counted(new_totals_rows(native_class))
+    python = run(make_job(tmp_path, "python"), payloads, clocks, None)
+    on_lists = Counted(new_totals_rows(native_class))
+    lists = run(make_job(tmp_path, "lists"), payloads, clocks, on_lists)
+    native = run(make_job(tmp_path, "bytes"), payloads, clocks, counted, reading)
+    for part in python:
+        assert native[part] == python[part], part
+        assert lists[part] == python[part], part
+    rows = sum(len(batch[2]) for payload in payloads for batch in json.loads(payload)["batches"])
+    assert counted.added > rows // 5, (counted.added, on_lists.added, rows)  # the native path's share
+    assert len(payloads) // 2 < taken < len(payloads), taken  # most records read natively, not all
+    assert python["signals"] and python["counters"][0] and python["counters"][2]
+
+
 def test_a_native_module_that_does_not_fit_leaves_the_python_rows_in_use() -> None:
     """An older build (another constructor), or classes without the slots it reads: no native rows."""
 
@@ -193,3 +271,17 @@ def test_a_native_module_that_does_not_fit_leaves_the_python_rows_in_use() -> No
     with pytest.raises(ValueError, match="unusable shapes"):
         native(WindowTotals, Ring, 60 * _NS, 4, 9, 10, 6, 6)  # both kept answers the same length
     assert new_totals_rows(native) is not None
+
+
+def test_a_record_read_from_its_bytes_is_parked_as_the_record_it_decodes_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record stage 2 fails goes to the dead-letter topic as `json.dumps` of its value: for the
+    native `UsageRecord`, of the record its bytes decode to, as when it was decoded into lists."""
+    reading = required_native_part("UsageRecord")
+    monkeypatch.setitem(partitioner.native_parts, "UsageRecord", reading)
+    record = {"kind": "groups", "batches": [[0, 7, [["b", "k é", 0, 1.5, 1, 2, 3, 0, None, 5]], []]]}
+    payload = encode_record(record)
+    value = codecs.get_codec(USAGE_RECORDS_CODEC).loads(payload)
+    assert type(value) is reading
+    assert app_module._as_bytes(value) == app_module._as_bytes(record) == json.dumps(record).encode()

@@ -35,7 +35,7 @@ from faust.serializers import codecs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fixtures.decoders import required_native_combined
+from tests.fixtures.decoders import required_native_combined, required_native_part
 
 ROW = ["tenant-cost", "acme", 0, 1.5, 2, 10, 20, 0]
 
@@ -219,10 +219,12 @@ def _decoded_or_error(decode: Any, payload: bytes) -> Any:
         return ("error", type(exc).__name__)
 
 
-def test_stage_2_decodes_usage_records_as_fausts_json_codec_did() -> None:
+def test_stage_2_decodes_usage_records_as_fausts_json_codec_did(monkeypatch: pytest.MonkeyPatch) -> None:
     """`UsageRecordsJson` (msgspec, Faust's decoding for what it refuses) gives `json.loads`'s value
     for records as either encoder writes them, for numbers written with any digits (correct
-    rounding) and for what msgspec refuses; it fails where Faust's codec fails, as Faust's does."""
+    rounding) and for what msgspec refuses; it fails where Faust's codec fails, as Faust's does.
+    (Without the native `UsageRecord`, which reads stage 1's records from their bytes instead.)"""
+    monkeypatch.setitem(partitioner.native_parts, "UsageRecord", None)
     rng = random.Random(7)
     usage_codec, faust_json = codecs.get_codec(USAGE_RECORDS_CODEC), codecs.get_codec("json")
     floats = [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(3000)]
@@ -243,6 +245,102 @@ def test_stage_2_decodes_usage_records_as_fausts_json_codec_did() -> None:
     assert all(_decoded_or_error(faust_json.loads, payload)[0] == "error" for payload in refused)
     assert _decoded_or_error(usage_codec.loads, b"NaN") == ("float", "nan")  # msgspec refuses it
     assert usage_codec.dumps(record) == faust_json.dumps(record)  # the timers' records as before
+
+
+def test_the_native_reading_takes_stage_1s_records_and_leaves_any_doubt_to_the_reference() -> None:
+    """`UsageRecord.parse` takes a `batches` or `groups` record as stage 1 writes it (or as JSON with
+    whitespace), rows of other types included (those are handed back whole); it refuses (None: the
+    reference decodes the record) every other kind or shape and anything it could read otherwise:
+    an escape, a number past a double or not JSON, bytes that are not UTF-8, trailing bytes."""
+    parse = required_native_part("UsageRecord").parse
+    steps = [[3, 0.5, 1, 10, 5], [4, 1.0, 1, 11, 5, None]]
+    rows = [
+        [*ROW, None],
+        ["b", "k é ☃", 0, 1.5, 2, 10, 20, None, [1.0, 0.0, 0.0, 0.0], steps],
+        ["b", "k", 0, 1, True, 1 << 70, 2],  # not TotalsRows' types: handed back as its bytes
+    ]
+    batches = [BatchRecord(3, 77, rows, [["g", "s1", [10, 20]]]), BatchRecord(1, 2, [], [])]
+    record = batches_record(batches, combined=True)
+    spaced = [json.dumps(record, ensure_ascii=False, indent=indent).encode() for indent in (None, 1)]
+    for payload in [encode_record(record), *spaced]:
+        parsed = parse(payload)
+        assert parsed is not None and parsed.rows() == 3 and parsed.payload == payload
+    text = encode_record(record).decode()
+    refused = [
+        text.replace('"k"', '"\\u006b"'),  # an escape
+        text.replace("1.5", "1e400"),
+        text.replace("1.5", "NaN"),
+        text.replace("1.5", "01.5"),
+        text.replace("1.5", "1."),
+        text.replace('"groups"', '"ticks"'),
+        text.replace('"groups"', '"groups","x":1'),
+        text.replace('"kind":"groups",', ""),
+        text.replace("[3,77,", "[3,77.0,"),  # a sub-batch's source of another type
+        text.replace("[3,77,", "[3,"),  # a sub-batch of three fields
+        text.replace("[1,2,[],[]]", "[1,2,{},[]]"),
+        text + "x",
+        text[:-1],
+        text.replace("☃", "\\n"),  # an escape
+        text.replace("☃", "\t"),  # a control character in a string: not JSON
+    ]
+    for payload in refused:
+        assert parse(payload.encode()) is None, payload
+    assert parse(text.encode().replace("é".encode(), b"\xff")) is None
+    assert parse(encode_record(keys_record("ticks", [["b", "k"]]))) is None
+
+
+def test_the_native_reading_reads_each_row_as_the_reference_decodes_its_bytes() -> None:
+    """Every row `UsageRecord` reads into fields is what the reference decoder makes of its bytes:
+    floats bit for bit (random doubles, short decimals, -0.0, subnormals, written by msgspec and by
+    the stdlib with any digits), ints up to int64's ends, steps with and without their own mix; a
+    row it does not read (a bool, an int past int64, a legacy row) is kept as its exact bytes."""
+    parse = required_native_part("UsageRecord").parse
+    rng = random.Random(16)
+    floats = [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(2000)]
+    floats = [value for value in floats if math.isfinite(value)]
+    floats += [0.1 + 0.2, -0.0, 0.0, 5e-324, 1e16, 1e22, 1e23, 9007199254740993.0, 123.456, 2.5e-8]
+    floats += [rng.randrange(10**6) / 10 ** rng.randrange(12) for _ in range(500)]
+    ints = [0, -1, 2**63 - 1, -(2**63) + 1, 1 << 53, rng.randrange(1 << 62)]
+    rows: list[list[Any]] = []
+    for n, value in enumerate(floats):
+        mix = rng.choice([None, [], [value, 0.0, 1.0, 2.5]])
+        first, last = rng.choice(ints), rng.choice(ints)
+        row = [
+            "b",
+            f"k{n} é",
+            rng.choice(ints),
+            value,
+            rng.choice(ints),
+            first,
+            last,
+            rng.choice([None, 0, 60]),
+            mix,
+        ]
+        roll = rng.random()
+        if roll < 0.3:
+            row.append(rng.choice(ints))
+        elif roll < 0.6:
+            row.append([[n, value, 2, first, 5], [n + 1, -value, 1, last, 0, [1.0, value, 0.0, 0.0]]])
+        elif roll < 0.65:
+            row[4] = rng.choice([True, 2**63, -(2**63), 1 << 70])  # not an int64: kept as bytes
+        elif roll < 0.7:
+            row = row[:8]
+        rows.append(row)
+    record = batches_record([BatchRecord(0, 5, rows, [])], combined=True)
+    texts = [encode_record(record), json.dumps(record, ensure_ascii=False).encode()]
+    texts.append(json.dumps(record, ensure_ascii=False).replace("e-", "E-").replace(".0,", ".000,").encode())
+    for payload in texts:
+        parsed = parse(payload)
+        assert parsed is not None
+        read = parsed.read_rows()
+        assert len(read) == len(rows)
+        for (raw, fields), row in zip(read, rows, strict=True):
+            expected = floats_and_values(json.loads(raw))
+            assert floats_and_values(row) == expected  # the bytes are the row's own
+            if fields is not None:
+                assert floats_and_values(fields) == expected, raw
+        taken = sum(fields is not None for _, fields in read)
+        assert len(rows) * 0.8 < taken < len(rows), taken
 
 
 #: A row's number as stage 1 makes it (True) or of another type the native loop leaves to the reference.

@@ -11,6 +11,7 @@ mod checks;
 mod combine;
 mod digest;
 mod groups;
+mod record;
 mod snapshot;
 mod state;
 mod sums;
@@ -648,6 +649,7 @@ fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<groups::Groups>()?;
     module.add_class::<groups::MessageRows>()?;
     module.add_class::<totals::TotalsRows>()?;
+    module.add_class::<record::UsageRecord>()?;
     module.add_class::<state::ChangelogJson>()?;
     module.add_class::<snapshot::UsageValues>()?;
     module.add_class::<Decoder>()

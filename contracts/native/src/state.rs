@@ -250,22 +250,34 @@ pub(crate) fn write_int(value: i64, out: &mut Vec<u8>) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// A ring's `array("d")` read through the buffer protocol, released when dropped. Not PyO3's
-/// `PyBuffer`, which boxes the view and parses its format: most of a record's time.
-struct Doubles {
+/// A ring's `array("d")` read (or written) through the buffer protocol, released when dropped. Not
+/// PyO3's `PyBuffer`, which boxes the view and parses its format: most of a record's time (and of
+/// a stage-2 row's, `totals.rs`).
+pub(crate) struct Doubles {
     view: ffi::Py_buffer,
 }
 
 impl Doubles {
     /// The buffer of `array`, refused unless it is C-contiguous native doubles (format `d`).
     fn of(array: &Bound<'_, PyAny>) -> Result<Doubles, Refused> {
+        Doubles::view(array, ffi::PyBUF_FORMAT | ffi::PyBUF_C_CONTIGUOUS).ok_or(Refused)
+    }
+
+    /// `of` for writing: None also where the buffer is read-only.
+    pub(crate) fn writable(array: &Bound<'_, PyAny>) -> Option<Doubles> {
+        Doubles::view(
+            array,
+            ffi::PyBUF_FORMAT | ffi::PyBUF_C_CONTIGUOUS | ffi::PyBUF_WRITABLE,
+        )
+    }
+
+    fn view(array: &Bound<'_, PyAny>, flags: std::os::raw::c_int) -> Option<Doubles> {
         let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
-        let flags = ffi::PyBUF_FORMAT | ffi::PyBUF_C_CONTIGUOUS;
         // SAFETY: a live object; on success the view is filled and released in `drop`.
         if unsafe { ffi::PyObject_GetBuffer(array.as_ptr(), view.as_mut_ptr(), flags) } != 0 {
             // SAFETY: the error set by the failed call is cleared: the reference raises its own.
             unsafe { ffi::PyErr_Clear() };
-            return Err(Refused);
+            return None;
         }
         // SAFETY: filled by the successful call above.
         let doubles = Doubles {
@@ -279,12 +291,25 @@ impl Doubles {
                 b"d" | b"@d"
             );
         if !native_double || doubles.view.itemsize != 8 || doubles.view.len % 8 != 0 {
-            return Err(Refused);
+            return None;
         }
-        Ok(doubles)
+        Some(doubles)
     }
 
-    fn slice(&self) -> &[f64] {
+    /// Writes `values` over the buffer's doubles (a writable view of as many: `writable`).
+    pub(crate) fn write(&self, values: &[f64]) -> bool {
+        if self.view.readonly != 0 || values.len() != self.slice().len() {
+            return false;
+        }
+        // SAFETY: a writable C-contiguous buffer of `values.len()` doubles, held by `self`;
+        // `values` is Rust memory, not the buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.view.buf.cast::<f64>(), values.len());
+        }
+        true
+    }
+
+    pub(crate) fn slice(&self) -> &[f64] {
         let len = usize::try_from(self.view.len / 8).unwrap_or(0);
         if len == 0 {
             return &[];

@@ -13,12 +13,13 @@
 //! the caller applies it in Python. Every shape is handed in (`TotalsRows.__new__`) or read from
 //! the objects; `tests/test_stage2_native.py` holds the two paths to the same outcome.
 
-use pyo3::buffer::PyBuffer;
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
+use crate::record::{Origin, UsageRecord, WireMix, WireRow};
+use crate::state::Doubles;
 use crate::usage::{slot_at, slot_offsets};
 
 /// The shapes stage 2's Python gives (`TotalsRows.__new__`), read once.
@@ -101,6 +102,25 @@ struct Part {
     mix: Option<Vec<f64>>,
 }
 
+/// A row's window: its budget (the id as given, and its text), its key, its window start and its
+/// bucket size (0: not a rolling window).
+struct Fields<'a, 'py> {
+    budget_id: &'a Bound<'py, PyAny>,
+    budget: &'a str,
+    key: &'a str,
+    start: i64,
+    bucket_ns: i64,
+}
+
+/// A row's bucket field as `WindowTotals.add` takes it: null is 0, a negative size is not taken.
+fn bucket_size(bucket: Option<i64>) -> Option<i64> {
+    match bucket {
+        None => Some(0),
+        Some(size) if size >= 0 => Some(size),
+        Some(_) => None,
+    }
+}
+
 /// What one sub-batch's rows are added to, looked up by the caller once per call.
 struct Target<'a, 'py> {
     partition: i64,
@@ -146,11 +166,11 @@ struct Plan<'py> {
     mix: Option<Vec<f64>>,
 }
 
-/// A `stream/accounting.py:Ring` as a row's parts leave it: its array's buffer, its amounts
+/// A `stream/accounting.py:Ring` as a row's parts leave it: its array's buffer (`state::Doubles`), its amounts
 /// and newest index worked out on copies, written back at the commit.
 struct Ring<'py> {
     ring: Bound<'py, PyAny>,
-    buffer: PyBuffer<f64>,
+    buffer: Doubles,
     amounts: Vec<f64>,
     newest: i64,
     moved: bool,
@@ -167,13 +187,13 @@ impl<'py> Ring<'py> {
         let Some(newest) = int(&read(&ring, rows.ring_slots[NEWEST])?) else {
             return Ok(None);
         };
-        let Ok(buffer) = PyBuffer::<f64>::get(&read(&ring, rows.ring_slots[AMOUNTS])?) else {
+        let Some(buffer) = Doubles::writable(&read(&ring, rows.ring_slots[AMOUNTS])?) else {
             return Ok(None);
         };
-        if buffer.readonly() || buffer.item_count() == 0 || !buffer.is_c_contiguous() {
+        let amounts = buffer.slice().to_vec();
+        if amounts.is_empty() {
             return Ok(None);
         }
-        let amounts = buffer.to_vec(py)?;
         Ok(Some(Ring {
             ring,
             buffer,
@@ -214,7 +234,11 @@ impl<'py> Ring<'py> {
 
     /// Writes the amounts (and the newest index, if it moved) back into the Python ring.
     fn write(&self, py: Python<'_>) -> PyResult<()> {
-        self.buffer.copy_from_slice(py, &self.amounts)?;
+        if !self.buffer.write(&self.amounts) {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "a ring's array changed size",
+            ));
+        }
         if self.moved {
             write(
                 &self.ring,
@@ -328,18 +352,16 @@ impl TotalsRows {
         states: &Bound<'py, PyDict>,
         waiting: &Bound<'py, PyDict>,
     ) -> PyResult<(usize, usize)> {
-        let target = Target {
-            partition,
-            source: PyString::new(py, &partition.to_string()),
+        let stores = Stores {
             now,
             budgets,
             totals,
             changes,
             table,
-            written: std::cell::OnceCell::new(),
             states,
             waiting,
         };
+        let target = stores.target(partition);
         let mut added = 0;
         let mut index = at;
         while index < rows.len() {
@@ -355,6 +377,105 @@ impl TotalsRows {
             index += 1;
         }
         Ok((index, added))
+    }
+
+    /// `add` over a record read from its bytes (`record.rs`): its sub-batches' rows in order, each
+    /// common one added here, until a row that is not (or a sub-batch's contexts) is met. Returns
+    /// (the number of keys newly pending in `changed`, None when the record is done, else
+    /// (source partition, source offset, the bytes of that row or context array, whether they are
+    /// contexts)), for the caller to decode and apply in Python, then to call again.
+    #[allow(clippy::too_many_arguments)]
+    fn add_record<'py>(
+        &self,
+        py: Python<'py>,
+        record: &Bound<'py, UsageRecord>,
+        now: &Bound<'py, PyAny>,
+        budgets: &Bound<'py, PyDict>,
+        totals: &Bound<'py, PyDict>,
+        changes: &Bound<'py, PyAny>,
+        table: &Bound<'py, PyAny>,
+        states: &Bound<'py, PyDict>,
+        waiting: &Bound<'py, PyDict>,
+    ) -> PyResult<(usize, Option<Handed<'py>>)> {
+        let stores = Stores {
+            now,
+            budgets,
+            totals,
+            changes,
+            table,
+            states,
+            waiting,
+        };
+        let mut record = record.borrow_mut();
+        let record = &mut *record;
+        let payload = record.payload.bind(py).clone();
+        let bytes = payload.as_bytes();
+        let mut added = 0;
+        let mut target: Option<Target<'_, 'py>> = None;
+        while let Some(batch) = record.batches.get(record.batch) {
+            let handed = |range: (usize, usize), contexts: bool| {
+                let value = PyBytes::new(py, &bytes[range.0..range.1]);
+                Some((batch.partition, batch.offset, value, contexts))
+            };
+            if let Some(row) = batch.rows.get(record.row) {
+                record.row += 1;
+                let at = target.get_or_insert_with(|| stores.target(batch.partition));
+                let plan = match &row.fields {
+                    Some(fields) => self.wire_plan(py, bytes, fields, batch.offset, at),
+                    None => Ok(None),
+                };
+                match plan {
+                    Ok(Some(plan)) => added += usize::from(plan.commit(py, self, at)?),
+                    Ok(None) | Err(_) => return Ok((added, handed(row.bytes, false))),
+                }
+                continue;
+            }
+            target = None;
+            if !record.contexts_done {
+                record.contexts_done = true;
+                if let Some(contexts) = batch.contexts {
+                    return Ok((added, handed(contexts, true)));
+                }
+            }
+            record.batch += 1;
+            record.row = 0;
+            record.contexts_done = false;
+        }
+        Ok((added, None))
+    }
+}
+
+/// A row or context array `add_record` hands back: (source partition, source offset, its bytes,
+/// whether it is a context array).
+type Handed<'py> = (i64, i64, Bound<'py, PyBytes>, bool);
+
+/// The job's budgets, stores and pending changes, as `add` and `add_record` take them.
+struct Stores<'a, 'py> {
+    now: &'a Bound<'py, PyAny>,
+    budgets: &'a Bound<'py, PyDict>,
+    totals: &'a Bound<'py, PyDict>,
+    changes: &'a Bound<'py, PyAny>,
+    table: &'a Bound<'py, PyAny>,
+    states: &'a Bound<'py, PyDict>,
+    waiting: &'a Bound<'py, PyDict>,
+}
+
+impl<'a, 'py> Stores<'a, 'py> {
+    /// What a sub-batch from source `partition` adds to.
+    fn target(&self, partition: i64) -> Target<'a, 'py> {
+        let py = self.budgets.py();
+        Target {
+            partition,
+            source: PyString::new(py, &partition.to_string()),
+            now: self.now,
+            budgets: self.budgets,
+            totals: self.totals,
+            changes: self.changes,
+            table: self.table,
+            written: std::cell::OnceCell::new(),
+            states: self.states,
+            waiting: self.waiting,
+        }
     }
 }
 
@@ -388,10 +509,109 @@ impl TotalsRows {
         let Some(parts) = parts else {
             return Ok(None);
         };
-        if parts.is_empty() {
+        let (budget_id, key) = (row.get_item(0)?, row.get_item(1)?);
+        let start_field = row.get_item(2)?;
+        let (Some(budget_text), Some(key_text), Some(start)) =
+            (text(&budget_id), text(&key), int(&start_field))
+        else {
             return Ok(None);
+        };
+        let bucket_field = row.get_item(7)?;
+        let bucket = if bucket_field.is_none() {
+            None
+        } else {
+            match int(&bucket_field) {
+                Some(size) => Some(size),
+                None => return Ok(None),
+            }
+        };
+        let Some(bucket_ns) = bucket_size(bucket) else {
+            return Ok(None);
+        };
+        let fields = Fields {
+            budget_id: &budget_id,
+            budget: &budget_text,
+            key: &key_text,
+            start,
+            bucket_ns,
+        };
+        self.window(py, &fields, &parts, target)
+    }
+
+    /// `plan` for a row read from a record's bytes (`bytes`: the record's).
+    fn wire_plan<'py>(
+        &self,
+        py: Python<'py>,
+        bytes: &[u8],
+        row: &WireRow,
+        offset: i64,
+        target: &Target<'_, 'py>,
+    ) -> PyResult<Option<Plan<'py>>> {
+        let (Some(parts), Some(bucket_ns)) = (self.wire_parts(row, offset), bucket_size(row.bucket)) else {
+            return Ok(None);
+        };
+        let text = |(start, end): (usize, usize)| std::str::from_utf8(&bytes[start..end]).ok();
+        let (Some(budget), Some(key)) = (text(row.budget), text(row.key)) else {
+            return Ok(None);
+        };
+        let budget_id = PyString::new(py, budget).into_any();
+        let fields = Fields {
+            budget_id: &budget_id,
+            budget,
+            key,
+            start: row.start,
+            bucket_ns,
+        };
+        self.window(py, &fields, &parts, target)
+    }
+
+    /// `part` and `steps` for a row read from bytes: its parts, or None (hand it back).
+    fn wire_parts(&self, row: &WireRow, offset: i64) -> Option<Vec<Part>> {
+        let own = |offset: i64| -> Option<Vec<Part>> {
+            Some(vec![Part {
+                offset,
+                amount: row.amount,
+                spans: row.spans,
+                first: row.first,
+                last: row.last,
+                mix: self.wire_mix(&row.mix)?,
+            }])
+        };
+        let steps = match &row.origin {
+            Origin::Own => return own(offset),
+            Origin::Offset(origin) => return own(*origin),
+            Origin::Steps(steps) => steps,
+        };
+        let mut parts = Vec::with_capacity(steps.len());
+        for step in steps {
+            let mix = match &step.mix {
+                Some(mix) => self.wire_mix(mix)?,
+                None if matches!(row.mix, WireMix::Null) => None,
+                None => {
+                    let mut plain = vec![0.0; self.mix_fields];
+                    plain[0] = step.spans as f64; // as in `steps`
+                    Some(plain)
+                }
+            };
+            parts.push(Part {
+                offset: step.offset,
+                amount: step.amount,
+                spans: step.spans,
+                first: step.first,
+                last: step.first.checked_add(step.span)?,
+                mix,
+            });
         }
-        self.window(py, row, &parts, target)
+        Some(parts)
+    }
+
+    /// `mix_of` for a mix read from bytes.
+    fn wire_mix(&self, mix: &WireMix) -> Option<Option<Vec<f64>>> {
+        match mix {
+            WireMix::Null | WireMix::Empty => Some(None),
+            WireMix::Floats(values) if values.len() == self.mix_fields => Some(Some(values.clone())),
+            WireMix::Floats(_) => None,
+        }
     }
 
     /// A one-message row's part (its fields 3 to 6 and `mix`), with its message's `offset`.
@@ -482,34 +702,21 @@ impl TotalsRows {
     fn window<'py>(
         &self,
         py: Python<'py>,
-        row: &Bound<'py, PyList>,
+        fields: &Fields<'_, 'py>,
         parts: &[Part],
         target: &Target<'_, 'py>,
     ) -> PyResult<Option<Plan<'py>>> {
-        let (budget_id, key) = (row.get_item(0)?, row.get_item(1)?);
-        let start_field = row.get_item(2)?;
-        let (Some(budget_text), Some(key_text), Some(start)) =
-            (text(&budget_id), text(&key), int(&start_field))
-        else {
-            return Ok(None);
-        };
-        let bucket_field = row.get_item(7)?;
-        let bucket_ns = if bucket_field.is_none() {
-            0
-        } else {
-            match int(&bucket_field) {
-                Some(size) if size >= 0 => size,
-                _ => return Ok(None),
-            }
-        };
-        if target.partition < 0
+        let (budget_id, budget_text, key_text) = (fields.budget_id, fields.budget, fields.key);
+        let (start, bucket_ns) = (fields.start, fields.bucket_ns);
+        if parts.is_empty()
+            || target.partition < 0
             || parts
                 .iter()
                 .any(|part| !(0.0..f64::INFINITY).contains(&part.amount))
         {
             return Ok(None);
         }
-        let Some(budget) = target.budgets.get_item(&budget_id)? else {
+        let Some(budget) = target.budgets.get_item(budget_id)? else {
             return Ok(None);
         };
         let Some(limit) = float(&budget.getattr(intern!(py, "limit"))?) else {
@@ -517,9 +724,9 @@ impl TotalsRows {
         };
         // `budget|key` (the key's published state) and `budget|key|start` (its window), made once
         let mut keys = String::with_capacity(budget_text.len() + key_text.len() + 22);
-        keys.push_str(&budget_text);
+        keys.push_str(budget_text);
         keys.push('|');
-        keys.push_str(&key_text);
+        keys.push_str(key_text);
         let key_length = keys.len();
         keys.push('|');
         keys.push_str(&start.to_string());
@@ -613,7 +820,7 @@ impl TotalsRows {
                 });
                 mix_changed = true;
             }
-            if !decision.holds(py, spent, limit, target.now)? {
+            if !decision.holds(spent, limit) {
                 return Ok(None);
             }
         }
@@ -648,30 +855,24 @@ impl TotalsRows {
 }
 
 /// What `changed_signal` decides after a part is added, when it surely publishes nothing.
-enum Decision<'py> {
+enum Decision {
     /// The key's published state is a newer window: nothing is decided.
     Nothing,
-    /// A calendar or session window's kept answer: (end, low, high) hold the published action.
-    Calendar {
-        end: Bound<'py, PyAny>,
-        low: f64,
-        high: f64,
-    },
-    /// A rolling window's kept answer: (since, until, cap) hold it.
-    Rolling {
-        since: Bound<'py, PyAny>,
-        until: Bound<'py, PyAny>,
-        cap: f64,
-    },
+    /// A calendar or session window's kept answer: (low, high) hold the published action while
+    /// `now` is before its end (`open`, compared once: `now` is the record's).
+    Calendar { open: bool, low: f64, high: f64 },
+    /// A rolling window's kept answer: (cap) holds it while `now` is in its clock stretch
+    /// (`within`, compared once).
+    Rolling { within: bool, cap: f64 },
     /// No kept answer that holds the published action: the reference decides.
     Unknown,
 }
 
-impl<'py> Decision<'py> {
+impl Decision {
     /// From the key's published state (under `state_key`, `budget|key`) and the window's kept answer (`policy.decide_action`;
     /// `kept`: the lengths of its calendar and rolling tuples).
     #[allow(clippy::too_many_arguments)]
-    fn of(
+    fn of<'py>(
         py: Python<'py>,
         rows: &TotalsRows,
         budget: &Bound<'py, PyAny>,
@@ -680,7 +881,7 @@ impl<'py> Decision<'py> {
         totals: &Bound<'py, PyAny>,
         buckets: &Bound<'py, PyAny>,
         target: &Target<'_, 'py>,
-    ) -> PyResult<Decision<'py>> {
+    ) -> PyResult<Decision> {
         let action = match target.states.get_item(state_key)? {
             None => PyString::new(py, "ok").into_any(),
             Some(previous) => {
@@ -723,7 +924,7 @@ impl<'py> Decision<'py> {
                     return Ok(Decision::Unknown);
                 }
                 Ok(Decision::Calendar {
-                    end: item(2)?,
+                    open: target.now.lt(item(2)?)?,
                     low,
                     high,
                 })
@@ -740,8 +941,7 @@ impl<'py> Decision<'py> {
                     return Ok(Decision::Unknown);
                 }
                 Ok(Decision::Rolling {
-                    since: item(1)?,
-                    until: item(2)?,
+                    within: item(1)?.le(target.now)? && target.now.lt(item(2)?)?,
                     cap,
                 })
             }
@@ -750,16 +950,16 @@ impl<'py> Decision<'py> {
     }
 
     /// Whether `decide_action` answers the published action at this spend (after the part).
-    fn holds(&self, _py: Python<'py>, spent: f64, limit: f64, now: &Bound<'py, PyAny>) -> PyResult<bool> {
-        Ok(match self {
+    fn holds(&self, spent: f64, limit: f64) -> bool {
+        match self {
             Decision::Nothing => true,
-            Decision::Calendar { end, low, high } => {
+            Decision::Calendar { open, low, high } => {
                 let ratio = spent / limit;
-                now.lt(end)? && *low <= ratio && ratio < *high
+                *open && *low <= ratio && ratio < *high
             }
-            Decision::Rolling { since, until, cap } => since.le(now)? && now.lt(until)? && spent < *cap,
+            Decision::Rolling { within, cap } => *within && spent < *cap,
             Decision::Unknown => false,
-        })
+        }
     }
 }
 

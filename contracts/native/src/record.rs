@@ -1,0 +1,635 @@
+//! `UsageRecord`: a stage-1 `batches` / `groups` usage record read from its JSON bytes.
+//!
+//! `stream/records.py:UsageRecordsJson` (msgspec into Python lists) and `sub_batches` are the
+//! reference. The record is taken only in the exact shape stage 1 writes
+//! (`{"kind":"batches"|"groups","batches":[[partition,offset,[rows],[contexts]],...]}`, in that
+//! key order, whitespace allowed) and only when nothing in it could read differently here: any
+//! byte that is not valid UTF-8, a string with an escape or a control character, a number that
+//! is not JSON or a float past the double range, any other shape of the record or of a sub-batch,
+//! and `parse` answers None and the reference decodes the record whole. Each delta row is read
+//! into its fields where it has the shapes `TotalsRows` adds (`totals.rs`: exact ints, floats,
+//! strings, a call mix of floats, steps); any other row (valid JSON) is kept as its bytes, which
+//! the caller decodes with the reference decoder and applies in Python, as is each sub-batch's
+//! non-empty context array. No Python object is made for a row the native rows add.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+/// A call mix as a row or step writes it: null, `[]`, or a list of floats (its length checked by
+/// `TotalsRows`, which knows `MIX_FIELDS`).
+#[derive(Debug, Clone)]
+pub(crate) enum WireMix {
+    Null,
+    Empty,
+    Floats(Vec<f64>),
+}
+
+/// A step of a group's row: `[offset, amount, spans, first_ns, last - first]` and, when written,
+/// its own mix (`records.Step`).
+#[derive(Debug, Clone)]
+pub(crate) struct WireStep {
+    pub offset: i64,
+    pub amount: f64,
+    pub spans: i64,
+    pub first: i64,
+    pub span: i64,
+    pub mix: Option<WireMix>,
+}
+
+/// A row's tenth field: none (its sub-batch's message), one message's offset, or steps.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    Own,
+    Offset(i64),
+    Steps(Vec<WireStep>),
+}
+
+/// A delta row read into its fields (`records.DeltaRow`, `DELTA_ROW_FIELDS*`); the strings as
+/// byte ranges of the record.
+#[derive(Debug, Clone)]
+pub(crate) struct WireRow {
+    pub budget: (usize, usize),
+    pub key: (usize, usize),
+    pub start: i64,
+    pub amount: f64,
+    pub spans: i64,
+    pub first: i64,
+    pub last: i64,
+    /// The bucket size; None: null (read as 0, as `TotalsRows` reads it).
+    pub bucket: Option<i64>,
+    pub mix: WireMix,
+    pub origin: Origin,
+}
+
+/// A delta row: its bytes, and its fields where it has the shapes read here.
+pub(crate) struct Row {
+    pub bytes: (usize, usize),
+    pub fields: Option<WireRow>,
+}
+
+/// A sub-batch (`records.BatchRecord`): its source, its rows, its context array's bytes.
+pub(crate) struct SubBatch {
+    pub partition: i64,
+    pub offset: i64,
+    pub rows: Vec<Row>,
+    /// None: an empty context array (nothing to observe).
+    pub contexts: Option<(usize, usize)>,
+}
+
+/// A `batches` or `groups` record read from its bytes, and how far `TotalsRows.add_record` got.
+#[pyclass(module = "burnguard.contracts._otlp_native")]
+pub struct UsageRecord {
+    pub payload: Py<PyBytes>,
+    pub(crate) batches: Vec<SubBatch>,
+    /// The sub-batch, the row within it and whether its contexts were handed back, next.
+    pub batch: usize,
+    pub row: usize,
+    pub contexts_done: bool,
+}
+
+#[pymethods]
+impl UsageRecord {
+    /// The record read from `payload`, or None: not this shape, or anything in doubt (module doc).
+    #[staticmethod]
+    fn parse(payload: Bound<'_, PyBytes>) -> Option<UsageRecord> {
+        let batches = read_record(payload.as_bytes()).ok()?;
+        Some(UsageRecord {
+            payload: payload.unbind(),
+            batches,
+            batch: 0,
+            row: 0,
+            contexts_done: false,
+        })
+    }
+
+    /// The bytes it was read from (the reference decodes them where the native rows are not used).
+    #[getter]
+    fn payload(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.payload.clone_ref(py)
+    }
+
+    /// The number of delta rows in the record, over its sub-batches.
+    fn rows(&self) -> usize {
+        self.batches.iter().map(|batch| batch.rows.len()).sum()
+    }
+
+    /// Each delta row's bytes and, where it was read into fields, those fields as the JSON list
+    /// they stand for (None: kept as bytes): what `tests/test_usage_records.py` holds against the
+    /// reference decoding of the same bytes.
+    fn read_rows<'py>(&self, py: Python<'py>) -> PyResult<Vec<ReadRow<'py>>> {
+        let bytes = self.payload.bind(py).as_bytes();
+        let text = |(start, end): (usize, usize)| String::from_utf8_lossy(&bytes[start..end]).into_owned();
+        let mix = |mix: &WireMix| -> PyResult<Bound<'py, PyAny>> {
+            Ok(match mix {
+                WireMix::Null => py.None().into_bound(py),
+                WireMix::Empty => PyList::empty(py).into_any(),
+                WireMix::Floats(values) => PyList::new(py, values)?.into_any(),
+            })
+        };
+        let mut out = Vec::new();
+        for row in self.batches.iter().flat_map(|batch| &batch.rows) {
+            let raw = PyBytes::new(py, &bytes[row.bytes.0..row.bytes.1]);
+            let Some(fields) = &row.fields else {
+                out.push((raw, None));
+                continue;
+            };
+            let list = PyList::empty(py);
+            list.append(text(fields.budget))?;
+            list.append(text(fields.key))?;
+            list.append(fields.start)?;
+            list.append(fields.amount)?;
+            list.append(fields.spans)?;
+            list.append(fields.first)?;
+            list.append(fields.last)?;
+            list.append(fields.bucket)?;
+            list.append(mix(&fields.mix)?)?;
+            match &fields.origin {
+                Origin::Own => {}
+                Origin::Offset(offset) => list.append(offset)?,
+                Origin::Steps(steps) => {
+                    let made = PyList::empty(py);
+                    for step in steps {
+                        let item = PyList::new(py, [step.offset, 0, step.spans, step.first, step.span])?;
+                        item.set_item(1, step.amount)?;
+                        if let Some(step_mix) = &step.mix {
+                            item.append(mix(step_mix)?)?;
+                        }
+                        made.append(item)?;
+                    }
+                    list.append(made)?;
+                }
+            }
+            out.push((raw, Some(list.into_any())));
+        }
+        Ok(out)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let bytes = self.payload.bind(py).as_bytes();
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]);
+        format!("UsageRecord({shown})")
+    }
+}
+
+/// A row's bytes and, where they were read into fields, those fields as a JSON list (`read_rows`).
+type ReadRow<'py> = (Bound<'py, PyBytes>, Option<Bound<'py, PyAny>>);
+
+/// Not taken: the reference decodes the record.
+#[derive(Debug)]
+pub(crate) struct Doubt;
+
+type Read<T> = Result<T, Doubt>;
+
+/// `digits * 10^shift` where both are exact doubles (digits below 2^53, |shift| at most 22): one
+/// IEEE multiplication or division of exact values, so correctly rounded (Clinger's fast path);
+/// None otherwise (the full parse).
+fn exact_float(digits: u64, shift: i64) -> Option<f64> {
+    const POWERS: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17,
+        1e18, 1e19, 1e20, 1e21, 1e22,
+    ];
+    if digits >= 1 << 53 {
+        return None;
+    }
+    let power = *POWERS.get(usize::try_from(shift.unsigned_abs()).ok()?)?;
+    let digits = digits as f64; // exact: below 2^53
+    Some(if shift >= 0 {
+        digits * power
+    } else {
+        digits / power
+    })
+}
+
+/// A JSON number: an int that fits an int64, a float, or an int past int64 (a Python int).
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Int(i64),
+    Float(f64),
+    BigInt,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+fn read_record(bytes: &[u8]) -> Read<Vec<SubBatch>> {
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(Doubt);
+    }
+    let mut reader = Reader { bytes, at: 0 };
+    reader.expect(b'{')?;
+    reader.expect_key(b"kind")?;
+    let kind = reader.string()?;
+    if !matches!(&bytes[kind.0..kind.1], b"batches" | b"groups") {
+        return Err(Doubt);
+    }
+    reader.expect(b',')?;
+    reader.expect_key(b"batches")?;
+    reader.expect(b'[')?;
+    let mut batches = Vec::new();
+    if !reader.closes(b']')? {
+        loop {
+            batches.push(reader.sub_batch()?);
+            if reader.closes(b']')? {
+                break;
+            }
+            reader.expect(b',')?;
+        }
+    }
+    reader.expect(b'}')?;
+    reader.skip_space();
+    if reader.at != bytes.len() {
+        return Err(Doubt);
+    }
+    Ok(batches)
+}
+
+impl Reader<'_> {
+    fn skip_space(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    /// The next byte after any whitespace, not consumed.
+    fn peek(&mut self) -> Read<u8> {
+        self.skip_space();
+        self.bytes.get(self.at).copied().ok_or(Doubt)
+    }
+
+    fn expect(&mut self, byte: u8) -> Read<()> {
+        if self.peek()? != byte {
+            return Err(Doubt);
+        }
+        self.at += 1;
+        Ok(())
+    }
+
+    /// Consumes `byte` if it is next; whether it was.
+    fn closes(&mut self, byte: u8) -> Read<bool> {
+        let found = self.peek()? == byte;
+        if found {
+            self.at += 1;
+        }
+        Ok(found)
+    }
+
+    /// `"key":`.
+    fn expect_key(&mut self, key: &[u8]) -> Read<()> {
+        let (start, end) = self.string()?;
+        if &self.bytes[start..end] != key {
+            return Err(Doubt);
+        }
+        self.expect(b':')
+    }
+
+    /// A string without escapes or control characters: the byte range of its text.
+    fn string(&mut self) -> Read<(usize, usize)> {
+        self.expect(b'"')?;
+        let start = self.at;
+        loop {
+            match self.bytes.get(self.at) {
+                Some(b'"') => break,
+                Some(b'\\') | None => return Err(Doubt),
+                Some(&byte) if byte < 0x20 => return Err(Doubt),
+                Some(_) => self.at += 1,
+            }
+        }
+        let end = self.at;
+        self.at += 1;
+        Ok((start, end))
+    }
+
+    /// A JSON number (RFC 8259's grammar): an int as an int64 where it fits, a float parsed as the
+    /// decimal it writes rounds (Rust's parse rounds correctly, as Python's and msgspec's do; the
+    /// common short decimals by `exact_float` first).
+    fn number(&mut self) -> Read<Number> {
+        self.skip_space();
+        let bytes = self.bytes;
+        let start = self.at;
+        let mut at = start;
+        let negative = bytes.get(at) == Some(&b'-');
+        if negative {
+            at += 1;
+        }
+        // the digits as one integer (None past u64)
+        let mut whole: Option<u64> = Some(0);
+        let digits = |at: &mut usize, whole: &mut Option<u64>| {
+            let from = *at;
+            while let Some(&byte) = bytes.get(*at).filter(|byte| byte.is_ascii_digit()) {
+                *whole = whole
+                    .and_then(|value| value.checked_mul(10))
+                    .and_then(|value| value.checked_add(u64::from(byte - b'0')));
+                *at += 1;
+            }
+            *at - from
+        };
+        let leading = bytes.get(at).copied();
+        let integral = digits(&mut at, &mut whole);
+        if integral == 0 || (leading == Some(b'0') && integral > 1) {
+            return Err(Doubt);
+        }
+        let mut fraction = 0;
+        let mut float = false;
+        if bytes.get(at) == Some(&b'.') {
+            at += 1;
+            fraction = digits(&mut at, &mut whole);
+            if fraction == 0 {
+                return Err(Doubt);
+            }
+            float = true;
+        }
+        let mut exponent: Option<i64> = None;
+        if let Some(b'e' | b'E') = bytes.get(at) {
+            at += 1;
+            let sign = match bytes.get(at) {
+                Some(b'-') => {
+                    at += 1;
+                    -1
+                }
+                Some(b'+') => {
+                    at += 1;
+                    1
+                }
+                _ => 1,
+            };
+            let mut value = Some(0u64);
+            if digits(&mut at, &mut value) == 0 {
+                return Err(Doubt);
+            }
+            exponent = value
+                .and_then(|value| i64::try_from(value).ok())
+                .map(|value| sign * value);
+            float = true;
+        }
+        self.at = at;
+        if !float {
+            return Ok(match whole.and_then(|value| i64::try_from(value).ok()) {
+                Some(value) if negative => Number::Int(-value),
+                Some(value) => Number::Int(value),
+                // -9223372036854775808 and any int past int64: a Python int, handed back
+                None => Number::BigInt,
+            });
+        }
+        let shift = exponent.map(|exponent| exponent - i64::try_from(fraction).unwrap_or(i64::MAX));
+        if let Some(value) = whole
+            .zip(shift)
+            .and_then(|(digits, shift)| exact_float(digits, shift))
+        {
+            return Ok(Number::Float(if negative { -value } else { value }));
+        }
+        // ASCII digits, signs, a point and an exponent: valid UTF-8
+        let text = std::str::from_utf8(&bytes[start..at]).map_err(|_| Doubt)?;
+        let value = text.parse::<f64>().map_err(|_| Doubt)?;
+        if !value.is_finite() {
+            return Err(Doubt); // msgspec refuses it, Faust's decoder reads inf: the reference's
+        }
+        Ok(Number::Float(value))
+    }
+
+    fn int(&mut self) -> Read<Option<i64>> {
+        Ok(match self.number()? {
+            Number::Int(value) => Some(value),
+            _ => None,
+        })
+    }
+
+    fn float(&mut self) -> Read<Option<f64>> {
+        Ok(match self.number()? {
+            Number::Float(value) => Some(value),
+            _ => None,
+        })
+    }
+
+    /// `true`, `false` or `null` (`word`), after whitespace.
+    fn literal(&mut self, word: &[u8]) -> Read<()> {
+        self.skip_space();
+        if !self.bytes[self.at..].starts_with(word) {
+            return Err(Doubt);
+        }
+        self.at += word.len();
+        Ok(())
+    }
+
+    /// Any JSON value, checked and passed over (strings and numbers as above).
+    fn skip_value(&mut self) -> Read<()> {
+        match self.peek()? {
+            b'"' => self.string().map(|_| ()),
+            b'[' => self.skip_sequence(b']', false),
+            b'{' => self.skip_sequence(b'}', true),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number().map(|_| ()),
+        }
+    }
+
+    /// An array's (or, `keyed`, an object's) items after its opening byte, through `close`.
+    fn skip_sequence(&mut self, close: u8, keyed: bool) -> Read<()> {
+        self.at += 1;
+        if self.closes(close)? {
+            return Ok(());
+        }
+        loop {
+            if keyed {
+                self.string()?;
+                self.expect(b':')?;
+            }
+            self.skip_value()?;
+            if self.closes(close)? {
+                return Ok(());
+            }
+            self.expect(b',')?;
+        }
+    }
+
+    /// `[partition, offset, [rows], [contexts]]`.
+    fn sub_batch(&mut self) -> Read<SubBatch> {
+        self.expect(b'[')?;
+        let (Some(partition), Some(offset)) = (self.int()?, {
+            self.expect(b',')?;
+            self.int()?
+        }) else {
+            return Err(Doubt);
+        };
+        self.expect(b',')?;
+        self.expect(b'[')?;
+        let mut rows = Vec::new();
+        if !self.closes(b']')? {
+            loop {
+                rows.push(self.row()?);
+                if self.closes(b']')? {
+                    break;
+                }
+                self.expect(b',')?;
+            }
+        }
+        self.expect(b',')?;
+        if self.peek()? != b'[' {
+            return Err(Doubt);
+        }
+        let start = self.at;
+        self.skip_value()?;
+        let inside = &self.bytes[start + 1..self.at - 1];
+        let empty = inside.iter().all(|byte| b" \t\n\r".contains(byte));
+        let contexts = (!empty).then_some((start, self.at));
+        self.expect(b']')?;
+        Ok(SubBatch {
+            partition,
+            offset,
+            rows,
+            contexts,
+        })
+    }
+
+    /// A delta row: read into its fields if it has their shapes, else checked and kept as bytes.
+    fn row(&mut self) -> Read<Row> {
+        self.skip_space();
+        let start = self.at;
+        let fields = self.row_fields().ok().flatten();
+        if fields.is_none() {
+            self.at = start;
+            self.skip_value()?;
+        }
+        Ok(Row {
+            bytes: (start, self.at),
+            fields,
+        })
+    }
+
+    /// A delta row of 9 fields, or of 10 with its origin (`records.message_rows`); None: another.
+    fn row_fields(&mut self) -> Read<Option<WireRow>> {
+        self.expect(b'[')?;
+        let budget = self.string()?;
+        self.expect(b',')?;
+        let key = self.string()?;
+        self.expect(b',')?;
+        let numbers = (
+            self.int()?,
+            self.comma_then(Self::float)?,
+            self.comma_then(Self::int)?,
+            self.comma_then(Self::int)?,
+            self.comma_then(Self::int)?,
+        );
+        let (Some(start), Some(amount), Some(spans), Some(first), Some(last)) = numbers else {
+            return Ok(None);
+        };
+        self.expect(b',')?;
+        let bucket = if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            None
+        } else {
+            match self.int()? {
+                Some(size) => Some(size),
+                None => return Ok(None),
+            }
+        };
+        self.expect(b',')?;
+        let Some(mix) = self.mix()? else {
+            return Ok(None);
+        };
+        let origin = if self.closes(b']')? {
+            Origin::Own
+        } else {
+            self.expect(b',')?;
+            let origin = if self.peek()? == b'[' {
+                match self.steps()? {
+                    Some(steps) => Origin::Steps(steps),
+                    None => return Ok(None),
+                }
+            } else {
+                match self.int()? {
+                    Some(offset) => Origin::Offset(offset),
+                    None => return Ok(None),
+                }
+            };
+            self.expect(b']')?;
+            origin
+        };
+        Ok(Some(WireRow {
+            budget,
+            key,
+            start,
+            amount,
+            spans,
+            first,
+            last,
+            bucket,
+            mix,
+            origin,
+        }))
+    }
+
+    fn comma_then<T>(&mut self, read: fn(&mut Self) -> Read<Option<T>>) -> Read<Option<T>> {
+        self.expect(b',')?;
+        read(self)
+    }
+
+    /// null, `[]` or a list of floats; None: another value.
+    fn mix(&mut self) -> Read<Option<WireMix>> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            return Ok(Some(WireMix::Null));
+        }
+        self.expect(b'[')?;
+        if self.closes(b']')? {
+            return Ok(Some(WireMix::Empty));
+        }
+        let mut values = Vec::with_capacity(4);
+        loop {
+            match self.float()? {
+                Some(value) => values.push(value),
+                None => return Ok(None),
+            }
+            if self.closes(b']')? {
+                return Ok(Some(WireMix::Floats(values)));
+            }
+            self.expect(b',')?;
+        }
+    }
+
+    /// A group's row's steps, each `[offset, amount, spans, first_ns, span_ns(, mix)]`.
+    fn steps(&mut self) -> Read<Option<Vec<WireStep>>> {
+        self.expect(b'[')?;
+        let mut steps = Vec::new();
+        if self.closes(b']')? {
+            return Ok(Some(steps));
+        }
+        loop {
+            self.expect(b'[')?;
+            let numbers = (
+                self.int()?,
+                self.comma_then(Self::float)?,
+                self.comma_then(Self::int)?,
+                self.comma_then(Self::int)?,
+                self.comma_then(Self::int)?,
+            );
+            let (Some(offset), Some(amount), Some(spans), Some(first), Some(span)) = numbers else {
+                return Ok(None);
+            };
+            let mix = if self.closes(b']')? {
+                None
+            } else {
+                self.expect(b',')?;
+                let Some(mix) = self.mix()? else {
+                    return Ok(None);
+                };
+                self.expect(b']')?;
+                Some(mix)
+            };
+            steps.push(WireStep {
+                offset,
+                amount,
+                spans,
+                first,
+                span,
+                mix,
+            });
+            if self.closes(b']')? {
+                return Ok(Some(steps));
+            }
+            self.expect(b',')?;
+        }
+    }
+}
