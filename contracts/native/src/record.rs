@@ -340,7 +340,8 @@ impl Reader<'_> {
             }
             float = true;
         }
-        let mut exponent: Option<i64> = None;
+        // the exponent written (0 without one); None past i64: the full parse
+        let mut exponent: Option<i64> = Some(0);
         if let Some(b'e' | b'E') = bytes.get(at) {
             at += 1;
             let sign = match bytes.get(at) {
