@@ -51,7 +51,8 @@ class StreamSettings:
     producer_linger: timedelta = timedelta(milliseconds=2)
     #: How long stage 2 gathers usage records before accounting them together: every signal waits
     #: up to this long (the changelog is written per `changelog_flush`, at most once per batch).
-    account_batch_window: timedelta = timedelta(milliseconds=20)
+    #: 10 ms, not 20: half of enforcement latency's account hop (BENCHMARKS.md, session 33).
+    account_batch_window: timedelta = timedelta(milliseconds=10)
     #: How long stage 2's table changes may stay pending before they are written, each changed key
     #: once with its latest value (0: after every batch). Commits wait for the write, so a worker
     #: that dies re-reads up to this much more; signals and snapshots do not wait for it. At most
@@ -118,7 +119,7 @@ class StreamSettings:
             producer_linger=timedelta(
                 milliseconds=env_number("BURNGUARD_PRODUCER_LINGER_MS", 2, zero_ok=True)
             ),
-            account_batch_window=timedelta(milliseconds=env_number("BURNGUARD_ACCOUNT_BATCH_MS", 20)),
+            account_batch_window=timedelta(milliseconds=env_number("BURNGUARD_ACCOUNT_BATCH_MS", 10)),
             changelog_flush=timedelta(
                 milliseconds=env_number("BURNGUARD_CHANGELOG_FLUSH_MS", 1000.0, float, 10_000, zero_ok=True)
             ),
