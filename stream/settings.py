@@ -76,10 +76,11 @@ class StreamSettings:
     #: At most this many bytes per partition per fetch (Faust's `consumer_max_fetch_size`); the
     #: consumer buffers at most one fetch per assigned partition, so memory <= this x partitions.
     fetch_partition_bytes: int = 1 << 20
-    #: The same for `otlp_spans` partitions: a fetch of four such partitions is a micro-batch's
-    #: `ingest_batch_bytes` (`stream/fetching.py:size_fetches`). Memory <= this x its assigned
-    #: partitions + the above.
-    fetch_spans_partition_bytes: int = 4 << 20
+    #: The same for `otlp_spans` partitions: a fetch of four such partitions is more than a
+    #: micro-batch's `ingest_batch_bytes` (`stream/fetching.py:size_fetches`): at 4 MiB each holds
+    #: whole messages a little under it, so four made less than 16 MiB and every micro-batch waited
+    #: for a second fetch. Memory <= this x its assigned partitions + the above.
+    fetch_spans_partition_bytes: int = 5 << 20
     #: Stage 1's micro-batch ends once its messages' values hold this many bytes (or at
     #: `INGEST_BATCH_MESSAGES`): ~30,000 spans at ~520 bytes a span, whatever the spans per message,
     #: so small messages combine over as many spans as big ones (`event_batches.take_batches`).

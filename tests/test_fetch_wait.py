@@ -195,4 +195,4 @@ def test_the_worker_sizes_spans_fetches_from_the_environment(
     settings.data_dir = tmp_path / "stream"
     job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0))))
     assert job.app.transport.topic_partition_bytes == {settings.topics.spans: 6 << 20}
-    assert StreamSettings.fetch_spans_partition_bytes == 4 << 20
+    assert StreamSettings.fetch_spans_partition_bytes == 5 << 20
