@@ -1110,16 +1110,7 @@ class BudgetJob:
             return
         now = _now()
         while True:
-            added, handed = native.add_record(
-                record,
-                now,
-                self._budgets,
-                plain_store(self.totals),
-                self.changes,
-                self.totals,
-                plain_store(self.states),
-                self.snapshots.waiting,
-            )
+            added, handed = native.add_record(record, now, *self._native_stores())
             self.changes.added(added)
             if handed is None:
                 return
@@ -1161,22 +1152,23 @@ class BudgetJob:
         """
         at, end = 0, len(rows)
         while at < end:
-            at, added = native.add(
-                rows,
-                at,
-                *source,
-                now,
-                self._budgets,
-                plain_store(self.totals),
-                self.changes,
-                self.totals,
-                plain_store(self.states),
-                self.snapshots.waiting,
-            )
+            at, added = native.add(rows, at, *source, now, *self._native_stores())
             self.changes.added(added)
             if at < end:
                 await self._account_rows_in_python(rows[at : at + 1], source, now)
                 at += 1
+
+    def _native_stores(self) -> tuple[Any, ...]:
+        """What the native `TotalsRows` adds to, as its `add` and `add_record` take it; looked up
+        again for every call, as the stores are after every await (`_account_rows_natively`)."""
+        return (
+            self._budgets,
+            plain_store(self.totals),
+            self.changes,
+            self.totals,
+            plain_store(self.states),
+            self.snapshots.waiting,
+        )
 
     async def _account_rows_in_python(self, rows: list[Any], source: tuple[int, int], now: datetime) -> None:
         """The rows' reference path (see `_account_rows`)."""

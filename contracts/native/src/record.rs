@@ -226,17 +226,7 @@ fn read_record(bytes: &[u8]) -> Read<Vec<SubBatch>> {
     }
     reader.expect(b',')?;
     reader.expect_key(b"batches")?;
-    reader.expect(b'[')?;
-    let mut batches = Vec::new();
-    if !reader.closes(b']')? {
-        loop {
-            batches.push(reader.sub_batch()?);
-            if reader.closes(b']')? {
-                break;
-            }
-            reader.expect(b',')?;
-        }
-    }
+    let batches = reader.array(Reader::sub_batch)?;
     reader.expect(b'}')?;
     reader.skip_space();
     if reader.at != bytes.len() {
@@ -445,6 +435,22 @@ impl Reader<'_> {
         }
     }
 
+    /// A JSON array of items each read by `item`, after whitespace.
+    fn array<T>(&mut self, item: fn(&mut Self) -> Read<T>) -> Read<Vec<T>> {
+        self.expect(b'[')?;
+        let mut items = Vec::new();
+        if !self.closes(b']')? {
+            loop {
+                items.push(item(self)?);
+                if self.closes(b']')? {
+                    break;
+                }
+                self.expect(b',')?;
+            }
+        }
+        Ok(items)
+    }
+
     /// `[partition, offset, [rows], [contexts]]`.
     fn sub_batch(&mut self) -> Read<SubBatch> {
         self.expect(b'[')?;
@@ -455,17 +461,7 @@ impl Reader<'_> {
             return Err(Doubt);
         };
         self.expect(b',')?;
-        self.expect(b'[')?;
-        let mut rows = Vec::new();
-        if !self.closes(b']')? {
-            loop {
-                rows.push(self.row()?);
-                if self.closes(b']')? {
-                    break;
-                }
-                self.expect(b',')?;
-            }
-        }
+        let rows = self.array(Reader::row)?;
         self.expect(b',')?;
         if self.peek()? != b'[' {
             return Err(Doubt);
