@@ -32,10 +32,11 @@ def _overspend(job: BudgetJob, tenants: list[str]) -> list[tuple[str, bytes | No
     """Each tenant spends twice its limit in one stage-1 record; the signals the job published."""
     published: list[tuple[str, bytes | None]] = []
 
-    async def publish(key: str, value: bytes | None) -> None:
-        published.append((key, value))
+    def publish_at_once(key: bytes, value: bytes | None) -> bool:
+        published.append((key.decode(), value))
+        return True
 
-    job._publish_signal = publish  # type: ignore[method-assign]
+    job.signal_records.publish_at_once = publish_at_once  # type: ignore[method-assign]
     now_ns = time.time_ns()
     window_ns = job._budgets["tenant-cost"].window_spec.start_ns(now_ns)
     rows = [["tenant-cost", tenant, window_ns, 2.0, 1, now_ns, now_ns, 0] for tenant in tenants]
