@@ -208,6 +208,9 @@ enum Number {
     BigInt,
 }
 
+/// A row's or a step's five numbers (`Reader::five_numbers`).
+type FiveNumbers = (i64, f64, i64, i64, i64);
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -502,14 +505,7 @@ impl Reader<'_> {
         self.expect(b',')?;
         let key = self.string()?;
         self.expect(b',')?;
-        let numbers = (
-            self.int()?,
-            self.comma_then(Self::float)?,
-            self.comma_then(Self::int)?,
-            self.comma_then(Self::int)?,
-            self.comma_then(Self::int)?,
-        );
-        let (Some(start), Some(amount), Some(spans), Some(first), Some(last)) = numbers else {
+        let Some((start, amount, spans, first, last)) = self.five_numbers()? else {
             return Ok(None);
         };
         self.expect(b',')?;
@@ -558,6 +554,22 @@ impl Reader<'_> {
         }))
     }
 
+    /// An int, a float and three ints, comma-separated: a row's window start, amount, spans, first
+    /// and last event, or a step's offset, amount, spans, first event and span; None: other types.
+    fn five_numbers(&mut self) -> Read<Option<FiveNumbers>> {
+        let numbers = (
+            self.int()?,
+            self.comma_then(Self::float)?,
+            self.comma_then(Self::int)?,
+            self.comma_then(Self::int)?,
+            self.comma_then(Self::int)?,
+        );
+        let (Some(a), Some(b), Some(c), Some(d), Some(e)) = numbers else {
+            return Ok(None);
+        };
+        Ok(Some((a, b, c, d, e)))
+    }
+
     fn comma_then<T>(&mut self, read: fn(&mut Self) -> Read<Option<T>>) -> Read<Option<T>> {
         self.expect(b',')?;
         read(self)
@@ -595,14 +607,7 @@ impl Reader<'_> {
         }
         loop {
             self.expect(b'[')?;
-            let numbers = (
-                self.int()?,
-                self.comma_then(Self::float)?,
-                self.comma_then(Self::int)?,
-                self.comma_then(Self::int)?,
-                self.comma_then(Self::int)?,
-            );
-            let (Some(offset), Some(amount), Some(spans), Some(first), Some(span)) = numbers else {
+            let Some((offset, amount, spans, first, span)) = self.five_numbers()? else {
                 return Ok(None);
             };
             let mix = if self.closes(b']')? {
