@@ -2,7 +2,9 @@
 
 No broker: stage 1 of this checkout (`BudgetJob._ingest_one`, the worker's own code) turns the
 seeded `span_load.py` load into the `batches` records it would send to the usage topic (their
-JSON bytes, as on the wire), in micro-batches of `--messages-per-batch` OTLP messages. Then a
+JSON bytes, as on the wire), in micro-batches ended as the worker's under a backlog: at
+`BURNGUARD_INGEST_BATCH_BYTES` (16 MiB) of message values or `INGEST_BATCH_MESSAGES` (4,000)
+messages, whichever comes first; `--messages-per-batch N` ends them at N messages instead. Then a
 fresh `BudgetJob` (`span_load.BUDGETS_YAML`, the worker's default settings) accounts them
 through its real stage-2 code, in the order a usage partition's stream would hand them over:
 
@@ -47,6 +49,7 @@ import cProfile
 import gc
 import json
 import logging
+import math
 import os
 import pstats
 import sys
@@ -56,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline_setup import BenchPipeline
 from revisions import add_compare_arguments, alternating_runs, child_result
 from span_load import BUDGETS_YAML, SpanMix
 
@@ -155,27 +159,47 @@ def as_the_worker_starts(job: Any) -> Any:
 
 
 def make_records(args: argparse.Namespace, data_dir: Path) -> tuple[list[tuple[int, bytes]], int, int]:
-    """((usage partition, record JSON), spans, delta rows): stage 1's records for the load."""
+    """((usage partition, record JSON), spans, delta rows): stage 1's records for the load.
+
+    Each message goes to the `otlp_spans` partition its tenant key hashes to, as the exporters'
+    producers send it: stage 1 combines a key's rows per source partition, so spreading a
+    tenant's messages over all partitions would make up to four times the rows.
+    """
+    from burnguard.stream.partitioner import key_partition
     from burnguard.stream.records import MicroBatch
 
     mix = SpanMix.from_args(args)
     job = new_job(data_dir, args.combine == "on")
+    max_messages, max_bytes = micro_batch_bounds(args)
     records: list[tuple[int, bytes]] = []
-    offset = 0
+    offsets: dict[int, int] = {}  # each source partition's last offset
     while mix.spans < args.spans:
         batch = MicroBatch(1000)
         groups: dict[int, Any] = {}
-        for _ in range(args.messages_per_batch):
+        messages, size = 0, 0
+        while messages < max_messages and size < max_bytes:
             key, value = mix.message()
-            message = Message(offset % 4, offset, "otlp_spans", time.time())
+            partition = key_partition(key, BenchPipeline.spans_partitions)
+            offsets[partition] = offset = offsets.get(partition, -1) + 1
+            message = Message(partition, offset, "otlp_spans", time.time())
             job._ingest_one(Event(message, value, key), batch, groups)
-            offset += 1
+            messages, size = messages + 1, size + len(value)
         for partition, group in groups.items():
             job._close_group(partition, group, batch)
         for partition, record in batch.records():
             records.append((partition, json.dumps(record, separators=(",", ":")).encode()))
     rows = sum(len(sub[2]) for _, payload in records for sub in json.loads(payload)["batches"])
     return records, mix.spans, rows
+
+
+def micro_batch_bounds(args: argparse.Namespace) -> tuple[int, float]:
+    """(messages, bytes of message values) that end a micro-batch: the worker's, or `--messages-per-batch`."""
+    if args.messages_per_batch:
+        return args.messages_per_batch, math.inf
+    from burnguard.stream.app import INGEST_BATCH_MESSAGES
+    from burnguard.stream.settings import StreamSettings
+
+    return INGEST_BATCH_MESSAGES, StreamSettings.from_env().ingest_batch_bytes
 
 
 def usage_serializer(job: Any) -> Any:
@@ -372,7 +396,10 @@ def main() -> None:
     parser.add_argument("--users-per-tenant", type=int, default=SpanMix.users_per_tenant)
     parser.add_argument("--calls-per-session", type=int, default=SpanMix.calls_per_session)
     parser.add_argument(
-        "--messages-per-batch", type=int, default=50, help="OTLP messages per stage-1 micro-batch"
+        "--messages-per-batch",
+        type=int,
+        default=0,
+        help="OTLP messages per stage-1 micro-batch (default: the worker's bounds, 16 MiB or 4,000 messages)",
     )
     parser.add_argument(
         "--flush-records", type=int, default=200, help="usage records per changelog write (default 200)"
@@ -431,7 +458,7 @@ def main() -> None:
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
     print(
         f"RESULT stream_account spans={spans} rows={rows} batch={args.batch_min}-{args.batch_max} "
-        f"combine={args.combine} messages_per_batch={args.messages_per_batch} "
+        f"combine={args.combine} messages_per_batch={args.messages_per_batch or 'worker'} "
         f"tenants={args.tenants} users_per_tenant={args.users_per_tenant} "
         f"calls_per_session={args.calls_per_session} {fields}"
     )
