@@ -76,9 +76,8 @@ def run_probe(prefix: str, count: int, interval_s: float) -> None:
 
 
 def export_delay_ms(runtime) -> str:  # a burnguard Runtime
-    """The schedule delay of the batch processor configure() put in front of the Kafka exporter."""
-    batch = getattr(getattr(runtime.cost_processor, "_next", None), "_batch_processor", None)
-    delay = getattr(batch, "_schedule_delay_millis", None)
+    """The delay of the paced batch processor configure() put in front of the Kafka exporter."""
+    delay = getattr(getattr(runtime.cost_processor, "_next", None), "schedule_delay_millis", None)
     return "unknown" if delay is None else f"{delay:g}"
 
 

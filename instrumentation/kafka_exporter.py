@@ -36,7 +36,7 @@ from kafka import KafkaProducer
 from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 logger = logging.getLogger(__name__)
 
@@ -599,23 +599,3 @@ def _by_tenant(spans: Sequence[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
         tenant = (span.attributes or {}).get(TENANT, "")
         groups[str(tenant)].append(span)
     return groups
-
-
-class CountingBatchSpanProcessor(BatchSpanProcessor):
-    """A `BatchSpanProcessor` that counts the spans its full queue drops.
-
-    The SDK drops the oldest span when its bounded queue is full and only logs
-    it; burnguard's accounting has to know, so the drop is counted on the
-    exporter's stats before the span is handed over.
-    """
-
-    def __init__(self, exporter: KafkaSpanExporter, **kwargs: Any) -> None:
-        super().__init__(exporter, **kwargs)
-        self._exporter = exporter
-        self._max_queue = kwargs.get("max_queue_size") or BatchSpanProcessor._default_max_queue_size()
-
-    def on_end(self, span: ReadableSpan) -> None:
-        queue = getattr(self._batch_processor, "_queue", None)
-        if queue is not None and len(queue) >= self._max_queue:
-            self._exporter.count_dropped()
-        super().on_end(span)

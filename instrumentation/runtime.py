@@ -35,11 +35,8 @@ from burnguard.instrumentation.attribution import attribution_span_processor, us
 from burnguard.instrumentation.cost import CostSpanProcessor
 from burnguard.instrumentation.dedupe import ensure_marker
 from burnguard.instrumentation.guard import BudgetGuard, FailMode
-from burnguard.instrumentation.kafka_exporter import (
-    CountingBatchSpanProcessor,
-    ExportStats,
-    KafkaSpanExporter,
-)
+from burnguard.instrumentation.kafka_exporter import ExportStats, KafkaSpanExporter
+from burnguard.instrumentation.paced_export import PacedBatchSpanProcessor
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -48,7 +45,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 logger = logging.getLogger(__name__)
 _TRUE = {"1", "true", "yes", "on"}
 #: burnguard's export delay when OTEL_BSP_SCHEDULE_DELAY is not set: the SDK's 5 s would let a
-#: budget be overspent for 5 s before the worker hears of it; the producer's linger still batches.
+#: budget be overspent for 5 s before the worker hears of it. It is the least time between two
+#: exports (`PacedBatchSpanProcessor`): an idle app's span goes at once, a busy app's wait for it.
 DEFAULT_EXPORT_DELAY_MS = 100
 
 
@@ -243,11 +241,8 @@ def _export_processor(exporter: SpanExporter, batch: bool) -> SpanProcessor:
     if not batch:
         return SimpleSpanProcessor(exporter)
     delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else DEFAULT_EXPORT_DELAY_MS
-    if isinstance(exporter, KafkaSpanExporter):
-        return CountingBatchSpanProcessor(exporter, schedule_delay_millis=delay)
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    return BatchSpanProcessor(exporter, schedule_delay_millis=delay)
+    on_drop = exporter.count_dropped if isinstance(exporter, KafkaSpanExporter) else None
+    return PacedBatchSpanProcessor(exporter, schedule_delay_millis=delay, on_drop=on_drop)
 
 
 # --- exit ---------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ SERVICE = "paced-app"
 #: $0.00936 a call on gpt-4.1, $0.001872 on gpt-4.1-mini: 54 calls to the downgrade, ~250 after it.
 INPUT_TOKENS, OUTPUT_TOKENS = 2_600, 520
 CALLS_PER_SECOND = 4
+#: The export-delay test's app makes this many calls, four seconds apart.
+CALLS_APART = 3
 LIMIT = 1.0
 
 
@@ -117,11 +119,11 @@ budgets:
     assert LIMIT / 2 <= dear * premium < LIMIT / 2 + 0.1 * LIMIT, seen
 
 
-def start_two_call_app(
+def start_three_call_app(
     pipeline: Pipeline, server: FakeOpenAI, service: str, delay_env: dict[str, str]
 ) -> subprocess.Popen[str]:
-    """The zero-code app as `service`, making two calls four seconds apart (the SDK's default export
-    delay when `delay_env` is empty, else the delay it sets)."""
+    """The zero-code app as `service`, making three calls four seconds apart (configure()'s default
+    export delay when `delay_env` is empty, else the delay it sets)."""
     env = {
         **pipeline.env,
         "OTEL_SERVICE_NAME": service,
@@ -134,7 +136,7 @@ def start_two_call_app(
     if not delay_env:
         env.pop("OTEL_BSP_SCHEDULE_DELAY", None)
     return subprocess.Popen(
-        [str(INSTRUMENT), sys.executable, str(APP), "2", "0.25"],
+        [str(INSTRUMENT), sys.executable, str(APP), str(CALLS_APART), "0.25"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -143,11 +145,12 @@ def start_two_call_app(
 
 
 def exported_spans(pipeline: Pipeline, delay_envs: dict[str, dict[str, str]]) -> dict[str, dict[int, float]]:
-    """Run the zero-code app once per service of `delay_envs`, side by side; per service, its two
+    """Run the zero-code app once per service of `delay_envs`, side by side; per service, its
     calls' spans: end (ns) -> when it reached Kafka (the record's LogAppendTime, s)."""
     with FakeOpenAI() as server:
         apps = {
-            service: start_two_call_app(pipeline, server, service, env) for service, env in delay_envs.items()
+            service: start_three_call_app(pipeline, server, service, env)
+            for service, env in delay_envs.items()
         }
         for app in apps.values():
             _, stderr = app.communicate(timeout=120)
@@ -158,14 +161,14 @@ def exported_spans(pipeline: Pipeline, delay_envs: dict[str, dict[str, str]]) ->
     # span end (ns) -> record time (s), for burnguard's spans, per service
     arrived: dict[str, dict[int, float]] = {service: {} for service in delay_envs}
     deadline = time.monotonic() + 30
-    try:  # every app has exited, so its spans are on the topic: read until all four are found
-        while any(len(spans) < 2 for spans in arrived.values()) and time.monotonic() < deadline:
+    try:  # every app has exited, so its spans are on the topic: read until all are found
+        while any(len(spans) < CALLS_APART for spans in arrived.values()) and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=500).values():
                 for record in batch:
                     collect_spans(record, arrived)
     finally:
         consumer.close()
-    assert all(len(spans) == 2 for spans in arrived.values()), arrived
+    assert all(len(spans) == CALLS_APART for spans in arrived.values()), arrived
     return arrived
 
 
@@ -183,15 +186,17 @@ def collect_spans(record: ConsumerRecord, arrived: dict[str, dict[int, float]]) 
 
 
 @pytest.mark.slow
-def test_zero_code_enforcement_exports_within_configures_delay_unless_the_user_sets_one(
+def test_zero_code_enforcement_exports_an_idle_apps_span_at_once_and_paces_by_the_users_delay(
     pipeline: Pipeline,
 ) -> None:
     user_delay = {"OTEL_BSP_SCHEDULE_DELAY": "60000"}
     spans = exported_spans(pipeline, {"default-delay": {}, "user-delay": user_delay})
-    first = min(spans["default-delay"])
-    # With the SDK's default delay (5 s) the first span would wait ~5 s, or for the exit flush 4 s later.
-    assert spans["default-delay"][first] - first / 1e9 < DEFAULT_EXPORT_DELAY_MS / 1000 + 1.5
-    # The user's own setting wins: with a minute the first span waits for the exit flush, after the
-    # second call (4 s later, or at once when a loaded machine made the first call that slow).
-    first, second = sorted(spans["user-delay"])
-    assert spans["user-delay"][first] >= second / 1e9 - 0.001, spans["user-delay"]  # record times are in ms
+    # Calls 4 s apart find the last export older than configure()'s delay: each goes at once (the
+    # SDK's timer made each wait up to the delay, its own default 5 s up to the exit flush).
+    for end_ns, arrived_s in spans["default-delay"].items():
+        assert arrived_s - end_ns / 1e9 < DEFAULT_EXPORT_DELAY_MS / 1000 + 1.5, spans["default-delay"]
+    # The user's delay is the least time between two exports: the first call's span goes at once
+    # (the app was idle), the second, 4 s later, waits for the exit flush after the third.
+    first, second, third = sorted(spans["user-delay"])
+    assert spans["user-delay"][first] - first / 1e9 < 1.5, spans["user-delay"]
+    assert spans["user-delay"][second] >= third / 1e9 - 0.001, spans["user-delay"]  # record times are in ms
