@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -33,11 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from revisions import add_compare_arguments, alternating_runs, child_result
+from revisions import add_compare_arguments, child_result, parsed_or_child
 from span_load import SpanMix
-from stream_account import account_all, as_the_worker_starts, make_records, new_job, usage_serializer
-
-COMPARED_COMPONENTS = ("contracts", "stream")
+from stream_account import account_all, as_the_worker_starts, compared_runs, new_job, usage_serializer
 
 
 def signals_sent(job: Any) -> int:
@@ -137,27 +134,13 @@ def main() -> None:
     parser.add_argument("--combine", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     add_compare_arguments(parser, rounds=1)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    logging.getLogger("faust").setLevel(logging.WARNING)
-    if args.child:
-        print(json.dumps(measure(args, Path(args.child))))
+    args = parsed_or_child(parser, measure)
+    if args is None:
         return
     with tempfile.TemporaryDirectory() as scratch_dir:
-        scratch = Path(scratch_dir)
-        records, spans, rows = make_records(args, scratch / "stage1")
-        records_file = scratch / "records.json"
-        payloads = [(partition, payload.decode()) for partition, payload in records]
-        records_file.write_text(json.dumps({"records": payloads, "spans": spans, "rows": rows}))
-        runs = alternating_runs(
-            args.compare,
-            args.rounds,
-            COMPARED_COMPONENTS,
-            lambda: measure_child(args, records_file, None),
-            lambda old_path: measure_child(args, records_file, old_path),
-        )
+        runs, _, count, spans, _ = compared_runs(args, Path(scratch_dir), measure_child)
     print(
-        f"load: {spans} spans, {len(records)} usage records; "
-        f"{args.tenants} tenants x {args.users_per_tenant} users"
+        f"load: {spans} spans, {count} usage records; {args.tenants} tenants x {args.users_per_tenant} users"
     )
     for side in ("old", "new"):
         for run in runs[side]:
