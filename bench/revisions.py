@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -97,3 +98,16 @@ def child_result(command: Sequence[str], pythonpath: Path | None) -> dict[str, A
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def parsed_or_child(
+    parser: argparse.ArgumentParser, measure: Callable[[argparse.Namespace, Path], Any]
+) -> Any:
+    """The parsed arguments, or None once a `--child` run (a bench's child process) has printed
+    `measure`'s JSON for the records' file it names."""
+    args = parser.parse_args()
+    logging.getLogger("faust").setLevel(logging.WARNING)
+    if args.child:
+        print(json.dumps(measure(args, Path(args.child))))
+        return None
+    return args

@@ -55,15 +55,17 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline_setup import BenchPipeline
 from revisions import add_compare_arguments, alternating_runs, child_result
 from span_load import BUDGETS_YAML, SpanMix
 
 COMPARED_COMPONENTS = ("contracts", "stream")
+T = TypeVar("T")
 #: The worker's log format (Faust's default), so a signal's log line costs what it costs there.
 LOG_FORMAT = "[%(asctime)s] [%(process)s] [%(levelname)s] %(message)s"
 
@@ -200,6 +202,28 @@ def micro_batch_bounds(args: argparse.Namespace) -> tuple[int, float]:
     from burnguard.stream.settings import StreamSettings
 
     return INGEST_BATCH_MESSAGES, StreamSettings.from_env().ingest_batch_bytes
+
+
+def compared_runs(
+    args: argparse.Namespace,
+    scratch: Path,
+    measure_child: Callable[[argparse.Namespace, Path, Path | None], T],
+) -> tuple[dict[str, list[T]], Path, int, int, int]:
+    """Stage 1's records for the load (`make_records`) written to `scratch` as a child reads them,
+    then `measure_child` on them for this checkout and for `--compare`'s revision, alternating
+    (`revisions.alternating_runs`): (the runs, the records' file, usage records, spans, delta rows)."""
+    records, spans, rows = make_records(args, scratch / "stage1")
+    records_file = scratch / "records.json"
+    payloads = [(partition, payload.decode()) for partition, payload in records]
+    records_file.write_text(json.dumps({"records": payloads, "spans": spans, "rows": rows}))
+    runs = alternating_runs(
+        args.compare,
+        args.rounds,
+        COMPARED_COMPONENTS,
+        lambda: measure_child(args, records_file, None),
+        lambda old_path: measure_child(args, records_file, old_path),
+    )
+    return runs, records_file, len(records), spans, rows
 
 
 def usage_serializer(job: Any) -> Any:
@@ -421,22 +445,11 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as scratch_dir:
-        scratch = Path(scratch_dir)
-        records, spans, rows = make_records(args, scratch / "stage1")
-        records_file = scratch / "records.json"
-        payloads = [(partition, payload.decode()) for partition, payload in records]
-        records_file.write_text(json.dumps({"records": payloads, "spans": spans, "rows": rows}))
-        runs = alternating_runs(
-            args.compare,
-            args.rounds,
-            COMPARED_COMPONENTS,
-            lambda: measure_child(args, records_file, None),
-            lambda old_path: measure_child(args, records_file, old_path),
-        )
+        runs, records_file, count, spans, rows = compared_runs(args, Path(scratch_dir), measure_child)
         if args.profile:
             profile(args, records_file)
     shape = (
-        f"{spans} spans, {len(records)} usage records, {rows} delta rows ({rows / spans:.2f} per span); "
+        f"{spans} spans, {count} usage records, {rows} delta rows ({rows / spans:.2f} per span); "
         f"{args.batch_min}-{args.batch_max} spans/message, {args.tenants} tenants x {args.users_per_tenant} "
         f"users, calls per session {args.calls_per_session}; best of {args.repeat}"
     )

@@ -166,6 +166,8 @@ UNPRICED_REMEMBERED = 10_000
 _NS = 1_000_000_000
 #: In a `signal-states` value: when the `ok` published for the key expires and may be tombstoned.
 RETIRE_AT_NS = "retire_at_ns"
+#: In `_refresh_wanted`'s window starts: a rolling window's (its spend slides out with the clock).
+_ROLLING = -1
 #: Deltas per batch record at most, so a huge OTLP message never makes a record beyond Kafka's limit.
 BATCH_ROWS = 1000
 #: Snapshots sent in one go (~2-3 ms of work, as 100 were when each cost ~30 us) before the timer
@@ -319,6 +321,12 @@ class BudgetJob:
         self.evicted: dict[str, int] = {}
         self.late_after_eviction = 0
         self._sizes_logged: dict[str, int] = {}
+        #: `budget|key` -> when the throttle this worker last published for the key expires at the
+        #: guards (`_renewal_due`). In memory only: a refresh writes no changelog record. Empty after
+        #: a start or a rebalance, so a round renews every throttle once; dropped with the key's state.
+        self._throttles_expire: dict[str, datetime] = {}
+        #: `signal_records.given_up` at the last refresh round: a throttle may be among the new ones
+        self._given_up_seen = 0
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             settings.app_id,
@@ -987,7 +995,11 @@ class BudgetJob:
         """After a (re)start or a rebalance, once the tables are recovered: every window of the
         assigned partitions waits for a snapshot. Its last one may have failed at its previous owner
         (which no longer retries it), or never been taken (a crash). Not the windows the memory store
-        holds for other partitions (standby copies, revoked ones): their owner snapshots them."""
+        holds for other partitions (standby copies, revoked ones): their owner snapshots them.
+
+        Every throttle is renewed at the next refresh round too (`_renewal_due`): this worker no
+        longer knows which of them it published, nor whether another worker did since."""
+        self._throttles_expire.clear()
         usage = self.settings.topics.usage
         partitions = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == usage}
         owned = {
@@ -1291,17 +1303,40 @@ class BudgetJob:
     async def _clear(self, budget_id: str, key: str, scope: str) -> None:
         """A removed budget, or an expired `ok`: forget the key's state, delete its signal from the topic."""
         self.changes.delete(self.states, f"{budget_id}|{key}")
+        self._throttles_expire.pop(f"{budget_id}|{key}", None)
         await self._publish_signal(signal_key(scope, key, budget_id), None)
 
     async def _settle(self, budget: Budget, key: str, now: datetime) -> None:
-        """Re-decide a key against the window that holds `now` (roll-over and refresh)."""
+        """Re-decide a key against the window that holds `now` (roll-over and refresh): a changed
+        action is published, the same restriction only when `_renewal_due`."""
         window_start_ns = budget.window_spec.start_ns(int(now.timestamp() * _NS))
         totals = WindowTotals.from_state(self.totals.data.get(f"{budget.id}|{key}|{window_start_ns}"))
-        signal = self._signal_if_changed(budget, key, window_start_ns, totals, now, refresh=True)
+        state_key = f"{budget.id}|{key}"
+        refresh = self._renewal_due(state_key, self.states.data.get(state_key), window_start_ns, now)
+        signal = self._signal_if_changed(budget, key, window_start_ns, totals, now, refresh=refresh)
         if signal is not None:
             await self._send_signal(signal)
-        elif _retire_due(self.states.data.get(f"{budget.id}|{key}"), now):
+        elif _retire_due(self.states.data.get(state_key), now):
             await self._clear(budget.id, key, budget.scope_name)  # the expired `ok` -> a tombstone
+
+    def _renewal_due(
+        self, state_key: str, state: dict[str, Any] | None, window_start_ns: int, now: datetime
+    ) -> bool:
+        """Whether a refresh publishes the key's signal again even if its action is the same.
+
+        Only a throttle waits: guards deny by it whatever its numbers. A `warn` or a `downgrade`
+        is renewed each round, as before: its `spent` is the guards' local-accounting baseline
+        (instrumentation/local_accounting.py), which a refresh brings up to date. A throttle is
+        renewed when the window it was published for is not the one that holds `now` (it
+        carries on into the next window: the guards ignore a signal of an ended one), when its
+        copy at the guards expires within `StreamSettings.renew_within`, or when this worker
+        does not know when it published it (a start, a rebalance, a reloaded budget, a signal given
+        up).
+        """
+        if state is None or state["action"] != "throttle" or state["window_start_ns"] != window_start_ns:
+            return True
+        expires = self._throttles_expire.get(state_key)
+        return expires is None or expires - now < self.settings.renew_within
 
     def _signal_if_changed(
         self,
@@ -1349,6 +1384,8 @@ class BudgetJob:
             await self.signal_records.publish(record_key, value)
         if self.published is not None:  # after the hand-over: a record that never went is not noted
             self.published.note(record_key, value, signal)
+        if signal.action == "throttle":
+            self._throttles_expire[f"{signal.budget}|{signal.key}"] = signal.expires_at
 
     def _log_signals(self) -> None:
         """One INFO line per snapshot run: the signals published since the last, by action."""
@@ -1460,6 +1497,7 @@ class BudgetJob:
             if not gone:
                 continue
             self.changes.delete(self.states, state_key)
+            self._throttles_expire.pop(state_key, None)
             evicted += 1
             if budget is not None:
                 key = state_key.split("|", 1)[1]
@@ -1489,16 +1527,44 @@ class BudgetJob:
 
     # --- timer ---------------------------------------------------------------------
     async def _refresh(self) -> None:
-        """Ask each restricted key's partition to re-decide it: refresh, lift at roll-over, retire an `ok`."""
+        """Ask the partition of each key that needs it to re-decide it (`_refresh_wanted`): renew a
+        restriction, lift it at roll-over, retire an `ok`."""
         now = _now()
-        restricted = [
-            key
-            for key, state in list(self.states.items())
-            if state and (state["action"] != "ok" or _retire_due(state, now))
+        if self.signal_records.given_up != self._given_up_seen:  # a throttle may not have gone out
+            self._given_up_seen = self.signal_records.given_up
+            self._throttles_expire.clear()
+        starts: dict[str, int] = {}
+        wanted = [
+            key for key, state in list(self.states.items()) if self._refresh_wanted(key, state, now, starts)
         ]
-        await self._send_per_partition(
-            TICKS, ((key, list(TickRow(*key.split("|", 1)))) for key in restricted)
-        )
+        await self._send_per_partition(TICKS, ((key, list(TickRow(*key.split("|", 1)))) for key in wanted))
+
+    def _refresh_wanted(
+        self, state_key: str, state: dict[str, Any] | None, now: datetime, starts: dict[str, int]
+    ) -> bool:
+        """Whether a refresh round ticks this key: an `ok` due to retire, a restriction of a rolling
+        window (its spend slides out with the clock: re-decided, published if changed or due), one
+        whose signal `_renewal_due` says to publish again. Not a key without a configured budget (a
+        context guard's session): stage 2 passes over it. `starts`: each budget's window start at
+        `now`, worked out once a round.
+
+        Filtered here, before the tick is sent: a throttle not due costs neither a tick nor a
+        decision. Before, every restriction was ticked and republished every round, 4 times per TTL.
+        """
+        if not state:
+            return False
+        budget_id = state_key.split("|", 1)[0]
+        budget = self._budgets.get(budget_id)
+        if budget is None:
+            return False
+        if state["action"] == "ok":
+            return _retire_due(state, now)
+        start = starts.get(budget_id)
+        if start is None:
+            window = budget.window_spec
+            start = window.start_ns(int(now.timestamp() * _NS)) if not window.rolling_ns else _ROLLING
+            starts[budget_id] = start
+        return start == _ROLLING or self._renewal_due(state_key, state, start, now)
 
     async def _reload_budgets(self) -> None:
         """Swap in budgets changed on the topic; re-decide every key of a changed or removed budget."""
@@ -1512,6 +1578,7 @@ class BudgetJob:
         removed = {b.id: b for b in old.budgets if new.budget(b.id) is None}
         changed = {b.id for b in new.budgets if old.budget(b.id) != b}
         logger.info("budgets reloaded: changed %s, removed %s", sorted(changed), sorted(removed))
+        self._forget_renewals(changed)  # their ticks publish each key's signal again, with the new budget
         ticks, removals = [], []
         for partition_key in self._known_keys(changed | set(removed)):
             budget_id, key = partition_key.split("|", 1)
@@ -1523,6 +1590,11 @@ class BudgetJob:
                 ticks.append((partition_key, list(TickRow(budget_id, key))))
         await self._send_per_partition(TICKS, ticks)
         await self._send_per_partition(REMOVALS, removals)
+
+    def _forget_renewals(self, budget_ids: set[str]) -> None:
+        """Forget when the throttles of these budgets' keys were published: `_renewal_due` then says yes."""
+        for state_key in [key for key in self._throttles_expire if key.split("|", 1)[0] in budget_ids]:
+            del self._throttles_expire[state_key]
 
     def _known_keys(self, budget_ids: set[str]) -> set[str]:
         """`budget|key` of every key this worker holds state for, among these budgets."""

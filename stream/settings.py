@@ -13,6 +13,11 @@ from burnguard.contracts.topics import KafkaSettings, Topics
 
 #: Most seconds between signal checkpoints: well under the age at which guards stop using one.
 _MOST_CHECKPOINT_S = MAX_AGE_BEHIND.total_seconds() / 4
+#: A refresh round publishes a throttle again once its copy at the guards expires within this many
+#: refresh intervals (`renew_within`): a round that skips it leaves at least three, so the next
+#: renews it with two or more left, and should that round's tick be lost or late, the one after
+#: still renews it with an interval to spare. A TTL under this many intervals is refused.
+RENEW_WITHIN_REFRESHES = 3
 
 
 @dataclass
@@ -92,6 +97,22 @@ class StreamSettings:
     #: contribution kept as a step, so stage 2 decides exactly as for per-message rows. Off: each
     #: message's rows alone, the only shape a worker older than the steps reads (a rolling upgrade).
     combine_messages: bool = True
+
+    def __post_init__(self) -> None:
+        """A TTL under `RENEW_WITHIN_REFRESHES` intervals is refused, not left to lapse: its
+        restrictions could not be renewed with an interval to spare when one round is lost."""
+        if self.renew_within > self.signal_ttl:
+            refresh, ttl = self.refresh_interval.total_seconds(), self.signal_ttl.total_seconds()
+            raise ValueError(
+                f"BURNGUARD_SIGNAL_REFRESH_S ({refresh:g} s) must be at most 1/{RENEW_WITHIN_REFRESHES} of "
+                f"BURNGUARD_SIGNAL_TTL_S ({ttl:g} s): a restriction is renewed before it expires even when "
+                "one refresh round is lost"
+            )
+
+    @property
+    def renew_within(self) -> timedelta:
+        """A throttle whose copy at the guards expires within this is published again at a refresh round."""
+        return self.refresh_interval * RENEW_WITHIN_REFRESHES
 
     @classmethod
     def from_env(cls) -> StreamSettings:

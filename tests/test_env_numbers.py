@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -75,10 +76,25 @@ def test_a_bad_number_is_refused_naming_its_variable(
         read()
 
 
+#: What a good value of a variable needs of another: a TTL of 7 s is renewed every 7/3 s at most.
+TAKEN_WITH = {"BURNGUARD_SIGNAL_TTL_S": {"BURNGUARD_SIGNAL_REFRESH_S": "2"}}
+
+
 @pytest.mark.parametrize(("name", "read"), CASES, ids=[f"{name}-{read.__qualname__}" for name, read in CASES])
 def test_a_good_number_is_taken(monkeypatch: pytest.MonkeyPatch, name: str, read: Callable[[], Any]) -> None:
     monkeypatch.setenv(name, "7")
+    for other, value in TAKEN_WITH.get(name, {}).items():
+        monkeypatch.setenv(other, value)
     read()
+
+
+def test_a_ttl_the_refresh_cannot_renew_in_time_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under three refresh intervals a restriction whose renewal round is lost would lapse."""
+    monkeypatch.setenv("BURNGUARD_SIGNAL_TTL_S", "89")
+    with pytest.raises(ValueError, match=r"BURNGUARD_SIGNAL_REFRESH_S \(30 s\) must be at most 1/3 of"):
+        StreamSettings.from_env()
+    monkeypatch.setenv("BURNGUARD_SIGNAL_TTL_S", "90")
+    assert StreamSettings.from_env().renew_within == timedelta(seconds=90)
 
 
 def test_the_bounds_and_the_default() -> None:
