@@ -317,3 +317,50 @@ def test_a_kept_answer_does_not_hold_past_its_windows_end(
     assert [signal["action"] for signal in python["signals"]] == ["throttle", "ok"]
     assert native == python
     assert counted.added == 1  # the second row, inside its window's kept answer
+
+
+def test_a_window_added_at_once_leaves_its_kept_answer_for_the_native_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's row with steps for a new window is added by the reference at once
+    (`_apply_at_once`); it leaves the window's kept answer, so the window's next row is added
+    natively instead of being handed back (before, every later row of such a window was)."""
+    native_class = required_native_part("TotalsRows")
+    monkeypatch.setattr(app_module, "_now", app_module._now)
+    monkeypatch.setitem(partitioner.native_parts, "TotalsRows", None)
+    config = budget_config(tenant_cost(1.0, actions=[{"at": 0.8, "do": "warn"}]))
+    start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+    start_ns = int(start.timestamp() * _NS)
+    event_ns = start_ns + 3600 * _NS
+    steps = [[1, 0.1, 1, event_ns, 0], [2, 0.2, 1, event_ns, 5 * _NS]]
+    combined = [
+        "tenant-cost",
+        "tenant-0001",
+        start_ns,
+        0.3,
+        2,
+        event_ns,
+        event_ns + 5 * _NS,
+        None,
+        None,
+        steps,
+    ]
+    later = [
+        "tenant-cost",
+        "tenant-0001",
+        start_ns,
+        0.05,
+        1,
+        event_ns + 9 * _NS,
+        event_ns + 9 * _NS,
+        None,
+        None,
+    ]
+    records = [{"kind": "groups", "batches": [[0, 2, [combined], []], [0, 3, [later], []]]}]
+    clocks = [start + timedelta(hours=2)]
+    counted = Counted(new_totals_rows(native_class))
+    python = run(make_job(tmp_path, "python", config=config), records, clocks, None)
+    native = run(make_job(tmp_path, "native", config=config), records, clocks, counted)
+    assert native == python
+    assert python["totals"][f"tenant-cost|tenant-0001|{start_ns}"][0] == 0.1 + 0.2 + 0.05
+    assert counted.added == 1  # the later row; the new window's row went to `_apply_at_once`
