@@ -1169,7 +1169,22 @@ class BudgetJob:
             self.totals,
             plain_store(self.states),
             self.snapshots.waiting,
+            self._new_window,
         )
+
+    def _new_window(
+        self, budget: Budget, window_start_ns: int, last_ns: int, now: datetime
+    ) -> WindowTotals | None:
+        """A window absent from the table, for the native `TotalsRows` to add its first row to: its
+        empty totals with the kept answer of no spend (`decide_action`: the native add holds each
+        step to it, as it holds a stored window's), not yet in the table. None where the reference
+        counts the row as late after eviction (`_forgotten`, with the first step's last event):
+        the row is handed back. Without it every window's first row was handed back to Python."""
+        if self._forgotten(budget, window_start_ns, last_ns):
+            return None
+        totals = WindowTotals()
+        decide_action(budget, window_start_ns, totals, now)
+        return totals
 
     async def _account_rows_in_python(self, rows: list[Any], source: tuple[int, int], now: datetime) -> None:
         """The rows' reference path (see `_account_rows`)."""
