@@ -42,13 +42,20 @@ def export_revision(rev: str, into: Path, components: Sequence[str]) -> Path:
 def build_native(source: Path) -> None:
     """The revision's native module (contracts/native), built as `make venv` builds it, into its
     `contracts/`: without it the revision's decoding would run pure-Python beside this checkout's
-    native one, and the comparison would measure that. The checkout's cargo target folder is
-    shared, so only what changed compiles. A revision without the crate, or a failed build: said
-    on stderr, and that side runs pure-Python."""
+    native one, and the comparison would measure that. A revision without the crate, or a failed
+    build: said on stderr, and that side runs pure-Python.
+
+    In its own cargo target folder (`target/compare`: what changed since the last compared
+    revision compiles), the exported files dated now. `git archive` dates them at the commit and
+    cargo's dep-info names a crate's files relative to its root: in the checkout's folder, the
+    revision counted as built by the checkout's newer build, whose library was copied as the old
+    one (an old side calling this checkout's native classes; helper hC, 2026-12-03)."""
     crate = source / "contracts" / "native"
     if not (crate / "Cargo.toml").exists():
         return
-    target = REPO / "contracts" / "native" / "target"
+    for path in crate.rglob("*"):
+        os.utime(path)
+    target = REPO / "contracts" / "native" / "target" / "compare"
     built = subprocess.run(
         ["cargo", "build", "--release", "--quiet", "--manifest-path", str(crate / "Cargo.toml")],
         env={**os.environ, "CARGO_TARGET_DIR": str(target)},

@@ -103,6 +103,7 @@ from burnguard.stream.policy import (
     CALENDAR_SETTLED,
     ROLLING_SETTLED,
     changed_signal,
+    decide_action,
     decide_context,
     settles_alike,
     window_bounds,
@@ -1180,7 +1181,22 @@ class BudgetJob:
             self.totals,
             plain_store(self.states),
             self.snapshots.waiting,
+            self._new_window,
         )
+
+    def _new_window(
+        self, budget: Budget, window_start_ns: int, last_ns: int, now: datetime
+    ) -> WindowTotals | None:
+        """A window absent from the table, for the native `TotalsRows` to add its first row to: its
+        empty totals with the kept answer of no spend (`decide_action`: the native add holds each
+        step to it, as it holds a stored window's), not yet in the table. None where the reference
+        counts the row as late after eviction (`_forgotten`, with the first step's last event):
+        the row is handed back. Without it every window's first row was handed back to Python."""
+        if self._forgotten(budget, window_start_ns, last_ns):
+            return None
+        totals = WindowTotals()
+        decide_action(budget, window_start_ns, totals, now)
+        return totals
 
     async def _account_rows_in_python(self, rows: list[Any], source: tuple[int, int], now: datetime) -> None:
         """The rows' reference path (see `_account_rows`)."""
@@ -1222,6 +1238,11 @@ class BudgetJob:
         the one published (`policy.settles_alike`: rungs, a predictive downgrade, a closed window);
         then no step would publish and the totals are the same step for step (each `add`ed). False,
         with nothing changed, otherwise: `_apply_combined` walks the steps.
+
+        The window is then decided once (`decide_action`, whose answer is the published one): that
+        only leaves its kept answer (`WindowTotals.settled`), which the native `TotalsRows` needs to
+        add the window's next rows itself. Without it a window made or moved on here handed every
+        later row back to this path (most rows handed back: BENCHMARKS.md, helper hC).
         """
         budget_id, key, window_start_ns, _, _, _, _, bucket_ns, mix, _ = row
         budget = self._budgets.get(budget_id)
@@ -1243,12 +1264,15 @@ class BudgetJob:
             if steps[0][0] <= totals.applied.get(str(partition), -1):
                 return False
         previous = plain_store(self.states).get(f"{budget_id}|{key}")
-        if not (previous and previous["window_start_ns"] > window_start_ns):  # else it decides nothing
+        decides = not (previous and previous["window_start_ns"] > window_start_ns)  # else nothing
+        if decides:
             action = previous["action"] if previous else "ok"
             events = [step[3] + step[4] for step in steps] if bucket_ns else []  # each step's last event
             if not settles_alike(budget, window_start_ns, totals, now, action, added, events, bucket_ns):
                 return False
         totals.add_steps(partition, steps, bucket_ns, mix is not None)
+        if decides:
+            decide_action(budget, window_start_ns, totals, now)  # leaves the kept answer: see above
         self.changes.set(self.totals, state_key, totals)
         self.snapshots.waiting[state_key] = None
         return True

@@ -25,6 +25,7 @@ from burnguard.stream import partitioner
 from burnguard.stream.accounting import Ring, WindowClock, WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob, new_totals_rows
 from burnguard.stream.changelog import plain_store
+from burnguard.stream.eviction import horizon_key
 from burnguard.stream.records import USAGE_RECORDS_CODEC, encode_record
 from faust.serializers import codecs
 
@@ -317,3 +318,84 @@ def test_a_kept_answer_does_not_hold_past_its_windows_end(
     assert [signal["action"] for signal in python["signals"]] == ["throttle", "ok"]
     assert native == python
     assert counted.added == 1  # the second row, inside its window's kept answer
+
+
+def _tenant_row(start_ns: int, amount: float, event_ns: int, *origin: Any) -> list[Any]:
+    """A row of `tenant-cost` for tenant-0001 (at one event time); `origin`: a group's row's
+    steps or its message's offset."""
+    return ["tenant-cost", "tenant-0001", start_ns, amount, 1, event_ns, event_ns, None, None, *origin]
+
+
+def _warn_at_80_percent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    """(the native rows counted, the config: a $1 `tenant-cost` that warns at 0.8, its window's
+    start as a datetime and in ns) for the tests below."""
+    native_class = required_native_part("TotalsRows")
+    monkeypatch.setattr(app_module, "_now", app_module._now)
+    monkeypatch.setitem(partitioner.native_parts, "TotalsRows", None)
+    config = budget_config(tenant_cost(1.0, actions=[{"at": 0.8, "do": "warn"}]))
+    start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+    return Counted(new_totals_rows(native_class)), config, start, int(start.timestamp() * _NS)
+
+
+def test_a_window_added_at_once_leaves_its_kept_answer_for_the_native_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's row with steps that the native rows hand back (its window recovered as a list, not
+    a `WindowTotals`) is added by the reference at once (`_apply_at_once`); it leaves the window's
+    kept answer, so the window's next row is added natively (before, every later row of such a
+    window was handed back too)."""
+    counted, config, start, start_ns = _warn_at_80_percent(tmp_path, monkeypatch)
+    event_ns = start_ns + 3600 * _NS
+    steps = [[2, 0.1, 1, event_ns, 0], [3, 0.2, 1, event_ns, 5 * _NS]]
+    combined = _tenant_row(start_ns, 0.3, event_ns, steps)
+    later = _tenant_row(start_ns, 0.05, event_ns + 9 * _NS)
+    records = [{"kind": "groups", "batches": [[0, 3, [combined], []], [0, 4, [later], []]]}]
+    state_key = f"tenant-cost|tenant-0001|{start_ns}"
+    recovered = [0.25, 1, event_ns, event_ns, {"0": 1}, None, None, None]  # as the changelog holds it
+
+    def recovering(name: str) -> BudgetJob:
+        job = make_job(tmp_path, name, config=config)
+        plain_store(job.totals)[state_key] = list(recovered)
+        return job
+
+    clocks = [start + timedelta(hours=2)]
+    python = run(recovering("python"), records, clocks, None)
+    native = run(recovering("native"), records, clocks, counted)
+    assert native == python
+    assert python["totals"][state_key][0] == 0.25 + 0.1 + 0.2 + 0.05
+    assert counted.added == 1  # the later row; the recovered window's row went to `_apply_at_once`
+
+
+def test_a_new_windows_first_row_is_added_natively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row for a window not in the table (one message's, or a group's with steps) is added by the
+    native rows to a new window (`BudgetJob._new_window`: its empty totals and their kept answer)
+    while its spend stays inside that answer; one that crosses a rung is handed back (and
+    publishes), as is one for a window already closed (no kept answer), and one for a window this
+    partition forgot (`_forgotten`: counted as late), though the key's published state is a newer
+    window's (which decides nothing for an older window's row)."""
+    counted, config, start, start_ns = _warn_at_80_percent(tmp_path, monkeypatch)
+    event_ns = start_ns + 3600 * _NS
+    steps = [[2, 0.1, 1, event_ns, 0], [3, 0.2, 1, event_ns, 5 * _NS]]
+    yesterday_ns, forgotten_ns = start_ns - 86400 * _NS, start_ns - 30 * 86400 * _NS
+    records = [
+        {"kind": "groups", "batches": [[0, 3, [_tenant_row(start_ns, 0.3, event_ns, steps)], []]]},
+        {"kind": "groups", "batches": [[1, 5, [_tenant_row(start_ns, 0.2, event_ns)], []]]},
+        {"kind": "groups", "batches": [[0, 6, [_tenant_row(yesterday_ns, 0.1, yesterday_ns + _NS)], []]]},
+        {"kind": "groups", "batches": [[0, 4, [_tenant_row(start_ns + 86400 * _NS, 0.9, event_ns)], []]]},
+        {"kind": "groups", "batches": [[0, 7, [_tenant_row(forgotten_ns, 0.1, forgotten_ns + _NS)], []]]},
+    ]
+    clocks = [start + timedelta(hours=2)] * len(records)
+
+    def swept(name: str) -> BudgetJob:  # both partitions swept up to yesterday's start
+        job = make_job(tmp_path, name, config=config)
+        for partition in (0, 1):
+            plain_store(job.totals)[horizon_key(partition)] = yesterday_ns
+        return job
+
+    python = run(swept("python"), records, clocks, None)
+    native = run(swept("native"), records, clocks, counted)
+    assert native == python
+    assert python["counters"][1] == 1  # the forgotten window's row
+    assert python["totals"][f"tenant-cost|tenant-0001|{start_ns}"][0] == 0.1 + 0.2 + 0.2
+    assert [signal["action"] for signal in python["signals"]] == ["warn"]
+    assert counted.added == 2  # the first two; yesterday's (closed) and one crossing 0.8: handed back

@@ -2,16 +2,18 @@
 //!
 //! `stream/app.py:BudgetJob._apply` (and `_apply_combined`, for a row with steps) is the reference.
 //! Per row of a sub-batch, in order, `TotalsRows.add` adds the row here when its outcome is the
-//! common one: the budget known, every amount valid, the window's `WindowTotals` object already in
-//! the table, no step a replay, no step moving a rolling window's newest bucket, and after each
-//! step the spend inside the range over which the key's kept answer (`WindowTotals.settled`,
-//! `policy.decide_action`) is the published action: no signal and no state change. It then does
-//! to the Python objects what `WindowTotals.add` does (the same float operations in the same
-//! order: the mark, the spend, the spans, the event times, the rings' arrays through the buffer
-//! protocol, the recent ring moving on, the call mix) and what `TableChanges.set` and the
-//! snapshot's `waiting` do. Any other row is left untouched and handed back: `add` stops there and
-//! the caller applies it in Python. Every shape is handed in (`TotalsRows.__new__`) or read from
-//! the objects; `tests/test_stage2_native.py` holds the two paths to the same outcome.
+//! common one: the budget known, every amount valid, the window's `WindowTotals` object in the
+//! table (or, for a window not in it, the empty one `BudgetJob._new_window` makes with its kept
+//! answer, put in the table at the commit; None: a forgotten window), no step a replay, no step
+//! moving a rolling window's newest bucket, and after each step the spend inside the range over
+//! which the key's kept answer (`WindowTotals.settled`, `policy.decide_action`) is the published
+//! action: no signal and no state change. It then does to the Python objects what
+//! `WindowTotals.add` does (the same float operations in the same order: the mark, the spend, the
+//! spans, the event times, the rings' arrays through the buffer protocol, the recent ring moving
+//! on, the call mix) and what `TableChanges.set` and the snapshot's `waiting` do. Any other row is
+//! left untouched and handed back: `add` stops there and the caller applies it in Python. Every
+//! shape is handed in (`TotalsRows.__new__`) or read from the objects;
+//! `tests/test_stage2_native.py` holds the two paths to the same outcome.
 
 use pyo3::ffi;
 use pyo3::intern;
@@ -135,6 +137,8 @@ struct Target<'a, 'py> {
     written: std::cell::OnceCell<(Bound<'py, PyDict>, Bound<'py, PyDict>)>,
     states: &'a Bound<'py, PyDict>,
     waiting: &'a Bound<'py, PyDict>,
+    /// `BudgetJob._new_window`: a new window's empty `WindowTotals` with its kept answer, or None.
+    new_window: &'a Bound<'py, PyAny>,
 }
 
 impl<'py> Target<'_, 'py> {
@@ -154,6 +158,8 @@ impl<'py> Target<'_, 'py> {
 /// A window's totals as a row's parts leave them, worked out before anything is changed.
 struct Plan<'py> {
     totals: Bound<'py, PyAny>,
+    /// A new window's totals (`BudgetJob._new_window`), not in the table yet: the commit puts them in.
+    new: bool,
     state_key: Bound<'py, PyString>,
     applied: Bound<'py, PyDict>,
     mark: i64,
@@ -335,7 +341,9 @@ impl TotalsRows {
     /// `budgets`: the job's budgets by id; `totals`: the `window-totals` store read; `changes` and
     /// `table`: the job's `TableChanges` and the `window-totals` table, whose store and pending
     /// changes (`TableChanges.target`) a commit writes as `TableChanges.set` does; `states`: the
-    /// `signal-states` store; `waiting`: the windows waiting for a snapshot.
+    /// `signal-states` store; `waiting`: the windows waiting for a snapshot; `new_window`:
+    /// `BudgetJob._new_window`, asked for a window not in `totals` (budget, start, the first
+    /// step's last event, `now`).
     #[allow(clippy::too_many_arguments)]
     fn add<'py>(
         &self,
@@ -351,6 +359,7 @@ impl TotalsRows {
         table: &Bound<'py, PyAny>,
         states: &Bound<'py, PyDict>,
         waiting: &Bound<'py, PyDict>,
+        new_window: &Bound<'py, PyAny>,
     ) -> PyResult<(usize, usize)> {
         let stores = Stores {
             now,
@@ -360,6 +369,7 @@ impl TotalsRows {
             table,
             states,
             waiting,
+            new_window,
         };
         let target = stores.target(partition);
         let mut added = 0;
@@ -396,6 +406,7 @@ impl TotalsRows {
         table: &Bound<'py, PyAny>,
         states: &Bound<'py, PyDict>,
         waiting: &Bound<'py, PyDict>,
+        new_window: &Bound<'py, PyAny>,
     ) -> PyResult<(usize, Option<Handed<'py>>)> {
         let stores = Stores {
             now,
@@ -405,6 +416,7 @@ impl TotalsRows {
             table,
             states,
             waiting,
+            new_window,
         };
         let mut record = record.borrow_mut();
         let record = &mut *record;
@@ -458,6 +470,7 @@ struct Stores<'a, 'py> {
     table: &'a Bound<'py, PyAny>,
     states: &'a Bound<'py, PyDict>,
     waiting: &'a Bound<'py, PyDict>,
+    new_window: &'a Bound<'py, PyAny>,
 }
 
 impl<'a, 'py> Stores<'a, 'py> {
@@ -475,6 +488,7 @@ impl<'a, 'py> Stores<'a, 'py> {
             written: std::cell::OnceCell::new(),
             states: self.states,
             waiting: self.waiting,
+            new_window: self.new_window,
         }
     }
 }
@@ -732,8 +746,14 @@ impl TotalsRows {
         keys.push_str(&start.to_string());
         let state_key = PyString::new(py, &keys);
         let published_key = PyString::new(py, &keys[..key_length]);
-        let Some(totals) = target.totals.get_item(&state_key)? else {
-            return Ok(None);
+        let (totals, new) = match target.totals.get_item(&state_key)? {
+            Some(totals) => (totals, false),
+            None => (
+                target
+                    .new_window
+                    .call1((&budget, start, parts[0].last, target.now))?,
+                true,
+            ),
         };
         if !totals.get_type().is(self.totals_class.bind(py)) {
             return Ok(None);
@@ -826,6 +846,7 @@ impl TotalsRows {
         }
         Ok(Some(Plan {
             totals,
+            new,
             state_key,
             applied,
             mark,
@@ -986,7 +1007,7 @@ impl Plan<'_> {
             write(totals, slots[MIX], PyList::new(py, mix)?.into_any());
         }
         let (store, changed) = target.written()?;
-        if !store.is(target.totals) {
+        if self.new || !store.is(target.totals) {
             store.set_item(&self.state_key, totals)?; // else it holds `totals` under the key already
         }
         let fresh = !changed.contains(&self.state_key)?;
