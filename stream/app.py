@@ -106,6 +106,7 @@ from burnguard.stream.policy import (
     decide_action,
     decide_context,
     settles_alike,
+    settling_steps,
     window_bounds,
     window_spent,
 )
@@ -132,12 +133,12 @@ from burnguard.stream.records import (
     decoded,
     encode_record,
     keys_record,
-    message_rows,
     native_groups_in_use,
     native_record,
     new_group_rows,
     record_version,
     removal_rows,
+    step_row,
     sub_batches,
     tick_rows,
 )
@@ -1222,22 +1223,33 @@ class BudgetJob:
         """A group's row with steps: what its messages' own rows would do, applied one by one
         (`_apply`), in order.
 
-        Most rows take `_apply_at_once` instead: it adds the steps without deciding after each,
-        where no step can be skipped as a replay nor change the key's action.
+        In runs: the longest run of steps that deciding after each would leave alone is added with
+        one decision (`_apply_at_once`; most rows are one such run), the step that ends it is
+        `_apply`'d alone (skipped as a replay, refused, or decided and its signal published), and
+        the next run starts after it, from the action published then.
         """
-        if self._apply_at_once(row, steps, source[0], now):
-            return []
-        signals = (self._apply(step, step_source, now) for step_source, step in message_rows(row, source))
-        return [signal for signal in signals if signal is not None]
+        partition, end = source[0], len(steps)
+        at = self._apply_at_once(row, steps, 0, partition, now)
+        signals = []
+        while at < end:
+            step = steps[at]
+            signal = self._apply(step_row(row, step), (partition, step[0]), now)
+            if signal is not None:
+                signals.append(signal)
+            at = self._apply_at_once(row, steps, at + 1, partition, now) if at + 1 < end else end
+        return signals
 
-    def _apply_at_once(self, row: list[Any], steps: list[list[Any]], partition: int, now: datetime) -> bool:
-        """Add a combined row's steps with one decision, if that is what deciding after each would do.
+    def _apply_at_once(
+        self, row: list[Any], steps: list[list[Any]], at: int, partition: int, now: datetime
+    ) -> int:
+        """Add a combined row's steps from `at` on with one decision, as many as deciding after each
+        would leave alone; the index after the last one added (`at`: none, nothing changed).
 
-        That holds when no step is at or below the key's mark (none is a replay), every amount is
-        a valid one, and no state between the first and the last step decides another action than
-        the one published (`policy.settles_alike`: rungs, a predictive downgrade, a closed window);
-        then no step would publish and the totals are the same step for step (each `add`ed). False,
-        with nothing changed, otherwise: `_apply_combined` walks the steps.
+        Such a run starts with a step above the key's mark (no step of it is a replay: steps
+        ascend), holds valid amounts only, and no state between its first and its last step
+        decides another action than the one published (`_settled_run`); then no step of it would
+        publish and the totals are the same step for step (each `add`ed). `_apply_combined`
+        applies the step after the run alone.
 
         The window is then decided once (`decide_action`, whose answer is the published one): that
         only leaves its kept answer (`WindowTotals.settled`), which the native `TotalsRows` needs to
@@ -1247,35 +1259,54 @@ class BudgetJob:
         budget_id, key, window_start_ns, _, _, _, _, bucket_ns, mix, _ = row
         budget = self._budgets.get(budget_id)
         if budget is None:
-            return True  # a budget no longer configured: no step would count
-        added = 0.0  # the steps' own amounts, not the row's sum: what is added is what is decided on
-        for step in steps:
-            if not 0.0 <= step[1] < math.inf:
-                return False  # each bad step is refused alone, as its message's row would be
-            added += step[1]
+            return len(steps)  # a budget no longer configured: no step would count
+        run, added = _valid_run(steps, at)
+        if not run:
+            return at
         state_key = f"{budget_id}|{key}|{window_start_ns}"
         stored = plain_store(self.totals).get(state_key)
         if stored is None:
-            if self._forgotten(budget, window_start_ns, steps[0][3] + steps[0][4]):  # its last event
-                return False
+            if self._forgotten(budget, window_start_ns, run[0][3] + run[0][4]):  # its last event
+                return at
             totals = WindowTotals()
         else:
             totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
-            if steps[0][0] <= totals.applied.get(str(partition), -1):
-                return False
+            if run[0][0] <= totals.applied.get(str(partition), -1):
+                return at
         previous = plain_store(self.states).get(f"{budget_id}|{key}")
         decides = not (previous and previous["window_start_ns"] > window_start_ns)  # else nothing
         if decides:
             action = previous["action"] if previous else "ok"
-            events = [step[3] + step[4] for step in steps] if bucket_ns else []  # each step's last event
-            if not settles_alike(budget, window_start_ns, totals, now, action, added, events, bucket_ns):
-                return False
-        totals.add_steps(partition, steps, bucket_ns, mix is not None)
+            run = self._settled_run(budget, row, totals, run, added, action, now)
+            if not run:
+                return at
+        totals.add_steps(partition, run, bucket_ns, mix is not None)
         if decides:
             decide_action(budget, window_start_ns, totals, now)  # leaves the kept answer: see above
         self.changes.set(self.totals, state_key, totals)
         self.snapshots.waiting[state_key] = None
-        return True
+        return at + len(run)
+
+    def _settled_run(
+        self,
+        budget: Budget,
+        row: list[Any],
+        totals: WindowTotals,
+        run: list[list[Any]],
+        added: float,
+        action: str,
+        now: datetime,
+    ) -> list[list[Any]]:
+        """The leading steps of `run` (`added` in all) after each of which the key's published
+        `action` is still the one decided: `policy.settles_alike` for the whole run (most rows), else
+        `policy.settling_steps` (rungs, a predictive downgrade, a closed window, a rolling ring's
+        reach)."""
+        window_start_ns, bucket_ns = row[2], row[7]
+        events = [step[3] + step[4] for step in run] if bucket_ns else []  # each step's last event
+        if settles_alike(budget, window_start_ns, totals, now, action, added, events, bucket_ns):
+            return run
+        steps = [(step[1], step[3] + step[4]) for step in run]
+        return run[: settling_steps(budget, window_start_ns, totals, now, action, steps, bucket_ns)]
 
     def _apply(self, row: DeltaRow | list[Any], source: tuple[int, int], now: datetime) -> Signal | None:
         """Add one delta row to its window's totals; the signal to publish if the key's action changed.
@@ -1779,6 +1810,19 @@ def new_totals_rows(native: Any) -> Any | None:
     except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an older build, or other slots
         logger.warning("native stage-2 rows not used (the Python rows are): %s; rebuild: make venv", exc)
         return None
+
+
+def _valid_run(steps: list[list[Any]], at: int) -> tuple[list[list[Any]], float]:
+    """The steps from `at` up to the first whose amount no span has, and their sum: each bad step
+    is refused alone (`_apply`), as its message's row would be. The sum, the steps' own amounts
+    added in turn, not the row's: what is added is what is decided on."""
+    run = steps[at:] if at else steps
+    added = 0.0
+    for index, step in enumerate(run):
+        if not 0.0 <= step[1] < math.inf:
+            return run[:index], added
+        added += step[1]
+    return run, added
 
 
 def _has_steps(row: list[Any]) -> bool:

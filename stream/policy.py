@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from burnguard.contracts.budgets import SEVERITY, Action, Budget, ContextGuard
 from burnguard.contracts.signals import SIGNAL_VERSION, Signal
@@ -413,29 +413,98 @@ def settles_alike(
     were in flight), a step may push spend out of a ring the budget does not measure: no.
     False means: decide after each step (the caller walks them).
     """
+    settling = _settling(budget, window_start_ns, totals, now, action, bucket_ns)
+    return settling is not None and settling.holds(added, last_events_ns)
+
+
+def settling_steps(
+    budget: Budget,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    action: str,
+    steps: Iterable[tuple[float, int]],
+    bucket_ns: int | None = None,
+) -> int:
+    """How many of a combined row's steps (each's amount and last event), from the first, settle
+    alike: the longest run of them for which `settles_alike` holds.
+
+    It holds for every shorter run if it holds for a run (less is added, fewer buckets reached;
+    the rung only moves up as the sum grows), so the first step for which it fails ends the run.
+    That step may change the action: the caller decides after it alone, then asks again from
+    the next step with the action published then.
+    """
+    settling = _settling(budget, window_start_ns, totals, now, action, bucket_ns)
+    if settling is None:
+        return 0
+    added, settled = 0.0, 0
+    for amount, last_ns in steps:
+        added += amount  # as the caller sums a whole run for `settles_alike`
+        if not settling.holds(added, (last_ns,)):
+            break
+        settled += 1
+    return settled
+
+
+class _Settling(NamedTuple):
+    """What `settles_alike` checks of steps added to a window as it is now (`_settling`): the steps
+    settle alike while `holds` for their sum and each one's last event."""
+
+    budget: Budget
+    action: str
+    #: the counted spend now; None: a closed calendar window, which decides `ok` whatever is added
+    spent: float | None
+    #: the rung at the spend now (less the rounding room), whose action is `action`
+    low: Action | None
+    #: a rolling window's first bucket past the ring's reach (None: a calendar or session window)
+    reach: int | None
+    bucket_ns: int
+
+    def holds(self, added: float, last_events_ns: Iterable[int]) -> bool:
+        """Whether steps adding `added` in all, ending at `last_events_ns`, leave `action` decided."""
+        if self.spent is None:
+            return True
+        reach, bucket_ns = self.reach, self.bucket_ns
+        if reach is not None and any(last_ns // bucket_ns >= reach for last_ns in last_events_ns):
+            return False
+        budget = self.budget
+        high_ratio = (self.spent + added) * (1 + _ROUNDING_ROOM) / budget.limit
+        return budget.action_for(high_ratio) is self.low and not _may_predict(budget, high_ratio, self.action)
+
+
+def _settling(
+    budget: Budget,
+    window_start_ns: int,
+    totals: WindowTotals,
+    now: datetime,
+    action: str,
+    bucket_ns: int | None,
+) -> _Settling | None:
+    """`settles_alike`'s checks of the window itself, whatever the steps; None where no step settles
+    alike (the rows' bucket size not the budget's, the ring's newest bucket out of reach, the
+    published action not the one decided now, or within rounding of it)."""
     windows = _windows_of(budget)
     if bucket_ns is not None and bucket_ns != windows.bucket_ns:
-        return False
+        return None
+    reach = None
     if windows.rolling:
         now_ns, bucket_ns = int(now.timestamp() * _NS), windows.bucket_ns
         first = (now_ns - windows.rolling) // bucket_ns
         buckets = totals.buckets
         reach = first + (len(buckets.amounts) if buckets is not None else ROLLING_BUCKETS + 1)
         if buckets is not None and buckets.newest >= reach:
-            return False
-        if any(last_ns // bucket_ns >= reach for last_ns in last_events_ns):
-            return False
+            return None
         spent = totals.rolling_spent(now_ns, windows.rolling, bucket_ns)
     elif now < windows.end(window_start_ns):
         spent = totals.spent
+    elif action == "ok":  # a closed calendar window decides `ok` whatever is added
+        return _Settling(budget, action, None, None, None, 0)
     else:
-        return action == "ok"  # a closed calendar window decides `ok` whatever is added
+        return None
     low = budget.action_for(spent * (1 - _ROUNDING_ROOM) / budget.limit)
-    high_ratio = (spent + added) * (1 + _ROUNDING_ROOM) / budget.limit
-    high = budget.action_for(high_ratio)
-    if high is not low or (high.do if high is not None else "ok") != action:
-        return False
-    return not _may_predict(budget, high_ratio, action)
+    if (low.do if low is not None else "ok") != action:
+        return None
+    return _Settling(budget, action, spent, low, reach, windows.bucket_ns)
 
 
 class _Windows:

@@ -125,17 +125,16 @@ def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[in
     """
     if len(row) != DELTA_ROW_FIELDS_WITH_STEPS:
         return [(source, DeltaRow.from_wire(row))]
-    *fields, origin = row
+    origin = row[-1]
     if isinstance(origin, int):
-        return [((source[0], origin), DeltaRow(*fields))]
-    budget, key, window_start_ns, bucket_ns = fields[0], fields[1], fields[2], fields[7]
-    counts_calls = fields[8] is not None
-    rows = []
-    for step in origin:
-        offset, amount, spans, first_ns, last_ns, mix = Step.from_wire(step, counts_calls)
-        row = DeltaRow(budget, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns, mix)
-        rows.append(((source[0], offset), row))
-    return rows
+        return [((source[0], origin), DeltaRow(*row[:DELTA_ROW_FIELDS]))]
+    return [((source[0], step[0]), step_row(row, step)) for step in origin]
+
+
+def step_row(row: list[Any], step: list[Any]) -> DeltaRow:
+    """The delta row one step (as on the wire) of a combined row stands for: its message's own row."""
+    _, amount, spans, first_ns, last_ns, mix = Step.from_wire(step, row[8] is not None)
+    return DeltaRow(row[0], row[1], row[2], amount, spans, first_ns, last_ns, row[7], mix)
 
 
 class RowGroup(Protocol):
