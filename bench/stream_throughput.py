@@ -75,6 +75,7 @@ from pipeline_setup import (
 )
 from revisions import add_compare_arguments, alternating_runs
 from span_load import BUDGETS_YAML, SpanMix, count_spans
+from thread_cpu import ThreadSampler, ThreadSplit, find_py_spy
 
 TARGET_SPANS_PER_S = 100_000
 TARGET_RATIO = 0.5
@@ -231,7 +232,7 @@ def run_worker(
     profile: bool,
     live: LiveLoad | None = None,
     code: Path | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run the worker until it committed every span; `live`: the load starts once it is ready.
 
     `code`: the import path of another revision's `burnguard` (`revisions.export_revision`).
@@ -271,6 +272,8 @@ def run_worker(
     if worker_pid != process.pid:
         pipeline.child_pids["worker-python"] = worker_pid
     cpu_start = cpu_seconds(worker_pid)
+    sampler = ThreadSampler(worker_pid, find_py_spy(sys.executable))
+    sampler.start()
     broker_cpu_start = cpu_seconds(pipeline.broker.pid) if pipeline.broker.pid else 0.0
     ingest_done = 0.0
     try:
@@ -305,6 +308,7 @@ def run_worker(
             time.sleep(0.1)
         finished = time.monotonic()
         worker_cpu = cpu_seconds(worker_pid) - cpu_start
+        threads = sampler.stop()
         broker_cpu = (cpu_seconds(pipeline.broker.pid) - broker_cpu_start) if pipeline.broker.pid else 0.0
     finally:
         offsets.close()
@@ -319,7 +323,10 @@ def run_worker(
         f"CPU during the run: worker {worker_cpu:.1f}s ({worker_cpu / elapsed:.0%} of one core), "
         f"broker {broker_cpu:.1f}s; {spans / worker_cpu:,.0f} spans per worker CPU-second"
     )
+    for line in threads.lines():
+        note(line)
     return {
+        "threads": threads,
         "elapsed": elapsed,
         "spans_per_s": spans / elapsed,
         "deltas": deltas,
@@ -543,6 +550,7 @@ def end_offsets_total(pipeline: BenchPipeline) -> int:
 
 def report(args: argparse.Namespace, run: dict[str, Any], code: str) -> None:
     spans, messages, raw = run["spans"], run["messages"], run["raw"]
+    threads: ThreadSplit = run["threads"]
     ratio = run["spans_per_s"] / raw
     cpu_us = 1e6 / run["spans_per_cpu_s"]
     print(f"\nmachine: {machine_note()}")
@@ -564,6 +572,7 @@ def report(args: argparse.Namespace, run: dict[str, Any], code: str) -> None:
         f"records_per_span={run['records_per_span']:.3f} "
         f"usage_records_per_span={run['usage_records_per_span']:.4f} "
         f"delta_rows_per_span={run['rows_per_span']:.3f} "
+        f"{threads.result_fields()} "
         f"spans_per_message={spans / messages:.0f} "
         f"plain_fraction={args.plain_fraction} tenants={args.tenants} "
         f"users_per_tenant={args.users_per_tenant} "

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from burnguard.contracts.topics import KafkaSettings
 from kafka import KafkaConsumer, TopicPartition
@@ -26,11 +28,22 @@ RecordHandler = Callable[[bytes | None, bytes | None], None]
 StartOffsets = Callable[[KafkaConsumer, dict[int, int]], dict[int, int]]
 
 
-def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
+def _consumer(
+    kafka: KafkaSettings, client_id: str, options: Mapping[str, Any] | None = None
+) -> KafkaConsumer:
     """A reader of current state: an offset out of range (records deleted before it) goes back to
-    the earliest left, never on to the end past records not yet read (kafka-python's default)."""
+    the earliest left, never on to the end past records not yet read (kafka-python's default).
+
+    `client_id` names it to the broker and names its IO thread (`kafka-io-<client_id>`);
+    `options`, more consumer settings (a follower's `consumer_options`).
+    """
     return KafkaConsumer(
-        **kafka.kafka_python_config(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        **kafka.kafka_python_config(),
+        **(options or {}),
+        client_id=client_id,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
     )
 
 
@@ -60,7 +73,7 @@ def _caught_up(consumer: KafkaConsumer, end_offsets: dict[TopicPartition, int]) 
 
 def read_compacted_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 15.0) -> dict[bytes, bytes]:
     """The current state of a compacted topic: the latest value of each key, tombstones applied."""
-    consumer = _consumer(kafka)
+    consumer = _consumer(kafka, "burnguard-read-state")
     state: dict[bytes, bytes] = {}
     try:
         end_offsets = _assign_from_beginning(consumer, topic)
@@ -89,6 +102,11 @@ class CompactedTopicFollower:
     A lost connection is retried; the replay then starts over, which is
     harmless because applying the latest state twice is idempotent.
     """
+
+    #: More settings of the follower's consumer. None here: the broker answers a fetch as soon as
+    #: it has a record (`fetch_min_bytes` 1), so a guard hears of a signal one round trip after it
+    #: is written; a subclass that can wait sets larger fetches (`SignalCheckpointWriter`).
+    consumer_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def __init__(
         self,
@@ -135,7 +153,7 @@ class CompactedTopicFollower:
                 self._stop.wait(1.0)
 
     def _follow(self) -> None:
-        consumer = _consumer(self._kafka)
+        consumer = _consumer(self._kafka, self._thread.name, self.consumer_options)
         try:
             end_offsets = self._wait_for_partitions(consumer)
             while not self._stop.is_set():

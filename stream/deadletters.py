@@ -128,6 +128,7 @@ class DeadLetterLog:
     def _start(self) -> KafkaConsumer:
         consumer = KafkaConsumer(
             **self.kafka.kafka_python_config(),
+            client_id="burnguard-dead-letters",
             enable_auto_commit=False,
             group_id=None,
             auto_offset_reset="earliest",  # the tail reaches below the log start

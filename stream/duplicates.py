@@ -126,6 +126,7 @@ class Primer:
     def _start(self) -> KafkaConsumer:
         self._consumer = KafkaConsumer(
             **self.kafka.kafka_python_config(),
+            client_id="burnguard-duplicates-primer",
             enable_auto_commit=False,
             group_id=None,
             auto_offset_reset="earliest",

@@ -90,7 +90,9 @@ class GroupLagReader:
         if not partitions:
             return {}
         if self._admin is None:
-            self._admin = KafkaAdminClient(**self._kafka.kafka_python_config())
+            self._admin = KafkaAdminClient(
+                **self._kafka.kafka_python_config(), client_id="burnguard-liveness"
+            )
         try:
             ends = self._admin.list_partition_offsets(dict.fromkeys(partitions, OffsetSpec.LATEST))
             committed = self._admin.list_group_offsets(self._group).get(self._group, {})

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, matters_until, part_key, split_checkpoint
@@ -23,6 +25,14 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
+#: The writer's fetches: the broker answers once it holds this many bytes of signals (~500) or
+#: after `FETCH_WAIT_MS`. Answered at the first record (a guard's setting), the writer read back
+#: the worker's signals a few at a time: 150-270 us of its threads' CPU per signal at 1,000
+#: signals/s, every fetch a round trip through kafka-python's IO thread; batched, ~40 us
+#: (BENCHMARKS.md, helper hT). A checkpoint records the offset read up to, so reading up to a
+#: second later only leaves guards starting from it a second more to replay.
+FETCH_MIN_BYTES = 256 << 10
+FETCH_WAIT_MS = 1_000
 
 
 def _utc_now() -> datetime:
@@ -85,6 +95,10 @@ class SignalCheckpointWriter(CompactedTopicFollower):
     logged and counted and tried again at the next interval; guards meanwhile start from the
     last checkpoint written, or replay.
     """
+
+    consumer_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"fetch_min_bytes": FETCH_MIN_BYTES, "fetch_max_wait_ms": FETCH_WAIT_MS}
+    )
 
     def __init__(
         self,
@@ -198,5 +212,10 @@ class SignalCheckpointWriter(CompactedTopicFollower):
 
     def _producer_for_checkpoints(self) -> KafkaProducer:
         if self._producer is None:
-            self._producer = KafkaProducer(**self._kafka.kafka_python_config(), acks="all", linger_ms=5)
+            self._producer = KafkaProducer(
+                **self._kafka.kafka_python_config(),
+                client_id=f"{self._thread.name}-writer",
+                acks="all",
+                linger_ms=5,
+            )
         return self._producer

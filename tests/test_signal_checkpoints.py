@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from burnguard.contracts import compacted_topics
 from burnguard.contracts.budgets import BudgetConfig
+from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signal_checkpoints import (
     CLOCK_MARGIN,
     MAX_AGE_BEHIND,
@@ -34,7 +35,12 @@ from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.deploy.kafka import KafkaBroker
 from burnguard.instrumentation.guard import BudgetGuard
 from burnguard.stream.settings import StreamSettings
-from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
+from burnguard.stream.signal_checkpoints import (
+    FETCH_MIN_BYTES,
+    FETCH_WAIT_MS,
+    PublishedSignals,
+    SignalCheckpointWriter,
+)
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource
 from kafka.errors import KafkaConnectionError
@@ -633,6 +639,8 @@ def test_a_writer_whose_writes_fail_counts_them_goes_on_and_writes_once_it_can(
             time.sleep(0.1)
         assert writer.failed_writes >= 3 and writer.checkpoints_written == 0
         send(producer, topics.signals, [restriction("meanwhile")])
+        while sum(writer.positions.values()) < 11 and time.monotonic() < deadline:
+            time.sleep(0.1)  # read back (its fetches wait up to FETCH_WAIT_MS): the next write holds it
         admin.alter_configs(
             [ConfigResource("TOPIC", topics.signal_checkpoints, {"max.message.bytes": "1048588"})]
         )
@@ -763,3 +771,31 @@ def test_what_was_published_but_never_read_back_stays_bounded() -> None:
     for n in range(PublishedSignals.MAX_KEPT + 10):
         published.note(f"k{n}".encode(), b"v", signal)
     assert len(published) <= PublishedSignals.MAX_KEPT
+
+
+def consumer_settings(follower: CompactedTopicFollower, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The settings `follower` makes its consumer with (the consumer itself is never made)."""
+    made: dict[str, object] = {}
+
+    def record(**settings: object) -> None:
+        made.update(settings)
+        follower._stop.set()  # `_run` then ends after this first try
+        raise KafkaConnectionError("not made here")
+
+    monkeypatch.setattr(compacted_topics, "KafkaConsumer", record)
+    follower._run()
+    return made
+
+
+def test_a_guard_is_answered_at_the_first_signal_and_the_writer_in_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A guard's follower hears of a signal one round trip after it is written; the checkpoint
+    writer, which only records how far it read, lets the broker gather ~500 signals a fetch."""
+    kafka = KafkaSettings(bootstrap="127.0.0.1:9")
+    guard = consumer_settings(CompactedTopicFollower(kafka, TOPIC, lambda k, v: None, "guard"), monkeypatch)
+    writer = consumer_settings(offline_writer(None), monkeypatch)
+    assert guard.get("fetch_min_bytes", 1) == 1 and guard["client_id"] == "guard"
+    assert writer["fetch_min_bytes"] == FETCH_MIN_BYTES >= 100 << 10
+    assert writer["fetch_max_wait_ms"] == FETCH_WAIT_MS <= 1_000
+    assert writer["client_id"] == "burnguard-checkpoints"
