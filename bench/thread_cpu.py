@@ -96,7 +96,7 @@ def thread_names(pid: int, py_spy: str | None) -> dict[int, str]:
         return {}
     names = {}
     heads = list(_DUMP_THREAD.finditer(dump))
-    for head, after in zip(heads, [*heads[1:], None], strict=True):
+    for head, after in zip(heads, [*heads[1:], None], strict=False):  # no thread: a failed dump
         frames = dump[head.end() : after.start() if after else len(dump)].split("\n")
         names[int(head.group(1))] = f"{head.group(2)} ({_entry_function(frames)})"
     return names
