@@ -126,6 +126,9 @@ class CompactedTopicFollower:
         #: partition -> next offset to read: where a checkpoint started it, or after the last poll
         #: whose records were all applied (a reader resuming there holds everything before it)
         self.positions: dict[int, int] = {}
+        #: the current connection's replay has reached the ends it found (`ready` stays set from the
+        #: first one; after a lost connection the replay starts over, behind what was read before)
+        self.replayed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self, wait_s: float = 10.0) -> CompactedTopicFollower:
@@ -154,13 +157,15 @@ class CompactedTopicFollower:
 
     def _follow(self) -> None:
         consumer = _consumer(self._kafka, self._thread.name, self.consumer_options)
+        self.replayed = False
         try:
             end_offsets = self._wait_for_partitions(consumer)
             while not self._stop.is_set():
                 for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
                         self._deliver(record)
-                if not self.ready.is_set() and _caught_up(consumer, end_offsets):
+                if not self.replayed and _caught_up(consumer, end_offsets):
+                    self.replayed = True
                     self.ready.set()
                 self.positions.update((tp.partition, consumer.position(tp)) for tp in end_offsets)
                 self._after_poll(consumer)

@@ -152,7 +152,9 @@ class SignalCheckpointWriter(CompactedTopicFollower):
             kept[record.key] = _Kept(record.value, until)
 
     def _after_poll(self, consumer: KafkaConsumer) -> None:
-        if not self.ready.is_set() or time.monotonic() < self._next_due_s:
+        """Write the checkpoints due, once this connection's replay has caught up: before, its
+        positions are behind what an earlier connection read and wrote (a checkpoint going back)."""
+        if not self.replayed or time.monotonic() < self._next_due_s:
             return
         self._next_due_s = time.monotonic() + self._interval_s
         positions = {tp.partition: consumer.position(tp) for tp in consumer.assignment()}
