@@ -40,6 +40,9 @@ load touches (the defaults make every session new: each message opens fresh sess
 
 `--profile` runs the worker under py-spy (installed on demand into the venv)
 and prints where its time goes.
+
+Every run also prints the worker's CPU per thread and what its main thread waited on (the GIL, a
+core, nothing to do), from /proc (`thread_cpu.py`; threads named by py-spy if the venv has it).
 """
 
 from __future__ import annotations
