@@ -1112,9 +1112,10 @@ class BudgetJob:
         """A `batches` or `groups` record the native module read from its bytes (`UsageRecord`):
         what `_account_batches` does with its decoded lists, without them.
 
-        The native `TotalsRows.add_record` adds the common rows, sub-batch by sub-batch, and hands
-        back each other row (and each sub-batch's contexts) as its bytes, which are decoded here
-        and applied by the reference (`_account_rows_in_python`, `_observe_context`), in order.
+        The native `TotalsRows.add_record` adds the common steps, sub-batch by sub-batch, and hands
+        back each other row (and each sub-batch's contexts) as its bytes, with the step it stopped
+        at, which are decoded here and applied by the reference (`_account_handed`,
+        `_observe_context`), in order.
         The stores and pending changes are looked up again after every await (as in
         `_account_rows_natively`). Without the native rows the reference decodes the record whole.
         """
@@ -1128,12 +1129,12 @@ class BudgetJob:
             self.changes.added(added)
             if handed is None:
                 return
-            partition, offset, payload, contexts = handed
+            partition, offset, payload, contexts, step, alone = handed
             if contexts:
                 for guard_id, key, inputs in map(ContextRow._make, decoded(payload)):
                     await self._observe_context(guard_id, key, inputs, (partition, offset))
             else:
-                await self._account_rows_in_python([decoded(payload)], (partition, offset), now)
+                await self._account_handed(decoded(payload), step, alone, (partition, offset), now)
 
     async def _account_batch(self, record: dict[str, Any]) -> None:
         """Add one OTLP message's deltas for this partition; each window key is written once."""
@@ -1158,19 +1159,42 @@ class BudgetJob:
     async def _account_rows_natively(
         self, native: Any, rows: list[Any], source: tuple[int, int], now: datetime
     ) -> None:
-        """The rows in order: each common one added by the native `TotalsRows` (no signal, no state
-        change: contracts/native/src/totals.rs), each other one by `_account_rows_in_python`.
+        """The rows in order: each common step added by the native `TotalsRows` (no signal, no state
+        change: contracts/native/src/totals.rs), each other one by `_account_handed`.
 
         The stores and pending changes are looked up again after every await: a changelog write
         may take the pending changes meanwhile (`TableChanges.target`, asked by the native call).
         """
-        at, end = 0, len(rows)
+        at, step, end = 0, 0, len(rows)
         while at < end:
-            at, added = native.add(rows, at, *source, now, *self._native_stores())
+            at, step, alone, added = native.add(rows, at, step, *source, now, *self._native_stores())
             self.changes.added(added)
             if at < end:
-                await self._account_rows_in_python(rows[at : at + 1], source, now)
-                at += 1
+                await self._account_handed(rows[at], step, alone, source, now)
+                at, step = (at, step + 1) if alone else (at + 1, 0)
+
+    async def _account_handed(
+        self, row: list[Any], step: int, alone: bool, source: tuple[int, int], now: datetime
+    ) -> None:
+        """A row the native `TotalsRows` handed back at its step `step`, its steps before added.
+
+        `alone`: that step alone, `_apply`'d as its message's own row (most often it changes the
+        key's action and publishes); the native rows go on from the next step, on the kept answer
+        the decision left. Else the row from that step on in Python: the whole row (`step` 0), or
+        the rest of a group's row that the native rows stopped at again right after a step
+        applied alone (`_apply_combined`). Before, a row that changed the action at one of its
+        ~8 steps went whole through the Python walk (BENCHMARKS.md, helper hO).
+        """
+        if alone:
+            own = row[-1][step]
+            signal = self._apply(step_row(row, own), (source[0], own[0]), now)
+            if signal is not None:
+                await self._send_signal(signal)
+        elif step:
+            for signal in self._apply_combined(row, row[-1], source, now, step):
+                await self._send_signal(signal)
+        else:
+            await self._account_rows_in_python([row], source, now)
 
     def _native_stores(self) -> tuple[Any, ...]:
         """What the native `TotalsRows` adds to, as its `add` and `add_record` take it; looked up
@@ -1218,10 +1242,10 @@ class BudgetJob:
                 await self._send_signal(signal)
 
     def _apply_combined(
-        self, row: list[Any], steps: list[list[Any]], source: tuple[int, int], now: datetime
+        self, row: list[Any], steps: list[list[Any]], source: tuple[int, int], now: datetime, first: int = 0
     ) -> list[Signal]:
-        """A group's row with steps: what its messages' own rows would do, applied one by one
-        (`_apply`), in order.
+        """A group's row with steps (from its step `first` on): what its messages' own rows would
+        do, applied one by one (`_apply`), in order.
 
         In runs: the longest run of steps that deciding after each would leave alone is added with
         one decision (`_apply_at_once`; most rows are one such run), the step that ends it is
@@ -1229,7 +1253,7 @@ class BudgetJob:
         the next run starts after it, from the action published then.
         """
         partition, end = source[0], len(steps)
-        at = self._apply_at_once(row, steps, 0, partition, now)
+        at = self._apply_at_once(row, steps, first, partition, now)
         signals = []
         while at < end:
             step = steps[at]
@@ -1271,8 +1295,8 @@ class BudgetJob:
             totals = WindowTotals()
         else:
             totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
-            if run[0][0] <= totals.applied.get(str(partition), -1):
-                return at
+        if run[0][0] <= totals.applied.get(str(partition), -1):  # a new window's too: offset -1 is a replay
+            return at
         previous = plain_store(self.states).get(f"{budget_id}|{key}")
         decides = not (previous and previous["window_start_ns"] > window_start_ns)  # else nothing
         if decides:

@@ -122,24 +122,30 @@ class Load:
 
 
 class Counted:
-    """The native `TotalsRows`, counting the rows it added itself."""
+    """The native `TotalsRows`, counting the rows it added whole itself (`added`) and the rows it
+    added in part, handing back the step after the ones it added alone (`partial`)."""
 
     def __init__(self, native: Any) -> None:
-        self.native, self.added = native, 0
+        self.native, self.added, self.partial = native, 0, 0
         self.seen: list[Any] = []
 
-    def add(self, rows: list[Any], at: int, *rest: Any) -> tuple[int, int]:
-        end, pending = self.native.add(rows, at, *rest)
-        self.added += end - at
-        return end, pending
+    def add(self, rows: list[Any], at: int, step: int, *rest: Any) -> tuple[int, int, bool, int]:
+        end, stopped, alone, pending = self.native.add(rows, at, step, *rest)
+        self.added += end - at - (step > 0 and end > at)  # a row it went on in was handed back before
+        self.partial += alone and stopped > 0  # alone after a step: it added the one before
+        return end, stopped, alone, pending
 
     def add_record(self, record: Any, *rest: Any) -> tuple[int, Any]:
-        """Counts the record's rows, less each one handed back, as added."""
+        """Counts the record's rows, less one for each time a row is handed back at its first step
+        or alone (a row handed back twice counts less: a lower bound), as added."""
         if record not in self.seen:
             self.seen.append(record)
             self.added += record.rows()
         pending, handed = self.native.add_record(record, *rest)
-        self.added -= handed is not None and not handed[3]
+        if handed is not None and not handed[3]:
+            step, alone = handed[4], handed[5]
+            self.partial += alone and step > 0
+            self.added -= step == 0 or alone
         return pending, handed
 
 
@@ -205,6 +211,7 @@ def test_native_rows_leave_what_the_python_rows_leave(
         assert native[part] == python[part], part
     rows = sum(len(batch[2]) for record in records for batch in record["batches"])
     assert counted.added > rows // 5, (counted.added, rows)  # the native path took a good share
+    assert counted.partial > 0, "rows handed back at a step after steps added natively"
     assert python["signals"], "the load crosses rungs"
     assert python["counters"][0] and python["counters"][2], "the load replays rows and has bad amounts"
 
@@ -258,6 +265,7 @@ def test_rows_read_from_the_records_bytes_leave_what_the_python_rows_leave(
         assert lists[part] == python[part], part
     rows = sum(len(batch[2]) for payload in payloads for batch in json.loads(payload)["batches"])
     assert counted.added > rows // 5, (counted.added, on_lists.added, rows)  # the native path's share
+    assert counted.partial > 0 and on_lists.partial > 0, (counted.partial, on_lists.partial)
     assert len(payloads) // 2 < taken < len(payloads), taken  # most records read natively, not all
     assert python["signals"] and python["counters"][0] and python["counters"][2]
 
@@ -399,3 +407,41 @@ def test_a_new_windows_first_row_is_added_natively(tmp_path: Path, monkeypatch: 
     assert python["totals"][f"tenant-cost|tenant-0001|{start_ns}"][0] == 0.1 + 0.2 + 0.2
     assert [signal["action"] for signal in python["signals"]] == ["warn"]
     assert counted.added == 2  # the first two; yesterday's (closed) and one crossing 0.8: handed back
+
+
+@pytest.mark.parametrize("from_bytes", [False, True], ids=["lists", "bytes"])
+def test_a_row_crossing_rungs_hands_back_only_its_crossing_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_bytes: bool
+) -> None:
+    """A group's row of ten steps of 0.1 on a $1 budget that warns at 0.8, from 0.25 spent: the
+    native rows add the steps up to the one crossing 0.8 (the sixth), hand back that step alone
+    (`_apply`'d: it publishes `warn`), then add the other four on the kept answer that decision
+    left; nothing goes through `_apply_combined`. Before, the whole row was handed back."""
+    counted, config, start, start_ns = _warn_at_80_percent(tmp_path, monkeypatch)
+    reading = required_native_part("UsageRecord") if from_bytes else None
+    event_ns = start_ns + 3600 * _NS
+    steps = [[offset, 0.1, 1, event_ns + offset * _NS, 0] for offset in range(2, 12)]
+    first = {"kind": "groups", "batches": [[0, 1, [_tenant_row(start_ns, 0.25, event_ns)], []]]}
+    climbing = {"kind": "groups", "batches": [[0, 11, [_tenant_row(start_ns, 1.0, event_ns, steps)], []]]}
+    records: list[Any] = [first, climbing]
+    if from_bytes:
+        records = [encode_record(record) for record in records]
+    clocks = [start + timedelta(hours=2)] * len(records)
+    python = run(make_job(tmp_path, "python", config=config), records, clocks, None)
+    job = make_job(tmp_path, "native", config=config)
+    applied: list[int] = []
+    apply = job._apply
+
+    def noted(row: Any, source: tuple[int, int], now: Any) -> Any:
+        applied.append(source[1])
+        return apply(row, source, now)
+
+    def not_walked(*args: Any) -> Any:
+        raise AssertionError("a row the native rows stopped in went whole to `_apply_combined`")
+
+    job._apply, job._apply_combined = noted, not_walked  # type: ignore[method-assign]
+    native = run(job, records, clocks, counted, reading)
+    assert native == python
+    assert [(signal["action"], signal["spent"]) for signal in python["signals"]] == [("warn", 0.85)]
+    assert applied == [7]  # 0.25 + 6 x 0.1 crosses 0.8 at the sixth step, offset 7
+    assert counted.partial == 1  # the five steps before it; the four after it end the row natively

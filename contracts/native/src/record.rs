@@ -81,9 +81,11 @@ pub(crate) struct SubBatch {
 pub struct UsageRecord {
     pub payload: Py<PyBytes>,
     pub(crate) batches: Vec<SubBatch>,
-    /// The sub-batch, the row within it and whether its contexts were handed back, next.
+    /// The sub-batch, the row within it, the row's step and whether its contexts were handed
+    /// back, next.
     pub batch: usize,
     pub row: usize,
+    pub step: usize,
     pub contexts_done: bool,
 }
 
@@ -98,6 +100,7 @@ impl UsageRecord {
             batches,
             batch: 0,
             row: 0,
+            step: 0,
             contexts_done: false,
         })
     }

@@ -1,19 +1,23 @@
 //! `TotalsRows`: stage 2's common delta row added to its window's totals natively.
 //!
 //! `stream/app.py:BudgetJob._apply` (and `_apply_combined`, for a row with steps) is the reference.
-//! Per row of a sub-batch, in order, `TotalsRows.add` adds the row here when its outcome is the
-//! common one: the budget known, every amount valid, the window's `WindowTotals` object in the
-//! table (or, for a window not in it, the empty one `BudgetJob._new_window` makes with its kept
-//! answer, put in the table at the commit; None: a forgotten window), no step a replay, no step
-//! moving a rolling window's newest bucket, and after each step the spend inside the range over
-//! which the key's kept answer (`WindowTotals.settled`, `policy.decide_action`) is the published
-//! action: no signal and no state change. It then does to the Python objects what
-//! `WindowTotals.add` does (the same float operations in the same order: the mark, the spend, the
-//! spans, the event times, the rings' arrays through the buffer protocol, the recent ring moving
-//! on, the call mix) and what `TableChanges.set` and the snapshot's `waiting` do. Any other row is
-//! left untouched and handed back: `add` stops there and the caller applies it in Python. Every
-//! shape is handed in (`TotalsRows.__new__`) or read from the objects;
-//! `tests/test_stage2_native.py` holds the two paths to the same outcome.
+//! Per row of a sub-batch, in order, `TotalsRows.add` adds the row's steps here (a one-message
+//! row: one step) while each one's outcome is the common one: the budget known, the window's
+//! `WindowTotals` object in the table (or, for a window not in it, the empty one
+//! `BudgetJob._new_window` makes with its kept answer, put in the table at the commit; None: a
+//! forgotten window), the step's amount valid, not a replay, not moving a rolling window's newest
+//! bucket, and after it the spend inside the range over which the key's kept answer
+//! (`WindowTotals.settled`, `policy.decide_action`) is the published action: no signal and no
+//! state change. It then does to the Python objects what `WindowTotals.add` does for each such
+//! step (the same float operations in the same order: the mark, the spend, the spans, the event
+//! times, the rings' arrays through the buffer protocol, the recent ring moving on, the call mix)
+//! and what `TableChanges.set` and the snapshot's `waiting` do. At the first other step `add`
+//! stops, the steps before it added, and hands the row back from that step (`Stop`): the caller
+//! applies that step alone in Python (most often it changes the key's action and publishes) and
+//! calls again from the next step, whose kept answer the reference's decision left; where no step
+//! was added since the last such call, the caller applies the row's rest in Python. Every shape is
+//! handed in (`TotalsRows.__new__`) or read from the objects; `tests/test_stage2_native.py` holds
+//! the two paths to the same outcome.
 
 use pyo3::ffi;
 use pyo3::intern;
@@ -170,6 +174,111 @@ struct Plan<'py> {
     recent: Ring<'py>,
     buckets: Option<Ring<'py>>,
     mix: Option<Vec<f64>>,
+    /// How many of the row's parts (from the first asked for) it adds.
+    taken: usize,
+}
+
+/// A window's numbers as the parts taken so far leave them (`TotalsRows::window`).
+struct Running<'py> {
+    mark: i64,
+    spent: f64,
+    spans: i64,
+    first: i64,
+    last: i64,
+    first_before: i64,
+    last_before: i64,
+    recent: Ring<'py>,
+    /// A rolling window's buckets.
+    ring: Option<Ring<'py>>,
+    /// The window's call mix: Some(None) none yet, Some(Some) a full one; None: another shape.
+    mix: Option<Option<Vec<f64>>>,
+    mix_changed: bool,
+}
+
+impl<'py> Running<'py> {
+    /// Adds `part` as `WindowTotals.add` adds it where it is the common case: its amount valid,
+    /// above the mark, its spans not overflowing, not moving a rolling window's newest bucket,
+    /// and `decision` holding at the spend after it (checked before anything changes: the
+    /// reference decides that part, from the numbers before it). False: nothing changed.
+    fn take(
+        &mut self,
+        part: &Part,
+        decision: &Decision,
+        limit: f64,
+        ns_per_minute: i64,
+        bucket_ns: i64,
+    ) -> bool {
+        if !(0.0..f64::INFINITY).contains(&part.amount) || part.offset <= self.mark {
+            return false; // a bad amount (refused) or a replay (counted) by the reference
+        }
+        let Some(spans) = self.spans.checked_add(part.spans) else {
+            return false;
+        };
+        let mut spent = self.spent + part.amount;
+        let mut bucket = None;
+        if let Some(ring) = &self.ring {
+            let index = part.last.div_euclid(bucket_ns);
+            // a bucket past the newest moves the rolling window: the reference decides
+            let Some(dropped) = ring.dropped(index, part.amount) else {
+                return false;
+            };
+            spent -= dropped;
+            bucket = Some(index);
+        }
+        if !decision.holds(spent, limit) {
+            return false;
+        }
+        (self.mark, self.spent, self.spans) = (part.offset, spent, spans);
+        if self.first == 0 || part.first < self.first {
+            self.first = part.first;
+        }
+        if part.last > self.last {
+            self.last = part.last;
+        }
+        self.recent
+            .add(part.last.div_euclid(ns_per_minute), part.amount, false);
+        if let (Some(ring), Some(index)) = (self.ring.as_mut(), bucket) {
+            ring.add(index, part.amount, true);
+        }
+        if let (Some(added), Some(mix)) = (&part.mix, self.mix.as_mut()) {
+            *mix = Some(match mix {
+                Some(current) => current.iter().zip(added).map(|(a, b)| a + b).collect(),
+                None => added.iter().map(|b| 0.0 + b).collect(),
+            });
+            self.mix_changed = true;
+        }
+        true
+    }
+
+    /// The plan that commits the `taken` parts to `totals`.
+    fn plan(
+        self,
+        totals: Bound<'py, PyAny>,
+        new: bool,
+        state_key: Bound<'py, PyString>,
+        applied: Bound<'py, PyDict>,
+        taken: usize,
+    ) -> Plan<'py> {
+        Plan {
+            totals,
+            new,
+            state_key,
+            applied,
+            mark: self.mark,
+            spent: self.spent,
+            spans: self.spans,
+            first: (self.first != self.first_before).then_some(self.first),
+            last: (self.last != self.last_before).then_some(self.last),
+            recent: self.recent,
+            buckets: self.ring,
+            mix: if self.mix_changed {
+                self.mix.flatten()
+            } else {
+                None
+            },
+            taken,
+        }
+    }
 }
 
 /// A `stream/accounting.py:Ring` as a row's parts leave it: its array's buffer (`state::Doubles`), its amounts
@@ -208,6 +317,17 @@ impl<'py> Ring<'py> {
             moved: false,
             newest_slot: rows.ring_slots[NEWEST],
         }))
+    }
+
+    /// What `add` of `amount` at `index` gives back where it does not move the newest index on:
+    /// the amount itself where `index` is already out of the ring, else nothing; None where it
+    /// moves the newest index on (the reference decides after that).
+    fn dropped(&self, index: i64, amount: f64) -> Option<f64> {
+        let size = i64::try_from(self.amounts.len()).ok()?;
+        if index > self.newest {
+            return None;
+        }
+        Some(if index <= self.newest - size { amount } else { 0.0 })
     }
 
     /// `Ring.add`: adds `amount` at `index`; what fell out of the ring, or None where that is a
@@ -334,9 +454,12 @@ impl TotalsRows {
         })
     }
 
-    /// Adds `rows[at:]` of a sub-batch whose source is (`partition`, `offset`) while each is the
-    /// common case (module doc); returns (the index of the first row not added, for the caller to
-    /// apply, `len(rows)` when all were, the number of keys newly pending in `changed`).
+    /// Adds `rows[at:]` of a sub-batch whose source is (`partition`, `offset`), the row at `at`
+    /// from its step `step` on, while each step is the common case (module doc); returns (the
+    /// index of the row stopped at, `len(rows)` when all were added, the step of it not added,
+    /// whether the caller applies that step alone (then calls again from the next step) or the
+    /// row from that step on (then from the next row), the number of keys newly pending in
+    /// `changed`).
     ///
     /// `budgets`: the job's budgets by id; `totals`: the `window-totals` store read; `changes` and
     /// `table`: the job's `TableChanges` and the `window-totals` table, whose store and pending
@@ -350,6 +473,7 @@ impl TotalsRows {
         py: Python<'py>,
         rows: &Bound<'py, PyList>,
         at: usize,
+        step: usize,
         partition: i64,
         offset: i64,
         now: &Bound<'py, PyAny>,
@@ -360,7 +484,7 @@ impl TotalsRows {
         states: &Bound<'py, PyDict>,
         waiting: &Bound<'py, PyDict>,
         new_window: &Bound<'py, PyAny>,
-    ) -> PyResult<(usize, usize)> {
+    ) -> PyResult<(usize, usize, bool, usize)> {
         let stores = Stores {
             now,
             budgets,
@@ -373,27 +497,30 @@ impl TotalsRows {
         };
         let target = stores.target(partition);
         let mut added = 0;
-        let mut index = at;
+        let (mut index, mut from) = (at, step);
         while index < rows.len() {
             let row = rows.get_item(index)?;
-            let plan = match self.plan(py, &row, offset, &target) {
-                Ok(Some(plan)) => plan,
-                Ok(None) => break,
-                Err(_) => break, // the reference meets the same error, and raises it
-            };
-            if plan.commit(py, self, &target)? {
-                added += 1;
+            // an error: the reference meets the same one, and raises it
+            let taken = self.plan(py, &row, offset, from, &target).unwrap_or_default();
+            let stop = taken.stop(from);
+            if let Some(plan) = taken.plan {
+                added += usize::from(plan.commit(py, self, &target)?);
             }
-            index += 1;
+            if let Some(stop) = stop {
+                return Ok((index, stop.step, stop.alone, added));
+            }
+            (index, from) = (index + 1, 0);
         }
-        Ok((index, added))
+        Ok((index, 0, false, added))
     }
 
     /// `add` over a record read from its bytes (`record.rs`): its sub-batches' rows in order, each
-    /// common one added here, until a row that is not (or a sub-batch's contexts) is met. Returns
-    /// (the number of keys newly pending in `changed`, None when the record is done, else
-    /// (source partition, source offset, the bytes of that row or context array, whether they are
-    /// contexts)), for the caller to decode and apply in Python, then to call again.
+    /// row's common steps added here, until a step that is not (or a sub-batch's contexts) is
+    /// met. Returns (the number of keys newly pending in `changed`, None when the record is done,
+    /// else (source partition, source offset, the bytes of that row or context array, whether
+    /// they are contexts, the row's step stopped at, whether that step alone is the caller's)),
+    /// for the caller to decode and apply in Python, then to call again: the record goes on from
+    /// the row's next step (alone) or from the next row.
     #[allow(clippy::too_many_arguments)]
     fn add_record<'py>(
         &self,
@@ -425,20 +552,35 @@ impl TotalsRows {
         let mut added = 0;
         let mut target: Option<Target<'_, 'py>> = None;
         while let Some(batch) = record.batches.get(record.batch) {
-            let handed = |range: (usize, usize), contexts: bool| {
+            let handed = |range: (usize, usize), contexts: bool, stop: Stop| {
                 let value = PyBytes::new(py, &bytes[range.0..range.1]);
-                Some((batch.partition, batch.offset, value, contexts))
+                Some((
+                    batch.partition,
+                    batch.offset,
+                    value,
+                    contexts,
+                    stop.step,
+                    stop.alone,
+                ))
             };
             if let Some(row) = batch.rows.get(record.row) {
-                record.row += 1;
                 let at = target.get_or_insert_with(|| stores.target(batch.partition));
-                let plan = match &row.fields {
-                    Some(fields) => self.wire_plan(py, bytes, fields, batch.offset, at),
-                    None => Ok(None),
+                let from = record.step;
+                let taken = match &row.fields {
+                    Some(fields) => self.wire_plan(py, bytes, fields, batch.offset, from, at),
+                    None => Ok(Taken::default()),
+                }
+                .unwrap_or_default();
+                let stop = taken.stop(from);
+                if let Some(plan) = taken.plan {
+                    added += usize::from(plan.commit(py, self, at)?);
+                }
+                (record.row, record.step) = match stop {
+                    Some(Stop { step, alone: true }) => (record.row, step + 1),
+                    _ => (record.row + 1, 0),
                 };
-                match plan {
-                    Ok(Some(plan)) => added += usize::from(plan.commit(py, self, at)?),
-                    Ok(None) | Err(_) => return Ok((added, handed(row.bytes, false))),
+                if let Some(stop) = stop {
+                    return Ok((added, handed(row.bytes, false, stop)));
                 }
                 continue;
             }
@@ -446,7 +588,7 @@ impl TotalsRows {
             if !record.contexts_done {
                 record.contexts_done = true;
                 if let Some(contexts) = batch.contexts {
-                    return Ok((added, handed(contexts, true)));
+                    return Ok((added, handed(contexts, true, Stop::WHOLE)));
                 }
             }
             record.batch += 1;
@@ -457,9 +599,55 @@ impl TotalsRows {
     }
 }
 
+/// Where `add` stopped in a row: its first step not added, and whether the caller applies that
+/// step alone (then the native rows go on from the next) or the row from that step on.
+#[derive(Clone, Copy)]
+struct Stop {
+    step: usize,
+    alone: bool,
+}
+
+impl Stop {
+    /// A row (or a context array) for the caller whole.
+    const WHOLE: Stop = Stop {
+        step: 0,
+        alone: false,
+    };
+}
+
+/// What `plan` made of a row from a step on: how many steps the row has and whether they are a
+/// group's steps (None: a row not read here, the caller's whole), and the plan of the steps
+/// taken (None: none).
+#[derive(Default)]
+struct Taken<'py> {
+    steps: Option<(usize, bool)>,
+    plan: Option<Plan<'py>>,
+}
+
+impl Taken<'_> {
+    /// Where the row stops, asked `from` its step `from` on; None: every step was added. A group's
+    /// step is the caller's alone where a step of the row was added just before it, or it is the
+    /// row's first: the native rows go on after the reference decides it. Where none was added
+    /// since the caller applied the step before, the caller takes the rest (no call per step).
+    fn stop(&self, from: usize) -> Option<Stop> {
+        let Some((steps, grouped)) = self.steps else {
+            return Some(Stop {
+                step: from,
+                alone: false,
+            });
+        };
+        let taken = self.plan.as_ref().map_or(0, |plan| plan.taken);
+        let step = from + taken;
+        (step < steps).then_some(Stop {
+            step,
+            alone: grouped && (taken > 0 || from == 0),
+        })
+    }
+}
+
 /// A row or context array `add_record` hands back: (source partition, source offset, its bytes,
-/// whether it is a context array).
-type Handed<'py> = (i64, i64, Bound<'py, PyBytes>, bool);
+/// whether it is a context array, the row's step stopped at, whether that step alone is the caller's).
+type Handed<'py> = (i64, i64, Bound<'py, PyBytes>, bool, usize, bool);
 
 /// The job's budgets, stores and pending changes, as `add` and `add_record` take them.
 struct Stores<'a, 'py> {
@@ -494,41 +682,43 @@ impl<'a, 'py> Stores<'a, 'py> {
 }
 
 impl TotalsRows {
-    /// The row's plan when it is the common case; None: hand it back.
+    /// The row's steps from `from` on taken while each is the common case (`Taken`: none read
+    /// where the row is not of stage 1's shapes and types).
     fn plan<'py>(
         &self,
         py: Python<'py>,
         row: &Bound<'py, PyAny>,
         offset: i64,
+        from: usize,
         target: &Target<'_, 'py>,
-    ) -> PyResult<Option<Plan<'py>>> {
+    ) -> PyResult<Taken<'py>> {
         let Ok(row) = row.cast_exact::<PyList>() else {
-            return Ok(None);
+            return Ok(Taken::default());
         };
         let fields = row.len();
         if fields != self.row_fields && fields != self.row_fields_with_steps {
-            return Ok(None);
+            return Ok(Taken::default());
         }
         let mix = row.get_item(8)?;
-        let parts = if fields == self.row_fields_with_steps {
+        let (parts, grouped) = if fields == self.row_fields_with_steps {
             let origin = row.get_item(fields - 1)?;
             match int(&origin) {
-                Some(offset) => self.part(row, offset, &mix)?,
-                None if origin.is_exact_instance_of::<PyList>() => self.steps(&origin, &mix)?,
-                None => None,
+                Some(offset) => (self.part(row, offset, &mix)?, false),
+                None if origin.is_exact_instance_of::<PyList>() => (self.steps(&origin, &mix)?, true),
+                None => (None, false),
             }
         } else {
-            self.part(row, offset, &mix)?
+            (self.part(row, offset, &mix)?, false)
         };
         let Some(parts) = parts else {
-            return Ok(None);
+            return Ok(Taken::default());
         };
         let (budget_id, key) = (row.get_item(0)?, row.get_item(1)?);
         let start_field = row.get_item(2)?;
         let (Some(budget_text), Some(key_text), Some(start)) =
             (text(&budget_id), text(&key), int(&start_field))
         else {
-            return Ok(None);
+            return Ok(Taken::default());
         };
         let bucket_field = row.get_item(7)?;
         let bucket = if bucket_field.is_none() {
@@ -536,11 +726,11 @@ impl TotalsRows {
         } else {
             match int(&bucket_field) {
                 Some(size) => Some(size),
-                None => return Ok(None),
+                None => return Ok(Taken::default()),
             }
         };
         let Some(bucket_ns) = bucket_size(bucket) else {
-            return Ok(None);
+            return Ok(Taken::default());
         };
         let fields = Fields {
             budget_id: &budget_id,
@@ -549,7 +739,28 @@ impl TotalsRows {
             start,
             bucket_ns,
         };
-        self.window(py, &fields, &parts, target)
+        self.taken(py, &fields, &parts, grouped, from, target)
+    }
+
+    /// `Taken` for a row read whole: its `parts` (a group's steps where `grouped`), those from
+    /// `from` on planned by `window`.
+    fn taken<'py>(
+        &self,
+        py: Python<'py>,
+        fields: &Fields<'_, 'py>,
+        parts: &[Part],
+        grouped: bool,
+        from: usize,
+        target: &Target<'_, 'py>,
+    ) -> PyResult<Taken<'py>> {
+        let plan = match parts.get(from..) {
+            Some(rest) if !rest.is_empty() => self.window(py, fields, rest, target)?,
+            _ => None,
+        };
+        Ok(Taken {
+            steps: Some((parts.len(), grouped)),
+            plan,
+        })
     }
 
     /// `plan` for a row read from a record's bytes (`bytes`: the record's).
@@ -559,14 +770,15 @@ impl TotalsRows {
         bytes: &[u8],
         row: &WireRow,
         offset: i64,
+        from: usize,
         target: &Target<'_, 'py>,
-    ) -> PyResult<Option<Plan<'py>>> {
+    ) -> PyResult<Taken<'py>> {
         let (Some(parts), Some(bucket_ns)) = (self.wire_parts(row, offset), bucket_size(row.bucket)) else {
-            return Ok(None);
+            return Ok(Taken::default());
         };
         let text = |(start, end): (usize, usize)| std::str::from_utf8(&bytes[start..end]).ok();
         let (Some(budget), Some(key)) = (text(row.budget), text(row.key)) else {
-            return Ok(None);
+            return Ok(Taken::default());
         };
         let budget_id = PyString::new(py, budget).into_any();
         let fields = Fields {
@@ -576,7 +788,8 @@ impl TotalsRows {
             start: row.start,
             bucket_ns,
         };
-        self.window(py, &fields, &parts, target)
+        let grouped = matches!(row.origin, Origin::Steps(_));
+        self.taken(py, &fields, &parts, grouped, from, target)
     }
 
     /// `part` and `steps` for a row read from bytes: its parts, or None (hand it back).
@@ -712,7 +925,8 @@ impl TotalsRows {
         Some(Some(values?))
     }
 
-    /// The window's plan for `parts`, each added as `WindowTotals.add` adds it, or None.
+    /// The window's plan for the leading `parts` that are the common case (module doc), each
+    /// added as `WindowTotals.add` adds it; None where not even the first one is.
     fn window<'py>(
         &self,
         py: Python<'py>,
@@ -722,12 +936,7 @@ impl TotalsRows {
     ) -> PyResult<Option<Plan<'py>>> {
         let (budget_id, budget_text, key_text) = (fields.budget_id, fields.budget, fields.key);
         let (start, bucket_ns) = (fields.start, fields.bucket_ns);
-        if parts.is_empty()
-            || target.partition < 0
-            || parts
-                .iter()
-                .any(|part| !(0.0..f64::INFINITY).contains(&part.amount))
-        {
+        if parts.is_empty() || target.partition < 0 {
             return Ok(None);
         }
         let Some(budget) = target.budgets.get_item(budget_id)? else {
@@ -762,42 +971,13 @@ impl TotalsRows {
         let Ok(applied) = applied.cast_into_exact::<PyDict>() else {
             return Ok(None);
         };
-        let mut mark = match applied.get_item(&target.source)? {
-            None => -1,
-            Some(mark) => match int(&mark) {
-                Some(mark) => mark,
-                None => return Ok(None),
-            },
-        };
-        let (Some(mut spent), Some(mut spans), Some(mut first), Some(mut last)) = (
-            float(&read(&totals, self.totals_slots[SPENT])?),
-            int(&read(&totals, self.totals_slots[SPANS])?),
-            int(&read(&totals, self.totals_slots[FIRST])?),
-            int(&read(&totals, self.totals_slots[LAST])?),
-        ) else {
+        let Some(mut running) = self.running(py, &totals, &applied, target, bucket_ns)? else {
             return Ok(None);
         };
-        let (first_before, last_before) = (first, last);
-        let Some(mut recent) = Ring::of(py, read(&totals, self.totals_slots[RECENT])?, self)? else {
-            return Ok(None);
-        };
-        let buckets = read(&totals, self.totals_slots[BUCKETS])?;
-        let mut ring = None;
-        if bucket_ns > 0 {
-            if buckets.is_none() {
-                return Ok(None); // the reference makes the ring
-            }
-            ring = Ring::of(py, buckets.clone(), self)?;
-            if ring.is_none() {
-                return Ok(None);
-            }
+        if running.mix.is_none() && parts.iter().any(|part| part.mix.is_some()) {
+            return Ok(None); // the window's mix of another shape: the reference sums it
         }
-        let mut mix = match self.current_mix(&read(&totals, self.totals_slots[MIX])?) {
-            Some(mix) => mix,
-            None if parts.iter().all(|part| part.mix.is_none()) => None,
-            None => return Ok(None),
-        };
-        let mut mix_changed = false;
+        let buckets = read(&totals, self.totals_slots[BUCKETS])?;
         let decision = Decision::of(
             py,
             self,
@@ -808,55 +988,69 @@ impl TotalsRows {
             &buckets,
             target,
         )?;
-        for part in parts {
-            if part.offset <= mark {
-                return Ok(None); // a replay: counted by the reference
+        let taken = parts
+            .iter()
+            .take_while(|part| running.take(part, &decision, limit, self.ns_per_minute, bucket_ns))
+            .count();
+        if taken == 0 {
+            return Ok(None);
+        }
+        Ok(Some(running.plan(totals, new, state_key, applied, taken)))
+    }
+
+    /// The window's numbers as `WindowTotals.add` starts from them, or None where one is not of
+    /// the type it reads here (the reference adds the row). `Running::mix` is None where the
+    /// window's mix is of another shape than a list of `mix_fields` floats.
+    fn running<'py>(
+        &self,
+        py: Python<'py>,
+        totals: &Bound<'py, PyAny>,
+        applied: &Bound<'py, PyDict>,
+        target: &Target<'_, 'py>,
+        bucket_ns: i64,
+    ) -> PyResult<Option<Running<'py>>> {
+        let mark = match applied.get_item(&target.source)? {
+            None => -1,
+            Some(mark) => match int(&mark) {
+                Some(mark) => mark,
+                None => return Ok(None),
+            },
+        };
+        let (Some(spent), Some(spans), Some(first), Some(last)) = (
+            float(&read(totals, self.totals_slots[SPENT])?),
+            int(&read(totals, self.totals_slots[SPANS])?),
+            int(&read(totals, self.totals_slots[FIRST])?),
+            int(&read(totals, self.totals_slots[LAST])?),
+        ) else {
+            return Ok(None);
+        };
+        let Some(recent) = Ring::of(py, read(totals, self.totals_slots[RECENT])?, self)? else {
+            return Ok(None);
+        };
+        let mut ring = None;
+        if bucket_ns > 0 {
+            let buckets = read(totals, self.totals_slots[BUCKETS])?;
+            if buckets.is_none() {
+                return Ok(None); // the reference makes the ring
             }
-            mark = part.offset;
-            spent += part.amount;
-            let Some(total) = spans.checked_add(part.spans) else {
-                return Ok(None);
-            };
-            spans = total;
-            if first == 0 || part.first < first {
-                first = part.first;
-            }
-            if part.last > last {
-                last = part.last;
-            }
-            recent.add(part.last.div_euclid(self.ns_per_minute), part.amount, false);
-            if let Some(ring) = ring.as_mut() {
-                let newest = ring.newest;
-                match ring.add(part.last.div_euclid(bucket_ns), part.amount, true) {
-                    // a bucket past the newest moves the rolling window: the reference decides
-                    Some(evicted) if ring.newest == newest => spent -= evicted,
-                    _ => return Ok(None),
-                }
-            }
-            if let Some(added) = &part.mix {
-                mix = Some(match &mix {
-                    Some(current) => current.iter().zip(added).map(|(a, b)| a + b).collect(),
-                    None => added.iter().map(|b| 0.0 + b).collect(),
-                });
-                mix_changed = true;
-            }
-            if !decision.holds(spent, limit) {
+            ring = Ring::of(py, buckets, self)?;
+            if ring.is_none() {
                 return Ok(None);
             }
         }
-        Ok(Some(Plan {
-            totals,
-            new,
-            state_key,
-            applied,
+        let mix = self.current_mix(&read(totals, self.totals_slots[MIX])?);
+        Ok(Some(Running {
             mark,
             spent,
             spans,
-            first: (first != first_before).then_some(first),
-            last: (last != last_before).then_some(last),
+            first,
+            last,
+            first_before: first,
+            last_before: last,
             recent,
-            buckets: ring,
-            mix: if mix_changed { mix } else { None },
+            ring,
+            mix,
+            mix_changed: false,
         }))
     }
 
