@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures.pipeline",
     "tests.fixtures.decoders",
     "tests.fixtures.sums",
+    "tests.fixtures.wheel",
 ]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from rich.table import Table
 from burnguard.cli.demo import live_display
 from tests.fixtures.pipeline import Pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 
 
@@ -73,16 +71,10 @@ def test_kafka_client_chatter_is_quiet_unless_verbose(pipeline: Pipeline) -> Non
 
 
 @pytest.mark.slow
-def test_commands_that_need_an_extra_say_which_in_one_line(tmp_path: Path) -> None:
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
-    assert uv, "uv is installed into .venv by `make test`"
-    venv = tmp_path / "base-venv"
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    subprocess.run(
-        [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(REPO)],
-        check=True,
-        timeout=600,
-    )
+def test_commands_that_need_an_extra_say_which_in_one_line(
+    installed_venv: Callable[..., Path], tmp_path: Path
+) -> None:
+    bin_dir = installed_venv("base-venv")
     expected = {
         ("sink",): "pip install 'burnguard[sinks]'",
         ("worker",): "pip install 'burnguard[stream]'",
@@ -90,7 +82,7 @@ def test_commands_that_need_an_extra_say_which_in_one_line(tmp_path: Path) -> No
     }
     for args, hint in expected.items():
         done = subprocess.run(
-            [str(venv / "bin" / "burnguard"), *args], capture_output=True, text=True, cwd=tmp_path, timeout=60
+            [str(bin_dir / "burnguard"), *args], capture_output=True, text=True, cwd=tmp_path, timeout=60
         )
         assert done.returncode == 1, (args, done.stdout, done.stderr)
         assert done.stderr.strip().splitlines() == [done.stderr.strip()], (args, done.stderr)

@@ -1,11 +1,11 @@
 """Enforcement with the defaults a user gets, end to end (issue 16).
 
 A zero-code app (`opentelemetry-instrument`, BURNGUARD_ENFORCE=true, no export-delay setting, so
-`configure()`'s default) calls `gpt-4.1` four times a second against a local OpenAI server for over
-a minute; the real worker accounts its spans against a $1/day service budget that downgrades to
-`standard` at half and throttles at the limit, refreshing its signal every 5 s. Precision is
-two-sided: the downgrade rung is not skipped, no call is refused while it still fits, and past the
-limit no call gets through (beyond the overshoot bound).
+`configure()`'s default) calls `gpt-4.1` four times a second against a local OpenAI server for
+about 50 s; the real worker accounts its spans against a $1/day service budget that downgrades to
+`standard` at 80% (the usual escalation) and throttles at the limit, refreshing its signal every
+5 s. Precision is two-sided: the downgrade rung is not skipped, no call is refused while it still
+fits, and past the limit no call gets through (beyond the overshoot bound).
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ from tests.fixtures.pipeline import Pipeline
 APP = Path(__file__).parent / "apps" / "paced_app.py"
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
 SERVICE = "paced-app"
-#: $0.00936 a call on gpt-4.1, $0.001872 on gpt-4.1-mini: 54 calls to the downgrade, ~250 after it.
+#: $0.00936 a call on gpt-4.1, $0.001872 on gpt-4.1-mini: 86 calls to the downgrade, ~107 after it.
 INPUT_TOKENS, OUTPUT_TOKENS = 2_600, 520
 CALLS_PER_SECOND = 4
+#: The downgrade rung, as a share of the limit. At 80% rather than half, the app reaches the limit in
+#: ~48 s of calls instead of ~80 s, and still crosses both rungs with calls in flight: at least 53
+#: calls on the cheaper model before the limit (its last 10% of the limit, past the downgrade bound).
+DOWNGRADE_AT = 0.8
 #: The export-delay test's app makes this many calls, four seconds apart.
 CALLS_APART = 3
 LIMIT = 1.0
@@ -92,7 +96,7 @@ budgets:
     window: day
     limit: {LIMIT}
     actions:
-      - {{at: 0.5, do: downgrade, to: standard}}
+      - {{at: {DOWNGRADE_AT}, do: downgrade, to: standard}}
       - {{at: 1.0, do: throttle}}
 """
     )
@@ -113,10 +117,10 @@ budgets:
     assert spent < LIMIT + max(0.01 * LIMIT, standard), f"first refused at ${spent:.6f}: {seen}"
     assert all(line.startswith("refused") for line in lines[first_refusal:]), seen
     assert models == made  # a refused call never reached the server
-    # The downgrade rung was not skipped: gpt-4.1 until past half the limit (by what the enforcement
+    # The downgrade rung was not skipped: gpt-4.1 until past its share of the limit (by what the enforcement
     # latency lets through at 4 calls/s: a 2.5 s latency is 10 calls, $0.09), then gpt-4.1-mini.
     assert made == ["gpt-4.1"] * dear + ["gpt-4.1-mini"] * (len(made) - dear)
-    assert LIMIT / 2 <= dear * premium < LIMIT / 2 + 0.1 * LIMIT, seen
+    assert DOWNGRADE_AT * LIMIT <= dear * premium < (DOWNGRADE_AT + 0.1) * LIMIT, seen
 
 
 def start_three_call_app(

@@ -9,11 +9,10 @@ and the LLM call's span, and burnguard's copy of the LLM span reaches the real b
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from tests.fakes import FakeOpenAI
 from tests.fixtures.pipeline import Pipeline
 from tests.test_e2e_exit_delivery import burnguard_spans_on_topic
 
-REPO = Path(__file__).resolve().parents[1]
 APP = Path(__file__).parent / "apps" / "otel_app.py"
 LLM_SPAN = "chat gpt-4.1"
 CONFIGURATORS = (
@@ -144,18 +142,10 @@ def test_zero_code_keeps_the_apps_exporter(pipeline: Pipeline, receiver: OtlpRec
 
 @pytest.mark.slow
 def test_zero_code_beside_opentelemetry_distro(
-    pipeline: Pipeline, receiver: OtlpReceiver, tmp_path: Path
+    pipeline: Pipeline, receiver: OtlpReceiver, tmp_path: Path, installed_venv: Callable[..., Path]
 ) -> None:
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
-    assert uv, "uv is installed into .venv by `make venv`"
-    venv = tmp_path / "distro-venv"
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [uv, "pip", "install", "-q", "--python", str(python), str(REPO), "opentelemetry-distro", "openai"],
-        check=True,
-        timeout=600,
-    )
+    bin_dir = installed_venv("distro-venv", "opentelemetry-distro", "openai")
+    python = bin_dir / "python"
     configurators = subprocess.run(
         [str(python), "-c", CONFIGURATORS], capture_output=True, text=True, check=True
     ).stdout.split()
@@ -163,7 +153,7 @@ def test_zero_code_beside_opentelemetry_distro(
     with FakeOpenAI() as openai_server:
         env = app_env(pipeline, receiver, openai_server, "zero-code")
         done = subprocess.run(
-            [str(venv / "bin" / "opentelemetry-instrument"), str(python), str(APP)],
+            [str(bin_dir / "opentelemetry-instrument"), str(python), str(APP)],
             env=env,
             capture_output=True,
             text=True,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,10 @@ print('base install ok')
 
 
 @pytest.mark.slow
-def test_base_install_imports_instrumentation_without_faust_or_clickhouse(tmp_path: Path) -> None:
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
-    assert uv, "uv is installed into .venv by `make test`"
-    venv = tmp_path / "base-venv"
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([uv, "pip", "install", "-q", "--python", str(python), str(REPO)], check=True, timeout=600)
+def test_base_install_imports_instrumentation_without_faust_or_clickhouse(
+    installed_venv: Callable[..., Path], tmp_path: Path
+) -> None:
+    python = installed_venv("base-venv") / "python"
     out = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "base install ok" in out.stdout
