@@ -53,7 +53,7 @@ demo: system-deps-demo venv kafka-jars
 test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	BURNGUARD_NATIVE_REQUIRED=1 $(BIN)/pytest -q -n 2 --dist loadfile --durations=40
+	BURNGUARD_NATIVE_REQUIRED=1 $(BIN)/pytest -q -n 3 --dist loadfile --durations=40
 
 lint: venv
 	$(BIN)/ruff check .
