@@ -49,7 +49,7 @@ demo: system-deps-demo venv kafka-jars
 	$(BIN)/burnguard demo
 
 # BURNGUARD_NATIVE_REQUIRED=1: the native decoder missing fails its half of the tests (locally it skips).
-# Two test processes, a module's tests in one (module fixtures start once): the suite mostly waits.
+# Three test processes, a module's tests in one (module fixtures start once): the suite mostly waits.
 test: system-deps venv kafka-jars go-programs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
