@@ -29,6 +29,8 @@ from burnguard.deploy.kafka.broker import free_port
 APP = Path(__file__).parent / "apps" / "down_broker_app.py"
 CALLS = 10
 BOUND_S = 2.0
+#: Beyond the flush's bound, for the exit: 0.1 s of CPU on an idle machine, 2 s at load 14.
+EXIT_TEARDOWN_S = 5.0
 
 
 def app_env(bootstrap: str, **extra: str) -> dict[str, str]:
@@ -78,7 +80,9 @@ def test_unreachable_broker_never_stalls_the_app(where: str, shutdown: bool) -> 
         assert result["shutdown_s"] <= BOUND_S + 0.5
         assert result["undelivered"] == CALLS and result["sent"] == 0
     assert f"{CALLS} spans could not be delivered to Kafka" in stderr, stderr[-3000:]
-    assert exit_s <= BOUND_S + 1.5, f"the app took {exit_s:.1f}s to exit"  # the exit flush's bound
+    # the exit flush's bound, and the interpreter's teardown (seconds on a busy machine); an exit
+    # that waits on Kafka (kafka-python's close() without a timeout) does not end
+    assert exit_s <= BOUND_S + EXIT_TEARDOWN_S, f"the app took {exit_s:.1f}s to exit"
 
 
 @pytest.mark.slow
