@@ -76,6 +76,20 @@ def signal(
     )
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A signal a table case applies, issued when the case runs: one issued at collection would
+    expire (in 5 minutes) before an xdist worker busy with slower files reaches the case."""
+
+    action: str
+    scope: str = "tenant"
+    key: str = "acme"
+    downgrade_to: str | None = None
+
+    def issued_now(self) -> Signal:
+        return signal(self.action, scope=self.scope, key=self.key, downgrade_to=self.downgrade_to)
+
+
 def guard_with(*signals: Signal) -> BudgetGuard:
     guard = BudgetGuard(KafkaSettings(), Topics(), CONFIG)  # never started: fed with apply()
     for s in signals:
@@ -91,7 +105,7 @@ class Case:
     attribution: dict[str, str] = field(default_factory=dict)
     stakes: str = "normal"
     operation: str = "chat"
-    signals: tuple[Signal, ...] = ()
+    signals: tuple[Pending, ...] = ()
     routable: bool = True
     # expected
     want_model: str = ""
@@ -191,7 +205,7 @@ CASES = [
         "budget downgrade without a rule walks the ladder one step",
         "gpt-4.1",
         attribution=ACME,
-        signals=(signal("downgrade"),),
+        signals=(Pending("downgrade"),),
         want_model="gpt-4.1-mini",
         want_downgraded_from="gpt-4.1",
         want_fallback=True,
@@ -200,7 +214,7 @@ CASES = [
         "downgrade on top of routing walks from the routed model",
         "gpt-4.1-mini",
         attribution={"tenant": "acme", "workflow": "legal-review"},
-        signals=(signal("downgrade"),),
+        signals=(Pending("downgrade"),),
         want_model="gpt-4.1-mini",
         want_route="legal",
         want_routed_from="gpt-4.1-mini",
@@ -210,7 +224,7 @@ CASES = [
         "routed to the cheapest model, a downgrade has nowhere to go",
         "gpt-4.1",
         attribution={"tenant": "acme", "feature": "extract"},
-        signals=(signal("downgrade"),),
+        signals=(Pending("downgrade"),),
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
@@ -221,7 +235,7 @@ CASES = [
         "claude-opus-4-1",
         provider="anthropic",
         attribution=ACME,
-        signals=(signal("downgrade", downgrade_to="economy"),),
+        signals=(Pending("downgrade", downgrade_to="economy"),),
         want_model="claude-haiku-4-5",
         want_downgraded_from="claude-opus-4-1",
         want_fallback=True,
@@ -231,7 +245,7 @@ CASES = [
         "claude-haiku-4-5",
         provider="anthropic",
         attribution=ACME,
-        signals=(signal("downgrade"),),
+        signals=(Pending("downgrade"),),
         want_model="claude-haiku-4-5",
     ),
     Case(
@@ -239,7 +253,7 @@ CASES = [
         "claude-sonnet-4-0",
         provider="anthropic",
         attribution=ACME,
-        signals=(signal("downgrade"),),
+        signals=(Pending("downgrade"),),
         want_model="claude-haiku-4-5",
         want_downgraded_from="claude-sonnet-4-0",
         want_fallback=True,
@@ -248,7 +262,7 @@ CASES = [
         "throttle denies, whatever the route",
         "gpt-4.1",
         attribution={"tenant": "acme", "feature": "extract"},
-        signals=(signal("throttle"),),
+        signals=(Pending("throttle"),),
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
@@ -259,7 +273,7 @@ CASES = [
         "routing comes first: a throttled premium class does not stop a call routed to economy",
         "gpt-4.1",
         attribution={"feature": "extract"},
-        signals=(signal("throttle", scope="model_class", key="premium"),),
+        signals=(Pending("throttle", scope="model_class", key="premium"),),
         want_model="gpt-4.1-nano",
         want_route="routine",
         want_routed_from="gpt-4.1",
@@ -269,7 +283,7 @@ CASES = [
         "... and it does stop a premium call",
         "gpt-4.1",
         attribution={"feature": "translate"},
-        signals=(signal("throttle", scope="model_class", key="premium"),),
+        signals=(Pending("throttle", scope="model_class", key="premium"),),
         want_model="gpt-4.1",
         want_refused="budget",
     ),
@@ -277,7 +291,7 @@ CASES = [
         "a warn changes nothing",
         "gpt-4.1",
         attribution=ACME,
-        signals=(signal("warn"),),
+        signals=(Pending("warn"),),
         want_model="gpt-4.1",
     ),
     Case(
@@ -295,7 +309,7 @@ def test_decision_table(case: Case) -> None:
     request = CallRequest(
         case.model, case.provider, case.operation, case.attribution, case.stakes, routable=case.routable
     )
-    decision = decide_call(request, CONFIG, guard_with(*case.signals))
+    decision = decide_call(request, CONFIG, guard_with(*(p.issued_now() for p in case.signals)))
     assert decision.model == case.want_model
     assert (decision.route.id if decision.route else None) == case.want_route
     assert decision.routed_from == case.want_routed_from

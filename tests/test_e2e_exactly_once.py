@@ -35,6 +35,10 @@ TENANTS = ["acme", "globex", "initech", "umbrella", "hooli"]
 FEATURES = ["chat", "search"]
 
 
+#: (n, event): a sender waits for the event after its first n batches.
+Hold = tuple[int, threading.Event]
+
+
 class SpanSource:
     """Sends `batches` OTLP messages of 1-4 spans each, remembering the expected sums."""
 
@@ -47,8 +51,11 @@ class SpanSource:
         self.sent = 0
         self.producer = KafkaProducer(bootstrap_servers=pipeline.broker.bootstrap, acks="all")
 
-    def send(self, count: int, pause_s: float = 0.01) -> None:
-        for _ in range(count):
+    def send(self, count: int, pause_s: float = 0.01, hold: Hold | None = None) -> None:
+        """Send `count` batches `pause_s` apart, waiting as `hold` says."""
+        for index in range(count):
+            if hold is not None and index == hold[0]:
+                hold[1].wait()
             tenant = self.random.choice(TENANTS)
             spans = []
             for _ in range(self.random.randint(1, 4)):
@@ -63,10 +70,26 @@ class SpanSource:
             time.sleep(pause_s)
         self.producer.flush()
 
-    def send_in_background(self, count: int) -> threading.Thread:
-        thread = threading.Thread(target=self.send, args=(count,), daemon=True)
+    def send_in_background(self, count: int, hold: Hold | None = None) -> threading.Thread:
+        thread = threading.Thread(target=self.send, args=(count,), kwargs={"hold": hold}, daemon=True)
         thread.start()
         return thread
+
+
+def wait_for_deltas(pipeline: Pipeline, timeout_s: float = 60) -> None:
+    """Until the usage topic holds deltas: the worker has counted spans (read and written out)."""
+    consumer = KafkaConsumer(bootstrap_servers=pipeline.broker.bootstrap)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(pipeline.topics.usage) or set()
+            assigned = [TopicPartition(pipeline.topics.usage, partition) for partition in partitions]
+            if assigned and sum(consumer.end_offsets(assigned).values()) > 0:
+                return
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+    raise AssertionError(f"no usage deltas within {timeout_s}s:\n{takeovers(pipeline)}")
 
 
 def latest_usage(pipeline: Pipeline) -> dict[str, BudgetUsage]:
@@ -121,12 +144,17 @@ def slow_commits(pipeline: Pipeline, request: pytest.FixtureRequest) -> Pipeline
 def test_sigkill_mid_stream_neither_loses_nor_double_counts(slow_commits: Pipeline) -> None:
     pipeline = slow_commits
     source = SpanSource(pipeline, batches=400, seed=7)
-    first = pipeline.start_worker()
-    sender = source.send_in_background(400)
-    time.sleep(3)  # the worker is mid-stream, with seconds of uncommitted progress
-    assert sender.is_alive(), "the producer finished before the kill: the test would prove nothing"
+    # Arranged, not timed: the first worker commits nothing before its kill and is killed once it
+    # has written deltas, mid-stream (the producer holds its last 300 batches until then): what it
+    # counted is left for its successor to replay. (A kill timed 3 s after the start could follow a
+    # commit of all it had counted.)
+    first = pipeline.start_worker(env={"BURNGUARD_COMMIT_INTERVAL_S": "3600"})
+    killed = threading.Event()
+    sender = source.send_in_background(400, hold=(100, killed))
+    wait_for_deltas(pipeline)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
+    killed.set()
     pipeline.start_worker()
     sender.join(120)
     wait_for_exact_totals(pipeline, source)

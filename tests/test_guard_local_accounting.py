@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -153,21 +154,21 @@ def test_a_signal_counts_the_calls_already_in_flight() -> None:
 
 @pytest.mark.parametrize(
     "newer",
-    [
-        make_signal("warn", spent=14.5, limit=20.0),  # the worker has counted the calls since
-        make_signal("ok", spent=0.2, limit=20.0),  # the window rolled over
-        make_signal("warn", spent=15.0, limit=40.0),  # the limit was raised
+    [  # issued when the test runs: one issued at collection may have expired by then
+        partial(make_signal, "warn", spent=14.5, limit=20.0),  # the worker has counted the calls since
+        partial(make_signal, "ok", spent=0.2, limit=20.0),  # the window rolled over
+        partial(make_signal, "warn", spent=15.0, limit=40.0),  # the limit was raised
     ],
     ids=["refresh", "ok", "raised"],
 )
-def test_a_newer_signal_lifts_a_local_deny(newer: Signal) -> None:
+def test_a_newer_signal_lifts_a_local_deny(newer: Callable[[], Signal]) -> None:
     guard = make_guard()
     prime(guard, 1.0)
     guard.apply(make_signal(spent=14.0, limit=20.0))
     for _ in range(6):
         guard.reserve("gpt-4.1", ACME).settle(1.0, CALL)
     assert guard.check("gpt-4.1", ACME).action == "deny"
-    guard.apply(newer)
+    guard.apply(newer())
     assert guard.check("gpt-4.1", ACME).action == "allow"
     assert guard.enforce("gpt-4.1", ACME) == "gpt-4.1"
 
