@@ -105,6 +105,7 @@ from burnguard.stream.policy import (
     changed_signal,
     decide_action,
     decide_context,
+    decide_new_window,
     settles_alike,
     settling_steps,
     window_bounds,
@@ -1220,7 +1221,7 @@ class BudgetJob:
         if self._forgotten(budget, window_start_ns, last_ns):
             return None
         totals = WindowTotals()
-        decide_action(budget, window_start_ns, totals, now)
+        decide_new_window(budget, window_start_ns, totals, now)
         return totals
 
     async def _account_rows_in_python(self, rows: list[Any], source: tuple[int, int], now: datetime) -> None:

@@ -301,6 +301,34 @@ def _kept_action(budget: Budget, window_start_ns: int, totals: WindowTotals, now
     return None
 
 
+def decide_new_window(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:
+    """`decide_action` of a window's empty totals (`WindowTotals()`, not yet in the table), with the
+    kept answer it leaves: stage 2 asks it for every window a key's first row opens
+    (`BudgetJob._new_window`), one per agent session and session budget.
+
+    Every empty window of a budget with one start has no spend: the kept answer the last one
+    left (a calendar or session window's, `_Windows.empty`) is this one's where it still holds
+    (`_kept_action`: the same budget, start and rung range, before the window's end), and is the
+    tuple `decide_action_fully` would keep (`_Windows.settled` of the same ratio, 0). Else the
+    window is decided in full. Deciding each in full was ~4% of stage 2 (BENCHMARKS.md, hSig).
+    """
+    windows = _windows_of(budget)
+    kept = windows.empty.get(window_start_ns)
+    if kept is not None:
+        totals.settled = kept
+        action = _kept_action(budget, window_start_ns, totals, now)
+        if action is not None:
+            return action
+        totals.settled = None
+    action = decide_action_fully(budget, window_start_ns, totals, now)
+    settled = totals.settled
+    if settled is not None and len(settled) == CALENDAR_SETTLED:
+        if len(windows.empty) >= _WINDOW_ENDS_KEPT:
+            windows.empty.clear()
+        windows.empty[window_start_ns] = settled
+    return action
+
+
 def decide_action_fully(budget: Budget, window_start_ns: int, totals: WindowTotals, now: datetime) -> str:
     """`decide_action` worked out from the budget, the totals and the clock (the reference: tests
     hold `decide_action` to it); where the answer holds is kept in `totals.settled`, unless a
@@ -523,6 +551,7 @@ class _Windows:
         "_until",
         "bucket_ns",
         "budget",
+        "empty",
         "rolling",
         "window",
     )
@@ -540,6 +569,8 @@ class _Windows:
         self._settled: dict[tuple[int, int], tuple[Budget, int, datetime, float, float, str]] = {}
         #: a rolling window's last `until`: (the next bucket's start in ns, the bound or None)
         self._until: tuple[int, datetime | None] = (0, None)
+        #: window start -> the kept answer an empty calendar or session window left (`decide_new_window`)
+        self.empty: dict[int, tuple[Budget, int, datetime, float, float, str]] = {}
 
     def texts(self) -> tuple[str, str]:
         """The budget's parts of a signal's reason (`_reason`): before the key, and around the limit."""

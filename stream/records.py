@@ -132,9 +132,15 @@ def message_rows(row: list[Any], source: tuple[int, int]) -> list[tuple[tuple[in
 
 
 def step_row(row: list[Any], step: list[Any]) -> DeltaRow:
-    """The delta row one step (as on the wire) of a combined row stands for: its message's own row."""
-    _, amount, spans, first_ns, last_ns, mix = Step.from_wire(step, row[8] is not None)
-    return DeltaRow(row[0], row[1], row[2], amount, spans, first_ns, last_ns, row[7], mix)
+    """The delta row one step (as on the wire) of a combined row stands for: its message's own row.
+
+    `Step.from_wire`'s fields without the `Step` (one per step stage 2 applies alone, most of
+    them publishing: the named tuple was a tenth of handing such a step back, BENCHMARKS.md, hSig).
+    """
+    _, amount, spans, first_ns, span_ns, *own_mix = step
+    plain = row[8] is not None and not own_mix  # as `Step.from_wire`
+    mix = own_mix[0] if own_mix else [float(spans), 0.0, 0.0, 0.0] if plain else None
+    return DeltaRow(row[0], row[1], row[2], amount, spans, first_ns, first_ns + span_ns, row[7], mix)
 
 
 class RowGroup(Protocol):

@@ -20,6 +20,7 @@ from burnguard.stream.policy import (
     changed_signal,
     decide_action,
     decide_action_fully,
+    decide_new_window,
     projected_exhaustion,
     signal_for_window,
     window_at,
@@ -709,3 +710,42 @@ def test_the_rate_span_is_the_timedeltas_it_always_was(elapsed_ns: int) -> None:
     span as it was computed), float for float: below, at and past the minimum, at half microseconds."""
     observed = timedelta(seconds=elapsed_ns / NS)
     assert _rate_hours(elapsed_ns) == max(observed, timedelta(minutes=1)).total_seconds() / 3600
+
+
+#: A step of `test_a_new_windows_kept_answer_is_the_one_worked_out_afresh`: minutes on the clock
+#: (back too, and past a day's end), which window start (the clock's day, the day before: closed,
+#: the day after: not begun), and whether the budgets were reloaded (a new `Budget` object).
+NEW_WINDOW_STEPS = st.lists(
+    st.tuples(
+        st.one_of(st.sampled_from([0, 1]), st.integers(-26 * 60, 26 * 60)),
+        st.sampled_from([0, -1, 1]),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=budgets(), reloaded=budgets(), steps=NEW_WINDOW_STEPS)
+def test_a_new_windows_kept_answer_is_the_one_worked_out_afresh(
+    first: Budget, reloaded: Budget, steps: list
+) -> None:
+    """`decide_new_window` (stage 2's window opened by a key's first row) gives an empty window the
+    action and the kept answer (`settled`) `decide_action_fully` gives it, whatever window it was
+    asked about before: the same budget's windows one after another (each empty window of a start
+    reuses the last one's kept answer), closed ones, ones not begun, across reloaded budgets and
+    forecasts that may predict at no spend."""
+    budget, now = first, NOW
+    for minutes, day, reload in steps:
+        if reload:
+            budget = reloaded if budget is first else first
+        now += timedelta(minutes=minutes)
+        if budget.window in ("session", "1h"):
+            start_ns = 0
+        else:
+            start_ns = budget.window_spec.start_ns(ns(now + timedelta(days=day)))
+        totals, fresh = WindowTotals(), WindowTotals()
+        expected = decide_action_fully(budget, start_ns, fresh, now)
+        assert decide_new_window(budget, start_ns, totals, now) == expected, (now, start_ns)
+        assert totals.settled == fresh.settled, (now, start_ns)

@@ -19,6 +19,7 @@ from burnguard.stream.records import (
     BatchRecord,
     DeltaRow,
     MicroBatch,
+    Step,
     _combined,
     batches_record,
     combined_row,
@@ -28,6 +29,7 @@ from burnguard.stream.records import (
     new_group_rows,
     record_version,
     removal_rows,
+    step_row,
     sub_batches,
     tick_rows,
 )
@@ -130,6 +132,42 @@ def test_a_record_with_a_combined_row_is_a_groups_record_older_workers_park_whol
     records = [(p, json.loads(json.dumps(r))) for p, r in batch.records()]
     assert [(p, r["kind"]) for p, r in records] == [(1, "batches"), (1, "groups"), (2, "batches")]
     assert all(record_version(r) == RECORD_VERSION for _, r in records)
+
+
+WIRE_STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 2**62),
+        st.floats(0.0, 1e6) | st.sampled_from([0.0, 1.0]),
+        st.integers(0, 500),
+        st.integers(0, 2**62),
+        st.integers(0, 10**12),
+        st.just([])  # a plain step: no mix field
+        | st.just([None])
+        | st.lists(st.floats(0.0, 40.0) | st.integers(0, 9), min_size=4, max_size=4).map(lambda mix: [mix]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(steps=WIRE_STEPS, counts_calls=st.booleans(), bucket_ns=st.sampled_from([0, 60 * 10**9]))
+def test_a_steps_row_is_the_row_its_step_reads_as(
+    steps: list[tuple[Any, ...]], counts_calls: bool, bucket_ns: int
+) -> None:
+    """`step_row` (stage 2's row of a step handed back alone) is the row of `Step.from_wire`'s fields,
+    value for value and type for type: the plain mix made for a step without its own (floats, in a
+    row that counts calls), a step's own mix or null kept as it is, its last event its first plus
+    its span."""
+    wire = [[offset, amount, spans, first, span, *mix] for offset, amount, spans, first, span, mix in steps]
+    row = ["cost", "acme", 7, 1.5, 9, 0, 1, bucket_ns, [1.0, 0.0, 0.0, 0.0] if counts_calls else None, wire]
+    for step in json.loads(json.dumps(wire)):
+        _, amount, spans, first_ns, last_ns, mix = Step.from_wire(step, counts_calls)
+        expected = DeltaRow("cost", "acme", 7, amount, spans, first_ns, last_ns, bucket_ns, mix)
+        made = step_row(row, step)
+        assert type(made) is DeltaRow and made == expected
+        assert [type(value) for value in made] == [type(value) for value in expected]
+        if mix is not None:
+            assert [type(value) for value in made.mix] == [type(value) for value in mix]
 
 
 @pytest.mark.usefixtures("combine_impl", "groups_impl")
