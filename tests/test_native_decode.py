@@ -28,6 +28,7 @@ from burnguard.contracts import otlp
 from burnguard.contracts.otlp import MalformedSpans, decode_spans
 from burnguard.contracts.span_checks import DEFAULT_LIMITS, SpanLimits
 from burnguard.contracts.usage import SpanUsage
+from burnguard.stream.partitioner import native_module
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
@@ -600,3 +601,45 @@ def test_a_bytearray_decodes_as_the_reference_does() -> None:
     before = otlp.native_failures.count
     assert outcome(payload, native) == outcome(payload, None)
     assert otlp.native_failures.count == before
+
+
+def tenant_request(tenant: bytes, model: bytes = b"gpt-4.1") -> bytes:
+    """One GenAI span with a tenant and a model of these bytes (the texts the decoder keeps)."""
+    attributes = [
+        (attr.GEN_AI_OPERATION_NAME, b"chat"),
+        (attr.TENANT, tenant),
+        (attr.GEN_AI_REQUEST_MODEL, model),
+    ]
+    span = field(1, bytes(16)) + field(2, bytes(8)) + field(5, b"call")
+    for key, value in attributes:
+        span += field(9, field(1, key.encode()) + field(2, field(1, value)))
+    return field(1, field(2, field(2, span)))
+
+
+def test_one_decoder_gives_each_message_its_own_texts_when_they_differ_by_one_byte() -> None:
+    """The decoder keeps the `str` of each attribute text from one message to the next
+    (contracts/native/src/texts.rs): a text one byte apart from a kept one, shorter, longer or
+    of other characters, is its own value, never the kept one."""
+    native = required_native_decoder()  # one decoder for every message: its kept texts carry over
+    tenants = [b"acme", b"acmf", b"acm", b"acme ", b"Acme", "acm\u00e9".encode(), b"acme", b"acmf"]
+    models = [b"gpt-4.1", b"gpt-4.2", b"gpt-4.1-mini", b"gpt-4.", b"gpt-4.1"]
+    for tenant in tenants:
+        for model in models:
+            payload = tenant_request(tenant, model)
+            (usage,) = native.decode(payload, MAX.ceilings())
+            assert (usage.tenant, usage.request_model) == (tenant.decode(), model.decode())
+            assert outcome(payload, native) == outcome(payload, None)
+
+
+def test_the_texts_one_decoder_keeps_are_bounded() -> None:
+    """Keys are user ids and sessions: the kept texts are emptied at `MAX_KEPT_TEXTS`, and a text
+    decoded after that is made again, the same."""
+    native = required_native_decoder()
+    ceiling = native_module().MAX_KEPT_TEXTS
+    for number in range(ceiling + 100):
+        tenant = f"tenant-{number}".encode()
+        (usage,) = native.decode(tenant_request(tenant), MAX.ceilings())
+        assert usage.tenant == tenant.decode()
+        assert native.kept_texts_count() <= ceiling
+    (usage,) = native.decode(tenant_request(b"tenant-0"), MAX.ceilings())
+    assert usage.tenant == "tenant-0"

@@ -354,3 +354,25 @@ def test_a_native_group_of_the_loops_own_rows_sends_what_group_rows_sends_of_the
         accounting._native = native
         group.add(offset, usage_rows_detached(copied(spans), config, PriceBook.for_config(config), None, 0))
     assert repr((group.rows(), group.last_offset)) == repr((reference.rows(), reference.last_offset))
+
+
+def test_one_loop_over_batches_across_window_boundaries_sums_each_in_its_own_windows(native: Any) -> None:
+    """The native loop keeps the window starts of one call's last event time, and the range of
+    times they hold for, for the next call (`LastStarts` in contracts/native/src/sums.rs): a batch
+    in later windows, back in earlier ones (late spans) or straddling a boundary is summed in its
+    own windows, as the reference sums it."""
+    config = parse_budget_yaml("budgets:\n" + "".join(f"  - {budget}\n" for budget in BUDGET_POOL))
+    midnight = 15 * 60  # T0 is 09:00 UTC: the calendar windows (day, week, month) start anew
+    minutes = [0, 5, midnight - 1, midnight, midnight + 1, 3, midnight, 60 * 24 * 8, midnight - 2, midnight]
+    batches = []
+    for batch, minute in enumerate(minutes):
+        spans = plain_spans(random.Random(batch), 12)
+        for n, span in enumerate(spans):  # a minute's spans from 30 s before `minute`
+            span.end_ns = int((T0 + timedelta(minutes=minute)).timestamp()) * NS + n * 5 * NS - 30 * NS
+            span.start_ns = span.end_ns - NS
+        batches.append(spans)
+    # every native call first: switching to the reference makes the next native call a new loop
+    natively = [detached_summed(native, spans, config, 0) for spans in batches]
+    for spans, (*found, own) in zip(batches, natively, strict=True):
+        assert own
+        assert tuple(found) == summed(None, spans, config, 0)

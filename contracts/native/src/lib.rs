@@ -15,6 +15,7 @@ mod record;
 mod snapshot;
 mod state;
 mod sums;
+mod texts;
 mod totals;
 mod usage;
 mod valid;
@@ -22,13 +23,15 @@ mod value;
 mod wire;
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyType};
+use pyo3::types::{PyList, PyType};
 use rustc_hash::FxHashMap;
 
 use checks::{Ceilings, Checks};
+use texts::Texts;
 use usage::{Usages, ValueRef};
 use valid::Schema;
 use value::{text, Any, Reader, Value};
@@ -122,6 +125,8 @@ struct Decoder {
     usages: Usages,
     checks: Checks,
     schema: Schema,
+    /// The `str`s of attribute texts, from one decode to the next (`texts.rs`).
+    texts: Mutex<Texts>,
 }
 
 /// The field values before any attribute is read: as Python objects (a span's fields left at
@@ -252,6 +257,7 @@ impl Decoder {
             operation_default,
             status_error_code,
             usages,
+            texts: Mutex::default(),
         })
     }
 
@@ -272,8 +278,10 @@ impl Decoder {
         payload: &[u8],
         ceilings: Ceilings,
     ) -> PyResult<Option<Bound<'py, PyList>>> {
-        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len(), ceilings);
+        let texts = std::mem::take(&mut *self.kept_texts());
+        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len(), ceilings, texts);
         let walked = self.request(payload, &mut rows);
+        *self.kept_texts() = std::mem::take(&mut rows.texts);
         if let Some(error) = rows.error {
             return Err(error);
         }
@@ -282,18 +290,24 @@ impl Decoder {
         }
         Ok(Some(PyList::new(py, rows.usages)?))
     }
+
+    /// How many attribute texts the decoder keeps as `str`s (`texts.rs`), for the tests.
+    fn kept_texts_count(&self) -> usize {
+        self.kept_texts().len()
+    }
 }
 
-/// The usages made so far, and what making them reuses: the text of a message's attributes
-/// repeats from span to span (tenant, model, service ...), each text becomes one `str`, and so
-/// does each trace id (the spans of a trace travel together); the buffers of a span's walk.
+/// The usages made so far, and what making them reuses: the text of attributes repeats from span
+/// to span and message to message (tenant, model, service ...), each text becomes one `str`
+/// (`texts.rs`), and so does each trace id of the message (the spans of a trace travel
+/// together); the buffers of a span's walk.
 /// `error`: Python's error making a usage (the walk stops; `decode` raises it).
 struct Rows<'py, 'a> {
     py: Python<'py>,
     usages: Vec<Bound<'py, PyAny>>,
     error: Option<PyErr>,
     ceilings: Ceilings,
-    texts: FxHashMap<&'a str, Bound<'py, PyAny>>,
+    texts: Texts,
     trace_ids: FxHashMap<&'a [u8], Bound<'py, PyAny>>,
     found: Found<'a>,
     ranked: Ranked<'a>,
@@ -301,14 +315,14 @@ struct Rows<'py, 'a> {
 }
 
 impl<'py, 'a> Rows<'py, 'a> {
-    fn new(py: Python<'py>, keys: usize, fields: usize, ceilings: Ceilings) -> Self {
+    fn new(py: Python<'py>, keys: usize, fields: usize, ceilings: Ceilings, texts: Texts) -> Self {
         Rows {
             py,
             usages: Vec::new(),
             error: None,
             ceilings,
-            texts: FxHashMap::default(),
-            trace_ids: FxHashMap::default(),
+            texts,
+            trace_ids: FxHashMap::with_capacity_and_hasher(16, Default::default()),
             found: Found::new(keys),
             ranked: Vec::new(),
             values: vec![None; fields],
@@ -331,12 +345,9 @@ impl<'py, 'a> Rows<'py, 'a> {
             .enumerate()
             .map(|(index, value)| match value.take() {
                 None => ValueRef::Borrowed(&defaults.objects[index]),
-                Some(Value::Str(std::borrow::Cow::Borrowed(text))) if !text.is_empty() => ValueRef::Owned(
-                    texts
-                        .entry(text)
-                        .or_insert_with(|| PyString::new(py, text).into_any())
-                        .clone(),
-                ),
+                Some(Value::Str(std::borrow::Cow::Borrowed(text))) if !text.is_empty() => {
+                    ValueRef::Owned(texts.of(py, text))
+                }
                 Some(Value::Hex(id)) if index == trace_id => ValueRef::Owned(
                     trace_ids
                         .entry(id)
@@ -357,6 +368,12 @@ impl<'py, 'a> Rows<'py, 'a> {
 }
 
 impl Decoder {
+    /// The texts kept between decodes (taken out for a decode and put back after it: a decode
+    /// that raised leaves an empty cache, never a wrong one).
+    fn kept_texts(&self) -> std::sync::MutexGuard<'_, Texts> {
+        self.texts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn request<'a>(&self, payload: &'a [u8], rows: &mut Rows<'_, 'a>) -> Walk<()> {
         for field in Fields::of(payload) {
             if let (1, field) = field? {
@@ -636,12 +653,13 @@ fn murmur2(data: &[u8]) -> u32 {
     h ^ (h >> 15)
 }
 
-/// `Decoder`, `Summer` (`sums.rs`), `combined` (`combine.rs`), `Groups` and `MessageRows`
+/// `Decoder`, `MAX_KEPT_TEXTS` (`texts.rs`), `Summer` (`sums.rs`), `combined` (`combine.rs`), `Groups` and `MessageRows`
 /// (`groups.rs`), `TotalsRows` (`totals.rs`), `ChangelogJson` (`state.rs`), `UsageValues` (`snapshot.rs`), `murmur2`, `blake3_16` (`digest.rs`), and the exception a Rust panic is raised as (a BaseException: the caller
 /// catches it by name, `except Exception` would let it through).
 #[pymodule]
 fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("PanicException", module.py().get_type::<PanicException>())?;
+    module.add("MAX_KEPT_TEXTS", texts::MAX_TEXTS)?;
     module.add_function(wrap_pyfunction!(murmur2, module)?)?;
     module.add_function(wrap_pyfunction!(digest::blake3_16, module)?)?;
     module.add_function(wrap_pyfunction!(combine::combined, module)?)?;

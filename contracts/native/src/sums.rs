@@ -19,7 +19,7 @@
 //! `tests/test_native_sums.py` compares both loops on random spans and budget files.
 
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -33,6 +33,9 @@ use crate::usage::slot_offset;
 
 /// The number of budget metrics (`budget_rules.METRICS`): a target's metric index is below it.
 const METRICS: usize = 5;
+/// The room made per span for rows, keys and targets (`State::sized_for`): a small message makes
+/// ~2.9 rows a span.
+const ROWS_PER_SPAN: usize = 3;
 /// The most dimensions a signature may have (a span's values are read into an array this long).
 const MAX_DIMENSIONS: usize = 32;
 
@@ -101,7 +104,15 @@ pub struct Summer {
     kinds: [Vec<usize>; 4],
     /// The number of windows: the length of every window-starts tuple.
     windows: usize,
+    /// The window starts of the last call's last event time, and the range they hold for.
+    last_starts: Mutex<LastStarts>,
 }
+
+/// Window starts and the [low, high) range of event times they hold for (`batch.starts_range`),
+/// kept from one call to the next: the starts are a function of the event time and the budgets'
+/// windows (the same budget set for a `Summer`), as `_BudgetSet.starts_at` keeps them between
+/// calls too; a small message's spans mostly fall in the range its predecessor ended with.
+type LastStarts = Option<(i128, i128, Vec<i64>)>;
 
 /// How the loop takes a span.
 enum Take {
@@ -169,7 +180,7 @@ struct State<'py> {
     rows: Vec<RowSum>,
     row_ids: FxHashMap<usize, usize>,
     loaded: Vec<usize>,
-    starts: Vec<(Bound<'py, PyTuple>, Vec<i64>)>,
+    starts: Vec<Vec<i64>>,
     range: (i128, i128, usize),
     /// Scope keys seen in this call, each numbered once.
     key_ids: FxHashMap<Arc<str>, usize>,
@@ -276,6 +287,7 @@ impl Summer {
             entries,
             kinds,
             windows,
+            last_starts: Mutex::default(),
         })
     }
 
@@ -316,6 +328,12 @@ impl Summer {
 }
 
 impl Summer {
+    fn kept_starts(&self) -> MutexGuard<'_, LastStarts> {
+        self.last_starts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// `add_all`'s loop; with `detach` (the call mix's calls and refused indices) the rows of a
     /// batch with no span handed over are answered as `MessageRows` instead of made in `batch.rows`.
     fn run<'py>(
@@ -332,25 +350,8 @@ impl Summer {
         if !self.every_span_has_a_time(usages) {
             return Ok(None);
         }
-        let mut state = State {
-            groups: Vec::new(),
-            targets: Vec::new(),
-            joined: String::new(),
-            by_hash: FxHashMap::default(),
-            rows: Vec::new(),
-            row_ids: FxHashMap::default(),
-            loaded: Vec::new(),
-            starts: Vec::new(),
-            range: (0, 0, 0),
-            key_ids: FxHashMap::default(),
-            keys: Vec::new(),
-            key_objects: Vec::new(),
-            row_dict: batch.getattr("rows")?.cast_into::<PyDict>()?,
-            verdicts: FxHashMap::default(),
-            fresh: Vec::new(),
-            row_of: FxHashMap::default(),
-            lazy: true,
-        };
+        let mut state = State::sized_for(usages.len(), batch.getattr("rows")?.cast_into::<PyDict>()?);
+        state.start_from(&self.kept_starts());
         let mut counted = 0;
         for index in 0..usages.len() {
             let usage = usages.get_item(index)?;
@@ -373,6 +374,7 @@ impl Summer {
             };
             counted += usize::from(here && !prepared); // a prepared span is in `stats` already
         }
+        *self.kept_starts() = state.last_starts();
         if let Some(mix) = detach.filter(|_| state.lazy) {
             if let Some(rows) = state.detached(py, self, mix)? {
                 return Ok(Some((counted, Some(rows))));
@@ -558,6 +560,58 @@ impl Summer {
 }
 
 impl<'py> State<'py> {
+    /// An empty state with room for a batch of `spans` spans (perf: growing the maps and vectors
+    /// from empty, call after call, was ~5% of a small message's loop): at most a group per span,
+    /// ~3 rows and keys per span on small messages (`ROWS_PER_SPAN`), a few targets per group.
+    fn sized_for(spans: usize, row_dict: Bound<'py, PyDict>) -> Self {
+        let rows = spans * ROWS_PER_SPAN;
+        State {
+            groups: Vec::with_capacity(spans),
+            targets: Vec::with_capacity(rows),
+            joined: String::new(),
+            by_hash: sized_map(spans),
+            rows: Vec::with_capacity(rows),
+            row_ids: FxHashMap::default(),
+            loaded: Vec::with_capacity(rows),
+            starts: Vec::new(),
+            range: (0, 0, 0),
+            key_ids: sized_map(rows),
+            keys: Vec::with_capacity(rows),
+            key_objects: Vec::with_capacity(rows),
+            row_dict,
+            verdicts: FxHashMap::default(),
+            fresh: Vec::with_capacity(rows),
+            row_of: sized_map(rows),
+            lazy: true,
+        }
+    }
+
+    /// The index of these window starts among this call's distinct starts, added when new.
+    fn starts_id(&mut self, values: Vec<i64>) -> usize {
+        match self.starts.iter().position(|known| *known == values) {
+            Some(id) => id,
+            None => {
+                self.starts.push(values);
+                self.starts.len() - 1
+            }
+        }
+    }
+
+    /// The window starts the previous call ended with, and the [low, high) range of event times
+    /// they hold for, as this call's cached range (`LastStarts`).
+    fn start_from(&mut self, last: &LastStarts) {
+        if let Some((low, high, values)) = last {
+            let id = self.starts_id(values.clone());
+            self.range = (*low, *high, id);
+        }
+    }
+
+    /// The cached range and its window starts, for the next call.
+    fn last_starts(&self) -> LastStarts {
+        let (low, high, id) = self.range;
+        self.starts.get(id).map(|values| (low, high, values.clone()))
+    }
+
     /// The index (among this call's distinct starts) of the window starts that hold `event_ns`:
     /// from the cached [low, high) range, else from `batch.starts_range`.
     fn starts_at(&mut self, batch: &Bound<'py, PyAny>, event_ns: i64, windows: usize) -> PyResult<usize> {
@@ -566,19 +620,12 @@ impl<'py> State<'py> {
         if low <= at && at < high {
             return Ok(id);
         }
-        let (starts, low, high): (Bound<'py, PyTuple>, i128, i128) =
+        let (values, low, high): (Vec<i64>, i128, i128) =
             batch.call_method1("starts_range", (event_ns,))?.extract()?;
-        let values: Vec<i64> = starts.extract()?;
         if values.len() != windows {
             return Err(PyValueError::new_err("window starts of another length"));
         }
-        let id = match self.starts.iter().position(|(_, known)| *known == values) {
-            Some(id) => id,
-            None => {
-                self.starts.push((starts, values));
-                self.starts.len() - 1
-            }
-        };
+        let id = self.starts_id(values);
         self.range = (low, high, id);
         Ok(id)
     }
@@ -610,7 +657,7 @@ impl<'py> State<'py> {
             if !self.takes(batch.py(), entry, index, key)? {
                 continue;
             }
-            let start = self.starts[starts].1[entry.window];
+            let start = self.starts[starts][entry.window];
             let slot = (index, key, start);
             let row = match self.row_of.get(&slot) {
                 Some(&row) => row,
@@ -910,6 +957,11 @@ impl<'py> State<'py> {
         }
         Ok(())
     }
+}
+
+/// An empty map with room for `size` entries.
+fn sized_map<K, V>(size: usize) -> FxHashMap<K, V> {
+    FxHashMap::with_capacity_and_hasher(size, Default::default())
 }
 
 /// A row made in Python (`materialize` made every row before any is written).

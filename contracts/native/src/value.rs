@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyString};
 
@@ -179,21 +180,22 @@ pub fn text(bytes: &[u8]) -> Walk<&str> {
     std::str::from_utf8(bytes).map_err(|_| Unsure)
 }
 
-/// `bytes.hex()`: an id of up to 32 bytes (the 16 of a trace id) is written on the stack.
+/// `bytes.hex()`: the digits written straight into a new ASCII `str` (no buffer to copy from and
+/// no UTF-8 decoding of it: a span's own and parent ids are new texts in every span).
 fn hex<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyAny> {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut buffer = [0u8; 64];
-    let mut heap = Vec::new();
-    let out = if bytes.len() * 2 <= buffer.len() {
-        &mut buffer[..bytes.len() * 2]
-    } else {
-        heap.resize(bytes.len() * 2, 0);
-        &mut heap[..]
-    };
-    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 15)];
+    let length = bytes.len() * 2;
+    // SAFETY: `PyUnicode_New` with a maximum character of 127 makes a compact ASCII `str` of
+    // `length` one-byte characters (null on error, which `from_owned_ptr` raises as a panic, as
+    // `PyString::new` does); its data is written here, every byte, before anything reads it.
+    unsafe {
+        let text = ffi::PyUnicode_New(length as ffi::Py_ssize_t, 127);
+        let text = Bound::from_owned_ptr(py, text);
+        let data = ffi::PyUnicode_DATA(text.as_ptr()).cast::<u8>();
+        for (at, byte) in bytes.iter().enumerate() {
+            *data.add(2 * at) = DIGITS[usize::from(byte >> 4)];
+            *data.add(2 * at + 1) = DIGITS[usize::from(byte & 15)];
+        }
+        text
     }
-    let text = std::str::from_utf8(out).expect("hex digits are ASCII");
-    PyString::new(py, text).into_any()
 }
