@@ -15,7 +15,8 @@ iterator does that the job relies on:
   is read again from the commit after the rebalance;
 - every other event is tracked as unacked (`Consumer._unacked_messages`, the set a rebalance's
   `wait_empty` waits on) with the `on_message_in` sensors before the batch is handed over, and
-  acked through `Stream.ack` after the batch's body returned or raised, as `take_events` acks it.
+  acked as `Stream.ack` acks it (`ack_all`) after the batch's body returned or raised, as
+  `take_events` acks it.
 
 What it leaves out: the stream's processors and `on_merge` (the agents declare none), the
 `on_stream_event_in` sensors (Faust's monitor's per-event latency figures; `on_stream_event_out`

@@ -1,5 +1,6 @@
 """The worker's Kafka consumer transport: Faust's aiokafka driver with a short broker fetch wait,
-and each fetch handed to the agents in one task (`_Consumer._drain_messages`, which says why).
+and each fetch handed to the agents in one task (`_Consumer._drain_messages`, which says why),
+stage 1's messages straight into its channel (`DirectDelivery`, which says why).
 
 Why this exists: aiokafka keeps at most one fetch request in flight per broker, and a request
 names only the partitions whose previous records were already handed to Faust. When a busy
