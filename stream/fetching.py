@@ -25,6 +25,7 @@ from faust.exceptions import ConsumerNotStarted
 from faust.serializers.schemas import Schema
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
+from faust.types import TP
 
 #: Faust's fetcher loop lets the event loop run after this many messages.
 YIELD_EVERY_MESSAGES = 100
@@ -292,8 +293,14 @@ class DirectDelivery:
         buffer = self.buffer
         return len(buffer.pending._queue) <= buffer.max_messages
 
-    def _pressure_callbacks(self, tp: Any) -> tuple[Callable[[], None], Callable[[], None]]:
-        """The conductor's `on_pressure_high` / `on_pressure_drop` for `tp`, made once."""
+    def _pressure_callbacks(self, fetched: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+        """The conductor's `on_pressure_high` / `on_pressure_drop` for a partition, made once.
+
+        They are given Faust's `TP`, as the conductor's (its index's keys): a fetch names its
+        partitions with aiokafka's `TopicPartition`, equal but not a `TP`, and Faust's consumer
+        asserts its active partitions are `TP`s once a paused one is resumed.
+        """
+        tp = TP(fetched.topic, fetched.partition)
         on_topic_buffer_full = self.app.sensors.on_topic_buffer_full
         consumer = self.app.consumer
 
@@ -304,7 +311,7 @@ class DirectDelivery:
         def on_pressure_drop() -> None:
             consumer.on_buffer_drop(tp)
 
-        callbacks = self._pressure[tp] = (on_pressure_high, on_pressure_drop)
+        callbacks = self._pressure[fetched] = (on_pressure_high, on_pressure_drop)
         return callbacks
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import faust
 import pytest
+from aiokafka.structs import TopicPartition
 from burnguard.stream.fetching import DirectDelivery, takes_raw_bytes
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
@@ -127,13 +128,16 @@ def test_a_filling_queue_pauses_the_partition_and_an_emptied_one_resumes_it_as_t
         app.consumer.on_buffer_full = lambda tp: calls.append(("full", tp))
         app.consumer.on_buffer_drop = lambda tp: calls.append(("drop", tp))
         queue, direct = channels[0].queue, DirectDelivery(app)
+        fetched = TopicPartition(SPANS.topic, SPANS.partition)  # a fetch names it so, as aiokafka does
         put = 0
         while not calls:
-            assert direct.put(SPANS, _message(put))
+            assert direct.put(fetched, _message(put))
             put += 1
         assert calls == [("full", SPANS)] and put == queue.pressure_high_size + 1
         while not queue.empty():
             queue.get_nowait()
         assert calls == [("full", SPANS), ("drop", SPANS)]
+        # Faust's consumer asserts its active partitions are its own `TP`s, not aiokafka's
+        assert all(type(tp) is TP for _, tp in calls)
 
     _run(check, buffer_size=10)
