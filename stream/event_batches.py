@@ -15,7 +15,8 @@ iterator does that the job relies on:
   is read again from the commit after the rebalance;
 - every other event is tracked as unacked (`Consumer._unacked_messages`, the set a rebalance's
   `wait_empty` waits on) with the `on_message_in` sensors before the batch is handed over, and
-  acked through `Stream.ack` after the batch's body returned or raised, as `take_events` acks it.
+  acked as `Stream.ack` acks it (`ack_all`) after the batch's body returned or raised, as
+  `take_events` acks it.
 
 What it leaves out: the stream's processors and `on_merge` (the agents declare none), the
 `on_stream_event_in` sensors (Faust's monitor's per-event latency figures; `on_stream_event_out`
@@ -74,13 +75,26 @@ async def take_batches(
             try:
                 yield events
             finally:
-                for event in events:
-                    await stream.ack(event)
+                ack_all(stream, events)
     finally:
         stream._channel_stop_iteration(channel)
         if started_here:
             await stream.stop()
             stream.service_reset()
+
+
+def ack_all(stream: Any, events: list[Any]) -> None:
+    """`Stream.ack` for each event, in one call: its body is synchronous, and awaiting it per event
+    made a coroutine per message (Faust's `Stream.ack`, whose docstring says so of its copy too)."""
+    on_stream_event_out = stream._on_stream_event_out
+    on_message_out = stream._on_message_out
+    for event in events:
+        last_stream_to_ack = event.ack()
+        message = event.message
+        tp, offset = message.tp, message.offset
+        on_stream_event_out(tp, offset, stream, event)
+        if last_stream_to_ack:
+            on_message_out(tp, offset, message)
 
 
 class _Taking:

@@ -1,5 +1,6 @@
 """The worker's Kafka consumer transport: Faust's aiokafka driver with a short broker fetch wait,
-and each fetch handed to the agents in one task (`_Consumer._drain_messages`, which says why).
+and each fetch handed to the agents in one task (`_Consumer._drain_messages`, which says why),
+stage 1's messages straight into its channel (`DirectDelivery`, which says why).
 
 Why this exists: aiokafka keeps at most one fetch request in flight per broker, and a request
 names only the partitions whose previous records were already handed to Faust. When a busy
@@ -15,16 +16,26 @@ trip per wait while the worker is idle.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
 import aiokafka
+import aiokafka.conn
 from faust.exceptions import ConsumerNotStarted
+from faust.serializers.schemas import Schema
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
+from faust.types import TP
 
 #: Faust's fetcher loop lets the event loop run after this many messages.
 YIELD_EVERY_MESSAGES = 100
+#: aiokafka's connections buffer this much of a response before they pause reading (its own: 64 KiB).
+#: A response is read whole before it is handled (`readexactly(size)`), so the limit bounds no memory
+#: that is not held anyway; what it sets is how often reading pauses and resumes while a response
+#: arrives: at 64 KiB a fetch of several MiB paused the socket after every 256 KiB read (two epoll
+#: registrations, a select and a task step each), ~40% of the consumer thread's CPU (BENCHMARKS.md,
+#: "Faust's per-message delivery").
+READER_LIMIT_BYTES = 16 << 20
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -79,6 +90,41 @@ class _Consumer(driver.Consumer):
 
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        """Faust's `Consumer.getmany` (round-robin over the fetched partitions, stopping at a flow
+        suspension or a new generation, only active or buffered partitions), asking for a partition's
+        high watermark once per fetch: Faust asked the consumer thread's aiokafka for it and told the
+        monitor per record, ~2 us a message of the main thread for the same figure."""
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+            try:
+                await self.perform_seek()
+            except Exception as ex:
+                self.log.warning(f"exception performing seek when flow not active {ex}")
+            return
+        to_message = self._to_message
+        app = self.app
+        tracked: set[Any] = set()
+        for tp, record in self.scheduler.iterate(records):
+            if not self.flow_active:
+                break
+            if app.consumer_generation_id != generation_id:
+                self.log.dev(
+                    "Generation id changed from %r to %r. Cancelling getmany.",
+                    generation_id,
+                    app.consumer_generation_id,
+                )
+                break
+            if active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
+                if tp not in tracked:
+                    tracked.add(tp)
+                    app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                yield tp, to_message(tp, record)
 
     def behind(self, topics: Collection[str]) -> bool:
         """Whether an assigned partition of `topics` holds more messages than were handed over.
@@ -149,9 +195,12 @@ class _Consumer(driver.Consumer):
             self.diag.unset_flag(CONSUMER_FETCHING)
 
     async def _deliver(self, messages: list[tuple[Any, Any]]) -> None:
-        """Each fetched message to the conductor, as Faust's loop body does for one."""
+        """Each fetched message to its agent's channel, as Faust's loop body does for one: straight
+        into the queue where `DirectDelivery` may, else through the conductor's callback."""
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
+        put = self._direct_delivery().put
+        callback = self.callback
         for index, (tp, message) in enumerate(messages):
             if index and not index % YIELD_EVERY_MESSAGES:
                 await asyncio.sleep(0)
@@ -164,8 +213,126 @@ class _Consumer(driver.Consumer):
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0
                 await self.commit()
-            await self.callback(message)
+            if not put(tp, message):
+                await callback(message)
             read_offset[tp] = offset
+
+    def _direct_delivery(self) -> DirectDelivery:
+        direct = getattr(self, "_direct", None)
+        if direct is None:
+            direct = self._direct = DirectDelivery(self.app)
+        return direct
+
+
+class DirectDelivery:
+    """A fetched message put into its agent's channel queue without the conductor's callback, where
+    that callback could only do the same.
+
+    Faust's conductor hands each message to `on_message`, which takes a lock to look up the
+    partition's handler, awaits the flow control and the producer buffer, decodes key and value
+    through the topic's schema, asks the settings for the `Event` class and puts the event into each
+    channel of the partition: ~20 us of the main thread per message, a third of what it cost to get
+    a message to stage 1 and ack it (BENCHMARKS.md, "Faust's per-message delivery"). For a
+    partition read by one channel whose keys and values are raw bytes (`otlp_spans`: stage 1) the
+    decode gives back the bytes, so the event is made here with the same fields, referenced once,
+    and put with the same pressure callbacks (a full queue pauses the partition's fetches).
+
+    Whenever the conductor would wait or do more, `put` declines and the caller takes the conductor's
+    path: its handlers being rebuilt (a resubscription holds its lock), the flow suspended (a
+    rebalance), the producer buffer over its bound, the queue full, or the partition read by another
+    channel, none, or one that decodes. So a message goes either way in order, never both.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.conductor = app.topics
+        self.flow_control = app.flow_control
+        self.buffer = app.producer.buffer
+        #: Faust's `ProducerBuffer.size` asks the settings on every call; with a threaded producer
+        #: it counts another queue, which this does not look at: then nothing goes this way
+        self.threaded_producer = bool(app.conf.producer_threaded)
+        self.event_type = app.conf.Event
+        #: per channel the conductor delivered to, whether it takes raw bytes (`takes_raw_bytes`)
+        self._raw: dict[Any, bool] = {}
+        #: per partition, the callbacks the conductor passes a queue for it (built once, as its are)
+        self._pressure: dict[Any, tuple[Callable[[], None], Callable[[], None]]] = {}
+
+    def put(self, tp: Any, message: Any) -> bool:
+        """Put `message`'s event into its partition's only channel, as the conductor would; False
+        (nothing done) where the conductor's callback is to take it."""
+        channel = self._raw_channel(tp)
+        if channel is None or not self._flowing():
+            return False
+        queue = channel.queue
+        if queue.full():
+            return False
+        message.incref(1)
+        event = self.event_type(self.app, message.key, message.value, message.headers, message)
+        high, drop = self._pressure.get(tp) or self._pressure_callbacks(tp)
+        queue.put_nowait_enhanced(event, on_pressure_high=high, on_pressure_drop=drop)
+        return True
+
+    def _raw_channel(self, tp: Any) -> Any:
+        """The partition's one channel if it takes raw bytes as they come, else None."""
+        conductor = self.conductor
+        if conductor._tp_to_callback_lock.locked():
+            return None
+        channels = conductor._tp_index.get(tp)
+        if channels is None or len(channels) != 1:
+            return None
+        (channel,) = channels
+        raw = self._raw.get(channel)
+        if raw is None:
+            raw = self._raw[channel] = takes_raw_bytes(channel)
+        return channel if raw else None
+
+    def _flowing(self) -> bool:
+        """Whether the conductor's callback would go on at once (flow active, producer buffer ebbed)."""
+        if not self.flow_control.is_active() or self.threaded_producer:
+            return False
+        buffer = self.buffer
+        return len(buffer.pending._queue) <= buffer.max_messages
+
+    def _pressure_callbacks(self, fetched: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+        """The conductor's `on_pressure_high` / `on_pressure_drop` for a partition, made once.
+
+        They are given Faust's `TP`, as the conductor's (its index's keys): a fetch names its
+        partitions with aiokafka's `TopicPartition`, equal but not a `TP`, and Faust's consumer
+        asserts its active partitions are `TP`s once a paused one is resumed.
+        """
+        tp = TP(fetched.topic, fetched.partition)
+        on_topic_buffer_full = self.app.sensors.on_topic_buffer_full
+        consumer = self.app.consumer
+
+        def on_pressure_high() -> None:
+            on_topic_buffer_full(tp)
+            consumer.on_buffer_full(tp)
+
+        def on_pressure_drop() -> None:
+            consumer.on_buffer_drop(tp)
+
+        callbacks = self._pressure[fetched] = (on_pressure_high, on_pressure_drop)
+        return callbacks
+
+
+def takes_raw_bytes(channel: Any) -> bool:
+    """Whether a topic channel decodes a message into its key and value bytes as they are: Faust's
+    own schema over raw bytes (its `loads_key` / `loads_value` then give back what they are given)."""
+    schema = channel.schema
+    return (
+        type(schema) is Schema
+        and schema.key_type is bytes
+        and schema.value_type is bytes
+        and schema.key_serializer == "raw"
+        and schema.value_serializer == "raw"
+    )
+
+
+def read_responses_whole() -> None:
+    """Let every aiokafka connection of this process buffer `READER_LIMIT_BYTES` before it pauses."""
+    if not isinstance(getattr(aiokafka.conn, "READER_LIMIT", None), int):  # the limit would be ignored
+        raise RuntimeError("aiokafka without conn.READER_LIMIT: update stream/fetching.py")
+    aiokafka.conn.READER_LIMIT = max(aiokafka.conn.READER_LIMIT, READER_LIMIT_BYTES)
 
 
 class FetchWaitTransport(driver.Transport):
@@ -192,6 +359,7 @@ def install(app: Any, fetch_max_wait_ms: int, topic_partition_bytes: Mapping[str
     """Give `app` this transport; call before anything touches `app.transport` (topics, agents)."""
     if getattr(app, "_transport", None) is not None:
         raise RuntimeError("install the fetch transport before declaring topics")
+    read_responses_whole()
     app.transport = FetchWaitTransport(
         app.conf.broker_consumer,
         app,

@@ -32,12 +32,25 @@ class _FlowControl:
         return self.active
 
 
+class _Consumer:
+    """Faust's consumer as an acked message reaches it (`Event.ack` -> `Message.ack` -> here)."""
+
+    def __init__(self) -> None:
+        self._unacked_messages: set[Any] = set()
+        self.acked: list[int] = []
+
+    def ack(self, message: Any) -> bool:
+        self.acked.append(message.offset)
+        self._unacked_messages.discard(message)
+        return True
+
+
 class _App:
     def __init__(self) -> None:
         self.flow_control = _FlowControl()
         self.consumer_generation_id = 3
         self.topics = type("Topics", (), {"acking_topics": {TOPIC}})()
-        self.consumer = type("Consumer", (), {"_unacked_messages": set()})()
+        self.consumer = _Consumer()
 
 
 class _Channel:
@@ -51,23 +64,31 @@ class _Channel:
 
 
 class _Stream:
-    """What `take_batches` uses of a Faust stream; its acks and sensor calls recorded."""
+    """What `take_batches` uses of a Faust stream; its acks (as the consumer gets them) and sensor
+    calls recorded."""
 
     def __init__(self) -> None:
         self.app = _App()
         self.channel = _Channel()
         self.should_stop = False
-        self.acked: list[int] = []
         self.sensed: list[int] = []
+        #: `on_stream_event_out` and `on_message_out` sensor calls, as `Stream.ack` makes them
+        self.sensed_out: list[tuple[str, int]] = []
         self.stopped = False
+
+    @property
+    def acked(self) -> list[int]:
+        return self.app.consumer.acked
 
     async def maybe_start(self) -> bool:
         return True
 
-    async def ack(self, event: Any) -> bool:
-        self.acked.append(event.message.offset)
-        self.app.consumer._unacked_messages.discard(event.message)
-        return True
+    def _on_stream_event_out(self, tp: TP, offset: int, stream: Any, event: Any) -> None:
+        assert stream is self and event.message.offset == offset
+        self.sensed_out.append(("event", offset))
+
+    def _on_message_out(self, tp: TP, offset: int, message: Any) -> None:
+        self.sensed_out.append(("message", offset))
 
     def _on_message_in(self, tp: TP, offset: int, message: Any) -> None:
         self.sensed.append(offset)
@@ -111,6 +132,16 @@ async def _batches(
 
 def _offsets(events: list[Any]) -> list[int]:
     return [event.message.offset for event in events]
+
+
+def test_an_ack_is_what_fausts_stream_ack_does_both_sensors_told_once_the_last_reference_goes() -> None:
+    stream = _Stream()
+    _fill(stream, range(3))
+    for index, event in enumerate(stream.channel.queue._queue):
+        event.message.incref(2 if index == 1 else 1)  # as the conductor: offset 1 for two channels
+    asyncio.run(_batches(stream, 1, 10, 0.02, lambda events: None))
+    assert stream.acked == [0, 2]  # offset 1 waits for its other reference
+    assert stream.sensed_out == [("event", 0), ("message", 0), ("event", 1), ("event", 2), ("message", 2)]
 
 
 def test_a_full_queue_gives_full_batches_in_order_each_acked_after_its_body() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ from burnguard.contracts.budgets import parse_budget_yaml
 from burnguard.stream import fetching
 from burnguard.stream.app import BudgetJob
 from burnguard.stream.settings import StreamSettings
+from faust.transport.utils import DefaultSchedulingStrategy
 from faust.types import TP
 
 from tests.factories import budgets_yaml, tenant_cost
@@ -92,11 +94,19 @@ def test_an_aiokafka_without_the_wait_attribute_is_refused(
 class _Delivering:
     """What `_Consumer._deliver` reads of Faust's consumer: read offsets, gap and commit bookkeeping."""
 
-    def __init__(self, read_offsets: dict[Any, int | None], commit_every: int | None = None) -> None:
+    def __init__(
+        self,
+        read_offsets: dict[Any, int | None],
+        commit_every: int | None = None,
+        direct: set[int] = frozenset(),
+    ) -> None:
         self._read_offset = defaultdict(lambda: None, read_offsets)
         self._commit_every, self._n_acked = commit_every, 0
         self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+        #: the offsets `DirectDelivery` takes (the rest go to the conductor's callback)
+        self.direct = direct
         self.delivered: list[int] = []
+        self.put_directly: list[int] = []
         self.gaps: list[tuple[Any, int, int]] = []
         self.commits = 0
 
@@ -106,6 +116,15 @@ class _Delivering:
 
     async def _add_gap(self, tp: Any, start: int, end: int) -> None:
         self.gaps.append((tp, start, end))
+
+    def _direct_delivery(self) -> Any:
+        return SimpleNamespace(put=self._put)
+
+    def _put(self, tp: Any, message: Any) -> bool:
+        if message.offset not in self.direct:
+            return False
+        self.put_directly.append(message.offset)
+        return True
 
     async def commit(self) -> None:
         self.commits += 1
@@ -123,6 +142,80 @@ def test_a_fetch_is_delivered_with_fausts_read_offsets_and_gaps() -> None:
     assert consumer.delivered == [4, 5, 8, 0, 1]
     assert consumer.gaps == [("p0", 6, 8)]
     assert dict(consumer._read_offset) == {"p0": 8, "p1": 1}
+
+
+def test_a_fetch_goes_straight_to_the_channel_where_it_may_else_through_the_conductor_each_once() -> None:
+    consumer = _Delivering({"p0": None}, direct={0, 1, 3})
+    asyncio.run(fetching._Consumer._deliver(consumer, _fetched("p0", *range(5))))  # type: ignore[arg-type]
+    assert consumer.put_directly == [0, 1, 3]
+    assert consumer.delivered == [2, 4]
+    assert dict(consumer._read_offset) == {"p0": 4}
+
+
+class _Getting:
+    """What `_Consumer.getmany` reads of Faust's consumer: the fetch, flow, generation, high watermarks."""
+
+    def __init__(self, records: dict[Any, list[int]], active: set[Any] | None) -> None:
+        self.records, self.active = records, active
+        self.app = SimpleNamespace(
+            consumer_generation_id=1, monitor=SimpleNamespace(track_tp_end_offset=self._track)
+        )
+        self.should_stop, self.flow_active = False, True
+        self._buffered_partitions: set[Any] = set()
+        self.scheduler = DefaultSchedulingStrategy()
+        self.log = SimpleNamespace(dev=lambda *args: None, warning=lambda *args: None)
+        self.asked: list[Any] = []
+        self.tracked: list[tuple[Any, int]] = []
+        self.seeks = 0
+
+    async def _wait_next_records(self, timeout: float) -> tuple[dict[Any, list[int]], set[Any] | None]:
+        return self.records, self.active
+
+    def highwater(self, tp: Any) -> int:
+        self.asked.append(tp)
+        return 100 + tp.partition
+
+    def _track(self, tp: Any, offset: int) -> None:
+        self.tracked.append((tp, offset))
+
+    def _to_message(self, tp: Any, record: int) -> tuple[Any, int]:
+        return tp, record
+
+    async def perform_seek(self) -> None:
+        self.seeks += 1
+
+
+def _got(consumer: _Getting, stop_after: int | None = None, then: Callable[[], None] = lambda: None) -> list:
+    async def run() -> list:
+        got = []
+        async for _tp, message in fetching._Consumer.getmany(consumer, 1.0):  # type: ignore[arg-type]
+            got.append(message)
+            if len(got) == stop_after:
+                then()
+        return got
+
+    return asyncio.run(run())
+
+
+def test_getmany_yields_fausts_messages_and_tells_the_monitor_each_partitions_high_watermark_once() -> None:
+    spans0, spans1, usage0 = TP("otlp_spans", 0), TP("otlp_spans", 1), TP("usage", 0)
+    consumer = _Getting({spans0: [1, 2, 3], spans1: [7, 8], usage0: [4]}, active={spans0, spans1})
+    got = _got(consumer)
+    assert sorted(got) == [(spans0, 1), (spans0, 2), (spans0, 3), (spans1, 7), (spans1, 8)]  # usage0 paused
+    assert [message for message in got if message[0] == spans0] == [(spans0, 1), (spans0, 2), (spans0, 3)]
+    assert consumer.asked == [spans0, spans1] or consumer.asked == [spans1, spans0]
+    assert sorted(consumer.tracked) == [(spans0, 100), (spans1, 101)]
+
+
+def test_getmany_stops_at_a_new_generation_or_a_suspended_flow_and_seeks_when_suspended_before() -> None:
+    records = {TP("otlp_spans", 0): [1, 2, 3, 4]}
+    consumer = _Getting(records, active=None)
+    assert len(_got(consumer, 2, lambda: setattr(consumer.app, "consumer_generation_id", 2))) == 2
+    consumer = _Getting(records, active=None)
+    assert len(_got(consumer, 1, lambda: setattr(consumer, "flow_active", False))) == 1
+    consumer = _Getting(records, active=None)
+    consumer.flow_active = False
+    assert _got(consumer) == [] and consumer.seeks == 1
 
 
 def test_a_fetch_commits_every_so_many_acks_as_fausts_loop() -> None:
