@@ -41,6 +41,9 @@ from hypothesis import strategies as st
 from tests.fixtures.decoders import required_native_combined, required_native_part
 
 ROW = ["tenant-cost", "acme", 0, 1.5, 2, 10, 20, 0]
+#: 24 digits (three of the native reading's eight-digit reads): an int past u64 that a reading
+#: without its overflow checks would take as its value modulo 2**64, an int64.
+BIG_WRAPPING = 10**23 + 12345
 
 
 def test_a_delta_row_is_the_same_json_list_with_or_without_its_mix() -> None:
@@ -361,7 +364,7 @@ def test_the_native_reading_reads_each_row_as_the_reference_decodes_its_bytes() 
         elif roll < 0.6:
             row.append([[n, value, 2, first, 5], [n + 1, -value, 1, last, 0, [1.0, value, 0.0, 0.0]]])
         elif roll < 0.65:
-            row[4] = rng.choice([True, 2**63, -(2**63), 1 << 70])  # not an int64: kept as bytes
+            row[4] = rng.choice([True, 2**63, -(2**63), 1 << 70, BIG_WRAPPING, -(10**40)])  # not int64: bytes
         elif roll < 0.7:
             row = row[:8]
         rows.append(row)
