@@ -212,9 +212,9 @@ impl WireRow {
     /// `records.step_row`'s fields (the Python values msgspec would decode: strings, ints, floats,
     /// the step's own mix as written, else a plain one of `mix_fields` where the row has a mix),
     /// and the step's message offset. `TotalsRows.add_record` hands it back for a step the caller
-    /// applies alone: the row's JSON decoded for one step was ~8% of such a step (BENCHMARKS.md,
-    /// hSig). None: no such step (not a group's row, or past its steps), or its last event past
-    /// an int64 (the native rows never hand back such a step alone).
+    /// applies alone: the row's JSON decoded for one step was ~8% of stage 2 on small messages
+    /// (BENCHMARKS.md, hSig). None: no such step (not a group's row, or past its steps), or its
+    /// last event past an int64 (the native rows never hand back such a step alone).
     pub(crate) fn step_row<'py>(
         &self,
         py: Python<'py>,
