@@ -1116,7 +1116,9 @@ class BudgetJob:
         The native `TotalsRows.add_record` adds the common steps, sub-batch by sub-batch, and hands
         back each other row (and each sub-batch's contexts) as its bytes, with the step it stopped
         at, which are decoded here and applied by the reference (`_account_handed`,
-        `_observe_context`), in order.
+        `_observe_context`), in order. A step to apply alone comes as its own row's fields (a
+        tuple, `records.step_row`'s) with its message's offset: nothing decoded for it (the row's
+        JSON decoded and read for one step: ~8% of stage 2 on small messages, BENCHMARKS.md, hSig).
         The stores and pending changes are looked up again after every await (as in
         `_account_rows_natively`). Without the native rows the reference decodes the record whole.
         """
@@ -1134,6 +1136,9 @@ class BudgetJob:
             if contexts:
                 for guard_id, key, inputs in map(ContextRow._make, decoded(payload)):
                     await self._observe_context(guard_id, key, inputs, (partition, offset))
+            elif type(payload) is tuple:  # a step alone: its own row, `offset` its message's
+                if (signal := self._apply(payload, (partition, offset), now)) is not None:
+                    await self._send_signal(signal)
             else:
                 await self._account_handed(decoded(payload), step, alone, (partition, offset), now)
 
@@ -1333,10 +1338,13 @@ class BudgetJob:
         steps = [(step[1], step[3] + step[4]) for step in run]
         return run[: settling_steps(budget, window_start_ns, totals, now, action, steps, bucket_ns)]
 
-    def _apply(self, row: DeltaRow | list[Any], source: tuple[int, int], now: datetime) -> Signal | None:
+    def _apply(
+        self, row: DeltaRow | tuple[Any, ...] | list[Any], source: tuple[int, int], now: datetime
+    ) -> Signal | None:
         """Add one delta row to its window's totals; the signal to publish if the key's action changed.
 
-        `row` is a `DeltaRow` or a wire row of all its fields (a list unpacks the same).
+        `row` is a `DeltaRow`, the tuple of its fields (a step the native rows hand back alone) or
+        a wire row of all its fields (they unpack the same).
         """
         budget_id, key, window_start_ns, amount, spans, first_ns, last_ns, bucket_ns, mix = row
         budget = self._budgets.get(budget_id)

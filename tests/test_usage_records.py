@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from burnguard.stream import partitioner
-from burnguard.stream.accounting import STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
+from burnguard.stream.accounting import MIX_FIELDS, STATE_FIELDS, STATE_LAYOUTS, UsageDelta, WindowTotals
 from burnguard.stream.changelog import encode
 from burnguard.stream.records import (
     RECORD_VERSION,
@@ -23,6 +23,7 @@ from burnguard.stream.records import (
     _combined,
     batches_record,
     combined_row,
+    decoded,
     encode_record,
     keys_record,
     message_rows,
@@ -40,6 +41,9 @@ from hypothesis import strategies as st
 from tests.fixtures.decoders import required_native_combined, required_native_part
 
 ROW = ["tenant-cost", "acme", 0, 1.5, 2, 10, 20, 0]
+#: 24 digits (three of the native reading's eight-digit reads): an int past u64 that a reading
+#: without its overflow checks would take as its value modulo 2**64, an int64.
+BIG_WRAPPING = 10**23 + 12345
 
 
 def test_a_delta_row_is_the_same_json_list_with_or_without_its_mix() -> None:
@@ -360,7 +364,7 @@ def test_the_native_reading_reads_each_row_as_the_reference_decodes_its_bytes() 
         elif roll < 0.6:
             row.append([[n, value, 2, first, 5], [n + 1, -value, 1, last, 0, [1.0, value, 0.0, 0.0]]])
         elif roll < 0.65:
-            row[4] = rng.choice([True, 2**63, -(2**63), 1 << 70])  # not an int64: kept as bytes
+            row[4] = rng.choice([True, 2**63, -(2**63), 1 << 70, BIG_WRAPPING, -(10**40)])  # not int64: bytes
         elif roll < 0.7:
             row = row[:8]
         rows.append(row)
@@ -379,6 +383,81 @@ def test_the_native_reading_reads_each_row_as_the_reference_decodes_its_bytes() 
                 assert floats_and_values(fields) == expected, raw
         taken = sum(fields is not None for _, fields in read)
         assert len(rows) * 0.8 < taken < len(rows), taken
+
+
+#: A group's row's mix: null, `[]` (its steps without their own get a plain mix: it is not None),
+#: floats, or ints (the native reading leaves such a row to the reference).
+_ROW_MIXES = st.sampled_from([None, [], [1.0, 0.0, 2.0, 0.5], [1, 0, 0, 0]])
+#: A step's own mix as written after its five numbers: none, null, `[]`, floats, ints.
+_STEP_MIXES = st.sampled_from([[], [None], [[]], [[0.5, 1.0, 0.0, -0.0]], [[3, 0, 1, 0]]])
+_STEP_AMOUNTS = st.floats(width=64, allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0.0, -0.0, 5e-324, 0.1 + 0.2, 1e22, 1e23, 3, 0]
+)
+
+
+@given(
+    rows=st.lists(
+        st.tuples(
+            _ROW_MIXES,
+            st.sampled_from([None, 0, 60 * 10**9]),
+            st.lists(
+                st.tuples(
+                    st.integers(0, 2**62),
+                    _STEP_AMOUNTS,
+                    st.integers(0, 2**62) | st.just(2**53 + 1),
+                    st.integers(-(2**62), 2**62),
+                    st.integers(0, 2**62),
+                    _STEP_MIXES,
+                ),
+                min_size=1,
+                max_size=5,
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    stdlib=st.booleans(),
+)
+def test_a_step_the_native_rows_hand_back_alone_is_the_row_the_reference_reads(
+    rows: list[tuple[Any, ...]], stdlib: bool
+) -> None:
+    """The fields `TotalsRows.add_record` hands back for a step applied alone (`UsageRecord.step_rows`:
+    the same `WireRow::step_row`) are `step_row` of the row the reference decodes from its bytes,
+    and the step's own offset: value for value and type for type (ints stay ints, floats bit for
+    bit, a plain mix of floats made where the row has a mix, `[]` included, a step's own null or
+    `[]` kept), whether msgspec or the stdlib wrote the record. A row the reading does not take
+    (an int amount or mix) has no step here (the reference decodes it); a step whose last event
+    is past int64 has no fields (the native rows hand its row back whole)."""
+    parse = required_native_part("UsageRecord").parse
+    wire = [
+        ["cost", "acme é", 7, 1.5, 9, 0, 1, bucket, mix, [list(step[:5]) + step[5] for step in steps]]
+        for mix, bucket, steps in rows
+    ]
+    record = batches_record([BatchRecord(0, 5, wire, [])], combined=True)
+    payload = json.dumps(record, ensure_ascii=False).encode() if stdlib else encode_record(record)
+    parsed = parse(payload)
+    assert parsed is not None
+    read = parsed.step_rows(MIX_FIELDS)
+    for raw, step, own in read:
+        row = decoded(raw)
+        expected = step_row(row, row[-1][step])
+        if own is None:  # its last event past int64: never handed back alone (not a row the native rows add)
+            assert expected.last_event_ns >= 2**63
+            continue
+        fields, offset = own
+        assert type(fields) is tuple and offset == row[-1][step][0]
+        assert [floats_and_values(value) for value in fields] == [
+            floats_and_values(value) for value in expected
+        ]
+    taken = [
+        (mix is None or all(type(value) is float for value in mix))
+        and all(
+            type(step[1]) is float and not (step[5] and step[5][0] and type(step[5][0][0]) is int)
+            for step in steps
+        )
+        for mix, _, steps in rows
+    ]
+    assert len(read) == sum(len(steps) for (_, _, steps), took in zip(rows, taken, strict=True) if took)
 
 
 #: A row's number as stage 1 makes it (True) or of another type the native loop leaves to the reference.

@@ -13,7 +13,7 @@
 //! non-empty context array. No Python object is made for a row the native rows add.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 /// A call mix as a row or step writes it: null, `[]`, or a list of floats (its length checked by
 /// `TotalsRows`, which knows `MIX_FIELDS`).
@@ -122,13 +122,7 @@ impl UsageRecord {
     fn read_rows<'py>(&self, py: Python<'py>) -> PyResult<Vec<ReadRow<'py>>> {
         let bytes = self.payload.bind(py).as_bytes();
         let text = |(start, end): (usize, usize)| String::from_utf8_lossy(&bytes[start..end]).into_owned();
-        let mix = |mix: &WireMix| -> PyResult<Bound<'py, PyAny>> {
-            Ok(match mix {
-                WireMix::Null => py.None().into_bound(py),
-                WireMix::Empty => PyList::empty(py).into_any(),
-                WireMix::Floats(values) => PyList::new(py, values)?.into_any(),
-            })
-        };
+        let mix = |mix: &WireMix| mix_value(py, mix);
         let mut out = Vec::new();
         for row in self.batches.iter().flat_map(|batch| &batch.rows) {
             let raw = PyBytes::new(py, &bytes[row.bytes.0..row.bytes.1]);
@@ -167,6 +161,30 @@ impl UsageRecord {
         Ok(out)
     }
 
+    /// Each step of each group's row read into fields: (the row's bytes, the step's index, the
+    /// step's own row as `WireRow::step_row` hands it back, with `mix_fields` for a plain mix):
+    /// what `tests/test_usage_records.py` holds against `records.step_row` of the decoded row.
+    fn step_rows<'py>(&self, py: Python<'py>, mix_fields: usize) -> PyResult<Vec<StepRowRead<'py>>> {
+        let bytes = self.payload.bind(py).as_bytes();
+        let mut out = Vec::new();
+        for row in self.batches.iter().flat_map(|batch| &batch.rows) {
+            let Some(
+                fields @ WireRow {
+                    origin: Origin::Steps(steps),
+                    ..
+                },
+            ) = &row.fields
+            else {
+                continue;
+            };
+            for step in 0..steps.len() {
+                let raw = PyBytes::new(py, &bytes[row.bytes.0..row.bytes.1]);
+                out.push((raw, step, fields.step_row(py, bytes, step, mix_fields)?));
+            }
+        }
+        Ok(out)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> String {
         let bytes = self.payload.bind(py).as_bytes();
         let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]);
@@ -176,6 +194,73 @@ impl UsageRecord {
 
 /// A row's bytes and, where they were read into fields, those fields as a JSON list (`read_rows`).
 type ReadRow<'py> = (Bound<'py, PyBytes>, Option<Bound<'py, PyAny>>);
+
+/// A group's row's bytes, a step's index, and that step's own row (`step_rows`).
+type StepRowRead<'py> = (Bound<'py, PyBytes>, usize, Option<(Bound<'py, PyTuple>, i64)>);
+
+/// A mix as the reference decoder makes it: None, `[]`, or a list of floats.
+fn mix_value<'py>(py: Python<'py>, mix: &WireMix) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match mix {
+        WireMix::Null => py.None().into_bound(py),
+        WireMix::Empty => PyList::empty(py).into_any(),
+        WireMix::Floats(values) => PyList::new(py, values)?.into_any(),
+    })
+}
+
+impl WireRow {
+    /// The delta row that step `step` of this group's row stands for, as the tuple of
+    /// `records.step_row`'s fields (the Python values msgspec would decode: strings, ints, floats,
+    /// the step's own mix as written, else a plain one of `mix_fields` where the row has a mix),
+    /// and the step's message offset. `TotalsRows.add_record` hands it back for a step the caller
+    /// applies alone: the row's JSON decoded for one step was ~8% of stage 2 on small messages
+    /// (BENCHMARKS.md, hSig). None: no such step (not a group's row, or past its steps), or its
+    /// last event past an int64 (the native rows never hand back such a step alone).
+    pub(crate) fn step_row<'py>(
+        &self,
+        py: Python<'py>,
+        bytes: &[u8],
+        step: usize,
+        mix_fields: usize,
+    ) -> PyResult<Option<(Bound<'py, PyTuple>, i64)>> {
+        let Origin::Steps(steps) = &self.origin else {
+            return Ok(None);
+        };
+        let Some(own) = steps.get(step) else {
+            return Ok(None);
+        };
+        let Some(last) = own.first.checked_add(own.span) else {
+            return Ok(None);
+        };
+        let text =
+            |(start, end): (usize, usize)| PyString::new(py, &String::from_utf8_lossy(&bytes[start..end]));
+        let mix = match (&own.mix, &self.mix) {
+            (Some(mix), _) => mix_value(py, mix)?,
+            (None, WireMix::Null) => py.None().into_bound(py),
+            (None, _) => {
+                let mut plain = vec![0.0; mix_fields];
+                if let Some(calls) = plain.first_mut() {
+                    *calls = own.spans as f64; // `float(spans)`: both round to nearest, ties to even
+                }
+                PyList::new(py, plain)?.into_any()
+            }
+        };
+        let fields = PyTuple::new(
+            py,
+            [
+                text(self.budget).into_any(),
+                text(self.key).into_any(),
+                self.start.into_pyobject(py)?.into_any(),
+                own.amount.into_pyobject(py)?.into_any(),
+                own.spans.into_pyobject(py)?.into_any(),
+                own.first.into_pyobject(py)?.into_any(),
+                last.into_pyobject(py)?.into_any(),
+                self.bucket.into_pyobject(py)?.into_any(),
+                mix,
+            ],
+        )?;
+        Ok(Some((fields, own.offset)))
+    }
+}
 
 /// Not taken: the reference decodes the record.
 #[derive(Debug)]
@@ -201,6 +286,25 @@ fn exact_float(digits: u64, shift: i64) -> Option<f64> {
     } else {
         digits / power
     })
+}
+
+/// The value of eight ASCII digits, or None where any byte is not one: core's `dec2flt`
+/// (`is_8digits`, `parse_8digits`, SWAR). The digits of a row's event times and amounts were most
+/// of the record's reading, one multiplication and check per digit (BENCHMARKS.md, hStep).
+fn eight_digits(chunk: &[u8]) -> Option<u64> {
+    let value = u64::from_le_bytes(chunk.try_into().ok()?);
+    let above = value.wrapping_add(0x4646_4646_4646_4646);
+    let below = value.wrapping_sub(0x3030_3030_3030_3030);
+    if (above | below) & 0x8080_8080_8080_8080 != 0 {
+        return None;
+    }
+    const MASK: u64 = 0x0000_00FF_0000_00FF;
+    const MUL1: u64 = 0x000F_4240_0000_0064; // 100 + (1000000 << 32)
+    const MUL2: u64 = 0x0000_2710_0000_0001; // 1 + (10000 << 32)
+    let pairs = below * 10 + (below >> 8); // each byte 0..=9: no overflow
+    let high = (pairs & MASK).wrapping_mul(MUL1);
+    let low = ((pairs >> 16) & MASK).wrapping_mul(MUL2);
+    Some((high.wrapping_add(low) >> 32) & 0xFFFF_FFFF)
 }
 
 /// A JSON number: an int that fits an int64, a float, or an int past int64 (a Python int).
@@ -313,6 +417,16 @@ impl Reader<'_> {
         let mut whole: Option<u64> = Some(0);
         let digits = |at: &mut usize, whole: &mut Option<u64>| {
             let from = *at;
+            while let Some(value) = *whole {
+                let Some(eight) = bytes.get(*at..*at + 8).and_then(eight_digits) else {
+                    break;
+                };
+                // None past u64, as the loop below: a longer number is never below a prefix of it
+                *whole = value
+                    .checked_mul(100_000_000)
+                    .and_then(|value| value.checked_add(eight));
+                *at += 8;
+            }
             while let Some(&byte) = bytes.get(*at).filter(|byte| byte.is_ascii_digit()) {
                 *whole = whole
                     .and_then(|value| value.checked_mul(10))

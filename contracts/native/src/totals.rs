@@ -520,7 +520,9 @@ impl TotalsRows {
     /// else (source partition, source offset, the bytes of that row or context array, whether
     /// they are contexts, the row's step stopped at, whether that step alone is the caller's)),
     /// for the caller to decode and apply in Python, then to call again: the record goes on from
-    /// the row's next step (alone) or from the next row.
+    /// the row's next step (alone) or from the next row. A step alone comes as its own row's
+    /// fields instead of the row's bytes (`WireRow::step_row`: a tuple, nothing to decode), with
+    /// its message's offset as the source offset.
     #[allow(clippy::too_many_arguments)]
     fn add_record<'py>(
         &self,
@@ -553,7 +555,7 @@ impl TotalsRows {
         let mut target: Option<Target<'_, 'py>> = None;
         while let Some(batch) = record.batches.get(record.batch) {
             let handed = |range: (usize, usize), contexts: bool, stop: Stop| {
-                let value = PyBytes::new(py, &bytes[range.0..range.1]);
+                let value = PyBytes::new(py, &bytes[range.0..range.1]).into_any();
                 Some((
                     batch.partition,
                     batch.offset,
@@ -580,7 +582,19 @@ impl TotalsRows {
                     _ => (record.row + 1, 0),
                 };
                 if let Some(stop) = stop {
-                    return Ok((added, handed(row.bytes, false, stop)));
+                    let own = match (&row.fields, stop.alone) {
+                        (Some(fields), true) => fields.step_row(py, bytes, stop.step, self.mix_fields)?,
+                        _ => None,
+                    };
+                    return Ok((
+                        added,
+                        match own {
+                            Some((fields, offset)) => {
+                                Some((batch.partition, offset, fields.into_any(), false, stop.step, true))
+                            }
+                            None => handed(row.bytes, false, stop),
+                        },
+                    ));
                 }
                 continue;
             }
@@ -646,8 +660,9 @@ impl Taken<'_> {
 }
 
 /// A row or context array `add_record` hands back: (source partition, source offset, its bytes,
-/// whether it is a context array, the row's step stopped at, whether that step alone is the caller's).
-type Handed<'py> = (i64, i64, Bound<'py, PyBytes>, bool, usize, bool);
+/// whether it is a context array, the row's step stopped at, whether that step alone is the
+/// caller's); a step alone: (source partition, its message's offset, its row's fields, ...).
+type Handed<'py> = (i64, i64, Bound<'py, PyAny>, bool, usize, bool);
 
 /// The job's budgets, stores and pending changes, as `add` and `add_record` take them.
 struct Stores<'a, 'py> {
