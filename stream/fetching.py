@@ -10,7 +10,8 @@ while stage 1 works through a micro-batch), the next request carries only the id
 for them the broker holds that request for `fetch_max_wait_ms`, which Faust hard-codes to
 1,500 ms, and the busy partitions cannot be fetched again until it returns: the worker idles with
 a backlog waiting in Kafka. A short wait bounds that stall; its price is one empty fetch round
-trip per wait while the worker is idle.
+trip per wait while such records are buffered. With none buffered a fetch may wait longer
+(`wait_longer_when_nothing_is_held`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ YIELD_EVERY_MESSAGES = 100
 #: registrations, a select and a task step each), ~40% of the consumer thread's CPU (BENCHMARKS.md,
 #: "Faust's per-message delivery").
 READER_LIMIT_BYTES = 16 << 20
+#: How long the broker may hold a fetch that names every partition with records to come
+#: (`wait_longer_when_nothing_is_held`); the short wait (`fetch_max_wait_ms`) otherwise.
+IDLE_FETCH_WAIT_MS = 500
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -52,9 +56,16 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
     async def on_start(self) -> None:
         await super().on_start()
+        fetcher = self._consumer._fetcher  # type: ignore[union-attr]
         sizes = self.transport.topic_partition_bytes  # type: ignore[attr-defined]
         if sizes:
-            size_fetches(self._consumer._fetcher, sizes)  # type: ignore[union-attr]
+            size_fetches(fetcher, sizes)
+        faust_consumer = self.consumer
+        wait_longer_when_nothing_is_held(
+            fetcher,
+            lambda: faust_consumer._paused_partitions,
+            max(IDLE_FETCH_WAIT_MS, self.transport.fetch_max_wait_ms),  # type: ignore[attr-defined]
+        )
 
 
 def size_fetches(fetcher: Any, sizes: Mapping[str, int]) -> None:
@@ -79,6 +90,45 @@ def size_fetches(fetcher: Any, sizes: Mapping[str, int]) -> None:
         return planned
 
     fetcher._get_actions_per_node = sized
+
+
+def wait_longer_when_nothing_is_held(
+    fetcher: Any, paused: Callable[[], Collection[Any]], wait_ms: int
+) -> None:
+    """Let the broker hold `fetcher`'s requests `wait_ms` when they name every partition that may be
+    handed over next: none waits in aiokafka's buffer for the worker to take it.
+
+    The short fetch wait bounds one stall: a request for the idle partitions in flight while a busy
+    partition's buffered records are taken, which is fetched again only once that request is back
+    (the module's docstring). With nothing buffered that Faust will take (its paused partitions'
+    records, e.g. its tables' changelogs after recovery, are never taken) every partition that can
+    have news is named in the request, and the broker answers it as soon as any of them has a
+    record: a longer wait delays nothing that comes, and an idle or caught-up worker makes one empty
+    fetch per `wait_ms` instead of one per short wait, each a round trip through the consumer
+    thread (~1 ms of its CPU, most of it the send and the epoll wake-up; BENCHMARKS.md, "The
+    consumer thread's empty fetches"). What it can delay, by `wait_ms` at most: a partition seeked
+    or reset while the request waits, and one Faust resumes after its buffered records were taken.
+    `paused()` is Faust's set, read by membership only (its `TP`s equal aiokafka's as tuples).
+    """
+    actions = getattr(fetcher, "_get_actions_per_node", None)
+    if actions is None or not hasattr(fetcher, "_records"):  # the wait would stay short in silence
+        raise RuntimeError(
+            "aiokafka fetcher without _get_actions_per_node or _records: update stream/fetching.py"
+        )
+
+    def planned(assignment: Any) -> Any:
+        plan = actions(assignment)
+        if plan[0] and not holds_records_to_take(fetcher._records, paused()):
+            for _node, request in plan[0]:
+                request._max_wait_ms = wait_ms
+        return plan
+
+    fetcher._get_actions_per_node = planned
+
+
+def holds_records_to_take(buffered: Collection[Any], paused: Collection[Any]) -> bool:
+    """Whether aiokafka's buffer holds a partition's fetch that Faust will take (not one it paused)."""
+    return any(tp not in paused for tp in buffered)
 
 
 class _Consumer(driver.Consumer):

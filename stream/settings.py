@@ -75,8 +75,9 @@ class StreamSettings:
     duplicate_window: timedelta = timedelta(seconds=120)
     #: How long the broker may hold a fetch that has no data yet (Faust hard-codes 1.5 s). aiokafka
     #: sends one fetch at a time per broker, so while a fetch for idle partitions waits, a busy
-    #: partition is not fetched: this bounds that stall (`stream/fetching.py`). Idle, the worker
-    #: makes one empty fetch per wait.
+    #: partition is not fetched: this bounds that stall (`stream/fetching.py`). It is the wait
+    #: while a partition's records are buffered; with none buffered a fetch waits
+    #: `fetching.IDLE_FETCH_WAIT_MS` (500 ms, or this if longer): idle, two empty fetches a second.
     fetch_max_wait: timedelta = timedelta(milliseconds=20)
     #: At most this many bytes per partition per fetch (Faust's `consumer_max_fetch_size`); the
     #: consumer buffers at most one fetch per assigned partition, so memory <= this x partitions.

@@ -289,3 +289,65 @@ def test_the_worker_sizes_spans_fetches_from_the_environment(
     job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0))))
     assert job.app.transport.topic_partition_bytes == {settings.topics.spans: 6 << 20}
     assert StreamSettings.fetch_spans_partition_bytes == 5 << 20
+
+
+def _planned_fetch(assignment: Any) -> tuple[list[tuple[int, FetchRequest]], dict, float, bool, list]:
+    topics = [("otlp_spans", [(0, 7, 1 << 20)]), ("usage", [(0, 3, 1 << 20)])]
+    return (
+        [(1, FetchRequest(20, 1, 50 << 20, 0, topics)), (2, FetchRequest(20, 1, 50 << 20, 0, []))],
+        {},
+        0.1,
+        False,
+        [],
+    )
+
+
+def test_a_fetch_naming_every_partition_with_records_to_come_waits_long_one_with_records_held_short() -> None:
+    spans0, changelog0 = TP("otlp_spans", 0), TP("totals-changelog", 0)
+    paused = {changelog0}  # Faust's: after recovery, its tables' changelogs
+    fetcher = SimpleNamespace(_get_actions_per_node=_planned_fetch, _records={})
+    fetching.wait_longer_when_nothing_is_held(fetcher, lambda: paused, 500)
+
+    def waits() -> list[int]:
+        requests, *rest = fetcher._get_actions_per_node(None)
+        assert rest == [{}, 0.1, False, []]
+        return [request._max_wait_ms for _, request in requests]
+
+    assert waits() == [500, 500]  # nothing buffered: every partition that can have news is named
+    fetcher._records = {changelog0: "a fetch Faust never takes"}
+    assert waits() == [500, 500]
+    # a busy partition's records wait to be taken: the others' fetch keeps the short wait, so the
+    # busy one is fetched again at most that long after they are taken
+    fetcher._records = {changelog0: "never taken", spans0: "to be taken"}
+    assert waits() == [20, 20]
+    paused.add(spans0)  # Faust paused it too: its records are not taken before a resume
+    assert waits() == [500, 500]
+    with pytest.raises(RuntimeError, match="_get_actions_per_node"):
+        fetching.wait_longer_when_nothing_is_held(SimpleNamespace(_records={}), lambda: paused, 500)
+    with pytest.raises(RuntimeError, match="_records"):
+        fetching.wait_longer_when_nothing_is_held(
+            SimpleNamespace(_get_actions_per_node=_planned_fetch), set, 500
+        )
+
+
+@pytest.mark.parametrize(("short_ms", "long_ms"), [("20", 500), ("800", 800)])
+def test_the_workers_consumer_thread_waits_long_when_nothing_is_held_never_below_its_short_wait(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, short_ms: str, long_ms: int
+) -> None:
+    monkeypatch.setenv("BURNGUARD_FETCH_MAX_WAIT_MS", short_ms)
+    settings = StreamSettings.from_env()
+    settings.data_dir = tmp_path / "stream"
+    job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0))))
+    thread = job.app.consumer._thread
+
+    async def started_elsewhere(self: Any) -> None:  # aiokafka's start: a broker
+        return None
+
+    monkeypatch.setattr(fetching.driver.AIOKafkaConsumerThread, "on_start", started_elsewhere)
+    fetcher = SimpleNamespace(_get_actions_per_node=_planned_fetch, _records={})
+    thread._consumer = SimpleNamespace(_fetcher=fetcher)
+    asyncio.run(thread.on_start())
+    requests, *_ = fetcher._get_actions_per_node(None)
+    assert [request._max_wait_ms for _, request in requests] == [long_ms, long_ms]
+    # and the spans partitions still at their own size (`size_fetches`, installed first)
+    assert requests[0][1].topics[0] == ("otlp_spans", [(0, 7, settings.fetch_spans_partition_bytes)])
