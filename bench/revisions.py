@@ -12,7 +12,8 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,6 +97,15 @@ def alternating_runs(
                 runs["old"].append(run_old(old_path))
             runs["new"].append(run_new())
     return runs
+
+
+def in_run_order(runs: dict[str, list[T]]) -> Iterator[tuple[str, T]]:
+    """`alternating_runs`' results as ("old" | "new", result) in the order they ran: reports of a
+    pair stay side by side."""
+    for old, new in zip_longest(runs["old"], runs["new"]):
+        if old is not None:
+            yield "old", old
+        yield "new", new
 
 
 def child_result(command: Sequence[str], pythonpath: Path | None) -> dict[str, Any]:

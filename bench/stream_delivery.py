@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from pipeline_setup import (
     note,
     produce_all,
 )
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, in_run_order
 from span_load import SpanMix
 from thread_cpu import ThreadSampler, find_py_spy
 
@@ -139,10 +138,8 @@ def main() -> None:
         args.compare, args.rounds, ("contracts", "stream"), lambda: run(args), lambda old: run(args, old)
     )
     print(f"machine: {machine_note()}")
-    for old, new in zip_longest(runs["old"], runs["new"]):
-        if old is not None:
-            report(old, "old")
-        report(new, "new")
+    for side, result in in_run_order(runs):
+        report(result, side)
 
 
 if __name__ == "__main__":

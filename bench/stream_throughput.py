@@ -58,7 +58,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ from pipeline_setup import (
     read_topic,
     topic_sizes,
 )
-from revisions import add_compare_arguments, alternating_runs
+from revisions import add_compare_arguments, alternating_runs, in_run_order
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 from thread_cpu import ThreadSampler, ThreadSplit, find_py_spy
 
@@ -484,10 +483,8 @@ def main() -> None:
     runs = alternating_runs(
         args.compare, args.rounds, components, lambda: one_run(args), lambda old: one_run(args, old)
     )
-    for old, new in zip_longest(runs["old"], runs["new"]):
-        if old is not None:
-            report(args, old, "old")
-        report(args, new, "new")
+    for code, result in in_run_order(runs):
+        report(args, result, code)
 
 
 def one_run(args: argparse.Namespace, code: Path | None = None) -> dict[str, float]:

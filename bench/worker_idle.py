@@ -18,12 +18,11 @@ import argparse
 import os
 import sys
 import time
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 from pipeline_setup import BenchPipeline, load_average, machine_note, note
-from revisions import BENCH_DIR, add_compare_arguments, alternating_runs
+from revisions import BENCH_DIR, add_compare_arguments, alternating_runs, in_run_order
 from span_load import BUDGETS_YAML
 from thread_cpu import ThreadSampler, find_py_spy
 
@@ -83,10 +82,8 @@ def main() -> None:
             lambda old: run(pipeline, args, old),
         )
     print(f"machine: {machine_note()}")
-    for old, new in zip_longest(runs["old"], runs["new"]):
-        if old is not None:
-            report(old, "old")
-        report(new, "new")
+    for code, result in in_run_order(runs):
+        report(result, code)
 
 
 if __name__ == "__main__":
