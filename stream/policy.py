@@ -19,6 +19,7 @@ from burnguard.stream.accounting import (
     MIX_ESCALATION_USD,
     MIX_FALLBACKS,
     MIX_REFUSED,
+    NS_PER_MINUTE,
     RECENT_MINUTES,
     ContextGrowth,
     WindowTotals,
@@ -32,6 +33,8 @@ _NS = 1_000_000_000
 _MIN_RATE_SPAN = timedelta(minutes=1)
 _MIN_RATE_NS = 60 * _NS
 _MIN_RATE_HOURS = _MIN_RATE_SPAN.total_seconds() / 3600
+#: The burn rate's look-back (`RECENT_MINUTES`) in ns.
+_RECENT_NS = RECENT_MINUTES * 60 * _NS
 
 
 def _from_ns(ns: int) -> datetime:
@@ -69,8 +72,8 @@ def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
 
 def _burn_rate(totals: WindowTotals, now_ns: int) -> float:
     """`burn_rate_per_hour` of totals with spans, at `now_ns` (`now` as the callers turn it into ns)."""
-    since_ns = max(now_ns - RECENT_MINUTES * 60 * _NS, totals.first_event_ns)
-    return totals.recent_spend(since_ns) / _rate_hours(now_ns - since_ns)
+    since_ns = max(now_ns - _RECENT_NS, totals.first_event_ns)
+    return totals.recent.total(since_ns // NS_PER_MINUTE) / _rate_hours(now_ns - since_ns)  # `recent_spend`
 
 
 def _rate_hours(elapsed_ns: int) -> float:
