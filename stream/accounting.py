@@ -263,7 +263,16 @@ class Ring:
         return [(lowest + offset, amount) for offset, amount in enumerate(amounts) if amount]
 
     def total(self, first: int) -> float:
-        return sum(self._since(first)[1])
+        """`sum(self._since(first)[1])`, the same slots in the same order without the call and its
+        tuple: every signal's burn rate asks it."""
+        amounts = self.amounts
+        size = len(amounts)
+        newest = self.newest
+        lowest = max(first, newest - size + 1)
+        if lowest > newest:
+            return 0  # `sum` of no slots
+        start, end = lowest % size, newest % size + 1
+        return sum(amounts[start:end] if start < end else amounts[start:] + amounts[:end])
 
     def to_state(self) -> list[Any]:
         """[newest, [amounts from the oldest non-empty slot to the newest]]: short for sparse rings.

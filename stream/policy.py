@@ -19,6 +19,7 @@ from burnguard.stream.accounting import (
     MIX_ESCALATION_USD,
     MIX_FALLBACKS,
     MIX_REFUSED,
+    NS_PER_MINUTE,
     RECENT_MINUTES,
     ContextGrowth,
     WindowTotals,
@@ -32,10 +33,30 @@ _NS = 1_000_000_000
 _MIN_RATE_SPAN = timedelta(minutes=1)
 _MIN_RATE_NS = 60 * _NS
 _MIN_RATE_HOURS = _MIN_RATE_SPAN.total_seconds() / 3600
+#: The burn rate's look-back (`RECENT_MINUTES`) in ns.
+_RECENT_NS = RECENT_MINUTES * 60 * _NS
 
 
 def _from_ns(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / _NS, UTC)
+
+
+#: The clock `_now_ns` turned into ns last, and its ns (the datetime held: its id is not reused).
+_last_clock: tuple[datetime | None, int] = (None, 0)
+
+
+def _now_ns(now: datetime) -> int:
+    """`int(now.timestamp() * _NS)`, kept for the last `now` object.
+
+    Stage 2 decides every row of a record against one `now` (`BudgetJob._account_rows`), and an
+    aware datetime's `timestamp()` is ~0.5 us of a signal: the same object gives the same ns.
+    """
+    global _last_clock
+    last, ns = _last_clock
+    if now is not last:
+        ns = int(now.timestamp() * _NS)
+        _last_clock = (now, ns)
+    return ns
 
 
 def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
@@ -51,8 +72,8 @@ def burn_rate_per_hour(totals: WindowTotals, now: datetime) -> float:
 
 def _burn_rate(totals: WindowTotals, now_ns: int) -> float:
     """`burn_rate_per_hour` of totals with spans, at `now_ns` (`now` as the callers turn it into ns)."""
-    since_ns = max(now_ns - RECENT_MINUTES * 60 * _NS, totals.first_event_ns)
-    return totals.recent_spend(since_ns) / _rate_hours(now_ns - since_ns)
+    since_ns = max(now_ns - _RECENT_NS, totals.first_event_ns)
+    return totals.recent.total(since_ns // NS_PER_MINUTE) / _rate_hours(now_ns - since_ns)  # `recent_spend`
 
 
 def _rate_hours(elapsed_ns: int) -> float:
@@ -124,7 +145,7 @@ def _decide(budget: Budget, window_start_ns: int, totals: WindowTotals, now: dat
     """
     windows, now_ns = _windows_of(budget), None
     if windows.rolling:
-        now_ns = int(now.timestamp() * _NS)
+        now_ns = _now_ns(now)
         spent, open_ = totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns), True
     else:  # a calendar or session window, its end looked up once per window
         spent, open_ = totals.spent, now < windows.end(window_start_ns)
@@ -144,7 +165,7 @@ def _signal_of(
     """`signal_for_window` from its decision (`_decide` of the same budget, window, totals and clock)."""
     windows, now_ns, spent, ratio, _, rung = decided
     if now_ns is None:
-        now_ns = int(now.timestamp() * _NS)
+        now_ns = _now_ns(now)
     rolling = windows.rolling
     if rolling:
         start = _from_ns(now_ns - rolling)
@@ -157,7 +178,8 @@ def _signal_of(
     if exhaustion is not None and exhaustion >= end:
         exhaustion = None  # the window ends first
     downgrade_to = rung.to if rung is not None and rung.do == "downgrade" else None
-    predicted = _predicts_downgrade(budget, ratio, action, exhaustion, now, end)
+    # most budgets do not forecast: the call and its five other arguments only for those that do
+    predicted = budget.forecast.downgrade and _predicts_downgrade(budget, ratio, action, exhaustion, now, end)
     if predicted:
         action, downgrade_to = "downgrade", budget.downgrade_class
     calendar_start = None if rolling else window_start_ns
@@ -692,7 +714,7 @@ def _rolling_reset(budget: Budget, totals: WindowTotals, now: datetime, rung_at:
     """
     windows = _windows_of(budget)
     rolling_ns, bucket_ns = windows.rolling, windows.bucket_ns
-    now_ns = int(now.timestamp() * _NS)
+    now_ns = _now_ns(now)
     buckets = totals.rolling_buckets(now_ns, rolling_ns, bucket_ns)
     remaining = sum(amount for _, amount in buckets)
     for index, amount in buckets:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from burnguard.contracts.compacted_topics import CompactedTopicFollower
 from burnguard.contracts.signal_checkpoints import CLOCK_MARGIN, matters_until, part_key, split_checkpoint
@@ -39,9 +38,12 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class _Kept:
-    """A key's latest record that can still matter, and until when it does."""
+class _Kept(NamedTuple):
+    """A key's latest record that can still matter, and until when it does.
+
+    One per signal read back, on the writer's thread (which competes with the worker's loop for
+    the GIL): a named tuple is made in ~half the time of a frozen dataclass.
+    """
 
     value: bytes
     until: datetime

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from typing import Any
@@ -341,3 +343,24 @@ def test_of_fields_validates_what_it_cannot_vouch_for(monkeypatch: pytest.Monkey
 def test_of_fields_at_each_checked_field_s_edges(field: str, value: Any) -> None:
     """Each value `of_fields` checks, alone off the plain: what `Signal(...)` makes of it, or refuses."""
     _assert_of_fields_is_validations({"v": 1, **make_signal().model_dump(exclude={"v"}), field: value})
+
+
+@pytest.mark.parametrize(
+    "copied",
+    [
+        lambda s: s.model_copy(update={"spent": 1e16}),
+        lambda s: s.model_copy(update={"ratio": math.inf}, deep=True),
+        lambda s: copy.copy(s).model_copy(update={"limit": 1e300}),
+        lambda s: pickle.loads(pickle.dumps(s)).model_copy(update={"burn_rate_per_hour": 2e16}),
+        lambda s: copy.deepcopy(s).model_copy(update={"spent": math.nan}),
+    ],
+)
+def test_a_copy_of_a_vouched_signal_is_checked_again(copied: Any) -> None:
+    """`to_json` skips its checks for the signal `of_fields` built unvalidated (its fields set says so),
+    and for no copy of it: a copy with a number msgspec writes otherwise is written by pydantic."""
+    signal = Signal.of_fields({"v": 1, **make_signal().model_dump(exclude={"v"})})
+    assert signal.to_json() == signal.model_dump_json().encode()
+    assert signal.model_fields_set == make_signal().model_fields_set
+    other = copied(signal)
+    assert type(other.model_fields_set) is set
+    assert other.to_json() == other.model_dump_json().encode()
