@@ -583,7 +583,8 @@ class BudgetJob:
         first_reading = message.offset > self._read_up_to.get(message.partition, -1)
         if first_reading:
             self._read_up_to[message.partition] = message.offset
-        if self._is_a_copy(event, first_reading):
+        record_ns = int(message.timestamp * _NS)  # the broker's time (LogAppendTime)
+        if self._is_a_copy(event, first_reading, record_ns):
             return
         try:
             decoded = decode_spans(event.value, self.limits)
@@ -593,7 +594,7 @@ class BudgetJob:
         for rejected in decoded.rejected:
             self._reject(event, rejected)
         usages = decoded.usages
-        latest_ns = self._trust_clock(event, decoded, first_reading)
+        latest_ns = self._trust_clock(event, decoded, first_reading, record_ns)
         if latest_ns > self._latest_event_ns:
             self._latest_event_ns = latest_ns
         accounted = self._message_rows(event, usages, first_reading)
@@ -667,7 +668,6 @@ class BudgetJob:
         Its rows are `usage_rows`' lists, or with combining and a native group (`records.new_group_rows`)
         perhaps the native loop's `MessageRows`, which only that group reads.
         """
-        source = (event.message.partition, event.message.offset)
         closed_before_ns = self._slice_closed_before_ns
         if closed_before_ns is None:  # called alone, outside `_ingest_events`
             closed_before_ns = self._closed_before_ns()
@@ -680,14 +680,16 @@ class BudgetJob:
             stats = self.stats if first_reading else None  # a re-reading is counted once, before
             rows = summed(usages, self.config, self.prices, stats, closed_before_ns)
         except Exception as exc:  # a span that breaks accounting must not stop the partition
-            logger.exception("could not account the batch at %s", source)
+            logger.exception(
+                "could not account the batch at %s", (event.message.partition, event.message.offset)
+            )
             self._dead_letter_later(event, f"accounting failed: {type(exc).__name__}: {exc}")
             return None
         if self.stats.too_late > too_late:
             logger.warning(
                 "%d span budget counts at %s arrived after their window closed (allowed lateness %s)",
                 self.stats.too_late - too_late,
-                source,
+                (event.message.partition, event.message.offset),
                 self.settings.allowed_lateness,
             )
         if self.stats.unpriced > unpriced:
@@ -705,13 +707,13 @@ class BudgetJob:
             logger.warning("could not read back before %s: %r", _coordinates(event), exc)
         self.recent.primed.add(partition)
 
-    def _is_a_copy(self, event: Any, first_reading: bool) -> bool:
+    def _is_a_copy(self, event: Any, first_reading: bool, record_ns: int) -> bool:
         """Whether the message repeats the bytes of an earlier one of its partition (a producer retry).
 
-        The partition's digests are primed before (`_prime`).
+        The partition's digests are primed before (`_prime`). `record_ns`: the message's record time.
         """
         message = event.message
-        partition, record_ns = message.partition, int(message.timestamp * _NS)
+        partition = message.partition
         if not event.value or not isinstance(event.value, bytes):
             return False  # an empty message is dead-lettered, not compared
         earlier = self.recent.earlier_copy(partition, digest(event.value), message.offset, record_ns)
@@ -728,8 +730,8 @@ class BudgetJob:
         if self._dead_letter_later(event, rejected.reason, rejected.request, rejected.index, rejected.kind):
             self.rejected[rejected.kind] = self.rejected.get(rejected.kind, 0) + 1
 
-    def _trust_clock(self, event: Any, decoded: DecodedSpans, first_reading: bool) -> int:
-        """Spans stamped outside the skew around the record's broker time count at that time.
+    def _trust_clock(self, event: Any, decoded: DecodedSpans, first_reading: bool, record_ns: int) -> int:
+        """Spans stamped outside the skew around the record's broker time (`record_ns`) count at that time.
 
         Returns the latest event time of the message's spans after that (0 if none).
         """
@@ -741,7 +743,6 @@ class BudgetJob:
                 "clock; create the topic with message.timestamp.type=LogAppendTime",
                 message.topic,
             )
-        record_ns = int(message.timestamp * _NS)
         ahead, behind = self.limits.clock_ahead_ns, self._lateness_ns
         moved, latest_ns = correct_clocks(decoded.usages, record_ns, ahead, behind)
         if moved and first_reading:
