@@ -232,9 +232,22 @@ def detect_format(payload: bytes) -> str:
 
     Only a guess: 0x0A is also a newline, so a protobuf request whose first `resource_spans`
     is 123 bytes long (a length written as `{`) looks like JSON; `parse_request` copes.
+
+    The first byte past ASCII whitespace (what `bytes.lstrip` strips), found in the first few
+    bytes without copying the message (a protobuf request's is its second byte, 0x0A being a
+    newline); only a message that starts with more whitespace than that is stripped.
     """
-    stripped = payload.lstrip()
-    return OTLP_JSON if stripped[:1] == b"{" else OTLP_PROTO
+    for byte in payload[:_FORMAT_LOOKAHEAD]:
+        if byte not in _ASCII_WHITESPACE:
+            return OTLP_JSON if byte == _JSON_START else OTLP_PROTO
+    return OTLP_JSON if payload.lstrip()[:1] == b"{" else OTLP_PROTO
+
+
+#: The bytes `bytes.lstrip()` strips, and the byte that starts a JSON request.
+_ASCII_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+_JSON_START = ord("{")
+#: The bytes `detect_format` looks at before it strips the message's whitespace instead.
+_FORMAT_LOOKAHEAD = 8
 
 
 def parse_request(payload: bytes) -> tuple[Message, bytes]:
@@ -600,8 +613,11 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
     limits (`span_problem` may reject it): then the reference (`check_spans`) decodes the
     message, so a rejection's reason and one-span request are made in one place.
     """
+    global _ceilings_of
+    if _ceilings_of[0] is not limits:  # the same limits for every message of a process
+        _ceilings_of = (limits, limits.ceilings())
     try:
-        usages = _native.decode(payload, limits.ceilings())
+        usages = _native.decode(payload, _ceilings_of[1])
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
         _native_failed(exc)
         return None
@@ -609,6 +625,9 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
         return None
     return DecodedSpans(usages)
 
+
+#: The last limits `_natively_decoded` was given, and their `ceilings()` (a frozen dataclass: made once).
+_ceilings_of: tuple[SpanLimits | None, tuple[float, int, int]] = (None, (0.0, 0, 0))
 
 #: What every marker key starts with, as it stands in a protobuf message (a string field's UTF-8
 #: bytes, unescaped): a message without it holds no marker.

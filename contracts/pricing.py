@@ -58,6 +58,8 @@ class Rate:
     tiers: tuple[tuple[int, float], ...] = ()
 
     def at(self, total_input_tokens: int) -> float:
+        if not self.tiers:  # most models: no reversed() iterator per call (stage 1 prices per span)
+            return self.base
         for start, price in reversed(self.tiers):
             if total_input_tokens > start:
                 return price

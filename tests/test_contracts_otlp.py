@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from typing import Any
 
@@ -508,3 +509,17 @@ def test_a_message_without_genai_spans_decodes_to_nothing_and_is_still_checked_w
     )
     decoded = decode_spans(mixed)
     assert [(r.index, r.kind) for r in decoded.rejected] == [(1, "negative")] and decoded.usages == []
+
+
+@pytest.mark.parametrize("length", range(12))
+def test_the_format_is_guessed_from_the_first_byte_past_whitespace_as_lstrip_finds_it(length: int) -> None:
+    """`detect_format` looks at a few bytes instead of stripping a copy: the same guess for every
+    start of whitespace (each ASCII one, and bytes that are not whitespace) before `{`, 0x0A or else."""
+    alphabet = b" \t\n\r\x0b\x0c\x1c\x85\xa0{\x00"
+    for start in itertools.product(alphabet, repeat=min(length, 3)):
+        head = bytes(start) + b" " * max(length - 3, 0)
+        for tail in (b"", b"{", b"\n\x05", b"\x0a{", b"x"):
+            payload = head + tail
+            expected = OTLP_JSON if payload.lstrip()[:1] == b"{" else OTLP_PROTO
+            assert detect_format(payload) == expected, payload
+            assert detect_format(bytearray(payload)) == expected, payload

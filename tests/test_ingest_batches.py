@@ -11,9 +11,11 @@ import gc
 import json
 import math
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import burnguard.stream.app as app_module
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
@@ -106,6 +108,36 @@ def test_dead_letters_of_a_batch_whose_send_failed_are_parked_on_the_re_reading(
     asyncio.run(job._ingest_batch(events))  # not acked, so read again
     parked = [dict(headers) for topic, *_, headers in sent if topic == job.settings.topics.deadletter]
     assert [h[SOURCE_HEADER] for h in parked] == [b"otlp_spans/0/0"]
+
+
+@pytest.mark.parametrize("one_slice", [True, False])
+def test_the_lateness_cut_off_is_read_once_per_slice_of_work(
+    job: tuple[BudgetJob, list[tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch, one_slice: bool
+) -> None:
+    """`_ingest_events` reads the clock for the cut-off at a slice's start and after each await, not
+    per message: within a slice every message is judged at that reading (here a clock that jumps
+    three days at its second reading would have made the later messages' spans too late); with a
+    slice per message, each message reads it anew, as every message did before."""
+    job, _ = job
+    readings: list[datetime] = []
+    start = datetime.now(UTC)
+
+    def clock() -> datetime:
+        readings.append(start if not readings else start + timedelta(days=3))
+        return readings[-1]
+
+    monkeypatch.setattr(app_module, "_now", clock)
+    monkeypatch.setattr(app_module, "INGEST_SLICE_S", 3600.0 if one_slice else -1.0)
+    now = time.time()
+    events = [
+        Event(Message(offset % 2, offset // 2, timestamp=now), message([good(f"t{offset}")]))
+        for offset in range(4)
+    ]
+    asyncio.run(job._ingest_batch(events))
+    assert len(readings) == (1 if one_slice else 1 + len(events))
+    assert job.stats.spans == len(events)
+    assert job.stats.too_late == (0 if one_slice else len(events) - 1)  # the first message read `start`
+    assert job._slice_closed_before_ns is None  # a message ingested alone reads the clock itself
 
 
 def test_the_worker_scans_young_objects_less_often_and_keeps_the_older_thresholds() -> None:
