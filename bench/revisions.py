@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -106,6 +107,22 @@ def in_run_order(runs: dict[str, list[T]]) -> Iterator[tuple[str, T]]:
         if old is not None:
             yield "old", old
         yield "new", new
+
+
+def paired_ratios(runs: dict[str, list[T]], figure: Callable[[T], float]) -> list[float]:
+    """new / old of `figure` for each round of `alternating_runs` (its old run, then its new one).
+
+    One run of the worker moves ±10% on this machine (BENCHMARKS.md, "Session 38 end to end"):
+    a step of a few percent shows only in the spread of many rounds' pairs, each pair taken
+    minutes apart under the same drift.
+    """
+    return [figure(new) / figure(old) for old, new in zip(runs["old"], runs["new"], strict=False)]
+
+
+def ratio_summary(name: str, ratios: Sequence[float]) -> str:
+    """`NAME_median=… NAME_low=… NAME_high=…` of per-round ratios, for a RESULT line."""
+    median, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    return f"{name}_median={median:.3f} {name}_low={low:.3f} {name}_high={high:.3f}"
 
 
 def child_result(command: Sequence[str], pythonpath: Path | None) -> dict[str, Any]:

@@ -30,7 +30,9 @@ sent. Without it the worker starts on a pre-filled topic: a catch-up (stage 1 co
 messages as live ones, `records.GroupRows`; before 2026-12-02 it sent them one by one, and
 before that combining was off by default). `--compare REV` runs the worker of git revision REV (its
 `contracts` and `stream`) on a fresh broker with the same load before this checkout's, `--rounds`
-times alternating, and prints a RESULT line for each run (`code=old|new`).
+times alternating, and prints a RESULT line for each run (`code=old|new`); with two rounds or
+more also one `stream_throughput_pairs` line, the median, lowest and highest of the rounds' new/old
+ratios (one run moves ±10%: a step of a few percent needs `--rounds 6` or so to show).
 
 `--plain-fraction 0.9` is a Collector firehose (90% non-GenAI spans); `--batch-min 10
 --batch-max 20` the small messages `KafkaSpanExporter` writes for many tenants. Printed
@@ -75,7 +77,7 @@ from pipeline_setup import (
     read_topic,
     topic_sizes,
 )
-from revisions import add_compare_arguments, alternating_runs, in_run_order
+from revisions import add_compare_arguments, alternating_runs, in_run_order, paired_ratios, ratio_summary
 from span_load import BUDGETS_YAML, SpanMix, count_spans
 from thread_cpu import ThreadSampler, ThreadSplit, find_py_spy
 
@@ -485,6 +487,20 @@ def main() -> None:
     )
     for code, result in in_run_order(runs):
         report(args, result, code)
+    if len(runs["old"]) > 1:
+        report_pairs(runs)
+
+
+def report_pairs(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """The spread of the rounds' new/old ratios of spans/s and of spans per worker CPU-second
+    (above 1: the new code is faster, or spends less CPU per span)."""
+    speed = paired_ratios(runs, lambda run: run["spans_per_s"])
+    cpu = paired_ratios(runs, lambda run: run["spans_per_cpu_s"])
+    print(f"\n{len(speed)} pairs, new/old spans/s: " + ", ".join(f"{ratio:.3f}" for ratio in speed))
+    print(
+        f"RESULT stream_throughput_pairs pairs={len(speed)} {ratio_summary('speedup', speed)} "
+        f"{ratio_summary('cpu_speedup', cpu)}"
+    )
 
 
 def one_run(args: argparse.Namespace, code: Path | None = None) -> dict[str, float]:
