@@ -322,8 +322,6 @@ class BudgetJob:
         self._lateness_ns = int(settings.allowed_lateness.total_seconds() * _NS)
         #: the latest trusted event time stage 1 decoded: a sweep's clock when ahead of the wall's
         self._latest_event_ns = 0
-        #: while `_ingest_events` runs: the lateness cut-off of its current slice of work, else None
-        self._slice_closed_before_ns: int | None = None
         #: entries forgotten by sweeps, per table; deltas refused because their window was forgotten
         self.evicted: dict[str, int] = {}
         self.late_after_eviction = 0
@@ -464,10 +462,7 @@ class BudgetJob:
         reads = in_order_reads(self.app.consumer)
         began_at = self.deliveries.refusals
         first: dict[Any, int] = {}  # per partition, the lowest offset admitted: read again if the send fails
-        try:
-            await self._ingest_events(events, batch, groups, reads, first)
-        finally:
-            self._slice_closed_before_ns = None
+        await self._ingest_events(events, batch, groups, reads, first)
         self._close_groups(groups, batch, reads, first)
         covers = {tp: reads.expected[tp] for tp in first if tp in reads.expected}
         if not await self.deliveries.previous_delivered(began_at):
@@ -512,7 +507,7 @@ class BudgetJob:
         those milliseconds sooner. (`test_ingest_batches.py` pins one reading per slice.)
         """
         sliced = time.perf_counter()
-        self._slice_closed_before_ns = self._closed_before_ns()
+        closed_before_ns = self._closed_before_ns()
         config = self.config
         for event in events:
             message = event.message
@@ -524,15 +519,15 @@ class BudgetJob:
                 first[tp] = offset
             if message.partition not in self.recent.primed:
                 await self._prime(event)
-                self._slice_closed_before_ns = self._closed_before_ns()
+                closed_before_ns = self._closed_before_ns()
             if self.dead_letters.stale:
                 await self._catch_up_dead_letters()
-                self._slice_closed_before_ns = self._closed_before_ns()
+                closed_before_ns = self._closed_before_ns()
             if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
                 config = self.config
                 self._close_groups(groups, batch, reads, first)
             try:
-                self._ingest_one(event, batch, groups)
+                self._ingest_one(event, batch, groups, closed_before_ns)
             except Exception as exc:  # nothing in one message may stop the partition
                 self.agent_errors += 1
                 logger.exception("could not ingest %s", _coordinates(event))
@@ -540,7 +535,7 @@ class BudgetJob:
             if time.perf_counter() - sliced > INGEST_SLICE_S:
                 await _yield_to_the_loop()
                 sliced = time.perf_counter()
-                self._slice_closed_before_ns = self._closed_before_ns()
+                closed_before_ns = self._closed_before_ns()
 
     def _drop_micro_batch(self, reads: InOrderReads, first: dict[Any, int]) -> None:
         """Forget the micro-batch's records unsent and read its partitions again from `first`."""
@@ -573,11 +568,15 @@ class BudgetJob:
         except Exception:
             logger.exception("could not dead-letter %s (%s)", _coordinates(event), reason)
 
-    def _ingest_one(self, event: Any, batch: MicroBatch, groups: dict[int, RowGroup]) -> None:
+    def _ingest_one(
+        self, event: Any, batch: MicroBatch, groups: dict[int, RowGroup], closed_before_ns: int | None = None
+    ) -> None:
         """One OTLP message: its rows join the micro-batch, its bad spans the pending dead letters.
 
         With `combine_messages` its rows join its source partition's group (`GroupRows`, sent
         when the micro-batch ends: `_close_group`), else they go as its own sub-batch.
+        `closed_before_ns`: the lateness cut-off of its slice of work (`_ingest_events`); None
+        (a message ingested alone) reads the clock.
         """
         message = event.message
         first_reading = message.offset > self._read_up_to.get(message.partition, -1)
@@ -597,7 +596,7 @@ class BudgetJob:
         latest_ns = self._trust_clock(event, decoded, first_reading, record_ns)
         if latest_ns > self._latest_event_ns:
             self._latest_event_ns = latest_ns
-        accounted = self._message_rows(event, usages, first_reading)
+        accounted = self._message_rows(event, usages, first_reading, closed_before_ns)
         if accounted is None:
             return
         rows, observations = accounted
@@ -661,15 +660,15 @@ class BudgetJob:
         return int((_now() - self.settings.allowed_lateness).timestamp() * _NS)
 
     def _message_rows(
-        self, event: Any, usages: list[SpanUsage], first_reading: bool
+        self, event: Any, usages: list[SpanUsage], first_reading: bool, closed_before_ns: int | None
     ) -> tuple[Any, list[list[Any]]] | None:
         """One message's delta rows and context observations; None if its accounting failed (parked).
 
         Its rows are `usage_rows`' lists, or with combining and a native group (`records.new_group_rows`)
-        perhaps the native loop's `MessageRows`, which only that group reads.
+        perhaps the native loop's `MessageRows`, which only that group reads. `closed_before_ns`:
+        the lateness cut-off of the slice of work it is in (`_ingest_events`); None reads the clock.
         """
-        closed_before_ns = self._slice_closed_before_ns
-        if closed_before_ns is None:  # called alone, outside `_ingest_events`
+        if closed_before_ns is None:
             closed_before_ns = self._closed_before_ns()
         # a native group takes the native loop's own rows: no Python list per (message, key) row
         summed = (

@@ -19,9 +19,9 @@ import burnguard.stream.app as app_module
 import pytest
 from burnguard.contracts import attributes as attr
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.stream.app import GC_YOUNG_OBJECTS, BudgetJob, tune_gc
+from burnguard.stream.app import BATCH_ROWS, GC_YOUNG_OBJECTS, BudgetJob, tune_gc
 from burnguard.stream.deadletters import OMITTED_HEADER, SOURCE_HEADER
-from burnguard.stream.records import sub_batches
+from burnguard.stream.records import MicroBatch, sub_batches
 from burnguard.stream.settings import StreamSettings
 from kafka.errors import KafkaTimeoutError
 
@@ -137,7 +137,10 @@ def test_the_lateness_cut_off_is_read_once_per_slice_of_work(
     assert len(readings) == (1 if one_slice else 1 + len(events))
     assert job.stats.spans == len(events)
     assert job.stats.too_late == (0 if one_slice else len(events) - 1)  # the first message read `start`
-    assert job._slice_closed_before_ns is None  # a message ingested alone reads the clock itself
+    alone = Event(Message(0, len(events), timestamp=now), message([good("alone")]))
+    job._ingest_one(alone, MicroBatch(BATCH_ROWS), {})  # a message ingested alone reads the clock itself
+    assert len(readings) == (2 if one_slice else 2 + len(events))
+    assert job.stats.too_late == (1 if one_slice else len(events))
 
 
 def test_the_worker_scans_young_objects_less_often_and_keeps_the_older_thresholds() -> None:
