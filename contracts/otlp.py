@@ -613,11 +613,8 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
     limits (`span_problem` may reject it): then the reference (`check_spans`) decodes the
     message, so a rejection's reason and one-span request are made in one place.
     """
-    global _ceilings_of
-    if _ceilings_of[0] is not limits:  # the same limits for every message of a process
-        _ceilings_of = (limits, limits.ceilings())
     try:
-        usages = _native.decode(payload, _ceilings_of[1])
+        usages = _native.decode(payload, limits.ceilings())
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
         _native_failed(exc)
         return None
@@ -625,9 +622,6 @@ def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None
         return None
     return DecodedSpans(usages)
 
-
-#: The last limits `_natively_decoded` was given, and their `ceilings()` (a frozen dataclass: made once).
-_ceilings_of: tuple[SpanLimits | None, tuple[float, int, int]] = (None, (0.0, 0, 0))
 
 #: What every marker key starts with, as it stands in a protobuf message (a string field's UTF-8
 #: bytes, unescaped): a message without it holds no marker.

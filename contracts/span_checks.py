@@ -15,7 +15,7 @@ real call (10^8 tokens, $10,000) and far below what poisons a sum.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from burnguard.contracts.env_numbers import env_number
 from burnguard.contracts.usage import SpanUsage
@@ -66,12 +66,18 @@ class SpanLimits:
     clock_ahead_ns: int = 5 * 60 * _NS
     #: How far behind: the stream's allowed lateness (BURNGUARD_ALLOWED_LATENESS_S), the same variable.
     clock_behind_ns: int = 3600 * _NS
+    #: `ceilings()`, made once: the native decoder is handed them for every message.
+    _ceilings: tuple[float, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ceilings = (self.max_cost_usd, min(self.max_tokens, _INT64_MAX), min(self.max_key_chars, _INT64_MAX))
+        object.__setattr__(self, "_ceilings", ceilings)
 
     def ceilings(self) -> tuple[float, int, int]:
         """(max_cost_usd, max_tokens, max_key_chars) as the native decoder takes them: it vouches
         only for spans inside them (contracts/native/src/checks.rs). A count or key ceiling past
         what an int64 holds is that bound: no count or length is larger."""
-        return (self.max_cost_usd, min(self.max_tokens, _INT64_MAX), min(self.max_key_chars, _INT64_MAX))
+        return self._ceilings
 
     @classmethod
     def from_env(cls) -> SpanLimits:
