@@ -91,6 +91,7 @@ from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, d
 from burnguard.stream.deliveries import MicroBatchDeliveries, SentMicroBatch
 from burnguard.stream.duplicates import Primer, RecentBatches, digest
 from burnguard.stream.event_batches import take_batches
+from burnguard.stream.event_loop import loop_kind, use_event_loop
 from burnguard.stream.eviction import (
     Lifetimes,
     horizon_key,
@@ -424,10 +425,14 @@ class BudgetJob:
         self.app.timer(self.settings.refresh_interval.total_seconds(), name="refresh")(self._refresh)
         self.app.timer(self.settings.snapshot_interval.total_seconds(), name="snapshot")(self._snapshot)
         self.app.timer(1.0, name="reload-budgets")(self._reload_budgets)
+        self.app.task(self._say_event_loop)
         self.app.timer(self.settings.evict_interval.total_seconds(), name="evict")(self._sweep)
         # an idle stream's pending changes are written too; the ticks show whether the process stood still
         flush_s = min(self.changes.flush_interval_s or CHANGELOG_TICK_S, self.stall_guard.period_s)
         self.app.timer(flush_s, name="changelog-flush")(self._flush_changes)
+
+    async def _say_event_loop(self) -> None:
+        logger.info("event loop: %s", loop_kind(asyncio.get_running_loop()))
 
     # --- stage 1 -------------------------------------------------------------------
     async def _ingest(self, stream: Any) -> None:
@@ -2000,6 +2005,8 @@ def run_worker(settings: StreamSettings | None = None, loglevel: str | None = No
     loglevel = loglevel or env_log_level()
     quiet_library_logs()
     tune_gc()
+    settings = settings or StreamSettings.from_env()
+    use_event_loop(settings.event_loop)  # before the app: Faust makes its loops from the policy
     job = create_job(settings)
     freeze_startup_heap()
     make_worker(job, loglevel).execute_from_commandline()

@@ -10,6 +10,7 @@ from pathlib import Path
 from burnguard.contracts.env_numbers import env_flag, env_number
 from burnguard.contracts.signal_checkpoints import MAX_AGE_BEHIND
 from burnguard.contracts.topics import KafkaSettings, Topics
+from burnguard.stream.event_loop import EVENT_LOOPS
 
 #: Most seconds between signal checkpoints: well under the age at which guards stop using one.
 _MOST_CHECKPOINT_S = MAX_AGE_BEHIND.total_seconds() / 4
@@ -98,10 +99,16 @@ class StreamSettings:
     #: contribution kept as a step, so stage 2 decides exactly as for per-message rows. Off: each
     #: message's rows alone, the only shape a worker older than the steps reads (a rolling upgrade).
     combine_messages: bool = True
+    #: The worker's asyncio event loops (`stream/event_loop.py`): `uvloop`, or `asyncio`'s own.
+    event_loop: str = "uvloop"
 
     def __post_init__(self) -> None:
         """A TTL under `RENEW_WITHIN_REFRESHES` intervals is refused, not left to lapse: its
-        restrictions could not be renewed with an interval to spare when one round is lost."""
+        restrictions could not be renewed with an interval to spare when one round is lost.
+        An event loop not in `EVENT_LOOPS` is refused with the variable's name."""
+        if self.event_loop not in EVENT_LOOPS:
+            loops = ", ".join(EVENT_LOOPS)
+            raise ValueError(f"BURNGUARD_EVENT_LOOP must be one of {loops}, not {self.event_loop!r}")
         if self.renew_within > self.signal_ttl:
             refresh, ttl = self.refresh_interval.total_seconds(), self.signal_ttl.total_seconds()
             raise ValueError(
@@ -123,6 +130,7 @@ class StreamSettings:
             budgets_file=Path(budgets) if budgets else None,
             app_id=env.get("BURNGUARD_STREAM_APP_ID", cls.app_id),
             combine_messages=env_flag("BURNGUARD_COMBINE_MESSAGES", cls.combine_messages),
+            event_loop=env.get("BURNGUARD_EVENT_LOOP", cls.event_loop).strip().lower(),
             partitions=env_number("BURNGUARD_STREAM_PARTITIONS", cls.partitions, int),
             refresh_interval=timedelta(seconds=env_number("BURNGUARD_SIGNAL_REFRESH_S", 30)),
             signal_ttl=timedelta(seconds=env_number("BURNGUARD_SIGNAL_TTL_S", 120)),
