@@ -19,8 +19,12 @@ producer. The figure is the best of `--repeat` runs, per window. Also timed:
   walks the whole table, every `BURNGUARD_EVICT_INTERVAL_S`.
 * changelog: the changelog records of every window's totals (`TableChanges.take_records`,
   their JSON), per record.
+* build: the snapshots alone (`_snapshots_of` over every window in slices of `SNAPSHOT_SLICE`,
+  nothing handed over, no loop turns): the Python and native work per window of the timer's
+  slices without the hand-over's, again (what a window's snapshots share remembered) and first.
 
-    .venv/bin/python bench/stream_snapshot.py [--keys 500] [--repeat 5] [--compare REV] [--rounds 2]
+    .venv/bin/python bench/stream_snapshot.py [--keys 500] [--repeat 5] [--budgets ID,...] \
+        [--compare REV] [--rounds 2]
 
 `--compare REV` also measures git revision REV's `contracts` and `stream` (exported to a scratch
 directory and imported first in a child process), alternating old and new `--rounds` times.
@@ -46,8 +50,8 @@ from stream_account import new_job
 COMPARED_COMPONENTS = ("contracts", "stream")
 
 
-def filled_job(data_dir: Path, keys: int) -> Any:
-    """A job holding one window per budget and key, each with one delta in it."""
+def filled_job(data_dir: Path, keys: int, budget_ids: list[str] | None = None) -> Any:
+    """A job holding one window per budget (of `budget_ids`, default all) and key, each with one delta."""
     from burnguard.stream.records import DeltaRow
 
     job = new_job(data_dir)
@@ -55,6 +59,8 @@ def filled_job(data_dir: Path, keys: int) -> Any:
     now_ns = int(now.timestamp() * 1e9)
     offset = 0
     for budget_id, budget in job._budgets.items():
+        if budget_ids and budget_id not in budget_ids:
+            continue
         start_ns = budget.window_spec.start_ns(now_ns)
         for n in range(keys):
             offset += 1
@@ -133,7 +139,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import burnguard.stream.app as app
 
     with tempfile.TemporaryDirectory() as scratch:
-        job = filled_job(Path(scratch) / "job", args.keys)
+        job = filled_job(Path(scratch) / "job", args.keys, args.budgets.split(",") if args.budgets else None)
         windows = [key for key in job.totals.data if key.count("|") >= 2]
         app.SNAPSHOT_MAX_PER_RUN = len(windows)
         job._snapshot_everything = False
@@ -141,6 +147,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         first, _ = asyncio.run(timed_runs(job, windows, args.repeat, first=True))
         sweep_us = sweep_us_per_window(job, windows, args.repeat)
         changelog_us = take_records_us(job, windows, args.repeat)
+        build_us, build_first_us = build_us_per_window(job, windows, args.repeat)
     return {
         "code": app.__file__,
         "windows": len(windows),
@@ -149,7 +156,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "first_us_per_window": first / len(windows) * 1e6,
         "sweep_us_per_window": sweep_us,
         "changelog_us_per_record": changelog_us,
+        "build_us_per_window": build_us,
+        "build_first_us_per_window": build_first_us,
     }
+
+
+def build_us_per_window(job: Any, windows: list[str], repeat: int) -> tuple[float, float]:
+    """Best CPU µs per window of building every window's snapshot (`_snapshots_of`, in the timer's
+    slices), nothing handed over: (again, first: nothing remembered of the windows)."""
+    from burnguard.stream.app import SNAPSHOT_SLICE, SnapshotRun
+
+    fastest = {False: float("inf"), True: float("inf")}
+    for _ in range(repeat):
+        for first in fastest:
+            run = SnapshotRun(datetime.now(UTC))
+            if first:
+                job.snapshots.forget_keys()
+            started = time.process_time()
+            for at in range(0, len(windows), SNAPSHOT_SLICE):
+                job._snapshots_of(windows[at : at + SNAPSHOT_SLICE], run)
+            fastest[first] = min(fastest[first], time.process_time() - started)
+    return fastest[False] / len(windows) * 1e6, fastest[True] / len(windows) * 1e6
 
 
 def sweep_us_per_window(job: Any, windows: list[str], repeat: int) -> float:
@@ -182,7 +209,7 @@ def take_records_us(job: Any, windows: list[str], repeat: int) -> float:
 def measure_child(args: argparse.Namespace, pythonpath: Path | None) -> dict[str, Any]:
     """`measure` in a fresh process, with the exported revision at `pythonpath` first on its path."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child"]
-    command += ["--keys", str(args.keys), "--repeat", str(args.repeat)]
+    command += ["--keys", str(args.keys), "--repeat", str(args.repeat), "--budgets", args.budgets]
     return child_result(command, pythonpath)
 
 
@@ -190,7 +217,8 @@ def show(label: str, run: dict[str, Any]) -> None:
     print(
         f"{label} ({run['code']}): snapshot {run['us_per_window']:.2f} us/window, {run['sent']} sent; "
         f"first snapshot {run['first_us_per_window']:.2f} us/window; sweep {run['sweep_us_per_window']:.2f} "
-        f"us/window; changelog encoding {run['changelog_us_per_record']:.2f} us/record"
+        f"us/window; changelog encoding {run['changelog_us_per_record']:.2f} us/record; build alone "
+        f"{run['build_us_per_window']:.2f} us/window, first {run['build_first_us_per_window']:.2f}"
     )
 
 
@@ -198,6 +226,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--keys", type=int, default=500, help="keys per budget (default 500)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best counts (default 5)")
+    parser.add_argument(
+        "--budgets",
+        default="",
+        help="only these budgets' windows, comma-separated ids (default: every budget of the file);"
+        " the realistic shape's windows are mostly `session-tools,session-cost`'s, each key new",
+    )
     add_compare_arguments(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,6 +251,8 @@ def main() -> None:
     fields += f" first_us_per_window={new['first_us_per_window']:.2f}"
     fields += f" sweep_us_per_window={new['sweep_us_per_window']:.2f}"
     fields += f" changelog_us_per_record={new['changelog_us_per_record']:.2f}"
+    fields += f" build_us_per_window={new['build_us_per_window']:.2f}"
+    fields += f" build_first_us_per_window={new['build_first_us_per_window']:.2f}"
     if runs["old"]:
         old = min(runs["old"], key=lambda run: run["us_per_window"])
         show(f"old {args.compare}", old)
@@ -227,8 +263,14 @@ def main() -> None:
         fields += f" old_sweep_us_per_window={old['sweep_us_per_window']:.2f}"
         fields += f" sweep_speedup={old['sweep_us_per_window'] / new['sweep_us_per_window']:.2f}"
         fields += f" old_changelog_us_per_record={old['changelog_us_per_record']:.2f}"
+        fields += f" old_build_us_per_window={old['build_us_per_window']:.2f}"
+        fields += f" build_speedup={old['build_us_per_window'] / new['build_us_per_window']:.2f}"
+        fields += f" old_build_first_us_per_window={old['build_first_us_per_window']:.2f}"
+        build_first_speedup = old["build_first_us_per_window"] / new["build_first_us_per_window"]
+        fields += f" build_first_speedup={build_first_speedup:.2f}"
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs, shared)")
-    print(f"RESULT stream_snapshot keys={args.keys} repeat={args.repeat} {fields}")
+    budgets = f" budgets={args.budgets}" if args.budgets else ""
+    print(f"RESULT stream_snapshot keys={args.keys} repeat={args.repeat}{budgets} {fields}")
 
 
 if __name__ == "__main__":

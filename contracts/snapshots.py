@@ -55,10 +55,17 @@ class BudgetUsage(BaseModel):
 
 def usage_kafka_key(scope: str, key: str, budget: str, window: str, window_start: datetime) -> str:
     """`BudgetUsage.kafka_key` of a snapshot with these fields (see there)."""
-    base = f"{scope}:{key}@{budget}"
-    if window and window not in CALENDAR_WINDOWS:
-        return base
-    return f"{base}#{window_start.isoformat()}"
+    before, after = usage_kafka_key_parts(scope, budget, window, window_start)
+    return f"{before}{key}{after}"
+
+
+def usage_kafka_key_parts(scope: str, budget: str, window: str, window_start: datetime) -> tuple[str, str]:
+    """`usage_kafka_key` around its `key`: the same for every key of a budget's windows with this
+    start (the snapshot timer makes them once per budget and start, a key's first snapshot joins them)."""
+    after = f"@{budget}"
+    if not window or window in CALENDAR_WINDOWS:
+        after = f"{after}#{window_start.isoformat()}"
+    return f"{scope}:", after
 
 
 def usage_json(
@@ -89,9 +96,15 @@ def usage_json(
 
 def usage_head(budget: str, scope: str, key: str, metric: str, window: str) -> bytes:
     """The model's bytes up to its `window` field."""
-    return to_json(
-        {"v": 1, "budget": budget, "scope": scope, "key": key, "metric": metric, "window": window}
-    )[:-1]
+    before, after = usage_head_parts(budget, scope, metric, window)
+    return before + to_json(key) + after
+
+
+def usage_head_parts(budget: str, scope: str, metric: str, window: str) -> tuple[bytes, bytes]:
+    """`usage_head` around its `key`'s JSON string (`to_json(key)`, a str written alone as in the
+    object): the same for every key of a budget (its windows' first snapshots join them)."""
+    before = to_json({"v": 1, "budget": budget, "scope": scope})[:-1] + b',"key":'
+    return before, b',"metric":' + to_json(metric) + b',"window":' + to_json(window)
 
 
 def usage_bounds(window_start: datetime, window_end: datetime) -> bytes:

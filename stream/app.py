@@ -41,7 +41,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -54,7 +54,7 @@ from burnguard.contracts.logs import env_log_level, quiet_library_logs
 from burnguard.contracts.otlp import DecodedSpans, MalformedSpans, RejectedSpan, decode_spans, native_failures
 from burnguard.contracts.pricing import UNPRICED_CHARGED, PriceBook
 from burnguard.contracts.signals import Signal, signal_key
-from burnguard.contracts.snapshots import usage_bounds, usage_stamp
+from burnguard.contracts.snapshots import usage_stamp
 from burnguard.contracts.span_checks import SpanLimits, correct_clocks
 from burnguard.contracts.topics import (
     CHECKPOINTS_TOPIC_CONFIG,
@@ -147,7 +147,7 @@ from burnguard.stream.records import (
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
 from burnguard.stream.signal_records import SignalRecords
-from burnguard.stream.snapshots import Snapshot, UsageSnapshots, usage_value_writer
+from burnguard.stream.snapshots import Snapshot, UsageSnapshots, WindowParts, usage_value_writer, window_parts
 from burnguard.stream.takeover import (
     InOrderReads,
     PartitionsLost,
@@ -1778,10 +1778,10 @@ class BudgetJob:
 
     def _snapshots_of(self, state_keys: list[str], run: SnapshotRun) -> list[Snapshot]:
         """The snapshots of these windows; one that cannot be built is logged and counted, not fatal."""
-        built = []
+        built, table = [], plain_store(self.totals)
         for state_key in state_keys:
             try:
-                snapshot = self._usage_snapshot(state_key, run)
+                snapshot = self._usage_snapshot(state_key, run, table)
             except Exception:  # one bad window must not stop the others' snapshots
                 self.agent_errors += 1
                 logger.exception("could not snapshot %r", state_key)
@@ -1821,47 +1821,51 @@ class BudgetJob:
         """Whether the window is in the totals table (not evicted)."""
         return state_key in plain_store(self.totals)
 
-    def _usage_snapshot(self, state_key: str, run: SnapshotRun) -> Snapshot | None:
+    def _usage_snapshot(
+        self, state_key: str, run: SnapshotRun, table: Mapping[str, Any] | None = None
+    ) -> Snapshot | None:
         """A window's `BudgetUsage` record (Kafka key, partition, JSON), encoded without building the model.
 
         The bytes are `usage_json`'s, in parts: what the window's snapshots share
-        (`UsageSnapshots.window_key`), its bounds (shared by the budget's windows
-        with the same start in a run), and its amounts.
+        (`UsageSnapshots.window_key`), what its budget's windows with the same start
+        share in a run (`SnapshotRun.parts`), and its amounts. `table`: the totals'
+        store (`plain_store`), read once per slice by `_snapshots_of`.
         """
-        budget_id, rest = state_key.split("|", 1)
-        key, window_start_ns = rest.rsplit("|", 1)
+        budget_id, _, rest = state_key.partition("|")
+        key, _, window_start_ns = rest.rpartition("|")
         budget = self._budgets.get(budget_id)
-        stored = plain_store(self.totals).get(state_key)
+        stored = (plain_store(self.totals) if table is None else table).get(state_key)
         if budget is None or not stored:
             return None
         totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
-        start, bounds = run.bounds(budget, window_start_ns)
-        window = self.snapshots.window_key(state_key, budget, key, start)
-        spent = window_spent(budget, int(window_start_ns), totals, run.now_ns)
-        value = run.value(window.head, bounds, spent, budget.limit, totals.spans, run.stamp)
+        parts = run.parts(budget, window_start_ns)
+        window = self.snapshots.window_key(state_key, key, parts)
+        spent = (
+            window_spent(budget, int(window_start_ns), totals, run.now_ns) if parts.slides else totals.spent
+        )
+        value = run.value(window.head, parts.bounds, spent, budget.limit, totals.spans, run.stamp)
         return self.snapshots.snapshot(state_key, window, value)
 
 
 class SnapshotRun:
-    """What the snapshots taken at one moment share: `updated_at`, each window start's bounds, and
-    the writer of their amounts (`usage_value_writer`)."""
+    """What the snapshots taken at one moment share: `updated_at`, the parts of each budget's
+    windows with one start (`WindowParts`), and the writer of their amounts (`usage_value_writer`)."""
 
     def __init__(self, now: datetime) -> None:
         self.now = now
         self.now_ns = int(now.timestamp() * _NS)
         self.stamp = usage_stamp(now)
         self.value = usage_value_writer()
-        self._bounds: dict[tuple[int, str], tuple[Budget, datetime, bytes]] = {}
+        self._parts: dict[tuple[int, str], WindowParts] = {}
 
-    def bounds(self, budget: Budget, window_start_ns: str) -> tuple[datetime, bytes]:
-        """(start, `usage_bounds`) of the budget's windows with this start (`window_bounds`), once
-        per run: a rolling window's (start 0) move with the clock alone."""
-        known = self._bounds.get((id(budget), window_start_ns))
-        if known is not None and known[0] is budget:
-            return known[1], known[2]
-        start, end = window_bounds(budget, int(window_start_ns), self.now_ns)
-        self._bounds[(id(budget), window_start_ns)] = (budget, start, usage_bounds(start, end))
-        return start, self._bounds[(id(budget), window_start_ns)][2]
+    def parts(self, budget: Budget, window_start_ns: str) -> WindowParts:
+        """The `WindowParts` of the budget's windows with this start (`window_bounds`), once per run:
+        a rolling window's (start 0) bounds move with the clock alone."""
+        known = self._parts.get((id(budget), window_start_ns))
+        if known is None or known.budget is not budget:
+            known = window_parts(budget, *window_bounds(budget, int(window_start_ns), self.now_ns))
+            self._parts[(id(budget), window_start_ns)] = known
+        return known
 
 
 def native_totals_rows() -> Any | None:

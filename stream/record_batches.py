@@ -98,9 +98,10 @@ class RecordBatches:
         batch = queue[-1] if queue else self._open(queue, topic, partition)
         touched = [batch.delivered]
         max_bytes = int(self.app.conf.producer_max_request_size)
+        surely_fits = max_bytes - RECORD_OVERHEAD_BYTES
         timestamp = int(time.time() * 1000)
         for key, value in records:
-            if len(key) + (len(value) if value else 0) > max_bytes - RECORD_OVERHEAD_BYTES:
+            if len(key) + (len(value) if value else 0) > surely_fits:
                 check_size(topic, key, value, max_bytes)
             if batch.builder.append(timestamp=timestamp, key=key, value=value) is None:
                 batch = self._open(queue, topic, partition)  # aiokafka closed the full one

@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 from burnguard.contracts.budgets import parse_budget_yaml
-from burnguard.contracts.snapshots import BudgetUsage, usage_json, usage_kafka_key, usage_value
+from burnguard.contracts.snapshots import (
+    BudgetUsage,
+    usage_head_parts,
+    usage_json,
+    usage_kafka_key,
+    usage_kafka_key_parts,
+    usage_value,
+)
+from burnguard.contracts.windows import CALENDAR_WINDOWS
 from burnguard.stream.accounting import WindowTotals, window_lengths
 from burnguard.stream.app import BudgetJob, SnapshotRun
 from burnguard.stream.partitioner import key_partition
@@ -29,6 +37,7 @@ from burnguard.stream.settings import StreamSettings
 from burnguard.stream.snapshots import _new_usage_values
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pydantic_core import to_json
 
 from tests.factories import budget, budgets_yaml
 from tests.fixtures.decoders import required_native_part
@@ -91,6 +100,33 @@ def test_the_plain_encoding_is_the_models_byte_for_byte(
     assert usage_kafka_key(scope, key, budget_id, window, start) == model.kafka_key
 
 
+def _documented_kafka_key(scope: str, key: str, budget_id: str, window: str, start: datetime) -> str:
+    """`BudgetUsage.kafka_key` as its docstring and the module's describe it (written out here:
+    the model's property is `usage_kafka_key`, made of the parts under test)."""
+    base = f"{scope}:{key}@{budget_id}"
+    return base if window and window not in CALENDAR_WINDOWS else f"{base}#{start.isoformat()}"
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    names=st.tuples(st.text(min_size=1), st.text(), st.text(min_size=1), st.text(min_size=1)),
+    window=st.sampled_from(WINDOWS),
+    start=moments,
+)
+def test_the_parts_around_a_key_join_to_its_kafka_key_and_json_head(
+    names: tuple[str, str, str, str], window: str, start: datetime
+) -> None:
+    """What a budget's windows with one start share (`usage_kafka_key_parts`, `usage_head_parts`),
+    joined around any key as a window's first snapshot joins them: the documented Kafka key, and
+    pydantic's JSON of the object up to `window` (the key's string written alone)."""
+    budget_id, scope, key, metric = names
+    before, after = usage_kafka_key_parts(scope, budget_id, window, start)
+    assert before + key + after == _documented_kafka_key(scope, key, budget_id, window, start)
+    head_before, head_after = usage_head_parts(budget_id, scope, metric, window)
+    fields = {"v": 1, "budget": budget_id, "scope": scope, "key": key, "metric": metric, "window": window}
+    assert head_before + to_json(key) + head_after == to_json(fields)[:-1]
+
+
 BUDGETS = budgets_yaml(
     budget("daily-tokyo", 5.0, window="day", timezone="Asia/Tokyo"),
     budget("weekly", 50.0, window="week", metric="tokens"),
@@ -134,13 +170,13 @@ def test_the_timer_writes_the_models_key_partition_and_bytes_for_every_window_ki
     offset = 0
     for budget_id, spec in job._budgets.items():
         start_ns = spec.window_spec.start_ns(now_ns)
-        for n, key in enumerate(["acme", "globex|u-7", "s-ü"]):
+        for n, key in enumerate(["acme", "globex|u-7", "s-ü", 'q"\\\n\x01\x7f\u2028🙂']):
             offset += 1
             row = DeltaRow(budget_id, key, start_ns, 0.37 * (n + 1), 1, now_ns, now_ns, 0, None)
             job._apply(row, (0, offset), datetime.now(UTC))
     now = datetime.now(UTC)
     state_keys = [k for k in job.totals.data if k.count("|") >= 2]
-    assert len(state_keys) == 12
+    assert len(state_keys) == 16
     written = []
     for run in (SnapshotRun(now), SnapshotRun(now)):  # the second from what the first remembered
         for state_key in state_keys:
