@@ -96,8 +96,12 @@ def usage_json(
 
 def usage_head(budget: str, scope: str, key: str, metric: str, window: str) -> bytes:
     """The model's bytes up to its `window` field."""
-    before, after = usage_head_parts(budget, scope, metric, window)
-    return before + to_json(key) + after
+    return usage_head_of(usage_head_parts(budget, scope, metric, window), key)
+
+
+def usage_head_of(parts: tuple[bytes, bytes], key: str) -> bytes:
+    """`usage_head` of `key` from its budget's `usage_head_parts`: the key's JSON string between them."""
+    return parts[0] + to_json(key) + parts[1]
 
 
 def usage_head_parts(budget: str, scope: str, metric: str, window: str) -> tuple[bytes, bytes]:

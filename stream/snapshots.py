@@ -34,12 +34,17 @@ from typing import Any, NamedTuple
 
 from aiokafka.errors import MessageSizeTooLargeError
 from burnguard.contracts.budgets import Budget
-from burnguard.contracts.snapshots import usage_bounds, usage_head_parts, usage_kafka_key_parts, usage_value
+from burnguard.contracts.snapshots import (
+    usage_bounds,
+    usage_head_of,
+    usage_head_parts,
+    usage_kafka_key_parts,
+    usage_value,
+)
 from burnguard.stream.partitioner import key_partition, native_part
 from burnguard.stream.policy import window_slides
 from burnguard.stream.record_batches import RECORD_OVERHEAD_BYTES, RecordBatches, check_size
 from faust.types import AppT
-from pydantic_core import to_json
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +216,7 @@ class UsageSnapshots:
         """The window's Kafka key, partition and JSON head, remembered while its budget is the same object.
 
         Made from the parts its budget's windows share (`WindowParts`): the key's bytes and its
-        JSON string joined in between. A calendar window's start is in its Kafka key, and fixed;
+        JSON string (`usage_head_of`) joined in between. A calendar window's start is in its Kafka key, and fixed;
         a rolling or session window's key leaves it out (`usage_kafka_key_parts`).
         """
         budget = parts.budget
@@ -219,7 +224,7 @@ class UsageSnapshots:
         if known is not None and known.budget is budget:
             return known
         kafka_key = parts.kafka_key[0] + key.encode() + parts.kafka_key[1]
-        head = parts.head[0] + to_json(key) + parts.head[1]
+        head = usage_head_of(parts.head, key)
         made = _tuple_new(WindowKey, (budget, kafka_key, key_partition(kafka_key, self.partitions), head))
         if known is not None or len(self._keys) < SNAPSHOT_KEYS_KEPT:
             self._keys[state_key] = made
