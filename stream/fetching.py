@@ -22,6 +22,7 @@ from typing import Any
 
 import aiokafka
 import aiokafka.conn
+from burnguard.stream import frame_reader
 from faust.exceptions import ConsumerNotStarted
 from faust.serializers.schemas import Schema
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -379,10 +380,12 @@ def takes_raw_bytes(channel: Any) -> bool:
 
 
 def read_responses_whole() -> None:
-    """Let every aiokafka connection of this process buffer `READER_LIMIT_BYTES` before it pauses."""
+    """Let every aiokafka connection of this process buffer `READER_LIMIT_BYTES` before it pauses, and
+    read each response with one copy of its bytes (`stream/frame_reader.py`)."""
     if not isinstance(getattr(aiokafka.conn, "READER_LIMIT", None), int):  # the limit would be ignored
         raise RuntimeError("aiokafka without conn.READER_LIMIT: update stream/fetching.py")
     aiokafka.conn.READER_LIMIT = max(aiokafka.conn.READER_LIMIT, READER_LIMIT_BYTES)
+    frame_reader.install()
 
 
 class FetchWaitTransport(driver.Transport):
