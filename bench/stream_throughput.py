@@ -329,6 +329,11 @@ def run_worker(
     )
     for line in threads.lines():
         note(line)
+    if ingest_done:  # the catch-up, then stage 2's rest and the commits after the last record
+        note(f"main thread until every span was committed: {threads.states_between(started, ingest_done)}")
+        note(
+            f"main thread after, until each usage record was: {threads.states_between(ingest_done, finished)}"
+        )
     return {
         "threads": threads,
         "elapsed": elapsed,

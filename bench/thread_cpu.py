@@ -128,6 +128,8 @@ class ThreadSplit:
     #: seconds the main thread was runnable but waited for a core (the machine's other load)
     main_run_queue_s: float = 0.0
     threads_by_kind: Counter[str] = field(default_factory=Counter)
+    #: each state sample: (`time.monotonic()`, state), for `states_between`
+    main_samples: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def total_cpu_s(self) -> float:
@@ -147,6 +149,17 @@ class ThreadSplit:
         out.append(f"main thread's state ({samples} samples): {states}")
         out.append(f"main thread waited {self.main_run_queue_s:.1f}s for a core (runnable, not running)")
         return out
+
+    def states_between(self, began: float, ended: float) -> str:
+        """The main thread's states sampled from `began` to `ended` (monotonic), as `lines()` prints them.
+
+        A bench's clock also holds its edges (the first fetch after Ready, the commits after the last
+        record): split at a moment it knows, the idle of the catch-up itself shows apart from theirs.
+        """
+        states = Counter(state for at, state in self.main_samples if began <= at < ended)
+        samples = max(sum(states.values()), 1)
+        shares = ", ".join(f"{state} {n / samples:.1%}" for state, n in states.most_common())
+        return f"{ended - began:.1f}s ({sum(states.values())} samples): {shares}"
 
     def result_fields(self) -> str:
         """`key=value` pairs for a RESULT line: the main thread's and the others' CPU, its GIL wait."""
@@ -174,6 +187,7 @@ class ThreadSampler(threading.Thread):
         self._last: dict[int, float] = {}
         self._names: dict[int, str] = {}
         self._states: Counter[str] = Counter()
+        self._samples: list[tuple[float, str]] = []
         self._began = self._ended = self._queued = 0.0
 
     def start(self) -> None:
@@ -185,8 +199,10 @@ class ThreadSampler(threading.Thread):
     def run(self) -> None:
         next_cpu = next_names = time.monotonic()
         while not self._stop_event.wait(self._state_interval_s):
-            self._states[main_thread_state(self.pid)] += 1
+            state = main_thread_state(self.pid)
             now = time.monotonic()
+            self._states[state] += 1
+            self._samples.append((now, state))
             if now >= next_cpu:
                 self._read_cpu(first=False)
                 next_cpu = now + 0.5
@@ -217,7 +233,9 @@ class ThreadSampler(threading.Thread):
             cpu_by_kind[kind] += last - self._first[tid]
             threads_by_kind[kind] += 1
         elapsed = self._ended - self._began
-        return ThreadSplit(elapsed, cpu_by_kind, self._states, self.pid, queued, threads_by_kind)
+        return ThreadSplit(
+            elapsed, cpu_by_kind, self._states, self.pid, queued, threads_by_kind, self._samples
+        )
 
 
 def find_py_spy(python: str) -> str | None:

@@ -522,11 +522,8 @@ class BudgetJob:
             lowest = first.get(tp)
             if lowest is None or offset < lowest:
                 first[tp] = offset
-            if message.partition not in self.recent.primed:
-                await self._prime(event)
-                closed_before_ns = self._closed_before_ns()
-            if self.dead_letters.stale:
-                await self._catch_up_dead_letters()
+            if message.partition not in self.recent.primed or self.dead_letters.stale:
+                await self._read_back(event, events, reads)
                 closed_before_ns = self._closed_before_ns()
             if self.config is not config:  # budgets reloaded while it yielded: a key's bucket size may differ
                 config = self.config
@@ -700,16 +697,52 @@ class BudgetJob:
             self._warn_unpriced(usages)
         return rows, context_observations(usages, self.config)
 
-    async def _prime(self, event: Any) -> None:
-        """Digest the messages before a partition's first one after a rebalance (`stream/duplicates.py`)."""
-        message = event.message
-        partition, record_ns = message.partition, int(message.timestamp * _NS)
+    async def _read_back(self, event: Any, events: list[Any], reads: InOrderReads) -> None:
+        """Before a message read after a rebalance: prime its partition's digests (with the micro-batch's
+        other partitions that are due, `_due_for_priming`) and read the dead-letter topic back, at once.
+
+        Each is a blocking read in a thread, a round trip or more to the broker: one after the other,
+        and each partition primed at its own first message, they left the event loop with nothing to
+        do at the start of every catch-up (BENCHMARKS.md, "Where the main thread waits").
+        """
+        reads_back = [self._catch_up_dead_letters()]  # nothing to do unless stale
+        if event.message.partition not in self.recent.primed:
+            reads_back.append(self._prime(event, self._due_for_priming(event, events, reads)))
+        await asyncio.gather(*reads_back)
+
+    def _due_for_priming(self, event: Any, events: list[Any], reads: InOrderReads) -> dict[int, Any]:
+        """Per partition to prime now, its first message: `event`'s, and each other unprimed
+        partition's first one in the micro-batch if it is the one that partition is read from next
+        (`InOrderReads.expected`: it will be admitted as it is); any other waits for its own turn."""
+        firsts = {event.message.partition: event}
+        for other in events:
+            partition = other.message.partition
+            if partition not in firsts and partition not in self.recent.primed:
+                firsts[partition] = other
+        return {
+            partition: first
+            for partition, first in firsts.items()
+            if first is event or reads.expected.get(first.message.tp) == first.message.offset
+        }
+
+    async def _prime(self, event: Any, firsts: dict[int, Any]) -> None:
+        """Digest the messages before each partition's first one after a rebalance (`stream/duplicates.py`).
+
+        Should the read fail, `event`'s partition counts as primed (a copy across the gap may count
+        twice), the others are tried again at their own first message, as each was alone."""
+        wanted = {
+            partition: (first.message.offset, int(first.message.timestamp * _NS))
+            for partition, first in firsts.items()
+        }
         try:
-            primed = await asyncio.to_thread(self.primer.prime, partition, message.offset, record_ns)
-            logger.info("%d messages before %s digested", primed, _coordinates(event))
+            primed = await asyncio.to_thread(self.primer.prime, wanted)
         except Exception as exc:  # Kafka trouble: a copy across the gap may count twice
             logger.warning("could not read back before %s: %r", _coordinates(event), exc)
-        self.recent.primed.add(partition)
+            self.recent.primed.add(event.message.partition)
+            return
+        for partition, count in primed.items():
+            logger.info("%d messages before %s digested", count, _coordinates(firsts[partition]))
+        self.recent.primed.update(primed)
 
     def _is_a_copy(self, event: Any, first_reading: bool, record_ns: int) -> bool:
         """Whether the message repeats the bytes of an earlier one of its partition (a producer retry).

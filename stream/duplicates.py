@@ -28,6 +28,7 @@ later than the window. ClickHouse still collapses those by span id.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from blake3 import blake3
 from burnguard.contracts.topics import KafkaSettings
@@ -101,17 +102,37 @@ class Primer:
         self.batches = batches
         self._consumer: KafkaConsumer | None = None
 
-    def prime(self, partition: int, first_offset: int, first_ns: int) -> int:
-        """Digest the partition's messages of the window before `first_offset`; returns how many."""
+    def prime(self, firsts: dict[int, tuple[int, int]]) -> dict[int, int]:
+        """Per partition of `firsts` (partition -> its first message's offset and record time ns),
+        digest its messages of the window before that offset; returns how many each.
+
+        The partitions' window starts are asked for in one request (after a rebalance every
+        partition's first message comes at once: one round trip, not one each); each partition is
+        then read alone, as it always was.
+        """
         consumer = self._consumer or self._start()
-        tp = TopicPartition(self.topic, partition)
-        consumer.assign([tp])
-        since_ms = max((first_ns - self.batches.window_ns) // _NS_PER_MS, 0)
-        found = consumer.offsets_for_times({tp: since_ms}).get(tp)
+        tps = {partition: TopicPartition(self.topic, partition) for partition in firsts}
+        consumer.assign(list(tps.values()))
+        window_ns = self.batches.window_ns
+        found = consumer.offsets_for_times(
+            {
+                tps[partition]: max((first_ns - window_ns) // _NS_PER_MS, 0)
+                for partition, (_, first_ns) in firsts.items()
+            }
+        )
+        return {
+            partition: self._read_before(consumer, tps[partition], first_offset, found.get(tps[partition]))
+            for partition, (first_offset, _) in firsts.items()
+        }
+
+    def _read_before(self, consumer: KafkaConsumer, tp: TopicPartition, first_offset: int, found: Any) -> int:
+        """Digest `tp`'s messages from the window's start (`found`: its offset then) to `first_offset`."""
+        partition = tp.partition
         start = found.offset if found is not None else first_offset
         start = max(start, first_offset - self.batches.cap, self.batches.newest_offset(partition) + 1)
         if start >= first_offset:
             return 0
+        consumer.assign([tp])
         consumer.seek(tp, start)
         read = 0
         while consumer.position(tp) < first_offset:

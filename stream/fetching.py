@@ -22,6 +22,7 @@ from typing import Any
 
 import aiokafka
 import aiokafka.conn
+from burnguard.stream import frame_reader
 from faust.exceptions import ConsumerNotStarted
 from faust.serializers.schemas import Schema
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -61,10 +62,12 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         if sizes:
             size_fetches(fetcher, sizes)
         faust_consumer = self.consumer
+        app = faust_consumer.app
         wait_longer_when_nothing_is_held(
             fetcher,
             lambda: faust_consumer._paused_partitions,
             max(IDLE_FETCH_WAIT_MS, self.transport.fetch_max_wait_ms),  # type: ignore[attr-defined]
+            rebalancing=lambda: bool(app.rebalancing),
         )
 
 
@@ -93,7 +96,10 @@ def size_fetches(fetcher: Any, sizes: Mapping[str, int]) -> None:
 
 
 def wait_longer_when_nothing_is_held(
-    fetcher: Any, paused: Callable[[], Collection[Any]], wait_ms: int
+    fetcher: Any,
+    paused: Callable[[], Collection[Any]],
+    wait_ms: int,
+    rebalancing: Callable[[], bool] = lambda: False,
 ) -> None:
     """Let the broker hold `fetcher`'s requests `wait_ms` when they name every partition that may be
     handed over next: none waits in aiokafka's buffer for the worker to take it.
@@ -109,6 +115,13 @@ def wait_longer_when_nothing_is_held(
     consumer thread's empty fetches"). What it can delay, by `wait_ms` at most: a partition seeked
     or reset while the request waits, and one Faust resumes after its buffered records were taken.
     `paused()` is Faust's set, read by membership only (its `TP`s equal aiokafka's as tuples).
+
+    Not while `rebalancing()` (Faust's `app.rebalancing`: from the revoke until recovery is done and
+    the agents' partitions are resumed and sought to their commits): Faust pauses those partitions
+    for its recovery, so a request then names only the changelogs, and it is in flight when the
+    partitions are resumed, sought and rewound (`takeover.RewindAfterRecovery`, whose look-up of the
+    log start queues behind it on the broker's connection). Held long, it made every catch-up start
+    ~0.45 s late, the main thread idle (BENCHMARKS.md, "Where the main thread waits").
     """
     actions = getattr(fetcher, "_get_actions_per_node", None)
     if actions is None or not hasattr(fetcher, "_records"):  # the wait would stay short in silence
@@ -118,7 +131,7 @@ def wait_longer_when_nothing_is_held(
 
     def planned(assignment: Any) -> Any:
         plan = actions(assignment)
-        if plan[0] and not holds_records_to_take(fetcher._records, paused()):
+        if plan[0] and not rebalancing() and not holds_records_to_take(fetcher._records, paused()):
             for _node, request in plan[0]:
                 request._max_wait_ms = wait_ms
         return plan
@@ -379,10 +392,12 @@ def takes_raw_bytes(channel: Any) -> bool:
 
 
 def read_responses_whole() -> None:
-    """Let every aiokafka connection of this process buffer `READER_LIMIT_BYTES` before it pauses."""
+    """Let every aiokafka connection of this process buffer `READER_LIMIT_BYTES` before it pauses, and
+    read each response with one copy of its bytes (`stream/frame_reader.py`)."""
     if not isinstance(getattr(aiokafka.conn, "READER_LIMIT", None), int):  # the limit would be ignored
         raise RuntimeError("aiokafka without conn.READER_LIMIT: update stream/fetching.py")
     aiokafka.conn.READER_LIMIT = max(aiokafka.conn.READER_LIMIT, READER_LIMIT_BYTES)
+    frame_reader.install()
 
 
 class FetchWaitTransport(driver.Transport):

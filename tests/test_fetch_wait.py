@@ -330,6 +330,22 @@ def test_a_fetch_naming_every_partition_with_records_to_come_waits_long_one_with
         )
 
 
+def test_a_fetch_sent_while_faust_rebalances_keeps_the_short_wait() -> None:
+    """Its recovery pauses the agents' partitions, then resumes and seeks them (and the rewind asks
+    for their log start) while the request is in flight: held long, it held the catch-up up too."""
+    rebalancing = [True]
+    fetcher = SimpleNamespace(_get_actions_per_node=_planned_fetch, _records={})
+    fetching.wait_longer_when_nothing_is_held(fetcher, set, 500, rebalancing=lambda: rebalancing[0])
+
+    def waits() -> list[int]:
+        requests, *_ = fetcher._get_actions_per_node(None)
+        return [request._max_wait_ms for _, request in requests]
+
+    assert waits() == [20, 20]
+    rebalancing[0] = False  # recovery done, the partitions resumed: every one can be named
+    assert waits() == [500, 500]
+
+
 @pytest.mark.parametrize(("short_ms", "long_ms"), [("20", 500), ("800", 800)])
 def test_the_workers_consumer_thread_waits_long_when_nothing_is_held_never_below_its_short_wait(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, short_ms: str, long_ms: int
@@ -349,5 +365,9 @@ def test_the_workers_consumer_thread_waits_long_when_nothing_is_held_never_below
     asyncio.run(thread.on_start())
     requests, *_ = fetcher._get_actions_per_node(None)
     assert [request._max_wait_ms for _, request in requests] == [long_ms, long_ms]
+    job.app.rebalancing = True  # Faust's, from the revoke until the agents' partitions are resumed
+    requests, *_ = fetcher._get_actions_per_node(None)
+    assert [request._max_wait_ms for _, request in requests] == [20, 20]  # the plan's own, untouched
+    job.app.rebalancing = False
     # and the spans partitions still at their own size (`size_fetches`, installed first)
     assert requests[0][1].topics[0] == ("otlp_spans", [(0, 7, settings.fetch_spans_partition_bytes)])

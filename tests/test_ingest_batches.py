@@ -23,6 +23,8 @@ from burnguard.stream.app import BATCH_ROWS, GC_YOUNG_OBJECTS, BudgetJob, tune_g
 from burnguard.stream.deadletters import OMITTED_HEADER, SOURCE_HEADER
 from burnguard.stream.records import MicroBatch, sub_batches
 from burnguard.stream.settings import StreamSettings
+from burnguard.stream.takeover import in_order_reads
+from faust.types import TP
 from kafka.errors import KafkaTimeoutError
 
 from tests.factories import budgets_yaml, tenant_cost
@@ -152,3 +154,80 @@ def test_the_worker_scans_young_objects_less_often_and_keeps_the_older_threshold
         assert GC_YOUNG_OBJECTS > 700 and gc.isenabled()  # cycles are still collected
     finally:
         gc.set_threshold(*before)
+
+
+class _Primer:
+    """Records each `prime` call (partition -> first offset); fails while `failing`."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[int, int]] = []
+        self.failing = False
+
+    def prime(self, firsts: dict[int, tuple[int, int]]) -> dict[int, int]:
+        self.calls.append({partition: offset for partition, (offset, _) in firsts.items()})
+        if self.failing:
+            raise KafkaTimeoutError("broker gone")
+        return dict.fromkeys(firsts, 0)
+
+
+def _after_a_rebalance(job: BudgetJob, expected: dict[int, int]) -> _Primer:
+    """Nothing primed, the dead letters stale; `otlp_spans` read in order from `expected`."""
+    primer = _Primer()
+    job.primer = primer  # type: ignore[assignment]
+    job.recent.primed.clear()
+    reads = in_order_reads(job.app.consumer)
+    reads.topics.add(job.settings.topics.spans)
+    reads.expected.update({TP(job.settings.topics.spans, p): offset for p, offset in expected.items()})
+    return primer
+
+
+def test_a_micro_batch_primes_its_partitions_due_next_in_one_read_with_the_dead_letters_read_back(
+    job: tuple[BudgetJob, list[tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a rebalance the first message's partition is primed together with every other partition
+    whose first message in the micro-batch is the one it is read from next; a partition whose first
+    message is not (partition 2: read again from 3) is primed at its own first admitted message."""
+    job, _ = job
+    primer = _after_a_rebalance(job, {0: 5, 1: 7, 2: 3})
+    job.dead_letters.stale = True
+    caught_up: list[bool] = []
+
+    def catch_up() -> int:
+        caught_up.append(True)
+        job.dead_letters.stale = False
+        return 0
+
+    monkeypatch.setattr(job.dead_letters, "catch_up", catch_up)
+    now = time.time()
+    payload = message([good("acme")])
+    events = [
+        Event(Message(0, 5, timestamp=now), payload),
+        Event(Message(1, 7, timestamp=now), payload),
+        Event(Message(2, 4, timestamp=now), payload),  # past 3: sought back, not admitted
+        Event(Message(0, 6, timestamp=now), payload),
+    ]
+    asyncio.run(job._ingest_batch(events))
+    assert primer.calls == [{0: 5, 1: 7}]
+    assert caught_up == [True]
+    assert job.recent.primed == {0, 1}
+    asyncio.run(job._ingest_batch([Event(Message(2, 3, timestamp=now), payload)]))
+    assert primer.calls == [{0: 5, 1: 7}, {2: 3}]
+    assert caught_up == [True]  # once after the rebalance
+
+
+def test_a_failed_priming_leaves_the_other_partitions_to_their_own_first_message(
+    job: tuple[BudgetJob, list[tuple[Any, ...]]],
+) -> None:
+    """As when each was primed alone: the failing message's partition counts as primed (a copy across
+    the gap may count twice), the others are tried again when their first message comes."""
+    job, sent = job
+    primer = _after_a_rebalance(job, {0: 0, 1: 0})
+    primer.failing = True
+    now = time.time()
+    payload = message([good("acme")])
+    events = [Event(Message(0, 0, timestamp=now), payload), Event(Message(1, 0, timestamp=now), payload)]
+    asyncio.run(job._ingest_batch(events))
+    assert primer.calls == [{0: 0, 1: 0}, {1: 0}]
+    assert job.recent.primed == {0, 1}
+    usage = [json.loads(value) for topic, _, _, value, _ in sent if topic == job.settings.topics.usage]
+    assert sorted(b.source for record in usage for b in sub_batches(record)) == [(0, 0), (1, 0)]
