@@ -216,8 +216,8 @@ class UsageSnapshots:
         """The window's Kafka key, partition and JSON head, remembered while its budget is the same object.
 
         Made from the parts its budget's windows share (`WindowParts`): the key's bytes and its
-        JSON string (`usage_head_of`) joined in between. A calendar window's start is in its Kafka key, and fixed;
-        a rolling or session window's key leaves it out (`usage_kafka_key_parts`).
+        JSON string (`usage_head_of`) joined in between. A calendar window's start is in its Kafka
+        key, and fixed; a rolling or session window's key leaves it out (`usage_kafka_key_parts`).
         """
         budget = parts.budget
         known = self._keys.get(state_key)
