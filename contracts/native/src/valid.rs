@@ -101,9 +101,11 @@ impl Schema {
     /// A check to run in the decoding walk (`Checking`); None where the schema does not hold
     /// the walk's path: then `accepts` checks alone.
     pub fn checking(&self) -> Option<Checking<'_>> {
+        let levels = self.levels?;
         Some(Checking {
             schema: self,
-            levels: self.levels?,
+            levels,
+            checks: levels.map(|place| &self.messages[place.message][..]),
             refused: Cell::new(false),
             found: Cell::new(0),
         })
@@ -253,11 +255,12 @@ fn levels(messages: &[Vec<Check>], descents: [u32; LEVELS - 1], entry_key: u32) 
 /// descends into and checks every key it does not find (as the decoding walk does unless it
 /// falls back) has then checked what `accepts` checks, in one pass over the bytes.
 ///
-/// `refused`: a check failed (`accepts` would answer false); `found`: the request's message
-/// fields, by bit.
+/// `checks`: each level's message's; `refused`: a check failed (`accepts` would answer false);
+/// `found`: the request's message fields, by bit.
 pub struct Checking<'s> {
     schema: &'s Schema,
     levels: [Place; LEVELS],
+    checks: [&'s [Check]; LEVELS],
     refused: Cell<bool>,
     found: Cell<u64>,
 }
@@ -279,12 +282,11 @@ impl<'c> Source for &'c Checking<'c> {
 
     #[inline]
     fn fields<'a>(self, message: &'a [u8], level: Level) -> CheckedFields<'a, 'c> {
-        let place = self.levels[level as usize];
         CheckedFields {
             reader: Reader { rest: message },
             checking: self,
-            checks: &self.schema.messages[place.message],
-            place,
+            checks: self.checks[level as usize],
+            walked: self.levels[level as usize].walked,
             depth: level as usize,
             request: level == Level::Request,
         }
@@ -309,7 +311,7 @@ pub struct CheckedFields<'a, 'c> {
     reader: Reader<'a>,
     checking: &'c Checking<'c>,
     checks: &'c [Check],
-    place: Place,
+    walked: u64,
     depth: usize,
     request: bool,
 }
@@ -329,7 +331,7 @@ impl<'a> CheckedFields<'a, '_> {
             }
             2 => {
                 let content = self.reader.delimited()?;
-                let walked = number < 64 && self.place.walked & (1 << number) != 0;
+                let walked = number < 64 && self.walked & (1 << number) != 0;
                 let schema = self.checking.schema;
                 let found = schema.content(self.checks, number, content, self.depth, walked)?;
                 if self.request {
