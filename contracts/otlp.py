@@ -566,11 +566,11 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
     native = native_in_use() if type(payload) is bytes else None
     if _without_markers(payload):  # no span counts: whether upb accepts it is all there is to know
         if native is None or not _natively_accepted(native, payload):
-            _parse_proto(payload)  # raises where upb refuses, as it always did
+            parse_request(payload)  # raises where upb refuses, as it always did
         return DecodedSpans()
     if native is not None:
         return _natively_walked(native, payload, limits)
-    return check_spans(_parse_proto(payload), payload, limits)
+    return check_spans(*parse_request(payload), limits)
 
 
 @dataclass(slots=True)
@@ -617,12 +617,12 @@ def _natively_walked(native: Any, payload: bytes, limits: SpanLimits) -> Decoded
         accepted, usages = native.checked_decode(payload, limits.ceilings())
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: upb parses, the reference decodes
         _native_failed(exc)
-        return check_spans(_parse_proto(payload), payload, limits)
+        return check_spans(*parse_request(payload), limits)
     if usages is not None:
         return DecodedSpans(usages)
     if accepted:  # the walk fell back
         return check_spans(_parse_proto(payload), payload, limits)
-    request = _parse_proto(payload)  # raises where upb refuses, as it always did
+    request, _ = parse_request(payload)  # raises where upb refuses, as it always did
     decoded = _natively_decoded(native, payload, limits)
     return check_spans(request, payload, limits) if decoded is None else decoded
 
