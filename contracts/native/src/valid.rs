@@ -13,6 +13,9 @@
 //! exactly is `Unsure` and upb parses the message, the reference: groups (wire type 3, which upb
 //! skips or parses by rules of their own), a packed repeated scalar, a 10-byte varint past
 //! `u64`, nesting past `MAX_DEPTH` (below upb's limit).
+//!
+//! The same checks run alone (`Schema::accepts`) or inside the decoding walk (`Checking`, the
+//! walk's `Source` in `Decoder.checked_decode`): one pass over the bytes of a GenAI message.
 
 use std::cell::Cell;
 
