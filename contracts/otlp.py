@@ -20,8 +20,9 @@ bytes upb accepts it returns each accounted span's `SpanUsage`, built from the t
 and `span_checks`' fields and ceilings, handed to it as data; anything else, and any message
 with a span it cannot vouch `span_problem` passes, is decoded by the Python code here, the
 reference (docs/ARCHITECTURE.md §3, "Native decoding"). Whether upb accepts the whole message
-is checked natively too, where the check can vouch for it (`otlp_view.wire_schema`); else upb
-parses it, as for the reference.
+is checked natively too, where the check can vouch for it (`otlp_view.wire_schema`), in the same
+walk of the bytes as the decoding where the message may hold a GenAI span; else upb parses it,
+as for the reference.
 
 Every span is checked here too (`span_checks`): a span with a number that is not
 finite, negative, past its ceiling or of the wrong type, or a key past its length
@@ -557,22 +558,19 @@ def decode_spans(payload: bytes, limits: SpanLimits = DEFAULT_LIMITS) -> Decoded
 
     Raises `MalformedSpans` when the message as a whole is not an OTLP request: the whole
     message is checked, whatever it holds, by the upb parse, which is skipped only where the
-    native check vouches that upb accepts it (`_natively_accepted`).
+    native check vouches that upb accepts it (`_natively_accepted`, `_natively_walked`).
     """
     if detect_format(payload) != OTLP_PROTO:
         return check_spans(*parse_request(payload), limits)
     # the native path takes `bytes` only (not a bytearray a caller may change meanwhile)
     native = native_in_use() if type(payload) is bytes else None
-    request = None
-    if native is None or not _natively_accepted(native, payload):
-        request, _ = parse_request(payload)  # raises where upb refuses, as it always did
-    if _without_markers(payload):
+    if _without_markers(payload):  # no span counts: whether upb accepts it is all there is to know
+        if native is None or not _natively_accepted(native, payload):
+            parse_request(payload)  # raises where upb refuses, as it always did
         return DecodedSpans()
     if native is not None:
-        decoded = _natively_decoded(payload, limits)
-        if decoded is not None:
-            return decoded
-    return check_spans(_parse_proto(payload) if request is None else request, payload, limits)
+        return _natively_walked(native, payload, limits)
+    return check_spans(*parse_request(payload), limits)
 
 
 @dataclass(slots=True)
@@ -606,15 +604,38 @@ def _native_failed(exc: BaseException) -> None:
     )
 
 
-def _natively_decoded(payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
-    """The native decoder's `SpanUsage`s, each inside `limits`.
+def _natively_walked(native: Any, payload: bytes, limits: SpanLimits) -> DecodedSpans:
+    """A message that may hold GenAI spans, checked and decoded in one native walk
+    (`Decoder.checked_decode`): what `_natively_accepted` then `_natively_decoded` answer.
+
+    Where the check does not vouch for the message, upb parses it (raising where it refuses)
+    and the native walk decodes what upb accepted; where the walk falls back, or the native
+    call fails, the reference decodes (a rejection's reason and one-span request are made in
+    one place).
+    """
+    try:
+        accepted, usages = native.checked_decode(payload, limits.ceilings())
+    except NATIVE_ERRORS as exc:  # a panic must not end the worker: upb parses, the reference decodes
+        _native_failed(exc)
+        return check_spans(*parse_request(payload), limits)
+    if usages is not None:
+        return DecodedSpans(usages)
+    if accepted:  # the walk fell back
+        return check_spans(_parse_proto(payload), payload, limits)
+    request, _ = parse_request(payload)  # raises where upb refuses, as it always did
+    decoded = _natively_decoded(native, payload, limits)
+    return check_spans(request, payload, limits) if decoded is None else decoded
+
+
+def _natively_decoded(native: Any, payload: bytes, limits: SpanLimits) -> DecodedSpans | None:
+    """The native decoder's `SpanUsage`s, each inside `limits`, of bytes upb accepted.
 
     None when the native walk fell back, failed, or met a span it cannot vouch is inside the
     limits (`span_problem` may reject it): then the reference (`check_spans`) decodes the
     message, so a rejection's reason and one-span request are made in one place.
     """
     try:
-        usages = _native.decode(payload, limits.ceilings())
+        usages = native.decode(payload, limits.ceilings())
     except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference decodes
         _native_failed(exc)
         return None
@@ -645,8 +666,9 @@ def native_decoder() -> Any | None:
     the GenAI markers, the duplicate mark, the service key, the defaults, `SpanUsage` and the
     fields `span_checks` checks are handed to it here, as data (the ceilings with each call),
     and so is the schema upb parses by (`wire_schema`), which its check of whole messages
-    (`accepts`) reads. It walks protobuf bytes upb accepts and answers None ("fall back") for
-    anything outside its simple case; `check_spans` stays the reference.
+    (`accepts`, and `checked_decode`, which checks in the decoding walk) reads. It walks protobuf
+    bytes upb accepts and answers None ("fall back") for anything outside its simple case;
+    `check_spans` stays the reference.
     """
     try:
         from burnguard.contracts import _otlp_native  # type: ignore[attr-defined]

@@ -9,7 +9,8 @@ re-encodings, each mutated (truncations, flips, inserted and removed bytes), and
 hostile encodings (bad UTF-8 in each string field, wrong wire types of each known field,
 unknown fields of each wire type, deep nesting, overlong tags, lengths and varints, groups),
 `decode_spans` returns the same with and without the parse (`check`), and valid traffic
-does not fall back to the parse.
+does not fall back to the parse. On each of them, alone and beside a GenAI span before or after
+it, the check made inside the decoding walk (`checked_decode`) answers as `accepts` does.
 """
 
 from __future__ import annotations
@@ -43,10 +44,23 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from tests.fixtures.decoders import required_native_decoder
 from tests.support.byte_mutations import mutate
 from tests.support.protowire import field, fixed32, fixed64, varint, varint_field
-from tests.test_native_decode import KNOWN_KEYS, SCALE, outcome, padded_varint, reencoded, request
+from tests.test_native_decode import (
+    KNOWN_KEYS,
+    SCALE,
+    assert_walked_once,
+    genai_request,
+    outcome,
+    padded_varint,
+    reencoded,
+    request,
+)
 
 #: The deepest submessage the check vouches for (valid.rs `MAX_DEPTH`; upb refuses past 100).
 MAX_DEPTH = 64
+
+
+#: A request of one GenAI span (more `resource_spans` when written after another request's).
+GENAI = genai_request()
 
 
 def upb_accepts(payload: bytes) -> bool:
@@ -65,6 +79,9 @@ def check(payload: bytes) -> bool:
     if accepted:
         assert upb_accepts(payload), "the native check vouched for a message upb refuses"
     assert outcome(payload, native) == outcome(payload, None)
+    assert assert_walked_once(payload) is accepted
+    for beside in (payload + GENAI, GENAI + payload):  # the walk decodes a span before or after it
+        assert_walked_once(beside)
     if currently_in_test_context():  # a hypothesis test: the share of each case
         event("accepted" if accepted else ("upb accepts, not vouched" if upb_accepts(payload) else "refused"))
     return accepted
@@ -416,3 +433,92 @@ def test_a_schema_the_check_cannot_read_leaves_the_python_decoder_in_charge(
     monkeypatch.setattr(otlp, "wire_schema", lambda: (messages, required))
     assert otlp.native_decoder() is None
     assert "native OTLP decoder not used" in caplog.text
+
+
+class CountingDecoder:
+    """The real native decoder, counting its calls by name."""
+
+    def __init__(self) -> None:
+        self.real = required_native_decoder()
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_message_of_the_benchmark_load_is_walked_once(shape: str) -> None:
+    """A message with a marker takes one native call (`checked_decode`), no parse; a message
+    without one takes the check alone (`accepts`), as before."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from span_load import SpanMix
+
+    mix = SpanMix(tenants=20, users_per_tenant=10, calls_per_session=40, **SHAPES[shape])
+    for _ in range(20):
+        payload = mix.message()[1]
+        native = CountingDecoder()
+        with mock.patch.object(otlp, "_native", native):
+            decoded = otlp.decode_spans(payload)
+        assert native.calls == (["accepts"] if otlp._without_markers(payload) else ["checked_decode"])
+        with mock.patch.object(otlp, "_native", None):
+            assert decoded == otlp.decode_spans(payload)
+
+
+def test_a_schema_without_the_walks_path_checks_and_decodes_in_two_walks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A schema in which a message the decoding walk descends into is not a message field (here
+    `Span.attributes`): the check cannot run inside the walk, so `checked_decode` checks
+    (`accepts`) then decodes, and answers the same."""
+    messages, required = wire_schema()
+    (span_index,) = [index for index, checks in enumerate(messages) if checks.get(9) is not None]
+    del messages[span_index][9]
+    monkeypatch.setattr(otlp, "wire_schema", lambda: (messages, required))
+    native = otlp.native_decoder()
+    assert native is not None and not native.walks_once()
+    ceilings = otlp.DEFAULT_LIMITS.ceilings()
+    for payload in (GENAI, GENAI + b"\xff", b"", field(1, b"")):
+        accepted, usages = native.checked_decode(payload, ceilings)
+        assert accepted is native.accepts(payload)
+        expected = native.decode(payload, ceilings) if accepted else None
+        assert (usages is None) is (expected is None) and len(usages or []) == len(expected or [])
+
+
+OPERATION = attr.GEN_AI_OPERATION_NAME.encode()
+
+
+@pytest.mark.parametrize(
+    ("keys", "vouched"),
+    [
+        ([OPERATION], True),
+        ([b"\xff"], False),  # a key the walk's table lacks: checked
+        ([b"\xff", OPERATION], False),  # a key a later one replaces, the later one in the table
+        ([OPERATION, b"\xff"], False),
+        ([b"http.method", OPERATION], True),
+        ([OPERATION, "é".encode()], True),
+    ],
+    ids=["known", "bad", "bad-then-known", "known-then-bad", "unknown-then-known", "known-then-utf8"],
+)
+def test_every_key_of_an_attribute_entry_is_checked(keys: list[bytes], vouched: bool) -> None:
+    """The walk checks an entry's key only where its table lacks it (a key there is UTF-8): each
+    key of an entry, the last one (which counts) and any earlier one, beside a GenAI span."""
+    native = required_native_decoder()
+    entry = b"".join(field(1, key) for key in keys) + field(2, field(1, b"chat"))
+    payload = field(1, field(2, field(2, field(9, entry) + field(9, field(1, OPERATION)))))
+    assert native.accepts(payload) is vouched is upb_accepts(payload)
+    assert check(payload) is vouched
+    assert native.checked_decode(payload, otlp.DEFAULT_LIMITS.ceilings())[0] is vouched
+
+
+@pytest.mark.parametrize("after", [b"", field(1, field(2, field(1, field(1, b"\xff"))))])
+def test_a_walk_that_falls_back_leaves_the_check_to_accepts(after: bytes) -> None:
+    """A span the walk cannot vouch for (its tenant past the key ceiling) ends the walk early:
+    what it has not read yet (here a scope name, valid or not) is then checked by `accepts`."""
+    native = required_native_decoder()
+    marker = field(1, OPERATION) + field(2, field(1, b"chat"))
+    tenant = field(1, attr.TENANT.encode()) + field(2, field(1, b"t" * 1000))
+    payload = field(1, field(2, field(2, field(9, marker) + field(9, tenant)))) + after
+    accepted = not after
+    assert native.checked_decode(payload, otlp.DEFAULT_LIMITS.ceilings()) == (accepted, None)
+    assert check(payload) is accepted

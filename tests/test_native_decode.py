@@ -8,7 +8,10 @@ resource attribution, many resources and scopes), over the same bytes mutated or
 over the same requests written as another encoder may (fields reordered, unknown fields and
 groups, needless varint bytes, a wrong wire type). Attribute entries and their values carry
 fields their schema does not hold (`key_strindex`, unknown numbers, every wire type) on markers,
-tenant, cost, tokens and resource attributes alike: protobuf reads them as without.
+tenant, cost, tokens and resource attributes alike: protobuf reads them as without. On the same
+inputs, the one walk that checks and decodes (`Decoder.checked_decode`, what `decode_spans` calls
+for a message with a marker) answers what the check (`accepts`) then the walk (`decode`) answer
+(`assert_walked_once`).
 """
 
 from __future__ import annotations
@@ -336,10 +339,30 @@ def vars_of(usage: Any) -> list[tuple[str, Any]]:
     return [(name, getattr(usage, name)) for name in usage.__dataclass_fields__]
 
 
+def typed(usages: list[Any] | None) -> list[list[tuple[str, type, str]]] | None:
+    """Usages (or None) compared by type and `repr` of each field, as `outcome` compares them."""
+    if usages is None:
+        return None
+    return [[(name, type(value), repr(value)) for name, value in vars_of(usage)] for usage in usages]
+
+
+def assert_walked_once(payload: bytes, ceilings: tuple[float, int, int] = MAX.ceilings()) -> bool:
+    """The one walk (`checked_decode`) answers what `accepts` then `decode` answer: whether the
+    check vouches for the message, and where it does, the walk's usages (None: fall back);
+    where it does not, None (upb parses first). Returns whether it vouched."""
+    native = required_native_decoder()
+    assert native.walks_once(), "the schema holds the walk's path: the check runs inside the walk"
+    accepted, usages = native.checked_decode(payload, ceilings)
+    assert accepted is native.accepts(payload)
+    assert typed(usages) == typed(native.decode(payload, ceilings) if accepted else None)
+    return accepted
+
+
 def assert_same(payload: bytes) -> None:
     native = required_native_decoder()
     expected = outcome(payload, None)
     assert outcome(payload, native) == expected
+    assert_walked_once(payload)
     if expected[0] == "decoded":
         event("native walk" if native.decode(payload, MAX.ceilings()) is not None else "fell back")
 
@@ -374,6 +397,7 @@ def test_the_synthetic_load_takes_the_native_walk_and_decodes_alike() -> None:
         payload = mix.message()[1]
         assert native.decode(payload, MAX.ceilings()) is not None
         assert outcome(payload, native) == outcome(payload, None)
+        assert assert_walked_once(payload)
 
 
 def double(number: float) -> bytes:
@@ -425,6 +449,7 @@ def test_the_walk_vouches_for_a_span_exactly_when_span_problem_passes_it(
     checked = field(1, key.encode()) + field(2, value)
     payload = field(1, field(2, field(2, field(9, marker) + field(9, checked))))
     assert (native.decode(payload, MAX.ceilings()) is not None) is vouched
+    assert assert_walked_once(payload)
     kind, usages, rejected = outcome(payload, native)
     assert kind == "decoded" and (len(usages), len(rejected)) == ((1, 0) if vouched else (0, 1))
     assert outcome(payload, native) == outcome(payload, None)
@@ -437,6 +462,9 @@ def test_the_walk_takes_the_ceilings_of_each_call() -> None:
     payload = genai_request()  # tenant "acme"
     assert native.decode(payload, SpanLimits(max_key_chars=3).ceilings()) is None
     assert native.decode(payload, SpanLimits(max_tokens=10**30, max_key_chars=10**30).ceilings())
+    assert native.checked_decode(payload, SpanLimits(max_key_chars=3).ceilings()) == (True, None)
+    for limits in (SpanLimits(max_key_chars=3), SpanLimits(max_tokens=10**30, max_key_chars=10**30)):
+        assert_walked_once(payload, limits.ceilings())
     with mock.patch.object(otlp, "_native", native):
         rejected = decode_spans(payload, SpanLimits(max_key_chars=3)).rejected
     assert [r.kind for r in rejected] == ["too_long"]
@@ -550,12 +578,14 @@ def test_an_attribute_with_an_unknown_field_counts_in_both_and_the_walk_does_not
     else:
         assert ("service", str, "'svc'") in expected[1][0]
     assert native.decode(payload, MAX.ceilings()) is not None
+    assert assert_walked_once(payload)
     assert outcome(payload, native) == expected
 
 
 class PanickingDecoder:
-    """A native decoder whose `call` (the check of the whole message, or the walk) panics:
-    PyO3 raises the panic as its `PanicException`; the other call answers as the real one."""
+    """A native decoder whose `call` (the check of the whole message, the walk, or both in one
+    walk) panics: PyO3 raises the panic as its `PanicException`; the other calls answer as the
+    real ones."""
 
     def __init__(self, call: str) -> None:
         self.call = call
@@ -576,18 +606,36 @@ class PanickingDecoder:
             self._panic()
         return self.real.decode(payload, ceilings)
 
+    def checked_decode(self, payload: bytes, ceilings: tuple[float, int, int]) -> Any:
+        if self.call == "checked_decode":
+            self._panic()
+        return self.real.checked_decode(payload, ceilings)
 
-@pytest.mark.parametrize("call", ["accepts", "decode"])
+
+#: A GenAI span and an unknown group (upb skips it, the check does not vouch for it): upb parses
+#: the message, then `decode` walks it.
+NOT_VOUCHED = genai_request() + varint(20 << 3 | 3) + varint(20 << 3 | 4)
+#: Per native call, a message `decode_spans` makes it on: a marker-free message is checked alone
+#: (`accepts`), a GenAI message is checked and decoded in one walk (`checked_decode`), and one the
+#: check does not vouch for is decoded after upb's parse (`decode`).
+PANIC_PAYLOADS = {
+    "accepts": field(1, field(2, field(2, field(5, b"GET /")))),
+    "checked_decode": genai_request(),
+    "decode": NOT_VOUCHED,
+}
+
+
+@pytest.mark.parametrize("call", PANIC_PAYLOADS)
 def test_a_panic_in_the_native_walk_is_logged_counted_and_the_reference_decodes(
     call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Rust panic reaches Python as `PanicException`, a BaseException: the stream's and the
     sink's per-message `except Exception` would let it end the worker. The message is parsed by
     upb and decoded by the reference instead, and the failure is logged and counted."""
-    payload = genai_request()
+    payload = PANIC_PAYLOADS[call]
     before = otlp.native_failures.count
     expected = outcome(payload, None)
-    assert expected[0] == "decoded" and len(expected[1]) == 1
+    assert expected[0] == "decoded" and len(expected[1]) == (0 if call == "accepts" else 1)
     assert outcome(payload, PanickingDecoder(call)) == expected
     assert otlp.native_failures.count == before + 1
     assert "native OTLP decoder failed" in caplog.text and "index out of bounds" in caplog.text

@@ -35,7 +35,7 @@ use texts::Texts;
 use usage::{Usages, ValueRef};
 use valid::Schema;
 use value::{text, Any, Reader, Value};
-use wire::{Fields, Unsure, Walk};
+use wire::{Fields, Level, Plain, Source, Unsure, Walk};
 
 /// What decoding does with an attribute: the field it fills, how it is read, and for a
 /// spelling that only fills an empty field, its rank (the lowest rank fills first).
@@ -205,7 +205,7 @@ impl Decoder {
         schema: Vec<HashMap<u32, Bound<'_, PyAny>>>,
         required: u32,
     ) -> PyResult<Self> {
-        let schema = Schema::new(schema, required)?;
+        let schema = Schema::new(schema, required, DESCENTS, ENTRY_KEY)?;
         let defaults = Defaults::new(&defaults)?;
         let usages = Usages::new(&usage_class, &usage_fields, &fresh_dicts)?;
         if usages.fields() != defaults.len() {
@@ -278,17 +278,44 @@ impl Decoder {
         payload: &[u8],
         ceilings: Ceilings,
     ) -> PyResult<Option<Bound<'py, PyList>>> {
-        let texts = std::mem::take(&mut *self.kept_texts());
-        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len(), ceilings, texts);
-        let walked = self.request(payload, &mut rows);
-        *self.kept_texts() = std::mem::take(&mut rows.texts);
-        if let Some(error) = rows.error {
-            return Err(error);
-        }
-        if walked.is_err() {
-            return Ok(None);
-        }
-        Ok(Some(PyList::new(py, rows.usages)?))
+        let walked = self.walk(py, Plain, payload, ceilings)?;
+        walked.ok().map(|usages| PyList::new(py, usages)).transpose()
+    }
+
+    /// `accepts` and `decode` in one walk of the bytes: `(accepts(payload), decode(payload,
+    /// ceilings))` where the check accepts, `(False, None)` where it does not (upb parses, then
+    /// `decode` walks what upb accepted). The decoding walk reads the fields of the messages it
+    /// descends into through the check (`valid::Checking`), which checks every other sub-message
+    /// whole on the way; where the walk falls back before the end, `accepts` checks alone.
+    fn checked_decode<'py>(
+        &self,
+        py: Python<'py>,
+        payload: &[u8],
+        ceilings: Ceilings,
+    ) -> PyResult<(bool, Option<Bound<'py, PyList>>)> {
+        let Some(checking) = self.schema.checking() else {
+            let accepted = self.schema.accepts(payload);
+            return Ok((
+                accepted,
+                if accepted {
+                    self.decode(py, payload, ceilings)?
+                } else {
+                    None
+                },
+            ));
+        };
+        Ok(match self.walk(py, &checking, payload, ceilings)? {
+            Ok(usages) if checking.accepted() => (true, Some(PyList::new(py, usages)?)),
+            Ok(_) => (false, None),
+            Err(Unsure) if checking.refused() => (false, None),
+            Err(Unsure) => (self.schema.accepts(payload), None),
+        })
+    }
+
+    /// Whether `checked_decode` checks in the decoding walk (the schema holds the walk's path),
+    /// for the tests: else it calls `accepts` and `decode`.
+    fn walks_once(&self) -> bool {
+        self.schema.checking().is_some()
     }
 
     /// How many attribute texts the decoder keeps as `str`s (`texts.rs`), for the tests.
@@ -367,27 +394,58 @@ impl<'py, 'a> Rows<'py, 'a> {
     }
 }
 
+/// The message fields the decoding walk descends into, level by level (`Level`): the request's
+/// `resource_spans`, `ResourceSpans.scope_spans`, `ScopeSpans.spans`, `Span.attributes`. The
+/// walk below reads them by these numbers; `checked_decode` checks the rest of each message.
+const DESCENTS: [u32; 4] = [1, 2, 2, 9];
+/// An attribute entry's key (`attribute`), which the walk checks only where its table lacks it.
+const ENTRY_KEY: u32 = 1;
+
 impl Decoder {
+    /// The decoding walk over `payload`, its fields read from `source`: the usages it made, or
+    /// `Unsure` (it fell back). Python's error making a usage is raised.
+    fn walk<'py, S: Source>(
+        &self,
+        py: Python<'py>,
+        source: S,
+        payload: &[u8],
+        ceilings: Ceilings,
+    ) -> PyResult<Walk<Vec<Bound<'py, PyAny>>>> {
+        let texts = std::mem::take(&mut *self.kept_texts());
+        let mut rows = Rows::new(py, self.span_keys.len(), self.defaults.len(), ceilings, texts);
+        let walked = self.request(source, payload, &mut rows);
+        *self.kept_texts() = std::mem::take(&mut rows.texts);
+        if let Some(error) = rows.error {
+            return Err(error);
+        }
+        Ok(walked.map(|()| rows.usages))
+    }
+
     /// The texts kept between decodes (taken out for a decode and put back after it: a decode
     /// that raised leaves an empty cache, never a wrong one).
     fn kept_texts(&self) -> std::sync::MutexGuard<'_, Texts> {
         self.texts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn request<'a>(&self, payload: &'a [u8], rows: &mut Rows<'_, 'a>) -> Walk<()> {
-        for field in Fields::of(payload) {
+    fn request<'a, S: Source>(&self, source: S, payload: &'a [u8], rows: &mut Rows<'_, 'a>) -> Walk<()> {
+        for field in source.fields(payload, Level::Request) {
             if let (1, field) = field? {
-                self.resource_spans(field.bytes()?, rows)?;
+                self.resource_spans(source, field.bytes()?, rows)?;
             }
         }
         Ok(())
     }
 
     /// One `ResourceSpans`: its resource read once (only if a span needs it), then its spans.
-    fn resource_spans<'a>(&self, message: &'a [u8], rows: &mut Rows<'_, 'a>) -> Walk<()> {
+    fn resource_spans<'a, S: Source>(
+        &self,
+        source: S,
+        message: &'a [u8],
+        rows: &mut Rows<'_, 'a>,
+    ) -> Walk<()> {
         let mut resource: Option<&[u8]> = None;
         let mut scopes = Vec::new();
-        for field in Fields::of(message) {
+        for field in source.fields(message, Level::ResourceSpans) {
             match field? {
                 (1, _) if resource.is_some() => return Err(Unsure), // merged resources: Python's
                 (1, field) => resource = Some(field.bytes()?),
@@ -397,9 +455,9 @@ impl Decoder {
         }
         let mut inherited: Option<Resource> = None;
         for scope in scopes {
-            for field in Fields::of(scope) {
+            for field in source.fields(scope, Level::ScopeSpans) {
                 if let (2, field) = field? {
-                    if self.span(field.bytes()?, resource, &mut inherited, rows)? {
+                    if self.span(source, field.bytes()?, resource, &mut inherited, rows)? {
                         rows.push(self)?;
                     }
                 }
@@ -409,8 +467,9 @@ impl Decoder {
     }
 
     /// The field values of a span into `rows.values`; false when it is not accounted (`_is_accounted`).
-    fn span<'a>(
+    fn span<'a, S: Source>(
         &self,
+        source: S,
         message: &'a [u8],
         resource: Option<&'a [u8]>,
         read_resource: &mut Option<Resource<'a>>,
@@ -419,7 +478,7 @@ impl Decoder {
         let found = &mut rows.found;
         found.clear();
         let (mut ids, mut name, mut times, mut status) = ([&b""[..]; 3], &b""[..], [0u64; 2], 0u32);
-        for field in Fields::of(message) {
+        for field in source.fields(message, Level::Span) {
             match field? {
                 (1, field) => ids[0] = field.bytes()?,
                 (2, field) => ids[1] = field.bytes()?,
@@ -427,7 +486,7 @@ impl Decoder {
                 (5, field) => name = field.bytes()?,
                 (7, field) => times[0] = field.fixed64()?,
                 (8, field) => times[1] = field.fixed64()?,
-                (9, field) => attribute(field.bytes()?, &self.span_ids, found)?,
+                (9, field) => attribute(source, field.bytes()?, &self.span_ids, found)?,
                 (15, field) => status = status_code(field.bytes()?, status)?,
                 _ => {}
             }
@@ -469,11 +528,12 @@ impl Decoder {
     }
 
     /// `resource_attribution` and the service name: `service.name`'s string value, else "".
+    /// Read as it stands: a checked walk checked the resource whole where it met it.
     fn resource<'a>(&self, message: &'a [u8]) -> Walk<Resource<'a>> {
         let mut found = Found::new(self.resource_slots.len());
         for field in Fields::of(message) {
             if let (1, field) = field? {
-                attribute(field.bytes()?, &self.resource_ids, &mut found)?;
+                attribute(Plain, field.bytes()?, &self.resource_ids, &mut found)?;
             }
         }
         let service_id = self
@@ -506,18 +566,20 @@ impl Decoder {
 /// One attribute (a `KeyValue`): its value kept if its key is in `ids`. Read as protobuf's
 /// `KeyValue` reads it: the last key, any other field (OTLP 1.10's `key_strindex`, whatever a
 /// hostile or future encoder adds) ignored; Python's reference reads such an entry the same way.
-fn attribute<'a>(entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<()> {
+/// The key is checked (`Source::key`) only where `ids` lacks it: a key there is UTF-8.
+fn attribute<'a, S: Source>(source: S, entry: &'a [u8], ids: &KeyIds, found: &mut Found<'a>) -> Walk<()> {
     let (mut key, mut value) = (&b""[..], None);
-    for field in Fields::of(entry) {
+    for field in source.fields(entry, Level::KeyValue) {
         match field? {
-            (1, field) => key = field.bytes()?,
+            (ENTRY_KEY, field) => source.key(std::mem::replace(&mut key, field.bytes()?))?,
             (2, _) if value.is_some() => return Err(Unsure), // merged values: Python's
             (2, field) => value = Some(field.bytes()?),
             _ => {}
         }
     }
-    if let Some(&id) = ids.get(key) {
-        found.insert(id, value.unwrap_or_default()); // no value: an empty AnyValue
+    match ids.get(key) {
+        Some(&id) => found.insert(id, value.unwrap_or_default()), // no value: an empty AnyValue
+        None => source.key(key)?,
     }
     Ok(())
 }

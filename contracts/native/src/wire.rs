@@ -44,6 +44,48 @@ impl<'a> Field<'a> {
     }
 }
 
+/// The messages the decoding walk descends into itself, from the request down (`lib.rs`):
+/// where it reads the fields of one, `Source` is told which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Request,
+    ResourceSpans,
+    ScopeSpans,
+    Span,
+    KeyValue,
+}
+
+/// Where the decoding walk reads a message's fields from: the bytes as they stand (`Plain`), or
+/// checked on the way as upb checks them (`valid::Checking`, the whole-message check in the same
+/// walk). Either yields the same fields of the bytes upb accepts.
+pub trait Source: Copy {
+    type Fields<'a>: Iterator<Item = Walk<(u32, Field<'a>)>>;
+
+    fn fields<'a>(self, message: &'a [u8], level: Level) -> Self::Fields<'a>;
+
+    /// An attribute entry's key the walk did not find in its table (a key there is UTF-8, a
+    /// Python `str`'s), or one a later key of the entry replaced: checked as a string field.
+    fn key(self, key: &[u8]) -> Walk<()>;
+}
+
+/// The fields as they stand, nothing checked: for bytes upb accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl Source for Plain {
+    type Fields<'a> = Fields<'a>;
+
+    #[inline]
+    fn fields<'a>(self, message: &'a [u8], _level: Level) -> Fields<'a> {
+        Fields::of(message)
+    }
+
+    #[inline]
+    fn key(self, _key: &[u8]) -> Walk<()> {
+        Ok(())
+    }
+}
+
 /// The fields of one message, in wire order.
 pub struct Fields<'a> {
     rest: &'a [u8],
