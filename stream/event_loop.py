@@ -1,11 +1,12 @@
 """Which asyncio event loop the worker runs on: uvloop by default, asyncio's own by choice.
 
 Faust's agents, timers and aiokafka's clients are callbacks, futures and socket reads on the
-loop: on the realistic load the loop's own machinery is a large share of the worker's main
-thread. uvloop (libuv, in C) runs the same callbacks for less CPU (BENCHMARKS.md, "uvloop").
-The choice is a loop policy, set before the app exists: every loop made afterwards, the main
-thread's and Faust's consumer thread's, is of that kind. asyncio's loop stays the choice where
-uvloop is not installed (Windows) and for debugging (`BURNGUARD_EVENT_LOOP=asyncio`).
+loop, and asyncio's loop turns (`_run_once`, its handles, the selector) are Python. uvloop (libuv,
+in C) runs the same callbacks without them (end to end within a run's spread: BENCHMARKS.md,
+"The worker on uvloop"). The choice is a loop policy, set before the app exists: every loop made
+afterwards, the main thread's and Faust's consumer thread's, is of that kind. asyncio's loop
+stays the choice where uvloop is not installed (Windows) and for debugging
+(`BURNGUARD_EVENT_LOOP=asyncio`).
 """
 
 from __future__ import annotations
