@@ -1873,9 +1873,7 @@ class BudgetJob:
         totals = stored if type(stored) is WindowTotals else WindowTotals.from_state(stored)
         parts = run.parts(budget, window_start_ns)
         window = self.snapshots.window_key(state_key, key, parts)
-        spent = (
-            window_spent(budget, int(window_start_ns), totals, run.now_ns) if parts.slides else totals.spent
-        )
+        spent = window_spent(budget, int(window_start_ns), totals, run.now_ns)
         value = run.value(window.head, parts.bounds, spent, budget.limit, totals.spans, run.stamp)
         return self.snapshots.snapshot(state_key, window, value)
 

@@ -270,12 +270,6 @@ def window_spent(budget: Budget, window_start_ns: int, totals: WindowTotals, now
     return totals.rolling_spent(now_ns, windows.rolling, windows.bucket_ns)
 
 
-def window_slides(budget: Budget) -> bool:
-    """Whether the budget's window is rolling: its spend is `window_spent`'s sum of the buckets still
-    in it, else the window's `totals.spent` (the snapshot timer asks once per budget and run)."""
-    return bool(_windows_of(budget).rolling)
-
-
 def window_bounds(budget: Budget, window_start_ns: int, now_ns: int) -> tuple[datetime, datetime]:
     """`window_at`'s (start, end): the same for every key of a budget with this start (a rolling
     window's moves with `now_ns` alone)."""

@@ -42,7 +42,6 @@ from burnguard.contracts.snapshots import (
     usage_value,
 )
 from burnguard.stream.partitioner import key_partition, native_part
-from burnguard.stream.policy import window_slides
 from burnguard.stream.record_batches import RECORD_OVERHEAD_BYTES, RecordBatches, check_size
 from faust.types import AppT
 
@@ -92,8 +91,6 @@ class WindowParts(NamedTuple):
     bounds: bytes
     kafka_key: tuple[bytes, bytes]
     head: tuple[bytes, bytes]
-    #: whether the spend is the sum of the buckets still in the window (`window_spent`), not `spent`
-    slides: bool
 
 
 def window_parts(budget: Budget, start: datetime, end: datetime) -> WindowParts:
@@ -102,7 +99,7 @@ def window_parts(budget: Budget, start: datetime, end: datetime) -> WindowParts:
     before, after = usage_kafka_key_parts(scope, budget.id, budget.window, start)
     head = usage_head_parts(budget.id, scope, budget.metric, budget.window)
     kafka_key = (before.encode(), after.encode())
-    return WindowParts(budget, start, usage_bounds(start, end), kafka_key, head, window_slides(budget))
+    return WindowParts(budget, start, usage_bounds(start, end), kafka_key, head)
 
 
 class Snapshot(NamedTuple):
