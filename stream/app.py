@@ -80,11 +80,11 @@ from burnguard.stream.accounting import (
     usage_rows_detached,
 )
 from burnguard.stream.changelog import (
-    CHANGELOG_TICK_S,
     MAX_BATCH_BYTES,
     ChangelogWriteFailed,
     PendingRecords,
     TableChanges,
+    flush_tick_s,
     plain_store,
 )
 from burnguard.stream.deadletters import REASON_HEADER, DeadLetterLog, Parked, dead_letter_headers, fitted
@@ -428,7 +428,7 @@ class BudgetJob:
         self.app.task(self._say_event_loop)
         self.app.timer(self.settings.evict_interval.total_seconds(), name="evict")(self._sweep)
         # an idle stream's pending changes are written too; the ticks show whether the process stood still
-        flush_s = min(self.changes.flush_interval_s or CHANGELOG_TICK_S, self.stall_guard.period_s)
+        flush_s = min(flush_tick_s(self.changes.flush_interval_s), self.stall_guard.period_s)
         self.app.timer(flush_s, name="changelog-flush")(self._flush_changes)
 
     async def _say_event_loop(self) -> None:
@@ -1008,13 +1008,34 @@ class BudgetJob:
 
     async def _let_commit_once_delivered(self) -> None:
         """Raise the commit cap as soon as the writes handed over are delivered, not at the next write
-        (with no flush interval no timer writes, and a quiet stream's last batch would stay uncommitted)."""
-        try:
-            while self.changes.undelivered():  # writes handed over meanwhile are waited for too
+        (with no flush interval no timer writes, and a quiet stream's last batch would stay uncommitted),
+        and with a flush interval commit what they cover (`_commit_written`)."""
+        while self.changes.undelivered():  # writes handed over meanwhile are waited for too
+            try:
                 self._let_commit(await self.changes.delivered())
-        except ChangelogWriteFailed as exc:
-            logger.error("stopping: %s", exc)
-            await self.app.crash(exc)
+            except ChangelogWriteFailed as exc:
+                logger.error("stopping: %s", exc)
+                await self.app.crash(exc)
+                return
+            if self.changes.flush_interval_s and not self.changes.undelivered():
+                await self._commit_written()
+
+    async def _commit_written(self) -> None:
+        """Commit now what the delivered changelog writes let commit, as Kafka Streams commits when
+        it flushes its record cache.
+
+        Stage 2's records are committable only once their changes are written, once per flush
+        interval; the commit timer then came up to a `commit_interval` later: a burst's last
+        records stayed uncommitted (re-read by a successor, shown as lag) for up to both intervals
+        after the worker had accounted them. One commit per write at most (a write per flush
+        interval); during a rebalance the revoke's own write and Faust's commit do it.
+        """
+        if self.app.rebalancing:
+            return
+        try:
+            await self.app.consumer.commit()
+        except Exception as exc:  # the commit timer tries again
+            logger.warning("could not commit after the changelog write: %r", exc)
 
     def _let_commit(self, covered: dict[Any, int]) -> None:
         """Let Faust commit the assigned partitions' records up to `covered` (delivered changes)."""

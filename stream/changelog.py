@@ -66,6 +66,21 @@ MAX_BATCH_BYTES = 512 * 1024
 MAX_PENDING_KEYS = 20_000
 #: The changelog-flush timer's period when changes are written after every batch (no flush interval).
 CHANGELOG_TICK_S = 1.0
+#: The flush timer ticks this many times per flush interval: a tick that came just short of due
+#: left a quiet stream's last changes pending for almost two intervals, and its commit after them.
+FLUSH_TICKS_PER_INTERVAL = 4
+#: ... but never more often than this.
+FLUSH_TICK_MIN_S = 0.05
+
+
+def flush_tick_s(flush_interval_s: float) -> float:
+    """The changelog-flush timer's period: pending changes are written at most a quarter of the
+    interval after they are due (`TableChanges.due`), not up to a whole interval later."""
+    if not flush_interval_s:
+        return CHANGELOG_TICK_S
+    return max(flush_interval_s / FLUSH_TICKS_PER_INTERVAL, FLUSH_TICK_MIN_S)
+
+
 #: Kafka record headers, as aiokafka takes them.
 Headers = list[tuple[str, bytes]]
 #: `dict.get`'s default for a key with no pending change (None is a pending deletion).

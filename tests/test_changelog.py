@@ -156,6 +156,14 @@ def test_with_no_flush_interval_every_batch_is_due(app: faust.App) -> None:
     assert TableChanges(app, flush_interval_s=0.0).due()
 
 
+@pytest.mark.parametrize(("interval_s", "tick_s"), [(1.0, 0.25), (10.0, 2.5), (0.1, 0.05), (0.0, 1.0)])
+def test_the_flush_timer_ticks_four_times_an_interval_never_faster_than_50_ms(
+    interval_s: float, tick_s: float
+) -> None:
+    """A change due just after a tick waits at most a quarter of the interval more, not a whole one."""
+    assert changelog.flush_tick_s(interval_s) == pytest.approx(tick_s)
+
+
 @pytest.mark.parametrize(("raw", "seconds"), [(None, 1.0), ("0", 0.0), ("250", 0.25), ("10000", 10.0)])
 def test_the_flush_interval_comes_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, raw: str | None, seconds: float

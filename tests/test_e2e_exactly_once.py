@@ -329,12 +329,31 @@ def test_once_the_stream_is_quiet_the_commits_reach_the_end_of_the_usage_topic(
     wait_for_commits_at_the_end(pipeline, timeout_s=20)
 
 
-def wait_for_commits_at_the_end(pipeline: Pipeline, timeout_s: float) -> None:
-    usage = pipeline.topics.usage
+@pytest.mark.slow
+def test_a_bursts_last_records_are_committed_once_written_not_at_the_commit_timers_tick(
+    pipeline: Pipeline,
+) -> None:
+    """The write of the burst's last changes is the commit point (`BudgetJob._commit_written`).
+
+    With the commit timer a minute away (its first tick too), both topics' commits still reach
+    their ends within seconds of the totals: before, they waited for that tick.
+    """
+    pipeline.write_budgets(BUDGETS)
+    pipeline.env.update(BURNGUARD_COMMIT_INTERVAL_S="60", BURNGUARD_CHANGELOG_FLUSH_MS="500")
+    source = SpanSource(pipeline, batches=30, seed=29)
+    pipeline.start_worker()
+    source.send(30, pause_s=0.0)
+    wait_for_exact_totals(pipeline, source, timeout_s=60)
+    wait_for_commits_at_the_end(pipeline, timeout_s=15, topics=(pipeline.topics.usage, pipeline.topics.spans))
+
+
+def wait_for_commits_at_the_end(pipeline: Pipeline, timeout_s: float, topics: tuple[str, ...] = ()) -> None:
+    """Until the group's commits reach the end of each of `topics` (the usage topic by default)."""
     deadline = time.monotonic() + timeout_s
-    while (committed := committed_offsets(pipeline, usage)) != (ends := end_offsets(pipeline, usage)):
-        assert time.monotonic() < deadline, f"commits {committed} never reached the ends {ends}"
-        time.sleep(0.5)
+    for topic in topics or (pipeline.topics.usage,):
+        while (committed := committed_offsets(pipeline, topic)) != (ends := end_offsets(pipeline, topic)):
+            assert time.monotonic() < deadline, f"commits {committed} of {topic} never reached {ends}"
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
