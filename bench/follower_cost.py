@@ -6,8 +6,11 @@ producer's sender) hold the GIL the worker's event loop waits for. This runs the
 broker while a thread of this process publishes signals at `--rate` (noting each in
 `PublishedSignals`, as the worker does), and reads the CPU of the writer's threads from /proc.
 
-`--options` names consumer settings to try besides the writer's own (`consumer_options`); each
-variant follows the same load for `--seconds`, the variants alternating `--rounds` times.
+`--options` names consumer settings to try besides the writer's own (`consumer_options`). Each
+is followed twice, the fetches read by aiokafka's C reader (`contracts/record_batches.py`, what a
+worker with the stream extra runs) and by kafka-python's own (the reference, as before it):
+the same load for `--seconds` each, the variants alternating `--rounds` times. The RESULT line
+holds the writer's own settings' median CPU per signal read back with each reader, and their ratio.
 
     .venv/bin/python bench/follower_cost.py [--rate 1000] [--seconds 20] [--rounds 2]
         [--options 'fetch_min_bytes=1,fetch_max_wait_ms=500' ...]
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from burnguard.contracts import record_batches
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
@@ -31,6 +36,8 @@ from thread_cpu import thread_cpu_s
 
 #: the writer's threads are named after its follower thread (`burnguard-checkpoints`)
 WRITER_THREADS = "burnguard-checkpoints"
+#: the readers of fetched record batches: aiokafka's C reader where installed, kafka-python's own
+READERS = {"C reader": record_batches.native_partition_records, "kafka-python's reader": None}
 
 
 def a_signal(n: int, keys: int) -> Signal:
@@ -85,13 +92,18 @@ class Publisher(threading.Thread):
         self._producer.close()
 
 
-def writer_threads_cpu() -> float:
-    """CPU seconds so far of this process's threads named after the writer."""
-    return sum(
-        thread_cpu_s(thread.native_id)
-        for thread in threading.enumerate()
-        if WRITER_THREADS in thread.name and thread.native_id is not None
-    )
+def writer_threads_cpu() -> tuple[float, float]:
+    """CPU seconds so far of this process's threads named after the writer: (the follower, the
+    others: its consumer's IO thread and its checkpoint producer's sender)."""
+    follower = others = 0.0
+    for thread in threading.enumerate():
+        if WRITER_THREADS in thread.name and thread.native_id is not None:
+            cpu = thread_cpu_s(thread.native_id)
+            if thread.name == WRITER_THREADS:
+                follower += cpu
+            else:
+                others += cpu
+    return follower, others
 
 
 def parse_options(text: str) -> dict[str, Any]:
@@ -105,8 +117,9 @@ def one_variant(
     published: PublishedSignals,
     options: dict[str, Any] | None,
     seconds: float,
-) -> tuple[float, int]:
-    """Follow for `seconds` with `options` (None: the writer's own); (writer CPU s, records read)."""
+) -> tuple[float, float, int]:
+    """Follow for `seconds` with `options` (None: the writer's own); (follower CPU s, its other
+    threads' CPU s, records read)."""
 
     class Writer(SignalCheckpointWriter):
         if options is not None:
@@ -116,12 +129,12 @@ def one_variant(
     writer.start(wait_s=60)
     time.sleep(2)  # past the replay of what earlier variants left
     read_before = sum(writer.positions.values())
-    cpu_before = writer_threads_cpu()
+    follower_before, others_before = writer_threads_cpu()
     time.sleep(seconds)
-    cpu = writer_threads_cpu() - cpu_before
+    follower, others = writer_threads_cpu()
     read = sum(writer.positions.values()) - read_before
     writer.stop()
-    return cpu, read
+    return follower - follower_before, others - others_before, read
 
 
 def main() -> None:
@@ -131,8 +144,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--options", action="append", default=[], help="consumer settings to try: a=1,b=2")
     args = parser.parse_args()
-    variants: list[tuple[str, dict[str, Any] | None]] = [("writer's own", None)]
-    variants += [(text, parse_options(text)) for text in args.options]
+    settings: list[tuple[str, dict[str, Any] | None]] = [("writer's own", None)]
+    settings += [(text, parse_options(text)) for text in args.options]
+    readers = READERS if READERS["C reader"] else {"kafka-python's reader": None}  # no aiokafka extension
+    per_signal: dict[str, list[float]] = {name: [] for name in readers}
     with BenchPipeline("follower_cost") as pipeline:
         topics = Topics()
         pipeline.broker.create_topic(topics.signals, partitions=4, compact=True)
@@ -143,15 +158,26 @@ def main() -> None:
         publisher.start()
         try:
             for _round in range(args.rounds):
-                for name, options in variants:
-                    cpu, read = one_variant(kafka, topics, published, options, args.seconds)
+                for (name, options), (reader_name, reader) in itertools.product(settings, readers.items()):
+                    record_batches.native_partition_records = reader
+                    follower, others, read = one_variant(kafka, topics, published, options, args.seconds)
+                    cpu, us = follower + others, 1e6 * (follower + others) / max(read, 1)
+                    if options is None:
+                        per_signal[reader_name].append(us)
                     note(
-                        f"{name}: {read} signals read in {args.seconds:.0f}s, writer threads {cpu:.2f}s CPU "
-                        f"({cpu / args.seconds:.1%} of a core), {1e6 * cpu / max(read, 1):.1f} us a signal; "
-                        f"load {load_average()}"
+                        f"{name}, {reader_name}: {read} signals read in {args.seconds:.0f}s, writer threads "
+                        f"{cpu:.2f}s CPU ({cpu / args.seconds:.1%} of a core; follower {follower:.2f}s, "
+                        f"IO and producer {others:.2f}s), {us:.1f} us a signal; load {load_average()}"
                     )
         finally:
             publisher.stop()
+    medians = {name: statistics.median(values) for name, values in per_signal.items()}
+    native, reference = medians.get("C reader"), medians["kafka-python's reader"]
+    ratio = f" ratio={reference / native:.2f}" if native else ""
+    print(
+        f"RESULT follower_cost rate={args.rate} seconds={args.seconds:g} rounds={args.rounds} "
+        f"c_reader_us={native or 0:.1f} kafka_python_us={reference:.1f}{ratio} load={load_average()}"
+    )
 
 
 if __name__ == "__main__":
