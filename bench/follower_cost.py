@@ -6,11 +6,13 @@ producer's sender) hold the GIL the worker's event loop waits for. This runs the
 broker while a thread of this process publishes signals at `--rate` (noting each in
 `PublishedSignals`, as the worker does), and reads the CPU of the writer's threads from /proc.
 
-`--options` names consumer settings to try besides the writer's own (`consumer_options`). Each
-is followed twice, the fetches read by aiokafka's C reader (`contracts/record_batches.py`, what a
-worker with the stream extra runs) and by kafka-python's own (the reference, as before it):
-the same load for `--seconds` each, the variants alternating `--rounds` times. The RESULT line
-holds the writer's own settings' median CPU per signal read back with each reader, and their ratio.
+Each setting is followed three ways (`WAYS`): as at 4704c5e (fetches read by kafka-python's own
+record reader, a poll every 200 ms), with aiokafka's C reader (`contracts/record_batches.py`, what a
+worker with the stream extra runs) still polling every 200 ms, and as now (C reader, the writer's
+`poll_timeout_ms`). `--options` names consumer settings to try besides the writer's own
+(`consumer_options`). The same load for `--seconds` each, the variants alternating `--rounds`
+times. The RESULT line holds the writer's own settings' median CPU per signal read back each way,
+and the ratio of the base to now.
 
     .venv/bin/python bench/follower_cost.py [--rate 1000] [--seconds 20] [--rounds 2]
         [--options 'fetch_min_bytes=1,fetch_max_wait_ms=500' ...]
@@ -36,8 +38,13 @@ from thread_cpu import thread_cpu_s
 
 #: the writer's threads are named after its follower thread (`burnguard-checkpoints`)
 WRITER_THREADS = "burnguard-checkpoints"
-#: the readers of fetched record batches: aiokafka's C reader where installed, kafka-python's own
-READERS = {"C reader": record_batches.native_partition_records, "kafka-python's reader": None}
+#: how the writer reads: the reader of fetched record batches (None: kafka-python's own) and how long
+#: a poll waits (None: the writer's own `poll_timeout_ms`)
+WAYS: dict[str, tuple[Any, int | None]] = {
+    "base": (None, 200),
+    "C reader": (record_batches.native_partition_records, 200),
+    "now": (record_batches.native_partition_records, None),
+}
 
 
 def a_signal(n: int, keys: int) -> Signal:
@@ -116,14 +123,18 @@ def one_variant(
     topics: Topics,
     published: PublishedSignals,
     options: dict[str, Any] | None,
+    poll_timeout_ms: int | None,
     seconds: float,
 ) -> tuple[float, float, int]:
-    """Follow for `seconds` with `options` (None: the writer's own); (follower CPU s, its other
-    threads' CPU s, records read)."""
+    """Follow for `seconds` with `options` and `poll_timeout_ms` (None: the writer's own);
+    (follower CPU s, its other threads' CPU s, records read)."""
 
     class Writer(SignalCheckpointWriter):
         if options is not None:
             consumer_options = options
+
+    if poll_timeout_ms is not None:
+        Writer.poll_timeout_ms = poll_timeout_ms
 
     writer = Writer(kafka, topics, timedelta(seconds=30), published=published)
     writer.start(wait_s=60)
@@ -146,8 +157,9 @@ def main() -> None:
     args = parser.parse_args()
     settings: list[tuple[str, dict[str, Any] | None]] = [("writer's own", None)]
     settings += [(text, parse_options(text)) for text in args.options]
-    readers = READERS if READERS["C reader"] else {"kafka-python's reader": None}  # no aiokafka extension
-    per_signal: dict[str, list[float]] = {name: [] for name in readers}
+    if record_batches.native_partition_records is None:
+        parser.error("aiokafka's C record reader is not installed: there is nothing to compare")
+    per_signal: dict[str, list[float]] = {name: [] for name in WAYS}
     with BenchPipeline("follower_cost") as pipeline:
         topics = Topics()
         pipeline.broker.create_topic(topics.signals, partitions=4, compact=True)
@@ -158,25 +170,26 @@ def main() -> None:
         publisher.start()
         try:
             for _round in range(args.rounds):
-                for (name, options), (reader_name, reader) in itertools.product(settings, readers.items()):
+                for (name, options), (way, (reader, poll_ms)) in itertools.product(settings, WAYS.items()):
                     record_batches.native_partition_records = reader
-                    follower, others, read = one_variant(kafka, topics, published, options, args.seconds)
+                    follower, others, read = one_variant(
+                        kafka, topics, published, options, poll_ms, args.seconds
+                    )
                     cpu, us = follower + others, 1e6 * (follower + others) / max(read, 1)
                     if options is None:
-                        per_signal[reader_name].append(us)
+                        per_signal[way].append(us)
                     note(
-                        f"{name}, {reader_name}: {read} signals read in {args.seconds:.0f}s, writer threads "
+                        f"{name}, {way}: {read} signals read in {args.seconds:.0f}s, writer threads "
                         f"{cpu:.2f}s CPU ({cpu / args.seconds:.1%} of a core; follower {follower:.2f}s, "
                         f"IO and producer {others:.2f}s), {us:.1f} us a signal; load {load_average()}"
                     )
         finally:
             publisher.stop()
-    medians = {name: statistics.median(values) for name, values in per_signal.items()}
-    native, reference = medians.get("C reader"), medians["kafka-python's reader"]
-    ratio = f" ratio={reference / native:.2f}" if native else ""
+    medians = {way: statistics.median(values) for way, values in per_signal.items()}
     print(
         f"RESULT follower_cost rate={args.rate} seconds={args.seconds:g} rounds={args.rounds} "
-        f"c_reader_us={native or 0:.1f} kafka_python_us={reference:.1f}{ratio} load={load_average()}"
+        f"base_us={medians['base']:.1f} c_reader_us={medians['C reader']:.1f} now_us={medians['now']:.1f} "
+        f"ratio={medians['base'] / medians['now']:.2f} load={load_average()}"
     )
 
 

@@ -112,6 +112,8 @@ class CompactedTopicFollower:
     #: it has a record (`fetch_min_bytes` 1), so a guard hears of a signal one round trip after it
     #: is written; a subclass that can wait sets larger fetches (`SignalCheckpointWriter`).
     consumer_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: How long a poll waits for records: the thread sees `stop` and runs `_after_poll` this often.
+    poll_timeout_ms: ClassVar[int] = 200
 
     def __init__(
         self,
@@ -166,7 +168,7 @@ class CompactedTopicFollower:
         try:
             end_offsets = self._wait_for_partitions(consumer)
             while not self._stop.is_set():
-                for records in consumer.poll(timeout_ms=200).values():
+                for records in consumer.poll(timeout_ms=self.poll_timeout_ms).values():
                     for record in records:
                         self._deliver(record)
                 if not self.replayed and _caught_up(consumer, end_offsets):

@@ -801,3 +801,6 @@ def test_a_guard_is_answered_at_the_first_signal_and_the_writer_in_batches(
     assert writer["fetch_min_bytes"] == FETCH_MIN_BYTES >= 100 << 10
     assert writer["fetch_max_wait_ms"] == FETCH_WAIT_MS <= 1_000
     assert writer["client_id"] == "burnguard-checkpoints"
+    # with no records, a poll comes back as often as an empty fetch does, a guard's every 200 ms
+    assert SignalCheckpointWriter.poll_timeout_ms == FETCH_WAIT_MS
+    assert CompactedTopicFollower.poll_timeout_ms == 200
