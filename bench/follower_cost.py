@@ -6,8 +6,13 @@ producer's sender) hold the GIL the worker's event loop waits for. This runs the
 broker while a thread of this process publishes signals at `--rate` (noting each in
 `PublishedSignals`, as the worker does), and reads the CPU of the writer's threads from /proc.
 
-`--options` names consumer settings to try besides the writer's own (`consumer_options`); each
-variant follows the same load for `--seconds`, the variants alternating `--rounds` times.
+Each setting is followed three ways (`WAYS`): as at 4704c5e (fetches read by kafka-python's own
+record reader, a poll every 200 ms), with aiokafka's C reader (`contracts/record_batches.py`, what a
+worker with the stream extra runs) still polling every 200 ms, and as now (C reader, the writer's
+`poll_timeout_ms`). `--options` names consumer settings to try besides the writer's own
+(`consumer_options`). The same load for `--seconds` each, the variants alternating `--rounds`
+times. The RESULT line holds the writer's own settings' median CPU per signal read back each way,
+and the ratio of the base to now.
 
     .venv/bin/python bench/follower_cost.py [--rate 1000] [--seconds 20] [--rounds 2]
         [--options 'fetch_min_bytes=1,fetch_max_wait_ms=500' ...]
@@ -17,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from burnguard.contracts import record_batches
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
@@ -31,6 +38,13 @@ from thread_cpu import thread_cpu_s
 
 #: the writer's threads are named after its follower thread (`burnguard-checkpoints`)
 WRITER_THREADS = "burnguard-checkpoints"
+#: how the writer reads: the reader of fetched record batches (None: kafka-python's own) and how long
+#: a poll waits (None: the writer's own `poll_timeout_ms`)
+WAYS: dict[str, tuple[Any, int | None]] = {
+    "base": (None, 200),
+    "C reader": (record_batches.native_partition_records, 200),
+    "now": (record_batches.native_partition_records, None),
+}
 
 
 def a_signal(n: int, keys: int) -> Signal:
@@ -85,13 +99,18 @@ class Publisher(threading.Thread):
         self._producer.close()
 
 
-def writer_threads_cpu() -> float:
-    """CPU seconds so far of this process's threads named after the writer."""
-    return sum(
-        thread_cpu_s(thread.native_id)
-        for thread in threading.enumerate()
-        if WRITER_THREADS in thread.name and thread.native_id is not None
-    )
+def writer_threads_cpu() -> tuple[float, float]:
+    """CPU seconds so far of this process's threads named after the writer: (the follower, the
+    others: its consumer's IO thread and its checkpoint producer's sender)."""
+    follower = others = 0.0
+    for thread in threading.enumerate():
+        if WRITER_THREADS in thread.name and thread.native_id is not None:
+            cpu = thread_cpu_s(thread.native_id)
+            if thread.name == WRITER_THREADS:
+                follower += cpu
+            else:
+                others += cpu
+    return follower, others
 
 
 def parse_options(text: str) -> dict[str, Any]:
@@ -104,24 +123,29 @@ def one_variant(
     topics: Topics,
     published: PublishedSignals,
     options: dict[str, Any] | None,
+    poll_timeout_ms: int | None,
     seconds: float,
-) -> tuple[float, int]:
-    """Follow for `seconds` with `options` (None: the writer's own); (writer CPU s, records read)."""
+) -> tuple[float, float, int]:
+    """Follow for `seconds` with `options` and `poll_timeout_ms` (None: the writer's own);
+    (follower CPU s, its other threads' CPU s, records read)."""
 
     class Writer(SignalCheckpointWriter):
         if options is not None:
             consumer_options = options
 
+    if poll_timeout_ms is not None:
+        Writer.poll_timeout_ms = poll_timeout_ms
+
     writer = Writer(kafka, topics, timedelta(seconds=30), published=published)
     writer.start(wait_s=60)
     time.sleep(2)  # past the replay of what earlier variants left
     read_before = sum(writer.positions.values())
-    cpu_before = writer_threads_cpu()
+    follower_before, others_before = writer_threads_cpu()
     time.sleep(seconds)
-    cpu = writer_threads_cpu() - cpu_before
+    follower, others = writer_threads_cpu()
     read = sum(writer.positions.values()) - read_before
     writer.stop()
-    return cpu, read
+    return follower - follower_before, others - others_before, read
 
 
 def main() -> None:
@@ -131,8 +155,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--options", action="append", default=[], help="consumer settings to try: a=1,b=2")
     args = parser.parse_args()
-    variants: list[tuple[str, dict[str, Any] | None]] = [("writer's own", None)]
-    variants += [(text, parse_options(text)) for text in args.options]
+    settings: list[tuple[str, dict[str, Any] | None]] = [("writer's own", None)]
+    settings += [(text, parse_options(text)) for text in args.options]
+    if record_batches.native_partition_records is None:
+        parser.error("aiokafka's C record reader is not installed: there is nothing to compare")
+    per_signal: dict[str, list[float]] = {name: [] for name in WAYS}
     with BenchPipeline("follower_cost") as pipeline:
         topics = Topics()
         pipeline.broker.create_topic(topics.signals, partitions=4, compact=True)
@@ -143,15 +170,27 @@ def main() -> None:
         publisher.start()
         try:
             for _round in range(args.rounds):
-                for name, options in variants:
-                    cpu, read = one_variant(kafka, topics, published, options, args.seconds)
+                for (name, options), (way, (reader, poll_ms)) in itertools.product(settings, WAYS.items()):
+                    record_batches.native_partition_records = reader
+                    follower, others, read = one_variant(
+                        kafka, topics, published, options, poll_ms, args.seconds
+                    )
+                    cpu, us = follower + others, 1e6 * (follower + others) / max(read, 1)
+                    if options is None:
+                        per_signal[way].append(us)
                     note(
-                        f"{name}: {read} signals read in {args.seconds:.0f}s, writer threads {cpu:.2f}s CPU "
-                        f"({cpu / args.seconds:.1%} of a core), {1e6 * cpu / max(read, 1):.1f} us a signal; "
-                        f"load {load_average()}"
+                        f"{name}, {way}: {read} signals read in {args.seconds:.0f}s, writer threads "
+                        f"{cpu:.2f}s CPU ({cpu / args.seconds:.1%} of a core; follower {follower:.2f}s, "
+                        f"IO and producer {others:.2f}s), {us:.1f} us a signal; load {load_average()}"
                     )
         finally:
             publisher.stop()
+    medians = {way: statistics.median(values) for way, values in per_signal.items()}
+    print(
+        f"RESULT follower_cost rate={args.rate} seconds={args.seconds:g} rounds={args.rounds} "
+        f"base_us={medians['base']:.1f} c_reader_us={medians['C reader']:.1f} now_us={medians['now']:.1f} "
+        f"ratio={medians['base'] / medians['now']:.2f} load={load_average()}"
+    )
 
 
 if __name__ == "__main__":

@@ -101,6 +101,11 @@ class SignalCheckpointWriter(CompactedTopicFollower):
     consumer_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {"fetch_min_bytes": FETCH_MIN_BYTES, "fetch_max_wait_ms": FETCH_WAIT_MS}
     )
+    #: A poll still returns as soon as a fetch brings records; waiting for none, it now comes back
+    #: as often as the broker answers an empty fetch, not five times as often: each kafka-python
+    #: poll crosses to its IO thread, and an idle writer polling every 200 ms took ~6 ms of CPU a
+    #: second, ~2 ms at 1 s (BENCHMARKS.md, helper hFollow). `stop` and a due checkpoint wait as long.
+    poll_timeout_ms: ClassVar[int] = FETCH_WAIT_MS
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Following a compacted topic on a real broker: a record the handler cannot take stops nothing."""
+"""Following a compacted topic on a real broker: a record the handler cannot take stops nothing
+(with either reader of the fetched record batches)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from kafka import KafkaProducer
 
 
 def test_a_record_the_handler_raises_on_is_passed_over_and_the_next_ones_still_apply(
-    kafka_broker: KafkaBroker,
+    kafka_broker: KafkaBroker, batches_impl: str
 ) -> None:
     topic = f"follow-{uuid.uuid4().hex[:8]}"
     kafka_broker.create_topic(topic, partitions=1, compact=True)

@@ -242,7 +242,9 @@ def assert_comes_to_hold_what_a_replay_holds(
         replayed.stop()
 
 
-def test_a_guard_started_from_a_checkpoint_holds_what_a_full_replay_holds(kafka_broker: KafkaBroker) -> None:
+def test_a_guard_started_from_a_checkpoint_holds_what_a_full_replay_holds(
+    kafka_broker: KafkaBroker, batches_impl: str
+) -> None:
     topics = signal_topics(kafka_broker)
     kafka, producer = clients(kafka_broker)
     before = [restriction(f"r{n}", ("warn", "downgrade", "throttle")[n % 3]) for n in range(40)]
@@ -582,7 +584,7 @@ def test_a_writer_clock_stepped_back_stamps_the_latest_time_it_judged_by(kafka_b
 
 
 def test_a_checkpoint_before_the_log_start_reads_on_from_the_earliest_record(
-    kafka_broker: KafkaBroker,
+    kafka_broker: KafkaBroker, batches_impl: str
 ) -> None:
     """Records deleted up to past the checkpoint (retention on a `compact,delete` topic, or an
     operator's delete-records): the guard must read what remains, not jump to the end."""
@@ -799,3 +801,6 @@ def test_a_guard_is_answered_at_the_first_signal_and_the_writer_in_batches(
     assert writer["fetch_min_bytes"] == FETCH_MIN_BYTES >= 100 << 10
     assert writer["fetch_max_wait_ms"] == FETCH_WAIT_MS <= 1_000
     assert writer["client_id"] == "burnguard-checkpoints"
+    # with no records, a poll comes back as often as an empty fetch does, a guard's every 200 ms
+    assert SignalCheckpointWriter.poll_timeout_ms == FETCH_WAIT_MS
+    assert CompactedTopicFollower.poll_timeout_ms == 200
