@@ -2,9 +2,9 @@
 
 aiokafka checks each v2 record batch's CRC-32C (`check_crcs`, on by default and in Faust) with its
 own table-driven C loop, ~0.74 GB/s on this machine: a catch-up of 900,000 realistic spans reads
-~470 MB of `otlp_spans`, ~0.6 s of Faust's consumer thread per run, about half of that thread's
-CPU, on a two-core machine where the main thread (stages 1 and 2) waits ~1 s per run for a core
-(BENCHMARKS.md, "The consumer thread's CRC checks"). The `crc32c` package (already a dependency:
+~470 MB of `otlp_spans`, about half of Faust's consumer thread's CPU on a core, on a two-core
+machine where the main thread (stages 1 and 2) waits ~1 s per run for a core (BENCHMARKS.md, "The
+consumer thread's CRC checks, and the switch interval"). The `crc32c` package (already a dependency:
 kafka-python's checks use it) computes the same checksum with the CPU's CRC32 instruction where it
 has one, ~20 GB/s.
 
