@@ -22,7 +22,7 @@ from typing import Any
 
 import aiokafka
 import aiokafka.conn
-from burnguard.stream import frame_reader
+from burnguard.stream import frame_reader, record_crcs
 from faust.exceptions import ConsumerNotStarted
 from faust.serializers.schemas import Schema
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -425,6 +425,7 @@ def install(app: Any, fetch_max_wait_ms: int, topic_partition_bytes: Mapping[str
     if getattr(app, "_transport", None) is not None:
         raise RuntimeError("install the fetch transport before declaring topics")
     read_responses_whole()
+    record_crcs.install()
     app.transport = FetchWaitTransport(
         app.conf.broker_consumer,
         app,
