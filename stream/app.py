@@ -40,7 +40,6 @@ import gc
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -2064,18 +2063,9 @@ def run_worker(settings: StreamSettings | None = None, loglevel: str | None = No
     tune_gc()
     settings = settings or StreamSettings.from_env()
     use_event_loop(settings.event_loop)  # before the app: Faust makes its loops from the policy
-    use_switch_interval(settings.switch_interval)
     job = create_job(settings)
     freeze_startup_heap()
     make_worker(job, loglevel).execute_from_commandline()
-
-
-def use_switch_interval(interval: timedelta | None) -> None:
-    """Set the interpreter's switch interval to `interval` (`StreamSettings.switch_interval`); None
-    leaves Python's own. Logged, as the figures it changes depend on it."""
-    if interval is not None:
-        sys.setswitchinterval(interval.total_seconds())
-        logger.info("switch interval: %.3g ms", sys.getswitchinterval() * 1000)
 
 
 def make_worker(job: BudgetJob, loglevel: str = "info") -> BoundedStopWorker:

@@ -101,13 +101,6 @@ class StreamSettings:
     combine_messages: bool = True
     #: The worker's asyncio event loops (`stream/event_loop.py`): `uvloop`, or `asyncio`'s own.
     event_loop: str = "uvloop"
-    #: The interpreter's switch interval in the worker (`sys.setswitchinterval`): how long a thread
-    #: holding the GIL may run on while another waits for it, so how long the main thread (stages 1
-    #: and 2) can wait each time Faust's consumer thread or a checkpoint follower holds it. None:
-    #: Python's own (5 ms). 1 ms lowered the main thread's GIL wait in five of six same-run pairs,
-    #: spans/s within the runs' spread; 0.5 ms cost CPU per span (BENCHMARKS.md, "The consumer
-    #: thread's CRC checks, and the switch interval"): so the default stays Python's.
-    switch_interval: timedelta | None = None
 
     def __post_init__(self) -> None:
         """A TTL under `RENEW_WITHIN_REFRESHES` intervals is refused, not left to lapse: its
@@ -138,7 +131,6 @@ class StreamSettings:
             app_id=env.get("BURNGUARD_STREAM_APP_ID", cls.app_id),
             combine_messages=env_flag("BURNGUARD_COMBINE_MESSAGES", cls.combine_messages),
             event_loop=env.get("BURNGUARD_EVENT_LOOP", cls.event_loop).strip().lower(),
-            switch_interval=_switch_interval(env_number("BURNGUARD_SWITCH_INTERVAL_MS", 0.0, float, 100)),
             partitions=env_number("BURNGUARD_STREAM_PARTITIONS", cls.partitions, int),
             refresh_interval=timedelta(seconds=env_number("BURNGUARD_SIGNAL_REFRESH_S", 30)),
             signal_ttl=timedelta(seconds=env_number("BURNGUARD_SIGNAL_TTL_S", 120)),
@@ -180,8 +172,3 @@ class StreamSettings:
                 )
             ),
         )
-
-
-def _switch_interval(ms: float) -> timedelta | None:
-    """`BURNGUARD_SWITCH_INTERVAL_MS` as a switch interval; 0 (the variable unset): Python's own."""
-    return timedelta(milliseconds=ms) if ms else None

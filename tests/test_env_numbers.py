@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -39,7 +38,6 @@ STREAM = [
     "BURNGUARD_STOP_TIMEOUT_S",
     "BURNGUARD_DUPLICATE_WINDOW_S",
     "BURNGUARD_SIGNAL_CHECKPOINT_S",
-    "BURNGUARD_SWITCH_INTERVAL_MS",
 ]
 CASES: list[tuple[str, Callable[[], Any]]] = [
     *((name, StreamSettings.from_env) for name in STREAM),
@@ -129,26 +127,3 @@ def test_a_bad_switch_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyP
 def test_a_switch_reads_its_words(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
     monkeypatch.setenv("BURNGUARD_COMBINE_MESSAGES", value)
     assert StreamSettings.from_env().combine_messages is expected
-
-
-def test_the_switch_interval_is_pythons_own_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert StreamSettings.from_env().switch_interval is None
-    monkeypatch.setenv("BURNGUARD_SWITCH_INTERVAL_MS", "0.5")
-    assert StreamSettings.from_env().switch_interval == timedelta(milliseconds=0.5)
-    for refused in ("0", "101"):
-        monkeypatch.setenv("BURNGUARD_SWITCH_INTERVAL_MS", refused)
-        with pytest.raises(ValueError, match="BURNGUARD_SWITCH_INTERVAL_MS"):
-            StreamSettings.from_env()
-
-
-def test_the_worker_sets_the_switch_interval_it_is_given() -> None:
-    from burnguard.stream.app import use_switch_interval
-
-    before = sys.getswitchinterval()
-    try:
-        use_switch_interval(None)
-        assert sys.getswitchinterval() == before
-        use_switch_interval(timedelta(milliseconds=1))
-        assert sys.getswitchinterval() == pytest.approx(0.001)
-    finally:
-        sys.setswitchinterval(before)
