@@ -7,7 +7,7 @@ broker while a thread of this process publishes signals at `--rate` (noting each
 `PublishedSignals`, as the worker does), and reads the CPU of the writer's threads from /proc.
 
 Each setting is followed three ways (`WAYS`): as at 4704c5e (fetches read by kafka-python's own
-record reader, a poll every 200 ms), with aiokafka's C reader (`contracts/record_batches.py`, what a
+record reader, a poll every 200 ms), with aiokafka's C reader (`contracts/fetched_batches.py`, what a
 worker with the stream extra runs) still polling every 200 ms, and as now (C reader, the writer's
 `poll_timeout_ms`). `--options` names consumer settings to try besides the writer's own
 (`consumer_options`). The same load for `--seconds` each, the variants alternating `--rounds`
@@ -28,7 +28,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from burnguard.contracts import record_batches
+from burnguard.contracts import fetched_batches
 from burnguard.contracts.signals import Signal
 from burnguard.contracts.topics import KafkaSettings, Topics
 from burnguard.stream.signal_checkpoints import PublishedSignals, SignalCheckpointWriter
@@ -42,8 +42,8 @@ WRITER_THREADS = "burnguard-checkpoints"
 #: a poll waits (None: the writer's own `poll_timeout_ms`)
 WAYS: dict[str, tuple[Any, int | None]] = {
     "base": (None, 200),
-    "C reader": (record_batches.native_partition_records, 200),
-    "now": (record_batches.native_partition_records, None),
+    "C reader": (fetched_batches.native_partition_records, 200),
+    "now": (fetched_batches.native_partition_records, None),
 }
 
 
@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     settings: list[tuple[str, dict[str, Any] | None]] = [("writer's own", None)]
     settings += [(text, parse_options(text)) for text in args.options]
-    if record_batches.native_partition_records is None:
+    if fetched_batches.native_partition_records is None:
         parser.error("aiokafka's C record reader is not installed: there is nothing to compare")
     per_signal: dict[str, list[float]] = {name: [] for name in WAYS}
     with BenchPipeline("follower_cost") as pipeline:
@@ -171,7 +171,7 @@ def main() -> None:
         try:
             for _round in range(args.rounds):
                 for (name, options), (way, (reader, poll_ms)) in itertools.product(settings, WAYS.items()):
-                    record_batches.native_partition_records = reader
+                    fetched_batches.native_partition_records = reader
                     follower, others, read = one_variant(
                         kafka, topics, published, options, poll_ms, args.seconds
                     )

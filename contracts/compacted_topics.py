@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from burnguard.contracts.record_batches import use_native_batches
+from burnguard.contracts.fetched_batches import use_native_batches
 from burnguard.contracts.topics import KafkaSettings
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -37,7 +37,7 @@ def _consumer(
 
     `client_id` names it to the broker and names its IO thread (`kafka-io-<client_id>`);
     `options`, more consumer settings (a follower's `consumer_options`). It parses its fetches with
-    aiokafka's C reader where that is installed (`record_batches`): a worker reads back every
+    aiokafka's C reader where that is installed (`fetched_batches`): a worker reads back every
     signal it publishes, and kafka-python's own reader holds the GIL ~5 us a record.
     """
     consumer = KafkaConsumer(

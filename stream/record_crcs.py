@@ -6,7 +6,8 @@ own table-driven C loop, ~0.74 GB/s on this machine: a catch-up of 900,000 reali
 machine where the main thread (stages 1 and 2) waits ~1 s per run for a core (BENCHMARKS.md, "The
 consumer thread's CRC checks, and the switch interval"). The `crc32c` package (already a dependency:
 kafka-python's checks use it) computes the same checksum with the CPU's CRC32 instruction where it
-has one, ~20 GB/s.
+has one, ~20 GB/s (`contracts/fetched_batches.py:crc_matches`, which the kafka-python consumers'
+C reader checks with too).
 
 The check stays where aiokafka makes it and says what it says: `PartitionRecords` takes each batch
 in turn and raises `CorruptRecordException("Invalid CRC - <tp>")` at the first batch whose stored
@@ -18,24 +19,13 @@ aiokafka's own `validate_crc`.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import aiokafka.consumer.fetcher as fetcher_module
-import crc32c
 from aiokafka.errors import CorruptRecordException
 from aiokafka.record.default_records import DefaultRecordBatch
 from aiokafka.record.memory_records import MemoryRecords
-
-#: A v2 batch: base offset (8 bytes), length (4: of what follows it), partition leader epoch (4),
-#: magic (1), CRC (4), then the attributes and the rest, which the CRC covers.
-_LOG_OVERHEAD = 12
-_CRC_FROM = 21
-_LENGTH = struct.Struct(">i")
-#: `crc32c`'s `gil_release_mode`: keep the GIL. A 78 kB batch takes ~4 us; let go (its default for
-#: 32 KiB and more, as aiokafka's loop let go), the consumer thread then waited ~1.2 ms per batch to
-#: take the GIL back from a busy main thread (a forced switch each), where a fetch holds ~60 batches.
-_KEEP_GIL = 0
+from burnguard.contracts.fetched_batches import ATTRIBUTES_AT, batch_end, crc_matches
 
 
 class FetchedRecords:
@@ -71,10 +61,9 @@ class FetchedRecords:
             return batch
         start = self._position
         data = self._data
-        end = start + _LOG_OVERHEAD + _LENGTH.unpack_from(data, start + 8)[0]
-        self._position = end
-        if isinstance(batch, DefaultRecordBatch) and start + _CRC_FROM <= end <= len(data):
-            valid = crc32c.crc32c(memoryview(data)[start + _CRC_FROM : end], 0, _KEEP_GIL) == batch.crc
+        end = self._position = batch_end(data, start)
+        if isinstance(batch, DefaultRecordBatch) and start + ATTRIBUTES_AT <= end <= len(data):
+            valid = crc_matches(data, start, end, batch.crc)
         else:
             valid = batch.validate_crc()
         if not valid:

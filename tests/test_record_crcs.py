@@ -13,6 +13,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.legacy_records import LegacyRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
+from burnguard.contracts import fetched_batches
 from burnguard.stream import record_crcs
 from burnguard.stream.record_crcs import FetchedRecords, HardwareCrcPartitionRecords
 
@@ -140,13 +141,13 @@ def test_a_legacy_batch_is_checked_by_aiokafka() -> None:
 def test_v2_batches_are_checked_with_crc32c(monkeypatch: pytest.MonkeyPatch) -> None:
     """The point of the module: the checksum of a v2 batch is the `crc32c` package's."""
     calls: list[int] = []
-    real = record_crcs.crc32c.crc32c
+    real = fetched_batches.crc32c.crc32c
 
     def counted(data: Any, value: int = 0, gil_release_mode: int = -1) -> int:
         calls.append(gil_release_mode)
         return real(data, value, gil_release_mode)
 
-    monkeypatch.setattr(record_crcs.crc32c, "crc32c", counted)
+    monkeypatch.setattr(fetched_batches.crc32c, "crc32c", counted)
     rng = random.Random(9)
     data, starts = fetched(rng, 4)
     _theirs, ours = both(data)

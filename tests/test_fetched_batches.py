@@ -1,5 +1,5 @@
 """aiokafka's C reader of fetched record batches gives kafka-python's consumers what kafka-python's own
-reader gives (`contracts/record_batches.py`): the same records, positions and counts, and the same
+reader gives (`contracts/fetched_batches.py`): the same records, positions and counts, and the same
 refusals; a fetch it is not used for is read by the reference."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 from burnguard.contracts.compacted_topics import _consumer
-from burnguard.contracts.record_batches import NativePartitionRecords, _native_batches
+from burnguard.contracts.fetched_batches import NativePartitionRecords, _native_batches
 from burnguard.contracts.topics import KafkaSettings
 from burnguard.deploy.kafka import KafkaBroker
 from hypothesis import given, settings

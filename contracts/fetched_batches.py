@@ -12,7 +12,8 @@ a fetch with that reader when it can: every batch in the format every current br
 (magic 2), uncompressed, no deserializers, read-uncommitted isolation. Anything else, and the
 whole install without aiokafka's extension (a guard in a user's app), stays on kafka-python's own
 reader, the reference: both give the same records, positions and counts
-(`tests/test_record_batches.py`).
+(`tests/test_fetched_batches.py`). Where it reads, batches' CRCs are checked with the CPU's CRC32
+instruction (`crc_matches`), as the worker's aiokafka consumer checks its fetches (`stream/record_crcs.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+import crc32c
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.errors import CorruptRecordError
@@ -39,9 +41,14 @@ _EPOCH_AT = 12
 _MAGIC_AT = 16
 #: the base offset and the length: a batch is this many bytes longer than its length says
 _LOG_OVERHEAD = 12
-#: a magic 2 batch's attributes (2 bytes) follow its CRC (4) after the magic byte
+#: a magic 2 batch's attributes (2 bytes) follow its CRC (4) after the magic byte; the CRC covers
+#: the batch from its attributes to its end
 _ATTRIBUTES = struct.Struct(">h")
-_ATTRIBUTES_AT = 21
+ATTRIBUTES_AT = 21
+#: `crc32c`'s `gil_release_mode`: keep the GIL. A 78 kB batch takes ~4 us; let go (its default from
+#: 32 KiB, as aiokafka's own loop lets go), a consumer thread then waited ~1.2 ms per batch to take the
+#: GIL back from a busy main thread (BENCHMARKS.md, helper hConsume)
+_KEEP_GIL = 0
 _CODEC_MASK = 0x07
 #: a magic 2 batch's header is 61 bytes, 12 of them before the length: the rest of its length is its
 #: records. `bytes_read` (kafka-python's fetch metrics, read by nothing here) counts them with their
@@ -54,6 +61,20 @@ _READ_UNCOMMITTED = 0
 _new_tuple = tuple.__new__
 
 
+def batch_end(buffer: Any, start: int) -> int:
+    """Where the record batch starting at `start` of a fetch's bytes ends (its length field read)."""
+    return start + _LOG_OVERHEAD + _LENGTH.unpack_from(buffer, start + _LENGTH_AT)[0]
+
+
+def crc_matches(buffer: Any, start: int, end: int, crc: int) -> bool:
+    """Whether the magic 2 batch at [`start`, `end`) of a fetch's bytes has the CRC-32C `crc` it stores.
+
+    With the `crc32c` package's hardware instruction, ~20 GB/s here where aiokafka's table loop
+    (`validate_crc`) reads ~0.74 GB/s: for the worker's consumer that loop was about half its
+    thread's CPU (`stream/record_crcs.py`)."""
+    return crc32c.crc32c(memoryview(buffer)[start + ATTRIBUTES_AT : end], 0, _KEEP_GIL) == crc
+
+
 def _native_batches(buffer: Any) -> list[tuple[int, int]] | None:
     """Where each whole batch of a fetch starts and ends, if every one is in the format the C
     reader is used for (magic 2, uncompressed, a whole header); else None. A batch cut off at the
@@ -61,12 +82,12 @@ def _native_batches(buffer: Any) -> list[tuple[int, int]] | None:
     spans = []
     pos, size = 0, len(buffer)
     while size - pos >= _LOG_OVERHEAD:
-        end = pos + _LOG_OVERHEAD + _LENGTH.unpack_from(buffer, pos + _LENGTH_AT)[0]
+        end = batch_end(buffer, pos)
         if end > size:
             break
         if end - pos < _LOG_OVERHEAD + _V2_HEADER_AFTER_LENGTH or buffer[pos + _MAGIC_AT] != 2:
             return None
-        if _ATTRIBUTES.unpack_from(buffer, pos + _ATTRIBUTES_AT)[0] & _CODEC_MASK:
+        if _ATTRIBUTES.unpack_from(buffer, pos + ATTRIBUTES_AT)[0] & _CODEC_MASK:
             return None
         spans.append((pos, end))
         pos = end
@@ -97,7 +118,7 @@ class NativePartitionRecords(Fetcher.PartitionRecords):
         batch = None
         for start, end in spans:
             batch = _CBatch(view[start:end])
-            if self.check_crcs and not batch.validate_crc():
+            if self.check_crcs and not crc_matches(view, start, end, batch.crc):
                 at = f"partition {self.topic_partition} at offset {batch.base_offset}"
                 raise CorruptRecordError(f"Record batch for {at} failed crc check")
             self.leader_epoch = _LENGTH.unpack_from(view, start + _EPOCH_AT)[0]
