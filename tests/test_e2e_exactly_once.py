@@ -144,10 +144,11 @@ def slow_commits(pipeline: Pipeline, request: pytest.FixtureRequest) -> Pipeline
 def test_sigkill_mid_stream_neither_loses_nor_double_counts(slow_commits: Pipeline) -> None:
     pipeline = slow_commits
     source = SpanSource(pipeline, batches=400, seed=7)
-    # Arranged, not timed: the first worker commits nothing before its kill and is killed once it
-    # has written deltas, mid-stream (the producer holds its last 300 batches until then): what it
-    # counted is left for its successor to replay. (A kill timed 3 s after the start could follow a
-    # commit of all it had counted.)
+    # Arranged, not timed: the first worker's commit timer never ticks (it commits only what a
+    # delivered changelog write covers, `_commit_written`) and it is killed once it has written
+    # deltas, mid-stream (the producer holds its last 300 batches until then): what it counted past
+    # its commit is left for its successor to replay. (A kill timed 3 s after the start could follow
+    # a commit of all it had counted.)
     first = pipeline.start_worker(env={"BURNGUARD_COMMIT_INTERVAL_S": "3600"})
     killed = threading.Event()
     sender = source.send_in_background(400, hold=(100, killed))
