@@ -133,7 +133,7 @@ from burnguard.stream.records import (
     SweepRecord,
     TickRow,
     decoded,
-    encode_record,
+    group_sub_batches,
     keys_record,
     native_groups_in_use,
     native_record,
@@ -479,8 +479,8 @@ class BudgetJob:
             self._drop_micro_batch(reads, {})  # read again after the rebalance
             raise PartitionsLost("expelled while it stood still: its micro-batch is not sent")
         topic = self.settings.topics.usage
-        for partition, record in batch.records():
-            self.usage_records.add(topic, partition, record["kind"].encode(), encode_record(record))
+        for partition, kind, record in batch.encoded_records():
+            self.usage_records.add(topic, partition, kind.encode(), record)
         parked, self._parked_unsent = self._parked_unsent, []
         try:
             futures = await self.usage_records.send()
@@ -639,8 +639,15 @@ class BudgetJob:
 
         Context observations went per message, with each message's source (`_ingest_one`): stage 2
         decides a context guard after each sub-batch, so combined a growing session would warn at
-        the group's last call instead of the call that crossed.
+        the group's last call instead of the call that crossed. A native group writes its
+        sub-batches itself (`records.group_sub_batches`: the same sub-batches, as their JSON);
+        `GroupRows`, and a group it cannot vouch for, make them here from its rows.
         """
+        written = group_sub_batches(group, partition, self.settings.partitions, BATCH_ROWS)
+        if written is not None:
+            for usage_partition_of_rows, sub_batch, size, combined in written:
+                batch.add_encoded(usage_partition_of_rows, sub_batch, size, combined)
+            return
         source = (partition, group.last_offset)
         chunk: list[list[Any]] = []
         weight = 0

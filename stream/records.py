@@ -419,13 +419,14 @@ class MicroBatch:
     same source, as its `batch` records were), so no record nears Kafka's limit. Observations count
     too: a micro-batch of sessions under context guards can hold few deltas and thousands of
     observations (uncounted, past the producer's 1 MB request limit in one record).
+    A sub-batch is a `BatchRecord`, or the JSON a native group wrote for it (`add_encoded`).
     """
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
         #: usage partition -> its records, each a list of sub-batches and [its rows and observations,
         #: whether one of its rows is combined]
-        self._records: dict[int, list[tuple[list[BatchRecord], list[int]]]] = {}
+        self._records: dict[int, list[tuple[list[BatchRecord | bytes], list[int]]]] = {}
 
     def add(self, partition: int, batch: BatchRecord, steps: int = 0, combined: bool = False) -> None:
         """Append one message's sub-batch (at most `max_rows` delta rows) for `partition`.
@@ -434,8 +435,14 @@ class MicroBatch:
         of a row's bytes; a key summed over 2,000 messages carries 2,000). `combined`: one of its
         rows is a group's, so its record is a `GROUPS` one.
         """
+        self._add(partition, batch, len(batch.deltas) + len(batch.contexts) + steps, combined)
+
+    def add_encoded(self, partition: int, sub_batch: bytes, size: int, combined: bool) -> None:
+        """`add` for a sub-batch as its JSON (`group_sub_batches`): `size` its rows and steps."""
+        self._add(partition, sub_batch, size, combined)
+
+    def _add(self, partition: int, batch: BatchRecord | bytes, size: int, combined: bool) -> None:
         records = self._records.setdefault(partition, [])
-        size = len(batch.deltas) + len(batch.contexts) + steps
         if not records or records[-1][1][0] + size > self.max_rows:
             records.append(([], [0, 0]))
         batches, rows = records[-1]
@@ -446,10 +453,69 @@ class MicroBatch:
     def records(self) -> list[tuple[int, dict[str, Any]]]:
         """(usage partition, `BATCHES` or `GROUPS` record) for everything added, partitions in order."""
         return [
-            (partition, batches_record(batches, bool(rows[1])))
+            (partition, batches_record([_sub_batch(batch) for batch in batches], bool(rows[1])))
             for partition, records in sorted(self._records.items())
             for batches, rows in records
         ]
+
+    def encoded_records(self) -> list[tuple[int, str, bytes]]:
+        """(usage partition, kind, `encode_record` of the record) of each of `records`, in their order.
+
+        A record of sub-batches a native group wrote is their JSON joined, not decoded and encoded.
+        """
+        return [
+            (partition, GROUPS if rows[1] else BATCHES, encoded_batches(batches, bool(rows[1])))
+            for partition, records in sorted(self._records.items())
+            for batches, rows in records
+        ]
+
+
+def _sub_batch(batch: BatchRecord | bytes) -> Any:
+    """A sub-batch as its list: a native group's JSON decoded (the values msgspec wrote)."""
+    return decoded(batch) if type(batch) is bytes else batch
+
+
+def encoded_batches(batches: list[BatchRecord | bytes], combined: bool) -> bytes:
+    """`encode_record(batches_record(batches, combined))`, the JSON of sub-batches a native group
+    wrote (`group_sub_batches`) taken as it is.
+
+    msgspec writes a record's list as its items' JSON joined by commas, so a record is its head
+    and its sub-batches' JSON, each written alone. A sub-batch msgspec refuses (a lone surrogate)
+    makes the whole record the stdlib encoder's, as `encode_record` writes it: then the native
+    sub-batches are decoded into the values they hold and the record is encoded whole.
+    """
+    if not any(type(batch) is bytes for batch in batches):
+        return encode_record(batches_record(batches, combined))  # type: ignore[arg-type]
+    try:
+        parts = [batch if type(batch) is bytes else _ENCODE_RECORD_FAST(list(batch)) for batch in batches]
+    except (TypeError, ValueError, UnicodeEncodeError):
+        return encode_record(batches_record([_sub_batch(batch) for batch in batches], combined))
+    head = _GROUPS_HEAD if combined else _BATCHES_HEAD
+    return b"".join((head, b",".join(parts), b"]}"))
+
+
+_GROUPS_HEAD = b'{"kind":"' + GROUPS.encode() + b'","batches":['
+_BATCHES_HEAD = b'{"kind":"' + BATCHES.encode() + b'","batches":['
+
+
+def group_sub_batches(
+    group: RowGroup, source_partition: int, partitions: int, max_rows: int
+) -> list[tuple[int, bytes, int, bool]] | None:
+    """A native group's sub-batches as `BudgetJob._close_group` makes them from its rows, written
+    natively: (usage partition, JSON, rows and steps, whether combined) each; None for `GroupRows`
+    (the reference), or a group the native writer cannot vouch for (then the caller makes its rows).
+
+    contracts/native/src/sub_batches.rs: no Python list per key, no hashing of `budget|key` and
+    no encoding of the rows in Python (a sixth of stage 1 per realistic message, BENCHMARKS.md).
+    """
+    native = native_part("group_sub_batches")
+    if native is None or type(group) is GroupRows:
+        return None
+    try:
+        return native(group, source_partition, partitions, max_rows)
+    except NATIVE_ERRORS as exc:  # a panic must not end the worker: the reference path sends the group
+        logger.error("native sub-batches failed, the Python path makes them: %r", exc)
+        return None
 
 
 class TickRow(NamedTuple):

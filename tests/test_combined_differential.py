@@ -36,7 +36,8 @@ from burnguard.stream.app import BudgetJob
 from burnguard.stream.changelog import plain_store
 from burnguard.stream.duplicates import digest
 from burnguard.stream.eviction import horizon_key, is_window_key
-from burnguard.stream.records import GroupRows, MicroBatch, encode_record
+from burnguard.stream.partitioner import native_module
+from burnguard.stream.records import GroupRows, MicroBatch, combined_row, encode_record
 from burnguard.stream.settings import StreamSettings
 from burnguard.stream.takeover import PartitionsLost
 from hypothesis import HealthCheck, event, given, settings
@@ -140,12 +141,21 @@ def per_message_records(job: BudgetJob, messages: Messages, first: int, last: in
 
 
 def combined_records(job: BudgetJob, messages: Messages, first: int, last: int) -> list[bytes]:
-    """Stage 1 with combining on: the messages' rows summed per key with their steps (`GroupRows`)."""
+    """Stage 1 with combining on: the messages' rows summed per key with their steps (`GroupRows`);
+    where the native module is built, its group and sub-batch writer send the same bytes."""
     group, batch = GroupRows(), MicroBatch(app_module.BATCH_ROWS)
     for offset in range(first, last):
         group.add(offset, copy.deepcopy(messages[offset]))
     job._close_group(0, group, batch)
-    return _record_bytes(job, batch)
+    records = _record_bytes(job, batch)
+    native = getattr(native_module(), "Groups", None)
+    if native is not None:
+        group, batch = native(combined_row), MicroBatch(app_module.BATCH_ROWS)
+        for offset in range(first, last):
+            group.add(offset, copy.deepcopy(messages[offset]))
+        job._close_group(0, group, batch)
+        assert [record for _, _, record in batch.encoded_records()] == records
+    return records
 
 
 #: Eviction horizons of the usage partition (0: never swept): a row for a window absent from the

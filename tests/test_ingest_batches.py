@@ -33,7 +33,10 @@ from tests.test_e2e_hostile_spans import good, message
 
 
 @pytest.fixture
-def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BudgetJob, list[tuple[Any, ...]]]:
+def job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, groups_impl: str
+) -> tuple[BudgetJob, list[tuple[Any, ...]]]:
+    """A job not started whose sends are captured; its groups `GroupRows` or the native ones."""
     settings = StreamSettings(data_dir=tmp_path / "stream", app_id=f"ingest-{tmp_path.name}")
     job = BudgetJob(settings, parse_budget_yaml(budgets_yaml(tenant_cost(1.0e6))))
     job.recent.primed.update({0, 1})  # no broker to read back from

@@ -61,7 +61,7 @@ impl NativeRow {
 
     /// Whether its call mix is a plain one's (`[spans, 0, 0, 0]`), as `_combined` tests it (a
     /// float equal to an int exactly, as Python compares them).
-    fn plain(mix: &[f64; MIX_FIELDS], spans: i64) -> bool {
+    pub(crate) fn plain(mix: &[f64; MIX_FIELDS], spans: i64) -> bool {
         let calls = mix[0];
         calls.fract() == 0.0
             && calls as i128 == i128::from(spans)
@@ -101,7 +101,7 @@ enum Start {
 }
 
 /// One message's part of a key: its offset and its row, a Python list or the native loop's.
-enum Part {
+pub(crate) enum Part {
     Python(i64, Py<PyList>),
     Native(i64, NativeRow),
 }
@@ -112,11 +112,11 @@ pub struct Groups {
     /// `records.combined_row`: the combined row of a key with a part that is a Python list.
     combine: Py<PyAny>,
     #[pyo3(get)]
-    last_offset: i64,
+    pub(crate) last_offset: i64,
     /// A key's (budget, key, window start), encoded (`slot`) -> its index in `parts`.
     index: FxHashMap<Box<[u8]>, usize>,
     /// Per key in the order keys first appeared, its messages' parts in offset order.
-    parts: Vec<Vec<Part>>,
+    pub(crate) parts: Vec<Vec<Part>>,
     encoded: Vec<u8>,
 }
 

@@ -14,6 +14,7 @@ mod groups;
 mod record;
 mod snapshot;
 mod state;
+mod sub_batches;
 mod sums;
 mod texts;
 mod totals;
@@ -725,6 +726,7 @@ fn _otlp_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(murmur2, module)?)?;
     module.add_function(wrap_pyfunction!(digest::blake3_16, module)?)?;
     module.add_function(wrap_pyfunction!(combine::combined, module)?)?;
+    module.add_function(wrap_pyfunction!(sub_batches::group_sub_batches, module)?)?;
     module.add_class::<sums::Summer>()?;
     module.add_class::<groups::Groups>()?;
     module.add_class::<groups::MessageRows>()?;
