@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyFloat, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyList, PyString, PyTuple};
 
 use crate::groups::{Groups, NativeRow, Part, BEFORE_MIX, MIX_FIELDS};
 use crate::state::{write_float, write_int, Refused, Written};
@@ -43,6 +43,9 @@ struct Row<'a> {
     mix: Mix,
 }
 
+/// A first guess at a part's bytes (a step is ~40, a one-message row ~150): the buffer's capacity.
+const BYTES_PER_PART: usize = 64;
+
 /// A key's wire row, written into the shared buffer at `range`.
 struct Encoded {
     partition: usize,
@@ -67,10 +70,19 @@ pub fn group_sub_batches<'py>(
     if partitions == 0 || max_rows == 0 || partitions > i32::MAX as usize {
         return Ok(None);
     }
-    let mut buffer = Vec::new();
+    let parts_in_all: usize = group.parts.iter().map(Vec::len).sum();
+    let mut buffer = Vec::with_capacity(parts_in_all * BYTES_PER_PART);
     let mut rows = Vec::with_capacity(group.parts.len());
+    let mut scratch = Vec::new();
     for parts in &group.parts {
-        match encode_key(py, parts, group.last_offset, partitions, &mut buffer) {
+        match encode_key(
+            py,
+            parts,
+            group.last_offset,
+            partitions,
+            &mut scratch,
+            &mut buffer,
+        ) {
             Ok(encoded) => rows.push(encoded),
             Err(Refused) => return Ok(None),
         }
@@ -105,55 +117,65 @@ fn chunk(
     let mut order: Vec<&Encoded> = rows.iter().collect();
     order.sort_by_key(|row| row.partition); // stable: a partition's rows stay in group order
     for part in order.chunk_by(|a, b| a.partition == b.partition) {
-        let mut json =
-            Vec::with_capacity(head.len() + 8 + part.iter().map(|row| row.range.len() + 1).sum::<usize>());
-        json.push(b'[');
-        json.extend_from_slice(head);
-        json.extend_from_slice(b",[");
-        for (at, row) in part.iter().enumerate() {
-            if at > 0 {
-                json.push(b',');
+        // `[head,[row,row,...],[]]`, written straight into the bytes object
+        let rows_len: usize = part.iter().map(|row| row.range.len()).sum::<usize>() + part.len() - 1;
+        let json = PyBytes::new_with(py, head.len() + rows_len + 8, |bytes| {
+            let mut at = 0;
+            let mut put = |piece: &[u8]| {
+                bytes[at..at + piece.len()].copy_from_slice(piece);
+                at += piece.len();
+            };
+            put(b"[");
+            put(head);
+            put(b",[");
+            for (index, row) in part.iter().enumerate() {
+                if index > 0 {
+                    put(b",");
+                }
+                put(&buffer[row.range.clone()]);
             }
-            json.extend_from_slice(&buffer[row.range.clone()]);
-        }
-        json.extend_from_slice(b"],[]]");
+            put(b"],[]]");
+            Ok(())
+        })?;
         let size: usize = part.iter().map(|row| row.weight).sum();
         let combined = part.iter().any(|row| row.combined);
         out.append(PyTuple::new(
             py,
             [
                 part[0].partition.into_pyobject(py)?.into_any(),
-                PyBytes::new(py, &json).into_any(),
+                json.into_any(),
                 size.into_pyobject(py)?.into_any(),
-                pyo3::types::PyBool::new(py, combined).to_owned().into_any(),
+                PyBool::new(py, combined).to_owned().into_any(),
             ],
         )?)?;
     }
     Ok(())
 }
 
-/// A key's wire row (`GroupRows.rows`) appended to `buffer`, with its partition and weight.
-fn encode_key(
+/// A key's wire row (`GroupRows.rows`) appended to `buffer`, with its partition and weight; its
+/// parts read into `rows` (a scratch list, kept between keys).
+fn encode_key<'a>(
     py: Python<'_>,
-    parts: &[Part],
+    parts: &'a [Part],
     last_offset: i64,
     partitions: usize,
+    rows: &mut Vec<(i64, Row<'a>)>,
     buffer: &mut Vec<u8>,
 ) -> Result<Encoded, Refused> {
-    let rows = parts
-        .iter()
-        .map(|part| match part {
-            Part::Native(offset, row) => Ok((*offset, native_row(py, row)?)),
-            Part::Python(offset, row) => Ok((*offset, python_row(row.bind(py))?)),
-        })
-        .collect::<Result<Vec<_>, Refused>>()?;
+    rows.clear();
+    for part in parts {
+        rows.push(match part {
+            Part::Native(offset, row) => (*offset, native_row(py, row)?),
+            Part::Python(offset, row) => (*offset, python_row(row.bind(py))?),
+        });
+    }
     let Some((offset, head)) = rows.first() else {
         return Err(Refused);
     };
     let partition = usage_partition(&head.budget, &head.key, partitions);
     let begin = buffer.len();
     let combined = if rows.len() > 1 {
-        write_combined(&rows, buffer)?;
+        write_combined(rows, buffer)?;
         true
     } else {
         write_one(head, *offset, last_offset, buffer)?;
@@ -262,10 +284,9 @@ fn write_one(row: &Row<'_>, offset: i64, last_offset: i64, out: &mut Vec<u8>) ->
 /// `records._combined`: the sums, the summed mix (or null) and each message's step.
 fn write_combined(rows: &[(i64, Row<'_>)], out: &mut Vec<u8>) -> Written {
     let counts_calls = rows.iter().any(|(_, row)| matches!(row.mix, Mix::Calls(_)));
-    let mut steps = Vec::new();
     let mut total: Option<[f64; MIX_FIELDS]> = None;
     let (mut amount, mut spans, mut first_ns, mut last_ns) = (0.0_f64, 0_i128, 0_i64, 0_i64);
-    for (at, (offset, row)) in rows.iter().enumerate() {
+    for (_, row) in rows {
         amount += row.amount;
         spans += i128::from(row.spans);
         if row.first != 0 && (first_ns == 0 || row.first < first_ns) {
@@ -274,33 +295,13 @@ fn write_combined(rows: &[(i64, Row<'_>)], out: &mut Vec<u8>) -> Written {
         if row.last > last_ns {
             last_ns = row.last;
         }
-        let duration = i64::try_from(i128::from(row.last) - i128::from(row.first)).map_err(|_| Refused)?;
-        steps.push(if at > 0 { b',' } else { b'[' });
-        steps.push(b'[');
-        write_int(*offset, &mut steps);
-        steps.push(b',');
-        write_float(row.amount, &mut steps)?;
-        for value in [row.spans, row.first, duration] {
-            steps.push(b',');
-            write_int(value, &mut steps);
-        }
-        match &row.mix {
-            Mix::Absent | Mix::Null if counts_calls => steps.extend_from_slice(b",null"),
-            Mix::Absent | Mix::Null => {}
-            Mix::Calls(mix) => {
-                if !NativeRow::plain(mix, row.spans) {
-                    steps.push(b',');
-                    write_mix(mix, &mut steps)?;
-                }
-                match total.as_mut() {
-                    None => total = Some(*mix),
-                    Some(sums) => sums.iter_mut().zip(mix).for_each(|(sum, value)| *sum += value),
-                }
+        if let Mix::Calls(mix) = &row.mix {
+            match total.as_mut() {
+                None => total = Some(*mix),
+                Some(sums) => sums.iter_mut().zip(mix).for_each(|(sum, value)| *sum += value),
             }
         }
-        steps.push(b']');
     }
-    steps.push(b']');
     let spans = i64::try_from(spans).map_err(|_| Refused)?;
     write_fields(&rows[0].1, amount, spans, first_ns, last_ns, out)?;
     out.push(b',');
@@ -308,8 +309,35 @@ fn write_combined(rows: &[(i64, Row<'_>)], out: &mut Vec<u8>) -> Written {
         Some(mix) => write_mix(mix, out)?,
         None => out.extend_from_slice(b"null"),
     }
+    out.extend_from_slice(b",[");
+    for (at, (offset, row)) in rows.iter().enumerate() {
+        write_step(*offset, row, counts_calls, at > 0, out)?;
+    }
+    out.extend_from_slice(b"]]");
+    Ok(())
+}
+
+/// A message's step, `[offset,amount,spans,first,last - first]`, then its mix unless a plain one's
+/// (a null for a row without one in a row with one); after a comma unless it is the first.
+fn write_step(offset: i64, row: &Row<'_>, counts_calls: bool, comma: bool, out: &mut Vec<u8>) -> Written {
+    let duration = i64::try_from(i128::from(row.last) - i128::from(row.first)).map_err(|_| Refused)?;
+    out.extend_from_slice(if comma { b",[" } else { b"[" });
+    write_int(offset, out);
     out.push(b',');
-    out.extend_from_slice(&steps);
+    write_float(row.amount, out)?;
+    for value in [row.spans, row.first, duration] {
+        out.push(b',');
+        write_int(value, out);
+    }
+    match &row.mix {
+        Mix::Absent | Mix::Null if counts_calls => out.extend_from_slice(b",null"),
+        Mix::Absent | Mix::Null => {}
+        Mix::Calls(mix) if !NativeRow::plain(mix, row.spans) => {
+            out.push(b',');
+            write_mix(mix, out)?;
+        }
+        Mix::Calls(_) => {}
+    }
     out.push(b']');
     Ok(())
 }
