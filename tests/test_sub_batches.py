@@ -13,8 +13,11 @@ refuses (a lone surrogate) makes its record the stdlib's whole, with the same by
 
 from __future__ import annotations
 
+import argparse
 import copy
 import random
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +204,58 @@ def test_the_native_writer_vouches_for_usual_rows_and_refuses_the_rest(native_wr
     group2.add(1, [list(good)])
     group2.add(2, [list(good), ["cost", "beta", 0, 0.25, 1, 10, 20, 0]])
     assert repr(group2.rows()) == before
+
+
+def _stage_one_sends(load: Any, writer: Any, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The usage records' bytes stage 1 sends for the ingest bench's load (`bench/stream_ingest.py`)."""
+    import stream_ingest
+
+    monkeypatch.setitem(partitioner.native_parts, "group_sub_batches", writer)
+    messages, _ = stream_ingest.make_load(load)
+    sent: list[bytes] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        stage1 = stream_ingest.Stage1(Path(scratch), messages)
+        pending = stage1.job.usage_records
+
+        async def send() -> None:
+            sent.extend(record[3] for record in pending._pending)
+            pending._pending = []
+
+        monkeypatch.setattr(pending, "send", send)
+        stage1.forget_digests()  # every partition primed: no broker to read digests from
+        stage1.run(stage1.events())
+    return sent
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        pytest.param((40, 260, 20, 10, 40), id="realistic"),
+        pytest.param((10, 20, 50, 20, 20), id="small"),
+    ],
+)
+def test_stage_one_sends_the_same_bytes_with_the_writer_as_without(
+    sizes: tuple[int, ...], native_writer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingest bench's loads (its `--compare` checks values only): with native groups, the records
+    sent with the writer and with it off (the Python path for every group) are the same bytes."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    monkeypatch.setitem(partitioner.native_parts, "Groups", required_native_groups())
+    import stream_ingest
+
+    names = ("batch_min", "batch_max", "tenants", "users_per_tenant", "calls_per_session")
+    load = argparse.Namespace(
+        spans=15_000,
+        plain_fraction=stream_ingest.SpanMix.plain_fraction,
+        epoch_ns=time.time_ns(),
+        **dict(zip(names, sizes, strict=True)),
+    )
+    written: list[Any] = []
+
+    def writer(*args: Any) -> Any:
+        written.append(native_writer(*args))
+        return written[-1]
+
+    with_writer = _stage_one_sends(load, writer, monkeypatch)
+    assert written and None not in written  # every group written natively
+    assert with_writer == _stage_one_sends(load, None, monkeypatch)
