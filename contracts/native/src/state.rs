@@ -231,42 +231,10 @@ fn number(value: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Written {
     Ok(())
 }
 
-/// The two digits of 0..=99, in turn: an int is written two digits per division.
-const DIGIT_PAIRS: [u8; 200] = {
-    let mut pairs = [0u8; 200];
-    let mut at = 0;
-    while at < 100 {
-        pairs[2 * at] = b'0' + (at / 10) as u8;
-        pairs[2 * at + 1] = b'0' + (at % 10) as u8;
-        at += 1;
-    }
-    pairs
-};
-
-/// An int in its decimal digits, as both encoders write it (two at a time: event times have 19,
-/// and stage 1's sub-batches are mostly such ints, `sub_batches.rs`).
+/// An int in its decimal digits, as both encoders write it (`itoa`: stage 1's sub-batches are
+/// mostly 19-digit event times, `sub_batches.rs`).
 pub(crate) fn write_int(value: i64, out: &mut Vec<u8>) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = value.unsigned_abs();
-    while rest >= 100 {
-        let pair = (rest % 100) as usize * 2;
-        rest /= 100;
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    }
-    if rest >= 10 {
-        let pair = rest as usize * 2;
-        at -= 2;
-        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    } else {
-        at -= 1;
-        digits[at] = b'0' + rest as u8;
-    }
-    if value < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// A ring's `array("d")` read (or written) through the buffer protocol, released when dropped. Not
